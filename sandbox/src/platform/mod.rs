@@ -1,0 +1,3 @@
+//! The CloudRaya platform stand-in: `docs/platform-api.md`, implemented.
+
+pub mod forward;
