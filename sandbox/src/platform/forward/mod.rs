@@ -5,10 +5,23 @@
 //! listeners that should exist for one LB with [`Forwarder::apply_lb`] and reads backend
 //! health back with [`Forwarder::health`]. Nothing here knows about HTTP or JSON.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use ipnet::IpNet;
+use tokio_util::sync::CancellationToken;
+
+mod balance;
+mod health;
+mod rule;
+mod tcp;
+#[cfg(test)]
+mod tests;
+mod udp;
+
+use rule::RuleRuntime;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
@@ -82,38 +95,189 @@ pub enum ForwardError {
     },
 }
 
+/// Tunables of the data plane; the defaults are the platform's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwarderSettings {
+    /// Bound on connecting to a backend; on failure the next healthy backend is tried once.
+    pub connect_timeout: Duration,
+    /// A UDP flow without traffic either way for this long is closed (60 s on the platform).
+    pub udp_idle_timeout: Duration,
+    /// Most UDP flows per rule; packets of new clients beyond it are dropped.
+    pub max_udp_flows: usize,
+}
+
+impl Default for ForwarderSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            udp_idle_timeout: Duration::from_secs(60),
+            max_udp_flows: 10_000,
+        }
+    }
+}
+
+/// Whether `client` may use a rule with these `allowed_sources` (empty: anyone).
+/// IPv4-mapped IPv6 clients are matched as IPv4.
+pub(crate) fn source_allowed(allowed: &[IpNet], client: IpAddr) -> bool {
+    let client = client.to_canonical();
+    allowed.is_empty() || allowed.iter().any(|net| net.contains(&client))
+}
+
 /// The data plane of the whole platform: the listeners of every LB, keyed by LB id.
 ///
-/// SKELETON (to be replaced by the forwarding implementation): the method signatures are
-/// the contract with `platform::api`.
-#[derive(Default)]
-pub struct Forwarder {}
+/// Each rule runs as its own set of tasks (accept or receive loop, one task per TCP
+/// connection or UDP flow, one health-check task per backend), all ended through a
+/// cancellation token when the rule, its LB or the forwarder goes. Dropping the forwarder
+/// cancels everything too; [`Forwarder::shutdown`] also waits for the sockets to close.
+pub struct Forwarder {
+    settings: ForwarderSettings,
+    root: CancellationToken,
+    /// Serialises `apply_lb`, `remove_lb` and `shutdown`.
+    reconcile: tokio::sync::Mutex<()>,
+    lbs: Mutex<HashMap<String, Vec<Arc<RuleRuntime>>>>,
+}
+
+impl Default for Forwarder {
+    fn default() -> Self {
+        Self::with_settings(ForwarderSettings::default())
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.root.cancel();
+    }
+}
 
 impl Forwarder {
     pub fn new() -> Self {
         Self::default()
     }
 
+    pub fn with_settings(settings: ForwarderSettings) -> Self {
+        Self {
+            settings,
+            root: CancellationToken::new(),
+            reconcile: tokio::sync::Mutex::new(()),
+            lbs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn rules(&self, lb_id: &str) -> Vec<Arc<RuleRuntime>> {
+        self.lbs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(lb_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// Make the running listeners of `lb_id` exactly `listeners`: start new ones, update
     /// changed ones in place (same socket when the listen address is unchanged, so open
     /// connections survive), stop removed ones. On a bind error the other listeners of
     /// the LB still run and the error is returned (the API marks the LB `error`).
+    ///
+    /// A listener is identified by its protocol and listen address; a rule renamed or
+    /// otherwise changed on the same address keeps its socket. Backends that remain (same
+    /// VM id and private IP) keep their health state.
     pub async fn apply_lb(&self, lb_id: &str, listeners: Vec<Listener>) -> Result<(), ForwardError> {
-        let _ = (lb_id, listeners);
-        Ok(())
+        let _serial = self.reconcile.lock().await;
+        let current = self.rules(lb_id);
+        let (keep, stop): (Vec<_>, Vec<_>) = current.into_iter().partition(|r| {
+            listeners
+                .iter()
+                .any(|l| l.protocol == r.protocol && l.listen == r.listen)
+        });
+        futures::future::join_all(stop.iter().map(|r| r.stop())).await;
+
+        let mut running: Vec<Arc<RuleRuntime>> = Vec::with_capacity(listeners.len());
+        let mut first_error = None;
+        for listener in listeners {
+            let (protocol, listen) = (listener.protocol, listener.listen);
+            if running.iter().any(|r| r.protocol == protocol && r.listen == listen) {
+                let error = ForwardError::Bind {
+                    protocol,
+                    addr: listen,
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::AddrInUse,
+                        "two rules of the load balancer listen there",
+                    ),
+                };
+                tracing::warn!(lb_id, error = %error, "listener not started");
+                first_error.get_or_insert(error);
+                continue;
+            }
+            if let Some(rule) = keep.iter().find(|r| r.protocol == protocol && r.listen == listen) {
+                rule.update(listener);
+                running.push(Arc::clone(rule));
+                continue;
+            }
+            match RuleRuntime::start(listener, &self.root, &self.settings).await {
+                Ok(rule) => running.push(Arc::new(rule)),
+                Err(error) => {
+                    tracing::warn!(lb_id, error = %error, "listener not started");
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        let mut lbs = self.lbs.lock().unwrap_or_else(PoisonError::into_inner);
+        if running.is_empty() {
+            lbs.remove(lb_id);
+        } else {
+            lbs.insert(lb_id.to_owned(), running);
+        }
+        drop(lbs);
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Stop every listener of `lb_id`.
     pub async fn remove_lb(&self, lb_id: &str) {
-        let _ = lb_id;
+        let _serial = self.reconcile.lock().await;
+        let removed = self
+            .lbs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(lb_id)
+            .unwrap_or_default();
+        futures::future::join_all(removed.iter().map(|r| r.stop())).await;
     }
 
     /// Health of each (rule, backend vm_id) of `lb_id`, as the health checks see it now.
     pub fn health(&self, lb_id: &str) -> Vec<(String, String, HealthState)> {
-        let _ = lb_id;
-        Vec::new()
+        let mut out = Vec::new();
+        for rule in self.rules(lb_id) {
+            let config = rule.config();
+            for slot in &config.backends {
+                out.push((config.listener.rule.clone(), slot.vm_id.clone(), slot.state()));
+            }
+        }
+        out
+    }
+
+    /// Open TCP connections or UDP flows of each (rule, backend vm_id) of `lb_id`.
+    /// Connections to a backend that has since left the rule are not counted.
+    pub fn open_connections(&self, lb_id: &str) -> Vec<(String, String, usize)> {
+        let mut out = Vec::new();
+        for rule in self.rules(lb_id) {
+            let config = rule.config();
+            for slot in &config.backends {
+                out.push((config.listener.rule.clone(), slot.vm_id.clone(), slot.open()));
+            }
+        }
+        out
     }
 
     /// Stop everything (listeners, health checks, open flows).
-    pub async fn shutdown(&self) {}
+    pub async fn shutdown(&self) {
+        let _serial = self.reconcile.lock().await;
+        self.root.cancel();
+        let all: Vec<_> = self
+            .lbs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain()
+            .flat_map(|(_, rules)| rules)
+            .collect();
+        futures::future::join_all(all.iter().map(|r| r.stop())).await;
+    }
 }
