@@ -1,0 +1,432 @@
+//! Load balancers of a cluster: create, update, delete, their asynchronous status, and
+//! keeping the data plane in step with them.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::error::{Error, FieldError, Result};
+use super::forward::{self, HealthState, Listener};
+use super::model::{
+    Algorithm, Attachment, HealthCheckProtocol, HealthEntry, LbInput, LbRecord, LbStatus, LoadBalancer, Protocol,
+    PublicIp, PublicIpRef, VmState, now_rfc3339,
+};
+use super::store::State;
+use super::{Platform, validate};
+
+impl Platform {
+    /// The LB `id` of cluster `cluster_id` (404 for an unknown cluster, an unknown LB, or
+    /// another cluster's LB).
+    pub(crate) fn find_lb<'s>(state: &'s State, cluster_id: &str, id: &str) -> Result<&'s LbRecord> {
+        if state.cluster(cluster_id).is_none() {
+            return Err(Error::not_found("cluster", cluster_id));
+        }
+        state
+            .lb(id)
+            .filter(|r| r.cluster_id == cluster_id)
+            .ok_or_else(|| Error::not_found("load balancer", id))
+    }
+
+    /// The LB's `health`: one entry per rule and backend, as the data plane reports it.
+    pub(crate) fn health_of(&self, record: &LbRecord) -> Vec<HealthEntry> {
+        let reported: HashMap<(String, String), HealthState> = self
+            .forwarder
+            .health(&record.lb.id)
+            .into_iter()
+            .map(|(rule, vm, state)| ((rule, vm), state))
+            .collect();
+        let mut out = Vec::new();
+        for rule in &record.lb.rules {
+            for backend in &record.lb.backends {
+                let key = (rule.name.clone(), backend.vm_id.clone());
+                out.push(HealthEntry {
+                    rule: rule.name.clone(),
+                    vm_id: backend.vm_id.clone(),
+                    state: reported.get(&key).copied().unwrap_or(HealthState::Unknown),
+                });
+            }
+        }
+        out
+    }
+
+    pub(crate) async fn create_lb(self: &Arc<Self>, cluster_id: &str, input: LbInput) -> Result<LbRecord> {
+        let udp_enabled = self.settings().udp_enabled;
+        let mut store = self.store.lock().await;
+        let cluster = store
+            .state
+            .cluster(cluster_id)
+            .cloned()
+            .ok_or_else(|| Error::not_found("cluster", cluster_id))?;
+        let record = store
+            .mutate(|s| {
+                let mut errors = validate::lb_name(input.name.as_deref());
+                let spec = validate::lb_spec(&input, udp_enabled, &s.vms, &cluster.subnet_id);
+                let given_ip = match input.public_ip_id.as_deref() {
+                    None => None,
+                    Some(ip_id) => match s.public_ip(ip_id) {
+                        None => {
+                            errors.push(FieldError::new(
+                                "public_ip_id",
+                                format!("public IP {ip_id} does not exist"),
+                            ));
+                            None
+                        }
+                        Some(ip) if ip.region != cluster.region => {
+                            errors.push(FieldError::new(
+                                "public_ip_id",
+                                format!("public IP {ip_id} is in region {}, not {}", ip.region, cluster.region),
+                            ));
+                            None
+                        }
+                        Some(ip) => Some(ip.clone()),
+                    },
+                };
+                let spec = match spec {
+                    Ok(spec) if errors.is_empty() => spec,
+                    Ok(_) => return Err(Error::Invalid(errors)),
+                    Err(more) => {
+                        errors.extend(more);
+                        return Err(Error::Invalid(errors));
+                    }
+                };
+                let name = input.name.clone().unwrap_or_default();
+                if s.load_balancers
+                    .iter()
+                    .any(|r| r.cluster_id == cluster_id && r.lb.name == name)
+                {
+                    return Err(Error::Conflict("load balancer name already taken".into()));
+                }
+                let id = s.fresh_id("lb");
+                let (ip, acquired) = match given_ip {
+                    Some(ip) => {
+                        if let Some(att) = &ip.attached_to {
+                            return Err(Error::Conflict(format!(
+                                "public IP {} is attached to {} {}",
+                                ip.id,
+                                att.kind.replace('_', " "),
+                                att.id
+                            )));
+                        }
+                        (ip, false)
+                    }
+                    None => (self.acquire_ip(s, &cluster.region, &spec.labels)?, true),
+                };
+                let attached = s
+                    .public_ip_mut(&ip.id)
+                    .ok_or_else(|| Error::Internal(format!("public IP {} vanished", ip.id)))?;
+                attached.attached_to = Some(Attachment {
+                    kind: "load_balancer".into(),
+                    id: id.clone(),
+                });
+                let now = now_rfc3339();
+                let record = LbRecord {
+                    cluster_id: cluster_id.to_string(),
+                    lb: LoadBalancer {
+                        id,
+                        name,
+                        region: cluster.region.clone(),
+                        vpc_id: cluster.vpc_id.clone(),
+                        subnet_id: cluster.subnet_id.clone(),
+                        public_ip: PublicIpRef {
+                            id: ip.id.clone(),
+                            address: ip.address,
+                        },
+                        labels: spec.labels,
+                        status: LbStatus::Provisioning,
+                        status_message: String::new(),
+                        rules: spec.rules,
+                        backends: spec.backends,
+                        created_at: now.clone(),
+                        updated_at: now,
+                    },
+                    public_ip_acquired: acquired,
+                    release_public_ip: false,
+                    generation: 1,
+                };
+                s.load_balancers.push(record.clone());
+                Ok(record)
+            })
+            .await?;
+        drop(store);
+        self.schedule(&record.lb.id, record.generation);
+        Ok(record)
+    }
+
+    /// A new public IP from the region's pool (only the configured region has one).
+    pub(crate) fn acquire_ip(&self, s: &mut State, region: &str, labels: &super::model::Labels) -> Result<PublicIp> {
+        let address = (region == self.config.region)
+            .then(|| s.free_public_ip(self.config.public_ip_range))
+            .flatten()
+            .ok_or_else(|| Error::Conflict(format!("no public IP available in region {region}")))?;
+        let ip = PublicIp {
+            id: s.fresh_id("ip"),
+            address,
+            region: region.to_string(),
+            labels: labels.clone(),
+            attached_to: None,
+        };
+        s.public_ips.push(ip.clone());
+        Ok(ip)
+    }
+
+    pub(crate) async fn update_lb(self: &Arc<Self>, cluster_id: &str, id: &str, input: LbInput) -> Result<LbRecord> {
+        let udp_enabled = self.settings().udp_enabled;
+        let mut store = self.store.lock().await;
+        let current = Self::find_lb(&store.state, cluster_id, id)?.clone();
+        let cluster_subnet = current.lb.subnet_id.clone();
+        let record = store
+            .mutate(|s| {
+                let mut errors = Vec::new();
+                if let Some(name) = input.name.as_deref()
+                    && name != current.lb.name
+                {
+                    errors.push(FieldError::new("name", "cannot be changed"));
+                }
+                let spec = validate::lb_spec(&input, udp_enabled, &s.vms, &cluster_subnet);
+                let spec = match spec {
+                    Ok(spec) if errors.is_empty() => spec,
+                    Ok(_) => return Err(Error::Invalid(errors)),
+                    Err(more) => {
+                        errors.extend(more);
+                        return Err(Error::Invalid(errors));
+                    }
+                };
+                match current.lb.status {
+                    LbStatus::Provisioning | LbStatus::Updating => {
+                        return Err(Error::Conflict("load balancer is updating".into()));
+                    }
+                    LbStatus::Deleting => {
+                        return Err(Error::Conflict("load balancer is being deleted".into()));
+                    }
+                    LbStatus::Active | LbStatus::Error => {}
+                }
+                let record = s.lb_mut(id).ok_or_else(|| Error::not_found("load balancer", id))?;
+                record.lb.rules = spec.rules;
+                record.lb.backends = spec.backends;
+                record.lb.labels = spec.labels;
+                record.lb.status = LbStatus::Updating;
+                record.lb.status_message = String::new();
+                record.lb.updated_at = now_rfc3339();
+                record.generation += 1;
+                Ok(record.clone())
+            })
+            .await?;
+        drop(store);
+        self.schedule(&record.lb.id, record.generation);
+        Ok(record)
+    }
+
+    /// Starts deleting (202). `keep_public_ip` overrides the default: release an IP the
+    /// platform acquired, keep one the caller brought.
+    pub(crate) async fn delete_lb(
+        self: &Arc<Self>,
+        cluster_id: &str,
+        id: &str,
+        keep_public_ip: Option<bool>,
+    ) -> Result<LbRecord> {
+        let mut store = self.store.lock().await;
+        let current = Self::find_lb(&store.state, cluster_id, id)?.clone();
+        if current.lb.status == LbStatus::Deleting {
+            return Ok(current);
+        }
+        let record = store
+            .mutate(|s| {
+                let record = s.lb_mut(id).ok_or_else(|| Error::not_found("load balancer", id))?;
+                record.lb.status = LbStatus::Deleting;
+                record.lb.status_message = String::new();
+                record.lb.updated_at = now_rfc3339();
+                record.release_public_ip = keep_public_ip.map_or(record.public_ip_acquired, |k| !k);
+                record.generation += 1;
+                Ok(record.clone())
+            })
+            .await?;
+        drop(store);
+        self.schedule(&record.lb.id, record.generation);
+        Ok(record)
+    }
+
+    /// After the provisioning delay, finishes the transition of `id` started at
+    /// `generation` (unless another one started since).
+    pub(crate) fn schedule(self: &Arc<Self>, id: &str, generation: u64) {
+        let platform = self.clone();
+        let id = id.to_string();
+        let delay = self.settings().provisioning_delay;
+        let mut stopping = self.stopping.subscribe();
+        tokio::spawn(async move {
+            let due = tokio::select! {
+                _ = tokio::time::sleep(delay) => true,
+                _ = async { drop(stopping.wait_for(|s| *s).await) } => false,
+            };
+            if due {
+                platform.complete(&id, generation).await;
+            }
+        });
+    }
+
+    async fn complete(&self, id: &str, generation: u64) {
+        let _dataplane = self.dataplane.lock().await;
+        if self.is_stopping() {
+            return;
+        }
+        let (status, listeners) = {
+            let store = self.store.lock().await;
+            let Some(record) = store.state.lb(id) else {
+                return;
+            };
+            if record.generation != generation {
+                return;
+            }
+            (record.lb.status, listeners(&store.state, record))
+        };
+        match status {
+            LbStatus::Provisioning | LbStatus::Updating => {
+                let result = self.forwarder.apply_lb(id, listeners).await;
+                self.finish_apply(id, generation, result).await;
+            }
+            LbStatus::Deleting => {
+                self.forwarder.remove_lb(id).await;
+                let mut store = self.store.lock().await;
+                let saved = store
+                    .mutate(|s| {
+                        let Some(pos) = s
+                            .load_balancers
+                            .iter()
+                            .position(|r| r.lb.id == id && r.generation == generation)
+                        else {
+                            return Ok(());
+                        };
+                        let record = s.load_balancers.remove(pos);
+                        let ip_id = &record.lb.public_ip.id;
+                        if record.release_public_ip {
+                            s.public_ips.retain(|ip| &ip.id != ip_id);
+                        } else if let Some(ip) = s.public_ip_mut(ip_id) {
+                            ip.attached_to = None;
+                        }
+                        Ok(())
+                    })
+                    .await;
+                if let Err(e) = saved {
+                    tracing::error!(lb = id, error = %e, "cannot finish deleting load balancer");
+                }
+            }
+            LbStatus::Active | LbStatus::Error => {}
+        }
+    }
+
+    /// Records the outcome of a data-plane apply: `active`, or `error` with the reason.
+    async fn finish_apply(&self, id: &str, generation: u64, result: std::result::Result<(), forward::ForwardError>) {
+        let mut store = self.store.lock().await;
+        let saved = store
+            .mutate(|s| {
+                let Some(record) = s.lb_mut(id).filter(|r| r.generation == generation) else {
+                    return Ok(());
+                };
+                let (status, message) = match &result {
+                    Ok(()) => (LbStatus::Active, String::new()),
+                    Err(e) => (LbStatus::Error, e.to_string()),
+                };
+                if record.lb.status != status || record.lb.status_message != message {
+                    record.lb.status = status;
+                    record.lb.status_message = message;
+                    record.lb.updated_at = now_rfc3339();
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(e) = &result {
+            tracing::warn!(lb = id, error = %e, "data plane refused load balancer");
+        }
+        if let Err(e) = saved {
+            tracing::error!(lb = id, error = %e, "cannot record load balancer status");
+        }
+    }
+
+    /// Re-applies an active LB to the data plane (after a restart, or when one of its
+    /// backend VMs changed state).
+    pub(crate) async fn reapply(&self, id: &str) {
+        let _dataplane = self.dataplane.lock().await;
+        if self.is_stopping() {
+            return;
+        }
+        let (generation, listeners) = {
+            let store = self.store.lock().await;
+            match store.state.lb(id) {
+                Some(r) if r.lb.status == LbStatus::Active => (r.generation, listeners(&store.state, r)),
+                _ => return,
+            }
+        };
+        let result = self.forwarder.apply_lb(id, listeners).await;
+        if result.is_err() {
+            self.finish_apply(id, generation, result).await;
+        }
+    }
+
+    /// Re-applies every active LB that has `vm_id` as a backend.
+    pub(crate) async fn reapply_for_vm(&self, vm_id: &str) {
+        let ids: Vec<String> = {
+            let store = self.store.lock().await;
+            store
+                .state
+                .load_balancers
+                .iter()
+                .filter(|r| r.lb.status == LbStatus::Active)
+                .filter(|r| r.lb.backends.iter().any(|b| b.vm_id == vm_id))
+                .map(|r| r.lb.id.clone())
+                .collect()
+        };
+        for id in ids {
+            self.reapply(&id).await;
+        }
+    }
+}
+
+/// The data plane's view of an LB: one listener per rule.
+pub(crate) fn listeners(state: &State, record: &LbRecord) -> Vec<Listener> {
+    let lb = &record.lb;
+    let backends: Vec<forward::Backend> = lb
+        .backends
+        .iter()
+        .map(|b| forward::Backend {
+            vm_id: b.vm_id.clone(),
+            private_ip: IpAddr::V4(b.private_ip),
+            running: state.vm(&b.vm_id).is_some_and(|vm| vm.state == VmState::Running),
+        })
+        .collect();
+    lb.rules
+        .iter()
+        .map(|rule| {
+            let hc = &rule.health_check;
+            let probe = match hc.protocol {
+                HealthCheckProtocol::Tcp => forward::Probe::Tcp { port: hc.port },
+                HealthCheckProtocol::Http => forward::Probe::Http {
+                    port: hc.port,
+                    path: hc.path.clone().unwrap_or_else(|| "/".into()),
+                },
+            };
+            Listener {
+                rule: rule.name.clone(),
+                protocol: match rule.protocol {
+                    Protocol::Tcp => forward::Protocol::Tcp,
+                    Protocol::Udp => forward::Protocol::Udp,
+                },
+                listen: SocketAddr::new(IpAddr::V4(lb.public_ip.address), rule.public_port),
+                private_port: rule.private_port,
+                algorithm: match rule.algorithm {
+                    Algorithm::RoundRobin => forward::Algorithm::RoundRobin,
+                    Algorithm::LeastConnection => forward::Algorithm::LeastConnection,
+                    Algorithm::Source => forward::Algorithm::Source,
+                },
+                allowed_sources: rule.allowed_sources.clone(),
+                health_check: forward::HealthCheck {
+                    probe,
+                    interval: Duration::from_secs(hc.interval_s.into()),
+                    timeout: Duration::from_secs(hc.timeout_s.into()),
+                    healthy_threshold: hc.healthy_threshold,
+                    unhealthy_threshold: hc.unhealthy_threshold,
+                },
+                backends: backends.clone(),
+            }
+        })
+        .collect()
+}

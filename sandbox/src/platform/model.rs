@@ -1,0 +1,508 @@
+//! The stand-in's own wire and state types, written from `docs/platform-api.md` (never
+//! shared with the CCM's client: a misreading must not hide by being made on both sides).
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use ipnet::{IpNet, Ipv4Net};
+use serde::{Deserialize, Serialize};
+
+use super::forward::HealthState;
+
+pub type Labels = BTreeMap<String, String>;
+
+/// The label that ties workers and LBs to their cluster.
+pub const CLUSTER_LABEL: &str = "kuberaya.cloudraya.com/cluster-id";
+
+// ---------------------------------------------------------------------------------------
+// The envelope
+
+/// Marks a response as already wrapped in the envelope, so the safety net in `api` leaves
+/// it alone.
+#[derive(Debug, Clone, Copy)]
+pub struct Enveloped;
+
+/// `{"code", "message", "data", "error"}` around every answer. `data` and `error` are
+/// kept as serialized JSON so that objects keep their fields in declaration order.
+#[derive(Debug)]
+pub struct Envelope {
+    status: StatusCode,
+    data: String,
+    error: String,
+}
+
+impl Envelope {
+    /// A success answer; `data` is serialized here.
+    pub fn ok(status: StatusCode, data: &impl Serialize) -> Result<Self, serde_json::Error> {
+        Ok(Self {
+            status,
+            data: serde_json::to_string(data)?,
+            error: "null".into(),
+        })
+    }
+
+    pub fn error(status: StatusCode, error: &serde_json::Value) -> Self {
+        Self {
+            status,
+            data: "null".into(),
+            error: error.to_string(),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+fn reason(status: StatusCode) -> &'static str {
+    status.canonical_reason().unwrap_or("Unknown")
+}
+
+impl IntoResponse for Envelope {
+    fn into_response(self) -> Response {
+        let body = format!(
+            r#"{{"code":{},"message":{},"data":{},"error":{}}}"#,
+            self.status.as_u16(),
+            serde_json::Value::from(reason(self.status)),
+            self.data,
+            self.error
+        );
+        let mut response = (self.status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+        response.extensions_mut().insert(Enveloped);
+        response
+    }
+}
+
+/// The `data` of a list endpoint.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub page: usize,
+    pub per_page: usize,
+    pub total: usize,
+}
+
+// ---------------------------------------------------------------------------------------
+// Networks, clusters, VMs, public IPs
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Region {
+    pub id: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Vpc {
+    pub id: String,
+    pub name: String,
+    pub region: String,
+    pub cidr: Ipv4Net,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Subnet {
+    pub id: String,
+    pub name: String,
+    pub vpc_id: String,
+    pub region: String,
+    pub cidr: Ipv4Net,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Cluster {
+    pub id: String,
+    pub name: String,
+    pub region: String,
+    pub vpc_id: String,
+    pub subnet_id: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Running,
+    Stopped,
+    Starting,
+    Stopping,
+    Deleted,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Vm {
+    pub id: String,
+    pub name: String,
+    pub region: String,
+    pub zone: String,
+    pub package: String,
+    pub state: VmState,
+    pub private_ip: Ipv4Addr,
+    pub public_ip: Option<Ipv4Addr>,
+    pub vpc_id: String,
+    pub subnet_id: String,
+    pub labels: Labels,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Attachment {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PublicIp {
+    pub id: String,
+    pub address: Ipv4Addr,
+    pub region: String,
+    pub labels: Labels,
+    pub attached_to: Option<Attachment>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Load balancers
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LbStatus {
+    Provisioning,
+    Active,
+    Updating,
+    Error,
+    Deleting,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    RoundRobin,
+    LeastConnection,
+    Source,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthCheckProtocol {
+    Tcp,
+    Http,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HealthCheck {
+    pub protocol: HealthCheckProtocol,
+    pub port: u16,
+    /// Only for `http`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    pub interval_s: u32,
+    pub timeout_s: u32,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Rule {
+    pub name: String,
+    pub protocol: Protocol,
+    pub public_port: u16,
+    pub private_port: u16,
+    pub algorithm: Algorithm,
+    pub allowed_sources: Vec<IpNet>,
+    pub health_check: HealthCheck,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LbBackend {
+    pub vm_id: String,
+    pub private_ip: Ipv4Addr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PublicIpRef {
+    pub id: String,
+    pub address: Ipv4Addr,
+}
+
+/// The LB as the API shows it, less the computed `health` (see [`LbView`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LoadBalancer {
+    pub id: String,
+    pub name: String,
+    pub region: String,
+    pub vpc_id: String,
+    pub subnet_id: String,
+    pub public_ip: PublicIpRef,
+    pub labels: Labels,
+    pub status: LbStatus,
+    pub status_message: String,
+    pub rules: Vec<Rule>,
+    pub backends: Vec<LbBackend>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// A stored LB: the object plus what only the platform needs to know.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LbRecord {
+    pub cluster_id: String,
+    #[serde(flatten)]
+    pub lb: LoadBalancer,
+    /// The platform acquired the public IP itself (so it releases it on delete by default).
+    pub public_ip_acquired: bool,
+    /// Decided when the delete starts: release the public IP once the LB is gone.
+    #[serde(default)]
+    pub release_public_ip: bool,
+    /// Bumped on every transition, so a stale timer does nothing.
+    #[serde(default)]
+    pub generation: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct HealthEntry {
+    pub rule: String,
+    pub vm_id: String,
+    pub state: HealthState,
+}
+
+/// An LB as answered: the object with its `health` filled from the data plane.
+#[derive(Debug, Serialize)]
+pub struct LbView<'a> {
+    #[serde(flatten)]
+    pub lb: &'a LoadBalancer,
+    pub health: Vec<HealthEntry>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Request bodies. Fields are optional so that a missing one is a 422 naming it, and
+// numbers are wide so that an out-of-range port is a 422 rather than a type error.
+
+#[derive(Debug, Default, Deserialize)]
+pub struct LbInput {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub public_ip_id: Option<String>,
+    #[serde(default)]
+    pub labels: Option<Labels>,
+    #[serde(default)]
+    pub rules: Option<Vec<RuleInput>>,
+    #[serde(default)]
+    pub backends: Option<Vec<BackendInput>>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct RuleInput {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub public_port: Option<i64>,
+    #[serde(default)]
+    pub private_port: Option<i64>,
+    #[serde(default)]
+    pub algorithm: Option<String>,
+    #[serde(default)]
+    pub allowed_sources: Option<Vec<String>>,
+    #[serde(default)]
+    pub health_check: Option<HealthCheckInput>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct HealthCheckInput {
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub port: Option<i64>,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub interval_s: Option<i64>,
+    #[serde(default)]
+    pub timeout_s: Option<i64>,
+    #[serde(default)]
+    pub healthy_threshold: Option<i64>,
+    #[serde(default)]
+    pub unhealthy_threshold: Option<i64>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct BackendInput {
+    #[serde(default)]
+    pub vm_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LoginInput {
+    pub email: String,
+    pub password: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct PublicIpInput {
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub labels: Option<Labels>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ClusterInput {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub vpc_id: Option<String>,
+    #[serde(default)]
+    pub subnet_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct VmInput {
+    pub name: String,
+    #[serde(default)]
+    pub cluster_id: Option<String>,
+    #[serde(default)]
+    pub zone: Option<String>,
+    #[serde(default)]
+    pub package: Option<String>,
+    #[serde(default)]
+    pub labels: Option<Labels>,
+    #[serde(default)]
+    pub private_ip: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub public_ip: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub subnet_id: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct PrivateIpInput {
+    #[serde(default)]
+    pub private_ip: Option<Ipv4Addr>,
+}
+
+/// The runtime settings of `/_sandbox/config`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SettingsView {
+    pub provisioning_delay_ms: u64,
+    pub udp_enabled: bool,
+    pub token_ttl_s: u64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct SettingsInput {
+    #[serde(default)]
+    pub provisioning_delay_ms: Option<u64>,
+    #[serde(default)]
+    pub udp_enabled: Option<bool>,
+    #[serde(default)]
+    pub token_ttl_s: Option<u64>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+
+/// A fresh id such as `lb-3f2a9c`.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+pub fn now_rfc3339() -> String {
+    rfc3339(SystemTime::now())
+}
+
+/// RFC 3339 in UTC with second precision, e.g. `2026-11-25T17:00:00Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Howard Hinnant's `civil_from_days`: days since 1970-01-01 to (year, month, day).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        // 2026-11-25T17:00:00Z
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_626_000);
+        assert_eq!(rfc3339(t), "2026-11-25T17:00:00Z");
+        // a leap day
+        let t = UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(rfc3339(t), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn ids_carry_their_prefix() {
+        let id = new_id("lb");
+        assert!(id.starts_with("lb-") && id.len() == 9, "{id}");
+    }
+
+    #[test]
+    fn lb_record_flattens_the_object() {
+        let record = LbRecord {
+            cluster_id: "cl-1".into(),
+            lb: LoadBalancer {
+                id: "lb-1".into(),
+                name: "web".into(),
+                region: "jkt".into(),
+                vpc_id: "vpc-1".into(),
+                subnet_id: "subnet-1".into(),
+                public_ip: PublicIpRef {
+                    id: "ip-1".into(),
+                    address: Ipv4Addr::new(127, 203, 0, 10),
+                },
+                labels: Labels::new(),
+                status: LbStatus::Active,
+                status_message: String::new(),
+                rules: vec![],
+                backends: vec![],
+                created_at: now_rfc3339(),
+                updated_at: now_rfc3339(),
+            },
+            public_ip_acquired: true,
+            release_public_ip: false,
+            generation: 3,
+        };
+        let json = serde_json::to_value(&record).unwrap();
+        assert_eq!(json["name"], "web");
+        assert_eq!(json["cluster_id"], "cl-1");
+        let back: LbRecord = serde_json::from_value(json).unwrap();
+        assert_eq!(back, record);
+    }
+}
