@@ -4,6 +4,10 @@
 //! The API layer (`platform::api`) owns the load-balancer objects; it hands this module the
 //! listeners that should exist for one LB with [`Forwarder::apply_lb`] and reads backend
 //! health back with [`Forwarder::health`]. Nothing here knows about HTTP or JSON.
+//!
+//! Layout: `rule` runs one listener (its socket task, its swappable config, its backends'
+//! health-check tasks); `tcp` and `udp` are the data paths; `balance` (backend choice) and
+//! `health` (threshold state machine, probes) keep the decisions pure and unit-tested.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

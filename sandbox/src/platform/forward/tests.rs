@@ -750,3 +750,26 @@ fn forwarder_futures_are_send() {
     is_send(&fwd.remove_lb("lb"));
     is_send(&fwd.shutdown());
 }
+
+#[tokio::test]
+async fn udp_flow_moves_when_its_backend_leaves_the_rotation() {
+    let (b1, b2, public) = (ip(10, 159, 51), ip(10, 159, 52), ip(203, 159, 50));
+    let _u1 = UdpBackend::start(b1, "b1").await;
+    let _u2 = UdpBackend::start(b2, "b2").await;
+    let fwd = Forwarder::new();
+    let listen = sa(public, 5353);
+    let listener = udp_rule(listen, vec![backend("vm-1", b1), backend("vm-2", b2)]);
+    fwd.apply_lb("lb-udp-move", vec![listener.clone()]).await.unwrap();
+    let client = UdpSocket::bind(sa(ip(55, 159, 51), 0)).await.unwrap();
+    assert_eq!(udp_ask(&client, listen, "x", T).await.as_deref(), Some("b1"));
+    // vm-1 stops: UDP has no connection to keep, so the flow moves on its next packet.
+    let mut stopped = listener;
+    stopped.backends[0].running = false;
+    fwd.apply_lb("lb-udp-move", vec![stopped]).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(udp_ask(&client, listen, "y", T).await.as_deref(), Some("b2"));
+    }
+    wait_for("the old flow to close", || open_of(&fwd, "lb-udp-move", "vm-1") == 0).await;
+    assert_eq!(open_of(&fwd, "lb-udp-move", "vm-2"), 1);
+    fwd.shutdown().await;
+}

@@ -24,8 +24,8 @@ use super::{ForwarderSettings, source_allowed};
 const BUF_LEN: usize = 64 * 1024;
 /// Replies drained per wake-up of a flow before it yields to other tasks.
 const MAX_DRAIN: usize = 64;
-/// At most one "flow table full" warning per this period and rule.
-const FULL_WARN_EVERY: Duration = Duration::from_secs(10);
+/// At most one warning of a kind (flow table full, no socket) per this period and rule.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 thread_local! {
     static REPLY_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; BUF_LEN].into_boxed_slice());
@@ -70,6 +70,7 @@ pub(crate) async fn serve(
     let mut generation = shared.generation();
     let mut config = shared.config();
     let mut last_full_warning: Option<Instant> = None;
+    let mut last_socket_warning: Option<Instant> = None;
     loop {
         let received = tokio::select! {
             biased;
@@ -101,7 +102,7 @@ pub(crate) async fn serve(
                     remove_flow(&flows, client, &stale);
                 }
                 if lock(&flows).len() >= settings.max_udp_flows {
-                    if last_full_warning.is_none_or(|t| t.elapsed() >= FULL_WARN_EVERY) {
+                    if last_full_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
                         last_full_warning = Some(Instant::now());
                         tracing::warn!(
                             rule = %config.listener.rule,
@@ -111,8 +112,17 @@ pub(crate) async fn serve(
                     }
                     continue;
                 }
-                let Some(flow) = open_flow(&config, &shared, client, &cancel) else {
-                    continue;
+                let flow = match open_flow(&config, &shared, client, &cancel) {
+                    Ok(Some(flow)) => flow,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        // E.g. out of file descriptors under a flood: say so, not per packet.
+                        if last_socket_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+                            last_socket_warning = Some(Instant::now());
+                            tracing::warn!(rule = %config.listener.rule, error = %e, "cannot open UDP upstream socket: dropping packets of new clients");
+                        }
+                        continue;
+                    }
                 };
                 lock(&flows).insert(client, Arc::clone(&flow));
                 tasks.spawn(reply_loop(
@@ -145,33 +155,28 @@ fn remove_flow(flows: &Flows, client: SocketAddr, flow: &Arc<Flow>) {
     flow.cancel.cancel();
 }
 
+/// A new flow for `client` to a backend picked now; `None` when no backend is eligible.
 fn open_flow(
     config: &RuleConfig,
     shared: &RuleShared,
     client: SocketAddr,
     cancel: &CancellationToken,
-) -> Option<Arc<Flow>> {
+) -> std::io::Result<Option<Arc<Flow>>> {
     let candidates = config.eligible();
     let Some(i) = shared.pick(config, &candidates, client.ip().to_canonical(), None) else {
         tracing::debug!(rule = %config.listener.rule, %client, "no healthy backend: dropped");
-        return None;
+        return Ok(None);
     };
     let slot = Arc::clone(&candidates[i]);
-    let upstream = match connect_upstream(slot.addr) {
-        Ok(upstream) => upstream,
-        Err(e) => {
-            tracing::warn!(rule = %config.listener.rule, backend = %slot.addr, error = %e, "cannot open UDP upstream socket");
-            return None;
-        }
-    };
+    let upstream = connect_upstream(slot.addr)?;
     tracing::trace!(rule = %config.listener.rule, %client, backend = %slot.addr, "new UDP flow");
-    Some(Arc::new(Flow {
+    Ok(Some(Arc::new(Flow {
         upstream,
         last_seen: AtomicU64::new(0),
         cancel: cancel.child_token(),
         _open: slot.open_guard(),
         slot,
-    }))
+    })))
 }
 
 fn connect_upstream(backend: SocketAddr) -> std::io::Result<UdpSocket> {
