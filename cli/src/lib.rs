@@ -1,1 +1,35 @@
+//! `kuberaya`: the KubeRaya networking admin CLI.
+//!
+//! A thin layer over the `kuberaya-ccm`, `kuberaya-gateway` and `kuberaya-sandbox`
+//! libraries; it follows kubectl's habits (`-o table|json`, exit codes 0/1/2).
 
+pub mod logging;
+pub mod output;
+pub mod sandbox;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "kuberaya", version, about = "KubeRaya networking: load balancers, VPN peers, exposure audit, local sandbox")]
+pub struct Cli {
+    /// More log output on stderr (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the whole system on this machine: the CloudRaya platform stand-in and its cluster.
+    #[command(subcommand)]
+    Sandbox(sandbox::SandboxCommand),
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Sandbox(cmd) => sandbox::run(cmd).await,
+    }
+}

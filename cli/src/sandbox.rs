@@ -1,0 +1,532 @@
+//! `kuberaya sandbox up|down|status|env`: the whole system on one machine.
+//!
+//! A sandbox lives in a state directory (`--state-dir`), so several can run side by side:
+//! - `sandbox.lock`: held (flock) by the running `sandbox up` process for its lifetime, so
+//!   "is it running" never depends on a stale pid file;
+//! - `sandbox.json`: how to reach it (written when ready, removed on a clean stop);
+//! - `credentials.json` (0600): the platform stand-in's login, made once per state dir;
+//! - `platform/`: the platform stand-in's persistent state;
+//! - `sandbox.log`: the output of a `--detach`ed sandbox.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Subcommand};
+use serde::{Deserialize, Serialize};
+
+use kuberaya_sandbox::platform::{Platform, PlatformConfig, serve};
+
+use crate::output::{OutputFormat, table};
+
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    /// Start the sandbox (foreground; Ctrl-C stops it). `--detach` returns once it is ready.
+    Up(UpArgs),
+    /// Stop a running sandbox; `--purge` also deletes its state.
+    Down(DownArgs),
+    /// Show whether the sandbox runs and what it holds.
+    Status(StatusArgs),
+    /// Print `export` lines for the sandbox's platform API and cluster: `eval "$(kuberaya sandbox env)"`.
+    Env(StateDirArg),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StateDirArg {
+    /// Where the sandbox keeps its state [default: $XDG_STATE_HOME/kuberaya/sandbox, else ~/.local/state/kuberaya/sandbox]
+    #[arg(long, env = "KUBERAYA_SANDBOX_DIR", global = true)]
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub dir: StateDirArg,
+    /// Run in the background and return once everything is ready.
+    #[arg(long)]
+    pub detach: bool,
+    /// Address of the platform API [default: the previous run's address if free, else a free port on 127.0.0.1]
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Number of worker VMs of the sandbox cluster.
+    #[arg(long, default_value_t = 3)]
+    pub workers: usize,
+    /// ID of the sandbox cluster on the platform.
+    #[arg(long, default_value = "cl-sandbox")]
+    pub cluster_id: String,
+    /// Public IPs of load balancers come from this range (on loopback).
+    #[arg(long, default_value = "127.203.0.0/24")]
+    pub public_ip_range: ipnet::Ipv4Net,
+    /// Private IPs of the worker VMs come from this range (on loopback).
+    #[arg(long, default_value = "127.10.0.0/24")]
+    pub vm_ip_range: ipnet::Ipv4Net,
+    /// How long the platform takes to provision or update a load balancer.
+    #[arg(long, default_value_t = 300)]
+    pub provisioning_delay_ms: u64,
+    /// Play a platform without UDP load balancing.
+    #[arg(long)]
+    pub no_udp: bool,
+    /// Set by `--detach` on the background process it starts.
+    #[arg(long, hide = true)]
+    pub detached_child: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DownArgs {
+    #[command(flatten)]
+    pub dir: StateDirArg,
+    /// Also delete the sandbox's state (platform objects, credentials, logs).
+    #[arg(long)]
+    pub purge: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub dir: StateDirArg,
+    #[arg(short, long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+}
+
+/// How to reach a running sandbox (`sandbox.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Runtime {
+    pub pid: u32,
+    pub platform_url: String,
+    pub email: String,
+    pub password: String,
+    pub cluster_id: String,
+    pub started_at_unix: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Credentials {
+    email: String,
+    password: String,
+}
+
+const RUNTIME_FILE: &str = "sandbox.json";
+const LOCK_FILE: &str = "sandbox.lock";
+const CREDENTIALS_FILE: &str = "credentials.json";
+const LOG_FILE: &str = "sandbox.log";
+const SANDBOX_EMAIL: &str = "admin@sandbox.local";
+
+pub async fn run(cmd: SandboxCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        SandboxCommand::Up(args) if args.detach => up_detached(args).await,
+        SandboxCommand::Up(args) => up(args).await,
+        SandboxCommand::Down(args) => down(args).await,
+        SandboxCommand::Status(args) => status(args).await,
+        SandboxCommand::Env(dir) => env(dir),
+    }
+}
+
+pub fn default_state_dir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir).join("kuberaya/sandbox"));
+    }
+    let home = std::env::var_os("HOME").filter(|d| !d.is_empty()).context("neither XDG_STATE_HOME nor HOME is set; pass --state-dir")?;
+    Ok(PathBuf::from(home).join(".local/state/kuberaya/sandbox"))
+}
+
+fn state_dir(arg: &StateDirArg) -> anyhow::Result<PathBuf> {
+    match &arg.state_dir {
+        Some(dir) => Ok(dir.clone()),
+        None => default_state_dir(),
+    }
+}
+
+/// An exclusive, non-blocking flock on `sandbox.lock`: `Ok(None)` when another process holds it.
+fn try_lock(dir: &Path) -> anyhow::Result<Option<File>> {
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(Some(file));
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(None)
+    } else {
+        Err(err).with_context(|| format!("cannot lock {}", path.display()))
+    }
+}
+
+fn is_running(dir: &Path) -> anyhow::Result<bool> {
+    if !dir.join(LOCK_FILE).exists() {
+        return Ok(false);
+    }
+    Ok(try_lock(dir)?.is_none())
+}
+
+fn read_runtime(dir: &Path) -> anyhow::Result<Option<Runtime>> {
+    let path = dir.join(RUNTIME_FILE);
+    match fs::read(&path) {
+        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid", path.display()))?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Write `contents` to `path` with mode 0600, atomically (temp file + rename).
+fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+fn load_or_make_credentials(dir: &Path) -> anyhow::Result<Credentials> {
+    let path = dir.join(CREDENTIALS_FILE);
+    if let Ok(bytes) = fs::read(&path) {
+        return serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid; delete it to make new credentials", path.display()));
+    }
+    let password: String = {
+        let bytes: [u8; 18] = rand::random();
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    };
+    let creds = Credentials { email: SANDBOX_EMAIL.to_string(), password };
+    write_private(&path, &serde_json::to_vec_pretty(&creds)?)?;
+    Ok(creds)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+async fn bind_platform_listener(dir: &Path, requested: Option<SocketAddr>) -> anyhow::Result<tokio::net::TcpListener> {
+    if let Some(addr) = requested {
+        return tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"));
+    }
+    // Keep the previous run's address when it is free, so exported variables stay valid.
+    if let Some(prev) = read_runtime(dir).ok().flatten().and_then(|rt| rt.platform_url.strip_prefix("http://").and_then(|a| a.parse::<SocketAddr>().ok()))
+        && let Ok(l) = tokio::net::TcpListener::bind(prev).await
+    {
+        return Ok(l);
+    }
+    tokio::net::TcpListener::bind("127.0.0.1:0").await.context("cannot listen on 127.0.0.1")
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
+    let dir = state_dir(&args.dir)?;
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let Some(_lock) = try_lock(&dir)? else {
+        let pid = read_runtime(&dir).ok().flatten().map(|rt| rt.pid.to_string()).unwrap_or_else(|| "?".into());
+        bail!("a sandbox is already running in {} (pid {pid}); see `kuberaya sandbox status`, or stop it with `kuberaya sandbox down`", dir.display());
+    };
+    // A previous run that was killed leaves its runtime file behind; it is stale now.
+    let _ = fs::remove_file(dir.join(RUNTIME_FILE));
+    let started = Instant::now();
+    let creds = load_or_make_credentials(&dir)?;
+
+    step(&format!("state in {}", dir.display()));
+    let config = PlatformConfig {
+        state_dir: dir.join("platform"),
+        email: creds.email.clone(),
+        password: creds.password.clone(),
+        public_ip_range: args.public_ip_range,
+        vm_ip_range: args.vm_ip_range,
+        provisioning_delay: Duration::from_millis(args.provisioning_delay_ms),
+        udp_enabled: !args.no_udp,
+        ..PlatformConfig::default()
+    };
+    let platform = Platform::open(config).await.context("cannot start the platform stand-in")?;
+    platform.seed_cluster(&args.cluster_id, "sandbox", args.workers).await.context("cannot create the sandbox cluster on the platform stand-in")?;
+    let listener = bind_platform_listener(&dir, args.listen).await?;
+    let addr = listener.local_addr()?;
+    let url = format!("http://{addr}");
+    step(&format!("CloudRaya platform stand-in at {url} (cluster {}, {} worker VMs)", args.cluster_id, args.workers));
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, platform.clone(), async move {
+        let _ = stop_rx.await;
+    }));
+
+    let runtime = Runtime {
+        pid: std::process::id(),
+        platform_url: url.clone(),
+        email: creds.email.clone(),
+        password: creds.password.clone(),
+        cluster_id: args.cluster_id.clone(),
+        started_at_unix: unix_now(),
+    };
+    write_private(&dir.join(RUNTIME_FILE), &serde_json::to_vec_pretty(&runtime)?)?;
+    step(&format!("ready in {:.1}s", started.elapsed().as_secs_f64()));
+    print_try_this(&dir, &args, &runtime);
+    let _ = std::io::stdout().flush();
+
+    wait_for_stop_signal().await;
+    eprintln!("stopping the sandbox...");
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    platform.shutdown().await;
+    let _ = fs::remove_file(dir.join(RUNTIME_FILE));
+    eprintln!("sandbox stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        // Without signal handlers we can only run until killed.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn step(msg: &str) {
+    println!("✓ {msg}");
+}
+
+fn print_try_this(dir: &Path, args: &UpArgs, rt: &Runtime) {
+    let dir_flag = if args.dir.state_dir.is_some() && args.dir.state_dir != default_state_dir().ok() { format!(" --state-dir {}", dir.display()) } else { String::new() };
+    println!();
+    println!("The sandbox is up. Try this in another shell:");
+    println!();
+    println!("  eval \"$(kuberaya sandbox env{dir_flag})\"");
+    println!("  curl -s -X POST $CLOUDRAYA_API_URL/core/v1/auth/login -H 'content-type: application/json' \\");
+    println!("       -d \"{{\\\"email\\\":\\\"$CLOUDRAYA_EMAIL\\\",\\\"password\\\":\\\"$CLOUDRAYA_PASSWORD\\\"}}\"");
+    println!("  kuberaya sandbox status{dir_flag}");
+    println!();
+    println!("Platform API: {}  (cluster {})", rt.platform_url, rt.cluster_id);
+    if args.detach || args.detached_child {
+        println!("Stop it with: kuberaya sandbox down{dir_flag}");
+    } else {
+        println!("Press Ctrl-C to stop it.");
+    }
+}
+
+async fn up_detached(args: UpArgs) -> anyhow::Result<ExitCode> {
+    let dir = state_dir(&args.dir)?;
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    if is_running(&dir)? {
+        let pid = read_runtime(&dir).ok().flatten().map(|rt| rt.pid.to_string()).unwrap_or_else(|| "?".into());
+        bail!("a sandbox is already running in {} (pid {pid}); see `kuberaya sandbox status`, or stop it with `kuberaya sandbox down`", dir.display());
+    }
+    let _ = fs::remove_file(dir.join(RUNTIME_FILE));
+    let exe = std::env::current_exe().context("cannot find the kuberaya executable")?;
+    let log_path = dir.join(LOG_FILE);
+    let log = OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&log_path).with_context(|| format!("cannot write {}", log_path.display()))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["sandbox", "up", "--detached-child", "--state-dir"]).arg(&dir);
+    cmd.args(["--workers", &args.workers.to_string(), "--cluster-id", &args.cluster_id]);
+    cmd.args(["--public-ip-range", &args.public_ip_range.to_string(), "--vm-ip-range", &args.vm_ip_range.to_string()]);
+    cmd.args(["--provisioning-delay-ms", &args.provisioning_delay_ms.to_string()]);
+    if let Some(listen) = args.listen {
+        cmd.args(["--listen", &listen.to_string()]);
+    }
+    if args.no_udp {
+        cmd.arg("--no-udp");
+    }
+    cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    // SAFETY: setsid is async-signal-safe; it detaches the sandbox from our terminal so
+    // closing the shell does not stop it.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the sandbox in the background")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let log = fs::read_to_string(&log_path).unwrap_or_default();
+            bail!("the sandbox stopped during start-up ({status}):\n{}", log.trim_end());
+        }
+        if let Some(rt) = read_runtime(&dir).ok().flatten()
+            && rt.pid == child.id()
+        {
+            let log = fs::read_to_string(&log_path).unwrap_or_default();
+            print!("{log}");
+            println!("Running in the background (pid {}); its log is {}.", rt.pid, log_path.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("the sandbox was not ready within 60 s; see {}", log_path.display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn down(args: DownArgs) -> anyhow::Result<ExitCode> {
+    let dir = state_dir(&args.dir)?;
+    if dir.exists() && is_running(&dir)? {
+        let rt = read_runtime(&dir)?.context("the sandbox is starting or its sandbox.json is missing; try again in a moment")?;
+        let pid = libc::pid_t::try_from(rt.pid).context("invalid pid in sandbox.json")?;
+        // SAFETY: plain kill(2) on the pid the running sandbox wrote about itself.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while is_running(&dir)? {
+            if Instant::now() > deadline {
+                eprintln!("the sandbox (pid {pid}) did not stop within 15 s; killing it");
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = fs::remove_file(dir.join(RUNTIME_FILE));
+        println!("sandbox in {} stopped", dir.display());
+    } else {
+        println!("no sandbox is running in {}", dir.display());
+    }
+    if args.purge && dir.exists() {
+        fs::remove_dir_all(&dir).with_context(|| format!("cannot delete {}", dir.display()))?;
+        println!("deleted {}", dir.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn running_runtime(dir: &Path) -> anyhow::Result<Option<Runtime>> {
+    if !dir.exists() || !is_running(dir)? {
+        return Ok(None);
+    }
+    read_runtime(dir)
+}
+
+fn env(arg: StateDirArg) -> anyhow::Result<ExitCode> {
+    let dir = state_dir(&arg)?;
+    let Some(rt) = running_runtime(&dir)? else {
+        bail!("no sandbox is running in {}; start one with `kuberaya sandbox up --detach`", dir.display());
+    };
+    println!("export CLOUDRAYA_API_URL={}", shell_quote(&rt.platform_url));
+    println!("export CLOUDRAYA_EMAIL={}", shell_quote(&rt.email));
+    println!("export CLOUDRAYA_PASSWORD={}", shell_quote(&rt.password));
+    println!("export KUBERAYA_CLUSTER_ID={}", shell_quote(&rt.cluster_id));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:@%+=,".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let dir = state_dir(&args.dir)?;
+    let Some(rt) = running_runtime(&dir)? else {
+        match args.output {
+            OutputFormat::Json => println!("{}", serde_json::json!({"running": false, "state_dir": dir})),
+            OutputFormat::Table => println!("no sandbox is running in {}", dir.display()),
+        }
+        return Ok(ExitCode::from(1));
+    };
+    let state = fetch_state(&rt.platform_url).await;
+    match args.output {
+        OutputFormat::Json => {
+            let doc = serde_json::json!({
+                "running": true,
+                "state_dir": dir,
+                "pid": rt.pid,
+                "platform_url": rt.platform_url,
+                "cluster_id": rt.cluster_id,
+                "platform": state.as_ref().ok(),
+                "platform_error": state.as_ref().err().map(|e| format!("{e:#}")),
+            });
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+        }
+        OutputFormat::Table => {
+            println!("sandbox running in {} (pid {})", dir.display(), rt.pid);
+            println!("platform API: {}   cluster: {}", rt.platform_url, rt.cluster_id);
+            match &state {
+                Ok(state) => print_state_tables(state),
+                Err(e) => println!("the platform stand-in does not answer: {e:#}"),
+            }
+        }
+    }
+    Ok(if state.is_ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+async fn fetch_state(url: &str) -> anyhow::Result<serde_json::Value> {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+    let resp = client.get(format!("{url}/_sandbox/state")).send().await?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.context("the control API did not answer JSON")?;
+    if !status.is_success() {
+        bail!("control API answered {status}: {}", body["error"]);
+    }
+    Ok(body["data"].clone())
+}
+
+fn str_of(v: &serde_json::Value, key: &str) -> String {
+    match &v[key] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn print_state_tables(state: &serde_json::Value) {
+    let vms: Vec<Vec<String>> = state["vms"].as_array().into_iter().flatten().map(|vm| vec![str_of(vm, "name"), str_of(vm, "id"), str_of(vm, "state"), str_of(vm, "private_ip"), str_of(vm, "public_ip")]).collect();
+    println!();
+    print!("{}", table(&["vm", "id", "state", "private ip", "public ip"], &vms));
+    let lbs: Vec<Vec<String>> = state["load_balancers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|lb| {
+            let ports: Vec<String> = lb["rules"].as_array().into_iter().flatten().map(|r| format!("{}/{}", r["public_port"], str_of(r, "protocol"))).collect();
+            vec![str_of(lb, "name"), str_of(lb, "id"), str_of(lb, "status"), lb["public_ip"]["address"].as_str().unwrap_or("-").to_string(), ports.join(",")]
+        })
+        .collect();
+    println!();
+    if lbs.is_empty() {
+        println!("no load balancers yet");
+    } else {
+        print!("{}", table(&["load balancer", "id", "status", "public ip", "ports"], &lbs));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quote_leaves_plain_words_and_quotes_the_rest() {
+        assert_eq!(shell_quote("http://127.0.0.1:8080"), "http://127.0.0.1:8080");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn lock_is_exclusive_and_released_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = try_lock(dir.path()).unwrap();
+        assert!(first.is_some());
+        assert!(is_running(dir.path()).unwrap(), "a held lock means running");
+        drop(first);
+        assert!(!is_running(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn credentials_are_private_and_stable() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let a = load_or_make_credentials(dir.path()).unwrap();
+        let b = load_or_make_credentials(dir.path()).unwrap();
+        assert_eq!(a.password, b.password);
+        assert_eq!(a.password.len(), 36);
+        let mode = fs::metadata(dir.path().join(CREDENTIALS_FILE)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}
