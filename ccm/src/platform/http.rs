@@ -427,11 +427,11 @@ impl HttpPlatform {
     }
 
     fn cache_token(&self, data: LoginData, obtained_at: SystemTime) -> CachedToken {
-        let expires_at = match data.expires_at.as_deref().map(parse_rfc3339) {
-            Some(Some(t)) => t,
-            other => {
+        let expires_at = match data.expires_at.as_deref().and_then(parse_rfc3339) {
+            Some(t) => t,
+            None => {
                 tracing::warn!(
-                    expires_at = ?data.expires_at.as_deref().filter(|_| other.is_some()),
+                    expires_at = ?data.expires_at,
                     "login answer has no readable expires_at; assuming {}s",
                     FALLBACK_TOKEN_LIFETIME.as_secs()
                 );
