@@ -297,6 +297,11 @@ impl Platform {
                             return Ok(());
                         };
                         let record = s.load_balancers.remove(pos);
+                        tracing::info!(
+                            lb = id,
+                            release_public_ip = record.release_public_ip,
+                            "load balancer deleted"
+                        );
                         let ip_id = &record.lb.public_ip.id;
                         if record.release_public_ip {
                             s.public_ips.retain(|ip| &ip.id != ip_id);
@@ -327,6 +332,7 @@ impl Platform {
                     Err(e) => (LbStatus::Error, e.to_string()),
                 };
                 if record.lb.status != status || record.lb.status_message != message {
+                    tracing::info!(lb = id, ?status, "load balancer applied to the data plane");
                     record.lb.status = status;
                     record.lb.status_message = message;
                     record.lb.updated_at = now_rfc3339();

@@ -51,10 +51,6 @@ impl Envelope {
             error: error.to_string(),
         }
     }
-
-    pub fn status(&self) -> StatusCode {
-        self.status
-    }
 }
 
 fn reason(status: StatusCode) -> &'static str {
