@@ -1,1 +1,56 @@
 //! Harness for the end-to-end tests: start the real binaries, wait for them, clean up.
+//!
+//! - [`bins`]: find the workspace's built binaries (`target/<profile>/` or
+//!   `KURAYA_BIN_DIR`), building a missing one once with `cargo build --bin NAME`.
+//! - [`process`]: [`Process`], a spawned binary with its output captured to files, that is
+//!   terminated (SIGTERM, then SIGKILL) with its whole process group on drop.
+//! - [`platform`]: [`PlatformTarget`], the CloudRaya platform the tests talk to: a real
+//!   endpoint from the environment or a fresh platform stand-in; [`Janitor`] removes what
+//!   a test created on a real endpoint.
+//! - [`http`]: [`JsonApi`], a raw JSON HTTP helper that returns `(status, headers, body)`
+//!   as an [`Answer`], with envelope checks.
+
+pub mod bins;
+pub mod http;
+pub mod platform;
+pub mod process;
+
+pub use bins::{bin_dir, binary};
+pub use http::{Answer, JsonApi, http_client, query_encode};
+pub use platform::{Janitor, PlatformTarget, SandboxOptions, run_id, unique_net_index};
+pub use process::Process;
+
+use std::time::{Duration, Instant};
+
+/// Poll `check` every `every` until it returns `Some`, or give up after `timeout`.
+pub async fn poll_until<T, F, Fut>(timeout: Duration, every: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// [`poll_until`] for synchronous tests: poll `check` every 50 ms until it returns `Some`,
+/// or give up after `timeout`.
+pub fn poll_until_blocking<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,217 @@
+//! A spawned binary whose output goes to files, killed with its process group on drop.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// How long [`Process::stop`] waits after SIGTERM before sending SIGKILL.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
+
+/// A running child process (in its own process group), its stdout and stderr captured to
+/// files in a temporary directory. Dropping it terminates the whole group: SIGTERM, then
+/// SIGKILL after the grace period. When dropped during a panic, the tails of its output
+/// are printed to stderr, so a failing test shows what the binary said.
+pub struct Process {
+    name: String,
+    child: Child,
+    logs: tempfile::TempDir,
+    stdout_path: PathBuf,
+    stderr_path: PathBuf,
+    grace: Duration,
+    exit: Option<ExitStatus>,
+}
+
+impl Process {
+    /// Spawn the workspace binary `name` (see [`crate::binary`]) with `args`.
+    pub fn start<I, S>(name: &str, args: I) -> Result<Process>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let path = crate::binary(name);
+        Process::spawn(&path, args)
+    }
+
+    /// Spawn the executable at `path` with `args`.
+    pub fn spawn<I, S>(path: &Path, args: I) -> Result<Process>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = Command::new(path);
+        cmd.args(args);
+        Process::spawn_command(cmd)
+    }
+
+    /// Spawn a prepared command (stdin, stdout, stderr and the process group are set here).
+    pub fn spawn_command(mut cmd: Command) -> Result<Process> {
+        let name = Path::new(cmd.get_program())
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "process".to_string());
+        let logs = tempfile::Builder::new()
+            .prefix(&format!("kuberaya-e2e-{name}-"))
+            .tempdir()
+            .context("creating a log directory")?;
+        let stdout_path = logs.path().join("stdout.log");
+        let stderr_path = logs.path().join("stderr.log");
+        let stdout = File::create(&stdout_path)?;
+        let stderr = File::create(&stderr_path)?;
+        cmd.stdin(Stdio::null()).stdout(stdout).stderr(stderr).process_group(0);
+        let child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+        Ok(Process {
+            name,
+            child,
+            logs,
+            stdout_path,
+            stderr_path,
+            grace: DEFAULT_GRACE,
+            exit: None,
+        })
+    }
+
+    /// Change the grace period between SIGTERM and SIGKILL.
+    pub fn set_grace(&mut self, grace: Duration) {
+        self.grace = grace;
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The directory holding `stdout.log` and `stderr.log` (removed on drop).
+    pub fn log_dir(&self) -> &Path {
+        self.logs.path()
+    }
+
+    /// Everything the process printed on stdout so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout_path).unwrap_or_default()
+    }
+
+    /// Everything the process printed on stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Whether the process is still running (reaps it when it has exited).
+    pub fn is_running(&mut self) -> bool {
+        self.try_exit().is_none()
+    }
+
+    fn try_exit(&mut self) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            self.exit = self.child.try_wait().ok().flatten();
+        }
+        self.exit
+    }
+
+    /// Wait (polling every 20 ms, at most `timeout`) until stdout has a complete line
+    /// starting with `prefix`; returns that line without its newline. Fails when the
+    /// process exits first or the time is up, with the tails of its output.
+    pub fn wait_for_stdout_line(&mut self, prefix: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.stdout();
+            // Only complete lines: the last piece may still be being written.
+            let mut complete = out.split_inclusive('\n').filter(|l| l.ends_with('\n'));
+            if let Some(line) = complete.find(|l| l.starts_with(prefix)) {
+                return Ok(line.trim_end_matches(['\n', '\r']).to_string());
+            }
+            if let Some(status) = self.try_exit() {
+                bail!(
+                    "{} exited ({status}) before printing a line starting with {prefix:?}\n{}",
+                    self.name,
+                    self.output_tails()
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} printed no line starting with {prefix:?} within {timeout:?}\n{}",
+                    self.name,
+                    self.output_tails()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The last lines of stdout and stderr, for failure messages.
+    pub fn output_tails(&self) -> String {
+        fn tail(s: &str) -> String {
+            let lines: Vec<&str> = s.lines().collect();
+            let from = lines.len().saturating_sub(40);
+            lines[from..].join("\n")
+        }
+        format!(
+            "--- {} stdout (tail) ---\n{}\n--- {} stderr (tail) ---\n{}",
+            self.name,
+            tail(&self.stdout()),
+            self.name,
+            tail(&self.stderr())
+        )
+    }
+
+    /// Send `signal` to the process group.
+    pub fn signal(&self, signal: i32) {
+        let pgid = self.child.id() as libc::pid_t;
+        // SAFETY: signalling the process group we created (process_group(0) makes the
+        // child's pid its group id).
+        unsafe {
+            libc::kill(-pgid, signal);
+        }
+    }
+
+    /// Terminate the process group: SIGTERM, then SIGKILL after the grace period. Returns
+    /// the exit status of the direct child.
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        if let Some(status) = self.exit {
+            // The child is gone; make sure nothing it started lingers.
+            self.signal(libc::SIGKILL);
+            return Some(status);
+        }
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + self.grace;
+        while Instant::now() < deadline {
+            if let Some(status) = self.try_exit() {
+                self.signal(libc::SIGKILL);
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "[harness] {} (pid {}) ignored SIGTERM for {:?}; sending SIGKILL",
+            self.name,
+            self.pid(),
+            self.grace
+        );
+        self.signal(libc::SIGKILL);
+        let _ = self.child.kill();
+        self.exit = self.child.wait().ok();
+        self.exit
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let status = self.stop();
+        if std::thread::panicking() {
+            eprintln!(
+                "[harness] {} (pid {}) exit {:?}\n{}",
+                self.name,
+                self.child.id(),
+                status,
+                self.output_tails()
+            );
+        }
+    }
+}
