@@ -1,0 +1,377 @@
+//! End to end: the platform stand-in's load balancers really forward traffic.
+//!
+//! Two "VMs" of the stand-in each run a TCP server and a UDP server on their private IP
+//! (on loopback). An LB with a round-robin rule over both must split new connections
+//! evenly, stop sending to a stopped VM or to a VM whose server died (within the
+//! health-check window), and forward again after the stand-in restarts.
+//!
+//! These need the stand-in's control API and loopback addresses, so they run against the
+//! stand-in only (a real platform cannot reach servers in this process).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use kuberaya_e2e::{JsonApi, PlatformTarget, SandboxOptions, poll_until};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+
+const BACKEND_TCP_PORT: u16 = 9000;
+const BACKEND_UDP_PORT: u16 = 9001;
+const STEP: Duration = Duration::from_secs(3);
+
+/// A TCP server answering every connection with its name, and a UDP server echoing
+/// `name:payload`, both on one VM's private IP.
+struct Backend {
+    name: String,
+    tcp: JoinHandle<()>,
+    udp: JoinHandle<()>,
+}
+
+impl Backend {
+    async fn start(name: &str, ip: &str) -> Result<Backend> {
+        let tcp_listener = TcpListener::bind((ip, BACKEND_TCP_PORT))
+            .await
+            .with_context(|| format!("bind {ip}"))?;
+        let udp_socket = UdpSocket::bind((ip, BACKEND_UDP_PORT)).await?;
+        let tcp_name = name.to_string();
+        let tcp = tokio::spawn(async move {
+            while let Ok((mut s, _)) = tcp_listener.accept().await {
+                let reply = tcp_name.clone();
+                tokio::spawn(async move {
+                    let _ = s.write_all(reply.as_bytes()).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        let udp_name = name.to_string();
+        let udp = tokio::spawn(async move {
+            let mut buf = [0u8; 1500];
+            while let Ok((n, from)) = udp_socket.recv_from(&mut buf).await {
+                let mut reply = format!("{udp_name}:").into_bytes();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = udp_socket.send_to(&reply, from).await;
+            }
+        });
+        Ok(Backend {
+            name: name.to_string(),
+            tcp,
+            udp,
+        })
+    }
+
+    /// Stop serving: the listening sockets close, so health checks fail.
+    fn kill(&self) {
+        self.tcp.abort();
+        self.udp.abort();
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Which backend answers one new TCP connection to `addr` (None when refused).
+async fn tcp_who(addr: SocketAddr) -> Option<String> {
+    let mut s = timeout(STEP, TcpStream::connect(addr)).await.ok()?.ok()?;
+    let mut out = String::new();
+    timeout(STEP, s.read_to_string(&mut out)).await.ok()?.ok()?;
+    (!out.is_empty()).then_some(out)
+}
+
+async fn tcp_spread(addr: SocketAddr, n: usize) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        let who = tcp_who(addr).await.unwrap_or_else(|| "refused".into());
+        *counts.entry(who).or_default() += 1;
+    }
+    counts
+}
+
+/// Which backend answers one datagram from a fresh client socket (a new flow).
+async fn udp_who(addr: SocketAddr) -> Option<String> {
+    let sock = UdpSocket::bind("127.0.0.1:0").await.ok()?;
+    sock.send_to(b"ping", addr).await.ok()?;
+    let mut buf = [0u8; 1500];
+    let (n, from) = timeout(Duration::from_millis(500), sock.recv_from(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    assert_eq!(from, addr, "UDP replies must come from the LB's public address");
+    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+    text.strip_suffix(":ping").map(str::to_string)
+}
+
+async fn udp_spread(addr: SocketAddr, n: usize) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        let who = udp_who(addr).await.unwrap_or_else(|| "no answer".into());
+        *counts.entry(who).or_default() += 1;
+    }
+    counts
+}
+
+fn assert_even(counts: &HashMap<String, usize>, a: &str, b: &str, total: usize) {
+    let (ca, cb) = (counts.get(a).copied().unwrap_or(0), counts.get(b).copied().unwrap_or(0));
+    assert_eq!(
+        ca + cb,
+        total,
+        "every connection must be answered by a backend: {counts:?}"
+    );
+    let low = total * 4 / 10;
+    assert!(
+        ca >= low && cb >= low,
+        "round robin must split about evenly: {counts:?}"
+    );
+}
+
+/// Poll until `n` new connections in a row all go to `only` (bounded).
+async fn wait_all_to(addr: SocketAddr, only: &str, n: usize, udp: bool) -> HashMap<String, usize> {
+    let found = poll_until(Duration::from_secs(15), Duration::from_millis(200), || async {
+        let counts = if udp {
+            udp_spread(addr, n).await
+        } else {
+            tcp_spread(addr, n).await
+        };
+        (counts.get(only) == Some(&n)).then_some(counts)
+    })
+    .await;
+    let last = if udp {
+        udp_spread(addr, n).await
+    } else {
+        tcp_spread(addr, n).await
+    };
+    found.unwrap_or_else(|| panic!("traffic did not move entirely to {only} within 15 s; last spread {last:?}"))
+}
+
+async fn vms(api: &JsonApi, cluster_id: &str) -> Vec<Value> {
+    let a = api
+        .get(&format!(
+            "/vm/v1/instances?label=kuberaya.cloudraya.com/cluster-id={cluster_id}&per_page=100"
+        ))
+        .await;
+    assert_eq!(a.status, 200, "{}", a.describe());
+    let mut items = a.data()["items"].as_array().cloned().unwrap_or_default();
+    items.sort_by_key(|v| v["name"].as_str().unwrap_or_default().to_string());
+    items
+}
+
+async fn wait_active(api: &JsonApi, path: &str) -> Result<Value> {
+    poll_until(Duration::from_secs(15), Duration::from_millis(100), || async {
+        let a = api.get(path).await;
+        (a.status == 200 && a.data()["status"] == "active").then(|| a.data().clone())
+    })
+    .await
+    .with_context(|| format!("{path} did not become active"))
+}
+
+fn public_addr(lb: &Value, port: u16) -> Result<SocketAddr> {
+    let ip = lb["public_ip"]["address"].as_str().context("LB has no public IP")?;
+    Ok(SocketAddr::new(ip.parse()?, port))
+}
+
+async fn create_lb(api: &JsonApi, cluster: &str, name: &str, rule: Value, vm_ids: &[&str]) -> Result<(String, Value)> {
+    let backends: Vec<Value> = vm_ids.iter().map(|id| json!({"vm_id": id})).collect();
+    let a = api
+        .post(
+            &format!("/kubernetes/v1/clusters/{cluster}/load-balancers"),
+            &json!({"name": name, "labels": {"kuberaya.cloudraya.com/cluster-id": cluster}, "rules": [rule], "backends": backends}),
+        )
+        .await;
+    if a.status != 201 {
+        bail!("create LB: {}", a.describe());
+    }
+    let path = format!(
+        "/kubernetes/v1/clusters/{cluster}/load-balancers/{}",
+        a.data()["id"].as_str().unwrap_or_default()
+    );
+    let lb = wait_active(api, &path).await?;
+    Ok((path, lb))
+}
+
+fn health_check() -> Value {
+    // Checks every second with one failure enough: the test's "health-check window".
+    json!({"protocol": "tcp", "port": BACKEND_TCP_PORT, "interval_s": 2, "timeout_s": 1, "healthy_threshold": 1, "unhealthy_threshold": 1})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_lb_round_robin_health_and_restart() -> Result<()> {
+    let mut platform = PlatformTarget::start_sandbox(SandboxOptions {
+        provisioning_delay_ms: Some(100),
+        ..Default::default()
+    })?;
+    let api = platform.login().await?;
+    let cluster = platform.cluster_id.clone();
+    let vms = vms(&api, &cluster).await;
+    assert!(vms.len() >= 2, "the stand-in's cluster has worker VMs");
+    let (vm1, vm2) = (&vms[0], &vms[1]);
+    let b1 = Backend::start("vm1", vm1["private_ip"].as_str().unwrap()).await?;
+    let _b2 = Backend::start("vm2", vm2["private_ip"].as_str().unwrap()).await?;
+
+    let rule = json!({"name": "web", "protocol": "tcp", "public_port": 8080, "private_port": BACKEND_TCP_PORT, "algorithm": "round_robin", "health_check": health_check()});
+    let (path, lb) = create_lb(
+        &api,
+        &cluster,
+        "fwd-tcp",
+        rule,
+        &[vm1["id"].as_str().unwrap(), vm2["id"].as_str().unwrap()],
+    )
+    .await?;
+    let addr = public_addr(&lb, 8080)?;
+
+    // 100 connections split about evenly.
+    let counts = tcp_spread(addr, 100).await;
+    assert_even(&counts, "vm1", "vm2", 100);
+
+    // VM 1 stopped: all new connections go to VM 2.
+    let ctl = platform.control_api();
+    let a = ctl
+        .post(
+            &format!("/_sandbox/vms/{}/stop", vm1["id"].as_str().unwrap()),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.describe());
+    wait_all_to(addr, "vm2", 20, false).await;
+
+    // Started again: back in the rotation after its health checks pass.
+    let a = ctl
+        .post(
+            &format!("/_sandbox/vms/{}/start", vm1["id"].as_str().unwrap()),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.describe());
+    poll_until(Duration::from_secs(15), Duration::from_millis(200), || async {
+        let c = tcp_spread(addr, 10).await;
+        (c.get("vm1").copied().unwrap_or(0) >= 3).then_some(())
+    })
+    .await
+    .context("VM 1 did not come back into the rotation")?;
+
+    // VM 1 running but its server dead: the health checks take it out. (Connections
+    // never fail meanwhile: the LB retries the next backend when a connect fails.)
+    b1.kill();
+    let vm1_id = vm1["id"].clone();
+    poll_until(Duration::from_secs(10), Duration::from_millis(100), || async {
+        let lb_now = api.get(&path).await;
+        let unhealthy = lb_now.data()["health"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|h| h["vm_id"] == vm1_id && h["state"] == "unhealthy");
+        unhealthy.then_some(())
+    })
+    .await
+    .context("the LB never reported VM 1 unhealthy after its server died")?;
+    wait_all_to(addr, "vm2", 20, false).await;
+
+    // The stand-in restarted: the LB is still there and forwards again, to both.
+    let _b1 = Backend::start("vm1", vm1["private_ip"].as_str().unwrap()).await?;
+    platform.restart()?;
+    let api = platform.login().await?;
+    let lb_after = wait_active(&api, &path).await?;
+    assert_eq!(lb_after["public_ip"], lb["public_ip"], "same public IP after a restart");
+    let counts = poll_until(Duration::from_secs(15), Duration::from_millis(200), || async {
+        let c = tcp_spread(addr, 40).await;
+        (c.get("vm1").copied().unwrap_or(0) + c.get("vm2").copied().unwrap_or(0) == 40).then_some(c)
+    })
+    .await
+    .context("the LB does not forward after the stand-in restarted")?;
+    assert_even(&counts, "vm1", "vm2", 40);
+    drop(b1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_lb_round_robin_health_and_restart() -> Result<()> {
+    let mut platform = PlatformTarget::start_sandbox(SandboxOptions {
+        provisioning_delay_ms: Some(100),
+        ..Default::default()
+    })?;
+    let api = platform.login().await?;
+    let cluster = platform.cluster_id.clone();
+    let vms = vms(&api, &cluster).await;
+    let (vm1, vm2) = (&vms[0], &vms[1]);
+    let b1 = Backend::start("vm1", vm1["private_ip"].as_str().unwrap()).await?;
+    let _b2 = Backend::start("vm2", vm2["private_ip"].as_str().unwrap()).await?;
+
+    // UDP cannot be probed by connecting, so the rule checks the VM's TCP port.
+    let rule = json!({"name": "dns", "protocol": "udp", "public_port": 5353, "private_port": BACKEND_UDP_PORT, "algorithm": "round_robin", "health_check": health_check()});
+    let (path, lb) = create_lb(
+        &api,
+        &cluster,
+        "fwd-udp",
+        rule,
+        &[vm1["id"].as_str().unwrap(), vm2["id"].as_str().unwrap()],
+    )
+    .await?;
+    let addr = public_addr(&lb, 5353)?;
+
+    // 100 flows (one per client socket) split about evenly.
+    let counts = udp_spread(addr, 100).await;
+    assert_even(&counts, "vm1", "vm2", 100);
+
+    let ctl = platform.control_api();
+    let a = ctl
+        .post(
+            &format!("/_sandbox/vms/{}/stop", vm1["id"].as_str().unwrap()),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.describe());
+    wait_all_to(addr, "vm2", 20, true).await;
+    let a = ctl
+        .post(
+            &format!("/_sandbox/vms/{}/start", vm1["id"].as_str().unwrap()),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.describe());
+
+    b1.kill();
+    wait_all_to(addr, "vm2", 20, true).await;
+
+    let _b1 = Backend::start("vm1", vm1["private_ip"].as_str().unwrap()).await?;
+    platform.restart()?;
+    let api = platform.login().await?;
+    wait_active(&api, &path).await?;
+    let counts = poll_until(Duration::from_secs(15), Duration::from_millis(200), || async {
+        let c = udp_spread(addr, 40).await;
+        (c.get("vm1").copied().unwrap_or(0) + c.get("vm2").copied().unwrap_or(0) == 40).then_some(c)
+    })
+    .await
+    .context("the UDP rule does not forward after the stand-in restarted")?;
+    assert_even(&counts, "vm1", "vm2", 40);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lb_refuses_sources_outside_allowed_sources() -> Result<()> {
+    let platform = PlatformTarget::start_sandbox(SandboxOptions {
+        provisioning_delay_ms: Some(100),
+        ..Default::default()
+    })?;
+    let api = platform.login().await?;
+    let cluster = platform.cluster_id.clone();
+    let vms = vms(&api, &cluster).await;
+    let _b1 = Backend::start("vm1", vms[0]["private_ip"].as_str().unwrap()).await?;
+    // Only 127.0.0.2 may connect; the test connects from 127.0.0.1 first.
+    let rule = json!({"name": "web", "protocol": "tcp", "public_port": 8081, "private_port": BACKEND_TCP_PORT, "algorithm": "round_robin", "allowed_sources": ["127.0.0.2/32"], "health_check": health_check()});
+    let (_path, lb) = create_lb(&api, &cluster, "fwd-acl", rule, &[vms[0]["id"].as_str().unwrap()]).await?;
+    let addr = public_addr(&lb, 8081)?;
+    assert_eq!(tcp_who(addr).await, None, "a client outside allowed_sources is refused");
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind("127.0.0.2:0".parse()?)?;
+    let mut s = timeout(STEP, sock.connect(addr)).await??;
+    let mut out = String::new();
+    timeout(STEP, s.read_to_string(&mut out)).await??;
+    assert_eq!(out, "vm1", "a client inside allowed_sources is forwarded");
+    Ok(())
+}
