@@ -1,1 +1,75 @@
+//! KubeRaya WireGuard gateway: operators reach private `ClusterIP` services, by DNS name,
+//! within their peer's rules.
+//!
+//! Module map:
+//! - [`crd`]: the `VpnPeer` custom resource (spec, status, CRD generation).
+//! - [`keys`]: WireGuard keys in base64, with redacting `Debug`.
+//! - [`peers`]: validation of peer inputs into accepted peers or rejection reasons, and
+//!   tunnel address allocation.
+//! - [`acl`]: allow rules compiled against the Service catalog into a fast lookup.
+//! - [`packet`]: zero-copy IPv4/IPv6 header parsing of decrypted packets.
+//! - [`dns`]: the gateway's DNS answers (cluster Services, per-peer policy).
+//! - [`tunnel`]: one boringtun `Tunn` per peer ([`tunnel::PeerTunnel`]) and the
+//!   [`tunnel::PeerTable`] routing datagrams to them. No sockets inside.
+//! - [`dataplane`]: what happens to decrypted, checked packets ([`dataplane::DataPlane`]);
+//!   the userspace implementation terminates flows in smoltcp.
+//! - [`source`]: where peers and Services come from (Kubernetes watchers or static files).
+//! - [`gateway`]: the UDP socket loop tying it together.
+//! - [`metrics`], [`http`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`.
 
+pub mod acl;
+pub mod crd;
+// pub mod dataplane;
+pub mod dns;
+// pub mod gateway;
+// pub mod http;
+pub mod keys;
+// pub mod metrics;
+pub mod packet;
+pub mod peers;
+// pub mod source;
+pub mod tunnel;
+
+/// The crate-wide error type.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid key: {0}")]
+    InvalidKey(#[from] keys::KeyError),
+    #[error("reading {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: {source}")]
+    Json {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("kubernetes API: {0}")]
+    Kube(#[source] Box<kube::Error>),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+impl From<kube::Error> for Error {
+    fn from(e: kube::Error) -> Self {
+        Error::Kube(Box::new(e))
+    }
+}
+
+impl Error {
+    /// A short lowercase label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::InvalidKey(_) => "invalid_key",
+            Error::Io { .. } => "io",
+            Error::Json { .. } => "json",
+            Error::Kube(_) => "kube",
+            Error::Config(_) => "config",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,392 @@
+//! Access control: the peers' allow rules compiled against the Service catalog into a
+//! lookup checked on every decrypted packet. Default deny.
+//!
+//! Keyed by the peer's tunnel address, which is unique among accepted peers and which a
+//! packet's source must equal (anti-spoofing) before anything else is looked at.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::crd::PortRef;
+use crate::packet::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet};
+use crate::peers::AcceptedPeer;
+
+/// A Service port's protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    pub fn ip_proto(self) -> u8 {
+        match self {
+            Protocol::Tcp => PROTO_TCP,
+            Protocol::Udp => PROTO_UDP,
+            Protocol::Sctp => 132,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+}
+
+/// One port of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// What the gateway needs of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    /// `None` for headless Services and Services without an address yet.
+    #[serde(default, rename = "clusterIP", skip_serializing_if = "Option::is_none")]
+    pub cluster_ip: Option<IpAddr>,
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+}
+
+/// The Services known to the gateway, by namespace and name and by ClusterIP.
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    by_name: HashMap<(String, String), Arc<Service>>,
+    by_ip: HashMap<IpAddr, Arc<Service>>,
+}
+
+impl Catalog {
+    pub fn new(services: impl IntoIterator<Item = Service>) -> Self {
+        let mut c = Catalog::default();
+        for s in services {
+            let s = Arc::new(s);
+            if let Some(ip) = s.cluster_ip {
+                c.by_ip.insert(ip, s.clone());
+            }
+            c.by_name.insert((s.namespace.clone(), s.name.clone()), s);
+        }
+        c
+    }
+    pub fn get(&self, namespace: &str, name: &str) -> Option<&Service> {
+        self.by_name
+            .get(&(namespace.to_string(), name.to_string()))
+            .map(|s| s.as_ref())
+    }
+    pub fn by_ip(&self, ip: IpAddr) -> Option<&Service> {
+        self.by_ip.get(&ip).map(|s| s.as_ref())
+    }
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        self.by_name.values().map(|s| s.as_ref())
+    }
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+}
+
+/// The decision for one packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// To an allowed Service port (or ICMP to an allowed ClusterIP).
+    Allow,
+    /// To the gateway's own tunnel address (DNS, ping).
+    Local,
+    /// The source is not the peer's own tunnel address.
+    Spoofed,
+    /// Not allowed by the peer's rules.
+    Denied,
+}
+
+impl Verdict {
+    pub fn label(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allowed",
+            Verdict::Local => "local",
+            Verdict::Spoofed => "spoofed",
+            Verdict::Denied => "not_allowed",
+        }
+    }
+}
+
+#[derive(Default, Debug)]
+struct PeerRules {
+    /// (destination, IP protocol, port)
+    ports: HashSet<(IpAddr, u8, u16)>,
+    /// ClusterIPs with at least one allowed port: ICMP echo is answered.
+    hosts: HashSet<IpAddr>,
+    /// (namespace, name) → allowed port indices into the Service's ports (for DNS/SRV).
+    services: HashMap<(String, String), Vec<usize>>,
+}
+
+/// The compiled rules of every accepted peer.
+#[derive(Default, Debug)]
+pub struct Acl {
+    gateway: Option<Ipv4Addr>,
+    peers: HashMap<Ipv4Addr, PeerRules>,
+}
+
+impl Acl {
+    /// Compile `peers`' rules against `catalog`; `gateway` is the gateway's tunnel address.
+    pub fn compile(gateway: Ipv4Addr, peers: &[AcceptedPeer], catalog: &Catalog) -> Self {
+        let mut acl = Acl {
+            gateway: Some(gateway),
+            peers: HashMap::new(),
+        };
+        for p in peers {
+            let mut r = PeerRules::default();
+            for rule in &p.rules {
+                for svc in catalog.services() {
+                    if svc.namespace != rule.namespace || rule.service.as_ref().is_some_and(|n| *n != svc.name) {
+                        continue;
+                    }
+                    let allowed: Vec<usize> = svc
+                        .ports
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, sp)| match &rule.ports {
+                            None => true,
+                            Some(list) => list.iter().any(|pr| match pr {
+                                PortRef::Number(n) => *n == sp.port,
+                                PortRef::Name(n) => sp.name.as_deref() == Some(n.as_str()),
+                            }),
+                        })
+                        .map(|(i, _)| i)
+                        .collect();
+                    if allowed.is_empty() {
+                        continue;
+                    }
+                    if let Some(ip) = svc.cluster_ip {
+                        for &i in &allowed {
+                            let sp = &svc.ports[i];
+                            r.ports.insert((ip, sp.protocol.ip_proto(), sp.port));
+                        }
+                        r.hosts.insert(ip);
+                    }
+                    let e = r.services.entry((svc.namespace.clone(), svc.name.clone())).or_default();
+                    e.extend(allowed);
+                    e.sort_unstable();
+                    e.dedup();
+                }
+            }
+            acl.peers.insert(p.address, r);
+        }
+        acl
+    }
+
+    /// The verdict for a packet that came out of the tunnel of the peer at `peer`.
+    pub fn check(&self, peer: Ipv4Addr, pkt: &Packet<'_>) -> Verdict {
+        if pkt.src != IpAddr::V4(peer) {
+            return Verdict::Spoofed;
+        }
+        let Some(rules) = self.peers.get(&peer) else {
+            return Verdict::Denied;
+        };
+        if self.gateway.is_some_and(|g| pkt.dst == IpAddr::V4(g)) {
+            return Verdict::Local;
+        }
+        match pkt.proto {
+            PROTO_ICMP | PROTO_ICMPV6 if rules.hosts.contains(&pkt.dst) => Verdict::Allow,
+            proto => match pkt.dst_port() {
+                Some(port) if rules.ports.contains(&(pkt.dst, proto, port)) => Verdict::Allow,
+                _ => Verdict::Denied,
+            },
+        }
+    }
+
+    /// Whether the peer at `peer` may reach a port of the Service (for DNS answers).
+    pub fn may_resolve(&self, peer: Ipv4Addr, namespace: &str, name: &str) -> bool {
+        self.peers
+            .get(&peer)
+            .is_some_and(|r| r.services.contains_key(&(namespace.to_string(), name.to_string())))
+    }
+
+    /// The indices of the Service's ports the peer may reach.
+    pub fn allowed_ports(&self, peer: Ipv4Addr, namespace: &str, name: &str) -> &[usize] {
+        self.peers
+            .get(&peer)
+            .and_then(|r| r.services.get(&(namespace.to_string(), name.to_string())))
+            .map(|v| v.as_slice())
+            .unwrap_or(&[])
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::keys::PrivateKey;
+    use crate::packet::tests::{ipv4, tcp, udp};
+    use crate::packet::{TCP_SYN, parse};
+    use crate::peers::{PeerId, Rule};
+
+    pub(crate) fn catalog() -> Catalog {
+        Catalog::new([
+            Service {
+                namespace: "default".into(),
+                name: "web".into(),
+                cluster_ip: Some("127.96.0.10".parse().unwrap()),
+                ports: vec![
+                    ServicePort {
+                        name: Some("http".into()),
+                        port: 80,
+                        protocol: Protocol::Tcp,
+                    },
+                    ServicePort {
+                        name: Some("metrics".into()),
+                        port: 9090,
+                        protocol: Protocol::Tcp,
+                    },
+                ],
+            },
+            Service {
+                namespace: "default".into(),
+                name: "dns".into(),
+                cluster_ip: Some("127.96.0.53".parse().unwrap()),
+                ports: vec![ServicePort {
+                    name: Some("dns".into()),
+                    port: 53,
+                    protocol: Protocol::Udp,
+                }],
+            },
+            Service {
+                namespace: "db".into(),
+                name: "pg".into(),
+                cluster_ip: Some("127.96.1.5".parse().unwrap()),
+                ports: vec![ServicePort {
+                    name: None,
+                    port: 5432,
+                    protocol: Protocol::Tcp,
+                }],
+            },
+        ])
+    }
+
+    pub(crate) fn peer(addr: [u8; 4], rules: Vec<Rule>) -> AcceptedPeer {
+        AcceptedPeer {
+            id: PeerId::new("default", format!("p{}", addr[3])),
+            public_key: PrivateKey::generate().public_key(),
+            address: Ipv4Addr::from(addr),
+            rules,
+            preshared_key: None,
+            expires_at: None,
+        }
+    }
+
+    fn rule(ns: &str, svc: Option<&str>, ports: Option<Vec<PortRef>>) -> Rule {
+        Rule {
+            namespace: ns.into(),
+            service: svc.map(Into::into),
+            ports,
+        }
+    }
+
+    fn gw() -> Ipv4Addr {
+        Ipv4Addr::new(100, 64, 0, 1)
+    }
+
+    #[test]
+    fn default_deny_and_allowed_ports() {
+        let a = peer(
+            [100, 64, 0, 2],
+            vec![rule("default", Some("web"), Some(vec![PortRef::Name("http".into())]))],
+        );
+        let b = peer([100, 64, 0, 3], vec![]);
+        let acl = Acl::compile(gw(), &[a.clone(), b.clone()], &catalog());
+        let syn = |src: [u8; 4], dst: [u8; 4], port| ipv4(src, dst, PROTO_TCP, &tcp(1234, port, TCP_SYN));
+        let check = |peer: Ipv4Addr, p: &[u8]| acl.check(peer, &parse(p).unwrap());
+        assert_eq!(
+            check(a.address, &syn([100, 64, 0, 2], [127, 96, 0, 10], 80)),
+            Verdict::Allow
+        );
+        assert_eq!(
+            check(a.address, &syn([100, 64, 0, 2], [127, 96, 0, 10], 9090)),
+            Verdict::Denied
+        );
+        assert_eq!(
+            check(a.address, &syn([100, 64, 0, 2], [127, 96, 1, 5], 5432)),
+            Verdict::Denied
+        );
+        assert_eq!(
+            check(b.address, &syn([100, 64, 0, 3], [127, 96, 0, 10], 80)),
+            Verdict::Denied
+        );
+        // UDP to a TCP port is not the same thing.
+        let u = ipv4([100, 64, 0, 2], [127, 96, 0, 10], PROTO_UDP, &udp(1, 80, b""));
+        assert_eq!(check(a.address, &u), Verdict::Denied);
+        // ICMP to an allowed ClusterIP only.
+        let ping = |dst| ipv4([100, 64, 0, 2], dst, PROTO_ICMP, &[8, 0, 0, 0, 0, 1, 0, 1]);
+        assert_eq!(check(a.address, &ping([127, 96, 0, 10])), Verdict::Allow);
+        assert_eq!(check(a.address, &ping([127, 96, 1, 5])), Verdict::Denied);
+        // The gateway itself.
+        assert_eq!(check(a.address, &ping([100, 64, 0, 1])), Verdict::Local);
+        // Unknown peer.
+        assert_eq!(
+            check(
+                Ipv4Addr::new(100, 64, 0, 9),
+                &syn([100, 64, 0, 9], [127, 96, 0, 10], 80)
+            ),
+            Verdict::Denied
+        );
+    }
+
+    #[test]
+    fn spoofed_sources_are_caught_first() {
+        let a = peer([100, 64, 0, 2], vec![rule("default", None, None)]);
+        let b = peer([100, 64, 0, 3], vec![rule("default", None, None)]);
+        let acl = Acl::compile(gw(), &[a.clone(), b], &catalog());
+        let p = ipv4([100, 64, 0, 3], [127, 96, 0, 10], PROTO_TCP, &tcp(1, 80, TCP_SYN));
+        assert_eq!(acl.check(a.address, &parse(&p).unwrap()), Verdict::Spoofed);
+    }
+
+    #[test]
+    fn whole_namespace_and_dns_visibility() {
+        let a = peer([100, 64, 0, 2], vec![rule("default", None, None)]);
+        let acl = Acl::compile(gw(), std::slice::from_ref(&a), &catalog());
+        assert!(acl.may_resolve(a.address, "default", "web"));
+        assert!(acl.may_resolve(a.address, "default", "dns"));
+        assert!(!acl.may_resolve(a.address, "db", "pg"));
+        assert_eq!(acl.allowed_ports(a.address, "default", "web"), &[0, 1]);
+        let u = ipv4([100, 64, 0, 2], [127, 96, 0, 53], PROTO_UDP, &udp(1, 53, b""));
+        assert_eq!(acl.check(a.address, &parse(&u).unwrap()), Verdict::Allow);
+    }
+
+    #[test]
+    fn recompiling_without_a_service_denies_it() {
+        let a = peer([100, 64, 0, 2], vec![rule("default", Some("web"), None)]);
+        let p = ipv4([100, 64, 0, 2], [127, 96, 0, 10], PROTO_TCP, &tcp(1, 80, TCP_SYN));
+        let acl = Acl::compile(gw(), std::slice::from_ref(&a), &catalog());
+        assert_eq!(acl.check(a.address, &parse(&p).unwrap()), Verdict::Allow);
+        let without: Vec<Service> = catalog().services().filter(|s| s.name != "web").cloned().collect();
+        let acl = Acl::compile(gw(), &[a.clone()], &Catalog::new(without));
+        assert_eq!(acl.check(a.address, &parse(&p).unwrap()), Verdict::Denied);
+    }
+
+    #[test]
+    fn service_file_format() {
+        let s: Service = serde_json::from_value(serde_json::json!({
+            "namespace": "default", "name": "web", "clusterIP": "127.96.0.10",
+            "ports": [{"name": "http", "port": 80}, {"port": 53, "protocol": "UDP"}]
+        }))
+        .unwrap();
+        assert_eq!(s.ports[0].protocol, Protocol::Tcp);
+        assert_eq!(s.ports[1].protocol, Protocol::Udp);
+    }
+}

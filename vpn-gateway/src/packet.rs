@@ -1,0 +1,358 @@
+//! Zero-copy parsing of the IP packets that come out of a tunnel: just enough of the IPv4 or
+//! IPv6 header and the transport header to apply the access rules.
+//!
+//! Never panics, on any input: every read goes through `get`, and lengths come from the
+//! header only after they are checked against the buffer.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+
+const IPV4_MIN_HEADER: usize = 20;
+const IPV6_HEADER: usize = 40;
+const TCP_MIN_HEADER: usize = 20;
+const UDP_HEADER: usize = 8;
+/// IPv6 extension headers followed at most (hop-by-hop, routing, destination options).
+const MAX_IPV6_EXTENSIONS: usize = 8;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Why a packet was not understood.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("empty packet")]
+    Empty,
+    #[error("IP version {0} is not 4 or 6")]
+    Version(u8),
+    #[error("truncated header")]
+    Truncated,
+    #[error("header length field is inconsistent")]
+    BadLength,
+}
+
+/// The transport part of a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport<'a> {
+    Tcp {
+        src_port: u16,
+        dst_port: u16,
+        flags: u8,
+        seq: u32,
+        ack: u32,
+        payload: &'a [u8],
+    },
+    Udp {
+        src_port: u16,
+        dst_port: u16,
+        payload: &'a [u8],
+    },
+    /// ICMP or ICMPv6.
+    Icmp { kind: u8, code: u8 },
+    /// A later fragment (no transport header) or a protocol we do not look into.
+    Other { proto: u8 },
+}
+
+/// A parsed packet borrowing from the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Packet<'a> {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// The IP protocol number of the transport (after IPv6 extension headers).
+    pub proto: u8,
+    pub transport: Transport<'a>,
+    /// The packet's length according to its header (at most the buffer's).
+    pub len: usize,
+}
+
+impl Packet<'_> {
+    /// The destination port for TCP and UDP.
+    pub fn dst_port(&self) -> Option<u16> {
+        match self.transport {
+            Transport::Tcp { dst_port, .. } | Transport::Udp { dst_port, .. } => Some(dst_port),
+            _ => None,
+        }
+    }
+    pub fn src_port(&self) -> Option<u16> {
+        match self.transport {
+            Transport::Tcp { src_port, .. } | Transport::Udp { src_port, .. } => Some(src_port),
+            _ => None,
+        }
+    }
+    /// A TCP segment that opens a connection (SYN without ACK).
+    pub fn is_tcp_syn(&self) -> bool {
+        matches!(self.transport, Transport::Tcp { flags, .. } if flags & TCP_SYN != 0 && flags & TCP_ACK == 0)
+    }
+}
+
+fn be16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
+}
+
+fn be32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_be_bytes([
+        *b.get(at)?,
+        *b.get(at + 1)?,
+        *b.get(at + 2)?,
+        *b.get(at + 3)?,
+    ]))
+}
+
+/// Parse a decrypted packet.
+pub fn parse(buf: &[u8]) -> Result<Packet<'_>, ParseError> {
+    let first = *buf.first().ok_or(ParseError::Empty)?;
+    match first >> 4 {
+        4 => parse_v4(buf),
+        6 => parse_v6(buf),
+        v => Err(ParseError::Version(v)),
+    }
+}
+
+fn parse_v4(buf: &[u8]) -> Result<Packet<'_>, ParseError> {
+    if buf.len() < IPV4_MIN_HEADER {
+        return Err(ParseError::Truncated);
+    }
+    let ihl = usize::from(buf[0] & 0x0f) * 4;
+    let total = usize::from(be16(buf, 2).ok_or(ParseError::Truncated)?);
+    if ihl < IPV4_MIN_HEADER || total < ihl || total > buf.len() {
+        return Err(ParseError::BadLength);
+    }
+    let frag = be16(buf, 6).ok_or(ParseError::Truncated)?;
+    let later_fragment = frag & 0x1fff != 0;
+    let proto = buf[9];
+    let src = Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]);
+    let dst = Ipv4Addr::new(buf[16], buf[17], buf[18], buf[19]);
+    let body = buf.get(ihl..total).ok_or(ParseError::BadLength)?;
+    let transport = if later_fragment {
+        Transport::Other { proto }
+    } else {
+        transport(proto, body)?
+    };
+    Ok(Packet {
+        src: src.into(),
+        dst: dst.into(),
+        proto,
+        transport,
+        len: total,
+    })
+}
+
+fn parse_v6(buf: &[u8]) -> Result<Packet<'_>, ParseError> {
+    if buf.len() < IPV6_HEADER {
+        return Err(ParseError::Truncated);
+    }
+    let payload_len = usize::from(be16(buf, 4).ok_or(ParseError::Truncated)?);
+    let total = IPV6_HEADER + payload_len;
+    if total > buf.len() {
+        return Err(ParseError::BadLength);
+    }
+    let mut src = [0u8; 16];
+    src.copy_from_slice(&buf[8..24]);
+    let mut dst = [0u8; 16];
+    dst.copy_from_slice(&buf[24..40]);
+    let mut next = buf[6];
+    let mut off = IPV6_HEADER;
+    let mut later_fragment = false;
+    for _ in 0..MAX_IPV6_EXTENSIONS {
+        match next {
+            0 | 43 | 60 => {
+                let nh = *buf.get(off).ok_or(ParseError::Truncated)?;
+                let len = (usize::from(*buf.get(off + 1).ok_or(ParseError::Truncated)?) + 1) * 8;
+                next = nh;
+                off += len;
+            }
+            44 => {
+                let nh = *buf.get(off).ok_or(ParseError::Truncated)?;
+                let frag = be16(buf, off + 2).ok_or(ParseError::Truncated)?;
+                later_fragment = frag & 0xfff8 != 0;
+                next = nh;
+                off += 8;
+            }
+            _ => break,
+        }
+    }
+    let body = buf.get(off..total).ok_or(ParseError::BadLength)?;
+    let transport = if later_fragment {
+        Transport::Other { proto: next }
+    } else {
+        transport(next, body)?
+    };
+    Ok(Packet {
+        src: Ipv6Addr::from(src).into(),
+        dst: Ipv6Addr::from(dst).into(),
+        proto: next,
+        transport,
+        len: total,
+    })
+}
+
+fn transport(proto: u8, body: &[u8]) -> Result<Transport<'_>, ParseError> {
+    Ok(match proto {
+        PROTO_TCP => {
+            if body.len() < TCP_MIN_HEADER {
+                return Err(ParseError::Truncated);
+            }
+            let data_off = usize::from(body[12] >> 4) * 4;
+            if data_off < TCP_MIN_HEADER || data_off > body.len() {
+                return Err(ParseError::BadLength);
+            }
+            Transport::Tcp {
+                src_port: be16(body, 0).ok_or(ParseError::Truncated)?,
+                dst_port: be16(body, 2).ok_or(ParseError::Truncated)?,
+                seq: be32(body, 4).ok_or(ParseError::Truncated)?,
+                ack: be32(body, 8).ok_or(ParseError::Truncated)?,
+                flags: body[13],
+                payload: &body[data_off..],
+            }
+        }
+        PROTO_UDP => {
+            if body.len() < UDP_HEADER {
+                return Err(ParseError::Truncated);
+            }
+            let len = usize::from(be16(body, 4).ok_or(ParseError::Truncated)?);
+            // A zero length is legal in IPv6 jumbograms only; treat it as "to the end".
+            let end = if len == 0 { body.len() } else { len };
+            if end < UDP_HEADER || end > body.len() {
+                return Err(ParseError::BadLength);
+            }
+            Transport::Udp {
+                src_port: be16(body, 0).ok_or(ParseError::Truncated)?,
+                dst_port: be16(body, 2).ok_or(ParseError::Truncated)?,
+                payload: &body[UDP_HEADER..end],
+            }
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            if body.len() < 4 {
+                return Err(ParseError::Truncated);
+            }
+            Transport::Icmp {
+                kind: body[0],
+                code: body[1],
+            }
+        }
+        other => Transport::Other { proto: other },
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A minimal IPv4 packet (checksums left zero: the parser does not check them).
+    pub(crate) fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8]) -> Vec<u8> {
+        let total = 20 + l4.len();
+        let mut p = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0x40, 0, 64, proto, 0, 0];
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst);
+        p.extend_from_slice(l4);
+        p
+    }
+
+    pub(crate) fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+        let mut t = vec![0u8; 20];
+        t[0..2].copy_from_slice(&sport.to_be_bytes());
+        t[2..4].copy_from_slice(&dport.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = flags;
+        t
+    }
+
+    pub(crate) fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+        let len = (8 + payload.len()) as u16;
+        let mut u = Vec::new();
+        u.extend_from_slice(&sport.to_be_bytes());
+        u.extend_from_slice(&dport.to_be_bytes());
+        u.extend_from_slice(&len.to_be_bytes());
+        u.extend_from_slice(&[0, 0]);
+        u.extend_from_slice(payload);
+        u
+    }
+
+    #[test]
+    fn parses_tcp_syn() {
+        let p = ipv4([100, 64, 0, 2], [127, 96, 0, 10], PROTO_TCP, &tcp(40000, 80, TCP_SYN));
+        let pkt = parse(&p).unwrap();
+        assert_eq!(pkt.src, IpAddr::from([100, 64, 0, 2]));
+        assert_eq!(pkt.dst, IpAddr::from([127, 96, 0, 10]));
+        assert_eq!(pkt.dst_port(), Some(80));
+        assert_eq!(pkt.src_port(), Some(40000));
+        assert!(pkt.is_tcp_syn());
+    }
+
+    #[test]
+    fn parses_udp_payload() {
+        let p = ipv4([1, 1, 1, 1], [2, 2, 2, 2], PROTO_UDP, &udp(5353, 53, b"hello"));
+        match parse(&p).unwrap().transport {
+            Transport::Udp {
+                dst_port: 53, payload, ..
+            } => assert_eq!(payload, b"hello"),
+            t => panic!("{t:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_ipv6_udp_after_an_extension_header() {
+        let u = udp(1, 2, b"x");
+        let mut p = vec![0x60, 0, 0, 0];
+        p.extend_from_slice(&((u.len() + 8) as u16).to_be_bytes());
+        p.push(0); // hop-by-hop
+        p.push(64);
+        p.extend_from_slice(&[0xfd; 16]);
+        p.extend_from_slice(&[0xfe; 16]);
+        p.extend_from_slice(&[PROTO_UDP, 0, 0, 0, 0, 0, 0, 0]);
+        p.extend_from_slice(&u);
+        let pkt = parse(&p).unwrap();
+        assert_eq!(pkt.proto, PROTO_UDP);
+        assert_eq!(pkt.dst_port(), Some(2));
+    }
+
+    #[test]
+    fn rejects_inconsistent_lengths() {
+        let mut p = ipv4([1, 1, 1, 1], [2, 2, 2, 2], PROTO_TCP, &tcp(1, 2, 0));
+        p[2] = 0xff;
+        assert_eq!(parse(&p), Err(ParseError::BadLength));
+        assert_eq!(parse(&[]), Err(ParseError::Empty));
+        assert_eq!(parse(&[0x10]), Err(ParseError::Version(1)));
+        assert_eq!(parse(&[0x45, 0]), Err(ParseError::Truncated));
+    }
+
+    #[test]
+    fn never_panics_on_truncations_and_garbage() {
+        let good = [
+            ipv4([1, 1, 1, 1], [2, 2, 2, 2], PROTO_TCP, &tcp(1, 2, TCP_SYN)),
+            ipv4([1, 1, 1, 1], [2, 2, 2, 2], PROTO_UDP, &udp(1, 2, b"abc")),
+            ipv4([1, 1, 1, 1], [2, 2, 2, 2], PROTO_ICMP, &[8, 0, 0, 0, 0, 1, 0, 1]),
+        ];
+        for g in &good {
+            for cut in 0..=g.len() {
+                let _ = parse(&g[..cut]);
+            }
+            for i in 0..g.len() {
+                for v in [0u8, 0x0f, 0x45, 0x60, 0xff] {
+                    let mut m = g.clone();
+                    m[i] = v;
+                    let _ = parse(&m);
+                }
+            }
+        }
+        // Pseudo-random garbage (xorshift, deterministic).
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 90) as usize;
+            let bytes: Vec<u8> = (0..len).map(|i| (x >> (i % 8 * 8)) as u8 ^ i as u8).collect();
+            let mut b = bytes;
+            if let Some(f) = b.first_mut() {
+                *f = if x & 1 == 0 { 0x45 } else { 0x60 };
+            }
+            let _ = parse(&b);
+        }
+    }
+}

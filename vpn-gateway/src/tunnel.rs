@@ -1,0 +1,746 @@
+//! WireGuard sessions: one boringtun [`Tunn`] per peer ([`PeerTunnel`]) and the
+//! [`PeerTable`] that routes incoming datagrams to them.
+//!
+//! No sockets, no tokio, no clocks of our own: callers pass datagrams and buffers in, and
+//! the table tells a [`TunnelIo`] what to send where and which decrypted packets came out
+//! of which peer. The time for the rate limiter's reset is passed in too.
+//!
+//! Routing follows boringtun's own device: a handshake initiation is matched to its peer by
+//! the static key it carries (`parse_handshake_anon`, after the shared [`RateLimiter`] has
+//! checked its MAC and, under load, its cookie); everything else carries our receiver
+//! index, whose upper 24 bits are the peer's index (`Tunn::new` shifts it left by 8).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+
+use crate::keys::{PresharedKey, PrivateKey, PublicKey};
+use crate::peers::{AcceptedPeer, PeerId};
+
+/// The size of the buffers callers pass in: the largest IP packet plus WireGuard's
+/// overhead, and never less than a handshake initiation (what `encapsulate` requires).
+pub const BUF_SIZE: usize = 65_536 + 148;
+/// WireGuard's data overhead (header and tag) that `encapsulate` adds.
+const DATA_OVERHEAD: usize = 32;
+/// Flush rounds after a handshake (boringtun queues at most 256 packets).
+const MAX_FLUSH: usize = 300;
+/// Handshakes per second before cookie replies are required.
+pub const DEFAULT_HANDSHAKE_LIMIT: u64 = 100;
+/// The peer index is 24 bits.
+const INDEX_MASK: u32 = 0x00ff_ffff;
+
+/// What the table asks its caller to do.
+pub trait TunnelIo {
+    /// Send a datagram to `to` from the gateway's UDP socket.
+    fn send(&mut self, to: SocketAddr, datagram: &[u8]);
+    /// A decrypted packet came out of the tunnel of the peer whose tunnel address is `peer`.
+    fn deliver(&mut self, peer: Ipv4Addr, packet: &[u8]);
+}
+
+/// Why an incoming datagram went nowhere.
+#[derive(Debug, thiserror::Error)]
+pub enum DropReason {
+    #[error("not a WireGuard message: {0:?}")]
+    Malformed(WireGuardError),
+    #[error("handshake from an unknown key or not for our key")]
+    UnknownKey,
+    #[error("receiver index {0:#x} belongs to no peer")]
+    UnknownIndex(u32),
+    #[error("peer {peer}: {error:?}")]
+    Rejected { peer: PeerId, error: WireGuardError },
+}
+
+impl DropReason {
+    /// A metrics label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            DropReason::Malformed(WireGuardError::InvalidMac) => "invalid_mac",
+            DropReason::Malformed(WireGuardError::UnderLoad) => "under_load",
+            DropReason::Malformed(_) => "malformed",
+            DropReason::UnknownKey => "unknown_key",
+            DropReason::UnknownIndex(_) => "unknown_index",
+            DropReason::Rejected {
+                error: WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter,
+                ..
+            } => "replayed",
+            DropReason::Rejected { .. } => "decrypt_failed",
+        }
+    }
+    /// The peer the datagram was for, when known.
+    pub fn peer(&self) -> Option<&PeerId> {
+        match self {
+            DropReason::Rejected { peer, .. } => Some(peer),
+            _ => None,
+        }
+    }
+}
+
+/// Why a packet could not be sent to a peer.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    #[error("no peer has tunnel address {0}")]
+    NoPeer(IpAddr),
+    #[error("the peer has not connected yet (no endpoint)")]
+    NoEndpoint,
+    #[error("packet of {0} bytes does not fit the buffer")]
+    TooLarge(usize),
+}
+
+/// Counters of one peer's tunnel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TunnelStats {
+    pub since_last_handshake: Option<Duration>,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    pub handshakes: u64,
+}
+
+/// One peer's WireGuard state machine and what we know of the peer.
+pub struct PeerTunnel {
+    tunn: Tunn,
+    id: PeerId,
+    public_key: PublicKey,
+    preshared_key: Option<PresharedKey>,
+    address: Ipv4Addr,
+    endpoint: Option<SocketAddr>,
+    index: u32,
+    handshakes: u64,
+}
+
+impl std::fmt::Debug for PeerTunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerTunnel")
+            .field("id", &self.id)
+            .field("public_key", &self.public_key)
+            .field("address", &self.address)
+            .field("endpoint", &self.endpoint)
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PeerTunnel {
+    fn new(private: &PrivateKey, peer: &AcceptedPeer, index: u32, limiter: Arc<RateLimiter>) -> Self {
+        let tunn = Tunn::new(
+            private.to_x25519(),
+            peer.public_key.to_x25519(),
+            peer.preshared_key.as_ref().map(|k| k.0),
+            None,
+            index,
+            Some(limiter),
+        );
+        PeerTunnel {
+            tunn,
+            id: peer.id.clone(),
+            public_key: peer.public_key,
+            preshared_key: peer.preshared_key.clone(),
+            address: peer.address,
+            endpoint: None,
+            index,
+            handshakes: 0,
+        }
+    }
+
+    pub fn id(&self) -> &PeerId {
+        &self.id
+    }
+    pub fn address(&self) -> Ipv4Addr {
+        self.address
+    }
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        self.endpoint
+    }
+    pub fn public_key(&self) -> PublicKey {
+        self.public_key
+    }
+
+    pub fn stats(&self) -> TunnelStats {
+        let (since, tx, rx, _, _) = self.tunn.stats();
+        TunnelStats {
+            since_last_handshake: since,
+            tx_bytes: tx as u64,
+            rx_bytes: rx as u64,
+            handshakes: self.handshakes,
+        }
+    }
+
+    /// Process a datagram from `src` for this peer, then flush what the tunnel queued.
+    fn decapsulate(
+        &mut self,
+        src: SocketAddr,
+        datagram: &[u8],
+        buf: &mut [u8],
+        io: &mut impl TunnelIo,
+    ) -> Result<(), WireGuardError> {
+        let before = self.tunn.stats().0;
+        let mut first = true;
+        for _ in 0..MAX_FLUSH {
+            let r = if first {
+                self.tunn.decapsulate(Some(src.ip()), datagram, buf)
+            } else {
+                self.tunn.decapsulate(None, &[], buf)
+            };
+            if first {
+                match r {
+                    TunnResult::Err(e) => return Err(e),
+                    // Authenticated: the peer may have roamed.
+                    _ => self.endpoint = Some(src),
+                }
+                first = false;
+            }
+            match r {
+                TunnResult::Done => break,
+                TunnResult::Err(e) => return Err(e),
+                TunnResult::WriteToNetwork(b) => io.send(src, b),
+                TunnResult::WriteToTunnelV4(b, _) | TunnResult::WriteToTunnelV6(b, _) => {
+                    // Keepalives are empty.
+                    if !b.is_empty() {
+                        io.deliver(self.address, b);
+                    }
+                    break;
+                }
+            }
+        }
+        let after = self.tunn.stats().0;
+        if after.is_some() && (before.is_none() || after < before) {
+            self.handshakes += 1;
+        }
+        Ok(())
+    }
+
+    /// Encrypt a packet to this peer.
+    fn encapsulate(&mut self, packet: &[u8], buf: &mut [u8], io: &mut impl TunnelIo) -> Result<(), SendError> {
+        if packet.len() + DATA_OVERHEAD > buf.len() || buf.len() < 148 {
+            return Err(SendError::TooLarge(packet.len()));
+        }
+        let endpoint = self.endpoint.ok_or(SendError::NoEndpoint)?;
+        match self.tunn.encapsulate(packet, buf) {
+            TunnResult::WriteToNetwork(b) => io.send(endpoint, b),
+            TunnResult::Err(e) => tracing::debug!(peer = %self.id, error = ?e, "encapsulate failed"),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn update_timers(&mut self, buf: &mut [u8], io: &mut impl TunnelIo) {
+        match self.tunn.update_timers(buf) {
+            TunnResult::WriteToNetwork(b) => {
+                if let Some(ep) = self.endpoint {
+                    io.send(ep, b);
+                }
+            }
+            TunnResult::Err(WireGuardError::ConnectionExpired) => {}
+            TunnResult::Err(e) => tracing::debug!(peer = %self.id, error = ?e, "timer error"),
+            _ => {}
+        }
+    }
+}
+
+/// What [`PeerTable::sync`] changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SyncReport {
+    pub added: Vec<PeerId>,
+    pub removed: Vec<PeerId>,
+    /// Recreated (new preshared key): their sessions were dropped.
+    pub rekeyed: Vec<PeerId>,
+    /// Kept their sessions (address or name changed, or nothing at all).
+    pub kept: usize,
+}
+
+/// All peers' tunnels, indexed for datagram routing.
+pub struct PeerTable {
+    private: PrivateKey,
+    x_private: x25519_dalek::StaticSecret,
+    x_public: x25519_dalek::PublicKey,
+    limiter: Arc<RateLimiter>,
+    tunnels: HashMap<u32, PeerTunnel>,
+    by_key: HashMap<PublicKey, u32>,
+    by_addr: HashMap<Ipv4Addr, u32>,
+    next_index: u32,
+    last_reset: Option<Instant>,
+}
+
+impl std::fmt::Debug for PeerTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerTable")
+            .field("public_key", &self.private.public_key())
+            .field("peers", &self.tunnels.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PeerTable {
+    /// A table for the gateway's key; `handshake_limit` handshakes per second are taken
+    /// before cookie replies are demanded.
+    pub fn new(private: PrivateKey, handshake_limit: u64) -> Self {
+        let x_private = private.to_x25519();
+        let x_public = x25519_dalek::PublicKey::from(&x_private);
+        PeerTable {
+            limiter: Arc::new(RateLimiter::new(&x_public, handshake_limit)),
+            private,
+            x_private,
+            x_public,
+            tunnels: HashMap::new(),
+            by_key: HashMap::new(),
+            by_addr: HashMap::new(),
+            next_index: rand::random::<u32>() & INDEX_MASK,
+            last_reset: None,
+        }
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        self.private.public_key()
+    }
+
+    pub fn len(&self) -> usize {
+        self.tunnels.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.tunnels.is_empty()
+    }
+
+    pub fn peers(&self) -> impl Iterator<Item = &PeerTunnel> {
+        self.tunnels.values()
+    }
+
+    pub fn by_address(&self, a: Ipv4Addr) -> Option<&PeerTunnel> {
+        self.by_addr.get(&a).and_then(|i| self.tunnels.get(i))
+    }
+
+    /// Make the table match `peers`: new ones added, missing ones removed (their sessions
+    /// dropped at once), a changed preshared key recreates the tunnel, and everything else
+    /// keeps its session.
+    pub fn sync(&mut self, peers: &[AcceptedPeer]) -> SyncReport {
+        let mut report = SyncReport::default();
+        let wanted: HashMap<PublicKey, &AcceptedPeer> = peers.iter().map(|p| (p.public_key, p)).collect();
+        let gone: Vec<u32> = self
+            .tunnels
+            .iter()
+            .filter(|(_, t)| !wanted.contains_key(&t.public_key))
+            .map(|(i, _)| *i)
+            .collect();
+        for i in gone {
+            if let Some(t) = self.tunnels.remove(&i) {
+                self.by_key.remove(&t.public_key);
+                report.removed.push(t.id);
+            }
+        }
+        self.by_addr.clear();
+        for p in peers {
+            match self.by_key.get(&p.public_key).copied() {
+                Some(i) => {
+                    let Some(t) = self.tunnels.get_mut(&i) else { continue };
+                    if t.preshared_key != p.preshared_key {
+                        let endpoint = t.endpoint;
+                        let mut fresh = PeerTunnel::new(&self.private, p, i, self.limiter.clone());
+                        fresh.endpoint = endpoint;
+                        *t = fresh;
+                        report.rekeyed.push(p.id.clone());
+                    } else {
+                        t.id = p.id.clone();
+                        t.address = p.address;
+                        report.kept += 1;
+                    }
+                    self.by_addr.insert(p.address, i);
+                }
+                None => {
+                    let i = self.allocate_index();
+                    self.tunnels
+                        .insert(i, PeerTunnel::new(&self.private, p, i, self.limiter.clone()));
+                    self.by_key.insert(p.public_key, i);
+                    self.by_addr.insert(p.address, i);
+                    report.added.push(p.id.clone());
+                }
+            }
+        }
+        report
+    }
+
+    fn allocate_index(&mut self) -> u32 {
+        // At most 2^24 peers; the table never gets near that, so this ends quickly.
+        for _ in 0..=INDEX_MASK {
+            let i = self.next_index & INDEX_MASK;
+            self.next_index = self.next_index.wrapping_add(1);
+            if !self.tunnels.contains_key(&i) {
+                return i;
+            }
+        }
+        // Unreachable in practice: 16M peers. Reuse index 0's slot deterministically.
+        0
+    }
+
+    /// Handle one datagram from `src`. `buf` must be [`BUF_SIZE`] bytes.
+    pub fn handle_datagram(
+        &mut self,
+        src: SocketAddr,
+        datagram: &[u8],
+        buf: &mut [u8],
+        io: &mut impl TunnelIo,
+    ) -> Result<(), DropReason> {
+        let index = match self.limiter.verify_packet(Some(src.ip()), datagram, buf) {
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                io.send(src, cookie);
+                return Ok(());
+            }
+            Err(TunnResult::Err(e)) => return Err(DropReason::Malformed(e)),
+            Err(_) => return Err(DropReason::Malformed(WireGuardError::InvalidPacket)),
+            Ok(Packet::HandshakeInit(p)) => {
+                let half =
+                    parse_handshake_anon(&self.x_private, &self.x_public, &p).map_err(|_| DropReason::UnknownKey)?;
+                *self
+                    .by_key
+                    .get(&PublicKey(half.peer_static_public))
+                    .ok_or(DropReason::UnknownKey)?
+            }
+            Ok(Packet::HandshakeResponse(p)) => p.receiver_idx >> 8,
+            Ok(Packet::PacketCookieReply(p)) => p.receiver_idx >> 8,
+            Ok(Packet::PacketData(p)) => p.receiver_idx >> 8,
+        };
+        let t = self.tunnels.get_mut(&index).ok_or(DropReason::UnknownIndex(index))?;
+        t.decapsulate(src, datagram, buf, io)
+            .map_err(|error| DropReason::Rejected {
+                peer: t.id.clone(),
+                error,
+            })
+    }
+
+    /// Encrypt `packet` to the peer whose tunnel address is its destination.
+    pub fn send_to(
+        &mut self,
+        dst: IpAddr,
+        packet: &[u8],
+        buf: &mut [u8],
+        io: &mut impl TunnelIo,
+    ) -> Result<(), SendError> {
+        let IpAddr::V4(v4) = dst else {
+            return Err(SendError::NoPeer(dst));
+        };
+        let i = self.by_addr.get(&v4).ok_or(SendError::NoPeer(dst))?;
+        let t = self.tunnels.get_mut(i).ok_or(SendError::NoPeer(dst))?;
+        t.encapsulate(packet, buf, io)
+    }
+
+    /// Drive every peer's timers (call every 100-250 ms) and reset the handshake rate
+    /// counter once a second.
+    pub fn tick(&mut self, now: Instant, buf: &mut [u8], io: &mut impl TunnelIo) {
+        if self
+            .last_reset
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            self.limiter.reset_count();
+            self.last_reset = Some(now);
+        }
+        for t in self.tunnels.values_mut() {
+            t.update_timers(buf, io);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::tests::{ipv4, udp};
+    use crate::packet::{PROTO_UDP, parse};
+
+    #[derive(Default)]
+    struct Io {
+        sent: Vec<(SocketAddr, Vec<u8>)>,
+        delivered: Vec<(Ipv4Addr, Vec<u8>)>,
+    }
+    impl TunnelIo for Io {
+        fn send(&mut self, to: SocketAddr, d: &[u8]) {
+            self.sent.push((to, d.to_vec()));
+        }
+        fn deliver(&mut self, peer: Ipv4Addr, p: &[u8]) {
+            self.delivered.push((peer, p.to_vec()));
+        }
+    }
+
+    struct Laptop {
+        tunn: Tunn,
+        key: PrivateKey,
+        addr: SocketAddr,
+    }
+
+    impl Laptop {
+        fn new(gateway: PublicKey, port: u16, psk: Option<&PresharedKey>) -> Self {
+            let key = PrivateKey::generate();
+            let tunn = Tunn::new(
+                key.to_x25519(),
+                gateway.to_x25519(),
+                psk.map(|k| k.0),
+                None,
+                rand::random::<u32>() >> 8,
+                None,
+            );
+            Laptop {
+                tunn,
+                key,
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            }
+        }
+        fn accepted(&self, ns: &str, addr: [u8; 4]) -> AcceptedPeer {
+            AcceptedPeer {
+                id: PeerId::new(ns, format!("laptop{}", self.addr.port())),
+                public_key: self.key.public_key(),
+                address: Ipv4Addr::from(addr),
+                rules: vec![],
+                preshared_key: None,
+                expires_at: None,
+            }
+        }
+        /// Run a packet through: laptop encrypts, gateway decrypts; return what the
+        /// gateway delivered, feeding the gateway's replies back to the laptop.
+        fn send(&mut self, table: &mut PeerTable, packet: &[u8]) -> Vec<(Ipv4Addr, Vec<u8>)> {
+            let mut out = vec![0u8; BUF_SIZE];
+            let mut buf = vec![0u8; BUF_SIZE];
+            let mut io = Io::default();
+            let mut to_gw = Vec::new();
+            if let TunnResult::WriteToNetwork(b) = self.tunn.encapsulate(packet, &mut out) {
+                to_gw.push(b.to_vec());
+            }
+            for _ in 0..10 {
+                if to_gw.is_empty() {
+                    break;
+                }
+                for d in std::mem::take(&mut to_gw) {
+                    let _ = table.handle_datagram(self.addr, &d, &mut buf, &mut io);
+                }
+                for (_, d) in std::mem::take(&mut io.sent) {
+                    let mut r = self.tunn.decapsulate(None, &d, &mut out);
+                    while let TunnResult::WriteToNetwork(b) = r {
+                        to_gw.push(b.to_vec());
+                        r = self.tunn.decapsulate(None, &[], &mut out);
+                    }
+                }
+            }
+            io.delivered
+        }
+    }
+
+    fn packet(src: [u8; 4]) -> Vec<u8> {
+        ipv4(src, [127, 96, 0, 10], PROTO_UDP, &udp(1000, 53, b"ping"))
+    }
+
+    #[test]
+    fn handshake_and_data_through_the_table() {
+        let mut table = PeerTable::new(PrivateKey::generate(), DEFAULT_HANDSHAKE_LIMIT);
+        let mut a = Laptop::new(table.public_key(), 40001, None);
+        let mut b = Laptop::new(table.public_key(), 40002, None);
+        table.sync(&[a.accepted("t", [100, 64, 0, 2]), b.accepted("t", [100, 64, 0, 3])]);
+        let got = a.send(&mut table, &packet([100, 64, 0, 2]));
+        assert_eq!(got.len(), 1, "the queued packet is delivered after the handshake");
+        assert_eq!(got[0].0, Ipv4Addr::new(100, 64, 0, 2));
+        assert_eq!(parse(&got[0].1).unwrap().dst_port(), Some(53));
+        let got = b.send(&mut table, &packet([100, 64, 0, 3]));
+        assert_eq!(got[0].0, Ipv4Addr::new(100, 64, 0, 3));
+        // Data afterwards goes by receiver index, no handshake.
+        let got = a.send(&mut table, &packet([100, 64, 0, 2]));
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            table
+                .by_address(Ipv4Addr::new(100, 64, 0, 2))
+                .unwrap()
+                .stats()
+                .handshakes,
+            1
+        );
+        assert!(table.by_address(Ipv4Addr::new(100, 64, 0, 2)).unwrap().stats().rx_bytes > 0);
+
+        // Gateway → laptop.
+        let mut buf = vec![0u8; BUF_SIZE];
+        let mut io = Io::default();
+        table
+            .send_to(
+                "100.64.0.2".parse().unwrap(),
+                &packet([127, 96, 0, 10]),
+                &mut buf,
+                &mut io,
+            )
+            .unwrap();
+        assert_eq!(io.sent.len(), 1);
+        assert_eq!(io.sent[0].0, a.addr);
+        let mut out = vec![0u8; BUF_SIZE];
+        assert!(matches!(
+            a.tunn.decapsulate(None, &io.sent[0].1, &mut out),
+            TunnResult::WriteToTunnelV4(_, _)
+        ));
+        assert_eq!(
+            table.send_to("100.64.0.9".parse().unwrap(), &[0x45], &mut buf, &mut io),
+            Err(SendError::NoPeer("100.64.0.9".parse().unwrap()))
+        );
+    }
+
+    #[test]
+    fn live_changes_keep_unchanged_sessions() {
+        let mut table = PeerTable::new(PrivateKey::generate(), DEFAULT_HANDSHAKE_LIMIT);
+        let mut a = Laptop::new(table.public_key(), 40001, None);
+        let mut b = Laptop::new(table.public_key(), 40002, None);
+        let pa = a.accepted("t", [100, 64, 0, 2]);
+        let pb = b.accepted("t", [100, 64, 0, 3]);
+        table.sync(&[pa.clone(), pb.clone()]);
+        assert_eq!(a.send(&mut table, &packet([100, 64, 0, 2])).len(), 1);
+        assert_eq!(b.send(&mut table, &packet([100, 64, 0, 3])).len(), 1);
+
+        // Remove b, add c: a keeps its session (no new handshake).
+        let c = Laptop::new(table.public_key(), 40003, None);
+        let report = table.sync(&[pa.clone(), c.accepted("t", [100, 64, 0, 4])]);
+        assert_eq!(report.removed, vec![pb.id.clone()]);
+        assert_eq!(report.kept, 1);
+        assert_eq!(a.send(&mut table, &packet([100, 64, 0, 2])).len(), 1);
+        assert_eq!(
+            table
+                .by_address(Ipv4Addr::new(100, 64, 0, 2))
+                .unwrap()
+                .stats()
+                .handshakes,
+            1
+        );
+        // b's session is gone at once: its data packets hit no peer.
+        let mut out = vec![0u8; BUF_SIZE];
+        let mut buf = vec![0u8; BUF_SIZE];
+        let TunnResult::WriteToNetwork(d) = b.tunn.encapsulate(&packet([100, 64, 0, 3]), &mut out) else {
+            panic!("b has a session")
+        };
+        let d = d.to_vec();
+        let mut io = Io::default();
+        assert!(matches!(
+            table.handle_datagram(b.addr, &d, &mut buf, &mut io),
+            Err(DropReason::UnknownIndex(_))
+        ));
+        assert!(io.delivered.is_empty());
+        // And its handshakes are refused.
+        let mut out = vec![0u8; BUF_SIZE];
+        let TunnResult::WriteToNetwork(h) = b.tunn.format_handshake_initiation(&mut out, true) else {
+            panic!()
+        };
+        let h = h.to_vec();
+        assert!(matches!(
+            table.handle_datagram(b.addr, &h, &mut buf, &mut io),
+            Err(DropReason::UnknownKey)
+        ));
+
+        // A changed address keeps the session.
+        let mut moved = pa.clone();
+        moved.address = Ipv4Addr::new(100, 64, 0, 20);
+        table.sync(&[moved]);
+        let got = a.send(&mut table, &packet([100, 64, 0, 20]));
+        assert_eq!(got[0].0, Ipv4Addr::new(100, 64, 0, 20));
+        assert_eq!(
+            table
+                .by_address(Ipv4Addr::new(100, 64, 0, 20))
+                .unwrap()
+                .stats()
+                .handshakes,
+            1
+        );
+    }
+
+    #[test]
+    fn preshared_keys_must_match() {
+        let mut table = PeerTable::new(PrivateKey::generate(), DEFAULT_HANDSHAKE_LIMIT);
+        let psk = PresharedKey([9; 32]);
+        let mut good = Laptop::new(table.public_key(), 40001, Some(&psk));
+        let mut bad = Laptop::new(table.public_key(), 40002, None);
+        let mut pg = good.accepted("t", [100, 64, 0, 2]);
+        pg.preshared_key = Some(psk.clone());
+        let mut pb = bad.accepted("t", [100, 64, 0, 3]);
+        pb.preshared_key = Some(psk);
+        table.sync(&[pg, pb]);
+        assert_eq!(good.send(&mut table, &packet([100, 64, 0, 2])).len(), 1);
+        assert!(bad.send(&mut table, &packet([100, 64, 0, 3])).is_empty());
+    }
+
+    #[test]
+    fn roaming_updates_the_endpoint() {
+        let mut table = PeerTable::new(PrivateKey::generate(), DEFAULT_HANDSHAKE_LIMIT);
+        let mut a = Laptop::new(table.public_key(), 40001, None);
+        table.sync(&[a.accepted("t", [100, 64, 0, 2])]);
+        a.send(&mut table, &packet([100, 64, 0, 2]));
+        a.addr = SocketAddr::from(([127, 0, 0, 2], 50000));
+        a.send(&mut table, &packet([100, 64, 0, 2]));
+        assert_eq!(
+            table.by_address(Ipv4Addr::new(100, 64, 0, 2)).unwrap().endpoint(),
+            Some(a.addr)
+        );
+    }
+
+    #[test]
+    fn garbage_truncated_and_replayed_datagrams_are_dropped() {
+        let mut table = PeerTable::new(PrivateKey::generate(), DEFAULT_HANDSHAKE_LIMIT);
+        let mut a = Laptop::new(table.public_key(), 40001, None);
+        table.sync(&[a.accepted("t", [100, 64, 0, 2])]);
+        assert_eq!(a.send(&mut table, &packet([100, 64, 0, 2])).len(), 1);
+        let mut out = vec![0u8; BUF_SIZE];
+        let mut buf = vec![0u8; BUF_SIZE];
+        let TunnResult::WriteToNetwork(d) = a.tunn.encapsulate(&packet([100, 64, 0, 2]), &mut out) else {
+            panic!()
+        };
+        let d = d.to_vec();
+        let mut io = Io::default();
+        table.handle_datagram(a.addr, &d, &mut buf, &mut io).unwrap();
+        assert_eq!(io.delivered.len(), 1);
+        // Replay.
+        let e = table.handle_datagram(a.addr, &d, &mut buf, &mut io).unwrap_err();
+        assert_eq!(e.label(), "replayed");
+        assert_eq!(io.delivered.len(), 1);
+        // Truncations and bit flips of a data packet and a handshake.
+        let TunnResult::WriteToNetwork(h) = a.tunn.format_handshake_initiation(&mut out, true) else {
+            panic!()
+        };
+        let h = h.to_vec();
+        for msg in [&d, &h] {
+            for cut in 0..msg.len() {
+                let _ = table.handle_datagram(a.addr, &msg[..cut], &mut buf, &mut io);
+            }
+            for i in 0..msg.len() {
+                let mut m = msg.clone();
+                m[i] ^= 0x5a;
+                let _ = table.handle_datagram(a.addr, &m, &mut buf, &mut io);
+            }
+        }
+        for len in [0usize, 1, 4, 32, 64, 92, 148, 200, 2000] {
+            let junk: Vec<u8> = (0..len).map(|i| (i * 31 + 7) as u8).collect();
+            let _ = table.handle_datagram(a.addr, &junk, &mut buf, &mut io);
+        }
+        assert_eq!(io.delivered.len(), 1, "nothing forged got through");
+        // The established session still works.
+        assert_eq!(a.send(&mut table, &packet([100, 64, 0, 2])).len(), 1);
+    }
+
+    #[test]
+    fn handshake_flood_gets_cookie_replies_and_the_peer_keeps_working() {
+        let mut table = PeerTable::new(PrivateKey::generate(), 5);
+        let mut a = Laptop::new(table.public_key(), 40001, None);
+        let mut flooder = Laptop::new(table.public_key(), 40009, None);
+        table.sync(&[a.accepted("t", [100, 64, 0, 2]), flooder.accepted("t", [100, 64, 0, 3])]);
+        assert_eq!(a.send(&mut table, &packet([100, 64, 0, 2])).len(), 1);
+        let mut out = vec![0u8; BUF_SIZE];
+        let mut buf = vec![0u8; BUF_SIZE];
+        let mut io = Io::default();
+        for _ in 0..50 {
+            let TunnResult::WriteToNetwork(h) = flooder.tunn.format_handshake_initiation(&mut out, true) else {
+                panic!()
+            };
+            let h = h.to_vec();
+            let _ = table.handle_datagram(flooder.addr, &h, &mut buf, &mut io);
+        }
+        let cookies = io
+            .sent
+            .iter()
+            .filter(|(_, d)| d.first() == Some(&3) && d.len() == 64)
+            .count();
+        assert!(cookies > 0, "cookie replies under load");
+        // Data of the established session is not rate limited.
+        assert_eq!(a.send(&mut table, &packet([100, 64, 0, 2])).len(), 1);
+        // After the reset the flooder's handshakes pass again.
+        table.tick(Instant::now(), &mut buf, &mut io);
+        let _ = flooder.send(&mut table, &packet([100, 64, 0, 3]));
+    }
+}
