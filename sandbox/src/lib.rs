@@ -6,4 +6,5 @@
 //! nor `vpn-gateway`, so a misreading of a contract cannot hide by being made on both
 //! sides.
 
+pub mod kube;
 pub mod platform;

@@ -1,0 +1,659 @@
+//! Per-kind defaulting, validation and allocation, as the real server's registry
+//! strategies do them. Pure functions over objects; the store supplies what is in use.
+
+use super::registry::ResourceType;
+use super::status::Cause;
+use super::util::{dns1123_label_errors, dns1123_subdomain_errors, label_key_ok, label_value_ok};
+use ipnet::Ipv4Net;
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+pub const NODE_PORT_MIN: u16 = 30000;
+pub const NODE_PORT_MAX: u16 = 32767;
+
+/// What other Services already hold.
+#[derive(Debug, Default)]
+pub struct InUse {
+    pub ips: BTreeSet<Ipv4Addr>,
+    pub node_ports: BTreeSet<u16>,
+}
+
+/// Name and metadata checks shared by every kind.
+pub fn validate_meta(rt: &ResourceType, obj: &Value) -> Vec<Cause> {
+    let mut causes = Vec::new();
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if name.is_empty() {
+        causes.push(Cause::required("metadata.name"));
+    } else {
+        let errs = match rt.plural.as_str() {
+            "namespaces" | "services" => dns1123_label_errors(name),
+            "roles" | "rolebindings" | "clusterroles" | "clusterrolebindings" => {
+                if name.contains('/') || name.contains('%') || name == "." || name == ".." {
+                    vec!["may not contain '/' or '%'".to_string()]
+                } else {
+                    vec![]
+                }
+            }
+            _ => dns1123_subdomain_errors(name),
+        };
+        for e in errs {
+            causes.push(Cause::invalid("metadata.name", &json!(name), &e));
+        }
+    }
+    if let Some(labels) = obj.pointer("/metadata/labels") {
+        match labels.as_object() {
+            Some(m) => {
+                for (k, v) in m {
+                    if !label_key_ok(k) {
+                        causes.push(Cause::invalid("metadata.labels", &json!(k), "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"));
+                    }
+                    match v.as_str() {
+                        Some(s) if label_value_ok(s) => {}
+                        _ => causes.push(Cause::invalid("metadata.labels", v, "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character")),
+                    }
+                }
+            }
+            None if labels.is_null() => {}
+            None => causes.push(Cause::type_invalid(
+                "metadata.labels",
+                labels,
+                "must be a map of strings",
+            )),
+        }
+    }
+    if let Some(a) = obj.pointer("/metadata/annotations")
+        && let Some(m) = a.as_object()
+    {
+        for (k, v) in m {
+            if !label_key_ok(k) {
+                causes.push(Cause::invalid("metadata.annotations", &json!(k), "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"));
+            }
+            if !v.is_string() {
+                causes.push(Cause::type_invalid("metadata.annotations", v, "must be a string"));
+            }
+        }
+    }
+    causes
+}
+
+/// Go's `%#v` of a `[]string`, as the real messages print Service IP lists.
+fn go_strings(v: &[String]) -> String {
+    format!(
+        "[]string{{{}}}",
+        v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
+    )
+}
+
+/// Service defaulting, validation and allocation (clusterIP, nodePorts,
+/// healthCheckNodePort). `old` is the stored Service on update.
+pub fn service(old: Option<&Value>, svc: &mut Value, cidr: Ipv4Net, in_use: &InUse) -> Result<(), Vec<Cause>> {
+    let mut causes = Vec::new();
+    if !svc.get("spec").is_some_and(Value::is_object) {
+        svc["spec"] = json!({});
+    }
+    let old_spec = old.and_then(|o| o.get("spec")).cloned().unwrap_or(Value::Null);
+    let spec = &mut svc["spec"];
+    let typ = spec
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("ClusterIP")
+        .to_string();
+    if !["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"].contains(&typ.as_str()) {
+        causes.push(Cause::unsupported(
+            "spec.type",
+            &json!(typ),
+            &[
+                json!("ClusterIP"),
+                json!("ExternalName"),
+                json!("LoadBalancer"),
+                json!("NodePort"),
+            ],
+        ));
+        return Err(causes);
+    }
+    spec["type"] = json!(typ);
+    if spec.get("sessionAffinity").is_none() {
+        spec["sessionAffinity"] = json!("None");
+    }
+    // loadBalancerClass: LoadBalancer only, immutable once set.
+    let lbc = spec.get("loadBalancerClass").cloned().unwrap_or(Value::Null);
+    if !lbc.is_null() && typ != "LoadBalancer" {
+        causes.push(Cause::forbidden(
+            "spec.loadBalancerClass",
+            "may only be used when `type` is 'LoadBalancer'",
+        ));
+    }
+    if old_spec.get("type").and_then(Value::as_str) == Some("LoadBalancer") && typ == "LoadBalancer" {
+        let old_lbc = old_spec.get("loadBalancerClass").cloned().unwrap_or(Value::Null);
+        if old_lbc != lbc {
+            causes.push(Cause::invalid(
+                "spec.loadBalancerClass",
+                &lbc,
+                "may not change once set",
+            ));
+        }
+    }
+    if typ == "ExternalName" {
+        if spec
+            .get("externalName")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .is_empty()
+        {
+            causes.push(Cause::required("spec.externalName"));
+        }
+        if let Some(m) = spec.as_object_mut() {
+            m.remove("clusterIP");
+            m.remove("clusterIPs");
+        }
+        return if causes.is_empty() { Ok(()) } else { Err(causes) };
+    }
+    // Cluster IP: kept from the stored object, immutable, allocated from the range.
+    let old_ip = old_spec.get("clusterIP").and_then(Value::as_str).map(str::to_string);
+    let mut ip = spec
+        .get("clusterIP")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    if ip.is_empty()
+        && let Some(first) = spec.pointer("/clusterIPs/0").and_then(Value::as_str)
+    {
+        ip = first.to_string();
+    }
+    match (&old_ip, ip.is_empty()) {
+        (Some(o), true) if !o.is_empty() => ip = o.clone(),
+        (Some(o), false) if !o.is_empty() && *o != ip => {
+            causes.push(Cause::invalid_raw(
+                "spec.clusterIPs[0]",
+                &go_strings(std::slice::from_ref(&ip)),
+                "may not change once set",
+            ));
+        }
+        _ => {}
+    }
+    let headless = ip == "None";
+    if !headless && old_ip.as_deref() != Some(ip.as_str()) {
+        if ip.is_empty() {
+            match allocate_ip(cidr, &in_use.ips) {
+                Some(a) => ip = a.to_string(),
+                None => causes.push(Cause::invalid(
+                    "spec.clusterIPs",
+                    &json!(""),
+                    "failed to allocate IP: range is full",
+                )),
+            }
+        } else {
+            match ip.parse::<Ipv4Addr>() {
+                Err(_) => causes.push(Cause::invalid("spec.clusterIPs[0]", &json!(ip), "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)")),
+                Ok(a) if !cidr.contains(&a) || a == cidr.network() || a == cidr.broadcast() => causes.push(Cause::invalid_raw(
+                    "spec.clusterIPs",
+                    &go_strings(std::slice::from_ref(&ip)),
+                    &format!("failed to allocate IP {ip}: the provided IP ({ip}) is not in the valid range. The range of valid IPs is {cidr}"),
+                )),
+                Ok(a) if in_use.ips.contains(&a) => causes.push(Cause::invalid_raw(
+                    "spec.clusterIPs",
+                    &go_strings(std::slice::from_ref(&ip)),
+                    &format!("failed to allocate IP {ip}: provided IP is already allocated"),
+                )),
+                Ok(_) => {}
+            }
+        }
+    }
+    spec["clusterIP"] = json!(ip);
+    spec["clusterIPs"] = json!([ip]);
+    if !headless {
+        spec["ipFamilies"] = json!(["IPv4"]);
+        if spec.get("ipFamilyPolicy").is_none() {
+            spec["ipFamilyPolicy"] = json!("SingleStack");
+        }
+    } else {
+        if spec.get("ipFamilies").is_none() {
+            spec["ipFamilies"] = json!(["IPv4"]);
+        }
+        if spec.get("ipFamilyPolicy").is_none() {
+            spec["ipFamilyPolicy"] = json!("SingleStack");
+        }
+    }
+    if spec.get("internalTrafficPolicy").is_none() {
+        spec["internalTrafficPolicy"] = json!("Cluster");
+    }
+    let external = typ == "NodePort" || typ == "LoadBalancer";
+    if external {
+        if spec.get("externalTrafficPolicy").is_none() {
+            spec["externalTrafficPolicy"] = json!("Cluster");
+        }
+    } else if let Some(m) = spec.as_object_mut() {
+        m.remove("externalTrafficPolicy");
+    }
+    if typ == "LoadBalancer" && spec.get("allocateLoadBalancerNodePorts").is_none() {
+        spec["allocateLoadBalancerNodePorts"] = json!(true);
+    }
+    if typ != "LoadBalancer"
+        && let Some(m) = spec.as_object_mut()
+    {
+        m.remove("allocateLoadBalancerNodePorts");
+    }
+    let want_node_ports =
+        typ == "NodePort" || (typ == "LoadBalancer" && spec["allocateLoadBalancerNodePorts"] != json!(false));
+    // Ports.
+    let mut taken = in_use.node_ports.clone();
+    let old_ports = old_spec
+        .get("ports")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let ports = spec.get_mut("ports").and_then(Value::as_array_mut);
+    let n_ports = ports.as_ref().map(|p| p.len()).unwrap_or(0);
+    if n_ports == 0 && !headless {
+        causes.push(Cause::required("spec.ports"));
+    }
+    let mut names = BTreeSet::new();
+    if let Some(ports) = ports {
+        for (i, p) in ports.iter_mut().enumerate() {
+            let f = |s: &str| format!("spec.ports[{i}].{s}");
+            if !p.is_object() {
+                causes.push(Cause::type_invalid(&format!("spec.ports[{i}]"), p, "must be an object"));
+                continue;
+            }
+            let proto = p.get("protocol").and_then(Value::as_str).unwrap_or("TCP").to_string();
+            if !["TCP", "UDP", "SCTP"].contains(&proto.as_str()) {
+                causes.push(Cause::unsupported(
+                    &f("protocol"),
+                    &json!(proto),
+                    &[json!("SCTP"), json!("TCP"), json!("UDP")],
+                ));
+            }
+            p["protocol"] = json!(proto);
+            let port = p.get("port").and_then(Value::as_i64).unwrap_or(0);
+            if port == 0 {
+                causes.push(Cause::required(&f("port")));
+            } else if !(1..=65535).contains(&port) {
+                causes.push(Cause::invalid(
+                    &f("port"),
+                    &json!(port),
+                    "must be between 1 and 65535, inclusive",
+                ));
+            }
+            if p.get("targetPort").is_none_or(|t| t == &json!(0) || t == &json!("")) {
+                p["targetPort"] = json!(port);
+            }
+            let name = p.get("name").and_then(Value::as_str).unwrap_or_default().to_string();
+            if n_ports > 1 && name.is_empty() {
+                causes.push(Cause::required(&f("name")));
+            }
+            if !name.is_empty() && !names.insert(name.clone()) {
+                causes.push(Cause::duplicate(&f("name"), &json!(name)));
+            }
+            let requested = p.get("nodePort").and_then(Value::as_i64).unwrap_or(0);
+            let old_np = old_ports
+                .iter()
+                .find(|o| {
+                    o.get("port").and_then(Value::as_i64) == Some(port)
+                        && o.get("protocol").and_then(Value::as_str).unwrap_or("TCP") == proto
+                })
+                .and_then(|o| o.get("nodePort").and_then(Value::as_i64))
+                .unwrap_or(0);
+            if !want_node_ports {
+                if requested != 0 && requested != old_np {
+                    if typ == "ClusterIP" || headless {
+                        causes.push(Cause::forbidden(
+                            &f("nodePort"),
+                            "may not be used when `type` is 'ClusterIP'",
+                        ));
+                    } else {
+                        check_node_port(requested, &f("nodePort"), &mut taken, &mut causes);
+                    }
+                } else if let Some(m) = p.as_object_mut()
+                    && (typ == "ClusterIP" || typ == "LoadBalancer" && requested == old_np)
+                    && typ == "ClusterIP"
+                {
+                    m.remove("nodePort");
+                }
+                continue;
+            }
+            if requested != 0 {
+                if requested != old_np {
+                    check_node_port(requested, &f("nodePort"), &mut taken, &mut causes);
+                }
+            } else if old_np != 0 {
+                p["nodePort"] = json!(old_np);
+            } else {
+                match allocate_port(&mut taken) {
+                    Some(np) => p["nodePort"] = json!(np),
+                    None => causes.push(Cause::invalid(&f("nodePort"), &json!(0), "range is full")),
+                }
+            }
+        }
+    }
+    // healthCheckNodePort.
+    let local = typ == "LoadBalancer" && spec.get("externalTrafficPolicy").and_then(Value::as_str) == Some("Local");
+    let hc = spec.get("healthCheckNodePort").and_then(Value::as_i64).unwrap_or(0);
+    let old_hc = old_spec.get("healthCheckNodePort").and_then(Value::as_i64).unwrap_or(0);
+    if local {
+        if hc == 0 {
+            if old_hc != 0 {
+                spec["healthCheckNodePort"] = json!(old_hc);
+            } else if let Some(np) = allocate_port(&mut taken) {
+                spec["healthCheckNodePort"] = json!(np);
+            }
+        } else if hc != old_hc {
+            check_node_port(hc, "spec.healthCheckNodePort", &mut taken, &mut causes);
+        }
+    } else if hc != 0 && hc != old_hc {
+        causes.push(Cause::invalid(
+            "spec.healthCheckNodePort",
+            &json!(hc),
+            "may only be set when `type` is 'LoadBalancer' and `externalTrafficPolicy` is 'Local'",
+        ));
+    } else if let Some(m) = spec.as_object_mut() {
+        m.remove("healthCheckNodePort");
+    }
+    if !svc.get("status").is_some_and(Value::is_object) {
+        svc["status"] = json!({"loadBalancer": {}});
+    }
+    if causes.is_empty() { Ok(()) } else { Err(causes) }
+}
+
+fn check_node_port(p: i64, field: &str, taken: &mut BTreeSet<u16>, causes: &mut Vec<Cause>) {
+    if !(NODE_PORT_MIN as i64..=NODE_PORT_MAX as i64).contains(&p) {
+        causes.push(Cause::invalid(
+            field,
+            &json!(p),
+            &format!(
+                "provided port is not in the valid range. The range of valid ports is {NODE_PORT_MIN}-{NODE_PORT_MAX}"
+            ),
+        ));
+    } else if !taken.insert(p as u16) {
+        causes.push(Cause::invalid(field, &json!(p), "provided port is already allocated"));
+    }
+}
+
+/// First free address of the range (network and broadcast excluded).
+pub fn allocate_ip(cidr: Ipv4Net, used: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> {
+    cidr.hosts().find(|a| !used.contains(a))
+}
+
+/// A free node port; random start like the real allocator, then linear probe.
+pub fn allocate_port(taken: &mut BTreeSet<u16>) -> Option<u16> {
+    let span = (NODE_PORT_MAX - NODE_PORT_MIN + 1) as u32;
+    let start = rand::random::<u32>() % span;
+    for i in 0..span {
+        let p = NODE_PORT_MIN + ((start + i) % span) as u16;
+        if taken.insert(p) {
+            return Some(p);
+        }
+    }
+    None
+}
+
+/// What a Service holds (for the allocators).
+pub fn service_holds(svc: &Value, into: &mut InUse) {
+    if let Some(ips) = svc.pointer("/spec/clusterIPs").and_then(Value::as_array) {
+        for ip in ips.iter().filter_map(Value::as_str).filter_map(|s| s.parse().ok()) {
+            into.ips.insert(ip);
+        }
+    }
+    if let Some(ports) = svc.pointer("/spec/ports").and_then(Value::as_array) {
+        for np in ports.iter().filter_map(|p| p.get("nodePort").and_then(Value::as_u64)) {
+            into.node_ports.insert(np as u16);
+        }
+    }
+    if let Some(hc) = svc.pointer("/spec/healthCheckNodePort").and_then(Value::as_u64) {
+        into.node_ports.insert(hc as u16);
+    }
+}
+
+/// Defaults for the other built-in kinds on create.
+pub fn defaults(rt: &ResourceType, obj: &mut Value) -> Vec<Cause> {
+    let mut causes = Vec::new();
+    match (rt.group.as_str(), rt.plural.as_str()) {
+        ("", "namespaces") => {
+            if obj.pointer("/spec/finalizers").is_none() {
+                obj["spec"] = json!({"finalizers": ["kubernetes"]});
+            }
+            if obj.pointer("/status/phase").is_none() {
+                obj["status"] = json!({"phase": "Active"});
+            }
+        }
+        ("", "pods") => {
+            if obj
+                .pointer("/spec/containers")
+                .and_then(Value::as_array)
+                .is_none_or(|c| c.is_empty())
+            {
+                causes.push(Cause::required("spec.containers"));
+            }
+            if let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) {
+                spec.entry("restartPolicy").or_insert(json!("Always"));
+                spec.entry("dnsPolicy").or_insert(json!("ClusterFirst"));
+                spec.entry("schedulerName").or_insert(json!("default-scheduler"));
+                spec.entry("serviceAccountName").or_insert(json!("default"));
+                spec.entry("terminationGracePeriodSeconds").or_insert(json!(30));
+            }
+            if obj.pointer("/status/phase").is_none() {
+                obj["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
+            }
+        }
+        ("apps", "deployments") => {
+            if obj.pointer("/spec/selector").is_none() {
+                causes.push(Cause::required("spec.selector"));
+            }
+            if obj.pointer("/spec/template").is_none() {
+                causes.push(Cause::required("spec.template"));
+            }
+            if let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) {
+                spec.entry("replicas").or_insert(json!(1));
+                spec.entry("revisionHistoryLimit").or_insert(json!(10));
+                spec.entry("progressDeadlineSeconds").or_insert(json!(600));
+                spec.entry("strategy").or_insert(
+                    json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}}),
+                );
+            }
+        }
+        ("", "secrets") if obj.get("type").is_none() => {
+            obj["type"] = json!("Opaque");
+        }
+        ("", "configmaps") => {
+            if let Some(data) = obj.get("data").and_then(Value::as_object) {
+                for (k, v) in data {
+                    if !v.is_string() {
+                        causes.push(Cause::type_invalid(&format!("data[{k}]"), v, "must be a string"));
+                    }
+                }
+            }
+        }
+        ("discovery.k8s.io", "endpointslices") if obj.get("addressType").is_none() => {
+            causes.push(Cause::required("addressType"));
+        }
+        _ => {}
+    }
+    causes
+}
+
+/// `v1` Event → `events.k8s.io/v1` Event.
+pub fn event_to_v1(core: &Value) -> Value {
+    let mut e = json!({
+        "kind": "Event",
+        "apiVersion": "events.k8s.io/v1",
+        "metadata": core.get("metadata").cloned().unwrap_or(json!({})),
+    });
+    let copy = |e: &mut Value, from: &str, to: &str| {
+        if let Some(v) = core.get(from).filter(|v| !v.is_null()) {
+            e[to] = v.clone();
+        }
+    };
+    copy(&mut e, "involvedObject", "regarding");
+    copy(&mut e, "message", "note");
+    copy(&mut e, "reason", "reason");
+    copy(&mut e, "type", "type");
+    copy(&mut e, "action", "action");
+    copy(&mut e, "related", "related");
+    copy(&mut e, "reportingInstance", "reportingInstance");
+    copy(&mut e, "source", "deprecatedSource");
+    copy(&mut e, "firstTimestamp", "deprecatedFirstTimestamp");
+    copy(&mut e, "lastTimestamp", "deprecatedLastTimestamp");
+    copy(&mut e, "count", "deprecatedCount");
+    copy(&mut e, "eventTime", "eventTime");
+    copy(&mut e, "reportingComponent", "reportingController");
+    if e.get("reportingController").is_none()
+        && let Some(c) = core.pointer("/source/component")
+    {
+        e["reportingController"] = c.clone();
+    }
+    if let Some(s) = core.get("series").filter(|s| s.is_object()) {
+        e["series"] = json!({"count": s.get("count").cloned().unwrap_or(json!(1)), "lastObservedTime": s.get("lastObservedTime").cloned().unwrap_or(Value::Null)});
+    }
+    if e.get("eventTime").is_none() {
+        e["eventTime"] = Value::Null;
+    }
+    e
+}
+
+/// `events.k8s.io/v1` Event → `v1` Event (the stored form).
+pub fn event_from_v1(ev: &Value) -> Value {
+    let mut c = json!({
+        "kind": "Event",
+        "apiVersion": "v1",
+        "metadata": ev.get("metadata").cloned().unwrap_or(json!({})),
+    });
+    let copy = |c: &mut Value, from: &str, to: &str| {
+        if let Some(v) = ev.get(from).filter(|v| !v.is_null()) {
+            c[to] = v.clone();
+        }
+    };
+    copy(&mut c, "regarding", "involvedObject");
+    copy(&mut c, "note", "message");
+    copy(&mut c, "reason", "reason");
+    copy(&mut c, "type", "type");
+    copy(&mut c, "action", "action");
+    copy(&mut c, "related", "related");
+    copy(&mut c, "reportingController", "reportingComponent");
+    copy(&mut c, "reportingInstance", "reportingInstance");
+    copy(&mut c, "deprecatedSource", "source");
+    copy(&mut c, "deprecatedFirstTimestamp", "firstTimestamp");
+    copy(&mut c, "deprecatedLastTimestamp", "lastTimestamp");
+    copy(&mut c, "deprecatedCount", "count");
+    copy(&mut c, "eventTime", "eventTime");
+    if c.get("source").is_none()
+        && let Some(rc) = ev.get("reportingController")
+    {
+        c["source"] = json!({"component": rc});
+    }
+    if c.get("involvedObject").is_none() {
+        c["involvedObject"] = json!({});
+    }
+    if let Some(s) = ev.get("series").filter(|s| s.is_object()) {
+        c["series"] = json!({"count": s.get("count").cloned().unwrap_or(json!(1)), "lastObservedTime": s.get("lastObservedTime").cloned().unwrap_or(Value::Null)});
+        c["count"] = s.get("count").cloned().unwrap_or(json!(1));
+    }
+    c
+}
+
+/// Sets a CRD's status as the apiextensions controllers would at once.
+pub fn crd_status(crd: &mut Value) {
+    let now = super::util::now_rfc3339();
+    let names = crd.pointer("/spec/names").cloned().unwrap_or(json!({}));
+    let stored: Vec<Value> = crd
+        .pointer("/spec/versions")
+        .and_then(Value::as_array)
+        .map(|v| {
+            v.iter()
+                .filter(|x| x.get("storage").and_then(Value::as_bool) == Some(true))
+                .filter_map(|x| x.get("name").cloned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let cond = |t: &str, reason: &str, msg: &str| json!({"type": t, "status": "True", "lastTransitionTime": now, "reason": reason, "message": msg});
+    crd["status"] = json!({
+        "acceptedNames": names,
+        "conditions": [
+            cond("NamesAccepted", "NoConflicts", "no conflicts found"),
+            cond("Established", "InitialNamesAccepted", "the initial names have been accepted"),
+        ],
+        "storedVersions": stored,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cidr() -> Ipv4Net {
+        "127.96.0.0/16".parse().unwrap()
+    }
+
+    #[test]
+    fn service_defaults_and_allocation() {
+        let mut s = json!({"metadata": {"name": "s"}, "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local", "ports": [{"port": 80}]}});
+        service(None, &mut s, cidr(), &InUse::default()).unwrap();
+        let spec = &s["spec"];
+        assert_eq!(spec["clusterIP"], "127.96.0.1");
+        assert_eq!(spec["ports"][0]["protocol"], "TCP");
+        assert_eq!(spec["ports"][0]["targetPort"], 80);
+        let np = spec["ports"][0]["nodePort"].as_u64().unwrap();
+        assert!((30000..=32767).contains(&np));
+        let hc = spec["healthCheckNodePort"].as_u64().unwrap();
+        assert_ne!(hc, np);
+        assert_eq!(spec["sessionAffinity"], "None");
+        assert_eq!(spec["allocateLoadBalancerNodePorts"], true);
+        assert_eq!(spec["ipFamilies"], json!(["IPv4"]));
+    }
+
+    #[test]
+    fn service_requested_values() {
+        let mut in_use = InUse::default();
+        in_use.node_ports.insert(30080);
+        in_use.ips.insert("127.96.0.10".parse().unwrap());
+        let mut s = json!({"spec": {"type": "NodePort", "clusterIP": "127.96.0.10", "ports": [{"port": 80, "nodePort": 30080}]}});
+        let causes = service(None, &mut s, cidr(), &in_use).unwrap_err();
+        assert_eq!(causes.len(), 2);
+        assert!(
+            causes[0].text().contains("provided IP is already allocated"),
+            "{}",
+            causes[0].text()
+        );
+        assert_eq!(
+            causes[1].text(),
+            "spec.ports[0].nodePort: Invalid value: 30080: provided port is already allocated"
+        );
+        let mut ok = json!({"spec": {"type": "NodePort", "ports": [{"port": 80, "nodePort": 30081}]}});
+        service(None, &mut ok, cidr(), &in_use).unwrap();
+        assert_eq!(ok["spec"]["ports"][0]["nodePort"], 30081);
+        let mut out = json!({"spec": {"type": "NodePort", "ports": [{"port": 80, "nodePort": 80}]}});
+        assert!(service(None, &mut out, cidr(), &in_use).is_err());
+    }
+
+    #[test]
+    fn service_immutable_fields_and_headless() {
+        let mut s = json!({"spec": {"type": "LoadBalancer", "loadBalancerClass": "a", "ports": [{"port": 80}]}});
+        service(None, &mut s, cidr(), &InUse::default()).unwrap();
+        let old = s.clone();
+        let mut new = json!({"spec": {"type": "LoadBalancer", "loadBalancerClass": "a", "ports": [{"port": 80}]}});
+        service(Some(&old), &mut new, cidr(), &InUse::default()).unwrap();
+        assert_eq!(new["spec"]["clusterIP"], old["spec"]["clusterIP"]);
+        assert_eq!(new["spec"]["ports"][0]["nodePort"], old["spec"]["ports"][0]["nodePort"]);
+        let mut changed = json!({"spec": {"type": "LoadBalancer", "loadBalancerClass": "b", "clusterIP": "127.96.0.99", "ports": [{"port": 80}]}});
+        let causes = service(Some(&old), &mut changed, cidr(), &InUse::default()).unwrap_err();
+        assert!(causes.iter().any(|c| c.field == "spec.loadBalancerClass"));
+        assert!(causes.iter().any(|c| c.field == "spec.clusterIPs[0]"));
+        let mut headless = json!({"spec": {"clusterIP": "None", "selector": {"a": "b"}}});
+        service(None, &mut headless, cidr(), &InUse::default()).unwrap();
+        assert_eq!(headless["spec"]["clusterIPs"], json!(["None"]));
+    }
+
+    #[test]
+    fn event_views_roundtrip() {
+        let v1 = json!({"metadata": {"name": "e"}, "regarding": {"kind": "Service", "name": "s"}, "note": "hi", "reason": "R", "type": "Normal", "reportingController": "c", "reportingInstance": "i", "action": "A", "eventTime": "2024-01-01T00:00:00.000000Z"});
+        let core = event_from_v1(&v1);
+        assert_eq!(core["involvedObject"]["name"], "s");
+        assert_eq!(core["message"], "hi");
+        let back = event_to_v1(&core);
+        assert_eq!(back["regarding"], v1["regarding"]);
+        assert_eq!(back["note"], "hi");
+        assert_eq!(back["reportingController"], "c");
+    }
+}

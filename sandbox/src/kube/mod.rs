@@ -1,0 +1,290 @@
+//! Kubernetes API server stand-in: the real REST API over HTTPS for the resources our
+//! controllers and `kubectl` use, with the semantics they depend on.
+//!
+//! Layout: `store` (objects, resourceVersions, write semantics, watch history) is pure and
+//! synchronous; `hooks`, `schema`, `patch`, `fields`, `selectors` are the per-kind and
+//! per-format rules it applies; `http` maps requests onto it; `discovery` and `table`
+//! render the read-only documents; `tls` and `persist` deal with the state dir.
+
+mod discovery;
+mod fields;
+mod hooks;
+mod http;
+mod patch;
+mod persist;
+mod proto;
+mod rbac;
+mod registry;
+mod schema;
+mod selectors;
+mod status;
+mod store;
+mod table;
+mod tls;
+mod util;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+pub use status::ApiError;
+use store::Store;
+
+/// How many changes watches can resume from; older resourceVersions get 410 Gone.
+const HISTORY: usize = 10_000;
+const STATE_FILE: &str = "kube-state.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("state dir: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("state file {path}: {message}")]
+    State { path: PathBuf, message: String },
+}
+
+/// Configuration of the stand-in.
+#[derive(Clone, Debug)]
+pub struct KubeApiConfig {
+    /// Where certificates, the admin token and the objects are kept.
+    pub state_dir: PathBuf,
+    /// Service ClusterIP range (the sandbox default is `127.96.0.0/16`).
+    pub service_cidr: ipnet::Ipv4Net,
+    /// HTTPS (the default); plain HTTP only when false.
+    pub tls: bool,
+    /// The admin bearer token; generated and kept in the state dir when None.
+    pub admin_token: Option<String>,
+}
+
+impl KubeApiConfig {
+    /// HTTPS, `127.96.0.0/16`, a generated token.
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        KubeApiConfig {
+            state_dir: state_dir.into(),
+            service_cidr: "127.96.0.0/16".parse().expect("valid default range"),
+            tls: true,
+            admin_token: None,
+        }
+    }
+}
+
+/// The API server stand-in.
+pub struct KubeApi {
+    config: KubeApiConfig,
+    store: Mutex<Store>,
+    admin_token: String,
+    pki: Option<tls::Pki>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    /// Ends open watches at shutdown.
+    stop: tokio::sync::watch::Sender<bool>,
+    /// How often watches with `allowWatchBookmarks` get a BOOKMARK.
+    bookmark_every: Duration,
+}
+
+impl KubeApi {
+    /// Opens (or creates) the state in `config.state_dir`.
+    pub async fn open(config: KubeApiConfig) -> Result<Arc<Self>, Error> {
+        std::fs::create_dir_all(&config.state_dir)?;
+        let admin_token = match &config.admin_token {
+            Some(t) => t.clone(),
+            None => {
+                let p = config.state_dir.join("admin-token");
+                match std::fs::read_to_string(&p) {
+                    Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+                    _ => {
+                        let t = util::random_token();
+                        persist::write_atomic(&p, t.as_bytes())?;
+                        restrict(&p);
+                        t
+                    }
+                }
+            }
+        };
+        let (pki, tls) = if config.tls {
+            let pki = tls::load_or_create(&config.state_dir)?;
+            let cfg = tls::server_config(&pki)?;
+            (Some(pki), Some(cfg))
+        } else {
+            (None, None)
+        };
+        let mut store = Store::new(config.service_cidr, HISTORY);
+        let state_path = config.state_dir.join(STATE_FILE);
+        if let Ok(data) = std::fs::read(&state_path) {
+            store.restore(&data).map_err(|message| Error::State {
+                path: state_path.clone(),
+                message,
+            })?;
+        }
+        store.bootstrap();
+        let (stop, _) = tokio::sync::watch::channel(false);
+        let api = Arc::new(KubeApi {
+            config,
+            store: Mutex::new(store),
+            admin_token,
+            pki,
+            tls,
+            stop,
+            bookmark_every: Duration::from_secs(15),
+        });
+        api.flush()?;
+        let weak = Arc::downgrade(&api);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tick.tick().await;
+                let Some(api) = weak.upgrade() else { break };
+                if let Err(e) = api.flush() {
+                    tracing::warn!(error = %e, "persisting the kube state failed");
+                }
+            }
+        });
+        Ok(api)
+    }
+
+    /// The axum router serving the whole API.
+    pub fn router(self: &Arc<Self>) -> axum::Router {
+        http::router(self.clone())
+    }
+
+    /// The admin bearer token.
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
+    /// The CA certificate (PEM) clients must trust, when serving HTTPS.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.pki.as_ref().map(|p| p.ca_pem.as_str())
+    }
+
+    /// Writes a kubeconfig for `kubectl` (mode 0600) with the CA, server URL, admin
+    /// token and one context named `context_name`.
+    pub fn write_kubeconfig(&self, path: &Path, server_url: &str, context_name: &str) -> Result<(), Error> {
+        use base64::Engine;
+        let ca = match self.ca_pem() {
+            Some(pem) => format!(
+                "    certificate-authority-data: {}\n",
+                base64::engine::general_purpose::STANDARD.encode(pem.as_bytes())
+            ),
+            None => String::new(),
+        };
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: {ctx}\n  cluster:\n    server: {server_url}\n{ca}users:\n- name: {ctx}-admin\n  user:\n    token: {token}\ncontexts:\n- name: {ctx}\n  context:\n    cluster: {ctx}\n    user: {ctx}-admin\n    namespace: default\ncurrent-context: {ctx}\n",
+            ctx = yaml_quote(context_name),
+            token = self.admin_token,
+        );
+        persist::write_atomic(path, text.as_bytes())?;
+        restrict(path);
+        Ok(())
+    }
+
+    /// Forgets the watch history, as an etcd compaction does: open watches end with
+    /// `410 Gone` and resuming from any earlier resourceVersion is refused.
+    pub fn compact_history(&self) {
+        self.lock().compact();
+    }
+
+    /// The newest resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.lock().rv
+    }
+
+    /// Writes the state to the state dir now, if it changed.
+    pub fn flush(&self) -> Result<(), Error> {
+        let data = {
+            let mut s = self.lock();
+            if !s.dirty && self.config.state_dir.join(STATE_FILE).exists() {
+                return Ok(());
+            }
+            s.dirty = false;
+            s.snapshot()
+        };
+        persist::write_atomic(&self.config.state_dir.join(STATE_FILE), &data)?;
+        Ok(())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn yaml_quote(s: &str) -> String {
+    if s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c)) && !s.is_empty() {
+        s.to_string()
+    } else {
+        serde_json::Value::String(s.to_string()).to_string()
+    }
+}
+
+#[cfg(unix)]
+fn restrict(p: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600));
+}
+
+#[cfg(not(unix))]
+fn restrict(_: &Path) {}
+
+/// Serves `api` on `listener` (HTTPS when configured) until `shutdown` completes, then
+/// ends open watches and writes the state.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    api: Arc<KubeApi>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let router = api.router();
+    let acceptor = api.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    let mut stop_rx = api.stop.subscribe();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let (tcp, _) = match accepted {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let router = router.clone();
+                let acceptor = acceptor.clone();
+                let stop = api.stop.subscribe();
+                tokio::spawn(async move {
+                    match acceptor {
+                        Some(acc) => {
+                            if let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acc.accept(tcp)).await {
+                                serve_conn(tls, router, stop).await;
+                            }
+                        }
+                        None => serve_conn(tcp, router, stop).await,
+                    }
+                });
+            }
+        }
+    }
+    let _ = api.stop.send(true);
+    let _ = stop_rx.changed().await;
+    api.flush().map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(())
+}
+
+async fn serve_conn<I>(io: I, router: axum::Router, mut stop: tokio::sync::watch::Receiver<bool>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper_util::service::TowerToHyperService::new(router);
+    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+        }
+    }
+}

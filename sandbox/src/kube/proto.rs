@@ -1,0 +1,285 @@
+//! A minimal decoder for the Kubernetes protobuf envelope, for the request bodies that
+//! kubectl's typed clients send as protobuf (`kubectl create namespace|configmap|secret|
+//! serviceaccount|token`). Responses are always JSON, which those clients also accept.
+
+use base64::Engine;
+use serde_json::{Map, Value, json};
+
+const MAGIC: &[u8] = b"k8s\0";
+
+#[derive(Clone, Copy)]
+enum F {
+    Str(&'static str),
+    Int(&'static str),
+    Bool(&'static str),
+    Msg(&'static str, &'static [(u32, F)]),
+    RepStr(&'static str),
+    RepMsg(&'static str, &'static [(u32, F)]),
+    MapStr(&'static str),
+    MapBytes(&'static str),
+}
+
+const OWNER_REF: &[(u32, F)] = &[
+    (1, F::Str("kind")),
+    (3, F::Str("name")),
+    (4, F::Str("uid")),
+    (5, F::Str("apiVersion")),
+    (6, F::Bool("controller")),
+    (7, F::Bool("blockOwnerDeletion")),
+];
+
+const OBJECT_META: &[(u32, F)] = &[
+    (1, F::Str("name")),
+    (2, F::Str("generateName")),
+    (3, F::Str("namespace")),
+    (5, F::Str("uid")),
+    (6, F::Str("resourceVersion")),
+    (7, F::Int("generation")),
+    (11, F::MapStr("labels")),
+    (12, F::MapStr("annotations")),
+    (13, F::RepMsg("ownerReferences", OWNER_REF)),
+    (14, F::RepStr("finalizers")),
+];
+
+const OBJECT_REF: &[(u32, F)] = &[
+    (1, F::Str("kind")),
+    (2, F::Str("namespace")),
+    (3, F::Str("name")),
+    (4, F::Str("uid")),
+    (5, F::Str("apiVersion")),
+];
+const LOCAL_REF: &[(u32, F)] = &[(1, F::Str("name"))];
+
+const NAMESPACE: &[(u32, F)] = &[
+    (1, F::Msg("metadata", OBJECT_META)),
+    (2, F::Msg("spec", &[(1, F::RepStr("finalizers"))])),
+];
+const CONFIGMAP: &[(u32, F)] = &[
+    (1, F::Msg("metadata", OBJECT_META)),
+    (2, F::MapStr("data")),
+    (3, F::MapBytes("binaryData")),
+    (4, F::Bool("immutable")),
+];
+const SECRET: &[(u32, F)] = &[
+    (1, F::Msg("metadata", OBJECT_META)),
+    (2, F::MapBytes("data")),
+    (3, F::Str("type")),
+    (4, F::MapStr("stringData")),
+    (5, F::Bool("immutable")),
+];
+const SERVICE_ACCOUNT: &[(u32, F)] = &[
+    (1, F::Msg("metadata", OBJECT_META)),
+    (2, F::RepMsg("secrets", OBJECT_REF)),
+    (3, F::RepMsg("imagePullSecrets", LOCAL_REF)),
+    (4, F::Bool("automountServiceAccountToken")),
+];
+const TOKEN_REQUEST: &[(u32, F)] = &[
+    (1, F::Msg("metadata", OBJECT_META)),
+    (
+        2,
+        F::Msg("spec", &[(1, F::RepStr("audiences")), (4, F::Int("expirationSeconds"))]),
+    ),
+];
+
+struct Reader<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn varint(&mut self) -> Result<u64, String> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *self.b.get(self.i).ok_or("truncated varint")?;
+            self.i += 1;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err("varint too long".into())
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], String> {
+        let n = self.varint()? as usize;
+        let end = self
+            .i
+            .checked_add(n)
+            .filter(|e| *e <= self.b.len())
+            .ok_or("truncated field")?;
+        let s = &self.b[self.i..end];
+        self.i = end;
+        Ok(s)
+    }
+    /// Next (field number, wire type) and the field's value.
+    fn field(&mut self) -> Result<(u32, Raw<'a>), String> {
+        let key = self.varint()?;
+        let (num, wt) = ((key >> 3) as u32, key & 7);
+        let raw = match wt {
+            0 => Raw::Varint(self.varint()?),
+            1 => {
+                self.i += 8;
+                Raw::Skip
+            }
+            2 => Raw::Bytes(self.bytes()?),
+            5 => {
+                self.i += 4;
+                Raw::Skip
+            }
+            _ => return Err(format!("unsupported wire type {wt}")),
+        };
+        if self.i > self.b.len() {
+            return Err("truncated field".into());
+        }
+        Ok((num, raw))
+    }
+    fn done(&self) -> bool {
+        self.i >= self.b.len()
+    }
+}
+
+enum Raw<'a> {
+    Varint(u64),
+    Bytes(&'a [u8]),
+    Skip,
+}
+
+fn text(b: &[u8]) -> Result<String, String> {
+    String::from_utf8(b.to_vec()).map_err(|_| "invalid UTF-8".to_string())
+}
+
+fn decode(b: &[u8], schema: &[(u32, F)]) -> Result<Value, String> {
+    let mut out = Map::new();
+    let mut r = Reader { b, i: 0 };
+    while !r.done() {
+        let (num, raw) = r.field()?;
+        let Some((_, f)) = schema.iter().find(|(n, _)| *n == num) else {
+            continue;
+        };
+        match (*f, raw) {
+            (F::Str(k), Raw::Bytes(x)) => {
+                out.insert(k.into(), json!(text(x)?));
+            }
+            (F::Int(k), Raw::Varint(v)) => {
+                out.insert(k.into(), json!(v as i64));
+            }
+            (F::Bool(k), Raw::Varint(v)) => {
+                out.insert(k.into(), json!(v != 0));
+            }
+            (F::Msg(k, s), Raw::Bytes(x)) => {
+                out.insert(k.into(), decode(x, s)?);
+            }
+            (F::RepStr(k), Raw::Bytes(x)) => {
+                let e = out.entry(k).or_insert_with(|| json!([]));
+                if let Some(a) = e.as_array_mut() {
+                    a.push(json!(text(x)?));
+                }
+            }
+            (F::RepMsg(k, s), Raw::Bytes(x)) => {
+                let v = decode(x, s)?;
+                let e = out.entry(k).or_insert_with(|| json!([]));
+                if let Some(a) = e.as_array_mut() {
+                    a.push(v);
+                }
+            }
+            (F::MapStr(k) | F::MapBytes(k), Raw::Bytes(x)) => {
+                let mut er = Reader { b: x, i: 0 };
+                let (mut key, mut val) = (String::new(), Vec::new());
+                while !er.done() {
+                    match er.field()? {
+                        (1, Raw::Bytes(kb)) => key = text(kb)?,
+                        (2, Raw::Bytes(vb)) => val = vb.to_vec(),
+                        _ => {}
+                    }
+                }
+                let v = if matches!(f, F::MapBytes(_)) {
+                    json!(base64::engine::general_purpose::STANDARD.encode(&val))
+                } else {
+                    json!(text(&val)?)
+                };
+                let e = out.entry(k).or_insert_with(|| json!({}));
+                if let Some(m) = e.as_object_mut() {
+                    m.insert(key, v);
+                }
+            }
+            _ => return Err(format!("field {num} has an unexpected wire type")),
+        }
+    }
+    Ok(Value::Object(out))
+}
+
+/// Decodes a protobuf request body (`k8s\0` + `runtime.Unknown`) into JSON.
+pub fn decode_object(body: &[u8]) -> Result<Value, String> {
+    let rest = body.strip_prefix(MAGIC).ok_or("missing protobuf magic")?;
+    let mut r = Reader { b: rest, i: 0 };
+    let (mut api_version, mut kind, mut raw) = (String::new(), String::new(), &[][..]);
+    while !r.done() {
+        match r.field()? {
+            (1, Raw::Bytes(tm)) => {
+                let mut t = Reader { b: tm, i: 0 };
+                while !t.done() {
+                    match t.field()? {
+                        (1, Raw::Bytes(x)) => api_version = text(x)?,
+                        (2, Raw::Bytes(x)) => kind = text(x)?,
+                        _ => {}
+                    }
+                }
+            }
+            (2, Raw::Bytes(x)) => raw = x,
+            _ => {}
+        }
+    }
+    let schema = match (api_version.as_str(), kind.as_str()) {
+        ("v1", "Namespace") => NAMESPACE,
+        ("v1", "ConfigMap") => CONFIGMAP,
+        ("v1", "Secret") => SECRET,
+        ("v1", "ServiceAccount") => SERVICE_ACCOUNT,
+        ("authentication.k8s.io/v1", "TokenRequest") => TOKEN_REQUEST,
+        _ => {
+            return Err(format!(
+                "protobuf is not supported for {api_version} {kind}; send application/json"
+            ));
+        }
+    };
+    let mut v = decode(raw, schema)?;
+    v["apiVersion"] = json!(api_version);
+    v["kind"] = json!(kind);
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(num: u32, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![((num << 3) | 2) as u8, payload.len() as u8];
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn namespace_and_configmap() {
+        let meta = [
+            field(1, b"team-a"),
+            field(11, &[field(1, b"a"), field(2, b"b")].concat()),
+        ]
+        .concat();
+        let ns = field(1, &meta);
+        let type_meta = [field(1, b"v1"), field(2, b"Namespace")].concat();
+        let body = [MAGIC.to_vec(), field(1, &type_meta), field(2, &ns)].concat();
+        let v = decode_object(&body).unwrap();
+        assert_eq!(v["metadata"]["name"], "team-a");
+        assert_eq!(v["metadata"]["labels"]["a"], "b");
+        assert_eq!(v["kind"], "Namespace");
+        let cm = [
+            field(1, &field(1, b"c")),
+            field(3, &[field(1, b"k"), field(2, b"\x00\x01")].concat()),
+        ]
+        .concat();
+        let type_meta = [field(1, b"v1"), field(2, b"ConfigMap")].concat();
+        let body = [MAGIC.to_vec(), field(1, &type_meta), field(2, &cm)].concat();
+        let v = decode_object(&body).unwrap();
+        assert_eq!(v["binaryData"]["k"], "AAE=");
+        assert!(decode_object(b"k8s\0\x0a\xff").is_err());
+        assert!(decode_object(b"nope").is_err());
+    }
+}
