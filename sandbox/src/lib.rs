@@ -7,4 +7,5 @@
 //! sides.
 
 pub mod kube;
+pub mod cluster;
 pub mod platform;
