@@ -11,6 +11,10 @@ pub const LABEL_SERVICE_UID: &str = "kuberaya.cloudraya.com/service-uid";
 pub const LABEL_SERVICE_NAMESPACE: &str = "kuberaya.cloudraya.com/service-namespace";
 /// The Service's name.
 pub const LABEL_SERVICE_NAME: &str = "kuberaya.cloudraya.com/service-name";
+/// `"true"` on an LB whose Service asked to keep its public IP on deletion
+/// (`lb.cloudraya.com/retain-public-ip`), so that an orphan sweep, which no longer has
+/// the Service, still keeps it. Absent otherwise.
+pub const LABEL_RETAIN_PUBLIC_IP: &str = "kuberaya.cloudraya.com/retain-public-ip";
 
 /// Contract limits on labels (422 beyond them).
 pub const MAX_LABEL_KEY_LEN: usize = 253;

@@ -7,11 +7,13 @@
 //!
 //! Layout: `types` (wire types), `labels` (label keys we set), `envelope` (pure answer
 //! decoding), `retry` (pure retry policy), `ratelimit` (the shared limiter), `auth`
-//! (token renewal decision), `metrics` (counters), `http` (the client itself).
+//! (token renewal decision), `metrics` (counters), `http` (the client itself), `fake` (an
+//! in-memory implementation for reconcile tests).
 
 pub mod auth;
 pub mod envelope;
 pub mod error;
+pub mod fake;
 pub mod http;
 pub mod labels;
 pub mod metrics;
@@ -24,7 +26,9 @@ use async_trait::async_trait;
 
 pub use error::{Error, FieldError};
 pub use http::{HttpPlatform, PlatformClientConfig};
-pub use labels::{LABEL_CLUSTER_ID, LABEL_SERVICE_NAME, LABEL_SERVICE_NAMESPACE, LABEL_SERVICE_UID};
+pub use labels::{
+    LABEL_CLUSTER_ID, LABEL_RETAIN_PUBLIC_IP, LABEL_SERVICE_NAME, LABEL_SERVICE_NAMESPACE, LABEL_SERVICE_UID,
+};
 pub use metrics::PlatformMetrics;
 pub use ratelimit::TokenBucketConfig;
 pub use types::*;

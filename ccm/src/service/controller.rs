@@ -1,0 +1,706 @@
+//! The kube-rs controller of LoadBalancer Services.
+//!
+//! [`reconcile`] routes a Service through [`kube::runtime::finalizer`] when it wants a
+//! load balancer (or is being deleted with our finalizer), and through our own cleanup
+//! when its type changed away. Apply computes the desired LB ([`super::desired`]), finds
+//! the actual one by labels, plans ([`super::diff`]) and makes only the calls the plan
+//! asks for. Slow platform operations are polled by requeue; no worker ever waits on
+//! one. Refusals (invalid annotations, unsupported fields, platform 422/409) become a
+//! Warning Event and our condition, and are retried slowly, never in a tight loop.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use tracing::{debug, info, instrument, warn};
+
+use crate::annotations;
+use crate::metrics::Metrics;
+use crate::platform::{self, LABEL_CLUSTER_ID, LABEL_SERVICE_UID, Labels, LbStatus, LoadBalancer, Platform};
+use crate::service::desired::{DesiredConfig, PublicIpRequest, default_lb_name, desired_load_balancer, ingress_ips};
+use crate::service::diff::{
+    ApplyPlan, DeletePlan, LiveService, LookupError, find_orphans, keep_public_ip, pick_by_name, pick_by_uid,
+    plan_apply, plan_delete,
+};
+use crate::service::nodes::{NodeSetFingerprint, debounce};
+use crate::service::status::{ConditionUpdate, IngressUpdate, Ready, condition_differs, status_patch};
+use crate::service::{FINALIZER, has_finalizer, is_deleting, wants_load_balancer};
+use crate::{Error, Result};
+
+/// The controller's name in Events and field managers.
+pub const CONTROLLER_NAME: &str = "kuberaya-ccm-service-controller";
+
+/// Timing knobs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timing {
+    /// Periodic resync of an in-sync Service (drift repair); jittered ±10 %.
+    pub resync: Duration,
+    /// Polling of a provisioning, updating or deleting LB.
+    pub poll: Duration,
+    /// Retry of a Service the platform refused (422, 409, no public IP left).
+    pub refused_retry: Duration,
+    /// First error backoff; doubled per failure up to `max_backoff`, jittered ±20 %.
+    pub base_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            resync: Duration::from_secs(300),
+            poll: Duration::from_secs(2),
+            refused_retry: Duration::from_secs(60),
+            base_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What [`reconcile`] sees.
+pub struct Context {
+    pub client: Client,
+    pub platform: Arc<dyn Platform>,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// All Nodes (a reflector store, ready before the controller starts).
+    pub nodes: Store<Node>,
+    pub config: DesiredConfig,
+    pub timing: Timing,
+    /// Consecutive failures per Service (`namespace/name`), for the error backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        platform: Arc<dyn Platform>,
+        metrics: Arc<Metrics>,
+        nodes: Store<Node>,
+        config: DesiredConfig,
+        timing: Timing,
+    ) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: CONTROLLER_NAME.into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        );
+        Context {
+            client,
+            platform,
+            recorder,
+            metrics,
+            nodes,
+            config,
+            timing,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn key_of(svc: &Service) -> String {
+    format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any())
+}
+
+/// Exponential backoff with jitter: `base * 2^failures`, at most `max`, times a factor in
+/// [0.8, 1.2) from `jitter` in [0, 1).
+pub fn backoff_delay(failures: u32, base: Duration, max: Duration, jitter: f64) -> Duration {
+    let exp = base.saturating_mul(1u32.checked_shl(failures.min(20)).unwrap_or(u32::MAX));
+    let capped = exp.min(max);
+    capped.mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0))
+}
+
+/// `d` jittered by ±10 % (`jitter` in [0, 1)).
+pub fn jittered(d: Duration, jitter: f64) -> Duration {
+    d.mul_f64(0.9 + 0.2 * jitter.clamp(0.0, 1.0))
+}
+
+fn platform_err(op: &'static str) -> impl FnOnce(platform::Error) -> Error {
+    move |source| Error::Platform { op, source }
+}
+
+/// Reconciles one Service. See the module docs.
+#[instrument(skip(svc, ctx), fields(service = %key_of(&svc)))]
+pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_timer();
+    let ns = svc.namespace().ok_or(Error::MissingObjectKey("metadata.namespace"))?;
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let key = key_of(&svc);
+
+    let result = if wants_load_balancer(&svc) || (is_deleting(&svc) && has_finalizer(&svc)) {
+        finalizer(&api, FINALIZER, svc, |event| async {
+            match event {
+                FinalizerEvent::Apply(s) => apply(&s, &ctx, &api).await,
+                FinalizerEvent::Cleanup(s) => cleanup(&s, &ctx).await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)))
+    } else if has_finalizer(&svc) {
+        // The type (or class) changed away from ours: remove the LB, then our finalizer.
+        cleanup_after_type_change(&svc, &ctx, &api).await
+    } else {
+        Ok(Action::await_change())
+    };
+
+    if result.is_ok() {
+        ctx.metrics.record_success();
+        ctx.failures().remove(&key);
+    }
+    result
+}
+
+/// Requeue policy on errors: in-progress operations are polled; everything else backs
+/// off exponentially with jitter, per Service.
+pub fn error_policy(svc: Arc<Service>, error: &Error, ctx: Arc<Context>) -> Action {
+    if let Error::InProgress { retry_after, .. } = error.inner() {
+        return Action::requeue(*retry_after);
+    }
+    ctx.metrics.record_failure(error);
+    let n = {
+        let mut f = ctx.failures();
+        let n = f.entry(key_of(&svc)).or_insert(0);
+        *n = n.saturating_add(1);
+        *n - 1
+    };
+    let delay = backoff_delay(
+        n,
+        ctx.timing.base_backoff,
+        ctx.timing.max_backoff,
+        rand::random::<f64>(),
+    );
+    warn!(service = %key_of(&svc), error = %error, failures = n + 1, ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+async fn publish(ctx: &Context, svc: &Service, type_: EventType, reason: &str, note: String) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: reason.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &svc.object_ref(&())).await {
+        warn!(error = %e, reason, "could not publish event");
+    }
+}
+
+async fn patch_status(
+    api: &Api<Service>,
+    svc: &Service,
+    ingress: IngressUpdate,
+    cond: ConditionUpdate,
+) -> Result<bool> {
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let Some(patch) = status_patch(svc, &ingress, &cond, now) else {
+        return Ok(false);
+    };
+    api.patch_status(&svc.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(Error::Kube)?;
+    Ok(true)
+}
+
+/// Reports a refusal: condition (and a Warning Event when the condition changes).
+async fn refuse(ctx: &Context, api: &Api<Service>, svc: &Service, reason: &str, message: String) -> Result<Action> {
+    let want = Ready::no(reason, message.clone());
+    if condition_differs(svc, &want) {
+        publish(ctx, svc, EventType::Warning, "SyncLoadBalancerFailed", message.clone()).await;
+    }
+    info!(reason, %message, "load balancer refused");
+    patch_status(api, svc, IngressUpdate::Leave, ConditionUpdate::Set(want)).await?;
+    Ok(Action::requeue(ctx.timing.refused_retry))
+}
+
+/// Whether a platform error is a refusal the user must act on (not a transient fault).
+fn is_refusal(e: &platform::Error) -> bool {
+    match e {
+        platform::Error::Invalid { .. }
+        | platform::Error::Forbidden { .. }
+        | platform::Error::BadRequest { .. }
+        | platform::Error::NotFound { .. } => true,
+        platform::Error::Conflict { message } => !is_busy(message),
+        _ => false,
+    }
+}
+
+/// A 409 that clears by itself (the LB is busy).
+fn is_busy(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    ["updating", "provisioning", "deleting"].iter().any(|w| m.contains(w))
+}
+
+async fn handle_platform_error(
+    ctx: &Context,
+    api: &Api<Service>,
+    svc: &Service,
+    op: &'static str,
+    e: platform::Error,
+) -> Result<Action> {
+    if let platform::Error::Conflict { message } = &e
+        && is_busy(message)
+    {
+        debug!(op, %message, "load balancer busy; polling");
+        return Ok(Action::requeue(ctx.timing.poll));
+    }
+    if is_refusal(&e) {
+        return refuse(ctx, api, svc, "PlatformRefused", format!("{op}: {e}")).await;
+    }
+    publish(
+        ctx,
+        svc,
+        EventType::Warning,
+        "SyncLoadBalancerFailed",
+        format!("Error syncing load balancer: {op}: {e}"),
+    )
+    .await;
+    Err(Error::Platform { op, source: e })
+}
+
+fn uid_labels(cluster_id: &str, uid: &str) -> Labels {
+    Labels::from([
+        (LABEL_CLUSTER_ID.to_owned(), cluster_id.to_owned()),
+        (LABEL_SERVICE_UID.to_owned(), uid.to_owned()),
+    ])
+}
+
+fn cluster_labels(cluster_id: &str) -> Labels {
+    Labels::from([(LABEL_CLUSTER_ID.to_owned(), cluster_id.to_owned())])
+}
+
+/// Finds the Service's LB: by UID label, else by name among our cluster's LBs.
+async fn find_lb(ctx: &Context, svc: &Service, lb_name: &str) -> Result<Result<Option<LoadBalancer>, LookupError>> {
+    let cluster = &ctx.config.cluster_id;
+    let uid = svc.uid().ok_or(Error::MissingObjectKey("metadata.uid"))?;
+    let by_uid = ctx
+        .platform
+        .list_load_balancers(cluster, &uid_labels(cluster, &uid))
+        .await
+        .map_err(platform_err("list_load_balancers"))?;
+    match pick_by_uid(cluster, &uid, &by_uid) {
+        Ok(Some(lb)) => return Ok(Ok(Some(lb.clone()))),
+        Ok(None) => {}
+        Err(e) => return Ok(Err(e)),
+    }
+    let all = ctx
+        .platform
+        .list_load_balancers(cluster, &cluster_labels(cluster))
+        .await
+        .map_err(platform_err("list_load_balancers"))?;
+    let ns = svc.namespace().unwrap_or_default();
+    Ok(pick_by_name(cluster, &ns, &svc.name_any(), lb_name, &all).map(|o| o.cloned()))
+}
+
+async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Action> {
+    let nodes = ctx.nodes.state();
+    let desired = match desired_load_balancer(svc, nodes.iter().map(|n| n.as_ref()), &ctx.config) {
+        Ok(d) => d,
+        Err(refusal) => return refuse(ctx, api, svc, refusal.reason(), refusal.to_string()).await,
+    };
+    let actual = match find_lb(ctx, svc, &desired.name).await? {
+        Ok(a) => a,
+        Err(e) => return refuse(ctx, api, svc, "LookupFailed", e.to_string()).await,
+    };
+
+    let mut resolved_ip = None;
+    if actual.is_none()
+        && let PublicIpRequest::Address(addr) = &desired.public_ip
+    {
+        let ips = ctx
+            .platform
+            .list_public_ips(&Labels::new())
+            .await
+            .map_err(platform_err("list_public_ips"))?;
+        match ips.iter().find(|ip| &ip.address == addr) {
+            Some(ip) => resolved_ip = Some(ip.id.clone()),
+            None => {
+                let msg = format!("spec.loadBalancerIP: no public IP {addr} exists in the platform account");
+                return refuse(ctx, api, svc, "UnsupportedServiceSpec", msg).await;
+            }
+        }
+    }
+
+    let plan = match plan_apply(actual.as_ref(), &desired, resolved_ip.as_deref()) {
+        Ok(p) => p,
+        Err(r) => return refuse(ctx, api, svc, "UnsupportedChange", r.to_string()).await,
+    };
+    let cluster = &ctx.config.cluster_id;
+    match plan {
+        ApplyPlan::Create(spec) => {
+            publish(
+                ctx,
+                svc,
+                EventType::Normal,
+                "EnsuringLoadBalancer",
+                format!("Creating load balancer {}", spec.name),
+            )
+            .await;
+            let lb = match ctx.platform.create_load_balancer(cluster, &spec).await {
+                Ok(lb) => lb,
+                Err(e) => return handle_platform_error(ctx, api, svc, "create_load_balancer", e).await,
+            };
+            info!(lb = %lb.id, name = %lb.name, "created load balancer");
+            let cond = Ready::no("Provisioning", format!("load balancer {} is provisioning", lb.id));
+            patch_status(api, svc, IngressUpdate::Leave, ConditionUpdate::Set(cond)).await?;
+            Ok(Action::requeue(ctx.timing.poll))
+        }
+        ApplyPlan::Update { id, update, changes } => {
+            if let Err(e) = ctx.platform.update_load_balancer(cluster, &id, &update).await {
+                return handle_platform_error(ctx, api, svc, "update_load_balancer", e).await;
+            }
+            info!(lb = %id, ?changes, "updated load balancer");
+            publish(
+                ctx,
+                svc,
+                EventType::Normal,
+                "UpdatedLoadBalancer",
+                format!("Updated load balancer {id} ({})", changes.join(", ")),
+            )
+            .await;
+            Ok(Action::requeue(ctx.timing.poll))
+        }
+        ApplyPlan::Wait { id, status } => {
+            let cond = match status {
+                LbStatus::Provisioning => {
+                    ConditionUpdate::Set(Ready::no("Provisioning", format!("load balancer {id} is provisioning")))
+                }
+                LbStatus::Deleting => ConditionUpdate::Set(Ready::no(
+                    "Deleting",
+                    format!("load balancer {id} is being deleted; a new one follows"),
+                )),
+                _ => ConditionUpdate::Leave,
+            };
+            patch_status(api, svc, IngressUpdate::Leave, cond).await?;
+            Ok(Action::requeue(ctx.timing.poll))
+        }
+        ApplyPlan::InSync => {
+            let Some(lb) = actual else {
+                return Ok(Action::requeue(ctx.timing.poll));
+            };
+            if lb.status != LbStatus::Active {
+                return Ok(Action::requeue(ctx.timing.poll));
+            }
+            let addr = lb.public_ip.as_ref().map(|ip| ip.address);
+            let ready = Ready::yes(match addr {
+                Some(a) => format!("load balancer {} is active at {a}", lb.id),
+                None => format!("load balancer {} is active", lb.id),
+            });
+            let became_ready = condition_differs(svc, &ready);
+            patch_status(
+                api,
+                svc,
+                IngressUpdate::Set(ingress_ips(addr)),
+                ConditionUpdate::Set(ready),
+            )
+            .await?;
+            if became_ready {
+                publish(
+                    ctx,
+                    svc,
+                    EventType::Normal,
+                    "EnsuredLoadBalancer",
+                    format!("Ensured load balancer {}", lb.id),
+                )
+                .await;
+            }
+            Ok(Action::requeue(jittered(ctx.timing.resync, rand::random::<f64>())))
+        }
+    }
+}
+
+/// Removes the Service's LB. `Ok` only when nothing is left on the platform; while a
+/// delete runs, [`Error::InProgress`] (so the finalizer stays and we poll).
+async fn cleanup(svc: &Service, ctx: &Context) -> Result<Action> {
+    let ann = svc.metadata.annotations.clone().unwrap_or_default();
+    // An unreadable retain annotation keeps the IP: never release what may be wanted.
+    let retain = annotations::retain_public_ip(&ann).map_or(true, |v| v.unwrap_or(false));
+    let reused = annotations::public_ip_id(&ann).map_or(true, |v| v.is_some())
+        || svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.load_balancer_ip.as_deref())
+            .is_some_and(|s| !s.trim().is_empty());
+    let ns = svc.namespace().unwrap_or_default();
+    let lb_name = annotations::name(&ann)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| default_lb_name(&ns, &svc.name_any()));
+    let actual = match find_lb(ctx, svc, &lb_name).await? {
+        Ok(a) => a,
+        // Not ours to delete (another Service's name, or ambiguous): nothing to remove.
+        Err(e) => {
+            warn!(error = %e, "not deleting an LB that is not unambiguously this Service's");
+            None
+        }
+    };
+    match plan_delete(actual.as_ref(), keep_public_ip(retain, reused)) {
+        DeletePlan::Gone => {
+            publish(
+                ctx,
+                svc,
+                EventType::Normal,
+                "DeletedLoadBalancer",
+                "Deleted load balancer".into(),
+            )
+            .await;
+            Ok(Action::await_change())
+        }
+        DeletePlan::Delete { id, keep_public_ip } => {
+            publish(
+                ctx,
+                svc,
+                EventType::Normal,
+                "DeletingLoadBalancer",
+                format!("Deleting load balancer {id}"),
+            )
+            .await;
+            match ctx
+                .platform
+                .delete_load_balancer(&ctx.config.cluster_id, &id, keep_public_ip)
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => {
+                    publish(
+                        ctx,
+                        svc,
+                        EventType::Warning,
+                        "DeleteLoadBalancerFailed",
+                        format!("Error deleting load balancer {id}: {e}"),
+                    )
+                    .await;
+                    return Err(Error::Platform {
+                        op: "delete_load_balancer",
+                        source: e,
+                    });
+                }
+            }
+            info!(lb = %id, ?keep_public_ip, "deleting load balancer");
+            Err(Error::InProgress {
+                what: format!("load balancer {id} is being deleted"),
+                retry_after: ctx.timing.poll,
+            })
+        }
+        DeletePlan::Wait { id } => Err(Error::InProgress {
+            what: format!("load balancer {id} is being deleted"),
+            retry_after: ctx.timing.poll,
+        }),
+    }
+}
+
+async fn cleanup_after_type_change(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Action> {
+    cleanup(svc, ctx).await?;
+    patch_status(api, svc, IngressUpdate::Set(vec![]), ConditionUpdate::Remove).await?;
+    remove_finalizer(api, svc).await?;
+    Ok(Action::await_change())
+}
+
+/// Removes our finalizer with a JSON patch that first tests its index, so another
+/// controller's finalizer is never removed (as `kube::runtime::finalizer` does).
+async fn remove_finalizer(api: &Api<Service>, svc: &Service) -> Result<()> {
+    let Some(i) = svc.finalizers().iter().position(|f| f == FINALIZER) else {
+        return Ok(());
+    };
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+        {"op": "test", "path": format!("/metadata/finalizers/{i}"), "value": FINALIZER},
+        {"op": "remove", "path": format!("/metadata/finalizers/{i}")},
+    ]))
+    .map_err(|e| Error::Config {
+        message: "finalizer patch".into(),
+        source: Some(Box::new(e)),
+    })?;
+    api.patch::<Service>(&svc.name_any(), &PatchParams::default(), &Patch::Json(patch))
+        .await
+        .map_err(Error::Kube)?;
+    Ok(())
+}
+
+/// Deletes our LBs whose Service is gone (see [`find_orphans`]); returns how many.
+/// Also sets the `load_balancers_managed` gauge.
+pub async fn sweep_orphans(ctx: &Context, services: &Store<Service>) -> Result<usize> {
+    let cluster = &ctx.config.cluster_id;
+    let lbs = ctx
+        .platform
+        .list_load_balancers(cluster, &cluster_labels(cluster))
+        .await
+        .map_err(platform_err("list_load_balancers"))?;
+    ctx.metrics
+        .lbs_managed
+        .set(i64::try_from(lbs.len()).unwrap_or(i64::MAX));
+    let live: HashMap<String, LiveService> = services
+        .state()
+        .iter()
+        .filter_map(|s| {
+            Some((
+                s.uid()?,
+                LiveService {
+                    wants_lb: wants_load_balancer(s),
+                    has_finalizer: has_finalizer(s),
+                },
+            ))
+        })
+        .collect();
+    let orphans = find_orphans(cluster, &lbs, &live);
+    let mut deleted = 0;
+    for o in orphans {
+        info!(lb = %o.id, name = %o.name, service = %o.service, keep_public_ip = ?o.keep_public_ip, "deleting orphaned load balancer");
+        match ctx
+            .platform
+            .delete_load_balancer(cluster, &o.id, o.keep_public_ip)
+            .await
+        {
+            Ok(()) => {
+                deleted += 1;
+                ctx.metrics.orphans_deleted.inc();
+            }
+            Err(e) if e.is_not_found() => {}
+            Err(e) => warn!(lb = %o.id, error = %e, "could not delete orphaned load balancer"),
+        }
+    }
+    Ok(deleted)
+}
+
+/// Settings of [`run`].
+#[derive(Debug, Clone)]
+pub struct RunSettings {
+    pub config: DesiredConfig,
+    pub timing: Timing,
+    /// Concurrent reconciles (`--concurrent-service-syncs`).
+    pub concurrency: u16,
+    /// Quiet period of the node-change debounce.
+    pub node_debounce: Duration,
+    /// Upper bound of a debounced node batch.
+    pub node_debounce_max: Duration,
+    /// Period of the orphan sweep.
+    pub orphan_sweep: Duration,
+}
+
+/// Node changes that can move some LB's backends, as one debounced tick per burst.
+fn node_change_ticks(
+    node_events: impl Stream<Item = ()> + Send + 'static,
+    nodes: Store<Node>,
+    quiet: Duration,
+    max_delay: Duration,
+) -> impl Stream<Item = ()> + Send {
+    let mut last = NodeSetFingerprint::default();
+    debounce(node_events, quiet, max_delay).filter_map(move |()| {
+        let fp = NodeSetFingerprint::of(nodes.state().iter().map(|n| n.as_ref()));
+        let changed = fp != last;
+        if changed {
+            info!(
+                eligible_nodes = fp.len(),
+                "node set changed; resyncing every load balancer"
+            );
+            last = fp;
+        }
+        futures::future::ready(changed.then_some(()))
+    })
+}
+
+/// Runs the service controller and the orphan sweep until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    platform: Arc<dyn Platform>,
+    metrics: Arc<Metrics>,
+    settings: RunSettings,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> Result<()> {
+    // Nodes: a reflector fed by its own task, so the store is complete before the
+    // first reconcile (an empty node list must never empty every LB's backends).
+    let (node_store, node_writer) = reflector::store::<Node>();
+    let (tick_tx, tick_rx) = futures::channel::mpsc::unbounded::<()>();
+    let node_api: Api<Node> = Api::all(client.clone());
+    let node_task = tokio::spawn(async move {
+        let stream = reflector::reflector(
+            node_writer,
+            watcher(node_api, watcher::Config::default()).default_backoff(),
+        );
+        futures::pin_mut!(stream);
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(_) => {
+                    if tick_tx.unbounded_send(()).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => warn!(error = %e, "node watch error"),
+            }
+        }
+    });
+    node_store.wait_until_ready().await.map_err(|e| Error::Config {
+        message: "node reflector stopped before it was ready".into(),
+        source: Some(Box::new(e)),
+    })?;
+    info!(nodes = node_store.state().len(), "node cache ready");
+
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        platform,
+        metrics,
+        node_store.clone(),
+        settings.config.clone(),
+        settings.timing.clone(),
+    ));
+    let services: Api<Service> = Api::all(client);
+    let controller = Controller::new(services, watcher::Config::default().any_semantic()).with_config(
+        ControllerConfig::default()
+            .concurrency(settings.concurrency)
+            .debounce(Duration::from_millis(200)),
+    );
+    let service_store = controller.store();
+    let ticks = node_change_ticks(tick_rx, node_store, settings.node_debounce, settings.node_debounce_max);
+
+    let sweep_ctx = ctx.clone();
+    let sweep_period = settings.orphan_sweep;
+    let sweep_task = tokio::spawn(async move {
+        if service_store.wait_until_ready().await.is_err() {
+            return;
+        }
+        let mut interval = tokio::time::interval(sweep_period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            match sweep_orphans(&sweep_ctx, &service_store).await {
+                Ok(0) => debug!("orphan sweep: nothing to delete"),
+                Ok(n) => info!(deleted = n, "orphan sweep"),
+                Err(e) => warn!(error = %e, "orphan sweep failed"),
+            }
+        }
+    });
+
+    controller
+        .reconcile_all_on(ticks)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => debug!(service = %obj, "reconciled"),
+                Err(e) => debug!(error = %e, "reconcile error"),
+            }
+        })
+        .await;
+    sweep_task.abort();
+    node_task.abort();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,717 @@
+//! The desired load balancer of a Service: a pure function of (Service, Nodes,
+//! annotations, config). No I/O; everything the controller decides about *what* a
+//! load balancer should look like is here and unit-tested here.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Node, Service};
+
+use crate::annotations::{AnnotationError, LbAnnotations};
+use crate::platform::labels::{LABEL_RETAIN_PUBLIC_IP, MAX_LABEL_VALUE_LEN};
+use crate::platform::{
+    Algorithm, BackendRef, HealthCheck, HealthCheckProtocol, LABEL_CLUSTER_ID, LABEL_SERVICE_NAME,
+    LABEL_SERVICE_NAMESPACE, LABEL_SERVICE_UID, Labels, Rule, RuleProtocol,
+};
+use crate::service::nodes;
+
+/// kube-proxy's health port (`--healthz-bind-address`), checked with
+/// `externalTrafficPolicy: Cluster`.
+pub const KUBE_PROXY_HEALTH_PORT: u16 = 10256;
+/// The path kube-proxy and the per-Service health check node port answer.
+pub const HEALTHZ_PATH: &str = "/healthz";
+/// Health-check defaults of ours (tighter than the platform's so that a node without
+/// endpoints leaves the rotation within ~15 s with `externalTrafficPolicy: Local`).
+pub const DEFAULT_HC_INTERVAL_S: u32 = 5;
+pub const DEFAULT_HC_TIMEOUT_S: u32 = 3;
+pub const DEFAULT_HC_HEALTHY_THRESHOLD: u32 = 2;
+pub const DEFAULT_HC_UNHEALTHY_THRESHOLD: u32 = 3;
+
+/// What the controller needs to know of its environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredConfig {
+    /// Our cluster's ID, the first label of every object we create.
+    pub cluster_id: String,
+    /// Whether the platform accepts `udp` rules (docs/platform-api.md: an assumption
+    /// the stand-in can turn off). When false, UDP ports are refused before any call.
+    pub udp_supported: bool,
+}
+
+/// Which public IP the load balancer should have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublicIpRequest {
+    /// Let the platform acquire one (released with the LB unless retained).
+    Acquire,
+    /// Reuse this public IP (the `public-ip-id` annotation).
+    Id(String),
+    /// Reuse the public IP with this address (`spec.loadBalancerIP`); resolved to an ID
+    /// by the controller before creating.
+    Address(IpAddr),
+}
+
+impl PublicIpRequest {
+    /// Whether the IP is the user's (reused), so we must never release it.
+    pub fn is_reused(&self) -> bool {
+        !matches!(self, PublicIpRequest::Acquire)
+    }
+}
+
+/// The load balancer a Service should have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredLb {
+    pub name: String,
+    /// Our labels (cluster, Service UID, namespace, name; retain flag when set).
+    pub labels: Labels,
+    /// One rule per Service port, sorted by (protocol, public port); health checks with
+    /// every default filled in.
+    pub rules: Vec<Rule>,
+    /// Sorted, unique.
+    pub backends: Vec<BackendRef>,
+    pub public_ip: PublicIpRequest,
+    pub retain_public_ip: bool,
+}
+
+/// Why a Service cannot get the load balancer it asks for. Each is reported as a
+/// Warning Event and a condition; no platform call is made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// An `lb.cloudraya.com/` annotation is invalid.
+    Annotation(AnnotationError),
+    /// A Service field the platform cannot honour.
+    Unsupported { field: String, message: String },
+}
+
+impl Refusal {
+    fn unsupported(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Refusal::Unsupported {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The condition reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Annotation(_) => "InvalidAnnotation",
+            Refusal::Unsupported { .. } => "UnsupportedServiceSpec",
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::Annotation(e) => e.fmt(f),
+            Refusal::Unsupported { field, message } => write!(f, "{field}: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+impl From<AnnotationError> for Refusal {
+    fn from(e: AnnotationError) -> Self {
+        Refusal::Annotation(e)
+    }
+}
+
+/// A short stable hash (FNV-1a, 32 bits) for names; not security relevant.
+fn short_hash(s: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in s.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{h:08x}")
+}
+
+/// The default platform name: `kr-<namespace>-<name>`, shortened with a hash of
+/// `namespace/name` when longer than 63. Stored on live objects: never change.
+pub fn default_lb_name(namespace: &str, name: &str) -> String {
+    let full = format!("kr-{namespace}-{name}");
+    if full.len() <= 63 {
+        return full;
+    }
+    let hash = short_hash(&format!("{namespace}/{name}"));
+    let keep = 63 - 1 - hash.len();
+    let head = full[..keep].trim_end_matches('-');
+    format!("{head}-{hash}")
+}
+
+/// The labels of the LB of this Service.
+pub fn lb_labels(cluster_id: &str, uid: &str, namespace: &str, name: &str, retain: bool) -> Labels {
+    let mut l = Labels::from([
+        (LABEL_CLUSTER_ID.to_owned(), cluster_id.to_owned()),
+        (LABEL_SERVICE_UID.to_owned(), uid.to_owned()),
+        (LABEL_SERVICE_NAMESPACE.to_owned(), namespace.to_owned()),
+        (
+            LABEL_SERVICE_NAME.to_owned(),
+            name.chars().take(MAX_LABEL_VALUE_LEN).collect(),
+        ),
+    ]);
+    if retain {
+        l.insert(LABEL_RETAIN_PUBLIC_IP.to_owned(), "true".to_owned());
+    }
+    l
+}
+
+/// The rule name of a port: `<protocol>-<port>`, unique since Kubernetes keeps
+/// (protocol, port) unique within a Service.
+pub fn rule_name(protocol: &RuleProtocol, port: u16) -> String {
+    format!("{}-{port}", protocol.as_str())
+}
+
+fn port_u16(field: &str, v: i32) -> Result<u16, Refusal> {
+    u16::try_from(v)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| Refusal::unsupported(field, format!("{v} is not a valid port")))
+}
+
+/// Computes the desired load balancer. `nodes` are all Nodes; eligibility is decided
+/// here (see [`nodes`]).
+pub fn desired_load_balancer<'a>(
+    svc: &Service,
+    all_nodes: impl IntoIterator<Item = &'a Node>,
+    cfg: &DesiredConfig,
+) -> Result<DesiredLb, Refusal> {
+    let meta = &svc.metadata;
+    let namespace = meta
+        .namespace
+        .as_deref()
+        .ok_or_else(|| Refusal::unsupported("metadata.namespace", "missing"))?;
+    let name = meta
+        .name
+        .as_deref()
+        .ok_or_else(|| Refusal::unsupported("metadata.name", "missing"))?;
+    let uid = meta
+        .uid
+        .as_deref()
+        .ok_or_else(|| Refusal::unsupported("metadata.uid", "missing"))?;
+    let ann = LbAnnotations::parse(&meta.annotations.clone().unwrap_or_default())?;
+    let spec = svc
+        .spec
+        .as_ref()
+        .ok_or_else(|| Refusal::unsupported("spec", "missing"))?;
+
+    if spec.allocate_load_balancer_node_ports == Some(false) {
+        return Err(Refusal::unsupported(
+            "spec.allocateLoadBalancerNodePorts",
+            "false is not supported: CloudRaya load balancers forward to node ports",
+        ));
+    }
+
+    let algorithm = match &ann.algorithm {
+        Some(a) => a.clone(),
+        None if spec.session_affinity.as_deref() == Some("ClientIP") => Algorithm::Source,
+        None => Algorithm::RoundRobin,
+    };
+
+    let mut allowed_sources: Vec<IpNet> = Vec::new();
+    for (i, r) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
+        let net: IpNet = r.trim().parse().map_err(|_| {
+            Refusal::unsupported(
+                format!("spec.loadBalancerSourceRanges[{i}]"),
+                format!("{r:?} is not a CIDR"),
+            )
+        })?;
+        allowed_sources.push(net.trunc());
+    }
+    allowed_sources.sort();
+    allowed_sources.dedup();
+
+    let local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let hc_protocol = ann.health_check_protocol.clone().unwrap_or(HealthCheckProtocol::Http);
+    let hc_interval = ann.health_check_interval.unwrap_or(DEFAULT_HC_INTERVAL_S);
+    let hc_timeout = ann.health_check_timeout.unwrap_or(DEFAULT_HC_TIMEOUT_S);
+    if hc_timeout >= hc_interval {
+        let e = AnnotationError {
+            key: crate::annotations::HEALTH_CHECK_TIMEOUT.to_owned(),
+            value: hc_timeout.to_string(),
+            reason: format!("must be below the health-check interval ({hc_interval}s)"),
+            allowed: format!("an integer from 1 to {}", hc_interval.saturating_sub(1).min(60)),
+        };
+        return Err(e.into());
+    }
+    let default_hc_port = if local {
+        let p = spec.health_check_node_port.ok_or_else(|| {
+            Refusal::unsupported(
+                "spec.healthCheckNodePort",
+                "not allocated yet although externalTrafficPolicy is Local",
+            )
+        })?;
+        Some(port_u16("spec.healthCheckNodePort", p)?)
+    } else {
+        Some(KUBE_PROXY_HEALTH_PORT)
+    };
+
+    let mut rules = Vec::new();
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        let field = format!("spec.ports[{i}]");
+        let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => RuleProtocol::Tcp,
+            "UDP" if cfg.udp_supported => RuleProtocol::Udp,
+            "UDP" => {
+                return Err(Refusal::unsupported(
+                    format!("{field}.protocol"),
+                    "UDP is not supported by this CloudRaya platform",
+                ));
+            }
+            other => {
+                return Err(Refusal::unsupported(
+                    format!("{field}.protocol"),
+                    format!("{other} is not supported (TCP and UDP are)"),
+                ));
+            }
+        };
+        let public_port = port_u16(&format!("{field}.port"), p.port)?;
+        let node_port = p.node_port.ok_or_else(|| {
+            Refusal::unsupported(
+                format!("{field}.nodePort"),
+                "not allocated; the load balancer needs one",
+            )
+        })?;
+        let private_port = port_u16(&format!("{field}.nodePort"), node_port)?;
+        let hc = match hc_protocol {
+            HealthCheckProtocol::Tcp => HealthCheck {
+                protocol: HealthCheckProtocol::Tcp,
+                port: Some(ann.health_check_port.unwrap_or(private_port)),
+                path: None,
+                interval_s: Some(hc_interval),
+                timeout_s: Some(hc_timeout),
+                healthy_threshold: Some(
+                    ann.health_check_healthy_threshold
+                        .unwrap_or(DEFAULT_HC_HEALTHY_THRESHOLD),
+                ),
+                unhealthy_threshold: Some(
+                    ann.health_check_unhealthy_threshold
+                        .unwrap_or(DEFAULT_HC_UNHEALTHY_THRESHOLD),
+                ),
+            },
+            _ => HealthCheck {
+                protocol: HealthCheckProtocol::Http,
+                port: ann.health_check_port.or(default_hc_port),
+                path: Some(ann.health_check_path.clone().unwrap_or_else(|| HEALTHZ_PATH.to_owned())),
+                interval_s: Some(hc_interval),
+                timeout_s: Some(hc_timeout),
+                healthy_threshold: Some(
+                    ann.health_check_healthy_threshold
+                        .unwrap_or(DEFAULT_HC_HEALTHY_THRESHOLD),
+                ),
+                unhealthy_threshold: Some(
+                    ann.health_check_unhealthy_threshold
+                        .unwrap_or(DEFAULT_HC_UNHEALTHY_THRESHOLD),
+                ),
+            },
+        };
+        rules.push(Rule {
+            name: rule_name(&protocol, public_port),
+            protocol,
+            public_port,
+            private_port,
+            algorithm: algorithm.clone(),
+            allowed_sources: allowed_sources.clone(),
+            health_check: Some(hc.with_defaults(private_port)),
+        });
+    }
+    if rules.is_empty() {
+        return Err(Refusal::unsupported(
+            "spec.ports",
+            "a load balancer needs at least one port",
+        ));
+    }
+    if rules.len() > 50 {
+        return Err(Refusal::unsupported(
+            "spec.ports",
+            format!("{} ports; a CloudRaya load balancer has at most 50 rules", rules.len()),
+        ));
+    }
+    rules.sort_by(|a, b| (a.protocol.as_str(), a.public_port).cmp(&(b.protocol.as_str(), b.public_port)));
+
+    let lb_ip = spec
+        .load_balancer_ip
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty());
+    let public_ip = match (ann.public_ip_id.clone(), lb_ip) {
+        (Some(id), None) => PublicIpRequest::Id(id),
+        (None, Some(ip)) => PublicIpRequest::Address(
+            ip.parse()
+                .map_err(|_| Refusal::unsupported("spec.loadBalancerIP", format!("{ip:?} is not an IP address")))?,
+        ),
+        (None, None) => PublicIpRequest::Acquire,
+        (Some(_), Some(_)) => {
+            return Err(Refusal::unsupported(
+                "spec.loadBalancerIP",
+                format!(
+                    "set together with the {} annotation; use only the annotation",
+                    crate::annotations::PUBLIC_IP_ID
+                ),
+            ));
+        }
+    };
+
+    let backends = nodes::backend_vm_ids(all_nodes, ann.node_selector.as_ref())
+        .into_iter()
+        .map(BackendRef::new)
+        .collect();
+
+    Ok(DesiredLb {
+        name: ann.name.clone().unwrap_or_else(|| default_lb_name(namespace, name)),
+        labels: lb_labels(&cfg.cluster_id, uid, namespace, name, ann.retain_public_ip),
+        rules,
+        backends,
+        public_ip,
+        retain_public_ip: ann.retain_public_ip,
+    })
+}
+
+/// The status ingress for an LB's public address.
+pub fn ingress_ips(addr: Option<IpAddr>) -> Vec<String> {
+    addr.map(|a| vec![a.to_string()]).unwrap_or_default()
+}
+
+/// Keys of a label map that are ours (we replace them; others' labels are kept).
+pub fn is_our_label(key: &str) -> bool {
+    key.starts_with("kuberaya.cloudraya.com/")
+}
+
+/// Merges our desired labels into an LB's labels, keeping labels that are not ours.
+pub fn merge_labels(actual: &Labels, ours: &Labels) -> Labels {
+    let mut out: BTreeMap<String, String> = actual
+        .iter()
+        .filter(|(k, _)| !is_our_label(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    out.extend(ours.iter().map(|(k, v)| (k.clone(), v.clone())));
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::annotations as a;
+    use crate::service::nodes::tests::{node, with_label, with_taint};
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+
+    pub fn cfg() -> DesiredConfig {
+        DesiredConfig {
+            cluster_id: "cl-1".into(),
+            udp_supported: true,
+        }
+    }
+
+    /// A `type: LoadBalancer` Service `default/web` with port 80 -> nodePort 31080.
+    pub fn svc() -> Service {
+        let mut s = Service::default();
+        s.metadata.name = Some("web".into());
+        s.metadata.namespace = Some("default".into());
+        s.metadata.uid = Some("uid-1".into());
+        s.spec = Some(ServiceSpec {
+            type_: Some("LoadBalancer".into()),
+            ports: Some(vec![port("http", "TCP", 80, Some(31080))]),
+            external_traffic_policy: Some("Cluster".into()),
+            ..ServiceSpec::default()
+        });
+        s
+    }
+
+    pub fn port(name: &str, proto: &str, port: i32, node_port: Option<i32>) -> ServicePort {
+        ServicePort {
+            name: Some(name.into()),
+            protocol: Some(proto.into()),
+            port,
+            node_port,
+            ..ServicePort::default()
+        }
+    }
+
+    pub fn annotate(mut s: Service, k: &str, v: &str) -> Service {
+        s.metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(k.into(), v.into());
+        s
+    }
+
+    fn spec_mut(s: &mut Service) -> &mut ServiceSpec {
+        s.spec.get_or_insert_with(ServiceSpec::default)
+    }
+
+    fn nodes3() -> Vec<Node> {
+        vec![node("a"), node("b"), node("c")]
+    }
+
+    fn desired(s: &Service) -> Result<DesiredLb, Refusal> {
+        desired_load_balancer(s, &nodes3(), &cfg())
+    }
+
+    #[test]
+    fn one_tcp_port_cluster_policy() {
+        let d = desired(&svc()).expect("desired");
+        assert_eq!(d.name, "kr-default-web");
+        assert_eq!(d.public_ip, PublicIpRequest::Acquire);
+        assert!(!d.retain_public_ip);
+        assert_eq!(d.labels[LABEL_CLUSTER_ID], "cl-1");
+        assert_eq!(d.labels[LABEL_SERVICE_UID], "uid-1");
+        assert_eq!(d.labels[LABEL_SERVICE_NAMESPACE], "default");
+        assert_eq!(d.labels[LABEL_SERVICE_NAME], "web");
+        assert!(!d.labels.contains_key(LABEL_RETAIN_PUBLIC_IP));
+        assert_eq!(
+            d.backends,
+            vec![
+                BackendRef::new("vm-a"),
+                BackendRef::new("vm-b"),
+                BackendRef::new("vm-c")
+            ]
+        );
+        assert_eq!(d.rules.len(), 1);
+        let r = &d.rules[0];
+        assert_eq!((r.name.as_str(), r.public_port, r.private_port), ("tcp-80", 80, 31080));
+        assert_eq!(r.protocol, RuleProtocol::Tcp);
+        assert_eq!(r.algorithm, Algorithm::RoundRobin);
+        assert!(r.allowed_sources.is_empty());
+        let hc = r.health_check.as_ref().expect("hc");
+        assert_eq!(hc.protocol, HealthCheckProtocol::Http);
+        assert_eq!(hc.port, Some(KUBE_PROXY_HEALTH_PORT));
+        assert_eq!(hc.path.as_deref(), Some("/healthz"));
+        assert_eq!(hc, &hc.with_defaults(r.private_port), "defaults filled in");
+    }
+
+    #[test]
+    fn local_policy_checks_the_health_check_node_port() {
+        let mut s = svc();
+        spec_mut(&mut s).external_traffic_policy = Some("Local".into());
+        spec_mut(&mut s).health_check_node_port = Some(32000);
+        let d = desired(&s).expect("desired");
+        let hc = d.rules[0].health_check.as_ref().expect("hc");
+        assert_eq!((hc.port, hc.path.as_deref()), (Some(32000), Some("/healthz")));
+        spec_mut(&mut s).health_check_node_port = None;
+        assert!(matches!(desired(&s), Err(Refusal::Unsupported { field, .. }) if field == "spec.healthCheckNodePort"));
+    }
+
+    #[test]
+    fn tcp_and_udp_ports_one_rule_each_sorted() {
+        let mut s = svc();
+        spec_mut(&mut s).ports = Some(vec![
+            port("dns", "UDP", 53, Some(30053)),
+            port("https", "TCP", 443, Some(30443)),
+            port("dns-tcp", "TCP", 53, Some(30054)),
+        ]);
+        let d = desired(&s).expect("desired");
+        let got: Vec<(&str, u16, u16)> = d
+            .rules
+            .iter()
+            .map(|r| (r.name.as_str(), r.public_port, r.private_port))
+            .collect();
+        assert_eq!(
+            got,
+            vec![("tcp-53", 53, 30054), ("tcp-443", 443, 30443), ("udp-53", 53, 30053)]
+        );
+    }
+
+    #[test]
+    fn udp_is_refused_when_the_platform_has_it_off() {
+        let mut s = svc();
+        spec_mut(&mut s).ports = Some(vec![port("dns", "UDP", 53, Some(30053))]);
+        let cfg = DesiredConfig {
+            udp_supported: false,
+            ..cfg()
+        };
+        let e = desired_load_balancer(&s, &nodes3(), &cfg).expect_err("refused");
+        assert!(e.to_string().contains("UDP is not supported"), "{e}");
+        assert_eq!(e.reason(), "UnsupportedServiceSpec");
+    }
+
+    #[test]
+    fn sctp_missing_node_port_and_no_ports_are_refused() {
+        let mut s = svc();
+        spec_mut(&mut s).ports = Some(vec![port("x", "SCTP", 9, Some(30009))]);
+        assert!(desired(&s).is_err());
+        spec_mut(&mut s).ports = Some(vec![port("x", "TCP", 9, None)]);
+        assert!(desired(&s).expect_err("no node port").to_string().contains("nodePort"));
+        spec_mut(&mut s).ports = Some(vec![]);
+        assert!(desired(&s).is_err());
+        let mut s = svc();
+        spec_mut(&mut s).allocate_load_balancer_node_ports = Some(false);
+        assert!(
+            desired(&s)
+                .expect_err("refused")
+                .to_string()
+                .contains("allocateLoadBalancerNodePorts")
+        );
+        spec_mut(&mut s).allocate_load_balancer_node_ports = Some(true);
+        assert!(desired(&s).is_ok());
+    }
+
+    #[test]
+    fn backends_skip_ineligible_nodes() {
+        let nodes = vec![
+            node("a"),
+            with_label(node("b"), nodes::EXCLUDE_FROM_LB_LABEL, "true"),
+            with_taint(node("c"), nodes::TO_BE_DELETED_TAINT),
+            nodes::tests::deleting(node("d")),
+            nodes::tests::with_provider_id(node("e"), Some("kind://docker/x/e")),
+            nodes::tests::with_condition(node("f"), "Ready", Some("False")),
+        ];
+        let d = desired_load_balancer(&svc(), &nodes, &cfg()).expect("desired");
+        assert_eq!(d.backends, vec![BackendRef::new("vm-a"), BackendRef::new("vm-f")]);
+        let s = annotate(svc(), a::NODE_SELECTOR, "pool=edge");
+        let nodes = vec![with_label(node("a"), "pool", "edge"), node("b")];
+        let d = desired_load_balancer(&s, &nodes, &cfg()).expect("desired");
+        assert_eq!(d.backends, vec![BackendRef::new("vm-a")]);
+        let d = desired_load_balancer(&svc(), &[], &cfg()).expect("no nodes is allowed");
+        assert!(d.backends.is_empty());
+    }
+
+    #[test]
+    fn source_ranges_become_allowed_sources() {
+        let mut s = svc();
+        spec_mut(&mut s).load_balancer_source_ranges =
+            Some(vec!["10.0.0.0/8".into(), " 192.168.1.7/24".into(), "10.0.0.0/8".into()]);
+        let d = desired(&s).expect("desired");
+        let want: Vec<IpNet> = vec![
+            "10.0.0.0/8".parse().expect("cidr"),
+            "192.168.1.0/24".parse().expect("cidr"),
+        ];
+        assert_eq!(d.rules[0].allowed_sources, want);
+        spec_mut(&mut s).load_balancer_source_ranges = Some(vec!["ten/8".into()]);
+        let e = desired(&s).expect_err("invalid");
+        assert!(e.to_string().contains("spec.loadBalancerSourceRanges[0]"), "{e}");
+    }
+
+    #[test]
+    fn session_affinity_and_algorithm_annotation() {
+        let mut s = svc();
+        spec_mut(&mut s).session_affinity = Some("ClientIP".into());
+        assert_eq!(desired(&s).expect("d").rules[0].algorithm, Algorithm::Source);
+        let s = annotate(s, a::ALGORITHM, "least_connection");
+        assert_eq!(desired(&s).expect("d").rules[0].algorithm, Algorithm::LeastConnection);
+        let s = annotate(svc(), a::ALGORITHM, "random");
+        let e = desired(&s).expect_err("invalid");
+        assert_eq!(e.reason(), "InvalidAnnotation");
+        assert!(e.to_string().contains(a::ALGORITHM));
+    }
+
+    #[test]
+    fn health_check_annotations() {
+        let s = annotate(
+            annotate(
+                annotate(
+                    annotate(svc(), a::HEALTH_CHECK_PATH, "/ready"),
+                    a::HEALTH_CHECK_PORT,
+                    "8080",
+                ),
+                a::HEALTH_CHECK_INTERVAL,
+                "10",
+            ),
+            a::HEALTH_CHECK_UNHEALTHY_THRESHOLD,
+            "5",
+        );
+        let hc = desired(&s).expect("d").rules[0].health_check.clone().expect("hc");
+        assert_eq!(hc.port, Some(8080));
+        assert_eq!(hc.path.as_deref(), Some("/ready"));
+        assert_eq!((hc.interval_s, hc.timeout_s), (Some(10), Some(DEFAULT_HC_TIMEOUT_S)));
+        assert_eq!(hc.unhealthy_threshold, Some(5));
+        let tcp = annotate(svc(), a::HEALTH_CHECK_PROTOCOL, "tcp");
+        let hc = desired(&tcp).expect("d").rules[0].health_check.clone().expect("hc");
+        assert_eq!(
+            (hc.protocol, hc.port, hc.path),
+            (HealthCheckProtocol::Tcp, Some(31080), None)
+        );
+        let bad = annotate(
+            annotate(svc(), a::HEALTH_CHECK_INTERVAL, "3"),
+            a::HEALTH_CHECK_TIMEOUT,
+            "3",
+        );
+        let e = desired(&bad).expect_err("timeout >= interval");
+        assert!(e.to_string().contains(a::HEALTH_CHECK_TIMEOUT), "{e}");
+    }
+
+    #[test]
+    fn public_ip_reuse_and_load_balancer_ip() {
+        let s = annotate(svc(), a::PUBLIC_IP_ID, "ip-8d1e");
+        assert_eq!(desired(&s).expect("d").public_ip, PublicIpRequest::Id("ip-8d1e".into()));
+        let mut s2 = svc();
+        spec_mut(&mut s2).load_balancer_ip = Some("127.203.0.10".into());
+        assert_eq!(
+            desired(&s2).expect("d").public_ip,
+            PublicIpRequest::Address("127.203.0.10".parse().expect("ip"))
+        );
+        spec_mut(&mut s2).load_balancer_ip = Some("nope".into());
+        assert!(desired(&s2).is_err());
+        let mut both = annotate(svc(), a::PUBLIC_IP_ID, "ip-1");
+        spec_mut(&mut both).load_balancer_ip = Some("127.203.0.10".into());
+        assert!(
+            desired(&both)
+                .expect_err("both")
+                .to_string()
+                .contains("spec.loadBalancerIP")
+        );
+        let retained = annotate(svc(), a::RETAIN_PUBLIC_IP, "true");
+        let d = desired(&retained).expect("d");
+        assert!(d.retain_public_ip);
+        assert_eq!(d.labels[LABEL_RETAIN_PUBLIC_IP], "true");
+    }
+
+    #[test]
+    fn name_annotation_and_long_default_names() {
+        let s = annotate(svc(), a::NAME, "my-lb");
+        assert_eq!(desired(&s).expect("d").name, "my-lb");
+        let long = default_lb_name(&"n".repeat(40), &"s".repeat(40));
+        assert!(long.len() <= 63 && a::is_valid_lb_name(&long), "{long}");
+        assert_eq!(long, default_lb_name(&"n".repeat(40), &"s".repeat(40)), "stable");
+        assert_ne!(long, default_lb_name(&"n".repeat(40), &"s".repeat(41)));
+    }
+
+    #[test]
+    fn invalid_annotation_is_refused_whatever_else_is_set() {
+        let s = annotate(svc(), a::PROXY_PROTOCOL, "true");
+        assert!(matches!(desired(&s), Err(Refusal::Annotation(e)) if e.key == a::PROXY_PROTOCOL));
+        let s = annotate(svc(), "lb.cloudraya.com/helth-check-path", "/x");
+        assert!(matches!(desired(&s), Err(Refusal::Annotation(_))));
+    }
+
+    /// Upstream's `TestNeedsUpdate`: which Service changes must change the load
+    /// balancer. Here "needs update" is "the desired LB differs".
+    #[test]
+    fn service_changes_that_change_the_load_balancer() {
+        let base = svc();
+        let d0 = desired(&base).expect("d");
+        let changed = |f: &dyn Fn(&mut Service)| {
+            let mut s = base.clone();
+            f(&mut s);
+            desired(&s).expect("d") != d0
+        };
+        assert!(changed(
+            &|s| spec_mut(s).ports = Some(vec![port("http", "TCP", 8080, Some(31080))])
+        ));
+        assert!(changed(
+            &|s| spec_mut(s).ports = Some(vec![port("http", "TCP", 80, Some(31081))])
+        ));
+        assert!(changed(
+            &|s| spec_mut(s).ports = Some(vec![port("http", "UDP", 80, Some(31080))])
+        ));
+        assert!(changed(
+            &|s| spec_mut(s).load_balancer_source_ranges = Some(vec!["1.2.3.4/32".into()])
+        ));
+        assert!(changed(&|s| spec_mut(s).session_affinity = Some("ClientIP".into())));
+        assert!(changed(&|s| spec_mut(s).load_balancer_ip = Some("127.203.0.9".into())));
+        assert!(changed(&|s| {
+            spec_mut(s).external_traffic_policy = Some("Local".into());
+            spec_mut(s).health_check_node_port = Some(32000);
+        }));
+        assert!(changed(&|s| *s = annotate(s.clone(), a::ALGORITHM, "source")));
+        assert!(changed(&|s| s.metadata.uid = Some("uid-2".into())));
+        // Not load-balancer relevant: the port's name and target port, other
+        // annotations, labels, the cluster IP.
+        assert!(!changed(
+            &|s| spec_mut(s).ports = Some(vec![port("web", "TCP", 80, Some(31080))])
+        ));
+        assert!(!changed(&|s| *s = annotate(s.clone(), "example.com/owner", "team-a")));
+        assert!(!changed(&|s| spec_mut(s).cluster_ip = Some("10.96.0.10".into())));
+        assert!(!changed(&|s| spec_mut(s).session_affinity = Some("None".into())));
+    }
+}

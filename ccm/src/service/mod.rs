@@ -1,0 +1,115 @@
+//! The service (LoadBalancer) controller: a platform LB for every eligible
+//! `type: LoadBalancer` Service.
+//!
+//! Layout: [`nodes`] (which nodes are backends; node-change detection and debounce),
+//! [`desired`] (Service -> desired LB, pure), [`diff`] (actual vs desired -> plan, pure),
+//! [`status`] (status and condition patches, pure), [`controller`] (the kube-rs
+//! controller: finalizer, platform calls, events, requeues, orphan sweep).
+
+pub mod controller;
+pub mod desired;
+pub mod diff;
+pub mod nodes;
+pub mod status;
+
+use k8s_openapi::api::core::v1::Service;
+
+/// The upstream finalizer guarding a Service's load balancer.
+pub const FINALIZER: &str = "service.kubernetes.io/load-balancer-cleanup";
+
+/// Our `spec.loadBalancerClass`; unset means ours as well.
+pub const LOAD_BALANCER_CLASS: &str = "cloudraya.com/lb";
+
+/// The type of our condition in `status.conditions`.
+pub const CONDITION_TYPE: &str = "cloudraya.com/LoadBalancerReady";
+
+/// Whether the Service asks us for a load balancer (regardless of deletion).
+pub fn wants_load_balancer(svc: &Service) -> bool {
+    let Some(spec) = svc.spec.as_ref() else { return false };
+    spec.type_.as_deref() == Some("LoadBalancer")
+        && spec
+            .load_balancer_class
+            .as_deref()
+            .is_none_or(|c| c == LOAD_BALANCER_CLASS)
+}
+
+/// Whether the Service carries our finalizer.
+pub fn has_finalizer(svc: &Service) -> bool {
+    svc.metadata
+        .finalizers
+        .as_ref()
+        .is_some_and(|f| f.iter().any(|x| x == FINALIZER))
+}
+
+/// Whether the Service is being deleted.
+pub fn is_deleting(svc: &Service) -> bool {
+    svc.metadata.deletion_timestamp.is_some()
+}
+
+/// Upstream's `needsCleanup`: our finalizer is set and the Service is being deleted or
+/// no longer wants a load balancer.
+pub fn needs_cleanup(svc: &Service) -> bool {
+    has_finalizer(svc) && (is_deleting(svc) || !wants_load_balancer(svc))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::desired::tests::svc;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn set_type(mut s: Service, t: &str) -> Service {
+        if let Some(spec) = s.spec.as_mut() {
+            spec.type_ = Some(t.into());
+        }
+        s
+    }
+
+    fn set_class(mut s: Service, c: &str) -> Service {
+        if let Some(spec) = s.spec.as_mut() {
+            spec.load_balancer_class = Some(c.into());
+        }
+        s
+    }
+
+    fn finalized(mut s: Service) -> Service {
+        s.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        s
+    }
+
+    fn deleting(mut s: Service) -> Service {
+        s.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        s
+    }
+
+    /// Upstream's `TestSyncLoadBalancerIfNeeded` selection cases.
+    #[test]
+    fn which_services_want_a_load_balancer() {
+        assert!(wants_load_balancer(&svc()));
+        assert!(!wants_load_balancer(&set_type(svc(), "ClusterIP")));
+        assert!(!wants_load_balancer(&set_type(svc(), "NodePort")));
+        assert!(wants_load_balancer(&set_class(svc(), LOAD_BALANCER_CLASS)));
+        assert!(!wants_load_balancer(&set_class(svc(), "other.example/lb")));
+        assert!(!wants_load_balancer(&Service::default()));
+    }
+
+    /// Upstream's `TestNeedsCleanup`.
+    #[test]
+    fn when_cleanup_is_needed() {
+        assert!(!needs_cleanup(&svc()), "without finalizer");
+        assert!(
+            !needs_cleanup(&deleting(svc())),
+            "deleting without finalizer: nothing of ours"
+        );
+        assert!(!needs_cleanup(&finalized(svc())), "finalizer, wants LB");
+        assert!(needs_cleanup(&deleting(finalized(svc()))), "finalizer and deletion");
+        assert!(
+            needs_cleanup(&finalized(set_type(svc(), "ClusterIP"))),
+            "type changed away"
+        );
+        assert!(
+            needs_cleanup(&finalized(set_class(svc(), "other.example/lb"))),
+            "class changed away"
+        );
+    }
+}

@@ -1,0 +1,270 @@
+//! What to write to a Service's status: `status.loadBalancer.ingress` and our
+//! `cloudraya.com/LoadBalancerReady` condition. Pure: returns a merge patch only when
+//! something changes, so an unchanged Service is never written (upstream's
+//! `TestPatchStatus`: no-op add, no-op clear).
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use serde_json::{Value, json};
+
+use crate::service::CONDITION_TYPE;
+
+/// Our condition as we want it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ready {
+    pub ready: bool,
+    /// CamelCase reason, e.g. `Provisioning`, `InvalidAnnotation`.
+    pub reason: String,
+    pub message: String,
+}
+
+impl Ready {
+    pub fn yes(message: impl Into<String>) -> Self {
+        Ready {
+            ready: true,
+            reason: "LoadBalancerActive".into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn no(reason: impl Into<String>, message: impl Into<String>) -> Self {
+        Ready {
+            ready: false,
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// What to do with our condition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConditionUpdate {
+    Leave,
+    Set(Ready),
+    Remove,
+}
+
+/// What to do with `status.loadBalancer.ingress`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IngressUpdate {
+    Leave,
+    /// Exactly these IPs (empty: clear).
+    Set(Vec<String>),
+}
+
+/// The ingress IPs the Service shows now.
+pub fn current_ingress_ips(svc: &Service) -> Vec<String> {
+    let mut ips: Vec<String> = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .map(|ing| ing.iter().filter_map(|i| i.ip.clone()).collect())
+        .unwrap_or_default();
+    ips.sort();
+    ips
+}
+
+/// Our condition as the Service shows it now.
+pub fn current_condition(svc: &Service) -> Option<&Condition> {
+    svc.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == CONDITION_TYPE))
+}
+
+/// Whether setting `want` changes the condition (status, reason or message).
+pub fn condition_differs(svc: &Service, want: &Ready) -> bool {
+    match current_condition(svc) {
+        None => true,
+        Some(c) => {
+            c.status != if want.ready { "True" } else { "False" }
+                || c.reason != want.reason
+                || c.message != want.message
+        }
+    }
+}
+
+/// The merge patch for the status subresource, or `None` when nothing changes.
+pub fn status_patch(svc: &Service, ingress: &IngressUpdate, condition: &ConditionUpdate, now: Time) -> Option<Value> {
+    let mut status = serde_json::Map::new();
+
+    if let IngressUpdate::Set(want) = ingress {
+        let mut want = want.clone();
+        want.sort();
+        want.dedup();
+        if want != current_ingress_ips(svc) {
+            let list: Vec<Value> = want.iter().map(|ip| json!({ "ip": ip })).collect();
+            status.insert("loadBalancer".into(), json!({ "ingress": list }));
+        }
+    }
+
+    let existing: Vec<Condition> = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let new_conditions = match condition {
+        ConditionUpdate::Leave => None,
+        ConditionUpdate::Remove => existing
+            .iter()
+            .any(|c| c.type_ == CONDITION_TYPE)
+            .then(|| existing.iter().filter(|c| c.type_ != CONDITION_TYPE).cloned().collect()),
+        ConditionUpdate::Set(want) if condition_differs(svc, want) => {
+            let status_str = if want.ready { "True" } else { "False" };
+            let last_transition_time = match current_condition(svc) {
+                Some(c) if c.status == status_str => c.last_transition_time.clone(),
+                _ => now,
+            };
+            let cond = Condition {
+                type_: CONDITION_TYPE.to_owned(),
+                status: status_str.to_owned(),
+                reason: want.reason.clone(),
+                message: want.message.chars().take(32 * 1024).collect(),
+                observed_generation: svc.metadata.generation,
+                last_transition_time,
+            };
+            let mut list: Vec<Condition> = existing.iter().filter(|c| c.type_ != CONDITION_TYPE).cloned().collect();
+            list.push(cond);
+            Some(list)
+        }
+        ConditionUpdate::Set(_) => None,
+    };
+    if let Some(list) = new_conditions {
+        status.insert(
+            "conditions".into(),
+            serde_json::to_value(list).unwrap_or(Value::Array(vec![])),
+        );
+    }
+
+    (!status.is_empty()).then(|| json!({ "status": Value::Object(status) }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::desired::tests::svc;
+    use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+    use k8s_openapi::jiff::Timestamp;
+
+    fn now() -> Time {
+        Time(Timestamp::from_second(1_800_000_000).unwrap_or(Timestamp::UNIX_EPOCH))
+    }
+
+    fn with_ingress(mut s: Service, ips: &[&str]) -> Service {
+        let st = s.status.get_or_insert_with(ServiceStatus::default);
+        st.load_balancer = Some(LoadBalancerStatus {
+            ingress: Some(
+                ips.iter()
+                    .map(|ip| LoadBalancerIngress {
+                        ip: Some((*ip).into()),
+                        ip_mode: Some("VIP".into()),
+                        ..LoadBalancerIngress::default()
+                    })
+                    .collect(),
+            ),
+        });
+        s
+    }
+
+    fn apply(s: &Service, patch: &Value) -> Service {
+        let mut v = serde_json::to_value(s).expect("encode");
+        merge(&mut v, patch);
+        serde_json::from_value(v).expect("decode")
+    }
+
+    /// RFC 7386 merge patch (enough for these tests).
+    fn merge(target: &mut Value, patch: &Value) {
+        match patch {
+            Value::Object(p) => {
+                if !target.is_object() {
+                    *target = json!({});
+                }
+                if let Value::Object(t) = target {
+                    for (k, v) in p {
+                        if v.is_null() {
+                            t.remove(k);
+                        } else {
+                            merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                        }
+                    }
+                }
+            }
+            other => *target = other.clone(),
+        }
+    }
+
+    #[test]
+    fn ingress_is_patched_only_when_it_changes() {
+        let s = svc();
+        let set = IngressUpdate::Set(vec!["127.203.0.10".into()]);
+        let p = status_patch(&s, &set, &ConditionUpdate::Leave, now()).expect("add status");
+        assert_eq!(
+            p,
+            json!({"status": {"loadBalancer": {"ingress": [{"ip": "127.203.0.10"}]}}})
+        );
+        let s = apply(&s, &p);
+        assert_eq!(current_ingress_ips(&s), vec!["127.203.0.10"]);
+        // No-op add: same IP (an API server may have added ipMode).
+        let s = with_ingress(s, &["127.203.0.10"]);
+        assert_eq!(status_patch(&s, &set, &ConditionUpdate::Leave, now()), None);
+        // Clear.
+        let clear = IngressUpdate::Set(vec![]);
+        let p = status_patch(&s, &clear, &ConditionUpdate::Leave, now()).expect("clear");
+        assert_eq!(p, json!({"status": {"loadBalancer": {"ingress": []}}}));
+        // No-op clear.
+        assert_eq!(status_patch(&svc(), &clear, &ConditionUpdate::Leave, now()), None);
+        assert_eq!(
+            status_patch(&s, &IngressUpdate::Leave, &ConditionUpdate::Leave, now()),
+            None
+        );
+    }
+
+    #[test]
+    fn condition_is_written_on_change_only_and_keeps_others() {
+        let mut s = svc();
+        s.metadata.generation = Some(3);
+        s.status = Some(ServiceStatus {
+            conditions: Some(vec![Condition {
+                type_: "example.com/Other".into(),
+                status: "True".into(),
+                reason: "X".into(),
+                message: String::new(),
+                observed_generation: None,
+                last_transition_time: now(),
+            }]),
+            load_balancer: None,
+        });
+        let pending = ConditionUpdate::Set(Ready::no("Provisioning", "load balancer lb-1 is provisioning"));
+        let p = status_patch(&s, &IngressUpdate::Leave, &pending, now()).expect("set");
+        let s = apply(&s, &p);
+        let c = current_condition(&s).expect("ours");
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Provisioning"));
+        assert_eq!(c.observed_generation, Some(3));
+        assert_eq!(
+            s.status.as_ref().and_then(|st| st.conditions.as_ref()).map(Vec::len),
+            Some(2)
+        );
+        assert_eq!(
+            status_patch(&s, &IngressUpdate::Leave, &pending, now()),
+            None,
+            "unchanged"
+        );
+        let ready = ConditionUpdate::Set(Ready::yes("load balancer lb-1 is active at 127.203.0.10"));
+        let p = status_patch(&s, &IngressUpdate::Set(vec!["127.203.0.10".into()]), &ready, now()).expect("ready");
+        let s = apply(&s, &p);
+        assert_eq!(current_condition(&s).map(|c| c.status.as_str()), Some("True"));
+        assert_eq!(current_ingress_ips(&s), vec!["127.203.0.10"]);
+        let p = status_patch(&s, &IngressUpdate::Set(vec![]), &ConditionUpdate::Remove, now()).expect("remove");
+        let s = apply(&s, &p);
+        assert!(current_condition(&s).is_none());
+        assert_eq!(
+            s.status.as_ref().and_then(|st| st.conditions.as_ref()).map(Vec::len),
+            Some(1)
+        );
+        assert_eq!(
+            status_patch(&s, &IngressUpdate::Leave, &ConditionUpdate::Remove, now()),
+            None
+        );
+    }
+}
