@@ -48,3 +48,539 @@ async fn kubectl_get_create_namespaces_and_discovery() {
     let err = fails(&s, &["--context", "missing", "get", "ns"]).await;
     assert!(err.contains("missing"), "{err}");
 }
+
+const APP_V1: &str = r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  labels: {app: web, tier: front}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: https, port: 443, targetPort: 8443}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+      - {name: web, image: "nginx:1.25", ports: [{containerPort: 8080}]}
+      - {name: sidecar, image: "busybox:1"}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: web-config}
+data: {a: "1", b: "2"}
+"#;
+
+const APP_V2: &str = r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  labels: {app: web}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: 8081}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+      - {name: web, image: "nginx:1.26", ports: [{containerPort: 8080}]}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: web-config}
+data: {a: "1"}
+"#;
+
+fn json_of(out: &str) -> Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_apply_three_way_and_server_side() {
+    let s = Server::start().await;
+    let f1 = write(s.dir.path(), "app1.yaml", APP_V1);
+    let out = ok(&s, &["apply", "-f", f1.to_str().unwrap()]).await;
+    assert!(
+        out.contains("service/web created") && out.contains("deployment.apps/web created"),
+        "{out}"
+    );
+    let svc = json_of(&ok(&s, &["get", "svc", "web", "-o", "json"]).await);
+    let cluster_ip = svc["spec"]["clusterIP"].as_str().unwrap().to_string();
+    assert!(cluster_ip.starts_with("127.96."), "{svc}");
+    let np = svc["spec"]["ports"][0]["nodePort"].as_i64().unwrap();
+    assert!((30000..=32767).contains(&np));
+    assert!(svc["spec"]["healthCheckNodePort"].as_i64().is_some());
+    // A changed file: removed list items, labels and keys go; server-set fields stay.
+    let f2 = write(s.dir.path(), "app2.yaml", APP_V2);
+    let out = ok(&s, &["apply", "-f", f2.to_str().unwrap()]).await;
+    assert!(out.contains("service/web configured"), "{out}");
+    let svc = json_of(&ok(&s, &["get", "svc", "web", "-o", "json"]).await);
+    assert_eq!(svc["spec"]["clusterIP"], cluster_ip.as_str());
+    assert_eq!(svc["spec"]["ports"].as_array().unwrap().len(), 1, "{svc}");
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], 8081);
+    assert_eq!(svc["spec"]["ports"][0]["nodePort"], np);
+    assert!(svc["metadata"]["labels"].get("tier").is_none(), "{svc}");
+    let dep = json_of(&ok(&s, &["get", "deploy", "web", "-o", "json"]).await);
+    assert_eq!(dep["spec"]["replicas"], 3);
+    let cs = dep["spec"]["template"]["spec"]["containers"].as_array().unwrap();
+    assert_eq!(cs.len(), 1, "{dep}");
+    assert_eq!(cs[0]["image"], "nginx:1.26");
+    assert_eq!(dep["metadata"]["generation"], 2);
+    let cm = json_of(&ok(&s, &["get", "cm", "web-config", "-o", "json"]).await);
+    assert!(cm["data"].get("b").is_none(), "{cm}");
+    // Unchanged file: nothing to do.
+    let out = ok(&s, &["apply", "-f", f2.to_str().unwrap()]).await;
+    assert!(out.contains("unchanged"), "{out}");
+    // Server-side apply, with a conflict for another manager and --force-conflicts.
+    let ssa = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: ssa}\ndata: {k: v}\n";
+    let out = ok_stdin(&s, &["apply", "--server-side", "-f", "-"], ssa).await;
+    assert!(out.contains("configmap/ssa serverside-applied"), "{out}");
+    let other = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: ssa}\ndata: {k: w}\n";
+    let o = kubectl_stdin(
+        &s,
+        &["apply", "--server-side", "--field-manager", "other", "-f", "-"],
+        other,
+    )
+    .await;
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("conflict") && err.contains(".data.k"), "{err}");
+    ok_stdin(
+        &s,
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager",
+            "other",
+            "--force-conflicts",
+            "-f",
+            "-",
+        ],
+        other,
+    )
+    .await;
+    let cm = json_of(&ok(&s, &["get", "cm", "ssa", "-o", "json"]).await);
+    assert_eq!(cm["data"]["k"], "w");
+    // Dry run changes nothing.
+    let out = ok(&s, &["delete", "cm", "ssa", "--dry-run=server"]).await;
+    assert!(out.contains("server dry run"), "{out}");
+    ok(&s, &["get", "cm", "ssa"]).await;
+    ok(&s, &["scale", "deploy", "web", "--replicas=5"]).await;
+    let dep = json_of(&ok(&s, &["get", "deploy", "web", "-o", "json"]).await);
+    assert_eq!(dep["spec"]["replicas"], 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_patch_label_annotate() {
+    let s = Server::start().await;
+    let f1 = write(s.dir.path(), "app1.yaml", APP_V1);
+    ok(&s, &["apply", "-f", f1.to_str().unwrap()]).await;
+    ok(
+        &s,
+        &[
+            "patch",
+            "svc",
+            "web",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"metadata":{"annotations":{"x":"1"}}}"#,
+        ],
+    )
+    .await;
+    ok(
+        &s,
+        &[
+            "patch",
+            "svc",
+            "web",
+            "--type",
+            "json",
+            "-p",
+            r#"[{"op":"replace","path":"/spec/ports/0/targetPort","value":9090}]"#,
+        ],
+    )
+    .await;
+    ok(
+        &s,
+        &[
+            "patch",
+            "svc",
+            "web",
+            "--type",
+            "strategic",
+            "-p",
+            r#"{"spec":{"ports":[{"name":"extra","port":8443}]}}"#,
+        ],
+    )
+    .await;
+    ok(
+        &s,
+        &[
+            "patch",
+            "deploy",
+            "web",
+            "-p",
+            r#"{"spec":{"template":{"spec":{"containers":[{"name":"web","image":"nginx:2"}]}}}}"#,
+        ],
+    )
+    .await;
+    let svc = json_of(&ok(&s, &["get", "svc", "web", "-o", "json"]).await);
+    assert_eq!(svc["metadata"]["annotations"]["x"], "1");
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], 9090);
+    assert_eq!(svc["spec"]["ports"].as_array().unwrap().len(), 3, "{svc}");
+    let dep = json_of(&ok(&s, &["get", "deploy", "web", "-o", "json"]).await);
+    let cs = dep["spec"]["template"]["spec"]["containers"].as_array().unwrap();
+    assert_eq!(cs.len(), 2);
+    assert_eq!(cs[0]["image"], "nginx:2");
+    ok(&s, &["label", "svc", "web", "env=prod"]).await;
+    ok(&s, &["annotate", "svc", "web", "note=hello"]).await;
+    let out = ok(&s, &["get", "svc", "-l", "env=prod,app in (web)", "-o", "name"]).await;
+    assert_eq!(out.trim(), "service/web");
+    let out = ok(&s, &["get", "svc", "-l", "env!=prod", "-o", "name"]).await;
+    assert_eq!(out.trim(), "service/kubernetes");
+    let out = ok(
+        &s,
+        &[
+            "get",
+            "svc",
+            "-A",
+            "--field-selector",
+            "metadata.namespace=default,spec.type=LoadBalancer",
+            "-o",
+            "name",
+        ],
+    )
+    .await;
+    assert_eq!(out.trim(), "service/web");
+    ok(&s, &["label", "svc", "web", "env-"]).await;
+    let svc = json_of(&ok(&s, &["get", "svc", "web", "-o", "json"]).await);
+    assert!(svc["metadata"]["labels"].get("env").is_none());
+    assert_eq!(svc["metadata"]["annotations"]["note"], "hello");
+    // Immutable fields are 422s with the real messages.
+    let err = fails(
+        &s,
+        &[
+            "patch",
+            "svc",
+            "web",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"clusterIP":"127.96.9.9"}}"#,
+        ],
+    )
+    .await;
+    assert!(err.contains("may not change once set"), "{err}");
+    let err = fails(
+        &s,
+        &[
+            "patch",
+            "svc",
+            "web",
+            "--type",
+            "json",
+            "-p",
+            r#"[{"op":"test","path":"/metadata/name","value":"other"}]"#,
+        ],
+    )
+    .await;
+    assert!(!err.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_get_watch_sees_changes() {
+    let s = Server::start().await;
+    ok(&s, &["create", "configmap", "w1", "--from-literal=a=1"]).await;
+    let mut child = tokio::process::Command::new(KUBECTL)
+        .arg("--kubeconfig")
+        .arg(&s.kubeconfig)
+        .arg("--cache-dir")
+        .arg(s.dir.path().join("kube-cache"))
+        .args(["get", "configmaps", "-w", "-o", "name", "--request-timeout=0"])
+        .env("HOME", s.dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let mut seen = Vec::new();
+    let read = async {
+        while let Ok(Some(l)) = lines.next_line().await {
+            seen.push(l.clone());
+            if l.contains("w1") && seen.iter().filter(|x| x.contains("w1")).count() == 1 {
+                ok(&s, &["create", "configmap", "w2", "--from-literal=b=2"]).await;
+                ok(&s, &["label", "configmap", "w1", "x=y"]).await;
+            }
+            if seen.iter().filter(|x| x.contains("w1")).count() >= 2 && seen.iter().any(|x| x.contains("w2")) {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), read)
+        .await
+        .expect("watch saw the changes");
+    let _ = child.kill().await;
+    assert!(seen.iter().any(|l| l == "configmap/w2"), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_delete_waits_for_finalizers_and_wait() {
+    let s = Server::start().await;
+    let cm = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: held, finalizers: [example.com/hold]}\n";
+    ok_stdin(&s, &["apply", "-f", "-"], cm).await;
+    let out = ok(&s, &["delete", "cm", "held", "--wait=false"]).await;
+    assert!(out.contains("deleted"), "{out}");
+    let got = json_of(&ok(&s, &["get", "cm", "held", "-o", "json"]).await);
+    assert!(got["metadata"]["deletionTimestamp"].is_string());
+    // `kubectl delete` (waiting) finishes once the finalizer goes.
+    let waiting = {
+        let mut c = tokio::process::Command::new(KUBECTL);
+        c.arg("--kubeconfig")
+            .arg(&s.kubeconfig)
+            .args(["delete", "cm", "held", "--timeout=30s"])
+            .env("HOME", s.dir.path())
+            .kill_on_drop(true);
+        c.output()
+    };
+    let patcher = async {
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        ok(
+            &s,
+            &[
+                "patch",
+                "cm",
+                "held",
+                "--type",
+                "json",
+                "-p",
+                r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+            ],
+        )
+        .await;
+    };
+    let (o, _) = tokio::join!(waiting, patcher);
+    let o = o.unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = fails(&s, &["get", "cm", "held"]).await;
+    assert!(err.contains("not found"), "{err}");
+    // wait --for=jsonpath and --for=condition.
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=jsonpath={.status.phase}=Active",
+            "namespace/default",
+            "--timeout=10s",
+        ],
+    )
+    .await;
+    let node = r#"{"apiVersion":"v1","kind":"Node","metadata":{"name":"n1","labels":{"node-role.kubernetes.io/worker":""}},"status":{"conditions":[{"type":"Ready","status":"False"}],"nodeInfo":{"kubeletVersion":"v1.32.0"},"addresses":[{"type":"InternalIP","address":"127.10.0.1"}]}}"#;
+    ok_stdin(&s, &["create", "-f", "-"], node).await;
+    let waiter = {
+        let mut c = tokio::process::Command::new(KUBECTL);
+        c.arg("--kubeconfig")
+            .arg(&s.kubeconfig)
+            .args(["wait", "--for=condition=Ready", "node/n1", "--timeout=30s"])
+            .env("HOME", s.dir.path())
+            .kill_on_drop(true);
+        c.output()
+    };
+    let readier = async {
+        tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+        ok(
+            &s,
+            &[
+                "patch",
+                "node",
+                "n1",
+                "--subresource=status",
+                "--type",
+                "strategic",
+                "-p",
+                r#"{"status":{"conditions":[{"type":"Ready","status":"True"}]}}"#,
+            ],
+        )
+        .await;
+    };
+    let (o, _) = tokio::join!(waiter, readier);
+    let o = o.unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = ok(&s, &["get", "nodes", "-o", "wide"]).await;
+    assert!(
+        out.contains("Ready") && out.contains("worker") && out.contains("127.10.0.1"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_describe_service_shows_events_of_both_apis() {
+    let s = Server::start().await;
+    ok_stdin(&s, &["apply", "-f", "-"], APP_V1).await;
+    let svc = json_of(&ok(&s, &["get", "svc", "web", "-o", "json"]).await);
+    let uid = svc["metadata"]["uid"].as_str().unwrap();
+    let core = serde_json::json!({"apiVersion": "v1", "kind": "Event", "metadata": {"name": "web.1"},
+        "involvedObject": {"kind": "Service", "namespace": "default", "name": "web", "uid": uid, "apiVersion": "v1"},
+        "reason": "EnsuringLoadBalancer", "message": "Ensuring load balancer", "type": "Normal",
+        "source": {"component": "service-controller"}, "count": 1,
+        "firstTimestamp": "2026-01-01T00:00:00Z", "lastTimestamp": "2026-01-01T00:00:00Z"});
+    ok_stdin(&s, &["create", "-f", "-"], &core.to_string()).await;
+    let v1 = serde_json::json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "web.2"},
+        "regarding": {"kind": "Service", "namespace": "default", "name": "web", "uid": uid, "apiVersion": "v1"},
+        "reason": "EnsuredLoadBalancer", "note": "Ensured load balancer", "type": "Normal", "action": "Ensure",
+        "reportingController": "kuberaya-ccm", "reportingInstance": "ccm-1", "eventTime": "2026-01-01T00:00:01.000000Z"});
+    ok_stdin(&s, &["create", "-f", "-"], &v1.to_string()).await;
+    let out = ok(&s, &["describe", "service", "web"]).await;
+    assert!(
+        out.contains("LoadBalancer Ingress") || out.contains("Type:                     LoadBalancer"),
+        "{out}"
+    );
+    assert!(
+        out.contains("EnsuringLoadBalancer") && out.contains("EnsuredLoadBalancer"),
+        "{out}"
+    );
+    let out = ok(&s, &["get", "events"]).await;
+    assert!(
+        out.contains("service/web") && out.contains("Ensured load balancer"),
+        "{out}"
+    );
+    let out = ok(&s, &["get", "events.v1.events.k8s.io", "-o", "json"]).await;
+    let list = json_of(&out);
+    let notes: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["note"].as_str())
+        .collect();
+    assert!(
+        notes.contains(&"Ensuring load balancer") && notes.contains(&"Ensured load balancer"),
+        "{list}"
+    );
+    let out = ok(
+        &s,
+        &[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=web,reason=EnsuredLoadBalancer",
+            "-o",
+            "name",
+        ],
+    )
+    .await;
+    assert_eq!(out.trim(), "event/web.2");
+}
+
+const CRD: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: widgets.example.com}
+spec:
+  group: example.com
+  scope: Namespaced
+  names: {plural: widgets, singular: widget, kind: Widget, shortNames: [wg]}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    subresources: {status: {}, scale: {specReplicasPath: .spec.replicas, statusReplicasPath: .status.replicas}}
+    additionalPrinterColumns:
+    - {name: Size, type: string, jsonPath: .spec.size}
+    - {name: Replicas, type: integer, jsonPath: .spec.replicas, priority: 1}
+    schema:
+      openAPIV3Schema:
+        type: object
+        description: A widget for tests.
+        properties:
+          spec:
+            type: object
+            description: What the widget should be.
+            required: [size]
+            properties:
+              size: {type: string, enum: [small, large], description: How big the widget is.}
+              name: {type: string, pattern: "^[a-z]+$", maxLength: 8}
+              replicas: {type: integer, minimum: 0, maximum: 10}
+          status:
+            type: object
+            properties:
+              replicas: {type: integer}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_crd_served_at_once_with_validation_and_explain() {
+    let s = Server::start().await;
+    ok_stdin(&s, &["apply", "-f", "-"], CRD).await;
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=condition=Established",
+            "crd/widgets.example.com",
+            "--timeout=10s",
+        ],
+    )
+    .await;
+    let w = "apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: w1}\nspec: {size: small, replicas: 1}\n";
+    ok_stdin(&s, &["apply", "-f", "-"], w).await;
+    let out = ok(&s, &["get", "wg"]).await;
+    assert!(out.contains("SIZE") && out.contains("small"), "{out}");
+    let out = ok(&s, &["get", "widgets", "-o", "wide"]).await;
+    assert!(out.contains("REPLICAS"), "{out}");
+    let w2 = "apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: w1}\nspec: {size: large, replicas: 2}\n";
+    ok_stdin(&s, &["apply", "-f", "-"], w2).await;
+    let bad =
+        "apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: w2}\nspec: {size: huge, name: ABC, replicas: 11}\n";
+    let o = kubectl_stdin(&s, &["apply", "-f", "-"], bad).await;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("spec.size: Unsupported value: \"huge\": supported values: \"small\", \"large\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("spec.replicas: Invalid value: 11: spec.replicas in body should be less than or equal to 10"),
+        "{err}"
+    );
+    assert!(err.contains("spec.name in body should match '^[a-z]+$'"), "{err}");
+    let out = ok(&s, &["explain", "widgets.spec"]).await;
+    assert!(out.contains("How big the widget is"), "{out}");
+    ok(&s, &["scale", "widget", "w1", "--replicas=4"]).await;
+    let got = json_of(&ok(&s, &["get", "widget", "w1", "-o", "json"]).await);
+    assert_eq!(got["spec"]["replicas"], 4);
+    let res = ok(&s, &["api-resources", "--api-group=example.com"]).await;
+    assert!(res.contains("widgets") && res.contains("wg"), "{res}");
+    ok(&s, &["delete", "crd", "widgets.example.com"]).await;
+    let err = fails(&s, &["get", "widgets"]).await;
+    // kubectl may still hold the resource in its discovery cache: either way it is gone.
+    assert!(
+        err.contains("the server doesn't have a resource type")
+            || err.contains("could not find the requested resource"),
+        "{err}"
+    );
+}

@@ -277,7 +277,7 @@ async fn route(c: &Ctx<'_>, segs: &[String]) -> Result<Response, ApiError> {
                 let mut r = Response::new(Body::empty());
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/com.github.proto-openapi.spec.v2@v1.0+protobuf"),
+                    HeaderValue::from_static("application/com.github.proto-openapi.spec.v2.v1.0+protobuf"),
                 );
                 return Ok(r);
             }

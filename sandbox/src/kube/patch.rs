@@ -205,11 +205,23 @@ pub fn merge_patch(original: &Value, patch: &Value) -> Value {
     doc
 }
 
-/// RFC 6902 JSON patch.
+/// RFC 6902 JSON patch. Like the real server's implementation, a `test` for `null`
+/// succeeds on a missing path (kube-rs's finalizer helper relies on that).
 pub fn json_patch(original: &Value, patch: &Value) -> Result<Value, String> {
-    let ops: json_patch::Patch = serde_json::from_value(patch.clone()).map_err(|e| e.to_string())?;
+    let ops = patch.as_array().ok_or("json patch must be an array of operations")?;
     let mut doc = original.clone();
-    json_patch::patch(&mut doc, &ops).map_err(|e| e.to_string())?;
+    for raw in ops {
+        let path = raw.get("path").and_then(Value::as_str).unwrap_or_default();
+        if raw.get("op").and_then(Value::as_str) == Some("test")
+            && raw.get("value").is_some_and(Value::is_null)
+            && doc.pointer(path).is_none()
+        {
+            continue;
+        }
+        let op: json_patch::Patch =
+            serde_json::from_value(Value::Array(vec![raw.clone()])).map_err(|e| e.to_string())?;
+        json_patch::patch(&mut doc, &op).map_err(|e| e.to_string())?;
+    }
     Ok(doc)
 }
 
@@ -287,5 +299,9 @@ mod tests {
         assert_eq!(json_patch(&orig, &p).unwrap()["l"], json!([2]));
         let bad = json!([{"op": "test", "path": "/l/0", "value": 9}]);
         assert!(json_patch(&orig, &bad).is_err());
+        let null_test =
+            json!([{"op": "test", "path": "/missing", "value": null}, {"op": "add", "path": "/missing", "value": [1]}]);
+        assert_eq!(json_patch(&orig, &null_test).unwrap()["missing"], json!([1]));
+        assert!(json_patch(&orig, &json!({"op": "add"})).is_err());
     }
 }
