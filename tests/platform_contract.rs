@@ -2559,3 +2559,97 @@ async fn lb_validation_accepts_the_boundaries() {
     }
     assert!(failures.is_empty(), "valid bodies refused:\n{}", failures.join("\n"));
 }
+
+#[tokio::test]
+async fn every_answer_is_an_envelope_even_odd_ones() {
+    let ctx = setup("odd").await;
+    let vms = ctx.workers().await;
+    let vm = vms[0]["id"].as_str().unwrap().to_string();
+    let body = ctx.lb_body("odd", json!([rule("http", 18080, 31080)]), &vms[..1]);
+    let anon = JsonApi::new(&ctx.target.url);
+    let mut failures = Vec::new();
+    let mut check = |what: &str, a: Answer, may_succeed: bool| {
+        if let Err(e) = a.check_envelope() {
+            failures.push(format!("{what}: {e}"));
+        } else if !may_succeed && (200..300).contains(&a.status) {
+            failures.push(format!("{what}: unexpectedly succeeded: {}", a.describe()));
+        }
+    };
+    // Methods a route does not have (the VM API is read-only).
+    check(
+        "DELETE on a VM",
+        ctx.api
+            .send_raw(Method::DELETE, &format!("/vm/v1/instances/{vm}"), None, None)
+            .await,
+        false,
+    );
+    check(
+        "PATCH on an LB collection",
+        ctx.api
+            .send_raw(
+                Method::PATCH,
+                &ctx.lbs(),
+                Some(b"{}".to_vec()),
+                Some("application/json"),
+            )
+            .await,
+        false,
+    );
+    check(
+        "PUT on the login route",
+        anon.send_raw(
+            Method::PUT,
+            "/core/v1/auth/login",
+            Some(b"{}".to_vec()),
+            Some("application/json"),
+        )
+        .await,
+        false,
+    );
+    // A broken query string.
+    check(
+        "invalid percent-encoding in a label filter",
+        ctx.api.get("/vm/v1/instances?label=%ZZ%").await,
+        false,
+    );
+    check("unknown route without a token", anon.get("/no/such/route").await, false);
+    check(
+        "empty POST body",
+        ctx.api
+            .send_raw(Method::POST, &ctx.lbs(), Some(Vec::new()), Some("application/json"))
+            .await,
+        false,
+    );
+    // A JSON body not declared as JSON: accepting it is lenient, not wrong.
+    let a = ctx
+        .api
+        .send_raw(
+            Method::POST,
+            &ctx.lbs(),
+            Some(serde_json::to_vec(&body).unwrap()),
+            Some("text/plain"),
+        )
+        .await;
+    if let Some(id) = a.data()["id"].as_str() {
+        ctx.janitor.track_lb(id);
+    }
+    check("POST with Content-Type text/plain", a, true);
+    // A very large body (last, on a client of its own: the server may answer before
+    // reading it all and close the connection).
+    let mut big = b"{\"name\": \"".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 3 << 20));
+    big.extend(b"\"}");
+    let own = JsonApi::new(&ctx.target.url).with_token(ctx.api.token().map(String::from));
+    match own
+        .try_send_raw(Method::POST, &ctx.lbs(), Some(big), Some("application/json"))
+        .await
+    {
+        Ok(a) => check("POST of 3 MiB", a, false),
+        Err(e) => eprintln!("NOTE: POST of 3 MiB: no answer read ({e:#})"),
+    }
+    assert!(
+        failures.is_empty(),
+        "answers that are not envelopes:\n{}",
+        failures.join("\n")
+    );
+}
