@@ -19,15 +19,15 @@
 
 pub mod acl;
 pub mod crd;
-// pub mod dataplane;
+pub mod dataplane;
 pub mod dns;
-// pub mod gateway;
-// pub mod http;
+pub mod gateway;
+pub mod http;
 pub mod keys;
-// pub mod metrics;
+pub mod metrics;
 pub mod packet;
 pub mod peers;
-// pub mod source;
+pub mod source;
 pub mod tunnel;
 
 /// The crate-wide error type.

@@ -1,0 +1,67 @@
+//! Data planes: what happens to a decrypted packet once the gateway has checked it, and
+//! where the packets going back into the tunnels come from.
+//!
+//! The gateway loop owns the UDP socket and the [`crate::tunnel::PeerTable`]; it parses
+//! every decrypted packet, judges it with the [`crate::acl::Acl`] and hands it, with the
+//! verdict, to a [`DataPlane`]. The data plane performs (or refuses) the write and queues
+//! its replies, which the loop collects with [`DataPlane::outbound`] and encrypts to the
+//! peer owning each packet's destination address.
+//!
+//! - [`userspace::UserspaceDataPlane`]: the default, unprivileged: flows are terminated in
+//!   smoltcp and carried over ordinary sockets.
+//! - A TUN data plane (kernel forwarding) can implement the same trait.
+
+pub mod userspace;
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::acl::{Acl, Catalog, Verdict};
+use crate::packet::Packet;
+use crate::peers::PeerId;
+
+/// What the data plane needs to know of the rules: compiled anew on every change.
+#[derive(Debug, Default)]
+pub struct Policy {
+    pub acl: Acl,
+    pub catalog: Catalog,
+}
+
+/// One decrypted packet and the gateway's judgement of it.
+#[derive(Debug, Clone, Copy)]
+pub struct Inbound<'a> {
+    pub peer: &'a PeerId,
+    /// The tunnel address of the peer it came from.
+    pub peer_addr: Ipv4Addr,
+    pub bytes: &'a [u8],
+    pub packet: &'a Packet<'a>,
+    pub verdict: Verdict,
+}
+
+/// Counters a data plane keeps for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlowCounters {
+    pub tcp_flows_open: u64,
+    pub udp_flows_open: u64,
+}
+
+/// A data plane. Called from the gateway loop only; never blocks.
+pub trait DataPlane: Send {
+    /// Handle one decrypted packet. Spoofed packets are dropped by the gateway before.
+    fn inbound(&mut self, pkt: Inbound<'_>, now: Instant);
+    /// Advance the data plane and pass every packet bound for a tunnel to `emit`.
+    fn outbound(&mut self, now: Instant, emit: &mut dyn FnMut(&[u8]));
+    /// How long the loop may wait before calling [`DataPlane::outbound`] again when
+    /// nothing else happens.
+    fn poll_delay(&mut self, now: Instant) -> Option<Duration>;
+    /// Notified when flows have work (data from a Service, a connection made or failed).
+    fn waker(&self) -> Arc<Notify>;
+    /// New rules or Services.
+    fn set_policy(&mut self, policy: Arc<Policy>);
+    /// A peer is gone: end its flows.
+    fn peer_removed(&mut self, peer_addr: Ipv4Addr);
+    fn counters(&self) -> FlowCounters;
+}

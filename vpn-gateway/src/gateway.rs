@@ -1,0 +1,348 @@
+//! The gateway loop: one UDP socket, the [`PeerTable`], the access rules and a
+//! [`DataPlane`], driven by datagrams, flow wake-ups, timers and source snapshots.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+
+use crate::acl::{Acl, Catalog, Verdict};
+use crate::dataplane::{DataPlane, Inbound, Policy};
+use crate::http::Health;
+use crate::keys::PrivateKey;
+use crate::metrics::{FlowLabels, Metrics, PeerLabels, StateLabels};
+use crate::packet;
+use crate::peers::{self, PeerId, TunnelConfig, Validation};
+use crate::source::{GatewayReport, PeerReport, PeerSnapshot, ServiceSnapshot};
+use crate::tunnel::{BUF_SIZE, PeerTable, TunnelIo, TunnelStats};
+
+/// How often timers run (keepalives, rekeys, expiry of peers).
+pub const TICK: Duration = Duration::from_millis(250);
+/// Datagrams read per wake-up before the data plane gets a turn.
+const RECV_BATCH: usize = 64;
+
+/// The gateway's own settings.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub tunnel: TunnelConfig,
+    pub handshake_limit: u64,
+}
+
+#[derive(Default)]
+struct Collect {
+    sends: Vec<(SocketAddr, Vec<u8>)>,
+    delivered: Vec<(Ipv4Addr, Vec<u8>)>,
+}
+
+impl TunnelIo for Collect {
+    fn send(&mut self, to: SocketAddr, datagram: &[u8]) {
+        self.sends.push((to, datagram.to_vec()));
+    }
+    fn deliver(&mut self, peer: Ipv4Addr, packet: &[u8]) {
+        self.delivered.push((peer, packet.to_vec()));
+    }
+}
+
+/// Everything the loop owns.
+pub struct Gateway {
+    cfg: GatewayConfig,
+    table: PeerTable,
+    dp: Box<dyn DataPlane>,
+    peers: PeerSnapshot,
+    services: ServiceSnapshot,
+    validation: Validation,
+    policy: Arc<Policy>,
+    metrics: Arc<Metrics>,
+    buf: Vec<u8>,
+    io: Collect,
+    last_stats: HashMap<PeerId, TunnelStats>,
+}
+
+impl Gateway {
+    pub fn new(cfg: GatewayConfig, key: PrivateKey, dp: Box<dyn DataPlane>, metrics: Arc<Metrics>) -> Self {
+        Gateway {
+            table: PeerTable::new(key, cfg.handshake_limit),
+            cfg,
+            dp,
+            peers: PeerSnapshot::default(),
+            services: ServiceSnapshot::default(),
+            validation: Validation::default(),
+            policy: Arc::new(Policy::default()),
+            metrics,
+            buf: vec![0u8; BUF_SIZE],
+            io: Collect::default(),
+            last_stats: HashMap::new(),
+        }
+    }
+
+    /// Re-validate the peers (expiry included) and apply any change.
+    fn refresh(&mut self, services_changed: bool) {
+        let v = peers::validate(&self.peers.peers, &self.cfg.tunnel, k8s_openapi::jiff::Timestamp::now());
+        let peers_changed = v.accepted != self.validation.accepted;
+        if peers_changed {
+            let before: HashMap<PeerId, Ipv4Addr> = self.table.peers().map(|t| (t.id().clone(), t.address())).collect();
+            let report = self.table.sync(&v.accepted);
+            for id in &report.removed {
+                if let Some(a) = before.get(id) {
+                    self.dp.peer_removed(*a);
+                }
+                tracing::info!(peer = %id, "peer removed; session dropped");
+            }
+            for id in &report.added {
+                tracing::info!(peer = %id, "peer added");
+            }
+        }
+        if v.rejected != self.validation.rejected {
+            for (id, r) in &v.rejected {
+                tracing::info!(peer = %id, reason = r.reason(), message = %r, "peer rejected");
+            }
+        }
+        if peers_changed || services_changed {
+            let catalog = Catalog::new(self.services.services.iter().cloned());
+            let acl = Acl::compile(self.cfg.tunnel.gateway_address(), &v.accepted, &catalog);
+            self.policy = Arc::new(Policy { acl, catalog });
+            self.dp.set_policy(self.policy.clone());
+        }
+        self.metrics
+            .peers
+            .get_or_create(&StateLabels {
+                state: "accepted".into(),
+            })
+            .set(v.accepted.len() as i64);
+        self.metrics
+            .peers
+            .get_or_create(&StateLabels {
+                state: "rejected".into(),
+            })
+            .set(v.rejected.len() as i64);
+        self.validation = v;
+    }
+
+    fn datagram(&mut self, from: SocketAddr, d: &[u8]) {
+        if let Err(e) = self.table.handle_datagram(from, d, &mut self.buf, &mut self.io) {
+            let peer = e.peer().map(|p| p.to_string()).unwrap_or_default();
+            let label = e.label();
+            tracing::debug!(%from, error = %e, "datagram dropped");
+            self.metrics.dropped_packet(&peer, label);
+        }
+        self.deliver();
+    }
+
+    /// Judge every decrypted packet and hand it to the data plane.
+    fn deliver(&mut self) {
+        let now = Instant::now();
+        for (peer_addr, bytes) in std::mem::take(&mut self.io.delivered) {
+            let Some(peer) = self.table.by_address(peer_addr).map(|t| t.id().clone()) else {
+                continue;
+            };
+            let Ok(pkt) = packet::parse(&bytes) else {
+                self.metrics.dropped_packet(&peer.to_string(), "malformed_packet");
+                continue;
+            };
+            let verdict = self.policy.acl.check(peer_addr, &pkt);
+            match verdict {
+                Verdict::Spoofed => {
+                    self.metrics.dropped_packet(&peer.to_string(), "spoofed");
+                    tracing::debug!(peer = %peer, src = %pkt.src, "spoofed source dropped");
+                    continue;
+                }
+                Verdict::Denied => {
+                    self.metrics.dropped_packet(&peer.to_string(), "not_allowed");
+                    if pkt.is_tcp_syn() {
+                        self.metrics
+                            .flows
+                            .get_or_create(&FlowLabels {
+                                peer: peer.to_string(),
+                                verdict: "denied".into(),
+                            })
+                            .inc();
+                    }
+                }
+                Verdict::Allow | Verdict::Local => {
+                    if pkt.is_tcp_syn() {
+                        self.metrics
+                            .flows
+                            .get_or_create(&FlowLabels {
+                                peer: peer.to_string(),
+                                verdict: "allowed".into(),
+                            })
+                            .inc();
+                    }
+                }
+            }
+            self.dp.inbound(
+                Inbound {
+                    peer: &peer,
+                    peer_addr,
+                    bytes: &bytes,
+                    packet: &pkt,
+                    verdict,
+                },
+                now,
+            );
+        }
+    }
+
+    /// Collect the data plane's packets and encrypt them to their peers.
+    fn outbound(&mut self) {
+        let now = Instant::now();
+        let Gateway { dp, table, buf, io, .. } = self;
+        dp.outbound(now, &mut |p: &[u8]| {
+            if let Ok(parsed) = packet::parse(p) {
+                let _ = table.send_to(parsed.dst, p, buf, io);
+            }
+        });
+    }
+
+    fn tick(&mut self) {
+        self.table.tick(Instant::now(), &mut self.buf, &mut self.io);
+        self.refresh(false);
+    }
+
+    /// The per-peer report, and metrics deltas since the last one.
+    fn report(&mut self) -> GatewayReport {
+        let now = SystemTime::now();
+        let mut out = GatewayReport::default();
+        let mut connected = 0;
+        for t in self.table.peers() {
+            let s = t.stats();
+            let labels = PeerLabels {
+                peer: t.id().to_string(),
+            };
+            let last = self.last_stats.get(t.id()).copied().unwrap_or_default();
+            self.metrics
+                .rx_bytes
+                .get_or_create(&labels)
+                .inc_by(s.rx_bytes.saturating_sub(last.rx_bytes));
+            self.metrics
+                .tx_bytes
+                .get_or_create(&labels)
+                .inc_by(s.tx_bytes.saturating_sub(last.tx_bytes));
+            self.metrics
+                .handshakes
+                .get_or_create(&labels)
+                .inc_by(s.handshakes.saturating_sub(last.handshakes));
+            if s.since_last_handshake.is_some_and(|d| d < Duration::from_secs(180)) {
+                connected += 1;
+            }
+            self.last_stats.insert(t.id().clone(), s);
+        }
+        self.metrics
+            .peers
+            .get_or_create(&StateLabels {
+                state: "connected".into(),
+            })
+            .set(connected);
+        let c = self.dp.counters();
+        self.metrics
+            .open_flows
+            .get_or_create(&StateLabels { state: "tcp".into() })
+            .set(c.tcp_flows_open as i64);
+        self.metrics
+            .open_flows
+            .get_or_create(&StateLabels { state: "udp".into() })
+            .set(c.udp_flows_open as i64);
+        for input in &self.peers.peers {
+            let id = &input.id;
+            let outcome = match (self.validation.accepted(id), self.validation.rejection(id)) {
+                (Some(a), _) => Ok(a.address),
+                (None, Some(r)) => Err(r.clone()),
+                (None, None) => continue,
+            };
+            let stats = outcome
+                .as_ref()
+                .ok()
+                .and_then(|a| self.table.by_address(*a))
+                .map(|t| t.stats())
+                .unwrap_or_default();
+            out.peers.push(PeerReport {
+                id: id.clone(),
+                generation: input.generation,
+                outcome,
+                last_handshake: stats.since_last_handshake.and_then(|d| now.checked_sub(d)),
+                rx_bytes: stats.rx_bytes,
+                tx_bytes: stats.tx_bytes,
+            });
+        }
+        out
+    }
+
+    fn flush(&mut self, socket: &UdpSocket) {
+        for (to, d) in self.io.sends.drain(..) {
+            // UDP: a full socket buffer drops, as a network would.
+            let _ = socket.try_send_to(&d, to);
+        }
+    }
+
+    /// Run until `shutdown` resolves.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn run(
+        mut self,
+        socket: UdpSocket,
+        mut peers: watch::Receiver<PeerSnapshot>,
+        mut services: watch::Receiver<ServiceSnapshot>,
+        report: watch::Sender<GatewayReport>,
+        health: Arc<Health>,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        self.peers = peers.borrow_and_update().clone();
+        self.services = services.borrow_and_update().clone();
+        self.refresh(true);
+        health.set_ready(self.peers.loaded && self.services.loaded);
+        let waker = self.dp.waker();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_report = Instant::now();
+        let mut recv = vec![0u8; 65_536];
+        let mut peers_open = true;
+        let mut services_open = true;
+        tokio::pin!(shutdown);
+        loop {
+            let delay = self.dp.poll_delay(Instant::now()).unwrap_or(Duration::from_secs(1));
+            tokio::select! {
+                _ = &mut shutdown => break,
+                r = socket.recv_from(&mut recv) => {
+                    match r {
+                        Ok((n, from)) => self.datagram(from, &recv[..n]),
+                        Err(e) => tracing::debug!(error = %e, "recv_from"),
+                    }
+                    for _ in 1..RECV_BATCH {
+                        match socket.try_recv_from(&mut recv) {
+                            Ok((n, from)) => self.datagram(from, &recv[..n]),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = waker.notified() => {}
+                _ = tokio::time::sleep(delay) => {}
+                _ = tick.tick() => {
+                    self.tick();
+                    if last_report.elapsed() >= Duration::from_secs(1) {
+                        last_report = Instant::now();
+                        let r = self.report();
+                        report.send_if_modified(|old| if *old != r { *old = r; true } else { false });
+                    }
+                }
+                r = peers.changed(), if peers_open => {
+                    if r.is_err() { peers_open = false; continue; }
+                    self.peers = peers.borrow_and_update().clone();
+                    self.refresh(false);
+                    health.set_ready(self.peers.loaded && self.services.loaded);
+                }
+                r = services.changed(), if services_open => {
+                    if r.is_err() { services_open = false; continue; }
+                    self.services = services.borrow_and_update().clone();
+                    self.refresh(true);
+                    health.set_ready(self.peers.loaded && self.services.loaded);
+                }
+            }
+            self.outbound();
+            self.flush(&socket);
+        }
+        Ok(())
+    }
+}

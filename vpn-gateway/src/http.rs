@@ -1,0 +1,82 @@
+//! The small HTTP surface: `/metrics` on the metrics address, `/healthz` and `/readyz` on
+//! the health address (the same server when both addresses are equal).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+
+use crate::metrics::Metrics;
+
+/// Shared with the gateway loop: ready once the socket is bound and peers are loaded.
+#[derive(Default)]
+pub struct Health {
+    pub ready: AtomicBool,
+}
+
+impl Health {
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+}
+
+fn health_routes(health: Arc<Health>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(h): State<Arc<Health>>| async move {
+                if h.ready.load(Ordering::Relaxed) {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                }
+            }),
+        )
+        .with_state(health)
+}
+
+fn metrics_routes(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(|State(m): State<Arc<Metrics>>| async move {
+                (
+                    [(
+                        "content-type",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    m.encode(),
+                )
+            }),
+        )
+        .with_state(metrics)
+}
+
+/// Bind and serve; returns the bound addresses (metrics, health) once listening.
+pub async fn serve(
+    metrics_addr: SocketAddr,
+    health_addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) -> std::io::Result<(SocketAddr, SocketAddr)> {
+    if metrics_addr == health_addr {
+        let l = tokio::net::TcpListener::bind(metrics_addr).await?;
+        let a = l.local_addr()?;
+        let app = metrics_routes(metrics).merge(health_routes(health));
+        tokio::spawn(async move { axum::serve(l, app).await });
+        return Ok((a, a));
+    }
+    let lm = tokio::net::TcpListener::bind(metrics_addr).await?;
+    let lh = tokio::net::TcpListener::bind(health_addr).await?;
+    let (am, ah) = (lm.local_addr()?, lh.local_addr()?);
+    let m = metrics_routes(metrics);
+    let h = health_routes(health);
+    tokio::spawn(async move { axum::serve(lm, m).await });
+    tokio::spawn(async move { axum::serve(lh, h).await });
+    Ok((am, ah))
+}

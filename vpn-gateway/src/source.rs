@@ -1,0 +1,254 @@
+//! Where peers and Services come from, as watch channels of whole snapshots:
+//! - [`FileSource`]: JSON files (`--peers-file`, `--services-file`), re-read when they
+//!   change; for tests and local runs.
+//! - [`kube`]: the cluster: `VpnPeer`, `Service` and `Secret` (preshared keys, the
+//!   gateway's private key), and the status written back.
+//!
+//! Peers file: a JSON array of
+//! `{"namespace": "default", "name": "alice", "spec": {<VpnPeer spec>}, "presharedKey": "<base64>"}`
+//! (`namespace` defaults to `default`, `presharedKey` is optional and stands in for the
+//! Secret a `presharedKeySecretRef` names). Services file: a JSON array of
+//! `{"namespace": "default", "name": "web", "clusterIP": "127.96.0.10", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}`.
+
+pub mod kube;
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::acl::Service;
+use crate::crd::VpnPeerSpec;
+use crate::keys::PresharedKey;
+use crate::peers::{PeerId, PeerInput, Rejection};
+
+/// All peers, as the source last saw them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PeerSnapshot {
+    pub peers: Vec<PeerInput>,
+    /// False until the source has loaded once (the gateway is not ready before).
+    pub loaded: bool,
+}
+
+/// All Services, as the source last saw them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceSnapshot {
+    pub services: Vec<Service>,
+    pub loaded: bool,
+}
+
+/// A source of peers.
+pub trait PeerSource: Send + Sync {
+    fn peers(&self) -> watch::Receiver<PeerSnapshot>;
+}
+
+/// A source of Services.
+pub trait ServiceCatalog: Send + Sync {
+    fn services(&self) -> watch::Receiver<ServiceSnapshot>;
+}
+
+/// What the gateway reports of one peer (for status and diagnostics).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeerReport {
+    pub id: PeerId,
+    pub generation: Option<i64>,
+    pub outcome: Result<Ipv4Addr, Rejection>,
+    pub last_handshake: Option<SystemTime>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// The gateway's report of every peer.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GatewayReport {
+    pub peers: Vec<PeerReport>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FilePeer {
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    name: String,
+    spec: VpnPeerSpec,
+    #[serde(default)]
+    preshared_key: Option<String>,
+}
+
+fn default_namespace() -> String {
+    "default".to_string()
+}
+
+/// Parse a peers file.
+pub fn parse_peers(text: &str) -> Result<Vec<PeerInput>, serde_json::Error> {
+    let peers: Vec<FilePeer> = serde_json::from_str(text)?;
+    Ok(peers
+        .into_iter()
+        .map(|p| {
+            let psk = match p.preshared_key.as_deref() {
+                None => Ok(None),
+                Some(s) => PresharedKey::parse(s).map(Some).map_err(|e| e.to_string()),
+            };
+            let mut input = PeerInput::new(PeerId::new(p.namespace, p.name), p.spec);
+            input.preshared_key = psk;
+            input
+        })
+        .collect())
+}
+
+/// Parse a Services file.
+pub fn parse_services(text: &str) -> Result<Vec<Service>, serde_json::Error> {
+    serde_json::from_str(text)
+}
+
+/// Peers and Services from JSON files, re-read every `reload` when their contents change.
+/// A file that stops parsing is reported and the last good snapshot kept.
+pub struct FileSource {
+    peers: watch::Receiver<PeerSnapshot>,
+    services: watch::Receiver<ServiceSnapshot>,
+}
+
+fn read(path: &Path) -> crate::Result<String> {
+    std::fs::read_to_string(path).map_err(|source| crate::Error::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+impl FileSource {
+    /// Load both files now (failing on errors) and keep watching them. A missing path
+    /// means "none". Must be called inside a tokio runtime.
+    pub fn start(peers: Option<PathBuf>, services: Option<PathBuf>, reload: Duration) -> crate::Result<Self> {
+        let load_peers = |p: &Path| -> crate::Result<(String, Vec<PeerInput>)> {
+            let text = read(p)?;
+            let v = parse_peers(&text).map_err(|source| crate::Error::Json {
+                path: p.display().to_string(),
+                source,
+            })?;
+            Ok((text, v))
+        };
+        let load_services = |p: &Path| -> crate::Result<(String, Vec<Service>)> {
+            let text = read(p)?;
+            let v = parse_services(&text).map_err(|source| crate::Error::Json {
+                path: p.display().to_string(),
+                source,
+            })?;
+            Ok((text, v))
+        };
+        let (mut peers_text, initial_peers) = match &peers {
+            Some(p) => load_peers(p)?,
+            None => (String::new(), Vec::new()),
+        };
+        let (mut services_text, initial_services) = match &services {
+            Some(p) => load_services(p)?,
+            None => (String::new(), Vec::new()),
+        };
+        let (ptx, prx) = watch::channel(PeerSnapshot {
+            peers: initial_peers,
+            loaded: true,
+        });
+        let (stx, srx) = watch::channel(ServiceSnapshot {
+            services: initial_services,
+            loaded: true,
+        });
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(reload);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                if ptx.is_closed() && stx.is_closed() {
+                    return;
+                }
+                if let Some(p) = &peers
+                    && let Ok(text) = read(p)
+                    && text != peers_text
+                {
+                    match parse_peers(&text) {
+                        Ok(v) => {
+                            tracing::info!(path = %p.display(), peers = v.len(), "peers file reloaded");
+                            ptx.send_replace(PeerSnapshot { peers: v, loaded: true });
+                        }
+                        Err(e) => {
+                            tracing::warn!(path = %p.display(), error = %e, "peers file invalid; keeping the last one")
+                        }
+                    }
+                    peers_text = text;
+                }
+                if let Some(p) = &services
+                    && let Ok(text) = read(p)
+                    && text != services_text
+                {
+                    match parse_services(&text) {
+                        Ok(v) => {
+                            tracing::info!(path = %p.display(), services = v.len(), "services file reloaded");
+                            stx.send_replace(ServiceSnapshot {
+                                services: v,
+                                loaded: true,
+                            });
+                        }
+                        Err(e) => {
+                            tracing::warn!(path = %p.display(), error = %e, "services file invalid; keeping the last one")
+                        }
+                    }
+                    services_text = text;
+                }
+            }
+        });
+        Ok(FileSource {
+            peers: prx,
+            services: srx,
+        })
+    }
+}
+
+impl PeerSource for FileSource {
+    fn peers(&self) -> watch::Receiver<PeerSnapshot> {
+        self.peers.clone()
+    }
+}
+
+impl ServiceCatalog for FileSource {
+    fn services(&self) -> watch::Receiver<ServiceSnapshot> {
+        self.services.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_file_format() {
+        let v = parse_peers(
+            r#"[{"name": "alice", "spec": {"publicKey": "k", "allow": [{"service": "web"}]}, "presharedKey": "AAAA"},
+                {"namespace": "ops", "name": "bob", "spec": {"publicKey": "k2", "address": "100.64.0.9"}}]"#,
+        )
+        .unwrap();
+        assert_eq!(v[0].id, PeerId::new("default", "alice"));
+        assert!(
+            v[0].preshared_key.is_err(),
+            "a bad preshared key is reported, not fatal"
+        );
+        assert_eq!(v[1].spec.address.as_deref(), Some("100.64.0.9"));
+        assert!(parse_peers(r#"[{"name": "x", "spec": {"publicKey": "k"}, "typo": 1}]"#).is_err());
+    }
+
+    #[tokio::test]
+    async fn file_source_reloads_on_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("peers.json");
+        std::fs::write(&path, "[]").unwrap();
+        let src = FileSource::start(Some(path.clone()), None, Duration::from_millis(20)).unwrap();
+        let mut rx = src.peers();
+        assert!(rx.borrow().peers.is_empty());
+        std::fs::write(&path, r#"[{"name": "a", "spec": {"publicKey": "k"}}]"#).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rx.borrow().peers.len(), 1);
+        assert!(FileSource::start(Some(dir.path().join("missing.json")), None, Duration::from_secs(1)).is_err());
+    }
+}

@@ -1,0 +1,422 @@
+//! The Kubernetes source: `VpnPeer` and `Service` watchers (kube-rs reflectors), preshared
+//! keys read from the Secrets peers name, the gateway's private key from a Secret
+//! (generated on first start), and `VpnPeer` status written back at [`STATUS_INTERVAL`]
+//! when it changed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Secret, Service as K8sService};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Client, ResourceExt};
+use tokio::sync::watch;
+
+use super::{GatewayReport, PeerReport, PeerSnapshot, PeerSource, ServiceCatalog, ServiceSnapshot};
+use crate::acl::{Protocol, Service, ServicePort};
+use crate::crd::{CONDITION_ACCEPTED, Condition, VpnPeer, VpnPeerStatus};
+use crate::keys::{PresharedKey, PrivateKey};
+use crate::peers::{PeerId, PeerInput};
+
+/// How often changed statuses are written.
+pub const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+/// How often preshared-key Secrets are re-read even without a peer change.
+const SECRET_REFRESH: Duration = Duration::from_secs(10);
+/// The Secret key holding the gateway's private key, and the default preshared-key key.
+pub const PRIVATE_KEY_KEY: &str = "privateKey";
+pub const PRESHARED_KEY_KEY: &str = "presharedKey";
+/// The field manager of our status writes.
+const MANAGER: &str = "kuberaya-gateway";
+
+/// A client from `kubeconfig`, or the default (in-cluster, `$KUBECONFIG`, `~/.kube/config`).
+pub async fn client(kubeconfig: Option<&Path>) -> crate::Result<Client> {
+    let config = match kubeconfig {
+        Some(p) => {
+            let kc = kube::config::Kubeconfig::read_from(p)
+                .map_err(|e| crate::Error::Config(format!("kubeconfig {}: {e}", p.display())))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| crate::Error::Config(format!("kubeconfig {}: {e}", p.display())))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| crate::Error::Config(format!("kubeconfig: {e}")))?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// The gateway's private key from `namespace/name`; generated and stored when absent.
+pub async fn load_or_create_key(client: &Client, namespace: &str, name: &str) -> crate::Result<PrivateKey> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    if let Some(s) = api.get_opt(name).await? {
+        return key_from_secret(&s)
+            .ok_or_else(|| crate::Error::Config(format!("Secret {namespace}/{name} has no valid {PRIVATE_KEY_KEY}")));
+    }
+    let key = PrivateKey::generate();
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: Some(namespace.to_string()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            PRIVATE_KEY_KEY.to_string(),
+            ByteString(key.to_base64().into_bytes()),
+        )])),
+        type_: Some("Opaque".to_string()),
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            tracing::info!(secret = %format!("{namespace}/{name}"), "generated the gateway's private key");
+            Ok(key)
+        }
+        // Another replica won the race: use its key.
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let s = api.get(name).await?;
+            key_from_secret(&s).ok_or_else(|| crate::Error::Config(format!("Secret {namespace}/{name} is invalid")))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn key_from_secret(s: &Secret) -> Option<PrivateKey> {
+    let bytes = s.data.as_ref()?.get(PRIVATE_KEY_KEY)?;
+    PrivateKey::parse(std::str::from_utf8(&bytes.0).ok()?).ok()
+}
+
+/// The preshared key in a Secret's `key` (the value is the base64 text `wg genpsk` prints).
+pub fn psk_from_secret(s: &Secret, key: &str) -> Result<PresharedKey, String> {
+    let name = s.name_any();
+    let bytes = s
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .ok_or_else(|| format!("Secret {name} has no key {key}"))?;
+    let text = std::str::from_utf8(&bytes.0).map_err(|_| format!("Secret {name} key {key} is not text"))?;
+    PresharedKey::parse(text).map_err(|e| format!("Secret {name} key {key}: {e}"))
+}
+
+/// A Kubernetes Service as the gateway sees it.
+pub fn service_from_k8s(s: &K8sService) -> Option<Service> {
+    let spec = s.spec.as_ref()?;
+    let cluster_ip = spec
+        .cluster_ip
+        .as_deref()
+        .filter(|ip| *ip != "None")
+        .and_then(|ip| ip.parse::<IpAddr>().ok());
+    let ports = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| {
+            let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => Protocol::Tcp,
+                "UDP" => Protocol::Udp,
+                "SCTP" => Protocol::Sctp,
+                _ => return None,
+            };
+            Some(ServicePort {
+                name: p.name.clone(),
+                port: u16::try_from(p.port).ok()?,
+                protocol,
+            })
+        })
+        .collect();
+    Some(Service {
+        namespace: s.namespace()?,
+        name: s.metadata.name.clone()?,
+        cluster_ip,
+        ports,
+    })
+}
+
+/// A `VpnPeer` as a peer input (the preshared key still to be filled in).
+pub fn peer_from_k8s(p: &VpnPeer) -> Option<PeerInput> {
+    let mut input = PeerInput::new(PeerId::new(p.namespace()?, p.metadata.name.clone()?), p.spec.clone());
+    input.generation = p.metadata.generation;
+    input.previous_address = p
+        .status
+        .as_ref()
+        .and_then(|s| s.address.as_deref())
+        .and_then(|a| a.parse().ok());
+    Some(input)
+}
+
+/// The status to write for a report, keeping the condition's transition time when its
+/// status did not change.
+pub fn status_for(previous: Option<&VpnPeerStatus>, r: &PeerReport, now: Timestamp) -> VpnPeerStatus {
+    let (status, reason, message) = match &r.outcome {
+        Ok(a) => ("True", "Accepted".to_string(), format!("serving at {a}")),
+        Err(e) => ("False", e.reason().to_string(), e.to_string()),
+    };
+    let prev_cond = previous.and_then(|p| p.conditions.iter().find(|c| c.type_ == CONDITION_ACCEPTED));
+    let last_transition_time = match prev_cond {
+        Some(c) if c.status == status => c.last_transition_time.clone(),
+        _ => Time(now),
+    };
+    VpnPeerStatus {
+        conditions: vec![Condition {
+            type_: CONDITION_ACCEPTED.to_string(),
+            status: status.to_string(),
+            reason,
+            message,
+            last_transition_time,
+        }],
+        address: r.outcome.as_ref().ok().map(|a| a.to_string()),
+        last_handshake: r
+            .last_handshake
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .and_then(|d| Timestamp::from_second(d.as_secs() as i64).ok())
+            .map(Time)
+            .or_else(|| previous.and_then(|p| p.last_handshake.clone())),
+        rx_bytes: r.rx_bytes,
+        tx_bytes: r.tx_bytes,
+        observed_generation: r.generation,
+    }
+}
+
+/// Watches VpnPeers, Services and the preshared-key Secrets.
+pub struct KubeSource {
+    peers: watch::Receiver<PeerSnapshot>,
+    services: watch::Receiver<ServiceSnapshot>,
+}
+
+impl KubeSource {
+    /// Start the watchers (inside a tokio runtime).
+    pub fn start(client: Client) -> Arc<Self> {
+        let (ptx, prx) = watch::channel(PeerSnapshot::default());
+        let (stx, srx) = watch::channel(ServiceSnapshot::default());
+
+        let svc_api: Api<K8sService> = Api::all(client.clone());
+        let (svc_store, svc_writer) = reflector::store();
+        let svc_stream = watcher(svc_api, watcher::Config::default())
+            .default_backoff()
+            .reflect(svc_writer);
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(svc_stream);
+            while let Some(ev) = stream.next().await {
+                match ev {
+                    Ok(watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                        let mut services: Vec<Service> =
+                            svc_store.state().iter().filter_map(|s| service_from_k8s(s)).collect();
+                        services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+                        stx.send_if_modified(|old| {
+                            let new = ServiceSnapshot { services, loaded: true };
+                            if *old != new {
+                                *old = new;
+                                true
+                            } else {
+                                false
+                            }
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "Service watch"),
+                }
+            }
+        });
+
+        let peer_api: Api<VpnPeer> = Api::all(client.clone());
+        let (peer_store, peer_writer) = reflector::store();
+        let peer_stream = watcher(peer_api, watcher::Config::default())
+            .default_backoff()
+            .reflect(peer_writer);
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(peer_stream);
+            let mut ready = false;
+            let mut refresh = tokio::time::interval(SECRET_REFRESH);
+            loop {
+                tokio::select! {
+                    ev = stream.next() => match ev {
+                        None => return,
+                        Some(Ok(watcher::Event::InitDone)) => ready = true,
+                        Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))) => {}
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => { tracing::warn!(error = %e, "VpnPeer watch"); continue; }
+                    },
+                    _ = refresh.tick() => {}
+                }
+                if !ready {
+                    continue;
+                }
+                let mut peers = Vec::new();
+                for p in peer_store.state() {
+                    let Some(mut input) = peer_from_k8s(&p) else { continue };
+                    if let Some(r) = &p.spec.preshared_key_secret_ref {
+                        let api: Api<Secret> = Api::namespaced(client.clone(), &input.id.namespace);
+                        let key = r.key.as_deref().unwrap_or(PRESHARED_KEY_KEY);
+                        input.preshared_key = match api.get_opt(&r.name).await {
+                            Ok(Some(s)) => psk_from_secret(&s, key).map(Some),
+                            Ok(None) => Err(format!("Secret {} not found", r.name)),
+                            Err(e) => Err(format!("reading Secret {}: {e}", r.name)),
+                        };
+                    }
+                    peers.push(input);
+                }
+                peers.sort_by(|a, b| a.id.cmp(&b.id));
+                ptx.send_if_modified(|old| {
+                    let new = PeerSnapshot { peers, loaded: true };
+                    if *old != new {
+                        *old = new;
+                        true
+                    } else {
+                        false
+                    }
+                });
+            }
+        });
+        Arc::new(KubeSource {
+            peers: prx,
+            services: srx,
+        })
+    }
+}
+
+impl PeerSource for KubeSource {
+    fn peers(&self) -> watch::Receiver<PeerSnapshot> {
+        self.peers.clone()
+    }
+}
+
+impl ServiceCatalog for KubeSource {
+    fn services(&self) -> watch::Receiver<ServiceSnapshot> {
+        self.services.clone()
+    }
+}
+
+/// Write changed statuses every `every` until the report channel closes.
+pub async fn write_status(client: Client, mut reports: watch::Receiver<GatewayReport>, every: Duration) {
+    let mut written: HashMap<PeerId, VpnPeerStatus> = HashMap::new();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if reports.has_changed().is_err() {
+            return;
+        }
+        let report = reports.borrow_and_update().clone();
+        let now = Timestamp::now();
+        for r in &report.peers {
+            let prev = written.get(&r.id);
+            let status = status_for(prev, r, now);
+            if prev.is_some_and(|p| same_but_time(p, &status)) {
+                continue;
+            }
+            let api: Api<VpnPeer> = Api::namespaced(client.clone(), &r.id.namespace);
+            let patch = serde_json::json!({ "status": status });
+            match api
+                .patch_status(&r.id.name, &PatchParams::apply(MANAGER), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {
+                    written.insert(r.id.clone(), status);
+                }
+                Err(e) => tracing::warn!(peer = %r.id, error = %e, "writing VpnPeer status"),
+            }
+        }
+        written.retain(|id, _| report.peers.iter().any(|r| &r.id == id));
+    }
+}
+
+fn same_but_time(a: &VpnPeerStatus, b: &VpnPeerStatus) -> bool {
+    a == b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peers::Rejection;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn services_convert() {
+        let s: K8sService = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}, {"port": 53, "protocol": "UDP"}]}
+        }))
+        .unwrap();
+        let c = service_from_k8s(&s).unwrap();
+        assert_eq!(c.cluster_ip, Some("10.96.0.10".parse().unwrap()));
+        assert_eq!(
+            c.ports[0],
+            ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                protocol: Protocol::Tcp
+            }
+        );
+        assert_eq!(c.ports[1].protocol, Protocol::Udp);
+        let headless: K8sService = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "h", "namespace": "default"}, "spec": {"clusterIP": "None"}
+        }))
+        .unwrap();
+        assert_eq!(service_from_k8s(&headless).unwrap().cluster_ip, None);
+    }
+
+    #[test]
+    fn peers_convert_with_previous_address() {
+        let p: VpnPeer = serde_json::from_value(serde_json::json!({
+            "apiVersion": "vpn.cloudraya.com/v1alpha1", "kind": "VpnPeer",
+            "metadata": {"name": "alice", "namespace": "team", "generation": 3},
+            "spec": {"publicKey": "k"},
+            "status": {"address": "100.64.0.7", "conditions": []}
+        }))
+        .unwrap();
+        let i = peer_from_k8s(&p).unwrap();
+        assert_eq!(i.id, PeerId::new("team", "alice"));
+        assert_eq!(i.previous_address, Some(Ipv4Addr::new(100, 64, 0, 7)));
+        assert_eq!(i.generation, Some(3));
+    }
+
+    #[test]
+    fn status_keeps_transition_time_until_the_condition_flips() {
+        let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let t1: Timestamp = "2026-01-01T00:01:00Z".parse().unwrap();
+        let mut r = PeerReport {
+            id: PeerId::new("a", "b"),
+            generation: Some(1),
+            outcome: Ok(Ipv4Addr::new(100, 64, 0, 2)),
+            last_handshake: None,
+            rx_bytes: 10,
+            tx_bytes: 20,
+        };
+        let s0 = status_for(None, &r, t0);
+        assert_eq!(s0.conditions[0].status, "True");
+        assert_eq!(s0.address.as_deref(), Some("100.64.0.2"));
+        let s1 = status_for(Some(&s0), &r, t1);
+        assert_eq!(s1.conditions[0].last_transition_time, Time(t0));
+        r.outcome = Err(Rejection::Disabled);
+        let s2 = status_for(Some(&s1), &r, t1);
+        assert_eq!(s2.conditions[0].status, "False");
+        assert_eq!(s2.conditions[0].reason, "Disabled");
+        assert_eq!(s2.conditions[0].last_transition_time, Time(t1));
+        assert_eq!(s2.address, None);
+    }
+
+    #[test]
+    fn secrets_hold_keys() {
+        let k = PrivateKey::generate();
+        let s = Secret {
+            metadata: ObjectMeta {
+                name: Some("gw".into()),
+                ..Default::default()
+            },
+            data: Some(BTreeMap::from([
+                (PRIVATE_KEY_KEY.to_string(), ByteString(k.to_base64().into_bytes())),
+                (PRESHARED_KEY_KEY.to_string(), ByteString(b"nope".to_vec())),
+            ])),
+            ..Default::default()
+        };
+        assert_eq!(key_from_secret(&s).unwrap().public_key(), k.public_key());
+        assert!(psk_from_secret(&s, PRESHARED_KEY_KEY).is_err());
+        assert!(psk_from_secret(&s, "missing").unwrap_err().contains("no key"));
+    }
+}
