@@ -834,7 +834,7 @@ fn list(c: &Ctx<'_>, t: &Target) -> Result<Response, ApiError> {
                 .map_err(|_| ApiError::bad_request("continue key is not valid"))?;
             let ct: ContinueToken =
                 serde_json::from_slice(&raw).map_err(|_| ApiError::bad_request("continue key is not valid"))?;
-            if ct.rv + 1 < c.api.lock().oldest_rv && ct.rv > 0 {
+            if ct.rv < c.api.lock().oldest_rv {
                 return Err(ApiError::gone(
                     "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
                 ));

@@ -100,7 +100,8 @@ pub struct Store {
     pub types: Vec<ResourceType>,
     history: VecDeque<Arc<Change>>,
     history_limit: usize,
-    /// Watches from a resourceVersion before this get 410 Gone.
+    /// The oldest resourceVersion a watch may resume from (the history holds every
+    /// change after it); older ones get 410 Gone.
     pub oldest_rv: u64,
     /// ServiceAccount tokens: token → (namespace, name).
     pub tokens: BTreeMap<String, (String, String)>,
@@ -344,10 +345,10 @@ impl Store {
 
     /// Changes after `rv` for a watch, or 410 when history no longer reaches back.
     pub fn changes_since(&self, rv: u64) -> Result<Vec<Arc<Change>>, ApiError> {
-        if rv + 1 < self.oldest_rv {
+        if rv < self.oldest_rv {
             return Err(ApiError::gone(format!(
                 "too old resource version: {rv} ({})",
-                self.oldest_rv - 1
+                self.oldest_rv
             )));
         }
         Ok(self.history.iter().filter(|c| c.rv > rv).cloned().collect())
@@ -357,7 +358,7 @@ impl Store {
     /// with a 410 `ERROR` event, so clients must re-list.
     pub fn compact(&mut self) {
         self.history.clear();
-        self.oldest_rv = self.rv + 1;
+        self.oldest_rv = self.rv;
         let _ = self.tx.send(Arc::new(Change {
             storage: String::new(),
             namespace: String::new(),
@@ -396,7 +397,7 @@ impl Store {
         self.history.push_back(change.clone());
         while self.history.len() > self.history_limit {
             if let Some(c) = self.history.pop_front() {
-                self.oldest_rv = c.rv + 1;
+                self.oldest_rv = c.rv;
             }
         }
         let _ = self.tx.send(change);
