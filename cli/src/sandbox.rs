@@ -6,6 +6,8 @@
 //! - `sandbox.json`: how to reach it (written when ready, removed on a clean stop);
 //! - `credentials.json` (0600): the platform stand-in's login, made once per state dir;
 //! - `platform/`: the platform stand-in's persistent state;
+//! - `kube/`: the Kubernetes API stand-in's state (certificates, token, objects);
+//! - `kubeconfig` (0600): for `kubectl` and clients of the sandbox cluster;
 //! - `sandbox.log`: the output of a `--detach`ed sandbox.
 
 use std::fs::{self, File, OpenOptions};
@@ -22,6 +24,8 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 
+use kuberaya_sandbox::cluster::{Cluster, ClusterOptions, PlatformClient, PlatformLogin};
+use kuberaya_sandbox::kube::{KubeApi, KubeApiConfig};
 use kuberaya_sandbox::platform::{Platform, PlatformConfig, serve};
 
 use crate::output::{OutputFormat, table};
@@ -36,6 +40,28 @@ pub enum SandboxCommand {
     Status(StatusArgs),
     /// Print `export` lines for the sandbox's platform API and cluster: `eval "$(kuberaya sandbox env)"`.
     Env(StateDirArg),
+    /// Add, stop, start or delete a node of the sandbox cluster (its worker VM on the platform).
+    Node(NodeArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct NodeArgs {
+    #[command(subcommand)]
+    pub action: NodeAction,
+    #[command(flatten)]
+    pub dir: StateDirArg,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum NodeAction {
+    /// Create a running worker VM; its node agent registers the Node.
+    Add { name: String },
+    /// Stop the node's VM: the Node goes NotReady, its pods not ready.
+    Stop { name: String },
+    /// Start the node's VM again.
+    Start { name: String },
+    /// Delete the node's VM.
+    Delete { name: String },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -55,8 +81,8 @@ pub struct UpArgs {
     /// Address of the platform API [default: the previous run's address if free, else a free port on 127.0.0.1]
     #[arg(long)]
     pub listen: Option<SocketAddr>,
-    /// Number of worker VMs of the sandbox cluster.
-    #[arg(long, default_value_t = 3)]
+    /// Number of worker VMs (nodes) of the sandbox cluster.
+    #[arg(long, visible_alias = "nodes", default_value_t = 3)]
     pub workers: usize,
     /// ID of the sandbox cluster on the platform.
     #[arg(long, default_value = "cl-sandbox")]
@@ -67,6 +93,15 @@ pub struct UpArgs {
     /// Private IPs of the worker VMs come from this range (on loopback).
     #[arg(long, default_value = "127.10.0.0/24")]
     pub vm_ip_range: ipnet::Ipv4Net,
+    /// Service ClusterIPs come from this range (on loopback).
+    #[arg(long, default_value = "127.96.0.0/16")]
+    pub service_cidr: ipnet::Ipv4Net,
+    /// Pod IPs: node i gets the i-th /24 of this range (on loopback).
+    #[arg(long, default_value = "127.244.0.0/16")]
+    pub pod_cidr: ipnet::Ipv4Net,
+    /// No CCM runs: the node agents remove the uninitialized taint and set node addresses.
+    #[arg(long)]
+    pub no_ccm: bool,
     /// How long the platform takes to provision or update a load balancer.
     #[arg(long, default_value_t = 300)]
     pub provisioning_delay_ms: u64,
@@ -104,6 +139,9 @@ pub struct Runtime {
     pub password: String,
     pub cluster_id: String,
     pub started_at_unix: u64,
+    /// The sandbox cluster's kubeconfig.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -116,6 +154,7 @@ const RUNTIME_FILE: &str = "sandbox.json";
 const LOCK_FILE: &str = "sandbox.lock";
 const CREDENTIALS_FILE: &str = "credentials.json";
 const LOG_FILE: &str = "sandbox.log";
+const KUBECONFIG_FILE: &str = "kubeconfig";
 const SANDBOX_EMAIL: &str = "admin@sandbox.local";
 
 pub async fn run(cmd: SandboxCommand) -> anyhow::Result<ExitCode> {
@@ -125,6 +164,7 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<ExitCode> {
         SandboxCommand::Down(args) => down(args).await,
         SandboxCommand::Status(args) => status(args).await,
         SandboxCommand::Env(dir) => env(dir),
+        SandboxCommand::Node(args) => node(args).await,
     }
 }
 
@@ -252,6 +292,24 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         let _ = stop_rx.await;
     }));
 
+    let kube_api = KubeApi::open(KubeApiConfig { service_cidr: args.service_cidr, ..KubeApiConfig::new(dir.join("kube")) })
+        .await
+        .context("cannot start the Kubernetes API stand-in")?;
+    let kube_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("cannot listen on 127.0.0.1")?;
+    let kube_url = format!("https://{}", kube_listener.local_addr()?);
+    let (kube_stop_tx, kube_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let kube_server = tokio::spawn(kuberaya_sandbox::kube::serve(kube_listener, kube_api.clone(), async move {
+        let _ = kube_stop_rx.await;
+    }));
+    let kubeconfig = dir.join(KUBECONFIG_FILE);
+    kube_api.write_kubeconfig(&kubeconfig, &kube_url, "kuberaya-sandbox").context("cannot write the kubeconfig")?;
+    step(&format!("Kubernetes API stand-in at {kube_url} (kubeconfig {})", kubeconfig.display()));
+    let client = kuberaya_sandbox::cluster::client_from_kubeconfig(&kubeconfig).await?;
+    let login = PlatformLogin { url: url.clone(), email: creds.email.clone(), password: creds.password.clone() };
+    let options = ClusterOptions { no_ccm: args.no_ccm, pod_cidr: args.pod_cidr, ..ClusterOptions::default() };
+    let cluster = Cluster::start(client, login, &args.cluster_id, options).await.context("cannot start the sandbox cluster")?;
+    step(&format!("cluster {}: {} nodes (pods in {}, services in {}){}", args.cluster_id, args.workers, args.pod_cidr, args.service_cidr, if args.no_ccm { ", no CCM" } else { "" }));
+
     let runtime = Runtime {
         pid: std::process::id(),
         platform_url: url.clone(),
@@ -259,6 +317,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         password: creds.password.clone(),
         cluster_id: args.cluster_id.clone(),
         started_at_unix: unix_now(),
+        kubeconfig: Some(kubeconfig.clone()),
     };
     write_private(&dir.join(RUNTIME_FILE), &serde_json::to_vec_pretty(&runtime)?)?;
     step(&format!("ready in {:.1}s", started.elapsed().as_secs_f64()));
@@ -267,6 +326,9 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
 
     wait_for_stop_signal().await;
     eprintln!("stopping the sandbox...");
+    cluster.shutdown().await;
+    let _ = kube_stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), kube_server).await;
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     platform.shutdown().await;
@@ -301,6 +363,7 @@ fn print_try_this(dir: &Path, args: &UpArgs, rt: &Runtime) {
     println!("  curl -s -X POST $CLOUDRAYA_API_URL/core/v1/auth/login -H 'content-type: application/json' \\");
     println!("       -d \"{{\\\"email\\\":\\\"$CLOUDRAYA_EMAIL\\\",\\\"password\\\":\\\"$CLOUDRAYA_PASSWORD\\\"}}\"");
     println!("  kuberaya sandbox status{dir_flag}");
+    println!("  kubectl create deployment web --image=any --port=8080 --replicas=3 && kubectl expose deployment web --port=80 --target-port=8080");
     println!();
     println!("Platform API: {}  (cluster {})", rt.platform_url, rt.cluster_id);
     if args.detach || args.detached_child {
@@ -326,6 +389,10 @@ async fn up_detached(args: UpArgs) -> anyhow::Result<ExitCode> {
     cmd.args(["--workers", &args.workers.to_string(), "--cluster-id", &args.cluster_id]);
     cmd.args(["--public-ip-range", &args.public_ip_range.to_string(), "--vm-ip-range", &args.vm_ip_range.to_string()]);
     cmd.args(["--provisioning-delay-ms", &args.provisioning_delay_ms.to_string()]);
+    cmd.args(["--service-cidr", &args.service_cidr.to_string(), "--pod-cidr", &args.pod_cidr.to_string()]);
+    if args.no_ccm {
+        cmd.arg("--no-ccm");
+    }
     if let Some(listen) = args.listen {
         cmd.args(["--listen", &listen.to_string()]);
     }
@@ -410,6 +477,35 @@ fn env(arg: StateDirArg) -> anyhow::Result<ExitCode> {
     println!("export CLOUDRAYA_EMAIL={}", shell_quote(&rt.email));
     println!("export CLOUDRAYA_PASSWORD={}", shell_quote(&rt.password));
     println!("export KUBERAYA_CLUSTER_ID={}", shell_quote(&rt.cluster_id));
+    if let Some(kubeconfig) = &rt.kubeconfig {
+        println!("export KUBECONFIG={}", shell_quote(&kubeconfig.display().to_string()));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
+    let dir = state_dir(&args.dir)?;
+    let Some(rt) = running_runtime(&dir)? else {
+        bail!("no sandbox is running in {}; start one with `kuberaya sandbox up --detach`", dir.display());
+    };
+    let platform = PlatformClient::new(PlatformLogin { url: rt.platform_url.clone(), email: rt.email.clone(), password: rt.password.clone() })?;
+    let (name, verb) = match &args.action {
+        NodeAction::Add { name } => {
+            let vm = platform.add_vm(&rt.cluster_id, name).await?;
+            println!("node {name} added (VM {}, {})", vm.id, vm.private_ip);
+            return Ok(ExitCode::SUCCESS);
+        }
+        NodeAction::Stop { name } => (name, "stop"),
+        NodeAction::Start { name } => (name, "start"),
+        NodeAction::Delete { name } => (name, "delete"),
+    };
+    let vm = platform.find_vm(&rt.cluster_id, name).await?;
+    if verb == "delete" {
+        platform.delete_vm(&vm.id).await?;
+    } else {
+        platform.vm_action(&vm.id, verb).await?;
+    }
+    println!("node {name}: {verb} done (VM {})", vm.id);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -69,6 +69,8 @@ pub enum Error {
     Platform(#[from] PlatformError),
     #[error("the {0} watch did not list within {SYNC_TIMEOUT:?}")]
     NotSynced(&'static str),
+    #[error("kubeconfig: {0}")]
+    Kubeconfig(String),
     #[error("invalid option: {0}")]
     Options(String),
 }
@@ -242,6 +244,16 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.cancel.cancel();
     }
+}
+
+/// A client for the API server of the kubeconfig at `path` (its current context).
+pub async fn client_from_kubeconfig(path: &std::path::Path) -> Result<kube::Client> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| Error::Kubeconfig(e.to_string()))?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+        .await
+        .map_err(|e| Error::Kubeconfig(e.to_string()))?;
+    Ok(kube::Client::try_from(config)?)
 }
 
 /// A reflector of `K` kept by a task; every event bumps `changed`.
