@@ -1,1 +1,639 @@
+//! Reconcile tests: the kube side through a `tower_test` mock API server that records
+//! every request (controller-rs's `ApiServerVerifier` pattern: an unexpected call shows
+//! up in the recording, a missing one too), the platform side through
+//! [`FakePlatform`].
+
 use super::*;
+use crate::platform::fake::{FakeFailure, FakePlatform};
+use crate::service::desired::tests::{annotate, cfg, svc};
+use crate::service::nodes::tests::node;
+use crate::service::status::Ready;
+use http::{Request, Response};
+use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::client::Body;
+use kube::runtime::watcher::Event as WatchEvent;
+use serde_json::Value;
+
+/// One request the controller made to the API server.
+#[derive(Debug, Clone)]
+struct Call {
+    method: String,
+    path: String,
+    body: Value,
+}
+
+impl Call {
+    fn is(&self, method: &str, path_end: &str) -> bool {
+        self.method == method && self.path.ends_with(path_end)
+    }
+
+    fn is_event(&self, reason: &str) -> bool {
+        self.method == "POST" && self.path.ends_with("/events") && self.body["reason"] == reason
+    }
+}
+
+const SVC_PATH: &str = "/api/v1/namespaces/default/services/web";
+const STATUS_PATH: &str = "/api/v1/namespaces/default/services/web/status";
+
+/// A test bench: the fake platform, a node store, and a function running one reconcile
+/// against a recording mock API server.
+struct Bench {
+    platform: Arc<FakePlatform>,
+    nodes: Store<Node>,
+    writer: reflector::store::Writer<Node>,
+    metrics: Arc<Metrics>,
+}
+
+impl Bench {
+    fn new(node_names: &[&str]) -> Self {
+        let platform = Arc::new(FakePlatform::new());
+        let (nodes, mut writer) = reflector::store::<Node>();
+        for (i, n) in node_names.iter().enumerate() {
+            platform.add_vm(&format!("vm-{n}"), &format!("127.10.0.{}", 11 + i));
+            writer.apply_watcher_event(&WatchEvent::Apply(node(n)));
+        }
+        Bench {
+            platform,
+            nodes,
+            writer,
+            metrics: Arc::new(Metrics::default()),
+        }
+    }
+
+    fn add_node(&mut self, name: &str) {
+        self.platform.add_vm(&format!("vm-{name}"), "127.10.0.99");
+        self.writer.apply_watcher_event(&WatchEvent::Apply(node(name)));
+    }
+
+    fn context(&self) -> (Arc<Context>, tower_test::mock::Handle<Request<Body>, Response<Body>>) {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let ctx = Context::new(
+            client,
+            self.platform.clone(),
+            self.metrics.clone(),
+            self.nodes.clone(),
+            cfg(),
+            Timing::default(),
+        );
+        (Arc::new(ctx), handle)
+    }
+
+    /// Runs one reconcile; returns its result and every API request it made.
+    async fn reconcile(&self, s: &Service) -> (Result<Action>, Vec<Call>) {
+        let (ctx, mut handle) = self.context();
+        let answer_with = serde_json::to_value(s).expect("encode service");
+        let server = tokio::spawn(async move {
+            let mut calls = Vec::new();
+            while let Some((req, send)) = handle.next_request().await {
+                let method = req.method().to_string();
+                let path = req.uri().path().to_owned();
+                let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let answer = if path.ends_with("/events") {
+                    body.clone()
+                } else {
+                    answer_with.clone()
+                };
+                let resp = Response::builder()
+                    .status(if method == "POST" { 201 } else { 200 })
+                    .body(Body::from(serde_json::to_vec(&answer).unwrap_or_default()));
+                if let Ok(resp) = resp {
+                    send.send_response(resp);
+                }
+                calls.push(Call { method, path, body });
+            }
+            calls
+        });
+        let res = tokio::time::timeout(Duration::from_secs(5), reconcile(Arc::new(s.clone()), ctx))
+            .await
+            .expect("reconcile finished within 5 s");
+        // The context (and with it the mock client) is gone: the server task ends.
+        let calls = tokio::time::timeout(Duration::from_secs(1), server)
+            .await
+            .expect("mock API server finished")
+            .expect("mock API server task");
+        (res, calls)
+    }
+}
+
+fn finalized(mut s: Service) -> Service {
+    s.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    s
+}
+
+fn deleting(mut s: Service) -> Service {
+    s.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+    s
+}
+
+fn with_type(mut s: Service, t: &str) -> Service {
+    if let Some(spec) = s.spec.as_mut() {
+        spec.type_ = Some(t.into());
+    }
+    s
+}
+
+/// The Service as it looks once its LB is reported: ingress and a Ready condition.
+fn with_ready_status(mut s: Service, lb: &LoadBalancer) -> Service {
+    let addr = lb.public_ip.as_ref().map(|ip| ip.address);
+    let ready = Ready::yes(match addr {
+        Some(a) => format!("load balancer {} is active at {a}", lb.id),
+        None => format!("load balancer {} is active", lb.id),
+    });
+    s.status = Some(ServiceStatus {
+        load_balancer: Some(LoadBalancerStatus {
+            ingress: Some(
+                addr.into_iter()
+                    .map(|a| LoadBalancerIngress {
+                        ip: Some(a.to_string()),
+                        ip_mode: Some("VIP".into()),
+                        ..LoadBalancerIngress::default()
+                    })
+                    .collect(),
+            ),
+        }),
+        conditions: Some(vec![Condition {
+            type_: crate::service::CONDITION_TYPE.into(),
+            status: "True".into(),
+            reason: ready.reason,
+            message: ready.message,
+            observed_generation: None,
+            last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        }]),
+    });
+    s
+}
+
+/// Reconciles a finalized Service until its LB is active; returns the LB.
+async fn provisioned(bench: &Bench, s: &Service) -> LoadBalancer {
+    let (res, _) = bench.reconcile(s).await;
+    assert!(res.is_ok(), "{res:?}");
+    bench.platform.settle();
+    let lbs = bench.platform.lbs("cl-1");
+    assert_eq!(lbs.len(), 1);
+    bench.platform.clear_calls();
+    lbs[0].clone()
+}
+
+#[tokio::test]
+async fn finalizer_is_added_before_any_platform_call() {
+    let bench = Bench::new(&["a", "b"]);
+    let (res, calls) = bench.reconcile(&svc()).await;
+    assert_eq!(res.expect("ok"), Action::await_change());
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert!(calls[0].is("PATCH", SVC_PATH));
+    assert!(calls[0].body.to_string().contains(FINALIZER), "{:?}", calls[0].body);
+    assert!(bench.platform.calls().is_empty(), "{:?}", bench.platform.calls());
+}
+
+#[tokio::test]
+async fn other_classes_and_types_are_left_alone() {
+    let bench = Bench::new(&["a"]);
+    let mut other = svc();
+    if let Some(spec) = other.spec.as_mut() {
+        spec.load_balancer_class = Some("other.example/lb".into());
+    }
+    for s in [other, with_type(svc(), "ClusterIP"), with_type(svc(), "NodePort")] {
+        let (res, calls) = bench.reconcile(&s).await;
+        assert_eq!(res.expect("ok"), Action::await_change());
+        assert!(calls.is_empty(), "{calls:?}");
+    }
+    assert!(bench.platform.calls().is_empty());
+}
+
+#[tokio::test]
+async fn creates_the_lb_then_reports_ingress_once_active() {
+    let bench = Bench::new(&["a", "b"]);
+    let s = finalized(svc());
+    let (res, calls) = bench.reconcile(&s).await;
+    assert_eq!(
+        res.expect("ok"),
+        Action::requeue(Timing::default().poll),
+        "polls, never blocks"
+    );
+    assert_eq!(bench.platform.mutating_calls(), vec!["create_load_balancer"]);
+    let lbs = bench.platform.lbs("cl-1");
+    assert_eq!(lbs.len(), 1);
+    let lb = &lbs[0];
+    assert_eq!(lb.name, "kr-default-web");
+    assert_eq!(lb.labels[crate::platform::LABEL_SERVICE_UID], "uid-1");
+    assert_eq!(lb.backends.len(), 2);
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert!(calls[0].is_event("EnsuringLoadBalancer"));
+    assert!(calls[1].is("PATCH", STATUS_PATH));
+    assert_eq!(calls[1].body["status"]["conditions"][0]["reason"], "Provisioning");
+    assert!(
+        calls[1].body["status"].get("loadBalancer").is_none(),
+        "no ingress before active"
+    );
+
+    // Still provisioning: poll, no call that changes anything, no status write (the
+    // condition already says Provisioning once the Service shows it).
+    bench.platform.clear_calls();
+    let (res, _) = bench.reconcile(&s).await;
+    assert_eq!(res.expect("ok"), Action::requeue(Timing::default().poll));
+    assert!(bench.platform.mutating_calls().is_empty());
+
+    bench.platform.settle();
+    bench.platform.clear_calls();
+    let (res, calls) = bench.reconcile(&s).await;
+    assert!(res.is_ok());
+    assert!(bench.platform.mutating_calls().is_empty());
+    let addr = lb.public_ip.as_ref().map(|ip| ip.address.to_string()).expect("ip");
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert!(calls[0].is("PATCH", STATUS_PATH));
+    assert_eq!(
+        calls[0].body["status"]["loadBalancer"]["ingress"][0]["ip"],
+        addr.as_str()
+    );
+    assert_eq!(calls[0].body["status"]["conditions"][0]["status"], "True");
+    assert!(calls[1].is_event("EnsuredLoadBalancer"));
+}
+
+#[tokio::test]
+async fn resync_with_nothing_changed_makes_no_call_at_all() {
+    let bench = Bench::new(&["a", "b"]);
+    let lb = provisioned(&bench, &finalized(svc())).await;
+    let s = with_ready_status(finalized(svc()), &lb);
+    for _ in 0..3 {
+        let (res, calls) = bench.reconcile(&s).await;
+        let action = res.expect("ok");
+        assert_ne!(action, Action::await_change(), "periodic resync stays scheduled");
+        assert!(calls.is_empty(), "no status write, no event: {calls:?}");
+    }
+    assert!(
+        bench.platform.mutating_calls().is_empty(),
+        "{:?}",
+        bench.platform.calls()
+    );
+}
+
+#[tokio::test]
+async fn status_is_patched_only_when_the_ingress_changes() {
+    let bench = Bench::new(&["a"]);
+    let lb = provisioned(&bench, &finalized(svc())).await;
+    let mut s = with_ready_status(finalized(svc()), &lb);
+    if let Some(ing) = s
+        .status
+        .as_mut()
+        .and_then(|st| st.load_balancer.as_mut())
+        .and_then(|l| l.ingress.as_mut())
+    {
+        ing[0].ip = Some("127.203.0.250".into());
+    }
+    let (res, calls) = bench.reconcile(&s).await;
+    assert!(res.is_ok());
+    assert_eq!(calls.len(), 1, "only the status patch, no event: {calls:?}");
+    assert!(calls[0].is("PATCH", STATUS_PATH));
+    assert!(
+        calls[0].body["status"].get("conditions").is_none(),
+        "condition unchanged"
+    );
+    assert!(bench.platform.mutating_calls().is_empty());
+}
+
+#[tokio::test]
+async fn invalid_annotation_warns_and_makes_no_platform_call() {
+    let bench = Bench::new(&["a"]);
+    let s = annotate(finalized(svc()), crate::annotations::ALGORITHM, "fastest");
+    let (res, calls) = bench.reconcile(&s).await;
+    assert_eq!(res.expect("ok"), Action::requeue(Timing::default().refused_retry));
+    assert!(bench.platform.calls().is_empty(), "{:?}", bench.platform.calls());
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert!(calls[0].is_event("SyncLoadBalancerFailed"));
+    assert_eq!(calls[0].body["type"], "Warning");
+    let note = calls[0].body["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains(crate::annotations::ALGORITHM) && note.contains("round_robin"),
+        "{note}"
+    );
+    assert!(calls[1].is("PATCH", STATUS_PATH));
+    assert_eq!(calls[1].body["status"]["conditions"][0]["reason"], "InvalidAnnotation");
+}
+
+#[tokio::test]
+async fn invalid_annotation_leaves_an_existing_lb_exactly_as_it_was() {
+    let bench = Bench::new(&["a"]);
+    let lb = provisioned(&bench, &finalized(svc())).await;
+    let s = annotate(
+        with_ready_status(finalized(svc()), &lb),
+        crate::annotations::HEALTH_CHECK_PORT,
+        "99999",
+    );
+    let (res, _) = bench.reconcile(&s).await;
+    assert!(res.is_ok());
+    assert!(bench.platform.calls().is_empty(), "{:?}", bench.platform.calls());
+    assert_eq!(bench.platform.lbs("cl-1"), vec![lb]);
+}
+
+#[tokio::test]
+async fn annotation_change_updates_in_place_keeping_the_ip() {
+    let bench = Bench::new(&["a"]);
+    let lb = provisioned(&bench, &finalized(svc())).await;
+    let s = annotate(
+        with_ready_status(finalized(svc()), &lb),
+        crate::annotations::ALGORITHM,
+        "least_connection",
+    );
+    let (res, calls) = bench.reconcile(&s).await;
+    assert_eq!(res.expect("ok"), Action::requeue(Timing::default().poll));
+    assert_eq!(bench.platform.mutating_calls(), vec!["update_load_balancer"]);
+    assert!(calls.iter().any(|c| c.is_event("UpdatedLoadBalancer")), "{calls:?}");
+    let after = &bench.platform.lbs("cl-1")[0];
+    assert_eq!(after.public_ip, lb.public_ip);
+    assert_eq!(after.rules[0].algorithm, crate::platform::Algorithm::LeastConnection);
+}
+
+#[tokio::test]
+async fn a_new_node_is_added_to_the_backends() {
+    let mut bench = Bench::new(&["a", "b"]);
+    let lb = provisioned(&bench, &finalized(svc())).await;
+    bench.add_node("c");
+    let s = with_ready_status(finalized(svc()), &lb);
+    let (res, _) = bench.reconcile(&s).await;
+    assert!(res.is_ok());
+    assert_eq!(bench.platform.mutating_calls(), vec!["update_load_balancer"]);
+    assert_eq!(bench.platform.lbs("cl-1")[0].backends.len(), 3);
+}
+
+#[tokio::test]
+async fn drift_is_repaired_and_a_vanished_lb_recreated() {
+    let bench = Bench::new(&["a", "b"]);
+    let lb = provisioned(&bench, &finalized(svc())).await;
+    let s = with_ready_status(finalized(svc()), &lb);
+    bench.platform.modify_lb("cl-1", &lb.id, |l| l.backends.clear());
+    let (res, _) = bench.reconcile(&s).await;
+    assert!(res.is_ok());
+    assert_eq!(bench.platform.mutating_calls(), vec!["update_load_balancer"]);
+    bench.platform.settle();
+    bench.platform.clear_calls();
+    bench.platform.remove_lb("cl-1", &lb.id);
+    let (res, _) = bench.reconcile(&s).await;
+    assert!(res.is_ok());
+    assert_eq!(bench.platform.mutating_calls(), vec!["create_load_balancer"]);
+}
+
+#[tokio::test]
+async fn an_lb_from_before_a_restart_is_adopted_not_duplicated() {
+    let bench = Bench::new(&["a"]);
+    // Created for this Service before the CCM restarted (same UID label).
+    let lb = provisioned(&bench, &finalized(svc())).await;
+    let s = finalized(svc());
+    let (res, _) = bench.reconcile(&s).await;
+    assert!(res.is_ok());
+    assert!(bench.platform.mutating_calls().is_empty());
+    assert_eq!(bench.platform.lbs("cl-1"), vec![lb]);
+}
+
+#[tokio::test]
+async fn platform_refusal_is_a_warning_and_a_condition_not_a_tight_loop() {
+    let bench = Bench::new(&["a"]);
+    bench.platform.fail_next(
+        "create_load_balancer",
+        FakeFailure::Conflict("no public IP available in region jkt".into()),
+    );
+    let (res, calls) = bench.reconcile(&finalized(svc())).await;
+    assert_eq!(res.expect("ok"), Action::requeue(Timing::default().refused_retry));
+    assert!(calls.iter().any(|c| c.is_event("SyncLoadBalancerFailed")), "{calls:?}");
+    let status = calls.iter().find(|c| c.is("PATCH", STATUS_PATH)).expect("status patch");
+    assert_eq!(status.body["status"]["conditions"][0]["reason"], "PlatformRefused");
+    let msg = status.body["status"]["conditions"][0]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(msg.contains("no public IP available"), "{msg}");
+
+    // UDP switched off on the platform: 422 -> the same treatment.
+    bench.platform.set_udp_enabled(false);
+    let mut udp = finalized(svc());
+    if let Some(spec) = udp.spec.as_mut() {
+        spec.ports = Some(vec![crate::service::desired::tests::port(
+            "dns",
+            "UDP",
+            53,
+            Some(30053),
+        )]);
+    }
+    let (res, calls) = bench.reconcile(&udp).await;
+    assert_eq!(res.expect("ok"), Action::requeue(Timing::default().refused_retry));
+    let status = calls.iter().find(|c| c.is("PATCH", STATUS_PATH)).expect("status patch");
+    let msg = status.body["status"]["conditions"][0]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(msg.contains("udp is not supported"), "{msg}");
+}
+
+#[tokio::test]
+async fn transient_platform_errors_go_to_the_error_policy() {
+    let bench = Bench::new(&["a"]);
+    bench
+        .platform
+        .fail_next("create_load_balancer", FakeFailure::Server(503));
+    let (res, calls) = bench.reconcile(&finalized(svc())).await;
+    let err = res.expect_err("error");
+    assert_eq!(err.metric_label(), "platform_server");
+    assert!(calls.iter().any(|c| c.is_event("SyncLoadBalancerFailed")));
+}
+
+#[tokio::test]
+async fn cleanup_deletes_the_lb_and_its_acquired_ip_then_removes_the_finalizer() {
+    let bench = Bench::new(&["a"]);
+    let lb = provisioned(&bench, &finalized(svc())).await;
+    assert_eq!(bench.platform.public_ips().len(), 1);
+    let s = deleting(with_ready_status(finalized(svc()), &lb));
+
+    let (res, calls) = bench.reconcile(&s).await;
+    let err = res.expect_err("deletion in progress keeps the finalizer");
+    assert!(matches!(err.inner(), Error::InProgress { .. }), "{err}");
+    assert_eq!(bench.platform.mutating_calls(), vec!["delete_load_balancer"]);
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert!(calls[0].is_event("DeletingLoadBalancer"));
+    // In progress is polled, not backed off.
+    let (ctx, _h) = bench.context();
+    assert_eq!(
+        error_policy(Arc::new(s.clone()), &err, ctx),
+        Action::requeue(Timing::default().poll)
+    );
+
+    bench.platform.settle();
+    assert!(bench.platform.lbs("cl-1").is_empty());
+    assert!(bench.platform.public_ips().is_empty(), "acquired IP released");
+    bench.platform.clear_calls();
+    let (res, calls) = bench.reconcile(&s).await;
+    assert!(res.is_ok(), "{res:?}");
+    assert!(bench.platform.mutating_calls().is_empty());
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert!(calls[0].is_event("DeletedLoadBalancer"));
+    assert!(calls[1].is("PATCH", SVC_PATH));
+    let patch = calls[1].body.to_string();
+    assert!(
+        patch.contains("remove") && patch.contains("/metadata/finalizers/0"),
+        "{patch}"
+    );
+}
+
+#[tokio::test]
+async fn a_retained_ip_survives_cleanup() {
+    let bench = Bench::new(&["a"]);
+    let s = annotate(finalized(svc()), crate::annotations::RETAIN_PUBLIC_IP, "true");
+    let lb = provisioned(&bench, &s).await;
+    let d = deleting(with_ready_status(s, &lb));
+    let (res, _) = bench.reconcile(&d).await;
+    assert!(res.is_err());
+    bench.platform.settle();
+    let ips = bench.platform.public_ips();
+    assert_eq!(ips.len(), 1);
+    assert_eq!(Some(ips[0].id.clone()), lb.public_ip.map(|ip| ip.id));
+    assert!(ips[0].attached_to.is_none());
+}
+
+#[tokio::test]
+async fn type_change_away_removes_lb_status_and_finalizer() {
+    let bench = Bench::new(&["a"]);
+    let lb = provisioned(&bench, &finalized(svc())).await;
+    let s = with_type(with_ready_status(finalized(svc()), &lb), "ClusterIP");
+    let (res, _) = bench.reconcile(&s).await;
+    assert!(res.is_err(), "waits for the delete");
+    assert_eq!(bench.platform.mutating_calls(), vec!["delete_load_balancer"]);
+    bench.platform.settle();
+    let (res, calls) = bench.reconcile(&s).await;
+    assert_eq!(res.expect("ok"), Action::await_change());
+    assert_eq!(calls.len(), 3, "{calls:?}");
+    assert!(calls[0].is_event("DeletedLoadBalancer"));
+    assert!(calls[1].is("PATCH", STATUS_PATH));
+    assert_eq!(
+        calls[1].body["status"]["loadBalancer"]["ingress"],
+        serde_json::json!([])
+    );
+    assert!(calls[2].is("PATCH", SVC_PATH));
+}
+
+#[tokio::test]
+async fn load_balancer_ip_reuses_a_free_public_ip() {
+    let bench = Bench::new(&["a"]);
+    bench.platform.add_public_ip("ip-mine", "127.203.0.77");
+    let mut s = finalized(svc());
+    if let Some(spec) = s.spec.as_mut() {
+        spec.load_balancer_ip = Some("127.203.0.77".into());
+    }
+    let (res, _) = bench.reconcile(&s).await;
+    assert!(res.is_ok());
+    let lb = &bench.platform.lbs("cl-1")[0];
+    assert_eq!(lb.public_ip.as_ref().map(|ip| ip.id.as_str()), Some("ip-mine"));
+    // Deleting keeps the user's IP.
+    bench.platform.settle();
+    let d = deleting(with_ready_status(s.clone(), lb));
+    let _ = bench.reconcile(&d).await;
+    bench.platform.settle();
+    assert_eq!(bench.platform.public_ips().len(), 1);
+
+    let mut unknown = finalized(svc());
+    if let Some(spec) = unknown.spec.as_mut() {
+        spec.load_balancer_ip = Some("127.203.0.78".into());
+    }
+    bench.platform.clear_calls();
+    let (res, calls) = bench.reconcile(&unknown).await;
+    assert_eq!(res.expect("ok"), Action::requeue(Timing::default().refused_retry));
+    assert!(bench.platform.mutating_calls().is_empty());
+    assert!(calls.iter().any(|c| c.is_event("SyncLoadBalancerFailed")));
+}
+
+#[tokio::test]
+async fn error_policy_backs_off_per_service_and_resets_on_success() {
+    let bench = Bench::new(&["a"]);
+    let (ctx, _h) = bench.context();
+    let s = Arc::new(finalized(svc()));
+    let err = Error::MissingObjectKey("x");
+    let mut last = Duration::ZERO;
+    for i in 0..4 {
+        let Action { .. } = error_policy(s.clone(), &err, ctx.clone());
+        let n = ctx.failures().get("default/web").copied();
+        assert_eq!(n, Some(i + 1));
+        let d = backoff_delay(i, Duration::from_secs(1), Duration::from_secs(300), 0.5);
+        assert!(d >= last);
+        last = d;
+    }
+    assert!(
+        bench
+            .metrics
+            .render()
+            .contains("reconcile_failures_total{error=\"missing_object_key\"} 4")
+    );
+}
+
+#[test]
+fn backoff_is_exponential_capped_and_jittered() {
+    let (b, m) = (Duration::from_secs(1), Duration::from_secs(300));
+    assert_eq!(backoff_delay(0, b, m, 0.5), Duration::from_secs(1));
+    assert_eq!(backoff_delay(3, b, m, 0.5), Duration::from_secs(8));
+    assert_eq!(backoff_delay(30, b, m, 0.5), Duration::from_secs(300));
+    assert_eq!(backoff_delay(0, b, m, 0.0), Duration::from_millis(800));
+    assert!(backoff_delay(0, b, m, 0.999) < Duration::from_millis(1200));
+    let r = Duration::from_secs(300);
+    assert!(jittered(r, 0.0) >= Duration::from_secs(270) && jittered(r, 1.0) <= Duration::from_secs(330));
+}
+
+#[tokio::test]
+async fn orphan_sweep_deletes_only_our_lbs_of_vanished_services() {
+    let bench = Bench::new(&["a"]);
+    let _lb = provisioned(&bench, &finalized(svc())).await;
+    // Another cluster's LB in the same platform, with a Service UID we do not know.
+    let mut foreign = bench.platform.lbs("cl-1")[0].clone();
+    foreign.id = "lb-foreign".into();
+    foreign.labels.insert(LABEL_CLUSTER_ID.into(), "cl-2".into());
+    foreign.labels.insert(LABEL_SERVICE_UID.into(), "uid-other".into());
+    bench.platform.insert_lb("cl-2", foreign.clone());
+    bench.platform.clear_calls();
+
+    let (ctx, _h) = bench.context();
+    let (services, mut writer) = reflector::store::<Service>();
+    writer.apply_watcher_event(&WatchEvent::Apply(finalized(svc())));
+    assert_eq!(
+        sweep_orphans(&ctx, &services).await.expect("sweep"),
+        0,
+        "Service still exists"
+    );
+    assert!(bench.platform.mutating_calls().is_empty());
+
+    writer.apply_watcher_event(&WatchEvent::Delete(finalized(svc())));
+    assert_eq!(sweep_orphans(&ctx, &services).await.expect("sweep"), 1);
+    assert_eq!(bench.platform.mutating_calls(), vec!["delete_load_balancer"]);
+    bench.platform.settle();
+    assert!(bench.platform.lbs("cl-1").is_empty());
+    assert_eq!(bench.platform.lbs("cl-2"), vec![foreign], "never touched");
+    assert!(bench.metrics.render().contains("orphans_deleted_total 1"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn node_bursts_become_one_resync_and_readiness_flaps_none() {
+    let (nodes, mut writer) = reflector::store::<Node>();
+    writer.apply_watcher_event(&WatchEvent::Apply(node("a")));
+    let (tx, rx) = futures::channel::mpsc::unbounded::<()>();
+    let mut ticks = Box::pin(node_change_ticks(
+        rx,
+        nodes,
+        Duration::from_millis(500),
+        Duration::from_secs(3),
+    ));
+    // First batch: the initial node set.
+    tx.unbounded_send(()).expect("send");
+    assert_eq!(ticks.next().await, Some(()));
+    // A burst of 20 node additions: one tick.
+    for i in 0..20 {
+        writer.apply_watcher_event(&WatchEvent::Apply(node(&format!("n{i}"))));
+        tx.unbounded_send(()).expect("send");
+    }
+    assert_eq!(ticks.next().await, Some(()));
+    // Readiness flaps change nothing: no tick; then the input ends.
+    for _ in 0..5 {
+        writer.apply_watcher_event(&WatchEvent::Apply(crate::service::nodes::tests::with_condition(
+            node("a"),
+            "Ready",
+            Some("False"),
+        )));
+        tx.unbounded_send(()).expect("send");
+    }
+    drop(tx);
+    assert_eq!(ticks.next().await, None);
+}
