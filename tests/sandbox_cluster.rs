@@ -1,0 +1,570 @@
+//! The sandbox cluster as a user meets it: `kuberaya sandbox up`, then the real `kubectl`
+//! (v1.32) and `curl` against Deployments and Services whose pods really answer, on
+//! ClusterIPs, NodePorts and kube-proxy's health check ports.
+//!
+//! Every test runs its own sandbox (`--detach`, unique address ranges, `--no-ccm` until the
+//! CCM runs in `sandbox up`), stopped by a drop guard.
+//!
+//! `kubectl create deployment` sends its object as protobuf, which the API server stand-in
+//! does not decode yet; the tests generate the very same object with `--dry-run=client -o
+//! yaml` and send it with `kubectl apply` (see [`Sandbox::create_deployment`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::net::UdpSocket;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use kuberaya_e2e::{binary, poll_until_blocking, unique_net_index};
+use serde_json::Value;
+
+const KUBECTL: &str = "/usr/bin/kubectl";
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A running sandbox in a temporary state dir; `sandbox down --purge` on drop.
+struct Sandbox {
+    _dir: tempfile::TempDir,
+    state: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+impl Sandbox {
+    fn up() -> Result<Sandbox> {
+        let dir = tempfile::tempdir()?;
+        let state = dir.path().join("sb");
+        let n = unique_net_index();
+        let args = [
+            "sandbox".to_string(),
+            "up".into(),
+            "--detach".into(),
+            "--no-ccm".into(),
+            "--nodes".into(),
+            "3".into(),
+            "--state-dir".into(),
+            state.display().to_string(),
+            "--public-ip-range".into(),
+            format!("127.203.{n}.0/24"),
+            "--vm-ip-range".into(),
+            format!("127.10.{n}.0/24"),
+            "--service-cidr".into(),
+            format!("127.97.{n}.0/24"),
+            "--pod-cidr".into(),
+            format!("127.{}.0.0/16", u16::from(n) + 100),
+        ];
+        let out = Command::new(binary("kuberaya")).args(&args).output()?;
+        let sandbox = Sandbox {
+            kubeconfig: state.join("kubeconfig"),
+            state,
+            _dir: dir,
+        };
+        ensure!(out.status.success(), "sandbox up failed: {}", text(&out));
+        let env = sandbox.kuberaya(&["sandbox", "env"])?;
+        let exported = String::from_utf8_lossy(&env.stdout);
+        ensure!(
+            exported.contains(&format!("export KUBECONFIG={}", sandbox.kubeconfig.display())),
+            "sandbox env exports KUBECONFIG: {exported}"
+        );
+        let nodes = poll_until_blocking(Duration::from_secs(20), || {
+            let nodes = sandbox.get_json(&["get", "nodes"]).ok()?;
+            let ready = nodes["items"]
+                .as_array()?
+                .iter()
+                .filter(|n| node_ready(n) == Some(true))
+                .count();
+            (ready == 3).then_some(())
+        });
+        ensure!(nodes.is_some(), "three Ready nodes: {}", sandbox.log());
+        Ok(sandbox)
+    }
+
+    fn kuberaya(&self, args: &[&str]) -> Result<Output> {
+        let out = Command::new(binary("kuberaya"))
+            .args(args)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .output()
+            .context("running kuberaya")?;
+        ensure!(out.status.success(), "kuberaya {args:?}: {}", text(&out));
+        Ok(out)
+    }
+
+    fn log(&self) -> String {
+        let log = std::fs::read_to_string(self.state.join("sandbox.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    fn kubectl_with_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<Output> {
+        let mut child = Command::new(KUBECTL)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running kubectl")?;
+        if let Some(input) = stdin {
+            child.stdin.take().context("kubectl stdin")?.write_all(input)?;
+        }
+        let out = child.wait_with_output()?;
+        ensure!(out.status.success(), "kubectl {args:?}: {}", text(&out));
+        Ok(out)
+    }
+
+    fn kubectl(&self, args: &[&str]) -> Result<String> {
+        Ok(String::from_utf8_lossy(&self.kubectl_with_stdin(args, None)?.stdout).into_owned())
+    }
+
+    fn apply(&self, yaml: &str) -> Result<()> {
+        self.kubectl_with_stdin(&["apply", "-f", "-"], Some(yaml.as_bytes()))?;
+        Ok(())
+    }
+
+    fn get_json(&self, args: &[&str]) -> Result<Value> {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        Ok(serde_json::from_str(&self.kubectl(&all)?)?)
+    }
+
+    /// `kubectl create deployment NAME --image=any --port=PORT --replicas=N`, generated
+    /// client-side and applied (the stand-in does not take protobuf bodies yet).
+    fn create_deployment(&self, name: &str, port: u16, replicas: u32) -> Result<()> {
+        let yaml = self.kubectl(&[
+            "create",
+            "deployment",
+            name,
+            "--image=any",
+            &format!("--port={port}"),
+            &format!("--replicas={replicas}"),
+            "--dry-run=client",
+            "-o",
+            "yaml",
+        ])?;
+        self.apply(&yaml)
+    }
+
+    /// Waits until the Deployment's pods are all Running and ready: their names and nodes.
+    fn wait_ready_pods(&self, app: &str, count: usize) -> Result<BTreeMap<String, String>> {
+        let mut last = Value::Null;
+        let pods = poll_until_blocking(Duration::from_secs(20), || {
+            let pods = self.get_json(&["get", "pods", "-l", &format!("app={app}")]).ok()?;
+            last = pods.clone();
+            let items = pods["items"].as_array()?;
+            let ready: BTreeMap<String, String> = items
+                .iter()
+                .filter(|p| pod_ready(p) && p["status"]["podIP"].is_string())
+                .filter_map(|p| {
+                    Some((
+                        p["metadata"]["name"].as_str()?.into(),
+                        p["spec"]["nodeName"].as_str()?.into(),
+                    ))
+                })
+                .collect();
+            (items.len() == count && ready.len() == count).then_some(ready)
+        });
+        pods.with_context(|| format!("{count} ready pods of {app}: {last}\n{}", self.log()))
+    }
+
+    /// The InternalIP of each node.
+    fn node_ips(&self) -> Result<BTreeMap<String, String>> {
+        let nodes = self.get_json(&["get", "nodes"])?;
+        let mut out = BTreeMap::new();
+        for n in nodes["items"].as_array().context("nodes")? {
+            let name = n["metadata"]["name"].as_str().context("node name")?;
+            let ip = n["status"]["addresses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|a| a["type"] == "InternalIP")
+                .and_then(|a| a["address"].as_str())
+                .with_context(|| format!("InternalIP of {name}: {n}"))?;
+            out.insert(name.to_string(), ip.to_string());
+        }
+        Ok(out)
+    }
+
+    fn service(&self, name: &str) -> Result<Value> {
+        self.get_json(&["get", "service", name])
+    }
+
+    /// The endpoints of the Service's slices: (pod name, ready).
+    fn slice_endpoints(&self, service: &str) -> Result<Vec<(String, bool)>> {
+        let slices = self.get_json(&[
+            "get",
+            "endpointslices",
+            "-l",
+            &format!("kubernetes.io/service-name={service}"),
+        ])?;
+        let mut out = Vec::new();
+        for s in slices["items"].as_array().context("slices")? {
+            for e in s["endpoints"].as_array().into_iter().flatten() {
+                let pod = e["targetRef"]["name"].as_str().unwrap_or_default().to_string();
+                out.push((pod, e["conditions"]["ready"] != false));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- sandbox log (tail) ---\n{}", self.log());
+        }
+        let _ = Command::new(binary("kuberaya"))
+            .args(["sandbox", "down", "--purge", "--state-dir"])
+            .arg(&self.state)
+            .output();
+    }
+}
+
+fn node_ready(node: &Value) -> Option<bool> {
+    let conds = node["status"]["conditions"].as_array()?;
+    Some(conds.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+}
+
+fn pod_ready(pod: &Value) -> bool {
+    pod["status"]["conditions"]
+        .as_array()
+        .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+}
+
+/// `curl -s` with a short timeout: the body, or `None` when it fails.
+fn curl(url: &str) -> Option<String> {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "2", url])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The pod name out of a responder's answer `pod=NAME namespace=NS node=NODE`.
+fn answered_by(body: &str) -> Option<String> {
+    body.split_whitespace()
+        .find_map(|w| w.strip_prefix("pod="))
+        .map(String::from)
+}
+
+/// Which pods answered `n` requests to `url` (every request must be answered).
+fn pods_answering(url: &str, n: usize) -> Result<BTreeSet<String>> {
+    let mut seen = BTreeSet::new();
+    for i in 0..n {
+        let body = curl(url).with_context(|| format!("request {i} to {url} failed"))?;
+        seen.insert(answered_by(&body).with_context(|| format!("unexpected answer {body:?}"))?);
+    }
+    Ok(seen)
+}
+
+fn cluster_ip(svc: &Value) -> Result<String> {
+    Ok(svc["spec"]["clusterIP"].as_str().context("clusterIP")?.to_string())
+}
+
+fn node_port(svc: &Value) -> Result<u64> {
+    svc["spec"]["ports"][0]["nodePort"].as_u64().context("nodePort")
+}
+
+#[test]
+fn deployment_answers_from_every_pod_on_the_cluster_ip_and_on_every_node_port() -> Result<()> {
+    let sb = Sandbox::up()?;
+    sb.create_deployment("web", 8080, 3)?;
+    sb.kubectl(&["expose", "deployment", "web", "--port=80", "--target-port=8080"])?;
+    let pods = sb.wait_ready_pods("web", 3)?;
+    let ip = cluster_ip(&sb.service("web")?)?;
+    let url = format!("http://{ip}:80/");
+    let ready = poll_until_blocking(Duration::from_secs(10), || {
+        (sb.slice_endpoints("web").ok()?.len() == 3).then_some(())
+    });
+    ensure!(ready.is_some(), "three endpoints: {:?}", sb.slice_endpoints("web"));
+    let seen = pods_answering(&url, 30)?;
+    let expected: BTreeSet<String> = pods.keys().cloned().collect();
+    assert_eq!(seen, expected, "over 30 requests every pod answers");
+    let body = curl(&url).context("answer")?;
+    let (pod, node) = pods
+        .iter()
+        .find(|(p, _)| body.contains(&format!("pod={p} ")))
+        .context("a known pod")?;
+    assert_eq!(body, format!("pod={pod} namespace=default node={node}\n"));
+
+    sb.kubectl(&[
+        "expose",
+        "deployment",
+        "web",
+        "--name=web-np",
+        "--type=NodePort",
+        "--port=80",
+        "--target-port=8080",
+    ])?;
+    let port = node_port(&sb.service("web-np")?)?;
+    for (node, node_ip) in sb.node_ips()? {
+        let url = format!("http://{node_ip}:{port}/");
+        let answered = poll_until_blocking(Duration::from_secs(5), || curl(&url).and_then(|b| answered_by(&b)));
+        let pod = answered.with_context(|| format!("NodePort on {node} ({url}) answers"))?;
+        assert!(expected.contains(&pod), "{pod} is one of the deployment's pods");
+    }
+    Ok(())
+}
+
+#[test]
+fn scale_down_shrinks_the_slice_and_not_ready_pods_get_no_traffic() -> Result<()> {
+    let sb = Sandbox::up()?;
+    sb.create_deployment("web", 8080, 3)?;
+    sb.kubectl(&["expose", "deployment", "web", "--port=80", "--target-port=8080"])?;
+    let pods = sb.wait_ready_pods("web", 3)?;
+    let url = format!("http://{}:80/", cluster_ip(&sb.service("web")?)?);
+
+    // A pod made not ready: its endpoint goes not-ready and it gets no more traffic.
+    let victim = pods.keys().next().context("a pod")?.clone();
+    sb.kubectl(&["annotate", "pod", &victim, "sandbox.kuberaya.io/ready=false"])?;
+    let not_ready = poll_until_blocking(Duration::from_secs(5), || {
+        let eps = sb.slice_endpoints("web").ok()?;
+        eps.iter().any(|(p, ready)| p == &victim && !ready).then_some(eps)
+    });
+    ensure!(
+        not_ready.is_some(),
+        "the endpoint of {victim} goes not-ready: {:?}",
+        sb.slice_endpoints("web")
+    );
+    let seen = pods_answering(&url, 30)?;
+    assert!(!seen.contains(&victim), "{victim} (not ready) got traffic: {seen:?}");
+    assert_eq!(seen.len(), 2, "the two ready pods share the traffic: {seen:?}");
+    sb.kubectl(&["annotate", "pod", &victim, "sandbox.kuberaya.io/ready-"])?;
+    let back = poll_until_blocking(Duration::from_secs(5), || {
+        sb.slice_endpoints("web")
+            .ok()?
+            .iter()
+            .all(|(_, ready)| *ready)
+            .then_some(())
+    });
+    ensure!(back.is_some(), "readiness comes back: {:?}", sb.slice_endpoints("web"));
+
+    // Scale to 1: the slice shrinks within 2 s and the Service still answers.
+    sb.kubectl(&["scale", "deployment", "web", "--replicas=1"])?;
+    let scaled = Instant::now();
+    let mut last = Vec::new();
+    let shrunk = poll_until_blocking(Duration::from_secs(2), || {
+        last = sb.slice_endpoints("web").ok()?;
+        (last.len() == 1).then(|| scaled.elapsed())
+    });
+    let took = shrunk.with_context(|| format!("the slice still lists {last:?} 2 s after scaling to 1"))?;
+    eprintln!("slice shrank {took:?} after the scale");
+    let remaining = sb.wait_ready_pods("web", 1)?;
+    let seen = pods_answering(&url, 5)?;
+    assert_eq!(seen, remaining.keys().cloned().collect(), "the remaining pod answers");
+    Ok(())
+}
+
+#[test]
+fn local_traffic_policy_health_checks_and_no_forwarding_without_a_local_pod() -> Result<()> {
+    let sb = Sandbox::up()?;
+    sb.create_deployment("web", 8080, 1)?;
+    sb.apply(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web-local\nspec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  selector:\n    app: web\n  ports:\n  - port: 80\n    targetPort: 8080\n",
+    )?;
+    let pods = sb.wait_ready_pods("web", 1)?;
+    let (pod, pod_node) = pods.iter().next().context("the pod")?;
+    let svc = sb.service("web-local")?;
+    let hc_port = svc["spec"]["healthCheckNodePort"]
+        .as_u64()
+        .context("healthCheckNodePort allocated")?;
+    let port = node_port(&svc)?;
+    let ips = sb.node_ips()?;
+    ensure!(ips.len() == 3, "three nodes: {ips:?}");
+    for (node, ip) in &ips {
+        let url = format!("http://{ip}:{hc_port}/healthz");
+        let want = if node == pod_node { 200 } else { 503 };
+        let got = poll_until_blocking(Duration::from_secs(5), || {
+            let out = Command::new("curl")
+                .args([
+                    "-s",
+                    "--max-time",
+                    "2",
+                    "-o",
+                    "/dev/stdout",
+                    "-w",
+                    "\n%{http_code}",
+                    &url,
+                ])
+                .output()
+                .ok()?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let (body, code) = text.rsplit_once('\n')?;
+            (code.parse::<u16>().ok()? == want).then(|| body.to_string())
+        });
+        let body = got.with_context(|| format!("healthCheckNodePort on {node} answers {want}"))?;
+        let doc: Value = serde_json::from_str(&body).with_context(|| format!("JSON health answer: {body}"))?;
+        assert_eq!(
+            doc["localEndpoints"],
+            if node == pod_node { 1 } else { 0 },
+            "{node}: {doc}"
+        );
+        assert_eq!(doc["service"]["name"], "web-local");
+
+        let healthz = curl(&format!("http://{ip}:10256/healthz")).with_context(|| format!("{node}: :10256/healthz"))?;
+        assert!(healthz.contains("\"nodeEligible\":true"), "{healthz}");
+
+        let answer = curl(&format!("http://{ip}:{port}/"));
+        if node == pod_node {
+            assert_eq!(
+                answer.as_deref().and_then(answered_by).as_deref(),
+                Some(pod.as_str()),
+                "local NodePort forwards"
+            );
+        } else {
+            assert_eq!(answer, None, "NodePort on {node} (no local pod) must not forward");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn stopped_node_vm_makes_the_node_and_its_pods_not_ready() -> Result<()> {
+    let sb = Sandbox::up()?;
+    sb.create_deployment("web", 8080, 3)?;
+    sb.kubectl(&["expose", "deployment", "web", "--port=80", "--target-port=8080"])?;
+    let pods = sb.wait_ready_pods("web", 3)?;
+    let nodes: BTreeSet<&String> = pods.values().collect();
+    ensure!(nodes.len() == 3, "one pod per node: {pods:?}");
+    let on_w2: Vec<String> = pods
+        .iter()
+        .filter(|(_, n)| n.as_str() == "w2")
+        .map(|(p, _)| p.clone())
+        .collect();
+    ensure!(!on_w2.is_empty(), "a pod on w2: {pods:?}");
+
+    sb.kuberaya(&["sandbox", "node", "stop", "w2"])?;
+    let not_ready = poll_until_blocking(Duration::from_secs(10), || {
+        let node = sb.get_json(&["get", "node", "w2"]).ok()?;
+        (node_ready(&node) == Some(false)).then_some(())
+    });
+    ensure!(
+        not_ready.is_some(),
+        "Node w2 goes NotReady: {}",
+        sb.kubectl(&["get", "nodes"])?
+    );
+    let pods_not_ready = poll_until_blocking(Duration::from_secs(10), || {
+        let all = sb.get_json(&["get", "pods", "-l", "app=web"]).ok()?;
+        let items = all["items"].as_array()?;
+        items
+            .iter()
+            .filter(|p| p["spec"]["nodeName"] == "w2")
+            .all(|p| !pod_ready(p))
+            .then_some(())
+    });
+    ensure!(
+        pods_not_ready.is_some(),
+        "pods on w2 are not ready: {}",
+        sb.kubectl(&["get", "pods", "-o", "wide"])?
+    );
+    let eps = sb.slice_endpoints("web")?;
+    for p in &on_w2 {
+        assert!(
+            eps.contains(&(p.clone(), false)),
+            "{p}'s endpoint is not ready: {eps:?}"
+        );
+    }
+    let url = format!("http://{}:80/", cluster_ip(&sb.service("web")?)?);
+    let seen = pods_answering(&url, 12)?;
+    assert!(
+        on_w2.iter().all(|p| !seen.contains(p)),
+        "no traffic to the stopped node's pods: {seen:?}"
+    );
+
+    sb.kuberaya(&["sandbox", "node", "start", "w2"])?;
+    let ready = poll_until_blocking(Duration::from_secs(10), || {
+        let node = sb.get_json(&["get", "node", "w2"]).ok()?;
+        (node_ready(&node) == Some(true)).then_some(())
+    });
+    ensure!(ready.is_some(), "Node w2 is Ready again after start");
+    sb.wait_ready_pods("web", 3)?;
+    Ok(())
+}
+
+const UDP_ECHO: &str = r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: echo
+spec:
+  replicas: 2
+  selector:
+    matchLabels:
+      app: echo
+  template:
+    metadata:
+      labels:
+        app: echo
+    spec:
+      containers:
+      - name: echo
+        image: any
+        ports:
+        - containerPort: 5353
+          protocol: UDP
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: echo
+spec:
+  type: NodePort
+  selector:
+    app: echo
+  ports:
+  - name: dns
+    port: 53
+    targetPort: 5353
+    protocol: UDP
+"#;
+
+/// Sends `payload` to `addr` over UDP and returns the answer.
+fn udp_roundtrip(addr: &str, payload: &[u8]) -> Result<Vec<u8>> {
+    let socket = UdpSocket::bind("127.0.0.1:0")?;
+    socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+    for _ in 0..6 {
+        socket.send_to(payload, addr)?;
+        let mut buf = [0u8; 1500];
+        if let Ok((n, _)) = socket.recv_from(&mut buf) {
+            return Ok(buf[..n].to_vec());
+        }
+    }
+    bail!("no UDP answer from {addr}")
+}
+
+#[test]
+fn udp_echo_through_cluster_ip_and_node_port() -> Result<()> {
+    let sb = Sandbox::up()?;
+    sb.apply(UDP_ECHO)?;
+    let pods = sb.wait_ready_pods("echo", 2)?;
+    let svc = sb.service("echo")?;
+    let ip = cluster_ip(&svc)?;
+    let port = node_port(&svc)?;
+    let ready = poll_until_blocking(Duration::from_secs(10), || {
+        (sb.slice_endpoints("echo").ok()?.len() == 2).then_some(())
+    });
+    ensure!(ready.is_some(), "two endpoints: {:?}", sb.slice_endpoints("echo"));
+    let mut targets = vec![format!("{ip}:53")];
+    targets.extend(sb.node_ips()?.values().map(|node_ip| format!("{node_ip}:{port}")));
+    for target in targets {
+        let answer = String::from_utf8(udp_roundtrip(&target, b"hello over udp")?)?;
+        let (prefix, rest) = answer.split_once(' ').context("prefixed answer")?;
+        let pod = prefix
+            .strip_prefix("pod=")
+            .with_context(|| format!("pod prefix in {answer:?}"))?;
+        assert!(pods.contains_key(pod), "{target}: answered by {pod}, one of {pods:?}");
+        assert_eq!(rest, "hello over udp", "{target}: echoed");
+    }
+    Ok(())
+}
