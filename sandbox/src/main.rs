@@ -20,6 +20,30 @@ struct Cli {
 enum Command {
     /// Run the CloudRaya platform stand-in (API and load-balancer data plane).
     Platform(PlatformArgs),
+    /// Run the Kubernetes API server stand-in (HTTPS, bearer token, kubeconfig for kubectl).
+    Kube(KubeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct KubeArgs {
+    /// Address to serve on (port 0: any free port; the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Directory of the persistent state (certificates, token, objects).
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// Write a kubeconfig for kubectl here once serving.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Context (and cluster) name in the kubeconfig.
+    #[arg(long, default_value = "kuberaya-sandbox")]
+    context: String,
+    /// Service ClusterIP range.
+    #[arg(long, default_value = "127.96.0.0/16")]
+    service_cidr: ipnet::Ipv4Net,
+    /// Serve plain HTTP instead of HTTPS (the bearer token is still required).
+    #[arg(long)]
+    insecure_http: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -70,7 +94,39 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Platform(args) => run_platform(args).await,
+        Command::Kube(args) => run_kube(args).await,
     }
+}
+
+async fn run_kube(args: KubeArgs) -> anyhow::Result<()> {
+    use kuberaya_sandbox::kube::{KubeApi, KubeApiConfig};
+    let config = KubeApiConfig {
+        service_cidr: args.service_cidr,
+        tls: !args.insecure_http,
+        ..KubeApiConfig::new(&args.state_dir)
+    };
+    let api = KubeApi::open(config)
+        .await
+        .with_context(|| format!("cannot open kube state in {}", args.state_dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr().context("cannot read listen address")?;
+    let url = format!("{}://{addr}", if args.insecure_http { "http" } else { "https" });
+    if let Some(path) = &args.kubeconfig {
+        api.write_kubeconfig(path, &url, &args.context).context("cannot write the kubeconfig")?;
+    }
+    {
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "listening on {url}")?;
+        stdout.flush()?;
+    }
+    tracing::info!(%addr, "kube API stand-in serving");
+    kuberaya_sandbox::kube::serve(listener, api, shutdown_signal())
+        .await
+        .context("serving the kube API failed")?;
+    tracing::info!("kube API stand-in stopped");
+    Ok(())
 }
 
 async fn run_platform(args: PlatformArgs) -> anyhow::Result<()> {
