@@ -144,6 +144,10 @@ impl Gateway {
                 continue;
             };
             let verdict = self.policy.acl.check(peer_addr, &pkt);
+            tracing::trace!(
+                peer = %peer, src = %pkt.src, dst = %pkt.dst, proto = pkt.proto, port = ?pkt.dst_port(),
+                len = bytes.len(), verdict = verdict.label(), "packet from tunnel"
+            );
             match verdict {
                 Verdict::Spoofed => {
                     self.metrics.dropped_packet(&peer.to_string(), "spoofed");
@@ -193,7 +197,8 @@ impl Gateway {
         let Gateway { dp, table, buf, io, .. } = self;
         dp.outbound(now, &mut |p: &[u8]| {
             if let Ok(parsed) = packet::parse(p) {
-                let _ = table.send_to(parsed.dst, p, buf, io);
+                let r = table.send_to(parsed.dst, p, buf, io);
+                tracing::trace!(dst = %parsed.dst, proto = parsed.proto, len = p.len(), result = ?r, "packet to tunnel");
             }
         });
     }

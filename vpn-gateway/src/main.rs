@@ -60,6 +60,9 @@ struct Args {
     /// Handshakes per second before cookie replies are demanded.
     #[arg(long, default_value_t = kuberaya_gateway::tunnel::DEFAULT_HANDSHAKE_LIMIT)]
     handshake_limit: u64,
+    /// Print a fresh key pair ("<private> <public>", base64) and exit.
+    #[arg(long)]
+    generate_keypair: bool,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -68,6 +71,11 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.generate_keypair {
+        let k = PrivateKey::generate();
+        println!("{} {}", k.to_base64(), k.public_key());
+        return Ok(());
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     if args.log_json {
