@@ -27,7 +27,6 @@ const STEP: Duration = Duration::from_secs(3);
 /// A TCP server answering every connection with its name, and a UDP server echoing
 /// `name:payload`, both on one VM's private IP.
 struct Backend {
-    name: String,
     tcp: JoinHandle<()>,
     udp: JoinHandle<()>,
 }
@@ -117,6 +116,22 @@ async fn udp_spread(addr: SocketAddr, n: usize) -> HashMap<String, usize> {
     counts
 }
 
+#[derive(Debug, Clone, Copy)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    /// Which backends answer `n` new connections (TCP) or flows (UDP).
+    async fn spread(self, addr: SocketAddr, n: usize) -> HashMap<String, usize> {
+        match self {
+            Proto::Tcp => tcp_spread(addr, n).await,
+            Proto::Udp => udp_spread(addr, n).await,
+        }
+    }
+}
+
 fn assert_even(counts: &HashMap<String, usize>, a: &str, b: &str, total: usize) {
     let (ca, cb) = (counts.get(a).copied().unwrap_or(0), counts.get(b).copied().unwrap_or(0));
     assert_eq!(
@@ -132,21 +147,13 @@ fn assert_even(counts: &HashMap<String, usize>, a: &str, b: &str, total: usize) 
 }
 
 /// Poll until `n` new connections in a row all go to `only` (bounded).
-async fn wait_all_to(addr: SocketAddr, only: &str, n: usize, udp: bool) -> HashMap<String, usize> {
+async fn wait_all_to(proto: Proto, addr: SocketAddr, only: &str, n: usize) -> HashMap<String, usize> {
     let found = poll_until(Duration::from_secs(15), Duration::from_millis(200), || async {
-        let counts = if udp {
-            udp_spread(addr, n).await
-        } else {
-            tcp_spread(addr, n).await
-        };
+        let counts = proto.spread(addr, n).await;
         (counts.get(only) == Some(&n)).then_some(counts)
     })
     .await;
-    let last = if udp {
-        udp_spread(addr, n).await
-    } else {
-        tcp_spread(addr, n).await
-    };
+    let last = proto.spread(addr, n).await;
     found.unwrap_or_else(|| panic!("traffic did not move entirely to {only} within 15 s; last spread {last:?}"))
 }
 
@@ -200,8 +207,10 @@ fn health_check() -> Value {
     json!({"protocol": "tcp", "port": BACKEND_TCP_PORT, "interval_s": 2, "timeout_s": 1, "healthy_threshold": 1, "unhealthy_threshold": 1})
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tcp_lb_round_robin_health_and_restart() -> Result<()> {
+/// Two VMs behind one round-robin rule: an even split; a stopped VM out at once and back
+/// after it starts; a VM whose server died out once its health check fails; after a
+/// restart of the stand-in the same LB forwards to both again.
+async fn round_robin_health_and_restart(proto: Proto) -> Result<()> {
     let mut platform = PlatformTarget::start_sandbox(SandboxOptions {
         provisioning_delay_ms: Some(100),
         ..Default::default()
@@ -211,54 +220,56 @@ async fn tcp_lb_round_robin_health_and_restart() -> Result<()> {
     let vms = vms(&api, &cluster).await;
     assert!(vms.len() >= 2, "the stand-in's cluster has worker VMs");
     let (vm1, vm2) = (&vms[0], &vms[1]);
-    let b1 = Backend::start("vm1", vm1["private_ip"].as_str().unwrap()).await?;
-    let _b2 = Backend::start("vm2", vm2["private_ip"].as_str().unwrap()).await?;
+    let (vm1_id, vm1_ip) = (
+        vm1["id"].as_str().context("id")?,
+        vm1["private_ip"].as_str().context("ip")?,
+    );
+    let b1 = Backend::start("vm1", vm1_ip).await?;
+    let _b2 = Backend::start("vm2", vm2["private_ip"].as_str().context("ip")?).await?;
 
-    let rule = json!({"name": "web", "protocol": "tcp", "public_port": 8080, "private_port": BACKEND_TCP_PORT, "algorithm": "round_robin", "health_check": health_check()});
+    // UDP cannot be probed by connecting, so both rules check the VM's TCP port.
+    let (rule, port) = match proto {
+        Proto::Tcp => (
+            json!({"name": "web", "protocol": "tcp", "public_port": 8080, "private_port": BACKEND_TCP_PORT, "algorithm": "round_robin", "health_check": health_check()}),
+            8080,
+        ),
+        Proto::Udp => (
+            json!({"name": "dns", "protocol": "udp", "public_port": 5353, "private_port": BACKEND_UDP_PORT, "algorithm": "round_robin", "health_check": health_check()}),
+            5353,
+        ),
+    };
+    let name = format!("fwd-{proto:?}").to_lowercase();
     let (path, lb) = create_lb(
         &api,
         &cluster,
-        "fwd-tcp",
+        &name,
         rule,
-        &[vm1["id"].as_str().unwrap(), vm2["id"].as_str().unwrap()],
+        &[vm1_id, vm2["id"].as_str().context("id")?],
     )
     .await?;
-    let addr = public_addr(&lb, 8080)?;
+    let addr = public_addr(&lb, port)?;
 
-    // 100 connections split about evenly.
-    let counts = tcp_spread(addr, 100).await;
-    assert_even(&counts, "vm1", "vm2", 100);
+    // 100 connections (or flows, one per client socket) split about evenly.
+    assert_even(&proto.spread(addr, 100).await, "vm1", "vm2", 100);
 
     // VM 1 stopped: all new connections go to VM 2.
     let ctl = platform.control_api();
-    let a = ctl
-        .post(
-            &format!("/_sandbox/vms/{}/stop", vm1["id"].as_str().unwrap()),
-            &json!({}),
-        )
-        .await;
+    let a = ctl.post(&format!("/_sandbox/vms/{vm1_id}/stop"), &json!({})).await;
     assert_eq!(a.status, 200, "{}", a.describe());
-    wait_all_to(addr, "vm2", 20, false).await;
+    wait_all_to(proto, addr, "vm2", 20).await;
 
     // Started again: back in the rotation after its health checks pass.
-    let a = ctl
-        .post(
-            &format!("/_sandbox/vms/{}/start", vm1["id"].as_str().unwrap()),
-            &json!({}),
-        )
-        .await;
+    let a = ctl.post(&format!("/_sandbox/vms/{vm1_id}/start"), &json!({})).await;
     assert_eq!(a.status, 200, "{}", a.describe());
     poll_until(Duration::from_secs(15), Duration::from_millis(200), || async {
-        let c = tcp_spread(addr, 10).await;
-        (c.get("vm1").copied().unwrap_or(0) >= 3).then_some(())
+        (proto.spread(addr, 10).await.get("vm1").copied().unwrap_or(0) >= 3).then_some(())
     })
     .await
     .context("VM 1 did not come back into the rotation")?;
 
-    // VM 1 running but its server dead: the health checks take it out. (Connections
+    // VM 1 running but its server dead: the health checks take it out. (TCP connections
     // never fail meanwhile: the LB retries the next backend when a connect fails.)
     b1.kill();
-    let vm1_id = vm1["id"].clone();
     poll_until(Duration::from_secs(10), Duration::from_millis(100), || async {
         let lb_now = api.get(&path).await;
         let unhealthy = lb_now.data()["health"]
@@ -270,86 +281,32 @@ async fn tcp_lb_round_robin_health_and_restart() -> Result<()> {
     })
     .await
     .context("the LB never reported VM 1 unhealthy after its server died")?;
-    wait_all_to(addr, "vm2", 20, false).await;
+    wait_all_to(proto, addr, "vm2", 20).await;
 
     // The stand-in restarted: the LB is still there and forwards again, to both.
-    let _b1 = Backend::start("vm1", vm1["private_ip"].as_str().unwrap()).await?;
+    let _b1 = Backend::start("vm1", vm1_ip).await?;
     platform.restart()?;
     let api = platform.login().await?;
     let lb_after = wait_active(&api, &path).await?;
     assert_eq!(lb_after["public_ip"], lb["public_ip"], "same public IP after a restart");
     let counts = poll_until(Duration::from_secs(15), Duration::from_millis(200), || async {
-        let c = tcp_spread(addr, 40).await;
+        let c = proto.spread(addr, 40).await;
         (c.get("vm1").copied().unwrap_or(0) + c.get("vm2").copied().unwrap_or(0) == 40).then_some(c)
     })
     .await
     .context("the LB does not forward after the stand-in restarted")?;
     assert_even(&counts, "vm1", "vm2", 40);
-    drop(b1);
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_lb_round_robin_health_and_restart() -> Result<()> {
+    round_robin_health_and_restart(Proto::Tcp).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_lb_round_robin_health_and_restart() -> Result<()> {
-    let mut platform = PlatformTarget::start_sandbox(SandboxOptions {
-        provisioning_delay_ms: Some(100),
-        ..Default::default()
-    })?;
-    let api = platform.login().await?;
-    let cluster = platform.cluster_id.clone();
-    let vms = vms(&api, &cluster).await;
-    let (vm1, vm2) = (&vms[0], &vms[1]);
-    let b1 = Backend::start("vm1", vm1["private_ip"].as_str().unwrap()).await?;
-    let _b2 = Backend::start("vm2", vm2["private_ip"].as_str().unwrap()).await?;
-
-    // UDP cannot be probed by connecting, so the rule checks the VM's TCP port.
-    let rule = json!({"name": "dns", "protocol": "udp", "public_port": 5353, "private_port": BACKEND_UDP_PORT, "algorithm": "round_robin", "health_check": health_check()});
-    let (path, lb) = create_lb(
-        &api,
-        &cluster,
-        "fwd-udp",
-        rule,
-        &[vm1["id"].as_str().unwrap(), vm2["id"].as_str().unwrap()],
-    )
-    .await?;
-    let addr = public_addr(&lb, 5353)?;
-
-    // 100 flows (one per client socket) split about evenly.
-    let counts = udp_spread(addr, 100).await;
-    assert_even(&counts, "vm1", "vm2", 100);
-
-    let ctl = platform.control_api();
-    let a = ctl
-        .post(
-            &format!("/_sandbox/vms/{}/stop", vm1["id"].as_str().unwrap()),
-            &json!({}),
-        )
-        .await;
-    assert_eq!(a.status, 200, "{}", a.describe());
-    wait_all_to(addr, "vm2", 20, true).await;
-    let a = ctl
-        .post(
-            &format!("/_sandbox/vms/{}/start", vm1["id"].as_str().unwrap()),
-            &json!({}),
-        )
-        .await;
-    assert_eq!(a.status, 200, "{}", a.describe());
-
-    b1.kill();
-    wait_all_to(addr, "vm2", 20, true).await;
-
-    let _b1 = Backend::start("vm1", vm1["private_ip"].as_str().unwrap()).await?;
-    platform.restart()?;
-    let api = platform.login().await?;
-    wait_active(&api, &path).await?;
-    let counts = poll_until(Duration::from_secs(15), Duration::from_millis(200), || async {
-        let c = udp_spread(addr, 40).await;
-        (c.get("vm1").copied().unwrap_or(0) + c.get("vm2").copied().unwrap_or(0) == 40).then_some(c)
-    })
-    .await
-    .context("the UDP rule does not forward after the stand-in restarted")?;
-    assert_even(&counts, "vm1", "vm2", 40);
-    Ok(())
+    round_robin_health_and_restart(Proto::Udp).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

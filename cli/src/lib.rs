@@ -12,7 +12,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "kuberaya", version, about = "KubeRaya networking: load balancers, VPN peers, exposure audit, local sandbox")]
+#[command(
+    name = "kuberaya",
+    version,
+    about = "KubeRaya networking: load balancers, VPN peers, exposure audit, local sandbox"
+)]
 pub struct Cli {
     /// More log output on stderr (repeat for more).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]

@@ -32,7 +32,15 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
         }
         out.push('\n');
     };
-    line(headers.iter().map(|h| h.to_uppercase()).collect::<Vec<_>>().iter().map(|s| s.as_str()).collect());
+    line(
+        headers
+            .iter()
+            .map(|h| h.to_uppercase())
+            .collect::<Vec<_>>()
+            .iter()
+            .map(|s| s.as_str())
+            .collect(),
+    );
     for row in rows {
         line(row.iter().map(|s| s.as_str()).collect());
     }
@@ -45,7 +53,13 @@ mod tests {
 
     #[test]
     fn table_pads_columns_to_the_widest_cell() {
-        let t = table(&["name", "ip"], &[vec!["w1".into(), "127.10.0.11".into()], vec!["worker-22".into(), "-".into()]]);
+        let t = table(
+            &["name", "ip"],
+            &[
+                vec!["w1".into(), "127.10.0.11".into()],
+                vec!["worker-22".into(), "-".into()],
+            ],
+        );
         assert_eq!(t, "NAME        IP\nw1          127.10.0.11\nworker-22   -\n");
     }
 }

@@ -172,7 +172,9 @@ pub fn default_state_dir() -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(dir).join("kuberaya/sandbox"));
     }
-    let home = std::env::var_os("HOME").filter(|d| !d.is_empty()).context("neither XDG_STATE_HOME nor HOME is set; pass --state-dir")?;
+    let home = std::env::var_os("HOME")
+        .filter(|d| !d.is_empty())
+        .context("neither XDG_STATE_HOME nor HOME is set; pass --state-dir")?;
     Ok(PathBuf::from(home).join(".local/state/kuberaya/sandbox"))
 }
 
@@ -186,7 +188,13 @@ fn state_dir(arg: &StateDirArg) -> anyhow::Result<PathBuf> {
 /// An exclusive, non-blocking flock on `sandbox.lock`: `Ok(None)` when another process holds it.
 fn try_lock(dir: &Path) -> anyhow::Result<Option<File>> {
     let path = dir.join(LOCK_FILE);
-    let file = OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
     // SAFETY: flock on a descriptor we own; no memory is involved.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc == 0 {
@@ -210,7 +218,9 @@ fn is_running(dir: &Path) -> anyhow::Result<bool> {
 fn read_runtime(dir: &Path) -> anyhow::Result<Option<Runtime>> {
     let path = dir.join(RUNTIME_FILE);
     match fs::read(&path) {
-        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid", path.display()))?)),
+        Ok(bytes) => Ok(Some(
+            serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid", path.display()))?,
+        )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
@@ -219,7 +229,13 @@ fn read_runtime(dir: &Path) -> anyhow::Result<Option<Runtime>> {
 /// Write `contents` to `path` with mode 0600, atomically (temp file + rename).
 fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut f = OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     f.write_all(contents)?;
     f.sync_all()?;
     fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
@@ -229,40 +245,61 @@ fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
 fn load_or_make_credentials(dir: &Path) -> anyhow::Result<Credentials> {
     let path = dir.join(CREDENTIALS_FILE);
     if let Ok(bytes) = fs::read(&path) {
-        return serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid; delete it to make new credentials", path.display()));
+        return serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} is not valid; delete it to make new credentials", path.display()));
     }
     let password: String = {
         let bytes: [u8; 18] = rand::random();
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     };
-    let creds = Credentials { email: SANDBOX_EMAIL.to_string(), password };
+    let creds = Credentials {
+        email: SANDBOX_EMAIL.to_string(),
+        password,
+    };
     write_private(&path, &serde_json::to_vec_pretty(&creds)?)?;
     Ok(creds)
 }
 
 fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 async fn bind_platform_listener(dir: &Path, requested: Option<SocketAddr>) -> anyhow::Result<tokio::net::TcpListener> {
     if let Some(addr) = requested {
-        return tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"));
+        return tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"));
     }
     // Keep the previous run's address when it is free, so exported variables stay valid.
-    if let Some(prev) = read_runtime(dir).ok().flatten().and_then(|rt| rt.platform_url.strip_prefix("http://").and_then(|a| a.parse::<SocketAddr>().ok()))
-        && let Ok(l) = tokio::net::TcpListener::bind(prev).await
+    if let Some(prev) = read_runtime(dir).ok().flatten().and_then(|rt| {
+        rt.platform_url
+            .strip_prefix("http://")
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+    }) && let Ok(l) = tokio::net::TcpListener::bind(prev).await
     {
         return Ok(l);
     }
-    tokio::net::TcpListener::bind("127.0.0.1:0").await.context("cannot listen on 127.0.0.1")
+    tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("cannot listen on 127.0.0.1")
 }
 
 async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let dir = state_dir(&args.dir)?;
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let Some(_lock) = try_lock(&dir)? else {
-        let pid = read_runtime(&dir).ok().flatten().map(|rt| rt.pid.to_string()).unwrap_or_else(|| "?".into());
-        bail!("a sandbox is already running in {} (pid {pid}); see `kuberaya sandbox status`, or stop it with `kuberaya sandbox down`", dir.display());
+        let pid = read_runtime(&dir)
+            .ok()
+            .flatten()
+            .map(|rt| rt.pid.to_string())
+            .unwrap_or_else(|| "?".into());
+        bail!(
+            "a sandbox is already running in {} (pid {pid}); see `kuberaya sandbox status`, or stop it with `kuberaya sandbox down`",
+            dir.display()
+        );
     };
     // A previous run that was killed leaves its runtime file behind; it is stale now.
     let _ = fs::remove_file(dir.join(RUNTIME_FILE));
@@ -280,35 +317,74 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         udp_enabled: !args.no_udp,
         ..PlatformConfig::default()
     };
-    let platform = Platform::open(config).await.context("cannot start the platform stand-in")?;
-    platform.seed_cluster(&args.cluster_id, "sandbox", args.workers).await.context("cannot create the sandbox cluster on the platform stand-in")?;
+    let platform = Platform::open(config)
+        .await
+        .context("cannot start the platform stand-in")?;
+    platform
+        .seed_cluster(&args.cluster_id, "sandbox", args.workers)
+        .await
+        .context("cannot create the sandbox cluster on the platform stand-in")?;
     let listener = bind_platform_listener(&dir, args.listen).await?;
     let addr = listener.local_addr()?;
     let url = format!("http://{addr}");
-    step(&format!("CloudRaya platform stand-in at {url} (cluster {}, {} worker VMs)", args.cluster_id, args.workers));
+    step(&format!(
+        "CloudRaya platform stand-in at {url} (cluster {}, {} worker VMs)",
+        args.cluster_id, args.workers
+    ));
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve(listener, platform.clone(), async move {
         let _ = stop_rx.await;
     }));
 
-    let kube_api = KubeApi::open(KubeApiConfig { service_cidr: args.service_cidr, ..KubeApiConfig::new(dir.join("kube")) })
+    let kube_api = KubeApi::open(KubeApiConfig {
+        service_cidr: args.service_cidr,
+        ..KubeApiConfig::new(dir.join("kube"))
+    })
+    .await
+    .context("cannot start the Kubernetes API stand-in")?;
+    let kube_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
-        .context("cannot start the Kubernetes API stand-in")?;
-    let kube_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("cannot listen on 127.0.0.1")?;
+        .context("cannot listen on 127.0.0.1")?;
     let kube_url = format!("https://{}", kube_listener.local_addr()?);
     let (kube_stop_tx, kube_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let kube_server = tokio::spawn(kuberaya_sandbox::kube::serve(kube_listener, kube_api.clone(), async move {
-        let _ = kube_stop_rx.await;
-    }));
+    let kube_server = tokio::spawn(kuberaya_sandbox::kube::serve(
+        kube_listener,
+        kube_api.clone(),
+        async move {
+            let _ = kube_stop_rx.await;
+        },
+    ));
     let kubeconfig = dir.join(KUBECONFIG_FILE);
-    kube_api.write_kubeconfig(&kubeconfig, &kube_url, "kuberaya-sandbox").context("cannot write the kubeconfig")?;
-    step(&format!("Kubernetes API stand-in at {kube_url} (kubeconfig {})", kubeconfig.display()));
+    kube_api
+        .write_kubeconfig(&kubeconfig, &kube_url, "kuberaya-sandbox")
+        .context("cannot write the kubeconfig")?;
+    step(&format!(
+        "Kubernetes API stand-in at {kube_url} (kubeconfig {})",
+        kubeconfig.display()
+    ));
     let client = kuberaya_sandbox::cluster::client_from_kubeconfig(&kubeconfig).await?;
-    let login = PlatformLogin { url: url.clone(), email: creds.email.clone(), password: creds.password.clone() };
-    let options = ClusterOptions { no_ccm: args.no_ccm, pod_cidr: args.pod_cidr, ..ClusterOptions::default() };
-    let cluster = Cluster::start(client, login, &args.cluster_id, options).await.context("cannot start the sandbox cluster")?;
-    step(&format!("cluster {}: {} nodes (pods in {}, services in {}){}", args.cluster_id, args.workers, args.pod_cidr, args.service_cidr, if args.no_ccm { ", no CCM" } else { "" }));
+    let login = PlatformLogin {
+        url: url.clone(),
+        email: creds.email.clone(),
+        password: creds.password.clone(),
+    };
+    let options = ClusterOptions {
+        no_ccm: args.no_ccm,
+        pod_cidr: args.pod_cidr,
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start(client, login, &args.cluster_id, options)
+        .await
+        .context("cannot start the sandbox cluster")?;
+    step(&format!(
+        "cluster {}: {} nodes (pods in {}, services in {}){}",
+        args.cluster_id,
+        args.workers,
+        args.pod_cidr,
+        args.service_cidr,
+        if args.no_ccm { ", no CCM" } else { "" }
+    ));
 
     let runtime = Runtime {
         pid: std::process::id(),
@@ -355,7 +431,11 @@ fn step(msg: &str) {
 }
 
 fn print_try_this(dir: &Path, args: &UpArgs, rt: &Runtime) {
-    let dir_flag = if args.dir.state_dir.is_some() && args.dir.state_dir != default_state_dir().ok() { format!(" --state-dir {}", dir.display()) } else { String::new() };
+    let dir_flag = if args.dir.state_dir.is_some() && args.dir.state_dir != default_state_dir().ok() {
+        format!(" --state-dir {}", dir.display())
+    } else {
+        String::new()
+    };
     println!();
     println!("The sandbox is up. Try this in another shell:");
     println!();
@@ -363,7 +443,9 @@ fn print_try_this(dir: &Path, args: &UpArgs, rt: &Runtime) {
     println!("  curl -s -X POST $CLOUDRAYA_API_URL/core/v1/auth/login -H 'content-type: application/json' \\");
     println!("       -d \"{{\\\"email\\\":\\\"$CLOUDRAYA_EMAIL\\\",\\\"password\\\":\\\"$CLOUDRAYA_PASSWORD\\\"}}\"");
     println!("  kuberaya sandbox status{dir_flag}");
-    println!("  kubectl create deployment web --image=any --port=8080 --replicas=3 && kubectl expose deployment web --port=80 --target-port=8080");
+    println!(
+        "  kubectl create deployment web --image=any --port=8080 --replicas=3 && kubectl expose deployment web --port=80 --target-port=8080"
+    );
     println!();
     println!("Platform API: {}  (cluster {})", rt.platform_url, rt.cluster_id);
     if args.detach || args.detached_child {
@@ -377,19 +459,42 @@ async fn up_detached(args: UpArgs) -> anyhow::Result<ExitCode> {
     let dir = state_dir(&args.dir)?;
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     if is_running(&dir)? {
-        let pid = read_runtime(&dir).ok().flatten().map(|rt| rt.pid.to_string()).unwrap_or_else(|| "?".into());
-        bail!("a sandbox is already running in {} (pid {pid}); see `kuberaya sandbox status`, or stop it with `kuberaya sandbox down`", dir.display());
+        let pid = read_runtime(&dir)
+            .ok()
+            .flatten()
+            .map(|rt| rt.pid.to_string())
+            .unwrap_or_else(|| "?".into());
+        bail!(
+            "a sandbox is already running in {} (pid {pid}); see `kuberaya sandbox status`, or stop it with `kuberaya sandbox down`",
+            dir.display()
+        );
     }
     let _ = fs::remove_file(dir.join(RUNTIME_FILE));
     let exe = std::env::current_exe().context("cannot find the kuberaya executable")?;
     let log_path = dir.join(LOG_FILE);
-    let log = OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&log_path).with_context(|| format!("cannot write {}", log_path.display()))?;
+    let log = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&log_path)
+        .with_context(|| format!("cannot write {}", log_path.display()))?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["sandbox", "up", "--detached-child", "--state-dir"]).arg(&dir);
     cmd.args(["--workers", &args.workers.to_string(), "--cluster-id", &args.cluster_id]);
-    cmd.args(["--public-ip-range", &args.public_ip_range.to_string(), "--vm-ip-range", &args.vm_ip_range.to_string()]);
+    cmd.args([
+        "--public-ip-range",
+        &args.public_ip_range.to_string(),
+        "--vm-ip-range",
+        &args.vm_ip_range.to_string(),
+    ]);
     cmd.args(["--provisioning-delay-ms", &args.provisioning_delay_ms.to_string()]);
-    cmd.args(["--service-cidr", &args.service_cidr.to_string(), "--pod-cidr", &args.pod_cidr.to_string()]);
+    cmd.args([
+        "--service-cidr",
+        &args.service_cidr.to_string(),
+        "--pod-cidr",
+        &args.pod_cidr.to_string(),
+    ]);
     if args.no_ccm {
         cmd.arg("--no-ccm");
     }
@@ -399,7 +504,9 @@ async fn up_detached(args: UpArgs) -> anyhow::Result<ExitCode> {
     if args.no_udp {
         cmd.arg("--no-udp");
     }
-    cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
     // SAFETY: setsid is async-signal-safe; it detaches the sandbox from our terminal so
     // closing the shell does not stop it.
     unsafe {
@@ -420,7 +527,11 @@ async fn up_detached(args: UpArgs) -> anyhow::Result<ExitCode> {
         {
             let log = fs::read_to_string(&log_path).unwrap_or_default();
             print!("{log}");
-            println!("Running in the background (pid {}); its log is {}.", rt.pid, log_path.display());
+            println!(
+                "Running in the background (pid {}); its log is {}.",
+                rt.pid,
+                log_path.display()
+            );
             return Ok(ExitCode::SUCCESS);
         }
         if Instant::now() > deadline {
@@ -434,7 +545,8 @@ async fn up_detached(args: UpArgs) -> anyhow::Result<ExitCode> {
 async fn down(args: DownArgs) -> anyhow::Result<ExitCode> {
     let dir = state_dir(&args.dir)?;
     if dir.exists() && is_running(&dir)? {
-        let rt = read_runtime(&dir)?.context("the sandbox is starting or its sandbox.json is missing; try again in a moment")?;
+        let rt = read_runtime(&dir)?
+            .context("the sandbox is starting or its sandbox.json is missing; try again in a moment")?;
         let pid = libc::pid_t::try_from(rt.pid).context("invalid pid in sandbox.json")?;
         // SAFETY: plain kill(2) on the pid the running sandbox wrote about itself.
         unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -471,7 +583,10 @@ fn running_runtime(dir: &Path) -> anyhow::Result<Option<Runtime>> {
 fn env(arg: StateDirArg) -> anyhow::Result<ExitCode> {
     let dir = state_dir(&arg)?;
     let Some(rt) = running_runtime(&dir)? else {
-        bail!("no sandbox is running in {}; start one with `kuberaya sandbox up --detach`", dir.display());
+        bail!(
+            "no sandbox is running in {}; start one with `kuberaya sandbox up --detach`",
+            dir.display()
+        );
     };
     println!("export CLOUDRAYA_API_URL={}", shell_quote(&rt.platform_url));
     println!("export CLOUDRAYA_EMAIL={}", shell_quote(&rt.email));
@@ -486,9 +601,16 @@ fn env(arg: StateDirArg) -> anyhow::Result<ExitCode> {
 async fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
     let dir = state_dir(&args.dir)?;
     let Some(rt) = running_runtime(&dir)? else {
-        bail!("no sandbox is running in {}; start one with `kuberaya sandbox up --detach`", dir.display());
+        bail!(
+            "no sandbox is running in {}; start one with `kuberaya sandbox up --detach`",
+            dir.display()
+        );
     };
-    let platform = PlatformClient::new(PlatformLogin { url: rt.platform_url.clone(), email: rt.email.clone(), password: rt.password.clone() })?;
+    let platform = PlatformClient::new(PlatformLogin {
+        url: rt.platform_url.clone(),
+        email: rt.email.clone(),
+        password: rt.password.clone(),
+    })?;
     let (name, verb) = match &args.action {
         NodeAction::Add { name } => {
             let vm = platform.add_vm(&rt.cluster_id, name).await?;
@@ -549,7 +671,11 @@ async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(if state.is_ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if state.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 async fn fetch_state(url: &str) -> anyhow::Result<serde_json::Value> {
@@ -572,7 +698,20 @@ fn str_of(v: &serde_json::Value, key: &str) -> String {
 }
 
 fn print_state_tables(state: &serde_json::Value) {
-    let vms: Vec<Vec<String>> = state["vms"].as_array().into_iter().flatten().map(|vm| vec![str_of(vm, "name"), str_of(vm, "id"), str_of(vm, "state"), str_of(vm, "private_ip"), str_of(vm, "public_ip")]).collect();
+    let vms: Vec<Vec<String>> = state["vms"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|vm| {
+            vec![
+                str_of(vm, "name"),
+                str_of(vm, "id"),
+                str_of(vm, "state"),
+                str_of(vm, "private_ip"),
+                str_of(vm, "public_ip"),
+            ]
+        })
+        .collect();
     println!();
     print!("{}", table(&["vm", "id", "state", "private ip", "public ip"], &vms));
     let lbs: Vec<Vec<String>> = state["load_balancers"]
@@ -580,15 +719,29 @@ fn print_state_tables(state: &serde_json::Value) {
         .into_iter()
         .flatten()
         .map(|lb| {
-            let ports: Vec<String> = lb["rules"].as_array().into_iter().flatten().map(|r| format!("{}/{}", r["public_port"], str_of(r, "protocol"))).collect();
-            vec![str_of(lb, "name"), str_of(lb, "id"), str_of(lb, "status"), lb["public_ip"]["address"].as_str().unwrap_or("-").to_string(), ports.join(",")]
+            let ports: Vec<String> = lb["rules"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| format!("{}/{}", r["public_port"], str_of(r, "protocol")))
+                .collect();
+            vec![
+                str_of(lb, "name"),
+                str_of(lb, "id"),
+                str_of(lb, "status"),
+                lb["public_ip"]["address"].as_str().unwrap_or("-").to_string(),
+                ports.join(","),
+            ]
         })
         .collect();
     println!();
     if lbs.is_empty() {
         println!("no load balancers yet");
     } else {
-        print!("{}", table(&["load balancer", "id", "status", "public ip", "ports"], &lbs));
+        print!(
+            "{}",
+            table(&["load balancer", "id", "status", "public ip", "ports"], &lbs)
+        );
     }
 }
 
@@ -622,7 +775,10 @@ mod tests {
         let b = load_or_make_credentials(dir.path()).unwrap();
         assert_eq!(a.password, b.password);
         assert_eq!(a.password.len(), 36);
-        let mode = fs::metadata(dir.path().join(CREDENTIALS_FILE)).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.path().join(CREDENTIALS_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 }
