@@ -56,11 +56,7 @@ impl Backend {
                 let _ = udp_socket.send_to(&reply, from).await;
             }
         });
-        Ok(Backend {
-            name: name.to_string(),
-            tcp,
-            udp,
-        })
+        Ok(Backend { tcp, udp })
     }
 
     /// Stop serving: the listening sockets close, so health checks fail.
