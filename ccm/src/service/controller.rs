@@ -8,7 +8,7 @@
 //! one. Refusals (invalid annotations, unsupported fields, platform 422/409) become a
 //! Warning Event and our condition, and are retried slowly, never in a tight loop.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -558,7 +558,13 @@ pub async fn sweep_orphans(ctx: &Context, services: &Store<Service>) -> Result<u
             ))
         })
         .collect();
-    let orphans = find_orphans(cluster, &lbs, &live);
+    let adoptable: HashSet<String> = services
+        .state()
+        .iter()
+        .filter(|s| wants_load_balancer(s) && !is_deleting(s))
+        .map(|s| key_of(s))
+        .collect();
+    let orphans = find_orphans(cluster, &lbs, &live, &adoptable);
     let mut deleted = 0;
     for o in orphans {
         info!(lb = %o.id, name = %o.name, service = %o.service, keep_public_ip = ?o.keep_public_ip, "deleting orphaned load balancer");

@@ -1,7 +1,7 @@
 //! Actual (the platform's LB, found by our labels) against desired: which calls to make.
 //! Pure; "no mutating call when nothing changed" is proven here.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use crate::platform::labels::LABEL_RETAIN_PUBLIC_IP;
 use crate::platform::{
@@ -277,14 +277,29 @@ pub struct Orphan {
 /// Our LBs whose Service no longer exists (by UID), or exists but neither wants an LB
 /// nor carries our finalizer (so no reconcile will ever remove it). LBs without our
 /// cluster ID or without a Service UID label are never orphans: we cannot know them.
-/// LBs already deleting are skipped.
-pub fn find_orphans(cluster_id: &str, lbs: &[LoadBalancer], services: &HashMap<String, LiveService>) -> Vec<Orphan> {
+/// LBs already deleting are skipped, and so are LBs whose `namespace/name` labels name a
+/// live Service that wants an LB (`adoptable`): its reconcile adopts them by name (a
+/// Service deleted and recreated while we were down) instead of creating a second one.
+pub fn find_orphans(
+    cluster_id: &str,
+    lbs: &[LoadBalancer],
+    services: &HashMap<String, LiveService>,
+    adoptable: &HashSet<String>,
+) -> Vec<Orphan> {
     lbs.iter()
         .filter(|lb| is_ours(cluster_id, lb) && lb.status != LbStatus::Deleting)
         .filter_map(|lb| {
             let uid = lb.labels.get(LABEL_SERVICE_UID)?;
+            let owner = format!(
+                "{}/{}",
+                lb.labels
+                    .get(LABEL_SERVICE_NAMESPACE)
+                    .map(String::as_str)
+                    .unwrap_or("?"),
+                lb.labels.get(LABEL_SERVICE_NAME).map(String::as_str).unwrap_or("?")
+            );
             let orphan = match services.get(uid) {
-                None => true,
+                None => !adoptable.contains(&owner),
                 Some(s) => !s.wants_lb && !s.has_finalizer,
             };
             orphan.then(|| Orphan {
@@ -643,8 +658,11 @@ mod tests {
             no_longer_lb,
             finalizing,
             already,
+            lb_with("lb-9", "i", lb_labels("cl-1", "uid-old", "default", "recreated", false)),
         ];
-        let orphans = find_orphans("cl-1", &lbs, &services);
+        // A Service deleted and recreated while we were down: adopted by name, not swept.
+        let adoptable = HashSet::from(["default/recreated".to_owned()]);
+        let orphans = find_orphans("cl-1", &lbs, &services, &adoptable);
         let got: Vec<(&str, Option<bool>)> = orphans.iter().map(|o| (o.id.as_str(), o.keep_public_ip)).collect();
         assert_eq!(got, vec![("lb-2", None), ("lb-3", Some(true)), ("lb-6", None)]);
         assert_eq!(orphans[0].service, "default/b");
