@@ -375,7 +375,7 @@ pub(crate) mod tests {
         let acl = Acl::compile(gw(), std::slice::from_ref(&a), &catalog());
         assert_eq!(acl.check(a.address, &parse(&p).unwrap()), Verdict::Allow);
         let without: Vec<Service> = catalog().services().filter(|s| s.name != "web").cloned().collect();
-        let acl = Acl::compile(gw(), &[a.clone()], &Catalog::new(without));
+        let acl = Acl::compile(gw(), std::slice::from_ref(&a), &Catalog::new(without));
         assert_eq!(acl.check(a.address, &parse(&p).unwrap()), Verdict::Denied);
     }
 
