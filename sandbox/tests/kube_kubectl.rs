@@ -21,6 +21,53 @@ async fn kubectl_get_create_namespaces_and_discovery() {
     assert!(ns["metadata"]["uid"].as_str().is_some());
     // The default ServiceAccount appears in new namespaces.
     ok(&s, &["get", "serviceaccount", "default", "-n", "team-a"]).await;
+    // Typed-client creators (protobuf bodies).
+    ok(
+        &s,
+        &[
+            "create",
+            "secret",
+            "generic",
+            "s1",
+            "-n",
+            "team-a",
+            "--from-literal=k=v",
+        ],
+    )
+    .await;
+    let sec = ok(&s, &["get", "secret", "s1", "-n", "team-a", "-o", "jsonpath={.data.k}"]).await;
+    assert_eq!(sec, "dg==");
+    ok(&s, &["create", "serviceaccount", "bot", "-n", "team-a"]).await;
+    let token = ok(&s, &["create", "token", "bot", "-n", "team-a"]).await;
+    assert!(!token.trim().is_empty());
+    ok(
+        &s,
+        &[
+            "create",
+            "role",
+            "reader",
+            "-n",
+            "team-a",
+            "--verb=get,list",
+            "--resource=configmaps",
+        ],
+    )
+    .await;
+    ok(
+        &s,
+        &[
+            "create",
+            "rolebinding",
+            "bot-reads",
+            "-n",
+            "team-a",
+            "--role=reader",
+            "--serviceaccount=team-a:bot",
+        ],
+    )
+    .await;
+    let out = ok(&s, &["get", "rolebinding", "bot-reads", "-n", "team-a", "-o", "wide"]).await;
+    assert!(out.contains("Role/reader") && out.contains("team-a/bot"), "{out}");
     let res = ok(&s, &["api-resources"]).await;
     for r in [
         "services",

@@ -81,6 +81,30 @@ const TOKEN_REQUEST: &[(u32, F)] = &[
     ),
 ];
 
+const POLICY_RULE: &[(u32, F)] = &[
+    (1, F::RepStr("verbs")),
+    (2, F::RepStr("apiGroups")),
+    (3, F::RepStr("resources")),
+    (4, F::RepStr("resourceNames")),
+    (5, F::RepStr("nonResourceURLs")),
+];
+const ROLE: &[(u32, F)] = &[
+    (1, F::Msg("metadata", OBJECT_META)),
+    (2, F::RepMsg("rules", POLICY_RULE)),
+];
+const SUBJECT: &[(u32, F)] = &[
+    (1, F::Str("kind")),
+    (2, F::Str("apiGroup")),
+    (3, F::Str("name")),
+    (4, F::Str("namespace")),
+];
+const ROLE_REF: &[(u32, F)] = &[(1, F::Str("apiGroup")), (2, F::Str("kind")), (3, F::Str("name"))];
+const BINDING: &[(u32, F)] = &[
+    (1, F::Msg("metadata", OBJECT_META)),
+    (2, F::RepMsg("subjects", SUBJECT)),
+    (3, F::Msg("roleRef", ROLE_REF)),
+];
+
 struct Reader<'a> {
     b: &'a [u8],
     i: usize,
@@ -234,6 +258,8 @@ pub fn decode_object(body: &[u8]) -> Result<Value, String> {
         ("v1", "Secret") => SECRET,
         ("v1", "ServiceAccount") => SERVICE_ACCOUNT,
         ("authentication.k8s.io/v1", "TokenRequest") => TOKEN_REQUEST,
+        ("rbac.authorization.k8s.io/v1", "Role" | "ClusterRole") => ROLE,
+        ("rbac.authorization.k8s.io/v1", "RoleBinding" | "ClusterRoleBinding") => BINDING,
         _ => {
             return Err(format!(
                 "protobuf is not supported for {api_version} {kind}; send application/json"
