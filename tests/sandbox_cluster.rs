@@ -6,8 +6,8 @@
 //! CCM runs in `sandbox up`), stopped by a drop guard.
 //!
 //! `kubectl create deployment` sends its object as protobuf, which the API server stand-in
-//! does not decode yet; the tests generate the very same object with `--dry-run=client -o
-//! yaml` and send it with `kubectl apply` (see [`Sandbox::create_deployment`]).
+//! does not decode for Deployments yet; until it does, the tests generate the very same
+//! object with `--dry-run=client -o yaml` and apply it (see [`Sandbox::create_deployment`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -137,20 +137,31 @@ impl Sandbox {
         Ok(serde_json::from_str(&self.kubectl(&all)?)?)
     }
 
-    /// `kubectl create deployment NAME --image=any --port=PORT --replicas=N`, generated
-    /// client-side and applied (the stand-in does not take protobuf bodies yet).
+    /// `kubectl create deployment NAME --image=any --port=PORT --replicas=N`. kubectl sends
+    /// it as protobuf; while the stand-in refuses protobuf Deployments, the same object is
+    /// generated client-side (`--dry-run=client -o yaml`) and applied as JSON instead.
     fn create_deployment(&self, name: &str, port: u16, replicas: u32) -> Result<()> {
-        let yaml = self.kubectl(&[
-            "create",
-            "deployment",
-            name,
-            "--image=any",
-            &format!("--port={port}"),
-            &format!("--replicas={replicas}"),
-            "--dry-run=client",
-            "-o",
-            "yaml",
-        ])?;
+        let port = format!("--port={port}");
+        let replicas = format!("--replicas={replicas}");
+        let create = ["create", "deployment", name, "--image=any", &port, &replicas];
+        let direct = Command::new(KUBECTL)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(create)
+            .output()?;
+        if direct.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&direct.stderr);
+        ensure!(
+            stderr.contains("protobuf is not supported"),
+            "kubectl {create:?}: {}",
+            text(&direct)
+        );
+        eprintln!("the API stand-in refuses protobuf Deployments: applying the generated object instead");
+        let mut generate = create.to_vec();
+        generate.extend(["--dry-run=client", "-o", "yaml"]);
+        let yaml = self.kubectl(&generate)?;
         self.apply(&yaml)
     }
 

@@ -75,9 +75,19 @@ pub fn node_ip(node: Option<&Node>, vm: &Vm) -> Ipv4Addr {
         .unwrap_or(vm.private_ip)
 }
 
-/// The first /24 of `range` (from the second on, so node 1 gets `x.y.1.0/24`) not in `taken`.
-pub fn free_pod_cidr(range: Ipv4Net, taken: &BTreeSet<Ipv4Net>) -> Option<Ipv4Net> {
-    range.subnets(24).ok()?.skip(1).find(|net| !taken.contains(net))
+/// A /24 of `range` not in `taken`: the `preferred`-th when free (so that node `i` gets
+/// `x.y.i.0/24` whatever order the agents register in), else the first free one from the
+/// second on.
+pub fn free_pod_cidr(range: Ipv4Net, taken: &BTreeSet<Ipv4Net>, preferred: usize) -> Option<Ipv4Net> {
+    let mut subnets = range.subnets(24).ok()?;
+    if preferred > 0
+        && let Some(net) = subnets.clone().nth(preferred)
+        && !taken.contains(&net)
+    {
+        return Some(net);
+    }
+    subnets.by_ref().next();
+    subnets.find(|net| !taken.contains(net))
 }
 
 /// Whether the Node's `Ready` condition is `True`.
@@ -333,7 +343,11 @@ fn allocate_cidr(ctx: &Context, cidrs: &PodCidrs, name: &str) -> Result<Ipv4Net>
             taken.insert(c);
         }
     }
-    let cidr = free_pod_cidr(ctx.options.pod_cidr, &taken)
+    // Node i is the i-th VM by name (w1 → 1), as long as that range is free.
+    let mut names: Vec<String> = ctx.vms.borrow().iter().map(|vm| vm.name.clone()).collect();
+    names.sort();
+    let preferred = names.iter().position(|n| n == name).map_or(0, |i| i + 1);
+    let cidr = free_pod_cidr(ctx.options.pod_cidr, &taken, preferred)
         .ok_or_else(|| super::Error::Options(format!("pod range {} is exhausted", ctx.options.pod_cidr)))?;
     held.insert(name.to_string(), cidr);
     Ok(cidr)
@@ -500,14 +514,23 @@ mod tests {
     fn pod_cidrs_are_distinct_24s_from_the_second() {
         let range: Ipv4Net = "127.244.0.0/16".parse().unwrap();
         let mut taken = BTreeSet::new();
-        let a = free_pod_cidr(range, &taken).unwrap();
+        let a = free_pod_cidr(range, &taken, 0).unwrap();
         assert_eq!(a.to_string(), "127.244.1.0/24");
         taken.insert(a);
+        assert_eq!(
+            free_pod_cidr(range, &taken, 3).unwrap().to_string(),
+            "127.244.3.0/24",
+            "the preferred one"
+        );
         taken.insert("127.244.3.0/24".parse().unwrap());
-        assert_eq!(free_pod_cidr(range, &taken).unwrap().to_string(), "127.244.2.0/24");
+        assert_eq!(
+            free_pod_cidr(range, &taken, 3).unwrap().to_string(),
+            "127.244.2.0/24",
+            "taken: the first free"
+        );
         let tiny: Ipv4Net = "127.50.0.0/23".parse().unwrap();
         taken.insert("127.50.1.0/24".parse().unwrap());
-        assert_eq!(free_pod_cidr(tiny, &taken), None);
+        assert_eq!(free_pod_cidr(tiny, &taken, 1), None);
     }
 
     #[test]
