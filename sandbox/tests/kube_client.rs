@@ -152,6 +152,21 @@ async fn api_patch_with_each_patch_kind_and_metadata() {
             .as_deref(),
         Some("127.203.0.7")
     );
+    // Server-side apply on the status subresource (the controller-rs pattern) touches status only.
+    let st = api
+        .patch_status(
+            "p",
+            &PatchParams::apply("status-writer").force(),
+            &Patch::Apply(json!({"apiVersion": "v1", "kind": "Service", "spec": {"type": "NodePort"},
+                "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "Ok", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(st.spec.as_ref().unwrap().type_.as_deref(), Some("LoadBalancer"));
+    assert_eq!(
+        st.status.as_ref().unwrap().conditions.as_ref().unwrap()[0].type_,
+        "Ready"
+    );
     // Stale resourceVersion: 409.
     let mut stale = created.clone();
     stale.metadata.labels = Some([("c".to_string(), "3".to_string())].into());
@@ -190,6 +205,47 @@ async fn api_patch_with_each_patch_kind_and_metadata() {
         .unwrap();
     assert_eq!(second.items.len(), 3);
     assert!(second.metadata.continue_.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorder_events_show_in_both_event_apis() {
+    use k8s_openapi::api::core::v1::{Event as CoreEvent, ObjectReference};
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let s = Server::start().await;
+    let client = client(&s).await;
+    let svc = Api::<Service>::namespaced(client.clone(), "default")
+        .get("kubernetes")
+        .await
+        .unwrap();
+    let reference: ObjectReference = svc.object_ref(&());
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "kuberaya-test".into(),
+            instance: Some("i-1".into()),
+        },
+    );
+    let ev = Event {
+        type_: EventType::Normal,
+        reason: "Synced".into(),
+        note: Some("synced the service".into()),
+        action: "Sync".into(),
+        secondary: None,
+    };
+    recorder.publish(&ev, &reference).await.unwrap();
+    recorder.publish(&ev, &reference).await.unwrap();
+    let core: Api<CoreEvent> = Api::namespaced(client, "default");
+    let list = core
+        .list(&ListParams::default().fields("involvedObject.name=kubernetes"))
+        .await
+        .unwrap();
+    assert_eq!(list.items.len(), 1);
+    let e = &list.items[0];
+    assert_eq!(e.message.as_deref(), Some("synced the service"));
+    assert_eq!(e.series.as_ref().and_then(|s| s.count), Some(2));
+    assert_eq!(e.reporting_component.as_deref(), Some("kuberaya-test"));
+    let out = ok(&s, &["describe", "service", "kubernetes"]).await;
+    assert!(out.contains("Synced") && out.contains("synced the service"), "{out}");
 }
 
 #[derive(Debug, thiserror::Error)]

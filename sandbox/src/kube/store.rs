@@ -810,6 +810,9 @@ impl Store {
                 ));
             }
             let config = Self::to_storage(rt, body.clone());
+            if old.is_none() && sub.is_some() {
+                return Err(ApiError::not_found(&rt.group, &rt.plural, name));
+            }
             let Some(old) = old else {
                 let merged = fields::apply(None, &config, &opts.manager, opts.force, &rt.api_version(), "")?;
                 let mut o = merged;
@@ -849,6 +852,16 @@ impl Store {
                     Some(s) => merged["status"] = s.clone(),
                     None => strip_status(&mut merged),
                 }
+            }
+            if sub == Some("status") {
+                // The status subresource takes only status from the applied config.
+                let mut only_status = old.clone();
+                match merged.get("status") {
+                    Some(s) => only_status["status"] = s.clone(),
+                    None => strip_status(&mut only_status),
+                }
+                only_status["metadata"]["managedFields"] = merged["metadata"]["managedFields"].clone();
+                merged = only_status;
             }
             let managed = merged["metadata"]["managedFields"].clone();
             let mut o = self.store_update(
