@@ -535,7 +535,10 @@ async fn remove_finalizer(api: &Api<Service>, svc: &Service) -> Result<()> {
 
 /// Deletes our LBs whose Service is gone (see [`find_orphans`]); returns how many.
 /// Also sets the `load_balancers_managed` gauge.
-pub async fn sweep_orphans(ctx: &Context, services: &Store<Service>) -> Result<usize> {
+///
+/// `services` must be every Service of the cluster, freshly listed from the API server
+/// (not a watch cache that may lag): a Service missing from it loses its LB.
+pub async fn sweep_orphans(ctx: &Context, services: &[Service]) -> Result<usize> {
     let cluster = &ctx.config.cluster_id;
     let lbs = ctx
         .platform
@@ -546,7 +549,6 @@ pub async fn sweep_orphans(ctx: &Context, services: &Store<Service>) -> Result<u
         .lbs_managed
         .set(i64::try_from(lbs.len()).unwrap_or(i64::MAX));
     let live: HashMap<String, LiveService> = services
-        .state()
         .iter()
         .filter_map(|s| {
             Some((
@@ -559,10 +561,9 @@ pub async fn sweep_orphans(ctx: &Context, services: &Store<Service>) -> Result<u
         })
         .collect();
     let adoptable: HashSet<String> = services
-        .state()
         .iter()
         .filter(|s| wants_load_balancer(s) && !is_deleting(s))
-        .map(|s| key_of(s))
+        .map(key_of)
         .collect();
     let orphans = find_orphans(cluster, &lbs, &live, &adoptable);
     let mut deleted = 0;
@@ -671,21 +672,27 @@ pub async fn run(
             .concurrency(settings.concurrency)
             .debounce(Duration::from_millis(200)),
     );
-    let service_store = controller.store();
     let ticks = node_change_ticks(tick_rx, node_store, settings.node_debounce, settings.node_debounce_max);
 
     let sweep_ctx = ctx.clone();
     let sweep_period = settings.orphan_sweep;
     let sweep_task = tokio::spawn(async move {
-        if service_store.wait_until_ready().await.is_err() {
-            return;
-        }
+        let api: Api<Service> = Api::all(sweep_ctx.client.clone());
         let mut interval = tokio::time::interval(sweep_period);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             interval.tick().await;
-            match sweep_orphans(&sweep_ctx, &service_store).await {
-                Ok(0) => debug!("orphan sweep: nothing to delete"),
+            // A fresh list each time: deciding deletions from a lagging cache could
+            // remove the LB of a Service that exists.
+            let services = match api.list(&kube::api::ListParams::default()).await {
+                Ok(list) => list.items,
+                Err(e) => {
+                    warn!(error = %e, "orphan sweep: cannot list Services");
+                    continue;
+                }
+            };
+            match sweep_orphans(&sweep_ctx, &services).await {
+                Ok(0) => debug!(services = services.len(), "orphan sweep: nothing to delete"),
                 Ok(n) => info!(deleted = n, "orphan sweep"),
                 Err(e) => warn!(error = %e, "orphan sweep failed"),
             }
