@@ -248,6 +248,47 @@ async fn recorder_events_show_in_both_event_apis() {
     assert!(out.contains("Synced") && out.contains("synced the service"), "{out}");
 }
 
+/// The patch sequence kube-lease-manager uses for leader election: server-side apply to
+/// take a free lease, strategic merge to renew and release, 409 for a held one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_election_patch_sequence() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let s = Server::start().await;
+    let leases: Api<Lease> = Api::namespaced(client(&s).await, "kube-system");
+    let lease: Lease = serde_json::from_value(json!({"metadata": {"name": "ccm"}})).unwrap();
+    leases.create(&PostParams::default(), &lease).await.unwrap();
+    let take = |who: &str| {
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "spec": {"holderIdentity": who, "leaseDurationSeconds": 15, "acquireTime": "2026-01-01T00:00:00.000000Z", "renewTime": "2026-01-01T00:00:00.000000Z"}})
+    };
+    let pp = |who: &str| PatchParams {
+        field_manager: Some(format!("lease-{who}")),
+        ..Default::default()
+    };
+    leases.patch("ccm", &pp("a"), &Patch::Apply(take("a"))).await.unwrap();
+    leases
+        .patch(
+            "ccm",
+            &pp("a"),
+            &Patch::Strategic(json!({"spec": {"renewTime": "2026-01-01T00:00:05.000000Z"}})),
+        )
+        .await
+        .unwrap();
+    let err = leases
+        .patch("ccm", &pp("b"), &Patch::Apply(take("b")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref e) if e.code == 409 && e.reason == "Conflict"),
+        "{err:?}"
+    );
+    let release =
+        json!({"spec": {"holderIdentity": null, "acquireTime": null, "renewTime": null, "leaseDurationSeconds": null}});
+    leases.patch("ccm", &pp("a"), &Patch::Strategic(release)).await.unwrap();
+    let got = leases.patch("ccm", &pp("b"), &Patch::Apply(take("b"))).await.unwrap();
+    assert_eq!(got.spec.unwrap().holder_identity.as_deref(), Some("b"));
+}
+
 #[derive(Debug, thiserror::Error)]
 enum ReconcileError {
     #[error(transparent)]

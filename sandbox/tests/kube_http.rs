@@ -455,10 +455,38 @@ async fn owner_references_cascade_and_namespace_deletion() {
         Some(json!({"metadata": {"name": "dep", "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner2", "uid": uid2}]}})),
     )
     .await;
-    h.json(Method::DELETE, "/api/v1/namespaces/doomed/configmaps/owner2", None)
-        .await;
+    h.json(
+        Method::DELETE,
+        "/api/v1/namespaces/doomed/configmaps/owner2?propagationPolicy=Foreground",
+        None,
+    )
+    .await;
     let (code, _) = h.get("/api/v1/namespaces/doomed/configmaps/dep").await;
     assert_eq!(code, StatusCode::NOT_FOUND);
+    let (code, _) = h.get("/api/v1/namespaces/doomed/configmaps/owner2").await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    // Pod eviction.
+    let pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "x"}]}});
+    let (code, p) = h.json(Method::POST, "/api/v1/namespaces/doomed/pods", Some(pod)).await;
+    assert_eq!(code, StatusCode::CREATED, "{p}");
+    assert_eq!(p["status"]["phase"], "Pending");
+    let ev = json!({"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": "p", "namespace": "doomed"}});
+    let (code, _) = h
+        .json(Method::POST, "/api/v1/namespaces/doomed/pods/p/eviction", Some(ev))
+        .await;
+    assert_eq!(code, StatusCode::CREATED);
+    let (code, _) = h.get("/api/v1/namespaces/doomed/pods/p").await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    // Secrets: stringData lands in data.
+    let (_, sec) = h
+        .json(
+            Method::POST,
+            "/api/v1/namespaces/doomed/secrets",
+            Some(json!({"metadata": {"name": "sd"}, "stringData": {"k": "v"}})),
+        )
+        .await;
+    assert_eq!(sec["data"]["k"], "dg==");
+    assert!(sec.get("stringData").is_none());
     // Namespace deletion removes the contents, then the namespace.
     let (code, ns) = h.json(Method::DELETE, "/api/v1/namespaces/doomed", None).await;
     assert!(code.is_success(), "{ns}");

@@ -474,6 +474,33 @@ pub fn defaults(rt: &ResourceType, obj: &mut Value) -> Vec<Cause> {
     causes
 }
 
+/// Normalization on every write: Secret `stringData` is merged into `data` (base64), as
+/// the real server does; a missing PriorityClass `preemptionPolicy` is defaulted.
+pub fn normalize(rt: &ResourceType, obj: &mut Value) {
+    use base64::Engine;
+    match (rt.group.as_str(), rt.plural.as_str()) {
+        ("", "secrets") => {
+            let Some(m) = obj.as_object_mut() else { return };
+            if let Some(Value::Object(sd)) = m.remove("stringData") {
+                let data = m.entry("data").or_insert_with(|| json!({}));
+                if !data.is_object() {
+                    *data = json!({});
+                }
+                for (k, v) in sd {
+                    let text = v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+                    data[k.as_str()] = json!(base64::engine::general_purpose::STANDARD.encode(text.as_bytes()));
+                }
+            }
+        }
+        ("scheduling.k8s.io", "priorityclasses") => {
+            if obj.get("preemptionPolicy").is_none_or(Value::is_null) {
+                obj["preemptionPolicy"] = json!("PreemptLowerPriority");
+            }
+        }
+        _ => {}
+    }
+}
+
 /// `v1` Event → `events.k8s.io/v1` Event.
 pub fn event_to_v1(core: &Value) -> Value {
     let mut e = json!({
@@ -643,6 +670,17 @@ mod tests {
         let mut headless = json!({"spec": {"clusterIP": "None", "selector": {"a": "b"}}});
         service(None, &mut headless, cidr(), &InUse::default()).unwrap();
         assert_eq!(headless["spec"]["clusterIPs"], json!(["None"]));
+    }
+
+    #[test]
+    fn secret_string_data_goes_to_data() {
+        let rt = crate::kube::registry::builtins()
+            .into_iter()
+            .find(|t| t.plural == "secrets")
+            .unwrap();
+        let mut s = json!({"data": {"a": "eA=="}, "stringData": {"b": "y"}});
+        normalize(&rt, &mut s);
+        assert_eq!(s, json!({"data": {"a": "eA==", "b": "eQ=="}}));
     }
 
     #[test]

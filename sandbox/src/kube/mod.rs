@@ -81,6 +81,8 @@ pub struct KubeApi {
     stop: tokio::sync::watch::Sender<bool>,
     /// How often watches with `allowWatchBookmarks` get a BOOKMARK.
     bookmark_every: Duration,
+    /// Serializes state writes, so an older snapshot never replaces a newer one.
+    flushing: Mutex<()>,
 }
 
 impl KubeApi {
@@ -127,6 +129,7 @@ impl KubeApi {
             tls,
             stop,
             bookmark_every: Duration::from_secs(15),
+            flushing: Mutex::new(()),
         });
         api.flush()?;
         let weak = Arc::downgrade(&api);
@@ -192,6 +195,7 @@ impl KubeApi {
 
     /// Writes the state to the state dir now, if it changed.
     pub fn flush(&self) -> Result<(), Error> {
+        let _one_writer = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
         let data = {
             let mut s = self.lock();
             if !s.dirty && self.config.state_dir.join(STATE_FILE).exists() {

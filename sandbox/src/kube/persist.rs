@@ -8,9 +8,10 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(
-        ".{}.tmp{}",
+        ".{}.tmp{}.{:016x}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
-        std::process::id()
+        std::process::id(),
+        rand::random::<u64>()
     ));
     {
         let mut f = std::fs::File::create(&tmp)?;

@@ -419,6 +419,7 @@ impl Store {
     /// Defaulting, validation and allocation for a new or changed object.
     fn admit(&self, rt: &ResourceType, old: Option<&Value>, obj: &mut Value, opts: &WriteOpts) -> Result<(), ApiError> {
         let name = meta_str(obj, "name").to_string();
+        hooks::normalize(rt, obj);
         let mut causes = hooks::validate_meta(rt, obj);
         if old.is_none() {
             causes.extend(hooks::defaults(rt, obj));
