@@ -492,10 +492,8 @@ pub fn normalize(rt: &ResourceType, obj: &mut Value) {
                 }
             }
         }
-        ("scheduling.k8s.io", "priorityclasses") => {
-            if obj.get("preemptionPolicy").is_none_or(Value::is_null) {
-                obj["preemptionPolicy"] = json!("PreemptLowerPriority");
-            }
+        ("scheduling.k8s.io", "priorityclasses") if obj.get("preemptionPolicy").is_none_or(Value::is_null) => {
+            obj["preemptionPolicy"] = json!("PreemptLowerPriority");
         }
         _ => {}
     }
