@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::net::UdpSocket;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::acl::{Acl, Catalog, Verdict};
 use crate::dataplane::{DataPlane, Inbound, Policy};
@@ -19,6 +19,7 @@ use crate::packet;
 use crate::peers::{self, PeerId, TunnelConfig, Validation};
 use crate::source::{GatewayReport, PeerReport, PeerSnapshot, ServiceSnapshot};
 use crate::tunnel::{BUF_SIZE, PeerTable, TunnelIo, TunnelStats};
+use crate::uapi::{DeviceState, PeerState, StateRequest};
 
 /// How often timers run (keepalives, rekeys, expiry of peers).
 pub const TICK: Duration = Duration::from_millis(250);
@@ -60,12 +61,15 @@ pub struct Gateway {
     buf: Vec<u8>,
     io: Collect,
     last_stats: HashMap<PeerId, TunnelStats>,
+    /// Kept for the UAPI `get` answer (`wg show` derives the public key from it).
+    private_key: PrivateKey,
+    uapi: Option<mpsc::Receiver<StateRequest>>,
 }
 
 impl Gateway {
     pub fn new(cfg: GatewayConfig, key: PrivateKey, dp: Box<dyn DataPlane>, metrics: Arc<Metrics>) -> Self {
         Gateway {
-            table: PeerTable::new(key, cfg.handshake_limit),
+            table: PeerTable::new(key.clone(), cfg.handshake_limit),
             cfg,
             dp,
             peers: PeerSnapshot::default(),
@@ -76,6 +80,51 @@ impl Gateway {
             buf: vec![0u8; BUF_SIZE],
             io: Collect::default(),
             last_stats: HashMap::new(),
+            private_key: key,
+            uapi: None,
+        }
+    }
+
+    /// Where the UAPI socket task ([`crate::uapi::UapiListener::serve`]) asks for the
+    /// device's state; the loop answers between packets.
+    pub fn uapi_requests(&mut self) -> mpsc::Sender<StateRequest> {
+        let (tx, rx) = mpsc::channel(16);
+        self.uapi = Some(rx);
+        tx
+    }
+
+    /// The device as `wg show` sees it: every peer's key, endpoint, tunnel address,
+    /// last handshake and byte counters.
+    fn device_state(&self, listen_port: u16) -> DeviceState {
+        let now = SystemTime::now();
+        let psks: HashMap<_, _> = self
+            .validation
+            .accepted
+            .iter()
+            .filter_map(|p| p.preshared_key.as_ref().map(|k| (p.public_key, k)))
+            .collect();
+        let mut peers: Vec<PeerState> = self
+            .table
+            .peers()
+            .map(|t| {
+                let s = t.stats();
+                PeerState {
+                    public_key: t.public_key(),
+                    preshared_key: psks.get(&t.public_key()).map(|k| (*k).clone()),
+                    endpoint: t.endpoint(),
+                    allowed_ips: vec![ipnet::IpNet::V4(ipnet::Ipv4Net::from(t.address()))],
+                    last_handshake: s.since_last_handshake.and_then(|d| now.checked_sub(d)),
+                    rx_bytes: s.rx_bytes,
+                    tx_bytes: s.tx_bytes,
+                    persistent_keepalive: 0,
+                }
+            })
+            .collect();
+        peers.sort_by_key(|p| p.allowed_ips.first().copied());
+        DeviceState {
+            private_key: self.private_key.to_x25519().to_bytes(),
+            listen_port,
+            peers,
         }
     }
 
@@ -305,6 +354,8 @@ impl Gateway {
         let mut recv = vec![0u8; 65_536];
         let mut peers_open = true;
         let mut services_open = true;
+        let listen_port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
+        let mut uapi = self.uapi.take();
         tokio::pin!(shutdown);
         loop {
             let delay = self.dp.poll_delay(Instant::now()).unwrap_or(Duration::from_secs(1));
@@ -323,6 +374,10 @@ impl Gateway {
                     }
                 }
                 _ = waker.notified() => {}
+                r = async { uapi.as_mut()?.recv().await }, if uapi.is_some() => match r {
+                    Some(reply) => { let _ = reply.send(self.device_state(listen_port)); }
+                    None => uapi = None,
+                },
                 _ = tokio::time::sleep(delay) => {}
                 _ = tick.tick() => {
                     self.tick();

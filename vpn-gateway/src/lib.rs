@@ -16,6 +16,7 @@
 //! - [`source`]: where peers and Services come from (Kubernetes watchers or static files).
 //! - [`gateway`]: the UDP socket loop tying it together.
 //! - [`metrics`], [`http`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`.
+//! - [`uapi`]: the standard WireGuard UAPI socket, read-only, so `wg show` works.
 
 pub mod acl;
 pub mod crd;
@@ -29,6 +30,7 @@ pub mod packet;
 pub mod peers;
 pub mod source;
 pub mod tunnel;
+pub mod uapi;
 
 /// The crate-wide error type.
 #[derive(Debug, thiserror::Error)]

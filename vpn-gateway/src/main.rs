@@ -15,6 +15,7 @@ use kuberaya_gateway::keys::PrivateKey;
 use kuberaya_gateway::metrics::Metrics;
 use kuberaya_gateway::peers::TunnelConfig;
 use kuberaya_gateway::source::{FileSource, GatewayReport, PeerSource, ServiceCatalog};
+use kuberaya_gateway::uapi::UapiListener;
 use tokio::sync::watch;
 
 #[derive(Parser, Debug)]
@@ -60,6 +61,13 @@ struct Args {
     /// Handshakes per second before cookie replies are demanded.
     #[arg(long, default_value_t = kuberaya_gateway::tunnel::DEFAULT_HANDSHAKE_LIMIT)]
     handshake_limit: u64,
+    /// Serve the standard WireGuard UAPI (read-only) on `<uapi-dir>/<NAME>.sock`, so that
+    /// `wg show NAME` works against the gateway. Off when unset.
+    #[arg(long, env = "GATEWAY_UAPI_INTERFACE", value_name = "NAME")]
+    uapi_interface: Option<String>,
+    /// The directory of the UAPI socket (`wg` looks in /var/run/wireguard).
+    #[arg(long, env = "GATEWAY_UAPI_DIR", default_value = kuberaya_gateway::uapi::DEFAULT_DIR)]
+    uapi_dir: PathBuf,
     /// Print a fresh key pair ("<private> <public>", base64) and exit.
     #[arg(long)]
     generate_keypair: bool,
@@ -162,7 +170,7 @@ async fn main() -> anyhow::Result<()> {
         dns_upstream: args.dns_upstream,
     });
     let public = key.public_key();
-    let gw = Gateway::new(
+    let mut gw = Gateway::new(
         GatewayConfig {
             tunnel: tunnel.clone(),
             handshake_limit: args.handshake_limit,
@@ -171,9 +179,19 @@ async fn main() -> anyhow::Result<()> {
         Box::new(dp),
         metrics,
     );
+    // The task (and with it the socket file) goes away when the runtime stops.
+    let uapi = match &args.uapi_interface {
+        Some(name) => {
+            let listener = UapiListener::bind(&args.uapi_dir, name).context("the UAPI socket")?;
+            let path = listener.path().display().to_string();
+            tokio::spawn(listener.serve(gw.uapi_requests()));
+            format!(" uapi={path}")
+        }
+        None => String::new(),
+    };
     // One line for scripts and tests.
     println!(
-        "kuberaya-gateway listening udp={bound} public_key={public} tunnel_address={} metrics={m_addr} health={h_addr}",
+        "kuberaya-gateway listening udp={bound} public_key={public} tunnel_address={} metrics={m_addr} health={h_addr}{uapi}",
         tunnel.gateway_address()
     );
     tracing::info!(udp = %bound, public_key = %public, "gateway started");
