@@ -27,7 +27,11 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::annotations;
 use crate::metrics::Metrics;
-use crate::platform::{self, LABEL_CLUSTER_ID, LABEL_SERVICE_UID, Labels, LbStatus, LoadBalancer, Platform};
+use crate::platform::labels::MAX_LABEL_VALUE_LEN;
+use crate::platform::{
+    self, LABEL_CLUSTER_ID, LABEL_SERVICE_NAME, LABEL_SERVICE_NAMESPACE, LABEL_SERVICE_UID, Labels, LbStatus,
+    LoadBalancer, Platform,
+};
 use crate::service::desired::{DesiredConfig, PublicIpRequest, default_lb_name, desired_load_balancer, ingress_ips};
 use crate::service::diff::{
     ApplyPlan, DeletePlan, LiveService, LookupError, find_orphans, keep_public_ip, pick_by_name, pick_by_uid,
@@ -274,6 +278,16 @@ async fn handle_platform_error(
     Err(Error::Platform { op, source: e })
 }
 
+/// The LB name a Service asks for (annotation, else the default); an invalid name
+/// annotation falls back to the default.
+fn desired_lb_name(svc: &Service) -> String {
+    let ann = svc.metadata.annotations.clone().unwrap_or_default();
+    annotations::name(&ann)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| default_lb_name(&svc.namespace().unwrap_or_default(), &svc.name_any()))
+}
+
 fn uid_labels(cluster_id: &str, uid: &str) -> Labels {
     Labels::from([
         (LABEL_CLUSTER_ID.to_owned(), cluster_id.to_owned()),
@@ -285,7 +299,9 @@ fn cluster_labels(cluster_id: &str) -> Labels {
     Labels::from([(LABEL_CLUSTER_ID.to_owned(), cluster_id.to_owned())])
 }
 
-/// Finds the Service's LB: by UID label, else by name among our cluster's LBs.
+/// Finds the Service's LB: by UID label, else by name among our LBs labelled with the
+/// Service's namespace and name (one of a previous incarnation of the Service). Both
+/// lookups are label-filtered lists, so their cost does not grow with the cluster's LBs.
 async fn find_lb(ctx: &Context, svc: &Service, lb_name: &str) -> Result<Result<Option<LoadBalancer>, LookupError>> {
     let cluster = &ctx.config.cluster_id;
     let uid = svc.uid().ok_or(Error::MissingObjectKey("metadata.uid"))?;
@@ -299,13 +315,20 @@ async fn find_lb(ctx: &Context, svc: &Service, lb_name: &str) -> Result<Result<O
         Ok(None) => {}
         Err(e) => return Ok(Err(e)),
     }
-    let all = ctx
+    let ns = svc.namespace().unwrap_or_default();
+    let name = svc.name_any();
+    let mut by_service = cluster_labels(cluster);
+    by_service.insert(LABEL_SERVICE_NAMESPACE.to_owned(), ns.clone());
+    by_service.insert(
+        LABEL_SERVICE_NAME.to_owned(),
+        name.chars().take(MAX_LABEL_VALUE_LEN).collect(),
+    );
+    let same_service = ctx
         .platform
-        .list_load_balancers(cluster, &cluster_labels(cluster))
+        .list_load_balancers(cluster, &by_service)
         .await
         .map_err(platform_err("list_load_balancers"))?;
-    let ns = svc.namespace().unwrap_or_default();
-    Ok(pick_by_name(cluster, &ns, &svc.name_any(), lb_name, &all).map(|o| o.cloned()))
+    Ok(pick_by_name(cluster, &ns, &name, lb_name, &same_service).map(|o| o.cloned()))
 }
 
 async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Action> {
@@ -437,11 +460,7 @@ async fn cleanup(svc: &Service, ctx: &Context) -> Result<Action> {
             .as_ref()
             .and_then(|s| s.load_balancer_ip.as_deref())
             .is_some_and(|s| !s.trim().is_empty());
-    let ns = svc.namespace().unwrap_or_default();
-    let lb_name = annotations::name(&ann)
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| default_lb_name(&ns, &svc.name_any()));
+    let lb_name = desired_lb_name(svc);
     let actual = match find_lb(ctx, svc, &lb_name).await? {
         Ok(a) => a,
         // Not ours to delete (another Service's name, or ambiguous): nothing to remove.
@@ -560,10 +579,10 @@ pub async fn sweep_orphans(ctx: &Context, services: &[Service]) -> Result<usize>
             ))
         })
         .collect();
-    let adoptable: HashSet<String> = services
+    let adoptable: HashSet<(String, String)> = services
         .iter()
         .filter(|s| wants_load_balancer(s) && !is_deleting(s))
-        .map(key_of)
+        .map(|s| (key_of(s), desired_lb_name(s)))
         .collect();
     let orphans = find_orphans(cluster, &lbs, &live, &adoptable);
     let mut deleted = 0;

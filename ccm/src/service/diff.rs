@@ -277,14 +277,15 @@ pub struct Orphan {
 /// Our LBs whose Service no longer exists (by UID), or exists but neither wants an LB
 /// nor carries our finalizer (so no reconcile will ever remove it). LBs without our
 /// cluster ID or without a Service UID label are never orphans: we cannot know them.
-/// LBs already deleting are skipped, and so are LBs whose `namespace/name` labels name a
-/// live Service that wants an LB (`adoptable`): its reconcile adopts them by name (a
-/// Service deleted and recreated while we were down) instead of creating a second one.
+/// LBs already deleting are skipped, and so are LBs that a live Service wanting an LB
+/// will adopt (`adoptable`: its `namespace/name` and desired LB name, matching the LB's
+/// labels and name): a Service deleted and recreated while we were down keeps its LB
+/// instead of getting a second one.
 pub fn find_orphans(
     cluster_id: &str,
     lbs: &[LoadBalancer],
     services: &HashMap<String, LiveService>,
-    adoptable: &HashSet<String>,
+    adoptable: &HashSet<(String, String)>,
 ) -> Vec<Orphan> {
     lbs.iter()
         .filter(|lb| is_ours(cluster_id, lb) && lb.status != LbStatus::Deleting)
@@ -299,7 +300,7 @@ pub fn find_orphans(
                 lb.labels.get(LABEL_SERVICE_NAME).map(String::as_str).unwrap_or("?")
             );
             let orphan = match services.get(uid) {
-                None => !adoptable.contains(&owner),
+                None => !adoptable.contains(&(owner.clone(), lb.name.clone())),
                 Some(s) => !s.wants_lb && !s.has_finalizer,
             };
             orphan.then(|| Orphan {
@@ -661,7 +662,11 @@ mod tests {
             lb_with("lb-9", "i", lb_labels("cl-1", "uid-old", "default", "recreated", false)),
         ];
         // A Service deleted and recreated while we were down: adopted by name, not swept.
-        let adoptable = HashSet::from(["default/recreated".to_owned()]);
+        let adoptable = HashSet::from([
+            ("default/recreated".to_owned(), "i".to_owned()),
+            // Same Service, but its LB has another name: not adoptable, so swept.
+            ("default/b".to_owned(), "not-b".to_owned()),
+        ]);
         let orphans = find_orphans("cl-1", &lbs, &services, &adoptable);
         let got: Vec<(&str, Option<bool>)> = orphans.iter().map(|o| (o.id.as_str(), o.keep_public_ip)).collect();
         assert_eq!(got, vec![("lb-2", None), ("lb-3", Some(true)), ("lb-6", None)]);

@@ -636,3 +636,22 @@ async fn node_bursts_become_one_resync_and_readiness_flaps_none() {
     drop(tx);
     assert_eq!(ticks.next().await, None);
 }
+
+#[tokio::test]
+async fn a_service_recreated_while_we_were_down_adopts_its_lb_by_name() {
+    let bench = Bench::new(&["a"]);
+    let lb = provisioned(&bench, &finalized(svc())).await;
+    let mut recreated = finalized(svc());
+    recreated.metadata.uid = Some("uid-2".into());
+    let (res, _) = bench.reconcile(&recreated).await;
+    assert!(res.is_ok(), "{res:?}");
+    assert_eq!(
+        bench.platform.mutating_calls(),
+        vec!["update_load_balancer"],
+        "relabelled, not duplicated"
+    );
+    let lbs = bench.platform.lbs("cl-1");
+    assert_eq!(lbs.len(), 1);
+    assert_eq!(lbs[0].id, lb.id);
+    assert_eq!(lbs[0].labels[LABEL_SERVICE_UID], "uid-2");
+}
