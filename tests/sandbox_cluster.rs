@@ -229,6 +229,14 @@ impl Sandbox {
     }
 }
 
+impl Sandbox {
+    /// Runs `test` against a fresh sandbox; a failure carries the tail of the sandbox's log.
+    fn run(test: impl FnOnce(&Sandbox) -> Result<()>) -> Result<()> {
+        let sb = Sandbox::up()?;
+        test(&sb).map_err(|e| e.context(format!("sandbox log (tail):\n{}", sb.log())))
+    }
+}
+
 impl Drop for Sandbox {
     fn drop(&mut self) {
         if std::thread::panicking() {
@@ -290,218 +298,223 @@ fn node_port(svc: &Value) -> Result<u64> {
 
 #[test]
 fn deployment_answers_from_every_pod_on_the_cluster_ip_and_on_every_node_port() -> Result<()> {
-    let sb = Sandbox::up()?;
-    sb.create_deployment("web", 8080, 3)?;
-    sb.kubectl(&["expose", "deployment", "web", "--port=80", "--target-port=8080"])?;
-    let pods = sb.wait_ready_pods("web", 3)?;
-    let ip = cluster_ip(&sb.service("web")?)?;
-    let url = format!("http://{ip}:80/");
-    let ready = poll_until_blocking(Duration::from_secs(10), || {
-        (sb.slice_endpoints("web").ok()?.len() == 3).then_some(())
-    });
-    ensure!(ready.is_some(), "three endpoints: {:?}", sb.slice_endpoints("web"));
-    let seen = pods_answering(&url, 30)?;
-    let expected: BTreeSet<String> = pods.keys().cloned().collect();
-    assert_eq!(seen, expected, "over 30 requests every pod answers");
-    let body = curl(&url).context("answer")?;
-    let (pod, node) = pods
-        .iter()
-        .find(|(p, _)| body.contains(&format!("pod={p} ")))
-        .context("a known pod")?;
-    assert_eq!(body, format!("pod={pod} namespace=default node={node}\n"));
+    Sandbox::run(|sb| {
+        sb.create_deployment("web", 8080, 3)?;
+        sb.kubectl(&["expose", "deployment", "web", "--port=80", "--target-port=8080"])?;
+        let pods = sb.wait_ready_pods("web", 3)?;
+        let ip = cluster_ip(&sb.service("web")?)?;
+        let url = format!("http://{ip}:80/");
+        let ready = poll_until_blocking(Duration::from_secs(10), || {
+            (sb.slice_endpoints("web").ok()?.len() == 3).then_some(())
+        });
+        ensure!(ready.is_some(), "three endpoints: {:?}", sb.slice_endpoints("web"));
+        let seen = pods_answering(&url, 30)?;
+        let expected: BTreeSet<String> = pods.keys().cloned().collect();
+        assert_eq!(seen, expected, "over 30 requests every pod answers");
+        let body = curl(&url).context("answer")?;
+        let (pod, node) = pods
+            .iter()
+            .find(|(p, _)| body.contains(&format!("pod={p} ")))
+            .context("a known pod")?;
+        assert_eq!(body, format!("pod={pod} namespace=default node={node}\n"));
 
-    sb.kubectl(&[
-        "expose",
-        "deployment",
-        "web",
-        "--name=web-np",
-        "--type=NodePort",
-        "--port=80",
-        "--target-port=8080",
-    ])?;
-    let port = node_port(&sb.service("web-np")?)?;
-    for (node, node_ip) in sb.node_ips()? {
-        let url = format!("http://{node_ip}:{port}/");
-        let answered = poll_until_blocking(Duration::from_secs(5), || curl(&url).and_then(|b| answered_by(&b)));
-        let pod = answered.with_context(|| format!("NodePort on {node} ({url}) answers"))?;
-        assert!(expected.contains(&pod), "{pod} is one of the deployment's pods");
-    }
-    Ok(())
+        sb.kubectl(&[
+            "expose",
+            "deployment",
+            "web",
+            "--name=web-np",
+            "--type=NodePort",
+            "--port=80",
+            "--target-port=8080",
+        ])?;
+        let port = node_port(&sb.service("web-np")?)?;
+        for (node, node_ip) in sb.node_ips()? {
+            let url = format!("http://{node_ip}:{port}/");
+            let answered = poll_until_blocking(Duration::from_secs(5), || curl(&url).and_then(|b| answered_by(&b)));
+            let pod = answered.with_context(|| format!("NodePort on {node} ({url}) answers"))?;
+            assert!(expected.contains(&pod), "{pod} is one of the deployment's pods");
+        }
+        Ok(())
+    })
 }
 
 #[test]
 fn scale_down_shrinks_the_slice_and_not_ready_pods_get_no_traffic() -> Result<()> {
-    let sb = Sandbox::up()?;
-    sb.create_deployment("web", 8080, 3)?;
-    sb.kubectl(&["expose", "deployment", "web", "--port=80", "--target-port=8080"])?;
-    let pods = sb.wait_ready_pods("web", 3)?;
-    let url = format!("http://{}:80/", cluster_ip(&sb.service("web")?)?);
+    Sandbox::run(|sb| {
+        sb.create_deployment("web", 8080, 3)?;
+        sb.kubectl(&["expose", "deployment", "web", "--port=80", "--target-port=8080"])?;
+        let pods = sb.wait_ready_pods("web", 3)?;
+        let url = format!("http://{}:80/", cluster_ip(&sb.service("web")?)?);
 
-    // A pod made not ready: its endpoint goes not-ready and it gets no more traffic.
-    let victim = pods.keys().next().context("a pod")?.clone();
-    sb.kubectl(&["annotate", "pod", &victim, "sandbox.kuberaya.io/ready=false"])?;
-    let not_ready = poll_until_blocking(Duration::from_secs(5), || {
-        let eps = sb.slice_endpoints("web").ok()?;
-        eps.iter().any(|(p, ready)| p == &victim && !ready).then_some(eps)
-    });
-    ensure!(
-        not_ready.is_some(),
-        "the endpoint of {victim} goes not-ready: {:?}",
-        sb.slice_endpoints("web")
-    );
-    let seen = pods_answering(&url, 30)?;
-    assert!(!seen.contains(&victim), "{victim} (not ready) got traffic: {seen:?}");
-    assert_eq!(seen.len(), 2, "the two ready pods share the traffic: {seen:?}");
-    sb.kubectl(&["annotate", "pod", &victim, "sandbox.kuberaya.io/ready-"])?;
-    let back = poll_until_blocking(Duration::from_secs(5), || {
-        sb.slice_endpoints("web")
-            .ok()?
-            .iter()
-            .all(|(_, ready)| *ready)
-            .then_some(())
-    });
-    ensure!(back.is_some(), "readiness comes back: {:?}", sb.slice_endpoints("web"));
+        // A pod made not ready: its endpoint goes not-ready and it gets no more traffic.
+        let victim = pods.keys().next().context("a pod")?.clone();
+        sb.kubectl(&["annotate", "pod", &victim, "sandbox.kuberaya.io/ready=false"])?;
+        let not_ready = poll_until_blocking(Duration::from_secs(5), || {
+            let eps = sb.slice_endpoints("web").ok()?;
+            eps.iter().any(|(p, ready)| p == &victim && !ready).then_some(eps)
+        });
+        ensure!(
+            not_ready.is_some(),
+            "the endpoint of {victim} goes not-ready: {:?}",
+            sb.slice_endpoints("web")
+        );
+        let seen = pods_answering(&url, 30)?;
+        assert!(!seen.contains(&victim), "{victim} (not ready) got traffic: {seen:?}");
+        assert_eq!(seen.len(), 2, "the two ready pods share the traffic: {seen:?}");
+        sb.kubectl(&["annotate", "pod", &victim, "sandbox.kuberaya.io/ready-"])?;
+        let back = poll_until_blocking(Duration::from_secs(5), || {
+            sb.slice_endpoints("web")
+                .ok()?
+                .iter()
+                .all(|(_, ready)| *ready)
+                .then_some(())
+        });
+        ensure!(back.is_some(), "readiness comes back: {:?}", sb.slice_endpoints("web"));
 
-    // Scale to 1: the slice shrinks within 2 s and the Service still answers.
-    sb.kubectl(&["scale", "deployment", "web", "--replicas=1"])?;
-    let scaled = Instant::now();
-    let mut last = Vec::new();
-    let shrunk = poll_until_blocking(Duration::from_secs(2), || {
-        last = sb.slice_endpoints("web").ok()?;
-        (last.len() == 1).then(|| scaled.elapsed())
-    });
-    let took = shrunk.with_context(|| format!("the slice still lists {last:?} 2 s after scaling to 1"))?;
-    eprintln!("slice shrank {took:?} after the scale");
-    let remaining = sb.wait_ready_pods("web", 1)?;
-    let seen = pods_answering(&url, 5)?;
-    assert_eq!(seen, remaining.keys().cloned().collect(), "the remaining pod answers");
-    Ok(())
+        // Scale to 1: the slice shrinks within 2 s and the Service still answers.
+        sb.kubectl(&["scale", "deployment", "web", "--replicas=1"])?;
+        let scaled = Instant::now();
+        let mut last = Vec::new();
+        let shrunk = poll_until_blocking(Duration::from_secs(2), || {
+            last = sb.slice_endpoints("web").ok()?;
+            (last.len() == 1).then(|| scaled.elapsed())
+        });
+        let took = shrunk.with_context(|| format!("the slice still lists {last:?} 2 s after scaling to 1"))?;
+        eprintln!("slice shrank {took:?} after the scale");
+        let remaining = sb.wait_ready_pods("web", 1)?;
+        let seen = pods_answering(&url, 5)?;
+        assert_eq!(seen, remaining.keys().cloned().collect(), "the remaining pod answers");
+        Ok(())
+    })
 }
 
 #[test]
 fn local_traffic_policy_health_checks_and_no_forwarding_without_a_local_pod() -> Result<()> {
-    let sb = Sandbox::up()?;
-    sb.create_deployment("web", 8080, 1)?;
-    sb.apply(
+    Sandbox::run(|sb| {
+        sb.create_deployment("web", 8080, 1)?;
+        sb.apply(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: web-local\nspec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  selector:\n    app: web\n  ports:\n  - port: 80\n    targetPort: 8080\n",
     )?;
-    let pods = sb.wait_ready_pods("web", 1)?;
-    let (pod, pod_node) = pods.iter().next().context("the pod")?;
-    let svc = sb.service("web-local")?;
-    let hc_port = svc["spec"]["healthCheckNodePort"]
-        .as_u64()
-        .context("healthCheckNodePort allocated")?;
-    let port = node_port(&svc)?;
-    let ips = sb.node_ips()?;
-    ensure!(ips.len() == 3, "three nodes: {ips:?}");
-    for (node, ip) in &ips {
-        let url = format!("http://{ip}:{hc_port}/healthz");
-        let want = if node == pod_node { 200 } else { 503 };
-        let got = poll_until_blocking(Duration::from_secs(5), || {
-            let out = Command::new("curl")
-                .args([
-                    "-s",
-                    "--max-time",
-                    "2",
-                    "-o",
-                    "/dev/stdout",
-                    "-w",
-                    "\n%{http_code}",
-                    &url,
-                ])
-                .output()
-                .ok()?;
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            let (body, code) = text.rsplit_once('\n')?;
-            (code.parse::<u16>().ok()? == want).then(|| body.to_string())
-        });
-        let body = got.with_context(|| format!("healthCheckNodePort on {node} answers {want}"))?;
-        let doc: Value = serde_json::from_str(&body).with_context(|| format!("JSON health answer: {body}"))?;
-        assert_eq!(
-            doc["localEndpoints"],
-            if node == pod_node { 1 } else { 0 },
-            "{node}: {doc}"
-        );
-        assert_eq!(doc["service"]["name"], "web-local");
-
-        let healthz = curl(&format!("http://{ip}:10256/healthz")).with_context(|| format!("{node}: :10256/healthz"))?;
-        assert!(healthz.contains("\"nodeEligible\":true"), "{healthz}");
-
-        let answer = curl(&format!("http://{ip}:{port}/"));
-        if node == pod_node {
+        let pods = sb.wait_ready_pods("web", 1)?;
+        let (pod, pod_node) = pods.iter().next().context("the pod")?;
+        let svc = sb.service("web-local")?;
+        let hc_port = svc["spec"]["healthCheckNodePort"]
+            .as_u64()
+            .context("healthCheckNodePort allocated")?;
+        let port = node_port(&svc)?;
+        let ips = sb.node_ips()?;
+        ensure!(ips.len() == 3, "three nodes: {ips:?}");
+        for (node, ip) in &ips {
+            let url = format!("http://{ip}:{hc_port}/healthz");
+            let want = if node == pod_node { 200 } else { 503 };
+            let got = poll_until_blocking(Duration::from_secs(5), || {
+                let out = Command::new("curl")
+                    .args([
+                        "-s",
+                        "--max-time",
+                        "2",
+                        "-o",
+                        "/dev/stdout",
+                        "-w",
+                        "\n%{http_code}",
+                        &url,
+                    ])
+                    .output()
+                    .ok()?;
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                let (body, code) = text.rsplit_once('\n')?;
+                (code.parse::<u16>().ok()? == want).then(|| body.to_string())
+            });
+            let body = got.with_context(|| format!("healthCheckNodePort on {node} answers {want}"))?;
+            let doc: Value = serde_json::from_str(&body).with_context(|| format!("JSON health answer: {body}"))?;
             assert_eq!(
-                answer.as_deref().and_then(answered_by).as_deref(),
-                Some(pod.as_str()),
-                "local NodePort forwards"
+                doc["localEndpoints"],
+                if node == pod_node { 1 } else { 0 },
+                "{node}: {doc}"
             );
-        } else {
-            assert_eq!(answer, None, "NodePort on {node} (no local pod) must not forward");
+            assert_eq!(doc["service"]["name"], "web-local");
+
+            let healthz =
+                curl(&format!("http://{ip}:10256/healthz")).with_context(|| format!("{node}: :10256/healthz"))?;
+            assert!(healthz.contains("\"nodeEligible\":true"), "{healthz}");
+
+            let answer = curl(&format!("http://{ip}:{port}/"));
+            if node == pod_node {
+                assert_eq!(
+                    answer.as_deref().and_then(answered_by).as_deref(),
+                    Some(pod.as_str()),
+                    "local NodePort forwards"
+                );
+            } else {
+                assert_eq!(answer, None, "NodePort on {node} (no local pod) must not forward");
+            }
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 #[test]
 fn stopped_node_vm_makes_the_node_and_its_pods_not_ready() -> Result<()> {
-    let sb = Sandbox::up()?;
-    sb.create_deployment("web", 8080, 3)?;
-    sb.kubectl(&["expose", "deployment", "web", "--port=80", "--target-port=8080"])?;
-    let pods = sb.wait_ready_pods("web", 3)?;
-    let nodes: BTreeSet<&String> = pods.values().collect();
-    ensure!(nodes.len() == 3, "one pod per node: {pods:?}");
-    let on_w2: Vec<String> = pods
-        .iter()
-        .filter(|(_, n)| n.as_str() == "w2")
-        .map(|(p, _)| p.clone())
-        .collect();
-    ensure!(!on_w2.is_empty(), "a pod on w2: {pods:?}");
-
-    sb.kuberaya(&["sandbox", "node", "stop", "w2"])?;
-    let not_ready = poll_until_blocking(Duration::from_secs(10), || {
-        let node = sb.get_json(&["get", "node", "w2"]).ok()?;
-        (node_ready(&node) == Some(false)).then_some(())
-    });
-    ensure!(
-        not_ready.is_some(),
-        "Node w2 goes NotReady: {}",
-        sb.kubectl(&["get", "nodes"])?
-    );
-    let pods_not_ready = poll_until_blocking(Duration::from_secs(10), || {
-        let all = sb.get_json(&["get", "pods", "-l", "app=web"]).ok()?;
-        let items = all["items"].as_array()?;
-        items
+    Sandbox::run(|sb| {
+        sb.create_deployment("web", 8080, 3)?;
+        sb.kubectl(&["expose", "deployment", "web", "--port=80", "--target-port=8080"])?;
+        let pods = sb.wait_ready_pods("web", 3)?;
+        let nodes: BTreeSet<&String> = pods.values().collect();
+        ensure!(nodes.len() == 3, "one pod per node: {pods:?}");
+        let on_w2: Vec<String> = pods
             .iter()
-            .filter(|p| p["spec"]["nodeName"] == "w2")
-            .all(|p| !pod_ready(p))
-            .then_some(())
-    });
-    ensure!(
-        pods_not_ready.is_some(),
-        "pods on w2 are not ready: {}",
-        sb.kubectl(&["get", "pods", "-o", "wide"])?
-    );
-    let eps = sb.slice_endpoints("web")?;
-    for p in &on_w2 {
-        assert!(
-            eps.contains(&(p.clone(), false)),
-            "{p}'s endpoint is not ready: {eps:?}"
-        );
-    }
-    let url = format!("http://{}:80/", cluster_ip(&sb.service("web")?)?);
-    let seen = pods_answering(&url, 12)?;
-    assert!(
-        on_w2.iter().all(|p| !seen.contains(p)),
-        "no traffic to the stopped node's pods: {seen:?}"
-    );
+            .filter(|(_, n)| n.as_str() == "w2")
+            .map(|(p, _)| p.clone())
+            .collect();
+        ensure!(!on_w2.is_empty(), "a pod on w2: {pods:?}");
 
-    sb.kuberaya(&["sandbox", "node", "start", "w2"])?;
-    let ready = poll_until_blocking(Duration::from_secs(10), || {
-        let node = sb.get_json(&["get", "node", "w2"]).ok()?;
-        (node_ready(&node) == Some(true)).then_some(())
-    });
-    ensure!(ready.is_some(), "Node w2 is Ready again after start");
-    sb.wait_ready_pods("web", 3)?;
-    Ok(())
+        sb.kuberaya(&["sandbox", "node", "stop", "w2"])?;
+        let not_ready = poll_until_blocking(Duration::from_secs(10), || {
+            let node = sb.get_json(&["get", "node", "w2"]).ok()?;
+            (node_ready(&node) == Some(false)).then_some(())
+        });
+        ensure!(
+            not_ready.is_some(),
+            "Node w2 goes NotReady: {}",
+            sb.kubectl(&["get", "nodes"])?
+        );
+        let pods_not_ready = poll_until_blocking(Duration::from_secs(10), || {
+            let all = sb.get_json(&["get", "pods", "-l", "app=web"]).ok()?;
+            let items = all["items"].as_array()?;
+            items
+                .iter()
+                .filter(|p| p["spec"]["nodeName"] == "w2")
+                .all(|p| !pod_ready(p))
+                .then_some(())
+        });
+        ensure!(
+            pods_not_ready.is_some(),
+            "pods on w2 are not ready: {}",
+            sb.kubectl(&["get", "pods", "-o", "wide"])?
+        );
+        let eps = sb.slice_endpoints("web")?;
+        for p in &on_w2 {
+            assert!(
+                eps.contains(&(p.clone(), false)),
+                "{p}'s endpoint is not ready: {eps:?}"
+            );
+        }
+        let url = format!("http://{}:80/", cluster_ip(&sb.service("web")?)?);
+        let seen = pods_answering(&url, 12)?;
+        assert!(
+            on_w2.iter().all(|p| !seen.contains(p)),
+            "no traffic to the stopped node's pods: {seen:?}"
+        );
+
+        sb.kuberaya(&["sandbox", "node", "start", "w2"])?;
+        let ready = poll_until_blocking(Duration::from_secs(10), || {
+            let node = sb.get_json(&["get", "node", "w2"]).ok()?;
+            (node_ready(&node) == Some(true)).then_some(())
+        });
+        ensure!(ready.is_some(), "Node w2 is Ready again after start");
+        sb.wait_ready_pods("web", 3)?;
+        Ok(())
+    })
 }
 
 const UDP_ECHO: &str = r#"apiVersion: apps/v1
@@ -556,26 +569,27 @@ fn udp_roundtrip(addr: &str, payload: &[u8]) -> Result<Vec<u8>> {
 
 #[test]
 fn udp_echo_through_cluster_ip_and_node_port() -> Result<()> {
-    let sb = Sandbox::up()?;
-    sb.apply(UDP_ECHO)?;
-    let pods = sb.wait_ready_pods("echo", 2)?;
-    let svc = sb.service("echo")?;
-    let ip = cluster_ip(&svc)?;
-    let port = node_port(&svc)?;
-    let ready = poll_until_blocking(Duration::from_secs(10), || {
-        (sb.slice_endpoints("echo").ok()?.len() == 2).then_some(())
-    });
-    ensure!(ready.is_some(), "two endpoints: {:?}", sb.slice_endpoints("echo"));
-    let mut targets = vec![format!("{ip}:53")];
-    targets.extend(sb.node_ips()?.values().map(|node_ip| format!("{node_ip}:{port}")));
-    for target in targets {
-        let answer = String::from_utf8(udp_roundtrip(&target, b"hello over udp")?)?;
-        let (prefix, rest) = answer.split_once(' ').context("prefixed answer")?;
-        let pod = prefix
-            .strip_prefix("pod=")
-            .with_context(|| format!("pod prefix in {answer:?}"))?;
-        assert!(pods.contains_key(pod), "{target}: answered by {pod}, one of {pods:?}");
-        assert_eq!(rest, "hello over udp", "{target}: echoed");
-    }
-    Ok(())
+    Sandbox::run(|sb| {
+        sb.apply(UDP_ECHO)?;
+        let pods = sb.wait_ready_pods("echo", 2)?;
+        let svc = sb.service("echo")?;
+        let ip = cluster_ip(&svc)?;
+        let port = node_port(&svc)?;
+        let ready = poll_until_blocking(Duration::from_secs(10), || {
+            (sb.slice_endpoints("echo").ok()?.len() == 2).then_some(())
+        });
+        ensure!(ready.is_some(), "two endpoints: {:?}", sb.slice_endpoints("echo"));
+        let mut targets = vec![format!("{ip}:53")];
+        targets.extend(sb.node_ips()?.values().map(|node_ip| format!("{node_ip}:{port}")));
+        for target in targets {
+            let answer = String::from_utf8(udp_roundtrip(&target, b"hello over udp")?)?;
+            let (prefix, rest) = answer.split_once(' ').context("prefixed answer")?;
+            let pod = prefix
+                .strip_prefix("pod=")
+                .with_context(|| format!("pod prefix in {answer:?}"))?;
+            assert!(pods.contains_key(pod), "{target}: answered by {pod}, one of {pods:?}");
+            assert_eq!(rest, "hello over udp", "{target}: echoed");
+        }
+        Ok(())
+    })
 }

@@ -356,6 +356,32 @@ async fn sync_deployment(ctx: &Context, d: &Deployment, mine: &[Arc<Pod>], expec
     Ok(())
 }
 
+/// Binds a pod to a node as the scheduler does: a `Binding` posted to the pod's `binding`
+/// subresource (a real API server forbids changing `spec.nodeName` otherwise). A server
+/// without that subresource (404 for the path, not the pod; or 405) gets `spec.nodeName` set by a patch.
+async fn bind(api: &Api<Pod>, name: &str, namespace: &str, node: &str) -> Result<(), kube::Error> {
+    let binding = json!({
+        "apiVersion": "v1", "kind": "Binding",
+        "metadata": {"name": name, "namespace": namespace},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+    });
+    match api
+        .create_subresource::<_, serde_json::Value>("binding", name, &PostParams::default(), &binding)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s))
+            if s.code == 405 || (s.code == 404 && s.message.contains("could not find the requested resource")) =>
+        {
+            let patch = json!({"spec": {"nodeName": node}});
+            api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+                .map(|_| ())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether `tolerations` tolerate `taint` (the Kubernetes rules: empty key with `Exists`
 /// tolerates everything; empty effect matches every effect).
 pub fn tolerates(tolerations: &[Toleration], taint: &Taint) -> bool {
@@ -467,17 +493,8 @@ async fn schedule(ctx: &Context) -> Result<()> {
             continue;
         };
         let node_name = node.metadata.name.clone().unwrap_or_default();
-        // No `binding` subresource is needed: setting spec.nodeName once is what a binding
-        // does, and both the stand-in and a real server accept it on an unbound pod.
-        match api
-            .patch(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"nodeName": node_name}})),
-            )
-            .await
-        {
-            Ok(_) => {
+        match bind(&api, &name, &ns, &node_name).await {
+            Ok(()) => {
                 tracing::debug!(pod = %name, node = %node_name, "pod scheduled");
                 *load.entry(node_name).or_default() += 1;
             }
