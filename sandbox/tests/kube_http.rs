@@ -308,6 +308,21 @@ async fn service_account_tokens_are_held_to_rbac() {
             .contains("cannot list resource \"secrets\" in API group \"\" at the cluster scope"),
         "{v}"
     );
+    // kubectl as the ServiceAccount (impersonation by the admin) and `auth can-i`.
+    let sa_user = "system:serviceaccount:ctl:ccm";
+    let out = ok(&s, &["auth", "can-i", "watch", "services", "--as", sa_user, "-A"]).await;
+    assert_eq!(out.trim(), "yes");
+    let o = kubectl(
+        &s,
+        &["auth", "can-i", "delete", "services", "--as", sa_user, "-n", "default"],
+    )
+    .await;
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "no");
+    let err = fails(&s, &["get", "secrets", "-A", "--as", sa_user]).await;
+    assert!(err.contains("cannot list resource \"secrets\""), "{err}");
+    ok(&s, &["get", "services", "-A", "--as", sa_user]).await;
+    let err = fails(&s, &["get", "nodes", "--as", "jane", "--as-group", "devs"]).await;
+    assert!(err.contains("User \"jane\" cannot list resource \"nodes\""), "{err}");
     // kubectl with the token.
     let kc = s.dir.path().join("sa-kubeconfig");
     let text = std::fs::read_to_string(&s.kubeconfig)

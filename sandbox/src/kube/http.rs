@@ -118,6 +118,14 @@ fn authenticate(api: &KubeApi, headers: &HeaderMap) -> Option<User> {
         .or_else(|| auth.strip_prefix("bearer "))?
         .trim();
     if token == api.admin_token {
+        if let Some(who) = headers.get("impersonate-user").and_then(|v| v.to_str().ok()) {
+            let groups = headers
+                .get_all("impersonate-group")
+                .iter()
+                .filter_map(|v| v.to_str().ok().map(str::to_string))
+                .collect();
+            return Some(User::impersonated(who, groups));
+        }
         return Some(User::Admin);
     }
     let store = api.lock();
@@ -405,7 +413,8 @@ fn verb_of(c: &Ctx<'_>, t: &Target) -> &'static str {
 }
 
 fn authorize(c: &Ctx<'_>, t: &Target, verb: &str) -> Result<(), ApiError> {
-    if *c.user == User::Admin {
+    // Everyone may ask what they may do (system:basic-user).
+    if *c.user == User::Admin || (t.rt.group == "authorization.k8s.io" && t.rt.plural == "selfsubjectaccessreviews") {
         return Ok(());
     }
     let a = Attrs {
@@ -570,6 +579,9 @@ fn resource(c: &Ctx<'_>, group: &str, version: &str, rest: &[&str]) -> Result<Re
     if rt.namespaced && t.namespace.is_none() && !matches!(verb, "list" | "watch") {
         return Err(ApiError::not_found_path());
     }
+    if rt.group == "authorization.k8s.io" {
+        return access_review(c, rt, &ns);
+    }
     match (verb, t.name.as_deref(), t.sub.as_deref()) {
         ("list", _, _) => list(c, &t),
         ("watch", _, _) => watch(c, &t),
@@ -689,6 +701,71 @@ fn resource(c: &Ctx<'_>, group: &str, version: &str, rest: &[&str]) -> Result<Re
         }
         _ => Err(ApiError::method_not_allowed()),
     }
+}
+
+/// `SelfSubjectAccessReview` / `SubjectAccessReview` (`kubectl auth can-i`): answered from
+/// RBAC, nothing stored.
+fn access_review(c: &Ctx<'_>, rt: &ResourceType, ns: &str) -> Result<Response, ApiError> {
+    if *c.method != Method::POST {
+        return Err(ApiError::method_not_allowed());
+    }
+    let mut review = parse_body(c)?;
+    let user = if rt.plural == "subjectaccessreviews" {
+        let name = review.pointer("/spec/user").and_then(Value::as_str).unwrap_or_default();
+        let groups = review
+            .pointer("/spec/groups")
+            .and_then(Value::as_array)
+            .map(|g| g.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
+        User::impersonated(name, groups)
+    } else {
+        c.user.clone()
+    };
+    let ra = review.pointer("/spec/resourceAttributes").cloned();
+    let allowed = match &ra {
+        Some(ra) => {
+            let f = |k: &str| ra.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+            let (verb, group, resource, sub, name) =
+                (f("verb"), f("group"), f("resource"), f("subresource"), f("name"));
+            let namespace = if rt.plural == "localsubjectaccessreviews" {
+                ns.to_string()
+            } else {
+                f("namespace")
+            };
+            let a = Attrs {
+                verb: &verb,
+                group: &group,
+                resource: &resource,
+                subresource: &sub,
+                namespace: &namespace,
+                name: &name,
+            };
+            let s = c.api.lock();
+            let collect = |st: &str| s.all(st).cloned().collect::<Vec<_>>();
+            rbac::allowed(
+                &user,
+                &a,
+                &collect("rbac.authorization.k8s.io/roles"),
+                &collect("rbac.authorization.k8s.io/clusterroles"),
+                &collect("rbac.authorization.k8s.io/rolebindings"),
+                &collect("rbac.authorization.k8s.io/clusterrolebindings"),
+            )
+        }
+        // Non-resource URLs (discovery) are open to every authenticated user.
+        None => true,
+    };
+    review["apiVersion"] = json!("authorization.k8s.io/v1");
+    review["kind"] = json!(rt.kind);
+    if !review.get("metadata").is_some_and(Value::is_object) {
+        review["metadata"] = json!({});
+    }
+    review["metadata"]["creationTimestamp"] = Value::Null;
+    review["status"] = if allowed {
+        json!({"allowed": true, "reason": "allowed by RBAC"})
+    } else {
+        json!({"allowed": false})
+    };
+    Ok(json_response(StatusCode::CREATED, &review))
 }
 
 fn scale_of(rt: &ResourceType, obj: &Value) -> Value {

@@ -105,6 +105,30 @@ const BINDING: &[(u32, F)] = &[
     (3, F::Msg("roleRef", ROLE_REF)),
 ];
 
+const RESOURCE_ATTRS: &[(u32, F)] = &[
+    (1, F::Str("namespace")),
+    (2, F::Str("verb")),
+    (3, F::Str("group")),
+    (4, F::Str("version")),
+    (5, F::Str("resource")),
+    (6, F::Str("subresource")),
+    (7, F::Str("name")),
+];
+const NON_RESOURCE_ATTRS: &[(u32, F)] = &[(1, F::Str("path")), (2, F::Str("verb"))];
+const SSAR: &[(u32, F)] = &[
+    (1, F::Msg("metadata", OBJECT_META)),
+    (
+        2,
+        F::Msg(
+            "spec",
+            &[
+                (1, F::Msg("resourceAttributes", RESOURCE_ATTRS)),
+                (2, F::Msg("nonResourceAttributes", NON_RESOURCE_ATTRS)),
+            ],
+        ),
+    ),
+];
+
 struct Reader<'a> {
     b: &'a [u8],
     i: usize,
@@ -259,6 +283,7 @@ pub fn decode_object(body: &[u8]) -> Result<Value, String> {
         ("v1", "ServiceAccount") => SERVICE_ACCOUNT,
         ("authentication.k8s.io/v1", "TokenRequest") => TOKEN_REQUEST,
         ("rbac.authorization.k8s.io/v1", "Role" | "ClusterRole") => ROLE,
+        ("authorization.k8s.io/v1", "SelfSubjectAccessReview") => SSAR,
         ("rbac.authorization.k8s.io/v1", "RoleBinding" | "ClusterRoleBinding") => BINDING,
         _ => {
             return Err(format!(

@@ -7,7 +7,15 @@ use serde_json::Value;
 #[derive(Clone, Debug, PartialEq)]
 pub enum User {
     Admin,
-    ServiceAccount { namespace: String, name: String },
+    ServiceAccount {
+        namespace: String,
+        name: String,
+    },
+    /// Any other user, as the admin impersonates it (`kubectl --as`, `--as-group`).
+    Named {
+        name: String,
+        groups: Vec<String>,
+    },
 }
 
 impl User {
@@ -15,6 +23,7 @@ impl User {
         match self {
             User::Admin => "kubernetes-admin".into(),
             User::ServiceAccount { namespace, name } => format!("system:serviceaccount:{namespace}:{name}"),
+            User::Named { name, .. } => name.clone(),
         }
     }
     fn groups(&self) -> Vec<String> {
@@ -25,6 +34,28 @@ impl User {
                 format!("system:serviceaccounts:{namespace}"),
                 "system:authenticated".into(),
             ],
+            User::Named { groups, .. } => {
+                let mut g = groups.clone();
+                g.push("system:authenticated".into());
+                g
+            }
+        }
+    }
+
+    /// The user the admin impersonates (`Impersonate-User`, `Impersonate-Group`).
+    pub fn impersonated(name: &str, groups: Vec<String>) -> User {
+        if let Some((namespace, sa)) = name
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|r| r.split_once(':'))
+        {
+            return User::ServiceAccount {
+                namespace: namespace.to_string(),
+                name: sa.to_string(),
+            };
+        }
+        User::Named {
+            name: name.to_string(),
+            groups,
         }
     }
 }
@@ -74,7 +105,7 @@ fn subject_matches(s: &Value, user: &User) -> bool {
             User::ServiceAccount { namespace, name: n } => {
                 n == name && s.get("namespace").and_then(Value::as_str).unwrap_or_default() == namespace
             }
-            User::Admin => false,
+            User::Admin | User::Named { .. } => false,
         },
         "User" => user.name() == name,
         "Group" => user.groups().iter().any(|g| g == name),

@@ -322,6 +322,24 @@ pub fn builtins() -> Vec<ResourceType> {
             selectable: &[],
         }));
     }
+    for (kind, plural, namespaced) in [
+        ("SelfSubjectAccessReview", "selfsubjectaccessreviews", false),
+        ("SubjectAccessReview", "subjectaccessreviews", false),
+        ("LocalSubjectAccessReview", "localsubjectaccessreviews", true),
+    ] {
+        let mut r = build(B {
+            group: "authorization.k8s.io",
+            version: "v1",
+            kind,
+            plural,
+            namespaced,
+            short: &[],
+            subs: &[],
+            selectable: &[],
+        });
+        r.verbs = vec!["create".into()];
+        out.push(r);
+    }
     let mut ev = build(B {
         group: "events.k8s.io",
         version: "v1",
