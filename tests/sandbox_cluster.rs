@@ -334,6 +334,20 @@ fn deployment_answers_from_every_pod_on_the_cluster_ip_and_on_every_node_port() 
             let pod = answered.with_context(|| format!("NodePort on {node} ({url}) answers"))?;
             assert!(expected.contains(&pod), "{pod} is one of the deployment's pods");
         }
+
+        // sessionAffinity: ClientIP keeps this client on one pod.
+        sb.kubectl(&[
+            "patch",
+            "service",
+            "web",
+            "-p",
+            r#"{"spec":{"sessionAffinity":"ClientIP"}}"#,
+        ])?;
+        let sticky = poll_until_blocking(Duration::from_secs(5), || {
+            let seen = pods_answering(&url, 10).ok()?;
+            (seen.len() == 1).then_some(seen)
+        });
+        ensure!(sticky.is_some(), "with ClientIP affinity one pod answers every request");
         Ok(())
     })
 }
