@@ -241,6 +241,75 @@ async fn bad_input_is_a_status_and_nothing_is_lost() {
         )
         .await;
     assert_eq!(code, StatusCode::BAD_REQUEST, "{v}");
+    // Odd shapes in every write path: answered (2xx or 4xx), never a dropped connection.
+    let (_, _) = h
+        .json(
+            Method::POST,
+            "/api/v1/namespaces/default/services",
+            Some(json!({"metadata": {"name": "odd"}, "spec": {"ports": [{"port": 80}]}})),
+        )
+        .await;
+    let odd = [
+        json!({"spec": 5}),
+        json!({"spec": {"ports": 5}}),
+        json!({"spec": {"ports": [5, "x", null]}}),
+        json!({"spec": {"ports": [{"port": "80"}]}}),
+        json!({"spec": {"type": 7}}),
+        json!({"spec": {"clusterIP": 7}}),
+        json!({"metadata": {"labels": 5}}),
+        json!({"metadata": {"labels": {"a": 5}}}),
+        json!({"metadata": {"finalizers": "x"}}),
+        json!({"metadata": {"finalizers": [1, {}]}}),
+        json!({"metadata": {"ownerReferences": 5}}),
+        json!({"metadata": {"ownerReferences": [{"uid": 5}]}}),
+        json!({"metadata": 5}),
+        json!({"status": {"loadBalancer": {"ingress": 5}}}),
+        json!(null),
+        json!([]),
+        json!("x"),
+    ];
+    for (i, p) in odd.iter().enumerate() {
+        for path in [
+            "/api/v1/namespaces/default/services/odd",
+            "/api/v1/namespaces/default/services/odd/status",
+            "/api/v1/namespaces/default/configmaps/keep",
+        ] {
+            for ct in [
+                "application/merge-patch+json",
+                "application/strategic-merge-patch+json",
+                "application/apply-patch+yaml",
+            ] {
+                let url = format!("{path}?fieldManager=fuzz{i}");
+                let (code, t) = h.raw(Method::PATCH, &url, ct, p.to_string().into_bytes()).await;
+                assert!(
+                    code.is_success() || code.is_client_error(),
+                    "{path} {ct} {p}: {code} {t}"
+                );
+            }
+            let (code, t) = h
+                .raw(Method::PUT, path, "application/json", p.to_string().into_bytes())
+                .await;
+            assert!(
+                code.is_success() || code.is_client_error(),
+                "PUT {path} {p}: {code} {t}"
+            );
+        }
+        for post in [
+            "/api/v1/namespaces/default/serviceaccounts/default/token",
+            "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+            "/api/v1/namespaces/default/pods/none/eviction",
+            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+            "/apis/events.k8s.io/v1/namespaces/default/events",
+        ] {
+            let (code, t) = h
+                .raw(Method::POST, post, "application/json", p.to_string().into_bytes())
+                .await;
+            assert!(
+                code.is_success() || code.is_client_error(),
+                "POST {post} {p}: {code} {t}"
+            );
+        }
+    }
     // Still serving, nothing lost.
     let (code, v) = h.get(&format!("{cms}/keep")).await;
     assert_eq!(code, StatusCode::OK, "{v}");

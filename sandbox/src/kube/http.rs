@@ -202,12 +202,12 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
         if b[i] == b'%'
             && i + 2 < b.len()
-            && i + 2 < b.len()
-            && let Ok(x) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
         {
-            out.push(x);
+            out.push(h * 16 + l);
             i += 3;
             continue;
         }
@@ -620,11 +620,13 @@ fn resource(c: &Ctx<'_>, group: &str, version: &str, rest: &[&str]) -> Result<Re
             let secs = body
                 .pointer("/spec/expirationSeconds")
                 .and_then(Value::as_i64)
-                .unwrap_or(3600);
+                .unwrap_or(3600)
+                .clamp(600, 1 << 32);
+            let spec = body.get("spec").filter(|s| s.is_object()).cloned().unwrap_or(json!({}));
             let mut resp = json!({
                 "kind": "TokenRequest", "apiVersion": "authentication.k8s.io/v1",
                 "metadata": {"name": name, "namespace": ns, "creationTimestamp": null},
-                "spec": body.get("spec").cloned().unwrap_or(json!({})),
+                "spec": spec,
                 "status": {"token": token, "expirationTimestamp": rfc3339(now_secs() + secs)},
             });
             resp["spec"]["expirationSeconds"] = json!(secs);
@@ -710,6 +712,11 @@ fn access_review(c: &Ctx<'_>, rt: &ResourceType, ns: &str) -> Result<Response, A
         return Err(ApiError::method_not_allowed());
     }
     let mut review = parse_body(c)?;
+    if !review.is_object() {
+        return Err(ApiError::bad_request(
+            "the object provided is not a JSON or YAML object",
+        ));
+    }
     let user = if rt.plural == "subjectaccessreviews" {
         let name = review.pointer("/spec/user").and_then(Value::as_str).unwrap_or_default();
         let groups = review
@@ -1165,5 +1172,6 @@ mod tests {
         assert_eq!(q["labelSelector"], "app=web,tier in (a)");
         assert_eq!(q["watch"], "1");
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert_eq!(percent_decode("%é%%c3%a9"), "%é%é");
     }
 }
