@@ -6,6 +6,6 @@
 //! nor `vpn-gateway`, so a misreading of a contract cannot hide by being made on both
 //! sides.
 
-pub mod kube;
 pub mod cluster;
+pub mod kube;
 pub mod platform;

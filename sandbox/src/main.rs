@@ -114,7 +114,8 @@ async fn run_kube(args: KubeArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("cannot read listen address")?;
     let url = format!("{}://{addr}", if args.insecure_http { "http" } else { "https" });
     if let Some(path) = &args.kubeconfig {
-        api.write_kubeconfig(path, &url, &args.context).context("cannot write the kubeconfig")?;
+        api.write_kubeconfig(path, &url, &args.context)
+            .context("cannot write the kubeconfig")?;
     }
     {
         let mut stdout = std::io::stdout().lock();
