@@ -39,15 +39,16 @@ struct Sandbox {
 }
 
 impl Sandbox {
-    fn up() -> Result<Sandbox> {
+    /// A sandbox whose node agents remove the `uninitialized` taint themselves (`no_ccm`),
+    /// or leave it to a CCM.
+    fn up(no_ccm: bool) -> Result<Sandbox> {
         let dir = tempfile::tempdir()?;
         let state = dir.path().join("sb");
         let n = unique_net_index();
-        let args = [
+        let mut args = vec![
             "sandbox".to_string(),
             "up".into(),
             "--detach".into(),
-            "--no-ccm".into(),
             "--nodes".into(),
             "3".into(),
             "--state-dir".into(),
@@ -61,6 +62,9 @@ impl Sandbox {
             "--pod-cidr".into(),
             format!("127.{}.0.0/16", u16::from(n) + 100),
         ];
+        if no_ccm {
+            args.push("--no-ccm".into());
+        }
         let out = Command::new(binary("kuberaya")).args(&args).output()?;
         let sandbox = Sandbox {
             kubeconfig: state.join("kubeconfig"),
@@ -230,9 +234,10 @@ impl Sandbox {
 }
 
 impl Sandbox {
-    /// Runs `test` against a fresh sandbox; a failure carries the tail of the sandbox's log.
-    fn run(test: impl FnOnce(&Sandbox) -> Result<()>) -> Result<()> {
-        let sb = Sandbox::up()?;
+    /// Runs `test` against a fresh sandbox (see [`Sandbox::up`]); a failure carries the
+    /// tail of the sandbox's log.
+    fn run(no_ccm: bool, test: impl FnOnce(&Sandbox) -> Result<()>) -> Result<()> {
+        let sb = Sandbox::up(no_ccm)?;
         test(&sb).map_err(|e| e.context(format!("sandbox log (tail):\n{}", sb.log())))
     }
 }
@@ -298,7 +303,7 @@ fn node_port(svc: &Value) -> Result<u64> {
 
 #[test]
 fn deployment_answers_from_every_pod_on_the_cluster_ip_and_on_every_node_port() -> Result<()> {
-    Sandbox::run(|sb| {
+    Sandbox::run(true, |sb| {
         sb.create_deployment("web", 8080, 3)?;
         sb.kubectl(&["expose", "deployment", "web", "--port=80", "--target-port=8080"])?;
         let pods = sb.wait_ready_pods("web", 3)?;
@@ -354,7 +359,7 @@ fn deployment_answers_from_every_pod_on_the_cluster_ip_and_on_every_node_port() 
 
 #[test]
 fn scale_down_shrinks_the_slice_and_not_ready_pods_get_no_traffic() -> Result<()> {
-    Sandbox::run(|sb| {
+    Sandbox::run(true, |sb| {
         sb.create_deployment("web", 8080, 3)?;
         sb.kubectl(&["expose", "deployment", "web", "--port=80", "--target-port=8080"])?;
         let pods = sb.wait_ready_pods("web", 3)?;
@@ -404,7 +409,7 @@ fn scale_down_shrinks_the_slice_and_not_ready_pods_get_no_traffic() -> Result<()
 
 #[test]
 fn local_traffic_policy_health_checks_and_no_forwarding_without_a_local_pod() -> Result<()> {
-    Sandbox::run(|sb| {
+    Sandbox::run(true, |sb| {
         sb.create_deployment("web", 8080, 1)?;
         sb.apply(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: web-local\nspec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  selector:\n    app: web\n  ports:\n  - port: 80\n    targetPort: 8080\n",
@@ -469,7 +474,7 @@ fn local_traffic_policy_health_checks_and_no_forwarding_without_a_local_pod() ->
 
 #[test]
 fn stopped_node_vm_makes_the_node_and_its_pods_not_ready() -> Result<()> {
-    Sandbox::run(|sb| {
+    Sandbox::run(true, |sb| {
         sb.create_deployment("web", 8080, 3)?;
         sb.kubectl(&["expose", "deployment", "web", "--port=80", "--target-port=8080"])?;
         let pods = sb.wait_ready_pods("web", 3)?;
@@ -583,7 +588,7 @@ fn udp_roundtrip(addr: &str, payload: &[u8]) -> Result<Vec<u8>> {
 
 #[test]
 fn udp_echo_through_cluster_ip_and_node_port() -> Result<()> {
-    Sandbox::run(|sb| {
+    Sandbox::run(true, |sb| {
         sb.apply(UDP_ECHO)?;
         let pods = sb.wait_ready_pods("echo", 2)?;
         let svc = sb.service("echo")?;
@@ -604,6 +609,102 @@ fn udp_echo_through_cluster_ip_and_node_port() -> Result<()> {
             assert!(pods.contains_key(pod), "{target}: answered by {pod}, one of {pods:?}");
             assert_eq!(rest, "hello over udp", "{target}: echoed");
         }
+        Ok(())
+    })
+}
+
+#[test]
+fn uninitialized_nodes_hold_pods_until_the_taint_is_removed() -> Result<()> {
+    Sandbox::run(false, |sb| {
+        // As a kubelet under --cloud-provider=external: tainted, no providerID, no addresses.
+        let nodes = sb.get_json(&["get", "nodes"])?;
+        for n in nodes["items"].as_array().context("nodes")? {
+            let taints = n["spec"]["taints"].as_array().context("taints")?;
+            assert!(
+                taints.iter().any(
+                    |t| t["key"] == "node.cloudprovider.kubernetes.io/uninitialized" && t["effect"] == "NoSchedule"
+                ),
+                "{n}"
+            );
+            assert!(n["spec"]["providerID"].is_null(), "the CCM sets providerID: {n}");
+            assert!(
+                n["status"]["addresses"].as_array().is_none_or(|a| a.is_empty()),
+                "the CCM sets addresses: {n}"
+            );
+        }
+        sb.create_deployment("web", 8080, 2)?;
+        let unschedulable = poll_until_blocking(Duration::from_secs(10), || {
+            let pods = sb.get_json(&["get", "pods", "-l", "app=web"]).ok()?;
+            let items = pods["items"].as_array()?;
+            let held = items.iter().all(|p| {
+                p["spec"]["nodeName"].is_null()
+                    && p["status"]["conditions"].as_array().is_some_and(|cs| {
+                        cs.iter()
+                            .any(|c| c["type"] == "PodScheduled" && c["reason"] == "Unschedulable")
+                    })
+            });
+            (items.len() == 2 && held).then_some(())
+        });
+        ensure!(
+            unschedulable.is_some(),
+            "pods wait, Unschedulable: {}",
+            sb.kubectl(&["get", "pods", "-o", "wide"])?
+        );
+        // What the CCM does once it has initialized a node.
+        sb.kubectl(&[
+            "taint",
+            "nodes",
+            "--all",
+            "node.cloudprovider.kubernetes.io/uninitialized-",
+        ])?;
+        sb.wait_ready_pods("web", 2)?;
+        Ok(())
+    })
+}
+
+#[test]
+fn deleted_node_vm_takes_its_node_and_pods_away() -> Result<()> {
+    Sandbox::run(true, |sb| {
+        sb.create_deployment("web", 8080, 3)?;
+        let pods = sb.wait_ready_pods("web", 3)?;
+        let on_w3: Vec<&String> = pods
+            .iter()
+            .filter(|(_, n)| n.as_str() == "w3")
+            .map(|(p, _)| p)
+            .collect();
+        sb.kuberaya(&["sandbox", "node", "delete", "w3"])?;
+        let gone = poll_until_blocking(Duration::from_secs(10), || {
+            let nodes = sb.get_json(&["get", "nodes"]).ok()?;
+            let names: Vec<&str> = nodes["items"]
+                .as_array()?
+                .iter()
+                .filter_map(|n| n["metadata"]["name"].as_str())
+                .collect();
+            (names == ["w1", "w2"]).then_some(())
+        });
+        ensure!(
+            gone.is_some(),
+            "without a CCM the Node of a deleted VM goes: {}",
+            sb.kubectl(&["get", "nodes"])?
+        );
+        // Its pods are collected and the Deployment replaces them on the other nodes.
+        let replaced = sb.wait_ready_pods("web", 3)?;
+        assert!(
+            on_w3.iter().all(|p| !replaced.contains_key(*p)),
+            "{on_w3:?} replaced: {replaced:?}"
+        );
+        assert!(replaced.values().all(|n| n != "w3"), "{replaced:?}");
+
+        sb.kuberaya(&["sandbox", "node", "add", "w4"])?;
+        let added = poll_until_blocking(Duration::from_secs(10), || {
+            let node = sb.get_json(&["get", "node", "w4"]).ok()?;
+            (node_ready(&node) == Some(true)).then_some(())
+        });
+        ensure!(
+            added.is_some(),
+            "an added VM registers a Ready node: {}",
+            sb.kubectl(&["get", "nodes"])?
+        );
         Ok(())
     })
 }
