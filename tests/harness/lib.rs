@@ -7,16 +7,21 @@
 //! - [`platform`]: [`PlatformTarget`], the CloudRaya platform the tests talk to: a real
 //!   endpoint from the environment or a fresh platform stand-in; [`Janitor`] removes what
 //!   a test created on a real endpoint.
+//! - [`netns`]: [`Netns`], a network namespace of the test's own (deleted with everything
+//!   in it on drop), veth pairs, bounded command runs, and daemons with a private
+//!   `/var/run/wireguard`.
 //! - [`http`]: [`JsonApi`], a raw JSON HTTP helper that returns `(status, headers, body)`
 //!   as an [`Answer`], with envelope checks.
 
 pub mod bins;
 pub mod http;
+pub mod netns;
 pub mod platform;
 pub mod process;
 
 pub use bins::{bin_dir, binary};
 pub use http::{Answer, JsonApi, http_client, query_encode};
+pub use netns::{Netns, VethEnd, require_root, veth_pair};
 pub use platform::{Janitor, PlatformTarget, SandboxOptions, run_id, unique_net_index};
 pub use process::Process;
 
