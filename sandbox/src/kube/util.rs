@@ -266,10 +266,10 @@ pub fn json_path(v: &Value, path: &str) -> Vec<Value> {
         .trim_end_matches('}')
         .trim_start_matches('$');
     let mut cur = vec![v.clone()];
-    for seg in p.split('.').filter(|s| !s.is_empty()) {
+    for seg in split_path(p) {
         let (name, index) = match seg.find('[') {
             Some(i) => (&seg[..i], Some(seg[i + 1..].trim_end_matches(']'))),
-            None => (seg, None),
+            None => (seg.as_str(), None),
         };
         let mut next = Vec::new();
         for c in &cur {
@@ -281,6 +281,11 @@ pub fn json_path(v: &Value, path: &str) -> Vec<Value> {
                 Some("*") => {
                     if let Some(a) = x.as_array() {
                         next.extend(a.iter().cloned())
+                    }
+                }
+                Some(f) if f.starts_with("?(") => {
+                    if let Some(a) = x.as_array() {
+                        next.extend(a.iter().filter(|e| filter_matches(e, f)).cloned())
                     }
                 }
                 Some(i) => {
@@ -295,6 +300,49 @@ pub fn json_path(v: &Value, path: &str) -> Vec<Value> {
         cur = next;
     }
     cur
+}
+
+/// Splits a JSONPath on dots outside brackets and quotes.
+fn split_path(p: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let (mut cur, mut depth, mut quote) = (String::new(), 0i32, None::<char>);
+    for ch in p.chars() {
+        match (ch, quote) {
+            ('"' | '\'', None) => quote = Some(ch),
+            (c, Some(q)) if c == q => quote = None,
+            ('[', None) => depth += 1,
+            (']', None) => depth -= 1,
+            ('.', None) if depth == 0 => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+                continue;
+            }
+            _ => {}
+        }
+        cur.push(ch);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// `?(@.a.b=="x")` / `!=` filters over an array element.
+fn filter_matches(e: &Value, f: &str) -> bool {
+    let inner = f.trim_start_matches("?(").trim_end_matches(')');
+    let (lhs, rhs, eq) = match (inner.split_once("=="), inner.split_once("!=")) {
+        (_, Some((l, r))) => (l, r, false),
+        (Some((l, r)), None) => (l, r, true),
+        (None, None) => {
+            let field = inner.trim().trim_start_matches('@');
+            return !json_path(e, field).is_empty();
+        }
+    };
+    let field = lhs.trim().trim_start_matches('@');
+    let want = rhs.trim().trim_matches(|c| c == '"' || c == '\'');
+    let got = json_path(e, field).first().map(cell_text).unwrap_or_default();
+    (got == want) == eq
 }
 
 /// Renders a value as kubectl prints a cell.
@@ -355,6 +403,15 @@ mod tests {
         assert_eq!(json_path(&v, ".spec.ports[*].port"), vec![json!(80), json!(443)]);
         assert_eq!(json_path(&v, ".spec.ports[1].port"), vec![json!(443)]);
         assert!(json_path(&v, ".spec.nope").is_empty());
+        let c = json!({"status": {"conditions": [{"type": "A", "status": "False"}, {"type": "Accepted", "status": "True"}]}});
+        assert_eq!(
+            json_path(&c, r#".status.conditions[?(@.type=="Accepted")].status"#),
+            vec![json!("True")]
+        );
+        assert_eq!(
+            json_path(&c, ".status.conditions[?(@.type!='Accepted')].type"),
+            vec![json!("A")]
+        );
     }
 
     #[test]
