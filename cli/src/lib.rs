@@ -3,9 +3,14 @@
 //! A thin layer over the `kuberaya-ccm`, `kuberaya-gateway` and `kuberaya-sandbox`
 //! libraries; it follows kubectl's habits (`-o table|json`, exit codes 0/1/2).
 
+pub mod gateway;
+pub mod kube;
 pub mod logging;
 pub mod output;
+pub mod peer;
+pub mod reach;
 pub mod sandbox;
+pub mod wgquick;
 
 use std::process::ExitCode;
 
@@ -21,6 +26,8 @@ pub struct Cli {
     /// More log output on stderr (repeat for more).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    #[command(flatten)]
+    pub kube: kube::KubeArgs,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -30,10 +37,14 @@ pub enum Command {
     /// Run the whole system on this machine: the CloudRaya platform stand-in and its cluster.
     #[command(subcommand)]
     Sandbox(sandbox::SandboxCommand),
+    /// VPN peers of the gateway: add, list, show, remove, disable, enable, rotate.
+    #[command(subcommand)]
+    Peer(peer::PeerCommand),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Sandbox(cmd) => sandbox::run(cmd).await,
+        Command::Peer(cmd) => peer::run(cmd, &cli.kube).await.map(|()| ExitCode::SUCCESS),
     }
 }
