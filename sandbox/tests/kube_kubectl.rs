@@ -66,6 +66,78 @@ async fn kubectl_get_create_namespaces_and_discovery() {
         ],
     )
     .await;
+    ok(
+        &s,
+        &[
+            "create",
+            "deployment",
+            "web",
+            "-n",
+            "team-a",
+            "--image=nginx:1",
+            "--port=8080",
+            "--replicas=2",
+        ],
+    )
+    .await;
+    let dep = json_of(&ok(&s, &["get", "deploy", "web", "-n", "team-a", "-o", "json"]).await);
+    assert_eq!(dep["spec"]["replicas"], 2, "{dep}");
+    assert_eq!(dep["spec"]["selector"]["matchLabels"]["app"], "web");
+    assert_eq!(dep["spec"]["template"]["spec"]["containers"][0]["image"], "nginx:1");
+    assert_eq!(
+        dep["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"],
+        8080
+    );
+    ok(
+        &s,
+        &["create", "service", "nodeport", "web", "-n", "team-a", "--tcp=80:8080"],
+    )
+    .await;
+    let svc = json_of(&ok(&s, &["get", "svc", "web", "-n", "team-a", "-o", "json"]).await);
+    assert_eq!(svc["spec"]["type"], "NodePort", "{svc}");
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], 8080);
+    assert!(svc["spec"]["ports"][0]["nodePort"].as_i64().is_some());
+    ok(
+        &s,
+        &[
+            "expose",
+            "deployment",
+            "web",
+            "-n",
+            "team-a",
+            "--name=web2",
+            "--port=81",
+            "--target-port=8080",
+        ],
+    )
+    .await;
+    ok(
+        &s,
+        &[
+            "create",
+            "priorityclass",
+            "high",
+            "--value=1000",
+            "--description=important",
+        ],
+    )
+    .await;
+    ok(&s, &["describe", "priorityclass", "high"]).await;
+    ok(
+        &s,
+        &[
+            "create",
+            "pdb",
+            "web",
+            "-n",
+            "team-a",
+            "--selector=app=web",
+            "--min-available=50%",
+        ],
+    )
+    .await;
+    let pdb = json_of(&ok(&s, &["get", "pdb", "web", "-n", "team-a", "-o", "json"]).await);
+    assert_eq!(pdb["spec"]["minAvailable"], "50%", "{pdb}");
     let out = ok(&s, &["get", "rolebinding", "bot-reads", "-n", "team-a", "-o", "wide"]).await;
     assert!(out.contains("Role/reader") && out.contains("team-a/bot"), "{out}");
     let res = ok(&s, &["api-resources"]).await;

@@ -17,6 +17,10 @@ enum F {
     RepMsg(&'static str, &'static [(u32, F)]),
     MapStr(&'static str),
     MapBytes(&'static str),
+    /// `intstr.IntOrString` {type=1, intVal=2, strVal=3}.
+    IntOrStr(&'static str),
+    /// `map<string, resource.Quantity>` (Quantity {string=1}).
+    MapQty(&'static str),
 }
 
 const OWNER_REF: &[(u32, F)] = &[
@@ -129,6 +133,168 @@ const SSAR: &[(u32, F)] = &[
     ),
 ];
 
+const LABEL_SELECTOR: &[(u32, F)] = &[
+    (1, F::MapStr("matchLabels")),
+    (
+        2,
+        F::RepMsg(
+            "matchExpressions",
+            &[(1, F::Str("key")), (2, F::Str("operator")), (3, F::RepStr("values"))],
+        ),
+    ),
+];
+const CONTAINER_PORT: &[(u32, F)] = &[
+    (1, F::Str("name")),
+    (2, F::Int("hostPort")),
+    (3, F::Int("containerPort")),
+    (4, F::Str("protocol")),
+    (5, F::Str("hostIP")),
+];
+const CONTAINER: &[(u32, F)] = &[
+    (1, F::Str("name")),
+    (2, F::Str("image")),
+    (3, F::RepStr("command")),
+    (4, F::RepStr("args")),
+    (5, F::Str("workingDir")),
+    (6, F::RepMsg("ports", CONTAINER_PORT)),
+    (7, F::RepMsg("env", &[(1, F::Str("name")), (2, F::Str("value"))])),
+    (
+        8,
+        F::Msg("resources", &[(1, F::MapQty("limits")), (2, F::MapQty("requests"))]),
+    ),
+    (
+        9,
+        F::RepMsg(
+            "volumeMounts",
+            &[
+                (1, F::Str("name")),
+                (2, F::Bool("readOnly")),
+                (3, F::Str("mountPath")),
+                (4, F::Str("subPath")),
+            ],
+        ),
+    ),
+    (13, F::Str("terminationMessagePath")),
+    (14, F::Str("imagePullPolicy")),
+    (20, F::Str("terminationMessagePolicy")),
+];
+const TOLERATION: &[(u32, F)] = &[
+    (1, F::Str("key")),
+    (2, F::Str("operator")),
+    (3, F::Str("value")),
+    (4, F::Str("effect")),
+    (5, F::Int("tolerationSeconds")),
+];
+const POD_SPEC: &[(u32, F)] = &[
+    (2, F::RepMsg("containers", CONTAINER)),
+    (3, F::Str("restartPolicy")),
+    (4, F::Int("terminationGracePeriodSeconds")),
+    (6, F::Str("dnsPolicy")),
+    (7, F::MapStr("nodeSelector")),
+    (8, F::Str("serviceAccountName")),
+    (10, F::Str("nodeName")),
+    (11, F::Bool("hostNetwork")),
+    (15, F::RepMsg("imagePullSecrets", LOCAL_REF)),
+    (19, F::Str("schedulerName")),
+    (20, F::RepMsg("initContainers", CONTAINER)),
+    (22, F::RepMsg("tolerations", TOLERATION)),
+    (24, F::Str("priorityClassName")),
+];
+const POD_TEMPLATE: &[(u32, F)] = &[(1, F::Msg("metadata", OBJECT_META)), (2, F::Msg("spec", POD_SPEC))];
+const DEPLOYMENT: &[(u32, F)] = &[
+    (1, F::Msg("metadata", OBJECT_META)),
+    (
+        2,
+        F::Msg(
+            "spec",
+            &[
+                (1, F::Int("replicas")),
+                (2, F::Msg("selector", LABEL_SELECTOR)),
+                (3, F::Msg("template", POD_TEMPLATE)),
+                (
+                    4,
+                    F::Msg(
+                        "strategy",
+                        &[
+                            (1, F::Str("type")),
+                            (
+                                2,
+                                F::Msg(
+                                    "rollingUpdate",
+                                    &[(1, F::IntOrStr("maxUnavailable")), (2, F::IntOrStr("maxSurge"))],
+                                ),
+                            ),
+                        ],
+                    ),
+                ),
+                (5, F::Int("minReadySeconds")),
+                (6, F::Int("revisionHistoryLimit")),
+                (7, F::Bool("paused")),
+                (9, F::Int("progressDeadlineSeconds")),
+            ],
+        ),
+    ),
+];
+const SERVICE_PORT: &[(u32, F)] = &[
+    (1, F::Str("name")),
+    (2, F::Str("protocol")),
+    (3, F::Int("port")),
+    (4, F::IntOrStr("targetPort")),
+    (5, F::Int("nodePort")),
+    (6, F::Str("appProtocol")),
+];
+const SERVICE: &[(u32, F)] = &[
+    (1, F::Msg("metadata", OBJECT_META)),
+    (
+        2,
+        F::Msg(
+            "spec",
+            &[
+                (1, F::RepMsg("ports", SERVICE_PORT)),
+                (2, F::MapStr("selector")),
+                (3, F::Str("clusterIP")),
+                (4, F::Str("type")),
+                (5, F::RepStr("externalIPs")),
+                (7, F::Str("sessionAffinity")),
+                (8, F::Str("loadBalancerIP")),
+                (9, F::RepStr("loadBalancerSourceRanges")),
+                (10, F::Str("externalName")),
+                (11, F::Str("externalTrafficPolicy")),
+                (12, F::Int("healthCheckNodePort")),
+                (13, F::Bool("publishNotReadyAddresses")),
+                (17, F::Str("ipFamilyPolicy")),
+                (18, F::RepStr("clusterIPs")),
+                (19, F::RepStr("ipFamilies")),
+                (20, F::Bool("allocateLoadBalancerNodePorts")),
+                (21, F::Str("loadBalancerClass")),
+                (22, F::Str("internalTrafficPolicy")),
+            ],
+        ),
+    ),
+];
+const PDB: &[(u32, F)] = &[
+    (1, F::Msg("metadata", OBJECT_META)),
+    (
+        2,
+        F::Msg(
+            "spec",
+            &[
+                (1, F::IntOrStr("minAvailable")),
+                (2, F::Msg("selector", LABEL_SELECTOR)),
+                (3, F::IntOrStr("maxUnavailable")),
+                (4, F::Str("unhealthyPodEvictionPolicy")),
+            ],
+        ),
+    ),
+];
+const PRIORITY_CLASS: &[(u32, F)] = &[
+    (1, F::Msg("metadata", OBJECT_META)),
+    (2, F::Int("value")),
+    (3, F::Bool("globalDefault")),
+    (4, F::Str("description")),
+    (5, F::Str("preemptionPolicy")),
+];
+
 struct Reader<'a> {
     b: &'a [u8],
     i: usize,
@@ -205,10 +371,49 @@ fn decode(b: &[u8], schema: &[(u32, F)]) -> Result<Value, String> {
         };
         match (*f, raw) {
             (F::Str(k), Raw::Bytes(x)) => {
-                out.insert(k.into(), json!(text(x)?));
+                // Go writes unset strings as ""; JSON would omit them.
+                if !x.is_empty() {
+                    out.insert(k.into(), json!(text(x)?));
+                }
             }
             (F::Int(k), Raw::Varint(v)) => {
+                // int32 fields carry negatives sign-extended to 64 bits.
                 out.insert(k.into(), json!(v as i64));
+            }
+            (F::IntOrStr(k), Raw::Bytes(x)) => {
+                let mut r = Reader { b: x, i: 0 };
+                let (mut typ, mut int, mut string) = (0u64, 0i64, String::new());
+                while !r.done() {
+                    match r.field()? {
+                        (1, Raw::Varint(t)) => typ = t,
+                        (2, Raw::Varint(n)) => int = n as i32 as i64,
+                        (3, Raw::Bytes(b)) => string = text(b)?,
+                        _ => {}
+                    }
+                }
+                out.insert(k.into(), if typ == 1 { json!(string) } else { json!(int) });
+            }
+            (F::MapQty(k), Raw::Bytes(x)) => {
+                let mut er = Reader { b: x, i: 0 };
+                let (mut key, mut qty) = (String::new(), String::new());
+                while !er.done() {
+                    match er.field()? {
+                        (1, Raw::Bytes(kb)) => key = text(kb)?,
+                        (2, Raw::Bytes(vb)) => {
+                            let mut q = Reader { b: vb, i: 0 };
+                            while !q.done() {
+                                if let (1, Raw::Bytes(s)) = q.field()? {
+                                    qty = text(s)?;
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                let e = out.entry(k).or_insert_with(|| json!({}));
+                if let Some(m) = e.as_object_mut() {
+                    m.insert(key, json!(qty));
+                }
             }
             (F::Bool(k), Raw::Varint(v)) => {
                 out.insert(k.into(), json!(v != 0));
@@ -284,6 +489,10 @@ pub fn decode_object(body: &[u8]) -> Result<Value, String> {
         ("authentication.k8s.io/v1", "TokenRequest") => TOKEN_REQUEST,
         ("rbac.authorization.k8s.io/v1", "Role" | "ClusterRole") => ROLE,
         ("authorization.k8s.io/v1", "SelfSubjectAccessReview") => SSAR,
+        ("apps/v1", "Deployment") => DEPLOYMENT,
+        ("v1", "Service") => SERVICE,
+        ("policy/v1", "PodDisruptionBudget") => PDB,
+        ("scheduling.k8s.io/v1", "PriorityClass") => PRIORITY_CLASS,
         ("rbac.authorization.k8s.io/v1", "RoleBinding" | "ClusterRoleBinding") => BINDING,
         _ => {
             return Err(format!(
