@@ -5,21 +5,61 @@
 //! - [`annotations`]: the typed `lb.cloudraya.com/` annotation table.
 //! - [`providerid`]: the node provider-ID format (`cloudraya://<vm-id>`).
 //! - [`service`]: the LoadBalancer service controller.
+//! - [`node`]: the node controller (initialisation, address and label refresh) and the
+//!   node lifecycle controller.
 //! - [`config`]: the `--cloud-config` file.
 //! - [`metrics`]: Prometheus metrics.
 //!
-//! [`Error`] is the crate-wide error of the controllers.
+//! [`Error`] is the crate-wide error of the controllers. [`run_controllers`] runs every
+//! controller (what `kuberaya-ccm` runs while it leads, and what `kuberaya sandbox up`
+//! runs in-process).
 
 pub mod annotations;
 pub mod config;
 pub mod metrics;
+pub mod node;
 pub mod platform;
 pub mod providerid;
 pub mod service;
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
-pub use service::controller::{Context, error_policy, reconcile};
+use futures::FutureExt;
+
+pub use node::NodeSettings;
+pub use service::controller::{Context, RunSettings, error_policy, reconcile};
+
+/// Settings of [`run_controllers`].
+#[derive(Debug, Clone)]
+pub struct ControllerSettings {
+    pub service: service::controller::RunSettings,
+    pub node: node::NodeSettings,
+}
+
+/// Runs the service controller and the node controllers until `shutdown` resolves (or
+/// one of them fails). Call it only on the leader.
+pub async fn run_controllers(
+    client: kube::Client,
+    platform: Arc<dyn platform::Platform>,
+    metrics: Arc<metrics::Metrics>,
+    settings: ControllerSettings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let shutdown = shutdown.boxed().shared();
+    tokio::try_join!(
+        service::controller::run(
+            client.clone(),
+            platform.clone(),
+            metrics.clone(),
+            settings.service,
+            shutdown.clone(),
+        ),
+        node::run(client, platform, metrics, settings.node, shutdown),
+    )?;
+    Ok(())
+}
 
 /// Errors of the controllers. Every variant keeps its cause as `#[source]`.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +93,10 @@ pub enum Error {
     #[error("{what}; checking again in {}s", retry_after.as_secs())]
     InProgress { what: String, retry_after: Duration },
 
+    /// No VM was found for a Node to initialise.
+    #[error("cannot initialise node {node}: {why}")]
+    InstanceNotFound { node: String, why: String },
+
     /// The `--cloud-config` file is unusable.
     #[error("invalid cloud config: {message}")]
     Config {
@@ -80,6 +124,7 @@ impl Error {
             Error::Lookup(service::diff::LookupError::NameTaken { .. }) => "name_taken".into(),
             Error::MissingObjectKey(_) => "missing_object_key".into(),
             Error::InProgress { .. } => "in_progress".into(),
+            Error::InstanceNotFound { .. } => "instance_not_found".into(),
             Error::Config { .. } => "config".into(),
         }
     }

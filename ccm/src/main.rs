@@ -1,7 +1,7 @@
 //! `kuberaya-ccm`: the KubeRaya cloud-controller-manager binary.
 //!
-//! Upstream-style flags (see `--help`); the service controller runs only on the leader
-//! of a `coordination.k8s.io` Lease unless `--leader-elect=false`.
+//! Upstream-style flags (see `--help`); the controllers (service, node, node lifecycle)
+//! run only on the leader of a `coordination.k8s.io` Lease unless `--leader-elect=false`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -22,9 +22,11 @@ use tracing::{error, info, warn};
 
 use kuberaya_ccm::config::CloudConfig;
 use kuberaya_ccm::metrics::Metrics;
+use kuberaya_ccm::node::NodeSettings;
 use kuberaya_ccm::platform::{HttpPlatform, Platform};
-use kuberaya_ccm::service::controller::{RunSettings, Timing, run};
+use kuberaya_ccm::service::controller::{RunSettings, Timing};
 use kuberaya_ccm::service::desired::DesiredConfig;
+use kuberaya_ccm::{ControllerSettings, run_controllers};
 
 /// Parses `300ms`, `10s`, `5m`, `1h` or a bare number of seconds.
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -108,6 +110,18 @@ struct Args {
     /// Quiet period batching a burst of node changes.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     node_sync_debounce: Duration,
+
+    /// Period of the refresh of every Node's addresses and labels from its VM.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    node_status_update_frequency: Duration,
+
+    /// Period of the node lifecycle check (VM deleted or stopped).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    node_monitor_period: Duration,
+
+    /// Nodes initialised concurrently.
+    #[arg(long, default_value_t = 5)]
+    concurrent_node_syncs: u16,
 
     /// Log as JSON.
     #[arg(long)]
@@ -257,7 +271,7 @@ async fn main() -> Result<()> {
     ready.store(true, Ordering::Relaxed);
 
     let stop = shutdown_signal();
-    let settings = RunSettings {
+    let service = RunSettings {
         config: DesiredConfig {
             cluster_id: cloud.cluster_id.clone(),
             udp_supported: cloud.udp_supported,
@@ -272,10 +286,19 @@ async fn main() -> Result<()> {
         node_debounce_max: args.node_sync_debounce.saturating_mul(5),
         orphan_sweep: args.orphan_sweep_period,
     };
+    let settings = ControllerSettings {
+        service,
+        node: NodeSettings {
+            refresh: args.node_status_update_frequency,
+            monitor: args.node_monitor_period,
+            concurrency: args.concurrent_node_syncs.max(1),
+            ..NodeSettings::new(cloud.cluster_id.clone())
+        },
+    };
 
     if !args.leader_elect {
-        metrics.leader.set(1);
-        run(client, platform, metrics, settings, wait_true(stop)).await?;
+        metrics.set_leader(true);
+        run_controllers(client, platform, metrics, settings, wait_true(stop)).await?;
         return Ok(());
     }
 
@@ -307,7 +330,7 @@ async fn main() -> Result<()> {
         }
     }
     info!(%identity, "became leader");
-    metrics.leader.set(1);
+    metrics.set_leader(true);
     let lost = async move {
         loop {
             if leader.changed().await.is_err() || !*leader.borrow() {
@@ -316,12 +339,12 @@ async fn main() -> Result<()> {
         }
     };
     tokio::select! {
-        r = run(client, platform, metrics.clone(), settings, wait_true(stop)) => {
+        r = run_controllers(client, platform, metrics.clone(), settings, wait_true(stop)) => {
             r?;
             Ok(())
         }
         () = lost => {
-            metrics.leader.set(0);
+            metrics.set_leader(false);
             error!("leadership lost; exiting so that no two replicas reconcile");
             std::process::exit(1);
         }

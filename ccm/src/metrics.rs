@@ -40,6 +40,22 @@ pub struct Metrics {
     pub orphans_deleted: Counter,
     /// 1 while this replica holds the leader Lease.
     pub leader: Gauge,
+    /// Times this replica became (or stopped being) the leader.
+    pub leader_transitions: Counter,
+    /// Nodes initialised (the `uninitialized` taint removed).
+    pub nodes_initialized: Counter,
+    /// Nodes whose addresses, labels or provider ID the refresh corrected.
+    pub node_updates: Counter,
+    /// Failed node initialisations by error.
+    pub node_failures: Family<ErrorLabels, Counter>,
+    /// Node lifecycle actions by kind.
+    pub node_lifecycle_actions: Family<ActionLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    /// `delete_node`, `add_shutdown_taint`, `remove_shutdown_taint`.
+    pub action: String,
 }
 
 impl Default for Metrics {
@@ -80,6 +96,36 @@ impl Metrics {
             orphans_deleted.clone(),
         );
         registry.register("leader", "1 while this replica is the leader", leader.clone());
+        let leader_transitions = Counter::default();
+        registry.register(
+            "leader_transitions",
+            "Times this replica became or stopped being the leader",
+            leader_transitions.clone(),
+        );
+        let nodes_initialized = Counter::default();
+        registry.register(
+            "nodes_initialized",
+            "Nodes initialised from their VM",
+            nodes_initialized.clone(),
+        );
+        let node_updates = Counter::default();
+        registry.register(
+            "node_updates",
+            "Nodes whose addresses or labels were refreshed from their VM",
+            node_updates.clone(),
+        );
+        let node_failures = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "node_initialization_failures",
+            "Failed node initialisations by error",
+            node_failures.clone(),
+        );
+        let node_lifecycle_actions = Family::<ActionLabels, Counter>::default();
+        registry.register(
+            "node_lifecycle_actions",
+            "Node lifecycle actions by kind",
+            node_lifecycle_actions.clone(),
+        );
         if let Some(p) = platform {
             registry.register_collector(Box::new(PlatformCollector(p)));
         }
@@ -91,6 +137,35 @@ impl Metrics {
             lbs_managed,
             orphans_deleted,
             leader,
+            leader_transitions,
+            nodes_initialized,
+            node_updates,
+            node_failures,
+            node_lifecycle_actions,
+        }
+    }
+
+    /// A failed node initialisation.
+    pub fn record_node_failure(&self, error: &crate::Error) {
+        self.node_failures
+            .get_or_create(&ErrorLabels {
+                error: error.metric_label(),
+            })
+            .inc();
+    }
+
+    /// A node lifecycle action carried out.
+    pub fn record_lifecycle_action(&self, action: &str) {
+        self.node_lifecycle_actions
+            .get_or_create(&ActionLabels { action: action.into() })
+            .inc();
+    }
+
+    /// Leadership gained (`true`) or lost: the gauge and the transitions counter.
+    pub fn set_leader(&self, leader: bool) {
+        let before = self.leader.set(i64::from(leader));
+        if before != i64::from(leader) {
+            self.leader_transitions.inc();
         }
     }
 

@@ -1,0 +1,1 @@
+//! Pure decisions and reconcile tests of the node controller.

@@ -1,0 +1,98 @@
+//! Test support of the node controllers: a recording mock API server (the
+//! `tower_test` pattern of the service controller's tests) answering from a closure.
+
+use std::sync::Arc;
+
+use http::{Request, Response};
+use k8s_openapi::api::core::v1::Node;
+use kube::Client;
+use kube::client::Body;
+use serde_json::{Value, json};
+
+use crate::metrics::Metrics;
+use crate::node::NodeSettings;
+use crate::node::controller::Context;
+use crate::platform::fake::FakePlatform;
+
+/// One request a controller made to the API server.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub method: String,
+    pub path: String,
+    pub body: Value,
+}
+
+impl Call {
+    pub fn is(&self, method: &str, path_end: &str) -> bool {
+        self.method == method && self.path.ends_with(path_end)
+    }
+
+    pub fn is_event(&self, reason: &str) -> bool {
+        self.method == "POST" && self.path.ends_with("/events") && self.body["reason"] == reason
+    }
+}
+
+/// Answers: events are echoed, a list of nodes returns `nodes`, a delete of a node
+/// absent from `nodes` is a 404, anything else returns the first node (or `{}`).
+pub fn default_answer(nodes: &[Node], method: &str, path: &str, body: &Value) -> (u16, Value) {
+    if path.ends_with("/events") {
+        return (201, body.clone());
+    }
+    if method == "GET" && path == "/api/v1/nodes" {
+        return (
+            200,
+            json!({"apiVersion": "v1", "kind": "NodeList", "metadata": {}, "items": nodes}),
+        );
+    }
+    let name = path.rsplit('/').find(|s| *s != "status").unwrap_or_default();
+    match nodes.iter().find(|n| n.metadata.name.as_deref() == Some(name)) {
+        Some(n) => (200, serde_json::to_value(n).unwrap_or(Value::Null)),
+        None if method == "DELETE" || method == "PATCH" => (
+            404,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+        ),
+        None => (200, json!({})),
+    }
+}
+
+/// A node-controller context over `platform` and a recording mock API server answering
+/// with [`default_answer`] for `nodes`. Run the code under test, drop every clone of
+/// the context, then await the handle for the calls.
+pub fn context(
+    platform: Arc<FakePlatform>,
+    metrics: Arc<Metrics>,
+    nodes: Vec<Node>,
+) -> (Arc<Context>, tokio::task::JoinHandle<Vec<Call>>) {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let mut settings = NodeSettings::new("cl-1");
+    settings.base_backoff = std::time::Duration::from_millis(100);
+    let ctx = Arc::new(Context::new(client, platform, metrics, settings));
+    let server = tokio::spawn(async move {
+        let mut calls = Vec::new();
+        while let Some((req, send)) = handle.next_request().await {
+            let method = req.method().to_string();
+            let path = req.uri().path().to_owned();
+            let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let (status, answer) = default_answer(&nodes, &method, &path, &body);
+            let resp = Response::builder()
+                .status(status)
+                .body(Body::from(serde_json::to_vec(&answer).unwrap_or_default()));
+            if let Ok(resp) = resp {
+                send.send_response(resp);
+            }
+            calls.push(Call { method, path, body });
+        }
+        calls
+    });
+    (ctx, server)
+}
+
+/// Awaits the recorded calls once the context is gone.
+pub async fn calls(server: tokio::task::JoinHandle<Vec<Call>>) -> Vec<Call> {
+    tokio::time::timeout(std::time::Duration::from_secs(2), server)
+        .await
+        .expect("mock API server finished")
+        .expect("mock API server task")
+}
