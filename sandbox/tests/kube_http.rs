@@ -4,6 +4,7 @@
 #[path = "kube_support.rs"]
 mod support;
 
+use futures::StreamExt;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -635,4 +636,33 @@ async fn state_survives_restart_with_increasing_resource_versions() {
     // kubectl still works against the same kubeconfig.
     let out = ok(&s, &["get", "cm", "persisted", "-o", "jsonpath={.data.x}"]).await;
     assert_eq!(out, "1");
+}
+
+/// Many Services created concurrently: every ClusterIP and NodePort unique.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_service_allocation_is_unique() {
+    let s = Server::start().await;
+    let h = Http::admin(&s);
+    let started = std::time::Instant::now();
+    let creates = (0..300).map(|i| {
+        let h = &h;
+        async move {
+            let svc = json!({"metadata": {"name": format!("s{i}")}, "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local", "ports": [{"port": 80}]}});
+            let (code, v) = h.json(Method::POST, "/api/v1/namespaces/default/services", Some(svc)).await;
+            assert_eq!(code, StatusCode::CREATED, "{v}");
+            v
+        }
+    });
+    let all: Vec<Value> = futures::stream::iter(creates).buffer_unordered(32).collect().await;
+    let elapsed = started.elapsed();
+    let mut ips = std::collections::BTreeSet::new();
+    let mut ports = std::collections::BTreeSet::new();
+    for v in &all {
+        assert!(ips.insert(v["spec"]["clusterIP"].as_str().unwrap().to_string()));
+        assert!(ports.insert(v["spec"]["ports"][0]["nodePort"].as_i64().unwrap()));
+        assert!(ports.insert(v["spec"]["healthCheckNodePort"].as_i64().unwrap()));
+    }
+    let (_, list) = h.get("/api/v1/namespaces/default/services?limit=1000").await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 301);
+    assert!(elapsed < Duration::from_secs(60), "300 creates took {elapsed:?}");
 }

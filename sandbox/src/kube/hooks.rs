@@ -682,6 +682,34 @@ mod tests {
     }
 
     #[test]
+    fn service_type_changes_release_ports() {
+        let mut lb =
+            json!({"spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local", "ports": [{"port": 80}]}});
+        service(None, &mut lb, cidr(), &InUse::default()).unwrap();
+        let mut back = lb.clone();
+        back["spec"]["type"] = json!("ClusterIP");
+        service(Some(&lb), &mut back, cidr(), &InUse::default()).unwrap();
+        let spec = &back["spec"];
+        assert!(spec["ports"][0].get("nodePort").is_none(), "{spec}");
+        assert!(spec.get("healthCheckNodePort").is_none());
+        assert!(spec.get("externalTrafficPolicy").is_none());
+        assert!(spec.get("allocateLoadBalancerNodePorts").is_none());
+        assert_eq!(spec["clusterIP"], lb["spec"]["clusterIP"]);
+        let mut no_alloc =
+            json!({"spec": {"type": "LoadBalancer", "allocateLoadBalancerNodePorts": false, "ports": [{"port": 80}]}});
+        service(None, &mut no_alloc, cidr(), &InUse::default()).unwrap();
+        assert!(no_alloc["spec"]["ports"][0].get("nodePort").is_none());
+        let mut bad = json!({"spec": {"type": "Weird", "ports": [{"port": 80}]}});
+        assert_eq!(
+            service(None, &mut bad, cidr(), &InUse::default()).unwrap_err()[0].field,
+            "spec.type"
+        );
+        let mut two = json!({"spec": {"ports": [{"port": 80}, {"port": 81}]}});
+        let causes = service(None, &mut two, cidr(), &InUse::default()).unwrap_err();
+        assert_eq!(causes[0].text(), "spec.ports[0].name: Required value");
+    }
+
+    #[test]
     fn event_views_roundtrip() {
         let v1 = json!({"metadata": {"name": "e"}, "regarding": {"kind": "Service", "name": "s"}, "note": "hi", "reason": "R", "type": "Normal", "reportingController": "c", "reportingInstance": "i", "action": "A", "eventTime": "2024-01-01T00:00:00.000000Z"});
         let core = event_from_v1(&v1);

@@ -1016,6 +1016,10 @@ impl Store {
         let mut marked = old.clone();
         marked["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
         marked["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+        // As the real server does, graceful deletion bumps generation where there is one.
+        if let Some(g) = marked.pointer("/metadata/generation").and_then(Value::as_i64) {
+            marked["metadata"]["generation"] = json!(g + 1);
+        }
         marked["metadata"]["finalizers"] = Value::Array(finalizers);
         if is_ns {
             marked["status"] = json!({"phase": "Terminating"});
