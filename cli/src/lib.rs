@@ -3,8 +3,12 @@
 //! A thin layer over the `kuberaya-ccm`, `kuberaya-gateway` and `kuberaya-sandbox`
 //! libraries; it follows kubectl's habits (`-o table|json`, exit codes 0/1/2).
 
+pub mod audit;
 pub mod gateway;
+#[cfg(test)]
+mod golden;
 pub mod kube;
+pub mod lb;
 pub mod logging;
 pub mod output;
 pub mod peer;
@@ -40,11 +44,33 @@ pub enum Command {
     /// VPN peers of the gateway: add, list, show, remove, disable, enable, rotate.
     #[command(subcommand)]
     Peer(peer::PeerCommand),
+    /// Platform load balancers of the cluster's Services: list, describe, orphans.
+    #[command(subcommand)]
+    Lb(lb::LbCommand),
+    /// How the cluster is reachable from outside: `expose audit`.
+    #[command(subcommand)]
+    Expose(audit::ExposeCommand),
+    /// Print a shell completion script.
+    #[command(after_help = "Examples:
+  kuberaya completion bash > /etc/bash_completion.d/kuberaya
+  kuberaya completion zsh > \"${fpath[1]}/_kuberaya\"
+  kuberaya completion fish > ~/.config/fish/completions/kuberaya.fish")]
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Sandbox(cmd) => sandbox::run(cmd).await,
         Command::Peer(cmd) => peer::run(cmd, &cli.kube).await.map(|()| ExitCode::SUCCESS),
+        Command::Lb(cmd) => lb::run(cmd, &cli.kube).await.map(|()| ExitCode::SUCCESS),
+        Command::Expose(cmd) => audit::run(cmd, &cli.kube).await,
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "kuberaya", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
