@@ -618,7 +618,7 @@ mod tests {
                 ep("127.244.1.2", "w1", false, false),
             ],
         );
-        let d = desired(&[s.clone()], &[sl], &three_nodes());
+        let d = desired(std::slice::from_ref(&s), &[sl], &three_nodes());
         assert_eq!(
             d.forwards[&(Proto::Tcp, sa("127.96.0.10:80"))].backends,
             vec![sa("127.244.1.1:8080")]

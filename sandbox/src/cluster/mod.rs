@@ -420,6 +420,38 @@ impl Expectations {
     }
 }
 
+/// Records an event about `obj` as `component` (e.g. `default-scheduler`, `kubelet`), for
+/// `kubectl describe`. A failure is logged, never returned: events are best effort.
+pub(crate) async fn record<K>(
+    client: &kube::Client,
+    component: &str,
+    obj: &K,
+    warning: bool,
+    reason: &str,
+    note: String,
+) where
+    K: Resource<DynamicType = ()>,
+{
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let reporter = Reporter {
+        controller: component.to_string(),
+        instance: None,
+    };
+    let event = Event {
+        type_: if warning { EventType::Warning } else { EventType::Normal },
+        reason: reason.to_string(),
+        note: Some(note),
+        action: reason.to_string(),
+        secondary: None,
+    };
+    if let Err(e) = Recorder::new(client.clone(), reporter)
+        .publish(&event, &obj.object_ref(&()))
+        .await
+    {
+        tracing::debug!(component, reason, error = %e, "event not recorded");
+    }
+}
+
 /// `kube::Error` for a 404 answer.
 pub(crate) fn is_not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)

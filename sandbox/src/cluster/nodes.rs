@@ -320,6 +320,15 @@ async fn heartbeat(ctx: &Context, vm: &Vm, cidrs: &PodCidrs, state: &mut AgentSt
         api.patch_status(&vm.name, &pp, &Patch::Merge(status)).await?;
         if state.last_running != Some(running) {
             tracing::info!(node = %vm.name, ready = running, "node status");
+            let (reason, note) = if running {
+                ("NodeReady", format!("Node {} status is now: NodeReady", vm.name))
+            } else {
+                (
+                    "NodeNotReady",
+                    format!("Node {} status is now: NodeNotReady (its VM is {})", vm.name, vm.state),
+                )
+            };
+            super::record(&ctx.client, "kubelet", &node, !running, reason, note).await;
         }
         state.last_running = Some(running);
         state.last_status = Some(Instant::now());

@@ -511,10 +511,7 @@ mod tests {
         p.status = Some(serde_json::from_value(not_ready).unwrap());
         assert!(!is_ready(&p));
         assert!(!needs_status(&p, ip, host, false));
-        assert_eq!(
-            p.status.as_ref().unwrap().container_statuses.as_ref().unwrap()[0].ready,
-            false
-        );
+        assert!(!p.status.as_ref().unwrap().container_statuses.as_ref().unwrap()[0].ready);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
-use super::{Context, Expectations, Result, control_loop, is_not_found, nodes, now, pods, random_suffix};
+use super::{Context, Expectations, Result, control_loop, is_not_found, nodes, now, pods, random_suffix, record};
 
 pub const TEMPLATE_HASH_LABEL: &str = "pod-template-hash";
 const SCHEDULER_NAME: &str = "default-scheduler";
@@ -317,7 +317,19 @@ async fn sync_deployment(ctx: &Context, d: &Deployment, mine: &[Arc<Pod>], expec
     for _ in 0..todo.create {
         let pod = new_pod(d, &hash, &random_suffix());
         match pods_api.create(&PostParams::default(), &pod).await {
-            Ok(p) => created.push(p.metadata.name.unwrap_or_default()),
+            Ok(p) => {
+                let pod = p.metadata.name.unwrap_or_default();
+                record(
+                    &ctx.client,
+                    "deployment-controller",
+                    d,
+                    false,
+                    "SuccessfulCreate",
+                    format!("Created pod: {pod}"),
+                )
+                .await;
+                created.push(pod);
+            }
             Err(e) => {
                 result = Err(e.into());
                 break;
@@ -326,7 +338,18 @@ async fn sync_deployment(ctx: &Context, d: &Deployment, mine: &[Arc<Pod>], expec
     }
     for victim in &todo.delete {
         match pods_api.delete(victim, &DeleteParams::background()).await {
-            Ok(_) => deleted.push(victim.clone()),
+            Ok(_) => {
+                record(
+                    &ctx.client,
+                    "deployment-controller",
+                    d,
+                    false,
+                    "SuccessfulDelete",
+                    format!("Deleted pod: {victim}"),
+                )
+                .await;
+                deleted.push(victim.clone());
+            }
             Err(e) if is_not_found(&e) => {}
             Err(e) => {
                 result = Err(e.into());
@@ -482,12 +505,26 @@ async fn schedule(ctx: &Context) -> Result<()> {
                     "message": "0 nodes are available: no Ready node whose taints the pod tolerates",
                     "lastTransitionTime": now(),
                 }]}});
-                if let Err(e) = api
+                match api
                     .patch_status(&name, &PatchParams::default(), &Patch::Merge(cond))
                     .await
-                    && !is_not_found(&e)
                 {
-                    first_error.get_or_insert(e.into());
+                    Ok(_) => {
+                        let note = "0 nodes are available: no Ready node whose taints the pod tolerates".to_string();
+                        record(
+                            &ctx.client,
+                            SCHEDULER_NAME,
+                            pod.as_ref(),
+                            true,
+                            "FailedScheduling",
+                            note,
+                        )
+                        .await;
+                    }
+                    Err(e) if is_not_found(&e) => {}
+                    Err(e) => {
+                        first_error.get_or_insert(e.into());
+                    }
                 }
             }
             continue;
@@ -496,6 +533,8 @@ async fn schedule(ctx: &Context) -> Result<()> {
         match bind(&api, &name, &ns, &node_name).await {
             Ok(()) => {
                 tracing::debug!(pod = %name, node = %node_name, "pod scheduled");
+                let note = format!("Successfully assigned {ns}/{name} to {node_name}");
+                record(&ctx.client, SCHEDULER_NAME, pod.as_ref(), false, "Scheduled", note).await;
                 *load.entry(node_name).or_default() += 1;
             }
             Err(e) if is_not_found(&e) => {}
