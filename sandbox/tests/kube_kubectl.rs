@@ -18,6 +18,7 @@ async fn kubectl_get_create_namespaces_and_discovery() {
     let out = ok(&s, &["get", "namespace", "team-a", "-o", "json"]).await;
     let ns: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(ns["status"]["phase"], "Active");
+    assert_eq!(ns["metadata"]["labels"]["kubernetes.io/metadata.name"], "team-a");
     assert!(ns["metadata"]["uid"].as_str().is_some());
     // The default ServiceAccount appears in new namespaces.
     ok(&s, &["get", "serviceaccount", "default", "-n", "team-a"]).await;

@@ -474,8 +474,9 @@ pub fn defaults(rt: &ResourceType, obj: &mut Value) -> Vec<Cause> {
     causes
 }
 
-/// Normalization on every write: Secret `stringData` is merged into `data` (base64), as
-/// the real server does; a missing PriorityClass `preemptionPolicy` is defaulted.
+/// Normalization on every write, as the real server does it: Secret `stringData` is
+/// merged into `data` (base64); namespaces carry `kubernetes.io/metadata.name`; a missing
+/// PriorityClass `preemptionPolicy` is defaulted.
 pub fn normalize(rt: &ResourceType, obj: &mut Value) {
     use base64::Engine;
     match (rt.group.as_str(), rt.plural.as_str()) {
@@ -490,6 +491,21 @@ pub fn normalize(rt: &ResourceType, obj: &mut Value) {
                     let text = v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
                     data[k.as_str()] = json!(base64::engine::general_purpose::STANDARD.encode(text.as_bytes()));
                 }
+            }
+        }
+        ("", "namespaces") => {
+            // The real server labels every namespace with its name.
+            let name = obj
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+                let labels = meta.entry("labels").or_insert_with(|| json!({}));
+                if !labels.is_object() {
+                    *labels = json!({});
+                }
+                labels["kubernetes.io/metadata.name"] = json!(name);
             }
         }
         ("scheduling.k8s.io", "priorityclasses") if obj.get("preemptionPolicy").is_none_or(Value::is_null) => {

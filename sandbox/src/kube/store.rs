@@ -920,7 +920,8 @@ impl Store {
                 }
                 patch::strategic_merge(&shown, body).map_err(ApiError::bad_request)?
             }
-            PatchKind::Apply => unreachable_apply(),
+            // Handled above; kept total so no input can reach a panic.
+            PatchKind::Apply => return Err(ApiError::internal("apply patch took the wrong path")),
         };
         if !patched.is_object() {
             return Err(ApiError::bad_request("the patched object is not an object"));
@@ -1239,10 +1240,6 @@ fn last_key(out: &[Value]) -> (String, String) {
     out.last()
         .map(|o| (meta_str(o, "namespace").to_string(), meta_str(o, "name").to_string()))
         .unwrap_or_default()
-}
-
-fn unreachable_apply() -> Value {
-    Value::Null
 }
 
 /// Options for the server's own writes.
