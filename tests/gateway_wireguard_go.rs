@@ -202,7 +202,10 @@ fn unix_now() -> u64 {
 
 #[test]
 fn wireguard_go_laptop_reaches_allowed_services_by_name_and_nothing_else() {
-    require_root("wireguard_go_laptop_reaches_allowed_services_by_name_and_nothing_else");
+    require_root(
+        "wireguard_go_laptop_reaches_allowed_services_by_name_and_nothing_else",
+        "it creates network namespaces, a veth pair, a TUN device and tmpfs mounts",
+    );
     require_programs(&[
         ("wireguard-go", "wireguard-go"),
         ("wg", "wireguard-tools"),
@@ -453,7 +456,10 @@ fn wireguard_go_laptop_reaches_allowed_services_by_name_and_nothing_else() {
 /// mounted on /var/run/wireguard in a mount namespace of its own (nothing else sees it).
 #[test]
 fn wg_show_reads_the_gateway_from_a_uapi_dir() {
-    require_root("wg_show_reads_the_gateway_from_a_uapi_dir");
+    require_root(
+        "wg_show_reads_the_gateway_from_a_uapi_dir",
+        "it bind-mounts the socket directory on /var/run/wireguard in a mount namespace",
+    );
     require_programs(&[("wg", "wireguard-tools"), ("unshare", "util-linux")]);
     let dir = tempfile::tempdir().unwrap();
     let sockets = dir.path().join("sockets");

@@ -24,16 +24,15 @@ use crate::Process;
 /// The longest a setup command (`ip ...`) may take.
 pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Panic with a clear message unless running as root: network namespaces need it. Tests
-/// that build namespaces are not skipped without root, they fail, so CI cannot pass them
-/// by accident.
-pub fn require_root(test: &str) {
+/// Panic with a clear message unless running as root (`because`: what the test does that
+/// needs it, e.g. creating network namespaces). Such tests are not skipped without root,
+/// they fail, so CI cannot pass them by accident.
+pub fn require_root(test: &str, because: &str) {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
     assert!(
         euid == 0,
-        "{test} needs root (it creates network namespaces, veth pairs and TUN devices); \
-         run it as root, as CI does (euid is {euid})"
+        "{test} needs root ({because}); run it as root, as CI does (euid is {euid})"
     );
 }
 
