@@ -201,8 +201,9 @@ mod tests {
         let n = not_ready(node("a"));
         let tainted = with_taint(n.clone(), SHUTDOWN_TAINT);
         let found = |s: S| VmLookup::Found(s);
+        let ready = node("a");
         let cases: Vec<(&str, &Node, Option<VmLookup>, A)> = vec![
-            ("ready, untainted", &node("a"), None, A::Nothing),
+            ("ready, untainted", &ready, None, A::Nothing),
             ("VM gone", &n, Some(VmLookup::NotFound), A::DeleteNode),
             ("VM gone, tainted", &tainted, Some(VmLookup::NotFound), A::DeleteNode),
             ("VM reported deleted", &n, Some(found(S::Deleted)), A::DeleteNode),

@@ -134,6 +134,18 @@ impl FakePlatform {
         );
     }
 
+    /// Changes a VM behind the controllers' back (state, private IP, labels).
+    pub fn modify_vm(&self, id: &str, f: impl FnOnce(&mut Instance)) {
+        if let Some(vm) = self.lock().instances.get_mut(id) {
+            f(vm);
+        }
+    }
+
+    /// Deletes a VM (a later `get_instance` answers 404).
+    pub fn remove_vm(&self, id: &str) {
+        self.lock().instances.remove(id);
+    }
+
     /// Adds a free public IP (for reuse tests).
     pub fn add_public_ip(&self, id: &str, address: &str) {
         if let Ok(address) = address.parse() {

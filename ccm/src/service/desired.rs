@@ -69,6 +69,9 @@ pub struct DesiredLb {
     pub rules: Vec<Rule>,
     /// Sorted, unique.
     pub backends: Vec<BackendRef>,
+    /// The `InternalIP` of each backend's node, where known: a backend the platform
+    /// reports with another `private_ip` is stale and needs a PUT.
+    pub backend_ips: BTreeMap<String, IpAddr>,
     pub public_ip: PublicIpRequest,
     pub retain_public_ip: bool,
 }
@@ -353,9 +356,14 @@ pub fn desired_load_balancer<'a>(
         }
     };
 
-    let backends = nodes::backend_vm_ids(all_nodes, ann.node_selector.as_ref())
+    let all_nodes: Vec<&Node> = all_nodes.into_iter().collect();
+    let backends: Vec<BackendRef> = nodes::backend_vm_ids(all_nodes.iter().copied(), ann.node_selector.as_ref())
         .into_iter()
         .map(BackendRef::new)
+        .collect();
+    let backend_ips = nodes::backend_ips(all_nodes.iter().copied())
+        .into_iter()
+        .filter(|(vm, _)| backends.iter().any(|b| &b.vm_id == vm))
         .collect();
 
     Ok(DesiredLb {
@@ -363,6 +371,7 @@ pub fn desired_load_balancer<'a>(
         labels: lb_labels(&cfg.cluster_id, uid, namespace, name, ann.retain_public_ip),
         rules,
         backends,
+        backend_ips,
         public_ip,
         retain_public_ip: ann.retain_public_ip,
     })

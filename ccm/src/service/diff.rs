@@ -145,6 +145,19 @@ fn backend_set<'a>(ids: impl IntoIterator<Item = &'a str>) -> BTreeSet<&'a str> 
     ids.into_iter().collect()
 }
 
+/// Whether a backend's `private_ip` (filled by the platform at the last create/PUT) is
+/// not its node's `InternalIP` any more: the VM's address changed and only a PUT makes
+/// the platform read it again. Backends whose address either side does not know count
+/// as current.
+fn stale_backend_ips(lb: &LoadBalancer, desired: &DesiredLb) -> bool {
+    lb.backends.iter().any(|b| {
+        matches!(
+            (b.private_ip, desired.backend_ips.get(&b.vm_id)),
+            (Some(actual), Some(want)) if actual != *want
+        )
+    })
+}
+
 /// Compares the LB found with the desired one. `resolved_ip_id` is the ID of the public
 /// IP a `PublicIpRequest::Address` names (looked up by the caller; only needed to create).
 pub fn plan_apply(
@@ -203,6 +216,8 @@ pub fn plan_apply(
     let desired_backends = backend_set(desired.backends.iter().map(|b| b.vm_id.as_str()));
     if actual_backends != desired_backends {
         changes.push("backends");
+    } else if stale_backend_ips(lb, desired) {
+        changes.push("backend_ips");
     }
     let labels = merge_labels(&lb.labels, &desired.labels);
     if labels != lb.labels {
@@ -418,6 +433,47 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    /// A VM's private IP changed: its node's `InternalIP` follows (node controller), and
+    /// only an LB whose backend still carries the old address gets a PUT.
+    #[test]
+    fn a_changed_node_ip_updates_only_the_lbs_that_target_the_node() {
+        use crate::service::nodes::tests::{with_internal_ip, with_label};
+        let a = with_internal_ip(node("a"), "127.10.0.11");
+        let b = with_internal_ip(node("b"), "127.10.0.11");
+        let d = desired_load_balancer(&svc(), &[a.clone(), b.clone()], &cfg()).expect("d");
+        let lb = echoed(&d);
+        assert_eq!(
+            plan_apply(Some(&lb), &d, None),
+            Ok(ApplyPlan::InSync),
+            "addresses agree"
+        );
+
+        let moved = with_internal_ip(node("b"), "127.10.0.50");
+        let d2 = desired_load_balancer(&svc(), &[a.clone(), moved.clone()], &cfg()).expect("d2");
+        match plan_apply(Some(&lb), &d2, None).expect("plan") {
+            ApplyPlan::Update { update, changes, .. } => {
+                assert_eq!(changes, vec!["backend_ips"]);
+                assert_eq!(update.backends, d2.backends, "the same backends, re-sent");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+
+        // An LB of a Service whose node selector leaves node b out is not touched.
+        let edge_svc = annotate(svc(), crate::annotations::NODE_SELECTOR, "pool=edge");
+        let a_edge = with_label(a.clone(), "pool", "edge");
+        let edge = desired_load_balancer(&edge_svc, &[a_edge.clone(), b.clone()], &cfg()).expect("edge");
+        let edge_lb = echoed(&edge);
+        let edge_after = desired_load_balancer(&edge_svc, &[a_edge, moved], &cfg()).expect("edge after");
+        assert_eq!(plan_apply(Some(&edge_lb), &edge_after, None), Ok(ApplyPlan::InSync));
+
+        // Addresses unknown on either side: nothing to compare, nothing to do.
+        let unknown = desired_load_balancer(&svc(), &[node("a"), node("b")], &cfg()).expect("unknown");
+        assert_eq!(plan_apply(Some(&lb), &unknown, None), Ok(ApplyPlan::InSync));
+        let mut no_ip = lb.clone();
+        no_ip.backends.iter_mut().for_each(|b| b.private_ip = None);
+        assert_eq!(plan_apply(Some(&no_ip), &d2, None), Ok(ApplyPlan::InSync));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! - and matches the Service's node selector annotation, if any.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -69,6 +70,14 @@ pub fn eligible_vm_id(node: &Node) -> Option<String> {
     }
 }
 
+/// The `InternalIP` of each eligible node's VM (for the nodes that have one).
+pub fn backend_ips<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> BTreeMap<String, IpAddr> {
+    nodes
+        .into_iter()
+        .filter_map(|n| Some((eligible_vm_id(n)?, internal_ip(n)?)))
+        .collect()
+}
+
 /// The backend VM IDs for a Service with this (optional) node selector: sorted, unique.
 pub fn backend_vm_ids<'a>(nodes: impl IntoIterator<Item = &'a Node>, selector: Option<&NodeSelector>) -> Vec<String> {
     let mut ids: Vec<String> = nodes
@@ -81,11 +90,25 @@ pub fn backend_vm_ids<'a>(nodes: impl IntoIterator<Item = &'a Node>, selector: O
     ids
 }
 
-/// What of the node set can change any load balancer: per eligible node, its VM ID and
-/// its labels (node selectors read them). Readiness, conditions, other taints and
-/// status are deliberately absent.
+/// The node's `InternalIP` (the first one), which load balancers send traffic to.
+pub fn internal_ip(node: &Node) -> Option<IpAddr> {
+    node.status
+        .as_ref()?
+        .addresses
+        .as_ref()?
+        .iter()
+        .find(|a| a.type_ == "InternalIP")
+        .and_then(|a| a.address.parse().ok())
+}
+
+/// What of the node set can change any load balancer: per eligible node, its VM ID, its
+/// labels (node selectors read them) and its `InternalIP` (a VM whose private IP changed
+/// must be re-sent to the platform, which refreshes a backend's address only on a PUT).
+/// Readiness, conditions, other taints and the rest of the status are deliberately absent.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NodeSetFingerprint(BTreeMap<String, (String, BTreeMap<String, String>)>);
+pub struct NodeSetFingerprint(BTreeMap<String, NodeFingerprint>);
+
+type NodeFingerprint = (String, BTreeMap<String, String>, Option<IpAddr>);
 
 impl NodeSetFingerprint {
     pub fn of<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> Self {
@@ -95,7 +118,7 @@ impl NodeSetFingerprint {
                 .filter_map(|n| {
                     let vm = eligible_vm_id(n)?;
                     let name = n.metadata.name.clone()?;
-                    Some((name, (vm, labels(n))))
+                    Some((name, (vm, labels(n), internal_ip(n))))
                 })
                 .collect(),
         )
@@ -200,6 +223,15 @@ pub(crate) mod tests {
                 ..NodeCondition::default()
             });
         }
+        n
+    }
+
+    pub fn with_internal_ip(mut n: Node, ip: &str) -> Node {
+        let st = n.status.get_or_insert_with(NodeStatus::default);
+        st.addresses = Some(vec![k8s_openapi::api::core::v1::NodeAddress {
+            type_: "InternalIP".into(),
+            address: ip.into(),
+        }]);
         n
     }
 
@@ -341,6 +373,24 @@ pub(crate) mod tests {
                 base.clone(),
                 with_label(base.clone(), "pool", "x"),
                 true,
+            ),
+            (
+                "InternalIP set",
+                base.clone(),
+                with_internal_ip(base.clone(), "127.10.0.11"),
+                true,
+            ),
+            (
+                "InternalIP changed",
+                with_internal_ip(base.clone(), "127.10.0.11"),
+                with_internal_ip(base.clone(), "127.10.0.50"),
+                true,
+            ),
+            (
+                "excluded T, InternalIP changed",
+                with_internal_ip(with_label(base.clone(), EXCLUDE_FROM_LB_LABEL, ""), "127.10.0.11"),
+                with_internal_ip(with_label(base.clone(), EXCLUDE_FROM_LB_LABEL, ""), "127.10.0.50"),
+                false,
             ),
             (
                 "excluded T, providerID change",
