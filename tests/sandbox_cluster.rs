@@ -4,10 +4,6 @@
 //!
 //! Every test runs its own sandbox (`--detach`, unique address ranges, `--no-ccm` until the
 //! CCM runs in `sandbox up`), stopped by a drop guard.
-//!
-//! `kubectl create deployment` sends its object as protobuf, which the API server stand-in
-//! does not decode for Deployments yet; until it does, the tests generate the very same
-//! object with `--dry-run=client -o yaml` and apply it (see [`Sandbox::create_deployment`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -141,32 +137,13 @@ impl Sandbox {
         Ok(serde_json::from_str(&self.kubectl(&all)?)?)
     }
 
-    /// `kubectl create deployment NAME --image=any --port=PORT --replicas=N`. kubectl sends
-    /// it as protobuf; while the stand-in refuses protobuf Deployments, the same object is
-    /// generated client-side (`--dry-run=client -o yaml`) and applied as JSON instead.
+    /// `kubectl create deployment NAME --image=any --port=PORT --replicas=N` (kubectl sends
+    /// it as protobuf).
     fn create_deployment(&self, name: &str, port: u16, replicas: u32) -> Result<()> {
         let port = format!("--port={port}");
         let replicas = format!("--replicas={replicas}");
-        let create = ["create", "deployment", name, "--image=any", &port, &replicas];
-        let direct = Command::new(KUBECTL)
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(create)
-            .output()?;
-        if direct.status.success() {
-            return Ok(());
-        }
-        let stderr = String::from_utf8_lossy(&direct.stderr);
-        ensure!(
-            stderr.contains("protobuf is not supported"),
-            "kubectl {create:?}: {}",
-            text(&direct)
-        );
-        eprintln!("the API stand-in refuses protobuf Deployments: applying the generated object instead");
-        let mut generate = create.to_vec();
-        generate.extend(["--dry-run=client", "-o", "yaml"]);
-        let yaml = self.kubectl(&generate)?;
-        self.apply(&yaml)
+        self.kubectl(&["create", "deployment", name, "--image=any", &port, &replicas])?;
+        Ok(())
     }
 
     /// Waits until the Deployment's pods are all Running and ready: their names and nodes.
