@@ -425,17 +425,7 @@ fn authorize(c: &Ctx<'_>, t: &Target, verb: &str) -> Result<(), ApiError> {
         namespace: t.namespace.as_deref().unwrap_or_default(),
         name: t.name.as_deref().unwrap_or_default(),
     };
-    let s = c.api.lock();
-    let collect = |st: &str| s.all(st).cloned().collect::<Vec<_>>();
-    let ok = rbac::allowed(
-        c.user,
-        &a,
-        &collect("rbac.authorization.k8s.io/roles"),
-        &collect("rbac.authorization.k8s.io/clusterroles"),
-        &collect("rbac.authorization.k8s.io/rolebindings"),
-        &collect("rbac.authorization.k8s.io/clusterrolebindings"),
-    );
-    if ok {
+    if c.api.lock().rbac_allows(c.user, &a) {
         return Ok(());
     }
     let mut e = ApiError::forbidden(rbac::denied_message(c.user, &a));
@@ -747,16 +737,7 @@ fn access_review(c: &Ctx<'_>, rt: &ResourceType, ns: &str) -> Result<Response, A
                 namespace: &namespace,
                 name: &name,
             };
-            let s = c.api.lock();
-            let collect = |st: &str| s.all(st).cloned().collect::<Vec<_>>();
-            rbac::allowed(
-                &user,
-                &a,
-                &collect("rbac.authorization.k8s.io/roles"),
-                &collect("rbac.authorization.k8s.io/clusterroles"),
-                &collect("rbac.authorization.k8s.io/rolebindings"),
-                &collect("rbac.authorization.k8s.io/clusterrolebindings"),
-            )
+            c.api.lock().rbac_allows(&user, &a)
         }
         // Non-resource URLs (discovery) are open to every authenticated user.
         None => true,

@@ -305,30 +305,37 @@ pub fn builtins() -> Vec<ResourceType> {
             selectable: &[],
         }),
     ];
-    for (kind, plural, namespaced) in [
-        ("Role", "roles", true),
-        ("RoleBinding", "rolebindings", true),
-        ("ClusterRole", "clusterroles", false),
-        ("ClusterRoleBinding", "clusterrolebindings", false),
-    ] {
-        out.push(build(B {
-            group: "rbac.authorization.k8s.io",
-            version: "v1",
-            kind,
-            plural,
-            namespaced,
-            short: &[],
-            subs: &[],
-            selectable: &[],
-        }));
-    }
-    for (kind, plural, namespaced) in [
-        ("SelfSubjectAccessReview", "selfsubjectaccessreviews", false),
-        ("SubjectAccessReview", "subjectaccessreviews", false),
-        ("LocalSubjectAccessReview", "localsubjectaccessreviews", true),
+    for (group, kind, plural, namespaced) in [
+        ("rbac.authorization.k8s.io", "Role", "roles", true),
+        ("rbac.authorization.k8s.io", "RoleBinding", "rolebindings", true),
+        ("rbac.authorization.k8s.io", "ClusterRole", "clusterroles", false),
+        (
+            "rbac.authorization.k8s.io",
+            "ClusterRoleBinding",
+            "clusterrolebindings",
+            false,
+        ),
+        (
+            "authorization.k8s.io",
+            "SelfSubjectAccessReview",
+            "selfsubjectaccessreviews",
+            false,
+        ),
+        (
+            "authorization.k8s.io",
+            "SubjectAccessReview",
+            "subjectaccessreviews",
+            false,
+        ),
+        (
+            "authorization.k8s.io",
+            "LocalSubjectAccessReview",
+            "localsubjectaccessreviews",
+            true,
+        ),
     ] {
         let mut r = build(B {
-            group: "authorization.k8s.io",
+            group,
             version: "v1",
             kind,
             plural,
@@ -337,7 +344,10 @@ pub fn builtins() -> Vec<ResourceType> {
             subs: &[],
             selectable: &[],
         });
-        r.verbs = vec!["create".into()];
+        // Access reviews are answered, never stored.
+        if group == "authorization.k8s.io" {
+            r.verbs = vec!["create".into()];
+        }
         out.push(r);
     }
     let mut ev = build(B {

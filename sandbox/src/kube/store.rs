@@ -343,6 +343,23 @@ impl Store {
         self.objects.get(storage).into_iter().flat_map(|m| m.values())
     }
 
+    /// Whether RBAC (the stored Roles, ClusterRoles and bindings) lets `user` do `a`.
+    pub fn rbac_allows(&self, user: &super::rbac::User, a: &super::rbac::Attrs<'_>) -> bool {
+        let collect = |kind: &str| {
+            self.all(&format!("rbac.authorization.k8s.io/{kind}"))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        super::rbac::allowed(
+            user,
+            a,
+            &collect("roles"),
+            &collect("clusterroles"),
+            &collect("rolebindings"),
+            &collect("clusterrolebindings"),
+        )
+    }
+
     /// Changes after `rv` for a watch, or 410 when history no longer reaches back.
     pub fn changes_since(&self, rv: u64) -> Result<Vec<Arc<Change>>, ApiError> {
         if rv < self.oldest_rv {
