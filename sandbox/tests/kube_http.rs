@@ -437,7 +437,7 @@ async fn watch_lines(h: &Http<'_>, path: &str, until: impl Fn(&[Value]) -> bool)
             }
         }
     };
-    let _ = tokio::time::timeout(Duration::from_secs(15), read).await;
+    let _ = tokio::time::timeout(Duration::from_secs(40), read).await;
     events
 }
 
@@ -665,4 +665,46 @@ async fn concurrent_service_allocation_is_unique() {
     let (_, list) = h.get("/api/v1/namespaces/default/services?limit=1000").await;
     assert_eq!(list["items"].as_array().unwrap().len(), 301);
     assert!(elapsed < Duration::from_secs(60), "300 creates took {elapsed:?}");
+}
+
+/// A watch over a burst larger than the live feed keeps every event (it catches up from
+/// the history instead of ending with 410).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_keeps_every_event_of_a_burst() {
+    let s = Server::start().await;
+    let h = Http::admin(&s);
+    let rv = s.api.resource_version();
+    const N: usize = 2500;
+    let path = format!("/api/v1/namespaces/default/configmaps?watch=1&resourceVersion={rv}&timeoutSeconds=60");
+    let watcher = watch_lines(&h, &path, |e| e.len() >= N || e.iter().any(|x| x["type"] == "ERROR"));
+    let writer = async {
+        let creates = (0..N).map(|i| {
+            let h = &h;
+            async move {
+                let (code, _) = h
+                    .json(
+                        Method::POST,
+                        "/api/v1/namespaces/default/configmaps",
+                        Some(json!({"metadata": {"name": format!("b{i}")}})),
+                    )
+                    .await;
+                assert_eq!(code, StatusCode::CREATED);
+            }
+        });
+        futures::stream::iter(creates)
+            .buffer_unordered(64)
+            .collect::<Vec<()>>()
+            .await;
+    };
+    let (events, _) = tokio::join!(watcher, writer);
+    assert!(
+        !events.iter().any(|x| x["type"] == "ERROR"),
+        "watch ended with an error"
+    );
+    assert_eq!(events.len(), N);
+    let names: std::collections::BTreeSet<&str> = events
+        .iter()
+        .filter_map(|e| e["object"]["metadata"]["name"].as_str())
+        .collect();
+    assert_eq!(names.len(), N);
 }

@@ -1074,33 +1074,43 @@ fn watch(c: &Ctx<'_>, t: &Target) -> Result<Response, ApiError> {
                 _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => return,
                 _ = tx.closed() => return,
                 msg = rx.recv() => {
-                    let ch = match msg {
-                        Ok(ch) => ch,
+                    let batch = match msg {
+                        Ok(ch) => vec![ch],
+                        // Fell behind the live feed: catch up from the history, which
+                        // reaches further back (410 only when it does not).
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                            let e = ApiError::gone("too old resource version: the watch fell behind");
-                            let _ = tx.send(encode("ERROR", e.to_status())).await;
-                            return;
+                            let caught_up = api.lock().changes_since(last_rv);
+                            match caught_up {
+                                Ok(chs) => chs,
+                                Err(e) => {
+                                    let _ = tx.send(encode("ERROR", e.to_status())).await;
+                                    return;
+                                }
+                            }
                         }
                         Err(_) => return,
                     };
-                    if ch.typ == "ERROR" {
-                        let e = ApiError::gone(format!("too old resource version: {last_rv} ({})", ch.rv));
-                        let _ = tx.send(encode("ERROR", e.to_status())).await;
-                        return;
-                    }
-                    if ch.rv <= last_rv {
-                        continue;
-                    }
-                    last_rv = ch.rv;
-                    let ev = {
-                        let s = api.lock();
-                        let present = |o: &Value| s.present(&rt, o);
-                        event_for(&rt, &f, &ch, &present)
-                    };
-                    if let Some((typ, obj)) = ev
-                        && tx.send(encode(typ, obj)).await.is_err() {
+                    for ch in batch {
+                        if ch.typ == "ERROR" {
+                            let e = ApiError::gone(format!("too old resource version: {last_rv} ({})", ch.rv));
+                            let _ = tx.send(encode("ERROR", e.to_status())).await;
                             return;
                         }
+                        if ch.rv <= last_rv {
+                            continue;
+                        }
+                        last_rv = ch.rv;
+                        let ev = {
+                            let s = api.lock();
+                            let present = |o: &Value| s.present(&rt, o);
+                            event_for(&rt, &f, &ch, &present)
+                        };
+                        if let Some((typ, obj)) = ev
+                            && tx.send(encode(typ, obj)).await.is_err()
+                        {
+                            return;
+                        }
+                    }
                 }
             }
         }

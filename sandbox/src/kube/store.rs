@@ -139,7 +139,8 @@ fn generation_content(obj: &Value, has_status: bool) -> Value {
 
 impl Store {
     pub fn new(service_cidr: Ipv4Net, history_limit: usize) -> Self {
-        let (tx, _) = broadcast::channel(4096);
+        // Watches that fall further behind catch up from `history`.
+        let (tx, _) = broadcast::channel(1024);
         Store {
             rv: 1,
             objects: BTreeMap::new(),
