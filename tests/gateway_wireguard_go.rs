@@ -545,3 +545,55 @@ fn wg_show_reads_the_gateway_from_a_uapi_dir() {
     gw.stop();
     assert!(!socket.exists(), "the socket file is removed when the gateway stops");
 }
+
+/// The harness's teardown, on which the tests above rely: dropping a [`Netns`] kills what
+/// still runs inside it and deletes it with its interfaces.
+#[test]
+fn dropped_namespace_takes_its_processes_and_links_with_it() {
+    require_root(
+        "dropped_namespace_takes_its_processes_and_links_with_it",
+        "it creates network namespaces and a veth pair",
+    );
+    let a = Netns::unique("drop-a").unwrap();
+    let b = Netns::unique("drop-b").unwrap();
+    netns::veth_pair(
+        VethEnd {
+            ns: &a,
+            name: "to-b",
+            address: "192.0.2.1/30",
+        },
+        VethEnd {
+            ns: &b,
+            name: "to-a",
+            address: "192.0.2.2/30",
+        },
+    )
+    .unwrap();
+    let link = b.ip(["-br", "address", "show", "to-a"]).unwrap();
+    assert!(
+        link.contains("192.0.2.2/30") && link.contains("UP"),
+        "veth end in b: {link}"
+    );
+    // Not a Process: only the namespace's teardown ends it.
+    let mut sleeper = a.command(&["sleep", "60"]).spawn().unwrap();
+    let pid = sleeper.id();
+    assert!(
+        poll_until_blocking(Duration::from_secs(5), || a.pids().contains(&pid).then_some(())).is_some(),
+        "the process runs inside the namespace"
+    );
+    let (name_a, name_b) = (a.name().to_string(), b.name().to_string());
+    drop(a);
+    drop(b);
+    let status = poll_until_blocking(Duration::from_secs(5), || sleeper.try_wait().ok().flatten());
+    assert!(status.is_some(), "the process inside was killed");
+    let list = run_ok(
+        {
+            let mut c = Command::new("ip");
+            c.args(["netns", "list"]);
+            c
+        },
+        CMD,
+    )
+    .unwrap();
+    assert!(!list.contains(&name_a) && !list.contains(&name_b), "{list}");
+}

@@ -61,18 +61,22 @@ pub fn run(mut cmd: Command, timeout: Duration) -> Result<Output> {
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let text = format!("{cmd:?}");
     let mut child = cmd.spawn().with_context(|| format!("spawning {text}"))?;
-    let mut out = child.stdout.take().expect("piped stdout");
-    let mut err = child.stderr.take().expect("piped stderr");
-    let out_reader = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
+    // Readers on threads, so a chatty child never blocks on a full pipe; their results are
+    // awaited within the same deadline (a grandchild could hold a pipe open).
+    let (tx, rx) = std::sync::mpsc::channel::<(bool, Vec<u8>)>();
+    let readers: [(bool, Box<dyn Read + Send>); 2] = [
+        (true, Box::new(child.stdout.take().expect("piped stdout"))),
+        (false, Box::new(child.stderr.take().expect("piped stderr"))),
+    ];
+    for (is_stdout, mut pipe) in readers {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = pipe.read_to_end(&mut v);
+            let _ = tx.send((is_stdout, v));
+        });
+    }
+    drop(tx);
     let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(status) = child.try_wait()? {
@@ -85,11 +89,18 @@ pub fn run(mut cmd: Command, timeout: Duration) -> Result<Output> {
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    Ok(Output {
-        status,
-        stdout: out_reader.join().unwrap_or_default(),
-        stderr: err_reader.join().unwrap_or_default(),
-    })
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
+        match rx.recv_timeout(left) {
+            Ok((true, v)) => stdout = v,
+            Ok((false, v)) => stderr = v,
+            Err(_) => bail!("{text} exited ({status}) but its output stayed open past {timeout:?}"),
+        }
+    }
+    Ok(Output { status, stdout, stderr })
 }
 
 /// [`run`], failing unless the command exits 0; returns its stdout.
