@@ -251,8 +251,10 @@ pub(crate) mod tests {
 
     #[test]
     fn service_cidr_flag_then_configmap_then_default() {
-        let mut cm = ConfigMap::default();
-        cm.data = Some([(CONFIG_KEY_SERVICE_CIDR.to_string(), "127.96.0.0/16".to_string())].into());
+        let mut cm = ConfigMap {
+            data: Some([(CONFIG_KEY_SERVICE_CIDR.to_string(), "127.96.0.0/16".to_string())].into()),
+            ..Default::default()
+        };
         let flag: IpNet = "10.0.0.0/16".parse().unwrap();
         assert_eq!(service_cidr(Some(flag), Some(&cm)).unwrap(), flag);
         assert_eq!(service_cidr(None, Some(&cm)).unwrap().to_string(), "127.96.0.0/16");

@@ -71,7 +71,7 @@ fn lb_list_describe_orphans() {
     let style = Style::plain();
     let mut pending = lb::tests::lb("lb-2", "shop", "api", "u2", None);
     pending.status = kuberaya_ccm::platform::LbStatus::Provisioning;
-    let lbs = vec![
+    let lbs = [
         lb::tests::lb("lb-1", "shop", "web", "u1", Some("127.203.0.10")),
         pending,
     ];
@@ -84,11 +84,13 @@ fn lb_list_describe_orphans() {
     let mut svc = services[0].clone();
     svc.metadata.annotations =
         Some([("lb.cloudraya.com/algorithm".to_string(), "least_connection".to_string())].into());
-    let mut event = k8s_openapi::api::core::v1::Event::default();
-    event.type_ = Some("Normal".into());
-    event.reason = Some("EnsuredLoadBalancer".into());
-    event.message = Some("Ensured load balancer lb-1".into());
-    event.count = Some(2);
+    let event = k8s_openapi::api::core::v1::Event {
+        type_: Some("Normal".into()),
+        reason: Some("EnsuredLoadBalancer".into()),
+        message: Some("Ensured load balancer lb-1".into()),
+        count: Some(2),
+        ..Default::default()
+    };
     let d = lb::describe_of(&svc, Some(lbs[0].clone()), &[event]);
     both("lb-describe", &d, |wide| lb::describe_text(&d, wide, &style));
 

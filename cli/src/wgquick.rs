@@ -170,7 +170,7 @@ mod tests {
             dns_server: Ipv4Addr::new(100, 64, 0, 1),
             search: search_domains("team-a", "cluster.local"),
             gateway_public_key: PublicKey([1; 32]),
-            preshared_key: psk.then(|| PresharedKey([2; 32])),
+            preshared_key: psk.then_some(PresharedKey([2; 32])),
             endpoint: "127.203.0.5:51820".into(),
             allowed_ips: vec!["127.96.0.0/16".parse().unwrap(), "100.64.0.1/32".parse().unwrap()],
             persistent_keepalive: DEFAULT_KEEPALIVE,

@@ -1,0 +1,504 @@
+//! The admin CLI against a sandbox, checked with the real `kubectl` and `jq`:
+//! - peers: `peer add` against the real `kuberaya-gateway` (started here on the sandbox
+//!   kubeconfig; the gateway Service, its annotations and its load-balancer status are made
+//!   by hand with kubectl, since `sandbox up` does not deploy the gateway yet), `peer list`,
+//!   `expose audit` with a LoadBalancer, a NodePort and two peers, and bad input;
+//! - load balancers: `lb list|describe|orphans` against LBs made through the platform API
+//!   with the CCM's labels (the sandbox runs `--no-ccm`, so nothing sweeps them).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use kuberaya_e2e::{Process, binary, unique_net_index};
+use serde_json::Value;
+
+const KUBECTL: &str = "/usr/bin/kubectl";
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+struct Sandbox {
+    dir: tempfile::TempDir,
+    state: PathBuf,
+    kubeconfig: PathBuf,
+    net: u8,
+    env: BTreeMap<String, String>,
+}
+
+impl Sandbox {
+    fn up() -> Result<Sandbox> {
+        let dir = tempfile::tempdir()?;
+        let state = dir.path().join("sb");
+        let n = unique_net_index();
+        let out = Command::new(binary("kuberaya"))
+            .args(["sandbox", "up", "--detach", "--no-ccm", "--nodes", "2", "--state-dir"])
+            .arg(&state)
+            .args(["--public-ip-range", &format!("127.203.{n}.0/24")])
+            .args(["--vm-ip-range", &format!("127.10.{n}.0/24")])
+            .args(["--service-cidr", &format!("127.97.{n}.0/24")])
+            .args(["--pod-cidr", &format!("127.{}.0.0/16", u16::from(n) + 100)])
+            .output()?;
+        let mut sb = Sandbox {
+            kubeconfig: state.join("kubeconfig"),
+            state,
+            dir,
+            net: n,
+            env: BTreeMap::new(),
+        };
+        ensure!(out.status.success(), "sandbox up: {}", text(&out));
+        let env = Command::new(binary("kuberaya"))
+            .args(["sandbox", "env", "--state-dir"])
+            .arg(&sb.state)
+            .output()?;
+        for line in String::from_utf8_lossy(&env.stdout).lines() {
+            if let Some((k, v)) = line.strip_prefix("export ").and_then(|l| l.split_once('=')) {
+                sb.env.insert(k.to_string(), v.trim_matches('\'').to_string());
+            }
+        }
+        ensure!(sb.env.contains_key("CLOUDRAYA_API_URL"), "sandbox env: {}", text(&env));
+        Ok(sb)
+    }
+
+    /// `kuberaya ARGS --kubeconfig K` with the sandbox's platform credentials.
+    fn cli(&self, args: &[&str]) -> Output {
+        self.cli_env(args, &[])
+    }
+
+    fn cli_env(&self, args: &[&str], extra: &[(&str, &str)]) -> Output {
+        let mut cmd = Command::new(binary("kuberaya"));
+        cmd.args(args).arg("--kubeconfig").arg(&self.kubeconfig);
+        cmd.envs(&self.env).env_remove("KUBECONFIG").env("NO_COLOR", "1");
+        cmd.envs(extra.iter().copied());
+        cmd.stdin(Stdio::null());
+        cmd.output().expect("running kuberaya")
+    }
+
+    fn kubectl_in(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
+        let mut child = Command::new(KUBECTL)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        if let Some(s) = stdin {
+            child.stdin.take().context("stdin")?.write_all(s.as_bytes())?;
+        }
+        drop(child.stdin.take());
+        let out = child.wait_with_output()?;
+        ensure!(out.status.success(), "kubectl {args:?}: {}", text(&out));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn kubectl(&self, args: &[&str]) -> Result<String> {
+        self.kubectl_in(args, None)
+    }
+
+    fn apply(&self, yaml: &str) -> Result<()> {
+        self.kubectl_in(&["apply", "-f", "-"], Some(yaml)).map(|_| ())
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = Command::new(binary("kuberaya"))
+            .args(["sandbox", "down", "--purge", "--state-dir"])
+            .arg(&self.state)
+            .output();
+    }
+}
+
+fn jq(filter: &str, input: &[u8]) -> Result<String> {
+    let mut child = Command::new("jq")
+        .args(["-r", filter])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running jq")?;
+    child.stdin.take().context("stdin")?.write_all(input)?;
+    let out = child.wait_with_output()?;
+    ensure!(out.status.success(), "jq {filter}: {}", text(&out));
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn one_clear_line(out: &Output) -> Result<()> {
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "expected failure: {}", text(out));
+    ensure!(!err.contains("panicked"), "panic: {}", text(out));
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
+    ensure!(lines.len() == 1, "one error line: {}", text(out));
+    Ok(())
+}
+
+fn service_yaml(ns: &str, name: &str, type_: &str, port: u16, protocol: &str, annotations: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {ns}\n  annotations:\n{annotations}\nspec:\n  type: {type_}\n  selector:\n    app: {name}\n  ports:\n  - name: p\n    port: {port}\n    protocol: {protocol}\n"
+    )
+}
+
+#[test]
+fn peers_and_exposure_audit() -> Result<()> {
+    let sb = Sandbox::up()?;
+    let crd = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/crds/vpnpeer.yaml"))?;
+    sb.apply(&crd)?;
+    for ns in ["kuberaya-system", "shop"] {
+        sb.kubectl(&["create", "namespace", ns])?;
+    }
+    // The real gateway, against the sandbox.
+    let mut gw = Process::start(
+        "kuberaya-gateway",
+        [
+            "--kubeconfig",
+            sb.kubeconfig.to_str().expect("utf-8"),
+            "--namespace",
+            "kuberaya-system",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-bind-address",
+            "127.0.0.1:0",
+            "--health-bind-address",
+            "127.0.0.1:0",
+        ],
+    )?;
+    let line = gw.wait_for_stdout_line("kuberaya-gateway listening", Duration::from_secs(60))?;
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .map(str::to_string)
+            .with_context(|| format!("{k} in {line:?}"))
+    };
+    let (public_key, tunnel) = (field("public_key")?, field("tunnel_address")?);
+    let ann = format!(
+        "    vpn.cloudraya.com/public-key: \"{public_key}\"\n    vpn.cloudraya.com/tunnel-address: \"{tunnel}\""
+    );
+    sb.apply(&service_yaml(
+        "kuberaya-system",
+        "kuberaya-gateway",
+        "LoadBalancer",
+        51820,
+        "UDP",
+        &ann,
+    ))?;
+    let gw_ip = format!("127.203.{}.50", sb.net);
+    sb.kubectl(&[
+        "patch",
+        "service",
+        "-n",
+        "kuberaya-system",
+        "kuberaya-gateway",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &format!(r#"{{"status":{{"loadBalancer":{{"ingress":[{{"ip":"{gw_ip}"}}]}}}}}}"#),
+    ])?;
+    sb.apply(&format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: kuberaya-config\n  namespace: kuberaya-system\ndata:\n  service-cidr: 127.97.{}.0/24\n",
+        sb.net
+    ))?;
+    let none = "    {}";
+    sb.apply(&service_yaml("shop", "web", "LoadBalancer", 80, "TCP", none).replace("  annotations:\n    {}\n", ""))?;
+    sb.apply(&service_yaml("shop", "debug", "NodePort", 8080, "TCP", none).replace("  annotations:\n    {}\n", ""))?;
+
+    // peer add: 0600 config, public key only in the cluster.
+    let out_dir = sb.dir.path().join("peers");
+    std::fs::create_dir_all(&out_dir)?;
+    let alice_conf = out_dir.join("alice.conf");
+    let out = sb.cli(&[
+        "peer",
+        "add",
+        "alice",
+        "--allow",
+        "shop/web:80",
+        "--out",
+        alice_conf.to_str().expect("utf-8"),
+        "--timeout",
+        "60",
+    ]);
+    ensure!(
+        out.status.success(),
+        "peer add alice: {}\n{}",
+        text(&out),
+        gw.output_tails()
+    );
+    let conf = std::fs::read_to_string(&alice_conf)?;
+    let mode = std::fs::metadata(&alice_conf)?.permissions().mode() & 0o777;
+    ensure!(mode == 0o600, "mode {mode:o}");
+    let private = conf
+        .lines()
+        .find_map(|l| l.strip_prefix("PrivateKey = "))
+        .context("PrivateKey")?
+        .to_string();
+    ensure!(conf.contains(&format!("Endpoint = {gw_ip}:51820")), "{conf}");
+    ensure!(conf.contains(&format!("PublicKey = {public_key}")), "{conf}");
+    ensure!(
+        conf.contains(&format!("AllowedIPs = 127.97.{}.0/24, {tunnel}/32", sb.net)),
+        "{conf}"
+    );
+    ensure!(
+        conf.contains(&format!("DNS = {tunnel}, kuberaya-system.svc.cluster.local")),
+        "{conf}"
+    );
+    ensure!(conf.contains("PersistentKeepalive = 25"), "{conf}");
+    ensure!(
+        !String::from_utf8_lossy(&out.stdout).contains(&private),
+        "private key printed"
+    );
+    let peer = sb.kubectl(&["get", "vpnpeers", "-n", "kuberaya-system", "alice", "-o", "json"])?;
+    ensure!(!peer.contains(&private), "the private key reached the cluster: {peer}");
+    let v: Value = serde_json::from_str(&peer)?;
+    ensure!(v["spec"]["publicKey"].as_str().is_some_and(|k| k.len() == 44), "{peer}");
+    ensure!(
+        jq(
+            r#".status.conditions[] | select(.type=="Accepted") | .status"#,
+            peer.as_bytes()
+        )? == "True"
+    );
+
+    // A team peer with a preshared key.
+    let bob_conf = out_dir.join("bob.conf");
+    let out = sb.cli(&[
+        "peer",
+        "add",
+        "-n",
+        "shop",
+        "bob",
+        "--allow",
+        "shop",
+        "--psk",
+        "--expires",
+        "30d",
+        "--out",
+        bob_conf.to_str().expect("utf-8"),
+    ]);
+    ensure!(out.status.success(), "peer add bob: {}", text(&out));
+    ensure!(std::fs::read_to_string(&bob_conf)?.contains("PresharedKey = "));
+    sb.kubectl(&["get", "secret", "-n", "shop", "bob-psk"])?;
+
+    // list and audit, as JSON through jq.
+    let out = sb.cli(&["peer", "list", "-A", "-o", "json"]);
+    ensure!(out.status.success(), "peer list: {}", text(&out));
+    ensure!(jq("[.items[].name] | join(\",\")", &out.stdout)? == "alice,bob");
+    let out = sb.cli(&["peer", "list", "-A"]);
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).starts_with("NAMESPACE"),
+        "{}",
+        text(&out)
+    );
+    let out = sb.cli(&["expose", "audit", "-o", "json"]);
+    ensure!(out.status.success(), "audit: {}", text(&out));
+    ensure!(
+        jq(r#".findings[] | select(.kind=="nodeport") | .name"#, &out.stdout)? == "debug",
+        "{}",
+        text(&out)
+    );
+    ensure!(
+        jq(
+            r#"[.findings[] | select(.kind=="loadbalancer") | .name] | sort | join(",")"#,
+            &out.stdout
+        )? == "kuberaya-gateway,web"
+    );
+    ensure!(
+        jq(
+            r#".findings[] | select(.name=="alice") | .reach[0].service + ":" + (.reach[0].ports[0].port|tostring)"#,
+            &out.stdout
+        )? == "web:80"
+    );
+    ensure!(
+        jq(
+            r#".findings[] | select(.name=="bob") | [.reach[].service] | sort | join(",")"#,
+            &out.stdout
+        )? == "debug,web"
+    );
+    let out = sb.cli(&["expose", "audit", "--fail-on", "nodeport"]);
+    ensure!(out.status.code() == Some(1), "fail-on nodeport: {}", text(&out));
+    let out = sb.cli(&["expose", "audit", "--fail-on", "expired"]);
+    ensure!(out.status.code() == Some(0), "fail-on expired: {}", text(&out));
+
+    // Bad input: one line, non-zero, nothing created.
+    let out = sb.cli(&["peer", "add", "carol", "--allow", "shop/web:http_x"]);
+    ensure!(
+        out.status.code() == Some(2),
+        "malformed --allow is a usage error: {}",
+        text(&out)
+    );
+    let out = sb.cli(&["peer", "add", "-n", "nowhere", "carol", "--allow", "nowhere"]);
+    one_clear_line(&out)?;
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("nowhere"),
+        "{}",
+        text(&out)
+    );
+    let out = sb.cli(&["peer", "add", "-n", "shop", "carol", "--allow", "kuberaya-system"]);
+    one_clear_line(&out)?;
+    let peers = sb.kubectl(&["get", "vpnpeers", "-A", "-o", "json"])?;
+    ensure!(
+        jq(".items | length", peers.as_bytes())? == "2",
+        "nothing half-created: {peers}"
+    );
+    ensure!(!std::path::Path::new("carol.conf").exists());
+    let bad_kc = sb.dir.path().join("bad-kubeconfig");
+    std::fs::write(
+        &bad_kc,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: x\n  cluster:\n    server: https://127.0.0.1:1\ncontexts:\n- name: x\n  context:\n    cluster: x\n    user: x\ncurrent-context: x\nusers:\n- name: x\n  user:\n    token: t\n",
+    )?;
+    let out = Command::new(binary("kuberaya"))
+        .args(["peer", "list", "--kubeconfig"])
+        .arg(&bad_kc)
+        .output()?;
+    one_clear_line(&out)?;
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot reach the cluster"),
+        "{}",
+        text(&out)
+    );
+
+    // disable, remove.
+    let out = sb.cli(&["peer", "disable", "alice"]);
+    ensure!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("spec.disabled false -> true"));
+    let out = sb.cli(&["peer", "remove", "-n", "shop", "bob"]);
+    ensure!(out.status.success(), "remove: {}", text(&out));
+    ensure!(
+        sb.kubectl(&["get", "secret", "-n", "shop", "bob-psk"]).is_err(),
+        "psk Secret removed"
+    );
+    gw.stop();
+    Ok(())
+}
+
+#[test]
+fn load_balancers_list_describe_orphans() -> Result<()> {
+    use kuberaya_ccm::platform::{
+        Algorithm, HttpPlatform, LABEL_CLUSTER_ID, LABEL_SERVICE_NAME, LABEL_SERVICE_NAMESPACE, LABEL_SERVICE_UID,
+        Labels, LoadBalancerSpec, Platform, PlatformClientConfig, Rule, RuleProtocol,
+    };
+    let sb = Sandbox::up()?;
+    sb.kubectl(&["create", "namespace", "shop"])?;
+    sb.apply(
+        &service_yaml("shop", "web", "LoadBalancer", 80, "TCP", "    {}").replace("  annotations:\n    {}\n", ""),
+    )?;
+    let uid = sb.kubectl(&["get", "svc", "-n", "shop", "web", "-o", "jsonpath={.metadata.uid}"])?;
+    let cluster = sb.env["KUBERAYA_CLUSTER_ID"].clone();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let platform = HttpPlatform::new(PlatformClientConfig::new(
+        &sb.env["CLOUDRAYA_API_URL"],
+        &sb.env["CLOUDRAYA_EMAIL"],
+        &sb.env["CLOUDRAYA_PASSWORD"],
+    ))?;
+    let labels = |name: &str, uid: &str| {
+        Labels::from([
+            (LABEL_CLUSTER_ID.to_string(), cluster.clone()),
+            (LABEL_SERVICE_UID.to_string(), uid.to_string()),
+            (LABEL_SERVICE_NAMESPACE.to_string(), "shop".to_string()),
+            (LABEL_SERVICE_NAME.to_string(), name.to_string()),
+        ])
+    };
+    let spec = |name: &str, uid: &str| LoadBalancerSpec {
+        name: format!("shop-{name}"),
+        public_ip_id: None,
+        labels: labels(name, uid),
+        rules: vec![Rule {
+            name: "p".into(),
+            protocol: RuleProtocol::Tcp,
+            public_port: 80,
+            private_port: 30080,
+            algorithm: Algorithm::RoundRobin,
+            allowed_sources: vec![],
+            health_check: None,
+        }],
+        backends: vec![],
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    let (web, gone) = rt.block_on(async {
+        let web = platform.create_load_balancer(&cluster, &spec("web", &uid)).await?;
+        let gone = platform
+            .create_load_balancer(&cluster, &spec("gone", "no-such-uid"))
+            .await?;
+        anyhow::Ok((web, gone))
+    })?;
+    let web_ip = rt
+        .block_on(async {
+            for _ in 0..100 {
+                let lb = platform.get_load_balancer(&cluster, &web.id).await?;
+                if let Some(ip) = lb.public_ip.filter(|_| lb.status.as_str() == "active") {
+                    return anyhow::Ok(Some(ip.address.to_string()));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            anyhow::Ok(None)
+        })?
+        .context("LB active with an IP")?;
+
+    let out = sb.cli(&["lb", "list", "-o", "json"]);
+    ensure!(out.status.success(), "lb list: {}", text(&out));
+    ensure!(jq(r#".items[] | select(.service=="web") | .publicIp"#, &out.stdout)? == web_ip);
+    ensure!(
+        jq(
+            r#".items[] | select(.service=="web") | "\(.healthyBackends)/\(.backends)""#,
+            &out.stdout
+        )? == "0/0"
+    );
+    let out = sb.cli(&["lb", "list"]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        table.starts_with("SERVICE")
+            && table
+                .lines()
+                .any(|l| l.starts_with("shop/web ") && l.contains(&format!("{web_ip}:80/tcp")) && l.contains("0/0")),
+        "{}",
+        text(&out)
+    );
+    let out = sb.cli(&["lb", "describe", "shop/web", "-o", "json"]);
+    ensure!(out.status.success(), "describe: {}", text(&out));
+    ensure!(jq(".loadBalancer.id", &out.stdout)? == web.id);
+    ensure!(
+        jq(
+            ".problems | map(select(contains(\"no backends\"))) | length",
+            &out.stdout
+        )? == "1"
+    );
+    let out = sb.cli(&["lb", "describe", "shop/web"]);
+    ensure!(String::from_utf8_lossy(&out.stdout).contains(&web.id), "{}", text(&out));
+
+    let out = sb.cli(&["lb", "orphans", "-o", "json"]);
+    ensure!(out.status.success(), "orphans: {}", text(&out));
+    ensure!(
+        jq("[.items[].id] | join(\",\")", &out.stdout)? == gone.id,
+        "{}",
+        text(&out)
+    );
+    let out = sb.cli(&["lb", "orphans", "--delete"]);
+    one_clear_line(&out)?;
+    ensure!(String::from_utf8_lossy(&out.stderr).contains("--yes"), "{}", text(&out));
+    let out = sb.cli(&["lb", "orphans", "--delete", "--yes"]);
+    ensure!(out.status.success(), "orphans --delete --yes: {}", text(&out));
+    let left = rt.block_on(platform.list_load_balancers(&cluster, &Labels::new()))?;
+    ensure!(
+        left.iter()
+            .all(|lb| lb.id != gone.id || lb.status.as_str() == "deleting"),
+        "orphan deleted"
+    );
+    ensure!(left.iter().any(|lb| lb.id == web.id), "web kept");
+
+    // Bad platform credentials: one line, non-zero.
+    let out = sb.cli_env(&["lb", "list"], &[("CLOUDRAYA_PASSWORD", "wrong")]);
+    one_clear_line(&out)?;
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("CLOUDRAYA_PASSWORD"),
+        "{}",
+        text(&out)
+    );
+    Ok(())
+}
