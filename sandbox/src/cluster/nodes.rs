@@ -5,7 +5,7 @@
 //!   `node.cloudprovider.kubernetes.io/uninitialized:NoSchedule` and a `spec.podCIDR`
 //!   (the node IPAM controller's part) from the pod range;
 //! - never sets `providerID` or addresses: that is the CCM's job. With `no_ccm` the agent
-//!   plays that part itself: it removes the taint and sets the InternalIP;
+//!   plays that part itself: it removes the taint and keeps the InternalIP current;
 //! - renews its `Lease` in `kube-node-lease` and keeps the `Ready` condition fresh while the
 //!   VM runs; reports `Ready=False` as soon as the VM is stopped (sooner than a real node
 //!   lifecycle controller would notice, which the tests rely on);
@@ -73,6 +73,13 @@ pub fn node_ip(node: Option<&Node>, vm: &Vm) -> Ipv4Addr {
         .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
         .and_then(|a| a.address.parse().ok())
         .unwrap_or(vm.private_ip)
+}
+
+fn has_internal_ip(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .is_some_and(|a| a.iter().any(|a| a.type_ == "InternalIP"))
 }
 
 /// A /24 of `range` not in `taken`: the `preferred`-th when free (so that node `i` gets
@@ -279,12 +286,8 @@ async fn heartbeat(ctx: &Context, vm: &Vm, cidrs: &PodCidrs, state: &mut AgentSt
                 .await?;
             tracing::info!(node = %vm.name, "no CCM: removed the uninitialized taint");
         }
-        let has_addresses = node
-            .status
-            .as_ref()
-            .and_then(|s| s.addresses.as_ref())
-            .is_some_and(|a| !a.is_empty());
-        if !has_addresses {
+        // As the CCM's node controller: the VM's private IP, kept current.
+        if node_ip(Some(&node), vm) != vm.private_ip || !has_internal_ip(&node) {
             let addresses = json!([
                 {"type": "InternalIP", "address": vm.private_ip.to_string()},
                 {"type": "Hostname", "address": vm.name},
