@@ -63,6 +63,20 @@ async fn watcher_survives_forced_410() {
         }
     });
     wait_for(&mut rx, "before").await.expect("initial list seen");
+    // Streaming lists (sendInitialEvents) and metadata-only watches work too.
+    let streaming = watcher(api.clone(), watcher::Config::default().streaming_lists()).applied_objects();
+    let first = tokio::time::timeout(Duration::from_secs(10), std::pin::pin!(streaming).try_next()).await;
+    assert_eq!(
+        first.expect("streaming list in time").unwrap().unwrap().name_any(),
+        "before"
+    );
+    let meta_api: Api<kube::core::PartialObjectMeta<ConfigMap>> = Api::namespaced(client(&s).await, "default");
+    let meta = watcher(meta_api, watcher::Config::default()).applied_objects();
+    let first = tokio::time::timeout(Duration::from_secs(10), std::pin::pin!(meta).try_next()).await;
+    assert_eq!(
+        first.expect("metadata list in time").unwrap().unwrap().name_any(),
+        "before"
+    );
     api.create(&PostParams::default(), &cm("live")).await.unwrap();
     wait_for(&mut rx, "live").await.expect("live change seen");
     // Compaction: the open watch ends with 410 and resuming from its version is refused.
