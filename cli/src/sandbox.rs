@@ -18,10 +18,12 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
+use k8s_openapi::api::coordination::v1::Lease;
 use serde::{Deserialize, Serialize};
 
 use kuberaya_sandbox::cluster::{Cluster, ClusterOptions, PlatformClient, PlatformLogin};
@@ -99,9 +101,14 @@ pub struct UpArgs {
     /// Pod IPs: node i gets the i-th /24 of this range (on loopback).
     #[arg(long, default_value = "127.244.0.0/16")]
     pub pod_cidr: ipnet::Ipv4Net,
-    /// No CCM runs: the node agents remove the uninitialized taint and set node addresses.
-    #[arg(long)]
+    /// No CCM runs: the node agents remove the uninitialized taint and set node addresses
+    /// (LoadBalancer Services stay pending).
+    #[arg(long, conflicts_with = "external_ccm")]
     pub no_ccm: bool,
+    /// No CCM runs inside the sandbox: nodes wait, tainted uninitialized, for one you run
+    /// yourself (`kuberaya-ccm --kubeconfig <state-dir>/kubeconfig ...`).
+    #[arg(long)]
+    pub external_ccm: bool,
     /// How long the platform takes to provision or update a load balancer.
     #[arg(long, default_value_t = 300)]
     pub provisioning_delay_ms: u64,
@@ -156,6 +163,55 @@ const CREDENTIALS_FILE: &str = "credentials.json";
 const LOG_FILE: &str = "sandbox.log";
 const KUBECONFIG_FILE: &str = "kubeconfig";
 const SANDBOX_EMAIL: &str = "admin@sandbox.local";
+const EXAMPLE_FILE: &str = "web.yaml";
+
+/// The Lease of the CCM's leader election: the one a deployed `kuberaya-ccm` uses by
+/// default, so that a CCM started against the sandbox never reconciles alongside ours.
+const CCM_LEASE_NAMESPACE: &str = "kube-system";
+const CCM_LEASE_NAME: &str = "kuberaya-ccm";
+/// The in-process CCM's identity. Only one `sandbox up` runs per state dir (the lock), so
+/// a restarted sandbox takes back its own Lease at once, even after a crash.
+const CCM_IDENTITY: &str = "kuberaya-sandbox";
+const CCM_LEASE_DURATION: Duration = Duration::from_secs(15);
+const CCM_RENEW_EVERY: Duration = Duration::from_secs(5);
+const CCM_RETRY: Duration = Duration::from_secs(2);
+const NODE_INIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `web.yaml` of the "try this" block: a Deployment and its LoadBalancer Service.
+const EXAMPLE: &str = "\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  replicas: 3
+  selector:
+    matchLabels:
+      app: web
+  template:
+    metadata:
+      labels:
+        app: web
+    spec:
+      containers:
+      - name: web
+        image: any
+        ports:
+        - containerPort: 8080
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  type: LoadBalancer
+  selector:
+    app: web
+  ports:
+  - name: http
+    port: 80
+    targetPort: 8080
+";
 
 pub async fn run(cmd: SandboxCommand) -> anyhow::Result<ExitCode> {
     match cmd {
@@ -383,8 +439,33 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         args.workers,
         args.pod_cidr,
         args.service_cidr,
-        if args.no_ccm { ", no CCM" } else { "" }
+        if args.no_ccm {
+            ", no CCM"
+        } else if args.external_ccm {
+            ", nodes wait for your CCM"
+        } else {
+            ""
+        }
     ));
+    let ccm = if args.no_ccm || args.external_ccm {
+        None
+    } else {
+        let ccm = InProcessCcm::start(&kubeconfig, &url, &creds, &args.cluster_id, !args.no_udp)
+            .await
+            .context("cannot start the CCM")?;
+        step(&format!(
+            "CCM: service, node and node lifecycle controllers (leader of Lease {CCM_LEASE_NAMESPACE}/{CCM_LEASE_NAME})"
+        ));
+        let initialised = ccm.wait_nodes_initialised(args.workers, NODE_INIT_TIMEOUT).await;
+        match initialised {
+            Ok(n) => step(&format!(
+                "{n} nodes initialised by the CCM (providerID, addresses, zone labels)"
+            )),
+            Err(e) => eprintln!("! nodes not initialised yet ({e:#}); see `kubectl get nodes`"),
+        }
+        Some(ccm)
+    };
+    write_example(&dir)?;
 
     let runtime = Runtime {
         pid: std::process::id(),
@@ -402,6 +483,9 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
 
     wait_for_stop_signal().await;
     eprintln!("stopping the sandbox...");
+    if let Some(ccm) = ccm {
+        ccm.shutdown().await;
+    }
     cluster.shutdown().await;
     let _ = kube_stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), kube_server).await;
@@ -411,6 +495,244 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let _ = fs::remove_file(dir.join(RUNTIME_FILE));
     eprintln!("sandbox stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+fn write_example(dir: &Path) -> anyhow::Result<()> {
+    let path = dir.join(EXAMPLE_FILE);
+    fs::write(&path, EXAMPLE).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The CCM, run in this process as a cluster runs it: its own Kubernetes client from the
+/// sandbox's kubeconfig, its own platform client with the sandbox's credentials, and
+/// every controller only while it holds the leader Lease.
+struct InProcessCcm {
+    client: kube::Client,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl InProcessCcm {
+    async fn start(
+        kubeconfig: &Path,
+        url: &str,
+        creds: &Credentials,
+        cluster_id: &str,
+        udp_supported: bool,
+    ) -> anyhow::Result<InProcessCcm> {
+        use kuberaya_ccm::platform::{HttpPlatform, Platform as _, PlatformClientConfig};
+        let client = kuberaya_sandbox::cluster::client_from_kubeconfig(kubeconfig).await?;
+        let http = HttpPlatform::new(PlatformClientConfig::new(url, &creds.email, &creds.password))
+            .context("cannot build the CCM's platform client")?;
+        http.get_cluster(cluster_id)
+            .await
+            .with_context(|| format!("the CCM cannot read cluster {cluster_id} on the platform"))?;
+        let metrics = Arc::new(kuberaya_ccm::metrics::Metrics::new(Some(http.metrics())));
+        let settings = kuberaya_ccm::ControllerSettings {
+            service: kuberaya_ccm::service::controller::RunSettings {
+                config: kuberaya_ccm::service::desired::DesiredConfig {
+                    cluster_id: cluster_id.to_string(),
+                    udp_supported,
+                },
+                timing: kuberaya_ccm::service::controller::Timing {
+                    resync: Duration::from_secs(60),
+                    poll: Duration::from_millis(500),
+                    ..Default::default()
+                },
+                concurrency: 10,
+                node_debounce: Duration::from_millis(500),
+                node_debounce_max: Duration::from_millis(2500),
+                orphan_sweep: Duration::from_secs(60),
+            },
+            node: kuberaya_ccm::NodeSettings {
+                refresh: Duration::from_secs(5),
+                monitor: Duration::from_secs(2),
+                ..kuberaya_ccm::NodeSettings::new(cluster_id)
+            },
+        };
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let platform: Arc<dyn kuberaya_ccm::platform::Platform> = Arc::new(http);
+        let task = tokio::spawn(lead_and_run(client.clone(), platform, metrics, settings, stop_rx));
+        Ok(InProcessCcm { client, stop, task })
+    }
+
+    /// Waits until `count` Nodes carry a providerID; returns how many do.
+    async fn wait_nodes_initialised(&self, count: usize, timeout: Duration) -> anyhow::Result<usize> {
+        let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(self.client.clone());
+        let deadline = Instant::now() + timeout;
+        loop {
+            let list = nodes.list(&Default::default()).await?;
+            let done = list
+                .items
+                .iter()
+                .filter(|n| n.spec.as_ref().is_some_and(|s| s.provider_id.is_some()))
+                .count();
+            if done >= count {
+                return Ok(done);
+            }
+            if Instant::now() > deadline {
+                bail!("{done} of {count} nodes have a providerID after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops the controllers and gives up the Lease.
+    async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        if tokio::time::timeout(Duration::from_secs(8), self.task).await.is_err() {
+            eprintln!("the CCM did not stop within 8 s");
+        }
+    }
+}
+
+/// Leader election on [`CCM_LEASE_NAME`], running every CCM controller while leading.
+async fn lead_and_run(
+    client: kube::Client,
+    platform: Arc<dyn kuberaya_ccm::platform::Platform>,
+    metrics: Arc<kuberaya_ccm::metrics::Metrics>,
+    settings: kuberaya_ccm::ControllerSettings,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let leases: kube::Api<Lease> = kube::Api::namespaced(client.clone(), CCM_LEASE_NAMESPACE);
+    loop {
+        loop {
+            match try_lead(&leases).await {
+                Ok(true) => break,
+                Ok(false) => tracing::debug!("the CCM Lease is held by another CCM; waiting"),
+                Err(e) => tracing::warn!(error = %e, "CCM leader election"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(CCM_RETRY) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+        tracing::info!(identity = CCM_IDENTITY, "the CCM leads; starting its controllers");
+        metrics.set_leader(true);
+        let (ctl_stop, mut ctl_stop_rx) = tokio::sync::watch::channel(false);
+        let mut run = tokio::spawn(kuberaya_ccm::run_controllers(
+            client.clone(),
+            platform.clone(),
+            metrics.clone(),
+            settings.clone(),
+            async move {
+                let _ = ctl_stop_rx.wait_for(|s| *s).await;
+            },
+        ));
+        let mut renewed = Instant::now();
+        let (stopping, ended) = loop {
+            tokio::select! {
+                () = tokio::time::sleep(CCM_RENEW_EVERY) => {}
+                _ = stop.wait_for(|s| *s) => break (true, None),
+                r = &mut run => break (false, Some(r)),
+            }
+            match try_lead(&leases).await {
+                Ok(true) => renewed = Instant::now(),
+                Ok(false) => break (false, None),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot renew the CCM Lease");
+                    if renewed.elapsed() + CCM_RENEW_EVERY >= CCM_LEASE_DURATION {
+                        break (false, None);
+                    }
+                }
+            }
+        };
+        let ended = match ended {
+            Some(r) => r,
+            None => {
+                let _ = ctl_stop.send(true);
+                match tokio::time::timeout(Duration::from_secs(5), &mut run).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        run.abort();
+                        Ok(Ok(()))
+                    }
+                }
+            }
+        };
+        match ended {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "the CCM's controllers stopped"),
+            Err(e) => tracing::error!(error = %e, "the CCM's controllers panicked"),
+        }
+        metrics.set_leader(false);
+        if stopping {
+            release_lead(&leases).await;
+            return;
+        }
+        tracing::warn!("the CCM is no longer the leader; waiting to lead again");
+    }
+}
+
+/// Takes or renews the Lease: `Ok(true)` while we hold it. Every write carries the
+/// resourceVersion read, so two candidates cannot both win.
+async fn try_lead(leases: &kube::Api<Lease>) -> kube::Result<bool> {
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let duration_s = i32::try_from(CCM_LEASE_DURATION.as_secs()).unwrap_or(i32::MAX);
+    let is_conflict = |e: &kube::Error| matches!(e, kube::Error::Api(s) if s.code == 409);
+    let Some(mut lease) = leases.get_opt(CCM_LEASE_NAME).await? else {
+        let lease = Lease {
+            metadata: kube::api::ObjectMeta {
+                name: Some(CCM_LEASE_NAME.into()),
+                namespace: Some(CCM_LEASE_NAMESPACE.into()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(CCM_IDENTITY.into()),
+                lease_duration_seconds: Some(duration_s),
+                acquire_time: Some(MicroTime(now)),
+                renew_time: Some(MicroTime(now)),
+                lease_transitions: Some(0),
+                ..Default::default()
+            }),
+        };
+        return match leases.create(&Default::default(), &lease).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_conflict(&e) => Ok(false),
+            Err(e) => Err(e),
+        };
+    };
+    let spec = lease.spec.get_or_insert_with(Default::default);
+    let holder = spec.holder_identity.clone().unwrap_or_default();
+    let ours = holder == CCM_IDENTITY;
+    let expired = match (&spec.renew_time, spec.lease_duration_seconds) {
+        (Some(t), Some(d)) => t.0.as_second() + i64::from(d) < now.as_second(),
+        _ => true,
+    };
+    if !ours && !holder.is_empty() && !expired {
+        return Ok(false);
+    }
+    if !ours {
+        spec.holder_identity = Some(CCM_IDENTITY.into());
+        spec.acquire_time = Some(MicroTime(now));
+        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0).saturating_add(1));
+    }
+    spec.renew_time = Some(MicroTime(now));
+    spec.lease_duration_seconds = Some(duration_s);
+    match leases.replace(CCM_LEASE_NAME, &Default::default(), &lease).await {
+        Ok(_) => Ok(true),
+        Err(e) if is_conflict(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Gives the Lease up (empty holder), so another CCM may lead at once.
+async fn release_lead(leases: &kube::Api<Lease>) {
+    let Ok(Some(mut lease)) = leases.get_opt(CCM_LEASE_NAME).await else {
+        return;
+    };
+    let Some(spec) = lease.spec.as_mut() else {
+        return;
+    };
+    if spec.holder_identity.as_deref() != Some(CCM_IDENTITY) {
+        return;
+    }
+    spec.holder_identity = None;
+    spec.renew_time = None;
+    if let Err(e) = leases.replace(CCM_LEASE_NAME, &Default::default(), &lease).await {
+        tracing::warn!(error = %e, "cannot release the CCM Lease");
+    }
 }
 
 async fn wait_for_stop_signal() {
@@ -443,9 +765,15 @@ fn print_try_this(dir: &Path, args: &UpArgs, rt: &Runtime) {
     println!("  curl -s -X POST $CLOUDRAYA_API_URL/core/v1/auth/login -H 'content-type: application/json' \\");
     println!("       -d \"{{\\\"email\\\":\\\"$CLOUDRAYA_EMAIL\\\",\\\"password\\\":\\\"$CLOUDRAYA_PASSWORD\\\"}}\"");
     println!("  kuberaya sandbox status{dir_flag}");
-    println!(
-        "  kubectl create deployment web --image=any --port=8080 --replicas=3 && kubectl expose deployment web --port=80 --target-port=8080"
-    );
+    println!("  kubectl get nodes -o wide");
+    println!("  kubectl apply -f {}", dir.join(EXAMPLE_FILE).display());
+    if args.no_ccm || args.external_ccm {
+        println!("  kubectl get service web    # no CCM in the sandbox: its EXTERNAL-IP stays <pending>");
+    } else {
+        println!("  kubectl wait --for=jsonpath='{{.status.loadBalancer.ingress}}' service/web --timeout=30s");
+        println!("  curl http://$(kubectl get service web -o jsonpath='{{.status.loadBalancer.ingress[0].ip}}')/");
+        println!("  kuberaya lb list");
+    }
     println!();
     println!("Platform API: {}  (cluster {})", rt.platform_url, rt.cluster_id);
     if args.detach || args.detached_child {
@@ -497,6 +825,9 @@ async fn up_detached(args: UpArgs) -> anyhow::Result<ExitCode> {
     ]);
     if args.no_ccm {
         cmd.arg("--no-ccm");
+    }
+    if args.external_ccm {
+        cmd.arg("--external-ccm");
     }
     if let Some(listen) = args.listen {
         cmd.args(["--listen", &listen.to_string()]);
