@@ -1,0 +1,1125 @@
+//! Issue 6 end to end: `type: LoadBalancer` Services get a CloudRaya load balancer that
+//! really forwards, driven by the real binaries as an operator would run them.
+//!
+//! Every test runs its own sandbox (`kuberaya sandbox up --detach --external-ccm` on unique
+//! address ranges, `sandbox down --purge` in a drop guard) and starts the `kuberaya-ccm`
+//! binary separately, with a cloud config written from `kuberaya sandbox env` and the
+//! credentials in its environment, so the same steps run against a real cluster and
+//! platform. The tests talk to the cluster with the real `kubectl` (explicit
+//! `--kubeconfig`) and to the load balancers with the real `curl`; the platform is read
+//! through its public API, the stand-in's call counts and faults through `/_sandbox/`.
+//!
+//! The sandbox runs no CCM of its own (`--external-ccm`): its nodes register tainted
+//! `uninitialized` and wait for the CCM under test, whose node controller gives them their
+//! providerID (see [`Sandbox::provider_ids`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::net::{TcpListener, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use kuberaya_e2e::{Answer, JsonApi, Process, binary, poll_until_blocking, unique_net_index};
+use serde_json::{Value, json};
+
+const KUBECTL: &str = "kubectl";
+const CLUSTER_LABEL: &str = "kuberaya.cloudraya.com/cluster-id";
+const SERVICE_UID_LABEL: &str = "kuberaya.cloudraya.com/service-uid";
+const SERVICE_NAME_LABEL: &str = "kuberaya.cloudraya.com/service-name";
+const PROVIDER_PREFIX: &str = "cloudraya://";
+const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+const UNINITIALIZED_TAINT: &str = "node.cloudprovider.kubernetes.io/uninitialized";
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A running sandbox (no CCM inside) in a temporary state dir; `sandbox down --purge` on drop.
+struct Sandbox {
+    _dir: tempfile::TempDir,
+    state: PathBuf,
+    kubeconfig: PathBuf,
+    url: String,
+    email: String,
+    password: String,
+    cluster_id: String,
+    rt: tokio::runtime::Runtime,
+    api: JsonApi,
+    ctl: JsonApi,
+}
+
+impl Sandbox {
+    fn up(provisioning_delay_ms: u64) -> Result<Sandbox> {
+        let dir = tempfile::tempdir()?;
+        let state = dir.path().join("sb");
+        let n = unique_net_index();
+        let args = vec![
+            "sandbox".to_string(),
+            "up".into(),
+            "--detach".into(),
+            "--external-ccm".into(),
+            "--nodes".into(),
+            "3".into(),
+            "--state-dir".into(),
+            state.display().to_string(),
+            "--public-ip-range".into(),
+            format!("127.203.{n}.0/24"),
+            "--vm-ip-range".into(),
+            format!("127.10.{n}.0/24"),
+            "--service-cidr".into(),
+            format!("127.98.{n}.0/24"),
+            "--pod-cidr".into(),
+            format!("127.{}.0.0/16", u16::from(n) + 140),
+            "--provisioning-delay-ms".into(),
+            provisioning_delay_ms.to_string(),
+        ];
+        let out = Command::new(binary("kuberaya")).args(&args).output()?;
+        // From here on the drop guard stops the sandbox, whatever happens next.
+        let guard = DownGuard(state.clone());
+        ensure!(out.status.success(), "sandbox up failed: {}", text(&out));
+        let env = Command::new(binary("kuberaya"))
+            .args(["sandbox", "env", "--state-dir"])
+            .arg(&state)
+            .output()?;
+        ensure!(env.status.success(), "sandbox env: {}", text(&env));
+        let vars: BTreeMap<String, String> = String::from_utf8_lossy(&env.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.trim_matches('\'').to_string()))
+            .collect();
+        let get = |k: &str| vars.get(k).cloned().with_context(|| format!("sandbox env exports {k}"));
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let url = get("CLOUDRAYA_API_URL")?;
+        let email = get("CLOUDRAYA_EMAIL")?;
+        let password = get("CLOUDRAYA_PASSWORD")?;
+        let api = rt.block_on(JsonApi::login(&url, &email, &password))?;
+        std::mem::forget(guard);
+        let sb = Sandbox {
+            kubeconfig: PathBuf::from(get("KUBECONFIG")?),
+            cluster_id: get("KUBERAYA_CLUSTER_ID")?,
+            ctl: JsonApi::new(&url),
+            url,
+            email,
+            password,
+            api,
+            rt,
+            state,
+            _dir: dir,
+        };
+        let ready = poll_until_blocking(Duration::from_secs(20), || {
+            let nodes = sb.get_json(&["get", "nodes"]).ok()?;
+            let items = nodes["items"].as_array()?;
+            (items.len() == 3 && items.iter().all(node_ready)).then_some(())
+        });
+        ensure!(ready.is_some(), "three Ready nodes: {}", sb.log());
+        Ok(sb)
+    }
+
+    fn log(&self) -> String {
+        let log = std::fs::read_to_string(self.state.join("sandbox.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    fn kuberaya(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(binary("kuberaya"))
+            .args(args)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .output()?;
+        ensure!(out.status.success(), "kuberaya {args:?}: {}", text(&out));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn kubectl_output(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<Output> {
+        let mut child = Command::new(KUBECTL)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running kubectl")?;
+        if let Some(input) = stdin {
+            child.stdin.take().context("kubectl stdin")?.write_all(input)?;
+        }
+        Ok(child.wait_with_output()?)
+    }
+
+    fn kubectl(&self, args: &[&str]) -> Result<String> {
+        let out = self.kubectl_output(args, None)?;
+        ensure!(out.status.success(), "kubectl {args:?}: {}", text(&out));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn apply(&self, yaml: &str) -> Result<()> {
+        let out = self.kubectl_output(&["apply", "-f", "-"], Some(yaml.as_bytes()))?;
+        ensure!(out.status.success(), "kubectl apply: {}\n{yaml}", text(&out));
+        Ok(())
+    }
+
+    fn get_json(&self, args: &[&str]) -> Result<Value> {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        Ok(serde_json::from_str(&self.kubectl(&all)?)?)
+    }
+
+    /// The Service, or `None` once it is gone.
+    fn service_opt(&self, name: &str) -> Result<Option<Value>> {
+        let out = self.kubectl_output(&["get", "service", name, "-o", "json"], None)?;
+        if out.status.success() {
+            return Ok(Some(serde_json::from_slice(&out.stdout)?));
+        }
+        ensure!(
+            String::from_utf8_lossy(&out.stderr).contains("NotFound"),
+            "kubectl get service {name}: {}",
+            text(&out)
+        );
+        Ok(None)
+    }
+
+    /// `kubectl wait` for the Service's ingress; returns its first IP.
+    fn wait_ingress(&self, name: &str) -> Result<String> {
+        let out = self.kubectl_output(
+            &[
+                "wait",
+                "--for=jsonpath={.status.loadBalancer.ingress}",
+                &format!("service/{name}"),
+                "--timeout=40s",
+            ],
+            None,
+        )?;
+        ensure!(
+            out.status.success(),
+            "kubectl wait for the ingress of {name}: {}",
+            text(&out)
+        );
+        ingress_ip(&self.get_json(&["get", "service", name])?).with_context(|| format!("ingress IP of {name}"))
+    }
+
+    fn wait_ready_pods(&self, app: &str, count: usize) -> Result<BTreeMap<String, String>> {
+        let mut last = Value::Null;
+        let pods = poll_until_blocking(Duration::from_secs(30), || {
+            let pods = self.get_json(&["get", "pods", "-l", &format!("app={app}")]).ok()?;
+            last = pods.clone();
+            let items = pods["items"].as_array()?;
+            let ready: BTreeMap<String, String> = items
+                .iter()
+                .filter(|p| pod_ready(p))
+                .filter_map(|p| {
+                    Some((
+                        p["metadata"]["name"].as_str()?.into(),
+                        p["spec"]["nodeName"].as_str()?.into(),
+                    ))
+                })
+                .collect();
+            (items.len() == count && ready.len() == count).then_some(ready)
+        });
+        pods.with_context(|| format!("{count} ready pods of {app}: {last}"))
+    }
+
+    fn platform(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Answer {
+        self.rt.block_on(self.api.request(method, path, body))
+    }
+
+    fn control(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Answer {
+        self.rt.block_on(self.ctl.request(method, path, body))
+    }
+
+    /// Every item of a paginated list of the platform API.
+    fn list(&self, path: &str) -> Result<Vec<Value>> {
+        let mut items = Vec::new();
+        for page in 1.. {
+            let sep = if path.contains('?') { '&' } else { '?' };
+            let a = self.platform(
+                reqwest::Method::GET,
+                &format!("{path}{sep}per_page=100&page={page}"),
+                None,
+            );
+            ensure!(a.status == 200, "GET {path}: {}", a.describe());
+            let got = a.data()["items"].as_array().context("items")?.clone();
+            let total = a.data()["total"].as_u64().unwrap_or(0) as usize;
+            let done = got.is_empty() || items.len() + got.len() >= total;
+            items.extend(got);
+            if done {
+                break;
+            }
+        }
+        Ok(items)
+    }
+
+    /// The load balancers under our cluster's path that carry our cluster ID.
+    fn our_lbs(&self) -> Result<Vec<Value>> {
+        self.list(&format!(
+            "/kubernetes/v1/clusters/{}/load-balancers?label={CLUSTER_LABEL}={}",
+            self.cluster_id, self.cluster_id
+        ))
+    }
+
+    /// Our load balancers by the name of their Service.
+    fn lbs_by_service(&self) -> Result<BTreeMap<String, Vec<Value>>> {
+        let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        for lb in self.our_lbs()? {
+            let svc = lb["labels"][SERVICE_NAME_LABEL]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            out.entry(svc).or_default().push(lb);
+        }
+        Ok(out)
+    }
+
+    /// The single load balancer of Service `name`.
+    fn lb_of(&self, name: &str) -> Result<Value> {
+        let mut all = self.lbs_by_service()?.remove(name).unwrap_or_default();
+        ensure!(all.len() == 1, "one load balancer for {name}: {all:?}");
+        Ok(all.remove(0))
+    }
+
+    fn public_ips(&self) -> Result<Vec<Value>> {
+        self.list(&format!(
+            "/network/v1/public-ips?label={CLUSTER_LABEL}={}",
+            self.cluster_id
+        ))
+    }
+
+    /// The platform's VMs of our cluster: name → id.
+    fn vm_ids(&self) -> Result<BTreeMap<String, String>> {
+        let vms = self.list(&format!("/vm/v1/instances?label={CLUSTER_LABEL}={}", self.cluster_id))?;
+        Ok(vms
+            .iter()
+            .filter_map(|vm| Some((vm["name"].as_str()?.to_string(), vm["id"].as_str()?.to_string())))
+            .collect())
+    }
+
+    /// Call counts of the stand-in, `METHOD /path/template` → count.
+    fn calls(&self) -> Result<BTreeMap<String, u64>> {
+        let a = self.control(reqwest::Method::GET, "/_sandbox/calls", None);
+        ensure!(a.status == 200, "GET /_sandbox/calls: {}", a.describe());
+        let data = a.data();
+        let map = data.get("calls").unwrap_or(data);
+        Ok(map
+            .as_object()
+            .context("call counts")?
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+            .collect())
+    }
+
+    fn set_faults(&self, rules: Value) -> Result<()> {
+        let a = self.control(reqwest::Method::PUT, "/_sandbox/faults", Some(&json!({"rules": rules})));
+        ensure!(a.status == 200, "PUT /_sandbox/faults: {}", a.describe());
+        Ok(())
+    }
+
+    /// Waits until the CCM's node controller has given every node its providerID
+    /// (`cloudraya://<vm-id>`) and removed the `uninitialized` taint; returns node name →
+    /// VM id, checked against the platform's VMs.
+    fn provider_ids(&self) -> Result<BTreeMap<String, String>> {
+        let mut last = Value::Null;
+        let done = poll_until_blocking(Duration::from_secs(20), || {
+            let nodes = self.get_json(&["get", "nodes"]).ok()?;
+            last = nodes.clone();
+            let items = nodes["items"].as_array()?;
+            let out: BTreeMap<String, String> = items
+                .iter()
+                .filter(|n| {
+                    !n["spec"]["taints"]
+                        .as_array()
+                        .is_some_and(|ts| ts.iter().any(|t| t["key"] == UNINITIALIZED_TAINT))
+                })
+                .filter_map(|n| {
+                    let id = n["spec"]["providerID"].as_str()?.strip_prefix(PROVIDER_PREFIX)?;
+                    Some((n["metadata"]["name"].as_str()?.to_string(), id.to_string()))
+                })
+                .collect();
+            (out.len() == items.len()).then_some(out)
+        });
+        let ids = done.with_context(|| format!("the CCM initialises every node: {last}"))?;
+        let vms = self.vm_ids()?;
+        for (node, id) in &ids {
+            ensure!(
+                vms.get(node) == Some(id),
+                "node {node} has the providerID of its VM: {id} vs {vms:?}"
+            );
+        }
+        Ok(ids)
+    }
+
+    /// Starts the `kuberaya-ccm` binary against this sandbox, as a Deployment would run it,
+    /// and waits until it leads.
+    fn start_ccm(&self, resync: &str) -> Result<Ccm> {
+        let config = self.state.join("cloud-config.yaml");
+        std::fs::write(
+            &config,
+            format!("api_url: {}\ncluster_id: {}\n", self.url, self.cluster_id),
+        )?;
+        let metrics = format!("127.0.0.1:{}", free_port()?);
+        let health = format!("127.0.0.1:{}", free_port()?);
+        let mut cmd = Command::new(binary("kuberaya-ccm"));
+        cmd.env("CLOUDRAYA_EMAIL", &self.email)
+            .env("CLOUDRAYA_PASSWORD", &self.password)
+            .env("RUST_LOG", "info,kuberaya_ccm=debug,kube_runtime=warn")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--cloud-config")
+            .arg(&config)
+            .args([
+                "--leader-elect-resource-namespace",
+                "default",
+                "--leader-elect-lease-duration",
+                "3s",
+                "--leader-elect-renew-grace",
+                "1s",
+                "--metrics-bind-address",
+                &metrics,
+                "--health-bind-address",
+                &health,
+                "--resync-period",
+                resync,
+                "--orphan-sweep-period",
+                "2s",
+                "--poll-period",
+                "300ms",
+                "--node-sync-debounce",
+                "300ms",
+            ]);
+        let mut process = Process::spawn_command(cmd)?;
+        let leads = poll_until_blocking(Duration::from_secs(20), || {
+            let out = process.stdout();
+            out.contains("became leader").then_some(())
+        });
+        if leads.is_none() {
+            bail!(
+                "kuberaya-ccm did not become leader within 20 s (running: {})\n{}",
+                process.is_running(),
+                process.output_tails()
+            );
+        }
+        Ok(Ccm { process, metrics })
+    }
+}
+
+/// Stops a sandbox whose start failed half-way.
+struct DownGuard(PathBuf);
+
+impl Drop for DownGuard {
+    fn drop(&mut self) {
+        let _ = Command::new(binary("kuberaya"))
+            .args(["sandbox", "down", "--purge", "--state-dir"])
+            .arg(&self.0)
+            .output();
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- sandbox log (tail) ---\n{}", self.log());
+        }
+        let _ = Command::new(binary("kuberaya"))
+            .args(["sandbox", "down", "--purge", "--state-dir"])
+            .arg(&self.state)
+            .output();
+    }
+}
+
+/// A running `kuberaya-ccm` (terminated on drop).
+struct Ccm {
+    process: Process,
+    metrics: String,
+}
+
+impl Ccm {
+    fn metric(&self, name: &str) -> Option<f64> {
+        let body = curl(&format!("http://{}/metrics", self.metrics))?;
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+}
+
+/// Runs `test` with a fresh sandbox and a CCM (resync period `resync`); a failure carries
+/// both logs.
+fn run(provisioning_delay_ms: u64, resync: &str, test: impl FnOnce(&Sandbox, &mut Ccm) -> Result<()>) -> Result<()> {
+    let started = Instant::now();
+    let sb = Sandbox::up(provisioning_delay_ms)?;
+    let mut ccm = sb.start_ccm(resync)?;
+    eprintln!("sandbox and CCM ready in {:?}", started.elapsed());
+    let result = test(&sb, &mut ccm).map_err(|e| {
+        e.context(format!(
+            "sandbox log (tail):\n{}\nCCM output:\n{}",
+            sb.log(),
+            ccm.process.output_tails()
+        ))
+    });
+    eprintln!("test took {:?}", started.elapsed());
+    result
+}
+
+fn node_ready(node: &Value) -> bool {
+    node["status"]["conditions"]
+        .as_array()
+        .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+}
+
+fn pod_ready(pod: &Value) -> bool {
+    pod["status"]["conditions"]
+        .as_array()
+        .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+}
+
+fn ingress_ip(svc: &Value) -> Option<String> {
+    svc["status"]["loadBalancer"]["ingress"][0]["ip"]
+        .as_str()
+        .map(String::from)
+}
+
+/// `curl -s` with a short timeout: the body, or `None` when it fails.
+fn curl(url: &str) -> Option<String> {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "2", url])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The pod name out of a responder's answer `pod=NAME namespace=NS node=NODE`.
+fn answered_by(body: &str) -> Option<String> {
+    body.split_whitespace()
+        .find_map(|w| w.strip_prefix("pod="))
+        .map(String::from)
+}
+
+/// Which pods answered `n` requests to `url`; every request must be answered.
+fn pods_answering(url: &str, n: usize) -> Result<BTreeSet<String>> {
+    let mut seen = BTreeSet::new();
+    for i in 0..n {
+        let body = curl(url).with_context(|| format!("request {i} to {url} failed"))?;
+        seen.insert(answered_by(&body).with_context(|| format!("unexpected answer {body:?}"))?);
+    }
+    Ok(seen)
+}
+
+/// Waits until `url` answers (the LB's data plane may still be applying its rules).
+fn wait_answering(url: &str) -> Result<String> {
+    poll_until_blocking(Duration::from_secs(15), || curl(url).and_then(|b| answered_by(&b)))
+        .with_context(|| format!("{url} answers"))
+}
+
+/// Sends `payload` to `addr` over UDP and returns the answer.
+fn udp_roundtrip(addr: &str, payload: &[u8]) -> Result<Vec<u8>> {
+    let socket = UdpSocket::bind("127.0.0.1:0")?;
+    socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+    for _ in 0..20 {
+        socket.send_to(payload, addr)?;
+        let mut buf = [0u8; 1500];
+        if let Ok((n, _)) = socket.recv_from(&mut buf) {
+            return Ok(buf[..n].to_vec());
+        }
+    }
+    bail!("no UDP answer from {addr}")
+}
+
+/// The sum of the counts of mutating calls (POST, PUT, PATCH, DELETE) on load balancers
+/// and public IPs.
+fn mutating(calls: &BTreeMap<String, u64>) -> u64 {
+    calls
+        .iter()
+        .filter(|(k, _)| {
+            let (method, path) = k.split_once(' ').unwrap_or(("", ""));
+            matches!(method, "POST" | "PUT" | "PATCH" | "DELETE")
+                && (path.starts_with("/kubernetes/") || path.starts_with("/network/"))
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// Calls on the platform API's `/kubernetes/` and `/network/` paths (reads included).
+fn lb_calls(calls: &BTreeMap<String, u64>) -> u64 {
+    calls
+        .iter()
+        .filter(|(k, _)| k.contains(" /kubernetes/") || k.contains(" /network/"))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+fn diff(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .filter_map(|(k, v)| {
+            let d = v.saturating_sub(before.get(k).copied().unwrap_or(0));
+            (d > 0).then(|| (k.clone(), d))
+        })
+        .collect()
+}
+
+fn deployment(name: &str, replicas: u32, udp: bool) -> String {
+    let udp_port = if udp {
+        "\n        - containerPort: 5353\n          protocol: UDP"
+    } else {
+        ""
+    };
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\nspec:\n  replicas: {replicas}\n  selector:\n    matchLabels:\n      app: {name}\n  template:\n    metadata:\n      labels:\n        app: {name}\n    spec:\n      containers:\n      - name: {name}\n        image: any\n        ports:\n        - containerPort: 8080{udp_port}\n"
+    )
+}
+
+/// A `type: LoadBalancer` Service for app `app` on port 80 (→ 8080); `extra_spec` and
+/// `annotations` are YAML lines indented for their place.
+fn lb_service(name: &str, app: &str, annotations: &[(&str, &str)], extra_spec: &str) -> String {
+    let mut meta = format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n");
+    if !annotations.is_empty() {
+        meta.push_str("  annotations:\n");
+        for (k, v) in annotations {
+            meta.push_str(&format!("    {k}: \"{v}\"\n"));
+        }
+    }
+    format!(
+        "{meta}spec:\n  type: LoadBalancer\n{extra_spec}  selector:\n    app: {app}\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n"
+    )
+}
+
+/// Fast health checks, so that health changes show within seconds.
+const FAST_HEALTH: &[(&str, &str)] = &[
+    ("lb.cloudraya.com/health-check-interval", "2"),
+    ("lb.cloudraya.com/health-check-timeout", "1"),
+    ("lb.cloudraya.com/health-check-healthy-threshold", "1"),
+    ("lb.cloudraya.com/health-check-unhealthy-threshold", "1"),
+];
+
+fn backend_vms(lb: &Value) -> BTreeSet<String> {
+    lb["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|b| b["vm_id"].as_str().map(String::from))
+        .collect()
+}
+
+#[test]
+fn load_balancer_answers_on_tcp_and_udp_and_goes_before_its_service() -> Result<()> {
+    run(800, "2s", |sb, _ccm| {
+        sb.provider_ids()?;
+        sb.apply(&deployment("web", 3, true))?;
+        sb.apply(&lb_service("web", "web", &[], ""))?;
+        sb.apply(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: dual\nspec:\n  type: LoadBalancer\n  selector:\n    app: web\n  ports:\n  - name: http\n    port: 8080\n    targetPort: 8080\n    protocol: TCP\n  - name: dns\n    port: 53\n    targetPort: 5353\n    protocol: UDP\n",
+        )?;
+        let pods = sb.wait_ready_pods("web", 3)?;
+        let ip = sb.wait_ingress("web")?;
+        let url = format!("http://{ip}:80/");
+        wait_answering(&url)?;
+        let seen = pods_answering(&url, 30)?;
+        let all: BTreeSet<String> = pods.keys().cloned().collect();
+        ensure!(
+            seen.is_subset(&all),
+            "answers come from the deployment's pods: {seen:?} vs {all:?}"
+        );
+        ensure!(seen.len() >= 2, "traffic is spread over the pods: {seen:?}");
+
+        // Two ports, TCP and UDP, on one public IP.
+        let dual_ip = sb.wait_ingress("dual")?;
+        ensure!(dual_ip != ip, "each Service has its own public IP");
+        let pod = wait_answering(&format!("http://{dual_ip}:8080/"))?;
+        ensure!(all.contains(&pod), "TCP answered by {pod}");
+        let answer = String::from_utf8(udp_roundtrip(&format!("{dual_ip}:53"), b"over the lb")?)?;
+        let (prefix, rest) = answer.split_once(' ').context("prefixed answer")?;
+        let pod = prefix.strip_prefix("pod=").context("pod prefix")?;
+        ensure!(
+            all.contains(pod) && rest == "over the lb",
+            "UDP echoed by a pod: {answer:?}"
+        );
+        let lb = sb.lb_of("dual")?;
+        let protocols: BTreeSet<&str> = lb["rules"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["protocol"].as_str())
+            .collect();
+        ensure!(protocols == BTreeSet::from(["tcp", "udp"]), "one rule per port: {lb}");
+
+        // Deleting the Service deletes the LB and its public IP first, then the Service goes.
+        let lb = sb.lb_of("web")?;
+        let lb_id = lb["id"].as_str().context("lb id")?.to_string();
+        ensure!(
+            sb.public_ips()?.iter().any(|p| p["address"] == ip.as_str()),
+            "{ip} is ours"
+        );
+        sb.kubectl(&["delete", "service", "web", "--wait=false"])?;
+        let mut saw_terminating = false;
+        let gone = poll_until_blocking(Duration::from_secs(30), || {
+            let svc = sb.service_opt("web").ok()?;
+            let lbs = sb.lbs_by_service().ok()?;
+            let lb_left = lbs.get("web").is_some_and(|v| !v.is_empty());
+            match svc {
+                Some(s) => {
+                    saw_terminating |= s["metadata"]["deletionTimestamp"].is_string() && lb_left;
+                    None
+                }
+                None => Some(lb_left),
+            }
+        });
+        let lb_left = gone.context("the Service is deleted within 30 s")?;
+        ensure!(
+            !lb_left,
+            "the Service went while its LB {lb_id} was still on the platform"
+        );
+        ensure!(saw_terminating, "the Service waited (terminating) for its LB to go");
+        let a = sb.platform(
+            reqwest::Method::GET,
+            &format!("/kubernetes/v1/clusters/{}/load-balancers/{lb_id}", sb.cluster_id),
+            None,
+        );
+        ensure!(a.status == 404, "LB {lb_id} is gone: {}", a.describe());
+        ensure!(
+            !sb.public_ips()?.iter().any(|p| p["address"] == ip.as_str()),
+            "the public IP {ip} is released"
+        );
+        ensure!(curl(&url).is_none(), "{url} answers no more");
+        Ok(())
+    })
+}
+
+#[test]
+fn annotations_update_in_place_invalid_ones_and_other_classes_are_left_alone() -> Result<()> {
+    run(300, "2s", |sb, _ccm| {
+        sb.provider_ids()?;
+        sb.apply(&deployment("web", 2, false))?;
+        sb.apply(&lb_service("web", "web", &[], ""))?;
+        sb.wait_ready_pods("web", 2)?;
+        let ip = sb.wait_ingress("web")?;
+        let before = sb.lb_of("web")?;
+        let id = before["id"].clone();
+        ensure!(before["rules"][0]["algorithm"] == "round_robin", "{before}");
+
+        // Algorithm and health check change in place: same LB, same public IP.
+        sb.kubectl(&[
+            "annotate",
+            "service",
+            "web",
+            "lb.cloudraya.com/algorithm=least_connection",
+            "lb.cloudraya.com/health-check-interval=7",
+            "lb.cloudraya.com/health-check-path=/ready",
+        ])?;
+        let mut last = Value::Null;
+        let updated = poll_until_blocking(Duration::from_secs(15), || {
+            let lb = sb.lb_of("web").ok()?;
+            last = lb.clone();
+            let rule = &lb["rules"][0];
+            (rule["algorithm"] == "least_connection"
+                && rule["health_check"]["interval_s"] == 7
+                && rule["health_check"]["path"] == "/ready"
+                && lb["status"] == "active")
+                .then_some(lb)
+        });
+        let lb = updated.with_context(|| format!("the LB is updated: {last}"))?;
+        ensure!(lb["id"] == id, "updated in place: {id} → {}", lb["id"]);
+        ensure!(lb["public_ip"]["address"] == ip.as_str(), "same public IP {ip}: {lb}");
+        ensure!(ingress_ip(&sb.get_json(&["get", "service", "web"])?) == Some(ip.clone()));
+        wait_answering(&format!("http://{ip}:80/"))?;
+
+        // A resync with nothing changed makes no mutating call (resync period 2 s).
+        std::thread::sleep(Duration::from_secs(1));
+        let quiet_start = sb.calls()?;
+        std::thread::sleep(Duration::from_secs(5));
+        let quiet = diff(&quiet_start, &sb.calls()?);
+        ensure!(
+            mutating(&quiet) == 0,
+            "no mutating call while nothing changes: {quiet:?}"
+        );
+        ensure!(lb_calls(&quiet) > 0, "the resyncs did read the platform: {quiet:?}");
+
+        // An invalid annotation: a Warning Event naming it, a condition, and no platform call.
+        let calls_before = sb.calls()?;
+        sb.kubectl(&[
+            "annotate",
+            "service",
+            "web",
+            "--overwrite",
+            "lb.cloudraya.com/algorithm=fastest",
+        ])?;
+        let mut last = Value::Null;
+        let warned = poll_until_blocking(Duration::from_secs(10), || {
+            let events = sb.get_json(&["get", "events"]).ok()?;
+            last = events.clone();
+            events["items"].as_array()?.iter().find_map(|e| {
+                (e["type"] == "Warning"
+                    && e["involvedObject"]["name"] == "web"
+                    && e["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("lb.cloudraya.com/algorithm") && m.contains("least_connection")))
+                .then(|| e.clone())
+            })
+        });
+        let event = warned.with_context(|| format!("a Warning Event names the annotation: {last}"))?;
+        eprintln!("warning event: {}: {}", event["reason"], event["message"]);
+        let svc = sb.get_json(&["get", "service", "web"])?;
+        let cond = svc["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["status"] == "False" && c["message"].as_str().is_some_and(|m| m.contains("algorithm")))
+            .cloned();
+        ensure!(cond.is_some(), "a False condition says why: {}", svc["status"]);
+        std::thread::sleep(Duration::from_secs(3));
+        let refused = diff(&calls_before, &sb.calls()?);
+        ensure!(
+            mutating(&refused) == 0,
+            "no mutating call for an invalid annotation: {refused:?}"
+        );
+        let lb = sb.lb_of("web")?;
+        ensure!(
+            lb["id"] == id && lb["rules"][0]["algorithm"] == "least_connection",
+            "the LB is left as it was: {lb}"
+        );
+        ensure!(curl(&format!("http://{ip}:80/")).is_some(), "and still answers");
+
+        // Another controller's class: nothing is created, no finalizer, no status.
+        sb.apply(&lb_service(
+            "other",
+            "web",
+            &[],
+            "  loadBalancerClass: other.example/lb\n",
+        ))?;
+        std::thread::sleep(Duration::from_secs(4));
+        ensure!(
+            !sb.lbs_by_service()?.contains_key("other"),
+            "no LB for another class: {:?}",
+            sb.lbs_by_service()?.keys().collect::<Vec<_>>()
+        );
+        let other = sb.get_json(&["get", "service", "other"])?;
+        ensure!(
+            other["metadata"]["finalizers"].as_array().is_none_or(|f| f.is_empty()),
+            "{other}"
+        );
+        ensure!(ingress_ip(&other).is_none(), "{other}");
+        Ok(())
+    })
+}
+
+#[test]
+fn local_traffic_policy_excluded_and_added_nodes() -> Result<()> {
+    run(300, "2s", |sb, _ccm| {
+        let nodes = sb.provider_ids()?;
+        sb.apply(&deployment("web", 1, false))?;
+        sb.apply(&lb_service(
+            "web-local",
+            "web",
+            FAST_HEALTH,
+            "  externalTrafficPolicy: Local\n",
+        ))?;
+        sb.apply(&lb_service("web", "web", FAST_HEALTH, ""))?;
+        let pods = sb.wait_ready_pods("web", 1)?;
+        let pod_node = pods.values().next().context("the pod's node")?.clone();
+        let pod_vm = nodes.get(&pod_node).context("the pod node's VM")?.clone();
+        let ip = sb.wait_ingress("web-local")?;
+        let lb = sb.lb_of("web-local")?;
+        let hc = &lb["rules"][0]["health_check"];
+        let svc = sb.get_json(&["get", "service", "web-local"])?;
+        ensure!(
+            hc["protocol"] == "http" && hc["port"] == svc["spec"]["healthCheckNodePort"] && hc["path"] == "/healthz",
+            "Local health-checks healthCheckNodePort: {hc}"
+        );
+        let mut last = Value::Null;
+        let health = poll_until_blocking(Duration::from_secs(15), || {
+            let lb = sb.lb_of("web-local").ok()?;
+            last = lb["health"].clone();
+            let states: BTreeMap<String, String> = lb["health"]
+                .as_array()?
+                .iter()
+                .filter_map(|h| Some((h["vm_id"].as_str()?.into(), h["state"].as_str()?.into())))
+                .collect();
+            let want = nodes.values().all(|vm| {
+                let expected = if *vm == pod_vm { "healthy" } else { "unhealthy" };
+                states.get(vm).map(String::as_str) == Some(expected)
+            });
+            want.then_some(states)
+        });
+        health.with_context(|| format!("only {pod_node} ({pod_vm}) passes the health check: {last}"))?;
+        let url = format!("http://{ip}:80/");
+        let seen = pods_answering(&url, 10)?;
+        ensure!(
+            seen == pods.keys().cloned().collect(),
+            "traffic still answers: {seen:?}"
+        );
+
+        // Cluster policy checks kube-proxy on every node: all healthy.
+        let hc = sb.lb_of("web")?["rules"][0]["health_check"].clone();
+        ensure!(hc["port"] == 10256, "Cluster health-checks kube-proxy: {hc}");
+
+        // A node excluded by label leaves every LB's backends.
+        let (excluded, excluded_vm) = nodes.iter().find(|(n, _)| **n != pod_node).context("another node")?;
+        sb.kubectl(&["label", "node", excluded, &format!("{EXCLUDE_LABEL}=true")])?;
+        let mut last = BTreeMap::new();
+        let gone = poll_until_blocking(Duration::from_secs(15), || {
+            let lbs = sb.lbs_by_service().ok()?;
+            last = lbs.iter().map(|(k, v)| (k.clone(), backend_vms(&v[0]))).collect();
+            last.values()
+                .all(|b| b.len() == 2 && !b.contains(excluded_vm))
+                .then_some(())
+        });
+        gone.with_context(|| format!("{excluded} leaves the backends: {last:?}"))?;
+
+        // A new node joins every LB.
+        sb.kuberaya(&["sandbox", "node", "add", "w4"])?;
+        let ready = poll_until_blocking(Duration::from_secs(20), || {
+            let n = sb.get_json(&["get", "node", "w4"]).ok()?;
+            node_ready(&n).then_some(())
+        });
+        ready.context("node w4 registers")?;
+        let nodes = sb.provider_ids()?;
+        let w4 = nodes.get("w4").context("w4's VM")?.clone();
+        let joined = poll_until_blocking(Duration::from_secs(15), || {
+            let lbs = sb.lbs_by_service().ok()?;
+            last = lbs.iter().map(|(k, v)| (k.clone(), backend_vms(&v[0]))).collect();
+            last.values().all(|b| b.len() == 3 && b.contains(&w4)).then_some(())
+        });
+        joined.with_context(|| format!("w4 joins every LB: {last:?}"))?;
+        ensure!(curl(&url).is_some(), "{url} still answers");
+        Ok(())
+    })
+}
+
+/// 20 Services, the CCM killed mid-creation and restarted; an LB deleted behind its back;
+/// an orphan; another cluster's LBs in the same platform.
+#[test]
+fn restart_mid_creation_drift_orphans_and_other_clusters() -> Result<()> {
+    run(300, "2s", |sb, ccm| {
+        sb.provider_ids()?;
+        // Another cluster with an LB, and an LB under our path labelled with the other
+        // cluster's ID and the name of one of our Services.
+        let a = sb.control(
+            reqwest::Method::POST,
+            "/_sandbox/clusters",
+            Some(&json!({"id": "cl-foreign", "name": "foreign"})),
+        );
+        ensure!(a.status == 200 || a.status == 201, "foreign cluster: {}", a.describe());
+        let foreign_rule = json!([{"name": "http", "protocol": "tcp", "public_port": 80, "private_port": 30080, "algorithm": "round_robin"}]);
+        let mut foreign = Vec::new();
+        for (cluster, name) in [
+            ("cl-foreign", "foreign-web"),
+            (sb.cluster_id.as_str(), "foreign-in-ours"),
+        ] {
+            let a = sb.platform(
+                reqwest::Method::POST,
+                &format!("/kubernetes/v1/clusters/{cluster}/load-balancers"),
+                Some(&json!({
+                    "name": name,
+                    "labels": {
+                        CLUSTER_LABEL: "cl-foreign",
+                        SERVICE_NAME_LABEL: "svc-1",
+                        "kuberaya.cloudraya.com/service-namespace": "default",
+                        SERVICE_UID_LABEL: "00000000-0000-0000-0000-000000000000",
+                    },
+                    "rules": foreign_rule,
+                    "backends": [],
+                })),
+            );
+            ensure!(a.status == 201, "foreign LB: {}", a.describe());
+            foreign.push((cluster.to_string(), a.data()["id"].as_str().context("id")?.to_string()));
+        }
+
+        // 20 Services at once; creating LBs is slowed down so that the kill lands mid-way.
+        sb.set_faults(json!([{"method": "POST", "path": "/kubernetes/*/load-balancers", "latency_ms": 400}]))?;
+        let mut yaml = String::new();
+        for i in 0..20 {
+            yaml.push_str(&lb_service(&format!("svc-{i}"), "none", &[], ""));
+            yaml.push_str("---\n");
+        }
+        sb.apply(&yaml)?;
+        let started = poll_until_blocking(Duration::from_secs(20), || {
+            let n = sb.our_lbs().ok()?.len();
+            (n >= 3).then_some(n)
+        });
+        let n = started.context("LB creation starts")?;
+        ccm.process.signal(libc::SIGKILL);
+        ccm.process.stop();
+        eprintln!("killed the CCM with {n} of 20 LBs created");
+        ensure!(n < 20, "the kill landed mid-creation ({n} LBs)");
+        sb.set_faults(json!([]))?;
+
+        *ccm = sb.start_ccm("2s")?;
+        let mut uids = BTreeMap::new();
+        for i in 0..20 {
+            let name = format!("svc-{i}");
+            sb.wait_ingress(&name)?;
+            let svc = sb.get_json(&["get", "service", &name])?;
+            uids.insert(svc["metadata"]["uid"].as_str().context("uid")?.to_string(), name);
+        }
+        let lbs = sb.our_lbs()?;
+        let lb_uids: BTreeSet<String> = lbs
+            .iter()
+            .filter_map(|lb| lb["labels"][SERVICE_UID_LABEL].as_str().map(String::from))
+            .collect();
+        ensure!(lbs.len() == 20, "exactly 20 LBs: {}", lbs.len());
+        ensure!(
+            lb_uids == uids.keys().cloned().collect(),
+            "one LB per Service, none duplicated or leaked"
+        );
+        let ips = sb.public_ips()?;
+        ensure!(ips.len() == 20, "exactly 20 public IPs of ours: {ips:?}");
+
+        // An LB deleted behind our back is recreated.
+        let victim = sb.lb_of("svc-0")?;
+        let victim_id = victim["id"].as_str().context("id")?.to_string();
+        let a = sb.platform(
+            reqwest::Method::DELETE,
+            &format!("/kubernetes/v1/clusters/{}/load-balancers/{victim_id}", sb.cluster_id),
+            None,
+        );
+        ensure!(
+            a.status == 202 || a.status == 200,
+            "delete behind its back: {}",
+            a.describe()
+        );
+        let recreated = poll_until_blocking(Duration::from_secs(20), || {
+            let lbs = sb.lbs_by_service().ok()?;
+            let v = lbs.get("svc-0")?;
+            (v.len() == 1 && v[0]["id"] != victim_id.as_str() && v[0]["status"] == "active").then(|| v[0].clone())
+        });
+        let new_lb = recreated.context("svc-0's LB is recreated")?;
+        let new_ip = new_lb["public_ip"]["address"].as_str().context("address")?.to_string();
+        let status = poll_until_blocking(Duration::from_secs(10), || {
+            let svc = sb.get_json(&["get", "service", "svc-0"]).ok()?;
+            (ingress_ip(&svc)? == new_ip).then_some(())
+        });
+        status.context("svc-0's ingress follows the new LB")?;
+
+        // An orphan: svc-1 deleted (finalizer forced away) while the CCM is down.
+        ccm.process.stop();
+        sb.kubectl(&["delete", "service", "svc-1", "--wait=false"])?;
+        sb.kubectl(&[
+            "patch",
+            "service",
+            "svc-1",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"metadata":{"finalizers":null}}"#,
+        ])?;
+        ensure!(sb.service_opt("svc-1")?.is_none(), "svc-1 is gone");
+        let orphan = sb.lb_of("svc-1")?;
+        let orphan_ip = orphan["public_ip"]["address"].clone();
+        *ccm = sb.start_ccm("2s")?;
+        let swept = poll_until_blocking(Duration::from_secs(20), || {
+            let lbs = sb.lbs_by_service().ok()?;
+            (!lbs.contains_key("svc-1") && lbs.values().map(Vec::len).sum::<usize>() == 19).then_some(())
+        });
+        swept.context("the orphan is swept")?;
+        let swept_ip = poll_until_blocking(Duration::from_secs(10), || {
+            (!sb.public_ips().ok()?.iter().any(|p| p["address"] == orphan_ip)).then_some(())
+        });
+        swept_ip.context("the orphan's public IP is released")?;
+        ensure!(ccm.metric("kuberaya_ccm_orphans_deleted_total").unwrap_or(0.0) >= 1.0);
+
+        // The other cluster's LBs were never touched.
+        for (cluster, id) in &foreign {
+            let a = sb.platform(
+                reqwest::Method::GET,
+                &format!("/kubernetes/v1/clusters/{cluster}/load-balancers/{id}"),
+                None,
+            );
+            ensure!(a.status == 200, "foreign LB {id} still there: {}", a.describe());
+            let lb = a.data();
+            ensure!(
+                lb["rules"] == foreign_rule_with_defaults(&lb["rules"]) && lb["backends"] == json!([]),
+                "foreign LB {id} unchanged: {lb}"
+            );
+            ensure!(
+                lb["created_at"] == lb["updated_at"],
+                "foreign LB {id} never updated: {lb}"
+            );
+        }
+        Ok(())
+    })
+}
+
+/// The foreign LB's rules as the platform stored them (defaults filled in); only their
+/// names and ports matter for "unchanged".
+fn foreign_rule_with_defaults(rules: &Value) -> Value {
+    let ok = rules.as_array().is_some_and(|r| {
+        r.len() == 1 && r[0]["name"] == "http" && r[0]["public_port"] == 80 && r[0]["private_port"] == 30080
+    });
+    if ok { rules.clone() } else { Value::Null }
+}
+
+#[test]
+fn fifty_services_converge_under_429_bursts_and_server_errors() -> Result<()> {
+    run(300, "30s", |sb, ccm| {
+        sb.provider_ids()?;
+        sb.set_faults(json!([
+            {"path": "/kubernetes/*", "throttle_next": 20, "retry_after_s": 1},
+            {"path": "/kubernetes/*", "rate_limit_per_s": 25, "retry_after_s": 1},
+            {"path": "/kubernetes/*", "error_rate": 0.2, "error_status": 503},
+        ]))?;
+        let before = sb.calls()?;
+        let mut yaml = String::new();
+        for i in 0..50 {
+            yaml.push_str(&lb_service(&format!("s{i}"), "none", &[], ""));
+            yaml.push_str("---\n");
+        }
+        let start = Instant::now();
+        sb.apply(&yaml)?;
+        // Sample the call counts every 250 ms until every Service has its ingress.
+        let mut samples: Vec<(Instant, u64)> = Vec::new();
+        let mut last_pending = 50;
+        let converged = poll_until_blocking(Duration::from_secs(120), || {
+            let calls = sb.calls().ok()?;
+            samples.push((Instant::now(), lb_calls(&diff(&before, &calls))));
+            let svcs = sb.get_json(&["get", "services"]).ok()?;
+            let pending = svcs["items"]
+                .as_array()?
+                .iter()
+                .filter(|s| s["spec"]["type"] == "LoadBalancer" && ingress_ip(s).is_none())
+                .count();
+            last_pending = pending;
+            (pending == 0).then_some(())
+        });
+        converged.with_context(|| format!("50 Services converge; {last_pending} still pending"))?;
+        let took = start.elapsed();
+        let total = lb_calls(&diff(&before, &sb.calls()?));
+        // The busiest second: a client that ignored Retry-After would hammer the platform
+        // far above its 25/s limit with retries.
+        let mut busiest = 0;
+        for (i, (t0, c0)) in samples.iter().enumerate() {
+            if let Some((_, c1)) = samples[i..]
+                .iter()
+                .take_while(|(t, _)| *t - *t0 <= Duration::from_secs(1))
+                .last()
+            {
+                busiest = busiest.max(c1 - c0);
+            }
+        }
+        eprintln!("50 Services converged in {took:?} with {total} platform calls; busiest second: {busiest} calls");
+        ensure!(
+            busiest <= 60,
+            "Retry-After respected: at most ~25/s plus the in-flight calls, saw {busiest} in one second"
+        );
+        let waits = ccm
+            .metric("kuberaya_ccm_platform_rate_limit_waits_total")
+            .unwrap_or(0.0);
+        ensure!(waits >= 1.0, "the CCM waited on 429s: {waits}");
+        sb.set_faults(json!([]))?;
+        let by_service = sb.lbs_by_service()?;
+        ensure!(by_service.len() == 50, "50 LBs: {}", by_service.len());
+        ensure!(by_service.values().all(|v| v.len() == 1), "none duplicated");
+        ensure!(sb.public_ips()?.len() == 50, "50 public IPs, none leaked");
+        Ok(())
+    })
+}
