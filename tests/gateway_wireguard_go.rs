@@ -69,9 +69,11 @@ fn text(out: &std::process::Output) -> String {
     )
 }
 
-/// The static peers and Services the gateway serves: alice may reach `web` and `perf`,
-/// not `secret`.
-fn gateway_files(dir: &Path, peer_public: &str) -> (PathBuf, PathBuf) {
+/// The flags of a gateway in static files mode listening on `listen`, with the files
+/// they name written to `dir`: its key, and peer alice who may reach `web` and `perf`, not
+/// `secret`. Metrics and health on loopback (of the gateway's namespace).
+fn gateway_args(dir: &Path, gw_private: &str, peer_public: &str, listen: &str) -> Vec<String> {
+    let key = write(dir, "gw.key", gw_private);
     let peers = write(
         dir,
         "peers.json",
@@ -95,7 +97,23 @@ fn gateway_files(dir: &Path, peer_public: &str) -> (PathBuf, PathBuf) {
         ])
         .to_string(),
     );
-    (peers, services)
+    let path = |p: PathBuf| p.to_str().unwrap().to_string();
+    [
+        "--listen",
+        listen,
+        "--private-key-file",
+        &path(key),
+        "--peers-file",
+        &path(peers),
+        "--services-file",
+        &path(services),
+        "--metrics-bind-address",
+        "127.0.0.1:0",
+        "--health-bind-address",
+        "127.0.0.1:0",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// A wg-quick config, and the steps `wg-quick up` takes for it on a userspace interface
@@ -248,31 +266,15 @@ fn wireguard_go_laptop_reaches_allowed_services_by_name_and_nothing_else() {
 
     let (gw_private, gw_public) = keypair();
     let (peer_private, peer_public) = keypair();
-    let key_file = write(dir.path(), "gw.key", &gw_private);
-    let (peers, services) = gateway_files(dir.path(), &peer_public);
-    let gw_bin = kuberaya_e2e::binary("kuberaya-gateway");
-    let mut gw = cluster
-        .spawn_with_private_dir(
-            "/var/run/wireguard",
-            &[
-                gw_bin.to_str().unwrap(),
-                "--listen",
-                &format!("{CLUSTER_VETH}:{GATEWAY_PORT}"),
-                "--private-key-file",
-                key_file.to_str().unwrap(),
-                "--peers-file",
-                peers.to_str().unwrap(),
-                "--services-file",
-                services.to_str().unwrap(),
-                "--metrics-bind-address",
-                "127.0.0.1:0",
-                "--health-bind-address",
-                "127.0.0.1:0",
-                "--uapi-interface",
-                "kr-gw",
-            ],
-        )
-        .unwrap();
+    let mut gw_cmd = vec![kuberaya_e2e::binary("kuberaya-gateway").to_str().unwrap().to_string()];
+    gw_cmd.extend(gateway_args(
+        dir.path(),
+        &gw_private,
+        &peer_public,
+        &format!("{CLUSTER_VETH}:{GATEWAY_PORT}"),
+    ));
+    gw_cmd.extend(["--uapi-interface", "kr-gw"].map(String::from));
+    let mut gw = cluster.spawn_with_private_dir("/var/run/wireguard", &gw_cmd).unwrap();
     let line = gw
         .wait_for_stdout_line("kuberaya-gateway listening", Duration::from_secs(30))
         .unwrap();
@@ -465,30 +467,9 @@ fn wg_show_reads_the_gateway_from_a_uapi_dir() {
     let sockets = dir.path().join("sockets");
     let (gw_private, gw_public) = keypair();
     let (_, peer_public) = keypair();
-    let key_file = write(dir.path(), "gw.key", &gw_private);
-    let (peers, services) = gateway_files(dir.path(), &peer_public);
-    let mut gw = Process::start(
-        "kuberaya-gateway",
-        [
-            "--listen",
-            "127.0.0.1:0",
-            "--private-key-file",
-            key_file.to_str().unwrap(),
-            "--peers-file",
-            peers.to_str().unwrap(),
-            "--services-file",
-            services.to_str().unwrap(),
-            "--metrics-bind-address",
-            "127.0.0.1:0",
-            "--health-bind-address",
-            "127.0.0.1:0",
-            "--uapi-interface",
-            "kr0",
-            "--uapi-dir",
-            sockets.to_str().unwrap(),
-        ],
-    )
-    .unwrap();
+    let mut args = gateway_args(dir.path(), &gw_private, &peer_public, "127.0.0.1:0");
+    args.extend(["--uapi-interface", "kr0", "--uapi-dir", sockets.to_str().unwrap()].map(String::from));
+    let mut gw = Process::start("kuberaya-gateway", args).unwrap();
     let line = gw
         .wait_for_stdout_line("kuberaya-gateway listening", Duration::from_secs(30))
         .unwrap();
