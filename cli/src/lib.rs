@@ -69,8 +69,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Expose(cmd) => audit::run(cmd, &cli.kube).await,
         Command::Completion { shell } => {
             use clap::CommandFactory;
-            clap_complete::generate(shell, &mut Cli::command(), "kuberaya", &mut std::io::stdout());
-            Ok(ExitCode::SUCCESS)
+            use std::io::Write;
+            // Into a buffer first: a closed pipe (`| head`) must not panic inside clap_complete.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "kuberaya", &mut script);
+            match std::io::stdout().write_all(&script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(ExitCode::SUCCESS),
+            }
         }
     }
 }
