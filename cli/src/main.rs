@@ -3,6 +3,12 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // Like other Unix tools, end quietly when the reader of our output goes away
+    // (`kuberaya peer list | head`) instead of panicking inside `print!`.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = kuberaya_cli::Cli::parse();
     kuberaya_cli::logging::init(cli.verbose);
