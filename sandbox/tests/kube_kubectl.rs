@@ -305,6 +305,17 @@ async fn kubectl_apply_three_way_and_server_side() {
     .await;
     let cm = json_of(&ok(&s, &["get", "cm", "ssa", "-o", "json"]).await);
     assert_eq!(cm["data"]["k"], "w");
+    // Server-side apply of a smaller Deployment drops what the manager no longer applies.
+    let d1 = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: ssa-d}\nspec:\n  selector: {matchLabels: {app: s}}\n  template:\n    metadata: {labels: {app: s}}\n    spec: {containers: [{name: a, image: a}, {name: b, image: b}]}\n";
+    ok_stdin(&s, &["apply", "--server-side", "-f", "-"], d1).await;
+    let d2 = d1.replace(", {name: b, image: b}", "");
+    ok_stdin(&s, &["apply", "--server-side", "-f", "-"], &d2).await;
+    let dep = json_of(&ok(&s, &["get", "deploy", "ssa-d", "-o", "json"]).await);
+    assert_eq!(
+        dep["spec"]["template"]["spec"]["containers"].as_array().unwrap().len(),
+        1,
+        "{dep}"
+    );
     // Dry run changes nothing.
     let out = ok(&s, &["delete", "cm", "ssa", "--dry-run=server"]).await;
     assert!(out.contains("server dry run"), "{out}");

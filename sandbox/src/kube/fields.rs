@@ -313,10 +313,30 @@ pub fn apply(
         .collect();
     let mut merged = super::patch::strategic_merge(&base, &strip_meta(config))
         .map_err(|e| ApiError::bad_request(format!("error applying patch: {e}")))?;
-    for p in previously.difference(&applied) {
-        if !others.contains(p) {
-            remove_at(&mut merged, p);
-        }
+    let dropped: Vec<&FieldPath> = previously
+        .difference(&applied)
+        .filter(|p| !others.contains(*p))
+        .collect();
+    // A keyed list item nobody owns anything under any more goes as a whole (outermost
+    // first, while its key is still there to find it)...
+    let still_owned = |prefix: &[String]| applied.iter().chain(others.iter()).any(|p| p.starts_with(prefix));
+    let mut items: Vec<FieldPath> = dropped
+        .iter()
+        .flat_map(|p| {
+            (1..=p.len())
+                .filter(|i| p[i - 1].starts_with("k:"))
+                .map(|i| p[..i].to_vec())
+        })
+        .filter(|item| !still_owned(item))
+        .collect();
+    items.sort_by_key(Vec::len);
+    items.dedup();
+    for item in &items {
+        remove_at(&mut merged, item);
+    }
+    // ...then the single fields.
+    for p in dropped {
+        remove_at(&mut merged, p);
     }
     // Ownership: applied fields move to this manager (forced or unchanged values are shared).
     for e in entries.iter_mut() {
@@ -461,6 +481,18 @@ mod tests {
         let c2 = json!({"metadata": {"name": "x", "labels": {"a": "1"}}});
         let o2 = apply(Some(&o), &c2, "m", false, "v1", "").unwrap();
         assert_eq!(o2["metadata"]["labels"], json!({"a": "1"}));
+    }
+
+    #[test]
+    fn apply_drops_list_items_it_no_longer_applies() {
+        let two = json!({"spec": {"template": {"spec": {"containers": [{"name": "a", "image": "a"}, {"name": "b", "image": "b"}]}}}});
+        let o = apply(None, &two, "m", false, "apps/v1", "").unwrap();
+        let one = json!({"spec": {"template": {"spec": {"containers": [{"name": "a", "image": "a2"}]}}}});
+        let o2 = apply(Some(&o), &one, "m", false, "apps/v1", "").unwrap();
+        assert_eq!(
+            o2["spec"]["template"]["spec"]["containers"],
+            json!([{"name": "a", "image": "a2"}])
+        );
     }
 
     #[test]
