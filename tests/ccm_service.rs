@@ -30,6 +30,8 @@ const SERVICE_UID_LABEL: &str = "kuberaya.cloudraya.com/service-uid";
 const SERVICE_NAME_LABEL: &str = "kuberaya.cloudraya.com/service-name";
 const PROVIDER_PREFIX: &str = "cloudraya://";
 const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+/// [`Sandbox::up_with`] without a CCM flag: `sandbox up` runs its own CCM.
+const IN_PROCESS_CCM: &str = "";
 const UNINITIALIZED_TAINT: &str = "node.cloudprovider.kubernetes.io/uninitialized";
 
 fn text(out: &Output) -> String {
@@ -60,15 +62,21 @@ struct Sandbox {
 }
 
 impl Sandbox {
+    /// A sandbox whose nodes wait for the CCM under test (`--external-ccm`).
     fn up(provisioning_delay_ms: u64) -> Result<Sandbox> {
+        Sandbox::up_with(provisioning_delay_ms, "--external-ccm").map(|(sb, _)| sb)
+    }
+
+    /// A sandbox started with `ccm_flag` (`--external-ccm`, or `--in-process-ccm` for
+    /// none: the sandbox's own CCM); also returns what `sandbox up` printed.
+    fn up_with(provisioning_delay_ms: u64, ccm_flag: &str) -> Result<(Sandbox, String)> {
         let dir = tempfile::tempdir()?;
         let state = dir.path().join("sb");
         let n = unique_net_index();
-        let args = vec![
+        let mut args = vec![
             "sandbox".to_string(),
             "up".into(),
             "--detach".into(),
-            "--external-ccm".into(),
             "--nodes".into(),
             "3".into(),
             "--state-dir".into(),
@@ -80,10 +88,13 @@ impl Sandbox {
             "--service-cidr".into(),
             format!("127.98.{n}.0/24"),
             "--pod-cidr".into(),
-            format!("127.{}.0.0/16", u16::from(n) + 140),
+            format!("127.{}.0.0/16", u16::from(n) + 150),
             "--provisioning-delay-ms".into(),
             provisioning_delay_ms.to_string(),
         ];
+        if ccm_flag != IN_PROCESS_CCM {
+            args.push(ccm_flag.to_string());
+        }
         let out = Command::new(binary("kuberaya")).args(&args).output()?;
         // From here on the drop guard stops the sandbox, whatever happens next.
         let guard = DownGuard(state.clone());
@@ -124,7 +135,7 @@ impl Sandbox {
             (items.len() == 3 && items.iter().all(node_ready)).then_some(())
         });
         ensure!(ready.is_some(), "three Ready nodes: {}", sb.log());
-        Ok(sb)
+        Ok((sb, String::from_utf8_lossy(&out.stdout).into_owned()))
     }
 
     fn log(&self) -> String {
@@ -788,7 +799,7 @@ fn annotations_update_in_place_invalid_ones_and_other_classes_are_left_alone() -
             lb["id"] == id && lb["rules"][0]["algorithm"] == "least_connection",
             "the LB is left as it was: {lb}"
         );
-        ensure!(curl(&format!("http://{ip}:80/")).is_some(), "and still answers");
+        wait_answering(&format!("http://{ip}:80/")).context("and still answers")?;
 
         // Another controller's class: nothing is created, no finalizer, no status.
         sb.apply(&lb_service(
@@ -1122,4 +1133,49 @@ fn fifty_services_converge_under_429_bursts_and_server_errors() -> Result<()> {
         ensure!(sb.public_ips()?.len() == 50, "50 public IPs, none leaked");
         Ok(())
     })
+}
+
+/// `kuberaya sandbox up` as a newcomer runs it: its own CCM initialises the nodes, and the
+/// "try this" block's LoadBalancer Service answers `curl` on its public IP; `sandbox down`
+/// leaves no process and no listener behind.
+#[test]
+fn sandbox_up_runs_the_ccm_and_its_try_this_block_answers() -> Result<()> {
+    let (sb, printed) = Sandbox::up_with(300, IN_PROCESS_CCM)?;
+    let secs: f64 = printed
+        .lines()
+        .find_map(|l| l.strip_prefix("✓ ready in ")?.strip_suffix('s')?.parse().ok())
+        .with_context(|| format!("sandbox up says when it is ready: {printed}"))?;
+    ensure!(secs < 10.0, "ready in {secs} s");
+    ensure!(printed.contains("nodes initialised by the CCM"), "{printed}");
+    let nodes = sb.provider_ids()?;
+    ensure!(nodes.len() == 3, "{nodes:?}");
+    let manifest = printed
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("kubectl apply -f "))
+        .with_context(|| format!("the try-this block applies a manifest: {printed}"))?;
+    ensure!(printed.contains("kubectl wait --for=jsonpath='{.status.loadBalancer.ingress}' service/web"));
+    sb.kubectl(&["apply", "-f", manifest])?;
+    let ip = sb.wait_ingress("web")?;
+    let pods = sb.wait_ready_pods("web", 3)?;
+    let pod = wait_answering(&format!("http://{ip}:80/"))?;
+    ensure!(pods.contains_key(&pod), "{pod} is one of {pods:?}");
+    let runtime: Value = serde_json::from_slice(&std::fs::read(sb.state.join("sandbox.json"))?)?;
+    let pid = runtime["pid"].as_u64().context("pid")?;
+
+    sb.kuberaya(&["sandbox", "down"])?;
+    // A zombie (exited, not yet reaped by whoever inherited it) counts as gone.
+    let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false);
+    ensure!(!alive, "the sandbox process {pid} is gone");
+    ensure!(
+        curl(&format!("http://{ip}:80/")).is_none(),
+        "nothing listens on {ip}:80 any more"
+    );
+    let api = sb
+        .rt
+        .block_on(sb.ctl.try_request(reqwest::Method::GET, "/_sandbox/state", None));
+    ensure!(api.is_err(), "the platform stand-in is gone");
+    Ok(())
 }
