@@ -699,6 +699,17 @@ async fn kubectl_crd_served_at_once_with_validation_and_explain() {
         "{err}"
     );
     assert!(err.contains("spec.name in body should match '^[a-z]+$'"), "{err}");
+    let junk = "apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: w3}\nspec: {size: small, junk: 1}\n";
+    let o = kubectl_stdin(&s, &["apply", "-f", "-"], junk).await;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("strict decoding error: unknown field \"spec.junk\""),
+        "{err}"
+    );
+    // Without strict validation unknown fields are pruned.
+    ok_stdin(&s, &["apply", "--validate=false", "-f", "-"], junk).await;
+    let w3 = json_of(&ok(&s, &["get", "widget", "w3", "-o", "json"]).await);
+    assert!(w3["spec"].get("junk").is_none(), "{w3}");
     let out = ok(&s, &["explain", "widgets.spec"]).await;
     assert!(out.contains("How big the widget is"), "{out}");
     ok(&s, &["scale", "widget", "w1", "--replicas=4"]).await;

@@ -472,8 +472,10 @@ impl Store {
                     .map(|p| format!("unknown field \"{p}\""))
                     .collect();
                 return Err(ApiError::bad_request(format!(
-                    "strict decoding error: {}",
-                    list.join(", ")
+                    "{kind} in version \"{version}\" cannot be handled as a {kind}: strict decoding error: {}",
+                    list.join(", "),
+                    kind = rt.kind,
+                    version = rt.version,
                 )));
             }
             causes.extend(checked.causes);
