@@ -708,3 +708,40 @@ async fn watch_keeps_every_event_of_a_burst() {
         .collect();
     assert_eq!(names.len(), N);
 }
+
+/// One KubeApi served, stopped and served again (as `sandbox up` may do).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_api_serves_again_after_a_stop() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let api = kuberaya_sandbox::kube::KubeApi::open(kuberaya_sandbox::kube::KubeApiConfig::new(dir.path()))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(kuberaya_sandbox::kube::serve(listener, api.clone(), async move {
+            let _ = rx.await;
+        }));
+        let ca = reqwest::Certificate::from_pem(api.ca_pem().unwrap().as_bytes()).unwrap();
+        let c = reqwest::Client::builder()
+            .tls_backend_rustls()
+            .add_root_certificate(ca)
+            .build()
+            .unwrap();
+        let r = c
+            .get(format!("https://{addr}/api/v1/namespaces"))
+            .bearer_auth(api.admin_token())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let _ = tx.send(());
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}

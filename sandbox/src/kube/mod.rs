@@ -237,6 +237,8 @@ pub async fn serve(
     api: Arc<KubeApi>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // A KubeApi may be served again after an earlier serve() stopped.
+    api.stop.send_replace(false);
     let router = api.router();
     let acceptor = api.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let mut stop_rx = api.stop.subscribe();
