@@ -218,12 +218,45 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
+/// Which data plane the gateway runs (`--dataplane`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Plane {
+    Userspace,
+    Tun,
+}
+
+/// The gateway's nftables table and TUN device in TUN mode.
+const NFT_TABLE: &str = "kuberaya-gateway";
+const GW_TUN: &str = "kr-gw0";
+
 #[test]
 fn wireguard_go_laptop_reaches_allowed_services_by_name_and_nothing_else() {
     require_root(
         "wireguard_go_laptop_reaches_allowed_services_by_name_and_nothing_else",
         "it creates network namespaces, a veth pair, a TUN device and tmpfs mounts",
     );
+    laptop_scenario(Plane::Userspace);
+}
+
+/// The same scenario with `--dataplane tun`: the kernel routes allowed packets, the
+/// gateway's nftables table is set up (replacing one left by a crash) and removed on exit.
+#[test]
+fn wireguard_go_laptop_through_the_tun_data_plane() {
+    require_root(
+        "wireguard_go_laptop_through_the_tun_data_plane",
+        "it creates network namespaces, a veth pair, TUN devices, nftables tables and tmpfs mounts",
+    );
+    let tun = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun");
+    assert!(
+        tun.is_ok(),
+        "the TUN data plane needs /dev/net/tun (character device 10,200, read-write for root): {:?}",
+        tun.err()
+    );
+    require_programs(&[("nft", "nftables")]);
+    laptop_scenario(Plane::Tun);
+}
+
+fn laptop_scenario(plane: Plane) {
     require_programs(&[
         ("wireguard-go", "wireguard-go"),
         ("wg", "wireguard-tools"),
@@ -274,6 +307,12 @@ fn wireguard_go_laptop_reaches_allowed_services_by_name_and_nothing_else() {
         &format!("{CLUSTER_VETH}:{GATEWAY_PORT}"),
     ));
     gw_cmd.extend(["--uapi-interface", "kr-gw"].map(String::from));
+    if plane == Plane::Tun {
+        gw_cmd.extend(["--dataplane", "tun", "--tun-name", GW_TUN].map(String::from));
+        // What a crashed gateway leaves behind: its table, with a rule of an older version.
+        exec(&cluster, &["nft", "add", "table", "ip", NFT_TABLE]);
+        exec(&cluster, &["nft", "add", "chain", "ip", NFT_TABLE, "stale"]);
+    }
     let mut gw = cluster.spawn_with_private_dir("/var/run/wireguard", &gw_cmd).unwrap();
     let line = gw
         .wait_for_stdout_line("kuberaya-gateway listening", Duration::from_secs(30))
@@ -281,6 +320,19 @@ fn wireguard_go_laptop_reaches_allowed_services_by_name_and_nothing_else() {
     assert_eq!(field(&line, "public_key"), gw_public);
     assert_eq!(field(&line, "tunnel_address"), GATEWAY_TUNNEL_IP);
     let metrics_url = format!("http://{}/metrics", field(&line, "metrics"));
+    let nft_table = || exec(&cluster, &["nft", "list", "table", "ip", NFT_TABLE]);
+    if plane == Plane::Tun {
+        let table = nft_table();
+        let rules = String::from_utf8_lossy(&table.stdout).into_owned();
+        assert!(table.status.success(), "no table {NFT_TABLE}: {}", text(&table));
+        assert!(rules.contains("masquerade"), "{rules}");
+        assert!(
+            !rules.contains("stale"),
+            "the crashed gateway's table was not replaced: {rules}"
+        );
+        let link = cluster.ip(["-br", "address", "show", GW_TUN]).unwrap();
+        assert!(link.contains(&format!("{GATEWAY_TUNNEL_IP}/16")), "{link}");
+    }
 
     // The laptop: wireguard-go with the peer's wg-quick config.
     let conf = WgQuick {
@@ -368,7 +420,10 @@ fn wireguard_go_laptop_reaches_allowed_services_by_name_and_nothing_else() {
     .unwrap_or_else(|| panic!("iperf3 through the tunnel failed\n{}", gw.output_tails()));
     let received = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
     let bps = report["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0);
-    eprintln!("iperf3 through the gateway: {received} bytes, {:.1} Mbit/s", bps / 1e6);
+    eprintln!(
+        "iperf3 through the gateway ({plane:?}): {received} bytes, {:.1} Mbit/s",
+        bps / 1e6
+    );
     assert!(received > 0, "iperf3 moved no bytes: {report}");
 
     // The laptop's view: a recent handshake with the gateway.
@@ -451,6 +506,14 @@ fn wireguard_go_laptop_reaches_allowed_services_by_name_and_nothing_else() {
 
     assert!(gw.is_running(), "the gateway exited\n{}", gw.output_tails());
     assert!(wg_go.is_running(), "wireguard-go exited\n{}", wg_go.output_tails());
+    if plane == Plane::Tun {
+        // A clean exit removes the table and the device.
+        gw.stop();
+        let table = nft_table();
+        assert!(!table.status.success(), "table left after exit: {}", text(&table));
+        let link = cluster.exec(&["ip", "link", "show", GW_TUN], CMD).unwrap();
+        assert!(!link.status.success(), "device left after exit: {}", text(&link));
+    }
     // Processes stop before the namespaces go (reverse order of declaration).
 }
 

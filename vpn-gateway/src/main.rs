@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use ipnet::Ipv4Net;
+use kuberaya_gateway::dataplane::DataPlane;
+use kuberaya_gateway::dataplane::tun::{TunConfig, TunDataPlane};
 use kuberaya_gateway::dataplane::userspace::{UserspaceConfig, UserspaceDataPlane};
 use kuberaya_gateway::gateway::{Gateway, GatewayConfig};
 use kuberaya_gateway::http::Health;
@@ -22,7 +24,7 @@ use tokio::sync::watch;
 #[command(
     name = "kuberaya-gateway",
     version,
-    about = "KubeRaya WireGuard gateway (userspace, unprivileged)"
+    about = "KubeRaya WireGuard gateway (userspace and unprivileged by default; --dataplane tun for kernel forwarding)"
 )]
 struct Args {
     /// UDP address WireGuard listens on.
@@ -68,12 +70,25 @@ struct Args {
     /// The directory of the UAPI socket (`wg` looks in /var/run/wireguard).
     #[arg(long, env = "GATEWAY_UAPI_DIR", default_value = kuberaya_gateway::uapi::DEFAULT_DIR)]
     uapi_dir: PathBuf,
+    /// Where allowed packets go: `userspace` (unprivileged, flows relayed over sockets) or
+    /// `tun` (NET_ADMIN: a TUN device, kernel routing and an nftables masquerade table).
+    #[arg(long, env = "GATEWAY_DATAPLANE", value_enum, default_value_t = DataPlaneKind::Userspace)]
+    dataplane: DataPlaneKind,
+    /// The TUN device's name (with --dataplane tun).
+    #[arg(long, env = "GATEWAY_TUN_NAME", default_value = kuberaya_gateway::dataplane::tun::DEFAULT_NAME)]
+    tun_name: String,
     /// Print a fresh key pair ("<private> <public>", base64) and exit.
     #[arg(long)]
     generate_keypair: bool,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum DataPlaneKind {
+    Userspace,
+    Tun,
 }
 
 #[tokio::main]
@@ -164,11 +179,23 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let bound = socket.local_addr()?;
-    let dp = UserspaceDataPlane::new(UserspaceConfig {
+    let local = UserspaceConfig {
         gateway: tunnel.gateway_address(),
         cluster_domain: args.cluster_domain.clone(),
         dns_upstream: args.dns_upstream,
-    });
+    };
+    let dp: Box<dyn DataPlane> = match args.dataplane {
+        DataPlaneKind::Userspace => Box::new(UserspaceDataPlane::new(local)),
+        DataPlaneKind::Tun => Box::new(
+            TunDataPlane::start(TunConfig {
+                name: args.tun_name.clone(),
+                range: tunnel.range,
+                local,
+            })
+            .await
+            .context("the TUN data plane")?,
+        ),
+    };
     let public = key.public_key();
     let mut gw = Gateway::new(
         GatewayConfig {
@@ -176,7 +203,7 @@ async fn main() -> anyhow::Result<()> {
             handshake_limit: args.handshake_limit,
         },
         key,
-        Box::new(dp),
+        dp,
         metrics,
     );
     // The task (and with it the socket file) goes away when the runtime stops.

@@ -9,8 +9,10 @@
 //!
 //! - [`userspace::UserspaceDataPlane`]: the default, unprivileged: flows are terminated in
 //!   smoltcp and carried over ordinary sockets.
-//! - A TUN data plane (kernel forwarding) can implement the same trait.
+//! - [`tun::TunDataPlane`]: NET_ADMIN, kernel forwarding through a TUN device with the
+//!   gateway's own masquerade table; DNS and refusals stay in the userspace one.
 
+pub mod tun;
 pub mod userspace;
 
 use std::net::Ipv4Addr;
