@@ -319,6 +319,9 @@ type Grant = (
     Option<&'static str>,
 );
 
+/// A permission as granted or needed, owned.
+type Perm = (String, String, String, String, Option<String>);
+
 const CLUSTER: &str = "*cluster*";
 
 /// What kuberaya-ccm calls (ccm/src and the libraries it drives):
@@ -389,11 +392,7 @@ const KINDS: &[(&str, &str)] = &[
 
 /// Every (scope, group, resource, verb, name) the RBAC objects bound to the
 /// ServiceAccount `namespace/sa` grant. Fails on wildcards.
-fn granted(
-    objs: &[Value],
-    namespace: &str,
-    sa: &str,
-) -> Result<BTreeSet<(String, String, String, String, Option<String>)>> {
+fn granted(objs: &[Value], namespace: &str, sa: &str) -> Result<BTreeSet<Perm>> {
     let mut out = BTreeSet::new();
     for binding in objs
         .iter()
@@ -449,7 +448,7 @@ fn granted(
     Ok(out)
 }
 
-fn needs(table: &[Grant]) -> BTreeSet<(String, String, String, String, Option<String>)> {
+fn needs(table: &[Grant]) -> BTreeSet<Perm> {
     table
         .iter()
         .map(|(s, g, r, v, n)| {
