@@ -134,7 +134,7 @@ impl KubeApi {
         api.flush()?;
         let weak = Arc::downgrade(&api);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
             loop {
                 tick.tick().await;
                 let Some(api) = weak.upgrade() else { break };
