@@ -13,7 +13,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use kuberaya_e2e::{binary, poll_until_blocking, unique_net_index};
+use kuberaya_e2e::{binary, poll_until_blocking};
 use serde_json::Value;
 
 const KUBECTL: &str = "/usr/bin/kubectl";
@@ -27,20 +27,55 @@ fn text(out: &Output) -> String {
     )
 }
 
-/// A running sandbox in a temporary state dir; `sandbox down --purge` on drop.
+/// A /24 index `n` for this file's sandboxes (`127.10.n.0/24` VMs, `127.203.n.0/24` public
+/// IPs, `127.97.n.0/24` Services, `127.n.0.0/16` pods), held through an exclusive lock file
+/// so that test processes running at the same time never share one. Indexes 100-199: the
+/// other end-to-end tests take theirs from 60-99.
+struct NetClaim {
+    n: u8,
+    _lock: std::fs::File,
+}
+
+impl NetClaim {
+    fn take() -> Result<NetClaim> {
+        use std::os::unix::io::AsRawFd;
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = std::env::temp_dir().join("kuberaya-e2e-nets");
+        std::fs::create_dir_all(&dir)?;
+        let start = std::process::id().wrapping_add(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        for i in 0..100u32 {
+            let n = u8::try_from(100 + (start.wrapping_add(i)) % 100)?;
+            let lock = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join(format!("{n}.lock")))?;
+            // SAFETY: flock on a descriptor we own; no memory is involved.
+            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(NetClaim { n, _lock: lock });
+            }
+        }
+        bail!("every address range of {} is taken", dir.display())
+    }
+}
+
+/// A running sandbox in a temporary state dir; `sandbox down --purge` on drop (before its
+/// address ranges are released).
 struct Sandbox {
     _dir: tempfile::TempDir,
     state: PathBuf,
     kubeconfig: PathBuf,
+    _net: NetClaim,
 }
 
 impl Sandbox {
     /// A sandbox whose node agents remove the `uninitialized` taint themselves (`no_ccm`),
-    /// or leave it to a CCM.
+    /// or leave it to a CCM that does not run (`--external-ccm`).
     fn up(no_ccm: bool) -> Result<Sandbox> {
         let dir = tempfile::tempdir()?;
         let state = dir.path().join("sb");
-        let n = unique_net_index();
+        let net = NetClaim::take()?;
+        let n = net.n;
         let mut args = vec![
             "sandbox".to_string(),
             "up".into(),
@@ -56,16 +91,19 @@ impl Sandbox {
             "--service-cidr".into(),
             format!("127.97.{n}.0/24"),
             "--pod-cidr".into(),
-            format!("127.{}.0.0/16", u16::from(n) + 100),
+            format!("127.{n}.0.0/16"),
         ];
         if no_ccm {
             args.push("--no-ccm".into());
+        } else if let Some(flag) = external_ccm_flag() {
+            args.push(flag.into());
         }
         let out = Command::new(binary("kuberaya")).args(&args).output()?;
         let sandbox = Sandbox {
             kubeconfig: state.join("kubeconfig"),
             state,
             _dir: dir,
+            _net: net,
         };
         ensure!(out.status.success(), "sandbox up failed: {}", text(&out));
         let env = sandbox.kuberaya(&["sandbox", "env"])?;
@@ -229,6 +267,18 @@ impl Drop for Sandbox {
             .arg(&self.state)
             .output();
     }
+}
+
+/// The flag that keeps `sandbox up` from running a CCM of its own while leaving the nodes
+/// to one (`--external-ccm`), when this `kuberaya` has it.
+fn external_ccm_flag() -> Option<&'static str> {
+    let help = Command::new(binary("kuberaya"))
+        .args(["sandbox", "up", "--help"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&help.stdout)
+        .contains("--external-ccm")
+        .then_some("--external-ccm")
 }
 
 fn node_ready(node: &Value) -> Option<bool> {

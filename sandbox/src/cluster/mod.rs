@@ -100,7 +100,7 @@ impl Default for ClusterOptions {
             pod_cidr: Ipv4Net::new(Ipv4Addr::new(127, 244, 0, 0), 16).expect("valid prefix length"),
             heartbeat: Duration::from_secs(2),
             vm_poll: Duration::from_millis(500),
-            resync: Duration::from_secs(5),
+            resync: Duration::from_secs(2),
         }
     }
 }

@@ -31,6 +31,9 @@ const MAX_UDP_FLOWS: usize = 4096;
 const MAX_HEAD: usize = 16 * 1024;
 /// Bound on reading a request.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most bytes read (and dropped) after an answer, and for how long.
+const MAX_DRAIN: usize = 1024 * 1024;
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause after a failed `accept` before the next.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -347,6 +350,19 @@ pub(crate) async fn write_response(
     }
     let _ = stream.write_all(out.as_bytes()).await;
     let _ = stream.shutdown().await;
+    // Read what the client still sends (a request body) before closing, so the close is
+    // not a reset that could destroy the answer in flight.
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        let mut left = MAX_DRAIN;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = timeout(DRAIN_TIMEOUT, drain).await;
 }
 
 /// Serves HTTP on `listener`: every request is answered by `answer(path)` as
