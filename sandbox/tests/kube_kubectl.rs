@@ -501,7 +501,7 @@ async fn kubectl_delete_waits_for_finalizers_and_wait() {
         c.output()
     };
     let patcher = async {
-        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(3000)).await;
         ok(
             &s,
             &[
