@@ -57,26 +57,49 @@ fn metrics_routes(metrics: Arc<Metrics>) -> Router {
         .with_state(metrics)
 }
 
-/// Bind and serve; returns the bound addresses (metrics, health) once listening.
+/// The servers [`serve`] started, stopped when this is dropped.
+pub struct Serving {
+    pub metrics: SocketAddr,
+    pub health: SocketAddr,
+    tasks: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Bind and serve; returns the bound addresses once listening.
 pub async fn serve(
     metrics_addr: SocketAddr,
     health_addr: SocketAddr,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-) -> std::io::Result<(SocketAddr, SocketAddr)> {
+) -> std::io::Result<Serving> {
     if metrics_addr == health_addr {
         let l = tokio::net::TcpListener::bind(metrics_addr).await?;
         let a = l.local_addr()?;
         let app = metrics_routes(metrics).merge(health_routes(health));
-        tokio::spawn(async move { axum::serve(l, app).await });
-        return Ok((a, a));
+        return Ok(Serving {
+            metrics: a,
+            health: a,
+            tasks: vec![tokio::spawn(async move { axum::serve(l, app).await })],
+        });
     }
     let lm = tokio::net::TcpListener::bind(metrics_addr).await?;
     let lh = tokio::net::TcpListener::bind(health_addr).await?;
     let (am, ah) = (lm.local_addr()?, lh.local_addr()?);
     let m = metrics_routes(metrics);
     let h = health_routes(health);
-    tokio::spawn(async move { axum::serve(lm, m).await });
-    tokio::spawn(async move { axum::serve(lh, h).await });
-    Ok((am, ah))
+    Ok(Serving {
+        metrics: am,
+        health: ah,
+        tasks: vec![
+            tokio::spawn(async move { axum::serve(lm, m).await }),
+            tokio::spawn(async move { axum::serve(lh, h).await }),
+        ],
+    })
 }

@@ -17,6 +17,8 @@
 //! - [`gateway`]: the UDP socket loop tying it together.
 //! - [`metrics`], [`http`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`.
 //! - [`uapi`]: the standard WireGuard UAPI socket, read-only, so `wg show` works.
+//! - [`run`]: the whole gateway in-process ([`run::start`], [`run::run`]); the binary
+//!   and `kuberaya sandbox up` use it.
 
 pub mod acl;
 pub mod crd;
@@ -28,6 +30,7 @@ pub mod keys;
 pub mod metrics;
 pub mod packet;
 pub mod peers;
+pub mod run;
 pub mod source;
 pub mod tunnel;
 pub mod uapi;
@@ -53,6 +56,12 @@ pub enum Error {
     Kube(#[source] Box<kube::Error>),
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("{what}: {source}")]
+    Net {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl From<kube::Error> for Error {
@@ -70,6 +79,7 @@ impl Error {
             Error::Json { .. } => "json",
             Error::Kube(_) => "kube",
             Error::Config(_) => "config",
+            Error::Net { .. } => "net",
         }
     }
 }

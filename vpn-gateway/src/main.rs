@@ -2,23 +2,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Parser;
 use ipnet::Ipv4Net;
-use kuberaya_gateway::dataplane::DataPlane;
-use kuberaya_gateway::dataplane::tun::{TunConfig, TunDataPlane};
-use kuberaya_gateway::dataplane::userspace::{UserspaceConfig, UserspaceDataPlane};
-use kuberaya_gateway::gateway::{Gateway, GatewayConfig};
-use kuberaya_gateway::http::Health;
 use kuberaya_gateway::keys::PrivateKey;
-use kuberaya_gateway::metrics::Metrics;
-use kuberaya_gateway::peers::TunnelConfig;
-use kuberaya_gateway::source::{FileSource, GatewayReport, PeerSource, ServiceCatalog};
-use kuberaya_gateway::uapi::UapiListener;
-use tokio::sync::watch;
+use kuberaya_gateway::run::{DataPlaneChoice, KeySource, RunConfig, Sources, UapiConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -45,7 +34,7 @@ struct Args {
     #[arg(long, env = "GATEWAY_PRIVATE_KEY_FILE")]
     private_key_file: Option<PathBuf>,
     /// Read the private key from this Secret in --namespace (created on first start).
-    #[arg(long, env = "GATEWAY_PRIVATE_KEY_SECRET", default_value = "kuberaya-gateway-key")]
+    #[arg(long, env = "GATEWAY_PRIVATE_KEY_SECRET", default_value = kuberaya_gateway::run::DEFAULT_KEY_SECRET)]
     private_key_secret: String,
     /// Static peers (JSON) instead of VpnPeer resources.
     #[arg(long)]
@@ -113,115 +102,49 @@ async fn main() -> anyhow::Result<()> {
             .with_writer(std::io::stderr)
             .init();
     }
-    let _ = rustls::crypto::ring::default_provider().install_default();
 
-    let tunnel = TunnelConfig {
-        range: args.tunnel_cidr,
-        gateway_namespace: args.namespace.clone(),
-    };
-    if tunnel.range.prefix_len() > 30 {
-        bail!("--tunnel-cidr {} leaves no room for peers", tunnel.range);
-    }
     let static_mode = args.peers_file.is_some() || args.services_file.is_some();
-    let (report_tx, report_rx) = watch::channel(GatewayReport::default());
-
-    let key;
-    let peers_rx;
-    let services_rx;
-    // Keeps the sources alive.
-    let _file_source;
-    if static_mode {
-        key = match &args.private_key_file {
-            Some(p) => read_key(p)?,
-            None => bail!("--private-key-file is required with --peers-file/--services-file"),
-        };
-        let src = FileSource::start(
-            args.peers_file.clone(),
-            args.services_file.clone(),
-            Duration::from_millis(500),
-        )?;
-        peers_rx = src.peers();
-        services_rx = src.services();
-        _file_source = Some(src);
-        drop(report_rx);
-    } else {
-        let client = kuberaya_gateway::source::kube::client(args.kubeconfig.as_deref()).await?;
-        key = match &args.private_key_file {
-            Some(p) => read_key(p)?,
-            None => {
-                kuberaya_gateway::source::kube::load_or_create_key(&client, &args.namespace, &args.private_key_secret)
-                    .await
-                    .context("private key Secret")?
-            }
-        };
-        let src = kuberaya_gateway::source::kube::KubeSource::start(client.clone());
-        peers_rx = src.peers();
-        services_rx = src.services();
-        tokio::spawn(kuberaya_gateway::source::kube::write_status(
-            client,
-            report_rx,
-            kuberaya_gateway::source::kube::STATUS_INTERVAL,
-        ));
-        _file_source = None;
+    if static_mode && args.private_key_file.is_none() {
+        anyhow::bail!("--private-key-file is required with --peers-file/--services-file");
     }
-
-    let metrics = Arc::new(Metrics::new());
-    let health = Arc::new(Health::default());
-    let (m_addr, h_addr) = kuberaya_gateway::http::serve(
-        args.metrics_bind_address,
-        args.health_bind_address,
-        metrics.clone(),
-        health.clone(),
-    )
-    .await
-    .context("binding the metrics/health addresses")?;
-    let socket = tokio::net::UdpSocket::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    let bound = socket.local_addr()?;
-    let local = UserspaceConfig {
-        gateway: tunnel.gateway_address(),
-        cluster_domain: args.cluster_domain.clone(),
-        dns_upstream: args.dns_upstream,
-    };
-    let dp: Box<dyn DataPlane> = match args.dataplane {
-        DataPlaneKind::Userspace => Box::new(UserspaceDataPlane::new(local)),
-        DataPlaneKind::Tun => Box::new(
-            TunDataPlane::start(TunConfig {
-                name: args.tun_name.clone(),
-                range: tunnel.range,
-                local,
-            })
-            .await
-            .context("the TUN data plane")?,
-        ),
-    };
-    let public = key.public_key();
-    let mut gw = Gateway::new(
-        GatewayConfig {
-            tunnel: tunnel.clone(),
-            handshake_limit: args.handshake_limit,
+    let cfg = RunConfig {
+        listen: args.listen,
+        tunnel_cidr: args.tunnel_cidr,
+        cluster_domain: args.cluster_domain,
+        namespace: args.namespace,
+        sources: if static_mode {
+            Sources::Files {
+                peers: args.peers_file,
+                services: args.services_file,
+            }
+        } else {
+            Sources::Kube {
+                kubeconfig: args.kubeconfig,
+                client: None,
+            }
         },
-        key,
-        dp,
-        metrics,
-    );
-    // The task (and with it the socket file) goes away when the runtime stops.
-    let uapi = match &args.uapi_interface {
-        Some(name) => {
-            let listener = UapiListener::bind(&args.uapi_dir, name).context("the UAPI socket")?;
-            let path = listener.path().display().to_string();
-            tokio::spawn(listener.serve(gw.uapi_requests()));
-            format!(" uapi={path}")
-        }
-        None => String::new(),
+        private_key: match args.private_key_file {
+            Some(p) => KeySource::File(p),
+            None => KeySource::Secret(args.private_key_secret),
+        },
+        metrics_bind_address: args.metrics_bind_address,
+        health_bind_address: args.health_bind_address,
+        dns_upstream: args.dns_upstream,
+        handshake_limit: args.handshake_limit,
+        uapi: args.uapi_interface.map(|interface| UapiConfig {
+            dir: args.uapi_dir,
+            interface,
+        }),
+        dataplane: match args.dataplane {
+            DataPlaneKind::Userspace => DataPlaneChoice::Userspace,
+            DataPlaneKind::Tun => DataPlaneChoice::Tun { name: args.tun_name },
+        },
     };
+    let gw = kuberaya_gateway::run::start(cfg)
+        .await
+        .context("starting the gateway")?;
     // One line for scripts and tests.
-    println!(
-        "kuberaya-gateway listening udp={bound} public_key={public} tunnel_address={} metrics={m_addr} health={h_addr}{uapi}",
-        tunnel.gateway_address()
-    );
-    tracing::info!(udp = %bound, public_key = %public, "gateway started");
+    println!("{}", gw.info());
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
@@ -229,13 +152,6 @@ async fn main() -> anyhow::Result<()> {
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
         }
     };
-    gw.run(socket, peers_rx, services_rx, report_tx, health, shutdown)
-        .await?;
-    tracing::info!("gateway stopped");
+    gw.run(shutdown).await?;
     Ok(())
-}
-
-fn read_key(path: &std::path::Path) -> anyhow::Result<PrivateKey> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    PrivateKey::parse(&text).with_context(|| format!("{} does not hold a base64 WireGuard key", path.display()))
 }

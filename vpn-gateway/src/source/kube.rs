@@ -183,10 +183,20 @@ pub fn status_for(previous: Option<&VpnPeerStatus>, r: &PeerReport, now: Timesta
     }
 }
 
-/// Watches VpnPeers, Services and the preshared-key Secrets.
+/// Watches VpnPeers, Services and the preshared-key Secrets; the watchers stop when it is
+/// dropped.
 pub struct KubeSource {
     peers: watch::Receiver<PeerSnapshot>,
     services: watch::Receiver<ServiceSnapshot>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
 }
 
 impl KubeSource {
@@ -200,7 +210,7 @@ impl KubeSource {
         let svc_stream = watcher(svc_api, watcher::Config::default())
             .default_backoff()
             .reflect(svc_writer);
-        tokio::spawn(async move {
+        let services_task = tokio::spawn(async move {
             let mut stream = std::pin::pin!(svc_stream);
             while let Some(ev) = stream.next().await {
                 match ev {
@@ -229,7 +239,7 @@ impl KubeSource {
         let peer_stream = watcher(peer_api, watcher::Config::default())
             .default_backoff()
             .reflect(peer_writer);
-        tokio::spawn(async move {
+        let peers_task = tokio::spawn(async move {
             let mut stream = std::pin::pin!(peer_stream);
             let mut ready = false;
             let mut refresh = tokio::time::interval(SECRET_REFRESH);
@@ -276,6 +286,7 @@ impl KubeSource {
         Arc::new(KubeSource {
             peers: prx,
             services: srx,
+            tasks: vec![services_task, peers_task],
         })
     }
 }

@@ -1,0 +1,432 @@
+//! The whole gateway in-process: [`start`] loads the key, starts the sources and binds
+//! every socket; [`Started::run`] serves until a shutdown future resolves. The binary is
+//! a thin wrapper over these, and `kuberaya sandbox up` can run the gateway the same way.
+//!
+//! ```no_run
+//! # async fn example() -> kuberaya_gateway::Result<()> {
+//! use kuberaya_gateway::run::{RunConfig, Sources, start};
+//! let cfg = RunConfig {
+//!     sources: Sources::Kube { kubeconfig: Some("/tmp/sb/kubeconfig".into()), client: None },
+//!     listen: "127.0.0.1:0".parse().unwrap(),
+//!     ..RunConfig::default()
+//! };
+//! let gw = start(cfg).await?;
+//! println!("{}", gw.info());
+//! gw.run(async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
+//! ```
+
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::dataplane::DataPlane;
+use crate::dataplane::tun::{TunConfig, TunDataPlane};
+use crate::dataplane::userspace::{UserspaceConfig, UserspaceDataPlane};
+use crate::gateway::{Gateway, GatewayConfig};
+use crate::http::{Health, Serving};
+use crate::keys::{PrivateKey, PublicKey};
+use crate::metrics::Metrics;
+use crate::peers::TunnelConfig;
+use crate::source::kube::KubeSource;
+use crate::source::{FileSource, GatewayReport, PeerSnapshot, PeerSource, ServiceCatalog, ServiceSnapshot};
+use crate::uapi::UapiListener;
+
+/// The default name of the Secret holding the gateway's private key.
+pub const DEFAULT_KEY_SECRET: &str = "kuberaya-gateway-key";
+/// How often the static files are re-read.
+const FILE_RELOAD: Duration = Duration::from_millis(500);
+
+/// Where peers and Services come from.
+#[derive(Clone)]
+pub enum Sources {
+    /// `VpnPeer`s and Services of a cluster: `client` when given, else one from
+    /// `kubeconfig` (else in-cluster or `$KUBECONFIG`).
+    Kube {
+        kubeconfig: Option<PathBuf>,
+        client: Option<kube::Client>,
+    },
+    /// Static JSON files (see [`crate::source`]); a missing path means none.
+    Files {
+        peers: Option<PathBuf>,
+        services: Option<PathBuf>,
+    },
+}
+
+/// Where the gateway's private key comes from.
+#[derive(Clone, Debug)]
+pub enum KeySource {
+    /// A file holding the base64 key.
+    File(PathBuf),
+    /// A Secret in the gateway's namespace, generated on first start (Kubernetes sources only).
+    Secret(String),
+}
+
+/// Where allowed packets go.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum DataPlaneChoice {
+    /// Unprivileged: flows terminated in userspace and relayed over sockets.
+    #[default]
+    Userspace,
+    /// NET_ADMIN: a TUN device of this name, kernel routing and an nftables table.
+    Tun { name: String },
+}
+
+/// The standard WireGuard UAPI socket `<dir>/<interface>.sock`.
+#[derive(Clone, Debug)]
+pub struct UapiConfig {
+    pub dir: PathBuf,
+    pub interface: String,
+}
+
+/// Everything the gateway is configured with (the binary's flags).
+#[derive(Clone)]
+pub struct RunConfig {
+    /// UDP address WireGuard listens on.
+    pub listen: SocketAddr,
+    /// The tunnel range; the gateway takes its first address.
+    pub tunnel_cidr: Ipv4Net,
+    pub cluster_domain: String,
+    /// The gateway's namespace: its peers may name any namespace; its key Secret lives here.
+    pub namespace: String,
+    pub sources: Sources,
+    pub private_key: KeySource,
+    pub metrics_bind_address: SocketAddr,
+    pub health_bind_address: SocketAddr,
+    /// DNS server for names outside the cluster domain (REFUSED when absent).
+    pub dns_upstream: Option<SocketAddr>,
+    /// Handshakes per second before cookie replies are demanded.
+    pub handshake_limit: u64,
+    pub uapi: Option<UapiConfig>,
+    pub dataplane: DataPlaneChoice,
+}
+
+impl Default for RunConfig {
+    /// The binary's defaults: Kubernetes sources, the key in a Secret.
+    fn default() -> Self {
+        RunConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 51820)),
+            tunnel_cidr: Ipv4Net::new(Ipv4Addr::new(100, 64, 0, 0), 16).expect("a valid prefix"),
+            cluster_domain: "cluster.local".to_string(),
+            namespace: "kuberaya-system".to_string(),
+            sources: Sources::Kube {
+                kubeconfig: None,
+                client: None,
+            },
+            private_key: KeySource::Secret(DEFAULT_KEY_SECRET.to_string()),
+            metrics_bind_address: SocketAddr::from(([0, 0, 0, 0], 9090)),
+            health_bind_address: SocketAddr::from(([0, 0, 0, 0], 8081)),
+            dns_upstream: None,
+            handshake_limit: crate::tunnel::DEFAULT_HANDSHAKE_LIMIT,
+            uapi: None,
+            dataplane: DataPlaneChoice::Userspace,
+        }
+    }
+}
+
+/// What a started gateway is bound to.
+#[derive(Clone, Debug)]
+pub struct StartedInfo {
+    pub udp: SocketAddr,
+    pub public_key: PublicKey,
+    pub tunnel_address: Ipv4Addr,
+    pub metrics: SocketAddr,
+    pub health: SocketAddr,
+    pub uapi: Option<PathBuf>,
+}
+
+impl std::fmt::Display for StartedInfo {
+    /// The binary's one line for scripts and tests.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "kuberaya-gateway listening udp={} public_key={} tunnel_address={} metrics={} health={}",
+            self.udp, self.public_key, self.tunnel_address, self.metrics, self.health
+        )?;
+        if let Some(p) = &self.uapi {
+            write!(f, " uapi={}", p.display())?;
+        }
+        Ok(())
+    }
+}
+
+/// A gateway whose sockets are bound and whose sources run; [`Started::run`] serves.
+/// Dropping it stops everything it started.
+pub struct Started {
+    info: StartedInfo,
+    gateway: Gateway,
+    socket: UdpSocket,
+    peers: watch::Receiver<PeerSnapshot>,
+    services: watch::Receiver<ServiceSnapshot>,
+    report: watch::Sender<GatewayReport>,
+    health: Arc<Health>,
+    tasks: Tasks,
+    _http: Serving,
+    _kube: Option<Arc<KubeSource>>,
+    _files: Option<FileSource>,
+}
+
+/// Tasks aborted when the gateway stops.
+#[derive(Default)]
+struct Tasks(Vec<JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+fn net_error(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> crate::Error {
+    let what = what.to_string();
+    move |source| crate::Error::Net { what, source }
+}
+
+fn read_key(path: &std::path::Path) -> crate::Result<PrivateKey> {
+    let text = std::fs::read_to_string(path).map_err(|source| crate::Error::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    PrivateKey::parse(&text)
+        .map_err(|e| crate::Error::Config(format!("{} does not hold a base64 WireGuard key: {e}", path.display())))
+}
+
+/// Load the key, start the sources and bind every socket (inside a tokio runtime).
+pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tunnel = TunnelConfig {
+        range: cfg.tunnel_cidr,
+        gateway_namespace: cfg.namespace.clone(),
+    };
+    if tunnel.range.prefix_len() > 30 {
+        return Err(crate::Error::Config(format!(
+            "tunnel range {} leaves no room for peers",
+            tunnel.range
+        )));
+    }
+    let (report_tx, report_rx) = watch::channel(GatewayReport::default());
+    let mut tasks = Tasks::default();
+    let (key, peers, services, kube_source, files) = match &cfg.sources {
+        Sources::Files { peers, services } => {
+            let key = match &cfg.private_key {
+                KeySource::File(p) => read_key(p)?,
+                KeySource::Secret(_) => {
+                    return Err(crate::Error::Config(
+                        "a private key file is required with static peers/services files".to_string(),
+                    ));
+                }
+            };
+            let src = FileSource::start(peers.clone(), services.clone(), FILE_RELOAD)?;
+            (key, src.peers(), src.services(), None, Some(src))
+        }
+        Sources::Kube { kubeconfig, client } => {
+            let client = match client {
+                Some(c) => c.clone(),
+                None => crate::source::kube::client(kubeconfig.as_deref()).await?,
+            };
+            let key = match &cfg.private_key {
+                KeySource::File(p) => read_key(p)?,
+                KeySource::Secret(name) => {
+                    crate::source::kube::load_or_create_key(&client, &cfg.namespace, name).await?
+                }
+            };
+            let src = KubeSource::start(client.clone());
+            tasks.0.push(tokio::spawn(crate::source::kube::write_status(
+                client,
+                report_rx,
+                crate::source::kube::STATUS_INTERVAL,
+            )));
+            (key, src.peers(), src.services(), Some(src), None)
+        }
+    };
+
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let http = crate::http::serve(
+        cfg.metrics_bind_address,
+        cfg.health_bind_address,
+        metrics.clone(),
+        health.clone(),
+    )
+    .await
+    .map_err(net_error(format_args!(
+        "binding the metrics/health addresses {}/{}",
+        cfg.metrics_bind_address, cfg.health_bind_address
+    )))?;
+    let socket = UdpSocket::bind(cfg.listen)
+        .await
+        .map_err(net_error(format_args!("binding {}", cfg.listen)))?;
+    let udp = socket
+        .local_addr()
+        .map_err(net_error(format_args!("binding {}", cfg.listen)))?;
+    let local = UserspaceConfig {
+        gateway: tunnel.gateway_address(),
+        cluster_domain: cfg.cluster_domain.clone(),
+        dns_upstream: cfg.dns_upstream,
+    };
+    let dp: Box<dyn DataPlane> = match &cfg.dataplane {
+        DataPlaneChoice::Userspace => Box::new(UserspaceDataPlane::new(local)),
+        DataPlaneChoice::Tun { name } => Box::new(
+            TunDataPlane::start(TunConfig {
+                name: name.clone(),
+                range: tunnel.range,
+                local,
+            })
+            .await
+            .map_err(|e| crate::Error::Config(format!("the TUN data plane: {e}")))?,
+        ),
+    };
+    let public_key = key.public_key();
+    let mut gateway = Gateway::new(
+        GatewayConfig {
+            tunnel: tunnel.clone(),
+            handshake_limit: cfg.handshake_limit,
+        },
+        key,
+        dp,
+        metrics,
+    );
+    let uapi = match &cfg.uapi {
+        Some(u) => {
+            let listener = UapiListener::bind(&u.dir, &u.interface)
+                .map_err(|e| crate::Error::Config(format!("the UAPI socket: {e}")))?;
+            let path = listener.path().to_path_buf();
+            tasks.0.push(tokio::spawn(listener.serve(gateway.uapi_requests())));
+            Some(path)
+        }
+        None => None,
+    };
+    Ok(Started {
+        info: StartedInfo {
+            udp,
+            public_key,
+            tunnel_address: tunnel.gateway_address(),
+            metrics: http.metrics,
+            health: http.health,
+            uapi,
+        },
+        gateway,
+        socket,
+        peers,
+        services,
+        report: report_tx,
+        health,
+        tasks,
+        _http: http,
+        _kube: kube_source,
+        _files: files,
+    })
+}
+
+impl Started {
+    pub fn info(&self) -> &StartedInfo {
+        &self.info
+    }
+
+    /// Serve until `shutdown` resolves; then stop everything [`start`] started.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> crate::Result<()> {
+        let Started {
+            info,
+            gateway,
+            socket,
+            peers,
+            services,
+            report,
+            health,
+            tasks,
+            ..
+        } = self;
+        tracing::info!(udp = %info.udp, public_key = %info.public_key, "gateway started");
+        let r = gateway
+            .run(socket, peers, services, report, health, shutdown)
+            .await
+            .map_err(net_error(format_args!("the UDP socket {}", info.udp)));
+        drop(tasks);
+        tracing::info!("gateway stopped");
+        r
+    }
+}
+
+/// [`start`] then [`Started::run`]: the gateway until `shutdown` resolves.
+pub async fn run(cfg: RunConfig, shutdown: impl Future<Output = ()>) -> crate::Result<()> {
+    start(cfg).await?.run(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &std::path::Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[tokio::test]
+    async fn runs_in_process_and_stops_on_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = PrivateKey::generate();
+        let cfg = RunConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            sources: Sources::Files {
+                peers: Some(write(dir.path(), "peers.json", "[]")),
+                services: Some(write(dir.path(), "services.json", "[]")),
+            },
+            private_key: KeySource::File(write(dir.path(), "gw.key", &key.to_base64())),
+            metrics_bind_address: "127.0.0.1:0".parse().unwrap(),
+            health_bind_address: "127.0.0.1:0".parse().unwrap(),
+            ..RunConfig::default()
+        };
+        let gw = start(cfg).await.unwrap();
+        let info = gw.info().clone();
+        assert_eq!(info.public_key, key.public_key());
+        assert_eq!(info.tunnel_address, Ipv4Addr::new(100, 64, 0, 1));
+        assert_ne!(info.udp.port(), 0);
+        let line = info.to_string();
+        assert!(line.starts_with("kuberaya-gateway listening udp=127.0.0.1:"), "{line}");
+        // Serving: the health endpoint answers.
+        tokio::net::TcpStream::connect(info.health).await.unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(gw.run(async {
+            let _ = stopped.await;
+        }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("stops on shutdown")
+            .unwrap()
+            .unwrap();
+        // Its sockets are released.
+        UdpSocket::bind(info.udp).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(tokio::net::TcpStream::connect(info.health).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn static_files_need_a_key_file_and_ranges_need_room() {
+        let cfg = RunConfig {
+            sources: Sources::Files {
+                peers: None,
+                services: None,
+            },
+            ..RunConfig::default()
+        };
+        let e = start(cfg).await.err().unwrap();
+        assert!(e.to_string().contains("private key file"), "{e}");
+        let cfg = RunConfig {
+            tunnel_cidr: "100.64.0.0/31".parse().unwrap(),
+            ..RunConfig::default()
+        };
+        let e = start(cfg).await.err().unwrap();
+        assert!(e.to_string().contains("no room"), "{e}");
+    }
+}
