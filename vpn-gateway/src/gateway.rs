@@ -33,18 +33,95 @@ pub struct GatewayConfig {
     pub handshake_limit: u64,
 }
 
+/// Datagrams per `sendmmsg(2)` call.
+const SEND_BATCH: usize = 64;
+
+/// Send up to [`SEND_BATCH`] of `sends` (slices of `buf`) with one `sendmmsg(2)`, without
+/// blocking. Returns how many went out.
+fn send_batch(socket: &UdpSocket, sends: &[(SocketAddr, usize, usize)], buf: &[u8]) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let n = sends.len().min(SEND_BATCH);
+    // SAFETY: all-zero is a valid value of these plain C structs.
+    let mut addrs: [libc::sockaddr_storage; SEND_BATCH] = unsafe { std::mem::zeroed() };
+    let mut iovs: [libc::iovec; SEND_BATCH] = unsafe { std::mem::zeroed() };
+    let mut msgs: [libc::mmsghdr; SEND_BATCH] = unsafe { std::mem::zeroed() };
+    for (i, &(to, start, len)) in sends[..n].iter().enumerate() {
+        let name_len = match to {
+            SocketAddr::V4(a) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: a.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(a.ip().octets()),
+                    },
+                    sin_zero: [0; 8],
+                };
+                // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+                unsafe { std::ptr::write((&mut addrs[i] as *mut libc::sockaddr_storage).cast(), sin) };
+                std::mem::size_of::<libc::sockaddr_in>()
+            }
+            SocketAddr::V6(a) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: a.port().to_be(),
+                    sin6_flowinfo: a.flowinfo(),
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
+                    sin6_scope_id: a.scope_id(),
+                };
+                // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+                unsafe { std::ptr::write((&mut addrs[i] as *mut libc::sockaddr_storage).cast(), sin6) };
+                std::mem::size_of::<libc::sockaddr_in6>()
+            }
+        };
+        let data = &buf[start..start + len];
+        iovs[i] = libc::iovec {
+            iov_base: data.as_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        };
+        msgs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_storage).cast();
+        msgs[i].msg_hdr.msg_namelen = name_len as libc::socklen_t;
+        msgs[i].msg_hdr.msg_iov = &mut iovs[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    // SAFETY: the first n headers point at live addresses and iovecs over `buf`, which the
+    // kernel only reads during the call.
+    let r = unsafe {
+        libc::sendmmsg(
+            socket.as_raw_fd(),
+            msgs.as_mut_ptr(),
+            n as libc::c_uint,
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// What the [`PeerTable`] asked for, packed back to back in buffers that keep their
+/// capacity from one round to the next: no allocation per packet.
 #[derive(Default)]
 struct Collect {
-    sends: Vec<(SocketAddr, Vec<u8>)>,
-    delivered: Vec<(Ipv4Addr, Vec<u8>)>,
+    /// (destination, start, length) in `send_buf`.
+    sends: Vec<(SocketAddr, usize, usize)>,
+    send_buf: Vec<u8>,
+    /// (peer address, start, length) in `delivered_buf`.
+    delivered: Vec<(Ipv4Addr, usize, usize)>,
+    delivered_buf: Vec<u8>,
 }
 
 impl TunnelIo for Collect {
     fn send(&mut self, to: SocketAddr, datagram: &[u8]) {
-        self.sends.push((to, datagram.to_vec()));
+        self.sends.push((to, self.send_buf.len(), datagram.len()));
+        self.send_buf.extend_from_slice(datagram);
     }
     fn deliver(&mut self, peer: Ipv4Addr, packet: &[u8]) {
-        self.delivered.push((peer, packet.to_vec()));
+        self.delivered.push((peer, self.delivered_buf.len(), packet.len()));
+        self.delivered_buf.extend_from_slice(packet);
     }
 }
 
@@ -184,7 +261,10 @@ impl Gateway {
     /// Judge every decrypted packet and hand it to the data plane.
     fn deliver(&mut self) {
         let now = Instant::now();
-        for (peer_addr, bytes) in std::mem::take(&mut self.io.delivered) {
+        let delivered = std::mem::take(&mut self.io.delivered);
+        let buf = std::mem::take(&mut self.io.delivered_buf);
+        for &(peer_addr, start, len) in &delivered {
+            let bytes = &buf[start..start + len];
             let Some(peer) = self.table.by_address(peer_addr).map(|t| t.id().clone()) else {
                 continue;
             };
@@ -231,13 +311,18 @@ impl Gateway {
                 Inbound {
                     peer: &peer,
                     peer_addr,
-                    bytes: &bytes,
+                    bytes,
                     packet: &pkt,
                     verdict,
                 },
                 now,
             );
         }
+        // Back for the next round, emptied but with their capacity.
+        self.io.delivered = delivered;
+        self.io.delivered.clear();
+        self.io.delivered_buf = buf;
+        self.io.delivered_buf.clear();
     }
 
     /// Collect the data plane's packets and encrypt them to their peers.
@@ -326,10 +411,17 @@ impl Gateway {
     }
 
     fn flush(&mut self, socket: &UdpSocket) {
-        for (to, d) in self.io.sends.drain(..) {
-            // UDP: a full socket buffer drops, as a network would.
-            let _ = socket.try_send_to(&d, to);
+        let io = &mut self.io;
+        let mut done = 0;
+        while done < io.sends.len() {
+            match send_batch(socket, &io.sends[done..], &io.send_buf) {
+                Ok(n) if n > 0 => done += n,
+                // UDP: a full socket buffer drops (the first datagram), as a network would.
+                _ => done += 1,
+            }
         }
+        io.sends.clear();
+        io.send_buf.clear();
     }
 
     /// Run until `shutdown` resolves.

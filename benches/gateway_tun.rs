@@ -1,0 +1,362 @@
+//! Gateway data planes against wireguard-go: `cargo bench --bench gateway_tun` (root).
+//!
+//! One topology for all three, in namespaces this program creates and removes:
+//!
+//! ```text
+//! laptop (wireguard-go wg0, 100.64.0.2) --veth 192.0.2.0/24-- gateway --veth 198.51.100.0/24-- services
+//! ```
+//!
+//! The "services" namespace owns the Service range 10.96.0.0/16 (a local route) and runs
+//! `iperf3 -s` on a ClusterIP; the gateway namespace routes that range to it. Through each
+//! gateway in turn: our `kuberaya-gateway` (release build) with `--dataplane tun`, with the
+//! default userspace data plane, and a stock wireguard-go interface as the server peer with
+//! `ip_forward` and an nftables masquerade in the gateway namespace; it runs TCP iperf3 with
+//! one and four streams (`-t 5`), and `ping -c 20 -i 0.05`, and prints throughput, CPU time
+//! of the gateway process per GB received (utime+stime from /proc/<pid>/stat), latency, and
+//! the ratios to wireguard-go. Needs root, /dev/net/tun, wireguard-go, wg, iperf3, nft.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use kuberaya_e2e::netns::{self, Netns, VethEnd, in_namespaces_of, require_programs, require_root, run_ok};
+use kuberaya_e2e::{Process, poll_until_blocking};
+
+const CMD: Duration = Duration::from_secs(30);
+const SECONDS: u32 = 5;
+const PERF_IP: &str = "10.96.0.20";
+const PEER: &str = "100.64.0.2";
+const GW_TUNNEL: &str = "100.64.0.1";
+const GW_VETH: &str = "192.0.2.1";
+const PORT: u16 = 51820;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Gateway {
+    Tun,
+    Userspace,
+    WireguardGo,
+}
+
+impl Gateway {
+    fn label(self) -> &'static str {
+        match self {
+            Gateway::Tun => "kuberaya-gateway --dataplane tun",
+            Gateway::Userspace => "kuberaya-gateway (userspace)",
+            Gateway::WireguardGo => "wireguard-go + ip_forward + masquerade",
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Figures {
+    /// Mbit/s received, one stream and four.
+    mbps: [f64; 2],
+    /// Gateway CPU seconds per GB received, one stream and four.
+    cpu_per_gb: [f64; 2],
+    /// ping min/avg/max in ms.
+    rtt: [f64; 3],
+}
+
+fn keypair() -> (String, String) {
+    let private = run_ok(cmd("wg", &["genkey"]), CMD).unwrap().trim().to_string();
+    let mut pubkey = Command::new("sh");
+    pubkey.args(["-c", "printf %s \"$0\" | wg pubkey", &private]);
+    let public = run_ok(pubkey, CMD).unwrap().trim().to_string();
+    (private, public)
+}
+
+fn cmd(program: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(program);
+    c.args(args);
+    c
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// utime + stime of `pid`, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks as f64 / hz
+}
+
+/// A wireguard-go interface `iface` in `ns`, configured with `wg setconf` from `conf`.
+fn wireguard_go(ns: &Netns, iface: &str, conf: &Path, address: &str, routes: &[&str]) -> Process {
+    let p = ns
+        .spawn_with_private_dir("/var/run/wireguard", &["wireguard-go", "-f", iface])
+        .unwrap();
+    let pid = p.pid();
+    let up = poll_until_blocking(Duration::from_secs(15), || {
+        run_ok(in_namespaces_of(pid, &["wg", "show", iface]), CMD).ok()
+    });
+    assert!(
+        up.is_some(),
+        "wireguard-go {iface} did not come up\n{}",
+        p.output_tails()
+    );
+    run_ok(
+        in_namespaces_of(
+            pid,
+            &["wg".as_ref(), "setconf".as_ref(), iface.as_ref(), conf.as_os_str()],
+        ),
+        CMD,
+    )
+    .unwrap();
+    ns.ip(["address", "add", address, "dev", iface]).unwrap();
+    ns.ip(["link", "set", "mtu", "1420", "up", "dev", iface]).unwrap();
+    for r in routes {
+        ns.ip(["route", "add", r, "dev", iface]).unwrap();
+    }
+    p
+}
+
+fn iperf(laptop: &Netns, streams: u32) -> (f64, u64) {
+    let (t, p) = (SECONDS.to_string(), streams.to_string());
+    let args = [
+        "iperf3",
+        "-c",
+        PERF_IP,
+        "-t",
+        &t,
+        "-P",
+        &p,
+        "-J",
+        "--connect-timeout",
+        "3000",
+    ];
+    let out = laptop.exec(&args, Duration::from_secs(60)).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert!(out.status.success(), "iperf3 -P {streams}: {}", v["error"]);
+    let sum = &v["end"]["sum_received"];
+    (
+        sum["bits_per_second"].as_f64().unwrap_or(0.0) / 1e6,
+        sum["bytes"].as_u64().unwrap_or(0),
+    )
+}
+
+fn ping(laptop: &Netns) -> [f64; 3] {
+    let out = laptop
+        .exec(&["ping", "-q", "-c", "20", "-i", "0.05", PERF_IP], CMD)
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    // rtt min/avg/max/mdev = 0.101/0.153/0.311/0.047 ms
+    let line = text
+        .lines()
+        .find(|l| l.contains("min/avg/max"))
+        .unwrap_or_else(|| panic!("ping: {text}"));
+    let nums: Vec<f64> = line
+        .split('=')
+        .nth(1)
+        .unwrap()
+        .trim()
+        .split(['/', ' '])
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    [nums[0], nums[1], nums[2]]
+}
+
+fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
+    let laptop = Netns::unique("bench-laptop").unwrap();
+    let gw = Netns::unique("bench-gw").unwrap();
+    let svc = Netns::unique("bench-svc").unwrap();
+    netns::veth_pair(
+        VethEnd {
+            ns: &laptop,
+            name: "to-gw",
+            address: "192.0.2.2/24",
+        },
+        VethEnd {
+            ns: &gw,
+            name: "to-laptop",
+            address: &format!("{GW_VETH}/24"),
+        },
+    )
+    .unwrap();
+    netns::veth_pair(
+        VethEnd {
+            ns: &gw,
+            name: "to-svc",
+            address: "198.51.100.1/24",
+        },
+        VethEnd {
+            ns: &svc,
+            name: "to-gw",
+            address: "198.51.100.2/24",
+        },
+    )
+    .unwrap();
+    svc.ip(["route", "add", "local", "10.96.0.0/16", "dev", "lo"]).unwrap();
+    gw.ip(["route", "add", "10.96.0.0/16", "via", "198.51.100.2"]).unwrap();
+    let _iperf = svc.spawn(&["iperf3", "-s", "-B", PERF_IP]).unwrap();
+
+    let (gw_private, gw_public) = keypair();
+    let (peer_private, peer_public) = keypair();
+    let listen = format!("{GW_VETH}:{PORT}");
+    let gateway: Process = match kind {
+        Gateway::Tun | Gateway::Userspace => {
+            let key = write(dir, "gw.key", &gw_private);
+            let peers = serde_json::json!([{"namespace": "default", "name": "alice",
+                "spec": {"publicKey": peer_public, "address": PEER, "allow": [{"service": "perf"}]}}]);
+            let services = serde_json::json!([{"namespace": "default", "name": "perf", "clusterIP": PERF_IP,
+                "ports": [{"name": "iperf", "port": 5201}]}]);
+            let peers = write(dir, "peers.json", &peers.to_string());
+            let services = write(dir, "services.json", &services.to_string());
+            let mut args: Vec<String> = vec![gateway_bin.display().to_string()];
+            args.extend(
+                [
+                    "--listen",
+                    &listen,
+                    "--private-key-file",
+                    key.to_str().unwrap(),
+                    "--peers-file",
+                    peers.to_str().unwrap(),
+                    "--services-file",
+                    services.to_str().unwrap(),
+                    "--metrics-bind-address",
+                    "127.0.0.1:0",
+                    "--health-bind-address",
+                    "127.0.0.1:0",
+                ]
+                .map(String::from),
+            );
+            if kind == Gateway::Tun {
+                args.extend(["--dataplane", "tun"].map(String::from));
+            }
+            let mut p = gw.spawn(&args).unwrap();
+            p.wait_for_stdout_line("kuberaya-gateway listening", CMD).unwrap();
+            p
+        }
+        Gateway::WireguardGo => {
+            let conf = write(
+                dir,
+                "wg1.conf",
+                &format!(
+                    "[Interface]\nPrivateKey = {gw_private}\nListenPort = {PORT}\n\n\
+                     [Peer]\nPublicKey = {peer_public}\nAllowedIPs = {PEER}/32\n"
+                ),
+            );
+            gw.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"], CMD).unwrap();
+            let nft = "table ip bench { chain post { type nat hook postrouting priority 100; \
+                       ip saddr 100.64.0.0/16 oifname != \"wg1\" masquerade; } }";
+            let out = gw.exec(&["nft", nft], CMD).unwrap();
+            assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
+            wireguard_go(&gw, "wg1", &conf, &format!("{GW_TUNNEL}/16"), &[])
+        }
+    };
+    let conf = write(
+        dir,
+        "wg0.conf",
+        &format!(
+            "[Interface]\nPrivateKey = {peer_private}\n\n[Peer]\nPublicKey = {gw_public}\n\
+             Endpoint = {listen}\nAllowedIPs = 10.96.0.0/16, {GW_TUNNEL}/32\nPersistentKeepalive = 25\n"
+        ),
+    );
+    let _laptop_wg = wireguard_go(
+        &laptop,
+        "wg0",
+        &conf,
+        &format!("{PEER}/32"),
+        &["10.96.0.0/16", &format!("{GW_TUNNEL}/32")],
+    );
+    // The first handshake and the iperf3 server.
+    let ready = poll_until_blocking(Duration::from_secs(20), || {
+        let o = laptop
+            .exec(&["iperf3", "-c", PERF_IP, "-t", "1", "--connect-timeout", "1000"], CMD)
+            .ok()?;
+        o.status.success().then_some(())
+    });
+    assert!(
+        ready.is_some(),
+        "{kind:?}: no iperf3 through the gateway\n{}",
+        gateway.output_tails()
+    );
+
+    let pid = gateway.pid();
+    let mut f = Figures::default();
+    for (i, streams) in [1, 4].into_iter().enumerate() {
+        let before = cpu_seconds(pid);
+        let (mbps, bytes) = iperf(&laptop, streams);
+        let cpu = cpu_seconds(pid) - before;
+        f.mbps[i] = mbps;
+        f.cpu_per_gb[i] = cpu / (bytes as f64 / 1e9);
+    }
+    f.rtt = ping(&laptop);
+    f
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; any other argument is a filter we do not have.
+    require_root(
+        "gateway_tun bench",
+        "it creates network namespaces, TUN devices and nftables tables",
+    );
+    require_programs(&[
+        ("wireguard-go", "wireguard-go"),
+        ("wg", "wireguard-tools"),
+        ("iperf3", "iperf3"),
+        ("nft", "nftables"),
+        ("ping", "iputils-ping"),
+        ("ip", "iproute2"),
+    ]);
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let status = Command::new(cargo)
+        .current_dir(root)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "kuberaya-gateway",
+            "--bin",
+            "kuberaya-gateway",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success(), "building the gateway in release");
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let bin = target.join("release").join("kuberaya-gateway");
+
+    let dir = tempfile::tempdir().unwrap();
+    let kinds = [Gateway::Tun, Gateway::Userspace, Gateway::WireguardGo];
+    let figures: Vec<(Gateway, Figures)> = kinds.iter().map(|&k| (k, measure(k, &bin, dir.path()))).collect();
+    let wg = figures.iter().find(|(k, _)| *k == Gateway::WireguardGo).unwrap().1;
+
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "host {} ({cpus} CPUs), load {}",
+        host.trim(),
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
+    println!("| gateway | 1 stream Mbit/s | 4 streams Mbit/s | CPU s/GB (1) | CPU s/GB (4) | ping min/avg/max ms |");
+    println!("|---|---|---|---|---|---|");
+    for (k, f) in &figures {
+        println!(
+            "| {} | {:.0} ({:.2}x) | {:.0} ({:.2}x) | {:.2} ({:.2}x) | {:.2} ({:.2}x) | {:.3}/{:.3}/{:.3} ({:.2}x avg) |",
+            k.label(),
+            f.mbps[0],
+            f.mbps[0] / wg.mbps[0],
+            f.mbps[1],
+            f.mbps[1] / wg.mbps[1],
+            f.cpu_per_gb[0],
+            f.cpu_per_gb[0] / wg.cpu_per_gb[0],
+            f.cpu_per_gb[1],
+            f.cpu_per_gb[1] / wg.cpu_per_gb[1],
+            f.rtt[0],
+            f.rtt[1],
+            f.rtt[2],
+            f.rtt[1] / wg.rtt[1],
+        );
+    }
+    println!("(ratios are to wireguard-go; the gateway process only: wireguard-go's CPU includes its TUN I/O)");
+}
