@@ -115,6 +115,9 @@ pub struct UpArgs {
     /// Play a platform without UDP load balancing.
     #[arg(long)]
     pub no_udp: bool,
+    /// Do not run the WireGuard gateway (nor install its CRD, namespace and Service).
+    #[arg(long)]
+    pub no_gateway: bool,
     /// Set by `--detach` on the background process it starts.
     #[arg(long, hide = true)]
     pub detached_child: bool,
@@ -343,7 +346,19 @@ async fn bind_platform_listener(dir: &Path, requested: Option<SocketAddr>) -> an
         .context("cannot listen on 127.0.0.1")
 }
 
+/// Logs of the stand-ins and the in-process CCM on stderr (the `sandbox.log` of a detached
+/// sandbox): warnings and errors unless `RUST_LOG` says otherwise.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
+    init_logging();
     let dir = state_dir(&args.dir)?;
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let Some(_lock) = try_lock(&dir)? else {
@@ -465,6 +480,28 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
         Some(ccm)
     };
+    let gateway = if args.no_gateway {
+        None
+    } else {
+        let mut gw = InProcessGateway::start(&kubeconfig, args.service_cidr, args.pod_cidr)
+            .await
+            .context("cannot run the WireGuard gateway")?;
+        step(&format!(
+            "WireGuard gateway on {} (tunnel {}, public key {}) behind Service {}/{}",
+            gw.info.udp,
+            gw.info.tunnel_address,
+            gw.info.public_key,
+            crate::gateway::DEFAULT_GATEWAY_NAMESPACE,
+            crate::gateway::DEFAULT_GATEWAY_SERVICE
+        ));
+        if ccm.is_some() {
+            match gw.wait_public_ip(&kubeconfig, GATEWAY_LB_TIMEOUT).await {
+                Ok(ip) => step(&format!("gateway load balancer: {ip}:{GATEWAY_PORT}/udp")),
+                Err(e) => eprintln!("! {e:#}; see `kuberaya lb list`"),
+            }
+        }
+        Some(gw)
+    };
     write_example(&dir)?;
 
     let runtime = Runtime {
@@ -478,11 +515,14 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     };
     write_private(&dir.join(RUNTIME_FILE), &serde_json::to_vec_pretty(&runtime)?)?;
     step(&format!("ready in {:.1}s", started.elapsed().as_secs_f64()));
-    print_try_this(&dir, &args, &runtime);
+    print_try_this(&dir, &args, &runtime, gateway.as_ref());
     let _ = std::io::stdout().flush();
 
     wait_for_stop_signal().await;
     eprintln!("stopping the sandbox...");
+    if let Some(gateway) = gateway {
+        gateway.shutdown().await;
+    }
     if let Some(ccm) = ccm {
         ccm.shutdown().await;
     }
@@ -581,6 +621,231 @@ impl InProcessCcm {
         let _ = self.stop.send(true);
         if tokio::time::timeout(Duration::from_secs(8), self.task).await.is_err() {
             eprintln!("the CCM did not stop within 8 s");
+        }
+    }
+}
+
+/// The WireGuard gateway's UDP port, on its Service and its socket.
+const GATEWAY_PORT: u16 = 51820;
+/// The gateway's tunnel range (it takes the first address).
+const GATEWAY_TUNNEL_CIDR: &str = "100.64.0.0/16";
+/// How long `sandbox up` waits for the gateway's load balancer.
+const GATEWAY_LB_TIMEOUT: Duration = Duration::from_secs(30);
+/// Field manager of the objects the sandbox applies for the gateway.
+const GATEWAY_FIELD_MANAGER: &str = "kuberaya-sandbox";
+
+/// The WireGuard gateway, run in this process as a cluster runs it: its own Kubernetes
+/// client from the sandbox's kubeconfig, its socket on a pod-range address, behind its own
+/// `LoadBalancer` Service (no selector; the sandbox writes its EndpointSlice), so a peer's
+/// traffic goes Internet → platform LB → node IP:NodePort → kube-proxy → gateway.
+struct InProcessGateway {
+    info: kuberaya_gateway::run::StartedInfo,
+    /// The load balancer's public IP, once the CCM provisioned it.
+    public_ip: Option<String>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<kuberaya_gateway::Result<()>>,
+}
+
+/// The gateway's "pod IP": the pod range's last address but one (node i takes the i-th /24
+/// from the start of the range, so this one is clear of them).
+fn gateway_pod_ip(pod_cidr: ipnet::Ipv4Net) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(u32::from(pod_cidr.broadcast()).saturating_sub(1))
+}
+
+/// Server-side apply of `obj` (named `name`) with the sandbox's field manager.
+async fn apply<K>(api: &kube::Api<K>, name: &str, obj: &K) -> anyhow::Result<()>
+where
+    K: kube::Resource + Clone + Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let params = kube::api::PatchParams::apply(GATEWAY_FIELD_MANAGER).force();
+    api.patch(name, &params, &kube::api::Patch::Apply(obj))
+        .await
+        .with_context(|| format!("cannot apply {name}"))?;
+    Ok(())
+}
+
+impl InProcessGateway {
+    /// Installs the VpnPeer CRD, the gateway's namespace and `kuberaya-config`, starts the
+    /// gateway and registers it behind its Service; waits (bounded) for the load balancer.
+    async fn start(kubeconfig: &Path, service_cidr: ipnet::Ipv4Net, pod_cidr: ipnet::Ipv4Net) -> anyhow::Result<Self> {
+        use crate::gateway::{
+            ANNOTATION_PUBLIC_KEY, ANNOTATION_TUNNEL_ADDRESS, CONFIG_KEY_SERVICE_CIDR, CONFIG_MAP,
+            DEFAULT_GATEWAY_NAMESPACE as NAMESPACE, DEFAULT_GATEWAY_SERVICE as SERVICE,
+        };
+        use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServicePort, ServiceSpec};
+        use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+        use kube::CustomResourceExt as _;
+        use kuberaya_gateway::crd::VpnPeer;
+        use kuberaya_gateway::run::{RunConfig, Sources};
+
+        let client = kuberaya_sandbox::cluster::client_from_kubeconfig(kubeconfig).await?;
+        let crd = VpnPeer::crd();
+        let crd_name = crd.metadata.name.clone().unwrap_or_default();
+        apply(
+            &kube::Api::<CustomResourceDefinition>::all(client.clone()),
+            &crd_name,
+            &crd,
+        )
+        .await?;
+        let namespace = Namespace {
+            metadata: ObjectMeta {
+                name: Some(NAMESPACE.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        apply(&kube::Api::<Namespace>::all(client.clone()), NAMESPACE, &namespace).await?;
+        let config = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(CONFIG_MAP.into()),
+                namespace: Some(NAMESPACE.into()),
+                ..Default::default()
+            },
+            data: Some([(CONFIG_KEY_SERVICE_CIDR.to_string(), service_cidr.to_string())].into()),
+            ..Default::default()
+        };
+        apply(
+            &kube::Api::<ConfigMap>::namespaced(client.clone(), NAMESPACE),
+            CONFIG_MAP,
+            &config,
+        )
+        .await?;
+
+        let pod_ip = gateway_pod_ip(pod_cidr);
+        let tunnel_cidr: ipnet::Ipv4Net = GATEWAY_TUNNEL_CIDR.parse().context("the tunnel range")?;
+        let loopback_any: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
+        let started = kuberaya_gateway::run::start(RunConfig {
+            listen: SocketAddr::from((pod_ip, GATEWAY_PORT)),
+            tunnel_cidr,
+            namespace: NAMESPACE.into(),
+            sources: Sources::Kube {
+                kubeconfig: Some(kubeconfig.to_path_buf()),
+                client: None,
+            },
+            metrics_bind_address: loopback_any,
+            health_bind_address: loopback_any,
+            ..RunConfig::default()
+        })
+        .await
+        .context("cannot start the gateway")?;
+        let info = started.info().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(started.run(async move {
+            let _ = stopped.await;
+        }));
+        let mut gateway = InProcessGateway {
+            info,
+            public_ip: None,
+            stop,
+            task,
+        };
+
+        let services = kube::Api::<Service>::namespaced(client.clone(), NAMESPACE);
+        let port_name = "wireguard".to_string();
+        let service = Service {
+            metadata: ObjectMeta {
+                name: Some(SERVICE.into()),
+                namespace: Some(NAMESPACE.into()),
+                annotations: Some(
+                    [
+                        (ANNOTATION_PUBLIC_KEY.to_string(), gateway.info.public_key.to_string()),
+                        (
+                            ANNOTATION_TUNNEL_ADDRESS.to_string(),
+                            format!("{}/{}", gateway.info.tunnel_address, tunnel_cidr.prefix_len()),
+                        ),
+                    ]
+                    .into(),
+                ),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                type_: Some("LoadBalancer".into()),
+                ports: Some(vec![ServicePort {
+                    name: Some(port_name.clone()),
+                    protocol: Some("UDP".into()),
+                    port: i32::from(GATEWAY_PORT),
+                    target_port: Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(
+                        i32::from(GATEWAY_PORT),
+                    )),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let registered = async {
+            apply(&services, SERVICE, &service).await?;
+            let slice = EndpointSlice {
+                metadata: ObjectMeta {
+                    name: Some(format!("{SERVICE}-sandbox")),
+                    namespace: Some(NAMESPACE.into()),
+                    labels: Some([("kubernetes.io/service-name".to_string(), SERVICE.to_string())].into()),
+                    ..Default::default()
+                },
+                address_type: "IPv4".into(),
+                endpoints: vec![Endpoint {
+                    addresses: vec![gateway.info.udp.ip().to_string()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(true),
+                        serving: Some(true),
+                        terminating: Some(false),
+                    }),
+                    ..Default::default()
+                }],
+                ports: Some(vec![EndpointPort {
+                    name: Some(port_name),
+                    protocol: Some("UDP".into()),
+                    port: Some(i32::from(gateway.info.udp.port())),
+                    ..Default::default()
+                }]),
+            };
+            let slices = kube::Api::<EndpointSlice>::namespaced(client.clone(), NAMESPACE);
+            apply(&slices, &format!("{SERVICE}-sandbox"), &slice).await
+        }
+        .await;
+        if let Err(e) = registered {
+            gateway.shutdown().await;
+            return Err(e);
+        }
+        Ok(gateway)
+    }
+
+    /// Waits until the gateway's Service has a load-balancer IP (the CCM provisioned it).
+    async fn wait_public_ip(&mut self, kubeconfig: &Path, timeout: Duration) -> anyhow::Result<String> {
+        use crate::gateway::{DEFAULT_GATEWAY_NAMESPACE as NAMESPACE, DEFAULT_GATEWAY_SERVICE as SERVICE};
+        let client = kuberaya_sandbox::cluster::client_from_kubeconfig(kubeconfig).await?;
+        let services = kube::Api::<k8s_openapi::api::core::v1::Service>::namespaced(client, NAMESPACE);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ip = services
+                .get_opt(SERVICE)
+                .await?
+                .and_then(|s| s.status)
+                .and_then(|s| s.load_balancer)
+                .and_then(|lb| lb.ingress)
+                .and_then(|i| i.into_iter().next())
+                .and_then(|i| i.ip);
+            if let Some(ip) = ip {
+                self.public_ip = Some(ip.clone());
+                return Ok(ip);
+            }
+            if Instant::now() > deadline {
+                bail!("the load balancer of {NAMESPACE}/{SERVICE} has no IP after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops the gateway and releases its sockets.
+    async fn shutdown(self) {
+        let _ = self.stop.send(());
+        match tokio::time::timeout(Duration::from_secs(5), self.task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => eprintln!("the gateway stopped with an error: {e}"),
+            Ok(Err(e)) => eprintln!("the gateway task failed: {e}"),
+            Err(_) => eprintln!("the gateway did not stop within 5 s"),
         }
     }
 }
@@ -752,7 +1017,7 @@ fn step(msg: &str) {
     println!("✓ {msg}");
 }
 
-fn print_try_this(dir: &Path, args: &UpArgs, rt: &Runtime) {
+fn print_try_this(dir: &Path, args: &UpArgs, rt: &Runtime, gateway: Option<&InProcessGateway>) {
     let dir_flag = if args.dir.state_dir.is_some() && args.dir.state_dir != default_state_dir().ok() {
         format!(" --state-dir {}", dir.display())
     } else {
@@ -773,6 +1038,18 @@ fn print_try_this(dir: &Path, args: &UpArgs, rt: &Runtime) {
         println!("  kubectl wait --for=jsonpath='{{.status.loadBalancer.ingress}}' service/web --timeout=30s");
         println!("  curl http://$(kubectl get service web -o jsonpath='{{.status.loadBalancer.ingress[0].ip}}')/");
         println!("  kuberaya lb list");
+    }
+    if let Some(ip) = gateway.and_then(|g| g.public_ip.as_deref()) {
+        println!();
+        println!("A VPN peer, through the gateway's load balancer ({ip}:{GATEWAY_PORT}/udp), without root:");
+        println!();
+        println!("  kuberaya peer add alice --allow default/web --out alice.conf");
+        println!("  onetun --private-key \"$(awk '/^PrivateKey/ {{print $3}}' alice.conf)\" \\");
+        println!("    --endpoint-public-key \"$(awk '/^PublicKey/ {{print $3}}' alice.conf)\" \\");
+        println!("    --endpoint-addr \"$(awk '/^Endpoint/ {{print $3}}' alice.conf)\" \\");
+        println!("    --source-peer-ip \"$(awk '/^Address/ {{print $3}}' alice.conf | cut -d/ -f1)\" \\");
+        println!("    \"127.0.0.1:18080:$(kubectl get service web -o jsonpath='{{.spec.clusterIP}}'):80:TCP\" &");
+        println!("  curl http://127.0.0.1:18080/");
     }
     println!();
     println!("Platform API: {}  (cluster {})", rt.platform_url, rt.cluster_id);
@@ -834,6 +1111,9 @@ async fn up_detached(args: UpArgs) -> anyhow::Result<ExitCode> {
     }
     if args.no_udp {
         cmd.arg("--no-udp");
+    }
+    if args.no_gateway {
+        cmd.arg("--no-gateway");
     }
     cmd.stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
