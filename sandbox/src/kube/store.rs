@@ -481,6 +481,24 @@ impl Store {
             causes.extend(checked.causes);
         }
         if let Some(o) = old
+            && rt.storage == "core/nodes"
+        {
+            let was = o
+                .pointer("/spec/providerID")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let now = obj
+                .pointer("/spec/providerID")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            if !was.is_empty() && was != now {
+                causes.push(Cause::forbidden(
+                    "spec.providerID",
+                    "node updates may not change providerID except from \"\" to valid",
+                ));
+            }
+        }
+        if let Some(o) = old
             && (rt.storage == "core/secrets" || rt.storage == "core/configmaps")
             && o.get("immutable") == Some(&json!(true))
             && (o.get("data") != obj.get("data") || o.get("binaryData") != obj.get("binaryData"))
@@ -1388,6 +1406,37 @@ mod tests {
             )
             .unwrap();
         assert_eq!(main["status"]["replicas"], 3);
+    }
+
+    #[test]
+    fn node_provider_id_is_set_once() {
+        let mut s = store();
+        let no = rt(&s, "", "nodes");
+        s.create(&no, None, json!({"metadata": {"name": "n"}}), &opts())
+            .unwrap();
+        s.patch(
+            &no,
+            "",
+            "n",
+            None,
+            PatchKind::Merge,
+            &json!({"spec": {"providerID": "cloudraya://1"}}),
+            &opts(),
+        )
+        .unwrap();
+        let e = s
+            .patch(
+                &no,
+                "",
+                "n",
+                None,
+                PatchKind::Merge,
+                &json!({"spec": {"providerID": "cloudraya://2"}}),
+                &opts(),
+            )
+            .unwrap_err();
+        assert_eq!(e.code, 422);
+        assert!(e.message.contains("spec.providerID: Forbidden"), "{}", e.message);
     }
 
     #[test]
