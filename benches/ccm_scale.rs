@@ -1,0 +1,893 @@
+//! Issue 12, CCM at scale: the real `kuberaya-ccm` binary against a `kuberaya sandbox`
+//! (platform stand-in adding 25 ms to every call, `--external-ccm`), started as an operator
+//! would run it. Prints every figure as a `RESULT` line and a ratio against a baseline
+//! taken in the same run (the same controller with `--concurrent-service-syncs 1`).
+//!
+//! Run: `cargo bench --bench ccm_scale` (sizes: see [`Sizes`], e.g.
+//! `KR_BENCH_SERVICES=50 KR_BENCH_NODES=10 cargo bench --bench ccm_scale` for a smoke run).
+//!
+//! Every scenario has a timeout and reports "not reached within X" instead of hanging.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use common::{cpu_time, knob, machine, peak_rss_mib, ratio, result, secs};
+use futures::StreamExt;
+use kuberaya_e2e::{JsonApi, Process, binary};
+use serde_json::{Value, json};
+
+const CLUSTER_LABEL: &str = "kuberaya.cloudraya.com/cluster-id";
+const PROVIDER_PREFIX: &str = "cloudraya://";
+const UNINITIALIZED_TAINT: &str = "node.cloudprovider.kubernetes.io/uninitialized";
+const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+
+/// The sizes, from the environment; the defaults are the issue's.
+#[derive(Debug, Clone)]
+struct Sizes {
+    /// `KR_BENCH_SERVICES`: LoadBalancer Services created at once.
+    services: u64,
+    /// `KR_BENCH_NODES`: nodes of the sandbox cluster.
+    nodes: u64,
+    /// `KR_BENCH_LATENCY_MS`: latency the platform adds to every call.
+    latency_ms: u64,
+    /// `KR_BENCH_SYNCS`: `--concurrent-service-syncs` of the measured CCM.
+    syncs: u64,
+    /// `KR_BENCH_TIMEOUT_S`: the limit of each convergence wait.
+    timeout: Duration,
+    /// `KR_BENCH_BASELINE_TIMEOUT_S`: the limit of the baseline's convergence (it is slow:
+    /// when not reached, its rate is extrapolated, and said so).
+    baseline_timeout: Duration,
+    /// `KR_BENCH_RESYNC_S`: `--resync-period` of the CCM; the quiet-resync window is one
+    /// period plus 5 s.
+    resync: Duration,
+    /// `KR_BENCH_BURST`: node events in the burst (spread over 1 s).
+    burst: u64,
+    /// `KR_BENCH_RATE`: calls per second the throttled platform allows.
+    rate: u64,
+    /// `KR_BENCH_RATE_SERVICES`: Services created under the rate limit.
+    rate_services: u64,
+    /// `KR_BENCH_BASELINE=0` skips the baseline, `KR_BENCH_RATE_LIMITED=0` the throttled run.
+    baseline: bool,
+    rate_limited: bool,
+}
+
+impl Sizes {
+    fn from_env() -> Sizes {
+        Sizes {
+            services: knob("KR_BENCH_SERVICES", 1000),
+            nodes: knob("KR_BENCH_NODES", 100),
+            latency_ms: knob("KR_BENCH_LATENCY_MS", 25),
+            syncs: knob("KR_BENCH_SYNCS", 10),
+            timeout: Duration::from_secs(knob("KR_BENCH_TIMEOUT_S", 180)),
+            baseline_timeout: Duration::from_secs(knob("KR_BENCH_BASELINE_TIMEOUT_S", 90)),
+            resync: Duration::from_secs(knob("KR_BENCH_RESYNC_S", 20)),
+            burst: knob("KR_BENCH_BURST", 100),
+            rate: knob("KR_BENCH_RATE", 20),
+            rate_services: knob("KR_BENCH_RATE_SERVICES", 50),
+            baseline: common::enabled("KR_BENCH_BASELINE"),
+            rate_limited: common::enabled("KR_BENCH_RATE_LIMITED"),
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A client of the sandbox's Kubernetes API stand-in, from its kubeconfig (server, CA,
+/// bearer token).
+struct Kube {
+    client: reqwest::Client,
+    server: String,
+    token: String,
+}
+
+impl Kube {
+    fn from_kubeconfig(path: &Path) -> Result<Kube> {
+        let text = std::fs::read_to_string(path)?;
+        let field = |k: &str| {
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix(k).map(|v| v.trim().trim_matches('"').to_string()))
+        };
+        let server = field("server:").context("kubeconfig server")?;
+        let token = field("token:").context("kubeconfig token")?;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(64);
+        if let Some(ca) = field("certificate-authority-data:") {
+            use base64_decode::decode;
+            let pem = decode(&ca).context("CA data")?;
+            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+        }
+        Ok(Kube {
+            client: builder.build()?,
+            server: server.trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+
+    async fn send(&self, method: reqwest::Method, path: &str, body: Option<(&str, &Value)>) -> Result<(u16, Value)> {
+        let mut req = self
+            .client
+            .request(method, format!("{}{path}", self.server))
+            .bearer_auth(&self.token);
+        if let Some((content_type, body)) = body {
+            req = req.header("content-type", content_type).body(body.to_string());
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await?;
+        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+    }
+
+    async fn get(&self, path: &str) -> Result<Value> {
+        let (status, v) = self.send(reqwest::Method::GET, path, None).await?;
+        ensure!(status == 200, "GET {path}: {status} {v}");
+        Ok(v)
+    }
+
+    async fn create(&self, path: &str, body: &Value) -> Result<()> {
+        let (status, v) = self
+            .send(reqwest::Method::POST, path, Some(("application/json", body)))
+            .await?;
+        ensure!(status == 201 || status == 200, "POST {path}: {status} {v}");
+        Ok(())
+    }
+
+    async fn merge_patch(&self, path: &str, body: &Value) -> Result<()> {
+        let (status, v) = self
+            .send(
+                reqwest::Method::PATCH,
+                path,
+                Some(("application/merge-patch+json", body)),
+            )
+            .await?;
+        ensure!(status == 200, "PATCH {path}: {status} {v}");
+        Ok(())
+    }
+}
+
+/// Base64 (standard alphabet) decoding, enough for a kubeconfig's CA data.
+mod base64_decode {
+    pub fn decode(s: &str) -> Option<Vec<u8>> {
+        let mut out = Vec::with_capacity(s.len() * 3 / 4);
+        let mut acc = 0u32;
+        let mut bits = 0;
+        for c in s.bytes() {
+            let v = match c {
+                b'A'..=b'Z' => c - b'A',
+                b'a'..=b'z' => c - b'a' + 26,
+                b'0'..=b'9' => c - b'0' + 52,
+                b'+' => 62,
+                b'/' => 63,
+                b'=' | b'\n' | b'\r' | b' ' => continue,
+                _ => return None,
+            };
+            acc = (acc << 6) | u32::from(v);
+            bits += 6;
+            if bits >= 8 {
+                bits -= 8;
+                out.push((acc >> bits) as u8);
+                acc &= (1 << bits) - 1;
+            }
+        }
+        Some(out)
+    }
+}
+
+/// A running sandbox (no CCM inside) in a temporary state dir; `sandbox down --purge` on drop.
+struct Sandbox {
+    _dir: tempfile::TempDir,
+    state: PathBuf,
+    kubeconfig: PathBuf,
+    url: String,
+    email: String,
+    password: String,
+    cluster_id: String,
+    rt: tokio::runtime::Runtime,
+    api: JsonApi,
+    ctl: JsonApi,
+    kube: Kube,
+    nodes: u64,
+}
+
+impl Sandbox {
+    /// `kuberaya sandbox up --detach --external-ccm --nodes N` on address ranges of its own
+    /// (`slot` picks them), with room for `services` public IPs.
+    fn up(slot: u8, nodes: u64) -> Result<Sandbox> {
+        let dir = tempfile::tempdir()?;
+        let state = dir.path().join("sb");
+        let n = 200 + slot;
+        let args = vec![
+            "sandbox".to_string(),
+            "up".into(),
+            "--detach".into(),
+            "--external-ccm".into(),
+            "--nodes".into(),
+            nodes.to_string(),
+            "--state-dir".into(),
+            state.display().to_string(),
+            "--public-ip-range".into(),
+            format!("127.{n}.0.0/20"),
+            "--vm-ip-range".into(),
+            format!("127.{}.0.0/24", n - 190),
+            "--service-cidr".into(),
+            format!("127.{}.0.0/20", n - 150),
+            "--pod-cidr".into(),
+            format!("127.{}.0.0/16", n - 170),
+        ];
+        let started = Instant::now();
+        let out = Command::new(binary("kuberaya")).args(&args).output()?;
+        let guard = DownGuard(state.clone());
+        ensure!(out.status.success(), "sandbox up failed: {}", text(&out));
+        let env = Command::new(binary("kuberaya"))
+            .args(["sandbox", "env", "--state-dir"])
+            .arg(&state)
+            .output()?;
+        ensure!(env.status.success(), "sandbox env: {}", text(&env));
+        let vars: BTreeMap<String, String> = String::from_utf8_lossy(&env.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.trim_matches('\'').to_string()))
+            .collect();
+        let get = |k: &str| vars.get(k).cloned().with_context(|| format!("sandbox env exports {k}"));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let url = get("CLOUDRAYA_API_URL")?;
+        let email = get("CLOUDRAYA_EMAIL")?;
+        let password = get("CLOUDRAYA_PASSWORD")?;
+        let api = rt.block_on(JsonApi::login(&url, &email, &password))?;
+        let kubeconfig = PathBuf::from(get("KUBECONFIG")?);
+        let kube = Kube::from_kubeconfig(&kubeconfig)?;
+        std::mem::forget(guard);
+        eprintln!("sandbox with {nodes} nodes up in {:.1?}", started.elapsed());
+        Ok(Sandbox {
+            kubeconfig,
+            cluster_id: get("KUBERAYA_CLUSTER_ID")?,
+            ctl: JsonApi::new(&url),
+            url,
+            email,
+            password,
+            api,
+            rt,
+            kube,
+            state,
+            nodes,
+            _dir: dir,
+        })
+    }
+
+    /// The sandbox daemon's pid (platform stand-in, API stand-in and cluster in one process).
+    fn pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.state.join("sandbox.json")).ok()?;
+        let v: Value = serde_json::from_str(&text).ok()?;
+        v["pid"].as_u64().map(|p| p as u32)
+    }
+
+    fn control(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<Value> {
+        let a = self.rt.block_on(self.ctl.request(method, path, body));
+        ensure!(a.status == 200, "{path}: {}", a.describe());
+        Ok(a.data().clone())
+    }
+
+    /// Call counts of the platform stand-in, `METHOD /path/template` → count.
+    fn calls(&self) -> Result<BTreeMap<String, u64>> {
+        let data = self.control(reqwest::Method::GET, "/_sandbox/calls", None)?;
+        let map = data.get("calls").unwrap_or(&data);
+        Ok(map
+            .as_object()
+            .context("call counts")?
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+            .collect())
+    }
+
+    fn set_faults(&self, rules: Value) -> Result<()> {
+        self.control(
+            reqwest::Method::PUT,
+            "/_sandbox/faults",
+            Some(&json!({ "rules": rules })),
+        )?;
+        Ok(())
+    }
+
+    /// Every item of a paginated list of the platform API (100 a page).
+    fn list(&self, path: &str) -> Result<Vec<Value>> {
+        let mut items = Vec::new();
+        for page in 1.. {
+            let sep = if path.contains('?') { '&' } else { '?' };
+            let a = self.rt.block_on(self.api.request(
+                reqwest::Method::GET,
+                &format!("{path}{sep}per_page=100&page={page}"),
+                None,
+            ));
+            ensure!(a.status == 200, "GET {path}: {}", a.describe());
+            let got = a.data()["items"].as_array().context("items")?.clone();
+            let total = a.data()["total"].as_u64().unwrap_or(0) as usize;
+            let done = got.is_empty() || items.len() + got.len() >= total;
+            items.extend(got);
+            if done {
+                break;
+            }
+        }
+        Ok(items)
+    }
+
+    fn lbs(&self) -> Result<Vec<Value>> {
+        self.list(&format!(
+            "/kubernetes/v1/clusters/{}/load-balancers?label={CLUSTER_LABEL}={}",
+            self.cluster_id, self.cluster_id
+        ))
+    }
+
+    /// The platform's VMs of our cluster: name → id.
+    fn vm_ids(&self) -> Result<BTreeMap<String, String>> {
+        let vms = self.list(&format!("/vm/v1/instances?label={CLUSTER_LABEL}={}", self.cluster_id))?;
+        Ok(vms
+            .iter()
+            .filter_map(|vm| Some((vm["name"].as_str()?.to_string(), vm["id"].as_str()?.to_string())))
+            .collect())
+    }
+
+    fn nodes_json(&self) -> Result<Vec<Value>> {
+        let v = self.rt.block_on(self.kube.get("/api/v1/nodes"))?;
+        Ok(v["items"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Waits until the CCM has initialised `count` nodes (providerID set, taint gone).
+    fn wait_initialised(&self, count: usize, timeout: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let nodes = self.nodes_json()?;
+            let done = nodes
+                .iter()
+                .filter(|n| {
+                    n["spec"]["providerID"]
+                        .as_str()
+                        .is_some_and(|p| p.starts_with(PROVIDER_PREFIX))
+                        && !n["spec"]["taints"]
+                            .as_array()
+                            .is_some_and(|ts| ts.iter().any(|t| t["key"] == UNINITIALIZED_TAINT))
+                })
+                .count();
+            if done >= count {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > timeout {
+                bail!("{done} of {count} nodes initialised within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Creates `count` LoadBalancer Services named `<prefix><i>` at once (32 requests in
+    /// flight); returns how long the creation took.
+    fn create_services(&self, prefix: &str, count: u64) -> Result<Duration> {
+        let started = Instant::now();
+        let kube = &self.kube;
+        let results: Vec<Result<()>> = self.rt.block_on(
+            futures::stream::iter(0..count)
+                .map(|i| async move {
+                    let body = json!({
+                        "apiVersion": "v1", "kind": "Service",
+                        "metadata": {"name": format!("{prefix}{i}"), "namespace": "default"},
+                        "spec": {"type": "LoadBalancer", "selector": {"app": "none"},
+                                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+                    });
+                    kube.create("/api/v1/namespaces/default/services", &body).await
+                })
+                .buffer_unordered(32)
+                .collect(),
+        );
+        for r in results {
+            r?;
+        }
+        Ok(started.elapsed())
+    }
+
+    /// How many Services named `<prefix>*` have an ingress, and how many there are.
+    fn ingress_count(&self, prefix: &str) -> Result<(u64, u64)> {
+        let v = self.rt.block_on(self.kube.get("/api/v1/namespaces/default/services"))?;
+        let mut total = 0;
+        let mut done = 0;
+        for s in v["items"].as_array().into_iter().flatten() {
+            if !s["metadata"]["name"].as_str().is_some_and(|n| n.starts_with(prefix)) {
+                continue;
+            }
+            total += 1;
+            if s["status"]["loadBalancer"]["ingress"][0]["ip"].as_str().is_some() {
+                done += 1;
+            }
+        }
+        Ok((done, total))
+    }
+
+    /// Starts `kuberaya-ccm` against this sandbox and waits until it leads.
+    fn start_ccm(&self, syncs: u64, resync: Duration) -> Result<Process> {
+        let config = self.state.join("cloud-config.yaml");
+        std::fs::write(
+            &config,
+            format!("api_url: {}\ncluster_id: {}\n", self.url, self.cluster_id),
+        )?;
+        let metrics = format!("127.0.0.1:{}", free_port()?);
+        let health = format!("127.0.0.1:{}", free_port()?);
+        let mut cmd = Command::new(binary("kuberaya-ccm"));
+        cmd.env("CLOUDRAYA_EMAIL", &self.email)
+            .env("CLOUDRAYA_PASSWORD", &self.password)
+            .env("RUST_LOG", "info,kube_runtime=warn")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--cloud-config")
+            .arg(&config)
+            .args([
+                "--leader-elect-resource-namespace",
+                "default",
+                "--metrics-bind-address",
+                &metrics,
+                "--health-bind-address",
+                &health,
+                "--concurrent-service-syncs",
+                &syncs.to_string(),
+                "--resync-period",
+                &format!("{}s", resync.as_secs()),
+            ]);
+        let mut process = Process::spawn_command(cmd)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !process.stdout().contains("became leader") {
+            if Instant::now() > deadline || !process.is_running() {
+                bail!("kuberaya-ccm did not become leader\n{}", process.output_tails());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(process)
+    }
+
+    fn metric(&self, metrics_addr: &str, name: &str) -> Option<f64> {
+        let body = self
+            .rt
+            .block_on(async {
+                reqwest::get(format!("http://{metrics_addr}/metrics"))
+                    .await?
+                    .text()
+                    .await
+            })
+            .ok()?;
+        body.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .reduce(|a, b| a + b)
+    }
+}
+
+/// Stops a sandbox whose start failed half-way.
+struct DownGuard(PathBuf);
+
+impl Drop for DownGuard {
+    fn drop(&mut self) {
+        down(&self.0);
+    }
+}
+
+fn down(state: &Path) {
+    let _ = Command::new(binary("kuberaya"))
+        .args(["sandbox", "down", "--purge", "--state-dir"])
+        .arg(state)
+        .output();
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        down(&self.state);
+    }
+}
+
+/// The metrics address the CCM was started with (from its command line in /proc).
+fn metrics_addr(ccm: &Process) -> Option<String> {
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", ccm.pid())).ok()?;
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let i = args.iter().position(|a| a == "--metrics-bind-address")?;
+    args.get(i + 1).cloned()
+}
+
+fn mutating(calls: &BTreeMap<String, u64>) -> u64 {
+    calls
+        .iter()
+        .filter(|(k, _)| {
+            let (method, path) = k.split_once(' ').unwrap_or(("", ""));
+            matches!(method, "POST" | "PUT" | "PATCH" | "DELETE") && !path.starts_with("/auth")
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+fn total(calls: &BTreeMap<String, u64>) -> u64 {
+    calls.values().sum()
+}
+
+fn diff(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .filter_map(|(k, v)| {
+            let d = v.saturating_sub(before.get(k).copied().unwrap_or(0));
+            (d > 0).then(|| (k.clone(), d))
+        })
+        .collect()
+}
+
+fn show(calls: &BTreeMap<String, u64>) -> String {
+    let mut v: Vec<_> = calls.iter().collect();
+    v.sort_by(|a, b| b.1.cmp(a.1));
+    v.iter().map(|(k, n)| format!("{k}={n}")).collect::<Vec<_>>().join(", ")
+}
+
+/// The outcome of one convergence run.
+struct Convergence {
+    /// Time from the first create to the last ingress; `None` when not reached.
+    took: Option<Duration>,
+    elapsed: Duration,
+    done: u64,
+    services: u64,
+    calls: BTreeMap<String, u64>,
+    ccm_cpu: Duration,
+    sandbox_cpu: Duration,
+}
+
+impl Convergence {
+    fn describe(&self) -> String {
+        match self.took {
+            Some(t) => secs(t),
+            None => format!(
+                "not reached within {} ({} of {} Services; at that rate all would take ~{:.0} s)",
+                secs(self.elapsed),
+                self.done,
+                self.services,
+                self.projected().unwrap_or(f64::NAN)
+            ),
+        }
+    }
+
+    /// The convergence time, or, when not reached, the time extrapolated from the rate.
+    fn projected(&self) -> Option<f64> {
+        match self.took {
+            Some(t) => Some(t.as_secs_f64()),
+            None if self.done > 0 => Some(self.elapsed.as_secs_f64() * self.services as f64 / self.done as f64),
+            None => None,
+        }
+    }
+}
+
+/// Creates `count` Services at once and waits (at most `timeout`) until all have an ingress.
+fn converge(sb: &Sandbox, ccm: &Process, prefix: &str, count: u64, timeout: Duration) -> Result<Convergence> {
+    let before = sb.calls()?;
+    let ccm_cpu0 = cpu_time(ccm.pid()).unwrap_or_default();
+    let sb_cpu0 = sb.pid().and_then(cpu_time).unwrap_or_default();
+    let started = Instant::now();
+    let created_in = sb.create_services(prefix, count)?;
+    eprintln!("{count} Services created in {created_in:.1?}");
+    let mut done = 0;
+    let took = loop {
+        let (d, _) = sb.ingress_count(prefix)?;
+        done = done.max(d);
+        if d >= count {
+            break Some(started.elapsed());
+        }
+        if started.elapsed() > timeout {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let elapsed = started.elapsed();
+    Ok(Convergence {
+        took,
+        elapsed,
+        done,
+        services: count,
+        calls: diff(&before, &sb.calls()?),
+        ccm_cpu: cpu_time(ccm.pid()).unwrap_or_default().saturating_sub(ccm_cpu0),
+        sandbox_cpu: sb.pid().and_then(cpu_time).unwrap_or_default().saturating_sub(sb_cpu0),
+    })
+}
+
+fn backend_vms(lb: &Value) -> BTreeSet<String> {
+    lb["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|b| b["vm_id"].as_str().map(String::from))
+        .collect()
+}
+
+/// The measured run: convergence, quiet resync, node join, node-event burst, peak RSS.
+fn measured(sizes: &Sizes) -> Result<Option<Convergence>> {
+    let sb = Sandbox::up(0, sizes.nodes)?;
+    let ccm = sb.start_ccm(sizes.syncs, sizes.resync)?;
+    let init = sb.wait_initialised(sizes.nodes as usize, sizes.timeout)?;
+    eprintln!("CCM initialised {} nodes in {init:.1?}", sizes.nodes);
+    sb.set_faults(json!([{ "latency_ms": sizes.latency_ms }]))?;
+
+    let conv = converge(&sb, &ccm, "s", sizes.services, sizes.timeout)?;
+    result(
+        &format!(
+            "ccm.converge: {} Services, {} nodes, {} ms/call, --concurrent-service-syncs {}",
+            sizes.services, sizes.nodes, sizes.latency_ms, sizes.syncs
+        ),
+        format!("{} (goal <= 15 s)", conv.describe()),
+    );
+    result(
+        "ccm.converge.calls",
+        format!(
+            "{} total, {} mutating ({})",
+            total(&conv.calls),
+            mutating(&conv.calls),
+            show(&conv.calls)
+        ),
+    );
+    result(
+        "ccm.converge.cpu",
+        format!(
+            "CCM {:.2} s, sandbox (platform + API stand-ins + cluster) {:.2} s over {:.2} s wall; {}",
+            conv.ccm_cpu.as_secs_f64(),
+            conv.sandbox_cpu.as_secs_f64(),
+            conv.elapsed.as_secs_f64(),
+            common::load_average()
+        ),
+    );
+    if let Some(rss) = peak_rss_mib(ccm.pid()) {
+        result(
+            "ccm.peak_rss after convergence",
+            format!("{rss:.1} MiB (goal < 64 MiB)"),
+        );
+    }
+    if conv.took.is_none() {
+        bail!("the measured CCM did not converge; the other scenarios need it");
+    }
+
+    // A resync with nothing changed: one resync period plus 5 s without any change.
+    std::thread::sleep(Duration::from_secs(3));
+    let before = sb.calls()?;
+    let window = sizes.resync + Duration::from_secs(5);
+    std::thread::sleep(window);
+    let quiet = diff(&before, &sb.calls()?);
+    result(
+        &format!("ccm.quiet_resync ({} window)", secs(window)),
+        format!(
+            "{} mutating calls (goal 0), {} calls in all ({})",
+            mutating(&quiet),
+            total(&quiet),
+            show(&quiet)
+        ),
+    );
+
+    // A node joining: time until every LB has it as a backend.
+    let vms_before = sb.vm_ids()?;
+    let started = Instant::now();
+    let out = Command::new(binary("kuberaya"))
+        .args(["sandbox", "node", "add", "bench-joined", "--state-dir"])
+        .arg(&sb.state)
+        .output()?;
+    ensure!(out.status.success(), "sandbox node add: {}", text(&out));
+    let vm = loop {
+        if let Some(id) = sb
+            .vm_ids()?
+            .into_iter()
+            .find(|(n, _)| !vms_before.contains_key(n))
+            .map(|(_, id)| id)
+        {
+            break id;
+        }
+        ensure!(started.elapsed() < sizes.timeout, "the new VM did not show");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let join_timeout = Duration::from_secs(60);
+    let mut last;
+    let joined = loop {
+        let lbs = sb.lbs()?;
+        last = lbs.iter().filter(|lb| backend_vms(lb).contains(&vm)).count();
+        if last == lbs.len() && !lbs.is_empty() {
+            break Some(started.elapsed());
+        }
+        if started.elapsed() > join_timeout {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    result(
+        &format!("ccm.node_join ({} LBs)", sizes.services),
+        match joined {
+            Some(t) => format!(
+                "{} from `sandbox node add` until every LB has the node (goal <= 5 s for 200 LBs)",
+                secs(t)
+            ),
+            None => format!(
+                "not reached within {}: {last} of {} LBs have it",
+                secs(join_timeout),
+                sizes.services
+            ),
+        },
+    );
+    sb.wait_initialised(sizes.nodes as usize + 1, Duration::from_secs(30))?;
+
+    // A burst of node events within 1 s: half exclude their node, half change a plain label.
+    std::thread::sleep(Duration::from_secs(3));
+    let nodes: Vec<String> = sb
+        .nodes_json()?
+        .iter()
+        .filter_map(|n| n["metadata"]["name"].as_str().map(String::from))
+        .collect();
+    let before = sb.calls()?;
+    let started = Instant::now();
+    let mut excluded = BTreeSet::new();
+    for i in 0..sizes.burst {
+        let node = &nodes[i as usize % nodes.len()];
+        let labels = if i % 2 == 0 {
+            excluded.insert(node.clone());
+            json!({ EXCLUDE_LABEL: "true" })
+        } else {
+            json!({ "bench.kuberaya.io/burst": i.to_string() })
+        };
+        sb.rt.block_on(sb.kube.merge_patch(
+            &format!("/api/v1/nodes/{node}"),
+            &json!({"metadata": {"labels": labels}}),
+        ))?;
+        let due = Duration::from_millis((i + 1) * 1000 / sizes.burst);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    let burst_took = started.elapsed();
+    let want = nodes.len() - excluded.len();
+    let settle_timeout = Duration::from_secs(60);
+    let mut settled = None;
+    while started.elapsed() < settle_timeout {
+        let lbs = sb.lbs()?;
+        if lbs.iter().all(|lb| backend_vms(lb).len() == want) {
+            settled = Some(started.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // Let anything still queued land before counting.
+    std::thread::sleep(Duration::from_secs(3));
+    let burst = diff(&before, &sb.calls()?);
+    let lb_updates: u64 = burst
+        .iter()
+        .filter(|(k, _)| k.starts_with("PUT ") || k.starts_with("PATCH "))
+        .filter(|(k, _)| k.contains("load-balancers"))
+        .map(|(_, v)| v)
+        .sum();
+    result(
+        &format!("ccm.node_burst ({} events in {})", sizes.burst, secs(burst_took)),
+        format!(
+            "{:.2} platform updates per LB (goal 1); backends settled {}; calls: {}",
+            lb_updates as f64 / sizes.services as f64,
+            settled
+                .map(secs)
+                .unwrap_or_else(|| format!("not within {}", secs(settle_timeout))),
+            show(&burst)
+        ),
+    );
+    if let Some(rss) = peak_rss_mib(ccm.pid()) {
+        result(
+            &format!("ccm.peak_rss ({} Services, {} nodes)", sizes.services, sb.nodes + 1),
+            format!("{rss:.1} MiB VmHWM (goal < 64 MiB)"),
+        );
+    }
+    Ok(Some(conv))
+}
+
+/// The baseline: the same controller with `--concurrent-service-syncs 1`.
+fn baseline(sizes: &Sizes) -> Result<Convergence> {
+    let sb = Sandbox::up(1, sizes.nodes)?;
+    let ccm = sb.start_ccm(1, sizes.resync)?;
+    sb.wait_initialised(sizes.nodes as usize, sizes.timeout)?;
+    sb.set_faults(json!([{ "latency_ms": sizes.latency_ms }]))?;
+    let conv = converge(&sb, &ccm, "s", sizes.services, sizes.baseline_timeout)?;
+    result("ccm.converge baseline (--concurrent-service-syncs 1)", conv.describe());
+    Ok(conv)
+}
+
+/// Under a platform allowing `rate` calls per second (429 + Retry-After: 1 beyond it).
+fn rate_limited(sizes: &Sizes) -> Result<()> {
+    let sb = Sandbox::up(2, 3)?;
+    let ccm = sb.start_ccm(sizes.syncs, Duration::from_secs(300))?;
+    sb.wait_initialised(3, sizes.timeout)?;
+    let metrics = metrics_addr(&ccm).context("metrics address")?;
+    let waits0 = sb
+        .metric(&metrics, "kuberaya_ccm_platform_rate_limit_waits_total")
+        .unwrap_or(0.0);
+    sb.set_faults(json!([
+        { "latency_ms": sizes.latency_ms },
+        { "rate_limit_per_s": sizes.rate, "retry_after_s": 1 },
+    ]))?;
+    let conv = converge(&sb, &ccm, "r", sizes.rate_services, sizes.timeout)?;
+    sb.set_faults(json!([]))?;
+    let waits = sb
+        .metric(&metrics, "kuberaya_ccm_platform_rate_limit_waits_total")
+        .unwrap_or(0.0)
+        - waits0;
+    let calls = total(&conv.calls);
+    // Calls that got through: the ideal client needs exactly these, at `rate` per second.
+    let passed = calls.saturating_sub(waits as u64);
+    let ideal = passed as f64 / sizes.rate as f64;
+    result(
+        &format!(
+            "ccm.rate_limited ({} Services, {} calls/s allowed)",
+            sizes.rate_services, sizes.rate
+        ),
+        format!(
+            "{}; ideal bound {:.2} s ({} calls that passed / {} per s) → {} of ideal; {} calls, {} waits on 429",
+            conv.describe(),
+            ideal,
+            passed,
+            sizes.rate,
+            conv.projected()
+                .map(|p| ratio(p, ideal))
+                .unwrap_or_else(|| "n/a".into()),
+            calls,
+            waits
+        ),
+    );
+    Ok(())
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument is not supported.
+    let sizes = Sizes::from_env();
+    println!("ccm_scale: {sizes:?}");
+    println!("{}", machine());
+    let measured_conv = measured(&sizes).unwrap_or_else(|e| {
+        println!("RESULT ccm.measured: failed: {e:#}");
+        None
+    });
+    if sizes.baseline {
+        match baseline(&sizes) {
+            Ok(base) => {
+                if let (Some(m), Some(b)) = (measured_conv.as_ref().and_then(|c| c.projected()), base.projected()) {
+                    result(
+                        "ccm.converge speed-up vs baseline",
+                        format!(
+                            "{} ({:.2} s vs {:.2} s{})",
+                            ratio(b, m),
+                            m,
+                            b,
+                            if base.took.is_none() {
+                                ", baseline extrapolated"
+                            } else {
+                                ""
+                            }
+                        ),
+                    );
+                }
+            }
+            Err(e) => println!("RESULT ccm.baseline: failed: {e:#}"),
+        }
+    }
+    if sizes.rate_limited
+        && let Err(e) = rate_limited(&sizes)
+    {
+        println!("RESULT ccm.rate_limited: failed: {e:#}");
+    }
+    println!("{}", common::load_average());
+}

@@ -1,0 +1,118 @@
+//! Helpers shared by the benchmarks: size knobs from the environment, the machine and its
+//! load, and what `/proc` says of a process (peak RSS, CPU time).
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+/// An integer knob: `name` from the environment, else `default`.
+pub fn knob(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a whole number")),
+        Err(_) => default,
+    }
+}
+
+/// Whether the bench is asked to skip a part (`name=0`).
+pub fn enabled(name: &str) -> bool {
+    knob(name, 1) != 0
+}
+
+/// `nproc`, the CPU model, the memory, the date and the load average, for the report.
+pub fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let date = std::process::Command::new("date")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    format!(
+        "machine: nproc={cpus}, cpu={model}, memory={:.1} GiB, date={date}, {}",
+        mem_kib as f64 / 1024.0 / 1024.0,
+        load_average()
+    )
+}
+
+/// `load average: 1m 5m 15m` from /proc/loadavg.
+pub fn load_average() -> String {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let parts: Vec<&str> = text.split_whitespace().take(3).collect();
+    format!("load average: {}", parts.join(" "))
+}
+
+/// A field of /proc/<pid>/status in KiB (`VmHWM`, `VmRSS`).
+pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+}
+
+/// Peak resident set size of `pid` in MiB (VmHWM).
+pub fn peak_rss_mib(pid: u32) -> Option<f64> {
+    status_kib(pid, "VmHWM").map(|k| k as f64 / 1024.0)
+}
+
+/// Current resident set size of `pid` in MiB (VmRSS).
+pub fn rss_mib(pid: u32) -> Option<f64> {
+    status_kib(pid, "VmRSS").map(|k| k as f64 / 1024.0)
+}
+
+/// User plus system CPU time `pid` has used so far.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: the fields after it start after the last ')'.
+    let rest = &text[text.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after ')'.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_micros(ticks * 1_000_000 / hz))
+}
+
+/// Seconds with two decimals, or what was reached.
+pub fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+/// A ratio `a / b` written as `N.NNx`, or `n/a`.
+pub fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 && a.is_finite() && b.is_finite() {
+        format!("{:.2}x", a / b)
+    } else {
+        "n/a".into()
+    }
+}
+
+/// Median and max of samples (sorted copy); `None` when empty.
+pub fn median_max(samples: &[Duration]) -> Option<(Duration, Duration)> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut s = samples.to_vec();
+    s.sort();
+    Some((s[s.len() / 2], s[s.len() - 1]))
+}
+
+/// One result line, `RESULT <name>: <value>`, easy to grep from a run's output.
+pub fn result(name: &str, value: impl std::fmt::Display) {
+    println!("RESULT {name}: {value}");
+}

@@ -1,0 +1,775 @@
+//! Issue 12, gateway at scale: the real `kuberaya-gateway` binary in static-file mode
+//! (`--peers-file/--services-file`, re-read every 500 ms) with 10,000 peers, on loopback.
+//! The load generator is a small WireGuard client built from boringtun's noise `Tunn`
+//! (the measuring tool, not the system under test); the data plane is measured with the
+//! stock userspace client `onetun` against a direct connection in the same run.
+//!
+//! Run: `cargo bench --bench gateway_scale` (sizes: see [`Sizes`], e.g.
+//! `KR_BENCH_PEERS=500 KR_BENCH_TRIES=5 cargo bench --bench gateway_scale` for a smoke run).
+//!
+//! Every scenario has a timeout and reports "not reached within X" instead of hanging.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use common::{knob, machine, median_max, peak_rss_mib, ratio, result, rss_mib, secs};
+use kuberaya_e2e::{Process, binary};
+use serde_json::{Value, json};
+
+/// The sizes, from the environment; the defaults are the issue's.
+#[derive(Debug, Clone)]
+struct Sizes {
+    /// `KR_BENCH_PEERS`: peers loaded.
+    peers: u64,
+    /// `KR_BENCH_TRIES`: tries of the add/remove latencies.
+    tries: u64,
+    /// `KR_BENCH_FLOOD_S`: length of the handshake flood.
+    flood: Duration,
+    /// `KR_BENCH_FLOOD_CLIENTS`: handshaking clients (threads) of the flood.
+    flood_clients: u64,
+    /// `KR_BENCH_BULK_MB`: bytes of the single-stream transfer.
+    bulk_mb: u64,
+    /// `KR_BENCH_CONNS_S`: length of the connections-per-second runs.
+    conns: Duration,
+}
+
+impl Sizes {
+    fn from_env() -> Sizes {
+        Sizes {
+            peers: knob("KR_BENCH_PEERS", 10_000),
+            tries: knob("KR_BENCH_TRIES", 20),
+            flood: Duration::from_secs(knob("KR_BENCH_FLOOD_S", 5)),
+            flood_clients: knob("KR_BENCH_FLOOD_CLIENTS", 4),
+            bulk_mb: knob("KR_BENCH_BULK_MB", 64),
+            conns: Duration::from_secs(knob("KR_BENCH_CONNS_S", 5)),
+        }
+    }
+}
+
+/// A deterministic-per-run source of key bytes (xorshift seeded from the clock and pid):
+/// test keys of a benchmark, not secrets.
+struct KeyBytes(u64);
+
+impl KeyBytes {
+    fn new() -> KeyBytes {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        KeyBytes(t ^ (u64::from(std::process::id()) << 32) | 1)
+    }
+
+    fn next(&mut self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for chunk in out.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            chunk.copy_from_slice(&self.0.to_le_bytes());
+        }
+        out
+    }
+}
+
+fn b64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::new();
+    for c in bytes.chunks(3) {
+        let n =
+            (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        s.push(A[(n >> 18) as usize & 63] as char);
+        s.push(A[(n >> 12) as usize & 63] as char);
+        s.push(if c.len() > 1 {
+            A[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        s.push(if c.len() > 2 { A[n as usize & 63] as char } else { '=' });
+    }
+    s
+}
+
+fn b64_decode(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in s.trim().bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            b'=' => continue,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+/// A peer of the bench: its key and tunnel address.
+#[derive(Clone)]
+struct Peer {
+    secret: [u8; 32],
+    public: String,
+    address: Ipv4Addr,
+}
+
+impl Peer {
+    fn new(keys: &mut KeyBytes, index: u64) -> Peer {
+        let secret = keys.next();
+        let public = PublicKey::from(&StaticSecret::from(secret));
+        Peer {
+            secret,
+            public: b64(public.as_bytes()),
+            address: peer_address(index),
+        }
+    }
+
+    fn json(&self, name: &str) -> Value {
+        json!({"namespace": "default", "name": name,
+               "spec": {"publicKey": self.public, "address": self.address.to_string(),
+                        "allow": [{"service": "web"}]}})
+    }
+}
+
+/// Peer `i`'s address in 100.64.0.0/16 (the gateway is 100.64.0.1).
+fn peer_address(i: u64) -> Ipv4Addr {
+    let n = i + 2;
+    Ipv4Addr::new(100, 64, (n / 256) as u8, (n % 256) as u8)
+}
+
+/// Writes the peers file atomically (the gateway re-reads it every 500 ms).
+fn write_peers(path: &Path, peers: &[Value]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(peers)?)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// A WireGuard client of one peer over a UDP socket: boringtun's `Tunn`.
+struct Client {
+    tunn: Tunn,
+    sock: UdpSocket,
+    gateway: SocketAddr,
+    buf: Vec<u8>,
+    address: Ipv4Addr,
+}
+
+impl Client {
+    fn new(peer: &Peer, gateway_public: &[u8; 32], gateway: SocketAddr, index: u32) -> Result<Client> {
+        let sock = UdpSocket::bind("127.0.0.1:0")?;
+        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let tunn = Tunn::new(
+            StaticSecret::from(peer.secret),
+            PublicKey::from(*gateway_public),
+            None,
+            None,
+            index,
+            None,
+        );
+        Ok(Client {
+            tunn,
+            sock,
+            gateway,
+            buf: vec![0u8; 65536],
+            address: peer.address,
+        })
+    }
+
+    /// Sends a handshake initiation (forced) and waits up to `wait` for the session.
+    fn handshake(&mut self, wait: Duration) -> Result<bool> {
+        let mut out = vec![0u8; 2048];
+        match self.tunn.format_handshake_initiation(&mut out, true) {
+            TunnResult::WriteToNetwork(p) => {
+                self.sock.send_to(p, self.gateway)?;
+            }
+            TunnResult::Err(e) => bail!("handshake initiation: {e:?}"),
+            _ => {}
+        }
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            let Ok(n) = self.sock.recv(&mut self.buf) else { continue };
+            let datagram = self.buf[..n].to_vec();
+            let mut dst = vec![0u8; 65536];
+            let mut established = match self.tunn.decapsulate(None, &datagram, &mut dst) {
+                TunnResult::WriteToNetwork(p) => {
+                    // The keepalive that confirms the session.
+                    self.sock.send_to(p, self.gateway)?;
+                    true
+                }
+                // A handshake response without anything queued still makes a session;
+                // a cookie reply does not (the next try carries mac2).
+                TunnResult::Done => datagram.first() == Some(&2),
+                _ => false,
+            };
+            // Anything else queued.
+            loop {
+                let mut more = vec![0u8; 2048];
+                match self.tunn.decapsulate(None, &[], &mut more) {
+                    TunnResult::WriteToNetwork(p) => {
+                        self.sock.send_to(p, self.gateway)?;
+                        established = true;
+                    }
+                    _ => break,
+                }
+            }
+            if established {
+                return Ok(true);
+            }
+            if datagram.first() == Some(&3) {
+                // Cookie reply: retry at once with the cookie.
+                return Ok(false);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Sends one DNS query for `web.default.svc.cluster.local` to 100.64.0.1 through the
+    /// tunnel and waits up to `wait` for an answer.
+    fn dns_roundtrip(&mut self, wait: Duration, id: u16) -> Result<bool> {
+        let packet = dns_packet(self.address, id);
+        let mut out = vec![0u8; 2048];
+        match self.tunn.encapsulate(&packet, &mut out) {
+            TunnResult::WriteToNetwork(p) => {
+                self.sock.send_to(p, self.gateway)?;
+            }
+            TunnResult::Err(e) => bail!("encapsulate: {e:?}"),
+            _ => {}
+        }
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            let Ok(n) = self.sock.recv(&mut self.buf) else { continue };
+            let datagram = self.buf[..n].to_vec();
+            let mut dst = vec![0u8; 65536];
+            match self.tunn.decapsulate(None, &datagram, &mut dst) {
+                TunnResult::WriteToTunnelV4(p, _) if p.len() > 30 && p[28..30] == id.to_be_bytes() => return Ok(true),
+                TunnResult::WriteToNetwork(p) => {
+                    self.sock.send_to(p, self.gateway)?;
+                }
+                _ => {}
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// An IPv4/UDP packet from `src` to 100.64.0.1:53 holding a DNS A query (UDP checksum 0).
+fn dns_packet(src: Ipv4Addr, id: u16) -> Vec<u8> {
+    let mut dns = Vec::new();
+    dns.extend_from_slice(&id.to_be_bytes());
+    dns.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in ["web", "default", "svc", "cluster", "local"] {
+        dns.push(label.len() as u8);
+        dns.extend_from_slice(label.as_bytes());
+    }
+    dns.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let udp_len = 8 + dns.len();
+    let total = 20 + udp_len;
+    let mut p = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0x40, 0, 64, 17, 0, 0];
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&[100, 64, 0, 1]);
+    let mut sum: u32 = p.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let csum = !(sum as u16);
+    p[10..12].copy_from_slice(&csum.to_be_bytes());
+    p.extend_from_slice(&40000u16.to_be_bytes());
+    p.extend_from_slice(&53u16.to_be_bytes());
+    p.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(&dns);
+    p
+}
+
+/// A running gateway and what it printed when it started listening.
+struct Gateway {
+    process: Process,
+    udp: SocketAddr,
+    public: [u8; 32],
+    metrics: String,
+}
+
+fn start_gateway(dir: &Path, peers: &Path, services: &Path, extra: &[&str]) -> Result<(Gateway, Duration)> {
+    let out = Command::new(binary("kuberaya-gateway"))
+        .arg("--generate-keypair")
+        .output()?;
+    ensure!(out.status.success(), "--generate-keypair failed");
+    let text = String::from_utf8(out.stdout)?;
+    let private = text.split_whitespace().next().context("private key")?;
+    let key_file = dir.join("gw.key");
+    std::fs::write(&key_file, private)?;
+    let mut args: Vec<String> = vec![
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--private-key-file".into(),
+        key_file.display().to_string(),
+        "--peers-file".into(),
+        peers.display().to_string(),
+        "--services-file".into(),
+        services.display().to_string(),
+        "--metrics-bind-address".into(),
+        "127.0.0.1:0".into(),
+        "--health-bind-address".into(),
+        "127.0.0.1:0".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let started = Instant::now();
+    let mut cmd = Command::new(binary("kuberaya-gateway"));
+    cmd.args(&args).env("RUST_LOG", "warn");
+    let mut process = Process::spawn_command(cmd)?;
+    let line = process.wait_for_stdout_line("kuberaya-gateway listening", Duration::from_secs(120))?;
+    let listening = started.elapsed();
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .map(String::from)
+            .with_context(|| format!("{k}= in {line:?}"))
+    };
+    let public: [u8; 32] = b64_decode(&field("public_key")?)
+        .context("public key")?
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("public key length"))?;
+    Ok((
+        Gateway {
+            udp: field("udp")?.parse()?,
+            metrics: field("metrics")?,
+            public,
+            process,
+        },
+        listening,
+    ))
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    let Ok(addr) = addr.parse::<SocketAddr>() else {
+        return String::new();
+    };
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = write!(s, "GET {path} HTTP/1.0\r\nhost: x\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// The sum of the metric `name` (every label set) on the gateway's metrics endpoint.
+fn metric(gw: &Gateway, name: &str, label: &str) -> f64 {
+    http_get(&gw.metrics, "/metrics")
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until the gateway reports `count` accepted peers; the time since `since`.
+fn wait_loaded(gw: &Gateway, count: u64, since: Instant, timeout: Duration) -> Option<Duration> {
+    while since.elapsed() < timeout {
+        if metric(gw, "kuberaya_gateway_peers", "state=\"accepted\"") as u64 >= count {
+            return Some(since.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// A TCP server on `ip`: port A sends `bulk` bytes and closes, port B answers "ok" and closes.
+fn servers(ip: Ipv4Addr, bulk: u64, stop: Arc<AtomicBool>) -> Result<(SocketAddr, SocketAddr)> {
+    let big = TcpListener::bind((ip, 0))?;
+    let small = TcpListener::bind((ip, 0))?;
+    let (a, b) = (big.local_addr()?, small.local_addr()?);
+    let stop2 = stop.clone();
+    std::thread::spawn(move || {
+        let chunk = vec![0x5au8; 64 * 1024];
+        for s in big.incoming() {
+            if stop2.load(Ordering::Relaxed) {
+                return;
+            }
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn({
+                let chunk = chunk.clone();
+                move || {
+                    let _ = s.set_write_timeout(Some(Duration::from_secs(10)));
+                    let mut left = bulk;
+                    while left > 0 {
+                        let n = left.min(chunk.len() as u64) as usize;
+                        if s.write_all(&chunk[..n]).is_err() {
+                            return;
+                        }
+                        left -= n as u64;
+                    }
+                }
+            });
+        }
+    });
+    std::thread::spawn(move || {
+        for s in small.incoming() {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            if let Ok(mut s) = s {
+                let _ = s.write_all(b"ok");
+            }
+        }
+    });
+    Ok((a, b))
+}
+
+/// Reads from `addr` until EOF (at most `limit`): bytes and time.
+fn download(addr: SocketAddr, limit: Duration) -> Result<(u64, Duration)> {
+    let started = Instant::now();
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    while started.elapsed() < limit {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n as u64,
+            Err(_) => break,
+        }
+    }
+    Ok((got, started.elapsed()))
+}
+
+/// Connections per second to `addr` (connect, read the answer to EOF, close) for `length`.
+fn connections(addr: SocketAddr, length: Duration) -> (u64, u64) {
+    let started = Instant::now();
+    let (mut ok, mut failed) = (0, 0);
+    while started.elapsed() < length {
+        let done = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let mut out = Vec::new();
+            s.read_to_end(&mut out)?;
+            Ok(out == b"ok")
+        });
+        match done {
+            Ok(true) => ok += 1,
+            _ => failed += 1,
+        }
+    }
+    (ok, failed)
+}
+
+fn onetun_path() -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("onetun"))
+            .find(|p| p.is_file())
+    })
+}
+
+/// onetun as peer `peer`, forwarding 127.0.0.1:<free port> to `remote` over TCP; waits
+/// until the forward answers `probe` (or 20 s).
+fn onetun(gw: &Gateway, peer: &Peer, remote: SocketAddr) -> Result<(Process, SocketAddr)> {
+    let path = onetun_path().context("onetun is not installed (scripts/test installs it)")?;
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut cmd = Command::new(path);
+    cmd.args([
+        "--endpoint-addr",
+        &gw.udp.to_string(),
+        "--endpoint-public-key",
+        &b64(&gw.public),
+        "--source-peer-ip",
+        &peer.address.to_string(),
+        "--keep-alive",
+        "5",
+        "--log",
+        "error",
+        &format!("127.0.0.1:{port}:{remote}:TCP"),
+    ])
+    .env("ONETUN_PRIVATE_KEY", b64(&peer.secret));
+    let p = Process::spawn_command(cmd)?;
+    let local: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&local, Duration::from_millis(200)).is_ok() {
+            return Ok((p, local));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("onetun did not listen\n{}", p.output_tails())
+}
+
+fn mbit(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 * 8.0 / d.as_secs_f64().max(1e-9) / 1e6
+}
+
+fn main() -> Result<()> {
+    let sizes = Sizes::from_env();
+    println!("gateway_scale: {sizes:?}");
+    println!("{}", machine());
+    let dir = tempfile::tempdir()?;
+    let net = kuberaya_e2e::unique_net_index();
+    let web_ip = Ipv4Addr::new(127, 97, net, 10);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (bulk_addr, small_addr) = servers(web_ip, sizes.bulk_mb * 1024 * 1024, stop.clone())?;
+    let services = dir.path().join("services.json");
+    std::fs::write(
+        &services,
+        json!([{"namespace": "default", "name": "web", "clusterIP": web_ip.to_string(),
+                "ports": [{"name": "bulk", "port": bulk_addr.port()},
+                          {"name": "small", "port": small_addr.port()}]}])
+        .to_string(),
+    )?;
+
+    // The peers: all get a key; the first `keep` are the bench's clients.
+    let mut keys = KeyBytes::new();
+    let peers: Vec<Peer> = (0..sizes.peers).map(|i| Peer::new(&mut keys, i)).collect();
+    let mut peer_json: Vec<Value> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| p.json(&format!("p{i}")))
+        .collect();
+    let peers_file = dir.path().join("peers.json");
+
+    // Baseline: the same gateway with no peers.
+    write_peers(&peers_file, &[])?;
+    let (gw0, listening0) = start_gateway(dir.path(), &peers_file, &services, &[])?;
+    std::thread::sleep(Duration::from_millis(500));
+    let rss0 = rss_mib(gw0.process.pid()).unwrap_or(0.0);
+    drop(gw0);
+
+    // Loaded: every peer from the start.
+    write_peers(&peers_file, &peer_json)?;
+    let spawned = Instant::now();
+    let (gw, listening) = start_gateway(dir.path(), &peers_file, &services, &[])?;
+    let load = wait_loaded(&gw, sizes.peers, spawned, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = gw.process.pid();
+    let rss = rss_mib(pid).unwrap_or(0.0);
+    result(
+        &format!("gateway.load ({} peers, static files)", sizes.peers),
+        match load {
+            Some(t) => format!(
+                "{} until all accepted ({} to listening; with 0 peers {} to listening → {})",
+                secs(t),
+                secs(listening),
+                secs(listening0),
+                ratio(t.as_secs_f64(), listening0.as_secs_f64())
+            ),
+            None => "not reached within 120 s".into(),
+        },
+    );
+    result(
+        &format!("gateway.rss ({} peers)", sizes.peers),
+        format!(
+            "{rss:.1} MiB VmRSS (goal < 100 MiB), peak {:.1} MiB; with 0 peers {rss0:.1} MiB → {:.0} bytes per peer",
+            peak_rss_mib(pid).unwrap_or(0.0),
+            (rss - rss0) * 1024.0 * 1024.0 / sizes.peers.max(1) as f64
+        ),
+    );
+
+    // Add → first handshake, remove → traffic stops; `tries` times each.
+    let mut added = Vec::new();
+    let mut removed = Vec::new();
+    let mut failures = Vec::new();
+    for t in 0..sizes.tries {
+        let peer = Peer::new(&mut keys, sizes.peers + 10 + t);
+        let mut client = Client::new(&peer, &gw.public, gw.udp, 1000 + t as u32)?;
+        peer_json.push(peer.json(&format!("new{t}")));
+        write_peers(&peers_file, &peer_json)?;
+        let start = Instant::now();
+        let limit = Duration::from_secs(10);
+        let mut ok = false;
+        while start.elapsed() < limit {
+            if client.handshake(Duration::from_millis(100))? {
+                ok = true;
+                break;
+            }
+        }
+        if !ok {
+            failures.push(format!("try {t}: no handshake within {}", secs(limit)));
+            peer_json.pop();
+            continue;
+        }
+        added.push(start.elapsed());
+        // Traffic flows (DNS through the tunnel) before the removal.
+        if !client.dns_roundtrip(Duration::from_secs(2), 1)? {
+            failures.push(format!("try {t}: no DNS answer through the tunnel"));
+        }
+        peer_json.pop();
+        write_peers(&peers_file, &peer_json)?;
+        let start = Instant::now();
+        let mut last_answer = None;
+        let mut unanswered_since = None;
+        let mut id = 2u16;
+        while start.elapsed() < limit {
+            id = id.wrapping_add(1);
+            let sent = start.elapsed();
+            if client.dns_roundtrip(Duration::from_millis(50), id)? {
+                last_answer = Some(sent);
+                unanswered_since = None;
+            } else if unanswered_since.is_none() {
+                unanswered_since = Some(sent);
+            }
+            // Stopped: 1 s without an answer.
+            if unanswered_since.is_some_and(|u| start.elapsed() - u > Duration::from_secs(1)) {
+                break;
+            }
+        }
+        match unanswered_since {
+            Some(u) if start.elapsed() - u > Duration::from_secs(1) => removed.push(u),
+            _ => failures.push(format!(
+                "try {t}: traffic still answered {} after the removal (last answer at {last_answer:?})",
+                secs(limit)
+            )),
+        }
+    }
+    if let Some((med, max)) = median_max(&added) {
+        result(
+            &format!("gateway.add_to_handshake ({} peers present)", sizes.peers),
+            format!(
+                "median {} max {} over {} tries (goal < 1 s; the file is re-read every 500 ms)",
+                secs(med),
+                secs(max),
+                added.len()
+            ),
+        );
+    }
+    if let Some((med, max)) = median_max(&removed) {
+        result(
+            &format!("gateway.remove_to_cutoff ({} peers present)", sizes.peers),
+            format!(
+                "median {} max {} over {} tries (goal < 2 s)",
+                secs(med),
+                secs(max),
+                removed.len()
+            ),
+        );
+    }
+    for f in &failures {
+        result("gateway.add_remove failure", f);
+    }
+
+    // The data plane through onetun (an established peer) against a direct connection.
+    let have_onetun = onetun_path().is_some();
+    let mut flow_peer_tput = None;
+    if have_onetun {
+        let (direct_bytes, direct_t) = download(bulk_addr, Duration::from_secs(60))?;
+        let (mut t1, local) = onetun(&gw, &peers[0], bulk_addr)?;
+        let (tun_bytes, tun_t) = download(local, Duration::from_secs(60))?;
+        let (direct_mbit, tun_mbit) = (mbit(direct_bytes, direct_t), mbit(tun_bytes, tun_t));
+        flow_peer_tput = Some(tun_mbit);
+        result(
+            "gateway.tcp_single_stream (onetun → gateway → server)",
+            format!(
+                "{tun_mbit:.0} Mbit/s ({} MiB in {}) vs direct {direct_mbit:.0} Mbit/s → {} of direct",
+                tun_bytes / 1024 / 1024,
+                secs(tun_t),
+                ratio(tun_mbit, direct_mbit)
+            ),
+        );
+        t1.stop();
+        let (d_ok, d_fail) = connections(small_addr, sizes.conns);
+        let (mut t2, local) = onetun(&gw, &peers[1], small_addr)?;
+        let (o_ok, o_fail) = connections(local, sizes.conns);
+        t2.stop();
+        let per_s = |n: u64| n as f64 / sizes.conns.as_secs_f64();
+        result(
+            "gateway.connections_per_s (onetun → gateway → server)",
+            format!(
+                "{:.0}/s ({o_fail} failed) vs direct {:.0}/s ({d_fail} failed) → {} of direct",
+                per_s(o_ok),
+                per_s(d_ok),
+                ratio(per_s(o_ok), per_s(d_ok))
+            ),
+        );
+    } else {
+        result(
+            "gateway.data_plane",
+            "skipped: onetun is not installed (scripts/test installs it)",
+        );
+    }
+
+    // Handshake flood: `flood_clients` peers handshake in a loop; meanwhile an
+    // established peer (onetun) downloads.
+    let done = Arc::new(AtomicBool::new(false));
+    let completed = Arc::new(AtomicU64::new(0));
+    let cookie_or_lost = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+    let flood_start = Instant::now();
+    for c in 0..sizes.flood_clients {
+        let peer = peers[(2 + c as usize) % peers.len()].clone();
+        let (done, completed, other) = (done.clone(), completed.clone(), cookie_or_lost.clone());
+        let (public, udp) = (gw.public, gw.udp);
+        threads.push(std::thread::spawn(move || -> Result<()> {
+            let mut client = Client::new(&peer, &public, udp, 5000 + c as u32)?;
+            while !done.load(Ordering::Relaxed) {
+                if client.handshake(Duration::from_millis(200))? {
+                    completed.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    other.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(())
+        }));
+    }
+    let during = if have_onetun {
+        let (mut t3, local) = onetun(&gw, &peers[0], bulk_addr)?;
+        let left = sizes
+            .flood
+            .saturating_sub(flood_start.elapsed())
+            .max(Duration::from_secs(1));
+        let (bytes, t) = download(local, left)?;
+        t3.stop();
+        Some(mbit(bytes, t))
+    } else {
+        std::thread::sleep(sizes.flood);
+        None
+    };
+    while flood_start.elapsed() < sizes.flood {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    done.store(true, Ordering::Relaxed);
+    for t in threads {
+        if let Ok(Err(e)) = t.join() {
+            result("gateway.flood client failed", format!("{e:#}"));
+        }
+    }
+    let flood_t = flood_start.elapsed();
+    result(
+        &format!(
+            "gateway.handshakes_per_s ({} clients, {}, default --handshake-limit 100)",
+            sizes.flood_clients,
+            secs(flood_t)
+        ),
+        format!(
+            "{:.0}/s completed ({} not completed: cookie reply or no answer within 200 ms)",
+            completed.load(Ordering::Relaxed) as f64 / flood_t.as_secs_f64(),
+            cookie_or_lost.load(Ordering::Relaxed)
+        ),
+    );
+    if let (Some(d), Some(b)) = (during, flow_peer_tput) {
+        result(
+            "gateway.throughput_during_flood (established onetun peer)",
+            format!("{d:.0} Mbit/s vs {b:.0} Mbit/s without the flood → {}", ratio(d, b)),
+        );
+    }
+    result(
+        "gateway.peak_rss (end of run)",
+        format!("{:.1} MiB", peak_rss_mib(pid).unwrap_or(0.0)),
+    );
+    stop.store(true, Ordering::Relaxed);
+    println!("{}", common::load_average());
+    Ok(())
+}
