@@ -735,7 +735,7 @@ impl InProcessGateway {
         let task = tokio::spawn(started.run(async move {
             let _ = stopped.await;
         }));
-        let mut gateway = InProcessGateway {
+        let gateway = InProcessGateway {
             info,
             public_ip: None,
             stop,
