@@ -303,22 +303,34 @@ impl ServiceCatalog for KubeSource {
     }
 }
 
-/// Write changed statuses every `every` until the report channel closes.
+/// Write statuses until the report channel closes: a peer's acceptance (condition,
+/// address, generation) as soon as the gateway reports it changed, and its counters (last
+/// handshake, bytes) at most every `every`.
 pub async fn write_status(client: Client, mut reports: watch::Receiver<GatewayReport>, every: Duration) {
     let mut written: HashMap<PeerId, VpnPeerStatus> = HashMap::new();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        if reports.has_changed().is_err() {
-            return;
-        }
+        let counters = tokio::select! {
+            _ = tick.tick() => {
+                if reports.has_changed().is_err() {
+                    return;
+                }
+                true
+            }
+            r = reports.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                false
+            }
+        };
         let report = reports.borrow_and_update().clone();
         let now = Timestamp::now();
         for r in &report.peers {
             let prev = written.get(&r.id);
             let status = status_for(prev, r, now);
-            if prev.is_some_and(|p| same_but_time(p, &status)) {
+            if !status_due(prev, &status, counters) {
                 continue;
             }
             let api: Api<VpnPeer> = Api::namespaced(client.clone(), &r.id.namespace);
@@ -330,6 +342,11 @@ pub async fn write_status(client: Client, mut reports: watch::Receiver<GatewayRe
                 Ok(_) => {
                     written.insert(r.id.clone(), status);
                 }
+                // Deleted since the report: nothing to write.
+                Err(kube::Error::Api(e)) if e.code == 404 => {
+                    tracing::debug!(peer = %r.id, "VpnPeer gone before its status was written");
+                    written.remove(&r.id);
+                }
                 Err(e) => tracing::warn!(peer = %r.id, error = %e, "writing VpnPeer status"),
             }
         }
@@ -337,8 +354,17 @@ pub async fn write_status(client: Client, mut reports: watch::Receiver<GatewayRe
     }
 }
 
-fn same_but_time(a: &VpnPeerStatus, b: &VpnPeerStatus) -> bool {
-    a == b
+/// Whether `new` must be written over `prev`: always when the peer's acceptance changed,
+/// and for counters only when `counters` (the status interval came round).
+fn status_due(prev: Option<&VpnPeerStatus>, new: &VpnPeerStatus, counters: bool) -> bool {
+    let Some(prev) = prev else { return true };
+    if prev == new {
+        return false;
+    }
+    counters
+        || prev.conditions != new.conditions
+        || prev.address != new.address
+        || prev.observed_generation != new.observed_generation
 }
 
 #[cfg(test)]
@@ -410,6 +436,37 @@ mod tests {
         assert_eq!(s2.conditions[0].reason, "Disabled");
         assert_eq!(s2.conditions[0].last_transition_time, Time(t1));
         assert_eq!(s2.address, None);
+    }
+
+    #[test]
+    fn acceptance_is_written_at_once_counters_at_the_interval() {
+        let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let mut r = PeerReport {
+            id: PeerId::new("a", "b"),
+            generation: Some(1),
+            outcome: Ok(Ipv4Addr::new(100, 64, 0, 2)),
+            last_handshake: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+        };
+        let s0 = status_for(None, &r, t0);
+        assert!(status_due(None, &s0, false), "a new peer's status is written at once");
+        assert!(!status_due(Some(&s0), &s0, true), "nothing changed");
+        r.rx_bytes = 100;
+        r.last_handshake = Some(SystemTime::now());
+        let s1 = status_for(Some(&s0), &r, t0);
+        assert!(!status_due(Some(&s0), &s1, false), "counters wait for the interval");
+        assert!(status_due(Some(&s0), &s1, true));
+        r.outcome = Err(Rejection::Disabled);
+        let s2 = status_for(Some(&s1), &r, t0);
+        assert!(status_due(Some(&s1), &s2, false), "a rejection is written at once");
+        r.outcome = Ok(Ipv4Addr::new(100, 64, 0, 2));
+        r.generation = Some(2);
+        let s3 = status_for(Some(&s1), &r, t0);
+        assert!(
+            status_due(Some(&s1), &s3, false),
+            "a new generation is acknowledged at once"
+        );
     }
 
     #[test]

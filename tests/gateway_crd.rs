@@ -1,0 +1,887 @@
+//! End to end: the real `kuberaya-gateway` driven by `VpnPeer` resources on a sandbox
+//! cluster (`kuberaya sandbox up --no-ccm`), with the real `kubectl` for every change and
+//! the stock userspace WireGuard client `onetun` as each operator's laptop; `curl` and
+//! `dig` go through onetun's port forwards to the sandbox's loopback ClusterIPs.
+//!
+//! What is measured, not assumed (the figures are printed with `--nocapture`):
+//! - a peer created with `kubectl apply` carries traffic within 1 s (a full HTTP exchange
+//!   through a fresh onetun, so its handshake came first);
+//! - a peer deleted, disabled (`kubectl patch`) or expired (`expiresAt`) is cut off within
+//!   2 s, while another peer's session (its handshake count) is untouched;
+//! - a Service deleted is refused by the gateway for new flows at once.
+//!
+//! onetun 0.3.10 panics with more than one TCP forward per process and two onetuns with
+//! the same key fight over the peer's endpoint, so each onetun has one forward and each
+//! peer at most one onetun at a time.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use kuberaya_e2e::{Process, binary, poll_until_blocking, unique_net_index};
+use serde_json::Value;
+
+const KUBECTL: &str = "/usr/bin/kubectl";
+const GW_NS: &str = "kuberaya-system";
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn onetun_path() -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("onetun"))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!("onetun is not installed: run `cargo install --locked onetun --version 0.3.10` (scripts/test does)")
+    })
+}
+
+/// A sandbox in a temporary state dir; `sandbox down --purge` on drop.
+struct Sandbox {
+    _dir: tempfile::TempDir,
+    state: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+impl Sandbox {
+    fn up() -> Result<Sandbox> {
+        let dir = tempfile::tempdir()?;
+        let state = dir.path().join("sb");
+        let n = unique_net_index();
+        // This test runs its own gateway: none in the sandbox, where `sandbox up` has one.
+        let help = Command::new(binary("kuberaya"))
+            .args(["sandbox", "up", "--help"])
+            .output()?;
+        let no_gateway = String::from_utf8_lossy(&help.stdout).contains("--no-gateway");
+        let out = Command::new(binary("kuberaya"))
+            .args(["sandbox", "up", "--detach", "--no-ccm", "--nodes", "2"])
+            .args(no_gateway.then_some("--no-gateway"))
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--public-ip-range", &format!("127.203.{n}.0/24")])
+            .args(["--vm-ip-range", &format!("127.10.{n}.0/24")])
+            .args(["--service-cidr", &format!("127.97.{n}.0/24")])
+            .args(["--pod-cidr", &format!("127.{}.0.0/16", u16::from(n) + 100)])
+            .output()?;
+        let sb = Sandbox {
+            kubeconfig: state.join("kubeconfig"),
+            state,
+            _dir: dir,
+        };
+        ensure!(out.status.success(), "sandbox up: {}", text(&out));
+        Ok(sb)
+    }
+
+    fn kubectl_in(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
+        let mut child = Command::new(KUBECTL)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        if let Some(s) = stdin {
+            child.stdin.take().context("stdin")?.write_all(s.as_bytes())?;
+        }
+        drop(child.stdin.take());
+        let out = child.wait_with_output()?;
+        ensure!(out.status.success(), "kubectl {args:?}: {}", text(&out));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn kubectl(&self, args: &[&str]) -> Result<String> {
+        self.kubectl_in(args, None)
+    }
+
+    fn apply(&self, yaml: &str) -> Result<()> {
+        self.kubectl_in(&["apply", "-f", "-"], Some(yaml)).map(|_| ())
+    }
+
+    fn peer(&self, ns: &str, name: &str) -> Result<Value> {
+        Ok(serde_json::from_str(
+            &self.kubectl(&["get", "vpnpeer", "-n", ns, name, "-o", "json"])?,
+        )?)
+    }
+
+    fn cluster_ip(&self, svc: &str) -> Result<String> {
+        let ip = self.kubectl(&["get", "service", svc, "-o", "jsonpath={.spec.clusterIP}"])?;
+        ensure!(!ip.is_empty(), "Service {svc} has no ClusterIP");
+        Ok(ip)
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = Command::new(binary("kuberaya"))
+            .args(["sandbox", "down", "--purge", "--state-dir"])
+            .arg(&self.state)
+            .output();
+    }
+}
+
+fn keypair() -> (String, String) {
+    let out = Command::new(binary("kuberaya-gateway"))
+        .arg("--generate-keypair")
+        .output()
+        .expect("kuberaya-gateway --generate-keypair");
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let mut it = text.split_whitespace();
+    (
+        it.next().expect("private").to_string(),
+        it.next().expect("public").to_string(),
+    )
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// An operator's laptop: a key pair and a tunnel address.
+struct Laptop {
+    name: &'static str,
+    private: String,
+    public: String,
+    address: String,
+}
+
+impl Laptop {
+    fn new(name: &'static str, address: &str) -> Laptop {
+        let (private, public) = keypair();
+        Laptop {
+            name,
+            private,
+            public,
+            address: address.to_string(),
+        }
+    }
+
+    /// The VpnPeer of this laptop in the gateway's namespace, allowed `default/web`.
+    fn peer_yaml(&self, extra_spec: &str) -> String {
+        format!(
+            "apiVersion: vpn.cloudraya.com/v1alpha1\nkind: VpnPeer\nmetadata:\n  name: {}\n  namespace: {GW_NS}\nspec:\n  publicKey: \"{}\"\n  address: {}\n  allow:\n  - namespace: default\n    service: web\n{extra_spec}",
+            self.name, self.public, self.address
+        )
+    }
+
+    /// One onetun forwarding a fresh local port to `remote` (`host:port:PROTO`).
+    fn onetun(&self, gw: &GatewayInfo, remote: &str) -> Result<Tunnel> {
+        let local = free_port();
+        let mut cmd = Command::new(onetun_path());
+        cmd.args([
+            "--endpoint-addr",
+            &gw.endpoint,
+            "--endpoint-public-key",
+            &gw.public_key,
+            "--source-peer-ip",
+            &self.address,
+            "--keep-alive",
+            "5",
+            &format!("127.0.0.1:{local}:{remote}"),
+        ])
+        .env("ONETUN_PRIVATE_KEY", &self.private);
+        Ok(Tunnel {
+            port: local,
+            process: Process::spawn_command(cmd)?,
+        })
+    }
+}
+
+struct Tunnel {
+    port: u16,
+    process: Process,
+}
+
+impl Tunnel {
+    /// One HTTP GET through the tunnel: the body when it answered.
+    fn get(&self, timeout: Duration) -> Option<String> {
+        curl(self.port, timeout)
+    }
+}
+
+fn curl(port: u16, timeout: Duration) -> Option<String> {
+    let out = Command::new("curl")
+        .args(["-sS", "-m", &format!("{:.2}", timeout.as_secs_f64())])
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()
+        .expect("curl is installed");
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A pod's answer: `pod=NAME namespace=default node=...`.
+fn from_pod(body: &str) -> bool {
+    body.starts_with("pod=web-") && body.contains("namespace=default")
+}
+
+fn dig(port: u16, name: &str) -> String {
+    let out = Command::new("dig")
+        .args(["+time=2", "+tries=1", "-p", &port.to_string(), "@127.0.0.1", name, "A"])
+        .output()
+        .expect("dig is installed (apt package dnsutils)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What the gateway printed on start.
+struct GatewayInfo {
+    endpoint: String,
+    public_key: String,
+    metrics: String,
+}
+
+impl GatewayInfo {
+    fn metrics(&self) -> String {
+        let Ok(addr) = self.metrics.parse() else {
+            return String::new();
+        };
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+            return String::new();
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = write!(s, "GET /metrics HTTP/1.0\r\nhost: x\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    /// The value of the metric line that starts with `name{` and contains every label.
+    fn metric(&self, name: &str, labels: &[&str]) -> u64 {
+        let text = self.metrics();
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|lb| l.contains(lb)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum()
+    }
+
+    /// The gateway's accepted-peers gauge.
+    fn accepted(&self) -> u64 {
+        self.metric("kuberaya_gateway_peers", &["state=\"accepted\""])
+    }
+
+    fn handshakes(&self, peer: &str) -> u64 {
+        self.metric(
+            "kuberaya_gateway_peer_handshakes_total",
+            &[&format!("peer=\"{GW_NS}/{peer}\"")],
+        )
+    }
+
+    fn denied_flows(&self, peer: &str) -> u64 {
+        self.metric(
+            "kuberaya_gateway_flows_total",
+            &[&format!("peer=\"{GW_NS}/{peer}\""), "verdict=\"denied\""],
+        )
+    }
+}
+
+const WORKLOADS: &str = r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: default
+spec:
+  replicas: 2
+  selector:
+    matchLabels:
+      app: web
+  template:
+    metadata:
+      labels:
+        app: web
+    spec:
+      containers:
+      - name: web
+        image: any
+        ports:
+        - containerPort: 8080
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: default
+spec:
+  selector:
+    app: web
+  ports:
+  - name: http
+    port: 80
+    targetPort: 8080
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: secret
+  namespace: default
+spec:
+  replicas: 1
+  selector:
+    matchLabels:
+      app: secret
+  template:
+    metadata:
+      labels:
+        app: secret
+    spec:
+      containers:
+      - name: secret
+        image: any
+        ports:
+        - containerPort: 8080
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: secret
+  namespace: default
+spec:
+  selector:
+    app: secret
+  ports:
+  - name: http
+    port: 80
+    targetPort: 8080
+"#;
+
+/// Creates `laptop`'s peer with `kubectl apply`, waits until the gateway serves it (its
+/// accepted-peers gauge), then starts a fresh onetun and measures how soon an HTTP exchange
+/// with `web` goes through: (tunnel, pick-up time, time to the first answer), both from
+/// `kubectl apply` returning (the resource exists by then).
+///
+/// onetun starts only once the gateway has the peer: a stock client whose first
+/// initiation arrives before that retries only after WireGuard's 5 s REKEY_TIMEOUT.
+fn create_and_connect(
+    sb: &Sandbox,
+    gw: &GatewayInfo,
+    laptop: &Laptop,
+    web: &str,
+    extra: &str,
+) -> Result<(Tunnel, Duration, Duration)> {
+    let before = gw.accepted();
+    sb.apply(&laptop.peer_yaml(extra))?;
+    let created = Instant::now();
+    let picked = poll_until_blocking(Duration::from_secs(10), || {
+        (gw.accepted() > before).then(|| created.elapsed())
+    })
+    .with_context(|| {
+        format!(
+            "{}: the gateway never served the new peer: {}",
+            laptop.name,
+            gw.metrics()
+        )
+    })?;
+    let t = laptop.onetun(gw, &format!("{web}:80:TCP"))?;
+    let answered = poll_until_blocking(Duration::from_secs(15), || {
+        t.get(Duration::from_millis(500))
+            .filter(|b| from_pod(b))
+            .map(|_| created.elapsed())
+    });
+    let Some(at) = answered else {
+        bail!(
+            "{}: no answer through onetun within 15 s\n{}",
+            laptop.name,
+            t.process.output_tails()
+        );
+    };
+    eprintln!(
+        "measured: {} served by the gateway {} ms after kubectl apply returned; first HTTP answer through a fresh onetun at {} ms",
+        laptop.name,
+        picked.as_millis(),
+        at.as_millis()
+    );
+    Ok((t, picked, at))
+}
+
+/// After a change made at `changed`, polls the tunnel until it has failed for 2 s in a
+/// row: the time from `changed` to the start of the first request of that failing run.
+fn cut_off_after(t: &Tunnel, changed: Instant) -> Result<Duration> {
+    let mut first_fail: Option<Instant> = None;
+    let deadline = changed + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        let start = Instant::now();
+        let ok = t.get(Duration::from_millis(400)).is_some_and(|b| from_pod(&b));
+        match (ok, first_fail) {
+            (true, _) => first_fail = None,
+            (false, None) => first_fail = Some(start),
+            (false, Some(f)) if start.duration_since(f) >= Duration::from_secs(2) => {
+                return Ok(f.saturating_duration_since(changed));
+            }
+            (false, Some(_)) => {}
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("traffic did not stop within 15 s of the change")
+}
+
+/// A peer whose session must survive other peers' changes.
+struct Bystander {
+    tunnel: Tunnel,
+    handshakes: u64,
+    /// When `handshakes` last changed: WireGuard rekeys a session after 120 s.
+    session_start: Instant,
+}
+
+impl Bystander {
+    /// Takes the current handshake count as the baseline.
+    fn baseline(&mut self, gw: &GatewayInfo) {
+        let now = gw.handshakes("bob");
+        if now != self.handshakes {
+            self.handshakes = now;
+            self.session_start = Instant::now();
+        }
+    }
+
+    /// The session carries traffic right after `what` and was not redone (no new
+    /// handshake, unless the scheduled rekey of a session near 120 s old).
+    fn untouched(&mut self, gw: &GatewayInfo, what: &str) -> Result<()> {
+        let body = self.tunnel.get(Duration::from_secs(2)).unwrap_or_default();
+        ensure!(from_pod(&body), "bob's traffic after {what}: {body:?}");
+        // Handshakes reach the metrics within a second.
+        std::thread::sleep(Duration::from_millis(1100));
+        let now = gw.handshakes("bob");
+        let rekey_due = self.session_start.elapsed() > Duration::from_secs(110);
+        ensure!(
+            now == self.handshakes || rekey_due,
+            "bob's handshakes went from {} to {now} across {what}: his session was redone",
+            self.handshakes
+        );
+        eprintln!("checked: bob's session untouched across {what} (handshakes {now})");
+        self.baseline(gw);
+        Ok(())
+    }
+}
+
+/// The `kubectl get vpnpeers -A` table: `namespace/name` → [accepted, reason, address]
+/// (empty when blank), cut at the header's column offsets.
+fn peer_table(sb: &Sandbox) -> Result<BTreeMap<String, Vec<String>>> {
+    let table = sb.kubectl(&["get", "vpnpeers", "-A"])?;
+    let mut lines = table.lines();
+    let header = lines.next().context("header")?;
+    let names = ["NAMESPACE", "NAME", "ACCEPTED", "REASON", "ADDRESS", "HANDSHAKE", "AGE"];
+    ensure!(
+        header.split_whitespace().eq(names),
+        "columns of kubectl get vpnpeers: {table}"
+    );
+    let mut starts = Vec::new();
+    let mut from = 0;
+    for n in names {
+        let at = from + header[from..].find(n).context("column")?;
+        starts.push(at);
+        from = at + n.len();
+    }
+    let mut out = BTreeMap::new();
+    for l in lines {
+        let cell = |i: usize| {
+            let end = starts.get(i + 1).copied().unwrap_or(l.len()).min(l.len());
+            l.get(starts[i].min(end)..end).unwrap_or_default().trim().to_string()
+        };
+        out.insert(format!("{}/{}", cell(0), cell(1)), (2..5).map(cell).collect());
+    }
+    Ok(out)
+}
+
+fn wait_condition(sb: &Sandbox, ns: &str, name: &str, accepted: bool) -> Result<()> {
+    let cond = if accepted {
+        "condition=Accepted".to_string()
+    } else {
+        "condition=Accepted=false".to_string()
+    };
+    sb.kubectl(&[
+        "wait",
+        "-n",
+        ns,
+        &format!("vpnpeer/{name}"),
+        &format!("--for={cond}"),
+        "--timeout=20s",
+    ])
+    .map(|_| ())
+}
+
+#[test]
+fn vpn_peers_drive_the_gateway_live() -> Result<()> {
+    onetun_path();
+    let sb = Sandbox::up()?;
+    sb.kubectl(&[
+        "apply",
+        "-f",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/crds/vpnpeer.yaml"),
+    ])?;
+    for ns in [GW_NS, "team"] {
+        sb.apply(&format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n"))?;
+    }
+    sb.apply(WORKLOADS)?;
+    let web = sb.cluster_ip("web")?;
+    let secret = sb.cluster_ip("secret")?;
+    let ready = poll_until_blocking(Duration::from_secs(30), || {
+        curl_direct(&web).filter(|b| from_pod(b)).map(|_| ())
+    });
+    ensure!(ready.is_some(), "web does not answer on its ClusterIP {web}");
+
+    let mut gw_proc = Process::start(
+        "kuberaya-gateway",
+        [
+            "--kubeconfig",
+            sb.kubeconfig.to_str().context("utf-8")?,
+            "--namespace",
+            GW_NS,
+            "--private-key-secret",
+            "kuberaya-gateway-key",
+            "--listen",
+            &format!("127.0.0.1:{}", free_udp_port()),
+            "--metrics-bind-address",
+            "127.0.0.1:0",
+            "--health-bind-address",
+            "127.0.0.1:0",
+        ],
+    )?;
+    let line = gw_proc.wait_for_stdout_line("kuberaya-gateway listening", Duration::from_secs(60))?;
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .map(str::to_string)
+            .with_context(|| format!("{k} in {line:?}"))
+    };
+    let gw = GatewayInfo {
+        endpoint: field("udp")?,
+        public_key: field("public_key")?,
+        metrics: field("metrics")?,
+    };
+    // The key was generated into the Secret.
+    sb.kubectl(&["get", "secret", "-n", GW_NS, "kuberaya-gateway-key"])?;
+    let result = run_scenario(&sb, &gw, &web, &secret);
+    let alive = gw_proc.is_running();
+    result.map_err(|e| e.context(format!("gateway output:\n{}", gw_proc.output_tails())))?;
+    ensure!(alive, "the gateway exited\n{}", gw_proc.output_tails());
+    Ok(())
+}
+
+fn curl_direct(ip: &str) -> Option<String> {
+    let out = Command::new("curl")
+        .args(["-sS", "-m", "2", &format!("http://{ip}:80/")])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free UDP port")
+}
+
+fn run_scenario(sb: &Sandbox, gw: &GatewayInfo, web: &str, secret: &str) -> Result<()> {
+    // bob: the bystander, connected first and checked across every other change.
+    let bob = Laptop::new("bob", "100.64.0.20");
+    let (bob_tunnel, _, _) = create_and_connect(sb, gw, &bob, web, "")?;
+    wait_condition(sb, GW_NS, "bob", true)?;
+
+    // alice: created, accepted, allowed web, refused secret, DNS.
+    let alice = Laptop::new("alice", "100.64.0.10");
+    let handshakes = poll_until_blocking(Duration::from_secs(5), || {
+        Some(gw.handshakes("bob")).filter(|n| *n >= 1)
+    })
+    .with_context(|| format!("bob's handshake is counted: {}", gw.metrics()))?;
+    let mut bob_t = Bystander {
+        tunnel: bob_tunnel,
+        handshakes,
+        session_start: Instant::now(),
+    };
+    let (alice_t, _, alice_after) = create_and_connect(sb, gw, &alice, web, "")?;
+    ensure!(
+        alice_after < Duration::from_secs(1),
+        "a new peer carried traffic {} ms after its creation (goal: 1 s)",
+        alice_after.as_millis()
+    );
+    let accepted_from = Instant::now();
+    wait_condition(sb, GW_NS, "alice", true)?;
+    let accepted_after = accepted_from.elapsed();
+    eprintln!(
+        "measured: alice Accepted in her status {} ms after her first answer",
+        accepted_after.as_millis()
+    );
+    ensure!(
+        accepted_after < Duration::from_secs(3),
+        "acceptance written {} ms late",
+        accepted_after.as_millis()
+    );
+    bob_t.untouched(gw, "alice's creation")?;
+
+    // Status: rx/tx bytes and the last handshake, written at the status interval.
+    let status_from = Instant::now();
+    let status = poll_until_blocking(Duration::from_secs(15), || {
+        let p = sb.peer(GW_NS, "alice").ok()?;
+        let s = &p["status"];
+        (s["rxBytes"].as_u64()? > 0 && s["txBytes"].as_u64()? > 0 && s["lastHandshake"].is_string()).then(|| s.clone())
+    })
+    .with_context(|| format!("alice's status: {:?}", sb.peer(GW_NS, "alice")))?;
+    eprintln!(
+        "measured: alice's status carried bytes and lastHandshake {} ms after Accepted: {status}",
+        status_from.elapsed().as_millis()
+    );
+    ensure!(status["address"] == "100.64.0.10", "alice's address: {status}");
+    let rows = peer_table(sb)?;
+    let row = rows.get(&format!("{GW_NS}/alice")).context("alice's row")?;
+    ensure!(
+        row[0] == "True" && row[1] == "Accepted" && row[2] == "100.64.0.10",
+        "alice's row: {rows:?}"
+    );
+
+    // Status writes are not per packet: under steady traffic, at most a few in 8 s.
+    let mut versions = std::collections::BTreeSet::new();
+    let mut bytes = Vec::new();
+    let sampling = Instant::now();
+    while sampling.elapsed() < Duration::from_secs(8) {
+        let _ = alice_t.get(Duration::from_secs(1));
+        let p = sb.peer(GW_NS, "alice")?;
+        versions.insert(
+            p["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+        bytes.push(p["status"]["rxBytes"].as_u64().unwrap_or_default());
+    }
+    eprintln!(
+        "measured: {} distinct resourceVersions of alice over 8 s of traffic (rx samples {:?})",
+        versions.len(),
+        bytes
+    );
+    ensure!(versions.len() <= 4, "status written too often: {versions:?}");
+    ensure!(
+        bytes.last() > bytes.first(),
+        "rxBytes did not grow under traffic: {bytes:?}"
+    );
+    drop(alice_t);
+
+    // Denied: secret is not in alice's rules; the gateway refuses and counts the flow.
+    let denied_before = gw.denied_flows("alice");
+    let t = alice.onetun(gw, &format!("{secret}:80:TCP"))?;
+    for _ in 0..3 {
+        let got = t.get(Duration::from_secs(2));
+        ensure!(
+            !got.as_deref().is_some_and(|b| b.starts_with("pod=")),
+            "a denied Service answered: {got:?}"
+        );
+    }
+    let counted = poll_until_blocking(Duration::from_secs(10), || {
+        (gw.denied_flows("alice") > denied_before).then_some(())
+    });
+    ensure!(counted.is_some(), "no denied flow counted for alice: {}", gw.metrics());
+    drop(t);
+
+    // DNS through onetun's UDP forward to the gateway's tunnel address.
+    let t = alice.onetun(gw, "100.64.0.1:53:UDP")?;
+    let answer = poll_until_blocking(Duration::from_secs(20), || {
+        let out = dig(t.port, "web.default.svc.cluster.local");
+        out.contains("status: NOERROR").then_some(out)
+    })
+    .with_context(|| format!("no DNS answer through onetun\n{}", t.process.output_tails()))?;
+    ensure!(
+        answer.contains(&format!("\t{web}")) || answer.contains(&format!(" {web}")),
+        "A record of web ({web}): {answer}"
+    );
+    let denied = dig(t.port, "secret.default.svc.cluster.local");
+    ensure!(denied.contains("status: NXDOMAIN"), "denied Service: {denied}");
+    drop(t);
+
+    // Deleted: cut off within 2 s; bob keeps his session.
+    let t = alice.onetun(gw, &format!("{web}:80:TCP"))?;
+    let up = poll_until_blocking(Duration::from_secs(10), || {
+        t.get(Duration::from_secs(1)).filter(|b| from_pod(b))
+    });
+    ensure!(up.is_some(), "alice's new onetun works before the delete");
+    bob_t.baseline(gw);
+    let changed = Instant::now();
+    sb.kubectl(&["delete", "vpnpeer", "-n", GW_NS, "alice", "--wait=false"])?;
+    let cut = cut_off_after(&t, changed)?;
+    eprintln!(
+        "measured: alice deleted → traffic stopped {} ms after kubectl delete started",
+        cut.as_millis()
+    );
+    ensure!(
+        cut < Duration::from_secs(2),
+        "deleted peer still served after {} ms",
+        cut.as_millis()
+    );
+    bob_t.untouched(gw, "alice's deletion")?;
+    drop(t);
+
+    // Disabled with kubectl patch.
+    let carol = Laptop::new("carol", "100.64.0.11");
+    let (t, _, carol_after) = create_and_connect(sb, gw, &carol, web, "")?;
+    ensure!(
+        carol_after < Duration::from_secs(1),
+        "carol: {} ms",
+        carol_after.as_millis()
+    );
+    bob_t.baseline(gw);
+    let changed = Instant::now();
+    sb.kubectl(&[
+        "patch",
+        "vpnpeer",
+        "-n",
+        GW_NS,
+        "carol",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"disabled":true}}"#,
+    ])?;
+    let cut = cut_off_after(&t, changed)?;
+    eprintln!(
+        "measured: carol disabled → traffic stopped {} ms after kubectl patch started",
+        cut.as_millis()
+    );
+    ensure!(
+        cut < Duration::from_secs(2),
+        "disabled peer still served after {} ms",
+        cut.as_millis()
+    );
+    wait_condition(sb, GW_NS, "carol", false)?;
+    let row = peer_table(sb)?;
+    ensure!(
+        row.get(&format!("{GW_NS}/carol"))
+            .is_some_and(|r| r[0] == "False" && r[1] == "Disabled"),
+        "carol's row: {row:?}"
+    );
+    bob_t.untouched(gw, "carol's disabling")?;
+    drop(t);
+
+    // Expired: expiresAt a few seconds ahead.
+    let dave = Laptop::new("dave", "100.64.0.12");
+    let expires = std::time::SystemTime::now() + Duration::from_secs(6);
+    let secs = expires.duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let expires_at = k8s_time(secs);
+    let until = Instant::now()
+        + (std::time::UNIX_EPOCH + Duration::from_secs(secs))
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+    let (t, _, _) = create_and_connect(sb, gw, &dave, web, &format!("  expiresAt: \"{expires_at}\"\n"))?;
+    bob_t.baseline(gw);
+    let cut = cut_off_after(&t, until)?;
+    eprintln!(
+        "measured: dave expired at {expires_at} → traffic stopped {} ms after expiresAt",
+        cut.as_millis()
+    );
+    ensure!(
+        cut < Duration::from_secs(2),
+        "expired peer still served {} ms after expiry",
+        cut.as_millis()
+    );
+    wait_condition(sb, GW_NS, "dave", false)?;
+    bob_t.untouched(gw, "dave's expiry")?;
+    drop(t);
+
+    // Rejected peers, with their reason in kubectl's columns; bob keeps his key.
+    bob_t.baseline(gw);
+    let (_, other) = keypair();
+    let rejected = [
+        (
+            GW_NS,
+            "bad-key",
+            "publicKey: \"not-a-key\"\n  allow: []".to_string(),
+            "InvalidPublicKey",
+        ),
+        (
+            GW_NS,
+            "zz-dup",
+            format!("publicKey: \"{}\"", bob.public),
+            "DuplicatePublicKey",
+        ),
+        (
+            GW_NS,
+            "outside",
+            format!("publicKey: \"{other}\"\n  address: 10.9.9.9"),
+            "AddressOutsideRange",
+        ),
+        (
+            "team",
+            "nosy",
+            format!("publicKey: \"{}\"\n  allow:\n  - namespace: default", keypair().1),
+            "NamespaceNotAllowed",
+        ),
+    ];
+    for (ns, name, spec, _) in &rejected {
+        sb.apply(&format!(
+            "apiVersion: vpn.cloudraya.com/v1alpha1\nkind: VpnPeer\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  {spec}\n"
+        ))?;
+    }
+    for (ns, name, _, _) in &rejected {
+        wait_condition(sb, ns, name, false)?;
+    }
+    let rows = peer_table(sb)?;
+    eprintln!("kubectl get vpnpeers -A:\n{}", sb.kubectl(&["get", "vpnpeers", "-A"])?);
+    for (ns, name, _, reason) in &rejected {
+        let row = rows
+            .get(&format!("{ns}/{name}"))
+            .with_context(|| format!("{ns}/{name} in {rows:?}"))?;
+        ensure!(
+            row[0] == "False" && row[1] == *reason,
+            "{ns}/{name}: {row:?}, want {reason}"
+        );
+    }
+    let bob_row = rows.get(&format!("{GW_NS}/bob")).context("bob's row")?;
+    ensure!(bob_row[0] == "True", "bob after a duplicate of his key: {bob_row:?}");
+    bob_t.untouched(gw, "the rejected peers")?;
+
+    // A Service deleted: the gateway refuses new flows to it at once.
+    let denied_before = gw.denied_flows("bob");
+    let changed = Instant::now();
+    sb.kubectl(&["delete", "service", "web", "-n", "default", "--wait=false"])?;
+    let refused = poll_until_blocking(Duration::from_secs(10), || {
+        let ok = bob_t
+            .tunnel
+            .get(Duration::from_millis(500))
+            .is_some_and(|b| from_pod(&b));
+        (!ok && gw.denied_flows("bob") > denied_before).then(|| changed.elapsed())
+    })
+    .with_context(|| format!("new flows to the deleted Service were not refused: {}", gw.metrics()))?;
+    eprintln!(
+        "measured: Service web deleted → bob's new flow refused by the gateway {} ms after kubectl delete started",
+        refused.as_millis()
+    );
+    ensure!(
+        refused < Duration::from_secs(2),
+        "refused only after {} ms",
+        refused.as_millis()
+    );
+    drop(bob_t);
+    Ok(())
+}
+
+/// RFC 3339 UTC of a Unix time in seconds.
+fn k8s_time(secs: u64) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(mo <= 2);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
+}
