@@ -745,3 +745,43 @@ async fn the_same_api_serves_again_after_a_stop() {
             .unwrap();
     }
 }
+
+/// `resourceVersion` on lists: Exact reads the past, too large is a 504, continue pages
+/// are one consistent snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_resource_version_semantics() {
+    let s = Server::start().await;
+    let h = Http::admin(&s);
+    let cms = "/api/v1/namespaces/default/configmaps";
+    for i in 0..3 {
+        h.json(
+            Method::POST,
+            cms,
+            Some(json!({"metadata": {"name": format!("c{i}")}, "data": {"v": "old"}})),
+        )
+        .await;
+    }
+    let (_, first) = h.get(&format!("{cms}?limit=2")).await;
+    let rv = first["metadata"]["resourceVersion"].as_str().unwrap().to_string();
+    let token = first["metadata"]["continue"].as_str().unwrap().to_string();
+    h.json(Method::PATCH, &format!("{cms}/c2"), Some(json!({"data": {"v": "new"}})))
+        .await;
+    h.json(Method::POST, cms, Some(json!({"metadata": {"name": "c3"}})))
+        .await;
+    let (_, rest) = h.get(&format!("{cms}?limit=10&continue={token}")).await;
+    let items = rest["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "the page belongs to the first snapshot: {rest}");
+    assert_eq!(items[0]["data"]["v"], "old");
+    let (_, exact) = h
+        .get(&format!("{cms}?resourceVersion={rv}&resourceVersionMatch=Exact"))
+        .await;
+    assert_eq!(exact["items"].as_array().unwrap().len(), 3);
+    assert_eq!(exact["metadata"]["resourceVersion"], rv.as_str());
+    let (code, v) = h
+        .get(&format!(
+            "{cms}?resourceVersion=999999999&resourceVersionMatch=NotOlderThan"
+        ))
+        .await;
+    assert_eq!(code, StatusCode::GATEWAY_TIMEOUT);
+    assert_status(&v, 504, "Timeout");
+}

@@ -892,6 +892,9 @@ fn list(c: &Ctx<'_>, t: &Target) -> Result<Response, ApiError> {
             .map_err(|_| ApiError::bad_request(format!("invalid limit: {l}")))?,
         None => 0,
     };
+    // Which resourceVersion to list at: a continue token's (consistent pages), or an
+    // explicit one with resourceVersionMatch=Exact; otherwise the newest.
+    let mut at = None;
     let after = match c.q("continue") {
         Some(tok) if !tok.is_empty() => {
             let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -904,14 +907,45 @@ fn list(c: &Ctx<'_>, t: &Target) -> Result<Response, ApiError> {
                     "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
                 ));
             }
+            at = Some(ct.rv);
             Some((ct.ns, ct.name))
         }
         _ => None,
     };
+    if at.is_none()
+        && let Some(rv) = c.q("resourceVersion").filter(|v| !v.is_empty() && *v != "0")
+    {
+        let n: u64 = rv
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv}")))?;
+        let current = c.api.lock().rv;
+        if n > current {
+            let mut e = ApiError::new(
+                504,
+                "Timeout",
+                format!("Too large resource version: {n}, current: {current}"),
+            );
+            e.details = Some(
+                json!({"causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}], "retryAfterSeconds": 1}),
+            );
+            return Err(e);
+        }
+        if c.q("resourceVersionMatch") == Some("Exact") {
+            at = Some(n);
+        }
+    }
     let (items, next, remaining, rv) = {
         let s = c.api.lock();
-        let (items, next, remaining) = s.list(rt, &f, after.as_ref(), limit);
-        (items, next, remaining, s.rv)
+        match at {
+            Some(at) => {
+                let (items, next, remaining) = s.list_at(at, rt, &f, after.as_ref(), limit)?;
+                (items, next, remaining, at.min(s.rv))
+            }
+            None => {
+                let (items, next, remaining) = s.list(rt, &f, after.as_ref(), limit);
+                (items, next, remaining, s.rv)
+            }
+        }
     };
     let cont = next.map(|(ns, name)| {
         base64::engine::general_purpose::URL_SAFE_NO_PAD

@@ -87,6 +87,9 @@ impl ListFilter {
     }
 }
 
+/// One page of a list: the items, the key to continue after, how many remain.
+pub type Page = (Vec<Value>, Option<(String, String)>, usize);
+
 #[derive(Serialize, Deserialize, Default)]
 struct Persisted {
     rv: u64,
@@ -307,16 +310,62 @@ impl Store {
     }
 
     /// Objects matching the filter, in (namespace, name) order, starting after `after`.
-    pub fn list(
+    pub fn list(&self, rt: &ResourceType, f: &ListFilter, after: Option<&(String, String)>, limit: usize) -> Page {
+        let empty = BTreeMap::new();
+        let m = self.objects.get(&rt.storage).unwrap_or(&empty);
+        self.list_in(m, rt, f, after, limit)
+    }
+
+    /// Like `list`, as the objects were at resourceVersion `rv` (rebuilt from the
+    /// history: consistent pages, `resourceVersionMatch=Exact`); 410 when the history
+    /// no longer reaches back that far.
+    pub fn list_at(
         &self,
+        rv: u64,
         rt: &ResourceType,
         f: &ListFilter,
         after: Option<&(String, String)>,
         limit: usize,
-    ) -> (Vec<Value>, Option<(String, String)>, usize) {
-        let Some(m) = self.objects.get(&rt.storage) else {
-            return (vec![], None, 0);
-        };
+    ) -> Result<Page, ApiError> {
+        if rv >= self.rv {
+            return Ok(self.list(rt, f, after, limit));
+        }
+        if rv < self.oldest_rv {
+            return Err(ApiError::gone(format!(
+                "too old resource version: {rv} ({})",
+                self.oldest_rv
+            )));
+        }
+        let mut m = self.objects.get(&rt.storage).cloned().unwrap_or_default();
+        for ch in self.history.iter().rev().take_while(|c| c.rv > rv) {
+            if ch.storage != rt.storage {
+                continue;
+            }
+            let key = (
+                meta_str(&ch.object, "namespace").to_string(),
+                meta_str(&ch.object, "name").to_string(),
+            );
+            match (ch.typ, &ch.old) {
+                ("ADDED", _) => {
+                    m.remove(&key);
+                }
+                (_, Some(old)) => {
+                    m.insert(key, old.clone());
+                }
+                _ => {}
+            }
+        }
+        Ok(self.list_in(&m, rt, f, after, limit))
+    }
+
+    fn list_in(
+        &self,
+        m: &BTreeMap<(String, String), Value>,
+        rt: &ResourceType,
+        f: &ListFilter,
+        after: Option<&(String, String)>,
+        limit: usize,
+    ) -> Page {
         let mut out = Vec::new();
         let mut next = None;
         let mut remaining = 0;
@@ -1437,6 +1486,44 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.code, 422);
         assert!(e.message.contains("spec.providerID: Forbidden"), "{}", e.message);
+    }
+
+    #[test]
+    fn lists_at_an_older_resource_version() {
+        let mut s = store();
+        let cm = rt(&s, "", "configmaps");
+        s.create(
+            &cm,
+            Some("default"),
+            json!({"metadata": {"name": "a"}, "data": {"v": "1"}}),
+            &opts(),
+        )
+        .unwrap();
+        let rv = s.rv;
+        s.patch(
+            &cm,
+            "default",
+            "a",
+            None,
+            PatchKind::Merge,
+            &json!({"data": {"v": "2"}}),
+            &opts(),
+        )
+        .unwrap();
+        s.create(&cm, Some("default"), json!({"metadata": {"name": "b"}}), &opts())
+            .unwrap();
+        s.delete(&cm, "default", "a", &DeleteOpts::default()).unwrap();
+        let (then, _, _) = s.list_at(rv, &cm, &ListFilter::default(), None, 0).unwrap();
+        assert_eq!(then.len(), 1);
+        assert_eq!(then[0]["data"]["v"], "1");
+        let (now, _, _) = s.list_at(s.rv, &cm, &ListFilter::default(), None, 0).unwrap();
+        assert_eq!(now.len(), 1);
+        assert_eq!(now[0]["metadata"]["name"], "b");
+        s.compact();
+        assert_eq!(
+            s.list_at(rv, &cm, &ListFilter::default(), None, 0).unwrap_err().code,
+            410
+        );
     }
 
     #[test]
