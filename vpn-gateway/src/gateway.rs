@@ -268,7 +268,7 @@ impl Gateway {
             let Some(peer) = self.table.by_address(peer_addr).map(|t| t.id().clone()) else {
                 continue;
             };
-            let Ok(pkt) = packet::parse(&bytes) else {
+            let Ok(pkt) = packet::parse(bytes) else {
                 self.metrics.dropped_packet(&peer.to_string(), "malformed_packet");
                 continue;
             };
