@@ -2,8 +2,9 @@
 //! (v1.32) and `curl` against Deployments and Services whose pods really answer, on
 //! ClusterIPs, NodePorts and kube-proxy's health check ports.
 //!
-//! Every test runs its own sandbox (`--detach`, unique address ranges, `--no-ccm` until the
-//! CCM runs in `sandbox up`), stopped by a drop guard.
+//! Every test runs its own sandbox (`--detach`, address ranges of its own), stopped by a
+//! drop guard. The sandbox's CCM does not run (`--no-ccm`: the node agents initialise the
+//! nodes; `--external-ccm`: nobody does), so what is tested here is the cluster alone.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -93,11 +94,7 @@ impl Sandbox {
             "--pod-cidr".into(),
             format!("127.{n}.0.0/16"),
         ];
-        if no_ccm {
-            args.push("--no-ccm".into());
-        } else if let Some(flag) = external_ccm_flag() {
-            args.push(flag.into());
-        }
+        args.push(if no_ccm { "--no-ccm" } else { "--external-ccm" }.into());
         let out = Command::new(binary("kuberaya")).args(&args).output()?;
         let sandbox = Sandbox {
             kubeconfig: state.join("kubeconfig"),
@@ -267,18 +264,6 @@ impl Drop for Sandbox {
             .arg(&self.state)
             .output();
     }
-}
-
-/// The flag that keeps `sandbox up` from running a CCM of its own while leaving the nodes
-/// to one (`--external-ccm`), when this `kuberaya` has it.
-fn external_ccm_flag() -> Option<&'static str> {
-    let help = Command::new(binary("kuberaya"))
-        .args(["sandbox", "up", "--help"])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&help.stdout)
-        .contains("--external-ccm")
-        .then_some("--external-ccm")
 }
 
 fn node_ready(node: &Value) -> Option<bool> {
