@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
-use common::{knob, machine, median_max, peak_rss_mib, ratio, result, rss_mib, secs};
+use common::{cpu_time, knob, machine, median_max, peak_rss_mib, ratio, result, rss_mib, secs};
 use kuberaya_e2e::{Process, binary};
 use serde_json::{Value, json};
 
@@ -37,6 +37,8 @@ struct Sizes {
     flood: Duration,
     /// `KR_BENCH_FLOOD_CLIENTS`: handshaking clients (threads) of the flood.
     flood_clients: u64,
+    /// `KR_BENCH_FLOOD_PEERS`: distinct peers the flood clients handshake as.
+    flood_peers: u64,
     /// `KR_BENCH_BULK_MB`: bytes of the single-stream transfer.
     bulk_mb: u64,
     /// `KR_BENCH_CONNS_S`: length of the connections-per-second runs.
@@ -50,6 +52,7 @@ impl Sizes {
             tries: knob("KR_BENCH_TRIES", 20),
             flood: Duration::from_secs(knob("KR_BENCH_FLOOD_S", 5)),
             flood_clients: knob("KR_BENCH_FLOOD_CLIENTS", 4),
+            flood_peers: knob("KR_BENCH_FLOOD_PEERS", 64),
             bulk_mb: knob("KR_BENCH_BULK_MB", 64),
             conns: Duration::from_secs(knob("KR_BENCH_CONNS_S", 5)),
         }
@@ -667,7 +670,13 @@ fn main() -> Result<()> {
     if have_onetun {
         let (direct_bytes, direct_t) = download(bulk_addr, Duration::from_secs(60))?;
         let (mut t1, local) = onetun(&gw, &peers[0], bulk_addr)?;
+        let (gw_cpu0, ot_cpu0) = (
+            cpu_time(pid).unwrap_or_default(),
+            cpu_time(t1.pid()).unwrap_or_default(),
+        );
         let (tun_bytes, tun_t) = download(local, Duration::from_secs(60))?;
+        let gw_cpu = cpu_time(pid).unwrap_or_default().saturating_sub(gw_cpu0);
+        let ot_cpu = cpu_time(t1.pid()).unwrap_or_default().saturating_sub(ot_cpu0);
         let (direct_mbit, tun_mbit) = (mbit(direct_bytes, direct_t), mbit(tun_bytes, tun_t));
         flow_peer_tput = Some(tun_mbit);
         result(
@@ -679,10 +688,35 @@ fn main() -> Result<()> {
                 ratio(tun_mbit, direct_mbit)
             ),
         );
+        result(
+            "gateway.tcp_single_stream.cpu",
+            format!(
+                "gateway {:.2} s, onetun {:.2} s over {} wall; {}",
+                gw_cpu.as_secs_f64(),
+                ot_cpu.as_secs_f64(),
+                secs(tun_t),
+                common::load_average()
+            ),
+        );
         t1.stop();
         let (d_ok, d_fail) = connections(small_addr, sizes.conns);
         let (mut t2, local) = onetun(&gw, &peers[1], small_addr)?;
+        let (gw_cpu0, ot_cpu0) = (
+            cpu_time(pid).unwrap_or_default(),
+            cpu_time(t2.pid()).unwrap_or_default(),
+        );
         let (o_ok, o_fail) = connections(local, sizes.conns);
+        let gw_cpu = cpu_time(pid).unwrap_or_default().saturating_sub(gw_cpu0);
+        let ot_cpu = cpu_time(t2.pid()).unwrap_or_default().saturating_sub(ot_cpu0);
+        result(
+            "gateway.connections_per_s.cpu",
+            format!(
+                "gateway {:.2} s, onetun {:.2} s over {}",
+                gw_cpu.as_secs_f64(),
+                ot_cpu.as_secs_f64(),
+                secs(sizes.conns)
+            ),
+        );
         t2.stop();
         let per_s = |n: u64| n as f64 / sizes.conns.as_secs_f64();
         result(
@@ -708,18 +742,29 @@ fn main() -> Result<()> {
     let cookie_or_lost = Arc::new(AtomicU64::new(0));
     let mut threads = Vec::new();
     let flood_start = Instant::now();
-    for c in 0..sizes.flood_clients {
-        let peer = peers[(2 + c as usize) % peers.len()].clone();
+    let gw_cpu_flood0 = cpu_time(pid).unwrap_or_default();
+    let per_client = sizes.flood_peers.div_ceil(sizes.flood_clients.max(1)).max(1) as usize;
+    for c in 0..sizes.flood_clients as usize {
+        // Each client cycles over peers of its own, so no per-peer limit bounds the rate.
+        let mine: Vec<Peer> = (0..per_client)
+            .map(|k| peers[(2 + c * per_client + k) % peers.len()].clone())
+            .collect();
         let (done, completed, other) = (done.clone(), completed.clone(), cookie_or_lost.clone());
         let (public, udp) = (gw.public, gw.udp);
         threads.push(std::thread::spawn(move || -> Result<()> {
-            let mut client = Client::new(&peer, &public, udp, 5000 + c as u32)?;
+            let mut clients = mine
+                .iter()
+                .enumerate()
+                .map(|(k, p)| Client::new(p, &public, udp, (5000 + c * 1000 + k) as u32))
+                .collect::<Result<Vec<_>>>()?;
+            let mut k = 0;
             while !done.load(Ordering::Relaxed) {
-                if client.handshake(Duration::from_millis(200))? {
+                if clients[k].handshake(Duration::from_millis(200))? {
                     completed.fetch_add(1, Ordering::Relaxed);
                 } else {
                     other.fetch_add(1, Ordering::Relaxed);
                 }
+                k = (k + 1) % clients.len();
             }
             Ok(())
         }));
@@ -747,16 +792,20 @@ fn main() -> Result<()> {
         }
     }
     let flood_t = flood_start.elapsed();
+    let gw_cpu_flood = cpu_time(pid).unwrap_or_default().saturating_sub(gw_cpu_flood0);
     result(
         &format!(
-            "gateway.handshakes_per_s ({} clients, {}, default --handshake-limit 100)",
+            "gateway.handshakes_per_s ({} clients over {} peers, {}, default --handshake-limit 100)",
             sizes.flood_clients,
+            sizes.flood_peers,
             secs(flood_t)
         ),
         format!(
-            "{:.0}/s completed ({} not completed: cookie reply or no answer within 200 ms)",
+            "{:.0}/s completed ({} not completed: cookie reply or no answer within 200 ms); gateway CPU {:.2} s; {}",
             completed.load(Ordering::Relaxed) as f64 / flood_t.as_secs_f64(),
-            cookie_or_lost.load(Ordering::Relaxed)
+            cookie_or_lost.load(Ordering::Relaxed),
+            gw_cpu_flood.as_secs_f64(),
+            common::load_average()
         ),
     );
     if let (Some(d), Some(b)) = (during, flow_peer_tput) {
