@@ -115,7 +115,9 @@ pub struct UpArgs {
     /// Play a platform without UDP load balancing.
     #[arg(long)]
     pub no_udp: bool,
-    /// Do not run the WireGuard gateway (nor install its CRD, namespace and Service).
+    /// Do not run the WireGuard gateway (nor install its CRD, namespace and Service). Implied by
+    /// `--no-ccm` and `--external-ccm`: nothing in the sandbox provisions its load balancer then,
+    /// and such a sandbox is for bringing your own components.
     #[arg(long)]
     pub no_gateway: bool,
     /// Set by `--detach` on the background process it starts.
@@ -480,12 +482,20 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
         Some(ccm)
     };
-    let gateway = if args.no_gateway {
+    let mut gateway = if args.no_gateway || ccm.is_none() {
         None
     } else {
-        let mut gw = InProcessGateway::start(&kubeconfig, args.service_cidr, args.pod_cidr)
-            .await
-            .context("cannot run the WireGuard gateway")?;
+        match InProcessGateway::start(&kubeconfig, args.service_cidr, args.pod_cidr).await {
+            Ok(gw) => Some(gw),
+            // Like a kube-proxy listener, a gateway that cannot bind (another sandbox on the
+            // same ranges) leaves the rest of the sandbox running.
+            Err(e) => {
+                eprintln!("! the WireGuard gateway does not run: {e:#}; pass another --pod-cidr, or --no-gateway");
+                None
+            }
+        }
+    };
+    if let Some(gw) = gateway.as_mut() {
         step(&format!(
             "WireGuard gateway on {} (tunnel {}, public key {}) behind Service {}/{}",
             gw.info.udp,
@@ -494,14 +504,15 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             crate::gateway::DEFAULT_GATEWAY_NAMESPACE,
             crate::gateway::DEFAULT_GATEWAY_SERVICE
         ));
-        if ccm.is_some() {
+        if args.no_udp {
+            eprintln!("! the platform plays no UDP load balancing (--no-udp): the gateway's Service stays pending");
+        } else {
             match gw.wait_public_ip(&kubeconfig, GATEWAY_LB_TIMEOUT).await {
                 Ok(ip) => step(&format!("gateway load balancer: {ip}:{GATEWAY_PORT}/udp")),
                 Err(e) => eprintln!("! {e:#}; see `kuberaya lb list`"),
             }
         }
-        Some(gw)
-    };
+    }
     write_example(&dir)?;
 
     let runtime = Runtime {
@@ -630,7 +641,7 @@ const GATEWAY_PORT: u16 = 51820;
 /// The gateway's tunnel range (it takes the first address).
 const GATEWAY_TUNNEL_CIDR: &str = "100.64.0.0/16";
 /// How long `sandbox up` waits for the gateway's load balancer.
-const GATEWAY_LB_TIMEOUT: Duration = Duration::from_secs(30);
+const GATEWAY_LB_TIMEOUT: Duration = Duration::from_secs(15);
 /// Field manager of the objects the sandbox applies for the gateway.
 const GATEWAY_FIELD_MANAGER: &str = "kuberaya-sandbox";
 
@@ -841,11 +852,15 @@ impl InProcessGateway {
     /// Stops the gateway and releases its sockets.
     async fn shutdown(self) {
         let _ = self.stop.send(());
-        match tokio::time::timeout(Duration::from_secs(5), self.task).await {
+        let mut task = self.task;
+        match tokio::time::timeout(Duration::from_secs(3), &mut task).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => eprintln!("the gateway stopped with an error: {e}"),
             Ok(Err(e)) => eprintln!("the gateway task failed: {e}"),
-            Err(_) => eprintln!("the gateway did not stop within 5 s"),
+            Err(_) => {
+                eprintln!("the gateway did not stop within 3 s; aborting it");
+                task.abort();
+            }
         }
     }
 }
