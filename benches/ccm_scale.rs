@@ -1,6 +1,6 @@
-//! Issue 12, CCM at scale: the real `kuberaya-ccm` binary against a `kuberaya sandbox`
-//! (platform stand-in adding 25 ms to every call, `--external-ccm`), started as an operator
-//! would run it. Prints every figure as a `RESULT` line and a ratio against a baseline
+//! Issue 12, CCM at scale: the real `kuberaya-ccm` binary against the platform stand-in
+//! (adding 25 ms to every call) and the Kubernetes API stand-in (`kuberaya-sandbox platform`
+//! and `kuberaya-sandbox kube`, see [`Sandbox`]), started as an operator would run it. Prints every figure as a `RESULT` line and a ratio against a baseline
 //! taken in the same run (the same controller with `--concurrent-service-syncs 1`).
 //!
 //! Run: `cargo bench --bench ccm_scale` (sizes: see [`Sizes`], e.g.
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use common::{cpu_time, knob, machine, peak_rss_mib, ratio, result, secs};
 use futures::StreamExt;
-use kuberaya_e2e::{JsonApi, Process, binary};
+use kuberaya_e2e::{JsonApi, PlatformTarget, Process, SandboxOptions, binary};
 use serde_json::{Value, json};
 
 const CLUSTER_LABEL: &str = "kuberaya.cloudraya.com/cluster-id";
@@ -78,15 +78,6 @@ impl Sizes {
 
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// A client of the sandbox's Kubernetes API stand-in, from its kubeconfig (server, CA,
@@ -191,10 +182,14 @@ mod base64_decode {
     }
 }
 
-/// A running sandbox (no CCM inside) in a temporary state dir; `sandbox down --purge` on drop.
+/// The two stand-ins the CCM talks to, each its own process: the platform stand-in
+/// (`kuberaya-sandbox platform`, `--workers N` VMs) and the Kubernetes API stand-in
+/// (`kuberaya-sandbox kube`), with a `Node` registered per VM by the bench (as a kubelet
+/// would: tainted `uninitialized`, `Ready`). No sandbox cluster runs: its kube-proxy
+/// stand-in would listen on every node's IP for every Service's NodePort (100 x 1,000
+/// sockets, over this machine's open-file limit) and take most of the CPU.
 struct Sandbox {
-    _dir: tempfile::TempDir,
-    state: PathBuf,
+    dir: tempfile::TempDir,
     kubeconfig: PathBuf,
     url: String,
     email: String,
@@ -205,89 +200,111 @@ struct Sandbox {
     ctl: JsonApi,
     kube: Kube,
     nodes: u64,
+    // Declared last: the processes go after the clients.
+    kube_process: Process,
+    platform: PlatformTarget,
 }
 
 impl Sandbox {
-    /// `kuberaya sandbox up --detach --external-ccm --nodes N` on address ranges of its own
-    /// (`slot` picks them), with room for `services` public IPs.
+    /// Both stand-ins on address ranges of their own (`slot` picks them), `nodes` VMs and
+    /// their Nodes, with room for 4,000 public IPs.
     fn up(slot: u8, nodes: u64) -> Result<Sandbox> {
-        let dir = tempfile::tempdir()?;
-        let state = dir.path().join("sb");
-        let n = 200 + slot;
-        let args = vec![
-            "sandbox".to_string(),
-            "up".into(),
-            "--detach".into(),
-            "--external-ccm".into(),
-            "--nodes".into(),
-            nodes.to_string(),
-            "--state-dir".into(),
-            state.display().to_string(),
-            "--public-ip-range".into(),
-            format!("127.{n}.0.0/20"),
-            "--vm-ip-range".into(),
-            format!("127.{}.0.0/24", n - 190),
-            "--service-cidr".into(),
-            format!("127.{}.0.0/20", n - 150),
-            "--pod-cidr".into(),
-            format!("127.{}.0.0/16", n - 170),
-        ];
         let started = Instant::now();
-        let out = Command::new(binary("kuberaya")).args(&args).output()?;
-        let guard = DownGuard(state.clone());
-        ensure!(out.status.success(), "sandbox up failed: {}", text(&out));
-        let env = Command::new(binary("kuberaya"))
-            .args(["sandbox", "env", "--state-dir"])
-            .arg(&state)
-            .output()?;
-        ensure!(env.status.success(), "sandbox env: {}", text(&env));
-        let vars: BTreeMap<String, String> = String::from_utf8_lossy(&env.stdout)
-            .lines()
-            .filter_map(|l| l.strip_prefix("export "))
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.trim_matches('\'').to_string()))
-            .collect();
-        let get = |k: &str| vars.get(k).cloned().with_context(|| format!("sandbox env exports {k}"));
+        let n = 200 + slot;
+        let platform = PlatformTarget::start_sandbox(SandboxOptions {
+            public_ip_range: Some(format!("127.{n}.0.0/20")),
+            vm_ip_range: Some(format!("127.{}.0.0/24", n - 190)),
+            workers: Some(nodes as u32),
+            ..SandboxOptions::default()
+        })?;
+        let dir = tempfile::tempdir()?;
+        let kubeconfig = dir.path().join("kubeconfig");
+        let kube_state = dir.path().join("kube");
+        let mut kube_process = Process::start(
+            "kuberaya-sandbox",
+            [
+                "kube".to_string(),
+                "--state-dir".into(),
+                kube_state.display().to_string(),
+                "--kubeconfig".into(),
+                kubeconfig.display().to_string(),
+                "--service-cidr".into(),
+                format!("127.{}.0.0/20", n - 150),
+            ],
+        )?;
+        kube_process.wait_for_stdout_line("listening on ", Duration::from_secs(30))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?;
-        let url = get("CLOUDRAYA_API_URL")?;
-        let email = get("CLOUDRAYA_EMAIL")?;
-        let password = get("CLOUDRAYA_PASSWORD")?;
-        let api = rt
-            .block_on(JsonApi::login(&url, &email, &password))?
-            .with_timeout(Duration::from_secs(60));
-        let kubeconfig = PathBuf::from(get("KUBECONFIG")?);
+        let api = rt.block_on(platform.login())?.with_timeout(Duration::from_secs(60));
         let kube = Kube::from_kubeconfig(&kubeconfig)?;
-        std::mem::forget(guard);
-        eprintln!("sandbox with {nodes} nodes up in {:.1?}", started.elapsed());
-        Ok(Sandbox {
+        let sb = Sandbox {
             kubeconfig,
-            cluster_id: get("KUBERAYA_CLUSTER_ID")?,
-            ctl: JsonApi::new(&url).with_timeout(Duration::from_secs(60)),
-            url,
-            email,
-            password,
+            cluster_id: platform.cluster_id.clone(),
+            ctl: platform.control_api().with_timeout(Duration::from_secs(60)),
+            url: platform.url.clone(),
+            email: platform.email.clone(),
+            password: platform.password.clone(),
             api,
             rt,
             kube,
-            state,
             nodes,
-            _dir: dir,
-        })
+            dir,
+            kube_process,
+            platform,
+        };
+        for name in sb.vm_ids()?.keys() {
+            sb.register_node(name)?;
+        }
+        eprintln!("stand-ins with {nodes} VMs and Nodes up in {:.1?}", started.elapsed());
+        Ok(sb)
     }
 
-    /// The sandbox daemon's pid (platform stand-in, API stand-in and cluster in one process).
-    fn pid(&self) -> Option<u32> {
-        let text = std::fs::read_to_string(self.state.join("sandbox.json")).ok()?;
-        let v: Value = serde_json::from_str(&text).ok()?;
-        v["pid"].as_u64().map(|p| p as u32)
+    /// Registers the Node of VM `name` as its kubelet would: tainted `uninitialized`, then
+    /// `Ready`.
+    fn register_node(&self, name: &str) -> Result<()> {
+        let node = json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+            "spec": {"taints": [{"key": UNINITIALIZED_TAINT, "value": "true", "effect": "NoSchedule"}]}
+        });
+        self.rt.block_on(self.kube.create("/api/v1/nodes", &node))?;
+        let now = "2026-01-01T00:00:00Z";
+        let status = json!({"status": {"conditions": [{
+            "type": "Ready", "status": "True", "reason": "KubeletReady",
+            "message": "bench", "lastHeartbeatTime": now, "lastTransitionTime": now
+        }]}});
+        self.rt
+            .block_on(self.kube.merge_patch(&format!("/api/v1/nodes/{name}/status"), &status))?;
+        Ok(())
+    }
+
+    /// A new VM of the cluster on the platform and its Node.
+    fn add_node(&self, name: &str) -> Result<()> {
+        self.control(
+            reqwest::Method::POST,
+            "/_sandbox/vms",
+            Some(&json!({"name": name, "cluster_id": self.cluster_id})),
+        )?;
+        self.register_node(name)
+    }
+
+    /// CPU time so far of the platform stand-in and of the API stand-in.
+    fn cpu(&self) -> (Duration, Duration) {
+        (
+            self.platform
+                .process
+                .as_ref()
+                .and_then(|p| cpu_time(p.pid()))
+                .unwrap_or_default(),
+            cpu_time(self.kube_process.pid()).unwrap_or_default(),
+        )
     }
 
     fn control(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<Value> {
         let a = self.rt.block_on(self.ctl.try_request(method, path, body))?;
-        ensure!(a.status == 200, "{path}: {}", a.describe());
+        ensure!((200..300).contains(&a.status), "{path}: {}", a.describe());
         Ok(a.data().clone())
     }
 
@@ -425,7 +442,7 @@ impl Sandbox {
 
     /// Starts `kuberaya-ccm` against this sandbox and waits until it leads.
     fn start_ccm(&self, syncs: u64, resync: Duration) -> Result<Process> {
-        let config = self.state.join("cloud-config.yaml");
+        let config = self.dir.path().join("cloud-config.yaml");
         std::fs::write(
             &config,
             format!("api_url: {}\ncluster_id: {}\n", self.url, self.cluster_id),
@@ -480,28 +497,6 @@ impl Sandbox {
     }
 }
 
-/// Stops a sandbox whose start failed half-way.
-struct DownGuard(PathBuf);
-
-impl Drop for DownGuard {
-    fn drop(&mut self) {
-        down(&self.0);
-    }
-}
-
-fn down(state: &Path) {
-    let _ = Command::new(binary("kuberaya"))
-        .args(["sandbox", "down", "--purge", "--state-dir"])
-        .arg(state)
-        .output();
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        down(&self.state);
-    }
-}
-
 /// The metrics address the CCM was started with (from its command line in /proc).
 fn metrics_addr(ccm: &Process) -> Option<String> {
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", ccm.pid())).ok()?;
@@ -553,7 +548,8 @@ struct Convergence {
     services: u64,
     calls: BTreeMap<String, u64>,
     ccm_cpu: Duration,
-    sandbox_cpu: Duration,
+    platform_cpu: Duration,
+    kube_cpu: Duration,
 }
 
 impl Convergence {
@@ -584,7 +580,7 @@ impl Convergence {
 fn converge(sb: &Sandbox, ccm: &Process, prefix: &str, count: u64, timeout: Duration) -> Result<Convergence> {
     let before = sb.calls()?;
     let ccm_cpu0 = cpu_time(ccm.pid()).unwrap_or_default();
-    let sb_cpu0 = sb.pid().and_then(cpu_time).unwrap_or_default();
+    let (platform_cpu0, kube_cpu0) = sb.cpu();
     let started = Instant::now();
     let created_in = sb.create_services(prefix, count)?;
     result(
@@ -611,7 +607,8 @@ fn converge(sb: &Sandbox, ccm: &Process, prefix: &str, count: u64, timeout: Dura
         services: count,
         calls: diff(&before, &sb.calls()?),
         ccm_cpu: cpu_time(ccm.pid()).unwrap_or_default().saturating_sub(ccm_cpu0),
-        sandbox_cpu: sb.pid().and_then(cpu_time).unwrap_or_default().saturating_sub(sb_cpu0),
+        platform_cpu: sb.cpu().0.saturating_sub(platform_cpu0),
+        kube_cpu: sb.cpu().1.saturating_sub(kube_cpu0),
     })
 }
 
@@ -652,9 +649,10 @@ fn measured(sizes: &Sizes) -> Result<Option<Convergence>> {
     result(
         "ccm.converge.cpu",
         format!(
-            "CCM {:.2} s, sandbox (platform + API stand-ins + cluster) {:.2} s over {:.2} s wall; {}",
+            "CCM {:.2} s, platform stand-in {:.2} s, API stand-in {:.2} s over {:.2} s wall; {}",
             conv.ccm_cpu.as_secs_f64(),
-            conv.sandbox_cpu.as_secs_f64(),
+            conv.platform_cpu.as_secs_f64(),
+            conv.kube_cpu.as_secs_f64(),
             conv.elapsed.as_secs_f64(),
             common::load_average()
         ),
@@ -688,11 +686,7 @@ fn measured(sizes: &Sizes) -> Result<Option<Convergence>> {
     // A node joining: time until every LB has it as a backend.
     let vms_before = sb.vm_ids()?;
     let started = Instant::now();
-    let out = Command::new(binary("kuberaya"))
-        .args(["sandbox", "node", "add", "bench-joined", "--state-dir"])
-        .arg(&sb.state)
-        .output()?;
-    ensure!(out.status.success(), "sandbox node add: {}", text(&out));
+    sb.add_node("bench-joined")?;
     let vm = loop {
         if let Some(id) = sb
             .vm_ids()?
@@ -722,7 +716,7 @@ fn measured(sizes: &Sizes) -> Result<Option<Convergence>> {
         &format!("ccm.node_join ({} LBs)", sizes.services),
         match joined {
             Some(t) => format!(
-                "{} from `sandbox node add` until every LB has the node (goal <= 5 s for 200 LBs)",
+                "{} from the new VM and Node until every LB has the node (goal <= 5 s for 200 LBs)",
                 secs(t)
             ),
             None => format!(
@@ -857,28 +851,9 @@ fn rate_limited(sizes: &Sizes) -> Result<()> {
     Ok(())
 }
 
-/// Raises this process's open-file limit (inherited by the sandbox it starts): the
-/// sandbox's kube-proxy stand-in listens on every node's IP for every Service's NodePort,
-/// 100 nodes x 1,000 Services = 100,000 sockets.
-fn raise_fd_limit(want: u64) {
-    let lim = libc::rlimit {
-        rlim_cur: want as libc::rlim_t,
-        rlim_max: want as libc::rlim_t,
-    };
-    // SAFETY: setrlimit with a valid struct; failing leaves the limit as it was.
-    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
-    if rc != 0 {
-        println!(
-            "note: could not raise the open-file limit to {want} ({}); the sandbox may run out of sockets",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument is not supported.
     let sizes = Sizes::from_env();
-    raise_fd_limit((sizes.nodes + 2) * (sizes.services + sizes.rate_services) * 2 + 10_000);
     println!("ccm_scale: {sizes:?}");
     println!("{}", machine());
     let measured_conv = measured(&sizes).unwrap_or_else(|e| {
