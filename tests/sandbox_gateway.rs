@@ -306,3 +306,40 @@ fn a_peer_reaches_allowed_services_through_the_gateways_load_balancer() -> Resul
     UdpSocket::bind(&gateway_addr).with_context(|| format!("{gateway_addr} still bound after sandbox down"))?;
     Ok(())
 }
+
+#[test]
+fn no_gateway_leaves_the_gateway_out() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let state = tmp.path().join("sandbox");
+    let _guard = SandboxGuard { state: state.clone() };
+    let n = unique_net_index();
+    let up = Command::new(binary("kuberaya"))
+        .args(["sandbox", "up", "--detach", "--no-gateway", "--state-dir"])
+        .arg(&state)
+        .args([
+            "--public-ip-range",
+            &format!("127.203.{n}.0/24"),
+            "--vm-ip-range",
+            &format!("127.10.{n}.0/24"),
+            "--service-cidr",
+            &format!("127.97.{n}.0/24"),
+            "--pod-cidr",
+            &format!("127.{}.0.0/16", u16::from(n) + 100),
+        ])
+        .stdin(Stdio::null())
+        .output()?;
+    ensure!(up.status.success(), "sandbox up --no-gateway: {}", text(&up));
+    let printed = String::from_utf8_lossy(&up.stdout);
+    assert!(!printed.contains("WireGuard gateway"), "{printed}");
+    assert!(!printed.contains("kuberaya peer add"), "{printed}");
+    let user = User {
+        kubeconfig: state.join("kubeconfig"),
+        work: tmp.path().to_path_buf(),
+    };
+    let out = user.run(
+        Path::new("kubectl"),
+        &["get", "service", "-n", "kuberaya-system", "kuberaya-gateway"],
+    )?;
+    assert!(!out.status.success(), "no gateway Service: {}", text(&out));
+    Ok(())
+}
