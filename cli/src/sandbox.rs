@@ -361,6 +361,13 @@ fn init_logging() {
 
 async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     init_logging();
+    // The sandbox is a server: a client that goes away while one of its HTTP servers writes
+    // (hyper writes with writev, which raises SIGPIPE) must cost that connection only, not the
+    // whole sandbox, so the CLI's default SIGPIPE disposition is undone here.
+    // SAFETY: changing a signal's disposition to "ignore"; no handler runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
     let dir = state_dir(&args.dir)?;
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let Some(_lock) = try_lock(&dir)? else {
@@ -1187,6 +1194,12 @@ async fn down(args: DownArgs) -> anyhow::Result<ExitCode> {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // The lock goes with `up`'s return; the process exits a moment later, once its
+        // runtime has wound down (its in-process gateway and CCM included).
+        let exit_deadline = Instant::now() + Duration::from_secs(5);
+        while process_alive(pid) && Instant::now() < exit_deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let _ = fs::remove_file(dir.join(RUNTIME_FILE));
         println!("sandbox in {} stopped", dir.display());
     } else {
@@ -1197,6 +1210,15 @@ async fn down(args: DownArgs) -> anyhow::Result<ExitCode> {
         println!("deleted {}", dir.display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether `pid` is a live process (a zombie, exited but not yet reaped, is not).
+fn process_alive(pid: libc::pid_t) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        // SAFETY: signal 0 only checks that the process exists.
+        Err(_) => unsafe { libc::kill(pid, 0) == 0 },
+    }
 }
 
 fn running_runtime(dir: &Path) -> anyhow::Result<Option<Runtime>> {
