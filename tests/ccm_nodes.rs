@@ -27,6 +27,7 @@ use serde_json::{Value, json};
 const KUBECTL: &str = "kubectl";
 const CLUSTER_LABEL: &str = "kuberaya.cloudraya.com/cluster-id";
 const SERVICE_NAME_LABEL: &str = "kuberaya.cloudraya.com/service-name";
+const SERVICE_NAMESPACE_LABEL: &str = "kuberaya.cloudraya.com/service-namespace";
 const UNINITIALIZED: &str = "node.cloudprovider.kubernetes.io/uninitialized";
 const SHUTDOWN: &str = "node.cloudprovider.kubernetes.io/shutdown";
 
@@ -234,10 +235,11 @@ impl Sandbox {
             .collect())
     }
 
-    /// Our load balancers by the name of their Service.
+    /// Our load balancers of the tests' Services (namespace `default`; not, say, a sandbox
+    /// gateway Service's) by the name of their Service.
     fn lbs_by_service(&self) -> Result<BTreeMap<String, Vec<Value>>> {
         let lbs = self.list(&format!(
-            "/kubernetes/v1/clusters/{}/load-balancers?label={CLUSTER_LABEL}={}",
+            "/kubernetes/v1/clusters/{}/load-balancers?label={CLUSTER_LABEL}={}&label={SERVICE_NAMESPACE_LABEL}=default",
             self.cluster_id, self.cluster_id
         ))?;
         let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();

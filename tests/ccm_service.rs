@@ -28,6 +28,11 @@ const KUBECTL: &str = "kubectl";
 const CLUSTER_LABEL: &str = "kuberaya.cloudraya.com/cluster-id";
 const SERVICE_UID_LABEL: &str = "kuberaya.cloudraya.com/service-uid";
 const SERVICE_NAME_LABEL: &str = "kuberaya.cloudraya.com/service-name";
+const SERVICE_NAMESPACE_LABEL: &str = "kuberaya.cloudraya.com/service-namespace";
+/// The namespace of every Service the tests create.
+const TEST_NAMESPACE: &str = "default";
+/// The sandbox's own LoadBalancer Service (its VPN gateway), served by the CCM under test.
+const GATEWAY_SERVICE: (&str, &str) = ("kuberaya-system", "kuberaya-gateway");
 const PROVIDER_PREFIX: &str = "cloudraya://";
 const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
 /// [`Sandbox::up_with`] without a CCM flag: `sandbox up` runs its own CCM.
@@ -41,6 +46,49 @@ fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// One line per load balancer (name, id, status, created_at, cluster, Service
+/// namespace/name/UID, public IP), for failure messages that show what was counted.
+fn lb_table(lbs: &[Value]) -> String {
+    let mut lines: Vec<String> = lbs
+        .iter()
+        .map(|lb| {
+            let l = &lb["labels"];
+            format!(
+                "  {} {} status={} created_at={} cluster={} service={}/{} uid={} ip={}",
+                lb["name"].as_str().unwrap_or("?"),
+                lb["id"].as_str().unwrap_or("?"),
+                lb["status"].as_str().unwrap_or("?"),
+                lb["created_at"].as_str().unwrap_or("?"),
+                l[CLUSTER_LABEL].as_str().unwrap_or("-"),
+                l[SERVICE_NAMESPACE_LABEL].as_str().unwrap_or("-"),
+                l[SERVICE_NAME_LABEL].as_str().unwrap_or("-"),
+                l[SERVICE_UID_LABEL].as_str().unwrap_or("-"),
+                lb["public_ip"]["address"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect();
+    lines.sort();
+    format!("{} load balancers:\n{}", lines.len(), lines.join("\n"))
+}
+
+/// One line per public IP (address, id, what it is attached to, labels).
+fn ip_table(ips: &[Value]) -> String {
+    let mut lines: Vec<String> = ips
+        .iter()
+        .map(|ip| {
+            format!(
+                "  {} {} attached_to={} labels={}",
+                ip["address"].as_str().unwrap_or("?"),
+                ip["id"].as_str().unwrap_or("?"),
+                ip["attached_to"],
+                ip["labels"]
+            )
+        })
+        .collect();
+    lines.sort();
+    format!("{} public IPs:\n{}", lines.len(), lines.join("\n"))
 }
 
 fn free_port() -> Result<u16> {
@@ -281,12 +329,44 @@ impl Sandbox {
         Ok(items)
     }
 
-    /// The load balancers under our cluster's path that carry our cluster ID.
-    fn our_lbs(&self) -> Result<Vec<Value>> {
+    /// The load balancers under our cluster's path that carry our cluster ID: those of the
+    /// tests' Services (namespace `default`) and that of the sandbox's own VPN gateway
+    /// Service (`kuberaya-system/kuberaya-gateway`, a LoadBalancer Service the CCM under
+    /// test serves as well, whenever it gets to it).
+    fn cluster_lbs(&self) -> Result<Vec<Value>> {
         self.list(&format!(
             "/kubernetes/v1/clusters/{}/load-balancers?label={CLUSTER_LABEL}={}",
             self.cluster_id, self.cluster_id
         ))
+    }
+
+    /// The load balancers of the tests' Services: ours (see [`Sandbox::cluster_lbs`]) in
+    /// [`TEST_NAMESPACE`]. Fails when any other LB of our cluster is there than at most
+    /// one of the sandbox's gateway Service, so nothing leaks unseen.
+    fn our_lbs(&self) -> Result<Vec<Value>> {
+        let (ours, others): (Vec<Value>, Vec<Value>) = self
+            .cluster_lbs()?
+            .into_iter()
+            .partition(|lb| lb["labels"][SERVICE_NAMESPACE_LABEL] == TEST_NAMESPACE);
+        let gateway = |lb: &Value| {
+            lb["labels"][SERVICE_NAMESPACE_LABEL] == GATEWAY_SERVICE.0
+                && lb["labels"][SERVICE_NAME_LABEL] == GATEWAY_SERVICE.1
+        };
+        ensure!(
+            others.len() <= 1 && others.iter().all(gateway),
+            "no LB of our cluster outside {TEST_NAMESPACE} but the gateway's: {}",
+            lb_table(&others)
+        );
+        Ok(ours)
+    }
+
+    /// Every load balancer under our cluster's path, whatever its labels, for failure
+    /// messages.
+    fn lbs_in_our_path(&self) -> String {
+        match self.list(&format!("/kubernetes/v1/clusters/{}/load-balancers", self.cluster_id)) {
+            Ok(lbs) => lb_table(&lbs),
+            Err(e) => format!("cannot list the load balancers: {e:#}"),
+        }
     }
 
     /// Our load balancers by the name of their Service.
@@ -309,9 +389,11 @@ impl Sandbox {
         Ok(all.remove(0))
     }
 
+    /// The public IPs of the tests' Services (labelled like their LBs: our cluster ID and
+    /// [`TEST_NAMESPACE`]; the gateway Service's IP is not one of them).
     fn public_ips(&self) -> Result<Vec<Value>> {
         self.list(&format!(
-            "/network/v1/public-ips?label={CLUSTER_LABEL}={}",
+            "/network/v1/public-ips?label={CLUSTER_LABEL}={}&label={SERVICE_NAMESPACE_LABEL}={TEST_NAMESPACE}",
             self.cluster_id
         ))
     }
@@ -1003,13 +1085,20 @@ fn restart_mid_creation_drift_orphans_and_other_clusters() -> Result<()> {
             .iter()
             .filter_map(|lb| lb["labels"][SERVICE_UID_LABEL].as_str().map(String::from))
             .collect();
-        ensure!(lbs.len() == 20, "exactly 20 LBs: {}", lbs.len());
+        let want_uids: BTreeSet<String> = uids.keys().cloned().collect();
         ensure!(
-            lb_uids == uids.keys().cloned().collect(),
-            "one LB per Service, none duplicated or leaked"
+            lbs.len() == 20 && lb_uids == want_uids,
+            "exactly 20 LBs, one per Service, none duplicated or leaked; Services (uid → name) {uids:?}\nours: {}\nunder our path: {}",
+            lb_table(&lbs),
+            sb.lbs_in_our_path()
         );
         let ips = sb.public_ips()?;
-        ensure!(ips.len() == 20, "exactly 20 public IPs of ours: {ips:?}");
+        ensure!(
+            ips.len() == 20,
+            "exactly 20 public IPs of ours: {}\n{}",
+            ip_table(&ips),
+            lb_table(&lbs)
+        );
 
         // An LB deleted behind our back is recreated.
         let victim = sb.lb_of("svc-0")?;
@@ -1130,10 +1219,21 @@ fn fifty_services_converge_under_429_bursts_and_server_errors() -> Result<()> {
             .unwrap_or(0.0);
         ensure!(waits >= 1.0, "the CCM waited on 429s: {waits}");
         sb.set_faults(json!([]))?;
+        let lbs = sb.our_lbs()?;
         let by_service = sb.lbs_by_service()?;
-        ensure!(by_service.len() == 50, "50 LBs: {}", by_service.len());
-        ensure!(by_service.values().all(|v| v.len() == 1), "none duplicated");
-        ensure!(sb.public_ips()?.len() == 50, "50 public IPs, none leaked");
+        ensure!(
+            lbs.len() == 50 && by_service.len() == 50 && by_service.values().all(|v| v.len() == 1),
+            "exactly 50 LBs, one per Service, none duplicated: {}\nunder our path: {}",
+            lb_table(&lbs),
+            sb.lbs_in_our_path()
+        );
+        let ips = sb.public_ips()?;
+        ensure!(
+            ips.len() == 50,
+            "50 public IPs, none leaked: {}\n{}",
+            ip_table(&ips),
+            lb_table(&lbs)
+        );
         Ok(())
     })
 }

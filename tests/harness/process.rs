@@ -108,11 +108,35 @@ impl Process {
         self.try_exit().is_none()
     }
 
+    /// The exit status once the child has exited. Before reaping it, whatever else of its
+    /// process group is left is killed: while the exited child is a zombie its pid (the
+    /// group's id) cannot be reused, so the signal reaches only our group. Once reaped,
+    /// the group is never signalled again, since by then its id may belong to an
+    /// unrelated process group (a sandbox, another test's binary).
     fn try_exit(&mut self) -> Option<ExitStatus> {
-        if self.exit.is_none() {
+        if self.exit.is_none() && self.exited_unreaped() {
+            self.signal_group(libc::SIGKILL);
             self.exit = self.child.try_wait().ok().flatten();
         }
         self.exit
+    }
+
+    /// Whether the child has exited (without reaping it).
+    fn exited_unreaped(&self) -> bool {
+        // SAFETY: waitid on our own child with WNOWAIT only reads its state; `info` is a
+        // plain C struct that zeroed memory initialises.
+        unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            let rc = libc::waitid(
+                libc::P_PID,
+                self.child.id() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            );
+            // With WNOHANG, si_pid stays 0 while the child runs; an error (ECHILD: reaped
+            // elsewhere) counts as exited.
+            rc != 0 || info.si_pid() != 0
+        }
     }
 
     /// Wait (polling every 20 ms, at most `timeout`) until stdout has a complete line
@@ -161,11 +185,18 @@ impl Process {
         )
     }
 
-    /// Send `signal` to the process group.
+    /// Send `signal` to the process group, unless the child has been reaped already (its
+    /// pid, the group's id, may have been reused since: see [`Process::try_exit`]).
     pub fn signal(&self, signal: i32) {
+        if self.exit.is_none() {
+            self.signal_group(signal);
+        }
+    }
+
+    fn signal_group(&self, signal: i32) {
         let pgid = self.child.id() as libc::pid_t;
         // SAFETY: signalling the process group we created (process_group(0) makes the
-        // child's pid its group id).
+        // child's pid its group id), whose leader is not reaped yet (callers check).
         unsafe {
             libc::kill(-pgid, signal);
         }
@@ -174,16 +205,14 @@ impl Process {
     /// Terminate the process group: SIGTERM, then SIGKILL after the grace period. Returns
     /// the exit status of the direct child.
     pub fn stop(&mut self) -> Option<ExitStatus> {
-        if let Some(status) = self.exit {
-            // The child is gone; make sure nothing it started lingers.
-            self.signal(libc::SIGKILL);
+        // Once exited, try_exit has killed the rest of the group before reaping the child.
+        if let Some(status) = self.try_exit() {
             return Some(status);
         }
         self.signal(libc::SIGTERM);
         let deadline = Instant::now() + self.grace;
         while Instant::now() < deadline {
             if let Some(status) = self.try_exit() {
-                self.signal(libc::SIGKILL);
                 return Some(status);
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -195,7 +224,6 @@ impl Process {
             self.grace
         );
         self.signal(libc::SIGKILL);
-        let _ = self.child.kill();
         self.exit = self.child.wait().ok();
         self.exit
     }
