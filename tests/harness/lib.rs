@@ -12,12 +12,15 @@
 //!   `/var/run/wireguard`.
 //! - [`http`]: [`JsonApi`], a raw JSON HTTP helper that returns `(status, headers, body)`
 //!   as an [`Answer`], with envelope checks.
+//! - [`sandbox`]: [`sandbox::Sandbox`], a detached `kuberaya sandbox` on unique ranges
+//!   (purged on drop), its [`sandbox::User`], and WireGuard peers through `onetun`.
 
 pub mod bins;
 pub mod http;
 pub mod netns;
 pub mod platform;
 pub mod process;
+pub mod sandbox;
 
 pub use bins::{bin_dir, binary};
 pub use http::{Answer, JsonApi, http_client, query_encode};

@@ -1,0 +1,237 @@
+//! A detached `kuberaya sandbox` on its own 127.0.0.0/8 ranges, reached as a user reaches
+//! it (`kubectl`, `kuberaya` with its kubeconfig), and WireGuard peers connected with the
+//! userspace client `onetun` from the wg-quick configs `kuberaya peer` writes.
+//!
+//! onetun 0.3.10 supports one TCP forward per process.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use anyhow::{Context, Result, ensure};
+
+use crate::{Process, binary, unique_net_index};
+
+/// The installed `onetun` (PATH, then `~/.cargo/bin`); panics with how to install it.
+pub fn onetun_path() -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+    }
+    dirs.into_iter()
+        .map(|d| d.join("onetun"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("onetun is not installed: run `cargo install --locked onetun --version 0.3.10` (scripts/test does)")
+        })
+}
+
+/// Status, stdout and stderr of a finished command, for failure messages.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A detached sandbox in a state directory of its own; `sandbox down --purge` on drop,
+/// however the test ends (with the tail of `sandbox.log` when it panicked).
+pub struct Sandbox {
+    pub state: PathBuf,
+    /// The unique network index its ranges use.
+    pub net: u8,
+    /// What `sandbox up --detach` printed.
+    pub up_output: String,
+}
+
+impl Sandbox {
+    /// `kuberaya sandbox up --detach` with `--public-ip-range 127.203.N.0/24`,
+    /// `--vm-ip-range 127.10.N.0/24`, `--service-cidr 127.97.N.0/24` and
+    /// `--pod-cidr 127.(N+100).0.0/16` for a fresh N, plus `extra` arguments.
+    pub fn up(state: &Path, extra: &[&str]) -> Result<Sandbox> {
+        let n = unique_net_index();
+        let mut sandbox = Sandbox {
+            state: state.to_path_buf(),
+            net: n,
+            up_output: String::new(),
+        };
+        let out = Command::new(binary("kuberaya"))
+            .args(["sandbox", "up", "--detach", "--state-dir"])
+            .arg(state)
+            .args([
+                "--public-ip-range",
+                &format!("127.203.{n}.0/24"),
+                "--vm-ip-range",
+                &format!("127.10.{n}.0/24"),
+                "--service-cidr",
+                &sandbox.service_cidr(),
+                "--pod-cidr",
+                &format!("127.{}.0.0/16", u16::from(n) + 100),
+            ])
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .context("running kuberaya sandbox up")?;
+        ensure!(out.status.success(), "sandbox up --detach: {}", output_text(&out));
+        sandbox.up_output = String::from_utf8_lossy(&out.stdout).into_owned();
+        Ok(sandbox)
+    }
+
+    pub fn service_cidr(&self) -> String {
+        format!("127.97.{}.0/24", self.net)
+    }
+
+    /// A user of the sandbox's cluster working in `work`.
+    pub fn user(&self, work: &Path) -> User {
+        User {
+            kubeconfig: self.state.join("kubeconfig"),
+            work: work.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Ok(log) = std::fs::read_to_string(self.state.join("sandbox.log"))
+        {
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "--- sandbox.log (tail) ---\n{}",
+                lines[lines.len().saturating_sub(60)..].join("\n")
+            );
+        }
+        let _ = Command::new(binary("kuberaya"))
+            .args(["sandbox", "down", "--purge", "--state-dir"])
+            .arg(&self.state)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// The sandbox's cluster as a user reaches it: `kubectl` and `kuberaya` with its kubeconfig.
+pub struct User {
+    pub kubeconfig: PathBuf,
+    pub work: PathBuf,
+}
+
+impl User {
+    pub fn run(&self, program: &Path, args: &[&str]) -> Result<Output> {
+        Command::new(program)
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .current_dir(&self.work)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {}", program.display()))
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        let out = self.run(Path::new("kubectl"), args)?;
+        ensure!(out.status.success(), "kubectl {args:?}: {}", output_text(&out));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn kuberaya(&self, args: &[&str]) -> Result<Output> {
+        self.run(&binary("kuberaya"), args)
+    }
+
+    /// `kuberaya ARGS`, which must succeed; returns its stdout.
+    pub fn kuberaya_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.kuberaya(args)?;
+        ensure!(out.status.success(), "kuberaya {args:?}: {}", output_text(&out));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// A Deployment answering HTTP on 8080 (the pods' built-in responder) and its ClusterIP
+    /// Service on port 80; returns the ClusterIP.
+    pub fn http_service(&self, name: &str) -> Result<String> {
+        self.kubectl(&[
+            "create",
+            "deployment",
+            name,
+            "--image=registry.k8s.io/e2e-test-images/agnhost:2.53",
+            "--port=8080",
+            "--",
+            "/agnhost",
+            "netexec",
+            "--http-port=8080",
+        ])?;
+        self.kubectl(&["expose", "deployment", name, "--port=80", "--target-port=8080"])?;
+        let ip = self.kubectl(&["get", "service", name, "-o", "jsonpath={.spec.clusterIP}"])?;
+        ensure!(!ip.trim().is_empty(), "service {name} has no ClusterIP");
+        Ok(ip.trim().to_string())
+    }
+}
+
+/// `Key = value` of a wg-quick config.
+pub fn conf_value(conf: &str, key: &str) -> String {
+    conf.lines()
+        .filter_map(|l| l.split_once('='))
+        .find(|(k, _)| k.trim() == key)
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_else(|| panic!("no {key} in the peer config:\n{conf}"))
+}
+
+/// What onetun needs from a peer's wg-quick config.
+#[derive(Debug, Clone)]
+pub struct WgPeer {
+    pub private_key: String,
+    pub gateway_key: String,
+    pub endpoint: String,
+    pub address: String,
+}
+
+impl WgPeer {
+    pub fn from_conf(conf: &str) -> WgPeer {
+        let address = conf_value(conf, "Address");
+        WgPeer {
+            private_key: conf_value(conf, "PrivateKey"),
+            gateway_key: conf_value(conf, "PublicKey"),
+            endpoint: conf_value(conf, "Endpoint"),
+            address: address.split('/').next().unwrap_or_default().to_string(),
+        }
+    }
+
+    /// One onetun forwarding `127.0.0.1:local` to `remote` (`host:port:PROTO`).
+    pub fn onetun(&self, local: u16, remote: &str) -> Process {
+        let mut cmd = Command::new(onetun_path());
+        cmd.args([
+            "--endpoint-addr",
+            &self.endpoint,
+            "--endpoint-public-key",
+            &self.gateway_key,
+            "--source-peer-ip",
+            &self.address,
+            "--keep-alive",
+            "5",
+            &format!("127.0.0.1:{local}:{remote}"),
+        ])
+        .env("ONETUN_PRIVATE_KEY", &self.private_key);
+        Process::spawn_command(cmd).expect("onetun starts")
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `curl http://127.0.0.1:PORT/` with a total time limit; (succeeded, body).
+pub fn curl_local(port: u16, max_time_s: f64) -> (bool, String) {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-m",
+            &max_time_s.to_string(),
+            &format!("http://127.0.0.1:{port}/"),
+        ])
+        .output()
+        .expect("curl is installed");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
