@@ -555,15 +555,23 @@ async fn remove_finalizer(api: &Api<Service>, svc: &Service) -> Result<()> {
 /// Deletes our LBs whose Service is gone (see [`find_orphans`]); returns how many.
 /// Also sets the `load_balancers_managed` gauge.
 ///
-/// `services` must be every Service of the cluster, freshly listed from the API server
-/// (not a watch cache that may lag): a Service missing from it loses its LB.
-pub async fn sweep_orphans(ctx: &Context, services: &[Service]) -> Result<usize> {
+/// `list_services` must list every Service of the cluster, freshly from the API server
+/// (not a watch cache that may lag): a Service missing from it loses its LB. It is called
+/// after our LBs are listed, so every LB considered was created before the Service list
+/// was taken, and so was its Service: an LB of a Service created while the sweep runs is
+/// never taken for an orphan.
+pub async fn sweep_orphans<F, Fut>(ctx: &Context, list_services: F) -> Result<usize>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<Vec<Service>>>,
+{
     let cluster = &ctx.config.cluster_id;
     let lbs = ctx
         .platform
         .list_load_balancers(cluster, &cluster_labels(cluster))
         .await
         .map_err(platform_err("list_load_balancers"))?;
+    let services = list_services().await?;
     ctx.metrics
         .lbs_managed
         .set(i64::try_from(lbs.len()).unwrap_or(i64::MAX));
@@ -701,17 +709,16 @@ pub async fn run(
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             interval.tick().await;
-            // A fresh list each time: deciding deletions from a lagging cache could
-            // remove the LB of a Service that exists.
-            let services = match api.list(&kube::api::ListParams::default()).await {
-                Ok(list) => list.items,
-                Err(e) => {
-                    warn!(error = %e, "orphan sweep: cannot list Services");
-                    continue;
-                }
+            // A fresh list each time (after the LBs): deciding deletions from a lagging
+            // cache could remove the LB of a Service that exists.
+            let list_services = || async {
+                api.list(&kube::api::ListParams::default())
+                    .await
+                    .map(|list| list.items)
+                    .map_err(Error::Kube)
             };
-            match sweep_orphans(&sweep_ctx, &services).await {
-                Ok(0) => debug!(services = services.len(), "orphan sweep: nothing to delete"),
+            match sweep_orphans(&sweep_ctx, list_services).await {
+                Ok(0) => debug!("orphan sweep: nothing to delete"),
                 Ok(n) => info!(deleted = n, "orphan sweep"),
                 Err(e) => warn!(error = %e, "orphan sweep failed"),
             }

@@ -589,19 +589,57 @@ async fn orphan_sweep_deletes_only_our_lbs_of_vanished_services() {
     let (ctx, _h) = bench.context();
     let services = vec![finalized(svc())];
     assert_eq!(
-        sweep_orphans(&ctx, &services).await.expect("sweep"),
+        sweep_orphans(&ctx, || async { Ok(services.clone()) })
+            .await
+            .expect("sweep"),
         0,
         "Service still exists"
     );
     assert!(bench.platform.mutating_calls().is_empty());
 
     // The Service is gone (deleted while the CCM was down).
-    assert_eq!(sweep_orphans(&ctx, &[]).await.expect("sweep"), 1);
+    assert_eq!(sweep_orphans(&ctx, || async { Ok(vec![]) }).await.expect("sweep"), 1);
     assert_eq!(bench.platform.mutating_calls(), vec!["delete_load_balancer"]);
     bench.platform.settle();
     assert!(bench.platform.lbs("cl-1").is_empty());
     assert_eq!(bench.platform.lbs("cl-2"), vec![foreign], "never touched");
     assert!(bench.metrics.render().contains("orphans_deleted_total 1"));
+}
+
+/// A Service created while the sweep runs, whose LB the controller creates at once: the
+/// Services are listed after the LBs, so that LB is either not in the sweep's LB list or
+/// its Service is in the Service list; never taken for an orphan.
+#[tokio::test]
+async fn orphan_sweep_spares_the_lb_of_a_service_created_meanwhile() {
+    let bench = Bench::new(&["a"]);
+    let _lb = provisioned(&bench, &finalized(svc())).await;
+    bench.platform.clear_calls();
+    let (ctx, _h) = bench.context();
+    let mut new_svc = finalized(svc());
+    new_svc.metadata.name = Some("new".into());
+    new_svc.metadata.uid = Some("uid-new".into());
+    let mut new_lb = bench.platform.lbs("cl-1")[0].clone();
+    new_lb.id = "lb-new".into();
+    new_lb.name = "kr-default-new".into();
+    new_lb.labels.insert(LABEL_SERVICE_UID.into(), "uid-new".into());
+    new_lb.labels.insert(LABEL_SERVICE_NAME.into(), "new".into());
+    let list_services = || async {
+        // The Services are listed after our LBs; the new Service and its LB appear
+        // between the two lists.
+        assert_eq!(bench.platform.calls(), vec!["list_load_balancers"]);
+        bench.platform.insert_lb("cl-1", new_lb.clone());
+        Ok(vec![finalized(svc()), new_svc.clone()])
+    };
+    assert_eq!(sweep_orphans(&ctx, list_services).await.expect("sweep"), 0);
+    assert!(bench.platform.mutating_calls().is_empty());
+    // The next sweep sees both, and both Services.
+    let both = vec![finalized(svc()), new_svc.clone()];
+    assert_eq!(
+        sweep_orphans(&ctx, || async { Ok(both.clone()) }).await.expect("sweep"),
+        0
+    );
+    assert!(bench.platform.mutating_calls().is_empty());
+    assert_eq!(bench.platform.lbs("cl-1").len(), 2);
 }
 
 #[tokio::test(start_paused = true)]
