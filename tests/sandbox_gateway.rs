@@ -8,167 +8,17 @@
 //! same key would fight over the peer's endpoint, so each check runs its own onetun, one
 //! after the other.
 
-use std::net::{TcpListener, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::net::UdpSocket;
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use kuberaya_e2e::{Process, binary, poll_until_blocking, unique_net_index};
-
-fn onetun_path() -> PathBuf {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(PathBuf::from(home).join(".cargo/bin"));
-    }
-    dirs.into_iter()
-        .map(|d| d.join("onetun"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!("onetun is not installed: run `cargo install --locked onetun --version 0.3.10` (scripts/test does)")
-        })
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// Stops the sandbox (and purges its state) however the test ends.
-struct SandboxGuard {
-    state: PathBuf,
-}
-
-impl Drop for SandboxGuard {
-    fn drop(&mut self) {
-        if std::thread::panicking()
-            && let Ok(log) = std::fs::read_to_string(self.state.join("sandbox.log"))
-        {
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!(
-                "--- sandbox.log (tail) ---\n{}",
-                lines[lines.len().saturating_sub(60)..].join("\n")
-            );
-        }
-        let _ = Command::new(binary("kuberaya"))
-            .args(["sandbox", "down", "--purge", "--state-dir"])
-            .arg(&self.state)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-/// The sandbox's cluster as a user reaches it: `kubectl` and `kuberaya` with its kubeconfig.
-struct User {
-    kubeconfig: PathBuf,
-    work: PathBuf,
-}
-
-impl User {
-    fn run(&self, program: &Path, args: &[&str]) -> Result<Output> {
-        Command::new(program)
-            .args(args)
-            .env("KUBECONFIG", &self.kubeconfig)
-            .current_dir(&self.work)
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("running {}", program.display()))
-    }
-
-    fn kubectl(&self, args: &[&str]) -> Result<String> {
-        let out = self.run(Path::new("kubectl"), args)?;
-        ensure!(out.status.success(), "kubectl {args:?}: {}", text(&out));
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn kuberaya(&self, args: &[&str]) -> Result<Output> {
-        self.run(&binary("kuberaya"), args)
-    }
-
-    /// A Deployment answering HTTP on 8080 (the pods' built-in responder) and its ClusterIP
-    /// Service on port 80; returns the ClusterIP.
-    fn http_service(&self, name: &str) -> Result<String> {
-        self.kubectl(&[
-            "create",
-            "deployment",
-            name,
-            "--image=registry.k8s.io/e2e-test-images/agnhost:2.53",
-            "--port=8080",
-            "--",
-            "/agnhost",
-            "netexec",
-            "--http-port=8080",
-        ])?;
-        self.kubectl(&["expose", "deployment", name, "--port=80", "--target-port=8080"])?;
-        let ip = self.kubectl(&["get", "service", name, "-o", "jsonpath={.spec.clusterIP}"])?;
-        ensure!(!ip.trim().is_empty(), "service {name} has no ClusterIP");
-        Ok(ip.trim().to_string())
-    }
-}
-
-/// `Key = value` of a wg-quick config.
-fn conf_value(conf: &str, key: &str) -> String {
-    conf.lines()
-        .filter_map(|l| l.split_once('='))
-        .find(|(k, _)| k.trim() == key)
-        .map(|(_, v)| v.trim().to_string())
-        .unwrap_or_else(|| panic!("no {key} in the peer config:\n{conf}"))
-}
-
-struct Peer {
-    private_key: String,
-    gateway_key: String,
-    endpoint: String,
-    address: String,
-}
-
-impl Peer {
-    fn from_conf(conf: &str) -> Peer {
-        let address = conf_value(conf, "Address");
-        Peer {
-            private_key: conf_value(conf, "PrivateKey"),
-            gateway_key: conf_value(conf, "PublicKey"),
-            endpoint: conf_value(conf, "Endpoint"),
-            address: address.split('/').next().unwrap_or_default().to_string(),
-        }
-    }
-
-    /// One onetun forwarding `127.0.0.1:local` to `remote` (`host:port:PROTO`).
-    fn onetun(&self, local: u16, remote: &str) -> Process {
-        let mut cmd = Command::new(onetun_path());
-        cmd.args([
-            "--endpoint-addr",
-            &self.endpoint,
-            "--endpoint-public-key",
-            &self.gateway_key,
-            "--source-peer-ip",
-            &self.address,
-            "--keep-alive",
-            "5",
-            &format!("127.0.0.1:{local}:{remote}"),
-        ])
-        .env("ONETUN_PRIVATE_KEY", &self.private_key);
-        Process::spawn_command(cmd).expect("onetun starts")
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use kuberaya_e2e::sandbox::{Sandbox, WgPeer, curl_local, free_port, onetun_path, output_text};
+use kuberaya_e2e::{binary, poll_until_blocking};
 
 fn curl(port: u16) -> (bool, String) {
-    let out = Command::new("curl")
-        .args(["-sS", "-m", "3", &format!("http://127.0.0.1:{port}/")])
-        .output()
-        .expect("curl is installed");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    curl_local(port, 3.0)
 }
 
 fn dig(port: u16, name: &str) -> String {
@@ -187,27 +37,11 @@ fn a_peer_reaches_allowed_services_through_the_gateways_load_balancer() -> Resul
     let state = tmp.path().join("sandbox");
     let work = tmp.path().join("work");
     std::fs::create_dir_all(&work)?;
-    let _guard = SandboxGuard { state: state.clone() };
-    let n = unique_net_index();
+    let sandbox = Sandbox::up(&state, &[])?;
+    let n = sandbox.net;
     let public_prefix = format!("127.203.{n}.");
     let pod_octet = u16::from(n) + 100;
-    let up = Command::new(binary("kuberaya"))
-        .args(["sandbox", "up", "--detach", "--state-dir"])
-        .arg(&state)
-        .args([
-            "--public-ip-range",
-            &format!("127.203.{n}.0/24"),
-            "--vm-ip-range",
-            &format!("127.10.{n}.0/24"),
-            "--service-cidr",
-            &format!("127.97.{n}.0/24"),
-            "--pod-cidr",
-            &format!("127.{pod_octet}.0.0/16"),
-        ])
-        .stdin(Stdio::null())
-        .output()?;
-    ensure!(up.status.success(), "sandbox up --detach: {}", text(&up));
-    let printed = String::from_utf8_lossy(&up.stdout).into_owned();
+    let printed = &sandbox.up_output;
     assert!(
         printed.contains("WireGuard gateway on"),
         "up reports the gateway:\n{printed}"
@@ -221,10 +55,7 @@ fn a_peer_reaches_allowed_services_through_the_gateways_load_balancer() -> Resul
         "the try-this block shows how to connect:\n{printed}"
     );
 
-    let user = User {
-        kubeconfig: state.join("kubeconfig"),
-        work: work.clone(),
-    };
+    let user = sandbox.user(&work);
     // The gateway's Service: a UDP LoadBalancer whose ingress is a platform public IP.
     let lb_ip = user.kubectl(&[
         "get",
@@ -251,9 +82,9 @@ fn a_peer_reaches_allowed_services_through_the_gateways_load_balancer() -> Resul
     let secret_ip = user.http_service("secret")?;
 
     let add = user.kuberaya(&["peer", "add", "alice", "--allow", "default/api", "--out", "alice.conf"])?;
-    ensure!(add.status.success(), "peer add: {}", text(&add));
+    ensure!(add.status.success(), "peer add: {}", output_text(&add));
     let conf = std::fs::read_to_string(work.join("alice.conf"))?;
-    let peer = Peer::from_conf(&conf);
+    let peer = WgPeer::from_conf(&conf);
     assert_eq!(
         peer.endpoint,
         format!("{lb_ip}:51820"),
@@ -301,7 +132,7 @@ fn a_peer_reaches_allowed_services_through_the_gateways_load_balancer() -> Resul
         .args(["sandbox", "down", "--state-dir"])
         .arg(&state)
         .output()?;
-    ensure!(down.status.success(), "sandbox down: {}", text(&down));
+    ensure!(down.status.success(), "sandbox down: {}", output_text(&down));
     let gateway_addr = format!("127.{pod_octet}.255.254:51820");
     UdpSocket::bind(&gateway_addr).with_context(|| format!("{gateway_addr} still bound after sandbox down"))?;
     Ok(())
@@ -311,35 +142,15 @@ fn a_peer_reaches_allowed_services_through_the_gateways_load_balancer() -> Resul
 fn no_gateway_leaves_the_gateway_out() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let state = tmp.path().join("sandbox");
-    let _guard = SandboxGuard { state: state.clone() };
-    let n = unique_net_index();
-    let up = Command::new(binary("kuberaya"))
-        .args(["sandbox", "up", "--detach", "--no-gateway", "--state-dir"])
-        .arg(&state)
-        .args([
-            "--public-ip-range",
-            &format!("127.203.{n}.0/24"),
-            "--vm-ip-range",
-            &format!("127.10.{n}.0/24"),
-            "--service-cidr",
-            &format!("127.97.{n}.0/24"),
-            "--pod-cidr",
-            &format!("127.{}.0.0/16", u16::from(n) + 100),
-        ])
-        .stdin(Stdio::null())
-        .output()?;
-    ensure!(up.status.success(), "sandbox up --no-gateway: {}", text(&up));
-    let printed = String::from_utf8_lossy(&up.stdout);
+    let sandbox = Sandbox::up(&state, &["--no-gateway"])?;
+    let printed = &sandbox.up_output;
     assert!(!printed.contains("WireGuard gateway"), "{printed}");
     assert!(!printed.contains("kuberaya peer add"), "{printed}");
-    let user = User {
-        kubeconfig: state.join("kubeconfig"),
-        work: tmp.path().to_path_buf(),
-    };
+    let user = sandbox.user(tmp.path());
     let out = user.run(
         Path::new("kubectl"),
         &["get", "service", "-n", "kuberaya-system", "kuberaya-gateway"],
     )?;
-    assert!(!out.status.success(), "no gateway Service: {}", text(&out));
+    assert!(!out.status.success(), "no gateway Service: {}", output_text(&out));
     Ok(())
 }
