@@ -17,11 +17,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use common::{cpu_time, knob, machine, peak_rss_mib, ratio, result, secs};
+use common::{cpu_time, die_with_parent, knob, machine, peak_rss_mib, ratio, result, secs};
 use futures::StreamExt;
-use kuberaya_e2e::{JsonApi, PlatformTarget, Process, SandboxOptions, binary};
+use kuberaya_e2e::{JsonApi, Process, binary};
 use serde_json::{Value, json};
 
+const EMAIL: &str = "admin@sandbox.local";
+const PASSWORD: &str = "sandbox";
+const CLUSTER_ID: &str = "cl-sandbox";
 const CLUSTER_LABEL: &str = "kuberaya.cloudraya.com/cluster-id";
 const PROVIDER_PREFIX: &str = "cloudraya://";
 const UNINITIALIZED_TAINT: &str = "node.cloudprovider.kubernetes.io/uninitialized";
@@ -208,7 +211,7 @@ struct Sandbox {
     nodes: u64,
     // Declared last: the processes go after the clients.
     kube_process: Process,
-    platform: PlatformTarget,
+    platform: Process,
 }
 
 impl Sandbox {
@@ -217,41 +220,61 @@ impl Sandbox {
     fn up(slot: u8, nodes: u64) -> Result<Sandbox> {
         let started = Instant::now();
         let n = 200 + slot;
-        let platform = PlatformTarget::start_sandbox(SandboxOptions {
-            public_ip_range: Some(format!("127.{n}.0.0/20")),
-            vm_ip_range: Some(format!("127.{}.0.0/24", n - 190)),
-            workers: Some(nodes as u32),
-            ..SandboxOptions::default()
-        })?;
         let dir = tempfile::tempdir()?;
+        let mut cmd = Command::new(binary("kuberaya-sandbox"));
+        cmd.arg("platform")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--state-dir")
+            .arg(dir.path().join("platform"))
+            .args([
+                "--email",
+                EMAIL,
+                "--password",
+                PASSWORD,
+                "--cluster-id",
+                CLUSTER_ID,
+                "--public-ip-range",
+                &format!("127.{n}.0.0/20"),
+                "--vm-ip-range",
+                &format!("127.{}.0.0/24", n - 190),
+                "--workers",
+                &nodes.to_string(),
+            ]);
+        let mut platform = Process::spawn_command(die_with_parent(cmd))?;
+        let line = platform.wait_for_stdout_line("listening on ", Duration::from_secs(30))?;
+        let url = line
+            .trim_start_matches("listening on ")
+            .trim()
+            .trim_end_matches('/')
+            .to_string();
         let kubeconfig = dir.path().join("kubeconfig");
         let kube_state = dir.path().join("kube");
-        let mut kube_process = Process::start(
-            "kuberaya-sandbox",
-            [
-                "kube".to_string(),
-                "--state-dir".into(),
-                kube_state.display().to_string(),
-                "--kubeconfig".into(),
-                kubeconfig.display().to_string(),
-                "--service-cidr".into(),
-                format!("127.{}.0.0/20", n - 150),
-            ],
-        )?;
+        let mut cmd = Command::new(binary("kuberaya-sandbox"));
+        cmd.arg("kube")
+            .arg("--state-dir")
+            .arg(&kube_state)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--service-cidr")
+            .arg(format!("127.{}.0.0/20", n - 150));
+        let mut kube_process = Process::spawn_command(die_with_parent(cmd))?;
         kube_process.wait_for_stdout_line("listening on ", Duration::from_secs(30))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?;
-        let api = rt.block_on(platform.login())?.with_timeout(Duration::from_secs(60));
+        let api = rt
+            .block_on(JsonApi::login(&url, EMAIL, PASSWORD))?
+            .with_timeout(Duration::from_secs(60));
         let kube = Kube::from_kubeconfig(&kubeconfig)?;
         let sb = Sandbox {
             kubeconfig,
-            cluster_id: platform.cluster_id.clone(),
-            ctl: platform.control_api().with_timeout(Duration::from_secs(60)),
-            url: platform.url.clone(),
-            email: platform.email.clone(),
-            password: platform.password.clone(),
+            cluster_id: CLUSTER_ID.to_string(),
+            ctl: JsonApi::new(&url).with_timeout(Duration::from_secs(60)),
+            url,
+            email: EMAIL.to_string(),
+            password: PASSWORD.to_string(),
             api,
             rt,
             kube,
@@ -299,11 +322,7 @@ impl Sandbox {
     /// CPU time so far of the platform stand-in and of the API stand-in.
     fn cpu(&self) -> (Duration, Duration) {
         (
-            self.platform
-                .process
-                .as_ref()
-                .and_then(|p| cpu_time(p.pid()))
-                .unwrap_or_default(),
+            cpu_time(self.platform.pid()).unwrap_or_default(),
             cpu_time(self.kube_process.pid()).unwrap_or_default(),
         )
     }
@@ -481,7 +500,7 @@ impl Sandbox {
                 "--resync-period",
                 &format!("{}s", resync.as_secs()),
             ]);
-        let mut process = Process::spawn_command(cmd)?;
+        let mut process = Process::spawn_command(die_with_parent(cmd))?;
         let deadline = Instant::now() + Duration::from_secs(60);
         while !process.stdout().contains("became leader") {
             if Instant::now() > deadline || !process.is_running() {

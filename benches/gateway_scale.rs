@@ -337,7 +337,7 @@ fn start_gateway(dir: &Path, peers: &Path, services: &Path, extra: &[&str]) -> R
     let started = Instant::now();
     let mut cmd = Command::new(binary("kuberaya-gateway"));
     cmd.args(&args).env("RUST_LOG", "warn");
-    let mut process = Process::spawn_command(cmd)?;
+    let mut process = Process::spawn_command(common::die_with_parent(cmd))?;
     let line = process.wait_for_stdout_line("kuberaya-gateway listening", Duration::from_secs(120))?;
     let listening = started.elapsed();
     let field = |k: &str| {
@@ -501,7 +501,7 @@ fn onetun(gw: &Gateway, peer: &Peer, remote: SocketAddr) -> Result<(Process, Soc
         &format!("127.0.0.1:{port}:{remote}:TCP"),
     ])
     .env("ONETUN_PRIVATE_KEY", b64(&peer.secret));
-    let p = Process::spawn_command(cmd)?;
+    let p = Process::spawn_command(common::die_with_parent(cmd))?;
     let local: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {

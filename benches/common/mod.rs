@@ -116,3 +116,20 @@ pub fn median_max(samples: &[Duration]) -> Option<(Duration, Duration)> {
 pub fn result(name: &str, value: impl std::fmt::Display) {
     println!("RESULT {name}: {value}");
 }
+
+/// Makes the child started by `cmd` receive SIGTERM when the bench dies, so that a bench
+/// stopped by a signal (Ctrl-C, `timeout`) leaves no stand-in, CCM or gateway behind (the
+/// harness puts children in process groups of their own, which Ctrl-C does not reach).
+pub fn die_with_parent(mut cmd: std::process::Command) -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec here.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
