@@ -267,6 +267,7 @@ fn laptop_scenario(plane: Plane) {
         ("ip", "iproute2"),
         ("nsenter", "util-linux"),
         ("python3", "python3"),
+        ("ping", "iputils-ping"),
     ]);
     let dir = tempfile::tempdir().unwrap();
 
@@ -373,6 +374,22 @@ fn laptop_scenario(plane: Plane) {
         "curl through wireguard-go to web failed\n{}\n{}",
         wg_go.output_tails(),
         gw.output_tails()
+    );
+
+    // ICMP echo to an allowed ClusterIP is answered (by the gateway in userspace mode, by
+    // the Service's host in TUN mode); to a denied one it is not.
+    let ping = |ip: &str| exec(&laptop, &["ping", "-c", "3", "-i", "0.2", "-W", "2", ip]);
+    let out = ping(WEB_IP);
+    assert!(
+        out.status.success(),
+        "ping to an allowed ClusterIP: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = ping(SECRET_IP);
+    assert!(
+        !out.status.success(),
+        "ping to a denied ClusterIP answered: {}",
+        String::from_utf8_lossy(&out.stdout)
     );
 
     // Denied: no answer, and the Service never sees a request (beyond its readiness check).

@@ -239,9 +239,90 @@ fn transport(proto: u8, body: &[u8]) -> Result<Transport<'_>, ParseError> {
     })
 }
 
+/// The IPv4 ICMP echo reply to `request`, or `None` when it is not a well-formed IPv4
+/// echo request. The gateway answers pings to allowed ClusterIPs itself in userspace mode
+/// (smoltcp only answers for addresses it owns).
+pub fn icmpv4_echo_reply(request: &[u8]) -> Option<Vec<u8>> {
+    const ICMP_ECHO_REQUEST: u8 = 8;
+    const ICMP_ECHO_REPLY: u8 = 0;
+    let version_ihl = *request.first()?;
+    let header_len = usize::from(version_ihl & 0x0f) * 4;
+    let total_len = usize::from(be16(request, 2)?);
+    if version_ihl >> 4 != 4 || header_len < 20 || total_len < header_len + 8 || total_len > request.len() {
+        return None;
+    }
+    if request[9] != PROTO_ICMP || request[header_len] != ICMP_ECHO_REQUEST || request[header_len + 1] != 0 {
+        return None;
+    }
+    let mut reply = request[..total_len].to_vec();
+    // Swap the addresses, fresh TTL, then both checksums.
+    reply.copy_within(12..16, 16);
+    reply[12..16].copy_from_slice(&request[16..20]);
+    reply[8] = 64;
+    reply[10..12].fill(0);
+    let ip_sum = internet_checksum(&reply[..header_len]);
+    reply[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+    reply[header_len] = ICMP_ECHO_REPLY;
+    reply[header_len + 2..header_len + 4].fill(0);
+    let icmp_sum = internet_checksum(&reply[header_len..]);
+    reply[header_len + 2..header_len + 4].copy_from_slice(&icmp_sum.to_be_bytes());
+    Some(reply)
+}
+
+/// RFC 1071 one's-complement sum.
+fn internet_checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn echo_reply_swaps_addresses_and_keeps_checksums_valid() {
+        // 100.64.0.2 -> 10.96.0.20, ICMP echo request id 1 seq 1 with payload "ping".
+        let mut req = vec![
+            0x45, 0, 0, 32, 0, 1, 0, 0, 64, PROTO_ICMP, 0, 0, 100, 64, 0, 2, 10, 96, 0, 20,
+        ];
+        req.extend_from_slice(&[8, 0, 0, 0, 0, 1, 0, 1, b'p', b'i', b'n', b'g']);
+        let sum = internet_checksum(&req[..20]);
+        req[10..12].copy_from_slice(&sum.to_be_bytes());
+        let sum = internet_checksum(&req[20..]);
+        req[22..24].copy_from_slice(&sum.to_be_bytes());
+
+        let reply = icmpv4_echo_reply(&req).expect("an echo request");
+        assert_eq!(&reply[12..16], &[10, 96, 0, 20]);
+        assert_eq!(&reply[16..20], &[100, 64, 0, 2]);
+        assert_eq!(reply[20], 0, "echo reply");
+        assert_eq!(&reply[24..], &req[24..], "id, sequence and payload echoed");
+        assert_eq!(internet_checksum(&reply[..20]), 0, "valid IPv4 header checksum");
+        assert_eq!(internet_checksum(&reply[20..]), 0, "valid ICMP checksum");
+        let parsed = parse(&reply).expect("the reply parses");
+        assert_eq!(parsed.dst, std::net::IpAddr::from([100, 64, 0, 2]));
+    }
+
+    #[test]
+    fn echo_reply_refuses_what_is_not_an_echo_request() {
+        assert_eq!(icmpv4_echo_reply(&[]), None);
+        assert_eq!(icmpv4_echo_reply(&[0x45; 19]), None);
+        let mut reply = vec![0x45, 0, 0, 28, 0, 1, 0, 0, 64, PROTO_ICMP, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2];
+        reply.extend_from_slice(&[0, 0, 0, 0, 0, 1, 0, 1]);
+        assert_eq!(icmpv4_echo_reply(&reply), None, "a reply is not answered");
+        let mut tcp = reply.clone();
+        tcp[9] = PROTO_TCP;
+        assert_eq!(icmpv4_echo_reply(&tcp), None);
+        let mut short = reply.clone();
+        short[20] = 8;
+        short[3] = 60;
+        assert_eq!(icmpv4_echo_reply(&short), None, "total length beyond the buffer");
+    }
 
     /// A minimal IPv4 packet (checksums left zero: the parser does not check them).
     pub(crate) fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8]) -> Vec<u8> {

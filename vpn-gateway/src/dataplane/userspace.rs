@@ -797,7 +797,12 @@ impl DataPlane for UserspaceDataPlane {
             ) => {
                 self.udp_inbound(&pkt, src_port, dst_port, payload, now);
             }
-            (Verdict::Allow | Verdict::Local, Transport::Icmp { .. }) => {
+            (Verdict::Allow, Transport::Icmp { .. }) => match crate::packet::icmpv4_echo_reply(pkt.bytes) {
+                // smoltcp answers echo requests only for its own addresses, not for ClusterIPs.
+                Some(reply) => self.out.push_back(reply),
+                None => self.stack.dev.rx.push_back(pkt.bytes.to_vec()),
+            },
+            (Verdict::Local, Transport::Icmp { .. }) => {
                 self.stack.dev.rx.push_back(pkt.bytes.to_vec());
             }
             (Verdict::Allow | Verdict::Local, Transport::Other { .. }) => {}
