@@ -246,7 +246,7 @@ fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
             );
             gw.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"], CMD).unwrap();
             let nft = "table ip bench { chain post { type nat hook postrouting priority 100; \
-                       ip saddr 100.64.0.0/16 oifname != \"wg1\" masquerade; } }";
+                       ip saddr 100.64.0.0/16 oifname != \"wg1\" masquerade; }; }";
             let out = gw.exec(&["nft", nft], CMD).unwrap();
             assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
             wireguard_go(&gw, "wg1", &conf, &format!("{GW_TUNNEL}/16"), &[])
