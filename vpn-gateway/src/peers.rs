@@ -154,12 +154,17 @@ pub struct Validation {
     pub rejected: Vec<(PeerId, Rejection)>,
 }
 
+/// Both lists are sorted by peer id ([`validate`] makes them so), so a lookup is a binary
+/// search: the gateway looks up every peer once a second, and a linear search made that
+/// quadratic in the number of peers.
 impl Validation {
     pub fn accepted(&self, id: &PeerId) -> Option<&AcceptedPeer> {
-        self.accepted.iter().find(|p| &p.id == id)
+        let i = self.accepted.binary_search_by(|p| p.id.cmp(id)).ok()?;
+        self.accepted.get(i)
     }
     pub fn rejection(&self, id: &PeerId) -> Option<&Rejection> {
-        self.rejected.iter().find(|(i, _)| i == id).map(|(_, r)| r)
+        let i = self.rejected.binary_search_by(|(p, _)| p.cmp(id)).ok()?;
+        self.rejected.get(i).map(|(_, r)| r)
     }
 }
 
@@ -261,6 +266,8 @@ pub fn validate(inputs: &[PeerInput], cfg: &TunnelConfig, now: Timestamp) -> Val
                 .push((c.input.id.clone(), Rejection::RangeExhausted(cfg.range))),
         }
     }
+    // Accepted peers come out in id order already; rejections in two passes.
+    out.rejected.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }
 
@@ -343,6 +350,37 @@ pub(crate) mod tests {
 
     fn now() -> Timestamp {
         "2026-01-01T00:00:00Z".parse().unwrap()
+    }
+
+    #[test]
+    fn every_peer_is_found_by_id_whatever_the_input_order() {
+        // Mixed accepted and rejected (disabled, or a duplicate key), given out of order.
+        let mut inputs: Vec<PeerInput> = (0..40)
+            .rev()
+            .map(|i| peer(&format!("ns{}", i % 3), &format!("p{i}")))
+            .collect();
+        for p in inputs.iter_mut().step_by(4) {
+            p.spec.disabled = true;
+        }
+        let mut dup = peer("zz", "dup");
+        dup.spec.public_key = inputs[1].spec.public_key.clone();
+        inputs.push(dup);
+        let v = validate(&inputs, &cfg(), now());
+        assert_eq!(v.accepted.len() + v.rejected.len(), inputs.len());
+        for input in &inputs {
+            let found = (v.accepted(&input.id).is_some(), v.rejection(&input.id).is_some());
+            assert!(
+                found == (true, false) || found == (false, true),
+                "{:?}: {found:?}",
+                input.id
+            );
+            assert_eq!(
+                v.rejection(&input.id).is_some(),
+                input.spec.disabled || input.id.to_string().ends_with("dup")
+            );
+        }
+        assert!(v.accepted(&PeerId::new("nope", "nope")).is_none());
+        assert!(v.rejection(&PeerId::new("nope", "nope")).is_none());
     }
 
     #[test]
