@@ -269,6 +269,19 @@ fn try_lock(dir: &Path) -> anyhow::Result<Option<File>> {
     }
 }
 
+/// The error for a second `sandbox up` on a state directory in use.
+fn already_running(dir: &Path) -> anyhow::Error {
+    let pid = read_runtime(dir)
+        .ok()
+        .flatten()
+        .map(|rt| rt.pid.to_string())
+        .unwrap_or_else(|| "?".into());
+    anyhow::anyhow!(
+        "a sandbox is already running in {} (pid {pid}); see `kuberaya sandbox status`, or stop it with `kuberaya sandbox down`",
+        dir.display()
+    )
+}
+
 fn is_running(dir: &Path) -> anyhow::Result<bool> {
     if !dir.join(LOCK_FILE).exists() {
         return Ok(false);
@@ -371,15 +384,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let dir = state_dir(&args.dir)?;
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let Some(_lock) = try_lock(&dir)? else {
-        let pid = read_runtime(&dir)
-            .ok()
-            .flatten()
-            .map(|rt| rt.pid.to_string())
-            .unwrap_or_else(|| "?".into());
-        bail!(
-            "a sandbox is already running in {} (pid {pid}); see `kuberaya sandbox status`, or stop it with `kuberaya sandbox down`",
-            dir.display()
-        );
+        return Err(already_running(&dir));
     };
     // A previous run that was killed leaves its runtime file behind; it is stale now.
     let _ = fs::remove_file(dir.join(RUNTIME_FILE));
@@ -1086,15 +1091,7 @@ async fn up_detached(args: UpArgs) -> anyhow::Result<ExitCode> {
     let dir = state_dir(&args.dir)?;
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     if is_running(&dir)? {
-        let pid = read_runtime(&dir)
-            .ok()
-            .flatten()
-            .map(|rt| rt.pid.to_string())
-            .unwrap_or_else(|| "?".into());
-        bail!(
-            "a sandbox is already running in {} (pid {pid}); see `kuberaya sandbox status`, or stop it with `kuberaya sandbox down`",
-            dir.display()
-        );
+        return Err(already_running(&dir));
     }
     let _ = fs::remove_file(dir.join(RUNTIME_FILE));
     let exe = std::env::current_exe().context("cannot find the kuberaya executable")?;
