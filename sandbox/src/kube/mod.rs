@@ -21,7 +21,7 @@ mod status;
 mod store;
 mod table;
 mod tls;
-mod util;
+pub(crate) mod util;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
