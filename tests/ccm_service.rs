@@ -14,21 +14,21 @@
 //! providerID (see [`Sandbox::provider_ids`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
-use std::net::{TcpListener, UdpSocket};
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::ops::Deref;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
-use kuberaya_e2e::{Answer, JsonApi, Process, binary, poll_until_blocking, unique_net_index};
+use anyhow::{Context, Result, ensure};
+use kuberaya_e2e::calls::{diff, lb_calls, mutating};
+use kuberaya_e2e::ccm::Ccm;
+use kuberaya_e2e::cloud::{
+    CLUSTER_LABEL, CloudSandbox, SERVICE_NAME_LABEL, SERVICE_NAMESPACE_LABEL, SERVICE_UID_LABEL, by_service, only_lb,
+};
+use kuberaya_e2e::cluster::{Cluster, FAST_HEALTH, deployment, has_taint, ingress_ip, is_ready, lb_service};
+use kuberaya_e2e::probe::{curl, pods_answering, udp_roundtrip, wait_answering};
+use kuberaya_e2e::sandbox::Ranges;
+use kuberaya_e2e::{poll_until_blocking, unique_net_index};
 use serde_json::{Value, json};
 
-const KUBECTL: &str = "kubectl";
-const CLUSTER_LABEL: &str = "kuberaya.cloudraya.com/cluster-id";
-const SERVICE_UID_LABEL: &str = "kuberaya.cloudraya.com/service-uid";
-const SERVICE_NAME_LABEL: &str = "kuberaya.cloudraya.com/service-name";
-const SERVICE_NAMESPACE_LABEL: &str = "kuberaya.cloudraya.com/service-namespace";
 /// The namespace of every Service the tests create.
 const TEST_NAMESPACE: &str = "default";
 /// The sandbox's own LoadBalancer Service (its VPN gateway), served by the CCM under test.
@@ -38,15 +38,6 @@ const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balan
 /// [`Sandbox::up_with`] without a CCM flag: `sandbox up` runs its own CCM.
 const IN_PROCESS_CCM: &str = "";
 const UNINITIALIZED_TAINT: &str = "node.cloudprovider.kubernetes.io/uninitialized";
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// One line per load balancer (name, id, status, created_at, cluster, Service
 /// namespace/name/UID, public IP), for failure messages that show what was counted.
@@ -91,22 +82,15 @@ fn ip_table(ips: &[Value]) -> String {
     format!("{} public IPs:\n{}", lines.len(), lines.join("\n"))
 }
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
+/// A running sandbox of three nodes in a temporary state dir (the harness's
+/// [`CloudSandbox`]), with what these tests read of its load balancers.
+struct Sandbox(CloudSandbox);
 
-/// A running sandbox (no CCM inside) in a temporary state dir; `sandbox down --purge` on drop.
-struct Sandbox {
-    _dir: tempfile::TempDir,
-    state: PathBuf,
-    kubeconfig: PathBuf,
-    url: String,
-    email: String,
-    password: String,
-    cluster_id: String,
-    rt: tokio::runtime::Runtime,
-    api: JsonApi,
-    ctl: JsonApi,
+impl Deref for Sandbox {
+    type Target = CloudSandbox;
+    fn deref(&self) -> &CloudSandbox {
+        &self.0
+    }
 }
 
 impl Sandbox {
@@ -115,232 +99,36 @@ impl Sandbox {
         Sandbox::up_with(provisioning_delay_ms, "--external-ccm").map(|(sb, _)| sb)
     }
 
-    /// A sandbox started with `ccm_flag` (`--external-ccm`, or `--in-process-ccm` for
+    /// A sandbox started with `ccm_flag` (`--external-ccm`, or [`IN_PROCESS_CCM`] for
     /// none: the sandbox's own CCM); also returns what `sandbox up` printed.
     fn up_with(provisioning_delay_ms: u64, ccm_flag: &str) -> Result<(Sandbox, String)> {
-        let dir = tempfile::tempdir()?;
-        let state = dir.path().join("sb");
         let n = unique_net_index();
-        let mut args = vec![
-            "sandbox".to_string(),
-            "up".into(),
-            "--detach".into(),
-            "--nodes".into(),
-            "3".into(),
-            "--state-dir".into(),
-            state.display().to_string(),
-            "--public-ip-range".into(),
-            format!("127.203.{n}.0/24"),
-            "--vm-ip-range".into(),
-            format!("127.10.{n}.0/24"),
-            "--service-cidr".into(),
-            format!("127.98.{n}.0/24"),
-            "--pod-cidr".into(),
-            format!("127.{}.0.0/16", u16::from(n) + 150),
-            "--provisioning-delay-ms".into(),
-            provisioning_delay_ms.to_string(),
-        ];
-        if ccm_flag != IN_PROCESS_CCM {
-            args.push(ccm_flag.to_string());
-        }
-        let out = Command::new(binary("kuberaya")).args(&args).output()?;
-        // From here on the drop guard stops the sandbox, whatever happens next.
-        let guard = DownGuard(state.clone());
-        ensure!(out.status.success(), "sandbox up failed: {}", text(&out));
-        let env = Command::new(binary("kuberaya"))
-            .args(["sandbox", "env", "--state-dir"])
-            .arg(&state)
-            .output()?;
-        ensure!(env.status.success(), "sandbox env: {}", text(&env));
-        let vars: BTreeMap<String, String> = String::from_utf8_lossy(&env.stdout)
-            .lines()
-            .filter_map(|l| l.strip_prefix("export "))
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.trim_matches('\'').to_string()))
-            .collect();
-        let get = |k: &str| vars.get(k).cloned().with_context(|| format!("sandbox env exports {k}"));
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let url = get("CLOUDRAYA_API_URL")?;
-        let email = get("CLOUDRAYA_EMAIL")?;
-        let password = get("CLOUDRAYA_PASSWORD")?;
-        let api = rt.block_on(JsonApi::login(&url, &email, &password))?;
-        std::mem::forget(guard);
-        let sb = Sandbox {
-            kubeconfig: PathBuf::from(get("KUBECONFIG")?),
-            cluster_id: get("KUBERAYA_CLUSTER_ID")?,
-            ctl: JsonApi::new(&url),
-            url,
-            email,
-            password,
-            api,
-            rt,
-            state,
-            _dir: dir,
+        let ranges = Ranges {
+            net: n,
+            service_cidr: format!("127.98.{n}.0/24"),
+            pod_cidr: format!("127.{}.0.0/16", u16::from(n) + 150),
         };
-        let ready = poll_until_blocking(Duration::from_secs(20), || {
-            let nodes = sb.get_json(&["get", "nodes"]).ok()?;
-            let items = nodes["items"].as_array()?;
-            (items.len() == 3 && items.iter().all(node_ready)).then_some(())
-        });
-        ensure!(ready.is_some(), "three Ready nodes: {}", sb.log());
-        Ok((sb, String::from_utf8_lossy(&out.stdout).into_owned()))
-    }
-
-    fn log(&self) -> String {
-        let log = std::fs::read_to_string(self.state.join("sandbox.log")).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(30).collect();
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-    }
-
-    fn kuberaya(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(binary("kuberaya"))
-            .args(args)
-            .arg("--state-dir")
-            .arg(&self.state)
-            .output()?;
-        ensure!(out.status.success(), "kuberaya {args:?}: {}", text(&out));
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn kubectl_output(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<Output> {
-        let mut child = Command::new(KUBECTL)
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running kubectl")?;
-        if let Some(input) = stdin {
-            child.stdin.take().context("kubectl stdin")?.write_all(input)?;
+        let delay = provisioning_delay_ms.to_string();
+        let mut extra = vec!["--nodes", "3", "--provisioning-delay-ms", &delay];
+        if ccm_flag != IN_PROCESS_CCM {
+            extra.push(ccm_flag);
         }
-        Ok(child.wait_with_output()?)
+        let sb = CloudSandbox::up(&ranges, &extra, 3)?;
+        let printed = sb.sandbox.up_output.clone();
+        Ok((Sandbox(sb), printed))
     }
 
-    fn kubectl(&self, args: &[&str]) -> Result<String> {
-        let out = self.kubectl_output(args, None)?;
-        ensure!(out.status.success(), "kubectl {args:?}: {}", text(&out));
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn apply(&self, yaml: &str) -> Result<()> {
-        let out = self.kubectl_output(&["apply", "-f", "-"], Some(yaml.as_bytes()))?;
-        ensure!(out.status.success(), "kubectl apply: {}\n{yaml}", text(&out));
-        Ok(())
-    }
-
-    fn get_json(&self, args: &[&str]) -> Result<Value> {
-        let mut all = args.to_vec();
-        all.extend(["-o", "json"]);
-        Ok(serde_json::from_str(&self.kubectl(&all)?)?)
-    }
-
-    /// The Service, or `None` once it is gone.
-    fn service_opt(&self, name: &str) -> Result<Option<Value>> {
-        let out = self.kubectl_output(&["get", "service", name, "-o", "json"], None)?;
-        if out.status.success() {
-            return Ok(Some(serde_json::from_slice(&out.stdout)?));
-        }
-        ensure!(
-            String::from_utf8_lossy(&out.stderr).contains("NotFound"),
-            "kubectl get service {name}: {}",
-            text(&out)
-        );
-        Ok(None)
-    }
-
-    /// `kubectl wait` for the Service's ingress; returns its first IP.
     fn wait_ingress(&self, name: &str) -> Result<String> {
-        let out = self.kubectl_output(
-            &[
-                "wait",
-                "--for=jsonpath={.status.loadBalancer.ingress}",
-                &format!("service/{name}"),
-                "--timeout=40s",
-            ],
-            None,
-        )?;
-        ensure!(
-            out.status.success(),
-            "kubectl wait for the ingress of {name}: {}",
-            text(&out)
-        );
-        ingress_ip(&self.get_json(&["get", "service", name])?).with_context(|| format!("ingress IP of {name}"))
+        Cluster::wait_ingress(&self.0, name, "40s")
     }
 
     fn wait_ready_pods(&self, app: &str, count: usize) -> Result<BTreeMap<String, String>> {
-        let mut last = Value::Null;
-        let pods = poll_until_blocking(Duration::from_secs(30), || {
-            let pods = self.get_json(&["get", "pods", "-l", &format!("app={app}")]).ok()?;
-            last = pods.clone();
-            let items = pods["items"].as_array()?;
-            let ready: BTreeMap<String, String> = items
-                .iter()
-                .filter(|p| pod_ready(p))
-                .filter_map(|p| {
-                    Some((
-                        p["metadata"]["name"].as_str()?.into(),
-                        p["spec"]["nodeName"].as_str()?.into(),
-                    ))
-                })
-                .collect();
-            (items.len() == count && ready.len() == count).then_some(ready)
-        });
-        pods.with_context(|| format!("{count} ready pods of {app}: {last}"))
+        Cluster::wait_ready_pods(&self.0, app, count, Duration::from_secs(30))
     }
 
-    fn platform(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Answer {
-        self.rt.block_on(self.api.request(method, path, body))
-    }
-
-    /// A call of the stand-in's control API. A transport error is retried: the stand-in
-    /// has been seen to reset a kept-alive connection right after a client of it was
-    /// killed mid-request.
-    fn control(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Answer {
-        for _ in 0..2 {
-            match self.rt.block_on(self.ctl.try_request(method.clone(), path, body)) {
-                Ok(a) => return a,
-                Err(e) => eprintln!("{method} {path}: {e:#}; retrying"),
-            }
-        }
-        self.rt.block_on(self.ctl.request(method, path, body))
-    }
-
-    /// Every item of a paginated list of the platform API.
-    fn list(&self, path: &str) -> Result<Vec<Value>> {
-        let mut items = Vec::new();
-        for page in 1.. {
-            let sep = if path.contains('?') { '&' } else { '?' };
-            let a = self.platform(
-                reqwest::Method::GET,
-                &format!("{path}{sep}per_page=100&page={page}"),
-                None,
-            );
-            ensure!(a.status == 200, "GET {path}: {}", a.describe());
-            let got = a.data()["items"].as_array().context("items")?.clone();
-            let total = a.data()["total"].as_u64().unwrap_or(0) as usize;
-            let done = got.is_empty() || items.len() + got.len() >= total;
-            items.extend(got);
-            if done {
-                break;
-            }
-        }
-        Ok(items)
-    }
-
-    /// The load balancers under our cluster's path that carry our cluster ID: those of the
-    /// tests' Services (namespace `default`) and that of the sandbox's own VPN gateway
-    /// Service (`kuberaya-system/kuberaya-gateway`, a LoadBalancer Service the CCM under
-    /// test serves as well, whenever it gets to it).
-    fn cluster_lbs(&self) -> Result<Vec<Value>> {
-        self.list(&format!(
-            "/kubernetes/v1/clusters/{}/load-balancers?label={CLUSTER_LABEL}={}",
-            self.cluster_id, self.cluster_id
-        ))
-    }
-
-    /// The load balancers of the tests' Services: ours (see [`Sandbox::cluster_lbs`]) in
+    /// The load balancers of the tests' Services: ours (see [`CloudSandbox::cluster_lbs`]:
+    /// also the sandbox's own VPN gateway Service `kuberaya-system/kuberaya-gateway`, a
+    /// LoadBalancer Service the CCM under test serves as well, whenever it gets to it) in
     /// [`TEST_NAMESPACE`]. Fails when any other LB of our cluster is there than at most
     /// one of the sandbox's gateway Service, so nothing leaks unseen.
     fn our_lbs(&self) -> Result<Vec<Value>> {
@@ -363,7 +151,7 @@ impl Sandbox {
     /// Every load balancer under our cluster's path, whatever its labels, for failure
     /// messages.
     fn lbs_in_our_path(&self) -> String {
-        match self.list(&format!("/kubernetes/v1/clusters/{}/load-balancers", self.cluster_id)) {
+        match self.list(&self.lbs_path()) {
             Ok(lbs) => lb_table(&lbs),
             Err(e) => format!("cannot list the load balancers: {e:#}"),
         }
@@ -371,22 +159,12 @@ impl Sandbox {
 
     /// Our load balancers by the name of their Service.
     fn lbs_by_service(&self) -> Result<BTreeMap<String, Vec<Value>>> {
-        let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-        for lb in self.our_lbs()? {
-            let svc = lb["labels"][SERVICE_NAME_LABEL]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            out.entry(svc).or_default().push(lb);
-        }
-        Ok(out)
+        Ok(by_service(self.our_lbs()?))
     }
 
     /// The single load balancer of Service `name`.
     fn lb_of(&self, name: &str) -> Result<Value> {
-        let mut all = self.lbs_by_service()?.remove(name).unwrap_or_default();
-        ensure!(all.len() == 1, "one load balancer for {name}: {all:?}");
-        Ok(all.remove(0))
+        only_lb(self.lbs_by_service()?, name)
     }
 
     /// The public IPs of the tests' Services (labelled like their LBs: our cluster ID and
@@ -396,35 +174,6 @@ impl Sandbox {
             "/network/v1/public-ips?label={CLUSTER_LABEL}={}&label={SERVICE_NAMESPACE_LABEL}={TEST_NAMESPACE}",
             self.cluster_id
         ))
-    }
-
-    /// The platform's VMs of our cluster: name → id.
-    fn vm_ids(&self) -> Result<BTreeMap<String, String>> {
-        let vms = self.list(&format!("/vm/v1/instances?label={CLUSTER_LABEL}={}", self.cluster_id))?;
-        Ok(vms
-            .iter()
-            .filter_map(|vm| Some((vm["name"].as_str()?.to_string(), vm["id"].as_str()?.to_string())))
-            .collect())
-    }
-
-    /// Call counts of the stand-in, `METHOD /path/template` → count.
-    fn calls(&self) -> Result<BTreeMap<String, u64>> {
-        let a = self.control(reqwest::Method::GET, "/_sandbox/calls", None);
-        ensure!(a.status == 200, "GET /_sandbox/calls: {}", a.describe());
-        let data = a.data();
-        let map = data.get("calls").unwrap_or(data);
-        Ok(map
-            .as_object()
-            .context("call counts")?
-            .iter()
-            .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
-            .collect())
-    }
-
-    fn set_faults(&self, rules: Value) -> Result<()> {
-        let a = self.control(reqwest::Method::PUT, "/_sandbox/faults", Some(&json!({"rules": rules})));
-        ensure!(a.status == 200, "PUT /_sandbox/faults: {}", a.describe());
-        Ok(())
     }
 
     /// Waits until the CCM's node controller has given every node its providerID
@@ -438,11 +187,7 @@ impl Sandbox {
             let items = nodes["items"].as_array()?;
             let out: BTreeMap<String, String> = items
                 .iter()
-                .filter(|n| {
-                    !n["spec"]["taints"]
-                        .as_array()
-                        .is_some_and(|ts| ts.iter().any(|t| t["key"] == UNINITIALIZED_TAINT))
-                })
+                .filter(|n| !has_taint(n, UNINITIALIZED_TAINT))
                 .filter_map(|n| {
                     let id = n["spec"]["providerID"].as_str()?.strip_prefix(PROVIDER_PREFIX)?;
                     Some((n["metadata"]["name"].as_str()?.to_string(), id.to_string()))
@@ -464,32 +209,14 @@ impl Sandbox {
     /// Starts the `kuberaya-ccm` binary against this sandbox, as a Deployment would run it,
     /// and waits until it leads.
     fn start_ccm(&self, resync: &str) -> Result<Ccm> {
-        let config = self.state.join("cloud-config.yaml");
-        std::fs::write(
-            &config,
-            format!("api_url: {}\ncluster_id: {}\n", self.url, self.cluster_id),
-        )?;
-        let metrics = format!("127.0.0.1:{}", free_port()?);
-        let health = format!("127.0.0.1:{}", free_port()?);
-        let mut cmd = Command::new(binary("kuberaya-ccm"));
-        cmd.env("CLOUDRAYA_EMAIL", &self.email)
-            .env("CLOUDRAYA_PASSWORD", &self.password)
-            .env("RUST_LOG", "info,kuberaya_ccm=debug,kube_runtime=warn")
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .arg("--cloud-config")
-            .arg(&config)
-            .args([
-                "--leader-elect-resource-namespace",
-                "default",
+        let mut ccm = Ccm::spawn(
+            self,
+            "info,kuberaya_ccm=debug,kube_runtime=warn",
+            &[
                 "--leader-elect-lease-duration",
                 "3s",
                 "--leader-elect-renew-grace",
                 "1s",
-                "--metrics-bind-address",
-                &metrics,
-                "--health-bind-address",
-                &health,
                 "--resync-period",
                 resync,
                 "--orphan-sweep-period",
@@ -498,59 +225,10 @@ impl Sandbox {
                 "300ms",
                 "--node-sync-debounce",
                 "300ms",
-            ]);
-        let mut process = Process::spawn_command(cmd)?;
-        let leads = poll_until_blocking(Duration::from_secs(20), || {
-            let out = process.stdout();
-            out.contains("became leader").then_some(())
-        });
-        if leads.is_none() {
-            bail!(
-                "kuberaya-ccm did not become leader within 20 s (running: {})\n{}",
-                process.is_running(),
-                process.output_tails()
-            );
-        }
-        Ok(Ccm { process, metrics })
-    }
-}
-
-/// Stops a sandbox whose start failed half-way.
-struct DownGuard(PathBuf);
-
-impl Drop for DownGuard {
-    fn drop(&mut self) {
-        let _ = Command::new(binary("kuberaya"))
-            .args(["sandbox", "down", "--purge", "--state-dir"])
-            .arg(&self.0)
-            .output();
-    }
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- sandbox log (tail) ---\n{}", self.log());
-        }
-        let _ = Command::new(binary("kuberaya"))
-            .args(["sandbox", "down", "--purge", "--state-dir"])
-            .arg(&self.state)
-            .output();
-    }
-}
-
-/// A running `kuberaya-ccm` (terminated on drop).
-struct Ccm {
-    process: Process,
-    metrics: String,
-}
-
-impl Ccm {
-    fn metric(&self, name: &str) -> Option<f64> {
-        let body = curl(&format!("http://{}/metrics", self.metrics))?;
-        body.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            ],
+        )?;
+        ccm.wait_leader(Duration::from_secs(20))?;
+        Ok(ccm)
     }
 }
 
@@ -571,139 +249,6 @@ fn run(provisioning_delay_ms: u64, resync: &str, test: impl FnOnce(&Sandbox, &mu
     eprintln!("test took {:?}", started.elapsed());
     result
 }
-
-fn node_ready(node: &Value) -> bool {
-    node["status"]["conditions"]
-        .as_array()
-        .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
-}
-
-fn pod_ready(pod: &Value) -> bool {
-    pod["status"]["conditions"]
-        .as_array()
-        .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
-}
-
-fn ingress_ip(svc: &Value) -> Option<String> {
-    svc["status"]["loadBalancer"]["ingress"][0]["ip"]
-        .as_str()
-        .map(String::from)
-}
-
-/// `curl -s` with a short timeout: the body, or `None` when it fails.
-fn curl(url: &str) -> Option<String> {
-    let out = Command::new("curl")
-        .args(["-s", "--max-time", "2", url])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The pod name out of a responder's answer `pod=NAME namespace=NS node=NODE`.
-fn answered_by(body: &str) -> Option<String> {
-    body.split_whitespace()
-        .find_map(|w| w.strip_prefix("pod="))
-        .map(String::from)
-}
-
-/// Which pods answered `n` requests to `url`; every request must be answered.
-fn pods_answering(url: &str, n: usize) -> Result<BTreeSet<String>> {
-    let mut seen = BTreeSet::new();
-    for i in 0..n {
-        let body = curl(url).with_context(|| format!("request {i} to {url} failed"))?;
-        seen.insert(answered_by(&body).with_context(|| format!("unexpected answer {body:?}"))?);
-    }
-    Ok(seen)
-}
-
-/// Waits until `url` answers (the LB's data plane may still be applying its rules).
-fn wait_answering(url: &str) -> Result<String> {
-    poll_until_blocking(Duration::from_secs(15), || curl(url).and_then(|b| answered_by(&b)))
-        .with_context(|| format!("{url} answers"))
-}
-
-/// Sends `payload` to `addr` over UDP and returns the answer.
-fn udp_roundtrip(addr: &str, payload: &[u8]) -> Result<Vec<u8>> {
-    let socket = UdpSocket::bind("127.0.0.1:0")?;
-    socket.set_read_timeout(Some(Duration::from_millis(500)))?;
-    for _ in 0..20 {
-        socket.send_to(payload, addr)?;
-        let mut buf = [0u8; 1500];
-        if let Ok((n, _)) = socket.recv_from(&mut buf) {
-            return Ok(buf[..n].to_vec());
-        }
-    }
-    bail!("no UDP answer from {addr}")
-}
-
-/// The sum of the counts of mutating calls (POST, PUT, PATCH, DELETE) on load balancers
-/// and public IPs.
-fn mutating(calls: &BTreeMap<String, u64>) -> u64 {
-    calls
-        .iter()
-        .filter(|(k, _)| {
-            let (method, path) = k.split_once(' ').unwrap_or(("", ""));
-            matches!(method, "POST" | "PUT" | "PATCH" | "DELETE")
-                && (path.starts_with("/kubernetes/") || path.starts_with("/network/"))
-        })
-        .map(|(_, v)| v)
-        .sum()
-}
-
-/// Calls on the platform API's `/kubernetes/` and `/network/` paths (reads included).
-fn lb_calls(calls: &BTreeMap<String, u64>) -> u64 {
-    calls
-        .iter()
-        .filter(|(k, _)| k.contains(" /kubernetes/") || k.contains(" /network/"))
-        .map(|(_, v)| v)
-        .sum()
-}
-
-fn diff(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
-    after
-        .iter()
-        .filter_map(|(k, v)| {
-            let d = v.saturating_sub(before.get(k).copied().unwrap_or(0));
-            (d > 0).then(|| (k.clone(), d))
-        })
-        .collect()
-}
-
-fn deployment(name: &str, replicas: u32, udp: bool) -> String {
-    let udp_port = if udp {
-        "\n        - containerPort: 5353\n          protocol: UDP"
-    } else {
-        ""
-    };
-    format!(
-        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\nspec:\n  replicas: {replicas}\n  selector:\n    matchLabels:\n      app: {name}\n  template:\n    metadata:\n      labels:\n        app: {name}\n    spec:\n      containers:\n      - name: {name}\n        image: any\n        ports:\n        - containerPort: 8080{udp_port}\n"
-    )
-}
-
-/// A `type: LoadBalancer` Service for app `app` on port 80 (→ 8080); `extra_spec` and
-/// `annotations` are YAML lines indented for their place.
-fn lb_service(name: &str, app: &str, annotations: &[(&str, &str)], extra_spec: &str) -> String {
-    let mut meta = format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n");
-    if !annotations.is_empty() {
-        meta.push_str("  annotations:\n");
-        for (k, v) in annotations {
-            meta.push_str(&format!("    {k}: \"{v}\"\n"));
-        }
-    }
-    format!(
-        "{meta}spec:\n  type: LoadBalancer\n{extra_spec}  selector:\n    app: {app}\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n"
-    )
-}
-
-/// Fast health checks, so that health changes show within seconds.
-const FAST_HEALTH: &[(&str, &str)] = &[
-    ("lb.cloudraya.com/health-check-interval", "2"),
-    ("lb.cloudraya.com/health-check-timeout", "1"),
-    ("lb.cloudraya.com/health-check-healthy-threshold", "1"),
-    ("lb.cloudraya.com/health-check-unhealthy-threshold", "1"),
-];
 
 fn backend_vms(lb: &Value) -> BTreeSet<String> {
     lb["backends"]
@@ -740,7 +285,7 @@ fn load_balancer_answers_on_tcp_and_udp_and_goes_before_its_service() -> Result<
         ensure!(dual_ip != ip, "each Service has its own public IP");
         let pod = wait_answering(&format!("http://{dual_ip}:8080/"))?;
         ensure!(all.contains(&pod), "TCP answered by {pod}");
-        let answer = String::from_utf8(udp_roundtrip(&format!("{dual_ip}:53"), b"over the lb")?)?;
+        let answer = String::from_utf8(udp_roundtrip(&format!("{dual_ip}:53"), b"over the lb", 20)?)?;
         let (prefix, rest) = answer.split_once(' ').context("prefixed answer")?;
         let pod = prefix.strip_prefix("pod=").context("pod prefix")?;
         ensure!(
@@ -982,7 +527,7 @@ fn local_traffic_policy_excluded_and_added_nodes() -> Result<()> {
         sb.kuberaya(&["sandbox", "node", "add", "w4"])?;
         let ready = poll_until_blocking(Duration::from_secs(20), || {
             let n = sb.get_json(&["get", "node", "w4"]).ok()?;
-            node_ready(&n).then_some(())
+            is_ready(&n).then_some(())
         });
         ready.context("node w4 registers")?;
         let nodes = sb.provider_ids()?;
@@ -1262,7 +807,7 @@ fn sandbox_up_runs_the_ccm_and_its_try_this_block_answers() -> Result<()> {
     let pods = sb.wait_ready_pods("web", 3)?;
     let pod = wait_answering(&format!("http://{ip}:80/"))?;
     ensure!(pods.contains_key(&pod), "{pod} is one of {pods:?}");
-    let runtime: Value = serde_json::from_slice(&std::fs::read(sb.state.join("sandbox.json"))?)?;
+    let runtime: Value = serde_json::from_slice(&std::fs::read(sb.state().join("sandbox.json"))?)?;
     let pid = runtime["pid"].as_u64().context("pid")?;
 
     sb.kuberaya(&["sandbox", "down"])?;

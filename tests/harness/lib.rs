@@ -14,11 +14,23 @@
 //!   as an [`Answer`], with envelope checks.
 //! - [`sandbox`]: [`sandbox::Sandbox`], a detached `kuberaya sandbox` on unique ranges
 //!   (purged on drop), its [`sandbox::User`], and WireGuard peers through `onetun`.
+//! - [`cluster`]: [`cluster::Cluster`], `kubectl --kubeconfig` and what the tests read
+//!   from Nodes, Pods and Services; Deployment and LoadBalancer Service manifests.
+//! - [`cloud`]: [`cloud::CloudSandbox`], a sandbox with its platform API logged in and
+//!   the stand-in's control API, as the CCM meets it.
+//! - [`ccm`]: [`ccm::Ccm`], the `kuberaya-ccm` binary run against a `CloudSandbox`.
+//! - [`calls`]: the stand-in's call counts and what the tests compute from them.
+//! - [`probe`]: `curl`, `dig`, UDP echo and metrics probes, and which pod answered.
 
 pub mod bins;
+pub mod calls;
+pub mod ccm;
+pub mod cloud;
+pub mod cluster;
 pub mod http;
 pub mod netns;
 pub mod platform;
+pub mod probe;
 pub mod process;
 pub mod sandbox;
 

@@ -4,12 +4,14 @@
 //!
 //! onetun 0.3.10 supports one TCP forward per process.
 
+use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use anyhow::{Context, Result, ensure};
 
+use crate::cluster::Cluster;
 use crate::{Process, binary, unique_net_index};
 
 /// The installed `onetun` (PATH, then `~/.cargo/bin`); panics with how to install it.
@@ -46,6 +48,28 @@ pub struct Sandbox {
     pub net: u8,
     /// What `sandbox up --detach` printed.
     pub up_output: String,
+    kubeconfig: PathBuf,
+    service_cidr: String,
+}
+
+/// The address ranges of a sandbox: `127.203.N.0/24` public IPs and `127.10.N.0/24` VMs
+/// for its network index N, and its Service and pod CIDRs.
+#[derive(Debug, Clone)]
+pub struct Ranges {
+    pub net: u8,
+    pub service_cidr: String,
+    pub pod_cidr: String,
+}
+
+impl Ranges {
+    /// `127.97.N.0/24` Services and `127.(N+100).0.0/16` pods: what [`Sandbox::up`] uses.
+    pub fn standard(net: u8) -> Ranges {
+        Ranges {
+            net,
+            service_cidr: format!("127.97.{net}.0/24"),
+            pod_cidr: format!("127.{}.0.0/16", u16::from(net) + 100),
+        }
+    }
 }
 
 impl Sandbox {
@@ -53,11 +77,19 @@ impl Sandbox {
     /// `--vm-ip-range 127.10.N.0/24`, `--service-cidr 127.97.N.0/24` and
     /// `--pod-cidr 127.(N+100).0.0/16` for a fresh N, plus `extra` arguments.
     pub fn up(state: &Path, extra: &[&str]) -> Result<Sandbox> {
-        let n = unique_net_index();
+        Sandbox::up_on(state, &Ranges::standard(unique_net_index()), extra)
+    }
+
+    /// `kuberaya sandbox up --detach` on `ranges`, plus `extra` arguments. The sandbox is
+    /// stopped on drop even when `up` fails.
+    pub fn up_on(state: &Path, ranges: &Ranges, extra: &[&str]) -> Result<Sandbox> {
+        let n = ranges.net;
         let mut sandbox = Sandbox {
             state: state.to_path_buf(),
             net: n,
             up_output: String::new(),
+            kubeconfig: state.join("kubeconfig"),
+            service_cidr: ranges.service_cidr.clone(),
         };
         let out = Command::new(binary("kuberaya"))
             .args(["sandbox", "up", "--detach", "--state-dir"])
@@ -68,9 +100,9 @@ impl Sandbox {
                 "--vm-ip-range",
                 &format!("127.10.{n}.0/24"),
                 "--service-cidr",
-                &sandbox.service_cidr(),
+                &ranges.service_cidr,
                 "--pod-cidr",
-                &format!("127.{}.0.0/16", u16::from(n) + 100),
+                &ranges.pod_cidr,
             ])
             .args(extra)
             .stdin(Stdio::null())
@@ -82,7 +114,31 @@ impl Sandbox {
     }
 
     pub fn service_cidr(&self) -> String {
-        format!("127.97.{}.0/24", self.net)
+        self.service_cidr.clone()
+    }
+
+    /// The last `lines` lines of `sandbox.log`.
+    pub fn log_tail(&self, lines: usize) -> String {
+        log_tail(&self.state, lines)
+    }
+
+    /// `kuberaya ARGS --state-dir STATE`, which must succeed; returns its stdout.
+    pub fn run(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(binary("kuberaya"))
+            .args(args)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .stdin(Stdio::null())
+            .output()
+            .context("running kuberaya")?;
+        ensure!(out.status.success(), "kuberaya {args:?}: {}", output_text(&out));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// What `kuberaya sandbox env` exports: the platform's URL and credentials
+    /// (`CLOUDRAYA_*`), `KUBECONFIG`, `KUBERAYA_CLUSTER_ID`.
+    pub fn env(&self) -> Result<BTreeMap<String, String>> {
+        Ok(parse_exports(&self.run(&["sandbox", "env"])?).into_iter().collect())
     }
 
     /// A user of the sandbox's cluster working in `work`.
@@ -94,16 +150,37 @@ impl Sandbox {
     }
 }
 
+impl Cluster for Sandbox {
+    fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+}
+
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        if std::thread::panicking()
-            && let Ok(log) = std::fs::read_to_string(self.state.join("sandbox.log"))
-        {
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!(
-                "--- sandbox.log (tail) ---\n{}",
-                lines[lines.len().saturating_sub(60)..].join("\n")
-            );
+        drop(DownGuard::new(&self.state));
+    }
+}
+
+/// `kuberaya sandbox down --purge` of the sandbox in `state` on drop, however the test
+/// ends (with the tail of `sandbox.log` when it panicked): for a sandbox started some
+/// other way than [`Sandbox::up`].
+pub struct DownGuard {
+    pub state: PathBuf,
+}
+
+impl DownGuard {
+    pub fn new(state: &Path) -> DownGuard {
+        DownGuard {
+            state: state.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for DownGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- sandbox.log (tail) ---\n{}", log_tail(&self.state, 60));
         }
         let _ = Command::new(binary("kuberaya"))
             .args(["sandbox", "down", "--purge", "--state-dir"])
@@ -112,6 +189,39 @@ impl Drop for Sandbox {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// The last `lines` lines of the `sandbox.log` in `state` (empty when there is none).
+pub fn log_tail(state: &Path, lines: usize) -> String {
+    let log = std::fs::read_to_string(state.join("sandbox.log")).unwrap_or_default();
+    let all: Vec<&str> = log.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// `export K=V` lines (what `kuberaya sandbox env` prints) as (K, V), undoing the single
+/// quotes around a value.
+pub fn parse_exports(stdout: &str) -> Vec<(String, String)> {
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('\'').to_string()))
+        .collect()
+}
+
+/// A fresh `kuberaya-gateway --generate-keypair`: (private key, public key).
+pub fn gateway_keypair() -> (String, String) {
+    let out = Command::new(binary("kuberaya-gateway"))
+        .arg("--generate-keypair")
+        .output()
+        .expect("kuberaya-gateway --generate-keypair");
+    assert!(out.status.success(), "{}", output_text(&out));
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let mut it = text.split_whitespace();
+    (
+        it.next().expect("private").to_string(),
+        it.next().expect("public").to_string(),
+    )
 }
 
 /// The sandbox's cluster as a user reaches it: `kubectl` and `kuberaya` with its kubeconfig.
