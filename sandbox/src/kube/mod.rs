@@ -34,6 +34,14 @@ use store::Store;
 /// How many changes watches can resume from; older resourceVersions get 410 Gone.
 const HISTORY: usize = 10_000;
 const STATE_FILE: &str = "kube-state.json";
+/// Changes since the last snapshot, one line per write to the state dir.
+const JOURNAL_FILE: &str = "kube-state.journal";
+/// How often pending changes are appended to the journal: a crash loses at most this
+/// much (plus one write in progress); a clean stop loses nothing.
+const PERSIST_EVERY: Duration = Duration::from_millis(100);
+/// The journal is folded into a new snapshot once it is larger than this and than the
+/// last snapshot.
+const COMPACT_AT: u64 = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -81,8 +89,15 @@ pub struct KubeApi {
     stop: tokio::sync::watch::Sender<bool>,
     /// How often watches with `allowWatchBookmarks` get a BOOKMARK.
     bookmark_every: Duration,
-    /// Serializes state writes, so an older snapshot never replaces a newer one.
-    flushing: Mutex<()>,
+    /// The state dir's writer; its lock serializes writes, so they land in order.
+    writer: Mutex<Writer>,
+}
+
+/// The journal, the number of its last entry and the size of the last snapshot.
+struct Writer {
+    journal: persist::Journal,
+    seq: u64,
+    snapshot_len: u64,
 }
 
 impl KubeApi {
@@ -113,12 +128,23 @@ impl KubeApi {
         };
         let mut store = Store::new(config.service_cidr, HISTORY);
         let state_path = config.state_dir.join(STATE_FILE);
-        if let Ok(data) = std::fs::read(&state_path) {
-            store.restore(&data).map_err(|message| Error::State {
-                path: state_path.clone(),
-                message,
-            })?;
+        let journal_path = config.state_dir.join(JOURNAL_FILE);
+        let snapshot = std::fs::read(&state_path).ok();
+        // Complete journal lines after the snapshot; a line that does not parse was cut
+        // by a crash while being written, so it and anything after it never were acknowledged.
+        let entries: Vec<store::JournalEntry> = persist::Journal::read(&journal_path)?
+            .iter()
+            .map_while(|l| serde_json::from_slice(l).ok())
+            .collect();
+        if snapshot.is_some() || !entries.is_empty() {
+            store::replay(snapshot.as_deref().unwrap_or_default(), &entries)
+                .and_then(|data| store.restore(&data))
+                .map_err(|message| Error::State {
+                    path: state_path.clone(),
+                    message,
+                })?;
         }
+        let seq = entries.last().map_or(0, |e| e.seq);
         store.bootstrap();
         let (stop, _) = tokio::sync::watch::channel(false);
         let api = Arc::new(KubeApi {
@@ -129,17 +155,28 @@ impl KubeApi {
             tls,
             stop,
             bookmark_every: Duration::from_secs(15),
-            flushing: Mutex::new(()),
+            writer: Mutex::new(Writer {
+                journal: persist::Journal::open(&journal_path)?,
+                seq,
+                snapshot_len: 0,
+            }),
         });
-        api.flush()?;
+        // One snapshot with everything, and an empty journal (also cuts a torn line).
+        api.write_snapshot()?;
         let weak = Arc::downgrade(&api);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            let mut tick = tokio::time::interval(PERSIST_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 let Some(api) = weak.upgrade() else { break };
-                if let Err(e) = api.flush() {
-                    tracing::warn!(error = %e, "persisting the kube state failed");
+                if !api.lock().dirty {
+                    continue;
+                }
+                match tokio::task::spawn_blocking(move || api.flush()).await {
+                    Ok(Err(e)) => tracing::warn!(error = %e, "persisting the kube state failed"),
+                    Err(e) => tracing::warn!(error = %e, "the kube state writer panicked"),
+                    Ok(Ok(())) => {}
                 }
             }
         });
@@ -193,19 +230,57 @@ impl KubeApi {
         self.lock().rv
     }
 
-    /// Writes the state to the state dir now, if it changed.
+    /// Writes the changes since the last write to the state dir now: the objects written
+    /// since, appended to the journal (O(changes)); a new snapshot once the journal has
+    /// grown past the snapshot's size.
     pub fn flush(&self) -> Result<(), Error> {
-        let _one_writer = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
-        let data = {
-            let mut s = self.lock();
-            if !s.dirty && self.config.state_dir.join(STATE_FILE).exists() {
-                return Ok(());
-            }
-            s.dirty = false;
-            s.snapshot()
+        let mut w = self.writer();
+        if w.journal.len > COMPACT_AT.max(w.snapshot_len) {
+            drop(w);
+            return self.write_snapshot();
+        }
+        let seq = w.seq + 1;
+        let Some(entry) = self.lock().take_changes(seq) else {
+            return Ok(());
         };
-        persist::write_atomic(&self.config.state_dir.join(STATE_FILE), &data)?;
+        let line = serde_json::to_vec(&entry).map_err(|e| Error::State {
+            path: w.journal.path().to_path_buf(),
+            message: e.to_string(),
+        })?;
+        if let Err(e) = w.journal.append(&line) {
+            // The changes taken are in no file now: the next write is a whole snapshot.
+            w.snapshot_len = 0;
+            w.journal.len = u64::MAX;
+            return Err(e.into());
+        }
+        w.seq = seq;
         Ok(())
+    }
+
+    /// Writes the whole state as a new snapshot and empties the journal.
+    fn write_snapshot(&self) -> Result<(), Error> {
+        let mut w = self.writer();
+        let all = self.lock().take_all(w.seq);
+        let path = self.config.state_dir.join(STATE_FILE);
+        let data = serde_json::to_vec(&all).map_err(|e| Error::State {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        drop(all);
+        if let Err(e) = persist::write_atomic(&path, &data) {
+            // Taken but not written: try again with a whole snapshot.
+            self.lock().dirty = true;
+            w.journal.len = u64::MAX;
+            return Err(e.into());
+        }
+        w.snapshot_len = data.len() as u64;
+        // Entries up to `seq` are in the snapshot; a crash before this clear replays none.
+        w.journal.clear()?;
+        Ok(())
+    }
+
+    fn writer(&self) -> MutexGuard<'_, Writer> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock(&self) -> MutexGuard<'_, Store> {
@@ -274,7 +349,7 @@ pub async fn serve(
     }
     let _ = api.stop.send(true);
     let _ = stop_rx.changed().await;
-    api.flush().map_err(|e| std::io::Error::other(e.to_string()))?;
+    api.write_snapshot().map_err(|e| std::io::Error::other(e.to_string()))?;
     Ok(())
 }
 

@@ -1,7 +1,9 @@
-//! Writes to the state dir: atomic (temp file, fsync, rename).
+//! Writes to the state dir: atomic (temp file, fsync, rename), and an append-only
+//! journal of the changes since the last snapshot (one JSON line per write, fsynced).
 
+use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Writes `data` to `path` atomically.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
@@ -21,6 +23,66 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// The journal file: complete lines are entries; a torn last line (a crash mid-append)
+/// is ignored and cut off at the next open.
+pub struct Journal {
+    path: PathBuf,
+    file: File,
+    /// Bytes in the file.
+    pub len: u64,
+}
+
+impl Journal {
+    /// Opens `path` for appending (created when missing).
+    pub fn open(path: &Path) -> std::io::Result<Journal> {
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let len = file.metadata()?.len();
+        Ok(Journal {
+            path: path.to_path_buf(),
+            file,
+            len,
+        })
+    }
+
+    /// The complete lines of the journal at `path` (none when it does not exist).
+    pub fn read(path: &Path) -> std::io::Result<Vec<Vec<u8>>> {
+        let data = match std::fs::read(path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let complete = data.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        Ok(data[..complete]
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(<[u8]>::to_vec)
+            .collect())
+    }
+
+    /// Appends one entry (a line without a newline) and waits until it is on disk.
+    pub fn append(&mut self, entry: &[u8]) -> std::io::Result<()> {
+        let mut line = Vec::with_capacity(entry.len() + 1);
+        line.extend_from_slice(entry);
+        line.push(b'\n');
+        self.file.write_all(&line)?;
+        self.file.sync_data()?;
+        self.len += line.len() as u64;
+        Ok(())
+    }
+
+    /// Empties the journal (after a snapshot that includes every entry was written).
+    pub fn clear(&mut self) -> std::io::Result<()> {
+        self.file.set_len(0)?;
+        self.file.sync_all()?;
+        self.len = 0;
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -31,5 +93,28 @@ mod tests {
         super::write_atomic(&p, b"2").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"2");
         assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn journal_appends_and_ignores_a_torn_line() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("j");
+        let mut j = super::Journal::open(&p).unwrap();
+        j.append(b"{\"a\":1}").unwrap();
+        j.append(b"{\"a\":2}").unwrap();
+        assert_eq!(
+            super::Journal::read(&p).unwrap(),
+            vec![b"{\"a\":1}".to_vec(), b"{\"a\":2}".to_vec()]
+        );
+        // A crash mid-append leaves a line without its newline.
+        std::io::Write::write_all(
+            &mut std::fs::OpenOptions::new().append(true).open(&p).unwrap(),
+            b"{\"a\"",
+        )
+        .unwrap();
+        assert_eq!(super::Journal::read(&p).unwrap().len(), 2);
+        j.clear().unwrap();
+        assert!(super::Journal::read(&p).unwrap().is_empty());
+        assert!(super::Journal::read(&d.path().join("missing")).unwrap().is_empty());
     }
 }

@@ -91,10 +91,61 @@ impl ListFilter {
 pub type Page = (Vec<Value>, Option<(String, String)>, usize);
 
 #[derive(Serialize, Deserialize, Default)]
-struct Persisted {
+pub struct Persisted {
     rv: u64,
     objects: Vec<(String, Value)>,
     tokens: BTreeMap<String, (String, String)>,
+    /// The last journal entry this snapshot includes (entries up to it are skipped on replay).
+    #[serde(default)]
+    pub seq: u64,
+}
+
+/// The changes since the last write to the state dir: the current version of every
+/// object written since (`None`: deleted), and the tokens when they changed.
+#[derive(Serialize, Deserialize, Default)]
+pub struct JournalEntry {
+    pub seq: u64,
+    rv: u64,
+    objects: Vec<(String, String, String, Option<Value>)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tokens: Option<BTreeMap<String, (String, String)>>,
+}
+
+/// Replays journal entries onto a snapshot (those after its `seq`, in order).
+pub fn replay(snapshot: &[u8], entries: &[JournalEntry]) -> Result<Vec<u8>, String> {
+    let mut p: Persisted = if snapshot.is_empty() {
+        Persisted::default()
+    } else {
+        serde_json::from_slice(snapshot).map_err(|e| e.to_string())?
+    };
+    let mut objects: BTreeMap<(String, String, String), Value> = std::mem::take(&mut p.objects)
+        .into_iter()
+        .map(|(storage, o)| {
+            let k = (
+                storage,
+                meta_str(&o, "namespace").to_string(),
+                meta_str(&o, "name").to_string(),
+            );
+            (k, o)
+        })
+        .collect();
+    let after = p.seq;
+    for e in entries.iter().filter(|e| e.seq > after) {
+        p.seq = e.seq;
+        p.rv = p.rv.max(e.rv);
+        for (storage, ns, name, obj) in &e.objects {
+            let k = (storage.clone(), ns.clone(), name.clone());
+            match obj {
+                Some(o) => objects.insert(k, o.clone()),
+                None => objects.remove(&k),
+            };
+        }
+        if let Some(t) = &e.tokens {
+            p.tokens = t.clone();
+        }
+    }
+    p.objects = objects.into_iter().map(|((storage, _, _), o)| (storage, o)).collect();
+    serde_json::to_vec(&p).map_err(|e| e.to_string())
 }
 
 pub struct Store {
@@ -110,7 +161,11 @@ pub struct Store {
     pub tokens: BTreeMap<String, (String, String)>,
     pub service_cidr: Ipv4Net,
     pub tx: broadcast::Sender<Arc<Change>>,
+    /// Something changed since the last [`Store::take_changes`] or [`Store::persisted`].
     pub dirty: bool,
+    /// Objects written since then: (storage, namespace, name).
+    written: std::collections::BTreeSet<(String, String, String)>,
+    tokens_changed: bool,
 }
 
 fn meta_str<'a>(obj: &'a Value, f: &str) -> &'a str {
@@ -155,12 +210,28 @@ impl Store {
             service_cidr,
             tx,
             dirty: false,
+            written: Default::default(),
+            tokens_changed: false,
         }
     }
 
     /// Serialized state for the state dir.
+    #[cfg(test)]
     pub fn snapshot(&self) -> Vec<u8> {
-        let p = Persisted {
+        serde_json::to_vec(&self.persisted(0)).unwrap_or_default()
+    }
+
+    /// A copy of the whole state (O(objects): for compaction and shutdown, not per write),
+    /// marked as including journal entries up to `seq`; clears the pending changes.
+    pub fn take_all(&mut self, seq: u64) -> Persisted {
+        self.dirty = false;
+        self.written.clear();
+        self.tokens_changed = false;
+        self.persisted(seq)
+    }
+
+    fn persisted(&self, seq: u64) -> Persisted {
+        Persisted {
             rv: self.rv,
             objects: self
                 .objects
@@ -168,8 +239,35 @@ impl Store {
                 .flat_map(|(s, m)| m.values().map(move |o| (s.clone(), o.clone())))
                 .collect(),
             tokens: self.tokens.clone(),
-        };
-        serde_json::to_vec(&p).unwrap_or_default()
+            seq,
+        }
+    }
+
+    /// The changes since the last call (O(objects written)), as journal entry `seq`;
+    /// `None` when nothing changed.
+    pub fn take_changes(&mut self, seq: u64) -> Option<JournalEntry> {
+        if !self.dirty {
+            return None;
+        }
+        self.dirty = false;
+        let objects = std::mem::take(&mut self.written)
+            .into_iter()
+            .map(|(storage, ns, name)| {
+                let obj = self
+                    .objects
+                    .get(&storage)
+                    .and_then(|m| m.get(&(ns.clone(), name.clone())))
+                    .cloned();
+                (storage, ns, name, obj)
+            })
+            .collect();
+        let tokens = std::mem::take(&mut self.tokens_changed).then(|| self.tokens.clone());
+        Some(JournalEntry {
+            seq,
+            rv: self.rv,
+            objects,
+            tokens,
+        })
     }
 
     /// Restores a snapshot; watches may resume only from its resourceVersion on.
@@ -447,6 +545,7 @@ impl Store {
             meta_str(&obj, "namespace").to_string(),
             meta_str(&obj, "name").to_string(),
         );
+        self.written.insert((storage.to_string(), key.0.clone(), key.1.clone()));
         let m = self.objects.entry(storage.to_string()).or_default();
         if typ == "DELETED" {
             m.remove(&key);
@@ -1319,6 +1418,7 @@ impl Store {
         let t = super::util::random_token();
         self.tokens.insert(t.clone(), (ns.to_string(), sa.to_string()));
         self.dirty = true;
+        self.tokens_changed = true;
         t
     }
 }
@@ -1636,6 +1736,52 @@ mod tests {
         t.create(&cm, Some("default"), json!({"metadata": {"name": "q"}}), &opts())
             .unwrap();
         assert!(t.rv > s.rv);
+    }
+
+    /// A snapshot plus the journal entries after it restore the latest state: objects
+    /// written, objects deleted, tokens; entries the snapshot already holds are skipped.
+    #[test]
+    fn journal_replays_onto_the_snapshot() {
+        let mut s = store();
+        let cm = rt(&s, "", "configmaps");
+        for n in ["a", "b", "c"] {
+            s.create(&cm, Some("default"), json!({"metadata": {"name": n}}), &opts())
+                .unwrap();
+        }
+        let snap = serde_json::to_vec(&s.take_all(1)).unwrap();
+        let old = s.take_changes(1);
+        assert!(old.is_none(), "a snapshot takes the pending changes too");
+        s.delete(&cm, "default", "a", &DeleteOpts::default()).unwrap();
+        s.patch(
+            &cm,
+            "default",
+            "b",
+            None,
+            PatchKind::Merge,
+            &json!({"data": {"k": "v"}}),
+            &opts(),
+        )
+        .unwrap();
+        let tok = s.issue_token("default", "sa");
+        let e2 = s.take_changes(2).unwrap();
+        assert_eq!(e2.objects.len(), 2, "only the objects written");
+        assert!(s.take_changes(3).is_none());
+        s.create(&cm, Some("default"), json!({"metadata": {"name": "d"}}), &opts())
+            .unwrap();
+        let e3 = s.take_changes(3).unwrap();
+        let stale = JournalEntry {
+            seq: 1,
+            ..Default::default()
+        };
+        let data = replay(&snap, &[stale, e2, e3]).unwrap();
+        let mut t = Store::new("127.96.0.0/16".parse().unwrap(), 100);
+        t.restore(&data).unwrap();
+        assert_eq!(t.rv, s.rv);
+        assert!(t.get(&cm, "default", "a").is_err());
+        assert_eq!(t.get(&cm, "default", "b").unwrap()["data"]["k"], "v");
+        t.get(&cm, "default", "c").unwrap();
+        t.get(&cm, "default", "d").unwrap();
+        assert!(t.tokens.contains_key(&tok));
     }
 
     #[test]
