@@ -1,14 +1,22 @@
-//! WireGuard sessions: one boringtun [`Tunn`] per peer ([`PeerTunnel`]) and the
-//! [`PeerTable`] that routes incoming datagrams to them.
+//! WireGuard sessions: a [`PeerTunnel`] per accepted peer and the [`PeerTable`] that
+//! routes incoming datagrams to them.
 //!
-//! No sockets, no tokio, no clocks of our own: callers pass datagrams and buffers in, and
-//! the table tells a [`TunnelIo`] what to send where and which decrypted packets came out
-//! of which peer. The time for the rate limiter's reset is passed in too.
+//! No sockets, no tokio: callers pass datagrams and buffers in, and the table tells a
+//! [`TunnelIo`] what to send where and which decrypted packets came out of which peer.
+//! `tick` is given the time that decides rate-limiter resets and idle drops; the table
+//! notes the monotonic time a tunnel was created and a handshake completed.
 //!
 //! Routing follows boringtun's own device: a handshake initiation is matched to its peer by
 //! the static key it carries (`parse_handshake_anon`, after the shared [`RateLimiter`] has
 //! checked its MAC and, under load, its cookie); everything else carries our receiver
 //! index, whose upper 24 bits are the peer's index (`Tunn::new` shifts it left by 8).
+//!
+//! Memory follows the active peers, not the configured ones: boringtun's [`Tunn`] is about
+//! 11 KB (eight session slots), so a peer gets one only at its first handshake initiation
+//! (or when the gateway must send to it), and loses it after [`IDLE_DROP`] without a
+//! completed handshake, by which time boringtun has zeroed every key anyway. A dropped
+//! tunnel is like a gateway restart for that peer: it handshakes again; its counters and
+//! last handshake time are kept.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -34,6 +42,12 @@ const MAX_FLUSH: usize = 300;
 pub const DEFAULT_HANDSHAKE_LIMIT: u64 = 100;
 /// The peer index is 24 bits.
 const INDEX_MASK: u32 = 0x00ff_ffff;
+/// WireGuard's REJECT_AFTER_TIME: no session is used longer than this after its handshake.
+pub const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
+/// A tunnel without a completed handshake for this long is dropped: 3 × REJECT_AFTER_TIME,
+/// when boringtun itself zeroes all keys of a peer (its sessions died long before), so
+/// nothing usable is lost.
+pub const IDLE_DROP: Duration = Duration::from_secs(3 * 180);
 
 /// What the table asks its caller to do.
 pub trait TunnelIo {
@@ -52,6 +66,10 @@ pub enum DropReason {
     UnknownKey,
     #[error("receiver index {0:#x} belongs to no peer")]
     UnknownIndex(u32),
+    /// A data packet or handshake response for a peer whose tunnel was dropped (idle, or
+    /// its preshared key changed): the peer must handshake again.
+    #[error("peer {0}: no session (the peer must handshake)")]
+    NoSession(PeerId),
     #[error("peer {peer}: {error:?}")]
     Rejected { peer: PeerId, error: WireGuardError },
 }
@@ -65,6 +83,7 @@ impl DropReason {
             DropReason::Malformed(_) => "malformed",
             DropReason::UnknownKey => "unknown_key",
             DropReason::UnknownIndex(_) => "unknown_index",
+            DropReason::NoSession(_) => "no_session",
             DropReason::Rejected {
                 error: WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter,
                 ..
@@ -75,7 +94,7 @@ impl DropReason {
     /// The peer the datagram was for, when known.
     pub fn peer(&self) -> Option<&PeerId> {
         match self {
-            DropReason::Rejected { peer, .. } => Some(peer),
+            DropReason::Rejected { peer, .. } | DropReason::NoSession(peer) => Some(peer),
             _ => None,
         }
     }
@@ -95,15 +114,20 @@ pub enum SendError {
 /// Counters of one peer's tunnel.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TunnelStats {
+    /// Since the last completed handshake (kept after the session expired, as `wg show`
+    /// shows it).
     pub since_last_handshake: Option<Duration>,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
     pub handshakes: u64,
 }
 
-/// One peer's WireGuard state machine and what we know of the peer.
+/// One peer: what we know of it, and its WireGuard state machine while it is active.
 pub struct PeerTunnel {
-    tunn: Tunn,
+    /// Boxed so that a peer without one costs a pointer, not 11 KB.
+    tunn: Option<Box<Tunn>>,
+    /// When `tunn` was created.
+    created: Option<Instant>,
     id: PeerId,
     public_key: PublicKey,
     preshared_key: Option<PresharedKey>,
@@ -111,6 +135,10 @@ pub struct PeerTunnel {
     endpoint: Option<SocketAddr>,
     index: u32,
     handshakes: u64,
+    last_handshake: Option<Instant>,
+    /// Byte counters of the tunnels this peer had before the current one.
+    carried_tx: u64,
+    carried_rx: u64,
 }
 
 impl std::fmt::Debug for PeerTunnel {
@@ -121,22 +149,17 @@ impl std::fmt::Debug for PeerTunnel {
             .field("address", &self.address)
             .field("endpoint", &self.endpoint)
             .field("index", &self.index)
+            .field("active", &self.tunn.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl PeerTunnel {
-    fn new(private: &PrivateKey, peer: &AcceptedPeer, index: u32, limiter: Arc<RateLimiter>) -> Self {
-        let tunn = Tunn::new(
-            private.to_x25519(),
-            peer.public_key.to_x25519(),
-            peer.preshared_key.as_ref().map(|k| k.0),
-            None,
-            index,
-            Some(limiter),
-        );
+    /// A peer without a tunnel yet.
+    fn new(peer: &AcceptedPeer, index: u32) -> Self {
         PeerTunnel {
-            tunn,
+            tunn: None,
+            created: None,
             id: peer.id.clone(),
             public_key: peer.public_key,
             preshared_key: peer.preshared_key.clone(),
@@ -144,6 +167,9 @@ impl PeerTunnel {
             endpoint: None,
             index,
             handshakes: 0,
+            last_handshake: None,
+            carried_tx: 0,
+            carried_rx: 0,
         }
     }
 
@@ -159,15 +185,56 @@ impl PeerTunnel {
     pub fn public_key(&self) -> PublicKey {
         self.public_key
     }
+    /// Whether the peer has a WireGuard state machine now (it handshook recently).
+    pub fn is_active(&self) -> bool {
+        self.tunn.is_some()
+    }
 
     pub fn stats(&self) -> TunnelStats {
-        let (since, tx, rx, _, _) = self.tunn.stats();
+        let (tx, rx) = self.tunn.as_ref().map_or((0, 0), |t| {
+            let (_, tx, rx, _, _) = t.stats();
+            (tx as u64, rx as u64)
+        });
         TunnelStats {
-            since_last_handshake: since,
-            tx_bytes: tx as u64,
-            rx_bytes: rx as u64,
+            since_last_handshake: self.last_handshake.map(|t| t.elapsed()),
+            tx_bytes: self.carried_tx + tx,
+            rx_bytes: self.carried_rx + rx,
             handshakes: self.handshakes,
         }
+    }
+
+    /// The tunnel, created now if the peer has none.
+    fn tunn(&mut self, private: &x25519_dalek::StaticSecret, limiter: &Arc<RateLimiter>) -> &mut Tunn {
+        if self.tunn.is_none() {
+            self.created = Some(Instant::now());
+        }
+        self.tunn.get_or_insert_with(|| {
+            Box::new(Tunn::new(
+                private.clone(),
+                self.public_key.to_x25519(),
+                self.preshared_key.as_ref().map(|k| k.0),
+                None,
+                self.index,
+                Some(limiter.clone()),
+            ))
+        })
+    }
+
+    /// Drop the tunnel (its sessions with it), keeping its counters.
+    fn drop_tunn(&mut self) {
+        if let Some(t) = self.tunn.take() {
+            let (_, tx, rx, _, _) = t.stats();
+            self.carried_tx += tx as u64;
+            self.carried_rx += rx as u64;
+        }
+        self.created = None;
+    }
+
+    /// Whether the tunnel has gone `idle` without a handshake at `now`.
+    fn idle(&self, now: Instant, idle: Duration) -> bool {
+        let Some(created) = self.created else { return false };
+        let last = self.last_handshake.map_or(created, |h| h.max(created));
+        now.saturating_duration_since(last) >= idle
     }
 
     /// Process a datagram from `src` for this peer, then flush what the tunnel queued.
@@ -178,13 +245,18 @@ impl PeerTunnel {
         buf: &mut [u8],
         io: &mut impl TunnelIo,
     ) -> Result<(), WireGuardError> {
-        let before = self.tunn.stats().0;
+        let address = self.address;
+        let Some(tunn) = self.tunn.as_deref_mut() else {
+            return Err(WireGuardError::NoCurrentSession);
+        };
+        let before = tunn.time_since_last_handshake();
         let mut first = true;
+        let mut result = Ok(());
         for _ in 0..MAX_FLUSH {
             let r = if first {
-                self.tunn.decapsulate(Some(src.ip()), datagram, buf)
+                tunn.decapsulate(Some(src.ip()), datagram, buf)
             } else {
-                self.tunn.decapsulate(None, &[], buf)
+                tunn.decapsulate(None, &[], buf)
             };
             if first {
                 match r {
@@ -196,40 +268,56 @@ impl PeerTunnel {
             }
             match r {
                 TunnResult::Done => break,
-                TunnResult::Err(e) => return Err(e),
+                TunnResult::Err(e) => {
+                    result = Err(e);
+                    break;
+                }
                 TunnResult::WriteToNetwork(b) => io.send(src, b),
                 TunnResult::WriteToTunnelV4(b, _) | TunnResult::WriteToTunnelV6(b, _) => {
                     // Keepalives are empty.
                     if !b.is_empty() {
-                        io.deliver(self.address, b);
+                        io.deliver(address, b);
                     }
                     break;
                 }
             }
         }
-        let after = self.tunn.stats().0;
-        if after.is_some() && (before.is_none() || after < before) {
+        let after = tunn.time_since_last_handshake();
+        if let Some(since) = after
+            && before.is_none_or(|b| since < b)
+        {
             self.handshakes += 1;
+            self.last_handshake = Instant::now().checked_sub(since);
         }
-        Ok(())
+        result
     }
 
-    /// Encrypt a packet to this peer.
-    fn encapsulate(&mut self, packet: &[u8], buf: &mut [u8], io: &mut impl TunnelIo) -> Result<(), SendError> {
+    /// Encrypt a packet to this peer; a peer without a tunnel gets one, which starts a
+    /// handshake (the packet waits in its queue).
+    fn encapsulate(
+        &mut self,
+        packet: &[u8],
+        buf: &mut [u8],
+        private: &x25519_dalek::StaticSecret,
+        limiter: &Arc<RateLimiter>,
+        io: &mut impl TunnelIo,
+    ) -> Result<(), SendError> {
         if packet.len() + DATA_OVERHEAD > buf.len() || buf.len() < 148 {
             return Err(SendError::TooLarge(packet.len()));
         }
         let endpoint = self.endpoint.ok_or(SendError::NoEndpoint)?;
-        match self.tunn.encapsulate(packet, buf) {
+        let id = self.id.clone();
+        match self.tunn(private, limiter).encapsulate(packet, buf) {
             TunnResult::WriteToNetwork(b) => io.send(endpoint, b),
-            TunnResult::Err(e) => tracing::debug!(peer = %self.id, error = ?e, "encapsulate failed"),
+            TunnResult::Err(e) => tracing::debug!(peer = %id, error = ?e, "encapsulate failed"),
             _ => {}
         }
         Ok(())
     }
 
     fn update_timers(&mut self, buf: &mut [u8], io: &mut impl TunnelIo) {
-        match self.tunn.update_timers(buf) {
+        let Some(tunn) = self.tunn.as_deref_mut() else { return };
+        match tunn.update_timers(buf) {
             TunnResult::WriteToNetwork(b) => {
                 if let Some(ep) = self.endpoint {
                     io.send(ep, b);
@@ -247,23 +335,30 @@ impl PeerTunnel {
 pub struct SyncReport {
     pub added: Vec<PeerId>,
     pub removed: Vec<PeerId>,
-    /// Recreated (new preshared key): their sessions were dropped.
+    /// New preshared key: their sessions were dropped.
     pub rekeyed: Vec<PeerId>,
     /// Kept their sessions (address or name changed, or nothing at all).
     pub kept: usize,
 }
 
-/// All peers' tunnels, indexed for datagram routing.
+/// All peers, indexed for datagram routing.
 pub struct PeerTable {
     private: PrivateKey,
     x_private: x25519_dalek::StaticSecret,
     x_public: x25519_dalek::PublicKey,
     limiter: Arc<RateLimiter>,
+    /// What each `Tunn` checks again: MACs only. `Tunn::decapsulate` runs its limiter's
+    /// `verify_packet` too, so sharing `limiter` counted every handshake twice (the limit
+    /// was half the setting) and had `Tunn` send cookie replies of its own.
+    tunn_limiter: Arc<RateLimiter>,
     tunnels: HashMap<u32, PeerTunnel>,
     by_key: HashMap<PublicKey, u32>,
     by_addr: HashMap<Ipv4Addr, u32>,
     next_index: u32,
     last_reset: Option<Instant>,
+    idle_drop: Duration,
+    /// Peers with a tunnel now.
+    active: usize,
 }
 
 impl std::fmt::Debug for PeerTable {
@@ -271,6 +366,7 @@ impl std::fmt::Debug for PeerTable {
         f.debug_struct("PeerTable")
             .field("public_key", &self.private.public_key())
             .field("peers", &self.tunnels.len())
+            .field("active", &self.active)
             .finish_non_exhaustive()
     }
 }
@@ -283,6 +379,7 @@ impl PeerTable {
         let x_public = x25519_dalek::PublicKey::from(&x_private);
         PeerTable {
             limiter: Arc::new(RateLimiter::new(&x_public, handshake_limit)),
+            tunn_limiter: Arc::new(RateLimiter::new(&x_public, u64::MAX)),
             private,
             x_private,
             x_public,
@@ -291,7 +388,15 @@ impl PeerTable {
             by_addr: HashMap::new(),
             next_index: rand::random::<u32>() & INDEX_MASK,
             last_reset: None,
+            idle_drop: IDLE_DROP,
+            active: 0,
         }
+    }
+
+    /// Drop tunnels after `idle` without a handshake instead of [`IDLE_DROP`].
+    pub fn with_idle_drop(mut self, idle: Duration) -> Self {
+        self.idle_drop = idle;
+        self
     }
 
     pub fn public_key(&self) -> PublicKey {
@@ -304,7 +409,12 @@ impl PeerTable {
     pub fn is_empty(&self) -> bool {
         self.tunnels.is_empty()
     }
+    /// How many peers have a WireGuard state machine now.
+    pub fn active(&self) -> usize {
+        self.active
+    }
 
+    /// Every peer, with or without a tunnel.
     pub fn peers(&self) -> impl Iterator<Item = &PeerTunnel> {
         self.tunnels.values()
     }
@@ -313,9 +423,9 @@ impl PeerTable {
         self.by_addr.get(&a).and_then(|i| self.tunnels.get(i))
     }
 
-    /// Make the table match `peers`: new ones added, missing ones removed (their sessions
-    /// dropped at once), a changed preshared key recreates the tunnel, and everything else
-    /// keeps its session.
+    /// Make the table match `peers`: new ones added (without a tunnel), missing ones
+    /// removed (their sessions dropped at once), a changed preshared key drops the tunnel,
+    /// and everything else keeps its session.
     pub fn sync(&mut self, peers: &[AcceptedPeer]) -> SyncReport {
         let mut report = SyncReport::default();
         let wanted: HashMap<PublicKey, &AcceptedPeer> = peers.iter().map(|p| (p.public_key, p)).collect();
@@ -328,31 +438,33 @@ impl PeerTable {
         for i in gone {
             if let Some(t) = self.tunnels.remove(&i) {
                 self.by_key.remove(&t.public_key);
+                self.active -= usize::from(t.is_active());
                 report.removed.push(t.id);
             }
         }
         self.by_addr.clear();
+        self.by_addr.reserve(peers.len());
         for p in peers {
             match self.by_key.get(&p.public_key).copied() {
                 Some(i) => {
                     let Some(t) = self.tunnels.get_mut(&i) else { continue };
                     if t.preshared_key != p.preshared_key {
-                        let endpoint = t.endpoint;
-                        let mut fresh = PeerTunnel::new(&self.private, p, i, self.limiter.clone());
-                        fresh.endpoint = endpoint;
-                        *t = fresh;
+                        self.active -= usize::from(t.is_active());
+                        t.drop_tunn();
+                        t.preshared_key = p.preshared_key.clone();
                         report.rekeyed.push(p.id.clone());
                     } else {
-                        t.id = p.id.clone();
-                        t.address = p.address;
                         report.kept += 1;
                     }
+                    if t.id != p.id {
+                        t.id = p.id.clone();
+                    }
+                    t.address = p.address;
                     self.by_addr.insert(p.address, i);
                 }
                 None => {
                     let i = self.allocate_index();
-                    self.tunnels
-                        .insert(i, PeerTunnel::new(&self.private, p, i, self.limiter.clone()));
+                    self.tunnels.insert(i, PeerTunnel::new(p, i));
                     self.by_key.insert(p.public_key, i);
                     self.by_addr.insert(p.address, i);
                     report.added.push(p.id.clone());
@@ -383,7 +495,7 @@ impl PeerTable {
         buf: &mut [u8],
         io: &mut impl TunnelIo,
     ) -> Result<(), DropReason> {
-        let index = match self.limiter.verify_packet(Some(src.ip()), datagram, buf) {
+        let (index, initiation) = match self.limiter.verify_packet(Some(src.ip()), datagram, buf) {
             Err(TunnResult::WriteToNetwork(cookie)) => {
                 io.send(src, cookie);
                 return Ok(());
@@ -393,16 +505,25 @@ impl PeerTable {
             Ok(Packet::HandshakeInit(p)) => {
                 let half =
                     parse_handshake_anon(&self.x_private, &self.x_public, &p).map_err(|_| DropReason::UnknownKey)?;
-                *self
+                let i = *self
                     .by_key
                     .get(&PublicKey(half.peer_static_public))
-                    .ok_or(DropReason::UnknownKey)?
+                    .ok_or(DropReason::UnknownKey)?;
+                (i, true)
             }
-            Ok(Packet::HandshakeResponse(p)) => p.receiver_idx >> 8,
-            Ok(Packet::PacketCookieReply(p)) => p.receiver_idx >> 8,
-            Ok(Packet::PacketData(p)) => p.receiver_idx >> 8,
+            Ok(Packet::HandshakeResponse(p)) => (p.receiver_idx >> 8, false),
+            Ok(Packet::PacketCookieReply(p)) => (p.receiver_idx >> 8, false),
+            Ok(Packet::PacketData(p)) => (p.receiver_idx >> 8, false),
         };
         let t = self.tunnels.get_mut(&index).ok_or(DropReason::UnknownIndex(index))?;
+        if !t.is_active() {
+            if !initiation {
+                return Err(DropReason::NoSession(t.id.clone()));
+            }
+            // The peer's static key checked out: now it is worth 11 KB.
+            t.tunn(&self.x_private, &self.tunn_limiter);
+            self.active += 1;
+        }
         t.decapsulate(src, datagram, buf, io)
             .map_err(|error| DropReason::Rejected {
                 peer: t.id.clone(),
@@ -423,11 +544,14 @@ impl PeerTable {
         };
         let i = self.by_addr.get(&v4).ok_or(SendError::NoPeer(dst))?;
         let t = self.tunnels.get_mut(i).ok_or(SendError::NoPeer(dst))?;
-        t.encapsulate(packet, buf, io)
+        let was_active = t.is_active();
+        let r = t.encapsulate(packet, buf, &self.x_private, &self.tunn_limiter, io);
+        self.active += usize::from(!was_active && t.is_active());
+        r
     }
 
-    /// Drive every peer's timers (call every 100-250 ms) and reset the handshake rate
-    /// counter once a second.
+    /// Drive the active peers' timers (call every 100-250 ms), drop tunnels idle for the
+    /// idle time, and reset the handshake rate counter once a second.
     pub fn tick(&mut self, now: Instant, buf: &mut [u8], io: &mut impl TunnelIo) {
         if self
             .last_reset
@@ -436,8 +560,17 @@ impl PeerTable {
             self.limiter.reset_count();
             self.last_reset = Some(now);
         }
+        if self.active == 0 {
+            return;
+        }
         for t in self.tunnels.values_mut() {
-            t.update_timers(buf, io);
+            if t.idle(now, self.idle_drop) {
+                tracing::debug!(peer = %t.id, "tunnel idle; dropped until the next handshake");
+                t.drop_tunn();
+                self.active -= 1;
+            } else {
+                t.update_timers(buf, io);
+            }
         }
     }
 }
@@ -499,12 +632,35 @@ mod tests {
         /// gateway delivered, feeding the gateway's replies back to the laptop.
         fn send(&mut self, table: &mut PeerTable, packet: &[u8]) -> Vec<(Ipv4Addr, Vec<u8>)> {
             let mut out = vec![0u8; BUF_SIZE];
-            let mut buf = vec![0u8; BUF_SIZE];
-            let mut io = Io::default();
             let mut to_gw = Vec::new();
             if let TunnResult::WriteToNetwork(b) = self.tunn.encapsulate(packet, &mut out) {
                 to_gw.push(b.to_vec());
             }
+            self.exchange(table, to_gw)
+        }
+        /// A forced handshake initiation through the table (as after the gateway dropped
+        /// the peer's tunnel while the laptop still had a session).
+        fn handshake(&mut self, table: &mut PeerTable) {
+            let mut out = vec![0u8; BUF_SIZE];
+            let TunnResult::WriteToNetwork(h) = self.tunn.format_handshake_initiation(&mut out, true) else {
+                panic!("no handshake initiation")
+            };
+            let h = h.to_vec();
+            self.exchange(table, vec![h]);
+        }
+        /// A data packet of the laptop's current session, for the gateway.
+        fn datagram(&mut self, packet: &[u8]) -> Vec<u8> {
+            let mut out = vec![0u8; BUF_SIZE];
+            let TunnResult::WriteToNetwork(d) = self.tunn.encapsulate(packet, &mut out) else {
+                panic!("the laptop has no session")
+            };
+            d.to_vec()
+        }
+        /// Feed `to_gw` to the table and the answers back to the laptop until both are quiet.
+        fn exchange(&mut self, table: &mut PeerTable, mut to_gw: Vec<Vec<u8>>) -> Vec<(Ipv4Addr, Vec<u8>)> {
+            let mut out = vec![0u8; BUF_SIZE];
+            let mut buf = vec![0u8; BUF_SIZE];
+            let mut io = Io::default();
             for _ in 0..10 {
                 if to_gw.is_empty() {
                     break;
@@ -736,11 +892,209 @@ mod tests {
             .iter()
             .filter(|(_, d)| d.first() == Some(&3) && d.len() == 64)
             .count();
-        assert!(cookies > 0, "cookie replies under load");
+        // The limit is exact: a's handshake and 4 of the flood's pass, the other 46 get cookies.
+        assert_eq!(cookies, 46, "cookie replies under load");
+        // The limit is exact: a's handshake and 4 of the flood's pass, the other 46 get cookies.
+        assert_eq!(cookies, 46, "cookie replies under load");
         // Data of the established session is not rate limited.
         assert_eq!(a.send(&mut table, &packet([100, 64, 0, 2])).len(), 1);
         // After the reset the flooder's handshakes pass again.
         table.tick(Instant::now(), &mut buf, &mut io);
         let _ = flooder.send(&mut table, &packet([100, 64, 0, 3]));
+    }
+
+    fn stats_of(table: &PeerTable, a: [u8; 4]) -> TunnelStats {
+        table.by_address(Ipv4Addr::from(a)).expect("peer").stats()
+    }
+
+    #[test]
+    fn tunnels_are_created_at_the_first_handshake_only() {
+        let mut table = PeerTable::new(PrivateKey::generate(), DEFAULT_HANDSHAKE_LIMIT);
+        let mut laptops: Vec<Laptop> = (0..50)
+            .map(|i| Laptop::new(table.public_key(), 41000 + i, None))
+            .collect();
+        let accepted: Vec<AcceptedPeer> = laptops
+            .iter()
+            .enumerate()
+            .map(|(i, l)| l.accepted("t", [100, 64, 1, i as u8 + 2]))
+            .collect();
+        assert_eq!(table.sync(&accepted).added.len(), 50);
+        assert_eq!((table.len(), table.active()), (50, 0), "no Tunn before a handshake");
+        // Every peer is listed (wg show lists them all), with empty counters.
+        assert_eq!(table.peers().count(), 50);
+        assert!(
+            table
+                .peers()
+                .all(|t| !t.is_active() && t.stats() == TunnelStats::default())
+        );
+        let mut buf = vec![0u8; BUF_SIZE];
+        let mut io = Io::default();
+        table.tick(Instant::now(), &mut buf, &mut io);
+        assert!(io.sent.is_empty(), "peers without a tunnel have no timers");
+
+        // A stranger's initiation creates nothing.
+        let mut stranger = Laptop::new(table.public_key(), 41999, None);
+        assert!(stranger.send(&mut table, &packet([100, 64, 1, 99])).is_empty());
+        assert_eq!(table.active(), 0);
+
+        // One peer handshakes: one tunnel, and data flows.
+        assert_eq!(laptops[7].send(&mut table, &packet([100, 64, 1, 9])).len(), 1);
+        assert_eq!(table.active(), 1);
+        assert!(table.by_address(Ipv4Addr::new(100, 64, 1, 9)).unwrap().is_active());
+        assert!(!table.by_address(Ipv4Addr::new(100, 64, 1, 8)).unwrap().is_active());
+        let s = stats_of(&table, [100, 64, 1, 9]);
+        assert_eq!(s.handshakes, 1);
+        assert!(s.rx_bytes > 0 && s.since_last_handshake.is_some());
+
+        // Removing the active peer frees its tunnel; the others are untouched.
+        let report = table.sync(&accepted[..7]);
+        assert_eq!(report.removed.len(), 43);
+        assert_eq!((table.len(), table.active()), (7, 0));
+    }
+
+    #[test]
+    fn idle_tunnels_are_dropped_and_come_back_at_the_next_handshake() {
+        let idle = Duration::from_secs(60);
+        let mut table = PeerTable::new(PrivateKey::generate(), DEFAULT_HANDSHAKE_LIMIT).with_idle_drop(idle);
+        assert_eq!(
+            PeerTable::new(PrivateKey::generate(), 1).idle_drop,
+            3 * REJECT_AFTER_TIME
+        );
+        let mut a = Laptop::new(table.public_key(), 40001, None);
+        let mut b = Laptop::new(table.public_key(), 40002, None);
+        table.sync(&[a.accepted("t", [100, 64, 0, 2]), b.accepted("t", [100, 64, 0, 3])]);
+        assert_eq!(a.send(&mut table, &packet([100, 64, 0, 2])).len(), 1);
+        assert_eq!(b.send(&mut table, &packet([100, 64, 0, 3])).len(), 1);
+        assert_eq!(table.active(), 2);
+        let before = stats_of(&table, [100, 64, 0, 2]);
+
+        let mut buf = vec![0u8; BUF_SIZE];
+        let mut io = Io::default();
+        let now = Instant::now();
+        table.tick(now + idle / 2, &mut buf, &mut io);
+        assert_eq!(table.active(), 2, "a recent handshake keeps the tunnel");
+        table.tick(now + idle + Duration::from_secs(1), &mut buf, &mut io);
+        assert_eq!(
+            (table.len(), table.active()),
+            (2, 0),
+            "idle tunnels dropped, peers kept"
+        );
+        // Counters and the last handshake survive the drop (wg show, status).
+        let dropped = stats_of(&table, [100, 64, 0, 2]);
+        assert_eq!(
+            (dropped.tx_bytes, dropped.rx_bytes, dropped.handshakes),
+            (before.tx_bytes, before.rx_bytes, before.handshakes)
+        );
+        assert!(dropped.since_last_handshake >= before.since_last_handshake);
+        assert_eq!(
+            table.by_address(Ipv4Addr::new(100, 64, 0, 2)).unwrap().endpoint(),
+            Some(a.addr)
+        );
+
+        // The laptop's old session is gone at the gateway: its data is dropped, naming the
+        // peer, and no tunnel is made for it.
+        let d = a.datagram(&packet([100, 64, 0, 2]));
+        let e = table.handle_datagram(a.addr, &d, &mut buf, &mut io).unwrap_err();
+        assert_eq!(e.label(), "no_session");
+        assert_eq!(e.peer(), Some(&PeerId::new("t", "laptop40001")));
+        assert_eq!(table.active(), 0);
+        assert!(io.delivered.is_empty());
+
+        // Its next handshake makes a fresh tunnel; the counters go on from where they were.
+        a.handshake(&mut table);
+        assert_eq!(table.active(), 1);
+        assert_eq!(a.send(&mut table, &packet([100, 64, 0, 2])).len(), 1);
+        let after = stats_of(&table, [100, 64, 0, 2]);
+        assert_eq!(after.handshakes, 2);
+        assert!(after.rx_bytes > before.rx_bytes);
+        assert!(after.since_last_handshake.unwrap() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_gateway_sends_to_a_peer_without_tunnel_by_handshaking() {
+        let idle = Duration::from_secs(60);
+        let mut table = PeerTable::new(PrivateKey::generate(), DEFAULT_HANDSHAKE_LIMIT).with_idle_drop(idle);
+        let mut a = Laptop::new(table.public_key(), 40001, None);
+        let never = Laptop::new(table.public_key(), 40002, None);
+        table.sync(&[a.accepted("t", [100, 64, 0, 2]), never.accepted("t", [100, 64, 0, 3])]);
+        let mut buf = vec![0u8; BUF_SIZE];
+        let mut io = Io::default();
+        // Never connected: no endpoint, no tunnel made.
+        assert_eq!(
+            table.send_to(
+                "100.64.0.3".parse().unwrap(),
+                &packet([127, 96, 0, 10]),
+                &mut buf,
+                &mut io
+            ),
+            Err(SendError::NoEndpoint)
+        );
+        assert_eq!(table.active(), 0);
+
+        assert_eq!(a.send(&mut table, &packet([100, 64, 0, 2])).len(), 1);
+        table.tick(Instant::now() + idle * 2, &mut buf, &mut io);
+        assert_eq!(table.active(), 0);
+        // A packet for the peer now: a tunnel, and a handshake initiation to its endpoint.
+        let reply = ipv4([127, 96, 0, 10], [100, 64, 0, 2], PROTO_UDP, &udp(53, 1000, b"pong"));
+        table
+            .send_to("100.64.0.2".parse().unwrap(), &reply, &mut buf, &mut io)
+            .unwrap();
+        assert_eq!(table.active(), 1);
+        assert_eq!(io.sent.len(), 1);
+        let (to, init) = io.sent.remove(0);
+        assert_eq!((to, init[0], init.len()), (a.addr, 1, 148));
+        // The laptop answers; the queued packet follows the handshake.
+        let mut out = vec![0u8; BUF_SIZE];
+        let TunnResult::WriteToNetwork(resp) = a.tunn.decapsulate(None, &init, &mut out) else {
+            panic!("no handshake response")
+        };
+        let resp = resp.to_vec();
+        table.handle_datagram(a.addr, &resp, &mut buf, &mut io).unwrap();
+        let (_, data) = io.sent.last().expect("the queued packet").clone();
+        let got = match a.tunn.decapsulate(None, &data, &mut out) {
+            TunnResult::WriteToTunnelV4(p, _) => p.to_vec(),
+            _ => panic!("the laptop got no packet"),
+        };
+        assert_eq!(got, reply);
+    }
+
+    #[test]
+    fn a_new_preshared_key_drops_the_tunnel_and_keeps_counters() {
+        let mut table = PeerTable::new(PrivateKey::generate(), DEFAULT_HANDSHAKE_LIMIT);
+        let mut a = Laptop::new(table.public_key(), 40001, None);
+        let mut pa = a.accepted("t", [100, 64, 0, 2]);
+        table.sync(std::slice::from_ref(&pa));
+        assert_eq!(a.send(&mut table, &packet([100, 64, 0, 2])).len(), 1);
+        let before = stats_of(&table, [100, 64, 0, 2]);
+        let psk = PresharedKey([7; 32]);
+        pa.preshared_key = Some(psk.clone());
+        let report = table.sync(std::slice::from_ref(&pa));
+        assert_eq!(report.rekeyed, vec![pa.id.clone()]);
+        assert_eq!(table.active(), 0);
+        assert_eq!(stats_of(&table, [100, 64, 0, 2]).rx_bytes, before.rx_bytes);
+        // The old session is cut off, and a handshake without the key fails...
+        let d = a.datagram(&packet([100, 64, 0, 2]));
+        let mut buf = vec![0u8; BUF_SIZE];
+        let mut io = Io::default();
+        assert_eq!(
+            table
+                .handle_datagram(a.addr, &d, &mut buf, &mut io)
+                .unwrap_err()
+                .label(),
+            "no_session"
+        );
+        a.handshake(&mut table);
+        assert!(a.send(&mut table, &packet([100, 64, 0, 2])).is_empty());
+        // ...while one with it works.
+        a.tunn = Tunn::new(
+            a.key.to_x25519(),
+            table.public_key().to_x25519(),
+            Some(psk.0),
+            None,
+            77,
+            None,
+        );
+        assert_eq!(a.send(&mut table, &packet([100, 64, 0, 2])).len(), 1);
+        assert_eq!(stats_of(&table, [100, 64, 0, 2]).handshakes, 2);
     }
 }
