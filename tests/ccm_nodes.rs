@@ -14,306 +14,79 @@
 //! refresh covers untainted Nodes without a provider ID), which is what these tests check.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::ops::Deref;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use kuberaya_e2e::{JsonApi, Process, binary, poll_until_blocking, unique_net_index};
+use kuberaya_e2e::ccm::Ccm;
+use kuberaya_e2e::cloud::{CLUSTER_LABEL, CloudSandbox, SERVICE_NAMESPACE_LABEL, by_service, only_lb};
+use kuberaya_e2e::cluster::{Cluster, FAST_HEALTH, deployment, has_taint, is_ready, lb_service, node_address};
+use kuberaya_e2e::probe::wait_answering;
+use kuberaya_e2e::sandbox::Ranges;
+use kuberaya_e2e::{poll_until_blocking, unique_net_index};
 use serde_json::{Value, json};
 
-const KUBECTL: &str = "kubectl";
-const CLUSTER_LABEL: &str = "kuberaya.cloudraya.com/cluster-id";
-const SERVICE_NAME_LABEL: &str = "kuberaya.cloudraya.com/service-name";
-const SERVICE_NAMESPACE_LABEL: &str = "kuberaya.cloudraya.com/service-namespace";
 const UNINITIALIZED: &str = "node.cloudprovider.kubernetes.io/uninitialized";
 const SHUTDOWN: &str = "node.cloudprovider.kubernetes.io/shutdown";
 
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+/// A running sandbox of three nodes (no CCM inside) in a temporary state dir (the
+/// harness's [`CloudSandbox`]).
+struct Sandbox(CloudSandbox);
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// A running sandbox (no CCM inside) in a temporary state dir; `sandbox down --purge` on drop.
-struct Sandbox {
-    _dir: tempfile::TempDir,
-    state: PathBuf,
-    kubeconfig: PathBuf,
-    net: u8,
-    url: String,
-    email: String,
-    password: String,
-    cluster_id: String,
-    rt: tokio::runtime::Runtime,
-    api: JsonApi,
-    ctl: JsonApi,
-}
-
-/// Stops a sandbox whose start failed half-way.
-struct DownGuard(PathBuf);
-
-impl Drop for DownGuard {
-    fn drop(&mut self) {
-        let _ = Command::new(binary("kuberaya"))
-            .args(["sandbox", "down", "--purge", "--state-dir"])
-            .arg(&self.0)
-            .output();
+impl Deref for Sandbox {
+    type Target = CloudSandbox;
+    fn deref(&self) -> &CloudSandbox {
+        &self.0
     }
 }
 
 impl Sandbox {
     fn up() -> Result<Sandbox> {
-        let dir = tempfile::tempdir()?;
-        let state = dir.path().join("sb");
         let n = unique_net_index();
-        let args = vec![
-            "sandbox".to_string(),
-            "up".into(),
-            "--detach".into(),
-            "--no-ccm".into(),
-            "--nodes".into(),
-            "3".into(),
-            "--state-dir".into(),
-            state.display().to_string(),
-            "--public-ip-range".into(),
-            format!("127.203.{n}.0/24"),
-            "--vm-ip-range".into(),
-            format!("127.10.{n}.0/24"),
-            "--service-cidr".into(),
-            format!("127.99.{n}.0/24"),
-            "--pod-cidr".into(),
+        let ranges = Ranges {
+            net: n,
+            service_cidr: format!("127.99.{n}.0/24"),
             // A /21 (eight /24s, one per node) of 127.241-242.x.x, unique per net index.
-            format!(
+            pod_cidr: format!(
                 "127.{}.{}.0/21",
                 241 + (n.saturating_sub(60)) / 32,
                 (n.saturating_sub(60) % 32) * 8
             ),
-            "--provisioning-delay-ms".into(),
-            "200".into(),
-        ];
-        let out = Command::new(binary("kuberaya")).args(&args).output()?;
-        let guard = DownGuard(state.clone());
-        ensure!(out.status.success(), "sandbox up failed: {}", text(&out));
-        let env = Command::new(binary("kuberaya"))
-            .args(["sandbox", "env", "--state-dir"])
-            .arg(&state)
-            .output()?;
-        ensure!(env.status.success(), "sandbox env: {}", text(&env));
-        let vars: BTreeMap<String, String> = String::from_utf8_lossy(&env.stdout)
-            .lines()
-            .filter_map(|l| l.strip_prefix("export "))
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.trim_matches('\'').to_string()))
-            .collect();
-        let get = |k: &str| vars.get(k).cloned().with_context(|| format!("sandbox env exports {k}"));
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let url = get("CLOUDRAYA_API_URL")?;
-        let email = get("CLOUDRAYA_EMAIL")?;
-        let password = get("CLOUDRAYA_PASSWORD")?;
-        let api = rt.block_on(JsonApi::login(&url, &email, &password))?;
-        std::mem::forget(guard);
-        let sb = Sandbox {
-            kubeconfig: PathBuf::from(get("KUBECONFIG")?),
-            cluster_id: get("KUBERAYA_CLUSTER_ID")?,
-            ctl: JsonApi::new(&url),
-            net: n,
-            url,
-            email,
-            password,
-            api,
-            rt,
-            state,
-            _dir: dir,
         };
-        let ready = poll_until_blocking(Duration::from_secs(20), || {
-            let nodes = sb.get_json(&["get", "nodes"]).ok()?;
-            let items = nodes["items"].as_array()?;
-            (items.len() == 3 && items.iter().all(node_ready)).then_some(())
-        });
-        ensure!(ready.is_some(), "three Ready nodes: {}", sb.log());
-        Ok(sb)
-    }
-
-    fn log(&self) -> String {
-        let log = std::fs::read_to_string(self.state.join("sandbox.log")).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(30).collect();
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-    }
-
-    fn kuberaya(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(binary("kuberaya"))
-            .args(args)
-            .arg("--state-dir")
-            .arg(&self.state)
-            .output()?;
-        ensure!(out.status.success(), "kuberaya {args:?}: {}", text(&out));
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn kubectl_output(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<Output> {
-        let mut child = Command::new(KUBECTL)
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running kubectl")?;
-        if let Some(input) = stdin {
-            child.stdin.take().context("kubectl stdin")?.write_all(input)?;
-        }
-        Ok(child.wait_with_output()?)
-    }
-
-    fn kubectl(&self, args: &[&str]) -> Result<String> {
-        let out = self.kubectl_output(args, None)?;
-        ensure!(out.status.success(), "kubectl {args:?}: {}", text(&out));
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn apply(&self, yaml: &str) -> Result<()> {
-        let out = self.kubectl_output(&["apply", "-f", "-"], Some(yaml.as_bytes()))?;
-        ensure!(out.status.success(), "kubectl apply: {}\n{yaml}", text(&out));
-        Ok(())
-    }
-
-    fn get_json(&self, args: &[&str]) -> Result<Value> {
-        let mut all = args.to_vec();
-        all.extend(["-o", "json"]);
-        Ok(serde_json::from_str(&self.kubectl(&all)?)?)
-    }
-
-    fn nodes(&self) -> Result<BTreeMap<String, Value>> {
-        let nodes = self.get_json(&["get", "nodes"])?;
-        Ok(nodes["items"]
-            .as_array()
-            .context("items")?
-            .iter()
-            .filter_map(|n| Some((n["metadata"]["name"].as_str()?.to_string(), n.clone())))
-            .collect())
-    }
-
-    /// Every item of a paginated list of the platform API.
-    fn list(&self, path: &str) -> Result<Vec<Value>> {
-        let mut items = Vec::new();
-        for page in 1.. {
-            let sep = if path.contains('?') { '&' } else { '?' };
-            let a = self.rt.block_on(self.api.request(
-                reqwest::Method::GET,
-                &format!("{path}{sep}per_page=100&page={page}"),
-                None,
-            ));
-            ensure!(a.status == 200, "GET {path}: {}", a.describe());
-            let got = a.data()["items"].as_array().context("items")?.clone();
-            let total = a.data()["total"].as_u64().unwrap_or(0) as usize;
-            let done = got.is_empty() || items.len() + got.len() >= total;
-            items.extend(got);
-            if done {
-                break;
-            }
-        }
-        Ok(items)
-    }
-
-    /// Our cluster's VMs by name.
-    fn vms(&self) -> Result<BTreeMap<String, Value>> {
-        let vms = self.list(&format!("/vm/v1/instances?label={CLUSTER_LABEL}={}", self.cluster_id))?;
-        Ok(vms
-            .into_iter()
-            .filter_map(|vm| Some((vm["name"].as_str()?.to_string(), vm.clone())))
-            .collect())
+        let extra = ["--no-ccm", "--nodes", "3", "--provisioning-delay-ms", "200"];
+        Ok(Sandbox(CloudSandbox::up(&ranges, &extra, 3)?))
     }
 
     /// Our load balancers of the tests' Services (namespace `default`; not, say, a sandbox
     /// gateway Service's) by the name of their Service.
     fn lbs_by_service(&self) -> Result<BTreeMap<String, Vec<Value>>> {
         let lbs = self.list(&format!(
-            "/kubernetes/v1/clusters/{}/load-balancers?label={CLUSTER_LABEL}={}&label={SERVICE_NAMESPACE_LABEL}=default",
-            self.cluster_id, self.cluster_id
+            "{}?label={CLUSTER_LABEL}={}&label={SERVICE_NAMESPACE_LABEL}=default",
+            self.lbs_path(),
+            self.cluster_id
         ))?;
-        let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-        for lb in lbs {
-            let svc = lb["labels"][SERVICE_NAME_LABEL]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            out.entry(svc).or_default().push(lb);
-        }
-        Ok(out)
+        Ok(by_service(lbs))
     }
 
     fn lb_of(&self, name: &str) -> Result<Value> {
-        let mut all = self.lbs_by_service()?.remove(name).unwrap_or_default();
-        ensure!(all.len() == 1, "one load balancer for {name}: {all:?}");
-        Ok(all.remove(0))
+        only_lb(self.lbs_by_service()?, name)
     }
 
-    fn control(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> kuberaya_e2e::Answer {
-        self.rt.block_on(self.ctl.request(method, path, body))
-    }
-
-    /// `kubectl wait` for the Service's ingress; returns its first IP.
     fn wait_ingress(&self, name: &str) -> Result<String> {
-        let out = self.kubectl_output(
-            &[
-                "wait",
-                "--for=jsonpath={.status.loadBalancer.ingress}",
-                &format!("service/{name}"),
-                "--timeout=60s",
-            ],
-            None,
-        )?;
-        ensure!(
-            out.status.success(),
-            "kubectl wait for the ingress of {name}: {}",
-            text(&out)
-        );
-        let svc = self.get_json(&["get", "service", name])?;
-        svc["status"]["loadBalancer"]["ingress"][0]["ip"]
-            .as_str()
-            .map(String::from)
-            .with_context(|| format!("ingress IP of {name}"))
+        Cluster::wait_ingress(&self.0, name, "60s")
     }
 
     /// Starts a `kuberaya-ccm` replica against this sandbox (fast periods for the tests).
     fn spawn_ccm(&self) -> Result<Ccm> {
-        let config = self.state.join("cloud-config.yaml");
-        std::fs::write(
-            &config,
-            format!("api_url: {}\ncluster_id: {}\n", self.url, self.cluster_id),
-        )?;
-        let metrics = format!("127.0.0.1:{}", free_port()?);
-        let health = format!("127.0.0.1:{}", free_port()?);
-        let mut cmd = Command::new(binary("kuberaya-ccm"));
-        cmd.env("CLOUDRAYA_EMAIL", &self.email)
-            .env("CLOUDRAYA_PASSWORD", &self.password)
-            .env("RUST_LOG", "info,kube_runtime=warn")
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .arg("--cloud-config")
-            .arg(&config)
-            .args([
-                "--leader-elect-resource-namespace",
-                "default",
+        Ccm::spawn(
+            self,
+            "info,kube_runtime=warn",
+            &[
                 "--leader-elect-lease-duration",
                 "4s",
                 "--leader-elect-renew-grace",
                 "2s",
-                "--metrics-bind-address",
-                &metrics,
-                "--health-bind-address",
-                &health,
                 "--resync-period",
                 "5s",
                 "--poll-period",
@@ -324,64 +97,9 @@ impl Sandbox {
                 "1s",
                 "--node-monitor-period",
                 "1s",
-            ]);
-        Ok(Ccm {
-            process: Process::spawn_command(cmd)?,
-            metrics,
-        })
+            ],
+        )
     }
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- sandbox log (tail) ---\n{}", self.log());
-        }
-        let _ = Command::new(binary("kuberaya"))
-            .args(["sandbox", "down", "--purge", "--state-dir"])
-            .arg(&self.state)
-            .output();
-    }
-}
-
-/// A running `kuberaya-ccm` (terminated on drop by the harness's `Process`).
-struct Ccm {
-    process: Process,
-    metrics: String,
-}
-
-impl Ccm {
-    fn metric(&self, name: &str) -> Option<f64> {
-        let body = curl(&format!("http://{}/metrics", self.metrics))?;
-        body.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-    }
-
-    fn leads(&self) -> bool {
-        self.process.stdout().contains("became leader")
-    }
-}
-
-fn node_ready(node: &Value) -> bool {
-    node["status"]["conditions"]
-        .as_array()
-        .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
-}
-
-fn has_taint(node: &Value, key: &str) -> bool {
-    node["spec"]["taints"]
-        .as_array()
-        .is_some_and(|ts| ts.iter().any(|t| t["key"] == key))
-}
-
-fn address(node: &Value, type_: &str) -> Option<String> {
-    node["status"]["addresses"]
-        .as_array()?
-        .iter()
-        .find(|a| a["type"] == type_)
-        .and_then(|a| a["address"].as_str())
-        .map(String::from)
 }
 
 /// Why `node` is not initialised from `vm` yet (`None`: it is).
@@ -391,14 +109,14 @@ fn not_initialised(node: &Value, vm: &Value) -> Option<String> {
     if node["spec"]["providerID"].as_str() != Some(want_pid.as_str()) {
         return Some(format!("providerID {} (want {want_pid})", node["spec"]["providerID"]));
     }
-    if address(node, "InternalIP").as_deref() != vm["private_ip"].as_str() {
+    if node_address(node, "InternalIP").as_deref() != vm["private_ip"].as_str() {
         return Some(format!(
             "InternalIP {:?} (want {})",
-            address(node, "InternalIP"),
+            node_address(node, "InternalIP"),
             vm["private_ip"]
         ));
     }
-    if address(node, "Hostname").as_deref() != node["metadata"]["name"].as_str() {
+    if node_address(node, "Hostname").as_deref() != node["metadata"]["name"].as_str() {
         return Some("no Hostname address".into());
     }
     for (label, field) in [
@@ -437,47 +155,6 @@ fn wait_initialised(sb: &Sandbox, names: &[&str], within: Duration) -> Result<()
     done.with_context(|| format!("nodes {names:?} initialised within {within:?}: {last}"))
 }
 
-fn curl(url: &str) -> Option<String> {
-    let out = Command::new("curl")
-        .args(["-s", "--max-time", "2", url])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn wait_answering(url: &str) -> Result<String> {
-    poll_until_blocking(Duration::from_secs(15), || curl(url).filter(|b| b.contains("pod=")))
-        .with_context(|| format!("{url} answers"))
-}
-
-fn deployment(name: &str, replicas: u32) -> String {
-    format!(
-        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\nspec:\n  replicas: {replicas}\n  selector:\n    matchLabels:\n      app: {name}\n  template:\n    metadata:\n      labels:\n        app: {name}\n    spec:\n      containers:\n      - name: {name}\n        image: any\n        ports:\n        - containerPort: 8080\n"
-    )
-}
-
-fn lb_service(name: &str, app: &str, annotations: &[(&str, &str)]) -> String {
-    let mut meta = format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n");
-    if !annotations.is_empty() {
-        meta.push_str("  annotations:\n");
-        for (k, v) in annotations {
-            meta.push_str(&format!("    {k}: \"{v}\"\n"));
-        }
-    }
-    format!(
-        "{meta}spec:\n  type: LoadBalancer\n  selector:\n    app: {app}\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n"
-    )
-}
-
-const FAST_HEALTH: &[(&str, &str)] = &[
-    ("lb.cloudraya.com/health-check-interval", "2"),
-    ("lb.cloudraya.com/health-check-timeout", "1"),
-    ("lb.cloudraya.com/health-check-healthy-threshold", "1"),
-    ("lb.cloudraya.com/health-check-unhealthy-threshold", "1"),
-];
-
 /// Backend VM ID → private IP of an LB.
 fn backends(lb: &Value) -> BTreeMap<String, String> {
     lb["backends"]
@@ -503,27 +180,22 @@ fn with_sandbox(test: impl FnOnce(&Sandbox) -> Result<()>) -> Result<()> {
     result
 }
 
-fn wait_leader(ccm: &Ccm) -> Result<()> {
-    poll_until_blocking(Duration::from_secs(20), || ccm.leads().then_some(()))
-        .with_context(|| format!("kuberaya-ccm leads\n{}", ccm.process.output_tails()))
-}
-
 #[test]
 fn nodes_are_initialised_kept_true_to_their_vms_and_reach_every_lb() -> Result<()> {
     with_sandbox(|sb| {
-        let ccm = sb.spawn_ccm()?;
-        let run = || -> Result<()> {
-            wait_leader(&ccm)?;
+        let mut ccm = sb.spawn_ccm()?;
+        let mut run = || -> Result<()> {
+            ccm.wait_leader(Duration::from_secs(20))?;
             wait_initialised(sb, &["w1", "w2", "w3"], Duration::from_secs(20))?;
             ensure!(ccm.metric("kuberaya_ccm_leader") == Some(1.0), "leader gauge");
 
             // Two LBs on every node, one only on w2 (node selector).
-            sb.apply(&deployment("web", 3))?;
-            sb.apply(&lb_service("web-a", "web", FAST_HEALTH))?;
-            sb.apply(&lb_service("web-b", "web", FAST_HEALTH))?;
+            sb.apply(&deployment("web", 3, false))?;
+            sb.apply(&lb_service("web-a", "web", FAST_HEALTH, ""))?;
+            sb.apply(&lb_service("web-b", "web", FAST_HEALTH, ""))?;
             let mut only_w2: Vec<(&str, &str)> = FAST_HEALTH.to_vec();
             only_w2.push(("lb.cloudraya.com/node-selector", "kubernetes.io/hostname=w2"));
-            sb.apply(&lb_service("web-c", "web", &only_w2))?;
+            sb.apply(&lb_service("web-c", "web", &only_w2, ""))?;
             let ip_a = sb.wait_ingress("web-a")?;
             sb.wait_ingress("web-b")?;
             sb.wait_ingress("web-c")?;
@@ -581,7 +253,7 @@ fn nodes_are_initialised_kept_true_to_their_vms_and_reach_every_lb() -> Result<(
                 sb.nodes()
                     .ok()?
                     .get("w2")
-                    .is_some_and(|n| !has_taint(n, SHUTDOWN) && node_ready(n))
+                    .is_some_and(|n| !has_taint(n, SHUTDOWN) && is_ready(n))
                     .then_some(())
             });
             ensure!(
@@ -595,7 +267,7 @@ fn nodes_are_initialised_kept_true_to_their_vms_and_reach_every_lb() -> Result<(
             // follow within 5 s; web-c (w2 only) is not touched; traffic still answers.
             let w1 = vm_id("w1")?;
             let web_c_before = sb.lb_of("web-c")?;
-            let new_ip = format!("127.10.{}.201", sb.net);
+            let new_ip = format!("127.10.{}.201", sb.net());
             let a = sb.control(
                 reqwest::Method::PUT,
                 &format!("/_sandbox/vms/{w1}/private-ip"),
@@ -604,7 +276,7 @@ fn nodes_are_initialised_kept_true_to_their_vms_and_reach_every_lb() -> Result<(
             ensure!(a.status == 200, "PUT private-ip: {}", a.describe());
             let changed = Instant::now();
             let followed = poll_until_blocking(Duration::from_secs(5), || {
-                let node_ok = address(sb.nodes().ok()?.get("w1")?, "InternalIP")? == new_ip;
+                let node_ok = node_address(sb.nodes().ok()?.get("w1")?, "InternalIP")? == new_ip;
                 let lbs_ok = all_lbs
                     .iter()
                     .all(|s| sb.lb_of(s).is_ok_and(|lb| backends(&lb).get(&w1) == Some(&new_ip)));
@@ -613,7 +285,7 @@ fn nodes_are_initialised_kept_true_to_their_vms_and_reach_every_lb() -> Result<(
             ensure!(
                 followed.is_some(),
                 "w1's new IP {new_ip} on its Node and LBs within 5 s: node {:?}, LBs {:?}",
-                sb.nodes()?.get("w1").and_then(|n| address(n, "InternalIP")),
+                sb.nodes()?.get("w1").and_then(|n| node_address(n, "InternalIP")),
                 sb.lbs_by_service()?
             );
             eprintln!("IP change reached the Node and the LBs in {:?}", changed.elapsed());
@@ -667,8 +339,8 @@ fn two_replicas_one_leads_and_a_killed_leader_loses_no_service() -> Result<()> {
                 .context("a replica leads")?;
             let follower = 1 - leader;
             wait_initialised(sb, &["w1", "w2", "w3"], Duration::from_secs(20))?;
-            sb.apply(&deployment("web", 2))?;
-            sb.apply(&lb_service("svc-0", "web", &[]))?;
+            sb.apply(&deployment("web", 2, false))?;
+            sb.apply(&lb_service("svc-0", "web", &[], ""))?;
             sb.wait_ingress("svc-0")?;
             // Exactly one reconciles: the follower has no leadership and no reconcile.
             ensure!(!ccms[follower].leads(), "only one replica leads");
@@ -697,7 +369,7 @@ fn two_replicas_one_leads_and_a_killed_leader_loses_no_service() -> Result<()> {
             // A burst of 20 Services, the leader SIGKILLed in the middle of it.
             let mut killed_at = None;
             for i in 1..=20 {
-                sb.apply(&lb_service(&format!("svc-{i}"), "web", &[]))?;
+                sb.apply(&lb_service(&format!("svc-{i}"), "web", &[], ""))?;
                 if i == 8 {
                     ccms[leader].process.signal(libc::SIGKILL);
                     killed_at = Some(Instant::now());
@@ -740,7 +412,7 @@ fn two_replicas_one_leads_and_a_killed_leader_loses_no_service() -> Result<()> {
 fn a_leader_that_loses_its_lease_stops() -> Result<()> {
     with_sandbox(|sb| {
         let mut ccm = sb.spawn_ccm()?;
-        wait_leader(&ccm)?;
+        ccm.wait_leader(Duration::from_secs(20))?;
         let lease = sb.get_json(&["get", "lease", "kuberaya-ccm", "-n", "default"])?;
         ensure!(lease["spec"]["holderIdentity"].is_string(), "{lease}");
         let now = Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%S.%6NZ"]).output()?;

@@ -83,7 +83,7 @@ impl CloudSandbox {
 
     /// `kuberaya ARGS --state-dir STATE`, which must succeed; returns its stdout.
     pub fn kuberaya(&self, args: &[&str]) -> Result<String> {
-        self.sandbox.run(args)
+        self.sandbox.kuberaya(args)
     }
 
     /// A call of the platform API.

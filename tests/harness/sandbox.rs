@@ -123,7 +123,7 @@ impl Sandbox {
     }
 
     /// `kuberaya ARGS --state-dir STATE`, which must succeed; returns its stdout.
-    pub fn run(&self, args: &[&str]) -> Result<String> {
+    pub fn kuberaya(&self, args: &[&str]) -> Result<String> {
         let out = Command::new(binary("kuberaya"))
             .args(args)
             .arg("--state-dir")
@@ -138,7 +138,9 @@ impl Sandbox {
     /// What `kuberaya sandbox env` exports: the platform's URL and credentials
     /// (`CLOUDRAYA_*`), `KUBECONFIG`, `KUBERAYA_CLUSTER_ID`.
     pub fn env(&self) -> Result<BTreeMap<String, String>> {
-        Ok(parse_exports(&self.run(&["sandbox", "env"])?).into_iter().collect())
+        Ok(parse_exports(&self.kuberaya(&["sandbox", "env"])?)
+            .into_iter()
+            .collect())
     }
 
     /// A user of the sandbox's cluster working in `work`.
