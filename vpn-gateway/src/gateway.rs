@@ -7,6 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 
@@ -18,13 +19,21 @@ use crate::metrics::{FlowLabels, Metrics, PeerLabels, StateLabels};
 use crate::packet;
 use crate::peers::{self, PeerId, TunnelConfig, Validation};
 use crate::source::{GatewayReport, PeerReport, PeerSnapshot, ServiceSnapshot};
-use crate::tunnel::{BUF_SIZE, PeerTable, TunnelIo, TunnelStats};
+use crate::tunnel::{PeerTable, TunnelIo, TunnelStats, BUF_SIZE};
 use crate::uapi::{DeviceState, PeerState, StateRequest};
 
 /// How often timers run (keepalives, rekeys, expiry of peers).
 pub const TICK: Duration = Duration::from_millis(250);
-/// Datagrams read per wake-up before the data plane gets a turn.
-const RECV_BATCH: usize = 64;
+/// Datagrams read per wake-up (one `recvmmsg(2)`) before the data plane gets a turn.
+pub const RECV_BATCH: usize = 64;
+/// One datagram's room in the receive batch: the largest UDP payload, so that no peer's
+/// MTU truncates a datagram. Only the bytes written are touched, so the batch's resident
+/// size is a few pages per slot.
+const RECV_SLOT: usize = 65_536;
+/// The UDP socket's kernel buffers: a burst from a fast peer (a TCP window's worth of
+/// datagrams) must not overflow the receive queue while the loop encrypts the other way;
+/// the default ~200 KiB holds only ~100 datagrams.
+const SOCKET_BUFFER: usize = 4 << 20;
 
 /// The gateway's own settings.
 #[derive(Debug, Clone)]
@@ -99,6 +108,124 @@ fn send_batch(socket: &UdpSocket, sends: &[(SocketAddr, usize, usize)], buf: &[u
         Err(std::io::Error::last_os_error())
     } else {
         Ok(r as usize)
+    }
+}
+
+/// Received datagrams: (source, length) of each slot of the batch buffer.
+struct RecvBatch {
+    buf: Vec<u8>,
+    got: Vec<(SocketAddr, usize)>,
+}
+
+impl RecvBatch {
+    fn new() -> Self {
+        RecvBatch {
+            buf: vec![0u8; RECV_BATCH * RECV_SLOT],
+            got: Vec::with_capacity(RECV_BATCH),
+        }
+    }
+    fn datagram(&self, i: usize) -> &[u8] {
+        &self.buf[i * RECV_SLOT..i * RECV_SLOT + self.got[i].1]
+    }
+}
+
+/// Read up to [`RECV_BATCH`] datagrams with one `recvmmsg(2)`, without blocking (WouldBlock
+/// when none is queued). Truncated datagrams (larger than a slot) are skipped.
+fn recv_batch(socket: &UdpSocket, batch: &mut RecvBatch) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    batch.got.clear();
+    // SAFETY: all-zero is a valid value of these plain C structs.
+    let mut addrs: [libc::sockaddr_storage; RECV_BATCH] = unsafe { std::mem::zeroed() };
+    let mut iovs: [libc::iovec; RECV_BATCH] = unsafe { std::mem::zeroed() };
+    let mut msgs: [libc::mmsghdr; RECV_BATCH] = unsafe { std::mem::zeroed() };
+    for (i, slot) in batch.buf.chunks_exact_mut(RECV_SLOT).enumerate() {
+        iovs[i] = libc::iovec {
+            iov_base: slot.as_mut_ptr().cast(),
+            iov_len: RECV_SLOT,
+        };
+        msgs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_storage).cast();
+        msgs[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        msgs[i].msg_hdr.msg_iov = &mut iovs[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    // SAFETY: every header points at a live address and an iovec over its own slot of
+    // `batch.buf`; the kernel writes at most the given lengths.
+    let r = unsafe {
+        libc::recvmmsg(
+            socket.as_raw_fd(),
+            msgs.as_mut_ptr(),
+            RECV_BATCH as libc::c_uint,
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    for i in 0..r as usize {
+        let from = sockaddr_to(&addrs[i]);
+        if msgs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+            // Keep the slot (indices follow slots) but make it empty: dropped as malformed.
+            batch.got.push((from.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))), 0));
+            continue;
+        }
+        match from {
+            Some(from) => batch.got.push((from, msgs[i].msg_len as usize)),
+            None => batch.got.push((SocketAddr::from(([0, 0, 0, 0], 0)), 0)),
+        }
+    }
+    Ok(())
+}
+
+fn sockaddr_to(a: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match a.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let sin = unsafe { &*(a as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::from((
+                Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let sin6 = unsafe { &*(a as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// Grow the socket's kernel buffers to [`SOCKET_BUFFER`]: past the `rmem_max`/`wmem_max`
+/// limits when privileged (`SO_RCVBUFFORCE`), else as far as they allow.
+fn grow_socket_buffers(socket: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let fd = socket.as_raw_fd();
+    let set = |opt: libc::c_int| {
+        let v = SOCKET_BUFFER as libc::c_int;
+        // SAFETY: an int option on our own socket.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            ) == 0
+        }
+    };
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        if !set(force) && !set(plain) {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "growing the UDP socket's buffers");
+        }
     }
 }
 
@@ -249,6 +376,8 @@ impl Gateway {
     }
 
     fn datagram(&mut self, from: SocketAddr, d: &[u8]) {
+        let sent = self.io.sends.len();
+        let r = self.table.handle_data    fn datagram(&mut self, from: SocketAddr, d: &[u8]) {
         if let Err(e) = self.table.handle_datagram(from, d, &mut self.buf, &mut self.io) {
             let peer = e.peer().map(|p| p.to_string()).unwrap_or_default();
             let label = e.label();
@@ -258,35 +387,38 @@ impl Gateway {
         self.deliver();
     }
 
-    /// Judge every decrypted packet and hand it to the data plane.
-    fn deliver(&mut self) {
-        let now = Instant::now();
-        let delivered = std::mem::take(&mut self.io.delivered);
-        let buf = std::mem::take(&mut self.io.delivered_buf);
-        for &(peer_addr, start, len) in &delivered {
-            let bytes = &buf[start..start + len];
-            let Some(peer) = self.table.by_address(peer_addr).map(|t| t.id().clone()) else {
+   let Gateway {
+            table,
+            dp,
+            policy,
+            metrics,
+            io,
+            ..
+        } = self;
+        for &(peer_addr, start, len) in &io.delivered {
+            let bytes = &io.delivered_buf[start..start + len];
+            let Some(peer) = table.by_address(peer_addr).map(|t| t.id()) else {
                 continue;
             };
             let Ok(pkt) = packet::parse(bytes) else {
-                self.metrics.dropped_packet(&peer.to_string(), "malformed_packet");
+                metrics.dropped_packet(&peer.to_string(), "malformed_packet");
                 continue;
             };
-            let verdict = self.policy.acl.check(peer_addr, &pkt);
+            let verdict = policy.acl.check(peer_addr, &pkt);
             tracing::trace!(
                 peer = %peer, src = %pkt.src, dst = %pkt.dst, proto = pkt.proto, port = ?pkt.dst_port(),
                 len = bytes.len(), verdict = verdict.label(), "packet from tunnel"
             );
             match verdict {
                 Verdict::Spoofed => {
-                    self.metrics.dropped_packet(&peer.to_string(), "spoofed");
+                    metrics.dropped_packet(&peer.to_string(), "spoofed");
                     tracing::debug!(peer = %peer, src = %pkt.src, "spoofed source dropped");
                     continue;
                 }
                 Verdict::Denied => {
-                    self.metrics.dropped_packet(&peer.to_string(), "not_allowed");
+                    metrics.dropped_packet(&peer.to_string(), "not_allowed");
                     if pkt.is_tcp_syn() {
-                        self.metrics
+                        metrics
                             .flows
                             .get_or_create(&FlowLabels {
                                 peer: peer.to_string(),
@@ -297,7 +429,7 @@ impl Gateway {
                 }
                 Verdict::Allow | Verdict::Local => {
                     if pkt.is_tcp_syn() {
-                        self.metrics
+                        metrics
                             .flows
                             .get_or_create(&FlowLabels {
                                 peer: peer.to_string(),
@@ -307,9 +439,9 @@ impl Gateway {
                     }
                 }
             }
-            self.dp.inbound(
+            dp.inbound(
                 Inbound {
-                    peer: &peer,
+                    peer,
                     peer_addr,
                     bytes,
                     packet: &pkt,
@@ -318,11 +450,9 @@ impl Gateway {
                 now,
             );
         }
-        // Back for the next round, emptied but with their capacity.
-        self.io.delivered = delivered;
-        self.io.delivered.clear();
-        self.io.delivered_buf = buf;
-        self.io.delivered_buf.clear();
+        // Emptied for the next round, with their capacity.
+        io.delivered.clear();
+        io.delivered_buf.clear();
     }
 
     /// Collect the data plane's packets and encrypt them to their peers.
@@ -443,7 +573,8 @@ impl Gateway {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_report = Instant::now();
-        let mut recv = vec![0u8; 65_536];
+        let mut recv = RecvBatch::new();
+        grow_socket_buffers(&socket);
         let mut peers_open = true;
         let mut services_open = true;
         let listen_port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
@@ -453,16 +584,18 @@ impl Gateway {
             let delay = self.dp.poll_delay(Instant::now()).unwrap_or(Duration::from_secs(1));
             tokio::select! {
                 _ = &mut shutdown => break,
-                r = socket.recv_from(&mut recv) => {
-                    match r {
-                        Ok((n, from)) => self.datagram(from, &recv[..n]),
-                        Err(e) => tracing::debug!(error = %e, "recv_from"),
+                r = socket.readable() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "waiting for datagrams");
                     }
-                    for _ in 1..RECV_BATCH {
-                        match socket.try_recv_from(&mut recv) {
-                            Ok((n, from)) => self.datagram(from, &recv[..n]),
-                            Err(_) => break,
+                    match socket.try_io(Interest::READABLE, || recv_batch(&socket, &mut recv)) {
+                        Ok(()) => {
+                            for i in 0..recv.got.len() {
+                                self.datagram(recv.got[i].0, recv.datagram(i));
+                            }
                         }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => tracing::debug!(error = %e, "recvmmsg"),
                     }
                 }
                 _ = waker.notified() => {}
@@ -492,6 +625,8 @@ impl Gateway {
                     health.set_ready(self.peers.loaded && self.services.loaded);
                 }
             }
+            // The batch's allowed packets out in one go (coalesced by the TUN data plane).
+            self.dp.flush();
             self.outbound();
             self.flush(&socket);
         }

@@ -316,45 +316,45 @@ async fn get_ip(State(p): State<AppState>, Params(id): Params<String>) -> Result
 
 async fn create_ip(State(p): State<AppState>, Json(input): Json<PublicIpInput>) -> Result<Envelope> {
     let mut store = p.store.lock().await;
-    let ip = store
-        .mutate(|s| {
-            let labels = input.labels.clone().unwrap_or_default();
-            let mut errors = validate::labels("labels", &labels);
-            match input.region.as_deref() {
-                None => errors.push(super::FieldError::new("region", "is required")),
-                Some(r) if !s.regions.iter().any(|known| known.id == r) => {
-                    errors.push(super::FieldError::new("region", format!("unknown region {r}")))
-                }
-                Some(_) => {}
+    let (ip, saved) = store.mutate(|s| {
+        let labels = input.labels.clone().unwrap_or_default();
+        let mut errors = validate::labels("labels", &labels);
+        match input.region.as_deref() {
+            None => errors.push(super::FieldError::new("region", "is required")),
+            Some(r) if !s.regions.iter().any(|known| known.id == r) => {
+                errors.push(super::FieldError::new("region", format!("unknown region {r}")))
             }
-            if !errors.is_empty() {
-                return Err(Error::Invalid(errors));
-            }
-            p.acquire_ip(s, input.region.as_deref().unwrap_or_default(), &labels)
-        })
-        .await?;
+            Some(_) => {}
+        }
+        if !errors.is_empty() {
+            return Err(Error::Invalid(errors));
+        }
+        p.acquire_ip(s, input.region.as_deref().unwrap_or_default(), &labels)
+    })?;
+    drop(store);
+    saved.wait().await?;
     reply(StatusCode::CREATED, ip)
 }
 
 async fn delete_ip(State(p): State<AppState>, Params(id): Params<String>) -> Result<Envelope> {
     let mut store = p.store.lock().await;
-    let ip = store
-        .mutate(|s| {
-            let ip = s
-                .public_ip(&id)
-                .cloned()
-                .ok_or_else(|| Error::not_found("public IP", &id))?;
-            if let Some(att) = &ip.attached_to {
-                return Err(Error::Conflict(format!(
-                    "public IP {id} is attached to {} {}",
-                    att.kind.replace('_', " "),
-                    att.id
-                )));
-            }
-            s.public_ips.retain(|other| other.id != id);
-            Ok(ip)
-        })
-        .await?;
+    let (ip, saved) = store.mutate(|s| {
+        let ip = s
+            .public_ip(&id)
+            .cloned()
+            .ok_or_else(|| Error::not_found("public IP", &id))?;
+        if let Some(att) = &ip.attached_to {
+            return Err(Error::Conflict(format!(
+                "public IP {id} is attached to {} {}",
+                att.kind.replace('_', " "),
+                att.id
+            )));
+        }
+        s.public_ips.retain(|other| other.id != id);
+        Ok(ip)
+    })?;
+    drop(store);
+    saved.wait().await?;
     ok(ip)
 }
 
@@ -445,77 +445,77 @@ async fn sandbox_add_cluster(State(p): State<AppState>, Json(input): Json<Cluste
         return Err(Error::invalid("id", "must not be empty"));
     }
     let mut store = p.store.lock().await;
-    let cluster = store
-        .mutate(|s| {
-            if s.cluster(&input.id).is_some() {
-                return Err(Error::Conflict(format!("cluster {} already exists", input.id)));
-            }
-            let region = input.region.clone().unwrap_or_else(|| p.config.region.clone());
-            let (default_vpc, default_subnet) = p.default_network(s, &region);
-            let vpc_id = match &input.vpc_id {
-                None => default_vpc,
-                Some(id) => {
-                    if !s.vpcs.iter().any(|v| &v.id == id) {
-                        s.vpcs.push(Vpc {
-                            id: id.clone(),
-                            name: id.clone(),
-                            region: region.clone(),
-                            cidr: p.config.vm_ip_range,
-                        });
-                    }
-                    id.clone()
+    let (cluster, saved) = store.mutate(|s| {
+        if s.cluster(&input.id).is_some() {
+            return Err(Error::Conflict(format!("cluster {} already exists", input.id)));
+        }
+        let region = input.region.clone().unwrap_or_else(|| p.config.region.clone());
+        let (default_vpc, default_subnet) = p.default_network(s, &region);
+        let vpc_id = match &input.vpc_id {
+            None => default_vpc,
+            Some(id) => {
+                if !s.vpcs.iter().any(|v| &v.id == id) {
+                    s.vpcs.push(Vpc {
+                        id: id.clone(),
+                        name: id.clone(),
+                        region: region.clone(),
+                        cidr: p.config.vm_ip_range,
+                    });
                 }
-            };
-            let subnet_id = match &input.subnet_id {
-                None if input.vpc_id.is_none() => default_subnet,
-                None => {
-                    let id = s.fresh_id("subnet");
-                    s.subnets.push(Subnet {
+                id.clone()
+            }
+        };
+        let subnet_id = match &input.subnet_id {
+            None if input.vpc_id.is_none() => default_subnet,
+            None => {
+                let id = s.fresh_id("subnet");
+                s.subnets.push(Subnet {
+                    id: id.clone(),
+                    name: id.clone(),
+                    vpc_id: vpc_id.clone(),
+                    region: region.clone(),
+                    cidr: p.config.vm_ip_range,
+                });
+                id
+            }
+            Some(id) => {
+                match s.subnets.iter().find(|sn| &sn.id == id) {
+                    Some(sn) if sn.vpc_id != vpc_id => {
+                        return Err(Error::invalid(
+                            "subnet_id",
+                            format!("subnet {id} is in VPC {}, not {vpc_id}", sn.vpc_id),
+                        ));
+                    }
+                    Some(_) => {}
+                    None => s.subnets.push(Subnet {
                         id: id.clone(),
                         name: id.clone(),
                         vpc_id: vpc_id.clone(),
                         region: region.clone(),
                         cidr: p.config.vm_ip_range,
-                    });
-                    id
+                    }),
                 }
-                Some(id) => {
-                    match s.subnets.iter().find(|sn| &sn.id == id) {
-                        Some(sn) if sn.vpc_id != vpc_id => {
-                            return Err(Error::invalid(
-                                "subnet_id",
-                                format!("subnet {id} is in VPC {}, not {vpc_id}", sn.vpc_id),
-                            ));
-                        }
-                        Some(_) => {}
-                        None => s.subnets.push(Subnet {
-                            id: id.clone(),
-                            name: id.clone(),
-                            vpc_id: vpc_id.clone(),
-                            region: region.clone(),
-                            cidr: p.config.vm_ip_range,
-                        }),
-                    }
-                    id.clone()
-                }
-            };
-            if !s.regions.iter().any(|r| r.id == region) {
-                s.regions.push(Region {
-                    id: region.clone(),
-                    name: region.clone(),
-                });
+                id.clone()
             }
-            let cluster = Cluster {
-                id: input.id.clone(),
-                name: input.name.clone(),
-                region,
-                vpc_id,
-                subnet_id,
-            };
-            s.clusters.push(cluster.clone());
-            Ok(cluster)
-        })
-        .await?;
+        };
+        if !s.regions.iter().any(|r| r.id == region) {
+            s.regions.push(Region {
+                id: region.clone(),
+                name: region.clone(),
+            });
+        }
+        let cluster = Cluster {
+            id: input.id.clone(),
+            name: input.name.clone(),
+            region,
+            vpc_id,
+            subnet_id,
+        };
+        s.clusters.push(cluster.clone());
+        Ok(cluster)
+    })?;
+    drop(store);
+    saved.wait().await?;
     reply(StatusCode::CREATED, cluster)
 }
 
@@ -529,39 +529,39 @@ async fn sandbox_add_vm(State(p): State<AppState>, Json(input): Json<VmInput>) -
         return Err(Error::Invalid(label_errors));
     }
     let mut store = p.store.lock().await;
-    let vm = store
-        .mutate(|s| {
-            let cluster = match &input.cluster_id {
-                None => None,
-                Some(id) => Some(
-                    s.cluster(id)
-                        .cloned()
-                        .ok_or_else(|| Error::invalid("cluster_id", format!("cluster {id} does not exist")))?,
-                ),
-            };
-            if let Some(c) = &cluster {
-                labels.insert(CLUSTER_LABEL.to_string(), c.id.clone());
+    let (vm, saved) = store.mutate(|s| {
+        let cluster = match &input.cluster_id {
+            None => None,
+            Some(id) => Some(
+                s.cluster(id)
+                    .cloned()
+                    .ok_or_else(|| Error::invalid("cluster_id", format!("cluster {id} does not exist")))?,
+            ),
+        };
+        if let Some(c) = &cluster {
+            labels.insert(CLUSTER_LABEL.to_string(), c.id.clone());
+        }
+        let subnet_id = match (&input.subnet_id, &cluster) {
+            (Some(id), _) => id.clone(),
+            (None, Some(c)) => c.subnet_id.clone(),
+            (None, None) => {
+                let region = p.config.region.clone();
+                p.default_network(s, &region).1
             }
-            let subnet_id = match (&input.subnet_id, &cluster) {
-                (Some(id), _) => id.clone(),
-                (None, Some(c)) => c.subnet_id.clone(),
-                (None, None) => {
-                    let region = p.config.region.clone();
-                    p.default_network(s, &region).1
-                }
-            };
-            p.add_vm(
-                s,
-                &input.name,
-                &subnet_id,
-                labels,
-                input.zone.clone(),
-                input.package.clone(),
-                input.private_ip,
-                input.public_ip,
-            )
-        })
-        .await?;
+        };
+        p.add_vm(
+            s,
+            &input.name,
+            &subnet_id,
+            labels,
+            input.zone.clone(),
+            input.package.clone(),
+            input.private_ip,
+            input.public_ip,
+        )
+    })?;
+    drop(store);
+    saved.wait().await?;
     reply(StatusCode::CREATED, vm)
 }
 
@@ -572,17 +572,18 @@ async fn change_vm(
     change: impl FnOnce(&mut Vm, &super::store::State) -> Result<()>,
 ) -> Result<Vm> {
     let mut store = p.store.lock().await;
-    store
-        .mutate(|s| {
-            let snapshot = s.clone();
-            let vm = s
-                .vm_mut(id)
-                .filter(|vm| vm.state != VmState::Deleted)
-                .ok_or_else(|| Error::not_found("VM", id))?;
-            change(vm, &snapshot)?;
-            Ok(vm.clone())
-        })
-        .await
+    let (out, saved) = store.mutate(|s| {
+        let snapshot = s.clone();
+        let vm = s
+            .vm_mut(id)
+            .filter(|vm| vm.state != VmState::Deleted)
+            .ok_or_else(|| Error::not_found("VM", id))?;
+        change(vm, &snapshot)?;
+        Ok(vm.clone())
+    })?;
+    drop(store);
+    saved.wait().await?;
+    Ok(out)
 }
 
 async fn sandbox_stop_vm(State(p): State<AppState>, Params(id): Params<String>) -> Result<Envelope> {
@@ -607,19 +608,18 @@ async fn sandbox_start_vm(State(p): State<AppState>, Params(id): Params<String>)
 
 async fn sandbox_delete_vm(State(p): State<AppState>, Params(id): Params<String>) -> Result<Envelope> {
     let mut store = p.store.lock().await;
-    let vm = store
-        .mutate(|s| {
-            let pos = s
-                .vms
-                .iter()
-                .position(|vm| vm.id == id)
-                .ok_or_else(|| Error::not_found("VM", &id))?;
-            let mut vm = s.vms.remove(pos);
-            vm.state = VmState::Deleted;
-            Ok(vm)
-        })
-        .await?;
+    let (vm, saved) = store.mutate(|s| {
+        let pos = s
+            .vms
+            .iter()
+            .position(|vm| vm.id == id)
+            .ok_or_else(|| Error::not_found("VM", &id))?;
+        let mut vm = s.vms.remove(pos);
+        vm.state = VmState::Deleted;
+        Ok(vm)
+    })?;
     drop(store);
+    saved.wait().await?;
     p.reapply_for_vm(&id).await;
     ok(vm)
 }

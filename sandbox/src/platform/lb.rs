@@ -58,97 +58,96 @@ impl Platform {
             .cluster(cluster_id)
             .cloned()
             .ok_or_else(|| Error::not_found("cluster", cluster_id))?;
-        let record = store
-            .mutate(|s| {
-                let mut errors = validate::lb_name(input.name.as_deref());
-                let spec = validate::lb_spec(&input, udp_enabled, &s.vms, &cluster.subnet_id);
-                let given_ip = match input.public_ip_id.as_deref() {
-                    None => None,
-                    Some(ip_id) => match s.public_ip(ip_id) {
-                        None => {
-                            errors.push(FieldError::new(
-                                "public_ip_id",
-                                format!("public IP {ip_id} does not exist"),
-                            ));
-                            None
-                        }
-                        Some(ip) if ip.region != cluster.region => {
-                            errors.push(FieldError::new(
-                                "public_ip_id",
-                                format!("public IP {ip_id} is in region {}, not {}", ip.region, cluster.region),
-                            ));
-                            None
-                        }
-                        Some(ip) => Some(ip.clone()),
-                    },
-                };
-                let spec = match spec {
-                    Ok(spec) if errors.is_empty() => spec,
-                    Ok(_) => return Err(Error::Invalid(errors)),
-                    Err(more) => {
-                        errors.extend(more);
-                        return Err(Error::Invalid(errors));
+        let (record, saved) = store.mutate(|s| {
+            let mut errors = validate::lb_name(input.name.as_deref());
+            let spec = validate::lb_spec(&input, udp_enabled, &s.vms, &cluster.subnet_id);
+            let given_ip = match input.public_ip_id.as_deref() {
+                None => None,
+                Some(ip_id) => match s.public_ip(ip_id) {
+                    None => {
+                        errors.push(FieldError::new(
+                            "public_ip_id",
+                            format!("public IP {ip_id} does not exist"),
+                        ));
+                        None
                     }
-                };
-                let name = input.name.clone().unwrap_or_default();
-                if s.load_balancers
-                    .iter()
-                    .any(|r| r.cluster_id == cluster_id && r.lb.name == name)
-                {
-                    return Err(Error::Conflict("load balancer name already taken".into()));
+                    Some(ip) if ip.region != cluster.region => {
+                        errors.push(FieldError::new(
+                            "public_ip_id",
+                            format!("public IP {ip_id} is in region {}, not {}", ip.region, cluster.region),
+                        ));
+                        None
+                    }
+                    Some(ip) => Some(ip.clone()),
+                },
+            };
+            let spec = match spec {
+                Ok(spec) if errors.is_empty() => spec,
+                Ok(_) => return Err(Error::Invalid(errors)),
+                Err(more) => {
+                    errors.extend(more);
+                    return Err(Error::Invalid(errors));
                 }
-                let id = s.fresh_id("lb");
-                let (ip, acquired) = match given_ip {
-                    Some(ip) => {
-                        if let Some(att) = &ip.attached_to {
-                            return Err(Error::Conflict(format!(
-                                "public IP {} is attached to {} {}",
-                                ip.id,
-                                att.kind.replace('_', " "),
-                                att.id
-                            )));
-                        }
-                        (ip, false)
+            };
+            let name = input.name.clone().unwrap_or_default();
+            if s.load_balancers
+                .iter()
+                .any(|r| r.cluster_id == cluster_id && r.lb.name == name)
+            {
+                return Err(Error::Conflict("load balancer name already taken".into()));
+            }
+            let id = s.fresh_id("lb");
+            let (ip, acquired) = match given_ip {
+                Some(ip) => {
+                    if let Some(att) = &ip.attached_to {
+                        return Err(Error::Conflict(format!(
+                            "public IP {} is attached to {} {}",
+                            ip.id,
+                            att.kind.replace('_', " "),
+                            att.id
+                        )));
                     }
-                    None => (self.acquire_ip(s, &cluster.region, &spec.labels)?, true),
-                };
-                let attached = s
-                    .public_ip_mut(&ip.id)
-                    .ok_or_else(|| Error::Internal(format!("public IP {} vanished", ip.id)))?;
-                attached.attached_to = Some(Attachment {
-                    kind: "load_balancer".into(),
-                    id: id.clone(),
-                });
-                let now = now_rfc3339();
-                let record = LbRecord {
-                    cluster_id: cluster_id.to_string(),
-                    lb: LoadBalancer {
-                        id,
-                        name,
-                        region: cluster.region.clone(),
-                        vpc_id: cluster.vpc_id.clone(),
-                        subnet_id: cluster.subnet_id.clone(),
-                        public_ip: PublicIpRef {
-                            id: ip.id.clone(),
-                            address: ip.address,
-                        },
-                        labels: spec.labels,
-                        status: LbStatus::Provisioning,
-                        status_message: String::new(),
-                        rules: spec.rules,
-                        backends: spec.backends,
-                        created_at: now.clone(),
-                        updated_at: now,
+                    (ip, false)
+                }
+                None => (self.acquire_ip(s, &cluster.region, &spec.labels)?, true),
+            };
+            let attached = s
+                .public_ip_mut(&ip.id)
+                .ok_or_else(|| Error::Internal(format!("public IP {} vanished", ip.id)))?;
+            attached.attached_to = Some(Attachment {
+                kind: "load_balancer".into(),
+                id: id.clone(),
+            });
+            let now = now_rfc3339();
+            let record = LbRecord {
+                cluster_id: cluster_id.to_string(),
+                lb: LoadBalancer {
+                    id,
+                    name,
+                    region: cluster.region.clone(),
+                    vpc_id: cluster.vpc_id.clone(),
+                    subnet_id: cluster.subnet_id.clone(),
+                    public_ip: PublicIpRef {
+                        id: ip.id.clone(),
+                        address: ip.address,
                     },
-                    public_ip_acquired: acquired,
-                    release_public_ip: false,
-                    generation: 1,
-                };
-                s.load_balancers.push(record.clone());
-                Ok(record)
-            })
-            .await?;
+                    labels: spec.labels,
+                    status: LbStatus::Provisioning,
+                    status_message: String::new(),
+                    rules: spec.rules,
+                    backends: spec.backends,
+                    created_at: now.clone(),
+                    updated_at: now,
+                },
+                public_ip_acquired: acquired,
+                release_public_ip: false,
+                generation: 1,
+            };
+            s.load_balancers.push(std::sync::Arc::new(record.clone()));
+            Ok(record)
+        })?;
         drop(store);
+        saved.wait().await?;
         self.schedule(&record.lb.id, record.generation);
         Ok(record)
     }
@@ -175,44 +174,43 @@ impl Platform {
         let mut store = self.store.lock().await;
         let current = Self::find_lb(&store.state, cluster_id, id)?.clone();
         let cluster_subnet = current.lb.subnet_id.clone();
-        let record = store
-            .mutate(|s| {
-                let mut errors = Vec::new();
-                if let Some(name) = input.name.as_deref()
-                    && name != current.lb.name
-                {
-                    errors.push(FieldError::new("name", "cannot be changed"));
+        let (record, saved) = store.mutate(|s| {
+            let mut errors = Vec::new();
+            if let Some(name) = input.name.as_deref()
+                && name != current.lb.name
+            {
+                errors.push(FieldError::new("name", "cannot be changed"));
+            }
+            let spec = validate::lb_spec(&input, udp_enabled, &s.vms, &cluster_subnet);
+            let spec = match spec {
+                Ok(spec) if errors.is_empty() => spec,
+                Ok(_) => return Err(Error::Invalid(errors)),
+                Err(more) => {
+                    errors.extend(more);
+                    return Err(Error::Invalid(errors));
                 }
-                let spec = validate::lb_spec(&input, udp_enabled, &s.vms, &cluster_subnet);
-                let spec = match spec {
-                    Ok(spec) if errors.is_empty() => spec,
-                    Ok(_) => return Err(Error::Invalid(errors)),
-                    Err(more) => {
-                        errors.extend(more);
-                        return Err(Error::Invalid(errors));
-                    }
-                };
-                match current.lb.status {
-                    LbStatus::Provisioning | LbStatus::Updating => {
-                        return Err(Error::Conflict("load balancer is updating".into()));
-                    }
-                    LbStatus::Deleting => {
-                        return Err(Error::Conflict("load balancer is being deleted".into()));
-                    }
-                    LbStatus::Active | LbStatus::Error => {}
+            };
+            match current.lb.status {
+                LbStatus::Provisioning | LbStatus::Updating => {
+                    return Err(Error::Conflict("load balancer is updating".into()));
                 }
-                let record = s.lb_mut(id).ok_or_else(|| Error::not_found("load balancer", id))?;
-                record.lb.rules = spec.rules;
-                record.lb.backends = spec.backends;
-                record.lb.labels = spec.labels;
-                record.lb.status = LbStatus::Updating;
-                record.lb.status_message = String::new();
-                record.lb.updated_at = now_rfc3339();
-                record.generation += 1;
-                Ok(record.clone())
-            })
-            .await?;
+                LbStatus::Deleting => {
+                    return Err(Error::Conflict("load balancer is being deleted".into()));
+                }
+                LbStatus::Active | LbStatus::Error => {}
+            }
+            let record = s.lb_mut(id).ok_or_else(|| Error::not_found("load balancer", id))?;
+            record.lb.rules = spec.rules;
+            record.lb.backends = spec.backends;
+            record.lb.labels = spec.labels;
+            record.lb.status = LbStatus::Updating;
+            record.lb.status_message = String::new();
+            record.lb.updated_at = now_rfc3339();
+            record.generation += 1;
+            Ok(record.clone())
+        })?;
         drop(store);
+        saved.wait().await?;
         self.schedule(&record.lb.id, record.generation);
         Ok(record)
     }
@@ -230,18 +228,17 @@ impl Platform {
         if current.lb.status == LbStatus::Deleting {
             return Ok(current);
         }
-        let record = store
-            .mutate(|s| {
-                let record = s.lb_mut(id).ok_or_else(|| Error::not_found("load balancer", id))?;
-                record.lb.status = LbStatus::Deleting;
-                record.lb.status_message = String::new();
-                record.lb.updated_at = now_rfc3339();
-                record.release_public_ip = keep_public_ip.map_or(record.public_ip_acquired, |k| !k);
-                record.generation += 1;
-                Ok(record.clone())
-            })
-            .await?;
+        let (record, saved) = store.mutate(|s| {
+            let record = s.lb_mut(id).ok_or_else(|| Error::not_found("load balancer", id))?;
+            record.lb.status = LbStatus::Deleting;
+            record.lb.status_message = String::new();
+            record.lb.updated_at = now_rfc3339();
+            record.release_public_ip = keep_public_ip.map_or(record.public_ip_acquired, |k| !k);
+            record.generation += 1;
+            Ok(record.clone())
+        })?;
         drop(store);
+        saved.wait().await?;
         self.schedule(&record.lb.id, record.generation);
         Ok(record)
     }
@@ -287,30 +284,34 @@ impl Platform {
             LbStatus::Deleting => {
                 self.forwarder.remove_lb(id).await;
                 let mut store = self.store.lock().await;
-                let saved = store
-                    .mutate(|s| {
-                        let Some(pos) = s
-                            .load_balancers
-                            .iter()
-                            .position(|r| r.lb.id == id && r.generation == generation)
-                        else {
-                            return Ok(());
-                        };
-                        let record = s.load_balancers.remove(pos);
-                        tracing::info!(
-                            lb = id,
-                            release_public_ip = record.release_public_ip,
-                            "load balancer deleted"
-                        );
-                        let ip_id = &record.lb.public_ip.id;
-                        if record.release_public_ip {
-                            s.public_ips.retain(|ip| &ip.id != ip_id);
-                        } else if let Some(ip) = s.public_ip_mut(ip_id) {
-                            ip.attached_to = None;
-                        }
-                        Ok(())
-                    })
-                    .await;
+                let saved = match store.mutate(|s| {
+                    let Some(pos) = s
+                        .load_balancers
+                        .iter()
+                        .position(|r| r.lb.id == id && r.generation == generation)
+                    else {
+                        return Ok(());
+                    };
+                    let record = s.load_balancers.remove(pos);
+                    tracing::info!(
+                        lb = id,
+                        release_public_ip = record.release_public_ip,
+                        "load balancer deleted"
+                    );
+                    let ip_id = &record.lb.public_ip.id;
+                    if record.release_public_ip {
+                        s.public_ips.retain(|ip| &ip.id != ip_id);
+                    } else if let Some(ip) = s.public_ip_mut(ip_id) {
+                        ip.attached_to = None;
+                    }
+                    Ok(())
+                }) {
+                    Ok(((), saved)) => {
+                        drop(store);
+                        saved.wait().await
+                    }
+                    Err(e) => Err(e),
+                };
                 if let Err(e) = saved {
                     tracing::error!(lb = id, error = %e, "cannot finish deleting load balancer");
                 }
@@ -322,24 +323,28 @@ impl Platform {
     /// Records the outcome of a data-plane apply: `active`, or `error` with the reason.
     async fn finish_apply(&self, id: &str, generation: u64, result: std::result::Result<(), forward::ForwardError>) {
         let mut store = self.store.lock().await;
-        let saved = store
-            .mutate(|s| {
-                let Some(record) = s.lb_mut(id).filter(|r| r.generation == generation) else {
-                    return Ok(());
-                };
-                let (status, message) = match &result {
-                    Ok(()) => (LbStatus::Active, String::new()),
-                    Err(e) => (LbStatus::Error, e.to_string()),
-                };
-                if record.lb.status != status || record.lb.status_message != message {
-                    tracing::info!(lb = id, ?status, "load balancer applied to the data plane");
-                    record.lb.status = status;
-                    record.lb.status_message = message;
-                    record.lb.updated_at = now_rfc3339();
-                }
-                Ok(())
-            })
-            .await;
+        let saved = match store.mutate(|s| {
+            let Some(record) = s.lb_mut(id).filter(|r| r.generation == generation) else {
+                return Ok(());
+            };
+            let (status, message) = match &result {
+                Ok(()) => (LbStatus::Active, String::new()),
+                Err(e) => (LbStatus::Error, e.to_string()),
+            };
+            if record.lb.status != status || record.lb.status_message != message {
+                tracing::info!(lb = id, ?status, "load balancer applied to the data plane");
+                record.lb.status = status;
+                record.lb.status_message = message;
+                record.lb.updated_at = now_rfc3339();
+            }
+            Ok(())
+        }) {
+            Ok(((), saved)) => {
+                drop(store);
+                saved.wait().await
+            }
+            Err(e) => Err(e),
+        };
         if let Err(e) = &result {
             tracing::warn!(lb = id, error = %e, "data plane refused load balancer");
         }

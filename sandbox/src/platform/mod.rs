@@ -141,37 +141,38 @@ impl Platform {
     /// (`w1`..`wN`, labelled with the cluster id) exist, creating only what is missing.
     pub async fn seed_cluster(&self, cluster_id: &str, name: &str, workers: usize) -> Result<(), Error> {
         let mut store = self.store.lock().await;
-        store
-            .mutate(|s| {
-                let region = self.config.region.clone();
-                let cluster = match s.cluster(cluster_id) {
-                    Some(c) => c.clone(),
-                    None => {
-                        let (vpc_id, subnet_id) = self.default_network(s, &region);
-                        let cluster = Cluster {
-                            id: cluster_id.to_string(),
-                            name: name.to_string(),
-                            region,
-                            vpc_id,
-                            subnet_id,
-                        };
-                        s.clusters.push(cluster.clone());
-                        cluster
-                    }
-                };
-                for i in 1..=workers {
-                    let vm_name = format!("w{i}");
-                    let exists = s.vms.iter().any(|vm| {
-                        vm.name == vm_name && vm.labels.get(CLUSTER_LABEL).map(String::as_str) == Some(cluster_id)
-                    });
-                    if !exists {
-                        let labels = Labels::from([(CLUSTER_LABEL.to_string(), cluster.id.clone())]);
-                        self.add_vm(s, &vm_name, &cluster.subnet_id, labels, None, None, None, None)?;
-                    }
+        let (out, saved) = store.mutate(|s| {
+            let region = self.config.region.clone();
+            let cluster = match s.cluster(cluster_id) {
+                Some(c) => c.clone(),
+                None => {
+                    let (vpc_id, subnet_id) = self.default_network(s, &region);
+                    let cluster = Cluster {
+                        id: cluster_id.to_string(),
+                        name: name.to_string(),
+                        region,
+                        vpc_id,
+                        subnet_id,
+                    };
+                    s.clusters.push(cluster.clone());
+                    cluster
                 }
-                Ok(())
-            })
-            .await
+            };
+            for i in 1..=workers {
+                let vm_name = format!("w{i}");
+                let exists = s.vms.iter().any(|vm| {
+                    vm.name == vm_name && vm.labels.get(CLUSTER_LABEL).map(String::as_str) == Some(cluster_id)
+                });
+                if !exists {
+                    let labels = Labels::from([(CLUSTER_LABEL.to_string(), cluster.id.clone())]);
+                    self.add_vm(s, &vm_name, &cluster.subnet_id, labels, None, None, None, None)?;
+                }
+            }
+            Ok(())
+        })?;
+        drop(store);
+        saved.wait().await?;
+        Ok(out)
     }
 
     /// The HTTP API (public routes and `/_sandbox/`).
