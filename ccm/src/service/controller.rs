@@ -32,12 +32,14 @@ use crate::platform::{
     self, LABEL_CLUSTER_ID, LABEL_SERVICE_NAME, LABEL_SERVICE_NAMESPACE, LABEL_SERVICE_UID, Labels, LbStatus,
     LoadBalancer, Platform,
 };
-use crate::service::desired::{DesiredConfig, PublicIpRequest, default_lb_name, desired_load_balancer, ingress_ips};
+use crate::service::desired::{
+    DesiredConfig, DesiredLb, PublicIpRequest, default_lb_name, desired_load_balancer, ingress_ips,
+};
 use crate::service::diff::{
     ApplyPlan, DeletePlan, LiveService, LookupError, find_orphans, keep_public_ip, pick_by_name, pick_by_uid,
     plan_apply, plan_delete,
 };
-use crate::service::nodes::{NodeSetFingerprint, debounce};
+use crate::service::nodes::{MAX_BACKENDS, NodeSetFingerprint, debounce, selector_keys};
 use crate::service::status::{ConditionUpdate, IngressUpdate, Ready, condition_differs, status_patch};
 use crate::service::{FINALIZER, has_finalizer, is_deleting, wants_load_balancer};
 use crate::{Error, Result};
@@ -367,6 +369,7 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
     let cluster = &ctx.config.cluster_id;
     match plan {
         ApplyPlan::Create(spec) => {
+            warn_if_capped(ctx, svc, &desired).await;
             publish(
                 ctx,
                 svc,
@@ -385,6 +388,7 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
             Ok(Action::requeue(ctx.timing.poll))
         }
         ApplyPlan::Update { id, update, changes } => {
+            warn_if_capped(ctx, svc, &desired).await;
             if let Err(e) = ctx.platform.update_load_balancer(cluster, &id, &update).await {
                 return handle_platform_error(ctx, api, svc, "update_load_balancer", e).await;
             }
@@ -445,6 +449,20 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
             }
             Ok(Action::requeue(jittered(ctx.timing.resync, rand::random::<f64>())))
         }
+    }
+}
+
+/// A Warning Event when the platform's backend limit leaves eligible nodes out; only on
+/// the writes that set the backends, not on every resync.
+async fn warn_if_capped(ctx: &Context, svc: &Service, desired: &DesiredLb) {
+    if desired.eligible_backends > desired.backends.len() {
+        let note = format!(
+            "{} nodes are eligible but the platform takes at most {MAX_BACKENDS} backends per load balancer: \
+             using {}, chosen by a hash of the Service UID (the same on every sync)",
+            desired.eligible_backends,
+            desired.backends.len()
+        );
+        publish(ctx, svc, EventType::Warning, "TooManyBackends", note).await;
     }
 }
 
@@ -627,16 +645,24 @@ pub struct RunSettings {
     pub orphan_sweep: Duration,
 }
 
-/// Node changes that can move some LB's backends, as one debounced tick per burst.
+/// Node changes that can move some LB's backends, as one debounced tick per burst. Of a
+/// node's labels only those some Service's node selector reads count.
 fn node_change_ticks(
     node_events: impl Stream<Item = ()> + Send + 'static,
     nodes: Store<Node>,
+    services: Store<Service>,
     quiet: Duration,
     max_delay: Duration,
 ) -> impl Stream<Item = ()> + Send {
     let mut last = NodeSetFingerprint::default();
     debounce(node_events, quiet, max_delay).filter_map(move |()| {
-        let fp = NodeSetFingerprint::of(nodes.state().iter().map(|n| n.as_ref()));
+        let selectors: Vec<annotations::NodeSelector> = services
+            .state()
+            .iter()
+            .filter_map(|s| annotations::node_selector(s.annotations()).ok().flatten())
+            .collect();
+        let keys = selector_keys(&selectors);
+        let fp = NodeSetFingerprint::of_selected(nodes.state().iter().map(|n| n.as_ref()), Some(&keys));
         let changed = fp != last;
         if changed {
             info!(
@@ -699,7 +725,13 @@ pub async fn run(
             .concurrency(settings.concurrency)
             .debounce(Duration::from_millis(200)),
     );
-    let ticks = node_change_ticks(tick_rx, node_store, settings.node_debounce, settings.node_debounce_max);
+    let ticks = node_change_ticks(
+        tick_rx,
+        node_store,
+        controller.store(),
+        settings.node_debounce,
+        settings.node_debounce_max,
+    );
 
     let sweep_ctx = ctx.clone();
     let sweep_period = settings.orphan_sweep;

@@ -67,8 +67,10 @@ pub struct DesiredLb {
     /// One rule per Service port, sorted by (protocol, public port); health checks with
     /// every default filled in.
     pub rules: Vec<Rule>,
-    /// Sorted, unique.
+    /// Sorted, unique; at most [`nodes::MAX_BACKENDS`] (see [`nodes::cap_backends`]).
     pub backends: Vec<BackendRef>,
+    /// How many nodes are eligible: more than `backends.len()` when capped.
+    pub eligible_backends: usize,
     /// The `InternalIP` of each backend's node, where known: a backend the platform
     /// reports with another `private_ip` is stale and needs a PUT.
     pub backend_ips: BTreeMap<String, IpAddr>,
@@ -357,7 +359,9 @@ pub fn desired_load_balancer<'a>(
     };
 
     let all_nodes: Vec<&Node> = all_nodes.into_iter().collect();
-    let backends: Vec<BackendRef> = nodes::backend_vm_ids(all_nodes.iter().copied(), ann.node_selector.as_ref())
+    let eligible = nodes::backend_vm_ids(all_nodes.iter().copied(), ann.node_selector.as_ref());
+    let eligible_backends = eligible.len();
+    let backends: Vec<BackendRef> = nodes::cap_backends(eligible, uid, nodes::MAX_BACKENDS)
         .into_iter()
         .map(BackendRef::new)
         .collect();
@@ -372,6 +376,7 @@ pub fn desired_load_balancer<'a>(
         rules,
         backends,
         backend_ips,
+        eligible_backends,
         public_ip,
         retain_public_ip: ann.retain_public_ip,
     })
@@ -553,6 +558,19 @@ pub(crate) mod tests {
         );
         spec_mut(&mut s).allocate_load_balancer_node_ports = Some(true);
         assert!(desired(&s).is_ok());
+    }
+
+    /// More eligible nodes than the platform takes: the cap's worth, stable, and said.
+    #[test]
+    fn backends_are_capped_at_the_platform_limit() {
+        let many: Vec<Node> = (0..130).map(|i| node(&format!("n{i:03}"))).collect();
+        let d = desired_load_balancer(&svc(), &many, &cfg()).expect("desired");
+        assert_eq!(d.backends.len(), nodes::MAX_BACKENDS);
+        assert_eq!(d.eligible_backends, 130);
+        let again = desired_load_balancer(&svc(), &many, &cfg()).expect("desired");
+        assert_eq!(d.backends, again.backends);
+        let few = desired_load_balancer(&svc(), &nodes3(), &cfg()).expect("desired");
+        assert_eq!((few.backends.len(), few.eligible_backends), (3, 3));
     }
 
     #[test]

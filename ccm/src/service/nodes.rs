@@ -11,7 +11,7 @@
 //!   but `false` excludes, as upstream),
 //! - and matches the Service's node selector annotation, if any.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::time::Duration;
@@ -70,6 +70,38 @@ pub fn eligible_vm_id(node: &Node) -> Option<String> {
     }
 }
 
+/// The platform takes at most this many backends per load balancer (docs/platform-api.md:
+/// a PUT with more is refused with a 422).
+pub const MAX_BACKENDS: usize = 100;
+
+/// At most `max` of `vm_ids` (sorted, unique), chosen by rendezvous hashing on `key`
+/// (the Service UID): the same nodes on every resync; different Services pick different
+/// subsets, so no node carries every LB; and a node joining or leaving swaps at most one
+/// backend of each LB. Returned sorted.
+pub fn cap_backends(mut vm_ids: Vec<String>, key: &str, max: usize) -> Vec<String> {
+    if vm_ids.len() <= max {
+        return vm_ids;
+    }
+    vm_ids.sort_by_cached_key(|vm| (rendezvous_score(key, vm), vm.clone()));
+    vm_ids.truncate(max);
+    vm_ids.sort();
+    vm_ids
+}
+
+/// FNV-1a (64 bit) of `key`, a 0 byte and `vm`, then the splitmix64 finalizer (FNV alone
+/// spreads similar names poorly). Fixed forever, unlike std's `DefaultHasher`, so the
+/// choice survives upgrades of the CCM.
+pub fn rendezvous_score(key: &str, vm: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes().chain([0]).chain(vm.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
 /// The `InternalIP` of each eligible node's VM (for the nodes that have one).
 pub fn backend_ips<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> BTreeMap<String, IpAddr> {
     nodes
@@ -112,13 +144,24 @@ type NodeFingerprint = (String, BTreeMap<String, String>, Option<IpAddr>);
 
 impl NodeSetFingerprint {
     pub fn of<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> Self {
+        Self::of_selected(nodes, None)
+    }
+
+    /// The fingerprint with only the labels in `keys` (None: all labels). The keys some
+    /// Service's node selector reads are the only labels that can move a backend: a burst
+    /// of other label changes must not resync every LB.
+    pub fn of_selected<'a>(nodes: impl IntoIterator<Item = &'a Node>, keys: Option<&BTreeSet<String>>) -> Self {
         NodeSetFingerprint(
             nodes
                 .into_iter()
                 .filter_map(|n| {
                     let vm = eligible_vm_id(n)?;
                     let name = n.metadata.name.clone()?;
-                    Some((name, (vm, labels(n), internal_ip(n))))
+                    let mut l = labels(n);
+                    if let Some(keys) = keys {
+                        l.retain(|k, _| keys.contains(k));
+                    }
+                    Some((name, (vm, l, internal_ip(n))))
                 })
                 .collect(),
         )
@@ -131,6 +174,21 @@ impl NodeSetFingerprint {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+}
+
+/// The label keys these node selectors read.
+pub fn selector_keys<'a>(selectors: impl IntoIterator<Item = &'a NodeSelector>) -> BTreeSet<String> {
+    use crate::annotations::Requirement;
+    selectors
+        .into_iter()
+        .flat_map(|s| &s.requirements)
+        .map(|r| match r {
+            Requirement::Equals(k, _)
+            | Requirement::NotEquals(k, _)
+            | Requirement::Exists(k)
+            | Requirement::NotExists(k) => k.clone(),
+        })
+        .collect()
 }
 
 /// Whether an update from `old` to `new` of one node may change some load balancer.
@@ -448,6 +506,102 @@ pub(crate) mod tests {
             initial,
             "a spurious node update"
         );
+    }
+
+    fn vms(n: usize) -> Vec<String> {
+        let mut v: Vec<String> = (0..n).map(|i| format!("vm-{i:03}")).collect();
+        v.sort();
+        v
+    }
+
+    /// More eligible nodes than the platform takes: a deterministic subset of the cap's
+    /// size, the same on every call, different per Service, and a joining node swaps at
+    /// most one backend.
+    #[test]
+    fn backends_are_capped_deterministically() {
+        assert_eq!(
+            cap_backends(vms(3), "uid-1", MAX_BACKENDS),
+            vms(3),
+            "under the cap: all"
+        );
+        let all = vms(150);
+        let a = cap_backends(all.clone(), "uid-1", MAX_BACKENDS);
+        assert_eq!(a.len(), MAX_BACKENDS);
+        assert!(a.windows(2).all(|w| w[0] < w[1]), "sorted, unique");
+        assert!(a.iter().all(|v| all.contains(v)));
+        assert_eq!(
+            a,
+            cap_backends(all.clone(), "uid-1", MAX_BACKENDS),
+            "stable across resyncs"
+        );
+        let mut shuffled = all.clone();
+        shuffled.reverse();
+        shuffled.sort();
+        assert_eq!(
+            a,
+            cap_backends(shuffled, "uid-1", MAX_BACKENDS),
+            "independent of the input order"
+        );
+        let b = cap_backends(all.clone(), "uid-2", MAX_BACKENDS);
+        assert_ne!(a, b, "another Service, another subset");
+        // Spread: over many Services, every node is picked about max/n of the time.
+        let mut picked = std::collections::BTreeMap::<String, usize>::new();
+        for i in 0..300 {
+            for v in cap_backends(all.clone(), &format!("uid-{i}"), MAX_BACKENDS) {
+                *picked.entry(v).or_default() += 1;
+            }
+        }
+        assert_eq!(picked.len(), 150, "every node backs some LB");
+        assert!(picked.values().all(|&n| (120..=280).contains(&n)), "{picked:?}");
+        // A node joining: at most one backend changes, and the set stays at the cap.
+        let mut more = all.clone();
+        more.push("vm-new".into());
+        for i in 0..50 {
+            let key = format!("uid-{i}");
+            let before = cap_backends(all.clone(), &key, MAX_BACKENDS);
+            let after = cap_backends(more.clone(), &key, MAX_BACKENDS);
+            assert_eq!(after.len(), MAX_BACKENDS);
+            let removed = before.iter().filter(|v| !after.contains(v)).count();
+            assert!(removed <= 1, "{key}: {removed} removed");
+        }
+        // The score is fixed (a changed hash would reshuffle every LB on upgrade).
+        assert_eq!(rendezvous_score("", ""), 0x25fc_6dd3_6ce0_4b20);
+    }
+
+    /// Labels no node selector reads do not change the fingerprint; exclusion and the
+    /// selectors' keys still do.
+    #[test]
+    fn only_selected_labels_count() {
+        let sel = NodeSelector {
+            requirements: vec![crate::annotations::Requirement::Exists("pool".into())],
+        };
+        let keys = selector_keys([&sel]);
+        assert_eq!(keys, BTreeSet::from(["pool".to_string()]));
+        let (n1, n2) = (node("n1"), node("n2"));
+        let fp = |ns: &[&Node], k: Option<&BTreeSet<String>>| NodeSetFingerprint::of_selected(ns.iter().copied(), k);
+        let initial = fp(&[&n1, &n2], Some(&keys));
+        let relabelled = with_label(n2.clone(), "burst", "1");
+        assert_eq!(fp(&[&n1, &relabelled], Some(&keys)), initial, "an unread label");
+        assert_ne!(
+            fp(&[&n1, &relabelled], None),
+            fp(&[&n1, &n2], None),
+            "all labels count without keys"
+        );
+        assert_ne!(
+            fp(&[&n1, &with_label(n2.clone(), "pool", "a")], Some(&keys)),
+            initial,
+            "a selector's key"
+        );
+        assert_ne!(
+            fp(
+                &[&n1, &with_label(n2.clone(), EXCLUDE_FROM_LB_LABEL, "true")],
+                Some(&keys)
+            ),
+            initial,
+            "excluded"
+        );
+        let none = BTreeSet::new();
+        assert_eq!(fp(&[&n1, &relabelled], Some(&none)), fp(&[&n1, &n2], Some(&none)));
     }
 
     #[tokio::test(start_paused = true)]

@@ -6,7 +6,7 @@
 use super::*;
 use crate::platform::fake::{FakeFailure, FakePlatform};
 use crate::service::desired::tests::{annotate, cfg, svc};
-use crate::service::nodes::tests::node;
+use crate::service::nodes::tests::{node, with_label};
 use crate::service::status::Ready;
 use http::{Request, Response};
 use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
@@ -646,10 +646,12 @@ async fn orphan_sweep_spares_the_lb_of_a_service_created_meanwhile() {
 async fn node_bursts_become_one_resync_and_readiness_flaps_none() {
     let (nodes, mut writer) = reflector::store::<Node>();
     writer.apply_watcher_event(&WatchEvent::Apply(node("a")));
+    let (services, mut svc_writer) = reflector::store::<Service>();
     let (tx, rx) = futures::channel::mpsc::unbounded::<()>();
     let mut ticks = Box::pin(node_change_ticks(
         rx,
         nodes,
+        services,
         Duration::from_millis(500),
         Duration::from_secs(3),
     ));
@@ -662,10 +664,25 @@ async fn node_bursts_become_one_resync_and_readiness_flaps_none() {
         tx.unbounded_send(()).expect("send");
     }
     assert_eq!(ticks.next().await, Some(()));
+    // Labels no Service's node selector reads change nothing: no tick.
+    for i in 0..10 {
+        writer.apply_watcher_event(&WatchEvent::Apply(with_label(
+            node(&format!("n{i}")),
+            "burst",
+            &i.to_string(),
+        )));
+        tx.unbounded_send(()).expect("send");
+    }
+    // Once a Service selects by a label, changing that label is a tick.
+    let selecting = annotate(svc(), crate::annotations::NODE_SELECTOR, "pool=edge");
+    svc_writer.apply_watcher_event(&WatchEvent::Apply(selecting));
+    writer.apply_watcher_event(&WatchEvent::Apply(with_label(node("a"), "pool", "edge")));
+    tx.unbounded_send(()).expect("send");
+    assert_eq!(ticks.next().await, Some(()));
     // Readiness flaps change nothing: no tick; then the input ends.
     for _ in 0..5 {
         writer.apply_watcher_event(&WatchEvent::Apply(crate::service::nodes::tests::with_condition(
-            node("a"),
+            with_label(node("a"), "pool", "edge"),
             "Ready",
             Some("False"),
         )));
