@@ -7,26 +7,16 @@
 //! nodes; `--external-ccm`: nobody does), so what is tested here is the cluster alone.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
-use std::net::UdpSocket;
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::ops::Deref;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use kuberaya_e2e::{binary, poll_until_blocking};
+use kuberaya_e2e::cluster::{Cluster, is_ready, node_address, ready_condition};
+use kuberaya_e2e::poll_until_blocking;
+use kuberaya_e2e::probe::{answered_by, curl, pods_answering, udp_roundtrip};
+use kuberaya_e2e::sandbox::Ranges;
 use serde_json::Value;
-
-const KUBECTL: &str = "/usr/bin/kubectl";
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// A /24 index `n` for this file's sandboxes (`127.10.n.0/24` VMs, `127.203.n.0/24` public
 /// IPs, `127.97.n.0/24` Services, `127.n.0.0/16` pods), held through an exclusive lock file
@@ -60,13 +50,20 @@ impl NetClaim {
     }
 }
 
-/// A running sandbox in a temporary state dir; `sandbox down --purge` on drop (before its
-/// address ranges are released).
+/// A running sandbox of three nodes in a temporary state dir (the harness's
+/// [`kuberaya_e2e::sandbox::Sandbox`]: `sandbox down --purge` on drop, before its address
+/// ranges are released).
 struct Sandbox {
+    sb: kuberaya_e2e::sandbox::Sandbox,
     _dir: tempfile::TempDir,
-    state: PathBuf,
-    kubeconfig: PathBuf,
     _net: NetClaim,
+}
+
+impl Deref for Sandbox {
+    type Target = kuberaya_e2e::sandbox::Sandbox;
+    fn deref(&self) -> &kuberaya_e2e::sandbox::Sandbox {
+        &self.sb
+    }
 }
 
 impl Sandbox {
@@ -74,102 +71,31 @@ impl Sandbox {
     /// or leave it to a CCM that does not run (`--external-ccm`).
     fn up(no_ccm: bool) -> Result<Sandbox> {
         let dir = tempfile::tempdir()?;
-        let state = dir.path().join("sb");
         let net = NetClaim::take()?;
         let n = net.n;
-        let mut args = vec![
-            "sandbox".to_string(),
-            "up".into(),
-            "--detach".into(),
-            "--nodes".into(),
-            "3".into(),
-            "--state-dir".into(),
-            state.display().to_string(),
-            "--public-ip-range".into(),
-            format!("127.203.{n}.0/24"),
-            "--vm-ip-range".into(),
-            format!("127.10.{n}.0/24"),
-            "--service-cidr".into(),
-            format!("127.97.{n}.0/24"),
-            "--pod-cidr".into(),
-            format!("127.{n}.0.0/16"),
-        ];
-        args.push(if no_ccm { "--no-ccm" } else { "--external-ccm" }.into());
-        let out = Command::new(binary("kuberaya")).args(&args).output()?;
+        let ranges = Ranges {
+            net: n,
+            service_cidr: format!("127.97.{n}.0/24"),
+            pod_cidr: format!("127.{n}.0.0/16"),
+        };
+        let ccm = if no_ccm { "--no-ccm" } else { "--external-ccm" };
         let sandbox = Sandbox {
-            kubeconfig: state.join("kubeconfig"),
-            state,
+            sb: kuberaya_e2e::sandbox::Sandbox::up_on(&dir.path().join("sb"), &ranges, &["--nodes", "3", ccm])?,
             _dir: dir,
             _net: net,
         };
-        ensure!(out.status.success(), "sandbox up failed: {}", text(&out));
-        let env = sandbox.kuberaya(&["sandbox", "env"])?;
-        let exported = String::from_utf8_lossy(&env.stdout);
+        let exported = sandbox.kuberaya(&["sandbox", "env"])?;
         ensure!(
-            exported.contains(&format!("export KUBECONFIG={}", sandbox.kubeconfig.display())),
+            exported.contains(&format!("export KUBECONFIG={}", sandbox.kubeconfig().display())),
             "sandbox env exports KUBECONFIG: {exported}"
         );
-        let nodes = poll_until_blocking(Duration::from_secs(20), || {
-            let nodes = sandbox.get_json(&["get", "nodes"]).ok()?;
-            let ready = nodes["items"]
-                .as_array()?
-                .iter()
-                .filter(|n| node_ready(n) == Some(true))
-                .count();
-            (ready == 3).then_some(())
-        });
+        let nodes = sandbox.wait_nodes_ready(3, Duration::from_secs(20));
         ensure!(nodes.is_some(), "three Ready nodes: {}", sandbox.log());
         Ok(sandbox)
     }
 
-    fn kuberaya(&self, args: &[&str]) -> Result<Output> {
-        let out = Command::new(binary("kuberaya"))
-            .args(args)
-            .arg("--state-dir")
-            .arg(&self.state)
-            .output()
-            .context("running kuberaya")?;
-        ensure!(out.status.success(), "kuberaya {args:?}: {}", text(&out));
-        Ok(out)
-    }
-
     fn log(&self) -> String {
-        let log = std::fs::read_to_string(self.state.join("sandbox.log")).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(40).collect();
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-    }
-
-    fn kubectl_with_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<Output> {
-        let mut child = Command::new(KUBECTL)
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running kubectl")?;
-        if let Some(input) = stdin {
-            child.stdin.take().context("kubectl stdin")?.write_all(input)?;
-        }
-        let out = child.wait_with_output()?;
-        ensure!(out.status.success(), "kubectl {args:?}: {}", text(&out));
-        Ok(out)
-    }
-
-    fn kubectl(&self, args: &[&str]) -> Result<String> {
-        Ok(String::from_utf8_lossy(&self.kubectl_with_stdin(args, None)?.stdout).into_owned())
-    }
-
-    fn apply(&self, yaml: &str) -> Result<()> {
-        self.kubectl_with_stdin(&["apply", "-f", "-"], Some(yaml.as_bytes()))?;
-        Ok(())
-    }
-
-    fn get_json(&self, args: &[&str]) -> Result<Value> {
-        let mut all = args.to_vec();
-        all.extend(["-o", "json"]);
-        Ok(serde_json::from_str(&self.kubectl(&all)?)?)
+        self.log_tail(40)
     }
 
     /// `kubectl create deployment NAME --image=any --port=PORT --replicas=N` (kubectl sends
@@ -183,40 +109,15 @@ impl Sandbox {
 
     /// Waits until the Deployment's pods are all Running and ready: their names and nodes.
     fn wait_ready_pods(&self, app: &str, count: usize) -> Result<BTreeMap<String, String>> {
-        let mut last = Value::Null;
-        let pods = poll_until_blocking(Duration::from_secs(20), || {
-            let pods = self.get_json(&["get", "pods", "-l", &format!("app={app}")]).ok()?;
-            last = pods.clone();
-            let items = pods["items"].as_array()?;
-            let ready: BTreeMap<String, String> = items
-                .iter()
-                .filter(|p| pod_ready(p) && p["status"]["podIP"].is_string())
-                .filter_map(|p| {
-                    Some((
-                        p["metadata"]["name"].as_str()?.into(),
-                        p["spec"]["nodeName"].as_str()?.into(),
-                    ))
-                })
-                .collect();
-            (items.len() == count && ready.len() == count).then_some(ready)
-        });
-        pods.with_context(|| format!("{count} ready pods of {app}: {last}\n{}", self.log()))
+        Cluster::wait_ready_pods(&self.sb, app, count, Duration::from_secs(20))
     }
 
     /// The InternalIP of each node.
     fn node_ips(&self) -> Result<BTreeMap<String, String>> {
-        let nodes = self.get_json(&["get", "nodes"])?;
         let mut out = BTreeMap::new();
-        for n in nodes["items"].as_array().context("nodes")? {
-            let name = n["metadata"]["name"].as_str().context("node name")?;
-            let ip = n["status"]["addresses"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|a| a["type"] == "InternalIP")
-                .and_then(|a| a["address"].as_str())
-                .with_context(|| format!("InternalIP of {name}: {n}"))?;
-            out.insert(name.to_string(), ip.to_string());
+        for (name, n) in self.nodes()? {
+            let ip = node_address(&n, "InternalIP").with_context(|| format!("InternalIP of {name}: {n}"))?;
+            out.insert(name, ip);
         }
         Ok(out)
     }
@@ -243,66 +144,13 @@ impl Sandbox {
         out.sort();
         Ok(out)
     }
-}
 
-impl Sandbox {
     /// Runs `test` against a fresh sandbox (see [`Sandbox::up`]); a failure carries the
     /// tail of the sandbox's log.
     fn run(no_ccm: bool, test: impl FnOnce(&Sandbox) -> Result<()>) -> Result<()> {
         let sb = Sandbox::up(no_ccm)?;
         test(&sb).map_err(|e| e.context(format!("sandbox log (tail):\n{}", sb.log())))
     }
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- sandbox log (tail) ---\n{}", self.log());
-        }
-        let _ = Command::new(binary("kuberaya"))
-            .args(["sandbox", "down", "--purge", "--state-dir"])
-            .arg(&self.state)
-            .output();
-    }
-}
-
-fn node_ready(node: &Value) -> Option<bool> {
-    let conds = node["status"]["conditions"].as_array()?;
-    Some(conds.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
-}
-
-fn pod_ready(pod: &Value) -> bool {
-    pod["status"]["conditions"]
-        .as_array()
-        .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
-}
-
-/// `curl -s` with a short timeout: the body, or `None` when it fails.
-fn curl(url: &str) -> Option<String> {
-    let out = Command::new("curl")
-        .args(["-s", "--max-time", "2", url])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The pod name out of a responder's answer `pod=NAME namespace=NS node=NODE`.
-fn answered_by(body: &str) -> Option<String> {
-    body.split_whitespace()
-        .find_map(|w| w.strip_prefix("pod="))
-        .map(String::from)
-}
-
-/// Which pods answered `n` requests to `url` (every request must be answered).
-fn pods_answering(url: &str, n: usize) -> Result<BTreeSet<String>> {
-    let mut seen = BTreeSet::new();
-    for i in 0..n {
-        let body = curl(url).with_context(|| format!("request {i} to {url} failed"))?;
-        seen.insert(answered_by(&body).with_context(|| format!("unexpected answer {body:?}"))?);
-    }
-    Ok(seen)
 }
 
 fn cluster_ip(svc: &Value) -> Result<String> {
@@ -502,7 +350,7 @@ fn stopped_node_vm_makes_the_node_and_its_pods_not_ready() -> Result<()> {
         sb.kuberaya(&["sandbox", "node", "stop", "w2"])?;
         let not_ready = poll_until_blocking(Duration::from_secs(10), || {
             let node = sb.get_json(&["get", "node", "w2"]).ok()?;
-            (node_ready(&node) == Some(false)).then_some(())
+            (ready_condition(&node) == Some(false)).then_some(())
         });
         ensure!(
             not_ready.is_some(),
@@ -515,7 +363,7 @@ fn stopped_node_vm_makes_the_node_and_its_pods_not_ready() -> Result<()> {
             items
                 .iter()
                 .filter(|p| p["spec"]["nodeName"] == "w2")
-                .all(|p| !pod_ready(p))
+                .all(|p| !is_ready(p))
                 .then_some(())
         });
         ensure!(
@@ -540,7 +388,7 @@ fn stopped_node_vm_makes_the_node_and_its_pods_not_ready() -> Result<()> {
         sb.kuberaya(&["sandbox", "node", "start", "w2"])?;
         let ready = poll_until_blocking(Duration::from_secs(10), || {
             let node = sb.get_json(&["get", "node", "w2"]).ok()?;
-            (node_ready(&node) == Some(true)).then_some(())
+            (ready_condition(&node) == Some(true)).then_some(())
         });
         ensure!(ready.is_some(), "Node w2 is Ready again after start");
         sb.wait_ready_pods("web", 3)?;
@@ -584,20 +432,6 @@ spec:
     protocol: UDP
 "#;
 
-/// Sends `payload` to `addr` over UDP and returns the answer.
-fn udp_roundtrip(addr: &str, payload: &[u8]) -> Result<Vec<u8>> {
-    let socket = UdpSocket::bind("127.0.0.1:0")?;
-    socket.set_read_timeout(Some(Duration::from_millis(500)))?;
-    for _ in 0..6 {
-        socket.send_to(payload, addr)?;
-        let mut buf = [0u8; 1500];
-        if let Ok((n, _)) = socket.recv_from(&mut buf) {
-            return Ok(buf[..n].to_vec());
-        }
-    }
-    bail!("no UDP answer from {addr}")
-}
-
 #[test]
 fn udp_echo_through_cluster_ip_and_node_port() -> Result<()> {
     Sandbox::run(true, |sb| {
@@ -613,7 +447,7 @@ fn udp_echo_through_cluster_ip_and_node_port() -> Result<()> {
         let mut targets = vec![format!("{ip}:53")];
         targets.extend(sb.node_ips()?.values().map(|node_ip| format!("{node_ip}:{port}")));
         for target in targets {
-            let answer = String::from_utf8(udp_roundtrip(&target, b"hello over udp")?)?;
+            let answer = String::from_utf8(udp_roundtrip(&target, b"hello over udp", 6)?)?;
             let (prefix, rest) = answer.split_once(' ').context("prefixed answer")?;
             let pod = prefix
                 .strip_prefix("pod=")
@@ -710,7 +544,7 @@ fn deleted_node_vm_takes_its_node_and_pods_away() -> Result<()> {
         sb.kuberaya(&["sandbox", "node", "add", "w4"])?;
         let added = poll_until_blocking(Duration::from_secs(10), || {
             let node = sb.get_json(&["get", "node", "w4"]).ok()?;
-            (node_ready(&node) == Some(true)).then_some(())
+            (ready_condition(&node) == Some(true)).then_some(())
         });
         ensure!(
             added.is_some(),

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::calls::{Calls, parse_calls};
 use crate::cluster::Cluster;
-use crate::sandbox::{Ranges, Sandbox};
+use crate::sandbox::{Ranges, TempSandbox};
 use crate::{Answer, JsonApi};
 
 /// The label of a platform object that names its cluster.
@@ -24,8 +24,7 @@ pub const SERVICE_NAMESPACE_LABEL: &str = "kuberaya.cloudraya.com/service-namesp
 /// A running sandbox in a temporary state dir with its platform API at hand;
 /// `sandbox down --purge` on drop.
 pub struct CloudSandbox {
-    /// Dropped first: `sandbox down --purge` before the temporary dir goes.
-    pub sandbox: Sandbox,
+    pub sandbox: TempSandbox,
     pub url: String,
     pub email: String,
     pub password: String,
@@ -35,15 +34,13 @@ pub struct CloudSandbox {
     pub api: JsonApi,
     /// The stand-in's control API.
     pub ctl: JsonApi,
-    _dir: tempfile::TempDir,
 }
 
 impl CloudSandbox {
     /// `sandbox up --detach` on `ranges` with `extra` arguments, its platform API logged
     /// in, once `nodes` Nodes are Ready (at most 20 s).
     pub fn up(ranges: &Ranges, extra: &[&str], nodes: usize) -> Result<CloudSandbox> {
-        let dir = tempfile::tempdir()?;
-        let sandbox = Sandbox::up_on(&dir.path().join("sb"), ranges, extra)?;
+        let sandbox = TempSandbox::up_on(ranges, extra)?;
         let vars = sandbox.env()?;
         let get = |k: &str| vars.get(k).cloned().with_context(|| format!("sandbox env exports {k}"));
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -60,7 +57,6 @@ impl CloudSandbox {
             password,
             api,
             rt,
-            _dir: dir,
         };
         let ready = sb.wait_nodes_ready(nodes, Duration::from_secs(20));
         ensure!(ready.is_some(), "{nodes} Ready nodes: {}", sb.log());

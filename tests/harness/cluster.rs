@@ -116,6 +116,13 @@ pub trait Cluster {
         pods.with_context(|| format!("{count} ready pods of {app}: {last}"))
     }
 
+    /// The ClusterIP of Service `svc` (current namespace).
+    fn cluster_ip(&self, svc: &str) -> Result<String> {
+        let ip = self.kubectl(&["get", "service", svc, "-o", "jsonpath={.spec.clusterIP}"])?;
+        ensure!(!ip.is_empty(), "Service {svc} has no ClusterIP");
+        Ok(ip)
+    }
+
     /// The Nodes by name.
     fn nodes(&self) -> Result<BTreeMap<String, Value>> {
         let nodes = self.get_json(&["get", "nodes"])?;

@@ -164,6 +164,37 @@ impl Drop for Sandbox {
     }
 }
 
+/// A [`Sandbox`] in a temporary directory of its own (state in `DIR/sb`; the directory
+/// goes after `sandbox down --purge`), for files of the test beside it.
+pub struct TempSandbox {
+    /// Dropped first: `sandbox down --purge` before the directory goes.
+    pub sandbox: Sandbox,
+    pub dir: tempfile::TempDir,
+}
+
+impl TempSandbox {
+    /// [`Sandbox::up`] with `extra` arguments in a fresh temporary directory.
+    pub fn up(extra: &[&str]) -> Result<TempSandbox> {
+        let dir = tempfile::tempdir()?;
+        let sandbox = Sandbox::up(&dir.path().join("sb"), extra)?;
+        Ok(TempSandbox { sandbox, dir })
+    }
+
+    /// [`Sandbox::up_on`] `ranges` with `extra` arguments in a fresh temporary directory.
+    pub fn up_on(ranges: &Ranges, extra: &[&str]) -> Result<TempSandbox> {
+        let dir = tempfile::tempdir()?;
+        let sandbox = Sandbox::up_on(&dir.path().join("sb"), ranges, extra)?;
+        Ok(TempSandbox { sandbox, dir })
+    }
+}
+
+impl std::ops::Deref for TempSandbox {
+    type Target = Sandbox;
+    fn deref(&self) -> &Sandbox {
+        &self.sandbox
+    }
+}
+
 /// `kuberaya sandbox down --purge` of the sandbox in `state` on drop, however the test
 /// ends (with the tail of `sandbox.log` when it panicked): for a sandbox started some
 /// other way than [`Sandbox::up`].
