@@ -8,66 +8,36 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::ops::Deref;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use kuberaya_e2e::{Process, binary, unique_net_index};
+use kuberaya_e2e::cluster::Cluster;
+use kuberaya_e2e::sandbox::{TempSandbox, output_text as text};
+use kuberaya_e2e::{Process, binary};
 use serde_json::Value;
 
-const KUBECTL: &str = "/usr/bin/kubectl";
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+/// A sandbox of two nodes in a temporary dir and what `sandbox env` exports.
+struct Sandbox {
+    sb: TempSandbox,
+    env: BTreeMap<String, String>,
 }
 
-struct Sandbox {
-    dir: tempfile::TempDir,
-    state: PathBuf,
-    kubeconfig: PathBuf,
-    net: u8,
-    env: BTreeMap<String, String>,
+impl Deref for Sandbox {
+    type Target = TempSandbox;
+    fn deref(&self) -> &TempSandbox {
+        &self.sb
+    }
 }
 
 impl Sandbox {
     fn up() -> Result<Sandbox> {
-        let dir = tempfile::tempdir()?;
-        let state = dir.path().join("sb");
-        let n = unique_net_index();
-        let out = Command::new(binary("kuberaya"))
-            .args(["sandbox", "up", "--detach", "--no-ccm", "--nodes", "2", "--state-dir"])
-            .arg(&state)
-            .args(["--public-ip-range", &format!("127.203.{n}.0/24")])
-            .args(["--vm-ip-range", &format!("127.10.{n}.0/24")])
-            .args(["--service-cidr", &format!("127.97.{n}.0/24")])
-            .args(["--pod-cidr", &format!("127.{}.0.0/16", u16::from(n) + 100)])
-            .output()?;
-        let mut sb = Sandbox {
-            kubeconfig: state.join("kubeconfig"),
-            state,
-            dir,
-            net: n,
-            env: BTreeMap::new(),
-        };
-        ensure!(out.status.success(), "sandbox up: {}", text(&out));
-        let env = Command::new(binary("kuberaya"))
-            .args(["sandbox", "env", "--state-dir"])
-            .arg(&sb.state)
-            .output()?;
-        for line in String::from_utf8_lossy(&env.stdout).lines() {
-            if let Some((k, v)) = line.strip_prefix("export ").and_then(|l| l.split_once('=')) {
-                sb.env.insert(k.to_string(), v.trim_matches('\'').to_string());
-            }
-        }
-        ensure!(sb.env.contains_key("CLOUDRAYA_API_URL"), "sandbox env: {}", text(&env));
-        Ok(sb)
+        let sb = TempSandbox::up(&["--no-ccm", "--nodes", "2"])?;
+        let env = sb.env()?;
+        ensure!(env.contains_key("CLOUDRAYA_API_URL"), "sandbox env: {env:?}");
+        Ok(Sandbox { sb, env })
     }
 
     /// `kuberaya ARGS --kubeconfig K` with the sandbox's platform credentials.
@@ -77,46 +47,11 @@ impl Sandbox {
 
     fn cli_env(&self, args: &[&str], extra: &[(&str, &str)]) -> Output {
         let mut cmd = Command::new(binary("kuberaya"));
-        cmd.args(args).arg("--kubeconfig").arg(&self.kubeconfig);
+        cmd.args(args).arg("--kubeconfig").arg(self.kubeconfig());
         cmd.envs(&self.env).env_remove("KUBECONFIG").env("NO_COLOR", "1");
         cmd.envs(extra.iter().copied());
         cmd.stdin(Stdio::null());
         cmd.output().expect("running kuberaya")
-    }
-
-    fn kubectl_in(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
-        let mut child = Command::new(KUBECTL)
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        if let Some(s) = stdin {
-            child.stdin.take().context("stdin")?.write_all(s.as_bytes())?;
-        }
-        drop(child.stdin.take());
-        let out = child.wait_with_output()?;
-        ensure!(out.status.success(), "kubectl {args:?}: {}", text(&out));
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn kubectl(&self, args: &[&str]) -> Result<String> {
-        self.kubectl_in(args, None)
-    }
-
-    fn apply(&self, yaml: &str) -> Result<()> {
-        self.kubectl_in(&["apply", "-f", "-"], Some(yaml)).map(|_| ())
-    }
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        let _ = Command::new(binary("kuberaya"))
-            .args(["sandbox", "down", "--purge", "--state-dir"])
-            .arg(&self.state)
-            .output();
     }
 }
 
@@ -162,7 +97,7 @@ fn peers_and_exposure_audit() -> Result<()> {
         "kuberaya-gateway",
         [
             "--kubeconfig",
-            sb.kubeconfig.to_str().expect("utf-8"),
+            sb.kubeconfig().to_str().expect("utf-8"),
             "--namespace",
             "kuberaya-system",
             "--listen",
