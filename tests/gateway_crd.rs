@@ -15,142 +15,33 @@
 //! peer at most one onetun at a time.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use kuberaya_e2e::{Process, binary, poll_until_blocking, unique_net_index};
+use kuberaya_e2e::cluster::Cluster;
+use kuberaya_e2e::probe::{curl, dig, http_get};
+use kuberaya_e2e::sandbox::{TempSandbox, WgPeer, curl_local, free_port, gateway_keypair as keypair, onetun_path};
+use kuberaya_e2e::{Process, binary, poll_until_blocking};
 use serde_json::Value;
 
-const KUBECTL: &str = "/usr/bin/kubectl";
 const GW_NS: &str = "kuberaya-system";
 
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+/// A sandbox of two nodes in a temporary state dir, without a gateway of its own: this
+/// test runs its own gateway.
+fn sandbox_up() -> Result<TempSandbox> {
+    // Where `sandbox up` has a gateway, leave it out.
+    let help = Command::new(binary("kuberaya"))
+        .args(["sandbox", "up", "--help"])
+        .output()?;
+    let no_gateway = String::from_utf8_lossy(&help.stdout).contains("--no-gateway");
+    let mut extra = vec!["--no-ccm", "--nodes", "2"];
+    extra.extend(no_gateway.then_some("--no-gateway"));
+    TempSandbox::up(&extra)
 }
 
-fn onetun_path() -> PathBuf {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("onetun"))
-            .find(|p| p.is_file())
-    });
-    found.unwrap_or_else(|| {
-        panic!("onetun is not installed: run `cargo install --locked onetun --version 0.3.10` (scripts/test does)")
-    })
-}
-
-/// A sandbox in a temporary state dir; `sandbox down --purge` on drop.
-struct Sandbox {
-    _dir: tempfile::TempDir,
-    state: PathBuf,
-    kubeconfig: PathBuf,
-}
-
-impl Sandbox {
-    fn up() -> Result<Sandbox> {
-        let dir = tempfile::tempdir()?;
-        let state = dir.path().join("sb");
-        let n = unique_net_index();
-        // This test runs its own gateway: none in the sandbox, where `sandbox up` has one.
-        let help = Command::new(binary("kuberaya"))
-            .args(["sandbox", "up", "--help"])
-            .output()?;
-        let no_gateway = String::from_utf8_lossy(&help.stdout).contains("--no-gateway");
-        let out = Command::new(binary("kuberaya"))
-            .args(["sandbox", "up", "--detach", "--no-ccm", "--nodes", "2"])
-            .args(no_gateway.then_some("--no-gateway"))
-            .arg("--state-dir")
-            .arg(&state)
-            .args(["--public-ip-range", &format!("127.203.{n}.0/24")])
-            .args(["--vm-ip-range", &format!("127.10.{n}.0/24")])
-            .args(["--service-cidr", &format!("127.97.{n}.0/24")])
-            .args(["--pod-cidr", &format!("127.{}.0.0/16", u16::from(n) + 100)])
-            .output()?;
-        let sb = Sandbox {
-            kubeconfig: state.join("kubeconfig"),
-            state,
-            _dir: dir,
-        };
-        ensure!(out.status.success(), "sandbox up: {}", text(&out));
-        Ok(sb)
-    }
-
-    fn kubectl_in(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
-        let mut child = Command::new(KUBECTL)
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        if let Some(s) = stdin {
-            child.stdin.take().context("stdin")?.write_all(s.as_bytes())?;
-        }
-        drop(child.stdin.take());
-        let out = child.wait_with_output()?;
-        ensure!(out.status.success(), "kubectl {args:?}: {}", text(&out));
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn kubectl(&self, args: &[&str]) -> Result<String> {
-        self.kubectl_in(args, None)
-    }
-
-    fn apply(&self, yaml: &str) -> Result<()> {
-        self.kubectl_in(&["apply", "-f", "-"], Some(yaml)).map(|_| ())
-    }
-
-    fn peer(&self, ns: &str, name: &str) -> Result<Value> {
-        Ok(serde_json::from_str(
-            &self.kubectl(&["get", "vpnpeer", "-n", ns, name, "-o", "json"])?,
-        )?)
-    }
-
-    fn cluster_ip(&self, svc: &str) -> Result<String> {
-        let ip = self.kubectl(&["get", "service", svc, "-o", "jsonpath={.spec.clusterIP}"])?;
-        ensure!(!ip.is_empty(), "Service {svc} has no ClusterIP");
-        Ok(ip)
-    }
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        let _ = Command::new(binary("kuberaya"))
-            .args(["sandbox", "down", "--purge", "--state-dir"])
-            .arg(&self.state)
-            .output();
-    }
-}
-
-fn keypair() -> (String, String) {
-    let out = Command::new(binary("kuberaya-gateway"))
-        .arg("--generate-keypair")
-        .output()
-        .expect("kuberaya-gateway --generate-keypair");
-    assert!(out.status.success());
-    let text = String::from_utf8(out.stdout).expect("utf-8");
-    let mut it = text.split_whitespace();
-    (
-        it.next().expect("private").to_string(),
-        it.next().expect("public").to_string(),
-    )
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+fn peer(sb: &TempSandbox, ns: &str, name: &str) -> Result<Value> {
+    sb.get_json(&["get", "vpnpeer", "-n", ns, name])
 }
 
 /// An operator's laptop: a key pair and a tunnel address.
@@ -183,22 +74,15 @@ impl Laptop {
     /// One onetun forwarding a fresh local port to `remote` (`host:port:PROTO`).
     fn onetun(&self, gw: &GatewayInfo, remote: &str) -> Result<Tunnel> {
         let local = free_port();
-        let mut cmd = Command::new(onetun_path());
-        cmd.args([
-            "--endpoint-addr",
-            &gw.endpoint,
-            "--endpoint-public-key",
-            &gw.public_key,
-            "--source-peer-ip",
-            &self.address,
-            "--keep-alive",
-            "5",
-            &format!("127.0.0.1:{local}:{remote}"),
-        ])
-        .env("ONETUN_PRIVATE_KEY", &self.private);
+        let peer = WgPeer {
+            private_key: self.private.clone(),
+            gateway_key: gw.public_key.clone(),
+            endpoint: gw.endpoint.clone(),
+            address: self.address.clone(),
+        };
         Ok(Tunnel {
             port: local,
-            process: Process::spawn_command(cmd)?,
+            process: peer.onetun(local, remote),
         })
     }
 }
@@ -211,32 +95,14 @@ struct Tunnel {
 impl Tunnel {
     /// One HTTP GET through the tunnel: the body when it answered.
     fn get(&self, timeout: Duration) -> Option<String> {
-        curl(self.port, timeout)
+        let (ok, body) = curl_local(self.port, timeout.as_secs_f64());
+        ok.then_some(body)
     }
-}
-
-fn curl(port: u16, timeout: Duration) -> Option<String> {
-    let out = Command::new("curl")
-        .args(["-sS", "-m", &format!("{:.2}", timeout.as_secs_f64())])
-        .arg(format!("http://127.0.0.1:{port}/"))
-        .output()
-        .expect("curl is installed");
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A pod's answer: `pod=NAME namespace=default node=...`.
 fn from_pod(body: &str) -> bool {
     body.starts_with("pod=web-") && body.contains("namespace=default")
-}
-
-fn dig(port: u16, name: &str) -> String {
-    let out = Command::new("dig")
-        .args(["+time=2", "+tries=1", "-p", &port.to_string(), "@127.0.0.1", name, "A"])
-        .output()
-        .expect("dig is installed (apt package dnsutils)");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// What the gateway printed on start.
@@ -248,17 +114,7 @@ struct GatewayInfo {
 
 impl GatewayInfo {
     fn metrics(&self) -> String {
-        let Ok(addr) = self.metrics.parse() else {
-            return String::new();
-        };
-        let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
-            return String::new();
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let _ = write!(s, "GET /metrics HTTP/1.0\r\nhost: x\r\n\r\n");
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
+        http_get(&self.metrics, "/metrics")
     }
 
     /// The value of the metric line that starts with `name{` and contains every label.
@@ -368,7 +224,7 @@ spec:
 /// onetun starts only once the gateway has the peer: a stock client whose first
 /// initiation arrives before that retries only after WireGuard's 5 s REKEY_TIMEOUT.
 fn create_and_connect(
-    sb: &Sandbox,
+    sb: &TempSandbox,
     gw: &GatewayInfo,
     laptop: &Laptop,
     web: &str,
@@ -470,7 +326,7 @@ impl Bystander {
 
 /// The `kubectl get vpnpeers -A` table: `namespace/name` → [accepted, reason, address]
 /// (empty when blank), cut at the header's column offsets.
-fn peer_table(sb: &Sandbox) -> Result<BTreeMap<String, Vec<String>>> {
+fn peer_table(sb: &TempSandbox) -> Result<BTreeMap<String, Vec<String>>> {
     let table = sb.kubectl(&["get", "vpnpeers", "-A"])?;
     let mut lines = table.lines();
     let header = lines.next().context("header")?;
@@ -497,7 +353,7 @@ fn peer_table(sb: &Sandbox) -> Result<BTreeMap<String, Vec<String>>> {
     Ok(out)
 }
 
-fn wait_condition(sb: &Sandbox, ns: &str, name: &str, accepted: bool) -> Result<()> {
+fn wait_condition(sb: &TempSandbox, ns: &str, name: &str, accepted: bool) -> Result<()> {
     let cond = if accepted {
         "condition=Accepted".to_string()
     } else {
@@ -517,7 +373,7 @@ fn wait_condition(sb: &Sandbox, ns: &str, name: &str, accepted: bool) -> Result<
 #[test]
 fn vpn_peers_drive_the_gateway_live() -> Result<()> {
     onetun_path();
-    let sb = Sandbox::up()?;
+    let sb = sandbox_up()?;
     sb.kubectl(&[
         "apply",
         "-f",
@@ -538,7 +394,7 @@ fn vpn_peers_drive_the_gateway_live() -> Result<()> {
         "kuberaya-gateway",
         [
             "--kubeconfig",
-            sb.kubeconfig.to_str().context("utf-8")?,
+            sb.kubeconfig().to_str().context("utf-8")?,
             "--namespace",
             GW_NS,
             "--private-key-secret",
@@ -573,13 +429,7 @@ fn vpn_peers_drive_the_gateway_live() -> Result<()> {
 }
 
 fn curl_direct(ip: &str) -> Option<String> {
-    let out = Command::new("curl")
-        .args(["-sS", "-m", "2", &format!("http://{ip}:80/")])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    curl(&format!("http://{ip}:80/"))
 }
 
 fn free_udp_port() -> u16 {
@@ -589,7 +439,7 @@ fn free_udp_port() -> u16 {
         .expect("a free UDP port")
 }
 
-fn run_scenario(sb: &Sandbox, gw: &GatewayInfo, web: &str, secret: &str) -> Result<()> {
+fn run_scenario(sb: &TempSandbox, gw: &GatewayInfo, web: &str, secret: &str) -> Result<()> {
     // bob: the bystander, connected first and checked across every other change.
     let bob = Laptop::new("bob", "100.64.0.20");
     let (bob_tunnel, _, _) = create_and_connect(sb, gw, &bob, web, "")?;
@@ -629,11 +479,11 @@ fn run_scenario(sb: &Sandbox, gw: &GatewayInfo, web: &str, secret: &str) -> Resu
     // Status: rx/tx bytes and the last handshake, written at the status interval.
     let status_from = Instant::now();
     let status = poll_until_blocking(Duration::from_secs(15), || {
-        let p = sb.peer(GW_NS, "alice").ok()?;
+        let p = peer(sb, GW_NS, "alice").ok()?;
         let s = &p["status"];
         (s["rxBytes"].as_u64()? > 0 && s["txBytes"].as_u64()? > 0 && s["lastHandshake"].is_string()).then(|| s.clone())
     })
-    .with_context(|| format!("alice's status: {:?}", sb.peer(GW_NS, "alice")))?;
+    .with_context(|| format!("alice's status: {:?}", peer(sb, GW_NS, "alice")))?;
     eprintln!(
         "measured: alice's status carried bytes and lastHandshake {} ms after Accepted: {status}",
         status_from.elapsed().as_millis()
@@ -652,7 +502,7 @@ fn run_scenario(sb: &Sandbox, gw: &GatewayInfo, web: &str, secret: &str) -> Resu
     let sampling = Instant::now();
     while sampling.elapsed() < Duration::from_secs(8) {
         let _ = alice_t.get(Duration::from_secs(1));
-        let p = sb.peer(GW_NS, "alice")?;
+        let p = peer(sb, GW_NS, "alice")?;
         versions.insert(
             p["metadata"]["resourceVersion"]
                 .as_str()

@@ -376,8 +376,6 @@ impl Gateway {
     }
 
     fn datagram(&mut self, from: SocketAddr, d: &[u8]) {
-        let sent = self.io.sends.len();
-        let r = self.table.handle_data    fn datagram(&mut self, from: SocketAddr, d: &[u8]) {
         if let Err(e) = self.table.handle_datagram(from, d, &mut self.buf, &mut self.io) {
             let peer = e.peer().map(|p| p.to_string()).unwrap_or_default();
             let label = e.label();
@@ -387,7 +385,10 @@ impl Gateway {
         self.deliver();
     }
 
-   let Gateway {
+    /// Judge every decrypted packet and hand it to the data plane.
+    fn deliver(&mut self) {
+        let now = Instant::now();
+        let Gateway {
             table,
             dp,
             policy,
