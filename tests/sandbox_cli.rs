@@ -5,6 +5,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use kuberaya_e2e::sandbox::{output_text as text, parse_exports};
 use kuberaya_e2e::{Process, binary, unique_net_index};
 use serde_json::Value;
 
@@ -13,25 +14,6 @@ fn kuberaya(args: &[&str]) -> Result<Output> {
         .args(args)
         .output()
         .context("running kuberaya")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// Parse `export K=V` lines into (K, V), undoing the single quotes `sandbox env` may add.
-fn exports(stdout: &str) -> Vec<(String, String)> {
-    stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("export "))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.trim_matches('\'').to_string()))
-        .collect()
 }
 
 fn ranges() -> (String, String) {
@@ -46,17 +28,20 @@ fn detached_sandbox_serves_the_platform_and_stops_cleanly() -> Result<()> {
     let state_s = state.to_str().context("utf-8 path")?;
     let (public, vm) = ranges();
 
-    let up = kuberaya(&[
-        "sandbox",
-        "up",
-        "--detach",
-        "--state-dir",
-        state_s,
-        "--public-ip-range",
-        &public,
-        "--vm-ip-range",
-        &vm,
-    ])?;
+    let up_detached = || {
+        kuberaya(&[
+            "sandbox",
+            "up",
+            "--detach",
+            "--state-dir",
+            state_s,
+            "--public-ip-range",
+            &public,
+            "--vm-ip-range",
+            &vm,
+        ])
+    };
+    let up = up_detached()?;
     ensure!(up.status.success(), "sandbox up --detach failed: {}", text(&up));
     let out = String::from_utf8_lossy(&up.stdout);
     assert!(out.contains("kuberaya sandbox env"), "up prints how to use it: {out}");
@@ -87,7 +72,7 @@ fn detached_sandbox_serves_the_platform_and_stops_cleanly() -> Result<()> {
     // env: the exported credentials log in with real curl.
     let env = kuberaya(&["sandbox", "env", "--state-dir", state_s])?;
     ensure!(env.status.success(), "env: {}", text(&env));
-    let vars = exports(&String::from_utf8_lossy(&env.stdout));
+    let vars = parse_exports(&String::from_utf8_lossy(&env.stdout));
     let get = |k: &str| {
         vars.iter()
             .find(|(n, _)| n == k)
@@ -139,17 +124,7 @@ fn detached_sandbox_serves_the_platform_and_stops_cleanly() -> Result<()> {
     );
 
     // Up again: same state (same VMs), then down --purge removes it.
-    let up = kuberaya(&[
-        "sandbox",
-        "up",
-        "--detach",
-        "--state-dir",
-        state_s,
-        "--public-ip-range",
-        &public,
-        "--vm-ip-range",
-        &vm,
-    ])?;
+    let up = up_detached()?;
     ensure!(up.status.success(), "second up: {}", text(&up));
     let st = kuberaya(&["sandbox", "status", "--state-dir", state_s, "-o", "json"])?;
     let doc2: Value = serde_json::from_slice(&st.stdout)?;
