@@ -15,6 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use kuberaya_e2e::sandbox::{DownGuard, Ranges};
 use kuberaya_e2e::{bin_dir, binary, unique_net_index};
 
 const DOC: &str = "docs/getting-started.md";
@@ -145,31 +146,6 @@ fn adapt(script: &str, bins: &Path, ranges: &str) -> String {
         .replace("kuberaya sandbox up", &format!("kuberaya sandbox up {ranges}"))
 }
 
-/// Stops the sandbox (and purges its state) however the test ends.
-struct SandboxGuard {
-    state: PathBuf,
-}
-
-impl Drop for SandboxGuard {
-    fn drop(&mut self) {
-        if std::thread::panicking()
-            && let Ok(log) = std::fs::read_to_string(self.state.join("sandbox.log"))
-        {
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!(
-                "--- sandbox.log (tail) ---\n{}",
-                lines[lines.len().saturating_sub(60)..].join("\n")
-            );
-        }
-        let _ = Command::new(binary("kuberaya"))
-            .args(["sandbox", "down", "--purge", "--state-dir"])
-            .arg(&self.state)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
 /// Runs `script` in bash after restoring the session (`env.sh`, `cwd`), then saves it.
 /// Returns (exit status, combined output).
 fn run_step(script: &str, session: &Path, base_env: &[(String, String)]) -> Result<(bool, String)> {
@@ -248,12 +224,16 @@ fn every_command_of_getting_started_works_as_shown() -> Result<()> {
         std::fs::create_dir_all(d)?;
     }
     std::fs::write(session.join("cwd"), work.display().to_string())?;
-    let _guard = SandboxGuard { state: state.clone() };
+    // Stops the sandbox (and purges its state) however the test ends.
+    let _guard = DownGuard::new(&state);
 
-    let n = unique_net_index();
+    let Ranges {
+        net: n,
+        service_cidr,
+        pod_cidr,
+    } = Ranges::standard(unique_net_index());
     let ranges = format!(
-        "--public-ip-range 127.203.{n}.0/24 --vm-ip-range 127.10.{n}.0/24 --service-cidr 127.97.{n}.0/24 --pod-cidr 127.{}.0.0/16",
-        u16::from(n) + 100
+        "--public-ip-range 127.203.{n}.0/24 --vm-ip-range 127.10.{n}.0/24 --service-cidr {service_cidr} --pod-cidr {pod_cidr}"
     );
     let path = format!(
         "{}:{}",
