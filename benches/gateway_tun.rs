@@ -14,6 +14,9 @@
 //! one and four streams (`-t 5`), and `ping -c 20 -i 0.05`, and prints throughput, CPU time
 //! of the gateway process per GB received (utime+stime from /proc/<pid>/stat), latency, and
 //! the ratios to wireguard-go. Needs root, /dev/net/tun, wireguard-go, wg, iperf3, nft.
+//! `KURAYA_BENCH_GATEWAYS=tun` (or `userspace`, comma-separated) measures only those of
+//! ours, against wireguard-go. `KURAYA_BENCH_PERF=DIR` records a `perf record -e cpu-clock
+//! -g` profile of each gateway process during its one-stream run into `DIR/<gateway>.data`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,6 +41,13 @@ enum Gateway {
 }
 
 impl Gateway {
+    fn short(self) -> &'static str {
+        match self {
+            Gateway::Tun => "tun",
+            Gateway::Userspace => "userspace",
+            Gateway::WireguardGo => "wireguard-go",
+        }
+    }
     fn label(self) -> &'static str {
         match self {
             Gateway::Tun => "kuberaya-gateway --dataplane tun",
@@ -283,14 +293,46 @@ fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
     let pid = gateway.pid();
     let mut f = Figures::default();
     for (i, streams) in [1, 4].into_iter().enumerate() {
+        // KURAYA_BENCH_PERF=DIR: a cpu-clock profile of the gateway process (all its
+        // threads, kernel included) during the one-stream run, in DIR/<gateway>.data.
+        let perf = std::env::var_os("KURAYA_BENCH_PERF").filter(|_| streams == 1).map(|d| {
+            let out = Path::new(&d).join(format!("{}.data", kind.short()));
+            Command::new("perf")
+                .args(["record", "-q", "-e", "cpu-clock", "-g", "-p", &pid.to_string(), "-o"])
+                .arg(out)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("perf record (linux-perf)")
+        });
         let before = cpu_seconds(pid);
         let (mbps, bytes) = iperf(&laptop, streams);
         let cpu = cpu_seconds(pid) - before;
+        if let Some(mut p) = perf {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(p.id() as i32, libc::SIGINT) };
+            let _ = p.wait();
+        }
         f.mbps[i] = mbps;
         f.cpu_per_gb[i] = cpu / (bytes as f64 / 1e9);
     }
     f.rtt = ping(&laptop);
     f
+}
+
+/// Variables cargo sets for a package's binaries, tests and benches (not the user's
+/// configuration such as CARGO_HOME, CARGO_TARGET_DIR or CARGO_PROFILE_*).
+fn is_cargo_package_var(k: &str) -> bool {
+    k.starts_with("CARGO_PKG_")
+        || k.starts_with("CARGO_MANIFEST_")
+        || k.starts_with("CARGO_BIN_")
+        || matches!(
+            k,
+            "CARGO_CRATE_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_TARGET_TMPDIR"
+                | "CARGO_RUSTC_CURRENT_DIR"
+                | "OUT_DIR"
+        )
 }
 
 fn main() {
@@ -309,24 +351,40 @@ fn main() {
     ]);
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let status = Command::new(cargo)
-        .current_dir(root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "kuberaya-gateway",
-            "--bin",
-            "kuberaya-gateway",
-        ])
-        .status()
-        .unwrap();
+    let mut build = Command::new(cargo);
+    build.current_dir(root).args([
+        "build",
+        "--release",
+        "-p",
+        "kuberaya-gateway",
+        "--bin",
+        "kuberaya-gateway",
+    ]);
+    // Cargo runs this bench with the variables it gives to a package's own programs
+    // (CARGO_MANIFEST_DIR, CARGO_PKG_*, ...). Build scripts such as ring's rerun when they
+    // change, so passing them on made every run rebuild ring, rustls and kube twice: once
+    // here and once more in the next `cargo bench`. The nested build gets the user's
+    // environment back.
+    for (k, _) in std::env::vars_os() {
+        if let Some(k) = k.to_str()
+            && is_cargo_package_var(k)
+        {
+            build.env_remove(k);
+        }
+    }
+    let status = build.status().unwrap();
     assert!(status.success(), "building the gateway in release");
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
     let bin = target.join("release").join("kuberaya-gateway");
 
     let dir = tempfile::tempdir().unwrap();
-    let kinds = [Gateway::Tun, Gateway::Userspace, Gateway::WireguardGo];
+    // KURAYA_BENCH_GATEWAYS=tun,userspace (a subset) skips the others; wireguard-go, the
+    // reference of the ratios, is always measured.
+    let only = std::env::var("KURAYA_BENCH_GATEWAYS").unwrap_or_default();
+    let kinds: Vec<Gateway> = [Gateway::Tun, Gateway::Userspace, Gateway::WireguardGo]
+        .into_iter()
+        .filter(|k| *k == Gateway::WireguardGo || only.is_empty() || only.split(',').any(|w| w.trim() == k.short()))
+        .collect();
     let figures: Vec<(Gateway, Figures)> = kinds.iter().map(|&k| (k, measure(k, &bin, dir.path()))).collect();
     let wg = figures.iter().find(|(k, _)| *k == Gateway::WireguardGo).unwrap().1;
 

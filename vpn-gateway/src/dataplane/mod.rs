@@ -54,6 +54,10 @@ pub struct FlowCounters {
 pub trait DataPlane: Send {
     /// Handle one decrypted packet. Spoofed packets are dropped by the gateway before.
     fn inbound(&mut self, pkt: Inbound<'_>, now: Instant);
+    /// The end of a burst of [`DataPlane::inbound`] calls (one batch of datagrams): write
+    /// what was held back so that it goes out in one go. The TUN data plane coalesces the
+    /// burst's TCP segments here; a data plane that writes at once has nothing to do.
+    fn flush(&mut self) {}
     /// Advance the data plane and pass every packet bound for a tunnel to `emit`.
     fn outbound(&mut self, now: Instant, emit: &mut dyn FnMut(&[u8]));
     /// How long the loop may wait before calling [`DataPlane::outbound`] again when

@@ -13,15 +13,26 @@
 //! - **Teardown**: dropping the data plane deletes the table; the device goes with the
 //!   process (it is not persistent), so a crash leaves at most the table, which the next
 //!   start replaces.
-//! - **Packets from peers** (already decrypted, parsed and judged by the gateway loop):
-//!   `Allow` is written to the TUN at once with a non-blocking write; `Local` (DNS and
-//!   anything else addressed to the gateway) and `Denied` (audit, TCP RST) go to an
-//!   embedded [`UserspaceDataPlane`], so both modes answer DNS and refuse flows alike.
+//! - **Offloads**: the device is opened with `IFF_VNET_HDR` and TSO/checksum offloads
+//!   (`TUNSETOFFLOAD`), as wireguard-go does since 2023, so each read or write carries a
+//!   virtio-net header and may hold a TCP super-packet of up to 64 KiB. The kernel then
+//!   forwards one large segment instead of dozens of MTU-sized ones, which is where most of
+//!   the CPU went (see `docs/benchmarks.md`). When the kernel refuses offloads the device
+//!   is opened without them and everything goes packet by packet.
+//! - **Packets from peers** (already decrypted, parsed and judged one by one by the gateway
+//!   loop): `Allow` is copied into a preallocated write batch; at the end of each batch of
+//!   datagrams ([`DataPlane::flush`]) consecutive segments of one TCP flow are coalesced
+//!   (GRO, `tun_rs::handle_gro`) and the batch is written with one non-blocking write per
+//!   coalesced packet. `Local` (DNS and anything else addressed to the gateway) and `Denied`
+//!   (audit, TCP RST) go to an embedded [`UserspaceDataPlane`], so both modes answer DNS and
+//!   refuse flows alike. Coalescing happens after the checks, and only joins segments of
+//!   the same connection, so it cannot let through anything the rules refused.
 //! - **Packets to peers**: a task of its own reads the TUN into a small pool of
-//!   preallocated batches (up to [`BATCH`] packets per wake-up, one channel message per
-//!   batch) and wakes the gateway loop, which encrypts each packet to the peer owning its
-//!   destination and hands the batch back to the pool. No allocation per packet: a full
-//!   pool stops the reader, and the kernel's device queue absorbs (or drops) the rest.
+//!   preallocated batches (a super-packet is split into MTU-sized segments, GSO; up to
+//!   [`BATCH`] packets per wake-up, one channel message per batch) and wakes the gateway
+//!   loop, which encrypts each packet to the peer owning its destination and hands the
+//!   batch back to the pool. No allocation per packet: a full pool stops the reader, and
+//!   the kernel's device queue absorbs (or drops) the rest.
 
 use std::io;
 use std::net::Ipv4Addr;
@@ -31,7 +42,7 @@ use std::time::{Duration, Instant};
 use ipnet::Ipv4Net;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
-use tun_rs::{AsyncDevice, DeviceBuilder};
+use tun_rs::{AsyncDevice, DeviceBuilder, DeviceImpl, GROTable, VIRTIO_NET_HDR_LEN};
 
 use super::userspace::{UserspaceConfig, UserspaceDataPlane};
 use super::{DataPlane, FlowCounters, Inbound, Policy};
@@ -43,12 +54,23 @@ pub const MTU: u16 = super::userspace::MTU as u16;
 pub const NFT_TABLE: &str = "kuberaya-gateway";
 /// The default TUN device name.
 pub const DEFAULT_NAME: &str = "kr-gw0";
-/// Packets read from the TUN per wake-up of the reader.
-pub const BATCH: usize = 64;
+/// Packets a read batch holds: room for one super-packet split at the smallest segment
+/// size we expect (64 KiB / 1 KiB) plus as many single packets again.
+pub const BATCH: usize = 128;
+/// A further read is tried only while this many slots are free: a 64 KiB super-packet of
+/// segments of at least 1 KiB (our MTU's MSS is 1380) always fits.
+const SPLIT_ROOM: usize = 64;
 /// Batches in circulation between the reader and the gateway loop.
 const POOL: usize = 8;
 /// One packet's room in a batch: the MTU, rounded up.
 const SLOT: usize = 2048;
+/// The largest IP packet, what one offloaded read or write may carry.
+const MAX_PACKET: usize = 65_535;
+/// Decrypted packets held for one coalesced write ([`DataPlane::flush`]); the gateway
+/// flushes after each batch of datagrams, which is at most this many.
+const WRITE_BATCH: usize = crate::gateway::RECV_BATCH;
+/// Where a packet starts in a write buffer: the virtio-net header goes in front.
+const OFFSET: usize = VIRTIO_NET_HDR_LEN;
 
 /// Configuration of the TUN data plane.
 #[derive(Debug, Clone)]
@@ -76,26 +98,55 @@ pub enum TunError {
     Nft(#[source] nftables::helper::NftablesError),
 }
 
-/// Up to [`BATCH`] packets read from the TUN, in one preallocated buffer.
+/// Up to [`BATCH`] packets read from the TUN, in preallocated slots.
 struct Batch {
-    data: Box<[u8]>,
-    lens: [u16; BATCH],
+    slots: Box<[[u8; SLOT]]>,
+    lens: [usize; BATCH],
     n: usize,
 }
 
 impl Batch {
     fn new() -> Self {
         Batch {
-            data: vec![0u8; SLOT * BATCH].into_boxed_slice(),
+            slots: vec![[0u8; SLOT]; BATCH].into_boxed_slice(),
             lens: [0; BATCH],
             n: 0,
         }
     }
-    fn slot(&mut self, i: usize) -> &mut [u8] {
-        &mut self.data[i * SLOT..(i + 1) * SLOT]
-    }
     fn packets(&self) -> impl Iterator<Item = &[u8]> {
-        (0..self.n).map(|i| &self.data[i * SLOT..i * SLOT + self.lens[i] as usize])
+        (0..self.n).map(|i| &self.slots[i][..self.lens[i]])
+    }
+}
+
+/// Allowed packets waiting for [`DataPlane::flush`]. Every buffer has room for a 64 KiB
+/// super-packet from the start, so coalescing never reallocates.
+struct WriteBatch {
+    bufs: Vec<Vec<u8>>,
+    n: usize,
+    gro: GROTable,
+}
+
+impl WriteBatch {
+    fn new() -> Self {
+        WriteBatch {
+            // Capacity only: pages are touched as packets are coalesced into them.
+            bufs: (0..WRITE_BATCH)
+                .map(|_| Vec::with_capacity(2 * OFFSET + MAX_PACKET))
+                .collect(),
+            n: 0,
+            gro: GROTable::new(),
+        }
+    }
+    /// Queue a packet; false when the batch is full (flush first).
+    fn push(&mut self, packet: &[u8]) -> bool {
+        let Some(b) = self.bufs.get_mut(self.n) else {
+            return false;
+        };
+        b.clear();
+        b.resize(OFFSET, 0);
+        b.extend_from_slice(packet);
+        self.n += 1;
+        true
     }
 }
 
@@ -106,7 +157,8 @@ pub struct TunDataPlane {
     full: mpsc::Receiver<Batch>,
     free: mpsc::Sender<Batch>,
     reader: JoinHandle<()>,
-    /// Packets the device refused (queue full or down), since the last log line.
+    pending: WriteBatch,
+    /// Write calls the device refused (queue full or down), since the start.
     write_drops: u64,
 }
 
@@ -115,20 +167,30 @@ impl TunDataPlane {
     /// inside a tokio runtime.
     pub async fn start(cfg: TunConfig) -> Result<Self, TunError> {
         let gateway = cfg.local.gateway;
-        let dev = DeviceBuilder::new()
-            .name(&cfg.name)
-            .ipv4(gateway, cfg.range.prefix_len(), None)
-            .mtu(MTU)
-            .build_async()
-            .map_err(|source| TunError::Device {
-                name: cfg.name.clone(),
-                source,
-            })?;
+        let build = |offload: bool| {
+            DeviceBuilder::new()
+                .name(&cfg.name)
+                .ipv4(gateway, cfg.range.prefix_len(), None)
+                .mtu(MTU)
+                .offload(offload)
+                .build_async()
+        };
+        let dev = match build(true) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "TUN offloads refused; packet by packet");
+                build(false).map_err(|source| TunError::Device {
+                    name: cfg.name.clone(),
+                    source,
+                })?
+            }
+        };
         enable_forwarding().map_err(TunError::Forwarding)?;
         nftables::helper::apply_ruleset_async(&ruleset(&cfg.name, cfg.range))
             .await
             .map_err(TunError::Nft)?;
-        tracing::info!(device = %cfg.name, address = %gateway, range = %cfg.range, table = NFT_TABLE, "TUN data plane up");
+        tracing::info!(device = %cfg.name, address = %gateway, range = %cfg.range, table = NFT_TABLE,
+            offloads = dev.tcp_gso(), "TUN data plane up");
 
         let dev = Arc::new(dev);
         let local = UserspaceDataPlane::new(cfg.local);
@@ -145,6 +207,7 @@ impl TunDataPlane {
             full,
             free,
             reader,
+            pending: WriteBatch::new(),
             write_drops: 0,
         })
     }
@@ -167,27 +230,37 @@ async fn read_loop(
     full: mpsc::Sender<Batch>,
     wake: Arc<Notify>,
 ) {
+    // One read's raw bytes: the virtio-net header and up to a 64 KiB super-packet.
+    let mut raw = vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET];
+    let mut errors = 0u64;
     // Waiting for a free batch is the backpressure: the kernel queues meanwhile.
     while let Some(mut batch) = free.recv().await {
-        batch.n = 0;
-        match dev.recv(batch.slot(0)).await {
-            Ok(n) => {
-                batch.lens[0] = n as u16;
-                batch.n = 1;
-            }
+        let Batch { slots, lens, n } = &mut batch;
+        *n = 0;
+        match dev.recv_multiple(&mut raw, &mut slots[..], &mut lens[..], 0).await {
+            Ok(k) => *n = k,
             Err(e) => {
-                tracing::warn!(error = %e, "reading the TUN device");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                errors += 1;
+                if errors.is_power_of_two() {
+                    tracing::warn!(error = %e, errors, "reading the TUN device");
+                }
+                // The device failing (not one bad super-packet): do not spin.
+                if e.raw_os_error().is_some() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
         }
-        while batch.n < BATCH {
-            let i = batch.n;
-            match dev.try_recv(batch.slot(i)) {
-                Ok(n) => {
-                    batch.lens[i] = n as u16;
-                    batch.n += 1;
+        while *n + SPLIT_ROOM <= BATCH {
+            match dev.try_recv_multiple(&mut raw, &mut slots[*n..], &mut lens[*n..], 0) {
+                Ok(k) => *n += k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    errors += 1;
+                    if errors.is_power_of_two() {
+                        tracing::warn!(error = %e, errors, "reading the TUN device");
+                    }
+                    break;
                 }
-                Err(_) => break,
             }
         }
         if full.send(batch).await.is_err() {
@@ -251,14 +324,28 @@ impl DataPlane for TunDataPlane {
         match pkt.verdict {
             Verdict::Spoofed => {}
             Verdict::Allow => {
-                if let Err(e) = self.dev.try_send(pkt.bytes) {
-                    self.write_drops += 1;
-                    if self.write_drops.is_power_of_two() {
-                        tracing::warn!(error = %e, dropped = self.write_drops, "writing to the TUN device");
-                    }
+                if !self.pending.push(pkt.bytes) {
+                    self.flush();
+                    self.pending.push(pkt.bytes);
                 }
             }
             Verdict::Local | Verdict::Denied => self.local.inbound(pkt, now),
+        }
+    }
+
+    fn flush(&mut self) {
+        let WriteBatch { bufs, n, gro } = &mut self.pending;
+        if *n == 0 {
+            return;
+        }
+        // The synchronous, non-blocking write of `DeviceImpl` (a TUN write does not wait).
+        let r = DeviceImpl::send_multiple(&self.dev, gro, &mut bufs[..*n], OFFSET);
+        *n = 0;
+        if let Err(e) = r {
+            self.write_drops += 1;
+            if self.write_drops.is_power_of_two() {
+                tracing::warn!(error = %e, refused = self.write_drops, "writing to the TUN device");
+            }
         }
     }
 
@@ -320,12 +407,69 @@ mod tests {
     #[test]
     fn a_batch_yields_exactly_the_packets_read() {
         let mut b = Batch::new();
-        b.slot(0)[..3].copy_from_slice(&[1, 2, 3]);
+        b.slots[0][..3].copy_from_slice(&[1, 2, 3]);
         b.lens[0] = 3;
-        b.slot(1)[..1].copy_from_slice(&[9]);
+        b.slots[1][..1].copy_from_slice(&[9]);
         b.lens[1] = 1;
         b.n = 2;
         let got: Vec<&[u8]> = b.packets().collect();
         assert_eq!(got, [&[1u8, 2, 3][..], &[9u8][..]]);
+    }
+
+    /// An IPv4/TCP segment with valid checksums (GRO verifies them before coalescing).
+    fn segment(seq: u32, payload: &[u8]) -> Vec<u8> {
+        let total = 40 + payload.len();
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = 6;
+        p[12..16].copy_from_slice(&[100, 64, 0, 2]);
+        p[16..20].copy_from_slice(&[10, 96, 0, 20]);
+        let ip_sum = !tun_rs::checksum(&p[..20], 0);
+        p[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+        p[20..22].copy_from_slice(&40000u16.to_be_bytes());
+        p[22..24].copy_from_slice(&5201u16.to_be_bytes());
+        p[24..28].copy_from_slice(&seq.to_be_bytes());
+        p[28..32].copy_from_slice(&7u32.to_be_bytes());
+        p[32] = 5 << 4;
+        p[33] = 0x10; // ACK
+        p[34..36].copy_from_slice(&512u16.to_be_bytes());
+        p[40..].copy_from_slice(payload);
+        // Pseudo-header: addresses, protocol, TCP length.
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&p[12..20]);
+        pseudo.extend_from_slice(&[0, 6]);
+        pseudo.extend_from_slice(&((total - 20) as u16).to_be_bytes());
+        let sum = !tun_rs::checksum(&p[20..], tun_rs::checksum_no_fold(&pseudo, 0));
+        p[36..38].copy_from_slice(&sum.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn consecutive_segments_of_a_flow_are_coalesced_in_place() {
+        let mut w = WriteBatch::new();
+        let mss = 1380;
+        for i in 0..WRITE_BATCH {
+            let payload = vec![i as u8; mss];
+            assert!(w.push(&segment(1000 + (i * mss) as u32, &payload)));
+        }
+        assert!(!w.push(&segment(0, b"x")), "full: the caller flushes first");
+        let n = w.n;
+        w.gro.apply_gro(&mut w.bufs[..n], OFFSET, false).unwrap();
+        // The buffers have room for 64 KiB, so the first segment took the rest that fit
+        // (64 KiB / 1380 = 47 segments) without reallocating.
+        let head = &w.bufs[0];
+        assert_eq!(head.capacity(), 2 * OFFSET + MAX_PACKET, "no reallocation");
+        let merged = (head.len() - OFFSET - 40) / mss;
+        assert!(merged >= 40, "{merged} segments in the first write");
+        let hdr = tun_rs::VirtioNetHdr::decode(&head[..OFFSET]).unwrap();
+        assert_eq!(hdr.gso_type, tun_rs::VIRTIO_NET_HDR_GSO_TCPV4);
+        assert_eq!(hdr.gso_size as usize, mss);
+        assert_eq!(
+            head[OFFSET + 40 + mss],
+            1,
+            "the second segment's payload follows the first"
+        );
     }
 }
