@@ -12,34 +12,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use kuberaya_e2e::probe::{dig, http_get};
+use kuberaya_e2e::sandbox::{WgPeer, curl_local, free_port, gateway_keypair as keypair, onetun_path};
 use kuberaya_e2e::{Process, poll_until_blocking};
 
 const BODY: &str = "hello from web";
 
-fn onetun_path() -> PathBuf {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("onetun"))
-            .find(|p| p.is_file())
-    });
-    found.unwrap_or_else(|| {
-        panic!("onetun is not installed: run `cargo install --locked onetun --version 0.3.10` (scripts/test does)")
-    })
-}
-
 fn has(cmd: &str) -> bool {
     Command::new(cmd).arg("-v").output().is_ok()
-}
-
-fn keypair() -> (String, String) {
-    let out = Command::new(kuberaya_e2e::binary("kuberaya-gateway"))
-        .arg("--generate-keypair")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let text = String::from_utf8(out.stdout).unwrap();
-    let mut it = text.split_whitespace();
-    (it.next().unwrap().to_string(), it.next().unwrap().to_string())
 }
 
 /// A fake Service: answers every connection with a fixed HTTP response, for a bounded time.
@@ -61,50 +41,8 @@ fn fake_http(addr: Ipv4Addr) -> SocketAddr {
     a
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Laptop {
-    private: String,
-    gateway_public: String,
-    endpoint: String,
-}
-
-impl Laptop {
-    /// One onetun forwarding `local` to `remote` (`host:port:PROTO`).
-    fn onetun(&self, local: u16, remote: &str) -> Process {
-        let mut cmd = Command::new(onetun_path());
-        cmd.args([
-            "--endpoint-addr",
-            &self.endpoint,
-            "--endpoint-public-key",
-            &self.gateway_public,
-            "--source-peer-ip",
-            "100.64.0.2",
-            "--keep-alive",
-            "5",
-            &format!("127.0.0.1:{local}:{remote}"),
-        ])
-        .env("ONETUN_PRIVATE_KEY", &self.private);
-        Process::spawn_command(cmd).unwrap()
-    }
-}
-
 fn curl(port: u16) -> (bool, String) {
-    let out = Command::new("curl")
-        .args(["-sS", "-m", "3", &format!("http://127.0.0.1:{port}/")])
-        .output()
-        .expect("curl is installed");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn dig(port: u16, name: &str) -> String {
-    let out = Command::new("dig")
-        .args(["+time=2", "+tries=1", "-p", &port.to_string(), "@127.0.0.1", name, "A"])
-        .output()
-        .expect("dig is installed (apt package dnsutils)");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    curl_local(port, 3.0)
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -177,12 +115,13 @@ fn onetun_reaches_allowed_service_is_refused_the_other_and_resolves_names() {
             .unwrap()
             .to_string()
     };
-    let laptop = Laptop {
-        private: peer_private,
-        gateway_public: field("public_key"),
+    let laptop = WgPeer {
+        private_key: peer_private,
+        gateway_key: field("public_key"),
         endpoint: field("udp"),
+        address: "100.64.0.2".into(),
     };
-    assert_eq!(laptop.gateway_public, gw_public);
+    assert_eq!(laptop.gateway_key, gw_public);
     let metrics = field("metrics");
 
     // Allowed: curl through onetun reaches web.
@@ -244,16 +183,4 @@ fn onetun_reaches_allowed_service_is_refused_the_other_and_resolves_names() {
 
     assert!(gw.is_running(), "the gateway exited\n{}", gw.output_tails());
     assert!(gw.stderr().contains("flow ended"), "no audit line for the allowed flow");
-}
-
-/// A minimal HTTP/1.0 GET (the metrics endpoint), bounded by timeouts.
-fn http_get(addr: &str, path: &str) -> String {
-    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2)) else {
-        return String::new();
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let _ = write!(s, "GET {path} HTTP/1.0\r\nhost: x\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
 }

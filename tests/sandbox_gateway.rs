@@ -14,19 +14,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use kuberaya_e2e::probe::dig;
 use kuberaya_e2e::sandbox::{Sandbox, WgPeer, curl_local, free_port, onetun_path, output_text};
 use kuberaya_e2e::{binary, poll_until_blocking};
 
 fn curl(port: u16) -> (bool, String) {
     curl_local(port, 3.0)
-}
-
-fn dig(port: u16, name: &str) -> String {
-    let out = Command::new("dig")
-        .args(["+time=2", "+tries=1", "-p", &port.to_string(), "@127.0.0.1", name, "A"])
-        .output()
-        .expect("dig is installed (apt package dnsutils)");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
