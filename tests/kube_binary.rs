@@ -1,72 +1,73 @@
 //! `kuberaya-sandbox kube`: the API server stand-in as a process, driven by the real
 //! kubectl, stopped with SIGTERM and started again on the same state.
 
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use kuberaya_e2e::Process;
 
-fn kubectl(home: &std::path::Path, kubeconfig: &std::path::Path, args: &[&str]) -> Result<Output> {
-    Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .arg("--request-timeout=20s")
-        .args(args)
-        .env("HOME", home)
-        .env_remove("KUBECONFIG")
-        .output()
-        .context("running kubectl")
+/// One stand-in's temporary directory: its state, the kubeconfig it writes, and the HOME
+/// of the real kubectl that reads it (never the user's).
+struct StandIn {
+    dir: tempfile::TempDir,
+    state: String,
+    kubeconfig: String,
 }
 
-fn ok(home: &std::path::Path, kubeconfig: &std::path::Path, args: &[&str]) -> Result<String> {
-    let o = kubectl(home, kubeconfig, args)?;
-    ensure!(
-        o.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-}
+impl StandIn {
+    fn new() -> Result<StandIn> {
+        let dir = tempfile::tempdir()?;
+        let state = dir.path().join("kube").to_str().context("utf-8")?.to_string();
+        let kubeconfig = dir.path().join("kubeconfig").to_str().context("utf-8")?.to_string();
+        Ok(StandIn { dir, state, kubeconfig })
+    }
 
-fn start(state: &str, kubeconfig: &str) -> Result<(Process, String)> {
-    let mut p = Process::start(
-        "kuberaya-sandbox",
-        [
-            "kube",
-            "--listen",
-            "127.0.0.1:0",
-            "--state-dir",
-            state,
-            "--kubeconfig",
-            kubeconfig,
-        ],
-    )?;
-    let line = p.wait_for_stdout_line("listening on ", Duration::from_secs(60))?;
-    let url = line.trim().trim_start_matches("listening on ").to_string();
-    ensure!(url.starts_with("https://127.0.0.1:"), "unexpected address line: {line}");
-    Ok((p, url))
+    /// `kuberaya-sandbox kube` on this state; the process and its URL.
+    fn start(&self) -> Result<(Process, String)> {
+        let mut p = Process::start(
+            "kuberaya-sandbox",
+            [
+                "kube",
+                "--listen",
+                "127.0.0.1:0",
+                "--state-dir",
+                &self.state,
+                "--kubeconfig",
+                &self.kubeconfig,
+            ],
+        )?;
+        let line = p.wait_for_stdout_line("listening on ", Duration::from_secs(60))?;
+        let url = line.trim().trim_start_matches("listening on ").to_string();
+        ensure!(url.starts_with("https://127.0.0.1:"), "unexpected address line: {line}");
+        Ok((p, url))
+    }
+
+    /// `kubectl ARGS`, which must succeed; its stdout.
+    fn ok(&self, args: &[&str]) -> Result<String> {
+        let o = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--request-timeout=20s")
+            .args(args)
+            .env("HOME", self.dir.path())
+            .env_remove("KUBECONFIG")
+            .output()
+            .context("running kubectl")?;
+        ensure!(
+            o.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    }
 }
 
 #[test]
 fn kube_stand_in_binary_serves_kubectl_and_keeps_state() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let state = dir.path().join("kube");
-    let kc = dir.path().join("kubeconfig");
-    let (state_s, kc_s) = (state.to_str().context("utf-8")?, kc.to_str().context("utf-8")?);
-    let (mut p, _url) = start(state_s, kc_s)?;
-    let out = ok(dir.path(), &kc, &["get", "ns"])?;
-    ensure!(out.contains("kube-system"), "{out}");
-    ok(dir.path(), &kc, &["create", "namespace", "kept"])?;
-    ok(
-        dir.path(),
-        &kc,
-        &["create", "configmap", "c", "-n", "kept", "--from-literal=a=1"],
-    )?;
-    let rv_before: u64 = ok(
-        dir.path(),
-        &kc,
-        &[
+    let kube = StandIn::new()?;
+    let resource_version = || -> Result<u64> {
+        let rv = kube.ok(&[
             "get",
             "cm",
             "c",
@@ -74,37 +75,26 @@ fn kube_stand_in_binary_serves_kubectl_and_keeps_state() -> Result<()> {
             "kept",
             "-o",
             "jsonpath={.metadata.resourceVersion}",
-        ],
-    )?
-    .parse()?;
+        ])?;
+        Ok(rv.parse()?)
+    };
+    let (mut p, _url) = kube.start()?;
+    let out = kube.ok(&["get", "ns"])?;
+    ensure!(out.contains("kube-system"), "{out}");
+    kube.ok(&["create", "namespace", "kept"])?;
+    kube.ok(&["create", "configmap", "c", "-n", "kept", "--from-literal=a=1"])?;
+    let rv_before = resource_version()?;
     let status = p.stop();
     ensure!(
         status.is_some_and(|s| s.success()),
         "SIGTERM should stop it cleanly: {}",
         p.output_tails()
     );
-    let (_p, _url) = start(state_s, kc_s)?;
-    let out = ok(
-        dir.path(),
-        &kc,
-        &["get", "cm", "c", "-n", "kept", "-o", "jsonpath={.data.a}"],
-    )?;
+    let (_p, _url) = kube.start()?;
+    let out = kube.ok(&["get", "cm", "c", "-n", "kept", "-o", "jsonpath={.data.a}"])?;
     ensure!(out == "1", "{out}");
-    ok(dir.path(), &kc, &["label", "cm", "c", "-n", "kept", "x=y"])?;
-    let rv_after: u64 = ok(
-        dir.path(),
-        &kc,
-        &[
-            "get",
-            "cm",
-            "c",
-            "-n",
-            "kept",
-            "-o",
-            "jsonpath={.metadata.resourceVersion}",
-        ],
-    )?
-    .parse()?;
+    kube.ok(&["label", "cm", "c", "-n", "kept", "x=y"])?;
+    let rv_after = resource_version()?;
     ensure!(
         rv_after > rv_before,
         "resourceVersion went from {rv_before} to {rv_after}"
@@ -116,26 +106,21 @@ fn kube_stand_in_binary_serves_kubectl_and_keeps_state() -> Result<()> {
 /// writes. Writes acknowledged a second before the kill are there after a restart.
 #[test]
 fn kube_stand_in_keeps_acknowledged_writes_across_a_crash() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let state = dir.path().join("kube");
-    let kc = dir.path().join("kubeconfig");
-    let (state_s, kc_s) = (state.to_str().context("utf-8")?, kc.to_str().context("utf-8")?);
-    let (mut p, _url) = start(state_s, kc_s)?;
-    ok(
-        dir.path(),
-        &kc,
-        &["create", "configmap", "before-crash", "--from-literal=a=1"],
-    )?;
-    ok(dir.path(), &kc, &["label", "cm", "before-crash", "x=y"])?;
+    let kube = StandIn::new()?;
+    let (mut p, _url) = kube.start()?;
+    kube.ok(&["create", "configmap", "before-crash", "--from-literal=a=1"])?;
+    kube.ok(&["label", "cm", "before-crash", "x=y"])?;
     std::thread::sleep(Duration::from_secs(1));
     p.signal(libc::SIGKILL);
     p.stop();
-    let (_p, _url) = start(state_s, kc_s)?;
-    let out = ok(
-        dir.path(),
-        &kc,
-        &["get", "cm", "before-crash", "-o", "jsonpath={.data.a}{.metadata.labels.x}"],
-    )?;
+    let (_p, _url) = kube.start()?;
+    let out = kube.ok(&[
+        "get",
+        "cm",
+        "before-crash",
+        "-o",
+        "jsonpath={.data.a}{.metadata.labels.x}",
+    ])?;
     ensure!(out == "1y", "{out}");
     Ok(())
 }
