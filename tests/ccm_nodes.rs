@@ -14,13 +14,12 @@
 //! refresh covers untainted Nodes without a provider ID), which is what these tests check.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ops::Deref;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use kuberaya_e2e::ccm::Ccm;
-use kuberaya_e2e::cloud::{CLUSTER_LABEL, CloudSandbox, SERVICE_NAMESPACE_LABEL, by_service, only_lb};
+use kuberaya_e2e::cloud::CloudSandbox;
 use kuberaya_e2e::cluster::{Cluster, FAST_HEALTH, deployment, has_taint, is_ready, lb_service, node_address};
 use kuberaya_e2e::probe::wait_answering;
 use kuberaya_e2e::sandbox::Ranges;
@@ -30,76 +29,50 @@ use serde_json::{Value, json};
 const UNINITIALIZED: &str = "node.cloudprovider.kubernetes.io/uninitialized";
 const SHUTDOWN: &str = "node.cloudprovider.kubernetes.io/shutdown";
 
-/// A running sandbox of three nodes (no CCM inside) in a temporary state dir (the
-/// harness's [`CloudSandbox`]).
-struct Sandbox(CloudSandbox);
+/// The namespace of the tests' Services (not, say, a sandbox gateway Service's).
+const NS: &str = "default";
+/// How long `kubectl wait` waits for a Service's ingress.
+const INGRESS_TIMEOUT: &str = "60s";
 
-impl Deref for Sandbox {
-    type Target = CloudSandbox;
-    fn deref(&self) -> &CloudSandbox {
-        &self.0
-    }
+/// A running sandbox of three nodes (no CCM inside) in a temporary state dir.
+fn sandbox_up() -> Result<CloudSandbox> {
+    let n = unique_net_index();
+    let ranges = Ranges {
+        net: n,
+        service_cidr: format!("127.99.{n}.0/24"),
+        // A /21 (eight /24s, one per node) of 127.241-242.x.x, unique per net index.
+        pod_cidr: format!(
+            "127.{}.{}.0/21",
+            241 + (n.saturating_sub(60)) / 32,
+            (n.saturating_sub(60) % 32) * 8
+        ),
+    };
+    let extra = ["--no-ccm", "--nodes", "3", "--provisioning-delay-ms", "200"];
+    CloudSandbox::up(&ranges, &extra, 3)
 }
 
-impl Sandbox {
-    fn up() -> Result<Sandbox> {
-        let n = unique_net_index();
-        let ranges = Ranges {
-            net: n,
-            service_cidr: format!("127.99.{n}.0/24"),
-            // A /21 (eight /24s, one per node) of 127.241-242.x.x, unique per net index.
-            pod_cidr: format!(
-                "127.{}.{}.0/21",
-                241 + (n.saturating_sub(60)) / 32,
-                (n.saturating_sub(60) % 32) * 8
-            ),
-        };
-        let extra = ["--no-ccm", "--nodes", "3", "--provisioning-delay-ms", "200"];
-        Ok(Sandbox(CloudSandbox::up(&ranges, &extra, 3)?))
-    }
-
-    /// Our load balancers of the tests' Services (namespace `default`; not, say, a sandbox
-    /// gateway Service's) by the name of their Service.
-    fn lbs_by_service(&self) -> Result<BTreeMap<String, Vec<Value>>> {
-        let lbs = self.list(&format!(
-            "{}?label={CLUSTER_LABEL}={}&label={SERVICE_NAMESPACE_LABEL}=default",
-            self.lbs_path(),
-            self.cluster_id
-        ))?;
-        Ok(by_service(lbs))
-    }
-
-    fn lb_of(&self, name: &str) -> Result<Value> {
-        only_lb(self.lbs_by_service()?, name)
-    }
-
-    fn wait_ingress(&self, name: &str) -> Result<String> {
-        Cluster::wait_ingress(&self.0, name, "60s")
-    }
-
-    /// Starts a `kuberaya-ccm` replica against this sandbox (fast periods for the tests).
-    fn spawn_ccm(&self) -> Result<Ccm> {
-        Ccm::spawn(
-            self,
-            "info,kube_runtime=warn",
-            &[
-                "--leader-elect-lease-duration",
-                "4s",
-                "--leader-elect-renew-grace",
-                "2s",
-                "--resync-period",
-                "5s",
-                "--poll-period",
-                "300ms",
-                "--node-sync-debounce",
-                "300ms",
-                "--node-status-update-frequency",
-                "1s",
-                "--node-monitor-period",
-                "1s",
-            ],
-        )
-    }
+/// Starts a `kuberaya-ccm` replica against `sb` (fast periods for the tests).
+fn spawn_ccm(sb: &CloudSandbox) -> Result<Ccm> {
+    Ccm::spawn(
+        sb,
+        "info,kube_runtime=warn",
+        &[
+            "--leader-elect-lease-duration",
+            "4s",
+            "--leader-elect-renew-grace",
+            "2s",
+            "--resync-period",
+            "5s",
+            "--poll-period",
+            "300ms",
+            "--node-sync-debounce",
+            "300ms",
+            "--node-status-update-frequency",
+            "1s",
+            "--node-monitor-period",
+            "1s",
+        ],
+    )
 }
 
 /// Why `node` is not initialised from `vm` yet (`None`: it is).
@@ -136,7 +109,7 @@ fn not_initialised(node: &Value, vm: &Value) -> Option<String> {
 }
 
 /// Waits until the nodes `names` are initialised from their VMs.
-fn wait_initialised(sb: &Sandbox, names: &[&str], within: Duration) -> Result<()> {
+fn wait_initialised(sb: &CloudSandbox, names: &[&str], within: Duration) -> Result<()> {
     let mut last = String::new();
     let done = poll_until_blocking(within, || {
         let (nodes, vms) = (sb.nodes().ok()?, sb.vms().ok()?);
@@ -171,9 +144,9 @@ fn backends(lb: &Value) -> BTreeMap<String, String> {
 }
 
 /// Runs `test` with a fresh sandbox; a failure carries the sandbox log.
-fn with_sandbox(test: impl FnOnce(&Sandbox) -> Result<()>) -> Result<()> {
+fn with_sandbox(test: impl FnOnce(&CloudSandbox) -> Result<()>) -> Result<()> {
     let started = Instant::now();
-    let sb = Sandbox::up()?;
+    let sb = sandbox_up()?;
     eprintln!("sandbox ready in {:?}", started.elapsed());
     let result = test(&sb).map_err(|e| e.context(format!("sandbox log (tail):\n{}", sb.log())));
     eprintln!("test took {:?}", started.elapsed());
@@ -183,7 +156,7 @@ fn with_sandbox(test: impl FnOnce(&Sandbox) -> Result<()>) -> Result<()> {
 #[test]
 fn nodes_are_initialised_kept_true_to_their_vms_and_reach_every_lb() -> Result<()> {
     with_sandbox(|sb| {
-        let mut ccm = sb.spawn_ccm()?;
+        let mut ccm = spawn_ccm(sb)?;
         let mut run = || -> Result<()> {
             ccm.wait_leader(Duration::from_secs(20))?;
             wait_initialised(sb, &["w1", "w2", "w3"], Duration::from_secs(20))?;
@@ -196,9 +169,9 @@ fn nodes_are_initialised_kept_true_to_their_vms_and_reach_every_lb() -> Result<(
             let mut only_w2: Vec<(&str, &str)> = FAST_HEALTH.to_vec();
             only_w2.push(("lb.cloudraya.com/node-selector", "kubernetes.io/hostname=w2"));
             sb.apply(&lb_service("web-c", "web", &only_w2, ""))?;
-            let ip_a = sb.wait_ingress("web-a")?;
-            sb.wait_ingress("web-b")?;
-            sb.wait_ingress("web-c")?;
+            let ip_a = sb.wait_ingress("web-a", INGRESS_TIMEOUT)?;
+            sb.wait_ingress("web-b", INGRESS_TIMEOUT)?;
+            sb.wait_ingress("web-c", INGRESS_TIMEOUT)?;
             wait_answering(&format!("http://{ip_a}/"))?;
             let vms = sb.vms()?;
             let vm_id = |name: &str| -> Result<String> {
@@ -221,16 +194,16 @@ fn nodes_are_initialised_kept_true_to_their_vms_and_reach_every_lb() -> Result<(
             let added = poll_until_blocking(Duration::from_secs(15), || {
                 all_lbs
                     .iter()
-                    .all(|s| sb.lb_of(s).is_ok_and(|lb| backends(&lb).contains_key(&w4)))
+                    .all(|s| sb.lb_in(NS, s).is_ok_and(|lb| backends(&lb).contains_key(&w4)))
                     .then_some(())
             });
             ensure!(
                 added.is_some(),
                 "w4 ({w4}) is a backend of every LB: {:?}",
-                sb.lbs_by_service()?
+                sb.lbs_in(NS)?
             );
             ensure!(
-                !backends(&sb.lb_of("web-c")?).contains_key(&w4),
+                !backends(&sb.lb_in(NS, "web-c")?).contains_key(&w4),
                 "web-c stays on w2 only"
             );
 
@@ -266,7 +239,7 @@ fn nodes_are_initialised_kept_true_to_their_vms_and_reach_every_lb() -> Result<(
             // A changed private IP: the Node's InternalIP and both LBs that target w1
             // follow within 5 s; web-c (w2 only) is not touched; traffic still answers.
             let w1 = vm_id("w1")?;
-            let web_c_before = sb.lb_of("web-c")?;
+            let web_c_before = sb.lb_in(NS, "web-c")?;
             let new_ip = format!("127.10.{}.201", sb.net());
             let a = sb.control(
                 reqwest::Method::PUT,
@@ -279,23 +252,23 @@ fn nodes_are_initialised_kept_true_to_their_vms_and_reach_every_lb() -> Result<(
                 let node_ok = node_address(sb.nodes().ok()?.get("w1")?, "InternalIP")? == new_ip;
                 let lbs_ok = all_lbs
                     .iter()
-                    .all(|s| sb.lb_of(s).is_ok_and(|lb| backends(&lb).get(&w1) == Some(&new_ip)));
+                    .all(|s| sb.lb_in(NS, s).is_ok_and(|lb| backends(&lb).get(&w1) == Some(&new_ip)));
                 (node_ok && lbs_ok).then_some(())
             });
             ensure!(
                 followed.is_some(),
                 "w1's new IP {new_ip} on its Node and LBs within 5 s: node {:?}, LBs {:?}",
                 sb.nodes()?.get("w1").and_then(|n| node_address(n, "InternalIP")),
-                sb.lbs_by_service()?
+                sb.lbs_in(NS)?
             );
             eprintln!("IP change reached the Node and the LBs in {:?}", changed.elapsed());
-            let web_c_after = sb.lb_of("web-c")?;
+            let web_c_after = sb.lb_in(NS, "web-c")?;
             ensure!(
                 web_c_after["updated_at"] == web_c_before["updated_at"],
                 "web-c, which does not target w1, was not updated: {web_c_before} -> {web_c_after}"
             );
             for s in ["web-a", "web-b"] {
-                let ip = sb.wait_ingress(s)?;
+                let ip = sb.wait_ingress(s, INGRESS_TIMEOUT)?;
                 for _ in 0..6 {
                     wait_answering(&format!("http://{ip}/"))?;
                 }
@@ -309,14 +282,14 @@ fn nodes_are_initialised_kept_true_to_their_vms_and_reach_every_lb() -> Result<(
             });
             ensure!(gone.is_some(), "node w3 deleted");
             let removed = poll_until_blocking(Duration::from_secs(15), || {
-                sb.lbs_by_service()
+                sb.lbs_in(NS)
                     .ok()?
                     .values()
                     .flatten()
                     .all(|lb| !backends(lb).contains_key(&w3))
                     .then_some(())
             });
-            ensure!(removed.is_some(), "w3 in no LB: {:?}", sb.lbs_by_service()?);
+            ensure!(removed.is_some(), "w3 in no LB: {:?}", sb.lbs_in(NS)?);
             wait_answering(&format!("http://{ip_a}/"))?;
             Ok(())
         };
@@ -327,7 +300,7 @@ fn nodes_are_initialised_kept_true_to_their_vms_and_reach_every_lb() -> Result<(
 #[test]
 fn two_replicas_one_leads_and_a_killed_leader_loses_no_service() -> Result<()> {
     with_sandbox(|sb| {
-        let mut ccms = [sb.spawn_ccm()?, sb.spawn_ccm()?];
+        let mut ccms = [spawn_ccm(sb)?, spawn_ccm(sb)?];
         let tails = |ccms: &[Ccm]| {
             ccms.iter()
                 .map(|c| c.process.output_tails())
@@ -341,7 +314,7 @@ fn two_replicas_one_leads_and_a_killed_leader_loses_no_service() -> Result<()> {
             wait_initialised(sb, &["w1", "w2", "w3"], Duration::from_secs(20))?;
             sb.apply(&deployment("web", 2, false))?;
             sb.apply(&lb_service("svc-0", "web", &[], ""))?;
-            sb.wait_ingress("svc-0")?;
+            sb.wait_ingress("svc-0", INGRESS_TIMEOUT)?;
             // Exactly one reconciles: the follower has no leadership and no reconcile.
             ensure!(!ccms[follower].leads(), "only one replica leads");
             ensure!(
@@ -380,9 +353,9 @@ fn two_replicas_one_leads_and_a_killed_leader_loses_no_service() -> Result<()> {
                 .context("the other replica takes over")?;
             eprintln!("takeover after {:?}", killed_at.elapsed());
             for i in 0..=20 {
-                sb.wait_ingress(&format!("svc-{i}"))?;
+                sb.wait_ingress(&format!("svc-{i}"), INGRESS_TIMEOUT)?;
             }
-            let by_service = sb.lbs_by_service()?;
+            let by_service = sb.lbs_in(NS)?;
             let total: usize = by_service.values().map(Vec::len).sum();
             let dupes: Vec<&String> = by_service
                 .iter()
@@ -411,7 +384,7 @@ fn two_replicas_one_leads_and_a_killed_leader_loses_no_service() -> Result<()> {
 #[test]
 fn a_leader_that_loses_its_lease_stops() -> Result<()> {
     with_sandbox(|sb| {
-        let mut ccm = sb.spawn_ccm()?;
+        let mut ccm = spawn_ccm(sb)?;
         ccm.wait_leader(Duration::from_secs(20))?;
         let lease = sb.get_json(&["get", "lease", "kuberaya-ccm", "-n", "default"])?;
         ensure!(lease["spec"]["holderIdentity"].is_string(), "{lease}");

@@ -136,6 +136,21 @@ impl CloudSandbox {
         ))
     }
 
+    /// Our cluster's load balancers of the Services in `namespace`, by Service name.
+    pub fn lbs_in(&self, namespace: &str) -> Result<BTreeMap<String, Vec<Value>>> {
+        let lbs = self.list(&format!(
+            "{}?label={CLUSTER_LABEL}={}&label={SERVICE_NAMESPACE_LABEL}={namespace}",
+            self.lbs_path(),
+            self.cluster_id
+        ))?;
+        Ok(by_service(lbs))
+    }
+
+    /// The single load balancer of Service `namespace/name`.
+    pub fn lb_in(&self, namespace: &str, name: &str) -> Result<Value> {
+        only_lb(self.lbs_in(namespace)?, name)
+    }
+
     /// The platform's VMs of our cluster by name.
     pub fn vms(&self) -> Result<BTreeMap<String, Value>> {
         let vms = self.list(&format!("/vm/v1/instances?label={CLUSTER_LABEL}={}", self.cluster_id))?;
