@@ -19,7 +19,7 @@ use crate::metrics::{FlowLabels, Metrics, PeerLabels, StateLabels};
 use crate::packet;
 use crate::peers::{self, PeerId, TunnelConfig, Validation};
 use crate::source::{GatewayReport, PeerReport, PeerSnapshot, ServiceSnapshot};
-use crate::tunnel::{PeerTable, TunnelIo, TunnelStats, BUF_SIZE};
+use crate::tunnel::{BUF_SIZE, PeerTable, TunnelIo, TunnelStats};
 use crate::uapi::{DeviceState, PeerState, StateRequest};
 
 /// How often timers run (keepalives, rekeys, expiry of peers).
@@ -109,6 +109,11 @@ fn send_batch(socket: &UdpSocket, sends: &[(SocketAddr, usize, usize)], buf: &[u
     } else {
         Ok(r as usize)
     }
+}
+
+/// A WireGuard cookie reply (type 3, 64 bytes).
+fn is_cookie_reply(d: &[u8]) -> bool {
+    d.len() == 64 && d[..4] == [3, 0, 0, 0]
 }
 
 /// Received datagrams: (source, length) of each slot of the batch buffer.
@@ -376,7 +381,15 @@ impl Gateway {
     }
 
     fn datagram(&mut self, from: SocketAddr, d: &[u8]) {
-        if let Err(e) = self.table.handle_datagram(from, d, &mut self.buf, &mut self.io) {
+        let sent = self.io.sends.len();
+        let r = self.table.handle_datagram(from, d, &mut self.buf, &mut self.io);
+        // A handshake refused under load is answered, not dropped: count the answers.
+        let cookies = self.io.sends[sent..]
+            .iter()
+            .filter(|&&(_, start, len)| is_cookie_reply(&self.io.send_buf[start..start + len]))
+            .count();
+        self.metrics.cookie_replies.inc_by(cookies as u64);
+        if let Err(e) = r {
             let peer = e.peer().map(|p| p.to_string()).unwrap_or_default();
             let label = e.label();
             tracing::debug!(%from, error = %e, "datagram dropped");

@@ -33,6 +33,8 @@ pub struct StateLabels {
 #[derive(Default)]
 pub struct Metrics {
     pub handshakes: Family<PeerLabels, Counter>,
+    /// Handshake initiations answered with a cookie reply (over `--handshake-limit`).
+    pub cookie_replies: Counter,
     pub rx_bytes: Family<PeerLabels, Counter>,
     pub tx_bytes: Family<PeerLabels, Counter>,
     pub dropped: Family<DropLabels, Counter>,
@@ -48,6 +50,11 @@ impl Metrics {
         {
             let mut r = Registry::with_prefix("kuberaya_gateway");
             r.register("peer_handshakes", "Completed handshakes per peer", m.handshakes.clone());
+            r.register(
+                "cookie_replies",
+                "Handshake messages answered with a cookie reply (over the handshake limit)",
+                m.cookie_replies.clone(),
+            );
             r.register(
                 "peer_rx_bytes",
                 "Bytes received from each peer (decrypted)",
@@ -104,6 +111,7 @@ mod tests {
     fn encodes_per_peer_metrics() {
         let m = Metrics::new();
         m.dropped_packet("default/alice", "spoofed");
+        m.cookie_replies.inc_by(3);
         m.handshakes
             .get_or_create(&PeerLabels {
                 peer: "default/alice".into(),
@@ -118,5 +126,6 @@ mod tests {
             text.contains("kuberaya_gateway_peer_handshakes_total{peer=\"default/alice\"} 1"),
             "{text}"
         );
+        assert!(text.contains("kuberaya_gateway_cookie_replies_total 3"), "{text}");
     }
 }
