@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use kuberaya_e2e::cluster::Cluster;
+use kuberaya_e2e::process::line_field;
 use kuberaya_e2e::sandbox::{TempSandbox, output_text as text};
 use kuberaya_e2e::{Process, binary};
 use serde_json::Value;
@@ -109,12 +110,7 @@ fn peers_and_exposure_audit() -> Result<()> {
         ],
     )?;
     let line = gw.wait_for_stdout_line("kuberaya-gateway listening", Duration::from_secs(60))?;
-    let field = |k: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{k}=")))
-            .map(str::to_string)
-            .with_context(|| format!("{k} in {line:?}"))
-    };
+    let field = |k: &str| line_field(&line, k);
     let (public_key, tunnel) = (field("public_key")?, field("tunnel_address")?);
     let ann = format!(
         "    vpn.cloudraya.com/public-key: \"{public_key}\"\n    vpn.cloudraya.com/tunnel-address: \"{tunnel}\""

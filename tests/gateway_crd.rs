@@ -19,8 +19,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use kuberaya_ccm::platform::time::format_rfc3339;
 use kuberaya_e2e::cluster::Cluster;
 use kuberaya_e2e::probe::{curl, dig, http_get};
+use kuberaya_e2e::process::line_field;
 use kuberaya_e2e::sandbox::{TempSandbox, WgPeer, curl_local, free_port, gateway_keypair as keypair, onetun_path};
 use kuberaya_e2e::{Process, binary, poll_until_blocking};
 use serde_json::Value;
@@ -408,12 +410,7 @@ fn vpn_peers_drive_the_gateway_live() -> Result<()> {
         ],
     )?;
     let line = gw_proc.wait_for_stdout_line("kuberaya-gateway listening", Duration::from_secs(60))?;
-    let field = |k: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{k}=")))
-            .map(str::to_string)
-            .with_context(|| format!("{k} in {line:?}"))
-    };
+    let field = |k: &str| line_field(&line, k);
     let gw = GatewayInfo {
         endpoint: field("udp")?,
         public_key: field("public_key")?,
@@ -620,7 +617,7 @@ fn run_scenario(sb: &TempSandbox, gw: &GatewayInfo, web: &str, secret: &str) -> 
     let dave = Laptop::new("dave", "100.64.0.12");
     let expires = std::time::SystemTime::now() + Duration::from_secs(6);
     let secs = expires.duration_since(std::time::UNIX_EPOCH)?.as_secs();
-    let expires_at = k8s_time(secs);
+    let expires_at = format_rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(secs));
     let until = Instant::now()
         + (std::time::UNIX_EPOCH + Duration::from_secs(secs))
             .duration_since(std::time::SystemTime::now())
@@ -716,22 +713,4 @@ fn run_scenario(sb: &TempSandbox, gw: &GatewayInfo, web: &str, secret: &str) -> 
     );
     drop(bob_t);
     Ok(())
-}
-
-/// RFC 3339 UTC of a Unix time in seconds.
-fn k8s_time(secs: u64) -> String {
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(mo <= 2);
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
 }

@@ -10,9 +10,10 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use kuberaya_e2e::probe::{dig, http_get};
+use kuberaya_e2e::probe::{assert_never_answers, dig, http_get};
+use kuberaya_e2e::process::line_field;
 use kuberaya_e2e::sandbox::{WgPeer, curl_local, free_port, gateway_keypair as keypair, onetun_path};
 use kuberaya_e2e::{Process, poll_until_blocking};
 
@@ -109,12 +110,7 @@ fn onetun_reaches_allowed_service_is_refused_the_other_and_resolves_names() {
     let line = gw
         .wait_for_stdout_line("kuberaya-gateway listening", Duration::from_secs(30))
         .unwrap();
-    let field = |k: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{k}=")))
-            .unwrap()
-            .to_string()
-    };
+    let field = |k: &str| line_field(&line, k).unwrap();
     let laptop = WgPeer {
         private_key: peer_private,
         gateway_key: field("public_key"),
@@ -142,14 +138,7 @@ fn onetun_reaches_allowed_service_is_refused_the_other_and_resolves_names() {
     // Denied: the connection is reset at once, the Service never sees it.
     let port = free_port();
     let mut t = laptop.onetun(port, &format!("{secret}:TCP"));
-    let started = Instant::now();
-    let mut attempts = 0;
-    while started.elapsed() < Duration::from_secs(6) && attempts < 5 {
-        attempts += 1;
-        let (ok, body) = curl(port);
-        assert!(!(ok && body == BODY), "a denied Service answered");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    assert_never_answers(port, |body| body == BODY);
     let denied = poll_until_blocking(Duration::from_secs(10), || {
         let text = http_get(&metrics, "/metrics");
         text.lines()

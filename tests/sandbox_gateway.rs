@@ -11,10 +11,10 @@
 use std::net::UdpSocket;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use kuberaya_e2e::probe::dig;
+use kuberaya_e2e::probe::{assert_never_answers, dig};
 use kuberaya_e2e::sandbox::{Sandbox, WgPeer, curl_local, free_port, onetun_path, output_text};
 use kuberaya_e2e::{binary, poll_until_blocking};
 
@@ -97,14 +97,7 @@ fn a_peer_reaches_allowed_services_through_the_gateways_load_balancer() -> Resul
     // Denied: secret never answers through the tunnel.
     let port = free_port();
     let mut t = peer.onetun(port, &format!("{secret_ip}:80:TCP"));
-    let started = Instant::now();
-    let mut attempts = 0;
-    while started.elapsed() < Duration::from_secs(6) && attempts < 5 {
-        attempts += 1;
-        let (ok, body) = curl(port);
-        assert!(!(ok && body.contains("pod=")), "a denied Service answered: {body}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    assert_never_answers(port, |body| body.contains("pod="));
     t.stop();
 
     // DNS through onetun's UDP forwarding to the gateway's tunnel address.

@@ -8,11 +8,12 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::UdpSocket;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
 use crate::poll_until_blocking;
+use crate::sandbox::curl_local;
 
 /// `curl -s --max-time 2 URL`: the body, or `None` when it fails.
 pub fn curl(url: &str) -> Option<String> {
@@ -62,6 +63,20 @@ pub fn udp_roundtrip(addr: &str, payload: &[u8], tries: usize) -> Result<Vec<u8>
         }
     }
     bail!("no UDP answer from {addr}")
+}
+
+/// Five requests to `http://127.0.0.1:PORT/` (3 s each, 300 ms apart, at most 6 s in all),
+/// none of which may get an answer for which `answered` holds: a port forward to a
+/// Service the peer must not reach.
+pub fn assert_never_answers(port: u16, answered: impl Fn(&str) -> bool) {
+    let started = Instant::now();
+    let mut attempts = 0;
+    while started.elapsed() < Duration::from_secs(6) && attempts < 5 {
+        attempts += 1;
+        let (ok, body) = curl_local(port, 3.0);
+        assert!(!(ok && answered(&body)), "a denied Service answered: {body}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
 
 /// `dig +time=2 +tries=1 -p PORT @127.0.0.1 NAME A`: what it printed.

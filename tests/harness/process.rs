@@ -243,3 +243,12 @@ impl Drop for Process {
         }
     }
 }
+
+/// The value of `key=value` among the words of `line` (a start line such as
+/// `kuberaya-gateway listening udp=... public_key=... metrics=...`).
+pub fn line_field(line: &str, key: &str) -> Result<String> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .map(str::to_string)
+        .with_context(|| format!("{key} in {line:?}"))
+}
