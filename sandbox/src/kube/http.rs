@@ -42,7 +42,11 @@ fn json_response(code: StatusCode, v: &Value) -> Response {
 }
 
 fn error_response(e: &ApiError) -> Response {
-    json_response(StatusCode::from(e), &e.to_status())
+    let mut r = json_response(StatusCode::from(e), &e.to_status());
+    if let Some(s) = e.details.as_ref().and_then(|d| d["retryAfterSeconds"].as_u64()) {
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+    }
+    r
 }
 
 async fn handle(State(api): State<Arc<KubeApi>>, req: Request) -> Response {
@@ -67,6 +71,16 @@ async fn handle(State(api): State<Arc<KubeApi>>, req: Request) -> Response {
             Err(_) => return error_response(&ApiError::too_large()),
         }
     };
+    if segs.first().map(String::as_str) == Some("_sandbox") {
+        if !matches!(user, User::Admin) {
+            return error_response(&ApiError::forbidden("the sandbox controls are for the admin"));
+        }
+        let rest: Vec<&str> = segs[1..].iter().map(String::as_str).collect();
+        return match super::faults::route(&api, &parts.method, &rest, &bytes) {
+            Ok(v) => json_response(StatusCode::OK, &v),
+            Err(e) => error_response(&e),
+        };
+    }
     let ctx = Ctx {
         api: &api,
         method: &parts.method,
@@ -564,6 +578,14 @@ fn resource(c: &Ctx<'_>, group: &str, version: &str, rest: &[&str]) -> Result<Re
     let t = resolve(c, group, version, rest)?;
     let verb = verb_of(c, &t);
     authorize(c, &t, verb)?;
+    let agent = c
+        .headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    c.api
+        .faults
+        .on_request(verb, &super::status::qualified(&t.rt.plural, &t.rt.group), agent)?;
     let ns = t.namespace.clone().unwrap_or_default();
     let rt = &t.rt;
     if rt.namespaced && t.namespace.is_none() && !matches!(verb, "list" | "watch") {
@@ -1034,7 +1056,10 @@ fn watch(c: &Ctx<'_>, t: &Target) -> Result<Response, ApiError> {
         (initial, rx, s.rv, err)
     };
     let (tx, out_rx) = tokio::sync::mpsc::channel::<axum::body::Bytes>(64);
+    // A cut ends the body with an error, which breaks the connection mid-stream.
+    let (cut_tx, cut_rx) = tokio::sync::oneshot::channel::<()>();
     let api = c.api.clone();
+    let mut cuts = api.faults.watch_cuts();
     let mut stop = api.stop.subscribe();
     let every = api.bookmark_every;
     tokio::spawn(async move {
@@ -1106,6 +1131,10 @@ fn watch(c: &Ctx<'_>, t: &Target) -> Result<Response, ApiError> {
                     }
                 }
                 _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => return,
+                _ = cuts.changed() => {
+                    let _ = cut_tx.send(());
+                    return;
+                }
                 _ = tx.closed() => return,
                 msg = rx.recv() => {
                     let batch = match msg {
@@ -1149,8 +1178,15 @@ fn watch(c: &Ctx<'_>, t: &Target) -> Result<Response, ApiError> {
             }
         }
     });
-    let stream = futures::stream::unfold(out_rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    let stream = futures::stream::unfold((out_rx, Some(cut_rx)), |(mut rx, cut)| async move {
+        match rx.recv().await {
+            Some(b) => Some((Ok(b), (rx, cut))),
+            // Ended: cleanly, unless it was cut.
+            None => match cut?.await {
+                Ok(()) => Some((Err(std::io::Error::other("watch cut by /_sandbox/watches/cut")), (rx, None))),
+                Err(_) => None,
+            },
+        }
     });
     let mut r = Response::new(Body::from_stream(stream));
     r.headers_mut()

@@ -7,6 +7,7 @@
 //! render the read-only documents; `tls` and `persist` deal with the state dir.
 
 mod discovery;
+mod faults;
 mod fields;
 mod hooks;
 mod http;
@@ -91,6 +92,8 @@ pub struct KubeApi {
     bookmark_every: Duration,
     /// The state dir's writer; its lock serializes writes, so they land in order.
     writer: Mutex<Writer>,
+    /// Injected faults and request counts (`/_sandbox/`).
+    faults: faults::Faults,
 }
 
 /// The journal, the number of its last entry and the size of the last snapshot.
@@ -160,6 +163,7 @@ impl KubeApi {
                 seq,
                 snapshot_len: 0,
             }),
+            faults: faults::Faults::default(),
         });
         // One snapshot with everything, and an empty journal (also cuts a torn line).
         api.write_snapshot()?;
@@ -223,6 +227,12 @@ impl KubeApi {
     /// `410 Gone` and resuming from any earlier resourceVersion is refused.
     pub fn compact_history(&self) {
         self.lock().compact();
+    }
+
+    /// Breaks every open watch's connection (no ERROR event, no clean end), as a dying
+    /// server or load balancer does; returns how many were open.
+    pub fn cut_watches(&self) -> usize {
+        self.faults.cut_watches()
     }
 
     /// The newest resourceVersion.
