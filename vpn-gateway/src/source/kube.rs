@@ -29,11 +29,54 @@ use crate::peers::{PeerId, PeerInput};
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(5);
 /// How often preshared-key Secrets are re-read even without a peer change.
 const SECRET_REFRESH: Duration = Duration::from_secs(10);
+/// Watch events arriving within this of each other make one snapshot: rebuilding it costs
+/// O(peers), and at startup the gateway's own status writes bring one event per peer.
+const BATCH_QUIET: Duration = Duration::from_millis(50);
+/// A batch is cut after this even while events keep coming.
+const BATCH_MAX: Duration = Duration::from_millis(250);
 /// The Secret key holding the gateway's private key, and the default preshared-key key.
 pub const PRIVATE_KEY_KEY: &str = "privateKey";
 pub const PRESHARED_KEY_KEY: &str = "presharedKey";
 /// The field manager of our status writes.
 const MANAGER: &str = "kuberaya-gateway";
+/// The first and the largest delay before a failed watch is retried.
+const WATCH_BACKOFF_MIN: Duration = Duration::from_millis(250);
+pub const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Retry delays of the watches: doubling from [`WATCH_BACKOFF_MIN`] to at most
+/// [`WATCH_BACKOFF_MAX`] with up to 20% jitter, back to the start after any success.
+/// kube-runtime's default (client-go's: up to 30 s, reset only after 2 quiet minutes)
+/// kept the gateway blind for up to 25 s after a 12 s API server outage, and a revoked
+/// peer connected as long; two watches retried every 5 s cost the server nothing.
+#[derive(Clone, Debug)]
+pub struct WatchBackoff {
+    next: Duration,
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        WatchBackoff {
+            next: WATCH_BACKOFF_MIN,
+        }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let base = self.next;
+        self.next = (base * 2).min(WATCH_BACKOFF_MAX);
+        // Replicas restarted together should not retry in step.
+        Some(base.mul_f64(1.0 - 0.2 * rand::random::<f64>()))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = WATCH_BACKOFF_MIN;
+    }
+}
 
 /// A client from `kubeconfig`, or the default (in-cluster, `$KUBECONFIG`, `~/.kube/config`).
 pub async fn client(kubeconfig: Option<&Path>) -> crate::Result<Client> {
@@ -102,6 +145,30 @@ pub fn psk_from_secret(s: &Secret, key: &str) -> Result<PresharedKey, String> {
         .ok_or_else(|| format!("Secret {name} has no key {key}"))?;
     let text = std::str::from_utf8(&bytes.0).map_err(|_| format!("Secret {name} key {key} is not text"))?;
     PresharedKey::parse(text).map_err(|e| format!("Secret {name} key {key}: {e}"))
+}
+
+/// A peer's preshared key from reading its Secret. A definite answer decides (the key; or
+/// the Secret or key missing, invalid, or forbidden); when the API server does not answer
+/// (unreachable, 5xx, 429) the `known` outcome of the last read stands, so an API server
+/// outage or restart never cuts a peer whose Secret did not change.
+pub fn psk_from_read(
+    read: Result<Option<Secret>, kube::Error>,
+    secret: &str,
+    key: &str,
+    known: Option<&Result<Option<PresharedKey>, String>>,
+) -> Result<Option<PresharedKey>, String> {
+    match read {
+        Ok(Some(s)) => psk_from_secret(&s, key).map(Some),
+        Ok(None) => Err(format!("Secret {secret} not found")),
+        Err(kube::Error::Api(e)) if e.code < 500 && e.code != 429 => Err(format!("reading Secret {secret}: {e}")),
+        Err(e) => match known {
+            Some(k) => {
+                tracing::debug!(secret, error = %e, "Secret unreadable; keeping the last known preshared key");
+                k.clone()
+            }
+            None => Err(format!("reading Secret {secret}: {e}")),
+        },
+    }
 }
 
 /// A Kubernetes Service as the gateway sees it.
@@ -208,7 +275,7 @@ impl KubeSource {
         let svc_api: Api<K8sService> = Api::all(client.clone());
         let (svc_store, svc_writer) = reflector::store();
         let svc_stream = watcher(svc_api, watcher::Config::default())
-            .default_backoff()
+            .backoff(WatchBackoff::default())
             .reflect(svc_writer);
         let services_task = tokio::spawn(async move {
             let mut stream = std::pin::pin!(svc_stream);
@@ -237,12 +304,15 @@ impl KubeSource {
         let peer_api: Api<VpnPeer> = Api::all(client.clone());
         let (peer_store, peer_writer) = reflector::store();
         let peer_stream = watcher(peer_api, watcher::Config::default())
-            .default_backoff()
+            .backoff(WatchBackoff::default())
             .reflect(peer_writer);
         let peers_task = tokio::spawn(async move {
             let mut stream = std::pin::pin!(peer_stream);
             let mut ready = false;
             let mut refresh = tokio::time::interval(SECRET_REFRESH);
+            // The last outcome of each (namespace, Secret, key) read, kept for reads the
+            // API server does not answer.
+            let mut psk_known: HashMap<(String, String, String), Result<Option<PresharedKey>, String>> = HashMap::new();
             loop {
                 tokio::select! {
                     ev = stream.next() => match ev {
@@ -257,20 +327,33 @@ impl KubeSource {
                 if !ready {
                     continue;
                 }
+                // Take what else arrives right behind (the store has it already).
+                let batch = tokio::time::Instant::now() + BATCH_MAX;
+                loop {
+                    let until = batch.min(tokio::time::Instant::now() + BATCH_QUIET);
+                    match tokio::time::timeout_at(until, stream.next()).await {
+                        Err(_) => break,
+                        Ok(None) => return,
+                        Ok(Some(Ok(_))) => {}
+                        Ok(Some(Err(e))) => tracing::warn!(error = %e, "VpnPeer watch"),
+                    }
+                }
                 let mut peers = Vec::new();
+                let mut read = HashMap::new();
                 for p in peer_store.state() {
                     let Some(mut input) = peer_from_k8s(&p) else { continue };
                     if let Some(r) = &p.spec.preshared_key_secret_ref {
                         let api: Api<Secret> = Api::namespaced(client.clone(), &input.id.namespace);
                         let key = r.key.as_deref().unwrap_or(PRESHARED_KEY_KEY);
-                        input.preshared_key = match api.get_opt(&r.name).await {
-                            Ok(Some(s)) => psk_from_secret(&s, key).map(Some),
-                            Ok(None) => Err(format!("Secret {} not found", r.name)),
-                            Err(e) => Err(format!("reading Secret {}: {e}", r.name)),
-                        };
+                        let at = (input.id.namespace.clone(), r.name.clone(), key.to_string());
+                        let outcome = psk_from_read(api.get_opt(&r.name).await, &r.name, key, psk_known.get(&at));
+                        read.insert(at, outcome.clone());
+                        input.preshared_key = outcome;
                     }
                     peers.push(input);
                 }
+                // Only keys still referenced are remembered.
+                psk_known = read;
                 peers.sort_by(|a, b| a.id.cmp(&b.id));
                 ptx.send_if_modified(|old| {
                     let new = PeerSnapshot { peers, loaded: true };
@@ -350,7 +433,8 @@ pub async fn write_status(client: Client, mut reports: watch::Receiver<GatewayRe
                 Err(e) => tracing::warn!(peer = %r.id, error = %e, "writing VpnPeer status"),
             }
         }
-        written.retain(|id, _| report.peers.iter().any(|r| &r.id == id));
+        let current: std::collections::HashSet<&PeerId> = report.peers.iter().map(|r| &r.id).collect();
+        written.retain(|id, _| current.contains(id));
     }
 }
 
@@ -467,6 +551,62 @@ mod tests {
             status_due(Some(&s1), &s3, false),
             "a new generation is acknowledged at once"
         );
+    }
+
+    #[test]
+    fn watch_retries_are_capped_and_reset() {
+        use kube::runtime::utils::Backoff;
+        let mut b = WatchBackoff::default();
+        let delays: Vec<Duration> = b.by_ref().take(8).collect();
+        assert!(delays[0] <= WATCH_BACKOFF_MIN && delays[0] >= WATCH_BACKOFF_MIN.mul_f64(0.8));
+        assert!(delays.windows(2).take(4).all(|w| w[1] > w[0]), "doubling: {delays:?}");
+        assert!(delays.iter().all(|d| *d <= WATCH_BACKOFF_MAX), "capped: {delays:?}");
+        assert!(delays[7] >= WATCH_BACKOFF_MAX.mul_f64(0.8), "{delays:?}");
+        b.reset();
+        assert!(b.next().unwrap() <= WATCH_BACKOFF_MIN);
+    }
+
+    #[test]
+    fn unanswered_secret_reads_keep_the_known_key() {
+        let psk = PresharedKey([7; 32]);
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some("carol-psk".into()),
+                ..Default::default()
+            },
+            data: Some(BTreeMap::from([(
+                PRESHARED_KEY_KEY.to_string(),
+                ByteString(base64::Engine::encode(&base64::engine::general_purpose::STANDARD, psk.0).into_bytes()),
+            )])),
+            ..Default::default()
+        };
+        let known = psk_from_read(Ok(Some(secret)), "carol-psk", PRESHARED_KEY_KEY, None);
+        assert_eq!(known, Ok(Some(psk.clone())));
+        let api_error = |code: u16| {
+            kube::Error::Api(
+                kube::core::Status::failure("injected", "Injected")
+                    .with_code(code)
+                    .boxed(),
+            )
+        };
+        // The API server did not answer: the last outcome stands.
+        for unanswered in [500, 503, 429] {
+            assert_eq!(
+                psk_from_read(Err(api_error(unanswered)), "carol-psk", PRESHARED_KEY_KEY, Some(&known)),
+                Ok(Some(psk.clone())),
+                "{unanswered}"
+            );
+        }
+        let unreachable = kube::Error::Service(Box::new(std::io::Error::other("connection refused")));
+        assert_eq!(
+            psk_from_read(Err(unreachable), "carol-psk", PRESHARED_KEY_KEY, Some(&known)),
+            Ok(Some(psk))
+        );
+        // Nothing known yet: the peer waits, rejected.
+        assert!(psk_from_read(Err(api_error(503)), "carol-psk", PRESHARED_KEY_KEY, None).is_err());
+        // Definite answers decide.
+        assert!(psk_from_read(Ok(None), "carol-psk", PRESHARED_KEY_KEY, Some(&known)).is_err());
+        assert!(psk_from_read(Err(api_error(403)), "carol-psk", PRESHARED_KEY_KEY, Some(&known)).is_err());
     }
 
     #[test]
