@@ -9,6 +9,7 @@
 //!   node lifecycle controller.
 //! - [`config`]: the `--cloud-config` file.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`watch`]: how watches retry after the API server failed them.
 //!
 //! [`Error`] is the crate-wide error of the controllers. [`run_controllers`] runs every
 //! controller (what `kuberaya-ccm` runs while it leads, and what `kuberaya sandbox up`
@@ -21,6 +22,7 @@ pub mod node;
 pub mod platform;
 pub mod providerid;
 pub mod service;
+pub mod watch;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -391,6 +391,7 @@ pub async fn run_initializer(
     let nodes = ctx.nodes();
     let concurrency = ctx.settings.concurrency.max(1);
     Controller::new(nodes, watcher::Config::default().any_semantic())
+        .trigger_backoff(crate::watch::WatchBackoff::default())
         .with_config(ControllerConfig::default().concurrency(concurrency))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)

@@ -691,7 +691,7 @@ pub async fn run(
     let node_task = tokio::spawn(async move {
         let stream = reflector::reflector(
             node_writer,
-            watcher(node_api, watcher::Config::default()).default_backoff(),
+            watcher(node_api, watcher::Config::default()).backoff(crate::watch::WatchBackoff::default()),
         );
         futures::pin_mut!(stream);
         while let Some(ev) = stream.next().await {
@@ -720,11 +720,13 @@ pub async fn run(
         settings.timing.clone(),
     ));
     let services: Api<Service> = Api::all(client);
-    let controller = Controller::new(services, watcher::Config::default().any_semantic()).with_config(
-        ControllerConfig::default()
-            .concurrency(settings.concurrency)
-            .debounce(Duration::from_millis(200)),
-    );
+    let controller = Controller::new(services, watcher::Config::default().any_semantic())
+        .trigger_backoff(crate::watch::WatchBackoff::default())
+        .with_config(
+            ControllerConfig::default()
+                .concurrency(settings.concurrency)
+                .debounce(Duration::from_millis(200)),
+        );
     let ticks = node_change_ticks(
         tick_rx,
         node_store,
