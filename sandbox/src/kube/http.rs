@@ -1183,7 +1183,10 @@ fn watch(c: &Ctx<'_>, t: &Target) -> Result<Response, ApiError> {
             Some(b) => Some((Ok(b), (rx, cut))),
             // Ended: cleanly, unless it was cut.
             None => match cut?.await {
-                Ok(()) => Some((Err(std::io::Error::other("watch cut by /_sandbox/watches/cut")), (rx, None))),
+                Ok(()) => Some((
+                    Err(std::io::Error::other("watch cut by /_sandbox/watches/cut")),
+                    (rx, None),
+                )),
                 Err(_) => None,
             },
         }
