@@ -61,7 +61,7 @@ impl PeerInput {
 }
 
 /// An allow rule with the namespace filled in.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Rule {
     pub namespace: String,
     pub service: Option<String>,

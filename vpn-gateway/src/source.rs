@@ -103,6 +103,14 @@ pub fn parse_services(text: &str) -> Result<Vec<Service>, serde_json::Error> {
     serde_json::from_str(text)
 }
 
+/// A file's contents, to tell whether it changed.
+fn text_hash(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
+
 /// Peers and Services from JSON files, re-read every `reload` when their contents change.
 /// A file that stops parsing is reported and the last good snapshot kept.
 pub struct FileSource {
@@ -137,14 +145,18 @@ impl FileSource {
             })?;
             Ok((text, v))
         };
-        let (mut peers_text, initial_peers) = match &peers {
+        // What was last read, as a hash: the text itself is 170 bytes a peer.
+        let (initial_peers_text, initial_peers) = match &peers {
             Some(p) => load_peers(p)?,
             None => (String::new(), Vec::new()),
         };
-        let (mut services_text, initial_services) = match &services {
+        let (initial_services_text, initial_services) = match &services {
             Some(p) => load_services(p)?,
             None => (String::new(), Vec::new()),
         };
+        let mut peers_text = text_hash(&initial_peers_text);
+        let mut services_text = text_hash(&initial_services_text);
+        drop((initial_peers_text, initial_services_text));
         let (ptx, prx) = watch::channel(PeerSnapshot {
             peers: initial_peers,
             loaded: true,
@@ -163,7 +175,7 @@ impl FileSource {
                 }
                 if let Some(p) = &peers
                     && let Ok(text) = read(p)
-                    && text != peers_text
+                    && text_hash(&text) != peers_text
                 {
                     match parse_peers(&text) {
                         Ok(v) => {
@@ -174,11 +186,11 @@ impl FileSource {
                             tracing::warn!(path = %p.display(), error = %e, "peers file invalid; keeping the last one")
                         }
                     }
-                    peers_text = text;
+                    peers_text = text_hash(&text);
                 }
                 if let Some(p) = &services
                     && let Ok(text) = read(p)
-                    && text != services_text
+                    && text_hash(&text) != services_text
                 {
                     match parse_services(&text) {
                         Ok(v) => {
@@ -192,7 +204,7 @@ impl FileSource {
                             tracing::warn!(path = %p.display(), error = %e, "services file invalid; keeping the last one")
                         }
                     }
-                    services_text = text;
+                    services_text = text_hash(&text);
                 }
             }
         });
