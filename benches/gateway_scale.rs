@@ -4,8 +4,13 @@
 //! (the measuring tool, not the system under test); the data plane is measured with the
 //! stock userspace client `onetun` against a direct connection in the same run.
 //!
+//! Then the same peers as `VpnPeer` objects in the Kubernetes API stand-in
+//! (`kuberaya-sandbox kube`, the CRD applied with `kubectl`), watched by the gateway with
+//! `--kubeconfig`: time to create them, to load them all, RSS, add/remove latencies.
+//!
 //! Run: `cargo bench --bench gateway_scale` (sizes: see [`Sizes`], e.g.
-//! `KR_BENCH_PEERS=500 KR_BENCH_TRIES=5 cargo bench --bench gateway_scale` for a smoke run).
+//! `KR_BENCH_PEERS=500 KR_BENCH_TRIES=5 cargo bench --bench gateway_scale` for a smoke run;
+//! `KR_BENCH_STATIC=0` or `KR_BENCH_KUBE=0` skips a mode).
 //!
 //! Every scenario has a timeout and reports "not reached within X" instead of hanging.
 
@@ -23,6 +28,7 @@ use anyhow::{Context, Result, bail, ensure};
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use common::{cpu_time, knob, machine, median_max, peak_rss_mib, ratio, result, rss_mib, secs};
+use futures::StreamExt;
 use kuberaya_e2e::{Process, binary};
 use serde_json::{Value, json};
 
@@ -310,7 +316,17 @@ struct Gateway {
     metrics: String,
 }
 
-fn start_gateway(dir: &Path, peers: &Path, services: &Path, extra: &[&str]) -> Result<(Gateway, Duration)> {
+/// Static-file mode: `--peers-file` and `--services-file`.
+fn file_source(peers: &Path, services: &Path) -> Vec<String> {
+    vec![
+        "--peers-file".into(),
+        peers.display().to_string(),
+        "--services-file".into(),
+        services.display().to_string(),
+    ]
+}
+
+fn start_gateway(dir: &Path, source: &[String], extra: &[&str]) -> Result<(Gateway, Duration)> {
     let out = Command::new(binary("kuberaya-gateway"))
         .arg("--generate-keypair")
         .output()?;
@@ -324,15 +340,12 @@ fn start_gateway(dir: &Path, peers: &Path, services: &Path, extra: &[&str]) -> R
         "127.0.0.1:0".into(),
         "--private-key-file".into(),
         key_file.display().to_string(),
-        "--peers-file".into(),
-        peers.display().to_string(),
-        "--services-file".into(),
-        services.display().to_string(),
         "--metrics-bind-address".into(),
         "127.0.0.1:0".into(),
         "--health-bind-address".into(),
         "127.0.0.1:0".into(),
     ];
+    args.extend(source.iter().cloned());
     args.extend(extra.iter().map(|s| s.to_string()));
     let started = Instant::now();
     let mut cmd = Command::new(binary("kuberaya-gateway"));
@@ -517,80 +530,29 @@ fn mbit(bytes: u64, d: Duration) -> f64 {
     bytes as f64 * 8.0 / d.as_secs_f64().max(1e-9) / 1e6
 }
 
-fn main() -> Result<()> {
-    let sizes = Sizes::from_env();
-    println!("gateway_scale: {sizes:?}");
-    println!("{}", machine());
-    let dir = tempfile::tempdir()?;
-    let net = kuberaya_e2e::unique_net_index();
-    let web_ip = Ipv4Addr::new(127, 97, net, 10);
-    let stop = Arc::new(AtomicBool::new(false));
-    let (bulk_addr, small_addr) = servers(web_ip, sizes.bulk_mb * 1024 * 1024, stop.clone())?;
-    let services = dir.path().join("services.json");
-    std::fs::write(
-        &services,
-        json!([{"namespace": "default", "name": "web", "clusterIP": web_ip.to_string(),
-                "ports": [{"name": "bulk", "port": bulk_addr.port()},
-                          {"name": "small", "port": small_addr.port()}]}])
-        .to_string(),
-    )?;
+/// A change of the peer set, made by the source under test.
+enum Change<'a> {
+    Add(&'a Peer, &'a str),
+    Remove(&'a str),
+}
 
-    // The peers: all get a key; the first `keep` are the bench's clients.
-    let mut keys = KeyBytes::new();
-    let peers: Vec<Peer> = (0..sizes.peers).map(|i| Peer::new(&mut keys, i)).collect();
-    let mut peer_json: Vec<Value> = peers
-        .iter()
-        .enumerate()
-        .map(|(i, p)| p.json(&format!("p{i}")))
-        .collect();
-    let peers_file = dir.path().join("peers.json");
-
-    // Baseline: the same gateway with no peers.
-    write_peers(&peers_file, &[])?;
-    let (gw0, listening0) = start_gateway(dir.path(), &peers_file, &services, &[])?;
-    std::thread::sleep(Duration::from_millis(500));
-    let rss0 = rss_mib(gw0.process.pid()).unwrap_or(0.0);
-    drop(gw0);
-
-    // Loaded: every peer from the start.
-    write_peers(&peers_file, &peer_json)?;
-    let spawned = Instant::now();
-    let (gw, listening) = start_gateway(dir.path(), &peers_file, &services, &[])?;
-    let load = wait_loaded(&gw, sizes.peers, spawned, Duration::from_secs(120));
-    std::thread::sleep(Duration::from_millis(500));
-    let pid = gw.process.pid();
-    let rss = rss_mib(pid).unwrap_or(0.0);
-    result(
-        &format!("gateway.load ({} peers, static files)", sizes.peers),
-        match load {
-            Some(t) => format!(
-                "{} until all accepted ({} to listening; with 0 peers {} to listening → {})",
-                secs(t),
-                secs(listening),
-                secs(listening0),
-                ratio(t.as_secs_f64(), listening0.as_secs_f64())
-            ),
-            None => "not reached within 120 s".into(),
-        },
-    );
-    result(
-        &format!("gateway.rss ({} peers)", sizes.peers),
-        format!(
-            "{rss:.1} MiB VmRSS (goal < 100 MiB), peak {:.1} MiB; with 0 peers {rss0:.1} MiB → {:.0} bytes per peer",
-            peak_rss_mib(pid).unwrap_or(0.0),
-            (rss - rss0) * 1024.0 * 1024.0 / sizes.peers.max(1) as f64
-        ),
-    );
-
-    // Add → first handshake, remove → traffic stops; `tries` times each.
+/// Add → first handshake and remove → traffic stops, `sizes.tries` times, through
+/// `change` (which adds or removes a peer at the source); prints the medians and maxima.
+fn add_remove(
+    gw: &Gateway,
+    sizes: &Sizes,
+    keys: &mut KeyBytes,
+    mode: &str,
+    change: &mut dyn FnMut(Change<'_>) -> Result<()>,
+) -> Result<()> {
     let mut added = Vec::new();
     let mut removed = Vec::new();
     let mut failures = Vec::new();
     for t in 0..sizes.tries {
-        let peer = Peer::new(&mut keys, sizes.peers + 10 + t);
+        let peer = Peer::new(keys, sizes.peers + 10 + t);
+        let name = format!("new{t}");
         let mut client = Client::new(&peer, &gw.public, gw.udp, 1000 + t as u32)?;
-        peer_json.push(peer.json(&format!("new{t}")));
-        write_peers(&peers_file, &peer_json)?;
+        change(Change::Add(&peer, &name))?;
         let start = Instant::now();
         let limit = Duration::from_secs(10);
         let mut ok = false;
@@ -602,7 +564,7 @@ fn main() -> Result<()> {
         }
         if !ok {
             failures.push(format!("try {t}: no handshake within {}", secs(limit)));
-            peer_json.pop();
+            change(Change::Remove(&name))?;
             continue;
         }
         added.push(start.elapsed());
@@ -610,8 +572,7 @@ fn main() -> Result<()> {
         if !client.dns_roundtrip(Duration::from_secs(2), 1)? {
             failures.push(format!("try {t}: no DNS answer through the tunnel"));
         }
-        peer_json.pop();
-        write_peers(&peers_file, &peer_json)?;
+        change(Change::Remove(&name))?;
         let start = Instant::now();
         let mut last_answer = None;
         let mut unanswered_since = None;
@@ -640,9 +601,9 @@ fn main() -> Result<()> {
     }
     if let Some((med, max)) = median_max(&added) {
         result(
-            &format!("gateway.add_to_handshake ({} peers present)", sizes.peers),
+            &format!("gateway.add_to_handshake ({} peers present, {mode})", sizes.peers),
             format!(
-                "median {} max {} over {} tries (goal < 1 s; the file is re-read every 500 ms)",
+                "median {} max {} over {} tries (goal < 1 s)",
                 secs(med),
                 secs(max),
                 added.len()
@@ -651,7 +612,7 @@ fn main() -> Result<()> {
     }
     if let Some((med, max)) = median_max(&removed) {
         result(
-            &format!("gateway.remove_to_cutoff ({} peers present)", sizes.peers),
+            &format!("gateway.remove_to_cutoff ({} peers present, {mode})", sizes.peers),
             format!(
                 "median {} max {} over {} tries (goal < 2 s)",
                 secs(med),
@@ -661,8 +622,290 @@ fn main() -> Result<()> {
         );
     }
     for f in &failures {
-        result("gateway.add_remove failure", f);
+        result(&format!("gateway.add_remove failure ({mode})"), f);
     }
+    Ok(())
+}
+
+/// A client of the Kubernetes API stand-in from its kubeconfig (server, CA, bearer
+/// token); JSON in and out.
+struct Kube {
+    client: reqwest::Client,
+    server: String,
+    token: String,
+}
+
+impl Kube {
+    fn from_kubeconfig(path: &Path) -> Result<Kube> {
+        let text = std::fs::read_to_string(path)?;
+        let field = |k: &str| {
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix(k).map(|v| v.trim().trim_matches('"').to_string()))
+        };
+        let server = field("server:").context("kubeconfig server")?;
+        let token = field("token:").context("kubeconfig token")?;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(64);
+        if let Some(ca) = field("certificate-authority-data:") {
+            let pem = b64_decode(&ca).context("CA data")?;
+            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+        }
+        Ok(Kube {
+            client: builder.build()?,
+            server: server.trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+
+    async fn send(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
+        let mut req = self
+            .client
+            .request(method, format!("{}{path}", self.server))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            req = req.header("content-type", "application/json").body(body.to_string());
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await?;
+        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+    }
+
+    async fn create(&self, path: &str, body: &Value) -> Result<()> {
+        let (status, v) = self.send(reqwest::Method::POST, path, Some(body)).await?;
+        ensure!(status == 201 || status == 200, "POST {path}: {status} {v}");
+        Ok(())
+    }
+
+    async fn delete(&self, path: &str) -> Result<()> {
+        let (status, v) = self.send(reqwest::Method::DELETE, path, None).await?;
+        ensure!(status == 200 || status == 202, "DELETE {path}: {status} {v}");
+        Ok(())
+    }
+}
+
+const VPNPEERS: &str = "/apis/vpn.cloudraya.com/v1alpha1/namespaces/default/vpnpeers";
+
+fn vpnpeer(peer: &Peer, name: &str) -> Value {
+    let mut v = peer.json(name);
+    v["apiVersion"] = json!("vpn.cloudraya.com/v1alpha1");
+    v["kind"] = json!("VpnPeer");
+    v["metadata"] = json!({"name": name, "namespace": "default"});
+    if let Some(o) = v.as_object_mut() {
+        o.remove("name");
+        o.remove("namespace");
+    }
+    v
+}
+
+/// Kubernetes mode: `sizes.peers` VpnPeers in the API stand-in (`kuberaya-sandbox kube`),
+/// created with 32 requests in flight; the gateway watches them (`--kubeconfig`) and
+/// writes their status back.
+fn kube_mode(sizes: &Sizes) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let net = kuberaya_e2e::unique_net_index();
+    let kubeconfig = dir.path().join("kubeconfig");
+    let mut cmd = Command::new(binary("kuberaya-sandbox"));
+    cmd.arg("kube")
+        .arg("--state-dir")
+        .arg(dir.path().join("kube"))
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg("--service-cidr")
+        .arg(format!("127.{}.0.0/20", 160 + net % 64));
+    let mut api_process = Process::spawn_command(common::die_with_parent(cmd))?;
+    api_process.wait_for_stdout_line("listening on ", Duration::from_secs(30))?;
+    let crd = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["apply", "-f"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/crds/vpnpeer.yaml"))
+        .output()
+        .context("kubectl (the VpnPeer CRD is applied with it)")?;
+    ensure!(
+        crd.status.success(),
+        "kubectl apply CRD: {}",
+        String::from_utf8_lossy(&crd.stderr)
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let kube = Kube::from_kubeconfig(&kubeconfig)?;
+    rt.block_on(kube.create(
+        "/api/v1/namespaces/default/services",
+        &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
+                "spec": {"ports": [{"name": "http", "port": 80}]}}),
+    ))?;
+
+    let mut keys = KeyBytes::new();
+    let peers: Vec<Peer> = (0..sizes.peers).map(|i| Peer::new(&mut keys, i)).collect();
+    let created = Instant::now();
+    let api_cpu0 = cpu_time(api_process.pid()).unwrap_or_default();
+    let kube_ref = &kube;
+    let results: Vec<Result<()>> = rt.block_on(
+        futures::stream::iter(peers.iter().enumerate())
+            .map(|(i, p)| async move { kube_ref.create(VPNPEERS, &vpnpeer(p, &format!("p{i}"))).await })
+            .buffer_unordered(32)
+            .collect(),
+    );
+    let create_t = created.elapsed();
+    let errors = results.iter().filter(|r| r.is_err()).count();
+    if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
+        result("gateway.kube.create failure", format!("{errors} failed, e.g. {e:#}"));
+    }
+    result(
+        &format!("gateway.kube.create ({} VpnPeers, 32 in flight)", sizes.peers),
+        format!(
+            "{} ({:.0}/s; API stand-in CPU {:.1} s)",
+            secs(create_t),
+            sizes.peers as f64 / create_t.as_secs_f64(),
+            cpu_time(api_process.pid())
+                .unwrap_or_default()
+                .saturating_sub(api_cpu0)
+                .as_secs_f64()
+        ),
+    );
+
+    let source: Vec<String> = vec!["--kubeconfig".into(), kubeconfig.display().to_string()];
+    let spawned = Instant::now();
+    let api_cpu0 = cpu_time(api_process.pid()).unwrap_or_default();
+    let (gw, listening) = start_gateway(dir.path(), &source, &[])?;
+    let pid = gw.process.pid();
+    let load = wait_loaded(&gw, sizes.peers, spawned, Duration::from_secs(300));
+    let gw_cpu = cpu_time(pid).unwrap_or_default();
+    let api_cpu = cpu_time(api_process.pid()).unwrap_or_default().saturating_sub(api_cpu0);
+    std::thread::sleep(Duration::from_millis(500));
+    let rss = rss_mib(pid).unwrap_or(0.0);
+    result(
+        &format!("gateway.load ({} VpnPeers, Kubernetes)", sizes.peers),
+        match load {
+            Some(t) => format!(
+                "{} from spawn until all accepted ({} to listening); CPU gateway {:.1} s, API stand-in {:.1} s; {}",
+                secs(t),
+                secs(listening),
+                gw_cpu.as_secs_f64(),
+                api_cpu.as_secs_f64(),
+                common::load_average()
+            ),
+            None => "not reached within 300 s".into(),
+        },
+    );
+    result(
+        &format!("gateway.rss ({} VpnPeers, Kubernetes)", sizes.peers),
+        format!(
+            "{rss:.1} MiB VmRSS (goal < 100 MiB), peak {:.1} MiB",
+            peak_rss_mib(pid).unwrap_or(0.0)
+        ),
+    );
+    add_remove(&gw, sizes, &mut keys, "Kubernetes", &mut |change| {
+        rt.block_on(async {
+            match change {
+                Change::Add(peer, name) => kube.create(VPNPEERS, &vpnpeer(peer, name)).await,
+                Change::Remove(name) => kube.delete(&format!("{VPNPEERS}/{name}")).await,
+            }
+        })
+    })?;
+    result(
+        &format!("gateway.rss after the tries ({} VpnPeers, Kubernetes)", sizes.peers),
+        format!(
+            "{:.1} MiB VmRSS, peak {:.1} MiB; {}",
+            rss_mib(pid).unwrap_or(0.0),
+            peak_rss_mib(pid).unwrap_or(0.0),
+            common::load_average()
+        ),
+    );
+    drop(gw);
+    api_process.stop();
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let sizes = Sizes::from_env();
+    println!("gateway_scale: {sizes:?}");
+    println!("{}", machine());
+    if common::enabled("KR_BENCH_STATIC") {
+        static_mode(&sizes)?;
+    }
+    if common::enabled("KR_BENCH_KUBE") {
+        kube_mode(&sizes)?;
+    }
+    println!("{}", common::load_average());
+    Ok(())
+}
+
+fn static_mode(sizes: &Sizes) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let net = kuberaya_e2e::unique_net_index();
+    let web_ip = Ipv4Addr::new(127, 97, net, 10);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (bulk_addr, small_addr) = servers(web_ip, sizes.bulk_mb * 1024 * 1024, stop.clone())?;
+    let services = dir.path().join("services.json");
+    std::fs::write(
+        &services,
+        json!([{"namespace": "default", "name": "web", "clusterIP": web_ip.to_string(),
+                "ports": [{"name": "bulk", "port": bulk_addr.port()},
+                          {"name": "small", "port": small_addr.port()}]}])
+        .to_string(),
+    )?;
+
+    // The peers: all get a key; the first `keep` are the bench's clients.
+    let mut keys = KeyBytes::new();
+    let peers: Vec<Peer> = (0..sizes.peers).map(|i| Peer::new(&mut keys, i)).collect();
+    let mut peer_json: Vec<Value> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| p.json(&format!("p{i}")))
+        .collect();
+    let peers_file = dir.path().join("peers.json");
+
+    // Baseline: the same gateway with no peers.
+    write_peers(&peers_file, &[])?;
+    let (gw0, listening0) = start_gateway(dir.path(), &file_source(&peers_file, &services), &[])?;
+    std::thread::sleep(Duration::from_millis(500));
+    let rss0 = rss_mib(gw0.process.pid()).unwrap_or(0.0);
+    drop(gw0);
+
+    // Loaded: every peer from the start.
+    write_peers(&peers_file, &peer_json)?;
+    let spawned = Instant::now();
+    let (gw, listening) = start_gateway(dir.path(), &file_source(&peers_file, &services), &[])?;
+    let load = wait_loaded(&gw, sizes.peers, spawned, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = gw.process.pid();
+    let rss = rss_mib(pid).unwrap_or(0.0);
+    result(
+        &format!("gateway.load ({} peers, static files)", sizes.peers),
+        match load {
+            Some(t) => format!(
+                "{} until all accepted ({} to listening; with 0 peers {} to listening → {})",
+                secs(t),
+                secs(listening),
+                secs(listening0),
+                ratio(t.as_secs_f64(), listening0.as_secs_f64())
+            ),
+            None => "not reached within 120 s".into(),
+        },
+    );
+    result(
+        &format!("gateway.rss ({} peers)", sizes.peers),
+        format!(
+            "{rss:.1} MiB VmRSS (goal < 100 MiB), peak {:.1} MiB; with 0 peers {rss0:.1} MiB → {:.0} bytes per peer",
+            peak_rss_mib(pid).unwrap_or(0.0),
+            (rss - rss0) * 1024.0 * 1024.0 / sizes.peers.max(1) as f64
+        ),
+    );
+
+    // Add → first handshake, remove → traffic stops; `tries` times each.
+    add_remove(&gw, sizes, &mut keys, "static files", &mut |change| {
+        match change {
+            Change::Add(peer, name) => peer_json.push(peer.json(name)),
+            Change::Remove(name) => peer_json.retain(|p| p["name"] != name),
+        }
+        write_peers(&peers_file, &peer_json)
+    })?;
 
     // The data plane through onetun (an established peer) against a direct connection.
     let have_onetun = onetun_path().is_some();
