@@ -254,6 +254,12 @@ pub fn icmpv4_echo_reply(request: &[u8]) -> Option<Vec<u8>> {
     if request[9] != PROTO_ICMP || request[header_len] != ICMP_ECHO_REQUEST || request[header_len + 1] != 0 {
         return None;
     }
+    // A fragment is not answered: a later one carries no ICMP header (its bytes would be
+    // echoed as if they were one), and a first one holds only part of the checksummed data.
+    let frag = be16(request, 6)?;
+    if frag & 0x3fff != 0 {
+        return None;
+    }
     let mut reply = request[..total_len].to_vec();
     // Swap the addresses, fresh TTL, then both checksums.
     reply.copy_within(12..16, 16);
@@ -322,6 +328,22 @@ pub(crate) mod tests {
         short[20] = 8;
         short[3] = 60;
         assert_eq!(icmpv4_echo_reply(&short), None, "total length beyond the buffer");
+    }
+
+    /// Fuzzing finding (gateway_packet): a later fragment whose payload happened to start
+    /// like an echo request was answered, the fragment's bytes echoed as an ICMP message.
+    #[test]
+    fn echo_reply_refuses_fragments() {
+        let mut req = vec![
+            0x46, 0, 0, 32, 4, 255, 0, 171, 207, 1, 0, 0, 100, 64, 0, 2, 127, 96, 0, 10, 1, 1, 1, 0,
+        ];
+        req.extend_from_slice(&[8, 0, 0, 0, 0, 1, 0, 1]);
+        assert_eq!(icmpv4_echo_reply(&req), None, "a later fragment (offset 171)");
+        req[6..8].copy_from_slice(&[0x20, 0]);
+        assert_eq!(icmpv4_echo_reply(&req), None, "a first fragment (more fragments)");
+        req[6..8].copy_from_slice(&[0x40, 0]);
+        let reply = icmpv4_echo_reply(&req).expect("don't-fragment set: a whole datagram");
+        assert_eq!(internet_checksum(&reply[24..]), 0, "valid ICMP checksum");
     }
 
     /// A minimal IPv4 packet (checksums left zero: the parser does not check them).

@@ -1,0 +1,162 @@
+//! The gateway's packet path: a decrypted packet as it comes out of a peer's tunnel is
+//! parsed (`packet::parse`), judged (`Acl::check`) and, for pings, answered
+//! (`packet::icmpv4_echo_reply`). Input: the packet's bytes.
+//!
+//! Besides "never panics", the verdicts are checked against the rules written out by
+//! hand below: a packet is only ever allowed to a (ClusterIP, protocol, port) the peer's
+//! rules name, from the peer's own tunnel address.
+#![no_main]
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::LazyLock;
+
+use kuberaya_gateway::acl::{Acl, Catalog, Protocol, Service, ServicePort, Verdict};
+use kuberaya_gateway::crd::PortRef;
+use kuberaya_gateway::keys::PublicKey;
+use kuberaya_gateway::packet::{self, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Transport};
+use kuberaya_gateway::peers::{AcceptedPeer, PeerId, Rule};
+use libfuzzer_sys::fuzz_target;
+
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
+/// May reach `default/web` port `http` (TCP 80) and all of `default/dns` (UDP 53).
+const PEER_A: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
+/// No rules: default deny.
+const PEER_B: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 3);
+const WEB: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 96, 0, 10));
+const DNS: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 96, 0, 53));
+
+fn service(ns: &str, name: &str, ip: &str, ports: &[(Option<&str>, u16, Protocol)]) -> Service {
+    Service {
+        namespace: ns.into(),
+        name: name.into(),
+        cluster_ip: Some(ip.parse().unwrap()),
+        ports: ports
+            .iter()
+            .map(|&(name, port, protocol)| ServicePort {
+                name: name.map(Into::into),
+                port,
+                protocol,
+            })
+            .collect(),
+    }
+}
+
+fn peer(address: Ipv4Addr, rules: Vec<Rule>) -> AcceptedPeer {
+    AcceptedPeer {
+        id: PeerId::new("default", address.to_string()),
+        public_key: PublicKey([address.octets()[3]; 32]),
+        address,
+        rules,
+        preshared_key: None,
+        expires_at: None,
+    }
+}
+
+static ACL: LazyLock<Acl> = LazyLock::new(|| {
+    let catalog = Catalog::new([
+        service(
+            "default",
+            "web",
+            "127.96.0.10",
+            &[
+                (Some("http"), 80, Protocol::Tcp),
+                (Some("metrics"), 9090, Protocol::Tcp),
+            ],
+        ),
+        service("default", "dns", "127.96.0.53", &[(Some("dns"), 53, Protocol::Udp)]),
+        service("db", "pg", "127.96.1.5", &[(None, 5432, Protocol::Tcp)]),
+        service("v6", "api", "fd00::10", &[(None, 443, Protocol::Tcp)]),
+    ]);
+    let a = peer(
+        PEER_A,
+        vec![
+            Rule {
+                namespace: "default".into(),
+                service: Some("web".into()),
+                ports: Some(vec![PortRef::Name("http".into())]),
+            },
+            Rule {
+                namespace: "default".into(),
+                service: Some("dns".into()),
+                ports: None,
+            },
+        ],
+    );
+    Acl::compile(GATEWAY, &[a, peer(PEER_B, vec![])], &catalog)
+});
+
+/// What peer A may reach, written out independently of `Acl::compile`.
+fn a_may_reach(dst: IpAddr, proto: u8, port: Option<u16>) -> bool {
+    match (dst, proto, port) {
+        (WEB, PROTO_TCP, Some(80)) | (DNS, PROTO_UDP, Some(53)) => true,
+        (WEB | DNS, PROTO_ICMP | PROTO_ICMPV6, _) => true,
+        _ => false,
+    }
+}
+
+/// RFC 1071 checksum over `b` (0 when `b` carries a valid checksum).
+fn checksum(b: &[u8]) -> u16 {
+    let mut sum: u32 = b
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(pkt) = packet::parse(data) else {
+        assert!(
+            packet::icmpv4_echo_reply(data).is_none(),
+            "an echo reply to an unparsable packet"
+        );
+        return;
+    };
+    assert!(
+        pkt.len <= data.len(),
+        "length {} beyond the buffer {}",
+        pkt.len,
+        data.len()
+    );
+    match pkt.transport {
+        Transport::Tcp { payload, .. } | Transport::Udp { payload, .. } => assert!(payload.len() <= pkt.len),
+        _ => {}
+    }
+    for peer in [PEER_A, PEER_B] {
+        let verdict = ACL.check(peer, &pkt);
+        if pkt.src != IpAddr::V4(peer) {
+            assert_eq!(verdict, Verdict::Spoofed, "{pkt:?} from {peer}");
+            continue;
+        }
+        match verdict {
+            Verdict::Spoofed => panic!("own address judged spoofed: {pkt:?}"),
+            Verdict::Local => assert_eq!(pkt.dst, IpAddr::V4(GATEWAY)),
+            Verdict::Allow => {
+                assert_eq!(peer, PEER_A, "a peer without rules was allowed {pkt:?}");
+                assert!(a_may_reach(pkt.dst, pkt.proto, pkt.dst_port()), "allowed {pkt:?}");
+            }
+            Verdict::Denied => {
+                assert!(
+                    peer != PEER_A
+                        || pkt.dst == IpAddr::V4(GATEWAY)
+                        || !a_may_reach(pkt.dst, pkt.proto, pkt.dst_port()),
+                    "denied what the rules allow: {pkt:?}"
+                );
+            }
+        }
+    }
+    if let Some(reply) = packet::icmpv4_echo_reply(data) {
+        let back = packet::parse(&reply).expect("our echo reply parses");
+        assert_eq!((back.src, back.dst), (pkt.dst, pkt.src), "addresses swapped");
+        assert_eq!(back.proto, PROTO_ICMP);
+        assert!(
+            matches!(back.transport, Transport::Icmp { kind: 0, code: 0 }),
+            "{back:?}"
+        );
+        let ihl = usize::from(reply[0] & 0x0f) * 4;
+        assert_eq!(checksum(&reply[..ihl]), 0, "IPv4 header checksum");
+        assert_eq!(checksum(&reply[ihl..]), 0, "ICMP checksum");
+    }
+});
