@@ -1,8 +1,12 @@
 //! Writes to the state dir: atomic (temp file, fsync, rename), and an append-only
 //! journal of the changes since the last snapshot (one JSON line per write, fsynced).
+//!
+//! Every file is 0600: the objects include Secrets (the gateway's private key, peers'
+//! preshared keys), and the TLS key and admin token are here too.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Writes `data` to `path` atomically.
@@ -16,7 +20,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
         rand::random::<u64>()
     ));
     {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
     }
@@ -35,7 +39,9 @@ pub struct Journal {
 impl Journal {
     /// Opens `path` for appending (created when missing).
     pub fn open(path: &Path) -> std::io::Result<Journal> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let file = OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+        // A journal made before files were private.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         let len = file.metadata()?.len();
         Ok(Journal {
             path: path.to_path_buf(),
@@ -93,6 +99,16 @@ mod tests {
         super::write_atomic(&p, b"2").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"2");
         assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        let j = d.path().join("j");
+        std::fs::write(&j, b"").unwrap();
+        super::Journal::open(&j).unwrap();
+        assert_eq!(
+            std::fs::metadata(&j).unwrap().permissions().mode() & 0o777,
+            0o600,
+            "an old journal too"
+        );
     }
 
     #[test]
