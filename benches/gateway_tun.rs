@@ -11,12 +11,15 @@
 //! gateway in turn: our `kuberaya-gateway` (release build) with `--dataplane tun`, with the
 //! default userspace data plane, and a stock wireguard-go interface as the server peer with
 //! `ip_forward` and an nftables masquerade in the gateway namespace; it runs TCP iperf3 with
-//! one and four streams (`-t 5`), and `ping -c 20 -i 0.05`, and prints throughput, CPU time
+//! one and four streams (`-t 5`), and `ping -c 40 -i 0.05` (idle, before iperf3, and again right after it), and prints throughput, CPU time
 //! of the gateway process per GB received (utime+stime from /proc/<pid>/stat), latency, and
 //! the ratios to wireguard-go. Needs root, /dev/net/tun, wireguard-go, wg, iperf3, nft.
 //! `KURAYA_BENCH_GATEWAYS=tun` (or `userspace`, comma-separated) measures only those of
 //! ours, against wireguard-go. `KURAYA_BENCH_PERF=DIR` records a `perf record -e cpu-clock
-//! -g` profile of each gateway process during its one-stream run into `DIR/<gateway>.data`.
+//! -g` profile of each gateway process during its one-stream run into `DIR/<gateway>-<pid>.data`.
+//! `KURAYA_BENCH_GATEWAY_BIN=PATH` measures that gateway binary instead of building one;
+//! `KURAYA_BENCH_BASELINE_BIN=PATH` measures another one in TUN mode as well (before/after
+//! a change, in one run).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -63,8 +66,10 @@ struct Figures {
     mbps: [f64; 2],
     /// Gateway CPU seconds per GB received, one stream and four.
     cpu_per_gb: [f64; 2],
-    /// ping min/avg/max in ms.
-    rtt: [f64; 3],
+    /// ping min/median/avg/max in ms, on the idle tunnel (before iperf3).
+    rtt: [f64; 4],
+    /// The same right after the four-stream iperf3 run.
+    rtt_after: [f64; 4],
 }
 
 fn keypair() -> (String, String) {
@@ -153,25 +158,20 @@ fn iperf(laptop: &Netns, streams: u32) -> (f64, u64) {
     )
 }
 
-fn ping(laptop: &Netns) -> [f64; 3] {
-    let out = laptop
-        .exec(&["ping", "-q", "-c", "20", "-i", "0.05", PERF_IP], CMD)
-        .unwrap();
+/// min/median/avg/max of 40 pings, in ms. The median, which a few descheduled replies on
+/// a busy machine do not move, is what the ratio is taken of.
+fn ping(laptop: &Netns) -> [f64; 4] {
+    let out = laptop.exec(&["ping", "-c", "40", "-i", "0.05", PERF_IP], CMD).unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    // rtt min/avg/max/mdev = 0.101/0.153/0.311/0.047 ms
-    let line = text
+    // 64 bytes from 10.96.0.20: icmp_seq=1 ttl=63 time=0.153 ms
+    let mut times: Vec<f64> = text
         .lines()
-        .find(|l| l.contains("min/avg/max"))
-        .unwrap_or_else(|| panic!("ping: {text}"));
-    let nums: Vec<f64> = line
-        .split('=')
-        .nth(1)
-        .unwrap()
-        .trim()
-        .split(['/', ' '])
-        .filter_map(|x| x.parse().ok())
+        .filter_map(|l| l.split("time=").nth(1)?.split(' ').next()?.parse().ok())
         .collect();
-    [nums[0], nums[1], nums[2]]
+    assert!(!times.is_empty(), "ping: {text}");
+    times.sort_by(f64::total_cmp);
+    let avg = times.iter().sum::<f64>() / times.len() as f64;
+    [times[0], times[times.len() / 2], avg, times[times.len() - 1]]
 }
 
 fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
@@ -292,11 +292,12 @@ fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
 
     let pid = gateway.pid();
     let mut f = Figures::default();
+    f.rtt = ping(&laptop);
     for (i, streams) in [1, 4].into_iter().enumerate() {
         // KURAYA_BENCH_PERF=DIR: a cpu-clock profile of the gateway process (all its
-        // threads, kernel included) during the one-stream run, in DIR/<gateway>.data.
+        // threads, kernel included) during the one-stream run, in DIR/<gateway>-<pid>.data.
         let perf = std::env::var_os("KURAYA_BENCH_PERF").filter(|_| streams == 1).map(|d| {
-            let out = Path::new(&d).join(format!("{}.data", kind.short()));
+            let out = Path::new(&d).join(format!("{}-{pid}.data", kind.short()));
             Command::new("perf")
                 .args(["record", "-q", "-e", "cpu-clock", "-g", "-p", &pid.to_string(), "-o"])
                 .arg(out)
@@ -315,7 +316,7 @@ fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
         f.mbps[i] = mbps;
         f.cpu_per_gb[i] = cpu / (bytes as f64 / 1e9);
     }
-    f.rtt = ping(&laptop);
+    f.rtt_after = ping(&laptop);
     f
 }
 
@@ -335,20 +336,8 @@ fn is_cargo_package_var(k: &str) -> bool {
         )
 }
 
-fn main() {
-    // `cargo bench` passes `--bench`; any other argument is a filter we do not have.
-    require_root(
-        "gateway_tun bench",
-        "it creates network namespaces, TUN devices and nftables tables",
-    );
-    require_programs(&[
-        ("wireguard-go", "wireguard-go"),
-        ("wg", "wireguard-tools"),
-        ("iperf3", "iperf3"),
-        ("nft", "nftables"),
-        ("ping", "iputils-ping"),
-        ("ip", "iproute2"),
-    ]);
+/// `cargo build --release` of the gateway binary; its path.
+fn build_gateway() -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut build = Command::new(cargo);
@@ -375,18 +364,52 @@ fn main() {
     let status = build.status().unwrap();
     assert!(status.success(), "building the gateway in release");
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    let bin = target.join("release").join("kuberaya-gateway");
+    target.join("release").join("kuberaya-gateway")
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; any other argument is a filter we do not have.
+    require_root(
+        "gateway_tun bench",
+        "it creates network namespaces, TUN devices and nftables tables",
+    );
+    require_programs(&[
+        ("wireguard-go", "wireguard-go"),
+        ("wg", "wireguard-tools"),
+        ("iperf3", "iperf3"),
+        ("nft", "nftables"),
+        ("ping", "iputils-ping"),
+        ("ip", "iproute2"),
+    ]);
+    // KURAYA_BENCH_GATEWAY_BIN: measure this build of the gateway instead of building one.
+    let bin = match std::env::var_os("KURAYA_BENCH_GATEWAY_BIN") {
+        Some(b) => PathBuf::from(b),
+        None => build_gateway(),
+    };
 
     let dir = tempfile::tempdir().unwrap();
     // KURAYA_BENCH_GATEWAYS=tun,userspace (a subset) skips the others; wireguard-go, the
     // reference of the ratios, is always measured.
     let only = std::env::var("KURAYA_BENCH_GATEWAYS").unwrap_or_default();
-    let kinds: Vec<Gateway> = [Gateway::Tun, Gateway::Userspace, Gateway::WireguardGo]
+    let mut runs: Vec<(String, Gateway, PathBuf)> = [Gateway::Tun, Gateway::Userspace, Gateway::WireguardGo]
         .into_iter()
         .filter(|k| *k == Gateway::WireguardGo || only.is_empty() || only.split(',').any(|w| w.trim() == k.short()))
+        .map(|k| (k.label().to_string(), k, bin.clone()))
         .collect();
-    let figures: Vec<(Gateway, Figures)> = kinds.iter().map(|&k| (k, measure(k, &bin, dir.path()))).collect();
-    let wg = figures.iter().find(|(k, _)| *k == Gateway::WireguardGo).unwrap().1;
+    // KURAYA_BENCH_BASELINE_BIN: another build (say, before a change) in TUN mode too, first,
+    // so that before and after are measured in one run, under the same load.
+    if let Some(b) = std::env::var_os("KURAYA_BENCH_BASELINE_BIN") {
+        let label = format!("{} (baseline {})", Gateway::Tun.label(), Path::new(&b).display());
+        runs.insert(0, (label, Gateway::Tun, PathBuf::from(b)));
+    }
+    let figures: Vec<(String, Gateway, Figures)> = runs
+        .into_iter()
+        .map(|(label, k, bin)| {
+            let f = measure(k, &bin, dir.path());
+            (label, k, f)
+        })
+        .collect();
+    let wg = figures.iter().find(|(_, k, _)| *k == Gateway::WireguardGo).unwrap().2;
 
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -396,12 +419,14 @@ fn main() {
         host.trim(),
         load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
     );
-    println!("| gateway | 1 stream Mbit/s | 4 streams Mbit/s | CPU s/GB (1) | CPU s/GB (4) | ping min/avg/max ms |");
-    println!("|---|---|---|---|---|---|");
-    for (k, f) in &figures {
+    println!(
+        "| gateway | 1 stream Mbit/s | 4 streams Mbit/s | CPU s/GB (1) | CPU s/GB (4) | ping min/avg/max ms | ping after iperf3 ms |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (label, _, f) in &figures {
         println!(
-            "| {} | {:.0} ({:.2}x) | {:.0} ({:.2}x) | {:.2} ({:.2}x) | {:.2} ({:.2}x) | {:.3}/{:.3}/{:.3} ({:.2}x avg) |",
-            k.label(),
+            "| {} | {:.0} ({:.2}x) | {:.0} ({:.2}x) | {:.2} ({:.2}x) | {:.2} ({:.2}x) | {:.3}/{:.3}/{:.3}/{:.3} ({:.2}x med) | {:.3}/{:.3}/{:.3}/{:.3} ({:.2}x med) |",
+            label,
             f.mbps[0],
             f.mbps[0] / wg.mbps[0],
             f.mbps[1],
@@ -413,7 +438,13 @@ fn main() {
             f.rtt[0],
             f.rtt[1],
             f.rtt[2],
+            f.rtt[3],
             f.rtt[1] / wg.rtt[1],
+            f.rtt_after[0],
+            f.rtt_after[1],
+            f.rtt_after[2],
+            f.rtt_after[3],
+            f.rtt_after[1] / wg.rtt_after[1],
         );
     }
     println!("(ratios are to wireguard-go; the gateway process only: wireguard-go's CPU includes its TUN I/O)");

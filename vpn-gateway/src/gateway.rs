@@ -613,6 +613,8 @@ impl Gateway {
                     }
                 }
                 _ = waker.notified() => {}
+                // The data plane's own device (TUN) readable: read in `outbound` below.
+                _ = std::future::poll_fn(|cx| self.dp.poll_outbound(cx)) => {}
                 r = async { uapi.as_mut()?.recv().await }, if uapi.is_some() => match r {
                     Some(reply) => { let _ = reply.send(self.device_state(listen_port)); }
                     None => uapi = None,

@@ -17,6 +17,7 @@ pub mod userspace;
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
@@ -60,6 +61,12 @@ pub trait DataPlane: Send {
     fn flush(&mut self) {}
     /// Advance the data plane and pass every packet bound for a tunnel to `emit`.
     fn outbound(&mut self, now: Instant, emit: &mut dyn FnMut(&[u8]));
+    /// Ready when [`DataPlane::outbound`] has packets to hand out that the
+    /// [`DataPlane::waker`] does not announce (the TUN device became readable). Polled by
+    /// the gateway loop alongside its socket, so no task stands in between.
+    fn poll_outbound(&mut self, _cx: &mut Context<'_>) -> Poll<()> {
+        Poll::Pending
+    }
     /// How long the loop may wait before calling [`DataPlane::outbound`] again when
     /// nothing else happens.
     fn poll_delay(&mut self, now: Instant) -> Option<Duration>;

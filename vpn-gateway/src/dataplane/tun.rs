@@ -27,21 +27,22 @@
 //!   (audit, TCP RST) go to an embedded [`UserspaceDataPlane`], so both modes answer DNS and
 //!   refuse flows alike. Coalescing happens after the checks, and only joins segments of
 //!   the same connection, so it cannot let through anything the rules refused.
-//! - **Packets to peers**: a task of its own reads the TUN into a small pool of
-//!   preallocated batches (a super-packet is split into MTU-sized segments, GSO; up to
-//!   [`BATCH`] packets per wake-up, one channel message per batch) and wakes the gateway
-//!   loop, which encrypts each packet to the peer owning its destination and hands the
-//!   batch back to the pool. No allocation per packet: a full pool stops the reader, and
-//!   the kernel's device queue absorbs (or drops) the rest.
+//! - **Packets to peers**: the gateway loop itself waits for the device to be readable
+//!   ([`DataPlane::poll_outbound`]) and reads it in [`DataPlane::outbound`], without a task
+//!   or a channel in between (a thread hand-off per wake-up cost latency and CPU): each read
+//!   lands in preallocated slots (a super-packet split into MTU-sized segments, GSO) and every
+//!   packet is encrypted at once to the peer owning its destination. At most
+//!   [`READS_PER_TURN`] reads per turn, so datagrams from peers get their turn under load;
+//!   what is not read waits in the kernel's device queue.
 
 use std::io;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
-use tokio::sync::{Notify, mpsc};
-use tokio::task::JoinHandle;
+use tokio::sync::Notify;
 use tun_rs::{AsyncDevice, DeviceBuilder, DeviceImpl, GROTable, VIRTIO_NET_HDR_LEN};
 
 use super::userspace::{UserspaceConfig, UserspaceDataPlane};
@@ -54,14 +55,11 @@ pub const MTU: u16 = super::userspace::MTU as u16;
 pub const NFT_TABLE: &str = "kuberaya-gateway";
 /// The default TUN device name.
 pub const DEFAULT_NAME: &str = "kr-gw0";
-/// Packets a read batch holds: room for one super-packet split at the smallest segment
-/// size we expect (64 KiB / 1 KiB) plus as many single packets again.
+/// Segments one read may be split into: a 64 KiB super-packet of 512-byte segments (our
+/// MTU's MSS is 1380, so 48 at most in practice).
 pub const BATCH: usize = 128;
-/// A further read is tried only while this many slots are free: a 64 KiB super-packet of
-/// segments of at least 1 KiB (our MTU's MSS is 1380) always fits.
-const SPLIT_ROOM: usize = 64;
-/// Batches in circulation between the reader and the gateway loop.
-const POOL: usize = 8;
+/// Reads of the device per turn of the gateway loop.
+pub const READS_PER_TURN: usize = 64;
 /// One packet's room in a batch: the MTU, rounded up.
 const SLOT: usize = 2048;
 /// The largest IP packet, what one offloaded read or write may carry.
@@ -98,23 +96,24 @@ pub enum TunError {
     Nft(#[source] nftables::helper::NftablesError),
 }
 
-/// Up to [`BATCH`] packets read from the TUN, in preallocated slots.
-struct Batch {
+/// One read's room: the raw bytes (virtio-net header and up to a 64 KiB super-packet) and
+/// the slots it is split into.
+struct Reads {
+    raw: Box<[u8]>,
     slots: Box<[[u8; SLOT]]>,
     lens: [usize; BATCH],
-    n: usize,
+    /// Reads that failed, since the start.
+    errors: u64,
 }
 
-impl Batch {
+impl Reads {
     fn new() -> Self {
-        Batch {
+        Reads {
+            raw: vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET].into_boxed_slice(),
             slots: vec![[0u8; SLOT]; BATCH].into_boxed_slice(),
             lens: [0; BATCH],
-            n: 0,
+            errors: 0,
         }
-    }
-    fn packets(&self) -> impl Iterator<Item = &[u8]> {
-        (0..self.n).map(|i| &self.slots[i][..self.lens[i]])
     }
 }
 
@@ -152,19 +151,16 @@ impl WriteBatch {
 
 /// See the module documentation.
 pub struct TunDataPlane {
-    dev: Arc<AsyncDevice>,
+    dev: AsyncDevice,
     local: UserspaceDataPlane,
-    full: mpsc::Receiver<Batch>,
-    free: mpsc::Sender<Batch>,
-    reader: JoinHandle<()>,
+    reads: Reads,
     pending: WriteBatch,
     /// Write calls the device refused (queue full or down), since the start.
     write_drops: u64,
 }
 
 impl TunDataPlane {
-    /// Create the device, the routes and the nftables table, and start the reader. Must run
-    /// inside a tokio runtime.
+    /// Create the device, the routes and the nftables table. Must run inside a tokio runtime.
     pub async fn start(cfg: TunConfig) -> Result<Self, TunError> {
         let gateway = cfg.local.gateway;
         let build = |offload: bool| {
@@ -192,21 +188,10 @@ impl TunDataPlane {
         tracing::info!(device = %cfg.name, address = %gateway, range = %cfg.range, table = NFT_TABLE,
             offloads = dev.tcp_gso(), "TUN data plane up");
 
-        let dev = Arc::new(dev);
-        let local = UserspaceDataPlane::new(cfg.local);
-        let (full_tx, full) = mpsc::channel(POOL);
-        let (free, free_rx) = mpsc::channel(POOL);
-        for _ in 0..POOL {
-            free.try_send(Batch::new())
-                .expect("the pool channel holds POOL batches");
-        }
-        let reader = tokio::spawn(read_loop(dev.clone(), free_rx, full_tx, local.waker()));
         Ok(TunDataPlane {
             dev,
-            local,
-            full,
-            free,
-            reader,
+            local: UserspaceDataPlane::new(cfg.local),
+            reads: Reads::new(),
             pending: WriteBatch::new(),
             write_drops: 0,
         })
@@ -215,58 +200,10 @@ impl TunDataPlane {
 
 impl Drop for TunDataPlane {
     fn drop(&mut self) {
-        self.reader.abort();
         match nftables::helper::apply_ruleset(&delete_table()) {
             Ok(()) => tracing::info!(table = NFT_TABLE, "nftables table removed"),
             Err(e) => tracing::warn!(table = NFT_TABLE, error = %e, "removing the nftables table"),
         }
-    }
-}
-
-/// Read packets from the TUN into pooled batches and pass them to the gateway loop.
-async fn read_loop(
-    dev: Arc<AsyncDevice>,
-    mut free: mpsc::Receiver<Batch>,
-    full: mpsc::Sender<Batch>,
-    wake: Arc<Notify>,
-) {
-    // One read's raw bytes: the virtio-net header and up to a 64 KiB super-packet.
-    let mut raw = vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET];
-    let mut errors = 0u64;
-    // Waiting for a free batch is the backpressure: the kernel queues meanwhile.
-    while let Some(mut batch) = free.recv().await {
-        let Batch { slots, lens, n } = &mut batch;
-        *n = 0;
-        match dev.recv_multiple(&mut raw, &mut slots[..], &mut lens[..], 0).await {
-            Ok(k) => *n = k,
-            Err(e) => {
-                errors += 1;
-                if errors.is_power_of_two() {
-                    tracing::warn!(error = %e, errors, "reading the TUN device");
-                }
-                // The device failing (not one bad super-packet): do not spin.
-                if e.raw_os_error().is_some() {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-        while *n + SPLIT_ROOM <= BATCH {
-            match dev.try_recv_multiple(&mut raw, &mut slots[*n..], &mut lens[*n..], 0) {
-                Ok(k) => *n += k,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    errors += 1;
-                    if errors.is_power_of_two() {
-                        tracing::warn!(error = %e, errors, "reading the TUN device");
-                    }
-                    break;
-                }
-            }
-        }
-        if full.send(batch).await.is_err() {
-            return;
-        }
-        wake.notify_one();
     }
 }
 
@@ -351,12 +288,43 @@ impl DataPlane for TunDataPlane {
 
     fn outbound(&mut self, now: Instant, emit: &mut dyn FnMut(&[u8])) {
         self.local.outbound(now, emit);
-        for _ in 0..POOL {
-            let Ok(batch) = self.full.try_recv() else { break };
-            batch.packets().for_each(&mut *emit);
-            // The pool channel has room for every batch, so this cannot fail while the
-            // reader runs; when it has stopped the batch is simply dropped.
-            let _ = self.free.try_send(batch);
+        let Reads {
+            raw,
+            slots,
+            lens,
+            errors,
+        } = &mut self.reads;
+        for _ in 0..READS_PER_TURN {
+            // Non-blocking; WouldBlock also clears the readiness poll_outbound waits for.
+            match self.dev.try_recv_multiple(raw, &mut slots[..], &mut lens[..], 0) {
+                Ok(n) => (0..n).for_each(|i| emit(&slots[i][..lens[i]])),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    // One malformed super-packet is dropped; a failing device is not spun on.
+                    *errors += 1;
+                    if errors.is_power_of_two() {
+                        tracing::warn!(error = %e, errors = *errors, "reading the TUN device");
+                    }
+                    if e.raw_os_error().is_some() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn poll_outbound(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self.dev.poll_readable(cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(()),
+            Poll::Ready(Err(e)) => {
+                // Not retried: a TUN device does not recover from an error of its own.
+                self.reads.errors += 1;
+                if self.reads.errors.is_power_of_two() {
+                    tracing::warn!(error = %e, "waiting for the TUN device");
+                }
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -402,18 +370,6 @@ mod tests {
         assert!(text.contains("[\"established\",\"related\"]"), "{text}");
         let drops = cmds.iter().filter(|c| c.to_string().contains("\"drop\"")).count();
         assert_eq!(drops, 2, "new connections into the tunnel dropped, forwarded and local");
-    }
-
-    #[test]
-    fn a_batch_yields_exactly_the_packets_read() {
-        let mut b = Batch::new();
-        b.slots[0][..3].copy_from_slice(&[1, 2, 3]);
-        b.lens[0] = 3;
-        b.slots[1][..1].copy_from_slice(&[9]);
-        b.lens[1] = 1;
-        b.n = 2;
-        let got: Vec<&[u8]> = b.packets().collect();
-        assert_eq!(got, [&[1u8, 2, 3][..], &[9u8][..]]);
     }
 
     /// An IPv4/TCP segment with valid checksums (GRO verifies them before coalescing).
