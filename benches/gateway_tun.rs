@@ -420,7 +420,7 @@ fn main() {
         load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
     );
     println!(
-        "| gateway | 1 stream Mbit/s | 4 streams Mbit/s | CPU s/GB (1) | CPU s/GB (4) | ping min/avg/max ms | ping after iperf3 ms |"
+        "| gateway | 1 stream Mbit/s | 4 streams Mbit/s | CPU s/GB (1) | CPU s/GB (4) | ping idle min/med/avg/max ms | ping after iperf3 min/med/avg/max ms |"
     );
     println!("|---|---|---|---|---|---|---|");
     for (label, _, f) in &figures {
