@@ -12,7 +12,7 @@ use super::model::{
     Algorithm, Attachment, HealthCheckProtocol, HealthEntry, LbInput, LbRecord, LbStatus, LoadBalancer, Protocol,
     PublicIp, PublicIpRef, VmState, now_rfc3339,
 };
-use super::store::State;
+use super::store::{Saved, State};
 use super::{Platform, validate};
 
 impl Platform {
@@ -147,8 +147,8 @@ impl Platform {
             Ok(record)
         })?;
         drop(store);
-        saved.wait().await?;
-        self.schedule(&record.lb.id, record.generation);
+        self.schedule_once_saved(saved, &record.lb.id, record.generation)
+            .await?;
         Ok(record)
     }
 
@@ -210,8 +210,8 @@ impl Platform {
             Ok(record.clone())
         })?;
         drop(store);
-        saved.wait().await?;
-        self.schedule(&record.lb.id, record.generation);
+        self.schedule_once_saved(saved, &record.lb.id, record.generation)
+            .await?;
         Ok(record)
     }
 
@@ -238,9 +238,25 @@ impl Platform {
             Ok(record.clone())
         })?;
         drop(store);
-        saved.wait().await?;
-        self.schedule(&record.lb.id, record.generation);
+        self.schedule_once_saved(saved, &record.lb.id, record.generation)
+            .await?;
         Ok(record)
+    }
+
+    /// Waits for a transition's write, then [`Self::schedule`]s its completion, in a task
+    /// of its own: a client that goes away meanwhile (its call dropped by the server) must
+    /// not leave the LB `provisioning`, `updating` or `deleting` with nothing to finish it
+    /// (found by tests/reliability_ccm.rs, which SIGKILLs the CCM mid-call).
+    async fn schedule_once_saved(self: &Arc<Self>, saved: Saved, id: &str, generation: u64) -> Result<()> {
+        let platform = self.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            saved.wait().await?;
+            platform.schedule(&id, generation);
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("scheduling the transition of a load balancer: {e}")))?
     }
 
     /// After the provisioning delay, finishes the transition of `id` started at
