@@ -15,12 +15,14 @@
 //!   the userspace implementation terminates flows in smoltcp.
 //! - [`source`]: where peers and Services come from (Kubernetes watchers or static files).
 //! - [`gateway`]: the UDP socket loop tying it together.
+//! - [`audit`]: a per-peer budget of audit lines for denied flows.
 //! - [`metrics`], [`http`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`.
 //! - [`uapi`]: the standard WireGuard UAPI socket, read-only, so `wg show` works.
 //! - [`run`]: the whole gateway in-process ([`run::start`], [`run::run`]); the binary
 //!   and `kuberaya sandbox up` use it.
 
 pub mod acl;
+pub mod audit;
 pub mod crd;
 pub mod dataplane;
 pub mod dns;

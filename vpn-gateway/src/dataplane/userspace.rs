@@ -13,7 +13,8 @@
 //! - ICMP echo to an allowed ClusterIP (or the gateway) is answered by smoltcp.
 //! - Denied TCP gets a RST from a second, socket-less smoltcp interface (so a denied SYN can
 //!   never meet a listening socket); other denied packets are dropped. One audit line per
-//!   flow (target `audit`): peer, destination, Service, port, verdict, bytes, duration.
+//!   flow (target `audit`): peer, destination, Service, port, verdict, bytes, duration;
+//!   denied flows within a per-peer budget ([`crate::audit`]), the rest summed in one line.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -33,6 +34,7 @@ use tokio::task::JoinHandle;
 
 use super::{DataPlane, FlowCounters, Inbound, Policy};
 use crate::acl::Verdict;
+use crate::audit::AuditBudget;
 use crate::dns::{DnsAnswer, Resolver};
 use crate::packet::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_RST, Transport};
 use crate::peers::PeerId;
@@ -219,6 +221,8 @@ pub struct UserspaceDataPlane {
     notify: Arc<Notify>,
     /// Packets built here (UDP replies) waiting for `outbound`.
     out: VecDeque<Vec<u8>>,
+    /// Lines of denied flows per peer per second (a port scan is one line per try).
+    audit: AuditBudget,
 }
 
 impl UserspaceDataPlane {
@@ -239,6 +243,7 @@ impl UserspaceDataPlane {
             policy: Arc::new(Policy::default()),
             notify: Arc::new(Notify::new()),
             out: VecDeque::new(),
+            audit: AuditBudget::default(),
         }
     }
 
@@ -250,7 +255,14 @@ impl UserspaceDataPlane {
         }
     }
 
-    fn audit_denied(&self, pkt: &Inbound<'_>) {
+    fn audit_denied(&mut self, pkt: &Inbound<'_>, now: Instant) {
+        let (write, held) = self.audit.allow(pkt.peer, now);
+        if let Some(n) = held {
+            audit_held(pkt.peer, n);
+        }
+        if !write {
+            return;
+        }
         tracing::info!(
             target: "audit",
             peer = %pkt.peer,
@@ -605,6 +617,11 @@ impl UserspaceDataPlane {
     }
 }
 
+/// The audit lines of denied flows a peer's budget held back in its last second.
+fn audit_held(peer: &PeerId, denied: u64) {
+    tracing::info!(target: "audit", peer = %peer, denied, "denied flows not logged one by one (over the audit budget)");
+}
+
 fn audit_udp(key: &FlowKey, f: &UdpFlow, now: Instant) {
     tracing::info!(
         target: "audit",
@@ -755,7 +772,7 @@ impl DataPlane for UserspaceDataPlane {
             (Verdict::Spoofed, _) => {}
             (Verdict::Denied, Transport::Tcp { flags, .. }) => {
                 if p.is_tcp_syn() {
-                    self.audit_denied(&pkt);
+                    self.audit_denied(&pkt, now);
                 }
                 if flags & TCP_RST == 0 {
                     self.reject.dev.rx.push_back(pkt.bytes.to_vec());
@@ -767,7 +784,7 @@ impl DataPlane for UserspaceDataPlane {
             (Verdict::Denied, Transport::Udp { .. }) => {
                 let key = (p.src, p.src_port().unwrap_or(0), p.dst, p.dst_port().unwrap_or(0));
                 if !self.udp.contains_key(&key) {
-                    self.audit_denied(&pkt);
+                    self.audit_denied(&pkt, now);
                 }
             }
             (Verdict::Denied, _) => {}
@@ -810,6 +827,9 @@ impl DataPlane for UserspaceDataPlane {
     }
 
     fn outbound(&mut self, now: Instant, emit: &mut dyn FnMut(&[u8])) {
+        for (peer, n) in self.audit.expire(now) {
+            audit_held(&peer, n);
+        }
         let ts = smol_now(now, self.epoch);
         for _ in 0..MAX_ROUNDS {
             let changed = self.stack.poll(ts);
