@@ -28,6 +28,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use kuberaya_e2e::probe::http_get;
+use kuberaya_e2e::sandbox::{free_port, gateway_keypair, onetun_path, output_text};
 use kuberaya_e2e::{JsonApi, Process, binary, poll_until_blocking, unique_net_index};
 use serde_json::{Value, json};
 
@@ -39,22 +41,6 @@ const GW_NS: &str = "kuberaya-system";
 
 fn long() -> bool {
     std::env::var("KR_RELIABILITY_LONG").is_ok_and(|v| !v.is_empty() && v != "0")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 fn free_udp_port() -> u16 {
@@ -209,13 +195,13 @@ impl KubeServer {
 
     fn kubectl(&self, args: &[&str]) -> Result<String> {
         let out = self.kubectl_output(args, None)?;
-        ensure!(out.status.success(), "kubectl {args:?}: {}", text(&out));
+        ensure!(out.status.success(), "kubectl {args:?}: {}", output_text(&out));
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     fn apply(&self, yaml: &str) -> Result<()> {
         let out = self.kubectl_output(&["apply", "-f", "-"], Some(yaml))?;
-        ensure!(out.status.success(), "kubectl apply: {}\n{yaml}", text(&out));
+        ensure!(out.status.success(), "kubectl apply: {}\n{yaml}", output_text(&out));
         Ok(())
     }
 
@@ -238,7 +224,11 @@ impl KubeServer {
             cmd.args(["-H", "Content-Type: application/json", "--data", &b.to_string()]);
         }
         let out = cmd.arg(format!("{}/_sandbox/{path}", self.url)).output()?;
-        ensure!(out.status.success(), "curl {method} /_sandbox/{path}: {}", text(&out));
+        ensure!(
+            out.status.success(),
+            "curl {method} /_sandbox/{path}: {}",
+            output_text(&out)
+        );
         let all = String::from_utf8_lossy(&out.stdout).into_owned();
         let (body, code) = all.rsplit_once('\n').context("status line")?;
         ensure!(code == "200", "{method} /_sandbox/{path}: {code} {body}");
@@ -823,30 +813,6 @@ fn ccm_scenario(kube: &mut KubeServer, platform: &Platform, nodes: usize) -> Res
 // ---------------------------------------------------------------------------------------
 // The gateway.
 
-fn onetun_path() -> PathBuf {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("onetun"))
-            .find(|p| p.is_file())
-    });
-    found.unwrap_or_else(|| {
-        panic!("onetun is not installed: run `cargo install --locked onetun --version 0.3.10` (scripts/test does)")
-    })
-}
-
-fn keypair() -> Result<(String, String)> {
-    let out = Command::new(binary("kuberaya-gateway"))
-        .arg("--generate-keypair")
-        .output()?;
-    ensure!(out.status.success(), "--generate-keypair: {}", text(&out));
-    let text = String::from_utf8(out.stdout)?;
-    let mut it = text.split_whitespace();
-    Ok((
-        it.next().context("private")?.to_string(),
-        it.next().context("public")?.to_string(),
-    ))
-}
-
 /// A small HTTP server on the `web` Service's ClusterIP (a loopback address), standing in
 /// for its pods; stops when dropped.
 struct Backend {
@@ -937,17 +903,7 @@ impl Gateway {
     }
 
     fn metrics(&self) -> String {
-        let Ok(addr) = self.metrics.parse() else {
-            return String::new();
-        };
-        let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
-            return String::new();
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let _ = write!(s, "GET /metrics HTTP/1.0\r\nhost: x\r\n\r\n");
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
+        http_get(&self.metrics, "/metrics")
     }
 
     fn metric(&self, name: &str, labels: &[&str]) -> u64 {
@@ -984,7 +940,7 @@ struct Laptop {
 
 impl Laptop {
     fn new(name: &str, host: u8) -> Result<Laptop> {
-        let (private, public) = keypair()?;
+        let (private, public) = gateway_keypair();
         Ok(Laptop {
             name: name.to_string(),
             private,
@@ -1009,7 +965,7 @@ impl Laptop {
     /// Gives the laptop a preshared key and stores it in its Secret.
     fn with_psk(mut self, kube: &KubeServer) -> Result<Laptop> {
         // Any 32 random bytes in base64 make a key; a fresh private key is such bytes.
-        let (psk, _) = keypair()?;
+        let (psk, _) = gateway_keypair();
         kube.kubectl(&[
             "create",
             "secret",
@@ -1100,12 +1056,26 @@ impl Bystander {
             "fault {fault}: {name}'s traffic: {}",
             gw.metrics()
         );
+        // The gateway never dropped or rejected the peer (its log names every such peer).
+        let peer = format!("{GW_NS}/{name}");
+        let log = format!("{}\n{}", gw.process.stdout(), gw.process.stderr());
+        let dropped: Vec<String> = log
+            .lines()
+            .filter(|l| l.contains(&peer) && (l.contains("peer removed") || l.contains("peer rejected")))
+            .map(str::to_string)
+            .collect();
+        ensure!(
+            dropped.is_empty(),
+            "fault {fault}: the gateway dropped {name}: {dropped:?}"
+        );
         let now = gw.handshakes(name);
-        let rekey_due = self.session.elapsed() > Duration::from_secs(110);
+        // A margin below WireGuard's 120 s rekey: a loaded machine skews the two clocks.
+        let rekey_due = self.session.elapsed() > Duration::from_secs(100);
         ensure!(
             now == self.handshakes || rekey_due,
-            "fault {fault}: {name}'s handshakes went from {} to {now}: the session was redone",
-            self.handshakes
+            "fault {fault}: {name}'s handshakes went from {} to {now} {} s into the session: it was redone",
+            self.handshakes,
+            self.session.elapsed().as_secs()
         );
         if now != self.handshakes {
             self.handshakes = now;
@@ -1321,6 +1291,14 @@ fn gateway_scenario(kube: &mut KubeServer, gw: &Gateway, web: &str) -> Result<()
             gw.accepted(),
             accepted_before - 1,
             gw.metrics()
+        );
+        // The log the bystander check reads does name dropped peers.
+        let log = format!("{}\n{}", gw.process.stdout(), gw.process.stderr());
+        let doomed_peer = format!("{GW_NS}/{}", doomed.name);
+        ensure!(
+            log.lines()
+                .any(|l| l.contains(&doomed_peer) && l.contains("peer removed")),
+            "fault {name}: the gateway logged the removal of {doomed_peer}"
         );
         let disabled_cut = disabled.cut_off(changed, Duration::from_secs(20))?;
         newcomer.connect(gw, web)?;
