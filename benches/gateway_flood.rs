@@ -1,0 +1,412 @@
+//! Issue 12/13, the gateway under a handshake flood: the real `kuberaya-gateway` binary
+//! (static files, loopback, release build).
+//!
+//! - handshakes per second it sustains: registered peers' initiations (pre-made with
+//!   boringtun's noise `Tunn`, each newer than the last of its peer) sent with at most
+//!   `KR_BENCH_INFLIGHT` unanswered, counting handshake responses; with the cookie limit out
+//!   of the way (`--handshake-limit 1000000`) and with the default (100/s);
+//! - the throughput an established `onetun` peer keeps during a flood: without a flood, with
+//!   a 10,000/s flood of initiations from unknown keys (valid MAC1: anyone who knows the
+//!   gateway's public key can make them; answered with cookie replies above the limit),
+//!   and with a flood of real handshakes at full speed (the worst case: every one costs
+//!   the gateway its Diffie-Hellman operations).
+//!
+//! Run: `cargo bench --bench gateway_flood`. Knobs: `KR_BENCH_FLOOD_PEERS` (256),
+//! `KR_BENCH_FLOOD_ROUNDS` (40 initiations per peer), `KR_BENCH_FLOOD_RATE` (10000/s),
+//! `KR_BENCH_WINDOW_S` (5 s per throughput figure), `KR_BENCH_INFLIGHT` (256).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use common::{cpu_time, knob, machine, result};
+use kuberaya_e2e::{Process, binary};
+
+fn random32() -> [u8; 32] {
+    let mut b = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .expect("/dev/urandom");
+    b
+}
+
+fn b64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::new();
+    for c in bytes.chunks(3) {
+        let n =
+            (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        s.push(A[(n >> 18) as usize & 63] as char);
+        s.push(A[(n >> 12) as usize & 63] as char);
+        s.push(if c.len() > 1 {
+            A[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        s.push(if c.len() > 2 { A[n as usize & 63] as char } else { '=' });
+    }
+    s
+}
+
+fn b64_decode(s: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in s.trim().bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => continue,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    out
+}
+
+struct Peer {
+    secret: [u8; 32],
+    address: Ipv4Addr,
+}
+
+impl Peer {
+    fn new(i: usize) -> Peer {
+        let n = i + 2;
+        Peer {
+            secret: random32(),
+            address: Ipv4Addr::new(100, 64, (n / 256) as u8, (n % 256) as u8),
+        }
+    }
+    fn json(&self, i: usize) -> serde_json::Value {
+        let public = b64(PublicKey::from(&StaticSecret::from(self.secret)).as_bytes());
+        serde_json::json!({"namespace": "default", "name": format!("p{i}"),
+            "spec": {"publicKey": public, "address": self.address.to_string(), "allow": [{"service": "web"}]}})
+    }
+}
+
+struct Gateway {
+    process: Process,
+    udp: SocketAddr,
+    public: [u8; 32],
+}
+
+fn start_gateway(dir: &Path, peers: &[Peer], web: Ipv4Addr, port: u16, limit: u64) -> Result<Gateway> {
+    let key = dir.join("gw.key");
+    std::fs::write(&key, b64(&random32()))?;
+    let list: Vec<_> = peers.iter().enumerate().map(|(i, p)| p.json(i)).collect();
+    std::fs::write(dir.join("peers.json"), serde_json::to_vec(&list)?)?;
+    std::fs::write(
+        dir.join("services.json"),
+        serde_json::json!([{"namespace": "default", "name": "web", "clusterIP": web.to_string(),
+            "ports": [{"name": "bulk", "port": port}]}])
+        .to_string(),
+    )?;
+    let mut cmd = Command::new(binary("kuberaya-gateway"));
+    cmd.args(["--listen", "127.0.0.1:0", "--private-key-file"])
+        .arg(&key)
+        .arg("--peers-file")
+        .arg(dir.join("peers.json"))
+        .arg("--services-file")
+        .arg(dir.join("services.json"))
+        .args([
+            "--metrics-bind-address",
+            "127.0.0.1:0",
+            "--health-bind-address",
+            "127.0.0.1:0",
+        ])
+        .args(["--handshake-limit", &limit.to_string()])
+        .env("RUST_LOG", "warn");
+    let mut process = Process::spawn_command(common::die_with_parent(cmd))?;
+    let line = process.wait_for_stdout_line("kuberaya-gateway listening", Duration::from_secs(60))?;
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .map(String::from)
+            .with_context(|| format!("{k}= in {line}"))
+    };
+    // The file source loads the peers within its 500 ms re-read.
+    std::thread::sleep(Duration::from_secs(1));
+    Ok(Gateway {
+        udp: field("udp")?.parse()?,
+        public: b64_decode(&field("public_key")?)
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("public key"))?,
+        process,
+    })
+}
+
+/// `rounds` initiations per peer, round by round (each newer than its peer's last).
+fn initiations(peers: &[Peer], gw: &Gateway, rounds: usize) -> Vec<Vec<u8>> {
+    let mut tunns: Vec<Tunn> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            Tunn::new(
+                StaticSecret::from(p.secret),
+                PublicKey::from(gw.public),
+                None,
+                None,
+                i as u32,
+                None,
+            )
+        })
+        .collect();
+    let mut out = Vec::with_capacity(peers.len() * rounds);
+    let mut buf = vec![0u8; 256];
+    for _ in 0..rounds {
+        for t in tunns.iter_mut() {
+            if let TunnResult::WriteToNetwork(p) = t.format_handshake_initiation(&mut buf, true) {
+                out.push(p.to_vec());
+            }
+        }
+    }
+    out
+}
+
+/// Sends `inits` keeping at most `inflight` unanswered; (responses, cookie replies, lost,
+/// time). After 1 s without an answer the unanswered ones count as lost.
+fn handshake_run(gw: &Gateway, inits: &[Vec<u8>], inflight: u64) -> Result<(u64, u64, u64, Duration)> {
+    let sock = UdpSocket::bind("127.0.0.1:0")?;
+    sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let total = inits.len() as u64;
+    let (mut sent, mut responses, mut cookies, mut lost) = (0u64, 0u64, 0u64, 0u64);
+    let mut buf = [0u8; 256];
+    let started = Instant::now();
+    let mut last_answer = Instant::now();
+    loop {
+        while sent < total && sent.saturating_sub(responses + cookies + lost) < inflight {
+            sock.send_to(&inits[sent as usize], gw.udp)?;
+            sent += 1;
+        }
+        if sent == total && responses + cookies + lost >= sent {
+            break;
+        }
+        match sock.recv(&mut buf) {
+            Ok(92) if buf[0] == 2 => responses += 1,
+            Ok(64) if buf[0] == 3 => cookies += 1,
+            Ok(_) => continue,
+            Err(_) => {
+                if last_answer.elapsed() > Duration::from_secs(1) {
+                    lost = sent.saturating_sub(responses + cookies);
+                    last_answer = Instant::now();
+                }
+                continue;
+            }
+        }
+        last_answer = Instant::now();
+    }
+    Ok((responses, cookies, lost, started.elapsed()))
+}
+
+/// A TCP server streaming zeros to each connection (at most 60 s each).
+fn bulk_server(ip: Ipv4Addr, stop: Arc<AtomicBool>) -> Result<SocketAddr> {
+    let l = TcpListener::bind((ip, 0))?;
+    let a = l.local_addr()?;
+    std::thread::spawn(move || {
+        for s in l.incoming().take(64) {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let Ok(mut s) = s else { continue };
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let chunk = vec![0u8; 64 * 1024];
+                let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+                let started = Instant::now();
+                while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
+                    if s.write_all(&chunk).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok(a)
+}
+
+fn download_mbit(addr: SocketAddr, length: Duration) -> f64 {
+    let started = Instant::now();
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else {
+        return 0.0;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    while started.elapsed() < length {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n as u64,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => break,
+        }
+    }
+    got as f64 * 8.0 / started.elapsed().as_secs_f64() / 1e6
+}
+
+fn onetun(gw: &Gateway, peer: &Peer, remote: SocketAddr) -> Result<(Process, SocketAddr)> {
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let path = std::env::var_os("PATH")
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("onetun"))
+                .find(|p| p.is_file())
+        })
+        .context("onetun is not installed (scripts/test installs it)")?;
+    let mut cmd = Command::new(path);
+    cmd.args([
+        "--endpoint-addr",
+        &gw.udp.to_string(),
+        "--endpoint-public-key",
+        &b64(&gw.public),
+        "--source-peer-ip",
+        &peer.address.to_string(),
+        "--keep-alive",
+        "5",
+        "--log",
+        "error",
+        &format!("127.0.0.1:{port}:{remote}:TCP"),
+    ])
+    .env("ONETUN_PRIVATE_KEY", b64(&peer.secret));
+    let p = Process::spawn_command(common::die_with_parent(cmd))?;
+    let local = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if download_mbit(local, Duration::from_millis(300)) > 0.0 {
+            return Ok((p, local));
+        }
+    }
+    bail!("onetun moved no data\n{}", p.output_tails())
+}
+
+/// Sends `datagrams` round-robin at `rate` per second until `stop`, in a thread; the
+/// count goes to `sent`.
+fn flood(to: SocketAddr, datagrams: Vec<Vec<u8>>, rate: u64, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>) {
+    std::thread::spawn(move || {
+        let Ok(sock) = UdpSocket::bind("127.0.0.1:0") else {
+            return;
+        };
+        let _ = sock.set_nonblocking(true);
+        let started = Instant::now();
+        let mut n = 0u64;
+        let mut buf = [0u8; 256];
+        while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(120) {
+            let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+            while n < due {
+                if sock
+                    .send_to(&datagrams[(n % datagrams.len() as u64) as usize], to)
+                    .is_ok()
+                {
+                    n += 1;
+                }
+            }
+            // Drain the answers (cookie replies, responses).
+            while sock.recv(&mut buf).is_ok() {}
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        sent.store(n, Ordering::Relaxed);
+    });
+}
+
+fn main() -> Result<()> {
+    let peers_n = knob("KR_BENCH_FLOOD_PEERS", 256) as usize;
+    let rounds = knob("KR_BENCH_FLOOD_ROUNDS", 40) as usize;
+    let rate = knob("KR_BENCH_FLOOD_RATE", 10_000);
+    let window = Duration::from_secs(knob("KR_BENCH_WINDOW_S", 5));
+    let inflight = knob("KR_BENCH_INFLIGHT", 256);
+    println!("gateway_flood: peers={peers_n} rounds={rounds} rate={rate}/s window={window:?} inflight={inflight}");
+    println!("{}", machine());
+    let net = kuberaya_e2e::unique_net_index();
+    let web = Ipv4Addr::new(127, 97, net, 10);
+    let stop = Arc::new(AtomicBool::new(false));
+    let bulk = bulk_server(web, stop.clone())?;
+    // Peer 0 is the established one; the others handshake.
+    let peers: Vec<Peer> = (0..peers_n + 1).map(Peer::new).collect();
+
+    for (limit, what) in [
+        (1_000_000u64, "no cookie limit"),
+        (100, "default --handshake-limit 100"),
+    ] {
+        let dir = tempfile::tempdir()?;
+        let gw = start_gateway(dir.path(), &peers, web, bulk.port(), limit)?;
+        let made = Instant::now();
+        let inits = initiations(&peers[1..], &gw, rounds);
+        let made = made.elapsed();
+        let cpu0 = cpu_time(gw.process.pid()).unwrap_or_default();
+        let (responses, cookies, lost, took) = handshake_run(&gw, &inits, inflight)?;
+        let cpu = cpu_time(gw.process.pid()).unwrap_or_default().saturating_sub(cpu0);
+        result(
+            &format!("handshakes_per_s ({what}, {} peers)", peers_n),
+            format!(
+                "{:.0}/s: {responses} responses, {cookies} cookie replies, {lost} lost of {} initiations in {:.2} s; gateway CPU \
+                 {:.2} s → {:.0} handshakes per CPU-second (initiations made in {:.1} s); {}",
+                responses as f64 / took.as_secs_f64(),
+                inits.len(),
+                took.as_secs_f64(),
+                cpu.as_secs_f64(),
+                responses as f64 / cpu.as_secs_f64().max(1e-9),
+                made.as_secs_f64(),
+                common::load_average()
+            ),
+        );
+    }
+
+    // The established peer's throughput: without a flood, with a cookie flood, with a
+    // flood of real handshakes (no limit).
+    for (limit, what) in [(100u64, "default limit"), (1_000_000, "no cookie limit")] {
+        let dir = tempfile::tempdir()?;
+        let gw = start_gateway(dir.path(), &peers, web, bulk.port(), limit)?;
+        let (mut ot, local) = onetun(&gw, &peers[0], bulk)?;
+        let pid = gw.process.pid();
+        let without = download_mbit(local, window);
+        // A flood from keys the gateway does not know (valid MAC1), or registered peers' real
+        // initiations (each taking the gateway's DH work until answered).
+        let (datagrams, kind) = if limit == 100 {
+            let unknown: Vec<Peer> = (0..64).map(Peer::new).collect();
+            (initiations(&unknown, &gw, 1), "initiations from unknown keys")
+        } else {
+            (initiations(&peers[1..], &gw, rounds), "registered peers' initiations")
+        };
+        let flood_stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let cpu0 = cpu_time(pid).unwrap_or_default();
+        flood(gw.udp, datagrams, rate, flood_stop.clone(), sent.clone());
+        std::thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        let during = download_mbit(local, window);
+        let took = started.elapsed() + Duration::from_millis(300);
+        flood_stop.store(true, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(100));
+        let cpu = cpu_time(pid).unwrap_or_default().saturating_sub(cpu0);
+        result(
+            &format!("established_peer_throughput ({what}: {rate}/s {kind})"),
+            format!(
+                "{during:.0} Mbit/s during vs {without:.0} Mbit/s without → {:.2}x (goal ≥ 0.5x); {} sent, gateway \
+                 CPU {:.2} s in {:.1} s; {}",
+                during / without.max(1e-9),
+                sent.load(Ordering::Relaxed),
+                cpu.as_secs_f64(),
+                took.as_secs_f64(),
+                common::load_average()
+            ),
+        );
+        ot.stop();
+    }
+    stop.store(true, Ordering::Relaxed);
+    Ok(())
+}
