@@ -457,3 +457,64 @@ pub(crate) fn listeners(state: &State, record: &LbRecord) -> Vec<Listener> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::platform::PlatformConfig;
+
+    async fn status_of(platform: &Platform, name: &str) -> Option<(String, LbStatus)> {
+        let store = platform.store.lock().await;
+        let record = store.state.load_balancers.iter().find(|r| r.lb.name == name)?;
+        Some((record.lb.id.clone(), record.lb.status))
+    }
+
+    async fn wait_for(platform: &Platform, name: &str, want: Option<LbStatus>) {
+        for _ in 0..200 {
+            if status_of(platform, name).await.map(|(_, s)| s) == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{name}: {:?}, want {want:?}", status_of(platform, name).await);
+    }
+
+    /// A call polled once and then dropped, as the server drops the call of a client that
+    /// went away (a CCM killed mid-call), still has its transition completed.
+    #[tokio::test]
+    async fn a_dropped_call_still_completes_its_transition() {
+        let dir = tempfile::tempdir().unwrap();
+        let platform = Platform::open(PlatformConfig {
+            state_dir: dir.path().to_path_buf(),
+            public_ip_range: "127.203.250.0/24".parse().unwrap(),
+            vm_ip_range: "127.10.250.0/24".parse().unwrap(),
+            provisioning_delay: Duration::from_millis(10),
+            ..PlatformConfig::default()
+        })
+        .await
+        .unwrap();
+        platform.seed_cluster("cl-1", "one", 0).await.unwrap();
+        let input = |port: u16| -> LbInput {
+            serde_json::from_value(serde_json::json!({
+                "name": "web",
+                "rules": [{"name": "http", "protocol": "tcp", "public_port": port,
+                           "private_port": 8080, "algorithm": "round_robin"}],
+                "backends": [],
+            }))
+            .unwrap()
+        };
+        let dropped = Duration::ZERO;
+        let _ = tokio::time::timeout(dropped, platform.create_lb("cl-1", input(18080))).await;
+        wait_for(&platform, "web", Some(LbStatus::Active)).await;
+        let (id, _) = status_of(&platform, "web").await.unwrap();
+        let _ = tokio::time::timeout(dropped, platform.update_lb("cl-1", &id, input(18081))).await;
+        assert_eq!(
+            status_of(&platform, "web").await,
+            Some((id.clone(), LbStatus::Updating))
+        );
+        wait_for(&platform, "web", Some(LbStatus::Active)).await;
+        let _ = tokio::time::timeout(dropped, platform.delete_lb("cl-1", &id, None)).await;
+        wait_for(&platform, "web", None).await;
+        platform.shutdown().await;
+    }
+}
