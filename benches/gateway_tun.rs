@@ -291,8 +291,10 @@ fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
     );
 
     let pid = gateway.pid();
-    let mut f = Figures::default();
-    f.rtt = ping(&laptop);
+    let mut f = Figures {
+        rtt: ping(&laptop),
+        ..Figures::default()
+    };
     for (i, streams) in [1, 4].into_iter().enumerate() {
         // KURAYA_BENCH_PERF=DIR: a cpu-clock profile of the gateway process (all its
         // threads, kernel included) during the one-stream run, in DIR/<gateway>-<pid>.data.
