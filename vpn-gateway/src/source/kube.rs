@@ -205,6 +205,20 @@ pub fn service_from_k8s(s: &K8sService) -> Option<Service> {
     })
 }
 
+/// What the reflector keeps of a `VpnPeer`: what [`peer_from_k8s`] reads. Managed fields,
+/// annotations (kubectl's last-applied copy of the object) and status conditions are most
+/// of an object's size, and the store holds every peer.
+pub fn trim_peer(p: &mut VpnPeer) {
+    p.metadata.managed_fields = None;
+    p.metadata.annotations = None;
+    if let Some(s) = p.status.as_mut() {
+        *s = VpnPeerStatus {
+            address: s.address.take(),
+            ..Default::default()
+        };
+    }
+}
+
 /// A `VpnPeer` as a peer input (the preshared key still to be filled in).
 pub fn peer_from_k8s(p: &VpnPeer) -> Option<PeerInput> {
     let mut input = PeerInput::new(PeerId::new(p.namespace()?, p.metadata.name.clone()?), p.spec.clone());
@@ -305,6 +319,7 @@ impl KubeSource {
         let (peer_store, peer_writer) = reflector::store();
         let peer_stream = watcher(peer_api, watcher::Config::default())
             .backoff(WatchBackoff::default())
+            .modify(trim_peer)
             .reflect(peer_writer);
         let peers_task = tokio::spawn(async move {
             let mut stream = std::pin::pin!(peer_stream);
@@ -495,6 +510,26 @@ mod tests {
         assert_eq!(i.id, PeerId::new("team", "alice"));
         assert_eq!(i.previous_address, Some(Ipv4Addr::new(100, 64, 0, 7)));
         assert_eq!(i.generation, Some(3));
+    }
+
+    #[test]
+    fn trimmed_peers_convert_the_same() {
+        let mut p: VpnPeer = serde_json::from_value(serde_json::json!({
+            "apiVersion": "vpn.cloudraya.com/v1alpha1", "kind": "VpnPeer",
+            "metadata": {"name": "alice", "namespace": "team", "generation": 3,
+                         "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"},
+                         "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+            "spec": {"publicKey": "k", "allow": [{"service": "web"}]},
+            "status": {"address": "100.64.0.7", "rxBytes": 5,
+                       "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
+                                       "message": "serving", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+        }))
+        .unwrap();
+        let before = peer_from_k8s(&p).unwrap();
+        trim_peer(&mut p);
+        assert_eq!(peer_from_k8s(&p).unwrap(), before);
+        assert!(p.metadata.managed_fields.is_none() && p.metadata.annotations.is_none());
+        assert!(p.status.as_ref().unwrap().conditions.is_empty());
     }
 
     #[test]
