@@ -12,9 +12,10 @@
 //! the CCM only needs Nodes and Services, and the platform stand-in must restart alone.
 //!
 //! Short by default (100 Services, 20 kills over about a minute); `KR_RELIABILITY_LONG=1`
-//! runs the long form (300 Services, 60 kills; more faults). `KR_RELIABILITY_SEED=N`
-//! replays a run (the seed is printed). Figures are printed as `RESULT` lines and recorded
-//! in docs/reliability.md.
+//! runs the long form (300 Services; 60 kills over 180 s; faults over a 120 s script).
+//! `KR_RELIABILITY_SEED=N` replays a run (the seed is printed), `KR_RELIABILITY_CCM_LOG=FILE`
+//! keeps every CCM's output. Figures are printed as `RESULT` lines and recorded in
+//! docs/reliability.md.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -24,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
+use kuberaya_e2e::calls::{Calls, diff};
 use kuberaya_e2e::{PlatformTarget, Process, SandboxOptions, binary, unique_net_index};
 use serde_json::{Value, json};
 
@@ -315,7 +317,7 @@ impl StandIns {
     }
 
     /// Call counts of the platform stand-in, `METHOD /path/template` → count.
-    fn calls(&self) -> Result<BTreeMap<String, u64>> {
+    fn calls(&self) -> Result<Calls> {
         let data = self.control(reqwest::Method::GET, "/_sandbox/calls", None)?;
         let map = data.get("calls").unwrap_or(&data);
         Ok(map
@@ -571,7 +573,7 @@ impl Tally {
 
     fn line(&self) -> String {
         format!(
-            "converged {}/{}, leaked {}, duplicated {}, wrong ingress IPs {}, unattached public IPs {}, unexpected Services {}",
+            "converged {}/{}, leaked {}, duplicated {}, wrong ingress IPs {}, unattached public IPs {}, stuck or missing Services {}",
             self.converged,
             self.expected,
             self.leaked,
@@ -789,22 +791,12 @@ fn wait_converged(si: &StandIns, expected: &Expected, limit: Duration) -> Result
 }
 
 /// Calls on load-balancer and public-IP routes (the ones a Service's reconciles make).
-fn service_calls(calls: &BTreeMap<String, u64>) -> u64 {
+fn service_calls(calls: &Calls) -> u64 {
     calls
         .iter()
         .filter(|(k, _)| k.contains(" /kubernetes/v1/clusters/{cluster_id}/load-balancers") || k.contains(" /network/"))
         .map(|(_, v)| v)
         .sum()
-}
-
-fn diff(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
-    after
-        .iter()
-        .filter_map(|(k, v)| {
-            let d = v.saturating_sub(before.get(k).copied().unwrap_or(0));
-            (d > 0).then(|| (k.clone(), d))
-        })
-        .collect()
 }
 
 /// Starts the CCM and waits until it has initialised every Node.
@@ -901,7 +893,7 @@ fn ccm_crash_loop_leaks_and_duplicates_nothing() -> Result<()> {
 }
 
 /// Adds `b` to `a`, route by route (call counts of two lives of the stand-in).
-fn add(a: &mut BTreeMap<String, u64>, b: &BTreeMap<String, u64>) {
+fn add(a: &mut Calls, b: &Calls) {
     for (k, v) in b {
         *a.entry(k.clone()).or_default() += v;
     }
