@@ -87,11 +87,10 @@ static ACL: LazyLock<Acl> = LazyLock::new(|| {
 
 /// What peer A may reach, written out independently of `Acl::compile`.
 fn a_may_reach(dst: IpAddr, proto: u8, port: Option<u16>) -> bool {
-    match (dst, proto, port) {
-        (WEB, PROTO_TCP, Some(80)) | (DNS, PROTO_UDP, Some(53)) => true,
-        (WEB | DNS, PROTO_ICMP | PROTO_ICMPV6, _) => true,
-        _ => false,
-    }
+    matches!(
+        (dst, proto, port),
+        (WEB, PROTO_TCP, Some(80)) | (DNS, PROTO_UDP, Some(53)) | (WEB | DNS, PROTO_ICMP | PROTO_ICMPV6, _)
+    )
 }
 
 /// RFC 1071 checksum over `b` (0 when `b` carries a valid checksum).
