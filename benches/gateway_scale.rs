@@ -1073,7 +1073,7 @@ fn static_mode(sizes: &Sizes) -> Result<()> {
     result(
         "gateway.memory_note",
         format!(
-            "size_of::<boringtun::noise::Tunn>() = {} bytes (the gateway keeps one per peer)",
+            "size_of::<boringtun::noise::Tunn>() = {} bytes (the gateway keeps one per active peer)",
             std::mem::size_of::<Tunn>()
         ),
     );
