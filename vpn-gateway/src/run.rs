@@ -41,8 +41,8 @@ use crate::uapi::UapiListener;
 
 /// The default name of the Secret holding the gateway's private key.
 pub const DEFAULT_KEY_SECRET: &str = "kuberaya-gateway-key";
-/// How often the static files are re-read.
-const FILE_RELOAD: Duration = Duration::from_millis(500);
+/// How often the static files are checked (metadata; read only when changed).
+const FILE_RELOAD: Duration = Duration::from_millis(100);
 
 /// Where peers and Services come from.
 #[derive(Clone)]

@@ -111,8 +111,34 @@ fn text_hash(text: &str) -> u64 {
     h.finish()
 }
 
-/// Peers and Services from JSON files, re-read every `reload` when their contents change.
-/// A file that stops parsing is reported and the last good snapshot kept.
+/// What a file's metadata says of its contents: checked every poll, so that the file is
+/// read (1.7 MB at 10,000 peers) only when it changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    let m = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        len: m.len(),
+        modified: m.modified().ok(),
+    })
+}
+
+/// Whether to read the file on this poll: its metadata changed, or it is time for the
+/// periodic full read (a rewrite within the file system's timestamp granularity that keeps
+/// the length shows in no metadata).
+fn should_read(last: Option<Stamp>, now: Option<Stamp>, polls_since_read: u32, full_every: u32) -> bool {
+    now != last || polls_since_read >= full_every
+}
+
+/// Full reads of an unchanged-looking file, at most this far apart.
+const FULL_READ_EVERY: Duration = Duration::from_secs(2);
+
+/// Peers and Services from JSON files, checked every `reload` (metadata only) and re-read
+/// when they changed. A file that stops parsing is reported and the last good snapshot kept.
 pub struct FileSource {
     peers: watch::Receiver<PeerSnapshot>,
     services: watch::Receiver<ServiceSnapshot>,
@@ -154,6 +180,10 @@ impl FileSource {
             Some(p) => load_services(p)?,
             None => (String::new(), Vec::new()),
         };
+        let full_every = (FULL_READ_EVERY.as_millis() / reload.as_millis().max(1)).max(1) as u32;
+        let mut peers_stamp = peers.as_deref().and_then(stamp);
+        let mut services_stamp = services.as_deref().and_then(stamp);
+        let (mut peers_polls, mut services_polls) = (0u32, 0u32);
         let mut peers_text = text_hash(&initial_peers_text);
         let mut services_text = text_hash(&initial_services_text);
         drop((initial_peers_text, initial_services_text));
@@ -173,7 +203,17 @@ impl FileSource {
                 if ptx.is_closed() && stx.is_closed() {
                     return;
                 }
-                if let Some(p) = &peers
+                let due = peers.as_deref().is_some_and(|p| {
+                    let now = stamp(p);
+                    peers_polls += 1;
+                    let due = should_read(std::mem::replace(&mut peers_stamp, now), now, peers_polls, full_every);
+                    if due {
+                        peers_polls = 0;
+                    }
+                    due
+                });
+                if due
+                    && let Some(p) = &peers
                     && let Ok(text) = read(p)
                     && text_hash(&text) != peers_text
                 {
@@ -188,7 +228,22 @@ impl FileSource {
                     }
                     peers_text = text_hash(&text);
                 }
-                if let Some(p) = &services
+                let due = services.as_deref().is_some_and(|p| {
+                    let now = stamp(p);
+                    services_polls += 1;
+                    let due = should_read(
+                        std::mem::replace(&mut services_stamp, now),
+                        now,
+                        services_polls,
+                        full_every,
+                    );
+                    if due {
+                        services_polls = 0;
+                    }
+                    due
+                });
+                if due
+                    && let Some(p) = &services
                     && let Ok(text) = read(p)
                     && text_hash(&text) != services_text
                 {
@@ -245,6 +300,22 @@ mod tests {
         );
         assert_eq!(v[1].spec.address.as_deref(), Some("100.64.0.9"));
         assert!(parse_peers(r#"[{"name": "x", "spec": {"publicKey": "k"}, "typo": 1}]"#).is_err());
+    }
+
+    #[test]
+    fn reads_on_metadata_change_or_periodically() {
+        let stamp_a = Stamp {
+            len: 10,
+            modified: Some(SystemTime::UNIX_EPOCH),
+        };
+        let (a, b) = (Some(stamp_a), Some(Stamp { len: 11, ..stamp_a }));
+        assert!(!should_read(a, a, 1, 20), "unchanged metadata: no read");
+        assert!(should_read(a, b, 1, 20));
+        assert!(
+            should_read(a, None, 1, 20),
+            "a file that disappeared is tried (and fails)"
+        );
+        assert!(should_read(a, a, 20, 20), "the periodic full read");
     }
 
     #[tokio::test]
