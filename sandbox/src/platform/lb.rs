@@ -278,7 +278,7 @@ impl Platform {
     }
 
     async fn complete(&self, id: &str, generation: u64) {
-        let _dataplane = self.dataplane.lock().await;
+        let _dataplane = self.dataplane.lock(id).await;
         if self.is_stopping() {
             return;
         }
@@ -372,7 +372,7 @@ impl Platform {
     /// Re-applies an active LB to the data plane (after a restart, or when one of its
     /// backend VMs changed state).
     pub(crate) async fn reapply(&self, id: &str) {
-        let _dataplane = self.dataplane.lock().await;
+        let _dataplane = self.dataplane.lock(id).await;
         if self.is_stopping() {
             return;
         }

@@ -77,9 +77,9 @@ pub struct Platform {
     faults: Mutex<faults::Faults>,
     calls: Mutex<BTreeMap<String, u64>>,
     forwarder: Forwarder,
-    /// Serialises every change to the data plane, so an apply and a remove of the same LB
-    /// never interleave.
-    dataplane: tokio::sync::Mutex<()>,
+    /// Serialises the changes to the data plane of one LB, so an apply and a remove of
+    /// the same LB never interleave; different LBs are applied concurrently.
+    dataplane: forward::KeyedLocks,
     /// Set by [`Platform::shutdown`]: timers stop, the data plane is left alone.
     stopping: watch::Sender<bool>,
     /// Set when serving stops: calls hung by a fault rule answer at last.
@@ -123,7 +123,7 @@ impl Platform {
             faults: Mutex::new(faults::Faults::default()),
             calls: Mutex::new(BTreeMap::new()),
             forwarder: Forwarder::new(),
-            dataplane: tokio::sync::Mutex::new(()),
+            dataplane: forward::KeyedLocks::default(),
             stopping: watch::Sender::new(false),
             hangs_released: watch::Sender::new(false),
         });
@@ -186,7 +186,7 @@ impl Platform {
         self.stopping.send_replace(true);
         self.hangs_released.send_replace(true);
         // Wait for a data-plane change under way, then stop everything.
-        let _dataplane = self.dataplane.lock().await;
+        let _dataplane = self.dataplane.lock_all().await;
         self.forwarder.shutdown().await;
     }
 

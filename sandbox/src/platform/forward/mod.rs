@@ -127,6 +127,64 @@ pub(crate) fn source_allowed(allowed: &[IpNet], client: IpAddr) -> bool {
     allowed.is_empty() || allowed.iter().any(|net| net.contains(&client))
 }
 
+/// One lock per key (an LB id), plus one over all keys: changes to different LBs run
+/// concurrently (binding listeners and starting health checks of 1,000 LBs one at a
+/// time made LBs wait seconds in `provisioning`), changes to one LB never interleave,
+/// and `lock_all` waits for every change under way. A key's entry lives only while
+/// someone holds or waits for it.
+#[derive(Debug, Default)]
+pub(crate) struct KeyedLocks {
+    all: tokio::sync::RwLock<()>,
+    keys: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+/// Held while changing one key; see [`KeyedLocks::lock`].
+pub(crate) struct KeyedGuard<'a> {
+    key: String,
+    keys: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    _all: tokio::sync::RwLockReadGuard<'a, ()>,
+}
+
+impl KeyedLocks {
+    pub(crate) async fn lock(&self, key: &str) -> KeyedGuard<'_> {
+        let all = self.all.read().await;
+        let entry = {
+            let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(keys.entry(key.to_owned()).or_default())
+        };
+        KeyedGuard {
+            key: key.to_owned(),
+            keys: Arc::clone(&self.keys),
+            guard: Some(entry.lock_owned().await),
+            _all: all,
+        }
+    }
+
+    /// Waits for every key's change under way and keeps new ones out.
+    pub(crate) async fn lock_all(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.all.write().await
+    }
+
+    /// Keys with an entry (held or waited for).
+    #[cfg(test)]
+    pub(crate) fn entries(&self) -> usize {
+        self.keys.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+}
+
+impl Drop for KeyedGuard<'_> {
+    fn drop(&mut self) {
+        self.guard = None;
+        // Entries are cloned only under the map's lock: a count of one there means no
+        // one else holds or waits for this key.
+        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        if keys.get(&self.key).is_some_and(|m| Arc::strong_count(m) == 1) {
+            keys.remove(&self.key);
+        }
+    }
+}
+
 /// The data plane of the whole platform: the listeners of every LB, keyed by LB id.
 ///
 /// Each rule runs as its own set of tasks (accept or receive loop, one task per TCP
@@ -136,8 +194,9 @@ pub(crate) fn source_allowed(allowed: &[IpNet], client: IpAddr) -> bool {
 pub struct Forwarder {
     settings: ForwarderSettings,
     root: CancellationToken,
-    /// Serialises `apply_lb`, `remove_lb` and `shutdown`.
-    reconcile: tokio::sync::Mutex<()>,
+    /// Serialises `apply_lb` and `remove_lb` of one LB (different LBs proceed together)
+    /// and `shutdown` with all of them.
+    reconcile: KeyedLocks,
     lbs: Mutex<HashMap<String, Vec<Arc<RuleRuntime>>>>,
 }
 
@@ -162,7 +221,7 @@ impl Forwarder {
         Self {
             settings,
             root: CancellationToken::new(),
-            reconcile: tokio::sync::Mutex::new(()),
+            reconcile: KeyedLocks::default(),
             lbs: Mutex::new(HashMap::new()),
         }
     }
@@ -185,7 +244,7 @@ impl Forwarder {
     /// otherwise changed on the same address keeps its socket. Backends that remain (same
     /// VM id and private IP) keep their health state.
     pub async fn apply_lb(&self, lb_id: &str, listeners: Vec<Listener>) -> Result<(), ForwardError> {
-        let _serial = self.reconcile.lock().await;
+        let _serial = self.reconcile.lock(lb_id).await;
         let current = self.rules(lb_id);
         let (keep, stop): (Vec<_>, Vec<_>) = current.into_iter().partition(|r| {
             listeners
@@ -236,7 +295,7 @@ impl Forwarder {
 
     /// Stop every listener of `lb_id`.
     pub async fn remove_lb(&self, lb_id: &str) {
-        let _serial = self.reconcile.lock().await;
+        let _serial = self.reconcile.lock(lb_id).await;
         let removed = self
             .lbs
             .lock()
@@ -273,7 +332,7 @@ impl Forwarder {
 
     /// Stop everything (listeners, health checks, open flows).
     pub async fn shutdown(&self) {
-        let _serial = self.reconcile.lock().await;
+        let _serial = self.reconcile.lock_all().await;
         self.root.cancel();
         let all: Vec<_> = self
             .lbs

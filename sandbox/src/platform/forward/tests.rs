@@ -773,3 +773,36 @@ async fn udp_flow_moves_when_its_backend_leaves_the_rotation() {
     assert_eq!(open_of(&fwd, "lb-udp-move", "vm-2"), 1);
     fwd.shutdown().await;
 }
+
+/// Changes to different LBs run together, to one LB one after the other, `lock_all`
+/// waits for every change under way, and no entry outlives its last holder.
+#[tokio::test]
+async fn keyed_locks_serialise_one_key_only() {
+    let locks = KeyedLocks::default();
+    let a = locks.lock("lb-a").await;
+    // Another key is free while lb-a is held.
+    let b = timeout(T, locks.lock("lb-b"))
+        .await
+        .expect("lb-b is not blocked by lb-a");
+    // The same key waits.
+    assert!(
+        timeout(Duration::from_millis(50), locks.lock("lb-a")).await.is_err(),
+        "lb-a taken twice"
+    );
+    drop(b);
+    assert!(
+        timeout(Duration::from_millis(50), locks.lock_all()).await.is_err(),
+        "lock_all while lb-a is held"
+    );
+    drop(a);
+    assert_eq!(locks.entries(), 0, "entries of released keys are dropped");
+    let all = timeout(T, locks.lock_all())
+        .await
+        .expect("lock_all once nothing is held");
+    assert!(
+        timeout(Duration::from_millis(50), locks.lock("lb-c")).await.is_err(),
+        "a key taken under lock_all"
+    );
+    drop(all);
+    let _c = timeout(T, locks.lock("lb-c")).await.expect("lb-c after lock_all");
+}
