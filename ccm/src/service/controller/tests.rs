@@ -80,8 +80,9 @@ impl Bench {
         (Arc::new(ctx), handle)
     }
 
-    /// Runs one reconcile; returns its result and every API request it made.
-    async fn reconcile(&self, s: &Service) -> (Result<Action>, Vec<Call>) {
+    /// A context whose API requests a mock server answers (with `s`, or an Event's own
+    /// body) and records until the context is dropped.
+    fn served_context(&self, s: &Service) -> (Arc<Context>, tokio::task::JoinHandle<Vec<Call>>) {
         let (ctx, mut handle) = self.context();
         let answer_with = serde_json::to_value(s).expect("encode service");
         let server = tokio::spawn(async move {
@@ -106,6 +107,12 @@ impl Bench {
             }
             calls
         });
+        (ctx, server)
+    }
+
+    /// Runs one reconcile; returns its result and every API request it made.
+    async fn reconcile(&self, s: &Service) -> (Result<Action>, Vec<Call>) {
+        let (ctx, server) = self.served_context(s);
         let res = tokio::time::timeout(Duration::from_secs(5), reconcile(Arc::new(s.clone()), ctx))
             .await
             .expect("reconcile finished within 5 s");
@@ -709,4 +716,60 @@ async fn a_service_recreated_while_we_were_down_adopts_its_lb_by_name() {
     assert_eq!(lbs.len(), 1);
     assert_eq!(lbs[0].id, lb.id);
     assert_eq!(lbs[0].labels[LABEL_SERVICE_UID], "uid-2");
+}
+
+/// Once the controller has found or created a Service's LB, polling it is one GET by ID,
+/// not label-filtered lists; an LB gone behind its back (404) falls back to the lists and
+/// is recreated.
+#[tokio::test]
+async fn a_known_lb_is_polled_by_id_and_a_vanished_one_looked_up_again() {
+    let bench = Bench::new(&["a", "b"]);
+    let s = finalized(svc());
+    let (ctx, server) = bench.served_context(&s);
+    let run = |ctx: &Arc<Context>| {
+        let ctx = ctx.clone();
+        let s = s.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(5), reconcile(Arc::new(s), ctx))
+                .await
+                .expect("reconcile finished within 5 s")
+        }
+    };
+    run(&ctx).await.expect("create");
+    assert_eq!(
+        bench.platform.calls(),
+        vec!["list_load_balancers", "list_load_balancers", "create_load_balancer"]
+    );
+    bench.platform.clear_calls();
+    run(&ctx).await.expect("poll while provisioning");
+    assert_eq!(bench.platform.calls(), vec!["get_load_balancer"]);
+    bench.platform.settle();
+    bench.platform.clear_calls();
+    run(&ctx).await.expect("active");
+    assert_eq!(bench.platform.calls(), vec!["get_load_balancer"]);
+
+    let lb = bench.platform.lbs("cl-1").remove(0);
+    bench.platform.remove_lb("cl-1", &lb.id);
+    bench.platform.clear_calls();
+    run(&ctx).await.expect("recreate");
+    assert_eq!(
+        bench.platform.calls(),
+        vec![
+            "get_load_balancer",
+            "list_load_balancers",
+            "list_load_balancers",
+            "create_load_balancer"
+        ]
+    );
+    let recreated = bench.platform.lbs("cl-1");
+    assert_eq!(recreated.len(), 1);
+    assert_ne!(recreated[0].id, lb.id);
+    bench.platform.clear_calls();
+    run(&ctx).await.expect("poll the new one");
+    assert_eq!(bench.platform.calls(), vec!["get_load_balancer"]);
+    drop(ctx);
+    tokio::time::timeout(Duration::from_secs(1), server)
+        .await
+        .expect("mock API server finished")
+        .expect("mock API server task");
 }
