@@ -80,14 +80,28 @@ enum DataPlaneKind {
     Tun,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.generate_keypair {
         let k = PrivateKey::generate();
         println!("{} {}", k.to_base64(), k.public_key());
         return Ok(());
     }
+    let (runtime, on_worker) = match args.dataplane {
+        // TUN mode: the kernel does the forwarding and the loop is one task, so one thread
+        // that both waits in `epoll_wait` and runs the loop: a datagram or a reply is handled
+        // by the thread the kernel wakes, with no hand-off to a worker.
+        DataPlaneKind::Tun => (
+            tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+            false,
+        ),
+        // Userspace mode relays flows in tasks of their own: those use the other core.
+        DataPlaneKind::Userspace => (tokio::runtime::Builder::new_multi_thread().enable_all().build()?, true),
+    };
+    runtime.block_on(serve(args, on_worker))
+}
+
+async fn serve(args: Args, on_worker: bool) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     if args.log_json {
@@ -152,9 +166,13 @@ async fn main() -> anyhow::Result<()> {
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
         }
     };
-    // On a worker thread of the runtime, not on `main`'s: the worker that takes a socket or
-    // TUN event then runs the loop itself, instead of waking the main thread for each one
-    // (a futex wake-up per event, visible in ping latency).
-    tokio::spawn(gw.run(shutdown)).await.context("the gateway loop")??;
+    if on_worker {
+        // On a worker thread of the runtime, not on `main`'s: the worker that takes a socket
+        // or TUN event then runs the loop itself, instead of waking the main thread for each
+        // one (a futex wake-up per event).
+        tokio::spawn(gw.run(shutdown)).await.context("the gateway loop")??;
+    } else {
+        gw.run(shutdown).await?;
+    }
     Ok(())
 }
