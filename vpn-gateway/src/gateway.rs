@@ -658,6 +658,7 @@ impl Gateway {
                     self.peers = peers.borrow_and_update().clone();
                     self.refresh(false);
                     health.set_ready(self.peers.loaded && self.services.loaded);
+                    release_freed_memory();
                 }
                 r = services.changed(), if services_open => {
                     if r.is_err() { services_open = false; continue; }
@@ -672,6 +673,18 @@ impl Gateway {
             self.flush(&socket);
         }
         Ok(())
+    }
+}
+
+/// Give the memory freed by a snapshot change back to the system. Each change frees a
+/// copy of every peer (snapshot, validation, ACL), and glibc keeps freed memory of each
+/// thread's arena: at 10,000 peers that retention was the RSS peak. Snapshots come at most
+/// every 50 ms and a trim of this heap takes well under a millisecond.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of the allocator's own heaps.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
