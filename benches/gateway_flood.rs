@@ -29,7 +29,7 @@ use anyhow::{Context, Result, bail};
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use common::{cpu_time, knob, machine, result};
-use kuberaya_e2e::{Process, binary};
+use kuberaya_e2e::{Process, b64, b64_decode, binary};
 
 fn random32() -> [u8; 32] {
     let mut b = [0u8; 32];
@@ -37,47 +37,6 @@ fn random32() -> [u8; 32] {
         .and_then(|mut f| f.read_exact(&mut b))
         .expect("/dev/urandom");
     b
-}
-
-fn b64(bytes: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut s = String::new();
-    for c in bytes.chunks(3) {
-        let n =
-            (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
-        s.push(A[(n >> 18) as usize & 63] as char);
-        s.push(A[(n >> 12) as usize & 63] as char);
-        s.push(if c.len() > 1 {
-            A[(n >> 6) as usize & 63] as char
-        } else {
-            '='
-        });
-        s.push(if c.len() > 2 { A[n as usize & 63] as char } else { '=' });
-    }
-    s
-}
-
-fn b64_decode(s: &str) -> Vec<u8> {
-    let mut out = Vec::new();
-    let (mut acc, mut bits) = (0u32, 0);
-    for c in s.trim().bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => continue,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    out
 }
 
 struct Peer {
@@ -144,7 +103,7 @@ fn start_gateway(dir: &Path, peers: &[Peer], web: Ipv4Addr, port: u16, limit: u6
     std::thread::sleep(Duration::from_secs(1));
     Ok(Gateway {
         udp: field("udp")?.parse()?,
-        public: b64_decode(&field("public_key")?)
+        public: b64_decode(&field("public_key")?)?
             .try_into()
             .map_err(|_| anyhow::anyhow!("public key"))?,
         process,

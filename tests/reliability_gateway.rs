@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use kuberaya_e2e::sandbox::onetun_path;
-use kuberaya_e2e::{Process, poll_until_blocking};
+use kuberaya_e2e::{Process, b64, b64_decode, poll_until_blocking};
 
 /// The tests of this file each start a gateway and push traffic: one at a time, so the
 /// flood's throughput figure is not disturbed by a neighbour.
@@ -50,47 +50,6 @@ fn random_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
     std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut b).unwrap();
     b
-}
-
-fn b64(bytes: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut s = String::new();
-    for c in bytes.chunks(3) {
-        let n =
-            (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
-        s.push(A[(n >> 18) as usize & 63] as char);
-        s.push(A[(n >> 12) as usize & 63] as char);
-        s.push(if c.len() > 1 {
-            A[(n >> 6) as usize & 63] as char
-        } else {
-            '='
-        });
-        s.push(if c.len() > 2 { A[n as usize & 63] as char } else { '=' });
-    }
-    s
-}
-
-fn b64_decode(s: &str) -> Vec<u8> {
-    let mut out = Vec::new();
-    let (mut acc, mut bits) = (0u32, 0);
-    for c in s.trim().bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => continue,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    out
 }
 
 /// A peer of the test: its key, tunnel address and allowed Services.
@@ -164,7 +123,7 @@ impl Gateway {
         };
         let gw = Gateway {
             udp: field("udp").parse().unwrap(),
-            public: b64_decode(&field("public_key")).try_into().unwrap(),
+            public: b64_decode(&field("public_key")).unwrap().try_into().unwrap(),
             metrics: field("metrics"),
             process,
         };

@@ -35,52 +35,11 @@ use kuberaya_e2e::cloud::CloudSandbox;
 use kuberaya_e2e::cluster::{Cluster, deployment, lb_service};
 use kuberaya_e2e::probe::{curl, dig};
 use kuberaya_e2e::sandbox::{Ranges, WgPeer, conf_value, free_port, onetun_path, output_text};
-use kuberaya_e2e::{Process, binary, poll_until_blocking, unique_net_index};
+use kuberaya_e2e::{Process, b64, b64_decode, binary, poll_until_blocking, unique_net_index};
 
 /// The header of every platform token (the stand-in's JWTs, `{"alg":"HS256","typ":"JWT"}`):
 /// any token in a text is a leak, whichever it is.
 const JWT_HEADER: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.";
-
-fn b64(bytes: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut s = String::new();
-    for c in bytes.chunks(3) {
-        let n =
-            (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
-        s.push(A[(n >> 18) as usize & 63] as char);
-        s.push(A[(n >> 12) as usize & 63] as char);
-        s.push(if c.len() > 1 {
-            A[(n >> 6) as usize & 63] as char
-        } else {
-            '='
-        });
-        s.push(if c.len() > 2 { A[n as usize & 63] as char } else { '=' });
-    }
-    s
-}
-
-fn b64_decode(s: &str) -> Vec<u8> {
-    let mut out = Vec::new();
-    let (mut acc, mut bits) = (0u32, 0);
-    for c in s.trim().bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => continue,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    out
-}
 
 /// The secrets of a run, by name, each with the forms it may leak in.
 #[derive(Default)]
@@ -339,9 +298,9 @@ fn no_secret_in_the_sandboxs_logs_events_or_cli_errors_and_secret_files_are_priv
         "-o",
         "jsonpath={.data.privateKey}",
     ])?;
-    let gw_key = String::from_utf8(b64_decode(&gw_key_b64))?;
+    let gw_key = String::from_utf8(b64_decode(&gw_key_b64)?)?;
     ensure!(
-        b64_decode(&gw_key).len() == 32,
+        b64_decode(&gw_key).is_ok_and(|k| k.len() == 32),
         "the gateway key Secret holds a WireGuard key: {} bytes",
         gw_key.len()
     );

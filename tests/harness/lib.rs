@@ -22,6 +22,7 @@
 //! - [`calls`]: the stand-in's call counts and what the tests compute from them.
 //! - [`probe`]: `curl`, `dig`, UDP echo and metrics probes, and which pod answered.
 
+pub mod b64;
 pub mod bins;
 pub mod calls;
 pub mod ccm;
@@ -34,6 +35,7 @@ pub mod probe;
 pub mod process;
 pub mod sandbox;
 
+pub use b64::{b64, b64_decode};
 pub use bins::{bin_dir, binary};
 pub use http::{Answer, JsonApi, http_client, query_encode};
 pub use netns::{Netns, VethEnd, require_root, veth_pair};
