@@ -12,13 +12,14 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use common::{cpu_time, die_with_parent, knob, machine, peak_rss_mib, ratio, result, secs};
 use futures::StreamExt;
+use kuberaya_e2e::kube_rest::KubeRest as Kube;
 use kuberaya_e2e::{JsonApi, Process, binary};
 use serde_json::{Value, json};
 
@@ -87,108 +88,6 @@ impl Sizes {
 
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// A client of the sandbox's Kubernetes API stand-in, from its kubeconfig (server, CA,
-/// bearer token).
-struct Kube {
-    client: reqwest::Client,
-    server: String,
-    token: String,
-}
-
-impl Kube {
-    fn from_kubeconfig(path: &Path) -> Result<Kube> {
-        let text = std::fs::read_to_string(path)?;
-        let field = |k: &str| {
-            text.lines()
-                .find_map(|l| l.trim().strip_prefix(k).map(|v| v.trim().trim_matches('"').to_string()))
-        };
-        let server = field("server:").context("kubeconfig server")?;
-        let token = field("token:").context("kubeconfig token")?;
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut builder = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(64);
-        if let Some(ca) = field("certificate-authority-data:") {
-            use base64_decode::decode;
-            let pem = decode(&ca).context("CA data")?;
-            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
-        }
-        Ok(Kube {
-            client: builder.build()?,
-            server: server.trim_end_matches('/').to_string(),
-            token,
-        })
-    }
-
-    async fn send(&self, method: reqwest::Method, path: &str, body: Option<(&str, &Value)>) -> Result<(u16, Value)> {
-        let mut req = self
-            .client
-            .request(method, format!("{}{path}", self.server))
-            .bearer_auth(&self.token);
-        if let Some((content_type, body)) = body {
-            req = req.header("content-type", content_type).body(body.to_string());
-        }
-        let resp = req.send().await?;
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await?;
-        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
-    }
-
-    async fn get(&self, path: &str) -> Result<Value> {
-        let (status, v) = self.send(reqwest::Method::GET, path, None).await?;
-        ensure!(status == 200, "GET {path}: {status} {v}");
-        Ok(v)
-    }
-
-    async fn create(&self, path: &str, body: &Value) -> Result<()> {
-        let (status, v) = self
-            .send(reqwest::Method::POST, path, Some(("application/json", body)))
-            .await?;
-        ensure!(status == 201 || status == 200, "POST {path}: {status} {v}");
-        Ok(())
-    }
-
-    async fn merge_patch(&self, path: &str, body: &Value) -> Result<()> {
-        let (status, v) = self
-            .send(
-                reqwest::Method::PATCH,
-                path,
-                Some(("application/merge-patch+json", body)),
-            )
-            .await?;
-        ensure!(status == 200, "PATCH {path}: {status} {v}");
-        Ok(())
-    }
-}
-
-/// Base64 (standard alphabet) decoding, enough for a kubeconfig's CA data.
-mod base64_decode {
-    pub fn decode(s: &str) -> Option<Vec<u8>> {
-        let mut out = Vec::with_capacity(s.len() * 3 / 4);
-        let mut acc = 0u32;
-        let mut bits = 0;
-        for c in s.bytes() {
-            let v = match c {
-                b'A'..=b'Z' => c - b'A',
-                b'a'..=b'z' => c - b'a' + 26,
-                b'0'..=b'9' => c - b'0' + 52,
-                b'+' => 62,
-                b'/' => 63,
-                b'=' | b'\n' | b'\r' | b' ' => continue,
-                _ => return None,
-            };
-            acc = (acc << 6) | u32::from(v);
-            bits += 6;
-            if bits >= 8 {
-                bits -= 8;
-                out.push((acc >> bits) as u8);
-                acc &= (1 << bits) - 1;
-            }
-        }
-        Some(out)
-    }
 }
 
 /// The two stand-ins the CCM talks to, each its own process: the platform stand-in

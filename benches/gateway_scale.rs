@@ -29,6 +29,7 @@ use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use common::{cpu_time, knob, machine, median_max, peak_rss_mib, ratio, result, rss_mib, secs};
 use futures::StreamExt;
+use kuberaya_e2e::kube_rest::KubeRest as Kube;
 use kuberaya_e2e::{Process, b64, b64_decode, binary};
 use serde_json::{Value, json};
 
@@ -583,65 +584,6 @@ fn add_remove(
         result(&format!("gateway.add_remove failure ({mode})"), f);
     }
     Ok(())
-}
-
-/// A client of the Kubernetes API stand-in from its kubeconfig (server, CA, bearer
-/// token); JSON in and out.
-struct Kube {
-    client: reqwest::Client,
-    server: String,
-    token: String,
-}
-
-impl Kube {
-    fn from_kubeconfig(path: &Path) -> Result<Kube> {
-        let text = std::fs::read_to_string(path)?;
-        let field = |k: &str| {
-            text.lines()
-                .find_map(|l| l.trim().strip_prefix(k).map(|v| v.trim().trim_matches('"').to_string()))
-        };
-        let server = field("server:").context("kubeconfig server")?;
-        let token = field("token:").context("kubeconfig token")?;
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut builder = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(64);
-        if let Some(ca) = field("certificate-authority-data:") {
-            let pem = b64_decode(&ca).context("CA data")?;
-            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
-        }
-        Ok(Kube {
-            client: builder.build()?,
-            server: server.trim_end_matches('/').to_string(),
-            token,
-        })
-    }
-
-    async fn send(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
-        let mut req = self
-            .client
-            .request(method, format!("{}{path}", self.server))
-            .bearer_auth(&self.token);
-        if let Some(body) = body {
-            req = req.header("content-type", "application/json").body(body.to_string());
-        }
-        let resp = req.send().await?;
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await?;
-        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
-    }
-
-    async fn create(&self, path: &str, body: &Value) -> Result<()> {
-        let (status, v) = self.send(reqwest::Method::POST, path, Some(body)).await?;
-        ensure!(status == 201 || status == 200, "POST {path}: {status} {v}");
-        Ok(())
-    }
-
-    async fn delete(&self, path: &str) -> Result<()> {
-        let (status, v) = self.send(reqwest::Method::DELETE, path, None).await?;
-        ensure!(status == 200 || status == 202, "DELETE {path}: {status} {v}");
-        Ok(())
-    }
 }
 
 const VPNPEERS: &str = "/apis/vpn.cloudraya.com/v1alpha1/namespaces/default/vpnpeers";

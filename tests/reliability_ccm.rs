@@ -18,7 +18,7 @@
 //! docs/reliability.md.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,6 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
 use kuberaya_e2e::calls::{Calls, diff};
+use kuberaya_e2e::kube_rest::KubeRest as Kube;
 use kuberaya_e2e::{PlatformTarget, Process, SandboxOptions, binary, unique_net_index};
 use serde_json::{Value, json};
 
@@ -94,109 +95,6 @@ impl Rng {
             v.swap(i, self.below(i + 1));
         }
     }
-}
-
-/// A client of the Kubernetes API stand-in from its kubeconfig (server, CA, bearer token).
-#[derive(Clone)]
-struct Kube {
-    client: reqwest::Client,
-    server: String,
-    token: String,
-}
-
-impl Kube {
-    fn from_kubeconfig(path: &Path) -> Result<Kube> {
-        let text = std::fs::read_to_string(path)?;
-        let field = |k: &str| {
-            text.lines()
-                .find_map(|l| l.trim().strip_prefix(k).map(|v| v.trim().trim_matches('"').to_string()))
-        };
-        let server = field("server:").context("kubeconfig server")?;
-        let token = field("token:").context("kubeconfig token")?;
-        let _ = kuberaya_e2e::http_client(); // installs the crypto provider
-        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
-        if let Some(ca) = field("certificate-authority-data:") {
-            let pem = base64_decode(&ca).context("CA data")?;
-            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
-        }
-        Ok(Kube {
-            client: builder.build()?,
-            server: server.trim_end_matches('/').to_string(),
-            token,
-        })
-    }
-
-    async fn send(&self, method: reqwest::Method, path: &str, body: Option<(&str, &Value)>) -> Result<(u16, Value)> {
-        let mut req = self
-            .client
-            .request(method, format!("{}{path}", self.server))
-            .bearer_auth(&self.token);
-        if let Some((content_type, body)) = body {
-            req = req.header("content-type", content_type).body(body.to_string());
-        }
-        let resp = req.send().await?;
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await?;
-        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
-    }
-
-    async fn get(&self, path: &str) -> Result<Value> {
-        let (status, v) = self.send(reqwest::Method::GET, path, None).await?;
-        ensure!(status == 200, "GET {path}: {status} {v}");
-        Ok(v)
-    }
-
-    /// POST; the status (201, or 409 while a Service of that name still terminates).
-    async fn create(&self, path: &str, body: &Value) -> Result<u16> {
-        let (status, v) = self
-            .send(reqwest::Method::POST, path, Some(("application/json", body)))
-            .await?;
-        ensure!(matches!(status, 200 | 201 | 409), "POST {path}: {status} {v}");
-        Ok(status)
-    }
-
-    async fn merge_patch(&self, path: &str, body: &Value) -> Result<()> {
-        let (status, v) = self
-            .send(
-                reqwest::Method::PATCH,
-                path,
-                Some(("application/merge-patch+json", body)),
-            )
-            .await?;
-        ensure!(status == 200, "PATCH {path}: {status} {v}");
-        Ok(())
-    }
-
-    async fn delete(&self, path: &str) -> Result<()> {
-        let (status, v) = self.send(reqwest::Method::DELETE, path, None).await?;
-        ensure!(matches!(status, 200 | 202 | 404), "DELETE {path}: {status} {v}");
-        Ok(())
-    }
-}
-
-/// Standard base64, enough for a kubeconfig's CA data.
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0);
-    for c in s.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            b'=' | b'\n' | b'\r' | b' ' => continue,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
 }
 
 /// The spec of Service `name` at version `v` of the script: every version changes its
@@ -510,7 +408,7 @@ async fn run_script(kube: Kube, ops: Vec<(Duration, Op)>, done: Arc<AtomicBool>)
                 let _held = lock.lock().await;
                 match op {
                     Op::Create(name) => {
-                        let s = kube.create(SERVICES, &service_body(&name, 0)).await?;
+                        let s = kube.create_or_conflict(SERVICES, &service_body(&name, 0)).await?;
                         ensure!(s != 409, "{name} created twice");
                     }
                     Op::Update(name, v) => {
@@ -519,10 +417,10 @@ async fn run_script(kube: Kube, ops: Vec<(Duration, Op)>, done: Arc<AtomicBool>)
                                            "spec": {"ports": body["spec"]["ports"]}});
                         kube.merge_patch(&format!("{SERVICES}/{name}"), &patch).await?;
                     }
-                    Op::Delete(name) => kube.delete(&format!("{SERVICES}/{name}")).await?,
+                    Op::Delete(name) => kube.delete_if_present(&format!("{SERVICES}/{name}")).await?,
                     Op::Recreate(name, v) => {
                         let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-                        while kube.create(SERVICES, &service_body(&name, v)).await? == 409 {
+                        while kube.create_or_conflict(SERVICES, &service_body(&name, v)).await? == 409 {
                             ensure!(tokio::time::Instant::now() < deadline, "{name} never went away");
                             tokio::time::sleep(Duration::from_millis(500)).await;
                         }

@@ -29,6 +29,7 @@ pub mod ccm;
 pub mod cloud;
 pub mod cluster;
 pub mod http;
+pub mod kube_rest;
 pub mod netns;
 pub mod platform;
 pub mod probe;
