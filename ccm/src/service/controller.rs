@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -41,7 +41,7 @@ use crate::service::diff::{
 };
 use crate::service::nodes::{MAX_BACKENDS, NodeSetFingerprint, debounce, selector_keys};
 use crate::service::status::{ConditionUpdate, IngressUpdate, Ready, condition_differs, status_patch};
-use crate::service::{FINALIZER, has_finalizer, is_deleting, wants_load_balancer};
+use crate::service::{FINALIZER, has_finalizer, is_deleting, reconcile_inputs, wants_load_balancer};
 use crate::{Error, Result};
 
 /// The controller's name in Events and field managers.
@@ -52,8 +52,11 @@ pub const CONTROLLER_NAME: &str = "kuberaya-ccm-service-controller";
 pub struct Timing {
     /// Periodic resync of an in-sync Service (drift repair); jittered ±10 %.
     pub resync: Duration,
-    /// Polling of a provisioning, updating or deleting LB.
+    /// Polling of a provisioning, updating or deleting LB: the longest wait between two
+    /// looks. A transition we started is first looked at after `first_poll`, then ever
+    /// less often up to `poll` ([`transition_poll_delay`]).
     pub poll: Duration,
+    pub first_poll: Duration,
     /// Retry of a Service the platform refused (422, 409, no public IP left).
     pub refused_retry: Duration,
     /// First error backoff; doubled per failure up to `max_backoff`, jittered ±20 %.
@@ -66,6 +69,7 @@ impl Default for Timing {
         Timing {
             resync: Duration::from_secs(300),
             poll: Duration::from_secs(2),
+            first_poll: Duration::from_millis(500),
             refused_retry: Duration::from_secs(60),
             base_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(300),
@@ -87,7 +91,15 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// The LB last found or created for each Service UID: the next lookup is one GET by
     /// ID instead of label-filtered lists (polling a pending LB took ~5.7 lookups per LB).
-    lb_ids: Mutex<HashMap<String, String>>,
+    lb_ids: Mutex<HashMap<String, KnownLb>>,
+}
+
+/// What [`Context`] remembers of a Service's LB.
+#[derive(Debug, Clone)]
+struct KnownLb {
+    id: String,
+    /// When we started a transition of it (create or update) that is not seen finished.
+    transition_since: Option<Instant>,
 }
 
 impl Context {
@@ -123,8 +135,63 @@ impl Context {
         self.failures.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lb_ids(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+    fn lb_ids(&self) -> std::sync::MutexGuard<'_, HashMap<String, KnownLb>> {
         self.lb_ids.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers `id` as the Service's LB, keeping a running transition's start.
+    fn remember_lb(&self, uid: &str, id: &str) {
+        let mut ids = self.lb_ids();
+        match ids.get_mut(uid) {
+            Some(known) if known.id == id => {}
+            _ => {
+                ids.insert(
+                    uid.to_owned(),
+                    KnownLb {
+                        id: id.to_owned(),
+                        transition_since: None,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Notes that we just started a transition of the Service's LB `id`.
+    fn transition_started(&self, uid: &str, id: &str) {
+        self.lb_ids().insert(
+            uid.to_owned(),
+            KnownLb {
+                id: id.to_owned(),
+                transition_since: Some(Instant::now()),
+            },
+        );
+    }
+
+    /// Notes that the Service's LB is settled (active, nothing pending).
+    fn transition_finished(&self, uid: &str) {
+        if let Some(known) = self.lb_ids().get_mut(uid) {
+            known.transition_since = None;
+        }
+    }
+
+    /// When to look again at the Service's LB that is not settled yet.
+    fn next_poll(&self, uid: Option<&str>) -> Duration {
+        let waited = uid
+            .and_then(|u| self.lb_ids().get(u).and_then(|k| k.transition_since))
+            .map(|since| since.elapsed());
+        transition_poll_delay(waited, self.timing.first_poll, self.timing.poll)
+    }
+}
+
+/// How long to wait before looking again at an LB whose transition we started `waited`
+/// ago (`None`: one we did not start, or from before a restart): `first` at first,
+/// because the platform finishes most creates and updates in under a second, then with
+/// half the time waited so far on top (a slow platform costs a few looks more than a
+/// fixed period would), never longer apart than `max`.
+pub fn transition_poll_delay(waited: Option<Duration>, first: Duration, max: Duration) -> Duration {
+    match waited {
+        Some(w) => (first + w / 2).min(max),
+        None => max,
     }
 }
 
@@ -309,13 +376,12 @@ fn cluster_labels(cluster_id: &str) -> Labels {
     Labels::from([(LABEL_CLUSTER_ID.to_owned(), cluster_id.to_owned())])
 }
 
-/// Finds the Service's LB: by UID label, else by name among our LBs labelled with the
-/// Service's namespace and name (one of a previous incarnation of the Service). Both
-/// lookups are label-filtered lists, so their cost does not grow with the cluster's LBs.
-async fn find_lb(ctx: &Context, svc: &Service, lb_name: &str) -> Result<Result<Option<LoadBalancer>, LookupError>> {
+/// Finds the Service's LB: the one remembered for its UID (one GET by ID), else by UID
+/// label (a label-filtered list, whose cost does not grow with the cluster's LBs).
+async fn find_lb_by_uid(ctx: &Context, svc: &Service) -> Result<Result<Option<LoadBalancer>, LookupError>> {
     let cluster = &ctx.config.cluster_id;
     let uid = svc.uid().ok_or(Error::MissingObjectKey("metadata.uid"))?;
-    let known = ctx.lb_ids().get(&uid).cloned();
+    let known = ctx.lb_ids().get(&uid).map(|k| k.id.clone());
     if let Some(id) = known {
         match ctx.platform.get_load_balancer(cluster, &id).await {
             // Still ours and still this Service's (labels can be edited behind our back).
@@ -335,12 +401,23 @@ async fn find_lb(ctx: &Context, svc: &Service, lb_name: &str) -> Result<Result<O
         .map_err(platform_err("list_load_balancers"))?;
     match pick_by_uid(cluster, &uid, &by_uid) {
         Ok(Some(lb)) => {
-            ctx.lb_ids().insert(uid, lb.id.clone());
-            return Ok(Ok(Some(lb.clone())));
+            ctx.remember_lb(&uid, &lb.id);
+            Ok(Ok(Some(lb.clone())))
         }
-        Ok(None) => {}
-        Err(e) => return Ok(Err(e)),
+        Ok(None) => Ok(Ok(None)),
+        Err(e) => Ok(Err(e)),
     }
+}
+
+/// Finds an LB named `lb_name` among our LBs labelled with the Service's namespace and
+/// name: one of a previous incarnation of the Service (deleted and recreated while we
+/// were down), or another Service's ([`LookupError::NameTaken`]).
+async fn find_lb_by_name(
+    ctx: &Context,
+    svc: &Service,
+    lb_name: &str,
+) -> Result<Result<Option<LoadBalancer>, LookupError>> {
+    let cluster = &ctx.config.cluster_id;
     let ns = svc.namespace().unwrap_or_default();
     let name = svc.name_any();
     let mut by_service = cluster_labels(cluster);
@@ -357,13 +434,23 @@ async fn find_lb(ctx: &Context, svc: &Service, lb_name: &str) -> Result<Result<O
     Ok(pick_by_name(cluster, &ns, &name, lb_name, &same_service).map(|o| o.cloned()))
 }
 
+/// Both lookups, for cleanup: an LB of a previous incarnation with the Service's name
+/// goes with it.
+async fn find_lb(ctx: &Context, svc: &Service, lb_name: &str) -> Result<Result<Option<LoadBalancer>, LookupError>> {
+    match find_lb_by_uid(ctx, svc).await? {
+        Ok(None) => find_lb_by_name(ctx, svc, lb_name).await,
+        found => Ok(found),
+    }
+}
+
 async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Action> {
     let nodes = ctx.nodes.state();
     let desired = match desired_load_balancer(svc, nodes.iter().map(|n| n.as_ref()), &ctx.config) {
         Ok(d) => d,
         Err(refusal) => return refuse(ctx, api, svc, refusal.reason(), refusal.to_string()).await,
     };
-    let actual = match find_lb(ctx, svc, &desired.name).await? {
+    let uid = svc.uid().ok_or(Error::MissingObjectKey("metadata.uid"))?;
+    let mut actual = match find_lb_by_uid(ctx, svc).await? {
         Ok(a) => a,
         Err(e) => return refuse(ctx, api, svc, "LookupFailed", e.to_string()).await,
     };
@@ -386,96 +473,117 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
         }
     }
 
-    let plan = match plan_apply(actual.as_ref(), &desired, resolved_ip.as_deref()) {
-        Ok(p) => p,
-        Err(r) => return refuse(ctx, api, svc, "UnsupportedChange", r.to_string()).await,
-    };
     let cluster = &ctx.config.cluster_id;
-    match plan {
-        ApplyPlan::Create(spec) => {
-            warn_if_capped(ctx, svc, &desired).await;
-            publish(
-                ctx,
-                svc,
-                EventType::Normal,
-                "EnsuringLoadBalancer",
-                format!("Creating load balancer {}", spec.name),
-            )
-            .await;
-            let lb = match ctx.platform.create_load_balancer(cluster, &spec).await {
-                Ok(lb) => lb,
-                Err(e) => return handle_platform_error(ctx, api, svc, "create_load_balancer", e).await,
-            };
-            info!(lb = %lb.id, name = %lb.name, "created load balancer");
-            if let Some(uid) = svc.uid() {
-                ctx.lb_ids().insert(uid, lb.id.clone());
-            }
-            let cond = Ready::no("Provisioning", format!("load balancer {} is provisioning", lb.id));
-            patch_status(api, svc, IngressUpdate::Leave, ConditionUpdate::Set(cond)).await?;
-            Ok(Action::requeue(ctx.timing.poll))
-        }
-        ApplyPlan::Update { id, update, changes } => {
-            warn_if_capped(ctx, svc, &desired).await;
-            if let Err(e) = ctx.platform.update_load_balancer(cluster, &id, &update).await {
-                return handle_platform_error(ctx, api, svc, "update_load_balancer", e).await;
-            }
-            info!(lb = %id, ?changes, "updated load balancer");
-            publish(
-                ctx,
-                svc,
-                EventType::Normal,
-                "UpdatedLoadBalancer",
-                format!("Updated load balancer {id} ({})", changes.join(", ")),
-            )
-            .await;
-            Ok(Action::requeue(ctx.timing.poll))
-        }
-        ApplyPlan::Wait { id, status } => {
-            let cond = match status {
-                LbStatus::Provisioning => {
-                    ConditionUpdate::Set(Ready::no("Provisioning", format!("load balancer {id} is provisioning")))
+    // Planned at most twice: LB names are unique in a cluster, so instead of looking for
+    // an LB of the wanted name before every create, a create answered with 409 looks it
+    // up and plans again against what it found (adopting one of a previous incarnation of
+    // the Service; another Service's name is a refusal).
+    let mut looked_up_by_name = false;
+    loop {
+        let plan = match plan_apply(actual.as_ref(), &desired, resolved_ip.as_deref()) {
+            Ok(p) => p,
+            Err(r) => return refuse(ctx, api, svc, "UnsupportedChange", r.to_string()).await,
+        };
+        return match plan {
+            ApplyPlan::Create(spec) => {
+                warn_if_capped(ctx, svc, &desired).await;
+                let e = match ctx.platform.create_load_balancer(cluster, &spec).await {
+                    Ok(lb) => {
+                        info!(lb = %lb.id, name = %lb.name, "created load balancer");
+                        ctx.transition_started(&uid, &lb.id);
+                        publish(
+                            ctx,
+                            svc,
+                            EventType::Normal,
+                            "EnsuringLoadBalancer",
+                            format!("Creating load balancer {} ({})", spec.name, lb.id),
+                        )
+                        .await;
+                        let cond = Ready::no("Provisioning", format!("load balancer {} is provisioning", lb.id));
+                        patch_status(api, svc, IngressUpdate::Leave, ConditionUpdate::Set(cond)).await?;
+                        return Ok(Action::requeue(ctx.timing.first_poll));
+                    }
+                    Err(e) => e,
+                };
+                if matches!(e, platform::Error::Conflict { .. }) && !looked_up_by_name {
+                    looked_up_by_name = true;
+                    match find_lb_by_name(ctx, svc, &spec.name).await? {
+                        Ok(Some(lb)) => {
+                            info!(lb = %lb.id, name = %lb.name, "adopting the existing load balancer of this name");
+                            actual = Some(lb);
+                            continue;
+                        }
+                        Ok(None) => {}
+                        Err(lookup) => return refuse(ctx, api, svc, "LookupFailed", lookup.to_string()).await,
+                    }
                 }
-                LbStatus::Deleting => ConditionUpdate::Set(Ready::no(
-                    "Deleting",
-                    format!("load balancer {id} is being deleted; a new one follows"),
-                )),
-                _ => ConditionUpdate::Leave,
-            };
-            patch_status(api, svc, IngressUpdate::Leave, cond).await?;
-            Ok(Action::requeue(ctx.timing.poll))
-        }
-        ApplyPlan::InSync => {
-            let Some(lb) = actual else {
-                return Ok(Action::requeue(ctx.timing.poll));
-            };
-            if lb.status != LbStatus::Active {
-                return Ok(Action::requeue(ctx.timing.poll));
+                handle_platform_error(ctx, api, svc, "create_load_balancer", e).await
             }
-            let addr = lb.public_ip.as_ref().map(|ip| ip.address);
-            let ready = Ready::yes(match addr {
-                Some(a) => format!("load balancer {} is active at {a}", lb.id),
-                None => format!("load balancer {} is active", lb.id),
-            });
-            let became_ready = condition_differs(svc, &ready);
-            patch_status(
-                api,
-                svc,
-                IngressUpdate::Set(ingress_ips(addr)),
-                ConditionUpdate::Set(ready),
-            )
-            .await?;
-            if became_ready {
+            ApplyPlan::Update { id, update, changes } => {
+                warn_if_capped(ctx, svc, &desired).await;
+                if let Err(e) = ctx.platform.update_load_balancer(cluster, &id, &update).await {
+                    return handle_platform_error(ctx, api, svc, "update_load_balancer", e).await;
+                }
+                info!(lb = %id, ?changes, "updated load balancer");
+                ctx.transition_started(&uid, &id);
                 publish(
                     ctx,
                     svc,
                     EventType::Normal,
-                    "EnsuredLoadBalancer",
-                    format!("Ensured load balancer {}", lb.id),
+                    "UpdatedLoadBalancer",
+                    format!("Updated load balancer {id} ({})", changes.join(", ")),
                 )
                 .await;
+                Ok(Action::requeue(ctx.timing.first_poll))
             }
-            Ok(Action::requeue(jittered(ctx.timing.resync, rand::random::<f64>())))
-        }
+            ApplyPlan::Wait { id, status } => {
+                let cond = match status {
+                    LbStatus::Provisioning => {
+                        ConditionUpdate::Set(Ready::no("Provisioning", format!("load balancer {id} is provisioning")))
+                    }
+                    LbStatus::Deleting => ConditionUpdate::Set(Ready::no(
+                        "Deleting",
+                        format!("load balancer {id} is being deleted; a new one follows"),
+                    )),
+                    _ => ConditionUpdate::Leave,
+                };
+                patch_status(api, svc, IngressUpdate::Leave, cond).await?;
+                Ok(Action::requeue(ctx.next_poll(Some(&uid))))
+            }
+            ApplyPlan::InSync => {
+                let Some(lb) = actual else {
+                    return Ok(Action::requeue(ctx.timing.poll));
+                };
+                if lb.status != LbStatus::Active {
+                    return Ok(Action::requeue(ctx.next_poll(Some(&uid))));
+                }
+                ctx.transition_finished(&uid);
+                let addr = lb.public_ip.as_ref().map(|ip| ip.address);
+                let ready = Ready::yes(match addr {
+                    Some(a) => format!("load balancer {} is active at {a}", lb.id),
+                    None => format!("load balancer {} is active", lb.id),
+                });
+                let became_ready = condition_differs(svc, &ready);
+                patch_status(
+                    api,
+                    svc,
+                    IngressUpdate::Set(ingress_ips(addr)),
+                    ConditionUpdate::Set(ready),
+                )
+                .await?;
+                if became_ready {
+                    publish(
+                        ctx,
+                        svc,
+                        EventType::Normal,
+                        "EnsuredLoadBalancer",
+                        format!("Ensured load balancer {}", lb.id),
+                    )
+                    .await;
+                }
+                Ok(Action::requeue(jittered(ctx.timing.resync, rand::random::<f64>())))
+            }
+        };
     }
 }
 
@@ -750,13 +858,19 @@ pub async fn run(
         settings.timing.clone(),
     ));
     let services: Api<Service> = Api::all(client);
-    let controller = Controller::new(services, watcher::Config::default().any_semantic())
-        .trigger_backoff(crate::watch::WatchBackoff::default())
-        .with_config(
-            ControllerConfig::default()
-                .concurrency(settings.concurrency)
-                .debounce(Duration::from_millis(200)),
-        );
+    let (service_store, service_writer) = reflector::store::<Service>();
+    // Only changes a reconcile reads start one (see `reconcile_inputs`); polls and
+    // resyncs are requeues, node changes come as ticks.
+    let service_changes = watcher(services, watcher::Config::default().any_semantic())
+        .backoff(crate::watch::WatchBackoff::default())
+        .reflect(service_writer)
+        .applied_objects()
+        .predicate_filter(reconcile_inputs, Default::default());
+    let controller = Controller::for_stream(service_changes, service_store).with_config(
+        ControllerConfig::default()
+            .concurrency(settings.concurrency)
+            .debounce(Duration::from_millis(200)),
+    );
     let ticks = node_change_ticks(
         tick_rx,
         node_store,

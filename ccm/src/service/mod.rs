@@ -12,6 +12,8 @@ pub mod diff;
 pub mod nodes;
 pub mod status;
 
+use std::hash::{DefaultHasher, Hash, Hasher};
+
 use k8s_openapi::api::core::v1::Service;
 
 /// The upstream finalizer guarding a Service's load balancer.
@@ -50,6 +52,26 @@ pub fn is_deleting(svc: &Service) -> bool {
 /// no longer wants a load balancer.
 pub fn needs_cleanup(svc: &Service) -> bool {
     has_finalizer(svc) && (is_deleting(svc) || !wants_load_balancer(svc))
+}
+
+/// A hash of everything a reconcile reads from the Service: identity, spec, annotations,
+/// finalizers and deletion (upstream's `needsUpdate`, as a kube-rs predicate). Status is
+/// left out: it is what we write, and our own status patches must not start another
+/// reconcile (at 1,000 Services they were two of every three platform reads); a status
+/// edited by hand is put back at the next resync.
+pub fn reconcile_inputs(svc: &Service) -> Option<u64> {
+    let mut h = DefaultHasher::new();
+    svc.metadata.uid.hash(&mut h);
+    // `ServiceSpec` is not `Hash`; its JSON is deterministic (fields in order, maps sorted).
+    serde_json::to_string(&svc.spec).ok()?.hash(&mut h);
+    svc.metadata.annotations.hash(&mut h);
+    svc.metadata.finalizers.hash(&mut h);
+    svc.metadata
+        .deletion_timestamp
+        .as_ref()
+        .map(|t| t.0.as_second())
+        .hash(&mut h);
+    Some(h.finish())
 }
 
 #[cfg(test)]
@@ -91,6 +113,54 @@ mod tests {
         assert!(wants_load_balancer(&set_class(svc(), LOAD_BALANCER_CLASS)));
         assert!(!wants_load_balancer(&set_class(svc(), "other.example/lb")));
         assert!(!wants_load_balancer(&Service::default()));
+    }
+
+    #[test]
+    fn only_what_a_reconcile_reads_changes_the_inputs() {
+        use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+        let base = reconcile_inputs(&svc());
+        assert_eq!(base, reconcile_inputs(&svc()), "deterministic");
+        let mut status_only = svc();
+        status_only.status = Some(ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus {
+                ingress: Some(vec![LoadBalancerIngress {
+                    ip: Some("127.203.0.1".into()),
+                    ..Default::default()
+                }]),
+            }),
+            ..Default::default()
+        });
+        status_only.metadata.resource_version = Some("42".into());
+        assert_eq!(base, reconcile_inputs(&status_only), "our own status writes");
+
+        let mut annotated = svc();
+        annotated
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert("lb.cloudraya.com/algorithm".into(), "least_conn".into());
+        let mut recreated = svc();
+        recreated.metadata.uid = Some("another-uid".into());
+        let mut port_changed = svc();
+        if let Some(p) = port_changed
+            .spec
+            .as_mut()
+            .and_then(|s| s.ports.as_mut())
+            .and_then(|p| p.first_mut())
+        {
+            p.port += 1;
+        }
+        for (what, changed) in [
+            ("annotation", annotated),
+            ("type", set_type(svc(), "ClusterIP")),
+            ("class", set_class(svc(), "other.example/lb")),
+            ("port", port_changed),
+            ("finalizer", finalized(svc())),
+            ("deletion", deleting(svc())),
+            ("uid", recreated),
+        ] {
+            assert_ne!(base, reconcile_inputs(&changed), "{what}");
+        }
     }
 
     /// Upstream's `TestNeedsCleanup`.

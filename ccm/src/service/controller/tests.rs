@@ -217,8 +217,8 @@ async fn creates_the_lb_then_reports_ingress_once_active() {
     let (res, calls) = bench.reconcile(&s).await;
     assert_eq!(
         res.expect("ok"),
-        Action::requeue(Timing::default().poll),
-        "polls, never blocks"
+        Action::requeue(Timing::default().first_poll),
+        "polls soon, never blocks"
     );
     assert_eq!(bench.platform.mutating_calls(), vec!["create_load_balancer"]);
     let lbs = bench.platform.lbs("cl-1");
@@ -236,8 +236,9 @@ async fn creates_the_lb_then_reports_ingress_once_active() {
         "no ingress before active"
     );
 
-    // Still provisioning: poll, no call that changes anything, no status write (the
-    // condition already says Provisioning once the Service shows it).
+    // Still provisioning (seen by a controller that did not create it, e.g. after a
+    // restart): poll at the full period, no call that changes anything, no status write
+    // (the condition already says Provisioning once the Service shows it).
     bench.platform.clear_calls();
     let (res, _) = bench.reconcile(&s).await;
     assert_eq!(res.expect("ok"), Action::requeue(Timing::default().poll));
@@ -345,7 +346,7 @@ async fn annotation_change_updates_in_place_keeping_the_ip() {
         "least_connection",
     );
     let (res, calls) = bench.reconcile(&s).await;
-    assert_eq!(res.expect("ok"), Action::requeue(Timing::default().poll));
+    assert_eq!(res.expect("ok"), Action::requeue(Timing::default().first_poll));
     assert_eq!(bench.platform.mutating_calls(), vec!["update_load_balancer"]);
     assert!(calls.iter().any(|c| c.is_event("UpdatedLoadBalancer")), "{calls:?}");
     let after = &bench.platform.lbs("cl-1")[0];
@@ -429,6 +430,43 @@ async fn platform_refusal_is_a_warning_and_a_condition_not_a_tight_loop() {
         .as_str()
         .unwrap_or_default();
     assert!(msg.contains("udp is not supported"), "{msg}");
+}
+
+/// Two Services asking for the same LB name: the second one's create is answered 409,
+/// the lookup by name finds no LB of that Service, so it is refused (a Warning and the
+/// condition), and the first one's LB is left exactly as it was.
+#[tokio::test]
+async fn an_lb_name_taken_by_another_service_is_refused_not_adopted() {
+    let bench = Bench::new(&["a"]);
+    let web = annotate(finalized(svc()), crate::annotations::NAME, "shared");
+    let lb = provisioned(&bench, &web).await;
+    let mut api = annotate(finalized(svc()), crate::annotations::NAME, "shared");
+    api.metadata.name = Some("api".into());
+    api.metadata.uid = Some("uid-2".into());
+    bench.platform.clear_calls();
+    let (res, calls) = bench.reconcile(&api).await;
+    assert_eq!(res.expect("ok"), Action::requeue(Timing::default().refused_retry));
+    assert_eq!(
+        bench.platform.calls(),
+        vec!["list_load_balancers", "create_load_balancer", "list_load_balancers"]
+    );
+    assert!(
+        bench
+            .platform
+            .mutating_calls()
+            .iter()
+            .all(|c| c == "create_load_balancer")
+    );
+    assert_eq!(bench.platform.lbs("cl-1"), vec![lb]);
+    assert!(calls.iter().any(|c| c.is_event("SyncLoadBalancerFailed")), "{calls:?}");
+    let status = calls
+        .iter()
+        .find(|c| c.is("PATCH", "/services/api/status"))
+        .expect("status patch");
+    let msg = status.body["status"]["conditions"][0]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(msg.contains("name already taken"), "{msg}");
 }
 
 #[tokio::test]
@@ -581,6 +619,28 @@ fn backoff_is_exponential_capped_and_jittered() {
     assert!(jittered(r, 0.0) >= Duration::from_secs(270) && jittered(r, 1.0) <= Duration::from_secs(330));
 }
 
+#[test]
+fn a_transition_we_started_is_polled_soon_then_ever_less_often() {
+    let (first, max) = (Duration::from_millis(500), Duration::from_secs(2));
+    let ms = |n| Some(Duration::from_millis(n));
+    assert_eq!(transition_poll_delay(ms(0), first, max), first);
+    assert_eq!(transition_poll_delay(ms(500), first, max), Duration::from_millis(750));
+    assert_eq!(transition_poll_delay(ms(1250), first, max), Duration::from_millis(1125));
+    assert_eq!(transition_poll_delay(ms(60_000), first, max), max, "capped");
+    assert_eq!(
+        transition_poll_delay(None, first, max),
+        max,
+        "not ours: the full period"
+    );
+    // A 30 s provisioning costs 18 looks at the fixed 2 s period, and not many more here.
+    let (mut waited, mut looks) = (Duration::ZERO, 0);
+    while waited < Duration::from_secs(30) {
+        waited += transition_poll_delay(Some(waited), first, max);
+        looks += 1;
+    }
+    assert!(looks <= 19, "{looks}");
+}
+
 #[tokio::test]
 async fn orphan_sweep_deletes_only_our_lbs_of_vanished_services() {
     let bench = Bench::new(&["a"]);
@@ -707,9 +767,16 @@ async fn a_service_recreated_while_we_were_down_adopts_its_lb_by_name() {
     recreated.metadata.uid = Some("uid-2".into());
     let (res, _) = bench.reconcile(&recreated).await;
     assert!(res.is_ok(), "{res:?}");
+    // No lookup by name before the create: the platform's 409 (names are unique in a
+    // cluster) sends the controller to it, and it plans again against what it found.
     assert_eq!(
-        bench.platform.mutating_calls(),
-        vec!["update_load_balancer"],
+        bench.platform.calls(),
+        vec![
+            "list_load_balancers",
+            "create_load_balancer",
+            "list_load_balancers",
+            "update_load_balancer"
+        ],
         "relabelled, not duplicated"
     );
     let lbs = bench.platform.lbs("cl-1");
@@ -735,14 +802,25 @@ async fn a_known_lb_is_polled_by_id_and_a_vanished_one_looked_up_again() {
                 .expect("reconcile finished within 5 s")
         }
     };
-    run(&ctx).await.expect("create");
+    let first = Timing::default().first_poll;
+    assert_eq!(run(&ctx).await.expect("create"), Action::requeue(first));
     assert_eq!(
         bench.platform.calls(),
-        vec!["list_load_balancers", "list_load_balancers", "create_load_balancer"]
+        vec!["list_load_balancers", "create_load_balancer"]
     );
     bench.platform.clear_calls();
-    run(&ctx).await.expect("poll while provisioning");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let poll = run(&ctx).await.expect("poll while provisioning");
     assert_eq!(bench.platform.calls(), vec!["get_load_balancer"]);
+    // The transition it started is looked at again sooner than the full period, later
+    // than the first look.
+    let next = ctx.next_poll(Some("uid-1"));
+    assert!(
+        next > first + Duration::from_millis(99) && next < Timing::default().poll,
+        "{next:?}"
+    );
+    assert_ne!(poll, Action::requeue(Timing::default().poll));
+    assert_ne!(poll, Action::requeue(first));
     bench.platform.settle();
     bench.platform.clear_calls();
     run(&ctx).await.expect("active");
@@ -754,12 +832,7 @@ async fn a_known_lb_is_polled_by_id_and_a_vanished_one_looked_up_again() {
     run(&ctx).await.expect("recreate");
     assert_eq!(
         bench.platform.calls(),
-        vec![
-            "get_load_balancer",
-            "list_load_balancers",
-            "list_load_balancers",
-            "create_load_balancer"
-        ]
+        vec!["get_load_balancer", "list_load_balancers", "create_load_balancer"]
     );
     let recreated = bench.platform.lbs("cl-1");
     assert_eq!(recreated.len(), 1);
