@@ -39,7 +39,7 @@ use crate::service::diff::{
     ApplyPlan, DeletePlan, LiveService, LookupError, find_orphans, keep_public_ip, pick_by_name, pick_by_uid,
     plan_apply, plan_delete,
 };
-use crate::service::nodes::{MAX_BACKENDS, NodeSetFingerprint, debounce, selector_keys};
+use crate::service::nodes::{MAX_BACKENDS, NodeSetFingerprint, SettledNodes, debounce, selector_keys};
 use crate::service::status::{ConditionUpdate, IngressUpdate, Ready, condition_differs, status_patch};
 use crate::service::{FINALIZER, has_finalizer, is_deleting, reconcile_inputs, wants_load_balancer};
 use crate::{Error, Result};
@@ -53,8 +53,8 @@ pub struct Timing {
     /// Periodic resync of an in-sync Service (drift repair); jittered ±10 %.
     pub resync: Duration,
     /// Polling of a provisioning, updating or deleting LB: the longest wait between two
-    /// looks. A transition we started is first looked at after `first_poll`, then ever
-    /// less often up to `poll` ([`transition_poll_delay`]).
+    /// looks. An LB we created (its Service waits for the address) is first looked at
+    /// after `first_poll`, then ever less often up to `poll` ([`transition_poll_delay`]).
     pub poll: Duration,
     pub first_poll: Duration,
     /// Retry of a Service the platform refused (422, 409, no public IP left).
@@ -83,8 +83,9 @@ pub struct Context {
     pub platform: Arc<dyn Platform>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
-    /// All Nodes (a reflector store, ready before the controller starts).
-    pub nodes: Store<Node>,
+    /// All Nodes (a reflector store, ready before the controller starts), as of the last
+    /// debounced batch of node changes.
+    pub nodes: Arc<SettledNodes>,
     pub config: DesiredConfig,
     pub timing: Timing,
     /// Consecutive failures per Service (`namespace/name`), for the error backoff.
@@ -98,7 +99,7 @@ pub struct Context {
 #[derive(Debug, Clone)]
 struct KnownLb {
     id: String,
-    /// When we started a transition of it (create or update) that is not seen finished.
+    /// When we created it, until it is seen active.
     transition_since: Option<Instant>,
 }
 
@@ -123,7 +124,7 @@ impl Context {
             platform,
             recorder,
             metrics,
-            nodes,
+            nodes: Arc::new(SettledNodes::new(nodes)),
             config,
             timing,
             failures: Mutex::new(HashMap::new()),
@@ -156,7 +157,7 @@ impl Context {
         }
     }
 
-    /// Notes that we just started a transition of the Service's LB `id`.
+    /// Notes that we just created the Service's LB `id`.
     fn transition_started(&self, uid: &str, id: &str) {
         self.lb_ids().insert(
             uid.to_owned(),
@@ -183,9 +184,9 @@ impl Context {
     }
 }
 
-/// How long to wait before looking again at an LB whose transition we started `waited`
-/// ago (`None`: one we did not start, or from before a restart): `first` at first,
-/// because the platform finishes most creates and updates in under a second, then with
+/// How long to wait before looking again at an LB we created `waited` ago (`None`: one
+/// we did not create, or from before a restart): `first` at first, because the platform
+/// finishes most creates in under a second, then with
 /// half the time waited so far on top (a slow platform costs a few looks more than a
 /// fixed period would), never longer apart than `max`.
 pub fn transition_poll_delay(waited: Option<Duration>, first: Duration, max: Duration) -> Duration {
@@ -444,7 +445,7 @@ async fn find_lb(ctx: &Context, svc: &Service, lb_name: &str) -> Result<Result<O
 }
 
 async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Action> {
-    let nodes = ctx.nodes.state();
+    let nodes = ctx.nodes.get();
     let desired = match desired_load_balancer(svc, nodes.iter().map(|n| n.as_ref()), &ctx.config) {
         Ok(d) => d,
         Err(refusal) => return refuse(ctx, api, svc, refusal.reason(), refusal.to_string()).await,
@@ -501,7 +502,7 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
                         .await;
                         let cond = Ready::no("Provisioning", format!("load balancer {} is provisioning", lb.id));
                         patch_status(api, svc, IngressUpdate::Leave, ConditionUpdate::Set(cond)).await?;
-                        return Ok(Action::requeue(ctx.timing.first_poll));
+                        return Ok(Action::requeue(ctx.timing.first_poll.min(ctx.timing.poll)));
                     }
                     Err(e) => e,
                 };
@@ -525,7 +526,6 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
                     return handle_platform_error(ctx, api, svc, "update_load_balancer", e).await;
                 }
                 info!(lb = %id, ?changes, "updated load balancer");
-                ctx.transition_started(&uid, &id);
                 publish(
                     ctx,
                     svc,
@@ -534,7 +534,8 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
                     format!("Updated load balancer {id} ({})", changes.join(", ")),
                 )
                 .await;
-                Ok(Action::requeue(ctx.timing.first_poll))
+                // Nothing the Service shows waits on an update: looked at after the full period.
+                Ok(Action::requeue(ctx.timing.poll))
             }
             ApplyPlan::Wait { id, status } => {
                 let cond = match status {
@@ -784,23 +785,26 @@ pub struct RunSettings {
 }
 
 /// Node changes that can move some LB's backends, as one debounced tick per burst. Of a
-/// node's labels only those some Service's node selector reads count.
+/// node's labels only those some Service's node selector reads count. Every batch also
+/// settles `nodes`, so the ticked reconciles (and any other until the next batch) plan
+/// with the node set the tick was decided on.
 fn node_change_ticks(
     node_events: impl Stream<Item = ()> + Send + 'static,
-    nodes: Store<Node>,
+    nodes: Arc<SettledNodes>,
     services: Store<Service>,
     quiet: Duration,
     max_delay: Duration,
 ) -> impl Stream<Item = ()> + Send {
     let mut last = NodeSetFingerprint::default();
     debounce(node_events, quiet, max_delay).filter_map(move |()| {
+        nodes.settle();
         let selectors: Vec<annotations::NodeSelector> = services
             .state()
             .iter()
             .filter_map(|s| annotations::node_selector(s.annotations()).ok().flatten())
             .collect();
         let keys = selector_keys(&selectors);
-        let fp = NodeSetFingerprint::of_selected(nodes.state().iter().map(|n| n.as_ref()), Some(&keys));
+        let fp = NodeSetFingerprint::of_selected(nodes.get().iter().map(|n| n.as_ref()), Some(&keys));
         let changed = fp != last;
         if changed {
             info!(
@@ -871,9 +875,10 @@ pub async fn run(
             .concurrency(settings.concurrency)
             .debounce(Duration::from_millis(200)),
     );
+    ctx.nodes.settle();
     let ticks = node_change_ticks(
         tick_rx,
-        node_store,
+        ctx.nodes.clone(),
         controller.store(),
         settings.node_debounce,
         settings.node_debounce_max,

@@ -14,10 +14,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Node;
+use kube::runtime::reflector::Store;
 use tokio::time::Instant;
 
 use crate::annotations::NodeSelector;
@@ -194,6 +196,45 @@ pub fn selector_keys<'a>(selectors: impl IntoIterator<Item = &'a NodeSelector>) 
 /// Whether an update from `old` to `new` of one node may change some load balancer.
 pub fn should_sync_updated_node(old: &Node, new: &Node) -> bool {
     NodeSetFingerprint::of([old]) != NodeSetFingerprint::of([new])
+}
+
+/// The nodes reconciles plan backends with: the node cache as it was at the end of the
+/// last debounced batch of node changes ([`SettledNodes::settle`]), the live cache
+/// before the first. Without it a reconcile started for another reason (a resync, a
+/// Service edit) in the middle of a burst of node changes would write a half-changed
+/// backend set, and the burst's tick another one: two updates of that LB instead of one.
+pub struct SettledNodes {
+    store: Store<Node>,
+    settled: RwLock<Option<Vec<Arc<Node>>>>,
+}
+
+impl SettledNodes {
+    pub fn new(store: Store<Node>) -> Self {
+        SettledNodes {
+            store,
+            settled: RwLock::new(None),
+        }
+    }
+
+    /// Takes the cache as it is now as the settled node set.
+    pub fn settle(&self) {
+        let now = self.store.state();
+        *self.settled.write().unwrap_or_else(|p| p.into_inner()) = Some(now);
+    }
+
+    /// The settled node set.
+    pub fn get(&self) -> Vec<Arc<Node>> {
+        let settled = self.settled.read().unwrap_or_else(|p| p.into_inner());
+        match settled.as_ref() {
+            Some(nodes) => nodes.clone(),
+            None => self.store.state(),
+        }
+    }
+
+    /// The live node cache.
+    pub fn store(&self) -> &Store<Node> {
+        &self.store
+    }
 }
 
 /// Debounces a stream of change signals: one `()` once `quiet` passed without a new

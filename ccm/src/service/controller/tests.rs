@@ -346,7 +346,7 @@ async fn annotation_change_updates_in_place_keeping_the_ip() {
         "least_connection",
     );
     let (res, calls) = bench.reconcile(&s).await;
-    assert_eq!(res.expect("ok"), Action::requeue(Timing::default().first_poll));
+    assert_eq!(res.expect("ok"), Action::requeue(Timing::default().poll));
     assert_eq!(bench.platform.mutating_calls(), vec!["update_load_balancer"]);
     assert!(calls.iter().any(|c| c.is_event("UpdatedLoadBalancer")), "{calls:?}");
     let after = &bench.platform.lbs("cl-1")[0];
@@ -364,6 +364,40 @@ async fn a_new_node_is_added_to_the_backends() {
     assert!(res.is_ok());
     assert_eq!(bench.platform.mutating_calls(), vec!["update_load_balancer"]);
     assert_eq!(bench.platform.lbs("cl-1")[0].backends.len(), 3);
+}
+
+/// A reconcile that is not a node tick's (a resync, a Service edit) plans with the nodes
+/// of the last settled batch: a node change in mid-burst moves no backend until the
+/// burst's tick, so the LB is updated once per burst.
+#[tokio::test]
+async fn backends_follow_the_settled_node_set_not_a_burst_in_progress() {
+    let mut bench = Bench::new(&["a", "b"]);
+    let lb = provisioned(&bench, &finalized(svc())).await;
+    let s = with_ready_status(finalized(svc()), &lb);
+    let (ctx, server) = bench.served_context(&s);
+    ctx.nodes.settle();
+    bench.add_node("c");
+    let run = |ctx: &Arc<Context>| {
+        let ctx = ctx.clone();
+        let s = s.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(5), reconcile(Arc::new(s), ctx))
+                .await
+                .expect("reconcile finished within 5 s")
+        }
+    };
+    run(&ctx).await.expect("resync in mid-burst");
+    assert!(bench.platform.mutating_calls().is_empty());
+    assert_eq!(bench.platform.lbs("cl-1")[0].backends.len(), 2);
+    ctx.nodes.settle();
+    run(&ctx).await.expect("the burst's tick");
+    assert_eq!(bench.platform.mutating_calls(), vec!["update_load_balancer"]);
+    assert_eq!(bench.platform.lbs("cl-1")[0].backends.len(), 3);
+    drop(ctx);
+    tokio::time::timeout(Duration::from_secs(1), server)
+        .await
+        .expect("mock API server finished")
+        .expect("mock API server task");
 }
 
 #[tokio::test]
@@ -715,9 +749,10 @@ async fn node_bursts_become_one_resync_and_readiness_flaps_none() {
     writer.apply_watcher_event(&WatchEvent::Apply(node("a")));
     let (services, mut svc_writer) = reflector::store::<Service>();
     let (tx, rx) = futures::channel::mpsc::unbounded::<()>();
+    let settled = Arc::new(SettledNodes::new(nodes));
     let mut ticks = Box::pin(node_change_ticks(
         rx,
-        nodes,
+        settled.clone(),
         services,
         Duration::from_millis(500),
         Duration::from_secs(3),
@@ -725,12 +760,14 @@ async fn node_bursts_become_one_resync_and_readiness_flaps_none() {
     // First batch: the initial node set.
     tx.unbounded_send(()).expect("send");
     assert_eq!(ticks.next().await, Some(()));
-    // A burst of 20 node additions: one tick.
+    // A burst of 20 node additions: one tick; reconciles see the new nodes from then on.
     for i in 0..20 {
         writer.apply_watcher_event(&WatchEvent::Apply(node(&format!("n{i}"))));
         tx.unbounded_send(()).expect("send");
     }
+    assert_eq!(settled.get().len(), 1, "in mid-burst: the last settled set");
     assert_eq!(ticks.next().await, Some(()));
+    assert_eq!(settled.get().len(), 21);
     // Labels no Service's node selector reads change nothing: no tick.
     for i in 0..10 {
         writer.apply_watcher_event(&WatchEvent::Apply(with_label(
