@@ -17,101 +17,51 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use common::{cpu_time, knob, machine, result};
-use kuberaya_e2e::{Process, b64, b64_decode, binary};
+use kuberaya_e2e::gateway::{
+    self, Gateway, PeerKey, StaticFiles, bulk_server, download_mbit, onetun_tcp, peer_address, random_bytes,
+};
+use kuberaya_e2e::{Process, b64, poll_until_blocking};
 
-fn random32() -> [u8; 32] {
-    let mut b = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .expect("/dev/urandom");
-    b
+/// Peer `i` of the bench, with a fresh key.
+fn peer(i: usize) -> PeerKey {
+    PeerKey::random(peer_address(i as u64))
 }
 
-struct Peer {
-    secret: [u8; 32],
-    address: Ipv4Addr,
-}
-
-impl Peer {
-    fn new(i: usize) -> Peer {
-        let n = i + 2;
-        Peer {
-            secret: random32(),
-            address: Ipv4Addr::new(100, 64, (n / 256) as u8, (n % 256) as u8),
-        }
-    }
-    fn json(&self, i: usize) -> serde_json::Value {
-        let public = b64(PublicKey::from(&StaticSecret::from(self.secret)).as_bytes());
-        serde_json::json!({"namespace": "default", "name": format!("p{i}"),
-            "spec": {"publicKey": public, "address": self.address.to_string(), "allow": [{"service": "web"}]}})
-    }
-}
-
-struct Gateway {
-    process: Process,
-    udp: SocketAddr,
-    public: [u8; 32],
-}
-
-fn start_gateway(dir: &Path, peers: &[Peer], web: Ipv4Addr, port: u16, limit: u64) -> Result<Gateway> {
-    let key = dir.join("gw.key");
-    std::fs::write(&key, b64(&random32()))?;
-    let list: Vec<_> = peers.iter().enumerate().map(|(i, p)| p.json(i)).collect();
-    std::fs::write(dir.join("peers.json"), serde_json::to_vec(&list)?)?;
-    std::fs::write(
-        dir.join("services.json"),
-        serde_json::json!([{"namespace": "default", "name": "web", "clusterIP": web.to_string(),
-            "ports": [{"name": "bulk", "port": port}]}])
-        .to_string(),
+fn start_gateway(dir: &Path, peers: &[PeerKey], web: Ipv4Addr, port: u16, limit: u64) -> Result<Gateway> {
+    let key = gateway::write_key(dir, &b64(&random_bytes::<32>()))?;
+    let list: Vec<_> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| p.file_entry(&format!("p{i}"), &["web"]))
+        .collect();
+    let files = StaticFiles::write(
+        dir,
+        &list,
+        &serde_json::json!([{"namespace": "default", "name": "web", "clusterIP": web.to_string(),
+            "ports": [{"name": "bulk", "port": port}]}]),
     )?;
-    let mut cmd = Command::new(binary("kuberaya-gateway"));
-    cmd.args(["--listen", "127.0.0.1:0", "--private-key-file"])
-        .arg(&key)
-        .arg("--peers-file")
-        .arg(dir.join("peers.json"))
-        .arg("--services-file")
-        .arg(dir.join("services.json"))
-        .args([
-            "--metrics-bind-address",
-            "127.0.0.1:0",
-            "--health-bind-address",
-            "127.0.0.1:0",
-        ])
+    let mut cmd = gateway::command(&key);
+    cmd.args(files.args())
         .args(["--handshake-limit", &limit.to_string()])
         .env("RUST_LOG", "warn");
-    let mut process = Process::spawn_command(common::die_with_parent(cmd))?;
-    let line = process.wait_for_stdout_line("kuberaya-gateway listening", Duration::from_secs(60))?;
-    let field = |k: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{k}=")))
-            .map(String::from)
-            .with_context(|| format!("{k}= in {line}"))
-    };
+    let gw = Gateway::spawn(common::die_with_parent(cmd), Duration::from_secs(60))?;
     // The file source loads the peers within its 500 ms re-read.
     std::thread::sleep(Duration::from_secs(1));
-    Ok(Gateway {
-        udp: field("udp")?.parse()?,
-        public: b64_decode(&field("public_key")?)?
-            .try_into()
-            .map_err(|_| anyhow::anyhow!("public key"))?,
-        process,
-    })
+    Ok(gw)
 }
 
 /// `rounds` initiations per peer, round by round (each newer than its peer's last).
-fn initiations(peers: &[Peer], gw: &Gateway, rounds: usize) -> Vec<Vec<u8>> {
+fn initiations(peers: &[PeerKey], gw: &Gateway, rounds: usize) -> Vec<Vec<u8>> {
     let mut tunns: Vec<Tunn> = peers
         .iter()
         .enumerate()
@@ -173,84 +123,17 @@ fn handshake_run(gw: &Gateway, inits: &[Vec<u8>], inflight: u64) -> Result<(u64,
     Ok((responses, cookies, lost, started.elapsed()))
 }
 
-/// A TCP server streaming zeros to each connection (at most 60 s each).
-fn bulk_server(ip: Ipv4Addr, stop: Arc<AtomicBool>) -> Result<SocketAddr> {
-    let l = TcpListener::bind((ip, 0))?;
-    let a = l.local_addr()?;
-    std::thread::spawn(move || {
-        for s in l.incoming().take(64) {
-            if stop.load(Ordering::Relaxed) {
-                return;
-            }
-            let Ok(mut s) = s else { continue };
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let chunk = vec![0u8; 64 * 1024];
-                let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
-                let started = Instant::now();
-                while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
-                    if s.write_all(&chunk).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    Ok(a)
-}
-
-fn download_mbit(addr: SocketAddr, length: Duration) -> f64 {
-    let started = Instant::now();
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else {
-        return 0.0;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut got = 0u64;
-    while started.elapsed() < length {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => got += n as u64,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-            Err(_) => break,
-        }
-    }
-    got as f64 * 8.0 / started.elapsed().as_secs_f64() / 1e6
-}
-
-fn onetun(gw: &Gateway, peer: &Peer, remote: SocketAddr) -> Result<(Process, SocketAddr)> {
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let path = std::env::var_os("PATH")
-        .and_then(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("onetun"))
-                .find(|p| p.is_file())
-        })
-        .context("onetun is not installed (scripts/test installs it)")?;
-    let mut cmd = Command::new(path);
-    cmd.args([
-        "--endpoint-addr",
-        &gw.udp.to_string(),
-        "--endpoint-public-key",
-        &b64(&gw.public),
-        "--source-peer-ip",
-        &peer.address.to_string(),
-        "--keep-alive",
-        "5",
-        "--log",
-        "error",
-        &format!("127.0.0.1:{port}:{remote}:TCP"),
-    ])
-    .env("ONETUN_PRIVATE_KEY", b64(&peer.secret));
+/// onetun as `peer`, once it moves data (at most 20 s).
+fn onetun(gw: &Gateway, peer: &PeerKey, remote: SocketAddr) -> Result<(Process, SocketAddr)> {
+    let (cmd, local) = onetun_tcp(&gw.wg_peer(peer), remote);
     let p = Process::spawn_command(common::die_with_parent(cmd))?;
-    let local = SocketAddr::from(([127, 0, 0, 1], port));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if download_mbit(local, Duration::from_millis(300)) > 0.0 {
-            return Ok((p, local));
-        }
+    let moved = poll_until_blocking(Duration::from_secs(20), || {
+        (download_mbit(local, Duration::from_millis(300)) > 0.0).then_some(())
+    });
+    if moved.is_none() {
+        bail!("onetun moved no data\n{}", p.output_tails())
     }
-    bail!("onetun moved no data\n{}", p.output_tails())
+    Ok((p, local))
 }
 
 /// Sends `datagrams` round-robin at `rate` per second until `stop`, in a thread; the
@@ -293,9 +176,9 @@ fn main() -> Result<()> {
     let net = kuberaya_e2e::unique_net_index();
     let web = Ipv4Addr::new(127, 97, net, 10);
     let stop = Arc::new(AtomicBool::new(false));
-    let bulk = bulk_server(web, stop.clone())?;
+    let bulk = bulk_server(web, stop.clone(), 64)?;
     // Peer 0 is the established one; the others handshake.
-    let peers: Vec<Peer> = (0..peers_n + 1).map(Peer::new).collect();
+    let peers: Vec<PeerKey> = (0..peers_n + 1).map(peer).collect();
 
     for (limit, what) in [
         (1_000_000u64, "no cookie limit"),
@@ -336,7 +219,7 @@ fn main() -> Result<()> {
         // A flood from keys the gateway does not know (valid MAC1), or registered peers' real
         // initiations (each taking the gateway's DH work until answered).
         let (datagrams, kind) = if limit == 100 {
-            let unknown: Vec<Peer> = (0..64).map(Peer::new).collect();
+            let unknown: Vec<PeerKey> = (0..64).map(peer).collect();
             (initiations(&unknown, &gw, 1), "initiations from unknown keys")
         } else {
             (initiations(&peers[1..], &gw, rounds), "registered peers' initiations")

@@ -16,9 +16,10 @@
 
 mod common;
 
+use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,8 +30,10 @@ use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use common::{cpu_time, knob, machine, median_max, peak_rss_mib, ratio, result, rss_mib, secs};
 use futures::StreamExt;
+use kuberaya_e2e::gateway::{self, Gateway, PeerKey, StaticFiles, onetun_tcp, peer_address};
 use kuberaya_e2e::kube_rest::KubeRest as Kube;
-use kuberaya_e2e::{Process, b64, b64_decode, binary};
+use kuberaya_e2e::sandbox::{find_onetun, gateway_keypair};
+use kuberaya_e2e::{Process, binary, poll_until_blocking};
 use serde_json::{Value, json};
 
 /// The sizes, from the environment; the defaults are the issue's.
@@ -91,44 +94,14 @@ impl KeyBytes {
     }
 }
 
-/// A peer of the bench: its key and tunnel address.
-#[derive(Clone)]
-struct Peer {
-    secret: [u8; 32],
-    public: String,
-    address: Ipv4Addr,
+/// Peer `index` of the bench with the next key of `keys`.
+fn new_peer(keys: &mut KeyBytes, index: u64) -> PeerKey {
+    PeerKey::new(keys.next(), peer_address(index))
 }
 
-impl Peer {
-    fn new(keys: &mut KeyBytes, index: u64) -> Peer {
-        let secret = keys.next();
-        let public = PublicKey::from(&StaticSecret::from(secret));
-        Peer {
-            secret,
-            public: b64(public.as_bytes()),
-            address: peer_address(index),
-        }
-    }
-
-    fn json(&self, name: &str) -> Value {
-        json!({"namespace": "default", "name": name,
-               "spec": {"publicKey": self.public, "address": self.address.to_string(),
-                        "allow": [{"service": "web"}]}})
-    }
-}
-
-/// Peer `i`'s address in 100.64.0.0/16 (the gateway is 100.64.0.1).
-fn peer_address(i: u64) -> Ipv4Addr {
-    let n = i + 2;
-    Ipv4Addr::new(100, 64, (n / 256) as u8, (n % 256) as u8)
-}
-
-/// Writes the peers file atomically (the gateway re-reads it every 500 ms).
-fn write_peers(path: &Path, peers: &[Value]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec(peers)?)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+/// Peer `name`'s entry of the peers file: allowed to `web`.
+fn entry(peer: &PeerKey, name: &str) -> Value {
+    peer.file_entry(name, &["web"])
 }
 
 /// A WireGuard client of one peer over a UDP socket: boringtun's `Tunn`.
@@ -141,7 +114,7 @@ struct Client {
 }
 
 impl Client {
-    fn new(peer: &Peer, gateway_public: &[u8; 32], gateway: SocketAddr, index: u32) -> Result<Client> {
+    fn new(peer: &PeerKey, gateway_public: &[u8; 32], gateway: SocketAddr, index: u32) -> Result<Client> {
         let sock = UdpSocket::bind("127.0.0.1:0")?;
         sock.set_read_timeout(Some(Duration::from_millis(50)))?;
         let tunn = Tunn::new(
@@ -267,104 +240,21 @@ fn dns_packet(src: Ipv4Addr, id: u16) -> Vec<u8> {
     p
 }
 
-/// A running gateway and what it printed when it started listening.
-struct Gateway {
-    process: Process,
-    udp: SocketAddr,
-    public: [u8; 32],
-    metrics: String,
-}
-
-/// Static-file mode: `--peers-file` and `--services-file`.
-fn file_source(peers: &Path, services: &Path) -> Vec<String> {
-    vec![
-        "--peers-file".into(),
-        peers.display().to_string(),
-        "--services-file".into(),
-        services.display().to_string(),
-    ]
-}
-
-fn start_gateway(dir: &Path, source: &[String], extra: &[&str]) -> Result<(Gateway, Duration)> {
-    let out = Command::new(binary("kuberaya-gateway"))
-        .arg("--generate-keypair")
-        .output()?;
-    ensure!(out.status.success(), "--generate-keypair failed");
-    let text = String::from_utf8(out.stdout)?;
-    let private = text.split_whitespace().next().context("private key")?;
-    let key_file = dir.join("gw.key");
-    std::fs::write(&key_file, private)?;
-    let mut args: Vec<String> = vec![
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--private-key-file".into(),
-        key_file.display().to_string(),
-        "--metrics-bind-address".into(),
-        "127.0.0.1:0".into(),
-        "--health-bind-address".into(),
-        "127.0.0.1:0".into(),
-    ];
-    args.extend(source.iter().cloned());
-    args.extend(extra.iter().map(|s| s.to_string()));
+/// A gateway with a fresh key in `dir`, its peers from `source`, and `extra` arguments;
+/// the time from spawn to its start line.
+fn start_gateway(dir: &Path, source: &[OsString], extra: &[&str]) -> Result<(Gateway, Duration)> {
+    let key_file = gateway::write_key(dir, &gateway_keypair().0)?;
     let started = Instant::now();
-    let mut cmd = Command::new(binary("kuberaya-gateway"));
-    cmd.args(&args).env("RUST_LOG", "warn");
-    let mut process = Process::spawn_command(common::die_with_parent(cmd))?;
-    let line = process.wait_for_stdout_line("kuberaya-gateway listening", Duration::from_secs(120))?;
-    let listening = started.elapsed();
-    let field = |k: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{k}=")))
-            .map(String::from)
-            .with_context(|| format!("{k}= in {line:?}"))
-    };
-    let public: [u8; 32] = b64_decode(&field("public_key")?)
-        .context("public key")?
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("public key length"))?;
-    Ok((
-        Gateway {
-            udp: field("udp")?.parse()?,
-            metrics: field("metrics")?,
-            public,
-            process,
-        },
-        listening,
-    ))
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    let Ok(addr) = addr.parse::<SocketAddr>() else {
-        return String::new();
-    };
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
-        return String::new();
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = write!(s, "GET {path} HTTP/1.0\r\nhost: x\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
-/// The sum of the metric `name` (every label set) on the gateway's metrics endpoint.
-fn metric(gw: &Gateway, name: &str, label: &str) -> f64 {
-    http_get(&gw.metrics, "/metrics")
-        .lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    let mut cmd = gateway::command(&key_file);
+    cmd.args(source).args(extra).env("RUST_LOG", "warn");
+    let gw = Gateway::spawn(common::die_with_parent(cmd), Duration::from_secs(120))?;
+    Ok((gw, started.elapsed()))
 }
 
 /// Waits until the gateway reports `count` accepted peers; the time since `since`.
 fn wait_loaded(gw: &Gateway, count: u64, since: Instant, timeout: Duration) -> Option<Duration> {
-    while since.elapsed() < timeout {
-        if metric(gw, "kuberaya_gateway_peers", "state=\"accepted\"") as u64 >= count {
-            return Some(since.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
+    gw.wait_accepted(count, timeout.saturating_sub(since.elapsed()))
+        .map(|()| since.elapsed())
 }
 
 /// A TCP server on `ip`: port A sends `bulk` bytes and closes, port B answers "ok" and closes.
@@ -445,44 +335,20 @@ fn connections(addr: SocketAddr, length: Duration) -> (u64, u64) {
     (ok, failed)
 }
 
-fn onetun_path() -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("onetun"))
-            .find(|p| p.is_file())
-    })
-}
-
-/// onetun as peer `peer`, forwarding 127.0.0.1:<free port> to `remote` over TCP; waits
-/// until the forward answers `probe` (or 20 s).
-fn onetun(gw: &Gateway, peer: &Peer, remote: SocketAddr) -> Result<(Process, SocketAddr)> {
-    let path = onetun_path().context("onetun is not installed (scripts/test installs it)")?;
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let mut cmd = Command::new(path);
-    cmd.args([
-        "--endpoint-addr",
-        &gw.udp.to_string(),
-        "--endpoint-public-key",
-        &b64(&gw.public),
-        "--source-peer-ip",
-        &peer.address.to_string(),
-        "--keep-alive",
-        "5",
-        "--log",
-        "error",
-        &format!("127.0.0.1:{port}:{remote}:TCP"),
-    ])
-    .env("ONETUN_PRIVATE_KEY", b64(&peer.secret));
+/// onetun as `peer`, forwarding 127.0.0.1:<free port> to `remote` over TCP; waits
+/// until the forward listens (at most 20 s).
+fn onetun(gw: &Gateway, peer: &PeerKey, remote: SocketAddr) -> Result<(Process, SocketAddr)> {
+    let (cmd, local) = onetun_tcp(&gw.wg_peer(peer), remote);
     let p = Process::spawn_command(common::die_with_parent(cmd))?;
-    let local: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if TcpStream::connect_timeout(&local, Duration::from_millis(200)).is_ok() {
-            return Ok((p, local));
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    let listens = poll_until_blocking(Duration::from_secs(20), || {
+        TcpStream::connect_timeout(&local, Duration::from_millis(200))
+            .is_ok()
+            .then_some(())
+    });
+    if listens.is_none() {
+        bail!("onetun did not listen\n{}", p.output_tails())
     }
-    bail!("onetun did not listen\n{}", p.output_tails())
+    Ok((p, local))
 }
 
 fn mbit(bytes: u64, d: Duration) -> f64 {
@@ -491,7 +357,7 @@ fn mbit(bytes: u64, d: Duration) -> f64 {
 
 /// A change of the peer set, made by the source under test.
 enum Change<'a> {
-    Add(&'a Peer, &'a str),
+    Add(&'a PeerKey, &'a str),
     Remove(&'a str),
 }
 
@@ -508,7 +374,7 @@ fn add_remove(
     let mut removed = Vec::new();
     let mut failures = Vec::new();
     for t in 0..sizes.tries {
-        let peer = Peer::new(keys, sizes.peers + 10 + t);
+        let peer = new_peer(keys, sizes.peers + 10 + t);
         let name = format!("new{t}");
         let mut client = Client::new(&peer, &gw.public, gw.udp, 1000 + t as u32)?;
         change(Change::Add(&peer, &name))?;
@@ -588,8 +454,8 @@ fn add_remove(
 
 const VPNPEERS: &str = "/apis/vpn.cloudraya.com/v1alpha1/namespaces/default/vpnpeers";
 
-fn vpnpeer(peer: &Peer, name: &str) -> Value {
-    let mut v = peer.json(name);
+fn vpnpeer(peer: &PeerKey, name: &str) -> Value {
+    let mut v = entry(peer, name);
     v["apiVersion"] = json!("vpn.cloudraya.com/v1alpha1");
     v["kind"] = json!("VpnPeer");
     v["metadata"] = json!({"name": name, "namespace": "default"});
@@ -641,7 +507,7 @@ fn kube_mode(sizes: &Sizes) -> Result<()> {
     ))?;
 
     let mut keys = KeyBytes::new();
-    let peers: Vec<Peer> = (0..sizes.peers).map(|i| Peer::new(&mut keys, i)).collect();
+    let peers: Vec<PeerKey> = (0..sizes.peers).map(|i| new_peer(&mut keys, i)).collect();
     let created = Instant::now();
     let api_cpu0 = cpu_time(api_process.pid()).unwrap_or_default();
     let kube_ref = &kube;
@@ -669,7 +535,7 @@ fn kube_mode(sizes: &Sizes) -> Result<()> {
         ),
     );
 
-    let source: Vec<String> = vec!["--kubeconfig".into(), kubeconfig.display().to_string()];
+    let source: Vec<OsString> = vec!["--kubeconfig".into(), kubeconfig.clone().into()];
     let spawned = Instant::now();
     let api_cpu0 = cpu_time(api_process.pid()).unwrap_or_default();
     let (gw, listening) = start_gateway(dir.path(), &source, &[])?;
@@ -742,36 +608,34 @@ fn static_mode(sizes: &Sizes) -> Result<()> {
     let web_ip = Ipv4Addr::new(127, 97, net, 10);
     let stop = Arc::new(AtomicBool::new(false));
     let (bulk_addr, small_addr) = servers(web_ip, sizes.bulk_mb * 1024 * 1024, stop.clone())?;
-    let services = dir.path().join("services.json");
-    std::fs::write(
-        &services,
-        json!([{"namespace": "default", "name": "web", "clusterIP": web_ip.to_string(),
+    // No peers in the file yet (the baseline below).
+    let files = StaticFiles::write(
+        dir.path(),
+        &[],
+        &json!([{"namespace": "default", "name": "web", "clusterIP": web_ip.to_string(),
                 "ports": [{"name": "bulk", "port": bulk_addr.port()},
-                          {"name": "small", "port": small_addr.port()}]}])
-        .to_string(),
+                          {"name": "small", "port": small_addr.port()}]}]),
     )?;
 
     // The peers: all get a key; the first `keep` are the bench's clients.
     let mut keys = KeyBytes::new();
-    let peers: Vec<Peer> = (0..sizes.peers).map(|i| Peer::new(&mut keys, i)).collect();
+    let peers: Vec<PeerKey> = (0..sizes.peers).map(|i| new_peer(&mut keys, i)).collect();
     let mut peer_json: Vec<Value> = peers
         .iter()
         .enumerate()
-        .map(|(i, p)| p.json(&format!("p{i}")))
+        .map(|(i, p)| entry(p, &format!("p{i}")))
         .collect();
-    let peers_file = dir.path().join("peers.json");
 
     // Baseline: the same gateway with no peers.
-    write_peers(&peers_file, &[])?;
-    let (gw0, listening0) = start_gateway(dir.path(), &file_source(&peers_file, &services), &[])?;
+    let (gw0, listening0) = start_gateway(dir.path(), &files.args(), &[])?;
     std::thread::sleep(Duration::from_millis(500));
     let rss0 = rss_mib(gw0.process.pid()).unwrap_or(0.0);
     drop(gw0);
 
     // Loaded: every peer from the start.
-    write_peers(&peers_file, &peer_json)?;
+    files.write_peers(&peer_json)?;
     let spawned = Instant::now();
-    let (gw, listening) = start_gateway(dir.path(), &file_source(&peers_file, &services), &[])?;
+    let (gw, listening) = start_gateway(dir.path(), &files.args(), &[])?;
     let load = wait_loaded(&gw, sizes.peers, spawned, Duration::from_secs(120));
     std::thread::sleep(Duration::from_millis(500));
     let pid = gw.process.pid();
@@ -801,14 +665,14 @@ fn static_mode(sizes: &Sizes) -> Result<()> {
     // Add → first handshake, remove → traffic stops; `tries` times each.
     add_remove(&gw, sizes, &mut keys, "static files", &mut |change| {
         match change {
-            Change::Add(peer, name) => peer_json.push(peer.json(name)),
+            Change::Add(peer, name) => peer_json.push(entry(peer, name)),
             Change::Remove(name) => peer_json.retain(|p| p["name"] != name),
         }
-        write_peers(&peers_file, &peer_json)
+        files.write_peers(&peer_json)
     })?;
 
     // The data plane through onetun (an established peer) against a direct connection.
-    let have_onetun = onetun_path().is_some();
+    let have_onetun = find_onetun().is_some();
     let mut flow_peer_tput = None;
     if have_onetun {
         let (direct_bytes, direct_t) = download(bulk_addr, Duration::from_secs(60))?;
@@ -902,7 +766,7 @@ fn static_mode(sizes: &Sizes) -> Result<()> {
     let per_client = sizes.flood_peers.div_ceil(sizes.flood_clients.max(1)).max(1) as usize;
     for c in 0..sizes.flood_clients as usize {
         // Each client cycles over peers of its own, so no per-peer limit bounds the rate.
-        let mine: Vec<Peer> = (0..per_client)
+        let mine: Vec<PeerKey> = (0..per_client)
             .map(|k| peers[(2 + c * per_client + k) % peers.len()].clone())
             .collect();
         let (done, completed, other) = (done.clone(), completed.clone(), cookie_or_lost.clone());

@@ -22,32 +22,26 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use kuberaya_e2e::probe::http_get;
-use kuberaya_e2e::sandbox::{free_port, gateway_keypair, onetun_path, output_text};
-use kuberaya_e2e::{JsonApi, Process, binary, poll_until_blocking, unique_net_index};
+use kuberaya_e2e::calls::{Calls, diff, parse_calls};
+use kuberaya_e2e::ccm::write_cloud_config;
+use kuberaya_e2e::cloud::{CLUSTER_LABEL, by_service};
+use kuberaya_e2e::cluster::{Cluster, ingress_ip};
+use kuberaya_e2e::gateway::{self, Gateway, free_udp_port};
+use kuberaya_e2e::sandbox::{WgPeer, free_port, gateway_keypair, onetun_path, output_text};
+use kuberaya_e2e::{JsonApi, PlatformTarget, Process, SandboxOptions, binary, poll_until_blocking, unique_net_index};
 use serde_json::{Value, json};
 
-const KUBECTL: &str = "kubectl";
 const CLUSTER_ID: &str = "cl-reliability";
-const CLUSTER_LABEL: &str = "kuberaya.cloudraya.com/cluster-id";
-const SERVICE_NAME_LABEL: &str = "kuberaya.cloudraya.com/service-name";
 const GW_NS: &str = "kuberaya-system";
 
 fn long() -> bool {
     std::env::var("KR_RELIABILITY_LONG").is_ok_and(|v| !v.is_empty() && v != "0")
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("a free UDP port")
 }
 
 /// The faults of the scenario, in the order they are applied.
@@ -176,41 +170,6 @@ impl KubeServer {
         Ok(down)
     }
 
-    fn kubectl_output(&self, args: &[&str], stdin: Option<&str>) -> Result<Output> {
-        let mut child = Command::new(KUBECTL)
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .arg("--request-timeout=20s")
-            .args(args)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running kubectl")?;
-        if let Some(s) = stdin {
-            child.stdin.take().context("stdin")?.write_all(s.as_bytes())?;
-        }
-        Ok(child.wait_with_output()?)
-    }
-
-    fn kubectl(&self, args: &[&str]) -> Result<String> {
-        let out = self.kubectl_output(args, None)?;
-        ensure!(out.status.success(), "kubectl {args:?}: {}", output_text(&out));
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn apply(&self, yaml: &str) -> Result<()> {
-        let out = self.kubectl_output(&["apply", "-f", "-"], Some(yaml))?;
-        ensure!(out.status.success(), "kubectl apply: {}\n{yaml}", output_text(&out));
-        Ok(())
-    }
-
-    fn get_json(&self, args: &[&str]) -> Result<Value> {
-        let mut all = args.to_vec();
-        all.extend(["-o", "json"]);
-        Ok(serde_json::from_str(&self.kubectl(&all)?)?)
-    }
-
     /// A call of the stand-in's admin-only `/_sandbox/` controls (with curl, trusting the
     /// stand-in's CA).
     fn control(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
@@ -313,6 +272,27 @@ impl KubeServer {
     }
 }
 
+/// The cluster of the stand-in through `kubectl`, every call bounded by
+/// `--request-timeout=20s` (a call during an outage fails instead of hanging).
+impl Cluster for KubeServer {
+    fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    fn kubectl_output(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<Output> {
+        /// The kubeconfig alone, whose `kubectl_output` is the harness's.
+        struct Plain<'a>(&'a Path);
+        impl Cluster for Plain<'_> {
+            fn kubeconfig(&self) -> &Path {
+                self.0
+            }
+        }
+        let mut all = vec!["--request-timeout=20s"];
+        all.extend_from_slice(args);
+        Plain(&self.kubeconfig).kubectl_output(&all, stdin)
+    }
+}
+
 /// Differences of two request-count maps for keys matching `pred`.
 fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, key: &str) -> i64 {
     after.get(key).copied().unwrap_or(0) as i64 - before.get(key).copied().unwrap_or(0) as i64
@@ -332,67 +312,34 @@ fn since(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, key: &st
 
 /// The platform stand-in process and a logged-in client of it.
 struct Platform {
-    _process: Process,
-    url: String,
+    target: PlatformTarget,
     rt: tokio::runtime::Runtime,
     api: JsonApi,
     ctl: JsonApi,
 }
 
 impl Platform {
-    fn start(dir: &Path, n: u8) -> Result<Platform> {
-        let mut p = Process::start(
-            "kuberaya-sandbox",
-            [
-                "platform",
-                "--listen",
-                "127.0.0.1:0",
-                "--state-dir",
-                dir.join("platform").to_str().context("utf-8")?,
-                "--cluster-id",
-                CLUSTER_ID,
-                "--workers",
-                "3",
-                "--provisioning-delay-ms",
-                "100",
-                "--public-ip-range",
-                &format!("127.203.{n}.0/24"),
-                "--vm-ip-range",
-                &format!("127.10.{n}.0/24"),
-            ],
-        )?;
-        let line = p.wait_for_stdout_line("listening on ", Duration::from_secs(60))?;
-        let url = line.trim().trim_start_matches("listening on ").to_string();
+    fn start(n: u8) -> Result<Platform> {
+        let target = PlatformTarget::start_sandbox(SandboxOptions {
+            public_ip_range: Some(format!("127.203.{n}.0/24")),
+            vm_ip_range: Some(format!("127.10.{n}.0/24")),
+            cluster_id: Some(CLUSTER_ID.into()),
+            workers: Some(3),
+            provisioning_delay_ms: Some(100),
+            ..SandboxOptions::default()
+        })?;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let api = rt.block_on(JsonApi::login(&url, "admin@sandbox.local", "sandbox"))?;
+        let api = rt.block_on(target.login())?;
         Ok(Platform {
-            _process: p,
-            ctl: JsonApi::new(&url),
-            url,
+            ctl: target.control_api(),
+            target,
             rt,
             api,
         })
     }
 
     fn list(&self, path: &str) -> Result<Vec<Value>> {
-        let mut items = Vec::new();
-        for page in 1.. {
-            let sep = if path.contains('?') { '&' } else { '?' };
-            let a = self.rt.block_on(self.api.request(
-                reqwest::Method::GET,
-                &format!("{path}{sep}per_page=100&page={page}"),
-                None,
-            ));
-            ensure!(a.status == 200, "GET {path}: {}", a.describe());
-            let got = a.data()["items"].as_array().context("items")?.clone();
-            let total = a.data()["total"].as_u64().unwrap_or(0) as usize;
-            let done = got.is_empty() || items.len() + got.len() >= total;
-            items.extend(got);
-            if done {
-                break;
-            }
-        }
-        Ok(items)
+        self.rt.block_on(self.api.list_all(path))
     }
 
     fn lbs(&self) -> Result<Vec<Value>> {
@@ -400,34 +347,20 @@ impl Platform {
     }
 
     /// Mutating calls so far (`POST`, `PUT`, `PATCH`, `DELETE`), login excluded.
-    fn mutating_calls(&self) -> Result<BTreeMap<String, u64>> {
-        let a = self
-            .rt
-            .block_on(self.ctl.request(reqwest::Method::GET, "/_sandbox/calls", None));
-        ensure!(a.status == 200, "GET /_sandbox/calls: {}", a.describe());
-        let data = a.data();
-        let map = data.get("calls").unwrap_or(data);
-        Ok(map
-            .as_object()
-            .context("call counts")?
-            .iter()
-            .filter(|(k, _)| {
-                ["POST ", "PUT ", "PATCH ", "DELETE "].iter().any(|m| k.starts_with(m)) && !k.contains("/auth/")
-            })
-            .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
-            .collect())
+    fn mutating_calls(&self) -> Result<Calls> {
+        let a = self.rt.block_on(self.ctl.get("/_sandbox/calls"));
+        let mut calls = parse_calls(&a)?;
+        calls.retain(|k, _| {
+            ["POST ", "PUT ", "PATCH ", "DELETE "].iter().any(|m| k.starts_with(m)) && !k.contains("/auth/")
+        });
+        Ok(calls)
     }
 }
 
-fn sum_delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> (u64, BTreeMap<String, u64>) {
-    let mut out = BTreeMap::new();
-    for (k, v) in after {
-        let d = v.saturating_sub(before.get(k).copied().unwrap_or(0));
-        if d > 0 {
-            out.insert(k.clone(), d);
-        }
-    }
-    (out.values().sum(), out)
+/// The calls that grew between two samples, and their sum.
+fn sum_delta(before: &Calls, after: &Calls) -> (u64, Calls) {
+    let grown = diff(before, after);
+    (grown.values().sum(), grown)
 }
 
 fn service_yaml(name: &str, port: u16) -> String {
@@ -444,22 +377,13 @@ fn lbs_match(
     platform: &Platform,
     expected: &BTreeMap<String, u16>,
 ) -> Result<std::result::Result<BTreeMap<String, Value>, String>> {
-    let mut by_svc: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    for lb in platform.lbs()? {
-        let svc = lb["labels"][SERVICE_NAME_LABEL].as_str().unwrap_or("-").to_string();
-        by_svc.entry(svc).or_default().push(lb);
-    }
+    let by_svc = by_service(platform.lbs()?);
     let services = kube.get_json(&["get", "services", "-n", "default"])?;
     let ingress: BTreeMap<String, String> = services["items"]
         .as_array()
         .context("items")?
         .iter()
-        .filter_map(|s| {
-            Some((
-                s["metadata"]["name"].as_str()?.to_string(),
-                s["status"]["loadBalancer"]["ingress"][0]["ip"].as_str()?.to_string(),
-            ))
-        })
+        .filter_map(|s| Some((s["metadata"]["name"].as_str()?.to_string(), ingress_ip(s)?)))
         .collect();
     let mut wrong = Vec::new();
     for (svc, lbs) in &by_svc {
@@ -603,10 +527,7 @@ fn fingerprints(lbs: &BTreeMap<String, Value>, of: impl Fn(&str) -> bool) -> BTr
 
 fn start_ccm(dir: &Path, kube: &KubeServer, platform: &Platform) -> Result<(Process, String)> {
     let config = dir.join("cloud-config.yaml");
-    std::fs::write(
-        &config,
-        format!("api_url: {}\ncluster_id: {CLUSTER_ID}\n", platform.url),
-    )?;
+    write_cloud_config(&config, &platform.target.url, CLUSTER_ID)?;
     let metrics = format!("127.0.0.1:{}", free_port());
     let mut cmd = Command::new(binary("kuberaya-ccm"));
     cmd.env("CLOUDRAYA_EMAIL", "admin@sandbox.local")
@@ -663,7 +584,7 @@ fn register_nodes(kube: &KubeServer, platform: &Platform) -> Result<usize> {
 fn ccm_resumes_after_api_server_faults() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let n = unique_net_index();
-    let platform = Platform::start(dir.path(), n)?;
+    let platform = Platform::start(n)?;
     let mut kube = KubeServer::start(dir.path(), &format!("127.95.{n}.0/24"))?;
     let nodes = register_nodes(&kube, &platform)?;
     let (mut ccm, _metrics) = start_ccm(dir.path(), &kube, &platform)?;
@@ -861,70 +782,23 @@ impl Drop for Backend {
     }
 }
 
-struct Gateway {
-    process: Process,
-    endpoint: String,
-    public_key: String,
-    metrics: String,
+/// The gateway in Kubernetes mode, its key generated into the Secret `kuberaya-gateway-key`.
+fn start_gateway(kube: &KubeServer) -> Result<Gateway> {
+    let mut cmd = gateway::base_command();
+    cmd.arg("--kubeconfig").arg(&kube.kubeconfig).args([
+        "--namespace",
+        GW_NS,
+        "--private-key-secret",
+        "kuberaya-gateway-key",
+        "--listen",
+        &format!("127.0.0.1:{}", free_udp_port()),
+    ]);
+    Gateway::spawn(cmd, Duration::from_secs(60))
 }
 
-impl Gateway {
-    fn start(kube: &KubeServer) -> Result<Gateway> {
-        let mut process = Process::start(
-            "kuberaya-gateway",
-            [
-                "--kubeconfig",
-                kube.kubeconfig.to_str().context("utf-8")?,
-                "--namespace",
-                GW_NS,
-                "--private-key-secret",
-                "kuberaya-gateway-key",
-                "--listen",
-                &format!("127.0.0.1:{}", free_udp_port()),
-                "--metrics-bind-address",
-                "127.0.0.1:0",
-                "--health-bind-address",
-                "127.0.0.1:0",
-            ],
-        )?;
-        let line = process.wait_for_stdout_line("kuberaya-gateway listening", Duration::from_secs(60))?;
-        let field = |k: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{k}=")))
-                .map(str::to_string)
-                .with_context(|| format!("{k} in {line:?}"))
-        };
-        Ok(Gateway {
-            endpoint: field("udp")?,
-            public_key: field("public_key")?,
-            metrics: field("metrics")?,
-            process,
-        })
-    }
-
-    fn metrics(&self) -> String {
-        http_get(&self.metrics, "/metrics")
-    }
-
-    fn metric(&self, name: &str, labels: &[&str]) -> u64 {
-        self.metrics()
-            .lines()
-            .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|lb| l.contains(lb)))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .map(|v| v as u64)
-            .sum()
-    }
-
-    fn accepted(&self) -> u64 {
-        self.metric("kuberaya_gateway_peers", &["state=\"accepted\""])
-    }
-
-    fn handshakes(&self, peer: &str) -> u64 {
-        self.metric(
-            "kuberaya_gateway_peer_handshakes_total",
-            &[&format!("peer=\"{GW_NS}/{peer}\"")],
-        )
-    }
+/// The handshakes of the peer `name` (in the gateway's namespace).
+fn handshakes(gw: &Gateway, name: &str) -> u64 {
+    gw.handshakes(&format!("{GW_NS}/{name}"))
 }
 
 /// An operator's laptop: a key pair, a tunnel address, and at most one onetun.
@@ -983,19 +857,13 @@ impl Laptop {
     /// first initiation is refused retries only after 5 s).
     fn connect(&mut self, gw: &Gateway, web: &str) -> Result<()> {
         let local = free_port();
-        let mut cmd = Command::new(onetun_path());
-        cmd.args([
-            "--endpoint-addr",
-            &gw.endpoint,
-            "--endpoint-public-key",
-            &gw.public_key,
-            "--source-peer-ip",
-            &self.address,
-            "--keep-alive",
-            "5",
-            &format!("127.0.0.1:{local}:{web}:80:TCP"),
-        ])
-        .env("ONETUN_PRIVATE_KEY", &self.private);
+        let peer = WgPeer {
+            private_key: self.private.clone(),
+            gateway_key: gw.public_key.clone(),
+            endpoint: gw.udp.to_string(),
+            address: self.address.clone(),
+        };
+        let mut cmd = peer.onetun_command(local, &format!("{web}:80:TCP"));
         if let Some(psk) = &self.psk {
             cmd.env("ONETUN_PRESHARED_KEY", psk);
         }
@@ -1068,7 +936,7 @@ impl Bystander {
             dropped.is_empty(),
             "fault {fault}: the gateway dropped {name}: {dropped:?}"
         );
-        let now = gw.handshakes(name);
+        let now = handshakes(gw, name);
         // A margin below WireGuard's 120 s rekey: a loaded machine skews the two clocks.
         let rekey_due = self.session.elapsed() > Duration::from_secs(100);
         ensure!(
@@ -1200,7 +1068,7 @@ fn gateway_resumes_after_api_server_faults() -> Result<()> {
     )?;
     let web = kube.kubectl(&["get", "service", "web", "-o", "jsonpath={.spec.clusterIP}"])?;
     let _backend = Backend::start(SocketAddr::new(web.parse()?, 80))?;
-    let mut gw = Gateway::start(&kube)?;
+    let mut gw = start_gateway(&kube)?;
     let result = gateway_scenario(&mut kube, &gw, &web);
     let alive = gw.process.is_running();
     result.map_err(|e| {
@@ -1227,8 +1095,10 @@ fn gateway_scenario(kube: &mut KubeServer, gw: &Gateway, web: &str) -> Result<()
             laptop = laptop.with_psk(kube)?;
         }
         admit(kube, gw, &mut laptop, web, Duration::from_secs(10))?;
-        let handshakes = poll_until_blocking(Duration::from_secs(5), || Some(gw.handshakes(name)).filter(|n| *n >= 1))
-            .with_context(|| format!("{name}'s handshake is counted: {}", gw.metrics()))?;
+        let handshakes = poll_until_blocking(Duration::from_secs(5), || {
+            Some(handshakes(gw, name)).filter(|n| *n >= 1)
+        })
+        .with_context(|| format!("{name}'s handshake is counted: {}", gw.metrics()))?;
         bystanders.push(Bystander {
             laptop,
             handshakes,

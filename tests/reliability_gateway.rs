@@ -18,18 +18,18 @@
 //! The established peer's throughput during the flood is printed (`RESULT` lines), not
 //! asserted: performance is measured in `benches/gateway_flood.rs`.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
-use kuberaya_e2e::sandbox::onetun_path;
-use kuberaya_e2e::{Process, b64, b64_decode, poll_until_blocking};
+use kuberaya_e2e::gateway::{
+    self, Gateway, Metrics, PeerKey, StaticFiles, bulk_server, download_mbit, onetun_tcp, random_bytes,
+};
+use kuberaya_e2e::{Process, b64, poll_until_blocking};
 
 /// The tests of this file each start a gateway and push traffic: one at a time, so the
 /// flood's throughput figure is not disturbed by a neighbour.
@@ -46,159 +46,30 @@ fn long() -> bool {
 // ---------------------------------------------------------------------------------------
 // Keys and the gateway.
 
-fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut b = [0u8; N];
-    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut b).unwrap();
-    b
+/// A peer of the test at `address` with a fresh key.
+fn peer(address: [u8; 4]) -> PeerKey {
+    PeerKey::random(Ipv4Addr::from(address))
 }
 
-/// A peer of the test: its key, tunnel address and allowed Services.
-struct PeerKey {
-    secret: [u8; 32],
-    name: &'static str,
-    address: Ipv4Addr,
-    allow: &'static [&'static str],
+/// The gateway under test with `peers` (name, key; each allowed to `web`) and `services`,
+/// once it serves every peer.
+fn start_gateway(dir: &Path, peers: &[(&str, &PeerKey)], services: serde_json::Value) -> Gateway {
+    let key = gateway::write_key(dir, &b64(&random_bytes::<32>())).unwrap();
+    let list: Vec<_> = peers.iter().map(|(name, p)| p.file_entry(name, &["web"])).collect();
+    let files = StaticFiles::write(dir, &list, &services).unwrap();
+    let mut cmd = gateway::command(&key);
+    cmd.args(files.args())
+        // The audit lines (info) stay on: their volume under a port scan is part of the test.
+        .env("RUST_LOG", "info");
+    let gw = Gateway::spawn(cmd, Duration::from_secs(60)).unwrap();
+    let loaded = gw.wait_accepted(peers.len() as u64, Duration::from_secs(20));
+    assert!(loaded.is_some(), "peers not accepted\n{}", gw.process.output_tails());
+    gw
 }
 
-impl PeerKey {
-    fn new(name: &'static str, address: [u8; 4], allow: &'static [&'static str]) -> PeerKey {
-        PeerKey {
-            secret: random_bytes(),
-            name,
-            address: Ipv4Addr::from(address),
-            allow,
-        }
-    }
-    fn public(&self) -> String {
-        b64(PublicKey::from(&StaticSecret::from(self.secret)).as_bytes())
-    }
-    fn json(&self) -> serde_json::Value {
-        let allow: Vec<_> = self.allow.iter().map(|s| serde_json::json!({"service": s})).collect();
-        serde_json::json!({"namespace": "default", "name": self.name,
-            "spec": {"publicKey": self.public(), "address": self.address.to_string(), "allow": allow}})
-    }
-}
-
-/// The gateway under test and its addresses.
-struct Gateway {
-    process: Process,
-    udp: SocketAddr,
-    public: [u8; 32],
-    metrics: String,
-}
-
-impl Gateway {
-    fn start(dir: &Path, peers: &[&PeerKey], services: serde_json::Value) -> Gateway {
-        let key = dir.join("gw.key");
-        std::fs::write(&key, b64(&random_bytes::<32>())).unwrap();
-        let peers_file = dir.join("peers.json");
-        let list: Vec<_> = peers.iter().map(|p| p.json()).collect();
-        std::fs::write(&peers_file, serde_json::to_vec(&list).unwrap()).unwrap();
-        let services_file = dir.join("services.json");
-        std::fs::write(&services_file, services.to_string()).unwrap();
-        let mut cmd = Command::new(kuberaya_e2e::binary("kuberaya-gateway"));
-        cmd.args(["--listen", "127.0.0.1:0", "--private-key-file"])
-            .arg(&key)
-            .arg("--peers-file")
-            .arg(&peers_file)
-            .arg("--services-file")
-            .arg(&services_file)
-            .args([
-                "--metrics-bind-address",
-                "127.0.0.1:0",
-                "--health-bind-address",
-                "127.0.0.1:0",
-            ])
-            // The audit lines (info) stay on: their volume under a port scan is part of the test.
-            .env("RUST_LOG", "info");
-        let mut process = Process::spawn_command(cmd).unwrap();
-        let line = process
-            .wait_for_stdout_line("kuberaya-gateway listening", Duration::from_secs(60))
-            .unwrap();
-        let field = |k: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{k}=")))
-                .unwrap()
-                .to_string()
-        };
-        let gw = Gateway {
-            udp: field("udp").parse().unwrap(),
-            public: b64_decode(&field("public_key")).unwrap().try_into().unwrap(),
-            metrics: field("metrics"),
-            process,
-        };
-        let n = peers.len() as f64;
-        let loaded = poll_until_blocking(Duration::from_secs(20), || {
-            (gw.metrics().get("kuberaya_gateway_peers", "state=\"accepted\"") >= n).then_some(())
-        });
-        assert!(loaded.is_some(), "peers not accepted\n{}", gw.process.output_tails());
-        gw
-    }
-
-    fn metrics(&self) -> Metrics {
-        Metrics(http_get(&self.metrics, "/metrics"))
-    }
-
-    /// Drops of the gateway's UDP socket in the kernel (receive buffer full).
-    fn socket_drops(&self) -> u64 {
-        udp_socket_drops(self.udp)
-    }
-
-    fn assert_healthy(&mut self) {
-        assert!(
-            self.process.is_running(),
-            "the gateway exited\n{}",
-            self.process.output_tails()
-        );
-        let err = self.process.stderr();
-        assert!(
-            !err.contains("panicked"),
-            "the gateway panicked\n{}",
-            self.process.output_tails()
-        );
-    }
-}
-
-/// A `/metrics` text.
-struct Metrics(String);
-
-impl Metrics {
-    /// The sum of `name` over the label sets containing `label` (every set when empty).
-    fn get(&self, name: &str, label: &str) -> f64 {
-        self.0
-            .lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']) && l.contains(label))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    }
-    fn dropped(&self, reason: &str) -> u64 {
-        self.get(
-            "kuberaya_gateway_packets_dropped_total",
-            &format!("reason=\"{reason}\""),
-        ) as u64
-    }
-    fn cookies(&self) -> u64 {
-        self.get("kuberaya_gateway_cookie_replies_total", "") as u64
-    }
-    /// Every drop label with its count.
-    fn drops(&self) -> Vec<(String, u64)> {
-        let mut out: Vec<(String, u64)> = Vec::new();
-        for l in self
-            .0
-            .lines()
-            .filter(|l| l.starts_with("kuberaya_gateway_packets_dropped_total{"))
-        {
-            let Some(reason) = l.split("reason=\"").nth(1).and_then(|r| r.split('"').next()) else {
-                continue;
-            };
-            let v = l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) as u64;
-            match out.iter_mut().find(|(r, _)| r == reason) {
-                Some((_, n)) => *n += v,
-                None => out.push((reason.to_string(), v)),
-            }
-        }
-        out
-    }
+/// Drops of the gateway's UDP socket in the kernel (receive buffer full).
+fn socket_drops(gw: &Gateway) -> u64 {
+    udp_socket_drops(gw.udp)
 }
 
 /// The per-reason drop counts of `after` minus `before`, zeros left out.
@@ -214,17 +85,6 @@ fn drop_deltas(before: &Metrics, after: &Metrics) -> Vec<(String, u64)> {
         .filter(|(_, n)| *n > 0)
         .collect();
     out.sort();
-    out
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    let Ok(mut s) = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2)) else {
-        return String::new();
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = write!(s, "GET {path} HTTP/1.0\r\nhost: x\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
     out
 }
 
@@ -432,71 +292,9 @@ impl Client {
 // ---------------------------------------------------------------------------------------
 // Services on loopback.
 
-/// A TCP server streaming zeros to each connection until it closes (at most 60 s each).
-fn bulk_server(ip: Ipv4Addr, stop: Arc<AtomicBool>) -> SocketAddr {
-    let l = TcpListener::bind((ip, 0)).unwrap();
-    let a = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming().take(32) {
-            if stop.load(Ordering::Relaxed) {
-                return;
-            }
-            let Ok(mut s) = s else { continue };
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let chunk = vec![0u8; 64 * 1024];
-                let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
-                let started = Instant::now();
-                while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
-                    if s.write_all(&chunk).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    a
-}
-
-/// Bytes read from `addr` in `length`: Mbit/s.
-fn download_mbit(addr: SocketAddr, length: Duration) -> f64 {
-    let started = Instant::now();
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else {
-        return 0.0;
-    };
-    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut got = 0u64;
-    while started.elapsed() < length {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => got += n as u64,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
-            Err(_) => break,
-        }
-    }
-    got as f64 * 8.0 / started.elapsed().as_secs_f64() / 1e6
-}
-
 fn onetun(gw: &Gateway, peer: &PeerKey, remote: SocketAddr) -> (Process, SocketAddr) {
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut cmd = Command::new(onetun_path());
-    cmd.args([
-        "--endpoint-addr",
-        &gw.udp.to_string(),
-        "--endpoint-public-key",
-        &b64(&gw.public),
-        "--source-peer-ip",
-        &peer.address.to_string(),
-        "--keep-alive",
-        "5",
-        "--log",
-        "error",
-        &format!("127.0.0.1:{port}:{remote}:TCP"),
-    ])
-    .env("ONETUN_PRIVATE_KEY", b64(&peer.secret));
-    let p = Process::spawn_command(cmd).unwrap();
-    (p, SocketAddr::from(([127, 0, 0, 1], port)))
+    let (cmd, local) = onetun_tcp(&gw.wg_peer(peer), remote);
+    (Process::spawn_command(cmd).unwrap(), local)
 }
 
 struct Net {
@@ -562,11 +360,11 @@ fn handshake_flood_gets_cookie_replies_every_datagram_is_accounted_for_and_the_p
     let dir = tempfile::tempdir().unwrap();
     let net = net();
     let stop = Arc::new(AtomicBool::new(false));
-    let bulk = bulk_server(net.web, stop.clone());
-    let alice = PeerKey::new("alice", [100, 64, 0, 2], &["web"]);
-    let mut gw = Gateway::start(
+    let bulk = bulk_server(net.web, stop.clone(), 32).unwrap();
+    let alice = peer([100, 64, 0, 2]);
+    let mut gw = start_gateway(
         dir.path(),
-        &[&alice],
+        &[("alice", &alice)],
         serde_json::json!([{"namespace": "default", "name": "web", "clusterIP": net.web.to_string(),
             "ports": [{"name": "bulk", "port": bulk.port()}]}]),
     );
@@ -607,7 +405,7 @@ fn handshake_flood_gets_cookie_replies_every_datagram_is_accounted_for_and_the_p
     let rate = 10_000u64;
     let flood_for = Duration::from_secs(if long() { 20 } else { 4 });
     let before = gw.metrics();
-    let kernel_before = gw.socket_drops();
+    let kernel_before = socket_drops(&gw);
     let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
     sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
     let done = Arc::new(AtomicBool::new(false));
@@ -655,7 +453,7 @@ fn handshake_flood_gets_cookie_replies_every_datagram_is_accounted_for_and_the_p
     done.store(true, Ordering::Relaxed);
     reader.join().unwrap();
     let after = gw.metrics();
-    let kernel = gw.socket_drops() - kernel_before;
+    let kernel = socket_drops(&gw) - kernel_before;
     let flooder_drops = udp_socket_drops(sock.local_addr().unwrap());
     let cookies = after.cookies() - before.cookies();
     let deltas = drop_deltas(&before, &after);
@@ -727,10 +525,10 @@ fn malformed_truncated_oversized_and_replayed_datagrams_are_dropped_and_counted(
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let net = net();
-    let carol = PeerKey::new("carol", [100, 64, 0, 4], &["web"]);
-    let mut gw = Gateway::start(
+    let carol = peer([100, 64, 0, 4]);
+    let mut gw = start_gateway(
         dir.path(),
-        &[&carol],
+        &[("carol", &carol)],
         serde_json::json!([{"namespace": "default", "name": "web", "clusterIP": net.web.to_string(),
             "ports": [{"name": "http", "port": 80}]}]),
     );
@@ -843,18 +641,18 @@ fn malformed_truncated_oversized_and_replayed_datagrams_are_dropped_and_counted(
     );
 
     let before = gw.metrics();
-    let kernel_before = gw.socket_drops();
+    let kernel_before = socket_drops(&gw);
     c.send_raw_paced(&kinds, 5_000);
     let want: u64 = expected.iter().map(|(_, n)| n).sum();
     assert_eq!(want, kinds.len() as u64);
     let settled = poll_until_blocking(Duration::from_secs(10), || {
         let m = gw.metrics();
         let d = drop_deltas(&before, &m);
-        (d.iter().map(|(_, n)| n).sum::<u64>() + gw.socket_drops() - kernel_before >= want).then_some(d)
+        (d.iter().map(|(_, n)| n).sum::<u64>() + socket_drops(&gw) - kernel_before >= want).then_some(d)
     });
     let after = gw.metrics();
     let deltas = drop_deltas(&before, &after);
-    let kernel = gw.socket_drops() - kernel_before;
+    let kernel = socket_drops(&gw) - kernel_before;
     result("hostile_datagrams.sent", format!("{want} ({expected:?})"));
     result(
         "hostile_datagrams.counted",
@@ -889,11 +687,11 @@ fn a_peer_spoofing_another_peers_tunnel_address_is_dropped_and_counted() {
     let sink = UdpSocket::bind((net.web, 0)).unwrap();
     sink.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     let sink_port = sink.local_addr().unwrap().port();
-    let alice = PeerKey::new("alice", [100, 64, 0, 2], &["web"]);
-    let carol = PeerKey::new("carol", [100, 64, 0, 4], &["web"]);
-    let mut gw = Gateway::start(
+    let alice = peer([100, 64, 0, 2]);
+    let carol = peer([100, 64, 0, 4]);
+    let mut gw = start_gateway(
         dir.path(),
-        &[&alice, &carol],
+        &[("alice", &alice), ("carol", &carol)],
         serde_json::json!([{"namespace": "default", "name": "web", "clusterIP": net.web.to_string(),
             "ports": [{"name": "dns", "port": sink_port, "protocol": "UDP"}]}]),
     );
@@ -916,7 +714,7 @@ fn a_peer_spoofing_another_peers_tunnel_address_is_dropped_and_counted() {
 
     let n = if long() { 10_000 } else { 1_000 };
     let before = gw.metrics();
-    let kernel_before = gw.socket_drops();
+    let kernel_before = socket_drops(&gw);
     let spoofed: Vec<Vec<u8>> = (0..n)
         .map(|i| match i % 3 {
             // As alice, a peer that exists.
@@ -942,12 +740,12 @@ fn a_peer_spoofing_another_peers_tunnel_address_is_dropped_and_counted() {
             "kuberaya_gateway_packets_dropped_total",
             "peer=\"default/carol\",reason=\"spoofed\"",
         );
-        (d as u64 + gw.socket_drops() - kernel_before >= n as u64).then_some(d as u64)
+        (d as u64 + socket_drops(&gw) - kernel_before >= n as u64).then_some(d as u64)
     });
     let after = gw.metrics();
     let deltas = drop_deltas(&before, &after);
     result("spoofing", format!("{n} sent, drop deltas {deltas:?}"));
-    assert_eq!(gw.socket_drops(), kernel_before, "kernel drops");
+    assert_eq!(socket_drops(&gw), kernel_before, "kernel drops");
     assert_eq!(
         counted,
         Some(n as u64),
@@ -977,10 +775,10 @@ fn a_peer_trying_every_port_of_a_denied_service_gets_no_access_and_every_try_is_
     let secret = TcpListener::bind((net.secret, 0)).unwrap();
     secret.set_nonblocking(true).unwrap();
     let secret_port = secret.local_addr().unwrap().port();
-    let carol = PeerKey::new("carol", [100, 64, 0, 4], &["web"]);
-    let mut gw = Gateway::start(
+    let carol = peer([100, 64, 0, 4]);
+    let mut gw = start_gateway(
         dir.path(),
-        &[&carol],
+        &[("carol", &carol)],
         serde_json::json!([
             {"namespace": "default", "name": "web", "clusterIP": net.web.to_string(),
              "ports": [{"name": "http", "port": 80}]},
@@ -992,7 +790,7 @@ fn a_peer_trying_every_port_of_a_denied_service_gets_no_access_and_every_try_is_
     c.connect();
 
     let before = gw.metrics();
-    let kernel_before = gw.socket_drops();
+    let kernel_before = socket_drops(&gw);
     let rate: u64 = if long() { 5_000 } else { 20_000 };
     let started = Instant::now();
     let (mut synack, mut rst, mut other) = (0u64, 0u64, 0u64);
@@ -1025,12 +823,12 @@ fn a_peer_trying_every_port_of_a_denied_service_gets_no_access_and_every_try_is_
     c.sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
     let settled = poll_until_blocking(Duration::from_secs(20), || {
         let m = gw.metrics();
-        let n = m.dropped("not_allowed") - before.dropped("not_allowed") + gw.socket_drops() - kernel_before;
+        let n = m.dropped("not_allowed") - before.dropped("not_allowed") + socket_drops(&gw) - kernel_before;
         (n >= 65_535).then_some(())
     });
     tally(c.receive(Duration::from_secs(1), usize::MAX));
     let after = gw.metrics();
-    let kernel = gw.socket_drops() - kernel_before;
+    let kernel = socket_drops(&gw) - kernel_before;
     let denied = after.dropped("not_allowed") - before.dropped("not_allowed");
     let flows = after.get("kuberaya_gateway_flows_total", "verdict=\"denied\"")
         - before.get("kuberaya_gateway_flows_total", "verdict=\"denied\"");

@@ -33,8 +33,9 @@ use anyhow::{Context, Result, ensure};
 use kuberaya_e2e::ccm::Ccm;
 use kuberaya_e2e::cloud::CloudSandbox;
 use kuberaya_e2e::cluster::{Cluster, deployment, lb_service};
+use kuberaya_e2e::gateway::{self, Gateway, StaticFiles};
 use kuberaya_e2e::probe::{curl, dig};
-use kuberaya_e2e::sandbox::{Ranges, WgPeer, conf_value, free_port, onetun_path, output_text};
+use kuberaya_e2e::sandbox::{Ranges, WgPeer, conf_value, free_port, gateway_keypair, output_text};
 use kuberaya_e2e::{Process, b64, b64_decode, binary, poll_until_blocking, unique_net_index};
 
 /// The header of every platform token (the stand-in's JWTs, `{"alg":"HS256","typ":"JWT"}`):
@@ -250,20 +251,8 @@ fn no_secret_in_the_sandboxs_logs_events_or_cli_errors_and_secret_files_are_priv
     let peer = WgPeer::from_conf(&conf);
     let psk = conf_value(&conf, "PresharedKey");
     let port = free_port();
-    let mut cmd = Command::new(onetun_path());
-    cmd.args([
-        "--endpoint-addr",
-        &peer.endpoint,
-        "--endpoint-public-key",
-        &peer.gateway_key,
-        "--source-peer-ip",
-        &peer.address,
-        "--keep-alive",
-        "5",
-        &format!("127.0.0.1:{port}:100.64.0.1:53:UDP"),
-    ])
-    .env("ONETUN_PRIVATE_KEY", &peer.private_key)
-    .env("ONETUN_PRESHARED_KEY", &psk);
+    let mut cmd = peer.onetun_command(port, "100.64.0.1:53:UDP");
+    cmd.env("ONETUN_PRESHARED_KEY", &psk);
     let mut t = Process::spawn_command(cmd)?;
     let answered = poll_until_blocking(Duration::from_secs(30), || {
         dig(port, "web.default.svc.cluster.local")
@@ -443,16 +432,6 @@ fn fake_http(addr: Ipv4Addr) -> SocketAddr {
     a
 }
 
-fn keypair() -> (String, String) {
-    let out = Command::new(binary("kuberaya-gateway"))
-        .arg("--generate-keypair")
-        .output()
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    let mut it = text.split_whitespace();
-    (it.next().unwrap().to_string(), it.next().unwrap().to_string())
-}
-
 const NOBODY: u32 = 65534;
 
 #[test]
@@ -467,36 +446,34 @@ fn gateway_runs_as_nobody_in_userspace_mode_and_serves_a_peer() -> Result<()> {
     // Everything the gateway reads belongs to nobody, in a directory only nobody can enter.
     let dir = tempfile::tempdir()?;
     let root = dir.path();
-    let (gw_private, gw_public) = keypair();
-    let (peer_private, peer_public) = keypair();
-    let psk = keypair().0;
-    let key_file = root.join("gw.key");
-    std::fs::write(&key_file, &gw_private)?;
-    std::fs::write(
-        root.join("peers.json"),
-        serde_json::json!([{"namespace": "default", "name": "alice", "presharedKey": psk,
-            "spec": {"publicKey": peer_public, "address": "100.64.0.2", "allow": [{"service": "web"}]}}])
-        .to_string(),
-    )?;
-    std::fs::write(
-        root.join("services.json"),
-        serde_json::json!([{"namespace": "default", "name": "web", "clusterIP": web_ip.to_string(),
-            "ports": [{"name": "http", "port": web.port()}]}])
-        .to_string(),
+    let (gw_private, gw_public) = gateway_keypair();
+    let (peer_private, peer_public) = gateway_keypair();
+    let psk = gateway_keypair().0;
+    let key_file = gateway::write_key(root, &gw_private)?;
+    let files = StaticFiles::write(
+        root,
+        &[
+            serde_json::json!({"namespace": "default", "name": "alice", "presharedKey": psk,
+            "spec": {"publicKey": peer_public, "address": "100.64.0.2", "allow": [{"service": "web"}]}}),
+        ],
+        &serde_json::json!([{"namespace": "default", "name": "web", "clusterIP": web_ip.to_string(),
+            "ports": [{"name": "http", "port": web.port()}]}]),
     )?;
     let uapi_dir = root.join("uapi");
     std::fs::create_dir(&uapi_dir)?;
     for p in [
         root.to_path_buf(),
         key_file.clone(),
-        root.join("peers.json"),
-        root.join("services.json"),
+        files.peers.clone(),
+        files.services.clone(),
         uapi_dir.clone(),
     ] {
         std::os::unix::fs::chown(&p, Some(NOBODY), Some(NOBODY))?;
     }
     std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))?;
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))?;
+    // The gateway's own command line, run by setpriv.
+    let gateway = gateway::command(&key_file);
     let mut cmd = Command::new("setpriv");
     cmd.args([
         &format!("--reuid={NOBODY}"),
@@ -506,33 +483,21 @@ fn gateway_runs_as_nobody_in_userspace_mode_and_serves_a_peer() -> Result<()> {
         "--bounding-set=-all",
         "--no-new-privs",
     ])
-    .arg(binary("kuberaya-gateway"))
-    .args(["--listen", "127.0.0.1:0", "--private-key-file"])
-    .arg(&key_file)
-    .arg("--peers-file")
-    .arg(root.join("peers.json"))
-    .arg("--services-file")
-    .arg(root.join("services.json"))
-    .args([
-        "--metrics-bind-address",
-        "127.0.0.1:0",
-        "--health-bind-address",
-        "127.0.0.1:0",
-        "--uapi-interface",
-        "krnobody",
-        "--uapi-dir",
-    ])
+    .arg(gateway.get_program())
+    .args(gateway.get_args())
+    .args(files.args())
+    .args(["--uapi-interface", "krnobody", "--uapi-dir"])
     .arg(&uapi_dir)
     .env("RUST_LOG", "debug");
-    let mut gw = Process::spawn_command(cmd)?;
-    let line = gw.wait_for_stdout_line("kuberaya-gateway listening", Duration::from_secs(30))?;
-    let field = |k: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{k}=")))
-            .unwrap_or_default()
-            .to_string()
-    };
-    ensure!(field("public_key") == gw_public, "{line}");
+    let Gateway {
+        process: mut gw,
+        line,
+        udp,
+        public_key,
+        metrics: metrics_addr,
+        ..
+    } = Gateway::spawn(cmd, Duration::from_secs(30))?;
+    ensure!(public_key == gw_public, "{line}");
 
     // It runs as nobody, with no capability at all.
     let status = std::fs::read_to_string(format!("/proc/{}/status", gw.pid()))?;
@@ -568,20 +533,14 @@ fn gateway_runs_as_nobody_in_userspace_mode_and_serves_a_peer() -> Result<()> {
 
     // It serves a peer: curl through onetun (with the preshared key) reaches web.
     let port = free_port();
-    let mut cmd = Command::new(onetun_path());
-    cmd.args([
-        "--endpoint-addr",
-        &field("udp"),
-        "--endpoint-public-key",
-        &gw_public,
-        "--source-peer-ip",
-        "100.64.0.2",
-        "--keep-alive",
-        "5",
-        &format!("127.0.0.1:{port}:{web}:TCP"),
-    ])
-    .env("ONETUN_PRIVATE_KEY", &peer_private)
-    .env("ONETUN_PRESHARED_KEY", &psk);
+    let laptop = WgPeer {
+        private_key: peer_private.clone(),
+        gateway_key: gw_public.clone(),
+        endpoint: udp.to_string(),
+        address: "100.64.0.2".into(),
+    };
+    let mut cmd = laptop.onetun_command(port, &format!("{web}:TCP"));
+    cmd.env("ONETUN_PRESHARED_KEY", &psk);
     let mut t = Process::spawn_command(cmd)?;
     let got = poll_until_blocking(Duration::from_secs(30), || {
         curl(&format!("http://127.0.0.1:{port}/")).filter(|b| b.contains("hello"))
@@ -596,7 +555,7 @@ fn gateway_runs_as_nobody_in_userspace_mode_and_serves_a_peer() -> Result<()> {
 
     // Its metrics (once the handshake is reported, every second) and output name no key.
     let metrics = poll_until_blocking(Duration::from_secs(10), || {
-        curl(&format!("http://{}/metrics", field("metrics")))
+        curl(&format!("http://{metrics_addr}/metrics"))
             .filter(|m| m.contains("kuberaya_gateway_peer_handshakes_total{peer=\"default/alice\"}"))
     })
     .context("the peer's handshake in /metrics")?;

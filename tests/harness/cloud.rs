@@ -102,24 +102,7 @@ impl CloudSandbox {
 
     /// Every item of a paginated list of the platform API.
     pub fn list(&self, path: &str) -> Result<Vec<Value>> {
-        let mut items = Vec::new();
-        for page in 1.. {
-            let sep = if path.contains('?') { '&' } else { '?' };
-            let a = self.platform(
-                reqwest::Method::GET,
-                &format!("{path}{sep}per_page=100&page={page}"),
-                None,
-            );
-            ensure!(a.status == 200, "GET {path}: {}", a.describe());
-            let got = a.data()["items"].as_array().context("items")?.clone();
-            let total = a.data()["total"].as_u64().unwrap_or(0) as usize;
-            let done = got.is_empty() || items.len() + got.len() >= total;
-            items.extend(got);
-            if done {
-                break;
-            }
-        }
-        Ok(items)
+        self.rt.block_on(self.api.list_all(path))
     }
 
     /// The path of our cluster's load balancers.

@@ -4,7 +4,7 @@
 use std::sync::Once;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use reqwest::Method;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
@@ -284,5 +284,24 @@ impl JsonApi {
 
     pub async fn delete(&self, path: &str) -> Answer {
         self.request(Method::DELETE, path, None).await
+    }
+
+    /// Every item of a paginated list of the platform API: pages of 100 until `total`
+    /// items or an empty page.
+    pub async fn list_all(&self, path: &str) -> Result<Vec<Value>> {
+        let mut items = Vec::new();
+        for page in 1.. {
+            let sep = if path.contains('?') { '&' } else { '?' };
+            let a = self.get(&format!("{path}{sep}per_page=100&page={page}")).await;
+            ensure!(a.status == 200, "GET {path}: {}", a.describe());
+            let got = a.data()["items"].as_array().context("items")?.clone();
+            let total = a.data()["total"].as_u64().unwrap_or(0) as usize;
+            let done = got.is_empty() || items.len() + got.len() >= total;
+            items.extend(got);
+            if done {
+                break;
+            }
+        }
+        Ok(items)
     }
 }

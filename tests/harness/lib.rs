@@ -28,6 +28,7 @@ pub mod calls;
 pub mod ccm;
 pub mod cloud;
 pub mod cluster;
+pub mod gateway;
 pub mod http;
 pub mod kube_rest;
 pub mod netns;

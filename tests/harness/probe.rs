@@ -91,13 +91,18 @@ pub fn dig(port: u16, name: &str) -> String {
 /// A minimal HTTP/1.0 GET of `path` on `addr` (`host:port`, e.g. a metrics endpoint),
 /// bounded by 2 s timeouts: the whole response, or empty when it fails.
 pub fn http_get(addr: &str, path: &str) -> String {
+    http_get_within(addr, path, Duration::from_secs(2))
+}
+
+/// [`http_get`] with `read_timeout` for each read (a loaded gateway's large `/metrics`).
+pub fn http_get_within(addr: &str, path: &str, read_timeout: Duration) -> String {
     let Ok(addr) = addr.parse() else {
         return String::new();
     };
     let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
         return String::new();
     };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = s.set_read_timeout(Some(read_timeout));
     let _ = write!(s, "GET {path} HTTP/1.0\r\nhost: x\r\n\r\n");
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);

@@ -16,18 +16,21 @@ use crate::{Process, binary, unique_net_index};
 
 /// The installed `onetun` (PATH, then `~/.cargo/bin`); panics with how to install it.
 pub fn onetun_path() -> PathBuf {
+    find_onetun().unwrap_or_else(|| {
+        panic!("onetun is not installed: run `cargo install --locked onetun --version 0.3.10` (scripts/test does)")
+    })
+}
+
+/// The installed `onetun` (PATH, then `~/.cargo/bin`), if any: for a bench that skips
+/// what needs it.
+pub fn find_onetun() -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect())
         .unwrap_or_default();
     if let Some(home) = std::env::var_os("HOME") {
         dirs.push(PathBuf::from(home).join(".cargo/bin"));
     }
-    dirs.into_iter()
-        .map(|d| d.join("onetun"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!("onetun is not installed: run `cargo install --locked onetun --version 0.3.10` (scripts/test does)")
-        })
+    dirs.into_iter().map(|d| d.join("onetun")).find(|p| p.is_file())
 }
 
 /// Status, stdout and stderr of a finished command, for failure messages.
@@ -343,6 +346,12 @@ impl WgPeer {
 
     /// One onetun forwarding `127.0.0.1:local` to `remote` (`host:port:PROTO`).
     pub fn onetun(&self, local: u16, remote: &str) -> Process {
+        Process::spawn_command(self.onetun_command(local, remote)).expect("onetun starts")
+    }
+
+    /// The command of [`WgPeer::onetun`], for a caller to add to (a preshared key in
+    /// `ONETUN_PRESHARED_KEY`, `ONETUN_LOG`) before spawning it.
+    pub fn onetun_command(&self, local: u16, remote: &str) -> Command {
         let mut cmd = Command::new(onetun_path());
         cmd.args([
             "--endpoint-addr",
@@ -356,7 +365,7 @@ impl WgPeer {
             &format!("127.0.0.1:{local}:{remote}"),
         ])
         .env("ONETUN_PRIVATE_KEY", &self.private_key);
-        Process::spawn_command(cmd).expect("onetun starts")
+        cmd
     }
 }
 
