@@ -281,15 +281,26 @@ fn gateway_has_no_capabilities_in_the_base_and_net_admin_only_in_the_tun_overlay
     for (k, v) in svc["spec"]["selector"].as_object().context("selector")? {
         assert_eq!(&labels[k], v, "the Service selects the gateway");
     }
-    // Tunnel address: the first address of --tunnel-cidr, with its prefix.
-    let cidr = flag(&args, "tunnel-cidr").context("--tunnel-cidr")?;
-    let (net, prefix) = cidr.split_once('/').context("cidr")?;
-    let mut octets: Vec<u8> = net.split('.').map(|o| o.parse()).collect::<Result<_, _>>()?;
-    octets[3] += 1;
-    let first = octets.iter().map(u8::to_string).collect::<Vec<_>>().join(".");
+    // The gateway annotates this Service itself (publish.rs): the manifest carries none of
+    // those annotations (a re-apply would undo them), the Deployment leaves publishing on
+    // and names this Service, and the Role lets it patch exactly this one.
+    let annotations = svc["metadata"]["annotations"].as_object().cloned().unwrap_or_default();
+    assert!(
+        !annotations.keys().any(|k| k.starts_with("vpn.cloudraya.com/")),
+        "{annotations:?}"
+    );
     assert_eq!(
-        svc["metadata"]["annotations"]["vpn.cloudraya.com/tunnel-address"],
-        format!("{first}/{prefix}")
+        flag(&args, "publish-key-to-service").unwrap_or_else(|| "kuberaya-gateway".into()),
+        "kuberaya-gateway"
+    );
+    let role = find(&base, "Role", "kuberaya-gateway")?;
+    assert!(
+        role["rules"].as_array().context("rules")?.iter().any(|r| {
+            strings(&r["resources"]) == ["services"]
+                && strings(&r["resourceNames"]) == ["kuberaya-gateway"]
+                && strings(&r["verbs"]).contains(&"patch".to_string())
+        }),
+        "{role}"
     );
     let cm = find(&base, "ConfigMap", "kuberaya-config")?;
     assert!(cm["data"]["service-cidr"].is_string());
@@ -375,6 +386,9 @@ const GATEWAY_NEEDS: &[Grant] = &[
     (CLUSTER, "", "secrets", "get", None),
     // Its key Secret, created on first start.
     ("kuberaya-system", "", "secrets", "create", None),
+    // Its own Service, annotated with its public key and tunnel address (publish.rs).
+    ("kuberaya-system", "", "services", "get", Some("kuberaya-gateway")),
+    ("kuberaya-system", "", "services", "patch", Some("kuberaya-gateway")),
 ];
 
 /// The Kubernetes kinds each binary's sources name in `Api<K>` (outside tests), and the
@@ -1007,6 +1021,27 @@ fn the_bundle_is_accepted_and_runs_on_its_own_service_account_tokens() -> Result
         &["get", "secret", "kuberaya-gateway-key", "-n", "kuberaya-system"],
         None,
     )?;
+    // It published its public key and tunnel address on its Service, on its own token.
+    let line = gateway
+        .stdout()
+        .lines()
+        .find(|l| l.starts_with("kuberaya-gateway listening"))
+        .map(str::to_string)
+        .context("the gateway's start line")?;
+    let key = kuberaya_e2e::process::line_field(&line, "public_key")?;
+    let published = poll_until_blocking(Duration::from_secs(20), || {
+        let a = jsonpath(
+            &sb,
+            &["get", "svc", "kuberaya-gateway", "-n", "kuberaya-system"],
+            "{.metadata.annotations.vpn\\.cloudraya\\.com/public-key} {.metadata.annotations.vpn\\.cloudraya\\.com/tunnel-address}",
+        );
+        (a == format!("{key} 100.64.0.1/16")).then_some(())
+    });
+    assert!(
+        published.is_some(),
+        "the gateway annotates its Service\n{}",
+        gateway.output_tails()
+    );
 
     assert_no_denials(&ccm);
     assert_no_denials(&gateway);

@@ -18,6 +18,7 @@
 //! - [`audit`]: a per-peer budget of audit lines for denied flows.
 //! - [`metrics`], [`http`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`.
 //! - [`uapi`]: the standard WireGuard UAPI socket, read-only, so `wg show` works.
+//! - [`publish`]: the gateway's public key and tunnel address on its own Service.
 //! - [`run`]: the whole gateway in-process ([`run::start`], [`run::run`]); the binary
 //!   and `kuberaya sandbox up` use it.
 
@@ -32,6 +33,7 @@ pub mod keys;
 pub mod metrics;
 pub mod packet;
 pub mod peers;
+pub mod publish;
 pub mod run;
 pub mod source;
 pub mod tunnel;

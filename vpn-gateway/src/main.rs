@@ -36,6 +36,10 @@ struct Args {
     /// Read the private key from this Secret in --namespace (created on first start).
     #[arg(long, env = "GATEWAY_PRIVATE_KEY_SECRET", default_value = kuberaya_gateway::run::DEFAULT_KEY_SECRET)]
     private_key_secret: String,
+    /// Annotate this Service in --namespace with the gateway's public key, tunnel address
+    /// and cluster domain on start (what `kuberaya peer add` reads); "" to leave it alone.
+    #[arg(long, env = "GATEWAY_SERVICE", value_name = "NAME", default_value = kuberaya_gateway::publish::DEFAULT_SERVICE)]
+    publish_key_to_service: String,
     /// Static peers (JSON) instead of VpnPeer resources.
     #[arg(long)]
     peers_file: Option<PathBuf>,
@@ -153,6 +157,7 @@ async fn serve(args: Args, on_worker: bool) -> anyhow::Result<()> {
             DataPlaneKind::Userspace => DataPlaneChoice::Userspace,
             DataPlaneKind::Tun => DataPlaneChoice::Tun { name: args.tun_name },
         },
+        publish_service: Some(args.publish_key_to_service).filter(|s| !s.is_empty()),
     };
     let gw = kuberaya_gateway::run::start(cfg)
         .await

@@ -106,6 +106,9 @@ pub struct RunConfig {
     pub handshake_limit: u64,
     pub uapi: Option<UapiConfig>,
     pub dataplane: DataPlaneChoice,
+    /// The gateway's Service in its namespace, annotated with its public key, tunnel
+    /// address and cluster domain on start ([`crate::publish`]; Kubernetes sources only).
+    pub publish_service: Option<String>,
 }
 
 impl Default for RunConfig {
@@ -127,6 +130,7 @@ impl Default for RunConfig {
             handshake_limit: crate::tunnel::DEFAULT_HANDSHAKE_LIMIT,
             uapi: None,
             dataplane: DataPlaneChoice::Userspace,
+            publish_service: Some(crate::publish::DEFAULT_SERVICE.to_string()),
         }
     }
 }
@@ -238,6 +242,19 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
                     crate::source::kube::load_or_create_key(&client, &cfg.namespace, name).await?
                 }
             };
+            if let Some(service) = cfg.publish_service.clone().filter(|s| !s.is_empty()) {
+                let facts = crate::publish::Facts {
+                    public_key: key.public_key(),
+                    tunnel_address: format!("{}/{}", tunnel.gateway_address(), tunnel.range.prefix_len()),
+                    cluster_domain: cfg.cluster_domain.clone(),
+                };
+                tasks.0.push(tokio::spawn(crate::publish::publish(
+                    client.clone(),
+                    cfg.namespace.clone(),
+                    service,
+                    facts,
+                )));
+            }
             let src = KubeSource::start(client.clone());
             tasks.0.push(tokio::spawn(crate::source::kube::write_status(
                 client,

@@ -1,0 +1,259 @@
+//! The gateway publishes its own public key: the real `kuberaya-gateway` against the
+//! Kubernetes API stand-in (`kuberaya-sandbox kube`), on its ServiceAccount's token under
+//! the shipped RBAC (deploy/gateway/base/rbac.yaml), with the real `kubectl` reading the
+//! Service it annotates.
+//!
+//! - Started before its Service exists, it annotates the Service once it is applied
+//!   (`vpn.cloudraya.com/public-key`, `tunnel-address`, `cluster-domain`: what `kuberaya
+//!   peer add` reads), with the key it keeps in its Secret.
+//! - A Service edited to a wrong key is corrected on the next start.
+//! - Without the RBAC to patch it, the gateway keeps serving and logs the exact `kubectl
+//!   annotate` to run instead.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use kuberaya_e2e::process::line_field;
+use kuberaya_e2e::{Process, poll_until_blocking};
+
+const NS: &str = "kuberaya-system";
+const SERVICE: &str = "kuberaya-gateway";
+
+fn manifest(rel: &str) -> String {
+    format!("{}/deploy/{rel}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The stand-in's directory: its state, the admin kubeconfig, the gateway's (its
+/// ServiceAccount's token), and kubectl's HOME (never the user's).
+struct StandIn {
+    dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+    gateway_kubeconfig: PathBuf,
+    _process: Process,
+}
+
+impl StandIn {
+    fn start() -> Result<StandIn> {
+        let dir = tempfile::tempdir()?;
+        let kubeconfig = dir.path().join("kubeconfig");
+        let mut p = Process::start(
+            "kuberaya-sandbox",
+            [
+                "kube",
+                "--listen",
+                "127.0.0.1:0",
+                "--state-dir",
+                dir.path().join("kube").to_str().context("utf-8")?,
+                "--kubeconfig",
+                kubeconfig.to_str().context("utf-8")?,
+            ],
+        )?;
+        p.wait_for_stdout_line("listening on ", Duration::from_secs(60))?;
+        let gateway_kubeconfig = dir.path().join("kubeconfig-gateway");
+        Ok(StandIn {
+            dir,
+            kubeconfig,
+            gateway_kubeconfig,
+            _process: p,
+        })
+    }
+
+    /// The gateway's kubeconfig: its ServiceAccount's token (TokenRequest).
+    fn service_account_kubeconfig(&self) -> Result<()> {
+        let token = self.kubectl(&["create", "token", "kuberaya-gateway", "-n", NS])?;
+        let mut kc: serde_json::Value = serde_json::from_str(&self.kubectl(&[
+            "config",
+            "view",
+            "--raw",
+            "--minify",
+            "--flatten",
+            "-o",
+            "json",
+        ])?)?;
+        kc["users"][0]["user"] = serde_json::json!({ "token": token.trim() });
+        std::fs::write(&self.gateway_kubeconfig, serde_json::to_vec_pretty(&kc)?)?;
+        Ok(())
+    }
+
+    fn run(&self, kubeconfig: &Path, args: &[&str]) -> Result<String> {
+        let o = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .arg("--request-timeout=20s")
+            .args(args)
+            .env("HOME", self.dir.path())
+            .env_remove("KUBECONFIG")
+            .output()
+            .context("running kubectl")?;
+        ensure!(
+            o.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+
+    /// `kubectl ARGS` as the admin.
+    fn kubectl(&self, args: &[&str]) -> Result<String> {
+        self.run(&self.kubeconfig, args)
+    }
+
+    fn apply_text(&self, yaml: &str) -> Result<()> {
+        let path = self.dir.path().join("apply.yaml");
+        std::fs::write(&path, yaml)?;
+        self.kubectl(&["apply", "-f", path.to_str().context("utf-8")?])?;
+        Ok(())
+    }
+
+    /// The gateway Service's annotation `vpn.cloudraya.com/<name>` (empty when absent).
+    fn annotation(&self, name: &str) -> Result<String> {
+        self.kubectl(&[
+            "get",
+            "service",
+            "-n",
+            NS,
+            SERVICE,
+            "-o",
+            &format!("jsonpath={{.metadata.annotations.vpn\\.cloudraya\\.com/{name}}}"),
+        ])
+    }
+
+    /// Polls until the public-key annotation is `key`; how long that took.
+    fn wait_key(&self, key: &str, since: Instant) -> Result<Duration> {
+        poll_until_blocking(Duration::from_secs(30), || {
+            (self.annotation("public-key").ok()? == key).then(|| since.elapsed())
+        })
+        .with_context(|| {
+            format!(
+                "the Service's public-key annotation is {:?}, want {key}",
+                self.annotation("public-key")
+            )
+        })
+    }
+
+    /// The gateway as its ServiceAccount; its process and public key.
+    fn gateway(&self) -> Result<(Process, String)> {
+        let mut p = Process::start(
+            "kuberaya-gateway",
+            [
+                "--kubeconfig",
+                self.gateway_kubeconfig.to_str().context("utf-8")?,
+                "--namespace",
+                NS,
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-bind-address",
+                "127.0.0.1:0",
+                "--health-bind-address",
+                "127.0.0.1:0",
+            ],
+        )?;
+        let line = p.wait_for_stdout_line("kuberaya-gateway listening", Duration::from_secs(60))?;
+        let key = line_field(&line, "public_key")?;
+        Ok((p, key))
+    }
+}
+
+/// A Role like the shipped one, without the Service rule: the gateway may not annotate.
+const ROLE_WITHOUT_SERVICES: &str = r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata:
+  name: kuberaya-gateway
+  namespace: kuberaya-system
+rules:
+  - apiGroups: [""]
+    resources: ["secrets"]
+    verbs: ["create"]
+"#;
+
+#[test]
+fn the_gateway_publishes_its_key_on_its_service() -> Result<()> {
+    let k = StandIn::start()?;
+    k.kubectl(&["apply", "-f", &manifest("crds/vpnpeer.yaml")])?;
+    for m in ["namespace.yaml", "serviceaccount.yaml", "rbac.yaml"] {
+        k.kubectl(&["apply", "-f", &manifest(&format!("gateway/base/{m}"))])?;
+    }
+    k.service_account_kubeconfig()?;
+
+    // Started before its Service exists: it annotates the Service once applied.
+    let (mut gw, key) = k.gateway()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let applied = Instant::now();
+    k.kubectl(&["apply", "-f", &manifest("gateway/base/service.yaml")])?;
+    let took = k.wait_key(&key, applied)?;
+    eprintln!(
+        "measured: public key on the Service {} ms after it was applied",
+        took.as_millis()
+    );
+    ensure!(k.annotation("tunnel-address")? == "100.64.0.1/16");
+    ensure!(k.annotation("cluster-domain")? == "cluster.local");
+    // The key is the one in its Secret.
+    let secret = k.kubectl(&[
+        "get",
+        "secret",
+        "-n",
+        NS,
+        "kuberaya-gateway-key",
+        "-o",
+        "jsonpath={.data.privateKey}",
+    ])?;
+    ensure!(!secret.is_empty(), "the key Secret");
+    ensure!(gw.is_running(), "the gateway exited\n{}", gw.output_tails());
+    gw.stop();
+    drop(gw);
+
+    // Edited to a wrong key: corrected on the next start.
+    let (_, wrong) = kuberaya_e2e::sandbox::gateway_keypair();
+    k.kubectl(&[
+        "annotate",
+        "service",
+        "-n",
+        NS,
+        SERVICE,
+        "--overwrite",
+        &format!("vpn.cloudraya.com/public-key={wrong}"),
+    ])?;
+    let started = Instant::now();
+    let (mut gw, again) = k.gateway()?;
+    ensure!(again == key, "the same key from the Secret: {again} vs {key}");
+    let took = k.wait_key(&key, started)?;
+    eprintln!(
+        "measured: a wrong key corrected {} ms after the gateway started",
+        took.as_millis()
+    );
+    ensure!(gw.is_running(), "the gateway exited\n{}", gw.output_tails());
+    gw.stop();
+    drop(gw);
+
+    // Forbidden: the gateway serves on and says what to run.
+    k.apply_text(ROLE_WITHOUT_SERVICES)?;
+    k.kubectl(&[
+        "annotate",
+        "service",
+        "-n",
+        NS,
+        SERVICE,
+        "--overwrite",
+        &format!("vpn.cloudraya.com/public-key={wrong}"),
+    ])?;
+    let (mut gw, _) = k.gateway()?;
+    let fallback = format!("kubectl -n {NS} annotate service {SERVICE} --overwrite");
+    let warned = poll_until_blocking(Duration::from_secs(20), || {
+        let err = gw.stderr();
+        err.lines()
+            .find(|l| l.contains(&fallback) && l.contains(&format!("vpn.cloudraya.com/public-key={key}")))
+            .map(str::to_string)
+    })
+    .with_context(|| format!("no fallback command logged\n{}", gw.output_tails()))?;
+    eprintln!("the gateway's warning: {warned}");
+    std::thread::sleep(Duration::from_secs(1));
+    ensure!(
+        gw.is_running(),
+        "forbidden must not stop the gateway\n{}",
+        gw.output_tails()
+    );
+    ensure!(k.annotation("public-key")? == wrong, "nothing written without the RBAC");
+    Ok(())
+}
