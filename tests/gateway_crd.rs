@@ -7,7 +7,9 @@
 //! - a peer created with `kubectl apply` carries traffic within 1 s (a full HTTP exchange
 //!   through a fresh onetun, so its handshake came first);
 //! - a peer deleted, disabled (`kubectl patch`) or expired (`expiresAt`) is cut off within
-//!   2 s, while another peer's session (its handshake count) is untouched;
+//!   2 s, while another peer's session (its handshake count) is untouched; a disabled or
+//!   expired peer's status says so (reason `Disabled`, `Expired`) and has no `address`,
+//!   only `lastAddress`;
 //! - a Service deleted is refused by the gateway for new flows at once.
 //!
 //! onetun 0.3.10 panics with more than one TCP forward per process and two onetuns with
@@ -355,6 +357,21 @@ fn peer_table(sb: &TempSandbox) -> Result<BTreeMap<String, Vec<String>>> {
     Ok(out)
 }
 
+/// A peer's Accepted reason, `status.address` and `status.lastAddress`, as kubectl's
+/// JSONPath prints them (empty when absent).
+fn peer_status(sb: &TempSandbox, name: &str) -> Result<Vec<String>> {
+    let out = sb.kubectl(&[
+        "get",
+        "vpnpeer",
+        "-n",
+        GW_NS,
+        name,
+        "-o",
+        r#"jsonpath={.status.conditions[?(@.type=="Accepted")].reason}|{.status.address}|{.status.lastAddress}"#,
+    ])?;
+    Ok(out.trim().split('|').map(str::to_string).collect())
+}
+
 fn wait_condition(sb: &TempSandbox, ns: &str, name: &str, accepted: bool) -> Result<()> {
     let cond = if accepted {
         "condition=Accepted".to_string()
@@ -581,6 +598,9 @@ fn run_scenario(sb: &TempSandbox, gw: &GatewayInfo, web: &str, secret: &str) -> 
         "carol: {} ms",
         carol_after.as_millis()
     );
+    // Her status says where she was served (written within a second), so that it can
+    // keep that as lastAddress.
+    wait_condition(sb, GW_NS, "carol", true)?;
     bob_t.baseline(gw);
     let changed = Instant::now();
     sb.kubectl(&[
@@ -604,6 +624,11 @@ fn run_scenario(sb: &TempSandbox, gw: &GatewayInfo, web: &str, secret: &str) -> 
         cut.as_millis()
     );
     wait_condition(sb, GW_NS, "carol", false)?;
+    let status = peer_status(sb, "carol")?;
+    ensure!(
+        status == ["Disabled", "", &carol.address],
+        "carol's status (reason, address, lastAddress): {status:?}"
+    );
     let row = peer_table(sb)?;
     ensure!(
         row.get(&format!("{GW_NS}/carol"))
@@ -634,7 +659,22 @@ fn run_scenario(sb: &TempSandbox, gw: &GatewayInfo, web: &str, secret: &str) -> 
         "expired peer still served {} ms after expiry",
         cut.as_millis()
     );
-    wait_condition(sb, GW_NS, "dave", false)?;
+    // Nothing changed the VpnPeer: the gateway's timer at expiresAt rewrote its status,
+    // without the address it no longer has.
+    let want = ["Expired", "", &dave.address];
+    let said = poll_until_blocking(Duration::from_secs(10), || {
+        (peer_status(sb, "dave").ok()? == want).then(|| until.elapsed())
+    });
+    let said = said.with_context(|| {
+        format!(
+            "dave's status after expiresAt (reason, address, lastAddress): {:?}",
+            peer_status(sb, "dave")
+        )
+    })?;
+    eprintln!(
+        "measured: dave's status said Expired, without an address, by {} ms after expiresAt (first look, after the 2 s cut-off check)",
+        said.as_millis()
+    );
     bob_t.untouched(gw, "dave's expiry")?;
     drop(t);
 

@@ -110,9 +110,13 @@ pub struct VpnPeerStatus {
     #[serde(default)]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
-    /// The tunnel address in use (given or allocated).
+    /// The tunnel address in use (given or allocated); none while the peer is not served.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// The tunnel address the peer last had: given back when it is served again (enabled,
+    /// renewed) and the address is still free, so that its WireGuard config stays right.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_address: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "date_time_schema")]
     pub last_handshake: Option<Time>,

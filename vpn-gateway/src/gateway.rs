@@ -570,6 +570,7 @@ impl Gateway {
             out.peers.push(PeerReport {
                 id: id.clone(),
                 generation: input.generation,
+                last_address: outcome.as_ref().ok().copied().or(input.previous_address),
                 outcome,
                 last_handshake: stats.since_last_handshake.and_then(|d| now.checked_sub(d)),
                 rx_bytes: stats.rx_bytes,

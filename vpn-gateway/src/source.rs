@@ -55,6 +55,9 @@ pub struct PeerReport {
     pub id: PeerId,
     pub generation: Option<i64>,
     pub outcome: Result<Ipv4Addr, Rejection>,
+    /// The address in use, else the one the peer had before (given back if it is served
+    /// again).
+    pub last_address: Option<Ipv4Addr>,
     pub last_handshake: Option<SystemTime>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,

@@ -214,6 +214,7 @@ pub fn trim_peer(p: &mut VpnPeer) {
     if let Some(s) = p.status.as_mut() {
         *s = VpnPeerStatus {
             address: s.address.take(),
+            last_address: s.last_address.take(),
             ..Default::default()
         };
     }
@@ -223,16 +224,18 @@ pub fn trim_peer(p: &mut VpnPeer) {
 pub fn peer_from_k8s(p: &VpnPeer) -> Option<PeerInput> {
     let mut input = PeerInput::new(PeerId::new(p.namespace()?, p.metadata.name.clone()?), p.spec.clone());
     input.generation = p.metadata.generation;
+    // The address in use, else the one it had before it was cut off (disabled, expired).
     input.previous_address = p
         .status
         .as_ref()
-        .and_then(|s| s.address.as_deref())
+        .and_then(|s| s.address.as_deref().or(s.last_address.as_deref()))
         .and_then(|a| a.parse().ok());
     Some(input)
 }
 
 /// The status to write for a report, keeping the condition's transition time when its
-/// status did not change.
+/// status did not change. A peer not served (disabled, expired, rejected) has no
+/// `address`: only `lastAddress`, kept to give it back.
 pub fn status_for(previous: Option<&VpnPeerStatus>, r: &PeerReport, now: Timestamp) -> VpnPeerStatus {
     let (status, reason, message) = match &r.outcome {
         Ok(a) => ("True", "Accepted".to_string(), format!("serving at {a}")),
@@ -252,6 +255,7 @@ pub fn status_for(previous: Option<&VpnPeerStatus>, r: &PeerReport, now: Timesta
             last_transition_time,
         }],
         address: r.outcome.as_ref().ok().map(|a| a.to_string()),
+        last_address: r.last_address.map(|a| a.to_string()),
         last_handshake: r
             .last_handshake
             .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
@@ -456,11 +460,24 @@ pub async fn write_status(client: Client, mut reports: watch::Receiver<GatewayRe
 async fn patch_status(client: &Client, id: &PeerId, status: &VpnPeerStatus) -> kube::Result<()> {
     use kube::Resource;
     let url = VpnPeer::url_path(&(), Some(&id.namespace));
-    let patch = serde_json::json!({ "status": status });
+    let patch = status_patch(status);
     let req = kube::core::Request::new(url)
         .patch_subresource("status", &id.name, &PatchParams::apply(MANAGER), &Patch::Merge(&patch))
         .map_err(kube::Error::BuildRequest)?;
     client.request_text(req).await.map(drop)
+}
+
+/// The merge patch of a status: an absent `address` is written as `null`, since a merge
+/// patch leaves out fields alone, and an expired or disabled peer kept showing the address
+/// it no longer has.
+fn status_patch(status: &VpnPeerStatus) -> serde_json::Value {
+    let mut s = serde_json::to_value(status).unwrap_or_default();
+    if status.address.is_none()
+        && let Some(m) = s.as_object_mut()
+    {
+        m.insert("address".to_string(), serde_json::Value::Null);
+    }
+    serde_json::json!({ "status": s })
 }
 
 /// A hash of `value`'s JSON, without building the JSON.
@@ -609,6 +626,7 @@ mod tests {
             id: PeerId::new("a", "b"),
             generation: Some(1),
             outcome: Ok(Ipv4Addr::new(100, 64, 0, 2)),
+            last_address: Some(Ipv4Addr::new(100, 64, 0, 2)),
             last_handshake: None,
             rx_bytes: 10,
             tx_bytes: 20,
@@ -627,12 +645,99 @@ mod tests {
     }
 
     #[test]
+    fn an_expired_peer_says_so_and_has_no_address_in_use() {
+        let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let t1: Timestamp = "2026-01-01T00:10:00Z".parse().unwrap();
+        let served = PeerReport {
+            id: PeerId::new("a", "b"),
+            generation: Some(1),
+            outcome: Ok(Ipv4Addr::new(100, 64, 0, 7)),
+            last_address: Some(Ipv4Addr::new(100, 64, 0, 7)),
+            last_handshake: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600)),
+            rx_bytes: 5,
+            tx_bytes: 6,
+        };
+        let s0 = status_for(None, &served, t0);
+        let expired = PeerReport {
+            outcome: Err(Rejection::Expired("2026-01-01T00:09:00Z".into())),
+            last_handshake: None,
+            ..served.clone()
+        };
+        let s1 = status_for(Some(&s0), &expired, t1);
+        let c = &s1.conditions[0];
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Expired"));
+        assert!(c.message.contains("2026-01-01T00:09:00Z"), "{}", c.message);
+        assert_eq!(c.last_transition_time, Time(t1));
+        assert_eq!(s1.address, None, "no address in use");
+        assert_eq!(s1.last_address.as_deref(), Some("100.64.0.7"), "kept to give it back");
+        assert_eq!(s1.last_handshake, s0.last_handshake, "the last handshake stays history");
+        // The patch clears the address the object still has; the last one is written.
+        let patch = status_patch(&s1);
+        assert_eq!(patch["status"]["address"], serde_json::Value::Null);
+        assert_eq!(patch["status"]["lastAddress"], "100.64.0.7");
+        assert_eq!(patch["status"]["conditions"][0]["reason"], "Expired");
+        let mut object = serde_json::json!({"status": serde_json::to_value(&s0).unwrap()});
+        json_merge(&mut object, &patch);
+        let after: VpnPeerStatus = serde_json::from_value(object["status"].clone()).unwrap();
+        assert_eq!(after.address, None);
+        assert_eq!(after.conditions, s1.conditions);
+        // A served peer's patch carries its address.
+        assert_eq!(status_patch(&s0)["status"]["address"], "100.64.0.7");
+        // Disabled and other rejections alike.
+        for r in [Rejection::Disabled, Rejection::BadKey("x".into())] {
+            let s = status_for(
+                Some(&s0),
+                &PeerReport {
+                    outcome: Err(r),
+                    ..served.clone()
+                },
+                t1,
+            );
+            assert_eq!((s.address, s.last_address.as_deref()), (None, Some("100.64.0.7")));
+        }
+    }
+
+    #[test]
+    fn a_peer_served_again_gets_its_last_address_back() {
+        let p: VpnPeer = serde_json::from_value(serde_json::json!({
+            "apiVersion": "vpn.cloudraya.com/v1alpha1", "kind": "VpnPeer",
+            "metadata": {"name": "alice", "namespace": "team"},
+            "spec": {"publicKey": "k"},
+            "status": {"lastAddress": "100.64.0.9", "conditions": []}
+        }))
+        .unwrap();
+        let mut trimmed = p.clone();
+        trim_peer(&mut trimmed);
+        assert_eq!(
+            peer_from_k8s(&trimmed).unwrap().previous_address,
+            Some(Ipv4Addr::new(100, 64, 0, 9))
+        );
+    }
+
+    /// RFC 7386, as the API server applies a merge patch.
+    fn json_merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
+        match (target.as_object_mut(), patch.as_object()) {
+            (Some(t), Some(p)) => {
+                for (k, v) in p {
+                    if v.is_null() {
+                        t.remove(k);
+                    } else {
+                        json_merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+                    }
+                }
+            }
+            _ => *target = patch.clone(),
+        }
+    }
+
+    #[test]
     fn acceptance_is_written_at_once_counters_at_the_interval() {
         let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
         let mut r = PeerReport {
             id: PeerId::new("a", "b"),
             generation: Some(1),
             outcome: Ok(Ipv4Addr::new(100, 64, 0, 2)),
+            last_address: Some(Ipv4Addr::new(100, 64, 0, 2)),
             last_handshake: None,
             rx_bytes: 0,
             tx_bytes: 0,
@@ -668,6 +773,7 @@ mod tests {
             id: PeerId::new("a", "b"),
             generation: Some(1),
             outcome: Ok(Ipv4Addr::new(100, 64, 0, 2)),
+            last_address: Some(Ipv4Addr::new(100, 64, 0, 2)),
             last_handshake: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600)),
             rx_bytes: 7,
             tx_bytes: 9,
