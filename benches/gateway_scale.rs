@@ -30,7 +30,7 @@ use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use common::{cpu_time, knob, machine, median_max, peak_rss_mib, ratio, result, rss_mib, secs};
 use futures::StreamExt;
-use kuberaya_e2e::gateway::{self, Gateway, PeerKey, StaticFiles, onetun_tcp, peer_address};
+use kuberaya_e2e::gateway::{self, Gateway, PeerKey, StaticFiles, dns_query, onetun_tcp, peer_address};
 use kuberaya_e2e::kube_rest::KubeRest as Kube;
 use kuberaya_e2e::sandbox::{find_onetun, gateway_keypair};
 use kuberaya_e2e::{Process, binary, poll_until_blocking};
@@ -185,7 +185,7 @@ impl Client {
     /// Sends one DNS query for `web.default.svc.cluster.local` to 100.64.0.1 through the
     /// tunnel and waits up to `wait` for an answer.
     fn dns_roundtrip(&mut self, wait: Duration, id: u16) -> Result<bool> {
-        let packet = dns_packet(self.address, id);
+        let packet = dns_query(self.address, id);
         let mut out = vec![0u8; 2048];
         match self.tunn.encapsulate(&packet, &mut out) {
             TunnResult::WriteToNetwork(p) => {
@@ -209,35 +209,6 @@ impl Client {
         }
         Ok(false)
     }
-}
-
-/// An IPv4/UDP packet from `src` to 100.64.0.1:53 holding a DNS A query (UDP checksum 0).
-fn dns_packet(src: Ipv4Addr, id: u16) -> Vec<u8> {
-    let mut dns = Vec::new();
-    dns.extend_from_slice(&id.to_be_bytes());
-    dns.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in ["web", "default", "svc", "cluster", "local"] {
-        dns.push(label.len() as u8);
-        dns.extend_from_slice(label.as_bytes());
-    }
-    dns.extend_from_slice(&[0, 0, 1, 0, 1]);
-    let udp_len = 8 + dns.len();
-    let total = 20 + udp_len;
-    let mut p = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0x40, 0, 64, 17, 0, 0];
-    p.extend_from_slice(&src.octets());
-    p.extend_from_slice(&[100, 64, 0, 1]);
-    let mut sum: u32 = p.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    let csum = !(sum as u16);
-    p[10..12].copy_from_slice(&csum.to_be_bytes());
-    p.extend_from_slice(&40000u16.to_be_bytes());
-    p.extend_from_slice(&53u16.to_be_bytes());
-    p.extend_from_slice(&(udp_len as u16).to_be_bytes());
-    p.extend_from_slice(&[0, 0]);
-    p.extend_from_slice(&dns);
-    p
 }
 
 /// A gateway with a fresh key in `dir`, its peers from `source`, and `extra` arguments;

@@ -29,12 +29,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use kuberaya_e2e::calls::{Calls, diff, parse_calls};
-use kuberaya_e2e::ccm::write_cloud_config;
+use kuberaya_e2e::ccm::{Ccm, write_cloud_config};
 use kuberaya_e2e::cloud::{CLUSTER_LABEL, by_service};
 use kuberaya_e2e::cluster::{Cluster, ingress_ip};
-use kuberaya_e2e::gateway::{self, Gateway, free_udp_port};
+use kuberaya_e2e::gateway::{self, CutOff, Gateway, free_udp_port};
 use kuberaya_e2e::sandbox::{WgPeer, free_port, gateway_keypair, onetun_path, output_text};
-use kuberaya_e2e::{JsonApi, PlatformTarget, Process, SandboxOptions, binary, poll_until_blocking, unique_net_index};
+use kuberaya_e2e::{JsonApi, PlatformTarget, Process, SandboxOptions, poll_until_blocking, unique_net_index};
 use serde_json::{Value, json};
 
 const CLUSTER_ID: &str = "cl-reliability";
@@ -525,43 +525,27 @@ fn fingerprints(lbs: &BTreeMap<String, Value>, of: impl Fn(&str) -> bool) -> BTr
         .collect()
 }
 
-fn start_ccm(dir: &Path, kube: &KubeServer, platform: &Platform) -> Result<(Process, String)> {
+fn start_ccm(dir: &Path, kube: &KubeServer, platform: &Platform) -> Result<Ccm> {
     let config = dir.join("cloud-config.yaml");
     write_cloud_config(&config, &platform.target.url, CLUSTER_ID)?;
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let mut cmd = Command::new(binary("kuberaya-ccm"));
-    cmd.env("CLOUDRAYA_EMAIL", "admin@sandbox.local")
-        .env("CLOUDRAYA_PASSWORD", "sandbox")
-        .env("RUST_LOG", "info,kuberaya_ccm=debug,kube_runtime=debug")
-        .arg("--kubeconfig")
-        .arg(&kube.kubeconfig)
-        .arg("--cloud-config")
-        .arg(&config)
-        .args([
-            // The default lease (15 s, renewed 5 s before it ends) outlives a restart.
-            "--leader-elect-resource-namespace",
-            "default",
-            "--metrics-bind-address",
-            &metrics,
-            "--health-bind-address",
-            &format!("127.0.0.1:{}", free_port()),
+    let target = &platform.target;
+    let mut ccm = Ccm::spawn_with(
+        &kube.kubeconfig,
+        &config,
+        (&target.email, &target.password),
+        "info,kuberaya_ccm=debug,kube_runtime=debug",
+        // The default lease (15 s, renewed 5 s before it ends) outlives a restart.
+        &[
             "--orphan-sweep-period",
             "1h",
             "--poll-period",
             "300ms",
             "--node-sync-debounce",
             "300ms",
-        ]);
-    let process = Process::spawn_command(cmd)?;
-    let leads = poll_until_blocking(Duration::from_secs(30), || {
-        process.stdout().contains("became leader").then_some(())
-    });
-    ensure!(
-        leads.is_some(),
-        "kuberaya-ccm did not become leader\n{}",
-        process.output_tails()
-    );
-    Ok((process, metrics))
+        ],
+    )?;
+    ccm.wait_leader(Duration::from_secs(30))?;
+    Ok(ccm)
 }
 
 /// Nodes for the platform's VMs, with their providerIDs (no CCM node initialisation needed).
@@ -587,7 +571,7 @@ fn ccm_resumes_after_api_server_faults() -> Result<()> {
     let platform = Platform::start(n)?;
     let mut kube = KubeServer::start(dir.path(), &format!("127.95.{n}.0/24"))?;
     let nodes = register_nodes(&kube, &platform)?;
-    let (mut ccm, _metrics) = start_ccm(dir.path(), &kube, &platform)?;
+    let Ccm { process: mut ccm, .. } = start_ccm(dir.path(), &kube, &platform)?;
     let result = ccm_scenario(&mut kube, &platform, nodes);
     let alive = ccm.is_running();
     result.map_err(|e| {
@@ -888,17 +872,12 @@ impl Laptop {
     /// Waits until the tunnel has failed for 2 s in a row; the time from `since` to the
     /// first failure of that run.
     fn cut_off(&self, since: Instant, timeout: Duration) -> Result<Duration> {
-        let mut first_fail: Option<Instant> = None;
+        let mut cut = CutOff::default();
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             let start = Instant::now();
-            match (self.get(Duration::from_millis(400)), first_fail) {
-                (true, _) => first_fail = None,
-                (false, None) => first_fail = Some(start),
-                (false, Some(f)) if start.duration_since(f) >= Duration::from_secs(2) => {
-                    return Ok(f.saturating_duration_since(since));
-                }
-                (false, Some(_)) => {}
+            if let Some(f) = cut.record(start, self.get(Duration::from_millis(400))) {
+                return Ok(f.saturating_duration_since(since));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -974,7 +953,7 @@ fn watch_changes(
     since: Instant,
 ) -> Result<Seen> {
     let (mut w, mut a, mut d, mut cut) = (None, None, None, None);
-    let mut first_fail: Option<Instant> = None;
+    let mut cutoff = CutOff::default();
     let mut last = Value::Null;
     let deadline = Instant::now() + Duration::from_secs(45);
     while Instant::now() < deadline {
@@ -1005,14 +984,9 @@ fn watch_changes(
         }
         if cut.is_none() {
             let start = Instant::now();
-            match (doomed.get(Duration::from_millis(300)), first_fail) {
-                (true, _) => first_fail = None,
-                (false, None) => first_fail = Some(start),
-                (false, Some(f)) if start.duration_since(f) >= Duration::from_secs(2) => {
-                    cut = Some(f.saturating_duration_since(since));
-                }
-                (false, Some(_)) => {}
-            }
+            cut = cutoff
+                .record(start, doomed.get(Duration::from_millis(300)))
+                .map(|f| f.saturating_duration_since(since));
         }
         if let (Some(watches), Some(accepted), Some(disabled), Some(deleted_cut)) = (w, a, d, cut) {
             return Ok(Seen {

@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use kuberaya_e2e::gateway::{
-    self, Gateway, Metrics, PeerKey, StaticFiles, bulk_server, download_mbit, onetun_tcp, random_bytes,
+    self, Gateway, Metrics, PeerKey, StaticFiles, bulk_server, checksum, dns_query, download_mbit, ipv4, onetun_tcp,
+    pseudo, random_bytes, udp_packet,
 };
 use kuberaya_e2e::{Process, b64, poll_until_blocking};
 
@@ -100,53 +101,7 @@ fn udp_socket_drops(addr: SocketAddr) -> u64 {
 }
 
 // ---------------------------------------------------------------------------------------
-// IP packets.
-
-fn checksum(chunks: &[&[u8]]) -> u16 {
-    let mut sum: u32 = 0;
-    for c in chunks {
-        for w in c.chunks(2) {
-            sum += u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
-        }
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
-    let total = 20 + payload.len();
-    let mut p = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0x40, 0, 64, proto, 0, 0];
-    p.extend_from_slice(&src.octets());
-    p.extend_from_slice(&dst.octets());
-    let c = checksum(&[&p]);
-    p[10..12].copy_from_slice(&c.to_be_bytes());
-    p.extend_from_slice(payload);
-    p
-}
-
-fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> Vec<u8> {
-    let mut h = Vec::with_capacity(12);
-    h.extend_from_slice(&src.octets());
-    h.extend_from_slice(&dst.octets());
-    h.extend_from_slice(&[0, proto]);
-    h.extend_from_slice(&(len as u16).to_be_bytes());
-    h
-}
-
-fn udp_packet(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
-    let len = 8 + data.len();
-    let mut u = Vec::with_capacity(len);
-    u.extend_from_slice(&sport.to_be_bytes());
-    u.extend_from_slice(&dport.to_be_bytes());
-    u.extend_from_slice(&(len as u16).to_be_bytes());
-    u.extend_from_slice(&[0, 0]);
-    u.extend_from_slice(data);
-    let c = checksum(&[&pseudo(src, dst, 17, len), &u]);
-    u[6..8].copy_from_slice(&c.to_be_bytes());
-    ipv4(src, dst, 17, &u)
-}
+// IP packets (more in the harness's gateway module).
 
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
@@ -160,19 +115,6 @@ fn tcp_syn(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, seq: u32) -> Ve
     let c = checksum(&[&pseudo(src, dst, 6, 20), &t]);
     t[16..18].copy_from_slice(&c.to_be_bytes());
     ipv4(src, dst, 6, &t)
-}
-
-/// A DNS query for `web.default.svc.cluster.local` to the gateway (100.64.0.1:53).
-fn dns_query(src: Ipv4Addr, id: u16) -> Vec<u8> {
-    let mut dns = Vec::new();
-    dns.extend_from_slice(&id.to_be_bytes());
-    dns.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in ["web", "default", "svc", "cluster", "local"] {
-        dns.push(label.len() as u8);
-        dns.extend_from_slice(label.as_bytes());
-    }
-    dns.extend_from_slice(&[0, 0, 1, 0, 1]);
-    udp_packet(src, Ipv4Addr::new(100, 64, 0, 1), 40000, 53, &dns)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -33,16 +33,28 @@ impl Ccm {
     pub fn spawn(sb: &CloudSandbox, rust_log: &str, args: &[&str]) -> Result<Ccm> {
         let config = sb.state().join("cloud-config.yaml");
         write_cloud_config(&config, &sb.url, &sb.cluster_id)?;
+        Ccm::spawn_with(sb.kubeconfig(), &config, (&sb.email, &sb.password), rust_log, args)
+    }
+
+    /// [`Ccm::spawn`] against any cluster (`kubeconfig`) and platform (the cloud config
+    /// file `config`, and `credentials`: email, password).
+    pub fn spawn_with(
+        kubeconfig: &Path,
+        config: &Path,
+        credentials: (&str, &str),
+        rust_log: &str,
+        args: &[&str],
+    ) -> Result<Ccm> {
         let metrics = format!("127.0.0.1:{}", free_port());
         let health = format!("127.0.0.1:{}", free_port());
         let mut cmd = Command::new(binary("kuberaya-ccm"));
-        cmd.env("CLOUDRAYA_EMAIL", &sb.email)
-            .env("CLOUDRAYA_PASSWORD", &sb.password)
+        cmd.env("CLOUDRAYA_EMAIL", credentials.0)
+            .env("CLOUDRAYA_PASSWORD", credentials.1)
             .env("RUST_LOG", rust_log)
             .arg("--kubeconfig")
-            .arg(sb.kubeconfig())
+            .arg(kubeconfig)
             .arg("--cloud-config")
-            .arg(&config)
+            .arg(config)
             .args([
                 "--leader-elect-resource-namespace",
                 "default",

@@ -1,8 +1,9 @@
 //! The real `kuberaya-gateway` binary on loopback, as the gateway tests and benches run it:
 //! its command line ([`command`], with static files [`StaticFiles`] or the caller's peer
 //! source), its start line read into a [`Gateway`], its `/metrics` ([`Metrics`]), test
-//! peers' keys ([`PeerKey`]), `onetun` connected as one of them ([`onetun_tcp`]), and a
-//! bulk TCP source behind it ([`bulk_server`], [`download_mbit`]).
+//! peers' keys ([`PeerKey`]), `onetun` connected as one of them ([`onetun_tcp`]), a bulk
+//! TCP source behind it ([`bulk_server`], [`download_mbit`]), when a peer's traffic was
+//! cut ([`CutOff`]), and IP packets for a test's own WireGuard client ([`dns_query`]).
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -230,6 +231,27 @@ impl Gateway {
     }
 }
 
+/// When traffic through a tunnel was cut: the first failure of a run of failed tries that
+/// has lasted 2 s (a retransmission or a slow answer is no cut).
+#[derive(Debug, Default)]
+pub struct CutOff {
+    first_fail: Option<Instant>,
+}
+
+impl CutOff {
+    /// A try made at `at` got through (`ok`) or not; the start of the run of failures once
+    /// it has lasted 2 s.
+    pub fn record(&mut self, at: Instant, ok: bool) -> Option<Instant> {
+        match (ok, self.first_fail) {
+            (true, _) => self.first_fail = None,
+            (false, None) => self.first_fail = Some(at),
+            (false, Some(f)) if at.duration_since(f) >= Duration::from_secs(2) => return Some(f),
+            (false, Some(_)) => {}
+        }
+        None
+    }
+}
+
 /// A `/metrics` text of the gateway.
 pub struct Metrics(pub String);
 
@@ -339,6 +361,71 @@ pub fn download_mbit(addr: SocketAddr, length: Duration) -> f64 {
     got as f64 * 8.0 / started.elapsed().as_secs_f64() / 1e6
 }
 
+// IP packets a test peer sends through its tunnel.
+
+/// The Internet checksum of `chunks` laid end to end (an odd chunk padded with a zero).
+pub fn checksum(chunks: &[&[u8]]) -> u16 {
+    let mut sum: u32 = 0;
+    for c in chunks {
+        for w in c.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An IPv4 packet (no options, TTL 64, DF) of protocol `proto` around `payload`.
+pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
+    let total = 20 + payload.len();
+    let mut p = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0x40, 0, 64, proto, 0, 0];
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    let c = checksum(&[&p]);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p.extend_from_slice(payload);
+    p
+}
+
+/// The IPv4 pseudo-header of a TCP or UDP checksum.
+pub fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> Vec<u8> {
+    let mut h = Vec::with_capacity(12);
+    h.extend_from_slice(&src.octets());
+    h.extend_from_slice(&dst.octets());
+    h.extend_from_slice(&[0, proto]);
+    h.extend_from_slice(&(len as u16).to_be_bytes());
+    h
+}
+
+/// An IPv4/UDP packet with its checksum.
+pub fn udp_packet(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
+    let len = 8 + data.len();
+    let mut u = Vec::with_capacity(len);
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&(len as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(data);
+    let c = checksum(&[&pseudo(src, dst, 17, len), &u]);
+    u[6..8].copy_from_slice(&c.to_be_bytes());
+    ipv4(src, dst, 17, &u)
+}
+
+/// A DNS query for `web.default.svc.cluster.local` to the gateway (100.64.0.1:53).
+pub fn dns_query(src: Ipv4Addr, id: u16) -> Vec<u8> {
+    let mut dns = Vec::new();
+    dns.extend_from_slice(&id.to_be_bytes());
+    dns.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in ["web", "default", "svc", "cluster", "local"] {
+        dns.push(label.len() as u8);
+        dns.extend_from_slice(label.as_bytes());
+    }
+    dns.extend_from_slice(&[0, 0, 1, 0, 1]);
+    udp_packet(src, Ipv4Addr::new(100, 64, 0, 1), 40000, 53, &dns)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,6 +442,35 @@ mod tests {
         assert_eq!(e["spec"]["address"], "100.64.0.3");
         assert_eq!(e["spec"]["allow"][1]["service"], "db");
         assert_eq!(e["namespace"], "default");
+    }
+
+    #[test]
+    fn a_cut_is_two_seconds_of_failures_dated_from_the_first() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut c = CutOff::default();
+        assert_eq!(c.record(at(0), false), None);
+        assert_eq!(c.record(at(1500), true), None, "an answer ends the run");
+        assert_eq!(c.record(at(1600), false), None);
+        assert_eq!(c.record(at(3500), false), None);
+        assert_eq!(c.record(at(3600), false), Some(at(1600)));
+    }
+
+    #[test]
+    fn a_dns_query_carries_its_id_and_valid_ip_and_udp_checksums() {
+        let src = Ipv4Addr::new(100, 64, 0, 2);
+        let p = dns_query(src, 0xbeef);
+        assert_eq!(p.len(), usize::from(u16::from_be_bytes([p[2], p[3]])));
+        assert_eq!(checksum(&[&p[..20]]), 0, "IPv4 header checksum");
+        assert_eq!(&p[16..20], &[100, 64, 0, 1]);
+        assert_eq!(&p[22..24], &53u16.to_be_bytes());
+        assert_eq!(&p[28..30], &0xbeefu16.to_be_bytes());
+        let udp = &p[20..];
+        assert_eq!(
+            checksum(&[&pseudo(src, Ipv4Addr::new(100, 64, 0, 1), 17, udp.len()), udp]),
+            0,
+            "UDP checksum"
+        );
     }
 
     #[test]
