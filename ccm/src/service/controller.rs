@@ -10,6 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,8 +37,8 @@ use crate::service::desired::{
     DesiredConfig, DesiredLb, PublicIpRequest, default_lb_name, desired_load_balancer, ingress_ips,
 };
 use crate::service::diff::{
-    ApplyPlan, DeletePlan, LiveService, LookupError, find_orphans, keep_public_ip, pick_by_name, pick_by_uid,
-    plan_apply, plan_delete,
+    ApplyPlan, DeletePlan, LiveService, LookupError, find_orphans, index_by_uid, keep_public_ip, pick_by_name,
+    pick_by_uid, plan_apply, plan_delete,
 };
 use crate::service::nodes::{MAX_BACKENDS, NodeSetFingerprint, SettledNodes, debounce, selector_keys};
 use crate::service::status::{ConditionUpdate, IngressUpdate, Ready, condition_differs, status_patch};
@@ -93,6 +94,13 @@ pub struct Context {
     /// The LB last found or created for each Service UID: the next lookup is one GET by
     /// ID instead of label-filtered lists (polling a pending LB took ~5.7 lookups per LB).
     lb_ids: Mutex<HashMap<String, KnownLb>>,
+    /// Set once a list of all our LBs has been learnt ([`Context::learn_lbs`]): from then
+    /// on a UID missing from `lb_ids` has no LB (every LB since is one we created, and a
+    /// create that meets one of a previous incarnation gets a 409), so applying a new
+    /// Service skips the lookup by UID label. Cleanup never skips it.
+    lbs_learnt: AtomicBool,
+    /// UIDs carried by several of our LBs in the last full list: always looked up by label.
+    ambiguous_uids: Mutex<HashSet<String>>,
 }
 
 /// What [`Context`] remembers of a Service's LB.
@@ -129,6 +137,8 @@ impl Context {
             timing,
             failures: Mutex::new(HashMap::new()),
             lb_ids: Mutex::new(HashMap::new()),
+            lbs_learnt: AtomicBool::new(false),
+            ambiguous_uids: Mutex::new(HashSet::new()),
         }
     }
 
@@ -138,6 +148,37 @@ impl Context {
 
     fn lb_ids(&self) -> std::sync::MutexGuard<'_, HashMap<String, KnownLb>> {
         self.lb_ids.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Learns our LBs from a list of all of them (the orphan sweep's). An entry already
+    /// known is kept: it may be newer than the list; a stale one costs one GET (404)
+    /// and a lookup by label.
+    pub fn learn_lbs(&self, lbs: &[LoadBalancer]) {
+        let (unique, ambiguous) = index_by_uid(&self.config.cluster_id, lbs);
+        {
+            let mut ids = self.lb_ids();
+            for (uid, id) in unique {
+                ids.entry(uid).or_insert(KnownLb {
+                    id,
+                    transition_since: None,
+                });
+            }
+            for uid in &ambiguous {
+                ids.remove(uid);
+            }
+        }
+        *self.ambiguous_uids.lock().unwrap_or_else(|p| p.into_inner()) = ambiguous;
+        self.lbs_learnt.store(true, Ordering::Release);
+    }
+
+    /// Whether a Service UID not in `lb_ids` is known to have no LB.
+    fn known_without_lb(&self, uid: &str) -> bool {
+        self.lbs_learnt.load(Ordering::Acquire)
+            && !self
+                .ambiguous_uids
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(uid)
     }
 
     /// Remembers `id` as the Service's LB, keeping a running transition's start.
@@ -377,9 +418,24 @@ fn cluster_labels(cluster_id: &str) -> Labels {
     Labels::from([(LABEL_CLUSTER_ID.to_owned(), cluster_id.to_owned())])
 }
 
+/// How far [`find_lb_by_uid`] may trust what the context knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lookup {
+    /// A UID the context knows to have no LB is not looked up (applying: a miss is
+    /// caught by the create's 409).
+    TrustKnown,
+    /// Always asks the platform (cleanup: a missed LB would be left running).
+    AskPlatform,
+}
+
 /// Finds the Service's LB: the one remembered for its UID (one GET by ID), else by UID
-/// label (a label-filtered list, whose cost does not grow with the cluster's LBs).
-async fn find_lb_by_uid(ctx: &Context, svc: &Service) -> Result<Result<Option<LoadBalancer>, LookupError>> {
+/// label (a label-filtered list, whose cost does not grow with the cluster's LBs) unless
+/// the context knows there is none.
+async fn find_lb_by_uid(
+    ctx: &Context,
+    svc: &Service,
+    lookup: Lookup,
+) -> Result<Result<Option<LoadBalancer>, LookupError>> {
     let cluster = &ctx.config.cluster_id;
     let uid = svc.uid().ok_or(Error::MissingObjectKey("metadata.uid"))?;
     let known = ctx.lb_ids().get(&uid).map(|k| k.id.clone());
@@ -394,6 +450,8 @@ async fn find_lb_by_uid(ctx: &Context, svc: &Service) -> Result<Result<Option<Lo
             Err(e) => return Err(platform_err("get_load_balancer")(e)),
         }
         ctx.lb_ids().remove(&uid);
+    } else if lookup == Lookup::TrustKnown && ctx.known_without_lb(&uid) {
+        return Ok(Ok(None));
     }
     let by_uid = ctx
         .platform
@@ -438,7 +496,7 @@ async fn find_lb_by_name(
 /// Both lookups, for cleanup: an LB of a previous incarnation with the Service's name
 /// goes with it.
 async fn find_lb(ctx: &Context, svc: &Service, lb_name: &str) -> Result<Result<Option<LoadBalancer>, LookupError>> {
-    match find_lb_by_uid(ctx, svc).await? {
+    match find_lb_by_uid(ctx, svc, Lookup::AskPlatform).await? {
         Ok(None) => find_lb_by_name(ctx, svc, lb_name).await,
         found => Ok(found),
     }
@@ -451,7 +509,7 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
         Err(refusal) => return refuse(ctx, api, svc, refusal.reason(), refusal.to_string()).await,
     };
     let uid = svc.uid().ok_or(Error::MissingObjectKey("metadata.uid"))?;
-    let mut actual = match find_lb_by_uid(ctx, svc).await? {
+    let mut actual = match find_lb_by_uid(ctx, svc, Lookup::TrustKnown).await? {
         Ok(a) => a,
         Err(e) => return refuse(ctx, api, svc, "LookupFailed", e.to_string()).await,
     };
@@ -728,6 +786,7 @@ where
         .list_load_balancers(cluster, &cluster_labels(cluster))
         .await
         .map_err(platform_err("list_load_balancers"))?;
+    ctx.learn_lbs(&lbs);
     let services = list_services().await?;
     ctx.metrics
         .lbs_managed
@@ -761,6 +820,7 @@ where
             Ok(()) => {
                 deleted += 1;
                 ctx.metrics.orphans_deleted.inc();
+                ctx.lb_ids().retain(|_, known| known.id != o.id);
             }
             Err(e) if e.is_not_found() => {}
             Err(e) => warn!(lb = %o.id, error = %e, "could not delete orphaned load balancer"),

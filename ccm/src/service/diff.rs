@@ -46,6 +46,27 @@ pub fn pick_by_uid<'a>(
     }
 }
 
+/// Our LBs by the Service UID they carry: the UID with exactly one LB, and the UIDs
+/// carried by several (which only a lookup by label may decide, as a
+/// [`LookupError::NonUniqueResult`]).
+pub fn index_by_uid(cluster_id: &str, lbs: &[LoadBalancer]) -> (HashMap<String, String>, HashSet<String>) {
+    let mut by_uid: HashMap<String, String> = HashMap::new();
+    let mut ambiguous = HashSet::new();
+    for lb in lbs.iter().filter(|lb| is_ours(cluster_id, lb)) {
+        let Some(uid) = lb.labels.get(LABEL_SERVICE_UID) else {
+            continue;
+        };
+        if ambiguous.contains(uid) {
+            continue;
+        }
+        if by_uid.insert(uid.clone(), lb.id.clone()).is_some() {
+            by_uid.remove(uid);
+            ambiguous.insert(uid.clone());
+        }
+    }
+    (by_uid, ambiguous)
+}
+
 /// The fallback: an LB of our cluster with the desired name. It is adopted when it
 /// belongs to no Service or to a Service of the same namespace/name (one deleted and
 /// recreated while we were down); an LB of another Service is a [`LookupError::NameTaken`].
@@ -593,6 +614,25 @@ mod tests {
         let dup = lb_with("lb-3", "y", lb_labels("cl-1", "uid-1", "default", "web", false));
         let e = pick_by_uid("cl-1", "uid-1", &[ours, dup]).expect_err("non-unique");
         assert!(matches!(&e, LookupError::NonUniqueResult { ids, .. } if ids.len() == 2));
+    }
+
+    #[test]
+    fn the_index_by_uid_keeps_our_unique_lbs_and_flags_duplicates() {
+        let lbs = vec![
+            lb_with("lb-1", "a", lb_labels("cl-1", "uid-1", "default", "a", false)),
+            lb_with("lb-2", "b", lb_labels("cl-2", "uid-2", "default", "b", false)),
+            lb_with("lb-3", "c", lb_labels("cl-1", "uid-3", "default", "c", false)),
+            lb_with("lb-4", "c2", lb_labels("cl-1", "uid-3", "default", "c", false)),
+            lb_with("lb-5", "c3", lb_labels("cl-1", "uid-3", "default", "c", false)),
+            lb_with(
+                "lb-6",
+                "d",
+                Labels::from([(LABEL_CLUSTER_ID.to_owned(), "cl-1".to_owned())]),
+            ),
+        ];
+        let (unique, ambiguous) = index_by_uid("cl-1", &lbs);
+        assert_eq!(unique, HashMap::from([("uid-1".to_owned(), "lb-1".to_owned())]));
+        assert_eq!(ambiguous, HashSet::from(["uid-3".to_owned()]));
     }
 
     #[test]

@@ -707,6 +707,60 @@ async fn orphan_sweep_deletes_only_our_lbs_of_vanished_services() {
     assert!(bench.metrics.render().contains("orphans_deleted_total 1"));
 }
 
+/// Once the sweep has listed all our LBs, a new Service's create needs no lookup before
+/// it; a UID with several LBs is still looked up (and refused as ambiguous); cleanup
+/// always asks the platform.
+#[tokio::test]
+async fn known_lbs_spare_the_lookup_before_a_create_but_not_before_a_delete() {
+    let bench = Bench::new(&["a"]);
+    let s = finalized(svc());
+    let (ctx, server) = bench.served_context(&s);
+    let run = |ctx: &Arc<Context>, s: Service| {
+        let ctx = ctx.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(5), reconcile(Arc::new(s), ctx))
+                .await
+                .expect("reconcile finished within 5 s")
+        }
+    };
+    let s2 = s.clone();
+    assert_eq!(sweep_orphans(&ctx, || async { Ok(vec![s2]) }).await.expect("sweep"), 0);
+    assert_eq!(bench.platform.calls(), vec!["list_load_balancers"]);
+    bench.platform.clear_calls();
+    run(&ctx, s.clone()).await.expect("create");
+    assert_eq!(bench.platform.calls(), vec!["create_load_balancer"]);
+
+    // Two LBs carry one UID (made behind our back): the next full list flags it.
+    let mut dup = bench.platform.lbs("cl-1")[0].clone();
+    dup.id = "lb-dup".into();
+    dup.name = "kr-default-web-2".into();
+    bench.platform.insert_lb("cl-1", dup);
+    let s2 = s.clone();
+    sweep_orphans(&ctx, || async { Ok(vec![s2]) }).await.expect("sweep");
+    bench.platform.clear_calls();
+    let res = run(&ctx, s.clone()).await.expect("refused, not an error");
+    assert_eq!(res, Action::requeue(Timing::default().refused_retry));
+    assert_eq!(bench.platform.calls(), vec!["list_load_balancers"]);
+    assert!(bench.platform.mutating_calls().is_empty());
+
+    // Cleanup of a Service the context knows nothing of still asks the platform.
+    let mut other = deleting(finalized(svc()));
+    other.metadata.name = Some("api".into());
+    other.metadata.uid = Some("uid-9".into());
+    bench.platform.clear_calls();
+    run(&ctx, other).await.expect("cleanup");
+    assert_eq!(
+        bench.platform.calls(),
+        vec!["list_load_balancers", "list_load_balancers"],
+        "by UID label, then by name"
+    );
+    drop(ctx);
+    tokio::time::timeout(Duration::from_secs(1), server)
+        .await
+        .expect("mock API server finished")
+        .expect("mock API server task");
+}
+
 /// A Service created while the sweep runs, whose LB the controller creates at once: the
 /// Services are listed after the LBs, so that LB is either not in the sweep's LB list or
 /// its Service is in the Service list; never taken for an orphan.
