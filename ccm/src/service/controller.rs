@@ -568,7 +568,9 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
                     looked_up_by_name = true;
                     match find_lb_by_name(ctx, svc, &spec.name).await? {
                         Ok(Some(lb)) => {
+                            // One of a previous incarnation, or ours whose create answer was lost.
                             info!(lb = %lb.id, name = %lb.name, "adopting the existing load balancer of this name");
+                            ctx.remember_lb(&uid, &lb.id);
                             actual = Some(lb);
                             continue;
                         }

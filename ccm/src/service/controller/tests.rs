@@ -761,6 +761,42 @@ async fn known_lbs_spare_the_lookup_before_a_create_but_not_before_a_delete() {
         .expect("mock API server task");
 }
 
+/// An LB the context does not know although it is the Service's (its create was answered
+/// too late, or another replica made it): the create's 409 leads to it, and from then on
+/// it is polled by ID.
+#[tokio::test]
+async fn an_lb_created_behind_the_known_set_is_found_by_the_409_and_remembered() {
+    let bench = Bench::new(&["a"]);
+    let s = finalized(svc());
+    let (ctx, server) = bench.served_context(&s);
+    let s2 = s.clone();
+    sweep_orphans(&ctx, || async { Ok(vec![s2]) }).await.expect("sweep");
+    let lb = provisioned(&bench, &s).await;
+    let run = |ctx: &Arc<Context>| {
+        let ctx = ctx.clone();
+        let s = s.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(5), reconcile(Arc::new(s), ctx))
+                .await
+                .expect("reconcile finished within 5 s")
+        }
+    };
+    run(&ctx).await.expect("adopt");
+    assert_eq!(
+        bench.platform.calls(),
+        vec!["create_load_balancer", "list_load_balancers"]
+    );
+    assert_eq!(bench.platform.lbs("cl-1"), vec![lb], "not duplicated, not changed");
+    bench.platform.clear_calls();
+    run(&ctx).await.expect("resync");
+    assert_eq!(bench.platform.calls(), vec!["get_load_balancer"]);
+    drop(ctx);
+    tokio::time::timeout(Duration::from_secs(1), server)
+        .await
+        .expect("mock API server finished")
+        .expect("mock API server task");
+}
+
 /// A Service created while the sweep runs, whose LB the controller creates at once: the
 /// Services are listed after the LBs, so that LB is either not in the sweep's LB list or
 /// its Service is in the Service list; never taken for an orphan.
