@@ -1,8 +1,10 @@
 //! The admin CLI against a sandbox, checked with the real `kubectl` and `jq`:
 //! - peers: `peer add` against the real `kuberaya-gateway` (started here on the sandbox
-//!   kubeconfig; the gateway Service, its annotations and its load-balancer status are made
-//!   by hand with kubectl, since `sandbox up` does not deploy the gateway yet), `peer list`,
-//!   `expose audit` with a LoadBalancer, a NodePort and two peers, and bad input;
+//!   kubeconfig; the gateway Service and its load-balancer status are made by hand with
+//!   kubectl, the gateway annotates the Service itself): first refused with what to do
+//!   while the gateway has not annotated it, then `peer add`, `peer list` (a disabled peer
+//!   with its last address), `expose audit` with a LoadBalancer, a NodePort and two peers,
+//!   and bad input;
 //! - load balancers: `lb list|describe|orphans` against LBs made through the platform API
 //!   with the CCM's labels (the sandbox runs `--no-ccm`, so nothing sweeps them).
 
@@ -17,7 +19,7 @@ use anyhow::{Context, Result, ensure};
 use kuberaya_e2e::cluster::Cluster;
 use kuberaya_e2e::process::line_field;
 use kuberaya_e2e::sandbox::{TempSandbox, output_text as text};
-use kuberaya_e2e::{Process, binary};
+use kuberaya_e2e::{Process, binary, poll_until_blocking};
 use serde_json::Value;
 
 /// A sandbox of two nodes in a temporary dir and what `sandbox env` exports.
@@ -93,7 +95,48 @@ fn peers_and_exposure_audit() -> Result<()> {
     for ns in ["kuberaya-system", "shop"] {
         sb.kubectl(&["create", "namespace", ns])?;
     }
-    // The real gateway, against the sandbox.
+    // The gateway's Service, made before the gateway (as `kubectl apply -k` may).
+    let none = "    {}";
+    let no_annotations = |yaml: String| yaml.replace("  annotations:\n    {}\n", "");
+    sb.apply(&no_annotations(service_yaml(
+        "kuberaya-system",
+        "kuberaya-gateway",
+        "LoadBalancer",
+        51820,
+        "UDP",
+        none,
+    )))?;
+    let gw_ip = format!("127.203.{}.50", sb.net);
+    sb.kubectl(&[
+        "patch",
+        "service",
+        "-n",
+        "kuberaya-system",
+        "kuberaya-gateway",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &format!(r#"{{"status":{{"loadBalancer":{{"ingress":[{{"ip":"{gw_ip}"}}]}}}}}}"#),
+    ])?;
+    // Not annotated yet (the gateway not started, or RBAC forbade it): one line that says
+    // what to check and what to run, nothing created.
+    let out = sb.cli(&["peer", "add", "early", "--out", "-"]);
+    one_clear_line(&out)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        err.contains("has no vpn.cloudraya.com/public-key annotation")
+            && err.contains("kubectl -n kuberaya-system rollout status deployment/kuberaya-gateway")
+            && err.contains("may not annotate the gateway Service"),
+        "{}",
+        text(&out)
+    );
+    ensure!(
+        sb.kubectl(&["get", "vpnpeers", "-n", "kuberaya-system", "early"])
+            .is_err(),
+        "no peer before the gateway's facts"
+    );
+
+    // The real gateway, against the sandbox: it annotates its Service.
     let mut gw = Process::start(
         "kuberaya-gateway",
         [
@@ -112,36 +155,40 @@ fn peers_and_exposure_audit() -> Result<()> {
     let line = gw.wait_for_stdout_line("kuberaya-gateway listening", Duration::from_secs(60))?;
     let field = |k: &str| line_field(&line, k);
     let (public_key, tunnel) = (field("public_key")?, field("tunnel_address")?);
-    let ann = format!(
-        "    vpn.cloudraya.com/public-key: \"{public_key}\"\n    vpn.cloudraya.com/tunnel-address: \"{tunnel}\""
+    let published = poll_until_blocking(Duration::from_secs(30), || {
+        let key = sb
+            .kubectl(&[
+                "get",
+                "service",
+                "-n",
+                "kuberaya-system",
+                "kuberaya-gateway",
+                "-o",
+                r#"jsonpath={.metadata.annotations.vpn\.cloudraya\.com/public-key}"#,
+            ])
+            .ok()?;
+        (key.trim() == public_key).then_some(())
+    });
+    ensure!(
+        published.is_some(),
+        "the gateway did not annotate its Service\n{}",
+        gw.output_tails()
     );
-    sb.apply(&service_yaml(
-        "kuberaya-system",
-        "kuberaya-gateway",
-        "LoadBalancer",
-        51820,
-        "UDP",
-        &ann,
-    ))?;
-    let gw_ip = format!("127.203.{}.50", sb.net);
-    sb.kubectl(&[
-        "patch",
-        "service",
-        "-n",
-        "kuberaya-system",
-        "kuberaya-gateway",
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        &format!(r#"{{"status":{{"loadBalancer":{{"ingress":[{{"ip":"{gw_ip}"}}]}}}}}}"#),
-    ])?;
     sb.apply(&format!(
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: kuberaya-config\n  namespace: kuberaya-system\ndata:\n  service-cidr: 127.97.{}.0/24\n",
         sb.net
     ))?;
-    let none = "    {}";
-    sb.apply(&service_yaml("shop", "web", "LoadBalancer", 80, "TCP", none).replace("  annotations:\n    {}\n", ""))?;
-    sb.apply(&service_yaml("shop", "debug", "NodePort", 8080, "TCP", none).replace("  annotations:\n    {}\n", ""))?;
+    sb.apply(&no_annotations(service_yaml(
+        "shop",
+        "web",
+        "LoadBalancer",
+        80,
+        "TCP",
+        none,
+    )))?;
+    sb.apply(&no_annotations(service_yaml(
+        "shop", "debug", "NodePort", 8080, "TCP", none,
+    )))?;
 
     // peer add: 0600 config, public key only in the cluster.
     let out_dir = sb.dir.path().join("peers");

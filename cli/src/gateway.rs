@@ -1,7 +1,8 @@
 //! Finding the VPN gateway from the cluster: its `LoadBalancer` Service gives the
-//! WireGuard endpoint (ingress IP + UDP port) and, in two annotations the gateway's
-//! deployment sets, its public key and tunnel address. The service range the peers route
-//! comes from `--service-cidr`, else the `kuberaya-config` ConfigMap, else 10.96.0.0/12.
+//! WireGuard endpoint (ingress IP + UDP port) and, in annotations the gateway writes on
+//! its own Service when it starts (kuberaya_gateway::publish), its public key, tunnel
+//! address and cluster domain. The service range the peers route comes from
+//! `--service-cidr`, else the `kuberaya-config` ConfigMap, else 10.96.0.0/12.
 
 use std::net::Ipv4Addr;
 
@@ -14,16 +15,11 @@ use kuberaya_gateway::keys::PublicKey;
 
 use crate::kube::{api_error, is_not_found};
 
-/// On the gateway Service: its WireGuard public key (base64).
-pub const ANNOTATION_PUBLIC_KEY: &str = "vpn.cloudraya.com/public-key";
-/// On the gateway Service: its tunnel address, `100.64.0.1` or `100.64.0.1/16` (the
-/// prefix is the tunnel range).
-pub const ANNOTATION_TUNNEL_ADDRESS: &str = "vpn.cloudraya.com/tunnel-address";
-/// On the gateway Service, optional: the cluster DNS domain (default `cluster.local`).
-pub const ANNOTATION_CLUSTER_DOMAIN: &str = "vpn.cloudraya.com/cluster-domain";
+/// The annotation names are the gateway's own: it writes them, this reads them.
+pub use kuberaya_gateway::publish::{ANNOTATION_CLUSTER_DOMAIN, ANNOTATION_PUBLIC_KEY, ANNOTATION_TUNNEL_ADDRESS};
 
 pub const DEFAULT_GATEWAY_NAMESPACE: &str = "kuberaya-system";
-pub const DEFAULT_GATEWAY_SERVICE: &str = "kuberaya-gateway";
+pub const DEFAULT_GATEWAY_SERVICE: &str = kuberaya_gateway::publish::DEFAULT_SERVICE;
 /// ConfigMap in the gateway's namespace with cluster facts (`service-cidr`).
 pub const CONFIG_MAP: &str = "kuberaya-config";
 pub const CONFIG_KEY_SERVICE_CIDR: &str = "service-cidr";
@@ -65,20 +61,17 @@ pub struct GatewayInfo {
 
 /// Read the gateway's facts off its Service. Errors name what is missing.
 pub fn from_service(svc: &Service) -> Result<GatewayInfo, String> {
-    let name = format!(
-        "{}/{}",
-        svc.metadata.namespace.as_deref().unwrap_or_default(),
-        svc.metadata.name.as_deref().unwrap_or_default()
-    );
+    let namespace = svc.metadata.namespace.as_deref().unwrap_or_default();
+    let name = format!("{namespace}/{}", svc.metadata.name.as_deref().unwrap_or_default());
     let ann = svc.metadata.annotations.clone().unwrap_or_default();
-    let key_text = ann.get(ANNOTATION_PUBLIC_KEY).ok_or_else(|| {
-        format!("the gateway Service {name} has no {ANNOTATION_PUBLIC_KEY} annotation; is the gateway deployed?")
-    })?;
+    let key_text = ann
+        .get(ANNOTATION_PUBLIC_KEY)
+        .ok_or_else(|| missing_annotation(namespace, &name, ANNOTATION_PUBLIC_KEY))?;
     let public_key = PublicKey::parse(key_text)
         .map_err(|e| format!("annotation {ANNOTATION_PUBLIC_KEY} of {name} is not a WireGuard key: {e}"))?;
-    let addr_text = ann.get(ANNOTATION_TUNNEL_ADDRESS).ok_or_else(|| {
-        format!("the gateway Service {name} has no {ANNOTATION_TUNNEL_ADDRESS} annotation; is the gateway deployed?")
-    })?;
+    let addr_text = ann
+        .get(ANNOTATION_TUNNEL_ADDRESS)
+        .ok_or_else(|| missing_annotation(namespace, &name, ANNOTATION_TUNNEL_ADDRESS))?;
     let (tunnel_address, tunnel_range) = parse_tunnel_address(addr_text).ok_or_else(|| {
         format!("annotation {ANNOTATION_TUNNEL_ADDRESS} of {name} is not an IPv4 address: {addr_text:?}")
     })?;
@@ -111,6 +104,17 @@ pub fn from_service(svc: &Service) -> Result<GatewayInfo, String> {
         tunnel_range,
         cluster_domain,
     })
+}
+
+/// The gateway writes its annotations when it starts: they are missing while it has not
+/// started yet, or when RBAC forbade the patch (then its log gives the command to run).
+fn missing_annotation(namespace: &str, service: &str, annotation: &str) -> String {
+    format!(
+        "the gateway Service {service} has no {annotation} annotation; the gateway writes it when it starts: \
+         check that it runs (`kubectl -n {namespace} rollout status deployment/kuberaya-gateway`), and if its log \
+         warns `may not annotate the gateway Service`, run the `kubectl annotate` command of its `fallback` field \
+         once (docs/installing.md, step 3)"
+    )
 }
 
 /// `100.64.0.1` (range /16 assumed) or `100.64.0.1/16`.
@@ -237,6 +241,18 @@ pub(crate) mod tests {
         svc.metadata.annotations = None;
         let e = from_service(&svc).unwrap_err();
         assert!(e.contains(ANNOTATION_PUBLIC_KEY), "{e}");
+        // What to do about it, on one line.
+        assert!(
+            e.contains("kubectl -n kuberaya-system rollout status") && e.contains("may not annotate"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "{e}");
+        svc.metadata.annotations = Some([(ANNOTATION_PUBLIC_KEY.to_string(), key.to_base64())].into());
+        let e = from_service(&svc).unwrap_err();
+        assert!(
+            e.contains(ANNOTATION_TUNNEL_ADDRESS) && e.contains("installing.md"),
+            "{e}"
+        );
     }
 
     #[test]
