@@ -113,16 +113,26 @@ impl Bench {
     /// Runs one reconcile; returns its result and every API request it made.
     async fn reconcile(&self, s: &Service) -> (Result<Action>, Vec<Call>) {
         let (ctx, server) = self.served_context(s);
-        let res = tokio::time::timeout(Duration::from_secs(5), reconcile(Arc::new(s.clone()), ctx))
-            .await
-            .expect("reconcile finished within 5 s");
-        // The context (and with it the mock client) is gone: the server task ends.
-        let calls = tokio::time::timeout(Duration::from_secs(1), server)
-            .await
-            .expect("mock API server finished")
-            .expect("mock API server task");
-        (res, calls)
+        let res = reconcile_on(&ctx, s).await;
+        (res, stop_serving(ctx, server).await)
     }
+}
+
+/// One reconcile of `s` on a context kept across reconciles (what it remembers counts).
+async fn reconcile_on(ctx: &Arc<Context>, s: &Service) -> Result<Action> {
+    tokio::time::timeout(Duration::from_secs(5), reconcile(Arc::new(s.clone()), ctx.clone()))
+        .await
+        .expect("reconcile finished within 5 s")
+}
+
+/// Drops the context (and with it the mock client), so the mock server ends; returns
+/// every API request it recorded.
+async fn stop_serving(ctx: Arc<Context>, server: tokio::task::JoinHandle<Vec<Call>>) -> Vec<Call> {
+    drop(ctx);
+    tokio::time::timeout(Duration::from_secs(1), server)
+        .await
+        .expect("mock API server finished")
+        .expect("mock API server task")
 }
 
 fn finalized(mut s: Service) -> Service {
@@ -377,27 +387,14 @@ async fn backends_follow_the_settled_node_set_not_a_burst_in_progress() {
     let (ctx, server) = bench.served_context(&s);
     ctx.nodes.settle();
     bench.add_node("c");
-    let run = |ctx: &Arc<Context>| {
-        let ctx = ctx.clone();
-        let s = s.clone();
-        async move {
-            tokio::time::timeout(Duration::from_secs(5), reconcile(Arc::new(s), ctx))
-                .await
-                .expect("reconcile finished within 5 s")
-        }
-    };
-    run(&ctx).await.expect("resync in mid-burst");
+    reconcile_on(&ctx, &s).await.expect("resync in mid-burst");
     assert!(bench.platform.mutating_calls().is_empty());
     assert_eq!(bench.platform.lbs("cl-1")[0].backends.len(), 2);
     ctx.nodes.settle();
-    run(&ctx).await.expect("the burst's tick");
+    reconcile_on(&ctx, &s).await.expect("the burst's tick");
     assert_eq!(bench.platform.mutating_calls(), vec!["update_load_balancer"]);
     assert_eq!(bench.platform.lbs("cl-1")[0].backends.len(), 3);
-    drop(ctx);
-    tokio::time::timeout(Duration::from_secs(1), server)
-        .await
-        .expect("mock API server finished")
-        .expect("mock API server task");
+    stop_serving(ctx, server).await;
 }
 
 #[tokio::test]
@@ -715,19 +712,11 @@ async fn known_lbs_spare_the_lookup_before_a_create_but_not_before_a_delete() {
     let bench = Bench::new(&["a"]);
     let s = finalized(svc());
     let (ctx, server) = bench.served_context(&s);
-    let run = |ctx: &Arc<Context>, s: Service| {
-        let ctx = ctx.clone();
-        async move {
-            tokio::time::timeout(Duration::from_secs(5), reconcile(Arc::new(s), ctx))
-                .await
-                .expect("reconcile finished within 5 s")
-        }
-    };
     let s2 = s.clone();
     assert_eq!(sweep_orphans(&ctx, || async { Ok(vec![s2]) }).await.expect("sweep"), 0);
     assert_eq!(bench.platform.calls(), vec!["list_load_balancers"]);
     bench.platform.clear_calls();
-    run(&ctx, s.clone()).await.expect("create");
+    reconcile_on(&ctx, &s).await.expect("create");
     assert_eq!(bench.platform.calls(), vec!["create_load_balancer"]);
 
     // Two LBs carry one UID (made behind our back): the next full list flags it.
@@ -738,7 +727,7 @@ async fn known_lbs_spare_the_lookup_before_a_create_but_not_before_a_delete() {
     let s2 = s.clone();
     sweep_orphans(&ctx, || async { Ok(vec![s2]) }).await.expect("sweep");
     bench.platform.clear_calls();
-    let res = run(&ctx, s.clone()).await.expect("refused, not an error");
+    let res = reconcile_on(&ctx, &s).await.expect("refused, not an error");
     assert_eq!(res, Action::requeue(Timing::default().refused_retry));
     assert_eq!(bench.platform.calls(), vec!["list_load_balancers"]);
     assert!(bench.platform.mutating_calls().is_empty());
@@ -748,17 +737,13 @@ async fn known_lbs_spare_the_lookup_before_a_create_but_not_before_a_delete() {
     other.metadata.name = Some("api".into());
     other.metadata.uid = Some("uid-9".into());
     bench.platform.clear_calls();
-    run(&ctx, other).await.expect("cleanup");
+    reconcile_on(&ctx, &other).await.expect("cleanup");
     assert_eq!(
         bench.platform.calls(),
         vec!["list_load_balancers", "list_load_balancers"],
         "by UID label, then by name"
     );
-    drop(ctx);
-    tokio::time::timeout(Duration::from_secs(1), server)
-        .await
-        .expect("mock API server finished")
-        .expect("mock API server task");
+    stop_serving(ctx, server).await;
 }
 
 /// An LB the context does not know although it is the Service's (its create was answered
@@ -772,29 +757,16 @@ async fn an_lb_created_behind_the_known_set_is_found_by_the_409_and_remembered()
     let s2 = s.clone();
     sweep_orphans(&ctx, || async { Ok(vec![s2]) }).await.expect("sweep");
     let lb = provisioned(&bench, &s).await;
-    let run = |ctx: &Arc<Context>| {
-        let ctx = ctx.clone();
-        let s = s.clone();
-        async move {
-            tokio::time::timeout(Duration::from_secs(5), reconcile(Arc::new(s), ctx))
-                .await
-                .expect("reconcile finished within 5 s")
-        }
-    };
-    run(&ctx).await.expect("adopt");
+    reconcile_on(&ctx, &s).await.expect("adopt");
     assert_eq!(
         bench.platform.calls(),
         vec!["create_load_balancer", "list_load_balancers"]
     );
     assert_eq!(bench.platform.lbs("cl-1"), vec![lb], "not duplicated, not changed");
     bench.platform.clear_calls();
-    run(&ctx).await.expect("resync");
+    reconcile_on(&ctx, &s).await.expect("resync");
     assert_eq!(bench.platform.calls(), vec!["get_load_balancer"]);
-    drop(ctx);
-    tokio::time::timeout(Duration::from_secs(1), server)
-        .await
-        .expect("mock API server finished")
-        .expect("mock API server task");
+    stop_serving(ctx, server).await;
 }
 
 /// A Service created while the sweep runs, whose LB the controller creates at once: the
@@ -920,24 +892,15 @@ async fn a_known_lb_is_polled_by_id_and_a_vanished_one_looked_up_again() {
     let bench = Bench::new(&["a", "b"]);
     let s = finalized(svc());
     let (ctx, server) = bench.served_context(&s);
-    let run = |ctx: &Arc<Context>| {
-        let ctx = ctx.clone();
-        let s = s.clone();
-        async move {
-            tokio::time::timeout(Duration::from_secs(5), reconcile(Arc::new(s), ctx))
-                .await
-                .expect("reconcile finished within 5 s")
-        }
-    };
     let first = Timing::default().first_poll;
-    assert_eq!(run(&ctx).await.expect("create"), Action::requeue(first));
+    assert_eq!(reconcile_on(&ctx, &s).await.expect("create"), Action::requeue(first));
     assert_eq!(
         bench.platform.calls(),
         vec!["list_load_balancers", "create_load_balancer"]
     );
     bench.platform.clear_calls();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let poll = run(&ctx).await.expect("poll while provisioning");
+    let poll = reconcile_on(&ctx, &s).await.expect("poll while provisioning");
     assert_eq!(bench.platform.calls(), vec!["get_load_balancer"]);
     // The transition it started is looked at again sooner than the full period, later
     // than the first look.
@@ -950,13 +913,13 @@ async fn a_known_lb_is_polled_by_id_and_a_vanished_one_looked_up_again() {
     assert_ne!(poll, Action::requeue(first));
     bench.platform.settle();
     bench.platform.clear_calls();
-    run(&ctx).await.expect("active");
+    reconcile_on(&ctx, &s).await.expect("active");
     assert_eq!(bench.platform.calls(), vec!["get_load_balancer"]);
 
     let lb = bench.platform.lbs("cl-1").remove(0);
     bench.platform.remove_lb("cl-1", &lb.id);
     bench.platform.clear_calls();
-    run(&ctx).await.expect("recreate");
+    reconcile_on(&ctx, &s).await.expect("recreate");
     assert_eq!(
         bench.platform.calls(),
         vec!["get_load_balancer", "list_load_balancers", "create_load_balancer"]
@@ -965,11 +928,7 @@ async fn a_known_lb_is_polled_by_id_and_a_vanished_one_looked_up_again() {
     assert_eq!(recreated.len(), 1);
     assert_ne!(recreated[0].id, lb.id);
     bench.platform.clear_calls();
-    run(&ctx).await.expect("poll the new one");
+    reconcile_on(&ctx, &s).await.expect("poll the new one");
     assert_eq!(bench.platform.calls(), vec!["get_load_balancer"]);
-    drop(ctx);
-    tokio::time::timeout(Duration::from_secs(1), server)
-        .await
-        .expect("mock API server finished")
-        .expect("mock API server task");
+    stop_serving(ctx, server).await;
 }
