@@ -121,6 +121,13 @@ impl StandIn {
     }
 
     /// Polls until the public-key annotation is `key`; how long that took.
+    /// Edits the gateway Service's key annotation behind the gateway's back.
+    fn annotate_key(&self, key: &str) -> Result<()> {
+        let annotation = format!("vpn.cloudraya.com/public-key={key}");
+        self.kubectl(&["annotate", "service", "-n", NS, SERVICE, "--overwrite", &annotation])?;
+        Ok(())
+    }
+
     fn wait_key(&self, key: &str, since: Instant) -> Result<Duration> {
         poll_until_blocking(Duration::from_secs(30), || {
             (self.annotation("public-key").ok()? == key).then(|| since.elapsed())
@@ -206,15 +213,7 @@ fn the_gateway_publishes_its_key_on_its_service() -> Result<()> {
 
     // Edited to a wrong key: corrected on the next start.
     let (_, wrong) = kuberaya_e2e::sandbox::gateway_keypair();
-    k.kubectl(&[
-        "annotate",
-        "service",
-        "-n",
-        NS,
-        SERVICE,
-        "--overwrite",
-        &format!("vpn.cloudraya.com/public-key={wrong}"),
-    ])?;
+    k.annotate_key(&wrong)?;
     let started = Instant::now();
     let (mut gw, again) = k.gateway()?;
     ensure!(again == key, "the same key from the Secret: {again} vs {key}");
@@ -229,15 +228,7 @@ fn the_gateway_publishes_its_key_on_its_service() -> Result<()> {
 
     // Forbidden: the gateway serves on and says what to run.
     k.apply_text(ROLE_WITHOUT_SERVICES)?;
-    k.kubectl(&[
-        "annotate",
-        "service",
-        "-n",
-        NS,
-        SERVICE,
-        "--overwrite",
-        &format!("vpn.cloudraya.com/public-key={wrong}"),
-    ])?;
+    k.annotate_key(&wrong)?;
     let (mut gw, _) = k.gateway()?;
     let fallback = format!("kubectl -n {NS} annotate service {SERVICE} --overwrite");
     let warned = poll_until_blocking(Duration::from_secs(20), || {
