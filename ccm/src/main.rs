@@ -103,7 +103,8 @@ struct Args {
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     orphan_sweep_period: Duration,
 
-    /// Poll period of provisioning/updating/deleting load balancers.
+    /// Longest wait between two looks at a provisioning/updating/deleting load balancer
+    /// (one the CCM just created is first looked at after 0.5 s, then ever less often).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     poll_period: Duration,
 
