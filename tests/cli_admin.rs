@@ -346,6 +346,40 @@ fn peers_and_exposure_audit() -> Result<()> {
     // disable, remove.
     let out = sb.cli(&["peer", "disable", "alice"]);
     ensure!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("spec.disabled false -> true"));
+    // Disabled: once the gateway has cut it off, no address in use; the list shows the
+    // last one, not in use.
+    let alice_address = v["status"]["address"].as_str().context("alice's address")?.to_string();
+    let cut_off = poll_until_blocking(Duration::from_secs(30), || {
+        let status = sb
+            .kubectl(&[
+                "get",
+                "vpnpeer",
+                "-n",
+                "kuberaya-system",
+                "alice",
+                "-o",
+                "jsonpath={.status}",
+            ])
+            .ok()?;
+        let status: Value = serde_json::from_str(&status).ok()?;
+        (status.get("address").is_none_or(Value::is_null) && status["lastAddress"].is_string()).then_some(())
+    });
+    ensure!(cut_off.is_some(), "alice still has an address\n{}", gw.output_tails());
+    let out = sb.cli(&["peer", "list", "-o", "json"]);
+    ensure!(out.status.success(), "peer list: {}", text(&out));
+    let shown = jq(
+        r#".items[] | select(.name=="alice") | "\(.address) \(.lastAddress) \(.state)""#,
+        &out.stdout,
+    )?;
+    ensure!(shown == format!("null {alice_address} Disabled"), "{shown}");
+    let out = sb.cli(&["peer", "list"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        table
+            .lines()
+            .any(|l| l.starts_with("alice") && l.contains(&format!("{alice_address} (not in use)"))),
+        "{table}"
+    );
     let out = sb.cli(&["peer", "remove", "-n", "shop", "bob"]);
     ensure!(out.status.success(), "remove: {}", text(&out));
     ensure!(

@@ -413,6 +413,7 @@ pub(crate) mod tests {
             None,
         );
         team.spec.expires_at = Some(Time(Timestamp::from_second(1_700_000_000).unwrap()));
+        team.status.as_mut().unwrap().last_address = Some("100.64.0.3".into());
         (vec![lb, np, ext, db], vec![admin, team], now)
     }
 

@@ -41,9 +41,15 @@ pub enum PeerCommand {
   kuberaya peer add -n team-a bob --allow team-a/web:http --psk --qr")]
     Add(AddArgs),
     /// List peers: address, what they may reach, last handshake, traffic, expiry, state.
-    #[command(after_help = "Examples:
+    #[command(
+        after_help = "A peer not served (disabled, expired, rejected) holds no address: ADDRESS shows the one
+it last had, `100.64.0.3 (not in use)` (JSON: `address` null, `lastAddress`). It gets that
+address back when it is served again (enabled, renewed) if still free, so its config stays valid.
+
+Examples:
   kuberaya peer list            # the gateway's namespace
-  kuberaya peer list -A -o json | jq '.items[] | select(.state != \"Accepted\")'")]
+  kuberaya peer list -A -o json | jq '.items[] | select(.state != \"Accepted\")'"
+    )]
     List(ListArgs),
     /// Show one peer, with the Services and ports it can reach now.
     #[command(after_help = "Examples:
@@ -357,7 +363,11 @@ fn paint_state(style: &Style, state: &str) -> String {
 pub struct PeerRow {
     pub namespace: String,
     pub name: String,
+    /// The tunnel address in use (or asked for, while the gateway has not answered).
     pub address: Option<String>,
+    /// For a peer not served (disabled, expired, rejected): the address it last had,
+    /// given back when it is served again if still free (`status.lastAddress`).
+    pub last_address: Option<String>,
     pub allow: Vec<String>,
     pub last_handshake: Option<Timestamp>,
     pub rx_bytes: u64,
@@ -374,11 +384,13 @@ pub fn row_of(p: &VpnPeer, now: Timestamp) -> PeerRow {
     let ns = p.namespace().unwrap_or_default();
     let status = p.status.clone().unwrap_or_default();
     let (state, reason) = state(p, now);
+    let (address, last_address) = addresses(p, state);
     PeerRow {
         allow: p.spec.allow.iter().map(|r| rule_text(r, &ns)).collect(),
         namespace: ns,
         name: p.name_any(),
-        address: status.address.clone().or_else(|| p.spec.address.clone()),
+        address,
+        last_address,
         last_handshake: status.last_handshake.map(|t| t.0),
         rx_bytes: status.rx_bytes,
         tx_bytes: status.tx_bytes,
@@ -388,6 +400,27 @@ pub fn row_of(p: &VpnPeer, now: Timestamp) -> PeerRow {
         reason,
         public_key: p.spec.public_key.clone(),
         preshared_key: p.spec.preshared_key_secret_ref.is_some(),
+    }
+}
+
+/// The address in use, else the one last had: a peer not served holds none (the
+/// gateway clears `status.address`, or will), so its address is only the last one.
+fn addresses(p: &VpnPeer, state: &str) -> (Option<String>, Option<String>) {
+    let status = p.status.as_ref();
+    let current = status.and_then(|s| s.address.clone());
+    let served = matches!(state, "Accepted" | "Pending");
+    match current.or_else(|| p.spec.address.clone()) {
+        Some(a) if served => (Some(a), None),
+        given => (None, status.and_then(|s| s.last_address.clone()).or(given)),
+    }
+}
+
+/// The address column: in use, last had (not in use), or none.
+fn address_text(r: &PeerRow) -> String {
+    match (&r.address, &r.last_address) {
+        (Some(a), _) => a.clone(),
+        (None, Some(last)) => format!("{last} (not in use)"),
+        (None, None) => "-".into(),
     }
 }
 
@@ -424,7 +457,7 @@ pub fn list_table(list: &PeerList, all_namespaces: bool, wide: bool, now: Timest
                 row.push(r.namespace.clone());
             }
             row.push(r.name.clone());
-            row.push(r.address.clone().unwrap_or_else(|| "-".into()));
+            row.push(address_text(r));
             row.push(if r.allow.is_empty() {
                 "-".into()
             } else {
@@ -479,7 +512,7 @@ pub fn show_text(d: &PeerDetail, wide: bool, now: Timestamp, style: &Style) -> S
     if let Some(m) = d.message.as_ref().filter(|m| !m.is_empty()) {
         line("Message", m.clone());
     }
-    line("Address", p.address.clone().unwrap_or_else(|| "-".into()));
+    line("Address", address_text(p));
     line("Public key", p.public_key.clone());
     line("Preshared key", if p.preshared_key { "yes" } else { "no" }.into());
     line(
@@ -1129,5 +1162,41 @@ pub(crate) mod tests {
         let mut old = ok;
         old.spec.expires_at = Some(Time(Timestamp::UNIX_EPOCH));
         assert_eq!(state(&old, Timestamp::from_second(10).unwrap()).0, "Expired");
+    }
+
+    #[test]
+    fn a_peer_not_served_shows_its_last_address_as_not_in_use() {
+        let now = Timestamp::from_second(10).unwrap();
+        let base = crate::reach::tests::peer("ns", "p", 1, vec![]);
+        let ok = with_status(base.clone(), Some(("True", "Accepted")), Some("100.64.0.2"));
+        let r = row_of(&ok, now);
+        assert_eq!(
+            (r.address.as_deref(), r.last_address.as_deref()),
+            (Some("100.64.0.2"), None)
+        );
+        assert_eq!(address_text(&r), "100.64.0.2");
+        // Disabled, as the gateway writes it: no address, the last one kept.
+        let mut off = with_status(base.clone(), Some(("False", "Disabled")), None);
+        off.spec.disabled = true;
+        off.status.as_mut().unwrap().last_address = Some("100.64.0.2".into());
+        let r = row_of(&off, now);
+        assert_eq!(
+            (r.address.as_deref(), r.last_address.as_deref()),
+            (None, Some("100.64.0.2"))
+        );
+        assert_eq!(address_text(&r), "100.64.0.2 (not in use)");
+        // Disabled before the gateway has answered: the address it still lists is not in use.
+        let mut off = ok.clone();
+        off.spec.disabled = true;
+        assert_eq!(address_text(&row_of(&off, now)), "100.64.0.2 (not in use)");
+        // Rejected with a fixed address it never had: that address, not in use.
+        let mut dup = with_status(base.clone(), Some(("False", "AddressInUse")), None);
+        dup.spec.address = Some("100.64.0.9".into());
+        assert_eq!(address_text(&row_of(&dup, now)), "100.64.0.9 (not in use)");
+        // Pending: the address asked for, as before; nothing at all: `-`.
+        let mut asked = base.clone();
+        asked.spec.address = Some("100.64.0.7".into());
+        assert_eq!(row_of(&asked, now).address.as_deref(), Some("100.64.0.7"));
+        assert_eq!(address_text(&row_of(&base, now)), "-");
     }
 }
