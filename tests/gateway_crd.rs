@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use kuberaya_ccm::platform::time::format_rfc3339;
 use kuberaya_e2e::cluster::Cluster;
-use kuberaya_e2e::probe::{curl, dig, http_get};
-use kuberaya_e2e::process::line_field;
-use kuberaya_e2e::sandbox::{TempSandbox, WgPeer, curl_local, free_port, gateway_keypair as keypair, onetun_path};
+use kuberaya_e2e::gateway::{self, CutOff, Gateway, PeerKey, free_udp_port};
+use kuberaya_e2e::probe::{curl, dig};
+use kuberaya_e2e::sandbox::{TempSandbox, curl_local, free_port, gateway_keypair as keypair, onetun_path};
 use kuberaya_e2e::{Process, binary, poll_until_blocking};
 use serde_json::Value;
 
@@ -51,42 +51,35 @@ fn peer(sb: &TempSandbox, ns: &str, name: &str) -> Result<Value> {
 /// An operator's laptop: a key pair and a tunnel address.
 struct Laptop {
     name: &'static str,
-    private: String,
-    public: String,
-    address: String,
+    key: PeerKey,
 }
 
 impl Laptop {
     fn new(name: &'static str, address: &str) -> Laptop {
-        let (private, public) = keypair();
         Laptop {
             name,
-            private,
-            public,
-            address: address.to_string(),
+            key: PeerKey::random(address.parse().expect("a tunnel address")),
         }
+    }
+
+    fn address(&self) -> String {
+        self.key.address.to_string()
     }
 
     /// The VpnPeer of this laptop in the gateway's namespace, allowed `default/web`.
     fn peer_yaml(&self, extra_spec: &str) -> String {
         format!(
             "apiVersion: vpn.cloudraya.com/v1alpha1\nkind: VpnPeer\nmetadata:\n  name: {}\n  namespace: {GW_NS}\nspec:\n  publicKey: \"{}\"\n  address: {}\n  allow:\n  - namespace: default\n    service: web\n{extra_spec}",
-            self.name, self.public, self.address
+            self.name, self.key.public, self.key.address
         )
     }
 
     /// One onetun forwarding a fresh local port to `remote` (`host:port:PROTO`).
-    fn onetun(&self, gw: &GatewayInfo, remote: &str) -> Result<Tunnel> {
+    fn onetun(&self, gw: &Gateway, remote: &str) -> Result<Tunnel> {
         let local = free_port();
-        let peer = WgPeer {
-            private_key: self.private.clone(),
-            gateway_key: gw.public_key.clone(),
-            endpoint: gw.endpoint.clone(),
-            address: self.address.clone(),
-        };
         Ok(Tunnel {
             port: local,
-            process: peer.onetun(local, remote),
+            process: gw.wg_peer(&self.key).onetun(local, remote),
         })
     }
 }
@@ -109,46 +102,17 @@ fn from_pod(body: &str) -> bool {
     body.starts_with("pod=web-") && body.contains("namespace=default")
 }
 
-/// What the gateway printed on start.
-struct GatewayInfo {
-    endpoint: String,
-    public_key: String,
-    metrics: String,
+/// The handshakes of the gateway's peer `name` in its own namespace.
+fn handshakes(gw: &Gateway, name: &str) -> u64 {
+    gw.handshakes(&format!("{GW_NS}/{name}"))
 }
 
-impl GatewayInfo {
-    fn metrics(&self) -> String {
-        http_get(&self.metrics, "/metrics")
-    }
-
-    /// The value of the metric line that starts with `name{` and contains every label.
-    fn metric(&self, name: &str, labels: &[&str]) -> u64 {
-        let text = self.metrics();
-        text.lines()
-            .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|lb| l.contains(lb)))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .map(|v| v as u64)
-            .sum()
-    }
-
-    /// The gateway's accepted-peers gauge.
-    fn accepted(&self) -> u64 {
-        self.metric("kuberaya_gateway_peers", &["state=\"accepted\""])
-    }
-
-    fn handshakes(&self, peer: &str) -> u64 {
-        self.metric(
-            "kuberaya_gateway_peer_handshakes_total",
-            &[&format!("peer=\"{GW_NS}/{peer}\"")],
-        )
-    }
-
-    fn denied_flows(&self, peer: &str) -> u64 {
-        self.metric(
-            "kuberaya_gateway_flows_total",
-            &[&format!("peer=\"{GW_NS}/{peer}\""), "verdict=\"denied\""],
-        )
-    }
+/// The flows of the gateway's peer `name` that it refused.
+fn denied_flows(gw: &Gateway, name: &str) -> u64 {
+    gw.metrics().get_all(
+        "kuberaya_gateway_flows_total",
+        &[&format!("peer=\"{GW_NS}/{name}\""), "verdict=\"denied\""],
+    ) as u64
 }
 
 const WORKLOADS: &str = r#"apiVersion: apps/v1
@@ -229,7 +193,7 @@ spec:
 /// initiation arrives before that retries only after WireGuard's 5 s REKEY_TIMEOUT.
 fn create_and_connect(
     sb: &TempSandbox,
-    gw: &GatewayInfo,
+    gw: &Gateway,
     laptop: &Laptop,
     web: &str,
     extra: &str,
@@ -272,18 +236,13 @@ fn create_and_connect(
 /// After a change made at `changed`, polls the tunnel until it has failed for 2 s in a
 /// row: the time from `changed` to the start of the first request of that failing run.
 fn cut_off_after(t: &Tunnel, changed: Instant) -> Result<Duration> {
-    let mut first_fail: Option<Instant> = None;
+    let mut cut = CutOff::default();
     let deadline = changed + Duration::from_secs(15);
     while Instant::now() < deadline {
         let start = Instant::now();
         let ok = t.get(Duration::from_millis(400)).is_some_and(|b| from_pod(&b));
-        match (ok, first_fail) {
-            (true, _) => first_fail = None,
-            (false, None) => first_fail = Some(start),
-            (false, Some(f)) if start.duration_since(f) >= Duration::from_secs(2) => {
-                return Ok(f.saturating_duration_since(changed));
-            }
-            (false, Some(_)) => {}
+        if let Some(first_fail) = cut.record(start, ok) {
+            return Ok(first_fail.saturating_duration_since(changed));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -300,8 +259,8 @@ struct Bystander {
 
 impl Bystander {
     /// Takes the current handshake count as the baseline.
-    fn baseline(&mut self, gw: &GatewayInfo) {
-        let now = gw.handshakes("bob");
+    fn baseline(&mut self, gw: &Gateway) {
+        let now = handshakes(gw, "bob");
         if now != self.handshakes {
             self.handshakes = now;
             self.session_start = Instant::now();
@@ -310,12 +269,12 @@ impl Bystander {
 
     /// The session carries traffic right after `what` and was not redone (no new
     /// handshake, unless the scheduled rekey of a session near 120 s old).
-    fn untouched(&mut self, gw: &GatewayInfo, what: &str) -> Result<()> {
+    fn untouched(&mut self, gw: &Gateway, what: &str) -> Result<()> {
         let body = self.tunnel.get(Duration::from_secs(2)).unwrap_or_default();
         ensure!(from_pod(&body), "bob's traffic after {what}: {body:?}");
         // Handshakes reach the metrics within a second.
         std::thread::sleep(Duration::from_millis(1100));
-        let now = gw.handshakes("bob");
+        let now = handshakes(gw, "bob");
         let rekey_due = self.session_start.elapsed() > Duration::from_secs(110);
         ensure!(
             now == self.handshakes || rekey_due,
@@ -409,36 +368,24 @@ fn vpn_peers_drive_the_gateway_live() -> Result<()> {
     });
     ensure!(ready.is_some(), "web does not answer on its ClusterIP {web}");
 
-    let mut gw_proc = Process::start(
-        "kuberaya-gateway",
-        [
-            "--kubeconfig",
-            sb.kubeconfig().to_str().context("utf-8")?,
+    let mut cmd = gateway::base_command();
+    cmd.arg("--kubeconfig")
+        .arg(sb.kubeconfig())
+        .args([
             "--namespace",
             GW_NS,
             "--private-key-secret",
             "kuberaya-gateway-key",
             "--listen",
-            &format!("127.0.0.1:{}", free_udp_port()),
-            "--metrics-bind-address",
-            "127.0.0.1:0",
-            "--health-bind-address",
-            "127.0.0.1:0",
-        ],
-    )?;
-    let line = gw_proc.wait_for_stdout_line("kuberaya-gateway listening", Duration::from_secs(60))?;
-    let field = |k: &str| line_field(&line, k);
-    let gw = GatewayInfo {
-        endpoint: field("udp")?,
-        public_key: field("public_key")?,
-        metrics: field("metrics")?,
-    };
+        ])
+        .arg(format!("127.0.0.1:{}", free_udp_port()));
+    let mut gw = Gateway::spawn(cmd, Duration::from_secs(60))?;
     // The key was generated into the Secret.
     sb.kubectl(&["get", "secret", "-n", GW_NS, "kuberaya-gateway-key"])?;
     let result = run_scenario(&sb, &gw, &web, &secret);
-    let alive = gw_proc.is_running();
-    result.map_err(|e| e.context(format!("gateway output:\n{}", gw_proc.output_tails())))?;
-    ensure!(alive, "the gateway exited\n{}", gw_proc.output_tails());
+    let alive = gw.process.is_running();
+    result.map_err(|e| e.context(format!("gateway output:\n{}", gw.process.output_tails())))?;
+    ensure!(alive, "the gateway exited\n{}", gw.process.output_tails());
     Ok(())
 }
 
@@ -446,14 +393,7 @@ fn curl_direct(ip: &str) -> Option<String> {
     curl(&format!("http://{ip}:80/"))
 }
 
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("a free UDP port")
-}
-
-fn run_scenario(sb: &TempSandbox, gw: &GatewayInfo, web: &str, secret: &str) -> Result<()> {
+fn run_scenario(sb: &TempSandbox, gw: &Gateway, web: &str, secret: &str) -> Result<()> {
     // bob: the bystander, connected first and checked across every other change.
     let bob = Laptop::new("bob", "100.64.0.20");
     let (bob_tunnel, _, _) = create_and_connect(sb, gw, &bob, web, "")?;
@@ -462,7 +402,7 @@ fn run_scenario(sb: &TempSandbox, gw: &GatewayInfo, web: &str, secret: &str) -> 
     // alice: created, accepted, allowed web, refused secret, DNS.
     let alice = Laptop::new("alice", "100.64.0.10");
     let handshakes = poll_until_blocking(Duration::from_secs(5), || {
-        Some(gw.handshakes("bob")).filter(|n| *n >= 1)
+        Some(handshakes(gw, "bob")).filter(|n| *n >= 1)
     })
     .with_context(|| format!("bob's handshake is counted: {}", gw.metrics()))?;
     let mut bob_t = Bystander {
@@ -538,7 +478,7 @@ fn run_scenario(sb: &TempSandbox, gw: &GatewayInfo, web: &str, secret: &str) -> 
     drop(alice_t);
 
     // Denied: secret is not in alice's rules; the gateway refuses and counts the flow.
-    let denied_before = gw.denied_flows("alice");
+    let denied_before = denied_flows(gw, "alice");
     let t = alice.onetun(gw, &format!("{secret}:80:TCP"))?;
     for _ in 0..3 {
         let got = t.get(Duration::from_secs(2));
@@ -548,7 +488,7 @@ fn run_scenario(sb: &TempSandbox, gw: &GatewayInfo, web: &str, secret: &str) -> 
         );
     }
     let counted = poll_until_blocking(Duration::from_secs(10), || {
-        (gw.denied_flows("alice") > denied_before).then_some(())
+        (denied_flows(gw, "alice") > denied_before).then_some(())
     });
     ensure!(counted.is_some(), "no denied flow counted for alice: {}", gw.metrics());
     drop(t);
@@ -626,7 +566,7 @@ fn run_scenario(sb: &TempSandbox, gw: &GatewayInfo, web: &str, secret: &str) -> 
     wait_condition(sb, GW_NS, "carol", false)?;
     let status = peer_status(sb, "carol")?;
     ensure!(
-        status == ["Disabled", "", &carol.address],
+        status == ["Disabled", "", &carol.address()],
         "carol's status (reason, address, lastAddress): {status:?}"
     );
     let row = peer_table(sb)?;
@@ -661,7 +601,7 @@ fn run_scenario(sb: &TempSandbox, gw: &GatewayInfo, web: &str, secret: &str) -> 
     );
     // Nothing changed the VpnPeer: the gateway's timer at expiresAt rewrote its status,
     // without the address it no longer has.
-    let want = ["Expired", "", &dave.address];
+    let want = ["Expired", "", &dave.address()];
     let said = poll_until_blocking(Duration::from_secs(10), || {
         (peer_status(sb, "dave").ok()? == want).then(|| until.elapsed())
     });
@@ -691,7 +631,7 @@ fn run_scenario(sb: &TempSandbox, gw: &GatewayInfo, web: &str, secret: &str) -> 
         (
             GW_NS,
             "zz-dup",
-            format!("publicKey: \"{}\"", bob.public),
+            format!("publicKey: \"{}\"", bob.key.public),
             "DuplicatePublicKey",
         ),
         (
@@ -731,7 +671,7 @@ fn run_scenario(sb: &TempSandbox, gw: &GatewayInfo, web: &str, secret: &str) -> 
     bob_t.untouched(gw, "the rejected peers")?;
 
     // A Service deleted: the gateway refuses new flows to it at once.
-    let denied_before = gw.denied_flows("bob");
+    let denied_before = denied_flows(gw, "bob");
     let changed = Instant::now();
     sb.kubectl(&["delete", "service", "web", "-n", "default", "--wait=false"])?;
     let refused = poll_until_blocking(Duration::from_secs(10), || {
@@ -739,7 +679,7 @@ fn run_scenario(sb: &TempSandbox, gw: &GatewayInfo, web: &str, secret: &str) -> 
             .tunnel
             .get(Duration::from_millis(500))
             .is_some_and(|b| from_pod(&b));
-        (!ok && gw.denied_flows("bob") > denied_before).then(|| changed.elapsed())
+        (!ok && denied_flows(gw, "bob") > denied_before).then(|| changed.elapsed())
     })
     .with_context(|| format!("new flows to the deleted Service were not refused: {}", gw.metrics()))?;
     eprintln!(

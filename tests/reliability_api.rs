@@ -33,7 +33,7 @@ use kuberaya_e2e::ccm::{Ccm, write_cloud_config};
 use kuberaya_e2e::cloud::{CLUSTER_LABEL, by_service};
 use kuberaya_e2e::cluster::{Cluster, ingress_ip};
 use kuberaya_e2e::gateway::{self, CutOff, Gateway, free_udp_port};
-use kuberaya_e2e::sandbox::{WgPeer, free_port, gateway_keypair, onetun_path, output_text};
+use kuberaya_e2e::sandbox::{free_port, gateway_keypair, onetun_path, output_text};
 use kuberaya_e2e::{JsonApi, PlatformTarget, Process, SandboxOptions, poll_until_blocking, unique_net_index};
 use serde_json::{Value, json};
 
@@ -841,12 +841,7 @@ impl Laptop {
     /// first initiation is refused retries only after 5 s).
     fn connect(&mut self, gw: &Gateway, web: &str) -> Result<()> {
         let local = free_port();
-        let peer = WgPeer {
-            private_key: self.private.clone(),
-            gateway_key: gw.public_key.clone(),
-            endpoint: gw.udp.to_string(),
-            address: self.address.clone(),
-        };
+        let peer = gw.wg_peer_of(&self.private, &self.address);
         let mut cmd = peer.onetun_command(local, &format!("{web}:80:TCP"));
         if let Some(psk) = &self.psk {
             cmd.env("ONETUN_PRESHARED_KEY", psk);

@@ -208,11 +208,16 @@ impl Gateway {
 
     /// `peer` as onetun meets this gateway.
     pub fn wg_peer(&self, peer: &PeerKey) -> WgPeer {
+        self.wg_peer_of(&peer.private_key(), &peer.address.to_string())
+    }
+
+    /// The peer of `private_key` (base64) at tunnel `address` as onetun meets this gateway.
+    pub fn wg_peer_of(&self, private_key: &str, address: &str) -> WgPeer {
         WgPeer {
-            private_key: peer.private_key(),
+            private_key: private_key.to_string(),
             gateway_key: self.public_key.clone(),
             endpoint: self.udp.to_string(),
-            address: peer.address.to_string(),
+            address: address.to_string(),
         }
     }
 
@@ -264,9 +269,18 @@ impl std::fmt::Display for Metrics {
 impl Metrics {
     /// The sum of `name` over the label sets containing `label` (every set when empty).
     pub fn get(&self, name: &str, label: &str) -> f64 {
+        self.get_all(name, &[label])
+    }
+
+    /// The sum of `name` over the label sets containing every one of `labels`.
+    pub fn get_all(&self, name: &str, labels: &[&str]) -> f64 {
         self.0
             .lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']) && l.contains(label))
+            .filter(|l| {
+                l.starts_with(name)
+                    && l[name.len()..].starts_with([' ', '{'])
+                    && labels.iter().all(|label| l.contains(label))
+            })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
@@ -442,6 +456,21 @@ mod tests {
         assert_eq!(e["spec"]["address"], "100.64.0.3");
         assert_eq!(e["spec"]["allow"][1]["service"], "db");
         assert_eq!(e["namespace"], "default");
+    }
+
+    #[test]
+    fn metrics_sum_the_label_sets_that_carry_every_label() {
+        let m = Metrics(
+            "kuberaya_gateway_flows_total{peer=\"ns/a\",verdict=\"denied\"} 2\n\
+             kuberaya_gateway_flows_total{peer=\"ns/a\",verdict=\"allowed\"} 5\n\
+             kuberaya_gateway_flows_total{peer=\"ns/b\",verdict=\"denied\"} 3\n\
+             kuberaya_gateway_flows_total_other{peer=\"ns/a\",verdict=\"denied\"} 9\n"
+                .into(),
+        );
+        let flows = "kuberaya_gateway_flows_total";
+        assert_eq!(m.get_all(flows, &["peer=\"ns/a\"", "verdict=\"denied\""]), 2.0);
+        assert_eq!(m.get(flows, "verdict=\"denied\""), 5.0);
+        assert_eq!(m.get(flows, ""), 10.0);
     }
 
     #[test]

@@ -21,6 +21,12 @@
 //! - [`ccm`]: [`ccm::Ccm`], the `kuberaya-ccm` binary run against a `CloudSandbox`.
 //! - [`calls`]: the stand-in's call counts and what the tests compute from them.
 //! - [`probe`]: `curl`, `dig`, UDP echo and metrics probes, and which pod answered.
+//! - [`gateway`]: the `kuberaya-gateway` binary on loopback: its command line, its start
+//!   line ([`gateway::Gateway`]), `/metrics`, test peers' keys, onetun as a peer, when
+//!   traffic was cut ([`gateway::CutOff`]), and IP packets for a test's own client.
+//! - [`kube_rest`]: [`kube_rest::KubeRest`], a plain REST client of the Kubernetes API
+//!   for creating thousands of objects with bounded concurrency.
+//! - [`b64`]: standard base64 ([`b64()`], [`b64_decode`]) on the workspace's crate.
 
 pub mod b64;
 pub mod bins;
