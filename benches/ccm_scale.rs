@@ -11,7 +11,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -19,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use common::{cpu_time, die_with_parent, knob, machine, peak_rss_mib, ratio, result, secs};
 use futures::StreamExt;
+use kuberaya_e2e::ccm::{Ccm, write_cloud_config};
 use kuberaya_e2e::kube_rest::KubeRest as Kube;
 use kuberaya_e2e::{JsonApi, Process, binary};
 use serde_json::{Value, json};
@@ -84,10 +84,6 @@ impl Sizes {
             rate_limited: common::enabled("KR_BENCH_RATE_LIMITED"),
         }
     }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// The two stand-ins the CCM talks to, each its own process: the platform stand-in
@@ -255,24 +251,7 @@ impl Sandbox {
 
     /// Every item of a paginated list of the platform API (100 a page).
     fn list(&self, path: &str) -> Result<Vec<Value>> {
-        let mut items = Vec::new();
-        for page in 1.. {
-            let sep = if path.contains('?') { '&' } else { '?' };
-            let a = self.rt.block_on(self.api.request(
-                reqwest::Method::GET,
-                &format!("{path}{sep}per_page=100&page={page}"),
-                None,
-            ));
-            ensure!(a.status == 200, "GET {path}: {}", a.describe());
-            let got = a.data()["items"].as_array().context("items")?.clone();
-            let total = a.data()["total"].as_u64().unwrap_or(0) as usize;
-            let done = got.is_empty() || items.len() + got.len() >= total;
-            items.extend(got);
-            if done {
-                break;
-            }
-        }
-        Ok(items)
+        self.rt.block_on(self.api.list_all(path))
     }
 
     fn lbs(&self) -> Result<Vec<Value>> {
@@ -370,44 +349,22 @@ impl Sandbox {
         Ok((done, total))
     }
 
-    /// Starts `kuberaya-ccm` against this sandbox and waits until it leads.
-    fn start_ccm(&self, syncs: u64, resync: Duration) -> Result<Process> {
+    /// Starts `kuberaya-ccm` against this sandbox (dying with the bench) and waits until it
+    /// leads.
+    fn start_ccm(&self, syncs: u64, resync: Duration) -> Result<Ccm> {
         let config = self.dir.path().join("cloud-config.yaml");
-        std::fs::write(
+        write_cloud_config(&config, &self.url, &self.cluster_id)?;
+        let (syncs, resync) = (syncs.to_string(), format!("{}s", resync.as_secs()));
+        let (cmd, metrics) = Ccm::command(
+            &self.kubeconfig,
             &config,
-            format!("api_url: {}\ncluster_id: {}\n", self.url, self.cluster_id),
-        )?;
-        let metrics = format!("127.0.0.1:{}", free_port()?);
-        let health = format!("127.0.0.1:{}", free_port()?);
-        let mut cmd = Command::new(binary("kuberaya-ccm"));
-        cmd.env("CLOUDRAYA_EMAIL", &self.email)
-            .env("CLOUDRAYA_PASSWORD", &self.password)
-            .env("RUST_LOG", "info,kube_runtime=warn")
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .arg("--cloud-config")
-            .arg(&config)
-            .args([
-                "--leader-elect-resource-namespace",
-                "default",
-                "--metrics-bind-address",
-                &metrics,
-                "--health-bind-address",
-                &health,
-                "--concurrent-service-syncs",
-                &syncs.to_string(),
-                "--resync-period",
-                &format!("{}s", resync.as_secs()),
-            ]);
-        let mut process = Process::spawn_command(die_with_parent(cmd))?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !process.stdout().contains("became leader") {
-            if Instant::now() > deadline || !process.is_running() {
-                bail!("kuberaya-ccm did not become leader\n{}", process.output_tails());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(process)
+            (&self.email, &self.password),
+            "info,kube_runtime=warn",
+            &["--concurrent-service-syncs", &syncs, "--resync-period", &resync],
+        );
+        let mut ccm = Ccm::start(die_with_parent(cmd), metrics)?;
+        ccm.wait_leader(Duration::from_secs(60))?;
+        Ok(ccm)
     }
 
     fn metric(&self, metrics_addr: &str, name: &str) -> Option<f64> {
@@ -425,17 +382,6 @@ impl Sandbox {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .reduce(|a, b| a + b)
     }
-}
-
-/// The metrics address the CCM was started with (from its command line in /proc).
-fn metrics_addr(ccm: &Process) -> Option<String> {
-    let cmdline = std::fs::read(format!("/proc/{}/cmdline", ccm.pid())).ok()?;
-    let args: Vec<String> = cmdline
-        .split(|b| *b == 0)
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    let i = args.iter().position(|a| a == "--metrics-bind-address")?;
-    args.get(i + 1).cloned()
 }
 
 fn mutating(calls: &BTreeMap<String, u64>) -> u64 {
@@ -509,14 +455,14 @@ impl Convergence {
 /// Creates `count` Services at once and waits (at most `timeout`) until all have an ingress.
 fn converge(
     sb: &Sandbox,
-    ccm: &Process,
+    ccm: &Ccm,
     prefix: &str,
     count: u64,
     timeout: Duration,
     hc_interval_s: u64,
 ) -> Result<Convergence> {
     let before = sb.calls()?;
-    let ccm_cpu0 = cpu_time(ccm.pid()).unwrap_or_default();
+    let ccm_cpu0 = cpu_time(ccm.process.pid()).unwrap_or_default();
     let (platform_cpu0, kube_cpu0) = sb.cpu();
     let started = Instant::now();
     let created_in = sb.create_services(prefix, count, hc_interval_s)?;
@@ -543,7 +489,7 @@ fn converge(
         done,
         services: count,
         calls: diff(&before, &sb.calls()?),
-        ccm_cpu: cpu_time(ccm.pid()).unwrap_or_default().saturating_sub(ccm_cpu0),
+        ccm_cpu: cpu_time(ccm.process.pid()).unwrap_or_default().saturating_sub(ccm_cpu0),
         platform_cpu: sb.cpu().0.saturating_sub(platform_cpu0),
         kube_cpu: sb.cpu().1.saturating_sub(kube_cpu0),
     })
@@ -625,7 +571,7 @@ fn measured(sizes: &Sizes) -> Result<Option<Convergence>> {
             common::load_average()
         ),
     );
-    if let Some(rss) = peak_rss_mib(ccm.pid()) {
+    if let Some(rss) = peak_rss_mib(ccm.process.pid()) {
         result(
             "ccm.peak_rss after convergence",
             format!("{rss:.1} MiB (goal < 64 MiB)"),
@@ -786,7 +732,7 @@ fn measured(sizes: &Sizes) -> Result<Option<Convergence>> {
             show(&burst)
         ),
     );
-    if let Some(rss) = peak_rss_mib(ccm.pid()) {
+    if let Some(rss) = peak_rss_mib(ccm.process.pid()) {
         result(
             &format!("ccm.peak_rss ({} Services, {} nodes)", sizes.services, sb.nodes + 1),
             format!("{rss:.1} MiB VmHWM (goal < 64 MiB)"),
@@ -818,7 +764,7 @@ fn rate_limited(sizes: &Sizes) -> Result<()> {
     let sb = Sandbox::up(2, 3)?;
     let ccm = sb.start_ccm(sizes.syncs, Duration::from_secs(300))?;
     sb.wait_initialised(3, sizes.timeout)?;
-    let metrics = metrics_addr(&ccm).context("metrics address")?;
+    let metrics = ccm.metrics.clone();
     let waits0 = sb
         .metric(&metrics, "kuberaya_ccm_platform_rate_limit_waits_total")
         .unwrap_or(0.0);

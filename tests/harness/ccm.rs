@@ -45,6 +45,19 @@ impl Ccm {
         rust_log: &str,
         args: &[&str],
     ) -> Result<Ccm> {
+        let (cmd, metrics) = Ccm::command(kubeconfig, config, credentials, rust_log, args);
+        Ccm::start(cmd, metrics)
+    }
+
+    /// The command line of [`Ccm::spawn_with`] and its metrics address, for a caller to
+    /// wrap (a bench makes it die with its parent) and start with [`Ccm::start`].
+    pub fn command(
+        kubeconfig: &Path,
+        config: &Path,
+        credentials: (&str, &str),
+        rust_log: &str,
+        args: &[&str],
+    ) -> (Command, String) {
         let metrics = format!("127.0.0.1:{}", free_port());
         let health = format!("127.0.0.1:{}", free_port());
         let mut cmd = Command::new(binary("kuberaya-ccm"));
@@ -64,6 +77,11 @@ impl Ccm {
                 &health,
             ])
             .args(args);
+        (cmd, metrics)
+    }
+
+    /// Starts `cmd` (of [`Ccm::command`]), whose metrics listen on `metrics`.
+    pub fn start(cmd: Command, metrics: String) -> Result<Ccm> {
         Ok(Ccm {
             process: Process::spawn_command(cmd)?,
             metrics,
