@@ -9,7 +9,11 @@
 //!   a 10,000/s flood of initiations from unknown keys (valid MAC1: anyone who knows the
 //!   gateway's public key can make them; answered with cookie replies above the limit),
 //!   and with a flood of real handshakes at full speed (the worst case: every one costs
-//!   the gateway its Diffie-Hellman operations).
+//!   the gateway its Diffie-Hellman operations), counting the handshake responses and
+//!   cookie replies that come back. The flood repeats its initiations after
+//!   `KR_BENCH_FLOOD_ROUNDS` rounds: a repeat is a replay, which the gateway rejects after
+//!   its Diffie-Hellman work, without a response; at 250 rounds the 10,000/s flood stays
+//!   fresh for 6 s, so responses count every handshake taken.
 //!
 //! Run: `cargo bench --bench gateway_flood`. Knobs: `KR_BENCH_FLOOD_PEERS` (256),
 //! `KR_BENCH_FLOOD_ROUNDS` (40 initiations per peer), `KR_BENCH_FLOOD_RATE` (10000/s),
@@ -136,9 +140,17 @@ fn onetun(gw: &Gateway, peer: &PeerKey, remote: SocketAddr) -> Result<(Process, 
     Ok((p, local))
 }
 
-/// Sends `datagrams` round-robin at `rate` per second until `stop`, in a thread; the
-/// count goes to `sent`.
-fn flood(to: SocketAddr, datagrams: Vec<Vec<u8>>, rate: u64, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>) {
+/// What a flood sent and what came back.
+#[derive(Default)]
+struct FloodCounts {
+    sent: AtomicU64,
+    responses: AtomicU64,
+    cookies: AtomicU64,
+}
+
+/// Sends `datagrams` round-robin at `rate` per second until `stop`, in a thread, counting
+/// them and the answers in `counts`.
+fn flood(to: SocketAddr, datagrams: Vec<Vec<u8>>, rate: u64, stop: Arc<AtomicBool>, counts: Arc<FloodCounts>) {
     std::thread::spawn(move || {
         let Ok(sock) = UdpSocket::bind("127.0.0.1:0") else {
             return;
@@ -158,10 +170,16 @@ fn flood(to: SocketAddr, datagrams: Vec<Vec<u8>>, rate: u64, stop: Arc<AtomicBoo
                 }
             }
             // Drain the answers (cookie replies, responses).
-            while sock.recv(&mut buf).is_ok() {}
+            while let Ok(len) = sock.recv(&mut buf) {
+                match (len, buf[0]) {
+                    (92, 2) => counts.responses.fetch_add(1, Ordering::Relaxed),
+                    (64, 3) => counts.cookies.fetch_add(1, Ordering::Relaxed),
+                    _ => 0,
+                };
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
-        sent.store(n, Ordering::Relaxed);
+        counts.sent.store(n, Ordering::Relaxed);
     });
 }
 
@@ -225,23 +243,28 @@ fn main() -> Result<()> {
             (initiations(&peers[1..], &gw, rounds), "registered peers' initiations")
         };
         let flood_stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicU64::new(0));
+        let counts = Arc::new(FloodCounts::default());
         let cpu0 = cpu_time(pid).unwrap_or_default();
-        flood(gw.udp, datagrams, rate, flood_stop.clone(), sent.clone());
+        let flood_started = Instant::now();
+        flood(gw.udp, datagrams, rate, flood_stop.clone(), counts.clone());
         std::thread::sleep(Duration::from_millis(300));
         let started = Instant::now();
         let during = download_mbit(local, window);
         let took = started.elapsed() + Duration::from_millis(300);
         flood_stop.store(true, Ordering::Relaxed);
+        let flooded = flood_started.elapsed();
         std::thread::sleep(Duration::from_millis(100));
         let cpu = cpu_time(pid).unwrap_or_default().saturating_sub(cpu0);
         result(
             &format!("established_peer_throughput ({what}: {rate}/s {kind})"),
             format!(
-                "{during:.0} Mbit/s during vs {without:.0} Mbit/s without → {:.2}x (goal ≥ 0.5x); {} sent, gateway \
-                 CPU {:.2} s in {:.1} s; {}",
+                "{during:.0} Mbit/s during vs {without:.0} Mbit/s without → {:.2}x (goal ≥ 0.5x); {} sent, {} \
+                 handshake responses ({:.0}/s), {} cookie replies, gateway CPU {:.2} s in {:.1} s; {}",
                 during / without.max(1e-9),
-                sent.load(Ordering::Relaxed),
+                counts.sent.load(Ordering::Relaxed),
+                counts.responses.load(Ordering::Relaxed),
+                counts.responses.load(Ordering::Relaxed) as f64 / flooded.as_secs_f64(),
+                counts.cookies.load(Ordering::Relaxed),
                 cpu.as_secs_f64(),
                 took.as_secs_f64(),
                 common::load_average()

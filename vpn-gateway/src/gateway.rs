@@ -12,6 +12,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 
 use crate::acl::{Acl, Catalog, Verdict};
+use crate::budget::HandshakeBudget;
 use crate::dataplane::{DataPlane, Inbound, Policy};
 use crate::http::Health;
 use crate::keys::PrivateKey;
@@ -114,6 +115,12 @@ fn send_batch(socket: &UdpSocket, sends: &[(SocketAddr, usize, usize)], buf: &[u
 /// A WireGuard cookie reply (type 3, 64 bytes).
 fn is_cookie_reply(d: &[u8]) -> bool {
     d.len() == 64 && d[..4] == [3, 0, 0, 0]
+}
+
+/// A handshake initiation (type 1, 148 bytes) or response (type 2, 92 bytes): the messages
+/// whose time counts against the handshake budget.
+fn is_handshake(d: &[u8]) -> bool {
+    (d.len() == 148 && d[..4] == [1, 0, 0, 0]) || (d.len() == 92 && d[..4] == [2, 0, 0, 0])
 }
 
 /// Received datagrams: (source, length) of each slot of the batch buffer.
@@ -276,6 +283,9 @@ pub struct Gateway {
     /// Kept for the UAPI `get` answer (`wg show` derives the public key from it).
     private_key: PrivateKey,
     uapi: Option<mpsc::Receiver<StateRequest>>,
+    /// Handshake time against the loop's: over it, initiations get cookie replies even
+    /// below `handshake_limit`, so a flood of real handshakes cannot starve the data.
+    budget: HandshakeBudget,
 }
 
 impl Gateway {
@@ -295,6 +305,7 @@ impl Gateway {
             next_expiry: None,
             private_key: key,
             uapi: None,
+            budget: HandshakeBudget::default(),
         }
     }
 
@@ -395,13 +406,23 @@ impl Gateway {
 
     fn datagram(&mut self, from: SocketAddr, d: &[u8]) {
         let sent = self.io.sends.len();
+        // Only handshake messages are timed: data pays for no clock reads.
+        let started = is_handshake(d).then(Instant::now);
+        let over_budget = started.is_some_and(|t| self.budget.over(t));
+        self.table.set_over_budget(over_budget);
         let r = self.table.handle_datagram(from, d, &mut self.buf, &mut self.io);
+        if let Some(t) = started {
+            self.budget.record(t, Instant::now());
+        }
         // A handshake refused under load is answered, not dropped: count the answers.
         let cookies = self.io.sends[sent..]
             .iter()
             .filter(|&&(_, start, len)| is_cookie_reply(&self.io.send_buf[start..start + len]))
-            .count();
-        self.metrics.cookie_replies.inc_by(cookies as u64);
+            .count() as u64;
+        self.metrics.cookie_replies.inc_by(cookies);
+        if over_budget {
+            self.metrics.cookie_replies_over_budget.inc_by(cookies);
+        }
         if let Err(e) = r {
             let peer = e.peer().map(|p| p.to_string()).unwrap_or_default();
             let label = e.label();
@@ -743,5 +764,29 @@ mod tick_tests {
         );
         let rx = TunnelStats { rx_bytes: 10, ..shook };
         assert!(has_activity(&rx, &shook));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_handshake_messages_are_timed() {
+        let mut init = vec![0u8; 148];
+        init[0] = 1;
+        let mut response = vec![0u8; 92];
+        response[0] = 2;
+        assert!(is_handshake(&init) && is_handshake(&response));
+        let mut cookie = vec![0u8; 64];
+        cookie[0] = 3;
+        let mut data = vec![0u8; 148];
+        data[0] = 4;
+        let mut odd = init.clone();
+        odd[1] = 1;
+        for d in [&cookie, &data, &odd, &init[..147].to_vec(), &vec![]] {
+            assert!(!is_handshake(d), "{d:?}");
+        }
+        assert!(is_cookie_reply(&cookie) && !is_cookie_reply(&init));
     }
 }

@@ -11,6 +11,8 @@
 //! - [`dns`]: the gateway's DNS answers (cluster Services, per-peer policy).
 //! - [`tunnel`]: one boringtun `Tunn` per peer ([`tunnel::PeerTunnel`]) and the
 //!   [`tunnel::PeerTable`] routing datagrams to them. No sockets inside.
+//! - [`budget`]: the share of the loop's time handshakes may take before initiations get
+//!   cookie replies, whatever `--handshake-limit` says.
 //! - [`dataplane`]: what happens to decrypted, checked packets ([`dataplane::DataPlane`]);
 //!   the userspace implementation terminates flows in smoltcp.
 //! - [`source`]: where peers and Services come from (Kubernetes watchers or static files).
@@ -24,6 +26,7 @@
 
 pub mod acl;
 pub mod audit;
+pub mod budget;
 pub mod crd;
 pub mod dataplane;
 pub mod dns;

@@ -35,6 +35,9 @@ pub struct Metrics {
     pub handshakes: Family<PeerLabels, Counter>,
     /// Handshake initiations answered with a cookie reply (over `--handshake-limit`).
     pub cookie_replies: Counter,
+    /// Of those, the ones sent because handshakes were over their share of the gateway's
+    /// time (the handshake budget), whatever the rate.
+    pub cookie_replies_over_budget: Counter,
     pub rx_bytes: Family<PeerLabels, Counter>,
     pub tx_bytes: Family<PeerLabels, Counter>,
     pub dropped: Family<DropLabels, Counter>,
@@ -54,6 +57,11 @@ impl Metrics {
                 "cookie_replies",
                 "Handshake messages answered with a cookie reply (over the handshake limit)",
                 m.cookie_replies.clone(),
+            );
+            r.register(
+                "cookie_replies_over_budget",
+                "Cookie replies sent because handshakes used over half of the gateway's time",
+                m.cookie_replies_over_budget.clone(),
             );
             r.register(
                 "peer_rx_bytes",
@@ -112,6 +120,7 @@ mod tests {
         let m = Metrics::new();
         m.dropped_packet("default/alice", "spoofed");
         m.cookie_replies.inc_by(3);
+        m.cookie_replies_over_budget.inc_by(2);
         m.handshakes
             .get_or_create(&PeerLabels {
                 peer: "default/alice".into(),
@@ -127,5 +136,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("kuberaya_gateway_cookie_replies_total 3"), "{text}");
+        assert!(
+            text.contains("kuberaya_gateway_cookie_replies_over_budget_total 2"),
+            "{text}"
+        );
     }
 }

@@ -351,6 +351,12 @@ pub struct PeerTable {
     /// `verify_packet` too, so sharing `limiter` counted every handshake twice (the limit
     /// was half the setting) and had `Tunn` send cookie replies of its own.
     tunn_limiter: Arc<RateLimiter>,
+    /// Always under load: checks handshakes instead of `limiter` while the caller says
+    /// handshakes used up their share of its time ([`PeerTable::set_over_budget`]). Its
+    /// cookies are its own (each limiter has its secret), so a peer answered by it comes
+    /// back with a cookie it accepts.
+    overload_limiter: Arc<RateLimiter>,
+    over_budget: bool,
     tunnels: HashMap<u32, PeerTunnel>,
     by_key: HashMap<PublicKey, u32>,
     by_addr: HashMap<Ipv4Addr, u32>,
@@ -380,6 +386,8 @@ impl PeerTable {
         PeerTable {
             limiter: Arc::new(RateLimiter::new(&x_public, handshake_limit)),
             tunn_limiter: Arc::new(RateLimiter::new(&x_public, u64::MAX)),
+            overload_limiter: Arc::new(RateLimiter::new(&x_public, 0)),
+            over_budget: false,
             private,
             x_private,
             x_public,
@@ -487,6 +495,13 @@ impl PeerTable {
         0
     }
 
+    /// Whether handshake messages are over their CPU budget (see [`crate::budget`]): while
+    /// they are, each is answered with a cookie reply unless it carries a valid cookie,
+    /// as above `handshake_limit`.
+    pub fn set_over_budget(&mut self, over: bool) {
+        self.over_budget = over;
+    }
+
     /// Handle one datagram from `src`. `buf` must be [`BUF_SIZE`] bytes.
     pub fn handle_datagram(
         &mut self,
@@ -495,7 +510,12 @@ impl PeerTable {
         buf: &mut [u8],
         io: &mut impl TunnelIo,
     ) -> Result<(), DropReason> {
-        let (index, initiation) = match self.limiter.verify_packet(Some(src.ip()), datagram, buf) {
+        let limiter = if self.over_budget {
+            &self.overload_limiter
+        } else {
+            &self.limiter
+        };
+        let (index, initiation) = match limiter.verify_packet(Some(src.ip()), datagram, buf) {
             Err(TunnResult::WriteToNetwork(cookie)) => {
                 io.send(src, cookie);
                 return Ok(());
@@ -899,6 +919,61 @@ mod tests {
         // After the reset the flooder's handshakes pass again.
         table.tick(Instant::now(), &mut buf, &mut io);
         let _ = flooder.send(&mut table, &packet([100, 64, 0, 3]));
+    }
+
+    #[test]
+    fn over_budget_initiations_get_cookies_and_a_cookie_it_issued_is_accepted() {
+        // No rate limit: only the budget puts the table under load.
+        let mut table = PeerTable::new(PrivateKey::generate(), u64::MAX);
+        let mut a = Laptop::new(table.public_key(), 40001, None);
+        let mut b = Laptop::new(table.public_key(), 40002, None);
+        table.sync(&[a.accepted("t", [100, 64, 0, 2]), b.accepted("t", [100, 64, 0, 3])]);
+        assert_eq!(a.send(&mut table, &packet([100, 64, 0, 2])).len(), 1);
+        table.set_over_budget(true);
+        let mut out = vec![0u8; BUF_SIZE];
+        let mut buf = vec![0u8; BUF_SIZE];
+        let mut io = Io::default();
+        let TunnResult::WriteToNetwork(h) = b.tunn.format_handshake_initiation(&mut out, true) else {
+            panic!("no handshake initiation")
+        };
+        let h = h.to_vec();
+        for _ in 0..3 {
+            assert!(table.handle_datagram(b.addr, &h, &mut buf, &mut io).is_ok());
+        }
+        let cookies: Vec<_> = io
+            .sent
+            .iter()
+            .filter(|(to, d)| *to == b.addr && d.first() == Some(&3) && d.len() == 64)
+            .map(|(_, d)| d.clone())
+            .collect();
+        assert_eq!(
+            cookies.len(),
+            3,
+            "every initiation answered with a cookie: {:?}",
+            io.sent.len()
+        );
+        assert_eq!(io.sent.len(), 3, "nothing but cookie replies");
+        assert_eq!(table.active(), 1, "no tunnel for a cookie reply");
+        // The established session's data is not affected.
+        assert_eq!(a.send(&mut table, &packet([100, 64, 0, 2])).len(), 1);
+        // b takes the cookie and initiates again with its MAC2: the same limiter accepts it.
+        assert!(matches!(
+            b.tunn.decapsulate(None, &cookies[0], &mut out),
+            TunnResult::Done
+        ));
+        b.handshake(&mut table);
+        assert_eq!(table.active(), 2);
+        assert_eq!(stats_of(&table, [100, 64, 0, 3]).handshakes, 1);
+        assert_eq!(b.send(&mut table, &packet([100, 64, 0, 3])).len(), 1);
+        // Back under budget, an initiation without a cookie is taken again.
+        table.set_over_budget(false);
+        let mut c = Laptop::new(table.public_key(), 40003, None);
+        table.sync(&[
+            a.accepted("t", [100, 64, 0, 2]),
+            b.accepted("t", [100, 64, 0, 3]),
+            c.accepted("t", [100, 64, 0, 4]),
+        ]);
+        assert_eq!(c.send(&mut table, &packet([100, 64, 0, 4])).len(), 1);
     }
 
     fn stats_of(table: &PeerTable, a: [u8; 4]) -> TunnelStats {
