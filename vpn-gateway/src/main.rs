@@ -53,7 +53,8 @@ struct Args {
     /// DNS server for names outside the cluster domain (REFUSED when absent).
     #[arg(long, env = "GATEWAY_DNS_UPSTREAM")]
     dns_upstream: Option<SocketAddr>,
-    /// Handshakes per second before cookie replies are demanded.
+    /// Handshakes per second before cookie replies are demanded. They are demanded too,
+    /// whatever this says, while handshakes take over half of the gateway's time.
     #[arg(long, default_value_t = kuberaya_gateway::tunnel::DEFAULT_HANDSHAKE_LIMIT)]
     handshake_limit: u64,
     /// Serve the standard WireGuard UAPI (read-only) on `<uapi-dir>/<NAME>.sock`, so that
