@@ -19,6 +19,7 @@ use anyhow::{Context, Result, bail, ensure};
 use common::{cpu_time, die_with_parent, knob, machine, peak_rss_mib, ratio, result, secs};
 use futures::StreamExt;
 use kuberaya_e2e::ccm::{Ccm, write_cloud_config};
+use kuberaya_e2e::gateway::Metrics;
 use kuberaya_e2e::kube_rest::KubeRest as Kube;
 use kuberaya_e2e::{JsonApi, Process, binary};
 use serde_json::{Value, json};
@@ -352,8 +353,19 @@ impl Sandbox {
     /// Starts `kuberaya-ccm` against this sandbox (dying with the bench) and waits until it
     /// leads.
     fn start_ccm(&self, syncs: u64, resync: Duration) -> Result<Ccm> {
+        self.start_ccm_with(syncs, resync, None)
+    }
+
+    /// As [`Sandbox::start_ccm`], with the cloud config's client-side token bucket
+    /// (`rate_limit: {qps, burst}`) when given.
+    fn start_ccm_with(&self, syncs: u64, resync: Duration, bucket: Option<u64>) -> Result<Ccm> {
         let config = self.dir.path().join("cloud-config.yaml");
         write_cloud_config(&config, &self.url, &self.cluster_id)?;
+        if let Some(qps) = bucket {
+            let mut text = std::fs::read_to_string(&config)?;
+            text.push_str(&format!("rate_limit: {{qps: {qps}, burst: {qps}}}\n"));
+            std::fs::write(&config, text)?;
+        }
         let (syncs, resync) = (syncs.to_string(), format!("{}s", resync.as_secs()));
         let (cmd, metrics) = Ccm::command(
             &self.kubeconfig,
@@ -367,7 +379,9 @@ impl Sandbox {
         Ok(ccm)
     }
 
-    fn metric(&self, metrics_addr: &str, name: &str) -> Option<f64> {
+    /// The sum of the CCM's metric `name` over its label sets containing `label` (all
+    /// when empty).
+    fn metric(&self, metrics_addr: &str, name: &str, label: &str) -> Option<f64> {
         let body = self
             .rt
             .block_on(async {
@@ -377,10 +391,7 @@ impl Sandbox {
                     .await
             })
             .ok()?;
-        body.lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .reduce(|a, b| a + b)
+        Some(Metrics(body).get(name, label))
     }
 }
 
@@ -760,35 +771,44 @@ fn baseline(sizes: &Sizes) -> Result<Convergence> {
 }
 
 /// Under a platform allowing `rate` calls per second (429 + Retry-After: 1 beyond it).
-fn rate_limited(sizes: &Sizes) -> Result<()> {
+/// `bucket`: the CCM's client-side token bucket set to the platform's quota (the cloud
+/// config's `rate_limit`), or none (the default: only the 429s' `Retry-After`).
+fn rate_limited(sizes: &Sizes, bucket: bool) -> Result<()> {
     let sb = Sandbox::up(2, 3)?;
-    let ccm = sb.start_ccm(sizes.syncs, Duration::from_secs(300))?;
+    let ccm = sb.start_ccm_with(sizes.syncs, Duration::from_secs(300), bucket.then_some(sizes.rate))?;
     sb.wait_initialised(3, sizes.timeout)?;
     let metrics = ccm.metrics.clone();
-    let waits0 = sb
-        .metric(&metrics, "kuberaya_ccm_platform_rate_limit_waits_total")
-        .unwrap_or(0.0);
+    let counters = || {
+        let waits = sb.metric(&metrics, "kuberaya_ccm_platform_rate_limit_waits_total", "");
+        let refused = sb.metric(&metrics, "kuberaya_ccm_platform_requests_total", "status=\"429\"");
+        (waits.unwrap_or(0.0), refused.unwrap_or(0.0))
+    };
+    let (waits0, refused0) = counters();
     sb.set_faults(json!([
         { "latency_ms": sizes.latency_ms },
         { "rate_limit_per_s": sizes.rate, "retry_after_s": 1 },
     ]))?;
     let conv = converge(&sb, &ccm, "r", sizes.rate_services, sizes.timeout, sizes.hc_interval_s)?;
     sb.set_faults(json!([]))?;
-    let waits = sb
-        .metric(&metrics, "kuberaya_ccm_platform_rate_limit_waits_total")
-        .unwrap_or(0.0)
-        - waits0;
+    let (waits, refused) = counters();
+    let (waits, refused) = (waits - waits0, (refused - refused0) as u64);
     let calls = total(&conv.calls);
     // Calls that got through: the ideal client needs exactly these, at `rate` per second.
-    let passed = calls.saturating_sub(waits as u64);
+    let passed = calls.saturating_sub(refused);
     let ideal = passed as f64 / sizes.rate as f64;
     result(
         &format!(
-            "ccm.rate_limited ({} Services, {} calls/s allowed)",
-            sizes.rate_services, sizes.rate
+            "ccm.rate_limited ({} Services, {} calls/s allowed, {})",
+            sizes.rate_services,
+            sizes.rate,
+            if bucket {
+                format!("client bucket {0} qps, burst {0}", sizes.rate)
+            } else {
+                "no client bucket".to_owned()
+            }
         ),
         format!(
-            "{}; ideal bound {:.2} s ({} calls that passed / {} per s) → {} of ideal; {} calls, {} waits on 429",
+            "{}; ideal bound {:.2} s ({} calls that passed / {} per s) → {} of ideal; {} calls, {} answered 429, {} waits in the client",
             conv.describe(),
             ideal,
             passed,
@@ -797,6 +817,7 @@ fn rate_limited(sizes: &Sizes) -> Result<()> {
                 .map(|p| ratio(p, ideal))
                 .unwrap_or_else(|| "n/a".into()),
             calls,
+            refused,
             waits
         ),
     );
@@ -860,10 +881,12 @@ fn main() {
             Err(e) => println!("RESULT ccm.baseline: failed: {e:#}"),
         }
     }
-    if sizes.rate_limited
-        && let Err(e) = rate_limited(&sizes)
-    {
-        println!("RESULT ccm.rate_limited: failed: {e:#}");
+    if sizes.rate_limited {
+        for bucket in [false, true] {
+            if let Err(e) = rate_limited(&sizes, bucket) {
+                println!("RESULT ccm.rate_limited: failed: {e:#}");
+            }
+        }
     }
     println!("{}", common::load_average());
 }
