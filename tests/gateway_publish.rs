@@ -10,11 +10,11 @@
 //! - Without the RBAC to patch it, the gateway keeps serving and logs the exact `kubectl
 //!   annotate` to run instead.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use kuberaya_e2e::cluster::{Cluster, Kubectl};
 use kuberaya_e2e::process::line_field;
 use kuberaya_e2e::{Process, poll_until_blocking};
 
@@ -77,34 +77,17 @@ impl StandIn {
         Ok(())
     }
 
-    fn run(&self, kubeconfig: &Path, args: &[&str]) -> Result<String> {
-        let o = Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
-            .arg("--request-timeout=20s")
-            .args(args)
-            .env("HOME", self.dir.path())
-            .env_remove("KUBECONFIG")
-            .output()
-            .context("running kubectl")?;
-        ensure!(
-            o.status.success(),
-            "kubectl {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-    }
-
     /// `kubectl ARGS` as the admin.
     fn kubectl(&self, args: &[&str]) -> Result<String> {
-        self.run(&self.kubeconfig, args)
+        self.admin().kubectl(args)
     }
 
-    fn apply_text(&self, yaml: &str) -> Result<()> {
-        let path = self.dir.path().join("apply.yaml");
-        std::fs::write(&path, yaml)?;
-        self.kubectl(&["apply", "-f", path.to_str().context("utf-8")?])?;
-        Ok(())
+    fn admin(&self) -> Kubectl {
+        Kubectl {
+            kubeconfig: self.kubeconfig.clone(),
+            home: self.dir.path().to_owned(),
+            request_timeout: Duration::from_secs(20),
+        }
     }
 
     /// The gateway Service's annotation `vpn.cloudraya.com/<name>` (empty when absent).
@@ -120,7 +103,6 @@ impl StandIn {
         ])
     }
 
-    /// Polls until the public-key annotation is `key`; how long that took.
     /// Edits the gateway Service's key annotation behind the gateway's back.
     fn annotate_key(&self, key: &str) -> Result<()> {
         let annotation = format!("vpn.cloudraya.com/public-key={key}");
@@ -128,6 +110,7 @@ impl StandIn {
         Ok(())
     }
 
+    /// Polls until the public-key annotation is `key`; how long that took.
     fn wait_key(&self, key: &str, since: Instant) -> Result<Duration> {
         poll_until_blocking(Duration::from_secs(30), || {
             (self.annotation("public-key").ok()? == key).then(|| since.elapsed())
@@ -227,7 +210,7 @@ fn the_gateway_publishes_its_key_on_its_service() -> Result<()> {
     drop(gw);
 
     // Forbidden: the gateway serves on and says what to run.
-    k.apply_text(ROLE_WITHOUT_SERVICES)?;
+    k.admin().apply(ROLE_WITHOUT_SERVICES)?;
     k.annotate_key(&wrong)?;
     let (mut gw, _) = k.gateway()?;
     let fallback = format!("kubectl -n {NS} annotate service {SERVICE} --overwrite");

@@ -1,11 +1,11 @@
 //! `kuberaya-sandbox kube`: the API server stand-in as a process, driven by the real
 //! kubectl, stopped with SIGTERM and started again on the same state.
 
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use kuberaya_e2e::Process;
+use kuberaya_e2e::cluster::{Cluster, Kubectl};
 
 /// One stand-in's temporary directory: its state, the kubeconfig it writes, and the HOME
 /// of the real kubectl that reads it (never the user's).
@@ -45,21 +45,12 @@ impl StandIn {
 
     /// `kubectl ARGS`, which must succeed; its stdout.
     fn ok(&self, args: &[&str]) -> Result<String> {
-        let o = Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .arg("--request-timeout=20s")
-            .args(args)
-            .env("HOME", self.dir.path())
-            .env_remove("KUBECONFIG")
-            .output()
-            .context("running kubectl")?;
-        ensure!(
-            o.status.success(),
-            "kubectl {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+        let kubectl = Kubectl {
+            kubeconfig: self.kubeconfig.clone().into(),
+            home: self.dir.path().to_owned(),
+            request_timeout: Duration::from_secs(20),
+        };
+        kubectl.kubectl(args)
     }
 }
 

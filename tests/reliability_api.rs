@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -279,17 +279,8 @@ impl Cluster for KubeServer {
         &self.kubeconfig
     }
 
-    fn kubectl_output(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<Output> {
-        /// The kubeconfig alone, whose `kubectl_output` is the harness's.
-        struct Plain<'a>(&'a Path);
-        impl Cluster for Plain<'_> {
-            fn kubeconfig(&self) -> &Path {
-                self.0
-            }
-        }
-        let mut all = vec!["--request-timeout=20s"];
-        all.extend_from_slice(args);
-        Plain(&self.kubeconfig).kubectl_output(&all, stdin)
+    fn request_timeout(&self) -> Option<Duration> {
+        Some(Duration::from_secs(20))
     }
 }
 

@@ -14,18 +14,56 @@ use serde_json::Value;
 use crate::poll_until_blocking;
 use crate::sandbox::output_text;
 
+/// A kubeconfig with a kubectl HOME of its own (never the user's) and every call bounded.
+pub struct Kubectl {
+    pub kubeconfig: std::path::PathBuf,
+    pub home: std::path::PathBuf,
+    pub request_timeout: Duration,
+}
+
+impl Cluster for Kubectl {
+    fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    fn home(&self) -> Option<&Path> {
+        Some(&self.home)
+    }
+
+    fn request_timeout(&self) -> Option<Duration> {
+        Some(self.request_timeout)
+    }
+}
+
 /// A cluster reached with `kubectl --kubeconfig K`; implement [`Cluster::kubeconfig`] and
 /// get the rest.
 pub trait Cluster {
     /// The kubeconfig every `kubectl` call is given.
     fn kubeconfig(&self) -> &Path;
 
+    /// The HOME kubectl runs with (its discovery cache; none: the caller's).
+    fn home(&self) -> Option<&Path> {
+        None
+    }
+
+    /// `--request-timeout` of every call (none: kubectl's default, no limit), so that a
+    /// call to a server that stopped answering fails instead of hanging.
+    fn request_timeout(&self) -> Option<Duration> {
+        None
+    }
+
     /// `kubectl --kubeconfig K ARGS` with `stdin` piped in (none: empty stdin); the status
     /// is not checked.
     fn kubectl_output(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<Output> {
-        let mut child = Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(self.kubeconfig())
+        let mut cmd = Command::new("kubectl");
+        cmd.arg("--kubeconfig").arg(self.kubeconfig());
+        if let Some(t) = self.request_timeout() {
+            cmd.arg(format!("--request-timeout={}s", t.as_secs().max(1)));
+        }
+        if let Some(home) = self.home() {
+            cmd.env("HOME", home).env_remove("KUBECONFIG");
+        }
+        let mut child = cmd
             .args(args)
             .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
