@@ -98,9 +98,16 @@ impl Ccm {
         self.process.stdout().contains("became leader")
     }
 
-    /// Waits (at most `within`) until it leads.
+    /// Waits (at most `within`) until it leads; fails at once if it exits first.
     pub fn wait_leader(&mut self, within: Duration) -> Result<()> {
-        if poll_until_blocking(within, || self.leads().then_some(())).is_none() {
+        let outcome = poll_until_blocking(within, || {
+            if self.leads() {
+                Some(true)
+            } else {
+                (!self.process.is_running()).then_some(false)
+            }
+        });
+        if outcome != Some(true) {
             bail!(
                 "kuberaya-ccm did not become leader within {within:?} (running: {})\n{}",
                 self.process.is_running(),
