@@ -130,6 +130,22 @@ impl Error {
         }
     }
 
+    /// Whether the call may have been carried out although it failed: no answer (transport,
+    /// timeout), a platform fault (5xx), an answer we could not read. A 4xx (429 included)
+    /// says the platform did nothing.
+    pub fn may_have_taken_effect(&self) -> bool {
+        !matches!(
+            self,
+            Error::NotFound { .. }
+                | Error::Conflict { .. }
+                | Error::Invalid { .. }
+                | Error::RateLimited { .. }
+                | Error::Unauthorized { .. }
+                | Error::Forbidden { .. }
+                | Error::BadRequest { .. }
+        )
+    }
+
     /// True for a 404; handy for "deleting something already gone is success".
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::NotFound { .. })
@@ -161,6 +177,32 @@ mod tests {
         );
         assert_eq!(e.metric_label(), "invalid");
         assert!(!e.is_retryable());
+    }
+
+    #[test]
+    fn only_an_answered_4xx_says_nothing_was_done() {
+        let timeout = Error::Timeout {
+            method: "POST",
+            path: "/x".into(),
+            after: Duration::from_secs(1),
+        };
+        let server = Error::Server {
+            status: 502,
+            message: String::new(),
+        };
+        assert!(timeout.may_have_taken_effect() && server.may_have_taken_effect());
+        for refused in [
+            Error::Conflict {
+                message: "name taken".into(),
+            },
+            Error::RateLimited {
+                retry_after: Duration::from_secs(1),
+            },
+            Error::NotFound { what: "x".into() },
+            Error::Forbidden { message: String::new() },
+        ] {
+            assert!(!refused.may_have_taken_effect(), "{refused}");
+        }
     }
 
     #[test]

@@ -101,6 +101,10 @@ pub struct Context {
     lbs_learnt: AtomicBool,
     /// UIDs carried by several of our LBs in the last full list: always looked up by label.
     ambiguous_uids: Mutex<HashSet<String>>,
+    /// UIDs whose create failed in a way that may have created the LB anyway (a timeout,
+    /// a 5xx): looked up by label until a lookup answers. Without it, a create retried
+    /// under another name (the name annotation changed meanwhile) would make a second LB.
+    unsure_uids: Mutex<HashSet<String>>,
 }
 
 /// What [`Context`] remembers of a Service's LB.
@@ -139,6 +143,7 @@ impl Context {
             lb_ids: Mutex::new(HashMap::new()),
             lbs_learnt: AtomicBool::new(false),
             ambiguous_uids: Mutex::new(HashSet::new()),
+            unsure_uids: Mutex::new(HashSet::new()),
         }
     }
 
@@ -179,6 +184,11 @@ impl Context {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .contains(uid)
+            && !self.unsure_uids().contains(uid)
+    }
+
+    fn unsure_uids(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.unsure_uids.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Remembers `id` as the Service's LB, keeping a running transition's start.
@@ -440,9 +450,17 @@ async fn find_lb_by_uid(
     let uid = svc.uid().ok_or(Error::MissingObjectKey("metadata.uid"))?;
     let known = ctx.lb_ids().get(&uid).map(|k| k.id.clone());
     if let Some(id) = known {
+        let (ns, name) = (svc.namespace().unwrap_or_default(), svc.name_any());
         match ctx.platform.get_load_balancer(cluster, &id).await {
-            // Still ours and still this Service's (labels can be edited behind our back).
-            Ok(lb) if matches!(pick_by_uid(cluster, &uid, std::slice::from_ref(&lb)), Ok(Some(_))) => {
+            // Still ours and still this Service's (labels can be edited behind our back):
+            // its UID, or its namespace/name (one adopted after a 409, not relabelled yet).
+            Ok(lb)
+                if matches!(pick_by_uid(cluster, &uid, std::slice::from_ref(&lb)), Ok(Some(_)))
+                    || matches!(
+                        pick_by_name(cluster, &ns, &name, &lb.name, std::slice::from_ref(&lb)),
+                        Ok(Some(_))
+                    ) =>
+            {
                 return Ok(Ok(Some(lb)));
             }
             Ok(_) => {}
@@ -458,6 +476,7 @@ async fn find_lb_by_uid(
         .list_load_balancers(cluster, &uid_labels(cluster, &uid))
         .await
         .map_err(platform_err("list_load_balancers"))?;
+    ctx.unsure_uids().remove(&uid);
     match pick_by_uid(cluster, &uid, &by_uid) {
         Ok(Some(lb)) => {
             ctx.remember_lb(&uid, &lb.id);
@@ -470,7 +489,8 @@ async fn find_lb_by_uid(
 
 /// Finds an LB named `lb_name` among our LBs labelled with the Service's namespace and
 /// name: one of a previous incarnation of the Service (deleted and recreated while we
-/// were down), or another Service's ([`LookupError::NameTaken`]).
+/// were down). Another Service's LB of that name is not in the list (its labels name
+/// that Service), so the create's 409 is then reported as a refusal.
 async fn find_lb_by_name(
     ctx: &Context,
     svc: &Service,
@@ -564,6 +584,9 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
                     }
                     Err(e) => e,
                 };
+                if e.may_have_taken_effect() {
+                    ctx.unsure_uids().insert(uid.clone());
+                }
                 if matches!(e, platform::Error::Conflict { .. }) && !looked_up_by_name {
                     looked_up_by_name = true;
                     match find_lb_by_name(ctx, svc, &spec.name).await? {
@@ -810,6 +833,11 @@ where
         .filter(|s| wants_load_balancer(s) && !is_deleting(s))
         .map(|s| (key_of(s), desired_lb_name(s)))
         .collect();
+    // Forget LBs of Services that are gone: listed before the Services, so a Service
+    // missing from the later list is gone (the same reasoning as for orphans).
+    let listed: HashSet<&str> = lbs.iter().map(|lb| lb.id.as_str()).collect();
+    ctx.lb_ids()
+        .retain(|uid, known| live.contains_key(uid) || !listed.contains(known.id.as_str()));
     let orphans = find_orphans(cluster, &lbs, &live, &adoptable);
     let mut deleted = 0;
     for o in orphans {
@@ -824,7 +852,7 @@ where
                 ctx.metrics.orphans_deleted.inc();
                 ctx.lb_ids().retain(|_, known| known.id != o.id);
             }
-            Err(e) if e.is_not_found() => {}
+            Err(e) if e.is_not_found() => ctx.lb_ids().retain(|_, known| known.id != o.id),
             Err(e) => warn!(lb = %o.id, error = %e, "could not delete orphaned load balancer"),
         }
     }

@@ -48,11 +48,13 @@ pub fn pick_by_uid<'a>(
 
 /// Our LBs by the Service UID they carry: the UID with exactly one LB, and the UIDs
 /// carried by several (which only a lookup by label may decide, as a
-/// [`LookupError::NonUniqueResult`]).
+/// [`LookupError::NonUniqueResult`]). LBs being deleted are left out: they are going
+/// away, and an entry for one would outlive its Service.
 pub fn index_by_uid(cluster_id: &str, lbs: &[LoadBalancer]) -> (HashMap<String, String>, HashSet<String>) {
     let mut by_uid: HashMap<String, String> = HashMap::new();
     let mut ambiguous = HashSet::new();
-    for lb in lbs.iter().filter(|lb| is_ours(cluster_id, lb)) {
+    let staying = lbs.iter().filter(|lb| lb.status != LbStatus::Deleting);
+    for lb in staying.filter(|lb| is_ours(cluster_id, lb)) {
         let Some(uid) = lb.labels.get(LABEL_SERVICE_UID) else {
             continue;
         };
@@ -629,6 +631,14 @@ mod tests {
                 "d",
                 Labels::from([(LABEL_CLUSTER_ID.to_owned(), "cl-1".to_owned())]),
             ),
+            LoadBalancer {
+                status: LbStatus::Deleting,
+                ..lb_with("lb-7", "e", lb_labels("cl-1", "uid-7", "default", "e", false))
+            },
+            LoadBalancer {
+                status: LbStatus::Deleting,
+                ..lb_with("lb-8", "a2", lb_labels("cl-1", "uid-1", "default", "a", false))
+            },
         ];
         let (unique, ambiguous) = index_by_uid("cl-1", &lbs);
         assert_eq!(unique, HashMap::from([("uid-1".to_owned(), "lb-1".to_owned())]));

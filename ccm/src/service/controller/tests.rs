@@ -746,6 +746,96 @@ async fn known_lbs_spare_the_lookup_before_a_create_but_not_before_a_delete() {
     stop_serving(ctx, server).await;
 }
 
+/// A create that failed without an answer may have made the LB: until a lookup by label
+/// has answered, the UID is not trusted to have none, so a retry under another name
+/// (the name annotation changed meanwhile) finds the first LB instead of making a second.
+#[tokio::test]
+async fn a_create_without_an_answer_makes_the_uid_unsure_until_a_lookup_answers() {
+    let bench = Bench::new(&["a"]);
+    let s = annotate(finalized(svc()), crate::annotations::NAME, "first");
+    let (ctx, server) = bench.served_context(&s);
+    let s2 = s.clone();
+    sweep_orphans(&ctx, || async { Ok(vec![s2]) }).await.expect("sweep");
+    bench
+        .platform
+        .fail_next("create_load_balancer", FakeFailure::Server(503));
+    reconcile_on(&ctx, &s).await.expect_err("503");
+    // The platform made it after all (the answer was lost), then the name changed.
+    let first = provisioned(&bench, &s).await;
+    let renamed = annotate(finalized(svc()), crate::annotations::NAME, "second");
+    let res = reconcile_on(&ctx, &renamed).await.expect("refused, not an error");
+    assert_eq!(
+        res,
+        Action::requeue(Timing::default().refused_retry),
+        "a name cannot change"
+    );
+    assert_eq!(bench.platform.calls(), vec!["list_load_balancers"]);
+    assert_eq!(bench.platform.lbs("cl-1"), vec![first], "no second LB");
+    // The lookup answered: polled by ID from now on.
+    bench.platform.clear_calls();
+    reconcile_on(&ctx, &s).await.expect("in sync");
+    assert_eq!(bench.platform.calls(), vec!["get_load_balancer"]);
+    stop_serving(ctx, server).await;
+}
+
+/// An LB adopted by name after a 409 (a previous incarnation's, still labelled with the
+/// old UID while it is busy) is polled by ID, not adopted again through another 409.
+#[tokio::test]
+async fn an_lb_adopted_by_name_is_polled_by_id_while_still_busy() {
+    let bench = Bench::new(&["a"]);
+    let (res, _) = bench.reconcile(&finalized(svc())).await;
+    res.expect("created; left provisioning");
+    let mut recreated = finalized(svc());
+    recreated.metadata.uid = Some("uid-2".into());
+    let (ctx, server) = bench.served_context(&recreated);
+    let listed = vec![recreated.clone()];
+    assert_eq!(
+        sweep_orphans(&ctx, || async { Ok(listed) }).await.expect("sweep"),
+        0,
+        "adoptable"
+    );
+    bench.platform.clear_calls();
+    reconcile_on(&ctx, &recreated).await.expect("adopt and wait");
+    assert_eq!(
+        bench.platform.calls(),
+        vec!["create_load_balancer", "list_load_balancers"]
+    );
+    bench.platform.clear_calls();
+    reconcile_on(&ctx, &recreated).await.expect("poll");
+    assert_eq!(bench.platform.calls(), vec!["get_load_balancer"]);
+    assert_eq!(bench.platform.lbs("cl-1").len(), 1);
+    stop_serving(ctx, server).await;
+}
+
+/// The sweep forgets the LBs of Services that are gone (listed LB, Service not in the
+/// later list), and keeps what it cannot judge.
+#[tokio::test]
+async fn the_sweep_forgets_lbs_of_services_that_are_gone() {
+    let bench = Bench::new(&["a"]);
+    let s = finalized(svc());
+    let (ctx, server) = bench.served_context(&s);
+    reconcile_on(&ctx, &s).await.expect("create");
+    bench.platform.settle();
+    ctx.lb_ids().insert(
+        "uid-unlisted".into(),
+        KnownLb {
+            id: "lb-not-listed".into(),
+            transition_since: None,
+        },
+    );
+    let s2 = s.clone();
+    sweep_orphans(&ctx, || async { Ok(vec![s2]) }).await.expect("sweep");
+    assert!(ctx.lb_ids().contains_key("uid-1"), "its Service is listed");
+    assert!(
+        ctx.lb_ids().contains_key("uid-unlisted"),
+        "its LB was not listed: cannot tell"
+    );
+    // The Service is gone (its finalizer removed behind our back): the next sweep forgets it.
+    sweep_orphans(&ctx, || async { Ok(vec![]) }).await.expect("sweep");
+    assert!(!ctx.lb_ids().contains_key("uid-1"));
+    stop_serving(ctx, server).await;
+}
+
 /// An LB the context does not know although it is the Service's (its create was answered
 /// too late, or another replica made it): the create's 409 leads to it, and from then on
 /// it is polled by ID.
