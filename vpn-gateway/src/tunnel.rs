@@ -346,16 +346,19 @@ pub struct PeerTable {
     private: PrivateKey,
     x_private: x25519_dalek::StaticSecret,
     x_public: x25519_dalek::PublicKey,
-    limiter: Arc<RateLimiter>,
-    /// What each `Tunn` checks again: MACs only. `Tunn::decapsulate` runs its limiter's
-    /// `verify_packet` too, so sharing `limiter` counted every handshake twice (the limit
-    /// was half the setting) and had `Tunn` send cookie replies of its own.
+    /// Checks MAC1 only (its limit is never reached): what handshakes go through while
+    /// the table is not under load, and what each `Tunn` checks again (`Tunn::decapsulate`
+    /// runs its limiter's `verify_packet` too; a limiting one there counted every
+    /// handshake twice and sent cookie replies of its own).
     tunn_limiter: Arc<RateLimiter>,
-    /// Always under load: checks handshakes instead of `limiter` while the caller says
-    /// handshakes used up their share of its time ([`PeerTable::set_over_budget`]). Its
-    /// cookies are its own (each limiter has its secret), so a peer answered by it comes
-    /// back with a cookie it accepts.
+    /// Always under load: checks MAC1 and demands a valid cookie (MAC2) while the table is
+    /// under load — over `handshake_limit` this second, or over the caller's CPU budget
+    /// ([`PeerTable::set_over_budget`]). One limiter for both causes, so one cookie
+    /// secret: a peer's cookie stays valid whichever cause holds when it comes back.
     overload_limiter: Arc<RateLimiter>,
+    /// Handshake messages taken since the last reset (every second, in `tick`).
+    handshakes: u64,
+    handshake_limit: u64,
     over_budget: bool,
     tunnels: HashMap<u32, PeerTunnel>,
     by_key: HashMap<PublicKey, u32>,
@@ -384,9 +387,10 @@ impl PeerTable {
         let x_private = private.to_x25519();
         let x_public = x25519_dalek::PublicKey::from(&x_private);
         PeerTable {
-            limiter: Arc::new(RateLimiter::new(&x_public, handshake_limit)),
             tunn_limiter: Arc::new(RateLimiter::new(&x_public, u64::MAX)),
             overload_limiter: Arc::new(RateLimiter::new(&x_public, 0)),
+            handshakes: 0,
+            handshake_limit,
             over_budget: false,
             private,
             x_private,
@@ -510,12 +514,17 @@ impl PeerTable {
         buf: &mut [u8],
         io: &mut impl TunnelIo,
     ) -> Result<(), DropReason> {
-        let limiter = if self.over_budget {
+        let under_load = self.over_budget || self.handshakes >= self.handshake_limit;
+        let limiter = if under_load {
             &self.overload_limiter
         } else {
-            &self.limiter
+            &self.tunn_limiter
         };
-        let (index, initiation) = match limiter.verify_packet(Some(src.ip()), datagram, buf) {
+        let verified = limiter.verify_packet(Some(src.ip()), datagram, buf);
+        if matches!(verified, Ok(Packet::HandshakeInit(_) | Packet::HandshakeResponse(_))) {
+            self.handshakes = self.handshakes.saturating_add(1);
+        }
+        let (index, initiation) = match verified {
             Err(TunnResult::WriteToNetwork(cookie)) => {
                 io.send(src, cookie);
                 return Ok(());
@@ -577,7 +586,7 @@ impl PeerTable {
             .last_reset
             .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
         {
-            self.limiter.reset_count();
+            self.handshakes = 0;
             self.last_reset = Some(now);
         }
         if self.active == 0 {
@@ -974,6 +983,30 @@ mod tests {
             c.accepted("t", [100, 64, 0, 4]),
         ]);
         assert_eq!(c.send(&mut table, &packet([100, 64, 0, 4])).len(), 1);
+    }
+
+    /// A cookie issued because the rate limit was reached is still accepted when the
+    /// table is under load for the other cause (the CPU budget): one cookie secret.
+    #[test]
+    fn a_cookie_from_the_rate_limit_is_accepted_over_budget() {
+        let mut table = PeerTable::new(PrivateKey::generate(), 0);
+        let mut b = Laptop::new(table.public_key(), 40002, None);
+        table.sync(&[b.accepted("t", [100, 64, 0, 3])]);
+        let mut out = vec![0u8; BUF_SIZE];
+        let mut buf = vec![0u8; BUF_SIZE];
+        let mut io = Io::default();
+        let TunnResult::WriteToNetwork(h) = b.tunn.format_handshake_initiation(&mut out, true) else {
+            panic!("no handshake initiation")
+        };
+        let h = h.to_vec();
+        assert!(table.handle_datagram(b.addr, &h, &mut buf, &mut io).is_ok());
+        let cookie = io.sent.pop().map(|(_, d)| d).expect("a cookie reply (limit 0)");
+        assert_eq!((cookie.first(), cookie.len()), (Some(&3), 64));
+        assert!(matches!(b.tunn.decapsulate(None, &cookie, &mut out), TunnResult::Done));
+        // Now the budget, not the rate, is what holds: the cookie still opens the door.
+        table.set_over_budget(true);
+        b.handshake(&mut table);
+        assert_eq!(stats_of(&table, [100, 64, 0, 3]).handshakes, 1);
     }
 
     fn stats_of(table: &PeerTable, a: [u8; 4]) -> TunnelStats {
