@@ -21,6 +21,7 @@ use futures::StreamExt;
 use kuberaya_e2e::ccm::{Ccm, write_cloud_config};
 use kuberaya_e2e::gateway::Metrics;
 use kuberaya_e2e::kube_rest::KubeRest as Kube;
+use kuberaya_e2e::kube_stand_in;
 use kuberaya_e2e::{JsonApi, Process, binary};
 use serde_json::{Value, json};
 
@@ -146,16 +147,10 @@ impl Sandbox {
             .to_string();
         let kubeconfig = dir.path().join("kubeconfig");
         let kube_state = dir.path().join("kube");
-        let mut cmd = Command::new(binary("kuberaya-sandbox"));
-        cmd.arg("kube")
-            .arg("--state-dir")
-            .arg(&kube_state)
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--service-cidr")
-            .arg(format!("127.{}.0.0/20", n - 150));
+        let mut cmd = kube_stand_in::command(&kube_state, &kubeconfig);
+        cmd.arg("--service-cidr").arg(format!("127.{}.0.0/20", n - 150));
         let mut kube_process = Process::spawn_command(die_with_parent(cmd))?;
-        kube_process.wait_for_stdout_line("listening on ", Duration::from_secs(30))?;
+        kube_stand_in::wait_listening(&mut kube_process, Duration::from_secs(30))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

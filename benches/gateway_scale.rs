@@ -33,7 +33,7 @@ use futures::StreamExt;
 use kuberaya_e2e::gateway::{self, Gateway, PeerKey, StaticFiles, dns_query, onetun_tcp, peer_address};
 use kuberaya_e2e::kube_rest::KubeRest as Kube;
 use kuberaya_e2e::sandbox::{find_onetun, gateway_keypair};
-use kuberaya_e2e::{Process, binary, poll_until_blocking};
+use kuberaya_e2e::{Process, poll_until_blocking};
 use serde_json::{Value, json};
 
 /// The sizes, from the environment; the defaults are the issue's.
@@ -444,16 +444,10 @@ fn kube_mode(sizes: &Sizes) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let net = kuberaya_e2e::unique_net_index();
     let kubeconfig = dir.path().join("kubeconfig");
-    let mut cmd = Command::new(binary("kuberaya-sandbox"));
-    cmd.arg("kube")
-        .arg("--state-dir")
-        .arg(dir.path().join("kube"))
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .arg("--service-cidr")
-        .arg(format!("127.{}.0.0/20", 160 + net % 64));
+    let mut cmd = kuberaya_e2e::kube_stand_in::command(&dir.path().join("kube"), &kubeconfig);
+    cmd.arg("--service-cidr").arg(format!("127.{}.0.0/20", 160 + net % 64));
     let mut api_process = Process::spawn_command(common::die_with_parent(cmd))?;
-    api_process.wait_for_stdout_line("listening on ", Duration::from_secs(30))?;
+    kuberaya_e2e::kube_stand_in::wait_listening(&mut api_process, Duration::from_secs(30))?;
     let crd = Command::new("kubectl")
         .arg("--kubeconfig")
         .arg(&kubeconfig)

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use kuberaya_e2e::cluster::{Cluster, Kubectl};
+use kuberaya_e2e::kube_stand_in;
 use kuberaya_e2e::process::line_field;
 use kuberaya_e2e::{Process, poll_until_blocking};
 
@@ -38,19 +39,10 @@ impl StandIn {
     fn start() -> Result<StandIn> {
         let dir = tempfile::tempdir()?;
         let kubeconfig = dir.path().join("kubeconfig");
-        let mut p = Process::start(
-            "kuberaya-sandbox",
-            [
-                "kube",
-                "--listen",
-                "127.0.0.1:0",
-                "--state-dir",
-                dir.path().join("kube").to_str().context("utf-8")?,
-                "--kubeconfig",
-                kubeconfig.to_str().context("utf-8")?,
-            ],
-        )?;
-        p.wait_for_stdout_line("listening on ", Duration::from_secs(60))?;
+        let mut cmd = kube_stand_in::command(&dir.path().join("kube"), &kubeconfig);
+        cmd.args(["--listen", "127.0.0.1:0"]);
+        let mut p = Process::spawn_command(cmd)?;
+        kube_stand_in::wait_listening(&mut p, Duration::from_secs(60))?;
         let gateway_kubeconfig = dir.path().join("kubeconfig-gateway");
         Ok(StandIn {
             dir,

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use kuberaya_e2e::Process;
 use kuberaya_e2e::cluster::{Cluster, Kubectl};
+use kuberaya_e2e::kube_stand_in;
 
 /// One stand-in's temporary directory: its state, the kubeconfig it writes, and the HOME
 /// of the real kubectl that reads it (never the user's).
@@ -25,21 +26,10 @@ impl StandIn {
 
     /// `kuberaya-sandbox kube` on this state; the process and its URL.
     fn start(&self) -> Result<(Process, String)> {
-        let mut p = Process::start(
-            "kuberaya-sandbox",
-            [
-                "kube",
-                "--listen",
-                "127.0.0.1:0",
-                "--state-dir",
-                &self.state,
-                "--kubeconfig",
-                &self.kubeconfig,
-            ],
-        )?;
-        let line = p.wait_for_stdout_line("listening on ", Duration::from_secs(60))?;
-        let url = line.trim().trim_start_matches("listening on ").to_string();
-        ensure!(url.starts_with("https://127.0.0.1:"), "unexpected address line: {line}");
+        let mut cmd = kube_stand_in::command(self.state.as_ref(), self.kubeconfig.as_ref());
+        cmd.args(["--listen", "127.0.0.1:0"]);
+        let mut p = Process::spawn_command(cmd)?;
+        let url = kube_stand_in::wait_listening(&mut p, Duration::from_secs(60))?;
         Ok((p, url))
     }
 

@@ -33,6 +33,7 @@ use kuberaya_e2e::ccm::{Ccm, write_cloud_config};
 use kuberaya_e2e::cloud::{CLUSTER_LABEL, by_service};
 use kuberaya_e2e::cluster::{Cluster, ingress_ip};
 use kuberaya_e2e::gateway::{self, CutOff, Gateway, free_udp_port};
+use kuberaya_e2e::kube_stand_in;
 use kuberaya_e2e::sandbox::{free_port, gateway_keypair, onetun_path, output_text};
 use kuberaya_e2e::{JsonApi, PlatformTarget, Process, SandboxOptions, poll_until_blocking, unique_net_index};
 use serde_json::{Value, json};
@@ -111,22 +112,10 @@ impl KubeServer {
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let mut p = Process::start(
-            "kuberaya-sandbox",
-            [
-                "kube",
-                "--listen",
-                &self.addr.to_string(),
-                "--state-dir",
-                self.state.to_str().context("utf-8")?,
-                "--kubeconfig",
-                self.kubeconfig.to_str().context("utf-8")?,
-                "--service-cidr",
-                &self.service_cidr,
-            ],
-        )?;
-        let line = p.wait_for_stdout_line("listening on ", Duration::from_secs(60))?;
-        let url = line.trim().trim_start_matches("listening on ").to_string();
+        let mut cmd = kube_stand_in::command(&self.state, &self.kubeconfig);
+        cmd.args(["--listen", &self.addr.to_string(), "--service-cidr", &self.service_cidr]);
+        let mut p = Process::spawn_command(cmd)?;
+        let url = kube_stand_in::wait_listening(&mut p, Duration::from_secs(60))?;
         ensure!(
             self.url.is_empty() || url == self.url,
             "the restarted API server moved from {} to {url}",

@@ -26,6 +26,8 @@
 //!   traffic was cut ([`gateway::CutOff`]), and IP packets for a test's own client.
 //! - [`kube_rest`]: [`kube_rest::KubeRest`], a plain REST client of the Kubernetes API
 //!   for creating thousands of objects with bounded concurrency.
+//! - [`kube_stand_in`]: the Kubernetes API stand-in (`kuberaya-sandbox kube`) alone: its
+//!   command line and the URL it listens on.
 //! - [`b64`]: standard base64 ([`b64()`], [`b64_decode`]) on the workspace's crate.
 
 pub mod b64;
@@ -37,6 +39,7 @@ pub mod cluster;
 pub mod gateway;
 pub mod http;
 pub mod kube_rest;
+pub mod kube_stand_in;
 pub mod netns;
 pub mod platform;
 pub mod probe;
