@@ -172,19 +172,19 @@ impl Context {
                 ids.remove(uid);
             }
         }
-        *self.ambiguous_uids.lock().unwrap_or_else(|p| p.into_inner()) = ambiguous;
+        *self.ambiguous_uids() = ambiguous;
         self.lbs_learnt.store(true, Ordering::Release);
     }
 
     /// Whether a Service UID not in `lb_ids` is known to have no LB.
     fn known_without_lb(&self, uid: &str) -> bool {
         self.lbs_learnt.load(Ordering::Acquire)
-            && !self
-                .ambiguous_uids
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(uid)
+            && !self.ambiguous_uids().contains(uid)
             && !self.unsure_uids().contains(uid)
+    }
+
+    fn ambiguous_uids(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.ambiguous_uids.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn unsure_uids(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
@@ -194,17 +194,12 @@ impl Context {
     /// Remembers `id` as the Service's LB, keeping a running transition's start.
     fn remember_lb(&self, uid: &str, id: &str) {
         let mut ids = self.lb_ids();
-        match ids.get_mut(uid) {
-            Some(known) if known.id == id => {}
-            _ => {
-                ids.insert(
-                    uid.to_owned(),
-                    KnownLb {
-                        id: id.to_owned(),
-                        transition_since: None,
-                    },
-                );
-            }
+        if ids.get(uid).is_none_or(|known| known.id != id) {
+            let known = KnownLb {
+                id: id.to_owned(),
+                transition_since: None,
+            };
+            ids.insert(uid.to_owned(), known);
         }
     }
 
@@ -227,9 +222,11 @@ impl Context {
     }
 
     /// When to look again at the Service's LB that is not settled yet.
-    fn next_poll(&self, uid: Option<&str>) -> Duration {
-        let waited = uid
-            .and_then(|u| self.lb_ids().get(u).and_then(|k| k.transition_since))
+    fn next_poll(&self, uid: &str) -> Duration {
+        let waited = self
+            .lb_ids()
+            .get(uid)
+            .and_then(|k| k.transition_since)
             .map(|since| since.elapsed());
         transition_poll_delay(waited, self.timing.first_poll, self.timing.poll)
     }
@@ -237,9 +234,9 @@ impl Context {
 
 /// How long to wait before looking again at an LB we created `waited` ago (`None`: one
 /// we did not create, or from before a restart): `first` at first, because the platform
-/// finishes most creates in under a second, then with
-/// half the time waited so far on top (a slow platform costs a few looks more than a
-/// fixed period would), never longer apart than `max`.
+/// finishes most creates in under a second, then with half the time waited so far on top
+/// (a slow platform costs a few looks more than a fixed period would), never longer
+/// apart than `max`.
 pub fn transition_poll_delay(waited: Option<Duration>, first: Duration, max: Duration) -> Duration {
     match waited {
         Some(w) => (first + w / 2).min(max),
@@ -580,7 +577,9 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
                         .await;
                         let cond = Ready::no("Provisioning", format!("load balancer {} is provisioning", lb.id));
                         patch_status(api, svc, IngressUpdate::Leave, ConditionUpdate::Set(cond)).await?;
-                        return Ok(Action::requeue(ctx.timing.first_poll.min(ctx.timing.poll)));
+                        let first_look =
+                            transition_poll_delay(Some(Duration::ZERO), ctx.timing.first_poll, ctx.timing.poll);
+                        return Ok(Action::requeue(first_look));
                     }
                     Err(e) => e,
                 };
@@ -632,14 +631,14 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
                     _ => ConditionUpdate::Leave,
                 };
                 patch_status(api, svc, IngressUpdate::Leave, cond).await?;
-                Ok(Action::requeue(ctx.next_poll(Some(&uid))))
+                Ok(Action::requeue(ctx.next_poll(&uid)))
             }
             ApplyPlan::InSync => {
                 let Some(lb) = actual else {
                     return Ok(Action::requeue(ctx.timing.poll));
                 };
                 if lb.status != LbStatus::Active {
-                    return Ok(Action::requeue(ctx.next_poll(Some(&uid))));
+                    return Ok(Action::requeue(ctx.next_poll(&uid)));
                 }
                 ctx.transition_finished(&uid);
                 let addr = lb.public_ip.as_ref().map(|ip| ip.address);
@@ -850,11 +849,15 @@ where
             Ok(()) => {
                 deleted += 1;
                 ctx.metrics.orphans_deleted.inc();
-                ctx.lb_ids().retain(|_, known| known.id != o.id);
             }
-            Err(e) if e.is_not_found() => ctx.lb_ids().retain(|_, known| known.id != o.id),
-            Err(e) => warn!(lb = %o.id, error = %e, "could not delete orphaned load balancer"),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => {
+                warn!(lb = %o.id, error = %e, "could not delete orphaned load balancer");
+                continue;
+            }
         }
+        // Gone either way: no Service's lookup should start from it.
+        ctx.lb_ids().retain(|_, known| known.id != o.id);
     }
     Ok(deleted)
 }

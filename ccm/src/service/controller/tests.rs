@@ -994,7 +994,7 @@ async fn a_known_lb_is_polled_by_id_and_a_vanished_one_looked_up_again() {
     assert_eq!(bench.platform.calls(), vec!["get_load_balancer"]);
     // The transition it started is looked at again sooner than the full period, later
     // than the first look.
-    let next = ctx.next_poll(Some("uid-1"));
+    let next = ctx.next_poll("uid-1");
     assert!(
         next > first + Duration::from_millis(99) && next < Timing::default().poll,
         "{next:?}"
