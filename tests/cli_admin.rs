@@ -17,9 +17,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use kuberaya_e2e::cluster::Cluster;
+use kuberaya_e2e::gateway::{self, Gateway};
 use kuberaya_e2e::process::line_field;
 use kuberaya_e2e::sandbox::{TempSandbox, output_text as text};
-use kuberaya_e2e::{Process, binary, poll_until_blocking};
+use kuberaya_e2e::{binary, poll_until_blocking};
 use serde_json::Value;
 
 /// A sandbox of two nodes in a temporary dir and what `sandbox env` exports.
@@ -137,22 +138,11 @@ fn peers_and_exposure_audit() -> Result<()> {
     );
 
     // The real gateway, against the sandbox: it annotates its Service.
-    let mut gw = Process::start(
-        "kuberaya-gateway",
-        [
-            "--kubeconfig",
-            sb.kubeconfig().to_str().expect("utf-8"),
-            "--namespace",
-            "kuberaya-system",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-bind-address",
-            "127.0.0.1:0",
-            "--health-bind-address",
-            "127.0.0.1:0",
-        ],
-    )?;
-    let line = gw.wait_for_stdout_line("kuberaya-gateway listening", Duration::from_secs(60))?;
+    let mut cmd = gateway::kube_command(sb.kubeconfig(), "kuberaya-system");
+    cmd.args(["--listen", "127.0.0.1:0"]);
+    let Gateway {
+        process: mut gw, line, ..
+    } = Gateway::spawn(cmd, Duration::from_secs(60))?;
     let field = |k: &str| line_field(&line, k);
     let (public_key, tunnel) = (field("public_key")?, field("tunnel_address")?);
     let published = poll_until_blocking(Duration::from_secs(30), || {

@@ -368,16 +368,8 @@ fn vpn_peers_drive_the_gateway_live() -> Result<()> {
     });
     ensure!(ready.is_some(), "web does not answer on its ClusterIP {web}");
 
-    let mut cmd = gateway::base_command();
-    cmd.arg("--kubeconfig")
-        .arg(sb.kubeconfig())
-        .args([
-            "--namespace",
-            GW_NS,
-            "--private-key-secret",
-            "kuberaya-gateway-key",
-            "--listen",
-        ])
+    let mut cmd = gateway::kube_command(sb.kubeconfig(), GW_NS);
+    cmd.args(["--private-key-secret", "kuberaya-gateway-key", "--listen"])
         .arg(format!("127.0.0.1:{}", free_udp_port()));
     let mut gw = Gateway::spawn(cmd, Duration::from_secs(60))?;
     // The key was generated into the Secret.

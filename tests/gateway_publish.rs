@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use kuberaya_e2e::cluster::{Cluster, Kubectl};
+use kuberaya_e2e::gateway::{self, Gateway};
 use kuberaya_e2e::kube_stand_in;
-use kuberaya_e2e::process::line_field;
 use kuberaya_e2e::{Process, poll_until_blocking};
 
 const NS: &str = "kuberaya-system";
@@ -117,24 +117,10 @@ impl StandIn {
 
     /// The gateway as its ServiceAccount; its process and public key.
     fn gateway(&self) -> Result<(Process, String)> {
-        let mut p = Process::start(
-            "kuberaya-gateway",
-            [
-                "--kubeconfig",
-                self.gateway_kubeconfig.to_str().context("utf-8")?,
-                "--namespace",
-                NS,
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-bind-address",
-                "127.0.0.1:0",
-                "--health-bind-address",
-                "127.0.0.1:0",
-            ],
-        )?;
-        let line = p.wait_for_stdout_line("kuberaya-gateway listening", Duration::from_secs(60))?;
-        let key = line_field(&line, "public_key")?;
-        Ok((p, key))
+        let mut cmd = gateway::kube_command(&self.gateway_kubeconfig, NS);
+        cmd.args(["--listen", "127.0.0.1:0"]);
+        let gw = Gateway::spawn(cmd, Duration::from_secs(60))?;
+        Ok((gw.process, gw.public_key))
     }
 }
 

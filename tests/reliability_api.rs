@@ -748,10 +748,8 @@ impl Drop for Backend {
 
 /// The gateway in Kubernetes mode, its key generated into the Secret `kuberaya-gateway-key`.
 fn start_gateway(kube: &KubeServer) -> Result<Gateway> {
-    let mut cmd = gateway::base_command();
-    cmd.arg("--kubeconfig").arg(&kube.kubeconfig).args([
-        "--namespace",
-        GW_NS,
+    let mut cmd = gateway::kube_command(&kube.kubeconfig, GW_NS);
+    cmd.args([
         "--private-key-secret",
         "kuberaya-gateway-key",
         "--listen",

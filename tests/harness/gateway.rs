@@ -132,6 +132,14 @@ pub fn base_command() -> Command {
     cmd
 }
 
+/// [`base_command`] in Kubernetes mode: peers, its key Secret and its Service in
+/// `namespace` of the cluster of `kubeconfig`; where it listens is the caller's to add.
+pub fn kube_command(kubeconfig: &Path, namespace: &str) -> Command {
+    let mut cmd = base_command();
+    cmd.arg("--kubeconfig").arg(kubeconfig).args(["--namespace", namespace]);
+    cmd
+}
+
 /// [`base_command`] listening on a free loopback UDP port with the private key in
 /// `key_file`; the peer source (e.g. [`StaticFiles::args`]) is the caller's to add.
 pub fn command(key_file: &Path) -> Command {
