@@ -670,12 +670,16 @@ mod tests {
         /// A forced handshake initiation through the table (as after the gateway dropped
         /// the peer's tunnel while the laptop still had a session).
         fn handshake(&mut self, table: &mut PeerTable) {
+            let h = self.initiation();
+            self.exchange(table, vec![h]);
+        }
+        /// A forced handshake initiation, for the gateway.
+        fn initiation(&mut self) -> Vec<u8> {
             let mut out = vec![0u8; BUF_SIZE];
             let TunnResult::WriteToNetwork(h) = self.tunn.format_handshake_initiation(&mut out, true) else {
                 panic!("no handshake initiation")
             };
-            let h = h.to_vec();
-            self.exchange(table, vec![h]);
+            h.to_vec()
         }
         /// A data packet of the laptop's current session, for the gateway.
         fn datagram(&mut self, packet: &[u8]) -> Vec<u8> {
@@ -801,11 +805,7 @@ mod tests {
         ));
         assert!(io.delivered.is_empty());
         // And its handshakes are refused.
-        let mut out = vec![0u8; BUF_SIZE];
-        let TunnResult::WriteToNetwork(h) = b.tunn.format_handshake_initiation(&mut out, true) else {
-            panic!()
-        };
-        let h = h.to_vec();
+        let h = b.initiation();
         assert!(matches!(
             table.handle_datagram(b.addr, &h, &mut buf, &mut io),
             Err(DropReason::UnknownKey)
@@ -876,10 +876,7 @@ mod tests {
         assert_eq!(e.label(), "replayed");
         assert_eq!(io.delivered.len(), 1);
         // Truncations and bit flips of a data packet and a handshake.
-        let TunnResult::WriteToNetwork(h) = a.tunn.format_handshake_initiation(&mut out, true) else {
-            panic!()
-        };
-        let h = h.to_vec();
+        let h = a.initiation();
         for msg in [&d, &h] {
             for cut in 0..msg.len() {
                 let _ = table.handle_datagram(a.addr, &msg[..cut], &mut buf, &mut io);
@@ -906,14 +903,10 @@ mod tests {
         let mut flooder = Laptop::new(table.public_key(), 40009, None);
         table.sync(&[a.accepted("t", [100, 64, 0, 2]), flooder.accepted("t", [100, 64, 0, 3])]);
         assert_eq!(a.send(&mut table, &packet([100, 64, 0, 2])).len(), 1);
-        let mut out = vec![0u8; BUF_SIZE];
         let mut buf = vec![0u8; BUF_SIZE];
         let mut io = Io::default();
         for _ in 0..50 {
-            let TunnResult::WriteToNetwork(h) = flooder.tunn.format_handshake_initiation(&mut out, true) else {
-                panic!()
-            };
-            let h = h.to_vec();
+            let h = flooder.initiation();
             let _ = table.handle_datagram(flooder.addr, &h, &mut buf, &mut io);
         }
         let cookies = io
@@ -942,10 +935,7 @@ mod tests {
         let mut out = vec![0u8; BUF_SIZE];
         let mut buf = vec![0u8; BUF_SIZE];
         let mut io = Io::default();
-        let TunnResult::WriteToNetwork(h) = b.tunn.format_handshake_initiation(&mut out, true) else {
-            panic!("no handshake initiation")
-        };
-        let h = h.to_vec();
+        let h = b.initiation();
         for _ in 0..3 {
             assert!(table.handle_datagram(b.addr, &h, &mut buf, &mut io).is_ok());
         }
@@ -995,10 +985,7 @@ mod tests {
         let mut out = vec![0u8; BUF_SIZE];
         let mut buf = vec![0u8; BUF_SIZE];
         let mut io = Io::default();
-        let TunnResult::WriteToNetwork(h) = b.tunn.format_handshake_initiation(&mut out, true) else {
-            panic!("no handshake initiation")
-        };
-        let h = h.to_vec();
+        let h = b.initiation();
         assert!(table.handle_datagram(b.addr, &h, &mut buf, &mut io).is_ok());
         let cookie = io.sent.pop().map(|(_, d)| d).expect("a cookie reply (limit 0)");
         assert_eq!((cookie.first(), cookie.len()), (Some(&3), 64));
