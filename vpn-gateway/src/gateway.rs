@@ -355,7 +355,12 @@ impl Gateway {
     /// Re-validate the peers (expiry included) and apply any change.
     fn refresh(&mut self, services_changed: bool) {
         let started = Instant::now();
-        let v = peers::validate(&self.peers.peers, &self.cfg.tunnel, k8s_openapi::jiff::Timestamp::now());
+        let v = peers::validate(
+            &self.peers.peers,
+            &self.validation,
+            &self.cfg.tunnel,
+            k8s_openapi::jiff::Timestamp::now(),
+        );
         let peers_changed = v.accepted != self.validation.accepted;
         if peers_changed {
             let before: HashMap<PeerId, Ipv4Addr> = self.table.peers().map(|t| (t.id().clone(), t.address())).collect();

@@ -1,10 +1,19 @@
 //! Validation of peer inputs (a `VpnPeer` plus what the source resolved for it) into
 //! accepted peers or rejection reasons, and allocation of tunnel addresses.
 //!
-//! Pure: the caller passes the current time. Results are deterministic: peers are taken
-//! in `namespace/name` order, so when two peers claim the same key or address the first
-//! one keeps it, whatever order the source listed them in.
+//! Pure: the caller passes the current time and what was accepted before. Conflicts (two
+//! peers with one public key, two peers wanting one address) are decided for the older
+//! claim, never by name and never by the last write:
+//! 1. a peer that already holds the thing keeps it: it was accepted with that key, or is
+//!    served at that address (by this gateway's previous validation, or by the status the
+//!    source read), for as long as its spec asks for nothing else;
+//! 2. otherwise the older peer wins: `creationTimestamp`, then `uid`, then (a peers file,
+//!    which has neither) the earlier entry.
+//!
+//! The loser is rejected with a reason that names the winner and the rule that decided.
+//! The result is the same whatever order the source listed the peers in.
 
+use std::cmp::Ordering;
 use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
@@ -43,9 +52,27 @@ pub struct PeerInput {
     pub spec: VpnPeerSpec,
     /// The preshared key read from `presharedKeySecretRef`, or why it could not be read.
     pub preshared_key: Result<Option<PresharedKey>, String>,
-    /// The address this peer had before (status), kept when still free.
+    /// The address this peer had before it was cut off (status `lastAddress`), given back
+    /// when still free.
     pub previous_address: Option<Ipv4Addr>,
     pub generation: Option<i64>,
+    /// What the source's record says the gateway granted this peer (its status).
+    pub granted: Granted,
+    /// The age of its claims: `creationTimestamp`, then `uid`. Both absent in a peers
+    /// file, where the order of the entries stands in for age.
+    pub created: Option<Timestamp>,
+    pub uid: Option<String>,
+}
+
+/// What a peer holds according to its status, as the gateway wrote it: it survives a
+/// gateway restart, which the gateway's own previous validation does not.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Granted {
+    /// Accepted for its spec as it is now (`Accepted=True` at the current generation): the
+    /// public key in the spec is held.
+    pub key: bool,
+    /// Served at this address (`status.address` with `Accepted=True`).
+    pub address: Option<Ipv4Addr>,
 }
 
 impl PeerInput {
@@ -56,6 +83,9 @@ impl PeerInput {
             preshared_key: Ok(None),
             previous_address: None,
             generation: None,
+            granted: Granted::default(),
+            created: None,
+            uid: None,
         }
     }
 }
@@ -79,6 +109,24 @@ pub struct AcceptedPeer {
     pub expires_at: Option<Timestamp>,
 }
 
+/// Why the winner of a conflict won it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precedence {
+    /// It was accepted with it (key) or is served at it (address).
+    Holds,
+    /// Neither held it, and the winner's claim is older.
+    Older,
+}
+
+impl std::fmt::Display for Precedence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precedence::Holds => "which already holds it",
+            Precedence::Older => "whose claim is older",
+        })
+    }
+}
+
 /// Why a peer is not served. [`Rejection::reason`] is the condition reason.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
@@ -88,10 +136,14 @@ pub enum Rejection {
     BadAddress(String),
     #[error("address {address} is outside the tunnel range {range} or reserved")]
     AddressOutsideRange { address: Ipv4Addr, range: Ipv4Net },
-    #[error("address {address} is already used by {by}")]
-    AddressTaken { address: Ipv4Addr, by: String },
-    #[error("public key is already used by {by}")]
-    DuplicatePublicKey { by: String },
+    #[error("address {address} is already used by {by}, {rule}")]
+    AddressTaken {
+        address: Ipv4Addr,
+        by: String,
+        rule: Precedence,
+    },
+    #[error("public key is already used by {by}, {rule}")]
+    DuplicatePublicKey { by: String, rule: Precedence },
     #[error("rule names namespace {namespace:?}; a peer outside the gateway's namespace reaches only its own")]
     NamespaceNotAllowed { namespace: String },
     #[error("preshared key: {0}")]
@@ -168,75 +220,108 @@ impl Validation {
     }
 }
 
-/// Validate every input at time `now`.
-pub fn validate(inputs: &[PeerInput], cfg: &TunnelConfig, now: Timestamp) -> Validation {
-    let mut sorted: Vec<&PeerInput> = inputs.iter().collect();
-    sorted.sort_by(|a, b| a.id.cmp(&b.id));
+/// Validate every input at time `now`. `previous` is this gateway's last validation (empty
+/// at start): where it knows a peer, it says what the peer holds; where it does not, the
+/// peer's status ([`PeerInput::granted`]) does.
+pub fn validate(inputs: &[PeerInput], previous: &Validation, cfg: &TunnelConfig, now: Timestamp) -> Validation {
     let mut out = Validation::default();
 
-    // Pass 1: everything that depends on the peer alone, then duplicate keys.
+    // Pass 1: everything that depends on the peer alone, and what each one holds.
     struct Candidate<'a> {
         input: &'a PeerInput,
+        /// Position in the input: the age of a peers file's entries.
+        index: usize,
         key: PublicKey,
         rules: Vec<Rule>,
         psk: Option<PresharedKey>,
         explicit: Option<Ipv4Addr>,
+        holds_key: bool,
+        held_address: Option<Ipv4Addr>,
     }
-    let mut keys: HashMap<PublicKey, &PeerId> = HashMap::new();
     let mut candidates = Vec::new();
-    for input in sorted {
+    for (index, input) in inputs.iter().enumerate() {
         match check_alone(input, cfg, now) {
             Err(r) => out.rejected.push((input.id.clone(), r)),
             Ok((key, rules, psk, explicit)) => {
-                if let Some(by) = keys.get(&key) {
-                    out.rejected
-                        .push((input.id.clone(), Rejection::DuplicatePublicKey { by: by.to_string() }));
-                    continue;
-                }
-                keys.insert(key, &input.id);
+                let (holds_key, held_address) = held(input, &key, previous);
+                let held_address = held_address.filter(|a| cfg.usable(*a) && explicit.is_none_or(|e| e == *a));
                 candidates.push(Candidate {
                     input,
+                    index,
                     key,
                     rules,
                     psk,
                     explicit,
+                    holds_key,
+                    held_address,
                 });
+            }
+        }
+    }
+    // Oldest first; every pass below takes claims in this order (holders before others).
+    candidates.sort_by(|a, b| older(a.input, a.index, b.input, b.index));
+    let id = |i: usize| candidates[i].input.id.to_string();
+    let mut failed: Vec<Option<Rejection>> = vec![None; candidates.len()];
+
+    // Pass 2: duplicate keys, the holder first, then the oldest.
+    let mut key_claims: Vec<usize> = (0..candidates.len()).collect();
+    key_claims.sort_by_key(|&i| !candidates[i].holds_key);
+    let mut key_owner: HashMap<PublicKey, usize> = HashMap::new();
+    for i in key_claims {
+        match key_owner.get(&candidates[i].key) {
+            Some(&w) => {
+                failed[i] = Some(Rejection::DuplicatePublicKey {
+                    by: id(w),
+                    rule: precedence(candidates[w].holds_key),
+                })
+            }
+            None => {
+                key_owner.insert(candidates[i].key, i);
             }
         }
     }
 
-    // Pass 2: explicit addresses claim first, then previous ones, then allocation.
-    let mut taken: HashMap<Ipv4Addr, PeerId> = HashMap::new();
+    // Pass 3: addresses. Held ones are kept; then explicit and previous ones by age (a
+    // previous address is a wish: a peer that cannot have it gets another); then the rest
+    // are allocated, oldest first.
+    let live: Vec<usize> = (0..candidates.len()).filter(|&i| failed[i].is_none()).collect();
+    let mut taken: HashMap<Ipv4Addr, (usize, Precedence)> = HashMap::new();
     let mut address_of: Vec<Option<Ipv4Addr>> = vec![None; candidates.len()];
-    let mut failed: Vec<Option<Rejection>> = vec![None; candidates.len()];
-    for (i, c) in candidates.iter().enumerate() {
-        if let Some(a) = c.explicit {
-            if let Some(by) = taken.get(&a) {
-                failed[i] = Some(Rejection::AddressTaken {
-                    address: a,
-                    by: by.to_string(),
-                });
-            } else {
-                taken.insert(a, c.input.id.clone());
-                address_of[i] = Some(a);
-            }
+    for &i in &live {
+        if let Some(a) = candidates[i].held_address
+            && !taken.contains_key(&a)
+        {
+            taken.insert(a, (i, Precedence::Holds));
+            address_of[i] = Some(a);
         }
     }
-    for (i, c) in candidates.iter().enumerate() {
-        if c.explicit.is_none()
-            && let Some(prev) = c.input.previous_address
-            && cfg.usable(prev)
-            && !taken.contains_key(&prev)
-        {
-            taken.insert(prev, c.input.id.clone());
-            address_of[i] = Some(prev);
+    for &i in &live {
+        let c = &candidates[i];
+        if address_of[i].is_some() {
+            continue;
+        }
+        let wish = c.explicit.or(c.input.previous_address.filter(|a| cfg.usable(*a)));
+        let Some(a) = wish else { continue };
+        match taken.get(&a) {
+            Some(&(w, rule)) if c.explicit.is_some() => {
+                failed[i] = Some(Rejection::AddressTaken {
+                    address: a,
+                    by: id(w),
+                    rule,
+                })
+            }
+            Some(_) => {}
+            None => {
+                taken.insert(a, (i, Precedence::Older));
+                address_of[i] = Some(a);
+            }
         }
     }
     let used: BTreeSet<u32> = taken.keys().map(|a| u32::from(*a)).collect();
     let mut next = u32::from(cfg.gateway_address()).saturating_add(1);
     let last = u32::from(cfg.range.broadcast());
-    for (i, c) in candidates.iter().enumerate() {
-        if c.explicit.is_some() || address_of[i].is_some() {
+    for &i in &live {
+        if address_of[i].is_some() || failed[i].is_some() {
             continue;
         }
         while next <= last && (used.contains(&next) || !cfg.usable(Ipv4Addr::from(next))) {
@@ -250,25 +335,55 @@ pub fn validate(inputs: &[PeerInput], cfg: &TunnelConfig, now: Timestamp) -> Val
         }
     }
 
-    for (i, c) in candidates.into_iter().enumerate() {
+    for (i, c) in candidates.iter().enumerate() {
         match (address_of[i], failed[i].take()) {
+            (_, Some(r)) => out.rejected.push((c.input.id.clone(), r)),
             (Some(address), None) => out.accepted.push(AcceptedPeer {
                 id: c.input.id.clone(),
                 public_key: c.key,
                 address,
-                rules: c.rules,
-                preshared_key: c.psk,
+                rules: c.rules.clone(),
+                preshared_key: c.psk.clone(),
                 expires_at: c.input.spec.expires_at.as_ref().map(|t| t.0),
             }),
-            (_, Some(r)) => out.rejected.push((c.input.id.clone(), r)),
             (None, None) => out
                 .rejected
                 .push((c.input.id.clone(), Rejection::RangeExhausted(cfg.range))),
         }
     }
-    // Accepted peers come out in id order already; rejections in two passes.
+    // Looked up by id (binary search).
+    out.accepted.sort_by(|a, b| a.id.cmp(&b.id));
     out.rejected.sort_by(|a, b| a.0.cmp(&b.0));
     out
+}
+
+/// Whether the peer holds `key`, and the address it holds (before the spec is checked
+/// against it). This gateway's previous validation knows best; a peer it has not seen yet
+/// (after a restart) holds what its status says.
+fn held(input: &PeerInput, key: &PublicKey, previous: &Validation) -> (bool, Option<Ipv4Addr>) {
+    if let Some(p) = previous.accepted(&input.id) {
+        return (p.public_key == *key, Some(p.address));
+    }
+    if previous.rejection(&input.id).is_some() {
+        // Its status may still say what it had before it was rejected.
+        return (false, None);
+    }
+    (input.granted.key, input.granted.address)
+}
+
+fn precedence(holds: bool) -> Precedence {
+    if holds { Precedence::Holds } else { Precedence::Older }
+}
+
+/// Age order of two claims: the older `creationTimestamp`, then the `uid`, then the
+/// earlier entry (a peers file has neither). A peer with a timestamp is older than one
+/// without. Never the name.
+fn older(a: &PeerInput, a_index: usize, b: &PeerInput, b_index: usize) -> Ordering {
+    let stamp = |p: &PeerInput| (p.created.is_none(), p.created);
+    stamp(a)
+        .cmp(&stamp(b))
+        .then_with(|| a.uid.cmp(&b.uid))
+        .then(a_index.cmp(&b_index))
 }
 
 type Alone = (PublicKey, Vec<Rule>, Option<PresharedKey>, Option<Ipv4Addr>);
@@ -352,6 +467,18 @@ pub(crate) mod tests {
         "2026-01-01T00:00:00Z".parse().unwrap()
     }
 
+    /// Validation with nothing accepted before.
+    fn check(inputs: &[PeerInput]) -> Validation {
+        validate(inputs, &Validation::default(), &cfg(), now())
+    }
+
+    /// `p` created `secs` seconds after an epoch of the test's own.
+    fn created(mut p: PeerInput, secs: i64) -> PeerInput {
+        p.created = Some(Timestamp::from_second(1_700_000_000 + secs).unwrap());
+        p.uid = Some(format!("uid-{}", p.id));
+        p
+    }
+
     #[test]
     fn every_peer_is_found_by_id_whatever_the_input_order() {
         // Mixed accepted and rejected (disabled, or a duplicate key), given out of order.
@@ -365,7 +492,7 @@ pub(crate) mod tests {
         let mut dup = peer("zz", "dup");
         dup.spec.public_key = inputs[1].spec.public_key.clone();
         inputs.push(dup);
-        let v = validate(&inputs, &cfg(), now());
+        let v = check(&inputs);
         assert_eq!(v.accepted.len() + v.rejected.len(), inputs.len());
         for input in &inputs {
             let found = (v.accepted(&input.id).is_some(), v.rejection(&input.id).is_some());
@@ -387,7 +514,7 @@ pub(crate) mod tests {
     fn gateway_takes_the_first_address_and_peers_the_next() {
         let c = cfg();
         assert_eq!(c.gateway_address(), Ipv4Addr::new(100, 64, 0, 1));
-        let v = validate(&[peer("a", "x"), peer("a", "y")], &c, now());
+        let v = validate(&[peer("a", "x"), peer("a", "y")], &Validation::default(), &c, now());
         assert_eq!(v.accepted.len(), 2);
         assert_eq!(v.accepted[0].address, Ipv4Addr::new(100, 64, 0, 2));
         assert_eq!(v.accepted[1].address, Ipv4Addr::new(100, 64, 0, 3));
@@ -399,7 +526,7 @@ pub(crate) mod tests {
         a.previous_address = Some(Ipv4Addr::new(100, 64, 0, 9));
         let mut b = peer("a", "b");
         b.spec.address = Some("100.64.0.2".into());
-        let v = validate(&[a.clone(), b], &cfg(), now());
+        let v = check(&[a.clone(), b]);
         assert_eq!(v.accepted(&a.id).unwrap().address, Ipv4Addr::new(100, 64, 0, 9));
         assert_eq!(
             v.accepted(&PeerId::new("a", "b")).unwrap().address,
@@ -419,7 +546,9 @@ pub(crate) mod tests {
         d.spec.address = Some("100.64.0.1".into());
         let mut e = peer("a", "e");
         e.spec.address = Some("nope".into());
-        let v = validate(&[e, d, c, b, a], &cfg(), now());
+        // a is older than b: its explicit claim wins, whatever the names or the order.
+        let (a, b) = (created(a, 1), created(b, 2));
+        let v = check(&[e, d, c, b, a]);
         assert_eq!(v.accepted.len(), 1);
         assert_eq!(v.rejection(&PeerId::new("a", "b")).unwrap().reason(), "AddressTaken");
         assert_eq!(
@@ -440,7 +569,8 @@ pub(crate) mod tests {
         let b = peer("b", "b");
         let mut c = peer("c", "c");
         c.spec.public_key = b.spec.public_key.clone();
-        let v = validate(&[c, b, a], &cfg(), now());
+        let (b, c) = (created(b, 1), created(c, 2));
+        let v = check(&[c, b, a]);
         assert_eq!(
             v.rejection(&PeerId::new("a", "a")).unwrap().reason(),
             "InvalidPublicKey"
@@ -458,7 +588,7 @@ pub(crate) mod tests {
         a.spec.disabled = true;
         let mut b = peer("b", "b");
         b.spec.public_key = a.spec.public_key.clone();
-        let v = validate(&[a, b], &cfg(), now());
+        let v = check(&[a, b]);
         assert_eq!(v.rejection(&PeerId::new("a", "a")), Some(&Rejection::Disabled));
         assert!(v.accepted(&PeerId::new("b", "b")).is_some());
     }
@@ -480,7 +610,7 @@ pub(crate) mod tests {
             namespace: Some("team-b".into()),
             ..Default::default()
         }];
-        let v = validate(&[team, own, admin], &cfg(), now());
+        let v = check(&[team, own, admin]);
         assert_eq!(
             v.rejection(&PeerId::new("team-a", "alice")).unwrap().reason(),
             "NamespaceNotAllowed"
@@ -501,19 +631,21 @@ pub(crate) mod tests {
         a.spec.expires_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
             "2026-01-01T00:00:01Z".parse().unwrap(),
         ));
-        assert_eq!(validate(std::slice::from_ref(&a), &cfg(), now()).accepted.len(), 1);
+        assert_eq!(check(std::slice::from_ref(&a)).accepted.len(), 1);
         let later: Timestamp = "2026-01-01T00:00:02Z".parse().unwrap();
-        assert_eq!(validate(&[a], &cfg(), later).rejected[0].1.reason(), "Expired");
+        assert_eq!(
+            validate(&[a], &Validation::default(), &cfg(), later).rejected[0]
+                .1
+                .reason(),
+            "Expired"
+        );
     }
 
     #[test]
     fn preshared_key_errors_reject() {
         let mut a = peer("a", "a");
         a.preshared_key = Err("secret a/psk not found".into());
-        assert_eq!(
-            validate(&[a], &cfg(), now()).rejected[0].1.reason(),
-            "InvalidPresharedKey"
-        );
+        assert_eq!(check(&[a]).rejected[0].1.reason(), "InvalidPresharedKey");
     }
 
     #[test]
@@ -522,9 +654,229 @@ pub(crate) mod tests {
             range: "100.64.0.0/30".parse().unwrap(),
             gateway_namespace: "g".into(),
         };
-        let v = validate(&[peer("a", "a"), peer("a", "b")], &c, now());
+        let v = validate(&[peer("a", "a"), peer("a", "b")], &Validation::default(), &c, now());
         assert_eq!(v.accepted.len(), 1);
         assert_eq!(v.accepted[0].address, Ipv4Addr::new(100, 64, 0, 2));
         assert_eq!(v.rejected[0].1.reason(), "AddressRangeExhausted");
+    }
+
+    /// What two peers fight over in [`conflicts_go_to_the_holder_then_the_older_claim`].
+    #[derive(Clone, Copy, Debug)]
+    enum Contest {
+        /// The same public key.
+        Key,
+        /// The challenger names the address the other one has (explicit `spec.address`).
+        Address,
+    }
+
+    /// Who held the contested thing before this validation.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Holder {
+        Nobody,
+        /// Accepted by this gateway's previous validation.
+        ByGateway,
+        /// Accepted according to its status (a gateway that has just started).
+        ByStatus,
+    }
+
+    #[test]
+    fn conflicts_go_to_the_holder_then_the_older_claim() {
+        let held_at = Ipv4Addr::new(100, 64, 0, 2);
+        let mut cases = 0;
+        for contest in [Contest::Key, Contest::Address] {
+            for holder in [Holder::Nobody, Holder::ByGateway, Holder::ByStatus] {
+                // The incumbent (the peer that holds, when anybody does) is the older or
+                // the newer of the two.
+                for incumbent_older in [true, false] {
+                    // Names in both orders, in one namespace and across two.
+                    for (inc_id, ch_id) in [
+                        (("kuberaya-system", "ops-laptop"), ("kuberaya-system", "aa-copy")),
+                        (("kuberaya-system", "aa-ops"), ("kuberaya-system", "zz-copy")),
+                        (("kuberaya-system", "ops-laptop"), ("apps", "copy")),
+                        (("apps", "ops-laptop"), ("kuberaya-system", "copy")),
+                    ] {
+                        for reversed in [false, true] {
+                            cases += 1;
+                            let what = format!(
+                                "{contest:?}, held {holder:?}, incumbent older {incumbent_older}, {inc_id:?} vs {ch_id:?}, reversed {reversed}"
+                            );
+                            let mut inc = peer(inc_id.0, inc_id.1);
+                            let mut ch = peer(ch_id.0, ch_id.1);
+                            match contest {
+                                Contest::Key => ch.spec.public_key = inc.spec.public_key.clone(),
+                                Contest::Address => {
+                                    inc.spec.address = (holder == Holder::Nobody).then(|| held_at.to_string());
+                                    ch.spec.address = Some(held_at.to_string());
+                                }
+                            }
+                            let (inc_age, ch_age) = if incumbent_older { (1, 2) } else { (2, 1) };
+                            let (inc, ch) = (created(inc, inc_age), created(ch, ch_age));
+                            let mut previous = Validation::default();
+                            let mut inc = inc;
+                            match holder {
+                                Holder::Nobody => {}
+                                Holder::ByGateway => previous = check(std::slice::from_ref(&inc)),
+                                Holder::ByStatus => {
+                                    inc.granted = Granted {
+                                        key: true,
+                                        address: Some(held_at),
+                                    };
+                                }
+                            }
+                            let inputs = if reversed {
+                                vec![ch.clone(), inc.clone()]
+                            } else {
+                                vec![inc.clone(), ch.clone()]
+                            };
+                            let v = validate(&inputs, &previous, &cfg(), now());
+                            let incumbent_wins = holder != Holder::Nobody || incumbent_older;
+                            let (winner, loser) = if incumbent_wins { (&inc, &ch) } else { (&ch, &inc) };
+                            let won = v
+                                .accepted(&winner.id)
+                                .unwrap_or_else(|| panic!("{what}: winner not accepted: {v:?}"));
+                            if holder != Holder::Nobody || matches!(contest, Contest::Address) {
+                                assert_eq!(won.address, held_at, "{what}");
+                            }
+                            let rule = if holder == Holder::Nobody {
+                                Precedence::Older
+                            } else {
+                                Precedence::Holds
+                            };
+                            let expected = match contest {
+                                Contest::Key => Rejection::DuplicatePublicKey {
+                                    by: winner.id.to_string(),
+                                    rule,
+                                },
+                                Contest::Address => Rejection::AddressTaken {
+                                    address: held_at,
+                                    by: winner.id.to_string(),
+                                    rule,
+                                },
+                            };
+                            assert_eq!(v.rejection(&loser.id), Some(&expected), "{what}");
+                            assert!(v.accepted(&loser.id).is_none(), "{what}");
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 2 * 3 * 2 * 4 * 2);
+    }
+
+    #[test]
+    fn the_loser_is_told_who_won_and_why() {
+        let ops = created(peer("kuberaya-system", "ops-laptop"), 1);
+        let mut copy = created(peer("apps", "aa-copy"), 2);
+        copy.spec.public_key = ops.spec.public_key.clone();
+        let previous = check(std::slice::from_ref(&ops));
+        let v = validate(&[copy.clone(), ops.clone()], &previous, &cfg(), now());
+        let r = v.rejection(&copy.id).unwrap();
+        assert_eq!(r.reason(), "DuplicatePublicKey");
+        assert_eq!(
+            r.to_string(),
+            "public key is already used by kuberaya-system/ops-laptop, which already holds it"
+        );
+        // The winner is exactly as it was: same address, same rules, so its session stays.
+        assert_eq!(v.accepted(&ops.id), previous.accepted(&ops.id));
+    }
+
+    #[test]
+    fn an_accepted_peer_keeps_its_address_until_its_spec_asks_for_another() {
+        let a = created(peer("a", "a"), 1);
+        let first = check(std::slice::from_ref(&a));
+        let at = first.accepted(&a.id).unwrap().address;
+        // An older peer appears (a restored backup, say) that wants the same address by
+        // its last address: it gets another one; by an explicit address: it is refused.
+        let mut wish = created(peer("a", "wish"), 0);
+        wish.previous_address = Some(at);
+        let mut explicit = created(peer("a", "explicit"), 0);
+        explicit.spec.address = Some(at.to_string());
+        let v = validate(&[wish.clone(), explicit.clone(), a.clone()], &first, &cfg(), now());
+        assert_eq!(v.accepted(&a.id).unwrap().address, at);
+        assert_ne!(v.accepted(&wish.id).unwrap().address, at);
+        assert_eq!(v.rejection(&explicit.id).unwrap().reason(), "AddressTaken");
+        // Its own spec asks for another address: it moves, and the address is free again.
+        let mut moved = a.clone();
+        moved.spec.address = Some("100.64.0.50".into());
+        let v2 = validate(&[moved.clone(), explicit.clone()], &v, &cfg(), now());
+        assert_eq!(v2.accepted(&a.id).unwrap().address, Ipv4Addr::new(100, 64, 0, 50));
+        assert_eq!(v2.accepted(&explicit.id).unwrap().address, at);
+        // Disabled, it holds nothing; enabled again, the address it had is taken now and
+        // it gets another.
+        let mut off = a.clone();
+        off.spec.disabled = true;
+        let mut taker = created(peer("a", "taker"), 5);
+        taker.spec.address = Some(at.to_string());
+        let v3 = validate(&[off, taker.clone()], &first, &cfg(), now());
+        assert_eq!(v3.accepted(&taker.id).unwrap().address, at);
+        let mut back = a.clone();
+        back.previous_address = Some(at);
+        let v4 = validate(&[back, taker.clone()], &v3, &cfg(), now());
+        assert_eq!(v4.accepted(&taker.id).unwrap().address, at);
+        assert_ne!(v4.accepted(&a.id).unwrap().address, at);
+    }
+
+    #[test]
+    fn a_stale_status_does_not_outrank_what_the_gateway_knows() {
+        // The gateway rejected `a` last time (disabled); its status still says it was
+        // served at .2, where `b` is now. Enabled again, `a` does not take .2 back.
+        let mut a = created(peer("a", "a"), 1);
+        a.spec.disabled = true;
+        let b = created(peer("a", "b"), 2);
+        let before = check(&[a.clone(), b.clone()]);
+        let at = before.accepted(&b.id).unwrap().address;
+        a.spec.disabled = false;
+        a.granted = Granted {
+            key: true,
+            address: Some(at),
+        };
+        let v = validate(&[a.clone(), b.clone()], &before, &cfg(), now());
+        assert_eq!(v.accepted(&b.id).unwrap().address, at);
+        assert_ne!(v.accepted(&a.id).unwrap().address, at);
+    }
+
+    #[test]
+    fn a_key_held_for_an_older_spec_is_not_held() {
+        // `old` was accepted with key K1 and then edited to K2, which `new` holds: `new`
+        // keeps K2 although `old` is older.
+        let new = created(peer("a", "new"), 2);
+        let old = created(peer("a", "old"), 1);
+        let previous = check(&[old.clone(), new.clone()]);
+        let mut edited = old.clone();
+        edited.spec.public_key = new.spec.public_key.clone();
+        let v = validate(&[edited.clone(), new.clone()], &previous, &cfg(), now());
+        assert!(v.accepted(&new.id).is_some());
+        assert_eq!(
+            v.rejection(&old.id),
+            Some(&Rejection::DuplicatePublicKey {
+                by: new.id.to_string(),
+                rule: Precedence::Holds
+            })
+        );
+        // After a restart, its status says the same: accepted, but at an older generation.
+        let mut from_status = edited.clone();
+        from_status.granted = Granted {
+            key: false,
+            address: previous.accepted(&old.id).map(|p| p.address),
+        };
+        let mut holder = new.clone();
+        holder.granted = Granted {
+            key: true,
+            address: previous.accepted(&new.id).map(|p| p.address),
+        };
+        let v = validate(&[from_status, holder], &Validation::default(), &cfg(), now());
+        assert!(v.accepted(&new.id).is_some());
+        assert_eq!(v.rejection(&old.id).unwrap().reason(), "DuplicatePublicKey");
+    }
+
+    #[test]
+    fn without_timestamps_the_earlier_entry_is_older() {
+        // A peers file: no creationTimestamp or uid; the first entry wins, whatever its name.
+        let z = peer("a", "zz");
+        let mut a = peer("a", "aa");
+        a.spec.public_key = z.spec.public_key.clone();
+        let v = check(&[z.clone(), a.clone()]);
+        assert!(v.accepted(&z.id).is_some());
+        assert_eq!(v.rejection(&a.id).unwrap().reason(), "DuplicatePublicKey");
     }
 }

@@ -23,7 +23,7 @@ use super::{GatewayReport, PeerReport, PeerSnapshot, PeerSource, ServiceCatalog,
 use crate::acl::{Protocol, Service, ServicePort};
 use crate::crd::{CONDITION_ACCEPTED, Condition, VpnPeer, VpnPeerStatus};
 use crate::keys::{PresharedKey, PrivateKey};
-use crate::peers::{PeerId, PeerInput};
+use crate::peers::{Granted, PeerId, PeerInput};
 
 /// How often changed statuses are written.
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(5);
@@ -212,9 +212,20 @@ pub fn trim_peer(p: &mut VpnPeer) {
     p.metadata.managed_fields = None;
     p.metadata.annotations = None;
     if let Some(s) = p.status.as_mut() {
+        // The Accepted condition's status (not its message) says what the peer holds.
+        let accepted = s
+            .conditions
+            .drain(..)
+            .find(|c| c.type_ == CONDITION_ACCEPTED)
+            .map(|c| Condition {
+                message: String::new(),
+                ..c
+            });
         *s = VpnPeerStatus {
             address: s.address.take(),
             last_address: s.last_address.take(),
+            observed_generation: s.observed_generation,
+            conditions: accepted.into_iter().collect(),
             ..Default::default()
         };
     }
@@ -224,12 +235,23 @@ pub fn trim_peer(p: &mut VpnPeer) {
 pub fn peer_from_k8s(p: &VpnPeer) -> Option<PeerInput> {
     let mut input = PeerInput::new(PeerId::new(p.namespace()?, p.metadata.name.clone()?), p.spec.clone());
     input.generation = p.metadata.generation;
+    input.created = p.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    input.uid = p.metadata.uid.clone();
+    let status = p.status.as_ref();
+    let parse = |a: Option<&String>| a.and_then(|a| a.parse().ok());
     // The address in use, else the one it had before it was cut off (disabled, expired).
-    input.previous_address = p
-        .status
-        .as_ref()
-        .and_then(|s| s.address.as_deref().or(s.last_address.as_deref()))
-        .and_then(|a| a.parse().ok());
+    input.previous_address = status.and_then(|s| parse(s.address.as_ref().or(s.last_address.as_ref())));
+    // What the gateway granted, as it wrote it: the key only for the spec it judged.
+    if let Some(s) = status
+        && s.conditions
+            .iter()
+            .any(|c| c.type_ == CONDITION_ACCEPTED && c.status == "True")
+    {
+        input.granted = Granted {
+            key: s.observed_generation.is_some() && s.observed_generation == p.metadata.generation,
+            address: parse(s.address.as_ref()),
+        };
+    }
     Some(input)
 }
 
@@ -596,6 +618,41 @@ mod tests {
         assert_eq!(i.id, PeerId::new("team", "alice"));
         assert_eq!(i.previous_address, Some(Ipv4Addr::new(100, 64, 0, 7)));
         assert_eq!(i.generation, Some(3));
+        assert_eq!(i.granted, Granted::default(), "no Accepted=True: nothing held");
+    }
+
+    #[test]
+    fn a_peer_holds_what_its_status_says_it_was_granted() {
+        let peer = |generation: i64, observed: i64, accepted: &str| -> VpnPeer {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "vpn.cloudraya.com/v1alpha1", "kind": "VpnPeer",
+                "metadata": {"name": "alice", "namespace": "team", "generation": generation,
+                             "uid": "u-1", "creationTimestamp": "2026-01-01T00:00:00Z"},
+                "spec": {"publicKey": "k"},
+                "status": {"address": "100.64.0.7", "observedGeneration": observed,
+                           "conditions": [{"type": "Accepted", "status": accepted, "reason": "Accepted",
+                                           "message": "serving", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+            }))
+            .unwrap()
+        };
+        let i = peer_from_k8s(&peer(3, 3, "True")).unwrap();
+        assert_eq!(i.created, Some("2026-01-01T00:00:00Z".parse().unwrap()));
+        assert_eq!(i.uid.as_deref(), Some("u-1"));
+        let at = Some(Ipv4Addr::new(100, 64, 0, 7));
+        assert_eq!(i.granted, Granted { key: true, address: at });
+        // Edited since: the address is still held, the key in the new spec is not.
+        assert_eq!(
+            peer_from_k8s(&peer(4, 3, "True")).unwrap().granted,
+            Granted {
+                key: false,
+                address: at
+            }
+        );
+        assert_eq!(peer_from_k8s(&peer(3, 3, "False")).unwrap().granted, Granted::default());
+        // The reflector's trimmed copy says the same.
+        let mut trimmed = peer(3, 3, "True");
+        trim_peer(&mut trimmed);
+        assert_eq!(peer_from_k8s(&trimmed).unwrap(), i);
     }
 
     #[test]
@@ -615,7 +672,11 @@ mod tests {
         trim_peer(&mut p);
         assert_eq!(peer_from_k8s(&p).unwrap(), before);
         assert!(p.metadata.managed_fields.is_none() && p.metadata.annotations.is_none());
-        assert!(p.status.as_ref().unwrap().conditions.is_empty());
+        let kept = &p.status.as_ref().unwrap().conditions;
+        assert_eq!(
+            (kept.len(), kept[0].status.as_str(), kept[0].message.as_str()),
+            (1, "True", "")
+        );
     }
 
     #[test]
