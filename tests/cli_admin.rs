@@ -6,7 +6,9 @@
 //!   with its last address), `expose audit` with a LoadBalancer, a NodePort and two peers,
 //!   and bad input;
 //! - load balancers: `lb list|describe|orphans` against LBs made through the platform API
-//!   with the CCM's labels (the sandbox runs `--no-ccm`, so nothing sweeps them).
+//!   with the CCM's labels (the sandbox runs `--no-ccm`, so nothing sweeps them); then the
+//!   real CCM is started on the same state and its sweep deletes exactly the orphans the
+//!   CLI listed, never the LB without a Service UID that the CLI lists as unknown.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -422,13 +424,25 @@ fn load_balancers_list_describe_orphans() -> Result<()> {
         }],
         backends: vec![],
     };
+    sb.apply(
+        &service_yaml("shop", "internal", "ClusterIP", 80, "TCP", "    {}").replace("  annotations:\n    {}\n", ""),
+    )?;
+    let internal_uid = sb.kubectl(&["get", "svc", "-n", "shop", "internal", "-o", "jsonpath={.metadata.uid}"])?;
     let rt = tokio::runtime::Runtime::new()?;
-    let (web, gone) = rt.block_on(async {
+    let (web, gone, internal, hand) = rt.block_on(async {
         let web = platform.create_load_balancer(&cluster, &spec("web", &uid)).await?;
         let gone = platform
             .create_load_balancer(&cluster, &spec("gone", "no-such-uid"))
             .await?;
-        anyhow::Ok((web, gone))
+        // Its Service exists but is ClusterIP and has no finalizer: nothing will clean up.
+        let internal = platform
+            .create_load_balancer(&cluster, &spec("internal", &internal_uid))
+            .await?;
+        // This cluster's label and no Service UID: not the CCM's, never deleted.
+        let mut by_hand = spec("hand", "-");
+        by_hand.labels = Labels::from([(LABEL_CLUSTER_ID.to_string(), cluster.clone())]);
+        let hand = platform.create_load_balancer(&cluster, &by_hand).await?;
+        anyhow::Ok((web, gone, internal, hand))
     })?;
     let web_ip = rt
         .block_on(async {
@@ -476,23 +490,68 @@ fn load_balancers_list_describe_orphans() -> Result<()> {
 
     let out = sb.cli(&["lb", "orphans", "-o", "json"]);
     ensure!(out.status.success(), "orphans: {}", text(&out));
+    let mut orphans = vec![gone.id.clone(), internal.id.clone()];
+    orphans.sort();
     ensure!(
-        jq("[.items[].id] | join(\",\")", &out.stdout)? == gone.id,
+        jq("[.items[].id] | sort | join(\",\")", &out.stdout)? == orphans.join(","),
         "{}",
         text(&out)
+    );
+    ensure!(
+        jq("[.unknown[].id] | join(\",\")", &out.stdout)? == hand.id,
+        "{}",
+        text(&out)
+    );
+    let table = String::from_utf8_lossy(&sb.cli(&["lb", "orphans"]).stdout).into_owned();
+    ensure!(
+        table.contains("Unknown: not created by the CCM") && table.contains(&hand.id),
+        "{table}"
     );
     let out = sb.cli(&["lb", "orphans", "--delete"]);
     one_clear_line(&out)?;
     ensure!(String::from_utf8_lossy(&out.stderr).contains("--yes"), "{}", text(&out));
+
+    // The CCM's sweep, on the same platform state, deletes exactly the orphans the CLI
+    // listed: it runs at the CCM's start.
+    let state = tempfile::tempdir()?;
+    let config = state.path().join("cloud-config.yaml");
+    kuberaya_e2e::ccm::write_cloud_config(&config, &sb.env["CLOUDRAYA_API_URL"], &cluster)?;
+    let mut ccm = kuberaya_e2e::ccm::Ccm::spawn_with(
+        sb.kubeconfig(),
+        &config,
+        (&sb.env["CLOUDRAYA_EMAIL"], &sb.env["CLOUDRAYA_PASSWORD"]),
+        "info",
+        &[],
+    )?;
+    ccm.wait_leader(Duration::from_secs(30))?;
+    let swept = poll_until_blocking(Duration::from_secs(20), || {
+        (ccm.metric("kuberaya_ccm_orphans_deleted_total")? >= 2.0).then_some(())
+    });
+    // Anything more it would delete is deleted by now too (one sweep, one pass).
+    std::thread::sleep(Duration::from_secs(1));
+    let left = rt.block_on(platform.list_load_balancers(&cluster, &Labels::new()))?;
+    drop(ccm);
+    ensure!(swept.is_some(), "the CCM's orphan sweep did not delete 2 LBs: {left:?}");
+    let mut deleted_by_ccm: Vec<String> = [&web, &gone, &internal, &hand]
+        .iter()
+        .filter(|lb| !left.iter().any(|l| l.id == lb.id && l.status.as_str() != "deleting"))
+        .map(|lb| lb.id.clone())
+        .collect();
+    deleted_by_ccm.sort();
+    ensure!(
+        deleted_by_ccm == orphans,
+        "the CCM deleted {deleted_by_ccm:?}, the CLI listed {orphans:?} as orphans"
+    );
+
+    // A new orphan for the CLI to delete: `--delete --yes` takes it and leaves the unknown.
+    let gone2 = rt.block_on(platform.create_load_balancer(&cluster, &spec("gone2", "no-such-uid-2")))?;
     let out = sb.cli(&["lb", "orphans", "--delete", "--yes"]);
     ensure!(out.status.success(), "orphans --delete --yes: {}", text(&out));
     let left = rt.block_on(platform.list_load_balancers(&cluster, &Labels::new()))?;
-    ensure!(
-        left.iter()
-            .all(|lb| lb.id != gone.id || lb.status.as_str() == "deleting"),
-        "orphan deleted"
-    );
-    ensure!(left.iter().any(|lb| lb.id == web.id), "web kept");
+    let alive = |id: &str| left.iter().any(|lb| lb.id == id && lb.status.as_str() != "deleting");
+    ensure!(!alive(&gone2.id), "orphan deleted: {left:?}");
+    ensure!(alive(&web.id), "web kept");
+    ensure!(alive(&hand.id), "the LB not created by the CCM kept: {left:?}");
 
     // Bad platform credentials: one line, non-zero.
     let out = sb.cli_env(&["lb", "list"], &[("CLOUDRAYA_PASSWORD", "wrong")]);

@@ -10,7 +10,10 @@
 //!   2 s, while another peer's session (its handshake count) is untouched; a disabled or
 //!   expired peer's status says so (reason `Disabled`, `Expired`) and has no `address`,
 //!   only `lastAddress`;
-//! - a Service deleted is refused by the gateway for new flows at once.
+//! - a Service deleted is refused by the gateway for new flows at once;
+//! - newer peers claiming an accepted peer's key (names sorting before it, in its
+//!   namespace and in a team namespace) or its address are rejected, naming it, and its
+//!   session is untouched.
 //!
 //! onetun 0.3.10 panics with more than one TCP forward per process and two onetuns with
 //! the same key fight over the peer's endpoint, so each onetun has one forward and each
@@ -661,6 +664,59 @@ fn run_scenario(sb: &TempSandbox, gw: &Gateway, web: &str, secret: &str) -> Resu
     let bob_row = rows.get(&format!("{GW_NS}/bob")).context("bob's row")?;
     ensure!(bob_row[0] == "True", "bob after a duplicate of his key: {bob_row:?}");
     bob_t.untouched(gw, "the rejected peers")?;
+
+    // Newer peers never take what bob holds, whatever their names sort as: his key from a
+    // name that sorts first, in his namespace and from a team namespace that sorts before
+    // it, and his address named explicitly.
+    sb.apply("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: apps\n")?;
+    let takeovers = [
+        (
+            GW_NS,
+            "aa-copy",
+            format!("publicKey: \"{}\"", bob.key.public),
+            "DuplicatePublicKey",
+            "public key".to_string(),
+        ),
+        (
+            "apps",
+            "aa",
+            format!("publicKey: \"{}\"", bob.key.public),
+            "DuplicatePublicKey",
+            "public key".to_string(),
+        ),
+        (
+            GW_NS,
+            "aa-addr",
+            format!("publicKey: \"{}\"\n  address: {}", keypair().1, bob.address()),
+            "AddressTaken",
+            format!("address {}", bob.address()),
+        ),
+    ];
+    for (ns, name, spec, _, _) in &takeovers {
+        sb.apply(&format!(
+            "apiVersion: vpn.cloudraya.com/v1alpha1\nkind: VpnPeer\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  {spec}\n"
+        ))?;
+    }
+    for (ns, name, _, reason, what) in &takeovers {
+        wait_condition(sb, ns, name, false)?;
+        let said = sb.kubectl(&[
+            "get",
+            "vpnpeer",
+            "-n",
+            ns,
+            name,
+            "-o",
+            r#"jsonpath={.status.conditions[?(@.type=="Accepted")].reason}|{.status.conditions[?(@.type=="Accepted")].message}"#,
+        ])?;
+        let want = format!("{reason}|{what} is already used by {GW_NS}/bob, which already holds it");
+        ensure!(said.trim() == want, "{ns}/{name}: {said:?}, want {want:?}");
+    }
+    ensure!(
+        peer_status(sb, "bob")? == ["Accepted", &bob.address(), &bob.address()],
+        "bob's status after the takeover attempts: {:?}",
+        peer_status(sb, "bob")
+    );
+    bob_t.untouched(gw, "newer peers claiming his key and address")?;
 
     // A Service deleted: the gateway refuses new flows to it at once.
     let denied_before = denied_flows(gw, "bob");

@@ -99,6 +99,11 @@ fn lb_list_describe_orphans() {
             lb: lb::row_of(&lb::tests::lb("lb-9", "shop", "gone", "u9", Some("127.203.0.19"))),
             retain_public_ip: true,
         }],
+        unknown: vec![lb::row_of(&{
+            let mut hand = lb::tests::lb("lb-7", "shop", "hand-made", "-", None);
+            hand.labels.remove(kuberaya_ccm::platform::LABEL_SERVICE_UID);
+            hand
+        })],
     };
     both("lb-orphans", &orphans, |wide| lb::orphans_table(&orphans, wide));
 }

@@ -2,7 +2,7 @@
 //! Services, found by the labels the CCM puts on them (`kuberaya_ccm::platform::labels`),
 //! through the CCM's own platform client.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -15,9 +15,10 @@ use kube::{Api, ResourceExt};
 use kuberaya_ccm::annotations::{LbAnnotations, PREFIX};
 use kuberaya_ccm::config::{CloudConfig, ENV_EMAIL, ENV_PASSWORD};
 use kuberaya_ccm::platform::{
-    Error as PlatformError, HealthState, HttpPlatform, LABEL_CLUSTER_ID, LABEL_RETAIN_PUBLIC_IP, LABEL_SERVICE_NAME,
-    LABEL_SERVICE_NAMESPACE, LABEL_SERVICE_UID, Labels, LbStatus, LoadBalancer, Platform, PlatformClientConfig,
+    Error as PlatformError, HealthState, HttpPlatform, LABEL_CLUSTER_ID, LABEL_SERVICE_NAME, LABEL_SERVICE_NAMESPACE,
+    LABEL_SERVICE_UID, Labels, LbStatus, LoadBalancer, Platform, PlatformClientConfig,
 };
+use kuberaya_ccm::service::orphans::judge;
 use serde::Serialize;
 
 use crate::kube::{KubeArgs, api_error, connect, is_not_found};
@@ -532,36 +533,6 @@ fn indent(s: &mut String, t: &str) {
     }
 }
 
-/// A Service as orphan detection needs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LiveService {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-    pub load_balancer: bool,
-}
-
-/// LBs whose Service is gone: its UID label matches no Service, and no `LoadBalancer`
-/// Service of that namespace/name exists either (the CCM adopts those by name).
-pub fn find_orphans<'a>(lbs: &'a [LoadBalancer], services: &[LiveService]) -> Vec<&'a LoadBalancer> {
-    let uids: BTreeSet<&str> = services.iter().map(|s| s.uid.as_str()).collect();
-    let names: BTreeSet<(&str, &str)> = services
-        .iter()
-        .filter(|s| s.load_balancer)
-        .map(|s| (s.namespace.as_str(), s.name.as_str()))
-        .collect();
-    lbs.iter()
-        .filter(|lb| {
-            let uid_alive = lb
-                .labels
-                .get(LABEL_SERVICE_UID)
-                .is_some_and(|u| uids.contains(u.as_str()));
-            let name_alive = service_of(lb).is_some_and(|(ns, n)| names.contains(&(ns.as_str(), n.as_str())));
-            !uid_alive && !name_alive
-        })
-        .collect()
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OrphanRow {
@@ -570,42 +541,87 @@ pub struct OrphanRow {
     pub retain_public_ip: bool,
 }
 
+/// What `lb orphans` shows: the orphans the CCM would delete too (the judgement is the
+/// CCM library's, [`kuberaya_ccm::service::orphans::judge`]), and apart from them the LBs
+/// of this cluster that nobody can judge. `--delete` deletes only the former.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct OrphanList {
     pub items: Vec<OrphanRow>,
+    /// Labelled with this cluster but with no Service UID: not created by the CCM.
+    pub unknown: Vec<LbRow>,
 }
 
 pub fn orphans_table(list: &OrphanList, wide: bool) -> String {
-    if list.items.is_empty() {
-        return "No orphaned load balancers.\n".into();
+    let mut out = if list.items.is_empty() {
+        "No orphaned load balancers.\n".to_string()
+    } else {
+        let mut headers = vec!["lb-id", "public", "was-service", "status", "retain-ip"];
+        if wide {
+            headers.extend(["lb-name", "service-uid"]);
+        }
+        let rows: Vec<Vec<String>> = list
+            .items
+            .iter()
+            .map(|o| {
+                let r = &o.lb;
+                let mut row = vec![
+                    r.id.clone(),
+                    endpoint(&r.public_ip, &r.ports),
+                    match (&r.namespace, &r.service) {
+                        (Some(ns), Some(s)) => format!("{ns}/{s}"),
+                        _ => "-".into(),
+                    },
+                    r.status.clone(),
+                    if o.retain_public_ip { "yes" } else { "no" }.into(),
+                ];
+                if wide {
+                    row.push(r.name.clone());
+                    row.push(r.service_uid.clone().unwrap_or_else(|| "-".into()));
+                }
+                row
+            })
+            .collect();
+        table(&headers, &rows)
+    };
+    if !list.unknown.is_empty() {
+        out.push_str(&format!(
+            "\nUnknown: not created by the CCM ({} with this cluster's label but no Service UID; never deleted by --delete):\n",
+            list.unknown.len()
+        ));
+        let rows: Vec<Vec<String>> = list
+            .unknown
+            .iter()
+            .map(|r| {
+                vec![
+                    r.id.clone(),
+                    endpoint(&r.public_ip, &r.ports),
+                    r.name.clone(),
+                    r.status.clone(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["lb-id", "public", "lb-name", "status"], &rows));
     }
-    let mut headers = vec!["lb-id", "public", "was-service", "status", "retain-ip"];
-    if wide {
-        headers.extend(["lb-name", "service-uid"]);
+    out
+}
+
+/// The CCM's judgement of `lbs` against `services`, as rows.
+pub fn orphan_list(cluster: &str, lbs: &[LoadBalancer], services: &[Service]) -> OrphanList {
+    let judged = judge(cluster, lbs, services);
+    let by_id = |id: &str| lbs.iter().find(|lb| lb.id == id).map(row_of);
+    OrphanList {
+        items: judged
+            .orphans
+            .iter()
+            .filter_map(|o| {
+                Some(OrphanRow {
+                    lb: by_id(&o.id)?,
+                    retain_public_ip: o.keep_public_ip == Some(true),
+                })
+            })
+            .collect(),
+        unknown: judged.unknown.iter().filter_map(|u| by_id(&u.id)).collect(),
     }
-    let rows: Vec<Vec<String>> = list
-        .items
-        .iter()
-        .map(|o| {
-            let r = &o.lb;
-            let mut row = vec![
-                r.id.clone(),
-                endpoint(&r.public_ip, &r.ports),
-                match (&r.namespace, &r.service) {
-                    (Some(ns), Some(s)) => format!("{ns}/{s}"),
-                    _ => "-".into(),
-                },
-                r.status.clone(),
-                if o.retain_public_ip { "yes" } else { "no" }.into(),
-            ];
-            if wide {
-                row.push(r.name.clone());
-                row.push(r.service_uid.clone().unwrap_or_else(|| "-".into()));
-            }
-            row
-        })
-        .collect();
-    table(&headers, &rows)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -767,29 +783,13 @@ async fn orphans(kube_args: &KubeArgs, a: OrphansArgs) -> anyhow::Result<()> {
     let lbs = cluster_lbs(&c).await?;
     let k = connect(kube_args).await?;
     let api: Api<Service> = Api::all(k.client.clone());
-    let services: Vec<LiveService> = api
+    // Listed after the LBs: an LB of a Service created in between is never an orphan.
+    let services = api
         .list(&ListParams::default())
         .await
         .map_err(|e| api_error(e, "listing Services"))?
-        .items
-        .iter()
-        .map(|s| LiveService {
-            namespace: s.namespace().unwrap_or_default(),
-            name: s.name_any(),
-            uid: s.metadata.uid.clone().unwrap_or_default(),
-            load_balancer: s.spec.as_ref().and_then(|p| p.type_.as_deref()) == Some("LoadBalancer"),
-        })
-        .collect();
-    let found = find_orphans(&lbs, &services);
-    let list = OrphanList {
-        items: found
-            .iter()
-            .map(|lb| OrphanRow {
-                lb: row_of(lb),
-                retain_public_ip: lb.labels.get(LABEL_RETAIN_PUBLIC_IP).is_some_and(|v| v == "true"),
-            })
-            .collect(),
-    };
+        .items;
+    let list = orphan_list(&c.cluster, &lbs, &services);
     print!("{}", render(a.output.output, &list, |wide| orphans_table(&list, wide))?);
     if !a.delete || list.items.is_empty() {
         return Ok(());
@@ -900,28 +900,43 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn orphans_are_lbs_whose_service_is_gone() {
+    fn orphans_are_the_ccms_and_unknown_lbs_are_apart() {
+        let service = |name: &str, uid: &str, type_: &str| -> Service {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"namespace": "shop", "name": name, "uid": uid},
+                "spec": {"type": type_, "ports": [{"port": 80}]}
+            }))
+            .unwrap()
+        };
+        let mut hand = lb("lb-4", "shop", "hand", "-", None);
+        hand.labels.remove(LABEL_SERVICE_UID);
+        let mut deleting = lb("lb-5", "shop", "gone-too", "u5", None);
+        deleting.status = kuberaya_ccm::platform::LbStatus::Deleting;
         let lbs = vec![
             lb("lb-1", "shop", "web", "u1", None),
             lb("lb-2", "shop", "gone", "u2", None),
-            lb("lb-3", "shop", "recreated", "u3-old", None),
+            // Its Service was recreated while the CCM was down: adopted by its LB name.
+            LoadBalancer {
+                name: "kr-shop-recreated".into(),
+                ..lb("lb-3", "shop", "recreated", "u3-old", None)
+            },
+            hand,
+            deleting,
+            lb("lb-6", "shop", "internal", "u6", None),
         ];
         let live = vec![
-            LiveService {
-                namespace: "shop".into(),
-                name: "web".into(),
-                uid: "u1".into(),
-                load_balancer: true,
-            },
-            LiveService {
-                namespace: "shop".into(),
-                name: "recreated".into(),
-                uid: "u3-new".into(),
-                load_balancer: true,
-            },
+            service("web", "u1", "LoadBalancer"),
+            service("recreated", "u3-new", "LoadBalancer"),
+            // Exists, but is ClusterIP now and has no finalizer: no reconcile will clean up.
+            service("internal", "u6", "ClusterIP"),
         ];
-        let ids: Vec<&str> = find_orphans(&lbs, &live).iter().map(|l| l.id.as_str()).collect();
-        assert_eq!(ids, vec!["lb-2"]);
+        let list = orphan_list("cl-1", &lbs, &live);
+        let ids: Vec<&str> = list.items.iter().map(|o| o.lb.id.as_str()).collect();
+        assert_eq!(ids, ["lb-2", "lb-6"]);
+        let unknown: Vec<&str> = list.unknown.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(unknown, ["lb-4"]);
+        let text = orphans_table(&list, false);
+        assert!(text.contains("Unknown: not created by the CCM"), "{text}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use ipnet::Ipv4Net;
 use k8s_openapi::jiff::Timestamp;
 use kuberaya_gateway::acl::{Acl, Catalog, Service};
 use kuberaya_gateway::crd::VpnPeer;
-use kuberaya_gateway::peers::{PeerId, TunnelConfig, validate};
+use kuberaya_gateway::peers::{PeerId, TunnelConfig, Validation, validate};
 use kuberaya_gateway::source::kube::peer_from_k8s;
 use serde::Serialize;
 
@@ -68,11 +68,12 @@ pub fn reach_of_all(
             i.spec.expires_at = None;
             i.spec.address = None;
             i.previous_address = None;
+            i.granted.address = None;
             i.spec.preshared_key_secret_ref = None;
             i
         })
         .collect();
-    let validation = validate(&inputs, &tunnel, now);
+    let validation = validate(&inputs, &Validation::default(), &tunnel, now);
     let catalog = Catalog::new(services.iter().cloned());
     let acl = Acl::compile(tunnel.gateway_address(), &validation.accepted, &catalog);
     let mut sorted: Vec<&Service> = catalog.services().collect();

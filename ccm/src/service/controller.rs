@@ -34,13 +34,14 @@ use crate::platform::{
     LoadBalancer, Platform,
 };
 use crate::service::desired::{
-    DesiredConfig, DesiredLb, PublicIpRequest, default_lb_name, desired_load_balancer, ingress_ips,
+    DesiredConfig, DesiredLb, PublicIpRequest, desired_lb_name, desired_load_balancer, ingress_ips,
 };
 use crate::service::diff::{
-    ApplyPlan, DeletePlan, LiveService, LookupError, find_orphans, index_by_uid, keep_public_ip, pick_by_name,
-    pick_by_uid, plan_apply, plan_delete,
+    ApplyPlan, DeletePlan, LookupError, index_by_uid, keep_public_ip, pick_by_name, pick_by_uid, plan_apply,
+    plan_delete,
 };
 use crate::service::nodes::{MAX_BACKENDS, NodeSetFingerprint, SettledNodes, debounce, selector_keys};
+use crate::service::orphans;
 use crate::service::status::{ConditionUpdate, IngressUpdate, Ready, condition_differs, status_patch};
 use crate::service::{FINALIZER, has_finalizer, is_deleting, reconcile_inputs, wants_load_balancer};
 use crate::{Error, Result};
@@ -406,14 +407,6 @@ async fn handle_platform_error(
 
 /// The LB name a Service asks for (annotation, else the default); an invalid name
 /// annotation falls back to the default.
-fn desired_lb_name(svc: &Service) -> String {
-    let ann = svc.metadata.annotations.clone().unwrap_or_default();
-    annotations::name(&ann)
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| default_lb_name(&svc.namespace().unwrap_or_default(), &svc.name_any()))
-}
-
 fn uid_labels(cluster_id: &str, uid: &str) -> Labels {
     Labels::from([
         (LABEL_CLUSTER_ID.to_owned(), cluster_id.to_owned()),
@@ -791,7 +784,7 @@ async fn remove_finalizer(api: &Api<Service>, svc: &Service) -> Result<()> {
     Ok(())
 }
 
-/// Deletes our LBs whose Service is gone (see [`find_orphans`]); returns how many.
+/// Deletes our LBs whose Service is gone (see [`orphans::judge`]); returns how many.
 /// Also sets the `load_balancers_managed` gauge.
 ///
 /// `list_services` must list every Service of the cluster, freshly from the API server
@@ -815,29 +808,20 @@ where
     ctx.metrics
         .lbs_managed
         .set(i64::try_from(lbs.len()).unwrap_or(i64::MAX));
-    let live: HashMap<String, LiveService> = services
-        .iter()
-        .filter_map(|s| {
-            Some((
-                s.uid()?,
-                LiveService {
-                    wants_lb: wants_load_balancer(s),
-                    has_finalizer: has_finalizer(s),
-                },
-            ))
-        })
-        .collect();
-    let adoptable: HashSet<(String, String)> = services
-        .iter()
-        .filter(|s| wants_load_balancer(s) && !is_deleting(s))
-        .map(|s| (key_of(s), desired_lb_name(s)))
-        .collect();
+    let live: HashSet<String> = services.iter().filter_map(|s| s.uid()).collect();
     // Forget LBs of Services that are gone: listed before the Services, so a Service
     // missing from the later list is gone (the same reasoning as for orphans).
     let listed: HashSet<&str> = lbs.iter().map(|lb| lb.id.as_str()).collect();
     ctx.lb_ids()
-        .retain(|uid, known| live.contains_key(uid) || !listed.contains(known.id.as_str()));
-    let orphans = find_orphans(cluster, &lbs, &live, &adoptable);
+        .retain(|uid, known| live.contains(uid) || !listed.contains(known.id.as_str()));
+    let judged = orphans::judge(cluster, &lbs, &services);
+    if !judged.unknown.is_empty() {
+        debug!(
+            count = judged.unknown.len(),
+            "orphan sweep: LBs of this cluster without a Service UID, left alone"
+        );
+    }
+    let orphans = judged.orphans;
     let mut deleted = 0;
     for o in orphans {
         info!(lb = %o.id, name = %o.name, service = %o.service, keep_public_ip = ?o.keep_public_ip, "deleting orphaned load balancer");

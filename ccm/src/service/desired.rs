@@ -132,6 +132,17 @@ fn short_hash(s: &str) -> String {
     format!("{h:08x}")
 }
 
+/// The LB name a Service asks for: its `lb.cloudraya.com/name` annotation when valid,
+/// else [`default_lb_name`].
+pub fn desired_lb_name(svc: &k8s_openapi::api::core::v1::Service) -> String {
+    use kube::ResourceExt;
+    let ann = svc.metadata.annotations.clone().unwrap_or_default();
+    crate::annotations::name(&ann)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| default_lb_name(&svc.namespace().unwrap_or_default(), &svc.name_any()))
+}
+
 /// The default platform name: `kr-<namespace>-<name>`, shortened with a hash of
 /// `namespace/name` when longer than 63. Stored on live objects: never change.
 pub fn default_lb_name(namespace: &str, name: &str) -> String {

@@ -360,7 +360,7 @@ pub fn find_orphans(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::platform::{Backend, Labels, LbPublicIp};
     use crate::service::desired::tests::{annotate, cfg, svc};
@@ -597,7 +597,7 @@ mod tests {
         assert_eq!(plan_apply(Some(&lb), &other_ip, None), Ok(ApplyPlan::InSync));
     }
 
-    fn lb_with(id: &str, name: &str, labels: Labels) -> LoadBalancer {
+    pub(crate) fn lb_with(id: &str, name: &str, labels: Labels) -> LoadBalancer {
         let mut lb = echoed(&desired());
         lb.id = id.into();
         lb.name = name.into();

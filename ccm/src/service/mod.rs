@@ -3,13 +3,15 @@
 //!
 //! Layout: [`nodes`] (which nodes are backends; node-change detection and debounce),
 //! [`desired`] (Service -> desired LB, pure), [`diff`] (actual vs desired -> plan, pure),
-//! [`status`] (status and condition patches, pure), [`controller`] (the kube-rs
+//! [`status`] (status and condition patches, pure), [`orphans`] (which LBs may be
+//! swept: shared with the CLI), [`controller`] (the kube-rs
 //! controller: finalizer, platform calls, events, requeues, orphan sweep).
 
 pub mod controller;
 pub mod desired;
 pub mod diff;
 pub mod nodes;
+pub mod orphans;
 pub mod status;
 
 use std::hash::{DefaultHasher, Hash, Hasher};
