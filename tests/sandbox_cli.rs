@@ -184,3 +184,89 @@ fn foreground_sandbox_stops_on_ctrl_c() -> Result<()> {
     );
     Ok(())
 }
+
+/// `sandbox down --purge` of a state directory when dropped, however the test ends.
+struct DownOnDrop(String);
+
+impl Drop for DownOnDrop {
+    fn drop(&mut self) {
+        let _ = kuberaya(&["sandbox", "down", "--purge", "--state-dir", &self.0]);
+    }
+}
+
+/// The ranges a sandbox's state directory recorded (`ranges.json`).
+fn recorded_ranges(state: &str) -> Result<Vec<ipnet::Ipv4Net>> {
+    let doc: Value = serde_json::from_slice(&std::fs::read(format!("{state}/ranges.json"))?)?;
+    ["publicIpRange", "vmIpRange", "serviceCidr", "podCidr"]
+        .iter()
+        .map(|k| Ok(doc[k].as_str().context("a range")?.parse()?))
+        .collect()
+}
+
+/// Two sandboxes with default settings on one machine: the second takes ranges no running
+/// sandbox holds and every part of it runs (kube-proxy listeners, the gateway behind its
+/// LB); a third that names a range the first holds is refused, naming the flag.
+#[test]
+fn a_second_sandbox_gets_ranges_of_its_own_or_is_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (a, b, c) = (
+        dir.path().join("a").display().to_string(),
+        dir.path().join("b").display().to_string(),
+        dir.path().join("c").display().to_string(),
+    );
+    let _down = (DownOnDrop(a.clone()), DownOnDrop(b.clone()), DownOnDrop(c.clone()));
+    for state in [&a, &b] {
+        let up = kuberaya(&["sandbox", "up", "--detach", "--state-dir", state])?;
+        let out = text(&up);
+        ensure!(up.status.success(), "sandbox up --state-dir {state}: {out}");
+        ensure!(
+            out.contains("ready in") && out.contains("gateway load balancer:") && !out.contains("! "),
+            "{state}: every part runs: {out}"
+        );
+        let log = std::fs::read_to_string(format!("{state}/sandbox.log")).unwrap_or_default();
+        ensure!(
+            !log.contains("cannot listen"),
+            "{state}: a kube-proxy listener failed:\n{log}"
+        );
+        let ingress = Command::new("kubectl")
+            .args(["--kubeconfig", &format!("{state}/kubeconfig")])
+            .args(["get", "service", "-n", "kuberaya-system", "kuberaya-gateway"])
+            .args(["-o", "jsonpath={.status.loadBalancer.ingress[0].ip}"])
+            .output()?;
+        ensure!(
+            !String::from_utf8_lossy(&ingress.stdout).trim().is_empty(),
+            "{state}: the gateway's Service has its LB: {}",
+            text(&ingress)
+        );
+    }
+    let (ra, rb) = (recorded_ranges(&a)?, recorded_ranges(&b)?);
+    for x in &ra {
+        for y in &rb {
+            ensure!(
+                !x.contains(&y.network()) && !y.contains(&x.network()),
+                "{x} of one sandbox overlaps {y} of the other"
+            );
+        }
+    }
+    let service_cidr_of_a = ra[2].to_string();
+    let clash = kuberaya(&[
+        "sandbox",
+        "up",
+        "--detach",
+        "--state-dir",
+        &c,
+        "--service-cidr",
+        &service_cidr_of_a,
+    ])?;
+    let said = String::from_utf8_lossy(&clash.stderr).into_owned();
+    ensure!(
+        !clash.status.success(),
+        "a clashing range was accepted: {}",
+        text(&clash)
+    );
+    ensure!(
+        said.contains(&format!("--service-cidr {service_cidr_of_a} overlaps")) && said.contains(&a),
+        "the refusal names the flag and the sandbox holding the range: {said}"
+    );
+    Ok(())
+}

@@ -41,6 +41,11 @@ pub enum LbCommand {
     #[command(after_help = "Examples:\n  kuberaya lb describe shop/web\n  kuberaya lb describe -n shop web -o yaml")]
     Describe(DescribeArgs),
     /// Load balancers labelled with this cluster whose Service is gone.
+    ///
+    /// The same judgement as the CCM's orphan sweep: an LB with a Service UID whose Service
+    /// is gone, or exists but neither wants an LB nor carries the CCM's finalizer. LBs with
+    /// the cluster's label but no Service UID were not created by the CCM: they are listed
+    /// apart ("unknown") and never deleted.
     #[command(after_help = "Examples:
   kuberaya lb orphans
   kuberaya lb orphans --delete          # asks for confirmation
@@ -79,7 +84,7 @@ pub struct DescribeArgs {
 
 #[derive(Debug, Args)]
 pub struct OrphansArgs {
-    /// Delete the orphans (asks first unless --yes).
+    /// Delete the orphans (asks first unless --yes); never the unknown LBs.
     #[arg(long)]
     pub delete: bool,
     /// Do not ask before deleting.

@@ -32,6 +32,8 @@ use kuberaya_sandbox::platform::{Platform, PlatformConfig, serve};
 
 use crate::output::{OutputFormat, table};
 
+mod ranges;
+
 #[derive(Debug, Subcommand)]
 pub enum SandboxCommand {
     /// Start the sandbox (foreground; Ctrl-C stops it). `--detach` returns once it is ready.
@@ -89,18 +91,22 @@ pub struct UpArgs {
     /// ID of the sandbox cluster on the platform.
     #[arg(long, default_value = "cl-sandbox")]
     pub cluster_id: String,
-    /// Public IPs of load balancers come from this range (on loopback).
-    #[arg(long, default_value = "127.203.0.0/24")]
-    pub public_ip_range: ipnet::Ipv4Net,
-    /// Private IPs of the worker VMs come from this range (on loopback).
-    #[arg(long, default_value = "127.10.0.0/24")]
-    pub vm_ip_range: ipnet::Ipv4Net,
-    /// Service ClusterIPs come from this range (on loopback).
-    #[arg(long, default_value = "127.96.0.0/16")]
-    pub service_cidr: ipnet::Ipv4Net,
-    /// Pod IPs: node i gets the i-th /24 of this range (on loopback).
-    #[arg(long, default_value = "127.244.0.0/16")]
-    pub pod_cidr: ipnet::Ipv4Net,
+    /// Public IPs of load balancers come from this range (on loopback) [default: 127.203.0.0/24,
+    /// or the next free /24 (127.204.0.0/24, ...) while another sandbox holds it]
+    #[arg(long)]
+    pub public_ip_range: Option<ipnet::Ipv4Net>,
+    /// Private IPs of the worker VMs come from this range (on loopback) [default: 127.10.0.0/24,
+    /// or the next free one]
+    #[arg(long)]
+    pub vm_ip_range: Option<ipnet::Ipv4Net>,
+    /// Service ClusterIPs come from this range (on loopback) [default: 127.96.0.0/16, or the
+    /// next free one]
+    #[arg(long)]
+    pub service_cidr: Option<ipnet::Ipv4Net>,
+    /// Pod IPs: node i gets the i-th /24 of this range (on loopback) [default: 127.244.0.0/16,
+    /// or the next free one]
+    #[arg(long)]
+    pub pod_cidr: Option<ipnet::Ipv4Net>,
     /// No CCM runs: the node agents remove the uninitialized taint and set node addresses
     /// (LoadBalancer Services stay pending).
     #[arg(long, conflicts_with = "external_ccm")]
@@ -390,14 +396,27 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let _ = fs::remove_file(dir.join(RUNTIME_FILE));
     let started = Instant::now();
     let creds = load_or_make_credentials(&dir)?;
+    let requested = ranges::Requested {
+        public_ip_range: args.public_ip_range,
+        vm_ip_range: args.vm_ip_range,
+        service_cidr: args.service_cidr,
+        pod_cidr: args.pod_cidr,
+    };
+    let (ranges, _registered) = ranges::claim(&dir, &requested)?;
 
     step(&format!("state in {}", dir.display()));
+    if ranges != ranges::defaults() {
+        step(&format!(
+            "address ranges apart from the other running sandboxes: public IPs {}, VMs {}, services {}, pods {}",
+            ranges.public_ip_range, ranges.vm_ip_range, ranges.service_cidr, ranges.pod_cidr
+        ));
+    }
     let config = PlatformConfig {
         state_dir: dir.join("platform"),
         email: creds.email.clone(),
         password: creds.password.clone(),
-        public_ip_range: args.public_ip_range,
-        vm_ip_range: args.vm_ip_range,
+        public_ip_range: ranges.public_ip_range,
+        vm_ip_range: ranges.vm_ip_range,
         provisioning_delay: Duration::from_millis(args.provisioning_delay_ms),
         udp_enabled: !args.no_udp,
         ..PlatformConfig::default()
@@ -423,7 +442,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     }));
 
     let kube_api = KubeApi::open(KubeApiConfig {
-        service_cidr: args.service_cidr,
+        service_cidr: ranges.service_cidr,
         ..KubeApiConfig::new(dir.join("kube"))
     })
     .await
@@ -456,7 +475,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     };
     let options = ClusterOptions {
         no_ccm: args.no_ccm,
-        pod_cidr: args.pod_cidr,
+        pod_cidr: ranges.pod_cidr,
         ..ClusterOptions::default()
     };
     let cluster = Cluster::start(client, login, &args.cluster_id, options)
@@ -466,8 +485,8 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         "cluster {}: {} nodes (pods in {}, services in {}){}",
         args.cluster_id,
         args.workers,
-        args.pod_cidr,
-        args.service_cidr,
+        ranges.pod_cidr,
+        ranges.service_cidr,
         if args.no_ccm {
             ", no CCM"
         } else if args.external_ccm {
@@ -486,26 +505,21 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             "CCM: service, node and node lifecycle controllers (leader of Lease {CCM_LEASE_NAMESPACE}/{CCM_LEASE_NAME})"
         ));
         let initialised = ccm.wait_nodes_initialised(args.workers, NODE_INIT_TIMEOUT).await;
-        match initialised {
-            Ok(n) => step(&format!(
-                "{n} nodes initialised by the CCM (providerID, addresses, zone labels)"
-            )),
-            Err(e) => eprintln!("! nodes not initialised yet ({e:#}); see `kubectl get nodes`"),
-        }
+        let n = initialised.context("nodes not initialised by the CCM; see `kubectl get nodes`")?;
+        step(&format!(
+            "{n} nodes initialised by the CCM (providerID, addresses, zone labels)"
+        ));
         Some(ccm)
     };
     let mut gateway = if args.no_gateway || ccm.is_none() {
         None
     } else {
-        match InProcessGateway::start(&kubeconfig, args.service_cidr, args.pod_cidr).await {
-            Ok(gw) => Some(gw),
-            // Like a kube-proxy listener, a gateway that cannot bind (another sandbox on the
-            // same ranges) leaves the rest of the sandbox running.
-            Err(e) => {
-                eprintln!("! the WireGuard gateway does not run: {e:#}; pass another --pod-cidr, or --no-gateway");
-                None
-            }
-        }
+        // "ready" means every part runs: a gateway that cannot start is an error.
+        Some(
+            InProcessGateway::start(&kubeconfig, ranges.service_cidr, ranges.pod_cidr)
+                .await
+                .context("the WireGuard gateway cannot start; pass another --pod-cidr, or --no-gateway")?,
+        )
     };
     if let Some(gw) = gateway.as_mut() {
         step(&format!(
@@ -519,13 +533,23 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         if args.no_udp {
             eprintln!("! the platform plays no UDP load balancing (--no-udp): the gateway's Service stays pending");
         } else {
-            match gw.wait_public_ip(&kubeconfig, GATEWAY_LB_TIMEOUT).await {
-                Ok(ip) => step(&format!("gateway load balancer: {ip}:{GATEWAY_PORT}/udp")),
-                Err(e) => eprintln!("! {e:#}; see `kuberaya lb list`"),
-            }
+            let ip = gw
+                .wait_public_ip(&kubeconfig, GATEWAY_LB_TIMEOUT)
+                .await
+                .context("the gateway's load balancer; see `kuberaya lb list`")?;
+            step(&format!("gateway load balancer: {ip}:{GATEWAY_PORT}/udp"));
         }
     }
     write_example(&dir)?;
+    // kube-proxy's listeners (ClusterIPs, NodePorts, health ports) all bound.
+    let failures = cluster.wait_listeners(Duration::from_secs(5)).await;
+    if !failures.is_empty() {
+        bail!(
+            "kube-proxy cannot listen on {} address(es) that another process holds (another sandbox?): {}; pass other ranges (--service-cidr, --vm-ip-range)",
+            failures.len(),
+            failures.join("; ")
+        );
+    }
 
     let runtime = Runtime {
         pid: std::process::id(),
@@ -1106,19 +1130,18 @@ async fn up_detached(args: UpArgs) -> anyhow::Result<ExitCode> {
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["sandbox", "up", "--detached-child", "--state-dir"]).arg(&dir);
     cmd.args(["--workers", &args.workers.to_string(), "--cluster-id", &args.cluster_id]);
-    cmd.args([
-        "--public-ip-range",
-        &args.public_ip_range.to_string(),
-        "--vm-ip-range",
-        &args.vm_ip_range.to_string(),
-    ]);
     cmd.args(["--provisioning-delay-ms", &args.provisioning_delay_ms.to_string()]);
-    cmd.args([
-        "--service-cidr",
-        &args.service_cidr.to_string(),
-        "--pod-cidr",
-        &args.pod_cidr.to_string(),
-    ]);
+    // Only the ranges given: the child picks free ones for the rest.
+    for (flag, range) in [
+        ("--public-ip-range", args.public_ip_range),
+        ("--vm-ip-range", args.vm_ip_range),
+        ("--service-cidr", args.service_cidr),
+        ("--pod-cidr", args.pod_cidr),
+    ] {
+        if let Some(r) = range {
+            cmd.args([flag, &r.to_string()]);
+        }
+    }
     if args.no_ccm {
         cmd.arg("--no-ccm");
     }

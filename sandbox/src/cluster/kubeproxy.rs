@@ -348,21 +348,32 @@ struct RunningHealth {
 pub(crate) struct Proxy {
     forwards: HashMap<(Proto, SocketAddr), RunningForward>,
     health: HashMap<SocketAddr, RunningHealth>,
-    /// Listeners that failed to bind, and when.
-    failed: HashMap<(Proto, SocketAddr), Instant>,
+    /// Listeners that failed to bind, when, and why.
+    failed: HashMap<(Proto, SocketAddr), (Instant, String)>,
     tasks: TaskTracker,
 }
 
 impl Proxy {
     fn may_try(&mut self, key: (Proto, SocketAddr)) -> bool {
-        self.failed.get(&key).is_none_or(|t| t.elapsed() >= BIND_RETRY)
+        self.failed.get(&key).is_none_or(|(t, _)| t.elapsed() >= BIND_RETRY)
     }
 
     fn bind_failed(&mut self, key: (Proto, SocketAddr), error: &std::io::Error) {
         if !self.failed.contains_key(&key) {
             tracing::warn!(protocol = ?key.0, addr = %key.1, %error, "kube-proxy cannot listen");
         }
-        self.failed.insert(key, Instant::now());
+        self.failed.insert(key, (Instant::now(), error.to_string()));
+    }
+
+    /// The listeners that could not bind, as `PROTO ADDR: error`, in address order.
+    pub fn failures(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .failed
+            .iter()
+            .map(|((proto, addr), (_, e))| format!("{proto:?} {addr}: {e}"))
+            .collect();
+        out.sort();
+        out
     }
 
     /// Starts, updates and stops listeners so that they are `want`.
@@ -482,7 +493,9 @@ pub(crate) async fn run(ctx: Arc<Context>) {
         let (ctx, proxy) = (Arc::clone(&c), Arc::clone(&looped));
         async move {
             let want = desired(&ctx.services.state(), &ctx.slices.state(), &ctx.local_nodes());
-            proxy.lock().await.apply(want, &ctx.cancel);
+            let mut proxy = proxy.lock().await;
+            proxy.apply(want, &ctx.cancel);
+            ctx.listen_failures.send_replace(proxy.failures());
             Result::Ok(())
         }
     })

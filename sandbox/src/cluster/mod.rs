@@ -120,6 +120,8 @@ pub(crate) struct Context {
     pub changed: watch::Sender<u64>,
     /// The cluster's VMs as last read from the platform.
     pub vms: watch::Sender<Vec<Vm>>,
+    /// kube-proxy's listeners that could not bind (`PROTO ADDR: error`), after its last pass.
+    pub listen_failures: watch::Sender<Vec<String>>,
     pub cancel: CancellationToken,
 }
 
@@ -208,6 +210,7 @@ impl Cluster {
             deployments,
             changed,
             vms: watch::Sender::new(vms),
+            listen_failures: watch::Sender::new(Vec::new()),
             cancel: cancel.clone(),
         });
         tasks.spawn(poll_vms(ctx.clone()));
@@ -219,6 +222,21 @@ impl Cluster {
         tasks.spawn(kubeproxy::run(ctx.clone()));
         tracing::info!(cluster_id, vms = ctx.vms.borrow().len(), "sandbox cluster started");
         Ok(Cluster { cancel, tasks, ctx })
+    }
+
+    /// kube-proxy's listeners (ClusterIPs, NodePorts, health ports) that could not bind,
+    /// as `PROTO ADDR: error`: another process (another sandbox on the same ranges) holds
+    /// them. Empty when every listener runs.
+    pub fn listen_failures(&self) -> Vec<String> {
+        self.ctx.listen_failures.borrow().clone()
+    }
+
+    /// Waits (at most `within`) until kube-proxy has made a pass with every listener of
+    /// `want` addresses bound or failed; returns the failures then.
+    pub async fn wait_listeners(&self, within: Duration) -> Vec<String> {
+        let mut rx = self.ctx.listen_failures.subscribe();
+        let _ = tokio::time::timeout(within, rx.changed()).await;
+        self.listen_failures()
     }
 
     /// The platform client the cluster reads its VMs with.
