@@ -66,10 +66,16 @@ pub struct Service {
 }
 
 /// The Services known to the gateway, by namespace and name and by ClusterIP.
+///
+/// A ClusterIP that two Services claim (a Service deleted and its address given to a new
+/// one, seen by the cache before the deletion) belongs to neither until the cache settles:
+/// which of them a packet to it reaches is not for the gateway to guess, so it is no
+/// one's to grant, whatever order the Services were listed in.
 #[derive(Clone, Debug, Default)]
 pub struct Catalog {
     by_name: HashMap<(String, String), Arc<Service>>,
     by_ip: HashMap<IpAddr, Arc<Service>>,
+    ambiguous: HashSet<IpAddr>,
 }
 
 impl Catalog {
@@ -77,12 +83,23 @@ impl Catalog {
         let mut c = Catalog::default();
         for s in services {
             let s = Arc::new(s);
-            if let Some(ip) = s.cluster_ip {
-                c.by_ip.insert(ip, s.clone());
+            if let Some(ip) = s.cluster_ip
+                && let Some(other) = c.by_ip.insert(ip, s.clone())
+                && (other.namespace != s.namespace || other.name != s.name)
+            {
+                c.ambiguous.insert(ip);
             }
             c.by_name.insert((s.namespace.clone(), s.name.clone()), s);
         }
+        for ip in &c.ambiguous {
+            c.by_ip.remove(ip);
+        }
         c
+    }
+
+    /// Whether two Services claim `ip` (then no rule grants it).
+    pub fn is_ambiguous(&self, ip: &IpAddr) -> bool {
+        self.ambiguous.contains(ip)
     }
     pub fn get(&self, namespace: &str, name: &str) -> Option<&Service> {
         self.by_name
@@ -181,7 +198,7 @@ impl Acl {
                     if allowed.is_empty() {
                         continue;
                     }
-                    if let Some(ip) = svc.cluster_ip {
+                    if let Some(ip) = svc.cluster_ip.filter(|ip| !catalog.is_ambiguous(ip)) {
                         for &i in &allowed {
                             let sp = &svc.ports[i];
                             r.ports.insert((ip, sp.protocol.ip_proto(), sp.port));
@@ -354,6 +371,38 @@ pub(crate) mod tests {
             ),
             Verdict::Denied
         );
+    }
+
+    #[test]
+    fn a_cluster_ip_two_services_claim_is_granted_by_neither() {
+        let a = peer([100, 64, 0, 2], vec![rule("default", Some("web"), None)]);
+        let syn = ipv4([100, 64, 0, 2], [127, 96, 0, 10], PROTO_TCP, &tcp(1234, 80, TCP_SYN));
+        let mut services: Vec<Service> = catalog().services().cloned().collect();
+        services.sort_by(|x, y| x.name.cmp(&y.name));
+        // `other` got web's address (web deleted, the cache not told yet): in both orders.
+        let mut other = services[0].clone();
+        other.name = "other".into();
+        other.cluster_ip = services.iter().find(|s| s.name == "web").unwrap().cluster_ip;
+        for other_first in [true, false] {
+            let mut list = services.clone();
+            if other_first {
+                list.insert(0, other.clone());
+            } else {
+                list.push(other.clone());
+            }
+            let c = Catalog::new(list);
+            let acl = Acl::compile(gw(), std::slice::from_ref(&a), &c);
+            assert_eq!(
+                acl.check(a.address, &parse(&syn).unwrap()),
+                Verdict::Denied,
+                "other first: {other_first}"
+            );
+            assert!(c.by_ip("127.96.0.10".parse().unwrap()).is_none());
+            assert!(c.get("default", "web").is_some(), "still known by name");
+        }
+        // Settled: web alone again.
+        let acl = Acl::compile(gw(), std::slice::from_ref(&a), &Catalog::new(services));
+        assert_eq!(acl.check(a.address, &parse(&syn).unwrap()), Verdict::Allow);
     }
 
     #[test]
