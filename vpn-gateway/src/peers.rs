@@ -335,15 +335,15 @@ pub fn validate(inputs: &[PeerInput], previous: &Validation, cfg: &TunnelConfig,
         }
     }
 
-    for (i, c) in candidates.iter().enumerate() {
+    for (i, c) in candidates.into_iter().enumerate() {
         match (address_of[i], failed[i].take()) {
             (_, Some(r)) => out.rejected.push((c.input.id.clone(), r)),
             (Some(address), None) => out.accepted.push(AcceptedPeer {
                 id: c.input.id.clone(),
                 public_key: c.key,
                 address,
-                rules: c.rules.clone(),
-                preshared_key: c.psk.clone(),
+                rules: c.rules,
+                preshared_key: c.psk,
                 expires_at: c.input.spec.expires_at.as_ref().map(|t| t.0),
             }),
             (None, None) => out
