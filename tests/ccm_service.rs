@@ -827,3 +827,52 @@ fn sandbox_up_runs_the_ccm_and_its_try_this_block_answers() -> Result<()> {
     ensure!(api.is_err(), "the platform stand-in is gone");
     Ok(())
 }
+
+/// Two Services want one LB name (`lb.cloudraya.com/name`) and neither holds it: the older
+/// one gets it whatever the names sort as and whichever the CCM reconciles first; the
+/// newer one is refused with a condition that names the older. Both exist before the CCM
+/// starts, so no LB holds the name yet.
+#[test]
+fn an_lb_name_two_services_want_goes_to_the_older_one() -> Result<()> {
+    let sb = Sandbox::up(300)?;
+    sb.apply(&deployment("web", 1, false))?;
+    let shared = [("lb.cloudraya.com/name", "shared")];
+    sb.apply(&lb_service("zz-old", "web", &shared, ""))?;
+    // creationTimestamp has a resolution of one second.
+    std::thread::sleep(Duration::from_millis(1100));
+    sb.apply(&lb_service("aa-new", "web", &shared, ""))?;
+    let ccm = sb.start_ccm("2s")?;
+    let result = (|| {
+        sb.provider_ids()?;
+        let ip = sb.wait_ingress("zz-old")?;
+        wait_answering(&format!("http://{ip}:80/"))?;
+        let mut last = Value::Null;
+        let refused = poll_until_blocking(Duration::from_secs(20), || {
+            let svc = sb.get_json(&["get", "service", "aa-new"]).ok()?;
+            last = svc["status"].clone();
+            svc["status"]["conditions"].as_array()?.iter().find_map(|c| {
+                (c["status"] == "False" && c["reason"] == "LoadBalancerNameTaken").then(|| c["message"].clone())
+            })
+        });
+        let message = refused.with_context(|| format!("aa-new is refused with a reason: {last}"))?;
+        ensure!(
+            message.as_str().is_some_and(|m| m.contains("default/zz-old")),
+            "the refusal names the older Service: {message}"
+        );
+        let lbs = sb.lbs_by_service()?;
+        ensure!(
+            lbs.get("zz-old").map(Vec::len) == Some(1) && !lbs.contains_key("aa-new"),
+            "one LB, the older Service's: {}",
+            sb.lbs_in_our_path()
+        );
+        ensure!(ingress_ip(&sb.get_json(&["get", "service", "aa-new"])?).is_none());
+        Ok(())
+    })();
+    result.map_err(|e: anyhow::Error| {
+        e.context(format!(
+            "sandbox log (tail):\n{}\nCCM output:\n{}",
+            sb.log(),
+            ccm.process.output_tails()
+        ))
+    })
+}

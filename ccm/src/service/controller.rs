@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
@@ -34,7 +34,7 @@ use crate::platform::{
     LoadBalancer, Platform,
 };
 use crate::service::desired::{
-    DesiredConfig, DesiredLb, PublicIpRequest, desired_lb_name, desired_load_balancer, ingress_ips,
+    DesiredConfig, DesiredLb, PublicIpRequest, desired_lb_name, desired_load_balancer, ingress_ips, older_claimant,
 };
 use crate::service::diff::{
     ApplyPlan, DeletePlan, LookupError, index_by_uid, keep_public_ip, pick_by_name, pick_by_uid, plan_apply,
@@ -106,6 +106,9 @@ pub struct Context {
     /// a 5xx): looked up by label until a lookup answers. Without it, a create retried
     /// under another name (the name annotation changed meanwhile) would make a second LB.
     unsure_uids: Mutex<HashSet<String>>,
+    /// Every Service (the controller's store), once it runs: an LB name two Services want
+    /// goes to the older one ([`older_claimant`]).
+    services: OnceLock<Store<Service>>,
 }
 
 /// What [`Context`] remembers of a Service's LB.
@@ -145,7 +148,13 @@ impl Context {
             lbs_learnt: AtomicBool::new(false),
             ambiguous_uids: Mutex::new(HashSet::new()),
             unsure_uids: Mutex::new(HashSet::new()),
+            services: OnceLock::new(),
         }
+    }
+
+    /// Gives the context the store of every Service (the controller's).
+    pub fn see_services(&self, store: Store<Service>) {
+        let _ = self.services.set(store);
     }
 
     fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
@@ -555,6 +564,16 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
         };
         return match plan {
             ApplyPlan::Create(spec) => {
+                // Nobody holds the name yet (or the create's 409 would have told): of the
+                // Services that want it, the older one gets it.
+                let others = ctx.services.get().map(|s| s.state()).unwrap_or_default();
+                if let Some(older) = older_claimant(svc, &spec.name, others.iter().map(|s| s.as_ref())) {
+                    let msg = format!(
+                        "load balancer name {:?} is also wanted by Service {older}, which is older and gets it; set another with lb.cloudraya.com/name",
+                        spec.name
+                    );
+                    return refuse(ctx, api, svc, "LoadBalancerNameTaken", msg).await;
+                }
                 warn_if_capped(ctx, svc, &desired).await;
                 let e = match ctx.platform.create_load_balancer(cluster, &spec).await {
                     Ok(lb) => {
@@ -947,6 +966,7 @@ pub async fn run(
         .reflect(service_writer)
         .applied_objects()
         .predicate_filter(reconcile_inputs, Default::default());
+    ctx.see_services(service_store.clone());
     let controller = Controller::for_stream(service_changes, service_store).with_config(
         ControllerConfig::default()
             .concurrency(settings.concurrency)

@@ -143,6 +143,35 @@ pub fn desired_lb_name(svc: &k8s_openapi::api::core::v1::Service) -> String {
         .unwrap_or_else(|| default_lb_name(&svc.namespace().unwrap_or_default(), &svc.name_any()))
 }
 
+/// Of the other live Services that want an LB named `name` (not deleting, asking for an
+/// LB, another UID), the oldest one, when it is older than `svc` (`creationTimestamp`,
+/// then UID): as `namespace/name`. An LB name nobody holds goes to the older claim, never
+/// to whichever Service reconciles first; one that a Service holds stays with it (the
+/// platform's 409 on a taken name says so).
+pub fn older_claimant<'a>(
+    svc: &k8s_openapi::api::core::v1::Service,
+    name: &str,
+    others: impl Iterator<Item = &'a k8s_openapi::api::core::v1::Service>,
+) -> Option<String> {
+    use kube::ResourceExt;
+    let age = |s: &k8s_openapi::api::core::v1::Service| (s.creation_timestamp().map(|t| t.0), s.uid());
+    let mine = age(svc);
+    others
+        .filter(|o| {
+            o.uid() != svc.uid()
+                && crate::service::wants_load_balancer(o)
+                && !crate::service::is_deleting(o)
+                && desired_lb_name(o) == name
+        })
+        .filter(|o| {
+            // A Service without a timestamp (not from an API server) is never older.
+            let theirs = age(o);
+            theirs.0.is_some() && (mine.0.is_none() || theirs < mine)
+        })
+        .min_by(|a, b| age(a).cmp(&age(b)))
+        .map(|o| format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any()))
+}
+
 /// The default platform name: `kr-<namespace>-<name>`, shortened with a hash of
 /// `namespace/name` when longer than 63. Stored on live objects: never change.
 pub fn default_lb_name(namespace: &str, name: &str) -> String {
@@ -751,5 +780,52 @@ pub(crate) mod tests {
         assert!(!changed(&|s| *s = annotate(s.clone(), "example.com/owner", "team-a")));
         assert!(!changed(&|s| spec_mut(s).cluster_ip = Some("10.96.0.10".into())));
         assert!(!changed(&|s| spec_mut(s).session_affinity = Some("None".into())));
+    }
+
+    #[test]
+    fn an_lb_name_two_services_want_goes_to_the_older() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let named = |ns: &str, name: &str, uid: &str, secs: i64| {
+            let mut s = annotate(svc(), "lb.cloudraya.com/name", "shared");
+            s.metadata.namespace = Some(ns.into());
+            s.metadata.name = Some(name.into());
+            s.metadata.uid = Some(uid.into());
+            s.metadata.creation_timestamp = Some(Time(
+                k8s_openapi::jiff::Timestamp::from_second(1_700_000_000 + secs).unwrap(),
+            ));
+            s
+        };
+        // Names and namespaces in both orders: only age counts.
+        for (old, new) in [
+            (named("zz", "zz", "u-z", 1), named("aa", "aa", "u-a", 2)),
+            (named("aa", "aa", "u-a", 1), named("zz", "zz", "u-z", 2)),
+        ] {
+            let all = [old.clone(), new.clone()];
+            let older = format!(
+                "{}/{}",
+                old.metadata.namespace.as_deref().unwrap(),
+                old.metadata.name.as_deref().unwrap()
+            );
+            assert_eq!(older_claimant(&new, "shared", all.iter()), Some(older));
+            assert_eq!(older_claimant(&old, "shared", all.iter()), None);
+        }
+        // Same second: the UID decides, the same way for both.
+        let (a, b) = (named("x", "a", "u-1", 5), named("x", "b", "u-2", 5));
+        assert_eq!(
+            older_claimant(&b, "shared", [a.clone(), b.clone()].iter()),
+            Some("x/a".into())
+        );
+        assert_eq!(older_claimant(&a, "shared", [a.clone(), b.clone()].iter()), None);
+        // An older Service that no longer wants an LB, is being deleted, or wants another
+        // name claims nothing.
+        let old = named("x", "old", "u-0", 0);
+        let mut cip = old.clone();
+        cip.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
+        let mut deleting = old.clone();
+        deleting.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        let other_name = annotate(old.clone(), "lb.cloudraya.com/name", "elsewhere");
+        for o in [cip, deleting, other_name] {
+            assert_eq!(older_claimant(&b, "shared", [o, b.clone()].iter()), None);
+        }
     }
 }
