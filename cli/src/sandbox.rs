@@ -186,7 +186,7 @@ const CCM_IDENTITY: &str = "kuberaya-sandbox";
 const CCM_LEASE_DURATION: Duration = Duration::from_secs(15);
 const CCM_RENEW_EVERY: Duration = Duration::from_secs(5);
 const CCM_RETRY: Duration = Duration::from_secs(2);
-const NODE_INIT_TIMEOUT: Duration = Duration::from_secs(10);
+const NODE_INIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `web.yaml` of the "try this" block: a Deployment and its LoadBalancer Service.
 const EXAMPLE: &str = "\
@@ -677,7 +677,7 @@ const GATEWAY_PORT: u16 = 51820;
 /// The gateway's tunnel range (it takes the first address).
 const GATEWAY_TUNNEL_CIDR: &str = "100.64.0.0/16";
 /// How long `sandbox up` waits for the gateway's load balancer.
-const GATEWAY_LB_TIMEOUT: Duration = Duration::from_secs(15);
+const GATEWAY_LB_TIMEOUT: Duration = Duration::from_secs(30);
 /// Field manager of the objects the sandbox applies for the gateway.
 const GATEWAY_FIELD_MANAGER: &str = "kuberaya-sandbox";
 
@@ -1169,7 +1169,7 @@ async fn up_detached(args: UpArgs) -> anyhow::Result<ExitCode> {
         });
     }
     let mut child = cmd.spawn().context("cannot start the sandbox in the background")?;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         if let Some(status) = child.try_wait()? {
             let log = fs::read_to_string(&log_path).unwrap_or_default();
@@ -1189,7 +1189,7 @@ async fn up_detached(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            bail!("the sandbox was not ready within 60 s; see {}", log_path.display());
+            bail!("the sandbox was not ready within 90 s; see {}", log_path.display());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
