@@ -300,6 +300,12 @@ impl Sandbox {
     /// Creates `count` LoadBalancer Services named `<prefix><i>` at once (32 requests in
     /// flight); returns how long the creation took.
     fn create_services(&self, prefix: &str, count: u64, hc_interval_s: u64) -> Result<Duration> {
+        let names: Vec<String> = (0..count).map(|i| format!("{prefix}{i}")).collect();
+        self.create_services_named(&names, hc_interval_s)
+    }
+
+    /// Creates a LoadBalancer Service of each name at once (32 requests in flight).
+    fn create_services_named(&self, names: &[String], hc_interval_s: u64) -> Result<Duration> {
         let annotations = if hc_interval_s > 0 {
             json!({ "lb.cloudraya.com/health-check-interval": hc_interval_s.to_string() })
         } else {
@@ -309,11 +315,11 @@ impl Sandbox {
         let started = Instant::now();
         let kube = &self.kube;
         let results: Vec<Result<()>> = self.rt.block_on(
-            futures::stream::iter(0..count)
-                .map(|i| async move {
+            futures::stream::iter(names)
+                .map(|name| async move {
                     let body = json!({
                         "apiVersion": "v1", "kind": "Service",
-                        "metadata": {"name": format!("{prefix}{i}"), "namespace": "default", "annotations": annotations},
+                        "metadata": {"name": name, "namespace": "default", "annotations": annotations},
                         "spec": {"type": "LoadBalancer", "selector": {"app": "none"},
                                  "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
                     });
@@ -343,6 +349,50 @@ impl Sandbox {
             }
         }
         Ok((done, total))
+    }
+
+    /// Deletes the Services named `<prefix><i>` for every `i` of `which` at once (32
+    /// requests in flight, without waiting for the deletions: `--wait=false`).
+    fn delete_services(&self, prefix: &str, which: impl Iterator<Item = u64>) -> Result<()> {
+        let kube = &self.kube;
+        let results: Vec<Result<()>> = self.rt.block_on(
+            futures::stream::iter(which)
+                .map(|i| async move {
+                    kube.delete_if_present(&format!("/api/v1/namespaces/default/services/{prefix}{i}"))
+                        .await
+                })
+                .buffer_unordered(32)
+                .collect(),
+        );
+        results.into_iter().collect()
+    }
+
+    /// The Services named `<prefix>*`: name → whether it has an ingress.
+    fn services_of(&self, prefix: &str) -> Result<BTreeMap<String, bool>> {
+        let v = self.rt.block_on(self.kube.get("/api/v1/namespaces/default/services"))?;
+        Ok(v["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| {
+                let name = s["metadata"]["name"].as_str()?;
+                name.starts_with(prefix).then(|| {
+                    (
+                        name.to_string(),
+                        s["status"]["loadBalancer"]["ingress"][0]["ip"].as_str().is_some(),
+                    )
+                })
+            })
+            .collect())
+    }
+
+    /// Public IPs of the account not attached to anything.
+    fn unattached_public_ips(&self) -> Result<usize> {
+        Ok(self
+            .list("/network/v1/public-ips")?
+            .iter()
+            .filter(|ip| ip["attached_to"].is_null())
+            .count())
     }
 
     /// Starts `kuberaya-ccm` against this sandbox (dying with the bench) and waits until it
@@ -744,7 +794,160 @@ fn measured(sizes: &Sizes) -> Result<Option<Convergence>> {
             format!("{rss:.1} MiB VmHWM (goal < 64 MiB)"),
         );
     }
+    if let Err(e) = delete_all(&sb, sizes) {
+        println!("RESULT ccm.delete: failed: {e:#}");
+    }
+    if let Err(e) = churn(&sb, &ccm, sizes) {
+        println!("RESULT ccm.churn: failed: {e:#}");
+    }
     Ok(Some(conv))
+}
+
+/// Issue 26: every Service deleted at once; the time until the last one is gone (its
+/// finalizer removed after its LB is gone), the calls, and what is left on the platform.
+fn delete_all(sb: &Sandbox, sizes: &Sizes) -> Result<()> {
+    let unattached_before = sb.unattached_public_ips()?;
+    let before = sb.calls()?;
+    let count = sb.services_of("s")?.len();
+    let started = Instant::now();
+    sb.delete_services("s", 0..sizes.services)?;
+    // The Services still carry the CCM's finalizer: each goes once its LB is gone.
+    let requests = started.elapsed();
+    let (gone, left) = loop {
+        let left = sb.services_of("s")?.len();
+        if left == 0 {
+            break (Some(started.elapsed()), 0);
+        }
+        if started.elapsed() > sizes.timeout {
+            break (None, left);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let calls = diff(&before, &sb.calls()?);
+    let lbs_left = sb.lbs()?.len();
+    let ips_left = sb.unattached_public_ips()?.saturating_sub(unattached_before);
+    result(
+        &format!(
+            "ccm.delete ({count} Services deleted at once, {} ms/call)",
+            sizes.latency_ms
+        ),
+        match gone {
+            Some(t) => format!(
+                "{} until every Service is gone (goal <= 15 s; delete requests took {}); {} LBs and {} unattached public IPs left (goal 0, 0)",
+                secs(t),
+                secs(requests),
+                lbs_left,
+                ips_left
+            ),
+            None => format!(
+                "not reached within {}: {left} of {count} Services left; {lbs_left} LBs left",
+                secs(sizes.timeout)
+            ),
+        },
+    );
+    result(
+        "ccm.delete.calls",
+        format!(
+            "{} total, {} mutating, {:.2} per Service ({})",
+            total(&calls),
+            mutating(&calls),
+            total(&calls) as f64 / count.max(1) as f64,
+            show(&calls)
+        ),
+    );
+    Ok(())
+}
+
+/// The `q`-quantile (0..=1) of `xs` (sorted here).
+fn quantile(xs: &mut [Duration], q: f64) -> Option<Duration> {
+    xs.sort();
+    let i = ((xs.len() as f64 - 1.0) * q).round() as usize;
+    xs.get(i).copied()
+}
+
+/// Issue 26: `KR_BENCH_CHURN_SERVICES` (default: `KR_BENCH_SERVICES`) Services, then every
+/// 5 s for `KR_BENCH_CHURN_S` (60) the oldest `KR_BENCH_CHURN_STEP` (100) deleted and as many
+/// created. Reports create → ingress and delete → gone (p50, p99) and the calls per change.
+fn churn(sb: &Sandbox, ccm: &Ccm, sizes: &Sizes) -> Result<()> {
+    let total_services = knob("KR_BENCH_CHURN_SERVICES", sizes.services);
+    let step = knob("KR_BENCH_CHURN_STEP", 100).min(total_services);
+    let rounds = knob("KR_BENCH_CHURN_S", 60) / 5;
+    let conv = converge(sb, ccm, "c", total_services, sizes.timeout, sizes.hc_interval_s)?;
+    ensure!(
+        conv.took.is_some(),
+        "the churn's {total_services} Services did not converge"
+    );
+    let before = sb.calls()?;
+    let mut created_at: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut deleted_at: BTreeMap<String, Instant> = BTreeMap::new();
+    let (mut to_ingress, mut to_gone) = (Vec::new(), Vec::new());
+    let mut oldest = 0u64;
+    let mut next = total_services;
+    let started = Instant::now();
+    let mut round = 0;
+    let deadline = Duration::from_secs(rounds * 5) + sizes.timeout;
+    loop {
+        if round < rounds && started.elapsed() >= Duration::from_secs(round * 5) {
+            let now = Instant::now();
+            sb.delete_services("c", oldest..oldest + step)?;
+            for i in oldest..oldest + step {
+                deleted_at.insert(format!("c{i}"), now);
+            }
+            oldest += step;
+            let names: Vec<String> = (next..next + step).map(|i| format!("c{i}")).collect();
+            let now = Instant::now();
+            sb.create_services_named(&names, sizes.hc_interval_s)?;
+            for n in names {
+                created_at.insert(n, now);
+            }
+            next += step;
+            round += 1;
+        }
+        let seen = sb.services_of("c")?;
+        let now = Instant::now();
+        created_at.retain(|name, at| {
+            let done = seen.get(name).copied().unwrap_or(false);
+            if done {
+                to_ingress.push(now - *at);
+            }
+            !done
+        });
+        deleted_at.retain(|name, at| {
+            let gone = !seen.contains_key(name);
+            if gone {
+                to_gone.push(now - *at);
+            }
+            !gone
+        });
+        if round >= rounds && created_at.is_empty() && deleted_at.is_empty() {
+            break;
+        }
+        ensure!(
+            started.elapsed() < deadline,
+            "churn not settled within {}: {} creates without ingress, {} deletes not gone",
+            secs(deadline),
+            created_at.len(),
+            deleted_at.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let calls = diff(&before, &sb.calls()?);
+    let changes = (to_ingress.len() + to_gone.len()).max(1);
+    let q = |xs: &mut Vec<Duration>, p| quantile(xs, p).map(secs).unwrap_or_default();
+    result(
+        &format!("ccm.churn ({total_services} Services; {step} deleted and {step} created every 5 s, {rounds} rounds)"),
+        format!(
+            "create -> ingress p50 {} p99 {}; delete -> gone p50 {} p99 {}; {:.2} platform calls per change ({} calls, {})",
+            q(&mut to_ingress, 0.5),
+            q(&mut to_ingress, 0.99),
+            q(&mut to_gone, 0.5),
+            q(&mut to_gone, 0.99),
+            total(&calls) as f64 / changes as f64,
+            total(&calls),
+            show(&calls)
+        ),
+    );
+    Ok(())
 }
 
 /// The baseline: the same controller with `--concurrent-service-syncs 1`.

@@ -876,3 +876,82 @@ fn an_lb_name_two_services_want_goes_to_the_older_one() -> Result<()> {
         ))
     })
 }
+
+/// Issue 26: a namespace holding 200 LoadBalancer Services is deleted with `kubectl
+/// delete namespace`: the namespace stays Terminating while the CCM removes every LB (its
+/// finalizer on each Service), then goes, and nothing of it is left on the platform: no LB
+/// and no unattached public IP of that namespace. The time it took is printed (the bound
+/// here only stops a hang; the figures are in `benches/ccm_scale.rs`).
+#[test]
+fn a_namespace_of_200_load_balancer_services_is_deleted_with_nothing_left() -> Result<()> {
+    const NS: &str = "preview";
+    const COUNT: usize = 200;
+    run(300, "30s", |sb, _ccm| {
+        sb.provider_ids()?;
+        sb.kubectl(&["create", "namespace", NS])?;
+        let yaml: String = (0..COUNT)
+            .map(|i| {
+                let name = format!("p{i}");
+                let doc = lb_service(&name, "none", &[], "").replace(
+                    &format!("metadata:\n  name: {name}\n"),
+                    &format!("metadata:\n  name: {name}\n  namespace: {NS}\n"),
+                );
+                format!("---\n{doc}")
+            })
+            .collect();
+        sb.apply(&yaml)?;
+        let started = Instant::now();
+        let with_ingress = || -> Result<usize> {
+            let v = sb.get_json(&["get", "services", "-n", NS])?;
+            Ok(v["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|s| ingress_ip(s).is_some())
+                .count())
+        };
+        let all = poll_until_blocking(Duration::from_secs(120), || {
+            (with_ingress().ok()? == COUNT).then_some(())
+        });
+        ensure!(
+            all.is_some(),
+            "{} of {COUNT} Services got an ingress",
+            with_ingress().unwrap_or(0)
+        );
+        eprintln!(
+            "measured: {COUNT} LoadBalancer Services in {NS} have an ingress after {:?}",
+            started.elapsed()
+        );
+        let of_ns = |lbs: Vec<Value>| -> Vec<Value> {
+            lbs.into_iter()
+                .filter(|lb| lb["labels"][SERVICE_NAMESPACE_LABEL] == NS)
+                .collect()
+        };
+        ensure!(of_ns(sb.cluster_lbs()?).len() == COUNT, "one LB per Service");
+
+        let deleting = Instant::now();
+        sb.kubectl(&["delete", "namespace", NS, "--wait=false"])?;
+        let gone = poll_until_blocking(Duration::from_secs(120), || {
+            let out = sb
+                .kubectl_output(&["get", "namespace", NS, "--ignore-not-found", "-o", "name"], None)
+                .ok()?;
+            (out.status.success() && out.stdout.is_empty()).then(|| deleting.elapsed())
+        });
+        let left = of_ns(sb.cluster_lbs()?);
+        let took = gone.with_context(|| {
+            format!(
+                "namespace {NS} still there after 120 s; {} of its LBs left:\n{}",
+                left.len(),
+                lb_table(&left)
+            )
+        })?;
+        eprintln!("measured: kubectl delete namespace {NS} ({COUNT} LoadBalancer Services) → gone after {took:?}");
+        ensure!(left.is_empty(), "LBs of {NS} left:\n{}", lb_table(&left));
+        let ips = sb.list(&format!(
+            "/network/v1/public-ips?label={CLUSTER_LABEL}={}&label={SERVICE_NAMESPACE_LABEL}={NS}",
+            sb.cluster_id
+        ))?;
+        ensure!(ips.is_empty(), "public IPs of {NS} left:\n{}", ip_table(&ips));
+        Ok(())
+    })
+}

@@ -128,7 +128,7 @@ pub const TABLE: &[AnnotationDoc] = &[
         key: NAME,
         ty: "string, 1–63 of `[a-z0-9-]`, starting with a letter",
         default: "`kr-<namespace>-<name>` (hashed when too long)",
-        description: "Platform name of the load balancer; unique in the cluster.",
+        description: "Platform name of the load balancer; unique in the cluster. A name an LB already carries stays with that LB's Service; a name two Services want and neither holds goes to the older Service (`creationTimestamp`, then UID), and the other is refused (`LoadBalancerNameTaken`, naming it).",
         read_only: true,
     },
     AnnotationDoc {

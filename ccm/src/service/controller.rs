@@ -43,7 +43,7 @@ use crate::service::diff::{
 use crate::service::nodes::{MAX_BACKENDS, NodeSetFingerprint, SettledNodes, debounce, selector_keys};
 use crate::service::orphans;
 use crate::service::status::{ConditionUpdate, IngressUpdate, Ready, condition_differs, status_patch};
-use crate::service::{FINALIZER, has_finalizer, is_deleting, reconcile_inputs, wants_load_balancer};
+use crate::service::{FINALIZER, is_deleting, needs_cleanup, reconcile_inputs, wants_load_balancer};
 use crate::{Error, Result};
 
 /// The controller's name in Events and field managers.
@@ -283,18 +283,28 @@ pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action> {
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
     let key = key_of(&svc);
 
-    let result = if wants_load_balancer(&svc) || (is_deleting(&svc) && has_finalizer(&svc)) {
+    let result = if needs_cleanup(&svc) {
+        // Deleted, or its type (or class) changed away from ours: remove the LB, then our
+        // finalizer. Done here rather than through `finalizer()`, which takes any `Ok` of
+        // a cleanup for "done": waiting for the platform is a requeue, not an error.
+        release(&svc, &ctx, &api).await
+    } else if wants_load_balancer(&svc) && !is_deleting(&svc) {
         finalizer(&api, FINALIZER, svc, |event| async {
             match event {
                 FinalizerEvent::Apply(s) => apply(&s, &ctx, &api).await,
-                FinalizerEvent::Cleanup(s) => cleanup(&s, &ctx).await,
+                // Not reached (a Service being deleted with our finalizer is released
+                // above); should it be, the finalizer stays until the LB is gone.
+                FinalizerEvent::Cleanup(s) => match cleanup(&s, &ctx).await? {
+                    Cleanup::Done => Ok(Action::await_change()),
+                    Cleanup::Waiting(retry_after) => Err(Error::InProgress {
+                        what: "load balancer being deleted".into(),
+                        retry_after,
+                    }),
+                },
             }
         })
         .await
         .map_err(|e| Error::Finalizer(Box::new(e)))
-    } else if has_finalizer(&svc) {
-        // The type (or class) changed away from ours: remove the LB, then our finalizer.
-        cleanup_after_type_change(&svc, &ctx, &api).await
     } else {
         Ok(Action::await_change())
     };
@@ -696,9 +706,36 @@ async fn warn_if_capped(ctx: &Context, svc: &Service, desired: &DesiredLb) {
     }
 }
 
-/// Removes the Service's LB. `Ok` only when nothing is left on the platform; while a
-/// delete runs, [`Error::InProgress`] (so the finalizer stays and we poll).
-async fn cleanup(svc: &Service, ctx: &Context) -> Result<Action> {
+/// Where a cleanup stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cleanup {
+    /// No LB of this Service is left.
+    Done,
+    /// The platform is deleting it: look again after this long.
+    Waiting(Duration),
+}
+
+/// Removes the Service's LB (see [`cleanup`]); once it is gone, our finalizer, and for a
+/// Service that stays (its type changed away) its ingress and our condition too. Waiting
+/// on the platform is a requeue: no error backoff, no error metric, no Warning.
+async fn release(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Action> {
+    match cleanup(svc, ctx).await? {
+        Cleanup::Waiting(after) => Ok(Action::requeue(after)),
+        Cleanup::Done => {
+            if !is_deleting(svc) {
+                patch_status(api, svc, IngressUpdate::Set(vec![]), ConditionUpdate::Remove).await?;
+            }
+            remove_finalizer(api, svc).await?;
+            Ok(Action::await_change())
+        }
+    }
+}
+
+/// Finds and deletes the Service's LB. While the platform deletes it, [`Cleanup::Waiting`]
+/// with the next look: by ID while the ID is known, first after the platform's typical
+/// transition time, then ever less often (as for a create); a 404 or an unknown ID falls
+/// back to the label lookups, so a cleanup never ends while an LB of the Service may exist.
+async fn cleanup(svc: &Service, ctx: &Context) -> Result<Cleanup> {
     let ann = svc.metadata.annotations.clone().unwrap_or_default();
     // An unreadable retain annotation keeps the IP: never release what may be wanted.
     let retain = annotations::retain_public_ip(&ann).map_or(true, |v| v.unwrap_or(false));
@@ -730,7 +767,7 @@ async fn cleanup(svc: &Service, ctx: &Context) -> Result<Action> {
                 "Deleted load balancer".into(),
             )
             .await;
-            Ok(Action::await_change())
+            Ok(Cleanup::Done)
         }
         DeletePlan::Delete { id, keep_public_ip } => {
             publish(
@@ -764,23 +801,18 @@ async fn cleanup(svc: &Service, ctx: &Context) -> Result<Action> {
                 }
             }
             info!(lb = %id, ?keep_public_ip, "deleting load balancer");
-            Err(Error::InProgress {
-                what: format!("load balancer {id} is being deleted"),
-                retry_after: ctx.timing.poll,
-            })
+            let uid = svc.uid().ok_or(Error::MissingObjectKey("metadata.uid"))?;
+            ctx.transition_started(&uid, &id);
+            // The platform finishes most deletes in under a second.
+            Ok(Cleanup::Waiting(ctx.timing.first_poll))
         }
-        DeletePlan::Wait { id } => Err(Error::InProgress {
-            what: format!("load balancer {id} is being deleted"),
-            retry_after: ctx.timing.poll,
-        }),
+        DeletePlan::Wait { id } => {
+            debug!(lb = %id, "load balancer still being deleted");
+            let uid = svc.uid().ok_or(Error::MissingObjectKey("metadata.uid"))?;
+            ctx.remember_lb(&uid, &id);
+            Ok(Cleanup::Waiting(ctx.next_poll(&uid)))
+        }
     }
-}
-
-async fn cleanup_after_type_change(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Action> {
-    cleanup(svc, ctx).await?;
-    patch_status(api, svc, IngressUpdate::Set(vec![]), ConditionUpdate::Remove).await?;
-    remove_finalizer(api, svc).await?;
-    Ok(Action::await_change())
 }
 
 /// Removes our finalizer with a JSON patch that first tests its index, so another
