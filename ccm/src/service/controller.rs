@@ -109,6 +109,10 @@ pub struct Context {
     /// Every Service (the controller's store), once it runs: an LB name two Services want
     /// goes to the older one ([`older_claimant`]).
     services: OnceLock<Store<Service>>,
+    /// The name of the LB whose deletion we started, per Service UID, until the cleanup
+    /// is done: when it was the Service's desired name, no other LB of the Service can
+    /// carry that name (names are unique), so the lookup by name is not needed to confirm.
+    deleting_names: Mutex<HashMap<String, String>>,
 }
 
 /// What [`Context`] remembers of a Service's LB.
@@ -149,7 +153,12 @@ impl Context {
             ambiguous_uids: Mutex::new(HashSet::new()),
             unsure_uids: Mutex::new(HashSet::new()),
             services: OnceLock::new(),
+            deleting_names: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn deleting_names(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.deleting_names.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Gives the context the store of every Service (the controller's).
@@ -526,6 +535,14 @@ async fn find_lb_by_name(
 /// goes with it.
 async fn find_lb(ctx: &Context, svc: &Service, lb_name: &str) -> Result<Result<Option<LoadBalancer>, LookupError>> {
     match find_lb_by_uid(ctx, svc, Lookup::AskPlatform).await? {
+        // The LB we are deleting had this name: no other LB of the Service can have it.
+        Ok(None)
+            if svc
+                .uid()
+                .is_some_and(|uid| ctx.deleting_names().get(&uid).map(String::as_str) == Some(lb_name)) =>
+        {
+            Ok(Ok(None))
+        }
         Ok(None) => find_lb_by_name(ctx, svc, lb_name).await,
         found => Ok(found),
     }
@@ -758,6 +775,7 @@ async fn cleanup(svc: &Service, ctx: &Context) -> Result<Cleanup> {
         DeletePlan::Gone => {
             if let Some(uid) = svc.uid() {
                 ctx.lb_ids().remove(&uid);
+                ctx.deleting_names().remove(&uid);
             }
             publish(
                 ctx,
@@ -803,6 +821,9 @@ async fn cleanup(svc: &Service, ctx: &Context) -> Result<Cleanup> {
             info!(lb = %id, ?keep_public_ip, "deleting load balancer");
             let uid = svc.uid().ok_or(Error::MissingObjectKey("metadata.uid"))?;
             ctx.transition_started(&uid, &id);
+            if let Some(lb) = &actual {
+                ctx.deleting_names().insert(uid, lb.name.clone());
+            }
             // The platform finishes most deletes in under a second.
             Ok(Cleanup::Waiting(ctx.timing.first_poll))
         }

@@ -156,9 +156,15 @@ pub fn older_claimant<'a>(
     use kube::ResourceExt;
     let age = |s: &k8s_openapi::api::core::v1::Service| (s.creation_timestamp().map(|t| t.0), s.uid());
     let mine = age(svc);
+    // Called before every create, against every Service: only a name given by annotation
+    // can meet another Service's (default names differ by namespace/name), so without one
+    // on either side nothing is computed.
+    let named = |s: &k8s_openapi::api::core::v1::Service| s.annotations().contains_key(crate::annotations::NAME);
+    let mine_named = named(svc);
     others
         .filter(|o| {
-            o.uid() != svc.uid()
+            (mine_named || named(o))
+                && o.uid() != svc.uid()
                 && crate::service::wants_load_balancer(o)
                 && !crate::service::is_deleting(o)
                 && desired_lb_name(o) == name
