@@ -922,13 +922,35 @@ fn churn(sb: &Sandbox, ccm: &Ccm, sizes: &Sizes) -> Result<()> {
         if round >= rounds && created_at.is_empty() && deleted_at.is_empty() {
             break;
         }
-        ensure!(
-            started.elapsed() < deadline,
-            "churn not settled within {}: {} creates without ingress, {} deletes not gone",
-            secs(deadline),
-            created_at.len(),
-            deleted_at.len()
-        );
+        if started.elapsed() >= deadline {
+            // What the CCM says of the Services left waiting, for whoever looks into it.
+            let v = sb.rt.block_on(sb.kube.get("/api/v1/namespaces/default/services"))?;
+            let stuck: Vec<String> = v["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|s| {
+                    s["metadata"]["name"]
+                        .as_str()
+                        .is_some_and(|n| created_at.contains_key(n))
+                })
+                .take(5)
+                .map(|s| {
+                    format!(
+                        "{} finalizers={} status={}",
+                        s["metadata"]["name"], s["metadata"]["finalizers"], s["status"]
+                    )
+                })
+                .collect();
+            bail!(
+                "churn not settled within {}: {} creates without ingress, {} deletes not gone; some of them:\n{}\nCCM output:\n{}",
+                secs(deadline),
+                created_at.len(),
+                deleted_at.len(),
+                stuck.join("\n"),
+                ccm.process.output_tails()
+            );
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
     let calls = diff(&before, &sb.calls()?);
