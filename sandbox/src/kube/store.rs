@@ -597,6 +597,9 @@ impl Store {
                 causes.extend(c);
             }
         }
+        if rt.storage == "core/events" {
+            causes.extend(hooks::event(obj, old, rt.view == View::EventsV1));
+        }
         if rt.storage == "apiextensions.k8s.io/customresourcedefinitions" {
             if let Err(c) = registry::from_crd(obj) {
                 causes.extend(c);
