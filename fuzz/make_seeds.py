@@ -170,3 +170,34 @@ write("kube_request", "watch-and-discovery", SEP.join([
         '{"apiVersion":"authorization.k8s.io/v1","kind":"SelfSubjectAccessReview","spec":{"resourceAttributes":{"verb":"list","resource":"services"}}}'),
     req("GET /api/v1/namespaces/kube-system/services", ["Authorization: Bearer wrong", "Impersonate-User: x"]),
 ]))
+
+
+# --- gateway_uapi: 16 bytes choosing the device state, then what a client writes ------
+def uapi_state(peers=2, endpoints=0b1101, handshakes=0b0110, psks=0b1001, more_ips=0b11):
+    # peers, three peer key bytes, endpoint kinds, handshake kinds, extra allowed IPs,
+    # preshared-key kinds (two bits a peer), then bytes for ports, times and counters.
+    return bytes([peers, 0x51, 0xc8, 0x2b, endpoints, handshakes, more_ips, psks,
+                  7, 0, 0, 0, 0x65, 0x4f, 0x1a, 0x20])
+
+
+K1, K2, K3 = "a8" * 32, "1f" * 32, "e4" * 32
+write("gateway_uapi", "get", uapi_state() + b"get=1\n\n")
+write("gateway_uapi", "get-empty-device", uapi_state(peers=0) + b"get=1\n\n")
+write("gateway_uapi", "set-peer-then-get", uapi_state(peers=3, endpoints=0b111001) + (
+    "set=1\nprivate_key=%s\nlisten_port=51820\nfwmark=0\nreplace_peers=true\n"
+    "public_key=%s\npreshared_key=%s\nendpoint=192.0.2.7:51820\npersistent_keepalive_interval=25\n"
+    "replace_allowed_ips=true\nallowed_ip=100.64.0.7/32\nallowed_ip=fd00::7/128\n"
+    "public_key=%s\nendpoint=[2001:db8::1]:4500\nprotocol_version=1\n"
+    "public_key=%s\nremove=true\n\nget=1\n\n" % (K1, K2, K3, K3, K1)).encode())
+write("gateway_uapi", "set-bad-hex", uapi_state() + (
+    "set=1\nprivate_key=%sZZ\npublic_key=12345\npreshared_key=%s0\n\nget=1\n\n" % (K1[:-2], K2)).encode())
+write("gateway_uapi", "set-huge-numbers", uapi_state() + (
+    "set=1\nlisten_port=4294967296\npublic_key=%s\npersistent_keepalive_interval=99999999999999999999\n"
+    "endpoint=[::1]:99999\nallowed_ip=10.0.0.0/33\n\nget=1\n\n" % K1).encode())
+write("gateway_uapi", "set-repeated-keys", uapi_state() + (
+    "set=1\npublic_key=%s\npublic_key=%s\nreplace_allowed_ips=true\nreplace_allowed_ips=false\n"
+    "allowed_ip=100.64.0.2/32\nallowed_ip=100.64.0.2/32\nremove=true\nremove=true\n\nget=1\n\n" % (K1, K1)).encode())
+write("gateway_uapi", "missing-blank-lines", uapi_state() + (
+    "set=1\npublic_key=%s\nget=1\nset=1\n" % K1).encode())
+write("gateway_uapi", "long-line-then-get", uapi_state() + b"get=1\n" + b"x" * 4096 + b"\nset=1\n\nget=1\n\n")
+write("gateway_uapi", "crlf-and-unknown", uapi_state() + b"get=1\r\n\n\nset=1\r\n\r\n\nversion=1\n\nget=1\n\n")

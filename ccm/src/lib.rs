@@ -8,6 +8,7 @@
 //! - [`node`]: the node controller (initialisation, address and label refresh) and the
 //!   node lifecycle controller.
 //! - [`config`]: the `--cloud-config` file.
+//! - [`events`]: Event notes within kube-apiserver's byte limit.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`watch`]: how watches retry after the API server failed them.
 //!
@@ -17,6 +18,7 @@
 
 pub mod annotations;
 pub mod config;
+pub mod events;
 pub mod metrics;
 pub mod node;
 pub mod platform;

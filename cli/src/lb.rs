@@ -734,6 +734,14 @@ async fn describe(kube_args: &KubeArgs, a: DescribeArgs) -> anyhow::Result<()> {
 }
 
 /// Put together what `describe` shows (pure).
+/// How often an Event was seen: an events.k8s.io/v1 Event (what the CCM's Recorder
+/// writes) counts its repeats in `series.count` and leaves the deprecated `count` unset;
+/// an older one counts in `count`.
+fn times_seen(e: &Event) -> i32 {
+    let series = e.series.as_ref().and_then(|s| s.count);
+    series.max(e.count).unwrap_or(1).max(1)
+}
+
 pub fn describe_of(svc: &Service, lb: Option<LoadBalancer>, events: &[Event]) -> LbDescribe {
     let spec = svc.spec.clone().unwrap_or_default();
     let annotations = svc.annotations().clone();
@@ -774,7 +782,7 @@ pub fn describe_of(svc: &Service, lb: Option<LoadBalancer>, events: &[Event]) ->
                 type_: e.type_.clone().unwrap_or_else(|| "Normal".into()),
                 reason: e.reason.clone().unwrap_or_default(),
                 message: e.message.clone().unwrap_or_default().replace('\n', " "),
-                count: e.count.unwrap_or(1),
+                count: times_seen(e),
             })
             .collect(),
         problems: Vec::new(),
@@ -966,6 +974,30 @@ pub(crate) mod tests {
         assert_eq!(parse_service_ref("b", Some("x")).unwrap(), ("x".into(), "b".into()));
         assert!(parse_service_ref("a/b/c", None).is_err());
         assert!(parse_service_ref("/b", None).is_err());
+    }
+
+    #[test]
+    fn events_count_their_series_or_their_deprecated_count() {
+        use k8s_openapi::api::core::v1::EventSeries;
+        let event = |count: Option<i32>, series: Option<i32>| Event {
+            count,
+            series: series.map(|n| EventSeries {
+                count: Some(n),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut svc = Service::default();
+        svc.metadata.name = Some("web".into());
+        let events = [
+            event(None, Some(3)),
+            event(Some(4), None),
+            event(None, None),
+            event(Some(0), None),
+        ];
+        let d = describe_of(&svc, None, &events);
+        let counts: Vec<i32> = d.events.iter().map(|e| e.count).collect();
+        assert_eq!(counts, [3, 4, 1, 1]);
     }
 
     #[test]

@@ -8,8 +8,11 @@
 //!
 //! Checked: no panic; 2xx never decodes to an error other than `Decode`, other statuses
 //! never decode to a value; a 429 waits at most a day; the retry policy gives up within
-//! its retry budget with bounded waits; error messages quote at most `EXCERPT_CHARS`
-//! of a body; a parsed timestamp formats and parses back to the same millisecond.
+//! its retry budget with bounded waits; every error message is at most `DISPLAY_CHARS`
+//! long (however many field errors a 422 lists); a body that is not JSON (judged here on
+//! its own, with `serde_json::Value`: bytes that are not UTF-8 anywhere make it not JSON,
+//! and the decoder decides the same) is quoted, at most `EXCERPT_CHARS` of it; a parsed
+//! timestamp formats and parses back to the same millisecond.
 #![no_main]
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,6 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::Method;
 use http::header::{HeaderMap, HeaderValue, RETRY_AFTER};
 use kuberaya_ccm::platform::envelope::{EXCERPT_CHARS, decode_response};
+use kuberaya_ccm::platform::error::DISPLAY_CHARS;
 use kuberaya_ccm::platform::retry::{RetryDecision, RetryPolicy};
 use kuberaya_ccm::platform::{Cluster, Error, Instance, LoadBalancer, Page, PublicIp, Subnet, Vpc, auth, time};
 use libfuzzer_sys::fuzz_target;
@@ -37,6 +41,11 @@ fn check<T: DeserializeOwned>(status: u16, headers: &HeaderMap, body: &[u8]) {
         Err(e) => e,
     };
     let message = error.to_string();
+    assert!(
+        message.chars().count() <= DISPLAY_CHARS,
+        "{} chars: {message}",
+        message.chars().count()
+    );
     match &error {
         Error::Decode { body_excerpt, .. } => {
             assert!(

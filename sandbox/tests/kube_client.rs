@@ -248,7 +248,7 @@ async fn recorder_events_show_in_both_event_apis() {
     };
     recorder.publish(&ev, &reference).await.unwrap();
     recorder.publish(&ev, &reference).await.unwrap();
-    let core: Api<CoreEvent> = Api::namespaced(client, "default");
+    let core: Api<CoreEvent> = Api::namespaced(client.clone(), "default");
     let list = core
         .list(&ListParams::default().fields("involvedObject.name=kubernetes"))
         .await
@@ -260,6 +260,56 @@ async fn recorder_events_show_in_both_event_apis() {
     assert_eq!(e.reporting_component.as_deref(), Some("kuberaya-test"));
     let out = ok(&s, &["describe", "service", "kubernetes"]).await;
     assert!(out.contains("Synced") && out.contains("synced the service"), "{out}");
+
+    // The stand-in validates Events as kube-apiserver does; what the Recorder writes
+    // passes: without an instance (it then reports the controller's name), about a
+    // cluster-scoped object (the Event goes to `default`), repeated (a series patch).
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let node = nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "worker-1"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let anonymous = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "kuberaya-ccm-node-controller".into(),
+            instance: None,
+        },
+    );
+    let warning = Event {
+        type_: EventType::Warning,
+        reason: "InstanceNotFound".into(),
+        note: Some("é".repeat(512)),
+        action: "InstanceNotFound".into(),
+        secondary: None,
+    };
+    for _ in 0..3 {
+        anonymous.publish(&warning, &node.object_ref(&())).await.unwrap();
+    }
+    let list = core
+        .list(&ListParams::default().fields("involvedObject.name=worker-1"))
+        .await
+        .unwrap();
+    assert_eq!(list.items.len(), 1);
+    assert_eq!(list.items[0].series.as_ref().and_then(|s| s.count), Some(3));
+    assert_eq!(
+        list.items[0].reporting_instance.as_deref(),
+        Some("kuberaya-ccm-node-controller")
+    );
+    // One byte more than kube-apiserver takes is refused, and the Recorder says so.
+    let too_long = Event {
+        note: Some(format!("{}a", "é".repeat(512))),
+        reason: "Other".into(),
+        ..warning
+    };
+    let err = anonymous.publish(&too_long, &node.object_ref(&())).await.unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(e) if e.code == 422 && e.message.contains("can have at most 1024 characters")),
+        "{err:?}"
+    );
 }
 
 /// The patch sequence kube-lease-manager uses for leader election: server-side apply to

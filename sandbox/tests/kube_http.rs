@@ -636,6 +636,29 @@ async fn state_survives_restart_with_increasing_resource_versions() {
     // kubectl still works against the same kubeconfig.
     let out = ok(&s, &["get", "cm", "persisted", "-o", "jsonpath={.data.x}"]).await;
     assert_eq!(out, "1");
+
+    // Two restarts in a row, the second with nothing to replay (its snapshot is kept as
+    // it is), then a change: the change is journalled after what the snapshot holds and
+    // survives the next restart.
+    drop(h);
+    let s = Server::start_in(s.stop().await).await;
+    let s = Server::start_in(s.stop().await).await;
+    let h = Http::admin(&s);
+    let (code, _) = h
+        .json(
+            Method::POST,
+            "/api/v1/namespaces/default/configmaps",
+            Some(json!({"metadata": {"name": "after-quiet-restart"}})),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED);
+    drop(h);
+    let s = Server::start_in(s.stop().await).await;
+    let h = Http::admin(&s);
+    for name in ["persisted", "new", "after-quiet-restart"] {
+        let (code, _) = h.get(&format!("/api/v1/namespaces/default/configmaps/{name}")).await;
+        assert_eq!(code, StatusCode::OK, "{name}");
+    }
 }
 
 /// Many Services created concurrently: every ClusterIP and NodePort unique.

@@ -628,6 +628,101 @@ async fn kubectl_describe_service_shows_events_of_both_apis() {
     assert_eq!(out.trim(), "event/web.2");
 }
 
+/// kube-apiserver limits an events.k8s.io/v1 Event's note to 1024 bytes (not chars), and
+/// wants what kube-runtime's Recorder sends: reason, action, reportingController and
+/// reportingInstance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_create_refuses_an_event_note_over_1024_bytes() {
+    let s = Server::start().await;
+    ok(&s, &["create", "namespace", "team-a"]).await;
+    let event = |name: &str, note: &str| {
+        serde_json::json!({"apiVersion": "events.k8s.io/v1", "kind": "Event",
+            "metadata": {"name": name, "namespace": "team-a"},
+            "regarding": {"kind": "Service", "namespace": "team-a", "name": "web", "apiVersion": "v1"},
+            "reason": "SyncLoadBalancerFailed", "note": note, "type": "Warning", "action": "SyncLoadBalancerFailed",
+            "reportingController": "kuberaya-ccm-service-controller", "reportingInstance": "ccm-0",
+            "eventTime": "2026-01-01T00:00:01.000000Z"})
+        .to_string()
+    };
+    let refused = |name: &'static str, body: String| {
+        let s = &s;
+        async move {
+            let o = kubectl_stdin(s, &["create", "-f", "-"], &body).await;
+            let err = String::from_utf8_lossy(&o.stderr).into_owned();
+            assert!(!o.status.success(), "{name} was kept: {err}");
+            err
+        }
+    };
+
+    let err = refused("1025 bytes", event("long", &"a".repeat(1025))).await;
+    assert!(
+        err.contains(r#"The Event "long" is invalid: message: Invalid value: "": can have at most 1024 characters"#),
+        "{err}"
+    );
+    // 342 chars of U+FFFD are 1026 bytes.
+    let err = refused("342 x U+FFFD", event("lossy", &"\u{FFFD}".repeat(342))).await;
+    assert!(err.contains("can have at most 1024 characters"), "{err}");
+
+    // 1024 bytes are kept, byte for byte.
+    let note = format!("{}{}", "é".repeat(500), "a".repeat(24));
+    assert_eq!(note.len(), 1024);
+    ok_stdin(&s, &["create", "-f", "-"], &event("fits", &note)).await;
+    let kept = ok(
+        &s,
+        &[
+            "get",
+            "events.v1.events.k8s.io",
+            "fits",
+            "-n",
+            "team-a",
+            "-o",
+            "jsonpath={.note}",
+        ],
+    )
+    .await;
+    assert_eq!(kept, note);
+
+    // The other rules, each naming its field.
+    let mut missing = serde_json::from_str::<Value>(&event("bare", "n")).unwrap();
+    for k in [
+        "reason",
+        "action",
+        "reportingController",
+        "reportingInstance",
+        "regarding",
+    ] {
+        missing.as_object_mut().unwrap().remove(k);
+    }
+    let err = refused(
+        "an Event without reason, action, reporter or regarding",
+        missing.to_string(),
+    )
+    .await;
+    for text in [
+        "reason: Required value",
+        "action: Required value",
+        "reportingController: Required value",
+        "reportingInstance: Required value",
+        r#"involvedObject.namespace: Invalid value: "": does not match event.namespace"#,
+    ] {
+        assert!(err.contains(text), "{text}: {err}");
+    }
+    let mut long = serde_json::from_str::<Value>(&event("long-fields", "n")).unwrap();
+    for k in ["reason", "action", "reportingInstance"] {
+        long[k] = Value::from("r".repeat(129));
+    }
+    let err = refused("fields over 128", long.to_string()).await;
+    for k in ["reason", "action", "reportingInstance"] {
+        assert!(
+            err.contains(&format!(r#"{k}: Invalid value: "": can have at most 128 characters"#)),
+            "{k}: {err}"
+        );
+    }
+    // Nothing refused was stored.
+    let names = ok(&s, &["get", "events.v1.events.k8s.io", "-n", "team-a", "-o", "name"]).await;
+    assert_eq!(names.trim(), "event.events.k8s.io/fits");
+}
+
 const CRD: &str = r#"
 apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition

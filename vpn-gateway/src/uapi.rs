@@ -14,6 +14,9 @@
 //!
 //! The socket task never touches the peer table: it asks the gateway loop for a
 //! [`DeviceState`] over a channel ([`StateRequest`]) and formats the answer itself.
+//! Which request a line belongs to and what each request is answered is [`Session`]'s
+//! decision, pure (lines in, [`Step`]s out; the caller owns the device state), so that it
+//! is unit-tested and fuzzed (`fuzz/fuzz_targets/gateway_uapi.rs`) without a socket.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -22,8 +25,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::keys::{PresharedKey, PublicKey};
@@ -36,10 +39,12 @@ pub const EPERM: i32 = 1;
 pub const EINVAL: i32 = 22;
 /// Answers a `get` when the gateway loop did not produce the state in time.
 pub const EIO: i32 = 5;
-/// The longest request line we read (a `set` line is at most a key and a hex value).
-const MAX_LINE: u64 = 4096;
-/// Lines of a `set` request read before it is refused all the same.
-const MAX_SET_LINES: usize = 100_000;
+/// The most bytes one read of a request line takes (a `set` line is at most a key and a
+/// hex value); a longer line arrives in pieces of this size (see [`Session::line`]).
+pub const MAX_LINE: usize = 4096;
+/// Lines (or pieces of a long line) of a `set` request read before it is refused all the
+/// same.
+pub const MAX_SET_LINES: usize = 100_000;
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the gateway loop may take to answer a `get`.
@@ -111,6 +116,110 @@ impl Operation {
             "get=1" => Operation::Get,
             "set=1" => Operation::Set,
             other => Operation::Unknown(other.to_string()),
+        }
+    }
+}
+
+/// Where a connection is in its stream of requests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Between requests: the next line names an operation.
+    #[default]
+    Idle,
+    /// In a `get` request, until its blank line.
+    Get,
+    /// In a `set` request, until its blank line; `lines` read so far.
+    Set { lines: usize },
+}
+
+/// One connection's requests, fed line by line: which request a line belongs to and when
+/// a request is to be answered. Requests follow one another on a connection, each ended
+/// by a blank line (or the end of the stream); an unknown operation ends the connection.
+#[derive(Debug, Default)]
+pub struct Session {
+    phase: Phase,
+    /// The last piece did not end with a newline: the next one continues its line.
+    mid_line: bool,
+}
+
+/// What to do after a line ([`Session::line`]) or the end of the stream ([`Session::end`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing to answer yet: read on.
+    Read,
+    /// A `get` request ended: answer it with the device state.
+    Get,
+    /// A `set` request ended (its blank line, the end of the stream, or [`MAX_SET_LINES`]
+    /// lines): refused with EPERM, since peers come from `VpnPeer` resources.
+    RefuseSet { lines: usize },
+    /// Not an operation we know: refused with EINVAL, then the connection is closed.
+    RefuseUnknown(String),
+}
+
+impl Step {
+    /// The text to send for this step; `state` is the device for a [`Step::Get`] (`None`:
+    /// the gateway loop did not give it, answered EIO). `None` for [`Step::Read`].
+    pub fn answer(&self, state: Option<&DeviceState>) -> Option<String> {
+        match self {
+            Step::Read => None,
+            Step::Get => Some(state.map_or_else(|| errno(EIO), format_get)),
+            Step::RefuseSet { .. } => Some(errno(-EPERM)),
+            Step::RefuseUnknown(_) => Some(errno(-EINVAL)),
+        }
+    }
+
+    /// Whether the connection ends after this step's answer.
+    pub fn closes(&self) -> bool {
+        matches!(self, Step::RefuseUnknown(_))
+    }
+}
+
+impl Session {
+    /// Takes one piece of the request stream as one bounded read returns it: a line with
+    /// its `\n`, or the first [`MAX_LINE`] bytes of a longer one (whose rest comes in the
+    /// next pieces and is never taken for a line of its own: a blank line, or an
+    /// operation). Bytes that are not UTF-8 are no operation; inside a request they are
+    /// read past like any other line.
+    pub fn line(&mut self, piece: &[u8]) -> Step {
+        let continues = std::mem::replace(&mut self.mid_line, !piece.ends_with(b"\n"));
+        let blank = piece == b"\n" && !continues;
+        match self.phase {
+            Phase::Idle if blank || continues => Step::Read,
+            Phase::Idle => match Operation::parse(&String::from_utf8_lossy(piece)) {
+                Operation::Get => {
+                    self.phase = Phase::Get;
+                    Step::Read
+                }
+                Operation::Set => {
+                    self.phase = Phase::Set { lines: 0 };
+                    Step::Read
+                }
+                Operation::Unknown(op) => Step::RefuseUnknown(op),
+            },
+            Phase::Get if blank => {
+                self.phase = Phase::Idle;
+                Step::Get
+            }
+            Phase::Get => Step::Read,
+            Phase::Set { lines } => {
+                let lines = lines + 1;
+                if blank || lines >= MAX_SET_LINES {
+                    self.phase = Phase::Idle;
+                    Step::RefuseSet { lines }
+                } else {
+                    self.phase = Phase::Set { lines };
+                    Step::Read
+                }
+            }
+        }
+    }
+
+    /// The stream ended: a request its blank line did not end is answered all the same.
+    pub fn end(&mut self) -> Step {
+        match std::mem::take(&mut self.phase) {
+            Phase::Idle => Step::Read,
+            Phase::Get => Step::Get,
+            Phase::Set { lines } => Step::RefuseSet { lines },
         }
     }
 }
@@ -232,58 +341,49 @@ impl Drop for UapiListener {
     }
 }
 
-/// Read one line (at most [`MAX_LINE`] bytes) within the request timeout; `None` at EOF.
-async fn read_line(reader: &mut BufReader<UnixStream>) -> std::io::Result<Option<String>> {
-    let mut line = String::new();
-    let n = tokio::time::timeout(REQUEST_TIMEOUT, (&mut *reader).take(MAX_LINE).read_line(&mut line))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request timed out"))??;
-    Ok((n > 0).then_some(line))
+/// Read one piece of a line (at most [`MAX_LINE`] bytes, with its `\n` when it has one)
+/// within the request timeout; `None` at EOF.
+async fn read_piece<S: AsyncRead + Unpin>(reader: &mut BufReader<S>) -> std::io::Result<Option<Vec<u8>>> {
+    let mut piece = Vec::new();
+    let n = tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        (&mut *reader).take(MAX_LINE as u64).read_until(b'\n', &mut piece),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request timed out"))??;
+    Ok((n > 0).then_some(piece))
 }
 
 /// Serve one connection: requests one after the other until the client closes.
-async fn handle(stream: UnixStream, states: mpsc::Sender<StateRequest>) -> std::io::Result<()> {
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    states: mpsc::Sender<StateRequest>,
+) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream);
+    let mut session = Session::default();
     loop {
-        let Some(first) = read_line(&mut reader).await? else {
-            return Ok(());
+        let piece = read_piece(&mut reader).await?;
+        let step = match &piece {
+            Some(p) => session.line(p),
+            None => session.end(),
         };
-        if first == "\n" {
-            continue;
+        let state = match step {
+            Step::Get => request_state(&states).await,
+            _ => None,
+        };
+        match &step {
+            Step::RefuseSet { lines } => tracing::warn!(
+                lines,
+                "uapi set refused (EPERM): peers come from VpnPeer resources, not from `wg set`"
+            ),
+            Step::RefuseUnknown(op) => tracing::warn!(operation = %op, "uapi: unknown operation refused (EINVAL)"),
+            Step::Read | Step::Get => {}
         }
-        match Operation::parse(&first) {
-            Operation::Get => {
-                // The request ends with a blank line.
-                while let Some(l) = read_line(&mut reader).await? {
-                    if l == "\n" {
-                        break;
-                    }
-                }
-                let answer = match request_state(&states).await {
-                    Some(state) => format_get(&state),
-                    None => errno(EIO),
-                };
-                reader.get_mut().write_all(answer.as_bytes()).await?;
-            }
-            Operation::Set => {
-                let mut lines = 0;
-                while let Some(l) = read_line(&mut reader).await? {
-                    lines += 1;
-                    if l == "\n" || lines >= MAX_SET_LINES {
-                        break;
-                    }
-                }
-                tracing::warn!(
-                    lines,
-                    "uapi set refused (EPERM): peers come from VpnPeer resources, not from `wg set`"
-                );
-                reader.get_mut().write_all(errno(-EPERM).as_bytes()).await?;
-            }
-            Operation::Unknown(op) => {
-                tracing::warn!(operation = %op, "uapi: unknown operation refused (EINVAL)");
-                reader.get_mut().write_all(errno(-EINVAL).as_bytes()).await?;
-                return Ok(());
-            }
+        if let Some(answer) = step.answer(state.as_ref()) {
+            reader.get_mut().write_all(answer.as_bytes()).await?;
+        }
+        if piece.is_none() || step.closes() {
+            return Ok(());
         }
     }
 }
@@ -302,6 +402,110 @@ async fn request_state(states: &mpsc::Sender<StateRequest>) -> Option<DeviceStat
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::UnixStream;
+
+    /// Feeds `stream` to a new session as the socket task reads it (pieces of at most
+    /// MAX_LINE bytes, then the end) and returns every step that is not `Read`.
+    fn steps(stream: &[u8]) -> Vec<Step> {
+        let mut session = Session::default();
+        let mut out = Vec::new();
+        let mut rest = stream;
+        while !rest.is_empty() {
+            let window = &rest[..rest.len().min(MAX_LINE)];
+            let n = window.iter().position(|&b| b == b'\n').map_or(window.len(), |i| i + 1);
+            let step = session.line(&rest[..n]);
+            rest = &rest[n..];
+            let closes = step.closes();
+            if step != Step::Read {
+                out.push(step);
+            }
+            if closes {
+                return out;
+            }
+        }
+        out.push(session.end());
+        out.retain(|s| *s != Step::Read);
+        out
+    }
+
+    #[test]
+    fn requests_follow_one_another_each_ended_by_its_blank_line() {
+        let set = format!(
+            "set=1\nprivate_key={k}\npublic_key={k}\nget=1\nallowed_ip=10.0.0.0/8\n\n",
+            k = "ab".repeat(32)
+        );
+        let stream = format!("get=1\n\n\n{set}get=1\n\n");
+        assert_eq!(
+            steps(stream.as_bytes()),
+            [Step::Get, Step::RefuseSet { lines: 5 }, Step::Get],
+            "a get=1 line inside a set is part of the set"
+        );
+        // What the stream does not end is answered at its end.
+        assert_eq!(steps(b"get=1\n"), [Step::Get]);
+        assert_eq!(steps(b"set=1\nlisten_port=1\n"), [Step::RefuseSet { lines: 1 }]);
+        assert_eq!(steps(b""), []);
+        // An unknown operation closes the connection: nothing after it is read.
+        assert_eq!(steps(b"get=2\n\nget=1\n\n"), [Step::RefuseUnknown("get=2".into())]);
+        assert_eq!(
+            steps(b"\xff\xfeget=1\n\n"),
+            [Step::RefuseUnknown("\u{fffd}\u{fffd}get=1".into())]
+        );
+        // Bytes that are not UTF-8 inside a request are read past.
+        assert_eq!(
+            steps(b"set=1\nkey=\xff\n\nget=1\n\n"),
+            [Step::RefuseSet { lines: 2 }, Step::Get]
+        );
+    }
+
+    #[test]
+    fn the_rest_of_a_long_line_is_never_a_line_of_its_own() {
+        // A line of exactly MAX_LINE bytes before its newline: the newline comes alone in
+        // the next read, and is not the blank line that ends the request, so the line
+        // after it is still in the get.
+        let mut stream = b"get=1\n".to_vec();
+        stream.extend(std::iter::repeat_n(b'x', MAX_LINE));
+        stream.extend_from_slice(b"\nset=1\n\n");
+        assert_eq!(steps(&stream), [Step::Get]);
+    }
+
+    #[test]
+    fn a_set_ends_after_max_set_lines() {
+        let mut session = Session::default();
+        assert_eq!(session.line(b"set=1\n"), Step::Read);
+        for _ in 1..MAX_SET_LINES {
+            assert_eq!(session.line(b"listen_port=1\n"), Step::Read);
+        }
+        // The last line it reads is the start of a long one: its rest, although it reads
+        // like an operation, is no request.
+        assert_eq!(
+            session.line(&[b'x'; MAX_LINE]),
+            Step::RefuseSet { lines: MAX_SET_LINES }
+        );
+        assert_eq!(session.line(b"get=1\n"), Step::Read);
+        assert_eq!(session.line(b"\n"), Step::Read);
+        assert_eq!(session.line(b"get=1\n"), Step::Read);
+        assert_eq!(session.line(b"\n"), Step::Get);
+        assert_eq!(session.end(), Step::Read);
+    }
+
+    #[test]
+    fn answers_of_each_step() {
+        let state = DeviceState {
+            private_key: key(1),
+            listen_port: 7,
+            peers: vec![peer()],
+        };
+        assert_eq!(Step::Read.answer(Some(&state)), None);
+        assert_eq!(Step::Get.answer(Some(&state)), Some(format_get(&state)));
+        assert_eq!(Step::Get.answer(None).as_deref(), Some("errno=5\n\n"));
+        assert_eq!(
+            Step::RefuseSet { lines: 3 }.answer(Some(&state)).as_deref(),
+            Some("errno=-1\n\n")
+        );
+        let unknown = Step::RefuseUnknown("x".into());
+        assert_eq!(unknown.answer(None).as_deref(), Some("errno=-22\n\n"));
+        assert!(unknown.closes() && !Step::Get.closes() && !Step::RefuseSet { lines: 0 }.closes());
+    }
 
     fn key(b: u8) -> [u8; 32] {
         [b; 32]

@@ -270,7 +270,7 @@ async fn publish(ctx: &Context, node: &Node, type_: EventType, reason: &str, not
     let ev = Event {
         type_,
         reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
+        note: Some(crate::events::note(&note)),
         action: reason.into(),
         secondary: None,
     };

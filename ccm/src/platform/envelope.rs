@@ -4,6 +4,12 @@
 //! [`decode_response`] is pure (status, headers, body in; payload or [`Error`] out) so
 //! that every odd answer (proxy HTML pages, empty bodies, wrong shapes) can be tested
 //! without a server. It never panics.
+//!
+//! A body is an envelope when it is a JSON text as RFC 8259 defines one, judged on the
+//! whole body (unknown keys included): UTF-8 throughout, numbers a double can hold, and
+//! an object whose `message`, `data` and `error` have the shapes above. A body with
+//! bytes that are not UTF-8 anywhere, even in a key we would skip, is not JSON, so it is
+//! not an envelope: like a proxy's HTML page it is quoted, [`EXCERPT_CHARS`] at most.
 
 use std::time::Duration;
 
@@ -30,6 +36,14 @@ struct Envelope {
     error: Value,
 }
 
+/// The envelope a body holds, if it is one (see the module docs). Parsed as a
+/// [`Value`] first, so that what a struct would skip unread (unknown keys and their
+/// values) is held to the same rules as the rest.
+fn envelope(body: &[u8]) -> Result<Envelope, serde_json::Error> {
+    let value: Value = serde_json::from_slice(body)?;
+    serde_json::from_value(value)
+}
+
 /// Decodes an answer into the envelope's `data` (for 2xx) or the matching [`Error`].
 ///
 /// An empty 2xx body reads as `data: null`, which suits callers that expect nothing
@@ -40,7 +54,7 @@ pub fn decode_response<T: DeserializeOwned>(status: u16, headers: &HeaderMap, bo
         let data = if is_blank {
             Value::Null
         } else {
-            serde_json::from_slice::<Envelope>(body)
+            envelope(body)
                 .map_err(|source| Error::Decode {
                     status,
                     body_excerpt: excerpt(body),
@@ -55,11 +69,7 @@ pub fn decode_response<T: DeserializeOwned>(status: u16, headers: &HeaderMap, bo
         });
     }
 
-    let envelope = if is_blank {
-        None
-    } else {
-        serde_json::from_slice::<Envelope>(body).ok()
-    };
+    let envelope = if is_blank { None } else { envelope(body).ok() };
     let (message, fields) = match envelope {
         Some(env) => error_details(env),
         None if is_blank => (format!("empty body (HTTP {status})"), Vec::new()),
@@ -262,6 +272,68 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// What `fuzz/corpus/platform_response/crash-21ebe7…` (a long run's finding) sends:
+    /// a 422 with many field errors and bytes that are not UTF-8 where we skip unread.
+    fn many_fields_body(extra_key: &[u8], n: usize) -> Vec<u8> {
+        let mut body = br#"{"code":422,"message":"invalid","#.to_vec();
+        body.push(b'"');
+        body.extend_from_slice(extra_key);
+        body.extend_from_slice(br#"":"x","error":["#);
+        let fields: Vec<String> = (0..n)
+            .map(|i| format!(r#"{{"field":"rules[{i}].public_port","message":"must be between 1 and 65535"}}"#))
+            .collect();
+        body.extend_from_slice(fields.join(",").as_bytes());
+        body.extend_from_slice(b"]}");
+        body
+    }
+
+    #[test]
+    fn a_body_with_bytes_that_are_not_utf8_is_not_an_envelope() {
+        let body = many_fields_body(b"messa\xdd\xddge", 40);
+        match decode_response::<IgnoredAny>(422, &no_headers(), &body).expect_err("422") {
+            Error::Invalid { message, fields } => {
+                assert!(message.starts_with("non-JSON body: {"), "{message}");
+                assert!(message.chars().count() <= EXCERPT_CHARS + 20, "{message}");
+                assert!(fields.is_empty(), "{fields:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The same whatever the status, 2xx included.
+        let e = decode_response::<IgnoredAny>(200, &no_headers(), &body).expect_err("200");
+        assert!(matches!(e, Error::Decode { status: 200, .. }), "{e:?}");
+        // The same bytes inside a value.
+        let body = b"{\"code\":500,\"message\":\"x\",\"data\":{\"k\":\"v\xff\"},\"error\":\"boom\"}";
+        let e = decode_response::<IgnoredAny>(500, &no_headers(), body).expect_err("500");
+        assert!(
+            matches!(&e, Error::Server { message, .. } if message.starts_with("non-JSON body")),
+            "{e:?}"
+        );
+        // A number no double holds is not JSON we can read either, wherever it is.
+        let body = br#"{"code":409,"big":1e999,"error":"name taken"}"#;
+        let e = decode_response::<IgnoredAny>(409, &no_headers(), body).expect_err("409");
+        assert!(
+            matches!(&e, Error::Conflict { message } if message.starts_with("non-JSON body")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn many_field_errors_are_kept_and_shown_bounded() {
+        let body = many_fields_body(b"request_id", 500);
+        let e = decode_response::<IgnoredAny>(422, &no_headers(), &body).expect_err("422");
+        let Error::Invalid { fields, .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(fields.len(), 500);
+        let shown = e.to_string();
+        assert!(
+            shown.chars().count() <= crate::platform::error::DISPLAY_CHARS,
+            "{shown}"
+        );
+        assert!(shown.starts_with("invalid request: invalid (rules[0].public_port: must be between 1 and 65535;"));
+        assert!(shown.ends_with("; and 497 more)"), "{shown}");
     }
 
     #[test]

@@ -352,7 +352,7 @@ async fn publish(ctx: &Context, svc: &Service, type_: EventType, reason: &str, n
     let ev = Event {
         type_,
         reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
+        note: Some(crate::events::note(&note)),
         action: reason.into(),
         secondary: None,
     };

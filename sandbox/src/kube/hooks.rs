@@ -515,6 +515,152 @@ pub fn normalize(rt: &ResourceType, obj: &mut Value) {
     }
 }
 
+/// kube-apiserver's length limits on Events (`pkg/apis/core/validation/events.go`), in
+/// bytes (Go's `len`).
+pub const EVENT_REPORTING_INSTANCE_MAX: usize = 128;
+pub const EVENT_ACTION_MAX: usize = 128;
+pub const EVENT_REASON_MAX: usize = 128;
+pub const EVENT_NOTE_MAX: usize = 1024;
+
+/// kube-apiserver's validation of an Event (`ValidateEventCreate`, `ValidateEventUpdate`
+/// in `pkg/apis/core/validation/events.go`), on the stored `v1` form, so the field paths
+/// are the `core` ones the real server names (`message` for `note`, `reportingController`
+/// for `reportingComponent`, `involvedObject` for `regarding`). `strict`: the request came
+/// through `events.k8s.io/v1`; through `v1` only the legacy checks apply, as there. `old`:
+/// the stored Event on update.
+///
+/// Every Event with an `eventTime` (what events.k8s.io/v1 clients such as kube-runtime's
+/// Recorder write) needs `reportingController`, `reportingInstance` (at most 128 bytes),
+/// `action` and `reason` (at most 128 each), a note of at most 1024 bytes, and a
+/// `regarding` in its own namespace unless it sits in `default` or `kube-system`.
+pub fn event(stored: &Value, old: Option<&Value>, strict: bool) -> Vec<Cause> {
+    let text = |k: &str| stored.get(k).and_then(Value::as_str).unwrap_or_default();
+    let set = |v: Option<&Value>| match v {
+        None | Some(Value::Null) => false,
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(_) => true,
+    };
+    let namespace = stored
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let regarding_ns = stored
+        .pointer("/involvedObject/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let ns_mismatch = || {
+        Cause::invalid(
+            "involvedObject.namespace",
+            &json!(regarding_ns),
+            "does not match event.namespace",
+        )
+    };
+    let too_long =
+        |field: &str, max: usize| Cause::invalid(field, &json!(""), &format!("can have at most {max} characters"));
+    let mut causes = Vec::new();
+    let has_time = set(stored.get("eventTime"));
+    if !has_time {
+        let ok = if regarding_ns.is_empty() {
+            namespace.is_empty() || namespace == "default"
+        } else {
+            namespace == regarding_ns
+        };
+        if !ok {
+            causes.push(ns_mismatch());
+        }
+    } else {
+        if regarding_ns.is_empty() && namespace != "default" && namespace != "kube-system" {
+            causes.push(ns_mismatch());
+        }
+        let controller = text("reportingComponent");
+        if controller.is_empty() {
+            causes.push(Cause::required("reportingController"));
+        }
+        if !label_key_ok(controller) {
+            causes.push(Cause::invalid(
+                "reportingController",
+                &json!(controller),
+                "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character",
+            ));
+        }
+        for (field, max) in [
+            ("reportingInstance", EVENT_REPORTING_INSTANCE_MAX),
+            ("action", EVENT_ACTION_MAX),
+            ("reason", EVENT_REASON_MAX),
+        ] {
+            let v = text(field);
+            if v.is_empty() {
+                causes.push(Cause::required(field));
+            }
+            if v.len() > max {
+                causes.push(too_long(field, max));
+            }
+        }
+        if text("message").len() > EVENT_NOTE_MAX {
+            causes.push(too_long("message", EVENT_NOTE_MAX));
+        }
+    }
+    if !strict {
+        return causes;
+    }
+    let series = stored.get("series").filter(|s| !s.is_null());
+    let series_checked = old.is_none_or(|o| o.get("series").filter(|s| !s.is_null()) != series);
+    if let Some(series) = series.filter(|_| series_checked) {
+        if series.get("count").and_then(Value::as_i64).unwrap_or(0) < 2 {
+            causes.push(Cause::invalid("series.count", &json!(""), "should be at least 2"));
+        }
+        if !set(series.get("lastObservedTime")) {
+            causes.push(Cause::required("series.lastObservedTime"));
+        }
+    }
+    match old {
+        None => {
+            if !has_time {
+                causes.push(Cause::required("eventTime"));
+            }
+            let typ = text("type");
+            if typ != "Normal" && typ != "Warning" {
+                causes.push(Cause::invalid("type", &json!(""), &format!("has invalid value: {typ}")));
+            }
+            for field in ["firstTimestamp", "lastTimestamp"] {
+                if set(stored.get(field)) {
+                    causes.push(Cause::invalid(field, &json!(""), "needs to be unset"));
+                }
+            }
+            if stored.get("count").and_then(Value::as_i64).unwrap_or(0) != 0 {
+                causes.push(Cause::invalid("count", &json!(""), "needs to be unset"));
+            }
+            if set(stored.pointer("/source/component")) || set(stored.pointer("/source/host")) {
+                causes.push(Cause::invalid("source", &json!(""), "needs to be unset"));
+            }
+        }
+        Some(old) => {
+            let field = |o: &Value, k: &str| o.get(k).filter(|v| !v.is_null()).cloned();
+            for (stored_key, path) in [
+                ("involvedObject", "involvedObject"),
+                ("reason", "reason"),
+                ("message", "message"),
+                ("source", "source"),
+                ("firstTimestamp", "firstTimestamp"),
+                ("lastTimestamp", "lastTimestamp"),
+                ("count", "count"),
+                ("type", "type"),
+                ("eventTime", "eventTime"),
+                ("action", "action"),
+                ("related", "related"),
+                ("reportingComponent", "reportingController"),
+                ("reportingInstance", "reportingInstance"),
+            ] {
+                let now = field(stored, stored_key);
+                if now != field(old, stored_key) {
+                    causes.push(Cause::invalid(path, &now.unwrap_or(Value::Null), "field is immutable"));
+                }
+            }
+        }
+    }
+    causes
+}
+
 /// `v1` Event → `events.k8s.io/v1` Event.
 pub fn event_to_v1(core: &Value) -> Value {
     let mut e = json!({
@@ -579,17 +725,11 @@ pub fn event_from_v1(ev: &Value) -> Value {
     copy(&mut c, "deprecatedLastTimestamp", "lastTimestamp");
     copy(&mut c, "deprecatedCount", "count");
     copy(&mut c, "eventTime", "eventTime");
-    if c.get("source").is_none()
-        && let Some(rc) = ev.get("reportingController")
-    {
-        c["source"] = json!({"component": rc});
-    }
     if c.get("involvedObject").is_none() {
         c["involvedObject"] = json!({});
     }
     if let Some(s) = ev.get("series").filter(|s| s.is_object()) {
         c["series"] = json!({"count": s.get("count").cloned().unwrap_or(json!(1)), "lastObservedTime": s.get("lastObservedTime").cloned().unwrap_or(Value::Null)});
-        c["count"] = s.get("count").cloned().unwrap_or(json!(1));
     }
     c
 }
@@ -735,5 +875,111 @@ mod tests {
         assert_eq!(back["regarding"], v1["regarding"]);
         assert_eq!(back["note"], "hi");
         assert_eq!(back["reportingController"], "c");
+        // What the client did not send is not made up: no deprecated source or count.
+        assert!(core.get("source").is_none() && back.get("deprecatedSource").is_none());
+        let repeated =
+            event_from_v1(&json!({"series": {"count": 2, "lastObservedTime": "2024-01-01T00:00:01.000000Z"}}));
+        assert!(repeated.get("count").is_none(), "{repeated}");
+        assert_eq!(repeated["series"]["count"], 2);
+    }
+
+    /// An events.k8s.io/v1 Event as kube-runtime's Recorder writes it, stored (`v1` form).
+    fn recorded(ns: &str) -> Value {
+        let mut e = event_from_v1(&json!({
+            "metadata": {"name": "web.17", "namespace": ns},
+            "regarding": {"kind": "Service", "namespace": ns, "name": "web", "apiVersion": "v1"},
+            "note": "created load balancer lb-1", "reason": "EnsuredLoadBalancer", "type": "Normal",
+            "action": "EnsuredLoadBalancer", "reportingController": "kuberaya-ccm-service-controller",
+            "reportingInstance": "kuberaya-ccm-service-controller", "eventTime": "2026-01-01T00:00:00.000000Z"}));
+        e["metadata"]["namespace"] = json!(ns);
+        e
+    }
+
+    fn texts(causes: &[Cause]) -> Vec<String> {
+        causes.iter().map(Cause::text).collect()
+    }
+
+    #[test]
+    fn events_k8s_io_events_are_validated_as_kube_apiserver_does() {
+        assert_eq!(texts(&event(&recorded("team-a"), None, true)), Vec::<String>::new());
+        let with = |k: &str, v: Value| {
+            let mut e = recorded("team-a");
+            e[k] = v;
+            texts(&event(&e, None, true))
+        };
+        // The note is limited in bytes: 1024 two-byte chars are 2048 bytes.
+        assert_eq!(with("message", json!("a".repeat(EVENT_NOTE_MAX))), Vec::<String>::new());
+        let too_long = [r#"message: Invalid value: "": can have at most 1024 characters"#];
+        assert_eq!(with("message", json!("a".repeat(EVENT_NOTE_MAX + 1))), too_long);
+        assert_eq!(with("message", json!("é".repeat(513))), too_long);
+        assert_eq!(with("message", json!("é".repeat(512))), Vec::<String>::new());
+        for (field, path) in [
+            ("reason", "reason"),
+            ("action", "action"),
+            ("reportingInstance", "reportingInstance"),
+        ] {
+            assert_eq!(with(field, Value::Null), [format!("{path}: Required value")]);
+            assert_eq!(with(field, json!("r".repeat(128))), Vec::<String>::new());
+            assert_eq!(
+                with(field, json!("r".repeat(129))),
+                [format!(r#"{path}: Invalid value: "": can have at most 128 characters"#)]
+            );
+        }
+        assert_eq!(
+            with("reportingComponent", Value::Null),
+            [
+                "reportingController: Required value",
+                r#"reportingController: Invalid value: "": name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"#
+            ]
+        );
+        // No regarding: only in `default` or `kube-system`, where cluster-scoped objects'
+        // Events go.
+        let mut e = recorded("team-a");
+        e.as_object_mut().unwrap().remove("involvedObject");
+        assert_eq!(
+            texts(&event(&e, None, true)),
+            [r#"involvedObject.namespace: Invalid value: "": does not match event.namespace"#]
+        );
+        let mut node = recorded("default");
+        node["involvedObject"] = json!({"kind": "Node", "name": "worker-1"});
+        assert_eq!(texts(&event(&node, None, true)), Vec::<String>::new());
+        // Strict on create through events.k8s.io only.
+        assert_eq!(with("eventTime", Value::Null), ["eventTime: Required value"]);
+        assert_eq!(
+            with("type", json!("Bad")),
+            [r#"type: Invalid value: "": has invalid value: Bad"#]
+        );
+        assert_eq!(
+            with("count", json!(3)),
+            [r#"count: Invalid value: "": needs to be unset"#]
+        );
+        assert_eq!(
+            with(
+                "series",
+                json!({"count": 1, "lastObservedTime": "2026-01-01T00:00:00.000000Z"})
+            ),
+            [r#"series.count: Invalid value: "": should be at least 2"#]
+        );
+        // Through the core API the strict rules do not apply, the legacy ones do.
+        let mut core = recorded("team-a");
+        core["count"] = json!(3);
+        assert_eq!(texts(&event(&core, None, false)), Vec::<String>::new());
+        core["message"] = json!("a".repeat(EVENT_NOTE_MAX + 1));
+        assert_eq!(texts(&event(&core, None, false)), too_long);
+    }
+
+    #[test]
+    fn an_event_update_may_add_a_series_and_change_nothing_else() {
+        let old = recorded("default");
+        let mut next = old.clone();
+        next["series"] = json!({"count": 2, "lastObservedTime": "2026-01-01T00:00:05.000000Z"});
+        assert_eq!(texts(&event(&next, Some(&old), true)), Vec::<String>::new());
+        next["message"] = json!("another note");
+        assert_eq!(
+            texts(&event(&next, Some(&old), true)),
+            [r#"message: Invalid value: "another note": field is immutable"#]
+        );
+        // The core API may change it.
+        assert_eq!(texts(&event(&next, Some(&old), false)), Vec::<String>::new());
     }
 }

@@ -271,7 +271,8 @@ impl Store {
     }
 
     /// Restores a snapshot; watches may resume only from its resourceVersion on.
-    pub fn restore(&mut self, data: &[u8]) -> Result<(), String> {
+    /// Loads a snapshot (or a replay's result); returns the last journal entry it includes.
+    pub fn restore(&mut self, data: &[u8]) -> Result<u64, String> {
         let p: Persisted = serde_json::from_slice(data).map_err(|e| e.to_string())?;
         self.rv = p.rv;
         self.oldest_rv = p.rv;
@@ -288,7 +289,7 @@ impl Store {
             }
             self.objects.entry(storage).or_default().insert(key, obj);
         }
-        Ok(())
+        Ok(p.seq)
     }
 
     /// Creates the objects a new cluster starts with.
@@ -596,6 +597,9 @@ impl Store {
             if let Err(c) = hooks::service(old, obj, self.service_cidr, &in_use) {
                 causes.extend(c);
             }
+        }
+        if rt.storage == "core/events" {
+            causes.extend(hooks::event(obj, old, rt.view == View::EventsV1));
         }
         if rt.storage == "apiextensions.k8s.io/customresourcedefinitions" {
             if let Err(c) = registry::from_crd(obj) {
