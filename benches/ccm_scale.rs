@@ -4,7 +4,9 @@
 //! taken in the same run (the same controller with `--concurrent-service-syncs 1`).
 //!
 //! Run: `cargo bench --bench ccm_scale` (sizes: see [`Sizes`], e.g.
-//! `KR_BENCH_SERVICES=50 KR_BENCH_NODES=10 cargo bench --bench ccm_scale` for a smoke run).
+//! `KR_BENCH_SERVICES=50 KR_BENCH_NODES=10 cargo bench --bench ccm_scale` for a smoke run;
+//! `KR_BENCH_BASELINE=0 KR_BENCH_RATE_LIMITED=0 KR_BENCH_STEADY=0 KR_BENCH_CHURN=0` for the
+//! measured convergence and the deletion alone).
 //!
 //! Every scenario has a timeout and reports "not reached within X" instead of hanging.
 
@@ -66,6 +68,13 @@ struct Sizes {
     /// `KR_BENCH_BASELINE=0` skips the baseline, `KR_BENCH_RATE_LIMITED=0` the throttled run.
     baseline: bool,
     rate_limited: bool,
+    /// After the measured convergence: `KR_BENCH_STEADY=0` skips the quiet resync, the node
+    /// join and the node burst, `KR_BENCH_DELETE=0` the deletion of every Service,
+    /// `KR_BENCH_CHURN=0` the churn (to repeat one scenario on a loaded machine; a
+    /// reported run has them all).
+    steady: bool,
+    delete: bool,
+    churn: bool,
 }
 
 impl Sizes {
@@ -84,6 +93,9 @@ impl Sizes {
             hc_interval_s: knob("KR_BENCH_HC_INTERVAL_S", 300),
             baseline: common::enabled("KR_BENCH_BASELINE"),
             rate_limited: common::enabled("KR_BENCH_RATE_LIMITED"),
+            steady: common::enabled("KR_BENCH_STEADY"),
+            delete: common::enabled("KR_BENCH_DELETE"),
+            churn: common::enabled("KR_BENCH_CHURN"),
         }
     }
 }
@@ -637,6 +649,35 @@ fn measured(sizes: &Sizes) -> Result<Option<Convergence>> {
         bail!("the measured CCM did not converge; the other scenarios need it");
     }
 
+    if sizes.steady {
+        steady_state(&sb, sizes, initial)?;
+    }
+    if let Some(rss) = peak_rss_mib(ccm.process.pid()) {
+        result(
+            &format!(
+                "ccm.peak_rss ({} Services, {} nodes)",
+                sizes.services,
+                sb.nodes + u64::from(sizes.steady)
+            ),
+            format!("{rss:.1} MiB VmHWM (goal < 64 MiB)"),
+        );
+    }
+    if sizes.delete
+        && let Err(e) = delete_all(&sb, sizes)
+    {
+        println!("RESULT ccm.delete: failed: {e:#}");
+    }
+    if sizes.churn
+        && let Err(e) = churn(&sb, &ccm, sizes)
+    {
+        println!("RESULT ccm.churn: failed: {e:#}");
+    }
+    Ok(Some(conv))
+}
+
+/// Issue 12's steady-state scenarios on the converged Services: a quiet resync, a node
+/// joining, a burst of node events (`KR_BENCH_STEADY=0` skips them).
+fn steady_state(sb: &Sandbox, sizes: &Sizes, initial: u64) -> Result<()> {
     // A resync with nothing changed: one resync period plus 5 s without any change.
     std::thread::sleep(Duration::from_secs(3));
     let before = sb.calls()?;
@@ -788,19 +829,7 @@ fn measured(sizes: &Sizes) -> Result<Option<Convergence>> {
             show(&burst)
         ),
     );
-    if let Some(rss) = peak_rss_mib(ccm.process.pid()) {
-        result(
-            &format!("ccm.peak_rss ({} Services, {} nodes)", sizes.services, sb.nodes + 1),
-            format!("{rss:.1} MiB VmHWM (goal < 64 MiB)"),
-        );
-    }
-    if let Err(e) = delete_all(&sb, sizes) {
-        println!("RESULT ccm.delete: failed: {e:#}");
-    }
-    if let Err(e) = churn(&sb, &ccm, sizes) {
-        println!("RESULT ccm.churn: failed: {e:#}");
-    }
-    Ok(Some(conv))
+    Ok(())
 }
 
 /// Issue 26: every Service deleted at once; the time until the last one is gone (its
