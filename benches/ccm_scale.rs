@@ -4,7 +4,9 @@
 //! taken in the same run (the same controller with `--concurrent-service-syncs 1`).
 //!
 //! Run: `cargo bench --bench ccm_scale` (sizes: see [`Sizes`], e.g.
-//! `KR_BENCH_SERVICES=50 KR_BENCH_NODES=10 cargo bench --bench ccm_scale` for a smoke run).
+//! `KR_BENCH_SERVICES=50 KR_BENCH_NODES=10 cargo bench --bench ccm_scale` for a smoke run;
+//! `KR_BENCH_BASELINE=0 KR_BENCH_RATE_LIMITED=0 KR_BENCH_STEADY=0 KR_BENCH_CHURN=0` for the
+//! measured convergence and the deletion alone).
 //!
 //! Every scenario has a timeout and reports "not reached within X" instead of hanging.
 
@@ -66,6 +68,13 @@ struct Sizes {
     /// `KR_BENCH_BASELINE=0` skips the baseline, `KR_BENCH_RATE_LIMITED=0` the throttled run.
     baseline: bool,
     rate_limited: bool,
+    /// After the measured convergence: `KR_BENCH_STEADY=0` skips the quiet resync, the node
+    /// join and the node burst, `KR_BENCH_DELETE=0` the deletion of every Service,
+    /// `KR_BENCH_CHURN=0` the churn (to repeat one scenario on a loaded machine; a
+    /// reported run has them all).
+    steady: bool,
+    delete: bool,
+    churn: bool,
 }
 
 impl Sizes {
@@ -84,6 +93,9 @@ impl Sizes {
             hc_interval_s: knob("KR_BENCH_HC_INTERVAL_S", 300),
             baseline: common::enabled("KR_BENCH_BASELINE"),
             rate_limited: common::enabled("KR_BENCH_RATE_LIMITED"),
+            steady: common::enabled("KR_BENCH_STEADY"),
+            delete: common::enabled("KR_BENCH_DELETE"),
+            churn: common::enabled("KR_BENCH_CHURN"),
         }
     }
 }
@@ -637,6 +649,35 @@ fn measured(sizes: &Sizes) -> Result<Option<Convergence>> {
         bail!("the measured CCM did not converge; the other scenarios need it");
     }
 
+    if sizes.steady {
+        steady_state(&sb, sizes, initial)?;
+    }
+    if let Some(rss) = peak_rss_mib(ccm.process.pid()) {
+        result(
+            &format!(
+                "ccm.peak_rss ({} Services, {} nodes)",
+                sizes.services,
+                sb.nodes + u64::from(sizes.steady)
+            ),
+            format!("{rss:.1} MiB VmHWM (goal < 64 MiB)"),
+        );
+    }
+    if sizes.delete
+        && let Err(e) = delete_all(&sb, sizes)
+    {
+        println!("RESULT ccm.delete: failed: {e:#}");
+    }
+    if sizes.churn
+        && let Err(e) = churn(&sb, &ccm, sizes)
+    {
+        println!("RESULT ccm.churn: failed: {e:#}");
+    }
+    Ok(Some(conv))
+}
+
+/// Issue 12's steady-state scenarios on the converged Services: a quiet resync, a node
+/// joining, a burst of node events (`KR_BENCH_STEADY=0` skips them).
+fn steady_state(sb: &Sandbox, sizes: &Sizes, initial: u64) -> Result<()> {
     // A resync with nothing changed: one resync period plus 5 s without any change.
     std::thread::sleep(Duration::from_secs(3));
     let before = sb.calls()?;
@@ -788,19 +829,7 @@ fn measured(sizes: &Sizes) -> Result<Option<Convergence>> {
             show(&burst)
         ),
     );
-    if let Some(rss) = peak_rss_mib(ccm.process.pid()) {
-        result(
-            &format!("ccm.peak_rss ({} Services, {} nodes)", sizes.services, sb.nodes + 1),
-            format!("{rss:.1} MiB VmHWM (goal < 64 MiB)"),
-        );
-    }
-    if let Err(e) = delete_all(&sb, sizes) {
-        println!("RESULT ccm.delete: failed: {e:#}");
-    }
-    if let Err(e) = churn(&sb, &ccm, sizes) {
-        println!("RESULT ccm.churn: failed: {e:#}");
-    }
-    Ok(Some(conv))
+    Ok(())
 }
 
 /// Issue 26: every Service deleted at once; the time until the last one is gone (its
@@ -881,6 +910,9 @@ fn churn(sb: &Sandbox, ccm: &Ccm, sizes: &Sizes) -> Result<()> {
     let mut created_at: BTreeMap<String, Instant> = BTreeMap::new();
     let mut deleted_at: BTreeMap<String, Instant> = BTreeMap::new();
     let (mut to_ingress, mut to_gone) = (Vec::new(), Vec::new());
+    // Creates still without an ingress when the churn deleted them (the oldest go first):
+    // how long each had waited, a lower bound of its create -> ingress.
+    let mut cut_short: Vec<Duration> = Vec::new();
     let mut oldest = 0u64;
     let mut next = total_services;
     let started = Instant::now();
@@ -888,10 +920,20 @@ fn churn(sb: &Sandbox, ccm: &Ccm, sizes: &Sizes) -> Result<()> {
     let deadline = Duration::from_secs(rounds * 5) + sizes.timeout;
     loop {
         if round < rounds && started.elapsed() >= Duration::from_secs(round * 5) {
+            eprintln!(
+                "churn round {round} at {}: {} creates wait for their ingress, {} deletes for the Service to go",
+                secs(started.elapsed()),
+                created_at.len(),
+                deleted_at.len()
+            );
             let now = Instant::now();
             sb.delete_services("c", oldest..oldest + step)?;
             for i in oldest..oldest + step {
-                deleted_at.insert(format!("c{i}"), now);
+                let name = format!("c{i}");
+                if let Some(at) = created_at.remove(&name) {
+                    cut_short.push(now - at);
+                }
+                deleted_at.insert(name, now);
             }
             oldest += step;
             let names: Vec<String> = (next..next + step).map(|i| format!("c{i}")).collect();
@@ -954,12 +996,24 @@ fn churn(sb: &Sandbox, ccm: &Ccm, sizes: &Sizes) -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     let calls = diff(&before, &sb.calls()?);
-    let changes = (to_ingress.len() + to_gone.len()).max(1);
+    let changes = (to_ingress.len() + cut_short.len() + to_gone.len()).max(1);
     let q = |xs: &mut Vec<Duration>, p| quantile(xs, p).map(secs).unwrap_or_default();
+    let cut = if cut_short.is_empty() {
+        String::new()
+    } else {
+        // Counted in the quantiles at their wait so far: the figures are lower bounds.
+        let longest = cut_short.iter().max().copied().unwrap_or_default();
+        to_ingress.extend(cut_short.iter().copied());
+        format!(
+            " ({} creates were deleted before their ingress, after waiting up to {}: counted at their wait, so these are lower bounds)",
+            cut_short.len(),
+            secs(longest)
+        )
+    };
     result(
         &format!("ccm.churn ({total_services} Services; {step} deleted and {step} created every 5 s, {rounds} rounds)"),
         format!(
-            "create -> ingress p50 {} p99 {}; delete -> gone p50 {} p99 {}; {:.2} platform calls per change ({} calls, {})",
+            "create -> ingress p50 {} p99 {}{cut}; delete -> gone p50 {} p99 {}; {:.2} platform calls per change ({} calls, {})",
             q(&mut to_ingress, 0.5),
             q(&mut to_ingress, 0.99),
             q(&mut to_gone, 0.5),

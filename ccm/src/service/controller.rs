@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
@@ -83,7 +83,8 @@ impl Default for Timing {
 pub struct Context {
     pub client: Client,
     pub platform: Arc<dyn Platform>,
-    pub recorder: Recorder,
+    /// Events go out through [`EventQueue`], off the reconcile path.
+    events: EventQueue,
     pub metrics: Arc<Metrics>,
     /// All Nodes (a reflector store, ready before the controller starts), as of the last
     /// debounced batch of node changes.
@@ -119,8 +120,65 @@ pub struct Context {
 #[derive(Debug, Clone)]
 struct KnownLb {
     id: String,
-    /// When we created it, until it is seen active.
+    /// Its name, as created or last seen (names are unique: see [`find_lb`]).
+    name: String,
+    /// When we created it or asked for its deletion, until it is seen settled.
     transition_since: Option<Instant>,
+    /// Deleting (asked by us, or seen so): looked at by GET, never deleted again.
+    deleting: bool,
+}
+
+impl KnownLb {
+    fn new(id: &str, name: &str) -> Self {
+        KnownLb {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            transition_since: None,
+            deleting: false,
+        }
+    }
+}
+
+/// Events are published by a task of their own, not by the reconcile that reports them:
+/// each is an API request (two per created or deleted LB), and a worker waiting on it is
+/// a worker not talking to the platform. As client-go's recorder does, the queue is
+/// bounded and an Event that does not fit is dropped (Events are best effort; the
+/// Service's condition and status carry what matters).
+struct EventQueue {
+    tx: tokio::sync::mpsc::Sender<(Event, ObjectReference)>,
+}
+
+impl EventQueue {
+    /// Events waiting to be published (client-go: `maxQueuedEvents`).
+    const CAPACITY: usize = 1000;
+    /// Events being published at once.
+    const PUBLISHERS: usize = 4;
+
+    /// The queue and its publishing task, which ends once the queue is dropped and drained.
+    fn start(recorder: Recorder) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Event, ObjectReference)>(Self::CAPACITY);
+        tokio::spawn(async move {
+            futures::stream::poll_fn(|cx| rx.poll_recv(cx))
+                .for_each_concurrent(Self::PUBLISHERS, |(ev, regarding)| {
+                    let recorder = recorder.clone();
+                    async move {
+                        if let Err(e) = recorder.publish(&ev, &regarding).await {
+                            warn!(error = %e, reason = %ev.reason, "could not publish event");
+                        }
+                    }
+                })
+                .await;
+        });
+        EventQueue { tx }
+    }
+
+    /// Queues `ev` about `regarding`, never waiting.
+    fn send(&self, ev: Event, regarding: ObjectReference) {
+        if let Err(e) = self.tx.try_send((ev, regarding)) {
+            let (ev, _) = e.into_inner();
+            warn!(reason = %ev.reason, "event dropped: {} events already wait to be published", Self::CAPACITY);
+        }
+    }
 }
 
 impl Context {
@@ -142,7 +200,7 @@ impl Context {
         Context {
             client,
             platform,
-            recorder,
+            events: EventQueue::start(recorder),
             metrics,
             nodes: Arc::new(SettledNodes::new(nodes)),
             config,
@@ -179,13 +237,12 @@ impl Context {
     /// and a lookup by label.
     pub fn learn_lbs(&self, lbs: &[LoadBalancer]) {
         let (unique, ambiguous) = index_by_uid(&self.config.cluster_id, lbs);
+        let names: HashMap<&str, &str> = lbs.iter().map(|lb| (lb.id.as_str(), lb.name.as_str())).collect();
         {
             let mut ids = self.lb_ids();
             for (uid, id) in unique {
-                ids.entry(uid).or_insert(KnownLb {
-                    id,
-                    transition_since: None,
-                });
+                let name = names.get(id.as_str()).copied().unwrap_or_default();
+                ids.entry(uid).or_insert_with(|| KnownLb::new(&id, name));
             }
             for uid in &ambiguous {
                 ids.remove(uid);
@@ -210,27 +267,48 @@ impl Context {
         self.unsure_uids.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Remembers `id` as the Service's LB, keeping a running transition's start.
-    fn remember_lb(&self, uid: &str, id: &str) {
+    /// Remembers `lb` as the Service's LB, keeping a running transition's start.
+    fn remember_lb(&self, uid: &str, lb: &LoadBalancer) {
         let mut ids = self.lb_ids();
-        if ids.get(uid).is_none_or(|known| known.id != id) {
-            let known = KnownLb {
-                id: id.to_owned(),
-                transition_since: None,
-            };
-            ids.insert(uid.to_owned(), known);
+        if let Some(known) = ids.get_mut(uid).filter(|known| known.id == lb.id) {
+            known.name.clone_from(&lb.name);
+        } else {
+            ids.insert(uid.to_owned(), KnownLb::new(&lb.id, &lb.name));
         }
     }
 
-    /// Notes that we just created the Service's LB `id`.
-    fn transition_started(&self, uid: &str, id: &str) {
-        self.lb_ids().insert(
-            uid.to_owned(),
-            KnownLb {
-                id: id.to_owned(),
-                transition_since: Some(Instant::now()),
-            },
-        );
+    /// Notes that we just created the Service's LB `lb`.
+    fn transition_started(&self, uid: &str, lb: &LoadBalancer) {
+        let mut known = KnownLb::new(&lb.id, &lb.name);
+        known.transition_since = Some(Instant::now());
+        self.lb_ids().insert(uid.to_owned(), known);
+        self.deleting_names().remove(uid);
+    }
+
+    /// Notes that the Service's LB `id` (named `name`) is being deleted: by us just now
+    /// (`by_us`, the looks start soon), or seen so (the looks keep their pace).
+    fn deletion_started(&self, uid: &str, id: &str, name: &str, by_us: bool) {
+        let mut ids = self.lb_ids();
+        if ids.get(uid).is_none_or(|known| known.id != id) {
+            ids.insert(uid.to_owned(), KnownLb::new(id, name));
+        }
+        if let Some(known) = ids.get_mut(uid) {
+            if by_us {
+                known.transition_since = Some(Instant::now());
+            }
+            known.deleting = true;
+        }
+        drop(ids);
+        // The name goes with it: no other LB can carry it meanwhile (see `find_lb`).
+        self.deleting_names().insert(uid.to_owned(), name.to_owned());
+    }
+
+    /// The Service's LB we know and have not seen deleting: its ID and name.
+    fn known_staying(&self, uid: &str) -> Option<(String, String)> {
+        self.lb_ids()
+            .get(uid)
+            .filter(|k| !k.deleting)
+            .map(|k| (k.id.clone(), k.name.clone()))
     }
 
     /// Notes that the Service's LB is settled (active, nothing pending).
@@ -348,6 +426,7 @@ pub fn error_policy(svc: Arc<Service>, error: &Error, ctx: Arc<Context>) -> Acti
     Action::requeue(delay)
 }
 
+/// Queues an Event about `svc` (see [`EventQueue`]).
 async fn publish(ctx: &Context, svc: &Service, type_: EventType, reason: &str, note: String) {
     let ev = Event {
         type_,
@@ -356,9 +435,7 @@ async fn publish(ctx: &Context, svc: &Service, type_: EventType, reason: &str, n
         action: reason.into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&ev, &svc.object_ref(&())).await {
-        warn!(error = %e, reason, "could not publish event");
-    }
+    ctx.events.send(ev, svc.object_ref(&()));
 }
 
 async fn patch_status(
@@ -497,7 +574,7 @@ async fn find_lb_by_uid(
     ctx.unsure_uids().remove(&uid);
     match pick_by_uid(cluster, &uid, &by_uid) {
         Ok(Some(lb)) => {
-            ctx.remember_lb(&uid, &lb.id);
+            ctx.remember_lb(&uid, lb);
             Ok(Ok(Some(lb.clone())))
         }
         Ok(None) => Ok(Ok(None)),
@@ -605,7 +682,7 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
                 let e = match ctx.platform.create_load_balancer(cluster, &spec).await {
                     Ok(lb) => {
                         info!(lb = %lb.id, name = %lb.name, "created load balancer");
-                        ctx.transition_started(&uid, &lb.id);
+                        ctx.transition_started(&uid, &lb);
                         publish(
                             ctx,
                             svc,
@@ -631,7 +708,7 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
                         Ok(Some(lb)) => {
                             // One of a previous incarnation, or ours whose create answer was lost.
                             info!(lb = %lb.id, name = %lb.name, "adopting the existing load balancer of this name");
-                            ctx.remember_lb(&uid, &lb.id);
+                            ctx.remember_lb(&uid, &lb);
                             actual = Some(lb);
                             continue;
                         }
@@ -752,6 +829,11 @@ async fn release(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Act
 /// with the next look: by ID while the ID is known, first after the platform's typical
 /// transition time, then ever less often (as for a create); a 404 or an unknown ID falls
 /// back to the label lookups, so a cleanup never ends while an LB of the Service may exist.
+///
+/// An LB whose ID we know (we created it, or found it by its labels) and have not seen
+/// deleting is deleted by ID at once, without a GET first: the DELETE's answer says what
+/// the GET would have (202: going; 404: gone, so the label lookups follow), and a DELETE
+/// is idempotent on the platform.
 async fn cleanup(svc: &Service, ctx: &Context) -> Result<Cleanup> {
     let ann = svc.metadata.annotations.clone().unwrap_or_default();
     // An unreadable retain annotation keeps the IP: never release what may be wanted.
@@ -762,6 +844,17 @@ async fn cleanup(svc: &Service, ctx: &Context) -> Result<Cleanup> {
             .as_ref()
             .and_then(|s| s.load_balancer_ip.as_deref())
             .is_some_and(|s| !s.trim().is_empty());
+    let keep = keep_public_ip(retain, reused);
+    let uid = svc.uid().ok_or(Error::MissingObjectKey("metadata.uid"))?;
+    if let Some((id, name)) = ctx.known_staying(&uid) {
+        match start_delete(ctx, svc, &uid, &id, &name, keep).await? {
+            Some(waiting) => return Ok(waiting),
+            // Gone already: forgotten; the lookups below make sure nothing else is left.
+            None => {
+                ctx.lb_ids().remove(&uid);
+            }
+        }
+    }
     let lb_name = desired_lb_name(svc);
     let actual = match find_lb(ctx, svc, &lb_name).await? {
         Ok(a) => a,
@@ -771,12 +864,10 @@ async fn cleanup(svc: &Service, ctx: &Context) -> Result<Cleanup> {
             None
         }
     };
-    match plan_delete(actual.as_ref(), keep_public_ip(retain, reused)) {
-        DeletePlan::Gone => {
-            if let Some(uid) = svc.uid() {
-                ctx.lb_ids().remove(&uid);
-                ctx.deleting_names().remove(&uid);
-            }
+    match (plan_delete(actual.as_ref(), keep), actual) {
+        (DeletePlan::Gone, _) => {
+            ctx.lb_ids().remove(&uid);
+            ctx.deleting_names().remove(&uid);
             publish(
                 ctx,
                 svc,
@@ -787,53 +878,70 @@ async fn cleanup(svc: &Service, ctx: &Context) -> Result<Cleanup> {
             .await;
             Ok(Cleanup::Done)
         }
-        DeletePlan::Delete { id, keep_public_ip } => {
+        (DeletePlan::Delete { id, keep_public_ip }, Some(lb)) => {
+            // Gone between the lookup and the DELETE: looked at again like any deletion.
+            let waiting = start_delete(ctx, svc, &uid, &id, &lb.name, keep_public_ip).await?;
+            Ok(waiting.unwrap_or(Cleanup::Waiting(ctx.timing.first_poll)))
+        }
+        (DeletePlan::Wait { id }, Some(lb)) => {
+            debug!(lb = %id, "load balancer still being deleted");
+            ctx.deletion_started(&uid, &id, &lb.name, false);
+            Ok(Cleanup::Waiting(ctx.next_poll(&uid)))
+        }
+        // `plan_delete` plans a deletion only of an LB it was given.
+        (DeletePlan::Delete { .. } | DeletePlan::Wait { .. }, None) => Ok(Cleanup::Waiting(ctx.timing.poll)),
+    }
+}
+
+/// Asks the platform to delete the Service's LB `id` (named `name`): the first look
+/// after the platform's typical transition time, or `None` when the LB is gone already
+/// (404). A busy LB (409) is looked at again, not reported as an error.
+async fn start_delete(
+    ctx: &Context,
+    svc: &Service,
+    uid: &str,
+    id: &str,
+    name: &str,
+    keep_public_ip: Option<bool>,
+) -> Result<Option<Cleanup>> {
+    publish(
+        ctx,
+        svc,
+        EventType::Normal,
+        "DeletingLoadBalancer",
+        format!("Deleting load balancer {id}"),
+    )
+    .await;
+    match ctx
+        .platform
+        .delete_load_balancer(&ctx.config.cluster_id, id, keep_public_ip)
+        .await
+    {
+        Ok(()) => {}
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(platform::Error::Conflict { message }) if is_busy(&message) => {
+            debug!(lb = %id, %message, "load balancer busy; deleting it once it is not");
+            return Ok(Some(Cleanup::Waiting(ctx.timing.poll)));
+        }
+        Err(e) => {
             publish(
                 ctx,
                 svc,
-                EventType::Normal,
-                "DeletingLoadBalancer",
-                format!("Deleting load balancer {id}"),
+                EventType::Warning,
+                "DeleteLoadBalancerFailed",
+                format!("Error deleting load balancer {id}: {e}"),
             )
             .await;
-            match ctx
-                .platform
-                .delete_load_balancer(&ctx.config.cluster_id, &id, keep_public_ip)
-                .await
-            {
-                Ok(()) => {}
-                Err(e) if e.is_not_found() => {}
-                Err(e) => {
-                    publish(
-                        ctx,
-                        svc,
-                        EventType::Warning,
-                        "DeleteLoadBalancerFailed",
-                        format!("Error deleting load balancer {id}: {e}"),
-                    )
-                    .await;
-                    return Err(Error::Platform {
-                        op: "delete_load_balancer",
-                        source: e,
-                    });
-                }
-            }
-            info!(lb = %id, ?keep_public_ip, "deleting load balancer");
-            let uid = svc.uid().ok_or(Error::MissingObjectKey("metadata.uid"))?;
-            ctx.transition_started(&uid, &id);
-            if let Some(lb) = &actual {
-                ctx.deleting_names().insert(uid, lb.name.clone());
-            }
-            // The platform finishes most deletes in under a second.
-            Ok(Cleanup::Waiting(ctx.timing.first_poll))
-        }
-        DeletePlan::Wait { id } => {
-            debug!(lb = %id, "load balancer still being deleted");
-            let uid = svc.uid().ok_or(Error::MissingObjectKey("metadata.uid"))?;
-            ctx.remember_lb(&uid, &id);
-            Ok(Cleanup::Waiting(ctx.next_poll(&uid)))
+            return Err(Error::Platform {
+                op: "delete_load_balancer",
+                source: e,
+            });
         }
     }
+    info!(lb = %id, ?keep_public_ip, "deleting load balancer");
+    ctx.deletion_started(uid, id, name, true);
+    // The platform finishes most deletes in under a second.
+    Ok(Some(Cleanup::Waiting(ctx.timing.first_poll)))
 }
 
 /// Removes our finalizer with a JSON patch that first tests its index, so another

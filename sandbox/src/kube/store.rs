@@ -870,6 +870,13 @@ impl Store {
                 }
                 n
             }
+            // A namespace's `spec.finalizers` change only here (kube-apiserver's
+            // `namespaces/finalize`), as the namespace controller and other finalizers do.
+            Some("finalize") if rt.storage == "core/namespaces" => {
+                let mut n = old.clone();
+                set_spec_finalizers(&mut n, obj.pointer("/spec/finalizers").cloned());
+                n
+            }
             Some(_) => return Err(ApiError::not_found_path()),
             None => {
                 if !obj.get("metadata").is_some_and(Value::is_object) {
@@ -943,6 +950,10 @@ impl Store {
                     )],
                 ));
             }
+        }
+        if rt.storage == "core/namespaces" && sub != "finalize" {
+            // Only `finalize` changes them (kube-apiserver's namespace strategy).
+            set_spec_finalizers(&mut new, old.pointer("/spec/finalizers").cloned());
         }
         if sub.is_empty() {
             self.admit(rt, Some(old), &mut new, opts)?;
@@ -1373,7 +1384,10 @@ impl Store {
         self.finish_namespace_if_empty(ns);
     }
 
-    /// A terminating namespace with no content left (and no finalizers) is removed.
+    /// A terminating namespace with no content left: the namespace controller's part is
+    /// done, so its `kubernetes` finalizer goes from `spec.finalizers` (as its
+    /// `namespaces/finalize` call does); the namespace is removed once no finalizer is left
+    /// there or in `metadata.finalizers` (others' finalizers wait for their owners).
     fn finish_namespace_if_empty(&mut self, ns: &str) {
         let Some(n) = self
             .objects
@@ -1388,6 +1402,25 @@ impl Store {
         }
         let empty = self.objects.values().all(|m| !m.keys().any(|(n, _)| n == ns));
         if !empty {
+            return;
+        }
+        let spec_fin: Vec<Value> = n
+            .pointer("/spec/finalizers")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let n = if spec_fin.iter().any(|f| f == "kubernetes") {
+            let mut finalized = n.clone();
+            let rest: Vec<Value> = spec_fin.iter().filter(|f| *f != "kubernetes").cloned().collect();
+            set_spec_finalizers(&mut finalized, Some(Value::Array(rest)));
+            self.commit("core/namespaces", "MODIFIED", finalized, Some(n))
+        } else {
+            n
+        };
+        if n.pointer("/spec/finalizers")
+            .and_then(Value::as_array)
+            .is_some_and(|f| !f.is_empty())
+        {
             return;
         }
         let meta_fin = n
@@ -1438,6 +1471,18 @@ pub fn sys_opts() -> WriteOpts {
     WriteOpts {
         manager: "kube-apiserver".into(),
         ..Default::default()
+    }
+}
+
+/// Sets a namespace's `spec.finalizers` (`None` or empty: none).
+fn set_spec_finalizers(ns: &mut Value, finalizers: Option<Value>) {
+    match finalizers.filter(|f| f.as_array().is_some_and(|a| !a.is_empty())) {
+        Some(f) => ns["spec"]["finalizers"] = f,
+        None => {
+            if let Some(spec) = ns.get_mut("spec").and_then(Value::as_object_mut) {
+                spec.remove("finalizers");
+            }
+        }
     }
 }
 
@@ -1711,6 +1756,69 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.get(&ns, "", "tmp").unwrap_err().code, 404);
+    }
+
+    /// As kube-apiserver with its namespace controller: a terminating namespace whose
+    /// content is gone loses the controller's own `kubernetes` finalizer, but stays while
+    /// another `spec.finalizers` entry is left; those change only through
+    /// `namespaces/finalize`, and once the last goes the namespace is removed.
+    #[test]
+    fn a_namespace_waits_for_every_spec_finalizer() {
+        let mut s = store();
+        let ns = rt(&s, "", "namespaces");
+        let created = s
+            .create(&ns, None, json!({"metadata": {"name": "fin"}}), &opts())
+            .unwrap();
+        assert_eq!(created["spec"]["finalizers"], json!(["kubernetes"]));
+        let finalize = |s: &mut Store, finalizers: Value| {
+            s.update(
+                &ns,
+                "",
+                "fin",
+                Some("finalize"),
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "fin"}, "spec": {"finalizers": finalizers}}),
+                &opts(),
+            )
+        };
+        finalize(&mut s, json!(["kubernetes", "example.com/keep"])).unwrap();
+        // A plain update does not touch them.
+        let mut plain = s.get(&ns, "", "fin").unwrap();
+        plain["spec"]["finalizers"] = json!([]);
+        plain["metadata"]["labels"] = json!({"a": "b"});
+        let updated = s.update(&ns, "", "fin", None, plain, &opts()).unwrap();
+        assert_eq!(updated["spec"]["finalizers"], json!(["kubernetes", "example.com/keep"]));
+
+        let cm = rt(&s, "", "configmaps");
+        s.create(
+            &cm,
+            Some("fin"),
+            json!({"metadata": {"name": "held", "finalizers": ["a/b"]}}),
+            &opts(),
+        )
+        .unwrap();
+        let (n, gone) = s.delete(&ns, "", "fin", &DeleteOpts::default()).unwrap();
+        assert!(!gone);
+        assert_eq!(n["status"]["phase"], "Terminating");
+        assert_eq!(
+            n["spec"]["finalizers"],
+            json!(["kubernetes", "example.com/keep"]),
+            "content left"
+        );
+        s.patch(
+            &cm,
+            "fin",
+            "held",
+            None,
+            PatchKind::Merge,
+            &json!({"metadata": {"finalizers": null}}),
+            &opts(),
+        )
+        .unwrap();
+        let left = s.get(&ns, "", "fin").unwrap();
+        assert_eq!(left["spec"]["finalizers"], json!(["example.com/keep"]));
+        assert_eq!(left["status"]["phase"], "Terminating");
+        finalize(&mut s, json!([])).unwrap();
+        assert_eq!(s.get(&ns, "", "fin").unwrap_err().code, 404);
     }
 
     #[test]

@@ -125,14 +125,17 @@ async fn reconcile_on(ctx: &Arc<Context>, s: &Service) -> Result<Action> {
         .expect("reconcile finished within 5 s")
 }
 
-/// Drops the context (and with it the mock client), so the mock server ends; returns
-/// every API request it recorded.
+/// Drops the context (and with it the mock client and its Event queue, once drained), so
+/// the mock server ends; returns every API request it recorded, the Events last (they
+/// are published off the reconcile path, in their own order: see `EventQueue`).
 async fn stop_serving(ctx: Arc<Context>, server: tokio::task::JoinHandle<Vec<Call>>) -> Vec<Call> {
     drop(ctx);
-    tokio::time::timeout(Duration::from_secs(1), server)
+    let mut calls = tokio::time::timeout(Duration::from_secs(1), server)
         .await
         .expect("mock API server finished")
-        .expect("mock API server task")
+        .expect("mock API server task");
+    calls.sort_by_key(|c| c.method == "POST" && c.path.ends_with("/events"));
+    calls
 }
 
 fn finalized(mut s: Service) -> Service {
@@ -238,13 +241,13 @@ async fn creates_the_lb_then_reports_ingress_once_active() {
     assert_eq!(lb.labels[crate::platform::LABEL_SERVICE_UID], "uid-1");
     assert_eq!(lb.backends.len(), 2);
     assert_eq!(calls.len(), 2, "{calls:?}");
-    assert!(calls[0].is_event("EnsuringLoadBalancer"));
-    assert!(calls[1].is("PATCH", STATUS_PATH));
-    assert_eq!(calls[1].body["status"]["conditions"][0]["reason"], "Provisioning");
+    assert!(calls[0].is("PATCH", STATUS_PATH));
+    assert_eq!(calls[0].body["status"]["conditions"][0]["reason"], "Provisioning");
     assert!(
-        calls[1].body["status"].get("loadBalancer").is_none(),
+        calls[0].body["status"].get("loadBalancer").is_none(),
         "no ingress before active"
     );
+    assert!(calls[1].is_event("EnsuringLoadBalancer"));
 
     // Still provisioning (seen by a controller that did not create it, e.g. after a
     // restart): poll at the full period, no call that changes anything, no status write
@@ -320,15 +323,15 @@ async fn invalid_annotation_warns_and_makes_no_platform_call() {
     assert_eq!(res.expect("ok"), Action::requeue(Timing::default().refused_retry));
     assert!(bench.platform.calls().is_empty(), "{:?}", bench.platform.calls());
     assert_eq!(calls.len(), 2, "{calls:?}");
-    assert!(calls[0].is_event("SyncLoadBalancerFailed"));
-    assert_eq!(calls[0].body["type"], "Warning");
-    let note = calls[0].body["note"].as_str().unwrap_or_default();
+    assert!(calls[0].is("PATCH", STATUS_PATH));
+    assert_eq!(calls[0].body["status"]["conditions"][0]["reason"], "InvalidAnnotation");
+    assert!(calls[1].is_event("SyncLoadBalancerFailed"));
+    assert_eq!(calls[1].body["type"], "Warning");
+    let note = calls[1].body["note"].as_str().unwrap_or_default();
     assert!(
         note.contains(crate::annotations::ALGORITHM) && note.contains("round_robin"),
         "{note}"
     );
-    assert!(calls[1].is("PATCH", STATUS_PATH));
-    assert_eq!(calls[1].body["status"]["conditions"][0]["reason"], "InvalidAnnotation");
 }
 
 #[tokio::test]
@@ -538,9 +541,9 @@ async fn cleanup_deletes_the_lb_and_its_acquired_ip_then_removes_the_finalizer()
     assert!(res.is_ok(), "{res:?}");
     assert!(bench.platform.mutating_calls().is_empty());
     assert_eq!(calls.len(), 2, "{calls:?}");
-    assert!(calls[0].is_event("DeletedLoadBalancer"));
-    assert!(calls[1].is("PATCH", SVC_PATH));
-    let patch = calls[1].body.to_string();
+    assert!(calls[0].is("PATCH", SVC_PATH));
+    assert!(calls[1].is_event("DeletedLoadBalancer"));
+    let patch = calls[0].body.to_string();
     assert!(
         patch.contains("remove") && patch.contains("/metadata/finalizers/0"),
         "{patch}"
@@ -577,13 +580,13 @@ async fn type_change_away_removes_lb_status_and_finalizer() {
     let (res, calls) = bench.reconcile(&s).await;
     assert_eq!(res.expect("ok"), Action::await_change());
     assert_eq!(calls.len(), 3, "{calls:?}");
-    assert!(calls[0].is_event("DeletedLoadBalancer"));
-    assert!(calls[1].is("PATCH", STATUS_PATH));
+    assert!(calls[0].is("PATCH", STATUS_PATH));
     assert_eq!(
-        calls[1].body["status"]["loadBalancer"]["ingress"],
+        calls[0].body["status"]["loadBalancer"]["ingress"],
         serde_json::json!([])
     );
-    assert!(calls[2].is("PATCH", SVC_PATH));
+    assert!(calls[1].is("PATCH", SVC_PATH));
+    assert!(calls[2].is_event("DeletedLoadBalancer"));
 }
 
 #[tokio::test]
@@ -819,10 +822,7 @@ async fn the_sweep_forgets_lbs_of_services_that_are_gone() {
     bench.platform.settle();
     ctx.lb_ids().insert(
         "uid-unlisted".into(),
-        KnownLb {
-            id: "lb-not-listed".into(),
-            transition_since: None,
-        },
+        KnownLb::new("lb-not-listed", "kr-default-unlisted"),
     );
     let s2 = s.clone();
     sweep_orphans(&ctx, || async { Ok(vec![s2]) }).await.expect("sweep");
@@ -1046,10 +1046,8 @@ async fn a_deletion_is_polled_by_id_then_confirmed_by_labels() {
         bench.platform.clear_calls();
         let first = reconcile_on(&ctx, &gone).await.expect("deleting is not an error");
         assert_eq!(first, Action::requeue(Timing::default().first_poll));
-        assert_eq!(
-            bench.platform.calls(),
-            vec!["get_load_balancer", "delete_load_balancer"]
-        );
+        // The LB we created is deleted by its ID at once, without a GET first.
+        assert_eq!(bench.platform.calls(), vec!["delete_load_balancer"]);
         // Still deleting: one GET by ID per look, the looks ever further apart.
         bench.platform.clear_calls();
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1082,4 +1080,133 @@ async fn a_deletion_is_polled_by_id_then_confirmed_by_labels() {
             "no Warning while waiting"
         );
     }
+}
+
+/// Events are queued, not published by the reconcile: an API server that never answers
+/// an Event does not hold up the create (each Event is a request; a worker waiting on it
+/// is a worker not talking to the platform). The Event still goes out.
+#[tokio::test]
+async fn a_reconcile_never_waits_on_its_events() {
+    let bench = Bench::new(&["a"]);
+    let s = finalized(svc());
+    let (ctx, mut handle) = bench.context();
+    let answer_with = serde_json::to_value(&s).expect("encode service");
+    let (event_seen, mut event_seen_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let server = tokio::spawn(async move {
+        // Event requests are never answered (until the server ends); the rest are.
+        let mut held = Vec::new();
+        while let Some((req, send)) = handle.next_request().await {
+            let path = req.uri().path().to_owned();
+            if path.ends_with("/events") {
+                let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let _ = event_seen.send(body["reason"].as_str().unwrap_or_default().to_owned());
+                held.push(send);
+                continue;
+            }
+            let resp = Response::builder()
+                .status(200)
+                .body(Body::from(serde_json::to_vec(&answer_with).unwrap_or_default()));
+            if let Ok(resp) = resp {
+                send.send_response(resp);
+            }
+        }
+        held.len()
+    });
+    let res = reconcile_on(&ctx, &s).await;
+    assert_eq!(res.expect("create"), Action::requeue(Timing::default().first_poll));
+    assert_eq!(bench.platform.mutating_calls(), vec!["create_load_balancer"]);
+    let reason = tokio::time::timeout(Duration::from_secs(5), event_seen_rx.recv())
+        .await
+        .expect("the Event is published meanwhile");
+    assert_eq!(reason.as_deref(), Some("EnsuringLoadBalancer"));
+    drop(ctx);
+    server.abort();
+}
+
+/// The DELETE by a known ID answers 404 (the LB went behind our back): the ID is
+/// forgotten and the label lookups decide (an LB of the Service may still exist under
+/// another ID); the finalizer goes only once they find nothing. The LB we deleted is
+/// never deleted twice: the looks after the DELETE are GETs.
+#[tokio::test]
+async fn a_known_lb_gone_before_its_delete_is_confirmed_by_labels() {
+    let bench = Bench::new(&["a"]);
+    let s = finalized(svc());
+    let (ctx, server) = bench.served_context(&s);
+    reconcile_on(&ctx, &s).await.expect("create");
+    bench.platform.settle();
+    reconcile_on(&ctx, &s).await.expect("active");
+    let lb = bench.platform.lbs("cl-1")[0].clone();
+    // Another LB of the same Service (a create answered too late): found by its label.
+    let mut twin = lb.clone();
+    twin.id = "lb-twin".into();
+    twin.name = "kr-default-web-twin".into();
+    bench.platform.insert_lb("cl-1", twin);
+    bench.platform.remove_lb("cl-1", &lb.id);
+    let gone = deleting(with_ready_status(s.clone(), &lb));
+
+    bench.platform.clear_calls();
+    let first = reconcile_on(&ctx, &gone).await.expect("not an error");
+    assert_eq!(first, Action::requeue(Timing::default().first_poll));
+    assert_eq!(
+        bench.platform.calls(),
+        vec!["delete_load_balancer", "list_load_balancers", "delete_load_balancer"],
+        "404 by ID, then the lookup by UID label finds the twin, which is deleted"
+    );
+    bench.platform.clear_calls();
+    let second = reconcile_on(&ctx, &gone).await.expect("still deleting");
+    assert_eq!(
+        bench.platform.calls(),
+        vec!["get_load_balancer"],
+        "a look, not a second DELETE"
+    );
+    assert!(second != Action::await_change(), "{second:?}");
+
+    bench.platform.settle();
+    bench.platform.clear_calls();
+    let done = reconcile_on(&ctx, &gone).await.expect("done");
+    assert_eq!(done, Action::await_change());
+    // The twin's name is not the Service's: the lookup by name runs too.
+    assert_eq!(
+        bench.platform.calls(),
+        vec!["get_load_balancer", "list_load_balancers", "list_load_balancers"]
+    );
+    assert!(bench.platform.lbs("cl-1").is_empty());
+    let api_calls = stop_serving(ctx, server).await;
+    assert_eq!(
+        api_calls
+            .iter()
+            .filter(|c| c.is("PATCH", SVC_PATH) && c.body.to_string().contains("/metadata/finalizers/0"))
+            .count(),
+        1,
+        "finalizer removed once, at the end: {api_calls:?}"
+    );
+}
+
+/// A CCM that does not know the LB (restarted, its sweep not run yet) finds it by its
+/// labels, then deletes it; one the platform is already deleting is polled, not deleted.
+#[tokio::test]
+async fn an_unknown_lb_is_found_by_labels_before_its_delete() {
+    let bench = Bench::new(&["a"]);
+    let s = finalized(svc());
+    let lb = provisioned(&bench, &s).await;
+    let gone = deleting(with_ready_status(s.clone(), &lb));
+    // A fresh context: nothing remembered.
+    let (res, _) = bench.reconcile(&gone).await;
+    assert_eq!(
+        res.expect("not an error"),
+        Action::requeue(Timing::default().first_poll)
+    );
+    assert_eq!(
+        bench.platform.calls(),
+        vec!["list_load_balancers", "delete_load_balancer"]
+    );
+    bench.platform.clear_calls();
+    let (res, _) = bench.reconcile(&gone).await;
+    assert_eq!(
+        res.expect("not an error"),
+        Action::requeue(Timing::default().poll),
+        "deleting, not by us: looked at after the full period"
+    );
+    assert_eq!(bench.platform.calls(), vec!["list_load_balancers"]);
 }
