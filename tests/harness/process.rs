@@ -172,7 +172,13 @@ impl Process {
     /// The last lines of stdout and stderr, for failure messages.
     pub fn output_tails(&self) -> String {
         fn tail(s: &str) -> String {
-            let lines: Vec<&str> = s.lines().collect();
+            // Backtrace frames ("  12: tokio::...", "      at ...") would push the error
+            // they belong to out of the tail.
+            let frame = |l: &&str| {
+                let t = l.trim_start();
+                t.starts_with("at ") || t.split_once(": ").is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            };
+            let lines: Vec<&str> = s.lines().filter(|l| !frame(l)).collect();
             let from = lines.len().saturating_sub(40);
             lines[from..].join("\n")
         }
