@@ -955,3 +955,109 @@ fn a_namespace_of_200_load_balancer_services_is_deleted_with_nothing_left() -> R
         Ok(())
     })
 }
+
+/// Issue 19, upstream's "should be able to change the type and ports of a TCP service"
+/// in our words: a Service made by `kubectl expose` goes LoadBalancer → ClusterIP →
+/// LoadBalancer twice, shown by curl through its public IP and by the platform's LB list
+/// each time; then NodePort → LoadBalancer keeps its nodePort. Before the API stand-in
+/// stored objects as kube-apiserver does (`sandbox/src/kube/omitempty.rs`), the emptied
+/// `finalizers: []` failed kube-runtime's finalizer patch and no LB ever came back.
+#[test]
+fn a_service_goes_load_balancer_cluster_ip_load_balancer_and_back_with_traffic() -> Result<()> {
+    run(300, "30s", |sb, _ccm| {
+        sb.provider_ids()?;
+        sb.apply(&deployment("be", 2, false))?;
+        sb.wait_ready_pods("be", 2)?;
+        sb.kubectl(&[
+            "expose",
+            "deployment",
+            "be",
+            "--name",
+            "f1",
+            "--port=8101",
+            "--target-port=8080",
+            "--type=LoadBalancer",
+        ])?;
+        let patch_type = |t: &str| {
+            sb.kubectl(&[
+                "patch",
+                "svc",
+                "f1",
+                "--type",
+                "merge",
+                "-p",
+                &format!(r#"{{"spec":{{"type":"{t}"}}}}"#),
+            ])
+        };
+        for round in 1..=2 {
+            let started = Instant::now();
+            let ip = sb.wait_ingress("f1")?;
+            let url = format!("http://{ip}:8101/");
+            wait_answering(&url).with_context(|| format!("round {round}: the LB answers"))?;
+            eprintln!("round {round}: LoadBalancer answering after {:?}", started.elapsed());
+            ensure!(sb.lb_of("f1").is_ok(), "round {round}: one LB of f1");
+
+            patch_type("ClusterIP")?;
+            let mut last = Value::Null;
+            let cleaned = poll_until_blocking(Duration::from_secs(20), || {
+                let svc = sb.service_opt("f1").ok()??;
+                last = svc.clone();
+                let lb_left = sb.lbs_by_service().ok()?.get("f1").is_some_and(|v| !v.is_empty());
+                let meta = &svc["metadata"];
+                // kube-apiserver stores no empty list: no `finalizers: []`, no `ingress: []`.
+                (!lb_left && meta.get("finalizers").is_none() && svc["status"]["loadBalancer"] == json!({}))
+                    .then_some(())
+            });
+            cleaned.with_context(|| {
+                format!(
+                    "round {round}: as a ClusterIP Service f1 has no LB, no finalizer, no ingress: {last}\n{}",
+                    sb.lbs_in_our_path()
+                )
+            })?;
+            ensure!(curl(&url).is_none(), "round {round}: {url} answers no more");
+
+            patch_type("LoadBalancer")?;
+        }
+        let ip = sb.wait_ingress("f1")?;
+        wait_answering(&format!("http://{ip}:8101/"))?;
+
+        // NodePort → LoadBalancer keeps the nodePort the Service already had.
+        sb.kubectl(&["create", "service", "nodeport", "np", "--tcp=8102:8080"])?;
+        sb.kubectl(&[
+            "patch",
+            "svc",
+            "np",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"selector":{"app":"be"}}}"#,
+        ])?;
+        let node_port = |svc: &Value| svc["spec"]["ports"][0]["nodePort"].as_i64();
+        let before = node_port(&sb.service_opt("np")?.context("np exists")?).context("np has a nodePort")?;
+        sb.kubectl(&[
+            "patch",
+            "svc",
+            "np",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"type":"LoadBalancer"}}"#,
+        ])?;
+        let ip = sb.wait_ingress("np")?;
+        wait_answering(&format!("http://{ip}:8102/"))?;
+        let after = node_port(&sb.service_opt("np")?.context("np exists")?);
+        ensure!(after == Some(before), "the nodePort {before} is kept: {after:?}");
+        let lb = sb.lb_of("np")?;
+        let ports: Vec<i64> = lb["rules"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["private_port"].as_i64())
+            .collect();
+        ensure!(
+            !ports.is_empty() && ports.iter().all(|p| *p == before),
+            "the LB forwards to nodePort {before}: {lb}"
+        );
+        Ok(())
+    })
+}

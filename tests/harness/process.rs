@@ -176,7 +176,9 @@ impl Process {
             // they belong to out of the tail.
             let frame = |l: &&str| {
                 let t = l.trim_start();
-                t.starts_with("at ") || t.split_once(": ").is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                t.starts_with("at ")
+                    || t.split_once(": ")
+                        .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
             };
             let lines: Vec<&str> = s.lines().filter(|l| !frame(l)).collect();
             let from = lines.len().saturating_sub(40);

@@ -11,6 +11,7 @@ mod faults;
 mod fields;
 mod hooks;
 mod http;
+mod omitempty;
 mod patch;
 mod persist;
 mod proto;

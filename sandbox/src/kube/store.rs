@@ -4,6 +4,7 @@
 
 use super::fields;
 use super::hooks::{self, InUse};
+use super::omitempty;
 use super::patch;
 use super::registry::{self, ResourceType, View};
 use super::schema;
@@ -786,6 +787,9 @@ impl Store {
                 m.remove(k);
             }
         }
+        if rt.crd.is_none() {
+            omitempty::normalize(&rt.storage, &mut obj);
+        }
         self.admit(rt, None, &mut obj, opts)?;
         if self.get_raw(rt, &ns, &name).is_some() {
             return Err(ApiError::already_exists(&rt.group, &rt.plural, &name));
@@ -954,6 +958,10 @@ impl Store {
         if rt.storage == "core/namespaces" && sub != "finalize" {
             // Only `finalize` changes them (kube-apiserver's namespace strategy).
             set_spec_finalizers(&mut new, old.pointer("/spec/finalizers").cloned());
+        }
+        // Every route (update, each patch type, apply, a subresource) ends here.
+        if rt.crd.is_none() {
+            omitempty::normalize(&rt.storage, &mut new);
         }
         if sub.is_empty() {
             self.admit(rt, Some(old), &mut new, opts)?;
