@@ -272,7 +272,56 @@ fn every_command_of_getting_started_works_as_shown() -> Result<()> {
             );
         }
     }
+    // Nothing the CCM or the gateway asked of the API server during `sandbox up` and the
+    // walk-through was refused (issue 19: a 422 at every start hid in this log).
+    let log =
+        std::fs::read_to_string(state.join("sandbox.log")).context("the sandbox's log is kept after `sandbox down`")?;
+    let refused: Vec<&str> = log.lines().filter(|l| refused_by_api_server(l)).collect();
+    assert!(
+        refused.is_empty(),
+        "the CCM or the gateway logged a 4xx from the API server:\n{}",
+        refused.join("\n")
+    );
     Ok(())
+}
+
+/// A warning or error line of the product's controllers (or kube-runtime under them) that
+/// carries a Kubernetes Status with a 4xx code.
+fn refused_by_api_server(line: &str) -> bool {
+    // The log may be coloured: drop the escape sequences first.
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| c.is_ascii_alphabetic());
+        } else {
+            plain.push(c);
+        }
+    }
+    let level = plain.contains(" WARN ") || plain.contains(" ERROR ");
+    let ours = ["kuberaya_ccm", "kuberaya_gateway", "kube_runtime"]
+        .iter()
+        .any(|t| plain.contains(t));
+    let client_error = plain.match_indices("code: 4").any(|(i, m)| {
+        let rest = &plain.as_bytes()[i + m.len()..];
+        rest.len() >= 2 && rest[..2].iter().all(u8::is_ascii_digit) && rest.get(2).is_none_or(|b| !b.is_ascii_digit())
+    });
+    level && ours && client_error
+}
+
+#[test]
+fn refusals_are_found_in_a_coloured_log() {
+    let warn = "\u{1b}[2m2026-12-04T05:34:26Z\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m \u{1b}[2mkuberaya_ccm::node::controller\u{1b}[0m: node initialisation failed error=ApiError: (Status { status: Some(Failure), code: 422, message: \"x\" })";
+    assert!(refused_by_api_server(warn));
+    assert!(
+        !refused_by_api_server(&warn.replace("422", "500")),
+        "a 5xx is the server's fault"
+    );
+    assert!(!refused_by_api_server(&warn.replace(" WARN", " INFO")));
+    assert!(!refused_by_api_server(
+        &warn.replace("kuberaya_ccm", "kuberaya_sandbox")
+    ));
+    assert!(!refused_by_api_server(&warn.replace("code: 422", "code: 4221")));
 }
 
 #[test]

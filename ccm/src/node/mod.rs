@@ -142,44 +142,78 @@ fn patch_error(what: &'static str) -> impl FnOnce(serde_json::Error) -> Error {
 }
 
 /// Removes the taint `key` with a JSON patch that first tests the taint's index, so a
-/// concurrent change of the taint list fails the patch (retried) instead of removing
-/// another taint. Returns whether a taint was removed.
+/// concurrent change of the taint list fails the patch instead of removing another taint.
+/// `node` may be a cache's stale copy (a reconcile queued by our own write reads the cache
+/// before the write's watch event arrives): a failed test re-reads the Node and tries
+/// again. Returns whether a taint was removed.
 pub async fn remove_taint(api: &Api<Node>, node: &Node, key: &str) -> Result<bool> {
-    let Some(i) = taints(node).iter().position(|t| t.key == key) else {
-        return Ok(false);
-    };
-    let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
-        {"op": "test", "path": format!("/spec/taints/{i}/key"), "value": key},
-        {"op": "remove", "path": format!("/spec/taints/{i}")},
-    ]))
-    .map_err(patch_error("taint removal"))?;
-    api.patch(&node_name(node)?, &PatchParams::default(), &Patch::<()>::Json(patch))
-        .await
-        .map_err(Error::Kube)?;
-    Ok(true)
+    patch_taints(api, node, "taint removal", |taints| {
+        let i = taints.iter().position(|t| t.key == key)?;
+        Some(serde_json::json!([
+            {"op": "test", "path": format!("/spec/taints/{i}/key"), "value": key},
+            {"op": "remove", "path": format!("/spec/taints/{i}")},
+        ]))
+    })
+    .await
 }
 
-/// Adds `taint` unless a taint with its key is there. Returns whether it was added.
+/// Adds `taint` unless a taint with its key is there (re-reading a stale `node` as
+/// [`remove_taint`] does). Returns whether it was added.
 pub async fn add_taint(api: &Api<Node>, node: &Node, taint: &Taint) -> Result<bool> {
-    if has_taint(node, &taint.key) {
-        return Ok(false);
-    }
     let value = serde_json::to_value(taint).map_err(patch_error("taint"))?;
-    let ops = if taints(node).is_empty() {
-        serde_json::json!([{"op": "add", "path": "/spec/taints", "value": [value]}])
-    } else {
-        // The length test makes a concurrent change fail the patch instead of racing it.
-        let n = taints(node).len();
-        serde_json::json!([
-            {"op": "test", "path": format!("/spec/taints/{}/key", n - 1), "value": taints(node)[n - 1].key},
-            {"op": "add", "path": "/spec/taints/-", "value": value},
-        ])
-    };
-    let patch: json_patch::Patch = serde_json::from_value(ops).map_err(patch_error("taint"))?;
-    api.patch(&node_name(node)?, &PatchParams::default(), &Patch::<()>::Json(patch))
-        .await
-        .map_err(Error::Kube)?;
-    Ok(true)
+    patch_taints(api, node, "taint", |taints| {
+        if taints.iter().any(|t| t.key == taint.key) {
+            return None;
+        }
+        Some(match taints.last() {
+            // Absent, as kube-apiserver stores an empty list: `test` for null, then add.
+            None => serde_json::json!([
+                {"op": "test", "path": "/spec/taints", "value": null},
+                {"op": "add", "path": "/spec/taints", "value": [value]},
+            ]),
+            // The length test makes a concurrent change fail the patch instead of racing it.
+            Some(last) => serde_json::json!([
+                {"op": "test", "path": format!("/spec/taints/{}/key", taints.len() - 1), "value": last.key},
+                {"op": "add", "path": "/spec/taints/-", "value": value},
+            ]),
+        })
+    })
+    .await
+}
+
+/// How often a taint patch whose `test` failed is planned again on a fresh read.
+const TAINT_PATCH_ATTEMPTS: usize = 3;
+
+/// Applies the JSON patch `plan` makes of the Node's taints (`None`: nothing to do). A
+/// failed `test` (422) means the Node changed since it was read: it is read again and
+/// planned again, at most [`TAINT_PATCH_ATTEMPTS`] times in all.
+async fn patch_taints(
+    api: &Api<Node>,
+    node: &Node,
+    what: &'static str,
+    plan: impl Fn(&[Taint]) -> Option<serde_json::Value>,
+) -> Result<bool> {
+    let name = node_name(node)?;
+    let mut fresh: Option<Node> = None;
+    let mut attempt = 1;
+    loop {
+        let current = fresh.as_ref().unwrap_or(node);
+        let Some(ops) = plan(taints(current)) else {
+            return Ok(false);
+        };
+        let patch: json_patch::Patch = serde_json::from_value(ops).map_err(patch_error(what))?;
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
+            .await
+        {
+            Ok(_) => return Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 422 && attempt < TAINT_PATCH_ATTEMPTS => {
+                attempt += 1;
+                fresh = Some(api.get(&name).await.map_err(Error::Kube)?);
+            }
+            Err(e) => return Err(Error::Kube(e)),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -63,6 +63,18 @@ pub fn context(
     metrics: Arc<Metrics>,
     nodes: Vec<Node>,
 ) -> (Arc<Context>, tokio::task::JoinHandle<Vec<Call>>) {
+    context_answering(platform, metrics, move |method, path, body| {
+        default_answer(&nodes, method, path, body)
+    })
+}
+
+/// [`context`] with a mock API server that answers with `answer(method, path, body)`
+/// (status, JSON body).
+pub fn context_answering(
+    platform: Arc<FakePlatform>,
+    metrics: Arc<Metrics>,
+    mut answer: impl FnMut(&str, &str, &Value) -> (u16, Value) + Send + 'static,
+) -> (Arc<Context>, tokio::task::JoinHandle<Vec<Call>>) {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let mut settings = NodeSettings::new("cl-1");
@@ -75,10 +87,10 @@ pub fn context(
             let path = req.uri().path().to_owned();
             let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
             let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            let (status, answer) = default_answer(&nodes, &method, &path, &body);
+            let (status, reply) = answer(&method, &path, &body);
             let resp = Response::builder()
                 .status(status)
-                .body(Body::from(serde_json::to_vec(&answer).unwrap_or_default()));
+                .body(Body::from(serde_json::to_vec(&reply).unwrap_or_default()));
             if let Ok(resp) = resp {
                 send.send_response(resp);
             }

@@ -5,7 +5,7 @@
 use super::*;
 use crate::node::SHUTDOWN_TAINT;
 use crate::node::lifecycle::{LifecycleAction, monitor_nodes};
-use crate::node::testing::{calls, context};
+use crate::node::testing::{calls, context, context_answering};
 use crate::platform::LABEL_CLUSTER_ID;
 use crate::platform::fake::FakePlatform;
 use crate::service::nodes::tests::{node, with_condition, with_internal_ip, with_provider_id, with_taint};
@@ -287,9 +287,14 @@ async fn lifecycle_deletes_taints_and_untaints() {
     assert_eq!(calls.len(), 3, "{calls:#?}");
     assert!(calls[0].is("DELETE", "/api/v1/nodes/w1"));
     assert!(calls[1].is("PATCH", "/api/v1/nodes/w2"));
-    assert_eq!(calls[1].body[0]["op"], "add", "{:?}", calls[1].body);
-    assert_eq!(calls[1].body[0]["value"][0]["key"], SHUTDOWN_TAINT);
-    assert_eq!(calls[1].body[0]["value"][0]["effect"], "NoSchedule");
+    // No taints yet: the list is absent (kube-apiserver stores no empty list).
+    assert_eq!(
+        calls[1].body[0],
+        json!({"op": "test", "path": "/spec/taints", "value": null})
+    );
+    assert_eq!(calls[1].body[1]["op"], "add", "{:?}", calls[1].body);
+    assert_eq!(calls[1].body[1]["value"][0]["key"], SHUTDOWN_TAINT);
+    assert_eq!(calls[1].body[1]["value"][0]["effect"], "NoSchedule");
     assert!(calls[2].is("PATCH", "/api/v1/nodes/w3"));
     assert_eq!(calls[2].body[1]["op"], "remove");
     assert_eq!(
@@ -303,4 +308,59 @@ async fn lifecycle_deletes_taints_and_untaints() {
         "{text}"
     );
     assert!(text.contains("node_lifecycle_actions_total{action=\"add_shutdown_taint\"} 1"));
+}
+
+/// A reconcile queued by our own write reads the cache before that write's watch event: its
+/// Node is stale. The taint patch's failed `test` (422) is then answered by reading the
+/// Node again, not by an error (which logged "node initialisation failed" at every start).
+#[tokio::test]
+async fn a_taint_patch_on_a_stale_node_reads_it_again() {
+    let unprocessable = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid",
+        "code": 422, "message": "operation '/0' failed at path '/spec/taints/0/key': path is invalid"});
+    let stale = registered("w1");
+    let p = platform_with(&["w1"]);
+
+    // The taint is already gone on the server: nothing to do, and no error.
+    let gone = serde_json::to_value(with_provider_id(node("w1"), Some("cloudraya://vm-w1"))).expect("node");
+    let answer = {
+        let unprocessable = unprocessable.clone();
+        move |method: &str, _: &str, _: &serde_json::Value| match method {
+            "PATCH" => (422, unprocessable.clone()),
+            _ => (200, gone.clone()),
+        }
+    };
+    let (ctx, server) = context_answering(p.clone(), Arc::new(Metrics::default()), answer);
+    let removed = remove_taint(&ctx.nodes(), &stale, UNINITIALIZED_TAINT).await;
+    assert!(matches!(removed, Ok(false)), "{removed:?}");
+    drop(ctx);
+    let made = calls(server).await;
+    let seen: Vec<(&str, &str)> = made.iter().map(|c| (c.method.as_str(), c.path.as_str())).collect();
+    assert_eq!(seen, vec![("PATCH", "/api/v1/nodes/w1"), ("GET", "/api/v1/nodes/w1")]);
+
+    // Another taint came first meanwhile: the second patch tests and removes index 1.
+    let moved = serde_json::to_value(with_taint(with_taint(node("w1"), "other"), UNINITIALIZED_TAINT)).expect("node");
+    let mut patches = 0;
+    let answer = move |method: &str, _: &str, _: &serde_json::Value| match method {
+        "PATCH" => {
+            patches += 1;
+            if patches == 1 {
+                (422, unprocessable.clone())
+            } else {
+                (200, moved.clone())
+            }
+        }
+        _ => (200, moved.clone()),
+    };
+    let (ctx, server) = context_answering(p, Arc::new(Metrics::default()), answer);
+    let removed = remove_taint(&ctx.nodes(), &stale, UNINITIALIZED_TAINT).await;
+    assert!(matches!(removed, Ok(true)), "{removed:?}");
+    drop(ctx);
+    let made = calls(server).await;
+    assert_eq!(made.len(), 3, "{made:#?}");
+    assert!(made[2].is("PATCH", "/api/v1/nodes/w1"));
+    assert_eq!(
+        made[2].body[0],
+        json!({"op": "test", "path": "/spec/taints/1/key", "value": UNINITIALIZED_TAINT})
+    );
+    assert_eq!(made[2].body[1], json!({"op": "remove", "path": "/spec/taints/1"}));
 }
