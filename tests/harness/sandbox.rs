@@ -370,8 +370,37 @@ impl WgPeer {
 }
 
 /// A free TCP port on 127.0.0.1.
+/// A loopback port free for TCP and UDP, for a process under test to listen on.
+///
+/// Not an ephemeral port (`bind(:0)`): between this check and the process's own bind, a
+/// concurrent test's outgoing connection could take it as its source port, and a CCM did
+/// fail that way ("binding health on ...: address in use"). So ports come from below the
+/// kernel's ephemeral range, which connections never use, and below the NodePort range
+/// (30000-32767) and above the sandbox's fixed ports (18080, ...), in turn from a random
+/// start, so that the tests of one binary (threads of this process) never get the same one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOWEST: u32 = 20_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .filter(|lo| *lo > LOWEST + 1_000)
+        .unwrap_or(32_768);
+    let span = ephemeral_start.min(30_000) - LOWEST;
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7_919) % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let port = (LOWEST + NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOWEST}..{}", LOWEST + span)
 }
 
 /// `curl http://127.0.0.1:PORT/` with a total time limit; (succeeded, body).
