@@ -511,3 +511,124 @@ async fn crd_from_derive_is_usable_at_once() {
     let discovery = kube::Discovery::new(client).run().await.unwrap();
     assert!(discovery.groups().any(|g| g.name() == "test.kuberaya.io"));
 }
+
+/// Issue 19: a list emptied by any route is stored absent, as kube-apiserver's Go
+/// `omitempty` leaves it, so kube-runtime's `finalizer()` (a JSON patch that tests
+/// `/metadata/finalizers` for null, then adds) works on every such object. Before, a
+/// stored `finalizers: []` failed that test and a Service never got its LB back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finalizers_emptied_by_every_route_are_absent_and_the_finalizer_helper_adds_again() {
+    let s = Server::start().await;
+    let client = client(&s).await;
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let pp = PatchParams::default();
+    let with = |name: &str| -> ConfigMap {
+        serde_json::from_value(json!({"metadata": {"name": name, "finalizers": ["example.com/f"]}, "data": {"k": "v"}}))
+            .unwrap()
+    };
+    let add_first: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "test", "path": "/metadata/finalizers", "value": null},
+        {"op": "add", "path": "/metadata/finalizers", "value": ["example.com/again"]}
+    ]))
+    .unwrap();
+    for route in ["merge", "json", "strategic", "update", "apply"] {
+        let name = format!("emptied-by-{route}");
+        let ssa = PatchParams::apply("kube-test").force();
+        if route == "apply" {
+            // Server-side apply removes only what the applier owns: it made the object.
+            api.patch(&name, &ssa, &Patch::Apply(with(&name))).await.unwrap();
+        } else {
+            api.create(&PostParams::default(), &with(&name)).await.unwrap();
+        }
+        let emptied = match route {
+            "merge" => {
+                api.patch(&name, &pp, &Patch::Merge(json!({"metadata": {"finalizers": []}})))
+                    .await
+            }
+            "json" => {
+                let p: json_patch::Patch =
+                    serde_json::from_value(json!([{"op": "remove", "path": "/metadata/finalizers/0"}])).unwrap();
+                api.patch(&name, &pp, &Patch::Json::<()>(p)).await
+            }
+            "strategic" => {
+                api.patch(
+                    &name,
+                    &pp,
+                    &Patch::Strategic(json!({"metadata": {"$deleteFromPrimitiveList/finalizers": ["example.com/f"]}})),
+                )
+                .await
+            }
+            "update" => {
+                let mut cm = api.get(&name).await.unwrap();
+                cm.metadata.finalizers = Some(vec![]);
+                api.replace(&name, &PostParams::default(), &cm).await
+            }
+            _ => {
+                api.patch(
+                    &name,
+                    &ssa,
+                    &Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap",
+                        "metadata": {"name": name, "finalizers": []}, "data": {"k": "v"}})),
+                )
+                .await
+            }
+        }
+        .unwrap_or_else(|e| panic!("{route}: {e}"));
+        assert_eq!(emptied.metadata.finalizers, None, "{route}: answered without the list");
+        let raw: serde_json::Value = s
+            .http()
+            .get(format!("{}/api/v1/namespaces/default/configmaps/{name}", s.url()))
+            .bearer_auth(s.token())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(
+            raw["metadata"].get("finalizers").is_none(),
+            "{route}: stored without the list: {raw}"
+        );
+        let again = api.patch(&name, &pp, &Patch::Json::<()>(add_first.clone())).await;
+        let again = again.unwrap_or_else(|e| panic!("{route}: the finalizer helper's patch: {e}"));
+        assert_eq!(again.finalizers(), ["example.com/again"], "{route}");
+    }
+}
+
+/// Field selectors read an absent member as its Go zero value: an uncordoned Node
+/// matches `spec.unschedulable=false` (`kubectl get nodes --field-selector`, and what
+/// node controllers list by).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncordoned_node_matches_spec_unschedulable_false() {
+    use k8s_openapi::api::core::v1::Node;
+    let s = Server::start().await;
+    let client = client(&s).await;
+    let api: Api<Node> = Api::all(client);
+    for name in ["n1", "n2"] {
+        let n: Node = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+        api.create(&PostParams::default(), &n).await.unwrap();
+    }
+    api.patch(
+        "n2",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"unschedulable": true}})),
+    )
+    .await
+    .unwrap();
+    let names = |list: kube::core::ObjectList<Node>| list.items.iter().map(|n| n.name_any()).collect::<Vec<_>>();
+    let schedulable = api
+        .list(&ListParams::default().fields("spec.unschedulable=false"))
+        .await
+        .unwrap();
+    assert_eq!(names(schedulable), ["n1"]);
+    let cordoned = api
+        .list(&ListParams::default().fields("spec.unschedulable!=false"))
+        .await
+        .unwrap();
+    assert_eq!(names(cordoned), ["n2"]);
+    let unknown = api.list(&ListParams::default().fields("spec.podCIDR=x")).await;
+    assert!(
+        matches!(unknown, Err(kube::Error::Api(ref e)) if e.code == 400),
+        "{unknown:?}"
+    );
+}

@@ -1,7 +1,103 @@
 //! RBAC authorization for ServiceAccount tokens: Roles/ClusterRoles reached through
 //! RoleBindings/ClusterRoleBindings (the admin token bypasses it).
 
-use serde_json::Value;
+use serde_json::{Value, json};
+
+/// The ClusterRoleBindings every cluster starts with (each binds the ClusterRole of its
+/// own name), with the groups bound, after kube-apiserver's
+/// `plugin/pkg/auth/authorizer/rbac/bootstrappolicy/policy.go`. `admin`, `edit` and `view`
+/// have no binding: they are granted per namespace with a RoleBinding.
+pub const BOOTSTRAP_CLUSTER_ROLE_BINDINGS: &[(&str, &[&str])] = &[
+    ("cluster-admin", &["system:masters"]),
+    ("system:discovery", &["system:authenticated"]),
+    ("system:basic-user", &["system:authenticated"]),
+    (
+        "system:public-info-viewer",
+        &["system:authenticated", "system:unauthenticated"],
+    ),
+];
+
+/// The bootstrap ClusterRoles (name, rules), after kube-apiserver's bootstrap policy.
+/// `admin`, `edit` and `view` are aggregated there; here their rules are written out,
+/// for the API groups this server serves.
+pub fn bootstrap_cluster_roles() -> Vec<(&'static str, Value)> {
+    const READ: &[&str] = &["get", "list", "watch"];
+    const WRITE: &[&str] = &["create", "delete", "deletecollection", "patch", "update"];
+    // What `view` reads; Secrets are left out of it, as upstream does.
+    let view = json!([
+        {"apiGroups": [""], "resources": ["pods", "pods/log", "pods/status", "services", "services/status", "endpoints",
+            "configmaps", "persistentvolumeclaims", "replicationcontrollers", "serviceaccounts", "events", "limitranges",
+            "resourcequotas", "namespaces", "namespaces/status", "bindings"], "verbs": READ},
+        {"apiGroups": ["apps"], "resources": ["deployments", "deployments/scale", "deployments/status", "replicasets",
+            "replicasets/scale", "replicasets/status", "statefulsets", "statefulsets/scale", "daemonsets", "controllerrevisions"], "verbs": READ},
+        {"apiGroups": ["batch"], "resources": ["jobs", "cronjobs"], "verbs": READ},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": READ},
+        {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": READ},
+        {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": READ},
+        {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses", "networkpolicies"], "verbs": READ},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": READ}
+    ]);
+    let writes = json!([
+        {"apiGroups": [""], "resources": ["pods", "pods/attach", "pods/exec", "pods/portforward", "pods/proxy", "pods/eviction",
+            "configmaps", "endpoints", "persistentvolumeclaims", "replicationcontrollers", "secrets", "serviceaccounts",
+            "services", "services/proxy"], "verbs": WRITE},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": READ},
+        {"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]},
+        {"apiGroups": ["apps"], "resources": ["deployments", "deployments/scale", "replicasets", "replicasets/scale",
+            "statefulsets", "statefulsets/scale", "daemonsets"], "verbs": WRITE},
+        {"apiGroups": ["batch"], "resources": ["jobs", "cronjobs"], "verbs": WRITE},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": WRITE},
+        {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": WRITE},
+        {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses", "networkpolicies"], "verbs": WRITE},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": WRITE}
+    ]);
+    let concat = |parts: &[&Value]| {
+        Value::Array(
+            parts
+                .iter()
+                .flat_map(|p| p.as_array().cloned().unwrap_or_default())
+                .collect(),
+        )
+    };
+    let edit = concat(&[&view, &writes]);
+    let admin = concat(&[
+        &edit,
+        &json!([
+            {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]},
+            {"apiGroups": ["authorization.k8s.io"], "resources": ["localsubjectaccessreviews"], "verbs": ["create"]}
+        ]),
+    ]);
+    vec![
+        (
+            "cluster-admin",
+            json!([{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}, {"nonResourceURLs": ["*"], "verbs": ["*"]}]),
+        ),
+        ("admin", admin),
+        ("edit", edit),
+        ("view", view),
+        (
+            "system:discovery",
+            json!([{"nonResourceURLs": ["/api", "/api/*", "/apis", "/apis/*", "/openapi", "/openapi/*", "/version", "/version/", "/healthz", "/livez", "/readyz"], "verbs": ["get"]}]),
+        ),
+        (
+            "system:basic-user",
+            json!([{"apiGroups": ["authorization.k8s.io"], "resources": ["selfsubjectaccessreviews", "selfsubjectrulesreviews"], "verbs": ["create"]}]),
+        ),
+        (
+            "system:public-info-viewer",
+            json!([{"nonResourceURLs": ["/healthz", "/livez", "/readyz", "/version", "/version/"], "verbs": ["get"]}]),
+        ),
+        (
+            // What a server that delegates authentication and authorization needs (the
+            // CCM's authenticated /metrics).
+            "system:auth-delegator",
+            json!([
+                {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+                {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]}
+            ]),
+        ),
+    ]
+}
 
 /// Who is asking.
 #[derive(Clone, Debug, PartialEq)]

@@ -213,13 +213,23 @@ impl FieldSelector {
     }
 }
 
-/// The value of a selectable field: missing fields read as "".
+/// Selectable fields that are not strings in the Go types, with the zero value their
+/// field set shows when the member is absent (omitempty): kube-apiserver formats the Go
+/// value (`fmt.Sprint(node.Spec.Unschedulable)` in `pkg/registry/core/node/strategy.go`),
+/// so an uncordoned Node matches `spec.unschedulable=false`.
+const NON_STRING_FIELD_ZEROS: &[(&str, &str)] = &[("spec.unschedulable", "false")];
+
+/// The value of a selectable field: a missing one reads as its Go zero value ("" for strings).
 pub fn field_value(obj: &Value, path: &str) -> String {
     match super::util::get_path(obj, path) {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Bool(b)) => b.to_string(),
         Some(Value::Number(n)) => n.to_string(),
-        _ => String::new(),
+        _ => NON_STRING_FIELD_ZEROS
+            .iter()
+            .find(|(f, _)| *f == path)
+            .map(|(_, zero)| zero.to_string())
+            .unwrap_or_default(),
     }
 }
 
@@ -275,6 +285,16 @@ mod tests {
         assert!(s.matches(&labels(&[("a", "1"), ("b", "")])));
         assert!(!s.matches(&labels(&[("a", "1")])));
         assert_eq!(s.to_string_form(), "a=1,b");
+    }
+
+    #[test]
+    fn an_absent_bool_field_reads_as_false() {
+        let node = json!({"metadata": {"name": "w1"}, "spec": {}});
+        let sel = |s: &str| FieldSelector::parse(s, &|_| true).unwrap();
+        assert!(sel("spec.unschedulable=false").matches(&node));
+        assert!(!sel("spec.unschedulable=true").matches(&node));
+        assert!(sel("spec.unschedulable=true").matches(&json!({"spec": {"unschedulable": true}})));
+        assert!(sel("spec.nodeName=").matches(&json!({"spec": {}})));
     }
 
     #[test]

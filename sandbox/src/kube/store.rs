@@ -320,21 +320,7 @@ impl Store {
                 );
         }
         if let Some(cr) = self.find("rbac.authorization.k8s.io", "v1", "clusterroles").cloned() {
-            let roles = [
-                (
-                    "cluster-admin",
-                    json!([{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}, {"nonResourceURLs": ["*"], "verbs": ["*"]}]),
-                ),
-                (
-                    "view",
-                    json!([{"apiGroups": ["", "apps", "discovery.k8s.io", "coordination.k8s.io", "policy", "events.k8s.io"], "resources": ["*"], "verbs": ["get", "list", "watch"]}]),
-                ),
-                (
-                    "system:discovery",
-                    json!([{"nonResourceURLs": ["/api", "/api/*", "/apis", "/apis/*", "/openapi", "/openapi/*", "/version", "/version/", "/healthz", "/livez", "/readyz"], "verbs": ["get"]}]),
-                ),
-            ];
-            for (name, rules) in roles {
+            for (name, rules) in super::rbac::bootstrap_cluster_roles() {
                 if self.get_raw(&cr, "", name).is_none() {
                     let _ = self.create(
                         &cr,
@@ -349,17 +335,18 @@ impl Store {
             .find("rbac.authorization.k8s.io", "v1", "clusterrolebindings")
             .cloned()
         {
-            for (name, role, group) in [
-                ("cluster-admin", "cluster-admin", "system:masters"),
-                ("system:discovery", "system:discovery", "system:authenticated"),
-            ] {
+            for (name, groups) in super::rbac::BOOTSTRAP_CLUSTER_ROLE_BINDINGS {
                 if self.get_raw(&crb, "", name).is_none() {
+                    let subjects: Vec<Value> = groups
+                        .iter()
+                        .map(|g| json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": g}))
+                        .collect();
                     let _ = self.create(
                         &crb,
                         None,
                         json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name, "labels": {"kubernetes.io/bootstrapping": "rbac-defaults"}},
-                            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
-                            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": group}]}),
+                            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+                            "subjects": subjects}),
                         &sys_opts(),
                     );
                 }
