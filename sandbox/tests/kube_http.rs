@@ -808,3 +808,96 @@ async fn list_resource_version_semantics() {
     assert_eq!(code, StatusCode::GATEWAY_TIMEOUT);
     assert_status(&v, 504, "Timeout");
 }
+
+/// `TokenReview` (issue 19), what a server delegating authentication to the API server
+/// sends for each bearer token it is given: answered for the tokens this server issued,
+/// refused to a ServiceAccount without `system:auth-delegator`.
+#[tokio::test]
+async fn token_reviews_name_the_token_holder_and_are_held_to_rbac() {
+    let s = Server::start().await;
+    let h = Http::admin(&s);
+    h.json(
+        Method::POST,
+        "/api/v1/namespaces",
+        Some(json!({"metadata": {"name": "mon"}})),
+    )
+    .await;
+    h.json(
+        Method::POST,
+        "/api/v1/namespaces/mon/serviceaccounts",
+        Some(json!({"metadata": {"name": "metrics"}})),
+    )
+    .await;
+    let (code, tr) = h
+        .json(
+            Method::POST,
+            "/api/v1/namespaces/mon/serviceaccounts/metrics/token",
+            Some(json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}})),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{tr}");
+    let token = tr["status"]["token"].as_str().unwrap().to_string();
+    let review =
+        |t: &str| json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": t}});
+
+    let (code, v) = h
+        .json(
+            Method::POST,
+            "/apis/authentication.k8s.io/v1/tokenreviews",
+            Some(review(&token)),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{v}");
+    assert_eq!(v["status"]["authenticated"], true, "{v}");
+    assert_eq!(v["status"]["user"]["username"], "system:serviceaccount:mon:metrics");
+    assert!(
+        v["status"]["user"]["groups"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("system:serviceaccounts:mon")),
+        "{v}"
+    );
+    let (code, v) = h
+        .json(
+            Method::POST,
+            "/apis/authentication.k8s.io/v1/tokenreviews",
+            Some(review("forged")),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{v}");
+    assert_eq!(v["status"]["authenticated"], false, "{v}");
+    let (code, v) = h
+        .json(
+            Method::POST,
+            "/apis/authentication.k8s.io/v1/tokenreviews",
+            Some(review("")),
+        )
+        .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+
+    // The ServiceAccount may review tokens only once bound to system:auth-delegator.
+    let sa = Http::with_token(&s, &token);
+    let (code, v) = sa
+        .json(
+            Method::POST,
+            "/apis/authentication.k8s.io/v1/tokenreviews",
+            Some(review(&token)),
+        )
+        .await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "{v}");
+    h.json(
+        Method::POST,
+        "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+        Some(json!({"metadata": {"name": "metrics-auth"}, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:auth-delegator"}, "subjects": [{"kind": "ServiceAccount", "name": "metrics", "namespace": "mon"}]})),
+    )
+    .await;
+    let (code, v) = sa
+        .json(
+            Method::POST,
+            "/apis/authentication.k8s.io/v1/tokenreviews",
+            Some(review(&token)),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{v}");
+    assert_eq!(v["status"]["authenticated"], true, "{v}");
+}

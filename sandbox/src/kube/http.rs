@@ -594,6 +594,9 @@ fn resource(c: &Ctx<'_>, group: &str, version: &str, rest: &[&str]) -> Result<Re
     if rt.group == "authorization.k8s.io" {
         return access_review(c, rt, &ns);
     }
+    if rt.group == "authentication.k8s.io" {
+        return token_review(c);
+    }
     match (verb, t.name.as_deref(), t.sub.as_deref()) {
         ("list", _, _) => list(c, &t),
         ("watch", _, _) => watch(c, &t),
@@ -774,6 +777,49 @@ fn access_review(c: &Ctx<'_>, rt: &ResourceType, ns: &str) -> Result<Response, A
         json!({"allowed": true, "reason": "allowed by RBAC"})
     } else {
         json!({"allowed": false})
+    };
+    Ok(json_response(StatusCode::CREATED, &review))
+}
+
+/// `TokenReview`: who a bearer token belongs to (the admin's, or a ServiceAccount's
+/// issued by `serviceaccounts/token`), as a server delegating authentication asks it
+/// (`authentication.k8s.io/v1`); answered, nothing stored.
+fn token_review(c: &Ctx<'_>) -> Result<Response, ApiError> {
+    if *c.method != Method::POST {
+        return Err(ApiError::method_not_allowed());
+    }
+    let mut review = parse_body(c)?;
+    if !review.is_object() {
+        return Err(ApiError::bad_request(
+            "the object provided is not a JSON or YAML object",
+        ));
+    }
+    let token = review
+        .pointer("/spec/token")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if token.is_empty() {
+        return Err(ApiError::invalid(
+            "TokenReview",
+            "authentication.k8s.io",
+            "",
+            vec![super::status::Cause::required("spec.token")],
+        ));
+    }
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = header::HeaderValue::from_str(&format!("Bearer {token}")) {
+        headers.insert(header::AUTHORIZATION, v);
+    }
+    review["apiVersion"] = json!("authentication.k8s.io/v1");
+    review["kind"] = json!("TokenReview");
+    if !review.get("metadata").is_some_and(Value::is_object) {
+        review["metadata"] = json!({});
+    }
+    review["metadata"]["creationTimestamp"] = Value::Null;
+    review["status"] = match authenticate(c.api, &headers) {
+        Some(user) => json!({"authenticated": true, "user": {"username": user.name(), "groups": user.groups()},
+            "audiences": review.pointer("/spec/audiences").cloned().unwrap_or(json!([]))}),
+        None => json!({"authenticated": false, "error": "invalid bearer token"}),
     };
     Ok(json_response(StatusCode::CREATED, &review))
 }

@@ -122,7 +122,7 @@ impl User {
             User::Named { name, .. } => name.clone(),
         }
     }
-    fn groups(&self) -> Vec<String> {
+    pub fn groups(&self) -> Vec<String> {
         match self {
             User::Admin => vec!["system:masters".into(), "system:authenticated".into()],
             User::ServiceAccount { namespace, .. } => vec![

@@ -333,6 +333,7 @@ pub fn builtins() -> Vec<ResourceType> {
             "localsubjectaccessreviews",
             true,
         ),
+        ("authentication.k8s.io", "TokenReview", "tokenreviews", false),
     ] {
         let mut r = build(B {
             group,
@@ -344,8 +345,8 @@ pub fn builtins() -> Vec<ResourceType> {
             subs: &[],
             selectable: &[],
         });
-        // Access reviews are answered, never stored.
-        if group == "authorization.k8s.io" {
+        // Access and token reviews are answered, never stored.
+        if group == "authorization.k8s.io" || group == "authentication.k8s.io" {
             r.verbs = vec!["create".into()];
         }
         out.push(r);
