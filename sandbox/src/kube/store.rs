@@ -1512,12 +1512,58 @@ mod tests {
         let svc = s.get(&rt(&s, "", "services"), "default", "kubernetes").unwrap();
         assert_eq!(svc["spec"]["clusterIP"], "127.96.0.1");
         s.get(&rt(&s, "", "serviceaccounts"), "kube-system", "default").unwrap();
-        s.get(
-            &rt(&s, "rbac.authorization.k8s.io", "clusterroles"),
-            "",
-            "cluster-admin",
+        let roles = rt(&s, "rbac.authorization.k8s.io", "clusterroles");
+        for (name, _) in super::super::rbac::bootstrap_cluster_roles() {
+            s.get(&roles, "", name).unwrap();
+        }
+        let bindings = rt(&s, "rbac.authorization.k8s.io", "clusterrolebindings");
+        for (name, _) in super::super::rbac::BOOTSTRAP_CLUSTER_ROLE_BINDINGS {
+            s.get(&bindings, "", name).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_edit_role_granted_in_a_namespace_writes_workloads_but_not_rbac() {
+        use super::super::rbac::{Attrs, User};
+        let mut s = store();
+        let rb = rt(&s, "rbac.authorization.k8s.io", "rolebindings");
+        s.create(
+            &rb,
+            Some("default"),
+            json!({"metadata": {"name": "jane-edit"}, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "jane"}]}),
+            &opts(),
         )
         .unwrap();
+        let jane = User::impersonated("jane", vec![]);
+        let may = |verb: &str, group: &str, resource: &str, namespace: &str| {
+            s.rbac_allows(
+                &jane,
+                &Attrs {
+                    verb,
+                    group,
+                    resource,
+                    subresource: "",
+                    namespace,
+                    name: "",
+                },
+            )
+        };
+        assert!(may("create", "apps", "deployments", "default"));
+        assert!(may("delete", "", "services", "default"));
+        assert!(may("list", "", "secrets", "default"));
+        assert!(
+            !may("create", "rbac.authorization.k8s.io", "roles", "default"),
+            "edit grants no RBAC"
+        );
+        assert!(
+            !may("create", "apps", "deployments", "kube-system"),
+            "only where it is bound"
+        );
+        assert!(
+            may("create", "authorization.k8s.io", "selfsubjectaccessreviews", ""),
+            "system:basic-user"
+        );
     }
 
     #[test]
