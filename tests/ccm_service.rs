@@ -1061,3 +1061,80 @@ fn a_service_goes_load_balancer_cluster_ip_load_balancer_and_back_with_traffic()
         Ok(())
     })
 }
+
+/// Issue 19, more of upstream's `[sig-network] LoadBalancers` in our words, each shown by
+/// curl through the public IP and by the platform's LB: a port change keeps the ingress IP
+/// and the old port stops answering; `sessionAffinity: ClientIP` selects the `source`
+/// algorithm; `loadBalancerSourceRanges` added refuses us, removed lets us in again;
+/// scaled to 0 the LB stays (same IP) and answers again once scaled back.
+#[test]
+fn a_load_balancer_follows_port_affinity_source_range_and_scale_changes() -> Result<()> {
+    run(300, "30s", |sb, _ccm| {
+        sb.provider_ids()?;
+        sb.apply(&deployment("lc", 2, false))?;
+        sb.wait_ready_pods("lc", 2)?;
+        sb.apply(&lb_service("lc", "lc", &[], ""))?;
+        let ip = sb.wait_ingress("lc")?;
+        wait_answering(&format!("http://{ip}:80/"))?;
+        let merge = |patch: &str| sb.kubectl(&["patch", "svc", "lc", "--type", "merge", "-p", patch]);
+        let rule = |key: &str| -> Result<Value> { Ok(sb.lb_of("lc")?["rules"][0][key].clone()) };
+
+        // A port change: same IP, the new port answers, the old one no more.
+        merge(r#"{"spec":{"ports":[{"name":"http","port":81,"targetPort":8080}]}}"#)?;
+        wait_answering(&format!("http://{ip}:81/")).context("the new port answers")?;
+        let moved = poll_until_blocking(Duration::from_secs(15), || {
+            curl(&format!("http://{ip}:80/")).is_none().then_some(())
+        });
+        ensure!(
+            moved.is_some(),
+            "port 80 stops answering once the Service has moved to 81"
+        );
+        ensure!(sb.wait_ingress("lc")? == ip, "the ingress IP is kept");
+        ensure!(rule("public_port")? == json!(81), "the rule moved: {}", sb.lb_of("lc")?);
+
+        // sessionAffinity: ClientIP → the source algorithm; traffic still flows.
+        merge(r#"{"spec":{"sessionAffinity":"ClientIP"}}"#)?;
+        let source = poll_until_blocking(Duration::from_secs(15), || {
+            (rule("algorithm").ok()? == json!("source")).then_some(())
+        });
+        ensure!(
+            source.is_some(),
+            "ClientIP affinity selects the source algorithm: {}",
+            sb.lb_of("lc")?
+        );
+        pods_answering(&format!("http://{ip}:81/"), 5)?;
+
+        // Source ranges: a range without us refuses us; removed, we are let in again.
+        merge(r#"{"spec":{"loadBalancerSourceRanges":["10.99.0.0/16"]}}"#)?;
+        let refused = poll_until_blocking(Duration::from_secs(15), || {
+            curl(&format!("http://{ip}:81/")).is_none().then_some(())
+        });
+        ensure!(
+            refused.is_some(),
+            "a client outside loadBalancerSourceRanges is refused"
+        );
+        ensure!(
+            rule("allowed_sources")? == json!(["10.99.0.0/16"]),
+            "{}",
+            sb.lb_of("lc")?
+        );
+        merge(r#"{"spec":{"loadBalancerSourceRanges":null}}"#)?;
+        wait_answering(&format!("http://{ip}:81/")).context("with the ranges removed, anyone is let in")?;
+        ensure!(rule("allowed_sources")? == json!([]), "{}", sb.lb_of("lc")?);
+
+        // Scale to 0 and back: the LB and its IP stay.
+        sb.kubectl(&["scale", "deployment", "lc", "--replicas=0"])?;
+        let empty = poll_until_blocking(Duration::from_secs(20), || {
+            curl(&format!("http://{ip}:81/")).is_none().then_some(())
+        });
+        ensure!(empty.is_some(), "no pod, no answer");
+        ensure!(
+            sb.lb_of("lc").is_ok() && sb.wait_ingress("lc")? == ip,
+            "the LB stays while scaled to 0"
+        );
+        sb.kubectl(&["scale", "deployment", "lc", "--replicas=2"])?;
+        wait_answering(&format!("http://{ip}:81/")).context("scaled back, it answers again")?;
+        ensure!(sb.wait_ingress("lc")? == ip, "the same IP throughout");
+        Ok(())
+    })
+}
