@@ -865,3 +865,74 @@ async fn kubectl_vpnpeer_crd_from_the_repo() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// Issue 19: API groups a cluster serves that our first kinds did not need: `batch/v1`
+/// Jobs and CronJobs (stored and listed; nothing runs them here), `certificates.k8s.io`
+/// CSRs with the `approval` subresource (`kubectl certificate approve`), and
+/// `apiregistration.k8s.io` APIServices; all in discovery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_serves_jobs_cronjobs_csrs_and_apiservices() {
+    let s = Server::start().await;
+    let resources = ok(&s, &["api-resources", "-o", "name"]).await;
+    for r in [
+        "jobs.batch",
+        "cronjobs.batch",
+        "certificatesigningrequests.certificates.k8s.io",
+        "apiservices.apiregistration.k8s.io",
+    ] {
+        assert!(resources.lines().any(|l| l == r), "{r} in discovery:\n{resources}");
+    }
+    ok_stdin(
+        &s,
+        &["apply", "-f", "-"],
+        "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: once\nspec:\n  template:\n    spec:\n      restartPolicy: Never\n      containers:\n      - name: c\n        image: busybox\n---\napiVersion: batch/v1\nkind: CronJob\nmetadata:\n  name: nightly\nspec:\n  schedule: \"0 3 * * *\"\n  jobTemplate:\n    spec:\n      template:\n        spec:\n          restartPolicy: OnFailure\n          containers:\n          - name: c\n            image: busybox\n",
+    )
+    .await;
+    let names = ok(&s, &["get", "jobs,cj", "-o", "name"]).await;
+    assert_eq!(
+        names.lines().collect::<Vec<_>>(),
+        ["job.batch/once", "cronjob.batch/nightly"],
+        "{names}"
+    );
+    let all = ok(&s, &["get", "all", "-o", "name"]).await;
+    assert!(
+        all.contains("job.batch/once") && all.contains("cronjob.batch/nightly"),
+        "category all: {all}"
+    );
+
+    ok_stdin(
+        &s,
+        &["apply", "-f", "-"],
+        "apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata:\n  name: jane\nspec:\n  request: LS0tLS1CRUdJTiBDRVJUSUZJQ0FURSBSRVFVRVNULS0tLS0K\n  signerName: kubernetes.io/kube-apiserver-client\n  usages:\n  - client auth\n",
+    )
+    .await;
+    ok(&s, &["certificate", "approve", "jane"]).await;
+    let csr: Value = serde_json::from_str(&ok(&s, &["get", "csr", "jane", "-o", "json"]).await).unwrap();
+    assert_eq!(csr["status"]["conditions"][0]["type"], "Approved", "{csr}");
+    assert_eq!(csr["status"]["conditions"][0]["status"], "True", "{csr}");
+    assert_eq!(
+        csr["spec"]["signerName"], "kubernetes.io/kube-apiserver-client",
+        "approval leaves the spec: {csr}"
+    );
+    let selected = ok(
+        &s,
+        &[
+            "get",
+            "csr",
+            "--field-selector",
+            "spec.signerName=kubernetes.io/kube-apiserver-client",
+            "-o",
+            "name",
+        ],
+    )
+    .await;
+    assert_eq!(selected.trim(), "certificatesigningrequest.certificates.k8s.io/jane");
+
+    ok_stdin(
+        &s,
+        &["apply", "-f", "-"],
+        "apiVersion: apiregistration.k8s.io/v1\nkind: APIService\nmetadata:\n  name: v1beta1.metrics.k8s.io\nspec:\n  group: metrics.k8s.io\n  version: v1beta1\n  groupPriorityMinimum: 100\n  versionPriority: 100\n  service:\n    name: metrics-server\n    namespace: kube-system\n",
+    )
+    .await;
+    ok(&s, &["get", "apiservice", "v1beta1.metrics.k8s.io"]).await;
+}

@@ -21,6 +21,8 @@ enum F {
     IntOrStr(&'static str),
     /// `map<string, resource.Quantity>` (Quantity {string=1}).
     MapQty(&'static str),
+    /// `bytes`: base64 in JSON.
+    Bytes(&'static str),
 }
 
 const OWNER_REF: &[(u32, F)] = &[
@@ -76,6 +78,47 @@ const SERVICE_ACCOUNT: &[(u32, F)] = &[
     (2, F::RepMsg("secrets", OBJECT_REF)),
     (3, F::RepMsg("imagePullSecrets", LOCAL_REF)),
     (4, F::Bool("automountServiceAccountToken")),
+];
+/// `certificates.k8s.io/v1` CSR (`kubectl certificate approve|deny` send it whole); the
+/// conditions' timestamps are not decoded.
+const CSR: &[(u32, F)] = &[
+    (1, F::Msg("metadata", OBJECT_META)),
+    (
+        2,
+        F::Msg(
+            "spec",
+            &[
+                (1, F::Bytes("request")),
+                (2, F::Str("username")),
+                (3, F::Str("uid")),
+                (4, F::RepStr("groups")),
+                (5, F::RepStr("usages")),
+                (7, F::Str("signerName")),
+                (8, F::Int("expirationSeconds")),
+            ],
+        ),
+    ),
+    (
+        3,
+        F::Msg(
+            "status",
+            &[
+                (
+                    1,
+                    F::RepMsg(
+                        "conditions",
+                        &[
+                            (1, F::Str("type")),
+                            (2, F::Str("reason")),
+                            (3, F::Str("message")),
+                            (6, F::Str("status")),
+                        ],
+                    ),
+                ),
+                (2, F::Bytes("certificate")),
+            ],
+        ),
+    ),
 ];
 const TOKEN_REQUEST: &[(u32, F)] = &[
     (1, F::Msg("metadata", OBJECT_META)),
@@ -376,6 +419,11 @@ fn decode(b: &[u8], schema: &[(u32, F)]) -> Result<Value, String> {
                     out.insert(k.into(), json!(text(x)?));
                 }
             }
+            (F::Bytes(k), Raw::Bytes(x)) => {
+                if !x.is_empty() {
+                    out.insert(k.into(), json!(base64::engine::general_purpose::STANDARD.encode(x)));
+                }
+            }
             (F::Int(k), Raw::Varint(v)) => {
                 // int32 fields carry negatives sign-extended to 64 bits.
                 out.insert(k.into(), json!(v as i64));
@@ -486,6 +534,7 @@ pub fn decode_object(body: &[u8]) -> Result<Value, String> {
         ("v1", "ConfigMap") => CONFIGMAP,
         ("v1", "Secret") => SECRET,
         ("v1", "ServiceAccount") => SERVICE_ACCOUNT,
+        ("certificates.k8s.io/v1", "CertificateSigningRequest") => CSR,
         ("authentication.k8s.io/v1", "TokenRequest") => TOKEN_REQUEST,
         ("rbac.authorization.k8s.io/v1", "Role" | "ClusterRole") => ROLE,
         ("authorization.k8s.io/v1", "SelfSubjectAccessReview") => SSAR,

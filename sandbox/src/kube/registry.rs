@@ -101,7 +101,7 @@ struct B<'a> {
 
 fn build(b: B<'_>) -> ResourceType {
     let categories = match b.plural {
-        "pods" | "services" | "deployments" => vec!["all".to_string()],
+        "pods" | "services" | "deployments" | "jobs" | "cronjobs" => vec!["all".to_string()],
         _ => vec![],
     };
     ResourceType {
@@ -272,6 +272,47 @@ pub fn builtins() -> Vec<ResourceType> {
             namespaced: true,
             short: &["deploy"],
             subs: &["status", "scale"],
+            selectable: &[],
+        }),
+        // Stored and served; no controller runs them here (no Job → Pod).
+        build(B {
+            group: "batch",
+            version: "v1",
+            kind: "Job",
+            plural: "jobs",
+            namespaced: true,
+            short: &[],
+            subs: &["status"],
+            selectable: &["status.successful"],
+        }),
+        build(B {
+            group: "batch",
+            version: "v1",
+            kind: "CronJob",
+            plural: "cronjobs",
+            namespaced: true,
+            short: &["cj"],
+            subs: &["status"],
+            selectable: &[],
+        }),
+        build(B {
+            group: "certificates.k8s.io",
+            version: "v1",
+            kind: "CertificateSigningRequest",
+            plural: "certificatesigningrequests",
+            namespaced: false,
+            short: &["csr"],
+            subs: &["status", "approval"],
+            selectable: &["spec.signerName"],
+        }),
+        build(B {
+            group: "apiregistration.k8s.io",
+            version: "v1",
+            kind: "APIService",
+            plural: "apiservices",
+            namespaced: false,
+            short: &[],
+            subs: &["status"],
             selectable: &[],
         }),
         build(B {

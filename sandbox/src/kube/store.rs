@@ -861,6 +861,16 @@ impl Store {
                 }
                 n
             }
+            // A CSR's `approval` changes only its Approved/Denied conditions
+            // (`pkg/registry/certificates/certificates/strategy.go`, approvalStrategy).
+            Some("approval") if rt.storage == "certificates.k8s.io/certificatesigningrequests" => {
+                let mut n = old.clone();
+                if !n.get("status").is_some_and(Value::is_object) {
+                    n["status"] = json!({});
+                }
+                n["status"]["conditions"] = obj.pointer("/status/conditions").cloned().unwrap_or(Value::Null);
+                n
+            }
             // A namespace's `spec.finalizers` change only here (kube-apiserver's
             // `namespaces/finalize`), as the namespace controller and other finalizers do.
             Some("finalize") if rt.storage == "core/namespaces" => {
