@@ -1066,9 +1066,10 @@ fn a_service_goes_load_balancer_cluster_ip_load_balancer_and_back_with_traffic()
 /// curl through the public IP and by the platform's LB: a port change keeps the ingress IP
 /// and the old port stops answering; `sessionAffinity: ClientIP` selects the `source`
 /// algorithm; `loadBalancerSourceRanges` added refuses us, removed lets us in again;
-/// scaled to 0 the LB stays (same IP) and answers again once scaled back.
+/// scaled to 0 the LB stays (same IP) and answers again once scaled back;
+/// `externalTrafficPolicy` Cluster → Local → Cluster moves the health check and back.
 #[test]
-fn a_load_balancer_follows_port_affinity_source_range_and_scale_changes() -> Result<()> {
+fn a_load_balancer_follows_port_affinity_source_range_scale_and_traffic_policy_changes() -> Result<()> {
     run(300, "30s", |sb, _ccm| {
         sb.provider_ids()?;
         sb.apply(&deployment("lc", 2, false))?;
@@ -1134,6 +1135,35 @@ fn a_load_balancer_follows_port_affinity_source_range_and_scale_changes() -> Res
         );
         sb.kubectl(&["scale", "deployment", "lc", "--replicas=2"])?;
         wait_answering(&format!("http://{ip}:81/")).context("scaled back, it answers again")?;
+        ensure!(sb.wait_ingress("lc")? == ip, "the same IP throughout");
+
+        // externalTrafficPolicy Cluster → Local → Cluster: the health check follows
+        // (healthCheckNodePort, then kube-proxy's 10256 again) and traffic still answers.
+        let health_port = || -> Result<Value> { Ok(rule("health_check")?["port"].clone()) };
+        merge(r#"{"spec":{"externalTrafficPolicy":"Local"}}"#)?;
+        let svc = sb.service_opt("lc")?.context("lc exists")?;
+        let hc_port = svc["spec"]["healthCheckNodePort"].clone();
+        ensure!(hc_port.is_number(), "Local allocates a healthCheckNodePort: {svc}");
+        let local = poll_until_blocking(Duration::from_secs(15), || {
+            (health_port().ok()? == hc_port).then_some(())
+        });
+        ensure!(local.is_some(), "Local health-checks {hc_port}: {}", sb.lb_of("lc")?);
+        wait_answering(&format!("http://{ip}:81/")).context("answers with Local")?;
+        merge(r#"{"spec":{"externalTrafficPolicy":"Cluster"}}"#)?;
+        let cluster = poll_until_blocking(Duration::from_secs(15), || {
+            (health_port().ok()? == json!(10256)).then_some(())
+        });
+        ensure!(
+            cluster.is_some(),
+            "Cluster health-checks kube-proxy again: {}",
+            sb.lb_of("lc")?
+        );
+        let svc = sb.service_opt("lc")?.context("lc exists")?;
+        ensure!(
+            svc["spec"].get("healthCheckNodePort").is_none(),
+            "the health port is released: {svc}"
+        );
+        wait_answering(&format!("http://{ip}:81/")).context("answers with Cluster again")?;
         ensure!(sb.wait_ingress("lc")? == ip, "the same IP throughout");
         Ok(())
     })
