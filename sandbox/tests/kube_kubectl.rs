@@ -936,3 +936,35 @@ async fn kubectl_serves_jobs_cronjobs_csrs_and_apiservices() {
     .await;
     ok(&s, &["get", "apiservice", "v1beta1.metrics.k8s.io"]).await;
 }
+
+/// `kubectl debug` adds an ephemeral container through `pods/ephemeralcontainers`
+/// (a strategic merge patch), which changes nothing else of the Pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_debug_adds_an_ephemeral_container() {
+    let s = Server::start().await;
+    ok_stdin(
+        &s,
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: app\nspec:\n  containers:\n  - name: app\n    image: example/app\n",
+    )
+    .await;
+    ok(
+        &s,
+        &[
+            "debug",
+            "app",
+            "--image=busybox",
+            "--container=dbg",
+            "--profile=general",
+        ],
+    )
+    .await;
+    let pod: Value = serde_json::from_str(&ok(&s, &["get", "pod", "app", "-o", "json"]).await).unwrap();
+    let eph = &pod["spec"]["ephemeralContainers"];
+    assert_eq!(eph[0]["name"], "dbg", "{pod}");
+    assert_eq!(eph[0]["image"], "busybox", "{pod}");
+    assert_eq!(
+        pod["spec"]["containers"][0]["name"], "app",
+        "the rest of the Pod is kept: {pod}"
+    );
+}

@@ -193,7 +193,7 @@ pub fn builtins() -> Vec<ResourceType> {
             plural: "pods",
             namespaced: true,
             short: &["po"],
-            subs: &["status", "eviction"],
+            subs: &["status", "eviction", "ephemeralcontainers"],
             selectable: &[
                 "spec.nodeName",
                 "status.phase",

@@ -853,32 +853,7 @@ impl Store {
             return Err(ApiError::stale(&rt.group, &rt.plural, name));
         }
         let new = match sub {
-            Some("status") => {
-                let mut n = old.clone();
-                match obj.get("status") {
-                    Some(s) => n["status"] = s.clone(),
-                    None => strip_status(&mut n),
-                }
-                n
-            }
-            // A CSR's `approval` changes only its Approved/Denied conditions
-            // (`pkg/registry/certificates/certificates/strategy.go`, approvalStrategy).
-            Some("approval") if rt.storage == "certificates.k8s.io/certificatesigningrequests" => {
-                let mut n = old.clone();
-                if !n.get("status").is_some_and(Value::is_object) {
-                    n["status"] = json!({});
-                }
-                n["status"]["conditions"] = obj.pointer("/status/conditions").cloned().unwrap_or(Value::Null);
-                n
-            }
-            // A namespace's `spec.finalizers` change only here (kube-apiserver's
-            // `namespaces/finalize`), as the namespace controller and other finalizers do.
-            Some("finalize") if rt.storage == "core/namespaces" => {
-                let mut n = old.clone();
-                set_spec_finalizers(&mut n, obj.pointer("/spec/finalizers").cloned());
-                n
-            }
-            Some(_) => return Err(ApiError::not_found_path()),
+            Some(sub) => subresource_write(rt, sub, &old, &obj)?,
             None => {
                 if !obj.get("metadata").is_some_and(Value::is_object) {
                     obj["metadata"] = json!({});
@@ -1141,15 +1116,7 @@ impl Store {
             new["metadata"] = json!({});
         }
         match sub {
-            Some("status") => {
-                let mut n = old.clone();
-                match new.get("status") {
-                    Some(s) => n["status"] = s.clone(),
-                    None => strip_status(&mut n),
-                }
-                new = n;
-            }
-            Some(_) => return Err(ApiError::not_found_path()),
+            Some(sub) => new = subresource_write(rt, sub, &old, &new)?,
             None if rt.has_status() => match old.get("status") {
                 Some(s) => new["status"] = s.clone(),
                 None => strip_status(&mut new),
@@ -1480,6 +1447,41 @@ pub fn sys_opts() -> WriteOpts {
 }
 
 /// Sets a namespace's `spec.finalizers` (`None` or empty: none).
+/// What a write through subresource `sub` makes of `old` given the object the client sent
+/// (or the patch made): only the part the subresource owns changes, as kube-apiserver's
+/// per-subresource strategies do.
+fn subresource_write(rt: &ResourceType, sub: &str, old: &Value, sent: &Value) -> Result<Value, ApiError> {
+    let mut n = old.clone();
+    match (rt.storage.as_str(), sub) {
+        (_, "status") => match sent.get("status") {
+            Some(s) => n["status"] = s.clone(),
+            None => strip_status(&mut n),
+        },
+        // A namespace's `spec.finalizers` change only here (`namespaces/finalize`), as the
+        // namespace controller and other finalizers do.
+        ("core/namespaces", "finalize") => set_spec_finalizers(&mut n, sent.pointer("/spec/finalizers").cloned()),
+        // Only the Approved/Denied conditions (`pkg/registry/certificates/certificates/strategy.go`).
+        ("certificates.k8s.io/certificatesigningrequests", "approval") => {
+            if !n.get("status").is_some_and(Value::is_object) {
+                n["status"] = json!({});
+            }
+            n["status"]["conditions"] = sent.pointer("/status/conditions").cloned().unwrap_or(Value::Null);
+        }
+        // Only `spec.ephemeralContainers` (`kubectl debug`; `pkg/registry/core/pod/strategy.go`).
+        ("core/pods", "ephemeralcontainers") => {
+            if !n.get("spec").is_some_and(Value::is_object) {
+                n["spec"] = json!({});
+            }
+            n["spec"]["ephemeralContainers"] = sent
+                .pointer("/spec/ephemeralContainers")
+                .cloned()
+                .unwrap_or(Value::Null);
+        }
+        _ => return Err(ApiError::not_found_path()),
+    }
+    Ok(n)
+}
+
 fn set_spec_finalizers(ns: &mut Value, finalizers: Option<Value>) {
     match finalizers.filter(|f| f.as_array().is_some_and(|a| !a.is_empty())) {
         Some(f) => ns["spec"]["finalizers"] = f,
