@@ -304,4 +304,73 @@ mod tests {
         assert_eq!(json_patch(&orig, &null_test).unwrap()["missing"], json!([1]));
         assert!(json_patch(&orig, &json!({"op": "add"})).is_err());
     }
+
+    /// RFC 6902, each operation and each error, on the shapes our clients patch
+    /// (finalizers, taints, annotations with `/` in their keys).
+    #[test]
+    fn json_patch_follows_rfc_6902() {
+        let doc = json!({"metadata": {"annotations": {"a/b": "1", "m~n": "2"}, "finalizers": ["x"]},
+                         "spec": {"taints": [{"key": "k0"}, {"key": "k1"}]}});
+        let ok = |ops: Value| json_patch(&doc, &ops).unwrap_or_else(|e| panic!("{ops}: {e}"));
+        let err = |ops: Value| json_patch(&doc, &ops).expect_err(&ops.to_string());
+        // add: at an index (inserts), at the end index, at `-` (appends), a new member.
+        assert_eq!(
+            ok(json!([{"op": "add", "path": "/metadata/finalizers/0", "value": "y"}]))["metadata"]["finalizers"],
+            json!(["y", "x"])
+        );
+        assert_eq!(
+            ok(json!([{"op": "add", "path": "/metadata/finalizers/1", "value": "y"}]))["metadata"]["finalizers"],
+            json!(["x", "y"])
+        );
+        assert_eq!(
+            ok(json!([{"op": "add", "path": "/metadata/finalizers/-", "value": "y"}]))["metadata"]["finalizers"],
+            json!(["x", "y"])
+        );
+        assert_eq!(
+            ok(json!([{"op": "add", "path": "/metadata/labels", "value": {"a": "b"}}]))["metadata"]["labels"],
+            json!({"a": "b"})
+        );
+        err(json!([{"op": "add", "path": "/metadata/finalizers/5", "value": "y"}]));
+        err(json!([{"op": "add", "path": "/nope/deeper", "value": 1}]));
+        // `~1` is `/`, `~0` is `~` (annotation keys).
+        assert_eq!(
+            ok(json!([{"op": "replace", "path": "/metadata/annotations/a~1b", "value": "9"}]))["metadata"]["annotations"]
+                ["a/b"],
+            "9"
+        );
+        assert!(
+            ok(json!([{"op": "remove", "path": "/metadata/annotations/m~0n"}]))["metadata"]["annotations"]
+                .get("m~n")
+                .is_none()
+        );
+        // remove and replace need the target.
+        assert_eq!(
+            ok(json!([{"op": "remove", "path": "/spec/taints/0"}]))["spec"]["taints"],
+            json!([{"key": "k1"}])
+        );
+        err(json!([{"op": "remove", "path": "/spec/taints/2"}]));
+        err(json!([{"op": "replace", "path": "/metadata/missing", "value": 1}]));
+        // move and copy.
+        let moved = ok(json!([{"op": "move", "from": "/metadata/finalizers", "path": "/metadata/kept"}]));
+        assert!(moved["metadata"].get("finalizers").is_none() && moved["metadata"]["kept"] == json!(["x"]));
+        assert_eq!(
+            ok(json!([{"op": "copy", "from": "/spec/taints/1", "path": "/spec/taints/0"}]))["spec"]["taints"][0],
+            json!({"key": "k1"})
+        );
+        err(json!([{"op": "move", "from": "/spec/missing", "path": "/spec/x"}]));
+        // test: equal passes, unequal fails, null passes only for an absent member.
+        ok(json!([{"op": "test", "path": "/spec/taints/1/key", "value": "k1"}]));
+        err(json!([{"op": "test", "path": "/spec/taints/1/key", "value": "k0"}]));
+        err(json!([{"op": "test", "path": "/spec/taints/5/key", "value": "k1"}]));
+        ok(json!([{"op": "test", "path": "/metadata/ownerReferences", "value": null}]));
+        err(json!([{"op": "test", "path": "/metadata/finalizers", "value": null}]));
+        // A failed operation leaves nothing of the earlier ones: the whole patch fails.
+        err(
+            json!([{"op": "remove", "path": "/metadata/finalizers"}, {"op": "test", "path": "/spec/taints/0/key", "value": "zz"}]),
+        );
+        // Malformed operations.
+        err(json!([{"op": "frobnicate", "path": "/a"}]));
+        err(json!([{"op": "add", "path": "/a"}]));
+        err(json!({"op": "add", "path": "/a", "value": 1}));
+    }
 }
