@@ -24,7 +24,7 @@ use kuberaya_e2e::cloud::{
     CLUSTER_LABEL, CloudSandbox, SERVICE_NAME_LABEL, SERVICE_NAMESPACE_LABEL, SERVICE_UID_LABEL, by_service, only_lb,
 };
 use kuberaya_e2e::cluster::{Cluster, FAST_HEALTH, deployment, has_taint, ingress_ip, is_ready, lb_service};
-use kuberaya_e2e::probe::{curl, pods_answering, udp_roundtrip, wait_answering};
+use kuberaya_e2e::probe::{curl, pods_answering, udp_roundtrip, wait_answering, wait_silent};
 use kuberaya_e2e::sandbox::Ranges;
 use kuberaya_e2e::{poll_until_blocking, unique_net_index};
 use serde_json::{Value, json};
@@ -1089,13 +1089,7 @@ fn a_load_balancer_follows_port_affinity_source_range_scale_and_traffic_policy_c
         // A port change: same IP, the new port answers, the old one no more.
         merge(r#"{"spec":{"ports":[{"name":"http","port":81,"targetPort":8080}]}}"#)?;
         wait_answering(&format!("http://{ip}:81/")).context("the new port answers")?;
-        let moved = poll_until_blocking(Duration::from_secs(15), || {
-            curl(&format!("http://{ip}:80/")).is_none().then_some(())
-        });
-        ensure!(
-            moved.is_some(),
-            "port 80 stops answering once the Service has moved to 81"
-        );
+        wait_silent(&format!("http://{ip}:80/")).context("port 80 stops answering once the Service has moved to 81")?;
         ensure!(sb.wait_ingress("lc")? == ip, "the ingress IP is kept");
         ensure!(rule("public_port")? == json!(81), "the rule moved: {}", sb.lb_of("lc")?);
 
@@ -1113,13 +1107,7 @@ fn a_load_balancer_follows_port_affinity_source_range_scale_and_traffic_policy_c
 
         // Source ranges: a range without us refuses us; removed, we are let in again.
         merge(r#"{"spec":{"loadBalancerSourceRanges":["10.99.0.0/16"]}}"#)?;
-        let refused = poll_until_blocking(Duration::from_secs(15), || {
-            curl(&format!("http://{ip}:81/")).is_none().then_some(())
-        });
-        ensure!(
-            refused.is_some(),
-            "a client outside loadBalancerSourceRanges is refused"
-        );
+        wait_silent(&format!("http://{ip}:81/")).context("a client outside loadBalancerSourceRanges is refused")?;
         ensure!(
             rule("allowed_sources")? == json!(["10.99.0.0/16"]),
             "{}",
@@ -1131,10 +1119,7 @@ fn a_load_balancer_follows_port_affinity_source_range_scale_and_traffic_policy_c
 
         // Scale to 0 and back: the LB and its IP stay.
         sb.kubectl(&["scale", "deployment", "lc", "--replicas=0"])?;
-        let empty = poll_until_blocking(Duration::from_secs(20), || {
-            curl(&format!("http://{ip}:81/")).is_none().then_some(())
-        });
-        ensure!(empty.is_some(), "no pod, no answer");
+        wait_silent(&format!("http://{ip}:81/")).context("no pod, no answer")?;
         ensure!(
             sb.lb_of("lc").is_ok() && sb.wait_ingress("lc")? == ip,
             "the LB stays while scaled to 0"

@@ -50,6 +50,13 @@ pub fn wait_answering(url: &str) -> Result<String> {
         .with_context(|| format!("{url} answers"))
 }
 
+/// Waits (at most 20 s) until `url` answers no more (a load balancer's rule removed or
+/// restricted, its backends gone).
+pub fn wait_silent(url: &str) -> Result<()> {
+    poll_until_blocking(Duration::from_secs(20), || curl(url).is_none().then_some(()))
+        .with_context(|| format!("{url} stops answering"))
+}
+
 /// Sends `payload` to `addr` over UDP, up to `tries` times 500 ms apart, and returns the
 /// first answer.
 pub fn udp_roundtrip(addr: &str, payload: &[u8], tries: usize) -> Result<Vec<u8>> {

@@ -720,18 +720,35 @@ fn resource(c: &Ctx<'_>, group: &str, version: &str, rest: &[&str]) -> Result<Re
     }
 }
 
-/// `SelfSubjectAccessReview` / `SubjectAccessReview` (`kubectl auth can-i`): answered from
-/// RBAC, nothing stored.
-fn access_review(c: &Ctx<'_>, rt: &ResourceType, ns: &str) -> Result<Response, ApiError> {
+/// The body of a review (access or token): POSTed, a JSON or YAML object.
+fn review_request(c: &Ctx<'_>) -> Result<Value, ApiError> {
     if *c.method != Method::POST {
         return Err(ApiError::method_not_allowed());
     }
-    let mut review = parse_body(c)?;
+    let review = parse_body(c)?;
     if !review.is_object() {
         return Err(ApiError::bad_request(
             "the object provided is not a JSON or YAML object",
         ));
     }
+    Ok(review)
+}
+
+/// Types a review for its answer, as kube-apiserver echoes it (never stored, so no
+/// creationTimestamp).
+fn review_answered(review: &mut Value, api_version: &str, kind: &str) {
+    review["apiVersion"] = json!(api_version);
+    review["kind"] = json!(kind);
+    if !review.get("metadata").is_some_and(Value::is_object) {
+        review["metadata"] = json!({});
+    }
+    review["metadata"]["creationTimestamp"] = Value::Null;
+}
+
+/// `SelfSubjectAccessReview` / `SubjectAccessReview` (`kubectl auth can-i`): answered from
+/// RBAC, nothing stored.
+fn access_review(c: &Ctx<'_>, rt: &ResourceType, ns: &str) -> Result<Response, ApiError> {
+    let mut review = review_request(c)?;
     let user = if rt.plural == "subjectaccessreviews" {
         let name = review.pointer("/spec/user").and_then(Value::as_str).unwrap_or_default();
         let groups = review
@@ -767,12 +784,7 @@ fn access_review(c: &Ctx<'_>, rt: &ResourceType, ns: &str) -> Result<Response, A
         // Non-resource URLs (discovery) are open to every authenticated user.
         None => true,
     };
-    review["apiVersion"] = json!("authorization.k8s.io/v1");
-    review["kind"] = json!(rt.kind);
-    if !review.get("metadata").is_some_and(Value::is_object) {
-        review["metadata"] = json!({});
-    }
-    review["metadata"]["creationTimestamp"] = Value::Null;
+    review_answered(&mut review, "authorization.k8s.io/v1", &rt.kind);
     review["status"] = if allowed {
         json!({"allowed": true, "reason": "allowed by RBAC"})
     } else {
@@ -785,15 +797,7 @@ fn access_review(c: &Ctx<'_>, rt: &ResourceType, ns: &str) -> Result<Response, A
 /// issued by `serviceaccounts/token`), as a server delegating authentication asks it
 /// (`authentication.k8s.io/v1`); answered, nothing stored.
 fn token_review(c: &Ctx<'_>) -> Result<Response, ApiError> {
-    if *c.method != Method::POST {
-        return Err(ApiError::method_not_allowed());
-    }
-    let mut review = parse_body(c)?;
-    if !review.is_object() {
-        return Err(ApiError::bad_request(
-            "the object provided is not a JSON or YAML object",
-        ));
-    }
+    let mut review = review_request(c)?;
     let token = review
         .pointer("/spec/token")
         .and_then(Value::as_str)
@@ -810,12 +814,7 @@ fn token_review(c: &Ctx<'_>) -> Result<Response, ApiError> {
     if let Ok(v) = header::HeaderValue::from_str(&format!("Bearer {token}")) {
         headers.insert(header::AUTHORIZATION, v);
     }
-    review["apiVersion"] = json!("authentication.k8s.io/v1");
-    review["kind"] = json!("TokenReview");
-    if !review.get("metadata").is_some_and(Value::is_object) {
-        review["metadata"] = json!({});
-    }
-    review["metadata"]["creationTimestamp"] = Value::Null;
+    review_answered(&mut review, "authentication.k8s.io/v1", "TokenReview");
     review["status"] = match authenticate(c.api, &headers) {
         Some(user) => json!({"authenticated": true, "user": {"username": user.name(), "groups": user.groups()},
             "audiences": review.pointer("/spec/audiences").cloned().unwrap_or(json!([]))}),
