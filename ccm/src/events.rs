@@ -12,13 +12,19 @@ pub const NOTE_MAX_BYTES: usize = 1024;
 /// What a cut note ends with.
 const ELLIPSIS: char = '…';
 
-/// `text` as an Event note: unchanged when it fits in [`NOTE_MAX_BYTES`], else its
-/// longest start that ends at a char boundary and leaves room for a closing `…`.
+/// `text` as an Event note: see [`fit_bytes`].
 pub fn note(text: &str) -> String {
-    if text.len() <= NOTE_MAX_BYTES {
+    fit_bytes(text, NOTE_MAX_BYTES)
+}
+
+/// `text` unchanged when it fits in `max` bytes (kube-apiserver counts bytes, Go's
+/// `len`), else its longest start that ends at a char boundary and leaves room for a
+/// closing `…`. `max` is at least the ellipsis' 3 bytes.
+pub fn fit_bytes(text: &str, max: usize) -> String {
+    if text.len() <= max {
         return text.to_owned();
     }
-    let budget = NOTE_MAX_BYTES - ELLIPSIS.len_utf8();
+    let budget = max.saturating_sub(ELLIPSIS.len_utf8());
     let cut = (0..=budget).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
     let mut out = String::with_capacity(cut + ELLIPSIS.len_utf8());
     out.push_str(&text[..cut]);
@@ -61,5 +67,15 @@ mod tests {
             let kept = cut.strip_suffix('…').expect("a cut note ends with …");
             assert!(text.starts_with(kept));
         }
+    }
+
+    #[test]
+    fn any_byte_limit_is_kept_at_a_char_boundary() {
+        // A condition message (32 KiB) of 3-byte chars: 32,768 of them are 98,304 bytes.
+        let text = "\u{FFFD}".repeat(32 * 1024);
+        let cut = fit_bytes(&text, 32 * 1024);
+        assert!(cut.len() <= 32 * 1024 && cut.len() >= 32 * 1024 - 6, "{}", cut.len());
+        assert_eq!(fit_bytes("short", 32 * 1024), "short");
+        assert_eq!(fit_bytes("abcdef", 3), "…");
     }
 }

@@ -9,6 +9,10 @@ use serde_json::{Value, json};
 
 use crate::service::CONDITION_TYPE;
 
+/// kube-apiserver's limit on a `metav1.Condition` message, in bytes
+/// (`ValidateConditions` in `apimachinery/pkg/apis/meta/v1/validation`).
+const CONDITION_MESSAGE_MAX_BYTES: usize = 32 * 1024;
+
 /// Our condition as we want it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ready {
@@ -120,7 +124,7 @@ pub fn status_patch(svc: &Service, ingress: &IngressUpdate, condition: &Conditio
                 type_: CONDITION_TYPE.to_owned(),
                 status: status_str.to_owned(),
                 reason: want.reason.clone(),
-                message: want.message.chars().take(32 * 1024).collect(),
+                message: crate::events::fit_bytes(&want.message, CONDITION_MESSAGE_MAX_BYTES),
                 observed_generation: svc.metadata.generation,
                 last_transition_time,
             };
