@@ -402,7 +402,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         service_cidr: args.service_cidr,
         pod_cidr: args.pod_cidr,
     };
-    let (ranges, _registered) = ranges::claim(&dir, &requested)?;
+    let ranges = ranges::claim(&dir, &requested)?;
 
     step(&format!("state in {}", dir.display()));
     if ranges != ranges::defaults() {
