@@ -427,7 +427,7 @@ pub fn error_policy(svc: Arc<Service>, error: &Error, ctx: Arc<Context>) -> Acti
 }
 
 /// Queues an Event about `svc` (see [`EventQueue`]).
-async fn publish(ctx: &Context, svc: &Service, type_: EventType, reason: &str, note: String) {
+fn publish(ctx: &Context, svc: &Service, type_: EventType, reason: &str, note: String) {
     let ev = Event {
         type_,
         reason: reason.into(),
@@ -458,7 +458,7 @@ async fn patch_status(
 async fn refuse(ctx: &Context, api: &Api<Service>, svc: &Service, reason: &str, message: String) -> Result<Action> {
     let want = Ready::no(reason, message.clone());
     if condition_differs(svc, &want) {
-        publish(ctx, svc, EventType::Warning, "SyncLoadBalancerFailed", message.clone()).await;
+        publish(ctx, svc, EventType::Warning, "SyncLoadBalancerFailed", message.clone());
     }
     info!(reason, %message, "load balancer refused");
     patch_status(api, svc, IngressUpdate::Leave, ConditionUpdate::Set(want)).await?;
@@ -505,8 +505,7 @@ async fn handle_platform_error(
         EventType::Warning,
         "SyncLoadBalancerFailed",
         format!("Error syncing load balancer: {op}: {e}"),
-    )
-    .await;
+    );
     Err(Error::Platform { op, source: e })
 }
 
@@ -689,8 +688,7 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
                             EventType::Normal,
                             "EnsuringLoadBalancer",
                             format!("Creating load balancer {} ({})", spec.name, lb.id),
-                        )
-                        .await;
+                        );
                         let cond = Ready::no("Provisioning", format!("load balancer {} is provisioning", lb.id));
                         patch_status(api, svc, IngressUpdate::Leave, ConditionUpdate::Set(cond)).await?;
                         let first_look =
@@ -730,8 +728,7 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
                     EventType::Normal,
                     "UpdatedLoadBalancer",
                     format!("Updated load balancer {id} ({})", changes.join(", ")),
-                )
-                .await;
+                );
                 // Nothing the Service shows waits on an update: looked at after the full period.
                 Ok(Action::requeue(ctx.timing.poll))
             }
@@ -777,8 +774,7 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
                         EventType::Normal,
                         "EnsuredLoadBalancer",
                         format!("Ensured load balancer {}", lb.id),
-                    )
-                    .await;
+                    );
                 }
                 Ok(Action::requeue(jittered(ctx.timing.resync, rand::random::<f64>())))
             }
@@ -796,7 +792,7 @@ async fn warn_if_capped(ctx: &Context, svc: &Service, desired: &DesiredLb) {
             desired.eligible_backends,
             desired.backends.len()
         );
-        publish(ctx, svc, EventType::Warning, "TooManyBackends", note).await;
+        publish(ctx, svc, EventType::Warning, "TooManyBackends", note);
     }
 }
 
@@ -874,8 +870,7 @@ async fn cleanup(svc: &Service, ctx: &Context) -> Result<Cleanup> {
                 EventType::Normal,
                 "DeletedLoadBalancer",
                 "Deleted load balancer".into(),
-            )
-            .await;
+            );
             Ok(Cleanup::Done)
         }
         (DeletePlan::Delete { id, keep_public_ip }, Some(lb)) => {
@@ -910,8 +905,7 @@ async fn start_delete(
         EventType::Normal,
         "DeletingLoadBalancer",
         format!("Deleting load balancer {id}"),
-    )
-    .await;
+    );
     match ctx
         .platform
         .delete_load_balancer(&ctx.config.cluster_id, id, keep_public_ip)
@@ -930,8 +924,7 @@ async fn start_delete(
                 EventType::Warning,
                 "DeleteLoadBalancerFailed",
                 format!("Error deleting load balancer {id}: {e}"),
-            )
-            .await;
+            );
             return Err(Error::Platform {
                 op: "delete_load_balancer",
                 source: e,

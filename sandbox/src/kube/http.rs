@@ -131,15 +131,23 @@ fn authenticate(api: &KubeApi, headers: &HeaderMap) -> Option<User> {
         .strip_prefix("Bearer ")
         .or_else(|| auth.strip_prefix("bearer "))?
         .trim();
+    let user = token_owner(api, token)?;
+    if user == User::Admin
+        && let Some(who) = headers.get("impersonate-user").and_then(|v| v.to_str().ok())
+    {
+        let groups = headers
+            .get_all("impersonate-group")
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_string))
+            .collect();
+        return Some(User::impersonated(who, groups));
+    }
+    Some(user)
+}
+
+/// Whose bearer token `token` is: the admin's, or a ServiceAccount's this server issued.
+fn token_owner(api: &KubeApi, token: &str) -> Option<User> {
     if token == api.admin_token {
-        if let Some(who) = headers.get("impersonate-user").and_then(|v| v.to_str().ok()) {
-            let groups = headers
-                .get_all("impersonate-group")
-                .iter()
-                .filter_map(|v| v.to_str().ok().map(str::to_string))
-                .collect();
-            return Some(User::impersonated(who, groups));
-        }
         return Some(User::Admin);
     }
     let store = api.lock();
@@ -810,12 +818,9 @@ fn token_review(c: &Ctx<'_>) -> Result<Response, ApiError> {
             vec![super::status::Cause::required("spec.token")],
         ));
     }
-    let mut headers = HeaderMap::new();
-    if let Ok(v) = header::HeaderValue::from_str(&format!("Bearer {token}")) {
-        headers.insert(header::AUTHORIZATION, v);
-    }
+    let owner = token_owner(c.api, token);
     review_answered(&mut review, "authentication.k8s.io/v1", "TokenReview");
-    review["status"] = match authenticate(c.api, &headers) {
+    review["status"] = match owner {
         Some(user) => json!({"authenticated": true, "user": {"username": user.name(), "groups": user.groups()},
             "audiences": review.pointer("/spec/audiences").cloned().unwrap_or(json!([]))}),
         None => json!({"authenticated": false, "error": "invalid bearer token"}),

@@ -1446,7 +1446,6 @@ pub fn sys_opts() -> WriteOpts {
     }
 }
 
-/// Sets a namespace's `spec.finalizers` (`None` or empty: none).
 /// What a write through subresource `sub` makes of `old` given the object the client sent
 /// (or the patch made): only the part the subresource owns changes, as kube-apiserver's
 /// per-subresource strategies do.
@@ -1482,6 +1481,7 @@ fn subresource_write(rt: &ResourceType, sub: &str, old: &Value, sent: &Value) ->
     Ok(n)
 }
 
+/// Sets a namespace's `spec.finalizers` (`None` or empty: none).
 fn set_spec_finalizers(ns: &mut Value, finalizers: Option<Value>) {
     match finalizers.filter(|f| f.as_array().is_some_and(|a| !a.is_empty())) {
         Some(f) => ns["spec"]["finalizers"] = f,
