@@ -4,7 +4,8 @@
 //! [`Recorder`](kube::runtime::events::Recorder) writes) limits `note` to
 //! [`NOTE_MAX_BYTES`] *bytes*; a longer note is refused with 422 and the Event is lost.
 //! [`note`] cuts a note to fit, at a char boundary, so a note in another script or with
-//! U+FFFD from a lossy decode still fits.
+//! U+FFFD from a lossy decode still fits; [`fit_bytes`] does the same for the other
+//! texts kube-apiserver limits in bytes (a condition's message).
 
 /// kube-apiserver's limit on an `events.k8s.io/v1` Event's `note`, in bytes.
 pub const NOTE_MAX_BYTES: usize = 1024;

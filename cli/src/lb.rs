@@ -733,7 +733,6 @@ async fn describe(kube_args: &KubeArgs, a: DescribeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Put together what `describe` shows (pure).
 /// How often an Event was seen: an events.k8s.io/v1 Event (what the CCM's Recorder
 /// writes) counts its repeats in `series.count` and leaves the deprecated `count` unset;
 /// an older one counts in `count`.
@@ -742,6 +741,7 @@ fn times_seen(e: &Event) -> i32 {
     series.max(e.count).unwrap_or(1).max(1)
 }
 
+/// Put together what `describe` shows (pure).
 pub fn describe_of(svc: &Service, lb: Option<LoadBalancer>, events: &[Event]) -> LbDescribe {
     let spec = svc.spec.clone().unwrap_or_default();
     let annotations = svc.annotations().clone();
