@@ -126,15 +126,23 @@ struct KnownLb {
     transition_since: Option<Instant>,
     /// Deleting (asked by us, or seen so): looked at by GET, never deleted again.
     deleting: bool,
+    /// Carries the Service's UID label (one adopted by name may not yet): only then can
+    /// the lookup by label stand in for a GET by ID.
+    labelled: bool,
+    /// The next look is the lookup by UID label, not a GET by ID: set when we ask for
+    /// the deletion of a labelled LB (see [`find_lb_by_uid`]).
+    look_by_label: bool,
 }
 
 impl KnownLb {
-    fn new(id: &str, name: &str) -> Self {
+    fn new(id: &str, name: &str, labelled: bool) -> Self {
         KnownLb {
             id: id.to_owned(),
             name: name.to_owned(),
             transition_since: None,
             deleting: false,
+            labelled,
+            look_by_label: false,
         }
     }
 }
@@ -242,7 +250,7 @@ impl Context {
             let mut ids = self.lb_ids();
             for (uid, id) in unique {
                 let name = names.get(id.as_str()).copied().unwrap_or_default();
-                ids.entry(uid).or_insert_with(|| KnownLb::new(&id, name));
+                ids.entry(uid).or_insert_with(|| KnownLb::new(&id, name, true));
             }
             for uid in &ambiguous {
                 ids.remove(uid);
@@ -269,17 +277,27 @@ impl Context {
 
     /// Remembers `lb` as the Service's LB, keeping a running transition's start.
     fn remember_lb(&self, uid: &str, lb: &LoadBalancer) {
+        let labelled = self.carries_uid(uid, lb);
         let mut ids = self.lb_ids();
         if let Some(known) = ids.get_mut(uid).filter(|known| known.id == lb.id) {
             known.name.clone_from(&lb.name);
+            known.labelled = labelled;
         } else {
-            ids.insert(uid.to_owned(), KnownLb::new(&lb.id, &lb.name));
+            ids.insert(uid.to_owned(), KnownLb::new(&lb.id, &lb.name, labelled));
         }
+    }
+
+    /// Whether `lb` carries our cluster's label and the Service UID `uid`.
+    fn carries_uid(&self, uid: &str, lb: &LoadBalancer) -> bool {
+        matches!(
+            pick_by_uid(&self.config.cluster_id, uid, std::slice::from_ref(lb)),
+            Ok(Some(_))
+        )
     }
 
     /// Notes that we just created the Service's LB `lb`.
     fn transition_started(&self, uid: &str, lb: &LoadBalancer) {
-        let mut known = KnownLb::new(&lb.id, &lb.name);
+        let mut known = KnownLb::new(&lb.id, &lb.name, self.carries_uid(uid, lb));
         known.transition_since = Some(Instant::now());
         self.lb_ids().insert(uid.to_owned(), known);
         self.deleting_names().remove(uid);
@@ -290,11 +308,13 @@ impl Context {
     fn deletion_started(&self, uid: &str, id: &str, name: &str, by_us: bool) {
         let mut ids = self.lb_ids();
         if ids.get(uid).is_none_or(|known| known.id != id) {
-            ids.insert(uid.to_owned(), KnownLb::new(id, name));
+            // Seen by name or by a look we did not keep: its labels are not known here.
+            ids.insert(uid.to_owned(), KnownLb::new(id, name, false));
         }
         if let Some(known) = ids.get_mut(uid) {
             if by_us {
                 known.transition_since = Some(Instant::now());
+                known.look_by_label = known.labelled;
             }
             known.deleting = true;
         }
@@ -542,8 +562,15 @@ async fn find_lb_by_uid(
 ) -> Result<Result<Option<LoadBalancer>, LookupError>> {
     let cluster = &ctx.config.cluster_id;
     let uid = svc.uid().ok_or(Error::MissingObjectKey("metadata.uid"))?;
-    let known = ctx.lb_ids().get(&uid).map(|k| k.id.clone());
-    if let Some(id) = known {
+    // The first look at a deletion we asked for goes by label: the platform finishes most
+    // deletions before it, and a GET's 404 would need the label lookup anyway to show that
+    // no other LB of the Service is left; the lookup alone answers both. Later looks (the
+    // LB was still being deleted) go by ID again.
+    let known = ctx
+        .lb_ids()
+        .get_mut(&uid)
+        .map(|k| (k.id.clone(), std::mem::take(&mut k.look_by_label)));
+    if let Some((id, false)) = known {
         let (ns, name) = (svc.namespace().unwrap_or_default(), svc.name_any());
         match ctx.platform.get_load_balancer(cluster, &id).await {
             // Still ours and still this Service's (labels can be edited behind our back):
@@ -562,7 +589,7 @@ async fn find_lb_by_uid(
             Err(e) => return Err(platform_err("get_load_balancer")(e)),
         }
         ctx.lb_ids().remove(&uid);
-    } else if lookup == Lookup::TrustKnown && ctx.known_without_lb(&uid) {
+    } else if known.is_none() && lookup == Lookup::TrustKnown && ctx.known_without_lb(&uid) {
         return Ok(Ok(None));
     }
     let by_uid = ctx

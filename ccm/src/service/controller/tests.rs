@@ -822,7 +822,7 @@ async fn the_sweep_forgets_lbs_of_services_that_are_gone() {
     bench.platform.settle();
     ctx.lb_ids().insert(
         "uid-unlisted".into(),
-        KnownLb::new("lb-not-listed", "kr-default-unlisted"),
+        KnownLb::new("lb-not-listed", "kr-default-unlisted", true),
     );
     let s2 = s.clone();
     sweep_orphans(&ctx, || async { Ok(vec![s2]) }).await.expect("sweep");
@@ -1024,12 +1024,15 @@ async fn a_known_lb_is_polled_by_id_and_a_vanished_one_looked_up_again() {
     stop_serving(ctx, server).await;
 }
 
-/// A deletion is polled like a creation: by ID (one GET) while the platform deletes the
-/// LB, first after the typical transition time and then ever less often, never as an
-/// error; once the GET says 404, the label lookups confirm that no LB of the Service is
-/// left before the finalizer goes. A Service whose type changes away takes the same path.
+/// A deletion is polled like a creation, first after the typical transition time and
+/// then ever less often, never as an error. The first look is the lookup by UID label:
+/// the platform finishes most deletions before it, and a GET's 404 would need that lookup
+/// anyway to confirm that no LB of the Service is left. While the LB is still being
+/// deleted, the looks go by ID (one GET), and once the GET says 404 the label lookup
+/// confirms before the finalizer goes. A Service whose type changes away takes the same
+/// path.
 #[tokio::test]
-async fn a_deletion_is_polled_by_id_then_confirmed_by_labels() {
+async fn a_deletion_is_looked_at_by_label_then_polled_by_id_then_confirmed_by_labels() {
     for type_change in [false, true] {
         let bench = Bench::new(&["a"]);
         let s = finalized(svc());
@@ -1048,14 +1051,19 @@ async fn a_deletion_is_polled_by_id_then_confirmed_by_labels() {
         assert_eq!(first, Action::requeue(Timing::default().first_poll));
         // The LB we created is deleted by its ID at once, without a GET first.
         assert_eq!(bench.platform.calls(), vec!["delete_load_balancer"]);
-        // Still deleting: one GET by ID per look, the looks ever further apart.
+        // Still deleting at the first look, which goes by label and finds it so.
         bench.platform.clear_calls();
         tokio::time::sleep(Duration::from_millis(200)).await;
         let second = reconcile_on(&ctx, &gone).await.expect("still deleting");
-        assert_eq!(bench.platform.calls(), vec!["get_load_balancer"]);
+        assert_eq!(bench.platform.calls(), vec!["list_load_balancers"]);
         let delay = |a: &Action| format!("{a:?}");
         assert!(second != first, "{} then {}", delay(&first), delay(&second));
         assert!(second != Action::requeue(Timing::default().poll), "{second:?}");
+        // Still deleting: one GET by ID per look from now on, never a second DELETE.
+        bench.platform.clear_calls();
+        let third = reconcile_on(&ctx, &gone).await.expect("still deleting");
+        assert_eq!(bench.platform.calls(), vec!["get_load_balancer"]);
+        assert!(third != Action::await_change(), "{third:?}");
         // Gone: a 404 by ID, then the lookup by UID label, then the finalizer. The LB we
         // deleted had the Service's name, which no other LB can have had meanwhile: no
         // lookup by name.
@@ -1080,6 +1088,67 @@ async fn a_deletion_is_polled_by_id_then_confirmed_by_labels() {
             "no Warning while waiting"
         );
     }
+}
+
+/// The common case: the platform has finished the deletion by the first look, and the
+/// whole cleanup is two platform calls, the DELETE and one lookup by UID label. An LB
+/// that another Service's label lookup would not find (adopted by name, still labelled
+/// with the old UID) is looked at by ID instead: the label lookup cannot stand in for it.
+#[tokio::test]
+async fn a_quick_deletion_takes_two_calls_and_an_unlabelled_lb_is_looked_at_by_id() {
+    let bench = Bench::new(&["a"]);
+    let s = finalized(svc());
+    let (ctx, server) = bench.served_context(&s);
+    reconcile_on(&ctx, &s).await.expect("create");
+    bench.platform.settle();
+    reconcile_on(&ctx, &s).await.expect("active");
+    let lb = bench.platform.lbs("cl-1")[0].clone();
+    let gone = deleting(with_ready_status(s.clone(), &lb));
+    bench.platform.clear_calls();
+    reconcile_on(&ctx, &gone).await.expect("deleting");
+    bench.platform.settle();
+    let done = reconcile_on(&ctx, &gone).await.expect("done");
+    assert_eq!(done, Action::await_change());
+    assert_eq!(
+        bench.platform.calls(),
+        vec!["delete_load_balancer", "list_load_balancers"]
+    );
+    stop_serving(ctx, server).await;
+
+    // Adopted by name: the LB of a previous incarnation (uid-1), now the LB of uid-2.
+    let bench = Bench::new(&["a"]);
+    let (res, _) = bench.reconcile(&finalized(svc())).await;
+    res.expect("created; left provisioning");
+    let mut recreated = finalized(svc());
+    recreated.metadata.uid = Some("uid-2".into());
+    let (ctx, server) = bench.served_context(&recreated);
+    let listed = vec![recreated.clone()];
+    sweep_orphans(&ctx, || async { Ok(listed) }).await.expect("sweep");
+    reconcile_on(&ctx, &recreated).await.expect("adopt while it is busy");
+    bench.platform.settle();
+    let lb = bench.platform.lbs("cl-1")[0].clone();
+    assert_ne!(
+        lb.labels.get(LABEL_SERVICE_UID).map(String::as_str),
+        Some("uid-2"),
+        "not relabelled yet"
+    );
+    let gone = deleting(with_ready_status(recreated.clone(), &lb));
+    bench.platform.clear_calls();
+    reconcile_on(&ctx, &gone).await.expect("deleting");
+    assert_eq!(bench.platform.calls(), vec!["delete_load_balancer"]);
+    bench.platform.clear_calls();
+    let second = reconcile_on(&ctx, &gone).await.expect("still deleting");
+    assert_eq!(
+        bench.platform.calls(),
+        vec!["get_load_balancer"],
+        "by ID: its labels name uid-1"
+    );
+    assert!(second != Action::await_change(), "{second:?}");
+    bench.platform.settle();
+    bench.platform.clear_calls();
+    assert_eq!(reconcile_on(&ctx, &gone).await.expect("done"), Action::await_change());
+    assert!(bench.platform.lbs("cl-1").is_empty());
+    stop_serving(ctx, server).await;
 }
 
 /// Events are queued, not published by the reconcile: an API server that never answers
@@ -1127,7 +1196,7 @@ async fn a_reconcile_never_waits_on_its_events() {
 /// The DELETE by a known ID answers 404 (the LB went behind our back): the ID is
 /// forgotten and the label lookups decide (an LB of the Service may still exist under
 /// another ID); the finalizer goes only once they find nothing. The LB we deleted is
-/// never deleted twice: the looks after the DELETE are GETs.
+/// never deleted twice: the looks after the DELETE are lookups (by label, then GETs).
 #[tokio::test]
 async fn a_known_lb_gone_before_its_delete_is_confirmed_by_labels() {
     let bench = Bench::new(&["a"]);
@@ -1157,8 +1226,8 @@ async fn a_known_lb_gone_before_its_delete_is_confirmed_by_labels() {
     let second = reconcile_on(&ctx, &gone).await.expect("still deleting");
     assert_eq!(
         bench.platform.calls(),
-        vec!["get_load_balancer"],
-        "a look, not a second DELETE"
+        vec!["list_load_balancers"],
+        "a look (the first by label), not a second DELETE"
     );
     assert!(second != Action::await_change(), "{second:?}");
 
