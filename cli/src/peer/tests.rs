@@ -8,6 +8,7 @@ use k8s_openapi::jiff::Timestamp;
 use kuberaya_gateway::crd::{AllowRule, CONDITION_ACCEPTED, Condition, PortRef, VpnPeer, VpnPeerStatus};
 
 use super::view::address_text;
+use super::wait::settled;
 use super::*;
 
 #[test]
@@ -92,6 +93,25 @@ fn acceptance_and_state() {
     let mut old = ok;
     old.spec.expires_at = Some(Time(Timestamp::UNIX_EPOCH));
     assert_eq!(state(&old, Timestamp::from_second(10).unwrap()).0, "Expired");
+}
+
+#[test]
+fn the_wait_ends_on_an_answer_to_the_generation_asked_about() {
+    use kube::runtime::wait::Condition;
+    let base = crate::reach::tests::peer("ns", "p", 1, vec![]);
+    let mut accepted = with_status(base.clone(), Some(("True", "Accepted")), Some("100.64.0.2"));
+    accepted.status.as_mut().unwrap().observed_generation = Some(1);
+    assert!(settled(Some(1)).matches_object(Some(&accepted)));
+    assert!(
+        !settled(Some(2)).matches_object(Some(&accepted)),
+        "an answer about an older generation"
+    );
+    let no_address = with_status(base.clone(), Some(("True", "Accepted")), None);
+    assert!(!settled(None).matches_object(Some(&no_address)));
+    assert!(!settled(None).matches_object(Some(&base)), "no answer yet");
+    let rejected = with_status(base, Some(("False", "AddressTaken")), None);
+    assert!(settled(None).matches_object(Some(&rejected)));
+    assert!(settled(None).matches_object(None), "a peer gone: nothing to wait for");
 }
 
 #[test]

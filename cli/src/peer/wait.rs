@@ -25,7 +25,7 @@ fn stale(p: &VpnPeer, generation: Option<i64>) -> bool {
 
 /// The gateway has answered generation `generation` (or a later one): accepted with an
 /// address, or rejected. A peer that is gone is settled too: nothing is left to wait for.
-fn settled(generation: Option<i64>) -> impl Condition<VpnPeer> {
+pub(super) fn settled(generation: Option<i64>) -> impl Condition<VpnPeer> {
     move |p: Option<&VpnPeer>| match p {
         None => true,
         Some(p) => {
