@@ -182,18 +182,18 @@ pub async fn run(cmd: PeerCommand, kube_args: &KubeArgs) -> anyhow::Result<()> {
     }
 }
 
-pub(super) fn peer_namespace(kube_args: &KubeArgs, gw: &GatewayArgs) -> String {
+fn peer_namespace(kube_args: &KubeArgs, gw: &GatewayArgs) -> String {
     kube_args
         .namespace
         .clone()
         .unwrap_or_else(|| gw.gateway_namespace.clone())
 }
 
-pub(super) fn psk_secret_name(peer: &str) -> String {
+fn psk_secret_name(peer: &str) -> String {
     format!("{peer}-psk")
 }
 
-pub(super) async fn get_peer(k: &Kube, ns: &str, name: &str) -> anyhow::Result<VpnPeer> {
+async fn get_peer(k: &Kube, ns: &str, name: &str) -> anyhow::Result<VpnPeer> {
     let api: Api<VpnPeer> = Api::namespaced(k.client.clone(), ns);
     match api.get(name).await {
         Ok(p) => Ok(p),
