@@ -4,7 +4,8 @@
 //!   kubectl, the gateway annotates the Service itself): first refused with what to do
 //!   while the gateway has not annotated it, then `peer add`, `peer list` (a disabled peer
 //!   with its last address), `expose audit` with a LoadBalancer, a NodePort and two peers,
-//!   and bad input;
+//!   bad input, `--context` picking the second context of a kubeconfig, and a peer the
+//!   gateway rejects;
 //! - load balancers: `lb list|describe|orphans` against LBs made through the platform API
 //!   with the CCM's labels (the sandbox runs `--no-ccm`, so nothing sweeps them); then the
 //!   real CCM is started on the same state and its sweep deletes exactly the orphans the
@@ -333,6 +334,82 @@ fn peers_and_exposure_audit() -> Result<()> {
         String::from_utf8_lossy(&out.stderr).contains("cannot reach the cluster"),
         "{}",
         text(&out)
+    );
+
+    // --context: a kubeconfig whose current context is that unreachable server, and whose
+    // second context is the sandbox. Without the flag the CLI uses the current context and
+    // says where it could not connect; with `--context sandbox` it lists the sandbox's peers.
+    let two_kc = sb.dir.path().join("two-contexts");
+    std::fs::copy(sb.kubeconfig(), &two_kc)?;
+    let kc = two_kc.to_str().expect("utf-8");
+    let sandbox_context = sb.kubectl(&["config", "current-context"])?.trim().to_string();
+    for args in [
+        vec!["config", "set-cluster", "broken", "--server", "https://127.0.0.1:1"],
+        vec!["config", "set-credentials", "broken", "--token", "t"],
+        vec![
+            "config",
+            "set-context",
+            "broken",
+            "--cluster",
+            "broken",
+            "--user",
+            "broken",
+        ],
+        vec!["config", "rename-context", &sandbox_context, "sandbox"],
+        vec!["config", "use-context", "broken"],
+    ] {
+        let out = Command::new("kubectl")
+            .args(&args)
+            .args(["--kubeconfig", kc])
+            .output()?;
+        ensure!(out.status.success(), "kubectl {args:?}: {}", text(&out));
+    }
+    let kuberaya_two = |extra: &[&str]| {
+        Command::new(binary("kuberaya"))
+            .args(["peer", "list", "-A", "-o", "json", "--kubeconfig", kc])
+            .args(extra)
+            .env_remove("KUBECONFIG")
+            .stdin(Stdio::null())
+            .output()
+    };
+    let out = kuberaya_two(&[])?;
+    one_clear_line(&out)?;
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot reach the cluster at https://127.0.0.1:1"),
+        "without --context: the current context\n{}",
+        text(&out)
+    );
+    let out = kuberaya_two(&["--context", "sandbox"])?;
+    ensure!(out.status.success(), "--context sandbox: {}", text(&out));
+    ensure!(
+        jq("[.items[].name] | join(\",\")", &out.stdout)? == "alice,bob",
+        "--context sandbox lists the sandbox's peers: {}",
+        text(&out)
+    );
+    let out = kuberaya_two(&["--context", "nowhere"])?;
+    one_clear_line(&out)?;
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("nowhere"),
+        "an unknown context is named: {}",
+        text(&out)
+    );
+
+    // Rejected by the gateway (an address outside its range): the reason and message of
+    // its Accepted=False condition, a non-zero exit, and the peer removed again.
+    let out = sb.cli(&["peer", "add", "carol", "--address", "192.0.2.7", "--out", "-"]);
+    one_clear_line(&out)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(1)
+            && err.contains("the gateway rejected peer carol: AddressOutsideRange: ")
+            && err.contains("nothing was kept"),
+        "{}",
+        text(&out)
+    );
+    ensure!(
+        sb.kubectl(&["get", "vpnpeers", "-n", "kuberaya-system", "carol"])
+            .is_err(),
+        "the rejected peer is removed again"
     );
 
     // disable, remove.

@@ -8,85 +8,13 @@
 //! - `peer remove` cuts it off within 2 s (measured).
 //!
 //! onetun 0.3.10 supports one TCP forward per process, so each tunnel is its own onetun
-//! forwarding a local port to the `api` Service's ClusterIP.
+//! forwarding a local port to the `api` Service's ClusterIP ([`Tunnel`], in the harness).
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
-use kuberaya_e2e::Process;
-use kuberaya_e2e::poll_until_blocking;
-use kuberaya_e2e::sandbox::{Sandbox, WgPeer, conf_value, curl_local, free_port, onetun_path};
-
-/// Requests through a working tunnel answer in milliseconds; a cut-off one gets nothing.
-const PROBE_TIMEOUT_S: f64 = 1.0;
-
-/// A running onetun forwarding a local port to the api Service.
-struct Tunnel {
-    port: u16,
-    onetun: Process,
-}
-
-impl Tunnel {
-    fn open(peer: &WgPeer, api_ip: &str) -> Tunnel {
-        let port = free_port();
-        Tunnel {
-            port,
-            onetun: peer.onetun(port, &format!("{api_ip}:80:TCP")),
-        }
-    }
-
-    /// One request through the tunnel that an api pod answered.
-    fn answers(&self) -> bool {
-        let (ok, body) = curl_local(self.port, PROBE_TIMEOUT_S);
-        ok && body.contains("pod=api-")
-    }
-
-    /// Wait (at most `timeout`) until a request gets through; returns how long it took.
-    fn wait_answers(&self, timeout: Duration, what: &str) -> Duration {
-        let start = Instant::now();
-        poll_until_blocking(timeout, || {
-            let (ok, body) = curl_local(self.port, 3.0);
-            (ok && body.contains("pod=api-")).then_some(())
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "{what}: no answer through the tunnel within {timeout:?}\n{}",
-                self.onetun.output_tails()
-            )
-        });
-        start.elapsed()
-    }
-
-    /// Probe until a request gets nothing (at most `timeout`); returns when, after
-    /// `since`, the first failing request started.
-    fn wait_cut_off(&self, since: Instant, timeout: Duration, what: &str) -> Duration {
-        loop {
-            let probe = Instant::now();
-            if !self.answers() {
-                return probe - since;
-            }
-            assert!(
-                since.elapsed() < timeout,
-                "{what}: the tunnel still answers {:?} later\n{}",
-                since.elapsed(),
-                self.onetun.output_tails()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// `count` requests over about `count` seconds, none of which gets through.
-    fn stays_cut_off(&self, count: usize, what: &str) {
-        for i in 0..count {
-            let (ok, body) = curl_local(self.port, PROBE_TIMEOUT_S);
-            assert!(
-                !(ok && body.contains("pod=")),
-                "{what}: request {i} got through: {body}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
+use kuberaya_e2e::sandbox::{Sandbox, WgPeer, conf_value, onetun_path};
+use kuberaya_e2e::tunnel::Tunnel;
 
 #[test]
 fn rotate_remove_disable_and_enable_take_effect_on_the_tunnel() -> Result<()> {

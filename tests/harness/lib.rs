@@ -28,6 +28,8 @@
 //!   for creating thousands of objects with bounded concurrency.
 //! - [`kube_stand_in`]: the Kubernetes API stand-in (`kuberaya-sandbox kube`) alone: its
 //!   command line and the URL it listens on.
+//! - [`tunnel`]: [`tunnel::Tunnel`], a test peer's onetun through the sandbox's gateway
+//!   to an HTTP Service, and whether requests get through or are cut off.
 //! - [`b64`]: standard base64 ([`b64()`], [`b64_decode`]) on the workspace's crate.
 
 pub mod b64;
@@ -45,6 +47,7 @@ pub mod platform;
 pub mod probe;
 pub mod process;
 pub mod sandbox;
+pub mod tunnel;
 
 pub use b64::{b64, b64_decode};
 pub use bins::{bin_dir, binary};
