@@ -151,7 +151,7 @@ impl Gateway {
             .collect();
         peers.sort_by_key(|p| p.allowed_ips.first().copied());
         DeviceState {
-            private_key: self.private_key.to_x25519().to_bytes(),
+            private_key: zeroize::Zeroizing::new(self.private_key.to_x25519().to_bytes()),
             listen_port,
             peers,
         }
