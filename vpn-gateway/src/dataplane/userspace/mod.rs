@@ -17,8 +17,8 @@
 //!   denied flows within a per-peer budget ([`crate::audit`]), the rest summed in one line.
 //!
 //! This module holds the data plane's state and its [`DataPlane`] side (packets in and
-//! out, policy, peers leaving); [`stack`] the smoltcp interfaces, [`tcp_flows`] the TCP flows
-//! and their Service connections, [`udp_flows`] the UDP flows and DNS.
+//! out, policy, peers leaving); `stack` the smoltcp interfaces, `tcp_flows` the TCP flows
+//! and their Service connections, `udp_flows` the UDP flows and DNS.
 
 mod stack;
 mod tcp_flows;
