@@ -15,8 +15,10 @@
 //! (a tool of the test). Default run well under 2 minutes; `KR_RELIABILITY_LONG=1` floods
 //! for 20 s instead of 4 and repeats the datagram kinds 10 times as often.
 //!
-//! The established peer's throughput during the flood is printed (`RESULT` lines), not
-//! asserted: performance is measured in `benches/gateway_flood.rs`.
+//! The established peer's throughput during the flood is printed (`RESULT` lines) and held
+//! to a floor relative to its own throughput without the flood, measured in the same run
+//! ([`FLOOD_SHARE_FLOOR`]); the performance goal itself is measured in
+//! `benches/gateway_flood.rs`.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::Path;
@@ -43,6 +45,14 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 fn long() -> bool {
     std::env::var("KR_RELIABILITY_LONG").is_ok_and(|v| v == "1")
 }
+
+/// The share of its own flood-free throughput the established peer keeps during the
+/// handshake flood, at least. The baseline is measured in the same run, just before and
+/// just after the flood, and the lower of the two is used, so that a machine busy with
+/// something else for the whole test moves both figures alike. The benches hold the goal
+/// (0.5×); this test ran at 0.24–0.81× on a loaded 2-core machine, and a tenth still tells
+/// a working gateway from a starved peer (0.00× before the handshake budget).
+const FLOOD_SHARE_FLOOR: f64 = 0.1;
 
 // ---------------------------------------------------------------------------------------
 // Keys and the gateway.
@@ -400,6 +410,9 @@ fn handshake_flood_gets_cookie_replies_every_datagram_is_accounted_for_and_the_p
     let cookies = after.cookies() - before.cookies();
     let deltas = drop_deltas(&before, &after);
     let unknown = after.dropped("unknown_key") - before.dropped("unknown_key");
+    // The baseline again, now the flood is over (and the counters above are read).
+    let without_after = download_mbit(local, window);
+    let baseline = without.min(without_after);
     result(
         "flood.offered",
         format!(
@@ -419,8 +432,9 @@ fn handshake_flood_gets_cookie_replies_every_datagram_is_accounted_for_and_the_p
     result(
         "flood.established_peer_throughput",
         format!(
-            "{during:.0} Mbit/s during vs {without:.0} Mbit/s without → {:.2}x",
-            during / without.max(1e-9)
+            "{during:.0} Mbit/s during vs {without:.0} Mbit/s without before and {without_after:.0} after → {:.2}x \
+             of the lower",
+            during / baseline.max(1e-9)
         ),
     );
 
@@ -453,9 +467,15 @@ fn handshake_flood_gets_cookie_replies_every_datagram_is_accounted_for_and_the_p
         "the established peer got nothing through during the flood"
     );
     // And it still works afterwards.
+    assert!(without_after > 0.0, "the peer's session is gone");
     assert!(
-        download_mbit(local, Duration::from_millis(500)) > 0.0,
-        "the peer's session is gone"
+        without > 0.0,
+        "no baseline: the established peer got nothing through before the flood"
+    );
+    assert!(
+        during >= FLOOD_SHARE_FLOOR * baseline,
+        "the established peer kept {during:.1} Mbit/s during the flood, less than {FLOOD_SHARE_FLOOR} of the \
+         {baseline:.1} Mbit/s it got without (before {without:.1}, after {without_after:.1})"
     );
     ot.stop();
     stop.store(true, Ordering::Relaxed);

@@ -8,7 +8,8 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
 use k8s_openapi::jiff::Timestamp;
-use kuberaya_gateway::acl::{Acl, Catalog, Service};
+use kuberaya_gateway::acl::Acl;
+use kuberaya_gateway::catalog::{Catalog, Service};
 use kuberaya_gateway::crd::VpnPeer;
 use kuberaya_gateway::peers::{PeerId, TunnelConfig, Validation, validate};
 use kuberaya_gateway::source::kube::peer_from_k8s;
@@ -110,7 +111,7 @@ pub fn reach_of_all(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use kuberaya_gateway::acl::{Protocol, ServicePort};
+    use kuberaya_gateway::catalog::{Protocol, ServicePort};
     use kuberaya_gateway::crd::{AllowRule, PortRef, VpnPeerSpec};
     use kuberaya_gateway::keys::PublicKey;
 

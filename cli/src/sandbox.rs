@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use kuberaya_sandbox::cluster::{Cluster, ClusterOptions, PlatformClient, PlatformLogin};
 use kuberaya_sandbox::kube::{KubeApi, KubeApiConfig};
-use kuberaya_sandbox::platform::{Platform, PlatformConfig, serve};
+use kuberaya_sandbox::platform::{PlatformConfig, PlatformStandIn, serve};
 
 use crate::output::{OutputFormat, table};
 
@@ -421,7 +421,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         udp_enabled: !args.no_udp,
         ..PlatformConfig::default()
     };
-    let platform = Platform::open(config)
+    let platform = PlatformStandIn::open(config)
         .await
         .context("cannot start the platform stand-in")?;
     platform

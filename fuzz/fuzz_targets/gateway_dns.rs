@@ -11,7 +11,8 @@ use std::sync::LazyLock;
 
 use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::RData;
-use kuberaya_gateway::acl::{Acl, Catalog, Protocol, Service, ServicePort};
+use kuberaya_gateway::acl::Acl;
+use kuberaya_gateway::catalog::{Catalog, Protocol, Service, ServicePort};
 use kuberaya_gateway::dns::{self, DnsAnswer, Resolver};
 use kuberaya_gateway::keys::PublicKey;
 use kuberaya_gateway::peers::{AcceptedPeer, PeerId, Rule};

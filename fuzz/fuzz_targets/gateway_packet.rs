@@ -10,7 +10,8 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::LazyLock;
 
-use kuberaya_gateway::acl::{Acl, Catalog, Protocol, Service, ServicePort, Verdict};
+use kuberaya_gateway::acl::{Acl, Verdict};
+use kuberaya_gateway::catalog::{Catalog, Protocol, Service, ServicePort};
 use kuberaya_gateway::crd::PortRef;
 use kuberaya_gateway::keys::PublicKey;
 use kuberaya_gateway::packet::{self, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Transport};

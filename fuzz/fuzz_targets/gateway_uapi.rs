@@ -82,7 +82,7 @@ fn state(h: &[u8; HEADER]) -> DeviceState {
         })
         .collect();
     DeviceState {
-        private_key: [h[3]; 32],
+        private_key: [h[3]; 32].into(),
         listen_port: u16::from_be_bytes([h[1], h[2]]),
         peers,
     }
@@ -118,7 +118,7 @@ fn parse_get(answer: &str) -> DeviceState {
         .strip_suffix("errno=0\n\n")
         .unwrap_or_else(|| panic!("{answer:?}"));
     let mut s = DeviceState {
-        private_key: [0; 32],
+        private_key: [0; 32].into(),
         listen_port: 0,
         peers: Vec::new(),
     };
@@ -127,7 +127,7 @@ fn parse_get(answer: &str) -> DeviceState {
         let (k, v) = line.split_once('=').unwrap_or_else(|| panic!("{line:?}"));
         let num = || v.parse::<u64>().unwrap_or_else(|e| panic!("{line:?}: {e}"));
         if k == "private_key" {
-            s.private_key = hex32(v);
+            s.private_key = hex32(v).into();
             continue;
         }
         if k == "listen_port" {

@@ -1,5 +1,10 @@
-//! Local stand-ins for what cannot run on a developer machine: the CloudRaya platform
-//! (with real L4 forwarding through its load balancers) and, later, the Kubernetes API.
+//! Local stand-ins for what cannot run on a developer machine:
+//! - [`platform`]: the CloudRaya platform API (with real L4 forwarding through its load
+//!   balancers);
+//! - [`kube`]: a Kubernetes API server (HTTPS, the REST API our controllers and `kubectl`
+//!   use, watches, persistence in a state dir);
+//! - [`cluster`]: what runs on a cluster besides the API server (node agents, workloads,
+//!   EndpointSlices, kube-proxy), played by ordinary Kubernetes clients.
 //!
 //! The stand-ins are written from the contract documents (`docs/platform-api.md`, the
 //! Kubernetes API), never from our client's types: this crate depends on neither `ccm`

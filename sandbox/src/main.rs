@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kuberaya_sandbox::platform::{self, Platform, PlatformConfig};
+use kuberaya_sandbox::platform::{self, PlatformConfig, PlatformStandIn};
 
 #[derive(Debug, Parser)]
 #[command(name = "kuberaya-sandbox", version, about)]
@@ -142,7 +142,7 @@ async fn run_platform(args: PlatformArgs) -> anyhow::Result<()> {
         udp_enabled: !args.no_udp,
         ..PlatformConfig::default()
     };
-    let platform = Platform::open(config)
+    let platform = PlatformStandIn::open(config)
         .await
         .with_context(|| format!("cannot open platform state in {}", args.state_dir.display()))?;
     platform

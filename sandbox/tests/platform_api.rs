@@ -1,4 +1,4 @@
-//! The platform stand-in over real HTTP: `Platform::open` + `serve` on `127.0.0.1:0`,
+//! The platform stand-in over real HTTP: `PlatformStandIn::open` + `serve` on `127.0.0.1:0`,
 //! checked with reqwest. Each test uses its own loopback ranges (public
 //! `127.203.<n>.0/24`, VM `127.10.<n>.0/24`, n unique in 100..200) so tests run in
 //! parallel.
@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kuberaya_sandbox::platform::{self, Platform, PlatformConfig};
+use kuberaya_sandbox::platform::{self, PlatformConfig, PlatformStandIn};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,7 +21,7 @@ const LBS: &str = "/kubernetes/v1/clusters/cl-1/load-balancers";
 struct Sandbox {
     url: String,
     client: reqwest::Client,
-    platform: Arc<Platform>,
+    platform: Arc<PlatformStandIn>,
     token: String,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<std::io::Result<()>>>,
@@ -73,7 +73,7 @@ impl Sandbox {
 
     async fn start_with(n: u8, config: PlatformConfig) -> Sandbox {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let platform = Platform::open(config).await.unwrap();
+        let platform = PlatformStandIn::open(config).await.unwrap();
         platform.seed_cluster(CLUSTER, "one", 2).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());

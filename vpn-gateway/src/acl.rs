@@ -8,117 +8,10 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-
+use crate::catalog::Catalog;
 use crate::crd::PortRef;
-use crate::packet::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet};
+use crate::packet::{PROTO_ICMP, PROTO_ICMPV6, Packet};
 use crate::peers::AcceptedPeer;
-
-/// A Service port's protocol.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum Protocol {
-    #[default]
-    Tcp,
-    Udp,
-    Sctp,
-}
-
-impl Protocol {
-    pub fn ip_proto(self) -> u8 {
-        match self {
-            Protocol::Tcp => PROTO_TCP,
-            Protocol::Udp => PROTO_UDP,
-            Protocol::Sctp => 132,
-        }
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-            Protocol::Sctp => "sctp",
-        }
-    }
-}
-
-/// One port of a Service.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ServicePort {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    pub port: u16,
-    #[serde(default)]
-    pub protocol: Protocol,
-}
-
-/// What the gateway needs of a Service.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Service {
-    pub namespace: String,
-    pub name: String,
-    /// `None` for headless Services and Services without an address yet.
-    #[serde(default, rename = "clusterIP", skip_serializing_if = "Option::is_none")]
-    pub cluster_ip: Option<IpAddr>,
-    #[serde(default)]
-    pub ports: Vec<ServicePort>,
-}
-
-/// The Services known to the gateway, by namespace and name and by ClusterIP.
-///
-/// A ClusterIP that two Services claim (a Service deleted and its address given to a new
-/// one, seen by the cache before the deletion) belongs to neither until the cache settles:
-/// which of them a packet to it reaches is not for the gateway to guess, so it is no
-/// one's to grant, whatever order the Services were listed in.
-#[derive(Clone, Debug, Default)]
-pub struct Catalog {
-    by_name: HashMap<(String, String), Arc<Service>>,
-    by_ip: HashMap<IpAddr, Arc<Service>>,
-    ambiguous: HashSet<IpAddr>,
-}
-
-impl Catalog {
-    pub fn new(services: impl IntoIterator<Item = Service>) -> Self {
-        let mut c = Catalog::default();
-        for s in services {
-            let s = Arc::new(s);
-            if let Some(ip) = s.cluster_ip
-                && let Some(other) = c.by_ip.insert(ip, s.clone())
-                && (other.namespace != s.namespace || other.name != s.name)
-            {
-                c.ambiguous.insert(ip);
-            }
-            c.by_name.insert((s.namespace.clone(), s.name.clone()), s);
-        }
-        for ip in &c.ambiguous {
-            c.by_ip.remove(ip);
-        }
-        c
-    }
-
-    /// Whether two Services claim `ip` (then no rule grants it).
-    pub fn is_ambiguous(&self, ip: &IpAddr) -> bool {
-        self.ambiguous.contains(ip)
-    }
-    pub fn get(&self, namespace: &str, name: &str) -> Option<&Service> {
-        self.by_name
-            .get(&(namespace.to_string(), name.to_string()))
-            .map(|s| s.as_ref())
-    }
-    pub fn by_ip(&self, ip: IpAddr) -> Option<&Service> {
-        self.by_ip.get(&ip).map(|s| s.as_ref())
-    }
-    pub fn services(&self) -> impl Iterator<Item = &Service> {
-        self.by_name.values().map(|s| s.as_ref())
-    }
-    pub fn len(&self) -> usize {
-        self.by_name.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.by_name.is_empty()
-    }
-}
 
 /// The decision for one packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -258,52 +151,12 @@ impl Acl {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::catalog::Service;
+    use crate::catalog::tests::catalog;
     use crate::keys::PrivateKey;
     use crate::packet::tests::{ipv4, tcp, udp};
-    use crate::packet::{TCP_SYN, parse};
+    use crate::packet::{PROTO_TCP, PROTO_UDP, TCP_SYN, parse};
     use crate::peers::{PeerId, Rule};
-
-    pub(crate) fn catalog() -> Catalog {
-        Catalog::new([
-            Service {
-                namespace: "default".into(),
-                name: "web".into(),
-                cluster_ip: Some("127.96.0.10".parse().unwrap()),
-                ports: vec![
-                    ServicePort {
-                        name: Some("http".into()),
-                        port: 80,
-                        protocol: Protocol::Tcp,
-                    },
-                    ServicePort {
-                        name: Some("metrics".into()),
-                        port: 9090,
-                        protocol: Protocol::Tcp,
-                    },
-                ],
-            },
-            Service {
-                namespace: "default".into(),
-                name: "dns".into(),
-                cluster_ip: Some("127.96.0.53".parse().unwrap()),
-                ports: vec![ServicePort {
-                    name: Some("dns".into()),
-                    port: 53,
-                    protocol: Protocol::Udp,
-                }],
-            },
-            Service {
-                namespace: "db".into(),
-                name: "pg".into(),
-                cluster_ip: Some("127.96.1.5".parse().unwrap()),
-                ports: vec![ServicePort {
-                    name: None,
-                    port: 5432,
-                    protocol: Protocol::Tcp,
-                }],
-            },
-        ])
-    }
 
     pub(crate) fn peer(addr: [u8; 4], rules: Vec<Rule>) -> AcceptedPeer {
         AcceptedPeer {
@@ -469,16 +322,5 @@ pub(crate) mod tests {
         let without: Vec<Service> = catalog().services().filter(|s| s.name != "web").cloned().collect();
         let acl = Acl::compile(gw(), std::slice::from_ref(&a), &Catalog::new(without));
         assert_eq!(acl.check(a.address, &parse(&p).unwrap()), Verdict::Denied);
-    }
-
-    #[test]
-    fn service_file_format() {
-        let s: Service = serde_json::from_value(serde_json::json!({
-            "namespace": "default", "name": "web", "clusterIP": "127.96.0.10",
-            "ports": [{"name": "http", "port": 80}, {"port": 53, "protocol": "UDP"}]
-        }))
-        .unwrap();
-        assert_eq!(s.ports[0].protocol, Protocol::Tcp);
-        assert_eq!(s.ports[1].protocol, Protocol::Udp);
     }
 }

@@ -16,7 +16,8 @@ use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, SRV};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
-use crate::acl::{Acl, Catalog, Service};
+use crate::acl::Acl;
+use crate::catalog::{Catalog, Service};
 
 /// TTL of the records we answer: short, so Service changes show up quickly.
 pub const TTL: u32 = 5;
@@ -214,7 +215,8 @@ pub fn error_reply(query: &[u8], code: ResponseCode) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::acl::tests::{catalog, peer};
+    use crate::acl::tests::peer;
+    use crate::catalog::tests::catalog;
     use crate::peers::Rule;
     use hickory_proto::op::Query;
 

@@ -2,6 +2,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use zeroize::Zeroizing;
 
 /// Why a key did not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -12,9 +13,16 @@ pub enum KeyError {
     Length(usize),
 }
 
-fn decode32(s: &str) -> Result<[u8; 32], KeyError> {
-    let bytes = STANDARD.decode(s.trim()).map_err(|_| KeyError::Base64)?;
-    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| KeyError::Length(bytes.len()))
+/// The 32 bytes of a base64 key, wiped on drop (as is the decoded buffer), since a
+/// private key goes through here too.
+fn decode32(s: &str) -> Result<Zeroizing<[u8; 32]>, KeyError> {
+    let bytes = Zeroizing::new(STANDARD.decode(s.trim()).map_err(|_| KeyError::Base64)?);
+    let mut key = Zeroizing::new([0u8; 32]);
+    if bytes.len() != key.len() {
+        return Err(KeyError::Length(bytes.len()));
+    }
+    key.copy_from_slice(&bytes);
+    Ok(key)
 }
 
 /// A public key. Not secret: `Debug` and `Display` print its base64 form.
@@ -23,7 +31,7 @@ pub struct PublicKey(pub [u8; 32]);
 
 impl PublicKey {
     pub fn parse(s: &str) -> Result<Self, KeyError> {
-        decode32(s).map(PublicKey)
+        decode32(s).map(|k| PublicKey(*k))
     }
     pub fn to_base64(&self) -> String {
         STANDARD.encode(self.0)
@@ -45,24 +53,25 @@ impl std::fmt::Debug for PublicKey {
     }
 }
 
-/// A private key (the gateway's own). `Debug` never prints it.
+/// A private key (the gateway's own). `Debug` never prints it, and its bytes are wiped
+/// from memory when it (or a clone) drops, as the `StaticSecret`s made from it are.
 #[derive(Clone)]
-pub struct PrivateKey([u8; 32]);
+pub struct PrivateKey(Zeroizing<[u8; 32]>);
 
 impl PrivateKey {
     /// A fresh random key.
     pub fn generate() -> Self {
         // Clamping happens inside x25519-dalek on use; any 32 random bytes are a key.
-        PrivateKey(rand::random::<[u8; 32]>())
+        PrivateKey(Zeroizing::new(rand::random::<[u8; 32]>()))
     }
     pub fn parse(s: &str) -> Result<Self, KeyError> {
         decode32(s).map(PrivateKey)
     }
     pub fn to_base64(&self) -> String {
-        STANDARD.encode(self.0)
+        STANDARD.encode(*self.0)
     }
     pub fn to_x25519(&self) -> x25519_dalek::StaticSecret {
-        x25519_dalek::StaticSecret::from(self.0)
+        x25519_dalek::StaticSecret::from(*self.0)
     }
     pub fn public_key(&self) -> PublicKey {
         PublicKey(x25519_dalek::PublicKey::from(&self.to_x25519()).to_bytes())
@@ -81,7 +90,7 @@ pub struct PresharedKey(pub [u8; 32]);
 
 impl PresharedKey {
     pub fn parse(s: &str) -> Result<Self, KeyError> {
-        decode32(s).map(PresharedKey)
+        decode32(s).map(|k| PresharedKey(*k))
     }
     pub fn to_base64(&self) -> String {
         STANDARD.encode(self.0)
@@ -127,11 +136,11 @@ mod tests {
     #[test]
     fn known_vector() {
         // RFC 7748 section 6.1: Alice's private and public key.
-        let sk = PrivateKey(
+        let sk = PrivateKey(Zeroizing::new(
             hex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
                 .try_into()
                 .unwrap(),
-        );
+        ));
         let pk: [u8; 32] = hex("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")
             .try_into()
             .unwrap();

@@ -6,7 +6,9 @@
 //! - [`keys`]: WireGuard keys in base64, with redacting `Debug`.
 //! - [`peers`]: validation of peer inputs into accepted peers or rejection reasons, and
 //!   tunnel address allocation.
-//! - [`acl`]: allow rules compiled against the Service catalog into a fast lookup.
+//! - [`catalog`]: the Services the gateway knows, by name and by ClusterIP.
+//! - [`acl`]: allow rules compiled against the Service catalog into a fast lookup; the
+//!   decision for each packet.
 //! - [`packet`]: zero-copy IPv4/IPv6 header parsing of decrypted packets.
 //! - [`dns`]: the gateway's DNS answers (cluster Services, per-peer policy).
 //! - [`tunnel`]: one boringtun `Tunn` per peer ([`tunnel::PeerTunnel`]) and the
@@ -16,7 +18,8 @@
 //! - [`dataplane`]: what happens to decrypted, checked packets ([`dataplane::DataPlane`]);
 //!   the userspace implementation terminates flows in smoltcp.
 //! - [`source`]: where peers and Services come from (Kubernetes watchers or static files).
-//! - [`gateway`]: the UDP socket loop tying it together.
+//! - [`gateway`]: the UDP socket loop tying it together; `udp_batch` holds its batched
+//!   `sendmmsg`/`recvmmsg` system calls.
 //! - [`audit`]: a per-peer budget of audit lines for denied flows.
 //! - [`metrics`], [`http`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`.
 //! - [`uapi`]: the standard WireGuard UAPI socket, read-only, so `wg show` works.
@@ -27,6 +30,7 @@
 pub mod acl;
 pub mod audit;
 pub mod budget;
+pub mod catalog;
 pub mod crd;
 pub mod dataplane;
 pub mod dns;
@@ -41,6 +45,7 @@ pub mod run;
 pub mod source;
 pub mod tunnel;
 pub mod uapi;
+mod udp_batch;
 
 /// The crate-wide error type.
 #[derive(Debug, thiserror::Error)]

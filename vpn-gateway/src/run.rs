@@ -195,10 +195,11 @@ fn net_error(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> cra
 }
 
 fn read_key(path: &std::path::Path) -> crate::Result<PrivateKey> {
-    let text = std::fs::read_to_string(path).map_err(|source| crate::Error::Io {
+    // The file's text is the key too: wiped once parsed.
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|source| crate::Error::Io {
         path: path.display().to_string(),
         source,
-    })?;
+    })?);
     PrivateKey::parse(&text)
         .map_err(|e| crate::Error::Config(format!("{} does not hold a base64 WireGuard key: {e}", path.display())))
 }

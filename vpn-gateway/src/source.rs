@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::acl::Service;
+use crate::catalog::Service;
 use crate::crd::VpnPeerSpec;
 use crate::keys::PresharedKey;
 use crate::peers::{PeerId, PeerInput, Rejection};

@@ -56,7 +56,8 @@ pub type StateRequest = oneshot::Sender<DeviceState>;
 /// The device as `get=1` reports it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct DeviceState {
-    pub private_key: [u8; 32],
+    /// Wiped from memory when the answer drops.
+    pub private_key: zeroize::Zeroizing<[u8; 32]>,
     pub listen_port: u16,
     pub peers: Vec<PeerState>,
 }
@@ -491,7 +492,7 @@ mod tests {
     #[test]
     fn answers_of_each_step() {
         let state = DeviceState {
-            private_key: key(1),
+            private_key: key(1).into(),
             listen_port: 7,
             peers: vec![peer()],
         };
@@ -527,7 +528,7 @@ mod tests {
     #[test]
     fn get_answer_has_the_xplatform_shape() {
         let state = DeviceState {
-            private_key: key(0x01),
+            private_key: key(0x01).into(),
             listen_port: 51820,
             peers: vec![peer()],
         };
@@ -550,7 +551,7 @@ mod tests {
         p.last_handshake = None;
         p.preshared_key = Some(PresharedKey(key(0x7f)));
         let text = format_get(&DeviceState {
-            private_key: key(2),
+            private_key: key(2).into(),
             listen_port: 1,
             peers: vec![p],
         });
@@ -565,7 +566,7 @@ mod tests {
         p.endpoint = Some("[2001:db8::1]:4242".parse().unwrap());
         p.allowed_ips.push("fd00::2/128".parse().unwrap());
         let text = format_get(&DeviceState {
-            private_key: key(3),
+            private_key: key(3).into(),
             listen_port: 2,
             peers: vec![p.clone(), p],
         });
@@ -583,7 +584,7 @@ mod tests {
     #[test]
     fn empty_device_and_errno_answers() {
         let text = format_get(&DeviceState {
-            private_key: key(0),
+            private_key: key(0).into(),
             listen_port: 0,
             peers: vec![],
         });
@@ -613,7 +614,7 @@ mod tests {
         let s = format!(
             "{:?}",
             DeviceState {
-                private_key: key(0xcd),
+                private_key: key(0xcd).into(),
                 listen_port: 1,
                 peers: vec![],
             }
@@ -641,7 +642,7 @@ mod tests {
         tokio::spawn(async move {
             while let Some(reply) = rx.recv().await {
                 let _ = reply.send(DeviceState {
-                    private_key: key(9),
+                    private_key: key(9).into(),
                     listen_port: 4242,
                     peers: vec![peer()],
                 });

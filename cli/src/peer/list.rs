@@ -78,7 +78,7 @@ pub(super) async fn show(kube_args: &KubeArgs, a: NameArgs) -> anyhow::Result<()
 }
 
 /// Every Service, as the gateway sees them.
-pub async fn list_services(k: &Kube) -> anyhow::Result<Vec<kuberaya_gateway::acl::Service>> {
+pub async fn list_services(k: &Kube) -> anyhow::Result<Vec<kuberaya_gateway::catalog::Service>> {
     let api: Api<K8sService> = Api::all(k.client.clone());
     let list = api
         .list(&ListParams::default())

@@ -12,57 +12,27 @@ pub fn now_secs() -> i64 {
         .unwrap_or(0)
 }
 
-/// RFC 3339 in UTC with second precision (`metav1.Time`).
+/// RFC 3339 in UTC with second precision (`metav1.Time`). Instants past jiff's range
+/// (years -9999 to 9999) are shown as its first or last second.
 pub fn rfc3339(secs: i64) -> String {
-    let (y, mo, d, h, mi, s) = civil(secs);
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
+    let t = jiff::Timestamp::from_second(secs).unwrap_or(if secs < 0 {
+        jiff::Timestamp::MIN
+    } else {
+        jiff::Timestamp::MAX
+    });
+    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 pub fn now_rfc3339() -> String {
     rfc3339(now_secs())
 }
 
-fn civil(secs: i64) -> (i64, u32, u32, u32, u32, u32) {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = if m <= 2 { y + 1 } else { y };
-    (
-        y,
-        m,
-        d,
-        (rem / 3600) as u32,
-        ((rem % 3600) / 60) as u32,
-        (rem % 60) as u32,
-    )
-}
-
-/// Parses `YYYY-MM-DDTHH:MM:SS[.frac]Z` back to seconds since the epoch.
+/// Parses an RFC 3339 timestamp (`YYYY-MM-DDTHH:MM:SS[.frac]Z` as the API writes them)
+/// to whole seconds since the epoch, the fraction dropped (rounded down).
 pub fn parse_rfc3339(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    if b.len() < 20 {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    let y2 = if mo <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let mp = (mo + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days * 86_400 + h * 3600 + mi * 60 + se)
+    let t: jiff::Timestamp = s.parse().ok()?;
+    let secs = t.as_second();
+    Some(if t.subsec_nanosecond() < 0 { secs - 1 } else { secs })
 }
 
 /// kubectl's `HumanDuration` (as in the AGE column).
@@ -365,6 +335,15 @@ mod tests {
         assert_eq!(rfc3339(1_709_251_199), "2024-02-29T23:59:59Z");
         assert_eq!(parse_rfc3339("2024-02-29T23:59:59Z"), Some(1_709_251_199));
         assert_eq!(parse_rfc3339("2024-02-29T23:59:59.123456Z"), Some(1_709_251_199));
+    }
+
+    #[test]
+    fn time_edges() {
+        // Before the epoch a fraction still rounds down, as the fields read one by one did.
+        assert_eq!(parse_rfc3339("1969-12-31T23:59:59.5Z"), Some(-1));
+        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59Z");
+        assert_eq!(parse_rfc3339("not a time"), None);
+        assert_eq!(parse_rfc3339(""), None);
     }
 
     #[test]

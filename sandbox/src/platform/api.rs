@@ -24,11 +24,11 @@ use super::model::{
     PublicIpInput, Region, SettingsInput, SettingsView, Subnet, Vm, VmInput, VmState, Vpc, rfc3339,
 };
 use super::query::{self, ListQuery};
-use super::{Platform, lock, validate};
+use super::{PlatformStandIn, lock, validate};
 
-type AppState = Arc<Platform>;
+type AppState = Arc<PlatformStandIn>;
 
-pub fn router(platform: Arc<Platform>) -> Router {
+pub fn router(platform: Arc<PlatformStandIn>) -> Router {
     let protected = Router::new()
         .route("/vm/v1/instances", get(list_vms))
         .route("/vm/v1/instances/{id}", get(get_vm))
@@ -366,7 +366,7 @@ async fn get_cluster(State(p): State<AppState>, Params(id): Params<String>) -> R
         .ok_or_else(|| Error::not_found("cluster", &id))?)
 }
 
-fn view<'a>(p: &Platform, record: &'a LbRecord) -> LbView<'a> {
+fn view<'a>(p: &PlatformStandIn, record: &'a LbRecord) -> LbView<'a> {
     LbView {
         lb: &record.lb,
         health: p.health_of(record),
@@ -395,7 +395,7 @@ async fn list_lbs(
 
 async fn get_lb(State(p): State<AppState>, Params((cluster_id, id)): Params<(String, String)>) -> Result<Envelope> {
     let store = p.store.lock().await;
-    let record = Platform::find_lb(&store.state, &cluster_id, &id)?;
+    let record = PlatformStandIn::find_lb(&store.state, &cluster_id, &id)?;
     ok(view(&p, record))
 }
 
@@ -567,7 +567,7 @@ async fn sandbox_add_vm(State(p): State<AppState>, Json(input): Json<VmInput>) -
 
 /// Changes one VM (404 when unknown) and answers it.
 async fn change_vm(
-    p: &Platform,
+    p: &PlatformStandIn,
     id: &str,
     change: impl FnOnce(&mut Vm, &super::store::State) -> Result<()>,
 ) -> Result<Vm> {
@@ -653,7 +653,7 @@ async fn sandbox_vm_private_ip(
     ok(vm)
 }
 
-fn settings_view(p: &Platform) -> SettingsView {
+fn settings_view(p: &PlatformStandIn) -> SettingsView {
     let s = p.settings();
     SettingsView {
         provisioning_delay_ms: s.provisioning_delay.as_millis().try_into().unwrap_or(u64::MAX),

@@ -13,9 +13,9 @@ use super::model::{
     PublicIp, PublicIpRef, VmState, now_rfc3339,
 };
 use super::store::{Saved, State};
-use super::{Platform, validate};
+use super::{PlatformStandIn, validate};
 
-impl Platform {
+impl PlatformStandIn {
     /// The LB `id` of cluster `cluster_id` (404 for an unknown cluster, an unknown LB, or
     /// another cluster's LB).
     pub(crate) fn find_lb<'s>(state: &'s State, cluster_id: &str, id: &str) -> Result<&'s LbRecord> {
@@ -463,13 +463,13 @@ mod tests {
     use super::*;
     use crate::platform::PlatformConfig;
 
-    async fn status_of(platform: &Platform, name: &str) -> Option<(String, LbStatus)> {
+    async fn status_of(platform: &PlatformStandIn, name: &str) -> Option<(String, LbStatus)> {
         let store = platform.store.lock().await;
         let record = store.state.load_balancers.iter().find(|r| r.lb.name == name)?;
         Some((record.lb.id.clone(), record.lb.status))
     }
 
-    async fn wait_for(platform: &Platform, name: &str, want: Option<LbStatus>) {
+    async fn wait_for(platform: &PlatformStandIn, name: &str, want: Option<LbStatus>) {
         for _ in 0..200 {
             if status_of(platform, name).await.map(|(_, s)| s) == want {
                 return;
@@ -484,7 +484,7 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_call_still_completes_its_transition() {
         let dir = tempfile::tempdir().unwrap();
-        let platform = Platform::open(PlatformConfig {
+        let platform = PlatformStandIn::open(PlatformConfig {
             state_dir: dir.path().to_path_buf(),
             public_ip_range: "127.203.250.0/24".parse().unwrap(),
             vm_ip_range: "127.10.250.0/24".parse().unwrap(),

@@ -1,8 +1,8 @@
 //! The CloudRaya platform stand-in: `docs/platform-api.md`, implemented.
 //!
-//! [`Platform`] owns the state (persisted by [`store`]), the tokens, the fault rules and
+//! [`PlatformStandIn`] owns the state (persisted by [`store`]), the tokens, the fault rules and
 //! the data plane ([`forward::Forwarder`]); [`api`] maps HTTP onto it. Tests start it with
-//! [`Platform::open`] and [`serve`] on a listener bound to `127.0.0.1:0`.
+//! [`PlatformStandIn::open`] and [`serve`] on a listener bound to `127.0.0.1:0`.
 
 pub mod api;
 pub mod auth;
@@ -69,7 +69,7 @@ pub(crate) struct Settings {
 }
 
 /// The platform stand-in: state, tokens, faults, call counts and the data plane.
-pub struct Platform {
+pub struct PlatformStandIn {
     config: PlatformConfig,
     settings: Mutex<Settings>,
     store: tokio::sync::Mutex<Store>,
@@ -80,15 +80,15 @@ pub struct Platform {
     /// Serialises the changes to the data plane of one LB, so an apply and a remove of
     /// the same LB never interleave; different LBs are applied concurrently.
     dataplane: forward::KeyedLocks,
-    /// Set by [`Platform::shutdown`]: timers stop, the data plane is left alone.
+    /// Set by [`PlatformStandIn::shutdown`]: timers stop, the data plane is left alone.
     stopping: watch::Sender<bool>,
     /// Set when serving stops: calls hung by a fault rule answer at last.
     hangs_released: watch::Sender<bool>,
 }
 
-impl std::fmt::Debug for Platform {
+impl std::fmt::Debug for PlatformStandIn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Platform")
+        f.debug_struct("PlatformStandIn")
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
@@ -99,10 +99,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl Platform {
+impl PlatformStandIn {
     /// Loads the state of `config.state_dir`, restarts forwarding for every active LB and
     /// finishes the transitions (provisioning, updating, deleting) that were under way.
-    pub async fn open(config: PlatformConfig) -> Result<Arc<Platform>, Error> {
+    pub async fn open(config: PlatformConfig) -> Result<Arc<PlatformStandIn>, Error> {
         let store = Store::open(&config.state_dir)?;
         let settings = Settings {
             provisioning_delay: config.provisioning_delay,
@@ -115,7 +115,7 @@ impl Platform {
             .iter()
             .map(|r| (r.lb.id.clone(), r.lb.status, r.generation))
             .collect();
-        let platform = Arc::new(Platform {
+        let platform = Arc::new(PlatformStandIn {
             config,
             settings: Mutex::new(settings),
             store: tokio::sync::Mutex::new(store),
@@ -181,7 +181,7 @@ impl Platform {
     }
 
     /// Stops timers and the data plane. The state on disk is left as it is, so
-    /// [`Platform::open`] on the same directory carries on.
+    /// [`PlatformStandIn::open`] on the same directory carries on.
     pub async fn shutdown(&self) {
         self.stopping.send_replace(true);
         self.hangs_released.send_replace(true);
@@ -291,10 +291,10 @@ impl Platform {
 
 /// Serves the platform's API on `listener` until `shutdown` completes (calls hung by a
 /// fault rule are then released). The platform itself keeps running: call
-/// [`Platform::shutdown`] to stop its data plane.
+/// [`PlatformStandIn::shutdown`] to stop its data plane.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    platform: Arc<Platform>,
+    platform: Arc<PlatformStandIn>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = platform.router();

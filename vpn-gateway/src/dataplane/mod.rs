@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use crate::acl::{Acl, Catalog, Verdict};
+use crate::acl::{Acl, Verdict};
+use crate::catalog::Catalog;
 use crate::packet::Packet;
 use crate::peers::PeerId;
 

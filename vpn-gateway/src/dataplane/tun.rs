@@ -66,7 +66,7 @@ const SLOT: usize = 2048;
 const MAX_PACKET: usize = 65_535;
 /// Decrypted packets held for one coalesced write ([`DataPlane::flush`]); the gateway
 /// flushes after each batch of datagrams, which is at most this many.
-const WRITE_BATCH: usize = crate::gateway::RECV_BATCH;
+const WRITE_BATCH: usize = crate::udp_batch::RECV_BATCH;
 /// Where a packet starts in a write buffer: the virtio-net header goes in front.
 const OFFSET: usize = VIRTIO_NET_HDR_LEN;
 

@@ -20,7 +20,7 @@ use kube::{Client, ResourceExt};
 use tokio::sync::watch;
 
 use super::{GatewayReport, PeerReport, PeerSnapshot, PeerSource, ServiceCatalog, ServiceSnapshot};
-use crate::acl::{Protocol, Service, ServicePort};
+use crate::catalog::{Protocol, Service, ServicePort};
 use crate::crd::{CONDITION_ACCEPTED, Condition, VpnPeer, VpnPeerStatus};
 use crate::keys::{PresharedKey, PrivateKey};
 use crate::peers::{Granted, PeerId, PeerInput};

@@ -1,0 +1,314 @@
+//! The unprivileged data plane: no TUN, no NET_ADMIN.
+//!
+//! - TCP: for each allowed new connection (a SYN to an allowed ClusterIP:port) a smoltcp
+//!   socket is made to listen on exactly that destination (the interface accepts any
+//!   destination: AnyIP with a default route through its own address), and a tokio task
+//!   connects to the same ClusterIP:port. Bytes are carried both ways through bounded
+//!   channels: the data plane reads from the smoltcp socket only when the channel to the
+//!   Service has room, so a slow Service closes the peer's TCP window (backpressure);
+//!   half-closes are passed on (FIN ↔ `shutdown(Write)`).
+//! - UDP: relayed per flow (peer address and port, destination) over a connected tokio
+//!   socket, expiring after [`UDP_IDLE`] without traffic. DNS to the gateway's own address
+//!   is answered by [`crate::dns`] (TCP DNS too).
+//! - ICMP echo to an allowed ClusterIP (or the gateway) is answered by smoltcp.
+//! - Denied TCP gets a RST from a second, socket-less smoltcp interface (so a denied SYN can
+//!   never meet a listening socket); other denied packets are dropped. One audit line per
+//!   flow (target `audit`): peer, destination, Service, port, verdict, bytes, duration;
+//!   denied flows within a per-peer budget ([`crate::audit`]), the rest summed in one line.
+//!
+//! This module holds the data plane's state and its [`DataPlane`] side (packets in and
+//! out, policy, peers leaving); `stack` the smoltcp interfaces, `tcp_flows` the TCP flows
+//! and their Service connections, `udp_flows` the UDP flows and DNS.
+
+mod stack;
+mod tcp_flows;
+mod udp_flows;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, mpsc};
+
+use super::{DataPlane, FlowCounters, Inbound, Policy};
+use crate::acl::Verdict;
+use crate::audit::AuditBudget;
+use crate::dns::Resolver;
+use crate::packet::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_RST, Transport};
+use crate::peers::PeerId;
+use stack::{Stack, smol_now};
+use tcp_flows::{TcpFlow, TcpKind};
+use udp_flows::UdpFlow;
+
+/// The MTU of the tunnel (WireGuard's usual 1420).
+pub const MTU: usize = 1420;
+/// Per-direction buffer of each TCP flow's smoltcp socket.
+const TCP_BUFFER: usize = 256 * 1024;
+/// Chunks in flight between a flow and its Service connection, each direction.
+const CHANNEL_CHUNKS: usize = 16;
+const READ_CHUNK: usize = 16 * 1024;
+/// A UDP flow ends after this long without traffic.
+pub const UDP_IDLE: Duration = Duration::from_secs(60);
+/// Connecting to a Service gives up after this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A TCP flow with no traffic at all for this long is dropped.
+const TCP_IDLE: Duration = Duration::from_secs(15 * 60);
+/// Upstream DNS answers are awaited this long.
+const DNS_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
+/// At most this many TCP/UDP flows at once (each TCP flow holds 2 × TCP_BUFFER).
+const MAX_FLOWS: usize = 4096;
+/// Bound on the smoltcp rounds in one `outbound` call.
+const MAX_ROUNDS: usize = 16;
+
+/// Configuration of the userspace data plane.
+#[derive(Debug, Clone)]
+pub struct UserspaceConfig {
+    /// The gateway's tunnel address.
+    pub gateway: Ipv4Addr,
+    pub cluster_domain: String,
+    pub dns_upstream: Option<SocketAddr>,
+}
+
+/// (peer address, peer port, destination, destination port)
+type FlowKey = (IpAddr, u16, IpAddr, u16);
+
+/// See the module documentation.
+pub struct UserspaceDataPlane {
+    cfg: UserspaceConfig,
+    epoch: Instant,
+    stack: Stack,
+    /// Socket-less: answers every TCP segment handed to it with a RST.
+    reject: Stack,
+    tcp: HashMap<FlowKey, TcpFlow>,
+    udp: HashMap<FlowKey, UdpFlow>,
+    replies_tx: mpsc::Sender<(FlowKey, Vec<u8>)>,
+    replies_rx: mpsc::Receiver<(FlowKey, Vec<u8>)>,
+    resolver: Resolver,
+    policy: Arc<Policy>,
+    notify: Arc<Notify>,
+    /// Packets built here (UDP replies) waiting for `outbound`.
+    out: VecDeque<Vec<u8>>,
+    /// Lines of denied flows per peer per second (a port scan is one line per try).
+    audit: AuditBudget,
+}
+
+impl UserspaceDataPlane {
+    /// Must be created inside a tokio runtime (flows spawn tasks).
+    pub fn new(cfg: UserspaceConfig) -> Self {
+        let epoch = Instant::now();
+        let (replies_tx, replies_rx) = mpsc::channel(1024);
+        UserspaceDataPlane {
+            resolver: Resolver::new(&cfg.cluster_domain, cfg.dns_upstream.is_some()),
+            stack: Stack::new(cfg.gateway, epoch),
+            reject: Stack::new(cfg.gateway, epoch),
+            cfg,
+            epoch,
+            tcp: HashMap::new(),
+            udp: HashMap::new(),
+            replies_tx,
+            replies_rx,
+            policy: Arc::new(Policy::default()),
+            notify: Arc::new(Notify::new()),
+            out: VecDeque::new(),
+            audit: AuditBudget::default(),
+        }
+    }
+
+    fn service_name(&self, dst: IpAddr) -> String {
+        match self.policy.catalog.by_ip(dst) {
+            Some(s) => format!("{}/{}", s.namespace, s.name),
+            None if dst == IpAddr::V4(self.cfg.gateway) => "gateway".to_string(),
+            None => "-".to_string(),
+        }
+    }
+
+    fn audit_denied(&mut self, pkt: &Inbound<'_>, now: Instant) {
+        let (write, held) = self.audit.allow(pkt.peer, now);
+        if let Some(n) = held {
+            audit_held(pkt.peer, n);
+        }
+        if !write {
+            return;
+        }
+        tracing::info!(
+            target: "audit",
+            peer = %pkt.peer,
+            src = %pkt.packet.src,
+            dst = %pkt.packet.dst,
+            service = %self.service_name(pkt.packet.dst),
+            proto = proto_name(pkt.packet.proto),
+            port = pkt.packet.dst_port().unwrap_or(0),
+            verdict = pkt.verdict.label(),
+            "flow denied"
+        );
+    }
+}
+
+/// The audit lines of denied flows a peer's budget held back in its last second.
+fn audit_held(peer: &PeerId, denied: u64) {
+    tracing::info!(target: "audit", peer = %peer, denied, "denied flows not logged one by one (over the audit budget)");
+}
+
+trait ToV4 {
+    fn to_v4(&self) -> Ipv4Addr;
+}
+
+impl ToV4 for IpAddr {
+    fn to_v4(&self) -> Ipv4Addr {
+        match self {
+            IpAddr::V4(a) => *a,
+            IpAddr::V6(a) => a.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED),
+        }
+    }
+}
+
+fn proto_name(p: u8) -> &'static str {
+    match p {
+        PROTO_TCP => "tcp",
+        PROTO_UDP => "udp",
+        PROTO_ICMP => "icmp",
+        _ => "other",
+    }
+}
+
+impl DataPlane for UserspaceDataPlane {
+    fn inbound(&mut self, pkt: Inbound<'_>, now: Instant) {
+        let p = pkt.packet;
+        match (pkt.verdict, p.transport) {
+            (Verdict::Spoofed, _) => {}
+            (Verdict::Denied, Transport::Tcp { flags, .. }) => {
+                if p.is_tcp_syn() {
+                    self.audit_denied(&pkt, now);
+                }
+                if flags & TCP_RST == 0 {
+                    self.reject.dev.rx.push_back(pkt.bytes.to_vec());
+                    self.reject.poll(smol_now(now, self.epoch));
+                    let rst: Vec<Vec<u8>> = self.reject.dev.tx.drain(..).collect();
+                    self.out.extend(rst);
+                }
+            }
+            (Verdict::Denied, Transport::Udp { .. }) => {
+                let key = (p.src, p.src_port().unwrap_or(0), p.dst, p.dst_port().unwrap_or(0));
+                if !self.udp.contains_key(&key) {
+                    self.audit_denied(&pkt, now);
+                }
+            }
+            (Verdict::Denied, _) => {}
+            (Verdict::Allow | Verdict::Local, Transport::Tcp { .. }) => {
+                let key = (p.src, p.src_port().unwrap_or(0), p.dst, p.dst_port().unwrap_or(0));
+                let local = pkt.verdict == Verdict::Local;
+                if local && key.3 != 53 {
+                    // Nothing listens on the gateway but DNS.
+                    self.reject.dev.rx.push_back(pkt.bytes.to_vec());
+                    self.reject.poll(smol_now(now, self.epoch));
+                    let rst: Vec<Vec<u8>> = self.reject.dev.tx.drain(..).collect();
+                    self.out.extend(rst);
+                    return;
+                }
+                if p.is_tcp_syn() && !self.tcp.contains_key(&key) {
+                    self.open_tcp(key, &pkt, local, now);
+                }
+                self.stack.dev.rx.push_back(pkt.bytes.to_vec());
+            }
+            (
+                Verdict::Allow | Verdict::Local,
+                Transport::Udp {
+                    src_port,
+                    dst_port,
+                    payload,
+                },
+            ) => {
+                self.udp_inbound(&pkt, src_port, dst_port, payload, now);
+            }
+            (Verdict::Allow, Transport::Icmp { .. }) => match crate::packet::icmpv4_echo_reply(pkt.bytes) {
+                // smoltcp answers echo requests only for its own addresses, not for ClusterIPs.
+                Some(reply) => self.out.push_back(reply),
+                None => self.stack.dev.rx.push_back(pkt.bytes.to_vec()),
+            },
+            (Verdict::Local, Transport::Icmp { .. }) => {
+                self.stack.dev.rx.push_back(pkt.bytes.to_vec());
+            }
+            (Verdict::Allow | Verdict::Local, Transport::Other { .. }) => {}
+        }
+    }
+
+    fn outbound(&mut self, now: Instant, emit: &mut dyn FnMut(&[u8])) {
+        for (peer, n) in self.audit.expire(now) {
+            audit_held(&peer, n);
+        }
+        let ts = smol_now(now, self.epoch);
+        for _ in 0..MAX_ROUNDS {
+            let changed = self.stack.poll(ts);
+            let progressed = self.service_tcp(now);
+            if !changed && !progressed && self.stack.dev.rx.is_empty() {
+                break;
+            }
+        }
+        // One more poll so that what the flows wrote goes out now.
+        self.stack.poll(ts);
+        for _ in 0..1024 {
+            match self.replies_rx.try_recv() {
+                Ok((key, payload)) => {
+                    if let Some(f) = self.udp.get_mut(&key) {
+                        f.last_activity = now;
+                    }
+                    self.queue_udp_reply(key, &payload);
+                }
+                Err(_) => break,
+            }
+        }
+        self.expire_udp(now);
+        for p in self.stack.dev.tx.drain(..).chain(self.out.drain(..)) {
+            emit(&p);
+        }
+    }
+
+    fn poll_delay(&mut self, now: Instant) -> Option<Duration> {
+        let d = self
+            .stack
+            .iface
+            .poll_delay(smol_now(now, self.epoch), &self.stack.sockets);
+        let d = d.map(|d| Duration::from_micros(d.total_micros()));
+        if self.udp.is_empty() && self.tcp.is_empty() {
+            d
+        } else {
+            // Flows need servicing and expiry even when smoltcp has no timer.
+            Some(d.unwrap_or(Duration::from_secs(1)).min(Duration::from_secs(1)))
+        }
+    }
+
+    fn waker(&self) -> Arc<Notify> {
+        self.notify.clone()
+    }
+
+    fn set_policy(&mut self, policy: Arc<Policy>) {
+        self.policy = policy;
+    }
+
+    fn peer_removed(&mut self, peer_addr: Ipv4Addr) {
+        let ip = IpAddr::V4(peer_addr);
+        let tcp: Vec<FlowKey> = self.tcp.keys().filter(|k| k.0 == ip).copied().collect();
+        for key in tcp {
+            if let Some(flow) = self.tcp.remove(&key) {
+                self.stack.sockets.remove(flow.handle);
+                if let TcpKind::Service { task, .. } = &flow.kind {
+                    task.abort();
+                }
+            }
+        }
+        let udp: Vec<FlowKey> = self.udp.keys().filter(|k| k.0 == ip).copied().collect();
+        for key in udp {
+            if let Some(f) = self.udp.remove(&key) {
+                f.task.abort();
+            }
+        }
+    }
+
+    fn counters(&self) -> FlowCounters {
+        FlowCounters {
+            tcp_flows_open: self.tcp.len() as u64,
+            udp_flows_open: self.udp.len() as u64,
+        }
+    }
+}

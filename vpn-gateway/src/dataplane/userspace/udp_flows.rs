@@ -1,0 +1,217 @@
+//! UDP flows: relayed per (peer address and port, destination) over a connected tokio
+//! socket until [`UDP_IDLE`](super::UDP_IDLE) passes without traffic; DNS to the gateway's
+//! own address answered by [`crate::dns`] (or forwarded upstream); replies built as IPv4
+//! packets here.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, UdpPacket, UdpRepr};
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
+
+use super::{DNS_UPSTREAM_TIMEOUT, FlowKey, MAX_FLOWS, UDP_IDLE, UserspaceDataPlane};
+use crate::acl::Verdict;
+use crate::dataplane::Inbound;
+use crate::dns::DnsAnswer;
+use crate::peers::PeerId;
+
+pub(super) struct UdpFlow {
+    pub(super) socket: Arc<UdpSocket>,
+    pub(super) task: JoinHandle<()>,
+    pub(super) peer: PeerId,
+    pub(super) service: String,
+    pub(super) started: Instant,
+    pub(super) last_activity: Instant,
+    pub(super) bytes_up: u64,
+}
+
+impl UserspaceDataPlane {
+    pub(super) fn udp_inbound(
+        &mut self,
+        pkt: &Inbound<'_>,
+        src_port: u16,
+        dst_port: u16,
+        payload: &[u8],
+        now: Instant,
+    ) {
+        let key = (pkt.packet.src, src_port, pkt.packet.dst, dst_port);
+        if pkt.verdict == Verdict::Local {
+            if dst_port != 53 {
+                return;
+            }
+            match self
+                .resolver
+                .answer(payload, pkt.peer_addr, &self.policy.acl, &self.policy.catalog)
+            {
+                Some(DnsAnswer::Reply(r)) => self.queue_udp_reply(key, &r),
+                Some(DnsAnswer::Forward) => self.forward_dns(key, payload.to_vec()),
+                None => {}
+            }
+            return;
+        }
+        if let Some(f) = self.udp.get_mut(&key) {
+            f.last_activity = now;
+            f.bytes_up += payload.len() as u64;
+            let _ = f.socket.try_send(payload);
+            return;
+        }
+        if self.tcp.len() + self.udp.len() >= MAX_FLOWS {
+            return;
+        }
+        // A new flow: a connected socket and a task relaying its replies.
+        let std_sock = match std::net::UdpSocket::bind(match key.2 {
+            IpAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+            IpAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+        }) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "binding a UDP relay socket");
+                return;
+            }
+        };
+        let socket = match std_sock
+            .set_nonblocking(true)
+            .and_then(|_| std_sock.connect(SocketAddr::new(key.2, key.3)))
+            .and_then(|_| UdpSocket::from_std(std_sock))
+        {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "connecting a UDP relay socket");
+                return;
+            }
+        };
+        let _ = socket.try_send(payload);
+        let replies = self.replies_tx.clone();
+        let notify = self.notify.clone();
+        let reader = socket.clone();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_536];
+            // Ends when the flow expires (the task is aborted) or the socket fails.
+            while let Ok(n) = reader.recv(&mut buf).await {
+                if replies.try_send((key, buf[..n].to_vec())).is_ok() {
+                    notify.notify_one();
+                }
+            }
+        });
+        let service = self.service_name(key.2);
+        self.udp.insert(
+            key,
+            UdpFlow {
+                socket,
+                task,
+                peer: pkt.peer.clone(),
+                service,
+                started: now,
+                last_activity: now,
+                bytes_up: payload.len() as u64,
+            },
+        );
+    }
+
+    pub(super) fn forward_dns(&mut self, key: FlowKey, query: Vec<u8>) {
+        let Some(upstream) = self.cfg.dns_upstream else { return };
+        let replies = self.replies_tx.clone();
+        let notify = self.notify.clone();
+        tokio::spawn(async move {
+            let bind = if upstream.is_ipv4() {
+                SocketAddr::from(([0, 0, 0, 0], 0))
+            } else {
+                SocketAddr::from(([0u16; 8], 0))
+            };
+            let answer = async {
+                let s = UdpSocket::bind(bind).await.ok()?;
+                s.send_to(&query, upstream).await.ok()?;
+                let mut buf = vec![0u8; 65_536];
+                let n = s.recv(&mut buf).await.ok()?;
+                buf.truncate(n);
+                Some(buf)
+            };
+            let reply = match tokio::time::timeout(DNS_UPSTREAM_TIMEOUT, answer).await {
+                Ok(Some(r)) => Some(r),
+                _ => crate::dns::error_reply(&query, hickory_proto::op::ResponseCode::ServFail),
+            };
+            if let Some(r) = reply
+                && replies.try_send((key, r)).is_ok()
+            {
+                notify.notify_one();
+            }
+        });
+    }
+
+    /// A UDP reply from `key`'s destination back to its source.
+    pub(super) fn queue_udp_reply(&mut self, key: FlowKey, payload: &[u8]) {
+        if let Some(p) = build_udp(key.2, key.3, key.0, key.1, payload) {
+            self.out.push_back(p);
+        }
+    }
+
+    pub(super) fn expire_udp(&mut self, now: Instant) {
+        let expired: Vec<FlowKey> = self
+            .udp
+            .iter()
+            .filter(|(_, f)| now.duration_since(f.last_activity) > UDP_IDLE)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            if let Some(f) = self.udp.remove(&key) {
+                f.task.abort();
+                audit_udp(&key, &f, now);
+            }
+        }
+    }
+}
+
+pub(super) fn audit_udp(key: &FlowKey, f: &UdpFlow, now: Instant) {
+    tracing::info!(
+        target: "audit",
+        peer = %f.peer,
+        src = %SocketAddr::new(key.0, key.1),
+        dst = %SocketAddr::new(key.2, key.3),
+        service = %f.service,
+        proto = "udp",
+        port = key.3,
+        verdict = "allowed",
+        bytes_up = f.bytes_up,
+        duration_ms = now.duration_since(f.started).as_millis() as u64,
+        "flow ended"
+    );
+}
+
+/// An IPv4 UDP packet with checksums.
+pub(super) fn build_udp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, payload: &[u8]) -> Option<Vec<u8>> {
+    let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) else {
+        return None;
+    };
+    let udp = UdpRepr {
+        src_port: sport,
+        dst_port: dport,
+    };
+    let udp_len = udp.header_len() + payload.len();
+    if udp_len + 20 > 65_535 {
+        return None;
+    }
+    let ip = Ipv4Repr {
+        src_addr: s,
+        dst_addr: d,
+        next_header: IpProtocol::Udp,
+        payload_len: udp_len,
+        hop_limit: 64,
+    };
+    let mut buf = vec![0u8; ip.buffer_len() + udp_len];
+    let caps = ChecksumCapabilities::default();
+    let mut ipp = Ipv4Packet::new_unchecked(&mut buf);
+    ip.emit(&mut ipp, &caps);
+    let mut up = UdpPacket::new_unchecked(ipp.payload_mut());
+    udp.emit(
+        &mut up,
+        &IpAddress::Ipv4(s),
+        &IpAddress::Ipv4(d),
+        payload.len(),
+        |b| b.copy_from_slice(payload),
+        &caps,
+    );
+    Some(buf)
+}
