@@ -1,7 +1,7 @@
 //! KubeRaya cloud-controller-manager for CloudRaya.
 //!
 //! - [`platform`]: the CloudRaya platform client ([`platform::Platform`] trait, its HTTP
-//!   implementation, and an in-memory fake for tests).
+//!   implementation, and, with the `testing` feature, an in-memory fake for tests).
 //! - [`annotations`]: the typed `lb.cloudraya.com/` annotation table.
 //! - [`providerid`]: the node provider-ID format (`cloudraya://<vm-id>`).
 //! - [`service`]: the LoadBalancer service controller.
