@@ -8,11 +8,10 @@
 //! one. Refusals (invalid annotations, unsupported fields, platform 422/409) become a
 //! Warning Event and our condition, and are retried slowly, never in a tight loop.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Service};
@@ -28,21 +27,15 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::annotations;
 use crate::metrics::Metrics;
-use crate::platform::labels::MAX_LABEL_VALUE_LEN;
-use crate::platform::{
-    self, LABEL_CLUSTER_ID, LABEL_SERVICE_NAME, LABEL_SERVICE_NAMESPACE, LABEL_SERVICE_UID, Labels, LbStatus,
-    LoadBalancer, Platform,
-};
+use crate::platform::{self, Labels, LbStatus, Platform};
 use crate::service::desired::{
     DesiredConfig, DesiredLb, PublicIpRequest, desired_lb_name, desired_load_balancer, ingress_ips, older_claimant,
 };
-use crate::service::diff::{
-    ApplyPlan, DeletePlan, LookupError, index_by_uid, keep_public_ip, pick_by_name, pick_by_uid, plan_apply,
-    plan_delete,
-};
+use crate::service::diff::{ApplyPlan, DeletePlan, keep_public_ip, plan_apply, plan_delete};
+use crate::service::lookup::{LbCache, Lookup, find_lb, find_lb_by_name, find_lb_by_uid};
 use crate::service::nodes::{MAX_BACKENDS, NodeSetFingerprint, SettledNodes, debounce, selector_keys};
-use crate::service::orphans;
 use crate::service::status::{ConditionUpdate, IngressUpdate, Ready, condition_differs, status_patch};
+use crate::service::sweep::run_sweep;
 use crate::service::{FINALIZER, is_deleting, needs_cleanup, reconcile_inputs, wants_load_balancer};
 use crate::{Error, Result};
 
@@ -93,50 +86,11 @@ pub struct Context {
     pub timing: Timing,
     /// Consecutive failures per Service (`namespace/name`), for the error backoff.
     failures: Mutex<HashMap<String, u32>>,
-    /// The LB last found or created for each Service UID: the next lookup is one GET by
-    /// ID instead of label-filtered lists (polling a pending LB took ~5.7 lookups per LB).
-    lb_ids: Mutex<HashMap<String, KnownLb>>,
-    /// Set once a list of all our LBs has been learnt ([`Context::learn_lbs`]): from then
-    /// on a UID missing from `lb_ids` has no LB (every LB since is one we created, and a
-    /// create that meets one of a previous incarnation gets a 409), so applying a new
-    /// Service skips the lookup by UID label. Cleanup never skips it.
-    lbs_learnt: AtomicBool,
-    /// UIDs carried by several of our LBs in the last full list: always looked up by label.
-    ambiguous_uids: Mutex<HashSet<String>>,
-    /// UIDs whose create failed in a way that may have created the LB anyway (a timeout,
-    /// a 5xx): looked up by label until a lookup answers. Without it, a create retried
-    /// under another name (the name annotation changed meanwhile) would make a second LB.
-    unsure_uids: Mutex<HashSet<String>>,
+    /// What the controller remembers of each Service's LB (see [`LbCache`]).
+    pub(crate) lbs: LbCache,
     /// Every Service (the controller's store), once it runs: an LB name two Services want
     /// goes to the older one ([`older_claimant`]).
     services: OnceLock<Store<Service>>,
-    /// The name of the LB whose deletion we started, per Service UID, until the cleanup
-    /// is done: when it was the Service's desired name, no other LB of the Service can
-    /// carry that name (names are unique), so the lookup by name is not needed to confirm.
-    deleting_names: Mutex<HashMap<String, String>>,
-}
-
-/// What [`Context`] remembers of a Service's LB.
-#[derive(Debug, Clone)]
-struct KnownLb {
-    id: String,
-    /// Its name, as created or last seen (names are unique: see [`find_lb`]).
-    name: String,
-    /// When we created it or asked for its deletion, until it is seen settled.
-    transition_since: Option<Instant>,
-    /// Deleting (asked by us, or seen so): looked at by GET, never deleted again.
-    deleting: bool,
-}
-
-impl KnownLb {
-    fn new(id: &str, name: &str) -> Self {
-        KnownLb {
-            id: id.to_owned(),
-            name: name.to_owned(),
-            transition_since: None,
-            deleting: false,
-        }
-    }
 }
 
 /// Events are published by a task of their own, not by the reconcile that reports them:
@@ -206,17 +160,9 @@ impl Context {
             config,
             timing,
             failures: Mutex::new(HashMap::new()),
-            lb_ids: Mutex::new(HashMap::new()),
-            lbs_learnt: AtomicBool::new(false),
-            ambiguous_uids: Mutex::new(HashSet::new()),
-            unsure_uids: Mutex::new(HashSet::new()),
+            lbs: LbCache::default(),
             services: OnceLock::new(),
-            deleting_names: Mutex::new(HashMap::new()),
         }
-    }
-
-    fn deleting_names(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
-        self.deleting_names.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Gives the context the store of every Service (the controller's).
@@ -228,99 +174,10 @@ impl Context {
         self.failures.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lb_ids(&self) -> std::sync::MutexGuard<'_, HashMap<String, KnownLb>> {
-        self.lb_ids.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Learns our LBs from a list of all of them (the orphan sweep's). An entry already
-    /// known is kept: it may be newer than the list; a stale one costs one GET (404)
-    /// and a lookup by label.
-    pub fn learn_lbs(&self, lbs: &[LoadBalancer]) {
-        let (unique, ambiguous) = index_by_uid(&self.config.cluster_id, lbs);
-        let names: HashMap<&str, &str> = lbs.iter().map(|lb| (lb.id.as_str(), lb.name.as_str())).collect();
-        {
-            let mut ids = self.lb_ids();
-            for (uid, id) in unique {
-                let name = names.get(id.as_str()).copied().unwrap_or_default();
-                ids.entry(uid).or_insert_with(|| KnownLb::new(&id, name));
-            }
-            for uid in &ambiguous {
-                ids.remove(uid);
-            }
-        }
-        *self.ambiguous_uids() = ambiguous;
-        self.lbs_learnt.store(true, Ordering::Release);
-    }
-
-    /// Whether a Service UID not in `lb_ids` is known to have no LB.
-    fn known_without_lb(&self, uid: &str) -> bool {
-        self.lbs_learnt.load(Ordering::Acquire)
-            && !self.ambiguous_uids().contains(uid)
-            && !self.unsure_uids().contains(uid)
-    }
-
-    fn ambiguous_uids(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.ambiguous_uids.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn unsure_uids(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.unsure_uids.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Remembers `lb` as the Service's LB, keeping a running transition's start.
-    fn remember_lb(&self, uid: &str, lb: &LoadBalancer) {
-        let mut ids = self.lb_ids();
-        if let Some(known) = ids.get_mut(uid).filter(|known| known.id == lb.id) {
-            known.name.clone_from(&lb.name);
-        } else {
-            ids.insert(uid.to_owned(), KnownLb::new(&lb.id, &lb.name));
-        }
-    }
-
-    /// Notes that we just created the Service's LB `lb`.
-    fn transition_started(&self, uid: &str, lb: &LoadBalancer) {
-        let mut known = KnownLb::new(&lb.id, &lb.name);
-        known.transition_since = Some(Instant::now());
-        self.lb_ids().insert(uid.to_owned(), known);
-        self.deleting_names().remove(uid);
-    }
-
-    /// Notes that the Service's LB `id` (named `name`) is being deleted: by us just now
-    /// (`by_us`, the looks start soon), or seen so (the looks keep their pace).
-    fn deletion_started(&self, uid: &str, id: &str, name: &str, by_us: bool) {
-        let mut ids = self.lb_ids();
-        if ids.get(uid).is_none_or(|known| known.id != id) {
-            ids.insert(uid.to_owned(), KnownLb::new(id, name));
-        }
-        if let Some(known) = ids.get_mut(uid) {
-            if by_us {
-                known.transition_since = Some(Instant::now());
-            }
-            known.deleting = true;
-        }
-        drop(ids);
-        // The name goes with it: no other LB can carry it meanwhile (see `find_lb`).
-        self.deleting_names().insert(uid.to_owned(), name.to_owned());
-    }
-
-    /// The Service's LB we know and have not seen deleting: its ID and name.
-    fn known_staying(&self, uid: &str) -> Option<(String, String)> {
-        self.lb_ids()
-            .get(uid)
-            .filter(|k| !k.deleting)
-            .map(|k| (k.id.clone(), k.name.clone()))
-    }
-
-    /// Notes that the Service's LB is settled (active, nothing pending).
-    fn transition_finished(&self, uid: &str) {
-        if let Some(known) = self.lb_ids().get_mut(uid) {
-            known.transition_since = None;
-        }
-    }
-
     /// When to look again at the Service's LB that is not settled yet.
     fn next_poll(&self, uid: &str) -> Duration {
         let waited = self
+            .lbs
             .lb_ids()
             .get(uid)
             .and_then(|k| k.transition_since)
@@ -358,7 +215,7 @@ pub fn jittered(d: Duration, jitter: f64) -> Duration {
     d.mul_f64(0.9 + 0.2 * jitter.clamp(0.0, 1.0))
 }
 
-fn platform_err(op: &'static str) -> impl FnOnce(platform::Error) -> Error {
+pub(crate) fn platform_err(op: &'static str) -> impl FnOnce(platform::Error) -> Error {
     move |source| Error::Platform { op, source }
 }
 
@@ -509,121 +366,6 @@ async fn handle_platform_error(
     Err(Error::Platform { op, source: e })
 }
 
-/// The LB name a Service asks for (annotation, else the default); an invalid name
-/// annotation falls back to the default.
-fn uid_labels(cluster_id: &str, uid: &str) -> Labels {
-    Labels::from([
-        (LABEL_CLUSTER_ID.to_owned(), cluster_id.to_owned()),
-        (LABEL_SERVICE_UID.to_owned(), uid.to_owned()),
-    ])
-}
-
-fn cluster_labels(cluster_id: &str) -> Labels {
-    Labels::from([(LABEL_CLUSTER_ID.to_owned(), cluster_id.to_owned())])
-}
-
-/// How far [`find_lb_by_uid`] may trust what the context knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Lookup {
-    /// A UID the context knows to have no LB is not looked up (applying: a miss is
-    /// caught by the create's 409).
-    TrustKnown,
-    /// Always asks the platform (cleanup: a missed LB would be left running).
-    AskPlatform,
-}
-
-/// Finds the Service's LB: the one remembered for its UID (one GET by ID), else by UID
-/// label (a label-filtered list, whose cost does not grow with the cluster's LBs) unless
-/// the context knows there is none.
-async fn find_lb_by_uid(
-    ctx: &Context,
-    svc: &Service,
-    lookup: Lookup,
-) -> Result<Result<Option<LoadBalancer>, LookupError>> {
-    let cluster = &ctx.config.cluster_id;
-    let uid = svc.uid().ok_or(Error::MissingObjectKey("metadata.uid"))?;
-    let known = ctx.lb_ids().get(&uid).map(|k| k.id.clone());
-    if let Some(id) = known {
-        let (ns, name) = (svc.namespace().unwrap_or_default(), svc.name_any());
-        match ctx.platform.get_load_balancer(cluster, &id).await {
-            // Still ours and still this Service's (labels can be edited behind our back):
-            // its UID, or its namespace/name (one adopted after a 409, not relabelled yet).
-            Ok(lb)
-                if matches!(pick_by_uid(cluster, &uid, std::slice::from_ref(&lb)), Ok(Some(_)))
-                    || matches!(
-                        pick_by_name(cluster, &ns, &name, &lb.name, std::slice::from_ref(&lb)),
-                        Ok(Some(_))
-                    ) =>
-            {
-                return Ok(Ok(Some(lb)));
-            }
-            Ok(_) => {}
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(platform_err("get_load_balancer")(e)),
-        }
-        ctx.lb_ids().remove(&uid);
-    } else if lookup == Lookup::TrustKnown && ctx.known_without_lb(&uid) {
-        return Ok(Ok(None));
-    }
-    let by_uid = ctx
-        .platform
-        .list_load_balancers(cluster, &uid_labels(cluster, &uid))
-        .await
-        .map_err(platform_err("list_load_balancers"))?;
-    ctx.unsure_uids().remove(&uid);
-    match pick_by_uid(cluster, &uid, &by_uid) {
-        Ok(Some(lb)) => {
-            ctx.remember_lb(&uid, lb);
-            Ok(Ok(Some(lb.clone())))
-        }
-        Ok(None) => Ok(Ok(None)),
-        Err(e) => Ok(Err(e)),
-    }
-}
-
-/// Finds an LB named `lb_name` among our LBs labelled with the Service's namespace and
-/// name: one of a previous incarnation of the Service (deleted and recreated while we
-/// were down). Another Service's LB of that name is not in the list (its labels name
-/// that Service), so the create's 409 is then reported as a refusal.
-async fn find_lb_by_name(
-    ctx: &Context,
-    svc: &Service,
-    lb_name: &str,
-) -> Result<Result<Option<LoadBalancer>, LookupError>> {
-    let cluster = &ctx.config.cluster_id;
-    let ns = svc.namespace().unwrap_or_default();
-    let name = svc.name_any();
-    let mut by_service = cluster_labels(cluster);
-    by_service.insert(LABEL_SERVICE_NAMESPACE.to_owned(), ns.clone());
-    by_service.insert(
-        LABEL_SERVICE_NAME.to_owned(),
-        name.chars().take(MAX_LABEL_VALUE_LEN).collect(),
-    );
-    let same_service = ctx
-        .platform
-        .list_load_balancers(cluster, &by_service)
-        .await
-        .map_err(platform_err("list_load_balancers"))?;
-    Ok(pick_by_name(cluster, &ns, &name, lb_name, &same_service).map(|o| o.cloned()))
-}
-
-/// Both lookups, for cleanup: an LB of a previous incarnation with the Service's name
-/// goes with it.
-async fn find_lb(ctx: &Context, svc: &Service, lb_name: &str) -> Result<Result<Option<LoadBalancer>, LookupError>> {
-    match find_lb_by_uid(ctx, svc, Lookup::AskPlatform).await? {
-        // The LB we are deleting had this name: no other LB of the Service can have it.
-        Ok(None)
-            if svc
-                .uid()
-                .is_some_and(|uid| ctx.deleting_names().get(&uid).map(String::as_str) == Some(lb_name)) =>
-        {
-            Ok(Ok(None))
-        }
-        Ok(None) => find_lb_by_name(ctx, svc, lb_name).await,
-        found => Ok(found),
-    }
-}
-
 async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Action> {
     let nodes = ctx.nodes.get();
     let desired = match desired_load_balancer(svc, nodes.iter().map(|n| n.as_ref()), &ctx.config) {
@@ -681,7 +423,7 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
                 let e = match ctx.platform.create_load_balancer(cluster, &spec).await {
                     Ok(lb) => {
                         info!(lb = %lb.id, name = %lb.name, "created load balancer");
-                        ctx.transition_started(&uid, &lb);
+                        ctx.lbs.transition_started(&uid, &lb);
                         publish(
                             ctx,
                             svc,
@@ -698,7 +440,7 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
                     Err(e) => e,
                 };
                 if e.may_have_taken_effect() {
-                    ctx.unsure_uids().insert(uid.clone());
+                    ctx.lbs.unsure_uids().insert(uid.clone());
                 }
                 if matches!(e, platform::Error::Conflict { .. }) && !looked_up_by_name {
                     looked_up_by_name = true;
@@ -706,7 +448,7 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
                         Ok(Some(lb)) => {
                             // One of a previous incarnation, or ours whose create answer was lost.
                             info!(lb = %lb.id, name = %lb.name, "adopting the existing load balancer of this name");
-                            ctx.remember_lb(&uid, &lb);
+                            ctx.lbs.remember_lb(&uid, &lb);
                             actual = Some(lb);
                             continue;
                         }
@@ -753,7 +495,7 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
                 if lb.status != LbStatus::Active {
                     return Ok(Action::requeue(ctx.next_poll(&uid)));
                 }
-                ctx.transition_finished(&uid);
+                ctx.lbs.transition_finished(&uid);
                 let addr = lb.public_ip.as_ref().map(|ip| ip.address);
                 let ready = Ready::yes(match addr {
                     Some(a) => format!("load balancer {} is active at {a}", lb.id),
@@ -842,12 +584,12 @@ async fn cleanup(svc: &Service, ctx: &Context) -> Result<Cleanup> {
             .is_some_and(|s| !s.trim().is_empty());
     let keep = keep_public_ip(retain, reused);
     let uid = svc.uid().ok_or(Error::MissingObjectKey("metadata.uid"))?;
-    if let Some((id, name)) = ctx.known_staying(&uid) {
+    if let Some((id, name)) = ctx.lbs.known_staying(&uid) {
         match start_delete(ctx, svc, &uid, &id, &name, keep).await? {
             Some(waiting) => return Ok(waiting),
             // Gone already: forgotten; the lookups below make sure nothing else is left.
             None => {
-                ctx.lb_ids().remove(&uid);
+                ctx.lbs.lb_ids().remove(&uid);
             }
         }
     }
@@ -862,8 +604,8 @@ async fn cleanup(svc: &Service, ctx: &Context) -> Result<Cleanup> {
     };
     match (plan_delete(actual.as_ref(), keep), actual) {
         (DeletePlan::Gone, _) => {
-            ctx.lb_ids().remove(&uid);
-            ctx.deleting_names().remove(&uid);
+            ctx.lbs.lb_ids().remove(&uid);
+            ctx.lbs.deleting_names().remove(&uid);
             publish(
                 ctx,
                 svc,
@@ -880,7 +622,7 @@ async fn cleanup(svc: &Service, ctx: &Context) -> Result<Cleanup> {
         }
         (DeletePlan::Wait { id }, Some(lb)) => {
             debug!(lb = %id, "load balancer still being deleted");
-            ctx.deletion_started(&uid, &id, &lb.name, false);
+            ctx.lbs.deletion_started(&uid, &id, &lb.name, false);
             Ok(Cleanup::Waiting(ctx.next_poll(&uid)))
         }
         // `plan_delete` plans a deletion only of an LB it was given.
@@ -932,7 +674,7 @@ async fn start_delete(
         }
     }
     info!(lb = %id, ?keep_public_ip, "deleting load balancer");
-    ctx.deletion_started(uid, id, name, true);
+    ctx.lbs.deletion_started(uid, id, name, true);
     // The platform finishes most deletes in under a second.
     Ok(Some(Cleanup::Waiting(ctx.timing.first_poll)))
 }
@@ -955,68 +697,6 @@ async fn remove_finalizer(api: &Api<Service>, svc: &Service) -> Result<()> {
         .await
         .map_err(Error::Kube)?;
     Ok(())
-}
-
-/// Deletes our LBs whose Service is gone (see [`orphans::judge`]); returns how many.
-/// Also sets the `load_balancers_managed` gauge.
-///
-/// `list_services` must list every Service of the cluster, freshly from the API server
-/// (not a watch cache that may lag): a Service missing from it loses its LB. It is called
-/// after our LBs are listed, so every LB considered was created before the Service list
-/// was taken, and so was its Service: an LB of a Service created while the sweep runs is
-/// never taken for an orphan.
-pub async fn sweep_orphans<F, Fut>(ctx: &Context, list_services: F) -> Result<usize>
-where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = Result<Vec<Service>>>,
-{
-    let cluster = &ctx.config.cluster_id;
-    let lbs = ctx
-        .platform
-        .list_load_balancers(cluster, &cluster_labels(cluster))
-        .await
-        .map_err(platform_err("list_load_balancers"))?;
-    ctx.learn_lbs(&lbs);
-    let services = list_services().await?;
-    ctx.metrics
-        .lbs_managed
-        .set(i64::try_from(lbs.len()).unwrap_or(i64::MAX));
-    let live: HashSet<String> = services.iter().filter_map(|s| s.uid()).collect();
-    // Forget LBs of Services that are gone: listed before the Services, so a Service
-    // missing from the later list is gone (the same reasoning as for orphans).
-    let listed: HashSet<&str> = lbs.iter().map(|lb| lb.id.as_str()).collect();
-    ctx.lb_ids()
-        .retain(|uid, known| live.contains(uid) || !listed.contains(known.id.as_str()));
-    let judged = orphans::judge(cluster, &lbs, &services);
-    if !judged.unknown.is_empty() {
-        debug!(
-            count = judged.unknown.len(),
-            "orphan sweep: LBs of this cluster without a Service UID, left alone"
-        );
-    }
-    let orphans = judged.orphans;
-    let mut deleted = 0;
-    for o in orphans {
-        info!(lb = %o.id, name = %o.name, service = %o.service, keep_public_ip = ?o.keep_public_ip, "deleting orphaned load balancer");
-        match ctx
-            .platform
-            .delete_load_balancer(cluster, &o.id, o.keep_public_ip)
-            .await
-        {
-            Ok(()) => {
-                deleted += 1;
-                ctx.metrics.orphans_deleted.inc();
-            }
-            Err(e) if e.is_not_found() => {}
-            Err(e) => {
-                warn!(lb = %o.id, error = %e, "could not delete orphaned load balancer");
-                continue;
-            }
-        }
-        // Gone either way: no Service's lookup should start from it.
-        ctx.lb_ids().retain(|_, known| known.id != o.id);
-    }
-    Ok(deleted)
 }
 
 /// Settings of [`run`].
@@ -1135,29 +815,7 @@ pub async fn run(
         settings.node_debounce_max,
     );
 
-    let sweep_ctx = ctx.clone();
-    let sweep_period = settings.orphan_sweep;
-    let sweep_task = tokio::spawn(async move {
-        let api: Api<Service> = Api::all(sweep_ctx.client.clone());
-        let mut interval = tokio::time::interval(sweep_period);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            interval.tick().await;
-            // A fresh list each time (after the LBs): deciding deletions from a lagging
-            // cache could remove the LB of a Service that exists.
-            let list_services = || async {
-                api.list(&kube::api::ListParams::default())
-                    .await
-                    .map(|list| list.items)
-                    .map_err(Error::Kube)
-            };
-            match sweep_orphans(&sweep_ctx, list_services).await {
-                Ok(0) => debug!("orphan sweep: nothing to delete"),
-                Ok(n) => info!(deleted = n, "orphan sweep"),
-                Err(e) => warn!(error = %e, "orphan sweep failed"),
-            }
-        }
-    });
+    let sweep_task = tokio::spawn(run_sweep(ctx.clone(), settings.orphan_sweep));
 
     controller
         .reconcile_all_on(ticks)

@@ -5,9 +5,12 @@
 
 use super::*;
 use crate::platform::fake::{FakeFailure, FakePlatform};
+use crate::platform::{LABEL_CLUSTER_ID, LABEL_SERVICE_NAME, LABEL_SERVICE_UID, LoadBalancer};
 use crate::service::desired::tests::{annotate, cfg, svc};
+use crate::service::lookup::KnownLb;
 use crate::service::nodes::tests::{node, with_label};
 use crate::service::status::Ready;
+use crate::service::sweep::sweep_orphans;
 use http::{Request, Response};
 use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -820,20 +823,20 @@ async fn the_sweep_forgets_lbs_of_services_that_are_gone() {
     let (ctx, server) = bench.served_context(&s);
     reconcile_on(&ctx, &s).await.expect("create");
     bench.platform.settle();
-    ctx.lb_ids().insert(
+    ctx.lbs.lb_ids().insert(
         "uid-unlisted".into(),
         KnownLb::new("lb-not-listed", "kr-default-unlisted"),
     );
     let s2 = s.clone();
     sweep_orphans(&ctx, || async { Ok(vec![s2]) }).await.expect("sweep");
-    assert!(ctx.lb_ids().contains_key("uid-1"), "its Service is listed");
+    assert!(ctx.lbs.lb_ids().contains_key("uid-1"), "its Service is listed");
     assert!(
-        ctx.lb_ids().contains_key("uid-unlisted"),
+        ctx.lbs.lb_ids().contains_key("uid-unlisted"),
         "its LB was not listed: cannot tell"
     );
     // The Service is gone (its finalizer removed behind our back): the next sweep forgets it.
     sweep_orphans(&ctx, || async { Ok(vec![]) }).await.expect("sweep");
-    assert!(!ctx.lb_ids().contains_key("uid-1"));
+    assert!(!ctx.lbs.lb_ids().contains_key("uid-1"));
     stop_serving(ctx, server).await;
 }
 
