@@ -11,12 +11,14 @@
 //! - [`events`]: Event notes within kube-apiserver's byte limit.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`watch`]: how watches retry after the API server failed them.
+//! - [`backoff`]: exponential backoff with jitter, of every retry.
 //!
 //! [`Error`] is the crate-wide error of the controllers. [`run_controllers`] runs every
 //! controller (what `kuberaya-ccm` runs while it leads, and what `kuberaya sandbox up`
 //! runs in-process).
 
 pub mod annotations;
+pub mod backoff;
 pub mod config;
 pub mod events;
 pub mod metrics;
@@ -112,6 +114,11 @@ pub enum Error {
 
 /// Result of the controllers.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `map_err` of a platform call: its error as ours, named by the call.
+pub(crate) fn platform_err(op: &'static str) -> impl FnOnce(platform::Error) -> Error {
+    move |source| Error::Platform { op, source }
+}
 
 impl Error {
     /// A short, stable label for metrics (`reconcile_failures{error=...}`).

@@ -17,15 +17,15 @@
 //!
 //! [`metadata_update`] is the pure decision of what to write.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, NodeAddress};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
@@ -35,11 +35,12 @@ use super::{
     LABEL_INSTANCE_TYPE, LABEL_REGION, LABEL_ZONE, NodeSettings, UNINITIALIZED_TAINT, has_provider_id, has_taint,
     our_vm_id, remove_taint,
 };
+use crate::backoff::{Backoff, Failures, Jitter};
+use crate::events;
 use crate::metrics::Metrics;
-use crate::platform::{self, Instance, InstanceFilter, InstanceState, Platform};
+use crate::platform::{Instance, InstanceFilter, InstanceState, Platform};
 use crate::providerid::ProviderId;
-use crate::service::controller::backoff_delay;
-use crate::{Error, Result};
+use crate::{Error, Result, platform_err};
 
 /// The controller's name in Events and field managers.
 pub const CONTROLLER_NAME: &str = "kuberaya-ccm-node-controller";
@@ -55,30 +56,24 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub settings: NodeSettings,
     /// Consecutive failures per Node, for the backoff.
-    failures: Mutex<HashMap<String, u32>>,
+    pub(crate) failures: Failures,
 }
 
 impl Context {
     pub fn new(client: Client, platform: Arc<dyn Platform>, metrics: Arc<Metrics>, settings: NodeSettings) -> Self {
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: CONTROLLER_NAME.into(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
-        );
+        let failures = Failures::new(Backoff::new(
+            settings.base_backoff,
+            settings.max_backoff,
+            Jitter::PLUS_MINUS_20_PERCENT,
+        ));
         Context {
+            recorder: events::recorder(client.clone(), CONTROLLER_NAME),
             client,
             platform,
-            recorder,
             metrics,
             settings,
-            failures: Mutex::new(HashMap::new()),
+            failures,
         }
-    }
-
-    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
-        self.failures.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn nodes(&self) -> Api<Node> {
@@ -223,10 +218,6 @@ pub fn pick_vm<'a>(node: &Node, vms: &'a [Instance]) -> Result<&'a Instance, Not
     }
 }
 
-fn platform_err(op: &'static str) -> impl FnOnce(platform::Error) -> Error {
-    move |source| Error::Platform { op, source }
-}
-
 /// Looks the VM of one Node up: `get_instance` by provider ID, else the cluster's VMs
 /// by name. `Ok(Err(..))`: no such VM (and why).
 pub async fn find_vm(ctx: &Context, node: &Node) -> Result<Result<Instance, NotFound>> {
@@ -267,16 +258,12 @@ async fn write_metadata(api: &Api<Node>, name: &str, update: &MetadataUpdate) ->
 }
 
 async fn publish(ctx: &Context, node: &Node, type_: EventType, reason: &str, note: String) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(crate::events::note(&note)),
-        action: reason.into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &node.object_ref(&())).await {
-        warn!(error = %e, reason, "could not publish event");
-    }
+    events::publish(
+        &ctx.recorder,
+        &events::event(type_, reason, &note),
+        &node.object_ref(&()),
+    )
+    .await;
 }
 
 /// Initialises one Node (see the module docs); Nodes without the taint are left to the
@@ -299,7 +286,7 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action> {
     write_metadata(&api, &name, &update).await?;
     remove_taint(&api, &node, UNINITIALIZED_TAINT).await?;
     ctx.metrics.nodes_initialized.inc();
-    ctx.failures().remove(&name);
+    ctx.failures.clear(&name);
     info!(vm = %vm.id, provider_id = ?update.provider_id, "node initialised");
     Ok(Action::await_change())
 }
@@ -307,19 +294,8 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action> {
 /// Retries with exponential backoff and jitter, per Node.
 pub fn error_policy(node: Arc<Node>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.record_node_failure(error);
-    let n = {
-        let mut f = ctx.failures();
-        let n = f.entry(node.name_any()).or_insert(0);
-        *n = n.saturating_add(1);
-        *n - 1
-    };
-    let delay = backoff_delay(
-        n,
-        ctx.settings.base_backoff,
-        ctx.settings.max_backoff,
-        rand::random::<f64>(),
-    );
-    warn!(node = %node.name_any(), error = %error, failures = n + 1, ?delay, "node initialisation failed");
+    let (failures, delay) = ctx.failures.record(node.name_any());
+    warn!(node = %node.name_any(), error = %error, failures, ?delay, "node initialisation failed");
     Action::requeue(delay)
 }
 

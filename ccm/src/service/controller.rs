@@ -8,17 +8,16 @@
 //! one. Refusals (invalid annotations, unsupported fields, platform 422/409) become a
 //! Warning Event and our condition, and are retried slowly, never in a tight loop.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Node, ObjectReference, Service};
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -26,6 +25,8 @@ use kube::{Client, Resource, ResourceExt};
 use tracing::{debug, info, instrument, warn};
 
 use crate::annotations;
+use crate::backoff::{Backoff, Failures, Jitter};
+use crate::events::{self, EventQueue};
 use crate::metrics::Metrics;
 use crate::platform::{self, Labels, LbStatus, Platform};
 use crate::service::desired::{
@@ -37,7 +38,7 @@ use crate::service::nodes::{MAX_BACKENDS, NodeSetFingerprint, SettledNodes, debo
 use crate::service::status::{ConditionUpdate, IngressUpdate, Ready, condition_differs, status_patch};
 use crate::service::sweep::run_sweep;
 use crate::service::{FINALIZER, is_deleting, needs_cleanup, reconcile_inputs, wants_load_balancer};
-use crate::{Error, Result};
+use crate::{Error, Result, platform_err};
 
 /// The controller's name in Events and field managers.
 pub const CONTROLLER_NAME: &str = "kuberaya-ccm-service-controller";
@@ -85,54 +86,12 @@ pub struct Context {
     pub config: DesiredConfig,
     pub timing: Timing,
     /// Consecutive failures per Service (`namespace/name`), for the error backoff.
-    failures: Mutex<HashMap<String, u32>>,
+    pub(crate) failures: Failures,
     /// What the controller remembers of each Service's LB (see [`LbCache`]).
     pub(crate) lbs: LbCache,
     /// Every Service (the controller's store), once it runs: an LB name two Services want
     /// goes to the older one ([`older_claimant`]).
     services: OnceLock<Store<Service>>,
-}
-
-/// Events are published by a task of their own, not by the reconcile that reports them:
-/// each is an API request (two per created or deleted LB), and a worker waiting on it is
-/// a worker not talking to the platform. As client-go's recorder does, the queue is
-/// bounded and an Event that does not fit is dropped (Events are best effort; the
-/// Service's condition and status carry what matters).
-struct EventQueue {
-    tx: tokio::sync::mpsc::Sender<(Event, ObjectReference)>,
-}
-
-impl EventQueue {
-    /// Events waiting to be published (client-go: `maxQueuedEvents`).
-    const CAPACITY: usize = 1000;
-    /// Events being published at once.
-    const PUBLISHERS: usize = 4;
-
-    /// The queue and its publishing task, which ends once the queue is dropped and drained.
-    fn start(recorder: Recorder) -> Self {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Event, ObjectReference)>(Self::CAPACITY);
-        tokio::spawn(async move {
-            futures::stream::poll_fn(|cx| rx.poll_recv(cx))
-                .for_each_concurrent(Self::PUBLISHERS, |(ev, regarding)| {
-                    let recorder = recorder.clone();
-                    async move {
-                        if let Err(e) = recorder.publish(&ev, &regarding).await {
-                            warn!(error = %e, reason = %ev.reason, "could not publish event");
-                        }
-                    }
-                })
-                .await;
-        });
-        EventQueue { tx }
-    }
-
-    /// Queues `ev` about `regarding`, never waiting.
-    fn send(&self, ev: Event, regarding: ObjectReference) {
-        if let Err(e) = self.tx.try_send((ev, regarding)) {
-            let (ev, _) = e.into_inner();
-            warn!(reason = %ev.reason, "event dropped: {} events already wait to be published", Self::CAPACITY);
-        }
-    }
 }
 
 impl Context {
@@ -144,22 +103,20 @@ impl Context {
         config: DesiredConfig,
         timing: Timing,
     ) -> Self {
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: CONTROLLER_NAME.into(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
-        );
+        let failures = Failures::new(Backoff::new(
+            timing.base_backoff,
+            timing.max_backoff,
+            Jitter::PLUS_MINUS_20_PERCENT,
+        ));
         Context {
+            events: EventQueue::start(events::recorder(client.clone(), CONTROLLER_NAME)),
             client,
             platform,
-            events: EventQueue::start(recorder),
             metrics,
             nodes: Arc::new(SettledNodes::new(nodes)),
             config,
             timing,
-            failures: Mutex::new(HashMap::new()),
+            failures,
             lbs: LbCache::default(),
             services: OnceLock::new(),
         }
@@ -168,10 +125,6 @@ impl Context {
     /// Gives the context the store of every Service (the controller's).
     pub fn see_services(&self, store: Store<Service>) {
         let _ = self.services.set(store);
-    }
-
-    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
-        self.failures.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// When to look again at the Service's LB that is not settled yet.
@@ -202,21 +155,9 @@ fn key_of(svc: &Service) -> String {
     format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any())
 }
 
-/// Exponential backoff with jitter: `base * 2^failures`, at most `max`, times a factor in
-/// [0.8, 1.2) from `jitter` in [0, 1).
-pub fn backoff_delay(failures: u32, base: Duration, max: Duration, jitter: f64) -> Duration {
-    let exp = base.saturating_mul(1u32.checked_shl(failures.min(20)).unwrap_or(u32::MAX));
-    let capped = exp.min(max);
-    capped.mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0))
-}
-
 /// `d` jittered by ±10 % (`jitter` in [0, 1)).
 pub fn jittered(d: Duration, jitter: f64) -> Duration {
     d.mul_f64(0.9 + 0.2 * jitter.clamp(0.0, 1.0))
-}
-
-pub(crate) fn platform_err(op: &'static str) -> impl FnOnce(platform::Error) -> Error {
-    move |source| Error::Platform { op, source }
 }
 
 /// Reconciles one Service. See the module docs.
@@ -255,7 +196,7 @@ pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action> {
 
     if result.is_ok() {
         ctx.metrics.record_success();
-        ctx.failures().remove(&key);
+        ctx.failures.clear(&key);
     }
     result
 }
@@ -267,32 +208,15 @@ pub fn error_policy(svc: Arc<Service>, error: &Error, ctx: Arc<Context>) -> Acti
         return Action::requeue(*retry_after);
     }
     ctx.metrics.record_failure(error);
-    let n = {
-        let mut f = ctx.failures();
-        let n = f.entry(key_of(&svc)).or_insert(0);
-        *n = n.saturating_add(1);
-        *n - 1
-    };
-    let delay = backoff_delay(
-        n,
-        ctx.timing.base_backoff,
-        ctx.timing.max_backoff,
-        rand::random::<f64>(),
-    );
-    warn!(service = %key_of(&svc), error = %error, failures = n + 1, ?delay, "reconcile failed");
+    let (failures, delay) = ctx.failures.record(key_of(&svc));
+    warn!(service = %key_of(&svc), error = %error, failures, ?delay, "reconcile failed");
     Action::requeue(delay)
 }
 
 /// Queues an Event about `svc` (see [`EventQueue`]).
 fn publish(ctx: &Context, svc: &Service, type_: EventType, reason: &str, note: String) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(crate::events::note(&note)),
-        action: reason.into(),
-        secondary: None,
-    };
-    ctx.events.send(ev, svc.object_ref(&()));
+    ctx.events
+        .send(events::event(type_, reason, &note), svc.object_ref(&()));
 }
 
 async fn patch_status(

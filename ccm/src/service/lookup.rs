@@ -15,9 +15,9 @@ use crate::platform::labels::MAX_LABEL_VALUE_LEN;
 use crate::platform::{
     LABEL_CLUSTER_ID, LABEL_SERVICE_NAME, LABEL_SERVICE_NAMESPACE, LABEL_SERVICE_UID, Labels, LoadBalancer,
 };
-use crate::service::controller::{Context, platform_err};
+use crate::service::controller::Context;
 use crate::service::diff::{LookupError, index_by_uid, pick_by_name, pick_by_uid};
-use crate::{Error, Result};
+use crate::{Error, Result, platform_err};
 
 /// What the controller remembers of each Service's LB, by Service UID.
 #[derive(Default)]

@@ -11,10 +11,10 @@ use kube::ResourceExt;
 use kube::api::Api;
 use tracing::{debug, info, warn};
 
-use crate::service::controller::{Context, platform_err};
+use crate::service::controller::Context;
 use crate::service::lookup::cluster_labels;
 use crate::service::orphans;
-use crate::{Error, Result};
+use crate::{Error, Result, platform_err};
 
 /// Deletes our LBs whose Service is gone (see [`orphans::judge`]); returns how many.
 /// Also sets the `load_balancers_managed` gauge.
