@@ -12,6 +12,7 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`watch`]: how watches retry after the API server failed them.
 //! - [`backoff`]: exponential backoff with jitter, of every retry.
+//! - [`runner`]: what the controllers share to run (connections, loops).
 //!
 //! [`Error`] is the crate-wide error of the controllers. [`run_controllers`] runs every
 //! controller (what `kuberaya-ccm` runs while it leads, and what `kuberaya sandbox up`
@@ -25,7 +26,10 @@ pub mod metrics;
 pub mod node;
 pub mod platform;
 pub mod providerid;
+pub mod runner;
 pub mod service;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod watch;
 
 use std::future::Future;
@@ -54,15 +58,14 @@ pub async fn run_controllers(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let shutdown = shutdown.boxed().shared();
+    let connections = runner::Connections {
+        client,
+        platform,
+        metrics,
+    };
     tokio::try_join!(
-        service::controller::run(
-            client.clone(),
-            platform.clone(),
-            metrics.clone(),
-            settings.service,
-            shutdown.clone(),
-        ),
-        node::run(client, platform, metrics, settings.node, shutdown),
+        service::controller::run(connections.clone(), settings.service, shutdown.clone()),
+        node::run(connections, settings.node, shutdown),
     )?;
     Ok(())
 }

@@ -21,7 +21,6 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, NodeAddress};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
@@ -40,6 +39,7 @@ use crate::events;
 use crate::metrics::Metrics;
 use crate::platform::{Instance, InstanceFilter, InstanceState, Platform};
 use crate::providerid::ProviderId;
+use crate::runner::{every, log_reconciles};
 use crate::{Error, Result, platform_err};
 
 /// The controller's name in Events and field managers.
@@ -347,16 +347,14 @@ pub async fn refresh_all(ctx: &Context) -> Result<usize> {
 
 /// The refresh loop (every `settings.refresh`).
 pub async fn run_refresh(ctx: Arc<Context>) {
-    let mut interval = tokio::time::interval(ctx.settings.refresh);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        interval.tick().await;
+    every(ctx.settings.refresh, || async {
         match refresh_all(&ctx).await {
             Ok(0) => debug!("node refresh: nothing changed"),
             Ok(n) => info!(changed = n, "node refresh"),
             Err(e) => warn!(error = %e, "node refresh failed"),
         }
-    }
+    })
+    .await;
 }
 
 /// Runs the initialisation controller until `shutdown` resolves.
@@ -366,18 +364,12 @@ pub async fn run_initializer(
 ) -> Result<()> {
     let nodes = ctx.nodes();
     let concurrency = ctx.settings.concurrency.max(1);
-    Controller::new(nodes, watcher::Config::default().any_semantic())
+    let results = Controller::new(nodes, watcher::Config::default().any_semantic())
         .trigger_backoff(crate::watch::WatchBackoff::default())
         .with_config(ControllerConfig::default().concurrency(concurrency))
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => debug!(node = %obj, "reconciled"),
-                Err(e) => debug!(error = %e, "node reconcile error"),
-            }
-        })
-        .await;
+        .run(reconcile, error_policy, ctx);
+    log_reconciles(results, "node").await;
     Ok(())
 }
 

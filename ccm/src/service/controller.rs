@@ -29,6 +29,7 @@ use crate::backoff::{Backoff, Failures, Jitter};
 use crate::events::{self, EventQueue};
 use crate::metrics::Metrics;
 use crate::platform::{self, Labels, LbStatus, Platform};
+use crate::runner::{Connections, log_reconciles};
 use crate::service::desired::{
     DesiredConfig, DesiredLb, PublicIpRequest, desired_lb_name, desired_load_balancer, ingress_ips, older_claimant,
 };
@@ -673,12 +674,11 @@ fn node_change_ticks(
 
 /// Runs the service controller and the orphan sweep until `shutdown` resolves.
 pub async fn run(
-    client: Client,
-    platform: Arc<dyn Platform>,
-    metrics: Arc<Metrics>,
+    connections: Connections,
     settings: RunSettings,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<()> {
+    let client = connections.client;
     // Nodes: a reflector fed by its own task, so the store is complete before the
     // first reconcile (an empty node list must never empty every LB's backends).
     let (node_store, node_writer) = reflector::store::<Node>();
@@ -709,8 +709,8 @@ pub async fn run(
 
     let ctx = Arc::new(Context::new(
         client.clone(),
-        platform,
-        metrics,
+        connections.platform,
+        connections.metrics,
         node_store.clone(),
         settings.config.clone(),
         settings.timing.clone(),
@@ -741,17 +741,11 @@ pub async fn run(
 
     let sweep_task = tokio::spawn(run_sweep(ctx.clone(), settings.orphan_sweep));
 
-    controller
+    let results = controller
         .reconcile_all_on(ticks)
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => debug!(service = %obj, "reconciled"),
-                Err(e) => debug!(error = %e, "reconcile error"),
-            }
-        })
-        .await;
+        .run(reconcile, error_policy, ctx);
+    log_reconciles(results, "service").await;
     sweep_task.abort();
     node_task.abort();
     Ok(())

@@ -11,6 +11,7 @@ use kube::ResourceExt;
 use kube::api::Api;
 use tracing::{debug, info, warn};
 
+use crate::runner::every;
 use crate::service::controller::Context;
 use crate::service::lookup::cluster_labels;
 use crate::service::orphans;
@@ -82,10 +83,7 @@ where
 /// Sweeps orphans every `period` (see [`sweep_orphans`]), until the task is aborted.
 pub async fn run_sweep(ctx: Arc<Context>, period: Duration) {
     let api: Api<Service> = Api::all(ctx.client.clone());
-    let mut interval = tokio::time::interval(period);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        interval.tick().await;
+    every(period, || async {
         // A fresh list each time (after the LBs): deciding deletions from a lagging
         // cache could remove the LB of a Service that exists.
         let list_services = || async {
@@ -99,5 +97,6 @@ pub async fn run_sweep(ctx: Arc<Context>, period: Duration) {
             Ok(n) => info!(deleted = n, "orphan sweep"),
             Err(e) => warn!(error = %e, "orphan sweep failed"),
         }
-    }
+    })
+    .await;
 }

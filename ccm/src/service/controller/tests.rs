@@ -11,30 +11,13 @@ use crate::service::lookup::KnownLb;
 use crate::service::nodes::tests::{node, with_label};
 use crate::service::status::Ready;
 use crate::service::sweep::sweep_orphans;
+use crate::testing::{Call, mock_api_server};
 use http::{Request, Response};
 use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::client::Body;
 use kube::runtime::watcher::Event as WatchEvent;
 use serde_json::Value;
-
-/// One request the controller made to the API server.
-#[derive(Debug, Clone)]
-struct Call {
-    method: String,
-    path: String,
-    body: Value,
-}
-
-impl Call {
-    fn is(&self, method: &str, path_end: &str) -> bool {
-        self.method == method && self.path.ends_with(path_end)
-    }
-
-    fn is_event(&self, reason: &str) -> bool {
-        self.method == "POST" && self.path.ends_with("/events") && self.body["reason"] == reason
-    }
-}
 
 const SVC_PATH: &str = "/api/v1/namespaces/default/services/web";
 const STATUS_PATH: &str = "/api/v1/namespaces/default/services/web/status";
@@ -71,7 +54,10 @@ impl Bench {
 
     fn context(&self) -> (Arc<Context>, tower_test::mock::Handle<Request<Body>, Response<Body>>) {
         let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(service, "default");
+        (self.context_on(Client::new(service, "default")), handle)
+    }
+
+    fn context_on(&self, client: Client) -> Arc<Context> {
         let ctx = Context::new(
             client,
             self.platform.clone(),
@@ -80,37 +66,22 @@ impl Bench {
             cfg(),
             Timing::default(),
         );
-        (Arc::new(ctx), handle)
+        Arc::new(ctx)
     }
 
     /// A context whose API requests a mock server answers (with `s`, or an Event's own
     /// body) and records until the context is dropped.
     fn served_context(&self, s: &Service) -> (Arc<Context>, tokio::task::JoinHandle<Vec<Call>>) {
-        let (ctx, mut handle) = self.context();
         let answer_with = serde_json::to_value(s).expect("encode service");
-        let server = tokio::spawn(async move {
-            let mut calls = Vec::new();
-            while let Some((req, send)) = handle.next_request().await {
-                let method = req.method().to_string();
-                let path = req.uri().path().to_owned();
-                let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
-                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                let answer = if path.ends_with("/events") {
-                    body.clone()
-                } else {
-                    answer_with.clone()
-                };
-                let resp = Response::builder()
-                    .status(if method == "POST" { 201 } else { 200 })
-                    .body(Body::from(serde_json::to_vec(&answer).unwrap_or_default()));
-                if let Ok(resp) = resp {
-                    send.send_response(resp);
-                }
-                calls.push(Call { method, path, body });
-            }
-            calls
+        let (client, server) = mock_api_server(move |method, path, body| {
+            let answer = if path.ends_with("/events") {
+                body.clone()
+            } else {
+                answer_with.clone()
+            };
+            (if method == "POST" { 201 } else { 200 }, answer)
         });
-        (ctx, server)
+        (self.context_on(client), server)
     }
 
     /// Runs one reconcile; returns its result and every API request it made.
