@@ -28,18 +28,17 @@ use crate::annotations;
 use crate::backoff::{Backoff, Failures, Jitter};
 use crate::events::{self, EventQueue};
 use crate::metrics::Metrics;
-use crate::platform::{self, Labels, LbStatus, LoadBalancer, LoadBalancerSpec, LoadBalancerUpdate, Platform};
+use crate::platform::{self, Platform};
 use crate::runner::{Connections, log_reconciles};
-use crate::service::desired::{
-    DesiredConfig, DesiredLb, PublicIpRequest, desired_lb_name, desired_load_balancer, ingress_ips, older_claimant,
-};
-use crate::service::diff::{ApplyPlan, DeletePlan, keep_public_ip, plan_apply, plan_delete};
-use crate::service::lookup::{LbCache, Lookup, find_lb, find_lb_by_name, find_lb_by_uid};
-use crate::service::nodes::{MAX_BACKENDS, NodeSetFingerprint, SettledNodes, debounce, selector_keys};
+use crate::service::apply::apply;
+use crate::service::desired::{DesiredConfig, desired_lb_name};
+use crate::service::diff::{DeletePlan, keep_public_ip, plan_delete};
+use crate::service::lookup::{LbCache, find_lb};
+use crate::service::nodes::{NodeSetFingerprint, SettledNodes, debounce, selector_keys};
 use crate::service::status::{ConditionUpdate, IngressUpdate, Ready, condition_differs, status_patch};
 use crate::service::sweep::run_sweep;
 use crate::service::{FINALIZER, is_deleting, needs_cleanup, reconcile_inputs, wants_load_balancer};
-use crate::{Error, Result, platform_err};
+use crate::{Error, Result};
 
 /// The controller's name in Events and field managers.
 pub const CONTROLLER_NAME: &str = "kuberaya-ccm-service-controller";
@@ -92,7 +91,7 @@ pub struct Context {
     pub(crate) lbs: LbCache,
     /// Every Service (the controller's store), once it runs: an LB name two Services want
     /// goes to the older one ([`older_claimant`]).
-    services: OnceLock<Store<Service>>,
+    pub(crate) services: OnceLock<Store<Service>>,
 }
 
 impl Context {
@@ -129,7 +128,7 @@ impl Context {
     }
 
     /// When to look again at the Service's LB that is not settled yet.
-    fn next_poll(&self, uid: &str) -> Duration {
+    pub(crate) fn next_poll(&self, uid: &str) -> Duration {
         let waited = self
             .lbs
             .lb_ids()
@@ -215,12 +214,12 @@ pub fn error_policy(svc: Arc<Service>, error: &Error, ctx: Arc<Context>) -> Acti
 }
 
 /// Queues an Event about `svc` (see [`EventQueue`]).
-fn publish(ctx: &Context, svc: &Service, type_: EventType, reason: &str, note: String) {
+pub(crate) fn publish(ctx: &Context, svc: &Service, type_: EventType, reason: &str, note: String) {
     ctx.events
         .send(events::event(type_, reason, &note), svc.object_ref(&()));
 }
 
-async fn patch_status(
+pub(crate) async fn patch_status(
     api: &Api<Service>,
     svc: &Service,
     ingress: IngressUpdate,
@@ -237,7 +236,13 @@ async fn patch_status(
 }
 
 /// Reports a refusal: condition (and a Warning Event when the condition changes).
-async fn refuse(ctx: &Context, api: &Api<Service>, svc: &Service, reason: &str, message: String) -> Result<Action> {
+pub(crate) async fn refuse(
+    ctx: &Context,
+    api: &Api<Service>,
+    svc: &Service,
+    reason: &str,
+    message: String,
+) -> Result<Action> {
     let want = Ready::no(reason, message.clone());
     if condition_differs(svc, &want) {
         publish(ctx, svc, EventType::Warning, "SyncLoadBalancerFailed", message.clone());
@@ -265,7 +270,7 @@ fn is_busy(message: &str) -> bool {
     ["updating", "provisioning", "deleting"].iter().any(|w| m.contains(w))
 }
 
-async fn handle_platform_error(
+pub(crate) async fn handle_platform_error(
     ctx: &Context,
     api: &Api<Service>,
     svc: &Service,
@@ -289,257 +294,6 @@ async fn handle_platform_error(
         format!("Error syncing load balancer: {op}: {e}"),
     );
     Err(Error::Platform { op, source: e })
-}
-
-/// Brings the Service's LB in line with what the Service asks: the desired LB and the
-/// actual one, a plan ([`plan_apply`]), then one step per plan arm ([`create`],
-/// [`update`], [`wait`], [`in_sync`]).
-async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Action> {
-    let nodes = ctx.nodes.get();
-    let desired = match desired_load_balancer(svc, nodes.iter().map(|n| n.as_ref()), &ctx.config) {
-        Ok(d) => d,
-        Err(refusal) => return refuse(ctx, api, svc, refusal.reason(), refusal.to_string()).await,
-    };
-    let uid = svc.uid().ok_or(Error::MissingObjectKey("metadata.uid"))?;
-    let mut actual = match find_lb_by_uid(ctx, svc, Lookup::TrustKnown).await? {
-        Ok(a) => a,
-        Err(e) => return refuse(ctx, api, svc, "LookupFailed", e.to_string()).await,
-    };
-
-    let mut resolved_ip = None;
-    if actual.is_none()
-        && let PublicIpRequest::Address(addr) = &desired.public_ip
-    {
-        match public_ip_id(ctx, addr).await? {
-            Some(id) => resolved_ip = Some(id),
-            None => {
-                let msg = format!("spec.loadBalancerIP: no public IP {addr} exists in the platform account");
-                return refuse(ctx, api, svc, "UnsupportedServiceSpec", msg).await;
-            }
-        }
-    }
-
-    // Planned at most twice: LB names are unique in a cluster, so instead of looking for
-    // an LB of the wanted name before every create, a create answered with 409 looks it
-    // up and plans again against what it found (adopting one of a previous incarnation of
-    // the Service; another Service's name is a refusal).
-    let mut looked_up_by_name = false;
-    loop {
-        let plan = match plan_apply(actual.as_ref(), &desired, resolved_ip.as_deref()) {
-            Ok(p) => p,
-            Err(r) => return refuse(ctx, api, svc, "UnsupportedChange", r.to_string()).await,
-        };
-        return match plan {
-            ApplyPlan::Create(spec) => match create(ctx, api, svc, &uid, &desired, &spec, !looked_up_by_name).await? {
-                Created::Done(action) => Ok(action),
-                Created::Adopt(lb) => {
-                    looked_up_by_name = true;
-                    actual = Some(*lb);
-                    continue;
-                }
-            },
-            ApplyPlan::Update { id, update, changes } => {
-                self::update(ctx, api, svc, &desired, &id, &update, &changes).await
-            }
-            ApplyPlan::Wait { id, status } => wait(ctx, api, svc, &uid, &id, status).await,
-            ApplyPlan::InSync => in_sync(ctx, api, svc, &uid, actual).await,
-        };
-    }
-}
-
-/// The ID of the account's public IP `addr` (`spec.loadBalancerIP`), if there is one.
-async fn public_ip_id(ctx: &Context, addr: &std::net::IpAddr) -> Result<Option<String>> {
-    let ips = ctx
-        .platform
-        .list_public_ips(&Labels::new())
-        .await
-        .map_err(platform_err("list_public_ips"))?;
-    Ok(ips.iter().find(|ip| &ip.address == addr).map(|ip| ip.id.clone()))
-}
-
-/// What a create came to.
-enum Created {
-    /// Created, refused or failed: the reconcile's answer.
-    Done(Action),
-    /// The create met an LB of the wanted name that is this Service's (`may_adopt`):
-    /// plan again against it.
-    Adopt(Box<LoadBalancer>),
-}
-
-/// [`ApplyPlan::Create`]: creates the LB unless an older Service wants its name; a 409
-/// looks the name up once (`may_adopt`), to adopt an LB of a previous incarnation.
-async fn create(
-    ctx: &Context,
-    api: &Api<Service>,
-    svc: &Service,
-    uid: &str,
-    desired: &DesiredLb,
-    spec: &LoadBalancerSpec,
-    may_adopt: bool,
-) -> Result<Created> {
-    let cluster = &ctx.config.cluster_id;
-    // Nobody holds the name yet (or the create's 409 would have told): of the
-    // Services that want it, the older one gets it.
-    let others = ctx.services.get().map(|s| s.state()).unwrap_or_default();
-    if let Some(older) = older_claimant(svc, &spec.name, others.iter().map(|s| s.as_ref())) {
-        let msg = format!(
-            "load balancer name {:?} is also wanted by Service {older}, which is older and gets it; set another with lb.cloudraya.com/name",
-            spec.name
-        );
-        return refuse(ctx, api, svc, "LoadBalancerNameTaken", msg)
-            .await
-            .map(Created::Done);
-    }
-    warn_if_capped(ctx, svc, desired).await;
-    let e = match ctx.platform.create_load_balancer(cluster, spec).await {
-        Ok(lb) => {
-            info!(lb = %lb.id, name = %lb.name, "created load balancer");
-            ctx.lbs.transition_started(uid, &lb);
-            publish(
-                ctx,
-                svc,
-                EventType::Normal,
-                "EnsuringLoadBalancer",
-                format!("Creating load balancer {} ({})", spec.name, lb.id),
-            );
-            let cond = Ready::no("Provisioning", format!("load balancer {} is provisioning", lb.id));
-            patch_status(api, svc, IngressUpdate::Leave, ConditionUpdate::Set(cond)).await?;
-            let first_look = transition_poll_delay(Some(Duration::ZERO), ctx.timing.first_poll, ctx.timing.poll);
-            return Ok(Created::Done(Action::requeue(first_look)));
-        }
-        Err(e) => e,
-    };
-    if e.may_have_taken_effect() {
-        ctx.lbs.unsure_uids().insert(uid.to_owned());
-    }
-    if matches!(e, platform::Error::Conflict { .. }) && may_adopt {
-        match find_lb_by_name(ctx, svc, &spec.name).await? {
-            Ok(Some(lb)) => {
-                // One of a previous incarnation, or ours whose create answer was lost.
-                info!(lb = %lb.id, name = %lb.name, "adopting the existing load balancer of this name");
-                ctx.lbs.remember_lb(uid, &lb);
-                return Ok(Created::Adopt(Box::new(lb)));
-            }
-            Ok(None) => {}
-            Err(lookup) => {
-                return refuse(ctx, api, svc, "LookupFailed", lookup.to_string())
-                    .await
-                    .map(Created::Done);
-            }
-        }
-    }
-    handle_platform_error(ctx, api, svc, "create_load_balancer", e)
-        .await
-        .map(Created::Done)
-}
-
-/// [`ApplyPlan::Update`]: `PUT`s the LB and says what changed.
-async fn update(
-    ctx: &Context,
-    api: &Api<Service>,
-    svc: &Service,
-    desired: &DesiredLb,
-    id: &str,
-    update: &LoadBalancerUpdate,
-    changes: &[&'static str],
-) -> Result<Action> {
-    warn_if_capped(ctx, svc, desired).await;
-    if let Err(e) = ctx
-        .platform
-        .update_load_balancer(&ctx.config.cluster_id, id, update)
-        .await
-    {
-        return handle_platform_error(ctx, api, svc, "update_load_balancer", e).await;
-    }
-    info!(lb = %id, ?changes, "updated load balancer");
-    publish(
-        ctx,
-        svc,
-        EventType::Normal,
-        "UpdatedLoadBalancer",
-        format!("Updated load balancer {id} ({})", changes.join(", ")),
-    );
-    // Nothing the Service shows waits on an update: looked at after the full period.
-    Ok(Action::requeue(ctx.timing.poll))
-}
-
-/// [`ApplyPlan::Wait`]: the LB is busy; our condition says with what, and it is looked
-/// at again.
-async fn wait(
-    ctx: &Context,
-    api: &Api<Service>,
-    svc: &Service,
-    uid: &str,
-    id: &str,
-    status: LbStatus,
-) -> Result<Action> {
-    let cond = match status {
-        LbStatus::Provisioning => {
-            ConditionUpdate::Set(Ready::no("Provisioning", format!("load balancer {id} is provisioning")))
-        }
-        LbStatus::Deleting => ConditionUpdate::Set(Ready::no(
-            "Deleting",
-            format!("load balancer {id} is being deleted; a new one follows"),
-        )),
-        _ => ConditionUpdate::Leave,
-    };
-    patch_status(api, svc, IngressUpdate::Leave, cond).await?;
-    Ok(Action::requeue(ctx.next_poll(uid)))
-}
-
-/// [`ApplyPlan::InSync`]: once the LB is active, the Service shows its address and is
-/// Ready; resynced after `timing.resync`.
-async fn in_sync(
-    ctx: &Context,
-    api: &Api<Service>,
-    svc: &Service,
-    uid: &str,
-    actual: Option<LoadBalancer>,
-) -> Result<Action> {
-    let Some(lb) = actual else {
-        return Ok(Action::requeue(ctx.timing.poll));
-    };
-    if lb.status != LbStatus::Active {
-        return Ok(Action::requeue(ctx.next_poll(uid)));
-    }
-    ctx.lbs.transition_finished(uid);
-    let addr = lb.public_ip.as_ref().map(|ip| ip.address);
-    let ready = Ready::yes(match addr {
-        Some(a) => format!("load balancer {} is active at {a}", lb.id),
-        None => format!("load balancer {} is active", lb.id),
-    });
-    let became_ready = condition_differs(svc, &ready);
-    patch_status(
-        api,
-        svc,
-        IngressUpdate::Set(ingress_ips(addr)),
-        ConditionUpdate::Set(ready),
-    )
-    .await?;
-    if became_ready {
-        publish(
-            ctx,
-            svc,
-            EventType::Normal,
-            "EnsuredLoadBalancer",
-            format!("Ensured load balancer {}", lb.id),
-        );
-    }
-    Ok(Action::requeue(jittered(ctx.timing.resync, rand::random::<f64>())))
-}
-
-/// A Warning Event when the platform's backend limit leaves eligible nodes out; only on
-/// the writes that set the backends, not on every resync.
-async fn warn_if_capped(ctx: &Context, svc: &Service, desired: &DesiredLb) {
-    if desired.eligible_backends > desired.backends.len() {
-        let note = format!(
-            "{} nodes are eligible but the platform takes at most {MAX_BACKENDS} backends per load balancer: \
-             using {}, chosen by a hash of the Service UID (the same on every sync)",
-            desired.eligible_backends,
-            desired.backends.len()
-        );
-        publish(ctx, svc, EventType::Warning, "TooManyBackends", note);
-    }
 }
 
 /// Where a cleanup stands.

@@ -6,8 +6,10 @@
 //! [`status`] (status and condition patches, pure), [`orphans`] (which LBs may be
 //! swept: shared with the CLI), [`lookup`] (a Service's LB on the platform, and what the
 //! controller remembers of it), [`sweep`] (the orphan sweep), [`controller`] (the kube-rs
-//! controller: finalizer, platform calls, events, requeues).
+//! controller: finalizer, cleanup, events, requeues), [`apply`] (a Service's LB brought
+//! in line, by plan arm).
 
+pub mod apply;
 pub mod controller;
 pub mod desired;
 pub mod diff;
