@@ -3,7 +3,7 @@
 //! off the reconcile path.
 //!
 //! kube-apiserver's validation of `events.k8s.io/v1` Events (the API kube-runtime's
-//! [`Recorder`](kube::runtime::events::Recorder) writes) limits `note` to
+//! [`Recorder`] writes) limits `note` to
 //! [`NOTE_MAX_BYTES`] *bytes*; a longer note is refused with 422 and the Event is lost.
 //! [`note`] cuts a note to fit, at a char boundary, so a note in another script or with
 //! U+FFFD from a lossy decode still fits; [`fit_bytes`] does the same for the other

@@ -1,5 +1,5 @@
 //! Applying a Service: its LB brought in line with what it asks, one step per arm of
-//! the plan ([`plan_apply`]): [`create`], [`update`], [`wait`], [`in_sync`].
+//! the plan ([`plan_apply`]): `create`, `update`, `wait` and `in_sync`.
 
 use std::time::Duration;
 

@@ -2,10 +2,10 @@
 //!
 //! [`reconcile`] routes a Service through [`kube::runtime::finalizer`] when it wants a
 //! load balancer (or is being deleted with our finalizer), and through our own cleanup
-//! when its type changed away. Apply computes the desired LB ([`super::desired`]), finds
-//! the actual one by labels, plans ([`super::diff`]) and makes only the calls the plan
-//! asks for. Slow platform operations are polled by requeue; no worker ever waits on
-//! one. Refusals (invalid annotations, unsupported fields, platform 422/409) become a
+//! when its type changed away. Apply ([`super::apply`]) computes the desired LB
+//! ([`super::desired`]), finds the actual one ([`super::lookup`]), plans
+//! ([`super::diff`]) and makes only the calls the plan asks for. Slow platform operations
+//! are polled by requeue; no worker ever waits on one. Refusals (invalid annotations, unsupported fields, platform 422/409) become a
 //! Warning Event and our condition, and are retried slowly, never in a tight loop.
 
 use std::future::Future;

@@ -1,7 +1,7 @@
 //! The service controller's lookups of a Service's LB on the platform (hcloud-CCM's
-//! "ops" layer): [`LbCache`], what the controller remembers of each Service's LB so that
-//! most lookups are one GET by ID, and [`find_lb_by_uid`], [`find_lb_by_name`] and
-//! [`find_lb`], which ask the platform when the cache cannot answer.
+//! "ops" layer): `LbCache`, what the controller remembers of each Service's LB so that
+//! most lookups are one GET by ID, and `find_lb_by_uid`, `find_lb_by_name` and
+//! `find_lb`, which ask the platform when the cache cannot answer.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
