@@ -1,6 +1,6 @@
 //! The kube-rs controller of LoadBalancer Services.
 //!
-//! [`reconcile`] routes a Service through [`kube::runtime::finalizer`] when it wants a
+//! [`reconcile`] routes a Service through [`kube::runtime::finalizer()`] when it wants a
 //! load balancer (or is being deleted with our finalizer), and through our own cleanup
 //! when its type changed away. Apply ([`super::apply`]) computes the desired LB
 //! ([`super::desired`]), finds the actual one ([`super::lookup`]), plans
