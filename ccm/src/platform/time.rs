@@ -5,6 +5,7 @@
 //! `+0700`, `[zone]` annotations) and the platform's format is narrower. Timestamps in
 //! the API types stay strings.
 
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jiff::Timestamp;
@@ -16,15 +17,29 @@ pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
     if !is_rfc3339_shaped(s.as_bytes()) {
         return None;
     }
-    let ts: Timestamp = s.parse().ok()?;
+    let ts: Timestamp = at_most_nanoseconds(s).parse().ok()?;
     let secs = u64::try_from(ts.as_second()).ok()?;
     let nanos = u32::try_from(ts.subsec_nanosecond()).ok()?;
     Some(UNIX_EPOCH + Duration::new(secs, nanos))
 }
 
+/// `s` with its fraction cut to nanoseconds: RFC 3339 allows any number of digits, jiff
+/// reads at most nine.
+fn at_most_nanoseconds(s: &str) -> Cow<'_, str> {
+    const START: usize = 20;
+    let digits = s
+        .get(START..)
+        .filter(|_| s.as_bytes().get(START - 1) == Some(&b'.'))
+        .map_or(0, |f| f.bytes().take_while(u8::is_ascii_digit).count());
+    if digits <= 9 {
+        return Cow::Borrowed(s);
+    }
+    Cow::Owned(format!("{}{}", &s[..START + 9], &s[START + digits..]))
+}
+
 /// Whether `b` has RFC 3339's shape: `YYYY-MM-DD`, `T` (or `t` or a space), `HH:MM:SS`, an
-/// optional fraction of at least one digit, then `Z` (or `z`) or `±HH:MM`, and nothing
-/// more. The values are jiff's to check.
+/// optional fraction of at least one digit, then `Z` (or `z`) or `±HH:MM` (at most
+/// 23:59), and nothing more. The date's and time's values are jiff's to check.
 fn is_rfc3339_shaped(b: &[u8]) -> bool {
     let digits = |from: usize, len: usize| {
         b.get(from..from + len)
@@ -55,7 +70,9 @@ fn is_rfc3339_shaped(b: &[u8]) -> bool {
     }
     match rest {
         [b'Z' | b'z'] => true,
-        [b'+' | b'-', h1, h2, b':', m1, m2] => [h1, h2, m1, m2].iter().all(|c| c.is_ascii_digit()),
+        [b'+' | b'-', h1, h2, b':', m1, m2] => {
+            [h1, h2, m1, m2].iter().all(|c| c.is_ascii_digit()) && [*h1, *h2] <= *b"23" && *m1 <= b'5'
+        }
         _ => false,
     }
 }
@@ -102,6 +119,9 @@ mod tests {
         assert_eq!(secs("2026-11-25t18:00:00z"), secs("2026-11-25T18:00:00Z"));
         assert_eq!(secs(" 2026-11-25 18:00:00Z "), secs("2026-11-25T18:00:00Z"));
         assert_eq!(secs("1969-12-31T23:59:59Z"), None, "before 1970");
+        // More digits than nanoseconds are cut, not refused.
+        let t = parse_rfc3339("1970-01-01T00:00:01.1234567891Z").and_then(|t| t.duration_since(UNIX_EPOCH).ok());
+        assert_eq!(t, Some(Duration::new(1, 123_456_789)));
     }
 
     #[test]
@@ -116,6 +136,8 @@ mod tests {
             "2026-11-25T18:00:00Zjunk",
             "2026-11-25T18:00:00.Z",
             "2026-11-25T18:00:00+0700",
+            "2026-11-25T18:00:00+24:00",
+            "2026-11-25T18:00:00+07:60",
             "２026-11-25T18:00:00Z",
             // ISO 8601 and Temporal forms that are not RFC 3339.
             "20261125T180000Z",
