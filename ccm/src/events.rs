@@ -1,11 +1,19 @@
-//! Kubernetes Events of the CCM's controllers.
+//! Kubernetes Events of the CCM's controllers: the [`recorder`] of each controller,
+//! [`event`] to build one, [`publish`] to send one now, and [`EventQueue`] to send them
+//! off the reconcile path.
 //!
 //! kube-apiserver's validation of `events.k8s.io/v1` Events (the API kube-runtime's
-//! [`Recorder`](kube::runtime::events::Recorder) writes) limits `note` to
+//! [`Recorder`] writes) limits `note` to
 //! [`NOTE_MAX_BYTES`] *bytes*; a longer note is refused with 422 and the Event is lost.
 //! [`note`] cuts a note to fit, at a char boundary, so a note in another script or with
 //! U+FFFD from a lossy decode still fits; [`fit_bytes`] does the same for the other
 //! texts kube-apiserver limits in bytes (a condition's message).
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::Client;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use tracing::warn;
 
 /// kube-apiserver's limit on an `events.k8s.io/v1` Event's `note`, in bytes.
 pub const NOTE_MAX_BYTES: usize = 1024;
@@ -31,6 +39,74 @@ pub fn fit_bytes(text: &str, max: usize) -> String {
     out.push_str(&text[..cut]);
     out.push(ELLIPSIS);
     out
+}
+
+/// The recorder of the controller named `controller`; the instance reporting is this pod
+/// (`POD_NAME`, from the downward API).
+pub fn recorder(client: Client, controller: &str) -> Recorder {
+    Recorder::new(
+        client,
+        Reporter {
+            controller: controller.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    )
+}
+
+/// An Event whose action is its reason and whose note is cut to fit ([`note`]).
+pub fn event(type_: EventType, reason: &str, note_text: &str) -> Event {
+    Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note(note_text)),
+        action: reason.into(),
+        secondary: None,
+    }
+}
+
+/// Publishes `ev` about `regarding` now. Events are best effort: a failure is logged.
+pub async fn publish(recorder: &Recorder, ev: &Event, regarding: &ObjectReference) {
+    if let Err(e) = recorder.publish(ev, regarding).await {
+        warn!(error = %e, reason = %ev.reason, "could not publish event");
+    }
+}
+
+/// Events published by a task of their own, not by the reconcile that reports them:
+/// each is an API request (two per created or deleted LB), and a worker waiting on it is
+/// a worker not talking to the platform. As client-go's recorder does, the queue is
+/// bounded and an Event that does not fit is dropped (Events are best effort; the
+/// object's condition and status carry what matters).
+pub struct EventQueue {
+    tx: tokio::sync::mpsc::Sender<(Event, ObjectReference)>,
+}
+
+impl EventQueue {
+    /// Events waiting to be published (client-go: `maxQueuedEvents`).
+    const CAPACITY: usize = 1000;
+    /// Events being published at once.
+    const PUBLISHERS: usize = 4;
+
+    /// The queue and its publishing task, which ends once the queue is dropped and drained.
+    pub fn start(recorder: Recorder) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Event, ObjectReference)>(Self::CAPACITY);
+        tokio::spawn(async move {
+            futures::stream::poll_fn(|cx| rx.poll_recv(cx))
+                .for_each_concurrent(Self::PUBLISHERS, |(ev, regarding)| {
+                    let recorder = &recorder;
+                    async move { publish(recorder, &ev, &regarding).await }
+                })
+                .await;
+        });
+        EventQueue { tx }
+    }
+
+    /// Queues `ev` about `regarding`, never waiting.
+    pub fn send(&self, ev: Event, regarding: ObjectReference) {
+        if let Err(e) = self.tx.try_send((ev, regarding)) {
+            let (ev, _) = e.into_inner();
+            warn!(reason = %ev.reason, "event dropped: {} events already wait to be published", Self::CAPACITY);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! KubeRaya cloud-controller-manager for CloudRaya.
 //!
 //! - [`platform`]: the CloudRaya platform client ([`platform::Platform`] trait, its HTTP
-//!   implementation, and an in-memory fake for tests).
+//!   implementation, and, with the `testing` feature, an in-memory fake for tests).
 //! - [`annotations`]: the typed `lb.cloudraya.com/` annotation table.
 //! - [`providerid`]: the node provider-ID format (`cloudraya://<vm-id>`).
 //! - [`service`]: the LoadBalancer service controller.
@@ -11,19 +11,25 @@
 //! - [`events`]: Event notes within kube-apiserver's byte limit.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`watch`]: how watches retry after the API server failed them.
+//! - [`backoff`]: exponential backoff with jitter, of every retry.
+//! - [`runner`]: what the controllers share to run (connections, loops).
 //!
 //! [`Error`] is the crate-wide error of the controllers. [`run_controllers`] runs every
 //! controller (what `kuberaya-ccm` runs while it leads, and what `kuberaya sandbox up`
 //! runs in-process).
 
 pub mod annotations;
+pub mod backoff;
 pub mod config;
 pub mod events;
 pub mod metrics;
 pub mod node;
 pub mod platform;
 pub mod providerid;
+pub mod runner;
 pub mod service;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod watch;
 
 use std::future::Future;
@@ -52,15 +58,14 @@ pub async fn run_controllers(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let shutdown = shutdown.boxed().shared();
+    let connections = runner::Connections {
+        client,
+        platform,
+        metrics,
+    };
     tokio::try_join!(
-        service::controller::run(
-            client.clone(),
-            platform.clone(),
-            metrics.clone(),
-            settings.service,
-            shutdown.clone(),
-        ),
-        node::run(client, platform, metrics, settings.node, shutdown),
+        service::controller::run(connections.clone(), settings.service, shutdown.clone()),
+        node::run(connections, settings.node, shutdown),
     )?;
     Ok(())
 }
@@ -112,6 +117,11 @@ pub enum Error {
 
 /// Result of the controllers.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `map_err` of a platform call: its error as ours, named by the call.
+pub(crate) fn platform_err(op: &'static str) -> impl FnOnce(platform::Error) -> Error {
+    move |source| Error::Platform { op, source }
+}
 
 impl Error {
     /// A short, stable label for metrics (`reconcile_failures{error=...}`).

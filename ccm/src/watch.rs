@@ -2,40 +2,39 @@
 
 use std::time::Duration;
 
+use crate::backoff::{Backoff, Jitter};
+
 /// The first and the largest delay before a failed watch is retried.
 const MIN: Duration = Duration::from_millis(250);
 pub const MAX: Duration = Duration::from_secs(5);
+
+const BACKOFF: Backoff = Backoff::new(MIN, MAX, Jitter::UP_TO_20_PERCENT_SHORTER);
 
 /// Retry delays of the watches: doubling from 250 ms to at most [`MAX`] with up to 20%
 /// jitter, back to the start after any success. kube-runtime's default (client-go's: up
 /// to 30 s, reset only after 2 quiet minutes) left a node watch closed 33 s after a 12 s
 /// API server outage had ended; a few watches retried every 5 s cost the server nothing.
 /// (The gateway's `source::kube::WatchBackoff` is the same; the crates share no code.)
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct WatchBackoff {
-    next: Duration,
-}
-
-impl Default for WatchBackoff {
-    fn default() -> Self {
-        WatchBackoff { next: MIN }
-    }
+    /// Retries since the last success.
+    retries: u32,
 }
 
 impl Iterator for WatchBackoff {
     type Item = Duration;
 
     fn next(&mut self) -> Option<Duration> {
-        let base = self.next;
-        self.next = (base * 2).min(MAX);
         // Replicas restarted together should not retry in step.
-        Some(base.mul_f64(1.0 - 0.2 * rand::random::<f64>()))
+        let delay = BACKOFF.delay(self.retries, rand::random::<f64>());
+        self.retries = self.retries.saturating_add(1);
+        Some(delay)
     }
 }
 
 impl kube::runtime::utils::Backoff for WatchBackoff {
     fn reset(&mut self) {
-        self.next = MIN;
+        self.retries = 0;
     }
 }
 

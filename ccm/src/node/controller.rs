@@ -17,15 +17,14 @@
 //!
 //! [`metadata_update`] is the pure decision of what to write.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, NodeAddress};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
@@ -35,11 +34,13 @@ use super::{
     LABEL_INSTANCE_TYPE, LABEL_REGION, LABEL_ZONE, NodeSettings, UNINITIALIZED_TAINT, has_provider_id, has_taint,
     our_vm_id, remove_taint,
 };
+use crate::backoff::{Backoff, Failures, Jitter};
+use crate::events;
 use crate::metrics::Metrics;
-use crate::platform::{self, Instance, InstanceFilter, InstanceState, Platform};
+use crate::platform::{Instance, InstanceFilter, InstanceState, Platform};
 use crate::providerid::ProviderId;
-use crate::service::controller::backoff_delay;
-use crate::{Error, Result};
+use crate::runner::{every, log_reconciles};
+use crate::{Error, Result, platform_err};
 
 /// The controller's name in Events and field managers.
 pub const CONTROLLER_NAME: &str = "kuberaya-ccm-node-controller";
@@ -55,30 +56,24 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub settings: NodeSettings,
     /// Consecutive failures per Node, for the backoff.
-    failures: Mutex<HashMap<String, u32>>,
+    pub(crate) failures: Failures,
 }
 
 impl Context {
     pub fn new(client: Client, platform: Arc<dyn Platform>, metrics: Arc<Metrics>, settings: NodeSettings) -> Self {
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: CONTROLLER_NAME.into(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
-        );
+        let failures = Failures::new(Backoff::new(
+            settings.base_backoff,
+            settings.max_backoff,
+            Jitter::PLUS_MINUS_20_PERCENT,
+        ));
         Context {
+            recorder: events::recorder(client.clone(), CONTROLLER_NAME),
             client,
             platform,
-            recorder,
             metrics,
             settings,
-            failures: Mutex::new(HashMap::new()),
+            failures,
         }
-    }
-
-    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
-        self.failures.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn nodes(&self) -> Api<Node> {
@@ -223,10 +218,6 @@ pub fn pick_vm<'a>(node: &Node, vms: &'a [Instance]) -> Result<&'a Instance, Not
     }
 }
 
-fn platform_err(op: &'static str) -> impl FnOnce(platform::Error) -> Error {
-    move |source| Error::Platform { op, source }
-}
-
 /// Looks the VM of one Node up: `get_instance` by provider ID, else the cluster's VMs
 /// by name. `Ok(Err(..))`: no such VM (and why).
 pub async fn find_vm(ctx: &Context, node: &Node) -> Result<Result<Instance, NotFound>> {
@@ -267,16 +258,12 @@ async fn write_metadata(api: &Api<Node>, name: &str, update: &MetadataUpdate) ->
 }
 
 async fn publish(ctx: &Context, node: &Node, type_: EventType, reason: &str, note: String) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(crate::events::note(&note)),
-        action: reason.into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &node.object_ref(&())).await {
-        warn!(error = %e, reason, "could not publish event");
-    }
+    events::publish(
+        &ctx.recorder,
+        &events::event(type_, reason, &note),
+        &node.object_ref(&()),
+    )
+    .await;
 }
 
 /// Initialises one Node (see the module docs); Nodes without the taint are left to the
@@ -299,7 +286,7 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action> {
     write_metadata(&api, &name, &update).await?;
     remove_taint(&api, &node, UNINITIALIZED_TAINT).await?;
     ctx.metrics.nodes_initialized.inc();
-    ctx.failures().remove(&name);
+    ctx.failures.clear(&name);
     info!(vm = %vm.id, provider_id = ?update.provider_id, "node initialised");
     Ok(Action::await_change())
 }
@@ -307,19 +294,8 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action> {
 /// Retries with exponential backoff and jitter, per Node.
 pub fn error_policy(node: Arc<Node>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.record_node_failure(error);
-    let n = {
-        let mut f = ctx.failures();
-        let n = f.entry(node.name_any()).or_insert(0);
-        *n = n.saturating_add(1);
-        *n - 1
-    };
-    let delay = backoff_delay(
-        n,
-        ctx.settings.base_backoff,
-        ctx.settings.max_backoff,
-        rand::random::<f64>(),
-    );
-    warn!(node = %node.name_any(), error = %error, failures = n + 1, ?delay, "node initialisation failed");
+    let (failures, delay) = ctx.failures.record(node.name_any());
+    warn!(node = %node.name_any(), error = %error, failures, ?delay, "node initialisation failed");
     Action::requeue(delay)
 }
 
@@ -371,16 +347,14 @@ pub async fn refresh_all(ctx: &Context) -> Result<usize> {
 
 /// The refresh loop (every `settings.refresh`).
 pub async fn run_refresh(ctx: Arc<Context>) {
-    let mut interval = tokio::time::interval(ctx.settings.refresh);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        interval.tick().await;
+    every(ctx.settings.refresh, || async {
         match refresh_all(&ctx).await {
             Ok(0) => debug!("node refresh: nothing changed"),
             Ok(n) => info!(changed = n, "node refresh"),
             Err(e) => warn!(error = %e, "node refresh failed"),
         }
-    }
+    })
+    .await;
 }
 
 /// Runs the initialisation controller until `shutdown` resolves.
@@ -390,18 +364,12 @@ pub async fn run_initializer(
 ) -> Result<()> {
     let nodes = ctx.nodes();
     let concurrency = ctx.settings.concurrency.max(1);
-    Controller::new(nodes, watcher::Config::default().any_semantic())
+    let results = Controller::new(nodes, watcher::Config::default().any_semantic())
         .trigger_backoff(crate::watch::WatchBackoff::default())
         .with_config(ControllerConfig::default().concurrency(concurrency))
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => debug!(node = %obj, "reconciled"),
-                Err(e) => debug!(error = %e, "node reconcile error"),
-            }
-        })
-        .await;
+        .run(reconcile, error_policy, ctx);
+    log_reconciles(results, "node").await;
     Ok(())
 }
 

@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 use super::controller::Context;
 use super::{SHUTDOWN_TAINT, add_taint, has_taint, is_ready, our_vm_id, remove_taint};
 use crate::platform::{Instance, InstanceState};
+use crate::runner::every;
 use crate::{Error, Result};
 
 /// What the platform said of a Node's VM.
@@ -153,20 +154,18 @@ pub async fn monitor_nodes(ctx: &Context, nodes: &[Node]) -> Vec<(String, Lifecy
 /// The lifecycle loop (every `settings.monitor`), over a fresh list of Nodes each time.
 pub async fn run(ctx: Arc<Context>) {
     let api = kube::Api::<Node>::all(ctx.client.clone());
-    let mut interval = tokio::time::interval(ctx.settings.monitor);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        interval.tick().await;
+    every(ctx.settings.monitor, || async {
         let nodes = match api.list(&ListParams::default()).await {
             Ok(l) => l.items,
             Err(e) => {
                 warn!(error = %e, "lifecycle: cannot list nodes");
-                continue;
+                return;
             }
         };
         let taken = monitor_nodes(&ctx, &nodes).await;
         debug!(nodes = nodes.len(), actions = taken.len(), "lifecycle round");
-    }
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -20,13 +20,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Taint};
-use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 use tracing::info;
 
-use crate::metrics::Metrics;
-use crate::platform::Platform;
 use crate::providerid;
+use crate::runner::Connections;
 use crate::{Error, Result};
 
 /// The taint a kubelet started with `--cloud-provider=external` registers its Node with.
@@ -75,13 +73,16 @@ impl NodeSettings {
 /// Runs the cloud node controller (initialisation and refresh) and the node lifecycle
 /// controller until `shutdown` resolves.
 pub async fn run(
-    client: Client,
-    platform: Arc<dyn Platform>,
-    metrics: Arc<Metrics>,
+    connections: Connections,
     settings: NodeSettings,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<()> {
-    let ctx = Arc::new(controller::Context::new(client, platform, metrics, settings.clone()));
+    let ctx = Arc::new(controller::Context::new(
+        connections.client,
+        connections.platform,
+        connections.metrics,
+        settings.clone(),
+    ));
     let refresh = tokio::spawn(controller::run_refresh(ctx.clone()));
     let monitor = tokio::spawn(lifecycle::run(ctx.clone()));
     info!(

@@ -1,36 +1,17 @@
-//! Test support of the node controllers: a recording mock API server (the
-//! `tower_test` pattern of the service controller's tests) answering from a closure.
+//! Test support of the node controllers: contexts over the recording mock API server of
+//! [`crate::testing`], answering for a list of Nodes.
 
 use std::sync::Arc;
 
-use http::{Request, Response};
 use k8s_openapi::api::core::v1::Node;
-use kube::Client;
-use kube::client::Body;
 use serde_json::{Value, json};
 
 use crate::metrics::Metrics;
 use crate::node::NodeSettings;
 use crate::node::controller::Context;
 use crate::platform::fake::FakePlatform;
-
-/// One request a controller made to the API server.
-#[derive(Debug, Clone)]
-pub struct Call {
-    pub method: String,
-    pub path: String,
-    pub body: Value,
-}
-
-impl Call {
-    pub fn is(&self, method: &str, path_end: &str) -> bool {
-        self.method == method && self.path.ends_with(path_end)
-    }
-
-    pub fn is_event(&self, reason: &str) -> bool {
-        self.method == "POST" && self.path.ends_with("/events") && self.body["reason"] == reason
-    }
-}
+pub use crate::testing::Call;
+use crate::testing::mock_api_server;
 
 /// Answers: events are echoed, a list of nodes returns `nodes`, a delete of a node
 /// absent from `nodes` is a 404, anything else returns the first node (or `{}`).
@@ -73,31 +54,12 @@ pub fn context(
 pub fn context_answering(
     platform: Arc<FakePlatform>,
     metrics: Arc<Metrics>,
-    mut answer: impl FnMut(&str, &str, &Value) -> (u16, Value) + Send + 'static,
+    answer: impl FnMut(&str, &str, &Value) -> (u16, Value) + Send + 'static,
 ) -> (Arc<Context>, tokio::task::JoinHandle<Vec<Call>>) {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, "default");
+    let (client, server) = mock_api_server(answer);
     let mut settings = NodeSettings::new("cl-1");
     settings.base_backoff = std::time::Duration::from_millis(100);
     let ctx = Arc::new(Context::new(client, platform, metrics, settings));
-    let server = tokio::spawn(async move {
-        let mut calls = Vec::new();
-        while let Some((req, send)) = handle.next_request().await {
-            let method = req.method().to_string();
-            let path = req.uri().path().to_owned();
-            let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
-            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            let (status, reply) = answer(&method, &path, &body);
-            let resp = Response::builder()
-                .status(status)
-                .body(Body::from(serde_json::to_vec(&reply).unwrap_or_default()));
-            if let Ok(resp) = resp {
-                send.send_response(resp);
-            }
-            calls.push(Call { method, path, body });
-        }
-        calls
-    });
     (ctx, server)
 }
 

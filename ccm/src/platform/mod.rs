@@ -7,12 +7,14 @@
 //!
 //! Layout: `types` (wire types), `labels` (label keys we set), `envelope` (pure answer
 //! decoding), `retry` (pure retry policy), `ratelimit` (the shared limiter), `auth`
-//! (token renewal decision), `metrics` (counters), `http` (the client itself), `fake` (an
-//! in-memory implementation for reconcile tests).
+//! (token renewal decision), `metrics` (counters), `http` (the client itself), and `fake`
+//! (an in-memory implementation for reconcile tests), only with the `testing` feature or
+//! in this crate's unit tests: test code is not part of the product's API.
 
 pub mod auth;
 pub mod envelope;
 pub mod error;
+#[cfg(any(test, feature = "testing"))]
 pub mod fake;
 pub mod http;
 pub mod labels;

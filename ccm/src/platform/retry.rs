@@ -8,6 +8,7 @@ use std::time::Duration;
 use reqwest::Method;
 
 use super::error::Error;
+use crate::backoff::{Backoff, Jitter};
 
 /// Retry and backoff settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -78,17 +79,9 @@ impl RetryPolicy {
     }
 
     /// `base * 2^retries_done`, capped at `max_backoff`, then "equal jitter": half of it
-    /// fixed, the other half random, so that callers failing together do not retry
-    /// together while each still waits at least half the nominal time.
+    /// fixed, the other half random ([`Jitter::EQUAL`]).
     pub fn backoff(&self, retries_done: u32, jitter: f64) -> Duration {
-        let factor = 2u32.saturating_pow(retries_done.min(30));
-        let nominal = self.base_backoff.saturating_mul(factor).min(self.max_backoff);
-        let jitter = if jitter.is_finite() {
-            jitter.clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
-        nominal / 2 + nominal.mul_f64(jitter / 2.0)
+        Backoff::new(self.base_backoff, self.max_backoff, Jitter::EQUAL).delay(retries_done, jitter)
     }
 }
 

@@ -1,25 +1,23 @@
 //! The kube-rs controller of LoadBalancer Services.
 //!
-//! [`reconcile`] routes a Service through [`kube::runtime::finalizer`] when it wants a
+//! [`reconcile`] routes a Service through [`kube::runtime::finalizer()`] when it wants a
 //! load balancer (or is being deleted with our finalizer), and through our own cleanup
-//! when its type changed away. Apply computes the desired LB ([`super::desired`]), finds
-//! the actual one by labels, plans ([`super::diff`]) and makes only the calls the plan
-//! asks for. Slow platform operations are polled by requeue; no worker ever waits on
-//! one. Refusals (invalid annotations, unsupported fields, platform 422/409) become a
+//! when its type changed away. Apply ([`super::apply`]) computes the desired LB
+//! ([`super::desired`]), finds the actual one ([`super::lookup`]), plans
+//! ([`super::diff`]) and makes only the calls the plan asks for. Slow platform operations
+//! are polled by requeue; no worker ever waits on one. Refusals (invalid annotations, unsupported fields, platform 422/409) become a
 //! Warning Event and our condition, and are retried slowly, never in a tight loop.
 
-use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Node, ObjectReference, Service};
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -27,22 +25,18 @@ use kube::{Client, Resource, ResourceExt};
 use tracing::{debug, info, instrument, warn};
 
 use crate::annotations;
+use crate::backoff::{Backoff, Failures, Jitter};
+use crate::events::{self, EventQueue};
 use crate::metrics::Metrics;
-use crate::platform::labels::MAX_LABEL_VALUE_LEN;
-use crate::platform::{
-    self, LABEL_CLUSTER_ID, LABEL_SERVICE_NAME, LABEL_SERVICE_NAMESPACE, LABEL_SERVICE_UID, Labels, LbStatus,
-    LoadBalancer, Platform,
-};
-use crate::service::desired::{
-    DesiredConfig, DesiredLb, PublicIpRequest, desired_lb_name, desired_load_balancer, ingress_ips, older_claimant,
-};
-use crate::service::diff::{
-    ApplyPlan, DeletePlan, LookupError, index_by_uid, keep_public_ip, pick_by_name, pick_by_uid, plan_apply,
-    plan_delete,
-};
-use crate::service::nodes::{MAX_BACKENDS, NodeSetFingerprint, SettledNodes, debounce, selector_keys};
-use crate::service::orphans;
+use crate::platform::{self, Platform};
+use crate::runner::{Connections, log_reconciles};
+use crate::service::apply::apply;
+use crate::service::desired::{DesiredConfig, desired_lb_name};
+use crate::service::diff::{DeletePlan, keep_public_ip, plan_delete};
+use crate::service::lookup::{LbCache, find_lb};
+use crate::service::nodes::{NodeSetFingerprint, SettledNodes, debounce, selector_keys};
 use crate::service::status::{ConditionUpdate, IngressUpdate, Ready, condition_differs, status_patch};
+use crate::service::sweep::run_sweep;
 use crate::service::{FINALIZER, is_deleting, needs_cleanup, reconcile_inputs, wants_load_balancer};
 use crate::{Error, Result};
 
@@ -92,101 +86,12 @@ pub struct Context {
     pub config: DesiredConfig,
     pub timing: Timing,
     /// Consecutive failures per Service (`namespace/name`), for the error backoff.
-    failures: Mutex<HashMap<String, u32>>,
-    /// The LB last found or created for each Service UID: the next lookup is one GET by
-    /// ID instead of label-filtered lists (polling a pending LB took ~5.7 lookups per LB).
-    lb_ids: Mutex<HashMap<String, KnownLb>>,
-    /// Set once a list of all our LBs has been learnt ([`Context::learn_lbs`]): from then
-    /// on a UID missing from `lb_ids` has no LB (every LB since is one we created, and a
-    /// create that meets one of a previous incarnation gets a 409), so applying a new
-    /// Service skips the lookup by UID label. Cleanup never skips it.
-    lbs_learnt: AtomicBool,
-    /// UIDs carried by several of our LBs in the last full list: always looked up by label.
-    ambiguous_uids: Mutex<HashSet<String>>,
-    /// UIDs whose create failed in a way that may have created the LB anyway (a timeout,
-    /// a 5xx): looked up by label until a lookup answers. Without it, a create retried
-    /// under another name (the name annotation changed meanwhile) would make a second LB.
-    unsure_uids: Mutex<HashSet<String>>,
+    pub(crate) failures: Failures,
+    /// What the controller remembers of each Service's LB (see [`LbCache`]).
+    pub(crate) lbs: LbCache,
     /// Every Service (the controller's store), once it runs: an LB name two Services want
     /// goes to the older one ([`older_claimant`]).
-    services: OnceLock<Store<Service>>,
-    /// The name of the LB whose deletion we started, per Service UID, until the cleanup
-    /// is done: when it was the Service's desired name, no other LB of the Service can
-    /// carry that name (names are unique), so the lookup by name is not needed to confirm.
-    deleting_names: Mutex<HashMap<String, String>>,
-}
-
-/// What [`Context`] remembers of a Service's LB.
-#[derive(Debug, Clone)]
-struct KnownLb {
-    id: String,
-    /// Its name, as created or last seen (names are unique: see [`find_lb`]).
-    name: String,
-    /// When we created it or asked for its deletion, until it is seen settled.
-    transition_since: Option<Instant>,
-    /// Deleting (asked by us, or seen so): looked at by GET, never deleted again.
-    deleting: bool,
-    /// Carries the Service's UID label (one adopted by name may not yet): only then can
-    /// the lookup by label stand in for a GET by ID.
-    labelled: bool,
-    /// The next look is the lookup by UID label, not a GET by ID: set when we ask for
-    /// the deletion of a labelled LB (see [`find_lb_by_uid`]).
-    look_by_label: bool,
-}
-
-impl KnownLb {
-    fn new(id: &str, name: &str, labelled: bool) -> Self {
-        KnownLb {
-            id: id.to_owned(),
-            name: name.to_owned(),
-            transition_since: None,
-            deleting: false,
-            labelled,
-            look_by_label: false,
-        }
-    }
-}
-
-/// Events are published by a task of their own, not by the reconcile that reports them:
-/// each is an API request (two per created or deleted LB), and a worker waiting on it is
-/// a worker not talking to the platform. As client-go's recorder does, the queue is
-/// bounded and an Event that does not fit is dropped (Events are best effort; the
-/// Service's condition and status carry what matters).
-struct EventQueue {
-    tx: tokio::sync::mpsc::Sender<(Event, ObjectReference)>,
-}
-
-impl EventQueue {
-    /// Events waiting to be published (client-go: `maxQueuedEvents`).
-    const CAPACITY: usize = 1000;
-    /// Events being published at once.
-    const PUBLISHERS: usize = 4;
-
-    /// The queue and its publishing task, which ends once the queue is dropped and drained.
-    fn start(recorder: Recorder) -> Self {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Event, ObjectReference)>(Self::CAPACITY);
-        tokio::spawn(async move {
-            futures::stream::poll_fn(|cx| rx.poll_recv(cx))
-                .for_each_concurrent(Self::PUBLISHERS, |(ev, regarding)| {
-                    let recorder = recorder.clone();
-                    async move {
-                        if let Err(e) = recorder.publish(&ev, &regarding).await {
-                            warn!(error = %e, reason = %ev.reason, "could not publish event");
-                        }
-                    }
-                })
-                .await;
-        });
-        EventQueue { tx }
-    }
-
-    /// Queues `ev` about `regarding`, never waiting.
-    fn send(&self, ev: Event, regarding: ObjectReference) {
-        if let Err(e) = self.tx.try_send((ev, regarding)) {
-            let (ev, _) = e.into_inner();
-            warn!(reason = %ev.reason, "event dropped: {} events already wait to be published", Self::CAPACITY);
-        }
-    }
+    pub(crate) services: OnceLock<Store<Service>>,
 }
 
 impl Context {
@@ -198,33 +103,23 @@ impl Context {
         config: DesiredConfig,
         timing: Timing,
     ) -> Self {
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: CONTROLLER_NAME.into(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
-        );
+        let failures = Failures::new(Backoff::new(
+            timing.base_backoff,
+            timing.max_backoff,
+            Jitter::PLUS_MINUS_20_PERCENT,
+        ));
         Context {
+            events: EventQueue::start(events::recorder(client.clone(), CONTROLLER_NAME)),
             client,
             platform,
-            events: EventQueue::start(recorder),
             metrics,
             nodes: Arc::new(SettledNodes::new(nodes)),
             config,
             timing,
-            failures: Mutex::new(HashMap::new()),
-            lb_ids: Mutex::new(HashMap::new()),
-            lbs_learnt: AtomicBool::new(false),
-            ambiguous_uids: Mutex::new(HashSet::new()),
-            unsure_uids: Mutex::new(HashSet::new()),
+            failures,
+            lbs: LbCache::default(),
             services: OnceLock::new(),
-            deleting_names: Mutex::new(HashMap::new()),
         }
-    }
-
-    fn deleting_names(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
-        self.deleting_names.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Gives the context the store of every Service (the controller's).
@@ -232,115 +127,10 @@ impl Context {
         let _ = self.services.set(store);
     }
 
-    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
-        self.failures.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn lb_ids(&self) -> std::sync::MutexGuard<'_, HashMap<String, KnownLb>> {
-        self.lb_ids.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Learns our LBs from a list of all of them (the orphan sweep's). An entry already
-    /// known is kept: it may be newer than the list; a stale one costs one GET (404)
-    /// and a lookup by label.
-    pub fn learn_lbs(&self, lbs: &[LoadBalancer]) {
-        let (unique, ambiguous) = index_by_uid(&self.config.cluster_id, lbs);
-        let names: HashMap<&str, &str> = lbs.iter().map(|lb| (lb.id.as_str(), lb.name.as_str())).collect();
-        {
-            let mut ids = self.lb_ids();
-            for (uid, id) in unique {
-                let name = names.get(id.as_str()).copied().unwrap_or_default();
-                ids.entry(uid).or_insert_with(|| KnownLb::new(&id, name, true));
-            }
-            for uid in &ambiguous {
-                ids.remove(uid);
-            }
-        }
-        *self.ambiguous_uids() = ambiguous;
-        self.lbs_learnt.store(true, Ordering::Release);
-    }
-
-    /// Whether a Service UID not in `lb_ids` is known to have no LB.
-    fn known_without_lb(&self, uid: &str) -> bool {
-        self.lbs_learnt.load(Ordering::Acquire)
-            && !self.ambiguous_uids().contains(uid)
-            && !self.unsure_uids().contains(uid)
-    }
-
-    fn ambiguous_uids(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.ambiguous_uids.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn unsure_uids(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.unsure_uids.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Remembers `lb` as the Service's LB, keeping a running transition's start.
-    fn remember_lb(&self, uid: &str, lb: &LoadBalancer) {
-        let labelled = self.carries_uid(uid, lb);
-        let mut ids = self.lb_ids();
-        if let Some(known) = ids.get_mut(uid).filter(|known| known.id == lb.id) {
-            known.name.clone_from(&lb.name);
-            known.labelled = labelled;
-        } else {
-            ids.insert(uid.to_owned(), KnownLb::new(&lb.id, &lb.name, labelled));
-        }
-    }
-
-    /// Whether `lb` carries our cluster's label and the Service UID `uid`.
-    fn carries_uid(&self, uid: &str, lb: &LoadBalancer) -> bool {
-        matches!(
-            pick_by_uid(&self.config.cluster_id, uid, std::slice::from_ref(lb)),
-            Ok(Some(_))
-        )
-    }
-
-    /// Notes that we just created the Service's LB `lb`.
-    fn transition_started(&self, uid: &str, lb: &LoadBalancer) {
-        let mut known = KnownLb::new(&lb.id, &lb.name, self.carries_uid(uid, lb));
-        known.transition_since = Some(Instant::now());
-        self.lb_ids().insert(uid.to_owned(), known);
-        self.deleting_names().remove(uid);
-    }
-
-    /// Notes that the Service's LB `id` (named `name`) is being deleted: by us just now
-    /// (`by_us`, the looks start soon), or seen so (the looks keep their pace).
-    fn deletion_started(&self, uid: &str, id: &str, name: &str, by_us: bool) {
-        let mut ids = self.lb_ids();
-        if ids.get(uid).is_none_or(|known| known.id != id) {
-            // Seen by name or by a look we did not keep: its labels are not known here.
-            ids.insert(uid.to_owned(), KnownLb::new(id, name, false));
-        }
-        if let Some(known) = ids.get_mut(uid) {
-            if by_us {
-                known.transition_since = Some(Instant::now());
-                known.look_by_label = known.labelled;
-            }
-            known.deleting = true;
-        }
-        drop(ids);
-        // The name goes with it: no other LB can carry it meanwhile (see `find_lb`).
-        self.deleting_names().insert(uid.to_owned(), name.to_owned());
-    }
-
-    /// The Service's LB we know and have not seen deleting: its ID and name.
-    fn known_staying(&self, uid: &str) -> Option<(String, String)> {
-        self.lb_ids()
-            .get(uid)
-            .filter(|k| !k.deleting)
-            .map(|k| (k.id.clone(), k.name.clone()))
-    }
-
-    /// Notes that the Service's LB is settled (active, nothing pending).
-    fn transition_finished(&self, uid: &str) {
-        if let Some(known) = self.lb_ids().get_mut(uid) {
-            known.transition_since = None;
-        }
-    }
-
     /// When to look again at the Service's LB that is not settled yet.
-    fn next_poll(&self, uid: &str) -> Duration {
+    pub(crate) fn next_poll(&self, uid: &str) -> Duration {
         let waited = self
+            .lbs
             .lb_ids()
             .get(uid)
             .and_then(|k| k.transition_since)
@@ -365,21 +155,9 @@ fn key_of(svc: &Service) -> String {
     format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any())
 }
 
-/// Exponential backoff with jitter: `base * 2^failures`, at most `max`, times a factor in
-/// [0.8, 1.2) from `jitter` in [0, 1).
-pub fn backoff_delay(failures: u32, base: Duration, max: Duration, jitter: f64) -> Duration {
-    let exp = base.saturating_mul(1u32.checked_shl(failures.min(20)).unwrap_or(u32::MAX));
-    let capped = exp.min(max);
-    capped.mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0))
-}
-
 /// `d` jittered by ±10 % (`jitter` in [0, 1)).
 pub fn jittered(d: Duration, jitter: f64) -> Duration {
     d.mul_f64(0.9 + 0.2 * jitter.clamp(0.0, 1.0))
-}
-
-fn platform_err(op: &'static str) -> impl FnOnce(platform::Error) -> Error {
-    move |source| Error::Platform { op, source }
 }
 
 /// Reconciles one Service. See the module docs.
@@ -418,7 +196,7 @@ pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action> {
 
     if result.is_ok() {
         ctx.metrics.record_success();
-        ctx.failures().remove(&key);
+        ctx.failures.clear(&key);
     }
     result
 }
@@ -430,35 +208,18 @@ pub fn error_policy(svc: Arc<Service>, error: &Error, ctx: Arc<Context>) -> Acti
         return Action::requeue(*retry_after);
     }
     ctx.metrics.record_failure(error);
-    let n = {
-        let mut f = ctx.failures();
-        let n = f.entry(key_of(&svc)).or_insert(0);
-        *n = n.saturating_add(1);
-        *n - 1
-    };
-    let delay = backoff_delay(
-        n,
-        ctx.timing.base_backoff,
-        ctx.timing.max_backoff,
-        rand::random::<f64>(),
-    );
-    warn!(service = %key_of(&svc), error = %error, failures = n + 1, ?delay, "reconcile failed");
+    let (failures, delay) = ctx.failures.record(key_of(&svc));
+    warn!(service = %key_of(&svc), error = %error, failures, ?delay, "reconcile failed");
     Action::requeue(delay)
 }
 
 /// Queues an Event about `svc` (see [`EventQueue`]).
-fn publish(ctx: &Context, svc: &Service, type_: EventType, reason: &str, note: String) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(crate::events::note(&note)),
-        action: reason.into(),
-        secondary: None,
-    };
-    ctx.events.send(ev, svc.object_ref(&()));
+pub(crate) fn publish(ctx: &Context, svc: &Service, type_: EventType, reason: &str, note: String) {
+    ctx.events
+        .send(events::event(type_, reason, &note), svc.object_ref(&()));
 }
 
-async fn patch_status(
+pub(crate) async fn patch_status(
     api: &Api<Service>,
     svc: &Service,
     ingress: IngressUpdate,
@@ -475,7 +236,13 @@ async fn patch_status(
 }
 
 /// Reports a refusal: condition (and a Warning Event when the condition changes).
-async fn refuse(ctx: &Context, api: &Api<Service>, svc: &Service, reason: &str, message: String) -> Result<Action> {
+pub(crate) async fn refuse(
+    ctx: &Context,
+    api: &Api<Service>,
+    svc: &Service,
+    reason: &str,
+    message: String,
+) -> Result<Action> {
     let want = Ready::no(reason, message.clone());
     if condition_differs(svc, &want) {
         publish(ctx, svc, EventType::Warning, "SyncLoadBalancerFailed", message.clone());
@@ -503,7 +270,7 @@ fn is_busy(message: &str) -> bool {
     ["updating", "provisioning", "deleting"].iter().any(|w| m.contains(w))
 }
 
-async fn handle_platform_error(
+pub(crate) async fn handle_platform_error(
     ctx: &Context,
     api: &Api<Service>,
     svc: &Service,
@@ -527,300 +294,6 @@ async fn handle_platform_error(
         format!("Error syncing load balancer: {op}: {e}"),
     );
     Err(Error::Platform { op, source: e })
-}
-
-/// The LB name a Service asks for (annotation, else the default); an invalid name
-/// annotation falls back to the default.
-fn uid_labels(cluster_id: &str, uid: &str) -> Labels {
-    Labels::from([
-        (LABEL_CLUSTER_ID.to_owned(), cluster_id.to_owned()),
-        (LABEL_SERVICE_UID.to_owned(), uid.to_owned()),
-    ])
-}
-
-fn cluster_labels(cluster_id: &str) -> Labels {
-    Labels::from([(LABEL_CLUSTER_ID.to_owned(), cluster_id.to_owned())])
-}
-
-/// How far [`find_lb_by_uid`] may trust what the context knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Lookup {
-    /// A UID the context knows to have no LB is not looked up (applying: a miss is
-    /// caught by the create's 409).
-    TrustKnown,
-    /// Always asks the platform (cleanup: a missed LB would be left running).
-    AskPlatform,
-}
-
-/// Finds the Service's LB: the one remembered for its UID (one GET by ID), else by UID
-/// label (a label-filtered list, whose cost does not grow with the cluster's LBs) unless
-/// the context knows there is none.
-async fn find_lb_by_uid(
-    ctx: &Context,
-    svc: &Service,
-    lookup: Lookup,
-) -> Result<Result<Option<LoadBalancer>, LookupError>> {
-    let cluster = &ctx.config.cluster_id;
-    let uid = svc.uid().ok_or(Error::MissingObjectKey("metadata.uid"))?;
-    // The first look at a deletion we asked for goes by label: the platform finishes most
-    // deletions before it, and a GET's 404 would need the label lookup anyway to show that
-    // no other LB of the Service is left; the lookup alone answers both. Later looks (the
-    // LB was still being deleted) go by ID again.
-    let known = ctx
-        .lb_ids()
-        .get_mut(&uid)
-        .map(|k| (k.id.clone(), std::mem::take(&mut k.look_by_label)));
-    if let Some((id, false)) = known {
-        let (ns, name) = (svc.namespace().unwrap_or_default(), svc.name_any());
-        match ctx.platform.get_load_balancer(cluster, &id).await {
-            // Still ours and still this Service's (labels can be edited behind our back):
-            // its UID, or its namespace/name (one adopted after a 409, not relabelled yet).
-            Ok(lb)
-                if matches!(pick_by_uid(cluster, &uid, std::slice::from_ref(&lb)), Ok(Some(_)))
-                    || matches!(
-                        pick_by_name(cluster, &ns, &name, &lb.name, std::slice::from_ref(&lb)),
-                        Ok(Some(_))
-                    ) =>
-            {
-                return Ok(Ok(Some(lb)));
-            }
-            Ok(_) => {}
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(platform_err("get_load_balancer")(e)),
-        }
-        ctx.lb_ids().remove(&uid);
-    } else if known.is_none() && lookup == Lookup::TrustKnown && ctx.known_without_lb(&uid) {
-        return Ok(Ok(None));
-    }
-    let by_uid = ctx
-        .platform
-        .list_load_balancers(cluster, &uid_labels(cluster, &uid))
-        .await
-        .map_err(platform_err("list_load_balancers"))?;
-    ctx.unsure_uids().remove(&uid);
-    match pick_by_uid(cluster, &uid, &by_uid) {
-        Ok(Some(lb)) => {
-            ctx.remember_lb(&uid, lb);
-            Ok(Ok(Some(lb.clone())))
-        }
-        Ok(None) => Ok(Ok(None)),
-        Err(e) => Ok(Err(e)),
-    }
-}
-
-/// Finds an LB named `lb_name` among our LBs labelled with the Service's namespace and
-/// name: one of a previous incarnation of the Service (deleted and recreated while we
-/// were down). Another Service's LB of that name is not in the list (its labels name
-/// that Service), so the create's 409 is then reported as a refusal.
-async fn find_lb_by_name(
-    ctx: &Context,
-    svc: &Service,
-    lb_name: &str,
-) -> Result<Result<Option<LoadBalancer>, LookupError>> {
-    let cluster = &ctx.config.cluster_id;
-    let ns = svc.namespace().unwrap_or_default();
-    let name = svc.name_any();
-    let mut by_service = cluster_labels(cluster);
-    by_service.insert(LABEL_SERVICE_NAMESPACE.to_owned(), ns.clone());
-    by_service.insert(
-        LABEL_SERVICE_NAME.to_owned(),
-        name.chars().take(MAX_LABEL_VALUE_LEN).collect(),
-    );
-    let same_service = ctx
-        .platform
-        .list_load_balancers(cluster, &by_service)
-        .await
-        .map_err(platform_err("list_load_balancers"))?;
-    Ok(pick_by_name(cluster, &ns, &name, lb_name, &same_service).map(|o| o.cloned()))
-}
-
-/// Both lookups, for cleanup: an LB of a previous incarnation with the Service's name
-/// goes with it.
-async fn find_lb(ctx: &Context, svc: &Service, lb_name: &str) -> Result<Result<Option<LoadBalancer>, LookupError>> {
-    match find_lb_by_uid(ctx, svc, Lookup::AskPlatform).await? {
-        // The LB we are deleting had this name: no other LB of the Service can have it.
-        Ok(None)
-            if svc
-                .uid()
-                .is_some_and(|uid| ctx.deleting_names().get(&uid).map(String::as_str) == Some(lb_name)) =>
-        {
-            Ok(Ok(None))
-        }
-        Ok(None) => find_lb_by_name(ctx, svc, lb_name).await,
-        found => Ok(found),
-    }
-}
-
-async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Action> {
-    let nodes = ctx.nodes.get();
-    let desired = match desired_load_balancer(svc, nodes.iter().map(|n| n.as_ref()), &ctx.config) {
-        Ok(d) => d,
-        Err(refusal) => return refuse(ctx, api, svc, refusal.reason(), refusal.to_string()).await,
-    };
-    let uid = svc.uid().ok_or(Error::MissingObjectKey("metadata.uid"))?;
-    let mut actual = match find_lb_by_uid(ctx, svc, Lookup::TrustKnown).await? {
-        Ok(a) => a,
-        Err(e) => return refuse(ctx, api, svc, "LookupFailed", e.to_string()).await,
-    };
-
-    let mut resolved_ip = None;
-    if actual.is_none()
-        && let PublicIpRequest::Address(addr) = &desired.public_ip
-    {
-        let ips = ctx
-            .platform
-            .list_public_ips(&Labels::new())
-            .await
-            .map_err(platform_err("list_public_ips"))?;
-        match ips.iter().find(|ip| &ip.address == addr) {
-            Some(ip) => resolved_ip = Some(ip.id.clone()),
-            None => {
-                let msg = format!("spec.loadBalancerIP: no public IP {addr} exists in the platform account");
-                return refuse(ctx, api, svc, "UnsupportedServiceSpec", msg).await;
-            }
-        }
-    }
-
-    let cluster = &ctx.config.cluster_id;
-    // Planned at most twice: LB names are unique in a cluster, so instead of looking for
-    // an LB of the wanted name before every create, a create answered with 409 looks it
-    // up and plans again against what it found (adopting one of a previous incarnation of
-    // the Service; another Service's name is a refusal).
-    let mut looked_up_by_name = false;
-    loop {
-        let plan = match plan_apply(actual.as_ref(), &desired, resolved_ip.as_deref()) {
-            Ok(p) => p,
-            Err(r) => return refuse(ctx, api, svc, "UnsupportedChange", r.to_string()).await,
-        };
-        return match plan {
-            ApplyPlan::Create(spec) => {
-                // Nobody holds the name yet (or the create's 409 would have told): of the
-                // Services that want it, the older one gets it.
-                let others = ctx.services.get().map(|s| s.state()).unwrap_or_default();
-                if let Some(older) = older_claimant(svc, &spec.name, others.iter().map(|s| s.as_ref())) {
-                    let msg = format!(
-                        "load balancer name {:?} is also wanted by Service {older}, which is older and gets it; set another with lb.cloudraya.com/name",
-                        spec.name
-                    );
-                    return refuse(ctx, api, svc, "LoadBalancerNameTaken", msg).await;
-                }
-                warn_if_capped(ctx, svc, &desired).await;
-                let e = match ctx.platform.create_load_balancer(cluster, &spec).await {
-                    Ok(lb) => {
-                        info!(lb = %lb.id, name = %lb.name, "created load balancer");
-                        ctx.transition_started(&uid, &lb);
-                        publish(
-                            ctx,
-                            svc,
-                            EventType::Normal,
-                            "EnsuringLoadBalancer",
-                            format!("Creating load balancer {} ({})", spec.name, lb.id),
-                        );
-                        let cond = Ready::no("Provisioning", format!("load balancer {} is provisioning", lb.id));
-                        patch_status(api, svc, IngressUpdate::Leave, ConditionUpdate::Set(cond)).await?;
-                        let first_look =
-                            transition_poll_delay(Some(Duration::ZERO), ctx.timing.first_poll, ctx.timing.poll);
-                        return Ok(Action::requeue(first_look));
-                    }
-                    Err(e) => e,
-                };
-                if e.may_have_taken_effect() {
-                    ctx.unsure_uids().insert(uid.clone());
-                }
-                if matches!(e, platform::Error::Conflict { .. }) && !looked_up_by_name {
-                    looked_up_by_name = true;
-                    match find_lb_by_name(ctx, svc, &spec.name).await? {
-                        Ok(Some(lb)) => {
-                            // One of a previous incarnation, or ours whose create answer was lost.
-                            info!(lb = %lb.id, name = %lb.name, "adopting the existing load balancer of this name");
-                            ctx.remember_lb(&uid, &lb);
-                            actual = Some(lb);
-                            continue;
-                        }
-                        Ok(None) => {}
-                        Err(lookup) => return refuse(ctx, api, svc, "LookupFailed", lookup.to_string()).await,
-                    }
-                }
-                handle_platform_error(ctx, api, svc, "create_load_balancer", e).await
-            }
-            ApplyPlan::Update { id, update, changes } => {
-                warn_if_capped(ctx, svc, &desired).await;
-                if let Err(e) = ctx.platform.update_load_balancer(cluster, &id, &update).await {
-                    return handle_platform_error(ctx, api, svc, "update_load_balancer", e).await;
-                }
-                info!(lb = %id, ?changes, "updated load balancer");
-                publish(
-                    ctx,
-                    svc,
-                    EventType::Normal,
-                    "UpdatedLoadBalancer",
-                    format!("Updated load balancer {id} ({})", changes.join(", ")),
-                );
-                // Nothing the Service shows waits on an update: looked at after the full period.
-                Ok(Action::requeue(ctx.timing.poll))
-            }
-            ApplyPlan::Wait { id, status } => {
-                let cond = match status {
-                    LbStatus::Provisioning => {
-                        ConditionUpdate::Set(Ready::no("Provisioning", format!("load balancer {id} is provisioning")))
-                    }
-                    LbStatus::Deleting => ConditionUpdate::Set(Ready::no(
-                        "Deleting",
-                        format!("load balancer {id} is being deleted; a new one follows"),
-                    )),
-                    _ => ConditionUpdate::Leave,
-                };
-                patch_status(api, svc, IngressUpdate::Leave, cond).await?;
-                Ok(Action::requeue(ctx.next_poll(&uid)))
-            }
-            ApplyPlan::InSync => {
-                let Some(lb) = actual else {
-                    return Ok(Action::requeue(ctx.timing.poll));
-                };
-                if lb.status != LbStatus::Active {
-                    return Ok(Action::requeue(ctx.next_poll(&uid)));
-                }
-                ctx.transition_finished(&uid);
-                let addr = lb.public_ip.as_ref().map(|ip| ip.address);
-                let ready = Ready::yes(match addr {
-                    Some(a) => format!("load balancer {} is active at {a}", lb.id),
-                    None => format!("load balancer {} is active", lb.id),
-                });
-                let became_ready = condition_differs(svc, &ready);
-                patch_status(
-                    api,
-                    svc,
-                    IngressUpdate::Set(ingress_ips(addr)),
-                    ConditionUpdate::Set(ready),
-                )
-                .await?;
-                if became_ready {
-                    publish(
-                        ctx,
-                        svc,
-                        EventType::Normal,
-                        "EnsuredLoadBalancer",
-                        format!("Ensured load balancer {}", lb.id),
-                    );
-                }
-                Ok(Action::requeue(jittered(ctx.timing.resync, rand::random::<f64>())))
-            }
-        };
-    }
-}
-
-/// A Warning Event when the platform's backend limit leaves eligible nodes out; only on
-/// the writes that set the backends, not on every resync.
-async fn warn_if_capped(ctx: &Context, svc: &Service, desired: &DesiredLb) {
-    if desired.eligible_backends > desired.backends.len() {
-        let note = format!(
-            "{} nodes are eligible but the platform takes at most {MAX_BACKENDS} backends per load balancer: \
-             using {}, chosen by a hash of the Service UID (the same on every sync)",
-            desired.eligible_backends,
-            desired.backends.len()
-        );
-        publish(ctx, svc, EventType::Warning, "TooManyBackends", note);
-    }
 }
 
 /// Where a cleanup stands.
@@ -869,12 +342,12 @@ async fn cleanup(svc: &Service, ctx: &Context) -> Result<Cleanup> {
             .is_some_and(|s| !s.trim().is_empty());
     let keep = keep_public_ip(retain, reused);
     let uid = svc.uid().ok_or(Error::MissingObjectKey("metadata.uid"))?;
-    if let Some((id, name)) = ctx.known_staying(&uid) {
+    if let Some((id, name)) = ctx.lbs.known_staying(&uid) {
         match start_delete(ctx, svc, &uid, &id, &name, keep).await? {
             Some(waiting) => return Ok(waiting),
             // Gone already: forgotten; the lookups below make sure nothing else is left.
             None => {
-                ctx.lb_ids().remove(&uid);
+                ctx.lbs.lb_ids().remove(&uid);
             }
         }
     }
@@ -889,8 +362,8 @@ async fn cleanup(svc: &Service, ctx: &Context) -> Result<Cleanup> {
     };
     match (plan_delete(actual.as_ref(), keep), actual) {
         (DeletePlan::Gone, _) => {
-            ctx.lb_ids().remove(&uid);
-            ctx.deleting_names().remove(&uid);
+            ctx.lbs.lb_ids().remove(&uid);
+            ctx.lbs.deleting_names().remove(&uid);
             publish(
                 ctx,
                 svc,
@@ -907,7 +380,7 @@ async fn cleanup(svc: &Service, ctx: &Context) -> Result<Cleanup> {
         }
         (DeletePlan::Wait { id }, Some(lb)) => {
             debug!(lb = %id, "load balancer still being deleted");
-            ctx.deletion_started(&uid, &id, &lb.name, false);
+            ctx.lbs.deletion_started(&uid, &id, &lb.name, false);
             Ok(Cleanup::Waiting(ctx.next_poll(&uid)))
         }
         // `plan_delete` plans a deletion only of an LB it was given.
@@ -959,7 +432,7 @@ async fn start_delete(
         }
     }
     info!(lb = %id, ?keep_public_ip, "deleting load balancer");
-    ctx.deletion_started(uid, id, name, true);
+    ctx.lbs.deletion_started(uid, id, name, true);
     // The platform finishes most deletes in under a second.
     Ok(Some(Cleanup::Waiting(ctx.timing.first_poll)))
 }
@@ -982,68 +455,6 @@ async fn remove_finalizer(api: &Api<Service>, svc: &Service) -> Result<()> {
         .await
         .map_err(Error::Kube)?;
     Ok(())
-}
-
-/// Deletes our LBs whose Service is gone (see [`orphans::judge`]); returns how many.
-/// Also sets the `load_balancers_managed` gauge.
-///
-/// `list_services` must list every Service of the cluster, freshly from the API server
-/// (not a watch cache that may lag): a Service missing from it loses its LB. It is called
-/// after our LBs are listed, so every LB considered was created before the Service list
-/// was taken, and so was its Service: an LB of a Service created while the sweep runs is
-/// never taken for an orphan.
-pub async fn sweep_orphans<F, Fut>(ctx: &Context, list_services: F) -> Result<usize>
-where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = Result<Vec<Service>>>,
-{
-    let cluster = &ctx.config.cluster_id;
-    let lbs = ctx
-        .platform
-        .list_load_balancers(cluster, &cluster_labels(cluster))
-        .await
-        .map_err(platform_err("list_load_balancers"))?;
-    ctx.learn_lbs(&lbs);
-    let services = list_services().await?;
-    ctx.metrics
-        .lbs_managed
-        .set(i64::try_from(lbs.len()).unwrap_or(i64::MAX));
-    let live: HashSet<String> = services.iter().filter_map(|s| s.uid()).collect();
-    // Forget LBs of Services that are gone: listed before the Services, so a Service
-    // missing from the later list is gone (the same reasoning as for orphans).
-    let listed: HashSet<&str> = lbs.iter().map(|lb| lb.id.as_str()).collect();
-    ctx.lb_ids()
-        .retain(|uid, known| live.contains(uid) || !listed.contains(known.id.as_str()));
-    let judged = orphans::judge(cluster, &lbs, &services);
-    if !judged.unknown.is_empty() {
-        debug!(
-            count = judged.unknown.len(),
-            "orphan sweep: LBs of this cluster without a Service UID, left alone"
-        );
-    }
-    let orphans = judged.orphans;
-    let mut deleted = 0;
-    for o in orphans {
-        info!(lb = %o.id, name = %o.name, service = %o.service, keep_public_ip = ?o.keep_public_ip, "deleting orphaned load balancer");
-        match ctx
-            .platform
-            .delete_load_balancer(cluster, &o.id, o.keep_public_ip)
-            .await
-        {
-            Ok(()) => {
-                deleted += 1;
-                ctx.metrics.orphans_deleted.inc();
-            }
-            Err(e) if e.is_not_found() => {}
-            Err(e) => {
-                warn!(lb = %o.id, error = %e, "could not delete orphaned load balancer");
-                continue;
-            }
-        }
-        // Gone either way: no Service's lookup should start from it.
-        ctx.lb_ids().retain(|_, known| known.id != o.id);
-    }
-    Ok(deleted)
 }
 
 /// Settings of [`run`].
@@ -1096,12 +507,11 @@ fn node_change_ticks(
 
 /// Runs the service controller and the orphan sweep until `shutdown` resolves.
 pub async fn run(
-    client: Client,
-    platform: Arc<dyn Platform>,
-    metrics: Arc<Metrics>,
+    connections: Connections,
     settings: RunSettings,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<()> {
+    let client = connections.client;
     // Nodes: a reflector fed by its own task, so the store is complete before the
     // first reconcile (an empty node list must never empty every LB's backends).
     let (node_store, node_writer) = reflector::store::<Node>();
@@ -1132,8 +542,8 @@ pub async fn run(
 
     let ctx = Arc::new(Context::new(
         client.clone(),
-        platform,
-        metrics,
+        connections.platform,
+        connections.metrics,
         node_store.clone(),
         settings.config.clone(),
         settings.timing.clone(),
@@ -1162,41 +572,13 @@ pub async fn run(
         settings.node_debounce_max,
     );
 
-    let sweep_ctx = ctx.clone();
-    let sweep_period = settings.orphan_sweep;
-    let sweep_task = tokio::spawn(async move {
-        let api: Api<Service> = Api::all(sweep_ctx.client.clone());
-        let mut interval = tokio::time::interval(sweep_period);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            interval.tick().await;
-            // A fresh list each time (after the LBs): deciding deletions from a lagging
-            // cache could remove the LB of a Service that exists.
-            let list_services = || async {
-                api.list(&kube::api::ListParams::default())
-                    .await
-                    .map(|list| list.items)
-                    .map_err(Error::Kube)
-            };
-            match sweep_orphans(&sweep_ctx, list_services).await {
-                Ok(0) => debug!("orphan sweep: nothing to delete"),
-                Ok(n) => info!(deleted = n, "orphan sweep"),
-                Err(e) => warn!(error = %e, "orphan sweep failed"),
-            }
-        }
-    });
+    let sweep_task = tokio::spawn(run_sweep(ctx.clone(), settings.orphan_sweep));
 
-    controller
+    let results = controller
         .reconcile_all_on(ticks)
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => debug!(service = %obj, "reconciled"),
-                Err(e) => debug!(error = %e, "reconcile error"),
-            }
-        })
-        .await;
+        .run(reconcile, error_policy, ctx);
+    log_reconciles(results, "service").await;
     sweep_task.abort();
     node_task.abort();
     Ok(())

@@ -7,7 +7,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
 
 use crate::annotations::{AnnotationError, LbAnnotations};
 use crate::platform::labels::{LABEL_RETAIN_PUBLIC_IP, MAX_LABEL_VALUE_LEN};
@@ -222,12 +222,55 @@ fn port_u16(field: &str, v: i32) -> Result<u16, Refusal> {
 }
 
 /// Computes the desired load balancer. `nodes` are all Nodes; eligibility is decided
-/// here (see [`nodes`]).
+/// here (see [`nodes`]). A Service asking for what we cannot do gets the first
+/// [`Refusal`] in field order: metadata, annotations, spec, ports, then the public IP.
 pub fn desired_load_balancer<'a>(
     svc: &Service,
     all_nodes: impl IntoIterator<Item = &'a Node>,
     cfg: &DesiredConfig,
 ) -> Result<DesiredLb, Refusal> {
+    let ServiceId { namespace, name, uid } = service_id(svc)?;
+    let ann = LbAnnotations::parse(&svc.metadata.annotations.clone().unwrap_or_default())?;
+    let spec = svc
+        .spec
+        .as_ref()
+        .ok_or_else(|| Refusal::unsupported("spec", "missing"))?;
+
+    if spec.allocate_load_balancer_node_ports == Some(false) {
+        return Err(Refusal::unsupported(
+            "spec.allocateLoadBalancerNodePorts",
+            "false is not supported: CloudRaya load balancers forward to node ports",
+        ));
+    }
+    let rule_settings = RuleSettings {
+        algorithm: algorithm(&ann, spec),
+        allowed_sources: allowed_sources(spec)?,
+        health_check: HealthCheckSettings::of(&ann, spec)?,
+    };
+    let rules = rules(spec, cfg, &rule_settings)?;
+    let public_ip = public_ip(&ann, spec)?;
+    let backends = Backends::of(all_nodes, &ann, uid);
+
+    Ok(DesiredLb {
+        name: ann.name.clone().unwrap_or_else(|| default_lb_name(namespace, name)),
+        labels: lb_labels(&cfg.cluster_id, uid, namespace, name, ann.retain_public_ip),
+        rules,
+        backends: backends.backends,
+        backend_ips: backends.backend_ips,
+        eligible_backends: backends.eligible,
+        public_ip,
+        retain_public_ip: ann.retain_public_ip,
+    })
+}
+
+/// Who the Service is: what its LB's name and labels are made of.
+struct ServiceId<'a> {
+    namespace: &'a str,
+    name: &'a str,
+    uid: &'a str,
+}
+
+fn service_id(svc: &Service) -> Result<ServiceId<'_>, Refusal> {
     let meta = &svc.metadata;
     let namespace = meta
         .namespace
@@ -241,25 +284,21 @@ pub fn desired_load_balancer<'a>(
         .uid
         .as_deref()
         .ok_or_else(|| Refusal::unsupported("metadata.uid", "missing"))?;
-    let ann = LbAnnotations::parse(&meta.annotations.clone().unwrap_or_default())?;
-    let spec = svc
-        .spec
-        .as_ref()
-        .ok_or_else(|| Refusal::unsupported("spec", "missing"))?;
+    Ok(ServiceId { namespace, name, uid })
+}
 
-    if spec.allocate_load_balancer_node_ports == Some(false) {
-        return Err(Refusal::unsupported(
-            "spec.allocateLoadBalancerNodePorts",
-            "false is not supported: CloudRaya load balancers forward to node ports",
-        ));
-    }
-
-    let algorithm = match &ann.algorithm {
+/// The balancing algorithm: the annotation's, else source hashing for
+/// `sessionAffinity: ClientIP`, else round robin.
+fn algorithm(ann: &LbAnnotations, spec: &ServiceSpec) -> Algorithm {
+    match &ann.algorithm {
         Some(a) => a.clone(),
         None if spec.session_affinity.as_deref() == Some("ClientIP") => Algorithm::Source,
         None => Algorithm::RoundRobin,
-    };
+    }
+}
 
+/// `spec.loadBalancerSourceRanges` as networks: truncated to their prefix, sorted, unique.
+fn allowed_sources(spec: &ServiceSpec) -> Result<Vec<IpNet>, Refusal> {
     let mut allowed_sources: Vec<IpNet> = Vec::new();
     for (i, r) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
         let net: IpNet = r.trim().parse().map_err(|_| {
@@ -272,100 +311,105 @@ pub fn desired_load_balancer<'a>(
     }
     allowed_sources.sort();
     allowed_sources.dedup();
+    Ok(allowed_sources)
+}
 
-    let local = spec.external_traffic_policy.as_deref() == Some("Local");
-    let hc_protocol = ann.health_check_protocol.clone().unwrap_or(HealthCheckProtocol::Http);
-    let hc_interval = ann.health_check_interval.unwrap_or(DEFAULT_HC_INTERVAL_S);
-    let hc_timeout = ann.health_check_timeout.unwrap_or(DEFAULT_HC_TIMEOUT_S);
-    if hc_timeout >= hc_interval {
-        let e = AnnotationError {
-            key: crate::annotations::HEALTH_CHECK_TIMEOUT.to_owned(),
-            value: hc_timeout.to_string(),
-            reason: format!("must be below the health-check interval ({hc_interval}s)"),
-            allowed: format!("an integer from 1 to {}", hc_interval.saturating_sub(1).min(60)),
+/// The health check of every rule, from the annotations and the traffic policy.
+struct HealthCheckSettings {
+    protocol: HealthCheckProtocol,
+    /// The annotation's port, if any.
+    port: Option<u16>,
+    /// An HTTP check's port without the annotation: the Service's health check node
+    /// port with `externalTrafficPolicy: Local`, else kube-proxy's.
+    default_port: Option<u16>,
+    path: String,
+    interval: u32,
+    timeout: u32,
+    healthy_threshold: u32,
+    unhealthy_threshold: u32,
+}
+
+impl HealthCheckSettings {
+    fn of(ann: &LbAnnotations, spec: &ServiceSpec) -> Result<Self, Refusal> {
+        let local = spec.external_traffic_policy.as_deref() == Some("Local");
+        let interval = ann.health_check_interval.unwrap_or(DEFAULT_HC_INTERVAL_S);
+        let timeout = ann.health_check_timeout.unwrap_or(DEFAULT_HC_TIMEOUT_S);
+        if timeout >= interval {
+            let e = AnnotationError {
+                key: crate::annotations::HEALTH_CHECK_TIMEOUT.to_owned(),
+                value: timeout.to_string(),
+                reason: format!("must be below the health-check interval ({interval}s)"),
+                allowed: format!("an integer from 1 to {}", interval.saturating_sub(1).min(60)),
+            };
+            return Err(e.into());
+        }
+        let default_port = if local {
+            let p = spec.health_check_node_port.ok_or_else(|| {
+                Refusal::unsupported(
+                    "spec.healthCheckNodePort",
+                    "not allocated yet although externalTrafficPolicy is Local",
+                )
+            })?;
+            Some(port_u16("spec.healthCheckNodePort", p)?)
+        } else {
+            Some(KUBE_PROXY_HEALTH_PORT)
         };
-        return Err(e.into());
+        Ok(HealthCheckSettings {
+            protocol: ann.health_check_protocol.clone().unwrap_or(HealthCheckProtocol::Http),
+            port: ann.health_check_port,
+            default_port,
+            path: ann.health_check_path.clone().unwrap_or_else(|| HEALTHZ_PATH.to_owned()),
+            interval,
+            timeout,
+            healthy_threshold: ann
+                .health_check_healthy_threshold
+                .unwrap_or(DEFAULT_HC_HEALTHY_THRESHOLD),
+            unhealthy_threshold: ann
+                .health_check_unhealthy_threshold
+                .unwrap_or(DEFAULT_HC_UNHEALTHY_THRESHOLD),
+        })
     }
-    let default_hc_port = if local {
-        let p = spec.health_check_node_port.ok_or_else(|| {
-            Refusal::unsupported(
-                "spec.healthCheckNodePort",
-                "not allocated yet although externalTrafficPolicy is Local",
-            )
-        })?;
-        Some(port_u16("spec.healthCheckNodePort", p)?)
-    } else {
-        Some(KUBE_PROXY_HEALTH_PORT)
-    };
 
+    /// The health check of the rule to `private_port` (a TCP check connects to the node
+    /// port itself unless the annotation names another), every default filled in.
+    fn for_rule(&self, private_port: u16) -> HealthCheck {
+        let (protocol, port, path) = match self.protocol {
+            HealthCheckProtocol::Tcp => (HealthCheckProtocol::Tcp, Some(self.port.unwrap_or(private_port)), None),
+            _ => (
+                HealthCheckProtocol::Http,
+                self.port.or(self.default_port),
+                Some(self.path.clone()),
+            ),
+        };
+        HealthCheck {
+            protocol,
+            port,
+            path,
+            interval_s: Some(self.interval),
+            timeout_s: Some(self.timeout),
+            healthy_threshold: Some(self.healthy_threshold),
+            unhealthy_threshold: Some(self.unhealthy_threshold),
+        }
+        .with_defaults(private_port)
+    }
+}
+
+/// What every rule of the LB shares.
+struct RuleSettings {
+    algorithm: Algorithm,
+    allowed_sources: Vec<IpNet>,
+    health_check: HealthCheckSettings,
+}
+
+/// The most rules a CloudRaya load balancer has.
+const MAX_RULES: usize = 50;
+
+/// One rule per Service port, sorted by (protocol, public port): at least one, at most
+/// [`MAX_RULES`].
+fn rules(spec: &ServiceSpec, cfg: &DesiredConfig, shared: &RuleSettings) -> Result<Vec<Rule>, Refusal> {
     let mut rules = Vec::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
-        let field = format!("spec.ports[{i}]");
-        let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
-            "TCP" => RuleProtocol::Tcp,
-            "UDP" if cfg.udp_supported => RuleProtocol::Udp,
-            "UDP" => {
-                return Err(Refusal::unsupported(
-                    format!("{field}.protocol"),
-                    "UDP is not supported by this CloudRaya platform",
-                ));
-            }
-            other => {
-                return Err(Refusal::unsupported(
-                    format!("{field}.protocol"),
-                    format!("{other} is not supported (TCP and UDP are)"),
-                ));
-            }
-        };
-        let public_port = port_u16(&format!("{field}.port"), p.port)?;
-        let node_port = p.node_port.ok_or_else(|| {
-            Refusal::unsupported(
-                format!("{field}.nodePort"),
-                "not allocated; the load balancer needs one",
-            )
-        })?;
-        let private_port = port_u16(&format!("{field}.nodePort"), node_port)?;
-        let hc = match hc_protocol {
-            HealthCheckProtocol::Tcp => HealthCheck {
-                protocol: HealthCheckProtocol::Tcp,
-                port: Some(ann.health_check_port.unwrap_or(private_port)),
-                path: None,
-                interval_s: Some(hc_interval),
-                timeout_s: Some(hc_timeout),
-                healthy_threshold: Some(
-                    ann.health_check_healthy_threshold
-                        .unwrap_or(DEFAULT_HC_HEALTHY_THRESHOLD),
-                ),
-                unhealthy_threshold: Some(
-                    ann.health_check_unhealthy_threshold
-                        .unwrap_or(DEFAULT_HC_UNHEALTHY_THRESHOLD),
-                ),
-            },
-            _ => HealthCheck {
-                protocol: HealthCheckProtocol::Http,
-                port: ann.health_check_port.or(default_hc_port),
-                path: Some(ann.health_check_path.clone().unwrap_or_else(|| HEALTHZ_PATH.to_owned())),
-                interval_s: Some(hc_interval),
-                timeout_s: Some(hc_timeout),
-                healthy_threshold: Some(
-                    ann.health_check_healthy_threshold
-                        .unwrap_or(DEFAULT_HC_HEALTHY_THRESHOLD),
-                ),
-                unhealthy_threshold: Some(
-                    ann.health_check_unhealthy_threshold
-                        .unwrap_or(DEFAULT_HC_UNHEALTHY_THRESHOLD),
-                ),
-            },
-        };
-        rules.push(Rule {
-            name: rule_name(&protocol, public_port),
-            protocol,
-            public_port,
-            private_port,
-            algorithm: algorithm.clone(),
-            allowed_sources: allowed_sources.clone(),
-            health_check: Some(hc.with_defaults(private_port)),
-        });
+        rules.push(rule(&format!("spec.ports[{i}]"), p, cfg, shared)?);
     }
     if rules.is_empty() {
         return Err(Refusal::unsupported(
@@ -373,20 +417,62 @@ pub fn desired_load_balancer<'a>(
             "a load balancer needs at least one port",
         ));
     }
-    if rules.len() > 50 {
+    if rules.len() > MAX_RULES {
         return Err(Refusal::unsupported(
             "spec.ports",
             format!("{} ports; a CloudRaya load balancer has at most 50 rules", rules.len()),
         ));
     }
     rules.sort_by(|a, b| (a.protocol.as_str(), a.public_port).cmp(&(b.protocol.as_str(), b.public_port)));
+    Ok(rules)
+}
 
+/// The rule of the Service port `p` (at `field`): its port to its node port.
+fn rule(field: &str, p: &ServicePort, cfg: &DesiredConfig, shared: &RuleSettings) -> Result<Rule, Refusal> {
+    let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
+        "TCP" => RuleProtocol::Tcp,
+        "UDP" if cfg.udp_supported => RuleProtocol::Udp,
+        "UDP" => {
+            return Err(Refusal::unsupported(
+                format!("{field}.protocol"),
+                "UDP is not supported by this CloudRaya platform",
+            ));
+        }
+        other => {
+            return Err(Refusal::unsupported(
+                format!("{field}.protocol"),
+                format!("{other} is not supported (TCP and UDP are)"),
+            ));
+        }
+    };
+    let public_port = port_u16(&format!("{field}.port"), p.port)?;
+    let node_port = p.node_port.ok_or_else(|| {
+        Refusal::unsupported(
+            format!("{field}.nodePort"),
+            "not allocated; the load balancer needs one",
+        )
+    })?;
+    let private_port = port_u16(&format!("{field}.nodePort"), node_port)?;
+    Ok(Rule {
+        name: rule_name(&protocol, public_port),
+        protocol,
+        public_port,
+        private_port,
+        algorithm: shared.algorithm.clone(),
+        allowed_sources: shared.allowed_sources.clone(),
+        health_check: Some(shared.health_check.for_rule(private_port)),
+    })
+}
+
+/// The public IP the LB gets: the annotation's by ID, `spec.loadBalancerIP` by address
+/// (not both), else a new one.
+fn public_ip(ann: &LbAnnotations, spec: &ServiceSpec) -> Result<PublicIpRequest, Refusal> {
     let lb_ip = spec
         .load_balancer_ip
         .as_deref()
         .map(str::trim)
         .filter(|s| !s.is_empty());
-    let public_ip = match (ann.public_ip_id.clone(), lb_ip) {
+    Ok(match (ann.public_ip_id.clone(), lb_ip) {
         (Some(id), None) => PublicIpRequest::Id(id),
         (None, Some(ip)) => PublicIpRequest::Address(
             ip.parse()
@@ -402,30 +488,36 @@ pub fn desired_load_balancer<'a>(
                 ),
             ));
         }
-    };
-
-    let all_nodes: Vec<&Node> = all_nodes.into_iter().collect();
-    let eligible = nodes::backend_vm_ids(all_nodes.iter().copied(), ann.node_selector.as_ref());
-    let eligible_backends = eligible.len();
-    let backends: Vec<BackendRef> = nodes::cap_backends(eligible, uid, nodes::MAX_BACKENDS)
-        .into_iter()
-        .map(BackendRef::new)
-        .collect();
-    let backend_ips = nodes::backend_ips(all_nodes.iter().copied())
-        .into_iter()
-        .filter(|(vm, _)| backends.iter().any(|b| &b.vm_id == vm))
-        .collect();
-
-    Ok(DesiredLb {
-        name: ann.name.clone().unwrap_or_else(|| default_lb_name(namespace, name)),
-        labels: lb_labels(&cfg.cluster_id, uid, namespace, name, ann.retain_public_ip),
-        rules,
-        backends,
-        backend_ips,
-        eligible_backends,
-        public_ip,
-        retain_public_ip: ann.retain_public_ip,
     })
+}
+
+/// The LB's backends: the eligible nodes' VMs (capped, see [`nodes::cap_backends`]) and
+/// their `InternalIP`s.
+struct Backends {
+    backends: Vec<BackendRef>,
+    backend_ips: BTreeMap<String, IpAddr>,
+    eligible: usize,
+}
+
+impl Backends {
+    fn of<'a>(all_nodes: impl IntoIterator<Item = &'a Node>, ann: &LbAnnotations, uid: &str) -> Self {
+        let all_nodes: Vec<&Node> = all_nodes.into_iter().collect();
+        let eligible = nodes::backend_vm_ids(all_nodes.iter().copied(), ann.node_selector.as_ref());
+        let eligible_backends = eligible.len();
+        let backends: Vec<BackendRef> = nodes::cap_backends(eligible, uid, nodes::MAX_BACKENDS)
+            .into_iter()
+            .map(BackendRef::new)
+            .collect();
+        let backend_ips = nodes::backend_ips(all_nodes.iter().copied())
+            .into_iter()
+            .filter(|(vm, _)| backends.iter().any(|b| &b.vm_id == vm))
+            .collect();
+        Backends {
+            backends,
+            backend_ips,
+            eligible: eligible_backends,
+        }
+    }
 }
 
 /// The status ingress for an LB's public address.

@@ -4,15 +4,20 @@
 //! Layout: [`nodes`] (which nodes are backends; node-change detection and debounce),
 //! [`desired`] (Service -> desired LB, pure), [`diff`] (actual vs desired -> plan, pure),
 //! [`status`] (status and condition patches, pure), [`orphans`] (which LBs may be
-//! swept: shared with the CLI), [`controller`] (the kube-rs
-//! controller: finalizer, platform calls, events, requeues, orphan sweep).
+//! swept: shared with the CLI), [`lookup`] (a Service's LB on the platform, and what the
+//! controller remembers of it), [`sweep`] (the orphan sweep), [`controller`] (the kube-rs
+//! controller: finalizer, cleanup, events, requeues), [`apply`] (a Service's LB brought
+//! in line, by plan arm).
 
+pub mod apply;
 pub mod controller;
 pub mod desired;
 pub mod diff;
+pub mod lookup;
 pub mod nodes;
 pub mod orphans;
 pub mod status;
+pub mod sweep;
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 

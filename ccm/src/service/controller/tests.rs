@@ -5,33 +5,19 @@
 
 use super::*;
 use crate::platform::fake::{FakeFailure, FakePlatform};
+use crate::platform::{LABEL_CLUSTER_ID, LABEL_SERVICE_NAME, LABEL_SERVICE_UID, LoadBalancer};
 use crate::service::desired::tests::{annotate, cfg, svc};
+use crate::service::lookup::KnownLb;
 use crate::service::nodes::tests::{node, with_label};
 use crate::service::status::Ready;
+use crate::service::sweep::sweep_orphans;
+use crate::testing::{Call, mock_api_server};
 use http::{Request, Response};
 use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::client::Body;
 use kube::runtime::watcher::Event as WatchEvent;
 use serde_json::Value;
-
-/// One request the controller made to the API server.
-#[derive(Debug, Clone)]
-struct Call {
-    method: String,
-    path: String,
-    body: Value,
-}
-
-impl Call {
-    fn is(&self, method: &str, path_end: &str) -> bool {
-        self.method == method && self.path.ends_with(path_end)
-    }
-
-    fn is_event(&self, reason: &str) -> bool {
-        self.method == "POST" && self.path.ends_with("/events") && self.body["reason"] == reason
-    }
-}
 
 const SVC_PATH: &str = "/api/v1/namespaces/default/services/web";
 const STATUS_PATH: &str = "/api/v1/namespaces/default/services/web/status";
@@ -68,7 +54,10 @@ impl Bench {
 
     fn context(&self) -> (Arc<Context>, tower_test::mock::Handle<Request<Body>, Response<Body>>) {
         let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(service, "default");
+        (self.context_on(Client::new(service, "default")), handle)
+    }
+
+    fn context_on(&self, client: Client) -> Arc<Context> {
         let ctx = Context::new(
             client,
             self.platform.clone(),
@@ -77,37 +66,22 @@ impl Bench {
             cfg(),
             Timing::default(),
         );
-        (Arc::new(ctx), handle)
+        Arc::new(ctx)
     }
 
     /// A context whose API requests a mock server answers (with `s`, or an Event's own
     /// body) and records until the context is dropped.
     fn served_context(&self, s: &Service) -> (Arc<Context>, tokio::task::JoinHandle<Vec<Call>>) {
-        let (ctx, mut handle) = self.context();
         let answer_with = serde_json::to_value(s).expect("encode service");
-        let server = tokio::spawn(async move {
-            let mut calls = Vec::new();
-            while let Some((req, send)) = handle.next_request().await {
-                let method = req.method().to_string();
-                let path = req.uri().path().to_owned();
-                let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
-                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                let answer = if path.ends_with("/events") {
-                    body.clone()
-                } else {
-                    answer_with.clone()
-                };
-                let resp = Response::builder()
-                    .status(if method == "POST" { 201 } else { 200 })
-                    .body(Body::from(serde_json::to_vec(&answer).unwrap_or_default()));
-                if let Ok(resp) = resp {
-                    send.send_response(resp);
-                }
-                calls.push(Call { method, path, body });
-            }
-            calls
+        let (client, server) = mock_api_server(move |method, path, body| {
+            let answer = if path.ends_with("/events") {
+                body.clone()
+            } else {
+                answer_with.clone()
+            };
+            (if method == "POST" { 201 } else { 200 }, answer)
         });
-        (ctx, server)
+        (self.context_on(client), server)
     }
 
     /// Runs one reconcile; returns its result and every API request it made.
@@ -619,6 +593,11 @@ async fn load_balancer_ip_reuses_a_free_public_ip() {
     assert!(calls.iter().any(|c| c.is_event("SyncLoadBalancerFailed")));
 }
 
+/// The backoff of a Service's reconciles, as `Context::new` builds it.
+fn backoff_delay(failures: u32, base: Duration, max: Duration, jitter: f64) -> Duration {
+    Backoff::new(base, max, Jitter::PLUS_MINUS_20_PERCENT).delay(failures, jitter)
+}
+
 #[tokio::test]
 async fn error_policy_backs_off_per_service_and_resets_on_success() {
     let bench = Bench::new(&["a"]);
@@ -628,7 +607,7 @@ async fn error_policy_backs_off_per_service_and_resets_on_success() {
     let mut last = Duration::ZERO;
     for i in 0..4 {
         let Action { .. } = error_policy(s.clone(), &err, ctx.clone());
-        let n = ctx.failures().get("default/web").copied();
+        let n = ctx.failures.count("default/web");
         assert_eq!(n, Some(i + 1));
         let d = backoff_delay(i, Duration::from_secs(1), Duration::from_secs(300), 0.5);
         assert!(d >= last);
@@ -820,20 +799,20 @@ async fn the_sweep_forgets_lbs_of_services_that_are_gone() {
     let (ctx, server) = bench.served_context(&s);
     reconcile_on(&ctx, &s).await.expect("create");
     bench.platform.settle();
-    ctx.lb_ids().insert(
+    ctx.lbs.lb_ids().insert(
         "uid-unlisted".into(),
         KnownLb::new("lb-not-listed", "kr-default-unlisted", true),
     );
     let s2 = s.clone();
     sweep_orphans(&ctx, || async { Ok(vec![s2]) }).await.expect("sweep");
-    assert!(ctx.lb_ids().contains_key("uid-1"), "its Service is listed");
+    assert!(ctx.lbs.lb_ids().contains_key("uid-1"), "its Service is listed");
     assert!(
-        ctx.lb_ids().contains_key("uid-unlisted"),
+        ctx.lbs.lb_ids().contains_key("uid-unlisted"),
         "its LB was not listed: cannot tell"
     );
     // The Service is gone (its finalizer removed behind our back): the next sweep forgets it.
     sweep_orphans(&ctx, || async { Ok(vec![]) }).await.expect("sweep");
-    assert!(!ctx.lb_ids().contains_key("uid-1"));
+    assert!(!ctx.lbs.lb_ids().contains_key("uid-1"));
     stop_serving(ctx, server).await;
 }
 
