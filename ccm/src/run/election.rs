@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use kube_lease_manager::LeaseManagerBuilder;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{Error, Health};
 use crate::metrics::Metrics;
@@ -24,6 +24,8 @@ pub const DEFAULT_LEASE_NAME: &str = "kuberaya-ccm";
 const FIELD_MANAGER: &str = "kuberaya-ccm";
 /// How long stopping controllers may take before they are aborted.
 const STOP_CONTROLLERS: Duration = Duration::from_secs(5);
+/// The pause before failed controllers start again (under [`OnLeadershipLost::Rejoin`]).
+const RESTART_CONTROLLERS: Duration = Duration::from_secs(2);
 /// How long giving the Lease up may take on shutdown.
 const RELEASE_LEASE: Duration = Duration::from_secs(3);
 
@@ -35,7 +37,7 @@ pub enum OnLeadershipLost {
     #[default]
     Stop,
     /// Abort the controllers and stand by for the Lease again (an in-process CCM, which
-    /// cannot exit without its host).
+    /// cannot exit without its host); controllers that fail start again after a pause.
     Rejoin,
 }
 
@@ -154,6 +156,13 @@ impl LeaderElection {
             controllers.metrics.set_leader(false);
             match term {
                 Term::Shutdown => return give_up(leader, lease_task, Ok(())).await,
+                Term::Failed(e) if self.on_lost == OnLeadershipLost::Rejoin => {
+                    error!(error = %e, "the controllers stopped; starting them again while leading");
+                    tokio::select! {
+                        () = tokio::time::sleep(RESTART_CONTROLLERS) => {}
+                        () = shutdown.clone() => return give_up(leader, lease_task, Ok(())).await,
+                    }
+                }
                 Term::Failed(e) => return give_up(leader, lease_task, Err(e)).await,
                 Term::Lost if self.on_lost == OnLeadershipLost::Stop => break Err(Error::LeadershipLost),
                 Term::Lost => warn!(%identity, "leadership lost; the controllers stopped until it leads again"),
