@@ -71,6 +71,8 @@ impl PlatformStandIn {
     }
 }
 
+/// The platform API's listener: `requested`, else the previous run's address when free,
+/// else a free port on 127.0.0.1.
 async fn bind_platform_listener(dir: &Path, requested: Option<SocketAddr>) -> anyhow::Result<tokio::net::TcpListener> {
     if let Some(addr) = requested {
         return tokio::net::TcpListener::bind(addr)
@@ -91,8 +93,7 @@ async fn bind_platform_listener(dir: &Path, requested: Option<SocketAddr>) -> an
         .context("cannot listen on 127.0.0.1")
 }
 
-/// Logs of the stand-ins and the in-process CCM on stderr (the `sandbox.log` of a detached
-
+/// `sandbox node add|stop|start|delete NAME`: the worker VM through the platform API.
 pub(super) async fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
     let dir = state_dir(&args.dir)?;
     let Some(rt) = running_runtime(&dir)? else {

@@ -10,6 +10,7 @@ use super::state::{running_runtime, state_dir};
 use super::{StateDirArg, StatusArgs};
 use crate::output::{OutputFormat, table};
 
+/// `sandbox env`: `export` lines for the running sandbox's platform API and cluster.
 pub(super) fn env(arg: StateDirArg) -> anyhow::Result<ExitCode> {
     let dir = state_dir(&arg)?;
     let Some(rt) = running_runtime(&dir)? else {
@@ -36,6 +37,7 @@ fn shell_quote(s: &str) -> String {
     }
 }
 
+/// `sandbox status`: whether it runs, and its VMs and load balancers from the platform stand-in.
 pub(super) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let dir = state_dir(&args.dir)?;
     let Some(rt) = running_runtime(&dir)? else {
