@@ -10,12 +10,12 @@
 //! - `kubeconfig` (0600): for `kubectl` and clients of the sandbox cluster;
 //! - `sandbox.log`: the output of a `--detach`ed sandbox.
 //!
-//! Rooms: [`state`] (the state dir, the lock, the runtime file, the credentials),
-//! [`platform`] (the platform stand-in; `sandbox node`), [`cluster`] (the Kubernetes API
-//! stand-in and the cluster on it), [`ccm`] and [`gateway`] (the CCM and the WireGuard
+//! Rooms: `state` (the state dir, the lock, the runtime file, the credentials),
+//! `platform` (the platform stand-in; `sandbox node`), `cluster` (the Kubernetes API
+//! stand-in and the cluster on it), `ccm` and `gateway` (the CCM and the WireGuard
 //! gateway, in-process through `kuberaya_ccm::run` and `kuberaya_gateway::run`),
-//! [`status`] (`sandbox status`, `sandbox env`), [`try_this`] (what `up` prints when
-//! ready), [`ranges`] (address ranges apart from other sandboxes). This module holds the
+//! `status` (`sandbox status`, `sandbox env`), `try_this` (what `up` prints when
+//! ready), `ranges` (address ranges apart from other sandboxes). This module holds the
 //! commands and the order things start and stop in.
 
 use std::fs::{self, OpenOptions};
