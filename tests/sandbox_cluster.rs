@@ -29,7 +29,6 @@ struct NetClaim {
 
 impl NetClaim {
     fn take() -> Result<NetClaim> {
-        use std::os::unix::io::AsRawFd;
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let dir = std::env::temp_dir().join("kuberaya-e2e-nets");
         std::fs::create_dir_all(&dir)?;
@@ -41,8 +40,8 @@ impl NetClaim {
                 .truncate(false)
                 .write(true)
                 .open(dir.join(format!("{n}.lock")))?;
-            // SAFETY: flock on a descriptor we own; no memory is involved.
-            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            // Exclusive and non-blocking (flock): taken means another process holds it.
+            if lock.try_lock().is_ok() {
                 return Ok(NetClaim { n, _lock: lock });
             }
         }

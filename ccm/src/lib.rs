@@ -13,10 +13,12 @@
 //! - [`watch`]: how watches retry after the API server failed them.
 //! - [`backoff`]: exponential backoff with jitter, of every retry.
 //! - [`runner`]: what the controllers share to run (connections, loops).
+//! - [`run`]: the whole CCM in-process ([`run::start`], [`run::run`]): the platform and
+//!   API server checks, `/metrics`, `/healthz`, `/readyz`, the leader election; the
+//!   binary and `kuberaya sandbox up` use it.
 //!
 //! [`Error`] is the crate-wide error of the controllers. [`run_controllers`] runs every
-//! controller (what `kuberaya-ccm` runs while it leads, and what `kuberaya sandbox up`
-//! runs in-process).
+//! controller (what [`run`] runs while it leads).
 
 pub mod annotations;
 pub mod backoff;
@@ -26,6 +28,7 @@ pub mod metrics;
 pub mod node;
 pub mod platform;
 pub mod providerid;
+pub mod run;
 pub mod runner;
 pub mod service;
 #[cfg(test)]

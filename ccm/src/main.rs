@@ -5,28 +5,16 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, bail};
-use axum::Router;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
+use anyhow::{Context as _, Result};
 use clap::Parser;
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Client, Config};
-use kube_lease_manager::LeaseManagerBuilder;
 use tracing::{error, info, warn};
 
 use kuberaya_ccm::config::CloudConfig;
-use kuberaya_ccm::metrics::Metrics;
-use kuberaya_ccm::node::NodeSettings;
-use kuberaya_ccm::platform::{HttpPlatform, Platform};
-use kuberaya_ccm::service::controller::{RunSettings, Timing};
-use kuberaya_ccm::service::desired::DesiredConfig;
-use kuberaya_ccm::{ControllerSettings, run_controllers};
+use kuberaya_ccm::run::{
+    self, DEFAULT_LEASE_NAME, DEFAULT_LEASE_NAMESPACE, KubeAccess, LeaderElection, OnLeadershipLost, Periods, RunConfig,
+};
 
 /// Parses `300ms`, `10s`, `5m`, `1h` or a bare number of seconds.
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -72,11 +60,11 @@ struct Args {
     leader_elect: bool,
 
     /// Namespace of the leader Lease.
-    #[arg(long, default_value = "kube-system")]
+    #[arg(long, default_value = DEFAULT_LEASE_NAMESPACE)]
     leader_elect_resource_namespace: String,
 
     /// Name of the leader Lease.
-    #[arg(long, default_value = "kuberaya-ccm")]
+    #[arg(long, default_value = DEFAULT_LEASE_NAME)]
     leader_elect_resource_name: String,
 
     /// Lease duration.
@@ -129,65 +117,64 @@ struct Args {
     log_json: bool,
 }
 
-async fn kube_client(args: &Args) -> Result<Client> {
-    let config = match &args.kubeconfig {
-        Some(path) => {
-            let kc = Kubeconfig::read_from(path).with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("loading kubeconfig {}", path.display()))?
-        }
-        None => Config::infer().await.context("inferring the Kubernetes config")?,
-    };
-    Client::try_from(config).context("building the Kubernetes client")
-}
-
-async fn serve(addr: &str, router: Router, what: &str) -> Result<()> {
+/// A bind address flag: `0` (or empty) disables the server.
+fn bind_address(addr: &str, what: &str) -> Result<Option<SocketAddr>> {
     if addr == "0" || addr.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
-    let addr: SocketAddr = addr
+    let addr = addr
         .parse()
         .with_context(|| format!("invalid {what} address {addr:?}"))?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {what} on {addr}"))?;
-    info!(address = %listener.local_addr()?, "{what} listening");
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            error!(error = %e, "HTTP server stopped");
-        }
-    });
-    Ok(())
+    Ok(Some(addr))
 }
 
-fn shutdown_signal() -> tokio::sync::watch::Receiver<bool> {
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
+/// What the flags say, for [`run::start`].
+fn run_config(args: &Args, cloud: CloudConfig) -> Result<RunConfig> {
+    Ok(RunConfig {
+        cloud,
+        kube: match &args.kubeconfig {
+            Some(path) => KubeAccess::Kubeconfig(path.clone()),
+            None => KubeAccess::Infer,
+        },
+        periods: Periods {
+            resync: args.resync_period,
+            poll: args.poll_period,
+            orphan_sweep: args.orphan_sweep_period,
+            node_debounce: args.node_sync_debounce,
+            node_refresh: args.node_status_update_frequency,
+            node_monitor: args.node_monitor_period,
+            service_syncs: args.concurrent_service_syncs,
+            node_syncs: args.concurrent_node_syncs,
+        },
+        leader_election: args.leader_elect.then(|| LeaderElection {
+            namespace: args.leader_elect_resource_namespace.clone(),
+            name: args.leader_elect_resource_name.clone(),
+            identity: run::election::default_identity(),
+            lease_duration: args.leader_elect_lease_duration,
+            renew_grace: args.leader_elect_renew_grace,
+            on_lost: OnLeadershipLost::Stop,
+        }),
+        metrics_bind_address: bind_address(&args.metrics_bind_address, "metrics")?,
+        health_bind_address: bind_address(&args.health_bind_address, "health")?,
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
             }
-        };
-        #[cfg(not(unix))]
-        let term = std::future::pending::<()>();
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term => {},
+            Err(_) => std::future::pending::<()>().await,
         }
-        info!("shutting down");
-        let _ = tx.send(true);
-    });
-    rx
-}
-
-async fn wait_true(mut rx: tokio::sync::watch::Receiver<bool>) {
-    let _ = rx.wait_for(|v| *v).await;
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        () = term => {},
+    }
+    info!("shutting down");
 }
 
 #[tokio::main]
@@ -206,149 +193,26 @@ async fn main() -> Result<()> {
 
     let cloud = CloudConfig::load(&args.cloud_config).context("loading --cloud-config")?;
     info!(api_url = %cloud.api_url, cluster_id = %cloud.cluster_id, cluster_name = %args.cluster_name, "starting kuberaya-ccm");
-    let http = HttpPlatform::new(cloud.client_config()).context("building the platform client")?;
-    let platform_metrics = http.metrics();
-    let platform: Arc<dyn Platform> = Arc::new(http);
-    let metrics = Arc::new(Metrics::new(Some(platform_metrics)));
-    let ready = Arc::new(AtomicBool::new(false));
-
-    let m = metrics.clone();
-    let metrics_router = Router::new().route(
-        "/metrics",
-        get(move || {
-            let m = m.clone();
-            async move {
-                (
-                    [(
-                        header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    m.render(),
-                )
-            }
-        }),
-    );
-    serve(&args.metrics_bind_address, metrics_router, "metrics").await?;
-    let r = ready.clone();
-    let health_router = Router::new().route("/healthz", get(|| async { "ok" })).route(
-        "/readyz",
-        get(move || {
-            let r = r.clone();
-            async move {
-                if r.load(Ordering::Relaxed) {
-                    (StatusCode::OK, "ok").into_response()
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
-                }
-            }
-        }),
-    );
-    serve(&args.health_bind_address, health_router, "health").await?;
-
-    // Check the platform and the credentials before anything else.
-    let cluster = platform
-        .get_cluster(&cloud.cluster_id)
+    let config = run_config(&args, cloud)?;
+    let started = run::start(config).await?;
+    // From here on SIGTERM stops the controllers and gives the Lease up; during the
+    // checks above it ends the process at once.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(());
+    });
+    match started
+        .run(async move {
+            let _ = stopped.await;
+        })
         .await
-        .with_context(|| format!("looking up platform cluster {}", cloud.cluster_id))?;
-    for (what, configured, actual) in [
-        ("region", &cloud.region, &cluster.region),
-        ("vpc_id", &cloud.vpc_id, &cluster.vpc_id),
-        ("subnet_id", &cloud.subnet_id, &cluster.subnet_id),
-    ] {
-        if let Some(c) = configured
-            && c != actual
-        {
-            bail!(
-                "cloud config {what} {c:?} does not match platform cluster {} ({actual:?})",
-                cluster.id
-            );
-        }
-    }
-    let client = kube_client(&args).await?;
-    client
-        .apiserver_version()
-        .await
-        .context("reaching the Kubernetes API server")?;
-    ready.store(true, Ordering::Relaxed);
-
-    let stop = shutdown_signal();
-    let service = RunSettings {
-        config: DesiredConfig {
-            cluster_id: cloud.cluster_id.clone(),
-            udp_supported: cloud.udp_supported,
-        },
-        timing: Timing {
-            resync: args.resync_period,
-            poll: args.poll_period,
-            ..Timing::default()
-        },
-        concurrency: args.concurrent_service_syncs.max(1),
-        node_debounce: args.node_sync_debounce,
-        node_debounce_max: args.node_sync_debounce.saturating_mul(5),
-        orphan_sweep: args.orphan_sweep_period,
-    };
-    let settings = ControllerSettings {
-        service,
-        node: NodeSettings {
-            refresh: args.node_status_update_frequency,
-            monitor: args.node_monitor_period,
-            concurrency: args.concurrent_node_syncs.max(1),
-            ..NodeSettings::new(cloud.cluster_id.clone())
-        },
-    };
-
-    if !args.leader_elect {
-        metrics.set_leader(true);
-        run_controllers(client, platform, metrics, settings, wait_true(stop)).await?;
-        return Ok(());
-    }
-
-    let identity = format!(
-        "{}_{}",
-        std::env::var("POD_NAME")
-            .or_else(|_| std::env::var("HOSTNAME"))
-            .unwrap_or_else(|_| "kuberaya-ccm".into()),
-        std::process::id()
-    );
-    let manager = LeaseManagerBuilder::new(client.clone(), &args.leader_elect_resource_name)
-        .with_namespace(&args.leader_elect_resource_namespace)
-        .with_identity(&identity)
-        .with_duration(args.leader_elect_lease_duration.as_secs().max(2))
-        .with_grace(args.leader_elect_renew_grace.as_secs().max(1))
-        .with_field_manager("kuberaya-ccm")
-        .build()
-        .await
-        .context("setting up leader election")?;
-    let (mut leader, _lease_task) = manager.watch().await;
-    info!(%identity, lease = %args.leader_elect_resource_name, "waiting for leadership");
-    loop {
-        if *leader.borrow_and_update() {
-            break;
-        }
-        tokio::select! {
-            changed = leader.changed() => changed.context("leader election stopped")?,
-            () = wait_true(stop.clone()) => return Ok(()),
-        }
-    }
-    info!(%identity, "became leader");
-    metrics.set_leader(true);
-    let lost = async move {
-        loop {
-            if leader.changed().await.is_err() || !*leader.borrow() {
-                return;
-            }
-        }
-    };
-    tokio::select! {
-        r = run_controllers(client, platform, metrics.clone(), settings, wait_true(stop)) => {
-            r?;
-            Ok(())
-        }
-        () = lost => {
-            metrics.set_leader(false);
+    {
+        Err(run::Error::LeadershipLost) => {
             error!("leadership lost; exiting so that no two replicas reconcile");
             std::process::exit(1);
         }
+        r => Ok(r?),
     }
 }
 
@@ -385,5 +249,23 @@ mod tests {
         assert!(!a.leader_elect);
         assert_eq!(a.concurrent_service_syncs, 3);
         assert_eq!(a.kubeconfig, Some(PathBuf::from("/k")));
+    }
+
+    #[test]
+    fn flags_become_the_run_config() {
+        let cloud = kuberaya_ccm::config::CloudConfigFile::parse("api_url: http://127.0.0.1:9\ncluster_id: cl-1\n")
+            .unwrap()
+            .resolve(|_| Some("x".into()))
+            .unwrap();
+        let a = Args::try_parse_from(["kuberaya-ccm", "--cloud-config=/c.yaml", "--metrics-bind-address=0"]).unwrap();
+        let c = run_config(&a, cloud.clone()).unwrap();
+        let e = c.leader_election.expect("elects by default");
+        assert_eq!((e.namespace.as_str(), e.name.as_str()), ("kube-system", "kuberaya-ccm"));
+        assert_eq!(e.on_lost, OnLeadershipLost::Stop);
+        assert_eq!(c.metrics_bind_address, None, "0 disables");
+        assert_eq!(c.health_bind_address, Some("0.0.0.0:10258".parse().unwrap()));
+        assert_eq!(c.periods, Periods::default(), "the flags' defaults are the library's");
+        let a = Args::try_parse_from(["kuberaya-ccm", "--cloud-config=/c.yaml", "--health-bind-address=x"]).unwrap();
+        assert!(run_config(&a, cloud).is_err());
     }
 }

@@ -1,7 +1,9 @@
 //! `kuberaya`: the KubeRaya networking admin CLI.
 //!
 //! A thin layer over the `kuberaya-ccm`, `kuberaya-gateway` and `kuberaya-sandbox`
-//! libraries; it follows kubectl's habits (`-o table|json`, exit codes 0/1/2).
+//! libraries; it follows kubectl's habits (`-o table|json`, exit codes 0/1/2). The
+//! `sandbox` subcommand (and the `kuberaya-sandbox` library) is the default-on `sandbox`
+//! feature; without it the CLI is a slim admin build.
 
 pub mod audit;
 pub mod gateway;
@@ -13,6 +15,7 @@ pub mod logging;
 pub mod output;
 pub mod peer;
 pub mod reach;
+#[cfg(feature = "sandbox")]
 pub mod sandbox;
 pub mod wgquick;
 
@@ -39,6 +42,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the whole system on this machine: the CloudRaya platform stand-in and its cluster.
+    #[cfg(feature = "sandbox")]
     #[command(subcommand)]
     Sandbox(sandbox::SandboxCommand),
     /// VPN peers of the gateway: add, list, show, remove, disable, enable, rotate.
@@ -63,6 +67,7 @@ pub enum Command {
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        #[cfg(feature = "sandbox")]
         Command::Sandbox(cmd) => sandbox::run(cmd).await,
         Command::Peer(cmd) => peer::run(cmd, &cli.kube).await.map(|()| ExitCode::SUCCESS),
         Command::Lb(cmd) => lb::run(cmd, &cli.kube).await.map(|()| ExitCode::SUCCESS),
@@ -78,5 +83,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 _ => Ok(ExitCode::SUCCESS),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// `sandbox` is there exactly when the `sandbox` feature is.
+    #[test]
+    fn the_sandbox_subcommand_follows_its_feature() {
+        let cli = super::Cli::command();
+        let has = cli.get_subcommands().any(|c| c.get_name() == "sandbox");
+        assert_eq!(has, cfg!(feature = "sandbox"));
+        assert!(cli.get_subcommands().any(|c| c.get_name() == "peer"));
     }
 }

@@ -1,7 +1,6 @@
 //! Locating (and, when missing, building) the workspace's binaries.
 
 use std::fs::OpenOptions;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
@@ -90,18 +89,16 @@ impl FileLock {
             .write(true)
             .open(path)
             .unwrap_or_else(|e| panic!("opening lock file {}: {e}", path.display()));
-        // SAFETY: flock on a file descriptor we own; blocks until the lock is ours.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-        assert_eq!(rc, 0, "flock {}", path.display());
+        // Exclusive (flock); blocks until the lock is ours.
+        file.lock()
+            .unwrap_or_else(|e| panic!("locking {}: {e}", path.display()));
         FileLock(file)
     }
 }
 
 impl Drop for FileLock {
     fn drop(&mut self) {
-        // SAFETY: unlocking our own descriptor (closing it would release the lock too).
-        unsafe {
-            libc::flock(self.0.as_raw_fd(), libc::LOCK_UN);
-        }
+        // Closing the file would release the lock too.
+        let _ = self.0.unlock();
     }
 }

@@ -24,6 +24,7 @@
 //! - [`metrics`], [`http`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`.
 //! - [`uapi`]: the standard WireGuard UAPI socket, read-only, so `wg show` works.
 //! - [`publish`]: the gateway's public key and tunnel address on its own Service.
+//! - [`manifests`]: the CRD, Namespace and ConfigMap of `deploy/`, for installers.
 //! - [`run`]: the whole gateway in-process ([`run::start`], [`run::run`]); the binary
 //!   and `kuberaya sandbox up` use it.
 
@@ -37,6 +38,7 @@ pub mod dns;
 pub mod gateway;
 pub mod http;
 pub mod keys;
+pub mod manifests;
 pub mod metrics;
 pub mod packet;
 pub mod peers;

@@ -228,7 +228,7 @@ fn claim_in(registry: &Path, state_dir: &Path, requested: &Requested) -> anyhow:
         if claim.state_dir == state_dir {
             continue;
         }
-        if super::is_running(&claim.state_dir).unwrap_or(false) {
+        if super::state::is_running(&claim.state_dir).unwrap_or(false) {
             running.push(claim);
         } else if remembered_in(&claim.state_dir) == Some(claim.ranges) {
             stopped.push(claim);
@@ -367,10 +367,10 @@ mod tests {
     fn the_registry_keeps_claims_while_their_state_remembers_them() {
         let registry = tempfile::tempdir().unwrap();
         let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let a_lock = super::super::try_lock(a_dir.path()).unwrap().expect("a's lock");
+        let a_lock = super::super::state::try_lock(a_dir.path()).unwrap().expect("a's lock");
         let a = claim_in(registry.path(), a_dir.path(), &Requested::default()).unwrap();
         assert_eq!(a, defaults());
-        let _b_lock = super::super::try_lock(b_dir.path()).unwrap().expect("b's lock");
+        let _b_lock = super::super::state::try_lock(b_dir.path()).unwrap().expect("b's lock");
         let b = claim_in(registry.path(), b_dir.path(), &Requested::default()).unwrap();
         assert_ne!(b.service_cidr, a.service_cidr);
         let entries = || {
@@ -386,7 +386,9 @@ mod tests {
         assert_ne!(c.service_cidr, a.service_cidr, "a's ranges stay a's");
         assert_ne!(c.service_cidr, b.service_cidr);
         // a starts again as it was.
-        let _a_lock = super::super::try_lock(a_dir.path()).unwrap().expect("a's lock again");
+        let _a_lock = super::super::state::try_lock(a_dir.path())
+            .unwrap()
+            .expect("a's lock again");
         assert_eq!(
             claim_in(registry.path(), a_dir.path(), &Requested::default()).unwrap(),
             a

@@ -1,0 +1,256 @@
+//! The WireGuard gateway of `sandbox up`, run in-process through `kuberaya_gateway::run`
+//! behind its own `LoadBalancer` Service. Its CRD, Namespace and `kuberaya-config` come
+//! from the gateway crate ([`kuberaya_gateway::manifests`], i.e. `deploy/`).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+
+/// The WireGuard gateway's UDP port, on its Service and its socket.
+pub(super) const GATEWAY_PORT: u16 = 51820;
+/// The gateway's tunnel range (it takes the first address).
+const GATEWAY_TUNNEL_CIDR: &str = "100.64.0.0/16";
+/// How long `sandbox up` waits for the gateway's load balancer.
+pub(super) const GATEWAY_LB_TIMEOUT: Duration = Duration::from_secs(30);
+/// Field manager of the objects the sandbox applies for the gateway.
+const GATEWAY_FIELD_MANAGER: &str = "kuberaya-sandbox";
+
+/// The WireGuard gateway, run in this process as a cluster runs it: its own Kubernetes
+/// client from the sandbox's kubeconfig, its socket on a pod-range address, behind its own
+/// `LoadBalancer` Service (no selector; the sandbox writes its EndpointSlice), so a peer's
+/// traffic goes Internet → platform LB → node IP:NodePort → kube-proxy → gateway.
+pub(super) struct InProcessGateway {
+    pub info: kuberaya_gateway::run::StartedInfo,
+    /// The load balancer's public IP, once the CCM provisioned it.
+    pub public_ip: Option<String>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<kuberaya_gateway::Result<()>>,
+}
+
+/// The gateway's "pod IP": the pod range's last address but one (node i takes the i-th /24
+/// from the start of the range, so this one is clear of them).
+fn gateway_pod_ip(pod_cidr: ipnet::Ipv4Net) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(u32::from(pod_cidr.broadcast()).saturating_sub(1))
+}
+
+/// Server-side apply of `obj` (named `name`) with the sandbox's field manager.
+async fn apply<K>(api: &kube::Api<K>, name: &str, obj: &K) -> anyhow::Result<()>
+where
+    K: kube::Resource + Clone + Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let params = kube::api::PatchParams::apply(GATEWAY_FIELD_MANAGER).force();
+    api.patch(name, &params, &kube::api::Patch::Apply(obj))
+        .await
+        .with_context(|| format!("cannot apply {name}"))?;
+    Ok(())
+}
+
+impl InProcessGateway {
+    /// Installs the VpnPeer CRD, the gateway's namespace and `kuberaya-config`, starts the
+    /// gateway and registers it behind its Service; waits (bounded) for the load balancer.
+    pub(super) async fn start(
+        kubeconfig: &Path,
+        service_cidr: ipnet::Ipv4Net,
+        pod_cidr: ipnet::Ipv4Net,
+    ) -> anyhow::Result<Self> {
+        use crate::gateway::{
+            ANNOTATION_PUBLIC_KEY, ANNOTATION_TUNNEL_ADDRESS, CONFIG_MAP, DEFAULT_GATEWAY_NAMESPACE as NAMESPACE,
+            DEFAULT_GATEWAY_SERVICE as SERVICE,
+        };
+        use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServicePort, ServiceSpec};
+        use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+        use kuberaya_gateway::manifests;
+        use kuberaya_gateway::run::{RunConfig, Sources};
+
+        let client = kuberaya_sandbox::cluster::client_from_kubeconfig(kubeconfig).await?;
+        let crd = manifests::crd();
+        let crd_name = crd.metadata.name.clone().unwrap_or_default();
+        apply(
+            &kube::Api::<CustomResourceDefinition>::all(client.clone()),
+            &crd_name,
+            &crd,
+        )
+        .await?;
+        apply(
+            &kube::Api::<Namespace>::all(client.clone()),
+            NAMESPACE,
+            &manifests::namespace(),
+        )
+        .await?;
+        apply(
+            &kube::Api::<ConfigMap>::namespaced(client.clone(), NAMESPACE),
+            CONFIG_MAP,
+            &manifests::config_map(service_cidr),
+        )
+        .await?;
+
+        let pod_ip = gateway_pod_ip(pod_cidr);
+        let tunnel_cidr: ipnet::Ipv4Net = GATEWAY_TUNNEL_CIDR.parse().context("the tunnel range")?;
+        let loopback_any: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
+        let started = kuberaya_gateway::run::start(RunConfig {
+            listen: SocketAddr::from((pod_ip, GATEWAY_PORT)),
+            tunnel_cidr,
+            namespace: NAMESPACE.into(),
+            sources: Sources::Kube {
+                kubeconfig: Some(kubeconfig.to_path_buf()),
+                client: None,
+            },
+            metrics_bind_address: loopback_any,
+            health_bind_address: loopback_any,
+            ..RunConfig::default()
+        })
+        .await
+        .context("cannot start the gateway")?;
+        let info = started.info().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(started.run(async move {
+            let _ = stopped.await;
+        }));
+        let gateway = InProcessGateway {
+            info,
+            public_ip: None,
+            stop,
+            task,
+        };
+
+        let services = kube::Api::<Service>::namespaced(client.clone(), NAMESPACE);
+        let port_name = "wireguard".to_string();
+        let service = Service {
+            metadata: ObjectMeta {
+                name: Some(SERVICE.into()),
+                namespace: Some(NAMESPACE.into()),
+                annotations: Some(
+                    [
+                        (ANNOTATION_PUBLIC_KEY.to_string(), gateway.info.public_key.to_string()),
+                        (
+                            ANNOTATION_TUNNEL_ADDRESS.to_string(),
+                            format!("{}/{}", gateway.info.tunnel_address, tunnel_cidr.prefix_len()),
+                        ),
+                    ]
+                    .into(),
+                ),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                type_: Some("LoadBalancer".into()),
+                ports: Some(vec![ServicePort {
+                    name: Some(port_name.clone()),
+                    protocol: Some("UDP".into()),
+                    port: i32::from(GATEWAY_PORT),
+                    target_port: Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(
+                        i32::from(GATEWAY_PORT),
+                    )),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let registered = async {
+            apply(&services, SERVICE, &service).await?;
+            let slice = EndpointSlice {
+                metadata: ObjectMeta {
+                    name: Some(format!("{SERVICE}-sandbox")),
+                    namespace: Some(NAMESPACE.into()),
+                    labels: Some([("kubernetes.io/service-name".to_string(), SERVICE.to_string())].into()),
+                    ..Default::default()
+                },
+                address_type: "IPv4".into(),
+                endpoints: vec![Endpoint {
+                    addresses: vec![gateway.info.udp.ip().to_string()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(true),
+                        serving: Some(true),
+                        terminating: Some(false),
+                    }),
+                    ..Default::default()
+                }],
+                ports: Some(vec![EndpointPort {
+                    name: Some(port_name),
+                    protocol: Some("UDP".into()),
+                    port: Some(i32::from(gateway.info.udp.port())),
+                    ..Default::default()
+                }]),
+            };
+            let slices = kube::Api::<EndpointSlice>::namespaced(client.clone(), NAMESPACE);
+            apply(&slices, &format!("{SERVICE}-sandbox"), &slice).await
+        }
+        .await;
+        if let Err(e) = registered {
+            gateway.shutdown().await;
+            return Err(e);
+        }
+        Ok(gateway)
+    }
+
+    /// Waits until the gateway's Service has a load-balancer IP (the CCM provisioned it).
+    pub(super) async fn wait_public_ip(&mut self, kubeconfig: &Path, timeout: Duration) -> anyhow::Result<String> {
+        use crate::gateway::{DEFAULT_GATEWAY_NAMESPACE as NAMESPACE, DEFAULT_GATEWAY_SERVICE as SERVICE};
+        let client = kuberaya_sandbox::cluster::client_from_kubeconfig(kubeconfig).await?;
+        let services = kube::Api::<k8s_openapi::api::core::v1::Service>::namespaced(client, NAMESPACE);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ip = services
+                .get_opt(SERVICE)
+                .await?
+                .and_then(|s| s.status)
+                .and_then(|s| s.load_balancer)
+                .and_then(|lb| lb.ingress)
+                .and_then(|i| i.into_iter().next())
+                .and_then(|i| i.ip);
+            if let Some(ip) = ip {
+                self.public_ip = Some(ip.clone());
+                return Ok(ip);
+            }
+            if Instant::now() > deadline {
+                bail!("the load balancer of {NAMESPACE}/{SERVICE} has no IP after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops the gateway and releases its sockets.
+    pub(super) async fn shutdown(self) {
+        let _ = self.stop.send(());
+        let mut task = self.task;
+        match tokio::time::timeout(Duration::from_secs(3), &mut task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => eprintln!("the gateway stopped with an error: {e}"),
+            Ok(Err(e)) => eprintln!("the gateway task failed: {e}"),
+            Err(_) => {
+                eprintln!("the gateway did not stop within 3 s; aborting it");
+                task.abort();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kuberaya_gateway::manifests;
+
+    /// The objects of `deploy/` the sandbox applies are where the CLI looks for them.
+    #[test]
+    fn the_gateway_crates_objects_are_where_the_cli_looks() {
+        assert_eq!(manifests::namespace_name(), crate::gateway::DEFAULT_GATEWAY_NAMESPACE);
+        let cm = manifests::config_map("127.96.0.0/16".parse().unwrap());
+        assert_eq!(cm.metadata.name.as_deref(), Some(crate::gateway::CONFIG_MAP));
+        assert_eq!(
+            cm.metadata.namespace.as_deref(),
+            Some(crate::gateway::DEFAULT_GATEWAY_NAMESPACE)
+        );
+        assert!(cm.data.unwrap().contains_key(crate::gateway::CONFIG_KEY_SERVICE_CIDR));
+    }
+
+    #[test]
+    fn the_gateway_pod_ip_is_clear_of_the_nodes() {
+        let ip = gateway_pod_ip("127.244.0.0/16".parse().unwrap());
+        assert_eq!(ip, std::net::Ipv4Addr::new(127, 244, 255, 254));
+    }
+}

@@ -1,0 +1,66 @@
+//! The cluster objects the gateway needs installed, as `deploy/` holds them: the
+//! `VpnPeer` CRD ([`crd`], the same as `deploy/crds/vpnpeer.yaml`), the gateway's
+//! Namespace and its `kuberaya-config` ConfigMap (parsed from `deploy/gateway/base/`).
+//! For installers without kustomize (`kuberaya sandbox up`), so that there is no second
+//! hand-written copy of them.
+
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt as _;
+
+use crate::crd::VpnPeer;
+
+/// `deploy/gateway/base/namespace.yaml`.
+pub const NAMESPACE_YAML: &str = include_str!("../../deploy/gateway/base/namespace.yaml");
+/// `deploy/gateway/base/config.yaml`.
+pub const CONFIG_YAML: &str = include_str!("../../deploy/gateway/base/config.yaml");
+/// The ConfigMap of cluster facts in the gateway's namespace (the CLI reads it).
+pub const CONFIG_MAP: &str = "kuberaya-config";
+/// Its key holding the cluster's Service range.
+pub const CONFIG_KEY_SERVICE_CIDR: &str = "service-cidr";
+
+/// The `VpnPeer` CRD.
+pub fn crd() -> CustomResourceDefinition {
+    VpnPeer::crd()
+}
+
+/// The gateway's Namespace (`kuberaya-system`).
+pub fn namespace() -> Namespace {
+    serde_saphyr::from_str(NAMESPACE_YAML).expect("deploy/gateway/base/namespace.yaml is a Namespace (unit-tested)")
+}
+
+/// The gateway's namespace name, as `deploy/` names it.
+pub fn namespace_name() -> String {
+    namespace().metadata.name.unwrap_or_default()
+}
+
+/// `kuberaya-config` with the cluster's Service range `service_cidr`.
+pub fn config_map(service_cidr: Ipv4Net) -> ConfigMap {
+    let mut cm: ConfigMap =
+        serde_saphyr::from_str(CONFIG_YAML).expect("deploy/gateway/base/config.yaml is a ConfigMap (unit-tested)");
+    cm.data
+        .get_or_insert_with(Default::default)
+        .insert(CONFIG_KEY_SERVICE_CIDR.to_string(), service_cidr.to_string());
+    cm
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deploy_files_parse_into_the_objects() {
+        let ns = namespace();
+        assert_eq!(ns.metadata.name.as_deref(), Some("kuberaya-system"));
+        assert_eq!(namespace_name(), "kuberaya-system");
+        let cm = config_map("127.96.0.0/16".parse().unwrap());
+        assert_eq!(cm.metadata.name.as_deref(), Some(CONFIG_MAP));
+        assert_eq!(cm.metadata.namespace, ns.metadata.name, "in the gateway's namespace");
+        assert_eq!(
+            cm.data.unwrap().get(CONFIG_KEY_SERVICE_CIDR).map(String::as_str),
+            Some("127.96.0.0/16")
+        );
+        assert_eq!(crd().metadata.name.as_deref(), Some("vpnpeers.vpn.cloudraya.com"));
+    }
+}
