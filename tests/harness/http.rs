@@ -25,17 +25,9 @@ pub fn http_client() -> reqwest::Client {
         .expect("building a reqwest client")
 }
 
-/// Percent-encode a query component (everything but RFC 3986 unreserved characters).
+/// A query component, form-urlencoded (as `url` and Go's `url.QueryEscape` write it).
 pub fn query_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 /// One HTTP answer: status, headers, the body parsed as JSON (`Value::Null` when it is

@@ -20,8 +20,10 @@ pub const DEFAULT_LEASE_NAMESPACE: &str = "kube-system";
 /// The Lease name a deployed `kuberaya-ccm` elects on by default (`deploy/ccm`'s Role
 /// names it).
 pub const DEFAULT_LEASE_NAME: &str = "kuberaya-ccm";
-/// The field manager of the Lease writes.
+/// The prefix of the field manager of this replica's Lease writes.
 const FIELD_MANAGER: &str = "kuberaya-ccm";
+/// The API server's limit on a field manager's length.
+const MAX_FIELD_MANAGER_LEN: usize = 128;
 /// How long stopping controllers may take before they are aborted.
 const STOP_CONTROLLERS: Duration = Duration::from_secs(5);
 /// The pause before failed controllers start again (under [`OnLeadershipLost::Rejoin`]).
@@ -108,6 +110,17 @@ impl Controllers {
     }
 }
 
+/// This replica's field manager of the Lease: one per identity, as kube-lease-manager asks
+/// (a holder's server-side apply conflicts with another manager's fields, which is how two
+/// replicas grabbing a free Lease at once are told apart; under one shared manager both
+/// applies would succeed).
+fn field_manager(identity: &str) -> String {
+    format!("{FIELD_MANAGER}-{identity}")
+        .chars()
+        .take(MAX_FIELD_MANAGER_LEN)
+        .collect()
+}
+
 /// How one term of leadership ended.
 enum Term {
     Shutdown,
@@ -129,7 +142,7 @@ impl LeaderElection {
             .with_identity(&self.identity)
             .with_duration(self.lease_duration.as_secs().max(2))
             .with_grace(self.renew_grace.as_secs().max(1))
-            .with_field_manager(FIELD_MANAGER)
+            .with_field_manager(field_manager(&self.identity))
             .build()
             .await
             .map_err(Error::LeaderElection)?;
@@ -237,4 +250,19 @@ async fn give_up(
         Err(_) => warn!("giving the leader Lease up took longer than {RELEASE_LEASE:?}"),
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_replica_writes_the_lease_as_its_own_field_manager() {
+        let (a, b) = (field_manager("ccm-0_1a2b"), field_manager("ccm-1_3c4d"));
+        assert_eq!(a, "kuberaya-ccm-ccm-0_1a2b");
+        assert_ne!(a, b);
+        let long = field_manager(&"x".repeat(300));
+        assert_eq!(long.len(), MAX_FIELD_MANAGER_LEN);
+        assert!(long.starts_with(FIELD_MANAGER));
+    }
 }
