@@ -11,13 +11,13 @@ use kuberaya_gateway::crd::{SecretKeyRef, VpnPeer, VpnPeerSpec};
 use kuberaya_gateway::keys::{PresharedKey, PrivateKey};
 use kuberaya_gateway::source::kube::PRESHARED_KEY_KEY;
 
-use super::config::{allowed_ips, deliver, out_path, psk_secret};
+use super::config::{deliver_and_report, out_path, peer_config, psk_secret};
 use super::parse::check_rules;
 use super::wait::wait_accepted;
 use super::{AddArgs, peer_namespace, psk_secret_name};
 use crate::gateway;
 use crate::kube::{Kube, KubeArgs, api_error, connect};
-use crate::wgquick::{self, WgConfig};
+use crate::wgquick;
 
 async fn ensure_namespace(k: &Kube, ns: &str, what: &str) -> anyhow::Result<()> {
     let api: Api<Namespace> = Api::all(k.client.clone());
@@ -118,31 +118,11 @@ pub(super) async fn add(kube_args: &KubeArgs, a: AddArgs) -> anyhow::Result<()> 
             return Err(e.context("the peer was removed again; nothing was kept"));
         }
     };
-    let config = WgConfig {
-        title: format!("kuberaya peer {ns}/{} (gateway {})", a.name, gw.endpoint),
-        private_key: key,
-        address,
-        dns_server: gw.tunnel_address,
-        search: wgquick::search_domains(&ns, &gw.cluster_domain),
-        gateway_public_key: gw.public_key,
-        preshared_key: psk,
-        endpoint: gw.endpoint.clone(),
-        allowed_ips: allowed_ips(cidr, &gw),
-        persistent_keepalive: wgquick::DEFAULT_KEEPALIVE,
-    };
-    deliver(&config, out.as_deref(), a.config.qr, false)?;
-    let summary = format!(
-        "peer {ns}/{} accepted: address {address}, endpoint {}{}",
-        a.name,
-        gw.endpoint,
-        out.as_ref()
-            .map(|p| format!(", config written to {} (mode 0600)", p.display()))
-            .unwrap_or_default()
+    let config = peer_config(&ns, &a.name, &gw, cidr, key, address, psk);
+    let what = format!(
+        "peer {ns}/{} accepted: address {address}, endpoint {}",
+        a.name, gw.endpoint
     );
-    if out.is_some() {
-        println!("{summary}");
-    } else {
-        eprintln!("{summary}");
-    }
+    deliver_and_report(&config, out.as_deref(), a.config.qr, false, &what)?;
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! Secret it shares with the gateway.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use anyhow::anyhow;
@@ -10,7 +11,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use kuberaya_gateway::crd::VpnPeer;
-use kuberaya_gateway::keys::PresharedKey;
+use kuberaya_gateway::keys::{PresharedKey, PrivateKey};
 use kuberaya_gateway::source::kube::{PRESHARED_KEY_KEY, psk_from_secret};
 
 use super::ConfigArgs;
@@ -33,6 +34,48 @@ pub(super) fn allowed_ips(cidr: IpNet, gw: &GatewayInfo) -> Vec<IpNet> {
     } else {
         vec![cidr, gw32]
     }
+}
+
+/// The wg-quick config of peer `ns/name` at `address` behind the gateway `gw`, routing
+/// the Service CIDR `cidr` (and the gateway's tunnel address) through the tunnel.
+pub(super) fn peer_config(
+    ns: &str,
+    name: &str,
+    gw: &GatewayInfo,
+    cidr: IpNet,
+    key: PrivateKey,
+    address: Ipv4Addr,
+    psk: Option<PresharedKey>,
+) -> WgConfig {
+    WgConfig {
+        title: format!("kuberaya peer {ns}/{name} (gateway {})", gw.endpoint),
+        private_key: key,
+        address,
+        dns_server: gw.tunnel_address,
+        search: wgquick::search_domains(ns, &gw.cluster_domain),
+        gateway_public_key: gw.public_key,
+        preshared_key: psk,
+        endpoint: gw.endpoint.clone(),
+        allowed_ips: allowed_ips(cidr, gw),
+        persistent_keepalive: wgquick::DEFAULT_KEEPALIVE,
+    }
+}
+
+/// Writes the config to `out` (or prints it), then says `what` happened: on stdout when
+/// the config went to a file, else on stderr, so that a printed config stays usable.
+pub(super) fn deliver_and_report(
+    config: &WgConfig,
+    out: Option<&Path>,
+    qr: bool,
+    replace: bool,
+    what: &str,
+) -> anyhow::Result<()> {
+    deliver(config, out, qr, replace)?;
+    match out {
+        Some(p) => println!("{what}; config written to {} (mode 0600)", p.display()),
+        None => eprintln!("{what}"),
+    }
+    Ok(())
 }
 
 /// Write the config (or print it when `out` is `None`) and the QR code.

@@ -6,12 +6,12 @@ use kube::api::{Patch, PatchParams};
 use kuberaya_gateway::crd::VpnPeer;
 use kuberaya_gateway::keys::PrivateKey;
 
-use super::config::{allowed_ips, deliver, out_path, read_psk};
+use super::config::{deliver_and_report, out_path, peer_config, read_psk};
 use super::wait::wait_accepted;
 use super::{RotateArgs, get_peer, peer_namespace};
 use crate::gateway;
 use crate::kube::{KubeArgs, api_error, connect};
-use crate::wgquick::{self, WgConfig};
+use crate::wgquick;
 
 pub(super) async fn rotate(kube_args: &KubeArgs, a: RotateArgs) -> anyhow::Result<()> {
     let ns = peer_namespace(kube_args, &a.gateway);
@@ -39,30 +39,8 @@ pub(super) async fn rotate(kube_args: &KubeArgs, a: RotateArgs) -> anyhow::Resul
         .await
         .map_err(|e| api_error(e, &format!("updating peer {ns}/{}", a.name)))?;
     let address = wait_accepted(&api, &a.name, updated.metadata.generation, a.config.timeout).await?;
-    let config = WgConfig {
-        title: format!("kuberaya peer {ns}/{} (gateway {})", a.name, gw.endpoint),
-        private_key: key,
-        address,
-        dns_server: gw.tunnel_address,
-        search: wgquick::search_domains(&ns, &gw.cluster_domain),
-        gateway_public_key: gw.public_key,
-        preshared_key: psk,
-        endpoint: gw.endpoint.clone(),
-        allowed_ips: allowed_ips(cidr, &gw),
-        persistent_keepalive: wgquick::DEFAULT_KEEPALIVE,
-    };
-    deliver(&config, out.as_deref(), a.config.qr, true)?;
-    let msg = format!(
-        "peer {ns}/{} has a new key; the old one no longer works{}",
-        a.name,
-        out.as_ref()
-            .map(|p| format!("; config written to {} (mode 0600)", p.display()))
-            .unwrap_or_default()
-    );
-    if out.is_some() {
-        println!("{msg}");
-    } else {
-        eprintln!("{msg}");
-    }
+    let config = peer_config(&ns, &a.name, &gw, cidr, key, address, psk);
+    let what = format!("peer {ns}/{} has a new key; the old one no longer works", a.name);
+    deliver_and_report(&config, out.as_deref(), a.config.qr, true, &what)?;
     Ok(())
 }
