@@ -1127,18 +1127,7 @@ fn build_binaries() {
     if std::env::var_os("KURAYA_BIN_DIR").is_some() {
         return;
     }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "--bin",
-            "kuberaya-sandbox",
-            "--bin",
-            "kuberaya-ccm",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status();
+    let status = common::release_build(&["--bin", "kuberaya-sandbox", "--bin", "kuberaya-ccm"]);
     assert!(
         status.as_ref().is_ok_and(|s| s.success()),
         "building the release binaries failed: {status:?}"

@@ -21,6 +21,8 @@
 //! `KURAYA_BENCH_BASELINE_BIN=PATH` measures another one in TUN mode as well (before/after
 //! a change, in one run).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -322,48 +324,10 @@ fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
     f
 }
 
-/// Variables cargo sets for a package's binaries, tests and benches (not the user's
-/// configuration such as CARGO_HOME, CARGO_TARGET_DIR or CARGO_PROFILE_*).
-fn is_cargo_package_var(k: &str) -> bool {
-    k.starts_with("CARGO_PKG_")
-        || k.starts_with("CARGO_MANIFEST_")
-        || k.starts_with("CARGO_BIN_")
-        || matches!(
-            k,
-            "CARGO_CRATE_NAME"
-                | "CARGO_PRIMARY_PACKAGE"
-                | "CARGO_TARGET_TMPDIR"
-                | "CARGO_RUSTC_CURRENT_DIR"
-                | "OUT_DIR"
-        )
-}
-
 /// `cargo build --release` of the gateway binary; its path.
 fn build_gateway() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut build = Command::new(cargo);
-    build.current_dir(root).args([
-        "build",
-        "--release",
-        "-p",
-        "kuberaya-gateway",
-        "--bin",
-        "kuberaya-gateway",
-    ]);
-    // Cargo runs this bench with the variables it gives to a package's own programs
-    // (CARGO_MANIFEST_DIR, CARGO_PKG_*, ...). Build scripts such as ring's rerun when they
-    // change, so passing them on made every run rebuild ring, rustls and kube twice: once
-    // here and once more in the next `cargo bench`. The nested build gets the user's
-    // environment back.
-    for (k, _) in std::env::vars_os() {
-        if let Some(k) = k.to_str()
-            && is_cargo_package_var(k)
-        {
-            build.env_remove(k);
-        }
-    }
-    let status = build.status().unwrap();
+    let status = common::release_build(&["-p", "kuberaya-gateway", "--bin", "kuberaya-gateway"]).unwrap();
     assert!(status.success(), "building the gateway in release");
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
     target.join("release").join("kuberaya-gateway")

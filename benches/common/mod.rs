@@ -133,3 +133,42 @@ pub fn die_with_parent(mut cmd: std::process::Command) -> std::process::Command 
     }
     cmd
 }
+
+/// Variables cargo sets for a package's binaries, tests and benches (not the user's
+/// configuration such as CARGO_HOME, CARGO_TARGET_DIR or CARGO_PROFILE_*).
+fn is_cargo_package_var(k: &str) -> bool {
+    k.starts_with("CARGO_PKG_")
+        || k.starts_with("CARGO_MANIFEST_")
+        || k.starts_with("CARGO_BIN_")
+        || matches!(
+            k,
+            "CARGO_CRATE_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_TARGET_TMPDIR"
+                | "CARGO_RUSTC_CURRENT_DIR"
+                | "OUT_DIR"
+        )
+}
+
+/// `cargo build --release` with `args` (packages, binaries) in the workspace; whether it
+/// succeeded. Cargo runs a bench with the variables it gives to a package's own programs
+/// (CARGO_MANIFEST_DIR, CARGO_PKG_*, ...). Build scripts such as ring's rerun when they
+/// change, so passing them on made every run rebuild ring, rustls and kube twice: once
+/// here and once more in the next `cargo bench`. The nested build gets the user's
+/// environment back.
+pub fn release_build(args: &[&str]) -> std::io::Result<std::process::ExitStatus> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = std::process::Command::new(cargo);
+    build
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["build", "--release"])
+        .args(args);
+    for (k, _) in std::env::vars_os() {
+        if let Some(k) = k.to_str()
+            && is_cargo_package_var(k)
+        {
+            build.env_remove(k);
+        }
+    }
+    build.status()
+}
