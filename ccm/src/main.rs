@@ -12,6 +12,7 @@ use clap::Parser;
 use tracing::{error, info, warn};
 
 use kuberaya_ccm::config::CloudConfig;
+use kuberaya_ccm::secure_http::{CacheTtls, CertFiles, SecureServing};
 use kuberaya_ccm::run::{
     self, DEFAULT_LEASE_NAME, DEFAULT_LEASE_NAMESPACE, KubeAccess, LeaderElection, OnLeadershipLost, Periods, RunConfig,
 };
@@ -75,12 +76,41 @@ struct Args {
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     leader_elect_renew_grace: Duration,
 
-    /// Address of the Prometheus endpoint (`/metrics`); `0` disables it.
-    #[arg(long, default_value = "0.0.0.0:10260")]
+    /// Address of the HTTPS server: `/metrics` for bearer tokens the API server
+    /// authenticates (TokenReview) and authorizes (SubjectAccessReview: `get` on the
+    /// non-resource URL `/metrics`), `/healthz` and `/readyz` for anyone; `0` disables it.
+    #[arg(long, default_value = "0.0.0.0:10258")]
+    secure_bind_address: String,
+
+    /// The HTTPS server's certificate (PEM, read at start); without it and
+    /// --tls-private-key-file, a self-signed one is made at start.
+    #[arg(long, requires = "tls_private_key_file")]
+    tls_cert_file: Option<PathBuf>,
+
+    /// The key of --tls-cert-file (PEM).
+    #[arg(long, requires = "tls_cert_file")]
+    tls_private_key_file: Option<PathBuf>,
+
+    /// How long a TokenReview's answer is kept.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    authentication_token_webhook_cache_ttl: Duration,
+
+    /// How long a SubjectAccessReview that allowed is kept.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    authorization_webhook_cache_authorized_ttl: Duration,
+
+    /// How long a SubjectAccessReview that denied is kept.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    authorization_webhook_cache_unauthorized_ttl: Duration,
+
+    /// Address of a plain-HTTP, unauthenticated `/metrics`; `0` disables it. Loopback by
+    /// default: on hostNetwork any other address is open to the node's network.
+    #[arg(long, default_value = "127.0.0.1:10260")]
     metrics_bind_address: String,
 
-    /// Address of `/healthz` and `/readyz`; `0` disables it.
-    #[arg(long, default_value = "0.0.0.0:10258")]
+    /// Address of plain-HTTP `/healthz` and `/readyz`; `0` disables it (they are on the
+    /// secure address too).
+    #[arg(long, default_value = "0")]
     health_bind_address: String,
 
     /// Resync of an in-sync Service (drift repair).
@@ -156,6 +186,19 @@ fn run_config(args: &Args, cloud: CloudConfig) -> Result<RunConfig> {
         }),
         metrics_bind_address: bind_address(&args.metrics_bind_address, "metrics")?,
         health_bind_address: bind_address(&args.health_bind_address, "health")?,
+        secure_serving: bind_address(&args.secure_bind_address, "secure")?.map(|bind_address| SecureServing {
+            bind_address,
+            cert: args
+                .tls_cert_file
+                .clone()
+                .zip(args.tls_private_key_file.clone())
+                .map(|(cert, key)| CertFiles { cert, key }),
+            cache: CacheTtls {
+                token: args.authentication_token_webhook_cache_ttl,
+                authorized: args.authorization_webhook_cache_authorized_ttl,
+                unauthorized: args.authorization_webhook_cache_unauthorized_ttl,
+            },
+        }),
     })
 }
 
@@ -263,7 +306,35 @@ mod tests {
         assert_eq!((e.namespace.as_str(), e.name.as_str()), ("kube-system", "kuberaya-ccm"));
         assert_eq!(e.on_lost, OnLeadershipLost::Stop);
         assert_eq!(c.metrics_bind_address, None, "0 disables");
-        assert_eq!(c.health_bind_address, Some("0.0.0.0:10258".parse().unwrap()));
+        assert_eq!(c.health_bind_address, None, "health is on the secure address");
+        let secure = c.secure_serving.expect("HTTPS by default");
+        assert_eq!(secure, SecureServing::new("0.0.0.0:10258".parse().unwrap()));
+        let c = run_config(&Args::try_parse_from(["kuberaya-ccm", "--cloud-config=/c.yaml"]).unwrap(), cloud.clone())
+            .unwrap();
+        assert_eq!(
+            c.metrics_bind_address,
+            Some("127.0.0.1:10260".parse().unwrap()),
+            "plain metrics on loopback only"
+        );
+        let a = Args::try_parse_from([
+            "kuberaya-ccm",
+            "--cloud-config=/c.yaml",
+            "--secure-bind-address=127.0.0.1:8443",
+            "--tls-cert-file=/t.crt",
+            "--tls-private-key-file=/t.key",
+            "--authorization-webhook-cache-unauthorized-ttl=0",
+        ])
+        .unwrap();
+        let s = run_config(&a, cloud.clone()).unwrap().secure_serving.unwrap();
+        assert_eq!(s.bind_address, "127.0.0.1:8443".parse().unwrap());
+        assert_eq!(s.cert.unwrap().key, PathBuf::from("/t.key"));
+        assert_eq!(s.cache.unauthorized, Duration::ZERO);
+        assert!(
+            Args::try_parse_from(["kuberaya-ccm", "--cloud-config=/c.yaml", "--tls-cert-file=/t.crt"]).is_err(),
+            "a certificate needs its key"
+        );
+        let a = Args::try_parse_from(["kuberaya-ccm", "--cloud-config=/c.yaml", "--secure-bind-address=0"]).unwrap();
+        assert_eq!(run_config(&a, cloud.clone()).unwrap().secure_serving, None);
         assert_eq!(c.periods, Periods::default(), "the flags' defaults are the library's");
         let a = Args::try_parse_from(["kuberaya-ccm", "--cloud-config=/c.yaml", "--health-bind-address=x"]).unwrap();
         assert!(run_config(&a, cloud).is_err());

@@ -1,5 +1,8 @@
 //! The small HTTP surface: `/metrics` on the metrics address, `/healthz` and `/readyz` on
-//! the health address (the same server when both addresses are equal).
+//! the health address (the same server when both addresses are equal), and all three on
+//! the secure address: HTTPS, `/metrics` (it names peers) only for a bearer token the API
+//! server authenticates and authorizes for `get` on `/metrics`, the health paths open
+//! ([`crate::secure_http`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,6 +14,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 
 use crate::metrics::Metrics;
+use crate::secure_http::{self, Authorizer, KubeReviewer, SecureServing};
 
 /// Shared with the gateway loop: ready once the socket is bound and peers are loaded.
 #[derive(Default)]
@@ -69,6 +73,37 @@ impl Drop for Serving {
         for t in &self.tasks {
             t.abort();
         }
+    }
+}
+
+/// Serves `/metrics` (behind the API server's reviews, asked with `client`), `/healthz`
+/// and `/readyz` over HTTPS as `cfg` says; returns the bound address and the server task
+/// (aborted when dropped with [`Serving`]).
+pub async fn serve_secure(
+    cfg: &SecureServing,
+    client: kube::Client,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) -> Result<(SocketAddr, AbortOnDrop), secure_http::Error> {
+    let names: Vec<String> = Some(cfg.bind_address.ip())
+        .filter(|ip| !ip.is_unspecified())
+        .map(|ip| ip.to_string())
+        .into_iter()
+        .collect();
+    let tls = secure_http::tls_config(cfg.cert.as_ref(), &names)?;
+    let auth = Arc::new(Authorizer::new(KubeReviewer { client }, cfg.cache));
+    let router = secure_http::protect(metrics_routes(metrics).merge(health_routes(health)), auth);
+    let (addr, task) = secure_http::serve_tls(cfg.bind_address, tls, router).await?;
+    tracing::info!(address = %addr, self_signed = cfg.cert.is_none(), "secure metrics and health listening (HTTPS)");
+    Ok((addr, AbortOnDrop(task)))
+}
+
+/// A task aborted when this is dropped.
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

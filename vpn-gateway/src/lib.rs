@@ -44,6 +44,10 @@ pub mod packet;
 pub mod peers;
 pub mod publish;
 pub mod run;
+// The same file as `kuberaya_ccm::secure_http`: one copy of the delegated authentication,
+// without the gateway depending on the CCM.
+#[path = "../../ccm/src/secure_http.rs"]
+pub mod secure_http;
 pub mod source;
 pub mod tunnel;
 pub mod uapi;
@@ -76,6 +80,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("the secure metrics server: {0}")]
+    Secure(#[from] secure_http::Error),
 }
 
 impl From<kube::Error> for Error {
@@ -94,6 +100,7 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Config(_) => "config",
             Error::Net { .. } => "net",
+            Error::Secure(_) => "secure",
         }
     }
 }

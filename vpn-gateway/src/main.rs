@@ -8,6 +8,7 @@ use clap::Parser;
 use ipnet::Ipv4Net;
 use kuberaya_gateway::keys::PrivateKey;
 use kuberaya_gateway::run::{DataPlaneChoice, KeySource, RunConfig, Sources, UapiConfig};
+use kuberaya_gateway::secure_http::{CertFiles, SecureServing};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -46,10 +47,24 @@ struct Args {
     /// Static Services (JSON) instead of the cluster's.
     #[arg(long)]
     services_file: Option<PathBuf>,
-    #[arg(long, env = "GATEWAY_METRICS_BIND_ADDRESS", default_value = "0.0.0.0:9090")]
+    /// Plain-HTTP, unauthenticated `/metrics` (they name peers: loopback by default).
+    #[arg(long, env = "GATEWAY_METRICS_BIND_ADDRESS", default_value = "127.0.0.1:9090")]
     metrics_bind_address: SocketAddr,
     #[arg(long, env = "GATEWAY_HEALTH_BIND_ADDRESS", default_value = "0.0.0.0:8081")]
     health_bind_address: SocketAddr,
+    /// Serve HTTPS here: `/metrics` for bearer tokens the API server authenticates
+    /// (TokenReview) and authorizes (SubjectAccessReview: `get` on the non-resource URL
+    /// `/metrics`), `/healthz` and `/readyz` for anyone. Off when unset; needs the
+    /// Kubernetes sources.
+    #[arg(long, env = "GATEWAY_SECURE_BIND_ADDRESS")]
+    secure_bind_address: Option<SocketAddr>,
+    /// The HTTPS server's certificate (PEM, read at start); without it and
+    /// --tls-private-key-file, a self-signed one is made at start.
+    #[arg(long, env = "GATEWAY_TLS_CERT_FILE", requires = "tls_private_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    /// The key of --tls-cert-file (PEM).
+    #[arg(long, env = "GATEWAY_TLS_PRIVATE_KEY_FILE", requires = "tls_cert_file")]
+    tls_private_key_file: Option<PathBuf>,
     /// DNS server for names outside the cluster domain (REFUSED when absent).
     #[arg(long, env = "GATEWAY_DNS_UPSTREAM")]
     dns_upstream: Option<SocketAddr>,
@@ -148,6 +163,14 @@ async fn serve(args: Args, on_worker: bool) -> anyhow::Result<()> {
         },
         metrics_bind_address: args.metrics_bind_address,
         health_bind_address: args.health_bind_address,
+        secure: args.secure_bind_address.map(|bind_address| SecureServing {
+            cert: args
+                .tls_cert_file
+                .clone()
+                .zip(args.tls_private_key_file.clone())
+                .map(|(cert, key)| CertFiles { cert, key }),
+            ..SecureServing::new(bind_address)
+        }),
         dns_upstream: args.dns_upstream,
         handshake_limit: args.handshake_limit,
         uapi: args.uapi_interface.map(|interface| UapiConfig {

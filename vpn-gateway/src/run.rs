@@ -31,7 +31,8 @@ use crate::dataplane::DataPlane;
 use crate::dataplane::tun::{TunConfig, TunDataPlane};
 use crate::dataplane::userspace::{UserspaceConfig, UserspaceDataPlane};
 use crate::gateway::{Gateway, GatewayConfig};
-use crate::http::{Health, Serving};
+use crate::http::{AbortOnDrop, Health, Serving};
+use crate::secure_http::SecureServing;
 use crate::keys::{PrivateKey, PublicKey};
 use crate::metrics::Metrics;
 use crate::peers::TunnelConfig;
@@ -98,8 +99,12 @@ pub struct RunConfig {
     pub namespace: String,
     pub sources: Sources,
     pub private_key: KeySource,
+    /// Plain-HTTP, unauthenticated `/metrics` (loopback by default: they name peers).
     pub metrics_bind_address: SocketAddr,
     pub health_bind_address: SocketAddr,
+    /// `/metrics`, `/healthz` and `/readyz` over HTTPS, `/metrics` behind TokenReview and
+    /// SubjectAccessReview (Kubernetes sources only; `None`: not served).
+    pub secure: Option<SecureServing>,
     /// DNS server for names outside the cluster domain (REFUSED when absent).
     pub dns_upstream: Option<SocketAddr>,
     /// Handshakes per second before cookie replies are demanded.
@@ -124,8 +129,9 @@ impl Default for RunConfig {
                 client: None,
             },
             private_key: KeySource::Secret(DEFAULT_KEY_SECRET.to_string()),
-            metrics_bind_address: SocketAddr::from(([0, 0, 0, 0], 9090)),
+            metrics_bind_address: SocketAddr::from(([127, 0, 0, 1], 9090)),
             health_bind_address: SocketAddr::from(([0, 0, 0, 0], 8081)),
+            secure: None,
             dns_upstream: None,
             handshake_limit: crate::tunnel::DEFAULT_HANDSHAKE_LIMIT,
             uapi: None,
@@ -143,6 +149,8 @@ pub struct StartedInfo {
     pub tunnel_address: Ipv4Addr,
     pub metrics: SocketAddr,
     pub health: SocketAddr,
+    /// The HTTPS server, if served.
+    pub secure: Option<SocketAddr>,
     pub uapi: Option<PathBuf>,
 }
 
@@ -154,6 +162,9 @@ impl std::fmt::Display for StartedInfo {
             "kuberaya-gateway listening udp={} public_key={} tunnel_address={} metrics={} health={}",
             self.udp, self.public_key, self.tunnel_address, self.metrics, self.health
         )?;
+        if let Some(a) = &self.secure {
+            write!(f, " secure={a}")?;
+        }
         if let Some(p) = &self.uapi {
             write!(f, " uapi={}", p.display())?;
         }
@@ -173,6 +184,7 @@ pub struct Started {
     health: Arc<Health>,
     tasks: Tasks,
     _http: Serving,
+    _secure: Option<AbortOnDrop>,
     _kube: Option<Arc<KubeSource>>,
     _files: Option<FileSource>,
 }
@@ -219,7 +231,7 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
     }
     let (report_tx, report_rx) = watch::channel(GatewayReport::default());
     let mut tasks = Tasks::default();
-    let (key, peers, services, kube_source, files) = match &cfg.sources {
+    let (key, peers, services, kube_source, files, client) = match &cfg.sources {
         Sources::Files { peers, services } => {
             let key = match &cfg.private_key {
                 KeySource::File(p) => read_key(p)?,
@@ -230,7 +242,7 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
                 }
             };
             let src = FileSource::start(peers.clone(), services.clone(), FILE_RELOAD)?;
-            (key, src.peers(), src.services(), None, Some(src))
+            (key, src.peers(), src.services(), None, Some(src), None)
         }
         Sources::Kube { kubeconfig, client } => {
             let client = match client {
@@ -258,11 +270,11 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
             }
             let src = KubeSource::start(client.clone());
             tasks.0.push(tokio::spawn(crate::source::kube::write_status(
-                client,
+                client.clone(),
                 report_rx,
                 crate::source::kube::STATUS_INTERVAL,
             )));
-            (key, src.peers(), src.services(), Some(src), None)
+            (key, src.peers(), src.services(), Some(src), None, Some(client))
         }
     };
 
@@ -279,6 +291,18 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
         "binding the metrics/health addresses {}/{}",
         cfg.metrics_bind_address, cfg.health_bind_address
     )))?;
+    let secure = match (&cfg.secure, client) {
+        (None, _) => None,
+        (Some(secure), Some(client)) => {
+            Some(crate::http::serve_secure(secure, client, metrics.clone(), health.clone()).await?)
+        }
+        (Some(_), None) => {
+            return Err(crate::Error::Config(
+                "the secure metrics server asks the API server who a scraper is: it needs the Kubernetes sources"
+                    .to_string(),
+            ));
+        }
+    };
     let socket = UdpSocket::bind(cfg.listen)
         .await
         .map_err(net_error(format_args!("binding {}", cfg.listen)))?;
@@ -329,6 +353,7 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
             tunnel_address: tunnel.gateway_address(),
             metrics: http.metrics,
             health: http.health,
+            secure: secure.as_ref().map(|(a, _)| *a),
             uapi,
         },
         gateway,
@@ -339,6 +364,7 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
         health,
         tasks,
         _http: http,
+        _secure: secure.map(|(_, t)| t),
         _kube: kube_source,
         _files: files,
     })
@@ -446,5 +472,20 @@ mod tests {
         };
         let e = start(cfg).await.err().unwrap();
         assert!(e.to_string().contains("no room"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = RunConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            sources: Sources::Files {
+                peers: None,
+                services: None,
+            },
+            private_key: KeySource::File(write(dir.path(), "gw.key", &PrivateKey::generate().to_base64())),
+            metrics_bind_address: "127.0.0.1:0".parse().unwrap(),
+            health_bind_address: "127.0.0.1:0".parse().unwrap(),
+            secure: Some(SecureServing::new("127.0.0.1:0".parse().unwrap())),
+            ..RunConfig::default()
+        };
+        let e = start(cfg).await.err().unwrap();
+        assert!(e.to_string().contains("needs the Kubernetes sources"), "{e}");
     }
 }

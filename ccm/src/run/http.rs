@@ -1,5 +1,9 @@
 //! The CCM's small HTTP surface: `/metrics` on the metrics address, `/healthz` and
-//! `/readyz` on the health address (one server when both addresses are equal).
+//! `/readyz` on the health address (one server when both addresses are equal), all three
+//! on the secure address: HTTPS, `/metrics` only for a bearer token the API server
+//! authenticates and authorizes (`get` on the non-resource URL `/metrics`), the health
+//! paths open for probes ([`crate::secure_http`]). The plain addresses are for loopback:
+//! the deploy/ manifests serve only the secure one.
 //!
 //! - `/healthz` (liveness) answers `200 ok` while the process serves HTTP at all: a CCM
 //!   that waits for the Lease, or for the platform, is alive.
@@ -21,6 +25,7 @@ use axum::routing::get;
 use tracing::{error, info};
 
 use crate::metrics::Metrics;
+use crate::secure_http::{self, Authorizer, KubeReviewer, SecureServing};
 
 /// The CCM's readiness, shared between [`crate::run`] and the `/readyz` handler.
 #[derive(Debug, Default)]
@@ -80,6 +85,8 @@ pub struct Serving {
     pub metrics: Option<SocketAddr>,
     /// Where `/healthz` and `/readyz` listen (`None`: disabled).
     pub health: Option<SocketAddr>,
+    /// Where the HTTPS server listens (`None`: disabled).
+    pub secure: Option<SocketAddr>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -129,6 +136,7 @@ pub async fn serve(
     let mut serving = Serving {
         metrics: None,
         health: None,
+        secure: None,
         tasks: Vec::new(),
     };
     // One address (not port 0, which means a free port for each) is one server.
@@ -151,6 +159,32 @@ pub async fn serve(
         serving.health = Some(addr);
     }
     Ok(serving)
+}
+
+impl Serving {
+    /// Adds the HTTPS server of `cfg`: `/metrics` behind the API server's reviews (asked
+    /// with `client`), `/healthz` and `/readyz` open.
+    pub async fn serve_secure(
+        &mut self,
+        cfg: &SecureServing,
+        client: kube::Client,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> Result<SocketAddr, secure_http::Error> {
+        let names: Vec<String> = Some(cfg.bind_address.ip())
+            .filter(|ip| !ip.is_unspecified())
+            .map(|ip| ip.to_string())
+            .into_iter()
+            .collect();
+        let tls = secure_http::tls_config(cfg.cert.as_ref(), &names)?;
+        let auth = Arc::new(Authorizer::new(KubeReviewer { client }, cfg.cache));
+        let router = secure_http::protect(metrics_routes(metrics).merge(health_routes(health)), auth);
+        let (addr, task) = secure_http::serve_tls(cfg.bind_address, tls, router).await?;
+        info!(address = %addr, self_signed = cfg.cert.is_none(), "secure metrics and health listening (HTTPS)");
+        self.tasks.push(task);
+        self.secure = Some(addr);
+        Ok(addr)
+    }
 }
 
 #[cfg(test)]

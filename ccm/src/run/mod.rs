@@ -1,5 +1,6 @@
 //! The whole CCM in-process: [`start`] checks the platform and the API server and binds
-//! `/metrics`, `/healthz` and `/readyz`; [`Started::run`] takes part in the leader
+//! `/metrics`, `/healthz` and `/readyz` (plain, and over HTTPS with delegated
+//! authentication: [`crate::secure_http`]); [`Started::run`] takes part in the leader
 //! election and runs every controller while it leads, until a shutdown future resolves.
 //! `kuberaya-ccm` is a thin wrapper over these (flags in, [`RunConfig`] out), and
 //! `kuberaya sandbox up` runs its CCM the same way.
@@ -31,6 +32,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::config::CloudConfig;
 use crate::metrics::Metrics;
+use crate::secure_http::SecureServing;
 use crate::platform::{HttpPlatform, Platform};
 use crate::service::controller::{RunSettings, Timing};
 use crate::service::desired::DesiredConfig;
@@ -75,6 +77,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Bind(#[from] BindError),
+    #[error(transparent)]
+    Secure(#[from] crate::secure_http::Error),
     #[error("setting up leader election")]
     LeaderElection(#[source] kube_lease_manager::LeaseManagerError),
     #[error("leader election stopped")]
@@ -181,6 +185,9 @@ pub struct RunConfig {
     pub metrics_bind_address: Option<SocketAddr>,
     /// `/healthz` and `/readyz` (`None`: not served).
     pub health_bind_address: Option<SocketAddr>,
+    /// All three over HTTPS, `/metrics` behind TokenReview and SubjectAccessReview
+    /// (`None`: not served).
+    pub secure_serving: Option<SecureServing>,
 }
 
 impl RunConfig {
@@ -194,6 +201,7 @@ impl RunConfig {
             leader_election: Some(LeaderElection::new(election::default_identity())),
             metrics_bind_address: None,
             health_bind_address: None,
+            secure_serving: None,
         }
     }
 }
@@ -235,7 +243,7 @@ async fn kube_client(access: KubeAccess) -> Result<kube::Client, Error> {
     })
 }
 
-/// Binds the HTTP servers, then checks the platform (the cloud config's cluster, with
+/// Builds the Kubernetes client (no request yet) and binds the HTTP servers, then checks the platform (the cloud config's cluster, with
 /// its credentials, region, VPC and subnet) and the API server, before anything else.
 pub async fn start(cfg: RunConfig) -> Result<Started, Error> {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -246,18 +254,25 @@ pub async fn start(cfg: RunConfig) -> Result<Started, Error> {
         leader_election,
         metrics_bind_address,
         health_bind_address,
+        secure_serving,
     } = cfg;
+    // First: the secure server asks the API server who a scraper is.
+    let client = kube_client(kube).await?;
     let http_platform = HttpPlatform::new(cloud.client_config()).map_err(Error::PlatformClient)?;
     let metrics = Arc::new(Metrics::new(Some(http_platform.metrics())));
     let platform: Arc<dyn Platform> = Arc::new(http_platform);
     let health = Arc::new(Health::default());
-    let http = http::serve(
+    let mut http = http::serve(
         metrics_bind_address,
         health_bind_address,
         metrics.clone(),
         health.clone(),
     )
     .await?;
+    if let Some(secure) = &secure_serving {
+        http.serve_secure(secure, client.clone(), metrics.clone(), health.clone())
+            .await?;
+    }
 
     let cluster = platform
         .get_cluster(&cloud.cluster_id)
@@ -282,7 +297,6 @@ pub async fn start(cfg: RunConfig) -> Result<Started, Error> {
             });
         }
     }
-    let client = kube_client(kube).await?;
     client.apiserver_version().await.map_err(|source| Error::Kube {
         what: "reaching the Kubernetes API server",
         source,
@@ -307,6 +321,11 @@ impl Started {
     /// Where `/healthz` and `/readyz` listen, if served.
     pub fn health_address(&self) -> Option<SocketAddr> {
         self.http.health
+    }
+
+    /// Where the HTTPS server listens, if served.
+    pub fn secure_address(&self) -> Option<SocketAddr> {
+        self.http.secure
     }
 
     /// The CCM's Kubernetes client.
@@ -391,9 +410,13 @@ mod tests {
         let mut cloud = cloud();
         // Nothing listens on port 9 (discard), and no retries.
         cloud.timeout = Some(Duration::from_millis(200));
+        // A client of an API server that is never asked: the platform fails first.
+        let client = kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
         let cfg = RunConfig {
+            kube: KubeAccess::Client(client),
             metrics_bind_address: Some(any),
             health_bind_address: Some(any),
+            secure_serving: Some(crate::secure_http::SecureServing::new(any)),
             ..RunConfig::new(cloud)
         };
         let e = start(cfg).await.err().expect("fails");
