@@ -274,6 +274,45 @@ pub fn allowed(
     false
 }
 
+/// Whether `rule` grants `verb` on the non-resource URL `path`: an entry `*` matches
+/// every path, one ending in `*` its prefix, any other the path itself (upstream's
+/// `NonResourceURLMatches`).
+fn non_resource_rule_allows(rule: &Value, path: &str, verb: &str) -> bool {
+    let path_ok = rule
+        .get("nonResourceURLs")
+        .and_then(Value::as_array)
+        .is_some_and(|urls| {
+            urls.iter().filter_map(Value::as_str).any(|u| match u.strip_suffix('*') {
+                Some(prefix) => path.starts_with(prefix),
+                None => u == path,
+            })
+        });
+    path_ok && contains(rule.get("verbs"), verb)
+}
+
+/// Whether `user` may `verb` the non-resource URL `path` (`/metrics`, `/healthz`): only
+/// ClusterRoles bound by ClusterRoleBindings grant those, as in kube-apiserver.
+pub fn non_resource_allowed(
+    user: &User,
+    path: &str,
+    verb: &str,
+    roles: &[Value],
+    cluster_roles: &[Value],
+    cluster_bindings: &[Value],
+) -> bool {
+    if *user == User::Admin {
+        return true;
+    }
+    cluster_bindings.iter().any(|b| {
+        b.get("subjects")
+            .and_then(Value::as_array)
+            .is_some_and(|s| s.iter().any(|s| subject_matches(s, user)))
+            && role_rules(&b["roleRef"], "", roles, cluster_roles)
+                .iter()
+                .any(|r| non_resource_rule_allows(r, path, verb))
+    })
+}
+
 /// The real server's 403 text.
 pub fn denied_message(user: &User, a: &Attrs<'_>) -> String {
     let res = if a.subresource.is_empty() {
@@ -357,5 +396,42 @@ mod tests {
         };
         assert!(allowed(&sa, &a("n1"), &[], &cr, &[], &crb));
         assert!(!allowed(&sa, &a("n2"), &[], &cr, &[], &crb));
+    }
+
+    #[test]
+    fn non_resource_urls_need_a_cluster_role_binding() {
+        let scraper = User::ServiceAccount {
+            namespace: "mon".into(),
+            name: "prometheus".into(),
+        };
+        let other = User::ServiceAccount {
+            namespace: "mon".into(),
+            name: "other".into(),
+        };
+        let cr = vec![
+            json!({"metadata": {"name": "metrics-reader"}, "rules": [{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}]}),
+            json!({"metadata": {"name": "debug"}, "rules": [{"nonResourceURLs": ["/debug/*"], "verbs": ["*"]}]}),
+        ];
+        let crb = vec![
+            json!({"metadata": {"name": "b"}, "roleRef": {"kind": "ClusterRole", "name": "metrics-reader"}, "subjects": [{"kind": "ServiceAccount", "name": "prometheus", "namespace": "mon"}]}),
+            json!({"metadata": {"name": "d"}, "roleRef": {"kind": "ClusterRole", "name": "debug"}, "subjects": [{"kind": "ServiceAccount", "name": "prometheus", "namespace": "mon"}]}),
+        ];
+        let may = |u: &User, path, verb| non_resource_allowed(u, path, verb, &[], &cr, &crb);
+        assert!(may(&scraper, "/metrics", "get"));
+        assert!(!may(&scraper, "/metrics", "post"));
+        assert!(!may(&scraper, "/metrics/x", "get"), "no prefix without *");
+        assert!(may(&scraper, "/debug/pprof", "post"), "a prefix with *");
+        assert!(!may(&other, "/metrics", "get"));
+        assert!(may(&User::Admin, "/metrics", "get"));
+        // A resource rule grants no URL, a URL rule no resource.
+        let a = Attrs {
+            verb: "get",
+            group: "",
+            resource: "metrics",
+            subresource: "",
+            namespace: "",
+            name: "",
+        };
+        assert!(!allowed(&scraper, &a, &[], &cr, &[], &crb));
     }
 }

@@ -5,7 +5,7 @@ use super::resource::parse_body;
 use super::{Ctx, json_response, token_owner};
 use crate::kube::rbac::{Attrs, User};
 use crate::kube::registry::ResourceType;
-use crate::kube::status::ApiError;
+use crate::kube::status::{ApiError, Cause};
 use axum::http::{Method, StatusCode};
 use axum::response::Response;
 use serde_json::{Value, json};
@@ -50,9 +50,30 @@ pub(super) fn access_review(c: &Ctx<'_>, rt: &ResourceType, ns: &str) -> Result<
     } else {
         c.user.clone()
     };
-    let ra = review.pointer("/spec/resourceAttributes").cloned();
-    let allowed = match &ra {
-        Some(ra) => {
+    let ra = review.pointer("/spec/resourceAttributes").filter(|v| !v.is_null()).cloned();
+    let nra = review
+        .pointer("/spec/nonResourceAttributes")
+        .filter(|v| !v.is_null())
+        .cloned();
+    // kube-apiserver's validation of both access reviews.
+    let cause = match (&ra, &nra) {
+        (None, None) => Some(Cause::invalid_raw(
+            "spec.resourceAttributes",
+            "null",
+            "exactly one of nonResourceAttributes or resourceAttributes must be specified",
+        )),
+        (Some(_), Some(n)) => Some(Cause::invalid(
+            "spec.nonResourceAttributes",
+            n,
+            "cannot be specified in combination with resourceAttributes",
+        )),
+        _ => None,
+    };
+    if let Some(cause) = cause {
+        return Err(ApiError::invalid(&rt.kind, "authorization.k8s.io", "", vec![cause]));
+    }
+    let allowed = match (&ra, &nra) {
+        (Some(ra), _) => {
             let f = |k: &str| ra.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
             let (verb, group, resource, sub, name) =
                 (f("verb"), f("group"), f("resource"), f("subresource"), f("name"));
@@ -71,8 +92,17 @@ pub(super) fn access_review(c: &Ctx<'_>, rt: &ResourceType, ns: &str) -> Result<
             };
             c.api.lock().rbac_allows(&user, &a)
         }
-        // Non-resource URLs (discovery) are open to every authenticated user.
-        None => true,
+        // Non-resource URLs (`/metrics`, `/healthz`): ClusterRoles' nonResourceURLs.
+        (None, nra) => {
+            let f = |k: &str| {
+                nra.as_ref()
+                    .and_then(|n| n.get(k))
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            c.api.lock().rbac_allows_path(&user, &f("path"), &f("verb"))
+        }
     };
     review_answered(&mut review, "authorization.k8s.io/v1", &rt.kind);
     review["status"] = if allowed {

@@ -372,6 +372,23 @@ impl Store {
         )
     }
 
+    /// Whether RBAC lets `user` `verb` the non-resource URL `path`.
+    pub fn rbac_allows_path(&self, user: &crate::kube::rbac::User, path: &str, verb: &str) -> bool {
+        let collect = |kind: &str| {
+            self.all(&format!("rbac.authorization.k8s.io/{kind}"))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        crate::kube::rbac::non_resource_allowed(
+            user,
+            path,
+            verb,
+            &collect("roles"),
+            &collect("clusterroles"),
+            &collect("clusterrolebindings"),
+        )
+    }
+
     /// Changes after `rv` for a watch, or 410 when history no longer reaches back.
     pub fn changes_since(&self, rv: u64) -> Result<Vec<Arc<Change>>, ApiError> {
         if rv < self.oldest_rv {
