@@ -194,19 +194,25 @@ fn ccm_deployment_is_highly_available_critical_and_non_root() -> Result<()> {
         flag(&args, "leader-elect-resource-namespace").as_deref(),
         Some("kube-system")
     );
-    // Probes hit the health port the args bind.
-    let health = flag(&args, "health-bind-address").context("--health-bind-address")?;
-    let health_port: u16 = health.rsplit(':').next().context("port")?.parse()?;
+    // Nothing in plain HTTP on the node (hostNetwork): /metrics, /healthz and /readyz
+    // are on the secure address, and the probes hit its port over HTTPS.
+    assert_eq!(flag(&args, "metrics-bind-address").as_deref(), Some("0"), "{args:?}");
+    assert_eq!(flag(&args, "health-bind-address").as_deref(), Some("0"), "{args:?}");
+    let secure = flag(&args, "secure-bind-address").context("--secure-bind-address")?;
+    let secure_port: u16 = secure.rsplit(':').next().context("port")?.parse()?;
+    assert_eq!(secure_port, 10258, "upstream CCMs' secure port");
     let ports = container(d)["ports"].as_array().context("ports")?;
+    assert_eq!(ports.len(), 1, "one port: {ports:?}");
     let named = ports
         .iter()
-        .find(|p| p["name"] == "health")
-        .context("a port named health")?;
-    assert_eq!(named["containerPort"], health_port);
+        .find(|p| p["name"] == "https")
+        .context("a port named https")?;
+    assert_eq!(named["containerPort"], secure_port);
     for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
         let p = &container(d)[probe]["httpGet"];
         assert_eq!(p["path"], path, "{probe}");
-        assert!(p["port"] == "health" || p["port"] == health_port, "{probe}: {p}");
+        assert_eq!(p["scheme"], "HTTPS", "{probe}");
+        assert!(p["port"] == "https" || p["port"] == secure_port, "{probe}: {p}");
     }
     // The PDB covers the pods.
     let pdb = find(&objs, "PodDisruptionBudget", "kuberaya-ccm")?;
@@ -304,6 +310,18 @@ fn gateway_has_no_capabilities_in_the_base_and_net_admin_only_in_the_tun_overlay
     );
     let cm = find(&base, "ConfigMap", "kuberaya-config")?;
     assert!(cm["data"]["service-cidr"].is_string());
+    // Metrics name peers: HTTPS on the pod network, plain HTTP only on its loopback; the
+    // probes' health port stays plain.
+    let secure = flag(&args, "secure-bind-address").context("--secure-bind-address")?;
+    let https = container(d)["ports"]
+        .as_array()
+        .context("ports")?
+        .iter()
+        .find(|p| p["name"] == "https")
+        .context("a port named https")?;
+    assert_eq!(Some(https["containerPort"].to_string().as_str()), secure.rsplit(':').next());
+    let plain = flag(&args, "metrics-bind-address").context("--metrics-bind-address")?;
+    assert!(plain.starts_with("127.0.0.1:"), "plain metrics on loopback: {plain}");
 
     let tun = kustomize("gateway/overlays/tun")?;
     let t = find(&tun, "Deployment", "kuberaya-gateway")?;
@@ -371,6 +389,10 @@ const CCM_NEEDS: &[Grant] = &[
         "patch",
         Some("kuberaya-ccm"),
     ),
+    // The HTTPS /metrics (secure_http.rs): who a scraper is, and whether it may `get
+    // /metrics` (system:auth-delegator).
+    (CLUSTER, "authentication.k8s.io", "tokenreviews", "create", None),
+    (CLUSTER, "authorization.k8s.io", "subjectaccessreviews", "create", None),
 ];
 
 /// What kuberaya-gateway calls (vpn-gateway/src/source/kube.rs):
@@ -389,6 +411,9 @@ const GATEWAY_NEEDS: &[Grant] = &[
     // Its own Service, annotated with its public key and tunnel address (publish.rs).
     ("kuberaya-system", "", "services", "get", Some("kuberaya-gateway")),
     ("kuberaya-system", "", "services", "patch", Some("kuberaya-gateway")),
+    // The HTTPS /metrics (the CCM's secure_http.rs, included): system:auth-delegator.
+    (CLUSTER, "authentication.k8s.io", "tokenreviews", "create", None),
+    (CLUSTER, "authorization.k8s.io", "subjectaccessreviews", "create", None),
 ];
 
 /// The Kubernetes kinds each binary's sources name in `Api<K>` (outside tests), and the
@@ -402,7 +427,20 @@ const KINDS: &[(&str, &str)] = &[
     ("VpnPeer", "vpnpeers"),
     ("Lease", "leases"),
     ("Event", "events"),
+    ("TokenReview", "tokenreviews"),
+    ("SubjectAccessReview", "subjectaccessreviews"),
 ];
+
+/// Bootstrap ClusterRoles the bundle binds without shipping them (kube-apiserver makes
+/// them): their rules, after its bootstrap policy.
+fn bootstrap_cluster_role(name: &str) -> Option<Value> {
+    (name == "system:auth-delegator").then(|| {
+        json!({"kind": "ClusterRole", "metadata": {"name": name}, "rules": [
+            {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+            {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]}
+        ]})
+    })
+}
 
 /// Every (scope, group, resource, verb, name) the RBAC objects bound to the
 /// ServiceAccount `namespace/sa` grant. Fails on wildcards.
@@ -422,6 +460,9 @@ fn granted(objs: &[Value], namespace: &str, sa: &str) -> Result<BTreeSet<Perm>> 
         }
         let role_kind = binding["roleRef"]["kind"].as_str().context("roleRef.kind")?;
         let role_name = binding["roleRef"]["name"].as_str().context("roleRef.name")?;
+        let bootstrap = (role_kind == "ClusterRole")
+            .then(|| bootstrap_cluster_role(role_name))
+            .flatten();
         let role = objs
             .iter()
             .find(|o| {
@@ -429,6 +470,7 @@ fn granted(objs: &[Value], namespace: &str, sa: &str) -> Result<BTreeSet<Perm>> 
                     && o["metadata"]["name"] == role_name
                     && (role_kind == "ClusterRole" || o["metadata"]["namespace"] == binding["metadata"]["namespace"])
             })
+            .or(bootstrap.as_ref())
             .with_context(|| format!("{role_kind} {role_name} of a binding is in the manifests"))?;
         let scope = if binding["kind"] == "ClusterRoleBinding" {
             CLUSTER.to_string()
@@ -490,6 +532,19 @@ fn rbac_grants_exactly_what_the_code_calls() -> Result<()> {
         needs(GATEWAY_NEEDS),
         "deploy/gateway/base/rbac.yaml against GATEWAY_NEEDS (left: granted, right: needed)"
     );
+    // Scrapers get `get /metrics` and nothing else, and the bundle binds it to nobody.
+    let reader = find(&all, "ClusterRole", "kuberaya-metrics-reader")?;
+    assert_eq!(
+        reader["rules"],
+        json!([{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}]),
+        "{reader}"
+    );
+    assert!(
+        !all.iter()
+            .any(|o| o["kind"].as_str().is_some_and(|k| k.ends_with("Binding"))
+                && o["roleRef"]["name"] == "kuberaya-metrics-reader"),
+        "the operator binds the scraper role to their scraper"
+    );
     // The lease the CCM elects on is the one the Role names.
     let d = find(&all, "Deployment", "kuberaya-ccm")?;
     let args = strings(&container(d)["args"]);
@@ -500,10 +555,11 @@ fn rbac_grants_exactly_what_the_code_calls() -> Result<()> {
     Ok(())
 }
 
-/// The `Api<K>` kinds named in the non-test code of `dir`.
-fn api_kinds(dir: &Path) -> Result<BTreeSet<String>> {
+/// The `Api<K>` kinds named in the non-test code of `paths` (directories or files).
+fn api_kinds(paths: &[PathBuf]) -> Result<BTreeSet<String>> {
     let mut kinds = BTreeSet::new();
-    let mut stack = vec![dir.to_path_buf()];
+    let mut stack: Vec<PathBuf> = paths.iter().filter(|p| p.is_dir()).cloned().collect();
+    let mut files: Vec<PathBuf> = paths.iter().filter(|p| p.is_file()).cloned().collect();
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d)? {
             let p = e?.path();
@@ -517,14 +573,17 @@ fn api_kinds(dir: &Path) -> Result<BTreeSet<String>> {
             if !name.ends_with(".rs") || name.contains("test") || name == "fake.rs" {
                 continue;
             }
-            let src = std::fs::read_to_string(&p)?;
-            let src = src.split("#[cfg(test)]").next().unwrap_or_default();
-            for pat in ["Api<", "Api::<"] {
-                for piece in src.split(pat).skip(1) {
-                    let kind: String = piece.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
-                    if !kind.is_empty() && kind != "K" {
-                        kinds.insert(kind);
-                    }
+            files.push(p);
+        }
+    }
+    for p in files {
+        let src = std::fs::read_to_string(&p)?;
+        let src = src.split("#[cfg(test)]").next().unwrap_or_default();
+        for pat in ["Api<", "Api::<"] {
+            for piece in src.split(pat).skip(1) {
+                let kind: String = piece.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+                if !kind.is_empty() && kind != "K" {
+                    kinds.insert(kind);
                 }
             }
         }
@@ -534,8 +593,13 @@ fn api_kinds(dir: &Path) -> Result<BTreeSet<String>> {
 
 #[test]
 fn the_sources_use_no_kind_the_tables_miss() -> Result<()> {
-    for (dir, table) in [("ccm/src", CCM_NEEDS), ("vpn-gateway/src", GATEWAY_NEEDS)] {
-        let kinds = api_kinds(&repo().join(dir))?;
+    // The gateway includes the CCM's secure_http.rs (#[path]): its kinds are the gateway's too.
+    for (dir, also, table) in [
+        ("ccm/src", None, CCM_NEEDS),
+        ("vpn-gateway/src", Some("ccm/src/secure_http.rs"), GATEWAY_NEEDS),
+    ] {
+        let paths: Vec<PathBuf> = std::iter::once(dir).chain(also).map(|p| repo().join(p)).collect();
+        let kinds = api_kinds(&paths)?;
         ensure!(!kinds.is_empty(), "{dir}: no Api<K> found; is the scan broken?");
         for k in &kinds {
             let Some((_, resource)) = KINDS.iter().find(|(n, _)| n == k) else {
@@ -891,6 +955,7 @@ fn the_bundle_is_accepted_and_runs_on_its_own_service_account_tokens() -> Result
         &[
             ("health-bind-address", "127.0.0.1:0".into()),
             ("metrics-bind-address", "127.0.0.1:0".into()),
+            ("secure-bind-address", "127.0.0.1:0".into()),
             ("kubeconfig", ccm_kc.display().to_string()),
         ],
     )?;
@@ -907,6 +972,7 @@ fn the_bundle_is_accepted_and_runs_on_its_own_service_account_tokens() -> Result
             ("listen", "127.0.0.1:0".into()),
             ("health-bind-address", "127.0.0.1:0".into()),
             ("metrics-bind-address", "127.0.0.1:0".into()),
+            ("secure-bind-address", "127.0.0.1:0".into()),
             ("kubeconfig", gw_kc.display().to_string()),
         ],
     )?;

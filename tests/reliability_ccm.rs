@@ -307,6 +307,7 @@ impl StandIns {
                 &metrics,
                 "--health-bind-address",
                 &health,
+                "--secure-bind-address=0",
                 "--resync-period",
                 "30s",
                 "--orphan-sweep-period",

@@ -373,6 +373,7 @@ fn the_ccm_binary_logs_and_metrics_hold_no_credentials() -> Result<()> {
             &format!("127.0.0.1:{}", free_port()),
             "--health-bind-address",
             &format!("127.0.0.1:{}", free_port()),
+            "--secure-bind-address=0",
         ]);
     let mut bad = Process::spawn_command(cmd)?;
     let said = poll_until_blocking(Duration::from_secs(30), || {

@@ -1,6 +1,7 @@
 //! The `kuberaya-ccm` binary run against a [`CloudSandbox`] as a Deployment would run it:
 //! a cloud config file, the platform credentials in its environment, leader election in
-//! namespace `default`, metrics and health on free loopback ports.
+//! namespace `default`, metrics and health on free loopback ports (plain HTTP; the HTTPS
+//! server is off unless the caller's arguments give it an address).
 
 use std::path::Path;
 use std::process::Command;
@@ -75,8 +76,12 @@ impl Ccm {
                 &metrics,
                 "--health-bind-address",
                 &health,
-            ])
-            .args(args);
+            ]);
+        // Its default, 0.0.0.0:10258, would be one port for every CCM of the tests.
+        if !args.iter().any(|a| a.starts_with("--secure-bind-address")) {
+            cmd.arg("--secure-bind-address=0");
+        }
+        cmd.args(args);
         (cmd, metrics)
     }
 
