@@ -983,19 +983,8 @@ fn the_bundle_is_accepted_and_runs_on_its_own_service_account_tokens() -> Result
     let sb = Sandbox::up()?;
     let work = tempfile::tempdir()?;
     let deploy = repo().join("deploy");
-    let applied = sb.kubectl(&["apply", "-k", deploy.to_str().context("utf-8")?], None)?;
-    for o in kustomize(".")? {
-        let (kind, _, name) = key(&o);
-        let kind = kind.to_ascii_lowercase();
-        assert!(
-            applied.lines().any(|l| {
-                let (k, rest) = l.split_once('/').unwrap_or_default();
-                (k == kind || k.starts_with(&format!("{kind}."))) && rest.starts_with(&format!("{name} "))
-            }),
-            "apply -k reports {kind}/{name}: {applied}"
-        );
-    }
-    // The example cloud config Secret, filled in from the sandbox.
+    // As docs/installing.md: the cloud config Secret, then the one file. (The example,
+    // filled in from the sandbox.)
     let example = std::fs::read_to_string(deploy.join("ccm/cloud-config.example.yaml"))?
         .replace("REPLACE_ME_API_URL", &sb.get("CLOUDRAYA_API_URL")?)
         .replace("REPLACE_ME_CLUSTER_ID", &sb.get("KUBERAYA_CLUSTER_ID")?)
@@ -1003,6 +992,25 @@ fn the_bundle_is_accepted_and_runs_on_its_own_service_account_tokens() -> Result
         .replace("REPLACE_ME_PASSWORD", &sb.get("CLOUDRAYA_PASSWORD")?);
     ensure!(!example.contains("REPLACE_ME"), "every placeholder is filled");
     sb.kubectl(&["apply", "-f", "-"], Some(&example))?;
+    let release = repo().join(RELEASE_FILE);
+    let release = release.to_str().context("utf-8")?;
+    let applied = sb.kubectl(&["apply", "-f", release], None)?;
+    let rendered = yaml_to_objects(&std::fs::read_to_string(release)?)?;
+    for o in &rendered {
+        let (kind, _, name) = key(&o);
+        let kind = kind.to_ascii_lowercase();
+        assert!(
+            applied.lines().any(|l| {
+                let (k, rest) = l.split_once('/').unwrap_or_default();
+                (k == kind || k.starts_with(&format!("{kind}."))) && rest.starts_with(&format!("{name} "))
+            }),
+            "apply -f {RELEASE_FILE} reports {kind}/{name} created: {applied}"
+        );
+    }
+    ensure!(
+        applied.lines().all(|l| l.ends_with(" created")),
+        "a fresh cluster: everything created\n{applied}"
+    );
 
     // Least privilege, as the API server decides it.
     let ccm_sa = "--as=system:serviceaccount:kube-system:kuberaya-ccm";
@@ -1025,38 +1033,44 @@ fn the_bundle_is_accepted_and_runs_on_its_own_service_account_tokens() -> Result
         );
     }
 
-    // The CCM, from the rendered Deployment, on its own token.
-    let rendered = kustomize(".")?;
+    // The CCM, from the release file's Deployment, on its own token.
     let ccm_kc = work.path().join("ccm.kubeconfig");
     service_account_kubeconfig(&sb, "kube-system", "kuberaya-ccm", &ccm_kc)?;
-    let ccm = start_like_the_deployment(
-        &sb,
-        "kuberaya-ccm",
-        find(&rendered, "Deployment", "kuberaya-ccm")?,
-        &work.path().join("ccm-root"),
-        &[
-            ("health-bind-address", "127.0.0.1:0".into()),
-            ("metrics-bind-address", "127.0.0.1:0".into()),
-            ("kubeconfig", ccm_kc.display().to_string()),
-        ],
-    )?;
+    let start_ccm = || -> Result<Process> {
+        start_like_the_deployment(
+            &sb,
+            "kuberaya-ccm",
+            find(&rendered, "Deployment", "kuberaya-ccm")?,
+            &work.path().join("ccm-root"),
+            &[
+                ("health-bind-address", "127.0.0.1:0".into()),
+                ("metrics-bind-address", "127.0.0.1:0".into()),
+                ("kubeconfig", ccm_kc.display().to_string()),
+            ],
+        )
+    };
+    let mut ccm = start_ccm()?;
 
     // The gateway, likewise.
     let gw_kc = work.path().join("gateway.kubeconfig");
     service_account_kubeconfig(&sb, "kuberaya-system", "kuberaya-gateway", &gw_kc)?;
-    let mut gateway = start_like_the_deployment(
-        &sb,
-        "kuberaya-gateway",
-        find(&rendered, "Deployment", "kuberaya-gateway")?,
-        &work.path().join("gateway-root"),
-        &[
-            ("listen", "127.0.0.1:0".into()),
-            ("health-bind-address", "127.0.0.1:0".into()),
-            ("metrics-bind-address", "127.0.0.1:0".into()),
-            ("kubeconfig", gw_kc.display().to_string()),
-        ],
-    )?;
-    gateway.wait_for_stdout_line_or_stderr("kuberaya-gateway listening", Duration::from_secs(30))?;
+    let start_gateway = || -> Result<Process> {
+        let mut gateway = start_like_the_deployment(
+            &sb,
+            "kuberaya-gateway",
+            find(&rendered, "Deployment", "kuberaya-gateway")?,
+            &work.path().join("gateway-root"),
+            &[
+                ("listen", "127.0.0.1:0".into()),
+                ("health-bind-address", "127.0.0.1:0".into()),
+                ("metrics-bind-address", "127.0.0.1:0".into()),
+                ("kubeconfig", gw_kc.display().to_string()),
+            ],
+        )?;
+        gateway.wait_for_stdout_line_or_stderr("kuberaya-gateway listening", Duration::from_secs(30))?;
+        Ok(gateway)
+    };
+    let mut gateway = start_gateway()?;
 
     // An application's LoadBalancer Service gets a public IP that answers.
     sb.kubectl(
@@ -1189,8 +1203,240 @@ fn the_bundle_is_accepted_and_runs_on_its_own_service_account_tokens() -> Result
         gateway.output_tails()
     );
 
+    // docs/installing.md, "Verify": `kuberaya peer add` writes a config for the gateway's
+    // public IP, and `kuberaya lb list` shows both LBs.
+    let conf = work.path().join("ops.conf");
+    cli(
+        &sb,
+        &[
+            "peer",
+            "add",
+            "ops",
+            "--allow",
+            "default",
+            "--out",
+            conf.to_str().context("utf-8")?,
+        ],
+    )?;
+    let conf = std::fs::read_to_string(&conf)?;
+    let gw_ip = gw_ip.context("gateway ip")?;
+    assert!(conf.contains(&format!("Endpoint = {gw_ip}:51820")), "{conf}");
+    let lbs = lb_ids(&sb)?;
+    assert_eq!(lbs.len(), 2, "web's and the gateway's LBs: {lbs:?}");
     assert_no_denials(&ccm);
     assert_no_denials(&gateway);
+
+    upgrade_keeps_lbs_keys_and_peers(
+        &sb,
+        release,
+        &lbs,
+        &key,
+        [&mut ccm, &mut gateway],
+        [&start_ccm, &start_gateway],
+    )?;
+    uninstall_in_order_leaks_no_lb(&sb, release, ccm, gateway)
+}
+
+/// `kuberaya ARGS` against the sandbox (its kubeconfig and platform credentials).
+fn cli(sb: &Sandbox, args: &[&str]) -> Result<String> {
+    let mut cmd = Command::new(binary("kuberaya"));
+    cmd.arg("--kubeconfig").arg(&sb.kubeconfig).args(args);
+    for (k, v) in &sb.env {
+        cmd.env(k, v);
+    }
+    let out = run(&mut cmd, None)?;
+    ensure!(out.status.success(), "kuberaya {args:?}: {}", text(&out));
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// The cluster's LBs on the platform (`kuberaya lb list -A`): Service to LB id.
+fn lb_ids(sb: &Sandbox) -> Result<BTreeMap<String, String>> {
+    let list: Value = serde_json::from_str(&cli(sb, &["lb", "list", "-A", "-o", "json"])?)?;
+    let mut out = BTreeMap::new();
+    for i in list["items"].as_array().context("items")? {
+        let svc = format!(
+            "{}/{}",
+            i["namespace"].as_str().unwrap_or("?"),
+            i["service"].as_str().unwrap_or("?")
+        );
+        out.insert(svc, i["id"].as_str().context("id")?.to_string());
+    }
+    Ok(out)
+}
+
+/// docs/installing.md, "Upgrade": a newer file (here: the same objects with the next
+/// images) applied over a running install changes the Deployments only; the restarted
+/// CCM adopts its LBs (no new LB, same ids), the restarted gateway keeps its key and every
+/// peer its address.
+fn upgrade_keeps_lbs_keys_and_peers(
+    sb: &Sandbox,
+    release: &str,
+    lbs: &BTreeMap<String, String>,
+    gateway_key: &str,
+    running: [&mut Process; 2],
+    start: [&dyn Fn() -> Result<Process>; 2],
+) -> Result<()> {
+    // What the CCM and the gateway wrote (finalizers, ingress, annotations, the key
+    // Secret) is not in the file, so applying it again undoes none of it.
+    // (Less the CRD: the stand-in restamps a CRD's condition times on every update,
+    // dry runs too, where kube-apiserver keeps them; a stand-in quirk, not ours.)
+    let text = std::fs::read_to_string(release)?;
+    let without_crd: Vec<&str> = text
+        .split("\n---\n")
+        .filter(|doc| !doc.contains("\nkind: CustomResourceDefinition\n"))
+        .collect();
+    ensure!(
+        without_crd.len() + 1 == text.split("\n---\n").count(),
+        "one CRD in the file"
+    );
+    sb.kubectl(&["diff", "-f", "-"], Some(&without_crd.join("\n---\n")))
+        .context("kubectl diff -f the release file: no difference on a running install")?;
+    let version = env!("CARGO_PKG_VERSION");
+    let newer = std::fs::read_to_string(release)?.replace(&format!(":{version}\n"), &format!(":{version}-next\n"));
+    ensure!(newer.contains("-next"), "the images were renamed");
+    let addresses = || jsonpath(sb, &["get", "vpnpeers", "-A"], "{.items[*].status.address}");
+    let secret_uid = || {
+        jsonpath(
+            sb,
+            &["get", "secret", "kuberaya-gateway-key", "-n", "kuberaya-system"],
+            "{.metadata.uid}",
+        )
+    };
+    let (addresses_before, uid_before) = (addresses(), secret_uid());
+    ensure!(
+        addresses_before.split(' ').count() == 2,
+        "two peers: {addresses_before:?}"
+    );
+    let applied = sb.kubectl(&["apply", "-f", "-"], Some(&newer))?;
+    for l in applied.lines() {
+        let changed = !(l.ends_with(" unchanged") || l.ends_with(" configured"));
+        ensure!(!changed, "an upgrade creates nothing: {l}\n{applied}");
+        if l.starts_with("deployment.apps/") {
+            ensure!(l.ends_with(" configured"), "the Deployments roll: {l}");
+        }
+    }
+    // The pods are replaced.
+    let [ccm, gateway] = running;
+    ccm.stop();
+    gateway.stop();
+    *ccm = start[0]()?;
+    *gateway = start[1]()?;
+    let line = gateway
+        .stdout()
+        .lines()
+        .find(|l| l.starts_with("kuberaya-gateway listening"))
+        .map(str::to_string)
+        .context("the gateway's start line")?;
+    assert_eq!(
+        kuberaya_e2e::process::line_field(&line, "public_key")?,
+        gateway_key,
+        "the gateway keeps its key"
+    );
+    assert_eq!(secret_uid(), uid_before, "the key Secret is the same object");
+    // A new Service gets its LB from the new CCM, so the new CCM has led and gone
+    // through every Service by then: the old LBs are still the only ones.
+    sb.kubectl(
+        &[
+            "expose",
+            "deployment",
+            "web",
+            "--name=web2",
+            "--type=LoadBalancer",
+            "--port=81",
+            "--target-port=8080",
+        ],
+        None,
+    )?;
+    let ip = poll_until_blocking(Duration::from_secs(30), || {
+        Some(jsonpath(
+            sb,
+            &["get", "svc", "web2"],
+            "{.status.loadBalancer.ingress[0].ip}",
+        ))
+        .filter(|s| !s.is_empty())
+    });
+    ensure!(ip.is_some(), "web2 gets an LB from the new CCM\n{}", ccm.output_tails());
+    let mut after = lb_ids(sb)?;
+    ensure!(after.remove("default/web2").is_some(), "web2's LB: {after:?}");
+    assert_eq!(&after, lbs, "the same LBs, adopted, none new");
+    let accepted = poll_until_blocking(Duration::from_secs(20), || {
+        let s = jsonpath(
+            sb,
+            &["get", "vpnpeers", "-A"],
+            "{.items[*].status.conditions[?(@.type==\"Accepted\")].status}",
+        );
+        (s == "True True").then_some(())
+    });
+    ensure!(
+        accepted.is_some(),
+        "the new gateway accepts the peers\n{}",
+        gateway.output_tails()
+    );
+    assert_eq!(addresses(), addresses_before, "every peer keeps its address");
+    assert_no_denials(ccm);
+    assert_no_denials(gateway);
+    Ok(())
+}
+
+/// docs/installing.md, "Uninstall", in its order: the LoadBalancer Services while the
+/// CCM runs (each `kubectl delete` returns once the CCM removed its finalizer and LB),
+/// the gateway's namespace (its Service's LB with it), the CCM, the CRD; no LB is left.
+fn uninstall_in_order_leaks_no_lb(sb: &Sandbox, release: &str, mut ccm: Process, mut gateway: Process) -> Result<()> {
+    let lbs_left =
+        |want: usize| poll_until_blocking(Duration::from_secs(30), || lb_ids(sb).ok().filter(|l| l.len() == want));
+    // 1. Applications' LoadBalancer Services.
+    let listed = sb.kubectl(
+        &[
+            "get",
+            "services",
+            "-A",
+            "-o",
+            "jsonpath={range .items[?(@.spec.type==\"LoadBalancer\")]}{.metadata.namespace}/{.metadata.name}{\"\\n\"}{end}",
+        ],
+        None,
+    )?;
+    assert_eq!(
+        listed.lines().collect::<Vec<_>>(),
+        ["default/web", "default/web2", "kuberaya-system/kuberaya-gateway"]
+    );
+    sb.kubectl(
+        &["-n", "default", "delete", "service", "web", "web2", "--timeout=60s"],
+        None,
+    )?;
+    let left = lbs_left(1).context("web's and web2's LBs deleted")?;
+    assert_eq!(left.keys().collect::<Vec<_>>(), ["kuberaya-system/kuberaya-gateway"]);
+    // 2. The gateway: its namespace (Service and LB, Deployment, key, admin peers), then
+    //    its cluster-wide RBAC.
+    sb.kubectl(&["delete", "namespace", "kuberaya-system", "--timeout=60s"], None)?;
+    gateway.stop();
+    sb.kubectl(&["delete", "clusterrolebinding,clusterrole", "kuberaya-gateway"], None)?;
+    lbs_left(0).context("the gateway's LB deleted")?;
+    // 3. Nothing left behind, while the CCM still runs.
+    let orphans: Value = serde_json::from_str(&cli(sb, &["lb", "orphans", "-o", "json"])?)?;
+    assert_eq!(orphans["items"], json!([]), "{orphans}");
+    assert_eq!(orphans["unknown"], json!([]), "{orphans}");
+    // 4. The CCM.
+    sb.kubectl(
+        &[
+            "-n",
+            "kube-system",
+            "delete",
+            "deployment,poddisruptionbudget,rolebinding,role,serviceaccount,lease",
+            "kuberaya-ccm",
+        ],
+        None,
+    )?;
+    ccm.stop();
+    sb.kubectl(&["delete", "clusterrolebinding,clusterrole", "kuberaya-ccm"], None)?;
+    sb.kubectl(
+        &["-n", "kube-system", "delete", "secret", "kuberaya-ccm-cloud-config"],
+        None,
+    )?;
+    // 5. The CRD, and with it every VpnPeer.
+    sb.kubectl(&["delete", "crd", "vpnpeers.vpn.cloudraya.com"], None)?;
+    let left = sb.kubectl(&["get", "-f", release, "--ignore-not-found"], None)?;
+    assert_eq!(left.trim(), "", "nothing of the release file is left");
+    assert_eq!(lb_ids(sb)?.len(), 0, "no LB is left");
     Ok(())
 }
 
