@@ -1205,63 +1205,98 @@ fn the_bundle_is_accepted_and_runs_on_its_own_service_account_tokens() -> Result
 
     // docs/installing.md, "Verify": `kuberaya peer add` writes a config for the gateway's
     // public IP, and `kuberaya lb list` shows both LBs.
+    let op = Operator::from_secret(&sb, work.path())?;
     let conf = work.path().join("ops.conf");
-    cli(
-        &sb,
-        &[
-            "peer",
-            "add",
-            "ops",
-            "--allow",
-            "default",
-            "--out",
-            conf.to_str().context("utf-8")?,
-        ],
-    )?;
+    op.kuberaya(&[
+        "peer",
+        "add",
+        "ops",
+        "--allow",
+        "default",
+        "--out",
+        conf.to_str().context("utf-8")?,
+    ])?;
     let conf = std::fs::read_to_string(&conf)?;
     let gw_ip = gw_ip.context("gateway ip")?;
     assert!(conf.contains(&format!("Endpoint = {gw_ip}:51820")), "{conf}");
-    let lbs = lb_ids(&sb)?;
+    let lbs = op.lb_ids()?;
     assert_eq!(lbs.len(), 2, "web's and the gateway's LBs: {lbs:?}");
     assert_no_denials(&ccm);
     assert_no_denials(&gateway);
 
     upgrade_keeps_lbs_keys_and_peers(
         &sb,
+        &op,
         release,
         &lbs,
         &key,
         [&mut ccm, &mut gateway],
         [&start_ccm, &start_gateway],
     )?;
-    uninstall_in_order_leaks_no_lb(&sb, release, ccm, gateway)
+    uninstall_in_order_leaks_no_lb(&sb, &op, release, ccm, gateway)
 }
 
-/// `kuberaya ARGS` against the sandbox (its kubeconfig and platform credentials).
-fn cli(sb: &Sandbox, args: &[&str]) -> Result<String> {
-    let mut cmd = Command::new(binary("kuberaya"));
-    cmd.arg("--kubeconfig").arg(&sb.kubeconfig).args(args);
-    for (k, v) in &sb.env {
-        cmd.env(k, v);
-    }
-    let out = run(&mut cmd, None)?;
-    ensure!(out.status.success(), "kuberaya {args:?}: {}", text(&out));
-    Ok(String::from_utf8(out.stdout)?)
+/// The operator's `kuberaya` as docs/installing.md sets it up: the cluster's kubeconfig,
+/// and for `kuberaya lb` the cloud config and credentials taken from the CCM's Secret
+/// (nothing from the sandbox's environment).
+struct Operator {
+    kubeconfig: PathBuf,
+    cloud_config: PathBuf,
+    email: String,
+    password: String,
 }
 
-/// The cluster's LBs on the platform (`kuberaya lb list -A`): Service to LB id.
-fn lb_ids(sb: &Sandbox) -> Result<BTreeMap<String, String>> {
-    let list: Value = serde_json::from_str(&cli(sb, &["lb", "list", "-A", "-o", "json"])?)?;
-    let mut out = BTreeMap::new();
-    for i in list["items"].as_array().context("items")? {
-        let svc = format!(
-            "{}/{}",
-            i["namespace"].as_str().unwrap_or("?"),
-            i["service"].as_str().unwrap_or("?")
-        );
-        out.insert(svc, i["id"].as_str().context("id")?.to_string());
+impl Operator {
+    fn from_secret(sb: &Sandbox, dir: &Path) -> Result<Operator> {
+        let key = |k: &str| -> Result<String> {
+            let b64 = jsonpath(
+                sb,
+                &["-n", "kube-system", "get", "secret", "kuberaya-ccm-cloud-config"],
+                &format!("{{.data.{}}}", k.replace('.', "\\.")),
+            );
+            Ok(String::from_utf8(base64_decode(&b64)?)?)
+        };
+        let cloud_config = dir.join("cloud-config.yaml");
+        std::fs::write(&cloud_config, key("cloud-config.yaml")?)?;
+        Ok(Operator {
+            kubeconfig: sb.kubeconfig.clone(),
+            cloud_config,
+            email: key("email")?,
+            password: key("password")?,
+        })
     }
-    Ok(out)
+
+    /// `kuberaya ARGS`; `lb` commands get `--cloud-config`.
+    fn kuberaya(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = Command::new(binary("kuberaya"));
+        cmd.arg("--kubeconfig").arg(&self.kubeconfig).args(args);
+        if args.first() == Some(&"lb") {
+            cmd.arg("--cloud-config").arg(&self.cloud_config);
+        }
+        for k in ["KUBECONFIG", "CLOUDRAYA_API_URL", "KUBERAYA_CLUSTER_ID"] {
+            cmd.env_remove(k);
+        }
+        cmd.env("CLOUDRAYA_EMAIL", &self.email)
+            .env("CLOUDRAYA_PASSWORD", &self.password);
+        let out = run(&mut cmd, None)?;
+        ensure!(out.status.success(), "kuberaya {args:?}: {}", text(&out));
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// The cluster's LBs on the platform (`kuberaya lb list -A`): Service to LB id.
+    fn lb_ids(&self) -> Result<BTreeMap<String, String>> {
+        let list: Value = serde_json::from_str(&self.kuberaya(&["lb", "list", "-A", "-o", "json"])?)?;
+        let mut out = BTreeMap::new();
+        for i in list["items"].as_array().context("items")? {
+            let svc = format!(
+                "{}/{}",
+                i["namespace"].as_str().unwrap_or("?"),
+                i["service"].as_str().unwrap_or("?")
+            );
+            out.insert(svc, i["id"].as_str().context("id")?.to_string());
+        }
+        Ok(out)
+    }
 }
 
 /// docs/installing.md, "Upgrade": a newer file (here: the same objects with the next
@@ -1270,6 +1305,7 @@ fn lb_ids(sb: &Sandbox) -> Result<BTreeMap<String, String>> {
 /// peer its address.
 fn upgrade_keeps_lbs_keys_and_peers(
     sb: &Sandbox,
+    op: &Operator,
     release: &str,
     lbs: &BTreeMap<String, String>,
     gateway_key: &str,
@@ -1356,7 +1392,7 @@ fn upgrade_keeps_lbs_keys_and_peers(
         .filter(|s| !s.is_empty())
     });
     ensure!(ip.is_some(), "web2 gets an LB from the new CCM\n{}", ccm.output_tails());
-    let mut after = lb_ids(sb)?;
+    let mut after = op.lb_ids()?;
     ensure!(after.remove("default/web2").is_some(), "web2's LB: {after:?}");
     assert_eq!(&after, lbs, "the same LBs, adopted, none new");
     let accepted = poll_until_blocking(Duration::from_secs(20), || {
@@ -1381,9 +1417,15 @@ fn upgrade_keeps_lbs_keys_and_peers(
 /// docs/installing.md, "Uninstall", in its order: the LoadBalancer Services while the
 /// CCM runs (each `kubectl delete` returns once the CCM removed its finalizer and LB),
 /// the gateway's namespace (its Service's LB with it), the CCM, the CRD; no LB is left.
-fn uninstall_in_order_leaks_no_lb(sb: &Sandbox, release: &str, mut ccm: Process, mut gateway: Process) -> Result<()> {
+fn uninstall_in_order_leaks_no_lb(
+    sb: &Sandbox,
+    op: &Operator,
+    release: &str,
+    mut ccm: Process,
+    mut gateway: Process,
+) -> Result<()> {
     let lbs_left =
-        |want: usize| poll_until_blocking(Duration::from_secs(30), || lb_ids(sb).ok().filter(|l| l.len() == want));
+        |want: usize| poll_until_blocking(Duration::from_secs(30), || op.lb_ids().ok().filter(|l| l.len() == want));
     // 1. Applications' LoadBalancer Services.
     let listed = sb.kubectl(
         &[
@@ -1412,7 +1454,7 @@ fn uninstall_in_order_leaks_no_lb(sb: &Sandbox, release: &str, mut ccm: Process,
     sb.kubectl(&["delete", "clusterrolebinding,clusterrole", "kuberaya-gateway"], None)?;
     lbs_left(0).context("the gateway's LB deleted")?;
     // 3. Nothing left behind, while the CCM still runs.
-    let orphans: Value = serde_json::from_str(&cli(sb, &["lb", "orphans", "-o", "json"])?)?;
+    let orphans: Value = serde_json::from_str(&op.kuberaya(&["lb", "orphans", "-o", "json"])?)?;
     assert_eq!(orphans["items"], json!([]), "{orphans}");
     assert_eq!(orphans["unknown"], json!([]), "{orphans}");
     // 4. The CCM.
@@ -1436,7 +1478,7 @@ fn uninstall_in_order_leaks_no_lb(sb: &Sandbox, release: &str, mut ccm: Process,
     sb.kubectl(&["delete", "crd", "vpnpeers.vpn.cloudraya.com"], None)?;
     let left = sb.kubectl(&["get", "-f", release, "--ignore-not-found"], None)?;
     assert_eq!(left.trim(), "", "nothing of the release file is left");
-    assert_eq!(lb_ids(sb)?.len(), 0, "no LB is left");
+    assert_eq!(op.lb_ids()?.len(), 0, "no LB is left");
     Ok(())
 }
 
