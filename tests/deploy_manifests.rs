@@ -997,7 +997,7 @@ fn the_bundle_is_accepted_and_runs_on_its_own_service_account_tokens() -> Result
     let applied = sb.kubectl(&["apply", "-f", release], None)?;
     let rendered = yaml_to_objects(&std::fs::read_to_string(release)?)?;
     for o in &rendered {
-        let (kind, _, name) = key(&o);
+        let (kind, _, name) = key(o);
         let kind = kind.to_ascii_lowercase();
         assert!(
             applied.lines().any(|l| {
