@@ -319,7 +319,10 @@ fn gateway_has_no_capabilities_in_the_base_and_net_admin_only_in_the_tun_overlay
         .iter()
         .find(|p| p["name"] == "https")
         .context("a port named https")?;
-    assert_eq!(Some(https["containerPort"].to_string().as_str()), secure.rsplit(':').next());
+    assert_eq!(
+        Some(https["containerPort"].to_string().as_str()),
+        secure.rsplit(':').next()
+    );
     let plain = flag(&args, "metrics-bind-address").context("--metrics-bind-address")?;
     assert!(plain.starts_with("127.0.0.1:"), "plain metrics on loopback: {plain}");
 

@@ -48,14 +48,16 @@ fn get(addr: &str, path: &str, token: Option<&str>) -> Option<(u16, String)> {
 
 /// A TokenRequest token of `namespace/sa`.
 fn token(sb: &CloudSandbox, namespace: &str, sa: &str) -> Result<String> {
-    Ok(sb.kubectl(&["create", "token", sa, "-n", namespace])?.trim().to_string())
+    Ok(sb
+        .kubectl(&["create", "token", sa, "-n", namespace])?
+        .trim()
+        .to_string())
 }
 
 /// A kubeconfig for the sandbox's API server authenticating as `namespace/sa`.
 fn service_account_kubeconfig(sb: &CloudSandbox, namespace: &str, sa: &str, path: &Path) -> Result<()> {
-    let mut kc: Value = serde_json::from_str(&sb.kubectl(&[
-        "config", "view", "--raw", "--minify", "--flatten", "-o", "json",
-    ])?)?;
+    let mut kc: Value =
+        serde_json::from_str(&sb.kubectl(&["config", "view", "--raw", "--minify", "--flatten", "-o", "json"])?)?;
     kc["users"][0]["user"] = json!({ "token": token(sb, namespace, sa)? });
     std::fs::write(path, serde_json::to_vec_pretty(&kc)?)?;
     Ok(())
@@ -106,7 +108,11 @@ fn wait_answer(addr: &str, path: &str, token: Option<&str>, code: u16, within: D
 /// metrics hold `sample`.
 fn assert_scrapes(addr: &str, scraper: &str, nobody: &str, sample: &str, tails: &dyn Fn() -> String) -> Result<()> {
     let healthz = wait_answer(addr, "/healthz", None, 200, Duration::from_secs(20));
-    ensure!(healthz == Some((200, "ok".into())), "/healthz without a token: {healthz:?}\n{}", tails());
+    ensure!(
+        healthz == Some((200, "ok".into())),
+        "/healthz without a token: {healthz:?}\n{}",
+        tails()
+    );
     let readyz = wait_answer(addr, "/readyz", None, 200, Duration::from_secs(20));
     ensure!(
         readyz.as_ref().map(|r| r.0) == Some(200),
@@ -225,7 +231,13 @@ fn metrics_over_https_need_a_token_allowed_to_get_them() -> Result<()> {
     let line = gateway.wait_for_stdout_line("kuberaya-gateway listening", Duration::from_secs(30))?;
     let gw_secure = line_field(&line, "secure")?;
     let gw_tails = || gateway.output_tails();
-    assert_scrapes(&gw_secure, &scraper, &nobody, "kuberaya_gateway_cookie_replies_total 0", &gw_tails)?;
+    assert_scrapes(
+        &gw_secure,
+        &scraper,
+        &nobody,
+        "kuberaya_gateway_cookie_replies_total 0",
+        &gw_tails,
+    )?;
 
     // The binding gone, the scraper is refused once the cached answer (10 s) expired, and
     // not later than that by much.

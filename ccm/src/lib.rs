@@ -30,7 +30,7 @@ pub mod platform;
 pub mod providerid;
 pub mod run;
 pub mod runner;
-pub mod secure_http;
+pub use kuberaya_serving as secure_http;
 pub mod service;
 #[cfg(test)]
 pub(crate) mod testing;

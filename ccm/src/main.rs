@@ -12,10 +12,10 @@ use clap::Parser;
 use tracing::{error, info, warn};
 
 use kuberaya_ccm::config::CloudConfig;
-use kuberaya_ccm::secure_http::{CacheTtls, CertFiles, SecureServing};
 use kuberaya_ccm::run::{
     self, DEFAULT_LEASE_NAME, DEFAULT_LEASE_NAMESPACE, KubeAccess, LeaderElection, OnLeadershipLost, Periods, RunConfig,
 };
+use kuberaya_ccm::secure_http::{CacheTtls, CertFiles, SecureServing};
 
 /// Parses `300ms`, `10s`, `5m`, `1h` or a bare number of seconds.
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -309,8 +309,11 @@ mod tests {
         assert_eq!(c.health_bind_address, None, "health is on the secure address");
         let secure = c.secure_serving.expect("HTTPS by default");
         assert_eq!(secure, SecureServing::new("0.0.0.0:10258".parse().unwrap()));
-        let c = run_config(&Args::try_parse_from(["kuberaya-ccm", "--cloud-config=/c.yaml"]).unwrap(), cloud.clone())
-            .unwrap();
+        let c = run_config(
+            &Args::try_parse_from(["kuberaya-ccm", "--cloud-config=/c.yaml"]).unwrap(),
+            cloud.clone(),
+        )
+        .unwrap();
         assert_eq!(
             c.metrics_bind_address,
             Some("127.0.0.1:10260".parse().unwrap()),

@@ -44,10 +44,7 @@ pub mod packet;
 pub mod peers;
 pub mod publish;
 pub mod run;
-// The same file as `kuberaya_ccm::secure_http`: one copy of the delegated authentication,
-// without the gateway depending on the CCM.
-#[path = "../../ccm/src/secure_http.rs"]
-pub mod secure_http;
+pub use kuberaya_serving as secure_http;
 pub mod source;
 pub mod tunnel;
 pub mod uapi;

@@ -32,8 +32,8 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::config::CloudConfig;
 use crate::metrics::Metrics;
-use crate::secure_http::SecureServing;
 use crate::platform::{HttpPlatform, Platform};
+use crate::secure_http::SecureServing;
 use crate::service::controller::{RunSettings, Timing};
 use crate::service::desired::DesiredConfig;
 use crate::{ControllerSettings, NodeSettings};

@@ -282,10 +282,12 @@ fn non_resource_rule_allows(rule: &Value, path: &str, verb: &str) -> bool {
         .get("nonResourceURLs")
         .and_then(Value::as_array)
         .is_some_and(|urls| {
-            urls.iter().filter_map(Value::as_str).any(|u| match u.strip_suffix('*') {
-                Some(prefix) => path.starts_with(prefix),
-                None => u == path,
-            })
+            urls.iter()
+                .filter_map(Value::as_str)
+                .any(|u| match u.strip_suffix('*') {
+                    Some(prefix) => path.starts_with(prefix),
+                    None => u == path,
+                })
         });
     path_ok && contains(rule.get("verbs"), verb)
 }

@@ -50,7 +50,10 @@ pub(super) fn access_review(c: &Ctx<'_>, rt: &ResourceType, ns: &str) -> Result<
     } else {
         c.user.clone()
     };
-    let ra = review.pointer("/spec/resourceAttributes").filter(|v| !v.is_null()).cloned();
+    let ra = review
+        .pointer("/spec/resourceAttributes")
+        .filter(|v| !v.is_null())
+        .cloned();
     let nra = review
         .pointer("/spec/nonResourceAttributes")
         .filter(|v| !v.is_null())

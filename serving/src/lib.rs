@@ -17,10 +17,8 @@
 //! self-signed one made at start (a scraper then skips verification, as Prometheus does
 //! for upstream CCMs with `insecure_skip_verify`).
 //!
-//! One source file for both binaries: `kuberaya-ccm` has it as `kuberaya_ccm::secure_http`
-//! and `kuberaya-gateway` includes the same file (`#[path]`) as
-//! `kuberaya_gateway::secure_http`, so that neither crate depends on the other. It uses
-//! nothing of either crate.
+//! A crate of its own so that the CCM and the gateway share it without depending on each
+//! other; it knows nothing of either.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -181,7 +179,8 @@ pub fn access_review(user: &User, path: &str, verb: &str) -> SubjectAccessReview
             user: Some(user.name.clone()),
             uid: Some(user.uid.clone()).filter(|u| !u.is_empty()),
             groups: Some(user.groups.clone()),
-            extra: Some(user.extra.iter().cloned().collect()).filter(|e: &std::collections::BTreeMap<_, _>| !e.is_empty()),
+            extra: Some(user.extra.iter().cloned().collect())
+                .filter(|e: &std::collections::BTreeMap<_, _>| !e.is_empty()),
             non_resource_attributes: Some(NonResourceAttributes {
                 path: Some(path.to_string()),
                 verb: Some(verb.to_string()),
@@ -348,7 +347,11 @@ impl<R: Reviewer> Authorizer<R> {
             Some(a) => a,
             None => match self.reviewer.review_access(&user, path, verb).await {
                 Ok(a) => {
-                    let ttl = if a { self.ttls.authorized } else { self.ttls.unauthorized };
+                    let ttl = if a {
+                        self.ttls.authorized
+                    } else {
+                        self.ttls.unauthorized
+                    };
                     self.access
                         .lock()
                         .expect("access cache")
@@ -376,14 +379,13 @@ async fn authorize<R: Reviewer>(State(auth): State<Arc<Authorizer<R>>>, req: Req
     let verb = req.method().as_str().to_ascii_lowercase();
     match auth.check(bearer_token(req.headers()), &path, &verb).await {
         Verdict::Allowed => next.run(req).await,
-        v @ Verdict::Unauthenticated => (
-            v.status(),
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            "Unauthorized\n",
-        )
-            .into_response(),
+        v @ Verdict::Unauthenticated => {
+            (v.status(), [(header::WWW_AUTHENTICATE, "Bearer")], "Unauthorized\n").into_response()
+        }
         v @ Verdict::Forbidden { .. } => {
-            let Verdict::Forbidden { user } = &v else { unreachable!() };
+            let Verdict::Forbidden { user } = &v else {
+                unreachable!()
+            };
             let body = format!("Forbidden: user \"{user}\" cannot {verb} path \"{path}\"\n");
             (v.status(), body).into_response()
         }
@@ -428,13 +430,12 @@ pub fn tls_config(cert: Option<&CertFiles>, names: &[String]) -> Result<Arc<rust
                     reason: "no CERTIFICATE block".into(),
                 });
             }
-            let key = PrivateKeyDer::from_pem_slice(&read("the TLS private key", &files.key)?).map_err(|e| {
-                Error::Pem {
+            let key =
+                PrivateKeyDer::from_pem_slice(&read("the TLS private key", &files.key)?).map_err(|e| Error::Pem {
                     what: "the TLS private key",
                     path: files.key.clone(),
                     reason: e.to_string(),
-                }
-            })?;
+                })?;
             (chain, key)
         }
         None => {
@@ -617,13 +618,18 @@ mod tests {
         let mut tr = token_review("t");
         assert_eq!(tr.spec.token.as_deref(), Some("t"));
         assert_eq!(reviewed_user(&tr), None, "not answered");
-        tr.status = Some(serde_json::from_value(serde_json::json!({
-            "authenticated": true,
-            "user": {"username": "system:serviceaccount:a:b", "uid": "u1", "groups": ["g"]}
-        }))
-        .unwrap());
+        tr.status = Some(
+            serde_json::from_value(serde_json::json!({
+                "authenticated": true,
+                "user": {"username": "system:serviceaccount:a:b", "uid": "u1", "groups": ["g"]}
+            }))
+            .unwrap(),
+        );
         let user = reviewed_user(&tr).unwrap();
-        assert_eq!((user.name.as_str(), user.uid.as_str()), ("system:serviceaccount:a:b", "u1"));
+        assert_eq!(
+            (user.name.as_str(), user.uid.as_str()),
+            ("system:serviceaccount:a:b", "u1")
+        );
         tr.status.as_mut().unwrap().authenticated = Some(false);
         assert_eq!(reviewed_user(&tr), None);
 
