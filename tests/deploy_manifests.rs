@@ -1132,6 +1132,7 @@ fn the_bundle_is_accepted_and_runs_on_its_own_service_account_tokens() -> Result
                 ("listen", "127.0.0.1:0".into()),
                 ("health-bind-address", "127.0.0.1:0".into()),
                 ("metrics-bind-address", "127.0.0.1:0".into()),
+                ("secure-bind-address", "127.0.0.1:0".into()),
                 ("kubeconfig", gw_kc.display().to_string()),
             ],
         )?;
@@ -1520,6 +1521,10 @@ fn uninstall_in_order_leaks_no_lb(
     sb.kubectl(&["delete", "namespace", "kuberaya-system", "--timeout=60s"], None)?;
     gateway.stop();
     sb.kubectl(&["delete", "clusterrolebinding,clusterrole", "kuberaya-gateway"], None)?;
+    sb.kubectl(
+        &["delete", "clusterrolebinding", "kuberaya-gateway:auth-delegator"],
+        None,
+    )?;
     lbs_left(0).context("the gateway's LB deleted")?;
     // 3. Nothing left behind, while the CCM still runs.
     let orphans: Value = serde_json::from_str(&op.kuberaya(&["lb", "orphans", "-o", "json"])?)?;
@@ -1538,6 +1543,8 @@ fn uninstall_in_order_leaks_no_lb(
     )?;
     ccm.stop();
     sb.kubectl(&["delete", "clusterrolebinding,clusterrole", "kuberaya-ccm"], None)?;
+    sb.kubectl(&["delete", "clusterrolebinding", "kuberaya-ccm:auth-delegator"], None)?;
+    sb.kubectl(&["delete", "clusterrole", "kuberaya-metrics-reader"], None)?;
     sb.kubectl(
         &["-n", "kube-system", "delete", "secret", "kuberaya-ccm-cloud-config"],
         None,

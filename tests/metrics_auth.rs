@@ -63,13 +63,14 @@ fn service_account_kubeconfig(sb: &CloudSandbox, namespace: &str, sa: &str, path
     Ok(())
 }
 
-/// deploy/'s ServiceAccounts and RBAC of the CCM and the gateway (not their Deployments:
-/// the binaries run here), and the scrapers: `monitoring/scraper` bound to
+/// deploy/'s VpnPeer CRD, ServiceAccounts and RBAC of the CCM and the gateway (not their
+/// Deployments: the binaries run here), and the scrapers: `monitoring/scraper` bound to
 /// `kuberaya-metrics-reader`, `monitoring/nobody` bound to nothing.
 fn install_rbac_and_scrapers(sb: &CloudSandbox) -> Result<()> {
     let d = repo().join("deploy");
     let mut args = vec!["apply".to_string()];
     for f in [
+        "crds/vpnpeer.yaml",
         "ccm/serviceaccount.yaml",
         "ccm/rbac.yaml",
         "gateway/base/namespace.yaml",
