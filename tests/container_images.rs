@@ -22,6 +22,7 @@
 //! VpnPeer and onetun reaches a ClusterIP Service through it.
 
 use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -29,9 +30,10 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use kuberaya_e2e::netns::{on_path, require_root};
+use kuberaya_e2e::netns::{Netns, VethEnd, in_namespaces_of, on_path, require_programs, require_root, veth_pair};
 use kuberaya_e2e::process::line_field;
 use kuberaya_e2e::sandbox::{TempSandbox, User, WgPeer, free_port, gateway_keypair, output_text};
+use kuberaya_e2e::wg_quick::WgQuick;
 use kuberaya_e2e::{b64_decode, binary, poll_until_blocking};
 use serde_json::{Value, json};
 
@@ -122,12 +124,14 @@ struct Pod {
     ports: BTreeMap<u16, u16>,
     container: Value,
     uid: u32,
+    /// The network namespace it runs in (`None`: the host's).
+    netns: Option<String>,
 }
 
 impl Pod {
     /// Runs the Deployment's pod template as a kubelet would (see the module doc).
-    /// `network`: `None` for hostNetwork, else a netns path.
-    fn run(user: &User, deploy: &Value, files: &Path, network: Option<&Path>) -> Result<Pod> {
+    /// `network`: `None` for hostNetwork, else the pod's network namespace.
+    fn run(user: &User, deploy: &Value, files: &Path, network: Option<&Netns>) -> Result<Pod> {
         let namespace = deploy["metadata"]["namespace"].as_str().context("namespace")?;
         let spec = &deploy["spec"]["template"]["spec"];
         let c = &spec["containers"][0];
@@ -194,7 +198,7 @@ impl Pod {
         }
         match network {
             None => args.push("--network=host".into()),
-            Some(ns) => args.push(format!("--network=ns:{}", ns.display())),
+            Some(ns) => args.push(format!("--network=ns:/run/netns/{}", ns.name())),
         }
 
         // Volumes.
@@ -340,6 +344,7 @@ impl Pod {
             ports,
             container: c.clone(),
             uid,
+            netns: network.map(|n| n.name().to_string()),
         })
     }
 
@@ -414,7 +419,8 @@ impl Pod {
         let port = self.ports.get(&port).copied().unwrap_or(port);
         let scheme = get["scheme"].as_str().unwrap_or("HTTP").to_ascii_lowercase();
         let url = format!("{scheme}://127.0.0.1:{port}{}", get["path"].as_str().context("path")?);
-        let out = output(Command::new("curl").args([
+        let curl = [
+            "curl",
             "-sk",
             "-o",
             "/dev/null",
@@ -423,7 +429,11 @@ impl Pod {
             "--max-time",
             "3",
             &url,
-        ]))?;
+        ];
+        let out = match &self.netns {
+            Some(ns) => output(Command::new("ip").args(["netns", "exec", ns]).args(curl))?,
+            None => output(Command::new(curl[0]).args(&curl[1..]))?,
+        };
         Ok(String::from_utf8_lossy(&out.stdout).parse().ok().filter(|c| *c != 0))
     }
 
@@ -640,4 +650,278 @@ fn the_gateway_image_runs_as_its_manifest_says_and_serves_a_peer() -> Result<()>
     ensure!(line_field(line, "tunnel_address")? == "100.64.0.1", "{line}");
     ensure!(pod.stop()? == 0, "exit code 0 on SIGTERM\n{}", pod.logs());
     Ok(())
+}
+
+/// CAP_NET_ADMIN's bit in /proc's capability masks.
+const CAP_NET_ADMIN: u64 = 1 << 12;
+
+/// The TUN overlay as shipped: root with NET_ADMIN alone, a read-only root filesystem and
+/// /proc/sys, no `nft` in the image; a stock wireguard-go peer reaches a ClusterIP through
+/// it. Everything in namespaces the test makes, as a node lays them out:
+///
+/// - `cluster`, the node: a sandbox (its API on the node's loopback, its Services on
+///   10.96.0.0/24, local to the node as kube-proxy makes them);
+/// - `pod`, the gateway's pod network (`eth0` 10.244.0.2, default route to the node), so
+///   that allowed packets are forwarded from the TUN device to `eth0` and masqueraded, and
+///   replies forwarded back, as in a cluster;
+/// - `laptop`, a WireGuard client reaching the pod's UDP port over a veth pair.
+///
+/// The sandbox's `kubernetes` Service has no endpoints, so the pod reaches the API server
+/// through a forwarder on its own loopback, at the address its kubeconfig names.
+#[test]
+fn the_tun_overlay_runs_as_shipped_and_carries_a_wireguard_go_peer() -> Result<()> {
+    let test = "the_tun_overlay_runs_as_shipped_and_carries_a_wireguard_go_peer";
+    require_tools(test);
+    require_programs(&[
+        ("wireguard-go", "wireguard-go"),
+        ("wg", "wireguard-tools"),
+        ("wg-quick", "wireguard-tools"),
+        ("ip", "iproute2"),
+        ("nft", "nftables"),
+    ]);
+    ensure!(Path::new("/dev/net/tun").exists(), "{test} needs /dev/net/tun");
+    build_images();
+    let dir = tempfile::tempdir()?;
+    let laptop = Netns::unique("laptop")?;
+    let pod_ns = Netns::unique("pod")?;
+    let cluster = Netns::unique("cluster")?;
+    veth_pair(
+        VethEnd {
+            ns: &laptop,
+            name: "to-pod",
+            address: "192.0.2.2/24",
+        },
+        VethEnd {
+            ns: &pod_ns,
+            name: "to-laptop",
+            address: "192.0.2.1/24",
+        },
+    )?;
+    veth_pair(
+        VethEnd {
+            ns: &pod_ns,
+            name: "eth0",
+            address: "10.244.0.2/24",
+        },
+        VethEnd {
+            ns: &cluster,
+            name: "to-pod",
+            address: "10.244.0.1/24",
+        },
+    )?;
+    pod_ns.ip(["route", "add", "default", "via", "10.244.0.1"])?;
+    cluster.ip(["route", "add", "local", "10.96.0.0/24", "dev", "lo"])?;
+    // A pod cannot write /proc/sys; the namespace starts with forwarding off, so the
+    // gateway must switch it on per interface itself.
+    let show = |ns: &Netns, args: &[&str]| -> Result<String> {
+        Ok(String::from_utf8_lossy(&ns.exec(args, Duration::from_secs(5))?.stdout).into_owned())
+    };
+    ensure!(
+        show(&pod_ns, &["cat", "/proc/sys/net/ipv4/ip_forward"])?.trim() == "0",
+        "a fresh namespace forwards nothing"
+    );
+
+    // The cluster: a sandbox inside the cluster namespace (its API on that namespace's
+    // loopback, its ClusterIPs on 10.96.0.0/24).
+    let state = dir.path().join("sb");
+    let state_arg = state.to_str().context("utf-8")?;
+    let kuberaya = binary("kuberaya");
+    let kuberaya = kuberaya.to_str().context("utf-8")?;
+    let up = cluster.exec(
+        &[
+            kuberaya,
+            "sandbox",
+            "up",
+            "--detach",
+            "--no-ccm",
+            "--workers",
+            "1",
+            "--service-cidr",
+            "10.96.0.0/24",
+            "--state-dir",
+            state_arg,
+        ],
+        Duration::from_secs(120),
+    )?;
+    ensure!(
+        up.status.success(),
+        "sandbox up in the cluster namespace: {}",
+        output_text(&up)
+    );
+    let user = User {
+        kubeconfig: state.join("kubeconfig"),
+        work: dir.path().to_path_buf(),
+        netns: Some(cluster.name().to_string()),
+    };
+    user.kubectl(&["apply", "-k", repo().join("deploy/crds").to_str().context("utf-8")?])?;
+    let deploy = apply_and_get_deployment(&user, "gateway/overlays/tun", "kuberaya-system", "kuberaya-gateway")?;
+    let files = dir.path().join("pod");
+    std::fs::create_dir_all(&files)?;
+    let server = url::Url::parse(&user.kubectl(&[
+        "config",
+        "view",
+        "--minify",
+        "-o",
+        "jsonpath={.clusters[0].cluster.server}",
+    ])?)?;
+    let api = SocketAddr::new(
+        server.host_str().context("host")?.parse()?,
+        server.port_or_known_default().context("port")?,
+    );
+    forward_between_namespaces(&pod_ns, api, &cluster, api)?;
+    let pod = Pod::run(&user, &deploy, &files, Some(&pod_ns))?;
+    pod.wait_probe("readinessProbe", Duration::from_secs(30))?;
+    pod.wait_probe("livenessProbe", Duration::from_secs(5))?;
+    // Root, with NET_ADMIN and nothing else.
+    pod.assert_process(CAP_NET_ADMIN)?;
+
+    let web = user.http_service("web")?;
+    let (private, public) = gateway_keypair();
+    let peer = json!({
+        "apiVersion": "vpn.cloudraya.com/v1alpha1", "kind": "VpnPeer",
+        "metadata": {"name": "laptop", "namespace": "default"},
+        "spec": {"publicKey": public, "allow": [{"service": "web"}]}
+    });
+    let path = dir.path().join("peer.json");
+    std::fs::write(&path, peer.to_string())?;
+    user.kubectl(&["apply", "-f", path.to_str().context("utf-8")?])?;
+    let address = poll_until_blocking(Duration::from_secs(20), || {
+        let a = jsonpath(&user, &["get", "vpnpeer", "laptop"], "{.status.address}");
+        (!a.is_empty()).then_some(a)
+    });
+    let address = address.with_context(|| format!("the gateway accepts the peer\n{}", pod.logs()))?;
+    let key = jsonpath(
+        &user,
+        &["get", "svc", "kuberaya-gateway", "-n", "kuberaya-system"],
+        "{.metadata.annotations.vpn\\.cloudraya\\.com/public-key}",
+    );
+    ensure!(!key.is_empty(), "the gateway publishes its key\n{}", pod.logs());
+    // The kernel data plane is up: the device, per-interface forwarding, the table.
+    ensure!(
+        show(&pod_ns, &["ip", "-br", "link", "show", "kr-gw0"])?.contains("kr-gw0"),
+        "the TUN device\n{}",
+        pod.logs()
+    );
+    for dev in ["kr-gw0", "eth0"] {
+        ensure!(
+            show(&pod_ns, &["cat", &format!("/proc/sys/net/ipv4/conf/{dev}/forwarding")])?.trim() == "1",
+            "forwarding on {dev}\n{}",
+            pod.logs()
+        );
+    }
+    ensure!(
+        show(&pod_ns, &["nft", "list", "table", "ip", "kuberaya-gateway"])?.contains("masquerade"),
+        "the gateway's nftables table\n{}",
+        pod.logs()
+    );
+
+    // The laptop: wireguard-go with the peer's config, to the pod's WireGuard port.
+    let conf = WgQuick::write(
+        dir.path(),
+        "wg0.conf",
+        &format!(
+            "[Interface]\nPrivateKey = {private}\nAddress = {address}/32\n\n\
+             [Peer]\nPublicKey = {key}\nEndpoint = 192.0.2.1:51820\n\
+             AllowedIPs = 10.96.0.0/24\nPersistentKeepalive = 25\n"
+        ),
+    )?;
+    let mut wg_go = laptop.spawn_with_private_dir("/var/run/wireguard", &["wireguard-go", "-f", "wg0"])?;
+    let wg_pid = wg_go.pid();
+    let ready = poll_until_blocking(Duration::from_secs(15), || {
+        output(&mut in_namespaces_of(wg_pid, &["wg", "show", "wg0"]))
+            .ok()
+            .filter(|o| o.status.success())
+    });
+    ensure!(ready.is_some(), "wireguard-go comes up\n{}", wg_go.output_tails());
+    conf.up(&laptop, wg_pid, "wg0", dir.path())?;
+    let url = format!("http://{web}/");
+    let body = poll_until_blocking(Duration::from_secs(30), || {
+        let out = laptop
+            .exec(&["curl", "-sS", "-m", "3", &url], Duration::from_secs(5))
+            .ok()?;
+        (out.status.success() && !out.stdout.is_empty()).then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    });
+    ensure!(
+        body.is_some(),
+        "curl through wireguard-go and the TUN image to web ({web})\n{}\n{}",
+        wg_go.output_tails(),
+        pod.logs()
+    );
+    wg_go.stop();
+
+    // Stopped as a kubelet stops it: a clean exit that takes its table along.
+    ensure!(pod.stop()? == 0, "exit code 0 on SIGTERM\n{}", pod.logs());
+    let left = cluster.exec(
+        &["nft", "list", "table", "ip", "kuberaya-gateway"],
+        Duration::from_secs(5),
+    )?;
+    ensure!(!left.status.success(), "the table is removed on exit");
+    drop(pod);
+    let _ = cluster.exec(
+        &[kuberaya, "sandbox", "down", "--purge", "--state-dir", state_arg],
+        Duration::from_secs(30),
+    );
+    Ok(())
+}
+
+/// TCP from `listen` inside the namespace `inner` to `target` inside `outer`: a listener
+/// thread moved into `inner`, a connecting thread moved into `outer` (a thread's network
+/// namespace is its own), copies both ways. At most 500 connections; the threads end with
+/// the test process.
+fn forward_between_namespaces(inner: &Netns, listen: SocketAddr, outer: &Netns, target: SocketAddr) -> Result<()> {
+    fn enter(ns: &std::fs::File) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid namespace fd; setns changes only the calling thread's namespace.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+    let inner_ns = std::fs::File::open(format!("/run/netns/{}", inner.name()))?;
+    let outer_ns = std::fs::File::open(format!("/run/netns/{}", outer.name()))?;
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let listener = enter(&inner_ns).and_then(|()| TcpListener::bind(listen));
+        let listener = match listener {
+            Ok(l) => {
+                let _ = bound_tx.send(Ok(()));
+                l
+            }
+            Err(e) => {
+                let _ = bound_tx.send(Err(e));
+                return;
+            }
+        };
+        let (conn_tx, conn_rx) = std::sync::mpsc::channel::<TcpStream>();
+        std::thread::spawn(move || {
+            if enter(&outer_ns).is_err() {
+                return;
+            }
+            for mut inbound in conn_rx {
+                let Ok(mut outbound) = TcpStream::connect_timeout(&target, Duration::from_secs(5)) else {
+                    continue;
+                };
+                let (Ok(mut i2), Ok(mut o2)) = (inbound.try_clone(), outbound.try_clone()) else {
+                    continue;
+                };
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut i2, &mut o2);
+                    let _ = o2.shutdown(std::net::Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut outbound, &mut inbound);
+                    let _ = inbound.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        for s in listener.incoming().take(500).flatten() {
+            if conn_tx.send(s).is_err() {
+                break;
+            }
+        }
+    });
+    bound_rx
+        .recv_timeout(Duration::from_secs(5))?
+        .with_context(|| format!("listening on {listen} in {}", inner.name()))
 }

@@ -157,7 +157,10 @@ fn assert_hardened(deploy: &Value) {
     );
     let c = &container(deploy)["securityContext"];
     if c["runAsUser"] == 0 {
-        assert!(!strings(&c["capabilities"]["add"]).is_empty(), "{name}: root only for a capability");
+        assert!(
+            !strings(&c["capabilities"]["add"]).is_empty(),
+            "{name}: root only for a capability"
+        );
     }
     assert_eq!(c["allowPrivilegeEscalation"], false, "{name}");
     assert_eq!(c["readOnlyRootFilesystem"], true, "{name}");

@@ -17,6 +17,7 @@ use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kuberaya_e2e::netns::{self, Netns, VethEnd, in_namespaces_of, require_programs, require_root, run, run_ok};
+use kuberaya_e2e::wg_quick::WgQuick;
 use kuberaya_e2e::{Process, poll_until_blocking};
 
 const BODY: &str = "hello from web";
@@ -114,49 +115,6 @@ fn gateway_args(dir: &Path, gw_private: &str, peer_public: &str, listen: &str) -
     ]
     .map(String::from)
     .to_vec()
-}
-
-/// A wg-quick config, and the steps `wg-quick up` takes for it on a userspace interface
-/// (wg-quick itself would pick the kernel module when there is one, and rewrite the
-/// host's resolv.conf for `DNS`; the test wants neither).
-struct WgQuick {
-    path: PathBuf,
-    text: String,
-}
-
-impl WgQuick {
-    /// Every value of `key` (any section), comma lists split.
-    fn values(&self, key: &str) -> Vec<String> {
-        self.text
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .filter(|(k, _)| k.trim().eq_ignore_ascii_case(key))
-            .flat_map(|(_, v)| v.split(',').map(|s| s.trim().to_string()).collect::<Vec<_>>())
-            .collect()
-    }
-
-    /// Configure `iface` of the wireguard-go process `pid` in `ns`: keys and peer through
-    /// `wg setconf` (from `wg-quick strip`), then addresses, MTU, link and routes.
-    fn up(&self, ns: &Netns, pid: u32, iface: &str, scratch: &Path) -> anyhow::Result<()> {
-        let mut strip = Command::new("wg-quick");
-        strip.arg("strip").arg(&self.path);
-        let stripped = write(scratch, "stripped.conf", &run_ok(strip, CMD)?);
-        run_ok(
-            in_namespaces_of(
-                pid,
-                &["wg".as_ref(), "setconf".as_ref(), iface.as_ref(), stripped.as_os_str()],
-            ),
-            CMD,
-        )?;
-        for a in self.values("Address") {
-            ns.ip(["address", "add", &a, "dev", iface])?;
-        }
-        ns.ip(["link", "set", "mtu", "1420", "up", "dev", iface])?;
-        for r in self.values("AllowedIPs") {
-            ns.ip(["route", "add", &r, "dev", iface])?;
-        }
-        Ok(())
-    }
 }
 
 /// Everything inside one namespace, at most [`CMD`]; panics when the command cannot run.

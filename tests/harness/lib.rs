@@ -48,6 +48,7 @@ pub mod probe;
 pub mod process;
 pub mod sandbox;
 pub mod tunnel;
+pub mod wg_quick;
 
 pub use b64::{b64, b64_decode};
 pub use bins::{bin_dir, binary};

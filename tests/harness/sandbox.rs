@@ -151,6 +151,7 @@ impl Sandbox {
         User {
             kubeconfig: self.state.join("kubeconfig"),
             work: work.to_path_buf(),
+            netns: None,
         }
     }
 }
@@ -264,12 +265,21 @@ pub fn gateway_keypair() -> (String, String) {
 pub struct User {
     pub kubeconfig: PathBuf,
     pub work: PathBuf,
+    /// The network namespace the cluster lives in (`ip netns exec`), if not this one.
+    pub netns: Option<String>,
 }
 
 impl User {
     pub fn run(&self, program: &Path, args: &[&str]) -> Result<Output> {
-        Command::new(program)
-            .args(args)
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
+        cmd.args(args)
             .env("KUBECONFIG", &self.kubeconfig)
             .current_dir(&self.work)
             .stdin(Stdio::null())
