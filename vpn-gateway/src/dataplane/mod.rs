@@ -10,8 +10,13 @@
 //! - [`userspace::UserspaceDataPlane`]: the default, unprivileged: flows are terminated in
 //!   smoltcp and carried over ordinary sockets.
 //! - [`tun::TunDataPlane`]: NET_ADMIN, kernel forwarding through a TUN device with the
-//!   gateway's own masquerade table; DNS and refusals stay in the userspace one.
+//!   gateway's own masquerade table; DNS and refusals stay in the userspace one. Its kernel
+//!   configuration goes over netlink: [`nft`] (the table), [`forwarding`] (per-interface
+//!   IPv4 forwarding), both on [`netlink`]'s framing.
 
+pub mod forwarding;
+pub mod netlink;
+pub mod nft;
 pub mod tun;
 pub mod userspace;
 

@@ -3,13 +3,16 @@
 //!
 //! - **Setup** ([`TunDataPlane::start`]): the TUN device (`--tun-name`, MTU [`MTU`]) gets the
 //!   gateway's tunnel address with the tunnel range's prefix, so the kernel's connected
-//!   route sends every reply for a peer back into it. IPv4 forwarding is switched on and the
-//!   gateway's own nftables table ([`NFT_TABLE`]) is installed in one atomic batch that first
-//!   deletes any table of that name: a table left by a crashed gateway is replaced, never
-//!   doubled. The table masquerades traffic from the tunnel range leaving by any other
-//!   interface (so Services answer to the gateway's node), and lets into the TUN only
-//!   packets of connections the peers opened (`ct state established,related`): nobody in
-//!   the cluster can open a connection to an operator's laptop.
+//!   route sends every reply for a peer back into it. IPv4 forwarding is switched on per
+//!   interface over rtnetlink ([`super::forwarding`]: `/proc/sys` is read-only in a pod),
+//!   and the gateway's own nftables table ([`NFT_TABLE`]) is installed over netlink
+//!   ([`super::nft`]: no `nft` program in the image) in one atomic batch that first deletes
+//!   any table of that name: a table left by a crashed gateway is replaced, never doubled.
+//!   The table masquerades traffic from the tunnel range leaving by any other interface (so
+//!   Services answer to the gateway's node), and lets into the TUN only packets of
+//!   connections the peers opened (`ct state established,related`): nobody in the cluster
+//!   can open a connection to an operator's laptop. All of it needs CAP_NET_ADMIN only, as
+//!   a pod with `capabilities: {drop: [ALL], add: [NET_ADMIN]}` has.
 //! - **Teardown**: dropping the data plane deletes the table; the device goes with the
 //!   process (it is not persistent), so a crash leaves at most the table, which the next
 //!   start replaces.
@@ -45,14 +48,16 @@ use ipnet::Ipv4Net;
 use tokio::sync::Notify;
 use tun_rs::{AsyncDevice, DeviceBuilder, DeviceImpl, GROTable, VIRTIO_NET_HDR_LEN};
 
+use super::forwarding::{self, Forwarding};
+use super::netlink::NetlinkError;
 use super::userspace::{UserspaceConfig, UserspaceDataPlane};
-use super::{DataPlane, FlowCounters, Inbound, Policy};
+use super::{DataPlane, FlowCounters, Inbound, Policy, nft};
 use crate::acl::Verdict;
 
 /// The device's MTU: WireGuard's usual 1420, the same as the userspace data plane.
 pub const MTU: u16 = super::userspace::MTU as u16;
 /// The nftables table (family `ip`) the gateway owns.
-pub const NFT_TABLE: &str = "kuberaya-gateway";
+pub const NFT_TABLE: &str = nft::TABLE;
 /// The default TUN device name.
 pub const DEFAULT_NAME: &str = "kr-gw0";
 /// Segments one read may be split into: a 64 KiB super-packet of 512-byte segments (our
@@ -90,10 +95,12 @@ pub enum TunError {
         #[source]
         source: io::Error,
     },
-    #[error("enabling IPv4 forwarding: {0}")]
-    Forwarding(#[source] io::Error),
-    #[error("installing nftables table {NFT_TABLE}: {0} (needs the `nft` program and CAP_NET_ADMIN)")]
-    Nft(#[source] nftables::helper::NftablesError),
+    #[error("enabling IPv4 forwarding over rtnetlink: {0} (needs CAP_NET_ADMIN)")]
+    Forwarding(#[source] NetlinkError),
+    #[error(
+        "installing nftables table {NFT_TABLE} over netlink: {0} (needs CAP_NET_ADMIN and nf_tables in the kernel)"
+    )]
+    Nft(#[source] NetlinkError),
 }
 
 /// One read's room: the raw bytes (virtio-net header and up to a 64 KiB super-packet) and
@@ -181,10 +188,16 @@ impl TunDataPlane {
                 })?
             }
         };
-        enable_forwarding().map_err(TunError::Forwarding)?;
-        nftables::helper::apply_ruleset_async(&ruleset(&cfg.name, cfg.range))
-            .await
-            .map_err(TunError::Nft)?;
+        // Netlink requests are answered while they are sent: no waiting on the kernel here.
+        match forwarding::enable().map_err(TunError::Forwarding)? {
+            Forwarding::Global => tracing::info!("IPv4 forwarding already on (net.ipv4.ip_forward = 1)"),
+            Forwarding::Devices(devices) => tracing::info!(
+                ?devices,
+                ip_forward = ?forwarding::global(),
+                "IPv4 forwarding enabled per interface"
+            ),
+        }
+        nft::install(&cfg.name, cfg.range).map_err(TunError::Nft)?;
         tracing::info!(device = %cfg.name, address = %gateway, range = %cfg.range, table = NFT_TABLE,
             offloads = dev.tcp_gso(), "TUN data plane up");
 
@@ -200,60 +213,11 @@ impl TunDataPlane {
 
 impl Drop for TunDataPlane {
     fn drop(&mut self) {
-        match nftables::helper::apply_ruleset(&delete_table()) {
+        match nft::remove() {
             Ok(()) => tracing::info!(table = NFT_TABLE, "nftables table removed"),
             Err(e) => tracing::warn!(table = NFT_TABLE, error = %e, "removing the nftables table"),
         }
     }
-}
-
-fn enable_forwarding() -> io::Result<()> {
-    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
-    if std::fs::read_to_string(PATH)?.trim() != "1" {
-        std::fs::write(PATH, "1")?;
-        tracing::info!("IPv4 forwarding enabled");
-    }
-    Ok(())
-}
-
-/// The gateway's table, replacing any earlier one in the same transaction.
-fn ruleset(device: &str, range: Ipv4Net) -> nftables::schema::Nftables<'static> {
-    let table = serde_json::json!({"family": "ip", "name": NFT_TABLE});
-    let chain = |name: &str, kind: &str, hook: &str, prio: i32| {
-        serde_json::json!({"add": {"chain": {
-            "family": "ip", "table": NFT_TABLE, "name": name,
-            "type": kind, "hook": hook, "prio": prio, "policy": "accept"
-        }}})
-    };
-    let rule = |chain: &str, expr: serde_json::Value| serde_json::json!({"add": {"rule": {"family": "ip", "table": NFT_TABLE, "chain": chain, "expr": expr}}});
-    let oif =
-        |op: &str| serde_json::json!({"match": {"op": op, "left": {"meta": {"key": "oifname"}}, "right": device}});
-    let from_range = serde_json::json!({"match": {"op": "==",
-        "left": {"payload": {"protocol": "ip", "field": "saddr"}},
-        "right": {"prefix": {"addr": range.network().to_string(), "len": range.prefix_len()}}}});
-    let replies = serde_json::json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}});
-    let doc = serde_json::json!({"nftables": [
-        {"add": {"table": table}},
-        {"delete": {"table": table}},
-        {"add": {"table": table}},
-        chain("postrouting", "nat", "postrouting", 100),
-        rule("postrouting", serde_json::json!([from_range, oif("!="), {"masquerade": null}])),
-        // Into the tunnel: replies of the peers' own connections only (forwarded or local).
-        chain("forward", "filter", "forward", 0),
-        rule("forward", serde_json::json!([oif("=="), replies, {"accept": null}])),
-        rule("forward", serde_json::json!([oif("=="), {"drop": null}])),
-        chain("output", "filter", "output", 0),
-        rule("output", serde_json::json!([oif("=="), replies, {"accept": null}])),
-        rule("output", serde_json::json!([oif("=="), {"drop": null}])),
-    ]});
-    serde_json::from_value(doc).expect("the table's rules follow the nftables JSON schema")
-}
-
-/// Delete the table (an `add` first, so that a missing table is no error).
-fn delete_table() -> nftables::schema::Nftables<'static> {
-    let table = serde_json::json!({"family": "ip", "name": NFT_TABLE});
-    let doc = serde_json::json!({"nftables": [{"add": {"table": table}}, {"delete": {"table": table}}]});
-    serde_json::from_value(doc).expect("nftables JSON schema")
 }
 
 impl DataPlane for TunDataPlane {
@@ -354,23 +318,6 @@ impl DataPlane for TunDataPlane {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_ruleset_replaces_the_table_and_guards_the_tunnel() {
-        let r = ruleset("kr-gw0", "100.64.0.0/16".parse().unwrap());
-        let json = serde_json::to_value(&r).unwrap();
-        let cmds = json["nftables"].as_array().unwrap();
-        // add, delete, add: idempotent after a crash, atomic in one `nft -j -f`.
-        assert!(cmds[0]["add"]["table"].is_object());
-        assert!(cmds[1]["delete"]["table"].is_object());
-        assert!(cmds[2]["add"]["table"].is_object());
-        let text = json.to_string();
-        assert!(text.contains("\"masquerade\""), "{text}");
-        assert!(text.contains("\"addr\":\"100.64.0.0\",\"len\":16"), "{text}");
-        assert!(text.contains("[\"established\",\"related\"]"), "{text}");
-        let drops = cmds.iter().filter(|c| c.to_string().contains("\"drop\"")).count();
-        assert_eq!(drops, 2, "new connections into the tunnel dropped, forwarded and local");
-    }
 
     /// An IPv4/TCP segment with valid checksums (GRO verifies them before coalescing).
     fn segment(seq: u32, payload: &[u8]) -> Vec<u8> {
