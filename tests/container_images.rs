@@ -136,7 +136,10 @@ impl Pod {
         let spec = &deploy["spec"]["template"]["spec"];
         let c = &spec["containers"][0];
         let cname = c["name"].as_str().context("container name")?;
-        let name = format!("{cname}-e2e-{}", std::process::id());
+        // Unique among the tests of this process, which run side by side.
+        static PODS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = PODS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("{cname}-e2e-{}-{n}", std::process::id());
         let _ = output(podman().args(["rm", "-f", &name]));
         let host_network = spec["hostNetwork"] == true;
         ensure!(
