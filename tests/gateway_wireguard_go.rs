@@ -271,6 +271,10 @@ fn laptop_scenario(plane: Plane) {
         // What a crashed gateway leaves behind: its table, with a rule of an older version.
         exec(&cluster, &["nft", "add", "table", "ip", NFT_TABLE]);
         exec(&cluster, &["nft", "add", "chain", "ip", NFT_TABLE, "stale"]);
+        // As in a pod (read-only /proc/sys): no global forwarding, so only the gateway's
+        // per-interface forwarding over rtnetlink can make the kernel forward.
+        let off = exec(&cluster, &["sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward"]);
+        assert!(off.status.success(), "{}", text(&off));
     }
     let mut gw = cluster.spawn_with_private_dir("/var/run/wireguard", &gw_cmd).unwrap();
     let line = gw
@@ -291,6 +295,14 @@ fn laptop_scenario(plane: Plane) {
         );
         let link = cluster.ip(["-br", "address", "show", GW_TUN]).unwrap();
         assert!(link.contains(&format!("{GATEWAY_TUNNEL_IP}/16")), "{link}");
+        let sysctl = |path: &str| {
+            let out = exec(&cluster, &["cat", &format!("/proc/sys/net/ipv4/{path}")]);
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        assert_eq!(sysctl("ip_forward"), "0", "the gateway wrote the global switch");
+        for dev in [GW_TUN, "to-laptop"] {
+            assert_eq!(sysctl(&format!("conf/{dev}/forwarding")), "1", "forwarding on {dev}");
+        }
     }
 
     // The laptop: wireguard-go with the peer's wg-quick config.

@@ -139,8 +139,8 @@ mod tests {
         assert_eq!(m.ty, RTM_SETLINK);
         assert_eq!(m.flags, NLM_F_REQUEST | NLM_F_ACK);
         assert_eq!(m.seq, 3);
-        assert_eq!(&m.payload[..IFINFOMSG], &ifinfomsg(7));
-        assert_eq!(i32::from_ne_bytes(m.payload[4..8].try_into().unwrap()), 7);
+        assert_eq!(i32::from_ne_bytes(m.payload[4..8].try_into().unwrap()), 7, "ifi_index");
+        assert_eq!(&m.payload[8..IFINFOMSG], &[0; 8], "no link flags changed");
         let only = |buf: &[u8], ty: u16| {
             let a: Vec<_> = netlink::attrs(buf).collect();
             assert_eq!(a.len(), 1, "one attribute of type {ty}");
@@ -152,13 +152,12 @@ mod tests {
         let conf = only(&inet, IFLA_INET_CONF);
         assert_eq!(only(&conf, IPV4_DEVCONF_FORWARDING), 1u32.to_ne_bytes());
         // Nests are flagged as such (the kernel's strict parsing wants it).
+        let at = netlink::HEADER + IFINFOMSG + 2;
         assert_eq!(
-            u16::from_ne_bytes([b[HEADER_AND_IFINFO + 2], b[HEADER_AND_IFINFO + 3]]),
+            u16::from_ne_bytes([b[at], b[at + 1]]),
             IFLA_AF_SPEC | netlink::NLA_F_NESTED
         );
     }
-
-    const HEADER_AND_IFINFO: usize = netlink::HEADER + IFINFOMSG;
 
     #[test]
     fn links_are_parsed_with_their_name_and_loopback_flag() {

@@ -337,8 +337,11 @@ mod tests {
     use super::*;
     use crate::dataplane::netlink;
 
-    /// The type of a message (without the subsystem) and its attributes, for tests.
-    fn decode(msg: &[u8]) -> (u16, Vec<(u16, Vec<u8>)>) {
+    /// Attributes as (type, value).
+    type Attrs = Vec<(u16, Vec<u8>)>;
+
+    /// The type of a message (without the subsystem) and its attributes.
+    fn decode(msg: &[u8]) -> (u16, Attrs) {
         let m = netlink::messages(msg).next().expect("one message");
         let attrs = netlink::attrs(&m.payload[4..]).map(|(t, v)| (t, v.to_vec())).collect();
         (m.ty & 0xff, attrs)
@@ -349,7 +352,7 @@ mod tests {
     }
 
     /// The names of a rule message's expressions and each one's attributes.
-    fn exprs(msg: &[u8]) -> Vec<(String, Vec<(u16, Vec<u8>)>)> {
+    fn exprs(msg: &[u8]) -> Vec<(String, Attrs)> {
         let (ty, attrs) = decode(msg);
         assert_eq!(ty, NFT_MSG_NEWRULE);
         let list = &attrs.iter().find(|(t, _)| *t == NFTA_RULE_EXPRESSIONS).unwrap().1;

@@ -189,7 +189,15 @@ impl TunDataPlane {
             }
         };
         // Netlink requests are answered while they are sent: no waiting on the kernel here.
-        match forwarding::enable().map_err(TunError::Forwarding)? {
+        // The table first, so that nothing is forwarded into the TUN before its rules hold.
+        nft::install(&cfg.name, cfg.range).map_err(TunError::Nft)?;
+        let enabled = forwarding::enable().map_err(|e| {
+            if let Err(e) = nft::remove() {
+                tracing::warn!(table = NFT_TABLE, error = %e, "removing the nftables table");
+            }
+            TunError::Forwarding(e)
+        })?;
+        match enabled {
             Forwarding::Global => tracing::info!("IPv4 forwarding already on (net.ipv4.ip_forward = 1)"),
             Forwarding::Devices(devices) => tracing::info!(
                 ?devices,
@@ -197,7 +205,6 @@ impl TunDataPlane {
                 "IPv4 forwarding enabled per interface"
             ),
         }
-        nft::install(&cfg.name, cfg.range).map_err(TunError::Nft)?;
         tracing::info!(device = %cfg.name, address = %gateway, range = %cfg.range, table = NFT_TABLE,
             offloads = dev.tcp_gso(), "TUN data plane up");
 
