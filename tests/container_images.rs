@@ -22,7 +22,6 @@
 //! VpnPeer and onetun reaches a ClusterIP Service through it.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -265,19 +264,20 @@ impl Pod {
             let cluster = &kc["clusters"][0]["cluster"];
             let ca = b64_decode(cluster["certificate-authority-data"].as_str().context("CA data")?)?;
             write_0644(&dir.join("ca.crt"), &ca)?;
-            let server = url::Url::parse(cluster["server"].as_str().context("server")?)?;
+            // Like a kubelet: the `kubernetes` Service's ClusterIP and port.
+            let service = |path: &str| user.kubectl(&["get", "service", "kubernetes", "-n", "default", "-o", path]);
+            let host = service("jsonpath={.spec.clusterIP}")?;
+            let port = service("jsonpath={.spec.ports[?(@.name==\"https\")].port}")?;
+            ensure!(
+                !host.is_empty() && !port.is_empty(),
+                "the kubernetes Service: {host}:{port}"
+            );
             args.push(format!(
                 "--volume={}:/var/run/secrets/kubernetes.io/serviceaccount:ro",
                 dir.display()
             ));
-            args.push(format!(
-                "--env=KUBERNETES_SERVICE_HOST={}",
-                server.host_str().context("host")?
-            ));
-            args.push(format!(
-                "--env=KUBERNETES_SERVICE_PORT={}",
-                server.port_or_known_default().context("port")?
-            ));
+            args.push(format!("--env=KUBERNETES_SERVICE_HOST={host}"));
+            args.push(format!("--env=KUBERNETES_SERVICE_PORT={port}"));
         }
 
         // Environment.
@@ -669,8 +669,8 @@ const CAP_NET_ADMIN: u64 = 1 << 12;
 ///   replies forwarded back, as in a cluster;
 /// - `laptop`, a WireGuard client reaching the pod's UDP port over a veth pair.
 ///
-/// The sandbox's `kubernetes` Service has no endpoints, so the pod reaches the API server
-/// through a forwarder on its own loopback, at the address its kubeconfig names.
+/// The pod reaches the API server as pods do, through the `kubernetes` Service's ClusterIP
+/// (routed to the node, where the sandbox's kube-proxy forwards it to the API server).
 #[test]
 fn the_tun_overlay_runs_as_shipped_and_carries_a_wireguard_go_peer() -> Result<()> {
     let test = "the_tun_overlay_runs_as_shipped_and_carries_a_wireguard_go_peer";
@@ -760,18 +760,6 @@ fn the_tun_overlay_runs_as_shipped_and_carries_a_wireguard_go_peer() -> Result<(
     let deploy = apply_and_get_deployment(&user, "gateway/overlays/tun", "kuberaya-system", "kuberaya-gateway")?;
     let files = dir.path().join("pod");
     std::fs::create_dir_all(&files)?;
-    let server = url::Url::parse(&user.kubectl(&[
-        "config",
-        "view",
-        "--minify",
-        "-o",
-        "jsonpath={.clusters[0].cluster.server}",
-    ])?)?;
-    let api = SocketAddr::new(
-        server.host_str().context("host")?.parse()?,
-        server.port_or_known_default().context("port")?,
-    );
-    forward_between_namespaces(&pod_ns, api, &cluster, api)?;
     let pod = Pod::run(&user, &deploy, &files, Some(&pod_ns))?;
     pod.wait_probe("readinessProbe", Duration::from_secs(30))?;
     pod.wait_probe("livenessProbe", Duration::from_secs(5))?;
@@ -865,66 +853,4 @@ fn the_tun_overlay_runs_as_shipped_and_carries_a_wireguard_go_peer() -> Result<(
         Duration::from_secs(30),
     );
     Ok(())
-}
-
-/// TCP from `listen` inside the namespace `inner` to `target` inside `outer`: a listener
-/// thread moved into `inner`, a connecting thread moved into `outer` (a thread's network
-/// namespace is its own), copies both ways. At most 500 connections; the threads end with
-/// the test process.
-fn forward_between_namespaces(inner: &Netns, listen: SocketAddr, outer: &Netns, target: SocketAddr) -> Result<()> {
-    fn enter(ns: &std::fs::File) -> std::io::Result<()> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: a valid namespace fd; setns changes only the calling thread's namespace.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
-    }
-    let inner_ns = std::fs::File::open(format!("/run/netns/{}", inner.name()))?;
-    let outer_ns = std::fs::File::open(format!("/run/netns/{}", outer.name()))?;
-    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let listener = enter(&inner_ns).and_then(|()| TcpListener::bind(listen));
-        let listener = match listener {
-            Ok(l) => {
-                let _ = bound_tx.send(Ok(()));
-                l
-            }
-            Err(e) => {
-                let _ = bound_tx.send(Err(e));
-                return;
-            }
-        };
-        let (conn_tx, conn_rx) = std::sync::mpsc::channel::<TcpStream>();
-        std::thread::spawn(move || {
-            if enter(&outer_ns).is_err() {
-                return;
-            }
-            for mut inbound in conn_rx {
-                let Ok(mut outbound) = TcpStream::connect_timeout(&target, Duration::from_secs(5)) else {
-                    continue;
-                };
-                let (Ok(mut i2), Ok(mut o2)) = (inbound.try_clone(), outbound.try_clone()) else {
-                    continue;
-                };
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut i2, &mut o2);
-                    let _ = o2.shutdown(std::net::Shutdown::Write);
-                });
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut outbound, &mut inbound);
-                    let _ = inbound.shutdown(std::net::Shutdown::Write);
-                });
-            }
-        });
-        for s in listener.incoming().take(500).flatten() {
-            if conn_tx.send(s).is_err() {
-                break;
-            }
-        }
-    });
-    bound_rx
-        .recv_timeout(Duration::from_secs(5))?
-        .with_context(|| format!("listening on {listen} in {}", inner.name()))
 }

@@ -156,15 +156,10 @@ pub fn older_claimant<'a>(
     use kube::ResourceExt;
     let age = |s: &k8s_openapi::api::core::v1::Service| (s.creation_timestamp().map(|t| t.0), s.uid());
     let mine = age(svc);
-    // Called before every create, against every Service: only a name given by annotation
-    // can meet another Service's (default names differ by namespace/name), so without one
-    // on either side nothing is computed.
-    let named = |s: &k8s_openapi::api::core::v1::Service| s.annotations().contains_key(crate::annotations::NAME);
-    let mine_named = named(svc);
+    // Default names meet too: `kr-<namespace>-<name>` is the same for `a-b/c` and `a/b-c`.
     others
         .filter(|o| {
-            (mine_named || named(o))
-                && o.uid() != svc.uid()
+            o.uid() != svc.uid()
                 && crate::service::wants_load_balancer(o)
                 && !crate::service::is_deleting(o)
                 && desired_lb_name(o) == name
@@ -925,5 +920,16 @@ pub(crate) mod tests {
         for o in [cip, deleting, other_name] {
             assert_eq!(older_claimant(&b, "shared", [o, b.clone()].iter()), None);
         }
+        // Default names that meet (`kr-a-b-c` for `a-b/c` and `a/b-c`), neither annotated.
+        let unnamed = |ns: &str, name: &str, uid: &str, secs: i64| {
+            let mut s = named(ns, name, uid, secs);
+            s.metadata.annotations = None;
+            s
+        };
+        let (old, new) = (unnamed("a", "b-c", "u-old", 1), unnamed("a-b", "c", "u-new", 2));
+        assert_eq!(desired_lb_name(&old), desired_lb_name(&new));
+        let all = [new.clone(), old.clone()];
+        assert_eq!(older_claimant(&new, "kr-a-b-c", all.iter()), Some("a/b-c".into()));
+        assert_eq!(older_claimant(&old, "kr-a-b-c", all.iter()), None);
     }
 }

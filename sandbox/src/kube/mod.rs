@@ -124,7 +124,7 @@ impl KubeApi {
             }
         };
         let (pki, tls) = if config.tls {
-            let pki = tls::load_or_create(&config.state_dir)?;
+            let pki = tls::load_or_create(&config.state_dir, config.service_cidr.hosts().next())?;
             let cfg = tls::server_config(&pki)?;
             (Some(pki), Some(cfg))
         } else {
@@ -338,6 +338,9 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     // A KubeApi may be served again after an earlier serve() stopped.
     api.stop.send_replace(false);
+    if let Ok(addr) = listener.local_addr() {
+        api.lock().advertise_apiserver(addr);
+    }
     let router = api.router();
     let acceptor = api.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let mut stop_rx = api.stop.subscribe();

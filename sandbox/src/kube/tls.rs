@@ -13,7 +13,7 @@ pub struct Pki {
     pub key_pem: String,
 }
 
-fn generate() -> Result<Pki, rcgen::Error> {
+fn generate(service_ip: Option<std::net::Ipv4Addr>) -> Result<Pki, rcgen::Error> {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     };
@@ -29,7 +29,9 @@ fn generate() -> Result<Pki, rcgen::Error> {
     let ca_cert = ca.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca, ca_key);
     let key = KeyPair::generate()?;
-    let mut p = CertificateParams::new(vec![
+    // As kube-apiserver's serving certificate: the `kubernetes` Service's names and
+    // ClusterIP (the first address of the Service range), so that pods may use them.
+    let mut names = vec![
         "localhost".to_string(),
         "kubernetes".to_string(),
         "kubernetes.default".to_string(),
@@ -38,7 +40,13 @@ fn generate() -> Result<Pki, rcgen::Error> {
         "127.0.0.1".to_string(),
         "::1".to_string(),
         "127.96.0.1".to_string(),
-    ])?;
+    ];
+    if let Some(ip) = service_ip.map(|i| i.to_string())
+        && !names.contains(&ip)
+    {
+        names.push(ip);
+    }
+    let mut p = CertificateParams::new(names)?;
     p.distinguished_name.push(DnType::CommonName, "kube-apiserver");
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
@@ -51,7 +59,8 @@ fn generate() -> Result<Pki, rcgen::Error> {
 }
 
 /// Loads the PKI from `dir`, creating it on first start.
-pub fn load_or_create(dir: &Path) -> Result<Pki, super::Error> {
+/// `service_ip`: the `kubernetes` Service's ClusterIP, named in a new certificate.
+pub fn load_or_create(dir: &Path, service_ip: Option<std::net::Ipv4Addr>) -> Result<Pki, super::Error> {
     let (ca, crt, key) = (dir.join("ca.crt"), dir.join("apiserver.crt"), dir.join("apiserver.key"));
     if ca.exists() && crt.exists() && key.exists() {
         return Ok(Pki {
@@ -60,7 +69,7 @@ pub fn load_or_create(dir: &Path) -> Result<Pki, super::Error> {
             key_pem: std::fs::read_to_string(&key)?,
         });
     }
-    let pki = generate().map_err(|e| super::Error::Tls(e.to_string()))?;
+    let pki = generate(service_ip).map_err(|e| super::Error::Tls(e.to_string()))?;
     super::persist::write_atomic(&ca, pki.ca_pem.as_bytes())?;
     super::persist::write_atomic(&crt, pki.cert_pem.as_bytes())?;
     super::persist::write_atomic(&key, pki.key_pem.as_bytes())?;

@@ -229,6 +229,55 @@ impl Store {
         }
     }
 
+    /// What kube-apiserver's endpoint reconciler keeps: the `kubernetes` Service's target
+    /// port and its EndpointSlice pointing at the address the API server serves on, so that
+    /// a pod reaches the API through the Service's ClusterIP (`KUBERNETES_SERVICE_HOST`).
+    /// An unspecified address is advertised as loopback, where the sandbox's nodes live.
+    pub fn advertise_apiserver(&mut self, addr: std::net::SocketAddr) {
+        let ip = match addr.ip() {
+            std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::Ipv4Addr::LOCALHOST,
+            std::net::IpAddr::V4(v4) => v4,
+            std::net::IpAddr::V6(_) => return,
+        };
+        let port = addr.port();
+        if let Some(svc) = self.find("", "v1", "services").cloned()
+            && let Some(old) = self.get_raw(&svc, "default", "kubernetes")
+            && old["spec"]["ports"][0]["targetPort"] != json!(port)
+        {
+            let patch =
+                json!({"spec": {"ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": port}]}});
+            let _ = self.patch(
+                &svc,
+                "default",
+                "kubernetes",
+                None,
+                PatchKind::Merge,
+                &patch,
+                &sys_opts(),
+            );
+        }
+        let Some(es) = self.find("discovery.k8s.io", "v1", "endpointslices").cloned() else {
+            return;
+        };
+        let want = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "kubernetes", "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "kubernetes"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [ip.to_string()], "conditions": {"ready": true}}],
+            "ports": [{"name": "https", "port": port, "protocol": "TCP"}]});
+        match self.get_raw(&es, "default", "kubernetes").cloned() {
+            None => {
+                let _ = self.create(&es, Some("default"), want, &sys_opts());
+            }
+            Some(old) if old["endpoints"] != want["endpoints"] || old["ports"] != want["ports"] => {
+                let mut body = want;
+                body["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
+                let _ = self.update(&es, "default", "kubernetes", None, body, &sys_opts());
+            }
+            Some(_) => {}
+        }
+    }
+
     // ---- registry ----
 
     pub fn find(&self, group: &str, version: &str, plural: &str) -> Option<&ResourceType> {
@@ -494,6 +543,39 @@ mod tests {
             manager: "test".into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_kubernetes_service_points_at_the_address_the_api_serves_on() {
+        let mut s = store();
+        let (svc, es) = (rt(&s, "", "services"), rt(&s, "discovery.k8s.io", "endpointslices"));
+        s.advertise_apiserver("127.0.0.1:40000".parse().unwrap());
+        let service = s.get(&svc, "default", "kubernetes").unwrap();
+        assert_eq!(service["spec"]["ports"][0]["targetPort"], 40000);
+        assert_eq!(service["spec"]["clusterIP"], "127.96.0.1");
+        let slice = s.get(&es, "default", "kubernetes").unwrap();
+        assert_eq!(slice["metadata"]["labels"]["kubernetes.io/service-name"], "kubernetes");
+        assert_eq!(slice["endpoints"][0]["addresses"], json!(["127.0.0.1"]));
+        assert_eq!(
+            slice["ports"],
+            json!([{"name": "https", "port": 40000, "protocol": "TCP"}])
+        );
+        // Served again on the same address: nothing is written.
+        let rv = slice["metadata"]["resourceVersion"].clone();
+        s.advertise_apiserver("127.0.0.1:40000".parse().unwrap());
+        assert_eq!(
+            s.get(&es, "default", "kubernetes").unwrap()["metadata"]["resourceVersion"],
+            rv
+        );
+        // On every address: advertised on loopback, where the sandbox's nodes are.
+        s.advertise_apiserver("0.0.0.0:41000".parse().unwrap());
+        let slice = s.get(&es, "default", "kubernetes").unwrap();
+        assert_eq!(slice["endpoints"][0]["addresses"], json!(["127.0.0.1"]));
+        assert_eq!(slice["ports"][0]["port"], 41000);
+        assert_eq!(
+            s.get(&svc, "default", "kubernetes").unwrap()["spec"]["ports"][0]["targetPort"],
+            41000
+        );
     }
 
     #[test]
