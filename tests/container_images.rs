@@ -478,6 +478,36 @@ fn jsonpath(user: &User, args: &[&str], path: &str) -> String {
     user.kubectl(&a).unwrap_or_default()
 }
 
+/// A VpnPeer `default/name` allowed to reach `web`, with a fresh key pair, once the
+/// gateway in `pod` accepted it: its private key, its tunnel address (`status.address`) and the
+/// gateway's public key as published on its Service.
+fn accepted_peer(user: &User, dir: &Path, name: &str, pod: &Pod) -> Result<(String, String, String)> {
+    let (private, public) = gateway_keypair();
+    let peer = json!({
+        "apiVersion": "vpn.cloudraya.com/v1alpha1", "kind": "VpnPeer",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"publicKey": public, "allow": [{"service": "web"}]}
+    });
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, peer.to_string())?;
+    user.kubectl(&["apply", "-f", path.to_str().context("utf-8")?])?;
+    let address = poll_until_blocking(Duration::from_secs(20), || {
+        let a = jsonpath(user, &["get", "vpnpeer", name], "{.status.address}");
+        (!a.is_empty()).then_some(a)
+    });
+    let address = address.with_context(|| format!("the gateway accepts the peer\n{}", pod.logs()))?;
+    let key = poll_until_blocking(Duration::from_secs(20), || {
+        let k = jsonpath(
+            user,
+            &["get", "svc", "kuberaya-gateway", "-n", "kuberaya-system"],
+            "{.metadata.annotations.vpn\\.cloudraya\\.com/public-key}",
+        );
+        (!k.is_empty()).then_some(k)
+    });
+    let key = key.with_context(|| format!("the gateway publishes its key\n{}", pod.logs()))?;
+    Ok((private, address, key))
+}
+
 /// The cloud-config Secret of docs/installing.md, from the example filled in for `sb`.
 fn cloud_config_secret(sb: &TempSandbox, user: &User) -> Result<()> {
     let env = sb.env()?;
@@ -596,29 +626,7 @@ fn the_gateway_image_runs_as_its_manifest_says_and_serves_a_peer() -> Result<()>
 
     // A peer allowed to reach web, through the gateway's WireGuard port.
     let web = user.http_service("web")?;
-    let (private, public) = gateway_keypair();
-    let peer = json!({
-        "apiVersion": "vpn.cloudraya.com/v1alpha1", "kind": "VpnPeer",
-        "metadata": {"name": "e2e", "namespace": "default"},
-        "spec": {"publicKey": public, "allow": [{"service": "web"}]}
-    });
-    let path = work.path().join("peer.json");
-    std::fs::write(&path, peer.to_string())?;
-    user.kubectl(&["apply", "-f", path.to_str().context("utf-8")?])?;
-    let address = poll_until_blocking(Duration::from_secs(20), || {
-        let a = jsonpath(&user, &["get", "vpnpeer", "e2e"], "{.status.address}");
-        (!a.is_empty()).then_some(a)
-    });
-    let address = address.with_context(|| format!("the gateway accepts the peer\n{}", pod.logs()))?;
-    let key = poll_until_blocking(Duration::from_secs(20), || {
-        let k = jsonpath(
-            &user,
-            &["get", "svc", "kuberaya-gateway", "-n", "kuberaya-system"],
-            "{.metadata.annotations.vpn\\.cloudraya\\.com/public-key}",
-        );
-        (!k.is_empty()).then_some(k)
-    });
-    let key = key.with_context(|| format!("the gateway publishes its key\n{}", pod.logs()))?;
+    let (private, address, key) = accepted_peer(&user, work.path(), "e2e", &pod)?;
     let udp = *pod.ports.get(&51820).context("the WireGuard port")?;
     let wg = WgPeer {
         private_key: private,
@@ -767,26 +775,7 @@ fn the_tun_overlay_runs_as_shipped_and_carries_a_wireguard_go_peer() -> Result<(
     pod.assert_process(CAP_NET_ADMIN)?;
 
     let web = user.http_service("web")?;
-    let (private, public) = gateway_keypair();
-    let peer = json!({
-        "apiVersion": "vpn.cloudraya.com/v1alpha1", "kind": "VpnPeer",
-        "metadata": {"name": "laptop", "namespace": "default"},
-        "spec": {"publicKey": public, "allow": [{"service": "web"}]}
-    });
-    let path = dir.path().join("peer.json");
-    std::fs::write(&path, peer.to_string())?;
-    user.kubectl(&["apply", "-f", path.to_str().context("utf-8")?])?;
-    let address = poll_until_blocking(Duration::from_secs(20), || {
-        let a = jsonpath(&user, &["get", "vpnpeer", "laptop"], "{.status.address}");
-        (!a.is_empty()).then_some(a)
-    });
-    let address = address.with_context(|| format!("the gateway accepts the peer\n{}", pod.logs()))?;
-    let key = jsonpath(
-        &user,
-        &["get", "svc", "kuberaya-gateway", "-n", "kuberaya-system"],
-        "{.metadata.annotations.vpn\\.cloudraya\\.com/public-key}",
-    );
-    ensure!(!key.is_empty(), "the gateway publishes its key\n{}", pod.logs());
+    let (private, address, key) = accepted_peer(&user, dir.path(), "laptop", &pod)?;
     // The kernel data plane is up: the device, per-interface forwarding, the table.
     ensure!(
         show(&pod_ns, &["ip", "-br", "link", "show", "kr-gw0"])?.contains("kr-gw0"),

@@ -460,6 +460,26 @@ pub fn tls_config(cert: Option<&CertFiles>, names: &[String]) -> Result<Arc<rust
     Ok(Arc::new(cfg))
 }
 
+/// Serves `routes` as `cfg` says: over TLS (the operator's certificate or a self-signed one
+/// for the bind address), every path but [`OPEN_PATHS`] behind the API server's reviews,
+/// asked with `client`. Returns the bound address and the server task.
+pub async fn serve(
+    cfg: &SecureServing,
+    client: kube::Client,
+    routes: Router,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), Error> {
+    let names: Vec<String> = Some(cfg.bind_address.ip())
+        .filter(|ip| !ip.is_unspecified())
+        .map(|ip| ip.to_string())
+        .into_iter()
+        .collect();
+    let tls = tls_config(cfg.cert.as_ref(), &names)?;
+    let auth = Arc::new(Authorizer::new(KubeReviewer { client }, cfg.cache));
+    let (addr, task) = serve_tls(cfg.bind_address, tls, protect(routes, auth)).await?;
+    tracing::info!(address = %addr, self_signed = cfg.cert.is_none(), "secure metrics and health listening (HTTPS)");
+    Ok((addr, task))
+}
+
 /// A TLS handshake taking longer than this is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 

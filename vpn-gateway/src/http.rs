@@ -14,7 +14,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 
 use crate::metrics::Metrics;
-use crate::secure_http::{self, Authorizer, KubeReviewer, SecureServing};
+use crate::secure_http::{self, SecureServing};
 
 /// Shared with the gateway loop: ready once the socket is bound and peers are loaded.
 #[derive(Default)]
@@ -85,16 +85,8 @@ pub async fn serve_secure(
     metrics: Arc<Metrics>,
     health: Arc<Health>,
 ) -> Result<(SocketAddr, AbortOnDrop), secure_http::Error> {
-    let names: Vec<String> = Some(cfg.bind_address.ip())
-        .filter(|ip| !ip.is_unspecified())
-        .map(|ip| ip.to_string())
-        .into_iter()
-        .collect();
-    let tls = secure_http::tls_config(cfg.cert.as_ref(), &names)?;
-    let auth = Arc::new(Authorizer::new(KubeReviewer { client }, cfg.cache));
-    let router = secure_http::protect(metrics_routes(metrics).merge(health_routes(health)), auth);
-    let (addr, task) = secure_http::serve_tls(cfg.bind_address, tls, router).await?;
-    tracing::info!(address = %addr, self_signed = cfg.cert.is_none(), "secure metrics and health listening (HTTPS)");
+    let routes = metrics_routes(metrics).merge(health_routes(health));
+    let (addr, task) = secure_http::serve(cfg, client, routes).await?;
     Ok((addr, AbortOnDrop(task)))
 }
 

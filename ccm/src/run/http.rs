@@ -25,7 +25,7 @@ use axum::routing::get;
 use tracing::{error, info};
 
 use crate::metrics::Metrics;
-use crate::secure_http::{self, Authorizer, KubeReviewer, SecureServing};
+use crate::secure_http::{self, SecureServing};
 
 /// The CCM's readiness, shared between [`crate::run`] and the `/readyz` handler.
 #[derive(Debug, Default)]
@@ -171,16 +171,8 @@ impl Serving {
         metrics: Arc<Metrics>,
         health: Arc<Health>,
     ) -> Result<SocketAddr, secure_http::Error> {
-        let names: Vec<String> = Some(cfg.bind_address.ip())
-            .filter(|ip| !ip.is_unspecified())
-            .map(|ip| ip.to_string())
-            .into_iter()
-            .collect();
-        let tls = secure_http::tls_config(cfg.cert.as_ref(), &names)?;
-        let auth = Arc::new(Authorizer::new(KubeReviewer { client }, cfg.cache));
-        let router = secure_http::protect(metrics_routes(metrics).merge(health_routes(health)), auth);
-        let (addr, task) = secure_http::serve_tls(cfg.bind_address, tls, router).await?;
-        info!(address = %addr, self_signed = cfg.cert.is_none(), "secure metrics and health listening (HTTPS)");
+        let routes = metrics_routes(metrics).merge(health_routes(health));
+        let (addr, task) = secure_http::serve(cfg, client, routes).await?;
         self.tasks.push(task);
         self.secure = Some(addr);
         Ok(addr)
