@@ -133,6 +133,13 @@ fn every_kustomization_builds_and_the_top_level_includes_all() -> Result<()> {
     )?
     .clone();
     assert_eq!(crd["spec"]["group"], "vpn.cloudraya.com");
+    let policy = find(
+        &kustomize("crds")?,
+        "CustomResourceDefinition",
+        "vpnaccesspolicies.vpn.cloudraya.com",
+    )?
+    .clone();
+    assert_eq!(policy["spec"]["group"], "vpn.cloudraya.com");
     Ok(())
 }
 
@@ -423,6 +430,13 @@ const GATEWAY_NEEDS: &[Grant] = &[
     (CLUSTER, "vpn.cloudraya.com", "vpnpeers", "watch", None),
     // Accepted condition, address, handshake and counters.
     (CLUSTER, "vpn.cloudraya.com", "vpnpeers/status", "patch", None),
+    // The VpnAccessPolicy reflector, and each policy's condition and matched peers.
+    (CLUSTER, "vpn.cloudraya.com", "vpnaccesspolicies", "list", None),
+    (CLUSTER, "vpn.cloudraya.com", "vpnaccesspolicies", "watch", None),
+    (CLUSTER, "vpn.cloudraya.com", "vpnaccesspolicies/status", "patch", None),
+    // Namespace labels, for policies' namespaceSelector.
+    (CLUSTER, "", "namespaces", "list", None),
+    (CLUSTER, "", "namespaces", "watch", None),
     // Preshared keys: a Secret in each peer's namespace, by name (get_opt); its own key.
     (CLUSTER, "", "secrets", "get", None),
     // Its key Secret, created on first start.
@@ -444,6 +458,8 @@ const KINDS: &[(&str, &str)] = &[
     ("Node", "nodes"),
     ("Secret", "secrets"),
     ("VpnPeer", "vpnpeers"),
+    ("VpnAccessPolicy", "vpnaccesspolicies"),
+    ("Namespace", "namespaces"),
     ("Lease", "leases"),
     ("Event", "events"),
     ("TokenReview", "tokenreviews"),
