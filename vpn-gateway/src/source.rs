@@ -1,13 +1,14 @@
 //! Where peers and Services come from, as watch channels of whole snapshots:
 //! - [`FileSource`]: JSON files (`--peers-file`, `--services-file`), re-read when they
 //!   change; for tests and local runs.
-//! - [`kube`]: the cluster: `VpnPeer`, `Service` and `Secret` (preshared keys, the
-//!   gateway's private key), and the status written back.
+//! - [`kube`]: the cluster: `VpnPeer`, `VpnAccessPolicy`, `Service` and `Secret`
+//!   (preshared keys, the gateway's private key), and the statuses written back.
 //!
 //! Peers file: a JSON array of
 //! `{"namespace": "default", "name": "alice", "spec": {<VpnPeer spec>}, "presharedKey": "<base64>"}`
 //! (`namespace` defaults to `default`, `presharedKey` is optional and stands in for the
-//! Secret a `presharedKeySecretRef` names). Services file: a JSON array of
+//! Secret a `presharedKeySecretRef` names; an optional `labels` object is what access
+//! policies select by). Files bring no access policies. Services file: a JSON array of
 //! `{"namespace": "default", "name": "web", "clusterIP": "127.96.0.10", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}`.
 
 pub mod kube;
@@ -23,6 +24,7 @@ use crate::catalog::Service;
 use crate::crd::VpnPeerSpec;
 use crate::keys::PresharedKey;
 use crate::peers::{PeerId, PeerInput, Rejection};
+use crate::policy::{PolicyInput, PolicyReport};
 
 /// All peers, as the source last saw them.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -39,9 +41,23 @@ pub struct ServiceSnapshot {
     pub loaded: bool,
 }
 
+/// All access policies, and the labels of namespaces (what a `namespaceSelector`
+/// matches), as the source last saw them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PolicySnapshot {
+    pub policies: Vec<PolicyInput>,
+    pub namespaces: std::collections::HashMap<String, crate::policy::Labels>,
+    pub loaded: bool,
+}
+
 /// A source of peers.
 pub trait PeerSource: Send + Sync {
     fn peers(&self) -> watch::Receiver<PeerSnapshot>;
+}
+
+/// A source of access policies.
+pub trait PolicySource: Send + Sync {
+    fn policies(&self) -> watch::Receiver<PolicySnapshot>;
 }
 
 /// A source of Services.
@@ -63,10 +79,11 @@ pub struct PeerReport {
     pub tx_bytes: u64,
 }
 
-/// The gateway's report of every peer.
+/// The gateway's report of every peer and every access policy.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct GatewayReport {
     pub peers: Vec<PeerReport>,
+    pub policies: Vec<PolicyReport>,
 }
 
 #[derive(Deserialize)]
@@ -78,6 +95,9 @@ struct FilePeer {
     spec: VpnPeerSpec,
     #[serde(default)]
     preshared_key: Option<String>,
+    /// What access policies select it by.
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
 }
 
 fn default_namespace() -> String {
@@ -96,6 +116,7 @@ pub fn parse_peers(text: &str) -> Result<Vec<PeerInput>, serde_json::Error> {
             };
             let mut input = PeerInput::new(PeerId::new(p.namespace, p.name), p.spec);
             input.preshared_key = psk;
+            input.labels = p.labels;
             input
         })
         .collect())
@@ -145,6 +166,8 @@ const FULL_READ_EVERY: Duration = Duration::from_secs(2);
 pub struct FileSource {
     peers: watch::Receiver<PeerSnapshot>,
     services: watch::Receiver<ServiceSnapshot>,
+    /// No policies file: none, loaded.
+    policies: (watch::Sender<PolicySnapshot>, watch::Receiver<PolicySnapshot>),
 }
 
 fn read(path: &Path) -> crate::Result<String> {
@@ -269,6 +292,10 @@ impl FileSource {
         Ok(FileSource {
             peers: prx,
             services: srx,
+            policies: watch::channel(PolicySnapshot {
+                loaded: true,
+                ..Default::default()
+            }),
         })
     }
 }
@@ -276,6 +303,12 @@ impl FileSource {
 impl PeerSource for FileSource {
     fn peers(&self) -> watch::Receiver<PeerSnapshot> {
         self.peers.clone()
+    }
+}
+
+impl PolicySource for FileSource {
+    fn policies(&self) -> watch::Receiver<PolicySnapshot> {
+        self.policies.1.clone()
     }
 }
 
