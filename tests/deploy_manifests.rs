@@ -1424,7 +1424,7 @@ fn upgrade_keeps_lbs_keys_and_peers(
 ) -> Result<()> {
     // What the CCM and the gateway wrote (finalizers, ingress, annotations, the key
     // Secret) is not in the file, so applying it again undoes none of it.
-    // (Less the CRD: the stand-in restamps a CRD's condition times on every update,
+    // (Less the CRDs: the stand-in restamps a CRD's condition times on every update,
     // dry runs too, where kube-apiserver keeps them; a stand-in quirk, not ours.)
     let text = std::fs::read_to_string(release)?;
     let without_crd: Vec<&str> = text
@@ -1432,8 +1432,8 @@ fn upgrade_keeps_lbs_keys_and_peers(
         .filter(|doc| !doc.contains("\nkind: CustomResourceDefinition\n"))
         .collect();
     ensure!(
-        without_crd.len() + 1 == text.split("\n---\n").count(),
-        "one CRD in the file"
+        without_crd.len() + 2 == text.split("\n---\n").count(),
+        "two CRDs in the file (VpnPeer, VpnAccessPolicy)"
     );
     sb.kubectl(&["diff", "-f", "-"], Some(&without_crd.join("\n---\n")))
         .context("kubectl diff -f the release file: no difference on a running install")?;
@@ -1526,7 +1526,7 @@ fn upgrade_keeps_lbs_keys_and_peers(
 
 /// docs/installing.md, "Uninstall", in its order: the LoadBalancer Services while the
 /// CCM runs (each `kubectl delete` returns once the CCM removed its finalizer and LB),
-/// the gateway's namespace (its Service's LB with it), the CCM, the CRD; no LB is left.
+/// the gateway's namespace (its Service's LB with it), the CCM, the CRDs; no LB is left.
 fn uninstall_in_order_leaks_no_lb(
     sb: &Sandbox,
     op: &Operator,
@@ -1590,8 +1590,16 @@ fn uninstall_in_order_leaks_no_lb(
         &["-n", "kube-system", "delete", "secret", "kuberaya-ccm-cloud-config"],
         None,
     )?;
-    // 5. The CRD, and with it every VpnPeer.
-    sb.kubectl(&["delete", "crd", "vpnpeers.vpn.cloudraya.com"], None)?;
+    // 5. The CRDs, and with them every VpnPeer and VpnAccessPolicy.
+    sb.kubectl(
+        &[
+            "delete",
+            "crd",
+            "vpnpeers.vpn.cloudraya.com",
+            "vpnaccesspolicies.vpn.cloudraya.com",
+        ],
+        None,
+    )?;
     let left = sb.kubectl(&["get", "-f", release, "--ignore-not-found"], None)?;
     assert_eq!(left.trim(), "", "nothing of the release file is left");
     assert_eq!(op.lb_ids()?.len(), 0, "no LB is left");
