@@ -60,6 +60,7 @@ pub enum Sources {
     Files {
         peers: Option<PathBuf>,
         services: Option<PathBuf>,
+        policies: Option<PathBuf>,
     },
 }
 
@@ -235,7 +236,11 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
     let (report_tx, report_rx) = watch::channel(GatewayReport::default());
     let mut tasks = Tasks::default();
     let (key, peers, services, policies, kube_source, files, client) = match &cfg.sources {
-        Sources::Files { peers, services } => {
+        Sources::Files {
+            peers,
+            services,
+            policies,
+        } => {
             let key = match &cfg.private_key {
                 KeySource::File(p) => read_key(p)?,
                 KeySource::Secret(_) => {
@@ -244,7 +249,8 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
                     ));
                 }
             };
-            let src = FileSource::start(peers.clone(), services.clone(), FILE_RELOAD)?;
+            let src = FileSource::start(peers.clone(), services.clone(), FILE_RELOAD)?
+                .with_policies(policies.clone(), FILE_RELOAD)?;
             (key, src.peers(), src.services(), src.policies(), None, Some(src), None)
         }
         Sources::Kube { kubeconfig, client } => {
@@ -436,6 +442,7 @@ mod tests {
             sources: Sources::Files {
                 peers: Some(write(dir.path(), "peers.json", "[]")),
                 services: Some(write(dir.path(), "services.json", "[]")),
+                policies: Some(write(dir.path(), "policies.json", "[]")),
             },
             private_key: KeySource::File(write(dir.path(), "gw.key", &key.to_base64())),
             metrics_bind_address: "127.0.0.1:0".parse().unwrap(),
@@ -474,6 +481,7 @@ mod tests {
             sources: Sources::Files {
                 peers: None,
                 services: None,
+                policies: None,
             },
             ..RunConfig::default()
         };
@@ -491,6 +499,7 @@ mod tests {
             sources: Sources::Files {
                 peers: None,
                 services: None,
+                policies: None,
             },
             private_key: KeySource::File(write(dir.path(), "gw.key", &PrivateKey::generate().to_base64())),
             metrics_bind_address: "127.0.0.1:0".parse().unwrap(),

@@ -8,7 +8,8 @@
 //! `{"namespace": "default", "name": "alice", "spec": {<VpnPeer spec>}, "presharedKey": "<base64>"}`
 //! (`namespace` defaults to `default`, `presharedKey` is optional and stands in for the
 //! Secret a `presharedKeySecretRef` names; an optional `labels` object is what access
-//! policies select by). Files bring no access policies. Services file: a JSON array of
+//! policies select by). Policies file (`--policies-file`): a JSON array of
+//! `{"namespace": "default", "name": "db", "spec": {<VpnAccessPolicy spec>}}`. Services file: a JSON array of
 //! `{"namespace": "default", "name": "web", "clusterIP": "127.96.0.10", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}`.
 
 pub mod kube;
@@ -166,8 +167,28 @@ const FULL_READ_EVERY: Duration = Duration::from_secs(2);
 pub struct FileSource {
     peers: watch::Receiver<PeerSnapshot>,
     services: watch::Receiver<ServiceSnapshot>,
-    /// No policies file: none, loaded.
-    policies: (watch::Sender<PolicySnapshot>, watch::Receiver<PolicySnapshot>),
+    policies: watch::Receiver<PolicySnapshot>,
+    /// Without a policies file: the sender of its empty snapshot, kept open.
+    _no_policies: Option<watch::Sender<PolicySnapshot>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FilePolicy {
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    name: String,
+    spec: crate::crd::VpnAccessPolicySpec,
+}
+
+/// Parse a policies file: a JSON array of
+/// `{"namespace": "default", "name": "db", "spec": {<VpnAccessPolicy spec>}}`.
+pub fn parse_policies(text: &str) -> Result<Vec<PolicyInput>, serde_json::Error> {
+    let policies: Vec<FilePolicy> = serde_json::from_str(text)?;
+    Ok(policies
+        .into_iter()
+        .map(|p| PolicyInput::new(PeerId::new(p.namespace, p.name), p.spec))
+        .collect())
 }
 
 fn read(path: &Path) -> crate::Result<String> {
@@ -289,14 +310,76 @@ impl FileSource {
                 }
             }
         });
+        let (no_policies_tx, no_policies_rx) = watch::channel(PolicySnapshot {
+            loaded: true,
+            ..Default::default()
+        });
         Ok(FileSource {
             peers: prx,
             services: srx,
-            policies: watch::channel(PolicySnapshot {
-                loaded: true,
-                ..Default::default()
-            }),
+            policies: no_policies_rx,
+            _no_policies: Some(no_policies_tx),
         })
+    }
+
+    /// Access policies from `path` too (none when `None`), loaded now (failing on errors)
+    /// and re-read when the file changes, as the peers file is.
+    pub fn with_policies(mut self, path: Option<PathBuf>, reload: Duration) -> crate::Result<Self> {
+        let Some(path) = path else { return Ok(self) };
+        let load = |p: &Path| -> crate::Result<(u64, Vec<PolicyInput>)> {
+            let text = read(p)?;
+            let v = parse_policies(&text).map_err(|source| crate::Error::Json {
+                path: p.display().to_string(),
+                source,
+            })?;
+            Ok((text_hash(&text), v))
+        };
+        let (mut last, initial) = load(&path)?;
+        let (tx, rx) = watch::channel(PolicySnapshot {
+            policies: initial,
+            loaded: true,
+            ..Default::default()
+        });
+        let full_every = (FULL_READ_EVERY.as_millis() / reload.as_millis().max(1)).max(1) as u32;
+        let mut last_stamp = stamp(&path);
+        let mut polls = 0u32;
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(reload);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                if tx.is_closed() {
+                    return;
+                }
+                let now = stamp(&path);
+                polls += 1;
+                if !should_read(std::mem::replace(&mut last_stamp, now), now, polls, full_every) {
+                    continue;
+                }
+                polls = 0;
+                let Ok(text) = read(&path) else { continue };
+                if text_hash(&text) == last {
+                    continue;
+                }
+                last = text_hash(&text);
+                match parse_policies(&text) {
+                    Ok(v) => {
+                        tracing::info!(path = %path.display(), policies = v.len(), "policies file reloaded");
+                        tx.send_replace(PolicySnapshot {
+                            policies: v,
+                            loaded: true,
+                            ..Default::default()
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "policies file invalid; keeping the last one")
+                    }
+                }
+            }
+        });
+        self.policies = rx;
+        self._no_policies = None;
+        Ok(self)
     }
 }
 
@@ -308,7 +391,7 @@ impl PeerSource for FileSource {
 
 impl PolicySource for FileSource {
     fn policies(&self) -> watch::Receiver<PolicySnapshot> {
-        self.policies.1.clone()
+        self.policies.clone()
     }
 }
 
@@ -336,6 +419,35 @@ mod tests {
         );
         assert_eq!(v[1].spec.address.as_deref(), Some("100.64.0.9"));
         assert!(parse_peers(r#"[{"name": "x", "spec": {"publicKey": "k"}, "typo": 1}]"#).is_err());
+    }
+
+    #[tokio::test]
+    async fn policies_file_loads_and_reloads() {
+        let v = parse_policies(
+            r#"[{"name": "db", "spec": {"peerSelector": {"matchLabels": {"role": "dba"}}, "allow": [{"service": "pg"}]}}]"#,
+        )
+        .unwrap();
+        assert_eq!(v[0].id, PeerId::new("default", "db"));
+        assert!(parse_policies(r#"[{"name": "x", "spec": {"peerSelector": {}}, "typo": 1}]"#).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policies.json");
+        std::fs::write(&path, "[]").unwrap();
+        let src = FileSource::start(None, None, Duration::from_millis(20))
+            .unwrap()
+            .with_policies(Some(path.clone()), Duration::from_millis(20))
+            .unwrap();
+        let mut rx = src.policies();
+        assert!(rx.borrow().loaded && rx.borrow().policies.is_empty());
+        std::fs::write(&path, r#"[{"name": "a", "spec": {"peerSelector": {}}}]"#).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rx.borrow().policies.len(), 1);
+        // Without a file: none, loaded, and the channel stays open.
+        let none = FileSource::start(None, None, Duration::from_secs(1)).unwrap();
+        assert!(none.policies().borrow().loaded);
+        assert!(none.policies().has_changed().is_ok());
     }
 
     #[test]
