@@ -41,6 +41,9 @@ pub struct PolicyInput {
     pub id: PolicyId,
     pub spec: VpnAccessPolicySpec,
     pub generation: Option<i64>,
+    /// The object's uid: a policy deleted and created again under its name is another
+    /// object, whose status must be written even if it reads the same.
+    pub uid: Option<String>,
 }
 
 impl PolicyInput {
@@ -49,6 +52,7 @@ impl PolicyInput {
             id,
             spec,
             generation: None,
+            uid: None,
         }
     }
 }
@@ -115,6 +119,7 @@ impl PolicyRejection {
 #[derive(Clone, Debug, PartialEq)]
 pub struct PolicyReport {
     pub id: PolicyId,
+    pub uid: Option<String>,
     pub generation: Option<i64>,
     pub outcome: Result<(), PolicyRejection>,
     /// The served peers it grants to (0 when it grants nothing).
@@ -278,6 +283,7 @@ pub fn effective(
             Err(ref e) => {
                 reports.push(PolicyReport {
                     id: p.id.clone(),
+                    uid: p.uid.clone(),
                     generation: p.generation,
                     outcome: Err(e.clone()),
                     matched_peers: 0,
@@ -288,6 +294,7 @@ pub fn effective(
         };
         reports.push(PolicyReport {
             id: p.id.clone(),
+            uid: p.uid.clone(),
             generation: p.generation,
             outcome: Ok(()),
             matched_peers: 0,

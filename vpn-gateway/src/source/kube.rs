@@ -270,6 +270,7 @@ pub fn trim_policy(p: &mut VpnAccessPolicy) {
 pub fn policy_from_k8s(p: &VpnAccessPolicy) -> Option<PolicyInput> {
     let mut input = PolicyInput::new(PolicyId::new(p.namespace()?, p.metadata.name.clone()?), p.spec.clone());
     input.generation = p.metadata.generation;
+    input.uid = p.metadata.uid.clone();
     Some(input)
 }
 
@@ -590,8 +591,8 @@ pub async fn write_status(client: Client, mut reports: watch::Receiver<GatewayRe
     // What was written, as hashes and the few fields the next status carries over: the
     // whole status was ~400 bytes a peer.
     let mut written: HashMap<PeerId, Written> = HashMap::new();
-    // Policies are few and small: their last written status, whole.
-    let mut policies_written: HashMap<PolicyId, VpnAccessPolicyStatus> = HashMap::new();
+    // Policies are few and small: their uid and last written status, whole.
+    let mut policies_written: HashMap<PolicyId, (Option<String>, VpnAccessPolicyStatus)> = HashMap::new();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -633,7 +634,11 @@ pub async fn write_status(client: Client, mut reports: watch::Receiver<GatewayRe
         let current: std::collections::HashSet<&PeerId> = report.peers.iter().map(|r| &r.id).collect();
         written.retain(|id, _| current.contains(id));
         for r in &report.policies {
-            let prev = policies_written.get(&r.id);
+            // What was written to this object (not to an older one of the same name).
+            let prev = policies_written
+                .get(&r.id)
+                .filter(|(uid, _)| *uid == r.uid)
+                .map(|(_, s)| s);
             let status = policy_status_for(prev, r, now);
             // Only when something but the time changed.
             if prev.is_some_and(|p| *p == status) {
@@ -641,7 +646,7 @@ pub async fn write_status(client: Client, mut reports: watch::Receiver<GatewayRe
             }
             match patch_policy_status(&client, &r.id, &status).await {
                 Ok(()) => {
-                    policies_written.insert(r.id.clone(), status);
+                    policies_written.insert(r.id.clone(), (r.uid.clone(), status));
                 }
                 Err(kube::Error::Api(e)) if e.code == 404 => {
                     policies_written.remove(&r.id);
@@ -886,7 +891,7 @@ mod tests {
         use crate::policy::PolicyRejection;
         let mut p: VpnAccessPolicy = serde_json::from_value(serde_json::json!({
             "apiVersion": "vpn.cloudraya.com/v1alpha1", "kind": "VpnAccessPolicy",
-            "metadata": {"name": "db", "namespace": "team", "generation": 2,
+            "metadata": {"name": "db", "namespace": "team", "generation": 2, "uid": "u-9",
                          "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
             "spec": {"peerSelector": {"matchLabels": {"role": "dba"}}, "allow": [{"service": "pg"}]},
             "status": {"matchedPeers": 3, "conditions": []}
@@ -895,11 +900,15 @@ mod tests {
         trim_policy(&mut p);
         assert!(p.status.is_none() && p.metadata.managed_fields.is_none());
         let i = policy_from_k8s(&p).unwrap();
-        assert_eq!((i.id.to_string(), i.generation), ("team/db".to_string(), Some(2)));
+        assert_eq!(
+            (i.id.to_string(), i.generation, i.uid.as_deref()),
+            ("team/db".to_string(), Some(2), Some("u-9"))
+        );
         let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
         let t1: Timestamp = "2026-01-01T00:01:00Z".parse().unwrap();
         let mut r = PolicyReport {
             id: i.id.clone(),
+            uid: None,
             generation: Some(2),
             outcome: Ok(()),
             matched_peers: 2,
