@@ -133,6 +133,13 @@ fn every_kustomization_builds_and_the_top_level_includes_all() -> Result<()> {
     )?
     .clone();
     assert_eq!(crd["spec"]["group"], "vpn.cloudraya.com");
+    let policy = find(
+        &kustomize("crds")?,
+        "CustomResourceDefinition",
+        "vpnaccesspolicies.vpn.cloudraya.com",
+    )?
+    .clone();
+    assert_eq!(policy["spec"]["group"], "vpn.cloudraya.com");
     Ok(())
 }
 
@@ -423,6 +430,13 @@ const GATEWAY_NEEDS: &[Grant] = &[
     (CLUSTER, "vpn.cloudraya.com", "vpnpeers", "watch", None),
     // Accepted condition, address, handshake and counters.
     (CLUSTER, "vpn.cloudraya.com", "vpnpeers/status", "patch", None),
+    // The VpnAccessPolicy reflector, and each policy's condition and matched peers.
+    (CLUSTER, "vpn.cloudraya.com", "vpnaccesspolicies", "list", None),
+    (CLUSTER, "vpn.cloudraya.com", "vpnaccesspolicies", "watch", None),
+    (CLUSTER, "vpn.cloudraya.com", "vpnaccesspolicies/status", "patch", None),
+    // Namespace labels, for policies' namespaceSelector.
+    (CLUSTER, "", "namespaces", "list", None),
+    (CLUSTER, "", "namespaces", "watch", None),
     // Preshared keys: a Secret in each peer's namespace, by name (get_opt); its own key.
     (CLUSTER, "", "secrets", "get", None),
     // Its key Secret, created on first start.
@@ -444,6 +458,8 @@ const KINDS: &[(&str, &str)] = &[
     ("Node", "nodes"),
     ("Secret", "secrets"),
     ("VpnPeer", "vpnpeers"),
+    ("VpnAccessPolicy", "vpnaccesspolicies"),
+    ("Namespace", "namespaces"),
     ("Lease", "leases"),
     ("Event", "events"),
     ("TokenReview", "tokenreviews"),
@@ -1408,7 +1424,7 @@ fn upgrade_keeps_lbs_keys_and_peers(
 ) -> Result<()> {
     // What the CCM and the gateway wrote (finalizers, ingress, annotations, the key
     // Secret) is not in the file, so applying it again undoes none of it.
-    // (Less the CRD: the stand-in restamps a CRD's condition times on every update,
+    // (Less the CRDs: the stand-in restamps a CRD's condition times on every update,
     // dry runs too, where kube-apiserver keeps them; a stand-in quirk, not ours.)
     let text = std::fs::read_to_string(release)?;
     let without_crd: Vec<&str> = text
@@ -1416,8 +1432,8 @@ fn upgrade_keeps_lbs_keys_and_peers(
         .filter(|doc| !doc.contains("\nkind: CustomResourceDefinition\n"))
         .collect();
     ensure!(
-        without_crd.len() + 1 == text.split("\n---\n").count(),
-        "one CRD in the file"
+        without_crd.len() + 2 == text.split("\n---\n").count(),
+        "two CRDs in the file (VpnPeer, VpnAccessPolicy)"
     );
     sb.kubectl(&["diff", "-f", "-"], Some(&without_crd.join("\n---\n")))
         .context("kubectl diff -f the release file: no difference on a running install")?;
@@ -1510,7 +1526,7 @@ fn upgrade_keeps_lbs_keys_and_peers(
 
 /// docs/installing.md, "Uninstall", in its order: the LoadBalancer Services while the
 /// CCM runs (each `kubectl delete` returns once the CCM removed its finalizer and LB),
-/// the gateway's namespace (its Service's LB with it), the CCM, the CRD; no LB is left.
+/// the gateway's namespace (its Service's LB with it), the CCM, the CRDs; no LB is left.
 fn uninstall_in_order_leaks_no_lb(
     sb: &Sandbox,
     op: &Operator,
@@ -1574,8 +1590,16 @@ fn uninstall_in_order_leaks_no_lb(
         &["-n", "kube-system", "delete", "secret", "kuberaya-ccm-cloud-config"],
         None,
     )?;
-    // 5. The CRD, and with it every VpnPeer.
-    sb.kubectl(&["delete", "crd", "vpnpeers.vpn.cloudraya.com"], None)?;
+    // 5. The CRDs, and with them every VpnPeer and VpnAccessPolicy.
+    sb.kubectl(
+        &[
+            "delete",
+            "crd",
+            "vpnpeers.vpn.cloudraya.com",
+            "vpnaccesspolicies.vpn.cloudraya.com",
+        ],
+        None,
+    )?;
     let left = sb.kubectl(&["get", "-f", release, "--ignore-not-found"], None)?;
     assert_eq!(left.trim(), "", "nothing of the release file is left");
     assert_eq!(op.lb_ids()?.len(), 0, "no LB is left");

@@ -2,7 +2,10 @@
 //! lookup checked on every decrypted packet. Default deny.
 //!
 //! Keyed by the peer's tunnel address, which is unique among accepted peers and which a
-//! packet's source must equal (anti-spoofing) before anything else is looked at.
+//! packet's source must equal (anti-spoofing) before anything else is looked at. A peer's
+//! rules are its own and its access policies' ([`crate::policy`]); each compiled port
+//! remembers the rule that allows it, for the audit log and [`Acl::explain`], in the same
+//! single lookup a packet gets.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -12,6 +15,7 @@ use crate::catalog::Catalog;
 use crate::crd::PortRef;
 use crate::packet::{PROTO_ICMP, PROTO_ICMPV6, Packet};
 use crate::peers::AcceptedPeer;
+use crate::policy::{RuleSource, SourcedRule, own_rules};
 
 /// The decision for one packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,12 +43,14 @@ impl Verdict {
 
 #[derive(Default, Debug)]
 struct PeerRules {
-    /// (destination, IP protocol, port)
-    ports: HashSet<(IpAddr, u8, u16)>,
+    /// (destination, IP protocol, port) → the rule that allows it (index into `sources`).
+    ports: HashMap<(IpAddr, u8, u16), u32>,
     /// ClusterIPs with at least one allowed port: ICMP echo is answered.
-    hosts: HashSet<IpAddr>,
+    hosts: HashMap<IpAddr, u32>,
     /// (namespace, name) → allowed port indices into the Service's ports (for DNS/SRV).
     services: HashMap<(String, String), Vec<usize>>,
+    /// Where each rule came from, by rule index.
+    sources: Vec<RuleSource>,
 }
 
 /// The compiled rules of every accepted peer.
@@ -56,59 +62,83 @@ pub struct Acl {
     peers: HashMap<Ipv4Addr, Arc<PeerRules>>,
 }
 
+/// Why [`Acl::explain`] denies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DenyReason {
+    /// No rule of the peer or of a policy selecting it allows it.
+    NoRule,
+    /// The peer is not served (the reason), so it reaches nothing.
+    PeerNotServed(String),
+    /// No such Service.
+    NoSuchService,
+    /// The Service has no such port.
+    NoSuchPort,
+}
+
+/// Whether a peer may reach a Service port, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Explanation {
+    Allowed { by: RuleSource },
+    Denied(DenyReason),
+}
+
+impl std::fmt::Display for Explanation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Explanation::Allowed { by } => write!(f, "allowed by {by}"),
+            Explanation::Denied(DenyReason::NoRule) => f.write_str("denied: no rule"),
+            Explanation::Denied(DenyReason::PeerNotServed(why)) => write!(f, "denied: the peer is not served ({why})"),
+            Explanation::Denied(DenyReason::NoSuchService) => f.write_str("denied: no such Service"),
+            Explanation::Denied(DenyReason::NoSuchPort) => f.write_str("denied: the Service has no such port"),
+        }
+    }
+}
+
 impl Acl {
-    /// Compile `peers`' rules against `catalog`; `gateway` is the gateway's tunnel address.
+    /// Compile `peers`' own rules against `catalog`; `gateway` is the gateway's tunnel
+    /// address. Policies are not applied: see [`Acl::compile_effective`].
     pub fn compile(gateway: Ipv4Addr, peers: &[AcceptedPeer], catalog: &Catalog) -> Self {
+        let own: Vec<Vec<SourcedRule>> = peers.iter().map(|p| own_rules(&p.rules)).collect();
+        Acl::compile_effective(
+            gateway,
+            peers.iter().map(|p| p.address).zip(own.iter().map(|r| r.as_slice())),
+            catalog,
+        )
+    }
+
+    /// Compile each peer's effective rules (its own and its policies', as
+    /// [`crate::policy::effective`] gives them) against `catalog`. Equal rule lists are
+    /// compiled once and shared.
+    pub fn compile_effective<'r>(
+        gateway: Ipv4Addr,
+        peers: impl IntoIterator<Item = (Ipv4Addr, &'r [SourcedRule])>,
+        catalog: &Catalog,
+    ) -> Self {
+        let peers = peers.into_iter();
         let mut acl = Acl {
             gateway: Some(gateway),
-            peers: HashMap::with_capacity(peers.len()),
+            peers: HashMap::with_capacity(peers.size_hint().0),
         };
-        let mut compiled: HashMap<&[crate::peers::Rule], Arc<PeerRules>> = HashMap::new();
-        for p in peers {
-            if let Some(r) = compiled.get(p.rules.as_slice()) {
-                acl.peers.insert(p.address, r.clone());
+        let mut compiled: HashMap<&[SourcedRule], Arc<PeerRules>> = HashMap::new();
+        for (address, rules) in peers {
+            if let Some(r) = compiled.get(rules) {
+                acl.peers.insert(address, r.clone());
                 continue;
             }
-            let mut r = PeerRules::default();
-            for rule in &p.rules {
-                for svc in catalog.services() {
-                    if svc.namespace != rule.namespace || rule.service.as_ref().is_some_and(|n| *n != svc.name) {
-                        continue;
-                    }
-                    let allowed: Vec<usize> = svc
-                        .ports
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, sp)| match &rule.ports {
-                            None => true,
-                            Some(list) => list.iter().any(|pr| match pr {
-                                PortRef::Number(n) => *n == sp.port,
-                                PortRef::Name(n) => sp.name.as_deref() == Some(n.as_str()),
-                            }),
-                        })
-                        .map(|(i, _)| i)
-                        .collect();
-                    if allowed.is_empty() {
-                        continue;
-                    }
-                    if let Some(ip) = svc.cluster_ip.filter(|ip| !catalog.is_ambiguous(ip)) {
-                        for &i in &allowed {
-                            let sp = &svc.ports[i];
-                            r.ports.insert((ip, sp.protocol.ip_proto(), sp.port));
-                        }
-                        r.hosts.insert(ip);
-                    }
-                    let e = r.services.entry((svc.namespace.clone(), svc.name.clone())).or_default();
-                    e.extend(allowed);
-                    e.sort_unstable();
-                    e.dedup();
-                }
-            }
-            let r = Arc::new(r);
-            compiled.insert(&p.rules, r.clone());
-            acl.peers.insert(p.address, r);
+            let r = Arc::new(compile_rules(rules, catalog));
+            compiled.insert(rules, r.clone());
+            acl.peers.insert(address, r);
         }
         acl
+    }
+
+    /// How many distinct compiled rule sets the peers share.
+    pub fn distinct_rule_sets(&self) -> usize {
+        let mut seen: HashSet<*const PeerRules> = HashSet::new();
+        for r in self.peers.values() {
+            seen.insert(Arc::as_ptr(r));
+        }
+        seen.len()
     }
 
     /// The verdict for a packet that came out of the tunnel of the peer at `peer`.
@@ -123,12 +153,60 @@ impl Acl {
             return Verdict::Local;
         }
         match pkt.proto {
-            PROTO_ICMP | PROTO_ICMPV6 if rules.hosts.contains(&pkt.dst) => Verdict::Allow,
+            PROTO_ICMP | PROTO_ICMPV6 if rules.hosts.contains_key(&pkt.dst) => Verdict::Allow,
             proto => match pkt.dst_port() {
-                Some(port) if rules.ports.contains(&(pkt.dst, proto, port)) => Verdict::Allow,
+                Some(port) if rules.ports.contains_key(&(pkt.dst, proto, port)) => Verdict::Allow,
                 _ => Verdict::Denied,
             },
         }
+    }
+
+    /// The rule that lets the peer at `peer` reach `dst` (`port` of IP protocol `proto`;
+    /// ICMP has none): the first of its own rules, then of its policies. Asked when a flow
+    /// opens (for its audit line), not per packet.
+    pub fn allowed_by(&self, peer: Ipv4Addr, dst: IpAddr, proto: u8, port: Option<u16>) -> Option<&RuleSource> {
+        let rules = self.peers.get(&peer)?;
+        let i = match (proto, port) {
+            (PROTO_ICMP | PROTO_ICMPV6, _) => rules.hosts.get(&dst)?,
+            (_, Some(port)) => rules.ports.get(&(dst, proto, port))?,
+            (_, None) => return None,
+        };
+        rules.sources.get(*i as usize)
+    }
+
+    /// Whether the peer at `peer` may reach `namespace/service:port` and by which rule: the
+    /// lookup a packet to the Service's ClusterIP gets (any protocol the port has).
+    pub fn explain(
+        &self,
+        catalog: &Catalog,
+        peer: Ipv4Addr,
+        namespace: &str,
+        service: &str,
+        port: &PortRef,
+    ) -> Explanation {
+        let Some(svc) = catalog.get(namespace, service) else {
+            return Explanation::Denied(DenyReason::NoSuchService);
+        };
+        let ports: Vec<&crate::catalog::ServicePort> = svc
+            .ports
+            .iter()
+            .filter(|sp| match port {
+                PortRef::Number(n) => sp.port == *n,
+                PortRef::Name(n) => sp.name.as_deref() == Some(n.as_str()),
+            })
+            .collect();
+        if ports.is_empty() {
+            return Explanation::Denied(DenyReason::NoSuchPort);
+        }
+        let Some(ip) = svc.cluster_ip else {
+            return Explanation::Denied(DenyReason::NoRule);
+        };
+        for sp in ports {
+            if let Some(by) = self.allowed_by(peer, ip, sp.protocol.ip_proto(), Some(sp.port)) {
+                return Explanation::Allowed { by: by.clone() };
+            }
+        }
+        Explanation::Denied(DenyReason::NoRule)
     }
 
     /// Whether the peer at `peer` may reach a port of the Service (for DNS answers).
@@ -146,6 +224,52 @@ impl Acl {
             .map(|v| v.as_slice())
             .unwrap_or(&[])
     }
+}
+
+/// One rule list against the catalog. Where several rules allow the same port the first
+/// one is named (own rules come before policies').
+fn compile_rules(rules: &[SourcedRule], catalog: &Catalog) -> PeerRules {
+    let mut r = PeerRules {
+        sources: rules.iter().map(|s| s.source.clone()).collect(),
+        ..Default::default()
+    };
+    for (index, sourced) in rules.iter().enumerate() {
+        let rule = &sourced.rule;
+        let index = index as u32;
+        for svc in catalog.services() {
+            if svc.namespace != rule.namespace || rule.service.as_ref().is_some_and(|n| *n != svc.name) {
+                continue;
+            }
+            let allowed: Vec<usize> = svc
+                .ports
+                .iter()
+                .enumerate()
+                .filter(|(_, sp)| match &rule.ports {
+                    None => true,
+                    Some(list) => list.iter().any(|pr| match pr {
+                        PortRef::Number(n) => *n == sp.port,
+                        PortRef::Name(n) => sp.name.as_deref() == Some(n.as_str()),
+                    }),
+                })
+                .map(|(i, _)| i)
+                .collect();
+            if allowed.is_empty() {
+                continue;
+            }
+            if let Some(ip) = svc.cluster_ip.filter(|ip| !catalog.is_ambiguous(ip)) {
+                for &i in &allowed {
+                    let sp = &svc.ports[i];
+                    r.ports.entry((ip, sp.protocol.ip_proto(), sp.port)).or_insert(index);
+                }
+                r.hosts.entry(ip).or_insert(index);
+            }
+            let e = r.services.entry((svc.namespace.clone(), svc.name.clone())).or_default();
+            e.extend(allowed);
+            e.sort_unstable();
+            e.dedup();
+        }
+    }
+    r
 }
 
 #[cfg(test)]
@@ -267,6 +391,7 @@ pub(crate) mod tests {
         let acl = Acl::compile(gw(), &[a.clone(), b.clone(), c.clone()], &catalog());
         assert!(Arc::ptr_eq(&acl.peers[&a.address], &acl.peers[&b.address]));
         assert!(!Arc::ptr_eq(&acl.peers[&a.address], &acl.peers[&c.address]));
+        assert_eq!(acl.distinct_rule_sets(), 2);
         let syn = |src: [u8; 4], dst: [u8; 4], port| ipv4(src, dst, PROTO_TCP, &tcp(1234, port, TCP_SYN));
         let check = |peer: Ipv4Addr, p: &[u8]| acl.check(peer, &parse(p).unwrap());
         // Shared rules still check each peer's own source address.
@@ -289,6 +414,53 @@ pub(crate) mod tests {
         assert_eq!(
             check(a.address, &syn([100, 64, 0, 2], [127, 96, 1, 5], 5432)),
             Verdict::Denied
+        );
+    }
+
+    #[test]
+    fn each_allowed_port_names_the_first_rule_that_allows_it() {
+        use crate::policy::{PolicyId, RuleSource, SourcedRule};
+        let sourced = |r: Rule, source: RuleSource| SourcedRule { rule: r, source };
+        let policy = RuleSource::Policy(PolicyId::new("default", "jit"));
+        let rules = vec![
+            sourced(
+                rule("default", Some("web"), Some(vec![PortRef::Number(80)])),
+                RuleSource::Own(0),
+            ),
+            sourced(rule("default", None, None), policy.clone()),
+        ];
+        let a = Ipv4Addr::new(100, 64, 0, 2);
+        let acl = Acl::compile_effective(gw(), [(a, rules.as_slice())], &catalog());
+        let web: IpAddr = "127.96.0.10".parse().unwrap();
+        assert_eq!(acl.allowed_by(a, web, PROTO_TCP, Some(80)), Some(&RuleSource::Own(0)));
+        assert_eq!(acl.allowed_by(a, web, PROTO_TCP, Some(9090)), Some(&policy));
+        assert_eq!(acl.allowed_by(a, web, PROTO_ICMP, None), Some(&RuleSource::Own(0)));
+        assert_eq!(
+            acl.allowed_by(a, "127.96.1.5".parse().unwrap(), PROTO_TCP, Some(5432)),
+            None
+        );
+        assert_eq!(
+            acl.allowed_by(Ipv4Addr::new(100, 64, 0, 9), web, PROTO_TCP, Some(80)),
+            None
+        );
+        let c = catalog();
+        let explain = |svc: &str, port| acl.explain(&c, a, "default", svc, &port);
+        assert_eq!(
+            explain("web", PortRef::Name("metrics".into())),
+            Explanation::Allowed { by: policy.clone() }
+        );
+        assert_eq!(
+            explain("dns", PortRef::Number(53)),
+            Explanation::Allowed { by: policy.clone() },
+            "UDP ports too"
+        );
+        assert_eq!(
+            explain("web", PortRef::Number(1)),
+            Explanation::Denied(DenyReason::NoSuchPort)
+        );
+        assert_eq!(
+            acl.explain(&c, a, "db", "pg", &PortRef::Number(5432)),
+            Explanation::Denied(DenyReason::NoRule)
         );
     }
 

@@ -1,4 +1,5 @@
-//! The `VpnPeer` custom resource: one WireGuard peer of the gateway.
+//! The custom resources: `VpnPeer`, one WireGuard peer of the gateway, and
+//! `VpnAccessPolicy`, label-selected grants to peers (see [`VpnAccessPolicySpec`]).
 //!
 //! ```yaml
 //! apiVersion: vpn.cloudraya.com/v1alpha1
@@ -14,6 +15,23 @@
 //!   presharedKeySecretRef: { name: alice-psk, key: psk }   # optional
 //!   disabled: false
 //! ```
+//!
+//! ```yaml
+//! apiVersion: vpn.cloudraya.com/v1alpha1
+//! kind: VpnAccessPolicy
+//! metadata: { name: db-readers, namespace: team-a }
+//! spec:
+//!   peerSelector: { matchLabels: { role: dba } }   # VpnPeers of this namespace
+//!   allow:
+//!     - service: pg                               # namespace defaults to the policy's own
+//!       ports: [5432]
+//!   expiresAt: "2030-01-01T00:00:00Z"             # optional
+//! ```
+//!
+//! A policy outside the gateway's namespace selects peers of its own namespace and grants
+//! only Services of its own namespace (a rule naming another one refuses the policy); in
+//! the gateway's namespace `namespaceSelector` picks the peers' namespaces and rules may
+//! name any namespace ([`crate::policy`]).
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::CustomResource;
@@ -181,6 +199,93 @@ fn conditions_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     })
 }
 
+/// What an operator may write: which peers the policy selects and what they may reach.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "vpn.cloudraya.com",
+    version = "v1alpha1",
+    kind = "VpnAccessPolicy",
+    namespaced,
+    status = "VpnAccessPolicyStatus",
+    shortname = "vpnpolicy",
+    doc = "Services that the VpnPeers picked by a label selector may reach, optionally until a time",
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].reason"
+    ),
+    printcolumn(name = "Peers", type_ = "integer", json_path = ".status.matchedPeers"),
+    printcolumn(name = "Expires", type_ = "date", json_path = ".spec.expiresAt"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct VpnAccessPolicySpec {
+    /// The VpnPeers granted, by their labels (`{}`: every peer of the selected namespaces).
+    pub peer_selector: LabelSelector,
+    /// The namespaces whose VpnPeers are selected, by their labels (every namespace carries
+    /// `kubernetes.io/metadata.name`). Only honoured in the gateway's namespace; absent, a
+    /// policy selects the peers of its own namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    /// What the selected peers may reach, as in a VpnPeer's `allow` (the namespace
+    /// defaults to the policy's own).
+    #[serde(default)]
+    pub allow: Vec<AllowRule>,
+    /// After this time the policy grants nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "date_time_schema")]
+    pub expires_at: Option<Time>,
+}
+
+/// A Kubernetes label selector (the shape of `metav1.LabelSelector`): every `matchLabels`
+/// pair and every expression must hold; an empty selector selects everything.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelSelector {
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub match_labels: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub match_expressions: Vec<LabelSelectorRequirement>,
+}
+
+/// `key` `operator` `values`: `In` and `NotIn` take values, `Exists` and `DoesNotExist`
+/// none.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelSelectorRequirement {
+    pub key: String,
+    #[schemars(schema_with = "operator_schema")]
+    pub operator: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+}
+
+/// What the gateway reports of a policy.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VpnAccessPolicyStatus {
+    /// `Accepted`: `True` while the policy grants, `False` with the reason (a rule naming
+    /// another namespace, an invalid selector, expired).
+    #[serde(default)]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+    /// The served VpnPeers it grants to now.
+    #[serde(default)]
+    pub matched_peers: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+fn operator_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({ "type": "string", "enum": ["In", "NotIn", "Exists", "DoesNotExist"] })
+}
+
 /// The CRD as YAML, as written to `deploy/crds/vpnpeer.yaml`.
 pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;
@@ -192,22 +297,75 @@ pub fn crd_yaml() -> String {
 /// Where the generated CRD lives, relative to the workspace root.
 pub const CRD_PATH: &str = "deploy/crds/vpnpeer.yaml";
 
+/// The `VpnAccessPolicy` CRD as YAML, as written to [`POLICY_CRD_PATH`].
+pub fn policy_crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    let crd = VpnAccessPolicy::crd();
+    let body = serde_saphyr::to_string(&crd).unwrap_or_else(|e| format!("# serialization failed: {e}\n"));
+    format!("# Generated by `cargo run -p kuberaya-gateway --bin crdgen`; do not edit.\n{body}")
+}
+
+/// Where the generated `VpnAccessPolicy` CRD lives, relative to the workspace root.
+pub const POLICY_CRD_PATH: &str = "deploy/crds/vpnaccesspolicy.yaml";
+
+/// Every generated CRD file: (path relative to the workspace root, contents).
+pub fn crd_files() -> [(&'static str, String); 2] {
+    [(CRD_PATH, crd_yaml()), (POLICY_CRD_PATH, policy_crd_yaml())]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use kube::CustomResourceExt;
 
     #[test]
-    fn crd_file_matches_the_type() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .join(CRD_PATH);
-        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
-        assert!(
-            on_disk == crd_yaml(),
-            "{} is out of date: run `cargo run -p kuberaya-gateway --bin crdgen`",
-            path.display()
-        );
+    fn crd_files_match_the_types() {
+        for (file, yaml) in crd_files() {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(file);
+            let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                on_disk == yaml,
+                "{} is out of date: run `cargo run -p kuberaya-gateway --bin crdgen`",
+                path.display()
+            );
+        }
+    }
+
+    #[test]
+    fn policy_crd_names_scope_and_columns() {
+        let crd = VpnAccessPolicy::crd();
+        assert_eq!(crd.spec.group, "vpn.cloudraya.com");
+        assert_eq!(crd.spec.scope, "Namespaced");
+        assert_eq!(crd.spec.names.kind, "VpnAccessPolicy");
+        assert_eq!(crd.spec.names.plural, "vpnaccesspolicies");
+        let v = &crd.spec.versions[0];
+        assert_eq!(v.name, "v1alpha1");
+        assert!(v.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
+        let columns: Vec<String> = v
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|c| c.name.clone())
+            .collect();
+        assert_eq!(columns, ["Accepted", "Reason", "Peers", "Expires", "Age"]);
+    }
+
+    #[test]
+    fn policy_spec_parses() {
+        let spec: VpnAccessPolicySpec = serde_json::from_value(serde_json::json!({
+            "peerSelector": {"matchLabels": {"team": "db"},
+                             "matchExpressions": [{"key": "tier", "operator": "In", "values": ["a"]}]},
+            "allow": [{"service": "pg", "ports": [5432]}],
+            "expiresAt": "2030-01-01T00:00:00Z"
+        }))
+        .unwrap();
+        assert_eq!(spec.peer_selector.match_labels["team"], "db");
+        assert_eq!(spec.peer_selector.match_expressions[0].operator, "In");
+        assert_eq!(spec.namespace_selector, None);
+        assert_eq!(spec.allow[0].ports, Some(vec![PortRef::Number(5432)]));
+        let empty: VpnAccessPolicySpec = serde_json::from_value(serde_json::json!({"peerSelector": {}})).unwrap();
+        assert_eq!(empty.peer_selector, LabelSelector::default());
+        assert!(serde_json::from_value::<VpnAccessPolicySpec>(serde_json::json!({"allow": []})).is_err());
     }
 
     #[test]

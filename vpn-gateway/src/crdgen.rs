@@ -1,18 +1,24 @@
-//! Writes the `VpnPeer` CRD to `deploy/crds/vpnpeer.yaml` (or prints it with `--stdout`).
+//! Writes the CRDs to `deploy/crds/` (`vpnpeer.yaml`, `vpnaccesspolicy.yaml`), or prints
+//! them with `--stdout`.
 
 fn main() -> std::io::Result<()> {
-    let yaml = kuberaya_gateway::crd::crd_yaml();
+    let files = kuberaya_gateway::crd::crd_files();
     if std::env::args().any(|a| a == "--stdout") {
-        print!("{yaml}");
+        for (i, (_, yaml)) in files.iter().enumerate() {
+            if i > 0 {
+                println!("---");
+            }
+            print!("{yaml}");
+        }
         return Ok(());
     }
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(kuberaya_gateway::crd::CRD_PATH);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+    for (file, yaml) in files {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(file);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&path, yaml)?;
+        eprintln!("wrote {}", path.display());
     }
-    std::fs::write(&path, yaml)?;
-    eprintln!("wrote {}", path.display());
     Ok(())
 }

@@ -20,7 +20,8 @@ use crate::keys::PrivateKey;
 use crate::metrics::{FlowLabels, Metrics, PeerLabels, StateLabels};
 use crate::packet;
 use crate::peers::{self, PeerId, TunnelConfig, Validation};
-use crate::source::{GatewayReport, PeerReport, PeerSnapshot, ServiceSnapshot};
+use crate::policy::{self, Effective};
+use crate::source::{GatewayReport, PeerReport, PeerSnapshot, PolicySnapshot, ServiceSnapshot};
 use crate::tunnel::{BUF_SIZE, PeerTable, TunnelIo, TunnelStats};
 use crate::uapi::{DeviceState, PeerState, StateRequest};
 use crate::udp_batch::{RecvBatch, grow_socket_buffers, recv_batch, send_batch};
@@ -76,14 +77,18 @@ pub struct Gateway {
     dp: Box<dyn DataPlane>,
     peers: PeerSnapshot,
     services: ServiceSnapshot,
+    policies: PolicySnapshot,
     validation: Validation,
+    /// Every accepted peer's rules with its access policies', and the policies' reports.
+    effective: Effective,
     policy: Arc<Policy>,
     metrics: Arc<Metrics>,
     buf: Vec<u8>,
     io: Collect,
     last_stats: HashMap<PeerId, TunnelStats>,
     /// When the validation can next change without a new snapshot (the earliest
-    /// `expiresAt` of an accepted peer): the tick re-validates only then, not every tick.
+    /// `expiresAt` of an accepted peer or of a granting policy): the tick re-validates
+    /// only then, not every tick.
     next_expiry: Option<k8s_openapi::jiff::Timestamp>,
     /// Kept for the UAPI `get` answer (`wg show` derives the public key from it).
     private_key: PrivateKey,
@@ -101,7 +106,9 @@ impl Gateway {
             dp,
             peers: PeerSnapshot::default(),
             services: ServiceSnapshot::default(),
+            policies: PolicySnapshot::default(),
             validation: Validation::default(),
+            effective: Effective::default(),
             policy: Arc::new(Policy::default()),
             metrics,
             buf: vec![0u8; BUF_SIZE],
@@ -157,15 +164,33 @@ impl Gateway {
         }
     }
 
-    /// Re-validate the peers (expiry included) and apply any change.
+    /// Re-validate the peers and resolve the policies (expiry included) and apply any
+    /// change.
     fn refresh(&mut self, services_changed: bool) {
         let started = Instant::now();
-        let v = peers::validate(
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let v = peers::validate(&self.peers.peers, &self.validation, &self.cfg.tunnel, now);
+        let effective = policy::effective(
             &self.peers.peers,
-            &self.validation,
-            &self.cfg.tunnel,
-            k8s_openapi::jiff::Timestamp::now(),
+            &v,
+            &self.policies.policies,
+            &self.policies.namespaces,
+            &self.cfg.tunnel.gateway_namespace,
+            now,
         );
+        // A label, policy or expiry change that leaves every peer's rules as they were
+        // compiles nothing.
+        let rules_changed = effective.rules != self.effective.rules;
+        if effective.policies != self.effective.policies {
+            for r in &effective.policies {
+                match &r.outcome {
+                    Ok(()) => tracing::debug!(policy = %r.id, peers = r.matched_peers, "policy grants"),
+                    Err(e) => {
+                        tracing::info!(policy = %r.id, reason = e.reason(), message = %e, "policy grants nothing")
+                    }
+                }
+            }
+        }
         let peers_changed = v.accepted != self.validation.accepted;
         if peers_changed {
             let before: HashMap<PeerId, Ipv4Addr> = self.table.peers().map(|t| (t.id().clone(), t.address())).collect();
@@ -185,9 +210,16 @@ impl Gateway {
                 tracing::info!(peer = %id, reason = r.reason(), message = %r, "peer rejected");
             }
         }
-        if peers_changed || services_changed {
+        if peers_changed || services_changed || rules_changed {
             let catalog = Catalog::new(self.services.services.iter().cloned());
-            let acl = Acl::compile(self.cfg.tunnel.gateway_address(), &v.accepted, &catalog);
+            let acl = Acl::compile_effective(
+                self.cfg.tunnel.gateway_address(),
+                v.accepted
+                    .iter()
+                    .map(|p| p.address)
+                    .zip(effective.rules.iter().map(|r| &r[..])),
+                &catalog,
+            );
             self.policy = Arc::new(Policy { acl, catalog });
             self.dp.set_policy(self.policy.clone());
         }
@@ -203,12 +235,18 @@ impl Gateway {
                 state: "rejected".into(),
             })
             .set(v.rejected.len() as i64);
-        self.next_expiry = next_expiry(&v);
+        self.next_expiry = match (next_expiry(&v), effective.next_expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         self.validation = v;
+        self.effective = effective;
         tracing::debug!(
             peers = self.peers.peers.len(),
+            policies = self.policies.policies.len(),
             peers_changed,
             services_changed,
+            rules_changed,
             elapsed_us = started.elapsed().as_micros() as u64,
             "peers refreshed"
         );
@@ -408,6 +446,7 @@ impl Gateway {
                 tx_bytes: stats.tx_bytes,
             });
         }
+        out.policies = self.effective.policies.clone();
         out
     }
 
@@ -432,12 +471,14 @@ impl Gateway {
         socket: UdpSocket,
         mut peers: watch::Receiver<PeerSnapshot>,
         mut services: watch::Receiver<ServiceSnapshot>,
+        mut policies: watch::Receiver<PolicySnapshot>,
         report: watch::Sender<GatewayReport>,
         health: Arc<Health>,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
         self.peers = peers.borrow_and_update().clone();
         self.services = services.borrow_and_update().clone();
+        self.policies = policies.borrow_and_update().clone();
         self.refresh(true);
         health.set_ready(self.peers.loaded && self.services.loaded);
         let waker = self.dp.waker();
@@ -448,6 +489,7 @@ impl Gateway {
         grow_socket_buffers(&socket);
         let mut peers_open = true;
         let mut services_open = true;
+        let mut policies_open = true;
         let listen_port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
         let mut uapi = self.uapi.take();
         tokio::pin!(shutdown);
@@ -492,6 +534,13 @@ impl Gateway {
                     health.set_ready(self.peers.loaded && self.services.loaded);
                     release_freed_memory();
                 }
+                // Readiness does not wait for policies: without their CRD the peers are
+                // served by their own rules.
+                r = policies.changed(), if policies_open => {
+                    if r.is_err() { policies_open = false; continue; }
+                    self.policies = policies.borrow_and_update().clone();
+                    self.refresh(false);
+                }
                 r = services.changed(), if services_open => {
                     if r.is_err() { services_open = false; continue; }
                     self.services = services.borrow_and_update().clone();
@@ -520,8 +569,9 @@ fn release_freed_memory() {
     }
 }
 
-/// The earliest `expiresAt` of an accepted peer: the next time a re-validation of the same
-/// snapshot can give another outcome.
+/// The earliest `expiresAt` of an accepted peer: with the policies' (see
+/// [`Effective::next_expiry`]), the next time a re-validation of the same snapshots can
+/// give another outcome.
 fn next_expiry(v: &Validation) -> Option<k8s_openapi::jiff::Timestamp> {
     v.accepted.iter().filter_map(|p| p.expires_at).min()
 }

@@ -2,11 +2,14 @@
 //! within their peer's rules.
 //!
 //! Module map:
-//! - [`crd`]: the `VpnPeer` custom resource (spec, status, CRD generation).
+//! - [`crd`]: the `VpnPeer` and `VpnAccessPolicy` custom resources (spec, status, CRD
+//!   generation).
 //! - [`keys`]: WireGuard keys in base64, with redacting `Debug`.
 //! - [`peers`]: validation of peer inputs into accepted peers or rejection reasons, and
 //!   tunnel address allocation.
 //! - [`catalog`]: the Services the gateway knows, by name and by ClusterIP.
+//! - [`policy`]: access policies: which peers each selects, the effective rules of every
+//!   peer (its own plus its policies'), policy status, and [`policy::explain`].
 //! - [`acl`]: allow rules compiled against the Service catalog into a fast lookup; the
 //!   decision for each packet.
 //! - [`packet`]: zero-copy IPv4/IPv6 header parsing of decrypted packets.
@@ -42,6 +45,7 @@ pub mod manifests;
 pub mod metrics;
 pub mod packet;
 pub mod peers;
+pub mod policy;
 pub mod publish;
 pub mod run;
 pub use kuberaya_serving as secure_http;

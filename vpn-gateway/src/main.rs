@@ -47,6 +47,10 @@ struct Args {
     /// Static Services (JSON) instead of the cluster's.
     #[arg(long)]
     services_file: Option<PathBuf>,
+    /// Static access policies (JSON) with --peers-file, instead of VpnAccessPolicy
+    /// resources.
+    #[arg(long)]
+    policies_file: Option<PathBuf>,
     /// Plain-HTTP, unauthenticated `/metrics` (they name peers: loopback by default).
     #[arg(long, env = "GATEWAY_METRICS_BIND_ADDRESS", default_value = "127.0.0.1:9090")]
     metrics_bind_address: SocketAddr,
@@ -137,9 +141,9 @@ async fn serve(args: Args, on_worker: bool) -> anyhow::Result<()> {
             .init();
     }
 
-    let static_mode = args.peers_file.is_some() || args.services_file.is_some();
+    let static_mode = args.peers_file.is_some() || args.services_file.is_some() || args.policies_file.is_some();
     if static_mode && args.private_key_file.is_none() {
-        anyhow::bail!("--private-key-file is required with --peers-file/--services-file");
+        anyhow::bail!("--private-key-file is required with --peers-file/--services-file/--policies-file");
     }
     let cfg = RunConfig {
         listen: args.listen,
@@ -150,6 +154,7 @@ async fn serve(args: Args, on_worker: bool) -> anyhow::Result<()> {
             Sources::Files {
                 peers: args.peers_file,
                 services: args.services_file,
+                policies: args.policies_file,
             }
         } else {
             Sources::Kube {

@@ -1,5 +1,5 @@
 //! The cluster objects the gateway needs installed, as `deploy/` holds them: the
-//! `VpnPeer` CRD ([`crd`], the same as `deploy/crds/vpnpeer.yaml`), the gateway's
+//! `VpnPeer` and `VpnAccessPolicy` CRDs ([`crds`], the same as `deploy/crds/`), the gateway's
 //! Namespace and its `kuberaya-config` ConfigMap (parsed from `deploy/gateway/base/`).
 //! For installers without kustomize (`kuberaya sandbox up`), so that there is no second
 //! hand-written copy of them.
@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt as _;
 
-use crate::crd::VpnPeer;
+use crate::crd::{VpnAccessPolicy, VpnPeer};
 
 /// `deploy/gateway/base/namespace.yaml`.
 pub const NAMESPACE_YAML: &str = include_str!("../../deploy/gateway/base/namespace.yaml");
@@ -23,6 +23,11 @@ pub const CONFIG_KEY_SERVICE_CIDR: &str = "service-cidr";
 /// The `VpnPeer` CRD.
 pub fn crd() -> CustomResourceDefinition {
     VpnPeer::crd()
+}
+
+/// Every CRD of the gateway: `VpnPeer` and `VpnAccessPolicy`.
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    vec![VpnPeer::crd(), VpnAccessPolicy::crd()]
 }
 
 /// The gateway's Namespace (`kuberaya-system`).
@@ -62,5 +67,13 @@ mod tests {
             Some("127.96.0.0/16")
         );
         assert_eq!(crd().metadata.name.as_deref(), Some("vpnpeers.vpn.cloudraya.com"));
+        let names: Vec<Option<String>> = crds().into_iter().map(|c| c.metadata.name).collect();
+        assert_eq!(
+            names,
+            [
+                Some("vpnpeers.vpn.cloudraya.com".to_string()),
+                Some("vpnaccesspolicies.vpn.cloudraya.com".to_string())
+            ]
+        );
     }
 }

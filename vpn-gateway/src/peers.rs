@@ -62,6 +62,8 @@ pub struct PeerInput {
     /// file, where the order of the entries stands in for age.
     pub created: Option<Timestamp>,
     pub uid: Option<String>,
+    /// Its labels: what `VpnAccessPolicy` selectors match ([`crate::policy`]).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// What a peer holds according to its status, as the gateway wrote it: it survives a
@@ -86,6 +88,7 @@ impl PeerInput {
             granted: Granted::default(),
             created: None,
             uid: None,
+            labels: Default::default(),
         }
     }
 }

@@ -37,7 +37,9 @@ use crate::metrics::Metrics;
 use crate::peers::TunnelConfig;
 use crate::secure_http::SecureServing;
 use crate::source::kube::KubeSource;
-use crate::source::{FileSource, GatewayReport, PeerSnapshot, PeerSource, ServiceCatalog, ServiceSnapshot};
+use crate::source::{
+    FileSource, GatewayReport, PeerSnapshot, PeerSource, PolicySnapshot, PolicySource, ServiceCatalog, ServiceSnapshot,
+};
 use crate::uapi::UapiListener;
 
 /// The default name of the Secret holding the gateway's private key.
@@ -58,6 +60,7 @@ pub enum Sources {
     Files {
         peers: Option<PathBuf>,
         services: Option<PathBuf>,
+        policies: Option<PathBuf>,
     },
 }
 
@@ -180,6 +183,7 @@ pub struct Started {
     socket: UdpSocket,
     peers: watch::Receiver<PeerSnapshot>,
     services: watch::Receiver<ServiceSnapshot>,
+    policies: watch::Receiver<PolicySnapshot>,
     report: watch::Sender<GatewayReport>,
     health: Arc<Health>,
     tasks: Tasks,
@@ -231,8 +235,12 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
     }
     let (report_tx, report_rx) = watch::channel(GatewayReport::default());
     let mut tasks = Tasks::default();
-    let (key, peers, services, kube_source, files, client) = match &cfg.sources {
-        Sources::Files { peers, services } => {
+    let (key, peers, services, policies, kube_source, files, client) = match &cfg.sources {
+        Sources::Files {
+            peers,
+            services,
+            policies,
+        } => {
             let key = match &cfg.private_key {
                 KeySource::File(p) => read_key(p)?,
                 KeySource::Secret(_) => {
@@ -241,8 +249,9 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
                     ));
                 }
             };
-            let src = FileSource::start(peers.clone(), services.clone(), FILE_RELOAD)?;
-            (key, src.peers(), src.services(), None, Some(src), None)
+            let src = FileSource::start(peers.clone(), services.clone(), FILE_RELOAD)?
+                .with_policies(policies.clone(), FILE_RELOAD)?;
+            (key, src.peers(), src.services(), src.policies(), None, Some(src), None)
         }
         Sources::Kube { kubeconfig, client } => {
             let client = match client {
@@ -274,7 +283,15 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
                 report_rx,
                 crate::source::kube::STATUS_INTERVAL,
             )));
-            (key, src.peers(), src.services(), Some(src), None, Some(client))
+            (
+                key,
+                src.peers(),
+                src.services(),
+                src.policies(),
+                Some(src),
+                None,
+                Some(client),
+            )
         }
     };
 
@@ -360,6 +377,7 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
         socket,
         peers,
         services,
+        policies,
         report: report_tx,
         health,
         tasks,
@@ -383,6 +401,7 @@ impl Started {
             socket,
             peers,
             services,
+            policies,
             report,
             health,
             tasks,
@@ -390,7 +409,7 @@ impl Started {
         } = self;
         tracing::info!(udp = %info.udp, public_key = %info.public_key, "gateway started");
         let r = gateway
-            .run(socket, peers, services, report, health, shutdown)
+            .run(socket, peers, services, policies, report, health, shutdown)
             .await
             .map_err(net_error(format_args!("the UDP socket {}", info.udp)));
         drop(tasks);
@@ -423,6 +442,7 @@ mod tests {
             sources: Sources::Files {
                 peers: Some(write(dir.path(), "peers.json", "[]")),
                 services: Some(write(dir.path(), "services.json", "[]")),
+                policies: Some(write(dir.path(), "policies.json", "[]")),
             },
             private_key: KeySource::File(write(dir.path(), "gw.key", &key.to_base64())),
             metrics_bind_address: "127.0.0.1:0".parse().unwrap(),
@@ -461,6 +481,7 @@ mod tests {
             sources: Sources::Files {
                 peers: None,
                 services: None,
+                policies: None,
             },
             ..RunConfig::default()
         };
@@ -478,6 +499,7 @@ mod tests {
             sources: Sources::Files {
                 peers: None,
                 services: None,
+                policies: None,
             },
             private_key: KeySource::File(write(dir.path(), "gw.key", &PrivateKey::generate().to_base64())),
             metrics_bind_address: "127.0.0.1:0".parse().unwrap(),

@@ -1,13 +1,15 @@
 //! Where peers and Services come from, as watch channels of whole snapshots:
 //! - [`FileSource`]: JSON files (`--peers-file`, `--services-file`), re-read when they
 //!   change; for tests and local runs.
-//! - [`kube`]: the cluster: `VpnPeer`, `Service` and `Secret` (preshared keys, the
-//!   gateway's private key), and the status written back.
+//! - [`kube`]: the cluster: `VpnPeer`, `VpnAccessPolicy`, `Service` and `Secret`
+//!   (preshared keys, the gateway's private key), and the statuses written back.
 //!
 //! Peers file: a JSON array of
 //! `{"namespace": "default", "name": "alice", "spec": {<VpnPeer spec>}, "presharedKey": "<base64>"}`
 //! (`namespace` defaults to `default`, `presharedKey` is optional and stands in for the
-//! Secret a `presharedKeySecretRef` names). Services file: a JSON array of
+//! Secret a `presharedKeySecretRef` names; an optional `labels` object is what access
+//! policies select by). Policies file (`--policies-file`): a JSON array of
+//! `{"namespace": "default", "name": "db", "spec": {<VpnAccessPolicy spec>}}`. Services file: a JSON array of
 //! `{"namespace": "default", "name": "web", "clusterIP": "127.96.0.10", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}`.
 
 pub mod kube;
@@ -23,6 +25,7 @@ use crate::catalog::Service;
 use crate::crd::VpnPeerSpec;
 use crate::keys::PresharedKey;
 use crate::peers::{PeerId, PeerInput, Rejection};
+use crate::policy::{PolicyInput, PolicyReport};
 
 /// All peers, as the source last saw them.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -39,9 +42,23 @@ pub struct ServiceSnapshot {
     pub loaded: bool,
 }
 
+/// All access policies, and the labels of namespaces (what a `namespaceSelector`
+/// matches), as the source last saw them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PolicySnapshot {
+    pub policies: Vec<PolicyInput>,
+    pub namespaces: std::collections::HashMap<String, crate::policy::Labels>,
+    pub loaded: bool,
+}
+
 /// A source of peers.
 pub trait PeerSource: Send + Sync {
     fn peers(&self) -> watch::Receiver<PeerSnapshot>;
+}
+
+/// A source of access policies.
+pub trait PolicySource: Send + Sync {
+    fn policies(&self) -> watch::Receiver<PolicySnapshot>;
 }
 
 /// A source of Services.
@@ -63,10 +80,11 @@ pub struct PeerReport {
     pub tx_bytes: u64,
 }
 
-/// The gateway's report of every peer.
+/// The gateway's report of every peer and every access policy.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct GatewayReport {
     pub peers: Vec<PeerReport>,
+    pub policies: Vec<PolicyReport>,
 }
 
 #[derive(Deserialize)]
@@ -78,6 +96,9 @@ struct FilePeer {
     spec: VpnPeerSpec,
     #[serde(default)]
     preshared_key: Option<String>,
+    /// What access policies select it by.
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
 }
 
 fn default_namespace() -> String {
@@ -96,6 +117,7 @@ pub fn parse_peers(text: &str) -> Result<Vec<PeerInput>, serde_json::Error> {
             };
             let mut input = PeerInput::new(PeerId::new(p.namespace, p.name), p.spec);
             input.preshared_key = psk;
+            input.labels = p.labels;
             input
         })
         .collect())
@@ -145,6 +167,28 @@ const FULL_READ_EVERY: Duration = Duration::from_secs(2);
 pub struct FileSource {
     peers: watch::Receiver<PeerSnapshot>,
     services: watch::Receiver<ServiceSnapshot>,
+    policies: watch::Receiver<PolicySnapshot>,
+    /// Without a policies file: the sender of its empty snapshot, kept open.
+    _no_policies: Option<watch::Sender<PolicySnapshot>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FilePolicy {
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    name: String,
+    spec: crate::crd::VpnAccessPolicySpec,
+}
+
+/// Parse a policies file: a JSON array of
+/// `{"namespace": "default", "name": "db", "spec": {<VpnAccessPolicy spec>}}`.
+pub fn parse_policies(text: &str) -> Result<Vec<PolicyInput>, serde_json::Error> {
+    let policies: Vec<FilePolicy> = serde_json::from_str(text)?;
+    Ok(policies
+        .into_iter()
+        .map(|p| PolicyInput::new(PeerId::new(p.namespace, p.name), p.spec))
+        .collect())
 }
 
 fn read(path: &Path) -> crate::Result<String> {
@@ -266,16 +310,88 @@ impl FileSource {
                 }
             }
         });
+        let (no_policies_tx, no_policies_rx) = watch::channel(PolicySnapshot {
+            loaded: true,
+            ..Default::default()
+        });
         Ok(FileSource {
             peers: prx,
             services: srx,
+            policies: no_policies_rx,
+            _no_policies: Some(no_policies_tx),
         })
+    }
+
+    /// Access policies from `path` too (none when `None`), loaded now (failing on errors)
+    /// and re-read when the file changes, as the peers file is.
+    pub fn with_policies(mut self, path: Option<PathBuf>, reload: Duration) -> crate::Result<Self> {
+        let Some(path) = path else { return Ok(self) };
+        let load = |p: &Path| -> crate::Result<(u64, Vec<PolicyInput>)> {
+            let text = read(p)?;
+            let v = parse_policies(&text).map_err(|source| crate::Error::Json {
+                path: p.display().to_string(),
+                source,
+            })?;
+            Ok((text_hash(&text), v))
+        };
+        let (mut last, initial) = load(&path)?;
+        let (tx, rx) = watch::channel(PolicySnapshot {
+            policies: initial,
+            loaded: true,
+            ..Default::default()
+        });
+        let full_every = (FULL_READ_EVERY.as_millis() / reload.as_millis().max(1)).max(1) as u32;
+        let mut last_stamp = stamp(&path);
+        let mut polls = 0u32;
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(reload);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                if tx.is_closed() {
+                    return;
+                }
+                let now = stamp(&path);
+                polls += 1;
+                if !should_read(std::mem::replace(&mut last_stamp, now), now, polls, full_every) {
+                    continue;
+                }
+                polls = 0;
+                let Ok(text) = read(&path) else { continue };
+                if text_hash(&text) == last {
+                    continue;
+                }
+                last = text_hash(&text);
+                match parse_policies(&text) {
+                    Ok(v) => {
+                        tracing::info!(path = %path.display(), policies = v.len(), "policies file reloaded");
+                        tx.send_replace(PolicySnapshot {
+                            policies: v,
+                            loaded: true,
+                            ..Default::default()
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "policies file invalid; keeping the last one")
+                    }
+                }
+            }
+        });
+        self.policies = rx;
+        self._no_policies = None;
+        Ok(self)
     }
 }
 
 impl PeerSource for FileSource {
     fn peers(&self) -> watch::Receiver<PeerSnapshot> {
         self.peers.clone()
+    }
+}
+
+impl PolicySource for FileSource {
+    fn policies(&self) -> watch::Receiver<PolicySnapshot> {
+        self.policies.clone()
     }
 }
 
@@ -303,6 +419,35 @@ mod tests {
         );
         assert_eq!(v[1].spec.address.as_deref(), Some("100.64.0.9"));
         assert!(parse_peers(r#"[{"name": "x", "spec": {"publicKey": "k"}, "typo": 1}]"#).is_err());
+    }
+
+    #[tokio::test]
+    async fn policies_file_loads_and_reloads() {
+        let v = parse_policies(
+            r#"[{"name": "db", "spec": {"peerSelector": {"matchLabels": {"role": "dba"}}, "allow": [{"service": "pg"}]}}]"#,
+        )
+        .unwrap();
+        assert_eq!(v[0].id, PeerId::new("default", "db"));
+        assert!(parse_policies(r#"[{"name": "x", "spec": {"peerSelector": {}}, "typo": 1}]"#).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policies.json");
+        std::fs::write(&path, "[]").unwrap();
+        let src = FileSource::start(None, None, Duration::from_millis(20))
+            .unwrap()
+            .with_policies(Some(path.clone()), Duration::from_millis(20))
+            .unwrap();
+        let mut rx = src.policies();
+        assert!(rx.borrow().loaded && rx.borrow().policies.is_empty());
+        std::fs::write(&path, r#"[{"name": "a", "spec": {"peerSelector": {}}}]"#).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rx.borrow().policies.len(), 1);
+        // Without a file: none, loaded, and the channel stays open.
+        let none = FileSource::start(None, None, Duration::from_secs(1)).unwrap();
+        assert!(none.policies().borrow().loaded);
+        assert!(none.policies().has_changed().is_ok());
     }
 
     #[test]

@@ -68,14 +68,15 @@ impl InProcessGateway {
         use kuberaya_gateway::run::{RunConfig, Sources};
 
         let client = kuberaya_sandbox::cluster::client_from_kubeconfig(kubeconfig).await?;
-        let crd = manifests::crd();
-        let crd_name = crd.metadata.name.clone().unwrap_or_default();
-        apply(
-            &kube::Api::<CustomResourceDefinition>::all(client.clone()),
-            &crd_name,
-            &crd,
-        )
-        .await?;
+        for crd in manifests::crds() {
+            let crd_name = crd.metadata.name.clone().unwrap_or_default();
+            apply(
+                &kube::Api::<CustomResourceDefinition>::all(client.clone()),
+                &crd_name,
+                &crd,
+            )
+            .await?;
+        }
         apply(
             &kube::Api::<Namespace>::all(client.clone()),
             NAMESPACE,

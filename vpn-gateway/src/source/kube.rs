@@ -1,7 +1,7 @@
-//! The Kubernetes source: `VpnPeer` and `Service` watchers (kube-rs reflectors), preshared
-//! keys read from the Secrets peers name, the gateway's private key from a Secret
-//! (generated on first start), and `VpnPeer` status written back at [`STATUS_INTERVAL`]
-//! when it changed.
+//! The Kubernetes source: `VpnPeer`, `VpnAccessPolicy` and `Service` watchers (kube-rs
+//! reflectors), preshared keys read from the Secrets peers name, the gateway's private key
+//! from a Secret (generated on first start), and `VpnPeer` and `VpnAccessPolicy` status
+//! written back when it changed (a peer's counters at most every [`STATUS_INTERVAL`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{Secret, Service as K8sService};
+use k8s_openapi::api::core::v1::{Namespace, Secret, Service as K8sService};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
@@ -19,11 +19,14 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, ResourceExt};
 use tokio::sync::watch;
 
-use super::{GatewayReport, PeerReport, PeerSnapshot, PeerSource, ServiceCatalog, ServiceSnapshot};
+use super::{
+    GatewayReport, PeerReport, PeerSnapshot, PeerSource, PolicySnapshot, PolicySource, ServiceCatalog, ServiceSnapshot,
+};
 use crate::catalog::{Protocol, Service, ServicePort};
-use crate::crd::{CONDITION_ACCEPTED, Condition, VpnPeer, VpnPeerStatus};
+use crate::crd::{CONDITION_ACCEPTED, Condition, VpnAccessPolicy, VpnAccessPolicyStatus, VpnPeer, VpnPeerStatus};
 use crate::keys::{PresharedKey, PrivateKey};
 use crate::peers::{Granted, PeerId, PeerInput};
+use crate::policy::{PolicyId, PolicyInput, PolicyReport};
 
 /// How often changed statuses are written.
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(5);
@@ -237,6 +240,7 @@ pub fn peer_from_k8s(p: &VpnPeer) -> Option<PeerInput> {
     input.generation = p.metadata.generation;
     input.created = p.metadata.creation_timestamp.as_ref().map(|t| t.0);
     input.uid = p.metadata.uid.clone();
+    input.labels = p.metadata.labels.clone().unwrap_or_default();
     let status = p.status.as_ref();
     let parse = |a: Option<&String>| a.and_then(|a| a.parse().ok());
     // The address in use, else the one it had before it was cut off (disabled, expired).
@@ -253,6 +257,57 @@ pub fn peer_from_k8s(p: &VpnPeer) -> Option<PeerInput> {
         };
     }
     Some(input)
+}
+
+/// What the reflector keeps of a `VpnAccessPolicy`: its spec, name and generation.
+pub fn trim_policy(p: &mut VpnAccessPolicy) {
+    p.metadata.managed_fields = None;
+    p.metadata.annotations = None;
+    p.status = None;
+}
+
+/// A `VpnAccessPolicy` as a policy input.
+pub fn policy_from_k8s(p: &VpnAccessPolicy) -> Option<PolicyInput> {
+    let mut input = PolicyInput::new(PolicyId::new(p.namespace()?, p.metadata.name.clone()?), p.spec.clone());
+    input.generation = p.metadata.generation;
+    input.uid = p.metadata.uid.clone();
+    Some(input)
+}
+
+/// The status to write for a policy's report; the transition time is kept while the
+/// condition's status stays.
+pub fn policy_status_for(
+    previous: Option<&VpnAccessPolicyStatus>,
+    r: &PolicyReport,
+    now: Timestamp,
+) -> VpnAccessPolicyStatus {
+    let (status, reason, message) = match &r.outcome {
+        Ok(()) => {
+            let mut m = format!("grants to {} peer(s)", r.matched_peers);
+            if let Some(note) = &r.note {
+                m.push_str("; ");
+                m.push_str(note);
+            }
+            ("True", "Accepted".to_string(), m)
+        }
+        Err(e) => ("False", e.reason().to_string(), e.to_string()),
+    };
+    let prev_cond = previous.and_then(|p| p.conditions.iter().find(|c| c.type_ == CONDITION_ACCEPTED));
+    let last_transition_time = match prev_cond {
+        Some(c) if c.status == status => c.last_transition_time.clone(),
+        _ => Time(now),
+    };
+    VpnAccessPolicyStatus {
+        conditions: vec![Condition {
+            type_: CONDITION_ACCEPTED.to_string(),
+            status: status.to_string(),
+            reason,
+            message,
+            last_transition_time,
+        }],
+        matched_peers: r.matched_peers,
+        observed_generation: r.generation,
+    }
 }
 
 /// The status to write for a report, keeping the condition's transition time when its
@@ -295,6 +350,7 @@ pub fn status_for(previous: Option<&VpnPeerStatus>, r: &PeerReport, now: Timesta
 pub struct KubeSource {
     peers: watch::Receiver<PeerSnapshot>,
     services: watch::Receiver<ServiceSnapshot>,
+    policies: watch::Receiver<PolicySnapshot>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -340,6 +396,9 @@ impl KubeSource {
                 }
             }
         });
+
+        let (poltx, polrx) = watch::channel(PolicySnapshot::default());
+        let policies_task = tokio::spawn(watch_policies(client.clone(), poltx));
 
         let peer_api: Api<VpnPeer> = Api::all(client.clone());
         let (peer_store, peer_writer) = reflector::store();
@@ -410,7 +469,8 @@ impl KubeSource {
         Arc::new(KubeSource {
             peers: prx,
             services: srx,
-            tasks: vec![services_task, peers_task],
+            policies: polrx,
+            tasks: vec![services_task, peers_task, policies_task],
         })
     }
 }
@@ -418,6 +478,102 @@ impl KubeSource {
 impl PeerSource for KubeSource {
     fn peers(&self) -> watch::Receiver<PeerSnapshot> {
         self.peers.clone()
+    }
+}
+
+impl PolicySource for KubeSource {
+    fn policies(&self) -> watch::Receiver<PolicySnapshot> {
+        self.policies.clone()
+    }
+}
+
+/// What the policy watch hears: a change of policies or of namespaces' labels.
+enum PolicyEvent {
+    Policies(Result<watcher::Event<VpnAccessPolicy>, watcher::Error>),
+    Namespaces(Result<watcher::Event<Namespace>, watcher::Error>),
+}
+
+/// Keep `tx` at every `VpnAccessPolicy` (trimmed) and the labels of every namespace, in
+/// batches like the peers. Without the CRD (a bundle installed before policies existed)
+/// the watch fails and retries; the peers are served by their own rules meanwhile.
+async fn watch_policies(client: Client, tx: watch::Sender<PolicySnapshot>) {
+    let (store, writer) = reflector::store();
+    let policies = watcher(Api::<VpnAccessPolicy>::all(client.clone()), watcher::Config::default())
+        .backoff(WatchBackoff::default())
+        .modify(trim_policy)
+        .reflect(writer)
+        .map(PolicyEvent::Policies);
+    let (ns_store, ns_writer) = reflector::store();
+    let namespaces = watcher(Api::<Namespace>::all(client), watcher::Config::default())
+        .backoff(WatchBackoff::default())
+        .modify(|n: &mut Namespace| {
+            n.metadata.managed_fields = None;
+            n.metadata.annotations = None;
+            n.spec = None;
+            n.status = None;
+        })
+        .reflect(ns_writer)
+        .map(PolicyEvent::Namespaces);
+    let mut stream = std::pin::pin!(futures::stream::select(policies, namespaces));
+    let mut ready = false;
+    let mut errors = 0u64;
+    loop {
+        match stream.next().await {
+            None => return,
+            Some(PolicyEvent::Policies(Ok(watcher::Event::InitDone))) => ready = true,
+            Some(PolicyEvent::Policies(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)))) => {}
+            Some(PolicyEvent::Namespaces(Ok(
+                watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_),
+            ))) => {}
+            Some(PolicyEvent::Policies(Ok(_)) | PolicyEvent::Namespaces(Ok(_))) => continue,
+            Some(PolicyEvent::Namespaces(Err(e))) => {
+                tracing::warn!(error = %e, "Namespace watch");
+                continue;
+            }
+            Some(PolicyEvent::Policies(Err(e))) => {
+                // A missing CRD fails every retry: said once, then at debug level.
+                errors += 1;
+                if errors == 1 {
+                    tracing::warn!(error = %e, "VpnAccessPolicy watch (is deploy/crds/vpnaccesspolicy.yaml applied?)");
+                } else {
+                    tracing::debug!(error = %e, "VpnAccessPolicy watch");
+                }
+                continue;
+            }
+        }
+        errors = 0;
+        if !ready {
+            continue;
+        }
+        let batch = tokio::time::Instant::now() + BATCH_MAX;
+        loop {
+            let until = batch.min(tokio::time::Instant::now() + BATCH_QUIET);
+            match tokio::time::timeout_at(until, stream.next()).await {
+                Err(_) => break,
+                Ok(None) => return,
+                Ok(Some(_)) => {}
+            }
+        }
+        let mut policies: Vec<PolicyInput> = store.state().iter().filter_map(|p| policy_from_k8s(p)).collect();
+        policies.sort_by(|a, b| a.id.cmp(&b.id));
+        let namespaces = ns_store
+            .state()
+            .iter()
+            .filter_map(|n| Some((n.metadata.name.clone()?, n.metadata.labels.clone().unwrap_or_default())))
+            .collect();
+        tx.send_if_modified(|old| {
+            let new = PolicySnapshot {
+                policies,
+                namespaces,
+                loaded: true,
+            };
+            if *old != new {
+                *old = new;
+                true
+            } else {
+                false
+            }
+        });
     }
 }
 
@@ -429,11 +585,14 @@ impl ServiceCatalog for KubeSource {
 
 /// Write statuses until the report channel closes: a peer's acceptance (condition,
 /// address, generation) as soon as the gateway reports it changed, and its counters (last
-/// handshake, bytes) at most every `every`.
+/// handshake, bytes) at most every `every`; a policy's condition and matched peers as soon
+/// as they change.
 pub async fn write_status(client: Client, mut reports: watch::Receiver<GatewayReport>, every: Duration) {
     // What was written, as hashes and the few fields the next status carries over: the
     // whole status was ~400 bytes a peer.
     let mut written: HashMap<PeerId, Written> = HashMap::new();
+    // Policies are few and small: their uid and last written status, whole.
+    let mut policies_written: HashMap<PolicyId, (Option<String>, VpnAccessPolicyStatus)> = HashMap::new();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -474,7 +633,41 @@ pub async fn write_status(client: Client, mut reports: watch::Receiver<GatewayRe
         }
         let current: std::collections::HashSet<&PeerId> = report.peers.iter().map(|r| &r.id).collect();
         written.retain(|id, _| current.contains(id));
+        for r in &report.policies {
+            // What was written to this object (not to an older one of the same name).
+            let prev = policies_written
+                .get(&r.id)
+                .filter(|(uid, _)| *uid == r.uid)
+                .map(|(_, s)| s);
+            let status = policy_status_for(prev, r, now);
+            // Only when something but the time changed.
+            if prev.is_some_and(|p| *p == status) {
+                continue;
+            }
+            match patch_policy_status(&client, &r.id, &status).await {
+                Ok(()) => {
+                    policies_written.insert(r.id.clone(), (r.uid.clone(), status));
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => {
+                    policies_written.remove(&r.id);
+                }
+                Err(e) => tracing::warn!(policy = %r.id, error = %e, "writing VpnAccessPolicy status"),
+            }
+        }
+        let current: std::collections::HashSet<&PolicyId> = report.policies.iter().map(|r| &r.id).collect();
+        policies_written.retain(|id, _| current.contains(id));
     }
+}
+
+/// `PATCH` a `VpnAccessPolicy`'s status (merge; the response is not parsed).
+async fn patch_policy_status(client: &Client, id: &PolicyId, status: &VpnAccessPolicyStatus) -> kube::Result<()> {
+    use kube::Resource;
+    let url = VpnAccessPolicy::url_path(&(), Some(&id.namespace));
+    let patch = serde_json::json!({ "status": status });
+    let req = kube::core::Request::new(url)
+        .patch_subresource("status", &id.name, &PatchParams::apply(MANAGER), &Patch::Merge(&patch))
+        .map_err(kube::Error::BuildRequest)?;
+    client.request_text(req).await.map(drop)
 }
 
 /// `PATCH` a `VpnPeer`'s status. The response (the whole object) is read but not parsed:
@@ -677,6 +870,67 @@ mod tests {
             (kept.len(), kept[0].status.as_str(), kept[0].message.as_str()),
             (1, "True", "")
         );
+    }
+
+    #[test]
+    fn a_trimmed_peer_keeps_its_labels_for_policies() {
+        let mut p: VpnPeer = serde_json::from_value(serde_json::json!({
+            "apiVersion": "vpn.cloudraya.com/v1alpha1", "kind": "VpnPeer",
+            "metadata": {"name": "alice", "namespace": "team", "labels": {"role": "dba"},
+                         "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"}},
+            "spec": {"publicKey": "k"}
+        }))
+        .unwrap();
+        trim_peer(&mut p);
+        let i = peer_from_k8s(&p).unwrap();
+        assert_eq!(i.labels.get("role").map(String::as_str), Some("dba"));
+    }
+
+    #[test]
+    fn policies_convert_and_report_their_status() {
+        use crate::policy::PolicyRejection;
+        let mut p: VpnAccessPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "vpn.cloudraya.com/v1alpha1", "kind": "VpnAccessPolicy",
+            "metadata": {"name": "db", "namespace": "team", "generation": 2, "uid": "u-9",
+                         "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+            "spec": {"peerSelector": {"matchLabels": {"role": "dba"}}, "allow": [{"service": "pg"}]},
+            "status": {"matchedPeers": 3, "conditions": []}
+        }))
+        .unwrap();
+        trim_policy(&mut p);
+        assert!(p.status.is_none() && p.metadata.managed_fields.is_none());
+        let i = policy_from_k8s(&p).unwrap();
+        assert_eq!(
+            (i.id.to_string(), i.generation, i.uid.as_deref()),
+            ("team/db".to_string(), Some(2), Some("u-9"))
+        );
+        let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let t1: Timestamp = "2026-01-01T00:01:00Z".parse().unwrap();
+        let mut r = PolicyReport {
+            id: i.id.clone(),
+            uid: None,
+            generation: Some(2),
+            outcome: Ok(()),
+            matched_peers: 2,
+            note: None,
+        };
+        let s0 = policy_status_for(None, &r, t0);
+        assert_eq!(
+            (
+                s0.conditions[0].status.as_str(),
+                s0.matched_peers,
+                s0.observed_generation
+            ),
+            ("True", 2, Some(2))
+        );
+        assert_eq!(policy_status_for(Some(&s0), &r, t1), s0, "unchanged: nothing to write");
+        r.outcome = Err(PolicyRejection::Expired("2026-01-01T00:00:30Z".into()));
+        r.matched_peers = 0;
+        let s1 = policy_status_for(Some(&s0), &r, t1);
+        let c = &s1.conditions[0];
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Expired"));
+        assert_eq!(c.last_transition_time, Time(t1));
+        assert_eq!(s1.matched_peers, 0);
     }
 
     #[test]

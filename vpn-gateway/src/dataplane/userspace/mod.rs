@@ -13,8 +13,9 @@
 //! - ICMP echo to an allowed ClusterIP (or the gateway) is answered by smoltcp.
 //! - Denied TCP gets a RST from a second, socket-less smoltcp interface (so a denied SYN can
 //!   never meet a listening socket); other denied packets are dropped. One audit line per
-//!   flow (target `audit`): peer, destination, Service, port, verdict, bytes, duration;
-//!   denied flows within a per-peer budget ([`crate::audit`]), the rest summed in one line.
+//!   flow (target `audit`): peer, destination, Service, port, verdict, the rule that
+//!   allowed it (`own rule N`, `policy NS/NAME`) or `no rule`, bytes, duration; denied
+//!   flows within a per-peer budget ([`crate::audit`]), the rest summed in one line.
 //!
 //! This module holds the data plane's state and its [`DataPlane`] side (packets in and
 //! out, policy, peers leaving); `stack` the smoltcp interfaces, `tcp_flows` the TCP flows
@@ -41,6 +42,8 @@ use stack::{Stack, smol_now};
 use tcp_flows::{TcpFlow, TcpKind};
 use udp_flows::UdpFlow;
 
+/// What an audit line names as the rule of a denied flow.
+pub const NO_RULE: &str = "no rule";
 /// The MTU of the tunnel (WireGuard's usual 1420).
 pub const MTU: usize = 1420;
 /// Per-direction buffer of each TCP flow's smoltcp socket.
@@ -123,6 +126,20 @@ impl UserspaceDataPlane {
         }
     }
 
+    /// What the audit line of a new allowed flow names as the rule that allowed it: the
+    /// peer's own rule or a policy ([`crate::policy::RuleSource`]), `gateway` for DNS to
+    /// the gateway itself.
+    fn allowing_rule(&self, pkt: &Inbound<'_>) -> String {
+        if pkt.verdict == Verdict::Local {
+            return "gateway".to_string();
+        }
+        let p = pkt.packet;
+        match self.policy.acl.allowed_by(pkt.peer_addr, p.dst, p.proto, p.dst_port()) {
+            Some(r) => r.to_string(),
+            None => NO_RULE.to_string(),
+        }
+    }
+
     fn audit_denied(&mut self, pkt: &Inbound<'_>, now: Instant) {
         let (write, held) = self.audit.allow(pkt.peer, now);
         if let Some(n) = held {
@@ -140,6 +157,7 @@ impl UserspaceDataPlane {
             proto = proto_name(pkt.packet.proto),
             port = pkt.packet.dst_port().unwrap_or(0),
             verdict = pkt.verdict.label(),
+            rule = NO_RULE,
             "flow denied"
         );
     }

@@ -45,6 +45,8 @@ pub(super) struct TcpFlow {
     pub(super) kind: TcpKind,
     pub(super) peer: PeerId,
     pub(super) service: String,
+    /// The rule that allowed it, for its audit line.
+    pub(super) rule: String,
     pub(super) pending: Vec<u8>,
     pub(super) pending_off: usize,
     pub(super) started: Instant,
@@ -96,6 +98,7 @@ impl UserspaceDataPlane {
             }
         };
         let service = self.service_name(key.2);
+        let rule = self.allowing_rule(pkt);
         self.tcp.insert(
             key,
             TcpFlow {
@@ -103,6 +106,7 @@ impl UserspaceDataPlane {
                 kind,
                 peer: pkt.peer.clone(),
                 service,
+                rule,
                 pending: Vec::new(),
                 pending_off: 0,
                 started: now,
@@ -257,6 +261,7 @@ impl UserspaceDataPlane {
                     proto = "tcp",
                     port = key.3,
                     verdict = "allowed",
+                    rule = %flow.rule,
                     bytes_up = flow.bytes_up,
                     bytes_down = flow.bytes_down,
                     duration_ms = now.duration_since(flow.started).as_millis() as u64,

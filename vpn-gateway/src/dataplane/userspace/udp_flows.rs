@@ -23,6 +23,8 @@ pub(super) struct UdpFlow {
     pub(super) task: JoinHandle<()>,
     pub(super) peer: PeerId,
     pub(super) service: String,
+    /// The rule that allowed it, for its audit line.
+    pub(super) rule: String,
     pub(super) started: Instant,
     pub(super) last_activity: Instant,
     pub(super) bytes_up: u64,
@@ -97,6 +99,7 @@ impl UserspaceDataPlane {
             }
         });
         let service = self.service_name(key.2);
+        let rule = self.allowing_rule(pkt);
         self.udp.insert(
             key,
             UdpFlow {
@@ -104,6 +107,7 @@ impl UserspaceDataPlane {
                 task,
                 peer: pkt.peer.clone(),
                 service,
+                rule,
                 started: now,
                 last_activity: now,
                 bytes_up: payload.len() as u64,
@@ -174,6 +178,7 @@ pub(super) fn audit_udp(key: &FlowKey, f: &UdpFlow, now: Instant) {
         proto = "udp",
         port = key.3,
         verdict = "allowed",
+        rule = %f.rule,
         bytes_up = f.bytes_up,
         duration_ms = now.duration_since(f.started).as_millis() as u64,
         "flow ended"
