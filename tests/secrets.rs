@@ -19,7 +19,8 @@
 //!   under `setpriv --reuid=65534 --regid=65534 --clear-groups` (no capabilities) serves
 //!   an `onetun` peer (with a preshared key); its `/metrics` and output hold no key.
 //! - `userspace_manifests_run_as_non_root`: `deploy/` runs the gateway (userspace, the
-//!   base) and the CCM as non-root without privilege escalation or capabilities.
+//!   base) and the CCM as non-root without privilege escalation or capabilities; only the
+//!   TUN overlay's container runs as root, with NET_ADMIN alone.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -599,12 +600,18 @@ fn userspace_manifests_run_as_non_root() -> Result<()> {
         );
         ensure!(!text.contains("runAsUser: 0"), "{what} ({file}) runs as root");
     }
-    // Only the TUN overlay adds a capability.
+    // Only the TUN overlay adds a capability, and (Kubernetes gives added capabilities to
+    // root only) runs that one container as root with NET_ADMIN alone: never privileged,
+    // no other capability (tests/container_images.rs runs it and checks CapEff).
     let tun = std::fs::read_to_string(root.join("gateway/overlays/tun/kustomization.yaml"))?;
-    ensure!(tun.contains("NET_ADMIN"), "the TUN overlay adds NET_ADMIN");
     ensure!(
-        !tun.contains("runAsNonRoot"),
-        "the TUN overlay keeps the base's non-root user"
+        tun.contains("value: [\"NET_ADMIN\"]"),
+        "the TUN overlay adds NET_ADMIN alone"
     );
+    ensure!(
+        tun.contains("/spec/template/spec/containers/0/securityContext/runAsUser"),
+        "the TUN overlay's root is the container's, not the pod's"
+    );
+    ensure!(!tun.contains("/privileged"), "the TUN overlay is not privileged");
     Ok(())
 }

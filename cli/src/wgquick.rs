@@ -15,7 +15,7 @@ use kuberaya_gateway::keys::{PresharedKey, PrivateKey, PublicKey};
 pub struct WgConfig {
     /// A comment naming the peer.
     pub title: String,
-    pub private_key: PrivateKey,
+    pub key: PeerKey,
     pub address: Ipv4Addr,
     /// The gateway's tunnel address (the DNS server).
     pub dns_server: Ipv4Addr,
@@ -26,6 +26,33 @@ pub struct WgConfig {
     pub endpoint: String,
     pub allowed_ips: Vec<IpNet>,
     pub persistent_keepalive: u16,
+}
+
+/// The peer's own key: made here (the config carries it), or made on the user's device,
+/// which keeps it (the config leaves it out for the user to add).
+#[derive(Debug, Clone)]
+pub enum PeerKey {
+    Private(PrivateKey),
+    OnDevice(PublicKey),
+}
+
+impl PeerKey {
+    /// A fresh key pair made here, or the device's public key `given`.
+    pub fn made_here_or(given: Option<PublicKey>) -> PeerKey {
+        given.map_or_else(|| PeerKey::Private(PrivateKey::generate()), PeerKey::OnDevice)
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        match self {
+            PeerKey::Private(k) => k.public_key(),
+            PeerKey::OnDevice(p) => *p,
+        }
+    }
+
+    /// Whether the private key stays on the user's device.
+    pub fn on_device(&self) -> bool {
+        matches!(self, PeerKey::OnDevice(_))
+    }
 }
 
 /// Seconds between keepalives: keeps NAT mappings open on the way to the gateway.
@@ -45,7 +72,14 @@ pub fn render(c: &WgConfig) -> String {
     let mut s = String::new();
     s.push_str(&format!("# {}\n", c.title));
     s.push_str("[Interface]\n");
-    s.push_str(&format!("PrivateKey = {}\n", c.private_key.to_base64()));
+    match &c.key {
+        PeerKey::Private(k) => s.push_str(&format!("PrivateKey = {}\n", k.to_base64())),
+        // wg-quick and the WireGuard apps need the line: the user adds it on the device
+        // that made the key (a phone's app: create the tunnel from this, keep its key).
+        PeerKey::OnDevice(p) => s.push_str(&format!(
+            "# PrivateKey = <the private key of {p}, which never left your device>\n"
+        )),
+    }
     s.push_str(&format!("Address = {}/32\n", c.address));
     let mut dns = vec![c.dns_server.to_string()];
     dns.extend(c.search.iter().cloned());
@@ -165,7 +199,7 @@ mod tests {
     pub(crate) fn sample(psk: bool) -> WgConfig {
         WgConfig {
             title: "kuberaya peer team-a/alice".into(),
-            private_key: PrivateKey::parse("aGVsbG8gd29ybGQgaGVsbG8gd29ybGQgaGVsbG8gd28=").unwrap(),
+            key: PeerKey::Private(PrivateKey::parse("aGVsbG8gd29ybGQgaGVsbG8gd29ybGQgaGVsbG8gd28=").unwrap()),
             address: Ipv4Addr::new(100, 64, 0, 2),
             dns_server: Ipv4Addr::new(100, 64, 0, 1),
             search: search_domains("team-a", "cluster.local"),
@@ -189,6 +223,27 @@ mod tests {
              Endpoint = 127.203.0.5:51820\nAllowedIPs = 127.96.0.0/16, 100.64.0.1/32\nPersistentKeepalive = 25\n"
         );
         assert!(!render(&sample(false)).contains("PresharedKey"));
+    }
+
+    #[test]
+    fn a_key_made_on_the_device_is_left_out_and_named() {
+        let mut c = sample(false);
+        c.key = PeerKey::OnDevice(PublicKey([3; 32]));
+        let text = render(&c);
+        assert!(!text.lines().any(|l| l.starts_with("PrivateKey")), "{text}");
+        assert!(
+            text.contains(&format!("# PrivateKey = <the private key of {}", PublicKey([3; 32]))),
+            "{text}"
+        );
+        // The rest is the same config.
+        let made_here = render(&sample(false));
+        let rest = |t: &str| {
+            t.lines()
+                .filter(|l| !l.contains("PrivateKey"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(rest(&text), rest(&made_here));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! `kuberaya peer add`: a key pair made here, the VpnPeer (and its preshared-key Secret),
+//! `kuberaya peer add`: a key pair made here (or the public key of one made on the user's
+//! device), the VpnPeer (and its preshared-key Secret),
 //! the wait for the gateway, the wg-quick config.
 
 use anyhow::{anyhow, bail};
@@ -8,7 +9,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Resource};
 use kuberaya_gateway::crd::{SecretKeyRef, VpnPeer, VpnPeerSpec};
-use kuberaya_gateway::keys::{PresharedKey, PrivateKey};
+use kuberaya_gateway::keys::PresharedKey;
 use kuberaya_gateway::source::kube::PRESHARED_KEY_KEY;
 
 use super::config::{deliver_and_report, out_path, peer_config, psk_secret};
@@ -17,7 +18,7 @@ use super::wait::wait_accepted;
 use super::{AddArgs, peer_namespace, psk_secret_name};
 use crate::gateway;
 use crate::kube::{Kube, KubeArgs, api_error, connect};
-use crate::wgquick;
+use crate::wgquick::{self, PeerKey};
 
 async fn ensure_namespace(k: &Kube, ns: &str, what: &str) -> anyhow::Result<()> {
     let api: Api<Namespace> = Api::all(k.client.clone());
@@ -57,7 +58,7 @@ pub(super) async fn add(kube_args: &KubeArgs, a: AddArgs) -> anyhow::Result<()> 
         );
     }
 
-    let key = PrivateKey::generate();
+    let key = PeerKey::made_here_or(a.key.public_key);
     let psk = a.psk.then(|| PresharedKey(rand::random::<[u8; 32]>()));
     let secrets: Api<Secret> = Api::namespaced(k.client.clone(), &ns);
     let secret_name = psk_secret_name(&a.name);

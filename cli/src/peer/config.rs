@@ -11,13 +11,13 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use kuberaya_gateway::crd::VpnPeer;
-use kuberaya_gateway::keys::{PresharedKey, PrivateKey};
+use kuberaya_gateway::keys::PresharedKey;
 use kuberaya_gateway::source::kube::{PRESHARED_KEY_KEY, psk_from_secret};
 
 use super::ConfigArgs;
 use crate::gateway::GatewayInfo;
 use crate::kube::{Kube, api_error};
-use crate::wgquick::{self, WgConfig};
+use crate::wgquick::{self, PeerKey, WgConfig};
 
 pub(super) fn out_path(config: &ConfigArgs, name: &str) -> Option<PathBuf> {
     match &config.out {
@@ -43,13 +43,13 @@ pub(super) fn peer_config(
     name: &str,
     gw: &GatewayInfo,
     cidr: IpNet,
-    key: PrivateKey,
+    key: PeerKey,
     address: Ipv4Addr,
     psk: Option<PresharedKey>,
 ) -> WgConfig {
     WgConfig {
         title: format!("kuberaya peer {ns}/{name} (gateway {})", gw.endpoint),
-        private_key: key,
+        key,
         address,
         dns_server: gw.tunnel_address,
         search: wgquick::search_domains(ns, &gw.cluster_domain),
@@ -71,9 +71,14 @@ pub(super) fn deliver_and_report(
     what: &str,
 ) -> anyhow::Result<()> {
     deliver(config, out, qr, replace)?;
+    let own_key = if config.key.on_device() {
+        "; it has no PrivateKey: add the one your device made for this public key (it never left the device)"
+    } else {
+        ""
+    };
     match out {
-        Some(p) => println!("{what}; config written to {} (mode 0600)", p.display()),
-        None => eprintln!("{what}"),
+        Some(p) => println!("{what}; config written to {} (mode 0600){own_key}", p.display()),
+        None => eprintln!("{what}{own_key}"),
     }
     Ok(())
 }

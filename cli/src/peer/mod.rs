@@ -1,8 +1,9 @@
 //! `kuberaya peer ...`: VPN peers of the gateway as `VpnPeer` resources.
 //!
-//! Keys are made here, on the admin's machine: the cluster only ever gets the public key
-//! (and, with `--psk`, a preshared key in a Secret). The private key goes into the wg-quick
-//! file (mode 0600) and nowhere else.
+//! Keys are made here, on the admin's machine, or on the user's own device
+//! (`--public-key`): the cluster only ever gets the public key (and, with `--psk`, a
+//! preshared key in a Secret). A private key made here goes into the wg-quick file (mode
+//! 0600) and nowhere else; one made on the device never leaves it.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -13,6 +14,7 @@ use clap::{Args, Subcommand};
 use ipnet::IpNet;
 use kube::Api;
 use kuberaya_gateway::crd::{AllowRule, VpnPeer};
+use kuberaya_gateway::keys::PublicKey;
 
 use crate::gateway::GatewayArgs;
 use crate::kube::{Kube, KubeArgs, api_error, is_not_found};
@@ -44,7 +46,10 @@ pub enum PeerCommand {
   # An admin peer (in the gateway's namespace) reaching two namespaces:
   kuberaya peer add alice --allow team-a --allow team-b/db:5432 --expires 30d
   # A team peer in team-a, reaching only team-a's web Service on port http, with a QR code:
-  kuberaya peer add -n team-a bob --allow team-a/web:http --psk --qr")]
+  kuberaya peer add -n team-a bob --allow team-a/web:http --psk --qr
+  # Bring your own key: carol made her key pair on her laptop (wg genkey | tee k | wg pubkey);
+  # the config comes without PrivateKey, for her to add:
+  kuberaya peer add carol --allow team-a --public-key 'xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg='")]
     Add(AddArgs),
     /// List peers: address, what they may reach, last handshake, traffic, expiry, state.
     #[command(
@@ -73,7 +78,9 @@ Examples:
     Enable(NameArgs),
     /// New key pair: the resource gets the new public key, a new config is written, the old
     /// key stops working.
-    #[command(after_help = "Example:\n  kuberaya peer rotate alice --out alice.conf")]
+    #[command(
+        after_help = "Examples:\n  kuberaya peer rotate alice --out alice.conf\n  kuberaya peer rotate carol --public-key 'NEW_PUBLIC_KEY_FROM_HER_DEVICE'"
+    )]
     Rotate(RotateArgs),
     /// Preshared keys.
     #[command(subcommand)]
@@ -105,9 +112,25 @@ pub struct AddArgs {
     #[arg(long)]
     pub address: Option<Ipv4Addr>,
     #[command(flatten)]
+    pub key: KeyArgs,
+    #[command(flatten)]
     pub config: ConfigArgs,
     #[command(flatten)]
     pub gateway: GatewayArgs,
+}
+
+/// Whose key: made here, or on the user's own device.
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    /// The public key of a key pair made on the user's own device (`wg genkey | wg pubkey`,
+    /// or a phone's WireGuard app): no private key is made here, and the config is written
+    /// without one, for the user to add.
+    #[arg(long, value_name = "KEY", value_parser = parse_public_key)]
+    pub public_key: Option<PublicKey>,
+}
+
+fn parse_public_key(s: &str) -> Result<PublicKey, String> {
+    PublicKey::parse(s.trim()).map_err(|e| format!("{e} (a WireGuard public key: 44 characters of base64)"))
 }
 
 /// Where and how the wg-quick config goes.
@@ -149,6 +172,8 @@ pub struct NameArgs {
 pub struct RotateArgs {
     #[arg(value_parser = parse_name)]
     pub name: String,
+    #[command(flatten)]
+    pub key: KeyArgs,
     #[command(flatten)]
     pub config: ConfigArgs,
     #[command(flatten)]

@@ -1,17 +1,17 @@
-//! `kuberaya peer rotate`: a new key pair for a peer, and a new config.
+//! `kuberaya peer rotate`: a new key pair for a peer (or the public key of one made on the
+//! user's device), and a new config.
 
-use anyhow::anyhow;
+use anyhow::{anyhow, bail};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use kuberaya_gateway::crd::VpnPeer;
-use kuberaya_gateway::keys::PrivateKey;
 
 use super::config::{deliver_and_report, out_path, peer_config, read_psk};
 use super::wait::wait_accepted;
 use super::{RotateArgs, get_peer, peer_namespace};
 use crate::gateway;
 use crate::kube::{KubeArgs, api_error, connect};
-use crate::wgquick;
+use crate::wgquick::{self, PeerKey};
 
 pub(super) async fn rotate(kube_args: &KubeArgs, a: RotateArgs) -> anyhow::Result<()> {
     let ns = peer_namespace(kube_args, &a.gateway);
@@ -26,8 +26,14 @@ pub(super) async fn rotate(kube_args: &KubeArgs, a: RotateArgs) -> anyhow::Resul
     let gw = gateway::discover(&k.client, &a.gateway).await?;
     let cidr = gateway::discover_service_cidr(&k.client, &a.gateway, a.config.service_cidr).await?;
     let psk = read_psk(&k, &ns, &peer).await?;
-    let key = PrivateKey::generate();
+    let key = PeerKey::made_here_or(a.key.public_key);
     let new_public = key.public_key().to_base64();
+    if new_public == peer.spec.public_key {
+        bail!(
+            "peer {ns}/{} already has the key {new_public}; rotating needs a new one",
+            a.name
+        );
+    }
     println!(
         "~ vpnpeer {ns}/{}: spec.publicKey {} -> {new_public}",
         a.name, peer.spec.public_key
