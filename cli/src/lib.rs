@@ -5,6 +5,7 @@
 //! `sandbox` subcommand (and the `kuberaya-sandbox` library) is the default-on `sandbox`
 //! feature; without it the CLI is a slim admin build.
 
+pub mod access;
 pub mod audit;
 pub mod gateway;
 #[cfg(test)]
@@ -48,6 +49,9 @@ pub enum Command {
     /// VPN peers of the gateway: add, list, show, remove, disable, enable, rotate.
     #[command(subcommand)]
     Peer(peer::PeerCommand),
+    /// Access granted by VpnAccessPolicies: grant (expiring), revoke, list, explain.
+    #[command(subcommand)]
+    Access(access::AccessCommand),
     /// Platform load balancers of the cluster's Services: list, describe, orphans.
     #[command(subcommand)]
     Lb(lb::LbCommand),
@@ -70,6 +74,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         #[cfg(feature = "sandbox")]
         Command::Sandbox(cmd) => sandbox::run(cmd).await,
         Command::Peer(cmd) => peer::run(cmd, &cli.kube).await.map(|()| ExitCode::SUCCESS),
+        Command::Access(cmd) => access::run(cmd, &cli.kube).await,
         Command::Lb(cmd) => lb::run(cmd, &cli.kube).await.map(|()| ExitCode::SUCCESS),
         Command::Expose(cmd) => audit::run(cmd, &cli.kube).await,
         Command::Completion { shell } => {
