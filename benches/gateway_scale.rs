@@ -10,7 +10,11 @@
 //!
 //! Run: `cargo bench --bench gateway_scale` (sizes: see [`Sizes`], e.g.
 //! `KR_BENCH_PEERS=500 KR_BENCH_TRIES=5 cargo bench --bench gateway_scale` for a smoke run;
-//! `KR_BENCH_STATIC=0` or `KR_BENCH_KUBE=0` skips a mode).
+//! `KR_BENCH_STATIC=0`, `KR_BENCH_KUBE=0` or `KR_BENCH_POLICY=0` skips a mode).
+//!
+//! Then (issue 23) the same peers, labelled, with `KR_BENCH_POLICIES` (1,000) access
+//! policies with overlapping selectors: RSS, edit-to-enforcement, per-packet cost with 0
+//! and with every policy.
 //!
 //! Every scenario has a timeout and reports "not reached within X" instead of hanging.
 
@@ -53,6 +57,8 @@ struct Sizes {
     bulk_mb: u64,
     /// `KR_BENCH_CONNS_S`: length of the connections-per-second runs.
     conns: Duration,
+    /// `KR_BENCH_POLICIES`: access policies of the policy scenario.
+    policies: u64,
 }
 
 impl Sizes {
@@ -65,6 +71,7 @@ impl Sizes {
             flood_peers: knob("KR_BENCH_FLOOD_PEERS", 64),
             bulk_mb: knob("KR_BENCH_BULK_MB", 64),
             conns: Duration::from_secs(knob("KR_BENCH_CONNS_S", 5)),
+            policies: knob("KR_BENCH_POLICIES", 1_000),
         }
     }
 }
@@ -563,7 +570,155 @@ fn main() -> Result<()> {
     if common::enabled("KR_BENCH_KUBE") {
         kube_mode(&sizes)?;
     }
+    if common::enabled("KR_BENCH_POLICY") {
+        policy_mode(&sizes)?;
+    }
     println!("{}", common::load_average());
+    Ok(())
+}
+
+/// Issue 23: `sizes.peers` labelled peers and `sizes.policies` access policies with
+/// overlapping selectors (static files, re-read every 500 ms): RSS, the time from a policy
+/// edit to enforcement (a grant answered through onetun, a revoke refused), and the
+/// per-packet cost with 0 and with every policy, in one run.
+fn policy_mode(sizes: &Sizes) -> Result<()> {
+    if find_onetun().is_none() {
+        result("gateway.policies", "skipped: no onetun");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let net = kuberaya_e2e::unique_net_index();
+    let (web_ip, secret_ip) = (Ipv4Addr::new(127, 97, net, 20), Ipv4Addr::new(127, 97, net, 21));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (bulk, small) = servers(web_ip, sizes.bulk_mb * 1024 * 1024, stop.clone())?;
+    let (_, secret) = servers(secret_ip, 0, stop.clone())?;
+    let files = StaticFiles::write(
+        dir.path(),
+        &[],
+        &json!([
+            {"namespace": "default", "name": "web", "clusterIP": web_ip.to_string(),
+             "ports": [{"name": "bulk", "port": bulk.port()}, {"name": "small", "port": small.port()}]},
+            {"namespace": "default", "name": "secret", "clusterIP": secret_ip.to_string(),
+             "ports": [{"name": "small", "port": secret.port()}]}
+        ]),
+    )?;
+    // Peers in 100 teams and 7 roles; each reaches web by its own rule.
+    let mut keys = KeyBytes::new();
+    let peers: Vec<PeerKey> = (0..sizes.peers).map(|i| new_peer(&mut keys, i)).collect();
+    let peer_json: Vec<Value> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut e = entry(p, &format!("p{i}"));
+            e["labels"] = json!({"team": format!("t{}", i % 100), "role": format!("r{}", i % 7)});
+            e
+        })
+        .collect();
+    files.write_peers(&peer_json)?;
+    // Overlapping policies: team j%100, half of them also by role; all grant web (which
+    // every peer already reaches), so the reach is the same and only the work grows.
+    let policy = |name: &str, selector: Value, service: &str| {
+        json!({"namespace": "default", "name": name,
+               "spec": {"peerSelector": selector, "allow": [{"service": service}]}})
+    };
+    let base: Vec<Value> = (0..sizes.policies)
+        .map(|j| {
+            let mut sel = json!({"matchLabels": {"team": format!("t{}", j % 100)}});
+            if j % 2 == 1 {
+                sel["matchExpressions"] = json!([{"key": "role", "operator": "In",
+                    "values": [format!("r{}", j % 7), format!("r{}", (j + 3) % 7)]}]);
+            }
+            policy(&format!("pol{j}"), sel, "web")
+        })
+        .collect();
+    let policies_path = dir.path().join("policies.json");
+    let write_policies = |list: &[Value]| -> Result<()> {
+        let tmp = policies_path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(list)?)?;
+        std::fs::rename(&tmp, &policies_path)?;
+        Ok(())
+    };
+    write_policies(&base)?;
+    let mut args = files.args();
+    args.extend(["--policies-file".into(), policies_path.clone().into_os_string()]);
+    let spawned = Instant::now();
+    let (gw, _) = start_gateway(dir.path(), &args, &[])?;
+    let load = wait_loaded(&gw, sizes.peers, spawned, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = gw.process.pid();
+    result(
+        &format!("gateway.policies.load ({} peers, {} policies)", sizes.peers, sizes.policies),
+        match load {
+            Some(t) => format!(
+                "{} until all accepted; {:.1} MiB VmRSS (goal < 100 MiB), peak {:.1} MiB",
+                secs(t),
+                rss_mib(pid).unwrap_or(0.0),
+                peak_rss_mib(pid).unwrap_or(0.0)
+            ),
+            None => "not reached within 120 s".into(),
+        },
+    );
+
+    // Per-packet cost: p0's single stream with every policy, then with none.
+    let stream = |what: &str| -> Result<f64> {
+        let (mut t, local) = onetun(&gw, &peers[0], bulk)?;
+        let (bytes, took) = download(local, Duration::from_secs(60))?;
+        t.stop();
+        let m = mbit(bytes, took);
+        println!("  {what}: {m:.0} Mbit/s ({} MiB in {})", bytes / 1024 / 1024, secs(took));
+        Ok(m)
+    };
+    let with = stream(&format!("{} policies", sizes.policies))?;
+    write_policies(&[])?;
+    std::thread::sleep(Duration::from_secs(2));
+    let without = stream("0 policies")?;
+    result(
+        "gateway.policies.tcp_single_stream (p0 through onetun)",
+        format!(
+            "{with:.0} Mbit/s with {} policies vs {without:.0} Mbit/s with 0 → {}",
+            sizes.policies,
+            ratio(with, without)
+        ),
+    );
+    write_policies(&base)?;
+
+    // Edit → enforcement: a grant of `secret` to p0's team, then its removal.
+    let (mut t, local) = onetun(&gw, &peers[0], secret)?;
+    let answers = || {
+        TcpStream::connect_timeout(&local, Duration::from_millis(500))
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_millis(500)))?;
+                let mut out = Vec::new();
+                s.read_to_end(&mut out)?;
+                Ok(out == b"ok")
+            })
+            .unwrap_or(false)
+    };
+    let (mut granted, mut revoked) = (Vec::new(), Vec::new());
+    for i in 0..sizes.tries {
+        let mut list = base.clone();
+        list.push(policy(&format!("grant{i}"), json!({"matchLabels": {"team": "t0"}}), "secret"));
+        let t0 = Instant::now();
+        write_policies(&list)?;
+        if poll_until_blocking(Duration::from_secs(10), || answers().then_some(())).is_some() {
+            granted.push(t0.elapsed());
+        }
+        let t0 = Instant::now();
+        write_policies(&base)?;
+        if poll_until_blocking(Duration::from_secs(10), || (!answers()).then_some(())).is_some() {
+            revoked.push(t0.elapsed());
+        }
+    }
+    t.stop();
+    let show = |v: &[Duration]| match median_max(v) {
+        Some((m, x)) => format!("median {}, max {} ({} of {})", secs(m), secs(x), v.len(), sizes.tries),
+        None => "never".into(),
+    };
+    result(
+        "gateway.policies.edit_to_enforcement (goal < 2 s; the file is re-read every 500 ms)",
+        format!("grant answered: {}; revoke refused: {}", show(&granted), show(&revoked)),
+    );
+    stop.store(true, Ordering::Relaxed);
     Ok(())
 }
 

@@ -7,7 +7,8 @@
 //!   (within 2 s), `explain` then names the policy, `access list` shows it with the peer
 //!   matched; the grant expires by itself (cut within 2 s of its end), `explain` says
 //!   denied again;
-//! - `access grant ... --for 1h` then `access revoke`: cut within 2 s;
+//! - `access grant ... --for 1h` then `access revoke`: cut within 2 s; the same for a
+//!   grant to the peer by name;
 //! - `explain` agrees with the tunnel on every (Service, port) pair tried.
 
 use std::time::{Duration, Instant};
@@ -25,10 +26,14 @@ struct Forward {
 
 impl Forward {
     fn open(peer: &WgPeer, ip: &str) -> Forward {
+        Forward::open_port(peer, ip, 80)
+    }
+
+    fn open_port(peer: &WgPeer, ip: &str, remote: u16) -> Forward {
         let port = free_port();
         Forward {
             port,
-            _onetun: peer.onetun(port, &format!("{ip}:80:TCP")),
+            _onetun: peer.onetun(port, &format!("{ip}:{remote}:TCP")),
         }
     }
 
@@ -40,7 +45,12 @@ impl Forward {
 
 /// `kuberaya access explain ops TARGET`: (allowed, what it printed).
 fn explain(user: &User, target: &str) -> Result<(bool, String)> {
-    let out = user.kuberaya(&["access", "explain", "ops", target])?;
+    explain_as(user, "kuberaya-system", "ops", target)
+}
+
+/// `kuberaya access explain -n NS PEER TARGET`: (allowed, what it printed).
+fn explain_as(user: &User, ns: &str, peer: &str, target: &str) -> Result<(bool, String)> {
+    let out = user.kuberaya(&["access", "explain", "-n", ns, peer, target])?;
     let text = output_text(&out);
     ensure!(matches!(out.status.code(), Some(0 | 1)), "explain exits 0 or 1: {text}");
     Ok((out.status.success(), text))
@@ -157,6 +167,15 @@ fn access_grants_expire_and_revoke_on_the_tunnel_and_explain_agrees() -> Result<
         output_text(&missing)
     );
 
+    // A grant to one peer by name (the gateway's own name label, which no peer can copy).
+    let said = user.kuberaya_ok(&["access", "grant", "ops", "default/web:80", "--for", "1h", "--name", "ops-web"])?;
+    ensure!(said.contains("kuberaya-system/ops-web"), "{said}");
+    ensure!(settles(&web, "web", true, Duration::from_secs(10)).is_some(), "the grant by name");
+    let (allowed, text) = explain(&user, "default/web:80")?;
+    ensure!(allowed && text.contains("policy kuberaya-system/ops-web"), "{text}");
+    user.kuberaya_ok(&["access", "revoke", "ops-web"])?;
+    ensure!(settles(&web, "web", false, Duration::from_secs(5)).is_some(), "revoked");
+
     // explain agrees with the tunnel (web: port 80 denied now; api: 80 allowed, 81 no port).
     for (target, app, ip) in [("default/web:80", "web", &web_ip), ("default/api:80", "api", &api_ip)] {
         let (allowed, text) = explain(&user, target)?;
@@ -166,5 +185,65 @@ fn access_grants_expire_and_revoke_on_the_tunnel_and_explain_agrees() -> Result<
     }
     let (allowed, text) = explain(&user, "default/api:81")?;
     ensure!(!allowed && text.contains("no such port"), "{text}");
+    Ok(())
+}
+
+/// `explain` against the tunnel on 20 random (peer, Service, port) triples: two peers (an
+/// admin peer and a team peer), three Services, an own rule each, a policy by label and a
+/// grant by name; the seed is printed.
+#[test]
+fn explain_agrees_with_the_tunnel_on_random_triples() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work)?;
+    let sandbox = Sandbox::up(&tmp.path().join("sandbox"), &[])?;
+    let user = sandbox.user(&work);
+    let mut ips = std::collections::BTreeMap::new();
+    for app in ["api", "web", "db"] {
+        ips.insert(app, user.http_service(app)?);
+    }
+    user.kuberaya_ok(&["peer", "add", "ops", "--allow", "default/api", "--out", "ops.conf"])?;
+    user.kuberaya_ok(&["peer", "add", "-n", "default", "dev", "--allow", "default/web", "--out", "dev.conf"])?;
+    user.kubectl(&["label", "vpnpeer", "dev", "-n", "default", "role=dev"])?;
+    user.kuberaya_ok(&["access", "grant", "-n", "default", "-l", "role=dev", "default/db:80", "--for", "1h"])?;
+    user.kuberaya_ok(&["access", "grant", "ops", "default/web", "--for", "1h"])?;
+    let peers = [
+        ("kuberaya-system", "ops", WgPeer::from_conf(&std::fs::read_to_string(work.join("ops.conf"))?)),
+        ("default", "dev", WgPeer::from_conf(&std::fs::read_to_string(work.join("dev.conf"))?)),
+    ];
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos() as u64
+        | 1;
+    eprintln!("random triples, seed {seed}");
+    let mut x = seed;
+    let mut next = |n: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % n as u64) as usize
+    };
+    let apps: Vec<&str> = ips.keys().copied().collect();
+    let (mut allowed_seen, mut denied_seen) = (0, 0);
+    for i in 0..20 {
+        let (ns, name, peer) = &peers[next(peers.len())];
+        let app = apps[next(apps.len())];
+        let port = [80u16, 81][next(2)];
+        let target = format!("default/{app}:{port}");
+        let (allowed, text) = explain_as(&user, ns, name, &target)?;
+        let f = Forward::open_port(peer, &ips[app], port);
+        let seen = settles(&f, app, true, Duration::from_secs(if allowed { 15 } else { 3 })).is_some();
+        ensure!(
+            seen == allowed,
+            "triple {i} ({ns}/{name}, {target}): explain says {text}, the tunnel {}",
+            if seen { "answers" } else { "does not" }
+        );
+        if allowed {
+            allowed_seen += 1;
+        } else {
+            denied_seen += 1;
+        }
+    }
+    eprintln!("figures: 20 triples, {allowed_seen} allowed and {denied_seen} denied, all as explained");
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{anyhow, bail};
 use clap::{Args, Subcommand};
 use k8s_openapi::api::core::v1::{Namespace, Service as K8sService};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -29,13 +29,15 @@ use crate::peer::{parse_allow, parse_duration, parse_name, rule_text};
 
 #[derive(Debug, Subcommand)]
 pub enum AccessCommand {
-    /// Grant the peers a label selector picks access to NS/SVC[:PORTS] for a while: an
-    /// expiring VpnAccessPolicy, enforced by the gateway within seconds.
+    /// Grant a peer (or the peers a label selector picks) access to NS/SVC[:PORTS] for a
+    /// while: an expiring VpnAccessPolicy, enforced by the gateway within seconds.
     #[command(
         after_help = "The policy lives in the peers' namespace (-n, default the gateway's) when the Service
 is there too; otherwise in the gateway's namespace, selecting the peers' namespace.
 
 Examples:
+  # The admin peer alice may reach team-b's web Service for an hour:
+  kuberaya access grant alice team-b/web --for 1h
   # The on-call peers of team-a may reach the payments database for two hours:
   kuberaya access grant -n team-a -l role=oncall team-a/payments-db:5432 --for 2h
   # Admin peers labelled team=sre reach team-b's web Service:
@@ -58,13 +60,14 @@ Examples:
 
 #[derive(Debug, Args)]
 pub struct GrantArgs {
-    /// What the peers may reach: NS/SVC or NS/SVC:PORT[,PORT...].
-    #[arg(value_name = "NS/SVC[:PORTS]", value_parser = parse_allow)]
-    pub target: AllowRule,
-    /// Which peers (in the namespace -n): a label selector, as kubectl takes it
-    /// (`team=sre`, `role in (oncall,lead)`, `!contractor`).
+    /// `[PEER] NS/SVC[:PORTS]`: the peer (in the namespace -n; or -l for a selector), and
+    /// what it may reach: NS/SVC or NS/SVC:PORT[,PORT...].
+    #[arg(value_name = "[PEER] NS/SVC[:PORTS]", num_args = 1..=2, required = true)]
+    pub args: Vec<String>,
+    /// Which peers (in the namespace -n), instead of one by name: a label selector, as
+    /// kubectl takes it (`team=sre`, `role in (oncall,lead)`, `!contractor`).
     #[arg(short = 'l', long, value_name = "SELECTOR", value_parser = parse_selector)]
-    pub selector: LabelSelector,
+    pub selector: Option<LabelSelector>,
     /// How long the grant lasts: 30m, 2h, 1d.
     #[arg(long = "for", value_name = "DURATION", value_parser = parse_duration)]
     pub duration: Duration,
@@ -218,14 +221,38 @@ fn namespace_of(kube_args: &KubeArgs, gw: &GatewayArgs) -> String {
         .unwrap_or_else(|| gw.gateway_namespace.clone())
 }
 
+/// Whom a grant selects and what it grants, from `[PEER] NS/SVC[:PORTS]` and `-l`.
+pub fn grant_subject(args: &[String], selector: Option<&LabelSelector>) -> Result<(LabelSelector, AllowRule), String> {
+    let (selector, target) = match (args, selector) {
+        ([target], Some(sel)) => (sel.clone(), target),
+        ([peer, target], None) => {
+            let peer = parse_name(peer).map_err(|e| format!("peer {e}"))?;
+            let by_name = LabelSelector {
+                match_labels: BTreeMap::from([(policy::PEER_NAME_LABEL.to_string(), peer)]),
+                ..LabelSelector::default()
+            };
+            (by_name, target)
+        }
+        ([_], None) => return Err("name a peer, or select peers with -l".into()),
+        (_, Some(_)) => return Err("a peer name or -l, not both".into()),
+        _ => return Err("expected [PEER] NS/SVC[:PORTS]".into()),
+    };
+    let target = parse_allow(target)?;
+    if target.service.is_none() {
+        return Err("a grant names a Service: NS/SVC[:PORTS]".into());
+    }
+    Ok((selector, target))
+}
+
 async fn grant(kube_args: &KubeArgs, a: GrantArgs) -> anyhow::Result<()> {
     let peers_ns = namespace_of(kube_args, &a.gateway);
-    let target_ns = a.target.namespace.clone().unwrap_or_else(|| peers_ns.clone());
-    let service = a
-        .target
-        .service
-        .clone()
-        .context("a grant names a Service: NS/SVC[:PORTS]")?;
+    let (selector, target) = grant_subject(&a.args, a.selector.as_ref()).map_err(|e| anyhow!(e))?;
+    let target = AllowRule {
+        namespace: Some(target.namespace.clone().unwrap_or_else(|| peers_ns.clone())),
+        ..target
+    };
+    let target_ns = target.namespace.clone().unwrap_or_default();
+    let service = target.service.clone().unwrap_or_default();
     let (ns, namespace_selector) = grant_placement(&peers_ns, &target_ns, &a.gateway.gateway_namespace);
     let name = a.name.clone().unwrap_or_else(|| {
         let suffix: String = (0..4)
@@ -237,12 +264,9 @@ async fn grant(kube_args: &KubeArgs, a: GrantArgs) -> anyhow::Result<()> {
     let expires =
         Timestamp::now() + SignedDuration::from_secs(i64::try_from(a.duration.as_secs()).unwrap_or(i64::MAX / 2));
     let spec = VpnAccessPolicySpec {
-        peer_selector: a.selector.clone(),
+        peer_selector: selector.clone(),
         namespace_selector,
-        allow: vec![AllowRule {
-            namespace: Some(target_ns.clone()),
-            ..a.target.clone()
-        }],
+        allow: vec![target.clone()],
         expires_at: Some(Time(expires)),
     };
     let mut p = VpnAccessPolicy::new(&name, spec);
@@ -258,14 +282,8 @@ async fn grant(kube_args: &KubeArgs, a: GrantArgs) -> anyhow::Result<()> {
         .map_err(|e| api_error(e, &format!("creating VpnAccessPolicy {ns}/{name}")))?;
     println!(
         "vpnaccesspolicy {ns}/{name} created: peers {} in {peers_ns} may reach {} until {expires} (revoke: kuberaya access revoke {name} -n {ns})",
-        selector_text(&a.selector),
-        rule_text(
-            &AllowRule {
-                namespace: Some(target_ns),
-                ..a.target
-            },
-            ""
-        ),
+        selector_text(&selector),
+        rule_text(&target, ""),
     );
     Ok(())
 }
@@ -482,6 +500,28 @@ mod tests {
         );
         for bad in ["", "a=b,", "role in (x", "role in x)", "k in ()"] {
             assert!(parse_selector(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_grant_names_one_peer_or_a_selector() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (sel, target) = grant_subject(&args(&["alice", "team-b/web:80"]), None).unwrap();
+        assert_eq!(
+            sel.match_labels,
+            BTreeMap::from([(policy::PEER_NAME_LABEL.to_string(), "alice".to_string())])
+        );
+        assert_eq!(target.service.as_deref(), Some("web"));
+        let l = parse_selector("role=oncall").unwrap();
+        let (sel, _) = grant_subject(&args(&["team-b/web"]), Some(&l)).unwrap();
+        assert_eq!(sel, l);
+        for (a, l) in [
+            (args(&["team-b/web"]), None),
+            (args(&["alice", "team-b/web"]), Some(&l)),
+            (args(&["alice", "team-b"]), None),
+            (args(&["Alice!", "team-b/web"]), None),
+        ] {
+            assert!(grant_subject(&a, l).is_err(), "{a:?}");
         }
     }
 

@@ -19,7 +19,7 @@ use crate::gateway::GatewayArgs;
 use crate::kube::{KubeArgs, Scope, api_error, connect};
 use crate::output::{Color, OutputArg, Style, render, table};
 use crate::peer;
-use crate::reach::{Reach, reach_of_all};
+use crate::reach::{Grants, Reach, reach_of_all};
 
 #[derive(Debug, Subcommand)]
 pub enum ExposeCommand {
@@ -126,7 +126,13 @@ fn ports_of(svc: &K8sService, host: &str, node_port: bool) -> Vec<String> {
 }
 
 /// The audit of these Services and peers at `now` (pure).
-pub fn audit(services: &[K8sService], peers: &[VpnPeer], gateway_namespace: &str, now: Timestamp) -> Audit {
+pub fn audit(
+    services: &[K8sService],
+    peers: &[VpnPeer],
+    grants: &Grants,
+    gateway_namespace: &str,
+    now: Timestamp,
+) -> Audit {
     let mut findings = Vec::new();
     let mut sorted: Vec<&K8sService> = services.iter().collect();
     sorted.sort_by_key(|s| (s.namespace(), s.name_any()));
@@ -199,7 +205,7 @@ pub fn audit(services: &[K8sService], peers: &[VpnPeer], gateway_namespace: &str
         }
     }
     let catalog: Vec<_> = services.iter().filter_map(service_from_k8s).collect();
-    let mut reach = reach_of_all(peers, &catalog, gateway_namespace, now);
+    let mut reach = reach_of_all(peers, &catalog, grants, gateway_namespace, now);
     let mut sorted_peers: Vec<&VpnPeer> = peers.iter().collect();
     sorted_peers.sort_by_key(|p| (p.namespace(), p.name_any()));
     for p in sorted_peers {
@@ -319,7 +325,8 @@ pub async fn run(cmd: ExposeCommand, kube_args: &KubeArgs) -> anyhow::Result<Exi
         }
         Err(e) => return Err(api_error(e, "listing VpnPeers")),
     };
-    let mut result = audit(&services, &peers, &a.gateway.gateway_namespace, Timestamp::now());
+    let grants = Grants::fetch(&k).await?;
+    let mut result = audit(&services, &peers, &grants, &a.gateway.gateway_namespace, Timestamp::now());
     result.findings.retain(|f| scope.contains(&f.namespace));
     let style = Style::detect();
     print!(
@@ -420,7 +427,7 @@ pub(crate) mod tests {
     #[test]
     fn audit_lists_every_way_in() {
         let (services, peers, now) = fixture();
-        let a = audit(&services, &peers, "kuberaya-system", now);
+        let a = audit(&services, &peers, &Grants::default(), "kuberaya-system", now);
         let kinds: Vec<(&str, &str)> = a.findings.iter().map(|f| (f.kind.as_str(), f.name.as_str())).collect();
         assert_eq!(
             kinds,

@@ -55,7 +55,7 @@ fn peer_list_and_show() {
         .iter()
         .filter_map(kuberaya_gateway::source::kube::service_from_k8s)
         .collect();
-    let reach = reach::reach_of_all(&peers, &catalog, "kuberaya-system", now)
+    let reach = reach::reach_of_all(&peers, &catalog, &reach::Grants::default(), "kuberaya-system", now)
         .remove(&PeerId::new("kuberaya-system", "alice"))
         .unwrap();
     let detail = peer::PeerDetail {
@@ -111,6 +111,6 @@ fn lb_list_describe_orphans() {
 #[test]
 fn expose_audit() {
     let (services, peers, now) = audit::tests::fixture();
-    let a = audit::audit(&services, &peers, "kuberaya-system", now);
+    let a = audit::audit(&services, &peers, &crate::reach::Grants::default(), "kuberaya-system", now);
     both("expose-audit", &a, |wide| audit::audit_table(&a, wide, &Style::plain()));
 }

@@ -1,19 +1,56 @@
 //! What each peer can reach, resolved to Services now: the gateway's own validation
-//! (`kuberaya_gateway::peers::validate`) and ACL compilation (`kuberaya_gateway::acl::Acl`)
-//! run over the cluster's `VpnPeer`s and Services, so the CLI answers exactly as the gateway
-//! enforces.
+//! (`kuberaya_gateway::peers::validate`), policy resolution (`kuberaya_gateway::policy`)
+//! and ACL compilation (`kuberaya_gateway::acl::Acl`) run over the cluster's `VpnPeer`s,
+//! `VpnAccessPolicies` and Services, so the CLI answers exactly as the gateway enforces.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
 use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::ListParams;
+use kube::{Api, ResourceExt};
 use kuberaya_gateway::acl::Acl;
 use kuberaya_gateway::catalog::{Catalog, Service};
-use kuberaya_gateway::crd::VpnPeer;
+use kuberaya_gateway::crd::{VpnAccessPolicy, VpnPeer};
 use kuberaya_gateway::peers::{PeerId, TunnelConfig, Validation, validate};
-use kuberaya_gateway::source::kube::peer_from_k8s;
+use kuberaya_gateway::policy::{self, Labels, PolicyInput, RuleSource};
+use kuberaya_gateway::source::kube::{peer_from_k8s, policy_from_k8s};
 use serde::Serialize;
+
+use crate::kube::{Kube, api_error, is_not_found};
+
+/// The access policies in force and the namespaces' labels they select by.
+#[derive(Debug, Clone, Default)]
+pub struct Grants {
+    pub policies: Vec<PolicyInput>,
+    pub namespaces: HashMap<String, Labels>,
+}
+
+impl Grants {
+    /// Every VpnAccessPolicy and Namespace's labels (none when the policy CRD is not
+    /// installed: peers then reach by their own rules, as the gateway serves them).
+    pub async fn fetch(k: &Kube) -> anyhow::Result<Grants> {
+        let policies = match Api::<VpnAccessPolicy>::all(k.client.clone())
+            .list(&ListParams::default())
+            .await
+        {
+            Ok(l) => l.items.iter().filter_map(policy_from_k8s).collect(),
+            Err(e) if is_not_found(&e) => Vec::new(),
+            Err(e) => return Err(api_error(e, "listing VpnAccessPolicies")),
+        };
+        let namespaces = Api::<Namespace>::all(k.client.clone())
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| api_error(e, "listing Namespaces"))?
+            .items
+            .iter()
+            .map(|n| (n.name_any(), n.metadata.labels.clone().unwrap_or_default()))
+            .collect();
+        Ok(Grants { policies, namespaces })
+    }
+}
 
 /// One Service a peer can reach, with the ports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -24,6 +61,10 @@ pub struct Reach {
     #[serde(rename = "clusterIP", skip_serializing_if = "Option::is_none")]
     pub cluster_ip: Option<IpAddr>,
     pub ports: Vec<ReachPort>,
+    /// The access policies that grant any of these ports (`ns/name`); none when the
+    /// peer's own rules do.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub via: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -42,7 +83,12 @@ impl Reach {
             .iter()
             .map(|p| format!("{}/{}", p.port, p.protocol))
             .collect();
-        format!("{}/{}:{}", self.namespace, self.service, ports.join(","))
+        let via = if self.via.is_empty() {
+            String::new()
+        } else {
+            format!(" (policy {})", self.via.join(", "))
+        };
+        format!("{}/{}:{}{via}", self.namespace, self.service, ports.join(","))
     }
 }
 
@@ -53,6 +99,7 @@ impl Reach {
 pub fn reach_of_all(
     peers: &[VpnPeer],
     services: &[Service],
+    grants: &Grants,
     gateway_namespace: &str,
     now: Timestamp,
 ) -> BTreeMap<PeerId, Vec<Reach>> {
@@ -75,8 +122,24 @@ pub fn reach_of_all(
         })
         .collect();
     let validation = validate(&inputs, &Validation::default(), &tunnel, now);
+    let effective = policy::effective(
+        &inputs,
+        &validation,
+        &grants.policies,
+        &grants.namespaces,
+        gateway_namespace,
+        now,
+    );
     let catalog = Catalog::new(services.iter().cloned());
-    let acl = Acl::compile(tunnel.gateway_address(), &validation.accepted, &catalog);
+    let acl = Acl::compile_effective(
+        tunnel.gateway_address(),
+        validation
+            .accepted
+            .iter()
+            .map(|p| p.address)
+            .zip(effective.rules.iter().map(|r| &r[..])),
+        &catalog,
+    );
     let mut sorted: Vec<&Service> = catalog.services().collect();
     sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     let mut out = BTreeMap::new();
@@ -88,10 +151,26 @@ pub fn reach_of_all(
                 if idx.is_empty() {
                     continue;
                 }
+                // A port's first allowing rule (own rules come first): the policies among them.
+                let mut via: Vec<String> = Vec::new();
+                if let Some(ip) = svc.cluster_ip {
+                    for &i in idx {
+                        let port = &svc.ports[i];
+                        if let Some(RuleSource::Policy(id)) =
+                            acl.allowed_by(p.address, ip, port.protocol.ip_proto(), Some(port.port))
+                        {
+                            let id = id.to_string();
+                            if !via.contains(&id) {
+                                via.push(id);
+                            }
+                        }
+                    }
+                }
                 reach.push(Reach {
                     namespace: svc.namespace.clone(),
                     service: svc.name.clone(),
                     cluster_ip: svc.cluster_ip,
+                    via,
                     ports: idx
                         .iter()
                         .map(|&i| ReachPort {
@@ -174,6 +253,7 @@ pub(crate) mod tests {
         let r = reach_of_all(
             &[admin, sneaky, dev],
             &services,
+            &Grants::default(),
             "kuberaya-system",
             Timestamp::UNIX_EPOCH,
         );
@@ -183,5 +263,35 @@ pub(crate) mod tests {
         assert!(r[&PeerId::new("team-a", "sneaky")].is_empty());
         let dev = &r[&PeerId::new("team-a", "dev")];
         assert_eq!(dev[0].short(), "team-a/web:80/tcp,9090/tcp");
+    }
+
+    #[test]
+    fn reach_through_a_policy_names_it() {
+        use kuberaya_gateway::crd::{LabelSelector, VpnAccessPolicySpec};
+        let services = vec![
+            svc("team-a", "web", "127.96.0.10", &[("http", 80)]),
+            svc("team-a", "db", "127.96.0.11", &[("pg", 5432)]),
+        ];
+        let mut dev = peer("team-a", "dev", 3, vec![rule(None, Some("web"), None)]);
+        dev.metadata.labels = Some([("role".to_string(), "dba".to_string())].into());
+        let other = peer("team-a", "other", 4, vec![]);
+        let grants = Grants {
+            policies: vec![PolicyInput::new(
+                PeerId::new("team-a", "dbas"),
+                VpnAccessPolicySpec {
+                    peer_selector: LabelSelector {
+                        match_labels: [("role".to_string(), "dba".to_string())].into(),
+                        ..Default::default()
+                    },
+                    allow: vec![rule(None, Some("db"), None)],
+                    ..Default::default()
+                },
+            )],
+            namespaces: HashMap::new(),
+        };
+        let r = reach_of_all(&[dev, other], &services, &grants, "kuberaya-system", Timestamp::UNIX_EPOCH);
+        let shorts: Vec<String> = r[&PeerId::new("team-a", "dev")].iter().map(Reach::short).collect();
+        assert_eq!(shorts, vec!["team-a/db:5432/tcp (policy team-a/dbas)", "team-a/web:80/tcp"]);
+        assert!(r[&PeerId::new("team-a", "other")].is_empty());
     }
 }

@@ -34,6 +34,15 @@ pub type Labels = BTreeMap<String, String>;
 
 /// The label every namespace carries with its own name (Kubernetes 1.22 and later).
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+/// The label every peer carries with its own name for policy selection, as namespaces
+/// carry [`NAMESPACE_NAME_LABEL`]: the gateway sets it from `metadata.name`, over any label
+/// of that key on the resource, so that no peer can take another's grant by copying it.
+pub const PEER_NAME_LABEL: &str = "vpn.cloudraya.com/peer-name";
+
+/// Whether `selector` looks at `key`.
+fn mentions(selector: &LabelSelector, key: &str) -> bool {
+    selector.match_labels.contains_key(key) || selector.match_expressions.iter().any(|e| e.key == key)
+}
 
 /// One policy as a source delivers it.
 #[derive(Clone, Debug, PartialEq)]
@@ -314,15 +323,21 @@ pub fn effective(
     let labels_of: HashMap<&PeerId, &Labels> = inputs.iter().map(|i| (&i.id, &i.labels)).collect();
     let empty = Labels::new();
     let mut namespace_labels: HashMap<&str, Labels> = HashMap::new();
+    // The peer's own name is a label only when some policy selects by it (otherwise every
+    // peer's label set would be unique, and the cache below would hold one per peer).
+    let by_name = granting.iter().any(|g| mentions(g.peers, PEER_NAME_LABEL));
     // Peers with the same namespace and labels are selected by the same policies.
-    let mut selected: HashMap<(&str, &Labels), Arc<Vec<usize>>> = HashMap::new();
+    let mut selected: HashMap<(&str, Labels), Arc<Vec<usize>>> = HashMap::new();
     let mut interned: HashMap<Vec<SourcedRule>, Arc<[SourcedRule]>> = HashMap::new();
     let mut out_rules = Vec::with_capacity(validation.accepted.len());
     for peer in &validation.accepted {
         let ns = peer.id.namespace.as_str();
-        let labels = labels_of.get(&peer.id).copied().unwrap_or(&empty);
+        let mut labels = labels_of.get(&peer.id).copied().unwrap_or(&empty).clone();
+        if by_name {
+            labels.insert(PEER_NAME_LABEL.to_string(), peer.id.name.clone());
+        }
         let picked = selected
-            .entry((ns, labels))
+            .entry((ns, labels.clone()))
             .or_insert_with(|| {
                 let ns_labels = namespace_labels.entry(ns).or_insert_with(|| {
                     let mut l = namespaces.get(ns).cloned().unwrap_or_default();
@@ -337,7 +352,7 @@ pub fn effective(
                     .copied()
                     .filter(|&gi| {
                         let g = &granting[gi];
-                        g.namespaces.is_none_or(|s| selects(s, ns_labels)) && selects(g.peers, labels)
+                        g.namespaces.is_none_or(|s| selects(s, ns_labels)) && selects(g.peers, &labels)
                     })
                     .collect();
                 // Policy order (by id), whichever list each came from.
@@ -744,6 +759,32 @@ mod tests {
             let (v, e) = run(&c.peers, &c.policies);
             assert_eq!(reach(&v, &e, c.peer.0, c.peer.1), c.want, "{}", c.what);
         }
+    }
+
+    #[test]
+    fn a_peer_is_selected_by_its_own_name_which_no_label_can_copy() {
+        let by_name = matching(&[(PEER_NAME_LABEL, "alice")]);
+        // mallory copies alice's name label onto her own peer; alice has none.
+        let peers = vec![
+            peer("team-a", "alice", &[], vec![]),
+            peer("team-a", "mallory", &[(PEER_NAME_LABEL, "alice")], vec![]),
+            peer("team-a", "bob", &[("role", "dev")], vec![]),
+        ];
+        let policies = vec![
+            policy("team-a", "for-alice", by_name, vec![allow(None, Some("db"))]),
+            policy("team-a", "devs", matching(&[("role", "dev")]), vec![allow(None, Some("web"))]),
+        ];
+        let (v, e) = run(&peers, &policies);
+        assert_eq!(
+            reach(&v, &e, "team-a", "alice"),
+            vec![r("team-a", Some("db"), "policy team-a/for-alice")]
+        );
+        assert!(reach(&v, &e, "team-a", "mallory").is_empty());
+        assert_eq!(
+            reach(&v, &e, "team-a", "bob"),
+            vec![r("team-a", Some("web"), "policy team-a/devs")]
+        );
+        assert_eq!(report(&e, "team-a", "for-alice").matched_peers, 1);
     }
 
     #[test]

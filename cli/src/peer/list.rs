@@ -13,7 +13,7 @@ use super::view::{PeerDetail, PeerList, list_table, row_of, show_text};
 use super::{ListArgs, NameArgs, get_peer, peer_namespace};
 use crate::kube::{Kube, KubeArgs, Scope, api_error, connect};
 use crate::output::{Style, render};
-use crate::reach::reach_of_all;
+use crate::reach::{Grants, reach_of_all};
 
 pub(super) async fn list(kube_args: &KubeArgs, a: ListArgs) -> anyhow::Result<()> {
     let k = connect(kube_args).await?;
@@ -58,7 +58,8 @@ pub(super) async fn show(kube_args: &KubeArgs, a: NameArgs) -> anyhow::Result<()
         .items;
     let services = list_services(&k).await?;
     let now = Timestamp::now();
-    let reach = reach_of_all(&peers, &services, &a.gateway.gateway_namespace, now)
+    let grants = Grants::fetch(&k).await?;
+    let reach = reach_of_all(&peers, &services, &grants, &a.gateway.gateway_namespace, now)
         .remove(&PeerId::new(ns.clone(), a.name.clone()))
         .unwrap_or_default();
     let detail = PeerDetail {
