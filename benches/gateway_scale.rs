@@ -647,7 +647,10 @@ fn policy_mode(sizes: &Sizes) -> Result<()> {
     std::thread::sleep(Duration::from_secs(1));
     let pid = gw.process.pid();
     result(
-        &format!("gateway.policies.load ({} peers, {} policies)", sizes.peers, sizes.policies),
+        &format!(
+            "gateway.policies.load ({} peers, {} policies)",
+            sizes.peers, sizes.policies
+        ),
         match load {
             Some(t) => format!(
                 "{} until all accepted; {:.1} MiB VmRSS (goal < 100 MiB), peak {:.1} MiB",
@@ -665,7 +668,11 @@ fn policy_mode(sizes: &Sizes) -> Result<()> {
         let (bytes, took) = download(local, Duration::from_secs(60))?;
         t.stop();
         let m = mbit(bytes, took);
-        println!("  {what}: {m:.0} Mbit/s ({} MiB in {})", bytes / 1024 / 1024, secs(took));
+        println!(
+            "  {what}: {m:.0} Mbit/s ({} MiB in {})",
+            bytes / 1024 / 1024,
+            secs(took)
+        );
         Ok(m)
     };
     let with = stream(&format!("{} policies", sizes.policies))?;
@@ -697,7 +704,11 @@ fn policy_mode(sizes: &Sizes) -> Result<()> {
     let (mut granted, mut revoked) = (Vec::new(), Vec::new());
     for i in 0..sizes.tries {
         let mut list = base.clone();
-        list.push(policy(&format!("grant{i}"), json!({"matchLabels": {"team": "t0"}}), "secret"));
+        list.push(policy(
+            &format!("grant{i}"),
+            json!({"matchLabels": {"team": "t0"}}),
+            "secret",
+        ));
         let t0 = Instant::now();
         write_policies(&list)?;
         if poll_until_blocking(Duration::from_secs(10), || answers().then_some(())).is_some() {

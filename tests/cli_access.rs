@@ -168,9 +168,21 @@ fn access_grants_expire_and_revoke_on_the_tunnel_and_explain_agrees() -> Result<
     );
 
     // A grant to one peer by name (the gateway's own name label, which no peer can copy).
-    let said = user.kuberaya_ok(&["access", "grant", "ops", "default/web:80", "--for", "1h", "--name", "ops-web"])?;
+    let said = user.kuberaya_ok(&[
+        "access",
+        "grant",
+        "ops",
+        "default/web:80",
+        "--for",
+        "1h",
+        "--name",
+        "ops-web",
+    ])?;
     ensure!(said.contains("kuberaya-system/ops-web"), "{said}");
-    ensure!(settles(&web, "web", true, Duration::from_secs(10)).is_some(), "the grant by name");
+    ensure!(
+        settles(&web, "web", true, Duration::from_secs(10)).is_some(),
+        "the grant by name"
+    );
     let (allowed, text) = explain(&user, "default/web:80")?;
     ensure!(allowed && text.contains("policy kuberaya-system/ops-web"), "{text}");
     user.kuberaya_ok(&["access", "revoke", "ops-web"])?;
@@ -203,13 +215,41 @@ fn explain_agrees_with_the_tunnel_on_random_triples() -> Result<()> {
         ips.insert(app, user.http_service(app)?);
     }
     user.kuberaya_ok(&["peer", "add", "ops", "--allow", "default/api", "--out", "ops.conf"])?;
-    user.kuberaya_ok(&["peer", "add", "-n", "default", "dev", "--allow", "default/web", "--out", "dev.conf"])?;
+    user.kuberaya_ok(&[
+        "peer",
+        "add",
+        "-n",
+        "default",
+        "dev",
+        "--allow",
+        "default/web",
+        "--out",
+        "dev.conf",
+    ])?;
     user.kubectl(&["label", "vpnpeer", "dev", "-n", "default", "role=dev"])?;
-    user.kuberaya_ok(&["access", "grant", "-n", "default", "-l", "role=dev", "default/db:80", "--for", "1h"])?;
+    user.kuberaya_ok(&[
+        "access",
+        "grant",
+        "-n",
+        "default",
+        "-l",
+        "role=dev",
+        "default/db:80",
+        "--for",
+        "1h",
+    ])?;
     user.kuberaya_ok(&["access", "grant", "ops", "default/web", "--for", "1h"])?;
     let peers = [
-        ("kuberaya-system", "ops", WgPeer::from_conf(&std::fs::read_to_string(work.join("ops.conf"))?)),
-        ("default", "dev", WgPeer::from_conf(&std::fs::read_to_string(work.join("dev.conf"))?)),
+        (
+            "kuberaya-system",
+            "ops",
+            WgPeer::from_conf(&std::fs::read_to_string(work.join("ops.conf"))?),
+        ),
+        (
+            "default",
+            "dev",
+            WgPeer::from_conf(&std::fs::read_to_string(work.join("dev.conf"))?),
+        ),
     ];
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?

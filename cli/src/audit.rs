@@ -326,7 +326,13 @@ pub async fn run(cmd: ExposeCommand, kube_args: &KubeArgs) -> anyhow::Result<Exi
         Err(e) => return Err(api_error(e, "listing VpnPeers")),
     };
     let grants = Grants::fetch(&k).await?;
-    let mut result = audit(&services, &peers, &grants, &a.gateway.gateway_namespace, Timestamp::now());
+    let mut result = audit(
+        &services,
+        &peers,
+        &grants,
+        &a.gateway.gateway_namespace,
+        Timestamp::now(),
+    );
     result.findings.retain(|f| scope.contains(&f.namespace));
     let style = Style::detect();
     print!(

@@ -111,6 +111,12 @@ fn lb_list_describe_orphans() {
 #[test]
 fn expose_audit() {
     let (services, peers, now) = audit::tests::fixture();
-    let a = audit::audit(&services, &peers, &crate::reach::Grants::default(), "kuberaya-system", now);
+    let a = audit::audit(
+        &services,
+        &peers,
+        &crate::reach::Grants::default(),
+        "kuberaya-system",
+        now,
+    );
     both("expose-audit", &a, |wide| audit::audit_table(&a, wide, &Style::plain()));
 }

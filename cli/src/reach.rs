@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
-use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 use kuberaya_gateway::acl::Acl;
@@ -289,9 +289,18 @@ pub(crate) mod tests {
             )],
             namespaces: HashMap::new(),
         };
-        let r = reach_of_all(&[dev, other], &services, &grants, "kuberaya-system", Timestamp::UNIX_EPOCH);
+        let r = reach_of_all(
+            &[dev, other],
+            &services,
+            &grants,
+            "kuberaya-system",
+            Timestamp::UNIX_EPOCH,
+        );
         let shorts: Vec<String> = r[&PeerId::new("team-a", "dev")].iter().map(Reach::short).collect();
-        assert_eq!(shorts, vec!["team-a/db:5432/tcp (policy team-a/dbas)", "team-a/web:80/tcp"]);
+        assert_eq!(
+            shorts,
+            vec!["team-a/db:5432/tcp (policy team-a/dbas)", "team-a/web:80/tcp"]
+        );
         assert!(r[&PeerId::new("team-a", "other")].is_empty());
     }
 }

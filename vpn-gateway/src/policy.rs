@@ -772,7 +772,12 @@ mod tests {
         ];
         let policies = vec![
             policy("team-a", "for-alice", by_name, vec![allow(None, Some("db"))]),
-            policy("team-a", "devs", matching(&[("role", "dev")]), vec![allow(None, Some("web"))]),
+            policy(
+                "team-a",
+                "devs",
+                matching(&[("role", "dev")]),
+                vec![allow(None, Some("web"))],
+            ),
         ];
         let (v, e) = run(&peers, &policies);
         assert_eq!(
