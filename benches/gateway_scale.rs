@@ -578,7 +578,7 @@ fn main() -> Result<()> {
 }
 
 /// Issue 23: `sizes.peers` labelled peers and `sizes.policies` access policies with
-/// overlapping selectors (static files, re-read every 500 ms): RSS, the time from a policy
+/// overlapping selectors (static files, checked every 100 ms): RSS, the time from a policy
 /// edit to enforcement (a grant answered through onetun, a revoke refused), and the
 /// per-packet cost with 0 and with every policy, in one run.
 fn policy_mode(sizes: &Sizes) -> Result<()> {
@@ -726,7 +726,7 @@ fn policy_mode(sizes: &Sizes) -> Result<()> {
         None => "never".into(),
     };
     result(
-        "gateway.policies.edit_to_enforcement (goal < 2 s; the file is re-read every 500 ms)",
+        "gateway.policies.edit_to_enforcement (goal < 2 s; the file is checked every 100 ms)",
         format!("grant answered: {}; revoke refused: {}", show(&granted), show(&revoked)),
     );
     stop.store(true, Ordering::Relaxed);
