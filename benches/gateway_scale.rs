@@ -1,5 +1,5 @@
 //! Issue 12, gateway at scale: the real `kuberaya-gateway` binary in static-file mode
-//! (`--peers-file/--services-file`, re-read every 500 ms) with 10,000 peers, on loopback.
+//! (`--peers-file/--services-file`, checked every 100 ms) with 10,000 peers, on loopback.
 //! The load generator is a small WireGuard client built from boringtun's noise `Tunn`
 //! (the measuring tool, not the system under test); the data plane is measured with the
 //! stock userspace client `onetun` against a direct connection in the same run.
