@@ -263,6 +263,50 @@ fn ccm_deployment_is_highly_available_critical_and_non_root() -> Result<()> {
 }
 
 #[test]
+fn gateway_runs_two_replicas_that_roll_without_loss_and_one_lb_rule_per_client() -> Result<()> {
+    let base = kustomize("gateway")?;
+    let d = find(&base, "Deployment", "kuberaya-gateway")?;
+    assert_eq!(d["spec"]["replicas"], 2);
+    assert_eq!(d["spec"]["strategy"]["type"], "RollingUpdate");
+    assert_eq!(d["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
+    let pod = pod_spec(d);
+    let anti =
+        &pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"];
+    assert_eq!(anti["topologyKey"], "kubernetes.io/hostname");
+    assert_eq!(
+        anti["labelSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "kuberaya-gateway"
+    );
+    let c = &pod["containers"][0];
+    // Ready only once every peer is loaded (/readyz), and checked often.
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert!(c["readinessProbe"]["periodSeconds"].as_u64().unwrap_or(99) <= 2);
+    // The Lease identity.
+    assert!(
+        c["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["name"] == "POD_NAME" && e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"),
+        "POD_NAME from the downward API"
+    );
+    let pdb = find(&base, "PodDisruptionBudget", "kuberaya-gateway")?;
+    assert_eq!(pdb["spec"]["minAvailable"], 1);
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"],
+        "kuberaya-gateway"
+    );
+    // One replica per client, and only nodes with a ready replica in the LB.
+    let svc = find(&base, "Service", "kuberaya-gateway")?;
+    assert_eq!(svc["spec"]["sessionAffinity"], "ClientIP");
+    assert_eq!(svc["spec"]["externalTrafficPolicy"], "Local");
+    let a = &svc["metadata"]["annotations"];
+    assert_eq!(a["lb.cloudraya.com/health-check-interval"], "2");
+    assert_eq!(a["lb.cloudraya.com/health-check-unhealthy-threshold"], "1");
+    Ok(())
+}
+
+#[test]
 fn gateway_has_no_capabilities_in_the_base_and_net_admin_only_in_the_tun_overlay() -> Result<()> {
     let base = kustomize("gateway")?;
     let d = find(&base, "Deployment", "kuberaya-gateway")?;
@@ -444,6 +488,23 @@ const GATEWAY_NEEDS: &[Grant] = &[
     // Its own Service, annotated with its public key and tunnel address (publish.rs).
     ("kuberaya-system", "", "services", "get", Some("kuberaya-gateway")),
     ("kuberaya-system", "", "services", "patch", Some("kuberaya-gateway")),
+    // kube-lease-manager on the Lease kuberaya-system/kuberaya-gateway (leader.rs): the
+    // one replica that writes status.
+    ("kuberaya-system", "coordination.k8s.io", "leases", "create", None),
+    (
+        "kuberaya-system",
+        "coordination.k8s.io",
+        "leases",
+        "get",
+        Some("kuberaya-gateway"),
+    ),
+    (
+        "kuberaya-system",
+        "coordination.k8s.io",
+        "leases",
+        "patch",
+        Some("kuberaya-gateway"),
+    ),
     // The HTTPS /metrics (the CCM's secure_http.rs, included): system:auth-delegator.
     (CLUSTER, "authentication.k8s.io", "tokenreviews", "create", None),
     (CLUSTER, "authorization.k8s.io", "subjectaccessreviews", "create", None),

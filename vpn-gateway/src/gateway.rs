@@ -19,7 +19,7 @@ use crate::http::Health;
 use crate::keys::PrivateKey;
 use crate::metrics::{FlowLabels, Metrics, PeerLabels, StateLabels};
 use crate::packet;
-use crate::peers::{self, PeerId, TunnelConfig, Validation};
+use crate::peers::{self, PeerId, PeerInput, TunnelConfig, Validation};
 use crate::policy::{self, Effective};
 use crate::source::{GatewayReport, PeerReport, PeerSnapshot, PolicySnapshot, ServiceSnapshot};
 use crate::tunnel::{BUF_SIZE, PeerTable, TunnelIo, TunnelStats};
@@ -34,6 +34,9 @@ pub const TICK: Duration = Duration::from_millis(250);
 pub struct GatewayConfig {
     pub tunnel: TunnelConfig,
     pub handshake_limit: u64,
+    /// Start a handshake toward a peer whose data this replica cannot read (see
+    /// [`crate::tunnel`]); off only to measure what a stock client does without it.
+    pub session_recovery: bool,
 }
 
 /// A WireGuard cookie reply (type 3, 64 bytes).
@@ -41,10 +44,15 @@ fn is_cookie_reply(d: &[u8]) -> bool {
     d.len() == 64 && d[..4] == [3, 0, 0, 0]
 }
 
+/// A handshake initiation (type 1, 148 bytes).
+fn is_initiation(d: &[u8]) -> bool {
+    d.len() == 148 && d[..4] == [1, 0, 0, 0]
+}
+
 /// A handshake initiation (type 1, 148 bytes) or response (type 2, 92 bytes): the messages
 /// whose time counts against the handshake budget.
 fn is_handshake(d: &[u8]) -> bool {
-    (d.len() == 148 && d[..4] == [1, 0, 0, 0]) || (d.len() == 92 && d[..4] == [2, 0, 0, 0])
+    is_initiation(d) || (d.len() == 92 && d[..4] == [2, 0, 0, 0])
 }
 
 /// What the [`PeerTable`] asked for, packed back to back in buffers that keep their
@@ -96,12 +104,16 @@ pub struct Gateway {
     /// Handshake time against the loop's: over it, initiations get cookie replies even
     /// below `handshake_limit`, so a flood of real handshakes cannot starve the data.
     budget: HandshakeBudget,
+    /// Whether this replica leads ([`crate::leader`]); `None`: it decides alone.
+    leading: Option<watch::Receiver<bool>>,
+    /// Not leading: serve only the peers whose status grants them an address.
+    following: bool,
 }
 
 impl Gateway {
     pub fn new(cfg: GatewayConfig, key: PrivateKey, dp: Box<dyn DataPlane>, metrics: Arc<Metrics>) -> Self {
         Gateway {
-            table: PeerTable::new(key.clone(), cfg.handshake_limit),
+            table: PeerTable::new(key.clone(), cfg.handshake_limit).with_session_recovery(cfg.session_recovery),
             cfg,
             dp,
             peers: PeerSnapshot::default(),
@@ -118,7 +130,17 @@ impl Gateway {
             private_key: key,
             uapi: None,
             budget: HandshakeBudget::default(),
+            leading: None,
+            following: false,
         }
+    }
+
+    /// Take part in an election: while another replica leads, serve only the peers whose
+    /// status (written by the leader) grants them an address, at that address.
+    pub fn follow(mut self, leading: watch::Receiver<bool>) -> Self {
+        self.following = !*leading.borrow();
+        self.leading = Some(leading);
+        self
     }
 
     /// Where the UAPI socket task ([`crate::uapi::UapiListener::serve`]) asks for the
@@ -169,7 +191,22 @@ impl Gateway {
     fn refresh(&mut self, services_changed: bool) {
         let started = Instant::now();
         let now = k8s_openapi::jiff::Timestamp::now();
-        let v = peers::validate(&self.peers.peers, &self.validation, &self.cfg.tunnel, now);
+        // A follower takes no decision of its own: the leader's status says which peers
+        // are served, at which address (what it granted, validation keeps).
+        let granted: Vec<PeerInput>;
+        let inputs = if self.following {
+            granted = self
+                .peers
+                .peers
+                .iter()
+                .filter(|p| p.granted.address.is_some())
+                .cloned()
+                .collect();
+            &granted[..]
+        } else {
+            &self.peers.peers[..]
+        };
+        let v = peers::validate(inputs, &self.validation, &self.cfg.tunnel, now);
         let effective = policy::effective(
             &self.peers.peers,
             &v,
@@ -268,6 +305,12 @@ impl Gateway {
             .filter(|&&(_, start, len)| is_cookie_reply(&self.io.send_buf[start..start + len]))
             .count() as u64;
         self.metrics.cookie_replies.inc_by(cookies);
+        // An initiation sent in answer to a datagram is a session recovery.
+        let recoveries = self.io.sends[sent..]
+            .iter()
+            .filter(|&&(_, start, len)| is_initiation(&self.io.send_buf[start..start + len]))
+            .count() as u64;
+        self.metrics.session_recoveries.inc_by(recoveries);
         if over_budget {
             self.metrics.cookie_replies_over_budget.inc_by(cookies);
         }
@@ -492,6 +535,7 @@ impl Gateway {
         let mut policies_open = true;
         let listen_port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
         let mut uapi = self.uapi.take();
+        let mut leading = self.leading.take();
         tokio::pin!(shutdown);
         loop {
             let delay = self.dp.poll_delay(Instant::now()).unwrap_or(Duration::from_secs(1));
@@ -527,6 +571,18 @@ impl Gateway {
                         report.send_if_modified(|old| if *old != r { *old = r; true } else { false });
                     }
                 }
+                r = async { leading.as_mut()?.changed().await.ok() }, if leading.is_some() => match r {
+                    Some(()) => {
+                        let following = !leading.as_mut().is_none_or(|l| *l.borrow_and_update());
+                        if following != self.following {
+                            tracing::info!(leading = !following, "gateway leadership changed");
+                            self.following = following;
+                            self.refresh(false);
+                        }
+                    }
+                    // The election ended (shutting down): keep serving as we are.
+                    None => leading = None,
+                },
                 r = peers.changed(), if peers_open => {
                     if r.is_err() { peers_open = false; continue; }
                     self.peers = peers.borrow_and_update().clone();

@@ -41,6 +41,7 @@ pub mod dns;
 pub mod gateway;
 pub mod http;
 pub mod keys;
+pub mod leader;
 pub mod manifests;
 pub mod metrics;
 pub mod packet;

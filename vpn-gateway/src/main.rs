@@ -76,6 +76,16 @@ struct Args {
     /// whatever this says, while handshakes take over half of the gateway's time.
     #[arg(long, default_value_t = kuberaya_gateway::tunnel::DEFAULT_HANDSHAKE_LIMIT)]
     handshake_limit: u64,
+    /// The Lease (in the gateway's namespace) that elects the one replica that writes
+    /// VpnPeer and VpnAccessPolicy status and the Service's annotations; the others serve
+    /// the peers its status grants. Kubernetes sources only.
+    #[arg(long, env = "GATEWAY_LEASE", default_value = kuberaya_gateway::leader::DEFAULT_LEASE_NAME)]
+    lease: String,
+    /// Start a handshake at once toward a peer whose data this replica has no session for
+    /// (one made with another replica, or before a restart), instead of waiting about
+    /// 15 s for the client's own timers. `false` only to measure the difference.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    session_recovery: bool,
     /// Serve the standard WireGuard UAPI (read-only) on `<uapi-dir>/<NAME>.sock`, so that
     /// `wg show NAME` works against the gateway. Off when unset.
     #[arg(long, env = "GATEWAY_UAPI_INTERFACE", value_name = "NAME")]
@@ -178,6 +188,9 @@ async fn serve(args: Args, on_worker: bool) -> anyhow::Result<()> {
         }),
         dns_upstream: args.dns_upstream,
         handshake_limit: args.handshake_limit,
+        session_recovery: args.session_recovery,
+        lease: args.lease,
+        identity: kuberaya_gateway::leader::default_identity(),
         uapi: args.uapi_interface.map(|interface| UapiConfig {
             dir: args.uapi_dir,
             interface,

@@ -38,6 +38,8 @@ pub struct Metrics {
     /// Of those, the ones sent because handshakes were over their share of the gateway's
     /// time (the handshake budget), whatever the rate.
     pub cookie_replies_over_budget: Counter,
+    /// Handshakes started toward a peer whose data this replica could not read.
+    pub session_recoveries: Counter,
     pub rx_bytes: Family<PeerLabels, Counter>,
     pub tx_bytes: Family<PeerLabels, Counter>,
     pub dropped: Family<DropLabels, Counter>,
@@ -62,6 +64,11 @@ impl Metrics {
                 "cookie_replies_over_budget",
                 "Cookie replies sent because handshakes used over half of the gateway's time",
                 m.cookie_replies_over_budget.clone(),
+            );
+            r.register(
+                "session_recoveries",
+                "Handshakes started toward a peer whose data this replica had no session for (another replica's, or one from before a restart)",
+                m.session_recoveries.clone(),
             );
             r.register(
                 "peer_rx_bytes",

@@ -154,9 +154,19 @@ pub async fn publish_once(
     Ok(Published::Patched(keys))
 }
 
-/// Publish `facts` on `namespace/service` until it is done; failures are logged (each
-/// kind once at warning level) and retried.
-pub async fn publish(client: Client, namespace: String, service: String, facts: Facts) {
+/// Publish `facts` on `namespace/service` until it is done, once this replica leads;
+/// failures are logged (each kind once at warning level) and retried.
+pub async fn publish(
+    client: Client,
+    namespace: String,
+    service: String,
+    facts: Facts,
+    mut leading: tokio::sync::watch::Receiver<bool>,
+) {
+    // One writer among replicas: the Lease holder.
+    if !crate::leader::until_leading(&mut leading).await {
+        return;
+    }
     let api: Api<Service> = Api::namespaced(client, &namespace);
     let want = facts.annotations();
     let mut retry = Retry::default();

@@ -33,6 +33,7 @@ use crate::dataplane::userspace::{UserspaceConfig, UserspaceDataPlane};
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::http::{AbortOnDrop, Health, Serving};
 use crate::keys::{PrivateKey, PublicKey};
+use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::peers::TunnelConfig;
 use crate::secure_http::SecureServing;
@@ -112,11 +113,18 @@ pub struct RunConfig {
     pub dns_upstream: Option<SocketAddr>,
     /// Handshakes per second before cookie replies are demanded.
     pub handshake_limit: u64,
+    /// Session recovery (see [`crate::tunnel`]); on unless measuring without it.
+    pub session_recovery: bool,
     pub uapi: Option<UapiConfig>,
     pub dataplane: DataPlaneChoice,
     /// The gateway's Service in its namespace, annotated with its public key, tunnel
     /// address and cluster domain on start ([`crate::publish`]; Kubernetes sources only).
     pub publish_service: Option<String>,
+    /// The Lease in the gateway's namespace that elects the one replica that writes status
+    /// and annotations ([`crate::leader`]; Kubernetes sources only), and this replica's
+    /// identity in it.
+    pub lease: String,
+    pub identity: String,
 }
 
 impl Default for RunConfig {
@@ -137,9 +145,12 @@ impl Default for RunConfig {
             secure: None,
             dns_upstream: None,
             handshake_limit: crate::tunnel::DEFAULT_HANDSHAKE_LIMIT,
+            session_recovery: true,
             uapi: None,
             dataplane: DataPlaneChoice::Userspace,
             publish_service: Some(crate::publish::DEFAULT_SERVICE.to_string()),
+            lease: crate::leader::DEFAULT_LEASE_NAME.to_string(),
+            identity: crate::leader::default_identity(),
         }
     }
 }
@@ -191,6 +202,8 @@ pub struct Started {
     _secure: Option<AbortOnDrop>,
     _kube: Option<Arc<KubeSource>>,
     _files: Option<FileSource>,
+    /// The election (Kubernetes sources), given up when the gateway stops.
+    leadership: Option<Leadership>,
 }
 
 /// Tasks aborted when the gateway stops.
@@ -235,7 +248,7 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
     }
     let (report_tx, report_rx) = watch::channel(GatewayReport::default());
     let mut tasks = Tasks::default();
-    let (key, peers, services, policies, kube_source, files, client) = match &cfg.sources {
+    let (key, peers, services, policies, kube_source, files, client, leadership) = match &cfg.sources {
         Sources::Files {
             peers,
             services,
@@ -251,7 +264,16 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
             };
             let src = FileSource::start(peers.clone(), services.clone(), FILE_RELOAD)?
                 .with_policies(policies.clone(), FILE_RELOAD)?;
-            (key, src.peers(), src.services(), src.policies(), None, Some(src), None)
+            (
+                key,
+                src.peers(),
+                src.services(),
+                src.policies(),
+                None,
+                Some(src),
+                None,
+                None,
+            )
         }
         Sources::Kube { kubeconfig, client } => {
             let client = match client {
@@ -264,6 +286,7 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
                     crate::source::kube::load_or_create_key(&client, &cfg.namespace, name).await?
                 }
             };
+            let leadership = Leadership::elect(client.clone(), &cfg.namespace, &cfg.lease, &cfg.identity).await?;
             if let Some(service) = cfg.publish_service.clone().filter(|s| !s.is_empty()) {
                 let facts = crate::publish::Facts {
                     public_key: key.public_key(),
@@ -275,6 +298,7 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
                     cfg.namespace.clone(),
                     service,
                     facts,
+                    leadership.leading.clone(),
                 )));
             }
             let src = KubeSource::start(client.clone());
@@ -282,6 +306,7 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
                 client.clone(),
                 report_rx,
                 crate::source::kube::STATUS_INTERVAL,
+                leadership.leading.clone(),
             )));
             (
                 key,
@@ -291,6 +316,7 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
                 Some(src),
                 None,
                 Some(client),
+                Some(leadership),
             )
         }
     };
@@ -348,11 +374,15 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
         GatewayConfig {
             tunnel: tunnel.clone(),
             handshake_limit: cfg.handshake_limit,
+            session_recovery: cfg.session_recovery,
         },
         key,
         dp,
         metrics,
     );
+    if let Some(l) = &leadership {
+        gateway = gateway.follow(l.leading.clone());
+    }
     let uapi = match &cfg.uapi {
         Some(u) => {
             let listener = UapiListener::bind(&u.dir, &u.interface)
@@ -385,6 +415,7 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
         _secure: secure.map(|(_, t)| t),
         _kube: kube_source,
         _files: files,
+        leadership,
     })
 }
 
@@ -405,6 +436,7 @@ impl Started {
             report,
             health,
             tasks,
+            leadership,
             ..
         } = self;
         tracing::info!(udp = %info.udp, public_key = %info.public_key, "gateway started");
@@ -413,6 +445,10 @@ impl Started {
             .await
             .map_err(net_error(format_args!("the UDP socket {}", info.udp)));
         drop(tasks);
+        // Give the Lease up, so that another replica writes at once.
+        if let Some(l) = leadership {
+            l.release(Duration::from_secs(3)).await;
+        }
         tracing::info!("gateway stopped");
         r
     }

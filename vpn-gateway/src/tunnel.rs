@@ -17,12 +17,25 @@
 //! completed handshake, by which time boringtun has zeroed every key anyway. A dropped
 //! tunnel is like a gateway restart for that peer: it handshakes again; its counters and
 //! last handshake time are kept.
+//!
+//! Replicas (issue 22): a peer's index is a keyed hash of its public key under the
+//! gateway's private key ([`peer_index`]), so every replica that holds the key gives the
+//! peer the same index, and a data packet of a session made with one replica names its
+//! peer on any other. A replica that cannot read such a packet (it has no session with the
+//! peer, or not that one) starts a handshake toward the packet's source at once
+//! ([`PeerTable::handle_datagram`], "session recovery"): WireGuard lets either side
+//! initiate, the client answers as responder, and its next packets use the new session.
+//! Without this a stock client notices only after its own timers (about 15 s without an
+//! answer). The handshake itself proves who answers; the packet that triggered it only
+//! says where to send a 148-byte initiation, at most once per peer per
+//! [`RECOVERY_INTERVAL`], counted against the handshake limit like any other.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use blake2::{Blake2s256, Digest};
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
@@ -48,6 +61,31 @@ pub const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
 /// when boringtun itself zeroes all keys of a peer (its sessions died long before), so
 /// nothing usable is lost.
 pub const IDLE_DROP: Duration = Duration::from_secs(3 * 180);
+/// Session recovery starts at most one handshake per peer in this time, and none within
+/// it after a handshake completed (packets of the old session still in flight then).
+pub const RECOVERY_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The secret the peer indices are derived from: a hash of the gateway's private key, so
+/// replicas agree without sharing anything more than the key they already share.
+fn index_secret(private: &PrivateKey) -> zeroize::Zeroizing<[u8; 32]> {
+    let mut h = Blake2s256::new();
+    h.update(b"kuberaya-gateway peer index v1");
+    h.update(private.to_x25519().as_bytes());
+    zeroize::Zeroizing::new(h.finalize().into())
+}
+
+/// The `attempt`-th candidate index of the peer `key` (24 bits): attempt 0 unless that one
+/// is taken by another peer. Keyed, so the index says nothing about the key to anyone
+/// without the gateway's private key; per peer, as boringtun's index always was (the
+/// upper 24 bits of every session index of a `Tunn`).
+pub fn peer_index(secret: &[u8; 32], key: &PublicKey, attempt: u32) -> u32 {
+    let mut h = Blake2s256::new();
+    h.update(secret);
+    h.update(key.0);
+    h.update(attempt.to_le_bytes());
+    let d = h.finalize();
+    u32::from_le_bytes([d[0], d[1], d[2], d[3]]) & INDEX_MASK
+}
 
 /// What the table asks its caller to do.
 pub trait TunnelIo {
@@ -136,6 +174,8 @@ pub struct PeerTunnel {
     index: u32,
     handshakes: u64,
     last_handshake: Option<Instant>,
+    /// When session recovery last started a handshake toward this peer.
+    recovery_sent: Option<Instant>,
     /// Byte counters of the tunnels this peer had before the current one.
     carried_tx: u64,
     carried_rx: u64,
@@ -168,6 +208,7 @@ impl PeerTunnel {
             index,
             handshakes: 0,
             last_handshake: None,
+            recovery_sent: None,
             carried_tx: 0,
             carried_rx: 0,
         }
@@ -363,7 +404,10 @@ pub struct PeerTable {
     tunnels: HashMap<u32, PeerTunnel>,
     by_key: HashMap<PublicKey, u32>,
     by_addr: HashMap<Ipv4Addr, u32>,
-    next_index: u32,
+    /// See [`peer_index`].
+    index_secret: zeroize::Zeroizing<[u8; 32]>,
+    /// Whether unreadable data starts a handshake (see the module's documentation).
+    session_recovery: bool,
     last_reset: Option<Instant>,
     idle_drop: Duration,
     /// Peers with a tunnel now.
@@ -386,6 +430,7 @@ impl PeerTable {
     pub fn new(private: PrivateKey, handshake_limit: u64) -> Self {
         let x_private = private.to_x25519();
         let x_public = x25519_dalek::PublicKey::from(&x_private);
+        let index_secret = index_secret(&private);
         PeerTable {
             tunn_limiter: Arc::new(RateLimiter::new(&x_public, u64::MAX)),
             overload_limiter: Arc::new(RateLimiter::new(&x_public, 0)),
@@ -398,7 +443,8 @@ impl PeerTable {
             tunnels: HashMap::new(),
             by_key: HashMap::new(),
             by_addr: HashMap::new(),
-            next_index: rand::random::<u32>() & INDEX_MASK,
+            index_secret,
+            session_recovery: true,
             last_reset: None,
             idle_drop: IDLE_DROP,
             active: 0,
@@ -408,6 +454,14 @@ impl PeerTable {
     /// Drop tunnels after `idle` without a handshake instead of [`IDLE_DROP`].
     pub fn with_idle_drop(mut self, idle: Duration) -> Self {
         self.idle_drop = idle;
+        self
+    }
+
+    /// Without session recovery: a peer whose session this table does not have is left
+    /// to its own timers, as a single WireGuard device does (the baseline of the failover
+    /// bench).
+    pub fn with_session_recovery(mut self, on: bool) -> Self {
+        self.session_recovery = on;
         self
     }
 
@@ -475,7 +529,7 @@ impl PeerTable {
                     self.by_addr.insert(p.address, i);
                 }
                 None => {
-                    let i = self.allocate_index();
+                    let i = self.allocate_index(&p.public_key);
                     self.tunnels.insert(i, PeerTunnel::new(p, i));
                     self.by_key.insert(p.public_key, i);
                     self.by_addr.insert(p.address, i);
@@ -486,17 +540,16 @@ impl PeerTable {
         report
     }
 
-    fn allocate_index(&mut self) -> u32 {
+    /// The first free candidate of [`peer_index`]. Two peers whose first candidates
+    /// collide (about 3 pairs in 10,000 peers) get them in the order they were added, which
+    /// replicas that loaded the peers in different orders may not share: for those few,
+    /// failover falls back to the client's own timers.
+    fn allocate_index(&self, key: &PublicKey) -> u32 {
         // At most 2^24 peers; the table never gets near that, so this ends quickly.
-        for _ in 0..=INDEX_MASK {
-            let i = self.next_index & INDEX_MASK;
-            self.next_index = self.next_index.wrapping_add(1);
-            if !self.tunnels.contains_key(&i) {
-                return i;
-            }
-        }
-        // Unreachable in practice: 16M peers. Reuse index 0's slot deterministically.
-        0
+        (0..)
+            .map(|attempt| peer_index(&self.index_secret, key, attempt))
+            .find(|i| !self.tunnels.contains_key(i))
+            .unwrap_or(0)
     }
 
     /// Whether handshake messages are over their CPU budget (see [`crate::budget`]): while
@@ -524,6 +577,7 @@ impl PeerTable {
         if matches!(verified, Ok(Packet::HandshakeInit(_) | Packet::HandshakeResponse(_))) {
             self.handshakes = self.handshakes.saturating_add(1);
         }
+        let data = matches!(verified, Ok(Packet::PacketData(_)));
         let (index, initiation) = match verified {
             Err(TunnResult::WriteToNetwork(cookie)) => {
                 io.send(src, cookie);
@@ -547,17 +601,70 @@ impl PeerTable {
         let t = self.tunnels.get_mut(&index).ok_or(DropReason::UnknownIndex(index))?;
         if !t.is_active() {
             if !initiation {
-                return Err(DropReason::NoSession(t.id.clone()));
+                let peer = t.id.clone();
+                if data {
+                    self.recover(index, src, under_load, buf, io);
+                }
+                return Err(DropReason::NoSession(peer));
             }
             // The peer's static key checked out: now it is worth 11 KB.
             t.tunn(&self.x_private, &self.tunn_limiter);
             self.active += 1;
         }
-        t.decapsulate(src, datagram, buf, io)
-            .map_err(|error| DropReason::Rejected {
-                peer: t.id.clone(),
-                error,
-            })
+        match t.decapsulate(src, datagram, buf, io) {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                let peer = t.id.clone();
+                // Data of a session this table does not have: made with another replica,
+                // or with this one before it restarted.
+                if data
+                    && matches!(
+                        error,
+                        WireGuardError::NoCurrentSession | WireGuardError::WrongIndex | WireGuardError::InvalidAeadTag
+                    )
+                {
+                    self.recover(index, src, under_load, buf, io);
+                }
+                Err(DropReason::Rejected { peer, error })
+            }
+        }
+    }
+
+    /// Session recovery: start a handshake toward `src` as the peer at `index`, whose data
+    /// from there this table could not read; not under load, at most once per
+    /// [`RECOVERY_INTERVAL`], and not right after a handshake completed. The endpoint is
+    /// not taken from the unauthenticated packet: it is set when the answer comes.
+    fn recover(&mut self, index: u32, src: SocketAddr, under_load: bool, buf: &mut [u8], io: &mut impl TunnelIo) {
+        if !self.session_recovery || under_load {
+            return;
+        }
+        let Some(t) = self.tunnels.get_mut(&index) else { return };
+        let now = Instant::now();
+        let recent = |at: Option<Instant>| at.is_some_and(|at| now.saturating_duration_since(at) < RECOVERY_INTERVAL);
+        if recent(t.recovery_sent) || recent(t.last_handshake) {
+            return;
+        }
+        let was_active = t.is_active();
+        let id = t.id.clone();
+        let sent = match t
+            .tunn(&self.x_private, &self.tunn_limiter)
+            .format_handshake_initiation(buf, true)
+        {
+            TunnResult::WriteToNetwork(init) => {
+                io.send(src, init);
+                true
+            }
+            other => {
+                tracing::debug!(peer = %id, result = ?std::mem::discriminant(&other), "session recovery: no initiation");
+                false
+            }
+        };
+        self.active += usize::from(!was_active);
+        if sent {
+            t.recovery_sent = Some(now);
+            self.handshakes = self.handshakes.saturating_add(1);
+            tracing::debug!(peer = %id, %src, "session recovery: handshake started");
+        }
     }
 
     /// Encrypt `packet` to the peer whose tunnel address is its destination.
@@ -1189,5 +1296,149 @@ mod tests {
         );
         assert_eq!(a.send(&mut table, &packet([100, 64, 0, 2])).len(), 1);
         assert_eq!(stats_of(&table, [100, 64, 0, 2]).handshakes, 2);
+    }
+
+    /// Two replicas with the same key and peers, as the gateway's Deployment runs them.
+    fn replicas() -> (PeerTable, PeerTable, Laptop) {
+        let key = PrivateKey::generate();
+        let mut a = PeerTable::new(key.clone(), DEFAULT_HANDSHAKE_LIMIT);
+        let mut b = PeerTable::new(key, DEFAULT_HANDSHAKE_LIMIT);
+        let laptop = Laptop::new(a.public_key(), 40001, None);
+        // Other peers, loaded in another order on each: the indices do not depend on it.
+        let others: Vec<AcceptedPeer> = (0..50u8)
+            .map(|i| Laptop::new(a.public_key(), 41000 + u16::from(i), None).accepted("t", [100, 64, 1, i]))
+            .collect();
+        let mut on_a = others.clone();
+        on_a.push(laptop.accepted("t", [100, 64, 0, 2]));
+        let mut on_b = vec![laptop.accepted("t", [100, 64, 0, 2])];
+        on_b.extend(others.into_iter().rev());
+        a.sync(&on_a);
+        b.sync(&on_b);
+        (a, b, laptop)
+    }
+
+    fn index_of(table: &PeerTable, addr: [u8; 4]) -> u32 {
+        table.by_address(Ipv4Addr::from(addr)).unwrap().index
+    }
+
+    #[test]
+    fn replicas_with_one_key_give_a_peer_the_same_index() {
+        let (a, b, _) = replicas();
+        for t in a.peers() {
+            assert_eq!(index_of(&b, t.address().octets()), t.index, "{}", t.id());
+        }
+        // Another key, other indices: the index is keyed, not the public key's own bits.
+        let mut c = PeerTable::new(PrivateKey::generate(), DEFAULT_HANDSHAKE_LIMIT);
+        let peers: Vec<AcceptedPeer> = a
+            .peers()
+            .map(|t| AcceptedPeer {
+                id: t.id().clone(),
+                public_key: t.public_key(),
+                address: t.address(),
+                rules: vec![],
+                preshared_key: None,
+                expires_at: None,
+            })
+            .collect();
+        c.sync(&peers);
+        let same = a
+            .peers()
+            .filter(|t| index_of(&c, t.address().octets()) == t.index)
+            .count();
+        assert!(same < 3, "{same} of {} indices equal under another key", peers.len());
+        // A collision takes the next candidate.
+        let secret = [9u8; 32];
+        let k = PublicKey([1; 32]);
+        assert_ne!(peer_index(&secret, &k, 0), peer_index(&secret, &k, 1));
+        assert!(peer_index(&secret, &k, 0) <= INDEX_MASK);
+    }
+
+    #[test]
+    fn a_replica_without_the_session_starts_a_handshake_and_the_client_carries_on() {
+        let (mut a, mut b, mut laptop) = replicas();
+        assert_eq!(laptop.send(&mut a, &packet([100, 64, 0, 2])).len(), 1);
+        // Replica A is gone; the laptop's next packet reaches B, which has no session.
+        let stale = laptop.datagram(&packet([100, 64, 0, 2]));
+        let mut buf = vec![0u8; BUF_SIZE];
+        let mut io = Io::default();
+        let err = b.handle_datagram(laptop.addr, &stale, &mut buf, &mut io).unwrap_err();
+        assert_eq!(err.label(), "no_session");
+        assert_eq!(io.sent.len(), 1, "one handshake initiation toward the packet's source");
+        let (to, init) = io.sent.remove(0);
+        assert_eq!((to, init[0], init.len()), (laptop.addr, 1, 148));
+        // Its endpoint is not taken from the unauthenticated packet.
+        assert_eq!(b.by_address(Ipv4Addr::new(100, 64, 0, 2)).unwrap().endpoint(), None);
+        // The laptop answers as responder; B confirms with a keepalive.
+        let mut out = vec![0u8; BUF_SIZE];
+        let TunnResult::WriteToNetwork(resp) = laptop.tunn.decapsulate(None, &init, &mut out) else {
+            panic!("the laptop did not answer the gateway's initiation")
+        };
+        let resp = resp.to_vec();
+        b.handle_datagram(laptop.addr, &resp, &mut buf, &mut io).unwrap();
+        let (_, keepalive) = io.sent.pop().expect("a keepalive");
+        assert!(matches!(
+            laptop.tunn.decapsulate(None, &keepalive, &mut out),
+            TunnResult::Done
+        ));
+        // From now on the laptop's packets use the new session, which B reads.
+        assert_eq!(laptop.send(&mut b, &packet([100, 64, 0, 2])).len(), 1);
+        assert_eq!(
+            b.by_address(Ipv4Addr::new(100, 64, 0, 2)).unwrap().endpoint(),
+            Some(laptop.addr)
+        );
+        assert_eq!(stats_of(&b, [100, 64, 0, 2]).handshakes, 1);
+    }
+
+    #[test]
+    fn session_recovery_is_bounded_and_can_be_switched_off() {
+        let (mut a, b, mut laptop) = replicas();
+        assert_eq!(laptop.send(&mut a, &packet([100, 64, 0, 2])).len(), 1);
+        let mut buf = vec![0u8; BUF_SIZE];
+        // Off: the packet is dropped and nothing is sent, as one WireGuard device does.
+        let mut off = b.with_session_recovery(false);
+        let mut io = Io::default();
+        let stale = laptop.datagram(&packet([100, 64, 0, 2]));
+        assert!(off.handle_datagram(laptop.addr, &stale, &mut buf, &mut io).is_err());
+        assert!(io.sent.is_empty());
+        // On: 100 unreadable packets (from anywhere) start one handshake, not 100.
+        let mut b = off.with_session_recovery(true);
+        for i in 0..100u16 {
+            let from = SocketAddr::from(([127, 0, 0, 9], 50000 + i));
+            assert!(b.handle_datagram(from, &stale, &mut buf, &mut io).is_err());
+        }
+        assert_eq!(io.sent.len(), 1);
+        // Garbage with the peer's index that does not even parse as its session: the
+        // same bound (the initiation above is still recent).
+        let mut forged = stale.clone();
+        forged[16..].fill(0xaa);
+        assert!(b.handle_datagram(laptop.addr, &forged, &mut buf, &mut io).is_err());
+        assert_eq!(io.sent.len(), 1);
+        // Under load (over the handshake limit) no recovery is started at all.
+        let key = PrivateKey::generate();
+        let mut busy = PeerTable::new(key.clone(), 0);
+        let mut l2 = Laptop::new(busy.public_key(), 40002, None);
+        busy.sync(&[l2.accepted("t", [100, 64, 0, 3])]);
+        let mut other = PeerTable::new(key, DEFAULT_HANDSHAKE_LIMIT);
+        other.sync(&[l2.accepted("t", [100, 64, 0, 3])]);
+        assert_eq!(l2.send(&mut other, &packet([100, 64, 0, 3])).len(), 1);
+        let mut io = Io::default();
+        let _ = busy.handle_datagram(l2.addr, &l2.datagram(&packet([100, 64, 0, 3])), &mut buf, &mut io);
+        assert!(io.sent.is_empty());
+    }
+
+    #[test]
+    fn a_replica_with_a_live_session_does_not_restart_it_for_a_forged_packet() {
+        let (_, mut b, mut laptop) = replicas();
+        assert_eq!(laptop.send(&mut b, &packet([100, 64, 0, 2])).len(), 1);
+        let mut buf = vec![0u8; BUF_SIZE];
+        let mut io = Io::default();
+        let mut forged = laptop.datagram(&packet([100, 64, 0, 2]));
+        let n = forged.len();
+        forged[n - 1] ^= 1;
+        let err = b.handle_datagram(laptop.addr, &forged, &mut buf, &mut io).unwrap_err();
+        assert_eq!(err.label(), "decrypt_failed");
+        // Right after the handshake: nothing started, the session stands.
+        assert!(io.sent.is_empty());
+        assert_eq!(laptop.send(&mut b, &packet([100, 64, 0, 2])).len(), 1);
     }
 }

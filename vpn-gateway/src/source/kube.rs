@@ -587,7 +587,15 @@ impl ServiceCatalog for KubeSource {
 /// address, generation) as soon as the gateway reports it changed, and its counters (last
 /// handshake, bytes) at most every `every`; a policy's condition and matched peers as soon
 /// as they change.
-pub async fn write_status(client: Client, mut reports: watch::Receiver<GatewayReport>, every: Duration) {
+/// Writes the gateway's reports as status while this replica leads (`leading`); a replica
+/// that does not lead writes nothing, and forgets what it wrote, so that when it leads
+/// again it writes every status afresh.
+pub async fn write_status(
+    client: Client,
+    mut reports: watch::Receiver<GatewayReport>,
+    every: Duration,
+    mut leading: watch::Receiver<bool>,
+) {
     // What was written, as hashes and the few fields the next status carries over: the
     // whole status was ~400 bytes a peer.
     let mut written: HashMap<PeerId, Written> = HashMap::new();
@@ -595,8 +603,14 @@ pub async fn write_status(client: Client, mut reports: watch::Receiver<GatewayRe
     let mut policies_written: HashMap<PolicyId, (Option<String>, VpnAccessPolicyStatus)> = HashMap::new();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut election_open = true;
     loop {
         let counters = tokio::select! {
+            r = leading.changed(), if election_open => {
+                // A replica alone (no election) keeps leading.
+                election_open = r.is_ok();
+                false
+            }
             _ = tick.tick() => {
                 if reports.has_changed().is_err() {
                     return;
@@ -610,9 +624,20 @@ pub async fn write_status(client: Client, mut reports: watch::Receiver<GatewayRe
                 false
             }
         };
+        if !*leading.borrow() {
+            // Seen, not written.
+            drop(reports.borrow_and_update());
+            written.clear();
+            policies_written.clear();
+            continue;
+        }
         let report = reports.borrow_and_update().clone();
         let now = Timestamp::now();
         for r in &report.peers {
+            // Lost the Lease while writing: the new leader writes from here on.
+            if !*leading.borrow() {
+                break;
+            }
             let prev = written.get(&r.id);
             let status = status_for(prev.map(Written::previous).as_ref(), r, now);
             let new = Written::of(&status);
