@@ -523,6 +523,7 @@ impl Gateway {
         self.services = services.borrow_and_update().clone();
         self.policies = policies.borrow_and_update().clone();
         self.refresh(true);
+        self.metrics.leader.set(i64::from(!self.following));
         health.set_ready(self.peers.loaded && self.services.loaded);
         let waker = self.dp.waker();
         let mut tick = tokio::time::interval(TICK);
@@ -577,6 +578,7 @@ impl Gateway {
                         if following != self.following {
                             tracing::info!(leading = !following, "gateway leadership changed");
                             self.following = following;
+                            self.metrics.leader.set(i64::from(!following));
                             self.refresh(false);
                         }
                     }

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub cookie_replies_over_budget: Counter,
     /// Handshakes started toward a peer whose data this replica could not read.
     pub session_recoveries: Counter,
+    /// 1 while this replica writes status (it holds the Lease, or decides alone).
+    pub leader: Gauge,
     pub rx_bytes: Family<PeerLabels, Counter>,
     pub tx_bytes: Family<PeerLabels, Counter>,
     pub dropped: Family<DropLabels, Counter>,
@@ -64,6 +66,11 @@ impl Metrics {
                 "cookie_replies_over_budget",
                 "Cookie replies sent because handshakes used over half of the gateway's time",
                 m.cookie_replies_over_budget.clone(),
+            );
+            r.register(
+                "leader",
+                "1 while this replica is the one that writes status (it holds the gateway Lease, or runs alone)",
+                m.leader.clone(),
             );
             r.register(
                 "session_recoveries",
