@@ -36,8 +36,8 @@ fn a_peer_reaches_allowed_services_through_the_gateways_load_balancer() -> Resul
     let pod_octet = u16::from(n) + 100;
     let printed = &sandbox.up_output;
     assert!(
-        printed.contains("WireGuard gateway on"),
-        "up reports the gateway:\n{printed}"
+        printed.contains("WireGuard gateway, 2 replicas on"),
+        "up reports the gateway's two replicas:\n{printed}"
     );
     assert!(
         printed.contains(&format!("gateway load balancer: {public_prefix}")),
@@ -113,14 +113,41 @@ fn a_peer_reaches_allowed_services_through_the_gateways_load_balancer() -> Resul
     assert!(denied.contains("status: NXDOMAIN"), "denied Service: {denied}");
     t.stop();
 
+    // `sandbox status` shows both replicas, ready, each serving alice, one writing status.
+    let status = Command::new(binary("kuberaya"))
+        .args(["sandbox", "status", "-o", "json", "--state-dir"])
+        .arg(&state)
+        .output()?;
+    ensure!(status.status.success(), "sandbox status: {}", output_text(&status));
+    let doc: serde_json::Value = serde_json::from_slice(&status.stdout)?;
+    let replicas = doc["gateway_replicas"].as_array().context("gateway_replicas")?;
+    assert_eq!(replicas.len(), 2, "{doc}");
+    assert!(replicas.iter().all(|r| r["ready"] == true && r["peers"] == 1), "{doc}");
+    assert_eq!(
+        replicas.iter().filter(|r| r["leader"] == true).count(),
+        1,
+        "one writer: {doc}"
+    );
+    let table = Command::new(binary("kuberaya"))
+        .args(["sandbox", "status", "--state-dir"])
+        .arg(&state)
+        .output()?;
+    let table = String::from_utf8_lossy(&table.stdout).to_lowercase();
+    assert!(
+        table.contains("gateway replica") && table.contains("kuberaya-gateway-1"),
+        "{table}"
+    );
+
     // `sandbox down` stops the gateway: its socket is free again.
     let down = Command::new(binary("kuberaya"))
         .args(["sandbox", "down", "--state-dir"])
         .arg(&state)
         .output()?;
     ensure!(down.status.success(), "sandbox down: {}", output_text(&down));
-    let gateway_addr = format!("127.{pod_octet}.255.254:51820");
-    UdpSocket::bind(&gateway_addr).with_context(|| format!("{gateway_addr} still bound after sandbox down"))?;
+    for last in [254, 253] {
+        let gateway_addr = format!("127.{pod_octet}.255.{last}:51820");
+        UdpSocket::bind(&gateway_addr).with_context(|| format!("{gateway_addr} still bound after sandbox down"))?;
+    }
     Ok(())
 }
 

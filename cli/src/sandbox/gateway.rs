@@ -18,22 +18,44 @@ pub(super) const GATEWAY_LB_TIMEOUT: Duration = Duration::from_secs(30);
 /// Field manager of the objects the sandbox applies for the gateway.
 const GATEWAY_FIELD_MANAGER: &str = "kuberaya-sandbox";
 
-/// The WireGuard gateway, run in this process as a cluster runs it: its own Kubernetes
-/// client from the sandbox's kubeconfig, its socket on a pod-range address, behind its own
-/// `LoadBalancer` Service (no selector; the sandbox writes its EndpointSlice), so a peer's
-/// traffic goes Internet → platform LB → node IP:NodePort → kube-proxy → gateway.
+/// The WireGuard gateway, run in this process as a cluster runs it: `replicas` replicas
+/// (2 by default, as `deploy/` runs it), each with its own Kubernetes client from the
+/// sandbox's kubeconfig and its socket on its own pod-range address, one of them elected to
+/// write status; all behind one `LoadBalancer` Service (no selector; the sandbox writes its
+/// EndpointSlice), so a peer's traffic goes Internet → platform LB → node IP:NodePort →
+/// kube-proxy → one replica (the same one for a client: ClientIP affinity).
 pub(super) struct InProcessGateway {
+    /// The first replica's facts (every replica has the same key and tunnel address).
     pub info: kuberaya_gateway::run::StartedInfo,
+    pub replicas: Vec<Replica>,
     /// The load balancer's public IP, once the CCM provisioned it.
     pub public_ip: Option<String>,
+}
+
+/// One gateway replica of the sandbox.
+pub(super) struct Replica {
+    pub name: String,
+    pub info: kuberaya_gateway::run::StartedInfo,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<kuberaya_gateway::Result<()>>,
 }
 
-/// The gateway's "pod IP": the pod range's last address but one (node i takes the i-th /24
-/// from the start of the range, so this one is clear of them).
-fn gateway_pod_ip(pod_cidr: ipnet::Ipv4Net) -> std::net::Ipv4Addr {
-    std::net::Ipv4Addr::from(u32::from(pod_cidr.broadcast()).saturating_sub(1))
+impl Replica {
+    /// What `sandbox status` reads of it.
+    pub fn record(&self) -> super::state::GatewayReplica {
+        super::state::GatewayReplica {
+            name: self.name.clone(),
+            udp: self.info.udp,
+            metrics: self.info.metrics,
+            health: self.info.health,
+        }
+    }
+}
+
+/// Replica `i`'s "pod IP": from the pod range's last address but one downwards (node i
+/// takes the i-th /24 from the start of the range, so these are clear of them).
+fn gateway_pod_ip(pod_cidr: ipnet::Ipv4Net, i: u32) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(u32::from(pod_cidr.broadcast()).saturating_sub(1 + i))
 }
 
 /// Server-side apply of `obj` (named `name`) with the sandbox's field manager.
@@ -49,12 +71,14 @@ where
 }
 
 impl InProcessGateway {
-    /// Installs the VpnPeer CRD, the gateway's namespace and `kuberaya-config`, starts the
+    /// Installs the VpnPeer CRD, the gateway's namespace and `kuberaya-config`, starts
+    /// `replicas` replicas of the
     /// gateway and registers it behind its Service; waits (bounded) for the load balancer.
     pub(super) async fn start(
         kubeconfig: &Path,
         service_cidr: ipnet::Ipv4Net,
         pod_cidr: ipnet::Ipv4Net,
+        replicas: u32,
     ) -> anyhow::Result<Self> {
         use crate::gateway::{
             ANNOTATION_PUBLIC_KEY, ANNOTATION_TUNNEL_ADDRESS, CONFIG_MAP, DEFAULT_GATEWAY_NAMESPACE as NAMESPACE,
@@ -90,33 +114,46 @@ impl InProcessGateway {
         )
         .await?;
 
-        let pod_ip = gateway_pod_ip(pod_cidr);
         let tunnel_cidr: ipnet::Ipv4Net = GATEWAY_TUNNEL_CIDR.parse().context("the tunnel range")?;
         let loopback_any: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
-        let started = kuberaya_gateway::run::start(RunConfig {
-            listen: SocketAddr::from((pod_ip, GATEWAY_PORT)),
-            tunnel_cidr,
-            namespace: NAMESPACE.into(),
-            sources: Sources::Kube {
-                kubeconfig: Some(kubeconfig.to_path_buf()),
-                client: None,
-            },
-            metrics_bind_address: loopback_any,
-            health_bind_address: loopback_any,
-            ..RunConfig::default()
-        })
-        .await
-        .context("cannot start the gateway")?;
-        let info = started.info().clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(started.run(async move {
-            let _ = stopped.await;
-        }));
+        let mut started_replicas = Vec::new();
+        // One after the other: the first makes the key Secret, the others read it.
+        for i in 0..replicas.max(1) {
+            let name = format!("kuberaya-gateway-{i}");
+            let started = match kuberaya_gateway::run::start(RunConfig {
+                listen: SocketAddr::from((gateway_pod_ip(pod_cidr, i), GATEWAY_PORT)),
+                tunnel_cidr,
+                namespace: NAMESPACE.into(),
+                sources: Sources::Kube {
+                    kubeconfig: Some(kubeconfig.to_path_buf()),
+                    client: None,
+                },
+                metrics_bind_address: loopback_any,
+                health_bind_address: loopback_any,
+                // One process, several replicas: the pid does not tell them apart.
+                identity: name.clone(),
+                ..RunConfig::default()
+            })
+            .await
+            {
+                Ok(started) => started,
+                Err(e) => {
+                    // The replicas started so far stop: nothing is left running.
+                    stop_all(started_replicas).await;
+                    return Err(anyhow::Error::new(e).context(format!("cannot start gateway replica {i}")));
+                }
+            };
+            let info = started.info().clone();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(started.run(async move {
+                let _ = stopped.await;
+            }));
+            started_replicas.push(Replica { name, info, stop, task });
+        }
         let gateway = InProcessGateway {
-            info,
+            info: started_replicas[0].info.clone(),
+            replicas: started_replicas,
             public_ip: None,
-            stop,
-            task,
         };
 
         let services = kube::Api::<Service>::namespaced(client.clone(), NAMESPACE);
@@ -148,6 +185,8 @@ impl InProcessGateway {
                     )),
                     ..Default::default()
                 }]),
+                // A client stays on one replica (the LB rule's algorithm becomes `source`).
+                session_affinity: Some("ClientIP".into()),
                 ..Default::default()
             }),
             ..Default::default()
@@ -162,15 +201,19 @@ impl InProcessGateway {
                     ..Default::default()
                 },
                 address_type: "IPv4".into(),
-                endpoints: vec![Endpoint {
-                    addresses: vec![gateway.info.udp.ip().to_string()],
-                    conditions: Some(EndpointConditions {
-                        ready: Some(true),
-                        serving: Some(true),
-                        terminating: Some(false),
-                    }),
-                    ..Default::default()
-                }],
+                endpoints: gateway
+                    .replicas
+                    .iter()
+                    .map(|r| Endpoint {
+                        addresses: vec![r.info.udp.ip().to_string()],
+                        conditions: Some(EndpointConditions {
+                            ready: Some(true),
+                            serving: Some(true),
+                            terminating: Some(false),
+                        }),
+                        ..Default::default()
+                    })
+                    .collect(),
                 ports: Some(vec![EndpointPort {
                     name: Some(port_name),
                     protocol: Some("UDP".into()),
@@ -215,16 +258,23 @@ impl InProcessGateway {
         }
     }
 
-    /// Stops the gateway and releases its sockets.
+    /// Stops every replica and releases their sockets.
     pub(super) async fn shutdown(self) {
-        let _ = self.stop.send(());
-        let mut task = self.task;
-        match tokio::time::timeout(Duration::from_secs(3), &mut task).await {
+        stop_all(self.replicas).await;
+    }
+}
+
+/// Stops `replicas`, each within 5 s (then aborted).
+async fn stop_all(replicas: Vec<Replica>) {
+    for r in replicas {
+        let _ = r.stop.send(());
+        let mut task = r.task;
+        match tokio::time::timeout(Duration::from_secs(5), &mut task).await {
             Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => eprintln!("the gateway stopped with an error: {e}"),
-            Ok(Err(e)) => eprintln!("the gateway task failed: {e}"),
+            Ok(Ok(Err(e))) => eprintln!("gateway {} stopped with an error: {e}", r.name),
+            Ok(Err(e)) => eprintln!("the task of gateway {} failed: {e}", r.name),
             Err(_) => {
-                eprintln!("the gateway did not stop within 3 s; aborting it");
+                eprintln!("gateway {} did not stop within 5 s; aborting it", r.name);
                 task.abort();
             }
         }
@@ -250,8 +300,9 @@ mod tests {
     }
 
     #[test]
-    fn the_gateway_pod_ip_is_clear_of_the_nodes() {
-        let ip = gateway_pod_ip("127.244.0.0/16".parse().unwrap());
-        assert_eq!(ip, std::net::Ipv4Addr::new(127, 244, 255, 254));
+    fn the_gateway_pod_ips_are_clear_of_the_nodes() {
+        let range = "127.244.0.0/16".parse().unwrap();
+        assert_eq!(gateway_pod_ip(range, 0), std::net::Ipv4Addr::new(127, 244, 255, 254));
+        assert_eq!(gateway_pod_ip(range, 1), std::net::Ipv4Addr::new(127, 244, 255, 253));
     }
 }

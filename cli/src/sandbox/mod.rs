@@ -143,6 +143,9 @@ pub struct UpArgs {
     /// and such a sandbox is for bringing your own components.
     #[arg(long)]
     pub no_gateway: bool,
+    /// WireGuard gateway replicas, serving the same peers at once (one writes status).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub gateway_replicas: u32,
     /// Set by `--detach` on the background process it starts.
     #[arg(long, hide = true)]
     pub detached_child: bool,
@@ -267,15 +270,17 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     } else {
         // "ready" means every part runs: a gateway that cannot start is an error.
         Some(
-            InProcessGateway::start(&kubeconfig, ranges.service_cidr, ranges.pod_cidr)
+            InProcessGateway::start(&kubeconfig, ranges.service_cidr, ranges.pod_cidr, args.gateway_replicas)
                 .await
                 .context("the WireGuard gateway cannot start; pass another --pod-cidr, or --no-gateway")?,
         )
     };
     if let Some(gw) = gateway.as_mut() {
+        let sockets: Vec<String> = gw.replicas.iter().map(|r| r.info.udp.to_string()).collect();
         step(&format!(
-            "WireGuard gateway on {} (tunnel {}, public key {}) behind Service {}/{}",
-            gw.info.udp,
+            "WireGuard gateway, {} replicas on {} (tunnel {}, public key {}) behind Service {}/{}",
+            gw.replicas.len(),
+            sockets.join(", "),
             gw.info.tunnel_address,
             gw.info.public_key,
             crate::gateway::DEFAULT_GATEWAY_NAMESPACE,
@@ -310,6 +315,10 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         cluster_id: args.cluster_id.clone(),
         started_at_unix: unix_now(),
         kubeconfig: Some(kubeconfig.clone()),
+        gateway_replicas: gateway
+            .as_ref()
+            .map(|g| g.replicas.iter().map(|r| r.record()).collect())
+            .unwrap_or_default(),
     };
     write_private(&dir.join(RUNTIME_FILE), &serde_json::to_vec_pretty(&runtime)?)?;
     step(&format!("ready in {:.1}s", started.elapsed().as_secs_f64()));
@@ -394,6 +403,7 @@ async fn up_detached(args: UpArgs) -> anyhow::Result<ExitCode> {
     if args.no_gateway {
         cmd.arg("--no-gateway");
     }
+    cmd.args(["--gateway-replicas", &args.gateway_replicas.to_string()]);
     cmd.stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);

@@ -25,6 +25,18 @@ pub struct Runtime {
     /// The sandbox cluster's kubeconfig.
     #[serde(default)]
     pub kubeconfig: Option<PathBuf>,
+    /// The WireGuard gateway's replicas (none with `--no-gateway`).
+    #[serde(default)]
+    pub gateway_replicas: Vec<GatewayReplica>,
+}
+
+/// A gateway replica as `sandbox status` finds it: where it listens and serves metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayReplica {
+    pub name: String,
+    pub udp: std::net::SocketAddr,
+    pub metrics: std::net::SocketAddr,
+    pub health: std::net::SocketAddr,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -48,6 +48,11 @@ pub(super) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(1));
     };
     let state = fetch_state(&rt.platform_url).await;
+    let mut gateways = Vec::new();
+    for r in &rt.gateway_replicas {
+        gateways.push(replica_status(r).await);
+    }
+    let gateways_ok = gateways.iter().all(|g| g.error.is_none() && g.ready);
     match args.output {
         OutputFormat::Json => {
             let doc = serde_json::json!({
@@ -58,6 +63,7 @@ pub(super) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 "cluster_id": rt.cluster_id,
                 "platform": state.as_ref().ok(),
                 "platform_error": state.as_ref().err().map(|e| format!("{e:#}")),
+                "gateway_replicas": gateways,
             });
             println!("{}", serde_json::to_string_pretty(&doc)?);
         }
@@ -68,13 +74,97 @@ pub(super) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 Ok(state) => print_state_tables(state),
                 Err(e) => println!("the platform stand-in does not answer: {e:#}"),
             }
+            if !gateways.is_empty() {
+                println!();
+                print!("{}", gateway_table(&gateways));
+            }
         }
     }
-    Ok(if state.is_ok() {
+    // A replica that does not answer, or is not ready, is a failed part.
+    Ok(if state.is_ok() && gateways_ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
+}
+
+/// A gateway replica as its own endpoints report it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+struct ReplicaStatus {
+    name: String,
+    udp: std::net::SocketAddr,
+    /// It holds the gateway Lease: it writes peers' status.
+    leader: bool,
+    ready: bool,
+    peers: u64,
+    error: Option<String>,
+}
+
+async fn replica_status(r: &super::state::GatewayReplica) -> ReplicaStatus {
+    let mut s = ReplicaStatus {
+        name: r.name.clone(),
+        udp: r.udp,
+        leader: false,
+        ready: false,
+        peers: 0,
+        error: None,
+    };
+    let client = match reqwest::Client::builder().timeout(Duration::from_secs(5)).build() {
+        Ok(c) => c,
+        Err(e) => {
+            s.error = Some(e.to_string());
+            return s;
+        }
+    };
+    let metrics = async {
+        client
+            .get(format!("http://{}/metrics", r.metrics))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await
+    };
+    match metrics.await {
+        Ok(text) => {
+            s.leader = metric(&text, "kuberaya_gateway_leader ") == Some(1.0);
+            s.peers = metric(&text, "kuberaya_gateway_peers{state=\"accepted\"} ").unwrap_or(0.0) as u64;
+        }
+        Err(e) => s.error = Some(format!("metrics: {e}")),
+    }
+    s.ready = client
+        .get(format!("http://{}/readyz", r.health))
+        .send()
+        .await
+        .is_ok_and(|resp| resp.status().is_success());
+    s
+}
+
+/// The value of the sample line starting with `prefix` (name and labels, then a space).
+fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn gateway_table(replicas: &[ReplicaStatus]) -> String {
+    let rows: Vec<Vec<String>> = replicas
+        .iter()
+        .map(|g| {
+            vec![
+                g.name.clone(),
+                g.udp.to_string(),
+                if g.leader { "yes" } else { "no" }.into(),
+                if g.ready { "yes" } else { "no" }.into(),
+                g.peers.to_string(),
+                g.error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table(
+        &["gateway replica", "udp", "writes status", "ready", "peers", "error"],
+        &rows,
+    )
 }
 
 async fn fetch_state(url: &str) -> anyhow::Result<serde_json::Value> {
@@ -147,6 +237,27 @@ fn print_state_tables(state: &serde_json::Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replica_metrics_are_read_by_exact_name() {
+        let text = "# HELP kuberaya_gateway_leader x\nkuberaya_gateway_leader 1\nkuberaya_gateway_leader_other 5\nkuberaya_gateway_peers{state=\"accepted\"} 3\nkuberaya_gateway_peers{state=\"rejected\"} 1\n";
+        assert_eq!(metric(text, "kuberaya_gateway_leader "), Some(1.0));
+        assert_eq!(metric(text, "kuberaya_gateway_peers{state=\"accepted\"} "), Some(3.0));
+        assert_eq!(metric(text, "kuberaya_gateway_missing "), None);
+        let t = gateway_table(&[ReplicaStatus {
+            name: "kuberaya-gateway-0".into(),
+            udp: "127.244.255.254:51820".parse().unwrap(),
+            leader: true,
+            ready: true,
+            peers: 3,
+            error: None,
+        }]);
+        let t = t.to_lowercase();
+        assert!(
+            t.contains("kuberaya-gateway-0") && t.contains("yes") && t.contains("writes status"),
+            "{t}"
+        );
+    }
 
     #[test]
     fn shell_quote_leaves_plain_words_and_quotes_the_rest() {
