@@ -130,6 +130,8 @@ pub fn in_namespaces_of<S: AsRef<OsStr>>(pid: u32, args: &[S]) -> Command {
 #[derive(Debug)]
 pub struct Netns {
     name: String,
+    /// Made by this handle, and deleted when it drops (see [`Netns::attach`]).
+    owned: bool,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -148,7 +150,10 @@ impl Netns {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "add", name]);
         run_ok(cmd, SETUP_TIMEOUT).context("ip netns add (needs root)")?;
-        let ns = Netns { name: name.to_string() };
+        let ns = Netns {
+            name: name.to_string(),
+            owned: true,
+        };
         ns.ip(["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -162,6 +167,28 @@ impl Netns {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// A handle on the existing namespace `name` that does not delete it when dropped
+    /// (another thread's view of a namespace its owner made).
+    pub fn attach(name: &str) -> Netns {
+        Netns {
+            name: name.to_string(),
+            owned: false,
+        }
+    }
+
+    /// Moves the calling thread into this namespace: the sockets it opens from now on, and
+    /// the processes it starts, are inside it (other threads are not affected).
+    pub fn enter(&self) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(std::path::Path::new("/run/netns").join(&self.name))?;
+        // SAFETY: setns on an open namespace file changes only this thread's namespace.
+        let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        if r != 0 {
+            bail!("setns {}: {}", self.name, std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// `ip -n NAME args...`, failing on a non-zero exit.
@@ -248,7 +275,9 @@ fn delete(name: &str) {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        delete(&self.name);
+        if self.owned {
+            delete(&self.name);
+        }
     }
 }
 
