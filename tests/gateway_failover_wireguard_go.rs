@@ -78,7 +78,13 @@ impl Loop {
     }
 
     fn since(&self, t: Instant) -> Vec<(Instant, bool)> {
-        self.results.lock().unwrap().iter().copied().filter(|(at, _)| *at >= t).collect()
+        self.results
+            .lock()
+            .unwrap()
+            .iter()
+            .copied()
+            .filter(|(at, _)| *at >= t)
+            .collect()
     }
 }
 
@@ -166,7 +172,9 @@ fn a_wireguard_go_laptop_is_served_again_within_5_s_when_its_replica_is_killed()
         let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
         rt.block_on(cluster_side(&dir_path, &client2, &bystander2, &laptop_name))
     });
-    let r = scenario.join().map_err(|_| anyhow::anyhow!("the cluster side panicked"))?;
+    let r = scenario
+        .join()
+        .map_err(|_| anyhow::anyhow!("the cluster side panicked"))?;
     drop(cluster);
     drop(laptop);
     r
@@ -188,7 +196,10 @@ async fn cluster_side(dir: &Path, client: &PeerKey, bystander: &PeerKey, laptop_
     let mut vms = a.data()["items"].as_array().cloned().unwrap_or_default();
     vms.sort_by_key(|v| v["name"].as_str().unwrap_or_default().to_string());
     ensure!(vms.len() >= 2, "the stand-in's cluster has fewer than 2 worker VMs");
-    let vm_ips: Vec<String> = vms[..2].iter().map(|v| v["private_ip"].as_str().unwrap_or_default().to_string()).collect();
+    let vm_ips: Vec<String> = vms[..2]
+        .iter()
+        .map(|v| v["private_ip"].as_str().unwrap_or_default().to_string())
+        .collect();
 
     // The Service: answers "ok" on its ClusterIP (local to this namespace).
     let web = TcpListener::bind(WEB).context("bind the web ClusterIP")?;
@@ -200,7 +211,10 @@ async fn cluster_side(dir: &Path, client: &PeerKey, bystander: &PeerKey, laptop_
     let key_file = write_key(dir, &gateway_keypair().0)?;
     let files = StaticFiles::write(
         dir,
-        &[client.file_entry("laptop", &["web"]), bystander.file_entry("bystander", &["web"])],
+        &[
+            client.file_entry("laptop", &["web"]),
+            bystander.file_entry("bystander", &["web"]),
+        ],
         &json!([{"namespace": "default", "name": "web", "clusterIP": WEB.ip().to_string(),
                  "ports": [{"name": "http", "port": WEB.port()}]}]),
     )?;
@@ -257,12 +271,20 @@ async fn cluster_side(dir: &Path, client: &PeerKey, bystander: &PeerKey, laptop_
     conf.up(&ns, wg_pid, "wg0", dir)?;
     let laptop_loop = Loop::start(&ns)?;
     let first = poll_until_blocking(Duration::from_secs(20), || {
-        laptop_loop.since(Instant::now() - Duration::from_secs(1)).iter().any(|(_, ok)| *ok).then_some(())
+        laptop_loop
+            .since(Instant::now() - Duration::from_secs(1))
+            .iter()
+            .any(|(_, ok)| *ok)
+            .then_some(())
     });
     if first.is_none() {
-        bail!("the laptop never reached web through wireguard-go\n{}", wg_go.output_tails());
+        bail!(
+            "the laptop never reached web through wireguard-go\n{}",
+            wg_go.output_tails()
+        );
     }
-    let on = landed(&replicas, "default/laptop", [0, 0]).context("the laptop's handshake is on neither or both replicas")?;
+    let on =
+        landed(&replicas, "default/laptop", [0, 0]).context("the laptop's handshake is on neither or both replicas")?;
 
     // The bystander, on the other replica: onetun from this namespace, from a source the
     // LB hashes there.
@@ -277,7 +299,8 @@ async fn cluster_side(dir: &Path, client: &PeerKey, bystander: &PeerKey, laptop_
         };
         let port = free_port();
         let mut cmd = wg.onetun_command(port, &format!("{WEB}:TCP"));
-        cmd.args(["--endpoint-bind-addr", &format!("127.0.0.{last}:0")]).env("ONETUN_LOG", "error");
+        cmd.args(["--endpoint-bind-addr", &format!("127.0.0.{last}:0")])
+            .env("ONETUN_LOG", "error");
         let p = Process::spawn_command(cmd)?;
         let local = SocketAddr::from(([127, 0, 0, 1], port));
         let answered = poll_until_blocking(Duration::from_secs(10), || request(local).then_some(())).is_some();
@@ -304,7 +327,9 @@ async fn cluster_side(dir: &Path, client: &PeerKey, bystander: &PeerKey, laptop_
         })
     };
     let survivor = 1 - on;
-    let by_handshakes = replicas[survivor].as_ref().map_or(0, |g| g.handshakes("default/bystander"));
+    let by_handshakes = replicas[survivor]
+        .as_ref()
+        .map_or(0, |g| g.handshakes("default/bystander"));
 
     // The kill.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -313,7 +338,11 @@ async fn cluster_side(dir: &Path, client: &PeerKey, bystander: &PeerKey, laptop_
         g.process.signal(libc::SIGKILL);
     }
     let back = poll_until_blocking(Duration::from_secs(30), || {
-        laptop_loop.since(killed).iter().find(|(_, ok)| *ok).map(|(at, _)| at.duration_since(killed))
+        laptop_loop
+            .since(killed)
+            .iter()
+            .find(|(_, ok)| *ok)
+            .map(|(at, _)| at.duration_since(killed))
     });
     let lost = laptop_loop.since(killed).iter().filter(|(_, ok)| !ok).count();
     std::thread::sleep(Duration::from_secs(1));
@@ -331,7 +360,12 @@ async fn cluster_side(dir: &Path, client: &PeerKey, bystander: &PeerKey, laptop_
         survivor_gw.handshakes("default/bystander") == by_handshakes,
         "the bystander handshook again"
     );
-    ensure!(survivor_gw.metrics().get("kuberaya_gateway_session_recoveries_total", "") >= 1.0);
+    ensure!(
+        survivor_gw
+            .metrics()
+            .get("kuberaya_gateway_session_recoveries_total", "")
+            >= 1.0
+    );
     drop(laptop_loop);
     by_tun.stop();
     wg_go.stop();

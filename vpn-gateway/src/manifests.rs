@@ -1,11 +1,12 @@
 //! The cluster objects the gateway needs installed, as `deploy/` holds them: the
 //! `VpnPeer` and `VpnAccessPolicy` CRDs ([`crds`], the same as `deploy/crds/`), the gateway's
-//! Namespace and its `kuberaya-config` ConfigMap (parsed from `deploy/gateway/base/`).
+//! Namespace, its `kuberaya-config` ConfigMap and its Service (parsed from
+//! `deploy/gateway/base/`).
 //! For installers without kustomize (`kuberaya sandbox up`), so that there is no second
 //! hand-written copy of them.
 
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt as _;
 
@@ -15,6 +16,8 @@ use crate::crd::{VpnAccessPolicy, VpnPeer};
 pub const NAMESPACE_YAML: &str = include_str!("../../deploy/gateway/base/namespace.yaml");
 /// `deploy/gateway/base/config.yaml`.
 pub const CONFIG_YAML: &str = include_str!("../../deploy/gateway/base/config.yaml");
+/// `deploy/gateway/base/service.yaml`.
+pub const SERVICE_YAML: &str = include_str!("../../deploy/gateway/base/service.yaml");
 /// The ConfigMap of cluster facts in the gateway's namespace (the CLI reads it).
 pub const CONFIG_MAP: &str = "kuberaya-config";
 /// Its key holding the cluster's Service range.
@@ -50,6 +53,12 @@ pub fn config_map(service_cidr: Ipv4Net) -> ConfigMap {
     cm
 }
 
+/// The gateway's `LoadBalancer` Service as deployed: its ports, client-IP affinity,
+/// `externalTrafficPolicy: Local` and the LB's health-check annotations.
+pub fn service() -> Service {
+    serde_saphyr::from_str(SERVICE_YAML).expect("deploy/gateway/base/service.yaml is a Service (unit-tested)")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,6 +75,13 @@ mod tests {
             cm.data.unwrap().get(CONFIG_KEY_SERVICE_CIDR).map(String::as_str),
             Some("127.96.0.0/16")
         );
+        let svc = service();
+        assert_eq!(svc.metadata.name.as_deref(), Some(crate::publish::DEFAULT_SERVICE));
+        assert_eq!(svc.metadata.namespace, ns.metadata.name);
+        let spec = svc.spec.unwrap();
+        assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+        assert_eq!(spec.session_affinity.as_deref(), Some("ClientIP"));
+        assert_eq!(spec.external_traffic_policy.as_deref(), Some("Local"));
         assert_eq!(crd().metadata.name.as_deref(), Some("vpnpeers.vpn.cloudraya.com"));
         let names: Vec<Option<String>> = crds().into_iter().map(|c| c.metadata.name).collect();
         assert_eq!(

@@ -84,7 +84,7 @@ impl InProcessGateway {
             ANNOTATION_PUBLIC_KEY, ANNOTATION_TUNNEL_ADDRESS, CONFIG_MAP, DEFAULT_GATEWAY_NAMESPACE as NAMESPACE,
             DEFAULT_GATEWAY_SERVICE as SERVICE,
         };
-        use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServicePort, ServiceSpec};
+        use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
         use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
         use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
         use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -158,39 +158,31 @@ impl InProcessGateway {
 
         let services = kube::Api::<Service>::namespaced(client.clone(), NAMESPACE);
         let port_name = "wireguard".to_string();
-        let service = Service {
-            metadata: ObjectMeta {
-                name: Some(SERVICE.into()),
-                namespace: Some(NAMESPACE.into()),
-                annotations: Some(
-                    [
-                        (ANNOTATION_PUBLIC_KEY.to_string(), gateway.info.public_key.to_string()),
-                        (
-                            ANNOTATION_TUNNEL_ADDRESS.to_string(),
-                            format!("{}/{}", gateway.info.tunnel_address, tunnel_cidr.prefix_len()),
-                        ),
-                    ]
-                    .into(),
-                ),
-                ..Default::default()
-            },
-            spec: Some(ServiceSpec {
-                type_: Some("LoadBalancer".into()),
-                ports: Some(vec![ServicePort {
-                    name: Some(port_name.clone()),
-                    protocol: Some("UDP".into()),
-                    port: i32::from(GATEWAY_PORT),
-                    target_port: Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(
-                        i32::from(GATEWAY_PORT),
-                    )),
-                    ..Default::default()
-                }]),
-                // A client stays on one replica (the LB rule's algorithm becomes `source`).
-                session_affinity: Some("ClientIP".into()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
+        // The Service as deploy/ ships it (ports, ClientIP affinity, externalTrafficPolicy
+        // Local, the LB health check), without a selector: there are no pods, the sandbox
+        // writes the EndpointSlice. The annotations `kuberaya peer add` reads are written
+        // here too (the replicas' own publishing finds them up to date).
+        let mut service = manifests::service();
+        let annotations = service.metadata.annotations.get_or_insert_with(Default::default);
+        annotations.insert(ANNOTATION_PUBLIC_KEY.to_string(), gateway.info.public_key.to_string());
+        annotations.insert(
+            ANNOTATION_TUNNEL_ADDRESS.to_string(),
+            format!("{}/{}", gateway.info.tunnel_address, tunnel_cidr.prefix_len()),
+        );
+        if let Some(spec) = service.spec.as_mut() {
+            spec.selector = None;
+        }
+        // Replica i runs "on" node i (as anti-affinity spreads them), which is what
+        // externalTrafficPolicy Local routes and health-checks by.
+        let mut nodes: Vec<String> = kube::Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+            .list(&Default::default())
+            .await
+            .context("listing the nodes")?
+            .items
+            .into_iter()
+            .filter_map(|n| n.metadata.name)
+            .collect();
+        nodes.sort();
         let registered = async {
             apply(&services, SERVICE, &service).await?;
             let slice = EndpointSlice {
@@ -204,8 +196,10 @@ impl InProcessGateway {
                 endpoints: gateway
                     .replicas
                     .iter()
-                    .map(|r| Endpoint {
+                    .enumerate()
+                    .map(|(i, r)| Endpoint {
                         addresses: vec![r.info.udp.ip().to_string()],
+                        node_name: (!nodes.is_empty()).then(|| nodes[i % nodes.len()].clone()),
                         conditions: Some(EndpointConditions {
                             ready: Some(true),
                             serving: Some(true),
