@@ -16,15 +16,23 @@ use axum::routing::get;
 use crate::metrics::Metrics;
 use crate::secure_http::{self, SecureServing};
 
-/// Shared with the gateway loop: ready once the socket is bound and peers are loaded.
+/// Shared with the gateway loop: ready once the socket is bound and peers are loaded, and
+/// not while draining before a stop.
 #[derive(Default)]
 pub struct Health {
     pub ready: AtomicBool,
+    /// Stopping: not ready whatever the loop says, so that traffic moves elsewhere while
+    /// this replica still serves.
+    pub draining: AtomicBool,
 }
 
 impl Health {
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed) && !self.draining.load(Ordering::Relaxed)
     }
 }
 
@@ -34,7 +42,7 @@ fn health_routes(health: Arc<Health>) -> Router {
         .route(
             "/readyz",
             get(|State(h): State<Arc<Health>>| async move {
-                if h.ready.load(Ordering::Relaxed) {
+                if h.is_ready() {
                     (StatusCode::OK, "ready")
                 } else {
                     (StatusCode::SERVICE_UNAVAILABLE, "not ready")

@@ -81,6 +81,11 @@ struct Args {
     /// the peers its status grants. Kubernetes sources only.
     #[arg(long, env = "GATEWAY_LEASE", default_value = kuberaya_gateway::leader::DEFAULT_LEASE_NAME)]
     lease: String,
+    /// On SIGTERM, report not ready (/readyz) and keep serving this long before exiting, so
+    /// that the load balancer moves this replica's clients to another first (deploy/ sets
+    /// 5s: the LB's health check every 2 s, plus the endpoint update).
+    #[arg(long, default_value = "0s", value_parser = parse_drain, value_name = "DURATION")]
+    shutdown_drain: std::time::Duration,
     /// Start a handshake at once toward a peer whose data this replica has no session for
     /// (one made with another replica, or before a restart), instead of waiting about
     /// 15 s for the client's own timers. `false` only to measure the difference.
@@ -112,6 +117,12 @@ struct Args {
 enum DataPlaneKind {
     Userspace,
     Tun,
+}
+
+/// `5s`, `500ms`, `1m 30s` (jiff's friendly format), not negative.
+fn parse_drain(s: &str) -> Result<std::time::Duration, String> {
+    let d: k8s_openapi::jiff::SignedDuration = s.trim().parse().map_err(|e| format!("invalid duration {s:?}: {e}"))?;
+    std::time::Duration::try_from(d).map_err(|_| format!("a negative duration: {s:?}"))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -190,6 +201,7 @@ async fn serve(args: Args, on_worker: bool) -> anyhow::Result<()> {
         handshake_limit: args.handshake_limit,
         session_recovery: args.session_recovery,
         lease: args.lease,
+        shutdown_drain: args.shutdown_drain,
         identity: kuberaya_gateway::leader::default_identity(),
         uapi: args.uapi_interface.map(|interface| UapiConfig {
             dir: args.uapi_dir,

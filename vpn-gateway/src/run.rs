@@ -125,6 +125,10 @@ pub struct RunConfig {
     /// identity in it.
     pub lease: String,
     pub identity: String,
+    /// On shutdown, report not ready and keep serving this long before stopping: the LB's
+    /// health check moves this replica's clients to another one meanwhile, whose session
+    /// recovery takes them over, so a rolling restart drops nothing (0: stop at once).
+    pub shutdown_drain: Duration,
 }
 
 impl Default for RunConfig {
@@ -151,6 +155,7 @@ impl Default for RunConfig {
             publish_service: Some(crate::publish::DEFAULT_SERVICE.to_string()),
             lease: crate::leader::DEFAULT_LEASE_NAME.to_string(),
             identity: crate::leader::default_identity(),
+            shutdown_drain: Duration::ZERO,
         }
     }
 }
@@ -204,6 +209,7 @@ pub struct Started {
     _files: Option<FileSource>,
     /// The election (Kubernetes sources), given up when the gateway stops.
     leadership: Option<Leadership>,
+    shutdown_drain: Duration,
 }
 
 /// Tasks aborted when the gateway stops.
@@ -416,6 +422,7 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
         _kube: kube_source,
         _files: files,
         leadership,
+        shutdown_drain: cfg.shutdown_drain,
     })
 }
 
@@ -437,9 +444,19 @@ impl Started {
             health,
             tasks,
             leadership,
+            shutdown_drain,
             ..
         } = self;
         tracing::info!(udp = %info.udp, public_key = %info.public_key, "gateway started");
+        let draining = health.clone();
+        let shutdown = async move {
+            shutdown.await;
+            if !shutdown_drain.is_zero() {
+                draining.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(drain = ?shutdown_drain, "stopping: not ready, still serving while clients move");
+                tokio::time::sleep(shutdown_drain).await;
+            }
+        };
         let r = gateway
             .run(socket, peers, services, policies, report, health, shutdown)
             .await
