@@ -22,41 +22,6 @@ use kuberaya_e2e::sandbox::{TempSandbox, curl_local, free_port, onetun_path};
 
 const GW_NS: &str = "kuberaya-system";
 
-const WEB: &str = r#"apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: web
-  namespace: default
-spec:
-  replicas: 1
-  selector:
-    matchLabels:
-      app: web
-  template:
-    metadata:
-      labels:
-        app: web
-    spec:
-      containers:
-      - name: web
-        image: any
-        ports:
-        - containerPort: 8080
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: web
-  namespace: default
-spec:
-  selector:
-    app: web
-  ports:
-  - name: http
-    port: 80
-    targetPort: 8080
-"#;
-
 fn sandbox_up() -> Result<TempSandbox> {
     TempSandbox::up(&["--no-ccm", "--no-gateway", "--nodes", "2"])
 }
@@ -122,8 +87,8 @@ fn two_replicas_one_writer_the_follower_serves_what_the_leader_granted() -> Resu
     sb.apply(&format!(
         "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {GW_NS}\n"
     ))?;
-    sb.apply(WEB)?;
-    let web = sb.cluster_ip("web")?;
+    let work = tempfile::tempdir()?;
+    let web = sb.user(work.path()).http_service("web")?;
     poll_until_blocking(Duration::from_secs(30), || {
         curl(&format!("http://{web}:80/")).filter(|b| b.starts_with("pod=web-"))
     })
