@@ -24,6 +24,8 @@
 //! - [`gateway`]: the `kuberaya-gateway` binary on loopback: its command line, its start
 //!   line ([`gateway::Gateway`]), `/metrics`, test peers' keys, onetun as a peer, when
 //!   traffic was cut ([`gateway::CutOff`]), and IP packets for a test's own client.
+//! - [`failover`]: two gateway replicas behind a platform LB ([`failover::Topology`]),
+//!   onetun clients with a chosen source address, request loops, and a replica killed.
 //! - [`kube_rest`]: [`kube_rest::KubeRest`], a plain REST client of the Kubernetes API
 //!   for creating thousands of objects with bounded concurrency.
 //! - [`kube_stand_in`]: the Kubernetes API stand-in (`kuberaya-sandbox kube`) alone: its
@@ -38,6 +40,7 @@ pub mod calls;
 pub mod ccm;
 pub mod cloud;
 pub mod cluster;
+pub mod failover;
 pub mod gateway;
 pub mod http;
 pub mod kube_rest;
