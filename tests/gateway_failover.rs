@@ -11,6 +11,10 @@
 //! is the replicas' doing, not the client's: with session recovery off, the same client
 //! is not back within those 5 s.
 //!
+//! A replica stopped with SIGTERM (as Kubernetes stops a pod) drains: it turns not ready
+//! at once and keeps serving while the LB moves its clients to the other replica, so none
+//! of their requests fails.
+//!
 //! The "VMs" are the platform stand-in's, their private IPs on loopback; the replicas
 //! listen there as pods behind a NodePort would (the topology: `tests/harness/failover.rs`,
 //! shared with `benches/gateway_failover.rs`).
@@ -18,9 +22,10 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use kuberaya_e2e::failover::{Loop, Topology, handshakes, kill_and_measure, landed, onetun, wait_answers};
 use kuberaya_e2e::gateway::Gateway;
+use kuberaya_e2e::poll_until_blocking;
 
 /// The goal: served again within this long after a kill.
 const GOAL: Duration = Duration::from_secs(5);
@@ -62,8 +67,9 @@ async fn a_client_is_served_again_within_5_s_when_its_replica_is_killed() -> Res
     let by_handshakes = replicas[survivor].as_ref().unwrap().handshakes("default/bystander");
     let watch_from = Instant::now();
     let kill = kill_and_measure(&mut replicas, first, &client, Duration::from_secs(30));
+    // Served again: the end of the first answered request after the kill.
     let back = kill
-        .back
+        .served
         .context("the client was not served again within 30 s of the kill")?;
     eprintln!("kill 1: served again after {back:?}, {} requests lost", kill.lost);
     assert!(back <= GOAL, "served again after {back:?}, goal {GOAL:?}");
@@ -95,7 +101,7 @@ async fn a_client_is_served_again_within_5_s_when_its_replica_is_killed() -> Res
     tokio::time::sleep(Duration::from_secs(3)).await;
     let kill2 = kill_and_measure(&mut replicas, survivor, &client, Duration::from_secs(30));
     let back2 = kill2
-        .back
+        .served
         .context("the client was not served again within 30 s of the second kill")?;
     eprintln!("kill 2: served again after {back2:?}, {} requests lost", kill2.lost);
     assert!(back2 <= GOAL, "served again after {back2:?}, goal {GOAL:?}");
@@ -127,7 +133,7 @@ async fn without_session_recovery_the_same_client_is_not_back_within_5_s() -> Re
     // The stock client recovers by its own timers (about 15 s without an answer, then a
     // handshake): bounded here at 40 s.
     let kill = kill_and_measure(&mut replicas, first, &client, Duration::from_secs(40));
-    let back = kill.back;
+    let back = kill.served;
     eprintln!(
         "without session recovery: served again after {back:?}, {} requests lost",
         kill.lost
@@ -140,6 +146,65 @@ async fn without_session_recovery_the_same_client_is_not_back_within_5_s() -> Re
     assert_eq!(
         survivor.metrics().get("kuberaya_gateway_session_recoveries_total", ""),
         0.0
+    );
+    drop(client);
+    client_tun.stop();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_stopped_with_sigterm_hands_its_clients_over_without_a_failed_request() -> Result<()> {
+    let t = Topology::start(&["client"]).await?;
+    let drained = |i: usize| -> Result<Gateway> {
+        let mut cmd = t.replica_command(i, true);
+        cmd.args(["--shutdown-drain", "5s"]);
+        let mut g = Gateway::spawn(cmd, Duration::from_secs(30))?;
+        // Its stop at the end drains too.
+        g.process.set_grace(Duration::from_secs(7));
+        Ok(g)
+    };
+    let mut replicas: [Option<Gateway>; 2] = [Some(drained(0)?), Some(drained(1)?)];
+    let gateway_key = replicas[0].as_ref().unwrap().public_key.clone();
+    for g in replicas.iter().flatten() {
+        g.wait_accepted(1, Duration::from_secs(10))
+            .context("a replica did not load the peers")?;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (mut client_tun, client_local) = onetun(&t.peers[0], &gateway_key, t.lb, Ipv4Addr::new(127, 0, 0, 1), t.web);
+    wait_answers(client_local, Duration::from_secs(15))?;
+    let on =
+        landed(&replicas, "default/client", [0, 0]).context("the client's handshake is on neither or both replicas")?;
+    let client = Loop::open(client_local, Duration::from_secs(60));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stopped = Instant::now();
+    let g = replicas[on].as_mut().unwrap();
+    g.process.signal(libc::SIGTERM);
+    // Not ready at once, still serving; gone after the drain.
+    let exited = poll_until_blocking(Duration::from_secs(15), || (!g.process.is_running()).then_some(()));
+    let gone = stopped.elapsed();
+    ensure!(exited.is_some(), "the replica did not exit within 15 s of SIGTERM");
+    ensure!(
+        gone >= Duration::from_secs(4),
+        "the replica exited {gone:?} after SIGTERM, without draining"
+    );
+    // The client was handed over during the drain: the other replica took it by recovery.
+    let survivor = replicas[1 - on].as_ref().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let failed = client.failed_between(stopped - Duration::from_secs(1), Instant::now());
+    let total = client.requests_since(stopped).len();
+    eprintln!(
+        "SIGTERM with a 5 s drain: exited after {gone:?}; {} of {total} requests failed; survivor recoveries {}",
+        failed.len(),
+        survivor.metrics().get("kuberaya_gateway_session_recoveries_total", "")
+    );
+    ensure!(
+        failed.is_empty(),
+        "{} requests failed across the drained stop",
+        failed.len()
+    );
+    ensure!(
+        survivor.metrics().get("kuberaya_gateway_session_recoveries_total", "") >= 1.0,
+        "the other replica never took the client over"
     );
     drop(client);
     client_tun.stop();

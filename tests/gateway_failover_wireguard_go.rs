@@ -17,8 +17,8 @@
 //! The test drives the `cluster` side from a thread that entered that namespace (`setns`):
 //! its sockets and the processes it starts are inside it.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use kuberaya_e2e::bins::binary;
+use kuberaya_e2e::failover::{HEALTH_PORT, WG_PORT, handshakes, landed, request};
 use kuberaya_e2e::gateway::{Gateway, PeerKey, StaticFiles, write_key};
 use kuberaya_e2e::netns::{self, Netns, VethEnd, in_namespaces_of, require_programs, require_root, run};
 use kuberaya_e2e::sandbox::{WgPeer, free_port, gateway_keypair};
@@ -34,8 +35,6 @@ use kuberaya_e2e::wg_quick::WgQuick;
 use kuberaya_e2e::{PlatformTarget, Process, SandboxOptions, poll_until_blocking};
 use serde_json::{Value, json};
 
-const WG_PORT: u16 = 51820;
-const HEALTH_PORT: u16 = 18081;
 const PUBLIC_RANGE: &str = "10.203.7.0/24";
 const SERVICE_RANGE: &str = "10.96.0.0/24";
 const WEB: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(10, 96, 0, 20)), 80);
@@ -94,15 +93,6 @@ impl Drop for Loop {
     }
 }
 
-fn request(to: SocketAddr) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&to, Duration::from_secs(1)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).is_ok() && out == b"ok"
-}
-
 fn replica(vm_ip: &str, key_file: &Path, files: &StaticFiles) -> Result<Gateway> {
     let mut cmd = Command::new(binary("kuberaya-gateway"));
     cmd.args(["--metrics-bind-address", "127.0.0.1:0"])
@@ -112,18 +102,6 @@ fn replica(vm_ip: &str, key_file: &Path, files: &StaticFiles) -> Result<Gateway>
         .arg(key_file)
         .args(files.args());
     Gateway::spawn(cmd, Duration::from_secs(30))
-}
-
-fn handshakes(replicas: &[Option<Gateway>; 2], peer: &str) -> [u64; 2] {
-    [0, 1].map(|i| replicas[i].as_ref().map_or(0, |g| g.handshakes(peer)))
-}
-
-fn landed(replicas: &[Option<Gateway>; 2], peer: &str, before: [u64; 2]) -> Option<usize> {
-    poll_until_blocking(Duration::from_secs(3), || {
-        let now = handshakes(replicas, peer);
-        let moved: Vec<usize> = (0..2).filter(|&i| now[i] > before[i]).collect();
-        (moved.len() == 1).then(|| moved[0])
-    })
 }
 
 #[test]
@@ -225,7 +203,7 @@ async fn cluster_side(dir: &Path, client: &PeerKey, bystander: &PeerKey, laptop_
     let gateway_key = replicas[0].as_ref().map(|g| g.public_key.clone()).unwrap_or_default();
     let rule = json!({"name": "wireguard", "protocol": "udp", "public_port": WG_PORT, "private_port": WG_PORT,
         "algorithm": "source",
-        "health_check": {"protocol": "http", "port": HEALTH_PORT, "path": "/healthz",
+        "health_check": {"protocol": "http", "port": HEALTH_PORT, "path": "/readyz",
                          "interval_s": 2, "timeout_s": 1, "healthy_threshold": 1, "unhealthy_threshold": 1}});
     let backends: Vec<Value> = vms[..2].iter().map(|v| json!({"vm_id": v["id"]})).collect();
     let a = api

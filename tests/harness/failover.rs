@@ -258,10 +258,12 @@ impl Topology {
             &json!([{"namespace": "default", "name": "web", "clusterIP": web.ip().to_string(),
                      "ports": [{"name": "web", "port": web.port()}]}]),
         )?;
-        // The gateway Service's rule as the CCM writes it for the gateway's annotations.
+        // The gateway Service's rule as the CCM writes it for the gateway's annotations. In
+        // a cluster the LB checks kube-proxy's health check node port, which follows the
+        // replica's readiness (externalTrafficPolicy Local); here it checks /readyz itself.
         let rule = json!({"name": "wireguard", "protocol": "udp", "public_port": WG_PORT, "private_port": WG_PORT,
             "algorithm": "source",
-            "health_check": {"protocol": "http", "port": HEALTH_PORT, "path": "/healthz",
+            "health_check": {"protocol": "http", "port": HEALTH_PORT, "path": "/readyz",
                              "interval_s": HEALTH_INTERVAL.as_secs(), "timeout_s": 1,
                              "healthy_threshold": 1, "unhealthy_threshold": 1}});
         let backends: Vec<Value> = vm_ids.iter().map(|id| json!({"vm_id": id})).collect();
