@@ -15,6 +15,9 @@
 //!   namespace and in a team namespace) or its address are rejected, naming it, and its
 //!   session is untouched.
 //!
+//! The whole scenario runs twice: on a lone gateway, and on a replica that does not write
+//! status beside one that does (issue 22), which must behave the same.
+//!
 //! onetun 0.3.10 panics with more than one TCP forward per process and two onetuns with
 //! the same key fight over the peer's endpoint, so each onetun has one forward and each
 //! peer at most one onetun at a time.
@@ -353,6 +356,25 @@ fn wait_condition(sb: &TempSandbox, ns: &str, name: &str, accepted: bool) -> Res
 
 #[test]
 fn vpn_peers_drive_the_gateway_live() -> Result<()> {
+    drive(false)
+}
+
+/// Issue 22: the same scenario on a replica that does not write status, beside one that
+/// does (started first, so it holds the Lease): what the follower serves, refuses and cuts
+/// follows the leader's status, with the same timings.
+#[test]
+fn vpn_peers_drive_a_following_replica_live() -> Result<()> {
+    drive(true)
+}
+
+fn replica(sb: &TempSandbox) -> Result<Gateway> {
+    let mut cmd = gateway::kube_command(sb.kubeconfig(), GW_NS);
+    cmd.args(["--private-key-secret", "kuberaya-gateway-key", "--listen"])
+        .arg(format!("127.0.0.1:{}", free_udp_port()));
+    Gateway::spawn(cmd, Duration::from_secs(60))
+}
+
+fn drive(follower: bool) -> Result<()> {
     onetun_path();
     let sb = sandbox_up()?;
     sb.kubectl(&[
@@ -371,16 +393,30 @@ fn vpn_peers_drive_the_gateway_live() -> Result<()> {
     });
     ensure!(ready.is_some(), "web does not answer on its ClusterIP {web}");
 
-    let mut cmd = gateway::kube_command(sb.kubeconfig(), GW_NS);
-    cmd.args(["--private-key-secret", "kuberaya-gateway-key", "--listen"])
-        .arg(format!("127.0.0.1:{}", free_udp_port()));
-    let mut gw = Gateway::spawn(cmd, Duration::from_secs(60))?;
+    let leads = |g: &Gateway| g.metrics().get("kuberaya_gateway_leader", "") == 1.0;
+    let leader = if follower {
+        let l = replica(&sb)?;
+        poll_until_blocking(Duration::from_secs(20), || leads(&l).then_some(()))
+            .context("the first replica never led")?;
+        Some(l)
+    } else {
+        None
+    };
+    let mut gw = replica(&sb)?;
+    if follower {
+        std::thread::sleep(Duration::from_secs(1));
+        ensure!(!leads(&gw), "the second replica leads beside the first");
+    }
     // The key was generated into the Secret.
     sb.kubectl(&["get", "secret", "-n", GW_NS, "kuberaya-gateway-key"])?;
     let result = run_scenario(&sb, &gw, &web, &secret);
     let alive = gw.process.is_running();
     result.map_err(|e| e.context(format!("gateway output:\n{}", gw.process.output_tails())))?;
     ensure!(alive, "the gateway exited\n{}", gw.process.output_tails());
+    if let Some(mut l) = leader {
+        l.assert_healthy();
+        ensure!(!leads(&gw), "the follower took the Lease from a live leader");
+    }
     Ok(())
 }
 
