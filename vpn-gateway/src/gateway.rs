@@ -108,6 +108,9 @@ pub struct Gateway {
     leading: Option<watch::Receiver<bool>>,
     /// Not leading: serve only the peers whose status grants them an address.
     following: bool,
+    /// A refresh changed who is accepted or rejected, or a policy's outcome: the report
+    /// (and so the status, which followers wait for) goes out now, not at the next second.
+    report_due: bool,
 }
 
 impl Gateway {
@@ -132,6 +135,7 @@ impl Gateway {
             budget: HandshakeBudget::default(),
             leading: None,
             following: false,
+            report_due: false,
         }
     }
 
@@ -218,6 +222,9 @@ impl Gateway {
         // A label, policy or expiry change that leaves every peer's rules as they were
         // compiles nothing.
         let rules_changed = effective.rules != self.effective.rules;
+        self.report_due |= v.accepted != self.validation.accepted
+            || v.rejected != self.validation.rejected
+            || effective.policies != self.effective.policies;
         if effective.policies != self.effective.policies {
             for r in &effective.policies {
                 match &r.outcome {
@@ -419,6 +426,20 @@ impl Gateway {
     }
 
     /// The per-peer report, and metrics deltas since the last one.
+    /// Hands the report to the status writer when it changed.
+    fn send_report(&mut self, report: &watch::Sender<GatewayReport>) {
+        self.report_due = false;
+        let r = self.report();
+        report.send_if_modified(|old| {
+            if *old != r {
+                *old = r;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
     fn report(&mut self) -> GatewayReport {
         let now = SystemTime::now();
         let mut out = GatewayReport::default();
@@ -568,8 +589,7 @@ impl Gateway {
                     self.tick();
                     if last_report.elapsed() >= Duration::from_secs(1) {
                         last_report = Instant::now();
-                        let r = self.report();
-                        report.send_if_modified(|old| if *old != r { *old = r; true } else { false });
+                        self.send_report(&report);
                     }
                 }
                 r = async { leading.as_mut()?.changed().await.ok() }, if leading.is_some() => match r {
@@ -589,6 +609,9 @@ impl Gateway {
                     if r.is_err() { peers_open = false; continue; }
                     self.peers = peers.borrow_and_update().clone();
                     self.refresh(false);
+                    if self.report_due {
+                        self.send_report(&report);
+                    }
                     health.set_ready(self.peers.loaded && self.services.loaded);
                     release_freed_memory();
                 }
@@ -598,6 +621,9 @@ impl Gateway {
                     if r.is_err() { policies_open = false; continue; }
                     self.policies = policies.borrow_and_update().clone();
                     self.refresh(false);
+                    if self.report_due {
+                        self.send_report(&report);
+                    }
                 }
                 r = services.changed(), if services_open => {
                     if r.is_err() { services_open = false; continue; }
