@@ -599,6 +599,12 @@ impl Gateway {
                             tracing::info!(leading = !following, "gateway leadership changed");
                             self.following = following;
                             self.metrics.leader.set(i64::from(!following));
+                            if following {
+                                // What this replica decided as leader must not outrank what
+                                // the new leader writes: from now on the status decides.
+                                // (The peer table keeps sessions by key.)
+                                self.validation = Validation::default();
+                            }
                             self.refresh(false);
                         }
                     }

@@ -64,6 +64,9 @@ pub const IDLE_DROP: Duration = Duration::from_secs(3 * 180);
 /// Session recovery starts at most one handshake per peer in this time, and none within
 /// it after a handshake completed (packets of the old session still in flight then).
 pub const RECOVERY_INTERVAL: Duration = Duration::from_secs(2);
+/// A peer heard from this recently (KEEPALIVE_TIMEOUT + REKEY_TIMEOUT, what a stock client
+/// waits before it starts over) gets no session recovery: its session here is alive.
+const ALIVE: Duration = Duration::from_secs(15);
 
 /// The secret the peer indices are derived from: a hash of the gateway's private key, so
 /// replicas agree without sharing anything more than the key they already share.
@@ -176,6 +179,8 @@ pub struct PeerTunnel {
     last_handshake: Option<Instant>,
     /// When session recovery last started a handshake toward this peer.
     recovery_sent: Option<Instant>,
+    /// When an authenticated packet of this peer last arrived.
+    last_rx: Option<Instant>,
     /// Byte counters of the tunnels this peer had before the current one.
     carried_tx: u64,
     carried_rx: u64,
@@ -209,6 +214,7 @@ impl PeerTunnel {
             handshakes: 0,
             last_handshake: None,
             recovery_sent: None,
+            last_rx: None,
             carried_tx: 0,
             carried_rx: 0,
         }
@@ -303,7 +309,10 @@ impl PeerTunnel {
                 match r {
                     TunnResult::Err(e) => return Err(e),
                     // Authenticated: the peer may have roamed.
-                    _ => self.endpoint = Some(src),
+                    _ => {
+                        self.endpoint = Some(src);
+                        self.last_rx = Some(Instant::now());
+                    }
                 }
                 first = false;
             }
@@ -640,16 +649,29 @@ impl PeerTable {
         }
         let Some(t) = self.tunnels.get_mut(&index) else { return };
         let now = Instant::now();
-        let recent = |at: Option<Instant>| at.is_some_and(|at| now.saturating_duration_since(at) < RECOVERY_INTERVAL);
-        if recent(t.recovery_sent) || recent(t.last_handshake) {
+        let within = |at: Option<Instant>, d: Duration| at.is_some_and(|at| now.saturating_duration_since(at) < d);
+        // A peer heard from (authenticated) within the time a stock client waits before it
+        // gives a session up is alive here: an unreadable packet is then a forgery or a
+        // straggler, and must not disturb it.
+        if within(t.recovery_sent, RECOVERY_INTERVAL)
+            || within(t.last_handshake, RECOVERY_INTERVAL)
+            || within(t.last_rx, ALIVE)
+        {
             return;
         }
         let was_active = t.is_active();
         let id = t.id.clone();
-        let sent = match t
-            .tunn(&self.x_private, &self.tunn_limiter)
-            .format_handshake_initiation(buf, true)
-        {
+        let known_endpoint = t.endpoint.is_some();
+        let tunn = t.tunn(&self.x_private, &self.tunn_limiter);
+        // A handshake already under way toward an authenticated endpoint is left to
+        // boringtun's retransmissions there: forcing a new one per forged packet would keep
+        // resetting it (and after 90 s its failure clears the peer's sessions).
+        let first = tunn.format_handshake_initiation(buf, false);
+        let result = match first {
+            TunnResult::Done if !known_endpoint => tunn.format_handshake_initiation(buf, true),
+            other => other,
+        };
+        let sent = match result {
             TunnResult::WriteToNetwork(init) => {
                 io.send(src, init);
                 true

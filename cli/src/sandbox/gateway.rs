@@ -174,14 +174,18 @@ impl InProcessGateway {
         }
         // Replica i runs "on" node i (as anti-affinity spreads them), which is what
         // externalTrafficPolicy Local routes and health-checks by.
-        let mut nodes: Vec<String> = kube::Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+        let nodes = match kube::Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
             .list(&Default::default())
             .await
-            .context("listing the nodes")?
-            .items
-            .into_iter()
-            .filter_map(|n| n.metadata.name)
-            .collect();
+        {
+            Ok(list) => list.items,
+            Err(e) => {
+                // Nothing is left running.
+                gateway.shutdown().await;
+                return Err(anyhow::Error::new(e).context("listing the nodes"));
+            }
+        };
+        let mut nodes: Vec<String> = nodes.into_iter().filter_map(|n| n.metadata.name).collect();
         nodes.sort();
         let registered = async {
             apply(&services, SERVICE, &service).await?;
