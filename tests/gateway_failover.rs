@@ -30,22 +30,39 @@ use kuberaya_e2e::poll_until_blocking;
 /// The goal: served again within this long after a kill.
 const GOAL: Duration = Duration::from_secs(5);
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_client_is_served_again_within_5_s_when_its_replica_is_killed() -> Result<()> {
-    let t = Topology::start(&["client", "bystander"]).await?;
-    let mut replicas: [Option<Gateway>; 2] = [Some(t.replica(0, true)?), Some(t.replica(1, true)?)];
-    let gateway_key = replicas[0].as_ref().unwrap().public_key.clone();
+/// Both replicas (from `start`) loaded and in the LB's rotation, and onetun as the
+/// `client` peer connected through the LB: the replicas, the gateway's key, the tunnel, its
+/// local address, and the replica the client landed on.
+async fn replicas_and_client(
+    t: &Topology,
+    start: impl Fn(usize) -> Result<Gateway>,
+) -> Result<(
+    [Option<Gateway>; 2],
+    String,
+    kuberaya_e2e::Process,
+    std::net::SocketAddr,
+    usize,
+)> {
+    let replicas: [Option<Gateway>; 2] = [Some(start(0)?), Some(start(1)?)];
+    let gateway_key = replicas[0].as_ref().context("replica 0")?.public_key.clone();
     for g in replicas.iter().flatten() {
-        g.wait_accepted(2, Duration::from_secs(10))
+        g.wait_accepted(t.peers.len() as u64, Duration::from_secs(10))
             .context("a replica did not load the peers")?;
     }
     // Both replicas up and in the LB's rotation (health checks every 2 s).
     tokio::time::sleep(Duration::from_secs(3)).await;
-
-    let (mut client_tun, client_local) = onetun(&t.peers[0], &gateway_key, t.lb, Ipv4Addr::new(127, 0, 0, 1), t.web);
+    let (client_tun, client_local) = onetun(&t.peers[0], &gateway_key, t.lb, Ipv4Addr::new(127, 0, 0, 1), t.web);
     wait_answers(client_local, Duration::from_secs(15))?;
-    let first =
+    let on =
         landed(&replicas, "default/client", [0, 0]).context("the client's handshake is on neither or both replicas")?;
+    Ok((replicas, gateway_key, client_tun, client_local, on))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_is_served_again_within_5_s_when_its_replica_is_killed() -> Result<()> {
+    let t = Topology::start(&["client", "bystander"]).await?;
+    let (mut replicas, gateway_key, mut client_tun, client_local, first) =
+        replicas_and_client(&t, |i| t.replica(i, true)).await?;
     // A bystander on the other replica: the LB hashes the source address, so try sources
     // until one lands there.
     let mut bystander = None;
@@ -118,17 +135,8 @@ async fn a_client_is_served_again_within_5_s_when_its_replica_is_killed() -> Res
 #[tokio::test(flavor = "multi_thread")]
 async fn without_session_recovery_the_same_client_is_not_back_within_5_s() -> Result<()> {
     let t = Topology::start(&["client", "bystander"]).await?;
-    let mut replicas: [Option<Gateway>; 2] = [Some(t.replica(0, false)?), Some(t.replica(1, false)?)];
-    let gateway_key = replicas[0].as_ref().unwrap().public_key.clone();
-    for g in replicas.iter().flatten() {
-        g.wait_accepted(2, Duration::from_secs(10))
-            .context("a replica did not load the peers")?;
-    }
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let (mut client_tun, client_local) = onetun(&t.peers[0], &gateway_key, t.lb, Ipv4Addr::new(127, 0, 0, 1), t.web);
-    wait_answers(client_local, Duration::from_secs(15))?;
-    let first =
-        landed(&replicas, "default/client", [0, 0]).context("the client's handshake is on neither or both replicas")?;
+    let (mut replicas, _, mut client_tun, client_local, first) =
+        replicas_and_client(&t, |i| t.replica(i, false)).await?;
     let client = Loop::start(client_local);
     // The stock client recovers by its own timers (about 15 s without an answer, then a
     // handshake): bounded here at 40 s.
@@ -163,17 +171,7 @@ async fn a_replica_stopped_with_sigterm_hands_its_clients_over_without_a_failed_
         g.process.set_grace(Duration::from_secs(7));
         Ok(g)
     };
-    let mut replicas: [Option<Gateway>; 2] = [Some(drained(0)?), Some(drained(1)?)];
-    let gateway_key = replicas[0].as_ref().unwrap().public_key.clone();
-    for g in replicas.iter().flatten() {
-        g.wait_accepted(1, Duration::from_secs(10))
-            .context("a replica did not load the peers")?;
-    }
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let (mut client_tun, client_local) = onetun(&t.peers[0], &gateway_key, t.lb, Ipv4Addr::new(127, 0, 0, 1), t.web);
-    wait_answers(client_local, Duration::from_secs(15))?;
-    let on =
-        landed(&replicas, "default/client", [0, 0]).context("the client's handshake is on neither or both replicas")?;
+    let (mut replicas, _, mut client_tun, client_local, on) = replicas_and_client(&t, drained).await?;
     let client = Loop::open(client_local, Duration::from_secs(60));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let stopped = Instant::now();
