@@ -292,21 +292,38 @@ pub fn policy_status_for(
         }
         Err(e) => ("False", e.reason().to_string(), e.to_string()),
     };
-    let prev_cond = previous.and_then(|p| p.conditions.iter().find(|c| c.type_ == CONDITION_ACCEPTED));
-    let last_transition_time = match prev_cond {
+    VpnAccessPolicyStatus {
+        conditions: vec![accepted_condition(
+            previous.map(|p| &p.conditions[..]),
+            status,
+            reason,
+            message,
+            now,
+        )],
+        matched_peers: r.matched_peers,
+        observed_generation: r.generation,
+    }
+}
+
+/// The `Accepted` condition, keeping the previous one's transition time while its status
+/// stays the same (one rule for peers and policies).
+fn accepted_condition(
+    previous: Option<&[Condition]>,
+    status: &str,
+    reason: String,
+    message: String,
+    now: Timestamp,
+) -> Condition {
+    let last_transition_time = match previous.into_iter().flatten().find(|c| c.type_ == CONDITION_ACCEPTED) {
         Some(c) if c.status == status => c.last_transition_time.clone(),
         _ => Time(now),
     };
-    VpnAccessPolicyStatus {
-        conditions: vec![Condition {
-            type_: CONDITION_ACCEPTED.to_string(),
-            status: status.to_string(),
-            reason,
-            message,
-            last_transition_time,
-        }],
-        matched_peers: r.matched_peers,
-        observed_generation: r.generation,
+    Condition {
+        type_: CONDITION_ACCEPTED.to_string(),
+        status: status.to_string(),
+        reason,
+        message,
+        last_transition_time,
     }
 }
 
@@ -318,19 +335,14 @@ pub fn status_for(previous: Option<&VpnPeerStatus>, r: &PeerReport, now: Timesta
         Ok(a) => ("True", "Accepted".to_string(), format!("serving at {a}")),
         Err(e) => ("False", e.reason().to_string(), e.to_string()),
     };
-    let prev_cond = previous.and_then(|p| p.conditions.iter().find(|c| c.type_ == CONDITION_ACCEPTED));
-    let last_transition_time = match prev_cond {
-        Some(c) if c.status == status => c.last_transition_time.clone(),
-        _ => Time(now),
-    };
     VpnPeerStatus {
-        conditions: vec![Condition {
-            type_: CONDITION_ACCEPTED.to_string(),
-            status: status.to_string(),
+        conditions: vec![accepted_condition(
+            previous.map(|p| &p.conditions[..]),
+            status,
             reason,
             message,
-            last_transition_time,
-        }],
+            now,
+        )],
         address: r.outcome.as_ref().ok().map(|a| a.to_string()),
         last_address: r.last_address.map(|a| a.to_string()),
         last_handshake: r
