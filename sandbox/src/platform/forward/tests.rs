@@ -38,6 +38,7 @@ fn backend(vm_id: &str, private_ip: IpAddr) -> Backend {
     Backend {
         vm_id: vm_id.to_owned(),
         private_ip,
+        private_ipv6: None,
         running: true,
     }
 }
@@ -46,11 +47,12 @@ fn rule(protocol: Protocol, listen: SocketAddr, algorithm: Algorithm, backends: 
     Listener {
         rule: "r".to_owned(),
         protocol,
-        listen,
+        listen: vec![listen],
         private_port: BACKEND_PORT,
         algorithm,
         allowed_sources: Vec::new(),
         health_check: fast_check(BACKEND_PORT),
+        check_ipv6: false,
         backends,
     }
 }
