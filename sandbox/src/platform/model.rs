@@ -307,8 +307,9 @@ pub struct Rule {
 pub struct LbBackend {
     pub vm_id: String,
     pub private_ip: Ipv4Addr,
-    /// `None`: this backend gets no IPv6 traffic.
-    #[serde(default)]
+    /// `None`: this backend gets no IPv6 traffic. Left out of the answer then, so an
+    /// IPv4 LB's backends read as before the IPv6 extension.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub private_ipv6: Option<Ipv6Addr>,
 }
 
