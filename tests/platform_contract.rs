@@ -493,6 +493,13 @@ fn check_instance(vm: &Value) {
         vm["public_ip"].is_null() || vm["public_ip"].as_str().is_some_and(|s| s.parse::<IpAddr>().is_ok()),
         "VM public_ip is neither null nor an address: {vm}"
     );
+    assert!(
+        vm["private_ipv6"].is_null()
+            || vm["private_ipv6"]
+                .as_str()
+                .is_some_and(|s| s.parse::<std::net::Ipv6Addr>().is_ok()),
+        "VM private_ipv6 is neither null nor an IPv6 address: {vm}"
+    );
     let labels = vm["labels"]
         .as_object()
         .unwrap_or_else(|| panic!("VM labels is not an object: {vm}"));
@@ -510,6 +517,16 @@ fn check_public_ip(ip: &Value) {
         "public IP address: {ip}"
     );
     assert!(ip["labels"].is_object(), "public IP labels: {ip}");
+    // `version` (IPv6 extension; absent in old data means 4) matches the address.
+    let family = if ip["address"].as_str().is_some_and(|s| s.contains(':')) {
+        6
+    } else {
+        4
+    };
+    assert!(
+        ip["version"] == json!(family) || (ip["version"].is_null() && family == 4),
+        "public IP version is not its address's family: {ip}"
+    );
     let att = &ip["attached_to"];
     assert!(
         att.is_null() || (att["type"] == "load_balancer" && att["id"].is_string()),
@@ -540,6 +557,21 @@ fn check_lb(lb: &Value) {
     assert!(
         pip.is_null() || (pip["id"].is_string() && pip["address"].is_string()),
         "LB public_ip is neither null nor {{id, address}}: {lb}"
+    );
+    // The IPv6 extension (absent in old data: IPv4 only).
+    let versions = &lb["ip_versions"];
+    assert!(
+        versions.is_null() || [json!([4]), json!([6]), json!([4, 6])].contains(versions),
+        "LB ip_versions is not [4], [6] or [4, 6]: {lb}"
+    );
+    let pip6 = &lb["public_ipv6"];
+    assert!(
+        pip6.is_null()
+            || (pip6["id"].is_string()
+                && pip6["address"]
+                    .as_str()
+                    .is_some_and(|s| s.parse::<std::net::Ipv6Addr>().is_ok())),
+        "LB public_ipv6 is neither null nor {{id, IPv6 address}}: {lb}"
     );
     let created = assert_timestamp(&lb["created_at"], "LB created_at");
     let updated = assert_timestamp(&lb["updated_at"], "LB updated_at");
