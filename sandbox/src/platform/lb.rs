@@ -84,9 +84,8 @@ impl PlatformStandIn {
                 return Err(Error::Conflict("load balancer name already taken".into()));
             }
             let id = s.fresh_id("lb");
-            // Every check that can fail comes before the first change (a failed mutation
-            // is rolled back anyway, but answering the 409 of the second IP after taking
-            // the first would be confusing to read).
+            // An IP attached elsewhere is a 409 before anything is taken; a failure after
+            // (the IPv6 pool is empty) rolls the whole mutation back, the IPv4 IP included.
             for source in [&v4_source, &v6_source] {
                 if let validate::IpSource::Attach(ip) = source
                     && let Some(att) = &ip.attached_to

@@ -403,3 +403,68 @@ pub async fn serve(
         })
         .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &std::path::Path, vm_ipv6_range: Option<&str>) -> PlatformConfig {
+        PlatformConfig {
+            state_dir: dir.to_path_buf(),
+            public_ip_range: "127.203.251.0/24".parse().unwrap(),
+            vm_ip_range: "127.10.251.0/24".parse().unwrap(),
+            vm_ipv6_range: vm_ipv6_range.map(|r| r.parse().unwrap()),
+            ..PlatformConfig::default()
+        }
+    }
+
+    /// A state dir of an IPv4-only run, opened with an IPv6 VM range: the seeded cluster's
+    /// subnet gains its `ipv6_cidr` and the VMs their `private_ipv6`, at the same offsets.
+    #[tokio::test]
+    async fn seeding_adds_ipv6_to_an_ipv4_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let v4 = PlatformStandIn::open(config(dir.path(), None)).await.unwrap();
+        v4.seed_cluster("cl-1", "one", 2).await.unwrap();
+        {
+            let store = v4.store.lock().await;
+            let cluster = store.state.cluster("cl-1").unwrap();
+            assert_eq!(store.state.cluster_ip_versions(cluster), vec![model::IpVersion::V4]);
+            assert!(store.state.vms.iter().all(|vm| vm.private_ipv6.is_none()));
+        }
+        v4.shutdown().await;
+        drop(v4);
+
+        let dual = PlatformStandIn::open(config(dir.path(), Some("fd00:10::/112")))
+            .await
+            .unwrap();
+        dual.seed_cluster("cl-1", "one", 3).await.unwrap();
+        let store = dual.store.lock().await;
+        let cluster = store.state.cluster("cl-1").unwrap();
+        assert_eq!(
+            store.state.cluster_ip_versions(cluster),
+            vec![model::IpVersion::V4, model::IpVersion::V6]
+        );
+        let mut addresses: Vec<(String, String)> = store
+            .state
+            .vms
+            .iter()
+            .map(|vm| {
+                (
+                    vm.private_ip.to_string(),
+                    vm.private_ipv6.map(|a| a.to_string()).unwrap_or_default(),
+                )
+            })
+            .collect();
+        addresses.sort();
+        assert_eq!(
+            addresses,
+            [
+                ("127.10.251.11".to_string(), "fd00:10::b".to_string()),
+                ("127.10.251.12".to_string(), "fd00:10::c".to_string()),
+                ("127.10.251.13".to_string(), "fd00:10::d".to_string()),
+            ]
+        );
+        drop(store);
+        dual.shutdown().await;
+    }
+}
