@@ -113,6 +113,19 @@ write("platform_response", "invalid-422", resp(0, S[422], "", '{"code":422,"mess
 write("platform_response", "rate-limited", resp(2, S[429], "1.5", '{"code":429,"error":"slow down"}'))
 write("platform_response", "html-502", resp(6, S[502], "", "<html><body><h1>502 Bad Gateway</h1></body></html>"))
 write("platform_response", "login-expires", resp(10, S[200], "2026-11-25T21:00:00.123+07:00", '{"data":{"token":"t","expires_at":"2026-11-25T21:00:00Z"}}'))
+# The IPv6 extension (docs/platform-api.md, "IPv6"): a dual-stack LB, an IPv6 public IP,
+# a VM with private_ipv6, a cluster with ip_versions and a subnet with ipv6_cidr.
+LB6 = ('{"id":"lb-2","name":"kr-default-dual","status":"active","ip_versions":[4,6],'
+       '"public_ip":{"id":"ip-1","address":"203.0.113.7"},"public_ipv6":{"id":"ip-2","address":"2001:db8::7"},'
+       '"rules":[{"name":"tcp-80","protocol":"tcp","public_port":80,"private_port":30080,"algorithm":"source",'
+       '"allowed_sources":["10.0.0.0/8","2001:db8:1::/48"]}],'
+       '"backends":[{"vm_id":"vm-1","private_ip":"10.0.0.1","private_ipv6":"fd00:10::b"},{"vm_id":"vm-2","private_ip":"10.0.0.2"}]}')
+write("platform_response", "lb-dual", resp(0, S[200], "", '{"code":200,"message":"OK","data":' + LB6 + ',"error":null}'))
+write("platform_response", "public-ip-v6", resp(2, S[201], "", '{"data":{"id":"ip-2","address":"fd00:203::b","version":6,"region":"jkt","labels":{},"attached_to":null}}'))
+write("platform_response", "instance-v6", resp(4, S[200], "", '{"data":{"id":"vm-1","state":"running","private_ip":"10.0.0.1","private_ipv6":"fd00:10::b","labels":{}}}'))
+write("platform_response", "cluster-dual", resp(6, S[200], "", '{"data":{"id":"cl-1","region":"jkt","vpc_id":"vpc-1","subnet_id":"subnet-1","ip_versions":[4,6]}}'))
+write("platform_response", "subnet-v6", resp(8, S[200], "", '{"data":{"id":"subnet-1","vpc_id":"vpc-1","cidr":"10.0.0.0/24","ipv6_cidr":"fd00:10::/112"}}'))
+write("platform_response", "no-ipv6-422", resp(2, S[422], "", '{"code":422,"error":[{"field":"version","message":"region jkt has no IPv6 public IPs"}]}'))
 
 # --- kube_request: requests separated by ==== ------------------------------------------
 def req(line, headers=(), body=""):

@@ -12,7 +12,9 @@
 //! long (however many field errors a 422 lists); a body that is not JSON (judged here on
 //! its own, with `serde_json::Value`: bytes that are not UTF-8 anywhere make it not JSON,
 //! and the decoder decides the same) is quoted, at most `EXCERPT_CHARS` of it; a parsed
-//! timestamp formats and parses back to the same millisecond.
+//! timestamp formats and parses back to the same millisecond; a decoded object (the IPv6
+//! extension's fields included: `version`, `ip_versions`, `public_ipv6`, `private_ipv6`,
+//! `ipv6_cidr`, absent ones read as IPv4 only) encodes and decodes back to itself.
 #![no_main]
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -24,19 +26,34 @@ use kuberaya_ccm::platform::error::DISPLAY_CHARS;
 use kuberaya_ccm::platform::retry::{RetryDecision, RetryPolicy};
 use kuberaya_ccm::platform::{Cluster, Error, Instance, LoadBalancer, Page, PublicIp, Subnet, Vpc, auth, time};
 use libfuzzer_sys::fuzz_target;
+use serde::Serialize;
 use serde::de::{DeserializeOwned, IgnoredAny};
 
 const STATUSES: &[u16] = &[
     200, 201, 202, 204, 301, 400, 401, 403, 404, 409, 418, 422, 429, 500, 502, 503, 504,
 ];
 
-fn check<T: DeserializeOwned>(status: u16, headers: &HeaderMap, body: &[u8]) {
+/// [`check`], and a decoded value survives encoding and decoding again unchanged (what
+/// the client writes back, e.g. `LoadBalancer::to_update`, is what it read).
+fn check_round_trip<T: DeserializeOwned + Serialize + PartialEq + std::fmt::Debug>(
+    status: u16,
+    headers: &HeaderMap,
+    body: &[u8],
+) {
+    let Some(value) = check::<T>(status, headers, body) else { return };
+    let encoded = serde_json::to_value(&value).expect("a decoded value encodes");
+    let back: T = serde_json::from_value(encoded.clone()).unwrap_or_else(|e| panic!("{encoded} does not decode: {e}"));
+    assert_eq!(back, value, "round trip through {encoded}");
+}
+
+/// Decodes `body` as the client does; the value, when it decoded to one.
+fn check<T: DeserializeOwned>(status: u16, headers: &HeaderMap, body: &[u8]) -> Option<T> {
     let result = decode_response::<T>(status, headers, body);
     let ok_status = (200..300).contains(&status);
     let error = match result {
-        Ok(_) => {
+        Ok(value) => {
             assert!(ok_status, "HTTP {status} decoded to a value");
-            return;
+            return Some(value);
         }
         Err(e) => e,
     };
@@ -89,6 +106,7 @@ fn check<T: DeserializeOwned>(status: u16, headers: &HeaderMap, body: &[u8]) {
             );
         }
     }
+    None
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -107,17 +125,17 @@ fuzz_target!(|data: &[u8]| {
         headers.insert(RETRY_AFTER, v);
     }
     match kind % 11 {
-        0 => check::<LoadBalancer>(status, &headers, body),
-        1 => check::<Page<LoadBalancer>>(status, &headers, body),
-        2 => check::<PublicIp>(status, &headers, body),
-        3 => check::<Page<PublicIp>>(status, &headers, body),
-        4 => check::<Instance>(status, &headers, body),
-        5 => check::<Page<Instance>>(status, &headers, body),
-        6 => check::<Cluster>(status, &headers, body),
-        7 => check::<Vpc>(status, &headers, body),
-        8 => check::<Subnet>(status, &headers, body),
-        9 => check::<IgnoredAny>(status, &headers, body),
-        _ => check::<()>(status, &headers, body),
+        0 => check_round_trip::<LoadBalancer>(status, &headers, body),
+        1 => check_round_trip::<Page<LoadBalancer>>(status, &headers, body),
+        2 => check_round_trip::<PublicIp>(status, &headers, body),
+        3 => check_round_trip::<Page<PublicIp>>(status, &headers, body),
+        4 => check_round_trip::<Instance>(status, &headers, body),
+        5 => check_round_trip::<Page<Instance>>(status, &headers, body),
+        6 => check_round_trip::<Cluster>(status, &headers, body),
+        7 => check_round_trip::<Vpc>(status, &headers, body),
+        8 => check_round_trip::<Subnet>(status, &headers, body),
+        9 => drop(check::<IgnoredAny>(status, &headers, body)),
+        _ => drop(check::<()>(status, &headers, body)),
     }
 
     // The login answer's `expires_at`.
