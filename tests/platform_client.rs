@@ -333,3 +333,115 @@ async fn short_lived_tokens_are_renewed_before_they_expire() -> Result<()> {
     );
     Ok(())
 }
+
+/// The IPv6 extension through the client: an IPv4-only stand-in refuses an IPv6 public IP
+/// (422 on `version`); one with IPv6 ranges (in a network namespace of the test's own,
+/// where its IPv6 public addresses are local) gives the cluster `ip_versions [4, 6]`, the
+/// subnet its `ipv6_cidr`, the VMs a `private_ipv6`, IPv6 public IPs, and a dual-stack LB
+/// whose `to_update()` keeps its families and whose IPv6 side a PUT can drop.
+#[test]
+fn ipv6_through_the_client() -> Result<()> {
+    use kuberaya_ccm::platform::IpVersion;
+    kuberaya_e2e::require_root(
+        "ipv6_through_the_client",
+        "it runs the stand-in's IPv6 addresses in a network namespace",
+    );
+    let ns = kuberaya_e2e::Netns::unique("cl6")?;
+    ns.add_local_route("fd00:203::/112")?;
+    ns.add_local_route("fd00:10::/112")?;
+    let name = ns.name().to_string();
+    let outcome = std::thread::spawn(move || -> Result<()> {
+        kuberaya_e2e::Netns::attach(&name).enter()?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async {
+            let v4_only = stand_in()?;
+            let p = client(&v4_only, |_| {})?;
+            assert!(!p.get_cluster(&v4_only.cluster_id).await?.has_ipv6());
+            match p.create_public_ip("jkt", IpVersion::V6, &Labels::new()).await {
+                Err(Error::Invalid { fields, .. }) => {
+                    assert!(fields.iter().any(|f| f.field == "version"), "{fields:?}")
+                }
+                other => panic!("expected a 422 on version, got {other:?}"),
+            }
+            drop(v4_only);
+
+            let target = PlatformTarget::start_sandbox(SandboxOptions {
+                provisioning_delay_ms: Some(100),
+                public_ipv6_range: Some("fd00:203::/112".into()),
+                vm_ipv6_range: Some("fd00:10::/112".into()),
+                ..Default::default()
+            })?;
+            let p = client(&target, |_| {})?;
+            let cluster = p.get_cluster(&target.cluster_id).await?;
+            assert_eq!(cluster.ip_versions, [IpVersion::V4, IpVersion::V6]);
+            let subnet = p.get_subnet(&cluster.subnet_id).await?;
+            assert_eq!(subnet.ipv6_cidr, Some("fd00:10::/112".parse()?));
+            let vms = p.list_instances(&InstanceFilter::cluster(&target.cluster_id)).await?;
+            assert!(vms.iter().all(|vm| vm.private_ipv6.is_some()), "{vms:?}");
+
+            let ip6 = p.create_public_ip("jkt", IpVersion::V6, &Labels::new()).await?;
+            assert_eq!(
+                (ip6.version, IpVersion::of(&ip6.address)),
+                (IpVersion::V6, IpVersion::V6)
+            );
+            let ip4 = p.create_public_ip("jkt", IpVersion::V4, &Labels::new()).await?;
+            assert_eq!(ip4.version, IpVersion::V4);
+
+            let spec = LoadBalancerSpec {
+                name: "client-dual".into(),
+                public_ip_id: None,
+                public_ipv6_id: Some(ip6.id.clone()),
+                ip_versions: Some(vec![IpVersion::V4, IpVersion::V6]),
+                labels: Labels::new(),
+                rules: vec![Rule {
+                    name: "http".into(),
+                    protocol: RuleProtocol::Tcp,
+                    public_port: 8080,
+                    private_port: 30080,
+                    algorithm: Algorithm::RoundRobin,
+                    allowed_sources: vec!["10.0.0.0/8".parse()?, "fd00:99::/64".parse()?],
+                    health_check: None,
+                }],
+                backends: vms.iter().map(|vm| BackendRef { vm_id: vm.id.clone() }).collect(),
+            };
+            let created = p.create_load_balancer(&target.cluster_id, &spec).await?;
+            let active = poll_until(Duration::from_secs(10), Duration::from_millis(50), || async {
+                let lb = p.get_load_balancer(&target.cluster_id, &created.id).await.ok()?;
+                (lb.status == LbStatus::Active).then_some(lb)
+            })
+            .await
+            .context("dual-stack LB never became active")?;
+            assert_eq!(active.ip_versions, [IpVersion::V4, IpVersion::V6]);
+            assert_eq!(active.public_ipv6.as_ref().map(|ip| &ip.id), Some(&ip6.id));
+            assert_eq!(active.public_ips().count(), 2);
+            assert_eq!(active.rules[0].allowed_sources, spec.rules[0].allowed_sources);
+            for (backend, vm) in active.backends.iter().zip(&vms) {
+                assert_eq!(backend.private_ipv6, vm.private_ipv6, "{active:?}");
+            }
+
+            // to_update() keeps the families; dropping 6 detaches the IPv6 IP (given by id).
+            let mut update = active.to_update();
+            assert_eq!(update.ip_versions, Some(vec![IpVersion::V4, IpVersion::V6]));
+            update.ip_versions = Some(vec![IpVersion::V4]);
+            p.update_load_balancer(&target.cluster_id, &created.id, &update).await?;
+            let v4 = poll_until(Duration::from_secs(10), Duration::from_millis(50), || async {
+                let lb = p.get_load_balancer(&target.cluster_id, &created.id).await.ok()?;
+                (lb.status == LbStatus::Active).then_some(lb)
+            })
+            .await
+            .context("LB never became active after the update")?;
+            assert_eq!(
+                (v4.ip_versions.as_slice(), &v4.public_ipv6),
+                (&[IpVersion::V4][..], &None)
+            );
+            assert_eq!(p.get_public_ip(&ip6.id).await?.attached_to, None, "kept, detached");
+            anyhow::Ok(())
+        })
+    })
+    .join();
+    drop(ns);
+    match outcome {
+        Ok(result) => result,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
