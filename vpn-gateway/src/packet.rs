@@ -356,6 +356,20 @@ pub(crate) mod tests {
         p
     }
 
+    /// A minimal IPv6 packet without extension headers.
+    pub(crate) fn ipv6(src: &str, dst: &str, proto: u8, l4: &[u8]) -> Vec<u8> {
+        let src: Ipv6Addr = src.parse().unwrap();
+        let dst: Ipv6Addr = dst.parse().unwrap();
+        let mut p = vec![0x60, 0, 0, 0];
+        p.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+        p.push(proto);
+        p.push(64);
+        p.extend_from_slice(&src.octets());
+        p.extend_from_slice(&dst.octets());
+        p.extend_from_slice(l4);
+        p
+    }
+
     pub(crate) fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
         let mut t = vec![0u8; 20];
         t[0..2].copy_from_slice(&sport.to_be_bytes());
