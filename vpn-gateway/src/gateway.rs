@@ -369,7 +369,8 @@ impl Gateway {
             match verdict {
                 Verdict::Spoofed => {
                     metrics.dropped_packet(&peer.to_string(), "spoofed");
-                    tracing::debug!(peer = %peer, src = %pkt.src, "spoofed source dropped");
+                    // One counter for both families (reason `spoofed`); the log says which.
+                    tracing::debug!(peer = %peer, src = %pkt.src, ipv6 = pkt.src.is_ipv6(), "spoofed source dropped");
                     continue;
                 }
                 Verdict::Denied => {
