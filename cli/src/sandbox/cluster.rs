@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use kuberaya_sandbox::cluster::{Cluster, ClusterOptions, PlatformLogin};
-use kuberaya_sandbox::kube::{KubeApi, KubeApiConfig};
+use kuberaya_sandbox::kube::{KubeApi, KubeApiConfig, ServiceCidrs};
 
 use super::UpArgs;
 use super::ranges::Ranges;
@@ -34,7 +34,7 @@ impl SandboxCluster {
         platform_url: &str,
     ) -> anyhow::Result<SandboxCluster> {
         let api = KubeApi::open(KubeApiConfig {
-            service_cidr: ranges.service_cidr,
+            service_cidrs: ServiceCidrs::new(vec![ranges.service_cidr.into()]).map_err(anyhow::Error::msg)?,
             ..KubeApiConfig::new(dir.join("kube"))
         })
         .await
