@@ -287,6 +287,7 @@ pub(crate) mod tests {
             id: PeerId::new("default", format!("p{}", addr[3])),
             public_key: PrivateKey::generate().public_key(),
             address: Ipv4Addr::from(addr),
+            address_v6: None,
             rules,
             preshared_key: None,
             expires_at: None,

@@ -210,7 +210,12 @@ impl Gateway {
         } else {
             &self.peers.peers[..]
         };
-        let v = peers::validate(inputs, &self.validation, &self.cfg.tunnel, now);
+        let role = if self.following {
+            peers::Role::Following
+        } else {
+            peers::Role::Leading
+        };
+        let v = peers::validate_as(inputs, &self.validation, &self.cfg.tunnel, now, role);
         let effective = policy::effective(
             &self.peers.peers,
             &v,
@@ -489,11 +494,13 @@ impl Gateway {
             .set(c.udp_flows_open as i64);
         for input in &self.peers.peers {
             let id = &input.id;
-            let outcome = match (self.validation.accepted(id), self.validation.rejection(id)) {
+            let accepted = self.validation.accepted(id);
+            let outcome = match (accepted, self.validation.rejection(id)) {
                 (Some(a), _) => Ok(a.address),
                 (None, Some(r)) => Err(r.clone()),
                 (None, None) => continue,
             };
+            let address_v6 = accepted.and_then(|a| a.address_v6);
             let stats = outcome
                 .as_ref()
                 .ok()
@@ -504,6 +511,8 @@ impl Gateway {
                 id: id.clone(),
                 generation: input.generation,
                 last_address: outcome.as_ref().ok().copied().or(input.previous_address),
+                address_v6,
+                last_address_v6: address_v6.or(input.previous_address_v6),
                 outcome,
                 last_handshake: stats.since_last_handshake.and_then(|d| now.checked_sub(d)),
                 rx_bytes: stats.rx_bytes,
@@ -681,6 +690,7 @@ mod tick_tests {
             id: PeerId::new("default", name),
             public_key: crate::keys::PrivateKey::generate().public_key(),
             address: Ipv4Addr::new(100, 64, 0, 2),
+            address_v6: None,
             rules: Vec::new(),
             preshared_key: None,
             expires_at: expires.map(|t| t.parse().unwrap()),

@@ -71,6 +71,7 @@ pub(super) async fn add(kube_args: &KubeArgs, a: AddArgs) -> anyhow::Result<()> 
     let spec = VpnPeerSpec {
         public_key: key.public_key().to_base64(),
         address: a.address.map(|x| x.to_string()),
+        address_v6: None,
         allow: a.allow.clone(),
         expires_at: a.expires.map(|d| {
             Time(Timestamp::now() + SignedDuration::from_secs(i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 2)))
