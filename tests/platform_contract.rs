@@ -493,6 +493,13 @@ fn check_instance(vm: &Value) {
         vm["public_ip"].is_null() || vm["public_ip"].as_str().is_some_and(|s| s.parse::<IpAddr>().is_ok()),
         "VM public_ip is neither null nor an address: {vm}"
     );
+    assert!(
+        vm["private_ipv6"].is_null()
+            || vm["private_ipv6"]
+                .as_str()
+                .is_some_and(|s| s.parse::<std::net::Ipv6Addr>().is_ok()),
+        "VM private_ipv6 is neither null nor an IPv6 address: {vm}"
+    );
     let labels = vm["labels"]
         .as_object()
         .unwrap_or_else(|| panic!("VM labels is not an object: {vm}"));
@@ -510,6 +517,16 @@ fn check_public_ip(ip: &Value) {
         "public IP address: {ip}"
     );
     assert!(ip["labels"].is_object(), "public IP labels: {ip}");
+    // `version` (IPv6 extension; absent in old data means 4) matches the address.
+    let family = if ip["address"].as_str().is_some_and(|s| s.contains(':')) {
+        6
+    } else {
+        4
+    };
+    assert!(
+        ip["version"] == json!(family) || (ip["version"].is_null() && family == 4),
+        "public IP version is not its address's family: {ip}"
+    );
     let att = &ip["attached_to"];
     assert!(
         att.is_null() || (att["type"] == "load_balancer" && att["id"].is_string()),
@@ -540,6 +557,21 @@ fn check_lb(lb: &Value) {
     assert!(
         pip.is_null() || (pip["id"].is_string() && pip["address"].is_string()),
         "LB public_ip is neither null nor {{id, address}}: {lb}"
+    );
+    // The IPv6 extension (absent in old data: IPv4 only).
+    let versions = &lb["ip_versions"];
+    assert!(
+        versions.is_null() || [json!([4]), json!([6]), json!([4, 6])].contains(versions),
+        "LB ip_versions is not [4], [6] or [4, 6]: {lb}"
+    );
+    let pip6 = &lb["public_ipv6"];
+    assert!(
+        pip6.is_null()
+            || (pip6["id"].is_string()
+                && pip6["address"]
+                    .as_str()
+                    .is_some_and(|s| s.parse::<std::net::Ipv6Addr>().is_ok())),
+        "LB public_ipv6 is neither null nor {{id, IPv6 address}}: {lb}"
     );
     let created = assert_timestamp(&lb["created_at"], "LB created_at");
     let updated = assert_timestamp(&lb["updated_at"], "LB updated_at");
@@ -2634,4 +2666,604 @@ async fn every_answer_is_an_envelope_even_odd_ones() {
         "answers that are not envelopes:\n{}",
         failures.join("\n")
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// IPv6 (docs/platform-api.md, "IPv6"; an assumption like UDP)
+// ---------------------------------------------------------------------------------------
+
+/// The IPv6 ranges of a stand-in with IPv6 (the sandbox's dual-stack plan).
+const PUBLIC_V6: &str = "fd00:203::/112";
+const VM_V6: &str = "fd00:10::/112";
+
+fn v6_net(s: &str) -> ipnet::IpNet {
+    s.parse().unwrap_or_else(|_| panic!("{s} is a CIDR"))
+}
+
+/// The family number of an address string (4 or 6).
+#[track_caller]
+fn family_of(address: &Value) -> u64 {
+    match address.as_str().and_then(|s| s.parse::<IpAddr>().ok()) {
+        Some(IpAddr::V4(_)) => 4,
+        Some(IpAddr::V6(_)) => 6,
+        None => panic!("not an address: {address}"),
+    }
+}
+
+impl Ctx {
+    /// Whether the cluster's `ip_versions` has 6.
+    fn has_ipv6(&self) -> bool {
+        self.cluster["ip_versions"]
+            .as_array()
+            .is_some_and(|v| v.contains(&json!(6)))
+    }
+
+    /// POST a public IP of `version` (tracked for cleanup); the answer.
+    async fn try_create_ip_version(&self, version: Value) -> Answer {
+        let a = self
+            .api
+            .post(
+                "/network/v1/public-ips",
+                &json!({"region": self.region(), "version": version, "labels": self.labels()}),
+            )
+            .await;
+        if a.status == 201
+            && let Some(id) = a.data()["id"].as_str()
+        {
+            self.janitor.track_ip(id);
+        }
+        a
+    }
+
+    async fn put_lb(&self, id: &str, body: &Value) -> Answer {
+        self.api.put(&self.lb(id), body).await
+    }
+}
+
+/// Runs an IPv6 case that needs a cluster with IPv6: against a real endpoint when one is
+/// set (skipped, with the reason printed, when its cluster has no IPv6, or when
+/// `sandbox_only`), otherwise against a stand-in with IPv6 ranges (`opts` plus
+/// [`PUBLIC_V6`] and [`VM_V6`] unless set) inside a network namespace of the test's own,
+/// where its IPv6 public addresses are local (the sandbox's `local` routes): never on the
+/// host's `lo`. Needs root for the namespace.
+fn ipv6_case<F, Fut>(case: &'static str, sandbox_only: bool, opts: SandboxOptions, body: F)
+where
+    F: FnOnce(Ctx) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+    };
+    if PlatformTarget::from_env().is_some() {
+        if sandbox_only {
+            eprintln!("SKIPPED {case}: needs a platform stand-in with IPv6 pools (real endpoint set)");
+            return;
+        }
+        runtime().block_on(async move {
+            let ctx = setup(case).await;
+            if !ctx.has_ipv6() {
+                eprintln!(
+                    "SKIPPED {case}: cluster {} has no IPv6 (ip_versions {})",
+                    ctx.cid(),
+                    ctx.cluster["ip_versions"]
+                );
+                return;
+            }
+            body(ctx).await;
+        });
+        return;
+    }
+    kuberaya_e2e::require_root(case, "it runs the stand-in's IPv6 addresses in a network namespace");
+    let ns = kuberaya_e2e::Netns::unique("ct6").expect("a network namespace");
+    let public_v6 = opts.public_ipv6_range.clone().unwrap_or_else(|| PUBLIC_V6.into());
+    let vm_v6 = opts.vm_ipv6_range.clone().unwrap_or_else(|| VM_V6.into());
+    ns.add_local_route(&public_v6)
+        .expect("local route for the public IPv6 range");
+    ns.add_local_route(&vm_v6).expect("local route for the VM IPv6 range");
+    let name = ns.name().to_string();
+    let opts = SandboxOptions {
+        public_ipv6_range: Some(public_v6),
+        vm_ipv6_range: Some(vm_v6),
+        ..opts
+    };
+    let joined = std::thread::spawn(move || {
+        kuberaya_e2e::Netns::attach(&name)
+            .enter()
+            .expect("entering the namespace");
+        runtime().block_on(async move {
+            let target = PlatformTarget::start_sandbox(opts).expect("starting the platform stand-in");
+            let ctx = ctx_for(case, target).await;
+            assert!(
+                ctx.has_ipv6(),
+                "a stand-in with --vm-ipv6-range has an IPv6 cluster: {}",
+                ctx.cluster
+            );
+            body(ctx).await;
+        });
+    })
+    .join();
+    drop(ns);
+    if let Err(panic) = joined {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// The new fields on every platform: the cluster's `ip_versions`, the subnet's
+/// `ipv6_cidr`, VMs' `private_ipv6` (in it), public IPs' `version`, and an LB created
+/// without `ip_versions` being `[4]` with `public_ipv6: null` and backends carrying
+/// `private_ipv6`. Then the 422s that need no IPv6: `ip_versions` empty, repeated or other
+/// values, an id for a family the LB does not have, `version` other than 4 and 6, and (in a
+/// cluster without IPv6) `ip_versions` with 6.
+#[tokio::test]
+async fn ipv6_fields_and_ipv4_defaults() {
+    let ctx = setup("v6fields").await;
+    let versions = ctx.cluster["ip_versions"].clone();
+    assert!(
+        versions == json!([4]) || versions == json!([4, 6]),
+        "cluster ip_versions is [4] or [4, 6]: {}",
+        ctx.cluster
+    );
+    let a = ctx.api.get(&format!("/network/v1/subnets/{}", ctx.subnet_id())).await;
+    let subnet = expect_ok(&a, 200).clone();
+    let ipv6_cidr = &subnet["ipv6_cidr"];
+    assert!(
+        subnet.as_object().is_some_and(|o| o.contains_key("ipv6_cidr")),
+        "subnet carries ipv6_cidr (null or a CIDR): {subnet}"
+    );
+    assert_eq!(
+        !ipv6_cidr.is_null(),
+        ctx.has_ipv6(),
+        "cluster ip_versions has 6 exactly when its subnet has an ipv6_cidr: {subnet} {}",
+        ctx.cluster
+    );
+    let vms = ctx.workers().await;
+    for vm in &vms {
+        assert!(
+            vm.as_object().is_some_and(|o| o.contains_key("private_ipv6")),
+            "VM carries private_ipv6: {vm}"
+        );
+        let v6 = &vm["private_ipv6"];
+        if !v6.is_null() {
+            assert_eq!(family_of(v6), 6, "private_ipv6 is an IPv6 address: {vm}");
+            let range: ipnet::IpNet = ipv6_cidr
+                .as_str()
+                .map(v6_net)
+                .unwrap_or_else(|| panic!("VM with private_ipv6 in a subnet without ipv6_cidr: {vm}"));
+            assert!(
+                range.contains(&v6.as_str().unwrap().parse::<IpAddr>().unwrap()),
+                "{vm} outside {range}"
+            );
+        }
+    }
+
+    let ip = ctx.create_ip().await;
+    assert_eq!(ip["version"], 4, "a public IP created without version is IPv4: {ip}");
+    assert_eq!(family_of(&ip["address"]), 4, "{ip}");
+    let a = ctx.try_create_ip_version(json!(4)).await;
+    assert_eq!(expect_ok(&a, 201)["version"], 4);
+    for bad in [json!(5), json!(0)] {
+        let fields = expect_422(&ctx.try_create_ip_version(bad.clone()).await);
+        assert!(fields.iter().any(|(f, _)| f == "version"), "version {bad}: {fields:?}");
+    }
+
+    let body = ctx.lb_body("v4", json!([rule("http", 18080, 31080)]), &vms[..1]);
+    let lb = ctx.create_lb(&body).await;
+    let id = lb["id"].as_str().unwrap().to_string();
+    let lb = ctx.wait_lb(&id, "active").await;
+    assert_eq!(lb["ip_versions"], json!([4]), "default ip_versions: {lb}");
+    assert!(lb["public_ipv6"].is_null(), "an IPv4 LB has no public_ipv6: {lb}");
+    assert_eq!(family_of(&lb["public_ip"]["address"]), 4, "{lb}");
+    assert_eq!(
+        lb["backends"][0]["private_ipv6"], vms[0]["private_ipv6"],
+        "backends carry the VM's private_ipv6: {lb}"
+    );
+
+    for bad in [json!([]), json!([4, 4]), json!([5]), json!([4, 6, 4])] {
+        let mut b = ctx.lb_body("badv", json!([rule("http", 18081, 31080)]), &vms[..1]);
+        b["ip_versions"] = bad.clone();
+        let fields = expect_422(&ctx.try_create_lb(&b).await);
+        assert!(
+            fields.iter().any(|(f, _)| f == "ip_versions"),
+            "ip_versions {bad}: {fields:?}"
+        );
+    }
+    // An id for a family not in ip_versions.
+    let mut b = ctx.lb_body("badid", json!([rule("http", 18081, 31080)]), &vms[..1]);
+    b["public_ipv6_id"] = ip["id"].clone();
+    let fields = expect_422(&ctx.try_create_lb(&b).await);
+    assert!(fields.iter().any(|(f, _)| f == "public_ipv6_id"), "{fields:?}");
+    // A PUT with bad ip_versions changes nothing.
+    let mut update = json!({"rules": body["rules"], "backends": body["backends"], "labels": body["labels"]});
+    update["ip_versions"] = json!([]);
+    let fields = expect_422(&ctx.put_lb(&id, &update).await);
+    assert!(fields.iter().any(|(f, _)| f == "ip_versions"), "{fields:?}");
+
+    if ctx.has_ipv6() {
+        eprintln!(
+            "SKIPPED the no-IPv6 part of ipv6_fields_and_ipv4_defaults: cluster {} has IPv6",
+            ctx.cid()
+        );
+        return;
+    }
+    let mut b = ctx.lb_body("nov6", json!([rule("http", 18081, 31080)]), &vms[..1]);
+    b["ip_versions"] = json!([4, 6]);
+    let fields = expect_422(&ctx.try_create_lb(&b).await);
+    assert!(
+        fields
+            .iter()
+            .any(|(f, m)| f == "ip_versions" && m.contains(&format!("cluster {} has no IPv6", ctx.cid()))),
+        "contract: 422 on ip_versions \"cluster <id> has no IPv6\": {fields:?}"
+    );
+    update["ip_versions"] = json!([4, 6]);
+    let fields = expect_422(&ctx.put_lb(&id, &update).await);
+    assert!(
+        fields.iter().any(|(f, _)| f == "ip_versions"),
+        "PUT adding 6: {fields:?}"
+    );
+    let a = ctx.get_lb(&id).await;
+    assert_eq!(
+        expect_ok(&a, 200)["ip_versions"],
+        json!([4]),
+        "a refused PUT changes nothing"
+    );
+}
+
+/// A region without IPv6 public IPs: `version: 6` is a 422 on `version`.
+#[tokio::test]
+async fn ipv6_public_ip_in_a_region_without_ipv6_is_422() {
+    let Some(ctx) = setup_sandbox("nov6pool", SandboxOptions::default()).await else {
+        return;
+    };
+    let a = ctx.try_create_ip_version(json!(6)).await;
+    let fields = expect_422(&a);
+    let want = format!("region {} has no IPv6 public IPs", ctx.region());
+    assert!(
+        fields.iter().any(|(f, m)| f == "version" && m.contains(&want)),
+        "{fields:?}"
+    );
+}
+
+/// IPv6 public IPs and a dual-stack LB: acquired IPs of both families, backends with their
+/// `private_ipv6`, a `PUT` removing a family releasing the acquired IP, one adding it
+/// acquiring a new one, IPv6-only, and a delete releasing what is left.
+#[test]
+fn ipv6_dual_stack_lb_lifecycle() {
+    ipv6_case("v6life", false, SandboxOptions::default(), |ctx| async move {
+        let a = ctx.api.get(&format!("/network/v1/subnets/{}", ctx.subnet_id())).await;
+        let subnet = expect_ok(&a, 200).clone();
+        let range = v6_net(
+            subnet["ipv6_cidr"]
+                .as_str()
+                .unwrap_or_else(|| panic!("IPv6 cluster's subnet has an ipv6_cidr: {subnet}")),
+        );
+        let vms = ctx.workers().await;
+        for vm in &vms {
+            let v6: IpAddr = vm["private_ipv6"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{vm}"))
+                .parse()
+                .unwrap();
+            assert!(range.contains(&v6), "{vm} outside {range}");
+        }
+
+        let a = ctx.try_create_ip_version(json!(6)).await;
+        let ip6 = expect_ok(&a, 201).clone();
+        check_public_ip(&ip6);
+        assert_eq!((&ip6["version"], family_of(&ip6["address"])), (&json!(6), 6), "{ip6}");
+        if let Some(pool) = &ctx.target.public_ipv6_range {
+            assert!(
+                v6_net(pool).contains(&ip6["address"].as_str().unwrap().parse::<IpAddr>().unwrap()),
+                "{ip6}"
+            );
+        }
+
+        let mut body = ctx.lb_body("dual", json!([rule("http", 18080, 31080)]), &vms);
+        body["ip_versions"] = json!([6, 4]);
+        let lb = ctx.create_lb(&body).await;
+        assert_eq!(lb["status"], "provisioning", "{lb}");
+        let id = lb["id"].as_str().unwrap().to_string();
+        let lb = ctx.wait_lb(&id, "active").await;
+        check_lb(&lb);
+        assert_eq!(lb["ip_versions"], json!([4, 6]), "in order: {lb}");
+        assert_eq!(family_of(&lb["public_ip"]["address"]), 4, "{lb}");
+        assert_eq!(family_of(&lb["public_ipv6"]["address"]), 6, "{lb}");
+        let v6_id = lb["public_ipv6"]["id"].as_str().unwrap().to_string();
+        ctx.janitor.track_ip(&v6_id);
+        let v4_id = lb["public_ip"]["id"].as_str().unwrap().to_string();
+        ctx.janitor.track_ip(&v4_id);
+        for (backend, vm) in lb["backends"].as_array().unwrap().iter().zip(&vms) {
+            assert_eq!(backend["private_ipv6"], vm["private_ipv6"], "{lb}");
+        }
+        let a = ctx.api.get(&format!("/network/v1/public-ips/{v6_id}")).await;
+        let acquired = expect_ok(&a, 200).clone();
+        assert_eq!(acquired["version"], 6, "{acquired}");
+        assert_eq!(
+            acquired["attached_to"],
+            json!({"type": "load_balancer", "id": id}),
+            "{acquired}"
+        );
+        assert_eq!(
+            acquired["labels"],
+            ctx.labels(),
+            "labelled with the LB's labels: {acquired}"
+        );
+        assert_eq!(
+            lb["health"].as_array().map(Vec::len),
+            Some(vms.len()),
+            "health per rule and backend: {lb}"
+        );
+
+        // PUT removing 6: the acquired IPv6 IP is released.
+        let mut update =
+            json!({"rules": body["rules"], "backends": body["backends"], "labels": body["labels"], "ip_versions": [4]});
+        expect_ok(&ctx.put_lb(&id, &update).await, 200);
+        let lb4 = ctx.wait_lb(&id, "active").await;
+        assert_eq!(
+            (&lb4["ip_versions"], &lb4["public_ipv6"]),
+            (&json!([4]), &Value::Null),
+            "{lb4}"
+        );
+        assert_eq!(lb4["public_ip"]["id"], v4_id.as_str(), "IPv4 kept: {lb4}");
+        expect_error(&ctx.api.get(&format!("/network/v1/public-ips/{v6_id}")).await, 404);
+
+        // A PUT without ip_versions leaves them as they are.
+        let unchanged = json!({"rules": body["rules"], "backends": body["backends"], "labels": body["labels"]});
+        expect_ok(&ctx.put_lb(&id, &unchanged).await, 200);
+        assert_eq!(ctx.wait_lb(&id, "active").await["ip_versions"], json!([4]));
+
+        // PUT adding 6 acquires a new one; then IPv6 only releases the IPv4 one.
+        update["ip_versions"] = json!([4, 6]);
+        expect_ok(&ctx.put_lb(&id, &update).await, 200);
+        let again = ctx.wait_lb(&id, "active").await;
+        assert_eq!(family_of(&again["public_ipv6"]["address"]), 6, "{again}");
+        let v6_again = again["public_ipv6"]["id"].as_str().unwrap().to_string();
+        ctx.janitor.track_ip(&v6_again);
+        update["ip_versions"] = json!([6]);
+        expect_ok(&ctx.put_lb(&id, &update).await, 200);
+        let only6 = ctx.wait_lb(&id, "active").await;
+        assert!(
+            only6["public_ip"].is_null(),
+            "no IPv4 public IP on an IPv6-only LB: {only6}"
+        );
+        assert_eq!(only6["public_ipv6"], again["public_ipv6"], "{only6}");
+        expect_error(&ctx.api.get(&format!("/network/v1/public-ips/{v4_id}")).await, 404);
+
+        // A public_ip_id with ip_versions [6] is a 422 on public_ip_id.
+        let mut b = ctx.lb_body("v4id", json!([rule("http", 18081, 31080)]), &vms[..1]);
+        b["ip_versions"] = json!([6]);
+        b["public_ip_id"] = json!(v4_id);
+        let fields = expect_422(&ctx.try_create_lb(&b).await);
+        assert!(fields.iter().any(|(f, _)| f == "public_ip_id"), "{fields:?}");
+
+        // The delete releases the acquired IPv6 IP.
+        ctx.delete_lb(&id, "").await;
+        ctx.wait_lb_gone(&id).await;
+        expect_error(&ctx.api.get(&format!("/network/v1/public-ips/{v6_again}")).await, 404);
+        // The IPv6 IP created on its own is still there, free.
+        let a = ctx
+            .api
+            .get(&format!("/network/v1/public-ips/{}", ip6["id"].as_str().unwrap()))
+            .await;
+        assert!(expect_ok(&a, 200)["attached_to"].is_null());
+    });
+}
+
+/// `public_ipv6_id`: attached, kept on delete and on a `PUT` removing 6 (detached), 409
+/// when attached elsewhere, 422 when unknown or IPv4; `public_ip_id` naming an IPv6 IP is
+/// a 422 too; `keep_public_ip=false` releases an IP attached by id.
+#[test]
+fn ipv6_public_ipv6_id_attached_and_kept() {
+    ipv6_case("v6id", false, SandboxOptions::default(), |ctx| async move {
+        let vms = ctx.workers().await;
+        let a = ctx.try_create_ip_version(json!(6)).await;
+        let ip6 = expect_ok(&a, 201).clone();
+        let ip6_id = ip6["id"].as_str().unwrap().to_string();
+        let ip6_path = format!("/network/v1/public-ips/{ip6_id}");
+        let ip4 = ctx.create_ip().await;
+
+        let with = |tag: &str, v4: Option<&Value>, v6: Option<&Value>| {
+            let mut b = ctx.lb_body(tag, json!([rule("http", 18080, 31080)]), &vms[..1]);
+            b["ip_versions"] = json!([4, 6]);
+            if let Some(id) = v4 {
+                b["public_ip_id"] = id.clone();
+            }
+            if let Some(id) = v6 {
+                b["public_ipv6_id"] = id.clone();
+            }
+            b
+        };
+        // Wrong family either way, and unknown: 422 on the field.
+        for (body, field) in [
+            (with("swap4", Some(&ip6["id"]), None), "public_ip_id"),
+            (with("swap6", None, Some(&ip4["id"])), "public_ipv6_id"),
+            (with("nope", None, Some(&json!("ip-does-not-exist"))), "public_ipv6_id"),
+        ] {
+            let fields = expect_422(&ctx.try_create_lb(&body).await);
+            assert!(fields.iter().any(|(f, _)| f == field), "{field}: {fields:?}");
+        }
+
+        let body = with("byid", None, Some(&ip6["id"]));
+        let lb = ctx.create_lb(&body).await;
+        let id = lb["id"].as_str().unwrap().to_string();
+        let lb = ctx.wait_lb(&id, "active").await;
+        assert_eq!(
+            lb["public_ipv6"],
+            json!({"id": ip6_id, "address": ip6["address"]}),
+            "{lb}"
+        );
+        ctx.janitor.track_ip(lb["public_ip"]["id"].as_str().unwrap());
+        let a = ctx.api.get(&ip6_path).await;
+        assert_eq!(
+            expect_ok(&a, 200)["attached_to"],
+            json!({"type": "load_balancer", "id": id})
+        );
+        // Attached: not deletable, not for another LB.
+        expect_error(&ctx.api.delete(&ip6_path).await, 409);
+        expect_error(&ctx.try_create_lb(&with("second", None, Some(&ip6["id"]))).await, 409);
+
+        // A PUT removing 6 detaches it (kept, free); adding 6 back acquires another.
+        let mut update =
+            json!({"rules": body["rules"], "backends": body["backends"], "labels": body["labels"], "ip_versions": [4]});
+        expect_ok(&ctx.put_lb(&id, &update).await, 200);
+        ctx.wait_lb(&id, "active").await;
+        let a = ctx.api.get(&ip6_path).await;
+        assert!(
+            expect_ok(&a, 200)["attached_to"].is_null(),
+            "detached, kept: {}",
+            a.describe()
+        );
+        update["ip_versions"] = json!([4, 6]);
+        expect_ok(&ctx.put_lb(&id, &update).await, 200);
+        let lb = ctx.wait_lb(&id, "active").await;
+        assert_ne!(lb["public_ipv6"]["id"], ip6_id.as_str(), "a new IPv6 IP: {lb}");
+        ctx.janitor.track_ip(lb["public_ipv6"]["id"].as_str().unwrap());
+        ctx.delete_lb(&id, "").await;
+        ctx.wait_lb_gone(&id).await;
+
+        // Attached again by id: kept on delete by default, released with keep_public_ip=false.
+        let lb = ctx.create_lb(&with("again", None, Some(&ip6["id"]))).await;
+        let id = lb["id"].as_str().unwrap().to_string();
+        let lb = ctx.wait_lb(&id, "active").await;
+        ctx.janitor.track_ip(lb["public_ip"]["id"].as_str().unwrap());
+        ctx.delete_lb(&id, "").await;
+        ctx.wait_lb_gone(&id).await;
+        assert!(expect_ok(&ctx.api.get(&ip6_path).await, 200)["attached_to"].is_null());
+        let lb = ctx.create_lb(&with("release", None, Some(&ip6["id"]))).await;
+        let id = lb["id"].as_str().unwrap().to_string();
+        let lb = ctx.wait_lb(&id, "active").await;
+        let v4_path = format!("/network/v1/public-ips/{}", lb["public_ip"]["id"].as_str().unwrap());
+        ctx.delete_lb(&id, "?keep_public_ip=false").await;
+        ctx.wait_lb_gone(&id).await;
+        expect_error(&ctx.api.get(&ip6_path).await, 404);
+        expect_error(&ctx.api.get(&v4_path).await, 404);
+    });
+}
+
+/// The IPv6 pool runs out: 409 for a public IP, an LB with 6, and a `PUT` adding 6 (which
+/// then changes nothing).
+#[test]
+fn ipv6_pool_exhausted_is_409() {
+    let opts = SandboxOptions {
+        public_ipv6_range: Some("fd00:203::/126".into()),
+        ..Default::default()
+    };
+    ipv6_case("v6pool", true, opts, |ctx| async move {
+        let vms = ctx.workers().await;
+        let mut refusal = None;
+        for _ in 0..8 {
+            let a = ctx.try_create_ip_version(json!(6)).await;
+            if a.status == 409 {
+                refusal = Some(a);
+                break;
+            }
+            expect_ok(&a, 201);
+        }
+        let refusal = refusal.expect("a /126 runs out within 8 IPs");
+        let msg = expect_error(&refusal, 409);
+        assert!(
+            msg.contains(&format!("no IPv6 public IP available in region {}", ctx.region())),
+            "{msg:?}"
+        );
+        let mut body = ctx.lb_body("full", json!([rule("http", 18080, 31080)]), &vms[..1]);
+        body["ip_versions"] = json!([4, 6]);
+        expect_error(&ctx.try_create_lb(&body).await, 409);
+
+        body["ip_versions"] = json!([4]);
+        let lb = ctx.create_lb(&body).await;
+        let id = lb["id"].as_str().unwrap().to_string();
+        let lb = ctx.wait_lb(&id, "active").await;
+        let update = json!({"rules": body["rules"], "backends": body["backends"], "labels": body["labels"], "ip_versions": [4, 6]});
+        expect_error(&ctx.put_lb(&id, &update).await, 409);
+        let after = expect_ok(&ctx.get_lb(&id).await, 200).clone();
+        assert_eq!(
+            (
+                &after["ip_versions"],
+                &after["public_ipv6"],
+                &after["status"],
+                &after["updated_at"]
+            ),
+            (&lb["ip_versions"], &lb["public_ipv6"], &lb["status"], &lb["updated_at"]),
+            "a refused PUT changes nothing"
+        );
+    });
+}
+
+/// The control API's `private_ipv6` (VMs with and without one, 422 outside the subnet's
+/// `ipv6_cidr`, 409 in use), a backend's `private_ipv6` kept until the next PUT, and the
+/// IPv6 state surviving a restart.
+#[test]
+fn ipv6_sandbox_vms_and_restart() {
+    ipv6_case("v6vms", true, SandboxOptions::default(), |mut ctx| async move {
+        let ctl = ctx.control();
+        let vms = ctx.workers().await;
+        let vm = &vms[0];
+        let vm_id = vm["id"].as_str().unwrap().to_string();
+        let taken = vm["private_ipv6"].clone();
+        assert_eq!(family_of(&taken), 6, "{vm}");
+
+        let add = |body: Value| {
+            let ctl = &ctl;
+            async move { ctl.post("/_sandbox/vms", &body).await }
+        };
+        let a = add(json!({"name": "v6none", "cluster_id": ctx.cid(), "private_ipv6": null})).await;
+        assert_eq!(a.status, 201, "{}", a.describe());
+        assert!(a.data()["private_ipv6"].is_null(), "{}", a.describe());
+        let a = add(json!({"name": "v6auto", "cluster_id": ctx.cid()})).await;
+        assert_eq!(a.status, 201, "{}", a.describe());
+        assert!(v6_net(VM_V6).contains(&a.data()["private_ipv6"].as_str().unwrap().parse::<IpAddr>().unwrap()));
+        let a = add(json!({"name": "v6out", "cluster_id": ctx.cid(), "private_ipv6": "fd00:11::5"})).await;
+        let fields = expect_422(&a);
+        assert!(fields.iter().any(|(f, _)| f == "private_ipv6"), "{fields:?}");
+        let a = add(json!({"name": "v6dup", "cluster_id": ctx.cid(), "private_ipv6": taken})).await;
+        expect_error(&a, 409);
+        let a = add(json!({"name": "v6set", "cluster_id": ctx.cid(), "private_ipv6": "fd00:10::99"})).await;
+        assert_eq!(a.data()["private_ipv6"], "fd00:10::99", "{}", a.describe());
+
+        let mut body = ctx.lb_body("vmv6", json!([rule("http", 18080, 31080)]), &vms[..1]);
+        body["ip_versions"] = json!([4, 6]);
+        let lb = ctx.create_lb(&body).await;
+        let id = lb["id"].as_str().unwrap().to_string();
+        let lb = ctx.wait_lb(&id, "active").await;
+        assert_eq!(lb["backends"][0]["private_ipv6"], taken, "{lb}");
+
+        // The VM's IPv6 address changes; the LB keeps the old one until the next PUT.
+        let path = format!("/_sandbox/vms/{vm_id}/private-ip");
+        let a = ctl.put(&path, &json!({"private_ipv6": "fd00:10::99"})).await;
+        expect_error(&a, 409);
+        let a = ctl.put(&path, &json!({"private_ipv6": "fd00:10::77"})).await;
+        assert_eq!(a.status, 200, "{}", a.describe());
+        assert_eq!(
+            a.data()["private_ip"],
+            vm["private_ip"],
+            "only the IPv6 address changed"
+        );
+        assert_eq!(
+            expect_ok(&ctx.get_lb(&id).await, 200)["backends"][0]["private_ipv6"],
+            taken
+        );
+        let update = json!({"rules": body["rules"], "backends": body["backends"], "labels": body["labels"]});
+        expect_ok(&ctx.put_lb(&id, &update).await, 200);
+        let lb = ctx.wait_lb(&id, "active").await;
+        assert_eq!(lb["backends"][0]["private_ipv6"], "fd00:10::77", "{lb}");
+        let a = ctl.put(&path, &json!({"private_ipv6": null})).await;
+        assert!(a.data()["private_ipv6"].is_null(), "{}", a.describe());
+
+        // Restarted: the IPv6 pieces are still there.
+        ctx.target.restart().expect("restarting the stand-in");
+        ctx.api = ctx.target.login().await.expect("login after restart");
+        let after = ctx.wait_lb(&id, "active").await;
+        assert_eq!(
+            (&after["ip_versions"], &after["public_ipv6"]),
+            (&lb["ip_versions"], &lb["public_ipv6"]),
+            "{after}"
+        );
+        assert_eq!(after["backends"], lb["backends"]);
+        let a = ctx.api.get(&format!("/vm/v1/instances/{vm_id}")).await;
+        assert!(expect_ok(&a, 200)["private_ipv6"].is_null(), "{}", a.describe());
+        let a = ctx.api.get(&format!("/kubernetes/v1/clusters/{}", ctx.cid())).await;
+        assert_eq!(expect_ok(&a, 200)["ip_versions"], json!([4, 6]));
+    });
 }

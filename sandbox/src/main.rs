@@ -67,6 +67,14 @@ struct PlatformArgs {
     /// Where VM private IPs come from (also the seeded subnet's CIDR).
     #[arg(long, default_value = "127.10.0.0/24")]
     vm_ip_range: ipnet::Ipv4Net,
+    /// Give the region IPv6 public IPs from this range (e.g. fd00:203::/112); without it
+    /// the region has none. The host needs a `local` route for it on `lo` (root).
+    #[arg(long)]
+    public_ipv6_range: Option<ipnet::Ipv6Net>,
+    /// Give the seeded subnet this `ipv6_cidr` (e.g. fd00:10::/112), so its VMs get a
+    /// `private_ipv6` and the cluster `ip_versions: [4, 6]`; without it: IPv4 only.
+    #[arg(long)]
+    vm_ipv6_range: Option<ipnet::Ipv6Net>,
     #[arg(long, default_value = "cl-sandbox")]
     cluster_id: String,
     #[arg(long, default_value = "sandbox")]
@@ -139,6 +147,8 @@ async fn run_platform(args: PlatformArgs) -> anyhow::Result<()> {
         region: args.region,
         public_ip_range: args.public_ip_range,
         vm_ip_range: args.vm_ip_range,
+        public_ipv6_range: args.public_ipv6_range,
+        vm_ipv6_range: args.vm_ipv6_range,
         provisioning_delay: Duration::from_millis(args.provisioning_delay_ms),
         udp_enabled: !args.no_udp,
         ..PlatformConfig::default()

@@ -202,6 +202,31 @@ impl Netns {
         run_ok(cmd, SETUP_TIMEOUT)
     }
 
+    /// Makes every address of `cidr` local inside the namespace (`ip route add local CIDR
+    /// dev lo`, `-6` for an IPv6 range), as `kuberaya sandbox up --ip-family dual` does on
+    /// the host: a socket binding one of them with `IPV6_FREEBIND` (or `IP_FREEBIND`) then
+    /// serves it, and the namespace's own clients reach it over `lo`.
+    pub fn add_local_route(&self, cidr: &str) -> Result<()> {
+        let net: ipnet::IpNet = cidr.parse().with_context(|| format!("bad CIDR {cidr:?}"))?;
+        let family = if net.addr().is_ipv6() { "-6" } else { "-4" };
+        self.ip([family, "route", "add", "local", cidr, "dev", "lo"]).map(drop)
+    }
+
+    /// Assigns `addr` (a single address, e.g. `fd00:10::b`) to `lo` inside the namespace,
+    /// for test servers and clients that bind it without `IPV6_FREEBIND`.
+    pub fn add_loopback_address(&self, addr: std::net::IpAddr) -> Result<()> {
+        let cidr = match addr {
+            std::net::IpAddr::V4(a) => format!("{a}/32"),
+            std::net::IpAddr::V6(a) => format!("{a}/128"),
+        };
+        let mut args = vec!["addr", "add", cidr.as_str(), "dev", "lo"];
+        if addr.is_ipv6() {
+            // Usable at once (no duplicate address detection on a namespace's own lo).
+            args.push("nodad");
+        }
+        self.ip(args).map(drop)
+    }
+
     /// A command that runs `args` inside the namespace (`ip netns exec`).
     pub fn command<S: AsRef<OsStr>>(&self, args: &[S]) -> Command {
         let mut cmd = Command::new("ip");

@@ -59,6 +59,11 @@ pub fn run_id() -> &'static str {
 pub struct SandboxOptions {
     pub public_ip_range: Option<String>,
     pub vm_ip_range: Option<String>,
+    /// `--public-ipv6-range` (the region's IPv6 public IPs); `None`: the region has none.
+    /// Only inside a network namespace of the test (see `netns::Netns::add_local_route`).
+    pub public_ipv6_range: Option<String>,
+    /// `--vm-ipv6-range` (the seeded subnet's `ipv6_cidr`); `None`: IPv4 only.
+    pub vm_ipv6_range: Option<String>,
     pub cluster_id: Option<String>,
     pub workers: Option<u32>,
     pub provisioning_delay_ms: Option<u64>,
@@ -81,6 +86,10 @@ pub struct PlatformTarget {
     pub public_ip_range: Option<String>,
     /// The stand-in's VM private IP range (`None` for a real endpoint).
     pub vm_ip_range: Option<String>,
+    /// The stand-in's IPv6 public IP range, when it was given one.
+    pub public_ipv6_range: Option<String>,
+    /// The stand-in's VM IPv6 range, when it was given one.
+    pub vm_ipv6_range: Option<String>,
     /// The stand-in's process (`None` for a real endpoint).
     pub process: Option<Process>,
     args: Vec<String>,
@@ -104,6 +113,8 @@ impl PlatformTarget {
             control: None,
             public_ip_range: None,
             vm_ip_range: None,
+            public_ipv6_range: None,
+            vm_ipv6_range: None,
             process: None,
             args: Vec::new(),
             state_dir: None,
@@ -165,6 +176,12 @@ impl PlatformTarget {
         if opts.no_udp {
             args.push("--no-udp".into());
         }
+        if let Some(r) = &opts.public_ipv6_range {
+            args.extend(["--public-ipv6-range".into(), r.clone()]);
+        }
+        if let Some(r) = &opts.vm_ipv6_range {
+            args.extend(["--vm-ipv6-range".into(), r.clone()]);
+        }
         args.extend(opts.extra_args.iter().cloned());
         let (process, url) = spawn_sandbox(&args, "127.0.0.1:0")?;
         Ok(PlatformTarget {
@@ -175,6 +192,8 @@ impl PlatformTarget {
             cluster_id,
             public_ip_range: Some(public),
             vm_ip_range: Some(vm),
+            public_ipv6_range: opts.public_ipv6_range.clone(),
+            vm_ipv6_range: opts.vm_ipv6_range.clone(),
             process: Some(process),
             args,
             state_dir: Some(state_dir),

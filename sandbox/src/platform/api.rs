@@ -20,8 +20,9 @@ use serde::de::DeserializeOwned;
 use super::error::{Error, Result};
 use super::faults::{self, FaultRules, Outcome};
 use super::model::{
-    CLUSTER_LABEL, Cluster, ClusterInput, Envelope, Enveloped, LbInput, LbRecord, LbView, LoginInput, PrivateIpInput,
-    PublicIpInput, Region, SettingsInput, SettingsView, Subnet, Vm, VmInput, VmState, Vpc, rfc3339,
+    CLUSTER_LABEL, Cluster, ClusterInput, ClusterView, Envelope, Enveloped, IpVersion, LbInput, LbRecord, LbView,
+    LoginInput, PrivateIpInput, PublicIpInput, Region, SettingsInput, SettingsView, Subnet, Vm, VmInput, VmState, Vpc,
+    rfc3339,
 };
 use super::query::{self, ListQuery};
 use super::{PlatformStandIn, lock, validate};
@@ -326,10 +327,27 @@ async fn create_ip(State(p): State<AppState>, Json(input): Json<PublicIpInput>) 
             }
             Some(_) => {}
         }
+        let region = input.region.as_deref().unwrap_or_default();
+        let version = match input.version {
+            None => IpVersion::V4,
+            Some(n) => match IpVersion::from_number(n) {
+                Some(v) => v,
+                None => {
+                    errors.push(super::FieldError::new("version", format!("must be 4 or 6, got {n}")));
+                    IpVersion::V4
+                }
+            },
+        };
+        if version == IpVersion::V6 && errors.is_empty() && !p.has_ipv6_pool(region) {
+            errors.push(super::FieldError::new(
+                "version",
+                format!("region {region} has no IPv6 public IPs"),
+            ));
+        }
         if !errors.is_empty() {
             return Err(Error::Invalid(errors));
         }
-        p.acquire_ip(s, input.region.as_deref().unwrap_or_default(), &labels)
+        p.acquire_ip(s, region, version, &labels)
     })?;
     drop(store);
     saved.wait().await?;
@@ -360,10 +378,14 @@ async fn delete_ip(State(p): State<AppState>, Params(id): Params<String>) -> Res
 
 async fn get_cluster(State(p): State<AppState>, Params(id): Params<String>) -> Result<Envelope> {
     let store = p.store.lock().await;
-    ok(store
+    let cluster = store
         .state
         .cluster(&id)
-        .ok_or_else(|| Error::not_found("cluster", &id))?)
+        .ok_or_else(|| Error::not_found("cluster", &id))?;
+    ok(ClusterView {
+        cluster,
+        ip_versions: store.state.cluster_ip_versions(cluster),
+    })
 }
 
 fn view<'a>(p: &PlatformStandIn, record: &'a LbRecord) -> LbView<'a> {
@@ -475,6 +497,7 @@ async fn sandbox_add_cluster(State(p): State<AppState>, Json(input): Json<Cluste
                     vpc_id: vpc_id.clone(),
                     region: region.clone(),
                     cidr: p.config.vm_ip_range,
+                    ipv6_cidr: p.config.vm_ipv6_range,
                 });
                 id
             }
@@ -493,6 +516,7 @@ async fn sandbox_add_cluster(State(p): State<AppState>, Json(input): Json<Cluste
                         vpc_id: vpc_id.clone(),
                         region: region.clone(),
                         cidr: p.config.vm_ip_range,
+                        ipv6_cidr: p.config.vm_ipv6_range,
                     }),
                 }
                 id.clone()
@@ -557,6 +581,7 @@ async fn sandbox_add_vm(State(p): State<AppState>, Json(input): Json<VmInput>) -
             input.zone.clone(),
             input.package.clone(),
             input.private_ip,
+            input.private_ipv6,
             input.public_ip,
         )
     })?;
@@ -631,6 +656,18 @@ async fn sandbox_vm_private_ip(
 ) -> Result<Envelope> {
     let range = p.config.vm_ip_range;
     let vm = change_vm(&p, &id, |vm, s| {
+        if let Some(requested) = input.private_ipv6 {
+            let subnet = s
+                .subnets
+                .iter()
+                .find(|sn| sn.id == vm.subnet_id)
+                .ok_or_else(|| Error::Internal(format!("subnet {} of VM {} is gone", vm.subnet_id, vm.id)))?;
+            vm.private_ipv6 = PlatformStandIn::vm_ipv6(s, subnet, Some(requested), Some(&vm.id))?;
+            if input.private_ip.is_none() {
+                // Only the IPv6 address was asked to change.
+                return Ok(());
+            }
+        }
         let ip = match input.private_ip {
             Some(ip) => {
                 if let Some(other) = s.vms.iter().find(|o| o.private_ip == ip && o.id != vm.id) {

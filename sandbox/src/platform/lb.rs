@@ -9,8 +9,8 @@ use std::time::Duration;
 use super::error::{Error, FieldError, Result};
 use super::forward::{self, HealthState, Listener};
 use super::model::{
-    Algorithm, Attachment, HealthCheckProtocol, HealthEntry, LbInput, LbRecord, LbStatus, LoadBalancer, Protocol,
-    PublicIp, PublicIpRef, VmState, now_rfc3339,
+    Algorithm, Attachment, Cluster, HealthCheckProtocol, HealthEntry, IpVersion, LbInput, LbRecord, LbStatus,
+    LoadBalancer, Protocol, PublicIp, PublicIpRef, VmState, ipv4_only, now_rfc3339,
 };
 use super::store::{Saved, State};
 use super::{PlatformStandIn, validate};
@@ -61,25 +61,12 @@ impl PlatformStandIn {
         let (record, saved) = store.mutate(|s| {
             let mut errors = validate::lb_name(input.name.as_deref());
             let spec = validate::lb_spec(&input, udp_enabled, &s.vms, &cluster.subnet_id);
-            let given_ip = match input.public_ip_id.as_deref() {
-                None => None,
-                Some(ip_id) => match s.public_ip(ip_id) {
-                    None => {
-                        errors.push(FieldError::new(
-                            "public_ip_id",
-                            format!("public IP {ip_id} does not exist"),
-                        ));
-                        None
-                    }
-                    Some(ip) if ip.region != cluster.region => {
-                        errors.push(FieldError::new(
-                            "public_ip_id",
-                            format!("public IP {ip_id} is in region {}, not {}", ip.region, cluster.region),
-                        ));
-                        None
-                    }
-                    Some(ip) => Some(ip.clone()),
-                },
+            let (versions, v4_source, v6_source) = match self.ip_sources(s, &cluster, &input) {
+                Ok(sources) => sources,
+                Err(more) => {
+                    errors.extend(more);
+                    (ipv4_only(), validate::IpSource::None, validate::IpSource::None)
+                }
             };
             let spec = match spec {
                 Ok(spec) if errors.is_empty() => spec,
@@ -97,27 +84,22 @@ impl PlatformStandIn {
                 return Err(Error::Conflict("load balancer name already taken".into()));
             }
             let id = s.fresh_id("lb");
-            let (ip, acquired) = match given_ip {
-                Some(ip) => {
-                    if let Some(att) = &ip.attached_to {
-                        return Err(Error::Conflict(format!(
-                            "public IP {} is attached to {} {}",
-                            ip.id,
-                            att.kind.replace('_', " "),
-                            att.id
-                        )));
-                    }
-                    (ip, false)
+            // An IP attached elsewhere is a 409 before anything is taken; a failure after
+            // (the IPv6 pool is empty) rolls the whole mutation back, the IPv4 IP included.
+            for source in [&v4_source, &v6_source] {
+                if let validate::IpSource::Attach(ip) = source
+                    && let Some(att) = &ip.attached_to
+                {
+                    return Err(Error::Conflict(format!(
+                        "public IP {} is attached to {} {}",
+                        ip.id,
+                        att.kind.replace('_', " "),
+                        att.id
+                    )));
                 }
-                None => (self.acquire_ip(s, &cluster.region, &spec.labels)?, true),
-            };
-            let attached = s
-                .public_ip_mut(&ip.id)
-                .ok_or_else(|| Error::Internal(format!("public IP {} vanished", ip.id)))?;
-            attached.attached_to = Some(Attachment {
-                kind: "load_balancer".into(),
-                id: id.clone(),
-            });
+            }
+            let v4 = self.take_ip(s, v4_source, &cluster.region, IpVersion::V4, &spec.labels, &id)?;
+            let v6 = self.take_ip(s, v6_source, &cluster.region, IpVersion::V6, &spec.labels, &id)?;
             let now = now_rfc3339();
             let record = LbRecord {
                 cluster_id: cluster_id.to_string(),
@@ -127,10 +109,9 @@ impl PlatformStandIn {
                     region: cluster.region.clone(),
                     vpc_id: cluster.vpc_id.clone(),
                     subnet_id: cluster.subnet_id.clone(),
-                    public_ip: PublicIpRef {
-                        id: ip.id.clone(),
-                        address: ip.address,
-                    },
+                    ip_versions: versions,
+                    public_ip: v4.as_ref().map(|(ip, _)| ip.clone()),
+                    public_ipv6: v6.as_ref().map(|(ip, _)| ip.clone()),
                     labels: spec.labels,
                     status: LbStatus::Provisioning,
                     status_message: String::new(),
@@ -139,8 +120,10 @@ impl PlatformStandIn {
                     created_at: now.clone(),
                     updated_at: now,
                 },
-                public_ip_acquired: acquired,
+                public_ip_acquired: v4.is_some_and(|(_, acquired)| acquired),
+                public_ipv6_acquired: v6.is_some_and(|(_, acquired)| acquired),
                 release_public_ip: false,
+                release_public_ipv6: false,
                 generation: 1,
             };
             s.load_balancers.push(std::sync::Arc::new(record.clone()));
@@ -152,15 +135,106 @@ impl PlatformStandIn {
         Ok(record)
     }
 
-    /// A new public IP from the region's pool (only the configured region has one).
-    pub(crate) fn acquire_ip(&self, s: &mut State, region: &str, labels: &super::model::Labels) -> Result<PublicIp> {
-        let address = (region == self.config.region)
-            .then(|| s.free_public_ip(self.config.public_ip_range))
-            .flatten()
-            .ok_or_else(|| Error::Conflict(format!("no public IP available in region {region}")))?;
+    /// The `ip_versions` of a create body and where each family's public IP comes from,
+    /// or the 422s of `ip_versions`, `public_ip_id` and `public_ipv6_id`.
+    fn ip_sources(
+        &self,
+        s: &State,
+        cluster: &Cluster,
+        input: &LbInput,
+    ) -> std::result::Result<(Vec<IpVersion>, validate::IpSource, validate::IpSource), Vec<FieldError>> {
+        let has_ipv6 = s.cluster_ip_versions(cluster).contains(&IpVersion::V6);
+        let versions = validate::ip_versions(input.ip_versions.as_deref(), &ipv4_only(), &cluster.id, has_ipv6)
+            .map_err(|e| vec![e])?;
+        let mut errors = Vec::new();
+        let mut source = |family, field: &str, id: Option<&str>| {
+            let found = id.and_then(|id| s.public_ip(id));
+            match validate::ip_source(family, &versions, field, id, found, &cluster.region) {
+                Ok(source) => source,
+                Err(e) => {
+                    errors.push(e);
+                    validate::IpSource::None
+                }
+            }
+        };
+        let v4 = source(IpVersion::V4, "public_ip_id", input.public_ip_id.as_deref());
+        let v6 = source(IpVersion::V6, "public_ipv6_id", input.public_ipv6_id.as_deref());
+        if v6 == validate::IpSource::Acquire && !self.has_ipv6_pool(&cluster.region) {
+            errors.push(FieldError::new(
+                "ip_versions",
+                format!("region {} has no IPv6 public IPs", cluster.region),
+            ));
+        }
+        if errors.is_empty() {
+            Ok((versions, v4, v6))
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Attaches (or acquires, then attaches) the public IP of one family to LB `lb_id`;
+    /// `Some((ip, acquired))`, or `None` for [`validate::IpSource::None`].
+    fn take_ip(
+        &self,
+        s: &mut State,
+        source: validate::IpSource,
+        region: &str,
+        version: IpVersion,
+        labels: &super::model::Labels,
+        lb_id: &str,
+    ) -> Result<Option<(PublicIpRef, bool)>> {
+        let (ip, acquired) = match source {
+            validate::IpSource::None => return Ok(None),
+            validate::IpSource::Attach(ip) => (ip, false),
+            validate::IpSource::Acquire => (self.acquire_ip(s, region, version, labels)?, true),
+        };
+        let attached = s
+            .public_ip_mut(&ip.id)
+            .ok_or_else(|| Error::Internal(format!("public IP {} vanished", ip.id)))?;
+        attached.attached_to = Some(Attachment {
+            kind: "load_balancer".into(),
+            id: lb_id.to_string(),
+        });
+        Ok(Some((
+            PublicIpRef {
+                id: ip.id,
+                address: ip.address,
+            },
+            acquired,
+        )))
+    }
+
+    /// A new public IP of `version` from the region's pool (only the configured region
+    /// has one; IPv6 only when configured: 422 on `version` otherwise, which callers that
+    /// name another field check first).
+    pub(crate) fn acquire_ip(
+        &self,
+        s: &mut State,
+        region: &str,
+        version: IpVersion,
+        labels: &super::model::Labels,
+    ) -> Result<PublicIp> {
+        let address: std::net::IpAddr = match version {
+            IpVersion::V4 => (region == self.config.region)
+                .then(|| s.free_public_ip(self.config.public_ip_range))
+                .flatten()
+                .ok_or_else(|| Error::Conflict(format!("no public IP available in region {region}")))?
+                .into(),
+            IpVersion::V6 => {
+                let range = self
+                    .config
+                    .public_ipv6_range
+                    .filter(|_| self.has_ipv6_pool(region))
+                    .ok_or_else(|| Error::invalid("version", format!("region {region} has no IPv6 public IPs")))?;
+                s.free_public_ipv6(range)
+                    .ok_or_else(|| Error::Conflict(format!("no IPv6 public IP available in region {region}")))?
+                    .into()
+            }
+        };
         let ip = PublicIp {
             id: s.fresh_id("ip"),
             address,
+            version,
             region: region.to_string(),
             labels: labels.clone(),
             attached_to: None,
@@ -169,17 +243,52 @@ impl PlatformStandIn {
         Ok(ip)
     }
 
+    /// Frees the public IP `ip` of an LB that no longer has its family: released when the
+    /// platform acquired it (`release`), otherwise detached and kept.
+    fn let_go_ip(s: &mut State, ip: &PublicIpRef, release: bool) {
+        if release {
+            s.public_ips.retain(|other| other.id != ip.id);
+        } else if let Some(kept) = s.public_ip_mut(&ip.id) {
+            kept.attached_to = None;
+        }
+    }
+
     pub(crate) async fn update_lb(self: &Arc<Self>, cluster_id: &str, id: &str, input: LbInput) -> Result<LbRecord> {
         let udp_enabled = self.settings().udp_enabled;
         let mut store = self.store.lock().await;
         let current = Self::find_lb(&store.state, cluster_id, id)?.clone();
         let cluster_subnet = current.lb.subnet_id.clone();
+        let cluster = store
+            .state
+            .cluster(cluster_id)
+            .cloned()
+            .ok_or_else(|| Error::not_found("cluster", cluster_id))?;
         let (record, saved) = store.mutate(|s| {
             let mut errors = Vec::new();
             if let Some(name) = input.name.as_deref()
                 && name != current.lb.name
             {
                 errors.push(FieldError::new("name", "cannot be changed"));
+            }
+            let has_ipv6 = s.cluster_ip_versions(&cluster).contains(&IpVersion::V6);
+            let versions = match validate::ip_versions(
+                input.ip_versions.as_deref(),
+                &current.lb.ip_versions,
+                cluster_id,
+                has_ipv6,
+            ) {
+                Ok(versions) => versions,
+                Err(e) => {
+                    errors.push(e);
+                    current.lb.ip_versions.clone()
+                }
+            };
+            let adds_v6 = versions.contains(&IpVersion::V6) && current.lb.public_ipv6.is_none();
+            if adds_v6 && !self.has_ipv6_pool(&cluster.region) {
+                errors.push(FieldError::new(
+                    "ip_versions",
+                    format!("region {} has no IPv6 public IPs", cluster.region),
+                ));
             }
             let spec = validate::lb_spec(&input, udp_enabled, &s.vms, &cluster_subnet);
             let spec = match spec {
@@ -199,7 +308,53 @@ impl PlatformStandIn {
                 }
                 LbStatus::Active | LbStatus::Error => {}
             }
+            // The families: an added one takes a new IP (409 when none is left, and then
+            // nothing changes: the mutation is rolled back), a removed one lets its IP go.
+            let wants = |v| versions.contains(&v);
+            let v4 = match (&current.lb.public_ip, wants(IpVersion::V4)) {
+                (None, true) => self
+                    .take_ip(
+                        s,
+                        validate::IpSource::Acquire,
+                        &cluster.region,
+                        IpVersion::V4,
+                        &spec.labels,
+                        id,
+                    )?
+                    .map(|(ip, _)| (Some(ip), true)),
+                (Some(ip), false) => {
+                    Self::let_go_ip(s, ip, current.public_ip_acquired);
+                    Some((None, false))
+                }
+                _ => None,
+            };
+            let v6 = match (&current.lb.public_ipv6, wants(IpVersion::V6)) {
+                (None, true) => self
+                    .take_ip(
+                        s,
+                        validate::IpSource::Acquire,
+                        &cluster.region,
+                        IpVersion::V6,
+                        &spec.labels,
+                        id,
+                    )?
+                    .map(|(ip, _)| (Some(ip), true)),
+                (Some(ip), false) => {
+                    Self::let_go_ip(s, ip, current.public_ipv6_acquired);
+                    Some((None, false))
+                }
+                _ => None,
+            };
             let record = s.lb_mut(id).ok_or_else(|| Error::not_found("load balancer", id))?;
+            if let Some((ip, acquired)) = v4 {
+                record.lb.public_ip = ip;
+                record.public_ip_acquired = acquired;
+            }
+            if let Some((ip, acquired)) = v6 {
+                record.lb.public_ipv6 = ip;
+                record.public_ipv6_acquired = acquired;
+            }
+            record.lb.ip_versions = versions;
             record.lb.rules = spec.rules;
             record.lb.backends = spec.backends;
             record.lb.labels = spec.labels;
@@ -234,6 +389,7 @@ impl PlatformStandIn {
             record.lb.status_message = String::new();
             record.lb.updated_at = now_rfc3339();
             record.release_public_ip = keep_public_ip.map_or(record.public_ip_acquired, |k| !k);
+            record.release_public_ipv6 = keep_public_ip.map_or(record.public_ipv6_acquired, |k| !k);
             record.generation += 1;
             Ok(record.clone())
         })?;
@@ -314,11 +470,11 @@ impl PlatformStandIn {
                         release_public_ip = record.release_public_ip,
                         "load balancer deleted"
                     );
-                    let ip_id = &record.lb.public_ip.id;
-                    if record.release_public_ip {
-                        s.public_ips.retain(|ip| &ip.id != ip_id);
-                    } else if let Some(ip) = s.public_ip_mut(ip_id) {
-                        ip.attached_to = None;
+                    if let Some(ip) = &record.lb.public_ip {
+                        Self::let_go_ip(s, ip, record.release_public_ip);
+                    }
+                    if let Some(ip) = &record.lb.public_ipv6 {
+                        Self::let_go_ip(s, ip, record.release_public_ipv6);
                     }
                     Ok(())
                 }) {
@@ -408,7 +564,7 @@ impl PlatformStandIn {
     }
 }
 
-/// The data plane's view of an LB: one listener per rule.
+/// The data plane's view of an LB: one listener per rule, on every public IP of the LB.
 pub(crate) fn listeners(state: &State, record: &LbRecord) -> Vec<Listener> {
     let lb = &record.lb;
     let backends: Vec<forward::Backend> = lb
@@ -417,9 +573,17 @@ pub(crate) fn listeners(state: &State, record: &LbRecord) -> Vec<Listener> {
         .map(|b| forward::Backend {
             vm_id: b.vm_id.clone(),
             private_ip: IpAddr::V4(b.private_ip),
+            private_ipv6: b.private_ipv6,
             running: state.vm(&b.vm_id).is_some_and(|vm| vm.state == VmState::Running),
         })
         .collect();
+    let addresses: Vec<IpAddr> = lb
+        .public_ip
+        .iter()
+        .chain(&lb.public_ipv6)
+        .map(|ip| ip.address)
+        .collect();
+    let check_ipv6 = lb.ip_versions == [IpVersion::V6];
     lb.rules
         .iter()
         .map(|rule| {
@@ -437,7 +601,10 @@ pub(crate) fn listeners(state: &State, record: &LbRecord) -> Vec<Listener> {
                     Protocol::Tcp => forward::Protocol::Tcp,
                     Protocol::Udp => forward::Protocol::Udp,
                 },
-                listen: SocketAddr::new(IpAddr::V4(lb.public_ip.address), rule.public_port),
+                listen: addresses
+                    .iter()
+                    .map(|&ip| SocketAddr::new(ip, rule.public_port))
+                    .collect(),
                 private_port: rule.private_port,
                 algorithm: match rule.algorithm {
                     Algorithm::RoundRobin => forward::Algorithm::RoundRobin,
@@ -452,6 +619,7 @@ pub(crate) fn listeners(state: &State, record: &LbRecord) -> Vec<Listener> {
                     healthy_threshold: hc.healthy_threshold,
                     unhealthy_threshold: hc.unhealthy_threshold,
                 },
+                check_ipv6,
                 backends: backends.clone(),
             }
         })

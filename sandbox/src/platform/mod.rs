@@ -21,7 +21,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::sync::watch;
 
 pub use error::{Error, FieldError};
@@ -39,6 +41,11 @@ pub struct PlatformConfig {
     pub region: String,
     pub public_ip_range: Ipv4Net,
     pub vm_ip_range: Ipv4Net,
+    /// The region's IPv6 public IPs; `None` (the default): the region has none.
+    pub public_ipv6_range: Option<Ipv6Net>,
+    /// The `ipv6_cidr` of the subnets the platform makes (so their VMs get a
+    /// `private_ipv6` and their clusters `ip_versions: [4, 6]`); `None`: IPv4 only.
+    pub vm_ipv6_range: Option<Ipv6Net>,
     pub provisioning_delay: Duration,
     pub udp_enabled: bool,
     pub token_ttl: Duration,
@@ -53,6 +60,8 @@ impl Default for PlatformConfig {
             region: "jkt".into(),
             public_ip_range: Ipv4Net::new(std::net::Ipv4Addr::new(127, 203, 0, 0), 24).expect("valid prefix length"),
             vm_ip_range: Ipv4Net::new(std::net::Ipv4Addr::new(127, 10, 0, 0), 24).expect("valid prefix length"),
+            public_ipv6_range: None,
+            vm_ipv6_range: None,
             provisioning_delay: Duration::from_millis(300),
             udp_enabled: true,
             token_ttl: Duration::from_secs(3600),
@@ -139,6 +148,8 @@ impl PlatformStandIn {
 
     /// Makes sure the region, its network, the cluster and its `workers` running VMs
     /// (`w1`..`wN`, labelled with the cluster id) exist, creating only what is missing.
+    /// With `vm_ipv6_range` configured, a cluster subnet without `ipv6_cidr` (a state dir
+    /// from an IPv4-only run) gets it, and its VMs without `private_ipv6` get one.
     pub async fn seed_cluster(&self, cluster_id: &str, name: &str, workers: usize) -> Result<(), Error> {
         let mut store = self.store.lock().await;
         let (out, saved) = store.mutate(|s| {
@@ -158,6 +169,9 @@ impl PlatformStandIn {
                     cluster
                 }
             };
+            if let Some(range) = self.config.vm_ipv6_range {
+                self.add_ipv6_to_subnet(s, &cluster.subnet_id, range)?;
+            }
             for i in 1..=workers {
                 let vm_name = format!("w{i}");
                 let exists = s.vms.iter().any(|vm| {
@@ -165,7 +179,7 @@ impl PlatformStandIn {
                 });
                 if !exists {
                     let labels = Labels::from([(CLUSTER_LABEL.to_string(), cluster.id.clone())]);
-                    self.add_vm(s, &vm_name, &cluster.subnet_id, labels, None, None, None, None)?;
+                    self.add_vm(s, &vm_name, &cluster.subnet_id, labels, None, None, None, None, None)?;
                 }
             }
             Ok(())
@@ -225,8 +239,88 @@ impl PlatformStandIn {
             vpc_id: vpc_id.clone(),
             region: region.to_string(),
             cidr: self.config.vm_ip_range,
+            ipv6_cidr: self.config.vm_ipv6_range,
         });
         (vpc_id, subnet_id)
+    }
+
+    /// Gives subnet `subnet_id` the IPv6 `range` when it has none, and its VMs without an
+    /// IPv6 address one.
+    fn add_ipv6_to_subnet(&self, s: &mut State, subnet_id: &str, range: Ipv6Net) -> Result<(), Error> {
+        let Some(subnet) = s.subnets.iter_mut().find(|sn| sn.id == subnet_id) else {
+            return Ok(());
+        };
+        if subnet.ipv6_cidr.is_some() {
+            return Ok(());
+        }
+        subnet.ipv6_cidr = Some(range);
+        let without: Vec<String> = s
+            .vms
+            .iter()
+            .filter(|vm| vm.subnet_id == subnet_id && vm.private_ipv6.is_none())
+            .map(|vm| vm.id.clone())
+            .collect();
+        for id in without {
+            let ip = s
+                .free_vm_ipv6(range)
+                .ok_or_else(|| Error::Conflict(format!("no IPv6 private IP left in {range}")))?;
+            if let Some(vm) = s.vm_mut(&id) {
+                vm.private_ipv6 = Some(ip);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `region` has IPv6 public IPs (only the configured region, when configured).
+    pub(crate) fn has_ipv6_pool(&self, region: &str) -> bool {
+        self.config.public_ipv6_range.is_some() && region == self.config.region
+    }
+
+    /// The IPv6 address of a new VM in `subnet`, or of a VM changing it: `requested` left
+    /// out (`None`) takes the next free one of the subnet's `ipv6_cidr` (none without one),
+    /// `Some(None)` is none; an address must be in the `ipv6_cidr` (422) and unused by
+    /// another VM than `vm_id` (409).
+    pub(crate) fn vm_ipv6(
+        s: &State,
+        subnet: &Subnet,
+        requested: Option<Option<Ipv6Addr>>,
+        vm_id: Option<&str>,
+    ) -> Result<Option<Ipv6Addr>, Error> {
+        match requested {
+            Some(None) => Ok(None),
+            Some(Some(ip)) => {
+                let Some(range) = subnet.ipv6_cidr else {
+                    return Err(Error::invalid(
+                        "private_ipv6",
+                        format!("subnet {} has no IPv6 (no ipv6_cidr)", subnet.id),
+                    ));
+                };
+                if !range.contains(&ip) {
+                    return Err(Error::invalid(
+                        "private_ipv6",
+                        format!("{ip} is not in subnet {}'s ipv6_cidr {range}", subnet.id),
+                    ));
+                }
+                if let Some(other) = s
+                    .vms
+                    .iter()
+                    .find(|o| o.private_ipv6 == Some(ip) && Some(o.id.as_str()) != vm_id)
+                {
+                    return Err(Error::Conflict(format!(
+                        "private IPv6 {ip} is already used by VM {}",
+                        other.id
+                    )));
+                }
+                Ok(Some(ip))
+            }
+            None => match subnet.ipv6_cidr {
+                None => Ok(None),
+                Some(range) => s
+                    .free_vm_ipv6(range)
+                    .map(Some)
+                    .ok_or_else(|| Error::Conflict(format!("no IPv6 private IP left in {range}"))),
+            },
+        }
     }
 
     /// Adds a running VM in `subnet_id` (which must exist).
@@ -239,8 +333,9 @@ impl PlatformStandIn {
         labels: Labels,
         zone: Option<String>,
         package: Option<String>,
-        private_ip: Option<std::net::Ipv4Addr>,
-        public_ip: Option<std::net::Ipv4Addr>,
+        private_ip: Option<Ipv4Addr>,
+        private_ipv6: Option<Option<Ipv6Addr>>,
+        public_ip: Option<Ipv4Addr>,
     ) -> Result<Vm, Error> {
         let subnet = s
             .subnets
@@ -262,6 +357,7 @@ impl PlatformStandIn {
                 .free_vm_ip(self.config.vm_ip_range)
                 .ok_or_else(|| Error::Conflict(format!("no private IP left in {}", self.config.vm_ip_range)))?,
         };
+        let private_ipv6 = Self::vm_ipv6(s, &subnet, private_ipv6, None)?;
         let vm = Vm {
             id: s.fresh_id("vm"),
             name: name.to_string(),
@@ -271,6 +367,7 @@ impl PlatformStandIn {
             state: VmState::Running,
             private_ip,
             public_ip,
+            private_ipv6,
             vpc_id: subnet.vpc_id.clone(),
             subnet_id: subnet.id.clone(),
             labels,
@@ -305,4 +402,69 @@ pub async fn serve(
             releaser.release_hangs();
         })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &std::path::Path, vm_ipv6_range: Option<&str>) -> PlatformConfig {
+        PlatformConfig {
+            state_dir: dir.to_path_buf(),
+            public_ip_range: "127.203.251.0/24".parse().unwrap(),
+            vm_ip_range: "127.10.251.0/24".parse().unwrap(),
+            vm_ipv6_range: vm_ipv6_range.map(|r| r.parse().unwrap()),
+            ..PlatformConfig::default()
+        }
+    }
+
+    /// A state dir of an IPv4-only run, opened with an IPv6 VM range: the seeded cluster's
+    /// subnet gains its `ipv6_cidr` and the VMs their `private_ipv6`, at the same offsets.
+    #[tokio::test]
+    async fn seeding_adds_ipv6_to_an_ipv4_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let v4 = PlatformStandIn::open(config(dir.path(), None)).await.unwrap();
+        v4.seed_cluster("cl-1", "one", 2).await.unwrap();
+        {
+            let store = v4.store.lock().await;
+            let cluster = store.state.cluster("cl-1").unwrap();
+            assert_eq!(store.state.cluster_ip_versions(cluster), vec![model::IpVersion::V4]);
+            assert!(store.state.vms.iter().all(|vm| vm.private_ipv6.is_none()));
+        }
+        v4.shutdown().await;
+        drop(v4);
+
+        let dual = PlatformStandIn::open(config(dir.path(), Some("fd00:10::/112")))
+            .await
+            .unwrap();
+        dual.seed_cluster("cl-1", "one", 3).await.unwrap();
+        let store = dual.store.lock().await;
+        let cluster = store.state.cluster("cl-1").unwrap();
+        assert_eq!(
+            store.state.cluster_ip_versions(cluster),
+            vec![model::IpVersion::V4, model::IpVersion::V6]
+        );
+        let mut addresses: Vec<(String, String)> = store
+            .state
+            .vms
+            .iter()
+            .map(|vm| {
+                (
+                    vm.private_ip.to_string(),
+                    vm.private_ipv6.map(|a| a.to_string()).unwrap_or_default(),
+                )
+            })
+            .collect();
+        addresses.sort();
+        assert_eq!(
+            addresses,
+            [
+                ("127.10.251.11".to_string(), "fd00:10::b".to_string()),
+                ("127.10.251.12".to_string(), "fd00:10::c".to_string()),
+                ("127.10.251.13".to_string(), "fd00:10::d".to_string()),
+            ]
+        );
+        drop(store);
+        dual.shutdown().await;
+    }
 }

@@ -2,13 +2,13 @@
 //! shared with the CCM's client: a misreading must not hide by being made on both sides).
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use ipnet::{IpNet, Ipv4Net};
-use serde::{Deserialize, Serialize};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::forward::HealthState;
 
@@ -82,6 +82,76 @@ pub struct Page<T> {
 }
 
 // ---------------------------------------------------------------------------------------
+// IP versions (docs/platform-api.md, "IPv6")
+
+/// `4` or `6` on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum IpVersion {
+    #[default]
+    V4,
+    V6,
+}
+
+impl IpVersion {
+    pub fn of(addr: IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => IpVersion::V4,
+            IpAddr::V6(_) => IpVersion::V6,
+        }
+    }
+
+    pub fn number(self) -> u8 {
+        match self {
+            IpVersion::V4 => 4,
+            IpVersion::V6 => 6,
+        }
+    }
+
+    pub fn from_number(n: i64) -> Option<Self> {
+        match n {
+            4 => Some(IpVersion::V4),
+            6 => Some(IpVersion::V6),
+            _ => None,
+        }
+    }
+
+    /// `IPv4` / `IPv6`, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            IpVersion::V4 => "IPv4",
+            IpVersion::V6 => "IPv6",
+        }
+    }
+}
+
+impl Serialize for IpVersion {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u8(self.number())
+    }
+}
+
+impl<'de> Deserialize<'de> for IpVersion {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = i64::deserialize(d)?;
+        IpVersion::from_number(n).ok_or_else(|| serde::de::Error::custom(format!("IP version {n} is neither 4 nor 6")))
+    }
+}
+
+/// `[4]`: what objects stored before the IPv6 extension have.
+pub fn ipv4_only() -> Vec<IpVersion> {
+    vec![IpVersion::V4]
+}
+
+/// Tells a field given as `null` (`Some(None)`) from one left out (`None`).
+fn explicit_null<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+// ---------------------------------------------------------------------------------------
 // Networks, clusters, VMs, public IPs
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -105,6 +175,9 @@ pub struct Subnet {
     pub vpc_id: String,
     pub region: String,
     pub cidr: Ipv4Net,
+    /// `None`: an IPv4-only subnet (also every subnet stored before the IPv6 extension).
+    #[serde(default)]
+    pub ipv6_cidr: Option<Ipv6Net>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -114,6 +187,14 @@ pub struct Cluster {
     pub region: String,
     pub vpc_id: String,
     pub subnet_id: String,
+}
+
+/// A cluster as the API answers it: `ip_versions` follows its subnet.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ClusterView<'a> {
+    #[serde(flatten)]
+    pub cluster: &'a Cluster,
+    pub ip_versions: Vec<IpVersion>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -136,6 +217,8 @@ pub struct Vm {
     pub state: VmState,
     pub private_ip: Ipv4Addr,
     pub public_ip: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub private_ipv6: Option<Ipv6Addr>,
     pub vpc_id: String,
     pub subnet_id: String,
     pub labels: Labels,
@@ -152,7 +235,10 @@ pub struct Attachment {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PublicIp {
     pub id: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
+    /// Stored IPs from before the IPv6 extension are IPv4.
+    #[serde(default)]
+    pub version: IpVersion,
     pub region: String,
     pub labels: Labels,
     pub attached_to: Option<Attachment>,
@@ -221,12 +307,16 @@ pub struct Rule {
 pub struct LbBackend {
     pub vm_id: String,
     pub private_ip: Ipv4Addr,
+    /// `None`: this backend gets no IPv6 traffic. Left out of the answer then, so an
+    /// IPv4 LB's backends read as before the IPv6 extension.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_ipv6: Option<Ipv6Addr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PublicIpRef {
     pub id: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
 }
 
 /// The LB as the API shows it, less the computed `health` (see [`LbView`]).
@@ -237,7 +327,14 @@ pub struct LoadBalancer {
     pub region: String,
     pub vpc_id: String,
     pub subnet_id: String,
-    pub public_ip: PublicIpRef,
+    /// `[4]`, `[6]` or `[4, 6]`; LBs stored before the IPv6 extension are `[4]`.
+    #[serde(default = "ipv4_only")]
+    pub ip_versions: Vec<IpVersion>,
+    /// The IPv4 public IP; `None` when 4 is not in `ip_versions`.
+    pub public_ip: Option<PublicIpRef>,
+    /// The IPv6 public IP; `None` when 6 is not in `ip_versions`.
+    #[serde(default)]
+    pub public_ipv6: Option<PublicIpRef>,
     pub labels: Labels,
     pub status: LbStatus,
     pub status_message: String,
@@ -255,9 +352,15 @@ pub struct LbRecord {
     pub lb: LoadBalancer,
     /// The platform acquired the public IP itself (so it releases it on delete by default).
     pub public_ip_acquired: bool,
-    /// Decided when the delete starts: release the public IP once the LB is gone.
+    /// The same for the IPv6 public IP.
+    #[serde(default)]
+    pub public_ipv6_acquired: bool,
+    /// Decided when the delete starts: release the public IPs (both families) once the LB
+    /// is gone.
     #[serde(default)]
     pub release_public_ip: bool,
+    #[serde(default)]
+    pub release_public_ipv6: bool,
     /// Bumped on every transition, so a stale timer does nothing.
     #[serde(default)]
     pub generation: u64,
@@ -288,6 +391,11 @@ pub struct LbInput {
     pub name: Option<String>,
     #[serde(default)]
     pub public_ip_id: Option<String>,
+    #[serde(default)]
+    pub public_ipv6_id: Option<String>,
+    /// Wide numbers, so that `[5]` is a 422 naming the field rather than a type error.
+    #[serde(default)]
+    pub ip_versions: Option<Vec<i64>>,
     #[serde(default)]
     pub labels: Option<Labels>,
     #[serde(default)]
@@ -349,6 +457,8 @@ pub struct PublicIpInput {
     #[serde(default)]
     pub region: Option<String>,
     #[serde(default)]
+    pub version: Option<i64>,
+    #[serde(default)]
     pub labels: Option<Labels>,
 }
 
@@ -377,6 +487,9 @@ pub struct VmInput {
     pub labels: Option<Labels>,
     #[serde(default)]
     pub private_ip: Option<Ipv4Addr>,
+    /// Left out: one from the subnet's `ipv6_cidr` when it has one; `null`: none.
+    #[serde(default, deserialize_with = "explicit_null")]
+    pub private_ipv6: Option<Option<Ipv6Addr>>,
     #[serde(default)]
     pub public_ip: Option<Ipv4Addr>,
     #[serde(default)]
@@ -387,6 +500,9 @@ pub struct VmInput {
 pub struct PrivateIpInput {
     #[serde(default)]
     pub private_ip: Option<Ipv4Addr>,
+    /// Left out: unchanged; `null`: removed; an address: set.
+    #[serde(default, deserialize_with = "explicit_null")]
+    pub private_ipv6: Option<Option<Ipv6Addr>>,
 }
 
 /// The runtime settings of `/_sandbox/config`.
@@ -458,10 +574,12 @@ mod tests {
                 region: "jkt".into(),
                 vpc_id: "vpc-1".into(),
                 subnet_id: "subnet-1".into(),
-                public_ip: PublicIpRef {
+                ip_versions: ipv4_only(),
+                public_ip: Some(PublicIpRef {
                     id: "ip-1".into(),
-                    address: Ipv4Addr::new(127, 203, 0, 10),
-                },
+                    address: Ipv4Addr::new(127, 203, 0, 10).into(),
+                }),
+                public_ipv6: None,
                 labels: Labels::new(),
                 status: LbStatus::Active,
                 status_message: String::new(),
@@ -471,7 +589,9 @@ mod tests {
                 updated_at: now_rfc3339(),
             },
             public_ip_acquired: true,
+            public_ipv6_acquired: false,
             release_public_ip: false,
+            release_public_ipv6: false,
             generation: 3,
         };
         let json = serde_json::to_value(&record).unwrap();
@@ -479,5 +599,47 @@ mod tests {
         assert_eq!(json["cluster_id"], "cl-1");
         let back: LbRecord = serde_json::from_value(json).unwrap();
         assert_eq!(back, record);
+    }
+
+    /// A record stored before the IPv6 extension loads as an IPv4-only LB.
+    #[test]
+    fn lb_record_without_ipv6_fields_loads() {
+        let old = serde_json::json!({
+            "cluster_id": "cl-1", "id": "lb-1", "name": "web", "region": "jkt", "vpc_id": "vpc-1",
+            "subnet_id": "subnet-1", "public_ip": {"id": "ip-1", "address": "127.203.0.10"},
+            "labels": {}, "status": "active", "status_message": "", "rules": [],
+            "backends": [{"vm_id": "vm-1", "private_ip": "127.10.0.11"}],
+            "created_at": "2026-11-25T17:00:00Z", "updated_at": "2026-11-25T17:00:00Z",
+            "public_ip_acquired": true, "release_public_ip": false, "generation": 2
+        });
+        let record: LbRecord = serde_json::from_value(old).unwrap();
+        assert_eq!(record.lb.ip_versions, vec![IpVersion::V4]);
+        assert_eq!(record.lb.public_ipv6, None);
+        assert_eq!(record.lb.backends[0].private_ipv6, None);
+        assert!(!record.public_ipv6_acquired);
+        let ip: PublicIp = serde_json::from_value(serde_json::json!({
+            "id": "ip-1", "address": "127.203.0.10", "region": "jkt", "labels": {}, "attached_to": null
+        }))
+        .unwrap();
+        assert_eq!(ip.version, IpVersion::V4);
+        let vm: Vm = serde_json::from_value(serde_json::json!({
+            "id": "vm-1", "name": "w1", "region": "jkt", "zone": "jkt-a", "package": "p", "state": "running",
+            "private_ip": "127.10.0.11", "public_ip": null, "vpc_id": "v", "subnet_id": "s", "labels": {},
+            "created_at": ""
+        }))
+        .unwrap();
+        assert_eq!(vm.private_ipv6, None);
+    }
+
+    #[test]
+    fn ip_versions_and_explicit_nulls() {
+        assert_eq!(serde_json::to_value(IpVersion::V6).unwrap(), serde_json::json!(6));
+        assert!(serde_json::from_value::<IpVersion>(serde_json::json!(5)).is_err());
+        let left_out: PrivateIpInput = serde_json::from_value(serde_json::json!({})).unwrap();
+        assert_eq!(left_out.private_ipv6, None);
+        let null: PrivateIpInput = serde_json::from_value(serde_json::json!({"private_ipv6": null})).unwrap();
+        assert_eq!(null.private_ipv6, Some(None));
+        let set: PrivateIpInput = serde_json::from_value(serde_json::json!({"private_ipv6": "fd00:10::b"})).unwrap();
+        assert_eq!(set.private_ipv6, Some(Some("fd00:10::b".parse().unwrap())));
     }
 }

@@ -8,16 +8,16 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use super::error::{Error, Result};
-use super::model::{Cluster, LbRecord, PublicIp, Region, Subnet, Vm, Vpc, new_id};
+use super::model::{Cluster, IpVersion, LbRecord, PublicIp, Region, Subnet, Vm, Vpc, new_id};
 
 pub const STATE_FILE: &str = "platform-state.json";
 pub const JOURNAL_FILE: &str = "platform-state.journal";
@@ -57,6 +57,19 @@ impl State {
 
     pub fn cluster(&self, id: &str) -> Option<&Cluster> {
         self.clusters.iter().find(|c| c.id == id)
+    }
+
+    /// A cluster's `ip_versions`: `[4, 6]` when its subnet has an `ipv6_cidr`.
+    pub fn cluster_ip_versions(&self, cluster: &Cluster) -> Vec<IpVersion> {
+        let v6 = self
+            .subnets
+            .iter()
+            .any(|sn| sn.id == cluster.subnet_id && sn.ipv6_cidr.is_some());
+        if v6 {
+            vec![IpVersion::V4, IpVersion::V6]
+        } else {
+            vec![IpVersion::V4]
+        }
     }
 
     pub fn public_ip(&self, id: &str) -> Option<&PublicIp> {
@@ -104,10 +117,46 @@ impl State {
         free_ip(range, self.vms.iter().map(|v| v.private_ip))
     }
 
+    /// The next IPv6 private address of `range` no VM holds.
+    pub fn free_vm_ipv6(&self, range: Ipv6Net) -> Option<Ipv6Addr> {
+        free_ipv6(range, self.vms.iter().filter_map(|v| v.private_ipv6))
+    }
+
     /// The next public IP of `range` not allocated.
     pub fn free_public_ip(&self, range: Ipv4Net) -> Option<Ipv4Addr> {
-        free_ip(range, self.public_ips.iter().map(|p| p.address))
+        free_ip(
+            range,
+            self.public_ips.iter().filter_map(|p| match p.address {
+                IpAddr::V4(a) => Some(a),
+                IpAddr::V6(_) => None,
+            }),
+        )
     }
+
+    /// The next IPv6 public IP of `range` not allocated.
+    pub fn free_public_ipv6(&self, range: Ipv6Net) -> Option<Ipv6Addr> {
+        free_ipv6(
+            range,
+            self.public_ips.iter().filter_map(|p| match p.address {
+                IpAddr::V6(a) => Some(a),
+                IpAddr::V4(_) => None,
+            }),
+        )
+    }
+}
+
+/// The first address of `range` not in `used`, from the same offset as [`free_ip`] takes
+/// its first address (11 in a range of 32 or more), so a VM's two addresses line up
+/// (127.10.0.11 and fd00:10::b). The range's first address (the subnet-router anycast) is
+/// never handed out.
+pub fn free_ipv6(range: Ipv6Net, used: impl IntoIterator<Item = Ipv6Addr>) -> Option<Ipv6Addr> {
+    let used: HashSet<Ipv6Addr> = used.into_iter().collect();
+    let first = if range.prefix_len() <= 123 { 11 } else { 1 };
+    let base = u128::from(range.network());
+    let size_minus_one = u128::MAX.checked_shr(u32::from(range.prefix_len())).unwrap_or(0);
+    (first..=size_minus_one)
+        .map(|offset| Ipv6Addr::from(base + offset))
+        .find(|ip| !used.contains(ip))
 }
 
 /// The first host of `range` not in `used`. The first ten hosts of a range big enough are
@@ -531,11 +580,31 @@ mod tests {
             state: VmState::Running,
             private_ip: ip,
             public_ip: None,
+            private_ipv6: None,
             vpc_id: "vpc-1".into(),
             subnet_id: "subnet-1".into(),
             labels: Labels::new(),
             created_at: String::new(),
         }
+    }
+
+    #[test]
+    fn free_ipv6_mirrors_the_ipv4_offsets() {
+        let range: Ipv6Net = "fd00:10::/112".parse().unwrap();
+        assert_eq!(free_ipv6(range, []), Some("fd00:10::b".parse().unwrap()));
+        assert_eq!(
+            free_ipv6(range, ["fd00:10::b".parse().unwrap()]),
+            Some("fd00:10::c".parse().unwrap())
+        );
+        let v4: Ipv4Net = "127.10.0.0/24".parse().unwrap();
+        assert_eq!(free_ip(v4, []), Some(Ipv4Addr::new(127, 10, 0, 11)));
+        let tiny: Ipv6Net = "fd00:10::/126".parse().unwrap();
+        let all: Vec<Ipv6Addr> = ["fd00:10::1", "fd00:10::2", "fd00:10::3"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(free_ipv6(tiny, all[..2].to_vec()), Some(all[2]));
+        assert_eq!(free_ipv6(tiny, all), None);
     }
 
     #[test]

@@ -7,8 +7,8 @@ use ipnet::IpNet;
 
 use super::error::FieldError;
 use super::model::{
-    Algorithm, BackendInput, HealthCheck, HealthCheckInput, HealthCheckProtocol, Labels, LbBackend, LbInput, Protocol,
-    Rule, RuleInput, Vm, VmState,
+    Algorithm, BackendInput, HealthCheck, HealthCheckInput, HealthCheckProtocol, IpVersion, Labels, LbBackend, LbInput,
+    Protocol, PublicIp, Rule, RuleInput, Vm, VmState,
 };
 
 pub const MAX_RULES: usize = 50;
@@ -377,9 +377,94 @@ pub fn backends(input: &[BackendInput], vms: &[Vm], subnet_id: &str, errors: &mu
         out.push(LbBackend {
             vm_id: vm.id.clone(),
             private_ip: vm.private_ip,
+            private_ipv6: vm.private_ipv6,
         });
     }
     out
+}
+
+/// The `ip_versions` of a create or `PUT` body (`None`: `current`, i.e. `[4]` on create
+/// and unchanged on `PUT`): one or two distinct of 4 and 6, 6 only in a cluster that has
+/// IPv6. Answered in order, `[4, 6]`.
+pub fn ip_versions(
+    input: Option<&[i64]>,
+    current: &[IpVersion],
+    cluster_id: &str,
+    cluster_has_ipv6: bool,
+) -> Result<Vec<IpVersion>, FieldError> {
+    let Some(input) = input else {
+        return Ok(current.to_vec());
+    };
+    let field = "ip_versions";
+    if input.is_empty() {
+        return Err(FieldError::new(field, "must list 4, 6 or both"));
+    }
+    let mut out = Vec::new();
+    for &n in input {
+        let Some(v) = IpVersion::from_number(n) else {
+            return Err(FieldError::new(field, format!("must contain only 4 and 6, got {n}")));
+        };
+        if out.contains(&v) {
+            return Err(FieldError::new(field, format!("{n} is repeated")));
+        }
+        out.push(v);
+    }
+    out.sort();
+    if out.contains(&IpVersion::V6) && !cluster_has_ipv6 {
+        return Err(FieldError::new(field, format!("cluster {cluster_id} has no IPv6")));
+    }
+    Ok(out)
+}
+
+/// Where an LB's public IP of one family comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum IpSource {
+    /// The family is not in `ip_versions`: no IP.
+    None,
+    /// The platform acquires one from the region's pool.
+    Acquire,
+    /// The caller's IP, attached (free-ness is checked later: a 409, not a 422).
+    Attach(PublicIp),
+}
+
+/// Decides the public IP of `family` on create from `ip_versions` and the id given in
+/// `field` (`public_ip_id` or `public_ipv6_id`), looked up as `found`: an id for a family
+/// not in `ip_versions`, an unknown id, one in another region, or one of the other family
+/// is a 422 on `field`.
+pub fn ip_source(
+    family: IpVersion,
+    versions: &[IpVersion],
+    field: &str,
+    id: Option<&str>,
+    found: Option<&PublicIp>,
+    region: &str,
+) -> Result<IpSource, FieldError> {
+    let wanted = versions.contains(&family);
+    let Some(id) = id else {
+        return Ok(if wanted { IpSource::Acquire } else { IpSource::None });
+    };
+    if !wanted {
+        return Err(FieldError::new(
+            field,
+            format!("given, but {} is not in ip_versions", family.number()),
+        ));
+    }
+    let Some(ip) = found else {
+        return Err(FieldError::new(field, format!("public IP {id} does not exist")));
+    };
+    if ip.region != region {
+        return Err(FieldError::new(
+            field,
+            format!("public IP {id} is in region {}, not {region}", ip.region),
+        ));
+    }
+    if ip.version != family {
+        return Err(FieldError::new(
+            field,
+            format!("public IP {id} is {}, not {}", ip.version.name(), family.name()),
+        ));
+    }
+    Ok(IpSource::Attach(ip.clone()))
 }
 
 #[cfg(test)]
@@ -407,11 +492,90 @@ mod tests {
             state,
             private_ip: Ipv4Addr::new(127, 10, 0, 11),
             public_ip: None,
+            private_ipv6: None,
             vpc_id: "vpc-1".into(),
             subnet_id: subnet.into(),
             labels: Labels::new(),
             created_at: String::new(),
         }
+    }
+
+    #[test]
+    fn ip_versions_rules() {
+        use IpVersion::{V4, V6};
+        assert_eq!(ip_versions(None, &[V4], "cl-1", false), Ok(vec![V4]));
+        assert_eq!(ip_versions(None, &[V4, V6], "cl-1", true), Ok(vec![V4, V6]));
+        assert_eq!(ip_versions(Some(&[6, 4]), &[V4], "cl-1", true), Ok(vec![V4, V6]));
+        assert_eq!(ip_versions(Some(&[6]), &[V4], "cl-1", true), Ok(vec![V6]));
+        for bad in [&[][..], &[4, 4], &[5], &[4, 6, 4], &[0]] {
+            let e = ip_versions(Some(bad), &[V4], "cl-1", true).unwrap_err();
+            assert_eq!(e.field, "ip_versions", "{bad:?}");
+        }
+        let e = ip_versions(Some(&[4, 6]), &[V4], "cl-1", false).unwrap_err();
+        assert_eq!(e, FieldError::new("ip_versions", "cluster cl-1 has no IPv6"));
+        assert_eq!(ip_versions(Some(&[4]), &[V4], "cl-1", false), Ok(vec![V4]));
+    }
+
+    #[test]
+    fn ip_source_rules() {
+        use IpVersion::{V4, V6};
+        let ip = |id: &str, address: &str, region: &str| PublicIp {
+            id: id.into(),
+            address: address.parse().unwrap(),
+            version: IpVersion::of(address.parse().unwrap()),
+            region: region.into(),
+            labels: Labels::new(),
+            attached_to: None,
+        };
+        let v4 = ip("ip-4", "127.203.0.11", "jkt");
+        let v6 = ip("ip-6", "fd00:203::b", "jkt");
+        let far = ip("ip-far", "fd00:203::c", "sby");
+        let dual = [V4, V6];
+        assert_eq!(
+            ip_source(V6, &dual, "public_ipv6_id", None, None, "jkt"),
+            Ok(IpSource::Acquire)
+        );
+        assert_eq!(
+            ip_source(V6, &[V4], "public_ipv6_id", None, None, "jkt"),
+            Ok(IpSource::None)
+        );
+        assert_eq!(
+            ip_source(V6, &dual, "public_ipv6_id", Some("ip-6"), Some(&v6), "jkt"),
+            Ok(IpSource::Attach(v6.clone()))
+        );
+        let field_of = |r: Result<IpSource, FieldError>| r.unwrap_err().field;
+        // An id for a family the LB does not have.
+        assert_eq!(
+            field_of(ip_source(V6, &[V4], "public_ipv6_id", Some("ip-6"), Some(&v6), "jkt")),
+            "public_ipv6_id"
+        );
+        assert_eq!(
+            field_of(ip_source(V4, &[V6], "public_ip_id", Some("ip-4"), Some(&v4), "jkt")),
+            "public_ip_id"
+        );
+        // Unknown, other region, other family.
+        assert_eq!(
+            field_of(ip_source(V6, &dual, "public_ipv6_id", Some("ip-x"), None, "jkt")),
+            "public_ipv6_id"
+        );
+        assert_eq!(
+            field_of(ip_source(
+                V6,
+                &dual,
+                "public_ipv6_id",
+                Some("ip-far"),
+                Some(&far),
+                "jkt"
+            )),
+            "public_ipv6_id"
+        );
+        let e = ip_source(V6, &dual, "public_ipv6_id", Some("ip-4"), Some(&v4), "jkt").unwrap_err();
+        assert_eq!(e.message, "public IP ip-4 is IPv4, not IPv6");
+        let e = ip_source(V4, &dual, "public_ip_id", Some("ip-6"), Some(&v6), "jkt").unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.message.as_str()),
+            ("public_ip_id", "public IP ip-6 is IPv6, not IPv4")
+        );
     }
 
     fn fields(errors: &[FieldError]) -> Vec<&str> {

@@ -150,23 +150,24 @@ pub(crate) async fn run_checks(slot: Arc<BackendSlot>, check: HealthCheck, cance
             _ = cancel.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let success = if !slot.running() {
-            false
-        } else {
-            tokio::select! {
+        let success = match slot.check_ip {
+            // Stopped, or an IPv6-only LB's backend without `private_ipv6`.
+            _ if !slot.running() => false,
+            None => false,
+            Some(ip) => tokio::select! {
                 _ = cancel.cancelled() => return,
-                result = timeout(check.timeout, probe(&check.probe, slot.ip)) => match result {
+                result = timeout(check.timeout, probe(&check.probe, ip)) => match result {
                     Ok(Ok(())) => true,
                     Ok(Err(e)) => {
-                        tracing::trace!(vm_id = %slot.vm_id, ip = %slot.ip, error = %e, "health check failed");
+                        tracing::trace!(vm_id = %slot.vm_id, %ip, error = %e, "health check failed");
                         false
                     }
                     Err(_) => {
-                        tracing::trace!(vm_id = %slot.vm_id, ip = %slot.ip, "health check timed out");
+                        tracing::trace!(vm_id = %slot.vm_id, %ip, "health check timed out");
                         false
                     }
                 },
-            }
+            },
         };
         slot.record(success, &check);
     }

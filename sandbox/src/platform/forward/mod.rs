@@ -1,16 +1,18 @@
 //! The platform's data plane: every rule of every active load balancer listens on its
-//! public IP:port and forwards to the backends' private IP:port.
+//! public IPs (one per family):port and forwards to the backends' private IP (of the
+//! family the client reached):port.
 //!
 //! The API layer (`platform::api`) owns the load-balancer objects; it hands this module the
 //! listeners that should exist for one LB with [`Forwarder::apply_lb`] and reads backend
 //! health back with [`Forwarder::health`]. Nothing here knows about HTTP or JSON.
 //!
 //! Layout: `rule` runs one listener (its socket task, its swappable config, its backends'
-//! health-check tasks); `tcp` and `udp` are the data paths; `balance` (backend choice) and
-//! `health` (threshold state machine, probes) keep the decisions pure and unit-tested.
+//! health-check tasks); `tcp` and `udp` are the data paths; `balance` (backend choice),
+//! `family` (which address, which source) and `health` (threshold state machine, probes)
+//! keep the decisions pure and unit-tested.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -18,6 +20,7 @@ use ipnet::IpNet;
 use tokio_util::sync::CancellationToken;
 
 mod balance;
+mod family;
 mod health;
 mod rule;
 mod tcp;
@@ -25,6 +28,7 @@ mod tcp;
 mod tests;
 mod udp;
 
+pub(crate) use family::source_allowed;
 use rule::RuleRuntime;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -61,7 +65,10 @@ pub struct HealthCheck {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backend {
     pub vm_id: String,
+    /// Where clients of the LB's IPv4 address go.
     pub private_ip: IpAddr,
+    /// Where clients of the LB's IPv6 address go; `None`: no IPv6 traffic.
+    pub private_ipv6: Option<Ipv6Addr>,
     /// A stopped VM fails every health check, whatever listens on its address on loopback.
     pub running: bool,
 }
@@ -71,12 +78,16 @@ pub struct Backend {
 pub struct Listener {
     pub rule: String,
     pub protocol: Protocol,
-    pub listen: SocketAddr,
+    /// One address per public IP of the LB (at most one per family).
+    pub listen: Vec<SocketAddr>,
     pub private_port: u16,
     pub algorithm: Algorithm,
     /// Empty: any source.
     pub allowed_sources: Vec<IpNet>,
     pub health_check: HealthCheck,
+    /// Health checks go to the backends' `private_ipv6` (an IPv6-only LB) rather than
+    /// their `private_ip`.
+    pub check_ipv6: bool,
     pub backends: Vec<Backend>,
 }
 
@@ -118,13 +129,6 @@ impl Default for ForwarderSettings {
             max_udp_flows: 10_000,
         }
     }
-}
-
-/// Whether `client` may use a rule with these `allowed_sources` (empty: anyone).
-/// IPv4-mapped IPv6 clients are matched as IPv4.
-pub(crate) fn source_allowed(allowed: &[IpNet], client: IpAddr) -> bool {
-    let client = client.to_canonical();
-    allowed.is_empty() || allowed.iter().any(|net| net.contains(&client))
 }
 
 /// One lock per key (an LB id), plus one over all keys: changes to different LBs run
@@ -240,27 +244,35 @@ impl Forwarder {
     /// connections survive), stop removed ones. On a bind error the other listeners of
     /// the LB still run and the error is returned (the API marks the LB `error`).
     ///
-    /// A listener is identified by its protocol and listen address; a rule renamed or
-    /// otherwise changed on the same address keeps its socket. Backends that remain (same
-    /// VM id and private IP) keep their health state.
+    /// A listener is identified by its protocol and listen addresses: a running rule
+    /// sharing one of them with a new listener is updated in place (a rule renamed or
+    /// otherwise changed keeps its sockets; a family added or removed opens or closes only
+    /// that socket). Backends that remain (same VM id and private IPs) keep their health
+    /// state.
     pub async fn apply_lb(&self, lb_id: &str, listeners: Vec<Listener>) -> Result<(), ForwardError> {
         let _serial = self.reconcile.lock(lb_id).await;
         let current = self.rules(lb_id);
-        let (keep, stop): (Vec<_>, Vec<_>) = current.into_iter().partition(|r| {
-            listeners
-                .iter()
-                .any(|l| l.protocol == r.protocol && l.listen == r.listen)
-        });
+        let overlaps = |r: &RuleRuntime, l: &Listener| {
+            l.protocol == r.protocol && r.addresses().iter().any(|a| l.listen.contains(a))
+        };
+        let (keep, stop): (Vec<_>, Vec<_>) = current
+            .into_iter()
+            .partition(|r| listeners.iter().any(|l| overlaps(r, l)));
         futures::future::join_all(stop.iter().map(|r| r.stop())).await;
 
         let mut running: Vec<Arc<RuleRuntime>> = Vec::with_capacity(listeners.len());
         let mut first_error = None;
         for listener in listeners {
-            let (protocol, listen) = (listener.protocol, listener.listen);
-            if running.iter().any(|r| r.protocol == protocol && r.listen == listen) {
+            let protocol = listener.protocol;
+            let taken = listener.listen.iter().find(|a| {
+                running
+                    .iter()
+                    .any(|r| r.protocol == protocol && r.addresses().contains(a))
+            });
+            if let Some(&addr) = taken {
                 let error = ForwardError::Bind {
                     protocol,
-                    addr: listen,
+                    addr,
                     source: std::io::Error::new(
                         std::io::ErrorKind::AddrInUse,
                         "two rules of the load balancer listen there",
@@ -270,8 +282,14 @@ impl Forwarder {
                 first_error.get_or_insert(error);
                 continue;
             }
-            if let Some(rule) = keep.iter().find(|r| r.protocol == protocol && r.listen == listen) {
-                rule.update(listener);
+            let reusable = keep
+                .iter()
+                .find(|r| overlaps(r, &listener) && !running.iter().any(|x| Arc::ptr_eq(x, r)));
+            if let Some(rule) = reusable {
+                if let Err(error) = rule.update(listener, &self.settings) {
+                    tracing::warn!(lb_id, error = %error, "listener address not started");
+                    first_error.get_or_insert(error);
+                }
                 running.push(Arc::clone(rule));
                 continue;
             }
@@ -283,6 +301,12 @@ impl Forwarder {
                 }
             }
         }
+        // A kept rule that no new listener took (two old rules overlapping one new one).
+        let orphans: Vec<_> = keep
+            .iter()
+            .filter(|r| !running.iter().any(|x| Arc::ptr_eq(x, r)))
+            .collect();
+        futures::future::join_all(orphans.iter().map(|r| r.stop())).await;
         let mut lbs = self.lbs.lock().unwrap_or_else(PoisonError::into_inner);
         if running.is_empty() {
             lbs.remove(lb_id);

@@ -1,15 +1,16 @@
-//! One running rule (listener): its bound socket's task, its swappable configuration, its
-//! backends' health and its health-check tasks.
+//! One running rule (listener): its bound sockets' tasks (one per public IP of the LB),
+//! its swappable configuration, its backends' health and its health-check tasks.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use tokio::net::{TcpSocket, UdpSocket};
+use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::balance::{self, Candidate};
+use super::family::{self, Family};
 use super::health::{self, HealthTracker};
 use super::{ForwardError, ForwarderSettings, HealthCheck, HealthState, Listener, Protocol};
 use super::{tcp, udp};
@@ -24,8 +25,11 @@ const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 pub(crate) struct BackendSlot {
     pub vm_id: String,
     pub ip: IpAddr,
+    pub ipv6: Option<Ipv6Addr>,
     /// `private_ip:private_port`.
     pub addr: SocketAddr,
+    /// Where the health checks go; `None`: nowhere (they fail).
+    pub check_ip: Option<IpAddr>,
     running: AtomicBool,
     tracker: Mutex<HealthTracker>,
     /// Cache of `tracker.in_rotation()`, read on every new connection and UDP packet.
@@ -36,11 +40,14 @@ pub(crate) struct BackendSlot {
 }
 
 impl BackendSlot {
-    fn new(vm_id: String, ip: IpAddr, port: u16, running: bool, tracker: HealthTracker) -> Self {
+    fn new(backend: &super::Backend, port: u16, check_ipv6: bool, tracker: HealthTracker) -> Self {
+        let (ip, ipv6, running) = (backend.private_ip, backend.private_ipv6, backend.running);
         let slot = Self {
-            vm_id,
+            vm_id: backend.vm_id.clone(),
             ip,
+            ipv6,
             addr: SocketAddr::new(ip, port),
+            check_ip: family::check_target(check_ipv6, ip, ipv6),
             running: AtomicBool::new(running),
             health_ok: AtomicBool::new(tracker.in_rotation()),
             tracker: Mutex::new(tracker),
@@ -55,6 +62,19 @@ impl BackendSlot {
 
     pub(crate) fn running(&self) -> bool {
         self.running.load(Ordering::Relaxed)
+    }
+
+    /// Where a client of the `family` public address goes; `None`: not to this backend.
+    pub(crate) fn target(&self, family: Family) -> Option<SocketAddr> {
+        family::target(family, self.ip, self.ipv6).map(|ip| SocketAddr::new(ip, self.addr.port()))
+    }
+
+    /// The same backend (VM and addresses) as `backend` checked as `check_ipv6` says.
+    fn same_as(&self, backend: &super::Backend, check_ipv6: bool) -> bool {
+        self.vm_id == backend.vm_id
+            && self.ip == backend.private_ip
+            && self.ipv6 == backend.private_ipv6
+            && self.check_ip == family::check_target(check_ipv6, backend.private_ip, backend.private_ipv6)
     }
 
     fn set_running(&self, running: bool) {
@@ -136,9 +156,14 @@ pub(crate) struct RuleConfig {
 }
 
 impl RuleConfig {
-    /// The backends that may get a new connection now.
-    pub(crate) fn eligible(&self) -> Vec<Arc<BackendSlot>> {
-        self.backends.iter().filter(|b| b.in_rotation()).cloned().collect()
+    /// The backends that may get a new connection from a client of the `family` public
+    /// address now (in rotation, and with an address of that family).
+    pub(crate) fn eligible(&self, family: Family) -> Vec<Arc<BackendSlot>> {
+        self.backends
+            .iter()
+            .filter(|b| b.in_rotation() && b.target(family).is_some())
+            .cloned()
+            .collect()
     }
 }
 
@@ -200,79 +225,68 @@ struct CheckTask {
     cancel: CancellationToken,
 }
 
+/// One bound public address of a rule: its serving task stops with `cancel`, and with it
+/// the connections and flows that came in through it.
+struct ListenSocket {
+    addr: SocketAddr,
+    cancel: CancellationToken,
+}
+
 /// One running rule.
 pub(crate) struct RuleRuntime {
     pub protocol: Protocol,
-    pub listen: SocketAddr,
     shared: Arc<RuleShared>,
     cancel: CancellationToken,
     tasks: TaskTracker,
     checks: Mutex<Vec<CheckTask>>,
+    sockets: Mutex<Vec<ListenSocket>>,
 }
 
 impl RuleRuntime {
-    /// Binds `listener.listen` and starts forwarding and health checks.
+    /// Binds every address of `listener.listen` and starts forwarding and health checks.
+    /// Fails (nothing left running) when one address cannot be bound.
     pub(crate) async fn start(
         listener: Listener,
         parent: &CancellationToken,
         settings: &ForwarderSettings,
     ) -> Result<Self, ForwardError> {
         let protocol = listener.protocol;
-        let listen = listener.listen;
-        let bind_err = |source| ForwardError::Bind {
-            protocol,
-            addr: listen,
-            source,
-        };
         let backends = build_slots(&listener, None);
         let shared = Arc::new(RuleShared {
             config: RwLock::new(Arc::new(RuleConfig { listener, backends })),
             generation: AtomicU64::new(0),
             turn: AtomicUsize::new(0),
         });
-        let cancel = parent.child_token();
-        let tasks = TaskTracker::new();
-        match protocol {
-            Protocol::Tcp => {
-                let socket = bind_tcp(listen).map_err(bind_err)?;
-                tasks.spawn(tcp::serve(
-                    socket,
-                    Arc::clone(&shared),
-                    settings.clone(),
-                    cancel.clone(),
-                    tasks.clone(),
-                ));
-            }
-            Protocol::Udp => {
-                let socket = UdpSocket::bind(listen).await.map_err(bind_err)?;
-                tasks.spawn(udp::serve(
-                    Arc::new(socket),
-                    Arc::clone(&shared),
-                    settings.clone(),
-                    cancel.clone(),
-                    tasks.clone(),
-                ));
-            }
-        }
-        tracing::info!(?protocol, %listen, "listener started");
         let rule = Self {
             protocol,
-            listen,
             shared,
-            cancel,
-            tasks,
+            cancel: parent.child_token(),
+            tasks: TaskTracker::new(),
             checks: Mutex::new(Vec::new()),
+            sockets: Mutex::new(Vec::new()),
         };
+        // Dropping the rule on an error cancels what did start.
+        rule.sync_sockets(settings)?;
         rule.sync_checks();
         Ok(rule)
     }
 
-    /// Swaps in `listener`'s settings, keeping the socket, open connections, and the health
-    /// of backends that remain.
-    pub(crate) fn update(&self, listener: Listener) {
+    /// The public addresses bound now.
+    pub(crate) fn addresses(&self) -> Vec<SocketAddr> {
+        self.lock_sockets().iter().map(|s| s.addr).collect()
+    }
+
+    fn lock_sockets(&self) -> std::sync::MutexGuard<'_, Vec<ListenSocket>> {
+        self.sockets.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Swaps in `listener`'s settings, keeping the sockets of addresses that remain, open
+    /// connections through them, and the health of backends that remain. An address that
+    /// cannot be bound is an error; the rule keeps serving on the others.
+    pub(crate) fn update(&self, listener: Listener, settings: &ForwarderSettings) -> Result<(), ForwardError> {
         let old = self.shared.config();
         if old.listener == listener {
-            return;
+            return Ok(());
         }
         let backends = build_slots(&listener, Some(&old));
         for slot in &old.backends {
@@ -282,7 +296,74 @@ impl RuleRuntime {
         }
         self.shared.swap(Arc::new(RuleConfig { listener, backends }));
         self.sync_checks();
-        tracing::info!(protocol = ?self.protocol, listen = %self.listen, "listener updated");
+        tracing::info!(protocol = ?self.protocol, listen = ?self.addresses(), "listener updated");
+        self.sync_sockets(settings)
+    }
+
+    /// Makes the bound sockets match the config's addresses: closes the ones no longer
+    /// listed (cutting what came in through them), binds the new ones.
+    fn sync_sockets(&self, settings: &ForwarderSettings) -> Result<(), ForwardError> {
+        let wanted = self.shared.config().listener.listen.clone();
+        let mut sockets = self.lock_sockets();
+        sockets.retain(|s| {
+            let keep = wanted.contains(&s.addr);
+            if !keep {
+                s.cancel.cancel();
+                tracing::info!(protocol = ?self.protocol, listen = %s.addr, "listener address closed");
+            }
+            keep
+        });
+        let mut first_error = None;
+        for addr in wanted {
+            if sockets.iter().any(|s| s.addr == addr) {
+                continue;
+            }
+            match self.serve_on(addr, settings) {
+                Ok(cancel) => {
+                    tracing::info!(protocol = ?self.protocol, listen = %addr, "listener started");
+                    sockets.push(ListenSocket { addr, cancel });
+                }
+                Err(source) => {
+                    first_error.get_or_insert(ForwardError::Bind {
+                        protocol: self.protocol,
+                        addr,
+                        source,
+                    });
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Binds `addr` and spawns its serving task; the token stops it.
+    fn serve_on(&self, addr: SocketAddr, settings: &ForwarderSettings) -> std::io::Result<CancellationToken> {
+        let cancel = self.cancel.child_token();
+        let family = Family::of(addr);
+        match self.protocol {
+            Protocol::Tcp => {
+                let socket = TcpListener::from_std(bind(addr, Protocol::Tcp)?.into())?;
+                self.tasks.spawn(tcp::serve(
+                    socket,
+                    family,
+                    Arc::clone(&self.shared),
+                    settings.clone(),
+                    cancel.clone(),
+                    self.tasks.clone(),
+                ));
+            }
+            Protocol::Udp => {
+                let socket = UdpSocket::from_std(bind(addr, Protocol::Udp)?.into())?;
+                self.tasks.spawn(udp::serve(
+                    Arc::new(socket),
+                    family,
+                    Arc::clone(&self.shared),
+                    settings.clone(),
+                    cancel.clone(),
+                    self.tasks.clone(),
+                ));
+            }
+        }
+        Ok(cancel)
     }
 
     /// Makes the running health-check tasks match the current config.
@@ -321,15 +402,16 @@ impl RuleRuntime {
     pub(crate) async fn stop(&self) {
         self.cancel.cancel();
         self.tasks.close();
+        let listen = self.addresses();
         if tokio::time::timeout(STOP_GRACE, self.tasks.wait()).await.is_err() {
             tracing::warn!(
                 protocol = ?self.protocol,
-                listen = %self.listen,
+                ?listen,
                 remaining = self.tasks.len(),
                 "listener tasks did not stop in time"
             );
         }
-        tracing::info!(protocol = ?self.protocol, listen = %self.listen, "listener stopped");
+        tracing::info!(protocol = ?self.protocol, ?listen, "listener stopped");
     }
 }
 
@@ -339,31 +421,31 @@ impl Drop for RuleRuntime {
     }
 }
 
-/// The slots for `listener`'s backends: a backend that remains (same VM, IP and port) keeps
-/// its slot (health and open count); one whose port changed keeps its health.
+/// The slots for `listener`'s backends: a backend that remains (same VM, IPs, checked
+/// address and port) keeps its slot (health and open count); one whose port changed keeps
+/// its health.
 fn build_slots(listener: &Listener, old: Option<&RuleConfig>) -> Vec<Arc<BackendSlot>> {
+    let check_ipv6 = listener.check_ipv6;
     listener
         .backends
         .iter()
         .map(|b| {
-            let previous = old.and_then(|old| old.backends.iter().find(|s| s.vm_id == b.vm_id && s.ip == b.private_ip));
+            let previous = old.and_then(|old| old.backends.iter().find(|s| s.same_as(b, check_ipv6)));
             match previous {
                 Some(slot) if slot.addr.port() == listener.private_port => {
                     slot.set_running(b.running);
                     Arc::clone(slot)
                 }
                 Some(slot) => Arc::new(BackendSlot::new(
-                    b.vm_id.clone(),
-                    b.private_ip,
+                    b,
                     listener.private_port,
-                    b.running,
+                    check_ipv6,
                     slot.tracker_snapshot(),
                 )),
                 None => Arc::new(BackendSlot::new(
-                    b.vm_id.clone(),
-                    b.private_ip,
+                    b,
                     listener.private_port,
-                    b.running,
+                    check_ipv6,
                     HealthTracker::new(),
                 )),
             }
@@ -371,13 +453,27 @@ fn build_slots(listener: &Listener, old: Option<&RuleConfig>) -> Vec<Arc<Backend
         .collect()
 }
 
-fn bind_tcp(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
+/// A non-blocking socket bound to `addr` (TCP: listening). An IPv6 address is bound with
+/// `IPV6_FREEBIND`, so a `local` route for its range on `lo` is all the host needs (the
+/// sandbox's IPv6 ranges are not assigned to any interface; IPv6 loopback has only `::1`).
+fn bind(addr: SocketAddr, protocol: Protocol) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Socket, Type};
+    let (kind, proto) = match protocol {
+        Protocol::Tcp => (Type::STREAM, socket2::Protocol::TCP),
+        Protocol::Udp => (Type::DGRAM, socket2::Protocol::UDP),
     };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)
+    let socket = Socket::new(Domain::for_address(addr), kind, Some(proto))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+        socket.set_freebind_v6(true)?;
+    }
+    if protocol == Protocol::Tcp {
+        socket.set_reuse_address(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    if protocol == Protocol::Tcp {
+        socket.listen(1024)?;
+    }
+    Ok(socket)
 }

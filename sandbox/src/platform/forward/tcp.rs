@@ -9,6 +9,7 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::family::Family;
 use super::rule::{RuleConfig, RuleShared};
 use super::{ForwarderSettings, source_allowed};
 
@@ -17,8 +18,10 @@ const COPY_BUF: usize = 32 * 1024;
 /// Pause after a failed `accept` (e.g. out of file descriptors) before the next.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
+/// Serves one public address (of `family`) of a TCP rule.
 pub(crate) async fn serve(
     listener: TcpListener,
+    family: Family,
     shared: Arc<RuleShared>,
     settings: ForwarderSettings,
     cancel: CancellationToken,
@@ -50,6 +53,7 @@ pub(crate) async fn serve(
         tasks.spawn(proxy(
             stream,
             peer,
+            family,
             config,
             Arc::clone(&shared),
             settings.connect_timeout,
@@ -66,6 +70,7 @@ fn refuse(stream: TcpStream) {
 async fn proxy(
     mut client: TcpStream,
     peer: SocketAddr,
+    family: Family,
     config: Arc<RuleConfig>,
     shared: Arc<RuleShared>,
     connect_timeout: Duration,
@@ -73,7 +78,7 @@ async fn proxy(
 ) {
     let client_ip: IpAddr = peer.ip().to_canonical();
     let rule = &config.listener.rule;
-    let mut candidates = config.eligible();
+    let mut candidates = config.eligible(family);
     let mut retry_after = None;
     let (mut upstream, _open) = loop {
         let Some(i) = shared.pick(&config, &candidates, client_ip, retry_after) else {
@@ -82,18 +87,23 @@ async fn proxy(
             return;
         };
         let slot = Arc::clone(&candidates[i]);
+        // Eligible for `family` means it has an address of it.
+        let Some(backend) = slot.target(family) else {
+            refuse(client);
+            return;
+        };
         let open = slot.open_guard();
         let connected = tokio::select! {
             _ = cancel.cancelled() => return,
-            connected = timeout(connect_timeout, TcpStream::connect(slot.addr)) => connected,
+            connected = timeout(connect_timeout, TcpStream::connect(backend)) => connected,
         };
         match connected {
             Ok(Ok(upstream)) => break (upstream, open),
             Ok(Err(e)) => {
-                tracing::debug!(%rule, %peer, backend = %slot.addr, error = %e, "backend connect failed");
+                tracing::debug!(%rule, %peer, %backend, error = %e, "backend connect failed");
             }
             Err(_) => {
-                tracing::debug!(%rule, %peer, backend = %slot.addr, "backend connect timed out");
+                tracing::debug!(%rule, %peer, %backend, "backend connect timed out");
             }
         }
         if retry_after.is_some() {

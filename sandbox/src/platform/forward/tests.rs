@@ -2,7 +2,7 @@
 //! in 127.10.150-159.x, public addresses in 127.203.150-159.x, clients in 127.55-77.x.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -38,6 +38,7 @@ fn backend(vm_id: &str, private_ip: IpAddr) -> Backend {
     Backend {
         vm_id: vm_id.to_owned(),
         private_ip,
+        private_ipv6: None,
         running: true,
     }
 }
@@ -46,11 +47,12 @@ fn rule(protocol: Protocol, listen: SocketAddr, algorithm: Algorithm, backends: 
     Listener {
         rule: "r".to_owned(),
         protocol,
-        listen,
+        listen: vec![listen],
         private_port: BACKEND_PORT,
         algorithm,
         allowed_sources: Vec::new(),
         health_check: fast_check(BACKEND_PORT),
+        check_ipv6: false,
         backends,
     }
 }
@@ -124,7 +126,11 @@ async fn read_line(stream: &mut TcpStream) -> std::io::Result<String> {
 /// Connects (from `from` if given) and reads the backend's name.
 async fn connect_from(listen: SocketAddr, from: Option<IpAddr>) -> std::io::Result<(TcpStream, String)> {
     timeout(T, async {
-        let socket = TcpSocket::new_v4()?;
+        let socket = if listen.is_ipv6() {
+            TcpSocket::new_v6()?
+        } else {
+            TcpSocket::new_v4()?
+        };
         if let Some(from) = from {
             socket.bind(sa(from, 0))?;
         }
@@ -805,4 +811,228 @@ async fn keyed_locks_serialise_one_key_only() {
     );
     drop(all);
     let _c = timeout(T, locks.lock("lb-c")).await.expect("lb-c after lock_all");
+}
+
+// ---------------------------------------------------------------------------------------
+// Both families. IPv6 on the host's loopback has only ::1, so the IPv6 public address and
+// the one IPv6 backend are both ::1, on ports no other test uses; the sandbox's fd00:
+// ranges are tried in a network namespace by tests/platform_forwarding.rs.
+
+const V6_LOOPBACK: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
+
+/// A rule on `v4_public:8080` and `v6_public`, backends on `port`.
+fn dual_rule(
+    protocol: Protocol,
+    v4_public: SocketAddr,
+    v6_public: SocketAddr,
+    port: u16,
+    backends: Vec<Backend>,
+) -> Listener {
+    let mut l = rule(protocol, v4_public, Algorithm::RoundRobin, backends);
+    l.listen.push(v6_public);
+    l.private_port = port;
+    l.health_check = fast_check(port);
+    l
+}
+
+#[tokio::test]
+async fn tcp_dual_stack_sends_each_family_to_its_backend_address() {
+    const PORT: u16 = 19461;
+    let (b1, b2, public) = (ip(10, 161, 11), ip(10, 161, 12), ip(203, 161, 10));
+    let (v4_public, v6_public) = (sa(public, 8080), sa(V6_LOOPBACK, 19462));
+    let _s1 = TcpBackend::start(sa(b1, PORT), "b1").await;
+    let _s2 = TcpBackend::start(sa(b2, PORT), "b2").await;
+    let _s1v6 = TcpBackend::start(sa(V6_LOOPBACK, PORT), "b1-v6").await;
+    let mut vm1 = backend("vm-1", b1);
+    vm1.private_ipv6 = Some(Ipv6Addr::LOCALHOST);
+    // vm-2 has no private_ipv6: IPv4 traffic only.
+    let listener = dual_rule(
+        Protocol::Tcp,
+        v4_public,
+        v6_public,
+        PORT,
+        vec![vm1, backend("vm-2", b2)],
+    );
+    let fwd = Forwarder::new();
+    fwd.apply_lb("lb-dual", vec![listener.clone()]).await.unwrap();
+
+    let v4 = tally(v4_public, 10).await;
+    assert_eq!((v4.get("b1"), v4.get("b2")), (Some(&5), Some(&5)), "{v4:?}");
+    let v6 = tally(v6_public, 6).await;
+    assert_eq!(v6.get("b1-v6"), Some(&6), "{v6:?}");
+    // One health entry per rule and backend, as for an IPv4 LB.
+    assert_eq!(fwd.health("lb-dual").len(), 2);
+
+    // Only IPv4 sources listed: IPv6 clients are refused, IPv4 ones are not.
+    let mut v4_sources = listener.clone();
+    v4_sources.allowed_sources = vec!["127.0.0.0/8".parse().unwrap()];
+    fwd.apply_lb("lb-dual", vec![v4_sources.clone()]).await.unwrap();
+    assert!(refused(v6_public, None).await);
+    assert!(!identify(v4_public).await.is_empty());
+    // An IPv6 CIDR lets IPv6 clients in again.
+    let mut both = v4_sources.clone();
+    both.allowed_sources.push("::1/128".parse().unwrap());
+    fwd.apply_lb("lb-dual", vec![both]).await.unwrap();
+    assert_eq!(identify(v6_public).await, "b1-v6");
+    // Only an IPv6 CIDR: now IPv4 clients are the ones refused.
+    let mut v6_sources = listener.clone();
+    v6_sources.allowed_sources = vec!["::/0".parse().unwrap()];
+    fwd.apply_lb("lb-dual", vec![v6_sources]).await.unwrap();
+    assert!(refused(v4_public, None).await);
+    assert_eq!(identify(v6_public).await, "b1-v6");
+
+    // The backend with an IPv6 address leaves: IPv6 clients are refused (vm-2 has none),
+    // IPv4 clients still get vm-2.
+    fwd.apply_lb(
+        "lb-dual",
+        vec![dual_rule(
+            Protocol::Tcp,
+            v4_public,
+            v6_public,
+            PORT,
+            vec![backend("vm-2", b2)],
+        )],
+    )
+    .await
+    .unwrap();
+    assert!(refused(v6_public, None).await);
+    assert_eq!(identify(v4_public).await, "b2");
+
+    // Removing the IPv6 address closes only that socket: an open IPv4 connection lives on.
+    fwd.apply_lb("lb-dual", vec![listener.clone()]).await.unwrap();
+    let (mut open, _) = connect_from(v4_public, None).await.unwrap();
+    let mut v4_only = listener.clone();
+    v4_only.listen.truncate(1);
+    fwd.apply_lb("lb-dual", vec![v4_only]).await.unwrap();
+    assert!(refused(v6_public, None).await);
+    timeout(T, async {
+        open.write_all(b"still here\n").await.unwrap();
+        assert_eq!(read_line(&mut open).await.unwrap(), "still here");
+    })
+    .await
+    .expect("the IPv4 connection survives");
+    // And adding it back binds it again.
+    fwd.apply_lb("lb-dual", vec![listener]).await.unwrap();
+    assert_eq!(identify(v6_public).await, "b1-v6");
+    fwd.shutdown().await;
+}
+
+/// A UDP backend at `addr` answering `name:payload`.
+fn udp_echo(socket: UdpSocket, name: &'static str) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let mut reply = format!("{name}:").into_bytes();
+            reply.extend_from_slice(&buf[..n]);
+            let _ = socket.send_to(&reply, from).await;
+        }
+    })
+}
+
+#[tokio::test]
+async fn udp_dual_stack_sends_each_family_to_its_backend_address() {
+    const PORT: u16 = 19471;
+    let (b1, b2, public) = (ip(10, 162, 11), ip(10, 162, 12), ip(203, 162, 10));
+    let (v4_public, v6_public) = (sa(public, 5353), sa(V6_LOOPBACK, 19472));
+    // TCP health ports on the IPv4 addresses (checks of a dual-stack LB go there).
+    let _h1 = TcpBackend::start(sa(b1, PORT), "h1").await;
+    let _h2 = TcpBackend::start(sa(b2, PORT), "h2").await;
+    let echoes = [
+        udp_echo(UdpSocket::bind(sa(b1, PORT)).await.unwrap(), "b1"),
+        udp_echo(UdpSocket::bind(sa(b2, PORT)).await.unwrap(), "b2"),
+        udp_echo(UdpSocket::bind(sa(V6_LOOPBACK, PORT)).await.unwrap(), "b1-v6"),
+    ];
+    let mut vm1 = backend("vm-1", b1);
+    vm1.private_ipv6 = Some(Ipv6Addr::LOCALHOST);
+    let listener = dual_rule(
+        Protocol::Udp,
+        v4_public,
+        v6_public,
+        PORT,
+        vec![vm1, backend("vm-2", b2)],
+    );
+    let fwd = Forwarder::new();
+    fwd.apply_lb("lb-udp-dual", vec![listener.clone()]).await.unwrap();
+
+    let mut v4 = HashMap::<String, usize>::new();
+    for _ in 0..4 {
+        let client = UdpSocket::bind(sa(ip(55, 162, 1), 0)).await.unwrap();
+        *v4.entry(udp_ask(&client, v4_public, "ping", T).await.expect("v4 reply"))
+            .or_default() += 1;
+    }
+    assert_eq!((v4.get("b1"), v4.get("b2")), (Some(&2), Some(&2)), "{v4:?}");
+    for _ in 0..4 {
+        // udp_ask checks the reply comes from the IPv6 public address.
+        let client = UdpSocket::bind(sa(V6_LOOPBACK, 0)).await.unwrap();
+        assert_eq!(udp_ask(&client, v6_public, "ping6", T).await.as_deref(), Some("b1-v6"));
+    }
+
+    // Only IPv4 sources: IPv6 clients are dropped, IPv4 ones answered.
+    let mut v4_sources = listener.clone();
+    v4_sources.allowed_sources = vec!["127.55.162.0/24".parse().unwrap()];
+    fwd.apply_lb("lb-udp-dual", vec![v4_sources]).await.unwrap();
+    let v6_client = UdpSocket::bind(sa(V6_LOOPBACK, 0)).await.unwrap();
+    assert_eq!(
+        udp_ask(&v6_client, v6_public, "hi", Duration::from_millis(300)).await,
+        None
+    );
+    let v4_client = UdpSocket::bind(sa(ip(55, 162, 2), 0)).await.unwrap();
+    assert!(udp_ask(&v4_client, v4_public, "hi", T).await.is_some());
+
+    // No backend with an IPv6 address: IPv6 clients get nothing.
+    fwd.apply_lb(
+        "lb-udp-dual",
+        vec![dual_rule(
+            Protocol::Udp,
+            v4_public,
+            v6_public,
+            PORT,
+            vec![backend("vm-2", b2)],
+        )],
+    )
+    .await
+    .unwrap();
+    let v6_client = UdpSocket::bind(sa(V6_LOOPBACK, 0)).await.unwrap();
+    assert_eq!(
+        udp_ask(&v6_client, v6_public, "hi", Duration::from_millis(300)).await,
+        None
+    );
+    fwd.shutdown().await;
+    for e in echoes {
+        e.abort();
+    }
+}
+
+/// An IPv6-only LB checks its backends on `private_ipv6`; a backend without one has
+/// nothing to check and goes unhealthy.
+#[tokio::test]
+async fn ipv6_only_rule_checks_private_ipv6() {
+    const PORT: u16 = 19481;
+    let (b1, b2) = (ip(10, 163, 11), ip(10, 163, 12));
+    let v6_public = sa(V6_LOOPBACK, 19482);
+    // Nothing listens on the IPv4 addresses: only checks of ::1 can pass.
+    let _s1v6 = TcpBackend::start(sa(V6_LOOPBACK, PORT), "b1-v6").await;
+    let mut vm1 = backend("vm-1", b1);
+    vm1.private_ipv6 = Some(Ipv6Addr::LOCALHOST);
+    let mut listener = rule(
+        Protocol::Tcp,
+        v6_public,
+        Algorithm::RoundRobin,
+        vec![vm1, backend("vm-2", b2)],
+    );
+    listener.private_port = PORT;
+    listener.health_check = fast_check(PORT);
+    listener.check_ipv6 = true;
+    let fwd = Forwarder::new();
+    fwd.apply_lb("lb-v6", vec![listener]).await.unwrap();
+    wait_for("vm-1 healthy", || {
+        state_of(&fwd, "lb-v6", "vm-1") == Some(HealthState::Healthy)
+    })
+    .await;
+    wait_for("vm-2 unhealthy", || {
+        state_of(&fwd, "lb-v6", "vm-2") == Some(HealthState::Unhealthy)
+    })
+    .await;
+    assert_eq!(identify(v6_public).await, "b1-v6");
+    fwd.shutdown().await;
 }

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::family::Family;
 use super::rule::{BackendSlot, OpenGuard, RuleConfig, RuleShared};
 use super::{ForwarderSettings, source_allowed};
 
@@ -36,6 +37,8 @@ type Flows = Arc<Mutex<HashMap<SocketAddr, Arc<Flow>>>>;
 struct Flow {
     upstream: UdpSocket,
     slot: Arc<BackendSlot>,
+    /// The backend address the flow goes to.
+    backend: SocketAddr,
     /// Milliseconds since the rule's epoch of the last packet either way.
     last_seen: AtomicU64,
     cancel: CancellationToken,
@@ -56,9 +59,10 @@ fn lock(flows: &Flows) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<Flow
     flows.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Serves one UDP rule on `socket` until `cancel`.
+/// Serves one public address (of `family`) of a UDP rule on `socket` until `cancel`.
 pub(crate) async fn serve(
     socket: Arc<UdpSocket>,
+    family: Family,
     shared: Arc<RuleShared>,
     settings: ForwarderSettings,
     cancel: CancellationToken,
@@ -112,7 +116,7 @@ pub(crate) async fn serve(
                     }
                     continue;
                 }
-                let flow = match open_flow(&config, &shared, client, &cancel) {
+                let flow = match open_flow(&config, family, &shared, client, &cancel) {
                     Ok(Some(flow)) => flow,
                     Ok(None) => continue,
                     Err(e) => {
@@ -138,7 +142,7 @@ pub(crate) async fn serve(
         };
         flow.touch(epoch);
         if let Err(e) = flow.upstream.send(&buf[..len]).await {
-            tracing::debug!(%client, backend = %flow.slot.addr, error = %e, "UDP send to backend failed");
+            tracing::debug!(%client, backend = %flow.backend, error = %e, "UDP send to backend failed");
         }
     }
     for (_, flow) in lock(&flows).drain() {
@@ -158,20 +162,26 @@ fn remove_flow(flows: &Flows, client: SocketAddr, flow: &Arc<Flow>) {
 /// A new flow for `client` to a backend picked now; `None` when no backend is eligible.
 fn open_flow(
     config: &RuleConfig,
+    family: Family,
     shared: &RuleShared,
     client: SocketAddr,
     cancel: &CancellationToken,
 ) -> std::io::Result<Option<Arc<Flow>>> {
-    let candidates = config.eligible();
+    let candidates = config.eligible(family);
     let Some(i) = shared.pick(config, &candidates, client.ip().to_canonical(), None) else {
         tracing::debug!(rule = %config.listener.rule, %client, "no healthy backend: dropped");
         return Ok(None);
     };
     let slot = Arc::clone(&candidates[i]);
-    let upstream = connect_upstream(slot.addr)?;
-    tracing::trace!(rule = %config.listener.rule, %client, backend = %slot.addr, "new UDP flow");
+    // Eligible for `family` means it has an address of it.
+    let Some(backend) = slot.target(family) else {
+        return Ok(None);
+    };
+    let upstream = connect_upstream(backend)?;
+    tracing::trace!(rule = %config.listener.rule, %client, %backend, "new UDP flow");
     Ok(Some(Arc::new(Flow {
         upstream,
+        backend,
         last_seen: AtomicU64::new(0),
         cancel: cancel.child_token(),
         _open: slot.open_guard(),
@@ -210,14 +220,14 @@ async fn reply_loop(
             _ = &mut sleep => {
                 let deadline = expiry(&flow);
                 if Instant::now() >= deadline {
-                    tracing::trace!(%client, backend = %flow.slot.addr, "UDP flow expired");
+                    tracing::trace!(%client, backend = %flow.backend, "UDP flow expired");
                     break;
                 }
                 sleep.as_mut().reset(deadline);
             }
             ready = flow.upstream.readable() => {
                 if let Err(e) = ready {
-                    tracing::debug!(%client, backend = %flow.slot.addr, error = %e, "UDP upstream failed");
+                    tracing::debug!(%client, backend = %flow.backend, error = %e, "UDP upstream failed");
                     break;
                 }
                 forward_replies(&flow, client, &listen, epoch);
@@ -241,7 +251,7 @@ fn forward_replies(flow: &Flow, client: SocketAddr, listen: &UdpSocket, epoch: I
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
                     // E.g. ICMP port unreachable from the backend: reported once, go on.
-                    tracing::debug!(%client, backend = %flow.slot.addr, error = %e, "UDP receive from backend failed");
+                    tracing::debug!(%client, backend = %flow.backend, error = %e, "UDP receive from backend failed");
                 }
             }
         }
