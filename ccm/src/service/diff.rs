@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use crate::platform::labels::LABEL_RETAIN_PUBLIC_IP;
 use crate::platform::{
-    BackendRef, HealthCheck, HealthCheckProtocol, LABEL_CLUSTER_ID, LABEL_SERVICE_NAME, LABEL_SERVICE_NAMESPACE,
+    BackendRef, HealthCheck, HealthCheckProtocol, IpVersion, LABEL_CLUSTER_ID, LABEL_SERVICE_NAME, LABEL_SERVICE_NAMESPACE,
     LABEL_SERVICE_UID, LbStatus, LoadBalancer, LoadBalancerSpec, LoadBalancerUpdate, Rule,
 };
 use crate::service::desired::{DesiredLb, PublicIpRequest, merge_labels};
@@ -121,7 +121,8 @@ pub enum ApplyPlan {
     Update {
         id: String,
         update: LoadBalancerUpdate,
-        /// What differs, for the Event (`rules`, `backends`, `labels`, `retry`).
+        /// What differs, for the Event (`ip_versions`, `rules`, `backends`,
+        /// `backend_ips`, `labels`, `retry`).
         changes: Vec<&'static str>,
     },
     /// The LB is provisioning, updating or deleting: poll, change nothing.
@@ -171,14 +172,38 @@ fn backend_set<'a>(ids: impl IntoIterator<Item = &'a str>) -> BTreeSet<&'a str> 
 /// Whether a backend's `private_ip` (filled by the platform at the last create/PUT) is
 /// not its node's `InternalIP` any more: the VM's address changed and only a PUT makes
 /// the platform read it again. Backends whose address either side does not know count
-/// as current.
+/// as current. On an LB serving IPv6 the same holds for `private_ipv6` against the
+/// node's IPv6 `InternalIP`, and a backend without `private_ipv6` whose node has one
+/// (its VM got an IPv6 address since) is stale too: it would get no IPv6 traffic.
 fn stale_backend_ips(lb: &LoadBalancer, desired: &DesiredLb) -> bool {
+    let serves_v6 = desired.ip_versions.contains(&IpVersion::V6);
     lb.backends.iter().any(|b| {
-        matches!(
+        let v4_stale = matches!(
             (b.private_ip, desired.backend_ips.get(&b.vm_id)),
             (Some(actual), Some(want)) if actual != *want
-        )
+        );
+        let v6_stale = serves_v6
+            && desired
+                .backend_ipv6s
+                .get(&b.vm_id)
+                .is_some_and(|want| b.private_ipv6 != Some(*want));
+        v4_stale || v6_stale
     })
+}
+
+/// `ip_versions` as written: `None` (the platform's default, `[4]`) for an IPv4 LB, so
+/// that what an IPv4 Service sends is what it sent before dual-stack.
+fn written_ip_versions(v: &[IpVersion]) -> Option<Vec<IpVersion>> {
+    (v != [IpVersion::V4]).then(|| v.to_vec())
+}
+
+/// Whether the LB's public IP of `a`'s family is not `a` (`None`: it has none yet).
+fn address_mismatch(lb: &LoadBalancer, a: &std::net::IpAddr) -> bool {
+    let have = match IpVersion::of(a) {
+        IpVersion::V4 => &lb.public_ip,
+        IpVersion::V6 => &lb.public_ipv6,
+    };
+    have.as_ref().is_some_and(|ip| &ip.address != a)
 }
 
 /// Compares the LB found with the desired one. `resolved_ip_id` is the ID of the public
@@ -189,14 +214,23 @@ pub fn plan_apply(
     resolved_ip_id: Option<&str>,
 ) -> Result<ApplyPlan, PlanRefusal> {
     let Some(lb) = actual else {
-        let public_ip_id = match &desired.public_ip {
-            PublicIpRequest::Acquire => None,
-            PublicIpRequest::Id(id) => Some(id.clone()),
-            PublicIpRequest::Address(_) => resolved_ip_id.map(str::to_owned),
+        // The annotation names the IPv4 IP; an address names an IP of its own family.
+        let (public_ip_id, public_ipv6_id) = match &desired.public_ip {
+            PublicIpRequest::Acquire => (None, None),
+            PublicIpRequest::Id(id) => (Some(id.clone()), None),
+            PublicIpRequest::Address(a) => {
+                let id = resolved_ip_id.map(str::to_owned);
+                match IpVersion::of(a) {
+                    IpVersion::V4 => (id, None),
+                    IpVersion::V6 => (None, id),
+                }
+            }
         };
         return Ok(ApplyPlan::Create(LoadBalancerSpec {
             name: desired.name.clone(),
             public_ip_id,
+            public_ipv6_id,
+            ip_versions: written_ip_versions(&desired.ip_versions),
             labels: desired.labels.clone(),
             rules: desired.rules.clone(),
             backends: desired.backends.clone(),
@@ -217,21 +251,35 @@ pub fn plan_apply(
             desired: desired.name.clone(),
         });
     }
-    if let Some(ip) = &lb.public_ip {
-        let mismatch = match &desired.public_ip {
-            PublicIpRequest::Acquire => None,
-            PublicIpRequest::Id(id) => (id != &ip.id).then(|| id.clone()),
-            PublicIpRequest::Address(a) => (a != &ip.address).then(|| a.to_string()),
-        };
-        if let Some(desired) = mismatch {
-            return Err(PlanRefusal::PublicIpChange {
-                actual: format!("{} ({})", ip.address, ip.id),
-                desired,
-            });
-        }
+    let mismatch = match &desired.public_ip {
+        PublicIpRequest::Acquire => None,
+        PublicIpRequest::Id(id) => lb
+            .public_ip
+            .as_ref()
+            .filter(|ip| &ip.id != id)
+            .map(|ip| (ip, id.clone())),
+        PublicIpRequest::Address(a) => address_mismatch(lb, a)
+            .then(|| lb.public_ips().find(|ip| IpVersion::of(&ip.address) == IpVersion::of(a)))
+            .flatten()
+            .map(|ip| (ip, a.to_string())),
+    };
+    if let Some((ip, desired)) = mismatch {
+        return Err(PlanRefusal::PublicIpChange {
+            actual: format!("{} ({})", ip.address, ip.id),
+            desired,
+        });
     }
 
     let mut changes = Vec::new();
+    // Families are changed in place (the platform acquires or releases the IP of a family
+    // added or removed); never a new LB.
+    let mut actual_versions = lb.ip_versions.clone();
+    actual_versions.sort();
+    actual_versions.dedup();
+    let ip_versions_changed = actual_versions != desired.ip_versions;
+    if ip_versions_changed {
+        changes.push("ip_versions");
+    }
     if normalize_rules(&lb.rules) != normalize_rules(&desired.rules) {
         changes.push("rules");
     }
@@ -262,6 +310,7 @@ pub fn plan_apply(
                 .map(|b| BackendRef::new(b.vm_id.clone()))
                 .collect(),
             labels,
+            ip_versions: ip_versions_changed.then(|| desired.ip_versions.clone()),
         },
         changes,
     })
@@ -382,10 +431,12 @@ pub(crate) mod tests {
             region: "jkt".into(),
             vpc_id: "vpc-1".into(),
             subnet_id: "subnet-1".into(),
+            ip_versions: d.ip_versions.clone(),
             public_ip: Some(LbPublicIp {
                 id: "ip-1".into(),
                 address: "127.203.0.10".parse().expect("ip"),
             }),
+            public_ipv6: None,
             labels: d.labels.clone(),
             status: LbStatus::Active,
             status_message: String::new(),
@@ -397,6 +448,7 @@ pub(crate) mod tests {
                 .map(|b| Backend {
                     vm_id: b.vm_id.clone(),
                     private_ip: Some("127.10.0.11".parse().expect("ip")),
+                    private_ipv6: None,
                 })
                 .collect(),
             health: vec![],
