@@ -820,6 +820,141 @@ pub(crate) mod tests {
         assert!(e.to_string().contains("spec.loadBalancerSourceRanges[0]"), "{e}");
     }
 
+    fn with_families(mut s: Service, families: &[&str], policy: &str) -> Service {
+        spec_mut(&mut s).ip_families = Some(families.iter().map(|f| (*f).to_owned()).collect());
+        spec_mut(&mut s).ip_family_policy = Some(policy.to_owned());
+        s
+    }
+
+    /// `ipFamilies` / `ipFamilyPolicy` through the whole desired LB (the table of cases
+    /// is in `families`): the LB's families, and the refusal before anything else.
+    #[test]
+    fn ip_families_decide_the_lb_families() {
+        use IpVersion::{V4, V6};
+        assert_eq!(desired(&svc()).expect("d").ip_versions, vec![V4], "IPv4 as before");
+        assert_eq!(
+            desired_load_balancer(&svc(), &nodes3(), &dual_cfg()).expect("d").ip_versions,
+            vec![V4],
+            "an IPv4 Service on a dual-stack platform cluster stays IPv4"
+        );
+        let prefer = with_families(svc(), &["IPv4", "IPv6"], "PreferDualStack");
+        let d = desired_load_balancer(&prefer, &nodes3(), &dual_cfg()).expect("d");
+        assert_eq!(d.ip_versions, vec![V4, V6]);
+        assert_eq!(desired(&prefer).expect("d").ip_versions, vec![V4], "no IPv6 on the platform");
+
+        let require = with_families(svc(), &["IPv4", "IPv6"], "RequireDualStack");
+        assert_eq!(
+            desired_load_balancer(&require, &nodes3(), &dual_cfg()).expect("d").ip_versions,
+            vec![V4, V6]
+        );
+        let e = desired(&require).expect_err("refused");
+        assert_eq!(e.reason(), "IPv6Unavailable");
+        assert!(matches!(&e, Refusal::Ipv6Unavailable { field, .. } if field == "spec.ipFamilyPolicy"));
+        let v6 = with_families(svc(), &["IPv6"], "SingleStack");
+        assert_eq!(desired(&v6).expect_err("refused").reason(), "IPv6Unavailable");
+        assert_eq!(
+            desired_load_balancer(&v6, &nodes3(), &dual_cfg()).expect("d").ip_versions,
+            vec![V6]
+        );
+        // The policy is part of what the LB is: switching it changes the desired LB.
+        assert_ne!(
+            desired_load_balancer(&prefer, &nodes3(), &dual_cfg()).expect("d"),
+            desired_load_balancer(&svc(), &nodes3(), &dual_cfg()).expect("d")
+        );
+    }
+
+    /// An IPv6-only LB can only send to VMs with IPv6: its backends are the nodes with an
+    /// IPv6 InternalIP. Dual-stack keeps every node (the platform gives IPv6 clients only
+    /// to backends with a `private_ipv6`), and knows each backend's IPv6 address.
+    #[test]
+    fn backends_by_the_families_the_lb_serves() {
+        use crate::service::nodes::tests::with_internal_ips;
+        let nodes = vec![
+            with_internal_ips(node("a"), &["127.10.0.11", "fd00:10::11"]),
+            with_internal_ips(node("b"), &["127.10.0.12"]),
+            with_internal_ips(node("c"), &["fd00:10::13"]),
+        ];
+        let ids = |d: &DesiredLb| d.backends.iter().map(|b| b.vm_id.clone()).collect::<Vec<_>>();
+        let v4 = desired_load_balancer(&svc(), &nodes, &dual_cfg()).expect("d");
+        assert_eq!(ids(&v4), vec!["vm-a", "vm-b", "vm-c"]);
+        assert!(v4.backend_ipv6s.is_empty(), "an IPv4 LB compares no IPv6 address");
+        let dual = with_families(svc(), &["IPv4", "IPv6"], "RequireDualStack");
+        let d = desired_load_balancer(&dual, &nodes, &dual_cfg()).expect("d");
+        assert_eq!(ids(&d), vec!["vm-a", "vm-b", "vm-c"]);
+        assert_eq!(d.eligible_backends, 3);
+        assert_eq!(
+            d.backend_ipv6s.keys().cloned().collect::<Vec<_>>(),
+            vec!["vm-a".to_owned(), "vm-c".to_owned()]
+        );
+        let v6 = with_families(svc(), &["IPv6"], "SingleStack");
+        let d = desired_load_balancer(&v6, &nodes, &dual_cfg()).expect("d");
+        assert_eq!(ids(&d), vec!["vm-a", "vm-c"]);
+        assert_eq!(d.eligible_backends, 2);
+        // The node selector still applies on top.
+        let selected = annotate(v6, a::NODE_SELECTOR, "pool=edge");
+        let mut edged = nodes.clone();
+        edged[2] = with_label(edged[2].clone(), "pool", "edge");
+        edged[1] = with_label(edged[1].clone(), "pool", "edge");
+        let d = desired_load_balancer(&selected, &edged, &dual_cfg()).expect("d");
+        assert_eq!(ids(&d), vec!["vm-c"]);
+    }
+
+    /// Source ranges of both families go to every rule (the platform matches a client
+    /// against the CIDRs of its family); an invalid one, of either family, is refused.
+    #[test]
+    fn source_ranges_of_both_families() {
+        let mut s = with_families(svc(), &["IPv4", "IPv6"], "PreferDualStack");
+        spec_mut(&mut s).load_balancer_source_ranges = Some(vec![
+            "2001:db8::/32".into(),
+            "10.0.0.0/8".into(),
+            " fd00:1::7/64".into(),
+            "2001:db8::/32".into(),
+        ]);
+        let d = desired_load_balancer(&s, &nodes3(), &dual_cfg()).expect("desired");
+        let want: Vec<IpNet> = ["10.0.0.0/8", "2001:db8::/32", "fd00:1::/64"]
+            .iter()
+            .map(|c| c.parse().expect("cidr"))
+            .collect();
+        assert!(d.rules.iter().all(|r| r.allowed_sources == want), "{:?}", d.rules);
+        for bad in ["fd00::/129", "fd00:::1/64", "2001:db8::"] {
+            spec_mut(&mut s).load_balancer_source_ranges = Some(vec!["10.0.0.0/8".into(), bad.into()]);
+            let e = desired_load_balancer(&s, &nodes3(), &dual_cfg()).expect_err(bad);
+            assert_eq!(e.reason(), "UnsupportedServiceSpec");
+            assert!(e.to_string().contains("spec.loadBalancerSourceRanges[1]"), "{e}");
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+    }
+
+    /// `spec.loadBalancerIP` may name a public IP of either family the LB serves; the
+    /// public-IP annotation names the IPv4 one, so an IPv6-only LB cannot take it.
+    #[test]
+    fn reused_public_ips_by_family() {
+        let dual = with_families(svc(), &["IPv4", "IPv6"], "RequireDualStack");
+        let mut by_v6 = dual.clone();
+        spec_mut(&mut by_v6).load_balancer_ip = Some("fd00:203::9".into());
+        assert_eq!(
+            desired_load_balancer(&by_v6, &nodes3(), &dual_cfg()).expect("d").public_ip,
+            PublicIpRequest::Address("fd00:203::9".parse().expect("ip"))
+        );
+        let mut v6_on_v4 = svc();
+        spec_mut(&mut v6_on_v4).load_balancer_ip = Some("fd00:203::9".into());
+        let e = desired_load_balancer(&v6_on_v4, &nodes3(), &dual_cfg()).expect_err("refused");
+        assert!(e.to_string().starts_with("spec.loadBalancerIP: fd00:203::9 is an IPv6 address"), "{e}");
+        let v6_only = with_families(svc(), &["IPv6"], "SingleStack");
+        let annotated = annotate(v6_only.clone(), a::PUBLIC_IP_ID, "ip-8d1e");
+        let e = desired_load_balancer(&annotated, &nodes3(), &dual_cfg()).expect_err("refused");
+        assert!(e.to_string().contains(a::PUBLIC_IP_ID), "{e}");
+        assert!(e.to_string().contains("IPv6 only"), "{e}");
+        let mut v4_on_v6 = v6_only;
+        spec_mut(&mut v4_on_v6).load_balancer_ip = Some("127.203.0.10".into());
+        assert!(desired_load_balancer(&v4_on_v6, &nodes3(), &dual_cfg()).is_err());
+        let annotated_dual = annotate(dual, a::PUBLIC_IP_ID, "ip-8d1e");
+        assert_eq!(
+            desired_load_balancer(&annotated_dual, &nodes3(), &dual_cfg()).expect("d").public_ip,
+            PublicIpRequest::Id("ip-8d1e".into())
+        );
+    }
+
     #[test]
     fn session_affinity_and_algorithm_annotation() {
         let mut s = svc();
