@@ -626,14 +626,14 @@ impl Platform for FakePlatform {
             .and_then(|m| m.get(id))
             .map(|(lb, _)| (lb.clone(), lb.status.clone()))
             .ok_or_else(|| not_found(format!("load balancer {id} in cluster {cluster_id}")))?;
-        if matches!(
-            status,
-            LbStatus::Provisioning | LbStatus::Updating | LbStatus::Deleting
-        ) {
+        if matches!(status, LbStatus::Provisioning | LbStatus::Updating | LbStatus::Deleting) {
             return Err(FakeFailure::Conflict("load balancer is updating".into()).to_error());
         }
         // Families added get an acquired IP, families removed let theirs go.
-        let mut public = [(IpVersion::V4, current.public_ip.clone()), (IpVersion::V6, current.public_ipv6.clone())];
+        let mut public = [
+            (IpVersion::V4, current.public_ip.clone()),
+            (IpVersion::V6, current.public_ipv6.clone()),
+        ];
         let mut ip_versions = current.ip_versions.clone();
         if let Some(want) = &update.ip_versions {
             validate_ip_versions(&cluster, want)?;

@@ -244,13 +244,7 @@ async fn in_sync(
         format!("load balancer {} is active at {}", lb.id, ingress.join(", "))
     });
     let became_ready = condition_differs(svc, &ready);
-    patch_status(
-        api,
-        svc,
-        IngressUpdate::Set(ingress),
-        ConditionUpdate::Set(ready),
-    )
-    .await?;
+    patch_status(api, svc, IngressUpdate::Set(ingress), ConditionUpdate::Set(ready)).await?;
     if became_ready {
         publish(
             ctx,

@@ -833,18 +833,26 @@ pub(crate) mod tests {
         use IpVersion::{V4, V6};
         assert_eq!(desired(&svc()).expect("d").ip_versions, vec![V4], "IPv4 as before");
         assert_eq!(
-            desired_load_balancer(&svc(), &nodes3(), &dual_cfg()).expect("d").ip_versions,
+            desired_load_balancer(&svc(), &nodes3(), &dual_cfg())
+                .expect("d")
+                .ip_versions,
             vec![V4],
             "an IPv4 Service on a dual-stack platform cluster stays IPv4"
         );
         let prefer = with_families(svc(), &["IPv4", "IPv6"], "PreferDualStack");
         let d = desired_load_balancer(&prefer, &nodes3(), &dual_cfg()).expect("d");
         assert_eq!(d.ip_versions, vec![V4, V6]);
-        assert_eq!(desired(&prefer).expect("d").ip_versions, vec![V4], "no IPv6 on the platform");
+        assert_eq!(
+            desired(&prefer).expect("d").ip_versions,
+            vec![V4],
+            "no IPv6 on the platform"
+        );
 
         let require = with_families(svc(), &["IPv4", "IPv6"], "RequireDualStack");
         assert_eq!(
-            desired_load_balancer(&require, &nodes3(), &dual_cfg()).expect("d").ip_versions,
+            desired_load_balancer(&require, &nodes3(), &dual_cfg())
+                .expect("d")
+                .ip_versions,
             vec![V4, V6]
         );
         let e = desired(&require).expect_err("refused");
@@ -853,7 +861,9 @@ pub(crate) mod tests {
         let v6 = with_families(svc(), &["IPv6"], "SingleStack");
         assert_eq!(desired(&v6).expect_err("refused").reason(), "IPv6Unavailable");
         assert_eq!(
-            desired_load_balancer(&v6, &nodes3(), &dual_cfg()).expect("d").ip_versions,
+            desired_load_balancer(&v6, &nodes3(), &dual_cfg())
+                .expect("d")
+                .ip_versions,
             vec![V6]
         );
         // The policy is part of what the LB is: switching it changes the desired LB.
@@ -933,13 +943,19 @@ pub(crate) mod tests {
         let mut by_v6 = dual.clone();
         spec_mut(&mut by_v6).load_balancer_ip = Some("fd00:203::9".into());
         assert_eq!(
-            desired_load_balancer(&by_v6, &nodes3(), &dual_cfg()).expect("d").public_ip,
+            desired_load_balancer(&by_v6, &nodes3(), &dual_cfg())
+                .expect("d")
+                .public_ip,
             PublicIpRequest::Address("fd00:203::9".parse().expect("ip"))
         );
         let mut v6_on_v4 = svc();
         spec_mut(&mut v6_on_v4).load_balancer_ip = Some("fd00:203::9".into());
         let e = desired_load_balancer(&v6_on_v4, &nodes3(), &dual_cfg()).expect_err("refused");
-        assert!(e.to_string().starts_with("spec.loadBalancerIP: fd00:203::9 is an IPv6 address"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("spec.loadBalancerIP: fd00:203::9 is an IPv6 address"),
+            "{e}"
+        );
         let v6_only = with_families(svc(), &["IPv6"], "SingleStack");
         let annotated = annotate(v6_only.clone(), a::PUBLIC_IP_ID, "ip-8d1e");
         let e = desired_load_balancer(&annotated, &nodes3(), &dual_cfg()).expect_err("refused");
@@ -950,7 +966,9 @@ pub(crate) mod tests {
         assert!(desired_load_balancer(&v4_on_v6, &nodes3(), &dual_cfg()).is_err());
         let annotated_dual = annotate(dual, a::PUBLIC_IP_ID, "ip-8d1e");
         assert_eq!(
-            desired_load_balancer(&annotated_dual, &nodes3(), &dual_cfg()).expect("d").public_ip,
+            desired_load_balancer(&annotated_dual, &nodes3(), &dual_cfg())
+                .expect("d")
+                .public_ip,
             PublicIpRequest::Id("ip-8d1e".into())
         );
     }

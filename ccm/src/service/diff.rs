@@ -5,8 +5,8 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use crate::platform::labels::LABEL_RETAIN_PUBLIC_IP;
 use crate::platform::{
-    BackendRef, HealthCheck, HealthCheckProtocol, IpVersion, LABEL_CLUSTER_ID, LABEL_SERVICE_NAME, LABEL_SERVICE_NAMESPACE,
-    LABEL_SERVICE_UID, LbStatus, LoadBalancer, LoadBalancerSpec, LoadBalancerUpdate, Rule,
+    BackendRef, HealthCheck, HealthCheckProtocol, IpVersion, LABEL_CLUSTER_ID, LABEL_SERVICE_NAME,
+    LABEL_SERVICE_NAMESPACE, LABEL_SERVICE_UID, LbStatus, LoadBalancer, LoadBalancerSpec, LoadBalancerUpdate, Rule,
 };
 use crate::service::desired::{DesiredLb, PublicIpRequest, merge_labels};
 
@@ -263,7 +263,10 @@ pub fn plan_apply(
             .filter(|ip| &ip.id != id)
             .map(|ip| (ip, id.clone())),
         PublicIpRequest::Address(a) => address_mismatch(lb, a)
-            .then(|| lb.public_ips().find(|ip| IpVersion::of(&ip.address) == IpVersion::of(a)))
+            .then(|| {
+                lb.public_ips()
+                    .find(|ip| IpVersion::of(&ip.address) == IpVersion::of(a))
+            })
             .flatten()
             .map(|ip| (ip, a.to_string())),
     };
@@ -658,7 +661,15 @@ pub(crate) mod tests {
         let d = desired_load_balancer(&s, &nodes("fd00:10::12"), &dual_cfg()).expect("d");
         let mut lb = echoed_dual(&d);
         for b in &mut lb.backends {
-            b.private_ipv6 = Some(if b.vm_id == "vm-a" { "fd00:10::11" } else { "fd00:10::12" }.parse().expect("ip"));
+            b.private_ipv6 = Some(
+                if b.vm_id == "vm-a" {
+                    "fd00:10::11"
+                } else {
+                    "fd00:10::12"
+                }
+                .parse()
+                .expect("ip"),
+            );
         }
         assert_eq!(plan_apply(Some(&lb), &d, None), Ok(ApplyPlan::InSync));
         let moved = desired_load_balancer(&s, &nodes("fd00:10::50"), &dual_cfg()).expect("d");
@@ -700,7 +711,10 @@ pub(crate) mod tests {
         let mut v4_lb = echoed(&d);
         v4_lb.ip_versions = vec![IpVersion::V4];
         let e = plan_apply(Some(&v4_lb), &d, None).expect_err("refused");
-        assert!(matches!(&e, PlanRefusal::PublicIpFamilyAdded { family: "IPv6", .. }), "{e}");
+        assert!(
+            matches!(&e, PlanRefusal::PublicIpFamilyAdded { family: "IPv6", .. }),
+            "{e}"
+        );
         // Without the address, the same change is a PUT adding IPv6.
         d.public_ip = PublicIpRequest::Acquire;
         assert!(matches!(

@@ -142,7 +142,12 @@ mod tests {
     fn families_decide_the_lb_ip_versions() {
         let dual = [V4, V6];
         let v4 = [V4];
-        type Case<'a> = (Option<&'a [&'a str]>, Option<&'a str>, &'a [IpVersion], Result<Vec<IpVersion>, &'a str>);
+        type Case<'a> = (
+            Option<&'a [&'a str]>,
+            Option<&'a str>,
+            &'a [IpVersion],
+            Result<Vec<IpVersion>, &'a str>,
+        );
         let cases: &[Case] = &[
             // Unset: IPv4 as before, whatever the platform has.
             (None, None, &v4, Ok(vec![V4])),
@@ -155,22 +160,52 @@ mod tests {
             (Some(&["IPv6"]), Some("SingleStack"), &v4, Err("IPv6Unavailable")),
             (Some(&["IPv4"]), Some("SingleStack"), &v4, Ok(vec![V4])),
             // PreferDualStack: what the Service lists and the platform has.
-            (Some(&["IPv4", "IPv6"]), Some("PreferDualStack"), &dual, Ok(vec![V4, V6])),
-            (Some(&["IPv6", "IPv4"]), Some("PreferDualStack"), &dual, Ok(vec![V4, V6])),
+            (
+                Some(&["IPv4", "IPv6"]),
+                Some("PreferDualStack"),
+                &dual,
+                Ok(vec![V4, V6]),
+            ),
+            (
+                Some(&["IPv6", "IPv4"]),
+                Some("PreferDualStack"),
+                &dual,
+                Ok(vec![V4, V6]),
+            ),
             (Some(&["IPv4", "IPv6"]), Some("PreferDualStack"), &v4, Ok(vec![V4])),
             (Some(&["IPv6", "IPv4"]), Some("PreferDualStack"), &v4, Ok(vec![V4])),
             // A single-stack Kubernetes cluster gives PreferDualStack one family.
             (Some(&["IPv4"]), Some("PreferDualStack"), &dual, Ok(vec![V4])),
             (Some(&["IPv6"]), Some("PreferDualStack"), &v4, Err("IPv6Unavailable")),
             // RequireDualStack: both, or a refusal.
-            (Some(&["IPv4", "IPv6"]), Some("RequireDualStack"), &dual, Ok(vec![V4, V6])),
-            (Some(&["IPv6", "IPv4"]), Some("RequireDualStack"), &dual, Ok(vec![V4, V6])),
-            (Some(&["IPv4", "IPv6"]), Some("RequireDualStack"), &v4, Err("IPv6Unavailable")),
+            (
+                Some(&["IPv4", "IPv6"]),
+                Some("RequireDualStack"),
+                &dual,
+                Ok(vec![V4, V6]),
+            ),
+            (
+                Some(&["IPv6", "IPv4"]),
+                Some("RequireDualStack"),
+                &dual,
+                Ok(vec![V4, V6]),
+            ),
+            (
+                Some(&["IPv4", "IPv6"]),
+                Some("RequireDualStack"),
+                &v4,
+                Err("IPv6Unavailable"),
+            ),
             // An empty platform list (never sent; absent reads as [4]) is IPv4.
             (Some(&["IPv4"]), None, &[], Ok(vec![V4])),
             // Invalid input: a clear refusal of the field.
             (Some(&["IPv5"]), None, &dual, Err("UnsupportedServiceSpec")),
-            (Some(&["IPv4", "IPv4"]), Some("PreferDualStack"), &dual, Err("UnsupportedServiceSpec")),
+            (
+                Some(&["IPv4", "IPv4"]),
+                Some("PreferDualStack"),
+                &dual,
+                Err("UnsupportedServiceSpec"),
+            ),
             (Some(&["IPv4"]), Some("DualStack"), &dual, Err("UnsupportedServiceSpec")),
         ];
         for (families, policy, platform, want) in cases {
@@ -192,7 +227,11 @@ mod tests {
         assert!(msg.starts_with("spec.ipFamilyPolicy: RequireDualStack"), "{msg}");
         assert!(msg.contains("cl-1 has no IPv6"), "{msg}");
         let e = lb_ip_versions(&spec(Some(&["IPv6"]), None), &[V4], "cl-9").expect_err("refused");
-        assert!(e.to_string().starts_with("spec.ipFamilies: a IPv6 Service needs an IPv6 public IP"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("spec.ipFamilies: a IPv6 Service needs an IPv6 public IP"),
+            "{e}"
+        );
         assert!(e.to_string().contains("cl-9"), "{e}");
         let e = lb_ip_versions(&spec(Some(&["IPv4", "ipv6"]), None), &[V4], "cl-1").expect_err("refused");
         assert!(e.to_string().starts_with("spec.ipFamilies[1]: \"ipv6\""), "{e}");

@@ -396,7 +396,12 @@ pub(crate) mod tests {
         assert_eq!(internal_ipv6(&dual), "fd00:10::12".parse().ok());
         assert_eq!(internal_ip(&dual), "127.10.0.12".parse().ok(), "the first one");
         assert_eq!(internal_ipv6(&v6_only), "fd00:10::13".parse().ok());
-        for (n, v4_lb, v6_lb) in [(&v4, true, false), (&dual, true, true), (&v6_only, true, true), (&unknown, true, false)] {
+        for (n, v4_lb, v6_lb) in [
+            (&v4, true, false),
+            (&dual, true, true),
+            (&v6_only, true, true),
+            (&unknown, true, false),
+        ] {
             assert_eq!(can_serve(n, &[V4]), v4_lb, "{:?}", n.metadata.name);
             assert_eq!(can_serve(n, &[V4, V6]), v4_lb, "{:?}", n.metadata.name);
             assert_eq!(can_serve(n, &[V6]), v6_lb, "{:?}", n.metadata.name);

@@ -357,8 +357,14 @@ async fn require_dual_stack_without_platform_ipv6_is_refused_before_any_platform
         assert_eq!(calls.len(), 2, "{calls:?}");
         assert!(calls[0].is("PATCH", STATUS_PATH));
         let cond = &calls[0].body["status"]["conditions"][0];
-        assert_eq!((cond["status"].as_str(), cond["reason"].as_str()), (Some("False"), Some("IPv6Unavailable")));
-        assert!(calls[0].body["status"].get("loadBalancer").is_none(), "ingress left alone");
+        assert_eq!(
+            (cond["status"].as_str(), cond["reason"].as_str()),
+            (Some("False"), Some("IPv6Unavailable"))
+        );
+        assert!(
+            calls[0].body["status"].get("loadBalancer").is_none(),
+            "ingress left alone"
+        );
         assert!(calls[1].is_event("SyncLoadBalancerFailed"));
         assert_eq!(calls[1].body["type"], "Warning");
         let note = calls[1].body["note"].as_str().unwrap_or_default();
@@ -380,13 +386,21 @@ async fn prefer_dual_stack_gets_an_lb_of_both_families_and_both_ingress_entries(
     assert_eq!(bench.platform.mutating_calls(), vec!["create_load_balancer"]);
     bench.platform.settle();
     let lb = bench.platform.lbs("cl-1").remove(0);
-    assert_eq!(lb.ip_versions, vec![crate::platform::IpVersion::V4, crate::platform::IpVersion::V6]);
+    assert_eq!(
+        lb.ip_versions,
+        vec![crate::platform::IpVersion::V4, crate::platform::IpVersion::V6]
+    );
     let (v4, v6) = (
         lb.public_ip.clone().expect("IPv4").address,
         lb.public_ipv6.clone().expect("IPv6").address,
     );
     assert!(v4.is_ipv4() && v6.is_ipv6());
-    assert!(lb.backends.iter().all(|b| b.private_ip.is_some() && b.private_ipv6.is_some()), "{lb:?}");
+    assert!(
+        lb.backends
+            .iter()
+            .all(|b| b.private_ip.is_some() && b.private_ipv6.is_some()),
+        "{lb:?}"
+    );
 
     bench.platform.clear_calls();
     let (res, calls) = bench.reconcile(&s).await;
@@ -400,7 +414,9 @@ async fn prefer_dual_stack_gets_an_lb_of_both_families_and_both_ingress_entries(
             {"ip": v6.to_string(), "ipMode": "VIP"}
         ])
     );
-    let msg = calls[0].body["status"]["conditions"][0]["message"].as_str().unwrap_or_default();
+    let msg = calls[0].body["status"]["conditions"][0]["message"]
+        .as_str()
+        .unwrap_or_default();
     assert!(msg.contains(&v4.to_string()) && msg.contains(&v6.to_string()), "{msg}");
     // Once the Service shows it: nothing more.
     bench.platform.clear_calls();
@@ -420,7 +436,11 @@ async fn a_family_policy_change_updates_the_lb_in_place_and_the_ingress_follows(
     assert_eq!(lb.ip_versions, vec![crate::platform::IpVersion::V4]);
     assert!(lb.public_ipv6.is_none());
 
-    let prefer = with_families(with_ready_status(single.clone(), &lb), &["IPv4", "IPv6"], "PreferDualStack");
+    let prefer = with_families(
+        with_ready_status(single.clone(), &lb),
+        &["IPv4", "IPv6"],
+        "PreferDualStack",
+    );
     let (res, calls) = bench.reconcile(&prefer).await;
     assert_eq!(res.expect("ok"), Action::requeue(Timing::default().poll));
     assert_eq!(bench.platform.mutating_calls(), vec!["update_load_balancer"]);
