@@ -697,7 +697,10 @@ mod tests {
         assert_eq!(addresses, ["127.203.0.10", "fd00:203::10"]);
         assert_eq!(lb.backends[1].private_ipv6, None);
         let upd = lb.to_update();
-        assert_eq!(upd.backends, vec![BackendRef::new("vm-3f2a9c"), BackendRef::new("vm-7c11d0")]);
+        assert_eq!(
+            upd.backends,
+            vec![BackendRef::new("vm-3f2a9c"), BackendRef::new("vm-7c11d0")]
+        );
         assert_eq!(upd.ip_versions, Some(vec![IpVersion::V4, IpVersion::V6]));
     }
 
@@ -728,8 +731,8 @@ mod tests {
         .expect("decodes");
         assert_eq!(cluster.ip_versions, vec![IpVersion::V4]);
         assert!(!cluster.has_ipv6());
-        let subnet: Subnet = serde_json::from_value(json!({"id": "s", "vpc_id": "v", "cidr": "127.10.0.0/24"}))
-            .expect("decodes");
+        let subnet: Subnet =
+            serde_json::from_value(json!({"id": "s", "vpc_id": "v", "cidr": "127.10.0.0/24"})).expect("decodes");
         assert_eq!(subnet.ipv6_cidr, None);
         let vm: Instance = serde_json::from_value(json!({"id": "vm-1", "state": "running"})).expect("decodes");
         assert_eq!(vm.private_ipv6, None);
@@ -738,10 +741,16 @@ mod tests {
     #[test]
     fn ip_versions_other_than_4_and_6_are_decode_errors() {
         assert_eq!(serde_json::to_value(IpVersion::V6).expect("encodes"), json!(6));
-        assert_eq!(serde_json::from_value::<IpVersion>(json!(4)).expect("decodes"), IpVersion::V4);
+        assert_eq!(
+            serde_json::from_value::<IpVersion>(json!(4)).expect("decodes"),
+            IpVersion::V4
+        );
         assert!(serde_json::from_value::<IpVersion>(json!(5)).is_err());
         assert!(serde_json::from_value::<IpVersion>(json!("6")).is_err());
-        assert!(serde_json::from_value::<Instance>(json!({"id": "vm-1", "state": "running", "private_ipv6": "127.0.0.1"})).is_err());
+        assert!(
+            serde_json::from_value::<Instance>(json!({"id": "vm-1", "state": "running", "private_ipv6": "127.0.0.1"}))
+                .is_err()
+        );
         assert_eq!(IpVersion::of(&"::ffff:127.0.0.1".parse().expect("ip")), IpVersion::V6);
         assert_eq!(IpVersion::V6.to_string(), "IPv6");
     }
@@ -798,7 +807,10 @@ mod tests {
             ..with_ip
         };
         let v = serde_json::to_value(&dual).expect("encodes");
-        assert_eq!((&v["public_ipv6_id"], &v["ip_versions"]), (&json!("ip-9a2f"), &json!([4, 6])));
+        assert_eq!(
+            (&v["public_ipv6_id"], &v["ip_versions"]),
+            (&json!("ip-9a2f"), &json!([4, 6]))
+        );
 
         let upd = LoadBalancerUpdate {
             rules: vec![],
@@ -821,7 +833,10 @@ mod tests {
             version: None,
             labels: Labels::new(),
         };
-        assert_eq!(serde_json::to_value(&v4).expect("encodes"), json!({"region": "jkt", "labels": {}}));
+        assert_eq!(
+            serde_json::to_value(&v4).expect("encodes"),
+            json!({"region": "jkt", "labels": {}})
+        );
         let v6 = PublicIpSpec {
             version: Some(IpVersion::V6),
             ..v4
