@@ -684,3 +684,119 @@ impl Platform for FakePlatform {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule() -> Rule {
+        Rule {
+            name: "tcp-80".into(),
+            protocol: RuleProtocol::Tcp,
+            public_port: 80,
+            private_port: 31080,
+            algorithm: Algorithm::RoundRobin,
+            allowed_sources: vec![],
+            health_check: None,
+        }
+    }
+
+    fn spec(name: &str, ip_versions: Option<Vec<IpVersion>>) -> LoadBalancerSpec {
+        LoadBalancerSpec {
+            name: name.into(),
+            public_ip_id: None,
+            public_ipv6_id: None,
+            ip_versions,
+            labels: Labels::from([(super::super::LABEL_CLUSTER_ID.to_owned(), "cl-1".to_owned())]),
+            rules: vec![rule()],
+            backends: vec![BackendRef::new("vm-1")],
+        }
+    }
+
+    fn field_of(e: &Error) -> Option<&str> {
+        match e {
+            Error::Invalid { fields, .. } => fields.first().map(|f| f.field.as_str()),
+            _ => None,
+        }
+    }
+
+    /// The contract's IPv6 rules as the fake keeps them: 422s on `ip_versions` and the
+    /// IP ids, nothing half-made; families added and removed by PUT; both IPs released.
+    #[tokio::test]
+    async fn the_ipv6_contract() {
+        use IpVersion::{V4, V6};
+        let p = FakePlatform::new();
+        p.add_vm_dual("vm-1", "127.10.0.11", "fd00:10::11");
+        let e = p
+            .create_load_balancer("cl-1", &spec("a", Some(vec![V4, V6])))
+            .await
+            .expect_err("no IPv6 in cl-1");
+        assert_eq!(field_of(&e), Some("ip_versions"));
+        assert!(e.to_string().contains("cl-1 has no IPv6"), "{e}");
+        let e = p
+            .create_public_ip("jkt", V6, &Labels::new())
+            .await
+            .expect_err("no pool");
+        assert_eq!(field_of(&e), Some("version"));
+
+        p.enable_ipv6();
+        for bad in [vec![], vec![V4, V4]] {
+            let e = p
+                .create_load_balancer("cl-1", &spec("a", Some(bad)))
+                .await
+                .expect_err("422");
+            assert_eq!(field_of(&e), Some("ip_versions"));
+        }
+        p.add_public_ip("ip-v4", "127.203.0.9");
+        let mut s = spec("a", Some(vec![V4, V6]));
+        s.public_ipv6_id = Some("ip-v4".into());
+        let e = p.create_load_balancer("cl-1", &s).await.expect_err("not an IPv6 IP");
+        assert_eq!(field_of(&e), Some("public_ipv6_id"));
+        let mut s = spec("a", Some(vec![V6]));
+        s.public_ip_id = Some("ip-v4".into());
+        let e = p.create_load_balancer("cl-1", &s).await.expect_err("IPv4 not served");
+        assert_eq!(field_of(&e), Some("public_ip_id"));
+        assert!(p.lbs("cl-1").is_empty());
+        assert_eq!(p.public_ips().len(), 1, "nothing half-made: {:?}", p.public_ips());
+        assert!(p.public_ips()[0].attached_to.is_none());
+
+        let lb = p
+            .create_load_balancer("cl-1", &spec("a", Some(vec![V6, V4])))
+            .await
+            .expect("created");
+        assert_eq!(lb.ip_versions, vec![V4, V6]);
+        let v6 = lb.public_ipv6.clone().expect("an IPv6 address");
+        assert!(v6.address.is_ipv6() && lb.public_ip.as_ref().is_some_and(|ip| ip.address.is_ipv4()));
+        assert_eq!(lb.backends[0].private_ipv6, "fd00:10::11".parse().ok());
+        p.settle();
+
+        let mut upd = lb.to_update();
+        upd.ip_versions = Some(vec![V4]);
+        let after = p.update_load_balancer("cl-1", &lb.id, &upd).await.expect("PUT");
+        assert_eq!((after.ip_versions.clone(), after.public_ipv6.clone()), (vec![V4], None));
+        assert_eq!(after.public_ip, lb.public_ip, "the other family's IP stays");
+        assert!(
+            !p.public_ips().iter().any(|ip| ip.id == v6.id),
+            "acquired IPv6 released"
+        );
+        p.settle();
+        upd.ip_versions = Some(vec![V4, V6]);
+        let again = p.update_load_balancer("cl-1", &lb.id, &upd).await.expect("PUT");
+        let new_v6 = again.public_ipv6.clone().expect("a new IPv6 address");
+        p.settle();
+        upd.ip_versions = None;
+        let same = p.update_load_balancer("cl-1", &lb.id, &upd).await.expect("PUT");
+        assert_eq!(same.ip_versions, vec![V4, V6], "absent: unchanged");
+        p.settle();
+
+        p.delete_load_balancer("cl-1", &lb.id, None).await.expect("delete");
+        p.settle();
+        assert!(
+            !p.public_ips()
+                .iter()
+                .any(|ip| ip.id == new_v6.id || Some(&ip.id) == lb.public_ip.as_ref().map(|i| &i.id)),
+            "both acquired IPs released: {:?}",
+            p.public_ips()
+        );
+    }
+}
