@@ -1150,7 +1150,8 @@ fn ingress_entries(svc: &Value) -> Vec<(String, String)> {
 /// its VM's IPv6 address as a second InternalIP; a `PreferDualStack` Service gets one
 /// LB of both families whose two ingress entries (IPv4 first, `ipMode: VIP`) both answer
 /// curl; `-6` curl from outside `loadBalancerSourceRanges` is refused while IPv4 is let
-/// in; SingleStack and back to PreferDualStack change the LB's families in place (the
+/// in; a VM's IPv6 address that changes reaches its Node and the LB's backend;
+/// SingleStack and back to PreferDualStack change the LB's families in place (the
 /// same LB, the same IPv4 address) with the ingress and the IPv6 answers following.
 #[test]
 fn dual_stack_service_answers_on_both_families_and_follows_its_family_policy() -> Result<()> {
@@ -1260,6 +1261,39 @@ fn dual_stack_steps(sb: &Sandbox) -> Result<()> {
     merge(r#"{"spec":{"loadBalancerSourceRanges":["127.0.0.0/8","::1/128"]}}"#)?;
     wait_answering(&url6).context("IPv6 from inside is let in")?;
     merge(r#"{"spec":{"loadBalancerSourceRanges":null}}"#)?;
+
+    // A VM's IPv6 address changes: its Node's IPv6 InternalIP (the node controller) and
+    // the LB's backend (re-sent by the service controller) follow; IPv6 still answers.
+    let (node, vm) = sb.vm_ids()?.into_iter().next().context("a VM")?;
+    let new_v6 = "fd00:10::fe";
+    let a = sb.control(
+        reqwest::Method::PUT,
+        &format!("/_sandbox/vms/{vm}/private-ip"),
+        Some(&json!({"private_ipv6": new_v6})),
+    );
+    ensure!(a.status == 200, "PUT private-ip: {}", a.describe());
+    let followed = poll_until_blocking(Duration::from_secs(20), || {
+        let n = sb.get_json(&["get", "node", &node]).ok()?;
+        let node_ok = n["status"]["addresses"]
+            .as_array()?
+            .iter()
+            .any(|a| a["type"] == "InternalIP" && a["address"] == new_v6);
+        let lb = sb.lb_of("dual").ok()?;
+        let lb_ok = lb["backends"]
+            .as_array()?
+            .iter()
+            .any(|b| b["vm_id"] == vm.as_str() && b["private_ipv6"] == new_v6);
+        (node_ok && lb_ok).then_some(())
+    });
+    ensure!(
+        followed.is_some(),
+        "{vm}'s new IPv6 address on node {node} and the LB: {} {}",
+        sb.get_json(&["get", "node", &node])?["status"]["addresses"],
+        sb.lb_of("dual")?["backends"]
+    );
+    for _ in 0..4 {
+        wait_answering(&url6)?;
+    }
 
     // SingleStack: IPv6 removed in place, the IPv4 address kept.
     merge(r#"{"spec":{"ipFamilyPolicy":"SingleStack"}}"#)?;
