@@ -97,7 +97,11 @@ pub fn lb_ip_versions(spec: &ServiceSpec, platform: &[IpVersion], cluster_id: &s
         FamilyPolicy::SingleStack => {
             let one = families[0];
             if !has(one) {
-                let what = format!("a {} Service needs an {} public IP", family_name(one), family_name(one));
+                let what = format!(
+                    "an {} Service needs an {} public IP",
+                    family_name(one),
+                    family_name(one)
+                );
                 return Err(lacks("spec.ipFamilies", one, &what));
             }
             vec![one]
@@ -229,7 +233,7 @@ mod tests {
         let e = lb_ip_versions(&spec(Some(&["IPv6"]), None), &[V4], "cl-9").expect_err("refused");
         assert!(
             e.to_string()
-                .starts_with("spec.ipFamilies: a IPv6 Service needs an IPv6 public IP"),
+                .starts_with("spec.ipFamilies: an IPv6 Service needs an IPv6 public IP"),
             "{e}"
         );
         assert!(e.to_string().contains("cl-9"), "{e}");
