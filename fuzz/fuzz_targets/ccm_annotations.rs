@@ -149,7 +149,7 @@ fuzz_target!(|data: &[u8]| {
                 "error about an annotation that is not there: {e}"
             );
         }
-        Err(e @ Refusal::Unsupported { .. }) => {
+        Err(e @ (Refusal::Unsupported { .. } | Refusal::Ipv6Unavailable { .. })) => {
             let _ = e.to_string();
         }
     }
