@@ -177,9 +177,9 @@ impl Gateway {
                     public_key: t.public_key(),
                     preshared_key: psks.get(&t.public_key()).map(|k| (*k).clone()),
                     endpoint: t.endpoint(),
-                    allowed_ips: std::iter::once(ipnet::IpNet::V4(ipnet::Ipv4Net::from(t.address())))
-                        .chain(t.address_v6().map(|a| ipnet::IpNet::V6(ipnet::Ipv6Net::from(a))))
-                        .collect(),
+                    // The IPv4 /32 only: what `wg show` has always listed here (tests and
+                    // scripts read it); the peer's IPv6 /128 is in its VpnPeer status.
+                    allowed_ips: vec![ipnet::IpNet::V4(ipnet::Ipv4Net::from(t.address()))],
                     last_handshake: s.since_last_handshake.and_then(|d| now.checked_sub(d)),
                     rx_bytes: s.rx_bytes,
                     tx_bytes: s.tx_bytes,

@@ -383,6 +383,7 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
             TunDataPlane::start(TunConfig {
                 name: name.clone(),
                 range: tunnel.range,
+                range_v6: Some(tunnel.range_v6),
                 local,
             })
             .await
