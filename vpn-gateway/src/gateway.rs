@@ -174,7 +174,9 @@ impl Gateway {
                     public_key: t.public_key(),
                     preshared_key: psks.get(&t.public_key()).map(|k| (*k).clone()),
                     endpoint: t.endpoint(),
-                    allowed_ips: vec![ipnet::IpNet::V4(ipnet::Ipv4Net::from(t.address()))],
+                    allowed_ips: std::iter::once(ipnet::IpNet::V4(ipnet::Ipv4Net::from(t.address())))
+                        .chain(t.address_v6().map(|a| ipnet::IpNet::V6(ipnet::Ipv6Net::from(a))))
+                        .collect(),
                     last_handshake: s.since_last_handshake.and_then(|d| now.checked_sub(d)),
                     rx_bytes: s.rx_bytes,
                     tx_bytes: s.tx_bytes,
@@ -210,7 +212,12 @@ impl Gateway {
         } else {
             &self.peers.peers[..]
         };
-        let v = peers::validate(inputs, &self.validation, &self.cfg.tunnel, now);
+        let role = if self.following {
+            peers::Role::Following
+        } else {
+            peers::Role::Leading
+        };
+        let v = peers::validate_as(inputs, &self.validation, &self.cfg.tunnel, now, role);
         let effective = policy::effective(
             &self.peers.peers,
             &v,
@@ -263,6 +270,10 @@ impl Gateway {
                     .map(|p| p.address)
                     .zip(effective.rules.iter().map(|r| &r[..])),
                 &catalog,
+            )
+            .with_ipv6(
+                self.cfg.tunnel.gateway_address_v6(),
+                v.accepted.iter().filter_map(|p| Some((p.address, p.address_v6?))),
             );
             self.policy = Arc::new(Policy { acl, catalog });
             self.dp.set_policy(self.policy.clone());
@@ -358,7 +369,8 @@ impl Gateway {
             match verdict {
                 Verdict::Spoofed => {
                     metrics.dropped_packet(&peer.to_string(), "spoofed");
-                    tracing::debug!(peer = %peer, src = %pkt.src, "spoofed source dropped");
+                    // One counter for both families (reason `spoofed`); the log says which.
+                    tracing::debug!(peer = %peer, src = %pkt.src, ipv6 = pkt.src.is_ipv6(), "spoofed source dropped");
                     continue;
                 }
                 Verdict::Denied => {
@@ -489,11 +501,13 @@ impl Gateway {
             .set(c.udp_flows_open as i64);
         for input in &self.peers.peers {
             let id = &input.id;
-            let outcome = match (self.validation.accepted(id), self.validation.rejection(id)) {
+            let accepted = self.validation.accepted(id);
+            let outcome = match (accepted, self.validation.rejection(id)) {
                 (Some(a), _) => Ok(a.address),
                 (None, Some(r)) => Err(r.clone()),
                 (None, None) => continue,
             };
+            let address_v6 = accepted.and_then(|a| a.address_v6);
             let stats = outcome
                 .as_ref()
                 .ok()
@@ -504,6 +518,8 @@ impl Gateway {
                 id: id.clone(),
                 generation: input.generation,
                 last_address: outcome.as_ref().ok().copied().or(input.previous_address),
+                address_v6,
+                last_address_v6: address_v6.or(input.previous_address_v6),
                 outcome,
                 last_handshake: stats.since_last_handshake.and_then(|d| now.checked_sub(d)),
                 rx_bytes: stats.rx_bytes,
@@ -681,6 +697,7 @@ mod tick_tests {
             id: PeerId::new("default", name),
             public_key: crate::keys::PrivateKey::generate().public_key(),
             address: Ipv4Addr::new(100, 64, 0, 2),
+            address_v6: None,
             rules: Vec::new(),
             preshared_key: None,
             expires_at: expires.map(|t| t.parse().unwrap()),

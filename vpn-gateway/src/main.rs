@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use kuberaya_gateway::keys::PrivateKey;
 use kuberaya_gateway::run::{DataPlaneChoice, KeySource, RunConfig, Sources, UapiConfig};
 use kuberaya_gateway::secure_http::{CertFiles, SecureServing};
@@ -23,6 +23,10 @@ struct Args {
     /// The tunnel range; the gateway takes its first address.
     #[arg(long, env = "GATEWAY_TUNNEL_CIDR", default_value = "100.64.0.0/16")]
     tunnel_cidr: Ipv4Net,
+    /// The IPv6 tunnel range (a ULA); the gateway takes `::1`, a peer by default the prefix
+    /// plus its IPv4 address's offset in --tunnel-cidr. Must hold every such offset.
+    #[arg(long, env = "GATEWAY_TUNNEL_RANGE_V6", default_value = kuberaya_gateway::peers::DEFAULT_TUNNEL_RANGE_V6)]
+    tunnel_range_v6: Ipv6Net,
     #[arg(long, env = "GATEWAY_CLUSTER_DOMAIN", default_value = "cluster.local")]
     cluster_domain: String,
     /// Kubeconfig for the Kubernetes source (default: in-cluster or $KUBECONFIG).
@@ -169,6 +173,7 @@ async fn serve(args: Args, on_worker: bool) -> anyhow::Result<()> {
     let cfg = RunConfig {
         listen: args.listen,
         tunnel_cidr: args.tunnel_cidr,
+        tunnel_cidr_v6: args.tunnel_range_v6,
         cluster_domain: args.cluster_domain,
         namespace: args.namespace,
         sources: if static_mode {

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -98,6 +98,9 @@ pub struct RunConfig {
     pub listen: SocketAddr,
     /// The tunnel range; the gateway takes its first address.
     pub tunnel_cidr: Ipv4Net,
+    /// The IPv6 tunnel range; the gateway takes `::1` in it, a peer by default the IPv4
+    /// address's offset ([`crate::peers`]).
+    pub tunnel_cidr_v6: Ipv6Net,
     pub cluster_domain: String,
     /// The gateway's namespace: its peers may name any namespace; its key Secret lives here.
     pub namespace: String,
@@ -137,6 +140,7 @@ impl Default for RunConfig {
         RunConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 51820)),
             tunnel_cidr: Ipv4Net::new(Ipv4Addr::new(100, 64, 0, 0), 16).expect("a valid prefix"),
+            tunnel_cidr_v6: TunnelConfig::default_range_v6(),
             cluster_domain: "cluster.local".to_string(),
             namespace: "kuberaya-system".to_string(),
             sources: Sources::Kube {
@@ -244,8 +248,10 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let tunnel = TunnelConfig {
         range: cfg.tunnel_cidr,
+        range_v6: cfg.tunnel_cidr_v6,
         gateway_namespace: cfg.namespace.clone(),
     };
+    tunnel.check().map_err(crate::Error::Config)?;
     if tunnel.range.prefix_len() > 30 {
         return Err(crate::Error::Config(format!(
             "tunnel range {} leaves no room for peers",
@@ -360,6 +366,7 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
         .map_err(net_error(format_args!("binding {}", cfg.listen)))?;
     let local = UserspaceConfig {
         gateway: tunnel.gateway_address(),
+        gateway_v6: tunnel.gateway_address_v6(),
         cluster_domain: cfg.cluster_domain.clone(),
         dns_upstream: cfg.dns_upstream,
     };
