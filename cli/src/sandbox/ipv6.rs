@@ -19,10 +19,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum IpFamily {
-    /// IPv4 only, on 127.0.0.0/8; no root needed.
+    // Plain comments, not doc comments: clap would print them as a long help for the
+    // whole command. IPv4 only, on 127.0.0.0/8; no root needed.
     #[default]
     Ipv4,
-    /// IPv4 and IPv6: every range also gets an IPv6 one; needs root (see `--help`).
+    // IPv4 and IPv6: every range also gets an IPv6 one; needs root.
     Dual,
 }
 

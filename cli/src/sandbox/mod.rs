@@ -303,9 +303,15 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     } else {
         // "ready" means every part runs: a gateway that cannot start is an error.
         Some(
-            InProcessGateway::start(&kubeconfig, ranges.service_cidr, ranges.pod_cidr, args.gateway_replicas)
-                .await
-                .context("the WireGuard gateway cannot start; pass another --pod-cidr, or --no-gateway")?,
+            InProcessGateway::start(
+                &kubeconfig,
+                ranges.service_cidr,
+                v6.map(|v6| v6.service_cidr),
+                ranges.pod_cidr,
+                args.gateway_replicas,
+            )
+            .await
+            .context("the WireGuard gateway cannot start; pass another --pod-cidr, or --no-gateway")?,
         )
     };
     if let Some(gw) = gateway.as_mut() {
