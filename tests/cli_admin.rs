@@ -489,6 +489,8 @@ fn load_balancers_list_describe_orphans() -> Result<()> {
     let spec = |name: &str, uid: &str| LoadBalancerSpec {
         name: format!("shop-{name}"),
         public_ip_id: None,
+        public_ipv6_id: None,
+        ip_versions: None,
         labels: labels(name, uid),
         rules: vec![Rule {
             name: "p".into(),

@@ -81,6 +81,8 @@ async fn lifecycle_of_a_load_balancer_through_the_client() -> Result<()> {
     let spec = LoadBalancerSpec {
         name: "client-lifecycle".into(),
         public_ip_id: None,
+        public_ipv6_id: None,
+        ip_versions: None,
         labels: labels.clone(),
         rules: vec![rule.clone()],
         backends: vms.iter().map(|vm| BackendRef { vm_id: vm.id.clone() }).collect(),
@@ -239,7 +241,9 @@ async fn server_errors_are_retried_on_safe_calls_only() -> Result<()> {
     let got = p.get_instance(&vm).await;
     assert!(matches!(got, Err(Error::Server { status: 503, .. })), "{got:?}");
     assert_eq!(calls(&ctl, GET_VM).await, 4, "a GET is tried 1 + max_retries times");
-    let made = p.create_public_ip("jkt", &Labels::new()).await;
+    let made = p
+        .create_public_ip("jkt", kuberaya_ccm::platform::IpVersion::V4, &Labels::new())
+        .await;
     assert!(matches!(made, Err(Error::Server { status: 500, .. })), "{made:?}");
     assert_eq!(calls(&ctl, POST_IP).await, 1, "a POST is never retried");
 

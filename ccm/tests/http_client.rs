@@ -225,6 +225,8 @@ fn spec() -> LoadBalancerSpec {
     LoadBalancerSpec {
         name: "kr-cl1-default-web".into(),
         public_ip_id: None,
+        public_ipv6_id: None,
+        ip_versions: None,
         labels: Labels::from([(LABEL_CLUSTER_ID.to_owned(), "cl-1".to_owned())]),
         rules: vec![Rule {
             name: "http".into(),
@@ -349,7 +351,10 @@ async fn server_error_on_post_is_not_retried() {
     let err = client.create_load_balancer("cl-1", &spec()).await.expect_err("503");
     assert!(matches!(err, Error::Server { status: 503, .. }), "{err:?}");
     assert_eq!(h.fake.seen().len(), 1, "a POST must not be resent");
-    let err = client.create_public_ip("jkt", &Labels::new()).await.expect_err("503");
+    let err = client
+        .create_public_ip("jkt", kuberaya_ccm::platform::IpVersion::V4, &Labels::new())
+        .await
+        .expect_err("503");
     assert!(matches!(err, Error::Server { status: 503, .. }), "{err:?}");
     assert_eq!(h.fake.seen().len(), 2);
 }
@@ -381,6 +386,7 @@ fn spec_update() -> kuberaya_ccm::platform::LoadBalancerUpdate {
         rules: s.rules,
         backends: s.backends,
         labels: s.labels,
+        ip_versions: None,
     }
 }
 
@@ -424,7 +430,10 @@ async fn hanging_get_is_retried_but_hanging_post_is_not() {
     let err = client.get_cluster("cl-1").await.expect_err("hangs");
     assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
     assert_eq!(h.fake.seen().len(), 2);
-    let err = client.create_public_ip("jkt", &Labels::new()).await.expect_err("hangs");
+    let err = client
+        .create_public_ip("jkt", kuberaya_ccm::platform::IpVersion::V4, &Labels::new())
+        .await
+        .expect_err("hangs");
     assert!(matches!(err, Error::Timeout { method: "POST", .. }), "{err:?}");
     assert_eq!(h.fake.seen().len(), 3);
 }
@@ -701,7 +710,10 @@ async fn requests_follow_the_contract() {
         .await
         .expect("delete without keep_public_ip");
     let labels = Labels::from([("a".to_owned(), "b".to_owned())]);
-    let ip = client.create_public_ip("jkt", &labels).await.expect("ip");
+    let ip = client
+        .create_public_ip("jkt", kuberaya_ccm::platform::IpVersion::V4, &labels)
+        .await
+        .expect("ip");
     assert!(ip.attached_to.is_none());
     client.delete_public_ip("ip-1").await.expect("release");
 

@@ -200,6 +200,7 @@ pub(crate) mod tests {
             namespace: ns.into(),
             name: name.into(),
             cluster_ip: Some(ip.parse().unwrap()),
+            cluster_ips: vec![],
             ports: ports
                 .iter()
                 .map(|(n, p)| ServicePort {

@@ -174,7 +174,9 @@ impl Gateway {
                     public_key: t.public_key(),
                     preshared_key: psks.get(&t.public_key()).map(|k| (*k).clone()),
                     endpoint: t.endpoint(),
-                    allowed_ips: vec![ipnet::IpNet::V4(ipnet::Ipv4Net::from(t.address()))],
+                    allowed_ips: std::iter::once(ipnet::IpNet::V4(ipnet::Ipv4Net::from(t.address())))
+                        .chain(t.address_v6().map(|a| ipnet::IpNet::V6(ipnet::Ipv6Net::from(a))))
+                        .collect(),
                     last_handshake: s.since_last_handshake.and_then(|d| now.checked_sub(d)),
                     rx_bytes: s.rx_bytes,
                     tx_bytes: s.tx_bytes,
@@ -268,6 +270,10 @@ impl Gateway {
                     .map(|p| p.address)
                     .zip(effective.rules.iter().map(|r| &r[..])),
                 &catalog,
+            )
+            .with_ipv6(
+                self.cfg.tunnel.gateway_address_v6(),
+                v.accepted.iter().filter_map(|p| Some((p.address, p.address_v6?))),
             );
             self.policy = Arc::new(Policy { acl, catalog });
             self.dp.set_policy(self.policy.clone());
@@ -363,7 +369,8 @@ impl Gateway {
             match verdict {
                 Verdict::Spoofed => {
                     metrics.dropped_packet(&peer.to_string(), "spoofed");
-                    tracing::debug!(peer = %peer, src = %pkt.src, "spoofed source dropped");
+                    // One counter for both families (reason `spoofed`); the log says which.
+                    tracing::debug!(peer = %peer, src = %pkt.src, ipv6 = pkt.src.is_ipv6(), "spoofed source dropped");
                     continue;
                 }
                 Verdict::Denied => {

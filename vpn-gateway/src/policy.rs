@@ -955,6 +955,7 @@ mod tests {
             namespace: ns.into(),
             name: name.into(),
             cluster_ip: Some(ip.parse().unwrap()),
+            cluster_ips: vec![],
             ports: ports
                 .iter()
                 .map(|(p, n)| ServicePort {

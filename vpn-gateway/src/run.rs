@@ -366,6 +366,7 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
         .map_err(net_error(format_args!("binding {}", cfg.listen)))?;
     let local = UserspaceConfig {
         gateway: tunnel.gateway_address(),
+        gateway_v6: tunnel.gateway_address_v6(),
         cluster_domain: cfg.cluster_domain.clone(),
         dns_upstream: cfg.dns_upstream,
     };

@@ -93,6 +93,7 @@ impl FakePlatform {
                 region: "jkt".into(),
                 vpc_id: "vpc-1".into(),
                 subnet_id: "subnet-1".into(),
+                ip_versions: ipv4_only(),
             },
         );
         FakePlatform { state: Mutex::new(st) }
@@ -126,6 +127,7 @@ impl FakePlatform {
                 state: InstanceState::Running,
                 private_ip: ip,
                 public_ip: None,
+                private_ipv6: None,
                 vpc_id: "vpc-1".into(),
                 subnet_id: "subnet-1".into(),
                 labels: Labels::new(),
@@ -154,6 +156,7 @@ impl FakePlatform {
                 PublicIp {
                     id: id.to_owned(),
                     address,
+                    version: IpVersion::of(&address),
                     region: "jkt".into(),
                     labels: Labels::new(),
                     attached_to: None,
@@ -295,6 +298,7 @@ fn backends_of(st: &State, refs: &[BackendRef]) -> Vec<Backend> {
         .map(|b| Backend {
             vm_id: b.vm_id.clone(),
             private_ip: st.instances.get(&b.vm_id).and_then(|vm| vm.private_ip),
+            private_ipv6: None,
         })
         .collect()
 }
@@ -345,6 +349,7 @@ impl Platform for FakePlatform {
             vpc_id: "vpc-1".into(),
             region: "jkt".into(),
             cidr: "127.10.0.0/24".parse().map_err(|_| not_found("subnet"))?,
+            ipv6_cidr: None,
         })
     }
 
@@ -366,13 +371,24 @@ impl Platform for FakePlatform {
             .ok_or_else(|| not_found(format!("public IP {id}")))
     }
 
-    async fn create_public_ip(&self, region: &str, labels: &Labels) -> Result<PublicIp> {
+    async fn create_public_ip(&self, region: &str, version: IpVersion, labels: &Labels) -> Result<PublicIp> {
         let mut st = self.enter("create_public_ip")?;
+        if version == IpVersion::V6 {
+            // This fake's region has no IPv6 pool (the contract's 422 on `version`).
+            return Err(Error::Invalid {
+                message: format!("region {region} has no IPv6 public IPs"),
+                fields: vec![FieldError {
+                    field: "version".into(),
+                    message: format!("region {region} has no IPv6 public IPs"),
+                }],
+            });
+        }
         st.next_id += 1;
         let n = st.next_id;
         let ip = PublicIp {
             id: format!("ip-{n}"),
             address: IpAddr::V4(Ipv4Addr::new(127, 203, 0, (n % 250) as u8 + 1)),
+            version: IpVersion::V4,
             region: region.to_owned(),
             labels: labels.clone(),
             attached_to: None,
@@ -454,6 +470,7 @@ impl Platform for FakePlatform {
                 let ip = PublicIp {
                     id: format!("ip-{n}"),
                     address: IpAddr::V4(Ipv4Addr::new(127, 203, 0, (n % 250) as u8 + 1)),
+                    version: IpVersion::V4,
                     region: cluster.region.clone(),
                     labels: spec.labels.clone(),
                     attached_to: Some(Attachment {
@@ -471,6 +488,8 @@ impl Platform for FakePlatform {
             region: cluster.region,
             vpc_id: cluster.vpc_id,
             subnet_id: cluster.subnet_id,
+            ip_versions: ipv4_only(),
+            public_ipv6: None,
             public_ip: Some(LbPublicIp {
                 id: ip.id,
                 address: ip.address,

@@ -691,7 +691,7 @@ impl Platform for HttpPlatform {
     }
 
     #[instrument(skip(self, labels))]
-    async fn create_public_ip(&self, region: &str, labels: &Labels) -> Result<PublicIp> {
+    async fn create_public_ip(&self, region: &str, version: IpVersion, labels: &Labels) -> Result<PublicIp> {
         let mut req = self.request(
             Method::POST,
             "/network/v1/public-ips",
@@ -700,6 +700,8 @@ impl Platform for HttpPlatform {
         )?;
         req.body = Some(encode(&PublicIpSpec {
             region: region.to_owned(),
+            // IPv4 stays the request it was before the IPv6 extension.
+            version: (version != IpVersion::V4).then_some(version),
             labels: labels.clone(),
         })?);
         self.execute(req).await

@@ -86,9 +86,10 @@ pub trait Platform: Send + Sync {
     /// `GET /network/v1/public-ips/{id}`.
     async fn get_public_ip(&self, id: &str) -> Result<PublicIp>;
 
-    /// `POST /network/v1/public-ips`; [`Error::Conflict`] when the region has none left.
-    /// Not retried on 5xx or timeouts (it could allocate twice).
-    async fn create_public_ip(&self, region: &str, labels: &Labels) -> Result<PublicIp>;
+    /// `POST /network/v1/public-ips` for one IP `version`; [`Error::Conflict`] when the
+    /// region has none of that version left, [`Error::Invalid`] (on `version`) when the
+    /// region has no IPv6 pool. Not retried on 5xx or timeouts (it could allocate twice).
+    async fn create_public_ip(&self, region: &str, version: IpVersion, labels: &Labels) -> Result<PublicIp>;
 
     /// `DELETE /network/v1/public-ips/{id}`; [`Error::Conflict`] while attached.
     async fn delete_public_ip(&self, id: &str) -> Result<()>;

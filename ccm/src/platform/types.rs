@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -21,6 +21,66 @@ where
     T: Deserialize<'de> + Default,
 {
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// An IP version of the API (`4` or `6` on the wire). **Assumption**: the platform's IPv6
+/// extension (`docs/platform-api.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum IpVersion {
+    #[default]
+    V4,
+    V6,
+}
+
+impl IpVersion {
+    /// The version of an address (an IPv4-mapped IPv6 address is IPv6 here: it is how the
+    /// address is written, not where it leads).
+    pub fn of(addr: &IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => IpVersion::V4,
+            IpAddr::V6(_) => IpVersion::V6,
+        }
+    }
+
+    /// The wire number.
+    pub fn number(self) -> u8 {
+        match self {
+            IpVersion::V4 => 4,
+            IpVersion::V6 => 6,
+        }
+    }
+}
+
+impl fmt::Display for IpVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "IPv{}", self.number())
+    }
+}
+
+impl Serialize for IpVersion {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u8(self.number())
+    }
+}
+
+impl<'de> Deserialize<'de> for IpVersion {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match u64::deserialize(d)? {
+            4 => Ok(IpVersion::V4),
+            6 => Ok(IpVersion::V6),
+            n => Err(serde::de::Error::custom(format!("IP version {n} is neither 4 nor 6"))),
+        }
+    }
+}
+
+/// `[4]`: what an object without `ip_versions` has (data from before the IPv6 extension).
+pub fn ipv4_only() -> Vec<IpVersion> {
+    vec![IpVersion::V4]
+}
+
+/// Reads an absent or `null` `ip_versions` as `[4]`.
+fn ip_versions_or_v4<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpVersion>, D::Error> {
+    Ok(Option::<Vec<IpVersion>>::deserialize(d)?.unwrap_or_else(ipv4_only))
 }
 
 /// A string enum of the API with a catch-all for values this client does not know yet,
@@ -157,6 +217,9 @@ pub struct Instance {
     pub private_ip: Option<IpAddr>,
     #[serde(default)]
     pub public_ip: Option<IpAddr>,
+    /// The VM's IPv6 address in its subnet's `ipv6_cidr`, when it has one (**assumption**).
+    #[serde(default)]
+    pub private_ipv6: Option<Ipv6Addr>,
     #[serde(default)]
     pub vpc_id: String,
     #[serde(default)]
@@ -188,6 +251,9 @@ pub struct Subnet {
     #[serde(default)]
     pub region: String,
     pub cidr: IpNet,
+    /// The subnet's IPv6 range; `None`: IPv4 only (**assumption**).
+    #[serde(default)]
+    pub ipv6_cidr: Option<IpNet>,
 }
 
 /// What a public IP is attached to.
@@ -203,6 +269,9 @@ pub struct Attachment {
 pub struct PublicIp {
     pub id: String,
     pub address: IpAddr,
+    /// 4 or 6; absent (data from before the IPv6 extension) is 4.
+    #[serde(default)]
+    pub version: IpVersion,
     #[serde(default)]
     pub region: String,
     #[serde(default, deserialize_with = "null_as_default")]
@@ -216,6 +285,9 @@ pub struct PublicIp {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublicIpSpec {
     pub region: String,
+    /// `None`: the platform's default, 4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<IpVersion>,
     #[serde(default)]
     pub labels: Labels,
 }
@@ -229,6 +301,17 @@ pub struct Cluster {
     pub region: String,
     pub vpc_id: String,
     pub subnet_id: String,
+    /// The families the cluster's subnet carries: `[4]` or `[4, 6]`; absent is `[4]`.
+    #[serde(default = "ipv4_only", deserialize_with = "ip_versions_or_v4")]
+    pub ip_versions: Vec<IpVersion>,
+}
+
+impl Cluster {
+    /// Whether the cluster's subnet carries IPv6 (VMs with `private_ipv6`, LBs with
+    /// `public_ipv6`).
+    pub fn has_ipv6(&self) -> bool {
+        self.ip_versions.contains(&IpVersion::V6)
+    }
 }
 
 /// A health check of a rule. Unset fields take the platform's defaults (see
@@ -327,6 +410,10 @@ pub struct Backend {
     /// when the VM's address changes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub private_ip: Option<IpAddr>,
+    /// The VM's `private_ipv6` at the last create/PUT; `None`: the backend gets no IPv6
+    /// traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_ipv6: Option<Ipv6Addr>,
 }
 
 /// A backend as written on create and update: the VM only.
@@ -368,9 +455,16 @@ pub struct LoadBalancer {
     pub vpc_id: String,
     #[serde(default)]
     pub subnet_id: String,
-    /// Optional so that an LB whose IP is not assigned yet still decodes.
+    /// The families the LB listens on: `[4]`, `[6]` or `[4, 6]`; absent is `[4]`.
+    #[serde(default = "ipv4_only", deserialize_with = "ip_versions_or_v4")]
+    pub ip_versions: Vec<IpVersion>,
+    /// The IPv4 public IP. Optional so that an LB whose IP is not assigned yet still
+    /// decodes; `None` too when 4 is not in `ip_versions`.
     #[serde(default)]
     pub public_ip: Option<LbPublicIp>,
+    /// The IPv6 public IP, when 6 is in `ip_versions` (**assumption**).
+    #[serde(default)]
+    pub public_ipv6: Option<LbPublicIp>,
     #[serde(default, deserialize_with = "null_as_default")]
     pub labels: Labels,
     pub status: LbStatus,
@@ -395,7 +489,13 @@ impl LoadBalancer {
             rules: self.rules.clone(),
             backends: self.backends.iter().map(|b| BackendRef::new(b.vm_id.clone())).collect(),
             labels: self.labels.clone(),
+            ip_versions: Some(self.ip_versions.clone()),
         }
+    }
+
+    /// The LB's public IPs, IPv4 first.
+    pub fn public_ips(&self) -> impl Iterator<Item = &LbPublicIp> {
+        self.public_ip.iter().chain(self.public_ipv6.iter())
     }
 }
 
@@ -406,6 +506,13 @@ pub struct LoadBalancerSpec {
     /// Reuse this (free, same-region) public IP; `None`: the platform acquires one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_ip_id: Option<String>,
+    /// Reuse this (free, same-region) IPv6 public IP; `None`: the platform acquires one
+    /// when 6 is in `ip_versions`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_ipv6_id: Option<String>,
+    /// `None`: the platform's default, `[4]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_versions: Option<Vec<IpVersion>>,
     #[serde(default)]
     pub labels: Labels,
     pub rules: Vec<Rule>,
@@ -419,6 +526,10 @@ pub struct LoadBalancerUpdate {
     pub rules: Vec<Rule>,
     pub backends: Vec<BackendRef>,
     pub labels: Labels,
+    /// `None`: unchanged. A family added acquires a public IP of it; one removed releases
+    /// the IP the platform acquired (or detaches one attached by id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_versions: Option<Vec<IpVersion>>,
 }
 
 /// The `data` of a list endpoint.
@@ -466,12 +577,13 @@ mod tests {
         let doc = json!({
           "id": "vm-3f2a9c", "name": "w1", "region": "jkt", "zone": "jkt-a",
           "package": "standard-2", "state": "running",
-          "private_ip": "127.10.0.11", "public_ip": null,
+          "private_ip": "127.10.0.11", "public_ip": null, "private_ipv6": "fd00:10::b",
           "vpc_id": "vpc-1", "subnet_id": "subnet-1",
           "labels": {"kuberaya.cloudraya.com/cluster-id": "cl-1"},
           "created_at": "2026-11-25T17:00:00Z"
         });
         let vm: Instance = round_trip(&doc);
+        assert_eq!(vm.private_ipv6, Some("fd00:10::b".parse().expect("ip")));
         assert_eq!(vm.state, InstanceState::Running);
         assert_eq!(vm.private_ip, Some("127.10.0.11".parse().expect("ip")));
         assert_eq!(vm.labels[crate::platform::labels::LABEL_CLUSTER_ID], "cl-1");
@@ -501,18 +613,22 @@ mod tests {
     fn networks_from_doc() {
         let vpc: Vpc = round_trip(&json!({"id": "vpc-1", "name": "main", "region": "jkt", "cidr": "10.0.0.0/16"}));
         assert_eq!(vpc.cidr.prefix_len(), 16);
-        let _: Subnet = round_trip(&json!({
-            "id": "subnet-1", "name": "workers", "vpc_id": "vpc-1", "region": "jkt", "cidr": "127.10.0.0/24"
+        let subnet: Subnet = round_trip(&json!({
+            "id": "subnet-1", "name": "workers", "vpc_id": "vpc-1", "region": "jkt", "cidr": "127.10.0.0/24",
+            "ipv6_cidr": "fd00:10::/112"
         }));
-        let _: Cluster = round_trip(&json!({
-            "id": "cl-1", "name": "prod", "region": "jkt", "vpc_id": "vpc-1", "subnet_id": "subnet-1"
+        assert_eq!(subnet.ipv6_cidr, Some("fd00:10::/112".parse().expect("cidr")));
+        let cluster: Cluster = round_trip(&json!({
+            "id": "cl-1", "name": "prod", "region": "jkt", "vpc_id": "vpc-1", "subnet_id": "subnet-1",
+            "ip_versions": [4, 6]
         }));
+        assert!(cluster.has_ipv6());
     }
 
     #[test]
     fn public_ip_from_doc() {
         let ip: PublicIp = round_trip(&json!({
-            "id": "ip-8d1e", "address": "127.203.0.10", "region": "jkt",
+            "id": "ip-8d1e", "address": "127.203.0.10", "version": 4, "region": "jkt",
             "labels": {"a": "b"}, "attached_to": {"type": "load_balancer", "id": "lb-12ab"}
         }));
         assert_eq!(
@@ -523,9 +639,10 @@ mod tests {
             })
         );
         let free: PublicIp = round_trip(&json!({
-            "id": "ip-1", "address": "127.203.0.11", "region": "jkt", "labels": {}, "attached_to": null
+            "id": "ip-1", "address": "fd00:203::11", "version": 6, "region": "jkt", "labels": {}, "attached_to": null
         }));
         assert_eq!(free.attached_to, None);
+        assert_eq!(free.version, IpVersion::V6);
     }
 
     fn doc_lb() -> Value {
@@ -533,7 +650,9 @@ mod tests {
           "id": "lb-12ab",
           "name": "kr-cl1-default-web",
           "region": "jkt", "vpc_id": "vpc-1", "subnet_id": "subnet-1",
+          "ip_versions": [4, 6],
           "public_ip": {"id": "ip-8d1e", "address": "127.203.0.10"},
+          "public_ipv6": {"id": "ip-9a2f", "address": "fd00:203::10"},
           "labels": {"kuberaya.cloudraya.com/cluster-id": "cl-1"},
           "status": "active",
           "status_message": "",
@@ -552,7 +671,10 @@ mod tests {
               }
             }
           ],
-          "backends": [{"vm_id": "vm-3f2a9c", "private_ip": "127.10.0.11"}],
+          "backends": [
+            {"vm_id": "vm-3f2a9c", "private_ip": "127.10.0.11", "private_ipv6": "fd00:10::b"},
+            {"vm_id": "vm-7c11d0", "private_ip": "127.10.0.12"}
+          ],
           "health": [{"rule": "http", "vm_id": "vm-3f2a9c", "state": "healthy"}],
           "created_at": "2026-11-25T17:00:00Z",
           "updated_at": "2026-11-25T17:00:02Z"
@@ -570,8 +692,67 @@ mod tests {
         assert_eq!(hc.protocol, HealthCheckProtocol::Http);
         assert_eq!(hc.with_defaults(rule.private_port), hc.clone());
         assert_eq!(lb.health[0].state, HealthState::Healthy);
+        assert_eq!(lb.ip_versions, vec![IpVersion::V4, IpVersion::V6]);
+        let addresses: Vec<String> = lb.public_ips().map(|ip| ip.address.to_string()).collect();
+        assert_eq!(addresses, ["127.203.0.10", "fd00:203::10"]);
+        assert_eq!(lb.backends[1].private_ipv6, None);
         let upd = lb.to_update();
-        assert_eq!(upd.backends, vec![BackendRef::new("vm-3f2a9c")]);
+        assert_eq!(
+            upd.backends,
+            vec![BackendRef::new("vm-3f2a9c"), BackendRef::new("vm-7c11d0")]
+        );
+        assert_eq!(upd.ip_versions, Some(vec![IpVersion::V4, IpVersion::V6]));
+    }
+
+    /// Answers of a platform from before the IPv6 extension (no `version`, `ip_versions`,
+    /// `ipv6_cidr`, `private_ipv6`, `public_ipv6`) decode as IPv4 only.
+    #[test]
+    fn documents_without_the_ipv6_fields_are_ipv4() {
+        let lb: LoadBalancer = serde_json::from_value(json!({
+            "id": "lb-1", "name": "x", "status": "active",
+            "public_ip": {"id": "ip-1", "address": "127.203.0.10"},
+            "backends": [{"vm_id": "vm-1", "private_ip": "127.10.0.11"}]
+        }))
+        .expect("decodes");
+        assert_eq!(lb.ip_versions, vec![IpVersion::V4]);
+        assert_eq!(lb.public_ipv6, None);
+        assert_eq!(lb.backends[0].private_ipv6, None);
+        assert_eq!(lb.public_ips().count(), 1);
+        let null_versions: LoadBalancer =
+            serde_json::from_value(json!({"id": "lb-1", "name": "x", "status": "active", "ip_versions": null}))
+                .expect("decodes");
+        assert_eq!(null_versions.ip_versions, vec![IpVersion::V4]);
+
+        let ip: PublicIp = serde_json::from_value(json!({"id": "ip-1", "address": "127.203.0.10"})).expect("decodes");
+        assert_eq!(ip.version, IpVersion::V4);
+        let cluster: Cluster = serde_json::from_value(json!({
+            "id": "cl-1", "region": "jkt", "vpc_id": "vpc-1", "subnet_id": "subnet-1"
+        }))
+        .expect("decodes");
+        assert_eq!(cluster.ip_versions, vec![IpVersion::V4]);
+        assert!(!cluster.has_ipv6());
+        let subnet: Subnet =
+            serde_json::from_value(json!({"id": "s", "vpc_id": "v", "cidr": "127.10.0.0/24"})).expect("decodes");
+        assert_eq!(subnet.ipv6_cidr, None);
+        let vm: Instance = serde_json::from_value(json!({"id": "vm-1", "state": "running"})).expect("decodes");
+        assert_eq!(vm.private_ipv6, None);
+    }
+
+    #[test]
+    fn ip_versions_other_than_4_and_6_are_decode_errors() {
+        assert_eq!(serde_json::to_value(IpVersion::V6).expect("encodes"), json!(6));
+        assert_eq!(
+            serde_json::from_value::<IpVersion>(json!(4)).expect("decodes"),
+            IpVersion::V4
+        );
+        assert!(serde_json::from_value::<IpVersion>(json!(5)).is_err());
+        assert!(serde_json::from_value::<IpVersion>(json!("6")).is_err());
+        assert!(
+            serde_json::from_value::<Instance>(json!({"id": "vm-1", "state": "running", "private_ipv6": "127.0.0.1"}))
+                .is_err()
+        );
+        assert_eq!(IpVersion::of(&"::ffff:127.0.0.1".parse().expect("ip")), IpVersion::V6);
+        assert_eq!(IpVersion::V6.to_string(), "IPv6");
     }
 
     #[test]
@@ -590,6 +771,8 @@ mod tests {
         let spec = LoadBalancerSpec {
             name: "kr-cl1-default-web".into(),
             public_ip_id: None,
+            public_ipv6_id: None,
+            ip_versions: None,
             labels: Labels::from([("k".to_owned(), "v".to_owned())]),
             rules: vec![Rule {
                 name: "dns".into(),
@@ -618,15 +801,49 @@ mod tests {
         };
         let v = serde_json::to_value(&with_ip).expect("encodes");
         assert_eq!(v["public_ip_id"], json!("ip-8d1e"));
+        let dual = LoadBalancerSpec {
+            public_ipv6_id: Some("ip-9a2f".into()),
+            ip_versions: Some(vec![IpVersion::V4, IpVersion::V6]),
+            ..with_ip
+        };
+        let v = serde_json::to_value(&dual).expect("encodes");
+        assert_eq!(
+            (&v["public_ipv6_id"], &v["ip_versions"]),
+            (&json!("ip-9a2f"), &json!([4, 6]))
+        );
 
         let upd = LoadBalancerUpdate {
             rules: vec![],
             backends: vec![],
             labels: Labels::new(),
+            ip_versions: None,
         };
         assert_eq!(
             serde_json::to_value(&upd).expect("encodes"),
             json!({"rules": [], "backends": [], "labels": {}})
+        );
+        let upd = LoadBalancerUpdate {
+            ip_versions: Some(vec![IpVersion::V6]),
+            ..upd
+        };
+        assert_eq!(serde_json::to_value(&upd).expect("encodes")["ip_versions"], json!([6]));
+
+        let v4 = PublicIpSpec {
+            region: "jkt".into(),
+            version: None,
+            labels: Labels::new(),
+        };
+        assert_eq!(
+            serde_json::to_value(&v4).expect("encodes"),
+            json!({"region": "jkt", "labels": {}})
+        );
+        let v6 = PublicIpSpec {
+            version: Some(IpVersion::V6),
+            ..v4
+        };
+        assert_eq!(
+            serde_json::to_value(&v6).expect("encodes"),
+            json!({"region": "jkt", "version": 6, "labels": {}})
         );
     }
 

@@ -197,6 +197,8 @@ pub fn plan_apply(
         return Ok(ApplyPlan::Create(LoadBalancerSpec {
             name: desired.name.clone(),
             public_ip_id,
+            public_ipv6_id: None,
+            ip_versions: None,
             labels: desired.labels.clone(),
             rules: desired.rules.clone(),
             backends: desired.backends.clone(),
@@ -262,6 +264,7 @@ pub fn plan_apply(
                 .map(|b| BackendRef::new(b.vm_id.clone()))
                 .collect(),
             labels,
+            ip_versions: None,
         },
         changes,
     })
@@ -382,6 +385,8 @@ pub(crate) mod tests {
             region: "jkt".into(),
             vpc_id: "vpc-1".into(),
             subnet_id: "subnet-1".into(),
+            ip_versions: crate::platform::ipv4_only(),
+            public_ipv6: None,
             public_ip: Some(LbPublicIp {
                 id: "ip-1".into(),
                 address: "127.203.0.10".parse().expect("ip"),
@@ -397,6 +402,7 @@ pub(crate) mod tests {
                 .map(|b| Backend {
                     vm_id: b.vm_id.clone(),
                     private_ip: Some("127.10.0.11".parse().expect("ip")),
+                    private_ipv6: None,
                 })
                 .collect(),
             health: vec![],

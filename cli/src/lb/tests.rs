@@ -16,6 +16,8 @@ pub(crate) fn lb(id: &str, ns: &str, name: &str, uid: &str, ip: Option<&str>) ->
         region: "jkt".into(),
         vpc_id: "vpc-1".into(),
         subnet_id: "subnet-1".into(),
+        ip_versions: kuberaya_ccm::platform::ipv4_only(),
+        public_ipv6: None,
         public_ip: ip.map(|a| LbPublicIp {
             id: format!("pip-{id}"),
             address: a.parse().unwrap(),
@@ -41,10 +43,12 @@ pub(crate) fn lb(id: &str, ns: &str, name: &str, uid: &str, ip: Option<&str>) ->
             Backend {
                 vm_id: "vm-1".into(),
                 private_ip: Some("127.10.0.11".parse().unwrap()),
+                private_ipv6: None,
             },
             Backend {
                 vm_id: "vm-2".into(),
                 private_ip: Some("127.10.0.12".parse().unwrap()),
+                private_ipv6: None,
             },
         ],
         health: vec![

@@ -182,6 +182,14 @@ pub fn service_from_k8s(s: &K8sService) -> Option<Service> {
         .as_deref()
         .filter(|ip| *ip != "None")
         .and_then(|ip| ip.parse::<IpAddr>().ok());
+    // Both families of a dual-stack Service (`clusterIPs[0]` is `clusterIP`).
+    let cluster_ips: Vec<IpAddr> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .filter(|ip| *ip != "None")
+        .filter_map(|ip| ip.parse::<IpAddr>().ok())
+        .collect();
     let ports = spec
         .ports
         .iter()
@@ -204,6 +212,7 @@ pub fn service_from_k8s(s: &K8sService) -> Option<Service> {
         namespace: s.namespace()?,
         name: s.metadata.name.clone()?,
         cluster_ip,
+        cluster_ips,
         ports,
     })
 }
@@ -822,6 +831,31 @@ mod tests {
     use super::*;
     use crate::peers::Rejection;
     use std::net::Ipv4Addr;
+
+    #[test]
+    fn a_dual_stack_service_has_both_cluster_ips() {
+        let s: K8sService = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "fd00:96::10", "clusterIPs": ["fd00:96::10", "127.96.0.10"],
+                     "ipFamilies": ["IPv6", "IPv4"], "ipFamilyPolicy": "PreferDualStack",
+                     "ports": [{"name": "http", "port": 80}]}
+        }))
+        .unwrap();
+        let c = service_from_k8s(&s).unwrap();
+        assert_eq!(c.cluster_ip, Some("fd00:96::10".parse().unwrap()));
+        let all: Vec<IpAddr> = c.addresses().collect();
+        assert_eq!(
+            all,
+            ["fd00:96::10".parse::<IpAddr>().unwrap(), "127.96.0.10".parse().unwrap()]
+        );
+        // A headless one has none of either.
+        let headless: K8sService = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "h", "namespace": "default"},
+            "spec": {"clusterIP": "None", "clusterIPs": ["None"]}
+        }))
+        .unwrap();
+        assert_eq!(service_from_k8s(&headless).unwrap().addresses().count(), 0);
+    }
 
     #[test]
     fn services_convert() {
