@@ -303,6 +303,11 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
                 let facts = crate::publish::Facts {
                     public_key: key.public_key(),
                     tunnel_address: format!("{}/{}", tunnel.gateway_address(), tunnel.range.prefix_len()),
+                    tunnel_address_v6: Some(format!(
+                        "{}/{}",
+                        tunnel.gateway_address_v6(),
+                        tunnel.range_v6.prefix_len()
+                    )),
                     cluster_domain: cfg.cluster_domain.clone(),
                 };
                 tasks.0.push(tokio::spawn(crate::publish::publish(
