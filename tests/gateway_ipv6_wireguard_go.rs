@@ -51,6 +51,9 @@ const GW_TUN: &str = "kr-gw0";
 enum Plane {
     Userspace,
     Tun,
+    /// TUN mode where `/proc/sys` is read-only, as in a pod without the IPv6 forwarding
+    /// sysctl: IPv4 in the kernel, the peers' IPv6 through userspace.
+    TunReadOnlySysctls,
 }
 
 #[test]
@@ -74,6 +77,19 @@ fn wireguard_go_over_ipv6_through_the_tun_data_plane() {
     assert!(tun.is_ok(), "the TUN data plane needs /dev/net/tun: {:?}", tun.err());
     require_programs(&[("nft", "nftables")]);
     scenario(Plane::Tun);
+}
+
+/// TUN mode in a pod that does not set `net.ipv6.conf.all.forwarding` (`/proc/sys`
+/// read-only): the gateway still starts, says why IPv6 stays in userspace, and the peer
+/// gets everything it gets in the other modes.
+#[test]
+fn wireguard_go_over_ipv6_through_tun_mode_without_ipv6_forwarding() {
+    require_root(
+        "wireguard_go_over_ipv6_through_tun_mode_without_ipv6_forwarding",
+        "it creates network namespaces, a veth pair, TUN devices, nftables tables and mounts",
+    );
+    require_programs(&[("nft", "nftables")]);
+    scenario(Plane::TunReadOnlySysctls);
 }
 
 /// Everything inside one namespace, at most [`CMD`]; panics when the command cannot run.
@@ -366,7 +382,8 @@ fn scenario(plane: Plane) {
         ]
         .map(String::from),
     );
-    if plane == Plane::Tun {
+    let tun = plane != Plane::Userspace;
+    if tun {
         gw_cmd.extend(["--dataplane", "tun", "--tun-name", GW_TUN].map(String::from));
         // As in a pod: no global forwarding of either family.
         let off = exec(
@@ -379,10 +396,52 @@ fn scenario(plane: Plane) {
         );
         assert!(off.status.success(), "{}", text(&off));
     }
+    if plane == Plane::TunReadOnlySysctls {
+        // The gateway's own mount namespace (`ip netns exec` makes one) with /proc/sys
+        // bound read-only over itself, as a container runtime mounts it.
+        let mut wrapped: Vec<String> = [
+            "sh",
+            "-c",
+            "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec \"$@\"",
+            "sh",
+        ]
+        .map(String::from)
+        .to_vec();
+        wrapped.append(&mut gw_cmd);
+        gw_cmd = wrapped;
+    }
     let mut gw = cluster.spawn_with_private_dir("/var/run/wireguard", &gw_cmd).unwrap();
     gw.wait_for_stdout_line("kuberaya-gateway listening", Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("{e:#}\n{}", gw.output_tails()));
-    if plane == Plane::Tun {
+    let sysctl = |path: &str| {
+        let out = exec(&cluster, &["cat", &format!("/proc/sys/net/{path}")]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    match plane {
+        Plane::Userspace => {}
+        Plane::Tun => {
+            assert_eq!(
+                sysctl("ipv6/conf/all/forwarding"),
+                "0",
+                "the gateway wrote the global switch"
+            );
+            for dev in [GW_TUN, "to-laptop"] {
+                assert_eq!(sysctl(&format!("ipv6/conf/{dev}/force_forwarding")), "1", "{dev}");
+            }
+        }
+        Plane::TunReadOnlySysctls => {
+            for dev in [GW_TUN, "to-laptop"] {
+                assert_eq!(sysctl(&format!("ipv6/conf/{dev}/force_forwarding")), "0", "{dev}");
+            }
+            let warned = poll_until_blocking(Duration::from_secs(5), || {
+                gw.stderr().contains("net.ipv6.conf.all.forwarding=1").then_some(())
+            });
+            assert!(warned.is_some(), "no warning naming the sysctl:\n{}", gw.output_tails());
+            // IPv4 forwarding needs no /proc/sys: still per interface over rtnetlink.
+            assert_eq!(sysctl(&format!("ipv4/conf/{GW_TUN}/forwarding")), "1");
+        }
+    }
+    if tun {
         let addrs = cluster.ip(["-6", "addr", "show", "dev", GW_TUN]).unwrap();
         assert!(addrs.contains(&format!("{GATEWAY_TUNNEL6}/64")), "{addrs}");
         let table = exec(&cluster, &["nft", "list", "table", "ip6", "kuberaya-gateway"]);
@@ -532,7 +591,7 @@ fn scenario(plane: Plane) {
     assert_eq!(curl(&laptop, &["-6"], &url(web6)).1, BODY);
     drop(wg_go);
     drop(gw);
-    if plane == Plane::Tun {
+    if tun {
         let gone = exec(&cluster, &["nft", "list", "table", "ip6", "kuberaya-gateway"]);
         assert!(
             !gone.status.success(),

@@ -381,6 +381,7 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
             TunDataPlane::start(TunConfig {
                 name: name.clone(),
                 range: tunnel.range,
+                range_v6: tunnel.range_v6,
                 local,
             })
             .await

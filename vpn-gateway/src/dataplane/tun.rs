@@ -13,6 +13,13 @@
 //!   connections the peers opened (`ct state established,related`): nobody in the cluster
 //!   can open a connection to an operator's laptop. All of it needs CAP_NET_ADMIN only, as
 //!   a pod with `capabilities: {drop: [ALL], add: [NET_ADMIN]}` has.
+//! - **IPv6**: the device also gets the gateway's IPv6 tunnel address with the IPv6
+//!   range's prefix over rtnetlink ([`super::address`]), and the table is installed in
+//!   family `ip6` too, in the same batch. IPv6 forwarding is a sysctl only
+//!   ([`forwarding::enable_v6`]: read-only in a pod unless the pod sets
+//!   `net.ipv6.conf.all.forwarding`); without it the peers' allowed IPv6 packets go to the
+//!   embedded userspace data plane instead of the device, as in userspace mode, and a
+//!   warning names the sysctl. IPv4 is unaffected either way.
 //! - **Teardown**: dropping the data plane deletes the table; the device goes with the
 //!   process (it is not persistent), so a crash leaves at most the table, which the next
 //!   start replaces.
@@ -44,11 +51,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::sync::Notify;
 use tun_rs::{AsyncDevice, DeviceBuilder, DeviceImpl, GROTable, VIRTIO_NET_HDR_LEN};
 
-use super::forwarding::{self, Forwarding};
+use super::address;
+use super::forwarding::{self, Forwarding, ForwardingV6};
 use super::netlink::NetlinkError;
 use super::userspace::{UserspaceConfig, UserspaceDataPlane};
 use super::{DataPlane, FlowCounters, Inbound, Policy, nft};
@@ -82,6 +90,8 @@ pub struct TunConfig {
     pub name: String,
     /// The tunnel range; the device takes the gateway's address in it.
     pub range: Ipv4Net,
+    /// The IPv6 tunnel range; the device takes the gateway's IPv6 address in it.
+    pub range_v6: Ipv6Net,
     /// For what stays in userspace: DNS, the gateway's own address, refusals.
     pub local: UserspaceConfig,
 }
@@ -164,6 +174,8 @@ pub struct TunDataPlane {
     pending: WriteBatch,
     /// Write calls the device refused (queue full or down), since the start.
     write_drops: u64,
+    /// Whether the kernel forwards the peers' IPv6 (else it goes to `local`).
+    ipv6_in_kernel: bool,
 }
 
 impl TunDataPlane {
@@ -190,9 +202,9 @@ impl TunDataPlane {
         };
         // Netlink requests are answered while they are sent: no waiting on the kernel here.
         // The table first, so that nothing is forwarded into the TUN before its rules hold.
-        nft::install(&cfg.name, cfg.range).map_err(TunError::Nft)?;
+        nft::install_dual_stack(&cfg.name, cfg.range, Some(cfg.range_v6)).map_err(TunError::Nft)?;
         let enabled = forwarding::enable().map_err(|e| {
-            if let Err(e) = nft::remove() {
+            if let Err(e) = nft::remove_dual_stack() {
                 tracing::warn!(table = NFT_TABLE, error = %e, "removing the nftables table");
             }
             TunError::Forwarding(e)
@@ -205,8 +217,9 @@ impl TunDataPlane {
                 "IPv4 forwarding enabled per interface"
             ),
         }
+        let ipv6_in_kernel = ipv6_in_kernel(&cfg);
         tracing::info!(device = %cfg.name, address = %gateway, range = %cfg.range, table = NFT_TABLE,
-            offloads = dev.tcp_gso(), "TUN data plane up");
+            offloads = dev.tcp_gso(), ipv6_in_kernel, "TUN data plane up");
 
         Ok(TunDataPlane {
             dev,
@@ -214,13 +227,36 @@ impl TunDataPlane {
             reads: Reads::new(),
             pending: WriteBatch::new(),
             write_drops: 0,
+            ipv6_in_kernel,
         })
     }
 }
 
+/// Give the device the gateway's IPv6 tunnel address and switch IPv6 forwarding on;
+/// whether both worked. Neither is fatal: IPv6 then stays in userspace (see the module
+/// documentation).
+fn ipv6_in_kernel(cfg: &TunConfig) -> bool {
+    let gateway_v6 = cfg.local.gateway_v6;
+    if let Err(e) = address::add_v6(&cfg.name, gateway_v6, cfg.range_v6.prefix_len()) {
+        tracing::warn!(device = %cfg.name, address = %gateway_v6, error = %e,
+            "the TUN device has no IPv6 address (IPv6 disabled in this network?); peers' IPv6 goes through userspace");
+        return false;
+    }
+    match forwarding::enable_v6() {
+        Ok(ForwardingV6::Global) => tracing::info!("IPv6 forwarding already on (net.ipv6.conf.all.forwarding = 1)"),
+        Ok(ForwardingV6::Devices(devices)) => tracing::info!(?devices, "IPv6 forwarding forced per interface"),
+        Ok(ForwardingV6::All) => tracing::info!("IPv6 forwarding switched on (net.ipv6.conf.all.forwarding)"),
+        Err(e) => {
+            tracing::warn!(error = %e, "peers' IPv6 goes through userspace");
+            return false;
+        }
+    }
+    true
+}
+
 impl Drop for TunDataPlane {
     fn drop(&mut self) {
-        match nft::remove() {
+        match nft::remove_dual_stack() {
             Ok(()) => tracing::info!(table = NFT_TABLE, "nftables table removed"),
             Err(e) => tracing::warn!(table = NFT_TABLE, error = %e, "removing the nftables table"),
         }
@@ -231,6 +267,9 @@ impl DataPlane for TunDataPlane {
     fn inbound(&mut self, pkt: Inbound<'_>, now: Instant) {
         match pkt.verdict {
             Verdict::Spoofed => {}
+            Verdict::Allow if !self.ipv6_in_kernel && pkt.bytes.first().is_some_and(|b| b >> 4 == 6) => {
+                self.local.inbound(pkt, now)
+            }
             Verdict::Allow => {
                 if !self.pending.push(pkt.bytes) {
                     self.flush();
