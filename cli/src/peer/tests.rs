@@ -206,7 +206,7 @@ fn allowed_ips_route_ipv6_only_for_a_peer_with_an_ipv6_address() {
 
 #[test]
 fn a_dual_stack_peer_config_has_both_addresses_dns_servers_and_ranges() {
-    use super::config::{PeerAddresses, ipv6_warning, peer_config};
+    use super::config::{PeerAddresses, config_addresses, peer_config};
     use crate::wgquick::{PeerKey, render};
     let gw = dual_gateway(true);
     let endpoint = gw.endpoint_for(Some(crate::gateway::EndpointFamily::Ipv6)).unwrap();
@@ -238,16 +238,13 @@ fn a_dual_stack_peer_config_has_both_addresses_dns_servers_and_ranges() {
         text.starts_with("# kuberaya peer team-a/bob (gateway [fd00:203::5]:51820)\n"),
         "{text}"
     );
-    assert_eq!(ipv6_warning(&cidrs, addresses), None);
-    let w = ipv6_warning(&cidrs[..1], addresses).unwrap();
-    assert!(
-        w.contains("no IPv6 service range") && w.contains("--service-cidr"),
-        "{w}"
-    );
+    assert_eq!(config_addresses(&cidrs, addresses), addresses);
+    // An IPv4-only cluster (no IPv6 service range): the config of before, though the
+    // gateway gave the peer an IPv6 address.
+    assert_eq!(config_addresses(&cidrs[..1], addresses).v6, None);
 
     // The same peer without an IPv6 address: the IPv4-only config of before.
-    let v4 = PeerAddresses { v6: None, ..addresses };
-    assert_eq!(ipv6_warning(&cidrs, v4), None);
+    let v4 = config_addresses(&cidrs[..1], addresses);
     let text = render(&peer_config(
         "team-a",
         "bob",
