@@ -556,7 +556,10 @@ fn scenario(plane: Plane) {
     assert!(ok && body == BODY, "curl -6 {web6}: {ok} {body:?}");
     // The tunnel's inner families do not depend on the endpoint's: IPv4 through it too.
     let (ok, body) = curl(&laptop, &["-4"], &url(web4));
-    assert!(ok && body == BODY, "curl -4 {web4} over the IPv6 endpoint: {ok} {body:?}");
+    assert!(
+        ok && body == BODY,
+        "curl -4 {web4} over the IPv6 endpoint: {ok} {body:?}"
+    );
 
     // The Service the peer may not reach: NXDOMAIN for AAAA as for A, and its IPv6
     // ClusterIP does not answer (the cluster side serves it, as the check above showed).
