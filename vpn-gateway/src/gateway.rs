@@ -1,10 +1,12 @@
-//! The gateway loop: one UDP socket, the [`PeerTable`], the access rules and a
-//! [`DataPlane`], driven by datagrams, flow wake-ups, timers and source snapshots.
+//! The gateway loop: the UDP sockets ([`crate::transport`]), the [`PeerTable`], the access
+//! rules and a [`DataPlane`], driven by datagrams, flow wake-ups, timers and source
+//! snapshots.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::Interest;
@@ -22,6 +24,7 @@ use crate::packet;
 use crate::peers::{self, PeerId, PeerInput, TunnelConfig, Validation};
 use crate::policy::{self, Effective};
 use crate::source::{GatewayReport, PeerReport, PeerSnapshot, PolicySnapshot, ServiceSnapshot};
+use crate::transport::{Bound, socket_for};
 use crate::tunnel::{BUF_SIZE, PeerTable, TunnelIo, TunnelStats};
 use crate::uapi::{DeviceState, PeerState, StateRequest};
 use crate::udp_batch::{RecvBatch, grow_socket_buffers, recv_batch, send_batch};
@@ -174,9 +177,9 @@ impl Gateway {
                     public_key: t.public_key(),
                     preshared_key: psks.get(&t.public_key()).map(|k| (*k).clone()),
                     endpoint: t.endpoint(),
-                    allowed_ips: std::iter::once(ipnet::IpNet::V4(ipnet::Ipv4Net::from(t.address())))
-                        .chain(t.address_v6().map(|a| ipnet::IpNet::V6(ipnet::Ipv6Net::from(a))))
-                        .collect(),
+                    // The IPv4 /32 only: what `wg show` has always listed here (tests and
+                    // scripts read it); the peer's IPv6 /128 is in its VpnPeer status.
+                    allowed_ips: vec![ipnet::IpNet::V4(ipnet::Ipv4Net::from(t.address()))],
                     last_handshake: s.since_last_handshake.and_then(|d| now.checked_sub(d)),
                     rx_bytes: s.rx_bytes,
                     tx_bytes: s.tx_bytes,
@@ -530,11 +533,27 @@ impl Gateway {
         out
     }
 
-    fn flush(&mut self, socket: &UdpSocket) {
+    fn flush(&mut self, sockets: &[(UdpSocket, Bound)]) {
         let io = &mut self.io;
+        let bounds: Vec<Bound> = sockets.iter().map(|(_, b)| *b).collect();
         let mut done = 0;
         while done < io.sends.len() {
-            match send_batch(socket, &io.sends[done..], &io.send_buf) {
+            // A run of datagrams for one socket (with one socket: all of them).
+            let Some(i) = socket_for(&bounds, io.sends[done].0) else {
+                tracing::debug!(to = %io.sends[done].0, "no socket of that family; datagram dropped");
+                done += 1;
+                continue;
+            };
+            let run = if sockets.len() == 1 {
+                io.sends.len() - done
+            } else {
+                io.sends[done..]
+                    .iter()
+                    .take_while(|(to, _, _)| socket_for(&bounds, *to) == Some(i))
+                    .count()
+            };
+            let (socket, bound) = &sockets[i];
+            match send_batch(socket, bound, &io.sends[done..done + run], &io.send_buf) {
                 Ok(n) if n > 0 => done += n,
                 // UDP: a full socket buffer drops (the first datagram), as a network would.
                 _ => done += 1,
@@ -548,7 +567,7 @@ impl Gateway {
     #[allow(clippy::too_many_arguments)]
     pub async fn run(
         mut self,
-        socket: UdpSocket,
+        sockets: Vec<(UdpSocket, Bound)>,
         mut peers: watch::Receiver<PeerSnapshot>,
         mut services: watch::Receiver<ServiceSnapshot>,
         mut policies: watch::Receiver<PolicySnapshot>,
@@ -567,11 +586,14 @@ impl Gateway {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_report = Instant::now();
         let mut recv = RecvBatch::new();
-        grow_socket_buffers(&socket);
+        for (s, _) in &sockets {
+            grow_socket_buffers(s);
+        }
         let mut peers_open = true;
         let mut services_open = true;
         let mut policies_open = true;
-        let listen_port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
+        let listen_port = sockets.first().map_or(0, |(_, b)| b.local.port());
+        let mut next_socket = 0;
         let mut uapi = self.uapi.take();
         let mut leading = self.leading.take();
         tokio::pin!(shutdown);
@@ -579,11 +601,13 @@ impl Gateway {
             let delay = self.dp.poll_delay(Instant::now()).unwrap_or(Duration::from_secs(1));
             tokio::select! {
                 _ = &mut shutdown => break,
-                r = socket.readable() => {
+                (i, r) = std::future::poll_fn(|cx| poll_readable(&sockets, next_socket, cx)) => {
                     if let Err(e) = r {
                         tracing::debug!(error = %e, "waiting for datagrams");
                     }
-                    match socket.try_io(Interest::READABLE, || recv_batch(&socket, &mut recv)) {
+                    next_socket = i + 1;
+                    let socket = &sockets[i].0;
+                    match socket.try_io(Interest::READABLE, || recv_batch(socket, &mut recv)) {
                         Ok(()) => {
                             for i in 0..recv.got.len() {
                                 self.datagram(recv.got[i].0, recv.datagram(i));
@@ -657,10 +681,26 @@ impl Gateway {
             // The batch's allowed packets out in one go (coalesced by the TUN data plane).
             self.dp.flush();
             self.outbound();
-            self.flush(&socket);
+            self.flush(&sockets);
         }
         Ok(())
     }
+}
+
+/// A socket of `sockets` with datagrams to read (its index), looking from `start` on: the
+/// caller starts after the one it read last, so a busy socket does not starve the others.
+fn poll_readable(
+    sockets: &[(UdpSocket, Bound)],
+    start: usize,
+    cx: &mut Context<'_>,
+) -> Poll<(usize, std::io::Result<()>)> {
+    for k in 0..sockets.len() {
+        let i = (start + k) % sockets.len();
+        if let Poll::Ready(r) = sockets[i].0.poll_recv_ready(cx) {
+            return Poll::Ready((i, r));
+        }
+    }
+    Poll::Pending
 }
 
 /// Give the memory freed by a snapshot change back to the system. Each change frees a

@@ -17,9 +17,11 @@ use kuberaya_gateway::secure_http::{CertFiles, SecureServing};
     about = "KubeRaya WireGuard gateway (userspace and unprivileged by default; --dataplane tun for kernel forwarding)"
 )]
 struct Args {
-    /// UDP address WireGuard listens on.
-    #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:51820")]
-    listen: SocketAddr,
+    /// UDP address WireGuard listens on; repeat (or separate with commas) for one socket
+    /// per address. Default: one dual-stack socket on [::]:51820 (IPv4 peers too), or
+    /// 0.0.0.0:51820 when the host has no IPv6.
+    #[arg(long, env = "GATEWAY_LISTEN", value_delimiter = ',', value_name = "ADDR")]
+    listen: Vec<SocketAddr>,
     /// The tunnel range; the gateway takes its first address.
     #[arg(long, env = "GATEWAY_TUNNEL_CIDR", default_value = "100.64.0.0/16")]
     tunnel_cidr: Ipv4Net,

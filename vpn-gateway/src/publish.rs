@@ -19,7 +19,7 @@ pub const ANNOTATION_PUBLIC_KEY: &str = "vpn.cloudraya.com/public-key";
 /// On the gateway Service: its tunnel address with the range's prefix, `100.64.0.1/16`.
 pub const ANNOTATION_TUNNEL_ADDRESS: &str = "vpn.cloudraya.com/tunnel-address";
 /// On the gateway Service: its IPv6 tunnel address with the range's prefix,
-/// `fd6b:7261:7961::1/64` (peers' second DNS server, and the /128 they route to it).
+/// `fd6b:7261:7961::1/64` (what `kuberaya peer add` puts in `DNS =` and `AllowedIPs`).
 pub const ANNOTATION_TUNNEL_ADDRESS_V6: &str = "vpn.cloudraya.com/tunnel-address-v6";
 /// On the gateway Service: the cluster DNS domain the gateway answers for.
 pub const ANNOTATION_CLUSTER_DOMAIN: &str = "vpn.cloudraya.com/cluster-domain";
@@ -39,7 +39,7 @@ pub struct Facts {
     pub public_key: PublicKey,
     /// The gateway's tunnel address and the range's prefix: `100.64.0.1/16`.
     pub tunnel_address: String,
-    /// The gateway's IPv6 tunnel address and the range's prefix, when it has one.
+    /// The IPv6 one, `fd6b:7261:7961::1/64`; not published when `None`.
     pub tunnel_address_v6: Option<String>,
     pub cluster_domain: String,
 }
@@ -245,15 +245,12 @@ mod tests {
             ..facts()
         };
         let want = f.annotations();
+        assert_eq!(want[ANNOTATION_TUNNEL_ADDRESS_V6], "fd6b:7261:7961::1/64");
         assert_eq!(want.len(), 4);
+        // A Service annotated by a gateway without IPv6: only the new one is written.
+        let current = facts().annotations();
         assert_eq!(
-            want.get(ANNOTATION_TUNNEL_ADDRESS_V6).map(String::as_str),
-            Some("fd6b:7261:7961::1/64")
-        );
-        // A Service annotated by an IPv4-only gateway gets the one new annotation.
-        let old = facts().annotations();
-        assert_eq!(
-            patch_for(Some(&old), &want),
+            patch_for(Some(&current), &want),
             Some(
                 serde_json::json!({"metadata": {"annotations": {ANNOTATION_TUNNEL_ADDRESS_V6: "fd6b:7261:7961::1/64"}}})
             )

@@ -7,7 +7,7 @@
 //! use kuberaya_gateway::run::{RunConfig, Sources, start};
 //! let cfg = RunConfig {
 //!     sources: Sources::Kube { kubeconfig: Some("/tmp/sb/kubeconfig".into()), client: None },
-//!     listen: "127.0.0.1:0".parse().unwrap(),
+//!     listen: vec!["127.0.0.1:0".parse().unwrap()],
 //!     ..RunConfig::default()
 //! };
 //! let gw = start(cfg).await?;
@@ -41,6 +41,7 @@ use crate::source::kube::KubeSource;
 use crate::source::{
     FileSource, GatewayReport, PeerSnapshot, PeerSource, PolicySnapshot, PolicySource, ServiceCatalog, ServiceSnapshot,
 };
+use crate::transport::Bound;
 use crate::uapi::UapiListener;
 
 /// The default name of the Secret holding the gateway's private key.
@@ -94,8 +95,9 @@ pub struct UapiConfig {
 /// Everything the gateway is configured with (the binary's flags).
 #[derive(Clone)]
 pub struct RunConfig {
-    /// UDP address WireGuard listens on.
-    pub listen: SocketAddr,
+    /// UDP addresses WireGuard listens on, one socket each; none: the default, one
+    /// dual-stack `[::]:51820` socket, else `0.0.0.0:51820` ([`crate::transport`]).
+    pub listen: Vec<SocketAddr>,
     /// The tunnel range; the gateway takes its first address.
     pub tunnel_cidr: Ipv4Net,
     /// The IPv6 tunnel range; the gateway takes `::1` in it, a peer by default the IPv4
@@ -138,7 +140,7 @@ impl Default for RunConfig {
     /// The binary's defaults: Kubernetes sources, the key in a Secret.
     fn default() -> Self {
         RunConfig {
-            listen: SocketAddr::from(([0, 0, 0, 0], 51820)),
+            listen: Vec::new(),
             tunnel_cidr: Ipv4Net::new(Ipv4Addr::new(100, 64, 0, 0), 16).expect("a valid prefix"),
             tunnel_cidr_v6: TunnelConfig::default_range_v6(),
             cluster_domain: "cluster.local".to_string(),
@@ -167,7 +169,10 @@ impl Default for RunConfig {
 /// What a started gateway is bound to.
 #[derive(Clone, Debug)]
 pub struct StartedInfo {
+    /// The first UDP socket's address.
     pub udp: SocketAddr,
+    /// Every UDP socket's address (the first is `udp`).
+    pub udp_all: Vec<SocketAddr>,
     pub public_key: PublicKey,
     pub tunnel_address: Ipv4Addr,
     pub metrics: SocketAddr,
@@ -185,6 +190,10 @@ impl std::fmt::Display for StartedInfo {
             "kuberaya-gateway listening udp={} public_key={} tunnel_address={} metrics={} health={}",
             self.udp, self.public_key, self.tunnel_address, self.metrics, self.health
         )?;
+        if self.udp_all.len() > 1 {
+            let more: Vec<String> = self.udp_all[1..].iter().map(|a| a.to_string()).collect();
+            write!(f, " udp_also={}", more.join(","))?;
+        }
         if let Some(a) = &self.secure {
             write!(f, " secure={a}")?;
         }
@@ -200,7 +209,7 @@ impl std::fmt::Display for StartedInfo {
 pub struct Started {
     info: StartedInfo,
     gateway: Gateway,
-    socket: UdpSocket,
+    sockets: Vec<(UdpSocket, Bound)>,
     peers: watch::Receiver<PeerSnapshot>,
     services: watch::Receiver<ServiceSnapshot>,
     policies: watch::Receiver<PolicySnapshot>,
@@ -363,12 +372,10 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
             ));
         }
     };
-    let socket = UdpSocket::bind(cfg.listen)
-        .await
-        .map_err(net_error(format_args!("binding {}", cfg.listen)))?;
-    let udp = socket
-        .local_addr()
-        .map_err(net_error(format_args!("binding {}", cfg.listen)))?;
+    let sockets = crate::transport::bind_all(&cfg.listen, crate::transport::bind)
+        .map_err(|(a, e)| net_error(format_args!("binding {a}"))(e))?;
+    let udp_all: Vec<SocketAddr> = sockets.iter().map(|(_, b)| b.local).collect();
+    let udp = udp_all[0];
     let local = UserspaceConfig {
         gateway: tunnel.gateway_address(),
         gateway_v6: tunnel.gateway_address_v6(),
@@ -381,7 +388,7 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
             TunDataPlane::start(TunConfig {
                 name: name.clone(),
                 range: tunnel.range,
-                range_v6: tunnel.range_v6,
+                range_v6: Some(tunnel.range_v6),
                 local,
             })
             .await
@@ -415,6 +422,7 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
     Ok(Started {
         info: StartedInfo {
             udp,
+            udp_all,
             public_key,
             tunnel_address: tunnel.gateway_address(),
             metrics: http.metrics,
@@ -423,7 +431,7 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
             uapi,
         },
         gateway,
-        socket,
+        sockets,
         peers,
         services,
         policies,
@@ -449,7 +457,7 @@ impl Started {
         let Started {
             info,
             gateway,
-            socket,
+            sockets,
             peers,
             services,
             policies,
@@ -471,7 +479,7 @@ impl Started {
             }
         };
         let r = gateway
-            .run(socket, peers, services, policies, report, health, shutdown)
+            .run(sockets, peers, services, policies, report, health, shutdown)
             .await
             .map_err(net_error(format_args!("the UDP socket {}", info.udp)));
         drop(tasks);
@@ -504,7 +512,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = PrivateKey::generate();
         let cfg = RunConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
+            listen: vec!["127.0.0.1:0".parse().unwrap()],
             sources: Sources::Files {
                 peers: Some(write(dir.path(), "peers.json", "[]")),
                 services: Some(write(dir.path(), "services.json", "[]")),
@@ -561,7 +569,7 @@ mod tests {
         assert!(e.to_string().contains("no room"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let cfg = RunConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
+            listen: vec!["127.0.0.1:0".parse().unwrap()],
             sources: Sources::Files {
                 peers: None,
                 services: None,

@@ -121,7 +121,7 @@ impl InProcessGateway {
         for i in 0..replicas.max(1) {
             let name = format!("kuberaya-gateway-{i}");
             let started = match kuberaya_gateway::run::start(RunConfig {
-                listen: SocketAddr::from((gateway_pod_ip(pod_cidr, i), GATEWAY_PORT)),
+                listen: vec![SocketAddr::from((gateway_pod_ip(pod_cidr, i), GATEWAY_PORT))],
                 tunnel_cidr,
                 namespace: NAMESPACE.into(),
                 sources: Sources::Kube {
