@@ -23,10 +23,9 @@ use kuberaya_gateway::keys::PublicKey;
 use crate::kube::{api_error, is_not_found};
 
 /// The annotation names are the gateway's own: it writes them, this reads them.
-pub use kuberaya_gateway::publish::{ANNOTATION_CLUSTER_DOMAIN, ANNOTATION_PUBLIC_KEY, ANNOTATION_TUNNEL_ADDRESS};
-/// The gateway's IPv6 tunnel address with its range's prefix (`fd6b:7261:7961::1/64`),
-/// written beside [`ANNOTATION_TUNNEL_ADDRESS`] by a gateway with an IPv6 tunnel range.
-pub const ANNOTATION_TUNNEL_ADDRESS_V6: &str = "vpn.cloudraya.com/tunnel-address-v6";
+pub use kuberaya_gateway::publish::{
+    ANNOTATION_CLUSTER_DOMAIN, ANNOTATION_PUBLIC_KEY, ANNOTATION_TUNNEL_ADDRESS, ANNOTATION_TUNNEL_ADDRESS_V6,
+};
 
 pub const DEFAULT_GATEWAY_NAMESPACE: &str = "kuberaya-system";
 pub const DEFAULT_GATEWAY_SERVICE: &str = kuberaya_gateway::publish::DEFAULT_SERVICE;

@@ -12,7 +12,7 @@ use kuberaya_gateway::crd::{SecretKeyRef, VpnPeer, VpnPeerSpec};
 use kuberaya_gateway::keys::PresharedKey;
 use kuberaya_gateway::source::kube::PRESHARED_KEY_KEY;
 
-use super::config::{deliver_and_report, endpoint, ipv6_warning, out_path, peer_config, psk_secret};
+use super::config::{config_addresses, deliver_and_report, endpoint, out_path, peer_config, psk_secret};
 use super::parse::check_rules;
 use super::wait::wait_accepted;
 use super::{AddArgs, peer_namespace, psk_secret_name};
@@ -121,9 +121,7 @@ pub(super) async fn add(kube_args: &KubeArgs, a: AddArgs) -> anyhow::Result<()> 
             return Err(e.context("the peer was removed again; nothing was kept"));
         }
     };
-    if let Some(w) = ipv6_warning(&cidrs, addresses) {
-        eprintln!("! {w}");
-    }
+    let addresses = config_addresses(&cidrs, addresses);
     let config = peer_config(&ns, &a.name, &gw, endpoint.clone(), &cidrs, key, addresses, psk);
     let address = match addresses.v6 {
         Some(v6) => format!("addresses {}, {v6}", addresses.v4),

@@ -99,14 +99,16 @@ pub(super) fn endpoint(config: &ConfigArgs, gw: &GatewayInfo) -> anyhow::Result<
     }
 }
 
-/// A warning for a peer with an IPv6 tunnel address but no IPv6 service range to route
-/// (none in `--service-cidr` or the kuberaya-config ConfigMap).
-pub(super) fn ipv6_warning(cidrs: &[IpNet], addresses: PeerAddresses) -> Option<String> {
-    (addresses.v6.is_some() && !cidrs.iter().any(|c| matches!(c, IpNet::V6(_)))).then(|| {
-        "the peer has an IPv6 tunnel address but no IPv6 service range is known: its config routes no IPv6 \
-         ClusterIPs; pass --service-cidr V4,V6 or set both in the kuberaya-config ConfigMap's service-cidr"
-            .to_string()
-    })
+/// The addresses the config uses: the IPv6 one only when the cluster has IPv6 Services
+/// to reach (an IPv6 range in `--service-cidr` or the kuberaya-config ConfigMap). The
+/// gateway gives every peer an IPv6 tunnel address; on an IPv4-only cluster the config
+/// stays the IPv4-only one it always was.
+pub(super) fn config_addresses(cidrs: &[IpNet], addresses: PeerAddresses) -> PeerAddresses {
+    let ipv6_cluster = cidrs.iter().any(|c| matches!(c, IpNet::V6(_)));
+    PeerAddresses {
+        v6: addresses.v6.filter(|_| ipv6_cluster),
+        ..addresses
+    }
 }
 
 /// Writes the config to `out` (or prints it), then says `what` happened: on stdout when

@@ -6,7 +6,7 @@ use kube::Api;
 use kube::api::{Patch, PatchParams};
 use kuberaya_gateway::crd::VpnPeer;
 
-use super::config::{deliver_and_report, endpoint, ipv6_warning, out_path, peer_config, read_psk};
+use super::config::{config_addresses, deliver_and_report, endpoint, out_path, peer_config, read_psk};
 use super::wait::wait_accepted;
 use super::{RotateArgs, get_peer, peer_namespace};
 use crate::gateway;
@@ -46,9 +46,7 @@ pub(super) async fn rotate(kube_args: &KubeArgs, a: RotateArgs) -> anyhow::Resul
         .await
         .map_err(|e| api_error(e, &format!("updating peer {ns}/{}", a.name)))?;
     let addresses = wait_accepted(&api, &a.name, updated.metadata.generation, a.config.timeout).await?;
-    if let Some(w) = ipv6_warning(&cidrs, addresses) {
-        eprintln!("! {w}");
-    }
+    let addresses = config_addresses(&cidrs, addresses);
     let config = peer_config(&ns, &a.name, &gw, endpoint, &cidrs, key, addresses, psk);
     let what = format!("peer {ns}/{} has a new key; the old one no longer works", a.name);
     deliver_and_report(&config, out.as_deref(), a.config.qr, true, &what)?;

@@ -7,7 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kuberaya_gateway::crd::{AllowRule, CONDITION_ACCEPTED, Condition, PortRef, VpnPeer, VpnPeerStatus};
 
-use super::view::address_text;
+use super::view::{address_text, address_v6_text};
 use super::wait::settled;
 use super::*;
 
@@ -206,7 +206,7 @@ fn allowed_ips_route_ipv6_only_for_a_peer_with_an_ipv6_address() {
 
 #[test]
 fn a_dual_stack_peer_config_has_both_addresses_dns_servers_and_ranges() {
-    use super::config::{PeerAddresses, ipv6_warning, peer_config};
+    use super::config::{PeerAddresses, config_addresses, peer_config};
     use crate::wgquick::{PeerKey, render};
     let gw = dual_gateway(true);
     let endpoint = gw.endpoint_for(Some(crate::gateway::EndpointFamily::Ipv6)).unwrap();
@@ -238,16 +238,13 @@ fn a_dual_stack_peer_config_has_both_addresses_dns_servers_and_ranges() {
         text.starts_with("# kuberaya peer team-a/bob (gateway [fd00:203::5]:51820)\n"),
         "{text}"
     );
-    assert_eq!(ipv6_warning(&cidrs, addresses), None);
-    let w = ipv6_warning(&cidrs[..1], addresses).unwrap();
-    assert!(
-        w.contains("no IPv6 service range") && w.contains("--service-cidr"),
-        "{w}"
-    );
+    assert_eq!(config_addresses(&cidrs, addresses), addresses);
+    // An IPv4-only cluster (no IPv6 service range): the config of before, though the
+    // gateway gave the peer an IPv6 address.
+    assert_eq!(config_addresses(&cidrs[..1], addresses).v6, None);
 
     // The same peer without an IPv6 address: the IPv4-only config of before.
-    let v4 = PeerAddresses { v6: None, ..addresses };
-    assert_eq!(ipv6_warning(&cidrs, v4), None);
+    let v4 = config_addresses(&cidrs[..1], addresses);
     let text = render(&peer_config(
         "team-a",
         "bob",
@@ -339,4 +336,28 @@ fn the_ipv6_address_is_read_from_the_status() {
     assert_eq!(state::address_v6(&ok), Some("fd6b:7261:7961::2".parse().unwrap()));
     ok.status.as_mut().unwrap().address_v6 = Some("garbage".into());
     assert_eq!(state::address_v6(&ok), None);
+}
+
+#[test]
+fn the_ipv6_address_is_listed_in_use_or_last_and_left_out_when_absent() {
+    let now = Timestamp::from_second(10).unwrap();
+    let base = crate::reach::tests::peer("ns", "p", 1, vec![]);
+    let mut ok = with_status(base.clone(), Some(("True", "Accepted")), Some("100.64.0.2"));
+    let json = serde_json::to_value(row_of(&ok, now)).unwrap();
+    assert!(
+        json.get("addressV6").is_none() && json.get("lastAddressV6").is_none(),
+        "{json}"
+    );
+    ok.status.as_mut().unwrap().address_v6 = Some("fd6b:7261:7961::2".into());
+    let r = row_of(&ok, now);
+    assert_eq!(address_v6_text(&r), "fd6b:7261:7961::2");
+    assert_eq!(serde_json::to_value(&r).unwrap()["addressV6"], "fd6b:7261:7961::2");
+    let mut off = with_status(base, Some(("False", "Disabled")), None);
+    off.spec.disabled = true;
+    off.status.as_mut().unwrap().last_address_v6 = Some("fd6b:7261:7961::2".into());
+    let r = row_of(&off, now);
+    assert_eq!(
+        (r.address_v6.as_deref(), address_v6_text(&r).as_str()),
+        (None, "fd6b:7261:7961::2 (not in use)")
+    );
 }
