@@ -26,7 +26,7 @@ use kuberaya_e2e::cloud::{
 use kuberaya_e2e::cluster::{Cluster, FAST_HEALTH, deployment, has_taint, ingress_ip, is_ready, lb_service};
 use kuberaya_e2e::probe::{curl, pods_answering, udp_roundtrip, wait_answering, wait_silent};
 use kuberaya_e2e::sandbox::Ranges;
-use kuberaya_e2e::{poll_until_blocking, unique_net_index};
+use kuberaya_e2e::{Netns, poll_until_blocking, require_root, unique_net_index};
 use serde_json::{Value, json};
 
 /// The namespace of every Service the tests create.
@@ -102,6 +102,12 @@ impl Sandbox {
     /// A sandbox started with `ccm_flag` (`--external-ccm`, or [`IN_PROCESS_CCM`] for
     /// none: the sandbox's own CCM); also returns what `sandbox up` printed.
     fn up_with(provisioning_delay_ms: u64, ccm_flag: &str) -> Result<(Sandbox, String)> {
+        Sandbox::up_family(provisioning_delay_ms, ccm_flag, "ipv4")
+    }
+
+    /// [`Sandbox::up_with`] with `--ip-family family` (`dual` needs root and belongs in a
+    /// test-made network namespace: it adds local routes on `lo`).
+    fn up_family(provisioning_delay_ms: u64, ccm_flag: &str, family: &str) -> Result<(Sandbox, String)> {
         let n = unique_net_index();
         let ranges = Ranges {
             net: n,
@@ -110,6 +116,9 @@ impl Sandbox {
         };
         let delay = provisioning_delay_ms.to_string();
         let mut extra = vec!["--nodes", "3", "--provisioning-delay-ms", &delay];
+        if family != "ipv4" {
+            extra.extend(["--ip-family", family]);
+        }
         if ccm_flag != IN_PROCESS_CCM {
             extra.push(ccm_flag);
         }
@@ -1069,6 +1078,275 @@ fn a_service_goes_load_balancer_cluster_ip_load_balancer_and_back_with_traffic()
 }
 
 /// Issue 19, more of upstream's `[sig-network] LoadBalancers` in our words, each shown by
+/// Issue 24 on the default (IPv4-only) sandbox, whose platform cluster has no IPv6 and
+/// whose API server gives a `PreferDualStack` Service one family (`ipFamilies: [IPv4]`):
+/// it gets an IPv4 load balancer (`ip_versions` `[4]`) whose one
+/// ingress entry carries `ipMode: VIP`; `loadBalancerSourceRanges` mixing IPv6 and IPv4
+/// CIDRs all reach the rules, and only the IPv4 ones decide for an IPv4 client (outside:
+/// refused; inside: let in). (An entry that is no CIDR never gets here: kube-apiserver
+/// refuses it; the CCM's own refusal of one is unit-tested.)
+#[test]
+fn a_prefer_dual_stack_service_on_an_ipv4_platform_gets_an_ipv4_lb_with_both_families_source_ranges() -> Result<()> {
+    run(300, "30s", |sb, _ccm| {
+        sb.provider_ids()?;
+        sb.apply(&deployment("ds", 2, false))?;
+        sb.wait_ready_pods("ds", 2)?;
+        sb.apply(&lb_service(
+            "ds",
+            "ds",
+            &[],
+            "  ipFamilyPolicy: PreferDualStack\n  loadBalancerSourceRanges: [\"fd00:1::/64\", \"10.99.0.0/16\"]\n",
+        ))?;
+        let ip = sb.wait_ingress("ds")?;
+        let svc = sb.get_json(&["get", "service", "ds"])?;
+        ensure!(
+            svc["status"]["loadBalancer"]["ingress"] == json!([{"ip": ip, "ipMode": "VIP"}]),
+            "one IPv4 ingress entry with ipMode VIP: {}",
+            svc["status"]
+        );
+        let lb = sb.lb_of("ds")?;
+        ensure!(
+            lb["ip_versions"].is_null() || lb["ip_versions"] == json!([4]),
+            "an IPv4 load balancer: {lb}"
+        );
+        ensure!(lb["public_ipv6"].is_null(), "no IPv6 address: {lb}");
+        let sources = |lb: &Value| lb["rules"][0]["allowed_sources"].clone();
+        ensure!(
+            sources(&lb) == json!(["10.99.0.0/16", "fd00:1::/64"]),
+            "both families' ranges reach the rule: {lb}"
+        );
+        let url = format!("http://{ip}:80/");
+        wait_silent(&url).context("an IPv4 client outside the IPv4 ranges is refused")?;
+
+        let merge = |patch: &str| sb.kubectl(&["patch", "svc", "ds", "--type", "merge", "-p", patch]);
+        merge(r#"{"spec":{"loadBalancerSourceRanges":["fd00:1::/64","127.0.0.0/8"]}}"#)?;
+        wait_answering(&url).context("an IPv4 client inside an IPv4 range is let in")?;
+        ensure!(
+            sources(&sb.lb_of("ds")?) == json!(["127.0.0.0/8", "fd00:1::/64"]),
+            "{}",
+            sb.lb_of("ds")?
+        );
+        Ok(())
+    })
+}
+
+/// The ingress entries of Service `name` as (ip, ipMode), in order.
+fn ingress_entries(svc: &Value) -> Vec<(String, String)> {
+    svc["status"]["loadBalancer"]["ingress"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| {
+            (
+                i["ip"].as_str().unwrap_or_default().to_string(),
+                i["ipMode"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Issue 24 in the dual-stack sandbox (`--ip-family dual`: root, inside a network
+/// namespace this test makes and removes): the CCM's node controller gives every node
+/// its VM's IPv6 address as a second InternalIP; a `PreferDualStack` Service gets one
+/// LB of both families whose two ingress entries (IPv4 first, `ipMode: VIP`) both answer
+/// curl; `-6` curl from outside `loadBalancerSourceRanges` is refused while IPv4 is let
+/// in; a VM's IPv6 address that changes reaches its Node and the LB's backend;
+/// SingleStack and back to PreferDualStack change the LB's families in place (the
+/// same LB, the same IPv4 address) with the ingress and the IPv6 answers following; an
+/// IPv6-only Service gets an IPv6-only LB that answers.
+#[test]
+fn dual_stack_service_answers_on_both_families_and_follows_its_family_policy() -> Result<()> {
+    require_root(
+        "dual_stack_service_answers_on_both_families_and_follows_its_family_policy",
+        "the dual-stack sandbox adds local routes on lo, in a network namespace it creates",
+    );
+    let ns = Netns::unique("ccm-dual")?;
+    ns.ip(["link", "set", "lo", "up"])?;
+    let name = ns.name().to_string();
+    let scenario = std::thread::spawn(move || -> Result<()> {
+        // Everything this thread starts (sandbox, CCM, kubectl, curl) lives in the namespace.
+        Netns::attach(&name).enter()?;
+        dual_stack_scenario()
+    });
+    let result = scenario
+        .join()
+        .map_err(|_| anyhow::anyhow!("the dual-stack scenario panicked"))?;
+    drop(ns);
+    result
+}
+
+fn dual_stack_scenario() -> Result<()> {
+    let (sb, _) = Sandbox::up_family(300, "--external-ccm", "dual")?;
+    let ccm = sb.start_ccm("30s")?;
+    let result = dual_stack_steps(&sb).map_err(|e| {
+        e.context(format!(
+            "sandbox log (tail):\n{}\nCCM output:\n{}",
+            sb.log(),
+            ccm.process.output_tails()
+        ))
+    });
+    drop(ccm);
+    result
+}
+
+fn dual_stack_steps(sb: &Sandbox) -> Result<()> {
+    let v6_in = |a: &str, prefix: &str| a.parse::<std::net::Ipv6Addr>().is_ok() && a.starts_with(prefix);
+
+    // Nodes: both InternalIPs, IPv4 first, the IPv6 one the VM's private_ipv6.
+    sb.provider_ids()?;
+    let vms = sb.vms()?;
+    let nodes = sb.get_json(&["get", "nodes"])?;
+    for n in nodes["items"].as_array().into_iter().flatten() {
+        let name = n["metadata"]["name"].as_str().unwrap_or_default();
+        let internal: Vec<&str> = n["status"]["addresses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|a| a["type"] == "InternalIP")
+            .filter_map(|a| a["address"].as_str())
+            .collect();
+        let vm = vms.get(name).with_context(|| format!("the VM of node {name}"))?;
+        let want = [vm["private_ip"].as_str(), vm["private_ipv6"].as_str()];
+        ensure!(
+            internal.len() == 2 && internal[0].parse::<std::net::Ipv4Addr>().is_ok() && v6_in(internal[1], "fd00:10:"),
+            "node {name}: InternalIPs IPv4 then IPv6: {internal:?}"
+        );
+        ensure!(
+            want == [Some(internal[0]), Some(internal[1])],
+            "node {name}: its VM's addresses {want:?}, got {internal:?}"
+        );
+    }
+
+    // PreferDualStack: one LB, both families, two ingress entries, both answering.
+    sb.apply(&deployment("dual", 2, false))?;
+    sb.wait_ready_pods("dual", 2)?;
+    sb.apply(&lb_service(
+        "dual",
+        "dual",
+        &[],
+        "  ipFamilyPolicy: PreferDualStack\n  ipFamilies: [IPv4, IPv6]\n",
+    ))?;
+    let both = |svc: &Value| {
+        let e = ingress_entries(svc);
+        (e.len() == 2).then_some(e)
+    };
+    let mut last = Value::Null;
+    let entries = poll_until_blocking(Duration::from_secs(40), || {
+        last = sb.get_json(&["get", "service", "dual"]).ok()?;
+        both(&last)
+    })
+    .with_context(|| format!("two ingress entries: {last}"))?;
+    let (v4, v6) = (entries[0].0.clone(), entries[1].0.clone());
+    ensure!(v4.parse::<std::net::Ipv4Addr>().is_ok(), "IPv4 first: {entries:?}");
+    ensure!(v6_in(&v6, "fd00:203:"), "then the IPv6 one: {entries:?}");
+    ensure!(entries.iter().all(|(_, mode)| mode == "VIP"), "ipMode VIP: {entries:?}");
+    let lb = sb.lb_of("dual")?;
+    let lb_id = lb["id"].clone();
+    ensure!(lb["ip_versions"] == json!([4, 6]), "{lb}");
+    ensure!(
+        lb["public_ip"]["address"] == v4.as_str() && lb["public_ipv6"]["address"] == v6.as_str(),
+        "{lb}"
+    );
+    let (url4, url6) = (format!("http://{v4}:80/"), format!("http://[{v6}]:80/"));
+    let all: BTreeSet<String> = sb.wait_ready_pods("dual", 2)?.keys().cloned().collect();
+    for url in [&url4, &url6] {
+        let pod = wait_answering(url)?;
+        ensure!(all.contains(&pod), "{url} answered by {pod}, one of {all:?}");
+    }
+
+    // Source ranges: IPv6 from outside refused, IPv4 inside let in; then IPv6 let in.
+    let merge = |patch: &str| sb.kubectl(&["patch", "svc", "dual", "--type", "merge", "-p", patch]);
+    merge(r#"{"spec":{"loadBalancerSourceRanges":["127.0.0.0/8","fd00:1::/64"]}}"#)?;
+    wait_silent(&url6).context("-6 curl from outside loadBalancerSourceRanges is refused")?;
+    wait_answering(&url4).context("IPv4 from inside is let in")?;
+    merge(r#"{"spec":{"loadBalancerSourceRanges":["127.0.0.0/8","::1/128"]}}"#)?;
+    wait_answering(&url6).context("IPv6 from inside is let in")?;
+    merge(r#"{"spec":{"loadBalancerSourceRanges":null}}"#)?;
+
+    // A VM's IPv6 address changes: its Node's IPv6 InternalIP (the node controller) and
+    // the LB's backend (re-sent by the service controller) follow; IPv6 still answers.
+    let (node, vm) = sb.vm_ids()?.into_iter().next().context("a VM")?;
+    let new_v6 = "fd00:10::fe";
+    let a = sb.control(
+        reqwest::Method::PUT,
+        &format!("/_sandbox/vms/{vm}/private-ip"),
+        Some(&json!({"private_ipv6": new_v6})),
+    );
+    ensure!(a.status == 200, "PUT private-ip: {}", a.describe());
+    let followed = poll_until_blocking(Duration::from_secs(20), || {
+        let n = sb.get_json(&["get", "node", &node]).ok()?;
+        let node_ok = n["status"]["addresses"]
+            .as_array()?
+            .iter()
+            .any(|a| a["type"] == "InternalIP" && a["address"] == new_v6);
+        let lb = sb.lb_of("dual").ok()?;
+        let lb_ok = lb["backends"]
+            .as_array()?
+            .iter()
+            .any(|b| b["vm_id"] == vm.as_str() && b["private_ipv6"] == new_v6);
+        (node_ok && lb_ok).then_some(())
+    });
+    ensure!(
+        followed.is_some(),
+        "{vm}'s new IPv6 address on node {node} and the LB: {} {}",
+        sb.get_json(&["get", "node", &node])?["status"]["addresses"],
+        sb.lb_of("dual")?["backends"]
+    );
+    for _ in 0..4 {
+        wait_answering(&url6)?;
+    }
+
+    // SingleStack: IPv6 removed in place, the IPv4 address kept.
+    merge(r#"{"spec":{"ipFamilyPolicy":"SingleStack"}}"#)?;
+    let single = poll_until_blocking(Duration::from_secs(30), || {
+        last = sb.get_json(&["get", "service", "dual"]).ok()?;
+        let e = ingress_entries(&last);
+        (e.len() == 1).then_some(e)
+    })
+    .with_context(|| format!("one ingress entry after SingleStack: {last}"))?;
+    ensure!(single == vec![(v4.clone(), "VIP".to_string())], "{single:?}");
+    let lb = sb.lb_of("dual")?;
+    ensure!(
+        lb["id"] == lb_id && lb["ip_versions"] == json!([4]) && lb["public_ipv6"].is_null(),
+        "{lb}"
+    );
+    wait_silent(&url6).context("the IPv6 address answers no more")?;
+    wait_answering(&url4)?;
+
+    // PreferDualStack again: IPv6 back on the same LB.
+    merge(r#"{"spec":{"ipFamilyPolicy":"PreferDualStack","ipFamilies":["IPv4","IPv6"]}}"#)?;
+    let entries = poll_until_blocking(Duration::from_secs(30), || {
+        last = sb.get_json(&["get", "service", "dual"]).ok()?;
+        both(&last)
+    })
+    .with_context(|| format!("two ingress entries again: {last}"))?;
+    ensure!(entries[0].0 == v4, "the same IPv4 address: {entries:?}");
+    let lb = sb.lb_of("dual")?;
+    ensure!(lb["id"] == lb_id && lb["ip_versions"] == json!([4, 6]), "{lb}");
+    wait_answering(&format!("http://[{}]:80/", entries[1].0)).context("the new IPv6 address answers")?;
+
+    // IPv6 only: an LB with only an IPv6 address (health-checked and served on the
+    // nodes' IPv6 addresses), answering.
+    sb.apply(&lb_service(
+        "v6only",
+        "dual",
+        &[],
+        "  ipFamilyPolicy: SingleStack\n  ipFamilies: [IPv6]\n",
+    ))?;
+    let only = poll_until_blocking(Duration::from_secs(40), || {
+        last = sb.get_json(&["get", "service", "v6only"]).ok()?;
+        let e = ingress_entries(&last);
+        (e.len() == 1).then_some(e)
+    })
+    .with_context(|| format!("one ingress entry: {last}"))?;
+    ensure!(v6_in(&only[0].0, "fd00:203:") && only[0].1 == "VIP", "{only:?}");
+    let lb = sb.lb_of("v6only")?;
+    ensure!(lb["ip_versions"] == json!([6]) && lb["public_ip"].is_null(), "{lb}");
+    let pod = wait_answering(&format!("http://[{}]:80/", only[0].0)).context("the IPv6-only LB answers")?;
+    ensure!(all.contains(&pod), "answered by {pod}");
+    Ok(())
+}
+
 /// curl through the public IP and by the platform's LB: a port change keeps the ingress IP
 /// and the old port stops answering; `sessionAffinity: ClientIP` selects the `source`
 /// algorithm; `loadBalancerSourceRanges` added refuses us, removed lets us in again;

@@ -406,6 +406,37 @@ fn gateway_has_no_capabilities_in_the_base_and_net_admin_only_in_the_tun_overlay
     Ok(())
 }
 
+/// The dual-stack TUN overlay is the TUN overlay plus one pod sysctl, IPv6 forwarding
+/// (the kernel has no netlink switch for it, and /proc/sys is read-only in a pod).
+#[test]
+fn the_tun_ipv6_overlay_adds_only_the_ipv6_forwarding_sysctl() -> Result<()> {
+    let tun = kustomize("gateway/overlays/tun")?;
+    let v6 = kustomize("gateway/overlays/tun-ipv6")?;
+    let d = find(&v6, "Deployment", "kuberaya-gateway")?;
+    assert_eq!(
+        pod_spec(d)["securityContext"]["sysctls"],
+        json!([{"name": "net.ipv6.conf.all.forwarding", "value": "1"}])
+    );
+    assert_hardened(d);
+    assert_eq!(added_capabilities(d), ["NET_ADMIN"]);
+    assert!(pod_spec(d)["initContainers"].is_null(), "no init container");
+    assert!(
+        container(d)["securityContext"]["privileged"].is_null(),
+        "not privileged"
+    );
+    // Everything else is the TUN overlay's.
+    let mut without = d.clone();
+    without["spec"]["template"]["spec"]["securityContext"]
+        .as_object_mut()
+        .context("the pod's securityContext")?
+        .remove("sysctls");
+    assert_eq!(&without, find(&tun, "Deployment", "kuberaya-gateway")?);
+    let others =
+        |objs: &[Value]| -> Vec<Value> { objs.iter().filter(|o| o["kind"] != "Deployment").cloned().collect() };
+    assert_eq!(others(&v6), others(&tun));
+    Ok(())
+}
+
 /// One permission: scope (`*cluster*` or a namespace), API group, resource, verb, and the
 /// object name it is limited to.
 type Grant = (

@@ -592,8 +592,55 @@ pub fn render_markdown() -> String {
          `spec.allocateLoadBalancerNodePorts: false` is refused: CloudRaya load balancers \
          forward to node ports.\n",
     );
+    out.push_str(DUAL_STACK_DOC);
     out
 }
+
+/// The "Dual-stack" section of `docs/annotations.md` (see [`crate::service::families`]).
+const DUAL_STACK_DOC: &str = "
+## Dual-stack
+
+A Service's `spec.ipFamilies` and `spec.ipFamilyPolicy` decide which address families its \
+load balancer serves (the platform's `ip_versions`), against the families the platform \
+cluster carries (its `ip_versions`, `[4]` or `[4, 6]`, read when the CCM starts):
+
+| `spec.ipFamilyPolicy` | Load balancer families | Platform cluster without IPv6 |
+| --- | --- | --- |
+| unset or `SingleStack` | the one family of `spec.ipFamilies` (`[4]` when unset, as before dual-stack) | IPv4: as before; IPv6: refused |
+| `PreferDualStack` | every family of `spec.ipFamilies` the platform cluster has | IPv4 only (IPv6 dropped); refused when the Service lists only IPv6 |
+| `RequireDualStack` | IPv4 and IPv6 | refused |
+
+A refusal is a Warning Event and the `cloudraya.com/LoadBalancerReady` condition \
+`False` with reason `IPv6Unavailable`, naming the field and the platform cluster; no \
+platform call is made, so there is never a half-made load balancer. Changing the policy \
+(or `spec.ipFamilies`) of a live Service changes the load balancer's families in place \
+with one `PUT`: the platform acquires a public IP of a family added and releases the one \
+of a family removed (one reused by ID is detached and kept; `retain-public-ip` applies to \
+the deletion of the load balancer only); the load balancer and its other address stay.
+
+- **Ingress.** `status.loadBalancer.ingress` lists one entry per public IP of the load \
+  balancer, IPv4 first, each with `ipMode: VIP` (the load balancer forwards to node ports; \
+  kube-proxy may send in-cluster traffic for the address straight to the Service).
+- **Backends.** The platform takes backends by VM and fills in each one's `private_ip` and \
+  `private_ipv6`. An IPv4 or dual-stack load balancer has every eligible node as a backend, \
+  as before; the platform sends IPv6 clients only to backends with a `private_ipv6` and \
+  health-checks on `private_ip`, so a node without IPv6 still serves the IPv4 address. An \
+  IPv6-only load balancer has only the nodes with an IPv6 `InternalIP`. When a node's \
+  IPv6 `InternalIP` changes (or appears), the load balancers serving IPv6 it backs are \
+  re-sent, as for IPv4.
+- **Source ranges.** `spec.loadBalancerSourceRanges` may mix IPv4 and IPv6 CIDRs; all go \
+  to every rule's `allowed_sources`. The platform admits a client when the list is empty or \
+  a CIDR of the client's family contains it: with only IPv4 ranges listed, every IPv6 \
+  client of a dual-stack load balancer is refused. An entry that is not a CIDR, of either \
+  family, is refused naming `spec.loadBalancerSourceRanges[i]`, and the load balancer is \
+  left as it was.
+- **Reused addresses.** `lb.cloudraya.com/public-ip-id` names the IPv4 public IP (refused \
+  on an IPv6-only Service). `spec.loadBalancerIP` may be an address of either family the \
+  load balancer serves, reused on create; a family added later to a live load balancer \
+  gets a new address, so asking for a given one then is refused (recreate the Service).
+- **Nodes.** The node controller writes a VM's `private_ipv6` as a second `InternalIP` \
+  after the IPv4 one, and follows it when it changes.
+";
 
 #[cfg(test)]
 mod tests {

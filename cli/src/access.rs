@@ -442,6 +442,7 @@ async fn explain(kube_args: &KubeArgs, a: ExplainArgs) -> anyhow::Result<ExitCod
         .collect();
     let tunnel = TunnelConfig {
         range: gw.tunnel_range,
+        range_v6: TunnelConfig::default_range_v6(),
         gateway_namespace: a.gateway.gateway_namespace.clone(),
     };
     let peer = PeerId::new(&ns, &a.peer);

@@ -106,6 +106,7 @@ pub fn reach_of_all(
     // Addresses only key the ACL here; a wide range keeps allocation from ever failing.
     let tunnel = TunnelConfig {
         range: Ipv4Net::new(Ipv4Addr::new(100, 64, 0, 0), 10).expect("valid range"),
+        range_v6: TunnelConfig::default_range_v6(),
         gateway_namespace: gateway_namespace.to_string(),
     };
     let inputs: Vec<_> = peers
@@ -199,6 +200,7 @@ pub(crate) mod tests {
             namespace: ns.into(),
             name: name.into(),
             cluster_ip: Some(ip.parse().unwrap()),
+            cluster_ips: vec![],
             ports: ports
                 .iter()
                 .map(|(n, p)| ServicePort {

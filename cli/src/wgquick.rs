@@ -2,7 +2,7 @@
 //! with mode 0600.
 
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
@@ -17,8 +17,12 @@ pub struct WgConfig {
     pub title: String,
     pub key: PeerKey,
     pub address: Ipv4Addr,
+    /// The peer's IPv6 tunnel address, when it has one (dual-stack).
+    pub address_v6: Option<Ipv6Addr>,
     /// The gateway's tunnel address (the DNS server).
     pub dns_server: Ipv4Addr,
+    /// The gateway's IPv6 tunnel address, a second DNS server (dual-stack).
+    pub dns_server_v6: Option<Ipv6Addr>,
     /// DNS search domains, most specific first.
     pub search: Vec<String>,
     pub gateway_public_key: PublicKey,
@@ -80,8 +84,12 @@ pub fn render(c: &WgConfig) -> String {
             "# PrivateKey = <the private key of {p}, which never left your device>\n"
         )),
     }
-    s.push_str(&format!("Address = {}/32\n", c.address));
+    match c.address_v6 {
+        Some(v6) => s.push_str(&format!("Address = {}/32, {v6}/128\n", c.address)),
+        None => s.push_str(&format!("Address = {}/32\n", c.address)),
+    }
     let mut dns = vec![c.dns_server.to_string()];
+    dns.extend(c.dns_server_v6.map(|a| a.to_string()));
     dns.extend(c.search.iter().cloned());
     s.push_str(&format!("DNS = {}\n", dns.join(", ")));
     s.push_str("\n[Peer]\n");
@@ -201,7 +209,9 @@ mod tests {
             title: "kuberaya peer team-a/alice".into(),
             key: PeerKey::Private(PrivateKey::parse("aGVsbG8gd29ybGQgaGVsbG8gd29ybGQgaGVsbG8gd28=").unwrap()),
             address: Ipv4Addr::new(100, 64, 0, 2),
+            address_v6: None,
             dns_server: Ipv4Addr::new(100, 64, 0, 1),
+            dns_server_v6: None,
             search: search_domains("team-a", "cluster.local"),
             gateway_public_key: PublicKey([1; 32]),
             preshared_key: psk.then_some(PresharedKey([2; 32])),
@@ -223,6 +233,32 @@ mod tests {
              Endpoint = 127.203.0.5:51820\nAllowedIPs = 127.96.0.0/16, 100.64.0.1/32\nPersistentKeepalive = 25\n"
         );
         assert!(!render(&sample(false)).contains("PresharedKey"));
+    }
+
+    #[test]
+    fn a_dual_stack_peer_gets_both_addresses_and_both_dns_servers() {
+        let mut c = sample(false);
+        c.address_v6 = Some("fd6b:7261:7961::2".parse().unwrap());
+        c.dns_server_v6 = Some("fd6b:7261:7961::1".parse().unwrap());
+        c.endpoint = "[fd00:203::5]:51820".into();
+        c.allowed_ips.push("fd00:96::/112".parse().unwrap());
+        c.allowed_ips.push("fd6b:7261:7961::1/128".parse().unwrap());
+        let text = render(&c);
+        assert!(
+            text.contains("\nAddress = 100.64.0.2/32, fd6b:7261:7961::2/128\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "\nDNS = 100.64.0.1, fd6b:7261:7961::1, team-a.svc.cluster.local, svc.cluster.local, cluster.local\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("\nEndpoint = [fd00:203::5]:51820\n"), "{text}");
+        assert!(
+            text.contains("\nAllowedIPs = 127.96.0.0/16, 100.64.0.1/32, fd00:96::/112, fd6b:7261:7961::1/128\n"),
+            "{text}"
+        );
     }
 
     #[test]

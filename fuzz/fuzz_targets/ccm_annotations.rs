@@ -86,6 +86,7 @@ fuzz_target!(|data: &[u8]| {
     let cfg = DesiredConfig {
         cluster_id: "cl-1".into(),
         udp_supported: true,
+        ip_versions: kuberaya_ccm::platform::ipv4_only(),
     };
 
     let parsed = LbAnnotations::parse(&ann);
@@ -148,7 +149,7 @@ fuzz_target!(|data: &[u8]| {
                 "error about an annotation that is not there: {e}"
             );
         }
-        Err(e @ Refusal::Unsupported { .. }) => {
+        Err(e @ (Refusal::Unsupported { .. } | Refusal::Ipv6Unavailable { .. })) => {
             let _ = e.to_string();
         }
     }

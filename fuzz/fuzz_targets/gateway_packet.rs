@@ -47,6 +47,7 @@ fn peer(address: Ipv4Addr, rules: Vec<Rule>) -> AcceptedPeer {
         id: PeerId::new("default", address.to_string()),
         public_key: PublicKey([address.octets()[3]; 32]),
         address,
+        address_v6: None,
         rules,
         preshared_key: None,
         expires_at: None,

@@ -38,9 +38,10 @@ struct KubeArgs {
     /// Context (and cluster) name in the kubeconfig.
     #[arg(long, default_value = "kuberaya-sandbox")]
     context: String,
-    /// Service ClusterIP range.
+    /// Service ClusterIP range; two comma-separated (one per family, the primary first)
+    /// make a dual-stack cluster, as kube-apiserver's --service-cluster-ip-range.
     #[arg(long, default_value = "127.96.0.0/16")]
-    service_cidr: ipnet::Ipv4Net,
+    service_cidr: kuberaya_sandbox::kube::ServiceCidrs,
     /// Serve plain HTTP instead of HTTPS (the bearer token is still required).
     #[arg(long)]
     insecure_http: bool,
@@ -109,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
 async fn run_kube(args: KubeArgs) -> anyhow::Result<()> {
     use kuberaya_sandbox::kube::{KubeApi, KubeApiConfig};
     let config = KubeApiConfig {
-        service_cidr: args.service_cidr,
+        service_cidrs: args.service_cidr,
         tls: !args.insecure_http,
         ..KubeApiConfig::new(&args.state_dir)
     };

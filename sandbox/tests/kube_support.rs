@@ -30,10 +30,23 @@ impl Server {
 
     /// Starts on an existing state dir (for restart tests).
     pub async fn start_in(dir: TempDir) -> Server {
+        let config = KubeApiConfig::new(dir_state(&dir));
+        Self::start_with(dir, config).await
+    }
+
+    /// Starts with these Service CIDRs (`127.96.0.0/16,fd00:96::/112`: dual-stack).
+    pub async fn start_with_service_cidrs(cidrs: &str) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = KubeApiConfig {
+            service_cidrs: cidrs.parse().expect("service CIDRs"),
+            ..KubeApiConfig::new(dir_state(&dir))
+        };
+        Self::start_with(dir, config).await
+    }
+
+    async fn start_with(dir: TempDir, config: KubeApiConfig) -> Server {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let api = KubeApi::open(KubeApiConfig::new(dir.path().join("state")))
-            .await
-            .expect("open");
+        let api = KubeApi::open(config).await.expect("open");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let kubeconfig = dir.path().join("kubeconfig");
@@ -85,6 +98,10 @@ impl Server {
     pub fn token(&self) -> String {
         self.api.admin_token().to_string()
     }
+}
+
+fn dir_state(dir: &TempDir) -> PathBuf {
+    dir.path().join("state")
 }
 
 fn command(s: &Server, args: &[&str]) -> tokio::process::Command {

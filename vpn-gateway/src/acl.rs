@@ -1,14 +1,16 @@
 //! Access control: the peers' allow rules compiled against the Service catalog into a
 //! lookup checked on every decrypted packet. Default deny.
 //!
-//! Keyed by the peer's tunnel address, which is unique among accepted peers and which a
-//! packet's source must equal (anti-spoofing) before anything else is looked at. A peer's
+//! Keyed by the peer's (IPv4) tunnel address, which is unique among accepted peers and
+//! which a packet's source must equal (anti-spoofing) before anything else is looked at; an
+//! IPv6 packet's source must be the peer's IPv6 tunnel address. A peer's rules cover every
+//! ClusterIP of a Service, so both families of a dual-stack one. A peer's
 //! rules are its own and its access policies' ([`crate::policy`]); each compiled port
 //! remembers the rule that allows it, for the audit log and [`Acl::explain`], in the same
 //! single lookup a packet gets.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use crate::catalog::Catalog;
@@ -57,6 +59,10 @@ struct PeerRules {
 #[derive(Default, Debug)]
 pub struct Acl {
     gateway: Option<Ipv4Addr>,
+    /// The gateway's IPv6 tunnel address.
+    gateway_v6: Option<Ipv6Addr>,
+    /// Each peer's IPv6 tunnel address, by its IPv4 one (its identity here).
+    v6_of: HashMap<Ipv4Addr, Ipv6Addr>,
     /// Peers with the same rules share one compiled copy (typically most of them: a few
     /// hundred bytes of hash sets each otherwise, megabytes at 10,000 peers).
     peers: HashMap<Ipv4Addr, Arc<PeerRules>>,
@@ -118,6 +124,7 @@ impl Acl {
         let mut acl = Acl {
             gateway: Some(gateway),
             peers: HashMap::with_capacity(peers.size_hint().0),
+            ..Default::default()
         };
         let mut compiled: HashMap<&[SourcedRule], Arc<PeerRules>> = HashMap::new();
         for (address, rules) in peers {
@@ -132,6 +139,27 @@ impl Acl {
         acl
     }
 
+    /// The IPv6 side: the gateway's IPv6 tunnel address and each peer's (by its IPv4
+    /// address), what IPv6 packets' sources and local destinations are checked against.
+    pub fn with_ipv6(mut self, gateway: Ipv6Addr, peers: impl IntoIterator<Item = (Ipv4Addr, Ipv6Addr)>) -> Self {
+        self.gateway_v6 = Some(gateway);
+        self.v6_of = peers.into_iter().collect();
+        self
+    }
+
+    /// The IPv6 tunnel address of the peer at `peer`.
+    pub fn peer_v6(&self, peer: Ipv4Addr) -> Option<Ipv6Addr> {
+        self.v6_of.get(&peer).copied()
+    }
+
+    /// Whether `a` is one of the gateway's own tunnel addresses.
+    pub fn is_gateway(&self, a: IpAddr) -> bool {
+        match a {
+            IpAddr::V4(a) => self.gateway == Some(a),
+            IpAddr::V6(a) => self.gateway_v6 == Some(a),
+        }
+    }
+
     /// How many distinct compiled rule sets the peers share.
     pub fn distinct_rule_sets(&self) -> usize {
         let mut seen: HashSet<*const PeerRules> = HashSet::new();
@@ -143,13 +171,17 @@ impl Acl {
 
     /// The verdict for a packet that came out of the tunnel of the peer at `peer`.
     pub fn check(&self, peer: Ipv4Addr, pkt: &Packet<'_>) -> Verdict {
-        if pkt.src != IpAddr::V4(peer) {
+        let own = match pkt.src {
+            IpAddr::V4(a) => a == peer,
+            IpAddr::V6(a) => self.v6_of.get(&peer) == Some(&a),
+        };
+        if !own {
             return Verdict::Spoofed;
         }
         let Some(rules) = self.peers.get(&peer) else {
             return Verdict::Denied;
         };
-        if self.gateway.is_some_and(|g| pkt.dst == IpAddr::V4(g)) {
+        if self.is_gateway(pkt.dst) {
             return Verdict::Local;
         }
         match pkt.proto {
@@ -256,7 +288,7 @@ fn compile_rules(rules: &[SourcedRule], catalog: &Catalog) -> PeerRules {
             if allowed.is_empty() {
                 continue;
             }
-            if let Some(ip) = svc.cluster_ip.filter(|ip| !catalog.is_ambiguous(ip)) {
+            for ip in svc.addresses().filter(|ip| !catalog.is_ambiguous(ip)) {
                 for &i in &allowed {
                     let sp = &svc.ports[i];
                     r.ports.entry((ip, sp.protocol.ip_proto(), sp.port)).or_insert(index);
@@ -287,6 +319,7 @@ pub(crate) mod tests {
             id: PeerId::new("default", format!("p{}", addr[3])),
             public_key: PrivateKey::generate().public_key(),
             address: Ipv4Addr::from(addr),
+            address_v6: None,
             rules,
             preshared_key: None,
             expires_at: None,
@@ -462,6 +495,95 @@ pub(crate) mod tests {
             acl.explain(&c, a, "db", "pg", &PortRef::Number(5432)),
             Explanation::Denied(DenyReason::NoRule)
         );
+    }
+
+    fn v6(s: &str) -> Ipv6Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn ipv6_packets_follow_the_same_rules() {
+        use crate::catalog::tests::dual_catalog;
+        use crate::packet::PROTO_ICMPV6;
+        use crate::packet::tests::ipv6;
+        let mut a = peer(
+            [100, 64, 0, 2],
+            vec![rule("default", Some("web"), Some(vec![PortRef::Name("http".into())]))],
+        );
+        a.address_v6 = Some(v6("fd6b:7261:7961::2"));
+        let mut b = peer([100, 64, 0, 3], vec![rule("default", None, None)]);
+        b.address_v6 = Some(v6("fd6b:7261:7961::3"));
+        // A peer served without an IPv6 address (a follower whose leader granted none).
+        let c = peer([100, 64, 0, 4], vec![rule("default", None, None)]);
+        let peers = [a.clone(), b.clone(), c.clone()];
+        let acl = Acl::compile(gw(), &peers, &dual_catalog()).with_ipv6(
+            v6("fd6b:7261:7961::1"),
+            peers.iter().filter_map(|p| Some((p.address, p.address_v6?))),
+        );
+        let check = |peer: &AcceptedPeer, src: &str, dst: &str, proto: u8, l4: &[u8]| {
+            acl.check(peer.address, &parse(&ipv6(src, dst, proto, l4)).unwrap())
+        };
+        let syn = |port| tcp(40000, port, TCP_SYN);
+        let (a6, b6) = ("fd6b:7261:7961::2", "fd6b:7261:7961::3");
+        let echo = [128, 0, 0, 0, 0, 1, 0, 1];
+        for (who, src, dst, proto, l4, want) in [
+            (&a, a6, "fd00:96::a", PROTO_TCP, syn(80), Verdict::Allow),
+            (&a, a6, "fd00:96::a", PROTO_TCP, syn(9090), Verdict::Denied),
+            (&a, a6, "fd00:96::1:5", PROTO_TCP, syn(5432), Verdict::Denied),
+            (&a, a6, "fd00:96::6", PROTO_TCP, syn(8080), Verdict::Denied),
+            (&b, b6, "fd00:96::6", PROTO_TCP, syn(8080), Verdict::Allow),
+            (&b, b6, "fd00:96::a", PROTO_TCP, syn(9090), Verdict::Allow),
+            (&a, a6, "fd00:96::a", PROTO_ICMPV6, echo.to_vec(), Verdict::Allow),
+            (&a, a6, "fd00:96::1:5", PROTO_ICMPV6, echo.to_vec(), Verdict::Denied),
+            (&a, a6, "fd6b:7261:7961::1", PROTO_UDP, udp(1, 53, b""), Verdict::Local),
+            // Another peer's address, an unknown one, the IPv4-mapped form of its own.
+            (&a, b6, "fd00:96::a", PROTO_TCP, syn(80), Verdict::Spoofed),
+            (
+                &a,
+                "fd6b:7261:7961::99",
+                "fd00:96::a",
+                PROTO_TCP,
+                syn(80),
+                Verdict::Spoofed,
+            ),
+            (
+                &a,
+                "::ffff:100.64.0.2",
+                "fd00:96::a",
+                PROTO_TCP,
+                syn(80),
+                Verdict::Spoofed,
+            ),
+            // No IPv6 address: every IPv6 packet of it is spoofed.
+            (
+                &c,
+                "fd6b:7261:7961::4",
+                "fd00:96::a",
+                PROTO_TCP,
+                syn(80),
+                Verdict::Spoofed,
+            ),
+        ] {
+            assert_eq!(
+                check(who, src, dst, proto, &l4),
+                want,
+                "{} {src} -> {dst} {l4:?}",
+                who.id
+            );
+        }
+        // IPv4 is unchanged, and the rule that allows is the same for both families.
+        let p = ipv4([100, 64, 0, 2], [127, 96, 0, 10], PROTO_TCP, &tcp(1, 80, TCP_SYN));
+        assert_eq!(acl.check(a.address, &parse(&p).unwrap()), Verdict::Allow);
+        assert_eq!(
+            acl.allowed_by(a.address, "fd00:96::a".parse().unwrap(), PROTO_TCP, Some(80)),
+            acl.allowed_by(a.address, "127.96.0.10".parse().unwrap(), PROTO_TCP, Some(80)),
+        );
+        assert!(
+            acl.allowed_by(a.address, "fd00:96::a".parse().unwrap(), PROTO_TCP, Some(80))
+                .is_some()
+        );
+        assert_eq!(acl.peer_v6(a.address), a.address_v6);
+        assert_eq!(acl.peer_v6(c.address), None);
     }
 
     #[test]

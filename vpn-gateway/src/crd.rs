@@ -8,6 +8,7 @@
 //! spec:
 //!   publicKey: "base64 of 32 bytes"       # the private key never reaches the cluster
 //!   address: 100.64.0.7                   # optional; allocated from the tunnel range
+//!   addressV6: fd6b:7261:7961::7          # optional; default: the IPv6 range + address's offset
 //!   allow:
 //!     - service: web                      # namespace defaults to the peer's own
 //!       ports: [80, "metrics"]            # Service port numbers or names; all when absent
@@ -62,6 +63,12 @@ use serde::{Deserialize, Serialize};
         json_path = ".status.conditions[?(@.type==\"Accepted\")].reason"
     ),
     printcolumn(name = "Address", type_ = "string", json_path = ".status.address"),
+    printcolumn(
+        name = "AddressV6",
+        type_ = "string",
+        json_path = ".status.addressV6",
+        priority = "1"
+    ),
     printcolumn(name = "Handshake", type_ = "date", json_path = ".status.lastHandshake"),
     printcolumn(name = "Disabled", type_ = "boolean", json_path = ".spec.disabled", priority = "1"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
@@ -73,6 +80,10 @@ pub struct VpnPeerSpec {
     /// The peer's tunnel address; allocated from the gateway's tunnel range when empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// The peer's IPv6 tunnel address; when empty, the gateway's IPv6 tunnel range plus the
+    /// IPv4 address's offset in its range (100.64.0.7 → fd6b:7261:7961::7 by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address_v6: Option<String>,
     /// What the peer may reach. Nothing when empty (default deny).
     #[serde(default)]
     pub allow: Vec<AllowRule>,
@@ -135,6 +146,12 @@ pub struct VpnPeerStatus {
     /// renewed) and the address is still free, so that its WireGuard config stays right.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_address: Option<String>,
+    /// The IPv6 tunnel address in use; none while the peer is not served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address_v6: Option<String>,
+    /// The IPv6 tunnel address the peer last had, given back as `lastAddress` is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_address_v6: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "date_time_schema")]
     pub last_handshake: Option<Time>,

@@ -1,7 +1,9 @@
 //! The gateway's DNS answers, as a pure function of (query, peer, rules, Service catalog).
 //! The socket work (UDP and TCP on the gateway's tunnel address) is the data plane's.
 //!
-//! - `svc.ns.svc.<domain>`, `svc.ns.svc` and `svc.ns` → the ClusterIP (A or AAAA);
+//! - `svc.ns.svc.<domain>`, `svc.ns.svc` and `svc.ns` → the ClusterIPs: A for the IPv4
+//!   one, AAAA for the IPv6 one of a dual-stack or IPv6 Service; no data (NOERROR) when the
+//!   Service has none of the family asked for;
 //! - `_port._proto.svc.ns.svc.<domain>` (and the short forms) → SRV for a named port;
 //! - a Service the peer may not reach, or that does not exist → NXDOMAIN (the same
 //!   answer, so a peer cannot probe which Services exist);
@@ -99,7 +101,7 @@ impl Resolver {
                 match visible(catalog, acl, peer, ns, svc) {
                     None => resp.metadata.response_code = ResponseCode::NXDomain,
                     Some(s) => {
-                        if let Some(rd) = address_rdata(s.cluster_ip, q.query_type()) {
+                        for rd in address_rdata(s, q.query_type()) {
                             resp.add_answer(Record::from_rdata(q.name().clone(), TTL, rd));
                         }
                     }
@@ -124,10 +126,8 @@ impl Resolver {
                                 if matches!(q.query_type(), RecordType::SRV | RecordType::ANY) {
                                     let srv = SRV::new(0, 100, p.port, target.clone());
                                     resp.add_answer(Record::from_rdata(q.name().clone(), TTL, RData::SRV(srv)));
-                                    if let Some(rd) = address_rdata(s.cluster_ip, RecordType::A)
-                                        .or_else(|| address_rdata(s.cluster_ip, RecordType::AAAA))
-                                    {
-                                        resp.add_additional(Record::from_rdata(target, TTL, rd));
+                                    for rd in address_rdata(s, RecordType::ANY) {
+                                        resp.add_additional(Record::from_rdata(target.clone(), TTL, rd));
                                     }
                                 }
                             }
@@ -189,12 +189,14 @@ fn visible<'c>(catalog: &'c Catalog, acl: &Acl, peer: Ipv4Addr, ns: &str, svc: &
     catalog.get(ns, svc).filter(|_| acl.may_resolve(peer, ns, svc))
 }
 
-fn address_rdata(ip: Option<IpAddr>, qtype: RecordType) -> Option<RData> {
-    match (ip?, qtype) {
+/// The address records of `s` a query of `qtype` gets: its ClusterIPs of that family (A,
+/// AAAA), or of both (ANY).
+fn address_rdata(s: &Service, qtype: RecordType) -> impl Iterator<Item = RData> + '_ {
+    s.addresses().filter_map(move |ip| match (ip, qtype) {
         (IpAddr::V4(a), RecordType::A | RecordType::ANY) => Some(RData::A(A(a))),
         (IpAddr::V6(a), RecordType::AAAA | RecordType::ANY) => Some(RData::AAAA(AAAA(a))),
         _ => None,
-    }
+    })
 }
 
 fn encode(m: &Message) -> Option<DnsAnswer> {
@@ -348,5 +350,67 @@ mod tests {
             x[i] ^= 0xff;
             let _ = r.answer(&x, me, &acl, &c);
         }
+    }
+
+    #[test]
+    fn aaaa_for_ipv6_cluster_ips_and_no_data_for_the_missing_family() {
+        use crate::catalog::tests::dual_catalog;
+        let p = peer(
+            [100, 64, 0, 2],
+            vec![Rule {
+                namespace: "default".into(),
+                service: None,
+                ports: None,
+            }],
+        );
+        let c = dual_catalog();
+        let acl = Acl::compile(Ipv4Addr::new(100, 64, 0, 1), std::slice::from_ref(&p), &c);
+        let r = Resolver::new("cluster.local", false);
+        let ask = |name: &str, t: RecordType| match r.answer(&query(name, t), p.address, &acl, &c).unwrap() {
+            DnsAnswer::Reply(b) => Message::from_vec(&b).unwrap(),
+            DnsAnswer::Forward => panic!("forwarded {name}"),
+        };
+        let aaaa_of = |m: &Message| -> Vec<std::net::Ipv6Addr> {
+            m.answers
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::AAAA(a) => Some(a.0),
+                    _ => None,
+                })
+                .collect()
+        };
+        let v6 = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap();
+        // Dual-stack: each family answers its own.
+        let m = ask("web.default.svc.cluster.local.", RecordType::AAAA);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(aaaa_of(&m), [v6("fd00:96::a")]);
+        assert!(a_of(&m).is_empty());
+        let m = ask("web.default.", RecordType::A);
+        assert_eq!(a_of(&m), [Ipv4Addr::new(127, 96, 0, 10)]);
+        assert!(aaaa_of(&m).is_empty());
+        // IPv4-only asked for AAAA, IPv6-only asked for A: no data, not an error.
+        for (name, t) in [
+            ("dns.default.svc.cluster.local.", RecordType::AAAA),
+            ("six.default.svc.cluster.local.", RecordType::A),
+        ] {
+            let m = ask(name, t);
+            assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{name} {t}");
+            assert!(m.answers.is_empty(), "{name} {t}");
+        }
+        assert_eq!(aaaa_of(&ask("six.default.svc.", RecordType::AAAA)), [v6("fd00:96::6")]);
+        // What the peer may not reach is NXDOMAIN for AAAA as for A.
+        for t in [RecordType::A, RecordType::AAAA] {
+            let m = ask("pg.db.svc.cluster.local.", t);
+            assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "{t}");
+            assert!(m.answers.is_empty());
+        }
+        // SRV names the target with both families' addresses.
+        let m = ask("_http._tcp.web.default.svc.cluster.local.", RecordType::SRV);
+        assert_eq!(m.additionals.len(), 2);
+        assert!(
+            m.additionals
+                .iter()
+                .any(|r| matches!(&r.data, RData::AAAA(a) if a.0 == v6("fd00:96::a")))
+        );
     }
 }

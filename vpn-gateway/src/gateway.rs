@@ -1,10 +1,12 @@
-//! The gateway loop: one UDP socket, the [`PeerTable`], the access rules and a
-//! [`DataPlane`], driven by datagrams, flow wake-ups, timers and source snapshots.
+//! The gateway loop: the UDP sockets ([`crate::transport`]), the [`PeerTable`], the access
+//! rules and a [`DataPlane`], driven by datagrams, flow wake-ups, timers and source
+//! snapshots.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::Interest;
@@ -22,6 +24,7 @@ use crate::packet;
 use crate::peers::{self, PeerId, PeerInput, TunnelConfig, Validation};
 use crate::policy::{self, Effective};
 use crate::source::{GatewayReport, PeerReport, PeerSnapshot, PolicySnapshot, ServiceSnapshot};
+use crate::transport::{Bound, socket_for};
 use crate::tunnel::{BUF_SIZE, PeerTable, TunnelIo, TunnelStats};
 use crate::uapi::{DeviceState, PeerState, StateRequest};
 use crate::udp_batch::{RecvBatch, grow_socket_buffers, recv_batch, send_batch};
@@ -174,6 +177,8 @@ impl Gateway {
                     public_key: t.public_key(),
                     preshared_key: psks.get(&t.public_key()).map(|k| (*k).clone()),
                     endpoint: t.endpoint(),
+                    // The IPv4 /32 only: what `wg show` has always listed here (tests and
+                    // scripts read it); the peer's IPv6 /128 is in its VpnPeer status.
                     allowed_ips: vec![ipnet::IpNet::V4(ipnet::Ipv4Net::from(t.address()))],
                     last_handshake: s.since_last_handshake.and_then(|d| now.checked_sub(d)),
                     rx_bytes: s.rx_bytes,
@@ -210,7 +215,12 @@ impl Gateway {
         } else {
             &self.peers.peers[..]
         };
-        let v = peers::validate(inputs, &self.validation, &self.cfg.tunnel, now);
+        let role = if self.following {
+            peers::Role::Following
+        } else {
+            peers::Role::Leading
+        };
+        let v = peers::validate_as(inputs, &self.validation, &self.cfg.tunnel, now, role);
         let effective = policy::effective(
             &self.peers.peers,
             &v,
@@ -263,6 +273,10 @@ impl Gateway {
                     .map(|p| p.address)
                     .zip(effective.rules.iter().map(|r| &r[..])),
                 &catalog,
+            )
+            .with_ipv6(
+                self.cfg.tunnel.gateway_address_v6(),
+                v.accepted.iter().filter_map(|p| Some((p.address, p.address_v6?))),
             );
             self.policy = Arc::new(Policy { acl, catalog });
             self.dp.set_policy(self.policy.clone());
@@ -358,7 +372,8 @@ impl Gateway {
             match verdict {
                 Verdict::Spoofed => {
                     metrics.dropped_packet(&peer.to_string(), "spoofed");
-                    tracing::debug!(peer = %peer, src = %pkt.src, "spoofed source dropped");
+                    // One counter for both families (reason `spoofed`); the log says which.
+                    tracing::debug!(peer = %peer, src = %pkt.src, ipv6 = pkt.src.is_ipv6(), "spoofed source dropped");
                     continue;
                 }
                 Verdict::Denied => {
@@ -489,11 +504,13 @@ impl Gateway {
             .set(c.udp_flows_open as i64);
         for input in &self.peers.peers {
             let id = &input.id;
-            let outcome = match (self.validation.accepted(id), self.validation.rejection(id)) {
+            let accepted = self.validation.accepted(id);
+            let outcome = match (accepted, self.validation.rejection(id)) {
                 (Some(a), _) => Ok(a.address),
                 (None, Some(r)) => Err(r.clone()),
                 (None, None) => continue,
             };
+            let address_v6 = accepted.and_then(|a| a.address_v6);
             let stats = outcome
                 .as_ref()
                 .ok()
@@ -504,6 +521,8 @@ impl Gateway {
                 id: id.clone(),
                 generation: input.generation,
                 last_address: outcome.as_ref().ok().copied().or(input.previous_address),
+                address_v6,
+                last_address_v6: address_v6.or(input.previous_address_v6),
                 outcome,
                 last_handshake: stats.since_last_handshake.and_then(|d| now.checked_sub(d)),
                 rx_bytes: stats.rx_bytes,
@@ -514,11 +533,27 @@ impl Gateway {
         out
     }
 
-    fn flush(&mut self, socket: &UdpSocket) {
+    fn flush(&mut self, sockets: &[(UdpSocket, Bound)]) {
         let io = &mut self.io;
+        let bounds: Vec<Bound> = sockets.iter().map(|(_, b)| *b).collect();
         let mut done = 0;
         while done < io.sends.len() {
-            match send_batch(socket, &io.sends[done..], &io.send_buf) {
+            // A run of datagrams for one socket (with one socket: all of them).
+            let Some(i) = socket_for(&bounds, io.sends[done].0) else {
+                tracing::debug!(to = %io.sends[done].0, "no socket of that family; datagram dropped");
+                done += 1;
+                continue;
+            };
+            let run = if sockets.len() == 1 {
+                io.sends.len() - done
+            } else {
+                io.sends[done..]
+                    .iter()
+                    .take_while(|(to, _, _)| socket_for(&bounds, *to) == Some(i))
+                    .count()
+            };
+            let (socket, bound) = &sockets[i];
+            match send_batch(socket, bound, &io.sends[done..done + run], &io.send_buf) {
                 Ok(n) if n > 0 => done += n,
                 // UDP: a full socket buffer drops (the first datagram), as a network would.
                 _ => done += 1,
@@ -532,7 +567,7 @@ impl Gateway {
     #[allow(clippy::too_many_arguments)]
     pub async fn run(
         mut self,
-        socket: UdpSocket,
+        sockets: Vec<(UdpSocket, Bound)>,
         mut peers: watch::Receiver<PeerSnapshot>,
         mut services: watch::Receiver<ServiceSnapshot>,
         mut policies: watch::Receiver<PolicySnapshot>,
@@ -551,11 +586,14 @@ impl Gateway {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_report = Instant::now();
         let mut recv = RecvBatch::new();
-        grow_socket_buffers(&socket);
+        for (s, _) in &sockets {
+            grow_socket_buffers(s);
+        }
         let mut peers_open = true;
         let mut services_open = true;
         let mut policies_open = true;
-        let listen_port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
+        let listen_port = sockets.first().map_or(0, |(_, b)| b.local.port());
+        let mut next_socket = 0;
         let mut uapi = self.uapi.take();
         let mut leading = self.leading.take();
         tokio::pin!(shutdown);
@@ -563,11 +601,13 @@ impl Gateway {
             let delay = self.dp.poll_delay(Instant::now()).unwrap_or(Duration::from_secs(1));
             tokio::select! {
                 _ = &mut shutdown => break,
-                r = socket.readable() => {
+                (i, r) = std::future::poll_fn(|cx| poll_readable(&sockets, next_socket, cx)) => {
                     if let Err(e) = r {
                         tracing::debug!(error = %e, "waiting for datagrams");
                     }
-                    match socket.try_io(Interest::READABLE, || recv_batch(&socket, &mut recv)) {
+                    next_socket = i + 1;
+                    let socket = &sockets[i].0;
+                    match socket.try_io(Interest::READABLE, || recv_batch(socket, &mut recv)) {
                         Ok(()) => {
                             for i in 0..recv.got.len() {
                                 self.datagram(recv.got[i].0, recv.datagram(i));
@@ -641,10 +681,26 @@ impl Gateway {
             // The batch's allowed packets out in one go (coalesced by the TUN data plane).
             self.dp.flush();
             self.outbound();
-            self.flush(&socket);
+            self.flush(&sockets);
         }
         Ok(())
     }
+}
+
+/// A socket of `sockets` with datagrams to read (its index), looking from `start` on: the
+/// caller starts after the one it read last, so a busy socket does not starve the others.
+fn poll_readable(
+    sockets: &[(UdpSocket, Bound)],
+    start: usize,
+    cx: &mut Context<'_>,
+) -> Poll<(usize, std::io::Result<()>)> {
+    for k in 0..sockets.len() {
+        let i = (start + k) % sockets.len();
+        if let Poll::Ready(r) = sockets[i].0.poll_recv_ready(cx) {
+            return Poll::Ready((i, r));
+        }
+    }
+    Poll::Pending
 }
 
 /// Give the memory freed by a snapshot change back to the system. Each change frees a
@@ -681,6 +737,7 @@ mod tick_tests {
             id: PeerId::new("default", name),
             public_key: crate::keys::PrivateKey::generate().public_key(),
             address: Ipv4Addr::new(100, 64, 0, 2),
+            address_v6: None,
             rules: Vec::new(),
             preshared_key: None,
             expires_at: expires.map(|t| t.parse().unwrap()),

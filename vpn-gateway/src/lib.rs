@@ -51,6 +51,7 @@ pub mod publish;
 pub mod run;
 pub use kuberaya_serving as secure_http;
 pub mod source;
+pub mod transport;
 pub mod tunnel;
 pub mod uapi;
 mod udp_batch;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use kuberaya_gateway::keys::PrivateKey;
 use kuberaya_gateway::run::{DataPlaneChoice, KeySource, RunConfig, Sources, UapiConfig};
 use kuberaya_gateway::secure_http::{CertFiles, SecureServing};
@@ -17,12 +17,18 @@ use kuberaya_gateway::secure_http::{CertFiles, SecureServing};
     about = "KubeRaya WireGuard gateway (userspace and unprivileged by default; --dataplane tun for kernel forwarding)"
 )]
 struct Args {
-    /// UDP address WireGuard listens on.
-    #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:51820")]
-    listen: SocketAddr,
+    /// UDP address WireGuard listens on; repeat (or separate with commas) for one socket
+    /// per address. Default: one dual-stack socket on [::]:51820 (IPv4 peers too), or
+    /// 0.0.0.0:51820 when the host has no IPv6.
+    #[arg(long, env = "GATEWAY_LISTEN", value_delimiter = ',', value_name = "ADDR")]
+    listen: Vec<SocketAddr>,
     /// The tunnel range; the gateway takes its first address.
     #[arg(long, env = "GATEWAY_TUNNEL_CIDR", default_value = "100.64.0.0/16")]
     tunnel_cidr: Ipv4Net,
+    /// The IPv6 tunnel range (a ULA); the gateway takes `::1`, a peer by default the prefix
+    /// plus its IPv4 address's offset in --tunnel-cidr. Must hold every such offset.
+    #[arg(long, env = "GATEWAY_TUNNEL_RANGE_V6", default_value = kuberaya_gateway::peers::DEFAULT_TUNNEL_RANGE_V6)]
+    tunnel_range_v6: Ipv6Net,
     #[arg(long, env = "GATEWAY_CLUSTER_DOMAIN", default_value = "cluster.local")]
     cluster_domain: String,
     /// Kubeconfig for the Kubernetes source (default: in-cluster or $KUBECONFIG).
@@ -169,6 +175,7 @@ async fn serve(args: Args, on_worker: bool) -> anyhow::Result<()> {
     let cfg = RunConfig {
         listen: args.listen,
         tunnel_cidr: args.tunnel_cidr,
+        tunnel_cidr_v6: args.tunnel_range_v6,
         cluster_domain: args.cluster_domain,
         namespace: args.namespace,
         sources: if static_mode {

@@ -3,6 +3,12 @@
 //!
 //! Never panics, on any input: every read goes through `get`, and lengths come from the
 //! header only after they are checked against the buffer.
+//!
+//! IPv6: the fixed header, then the extension headers a host may meet before the transport
+//! — hop-by-hop (0), routing (43), fragment (44) and destination options (60) — are walked
+//! (at most [`MAX_IPV6_EXTENSIONS`]; a longer chain is an error). Anything else ends the
+//! walk as the packet's protocol: AH (51), ESP (50), mobility (135) and the like are not
+//! parsed, so they reach no Service port and the ACL denies them.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -34,6 +40,8 @@ pub enum ParseError {
     Truncated,
     #[error("header length field is inconsistent")]
     BadLength,
+    #[error("more than {MAX_IPV6_EXTENSIONS} IPv6 extension headers")]
+    TooManyExtensions,
 }
 
 /// The transport part of a packet.
@@ -155,28 +163,28 @@ fn parse_v6(buf: &[u8]) -> Result<Packet<'_>, ParseError> {
     src.copy_from_slice(&buf[8..24]);
     let mut dst = [0u8; 16];
     dst.copy_from_slice(&buf[24..40]);
+    // Extension headers are read within the payload length, not whatever follows it.
+    let packet = &buf[..total];
     let mut next = buf[6];
     let mut off = IPV6_HEADER;
     let mut later_fragment = false;
-    for _ in 0..MAX_IPV6_EXTENSIONS {
-        match next {
-            0 | 43 | 60 => {
-                let nh = *buf.get(off).ok_or(ParseError::Truncated)?;
-                let len = (usize::from(*buf.get(off + 1).ok_or(ParseError::Truncated)?) + 1) * 8;
-                next = nh;
-                off += len;
-            }
-            44 => {
-                let nh = *buf.get(off).ok_or(ParseError::Truncated)?;
-                let frag = be16(buf, off + 2).ok_or(ParseError::Truncated)?;
-                later_fragment = frag & 0xfff8 != 0;
-                next = nh;
-                off += 8;
-            }
-            _ => break,
+    let mut walked = 0;
+    while is_ipv6_extension(next) {
+        if walked == MAX_IPV6_EXTENSIONS {
+            return Err(ParseError::TooManyExtensions);
         }
+        walked += 1;
+        let nh = *packet.get(off).ok_or(ParseError::Truncated)?;
+        if next == IPV6_FRAGMENT {
+            let frag = be16(packet, off + 2).ok_or(ParseError::Truncated)?;
+            later_fragment = frag & 0xfff8 != 0;
+            off += 8;
+        } else {
+            off += (usize::from(*packet.get(off + 1).ok_or(ParseError::Truncated)?) + 1) * 8;
+        }
+        next = nh;
     }
-    let body = buf.get(off..total).ok_or(ParseError::BadLength)?;
+    let body = packet.get(off..).ok_or(ParseError::BadLength)?;
     let transport = if later_fragment {
         Transport::Other { proto: next }
     } else {
@@ -189,6 +197,15 @@ fn parse_v6(buf: &[u8]) -> Result<Packet<'_>, ParseError> {
         transport,
         len: total,
     })
+}
+
+/// The IPv6 fragment header's next-header value.
+const IPV6_FRAGMENT: u8 = 44;
+
+/// The extension headers [`parse`] walks: hop-by-hop, routing, fragment, destination
+/// options.
+fn is_ipv6_extension(next: u8) -> bool {
+    matches!(next, 0 | 43 | IPV6_FRAGMENT | 60)
 }
 
 fn transport(proto: u8, body: &[u8]) -> Result<Transport<'_>, ParseError> {
@@ -275,6 +292,58 @@ pub fn icmpv4_echo_reply(request: &[u8]) -> Option<Vec<u8>> {
     Some(reply)
 }
 
+/// The ICMP echo reply to `request` (IPv4 or IPv6), or `None` when it is not a
+/// well-formed echo request of its family.
+pub fn echo_reply(request: &[u8]) -> Option<Vec<u8>> {
+    match request.first()? >> 4 {
+        4 => icmpv4_echo_reply(request),
+        6 => icmpv6_echo_reply(request),
+        _ => None,
+    }
+}
+
+/// The ICMPv6 echo reply to `request`, or `None` when it is not a well-formed IPv6 echo
+/// request directly after the fixed header (a request behind extension headers is not
+/// answered: its reply would have to carry or drop them, and pings do not use them).
+pub fn icmpv6_echo_reply(request: &[u8]) -> Option<Vec<u8>> {
+    const ECHO_REQUEST: u8 = 128;
+    const ECHO_REPLY: u8 = 129;
+    if request.first()? >> 4 != 6 || request.len() < IPV6_HEADER {
+        return None;
+    }
+    let payload_len = usize::from(be16(request, 4)?);
+    let total = IPV6_HEADER + payload_len;
+    if payload_len < 8 || total > request.len() || request[6] != PROTO_ICMPV6 {
+        return None;
+    }
+    if request[IPV6_HEADER] != ECHO_REQUEST || request[IPV6_HEADER + 1] != 0 {
+        return None;
+    }
+    let mut reply = request[..total].to_vec();
+    // Swap the addresses, fresh hop limit, then the checksum over the pseudo-header.
+    reply.copy_within(8..24, 24);
+    reply[8..24].copy_from_slice(&request[24..40]);
+    reply[7] = 64;
+    reply[IPV6_HEADER] = ECHO_REPLY;
+    reply[IPV6_HEADER + 2..IPV6_HEADER + 4].fill(0);
+    let sum = icmpv6_checksum(&reply);
+    reply[IPV6_HEADER + 2..IPV6_HEADER + 4].copy_from_slice(&sum.to_be_bytes());
+    Some(reply)
+}
+
+/// The ICMPv6 checksum of an IPv6 packet whose ICMPv6 message follows the fixed header:
+/// over the pseudo-header (source, destination, upper-layer length, next header 58) and
+/// the message (RFC 4443 2.3).
+fn icmpv6_checksum(packet: &[u8]) -> u16 {
+    let message = &packet[IPV6_HEADER..];
+    let mut pseudo = Vec::with_capacity(40 + message.len());
+    pseudo.extend_from_slice(&packet[8..40]);
+    pseudo.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, PROTO_ICMPV6]);
+    pseudo.extend_from_slice(message);
+    internet_checksum(&pseudo)
+}
+
 /// RFC 1071 one's-complement sum.
 fn internet_checksum(bytes: &[u8]) -> u16 {
     let mut sum: u32 = bytes
@@ -290,6 +359,8 @@ fn internet_checksum(bytes: &[u8]) -> u16 {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    use std::net::IpAddr;
 
     #[test]
     fn echo_reply_swaps_addresses_and_keeps_checksums_valid() {
@@ -356,6 +427,20 @@ pub(crate) mod tests {
         p
     }
 
+    /// A minimal IPv6 packet without extension headers.
+    pub(crate) fn ipv6(src: &str, dst: &str, proto: u8, l4: &[u8]) -> Vec<u8> {
+        let src: Ipv6Addr = src.parse().unwrap();
+        let dst: Ipv6Addr = dst.parse().unwrap();
+        let mut p = vec![0x60, 0, 0, 0];
+        p.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+        p.push(proto);
+        p.push(64);
+        p.extend_from_slice(&src.octets());
+        p.extend_from_slice(&dst.octets());
+        p.extend_from_slice(l4);
+        p
+    }
+
     pub(crate) fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
         let mut t = vec![0u8; 20];
         t[0..2].copy_from_slice(&sport.to_be_bytes());
@@ -396,6 +481,159 @@ pub(crate) mod tests {
             } => assert_eq!(payload, b"hello"),
             t => panic!("{t:?}"),
         }
+    }
+
+    #[test]
+    fn parses_ipv6_tcp_udp_and_icmpv6() {
+        let p = ipv6("fd6b:7261:7961::2", "fd00:96::a", PROTO_TCP, &tcp(40000, 80, TCP_SYN));
+        let pkt = parse(&p).unwrap();
+        assert_eq!(pkt.src, "fd6b:7261:7961::2".parse::<IpAddr>().unwrap());
+        assert_eq!(pkt.dst, "fd00:96::a".parse::<IpAddr>().unwrap());
+        assert_eq!((pkt.proto, pkt.dst_port(), pkt.len), (PROTO_TCP, Some(80), 60));
+        assert!(pkt.is_tcp_syn());
+        let p = ipv6(
+            "fd6b:7261:7961::2",
+            "fd6b:7261:7961::1",
+            PROTO_UDP,
+            &udp(5353, 53, b"q"),
+        );
+        assert!(matches!(
+            parse(&p).unwrap().transport,
+            Transport::Udp {
+                dst_port: 53,
+                payload: b"q",
+                ..
+            }
+        ));
+        let p = ipv6(
+            "fd6b:7261:7961::2",
+            "fd00:96::a",
+            PROTO_ICMPV6,
+            &[128, 0, 0, 0, 0, 1, 0, 1],
+        );
+        assert_eq!(parse(&p).unwrap().transport, Transport::Icmp { kind: 128, code: 0 });
+    }
+
+    /// `chain` as (next header, header bytes) pairs, then `l4` as protocol `proto`.
+    fn ipv6_with(chain: &[(u8, Vec<u8>)], proto: u8, l4: &[u8]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (i, (_, h)) in chain.iter().enumerate() {
+            let mut h = h.clone();
+            h[0] = chain.get(i + 1).map_or(proto, |n| n.0);
+            body.extend_from_slice(&h);
+        }
+        body.extend_from_slice(l4);
+        let mut p = ipv6(
+            "fd6b:7261:7961::2",
+            "fd00:96::a",
+            chain.first().map_or(proto, |c| c.0),
+            &body,
+        );
+        p.truncate(40 + body.len());
+        p
+    }
+
+    #[test]
+    fn ipv6_extension_headers_are_walked_or_refused() {
+        let opts = |n: u8| {
+            vec![0u8; 8 * (usize::from(n) + 1)]
+                .into_iter()
+                .enumerate()
+                .map(|(i, b)| if i == 1 { n } else { b })
+                .collect::<Vec<u8>>()
+        };
+        let frag = |offset: u16, more: bool| {
+            let f = (offset << 3) | u16::from(more);
+            vec![0, 0, (f >> 8) as u8, f as u8, 0, 0, 0, 1]
+        };
+        // Hop-by-hop, routing (16 bytes), destination options, a first fragment: TCP found.
+        let chain = [(0, opts(0)), (43, opts(1)), (60, opts(0)), (44, frag(0, true))];
+        let p = ipv6_with(&chain, PROTO_TCP, &tcp(1, 443, TCP_SYN));
+        let pkt = parse(&p).unwrap();
+        assert_eq!((pkt.proto, pkt.dst_port()), (PROTO_TCP, Some(443)));
+        // A later fragment has no transport header: no port, whatever its bytes say.
+        let p = ipv6_with(&[(44, frag(3, false))], PROTO_TCP, &tcp(1, 443, TCP_SYN));
+        assert_eq!(parse(&p).unwrap().transport, Transport::Other { proto: PROTO_TCP });
+        // AH and ESP are not parsed: the protocol, no port (the ACL denies them).
+        let p = ipv6_with(&[(0, opts(0))], 51, &[0u8; 16]);
+        assert_eq!(parse(&p).unwrap().transport, Transport::Other { proto: 51 });
+        assert_eq!(parse(&p).unwrap().dst_port(), None);
+        // Nine extension headers: refused.
+        let nine: Vec<(u8, Vec<u8>)> = (0..9).map(|_| (60, opts(0))).collect();
+        let p = ipv6_with(&nine, PROTO_UDP, &udp(1, 2, b""));
+        assert_eq!(parse(&p), Err(ParseError::TooManyExtensions));
+        let eight: Vec<(u8, Vec<u8>)> = (0..8).map(|_| (60, opts(0))).collect();
+        assert!(parse(&ipv6_with(&eight, PROTO_UDP, &udp(1, 2, b""))).is_ok());
+        // An extension header longer than the payload, or cut by it.
+        let p = ipv6_with(&[(60, opts(0))], PROTO_UDP, &udp(1, 2, b""));
+        let mut long = p.clone();
+        long[41] = 4;
+        assert_eq!(parse(&long), Err(ParseError::BadLength));
+        let mut cut = p.clone();
+        cut[4..6].copy_from_slice(&1u16.to_be_bytes());
+        assert_eq!(parse(&cut), Err(ParseError::Truncated));
+        // Bytes after the payload length are not read as headers.
+        let mut padded = ipv6("fd6b:7261:7961::2", "fd00:96::a", 60, &[]);
+        padded.extend_from_slice(&opts(0));
+        assert_eq!(parse(&padded), Err(ParseError::Truncated));
+    }
+
+    #[test]
+    fn malformed_ipv6_is_a_clear_error() {
+        let good = ipv6("fd6b:7261:7961::2", "fd00:96::a", PROTO_TCP, &tcp(1, 80, TCP_SYN));
+        assert_eq!(parse(&good[..39]), Err(ParseError::Truncated));
+        assert_eq!(
+            parse(&good[..50]),
+            Err(ParseError::BadLength),
+            "payload length past the end"
+        );
+        let mut short_tcp = good.clone();
+        short_tcp[4..6].copy_from_slice(&10u16.to_be_bytes());
+        assert_eq!(parse(&short_tcp), Err(ParseError::Truncated));
+        let mut bad_udp = ipv6("fd6b:7261:7961::2", "fd00:96::a", PROTO_UDP, &udp(1, 2, b"abc"));
+        bad_udp[44..46].copy_from_slice(&99u16.to_be_bytes());
+        assert_eq!(parse(&bad_udp), Err(ParseError::BadLength));
+        assert_eq!(
+            ParseError::TooManyExtensions.to_string(),
+            "more than 8 IPv6 extension headers"
+        );
+    }
+
+    #[test]
+    fn icmpv6_echo_reply_swaps_addresses_with_a_valid_checksum() {
+        let mut msg = vec![128, 0, 0, 0, 0, 1, 0, 1];
+        msg.extend_from_slice(b"ping");
+        let req = ipv6("fd6b:7261:7961::2", "fd6b:7261:7961::1", PROTO_ICMPV6, &msg);
+        let reply = echo_reply(&req).expect("an echo request");
+        let pkt = parse(&reply).unwrap();
+        assert_eq!(pkt.src, "fd6b:7261:7961::1".parse::<IpAddr>().unwrap());
+        assert_eq!(pkt.dst, "fd6b:7261:7961::2".parse::<IpAddr>().unwrap());
+        assert_eq!(pkt.transport, Transport::Icmp { kind: 129, code: 0 });
+        assert_eq!(&reply[44..], &req[44..], "id, sequence and payload echoed");
+        assert_eq!(reply[7], 64, "hop limit");
+        // Computed independently (Python, RFC 4443 pseudo-header) for this reply.
+        assert_eq!(&reply[42..44], &[0xcd, 0x85]);
+        assert_eq!(icmpv6_checksum(&reply), 0, "the checksum checks");
+    }
+
+    #[test]
+    fn icmpv6_echo_reply_refuses_what_is_not_an_echo_request() {
+        let echo = [128, 0, 0, 0, 0, 1, 0, 1];
+        let req = ipv6("fd6b:7261:7961::2", "fd00:96::a", PROTO_ICMPV6, &echo);
+        assert!(icmpv6_echo_reply(&req).is_some());
+        let mut reply = req.clone();
+        reply[40] = 129;
+        assert_eq!(icmpv6_echo_reply(&reply), None, "a reply is not answered");
+        let mut code = req.clone();
+        code[41] = 1;
+        assert_eq!(icmpv6_echo_reply(&code), None);
+        assert_eq!(icmpv6_echo_reply(&req[..47]), None, "payload length past the end");
+        let short = ipv6("fd6b:7261:7961::2", "fd00:96::a", PROTO_ICMPV6, &echo[..4]);
+        assert_eq!(icmpv6_echo_reply(&short), None);
+        let behind = ipv6_with(&[(60, vec![0, 0, 0, 0, 0, 0, 0, 0])], PROTO_ICMPV6, &echo);
+        assert_eq!(icmpv6_echo_reply(&behind), None, "behind an extension header");
+        assert_eq!(echo_reply(&[0x70; 48]), None);
+        assert_eq!(echo_reply(&[]), None);
     }
 
     #[test]

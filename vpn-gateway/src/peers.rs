@@ -12,12 +12,21 @@
 //!
 //! The loser is rejected with a reason that names the winner and the rule that decided.
 //! The result is the same whatever order the source listed the peers in.
+//!
+//! IPv6 (issue 24): every served peer also gets an address in the IPv6 tunnel range (a
+//! ULA, `fd6b:7261:7961::/64` by default). By default it is the range's prefix plus the
+//! IPv4 address's offset in the IPv4 range (`100.64.0.7` → `fd6b:7261:7961::7`), so the two
+//! follow each other; `spec.addressV6` names one instead. IPv6 claims follow the same rules:
+//! a held address is kept, then explicit and default claims go by age (a lost explicit
+//! claim rejects the peer, naming the winner; a lost default one gets another address, its
+//! `lastAddressV6` when free, else one above every IPv4 offset, so it takes nobody's
+//! default). A following replica serves only the IPv6 address the leader's status grants.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::crd::{PortRef, VpnPeerSpec};
@@ -55,6 +64,8 @@ pub struct PeerInput {
     /// The address this peer had before it was cut off (status `lastAddress`), given back
     /// when still free.
     pub previous_address: Option<Ipv4Addr>,
+    /// The same for the IPv6 tunnel address (status `addressV6`, else `lastAddressV6`).
+    pub previous_address_v6: Option<Ipv6Addr>,
     pub generation: Option<i64>,
     /// What the source's record says the gateway granted this peer (its status).
     pub granted: Granted,
@@ -75,6 +86,8 @@ pub struct Granted {
     pub key: bool,
     /// Served at this address (`status.address` with `Accepted=True`).
     pub address: Option<Ipv4Addr>,
+    /// Served at this IPv6 address (`status.addressV6` with `Accepted=True`).
+    pub address_v6: Option<Ipv6Addr>,
 }
 
 impl PeerInput {
@@ -84,6 +97,7 @@ impl PeerInput {
             spec,
             preshared_key: Ok(None),
             previous_address: None,
+            previous_address_v6: None,
             generation: None,
             granted: Granted::default(),
             created: None,
@@ -107,6 +121,9 @@ pub struct AcceptedPeer {
     pub id: PeerId,
     pub public_key: PublicKey,
     pub address: Ipv4Addr,
+    /// Its IPv6 tunnel address; `None` only on a following replica whose leader's status
+    /// grants none (a leader without IPv6).
+    pub address_v6: Option<Ipv6Addr>,
     pub rules: Vec<Rule>,
     pub preshared_key: Option<PresharedKey>,
     pub expires_at: Option<Timestamp>,
@@ -137,11 +154,13 @@ pub enum Rejection {
     BadKey(String),
     #[error("address {0:?} is not an IPv4 address")]
     BadAddress(String),
+    #[error("addressV6 {0:?} is not an IPv6 address")]
+    BadAddressV6(String),
     #[error("address {address} is outside the tunnel range {range} or reserved")]
-    AddressOutsideRange { address: Ipv4Addr, range: Ipv4Net },
+    AddressOutsideRange { address: IpAddr, range: IpNet },
     #[error("address {address} is already used by {by}, {rule}")]
     AddressTaken {
-        address: Ipv4Addr,
+        address: IpAddr,
         by: String,
         rule: Precedence,
     },
@@ -156,7 +175,7 @@ pub enum Rejection {
     #[error("disabled")]
     Disabled,
     #[error("no free address left in the tunnel range {0}")]
-    RangeExhausted(Ipv4Net),
+    RangeExhausted(IpNet),
 }
 
 impl Rejection {
@@ -164,7 +183,7 @@ impl Rejection {
     pub fn reason(&self) -> &'static str {
         match self {
             Rejection::BadKey(_) => "InvalidPublicKey",
-            Rejection::BadAddress(_) => "InvalidAddress",
+            Rejection::BadAddress(_) | Rejection::BadAddressV6(_) => "InvalidAddress",
             Rejection::AddressOutsideRange { .. } => "AddressOutsideRange",
             Rejection::AddressTaken { .. } => "AddressTaken",
             Rejection::DuplicatePublicKey { .. } => "DuplicatePublicKey",
@@ -177,15 +196,65 @@ impl Rejection {
     }
 }
 
+/// The IPv6 tunnel range by default (`--tunnel-range-v6`): a ULA ("kraya" in hex after
+/// `fd`), the gateway at `::1`.
+pub const DEFAULT_TUNNEL_RANGE_V6: &str = "fd6b:7261:7961::/64";
+
 /// The gateway's side of validation.
 #[derive(Clone, Debug)]
 pub struct TunnelConfig {
     pub range: Ipv4Net,
+    /// The IPv6 tunnel range: must hold every offset of `range` (see
+    /// [`TunnelConfig::check`]).
+    pub range_v6: Ipv6Net,
     /// Peers in this namespace may name any namespace in their rules.
     pub gateway_namespace: String,
 }
 
 impl TunnelConfig {
+    /// [`DEFAULT_TUNNEL_RANGE_V6`].
+    pub fn default_range_v6() -> Ipv6Net {
+        DEFAULT_TUNNEL_RANGE_V6.parse().expect("a valid IPv6 network")
+    }
+
+    /// Whether the ranges work together: the IPv6 range must hold every IPv4 offset (a
+    /// peer's default IPv6 address is the IPv4 one's offset in it).
+    pub fn check(&self) -> Result<(), String> {
+        let v4_bits = 32 - u32::from(self.range.prefix_len());
+        let v6_bits = 128 - u32::from(self.range_v6.prefix_len());
+        if v6_bits < v4_bits {
+            return Err(format!(
+                "the IPv6 tunnel range {} is smaller than the IPv4 one {} (it needs a prefix of at most /{})",
+                self.range_v6,
+                self.range,
+                128 - v4_bits
+            ));
+        }
+        Ok(())
+    }
+
+    /// The gateway's own IPv6 tunnel address: `::1` in the range.
+    pub fn gateway_address_v6(&self) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(self.range_v6.network()).saturating_add(1))
+    }
+
+    /// Whether a peer may use `a`: inside the IPv6 range, not its first address (the
+    /// subnet-router anycast address), not the gateway's.
+    pub fn usable_v6(&self, a: Ipv6Addr) -> bool {
+        self.range_v6.contains(&a) && a != self.range_v6.network() && a != self.gateway_address_v6()
+    }
+
+    /// The default IPv6 address of a peer at `v4`: the IPv6 prefix plus `v4`'s offset in
+    /// the IPv4 range.
+    pub fn derived_v6(&self, v4: Ipv4Addr) -> Option<Ipv6Addr> {
+        if !self.range.contains(&v4) {
+            return None;
+        }
+        let offset = u128::from(u32::from(v4) - u32::from(self.range.network()));
+        let a = Ipv6Addr::from(u128::from(self.range_v6.network()).checked_add(offset)?);
+        self.usable_v6(a).then_some(a)
+    }
+
     /// The gateway's own tunnel address: the first host of the range.
     pub fn gateway_address(&self) -> Ipv4Addr {
         let n = u32::from(self.range.network());
@@ -227,6 +296,26 @@ impl Validation {
 /// at start): where it knows a peer, it says what the peer holds; where it does not, the
 /// peer's status ([`PeerInput::granted`]) does.
 pub fn validate(inputs: &[PeerInput], previous: &Validation, cfg: &TunnelConfig, now: Timestamp) -> Validation {
+    validate_as(inputs, previous, cfg, now, Role::Leading)
+}
+
+/// Who decides the IPv6 addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// This replica decides (alone, or as the leader).
+    Leading,
+    /// The leader decides: a peer gets the IPv6 address its status grants, or none.
+    Following,
+}
+
+/// [`validate`] for a replica in `role`.
+pub fn validate_as(
+    inputs: &[PeerInput],
+    previous: &Validation,
+    cfg: &TunnelConfig,
+    now: Timestamp,
+    role: Role,
+) -> Validation {
     let mut out = Validation::default();
 
     // Pass 1: everything that depends on the peer alone, and what each one holds.
@@ -238,16 +327,30 @@ pub fn validate(inputs: &[PeerInput], previous: &Validation, cfg: &TunnelConfig,
         rules: Vec<Rule>,
         psk: Option<PresharedKey>,
         explicit: Option<Ipv4Addr>,
+        explicit_v6: Option<Ipv6Addr>,
         holds_key: bool,
         held_address: Option<Ipv4Addr>,
+        held_v6: Option<Ipv6Addr>,
     }
     let mut candidates = Vec::new();
     for (index, input) in inputs.iter().enumerate() {
         match check_alone(input, cfg, now) {
             Err(r) => out.rejected.push((input.id.clone(), r)),
-            Ok((key, rules, psk, explicit)) => {
-                let (holds_key, held_address) = held(input, &key, previous);
+            Ok(Alone {
+                key,
+                rules,
+                psk,
+                explicit,
+                explicit_v6,
+            }) => {
+                let (holds_key, held_address, held_v6) = held(input, &key, previous);
                 let held_address = held_address.filter(|a| cfg.usable(*a) && explicit.is_none_or(|e| e == *a));
+                // A follower takes the leader's word for the IPv6 address, as written.
+                let held_v6 = match role {
+                    Role::Leading => held_v6,
+                    Role::Following => input.granted.address_v6,
+                };
+                let held_v6 = held_v6.filter(|a| cfg.usable_v6(*a) && explicit_v6.is_none_or(|e| e == *a));
                 candidates.push(Candidate {
                     input,
                     index,
@@ -255,8 +358,10 @@ pub fn validate(inputs: &[PeerInput], previous: &Validation, cfg: &TunnelConfig,
                     rules,
                     psk,
                     explicit,
+                    explicit_v6,
                     holds_key,
                     held_address,
+                    held_v6,
                 });
             }
         }
@@ -308,7 +413,7 @@ pub fn validate(inputs: &[PeerInput], previous: &Validation, cfg: &TunnelConfig,
         match taken.get(&a) {
             Some(&(w, rule)) if c.explicit.is_some() => {
                 failed[i] = Some(Rejection::AddressTaken {
-                    address: a,
+                    address: a.into(),
                     by: id(w),
                     rule,
                 })
@@ -334,7 +439,93 @@ pub fn validate(inputs: &[PeerInput], previous: &Validation, cfg: &TunnelConfig,
             address_of[i] = Some(Ipv4Addr::from(next));
             next += 1;
         } else {
-            failed[i] = Some(Rejection::RangeExhausted(cfg.range));
+            failed[i] = Some(Rejection::RangeExhausted(cfg.range.into()));
+        }
+    }
+
+    // Pass 4: IPv6 addresses of the peers served so far, by the same rules.
+    let served: Vec<usize> = live
+        .iter()
+        .copied()
+        .filter(|&i| failed[i].is_none() && address_of[i].is_some())
+        .collect();
+    let mut taken6: HashMap<Ipv6Addr, (usize, Precedence)> = HashMap::new();
+    let mut v6_of: Vec<Option<Ipv6Addr>> = vec![None; candidates.len()];
+    for &i in &served {
+        if let Some(a) = candidates[i].held_v6
+            && !taken6.contains_key(&a)
+        {
+            taken6.insert(a, (i, Precedence::Holds));
+            v6_of[i] = Some(a);
+        }
+    }
+    if role == Role::Leading {
+        // Explicit and default claims together, oldest first (`served` is in age order).
+        let mut lost_default = Vec::new();
+        for &i in &served {
+            if v6_of[i].is_some() {
+                continue;
+            }
+            let explicit = candidates[i].explicit_v6;
+            let Some(a) = explicit.or_else(|| address_of[i].and_then(|v4| cfg.derived_v6(v4))) else {
+                lost_default.push(i);
+                continue;
+            };
+            match taken6.get(&a) {
+                Some(&(w, rule)) if explicit.is_some() => {
+                    failed[i] = Some(Rejection::AddressTaken {
+                        address: a.into(),
+                        by: id(w),
+                        rule,
+                    })
+                }
+                Some(_) => lost_default.push(i),
+                None => {
+                    taken6.insert(a, (i, Precedence::Older));
+                    v6_of[i] = Some(a);
+                }
+            }
+        }
+        // Whoever lost its default address gets its last one back when that is nobody's
+        // default, else the first free one above every IPv4 offset.
+        let defaults: BTreeSet<Ipv6Addr> = served
+            .iter()
+            .filter_map(|&i| address_of[i].and_then(|v4| cfg.derived_v6(v4)))
+            .collect();
+        let network = u128::from(cfg.range_v6.network());
+        let v4_size = 1u128 << (32 - u32::from(cfg.range.prefix_len()));
+        let above = Ipv6Addr::from(network.saturating_add(v4_size));
+        let mut next = if cfg.range_v6.contains(&above) {
+            above
+        } else {
+            cfg.range_v6.network()
+        };
+        for i in lost_default {
+            let wish = candidates[i]
+                .input
+                .previous_address_v6
+                .filter(|a| cfg.usable_v6(*a) && !taken6.contains_key(a) && !defaults.contains(a));
+            let found = wish.or_else(|| {
+                // Bounded: every address skipped is taken or someone's default.
+                for _ in 0..=(taken6.len() + defaults.len() + 2) {
+                    let a = next;
+                    next = Ipv6Addr::from(u128::from(next).wrapping_add(1));
+                    if !cfg.range_v6.contains(&a) {
+                        return None;
+                    }
+                    if cfg.usable_v6(a) && !taken6.contains_key(&a) && !defaults.contains(&a) {
+                        return Some(a);
+                    }
+                }
+                None
+            });
+            match found {
+                Some(a) => {
+                    taken6.insert(a, (i, Precedence::Older));
+                    v6_of[i] = Some(a);
+                }
+                None => failed[i] = Some(Rejection::RangeExhausted(cfg.range_v6.into())),
+            }
         }
     }
 
@@ -345,13 +536,14 @@ pub fn validate(inputs: &[PeerInput], previous: &Validation, cfg: &TunnelConfig,
                 id: c.input.id.clone(),
                 public_key: c.key,
                 address,
+                address_v6: v6_of[i],
                 rules: c.rules,
                 preshared_key: c.psk,
                 expires_at: c.input.spec.expires_at.as_ref().map(|t| t.0),
             }),
             (None, None) => out
                 .rejected
-                .push((c.input.id.clone(), Rejection::RangeExhausted(cfg.range))),
+                .push((c.input.id.clone(), Rejection::RangeExhausted(cfg.range.into()))),
         }
     }
     // Looked up by id (binary search).
@@ -360,18 +552,18 @@ pub fn validate(inputs: &[PeerInput], previous: &Validation, cfg: &TunnelConfig,
     out
 }
 
-/// Whether the peer holds `key`, and the address it holds (before the spec is checked
-/// against it). This gateway's previous validation knows best; a peer it has not seen yet
-/// (after a restart) holds what its status says.
-fn held(input: &PeerInput, key: &PublicKey, previous: &Validation) -> (bool, Option<Ipv4Addr>) {
+/// Whether the peer holds `key`, and the addresses it holds (before the spec is checked
+/// against them). This gateway's previous validation knows best; a peer it has not seen
+/// yet (after a restart) holds what its status says.
+fn held(input: &PeerInput, key: &PublicKey, previous: &Validation) -> (bool, Option<Ipv4Addr>, Option<Ipv6Addr>) {
     if let Some(p) = previous.accepted(&input.id) {
-        return (p.public_key == *key, Some(p.address));
+        return (p.public_key == *key, Some(p.address), p.address_v6);
     }
     if previous.rejection(&input.id).is_some() {
         // Its status may still say what it had before it was rejected.
-        return (false, None);
+        return (false, None, None);
     }
-    (input.granted.key, input.granted.address)
+    (input.granted.key, input.granted.address, input.granted.address_v6)
 }
 
 fn precedence(holds: bool) -> Precedence {
@@ -389,7 +581,14 @@ fn older(a: &PeerInput, a_index: usize, b: &PeerInput, b_index: usize) -> Orderi
         .then(a_index.cmp(&b_index))
 }
 
-type Alone = (PublicKey, Vec<Rule>, Option<PresharedKey>, Option<Ipv4Addr>);
+/// What is decided of a peer by itself.
+struct Alone {
+    key: PublicKey,
+    rules: Vec<Rule>,
+    psk: Option<PresharedKey>,
+    explicit: Option<Ipv4Addr>,
+    explicit_v6: Option<Ipv6Addr>,
+}
 
 fn check_alone(input: &PeerInput, cfg: &TunnelConfig, now: Timestamp) -> Result<Alone, Rejection> {
     let spec = &input.spec;
@@ -411,8 +610,23 @@ fn check_alone(input: &PeerInput, cfg: &TunnelConfig, now: Timestamp) -> Result<
             let a: Ipv4Addr = bare.parse().map_err(|_| Rejection::BadAddress(s.to_string()))?;
             if !cfg.usable(a) {
                 return Err(Rejection::AddressOutsideRange {
-                    address: a,
-                    range: cfg.range,
+                    address: a.into(),
+                    range: cfg.range.into(),
+                });
+            }
+            Some(a)
+        }
+    };
+    let explicit_v6 = match spec.address_v6.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => {
+            // Accept "fd6b:7261:7961::7" and "fd6b:7261:7961::7/128".
+            let bare = s.strip_suffix("/128").unwrap_or(s);
+            let a: Ipv6Addr = bare.parse().map_err(|_| Rejection::BadAddressV6(s.to_string()))?;
+            if !cfg.usable_v6(a) {
+                return Err(Rejection::AddressOutsideRange {
+                    address: a.into(),
+                    range: cfg.range_v6.into(),
                 });
             }
             Some(a)
@@ -436,7 +650,13 @@ fn check_alone(input: &PeerInput, cfg: &TunnelConfig, now: Timestamp) -> Result<
             ports: r.ports.clone(),
         });
     }
-    Ok((key, rules, psk, explicit))
+    Ok(Alone {
+        key,
+        rules,
+        psk,
+        explicit,
+        explicit_v6,
+    })
 }
 
 #[cfg(test)]
@@ -448,6 +668,7 @@ pub(crate) mod tests {
     pub(crate) fn cfg() -> TunnelConfig {
         TunnelConfig {
             range: "100.64.0.0/16".parse().unwrap(),
+            range_v6: TunnelConfig::default_range_v6(),
             gateway_namespace: "kuberaya-system".into(),
         }
     }
@@ -655,6 +876,7 @@ pub(crate) mod tests {
     fn small_range_exhausts() {
         let c = TunnelConfig {
             range: "100.64.0.0/30".parse().unwrap(),
+            range_v6: TunnelConfig::default_range_v6(),
             gateway_namespace: "g".into(),
         };
         let v = validate(&[peer("a", "a"), peer("a", "b")], &Validation::default(), &c, now());
@@ -723,6 +945,7 @@ pub(crate) mod tests {
                                     inc.granted = Granted {
                                         key: true,
                                         address: Some(held_at),
+                                        ..Default::default()
                                     };
                                 }
                             }
@@ -751,7 +974,7 @@ pub(crate) mod tests {
                                     rule,
                                 },
                                 Contest::Address => Rejection::AddressTaken {
-                                    address: held_at,
+                                    address: held_at.into(),
                                     by: winner.id.to_string(),
                                     rule,
                                 },
@@ -832,6 +1055,7 @@ pub(crate) mod tests {
         a.granted = Granted {
             key: true,
             address: Some(at),
+            ..Default::default()
         };
         let v = validate(&[a.clone(), b.clone()], &before, &cfg(), now());
         assert_eq!(v.accepted(&b.id).unwrap().address, at);
@@ -861,11 +1085,13 @@ pub(crate) mod tests {
         from_status.granted = Granted {
             key: false,
             address: previous.accepted(&old.id).map(|p| p.address),
+            ..Default::default()
         };
         let mut holder = new.clone();
         holder.granted = Granted {
             key: true,
             address: previous.accepted(&new.id).map(|p| p.address),
+            ..Default::default()
         };
         let v = validate(&[from_status, holder], &Validation::default(), &cfg(), now());
         assert!(v.accepted(&new.id).is_some());
@@ -881,5 +1107,283 @@ pub(crate) mod tests {
         let v = check(&[z.clone(), a.clone()]);
         assert!(v.accepted(&z.id).is_some());
         assert_eq!(v.rejection(&a.id).unwrap().reason(), "DuplicatePublicKey");
+    }
+
+    fn v6(s: &str) -> Ipv6Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_ipv6_address_follows_the_ipv4_offset() {
+        let c = cfg();
+        assert_eq!(c.gateway_address_v6(), v6("fd6b:7261:7961::1"));
+        let mut b = peer("a", "b");
+        b.spec.address = Some("100.64.1.50".into());
+        let v = check(&[peer("a", "a"), b.clone()]);
+        assert_eq!(v.accepted[0].address_v6, Some(v6("fd6b:7261:7961::2")));
+        // 100.64.1.50 is offset 256 + 50 = 0x132.
+        assert_eq!(v.accepted(&b.id).unwrap().address_v6, Some(v6("fd6b:7261:7961::132")));
+        // Kept while it stays, also when the IPv4 address it came from does not.
+        let mut explicit = peer("a", "e");
+        explicit.spec.address_v6 = Some("fd6b:7261:7961::beef/128".into());
+        let v = check(&[explicit.clone()]);
+        assert_eq!(v.accepted[0].address_v6, Some(v6("fd6b:7261:7961::beef")));
+        assert_eq!(v.accepted[0].address, Ipv4Addr::new(100, 64, 0, 2));
+    }
+
+    #[test]
+    fn the_ipv6_range_must_hold_every_ipv4_offset() {
+        let mut c = cfg();
+        assert_eq!(c.check(), Ok(()));
+        c.range_v6 = "fd6b:7261:7961::/112".parse().unwrap();
+        assert_eq!(c.check(), Ok(()), "a /16 fits a /112 exactly");
+        c.range_v6 = "fd6b:7261:7961::/113".parse().unwrap();
+        let e = c.check().unwrap_err();
+        assert!(e.contains("/112"), "{e}");
+    }
+
+    #[test]
+    fn bad_ipv6_addresses_are_rejected() {
+        for (given, reason, message) in [
+            (
+                "100.64.0.9",
+                "InvalidAddress",
+                "addressV6 \"100.64.0.9\" is not an IPv6 address",
+            ),
+            ("nope", "InvalidAddress", "addressV6 \"nope\" is not an IPv6 address"),
+            (
+                "fd00::1",
+                "AddressOutsideRange",
+                "address fd00::1 is outside the tunnel range fd6b:7261:7961::/64 or reserved",
+            ),
+            (
+                "fd6b:7261:7961::1",
+                "AddressOutsideRange",
+                "address fd6b:7261:7961::1 is outside the tunnel range fd6b:7261:7961::/64 or reserved",
+            ),
+            (
+                "fd6b:7261:7961::",
+                "AddressOutsideRange",
+                "address fd6b:7261:7961:: is outside the tunnel range fd6b:7261:7961::/64 or reserved",
+            ),
+        ] {
+            let mut a = peer("a", "a");
+            a.spec.address_v6 = Some(given.into());
+            let v = check(&[a]);
+            let r = &v.rejected[0].1;
+            assert_eq!((r.reason(), r.to_string().as_str()), (reason, message), "{given}");
+        }
+    }
+
+    /// What two peers fight over in [`ipv6_conflicts_go_to_the_holder_then_the_older_claim`].
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Contest6 {
+        /// Both name the address in `addressV6` (the incumbent only when nobody holds it).
+        Explicit,
+        /// The challenger names the incumbent's default address.
+        Default,
+    }
+
+    #[test]
+    fn ipv6_conflicts_go_to_the_holder_then_the_older_claim() {
+        let mut cases = 0;
+        for contest in [Contest6::Explicit, Contest6::Default] {
+            for holder in [Holder::Nobody, Holder::ByGateway, Holder::ByStatus] {
+                for incumbent_older in [true, false] {
+                    for reversed in [false, true] {
+                        cases += 1;
+                        let what = format!(
+                            "{contest:?}, held {holder:?}, incumbent older {incumbent_older}, reversed {reversed}"
+                        );
+                        let (inc_age, ch_age) = if incumbent_older { (1, 2) } else { (2, 1) };
+                        let mut inc = created(peer("kuberaya-system", "ops"), inc_age);
+                        let mut ch = created(peer("apps", "copy"), ch_age);
+                        // The incumbent is at .2; its default IPv6 address is ::2.
+                        inc.spec.address = Some("100.64.0.2".into());
+                        ch.spec.address = Some("100.64.0.3".into());
+                        let contested = match contest {
+                            Contest6::Explicit => v6("fd6b:7261:7961::77"),
+                            Contest6::Default => v6("fd6b:7261:7961::2"),
+                        };
+                        if contest == Contest6::Explicit && holder == Holder::Nobody {
+                            inc.spec.address_v6 = Some(contested.to_string());
+                        }
+                        ch.spec.address_v6 = Some(contested.to_string());
+                        let mut previous = Validation::default();
+                        match holder {
+                            Holder::Nobody => {}
+                            Holder::ByGateway => {
+                                let mut alone = inc.clone();
+                                alone.spec.address_v6 = Some(contested.to_string());
+                                previous = check(std::slice::from_ref(&alone));
+                            }
+                            Holder::ByStatus => {
+                                inc.granted = Granted {
+                                    key: true,
+                                    address: Some(Ipv4Addr::new(100, 64, 0, 2)),
+                                    address_v6: Some(contested),
+                                };
+                            }
+                        }
+                        let inputs = if reversed {
+                            vec![ch.clone(), inc.clone()]
+                        } else {
+                            vec![inc.clone(), ch.clone()]
+                        };
+                        let v = validate(&inputs, &previous, &cfg(), now());
+                        let incumbent_wins = holder != Holder::Nobody || incumbent_older;
+                        let rule = if holder == Holder::Nobody {
+                            Precedence::Older
+                        } else {
+                            Precedence::Holds
+                        };
+                        if incumbent_wins {
+                            let won = v.accepted(&inc.id).unwrap_or_else(|| panic!("{what}: {v:?}"));
+                            assert_eq!(won.address_v6, Some(contested), "{what}");
+                            assert_eq!(
+                                v.rejection(&ch.id),
+                                Some(&Rejection::AddressTaken {
+                                    address: contested.into(),
+                                    by: inc.id.to_string(),
+                                    rule,
+                                }),
+                                "{what}"
+                            );
+                        } else {
+                            let won = v.accepted(&ch.id).unwrap_or_else(|| panic!("{what}: {v:?}"));
+                            assert_eq!(won.address_v6, Some(contested), "{what}");
+                            match contest {
+                                // Both named it: the newer explicit claim is refused.
+                                Contest6::Explicit => assert_eq!(
+                                    v.rejection(&inc.id),
+                                    Some(&Rejection::AddressTaken {
+                                        address: contested.into(),
+                                        by: ch.id.to_string(),
+                                        rule: Precedence::Older,
+                                    }),
+                                    "{what}"
+                                ),
+                                // A default is a default: the newer peer gets another
+                                // address, above every IPv4 offset (nobody's default).
+                                Contest6::Default => assert_eq!(
+                                    v.accepted(&inc.id).unwrap().address_v6,
+                                    Some(v6("fd6b:7261:7961::1:0")),
+                                    "{what}"
+                                ),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 2 * 3 * 2 * 2);
+    }
+
+    #[test]
+    fn a_lost_default_gets_its_last_ipv6_address_back_when_it_is_nobodys_default() {
+        // `late` (newer) has default ::2, which the older `named` names explicitly.
+        let mut named = created(peer("a", "named"), 1);
+        named.spec.address = Some("100.64.0.9".into());
+        named.spec.address_v6 = Some("fd6b:7261:7961::2".into());
+        let mut late = created(peer("a", "late"), 2);
+        late.spec.address = Some("100.64.0.2".into());
+        late.previous_address_v6 = Some(v6("fd6b:7261:7961::1:5"));
+        let v = check(&[late.clone(), named.clone()]);
+        assert_eq!(
+            v.accepted(&late.id).unwrap().address_v6,
+            Some(v6("fd6b:7261:7961::1:5"))
+        );
+        // Its last address is somebody's default (::9, named's IPv4 offset): not given.
+        late.previous_address_v6 = Some(v6("fd6b:7261:7961::9"));
+        let v = check(&[late.clone(), named.clone()]);
+        assert_eq!(
+            v.accepted(&late.id).unwrap().address_v6,
+            Some(v6("fd6b:7261:7961::1:0"))
+        );
+    }
+
+    #[test]
+    fn a_follower_serves_only_the_ipv6_address_the_status_grants() {
+        let mut granted = created(peer("a", "granted"), 1);
+        granted.granted = Granted {
+            key: true,
+            address: Some(Ipv4Addr::new(100, 64, 0, 2)),
+            address_v6: Some(v6("fd6b:7261:7961::abc")),
+        };
+        let mut without = created(peer("a", "without"), 2);
+        without.granted = Granted {
+            key: true,
+            address: Some(Ipv4Addr::new(100, 64, 0, 3)),
+            address_v6: None,
+        };
+        let v = validate_as(
+            &[granted.clone(), without.clone()],
+            &Validation::default(),
+            &cfg(),
+            now(),
+            Role::Following,
+        );
+        assert_eq!(
+            v.accepted(&granted.id).unwrap().address_v6,
+            Some(v6("fd6b:7261:7961::abc"))
+        );
+        assert_eq!(
+            v.accepted(&without.id).unwrap().address_v6,
+            None,
+            "no default of its own"
+        );
+        assert_eq!(v.accepted(&without.id).unwrap().address, Ipv4Addr::new(100, 64, 0, 3));
+        // The leader moves it: the follower follows the status, not its last validation.
+        granted.granted.address_v6 = Some(v6("fd6b:7261:7961::abd"));
+        let v2 = validate_as(&[granted.clone()], &v, &cfg(), now(), Role::Following);
+        assert_eq!(
+            v2.accepted(&granted.id).unwrap().address_v6,
+            Some(v6("fd6b:7261:7961::abd"))
+        );
+        // The same inputs decided by a leader give the default to the one without.
+        let v3 = validate(&[granted, without.clone()], &Validation::default(), &cfg(), now());
+        assert_eq!(
+            v3.accepted(&without.id).unwrap().address_v6,
+            Some(v6("fd6b:7261:7961::3"))
+        );
+    }
+
+    #[test]
+    fn a_small_ipv6_range_allocates_within_itself_and_exhausts() {
+        // /125 holds ::0-::7 and every IPv4 offset of the /29: no room above them.
+        let c = TunnelConfig {
+            range: "100.64.0.0/29".parse().unwrap(),
+            range_v6: "fd6b:7261:7961::/125".parse().unwrap(),
+            gateway_namespace: "g".into(),
+        };
+        assert_eq!(c.check(), Ok(()));
+        let named = |name: &str, age: i64, at: &str| {
+            let mut p = created(peer("a", name), age);
+            p.spec.address_v6 = Some(format!("fd6b:7261:7961::{at}"));
+            p
+        };
+        // n1-n3 at .2-.4 name ::3, ::5, ::6; `late` at .5 loses its default ::5.
+        let late = created(peer("a", "late"), 9);
+        let mut inputs = vec![
+            named("n1", 1, "3"),
+            named("n2", 2, "5"),
+            named("n3", 3, "6"),
+            late.clone(),
+        ];
+        // ::7 is free and nobody's default (.7 is the broadcast address): it gets it.
+        let v = validate(&inputs, &Validation::default(), &c, now());
+        assert_eq!(v.accepted(&late.id).unwrap().address, Ipv4Addr::new(100, 64, 0, 5));
+        assert_eq!(v.accepted(&late.id).unwrap().address_v6, Some(v6("fd6b:7261:7961::7")));
+        // n4 at .5 names ::7, `late` at .6 loses ::6: every other address is the
+        // gateway's, a default or taken.
+        inputs.insert(3, named("n4", 4, "7"));
+        let v = validate(&inputs, &Validation::default(), &c, now());
+        assert_eq!(v.accepted.len(), 4, "{v:?}");
+        let r = v.rejection(&late.id).unwrap();
+        assert_eq!(r.reason(), "AddressRangeExhausted");
+        assert_eq!(
+            r.to_string(),
+            "no free address left in the tunnel range fd6b:7261:7961::/125"
+        );
     }
 }

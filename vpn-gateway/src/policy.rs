@@ -443,6 +443,7 @@ mod tests {
 
     fn tunnel() -> TunnelConfig {
         TunnelConfig {
+            range_v6: TunnelConfig::default_range_v6(),
             range: "100.64.0.0/16".parse().unwrap(),
             gateway_namespace: GW.into(),
         }
@@ -954,6 +955,7 @@ mod tests {
             namespace: ns.into(),
             name: name.into(),
             cluster_ip: Some(ip.parse().unwrap()),
+            cluster_ips: vec![],
             ports: ports
                 .iter()
                 .map(|(p, n)| ServicePort {

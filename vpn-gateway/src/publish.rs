@@ -18,6 +18,9 @@ use crate::keys::PublicKey;
 pub const ANNOTATION_PUBLIC_KEY: &str = "vpn.cloudraya.com/public-key";
 /// On the gateway Service: its tunnel address with the range's prefix, `100.64.0.1/16`.
 pub const ANNOTATION_TUNNEL_ADDRESS: &str = "vpn.cloudraya.com/tunnel-address";
+/// On the gateway Service: its IPv6 tunnel address with the range's prefix,
+/// `fd6b:7261:7961::1/64` (what `kuberaya peer add` puts in `DNS =` and `AllowedIPs`).
+pub const ANNOTATION_TUNNEL_ADDRESS_V6: &str = "vpn.cloudraya.com/tunnel-address-v6";
 /// On the gateway Service: the cluster DNS domain the gateway answers for.
 pub const ANNOTATION_CLUSTER_DOMAIN: &str = "vpn.cloudraya.com/cluster-domain";
 /// The default name of the gateway's Service (deploy/gateway/base/service.yaml).
@@ -36,17 +39,23 @@ pub struct Facts {
     pub public_key: PublicKey,
     /// The gateway's tunnel address and the range's prefix: `100.64.0.1/16`.
     pub tunnel_address: String,
+    /// The IPv6 one, `fd6b:7261:7961::1/64`; not published when `None`.
+    pub tunnel_address_v6: Option<String>,
     pub cluster_domain: String,
 }
 
 impl Facts {
     /// The annotations, in a stable order.
     pub fn annotations(&self) -> BTreeMap<String, String> {
-        BTreeMap::from([
+        let mut a = BTreeMap::from([
             (ANNOTATION_PUBLIC_KEY.to_string(), self.public_key.to_base64()),
             (ANNOTATION_TUNNEL_ADDRESS.to_string(), self.tunnel_address.clone()),
             (ANNOTATION_CLUSTER_DOMAIN.to_string(), self.cluster_domain.clone()),
-        ])
+        ]);
+        if let Some(v6) = &self.tunnel_address_v6 {
+            a.insert(ANNOTATION_TUNNEL_ADDRESS_V6.to_string(), v6.clone());
+        }
+        a
     }
 }
 
@@ -224,8 +233,28 @@ mod tests {
         Facts {
             public_key: PublicKey([7; 32]),
             tunnel_address: "100.64.0.1/16".into(),
+            tunnel_address_v6: None,
             cluster_domain: "cluster.local".into(),
         }
+    }
+
+    #[test]
+    fn the_ipv6_tunnel_address_is_published_beside_the_ipv4_one() {
+        let f = Facts {
+            tunnel_address_v6: Some("fd6b:7261:7961::1/64".into()),
+            ..facts()
+        };
+        let want = f.annotations();
+        assert_eq!(want[ANNOTATION_TUNNEL_ADDRESS_V6], "fd6b:7261:7961::1/64");
+        assert_eq!(want.len(), 4);
+        // A Service annotated by a gateway without IPv6: only the new one is written.
+        let current = facts().annotations();
+        assert_eq!(
+            patch_for(Some(&current), &want),
+            Some(
+                serde_json::json!({"metadata": {"annotations": {ANNOTATION_TUNNEL_ADDRESS_V6: "fd6b:7261:7961::1/64"}}})
+            )
+        );
     }
 
     #[test]

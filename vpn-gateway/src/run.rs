@@ -7,7 +7,7 @@
 //! use kuberaya_gateway::run::{RunConfig, Sources, start};
 //! let cfg = RunConfig {
 //!     sources: Sources::Kube { kubeconfig: Some("/tmp/sb/kubeconfig".into()), client: None },
-//!     listen: "127.0.0.1:0".parse().unwrap(),
+//!     listen: vec!["127.0.0.1:0".parse().unwrap()],
 //!     ..RunConfig::default()
 //! };
 //! let gw = start(cfg).await?;
@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -41,6 +41,7 @@ use crate::source::kube::KubeSource;
 use crate::source::{
     FileSource, GatewayReport, PeerSnapshot, PeerSource, PolicySnapshot, PolicySource, ServiceCatalog, ServiceSnapshot,
 };
+use crate::transport::Bound;
 use crate::uapi::UapiListener;
 
 /// The default name of the Secret holding the gateway's private key.
@@ -94,10 +95,14 @@ pub struct UapiConfig {
 /// Everything the gateway is configured with (the binary's flags).
 #[derive(Clone)]
 pub struct RunConfig {
-    /// UDP address WireGuard listens on.
-    pub listen: SocketAddr,
+    /// UDP addresses WireGuard listens on, one socket each; none: the default, one
+    /// dual-stack `[::]:51820` socket, else `0.0.0.0:51820` ([`crate::transport`]).
+    pub listen: Vec<SocketAddr>,
     /// The tunnel range; the gateway takes its first address.
     pub tunnel_cidr: Ipv4Net,
+    /// The IPv6 tunnel range; the gateway takes `::1` in it, a peer by default the IPv4
+    /// address's offset ([`crate::peers`]).
+    pub tunnel_cidr_v6: Ipv6Net,
     pub cluster_domain: String,
     /// The gateway's namespace: its peers may name any namespace; its key Secret lives here.
     pub namespace: String,
@@ -135,8 +140,9 @@ impl Default for RunConfig {
     /// The binary's defaults: Kubernetes sources, the key in a Secret.
     fn default() -> Self {
         RunConfig {
-            listen: SocketAddr::from(([0, 0, 0, 0], 51820)),
+            listen: Vec::new(),
             tunnel_cidr: Ipv4Net::new(Ipv4Addr::new(100, 64, 0, 0), 16).expect("a valid prefix"),
+            tunnel_cidr_v6: TunnelConfig::default_range_v6(),
             cluster_domain: "cluster.local".to_string(),
             namespace: "kuberaya-system".to_string(),
             sources: Sources::Kube {
@@ -163,7 +169,10 @@ impl Default for RunConfig {
 /// What a started gateway is bound to.
 #[derive(Clone, Debug)]
 pub struct StartedInfo {
+    /// The first UDP socket's address.
     pub udp: SocketAddr,
+    /// Every UDP socket's address (the first is `udp`).
+    pub udp_all: Vec<SocketAddr>,
     pub public_key: PublicKey,
     pub tunnel_address: Ipv4Addr,
     pub metrics: SocketAddr,
@@ -181,6 +190,10 @@ impl std::fmt::Display for StartedInfo {
             "kuberaya-gateway listening udp={} public_key={} tunnel_address={} metrics={} health={}",
             self.udp, self.public_key, self.tunnel_address, self.metrics, self.health
         )?;
+        if self.udp_all.len() > 1 {
+            let more: Vec<String> = self.udp_all[1..].iter().map(|a| a.to_string()).collect();
+            write!(f, " udp_also={}", more.join(","))?;
+        }
         if let Some(a) = &self.secure {
             write!(f, " secure={a}")?;
         }
@@ -196,7 +209,7 @@ impl std::fmt::Display for StartedInfo {
 pub struct Started {
     info: StartedInfo,
     gateway: Gateway,
-    socket: UdpSocket,
+    sockets: Vec<(UdpSocket, Bound)>,
     peers: watch::Receiver<PeerSnapshot>,
     services: watch::Receiver<ServiceSnapshot>,
     policies: watch::Receiver<PolicySnapshot>,
@@ -244,8 +257,10 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let tunnel = TunnelConfig {
         range: cfg.tunnel_cidr,
+        range_v6: cfg.tunnel_cidr_v6,
         gateway_namespace: cfg.namespace.clone(),
     };
+    tunnel.check().map_err(crate::Error::Config)?;
     if tunnel.range.prefix_len() > 30 {
         return Err(crate::Error::Config(format!(
             "tunnel range {} leaves no room for peers",
@@ -297,6 +312,11 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
                 let facts = crate::publish::Facts {
                     public_key: key.public_key(),
                     tunnel_address: format!("{}/{}", tunnel.gateway_address(), tunnel.range.prefix_len()),
+                    tunnel_address_v6: Some(format!(
+                        "{}/{}",
+                        tunnel.gateway_address_v6(),
+                        tunnel.range_v6.prefix_len()
+                    )),
                     cluster_domain: cfg.cluster_domain.clone(),
                 };
                 tasks.0.push(tokio::spawn(crate::publish::publish(
@@ -352,14 +372,13 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
             ));
         }
     };
-    let socket = UdpSocket::bind(cfg.listen)
-        .await
-        .map_err(net_error(format_args!("binding {}", cfg.listen)))?;
-    let udp = socket
-        .local_addr()
-        .map_err(net_error(format_args!("binding {}", cfg.listen)))?;
+    let sockets = crate::transport::bind_all(&cfg.listen, crate::transport::bind)
+        .map_err(|(a, e)| net_error(format_args!("binding {a}"))(e))?;
+    let udp_all: Vec<SocketAddr> = sockets.iter().map(|(_, b)| b.local).collect();
+    let udp = udp_all[0];
     let local = UserspaceConfig {
         gateway: tunnel.gateway_address(),
+        gateway_v6: tunnel.gateway_address_v6(),
         cluster_domain: cfg.cluster_domain.clone(),
         dns_upstream: cfg.dns_upstream,
     };
@@ -369,6 +388,7 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
             TunDataPlane::start(TunConfig {
                 name: name.clone(),
                 range: tunnel.range,
+                range_v6: Some(tunnel.range_v6),
                 local,
             })
             .await
@@ -402,6 +422,7 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
     Ok(Started {
         info: StartedInfo {
             udp,
+            udp_all,
             public_key,
             tunnel_address: tunnel.gateway_address(),
             metrics: http.metrics,
@@ -410,7 +431,7 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
             uapi,
         },
         gateway,
-        socket,
+        sockets,
         peers,
         services,
         policies,
@@ -436,7 +457,7 @@ impl Started {
         let Started {
             info,
             gateway,
-            socket,
+            sockets,
             peers,
             services,
             policies,
@@ -458,7 +479,7 @@ impl Started {
             }
         };
         let r = gateway
-            .run(socket, peers, services, policies, report, health, shutdown)
+            .run(sockets, peers, services, policies, report, health, shutdown)
             .await
             .map_err(net_error(format_args!("the UDP socket {}", info.udp)));
         drop(tasks);
@@ -491,7 +512,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = PrivateKey::generate();
         let cfg = RunConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
+            listen: vec!["127.0.0.1:0".parse().unwrap()],
             sources: Sources::Files {
                 peers: Some(write(dir.path(), "peers.json", "[]")),
                 services: Some(write(dir.path(), "services.json", "[]")),
@@ -548,7 +569,7 @@ mod tests {
         assert!(e.to_string().contains("no room"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let cfg = RunConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
+            listen: vec!["127.0.0.1:0".parse().unwrap()],
             sources: Sources::Files {
                 peers: None,
                 services: None,

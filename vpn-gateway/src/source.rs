@@ -14,7 +14,7 @@
 
 pub mod kube;
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -75,6 +75,10 @@ pub struct PeerReport {
     /// The address in use, else the one the peer had before (given back if it is served
     /// again).
     pub last_address: Option<Ipv4Addr>,
+    /// The IPv6 tunnel address in use (with `outcome` `Ok`).
+    pub address_v6: Option<Ipv6Addr>,
+    /// The IPv6 address in use, else the one the peer had before.
+    pub last_address_v6: Option<Ipv6Addr>,
     pub last_handshake: Option<SystemTime>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,

@@ -31,7 +31,7 @@
 //! [`RECOVERY_INTERVAL`], counted against the handshake limit like any other.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -173,6 +173,7 @@ pub struct PeerTunnel {
     public_key: PublicKey,
     preshared_key: Option<PresharedKey>,
     address: Ipv4Addr,
+    address_v6: Option<Ipv6Addr>,
     endpoint: Option<SocketAddr>,
     index: u32,
     handshakes: u64,
@@ -209,6 +210,7 @@ impl PeerTunnel {
             public_key: peer.public_key,
             preshared_key: peer.preshared_key.clone(),
             address: peer.address,
+            address_v6: peer.address_v6,
             endpoint: None,
             index,
             handshakes: 0,
@@ -225,6 +227,9 @@ impl PeerTunnel {
     }
     pub fn address(&self) -> Ipv4Addr {
         self.address
+    }
+    pub fn address_v6(&self) -> Option<Ipv6Addr> {
+        self.address_v6
     }
     pub fn endpoint(&self) -> Option<SocketAddr> {
         self.endpoint
@@ -413,6 +418,7 @@ pub struct PeerTable {
     tunnels: HashMap<u32, PeerTunnel>,
     by_key: HashMap<PublicKey, u32>,
     by_addr: HashMap<Ipv4Addr, u32>,
+    by_addr6: HashMap<Ipv6Addr, u32>,
     /// See [`peer_index`].
     index_secret: zeroize::Zeroizing<[u8; 32]>,
     /// Whether unreadable data starts a handshake (see the module's documentation).
@@ -452,6 +458,7 @@ impl PeerTable {
             tunnels: HashMap::new(),
             by_key: HashMap::new(),
             by_addr: HashMap::new(),
+            by_addr6: HashMap::new(),
             index_secret,
             session_recovery: true,
             last_reset: None,
@@ -498,6 +505,11 @@ impl PeerTable {
         self.by_addr.get(&a).and_then(|i| self.tunnels.get(i))
     }
 
+    /// The peer at IPv6 tunnel address `a`.
+    pub fn by_address_v6(&self, a: Ipv6Addr) -> Option<&PeerTunnel> {
+        self.by_addr6.get(&a).and_then(|i| self.tunnels.get(i))
+    }
+
     /// Make the table match `peers`: new ones added (without a tunnel), missing ones
     /// removed (their sessions dropped at once), a changed preshared key drops the tunnel,
     /// and everything else keeps its session.
@@ -519,6 +531,7 @@ impl PeerTable {
         }
         self.by_addr.clear();
         self.by_addr.reserve(peers.len());
+        self.by_addr6.clear();
         for p in peers {
             match self.by_key.get(&p.public_key).copied() {
                 Some(i) => {
@@ -535,13 +548,20 @@ impl PeerTable {
                         t.id = p.id.clone();
                     }
                     t.address = p.address;
+                    t.address_v6 = p.address_v6;
                     self.by_addr.insert(p.address, i);
+                    if let Some(a) = p.address_v6 {
+                        self.by_addr6.insert(a, i);
+                    }
                 }
                 None => {
                     let i = self.allocate_index(&p.public_key);
                     self.tunnels.insert(i, PeerTunnel::new(p, i));
                     self.by_key.insert(p.public_key, i);
                     self.by_addr.insert(p.address, i);
+                    if let Some(a) = p.address_v6 {
+                        self.by_addr6.insert(a, i);
+                    }
                     report.added.push(p.id.clone());
                 }
             }
@@ -697,10 +717,11 @@ impl PeerTable {
         buf: &mut [u8],
         io: &mut impl TunnelIo,
     ) -> Result<(), SendError> {
-        let IpAddr::V4(v4) = dst else {
-            return Err(SendError::NoPeer(dst));
-        };
-        let i = self.by_addr.get(&v4).ok_or(SendError::NoPeer(dst))?;
+        let i = match dst {
+            IpAddr::V4(a) => self.by_addr.get(&a),
+            IpAddr::V6(a) => self.by_addr6.get(&a),
+        }
+        .ok_or(SendError::NoPeer(dst))?;
         let t = self.tunnels.get_mut(i).ok_or(SendError::NoPeer(dst))?;
         let was_active = t.is_active();
         let r = t.encapsulate(packet, buf, &self.x_private, &self.tunn_limiter, io);
@@ -781,6 +802,7 @@ mod tests {
                 id: PeerId::new(ns, format!("laptop{}", self.addr.port())),
                 public_key: self.key.public_key(),
                 address: Ipv4Addr::from(addr),
+                address_v6: None,
                 rules: vec![],
                 preshared_key: None,
                 expires_at: None,
@@ -1357,6 +1379,7 @@ mod tests {
                 id: t.id().clone(),
                 public_key: t.public_key(),
                 address: t.address(),
+                address_v6: t.address_v6(),
                 rules: vec![],
                 preshared_key: None,
                 expires_at: None,

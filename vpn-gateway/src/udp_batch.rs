@@ -8,6 +8,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use tokio::net::UdpSocket;
 
+use crate::transport::{Bound, normalize, wire_address};
+
 /// Datagrams read per wake-up (one `recvmmsg(2)`) before the data plane gets a turn.
 pub(crate) const RECV_BATCH: usize = 64;
 /// One datagram's room in the receive batch: the largest UDP payload, so that no peer's
@@ -23,9 +25,11 @@ const SOCKET_BUFFER: usize = 4 << 20;
 const SEND_BATCH: usize = 64;
 
 /// Send up to [`SEND_BATCH`] of `sends` (slices of `buf`) with one `sendmmsg(2)`, without
-/// blocking. Returns how many went out.
+/// blocking. Returns how many went out. `bound` says how to write IPv4 destinations (mapped
+/// on a dual-stack socket).
 pub(crate) fn send_batch(
     socket: &UdpSocket,
+    bound: &Bound,
     sends: &[(SocketAddr, usize, usize)],
     buf: &[u8],
 ) -> std::io::Result<usize> {
@@ -36,7 +40,7 @@ pub(crate) fn send_batch(
     let mut iovs: [libc::iovec; SEND_BATCH] = unsafe { std::mem::zeroed() };
     let mut msgs: [libc::mmsghdr; SEND_BATCH] = unsafe { std::mem::zeroed() };
     for (i, &(to, start, len)) in sends[..n].iter().enumerate() {
-        let name_len = match to {
+        let name_len = match wire_address(bound, to) {
             SocketAddr::V4(a) => {
                 let sin = libc::sockaddr_in {
                     sin_family: libc::AF_INET as libc::sa_family_t,
@@ -111,7 +115,8 @@ impl RecvBatch {
 }
 
 /// Read up to [`RECV_BATCH`] datagrams with one `recvmmsg(2)`, without blocking (WouldBlock
-/// when none is queued). Truncated datagrams (larger than a slot) are skipped.
+/// when none is queued). Truncated datagrams (larger than a slot) are skipped. Sources come
+/// out plain: an IPv4 peer on a dual-stack socket is `a.b.c.d:p`, not `[::ffff:a.b.c.d]:p`.
 pub(crate) fn recv_batch(socket: &UdpSocket, batch: &mut RecvBatch) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     batch.got.clear();
@@ -144,7 +149,7 @@ pub(crate) fn recv_batch(socket: &UdpSocket, batch: &mut RecvBatch) -> std::io::
         return Err(std::io::Error::last_os_error());
     }
     for i in 0..r as usize {
-        let from = sockaddr_to(&addrs[i]);
+        let from = sockaddr_to(&addrs[i]).map(normalize);
         if msgs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
             // Keep the slot (indices follow slots) but make it empty: dropped as malformed.
             batch.got.push((from.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))), 0));

@@ -125,11 +125,16 @@ fn address(type_: &str, address: impl ToString) -> NodeAddress {
     }
 }
 
-/// The addresses a Node of this VM has: `InternalIP` (private IP), `ExternalIP` (public
-/// IP, if any), `Hostname` (the Node's existing hostname address, else its name).
+/// The addresses a Node of this VM has: `InternalIP` (private IP, then private IPv6 if
+/// any: the IPv4 one first, so that what reads only the first `InternalIP` sees what it
+/// saw before dual-stack), `ExternalIP` (public IP, if any), `Hostname` (the Node's
+/// existing hostname address, else its name).
 pub fn desired_addresses(node: &Node, vm: &Instance) -> Vec<NodeAddress> {
     let mut out = Vec::new();
     if let Some(ip) = vm.private_ip {
+        out.push(address("InternalIP", ip));
+    }
+    if let Some(ip) = vm.private_ipv6 {
         out.push(address("InternalIP", ip));
     }
     if let Some(ip) = vm.public_ip {
@@ -148,8 +153,9 @@ pub fn desired_addresses(node: &Node, vm: &Instance) -> Vec<NodeAddress> {
     out
 }
 
-/// What to write to `node` so that it matches `vm` (pure). A VM without a private IP
-/// yet leaves the addresses alone (never an address list without `InternalIP`).
+/// What to write to `node` so that it matches `vm` (pure). A VM without a private IP of
+/// either family yet leaves the addresses alone (never an address list without
+/// `InternalIP`).
 pub fn metadata_update(node: &Node, vm: &Instance) -> MetadataUpdate {
     let provider_id = (!has_provider_id(node)).then(|| ProviderId::new(vm.id.clone()).to_string());
     let current = node.metadata.labels.clone().unwrap_or_default();
@@ -162,7 +168,8 @@ pub fn metadata_update(node: &Node, vm: &Instance) -> MetadataUpdate {
     .filter(|(k, v)| !v.is_empty() && current.get(*k) != Some(*v))
     .map(|(k, v)| (k.to_owned(), v.clone()))
     .collect();
-    let addresses = vm.private_ip.and_then(|_| {
+    let has_private = vm.private_ip.is_some() || vm.private_ipv6.is_some();
+    let addresses = if has_private {
         let want = desired_addresses(node, vm);
         let have = node
             .status
@@ -170,7 +177,9 @@ pub fn metadata_update(node: &Node, vm: &Instance) -> MetadataUpdate {
             .and_then(|s| s.addresses.clone())
             .unwrap_or_default();
         (have != want).then_some(want)
-    });
+    } else {
+        None
+    };
     MetadataUpdate {
         provider_id,
         labels,

@@ -151,6 +151,8 @@ impl Periods {
                 config: DesiredConfig {
                     cluster_id: cloud.cluster_id.clone(),
                     udp_supported: cloud.udp_supported,
+                    // Until the platform cluster is read (see `start`).
+                    ip_versions: crate::platform::ipv4_only(),
                 },
                 timing: Timing {
                     resync: self.resync,
@@ -301,12 +303,16 @@ pub async fn start(cfg: RunConfig) -> Result<Started, Error> {
         what: "reaching the Kubernetes API server",
         source,
     })?;
+    let mut settings = periods.controller_settings(&cloud);
+    // The families the cluster's subnet carries decide which LBs can have IPv6.
+    settings.service.config.ip_versions = cluster.ip_versions.clone();
+    tracing::info!(ip_versions = ?cluster.ip_versions, "platform cluster address families");
     Ok(Started {
         client,
         platform,
         metrics,
         health,
-        settings: periods.controller_settings(&cloud),
+        settings,
         election: leader_election,
         http,
     })

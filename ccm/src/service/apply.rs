@@ -237,19 +237,14 @@ async fn in_sync(
         return Ok(Action::requeue(ctx.next_poll(uid)));
     }
     ctx.lbs.transition_finished(uid);
-    let addr = lb.public_ip.as_ref().map(|ip| ip.address);
-    let ready = Ready::yes(match addr {
-        Some(a) => format!("load balancer {} is active at {a}", lb.id),
-        None => format!("load balancer {} is active", lb.id),
+    let ingress = ingress_ips(&lb);
+    let ready = Ready::yes(if ingress.is_empty() {
+        format!("load balancer {} is active", lb.id)
+    } else {
+        format!("load balancer {} is active at {}", lb.id, ingress.join(", "))
     });
     let became_ready = condition_differs(svc, &ready);
-    patch_status(
-        api,
-        svc,
-        IngressUpdate::Set(ingress_ips(addr)),
-        ConditionUpdate::Set(ready),
-    )
-    .await?;
+    patch_status(api, svc, IngressUpdate::Set(ingress), ConditionUpdate::Set(ready)).await?;
     if became_ready {
         publish(
             ctx,

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
@@ -12,10 +12,10 @@ use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
 use crate::annotations::{AnnotationError, LbAnnotations};
 use crate::platform::labels::{LABEL_RETAIN_PUBLIC_IP, MAX_LABEL_VALUE_LEN};
 use crate::platform::{
-    Algorithm, BackendRef, HealthCheck, HealthCheckProtocol, LABEL_CLUSTER_ID, LABEL_SERVICE_NAME,
+    Algorithm, BackendRef, HealthCheck, HealthCheckProtocol, IpVersion, LABEL_CLUSTER_ID, LABEL_SERVICE_NAME,
     LABEL_SERVICE_NAMESPACE, LABEL_SERVICE_UID, Labels, Rule, RuleProtocol,
 };
-use crate::service::nodes;
+use crate::service::{families, nodes};
 
 /// kube-proxy's health port (`--healthz-bind-address`), checked with
 /// `externalTrafficPolicy: Cluster`.
@@ -37,6 +37,9 @@ pub struct DesiredConfig {
     /// Whether the platform accepts `udp` rules (docs/platform-api.md: an assumption
     /// the stand-in can turn off). When false, UDP ports are refused before any call.
     pub udp_supported: bool,
+    /// The address families the platform cluster carries (`Cluster.ip_versions`, read at
+    /// start): `[4]`, or `[4, 6]` when its subnet has an IPv6 range.
+    pub ip_versions: Vec<IpVersion>,
 }
 
 /// Which public IP the load balancer should have.
@@ -67,13 +70,20 @@ pub struct DesiredLb {
     /// One rule per Service port, sorted by (protocol, public port); health checks with
     /// every default filled in.
     pub rules: Vec<Rule>,
+    /// The address families the LB serves (sorted: `[4]`, `[6]` or `[4, 6]`; see
+    /// [`families`]): one public IP of each.
+    pub ip_versions: Vec<IpVersion>,
     /// Sorted, unique; at most [`nodes::MAX_BACKENDS`] (see [`nodes::cap_backends`]).
+    /// Only nodes with an IPv6 `InternalIP` for an IPv6-only LB ([`nodes::can_serve`]).
     pub backends: Vec<BackendRef>,
     /// How many nodes are eligible: more than `backends.len()` when capped.
     pub eligible_backends: usize,
     /// The `InternalIP` of each backend's node, where known: a backend the platform
     /// reports with another `private_ip` is stale and needs a PUT.
     pub backend_ips: BTreeMap<String, IpAddr>,
+    /// The IPv6 `InternalIP` of each backend's node, where known, when the LB serves
+    /// IPv6: compared with the platform's `private_ipv6` the same way.
+    pub backend_ipv6s: BTreeMap<String, Ipv6Addr>,
     pub public_ip: PublicIpRequest,
     pub retain_public_ip: bool,
 }
@@ -86,11 +96,21 @@ pub enum Refusal {
     Annotation(AnnotationError),
     /// A Service field the platform cannot honour.
     Unsupported { field: String, message: String },
+    /// The Service needs IPv6 (`RequireDualStack`, or IPv6 only) and the platform
+    /// cluster has none.
+    Ipv6Unavailable { field: String, message: String },
 }
 
 impl Refusal {
-    fn unsupported(field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn unsupported(field: impl Into<String>, message: impl Into<String>) -> Self {
         Refusal::Unsupported {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn ipv6_unavailable(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Refusal::Ipv6Unavailable {
             field: field.into(),
             message: message.into(),
         }
@@ -101,6 +121,7 @@ impl Refusal {
         match self {
             Refusal::Annotation(_) => "InvalidAnnotation",
             Refusal::Unsupported { .. } => "UnsupportedServiceSpec",
+            Refusal::Ipv6Unavailable { .. } => "IPv6Unavailable",
         }
     }
 }
@@ -109,7 +130,9 @@ impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Refusal::Annotation(e) => e.fmt(f),
-            Refusal::Unsupported { field, message } => write!(f, "{field}: {message}"),
+            Refusal::Unsupported { field, message } | Refusal::Ipv6Unavailable { field, message } => {
+                write!(f, "{field}: {message}")
+            }
         }
     }
 }
@@ -237,14 +260,15 @@ pub fn desired_load_balancer<'a>(
             "false is not supported: CloudRaya load balancers forward to node ports",
         ));
     }
+    let ip_versions = families::lb_ip_versions(spec, &cfg.ip_versions, &cfg.cluster_id)?;
     let rule_settings = RuleSettings {
         algorithm: algorithm(&ann, spec),
         allowed_sources: allowed_sources(spec)?,
         health_check: HealthCheckSettings::of(&ann, spec)?,
     };
     let rules = rules(spec, cfg, &rule_settings)?;
-    let public_ip = public_ip(&ann, spec)?;
-    let backends = Backends::of(all_nodes, &ann, uid);
+    let public_ip = public_ip(&ann, spec, &ip_versions)?;
+    let backends = Backends::of(all_nodes, &ann, uid, &ip_versions);
 
     Ok(DesiredLb {
         name: ann.name.clone().unwrap_or_else(|| default_lb_name(namespace, name)),
@@ -252,6 +276,8 @@ pub fn desired_load_balancer<'a>(
         rules,
         backends: backends.backends,
         backend_ips: backends.backend_ips,
+        backend_ipv6s: backends.backend_ipv6s,
+        ip_versions,
         eligible_backends: backends.eligible,
         public_ip,
         retain_public_ip: ann.retain_public_ip,
@@ -460,8 +486,33 @@ fn rule(field: &str, p: &ServicePort, cfg: &DesiredConfig, shared: &RuleSettings
 }
 
 /// The public IP the LB gets: the annotation's by ID, `spec.loadBalancerIP` by address
-/// (not both), else a new one.
-fn public_ip(ann: &LbAnnotations, spec: &ServiceSpec) -> Result<PublicIpRequest, Refusal> {
+/// (not both), else a new one. The annotation names the IPv4 public IP (the one the
+/// platform's `public_ip_id` takes); `spec.loadBalancerIP` may be of either family the
+/// LB serves (an IPv6 address is reused as its `public_ipv6`).
+fn public_ip(ann: &LbAnnotations, spec: &ServiceSpec, ip_versions: &[IpVersion]) -> Result<PublicIpRequest, Refusal> {
+    let request = public_ip_request(ann, spec)?;
+    match &request {
+        PublicIpRequest::Id(_) if !ip_versions.contains(&IpVersion::V4) => Err(Refusal::unsupported(
+            crate::annotations::PUBLIC_IP_ID,
+            "names the load balancer's IPv4 public IP, and this Service's load balancer is IPv6 only",
+        )),
+        PublicIpRequest::Address(a) if !ip_versions.contains(&IpVersion::of(a)) => Err(Refusal::unsupported(
+            "spec.loadBalancerIP",
+            format!(
+                "{a} is an {} address, and this Service's load balancer serves {} only",
+                families::family_name(IpVersion::of(a)),
+                ip_versions
+                    .iter()
+                    .map(|v| families::family_name(*v))
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            ),
+        )),
+        _ => Ok(request),
+    }
+}
+
+fn public_ip_request(ann: &LbAnnotations, spec: &ServiceSpec) -> Result<PublicIpRequest, Refusal> {
     let lb_ip = spec
         .load_balancer_ip
         .as_deref()
@@ -491,13 +542,22 @@ fn public_ip(ann: &LbAnnotations, spec: &ServiceSpec) -> Result<PublicIpRequest,
 struct Backends {
     backends: Vec<BackendRef>,
     backend_ips: BTreeMap<String, IpAddr>,
+    backend_ipv6s: BTreeMap<String, Ipv6Addr>,
     eligible: usize,
 }
 
 impl Backends {
-    fn of<'a>(all_nodes: impl IntoIterator<Item = &'a Node>, ann: &LbAnnotations, uid: &str) -> Self {
+    fn of<'a>(
+        all_nodes: impl IntoIterator<Item = &'a Node>,
+        ann: &LbAnnotations,
+        uid: &str,
+        ip_versions: &[IpVersion],
+    ) -> Self {
         let all_nodes: Vec<&Node> = all_nodes.into_iter().collect();
-        let eligible = nodes::backend_vm_ids(all_nodes.iter().copied(), ann.node_selector.as_ref());
+        let eligible = nodes::backend_vm_ids(
+            all_nodes.iter().copied().filter(|n| nodes::can_serve(n, ip_versions)),
+            ann.node_selector.as_ref(),
+        );
         let eligible_backends = eligible.len();
         let backends: Vec<BackendRef> = nodes::cap_backends(eligible, uid, nodes::MAX_BACKENDS)
             .into_iter()
@@ -507,17 +567,26 @@ impl Backends {
             .into_iter()
             .filter(|(vm, _)| backends.iter().any(|b| &b.vm_id == vm))
             .collect();
+        let backend_ipv6s = if ip_versions.contains(&IpVersion::V6) {
+            nodes::backend_ipv6s(all_nodes.iter().copied())
+                .into_iter()
+                .filter(|(vm, _)| backends.iter().any(|b| &b.vm_id == vm))
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
         Backends {
             backends,
             backend_ips,
+            backend_ipv6s,
             eligible: eligible_backends,
         }
     }
 }
 
-/// The status ingress for an LB's public address.
-pub fn ingress_ips(addr: Option<IpAddr>) -> Vec<String> {
-    addr.map(|a| vec![a.to_string()]).unwrap_or_default()
+/// The status ingress of an LB: each of its public addresses, IPv4 first.
+pub fn ingress_ips(lb: &crate::platform::LoadBalancer) -> Vec<String> {
+    lb.public_ips().map(|ip| ip.address.to_string()).collect()
 }
 
 /// Keys of a label map that are ours (we replace them; others' labels are kept).
@@ -547,6 +616,15 @@ pub(crate) mod tests {
         DesiredConfig {
             cluster_id: "cl-1".into(),
             udp_supported: true,
+            ip_versions: vec![IpVersion::V4],
+        }
+    }
+
+    /// [`cfg`] on a platform cluster with IPv6.
+    pub fn dual_cfg() -> DesiredConfig {
+        DesiredConfig {
+            ip_versions: vec![IpVersion::V4, IpVersion::V6],
+            ..cfg()
         }
     }
 
@@ -740,6 +818,159 @@ pub(crate) mod tests {
         spec_mut(&mut s).load_balancer_source_ranges = Some(vec!["ten/8".into()]);
         let e = desired(&s).expect_err("invalid");
         assert!(e.to_string().contains("spec.loadBalancerSourceRanges[0]"), "{e}");
+    }
+
+    fn with_families(mut s: Service, families: &[&str], policy: &str) -> Service {
+        spec_mut(&mut s).ip_families = Some(families.iter().map(|f| (*f).to_owned()).collect());
+        spec_mut(&mut s).ip_family_policy = Some(policy.to_owned());
+        s
+    }
+
+    /// `ipFamilies` / `ipFamilyPolicy` through the whole desired LB (the table of cases
+    /// is in `families`): the LB's families, and the refusal before anything else.
+    #[test]
+    fn ip_families_decide_the_lb_families() {
+        use IpVersion::{V4, V6};
+        assert_eq!(desired(&svc()).expect("d").ip_versions, vec![V4], "IPv4 as before");
+        assert_eq!(
+            desired_load_balancer(&svc(), &nodes3(), &dual_cfg())
+                .expect("d")
+                .ip_versions,
+            vec![V4],
+            "an IPv4 Service on a dual-stack platform cluster stays IPv4"
+        );
+        let prefer = with_families(svc(), &["IPv4", "IPv6"], "PreferDualStack");
+        let d = desired_load_balancer(&prefer, &nodes3(), &dual_cfg()).expect("d");
+        assert_eq!(d.ip_versions, vec![V4, V6]);
+        assert_eq!(
+            desired(&prefer).expect("d").ip_versions,
+            vec![V4],
+            "no IPv6 on the platform"
+        );
+
+        let require = with_families(svc(), &["IPv4", "IPv6"], "RequireDualStack");
+        assert_eq!(
+            desired_load_balancer(&require, &nodes3(), &dual_cfg())
+                .expect("d")
+                .ip_versions,
+            vec![V4, V6]
+        );
+        let e = desired(&require).expect_err("refused");
+        assert_eq!(e.reason(), "IPv6Unavailable");
+        assert!(matches!(&e, Refusal::Ipv6Unavailable { field, .. } if field == "spec.ipFamilyPolicy"));
+        let v6 = with_families(svc(), &["IPv6"], "SingleStack");
+        assert_eq!(desired(&v6).expect_err("refused").reason(), "IPv6Unavailable");
+        assert_eq!(
+            desired_load_balancer(&v6, &nodes3(), &dual_cfg())
+                .expect("d")
+                .ip_versions,
+            vec![V6]
+        );
+        // The policy is part of what the LB is: switching it changes the desired LB.
+        assert_ne!(
+            desired_load_balancer(&prefer, &nodes3(), &dual_cfg()).expect("d"),
+            desired_load_balancer(&svc(), &nodes3(), &dual_cfg()).expect("d")
+        );
+    }
+
+    /// An IPv6-only LB can only send to VMs with IPv6: its backends are the nodes with an
+    /// IPv6 InternalIP. Dual-stack keeps every node (the platform gives IPv6 clients only
+    /// to backends with a `private_ipv6`), and knows each backend's IPv6 address.
+    #[test]
+    fn backends_by_the_families_the_lb_serves() {
+        use crate::service::nodes::tests::with_internal_ips;
+        let nodes = vec![
+            with_internal_ips(node("a"), &["127.10.0.11", "fd00:10::11"]),
+            with_internal_ips(node("b"), &["127.10.0.12"]),
+            with_internal_ips(node("c"), &["fd00:10::13"]),
+        ];
+        let ids = |d: &DesiredLb| d.backends.iter().map(|b| b.vm_id.clone()).collect::<Vec<_>>();
+        let v4 = desired_load_balancer(&svc(), &nodes, &dual_cfg()).expect("d");
+        assert_eq!(ids(&v4), vec!["vm-a", "vm-b", "vm-c"]);
+        assert!(v4.backend_ipv6s.is_empty(), "an IPv4 LB compares no IPv6 address");
+        let dual = with_families(svc(), &["IPv4", "IPv6"], "RequireDualStack");
+        let d = desired_load_balancer(&dual, &nodes, &dual_cfg()).expect("d");
+        assert_eq!(ids(&d), vec!["vm-a", "vm-b", "vm-c"]);
+        assert_eq!(d.eligible_backends, 3);
+        assert_eq!(
+            d.backend_ipv6s.keys().cloned().collect::<Vec<_>>(),
+            vec!["vm-a".to_owned(), "vm-c".to_owned()]
+        );
+        let v6 = with_families(svc(), &["IPv6"], "SingleStack");
+        let d = desired_load_balancer(&v6, &nodes, &dual_cfg()).expect("d");
+        assert_eq!(ids(&d), vec!["vm-a", "vm-c"]);
+        assert_eq!(d.eligible_backends, 2);
+        // The node selector still applies on top.
+        let selected = annotate(v6, a::NODE_SELECTOR, "pool=edge");
+        let mut edged = nodes.clone();
+        edged[2] = with_label(edged[2].clone(), "pool", "edge");
+        edged[1] = with_label(edged[1].clone(), "pool", "edge");
+        let d = desired_load_balancer(&selected, &edged, &dual_cfg()).expect("d");
+        assert_eq!(ids(&d), vec!["vm-c"]);
+    }
+
+    /// Source ranges of both families go to every rule (the platform matches a client
+    /// against the CIDRs of its family); an invalid one, of either family, is refused.
+    #[test]
+    fn source_ranges_of_both_families() {
+        let mut s = with_families(svc(), &["IPv4", "IPv6"], "PreferDualStack");
+        spec_mut(&mut s).load_balancer_source_ranges = Some(vec![
+            "2001:db8::/32".into(),
+            "10.0.0.0/8".into(),
+            " fd00:1::7/64".into(),
+            "2001:db8::/32".into(),
+        ]);
+        let d = desired_load_balancer(&s, &nodes3(), &dual_cfg()).expect("desired");
+        let want: Vec<IpNet> = ["10.0.0.0/8", "2001:db8::/32", "fd00:1::/64"]
+            .iter()
+            .map(|c| c.parse().expect("cidr"))
+            .collect();
+        assert!(d.rules.iter().all(|r| r.allowed_sources == want), "{:?}", d.rules);
+        for bad in ["fd00::/129", "fd00:::1/64", "2001:db8::"] {
+            spec_mut(&mut s).load_balancer_source_ranges = Some(vec!["10.0.0.0/8".into(), bad.into()]);
+            let e = desired_load_balancer(&s, &nodes3(), &dual_cfg()).expect_err(bad);
+            assert_eq!(e.reason(), "UnsupportedServiceSpec");
+            assert!(e.to_string().contains("spec.loadBalancerSourceRanges[1]"), "{e}");
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+    }
+
+    /// `spec.loadBalancerIP` may name a public IP of either family the LB serves; the
+    /// public-IP annotation names the IPv4 one, so an IPv6-only LB cannot take it.
+    #[test]
+    fn reused_public_ips_by_family() {
+        let dual = with_families(svc(), &["IPv4", "IPv6"], "RequireDualStack");
+        let mut by_v6 = dual.clone();
+        spec_mut(&mut by_v6).load_balancer_ip = Some("fd00:203::9".into());
+        assert_eq!(
+            desired_load_balancer(&by_v6, &nodes3(), &dual_cfg())
+                .expect("d")
+                .public_ip,
+            PublicIpRequest::Address("fd00:203::9".parse().expect("ip"))
+        );
+        let mut v6_on_v4 = svc();
+        spec_mut(&mut v6_on_v4).load_balancer_ip = Some("fd00:203::9".into());
+        let e = desired_load_balancer(&v6_on_v4, &nodes3(), &dual_cfg()).expect_err("refused");
+        assert!(
+            e.to_string()
+                .starts_with("spec.loadBalancerIP: fd00:203::9 is an IPv6 address"),
+            "{e}"
+        );
+        let v6_only = with_families(svc(), &["IPv6"], "SingleStack");
+        let annotated = annotate(v6_only.clone(), a::PUBLIC_IP_ID, "ip-8d1e");
+        let e = desired_load_balancer(&annotated, &nodes3(), &dual_cfg()).expect_err("refused");
+        assert!(e.to_string().contains(a::PUBLIC_IP_ID), "{e}");
+        assert!(e.to_string().contains("IPv6 only"), "{e}");
+        let mut v4_on_v6 = v6_only;
+        spec_mut(&mut v4_on_v6).load_balancer_ip = Some("127.203.0.10".into());
+        assert!(desired_load_balancer(&v4_on_v6, &nodes3(), &dual_cfg()).is_err());
+        let annotated_dual = annotate(dual, a::PUBLIC_IP_ID, "ip-8d1e");
+        assert_eq!(
+            desired_load_balancer(&annotated_dual, &nodes3(), &dual_cfg())
+                .expect("d")
+                .public_ip,
+            PublicIpRequest::Id("ip-8d1e".into())
+        );
     }
 
     #[test]

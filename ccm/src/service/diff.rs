@@ -5,8 +5,8 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use crate::platform::labels::LABEL_RETAIN_PUBLIC_IP;
 use crate::platform::{
-    BackendRef, HealthCheck, HealthCheckProtocol, LABEL_CLUSTER_ID, LABEL_SERVICE_NAME, LABEL_SERVICE_NAMESPACE,
-    LABEL_SERVICE_UID, LbStatus, LoadBalancer, LoadBalancerSpec, LoadBalancerUpdate, Rule,
+    BackendRef, HealthCheck, HealthCheckProtocol, IpVersion, LABEL_CLUSTER_ID, LABEL_SERVICE_NAME,
+    LABEL_SERVICE_NAMESPACE, LABEL_SERVICE_UID, LbStatus, LoadBalancer, LoadBalancerSpec, LoadBalancerUpdate, Rule,
 };
 use crate::service::desired::{DesiredLb, PublicIpRequest, merge_labels};
 
@@ -110,6 +110,10 @@ pub enum PlanRefusal {
         "the load balancer has public IP {actual}; it cannot change to {desired} (delete and recreate the Service, or revert the public IP setting)"
     )]
     PublicIpChange { actual: String, desired: String },
+    #[error(
+        "the load balancer has no {family} public IP; a family added to a live load balancer gets a new IP, it cannot take {desired} (delete and recreate the Service, or drop spec.loadBalancerIP)"
+    )]
+    PublicIpFamilyAdded { family: &'static str, desired: String },
 }
 
 /// What to do for a Service that wants a load balancer.
@@ -121,7 +125,8 @@ pub enum ApplyPlan {
     Update {
         id: String,
         update: LoadBalancerUpdate,
-        /// What differs, for the Event (`rules`, `backends`, `labels`, `retry`).
+        /// What differs, for the Event (`ip_versions`, `rules`, `backends`,
+        /// `backend_ips`, `labels`, `retry`).
         changes: Vec<&'static str>,
     },
     /// The LB is provisioning, updating or deleting: poll, change nothing.
@@ -171,14 +176,38 @@ fn backend_set<'a>(ids: impl IntoIterator<Item = &'a str>) -> BTreeSet<&'a str> 
 /// Whether a backend's `private_ip` (filled by the platform at the last create/PUT) is
 /// not its node's `InternalIP` any more: the VM's address changed and only a PUT makes
 /// the platform read it again. Backends whose address either side does not know count
-/// as current.
+/// as current. On an LB serving IPv6 the same holds for `private_ipv6` against the
+/// node's IPv6 `InternalIP`, and a backend without `private_ipv6` whose node has one
+/// (its VM got an IPv6 address since) is stale too: it would get no IPv6 traffic.
 fn stale_backend_ips(lb: &LoadBalancer, desired: &DesiredLb) -> bool {
+    let serves_v6 = desired.ip_versions.contains(&IpVersion::V6);
     lb.backends.iter().any(|b| {
-        matches!(
+        let v4_stale = matches!(
             (b.private_ip, desired.backend_ips.get(&b.vm_id)),
             (Some(actual), Some(want)) if actual != *want
-        )
+        );
+        let v6_stale = serves_v6
+            && desired
+                .backend_ipv6s
+                .get(&b.vm_id)
+                .is_some_and(|want| b.private_ipv6 != Some(*want));
+        v4_stale || v6_stale
     })
+}
+
+/// `ip_versions` as written: `None` (the platform's default, `[4]`) for an IPv4 LB, so
+/// that what an IPv4 Service sends is what it sent before dual-stack.
+fn written_ip_versions(v: &[IpVersion]) -> Option<Vec<IpVersion>> {
+    (v != [IpVersion::V4]).then(|| v.to_vec())
+}
+
+/// Whether the LB's public IP of `a`'s family is not `a` (`None`: it has none yet).
+fn address_mismatch(lb: &LoadBalancer, a: &std::net::IpAddr) -> bool {
+    let have = match IpVersion::of(a) {
+        IpVersion::V4 => &lb.public_ip,
+        IpVersion::V6 => &lb.public_ipv6,
+    };
+    have.as_ref().is_some_and(|ip| &ip.address != a)
 }
 
 /// Compares the LB found with the desired one. `resolved_ip_id` is the ID of the public
@@ -189,16 +218,23 @@ pub fn plan_apply(
     resolved_ip_id: Option<&str>,
 ) -> Result<ApplyPlan, PlanRefusal> {
     let Some(lb) = actual else {
-        let public_ip_id = match &desired.public_ip {
-            PublicIpRequest::Acquire => None,
-            PublicIpRequest::Id(id) => Some(id.clone()),
-            PublicIpRequest::Address(_) => resolved_ip_id.map(str::to_owned),
+        // The annotation names the IPv4 IP; an address names an IP of its own family.
+        let (public_ip_id, public_ipv6_id) = match &desired.public_ip {
+            PublicIpRequest::Acquire => (None, None),
+            PublicIpRequest::Id(id) => (Some(id.clone()), None),
+            PublicIpRequest::Address(a) => {
+                let id = resolved_ip_id.map(str::to_owned);
+                match IpVersion::of(a) {
+                    IpVersion::V4 => (id, None),
+                    IpVersion::V6 => (None, id),
+                }
+            }
         };
         return Ok(ApplyPlan::Create(LoadBalancerSpec {
             name: desired.name.clone(),
             public_ip_id,
-            public_ipv6_id: None,
-            ip_versions: None,
+            public_ipv6_id,
+            ip_versions: written_ip_versions(&desired.ip_versions),
             labels: desired.labels.clone(),
             rules: desired.rules.clone(),
             backends: desired.backends.clone(),
@@ -219,21 +255,46 @@ pub fn plan_apply(
             desired: desired.name.clone(),
         });
     }
-    if let Some(ip) = &lb.public_ip {
-        let mismatch = match &desired.public_ip {
-            PublicIpRequest::Acquire => None,
-            PublicIpRequest::Id(id) => (id != &ip.id).then(|| id.clone()),
-            PublicIpRequest::Address(a) => (a != &ip.address).then(|| a.to_string()),
-        };
-        if let Some(desired) = mismatch {
-            return Err(PlanRefusal::PublicIpChange {
-                actual: format!("{} ({})", ip.address, ip.id),
-                desired,
-            });
-        }
+    let mismatch = match &desired.public_ip {
+        PublicIpRequest::Acquire => None,
+        PublicIpRequest::Id(id) => lb
+            .public_ip
+            .as_ref()
+            .filter(|ip| &ip.id != id)
+            .map(|ip| (ip, id.clone())),
+        PublicIpRequest::Address(a) => address_mismatch(lb, a)
+            .then(|| {
+                lb.public_ips()
+                    .find(|ip| IpVersion::of(&ip.address) == IpVersion::of(a))
+            })
+            .flatten()
+            .map(|ip| (ip, a.to_string())),
+    };
+    if let PublicIpRequest::Address(a) = &desired.public_ip
+        && !lb.ip_versions.contains(&IpVersion::of(a))
+    {
+        return Err(PlanRefusal::PublicIpFamilyAdded {
+            family: crate::service::families::family_name(IpVersion::of(a)),
+            desired: a.to_string(),
+        });
+    }
+    if let Some((ip, desired)) = mismatch {
+        return Err(PlanRefusal::PublicIpChange {
+            actual: format!("{} ({})", ip.address, ip.id),
+            desired,
+        });
     }
 
     let mut changes = Vec::new();
+    // Families are changed in place (the platform acquires or releases the IP of a family
+    // added or removed); never a new LB.
+    let mut actual_versions = lb.ip_versions.clone();
+    actual_versions.sort();
+    actual_versions.dedup();
+    let ip_versions_changed = actual_versions != desired.ip_versions;
+    if ip_versions_changed {
+        changes.push("ip_versions");
+    }
     if normalize_rules(&lb.rules) != normalize_rules(&desired.rules) {
         changes.push("rules");
     }
@@ -264,7 +325,7 @@ pub fn plan_apply(
                 .map(|b| BackendRef::new(b.vm_id.clone()))
                 .collect(),
             labels,
-            ip_versions: None,
+            ip_versions: ip_versions_changed.then(|| desired.ip_versions.clone()),
         },
         changes,
     })
@@ -385,12 +446,12 @@ pub(crate) mod tests {
             region: "jkt".into(),
             vpc_id: "vpc-1".into(),
             subnet_id: "subnet-1".into(),
-            ip_versions: crate::platform::ipv4_only(),
-            public_ipv6: None,
+            ip_versions: d.ip_versions.clone(),
             public_ip: Some(LbPublicIp {
                 id: "ip-1".into(),
                 address: "127.203.0.10".parse().expect("ip"),
             }),
+            public_ipv6: None,
             labels: d.labels.clone(),
             status: LbStatus::Active,
             status_message: String::new(),
@@ -503,6 +564,163 @@ pub(crate) mod tests {
         let mut no_ip = lb.clone();
         no_ip.backends.iter_mut().for_each(|b| b.private_ip = None);
         assert_eq!(plan_apply(Some(&no_ip), &d2, None), Ok(ApplyPlan::InSync));
+    }
+
+    fn dual_desired(policy: &str) -> DesiredLb {
+        use crate::service::desired::tests::dual_cfg;
+        let mut s = svc();
+        if let Some(spec) = s.spec.as_mut() {
+            spec.ip_families = Some(vec!["IPv4".into(), "IPv6".into()]);
+            spec.ip_family_policy = Some(policy.into());
+        }
+        desired_load_balancer(&s, &[node("a"), node("b")], &dual_cfg()).expect("desired")
+    }
+
+    /// [`echoed`] for an LB serving IPv4 and IPv6.
+    fn echoed_dual(d: &DesiredLb) -> LoadBalancer {
+        let mut lb = echoed(d);
+        lb.ip_versions = vec![IpVersion::V6, IpVersion::V4];
+        lb.public_ipv6 = Some(LbPublicIp {
+            id: "ip-2".into(),
+            address: "fd00:203::10".parse().expect("ip"),
+        });
+        lb
+    }
+
+    /// The families an LB serves are changed in place, both ways; an IPv4 LB's create and
+    /// updates carry no `ip_versions` (the platform's default), as before dual-stack.
+    #[test]
+    fn family_changes_update_in_place_never_recreate() {
+        let v4 = desired();
+        match plan_apply(None, &v4, None).expect("plan") {
+            ApplyPlan::Create(spec) => {
+                assert_eq!((spec.ip_versions, spec.public_ipv6_id), (None, None));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let dual = dual_desired("PreferDualStack");
+        match plan_apply(None, &dual, None).expect("plan") {
+            ApplyPlan::Create(spec) => {
+                assert_eq!(spec.ip_versions, Some(vec![IpVersion::V4, IpVersion::V6]));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+
+        // SingleStack -> PreferDualStack: a PUT adding IPv6, the rest re-sent as it is.
+        let lb = echoed(&v4);
+        match plan_apply(Some(&lb), &dual, None).expect("plan") {
+            ApplyPlan::Update { id, update, changes } => {
+                assert_eq!(id, "lb-1");
+                assert_eq!(changes, vec!["ip_versions"]);
+                assert_eq!(update.ip_versions, Some(vec![IpVersion::V4, IpVersion::V6]));
+                assert_eq!(update.rules, dual.rules);
+                assert_eq!(update.backends, dual.backends);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // In sync once the platform serves both (in whatever order it lists them).
+        let both = echoed_dual(&dual);
+        assert_eq!(plan_apply(Some(&both), &dual, None), Ok(ApplyPlan::InSync));
+        // And back: a PUT removing IPv6.
+        match plan_apply(Some(&both), &v4, None).expect("plan") {
+            ApplyPlan::Update { update, changes, .. } => {
+                assert_eq!(changes, vec!["ip_versions"]);
+                assert_eq!(update.ip_versions, Some(vec![IpVersion::V4]));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // Another change of an IPv4 LB leaves ip_versions out of the PUT.
+        let mut fewer = lb.clone();
+        fewer.backends.pop();
+        match plan_apply(Some(&fewer), &v4, None).expect("plan") {
+            ApplyPlan::Update { update, changes, .. } => {
+                assert_eq!(changes, vec!["backends"]);
+                assert_eq!(update.ip_versions, None);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// A dual-stack LB's backend whose VM's IPv6 address moved, or that the platform
+    /// filled without one its node now has, is re-sent; an IPv4 LB ignores IPv6.
+    #[test]
+    fn a_changed_ipv6_node_address_updates_a_dual_stack_lb() {
+        use crate::service::desired::tests::dual_cfg;
+        use crate::service::nodes::tests::with_internal_ips;
+        let mut s = svc();
+        if let Some(spec) = s.spec.as_mut() {
+            spec.ip_families = Some(vec!["IPv4".into(), "IPv6".into()]);
+            spec.ip_family_policy = Some("RequireDualStack".into());
+        }
+        let nodes = |b6: &str| {
+            vec![
+                with_internal_ips(node("a"), &["127.10.0.11", "fd00:10::11"]),
+                with_internal_ips(node("b"), &["127.10.0.11", b6]),
+            ]
+        };
+        let d = desired_load_balancer(&s, &nodes("fd00:10::12"), &dual_cfg()).expect("d");
+        let mut lb = echoed_dual(&d);
+        for b in &mut lb.backends {
+            b.private_ipv6 = Some(
+                if b.vm_id == "vm-a" {
+                    "fd00:10::11"
+                } else {
+                    "fd00:10::12"
+                }
+                .parse()
+                .expect("ip"),
+            );
+        }
+        assert_eq!(plan_apply(Some(&lb), &d, None), Ok(ApplyPlan::InSync));
+        let moved = desired_load_balancer(&s, &nodes("fd00:10::50"), &dual_cfg()).expect("d");
+        assert!(matches!(
+            plan_apply(Some(&lb), &moved, None),
+            Ok(ApplyPlan::Update { changes, .. }) if changes == vec!["backend_ips"]
+        ));
+        let mut unfilled = lb.clone();
+        unfilled.backends.iter_mut().for_each(|b| b.private_ipv6 = None);
+        assert!(matches!(
+            plan_apply(Some(&unfilled), &d, None),
+            Ok(ApplyPlan::Update { changes, .. }) if changes == vec!["backend_ips"]
+        ));
+        // An IPv4 LB of the same nodes: IPv6 addresses are none of its business.
+        let v4 = desired_load_balancer(&svc(), &nodes("fd00:10::50"), &dual_cfg()).expect("d");
+        assert_eq!(plan_apply(Some(&echoed(&v4)), &v4, None), Ok(ApplyPlan::InSync));
+    }
+
+    #[test]
+    fn a_reused_ipv6_address_is_created_with_and_held_to() {
+        let mut d = dual_desired("RequireDualStack");
+        d.public_ip = PublicIpRequest::Address("fd00:203::9".parse().expect("ip"));
+        match plan_apply(None, &d, Some("ip-9")).expect("plan") {
+            ApplyPlan::Create(spec) => {
+                assert_eq!(spec.public_ip_id, None);
+                assert_eq!(spec.public_ipv6_id.as_deref(), Some("ip-9"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let lb = echoed_dual(&d);
+        assert!(matches!(
+            plan_apply(Some(&lb), &d, None),
+            Err(PlanRefusal::PublicIpChange { actual, .. }) if actual.contains("fd00:203::10")
+        ));
+        d.public_ip = PublicIpRequest::Address("fd00:203::10".parse().expect("ip"));
+        assert_eq!(plan_apply(Some(&lb), &d, None), Ok(ApplyPlan::InSync));
+        // An LB that does not serve IPv6 yet would get a new IPv6 address from a PUT, not
+        // this one: refused, the LB left as it is.
+        let mut v4_lb = echoed(&d);
+        v4_lb.ip_versions = vec![IpVersion::V4];
+        let e = plan_apply(Some(&v4_lb), &d, None).expect_err("refused");
+        assert!(
+            matches!(&e, PlanRefusal::PublicIpFamilyAdded { family: "IPv6", .. }),
+            "{e}"
+        );
+        // Without the address, the same change is a PUT adding IPv6.
+        d.public_ip = PublicIpRequest::Acquire;
+        assert!(matches!(
+            plan_apply(Some(&v4_lb), &d, None),
+            Ok(ApplyPlan::Update { changes, .. }) if changes == vec!["ip_versions"]
+        ));
     }
 
     #[test]

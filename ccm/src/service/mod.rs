@@ -2,7 +2,8 @@
 //! `type: LoadBalancer` Service.
 //!
 //! Layout: [`nodes`] (which nodes are backends; node-change detection and debounce),
-//! [`desired`] (Service -> desired LB, pure), [`diff`] (actual vs desired -> plan, pure),
+//! [`families`] (which address families the LB serves, pure), [`desired`] (Service ->
+//! desired LB, pure), [`diff`] (actual vs desired -> plan, pure),
 //! [`status`] (status and condition patches, pure), [`orphans`] (which LBs may be
 //! swept: shared with the CLI), [`lookup`] (a Service's LB on the platform, and what the
 //! controller remembers of it), [`sweep`] (the orphan sweep), [`controller`] (the kube-rs
@@ -13,6 +14,7 @@ pub mod apply;
 pub mod controller;
 pub mod desired;
 pub mod diff;
+pub mod families;
 pub mod lookup;
 pub mod nodes;
 pub mod orphans;

@@ -10,9 +10,16 @@
 //! - is not labelled `node.kubernetes.io/exclude-from-external-load-balancers` (any value
 //!   but `false` excludes, as upstream),
 //! - and matches the Service's node selector annotation, if any.
+//!
+//! Address families ([`can_serve`]): the platform takes backends by VM and fills in their
+//! `private_ip` and `private_ipv6` itself. An IPv6-only load balancer can only send to
+//! VMs with an IPv6 address, so its backends are the nodes with an IPv6 `InternalIP`. An
+//! IPv4 or dual-stack load balancer keeps every eligible node (as before dual-stack):
+//! the platform sends IPv6 clients only to backends with a `private_ipv6`, and health
+//! checks stay on `private_ip`, so a node without IPv6 still serves the IPv4 address.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -23,6 +30,7 @@ use kube::runtime::reflector::Store;
 use tokio::time::Instant;
 
 use crate::annotations::NodeSelector;
+use crate::platform::IpVersion;
 use crate::providerid;
 
 /// Nodes with this label (unless its value is `false`) are never backends.
@@ -112,6 +120,20 @@ pub fn backend_ips<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> BTreeMap<St
         .collect()
 }
 
+/// The IPv6 `InternalIP` of each eligible node's VM (for the nodes that have one).
+pub fn backend_ipv6s<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> BTreeMap<String, Ipv6Addr> {
+    nodes
+        .into_iter()
+        .filter_map(|n| Some((eligible_vm_id(n)?, internal_ipv6(n)?)))
+        .collect()
+}
+
+/// Whether the node can carry a load balancer serving `ip_versions` (see the module
+/// docs): only an IPv6-only one asks for something, an IPv6 `InternalIP`.
+pub fn can_serve(node: &Node, ip_versions: &[IpVersion]) -> bool {
+    ip_versions.contains(&IpVersion::V4) || internal_ipv6(node).is_some()
+}
+
 /// The backend VM IDs for a Service with this (optional) node selector: sorted, unique.
 pub fn backend_vm_ids<'a>(nodes: impl IntoIterator<Item = &'a Node>, selector: Option<&NodeSelector>) -> Vec<String> {
     let mut ids: Vec<String> = nodes
@@ -124,25 +146,39 @@ pub fn backend_vm_ids<'a>(nodes: impl IntoIterator<Item = &'a Node>, selector: O
     ids
 }
 
+fn internal_ips(node: &Node) -> impl Iterator<Item = IpAddr> + '_ {
+    node.status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| a.address.parse().ok())
+}
+
 /// The node's `InternalIP` (the first one), which load balancers send traffic to.
 pub fn internal_ip(node: &Node) -> Option<IpAddr> {
-    node.status
-        .as_ref()?
-        .addresses
-        .as_ref()?
-        .iter()
-        .find(|a| a.type_ == "InternalIP")
-        .and_then(|a| a.address.parse().ok())
+    internal_ips(node).next()
+}
+
+/// The node's IPv6 `InternalIP` (the first one; the node controller writes the IPv4 one
+/// first), which an LB's IPv6 clients are sent to.
+pub fn internal_ipv6(node: &Node) -> Option<Ipv6Addr> {
+    internal_ips(node).find_map(|a| match a {
+        IpAddr::V6(v6) => Some(v6),
+        IpAddr::V4(_) => None,
+    })
 }
 
 /// What of the node set can change any load balancer: per eligible node, its VM ID, its
-/// labels (node selectors read them) and its `InternalIP` (a VM whose private IP changed
-/// must be re-sent to the platform, which refreshes a backend's address only on a PUT).
+/// labels (node selectors read them) and its `InternalIP`s, the first and the IPv6 one (a
+/// VM whose private IP changed must be re-sent to the platform, which refreshes a
+/// backend's addresses only on a PUT).
 /// Readiness, conditions, other taints and the rest of the status are deliberately absent.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeSetFingerprint(BTreeMap<String, NodeFingerprint>);
 
-type NodeFingerprint = (String, BTreeMap<String, String>, Option<IpAddr>);
+type NodeFingerprint = (String, BTreeMap<String, String>, Option<IpAddr>, Option<Ipv6Addr>);
 
 impl NodeSetFingerprint {
     pub fn of<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> Self {
@@ -163,7 +199,7 @@ impl NodeSetFingerprint {
                     if let Some(keys) = keys {
                         l.retain(|k, _| keys.contains(k));
                     }
-                    Some((name, (vm, l, internal_ip(n))))
+                    Some((name, (vm, l, internal_ip(n), internal_ipv6(n))))
                 })
                 .collect(),
         )
@@ -332,6 +368,59 @@ pub(crate) mod tests {
             address: ip.into(),
         }]);
         n
+    }
+
+    /// The node with exactly these `InternalIP`s, in this order.
+    pub fn with_internal_ips(mut n: Node, ips: &[&str]) -> Node {
+        let st = n.status.get_or_insert_with(NodeStatus::default);
+        st.addresses = Some(
+            ips.iter()
+                .map(|ip| k8s_openapi::api::core::v1::NodeAddress {
+                    type_: "InternalIP".into(),
+                    address: (*ip).into(),
+                })
+                .collect(),
+        );
+        n
+    }
+
+    /// Which nodes can carry an LB of which families, and a VM's IPv6 moving resyncs.
+    #[test]
+    fn nodes_by_address_family() {
+        use IpVersion::{V4, V6};
+        let v4 = with_internal_ips(node("a"), &["127.10.0.11"]);
+        let dual = with_internal_ips(node("b"), &["127.10.0.12", "fd00:10::12"]);
+        let v6_only = with_internal_ips(node("c"), &["fd00:10::13"]);
+        let unknown = node("d");
+        assert_eq!(internal_ipv6(&v4), None);
+        assert_eq!(internal_ipv6(&dual), "fd00:10::12".parse().ok());
+        assert_eq!(internal_ip(&dual), "127.10.0.12".parse().ok(), "the first one");
+        assert_eq!(internal_ipv6(&v6_only), "fd00:10::13".parse().ok());
+        for (n, v4_lb, v6_lb) in [
+            (&v4, true, false),
+            (&dual, true, true),
+            (&v6_only, true, true),
+            (&unknown, true, false),
+        ] {
+            assert_eq!(can_serve(n, &[V4]), v4_lb, "{:?}", n.metadata.name);
+            assert_eq!(can_serve(n, &[V4, V6]), v4_lb, "{:?}", n.metadata.name);
+            assert_eq!(can_serve(n, &[V6]), v6_lb, "{:?}", n.metadata.name);
+        }
+        let all = [v4.clone(), dual.clone(), v6_only.clone(), unknown];
+        assert_eq!(
+            backend_ipv6s(&all),
+            BTreeMap::from([
+                ("vm-b".to_owned(), "fd00:10::12".parse().expect("ip")),
+                ("vm-c".to_owned(), "fd00:10::13".parse().expect("ip")),
+            ])
+        );
+        // A VM gaining, changing or losing its IPv6 address changes the node set.
+        let moved = with_internal_ips(node("b"), &["127.10.0.12", "fd00:10::50"]);
+        let lost = with_internal_ips(node("b"), &["127.10.0.12"]);
+        assert!(should_sync_updated_node(&dual, &moved));
+        assert!(should_sync_updated_node(&dual, &lost));
+        assert!(should_sync_updated_node(&lost, &dual));
+        assert!(!should_sync_updated_node(&dual, &dual.clone()));
     }
 
     pub fn deleting(mut n: Node) -> Node {

@@ -52,8 +52,24 @@ pub enum ConditionUpdate {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IngressUpdate {
     Leave,
-    /// Exactly these IPs (empty: clear).
+    /// Exactly these IPs, in this order (IPv4 first), each with `ipMode: VIP` (empty:
+    /// clear).
     Set(Vec<String>),
+}
+
+/// The `ipMode` of every ingress entry we write: the LB forwards packets to the nodes
+/// with their destination rewritten (a node port), so kube-proxy may short-circuit
+/// in-cluster traffic to the address (upstream's `VIP`, the API server's default).
+pub const IP_MODE_VIP: &str = "VIP";
+
+/// The ingress entries the Service shows now, in order: (ip, ipMode).
+fn current_ingress(svc: &Service) -> Vec<(Option<String>, Option<String>)> {
+    svc.status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .map(|ing| ing.iter().map(|i| (i.ip.clone(), i.ip_mode.clone())).collect())
+        .unwrap_or_default()
 }
 
 /// The ingress IPs the Service shows now.
@@ -94,11 +110,17 @@ pub fn status_patch(svc: &Service, ingress: &IngressUpdate, condition: &Conditio
     let mut status = serde_json::Map::new();
 
     if let IngressUpdate::Set(want) = ingress {
-        let mut want = want.clone();
-        want.sort();
-        want.dedup();
-        if want != current_ingress_ips(svc) {
-            let list: Vec<Value> = want.iter().map(|ip| json!({ "ip": ip })).collect();
+        let mut seen = std::collections::HashSet::new();
+        let want: Vec<&String> = want.iter().filter(|ip| seen.insert(ip.as_str())).collect();
+        let want_entries: Vec<(Option<String>, Option<String>)> = want
+            .iter()
+            .map(|ip| (Some((*ip).clone()), Some(IP_MODE_VIP.to_owned())))
+            .collect();
+        if want_entries != current_ingress(svc) {
+            let list: Vec<Value> = want
+                .iter()
+                .map(|ip| json!({ "ip": ip, "ipMode": IP_MODE_VIP }))
+                .collect();
             status.insert("loadBalancer".into(), json!({ "ingress": list }));
         }
     }
@@ -205,7 +227,7 @@ mod tests {
         let p = status_patch(&s, &set, &ConditionUpdate::Leave, now()).expect("add status");
         assert_eq!(
             p,
-            json!({"status": {"loadBalancer": {"ingress": [{"ip": "127.203.0.10"}]}}})
+            json!({"status": {"loadBalancer": {"ingress": [{"ip": "127.203.0.10", "ipMode": "VIP"}]}}})
         );
         let s = apply(&s, &p);
         assert_eq!(current_ingress_ips(&s), vec!["127.203.0.10"]);
@@ -221,6 +243,49 @@ mod tests {
         assert_eq!(
             status_patch(&s, &IngressUpdate::Leave, &ConditionUpdate::Leave, now()),
             None
+        );
+    }
+
+    /// A dual-stack LB: both addresses, IPv4 first, each `ipMode: VIP`; the order counts,
+    /// an entry without `ipMode` (written before dual-stack) gets it.
+    #[test]
+    fn dual_stack_ingress_lists_both_in_order_with_ip_mode() {
+        let both = IngressUpdate::Set(vec!["127.203.0.10".into(), "fd00:203::10".into()]);
+        let p = status_patch(&svc(), &both, &ConditionUpdate::Leave, now()).expect("add");
+        assert_eq!(
+            p,
+            json!({"status": {"loadBalancer": {"ingress": [
+                {"ip": "127.203.0.10", "ipMode": "VIP"},
+                {"ip": "fd00:203::10", "ipMode": "VIP"}
+            ]}}})
+        );
+        let s = apply(&svc(), &p);
+        assert_eq!(status_patch(&s, &both, &ConditionUpdate::Leave, now()), None, "no-op");
+        // Reversed (IPv6 first): put back in order.
+        let reversed = with_ingress(svc(), &["fd00:203::10", "127.203.0.10"]);
+        assert_eq!(
+            status_patch(&reversed, &both, &ConditionUpdate::Leave, now()),
+            Some(p.clone())
+        );
+        // Without ipMode: rewritten with it.
+        let mut bare = with_ingress(svc(), &["127.203.0.10", "fd00:203::10"]);
+        for i in bare
+            .status
+            .as_mut()
+            .and_then(|st| st.load_balancer.as_mut())
+            .and_then(|l| l.ingress.as_mut())
+            .into_iter()
+            .flatten()
+        {
+            i.ip_mode = None;
+        }
+        assert_eq!(status_patch(&bare, &both, &ConditionUpdate::Leave, now()), Some(p));
+        // A family removed (PreferDualStack -> SingleStack): only the IPv4 entry stays.
+        let v4 = IngressUpdate::Set(vec!["127.203.0.10".into()]);
+        let p = status_patch(&s, &v4, &ConditionUpdate::Leave, now()).expect("shrink");
+        assert_eq!(
+            p["status"]["loadBalancer"]["ingress"],
+            json!([{"ip": "127.203.0.10", "ipMode": "VIP"}])
         );
     }
 

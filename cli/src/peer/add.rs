@@ -12,7 +12,7 @@ use kuberaya_gateway::crd::{SecretKeyRef, VpnPeer, VpnPeerSpec};
 use kuberaya_gateway::keys::PresharedKey;
 use kuberaya_gateway::source::kube::PRESHARED_KEY_KEY;
 
-use super::config::{deliver_and_report, out_path, peer_config, psk_secret};
+use super::config::{config_addresses, deliver_and_report, endpoint, out_path, peer_config, psk_secret};
 use super::parse::check_rules;
 use super::wait::wait_accepted;
 use super::{AddArgs, peer_namespace, psk_secret_name};
@@ -43,7 +43,8 @@ pub(super) async fn add(kube_args: &KubeArgs, a: AddArgs) -> anyhow::Result<()> 
         }
     }
     let gw = gateway::discover(&k.client, &a.gateway).await?;
-    let cidr = gateway::discover_service_cidr(&k.client, &a.gateway, a.config.service_cidr).await?;
+    let endpoint = endpoint(&a.config, &gw)?;
+    let cidrs = gateway::discover_service_cidr(&k.client, &a.gateway, &a.config.service_cidr).await?;
     let peers: Api<VpnPeer> = Api::namespaced(k.client.clone(), &ns);
     if peers
         .get_opt(&a.name)
@@ -71,6 +72,7 @@ pub(super) async fn add(kube_args: &KubeArgs, a: AddArgs) -> anyhow::Result<()> 
     let spec = VpnPeerSpec {
         public_key: key.public_key().to_base64(),
         address: a.address.map(|x| x.to_string()),
+        address_v6: a.address_v6.map(|x| x.to_string()),
         allow: a.allow.clone(),
         expires_at: a.expires.map(|d| {
             Time(Timestamp::now() + SignedDuration::from_secs(i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 2)))
@@ -109,7 +111,7 @@ pub(super) async fn add(kube_args: &KubeArgs, a: AddArgs) -> anyhow::Result<()> 
     }
 
     let outcome = wait_accepted(&peers, &a.name, created.metadata.generation, a.config.timeout).await;
-    let address = match outcome {
+    let addresses = match outcome {
         Ok(addr) => addr,
         Err(e) => {
             let _ = peers.delete(&a.name, &DeleteParams::default()).await;
@@ -119,11 +121,13 @@ pub(super) async fn add(kube_args: &KubeArgs, a: AddArgs) -> anyhow::Result<()> 
             return Err(e.context("the peer was removed again; nothing was kept"));
         }
     };
-    let config = peer_config(&ns, &a.name, &gw, cidr, key, address, psk);
-    let what = format!(
-        "peer {ns}/{} accepted: address {address}, endpoint {}",
-        a.name, gw.endpoint
-    );
+    let addresses = config_addresses(&cidrs, addresses);
+    let config = peer_config(&ns, &a.name, &gw, endpoint.clone(), &cidrs, key, addresses, psk);
+    let address = match addresses.v6 {
+        Some(v6) => format!("addresses {}, {v6}", addresses.v4),
+        None => format!("address {}", addresses.v4),
+    };
+    let what = format!("peer {ns}/{} accepted: {address}, endpoint {endpoint}", a.name);
     deliver_and_report(&config, out.as_deref(), a.config.qr, false, &what)?;
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! Secret it shares with the gateway.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use anyhow::anyhow;
@@ -27,37 +27,87 @@ pub(super) fn out_path(config: &ConfigArgs, name: &str) -> Option<PathBuf> {
     }
 }
 
-pub(super) fn allowed_ips(cidr: IpNet, gw: &GatewayInfo) -> Vec<IpNet> {
-    let gw32 = IpNet::from(ipnet::Ipv4Net::new(gw.tunnel_address, 32).expect("/32 is valid"));
-    if cidr.contains(&gw32) {
-        vec![cidr]
-    } else {
-        vec![cidr, gw32]
+/// What the peer routes through the tunnel: the service ranges of IPv4 and the gateway's
+/// tunnel address (for DNS) unless a range holds it; with an IPv6 tunnel address, the IPv6
+/// service ranges and the gateway's IPv6 tunnel address likewise. A peer without an IPv6
+/// tunnel address routes no IPv6: it could not send from any.
+pub(super) fn allowed_ips(cidrs: &[IpNet], gw: &GatewayInfo, peer_v6: bool) -> Vec<IpNet> {
+    let mut out = Vec::new();
+    let mut family = |v6: bool, gateway: Option<IpNet>| {
+        let ranges: Vec<IpNet> = cidrs
+            .iter()
+            .filter(|c| matches!(c, IpNet::V6(_)) == v6)
+            .copied()
+            .collect();
+        out.extend(&ranges);
+        if let Some(g) = gateway
+            && !ranges.iter().any(|r| r.contains(&g))
+        {
+            out.push(g);
+        }
+    };
+    family(false, Some(IpNet::from(ipnet::Ipv4Net::from(gw.tunnel_address))));
+    if peer_v6 {
+        family(true, gw.tunnel_v6.map(|(a, _)| IpNet::from(ipnet::Ipv6Net::from(a))));
     }
+    out
 }
 
-/// The wg-quick config of peer `ns/name` at `address` behind the gateway `gw`, routing
-/// the Service CIDR `cidr` (and the gateway's tunnel address) through the tunnel.
+/// The peer's tunnel addresses, as the gateway gave them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct PeerAddresses {
+    pub v4: Ipv4Addr,
+    pub v6: Option<Ipv6Addr>,
+}
+
+/// The wg-quick config of peer `ns/name` at `addresses` behind the gateway `gw`, through
+/// `endpoint`, routing the service ranges `cidrs` (and the gateway's tunnel addresses)
+/// through the tunnel.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn peer_config(
     ns: &str,
     name: &str,
     gw: &GatewayInfo,
-    cidr: IpNet,
+    endpoint: String,
+    cidrs: &[IpNet],
     key: PeerKey,
-    address: Ipv4Addr,
+    addresses: PeerAddresses,
     psk: Option<PresharedKey>,
 ) -> WgConfig {
     WgConfig {
-        title: format!("kuberaya peer {ns}/{name} (gateway {})", gw.endpoint),
+        title: format!("kuberaya peer {ns}/{name} (gateway {endpoint})"),
         key,
-        address,
+        address: addresses.v4,
+        address_v6: addresses.v6,
         dns_server: gw.tunnel_address,
+        dns_server_v6: addresses.v6.and(gw.tunnel_v6.map(|(a, _)| a)),
         search: wgquick::search_domains(ns, &gw.cluster_domain),
         gateway_public_key: gw.public_key,
         preshared_key: psk,
-        endpoint: gw.endpoint.clone(),
-        allowed_ips: allowed_ips(cidr, gw),
+        endpoint,
+        allowed_ips: allowed_ips(cidrs, gw, addresses.v6.is_some()),
         persistent_keepalive: wgquick::DEFAULT_KEEPALIVE,
+    }
+}
+
+/// The endpoint the config names: `--endpoint`, else the gateway's of `--endpoint-family`
+/// (IPv4 by default).
+pub(super) fn endpoint(config: &ConfigArgs, gw: &GatewayInfo) -> anyhow::Result<String> {
+    match &config.endpoint {
+        Some(e) => Ok(e.clone()),
+        None => gw.endpoint_for(config.endpoint_family).map_err(|e| anyhow!(e)),
+    }
+}
+
+/// The addresses the config uses: the IPv6 one only when the cluster has IPv6 Services
+/// to reach (an IPv6 range in `--service-cidr` or the kuberaya-config ConfigMap). The
+/// gateway gives every peer an IPv6 tunnel address; on an IPv4-only cluster the config
+/// stays the IPv4-only one it always was.
+pub(super) fn config_addresses(cidrs: &[IpNet], addresses: PeerAddresses) -> PeerAddresses {
+    let ipv6_cluster = cidrs.iter().any(|c| matches!(c, IpNet::V6(_)));
+    PeerAddresses {
+        v6: addresses.v6.filter(|_| ipv6_cluster),
+        ..addresses
     }
 }
 

@@ -5,7 +5,7 @@
 //! preshared key in a Secret). A private key made here goes into the wg-quick file (mode
 //! 0600) and nowhere else; one made on the device never leaves it.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use kube::Api;
 use kuberaya_gateway::crd::{AllowRule, VpnPeer};
 use kuberaya_gateway::keys::PublicKey;
 
-use crate::gateway::GatewayArgs;
+use crate::gateway::{EndpointFamily, GatewayArgs};
 use crate::kube::{Kube, KubeArgs, api_error, is_not_found};
 use crate::output::OutputArg;
 
@@ -34,7 +34,7 @@ mod view;
 mod wait;
 
 pub use list::list_services;
-pub use parse::{check_rules, parse_allow, parse_duration, parse_name, rule_text};
+pub use parse::{check_rules, parse_allow, parse_duration, parse_endpoint, parse_name, rule_text};
 pub use state::{Acceptance, acceptance, state};
 pub use view::{PeerDetail, PeerList, PeerRow, list_table, row_of, show_text};
 
@@ -49,7 +49,10 @@ pub enum PeerCommand {
   kuberaya peer add -n team-a bob --allow team-a/web:http --psk --qr
   # Bring your own key: carol made her key pair on her laptop (wg genkey | tee k | wg pubkey);
   # the config comes without PrivateKey, for her to add:
-  kuberaya peer add carol --allow team-a --public-key 'xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg='")]
+  kuberaya peer add carol --allow team-a --public-key 'xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg='
+  # A phone on an IPv6-only mobile network: the gateway's IPv6 endpoint ([IPv6]:PORT), when its
+  # load balancer has one (a dual-stack gateway also gives the peer an IPv6 tunnel address):
+  kuberaya peer add dana --allow team-a --endpoint-family ipv6 --qr")]
     Add(AddArgs),
     /// List peers: address, what they may reach, last handshake, traffic, expiry, state.
     #[command(
@@ -111,6 +114,10 @@ pub struct AddArgs {
     /// The tunnel address [default: the gateway allocates one].
     #[arg(long)]
     pub address: Option<Ipv4Addr>,
+    /// The IPv6 tunnel address, in the gateway's IPv6 tunnel range [default: the gateway's, the
+    /// range's prefix + the IPv4 address's offset].
+    #[arg(long, value_name = "ADDRESS")]
+    pub address_v6: Option<Ipv6Addr>,
     #[command(flatten)]
     pub key: KeyArgs,
     #[command(flatten)]
@@ -142,9 +149,15 @@ pub struct ConfigArgs {
     /// Also print the config as a QR code (for mobile WireGuard apps).
     #[arg(long)]
     pub qr: bool,
-    /// The range routed through the tunnel [default: `service-cidr` of the kuberaya-config ConfigMap, else 10.96.0.0/12].
-    #[arg(long, value_name = "CIDR")]
-    pub service_cidr: Option<IpNet>,
+    /// The ranges routed through the tunnel, one per family, comma-separated or repeated [default: `service-cidr` of the kuberaya-config ConfigMap, else 10.96.0.0/12]. IPv6 ranges are routed for a peer with an IPv6 tunnel address.
+    #[arg(long, value_name = "CIDR", value_delimiter = ',')]
+    pub service_cidr: Vec<IpNet>,
+    /// The gateway endpoint's family when its load balancer has both: ipv6 names `[IPv6]:PORT` [default: ipv4, or the only one there is].
+    #[arg(long, value_name = "FAMILY", conflicts_with = "endpoint")]
+    pub endpoint_family: Option<EndpointFamily>,
+    /// The endpoint the config names, instead of the gateway's load balancer (HOST:PORT, IPv4:PORT or [IPv6]:PORT).
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_endpoint)]
+    pub endpoint: Option<String>,
     /// How long to wait for the gateway to accept the peer, in seconds.
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     pub timeout: u64,

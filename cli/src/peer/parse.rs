@@ -1,6 +1,7 @@
 //! Parsing the arguments of `peer` commands (pure): names, `--allow` rules, durations,
-//! and the rules a team peer may have.
+//! endpoints, and the rules a team peer may have.
 
+use std::net::{Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use kuberaya_gateway::crd::{AllowRule, PortRef};
@@ -20,6 +21,34 @@ pub fn parse_name(s: &str) -> Result<String, String> {
             "{s:?} is not a valid name: lowercase letters, digits and '-', at most 63, not starting or ending with '-'"
         ))
     }
+}
+
+/// A WireGuard endpoint: `IPv4:PORT`, `[IPv6]:PORT` or `HOST:PORT`. A bare IPv6 address
+/// is refused: without brackets its last group cannot be told from a port.
+pub fn parse_endpoint(s: &str) -> Result<String, String> {
+    let hint = "expected HOST:PORT, IPv4:PORT or [IPv6]:PORT";
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        if a.port() == 0 {
+            return Err(format!("{s:?}: port 0 ({hint})"));
+        }
+        return Ok(a.to_string());
+    }
+    if s.parse::<Ipv6Addr>().is_ok() || s.matches(':').count() > 1 {
+        return Err(format!(
+            "{s:?}: an IPv6 endpoint goes in brackets with its port, e.g. [{s}]:51820"
+        ));
+    }
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("{s:?}: no port ({hint})"))?;
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p > 0);
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .split('.')
+            .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    if !port_ok || !host_ok {
+        return Err(format!("{s:?}: {hint}"));
+    }
+    Ok(s.to_string())
 }
 
 /// `NS`, `NS/SVC` or `NS/SVC:PORT[,PORT...]`.

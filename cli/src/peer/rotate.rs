@@ -6,7 +6,7 @@ use kube::Api;
 use kube::api::{Patch, PatchParams};
 use kuberaya_gateway::crd::VpnPeer;
 
-use super::config::{deliver_and_report, out_path, peer_config, read_psk};
+use super::config::{config_addresses, deliver_and_report, endpoint, out_path, peer_config, read_psk};
 use super::wait::wait_accepted;
 use super::{RotateArgs, get_peer, peer_namespace};
 use crate::gateway;
@@ -24,7 +24,8 @@ pub(super) async fn rotate(kube_args: &KubeArgs, a: RotateArgs) -> anyhow::Resul
     let k = connect(kube_args).await?;
     let peer = get_peer(&k, &ns, &a.name).await?;
     let gw = gateway::discover(&k.client, &a.gateway).await?;
-    let cidr = gateway::discover_service_cidr(&k.client, &a.gateway, a.config.service_cidr).await?;
+    let endpoint = endpoint(&a.config, &gw)?;
+    let cidrs = gateway::discover_service_cidr(&k.client, &a.gateway, &a.config.service_cidr).await?;
     let psk = read_psk(&k, &ns, &peer).await?;
     let key = PeerKey::made_here_or(a.key.public_key);
     let new_public = key.public_key().to_base64();
@@ -44,8 +45,9 @@ pub(super) async fn rotate(kube_args: &KubeArgs, a: RotateArgs) -> anyhow::Resul
         .patch(&a.name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map_err(|e| api_error(e, &format!("updating peer {ns}/{}", a.name)))?;
-    let address = wait_accepted(&api, &a.name, updated.metadata.generation, a.config.timeout).await?;
-    let config = peer_config(&ns, &a.name, &gw, cidr, key, address, psk);
+    let addresses = wait_accepted(&api, &a.name, updated.metadata.generation, a.config.timeout).await?;
+    let addresses = config_addresses(&cidrs, addresses);
+    let config = peer_config(&ns, &a.name, &gw, endpoint, &cidrs, key, addresses, psk);
     let what = format!("peer {ns}/{} has a new key; the old one no longer works", a.name);
     deliver_and_report(&config, out.as_deref(), a.config.qr, true, &what)?;
     Ok(())

@@ -1,7 +1,7 @@
 //! What the gateway last said about a peer (pure): accepted, rejected or pending, and
 //! the state `peer list` shows.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use k8s_openapi::jiff::Timestamp;
 use kuberaya_gateway::crd::{CONDITION_ACCEPTED, VpnPeer};
@@ -42,6 +42,15 @@ pub fn acceptance(p: &VpnPeer) -> Acceptance {
         },
         _ => Acceptance::Pending,
     }
+}
+
+/// The IPv6 tunnel address the gateway gave the peer (`status.addressV6`), if any.
+pub fn address_v6(p: &VpnPeer) -> Option<Ipv6Addr> {
+    p.status
+        .as_ref()?
+        .address_v6
+        .as_deref()
+        .and_then(|a| a.split('/').next()?.parse().ok())
 }
 
 /// `Disabled`, `Expired`, `Accepted`, `Rejected` or `Pending`, with the rejection reason.

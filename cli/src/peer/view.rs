@@ -29,6 +29,11 @@ pub struct PeerRow {
     /// For a peer not served (disabled, expired, rejected): the address it last had,
     /// given back when it is served again if still free (`status.lastAddress`).
     pub last_address: Option<String>,
+    /// The IPv6 tunnel address, likewise (dual-stack; absent when the peer has none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address_v6: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_address_v6: Option<String>,
     pub allow: Vec<String>,
     pub last_handshake: Option<Timestamp>,
     pub rx_bytes: u64,
@@ -45,13 +50,25 @@ pub fn row_of(p: &VpnPeer, now: Timestamp) -> PeerRow {
     let ns = p.namespace().unwrap_or_default();
     let status = p.status.clone().unwrap_or_default();
     let (state, reason) = state(p, now);
-    let (address, last_address) = addresses(p, state);
+    let served = matches!(state, "Accepted" | "Pending");
+    let (address, last_address) = in_use_or_last(
+        served,
+        status.address.clone().or_else(|| p.spec.address.clone()),
+        status.last_address.clone(),
+    );
+    let (address_v6, last_address_v6) = in_use_or_last(
+        served,
+        status.address_v6.clone().or_else(|| p.spec.address_v6.clone()),
+        status.last_address_v6.clone(),
+    );
     PeerRow {
         allow: p.spec.allow.iter().map(|r| rule_text(r, &ns)).collect(),
         namespace: ns,
         name: p.name_any(),
         address,
         last_address,
+        address_v6,
+        last_address_v6,
         last_handshake: status.last_handshake.map(|t| t.0),
         rx_bytes: status.rx_bytes,
         tx_bytes: status.tx_bytes,
@@ -64,21 +81,28 @@ pub fn row_of(p: &VpnPeer, now: Timestamp) -> PeerRow {
     }
 }
 
-/// The address in use, else the one last had: a peer not served holds none (the
-/// gateway clears `status.address`, or will), so its address is only the last one.
-fn addresses(p: &VpnPeer, state: &str) -> (Option<String>, Option<String>) {
-    let status = p.status.as_ref();
-    let current = status.and_then(|s| s.address.clone());
-    let served = matches!(state, "Accepted" | "Pending");
-    match current.or_else(|| p.spec.address.clone()) {
+/// The address in use (`current`: the status's, else the spec's), else the one last
+/// had: a peer not served holds none (the gateway clears `status.address`, or will), so
+/// its address is only the last one. The same rule for either family.
+fn in_use_or_last(served: bool, current: Option<String>, last: Option<String>) -> (Option<String>, Option<String>) {
+    match current {
         Some(a) if served => (Some(a), None),
-        given => (None, status.and_then(|s| s.last_address.clone()).or(given)),
+        given => (None, last.or(given)),
     }
+}
+
+/// The IPv6 address as [`address_text`] tells the IPv4 one.
+pub(super) fn address_v6_text(r: &PeerRow) -> String {
+    in_use_text(&r.address_v6, &r.last_address_v6)
 }
 
 /// The address column: in use, last had (not in use), or none.
 pub(super) fn address_text(r: &PeerRow) -> String {
-    match (&r.address, &r.last_address) {
+    in_use_text(&r.address, &r.last_address)
+}
+
+fn in_use_text(address: &Option<String>, last: &Option<String>) -> String {
+    match (address, last) {
         (Some(a), _) => a.clone(),
         (None, Some(last)) => format!("{last} (not in use)"),
         (None, None) => "-".into(),
@@ -174,6 +198,9 @@ pub fn show_text(d: &PeerDetail, wide: bool, now: Timestamp, style: &Style) -> S
         line("Message", m.clone());
     }
     line("Address", address_text(p));
+    if p.address_v6.is_some() || p.last_address_v6.is_some() {
+        line("Address (IPv6)", address_v6_text(p));
+    }
     line("Public key", p.public_key.clone());
     line("Preshared key", if p.preshared_key { "yes" } else { "no" }.into());
     line(

@@ -2,7 +2,6 @@
 //! one VpnPeer (`kube::runtime::wait::await_condition`), so the answer shows as soon as
 //! the gateway writes it.
 
-use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail};
@@ -11,7 +10,8 @@ use kube::runtime::wait::{Condition, await_condition};
 use kube::runtime::{wait, watcher};
 use kuberaya_gateway::crd::VpnPeer;
 
-use super::state::{Acceptance, acceptance};
+use super::config::PeerAddresses;
+use super::state::{Acceptance, acceptance, address_v6};
 use crate::kube::api_error;
 use crate::output::Progress;
 
@@ -49,13 +49,14 @@ fn watch_error(e: wait::Error) -> anyhow::Error {
     }
 }
 
-/// Wait until the gateway accepts generation `generation` (or later) of the peer.
+/// Wait until the gateway accepts generation `generation` (or later) of the peer; its
+/// tunnel addresses.
 pub(super) async fn wait_accepted(
     api: &Api<VpnPeer>,
     name: &str,
     generation: Option<i64>,
     timeout_s: u64,
-) -> anyhow::Result<Ipv4Addr> {
+) -> anyhow::Result<PeerAddresses> {
     let progress = Progress::start(format!("waiting for the gateway to accept peer {name}"));
     let answer = await_condition(api.clone(), name, settled(generation));
     let peer = match tokio::time::timeout(Duration::from_secs(timeout_s), answer).await {
@@ -72,7 +73,10 @@ pub(super) async fn wait_accepted(
     match acceptance(&peer) {
         Acceptance::Accepted { address: Some(a) } => {
             progress.finish("accepted");
-            Ok(a)
+            Ok(PeerAddresses {
+                v4: a,
+                v6: address_v6(&peer),
+            })
         }
         Acceptance::Rejected { reason, message } => {
             progress.finish("rejected");

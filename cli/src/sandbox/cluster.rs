@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use kuberaya_sandbox::cluster::{Cluster, ClusterOptions, PlatformLogin};
-use kuberaya_sandbox::kube::{KubeApi, KubeApiConfig};
+use kuberaya_sandbox::kube::{KubeApi, KubeApiConfig, ServiceCidrs};
 
 use super::UpArgs;
+use super::ipv6::Ipv6Ranges;
 use super::ranges::Ranges;
 use super::state::{Credentials, KUBECONFIG_FILE};
 
@@ -31,10 +32,14 @@ impl SandboxCluster {
         args: &UpArgs,
         creds: &Credentials,
         ranges: &Ranges,
+        v6: Option<&Ipv6Ranges>,
         platform_url: &str,
     ) -> anyhow::Result<SandboxCluster> {
+        // Dual-stack: IPv4 the primary family, as the sandbox's defaults.
+        let mut service_cidrs: Vec<ipnet::IpNet> = vec![ranges.service_cidr.into()];
+        service_cidrs.extend(v6.map(|v6| ipnet::IpNet::from(v6.service_cidr)));
         let api = KubeApi::open(KubeApiConfig {
-            service_cidr: ranges.service_cidr,
+            service_cidrs: ServiceCidrs::new(service_cidrs).map_err(anyhow::Error::msg)?,
             ..KubeApiConfig::new(dir.join("kube"))
         })
         .await
@@ -63,6 +68,7 @@ impl SandboxCluster {
         let options = ClusterOptions {
             no_ccm: args.no_ccm,
             pod_cidr: ranges.pod_cidr,
+            pod_cidr_v6: v6.map(|v6| v6.pod_cidr),
             ..ClusterOptions::default()
         };
         let cluster = Cluster::start(client, login, &args.cluster_id, options)

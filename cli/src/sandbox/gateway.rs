@@ -70,6 +70,19 @@ where
     Ok(())
 }
 
+/// `kuberaya-config` with the service ranges `kuberaya peer add` routes to: one per
+/// family, comma-separated, in a dual-stack sandbox.
+fn service_ranges_config(v4: ipnet::Ipv4Net, v6: Option<ipnet::Ipv6Net>) -> k8s_openapi::api::core::v1::ConfigMap {
+    let mut cm = kuberaya_gateway::manifests::config_map(v4);
+    if let Some(v6) = v6 {
+        cm.data.get_or_insert_with(Default::default).insert(
+            kuberaya_gateway::manifests::CONFIG_KEY_SERVICE_CIDR.to_string(),
+            format!("{v4},{v6}"),
+        );
+    }
+    cm
+}
+
 impl InProcessGateway {
     /// Installs the VpnPeer CRD, the gateway's namespace and `kuberaya-config`, starts
     /// `replicas` replicas of the
@@ -77,6 +90,7 @@ impl InProcessGateway {
     pub(super) async fn start(
         kubeconfig: &Path,
         service_cidr: ipnet::Ipv4Net,
+        service_cidr_v6: Option<ipnet::Ipv6Net>,
         pod_cidr: ipnet::Ipv4Net,
         replicas: u32,
     ) -> anyhow::Result<Self> {
@@ -110,7 +124,7 @@ impl InProcessGateway {
         apply(
             &kube::Api::<ConfigMap>::namespaced(client.clone(), NAMESPACE),
             CONFIG_MAP,
-            &manifests::config_map(service_cidr),
+            &service_ranges_config(service_cidr, service_cidr_v6),
         )
         .await?;
 
@@ -121,7 +135,7 @@ impl InProcessGateway {
         for i in 0..replicas.max(1) {
             let name = format!("kuberaya-gateway-{i}");
             let started = match kuberaya_gateway::run::start(RunConfig {
-                listen: SocketAddr::from((gateway_pod_ip(pod_cidr, i), GATEWAY_PORT)),
+                listen: vec![SocketAddr::from((gateway_pod_ip(pod_cidr, i), GATEWAY_PORT))],
                 tunnel_cidr,
                 namespace: NAMESPACE.into(),
                 sources: Sources::Kube {
@@ -295,6 +309,17 @@ mod tests {
             Some(crate::gateway::DEFAULT_GATEWAY_NAMESPACE)
         );
         assert!(cm.data.unwrap().contains_key(crate::gateway::CONFIG_KEY_SERVICE_CIDR));
+    }
+
+    #[test]
+    fn a_dual_stack_sandbox_tells_peers_both_service_ranges() {
+        let v4 = "127.96.0.0/16".parse().unwrap();
+        let ranges = |v6: Option<&str>| {
+            let cm = service_ranges_config(v4, v6.map(|r| r.parse().unwrap()));
+            cm.data.unwrap()[crate::gateway::CONFIG_KEY_SERVICE_CIDR].clone()
+        };
+        assert_eq!(ranges(None), "127.96.0.0/16");
+        assert_eq!(ranges(Some("fd00:96::/112")), "127.96.0.0/16,fd00:96::/112");
     }
 
     #[test]

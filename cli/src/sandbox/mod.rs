@@ -35,6 +35,7 @@ use crate::output::OutputFormat;
 mod ccm;
 mod cluster;
 mod gateway;
+mod ipv6;
 mod platform;
 mod ranges;
 mod state;
@@ -44,6 +45,8 @@ mod try_this;
 use ccm::InProcessCcm;
 use cluster::SandboxCluster;
 use gateway::{GATEWAY_LB_TIMEOUT, GATEWAY_PORT, InProcessGateway};
+pub use ipv6::IpFamily;
+use ipv6::{Ipv6Ranges, LocalRoutes};
 use platform::ServedPlatform;
 use state::{
     LOG_FILE, RUNTIME_FILE, already_running, is_running, load_or_make_credentials, process_alive, read_runtime,
@@ -124,6 +127,13 @@ pub struct UpArgs {
     /// or the next free one]
     #[arg(long)]
     pub pod_cidr: Option<ipnet::Ipv4Net>,
+    /// `dual`: every range also gets an IPv6 one (public IPs fd00:203::/112, VMs
+    /// fd00:10::/112, Services fd00:96::/112, pods fd00:244::/48), Services may be
+    /// dual-stack and load balancers get IPv6 addresses. Dual needs root: IPv6 loopback has
+    /// only ::1, so it adds a `local` route on lo per IPv6 range (removed by `sandbox
+    /// down`); run it in a network namespace of your own to leave the host's routes alone.
+    #[arg(long, value_enum, default_value_t)]
+    pub ip_family: IpFamily,
     /// No CCM runs: the node agents remove the uninitialized taint and set node addresses
     /// (LoadBalancer Services stay pending).
     #[arg(long, conflicts_with = "external_ccm")]
@@ -203,6 +213,10 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
     let dir = state_dir(&args.dir)?;
+    if args.ip_family.is_dual() {
+        // SAFETY: geteuid has no preconditions.
+        ipv6::check_privileges(unsafe { libc::geteuid() })?;
+    }
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let Some(_lock) = try_lock(&dir)? else {
         return Err(already_running(&dir));
@@ -226,20 +240,39 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             ranges.public_ip_range, ranges.vm_ip_range, ranges.service_cidr, ranges.pod_cidr
         ));
     }
+    // Dual-stack: the IPv6 ranges' routes, removed when this function returns (stop or
+    // failure alike).
+    let v6 = args.ip_family.is_dual().then(Ipv6Ranges::default);
+    let _routes = match &v6 {
+        Some(v6) => {
+            let routes = LocalRoutes::add(&dir, v6)?;
+            step(&format!(
+                "dual-stack: IPv6 public IPs {}, VMs {}, services {}, pods {} (local routes on lo)",
+                v6.public_ip_range, v6.vm_ip_range, v6.service_cidr, v6.pod_cidr
+            ));
+            Some(routes)
+        }
+        None => None,
+    };
     let platform = ServedPlatform::start(&dir, &args, &creds, &ranges).await?;
     let url = platform.url.clone();
     step(&format!(
         "CloudRaya platform stand-in at {url} (cluster {}, {} worker VMs)",
         args.cluster_id, args.workers
     ));
-    let cluster = SandboxCluster::start(&dir, &args, &creds, &ranges, &url).await?;
+    let cluster = SandboxCluster::start(&dir, &args, &creds, &ranges, v6.as_ref(), &url).await?;
     let kubeconfig = cluster.kubeconfig.clone();
+    let (pods, services) = match &v6 {
+        Some(v6) => (
+            format!("{} and {}", ranges.pod_cidr, v6.pod_cidr),
+            format!("{} and {}", ranges.service_cidr, v6.service_cidr),
+        ),
+        None => (ranges.pod_cidr.to_string(), ranges.service_cidr.to_string()),
+    };
     step(&format!(
-        "cluster {}: {} nodes (pods in {}, services in {}){}",
+        "cluster {}: {} nodes (pods in {pods}, services in {services}){}",
         args.cluster_id,
         args.workers,
-        ranges.pod_cidr,
-        ranges.service_cidr,
         if args.no_ccm {
             ", no CCM"
         } else if args.external_ccm {
@@ -270,9 +303,15 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     } else {
         // "ready" means every part runs: a gateway that cannot start is an error.
         Some(
-            InProcessGateway::start(&kubeconfig, ranges.service_cidr, ranges.pod_cidr, args.gateway_replicas)
-                .await
-                .context("the WireGuard gateway cannot start; pass another --pod-cidr, or --no-gateway")?,
+            InProcessGateway::start(
+                &kubeconfig,
+                ranges.service_cidr,
+                v6.map(|v6| v6.service_cidr),
+                ranges.pod_cidr,
+                args.gateway_replicas,
+            )
+            .await
+            .context("the WireGuard gateway cannot start; pass another --pod-cidr, or --no-gateway")?,
         )
     };
     if let Some(gw) = gateway.as_mut() {
@@ -296,7 +335,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             step(&format!("gateway load balancer: {ip}:{GATEWAY_PORT}/udp"));
         }
     }
-    try_this::write_example(&dir)?;
+    try_this::write_example(&dir, args.ip_family.is_dual())?;
     // kube-proxy's listeners (ClusterIPs, NodePorts, health ports) all bound.
     let failures = cluster.cluster.wait_listeners(Duration::from_secs(5)).await;
     if !failures.is_empty() {
@@ -315,6 +354,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         cluster_id: args.cluster_id.clone(),
         started_at_unix: unix_now(),
         kubeconfig: Some(kubeconfig.clone()),
+        ip_family: args.ip_family,
         gateway_replicas: gateway
             .as_ref()
             .map(|g| g.replicas.iter().map(|r| r.record()).collect())
@@ -404,6 +444,9 @@ async fn up_detached(args: UpArgs) -> anyhow::Result<ExitCode> {
         cmd.arg("--no-gateway");
     }
     cmd.args(["--gateway-replicas", &args.gateway_replicas.to_string()]);
+    if args.ip_family.is_dual() {
+        cmd.args(["--ip-family", "dual"]);
+    }
     cmd.stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -471,6 +514,14 @@ async fn down(args: DownArgs) -> anyhow::Result<ExitCode> {
         println!("sandbox in {} stopped", dir.display());
     } else {
         println!("no sandbox is running in {}", dir.display());
+    }
+    // A dual-stack sandbox removes its routes as it stops; one that did not stop cleanly
+    // (killed) left them recorded.
+    if dir.exists() {
+        let removed = ipv6::remove_recorded(&dir)?;
+        if removed > 0 {
+            println!("removed the {removed} IPv6 local routes it left on lo");
+        }
     }
     if args.purge && dir.exists() {
         fs::remove_dir_all(&dir).with_context(|| format!("cannot delete {}", dir.display()))?;

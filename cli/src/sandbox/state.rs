@@ -25,6 +25,9 @@ pub struct Runtime {
     /// The sandbox cluster's kubeconfig.
     #[serde(default)]
     pub kubeconfig: Option<PathBuf>,
+    /// IPv4 only, or dual-stack (IPv6 ranges with local routes on lo).
+    #[serde(default)]
+    pub ip_family: super::IpFamily,
     /// The WireGuard gateway's replicas (none with `--no-gateway`).
     #[serde(default)]
     pub gateway_replicas: Vec<GatewayReplica>,

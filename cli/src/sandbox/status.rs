@@ -61,6 +61,7 @@ pub(super) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 "pid": rt.pid,
                 "platform_url": rt.platform_url,
                 "cluster_id": rt.cluster_id,
+                "ip_families": rt.ip_family.families(),
                 "platform": state.as_ref().ok(),
                 "platform_error": state.as_ref().err().map(|e| format!("{e:#}")),
                 "gateway_replicas": gateways,
@@ -69,7 +70,12 @@ pub(super) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         }
         OutputFormat::Table => {
             println!("sandbox running in {} (pid {})", dir.display(), rt.pid);
-            println!("platform API: {}   cluster: {}", rt.platform_url, rt.cluster_id);
+            println!(
+                "platform API: {}   cluster: {}   IP families: {}",
+                rt.platform_url,
+                rt.cluster_id,
+                rt.ip_family.families().join(", ")
+            );
             match &state {
                 Ok(state) => print_state_tables(state),
                 Err(e) => println!("the platform stand-in does not answer: {e:#}"),

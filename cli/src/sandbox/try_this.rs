@@ -47,9 +47,21 @@ spec:
     targetPort: 8080
 ";
 
-pub(super) fn write_example(dir: &Path) -> anyhow::Result<()> {
+/// `web.yaml` of a dual-stack sandbox: the Service asks for both families.
+fn example(dual: bool) -> String {
+    if dual {
+        EXAMPLE.replace(
+            "  type: LoadBalancer\n",
+            "  type: LoadBalancer\n  ipFamilyPolicy: PreferDualStack\n",
+        )
+    } else {
+        EXAMPLE.to_string()
+    }
+}
+
+pub(super) fn write_example(dir: &Path, dual: bool) -> anyhow::Result<()> {
     let path = dir.join(EXAMPLE_FILE);
-    fs::write(&path, EXAMPLE).with_context(|| format!("cannot write {}", path.display()))
+    fs::write(&path, example(dual)).with_context(|| format!("cannot write {}", path.display()))
 }
 
 pub(super) fn print_try_this(dir: &Path, args: &UpArgs, rt: &Runtime, gateway: Option<&InProcessGateway>) {
@@ -72,7 +84,16 @@ pub(super) fn print_try_this(dir: &Path, args: &UpArgs, rt: &Runtime, gateway: O
     } else {
         println!("  kubectl wait --for=jsonpath='{{.status.loadBalancer.ingress}}' service/web --timeout=30s");
         println!("  curl http://$(kubectl get service web -o jsonpath='{{.status.loadBalancer.ingress[0].ip}}')/");
+        if args.ip_family.is_dual() {
+            println!("  kubectl get service web -o jsonpath='{{.spec.clusterIPs}} {{.status.loadBalancer.ingress}}'");
+            println!(
+                "  curl -6 \"http://[$(kubectl get service web -o jsonpath='{{.status.loadBalancer.ingress[1].ip}}')]/\""
+            );
+        }
         println!("  kuberaya lb list");
+    }
+    if args.ip_family.is_dual() {
+        println!("  curl -6 \"http://[$(kubectl get service web -o jsonpath='{{.spec.clusterIPs[1]}}')]/\"");
     }
     if let Some(ip) = gateway.and_then(|g| g.public_ip.as_deref()) {
         println!();
@@ -92,5 +113,20 @@ pub(super) fn print_try_this(dir: &Path, args: &UpArgs, rt: &Runtime, gateway: O
         println!("Stop it with: kuberaya sandbox down{dir_flag}");
     } else {
         println!("Press Ctrl-C to stop it.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dual_stack_example_asks_for_both_families() {
+        assert!(!example(false).contains("ipFamilyPolicy"));
+        let dual = example(true);
+        assert!(
+            dual.contains("  type: LoadBalancer\n  ipFamilyPolicy: PreferDualStack\n"),
+            "{dual}"
+        );
     }
 }

@@ -25,19 +25,69 @@ pub const MANAGED_BY: &str = "endpointslice-controller.k8s.io";
 pub const MAX_ENDPOINTS: usize = 100;
 
 /// What one slice holds.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SliceContent {
+    /// `IPv4` or `IPv6`: a slice holds the addresses of one family (immutable once
+    /// written, as the API server keeps it).
+    pub address_type: String,
     pub ports: Vec<EndpointPort>,
     pub endpoints: Vec<Endpoint>,
+}
+
+impl Default for SliceContent {
+    fn default() -> Self {
+        Self {
+            address_type: IPV4.into(),
+            ports: Vec::new(),
+            endpoints: Vec::new(),
+        }
+    }
 }
 
 impl SliceContent {
     fn of(slice: &EndpointSlice) -> Self {
         normalize(SliceContent {
+            address_type: slice.address_type.clone(),
             ports: slice.ports.clone().unwrap_or_default(),
             endpoints: slice.endpoints.clone(),
         })
     }
+}
+
+const IPV4: &str = "IPv4";
+const IPV6: &str = "IPv6";
+
+/// The address families whose endpoints a Service gets slices for: its `ipFamilies`
+/// (IPv4 when unset), as the controller does.
+fn service_families(svc: &Service) -> Vec<String> {
+    let families: Vec<String> = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ip_families.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|f| f == IPV4 || f == IPV6)
+        .collect();
+    if families.is_empty() {
+        vec![IPV4.into()]
+    } else {
+        families
+    }
+}
+
+/// The pod's address of `family` (`status.podIPs`, else `status.podIP`).
+fn pod_address(pod: &Pod, family: &str) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    let listed = status.pod_ips.iter().flatten().map(|p| p.ip.clone());
+    let all: Vec<String> = listed
+        .chain(status.pod_ip.clone())
+        .filter(|ip| !ip.is_empty())
+        .collect();
+    all.into_iter().find(|ip| match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => family == IPV4,
+        Ok(std::net::IpAddr::V6(_)) => family == IPV6,
+        Err(_) => false,
+    })
 }
 
 /// Empty names as absent ones, so what the server returns compares equal to what we wrote.
@@ -72,14 +122,31 @@ fn resolve(port: &ServicePort, pod: &Pod) -> Option<i32> {
     }
 }
 
-/// The slices a Service should have given `pods`; `None` when the controller does not
-/// manage its endpoints (no selector, or ExternalName).
+/// The slices a Service should have given `pods`, per address family of the Service
+/// (its `ipFamilies` order); `None` when the controller does not manage its endpoints
+/// (no selector, or ExternalName).
 pub fn desired_slices(svc: &Service, pods: &[Arc<Pod>]) -> Option<Vec<SliceContent>> {
     let spec = svc.spec.as_ref()?;
-    let selector = spec.selector.as_ref().filter(|s| !s.is_empty())?;
+    spec.selector.as_ref().filter(|s| !s.is_empty())?;
     if spec.type_.as_deref() == Some("ExternalName") {
         return None;
     }
+    let mut out = Vec::new();
+    for family in service_families(svc) {
+        out.extend(family_slices(svc, pods, &family));
+    }
+    Some(out)
+}
+
+/// The slices of one address family: the matching pods' addresses of that family, or a
+/// placeholder (as the real controller, so consumers see "no endpoints").
+fn family_slices(svc: &Service, pods: &[Arc<Pod>], family: &str) -> Vec<SliceContent> {
+    let Some(spec) = svc.spec.as_ref() else {
+        return Vec::new();
+    };
+    let Some(selector) = spec.selector.as_ref() else {
+        return Vec::new();
+    };
     let namespace = svc.metadata.namespace.as_deref().unwrap_or_default();
     let publish_not_ready = spec.publish_not_ready_addresses == Some(true);
     let mut groups: BTreeMap<Vec<(String, String, i32)>, Vec<Endpoint>> = BTreeMap::new();
@@ -90,7 +157,7 @@ pub fn desired_slices(svc: &Service, pods: &[Arc<Pod>]) -> Option<Vec<SliceConte
     matching.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     for pod in matching {
         let status = pod.status.clone().unwrap_or_default();
-        let Some(ip) = status.pod_ip.clone().filter(|ip| !ip.is_empty()) else {
+        let Some(ip) = pod_address(pod, family) else {
             continue;
         };
         if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
@@ -145,16 +212,19 @@ pub fn desired_slices(svc: &Service, pods: &[Arc<Pod>]) -> Option<Vec<SliceConte
             .collect();
         for chunk in endpoints.chunks(MAX_ENDPOINTS) {
             out.push(normalize(SliceContent {
+                address_type: family.to_string(),
                 ports: ports.clone(),
                 endpoints: chunk.to_vec(),
             }));
         }
     }
     if out.is_empty() {
-        // As the real controller: one placeholder slice, so consumers see "no endpoints".
-        out.push(SliceContent::default());
+        out.push(SliceContent {
+            address_type: family.to_string(),
+            ..SliceContent::default()
+        });
     }
-    Some(out)
+    out
 }
 
 /// One write of the plan.
@@ -179,17 +249,17 @@ pub fn plan(existing: &[(String, SliceContent)], desired: Vec<SliceContent>) -> 
         }
     }
     let mut actions = Vec::new();
-    let mut free = free.into_iter();
     for want in rest {
-        match free.next() {
-            Some((name, _)) => actions.push(SliceAction::Update {
-                name: name.clone(),
+        // A slice's address type never changes: only one of the same family is reused.
+        match free.iter().position(|(_, have)| have.address_type == want.address_type) {
+            Some(i) => actions.push(SliceAction::Update {
+                name: free.remove(i).0.clone(),
                 content: want,
             }),
             None => actions.push(SliceAction::Create(want)),
         }
     }
-    actions.extend(free.map(|(name, _)| SliceAction::Delete(name.clone())));
+    actions.extend(free.into_iter().map(|(name, _)| SliceAction::Delete(name.clone())));
     actions
 }
 
@@ -233,7 +303,7 @@ fn new_slice(svc: &Service, name: String, content: &SliceContent) -> EndpointSli
             }]),
             ..ObjectMeta::default()
         },
-        address_type: "IPv4".into(),
+        address_type: content.address_type.clone(),
         endpoints: content.endpoints.clone(),
         ports: Some(api_ports(content)),
     }
@@ -546,6 +616,7 @@ mod tests {
     #[test]
     fn plan_keeps_equal_slices_reuses_others_and_deletes_the_rest() {
         let a = SliceContent {
+            address_type: IPV4.into(),
             ports: vec![],
             endpoints: vec![Endpoint {
                 addresses: vec!["1".into()],
@@ -553,6 +624,7 @@ mod tests {
             }],
         };
         let b = SliceContent {
+            address_type: IPV4.into(),
             ports: vec![],
             endpoints: vec![Endpoint {
                 addresses: vec!["2".into()],
@@ -560,6 +632,7 @@ mod tests {
             }],
         };
         let c = SliceContent {
+            address_type: IPV4.into(),
             ports: vec![],
             endpoints: vec![Endpoint {
                 addresses: vec!["3".into()],
@@ -593,5 +666,43 @@ mod tests {
         assert_eq!(slice.ports.as_ref().unwrap()[0].name.as_deref(), Some(""));
         assert_eq!(SliceContent::of(&slice), content, "what we write reads back equal");
         assert_eq!(managed(&slice), Some(("default".into(), "web".into())));
+    }
+
+    #[test]
+    fn a_dual_stack_service_gets_one_slice_per_family_in_its_order() {
+        let mut s = svc(&[("app", "web")], vec![sport(None, 80, None)]);
+        s.spec.as_mut().unwrap().ip_families = Some(vec!["IPv6".into(), "IPv4".into()]);
+        let mut a = (*pod("a", Some("127.244.1.1"), true, None)).clone();
+        a.status.as_mut().unwrap().pod_ips = Some(vec![
+            k8s_openapi::api::core::v1::PodIP {
+                ip: "127.244.1.1".into(),
+            },
+            k8s_openapi::api::core::v1::PodIP {
+                ip: "fd00:244:1::1".into(),
+            },
+        ]);
+        let slices = desired_slices(&s, &[Arc::new(a)]).unwrap();
+        let seen: Vec<(&str, &str)> = slices
+            .iter()
+            .map(|c| (c.address_type.as_str(), c.endpoints[0].addresses[0].as_str()))
+            .collect();
+        assert_eq!(seen, [("IPv6", "fd00:244:1::1"), ("IPv4", "127.244.1.1")]);
+        let written = new_slice(&s, "web-v6".into(), &slices[0]);
+        assert_eq!(written.address_type, "IPv6");
+        // Pods without an IPv6 address: the IPv6 family gets a placeholder.
+        let slices = desired_slices(&s, &[pod("b", Some("127.244.1.2"), true, None)]).unwrap();
+        assert_eq!(slices[0].address_type, "IPv6");
+        assert!(slices[0].endpoints.is_empty());
+        assert_eq!(slices[1].endpoints[0].addresses, ["127.244.1.2"]);
+        // A slice is reused only for its own family.
+        let existing = vec![("s4".to_string(), slices[1].clone())];
+        let moved = SliceContent {
+            address_type: "IPv6".into(),
+            ..slices[1].clone()
+        };
+        assert_eq!(
+            plan(&existing, vec![moved.clone()]),
+            vec![SliceAction::Create(moved), SliceAction::Delete("s4".into())]
+        );
     }
 }

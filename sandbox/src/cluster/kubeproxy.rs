@@ -16,7 +16,7 @@
 //! sockets match it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -169,13 +169,64 @@ fn proto_of(p: Option<&str>) -> Option<Proto> {
     }
 }
 
-/// The endpoints of `port` in `slices` (the Service's slices).
-fn port_endpoints(port: &ServicePort, slices: &[&EndpointSlice]) -> Vec<Endpoint> {
+/// An address family, as EndpointSlices' `addressType` and Services' `ipFamilies` name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+
+    fn of(ip: IpAddr) -> Family {
+        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
+    }
+}
+
+/// The Service's families (`ipFamilies`, IPv4 when unset): kube-proxy serves a family's
+/// NodePorts only for Services of that family, as each family's proxier does.
+fn service_families(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Vec<Family> {
+    let listed: Vec<Family> = spec
+        .ip_families
+        .iter()
+        .flatten()
+        .filter_map(|f| match f.as_str() {
+            "IPv4" => Some(Family::V4),
+            "IPv6" => Some(Family::V6),
+            _ => None,
+        })
+        .collect();
+    if listed.is_empty() { vec![Family::V4] } else { listed }
+}
+
+/// The Service's ClusterIPs (`clusterIPs`, else `clusterIP`); none when headless.
+fn cluster_ips(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Vec<IpAddr> {
+    let listed: Vec<IpAddr> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    if listed.is_empty() {
+        spec.cluster_ip.iter().filter_map(|ip| ip.parse().ok()).collect()
+    } else {
+        listed
+    }
+}
+
+/// The endpoints of `port` of `family` in `slices` (the Service's slices).
+fn port_endpoints(port: &ServicePort, slices: &[&EndpointSlice], family: Family) -> Vec<Endpoint> {
     let name = port.name.as_deref().unwrap_or("");
     let proto = proto_of(port.protocol.as_deref());
     let mut out = Vec::new();
     for slice in slices {
-        if slice.address_type != "IPv4" {
+        if slice.address_type != family.name() {
             continue;
         }
         let Some(target_port) = slice
@@ -190,13 +241,18 @@ fn port_endpoints(port: &ServicePort, slices: &[&EndpointSlice]) -> Vec<Endpoint
             continue;
         };
         for ep in &slice.endpoints {
-            let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<Ipv4Addr>().ok()) else {
+            let Some(ip) = ep
+                .addresses
+                .first()
+                .and_then(|a| a.parse::<IpAddr>().ok())
+                .filter(|ip| Family::of(*ip) == family)
+            else {
                 continue;
             };
             let c = ep.conditions.clone().unwrap_or_default();
             let ready = c.ready.unwrap_or(true);
             out.push(Endpoint {
-                addr: SocketAddr::new(IpAddr::V4(ip), number),
+                addr: SocketAddr::new(ip, number),
                 node: ep.node_name.clone(),
                 ready,
                 serving: c.serving.unwrap_or(ready),
@@ -252,12 +308,22 @@ pub fn desired(services: &[Arc<Service>], slices: &[Arc<EndpointSlice>], nodes: 
         }
     }
     let running: Vec<&LocalNode> = nodes.iter().filter(|n| n.running).collect();
+    // Each running node's address of each family.
+    let node_ips = |family: Family| -> Vec<(&LocalNode, IpAddr)> {
+        running
+            .iter()
+            .filter_map(|n| match family {
+                Family::V4 => Some((*n, IpAddr::V4(n.ip))),
+                Family::V6 => n.ipv6.map(|ip| (*n, IpAddr::V6(ip))),
+            })
+            .collect()
+    };
     let mut out = Desired::default();
-    for node in &running {
-        out.health.insert(
-            SocketAddr::new(IpAddr::V4(node.ip), PROXY_HEALTH_PORT),
-            HealthAnswer::Proxy,
-        );
+    for family in [Family::V4, Family::V6] {
+        for (_, ip) in node_ips(family) {
+            out.health
+                .insert(SocketAddr::new(ip, PROXY_HEALTH_PORT), HealthAnswer::Proxy);
+        }
     }
     for svc in services {
         let Some(spec) = svc.spec.as_ref() else { continue };
@@ -270,7 +336,8 @@ pub fn desired(services: &[Arc<Service>], slices: &[Arc<EndpointSlice>], nodes: 
             .get(&(namespace.clone(), name.clone()))
             .cloned()
             .unwrap_or_default();
-        let cluster_ip = spec.cluster_ip.as_deref().and_then(|ip| ip.parse::<Ipv4Addr>().ok());
+        let cluster_ips = cluster_ips(spec);
+        let families = service_families(spec);
         let local_policy = spec.external_traffic_policy.as_deref() == Some("Local");
         let affinity = affinity(svc);
         let mut local_counts: BTreeMap<&str, BTreeSet<IpAddr>> = BTreeMap::new();
@@ -279,37 +346,42 @@ pub fn desired(services: &[Arc<Service>], slices: &[Arc<EndpointSlice>], nodes: 
                 continue;
             };
             let Ok(number) = u16::try_from(port.port) else { continue };
-            let endpoints = port_endpoints(port, &svc_slices);
-            for node in &running {
-                let local_ready = endpoints
-                    .iter()
-                    .filter(|e| e.ready && e.node.as_deref() == Some(node.name.as_str()));
-                local_counts
-                    .entry(node.name.as_str())
-                    .or_default()
-                    .extend(local_ready.map(|e| e.addr.ip()));
-            }
-            if let Some(ip) = cluster_ip {
-                out.forwards.insert(
-                    (proto, SocketAddr::new(IpAddr::V4(ip), number)),
-                    Target {
-                        backends: usable(&endpoints, None),
-                        affinity,
-                    },
-                );
-            }
-            let Some(node_port) = port.node_port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else {
-                continue;
-            };
-            for node in &running {
-                let only = local_policy.then_some(node.name.as_str());
-                out.forwards.insert(
-                    (proto, SocketAddr::new(IpAddr::V4(node.ip), node_port)),
-                    Target {
-                        backends: usable(&endpoints, only),
-                        affinity,
-                    },
-                );
+            for &family in &families {
+                let endpoints = port_endpoints(port, &svc_slices, family);
+                // The health check counts the primary family's endpoints (one per pod).
+                if family == families[0] {
+                    for node in &running {
+                        let local_ready = endpoints
+                            .iter()
+                            .filter(|e| e.ready && e.node.as_deref() == Some(node.name.as_str()));
+                        local_counts
+                            .entry(node.name.as_str())
+                            .or_default()
+                            .extend(local_ready.map(|e| e.addr.ip()));
+                    }
+                }
+                for ip in cluster_ips.iter().filter(|ip| Family::of(**ip) == family) {
+                    out.forwards.insert(
+                        (proto, SocketAddr::new(*ip, number)),
+                        Target {
+                            backends: usable(&endpoints, None),
+                            affinity,
+                        },
+                    );
+                }
+                let Some(node_port) = port.node_port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else {
+                    continue;
+                };
+                for (node, ip) in node_ips(family) {
+                    let only = local_policy.then_some(node.name.as_str());
+                    out.forwards.insert(
+                        (proto, SocketAddr::new(ip, node_port)),
+                        Target {
+                            backends: usable(&endpoints, only),
+                            affinity,
+                        },
+                    );
+                }
             }
         }
         let hc_port = spec
@@ -317,10 +389,10 @@ pub fn desired(services: &[Arc<Service>], slices: &[Arc<EndpointSlice>], nodes: 
             .and_then(|p| u16::try_from(p).ok())
             .filter(|p| *p != 0);
         if let Some(hc_port) = hc_port.filter(|_| local_policy && spec.type_.as_deref() == Some("LoadBalancer")) {
-            for node in &running {
+            for (node, ip) in node_ips(Family::V4).into_iter().chain(node_ips(Family::V6)) {
                 let local_endpoints = local_counts.get(node.name.as_str()).map_or(0, BTreeSet::len);
                 out.health.insert(
-                    SocketAddr::new(IpAddr::V4(node.ip), hc_port),
+                    SocketAddr::new(ip, hc_port),
                     HealthAnswer::Service {
                         namespace: namespace.clone(),
                         name: name.clone(),
@@ -416,7 +488,7 @@ impl Proxy {
                         self.tasks.clone(),
                     ));
                 }),
-                Proto::Udp => bind_udp(key.1).map(|s| {
+                Proto::Udp => net::bind_udp(key.1).map(|s| {
                     self.tasks.spawn(net::forward_udp(
                         s,
                         Arc::clone(&route),
@@ -478,12 +550,6 @@ impl Proxy {
     }
 }
 
-fn bind_udp(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
-    let socket = std::net::UdpSocket::bind(addr)?;
-    socket.set_nonblocking(true)?;
-    tokio::net::UdpSocket::from_std(socket)
-}
-
 /// Keeps the listeners of every node (and the ClusterIPs) in line with the caches.
 pub(crate) async fn run(ctx: Arc<Context>) {
     let proxy = Arc::new(tokio::sync::Mutex::new(Proxy::default()));
@@ -509,6 +575,7 @@ mod tests {
     use k8s_openapi::api::core::v1::{ClientIPConfig, ServiceSpec, SessionAffinityConfig};
     use k8s_openapi::api::discovery::v1::{Endpoint as SliceEndpoint, EndpointConditions, EndpointPort};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use std::net::Ipv4Addr;
 
     fn svc(name: &str, type_: &str, ports: Vec<ServicePort>) -> Service {
         Service {
@@ -581,6 +648,8 @@ mod tests {
             running,
             ip: Ipv4Addr::new(127, 10, 0, last),
             pod_cidr: None,
+            ipv6: None,
+            pod_cidr_v6: None,
             registered: true,
         }
     }
@@ -781,5 +850,35 @@ mod tests {
     fn proxy_health_answers_healthz_only() {
         assert_eq!(HealthAnswer::Proxy.respond("/healthz").0, 200);
         assert_eq!(HealthAnswer::Proxy.respond("/other").0, 404);
+    }
+
+    #[test]
+    fn dual_stack_services_are_served_on_both_families_and_single_stack_ones_on_one() {
+        let mut dual = svc("web", "NodePort", vec![port("", "TCP", 80, Some(30080))]);
+        let spec = dual.spec.as_mut().unwrap();
+        spec.cluster_ips = Some(vec!["127.96.0.10".into(), "fd00:96::a".into()]);
+        spec.ip_families = Some(vec!["IPv4".into(), "IPv6".into()]);
+        let v4 = slice("web", &[("", "TCP", 8080)], vec![ep("127.244.1.1", "w1", true, false)]);
+        let mut v6 = (*slice(
+            "web",
+            &[("", "TCP", 8080)],
+            vec![ep("fd00:244:1::1", "w1", true, false)],
+        ))
+        .clone();
+        v6.address_type = "IPv6".into();
+        let mut nodes = three_nodes();
+        nodes[0].ipv6 = Some("fd00:10::1".parse().unwrap());
+        let single = svc("old", "NodePort", vec![port("", "TCP", 81, Some(30081))]);
+        let d = desired(&[Arc::new(dual), Arc::new(single)], &[v4, Arc::new(v6)], &nodes);
+        let backends = |a: &str| d.forwards[&(Proto::Tcp, sa(a))].backends.clone();
+        assert_eq!(backends("127.96.0.10:80"), vec![sa("127.244.1.1:8080")]);
+        assert_eq!(backends("[fd00:96::a]:80"), vec![sa("[fd00:244:1::1]:8080")]);
+        assert_eq!(backends("127.10.0.1:30080"), vec![sa("127.244.1.1:8080")]);
+        assert_eq!(backends("[fd00:10::1]:30080"), vec![sa("[fd00:244:1::1]:8080")]);
+        // An IPv4-only Service gets no IPv6 NodePort; nodes without IPv6 none either.
+        assert!(!d.forwards.contains_key(&(Proto::Tcp, sa("[fd00:10::1]:30081"))));
+        assert!(d.forwards.contains_key(&(Proto::Tcp, sa("127.10.0.1:30081"))));
+        assert_eq!(d.forwards.keys().filter(|(_, a)| a.is_ipv6()).count(), 2);
+        assert_eq!(d.health[&sa("[fd00:10::1]:10256")], HealthAnswer::Proxy);
     }
 }

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -85,6 +85,9 @@ pub struct ClusterOptions {
     pub no_ccm: bool,
     /// Pod IPs: node `i` (its `spec.podCIDR`) gets the `i`-th /24 of this range.
     pub pod_cidr: Ipv4Net,
+    /// Dual-stack: node `i` also gets the `i`-th /64 of this range (`fd00:244::/48`, so
+    /// `fd00:244:0:<i>::/64`), and each pod the address of its IPv4 address's offset there.
+    pub pod_cidr_v6: Option<Ipv6Net>,
     /// How often node agents renew their Lease (node status goes every 5th time).
     pub heartbeat: Duration,
     /// How often the platform's VM list is read.
@@ -98,6 +101,7 @@ impl Default for ClusterOptions {
         Self {
             no_ccm: false,
             pod_cidr: Ipv4Net::new(Ipv4Addr::new(127, 244, 0, 0), 16).expect("valid prefix length"),
+            pod_cidr_v6: None,
             heartbeat: Duration::from_secs(2),
             vm_poll: Duration::from_millis(500),
             resync: Duration::from_secs(2),

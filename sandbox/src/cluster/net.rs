@@ -37,16 +37,40 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause after a failed `accept` before the next.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Binds a TCP listener with `SO_REUSEADDR` (so a restart rebinds at once).
+/// Binds a TCP listener with `SO_REUSEADDR` (so a restart rebinds at once). An IPv6
+/// address is bound with `IPV6_FREEBIND`: the dual-stack sandbox's IPv6 ranges are `local`
+/// routes on `lo`, not addresses of an interface.
 pub(crate) fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)
+    if addr.is_ipv4() {
+        let socket = TcpSocket::new_v4()?;
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        return socket.listen(1024);
+    }
+    let socket = ipv6_socket(socket2::Type::STREAM, addr)?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Binds a UDP socket (IPv6 with `IPV6_FREEBIND`, as [`bind_tcp`]).
+pub(crate) fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    if addr.is_ipv4() {
+        let socket = std::net::UdpSocket::bind(addr)?;
+        socket.set_nonblocking(true)?;
+        return UdpSocket::from_std(socket);
+    }
+    let socket = ipv6_socket(socket2::Type::DGRAM, addr)?;
+    UdpSocket::from_std(socket.into())
+}
+
+fn ipv6_socket(ty: socket2::Type, addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV6, ty, None)?;
+    socket.set_only_v6(true)?;
+    socket.set_reuse_address(true)?;
+    socket.set_freebind_v6(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
 }
 
 /// Accepts until `cancel`, handing each connection to `handle` as a tracked task.
@@ -235,7 +259,11 @@ pub(crate) async fn forward_udp(socket: UdpSocket, route: Arc<Route>, cancel: Ca
 }
 
 fn connect_udp(backend: SocketAddr) -> std::io::Result<UdpSocket> {
-    let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    let any: SocketAddr = match backend {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = std::net::UdpSocket::bind(any)?;
     socket.connect(backend)?;
     socket.set_nonblocking(true)?;
     UdpSocket::from_std(socket)

@@ -13,11 +13,11 @@
 //!   with `no_ccm`, deletes it).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeSpec, Taint};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
@@ -46,6 +46,10 @@ pub struct LocalNode {
     pub ip: Ipv4Addr,
     /// `spec.podCIDR`, once the agent has registered the Node.
     pub pod_cidr: Option<Ipv4Net>,
+    /// The Node's IPv6 InternalIP once set, the VM's private IPv6 before (dual-stack).
+    pub ipv6: Option<Ipv6Addr>,
+    /// The IPv6 range of `spec.podCIDRs` (dual-stack).
+    pub pod_cidr_v6: Option<Ipv6Net>,
     /// The Node object exists.
     pub registered: bool,
 }
@@ -61,18 +65,33 @@ impl LocalNode {
                 .and_then(|n| n.spec.as_ref())
                 .and_then(|s| s.pod_cidr.as_deref())
                 .and_then(|c| c.parse().ok()),
+            ipv6: node_ipv6(node, vm),
+            pod_cidr_v6: node
+                .and_then(|n| n.spec.as_ref())
+                .and_then(|s| s.pod_cidrs.as_ref())
+                .and_then(|cs| cs.iter().find_map(|c| c.parse().ok())),
             registered: node.is_some(),
         }
     }
 }
 
-/// The address the node's processes use: its InternalIP when set, else the VM's private IP.
-pub fn node_ip(node: Option<&Node>, vm: &Vm) -> Ipv4Addr {
+fn internal_ips(node: Option<&Node>) -> impl Iterator<Item = &str> {
     node.and_then(|n| n.status.as_ref())
         .and_then(|s| s.addresses.as_ref())
-        .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
-        .and_then(|a| a.address.parse().ok())
-        .unwrap_or(vm.private_ip)
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP")
+        .map(|a| a.address.as_str())
+}
+
+/// The address the node's processes use: its InternalIP when set, else the VM's private IP.
+pub fn node_ip(node: Option<&Node>, vm: &Vm) -> Ipv4Addr {
+    internal_ips(node).find_map(|a| a.parse().ok()).unwrap_or(vm.private_ip)
+}
+
+/// The node's IPv6 address: its IPv6 InternalIP when set, else the VM's private IPv6.
+pub fn node_ipv6(node: Option<&Node>, vm: &Vm) -> Option<Ipv6Addr> {
+    internal_ips(node).find_map(|a| a.parse().ok()).or(vm.private_ipv6)
 }
 
 fn has_internal_ip(node: &Node) -> bool {
@@ -97,6 +116,24 @@ pub fn free_pod_cidr(range: Ipv4Net, taken: &BTreeSet<Ipv4Net>, preferred: usize
     subnets.find(|net| !taken.contains(net))
 }
 
+/// The IPv6 pod range of the node whose IPv4 pod range is `v4` (the `i`-th /24 of
+/// `v4_range`): the `i`-th /64 of `v6_range` (kube-controller-manager's default IPv6 node
+/// mask), so `127.244.3.0/24` pairs with `fd00:244:0:3::/64`.
+pub fn paired_pod_cidr_v6(v4: Ipv4Net, v4_range: Ipv4Net, v6_range: Ipv6Net) -> Option<Ipv6Net> {
+    let index = (u32::from(v4.network()).checked_sub(u32::from(v4_range.network()))? >> 8) as u128;
+    if v6_range.prefix_len() > 64 || index >> (64 - v6_range.prefix_len()) != 0 {
+        return None;
+    }
+    Ipv6Net::new(Ipv6Addr::from(u128::from(v6_range.network()) + (index << 64)), 64).ok()
+}
+
+/// The Node's `spec.podCIDRs`: IPv4, then IPv6 in a dual-stack cluster.
+fn pod_cidrs(v4: Ipv4Net, v6: Option<Ipv6Net>) -> Vec<String> {
+    std::iter::once(v4.to_string())
+        .chain(v6.map(|c| c.to_string()))
+        .collect()
+}
+
 /// Whether the Node's `Ready` condition is `True`.
 pub fn is_ready(node: &Node) -> bool {
     ready_condition(node).is_some_and(|c| c.status == "True")
@@ -111,8 +148,8 @@ fn ready_condition(node: &Node) -> Option<&NodeCondition> {
         .find(|c| c.type_ == "Ready")
 }
 
-/// A Node as a kubelet registers it.
-pub fn new_node(vm: &Vm, pod_cidr: Ipv4Net) -> Node {
+/// A Node as a kubelet registers it (with the node IPAM controller's pod ranges).
+pub fn new_node(vm: &Vm, pod_cidr: Ipv4Net, pod_cidr_v6: Option<Ipv6Net>) -> Node {
     let labels = BTreeMap::from([
         ("kubernetes.io/hostname".to_string(), vm.name.clone()),
         ("kubernetes.io/os".to_string(), "linux".to_string()),
@@ -129,7 +166,7 @@ pub fn new_node(vm: &Vm, pod_cidr: Ipv4Net) -> Node {
         },
         spec: Some(NodeSpec {
             pod_cidr: Some(pod_cidr.to_string()),
-            pod_cidrs: Some(vec![pod_cidr.to_string()]),
+            pod_cidrs: Some(pod_cidrs(pod_cidr, pod_cidr_v6)),
             taints: Some(vec![Taint {
                 key: UNINITIALIZED_TAINT.to_string(),
                 value: Some("true".to_string()),
@@ -277,7 +314,7 @@ async fn heartbeat(ctx: &Context, vm: &Vm, cidrs: &PodCidrs, state: &mut AgentSt
     let spec = node.spec.clone().unwrap_or_default();
     if spec.pod_cidr.is_none() {
         let cidr = allocate_cidr(ctx, cidrs, &vm.name)?;
-        let patch = json!({"spec": {"podCIDR": cidr.to_string(), "podCIDRs": [cidr.to_string()]}});
+        let patch = json!({"spec": {"podCIDR": cidr.to_string(), "podCIDRs": pod_cidrs(cidr, v6_cidr(ctx, cidr))}});
         api.patch(&vm.name, &pp, &Patch::Merge(patch)).await?;
     }
     if ctx.options.no_ccm {
@@ -286,12 +323,16 @@ async fn heartbeat(ctx: &Context, vm: &Vm, cidrs: &PodCidrs, state: &mut AgentSt
                 .await?;
             tracing::info!(node = %vm.name, "no CCM: removed the uninitialized taint");
         }
-        // As the CCM's node controller: the VM's private IP, kept current.
-        if node_ip(Some(&node), vm) != vm.private_ip || !has_internal_ip(&node) {
-            let addresses = json!([
-                {"type": "InternalIP", "address": vm.private_ip.to_string()},
-                {"type": "Hostname", "address": vm.name},
-            ]);
+        // As the CCM's node controller: the VM's private IPs (IPv4 first), kept current.
+        if node_ip(Some(&node), vm) != vm.private_ip
+            || node_ipv6(Some(&node), vm) != vm.private_ipv6
+            || !has_internal_ip(&node)
+        {
+            let mut addresses = vec![json!({"type": "InternalIP", "address": vm.private_ip.to_string()})];
+            if let Some(v6) = vm.private_ipv6 {
+                addresses.push(json!({"type": "InternalIP", "address": v6.to_string()}));
+            }
+            addresses.push(json!({"type": "Hostname", "address": vm.name}));
             api.patch_status(
                 &vm.name,
                 &pp,
@@ -365,9 +406,17 @@ fn allocate_cidr(ctx: &Context, cidrs: &PodCidrs, name: &str) -> Result<Ipv4Net>
     Ok(cidr)
 }
 
+/// The IPv6 pod range paired with `v4`, in a dual-stack cluster.
+fn v6_cidr(ctx: &Context, v4: Ipv4Net) -> Option<Ipv6Net> {
+    paired_pod_cidr_v6(v4, ctx.options.pod_cidr, ctx.options.pod_cidr_v6?)
+}
+
 async fn register(ctx: &Context, api: &Api<Node>, vm: &Vm, cidrs: &PodCidrs) -> Result<Node> {
     let cidr = allocate_cidr(ctx, cidrs, &vm.name)?;
-    match api.create(&PostParams::default(), &new_node(vm, cidr)).await {
+    match api
+        .create(&PostParams::default(), &new_node(vm, cidr, v6_cidr(ctx, cidr)))
+        .await
+    {
         Ok(node) => {
             tracing::info!(node = %vm.name, pod_cidr = %cidr, "node registered");
             Ok(node)
@@ -473,6 +522,7 @@ mod tests {
             name: name.into(),
             state: state.into(),
             private_ip: Ipv4Addr::from(ip),
+            private_ipv6: None,
             labels: BTreeMap::new(),
         }
     }
@@ -485,7 +535,7 @@ mod tests {
     #[test]
     fn registers_as_an_external_cloud_provider_kubelet() {
         let cidr: Ipv4Net = "127.244.1.0/24".parse().unwrap();
-        let node = new_node(&vm("w1", "running", [127, 10, 0, 2]), cidr);
+        let node = new_node(&vm("w1", "running", [127, 10, 0, 2]), cidr, None);
         assert_eq!(node.metadata.name.as_deref(), Some("w1"));
         let spec = node.spec.unwrap();
         let taints = spec.taints.unwrap();
@@ -504,7 +554,7 @@ mod tests {
         let v = vm("w1", "running", [127, 10, 0, 2]);
         assert_eq!(node_ip(None, &v), Ipv4Addr::new(127, 10, 0, 2));
         let node = with_status(
-            new_node(&v, "127.244.1.0/24".parse().unwrap()),
+            new_node(&v, "127.244.1.0/24".parse().unwrap(), None),
             NodeStatus {
                 addresses: Some(vec![
                     NodeAddress {
@@ -552,7 +602,7 @@ mod tests {
         let t1 = Time(k8s_openapi::jiff::Timestamp::from_second(2_000).unwrap());
         let first = conditions(None, true, &t0);
         let node = with_status(
-            new_node(&v, "127.244.1.0/24".parse().unwrap()),
+            new_node(&v, "127.244.1.0/24".parse().unwrap(), None),
             NodeStatus {
                 conditions: Some(first),
                 ..Default::default()
@@ -577,7 +627,11 @@ mod tests {
             effect: "NoSchedule".into(),
             time_added: None,
         };
-        let node = new_node(&vm("w1", "running", [127, 10, 0, 2]), "127.244.1.0/24".parse().unwrap());
+        let node = new_node(
+            &vm("w1", "running", [127, 10, 0, 2]),
+            "127.244.1.0/24".parse().unwrap(),
+            None,
+        );
         let mut taints = node.spec.unwrap().taints.unwrap();
         taints.push(other.clone());
         assert_eq!(without_uninitialized(&taints), Some(vec![other.clone()]));
@@ -589,10 +643,31 @@ mod tests {
         let v = vm("w2", "stopped", [127, 10, 0, 3]);
         let ln = LocalNode::new(&v, None);
         assert!(!ln.running && !ln.registered && ln.pod_cidr.is_none());
-        let node = new_node(&v, "127.244.2.0/24".parse().unwrap());
+        let node = new_node(&v, "127.244.2.0/24".parse().unwrap(), None);
         let ln = LocalNode::new(&v, Some(&node));
         assert!(ln.registered);
         assert_eq!(ln.pod_cidr, Some("127.244.2.0/24".parse().unwrap()));
         assert_eq!(ln.ip, Ipv4Addr::new(127, 10, 0, 3));
+    }
+
+    #[test]
+    fn ipv6_pod_ranges_pair_with_the_ipv4_ones() {
+        let v4: Ipv4Net = "127.244.0.0/16".parse().unwrap();
+        let v6: Ipv6Net = "fd00:244::/48".parse().unwrap();
+        let pair = |c: &str| paired_pod_cidr_v6(c.parse().unwrap(), v4, v6).map(|n| n.to_string());
+        assert_eq!(pair("127.244.3.0/24").as_deref(), Some("fd00:244:0:3::/64"));
+        assert_eq!(pair("127.244.255.0/24").as_deref(), Some("fd00:244:0:ff::/64"));
+        assert_eq!(pair("127.243.0.0/24"), None, "outside the IPv4 range");
+        let node = new_node(
+            &vm("w1", "running", [127, 10, 0, 2]),
+            "127.244.1.0/24".parse().unwrap(),
+            Some("fd00:244:0:1::/64".parse().unwrap()),
+        );
+        let spec = node.spec.unwrap();
+        assert_eq!(spec.pod_cidr.as_deref(), Some("127.244.1.0/24"));
+        assert_eq!(
+            spec.pod_cidrs,
+            Some(vec!["127.244.1.0/24".to_string(), "fd00:244:0:1::/64".to_string()])
+        );
     }
 }

@@ -13,11 +13,11 @@
 //! ready and do not answer.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::{Value, json};
@@ -54,6 +54,40 @@ pub fn allocate_ip(cidr: Ipv4Net, used: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr>
     cidr.hosts().find(|ip| !used.contains(ip))
 }
 
+/// A pod's (or its node's) addresses: IPv4, and IPv6 in a dual-stack cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Addresses {
+    pub v4: Ipv4Addr,
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl From<Ipv4Addr> for Addresses {
+    fn from(v4: Ipv4Addr) -> Self {
+        Self { v4, v6: None }
+    }
+}
+
+impl Addresses {
+    /// IPv4 first, as `status.podIPs` and `hostIPs` list them.
+    pub fn all(&self) -> Vec<IpAddr> {
+        std::iter::once(IpAddr::V4(self.v4))
+            .chain(self.v6.map(IpAddr::V6))
+            .collect()
+    }
+
+    fn listed(&self) -> Vec<Value> {
+        self.all().iter().map(|ip| json!({"ip": ip.to_string()})).collect()
+    }
+}
+
+/// The IPv6 address paired with the pod's IPv4 one: the same offset in the node's IPv6
+/// pod range (`127.244.3.7` → `fd00:244:0:3::7`).
+pub fn paired_ipv6(v4: Ipv4Addr, cidr: Ipv4Net, cidr_v6: Ipv6Net) -> Option<Ipv6Addr> {
+    let offset = u32::from(v4).checked_sub(u32::from(cidr.network()))?;
+    let ip = Ipv6Addr::from(u128::from(cidr_v6.network()) + u128::from(offset));
+    cidr_v6.contains(&ip).then_some(ip)
+}
+
 /// The HTTP body a pod's responder answers with.
 pub fn http_body(pod: &str, namespace: &str, node: &str) -> String {
     format!("pod={pod} namespace={namespace} node={node}\n")
@@ -81,7 +115,8 @@ fn declared_ports(pod: &Pod) -> Vec<(bool, u16)> {
 }
 
 /// The status a kubelet reports for a running pod; transition times kept when unchanged.
-pub fn desired_status(pod: &Pod, ip: Ipv4Addr, host_ip: Ipv4Addr, ready: bool) -> Value {
+pub fn desired_status(pod: &Pod, ip: impl Into<Addresses>, host_ip: impl Into<Addresses>, ready: bool) -> Value {
+    let (ip, host_ip): (Addresses, Addresses) = (ip.into(), host_ip.into());
     let ts = now();
     let old = pod.status.clone().unwrap_or_default();
     let since = |t: &str, status: &str| {
@@ -121,10 +156,10 @@ pub fn desired_status(pod: &Pod, ip: Ipv4Addr, host_ip: Ipv4Addr, ready: bool) -
         .collect();
     json!({
         "phase": "Running",
-        "podIP": ip.to_string(),
-        "podIPs": [{"ip": ip.to_string()}],
-        "hostIP": host_ip.to_string(),
-        "hostIPs": [{"ip": host_ip.to_string()}],
+        "podIP": ip.v4.to_string(),
+        "podIPs": ip.listed(),
+        "hostIP": host_ip.v4.to_string(),
+        "hostIPs": host_ip.listed(),
         "startTime": started,
         "qosClass": old.qos_class.clone().unwrap_or_else(|| "BestEffort".into()),
         "conditions": [
@@ -139,13 +174,20 @@ pub fn desired_status(pod: &Pod, ip: Ipv4Addr, host_ip: Ipv4Addr, ready: bool) -
 }
 
 /// Whether the pod's status differs from what the kubelet reports (times aside).
-pub fn needs_status(pod: &Pod, ip: Ipv4Addr, host_ip: Ipv4Addr, ready: bool) -> bool {
+pub fn needs_status(pod: &Pod, ip: impl Into<Addresses>, host_ip: impl Into<Addresses>, ready: bool) -> bool {
+    let (ip, host_ip): (Addresses, Addresses) = (ip.into(), host_ip.into());
     let Some(s) = pod.status.as_ref() else { return true };
+    let listed = |l: &Option<Vec<String>>| l.clone().unwrap_or_default();
+    let pod_ips = listed(&s.pod_ips.as_ref().map(|l| l.iter().map(|p| p.ip.clone()).collect()));
+    let host_ips = listed(&s.host_ips.as_ref().map(|l| l.iter().map(|p| p.ip.clone()).collect()));
+    let text = |a: &Addresses| a.all().iter().map(ToString::to_string).collect::<Vec<_>>();
     let containers = pod.spec.as_ref().map_or(0, |s| s.containers.len());
     let statuses = s.container_statuses.as_deref().unwrap_or_default();
     s.phase.as_deref() != Some("Running")
-        || s.pod_ip.as_deref() != Some(ip.to_string().as_str())
-        || s.host_ip.as_deref() != Some(host_ip.to_string().as_str())
+        || s.pod_ip.as_deref() != Some(ip.v4.to_string().as_str())
+        || s.host_ip.as_deref() != Some(host_ip.v4.to_string().as_str())
+        || pod_ips != text(&ip)
+        || host_ips != text(&host_ip)
         || is_ready(pod) != ready
         || statuses.len() != containers
         || statuses.iter().any(|c| c.ready != ready)
@@ -153,7 +195,7 @@ pub fn needs_status(pod: &Pod, ip: Ipv4Addr, host_ip: Ipv4Addr, ready: bool) -> 
 
 /// One pod's running responders.
 struct Responders {
-    ip: Ipv4Addr,
+    ip: Addresses,
     ports: Vec<(bool, u16)>,
     echo_only: bool,
     cancel: CancellationToken,
@@ -271,19 +313,27 @@ impl Kubelet {
                 return Ok(());
             }
         };
+        let ip = Addresses {
+            v4: ip,
+            v6: node.pod_cidr_v6.and_then(|v6| paired_ipv6(ip, cidr, v6)),
+        };
+        let host = Addresses {
+            v4: node.ip,
+            v6: node.ipv6,
+        };
         if node.running {
             self.ensure_responders(pod, uid, ip, &node.name);
         } else {
             self.stop(uid);
         }
         let ready = wants_ready(pod, node.running);
-        if needs_status(pod, ip, node.ip, ready) {
-            let status = desired_status(pod, ip, node.ip, ready);
+        if needs_status(pod, ip, host, ready) {
+            let status = desired_status(pod, ip, host, ready);
             match api
                 .patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": status})))
                 .await
             {
-                Ok(_) => tracing::debug!(pod = %name, %ip, ready, "pod status"),
+                Ok(_) => tracing::debug!(pod = %name, ip = ?ip.all(), ready, "pod status"),
                 Err(e) if is_not_found(&e) => self.stop(uid),
                 Err(e) => return Err(e.into()),
             }
@@ -317,7 +367,7 @@ impl Kubelet {
         Some(ip)
     }
 
-    fn ensure_responders(&mut self, pod: &Pod, uid: &str, ip: Ipv4Addr, node: &str) {
+    fn ensure_responders(&mut self, pod: &Pod, uid: &str, ip: Addresses, node: &str) {
         let ports = declared_ports(pod);
         let echo_only = pod
             .metadata
@@ -343,15 +393,16 @@ impl Kubelet {
         ));
         let prefix = Arc::new(format!("pod={name} ").into_bytes());
         let cancel = CancellationToken::new();
-        for &(udp, port) in &ports {
-            let addr = SocketAddr::new(IpAddr::V4(ip), port);
+        // Every declared port on each of the pod's addresses.
+        let listen: Vec<(bool, SocketAddr)> = ports
+            .iter()
+            .flat_map(|&(udp, port)| ip.all().into_iter().map(move |a| (udp, SocketAddr::new(a, port))))
+            .collect();
+        for (udp, addr) in listen {
             let started = if udp {
-                std::net::UdpSocket::bind(addr)
-                    .and_then(|s| s.set_nonblocking(true).map(|()| s))
-                    .and_then(tokio::net::UdpSocket::from_std)
-                    .map(|s| {
-                        self.tasks.spawn(udp_echo(s, Arc::clone(&prefix), cancel.clone()));
-                    })
+                net::bind_udp(addr).map(|s| {
+                    self.tasks.spawn(udp_echo(s, Arc::clone(&prefix), cancel.clone()));
+                })
             } else {
                 net::bind_tcp(addr).map(|l| {
                     let identity = Arc::clone(&identity);
@@ -370,7 +421,7 @@ impl Kubelet {
             }
         }
         self.failed.remove(uid);
-        tracing::debug!(pod = %name, %ip, ports = ports.len(), "pod responders started");
+        tracing::debug!(pod = %name, ip = ?ip.all(), ports = ports.len(), "pod responders started");
         self.running.insert(
             uid.to_string(),
             Responders {
@@ -562,5 +613,33 @@ mod tests {
             .unwrap();
         assert_eq!(&buf[..n], b"pod=web-1 ping");
         cancel.cancel();
+    }
+
+    #[test]
+    fn dual_stack_pods_list_both_addresses_ipv4_first() {
+        let cidr: Ipv4Net = "127.244.3.0/24".parse().unwrap();
+        let v6: Ipv6Net = "fd00:244:0:3::/64".parse().unwrap();
+        let ip6 = paired_ipv6(Ipv4Addr::new(127, 244, 3, 7), cidr, v6).unwrap();
+        assert_eq!(ip6, "fd00:244:0:3::7".parse::<Ipv6Addr>().unwrap());
+        let ip = Addresses {
+            v4: Ipv4Addr::new(127, 244, 3, 7),
+            v6: Some(ip6),
+        };
+        let host = Addresses {
+            v4: Ipv4Addr::new(127, 10, 0, 3),
+            v6: Some("fd00:10::3".parse().unwrap()),
+        };
+        let mut p = pod(&[], &[(80, "TCP")]);
+        let status = desired_status(&p, ip, host, true);
+        assert_eq!(status["podIP"], "127.244.3.7");
+        assert_eq!(
+            status["podIPs"],
+            json!([{"ip": "127.244.3.7"}, {"ip": "fd00:244:0:3::7"}])
+        );
+        assert_eq!(status["hostIPs"], json!([{"ip": "127.10.0.3"}, {"ip": "fd00:10::3"}]));
+        p.status = Some(serde_json::from_value(status).unwrap());
+        assert!(!needs_status(&p, ip, host, true));
+        // A pod reported with its IPv4 address only is updated once the node has IPv6.
+        assert!(needs_status(&p, ip.v4, host, true));
     }
 }

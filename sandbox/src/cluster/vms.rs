@@ -5,7 +5,7 @@
 //! A small client of its own, written from the contract document: the sandbox never
 //! imports the CCM's platform client.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -45,6 +45,9 @@ pub struct Vm {
     pub name: String,
     pub state: String,
     pub private_ip: Ipv4Addr,
+    /// In a cluster whose platform subnet has IPv6 (`docs/platform-api.md`).
+    #[serde(default)]
+    pub private_ipv6: Option<Ipv6Addr>,
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
 }

@@ -2,12 +2,12 @@
 //! strategies do them. Pure functions over objects; the store supplies what is in use.
 
 use super::registry::ResourceType;
+use super::service_ips::{self, ServiceCidrs};
 use super::status::Cause;
 use super::util::{dns1123_label_errors, dns1123_subdomain_errors, label_key_ok, label_value_ok};
-use ipnet::Ipv4Net;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 pub const NODE_PORT_MIN: u16 = 30000;
 pub const NODE_PORT_MAX: u16 = 32767;
@@ -15,7 +15,7 @@ pub const NODE_PORT_MAX: u16 = 32767;
 /// What other Services already hold.
 #[derive(Debug, Default)]
 pub struct InUse {
-    pub ips: BTreeSet<Ipv4Addr>,
+    pub ips: BTreeSet<IpAddr>,
     pub node_ports: BTreeSet<u16>,
 }
 
@@ -80,17 +80,9 @@ pub fn validate_meta(rt: &ResourceType, obj: &Value) -> Vec<Cause> {
     causes
 }
 
-/// Go's `%#v` of a `[]string`, as the real messages print Service IP lists.
-fn go_strings(v: &[String]) -> String {
-    format!(
-        "[]string{{{}}}",
-        v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
-    )
-}
-
 /// Service defaulting, validation and allocation (clusterIP, nodePorts,
 /// healthCheckNodePort). `old` is the stored Service on update.
-pub fn service(old: Option<&Value>, svc: &mut Value, cidr: Ipv4Net, in_use: &InUse) -> Result<(), Vec<Cause>> {
+pub fn service(old: Option<&Value>, svc: &mut Value, cidrs: &ServiceCidrs, in_use: &InUse) -> Result<(), Vec<Cause>> {
     let mut causes = Vec::new();
     if !svc.get("spec").is_some_and(Value::is_object) {
         svc["spec"] = json!({});
@@ -146,78 +138,13 @@ pub fn service(old: Option<&Value>, svc: &mut Value, cidr: Ipv4Net, in_use: &InU
         {
             causes.push(Cause::required("spec.externalName"));
         }
-        if let Some(m) = spec.as_object_mut() {
-            m.remove("clusterIP");
-            m.remove("clusterIPs");
-        }
+        service_ips::drop_for_external_name(spec);
         return if causes.is_empty() { Ok(()) } else { Err(causes) };
     }
-    // Cluster IP: kept from the stored object, immutable, allocated from the range.
-    let old_ip = old_spec.get("clusterIP").and_then(Value::as_str).map(str::to_string);
-    let mut ip = spec
-        .get("clusterIP")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
-    if ip.is_empty()
-        && let Some(first) = spec.pointer("/clusterIPs/0").and_then(Value::as_str)
-    {
-        ip = first.to_string();
+    if let Err(c) = service_ips::apply(&old_spec, spec, cidrs, &in_use.ips) {
+        causes.extend(c);
     }
-    match (&old_ip, ip.is_empty()) {
-        (Some(o), true) if !o.is_empty() => ip = o.clone(),
-        (Some(o), false) if !o.is_empty() && *o != ip => {
-            causes.push(Cause::invalid_raw(
-                "spec.clusterIPs[0]",
-                &go_strings(std::slice::from_ref(&ip)),
-                "may not change once set",
-            ));
-        }
-        _ => {}
-    }
-    let headless = ip == "None";
-    if !headless && old_ip.as_deref() != Some(ip.as_str()) {
-        if ip.is_empty() {
-            match allocate_ip(cidr, &in_use.ips) {
-                Some(a) => ip = a.to_string(),
-                None => causes.push(Cause::invalid(
-                    "spec.clusterIPs",
-                    &json!(""),
-                    "failed to allocate IP: range is full",
-                )),
-            }
-        } else {
-            match ip.parse::<Ipv4Addr>() {
-                Err(_) => causes.push(Cause::invalid("spec.clusterIPs[0]", &json!(ip), "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)")),
-                Ok(a) if !cidr.contains(&a) || a == cidr.network() || a == cidr.broadcast() => causes.push(Cause::invalid_raw(
-                    "spec.clusterIPs",
-                    &go_strings(std::slice::from_ref(&ip)),
-                    &format!("failed to allocate IP {ip}: the provided IP ({ip}) is not in the valid range. The range of valid IPs is {cidr}"),
-                )),
-                Ok(a) if in_use.ips.contains(&a) => causes.push(Cause::invalid_raw(
-                    "spec.clusterIPs",
-                    &go_strings(std::slice::from_ref(&ip)),
-                    &format!("failed to allocate IP {ip}: provided IP is already allocated"),
-                )),
-                Ok(_) => {}
-            }
-        }
-    }
-    spec["clusterIP"] = json!(ip);
-    spec["clusterIPs"] = json!([ip]);
-    if !headless {
-        spec["ipFamilies"] = json!(["IPv4"]);
-        if spec.get("ipFamilyPolicy").is_none() {
-            spec["ipFamilyPolicy"] = json!("SingleStack");
-        }
-    } else {
-        if spec.get("ipFamilies").is_none() {
-            spec["ipFamilies"] = json!(["IPv4"]);
-        }
-        if spec.get("ipFamilyPolicy").is_none() {
-            spec["ipFamilyPolicy"] = json!("SingleStack");
-        }
-    }
+    let headless = spec.get("clusterIP").and_then(Value::as_str) == Some("None");
     if spec.get("internalTrafficPolicy").is_none() {
         spec["internalTrafficPolicy"] = json!("Cluster");
     }
@@ -370,11 +297,6 @@ fn check_node_port(p: i64, field: &str, taken: &mut BTreeSet<u16>, causes: &mut 
     } else if !taken.insert(p as u16) {
         causes.push(Cause::invalid(field, &json!(p), "provided port is already allocated"));
     }
-}
-
-/// First free address of the range (network and broadcast excluded).
-pub fn allocate_ip(cidr: Ipv4Net, used: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> {
-    cidr.hosts().find(|a| !used.contains(a))
 }
 
 /// A free node port; random start like the real allocator, then linear probe.
@@ -763,14 +685,14 @@ pub fn crd_status(crd: &mut Value) {
 mod tests {
     use super::*;
 
-    fn cidr() -> Ipv4Net {
-        "127.96.0.0/16".parse().unwrap()
+    fn cidr() -> ServiceCidrs {
+        ServiceCidrs::parse("127.96.0.0/16").unwrap()
     }
 
     #[test]
     fn service_defaults_and_allocation() {
         let mut s = json!({"metadata": {"name": "s"}, "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local", "ports": [{"port": 80}]}});
-        service(None, &mut s, cidr(), &InUse::default()).unwrap();
+        service(None, &mut s, &cidr(), &InUse::default()).unwrap();
         let spec = &s["spec"];
         assert_eq!(spec["clusterIP"], "127.96.0.1");
         assert_eq!(spec["ports"][0]["protocol"], "TCP");
@@ -790,7 +712,7 @@ mod tests {
         in_use.node_ports.insert(30080);
         in_use.ips.insert("127.96.0.10".parse().unwrap());
         let mut s = json!({"spec": {"type": "NodePort", "clusterIP": "127.96.0.10", "ports": [{"port": 80, "nodePort": 30080}]}});
-        let causes = service(None, &mut s, cidr(), &in_use).unwrap_err();
+        let causes = service(None, &mut s, &cidr(), &in_use).unwrap_err();
         assert_eq!(causes.len(), 2);
         assert!(
             causes[0].text().contains("provided IP is already allocated"),
@@ -802,27 +724,27 @@ mod tests {
             "spec.ports[0].nodePort: Invalid value: 30080: provided port is already allocated"
         );
         let mut ok = json!({"spec": {"type": "NodePort", "ports": [{"port": 80, "nodePort": 30081}]}});
-        service(None, &mut ok, cidr(), &in_use).unwrap();
+        service(None, &mut ok, &cidr(), &in_use).unwrap();
         assert_eq!(ok["spec"]["ports"][0]["nodePort"], 30081);
         let mut out = json!({"spec": {"type": "NodePort", "ports": [{"port": 80, "nodePort": 80}]}});
-        assert!(service(None, &mut out, cidr(), &in_use).is_err());
+        assert!(service(None, &mut out, &cidr(), &in_use).is_err());
     }
 
     #[test]
     fn service_immutable_fields_and_headless() {
         let mut s = json!({"spec": {"type": "LoadBalancer", "loadBalancerClass": "a", "ports": [{"port": 80}]}});
-        service(None, &mut s, cidr(), &InUse::default()).unwrap();
+        service(None, &mut s, &cidr(), &InUse::default()).unwrap();
         let old = s.clone();
         let mut new = json!({"spec": {"type": "LoadBalancer", "loadBalancerClass": "a", "ports": [{"port": 80}]}});
-        service(Some(&old), &mut new, cidr(), &InUse::default()).unwrap();
+        service(Some(&old), &mut new, &cidr(), &InUse::default()).unwrap();
         assert_eq!(new["spec"]["clusterIP"], old["spec"]["clusterIP"]);
         assert_eq!(new["spec"]["ports"][0]["nodePort"], old["spec"]["ports"][0]["nodePort"]);
         let mut changed = json!({"spec": {"type": "LoadBalancer", "loadBalancerClass": "b", "clusterIP": "127.96.0.99", "ports": [{"port": 80}]}});
-        let causes = service(Some(&old), &mut changed, cidr(), &InUse::default()).unwrap_err();
+        let causes = service(Some(&old), &mut changed, &cidr(), &InUse::default()).unwrap_err();
         assert!(causes.iter().any(|c| c.field == "spec.loadBalancerClass"));
         assert!(causes.iter().any(|c| c.field == "spec.clusterIPs[0]"));
         let mut headless = json!({"spec": {"clusterIP": "None", "selector": {"a": "b"}}});
-        service(None, &mut headless, cidr(), &InUse::default()).unwrap();
+        service(None, &mut headless, &cidr(), &InUse::default()).unwrap();
         assert_eq!(headless["spec"]["clusterIPs"], json!(["None"]));
     }
 
@@ -841,10 +763,10 @@ mod tests {
     fn service_type_changes_release_ports() {
         let mut lb =
             json!({"spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local", "ports": [{"port": 80}]}});
-        service(None, &mut lb, cidr(), &InUse::default()).unwrap();
+        service(None, &mut lb, &cidr(), &InUse::default()).unwrap();
         let mut back = lb.clone();
         back["spec"]["type"] = json!("ClusterIP");
-        service(Some(&lb), &mut back, cidr(), &InUse::default()).unwrap();
+        service(Some(&lb), &mut back, &cidr(), &InUse::default()).unwrap();
         let spec = &back["spec"];
         assert!(spec["ports"][0].get("nodePort").is_none(), "{spec}");
         assert!(spec.get("healthCheckNodePort").is_none());
@@ -853,15 +775,15 @@ mod tests {
         assert_eq!(spec["clusterIP"], lb["spec"]["clusterIP"]);
         let mut no_alloc =
             json!({"spec": {"type": "LoadBalancer", "allocateLoadBalancerNodePorts": false, "ports": [{"port": 80}]}});
-        service(None, &mut no_alloc, cidr(), &InUse::default()).unwrap();
+        service(None, &mut no_alloc, &cidr(), &InUse::default()).unwrap();
         assert!(no_alloc["spec"]["ports"][0].get("nodePort").is_none());
         let mut bad = json!({"spec": {"type": "Weird", "ports": [{"port": 80}]}});
         assert_eq!(
-            service(None, &mut bad, cidr(), &InUse::default()).unwrap_err()[0].field,
+            service(None, &mut bad, &cidr(), &InUse::default()).unwrap_err()[0].field,
             "spec.type"
         );
         let mut two = json!({"spec": {"ports": [{"port": 80}, {"port": 81}]}});
-        let causes = service(None, &mut two, cidr(), &InUse::default()).unwrap_err();
+        let causes = service(None, &mut two, &cidr(), &InUse::default()).unwrap_err();
         assert_eq!(causes[0].text(), "spec.ports[0].name: Required value");
     }
 

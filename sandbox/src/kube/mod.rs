@@ -19,6 +19,7 @@ mod rbac;
 mod registry;
 mod schema;
 mod selectors;
+pub mod service_ips;
 mod status;
 mod store;
 mod table;
@@ -30,6 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+pub use service_ips::ServiceCidrs;
 pub use status::ApiError;
 use store::Store;
 
@@ -60,8 +62,9 @@ pub enum Error {
 pub struct KubeApiConfig {
     /// Where certificates, the admin token and the objects are kept.
     pub state_dir: PathBuf,
-    /// Service ClusterIP range (the sandbox default is `127.96.0.0/16`).
-    pub service_cidr: ipnet::Ipv4Net,
+    /// Service ClusterIP ranges, primary first (the sandbox default is `127.96.0.0/16`;
+    /// dual-stack adds `fd00:96::/112`).
+    pub service_cidrs: ServiceCidrs,
     /// HTTPS (the default); plain HTTP only when false.
     pub tls: bool,
     /// The admin bearer token; generated and kept in the state dir when None.
@@ -73,7 +76,7 @@ impl KubeApiConfig {
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
         KubeApiConfig {
             state_dir: state_dir.into(),
-            service_cidr: "127.96.0.0/16".parse().expect("valid default range"),
+            service_cidrs: "127.96.0.0/16".parse().expect("valid default range"),
             tls: true,
             admin_token: None,
         }
@@ -124,13 +127,13 @@ impl KubeApi {
             }
         };
         let (pki, tls) = if config.tls {
-            let pki = tls::load_or_create(&config.state_dir, config.service_cidr.hosts().next())?;
+            let pki = tls::load_or_create(&config.state_dir, config.service_cidrs.first_address())?;
             let cfg = tls::server_config(&pki)?;
             (Some(pki), Some(cfg))
         } else {
             (None, None)
         };
-        let mut store = Store::new(config.service_cidr, HISTORY);
+        let mut store = Store::new(config.service_cidrs.clone(), HISTORY);
         let state_path = config.state_dir.join(STATE_FILE);
         let journal_path = config.state_dir.join(JOURNAL_FILE);
         let snapshot = std::fs::read(&state_path).ok();

@@ -13,7 +13,7 @@ pub struct Pki {
     pub key_pem: String,
 }
 
-fn generate(service_ip: Option<std::net::Ipv4Addr>) -> Result<Pki, rcgen::Error> {
+fn generate(service_ip: Option<std::net::IpAddr>) -> Result<Pki, rcgen::Error> {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     };
@@ -60,7 +60,7 @@ fn generate(service_ip: Option<std::net::Ipv4Addr>) -> Result<Pki, rcgen::Error>
 
 /// Loads the PKI from `dir`, creating it on first start.
 /// `service_ip`: the `kubernetes` Service's ClusterIP, named in a new certificate.
-pub fn load_or_create(dir: &Path, service_ip: Option<std::net::Ipv4Addr>) -> Result<Pki, super::Error> {
+pub fn load_or_create(dir: &Path, service_ip: Option<std::net::IpAddr>) -> Result<Pki, super::Error> {
     let (ca, crt, key) = (dir.join("ca.crt"), dir.join("apiserver.crt"), dir.join("apiserver.key"));
     if ca.exists() && crt.exists() && key.exists() {
         return Ok(Pki {

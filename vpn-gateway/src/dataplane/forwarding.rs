@@ -21,6 +21,30 @@
 //! interfaces before any container starts, and the TUN device exists before [`enable`]
 //! runs. Outside a pod, an interface added after the gateway started would need forwarding
 //! set by whoever adds it.
+//!
+//! ## IPv6 ([`enable_v6`])
+//!
+//! IPv6 has no such netlink switch. The kernel's `ip6_forward` forwards only when
+//! `net.ipv6.conf.all.forwarding` is 1 or (Linux 6.17 and later) the *input* interface has
+//! `net.ipv6.conf.<if>.force_forwarding` set; and IPv6's `RTM_SETLINK` (`AF_INET6` in
+//! `IFLA_AF_SPEC`) accepts only the address token and the address generation mode, not
+//! the devconf (`IFLA_INET6_CONF` is read-only). Both switches are sysctls, so:
+//!
+//! 1. `net.ipv6.conf.all.forwarding` already 1 (the pod's `securityContext.sysctls`, a
+//!    host): nothing is changed ([`ForwardingV6::Global`]);
+//! 2. `/proc/sys` writable (a host, a test's network namespace, a privileged container):
+//!    `force_forwarding` on every interface but loopback, as for IPv4
+//!    ([`ForwardingV6::Devices`]); on a kernel without it (before 6.17), `all.forwarding`
+//!    ([`ForwardingV6::All`]);
+//! 3. otherwise (a pod: `/proc/sys` read-only) [`ForwardingV6Error::NotWritable`], whose
+//!    text names the pod sysctl to set. `net.ipv6.conf.all.forwarding` is namespaced but
+//!    not one of Kubernetes' safe sysctls: the kubelet must allow it
+//!    (`--allowed-unsafe-sysctls=net.ipv6.conf.all.forwarding`).
+//!
+//! IPv4 is unaffected: [`enable`] never writes to `/proc/sys`.
+
+use std::io;
+use std::path::Path;
 
 use super::netlink::{self, Conn, Msg, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkError};
 
@@ -128,9 +152,200 @@ pub fn enable() -> Result<Forwarding, NetlinkError> {
     Ok(Forwarding::Devices(done))
 }
 
+/// Where the IPv6 per-interface sysctls are, in the calling thread's network namespace.
+pub const IPV6_CONF: &str = "/proc/sys/net/ipv6/conf";
+/// The pod sysctl that switches IPv6 forwarding on where `/proc/sys` is read-only.
+pub const IPV6_SYSCTL: &str = "net.ipv6.conf.all.forwarding";
+
+/// What [`enable_v6`] found or did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForwardingV6 {
+    /// `net.ipv6.conf.all.forwarding` was already 1.
+    Global,
+    /// `force_forwarding` switched on for these interfaces.
+    Devices(Vec<String>),
+    /// A kernel without `force_forwarding`: `net.ipv6.conf.all.forwarding` written.
+    All,
+}
+
+/// IPv6 forwarding could not be switched on.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardingV6Error {
+    #[error(
+        "IPv6 forwarding is off and {path} cannot be written ({source}); the kernel has no netlink switch for it: \
+         give the pod the sysctl {IPV6_SYSCTL}=1 (securityContext.sysctls; the kubelet must allow it with \
+         --allowed-unsafe-sysctls={IPV6_SYSCTL})"
+    )]
+    NotWritable {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("listing interfaces over rtnetlink: {0}")]
+    Links(#[source] NetlinkError),
+    #[error("IPv6 is not available in this network namespace ({path} is missing)")]
+    NoIpv6 { path: String },
+}
+
+/// Switch IPv6 forwarding on for every interface but loopback in the calling thread's
+/// network namespace, unless `net.ipv6.conf.all.forwarding` already is (see the module
+/// documentation for why this one goes through `/proc/sys`).
+pub fn enable_v6() -> Result<ForwardingV6, ForwardingV6Error> {
+    let all = Path::new(IPV6_CONF).join("all/forwarding");
+    if read_flag(&all)? {
+        return Ok(ForwardingV6::Global);
+    }
+    let conn = Conn::open(netlink_sys::protocols::NETLINK_ROUTE).map_err(ForwardingV6Error::Links)?;
+    let links: Vec<Link> = conn
+        .dump(list_links(), RTM_NEWLINK)
+        .map_err(ForwardingV6Error::Links)?
+        .iter()
+        .filter_map(|p| parse_link(p))
+        .collect();
+    enable_v6_in(Path::new(IPV6_CONF), &links)
+}
+
+/// Whether the sysctl file `path` holds 1.
+fn read_flag(path: &Path) -> Result<bool, ForwardingV6Error> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(s.trim() == "1"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ForwardingV6Error::NoIpv6 {
+            path: path.display().to_string(),
+        }),
+        Err(e) => Err(ForwardingV6Error::NotWritable {
+            path: path.display().to_string(),
+            source: e,
+        }),
+    }
+}
+
+/// [`enable_v6`] against the sysctl directory `conf` (`net/ipv6/conf`) and the
+/// namespace's `links`.
+pub fn enable_v6_in(conf: &Path, links: &[Link]) -> Result<ForwardingV6, ForwardingV6Error> {
+    let all = conf.join("all/forwarding");
+    if read_flag(&all)? {
+        return Ok(ForwardingV6::Global);
+    }
+    let write = |path: &Path| {
+        std::fs::write(path, "1").map_err(|source| ForwardingV6Error::NotWritable {
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    // `all/force_forwarding` is there exactly when the kernel has the per-interface switch.
+    if !conf.join("all/force_forwarding").exists() {
+        write(&all)?;
+        return Ok(ForwardingV6::All);
+    }
+    let mut done = Vec::new();
+    for link in links.iter().filter(|l| !l.loopback) {
+        let path = conf.join(&link.name).join("force_forwarding");
+        // An interface without IPv6 (gone since the listing, or an MTU below 1280) has no
+        // directory: nothing to forward there.
+        if !conf.join(&link.name).is_dir() {
+            tracing::debug!(device = %link.name, "no IPv6 on this interface; not forwarding on it");
+            continue;
+        }
+        write(&path)?;
+        done.push(link.name.clone());
+    }
+    Ok(ForwardingV6::Devices(done))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fake `net/ipv6/conf` with `all` and the given interfaces, every flag 0;
+    /// `force` whether the kernel has `force_forwarding`.
+    fn conf(devices: &[&str], force: bool) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["all", "default"].iter().chain(devices) {
+            std::fs::create_dir(dir.path().join(d)).unwrap();
+            std::fs::write(dir.path().join(d).join("forwarding"), "0\n").unwrap();
+            if force {
+                std::fs::write(dir.path().join(d).join("force_forwarding"), "0\n").unwrap();
+            }
+        }
+        dir
+    }
+
+    fn link(index: i32, name: &str, loopback: bool) -> Link {
+        Link {
+            index,
+            name: name.into(),
+            loopback,
+        }
+    }
+
+    fn flag(dir: &Path, dev: &str, name: &str) -> String {
+        std::fs::read_to_string(dir.join(dev).join(name))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    #[test]
+    fn ipv6_forwarding_is_forced_per_interface_but_loopback_and_all_is_left_alone() {
+        let d = conf(&["lo", "eth0", "kr-gw0"], true);
+        let links = [
+            link(1, "lo", true),
+            link(2, "eth0", false),
+            link(3, "kr-gw0", false),
+            link(4, "sit0", false),
+        ];
+        let got = enable_v6_in(d.path(), &links).unwrap();
+        assert_eq!(
+            got,
+            ForwardingV6::Devices(vec!["eth0".into(), "kr-gw0".into()]),
+            "sit0 has no IPv6 directory"
+        );
+        assert_eq!(flag(d.path(), "eth0", "force_forwarding"), "1");
+        assert_eq!(flag(d.path(), "kr-gw0", "force_forwarding"), "1");
+        assert_eq!(flag(d.path(), "lo", "force_forwarding"), "0");
+        assert_eq!(flag(d.path(), "all", "forwarding"), "0");
+    }
+
+    #[test]
+    fn ipv6_forwarding_already_on_changes_nothing_and_an_old_kernel_gets_all() {
+        let d = conf(&["eth0"], true);
+        std::fs::write(d.path().join("all/forwarding"), "1\n").unwrap();
+        assert_eq!(
+            enable_v6_in(d.path(), &[link(2, "eth0", false)]).unwrap(),
+            ForwardingV6::Global
+        );
+        assert_eq!(flag(d.path(), "eth0", "force_forwarding"), "0");
+
+        let d = conf(&["eth0"], false);
+        assert_eq!(
+            enable_v6_in(d.path(), &[link(2, "eth0", false)]).unwrap(),
+            ForwardingV6::All
+        );
+        assert_eq!(flag(d.path(), "all", "forwarding"), "1");
+    }
+
+    #[test]
+    fn ipv6_forwarding_without_ipv6_or_with_a_read_only_proc_sys_says_what_to_do() {
+        let d = tempfile::tempdir().unwrap();
+        let e = enable_v6_in(d.path(), &[]).unwrap_err();
+        assert!(matches!(e, ForwardingV6Error::NoIpv6 { .. }), "{e}");
+        assert!(e.to_string().contains("IPv6 is not available"), "{e}");
+
+        // A file that cannot be written (a directory in its place stands for EROFS).
+        let d = conf(&["eth0"], true);
+        let f = d.path().join("eth0/force_forwarding");
+        std::fs::remove_file(&f).unwrap();
+        std::fs::create_dir(&f).unwrap();
+        let e = enable_v6_in(d.path(), &[link(2, "eth0", false)]).unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, ForwardingV6Error::NotWritable { .. }), "{text}");
+        assert!(text.contains("eth0/force_forwarding"), "{text}");
+        assert!(text.contains("net.ipv6.conf.all.forwarding=1"), "{text}");
+        assert!(
+            text.contains("--allowed-unsafe-sysctls=net.ipv6.conf.all.forwarding"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn setlink_sets_forwarding_alone_in_the_inet_devconf() {

@@ -12,8 +12,10 @@
 //! - [`tun::TunDataPlane`]: NET_ADMIN, kernel forwarding through a TUN device with the
 //!   gateway's own masquerade table; DNS and refusals stay in the userspace one. Its kernel
 //!   configuration goes over netlink: [`nft`] (the table), [`forwarding`] (per-interface
-//!   IPv4 forwarding), both on [`netlink`]'s framing.
+//!   IPv4 forwarding, and IPv6 forwarding by sysctl), [`address`] (the TUN's IPv6 tunnel
+//!   address), all on [`netlink`]'s framing.
 
+pub mod address;
 pub mod forwarding;
 pub mod netlink;
 pub mod nft;

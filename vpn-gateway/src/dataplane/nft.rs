@@ -18,17 +18,23 @@
 //! }
 //! ```
 //!
+//! With an IPv6 tunnel range ([`install_dual_stack`]) the same table is built in family
+//! `ip6` as well (`ip6 saddr fd6b:7261:7961::/64 oifname != "kr-gw0" masquerade`, the same
+//! forward and output chains), in the same batch: IPv6 ClusterIPs are not routed back to
+//! the tunnel's ULA range either, and nobody in the cluster may open a connection into
+//! the tunnel over IPv6 more than over IPv4.
+//!
 //! The batch first adds then deletes any table of that name and then adds it anew, all in
 //! one transaction: a table left by a crashed gateway is replaced, never doubled, and a
 //! failure leaves the old state. Expressions are encoded as `nft` itself compiles them
 //! (payload, bitwise and cmp for a prefix; meta oifname against the 16-byte name; ct
 //! state's bits masked in host byte order), so `nft list` shows them as above.
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::netlink::{Conn, Msg, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST, NetlinkError};
 
-/// The nftables table (family `ip`) the gateway owns.
+/// The nftables table the gateway owns (family `ip`, and `ip6` for an IPv6 tunnel range).
 pub const TABLE: &str = "kuberaya-gateway";
 
 // linux/netfilter/nfnetlink.h and nf_tables.h.
@@ -40,6 +46,7 @@ const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFPROTO_IPV4: u8 = 2;
+const NFPROTO_IPV6: u8 = 10;
 const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_CHAIN_TABLE: u16 = 1;
 const NFTA_CHAIN_NAME: u16 = 3;
@@ -75,6 +82,26 @@ pub const CT_STATE_ESTABLISHED: u32 = 1 << 1;
 pub const CT_STATE_RELATED: u32 = 1 << 2;
 /// The offset of the source address in the IPv4 header.
 const IPV4_SADDR: u32 = 12;
+/// The offset of the source address in the IPv6 header.
+const IPV6_SADDR: u32 = 8;
+
+/// An nftables address family the gateway builds its table in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `ip`
+    V4,
+    /// `ip6`
+    V6,
+}
+
+impl Family {
+    fn nfproto(self) -> u8 {
+        match self {
+            Family::V4 => NFPROTO_IPV4,
+            Family::V6 => NFPROTO_IPV6,
+        }
+    }
+}
 
 /// `cmp` operators.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +142,18 @@ pub fn saddr_in(range: Ipv4Net) -> Vec<Expr> {
     ]
 }
 
+/// `ip6 saddr <range>`: as [`saddr_in`], over the 16 bytes of an IPv6 source address.
+pub fn saddr_in_v6(range: Ipv6Net) -> Vec<Expr> {
+    vec![
+        Expr::Payload {
+            offset: IPV6_SADDR,
+            len: 16,
+        },
+        Expr::And(range.netmask().octets().to_vec()),
+        Expr::Cmp(Cmp::Eq, range.network().octets().to_vec()),
+    ]
+}
+
 /// `oifname ==/!= <device>`.
 pub fn oifname(op: Cmp, device: &str) -> Vec<Expr> {
     let mut name = device.as_bytes().to_vec();
@@ -142,6 +181,16 @@ pub struct Chain {
 
 /// The chains and their rules, in order.
 pub fn rules(device: &str, range: Ipv4Net) -> Vec<(Chain, Vec<Vec<Expr>>)> {
+    rules_from(device, saddr_in(range))
+}
+
+/// The chains and rules of the `ip6` table: the same as [`rules`], for an IPv6 range.
+pub fn rules_v6(device: &str, range: Ipv6Net) -> Vec<(Chain, Vec<Vec<Expr>>)> {
+    rules_from(device, saddr_in_v6(range))
+}
+
+/// The chains and rules, `from_tunnel` matching a source address in the tunnel range.
+fn rules_from(device: &str, from_tunnel: Vec<Expr>) -> Vec<(Chain, Vec<Vec<Expr>>)> {
     let into_tunnel = |name, hook| {
         let chain = Chain {
             name,
@@ -160,7 +209,7 @@ pub fn rules(device: &str, range: Ipv4Net) -> Vec<(Chain, Vec<Vec<Expr>>)> {
         hook: NF_INET_POST_ROUTING,
         priority: 100,
     };
-    let masquerade = [saddr_in(range), oifname(Cmp::Neq, device), vec![Expr::Masquerade]].concat();
+    let masquerade = [from_tunnel, oifname(Cmp::Neq, device), vec![Expr::Masquerade]].concat();
     vec![
         (postrouting, vec![masquerade]),
         into_tunnel("forward", NF_INET_FORWARD),
@@ -174,22 +223,22 @@ fn nfgenmsg(family: u8, res_id: u16) -> [u8; 4] {
     [family, 0, r[0], r[1]]
 }
 
-fn nft_msg(ty: u16, flags: u16) -> Msg {
+fn nft_msg(family: Family, ty: u16, flags: u16) -> Msg {
     Msg::new(
         (NFNL_SUBSYS_NFTABLES << 8) | ty,
         NLM_F_REQUEST | NLM_F_ACK | flags,
-        &nfgenmsg(NFPROTO_IPV4, 0),
+        &nfgenmsg(family.nfproto(), 0),
     )
 }
 
-fn table(ty: u16, flags: u16) -> Msg {
-    let mut m = nft_msg(ty, flags);
+fn table(family: Family, ty: u16, flags: u16) -> Msg {
+    let mut m = nft_msg(family, ty, flags);
     m.str(NFTA_TABLE_NAME, TABLE);
     m
 }
 
-fn chain(c: &Chain) -> Msg {
-    let mut m = nft_msg(NFT_MSG_NEWCHAIN, NLM_F_CREATE);
+fn chain(family: Family, c: &Chain) -> Msg {
+    let mut m = nft_msg(family, NFT_MSG_NEWCHAIN, NLM_F_CREATE);
     m.str(NFTA_CHAIN_TABLE, TABLE)
         .str(NFTA_CHAIN_NAME, c.name)
         .nest(NFTA_CHAIN_HOOK, |m| {
@@ -201,8 +250,8 @@ fn chain(c: &Chain) -> Msg {
     m
 }
 
-fn rule(chain: &str, exprs: &[Expr]) -> Msg {
-    let mut m = nft_msg(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND);
+fn rule(family: Family, chain: &str, exprs: &[Expr]) -> Msg {
+    let mut m = nft_msg(family, NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND);
     m.str(NFTA_RULE_TABLE, TABLE)
         .str(NFTA_RULE_CHAIN, chain)
         .nest(NFTA_RULE_EXPRESSIONS, |m| {
@@ -298,24 +347,56 @@ impl Batch {
     }
 }
 
+/// The messages that replace the table of `family` with `chains`: add, delete and add
+/// the table, then the chains and rules.
+fn replace_table(family: Family, chains: Vec<(Chain, Vec<Vec<Expr>>)>) -> Vec<Msg> {
+    let mut body = vec![
+        table(family, NFT_MSG_NEWTABLE, NLM_F_CREATE),
+        table(family, NFT_MSG_DELTABLE, 0),
+        table(family, NFT_MSG_NEWTABLE, NLM_F_CREATE),
+    ];
+    for (c, rs) in chains {
+        body.push(chain(family, &c));
+        body.extend(rs.iter().map(|r| rule(family, c.name, r)));
+    }
+    body
+}
+
+/// The messages that delete the table of `family` (an add first, so that a missing table
+/// is no error).
+fn delete_table(family: Family) -> Vec<Msg> {
+    vec![
+        table(family, NFT_MSG_NEWTABLE, NLM_F_CREATE),
+        table(family, NFT_MSG_DELTABLE, 0),
+    ]
+}
+
 /// The whole table, replacing any earlier one: add, delete and add the table, then the
 /// chains and rules of [`rules`].
 pub fn table_batch(device: &str, range: Ipv4Net) -> Batch {
-    let mut body = vec![
-        table(NFT_MSG_NEWTABLE, NLM_F_CREATE),
-        table(NFT_MSG_DELTABLE, 0),
-        table(NFT_MSG_NEWTABLE, NLM_F_CREATE),
-    ];
-    for (c, rs) in rules(device, range) {
-        body.push(chain(&c));
-        body.extend(rs.iter().map(|r| rule(c.name, r)));
+    Batch::new(replace_table(Family::V4, rules(device, range)))
+}
+
+/// Both tables in one transaction: the `ip` one of [`table_batch`], then the `ip6` one of
+/// [`rules_v6`] when there is an IPv6 tunnel range, or, when there is none, the deletion of
+/// any `ip6` table (left by an earlier dual-stack run).
+pub fn dual_stack_batch(device: &str, range: Ipv4Net, range_v6: Option<Ipv6Net>) -> Batch {
+    let mut body = replace_table(Family::V4, rules(device, range));
+    match range_v6 {
+        Some(r) => body.extend(replace_table(Family::V6, rules_v6(device, r))),
+        None => body.extend(delete_table(Family::V6)),
     }
     Batch::new(body)
 }
 
 /// Delete the table (an add first, so that a missing table is no error).
 pub fn delete_batch() -> Batch {
-    Batch::new(vec![table(NFT_MSG_NEWTABLE, NLM_F_CREATE), table(NFT_MSG_DELTABLE, 0)])
+    Batch::new(delete_table(Family::V4))
+}
+
+/// Delete both tables, `ip` and `ip6`, in one transaction; missing ones are no error.
+pub fn delete_dual_stack_batch() -> Batch {
+    Batch::new([delete_table(Family::V4), delete_table(Family::V6)].concat())
 }
 
 fn send(batch: &Batch) -> Result<(), NetlinkError> {
@@ -327,9 +408,21 @@ pub fn install(device: &str, range: Ipv4Net) -> Result<(), NetlinkError> {
     send(&table_batch(device, range))
 }
 
+/// Install the `ip` table and, with an IPv6 tunnel range, the `ip6` one, in one
+/// transaction ([`dual_stack_batch`]): both or neither (needs CAP_NET_ADMIN). IPv6
+/// masquerading needs nothing more of the kernel than IPv4's (nf_nat, nft_masq).
+pub fn install_dual_stack(device: &str, range: Ipv4Net, range_v6: Option<Ipv6Net>) -> Result<(), NetlinkError> {
+    send(&dual_stack_batch(device, range, range_v6))
+}
+
 /// Remove the table, if there is one.
 pub fn remove() -> Result<(), NetlinkError> {
     send(&delete_batch())
+}
+
+/// Remove both tables, those there are ([`install_dual_stack`]'s counterpart).
+pub fn remove_dual_stack() -> Result<(), NetlinkError> {
+    send(&delete_dual_stack_batch())
 }
 
 #[cfg(test)]
@@ -514,5 +607,91 @@ mod tests {
             assert_eq!(names, ["meta", "cmp", "immediate"]);
             assert_eq!(verdict(&e[2].1), NF_DROP);
         }
+    }
+
+    /// The nfgenmsg family of each message of a batch (the delimiters carry none: 0).
+    fn families(b: &Batch) -> Vec<u8> {
+        b.msgs
+            .iter()
+            .map(|m| netlink::messages(m).next().unwrap().payload[0])
+            .collect()
+    }
+
+    #[test]
+    fn a_dual_stack_batch_builds_the_ip6_table_like_the_ip_one_in_the_same_transaction() {
+        let v6: Ipv6Net = "fd6b:7261:7961::/64".parse().unwrap();
+        let b = dual_stack_batch("kr-gw0", range(), Some(v6));
+        let v4 = table_batch("kr-gw0", range());
+        // The ip table's messages first, unchanged (begin .. last rule), then the same
+        // shape again for ip6, then the end.
+        let inner = v4.msgs.len() - 1;
+        assert_eq!(b.msgs.len(), 2 * inner);
+        assert_eq!(&b.msgs[..inner], &v4.msgs[..inner]);
+        assert_eq!(b.acks(), 2 * v4.acks());
+        let types = |b: &Batch| -> Vec<u16> { b.msgs.iter().map(|m| decode(m).0).collect() };
+        assert_eq!(types(&b)[inner..2 * inner - 1], types(&v4)[1..inner]);
+        let fams = families(&b);
+        assert!(fams[1..inner].iter().all(|f| *f == NFPROTO_IPV4), "{fams:?}");
+        assert!(
+            fams[inner..2 * inner - 1].iter().all(|f| *f == NFPROTO_IPV6),
+            "{fams:?}"
+        );
+        // Sequence numbers stay 1.. over the whole datagram.
+        for (i, m) in b.msgs.iter().enumerate() {
+            assert_eq!(netlink::messages(m).next().unwrap().seq, i as u32 + 1);
+        }
+
+        // The ip6 masquerade: 16 bytes at offset 8 of the IPv6 header, masked to the /64.
+        let e = exprs(&b.msgs[inner + 4]);
+        let names: Vec<&str> = e.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["payload", "bitwise", "cmp", "meta", "cmp", "masq"]);
+        assert_eq!(e[0].1[2], (3, 8u32.to_be_bytes().to_vec()));
+        assert_eq!(e[0].1[3], (4, 16u32.to_be_bytes().to_vec()));
+        assert_eq!(e[1].1[2], (3, 16u32.to_be_bytes().to_vec()));
+        assert_eq!(value(&e[1].1[3].1), [[0xff; 8], [0; 8]].concat());
+        assert_eq!(value(&e[1].1[4].1), [0; 16]);
+        assert_eq!(value(&e[2].1[2].1), v6.network().octets());
+        assert_eq!(value(&e[4].1[2].1), b"kr-gw0\0\0\0\0\0\0\0\0\0\0");
+        // Into the tunnel, the same two rules per chain as for IPv4.
+        for accept in [inner + 6, inner + 9] {
+            let names: Vec<String> = exprs(&b.msgs[accept]).into_iter().map(|(n, _)| n).collect();
+            assert_eq!(names, ["meta", "cmp", "ct", "bitwise", "cmp", "immediate"]);
+        }
+    }
+
+    #[test]
+    fn without_an_ipv6_range_the_batch_deletes_any_ip6_table_and_removal_takes_both() {
+        let b = dual_stack_batch("kr-gw0", range(), None);
+        let v4 = table_batch("kr-gw0", range());
+        let inner = v4.msgs.len() - 1;
+        assert_eq!(&b.msgs[..inner], &v4.msgs[..inner]);
+        let tail: Vec<(u16, u8)> = b.msgs[inner..]
+            .iter()
+            .zip(&families(&b)[inner..])
+            .map(|(m, f)| (decode(m).0, *f))
+            .collect();
+        assert_eq!(
+            tail,
+            [
+                (NFT_MSG_NEWTABLE, NFPROTO_IPV6),
+                (NFT_MSG_DELTABLE, NFPROTO_IPV6),
+                (NFNL_MSG_BATCH_END, 0)
+            ]
+        );
+
+        let d = delete_dual_stack_batch();
+        let all: Vec<(u16, u8)> = d.msgs.iter().zip(families(&d)).map(|(m, f)| (decode(m).0, f)).collect();
+        assert_eq!(
+            all,
+            [
+                (NFNL_MSG_BATCH_BEGIN, 0),
+                (NFT_MSG_NEWTABLE, NFPROTO_IPV4),
+                (NFT_MSG_DELTABLE, NFPROTO_IPV4),
+                (NFT_MSG_NEWTABLE, NFPROTO_IPV6),
+                (NFT_MSG_DELTABLE, NFPROTO_IPV6),
+                (NFNL_MSG_BATCH_END, 0)
+            ]
+        );
+        assert_eq!(d.acks(), 4);
     }
 }

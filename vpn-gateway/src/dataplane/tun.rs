@@ -13,6 +13,15 @@
 //!   connections the peers opened (`ct state established,related`): nobody in the cluster
 //!   can open a connection to an operator's laptop. All of it needs CAP_NET_ADMIN only, as
 //!   a pod with `capabilities: {drop: [ALL], add: [NET_ADMIN]}` has.
+//! - **IPv6** (issue 24): with an IPv6 tunnel range the device also gets the gateway's
+//!   IPv6 tunnel address with the range's prefix ([`super::address`]: the connected route
+//!   sends replies for peers' IPv6 addresses back into it), the `ip6` table masquerades and
+//!   guards the same way (installed with the `ip` one in one transaction), and IPv6
+//!   forwarding is switched on ([`forwarding::enable_v6`]). IPv6 packets are then judged,
+//!   written and read exactly as IPv4 ones. When the kernel side cannot be had (no IPv6 in
+//!   the namespace, `/proc/sys` read-only and forwarding off), the gateway says why once
+//!   and carries IPv6 flows in the embedded userspace data plane instead, as the
+//!   userspace mode does; IPv4 is unaffected.
 //! - **Teardown**: dropping the data plane deletes the table; the device goes with the
 //!   process (it is not persistent), so a crash leaves at most the table, which the next
 //!   start replaces.
@@ -39,16 +48,16 @@
 //!   what is not read waits in the kernel's device queue.
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::sync::Notify;
 use tun_rs::{AsyncDevice, DeviceBuilder, DeviceImpl, GROTable, VIRTIO_NET_HDR_LEN};
 
-use super::forwarding::{self, Forwarding};
+use super::forwarding::{self, Forwarding, ForwardingV6};
 use super::netlink::NetlinkError;
 use super::userspace::{UserspaceConfig, UserspaceDataPlane};
 use super::{DataPlane, FlowCounters, Inbound, Policy, nft};
@@ -82,6 +91,9 @@ pub struct TunConfig {
     pub name: String,
     /// The tunnel range; the device takes the gateway's address in it.
     pub range: Ipv4Net,
+    /// The IPv6 tunnel range; the device takes the gateway's IPv6 address
+    /// ([`UserspaceConfig::gateway_v6`]) in it. `None`: IPv6 stays in userspace.
+    pub range_v6: Option<Ipv6Net>,
     /// For what stays in userspace: DNS, the gateway's own address, refusals.
     pub local: UserspaceConfig,
 }
@@ -156,9 +168,18 @@ impl WriteBatch {
     }
 }
 
+/// Whether an allowed packet to `dst` goes to the kernel (else to the embedded userspace
+/// data plane): IPv4 always, IPv6 when the kernel side of IPv6 is in place.
+fn kernel_carries(kernel_v6: bool, dst: IpAddr) -> bool {
+    dst.is_ipv4() || kernel_v6
+}
+
 /// See the module documentation.
 pub struct TunDataPlane {
     dev: AsyncDevice,
+    /// Whether the kernel carries IPv6 (address, table and forwarding in place); else IPv6
+    /// flows go to `local`.
+    kernel_v6: bool,
     local: UserspaceDataPlane,
     reads: Reads,
     pending: WriteBatch,
@@ -188,15 +209,43 @@ impl TunDataPlane {
                 })?
             }
         };
+        // The IPv6 address first: without it there is nothing to route IPv6 replies by, and
+        // IPv6 stays in userspace.
+        let range_v6 = cfg.range_v6.filter(|r| {
+            let gateway_v6 = cfg.local.gateway_v6;
+            match super::address::add_v6(&cfg.name, gateway_v6, r.prefix_len()) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(device = %cfg.name, address = %gateway_v6, error = %e,
+                        "no IPv6 on the TUN device: IPv6 flows are carried in userspace");
+                    false
+                }
+            }
+        });
         // Netlink requests are answered while they are sent: no waiting on the kernel here.
-        // The table first, so that nothing is forwarded into the TUN before its rules hold.
-        nft::install(&cfg.name, cfg.range).map_err(TunError::Nft)?;
+        // The tables first, so that nothing is forwarded into the TUN before its rules hold.
+        nft::install_dual_stack(&cfg.name, cfg.range, range_v6).map_err(TunError::Nft)?;
         let enabled = forwarding::enable().map_err(|e| {
-            if let Err(e) = nft::remove() {
-                tracing::warn!(table = NFT_TABLE, error = %e, "removing the nftables table");
+            if let Err(e) = nft::remove_dual_stack() {
+                tracing::warn!(table = NFT_TABLE, error = %e, "removing the nftables tables");
             }
             TunError::Forwarding(e)
         })?;
+        let kernel_v6 = match range_v6.map(|_| forwarding::enable_v6()) {
+            None => false,
+            Some(Ok(how)) => {
+                match how {
+                    ForwardingV6::Global => tracing::info!("IPv6 forwarding already on"),
+                    ForwardingV6::All => tracing::info!("IPv6 forwarding enabled (net.ipv6.conf.all.forwarding)"),
+                    ForwardingV6::Devices(devices) => tracing::info!(?devices, "IPv6 forwarding enabled per interface"),
+                }
+                true
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "IPv6 flows are carried in userspace");
+                false
+            }
+        };
         match enabled {
             Forwarding::Global => tracing::info!("IPv4 forwarding already on (net.ipv4.ip_forward = 1)"),
             Forwarding::Devices(devices) => tracing::info!(
@@ -206,10 +255,11 @@ impl TunDataPlane {
             ),
         }
         tracing::info!(device = %cfg.name, address = %gateway, range = %cfg.range, table = NFT_TABLE,
-            offloads = dev.tcp_gso(), "TUN data plane up");
+            offloads = dev.tcp_gso(), ipv6 = kernel_v6, "TUN data plane up");
 
         Ok(TunDataPlane {
             dev,
+            kernel_v6,
             local: UserspaceDataPlane::new(cfg.local),
             reads: Reads::new(),
             pending: WriteBatch::new(),
@@ -220,9 +270,9 @@ impl TunDataPlane {
 
 impl Drop for TunDataPlane {
     fn drop(&mut self) {
-        match nft::remove() {
-            Ok(()) => tracing::info!(table = NFT_TABLE, "nftables table removed"),
-            Err(e) => tracing::warn!(table = NFT_TABLE, error = %e, "removing the nftables table"),
+        match nft::remove_dual_stack() {
+            Ok(()) => tracing::info!(table = NFT_TABLE, "nftables tables removed"),
+            Err(e) => tracing::warn!(table = NFT_TABLE, error = %e, "removing the nftables tables"),
         }
     }
 }
@@ -231,6 +281,7 @@ impl DataPlane for TunDataPlane {
     fn inbound(&mut self, pkt: Inbound<'_>, now: Instant) {
         match pkt.verdict {
             Verdict::Spoofed => {}
+            Verdict::Allow if !kernel_carries(self.kernel_v6, pkt.packet.dst) => self.local.inbound(pkt, now),
             Verdict::Allow => {
                 if !self.pending.push(pkt.bytes) {
                     self.flush();
@@ -354,6 +405,17 @@ mod tests {
         let sum = !tun_rs::checksum(&p[20..], tun_rs::checksum_no_fold(&pseudo, 0));
         p[36..38].copy_from_slice(&sum.to_be_bytes());
         p
+    }
+
+    #[test]
+    fn ipv6_goes_to_the_kernel_only_when_it_carries_ipv6() {
+        let (v4, v6): (IpAddr, IpAddr) = ("127.96.0.10".parse().unwrap(), "fd00:96::a".parse().unwrap());
+        assert!(kernel_carries(true, v4) && kernel_carries(false, v4));
+        assert!(kernel_carries(true, v6));
+        assert!(
+            !kernel_carries(false, v6),
+            "no IPv6 in the kernel: userspace carries it"
+        );
     }
 
     #[test]

@@ -182,6 +182,14 @@ pub fn service_from_k8s(s: &K8sService) -> Option<Service> {
         .as_deref()
         .filter(|ip| *ip != "None")
         .and_then(|ip| ip.parse::<IpAddr>().ok());
+    // Both families of a dual-stack Service (`clusterIPs[0]` is `clusterIP`).
+    let cluster_ips: Vec<IpAddr> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .filter(|ip| *ip != "None")
+        .filter_map(|ip| ip.parse::<IpAddr>().ok())
+        .collect();
     let ports = spec
         .ports
         .iter()
@@ -204,6 +212,7 @@ pub fn service_from_k8s(s: &K8sService) -> Option<Service> {
         namespace: s.namespace()?,
         name: s.metadata.name.clone()?,
         cluster_ip,
+        cluster_ips,
         ports,
     })
 }
@@ -227,6 +236,8 @@ pub fn trim_peer(p: &mut VpnPeer) {
         *s = VpnPeerStatus {
             address: s.address.take(),
             last_address: s.last_address.take(),
+            address_v6: s.address_v6.take(),
+            last_address_v6: s.last_address_v6.take(),
             observed_generation: s.observed_generation,
             conditions: accepted.into_iter().collect(),
             ..Default::default()
@@ -243,8 +254,10 @@ pub fn peer_from_k8s(p: &VpnPeer) -> Option<PeerInput> {
     input.labels = p.metadata.labels.clone().unwrap_or_default();
     let status = p.status.as_ref();
     let parse = |a: Option<&String>| a.and_then(|a| a.parse().ok());
+    let parse6 = |a: Option<&String>| a.and_then(|a| a.parse().ok());
     // The address in use, else the one it had before it was cut off (disabled, expired).
     input.previous_address = status.and_then(|s| parse(s.address.as_ref().or(s.last_address.as_ref())));
+    input.previous_address_v6 = status.and_then(|s| parse6(s.address_v6.as_ref().or(s.last_address_v6.as_ref())));
     // What the gateway granted, as it wrote it: the key only for the spec it judged.
     if let Some(s) = status
         && s.conditions
@@ -254,6 +267,7 @@ pub fn peer_from_k8s(p: &VpnPeer) -> Option<PeerInput> {
         input.granted = Granted {
             key: s.observed_generation.is_some() && s.observed_generation == p.metadata.generation,
             address: parse(s.address.as_ref()),
+            address_v6: parse6(s.address_v6.as_ref()),
         };
     }
     Some(input)
@@ -332,7 +346,10 @@ fn accepted_condition(
 /// `address`: only `lastAddress`, kept to give it back.
 pub fn status_for(previous: Option<&VpnPeerStatus>, r: &PeerReport, now: Timestamp) -> VpnPeerStatus {
     let (status, reason, message) = match &r.outcome {
-        Ok(a) => ("True", "Accepted".to_string(), format!("serving at {a}")),
+        Ok(a) => match r.address_v6 {
+            Some(v6) => ("True", "Accepted".to_string(), format!("serving at {a} and {v6}")),
+            None => ("True", "Accepted".to_string(), format!("serving at {a}")),
+        },
         Err(e) => ("False", e.reason().to_string(), e.to_string()),
     };
     VpnPeerStatus {
@@ -345,6 +362,8 @@ pub fn status_for(previous: Option<&VpnPeerStatus>, r: &PeerReport, now: Timesta
         )],
         address: r.outcome.as_ref().ok().map(|a| a.to_string()),
         last_address: r.last_address.map(|a| a.to_string()),
+        address_v6: r.outcome.as_ref().ok().and(r.address_v6).map(|a| a.to_string()),
+        last_address_v6: r.last_address_v6.map(|a| a.to_string()),
         last_handshake: r
             .last_handshake
             .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
@@ -724,10 +743,13 @@ async fn patch_status(client: &Client, id: &PeerId, status: &VpnPeerStatus) -> k
 /// it no longer has.
 fn status_patch(status: &VpnPeerStatus) -> serde_json::Value {
     let mut s = serde_json::to_value(status).unwrap_or_default();
-    if status.address.is_none()
-        && let Some(m) = s.as_object_mut()
-    {
-        m.insert("address".to_string(), serde_json::Value::Null);
+    if let Some(m) = s.as_object_mut() {
+        if status.address.is_none() {
+            m.insert("address".to_string(), serde_json::Value::Null);
+        }
+        if status.address_v6.is_none() {
+            m.insert("addressV6".to_string(), serde_json::Value::Null);
+        }
     }
     serde_json::json!({ "status": s })
 }
@@ -768,7 +790,7 @@ impl Written {
     fn of(s: &VpnPeerStatus) -> Self {
         let cond = s.conditions.iter().find(|c| c.type_ == CONDITION_ACCEPTED);
         Written {
-            acceptance: json_hash(&(&s.conditions, &s.address, &s.observed_generation)),
+            acceptance: json_hash(&(&s.conditions, &s.address, &s.address_v6, &s.observed_generation)),
             whole: json_hash(s),
             accepted: cond.map(|c| c.status.clone()).unwrap_or_default(),
             last_transition_time: cond
@@ -809,6 +831,31 @@ mod tests {
     use super::*;
     use crate::peers::Rejection;
     use std::net::Ipv4Addr;
+
+    #[test]
+    fn a_dual_stack_service_has_both_cluster_ips() {
+        let s: K8sService = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "fd00:96::10", "clusterIPs": ["fd00:96::10", "127.96.0.10"],
+                     "ipFamilies": ["IPv6", "IPv4"], "ipFamilyPolicy": "PreferDualStack",
+                     "ports": [{"name": "http", "port": 80}]}
+        }))
+        .unwrap();
+        let c = service_from_k8s(&s).unwrap();
+        assert_eq!(c.cluster_ip, Some("fd00:96::10".parse().unwrap()));
+        let all: Vec<IpAddr> = c.addresses().collect();
+        assert_eq!(
+            all,
+            ["fd00:96::10".parse::<IpAddr>().unwrap(), "127.96.0.10".parse().unwrap()]
+        );
+        // A headless one has none of either.
+        let headless: K8sService = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "h", "namespace": "default"},
+            "spec": {"clusterIP": "None", "clusterIPs": ["None"]}
+        }))
+        .unwrap();
+        assert_eq!(service_from_k8s(&headless).unwrap().addresses().count(), 0);
+    }
 
     #[test]
     fn services_convert() {
@@ -852,6 +899,56 @@ mod tests {
     }
 
     #[test]
+    fn the_ipv6_address_round_trips_through_the_status() {
+        let v6: std::net::Ipv6Addr = "fd6b:7261:7961::7".parse().unwrap();
+        let served = PeerReport {
+            id: PeerId::new("team", "alice"),
+            generation: Some(2),
+            outcome: Ok(Ipv4Addr::new(100, 64, 0, 7)),
+            last_address: Some(Ipv4Addr::new(100, 64, 0, 7)),
+            address_v6: Some(v6),
+            last_address_v6: Some(v6),
+            last_handshake: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+        };
+        let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let s = status_for(None, &served, t0);
+        assert_eq!(s.address_v6.as_deref(), Some("fd6b:7261:7961::7"));
+        assert_eq!(s.last_address_v6.as_deref(), Some("fd6b:7261:7961::7"));
+        assert_eq!(s.conditions[0].message, "serving at 100.64.0.7 and fd6b:7261:7961::7");
+        let mut p: VpnPeer = serde_json::from_value(serde_json::json!({
+            "apiVersion": "vpn.cloudraya.com/v1alpha1", "kind": "VpnPeer",
+            "metadata": {"name": "alice", "namespace": "team", "generation": 2},
+            "spec": {"publicKey": "k", "addressV6": "fd6b:7261:7961::7"}
+        }))
+        .unwrap();
+        assert_eq!(p.spec.address_v6.as_deref(), Some("fd6b:7261:7961::7"));
+        p.status = Some(s);
+        trim_peer(&mut p);
+        let i = peer_from_k8s(&p).unwrap();
+        assert_eq!(i.granted.address_v6, Some(v6));
+        assert_eq!(i.previous_address_v6, Some(v6));
+        // Cut off: no address in use, both written as null; the last one kept to give back.
+        let off = PeerReport {
+            outcome: Err(Rejection::Disabled),
+            ..served
+        };
+        let s = status_for(None, &off, t0);
+        assert_eq!(
+            (s.address_v6.as_deref(), s.last_address_v6.as_deref()),
+            (None, Some("fd6b:7261:7961::7"))
+        );
+        let patch = status_patch(&s);
+        assert_eq!(patch["status"]["addressV6"], serde_json::Value::Null);
+        assert_eq!(patch["status"]["lastAddressV6"], "fd6b:7261:7961::7");
+        p.status = Some(s);
+        let i = peer_from_k8s(&p).unwrap();
+        assert_eq!(i.granted.address_v6, None);
+        assert_eq!(i.previous_address_v6, Some(v6));
+    }
+
+    #[test]
     fn a_peer_holds_what_its_status_says_it_was_granted() {
         let peer = |generation: i64, observed: i64, accepted: &str| -> VpnPeer {
             serde_json::from_value(serde_json::json!({
@@ -869,13 +966,21 @@ mod tests {
         assert_eq!(i.created, Some("2026-01-01T00:00:00Z".parse().unwrap()));
         assert_eq!(i.uid.as_deref(), Some("u-1"));
         let at = Some(Ipv4Addr::new(100, 64, 0, 7));
-        assert_eq!(i.granted, Granted { key: true, address: at });
+        assert_eq!(
+            i.granted,
+            Granted {
+                key: true,
+                address: at,
+                address_v6: None
+            }
+        );
         // Edited since: the address is still held, the key in the new spec is not.
         assert_eq!(
             peer_from_k8s(&peer(4, 3, "True")).unwrap().granted,
             Granted {
                 key: false,
-                address: at
+                address: at,
+                address_v6: None
             }
         );
         assert_eq!(peer_from_k8s(&peer(3, 3, "False")).unwrap().granted, Granted::default());
@@ -979,6 +1084,8 @@ mod tests {
             generation: Some(1),
             outcome: Ok(Ipv4Addr::new(100, 64, 0, 2)),
             last_address: Some(Ipv4Addr::new(100, 64, 0, 2)),
+            address_v6: None,
+            last_address_v6: None,
             last_handshake: None,
             rx_bytes: 10,
             tx_bytes: 20,
@@ -1005,6 +1112,8 @@ mod tests {
             generation: Some(1),
             outcome: Ok(Ipv4Addr::new(100, 64, 0, 7)),
             last_address: Some(Ipv4Addr::new(100, 64, 0, 7)),
+            address_v6: None,
+            last_address_v6: None,
             last_handshake: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600)),
             rx_bytes: 5,
             tx_bytes: 6,
@@ -1090,6 +1199,8 @@ mod tests {
             generation: Some(1),
             outcome: Ok(Ipv4Addr::new(100, 64, 0, 2)),
             last_address: Some(Ipv4Addr::new(100, 64, 0, 2)),
+            address_v6: None,
+            last_address_v6: None,
             last_handshake: None,
             rx_bytes: 0,
             tx_bytes: 0,
@@ -1126,6 +1237,8 @@ mod tests {
             generation: Some(1),
             outcome: Ok(Ipv4Addr::new(100, 64, 0, 2)),
             last_address: Some(Ipv4Addr::new(100, 64, 0, 2)),
+            address_v6: None,
+            last_address_v6: None,
             last_handshake: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600)),
             rx_bytes: 7,
             tx_bytes: 9,

@@ -99,6 +99,79 @@ fn an_up_to_date_node_needs_nothing_and_a_moved_vm_only_its_addresses() {
     assert_eq!(metadata_update(&n, &no_ip).addresses, None);
 }
 
+/// A VM with a private IPv6 address: both `InternalIP`s, IPv4 first; its IPv6 address
+/// appearing, changing or going away rewrites the addresses, nothing else.
+#[test]
+fn a_dual_stack_vm_gives_its_node_both_internal_ips_ipv4_first() {
+    let p = platform_with(&["w1"]);
+    p.modify_vm("vm-w1", |vm| {
+        vm.private_ipv6 = "fd00:10::b".parse().ok();
+        vm.public_ip = "127.203.0.7".parse().ok();
+    });
+    let v = vm(&p, "vm-w1");
+    let u = metadata_update(&registered("w1"), &v);
+    assert_eq!(
+        addresses(&u),
+        vec![
+            ("InternalIP".to_string(), "127.10.0.11".to_string()),
+            ("InternalIP".into(), "fd00:10::b".into()),
+            ("ExternalIP".into(), "127.203.0.7".into()),
+            ("Hostname".into(), "w1".into()),
+        ]
+    );
+    let mut n = with_provider_id(node("w1"), Some("cloudraya://vm-w1"));
+    n.metadata.labels = Some(u.labels.clone());
+    n.status.as_mut().expect("status").addresses = u.addresses.clone();
+    assert!(metadata_update(&n, &v).is_empty(), "in sync");
+
+    let mut moved = v.clone();
+    moved.private_ipv6 = "fd00:10::50".parse().ok();
+    let u = metadata_update(&n, &moved);
+    assert_eq!(addresses(&u)[1], ("InternalIP".into(), "fd00:10::50".into()));
+    assert!(u.node_patch().is_none(), "addresses only");
+
+    let mut lost = v.clone();
+    lost.private_ipv6 = None;
+    let u = metadata_update(&n, &lost);
+    assert_eq!(
+        addresses(&u).iter().filter(|(t, _)| t == "InternalIP").count(),
+        1,
+        "{u:?}"
+    );
+    assert_eq!(addresses(&u)[0], ("InternalIP".into(), "127.10.0.11".into()));
+
+    // IPv6 before IPv4 has come: the IPv6 one alone, never an empty InternalIP list.
+    let mut v6_first = v.clone();
+    v6_first.private_ip = None;
+    let u = metadata_update(&registered("w1"), &v6_first);
+    assert_eq!(addresses(&u)[0], ("InternalIP".into(), "fd00:10::b".into()));
+}
+
+#[tokio::test]
+async fn the_refresh_follows_a_vm_whose_ipv6_address_changed() {
+    let p = platform_with(&["w1", "w2"]);
+    for name in ["w1", "w2"] {
+        p.modify_vm(&format!("vm-{name}"), |vm| vm.private_ipv6 = "fd00:10::b".parse().ok());
+    }
+    let mut nodes = Vec::new();
+    for name in ["w1", "w2"] {
+        let mut n = node(name);
+        let u = metadata_update(&n, &vm(&p, &format!("vm-{name}")));
+        n.metadata.labels = Some(u.labels.clone());
+        n.status.as_mut().expect("status").addresses = u.addresses.clone();
+        nodes.push(n);
+    }
+    p.modify_vm("vm-w2", |vm| vm.private_ipv6 = "fd00:10::50".parse().ok());
+    let (ctx, server) = context(p.clone(), Arc::new(Metrics::default()), nodes.clone());
+    assert_eq!(refresh_nodes(&ctx, &nodes).await.expect("refresh"), 1);
+    drop(ctx);
+    let calls = calls(server).await;
+    assert_eq!(calls.len(), 1, "{calls:#?}");
+    assert!(calls[0].is("PATCH", "/api/v1/nodes/w2/status"));
+    assert_eq!(calls[0].body["status"]["addresses"][0]["address"], "127.10.0.12");
+    assert_eq!(calls[0].body["status"]["addresses"][1]["address"], "fd00:10::50");
+}
+
 #[test]
 fn vms_are_picked_by_provider_id_else_by_name() {
     let p = platform_with(&["w1", "w2"]);

@@ -29,6 +29,7 @@ struct Bench {
     nodes: Store<Node>,
     writer: reflector::store::Writer<Node>,
     metrics: Arc<Metrics>,
+    config: DesiredConfig,
 }
 
 impl Bench {
@@ -44,6 +45,28 @@ impl Bench {
             nodes,
             writer,
             metrics: Arc::new(Metrics::default()),
+            config: cfg(),
+        }
+    }
+
+    /// A bench on a platform cluster with IPv6, whose VMs (and so Nodes, as the node
+    /// controller writes them) have both a private IPv4 and IPv6 address.
+    fn dual(node_names: &[&str]) -> Self {
+        use crate::service::nodes::tests::with_internal_ips;
+        let platform = Arc::new(FakePlatform::new());
+        platform.enable_ipv6();
+        let (nodes, mut writer) = reflector::store::<Node>();
+        for (i, n) in node_names.iter().enumerate() {
+            let (v4, v6) = (format!("127.10.0.{}", 11 + i), format!("fd00:10::{}", 11 + i));
+            platform.add_vm_dual(&format!("vm-{n}"), &v4, &v6);
+            writer.apply_watcher_event(&WatchEvent::Apply(with_internal_ips(node(n), &[&v4, &v6])));
+        }
+        Bench {
+            platform,
+            nodes,
+            writer,
+            metrics: Arc::new(Metrics::default()),
+            config: crate::service::desired::tests::dual_cfg(),
         }
     }
 
@@ -63,7 +86,7 @@ impl Bench {
             self.platform.clone(),
             self.metrics.clone(),
             self.nodes.clone(),
-            cfg(),
+            self.config.clone(),
             Timing::default(),
         );
         Arc::new(ctx)
@@ -131,17 +154,19 @@ fn with_type(mut s: Service, t: &str) -> Service {
 
 /// The Service as it looks once its LB is reported: ingress and a Ready condition.
 fn with_ready_status(mut s: Service, lb: &LoadBalancer) -> Service {
-    let addr = lb.public_ip.as_ref().map(|ip| ip.address);
-    let ready = Ready::yes(match addr {
-        Some(a) => format!("load balancer {} is active at {a}", lb.id),
-        None => format!("load balancer {} is active", lb.id),
+    let addrs = crate::service::desired::ingress_ips(lb);
+    let ready = Ready::yes(if addrs.is_empty() {
+        format!("load balancer {} is active", lb.id)
+    } else {
+        format!("load balancer {} is active at {}", lb.id, addrs.join(", "))
     });
     s.status = Some(ServiceStatus {
         load_balancer: Some(LoadBalancerStatus {
             ingress: Some(
-                addr.into_iter()
+                addrs
+                    .into_iter()
                     .map(|a| LoadBalancerIngress {
-                        ip: Some(a.to_string()),
+                        ip: Some(a),
                         ip_mode: Some("VIP".into()),
                         ..LoadBalancerIngress::default()
                     })
@@ -306,6 +331,168 @@ async fn invalid_annotation_warns_and_makes_no_platform_call() {
         note.contains(crate::annotations::ALGORITHM) && note.contains("round_robin"),
         "{note}"
     );
+}
+
+fn with_families(mut s: Service, families: &[&str], policy: &str) -> Service {
+    if let Some(spec) = s.spec.as_mut() {
+        spec.ip_families = Some(families.iter().map(|f| (*f).to_owned()).collect());
+        spec.ip_family_policy = Some(policy.to_owned());
+    }
+    s
+}
+
+/// RequireDualStack (or IPv6 only) on a platform cluster without IPv6: a Warning Event
+/// and our condition False with reason IPv6Unavailable; no platform call at all, so no
+/// half-made LB, and a slow retry.
+#[tokio::test]
+async fn require_dual_stack_without_platform_ipv6_is_refused_before_any_platform_call() {
+    let bench = Bench::new(&["a"]);
+    for s in [
+        with_families(finalized(svc()), &["IPv4", "IPv6"], "RequireDualStack"),
+        with_families(finalized(svc()), &["IPv6"], "SingleStack"),
+    ] {
+        let (res, calls) = bench.reconcile(&s).await;
+        assert_eq!(res.expect("ok"), Action::requeue(Timing::default().refused_retry));
+        assert!(bench.platform.calls().is_empty(), "{:?}", bench.platform.calls());
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        assert!(calls[0].is("PATCH", STATUS_PATH));
+        let cond = &calls[0].body["status"]["conditions"][0];
+        assert_eq!(
+            (cond["status"].as_str(), cond["reason"].as_str()),
+            (Some("False"), Some("IPv6Unavailable"))
+        );
+        assert!(
+            calls[0].body["status"].get("loadBalancer").is_none(),
+            "ingress left alone"
+        );
+        assert!(calls[1].is_event("SyncLoadBalancerFailed"));
+        assert_eq!(calls[1].body["type"], "Warning");
+        let note = calls[1].body["note"].as_str().unwrap_or_default();
+        assert!(note.contains("cl-1 has no IPv6"), "{note}");
+    }
+    assert!(bench.platform.lbs("cl-1").is_empty());
+    assert!(bench.platform.public_ips().is_empty());
+}
+
+/// PreferDualStack on a platform cluster with IPv6: one create with both families,
+/// then both addresses in the ingress, IPv4 first, each `ipMode: VIP`; the backends
+/// carry both addresses.
+#[tokio::test]
+async fn prefer_dual_stack_gets_an_lb_of_both_families_and_both_ingress_entries() {
+    let bench = Bench::dual(&["a", "b"]);
+    let s = with_families(finalized(svc()), &["IPv6", "IPv4"], "PreferDualStack");
+    let (res, _) = bench.reconcile(&s).await;
+    assert!(res.is_ok(), "{res:?}");
+    assert_eq!(bench.platform.mutating_calls(), vec!["create_load_balancer"]);
+    bench.platform.settle();
+    let lb = bench.platform.lbs("cl-1").remove(0);
+    assert_eq!(
+        lb.ip_versions,
+        vec![crate::platform::IpVersion::V4, crate::platform::IpVersion::V6]
+    );
+    let (v4, v6) = (
+        lb.public_ip.clone().expect("IPv4").address,
+        lb.public_ipv6.clone().expect("IPv6").address,
+    );
+    assert!(v4.is_ipv4() && v6.is_ipv6());
+    assert!(
+        lb.backends
+            .iter()
+            .all(|b| b.private_ip.is_some() && b.private_ipv6.is_some()),
+        "{lb:?}"
+    );
+
+    bench.platform.clear_calls();
+    let (res, calls) = bench.reconcile(&s).await;
+    assert!(res.is_ok());
+    assert!(bench.platform.mutating_calls().is_empty());
+    assert!(calls[0].is("PATCH", STATUS_PATH));
+    assert_eq!(
+        calls[0].body["status"]["loadBalancer"]["ingress"],
+        serde_json::json!([
+            {"ip": v4.to_string(), "ipMode": "VIP"},
+            {"ip": v6.to_string(), "ipMode": "VIP"}
+        ])
+    );
+    let msg = calls[0].body["status"]["conditions"][0]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(msg.contains(&v4.to_string()) && msg.contains(&v6.to_string()), "{msg}");
+    // Once the Service shows it: nothing more.
+    bench.platform.clear_calls();
+    let (_, calls) = bench.reconcile(&with_ready_status(s, &lb)).await;
+    assert!(calls.is_empty(), "{calls:?}");
+    assert!(bench.platform.mutating_calls().is_empty());
+}
+
+/// SingleStack -> PreferDualStack -> SingleStack on a live Service: each a PUT of the
+/// LB's families (never a new LB, the IPv4 address kept), the ingress following; the
+/// IPv6 address the platform acquired is released when IPv6 goes.
+#[tokio::test]
+async fn a_family_policy_change_updates_the_lb_in_place_and_the_ingress_follows() {
+    let bench = Bench::dual(&["a"]);
+    let single = with_families(finalized(svc()), &["IPv4"], "SingleStack");
+    let lb = provisioned(&bench, &single).await;
+    assert_eq!(lb.ip_versions, vec![crate::platform::IpVersion::V4]);
+    assert!(lb.public_ipv6.is_none());
+
+    let prefer = with_families(
+        with_ready_status(single.clone(), &lb),
+        &["IPv4", "IPv6"],
+        "PreferDualStack",
+    );
+    let (res, calls) = bench.reconcile(&prefer).await;
+    assert_eq!(res.expect("ok"), Action::requeue(Timing::default().poll));
+    assert_eq!(bench.platform.mutating_calls(), vec!["update_load_balancer"]);
+    assert!(calls.iter().any(|c| c.is_event("UpdatedLoadBalancer")), "{calls:?}");
+    bench.platform.settle();
+    let dual = bench.platform.lbs("cl-1").remove(0);
+    assert_eq!(dual.id, lb.id);
+    assert_eq!(dual.public_ip, lb.public_ip, "the IPv4 address stays");
+    let v6 = dual.public_ipv6.clone().expect("an IPv6 address added");
+    bench.platform.clear_calls();
+    let (_, calls) = bench.reconcile(&prefer).await;
+    assert!(bench.platform.mutating_calls().is_empty());
+    let ingress = &calls[0].body["status"]["loadBalancer"]["ingress"];
+    assert_eq!(ingress.as_array().map(Vec::len), Some(2), "{calls:?}");
+    assert_eq!(ingress[1]["ip"], v6.address.to_string());
+
+    let back = with_families(with_ready_status(single, &dual), &["IPv4"], "SingleStack");
+    bench.platform.clear_calls();
+    let (res, _) = bench.reconcile(&back).await;
+    assert!(res.is_ok());
+    assert_eq!(bench.platform.mutating_calls(), vec!["update_load_balancer"]);
+    bench.platform.settle();
+    let after = bench.platform.lbs("cl-1").remove(0);
+    assert_eq!((after.id.as_str(), after.public_ipv6.as_ref()), (lb.id.as_str(), None));
+    assert!(
+        !bench.platform.public_ips().iter().any(|ip| ip.id == v6.id),
+        "the acquired IPv6 address is released"
+    );
+    bench.platform.clear_calls();
+    let (_, calls) = bench.reconcile(&back).await;
+    assert_eq!(
+        calls[0].body["status"]["loadBalancer"]["ingress"],
+        serde_json::json!([{"ip": lb.public_ip.expect("IPv4").address.to_string(), "ipMode": "VIP"}])
+    );
+}
+
+/// An IPv6-only Service: an LB with only an IPv6 address, backends the nodes with IPv6.
+#[tokio::test]
+async fn an_ipv6_only_service_gets_an_ipv6_only_lb() {
+    let mut bench = Bench::dual(&["a", "b"]);
+    bench.add_node("c"); // a node without IPv6
+    let s = with_families(finalized(svc()), &["IPv6"], "SingleStack");
+    let lb = provisioned(&bench, &s).await;
+    assert_eq!(lb.ip_versions, vec![crate::platform::IpVersion::V6]);
+    assert!(lb.public_ip.is_none() && lb.public_ipv6.is_some());
+    let mut vms: Vec<&str> = lb.backends.iter().map(|b| b.vm_id.as_str()).collect();
+    vms.sort();
+    assert_eq!(vms, vec!["vm-a", "vm-b"]);
+    let (_, calls) = bench.reconcile(&s).await;
+    let ingress = &calls[0].body["status"]["loadBalancer"]["ingress"];
+    assert_eq!(ingress.as_array().map(Vec::len), Some(1), "{calls:?}");
+    assert!(ingress[0]["ip"].as_str().is_some_and(|ip| ip.contains(':')));
 }
 
 #[tokio::test]

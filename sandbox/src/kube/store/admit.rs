@@ -39,7 +39,7 @@ impl Store {
         if rt.storage == "core/services" {
             let ns = meta_str(obj, "namespace").to_string();
             let in_use = self.in_use_except(&ns, &name);
-            if let Err(c) = hooks::service(old, obj, self.service_cidr, &in_use) {
+            if let Err(c) = hooks::service(old, obj, &self.service_cidrs, &in_use) {
                 causes.extend(c);
             }
         }

@@ -23,8 +23,8 @@ pub use snapshot::{JournalEntry, replay};
 use crate::kube::hooks;
 use crate::kube::registry::{self, ResourceType, View};
 use crate::kube::selectors::{FieldSelector, LabelSelector, labels_of};
+use crate::kube::service_ips::ServiceCidrs;
 use crate::kube::status::ApiError;
-use ipnet::Ipv4Net;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -114,7 +114,7 @@ pub struct Store {
     pub oldest_rv: u64,
     /// ServiceAccount tokens: token → (namespace, name).
     pub tokens: BTreeMap<String, (String, String)>,
-    pub service_cidr: Ipv4Net,
+    pub service_cidrs: ServiceCidrs,
     pub tx: broadcast::Sender<Arc<Change>>,
     /// Something changed since the last [`Store::take_changes`] or [`Store::persisted`].
     pub dirty: bool,
@@ -149,7 +149,7 @@ fn set_spec_finalizers(ns: &mut Value, finalizers: Option<Value>) {
 }
 
 impl Store {
-    pub fn new(service_cidr: Ipv4Net, history_limit: usize) -> Self {
+    pub fn new(service_cidrs: ServiceCidrs, history_limit: usize) -> Self {
         // Watches that fall further behind catch up from `history`.
         let (tx, _) = broadcast::channel(1024);
         Store {
@@ -160,7 +160,7 @@ impl Store {
             history_limit,
             oldest_rv: 1,
             tokens: BTreeMap::new(),
-            service_cidr,
+            service_cidrs,
             tx,
             dirty: false,
             written: Default::default(),
@@ -181,9 +181,8 @@ impl Store {
             && self.get_raw(&svc, "default", "kubernetes").is_none()
         {
             let first = self
-                .service_cidr
-                .hosts()
-                .next()
+                .service_cidrs
+                .first_address()
                 .map(|a| a.to_string())
                 .unwrap_or_default();
             let _ = self.create(

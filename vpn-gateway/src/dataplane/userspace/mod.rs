@@ -8,9 +8,12 @@
 //!   Service has room, so a slow Service closes the peer's TCP window (backpressure);
 //!   half-closes are passed on (FIN ↔ `shutdown(Write)`).
 //! - UDP: relayed per flow (peer address and port, destination) over a connected tokio
-//!   socket, expiring after [`UDP_IDLE`] without traffic. DNS to the gateway's own address
-//!   is answered by [`crate::dns`] (TCP DNS too).
-//! - ICMP echo to an allowed ClusterIP (or the gateway) is answered by smoltcp.
+//!   socket, expiring after [`UDP_IDLE`] without traffic. DNS to the gateway's own
+//!   addresses (IPv4 and IPv6) is answered by [`crate::dns`] (TCP DNS too).
+//! - ICMP echo to an allowed ClusterIP is answered here, to the gateway by smoltcp (IPv4)
+//!   or here (ICMPv6).
+//! - IPv6 like IPv4: smoltcp has the gateway's IPv6 address too, and a flow to an IPv6
+//!   ClusterIP is carried over an IPv6 socket to `[clusterIP]:port`.
 //! - Denied TCP gets a RST from a second, socket-less smoltcp interface (so a denied SYN can
 //!   never meet a listening socket); other denied packets are dropped. One audit line per
 //!   flow (target `audit`): peer, destination, Service, port, verdict, the rule that
@@ -26,7 +29,7 @@ mod tcp_flows;
 mod udp_flows;
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,7 +39,7 @@ use super::{DataPlane, FlowCounters, Inbound, Policy};
 use crate::acl::Verdict;
 use crate::audit::AuditBudget;
 use crate::dns::Resolver;
-use crate::packet::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_RST, Transport};
+use crate::packet::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, TCP_RST, Transport};
 use crate::peers::PeerId;
 use stack::{Stack, smol_now};
 use tcp_flows::{TcpFlow, TcpKind};
@@ -69,6 +72,8 @@ const MAX_ROUNDS: usize = 16;
 pub struct UserspaceConfig {
     /// The gateway's tunnel address.
     pub gateway: Ipv4Addr,
+    /// Its IPv6 tunnel address.
+    pub gateway_v6: Ipv6Addr,
     pub cluster_domain: String,
     pub dns_upstream: Option<SocketAddr>,
 }
@@ -103,8 +108,8 @@ impl UserspaceDataPlane {
         let (replies_tx, replies_rx) = mpsc::channel(1024);
         UserspaceDataPlane {
             resolver: Resolver::new(&cfg.cluster_domain, cfg.dns_upstream.is_some()),
-            stack: Stack::new(cfg.gateway, epoch),
-            reject: Stack::new(cfg.gateway, epoch),
+            stack: Stack::new(cfg.gateway, cfg.gateway_v6, epoch),
+            reject: Stack::new(cfg.gateway, cfg.gateway_v6, epoch),
             cfg,
             epoch,
             tcp: HashMap::new(),
@@ -121,7 +126,9 @@ impl UserspaceDataPlane {
     fn service_name(&self, dst: IpAddr) -> String {
         match self.policy.catalog.by_ip(dst) {
             Some(s) => format!("{}/{}", s.namespace, s.name),
-            None if dst == IpAddr::V4(self.cfg.gateway) => "gateway".to_string(),
+            None if dst == IpAddr::V4(self.cfg.gateway) || dst == IpAddr::V6(self.cfg.gateway_v6) => {
+                "gateway".to_string()
+            }
             None => "-".to_string(),
         }
     }
@@ -168,24 +175,12 @@ fn audit_held(peer: &PeerId, denied: u64) {
     tracing::info!(target: "audit", peer = %peer, denied, "denied flows not logged one by one (over the audit budget)");
 }
 
-trait ToV4 {
-    fn to_v4(&self) -> Ipv4Addr;
-}
-
-impl ToV4 for IpAddr {
-    fn to_v4(&self) -> Ipv4Addr {
-        match self {
-            IpAddr::V4(a) => *a,
-            IpAddr::V6(a) => a.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED),
-        }
-    }
-}
-
 fn proto_name(p: u8) -> &'static str {
     match p {
         PROTO_TCP => "tcp",
         PROTO_UDP => "udp",
         PROTO_ICMP => "icmp",
+        PROTO_ICMPV6 => "icmpv6",
         _ => "other",
     }
 }
@@ -239,11 +234,18 @@ impl DataPlane for UserspaceDataPlane {
             ) => {
                 self.udp_inbound(&pkt, src_port, dst_port, payload, now);
             }
-            (Verdict::Allow, Transport::Icmp { .. }) => match crate::packet::icmpv4_echo_reply(pkt.bytes) {
+            (Verdict::Allow, Transport::Icmp { .. }) => match crate::packet::echo_reply(pkt.bytes) {
                 // smoltcp answers echo requests only for its own addresses, not for ClusterIPs.
                 Some(reply) => self.out.push_back(reply),
                 None => self.stack.dev.rx.push_back(pkt.bytes.to_vec()),
             },
+            // ICMPv6 to the gateway: echo answered here (smoltcp would also take neighbour
+            // discovery and the like, which a tunnel has no use for).
+            (Verdict::Local, Transport::Icmp { .. }) if p.proto == PROTO_ICMPV6 => {
+                if let Some(reply) = crate::packet::icmpv6_echo_reply(pkt.bytes) {
+                    self.out.push_back(reply);
+                }
+            }
             (Verdict::Local, Transport::Icmp { .. }) => {
                 self.stack.dev.rx.push_back(pkt.bytes.to_vec());
             }
@@ -305,8 +307,13 @@ impl DataPlane for UserspaceDataPlane {
     }
 
     fn peer_removed(&mut self, peer_addr: Ipv4Addr) {
-        let ip = IpAddr::V4(peer_addr);
-        let tcp: Vec<FlowKey> = self.tcp.keys().filter(|k| k.0 == ip).copied().collect();
+        // Its flows of both families (an IPv6 flow's key has its IPv6 address).
+        let tcp: Vec<FlowKey> = self
+            .tcp
+            .iter()
+            .filter(|(_, f)| f.peer_addr == peer_addr)
+            .map(|(k, _)| *k)
+            .collect();
         for key in tcp {
             if let Some(flow) = self.tcp.remove(&key) {
                 self.stack.sockets.remove(flow.handle);
@@ -315,7 +322,12 @@ impl DataPlane for UserspaceDataPlane {
                 }
             }
         }
-        let udp: Vec<FlowKey> = self.udp.keys().filter(|k| k.0 == ip).copied().collect();
+        let udp: Vec<FlowKey> = self
+            .udp
+            .iter()
+            .filter(|(_, f)| f.peer_addr == peer_addr)
+            .map(|(k, _)| *k)
+            .collect();
         for key in udp {
             if let Some(f) = self.udp.remove(&key) {
                 f.task.abort();

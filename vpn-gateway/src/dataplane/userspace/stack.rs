@@ -2,7 +2,7 @@
 //! that accepts every destination (AnyIP).
 
 use std::collections::VecDeque;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Instant;
 
 use smoltcp::iface::{Config, Interface, SocketSet};
@@ -60,6 +60,7 @@ impl Device for Queues {
         cs.tcp = Checksum::Tx;
         cs.udp = Checksum::Tx;
         cs.icmpv4 = Checksum::Tx;
+        cs.icmpv6 = Checksum::Tx;
         caps.checksum = cs;
         caps
     }
@@ -73,16 +74,18 @@ pub(super) struct Stack {
 }
 
 impl Stack {
-    pub(super) fn new(gateway: Ipv4Addr, epoch: Instant) -> Self {
+    pub(super) fn new(gateway: Ipv4Addr, gateway_v6: Ipv6Addr, epoch: Instant) -> Self {
         let mut dev = Queues::default();
         let mut config = Config::new(HardwareAddress::Ip);
         config.random_seed = rand::random();
         let mut iface = Interface::new(config, &mut dev, smol_now(epoch, epoch));
         iface.update_ip_addrs(|a| {
             let _ = a.push(IpCidr::new(IpAddress::Ipv4(gateway), 32));
+            let _ = a.push(IpCidr::new(IpAddress::Ipv6(gateway_v6), 128));
         });
         iface.set_any_ip(true);
         let _ = iface.routes_mut().add_default_ipv4_route(gateway);
+        let _ = iface.routes_mut().add_default_ipv6_route(gateway_v6);
         Stack {
             iface,
             dev,

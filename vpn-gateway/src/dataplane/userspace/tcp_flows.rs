@@ -2,7 +2,7 @@
 //! tokio task to a connection to the Service (bounded channels both ways, so a slow
 //! Service closes the peer's window), or answering DNS over TCP to the gateway itself.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
 use super::{
-    CHANNEL_CHUNKS, CONNECT_TIMEOUT, FlowKey, MAX_FLOWS, READ_CHUNK, TCP_BUFFER, TCP_IDLE, ToV4, UserspaceDataPlane,
+    CHANNEL_CHUNKS, CONNECT_TIMEOUT, FlowKey, MAX_FLOWS, READ_CHUNK, TCP_BUFFER, TCP_IDLE, UserspaceDataPlane,
 };
 use crate::dataplane::Inbound;
 use crate::dns::DnsAnswer;
@@ -44,6 +44,9 @@ pub(super) struct TcpFlow {
     pub(super) handle: SocketHandle,
     pub(super) kind: TcpKind,
     pub(super) peer: PeerId,
+    /// The peer's (IPv4) tunnel address: its identity for the ACL and DNS, whichever
+    /// family the flow is.
+    pub(super) peer_addr: Ipv4Addr,
     pub(super) service: String,
     /// The rule that allowed it, for its audit line.
     pub(super) rule: String,
@@ -105,6 +108,7 @@ impl UserspaceDataPlane {
                 handle,
                 kind,
                 peer: pkt.peer.clone(),
+                peer_addr: pkt.peer_addr,
                 service,
                 rule,
                 pending: Vec::new(),
@@ -170,7 +174,7 @@ impl UserspaceDataPlane {
                         let reply =
                             match self
                                 .resolver
-                                .answer(&query, key.0.to_v4(), &self.policy.acl, &self.policy.catalog)
+                                .answer(&query, flow.peer_addr, &self.policy.acl, &self.policy.catalog)
                             {
                                 Some(DnsAnswer::Reply(r)) => Some(r),
                                 // Forwarding is UDP only; TCP clients get SERVFAIL.

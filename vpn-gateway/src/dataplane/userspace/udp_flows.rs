@@ -1,14 +1,14 @@
 //! UDP flows: relayed per (peer address and port, destination) over a connected tokio
 //! socket until [`UDP_IDLE`](super::UDP_IDLE) passes without traffic; DNS to the gateway's
-//! own address answered by [`crate::dns`] (or forwarded upstream); replies built as IPv4
-//! packets here.
+//! addresses answered by [`crate::dns`] (or forwarded upstream); replies built as IPv4 or
+//! IPv6 packets here.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
 use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, UdpPacket, UdpRepr};
+use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, UdpPacket, UdpRepr};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
@@ -22,6 +22,8 @@ pub(super) struct UdpFlow {
     pub(super) socket: Arc<UdpSocket>,
     pub(super) task: JoinHandle<()>,
     pub(super) peer: PeerId,
+    /// The peer's (IPv4) tunnel address, whichever family the flow is.
+    pub(super) peer_addr: Ipv4Addr,
     pub(super) service: String,
     /// The rule that allowed it, for its audit line.
     pub(super) rule: String,
@@ -106,6 +108,7 @@ impl UserspaceDataPlane {
                 socket,
                 task,
                 peer: pkt.peer.clone(),
+                peer_addr: pkt.peer_addr,
                 service,
                 rule,
                 started: now,
@@ -185,10 +188,13 @@ pub(super) fn audit_udp(key: &FlowKey, f: &UdpFlow, now: Instant) {
     );
 }
 
-/// An IPv4 UDP packet with checksums.
+/// A UDP packet with checksums, IPv4 or IPv6 as its addresses are (`None` when they are of
+/// two families or it would be too large).
 pub(super) fn build_udp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, payload: &[u8]) -> Option<Vec<u8>> {
-    let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) else {
-        return None;
+    let (s, d) = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => (s, d),
+        (IpAddr::V6(s), IpAddr::V6(d)) => return build_udp_v6(s, sport, d, dport, payload),
+        _ => return None,
     };
     let udp = UdpRepr {
         src_port: sport,
@@ -219,4 +225,75 @@ pub(super) fn build_udp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, payloa
         &caps,
     );
     Some(buf)
+}
+
+fn build_udp_v6(
+    s: std::net::Ipv6Addr,
+    sport: u16,
+    d: std::net::Ipv6Addr,
+    dport: u16,
+    payload: &[u8],
+) -> Option<Vec<u8>> {
+    let udp = UdpRepr {
+        src_port: sport,
+        dst_port: dport,
+    };
+    let udp_len = udp.header_len() + payload.len();
+    if udp_len > 65_535 {
+        return None;
+    }
+    let ip = Ipv6Repr {
+        src_addr: s,
+        dst_addr: d,
+        next_header: IpProtocol::Udp,
+        payload_len: udp_len,
+        hop_limit: 64,
+    };
+    let mut buf = vec![0u8; ip.buffer_len() + udp_len];
+    let caps = ChecksumCapabilities::default();
+    let mut ipp = Ipv6Packet::new_unchecked(&mut buf);
+    ip.emit(&mut ipp);
+    let mut up = UdpPacket::new_unchecked(ipp.payload_mut());
+    udp.emit(
+        &mut up,
+        &IpAddress::Ipv6(s),
+        &IpAddress::Ipv6(d),
+        payload.len(),
+        |b| b.copy_from_slice(payload),
+        &caps,
+    );
+    Some(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::{Transport, parse};
+
+    #[test]
+    fn udp_replies_of_both_families_parse_with_valid_checksums() {
+        for (src, dst) in [
+            ("127.96.0.53", "100.64.0.2"),
+            ("fd6b:7261:7961::1", "fd6b:7261:7961::2"),
+        ] {
+            let (src, dst): (IpAddr, IpAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+            let p = build_udp(src, 53, dst, 40000, b"answer").unwrap();
+            let pkt = parse(&p).unwrap();
+            assert_eq!((pkt.src, pkt.dst), (src, dst));
+            assert!(matches!(
+                pkt.transport,
+                Transport::Udp {
+                    src_port: 53,
+                    dst_port: 40000,
+                    payload: b"answer"
+                }
+            ));
+            // The checksum checks (smoltcp verifies it against the pseudo-header).
+            let (s, d) = (IpAddress::from(src), IpAddress::from(dst));
+            let body = &p[if src.is_ipv4() { 20 } else { 40 }..];
+            assert!(UdpPacket::new_checked(body).unwrap().verify_checksum(&s, &d), "{src}");
+        }
+        let mixed: (IpAddr, IpAddr) = ("127.0.0.1".parse().unwrap(), "::1".parse().unwrap());
+        assert_eq!(build_udp(mixed.0, 1, mixed.1, 2, b""), None);
+    }
 }
