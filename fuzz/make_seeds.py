@@ -54,6 +54,27 @@ v6f = (b"\x60\x00\x00\x00" + struct.pack("!HBB", len(t) + 8, 44, 64) + bytes([0x
 write("gateway_packet", "ipv6-fragment-tcp", v6f)
 
 
+def ip6(src, dst, nh, body):
+    return b"\x60\x00\x00\x00" + struct.pack("!HBB", len(body), nh, 64) + bytes(src) + bytes(dst) + body
+
+
+def v6addr(prefix, last):
+    return bytes(prefix) + bytes(14 - len(prefix)) + struct.pack("!H", last)
+
+
+A6, GW6 = v6addr([0xfd, 0x6b, 0x72, 0x61, 0x79, 0x61], 2), v6addr([0xfd, 0x6b, 0x72, 0x61, 0x79, 0x61], 1)
+WEB6, PG6 = v6addr([0xfd, 0, 0, 0x96], 0xa), v6addr([0xfd, 0, 0, 0x96] + [0] * 8 + [0, 1], 5)
+write("gateway_packet", "ipv6-tcp-syn-allowed", ip6(A6, WEB6, 6, tcp(40000, 80, 0x02)))
+write("gateway_packet", "ipv6-tcp-syn-denied", ip6(A6, PG6, 6, tcp(40000, 5432, 0x02)))
+write("gateway_packet", "ipv6-spoofed", ip6(v6addr([0xfd, 0x6b, 0x72, 0x61, 0x79, 0x61], 9), WEB6, 6, tcp(1, 80, 0x02)))
+write("gateway_packet", "ipv6-dns-gateway", ip6(A6, GW6, 17, udp(5353, 53, b"\x12\x34\x01\x00")))
+write("gateway_packet", "icmpv6-echo", ip6(A6, WEB6, 58, b"\x80\x00\x00\x00\x00\x01\x00\x01ping"))
+write("gateway_packet", "icmpv6-echo-gateway", ip6(A6, GW6, 58, b"\x80\x00\x00\x00\x00\x01\x00\x01"))
+# Routing (16 bytes) then destination options before TCP.
+write("gateway_packet", "ipv6-routing-dstopts-tcp",
+      ip6(A6, WEB6, 43, bytes([60, 1]) + bytes(14) + bytes([6, 0]) + bytes(6) + tcp(1, 80, 0x02)))
+
+
 # --- gateway_dns: DNS queries ---------------------------------------------------------
 def name(n):
     return b"".join(bytes([len(l)]) + l.encode() for l in n.strip(".").split(".") if l) + b"\x00"
@@ -68,6 +89,9 @@ def query(n, qtype, qid=0x1234, extra=b"", arcount=0, qd=None):
 write("gateway_dns", "a-full", query("web.default.svc.cluster.local.", 1))
 write("gateway_dns", "a-short", query("web.default", 1))
 write("gateway_dns", "aaaa-v6", query("api.v6.svc.", 28))
+write("gateway_dns", "aaaa-dual-stack", query("web.default.svc.cluster.local.", 28))
+write("gateway_dns", "aaaa-denied", query("pg.db.svc.cluster.local.", 28))
+write("gateway_dns", "aaaa-v4-only", query("dns.default.svc.", 28))
 write("gateway_dns", "srv", query("_http._tcp.web.default.svc.cluster.local.", 33))
 write("gateway_dns", "any-srv-short", query("_dns._udp.dns.default", 255))
 write("gateway_dns", "denied", query("pg.db.svc.cluster.local.", 1))

@@ -72,6 +72,14 @@ impl Laptop {
         self.key.address.to_string()
     }
 
+    /// Its default IPv6 tunnel address: the gateway's IPv6 range (fd6b:7261:7961::/64) plus
+    /// the IPv4 address's offset in 100.64.0.0/16.
+    fn address_v6(&self) -> String {
+        let offset = u32::from(self.key.address) - u32::from(std::net::Ipv4Addr::new(100, 64, 0, 0));
+        let prefix = u128::from("fd6b:7261:7961::".parse::<std::net::Ipv6Addr>().unwrap());
+        std::net::Ipv6Addr::from(prefix + u128::from(offset)).to_string()
+    }
+
     /// The VpnPeer of this laptop in the gateway's namespace, allowed `default/web`.
     fn peer_yaml(&self, extra_spec: &str) -> String {
         format!(
@@ -337,6 +345,20 @@ fn peer_status(sb: &TempSandbox, name: &str) -> Result<Vec<String>> {
     Ok(out.trim().split('|').map(str::to_string).collect())
 }
 
+/// A peer's `status.addressV6` and `status.lastAddressV6` (empty when absent).
+fn peer_status_v6(sb: &TempSandbox, name: &str) -> Result<Vec<String>> {
+    let out = sb.kubectl(&[
+        "get",
+        "vpnpeer",
+        "-n",
+        GW_NS,
+        name,
+        "-o",
+        "jsonpath={.status.addressV6}|{.status.lastAddressV6}",
+    ])?;
+    Ok(out.trim().split('|').map(str::to_string).collect())
+}
+
 fn wait_condition(sb: &TempSandbox, ns: &str, name: &str, accepted: bool) -> Result<()> {
     let cond = if accepted {
         "condition=Accepted".to_string()
@@ -575,6 +597,12 @@ fn run_scenario(sb: &TempSandbox, gw: &Gateway, web: &str, secret: &str, followe
     // Her status says where she was served (written within a second), so that it can
     // keep that as lastAddress.
     wait_condition(sb, GW_NS, "carol", true)?;
+    // Served at her default IPv6 tunnel address too (dual-stack tunnel addressing).
+    let v6 = peer_status_v6(sb, "carol")?;
+    ensure!(
+        v6 == [carol.address_v6(), carol.address_v6()],
+        "carol's status (addressV6, lastAddressV6): {v6:?}"
+    );
     bob_t.baseline(gw);
     let changed = Instant::now();
     sb.kubectl(&[
@@ -602,6 +630,12 @@ fn run_scenario(sb: &TempSandbox, gw: &Gateway, web: &str, secret: &str, followe
     ensure!(
         status == ["Disabled", "", &carol.address()],
         "carol's status (reason, address, lastAddress): {status:?}"
+    );
+    // Its IPv6 tunnel address likewise: none in use, the last one kept to give back.
+    let status = peer_status_v6(sb, "carol")?;
+    ensure!(
+        status == ["", &carol.address_v6()],
+        "carol's status (addressV6, lastAddressV6): {status:?}"
     );
     let row = peer_table(sb)?;
     ensure!(

@@ -3,10 +3,12 @@
 //!
 //! Besides "never panics", every reply must be a DNS message answering the query's ID,
 //! and must not reveal a Service the asking peer may not reach: peer B has no rules, so
-//! it never gets an address or SRV record; peer A only gets `default/web`'s.
+//! it never gets an address or SRV record; peer A only gets `default/web`'s, which is
+//! dual-stack: its A record and its AAAA record (IPv6 ClusterIP), never another's. AAAA
+//! queries are among the seeds.
 #![no_main]
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::LazyLock;
 
 use hickory_proto::op::{Message, MessageType, ResponseCode};
@@ -21,12 +23,16 @@ use libfuzzer_sys::fuzz_target;
 const PEER_A: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
 const PEER_B: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 3);
 const WEB: Ipv4Addr = Ipv4Addr::new(127, 96, 0, 10);
+const WEB6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0xa);
 
-fn service(ns: &str, name: &str, ip: &str, ports: &[(Option<&str>, u16, Protocol)]) -> Service {
+/// A Service with ClusterIPs `ips` (the first is the primary).
+fn service(ns: &str, name: &str, ips: &[&str], ports: &[(Option<&str>, u16, Protocol)]) -> Service {
+    let ips: Vec<IpAddr> = ips.iter().map(|ip| ip.parse().unwrap()).collect();
     Service {
         namespace: ns.into(),
         name: name.into(),
-        cluster_ip: Some(ip.parse().unwrap()),
+        cluster_ip: ips.first().copied(),
+        cluster_ips: ips,
         ports: ports
             .iter()
             .map(|&(name, port, protocol)| ServicePort {
@@ -55,15 +61,20 @@ static POLICY: LazyLock<(Acl, Catalog)> = LazyLock::new(|| {
         service(
             "default",
             "web",
-            "127.96.0.10",
+            &["127.96.0.10", "fd00:96::a"],
             &[
                 (Some("http"), 80, Protocol::Tcp),
                 (Some("metrics"), 9090, Protocol::Tcp),
             ],
         ),
-        service("default", "dns", "127.96.0.53", &[(Some("dns"), 53, Protocol::Udp)]),
-        service("db", "pg", "127.96.1.5", &[(Some("pg"), 5432, Protocol::Tcp)]),
-        service("v6", "api", "fd00::10", &[(Some("https"), 443, Protocol::Tcp)]),
+        service("default", "dns", &["127.96.0.53"], &[(Some("dns"), 53, Protocol::Udp)]),
+        service(
+            "db",
+            "pg",
+            &["127.96.1.5", "fd00:96::1:5"],
+            &[(Some("pg"), 5432, Protocol::Tcp)],
+        ),
+        service("v6", "api", &["fd00::10"], &[(Some("https"), 443, Protocol::Tcp)]),
     ]);
     let a = peer(
         PEER_A,
@@ -108,7 +119,7 @@ fuzz_target!(|data: &[u8]| {
             for r in reply.answers.iter().chain(&reply.additionals) {
                 match &r.data {
                     RData::A(a) => assert!(peer == PEER_A && a.0 == WEB, "{peer} was told {a:?}"),
-                    RData::AAAA(a) => panic!("{peer} was told {a:?} (no IPv6 Service is allowed)"),
+                    RData::AAAA(a) => assert!(peer == PEER_A && a.0 == WEB6, "{peer} was told {a:?}"),
                     RData::SRV(s) => assert!(peer == PEER_A && [80, 9090].contains(&s.port), "{peer}: {s:?}"),
                     other => panic!("unexpected record {other:?}"),
                 }

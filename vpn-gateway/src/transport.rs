@@ -99,6 +99,8 @@ pub fn bind_all<S>(
     if listen.is_empty() {
         return match bind_one(default_listen()) {
             Ok(s) => Ok(vec![s]),
+            // Anything else (the port in use, say) is the default's own error.
+            Err(e) if !no_ipv6(&e) => Err((default_listen(), e)),
             Err(e) => {
                 tracing::info!(error = %e, "no IPv6 here: listening on IPv4 only");
                 bind_one(fallback_listen())
@@ -108,6 +110,14 @@ pub fn bind_all<S>(
         };
     }
     listen.iter().map(|&a| bind_one(a).map_err(|e| (a, e))).collect()
+}
+
+/// Whether a failed IPv6 bind says the host has no IPv6 (no address family, no address).
+fn no_ipv6(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EPROTONOSUPPORT | libc::EADDRNOTAVAIL)
+    )
 }
 
 #[cfg(test)]
@@ -184,6 +194,11 @@ mod tests {
             ))
         };
         assert_eq!(bind_all(&[], with_v6).unwrap()[0].1.local, addr("[::]:51820"));
+        // The port taken is not a missing IPv6: no fallback, the default's error.
+        let in_use = |_: SocketAddr| Err::<((), Bound), _>(std::io::Error::from_raw_os_error(libc::EADDRINUSE));
+        let err = bind_all(&[], in_use).unwrap_err();
+        assert_eq!(err.0, addr("[::]:51820"));
+        assert_eq!(err.1.raw_os_error(), Some(libc::EADDRINUSE));
         // Given addresses are all bound, and one that fails is named, with no fallback.
         let given = [addr("127.0.0.1:0"), addr("[::1]:0")];
         assert_eq!(bind_all(&given, with_v6).unwrap().len(), 2);
