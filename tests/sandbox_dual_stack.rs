@@ -138,9 +138,15 @@ spec:
 
 /// `curl` inside the namespace; the body when it answered 200.
 fn curl(sb: &DualSandbox, family: &str, url: &str) -> Option<String> {
-    let out = sb
-        .in_ns(&["curl", family, "-sS", "--fail", "--max-time", "3", url])
-        .ok()?;
+    curl_with(sb, &[family], url)
+}
+
+/// [`curl`] with more options (`-6 --interface ADDR`).
+fn curl_with(sb: &DualSandbox, options: &[&str], url: &str) -> Option<String> {
+    let mut args = vec!["curl"];
+    args.extend_from_slice(options);
+    args.extend_from_slice(&["-sS", "--fail", "--max-time", "3", url]);
+    let out = sb.in_ns(&args).ok()?;
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
@@ -262,6 +268,192 @@ fn a_dual_stack_sandbox_gives_services_pods_and_slices_both_families() -> Result
     ensure!(down.status.success(), "sandbox down: {}", output_text(&down));
     let routes = sb.local_routes()?;
     ensure!(!routes.contains("fd00:"), "routes left after down:\n{routes}");
+    Ok(())
+}
+
+/// A Service's `status.loadBalancer.ingress` as (ip, ipMode).
+fn ingress(sb: &DualSandbox, ns: &str, name: &str) -> Result<Vec<(String, String)>> {
+    let svc = json(&sb.user.kubectl(&["get", "service", "-n", ns, name, "-o", "json"])?)?;
+    Ok(svc["status"]["loadBalancer"]["ingress"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| {
+            (
+                i["ip"].as_str().unwrap_or_default().to_string(),
+                i["ipMode"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect())
+}
+
+/// Waits for two ingress entries (IPv4, then IPv6 from the platform's IPv6 pool), each
+/// `ipMode: VIP`; returns the two addresses.
+fn wait_dual_ingress(sb: &DualSandbox, ns: &str, name: &str) -> Result<(String, String)> {
+    let entries = poll_until_blocking(Duration::from_secs(60), || {
+        let e = ingress(sb, ns, name).ok()?;
+        (e.len() == 2).then_some(e)
+    })
+    .with_context(|| format!("{ns}/{name}: two ingress entries"))?;
+    ensure!(
+        entries.iter().all(|(_, mode)| mode == "VIP"),
+        "{ns}/{name}: ipMode VIP on each: {entries:?}"
+    );
+    let (v4, v6) = (entries[0].0.clone(), entries[1].0.clone());
+    ensure!(
+        v4.parse::<std::net::Ipv4Addr>().is_ok() && v6.starts_with("fd00:203::"),
+        "{ns}/{name}: IPv4 first, then IPv6 of fd00:203::/112: {entries:?}"
+    );
+    Ok((v4, v6))
+}
+
+const LB: &str = "\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  replicas: 2
+  selector:
+    matchLabels:
+      app: web
+  template:
+    metadata:
+      labels:
+        app: web
+    spec:
+      containers:
+      - name: web
+        image: any
+        ports:
+        - containerPort: 8080
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  type: LoadBalancer
+  ipFamilyPolicy: PreferDualStack
+  selector:
+    app: web
+  ports:
+  - port: 80
+    targetPort: 8080
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: guarded
+spec:
+  type: LoadBalancer
+  ipFamilyPolicy: RequireDualStack
+  loadBalancerSourceRanges: [\"127.0.0.0/8\", \"fd00:99::/64\"]
+  selector:
+    app: web
+  ports:
+  - port: 80
+    targetPort: 8080
+";
+
+/// The issue's measured end to end, in the dual-stack sandbox with its CCM and gateway:
+/// a `PreferDualStack` LoadBalancer Service gets two ingress IPs (IPv4 first, `ipMode:
+/// VIP`) and answers curl on both; with `loadBalancerSourceRanges` of both families,
+/// `curl -6` from a source outside them is refused while one inside is served;
+/// `RequireDualStack` works; kubectl shows both ClusterIPs; the gateway's own Service is
+/// dual-stack too (an IPv6 endpoint for peers).
+#[test]
+fn a_prefer_dual_stack_load_balancer_answers_on_both_families() -> Result<()> {
+    require_root(TEST, "it creates a network namespace and adds IPv6 routes inside it");
+    require_programs(&[("ip", "iproute2"), ("curl", "curl"), ("kubectl", "kubectl")]);
+    let sb = DualSandbox::up(&[])?;
+    // Nodes: the VMs' IPv6 addresses as second InternalIPs (the CCM's node controller).
+    let internal = poll_until_blocking(Duration::from_secs(30), || {
+        let out = sb
+            .user
+            .kubectl(&[
+                "get",
+                "nodes",
+                "-o",
+                "jsonpath={range .items[*]}{.status.addresses[?(@.type==\"InternalIP\")].address}{\"\\n\"}{end}",
+            ])
+            .ok()?;
+        let lines: Vec<String> = out.lines().map(str::to_string).collect();
+        (lines.len() == 2 && lines.iter().all(|l| l.contains(" fd00:10::"))).then_some(lines)
+    })
+    .context("both nodes with an IPv6 InternalIP from fd00:10::/112")?;
+    ensure!(
+        internal.iter().all(|l| l.starts_with("127.")),
+        "IPv4 first: {internal:?}"
+    );
+
+    let file = write(sb.dir.path(), "lb.yaml", LB)?;
+    sb.user.kubectl(&["apply", "-f", &file])?;
+    let (v4, v6) = wait_dual_ingress(&sb, "default", "web")?;
+    let four = poll_until_blocking(Duration::from_secs(30), || curl(&sb, "-4", &format!("http://{v4}/")))
+        .context("the LB's IPv4 address answers")?;
+    ensure!(four.starts_with("pod=web-"), "{four}");
+    let six = poll_until_blocking(Duration::from_secs(30), || curl(&sb, "-6", &format!("http://[{v6}]/")))
+        .context("the LB's IPv6 address answers")?;
+    ensure!(six.starts_with("pod=web-"), "{six}");
+    let described = sb.user.kubectl(&["describe", "service", "web"])?;
+    let ips = sb.user.kubectl(&[
+        "get",
+        "service",
+        "web",
+        "-o",
+        "jsonpath={.spec.clusterIPs[0]},{.spec.clusterIPs[1]}",
+    ])?;
+    ensure!(
+        described.contains(&format!("IPs:                      {ips}")) && ips.contains(",fd00:96::"),
+        "kubectl describe shows both ClusterIPs ({ips}):\n{described}"
+    );
+    let table = sb.user.kubectl(&["get", "service", "web", "--no-headers"])?;
+    ensure!(table.contains(&format!("{v4},{v6}")), "EXTERNAL-IP lists both: {table}");
+
+    // Source ranges of both families: an IPv6 source outside them is refused, one inside
+    // (an address of the namespace's lo in fd00:99::/64, bound with --interface) served.
+    let (g4, g6) = wait_dual_ingress(&sb, "default", "guarded")?;
+    sb.ns.ip(["-6", "addr", "add", "fd00:99::5/128", "dev", "lo"])?;
+    let inside = poll_until_blocking(Duration::from_secs(30), || {
+        curl_with(&sb, &["-6", "--interface", "fd00:99::5"], &format!("http://[{g6}]/"))
+    });
+    let inside = match inside {
+        Some(body) => body,
+        None => {
+            let out = sb.in_ns(&[
+                "curl",
+                "-6",
+                "-sS",
+                "--max-time",
+                "3",
+                "--interface",
+                "fd00:99::5",
+                &format!("http://[{g6}]/"),
+            ])?;
+            anyhow::bail!("an IPv6 source inside the ranges is not served: {}", output_text(&out));
+        }
+    };
+    ensure!(inside.starts_with("pod=web-"), "{inside}");
+    let outside = sb.in_ns(&["curl", "-6", "-sS", "--max-time", "3", &format!("http://[{g6}]/")])?;
+    ensure!(
+        !outside.status.success(),
+        "curl -6 from ::1 (outside the ranges) must be refused: {}",
+        output_text(&outside)
+    );
+    let v4_inside = curl(&sb, "-4", &format!("http://{g4}/")).context("IPv4 from 127.0.0.0/8 is let in")?;
+    ensure!(v4_inside.starts_with("pod=web-"), "{v4_inside}");
+    let policy = sb.user.kubectl(&[
+        "get",
+        "service",
+        "guarded",
+        "-o",
+        "jsonpath={.spec.ipFamilyPolicy} {.spec.ipFamilies}",
+    ])?;
+    ensure!(policy == r#"RequireDualStack ["IPv4","IPv6"]"#, "{policy}");
+
+    // The gateway's Service: a load balancer of both families too.
+    wait_dual_ingress(&sb, "kuberaya-system", "kuberaya-gateway")?;
     Ok(())
 }
 
