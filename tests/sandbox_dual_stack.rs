@@ -482,5 +482,18 @@ fn dual_stack_needs_root_and_says_so() -> Result<()> {
     ensure!(!out.status.success(), "a non-root dual-stack up must fail: {text}");
     ensure!(text.contains("--ip-family dual needs root"), "{text}");
     ensure!(!state.exists(), "nothing made before the refusal");
+    // --detach says so at once too, before starting anything in the background.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(binary("kuberaya"))
+        .args(["sandbox", "up", "--detach", "--ip-family", "dual", "--state-dir"])
+        .arg(&state)
+        .stdin(Stdio::null())
+        .output()?;
+    let text = output_text(&out);
+    ensure!(
+        !out.status.success() && text.contains("--ip-family dual needs root") && !state.exists(),
+        "{text}"
+    );
     Ok(())
 }

@@ -408,6 +408,11 @@ fn step(msg: &str) {
 
 async fn up_detached(args: UpArgs) -> anyhow::Result<ExitCode> {
     let dir = state_dir(&args.dir)?;
+    if args.ip_family.is_dual() {
+        // Said at once, not from the background process's log.
+        // SAFETY: geteuid has no preconditions.
+        ipv6::check_privileges(unsafe { libc::geteuid() })?;
+    }
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     if is_running(&dir)? {
         return Err(already_running(&dir));
