@@ -1152,7 +1152,8 @@ fn ingress_entries(svc: &Value) -> Vec<(String, String)> {
 /// curl; `-6` curl from outside `loadBalancerSourceRanges` is refused while IPv4 is let
 /// in; a VM's IPv6 address that changes reaches its Node and the LB's backend;
 /// SingleStack and back to PreferDualStack change the LB's families in place (the
-/// same LB, the same IPv4 address) with the ingress and the IPv6 answers following.
+/// same LB, the same IPv4 address) with the ingress and the IPv6 answers following; an
+/// IPv6-only Service gets an IPv6-only LB that answers.
 #[test]
 fn dual_stack_service_answers_on_both_families_and_follows_its_family_policy() -> Result<()> {
     require_root(
@@ -1323,6 +1324,26 @@ fn dual_stack_steps(sb: &Sandbox) -> Result<()> {
     let lb = sb.lb_of("dual")?;
     ensure!(lb["id"] == lb_id && lb["ip_versions"] == json!([4, 6]), "{lb}");
     wait_answering(&format!("http://[{}]:80/", entries[1].0)).context("the new IPv6 address answers")?;
+
+    // IPv6 only: an LB with only an IPv6 address (health-checked and served on the
+    // nodes' IPv6 addresses), answering.
+    sb.apply(&lb_service(
+        "v6only",
+        "dual",
+        &[],
+        "  ipFamilyPolicy: SingleStack\n  ipFamilies: [IPv6]\n",
+    ))?;
+    let only = poll_until_blocking(Duration::from_secs(40), || {
+        last = sb.get_json(&["get", "service", "v6only"]).ok()?;
+        let e = ingress_entries(&last);
+        (e.len() == 1).then_some(e)
+    })
+    .with_context(|| format!("one ingress entry: {last}"))?;
+    ensure!(v6_in(&only[0].0, "fd00:203:") && only[0].1 == "VIP", "{only:?}");
+    let lb = sb.lb_of("v6only")?;
+    ensure!(lb["ip_versions"] == json!([6]) && lb["public_ip"].is_null(), "{lb}");
+    let pod = wait_answering(&format!("http://[{}]:80/", only[0].0)).context("the IPv6-only LB answers")?;
+    ensure!(all.contains(&pod), "answered by {pod}");
     Ok(())
 }
 
