@@ -2,7 +2,9 @@
 //! (the sandbox's IPv6 ranges are `local` routes on that namespace's `lo`, never the
 //! host's), met with the real `kubectl` and `curl`: dual-stack Services get a ClusterIP of
 //! each family, pods an address of each, EndpointSlices one per family, and kube-proxy
-//! serves the IPv6 ClusterIP; `sandbox down` removes the routes.
+//! serves the IPv6 ClusterIP; `sandbox down` removes the routes. With the sandbox's CCM
+//! and gateway: load balancers of both families, source ranges by family, and a VPN peer
+//! over the gateway's IPv6 endpoint.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -10,8 +12,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use kuberaya_e2e::netns::require_programs;
-use kuberaya_e2e::sandbox::{User, output_text};
-use kuberaya_e2e::{Netns, binary, poll_until_blocking, require_root};
+use kuberaya_e2e::sandbox::{User, WgPeer, conf_value, onetun_path, output_text};
+use kuberaya_e2e::{Netns, Process, binary, poll_until_blocking, require_root};
 use serde_json::Value;
 
 const TEST: &str = "sandbox_dual_stack";
@@ -361,7 +363,8 @@ spec:
 /// VIP`) and answers curl on both; with `loadBalancerSourceRanges` of both families,
 /// `curl -6` from a source outside them is refused while one inside is served;
 /// `RequireDualStack` works; kubectl shows both ClusterIPs; the gateway's own Service is
-/// dual-stack too (an IPv6 endpoint for peers).
+/// dual-stack too, and a peer (`kuberaya peer add --endpoint-family ipv6`, onetun)
+/// connecting over its IPv6 address reaches an IPv6 ClusterIP.
 #[test]
 fn a_prefer_dual_stack_load_balancer_answers_on_both_families() -> Result<()> {
     require_root(TEST, "it creates a network namespace and adds IPv6 routes inside it");
@@ -452,8 +455,61 @@ fn a_prefer_dual_stack_load_balancer_answers_on_both_families() -> Result<()> {
     ])?;
     ensure!(policy == r#"RequireDualStack ["IPv4","IPv6"]"#, "{policy}");
 
-    // The gateway's Service: a load balancer of both families too.
-    wait_dual_ingress(&sb, "kuberaya-system", "kuberaya-gateway")?;
+    // The gateway's Service: a load balancer of both families too, and a peer connecting
+    // over its IPv6 address (onetun, a userspace WireGuard client, in the namespace)
+    // reaches web's IPv6 ClusterIP through the tunnel, from its IPv6 tunnel address.
+    let (_, gw6) = wait_dual_ingress(&sb, "kuberaya-system", "kuberaya-gateway")?;
+    let conf_path = sb.dir.path().join("alice.conf");
+    let conf_arg = conf_path.to_str().context("utf-8")?;
+    sb.user.kuberaya_ok(&[
+        "peer",
+        "add",
+        "alice",
+        "--allow",
+        "default/web",
+        "--endpoint-family",
+        "ipv6",
+        "--out",
+        conf_arg,
+    ])?;
+    let conf = std::fs::read_to_string(&conf_path)?;
+    let peer = WgPeer::from_conf(&conf);
+    ensure!(
+        peer.endpoint.starts_with(&format!("[{gw6}]:")),
+        "the IPv6 endpoint:\n{conf}"
+    );
+    let tunnel_v6 = conf_value(&conf, "Address")
+        .split(',')
+        .map(str::trim)
+        .find(|a| a.contains(':'))
+        .and_then(|a| a.split('/').next())
+        .map(str::to_string)
+        .with_context(|| format!("an IPv6 tunnel address:\n{conf}"))?;
+    let web_v6 = ips.split(',').nth(1).context("web's IPv6 ClusterIP")?.to_string();
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", sb.ns.name()])
+        .arg(onetun_path())
+        .args([
+            "--endpoint-addr",
+            &peer.endpoint,
+            "--endpoint-public-key",
+            &peer.gateway_key,
+            "--source-peer-ip",
+            &tunnel_v6,
+            "--keep-alive",
+            "5",
+            &format!("127.0.0.1:18090:[{web_v6}]:80:TCP"),
+        ])
+        .env("ONETUN_PRIVATE_KEY", &peer.private_key);
+    let onetun = Process::spawn_command(cmd)?;
+    let through = poll_until_blocking(Duration::from_secs(30), || curl(&sb, "-4", "http://127.0.0.1:18090/"));
+    let Some(through) = through else {
+        anyhow::bail!(
+            "no answer through the tunnel to [{web_v6}]:80\n{conf}\n{}",
+            onetun.output_tails()
+        );
+    };
+    ensure!(through.starts_with("pod=web-"), "{through}");
     Ok(())
 }
 
