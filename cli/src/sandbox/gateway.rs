@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 
+use super::ipv6::Ipv6Ranges;
+
 /// The WireGuard gateway's UDP port, on its Service and its socket.
 pub(super) const GATEWAY_PORT: u16 = 51820;
 /// The gateway's tunnel range (it takes the first address).
@@ -58,6 +60,27 @@ fn gateway_pod_ip(pod_cidr: ipnet::Ipv4Net, i: u32) -> std::net::Ipv4Addr {
     std::net::Ipv4Addr::from(u32::from(pod_cidr.broadcast()).saturating_sub(1 + i))
 }
 
+/// Replica `i`'s IPv6 pod address in a dual-stack sandbox: its IPv4 one's pair, as the
+/// node agents pair pod addresses (`127.244.255.254` → `fd00:244:0:ff::fe`).
+pub(super) fn gateway_pod_ipv6(
+    pod_cidr: ipnet::Ipv4Net,
+    pod_cidr_v6: ipnet::Ipv6Net,
+    i: u32,
+) -> Option<std::net::Ipv6Addr> {
+    use kuberaya_sandbox::cluster::{nodes::paired_pod_cidr_v6, pods::paired_ipv6};
+    let v4 = gateway_pod_ip(pod_cidr, i);
+    let node_range = ipnet::Ipv4Net::new(v4, 24).ok()?.trunc();
+    paired_ipv6(v4, node_range, paired_pod_cidr_v6(node_range, pod_cidr, pod_cidr_v6)?)
+}
+
+/// The gateway's own IPv6 tunnel address: the first of its IPv6 tunnel range, as the
+/// gateway takes it.
+fn gateway_tunnel_ipv6() -> String {
+    let range = kuberaya_gateway::peers::TunnelConfig::default_range_v6();
+    let first = std::net::Ipv6Addr::from(u128::from(range.network()) + 1);
+    format!("{first}/{}", range.prefix_len())
+}
+
 /// Server-side apply of `obj` (named `name`) with the sandbox's field manager.
 async fn apply<K>(api: &kube::Api<K>, name: &str, obj: &K) -> anyhow::Result<()>
 where
@@ -90,13 +113,13 @@ impl InProcessGateway {
     pub(super) async fn start(
         kubeconfig: &Path,
         service_cidr: ipnet::Ipv4Net,
-        service_cidr_v6: Option<ipnet::Ipv6Net>,
         pod_cidr: ipnet::Ipv4Net,
+        v6: Option<&Ipv6Ranges>,
         replicas: u32,
     ) -> anyhow::Result<Self> {
         use crate::gateway::{
-            ANNOTATION_PUBLIC_KEY, ANNOTATION_TUNNEL_ADDRESS, CONFIG_MAP, DEFAULT_GATEWAY_NAMESPACE as NAMESPACE,
-            DEFAULT_GATEWAY_SERVICE as SERVICE,
+            ANNOTATION_PUBLIC_KEY, ANNOTATION_TUNNEL_ADDRESS, ANNOTATION_TUNNEL_ADDRESS_V6, CONFIG_MAP,
+            DEFAULT_GATEWAY_NAMESPACE as NAMESPACE, DEFAULT_GATEWAY_SERVICE as SERVICE,
         };
         use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
         use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
@@ -124,7 +147,7 @@ impl InProcessGateway {
         apply(
             &kube::Api::<ConfigMap>::namespaced(client.clone(), NAMESPACE),
             CONFIG_MAP,
-            &service_ranges_config(service_cidr, service_cidr_v6),
+            &service_ranges_config(service_cidr, v6.map(|v6| v6.service_cidr)),
         )
         .await?;
 
@@ -134,8 +157,14 @@ impl InProcessGateway {
         // One after the other: the first makes the key Secret, the others read it.
         for i in 0..replicas.max(1) {
             let name = format!("kuberaya-gateway-{i}");
+            // A replica's pod addresses: IPv4, and IPv6 in a dual-stack sandbox.
+            let mut listen = vec![SocketAddr::from((gateway_pod_ip(pod_cidr, i), GATEWAY_PORT))];
+            listen.extend(
+                v6.and_then(|v6| gateway_pod_ipv6(pod_cidr, v6.pod_cidr, i))
+                    .map(|ip| SocketAddr::from((ip, GATEWAY_PORT))),
+            );
             let started = match kuberaya_gateway::run::start(RunConfig {
-                listen: vec![SocketAddr::from((gateway_pod_ip(pod_cidr, i), GATEWAY_PORT))],
+                listen,
                 tunnel_cidr,
                 namespace: NAMESPACE.into(),
                 sources: Sources::Kube {
@@ -183,8 +212,16 @@ impl InProcessGateway {
             ANNOTATION_TUNNEL_ADDRESS.to_string(),
             format!("{}/{}", gateway.info.tunnel_address, tunnel_cidr.prefix_len()),
         );
+        if v6.is_some() {
+            annotations.insert(ANNOTATION_TUNNEL_ADDRESS_V6.to_string(), gateway_tunnel_ipv6());
+        }
         if let Some(spec) = service.spec.as_mut() {
             spec.selector = None;
+            // Dual-stack: a load balancer of both families (an IPv6 endpoint for peers on
+            // IPv6-only networks).
+            if v6.is_some() {
+                spec.ip_family_policy = Some("PreferDualStack".into());
+            }
         }
         // Replica i runs "on" node i (as anti-affinity spreads them), which is what
         // externalTrafficPolicy Local routes and health-checks by.
@@ -203,20 +240,21 @@ impl InProcessGateway {
         nodes.sort();
         let registered = async {
             apply(&services, SERVICE, &service).await?;
-            let slice = EndpointSlice {
+            // One slice per family, as the EndpointSlice controller writes them.
+            let slice = |family: &str, suffix: &str, addresses: Vec<Option<String>>| EndpointSlice {
                 metadata: ObjectMeta {
-                    name: Some(format!("{SERVICE}-sandbox")),
+                    name: Some(format!("{SERVICE}-sandbox{suffix}")),
                     namespace: Some(NAMESPACE.into()),
                     labels: Some([("kubernetes.io/service-name".to_string(), SERVICE.to_string())].into()),
                     ..Default::default()
                 },
-                address_type: "IPv4".into(),
-                endpoints: gateway
-                    .replicas
-                    .iter()
+                address_type: family.into(),
+                endpoints: addresses
+                    .into_iter()
                     .enumerate()
-                    .map(|(i, r)| Endpoint {
-                        addresses: vec![r.info.udp.ip().to_string()],
+                    .filter_map(|(i, a)| Some((i, a?)))
+                    .map(|(i, address)| Endpoint {
+                        addresses: vec![address],
                         node_name: (!nodes.is_empty()).then(|| nodes[i % nodes.len()].clone()),
                         conditions: Some(EndpointConditions {
                             ready: Some(true),
@@ -227,14 +265,40 @@ impl InProcessGateway {
                     })
                     .collect(),
                 ports: Some(vec![EndpointPort {
-                    name: Some(port_name),
+                    name: Some(port_name.clone()),
                     protocol: Some("UDP".into()),
                     port: Some(i32::from(gateway.info.udp.port())),
                     ..Default::default()
                 }]),
             };
+            let of_family = |v6: bool| -> Vec<Option<String>> {
+                gateway
+                    .replicas
+                    .iter()
+                    .map(|r| {
+                        r.info
+                            .udp_all
+                            .iter()
+                            .find(|a| a.is_ipv6() == v6)
+                            .map(|a| a.ip().to_string())
+                    })
+                    .collect()
+            };
             let slices = kube::Api::<EndpointSlice>::namespaced(client.clone(), NAMESPACE);
-            apply(&slices, &format!("{SERVICE}-sandbox"), &slice).await
+            if v6.is_some() {
+                apply(
+                    &slices,
+                    &format!("{SERVICE}-sandbox-v6"),
+                    &slice("IPv6", "-v6", of_family(true)),
+                )
+                .await?;
+            }
+            apply(
+                &slices,
+                &format!("{SERVICE}-sandbox"),
+                &slice("IPv4", "", of_family(false)),
+            )
+            .await
         }
         .await;
         if let Err(e) = registered {
@@ -320,6 +384,14 @@ mod tests {
         };
         assert_eq!(ranges(None), "127.96.0.0/16");
         assert_eq!(ranges(Some("fd00:96::/112")), "127.96.0.0/16,fd00:96::/112");
+    }
+
+    #[test]
+    fn dual_stack_replicas_get_the_pair_of_their_ipv4_pod_address() {
+        let (v4, v6) = ("127.244.0.0/16".parse().unwrap(), "fd00:244::/48".parse().unwrap());
+        assert_eq!(gateway_pod_ipv6(v4, v6, 0), Some("fd00:244:0:ff::fe".parse().unwrap()));
+        assert_eq!(gateway_pod_ipv6(v4, v6, 1), Some("fd00:244:0:ff::fd".parse().unwrap()));
+        assert_eq!(gateway_tunnel_ipv6(), "fd6b:7261:7961::1/64");
     }
 
     #[test]

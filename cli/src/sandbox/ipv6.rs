@@ -3,11 +3,13 @@
 //!
 //! IPv6 loopback has `::1` only, so each range gets one `ip -6 route replace local RANGE
 //! dev lo` (which needs root, or CAP_NET_ADMIN in a network namespace); the stand-ins bind
-//! their addresses with `IPV6_FREEBIND`. The routes added are recorded in the state dir
-//! (`ipv6-routes.json`) and removed when `up` stops, fails, or, after a crash, by
-//! `sandbox down`.
+//! their addresses with `IPV6_FREEBIND`. What is not a stand-in (the gateway replicas,
+//! product code binding its pod address as in a real pod) gets its address on `lo`. The
+//! routes and addresses added are recorded in the state dir (`ipv6-routes.json`) and
+//! removed when `up` stops, fails, or, after a crash, by `sandbox down`.
 
 use std::fs;
+use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -108,10 +110,31 @@ fn run_ip(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `local` routes of a running dual-stack sandbox; removed when dropped.
+/// What a dual-stack sandbox added on lo (`ipv6-routes.json`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Added {
+    routes: Vec<Ipv6Net>,
+    #[serde(default)]
+    addresses: Vec<Ipv6Addr>,
+}
+
+/// `ip` arguments adding (`replace`) or removing (`del`) `addr` on lo.
+/// (`nodad`: usable at once, no duplicate address detection on lo).
+pub fn address_args(verb: &str, addr: Ipv6Addr) -> Vec<String> {
+    let mut args: Vec<String> = ["-6", "addr", verb, &format!("{addr}/128"), "dev", "lo"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    if verb != "del" {
+        args.push("nodad".into());
+    }
+    args
+}
+
+/// The `local` routes (and addresses) of a running dual-stack sandbox; removed when dropped.
 pub struct LocalRoutes {
     record: PathBuf,
-    routes: Vec<Ipv6Net>,
+    added: Added,
 }
 
 impl LocalRoutes {
@@ -119,39 +142,67 @@ impl LocalRoutes {
     /// that `sandbox down` removes them even if this process dies). On failure the routes
     /// added so far are removed.
     pub fn add(dir: &Path, ranges: &Ipv6Ranges) -> anyhow::Result<LocalRoutes> {
-        let record = dir.join(ROUTES_FILE);
-        let wanted = ranges.all().to_vec();
-        fs::write(&record, serde_json::to_vec_pretty(&wanted)?)
-            .with_context(|| format!("cannot write {}", record.display()))?;
-        let mut added = LocalRoutes {
-            record,
-            routes: Vec::new(),
+        let wanted = Added {
+            routes: ranges.all().to_vec(),
+            addresses: Vec::new(),
         };
+        let mut added = LocalRoutes {
+            record: dir.join(ROUTES_FILE),
+            added: Added::default(),
+        };
+        added.write(&wanted)?;
         // `lo` carries IPv6 only when it is up (a fresh network namespace's is down).
         run_ip(&["link".into(), "set".into(), "lo".into(), "up".into()])?;
-        for net in wanted {
+        for net in wanted.routes {
             run_ip(&route_args("replace", net))
                 .with_context(|| format!("cannot add the local route of {net} on lo"))?;
-            added.routes.push(net);
+            added.added.routes.push(net);
         }
         Ok(added)
+    }
+
+    /// Puts `addr` on lo (recorded first, like the routes).
+    pub fn add_address(&mut self, addr: Ipv6Addr) -> anyhow::Result<()> {
+        let mut wanted = self.added.clone();
+        wanted.addresses.push(addr);
+        self.write(&wanted)?;
+        run_ip(&address_args("replace", addr)).with_context(|| format!("cannot add {addr} on lo"))?;
+        self.added.addresses.push(addr);
+        Ok(())
+    }
+
+    fn write(&self, added: &Added) -> anyhow::Result<()> {
+        fs::write(&self.record, serde_json::to_vec_pretty(added)?)
+            .with_context(|| format!("cannot write {}", self.record.display()))
     }
 }
 
 impl Drop for LocalRoutes {
     fn drop(&mut self) {
-        remove(&self.routes);
+        remove(&self.added);
         let _ = fs::remove_file(&self.record);
     }
 }
 
-fn remove(routes: &[Ipv6Net]) -> Vec<String> {
+fn remove(added: &Added) -> Vec<String> {
+    let commands = added
+        .addresses
+        .iter()
+        .map(|a| address_args("del", *a))
+        .chain(added.routes.iter().map(|n| route_args("del", *n)));
     let mut failures = Vec::new();
-    for net in routes {
-        if let Err(e) = run_ip(&route_args("del", *net)) {
+    for args in commands {
+        if let Err(e) = run_ip(&args) {
             // Already gone (a namespace that went away, a manual cleanup) is fine.
             let text = format!("{e:#}");
-            if !text.contains("No such process") && !text.contains("Cannot find device") {
+            if ![
+                "No such process",
+                "Cannot find device",
+                "Cannot assign requested address",
+            ]
+            .iter()
+            .any(|gone| text.contains(gone))
+            {
                 failures.push(text);
             }
         }
@@ -164,9 +215,8 @@ fn remove(routes: &[Ipv6Net]) -> Vec<String> {
 pub fn remove_recorded(dir: &Path) -> anyhow::Result<usize> {
     let record = dir.join(ROUTES_FILE);
     let Ok(bytes) = fs::read(&record) else { return Ok(0) };
-    let routes: Vec<Ipv6Net> =
-        serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid", record.display()))?;
-    let failures = remove(&routes);
+    let added: Added = serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid", record.display()))?;
+    let failures = remove(&added);
     if !failures.is_empty() {
         bail!(
             "cannot remove the sandbox's IPv6 routes ({}); remove them with `ip -6 route del local RANGE dev lo`",
@@ -174,7 +224,7 @@ pub fn remove_recorded(dir: &Path) -> anyhow::Result<usize> {
         );
     }
     fs::remove_file(&record).with_context(|| format!("cannot delete {}", record.display()))?;
-    Ok(routes.len())
+    Ok(added.routes.len() + added.addresses.len())
 }
 
 #[cfg(test)]
@@ -195,6 +245,15 @@ mod tests {
         assert_eq!(
             route_args("del", r.pod_cidr).join(" "),
             "-6 route del local fd00:244::/48 dev lo"
+        );
+        let a: Ipv6Addr = "fd00:244:0:ff::fe".parse().unwrap();
+        assert_eq!(
+            address_args("replace", a).join(" "),
+            "-6 addr replace fd00:244:0:ff::fe/128 dev lo nodad"
+        );
+        assert_eq!(
+            address_args("del", a).join(" "),
+            "-6 addr del fd00:244:0:ff::fe/128 dev lo"
         );
     }
 

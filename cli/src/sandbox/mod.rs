@@ -243,7 +243,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     // Dual-stack: the IPv6 ranges' routes, removed when this function returns (stop or
     // failure alike).
     let v6 = args.ip_family.is_dual().then(Ipv6Ranges::default);
-    let _routes = match &v6 {
+    let mut routes = match &v6 {
         Some(v6) => {
             let routes = LocalRoutes::add(&dir, v6)?;
             step(&format!(
@@ -254,7 +254,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
-    let platform = ServedPlatform::start(&dir, &args, &creds, &ranges).await?;
+    let platform = ServedPlatform::start(&dir, &args, &creds, &ranges, v6.as_ref()).await?;
     let url = platform.url.clone();
     step(&format!(
         "CloudRaya platform stand-in at {url} (cluster {}, {} worker VMs)",
@@ -301,13 +301,22 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let mut gateway = if args.no_gateway || ccm.is_none() {
         None
     } else {
+        // Dual-stack: the replicas' IPv6 pod addresses on lo, as a pod's interface has its
+        // address (the gateway binds it as it would in a real pod).
+        if let (Some(routes), Some(v6)) = (routes.as_mut(), &v6) {
+            for i in 0..args.gateway_replicas {
+                if let Some(ip) = gateway::gateway_pod_ipv6(ranges.pod_cidr, v6.pod_cidr, i) {
+                    routes.add_address(ip)?;
+                }
+            }
+        }
         // "ready" means every part runs: a gateway that cannot start is an error.
         Some(
             InProcessGateway::start(
                 &kubeconfig,
                 ranges.service_cidr,
-                v6.map(|v6| v6.service_cidr),
                 ranges.pod_cidr,
+                v6.as_ref(),
                 args.gateway_replicas,
             )
             .await
@@ -399,6 +408,11 @@ fn step(msg: &str) {
 
 async fn up_detached(args: UpArgs) -> anyhow::Result<ExitCode> {
     let dir = state_dir(&args.dir)?;
+    if args.ip_family.is_dual() {
+        // Said at once, not from the background process's log.
+        // SAFETY: geteuid has no preconditions.
+        ipv6::check_privileges(unsafe { libc::geteuid() })?;
+    }
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     if is_running(&dir)? {
         return Err(already_running(&dir));

@@ -11,6 +11,7 @@ use anyhow::{Context as _, bail};
 use kuberaya_sandbox::cluster::{PlatformClient, PlatformLogin};
 use kuberaya_sandbox::platform::{PlatformConfig, PlatformStandIn, serve};
 
+use super::ipv6::Ipv6Ranges;
 use super::ranges::Ranges;
 use super::state::{Credentials, read_runtime, running_runtime, state_dir};
 use super::{NodeAction, NodeArgs, UpArgs};
@@ -31,6 +32,7 @@ impl ServedPlatform {
         args: &UpArgs,
         creds: &Credentials,
         ranges: &Ranges,
+        v6: Option<&Ipv6Ranges>,
     ) -> anyhow::Result<ServedPlatform> {
         let config = PlatformConfig {
             state_dir: dir.join("platform"),
@@ -38,6 +40,9 @@ impl ServedPlatform {
             password: creds.password.clone(),
             public_ip_range: ranges.public_ip_range,
             vm_ip_range: ranges.vm_ip_range,
+            // Dual-stack: an IPv6 pool, and VMs (so nodes and LB backends) with IPv6.
+            public_ipv6_range: v6.map(|v6| v6.public_ip_range),
+            vm_ipv6_range: v6.map(|v6| v6.vm_ip_range),
             provisioning_delay: Duration::from_millis(args.provisioning_delay_ms),
             udp_enabled: !args.no_udp,
             ..PlatformConfig::default()

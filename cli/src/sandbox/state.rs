@@ -193,6 +193,20 @@ mod tests {
     }
 
     #[test]
+    fn the_runtime_file_records_the_ip_family_and_old_ones_read_as_ipv4() {
+        let old = r#"{"pid": 1, "platform_url": "http://127.0.0.1:1", "email": "e", "password": "p",
+            "cluster_id": "cl", "started_at_unix": 0}"#;
+        let rt: Runtime = serde_json::from_str(old).unwrap();
+        assert_eq!(rt.ip_family, super::super::IpFamily::Ipv4);
+        let mut dual = rt.clone();
+        dual.ip_family = super::super::IpFamily::Dual;
+        let text = serde_json::to_string(&dual).unwrap();
+        assert!(text.contains(r#""ip_family":"dual""#), "{text}");
+        let back: Runtime = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.ip_family, super::super::IpFamily::Dual);
+    }
+
+    #[test]
     fn credentials_are_private_and_stable() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
