@@ -32,6 +32,8 @@ use kuberaya_e2e::gateway::{
     self, Gateway, Metrics, PeerKey, StaticFiles, bulk_server, checksum, dns_query, download_mbit, ipv4, onetun_tcp,
     pseudo, random_bytes, udp_packet,
 };
+use kuberaya_e2e::process::strip_ansi;
+use kuberaya_e2e::wg_client::Client;
 use kuberaya_e2e::{Process, b64, poll_until_blocking};
 
 /// The tests of this file each start a gateway and push traffic: one at a time, so the
@@ -128,121 +130,7 @@ fn tcp_syn(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, seq: u32) -> Ve
 }
 
 // ---------------------------------------------------------------------------------------
-// The attacker's WireGuard client.
-
-/// A WireGuard client over its own UDP socket.
-struct Client {
-    tunn: Tunn,
-    sock: UdpSocket,
-    gateway: SocketAddr,
-    address: Ipv4Addr,
-    buf: Vec<u8>,
-}
-
-impl Client {
-    fn new(peer: &PeerKey, gw: &Gateway) -> Client {
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-        let tunn = Tunn::new(
-            StaticSecret::from(peer.secret),
-            PublicKey::from(gw.public),
-            None,
-            None,
-            random_bytes::<4>()[0] as u32,
-            None,
-        );
-        Client {
-            tunn,
-            sock,
-            gateway: gw.udp,
-            address: peer.address,
-            buf: vec![0u8; 65_536],
-        }
-    }
-
-    /// Handshake, retrying for up to 10 s.
-    fn connect(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            let mut out = vec![0u8; 2048];
-            if let TunnResult::WriteToNetwork(p) = self.tunn.format_handshake_initiation(&mut out, true) {
-                self.sock.send_to(p, self.gateway).unwrap();
-            }
-            let until = Instant::now() + Duration::from_millis(500);
-            while Instant::now() < until {
-                let Ok(n) = self.sock.recv(&mut self.buf) else { continue };
-                let d = self.buf[..n].to_vec();
-                let mut dst = vec![0u8; 65_536];
-                if let TunnResult::WriteToNetwork(p) = self.tunn.decapsulate(None, &d, &mut dst) {
-                    self.sock.send_to(p, self.gateway).unwrap();
-                }
-                if d.first() == Some(&2) {
-                    return;
-                }
-            }
-        }
-        panic!("no handshake with the gateway within 10 s");
-    }
-
-    /// Encrypt `packet` into a datagram, without sending it.
-    fn seal(&mut self, packet: &[u8]) -> Vec<u8> {
-        let mut out = vec![0u8; packet.len() + 64];
-        match self.tunn.encapsulate(packet, &mut out) {
-            TunnResult::WriteToNetwork(d) => d.to_vec(),
-            other => panic!("encapsulate: {:?}", std::mem::discriminant(&other)),
-        }
-    }
-
-    fn send(&mut self, packet: &[u8]) {
-        let d = self.seal(packet);
-        self.sock.send_to(&d, self.gateway).unwrap();
-    }
-
-    /// Decrypted packets received within `wait` (stops early after `want` packets).
-    fn receive(&mut self, wait: Duration, want: usize) -> Vec<Vec<u8>> {
-        let mut got = Vec::new();
-        let deadline = Instant::now() + wait;
-        while Instant::now() < deadline && got.len() < want {
-            let Ok(n) = self.sock.recv(&mut self.buf) else { continue };
-            let d = self.buf[..n].to_vec();
-            let mut dst = vec![0u8; 65_536];
-            match self.tunn.decapsulate(None, &d, &mut dst) {
-                TunnResult::WriteToTunnelV4(p, _) => got.push(p.to_vec()),
-                TunnResult::WriteToNetwork(p) => {
-                    self.sock.send_to(p, self.gateway).unwrap();
-                }
-                _ => {}
-            }
-        }
-        got
-    }
-
-    /// A DNS round trip through the tunnel: the session works.
-    fn dns_works(&mut self, id: u16) -> bool {
-        for attempt in 0..5u16 {
-            self.send(&dns_query(self.address, id.wrapping_add(attempt)));
-            if !self.receive(Duration::from_secs(1), 1).is_empty() {
-                return true;
-            }
-        }
-        false
-    }
-
-    /// Send sealed datagrams paced at ~`per_s` (batches every 10 ms).
-    fn send_raw_paced(&self, datagrams: &[Vec<u8>], per_s: u64) {
-        let batch = (per_s / 100).max(1) as usize;
-        for chunk in datagrams.chunks(batch) {
-            let t = Instant::now();
-            for d in chunk {
-                self.sock.send_to(d, self.gateway).unwrap();
-            }
-            std::thread::sleep(Duration::from_millis(10).saturating_sub(t.elapsed()));
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Services on loopback.
+// The attacker's WireGuard client is the harness's [`Client`]; the established peer is onetun.
 
 fn onetun(gw: &Gateway, peer: &PeerKey, remote: SocketAddr) -> (Process, SocketAddr) {
     let (cmd, local) = onetun_tcp(&gw.wg_peer(peer), remote);
@@ -260,25 +148,6 @@ fn net() -> Net {
         web: Ipv4Addr::new(127, 96, n, 10),
         secret: Ipv4Addr::new(127, 96, n, 11),
     }
-}
-
-/// `text` without ANSI escape sequences (the log's field names are styled).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            // CSI: ESC [ parameters final-byte (a letter).
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// "flow denied" lines and the sum of the held-back counts of the summary lines.

@@ -51,6 +51,7 @@ pub mod probe;
 pub mod process;
 pub mod sandbox;
 pub mod tunnel;
+pub mod wg_client;
 pub mod wg_quick;
 
 pub use b64::{b64, b64_decode};

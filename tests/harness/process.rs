@@ -260,3 +260,22 @@ pub fn line_field(line: &str, key: &str) -> Result<String> {
         .map(str::to_string)
         .with_context(|| format!("{key} in {line:?}"))
 }
+
+/// `text` without ANSI escape sequences (the log's field names are styled).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // CSI: ESC [ parameters final-byte (a letter).
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

@@ -27,7 +27,7 @@ use crate::source::{GatewayReport, PeerReport, PeerSnapshot, PolicySnapshot, Ser
 use crate::transport::{Bound, socket_for};
 use crate::tunnel::{BUF_SIZE, PeerTable, TunnelIo, TunnelStats};
 use crate::uapi::{DeviceState, PeerState, StateRequest};
-use crate::udp_batch::{RecvBatch, grow_socket_buffers, recv_batch, send_batch};
+use crate::udp_batch::{Offloads, RecvBatch, enable_offloads, grow_socket_buffers, recv_batch, send_batch};
 
 /// How often timers run (keepalives, rekeys, expiry of peers).
 pub const TICK: Duration = Duration::from_millis(250);
@@ -40,6 +40,9 @@ pub struct GatewayConfig {
     /// Start a handshake toward a peer whose data this replica cannot read (see
     /// [`crate::tunnel`]); off only to measure what a stock client does without it.
     pub session_recovery: bool,
+    /// UDP segmentation offloads on the outer sockets (GSO and GRO) where the kernel has
+    /// them; off only to measure the difference or to work around a broken driver.
+    pub udp_offload: bool,
 }
 
 /// A WireGuard cookie reply (type 3, 64 bytes).
@@ -533,7 +536,9 @@ impl Gateway {
         out
     }
 
-    fn flush(&mut self, sockets: &[(UdpSocket, Bound)]) {
+    /// Send what the round collected, each datagram by a socket of its family; with GSO,
+    /// each run of datagrams to one peer in one message.
+    fn flush(&mut self, sockets: &[(UdpSocket, Bound)], offloads: &mut [Offloads]) {
         let io = &mut self.io;
         let bounds: Vec<Bound> = sockets.iter().map(|(_, b)| *b).collect();
         let mut done = 0;
@@ -553,8 +558,18 @@ impl Gateway {
                     .count()
             };
             let (socket, bound) = &sockets[i];
-            match send_batch(socket, bound, &io.sends[done..done + run], &io.send_buf) {
-                Ok(n) if n > 0 => done += n,
+            let gso = offloads[i].gso;
+            match send_batch(socket, bound, &io.sends[done..done + run], &io.send_buf, gso) {
+                Ok((n, trains)) if n > 0 => {
+                    done += n;
+                    self.metrics.udp_gso_trains.inc_by(trains as u64);
+                }
+                Err(e) if gso && e.raw_os_error() == Some(libc::EIO) => {
+                    // The route's device cannot segment (no transmit checksum offload):
+                    // nothing went out; from now on one datagram per message.
+                    tracing::warn!(socket = %bound.local, "UDP GSO refused by the kernel (EIO); sending without it");
+                    offloads[i].gso = false;
+                }
                 // UDP: a full socket buffer drops (the first datagram), as a network would.
                 _ => done += 1,
             }
@@ -586,9 +601,15 @@ impl Gateway {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_report = Instant::now();
         let mut recv = RecvBatch::new();
-        for (s, _) in &sockets {
-            grow_socket_buffers(s);
-        }
+        let mut offloads: Vec<Offloads> = sockets
+            .iter()
+            .map(|(s, b)| {
+                grow_socket_buffers(s);
+                let o = enable_offloads(s, self.cfg.udp_offload);
+                tracing::info!(socket = %b.local, gso = o.gso, gro = o.gro, "UDP segmentation offloads");
+                o
+            })
+            .collect();
         let mut peers_open = true;
         let mut services_open = true;
         let mut policies_open = true;
@@ -609,6 +630,7 @@ impl Gateway {
                     let socket = &sockets[i].0;
                     match socket.try_io(Interest::READABLE, || recv_batch(socket, &mut recv)) {
                         Ok(()) => {
+                            self.metrics.udp_gro_trains.inc_by(recv.trains as u64);
                             for i in 0..recv.got.len() {
                                 self.datagram(recv.got[i].0, recv.datagram(i));
                             }
@@ -681,7 +703,7 @@ impl Gateway {
             // The batch's allowed packets out in one go (coalesced by the TUN data plane).
             self.dp.flush();
             self.outbound();
-            self.flush(&sockets);
+            self.flush(&sockets, &mut offloads);
         }
         Ok(())
     }

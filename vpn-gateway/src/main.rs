@@ -97,6 +97,12 @@ struct Args {
     /// 15 s for the client's own timers. `false` only to measure the difference.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     session_recovery: bool,
+    /// UDP segmentation offloads on the outer sockets where the kernel has them: a train
+    /// of datagrams to one peer leaves in one system call (GSO) and one from a peer
+    /// arrives in one (GRO). `false` only to measure the difference or to work around a
+    /// driver that mishandles them.
+    #[arg(long, env = "GATEWAY_UDP_OFFLOAD", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    udp_offload: bool,
     /// Serve the standard WireGuard UAPI (read-only) on `<uapi-dir>/<NAME>.sock`, so that
     /// `wg show NAME` works against the gateway. Off when unset.
     #[arg(long, env = "GATEWAY_UAPI_INTERFACE", value_name = "NAME")]
@@ -207,6 +213,7 @@ async fn serve(args: Args, on_worker: bool) -> anyhow::Result<()> {
         dns_upstream: args.dns_upstream,
         handshake_limit: args.handshake_limit,
         session_recovery: args.session_recovery,
+        udp_offload: args.udp_offload,
         lease: args.lease,
         shutdown_drain: args.shutdown_drain,
         identity: kuberaya_gateway::leader::default_identity(),

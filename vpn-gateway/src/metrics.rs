@@ -40,6 +40,10 @@ pub struct Metrics {
     pub cookie_replies_over_budget: Counter,
     /// Handshakes started toward a peer whose data this replica could not read.
     pub session_recoveries: Counter,
+    /// Messages on the outer UDP sockets that carried a train of datagrams: sent with
+    /// GSO (`UDP_SEGMENT`), received with GRO (`UDP_GRO`).
+    pub udp_gso_trains: Counter,
+    pub udp_gro_trains: Counter,
     /// 1 while this replica writes status (it holds the Lease, or decides alone).
     pub leader: Gauge,
     pub rx_bytes: Family<PeerLabels, Counter>,
@@ -66,6 +70,16 @@ impl Metrics {
                 "cookie_replies_over_budget",
                 "Cookie replies sent because handshakes used over half of the gateway's time",
                 m.cookie_replies_over_budget.clone(),
+            );
+            r.register(
+                "udp_gso_trains",
+                "Messages sent on the outer UDP sockets that carried several datagrams to one peer (UDP GSO)",
+                m.udp_gso_trains.clone(),
+            );
+            r.register(
+                "udp_gro_trains",
+                "Messages received on the outer UDP sockets that carried several datagrams from one peer (UDP GRO), each then decrypted and checked on its own",
+                m.udp_gro_trains.clone(),
             );
             r.register(
                 "leader",

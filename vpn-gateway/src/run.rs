@@ -120,6 +120,8 @@ pub struct RunConfig {
     pub handshake_limit: u64,
     /// Session recovery (see [`crate::tunnel`]); on unless measuring without it.
     pub session_recovery: bool,
+    /// UDP GSO/GRO on the outer sockets where the kernel has them ([`crate::udp_batch`]).
+    pub udp_offload: bool,
     pub uapi: Option<UapiConfig>,
     pub dataplane: DataPlaneChoice,
     /// The gateway's Service in its namespace, annotated with its public key, tunnel
@@ -156,6 +158,7 @@ impl Default for RunConfig {
             dns_upstream: None,
             handshake_limit: crate::tunnel::DEFAULT_HANDSHAKE_LIMIT,
             session_recovery: true,
+            udp_offload: true,
             uapi: None,
             dataplane: DataPlaneChoice::Userspace,
             publish_service: Some(crate::publish::DEFAULT_SERVICE.to_string()),
@@ -401,6 +404,7 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
             tunnel: tunnel.clone(),
             handshake_limit: cfg.handshake_limit,
             session_recovery: cfg.session_recovery,
+            udp_offload: cfg.udp_offload,
         },
         key,
         dp,
