@@ -11,7 +11,7 @@
 //! gateway in turn: our `kuberaya-gateway` (release build) with `--dataplane tun`, with the
 //! default userspace data plane, and a stock wireguard-go interface as the server peer with
 //! `ip_forward` and an nftables masquerade in the gateway namespace; it runs TCP iperf3 with
-//! one and four streams (`-t 5`), and `ping -c 40 -i 0.05` (idle, before iperf3, and again right after it), and prints throughput, CPU time
+//! one and four streams (`-t 5`) and one stream the other way (`-R`), and `ping -c 40 -i 0.05` (idle, before iperf3, and again right after it), and prints throughput, CPU time
 //! of the gateway process per GB received (utime+stime from /proc/<pid>/stat), latency, and
 //! the ratios to wireguard-go. Needs root, /dev/net/tun, wireguard-go, wg, iperf3, nft.
 //! `KURAYA_BENCH_GATEWAYS=tun` (or `userspace`, comma-separated) measures only those of
@@ -68,6 +68,10 @@ struct Figures {
     mbps: [f64; 2],
     /// Gateway CPU seconds per GB received, one stream and four.
     cpu_per_gb: [f64; 2],
+    /// One stream the other way (`iperf3 -R`: Service → laptop, the gateway encrypts):
+    /// Mbit/s and gateway CPU seconds per GB.
+    down_mbps: f64,
+    down_cpu_per_gb: f64,
     /// ping min/median/avg/max in ms, on the idle tunnel (before iperf3).
     rtt: [f64; 4],
     /// The same right after the four-stream iperf3 run.
@@ -136,9 +140,9 @@ fn wireguard_go(ns: &Netns, iface: &str, conf: &Path, address: &str, routes: &[&
     p
 }
 
-fn iperf(laptop: &Netns, streams: u32) -> (f64, u64) {
+fn iperf(laptop: &Netns, streams: u32, reverse: bool) -> (f64, u64) {
     let (t, p) = (SECONDS.to_string(), streams.to_string());
-    let args = [
+    let mut args = vec![
         "iperf3",
         "-c",
         PERF_IP,
@@ -150,6 +154,9 @@ fn iperf(laptop: &Netns, streams: u32) -> (f64, u64) {
         "--connect-timeout",
         "3000",
     ];
+    if reverse {
+        args.push("-R");
+    }
     let out = laptop.exec(&args, Duration::from_secs(60)).unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     assert!(out.status.success(), "iperf3 -P {streams}: {}", v["error"]);
@@ -206,6 +213,18 @@ fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
         },
     )
     .unwrap();
+    // GRO on the gateway's side of the laptop's veth, UDP included (veth hands a local
+    // sender's datagrams to GRO only with rx-udp-gro-forwarding), as a NIC would do it: a
+    // burst of one peer's datagrams may then reach the gateway's socket as one UDP GRO
+    // train. A stock wireguard-go before 2023 sends one datagram per call, which rarely
+    // makes a burst; a train sent with UDP GSO crosses the veth whole.
+    let gro = gw.exec(
+        &["ethtool", "-K", "to-laptop", "gro", "on", "rx-udp-gro-forwarding", "on"],
+        CMD,
+    );
+    if !gro.as_ref().is_ok_and(|o| o.status.success()) {
+        eprintln!("ethtool -K to-laptop gro on: {gro:?} (measuring without veth GRO)");
+    }
     svc.ip(["route", "add", "local", "10.96.0.0/16", "dev", "lo"]).unwrap();
     gw.ip(["route", "add", "10.96.0.0/16", "via", "198.51.100.2"]).unwrap();
     let _iperf = svc.spawn(&["iperf3", "-s", "-B", PERF_IP]).unwrap();
@@ -310,7 +329,7 @@ fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
                 .expect("perf record (linux-perf)")
         });
         let before = cpu_seconds(pid);
-        let (mbps, bytes) = iperf(&laptop, streams);
+        let (mbps, bytes) = iperf(&laptop, streams, false);
         let cpu = cpu_seconds(pid) - before;
         if let Some(mut p) = perf {
             // SAFETY: signalling our own child.
@@ -321,6 +340,10 @@ fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
         f.cpu_per_gb[i] = cpu / (bytes as f64 / 1e9);
     }
     f.rtt_after = ping(&laptop);
+    let before = cpu_seconds(pid);
+    let (mbps, bytes) = iperf(&laptop, 1, true);
+    f.down_mbps = mbps;
+    f.down_cpu_per_gb = (cpu_seconds(pid) - before) / (bytes as f64 / 1e9);
     f
 }
 
@@ -346,6 +369,7 @@ fn main() {
         ("nft", "nftables"),
         ("ping", "iputils-ping"),
         ("ip", "iproute2"),
+        ("ethtool", "ethtool"),
     ]);
     // KURAYA_BENCH_GATEWAY_BIN: measure this build of the gateway instead of building one.
     let bin = match std::env::var_os("KURAYA_BENCH_GATEWAY_BIN") {
@@ -386,12 +410,12 @@ fn main() {
         load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
     );
     println!(
-        "| gateway | 1 stream Mbit/s | 4 streams Mbit/s | CPU s/GB (1) | CPU s/GB (4) | ping idle min/med/avg/max ms | ping after iperf3 min/med/avg/max ms |"
+        "| gateway | 1 stream Mbit/s | 4 streams Mbit/s | CPU s/GB (1) | CPU s/GB (4) | download (-R) Mbit/s | CPU s/GB (-R) | ping idle min/med/avg/max ms | ping after iperf3 min/med/avg/max ms |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for (label, _, f) in &figures {
         println!(
-            "| {} | {:.0} ({:.2}x) | {:.0} ({:.2}x) | {:.2} ({:.2}x) | {:.2} ({:.2}x) | {:.3}/{:.3}/{:.3}/{:.3} ({:.2}x med) | {:.3}/{:.3}/{:.3}/{:.3} ({:.2}x med) |",
+            "| {} | {:.0} ({:.2}x) | {:.0} ({:.2}x) | {:.2} ({:.2}x) | {:.2} ({:.2}x) | {:.0} ({:.2}x) | {:.2} ({:.2}x) | {:.3}/{:.3}/{:.3}/{:.3} ({:.2}x med) | {:.3}/{:.3}/{:.3}/{:.3} ({:.2}x med) |",
             label,
             f.mbps[0],
             f.mbps[0] / wg.mbps[0],
@@ -401,6 +425,10 @@ fn main() {
             f.cpu_per_gb[0] / wg.cpu_per_gb[0],
             f.cpu_per_gb[1],
             f.cpu_per_gb[1] / wg.cpu_per_gb[1],
+            f.down_mbps,
+            f.down_mbps / wg.down_mbps,
+            f.down_cpu_per_gb,
+            f.down_cpu_per_gb / wg.down_cpu_per_gb,
             f.rtt[0],
             f.rtt[1],
             f.rtt[2],
