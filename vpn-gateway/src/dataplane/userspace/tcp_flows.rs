@@ -70,6 +70,11 @@ impl UserspaceDataPlane {
             tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER]),
         );
         socket.set_nagle_enabled(false);
+        // Without congestion control smoltcp sends the peer's whole window at once; a client
+        // whose UDP receive buffer overflows then loses a burst, and smoltcp, without SACK
+        // and with a 1 s minimum RTO, crawled (2-4 Mbit/s downloads through a stock
+        // wireguard-go in the bench). Cubic grows into the path instead (issue 25).
+        socket.set_congestion_control(tcp::CongestionControl::Cubic);
         socket.set_timeout(Some(smoltcp::time::Duration::from_secs(120)));
         socket.set_keep_alive(Some(smoltcp::time::Duration::from_secs(30)));
         if socket
