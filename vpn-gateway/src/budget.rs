@@ -1,17 +1,21 @@
-//! A CPU-time budget for handshake work: the gateway's single loop does handshakes and
-//! data in turn, so a flood of real handshake initiations (each ~250 µs of X25519 work)
-//! can starve the data path even below any fixed rate limit an operator chose. Kernel
-//! WireGuard judges "under load" by its handshake queue; this judges it by the time the
-//! loop spent on handshake messages in the last window.
+//! A CPU-time budget for handshake work: a flood of real handshake initiations (each
+//! ~250 µs of X25519 work) could take a whole core, below any fixed rate limit an operator
+//! chose. The handshake worker ([`crate::handshake`]) keeps them off the data loop, but
+//! on a machine of two cores the cores are what the data needs. Kernel WireGuard judges
+//! "under load" by its handshake queue (so does the gateway, see [`crate::handshake`]);
+//! this also judges it by the time spent on handshake messages in the last window: the
+//! worker's, and the loop's own on the cheap part (MAC checks, cookie replies).
 //!
 //! Pure state in the style of boringtun's noise: the caller owns the clock, measures each
-//! handshake message it handled and passes the instants in.
+//! handshake message it handled and passes the instants in (the gateway shares one
+//! budget between its two threads behind a lock).
 
 use std::time::{Duration, Instant};
 
 /// The window over which handshake time is added up.
 pub const WINDOW: Duration = Duration::from_millis(100);
-/// Handshake time allowed per window: half of it, so data keeps at least the other half.
+/// Handshake time allowed per window: half of it, so a flood takes at most half of a core
+/// (a quarter on average: an overspent window makes the next one under load too).
 pub const ALLOWED: Duration = Duration::from_millis(50);
 /// The most one message is charged: a handshake takes ~250 µs, anything much longer is the
 /// thread being preempted on a busy machine, not handshake work. A normal handshake rate
