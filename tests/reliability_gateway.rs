@@ -508,7 +508,7 @@ fn a_flood_of_real_handshakes_with_the_limit_lifted_leaves_an_established_peers_
         .collect();
     let mut peers: Vec<(&str, &PeerKey)> = vec![("alice", &alice)];
     peers.extend(flooders.iter().map(|(n, p)| (n.as_str(), p)));
-    let mut gw = start_gateway_with(
+    let gw = start_gateway_with(
         dir.path(),
         &peers,
         serde_json::json!([{"namespace": "default", "name": "web", "clusterIP": net.web.to_string(),
