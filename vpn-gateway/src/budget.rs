@@ -67,6 +67,20 @@ impl HandshakeBudget {
         self.carried || self.spent > self.allowed
     }
 
+    /// While over budget at `now`, until when at the latest: the end of the current window
+    /// when only the previous one went over, of the next one when this one did too.
+    pub fn over_until(&mut self, now: Instant) -> Option<Instant> {
+        if !self.over(now) {
+            return None;
+        }
+        let start = self.start?;
+        Some(if self.spent > self.allowed {
+            start + 2 * self.window
+        } else {
+            start + self.window
+        })
+    }
+
     /// Close the current window if `now` is past it.
     fn roll(&mut self, now: Instant) {
         let Some(start) = self.start else {
@@ -184,6 +198,19 @@ mod tests {
         let start = b.start.expect("started");
         assert!(b.over(start + ms(100)));
         assert!(!b.over(start + ms(200)));
+    }
+
+    #[test]
+    fn over_until_is_the_end_of_the_load() {
+        let mut b = HandshakeBudget::default();
+        let t0 = Instant::now();
+        assert_eq!(b.over_until(t0), None);
+        let t = work(&mut b, t0, 201, Duration::from_micros(250));
+        // Over in the first window: under load to the end of the second.
+        assert_eq!(b.over_until(t), Some(t0 + ms(200)));
+        // In the second (carried) window: to its end.
+        assert_eq!(b.over_until(t0 + ms(150)), Some(t0 + ms(200)));
+        assert_eq!(b.over_until(t0 + ms(200)), None);
     }
 
     #[test]

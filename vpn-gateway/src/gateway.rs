@@ -326,8 +326,11 @@ impl Gateway {
         let sent = self.io.sends.len();
         // Only handshake messages are timed: data pays for no clock reads.
         let started = is_handshake(d).then(Instant::now);
-        let over_budget =
-            started.is_some_and(|t| self.budget.lock().over(t) || self.worker.as_ref().is_some_and(Worker::under_load));
+        // One lock at a time (the worker takes them one after the other too).
+        let over_budget = started.is_some_and(|t| {
+            let over = self.budget.lock().over(t);
+            over || self.worker.as_ref().is_some_and(Worker::under_load)
+        });
         self.table.set_over_budget(over_budget);
         let r = match self.table.route(from, d, &mut self.buf, &mut self.io) {
             Ok(Routed::Done) => Ok(()),
