@@ -14,7 +14,8 @@
 //! initiation carries, locks that peer's session (the loop locks it for each of the peer's
 //! data packets, so the loop's next packet of the peer sees the handshake's outcome, and
 //! other peers' packets never wait), lets its `Tunn` answer, and sends the answer from its
-//! own handle on the gateway's socket.
+//! own handle on the gateway's socket. It runs at nice 10 and charges the budget its
+//! thread's CPU time; while the budget is over it pauses, and what is queued waits.
 //!
 //! Handshake responses (to initiations the gateway sent) stay on the loop: boringtun drops
 //! a response whose index is not its pending handshake's before any X25519, so they

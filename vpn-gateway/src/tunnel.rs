@@ -173,7 +173,7 @@ pub struct TunnelStats {
     pub handshakes: u64,
 }
 
-/// One peer: what we know of it (the loop's, read without a lock), and its [`Session`],
+/// One peer: what we know of it (the loop's, read without a lock), and its `Session`,
 /// which the handshake worker shares.
 pub struct PeerTunnel {
     id: PeerId,
