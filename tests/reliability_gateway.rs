@@ -3,8 +3,11 @@
 //!
 //! - a handshake flood at ~10,000 initiations per second (valid MAC1, from keys the
 //!   gateway does not know) while an established `onetun` peer downloads: cookie replies
-//!   engage, and every flood datagram is a cookie reply, an `unknown_key` drop or a kernel
-//!   receive-buffer drop (`/proc/net/udp`);
+//!   engage, and every flood datagram is a cookie reply, an `unknown_key` drop, a drop from
+//!   the full handshake queue or a kernel receive-buffer drop (`/proc/net/udp`);
+//! - a flood of registered peers' real initiations at ~10,000 per second with
+//!   `--handshake-limit` lifted: the handshake worker answers some, and an established
+//!   peer's data is answered all along;
 //! - malformed, truncated, oversized and replayed datagrams: each kind lands on exactly
 //!   its drop label, nothing panics, the session keeps working;
 //! - a peer spoofing another peer's tunnel address: `spoofed`, nothing reaches the Service;
@@ -67,17 +70,28 @@ fn peer(address: [u8; 4]) -> PeerKey {
 /// The gateway under test with `peers` (name, key; each allowed to `web`) and `services`,
 /// once it serves every peer.
 fn start_gateway(dir: &Path, peers: &[(&str, &PeerKey)], services: serde_json::Value) -> Gateway {
+    start_gateway_with(dir, peers, services, &[])
+}
+
+/// [`start_gateway`] with more arguments.
+fn start_gateway_with(dir: &Path, peers: &[(&str, &PeerKey)], services: serde_json::Value, args: &[&str]) -> Gateway {
     let key = gateway::write_key(dir, &b64(&random_bytes::<32>())).unwrap();
     let list: Vec<_> = peers.iter().map(|(name, p)| p.file_entry(name, &["web"])).collect();
     let files = StaticFiles::write(dir, &list, &services).unwrap();
     let mut cmd = gateway::command(&key);
     cmd.args(files.args())
+        .args(args)
         // The audit lines (info) stay on: their volume under a port scan is part of the test.
         .env("RUST_LOG", "info");
     let gw = Gateway::spawn(cmd, Duration::from_secs(60)).unwrap();
     let loaded = gw.wait_accepted(peers.len() as u64, Duration::from_secs(20));
     assert!(loaded.is_some(), "peers not accepted\n{}", gw.process.output_tails());
     gw
+}
+
+/// Handshake initiations the gateway dropped because its handshake worker's queue was full.
+fn handshakes_dropped(m: &Metrics) -> u64 {
+    m.get("kuberaya_gateway_handshakes_dropped_total", "") as u64
 }
 
 /// Drops of the gateway's UDP socket in the kernel (receive buffer full).
@@ -279,6 +293,7 @@ fn handshake_flood_gets_cookie_replies_every_datagram_is_accounted_for_and_the_p
     let cookies = after.cookies() - before.cookies();
     let deltas = drop_deltas(&before, &after);
     let unknown = after.dropped("unknown_key") - before.dropped("unknown_key");
+    let queue_full = handshakes_dropped(&after) - handshakes_dropped(&before);
     // The baseline again, now the flood is over (and the counters above are read).
     let without_after = download_mbit(local, window);
     let baseline = without.min(without_after);
@@ -293,8 +308,8 @@ fn handshake_flood_gets_cookie_replies_every_datagram_is_accounted_for_and_the_p
     result(
         "flood.accounted",
         format!(
-            "{cookies} cookie replies ({} seen by the flooder), {unknown} unknown_key drops, {kernel} kernel \
-             receive-buffer drops; drop deltas {deltas:?}",
+            "{cookies} cookie replies ({} seen by the flooder), {unknown} unknown_key drops, {queue_full} \
+             dropped by the full handshake queue, {kernel} kernel receive-buffer drops; drop deltas {deltas:?}",
             cookies_seen.load(Ordering::Relaxed)
         ),
     );
@@ -317,9 +332,9 @@ fn handshake_flood_gets_cookie_replies_every_datagram_is_accounted_for_and_the_p
     // The kernel's count is the socket's (the established peer's packets too), so the
     // flood's share of it is not known exactly: what the gateway read it counted.
     assert!(
-        cookies + unknown <= sent && cookies + unknown + kernel >= sent,
-        "every flood datagram is a cookie reply, an unknown_key drop or a kernel drop: {cookies} + {unknown} + \
-         {kernel} vs {sent} sent ({deltas:?})"
+        cookies + unknown + queue_full <= sent && cookies + unknown + queue_full + kernel >= sent,
+        "every flood datagram is a cookie reply, an unknown_key drop, a full-queue drop or a kernel drop: \
+         {cookies} + {unknown} + {queue_full} + {kernel} vs {sent} sent ({deltas:?})"
     );
     assert_eq!(
         cookies_seen.load(Ordering::Relaxed) + flooder_drops,
@@ -349,6 +364,145 @@ fn handshake_flood_gets_cookie_replies_every_datagram_is_accounted_for_and_the_p
     ot.stop();
     stop.store(true, Ordering::Relaxed);
     gw.assert_healthy();
+}
+
+#[test]
+fn a_flood_of_real_handshakes_with_the_limit_lifted_leaves_an_established_peers_data_answered() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let net = net();
+    let alice = peer([100, 64, 0, 2]);
+    let flooders: Vec<(String, PeerKey)> = (0..64u8)
+        .map(|i| (format!("flooder{i}"), peer([100, 64, 1, i + 2])))
+        .collect();
+    let mut peers: Vec<(&str, &PeerKey)> = vec![("alice", &alice)];
+    peers.extend(flooders.iter().map(|(n, p)| (n.as_str(), p)));
+    let gw = start_gateway_with(
+        dir.path(),
+        &peers,
+        serde_json::json!([{"namespace": "default", "name": "web", "clusterIP": net.web.to_string(),
+            "ports": [{"name": "http", "port": 80}]}]),
+        // The cookie limit out of the way: every initiation costs the gateway its X25519.
+        &["--handshake-limit", "1000000"],
+    );
+    let mut c = Client::new(&alice, &gw);
+    c.connect();
+    assert!(
+        c.dns_works(1),
+        "no DNS answer through the tunnel\n{}",
+        gw.process.output_tails()
+    );
+
+    // Registered peers' initiations, each newer than its peer's last; repeated after that
+    // (a repeat is a replay, which the gateway rejects after the same X25519 work).
+    let mut tunns: Vec<Tunn> = flooders
+        .iter()
+        .enumerate()
+        .map(|(i, (_, p))| {
+            Tunn::new(
+                StaticSecret::from(p.secret),
+                PublicKey::from(gw.public),
+                None,
+                None,
+                i as u32,
+                None,
+            )
+        })
+        .collect();
+    let mut flood = Vec::new();
+    let mut out = vec![0u8; 256];
+    for _ in 0..20 {
+        for t in tunns.iter_mut() {
+            if let TunnResult::WriteToNetwork(p) = t.format_handshake_initiation(&mut out, true) {
+                flood.push(p.to_vec());
+            }
+        }
+    }
+    let rate = 10_000u64;
+    let flood_for = Duration::from_secs(if long() { 20 } else { 4 });
+    let before = gw.metrics();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooder = {
+        let (to, stop) = (gw.udp, stop.clone());
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let (mut sent, mut responses, mut cookies) = (0u64, 0u64, 0u64);
+            let mut buf = [0u8; 256];
+            while started.elapsed() < flood_for && !stop.load(Ordering::Relaxed) {
+                let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+                while sent < due {
+                    if sock.send_to(&flood[(sent % flood.len() as u64) as usize], to).is_ok() {
+                        sent += 1;
+                    }
+                }
+                while let Ok(n) = sock.recv(&mut buf) {
+                    match (n, buf[0]) {
+                        (92, 2) => responses += 1,
+                        (64, 3) => cookies += 1,
+                        _ => {}
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (sent, responses, cookies, started.elapsed())
+        })
+    };
+    // Alice's DNS round trips while the flood lasts (each retried, see `dns_works`).
+    let started = Instant::now();
+    let mut answered = 0u16;
+    while started.elapsed() < flood_for {
+        let ok = c.dns_works(answered.wrapping_mul(8).wrapping_add(100));
+        if !ok {
+            stop.store(true, Ordering::Relaxed);
+        }
+        assert!(
+            ok,
+            "alice's DNS query {answered} got no answer during the flood\n{}",
+            gw.process.output_tails()
+        );
+        answered += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (sent, responses, cookies, took) = flooder.join().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let after = gw.metrics();
+    let queue_full = handshakes_dropped(&after) - handshakes_dropped(&before);
+    result(
+        "real_flood.offered",
+        format!(
+            "{sent} initiations of 64 registered peers in {:.2} s ({:.0}/s)",
+            took.as_secs_f64(),
+            sent as f64 / took.as_secs_f64()
+        ),
+    );
+    result(
+        "real_flood.answered",
+        format!(
+            "{responses} handshake responses, {cookies} cookie replies, {queue_full} dropped by the full \
+             handshake queue; alice's DNS answered {answered} times in a row; drop deltas {:?}",
+            drop_deltas(&before, &after)
+        ),
+    );
+    assert!(answered > 0, "no DNS round trip during the flood");
+    assert!(
+        responses > 0,
+        "the handshake worker answered none of {sent} initiations"
+    );
+    assert!(
+        responses + cookies <= sent,
+        "at most one answer per initiation: {responses} + {cookies} of {sent}"
+    );
+    // The worker's drops for the replays are counted, the established peer has none.
+    let alice_drops = |m: &Metrics| m.get("kuberaya_gateway_packets_dropped_total", "peer=\"default/alice\"");
+    assert_eq!(
+        alice_drops(&after),
+        alice_drops(&before),
+        "{:?}",
+        drop_deltas(&before, &after)
+    );
+    assert!(c.dns_works(9_000), "alice's session is gone after the flood");
 }
 
 #[test]

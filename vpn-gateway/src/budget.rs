@@ -1,17 +1,21 @@
-//! A CPU-time budget for handshake work: the gateway's single loop does handshakes and
-//! data in turn, so a flood of real handshake initiations (each ~250 µs of X25519 work)
-//! can starve the data path even below any fixed rate limit an operator chose. Kernel
-//! WireGuard judges "under load" by its handshake queue; this judges it by the time the
-//! loop spent on handshake messages in the last window.
+//! A CPU-time budget for handshake work: a flood of real handshake initiations (each
+//! ~250 µs of X25519 work) could take a whole core, below any fixed rate limit an operator
+//! chose. The handshake worker ([`crate::handshake`]) keeps them off the data loop, but
+//! on a machine of two cores the cores are what the data needs. Kernel WireGuard judges
+//! "under load" by its handshake queue (so does the gateway, see [`crate::handshake`]);
+//! this also judges it by the time spent on handshake messages in the last window: the
+//! worker's, and the loop's own on the cheap part (MAC checks, cookie replies).
 //!
 //! Pure state in the style of boringtun's noise: the caller owns the clock, measures each
-//! handshake message it handled and passes the instants in.
+//! handshake message it handled and passes the instants in (the gateway shares one
+//! budget between its two threads behind a lock).
 
 use std::time::{Duration, Instant};
 
 /// The window over which handshake time is added up.
 pub const WINDOW: Duration = Duration::from_millis(100);
-/// Handshake time allowed per window: half of it, so data keeps at least the other half.
+/// Handshake time allowed per window: half of it, so a flood takes at most half of a core
+/// (a quarter on average: an overspent window makes the next one under load too).
 pub const ALLOWED: Duration = Duration::from_millis(50);
 /// The most one message is charged: a handshake takes ~250 µs, anything much longer is the
 /// thread being preempted on a busy machine, not handshake work. A normal handshake rate
@@ -61,6 +65,20 @@ impl HandshakeBudget {
     pub fn over(&mut self, now: Instant) -> bool {
         self.roll(now);
         self.carried || self.spent > self.allowed
+    }
+
+    /// While over budget at `now`, until when at the latest: the end of the current window
+    /// when only the previous one went over, of the next one when this one did too.
+    pub fn over_until(&mut self, now: Instant) -> Option<Instant> {
+        if !self.over(now) {
+            return None;
+        }
+        let start = self.start?;
+        Some(if self.spent > self.allowed {
+            start + 2 * self.window
+        } else {
+            start + self.window
+        })
     }
 
     /// Close the current window if `now` is past it.
@@ -180,6 +198,19 @@ mod tests {
         let start = b.start.expect("started");
         assert!(b.over(start + ms(100)));
         assert!(!b.over(start + ms(200)));
+    }
+
+    #[test]
+    fn over_until_is_the_end_of_the_load() {
+        let mut b = HandshakeBudget::default();
+        let t0 = Instant::now();
+        assert_eq!(b.over_until(t0), None);
+        let t = work(&mut b, t0, 201, Duration::from_micros(250));
+        // Over in the first window: under load to the end of the second.
+        assert_eq!(b.over_until(t), Some(t0 + ms(200)));
+        // In the second (carried) window: to its end.
+        assert_eq!(b.over_until(t0 + ms(150)), Some(t0 + ms(200)));
+        assert_eq!(b.over_until(t0 + ms(200)), None);
     }
 
     #[test]

@@ -1,6 +1,12 @@
 //! The gateway loop: the UDP sockets ([`crate::transport`]), the [`PeerTable`], the access
 //! rules and a [`DataPlane`], driven by datagrams, flow wake-ups, timers and source
 //! snapshots.
+//!
+//! One task does the data path and everything cheap. Handshake initiations that pass its
+//! admission (MAC1, the limit, the budget, the queue's length; cookie replies otherwise)
+//! go to the handshake worker thread ([`crate::handshake`]) with their X25519 work, so that
+//! a flood of real handshakes does not hold data up. Without the worker (its thread could
+//! not start) the loop takes them itself, as it did before.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -9,6 +15,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
+use parking_lot::Mutex;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
@@ -17,6 +24,7 @@ use crate::acl::{Acl, Verdict};
 use crate::budget::HandshakeBudget;
 use crate::catalog::Catalog;
 use crate::dataplane::{DataPlane, Inbound, Policy};
+use crate::handshake::{self, Worker};
 use crate::http::Health;
 use crate::keys::PrivateKey;
 use crate::metrics::{FlowLabels, Metrics, PeerLabels, StateLabels};
@@ -25,7 +33,7 @@ use crate::peers::{self, PeerId, PeerInput, TunnelConfig, Validation};
 use crate::policy::{self, Effective};
 use crate::source::{GatewayReport, PeerReport, PeerSnapshot, PolicySnapshot, ServiceSnapshot};
 use crate::transport::{Bound, socket_for};
-use crate::tunnel::{BUF_SIZE, PeerTable, TunnelIo, TunnelStats};
+use crate::tunnel::{BUF_SIZE, PeerTable, Routed, TunnelIo, TunnelStats};
 use crate::uapi::{DeviceState, PeerState, StateRequest};
 use crate::udp_batch::{Offloads, RecvBatch, enable_offloads, grow_socket_buffers, recv_batch, send_batch};
 
@@ -107,9 +115,12 @@ pub struct Gateway {
     /// Kept for the UAPI `get` answer (`wg show` derives the public key from it).
     private_key: PrivateKey,
     uapi: Option<mpsc::Receiver<StateRequest>>,
-    /// Handshake time against the loop's: over it, initiations get cookie replies even
-    /// below `handshake_limit`, so a flood of real handshakes cannot starve the data.
-    budget: HandshakeBudget,
+    /// Handshake time (the worker's, and the loop's on handshake messages) against the
+    /// clock: over it, initiations get cookie replies even below `handshake_limit`, so a
+    /// flood of real handshakes cannot take the machine's cores from the data.
+    budget: Arc<Mutex<HandshakeBudget>>,
+    /// The handshake worker, once `run` started it.
+    worker: Option<Worker>,
     /// Whether this replica leads ([`crate::leader`]); `None`: it decides alone.
     leading: Option<watch::Receiver<bool>>,
     /// Not leading: serve only the peers whose status grants them an address.
@@ -138,7 +149,8 @@ impl Gateway {
             next_expiry: None,
             private_key: key,
             uapi: None,
-            budget: HandshakeBudget::default(),
+            budget: Arc::default(),
+            worker: None,
             leading: None,
             following: false,
             report_due: false,
@@ -317,11 +329,28 @@ impl Gateway {
         let sent = self.io.sends.len();
         // Only handshake messages are timed: data pays for no clock reads.
         let started = is_handshake(d).then(Instant::now);
-        let over_budget = started.is_some_and(|t| self.budget.over(t));
+        // One lock at a time (the worker takes them one after the other too).
+        let over_budget = started.is_some_and(|t| {
+            let over = self.budget.lock().over(t);
+            over || self.worker.as_ref().is_some_and(Worker::under_load)
+        });
         self.table.set_over_budget(over_budget);
-        let r = self.table.handle_datagram(from, d, &mut self.buf, &mut self.io);
+        let r = match self.table.route(from, d, &mut self.buf, &mut self.io) {
+            Ok(Routed::Done) => Ok(()),
+            Ok(Routed::Initiation) => match &self.worker {
+                Some(w) => {
+                    if !w.push(from, d) {
+                        tracing::debug!(%from, "handshake queue full; initiation dropped");
+                        self.metrics.handshakes_dropped.inc();
+                    }
+                    Ok(())
+                }
+                None => self.table.take_initiation(from, d, &mut self.buf, &mut self.io),
+            },
+            Err(e) => Err(e),
+        };
         if let Some(t) = started {
-            self.budget.record(t, Instant::now());
+            self.budget.lock().record(t, Instant::now());
         }
         // A handshake refused under load is answered, not dropped: count the answers.
         let cookies = self.io.sends[sent..]
@@ -578,6 +607,24 @@ impl Gateway {
         io.send_buf.clear();
     }
 
+    /// The handshake worker, on handles of its own on `sockets`; `None` (the loop takes
+    /// handshakes itself) if it cannot start.
+    fn start_worker(&self, sockets: &[(UdpSocket, Bound)]) -> Option<Worker> {
+        let handles = sockets
+            .iter()
+            .map(|(s, b)| Ok((handshake::clone_socket(s)?, *b)))
+            .collect::<std::io::Result<Vec<_>>>();
+        let started =
+            handles.and_then(|h| Worker::spawn(self.table.handshaker(), h, self.budget.clone(), self.metrics.clone()));
+        match started {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "no handshake worker: handshakes are done on the data path");
+                None
+            }
+        }
+    }
+
     /// Run until `shutdown` resolves.
     #[allow(clippy::too_many_arguments)]
     pub async fn run(
@@ -610,6 +657,7 @@ impl Gateway {
                 o
             })
             .collect();
+        self.worker = self.start_worker(&sockets);
         let mut peers_open = true;
         let mut services_open = true;
         let mut policies_open = true;

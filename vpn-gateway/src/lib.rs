@@ -16,8 +16,10 @@
 //! - [`dns`]: the gateway's DNS answers (cluster Services, per-peer policy).
 //! - [`tunnel`]: one boringtun `Tunn` per peer ([`tunnel::PeerTunnel`]) and the
 //!   [`tunnel::PeerTable`] routing datagrams to them. No sockets inside.
-//! - [`budget`]: the share of the loop's time handshakes may take before initiations get
-//!   cookie replies, whatever `--handshake-limit` says.
+//! - [`handshake`]: the worker thread that does the handshake initiations' X25519 work,
+//!   off the data path, fed by a bounded queue.
+//! - [`budget`]: the share of a core handshakes may take before initiations get cookie
+//!   replies, whatever `--handshake-limit` says.
 //! - [`dataplane`]: what happens to decrypted, checked packets ([`dataplane::DataPlane`]);
 //!   the userspace implementation terminates flows in smoltcp.
 //! - [`source`]: where peers and Services come from (Kubernetes watchers or static files).
@@ -39,6 +41,7 @@ pub mod crd;
 pub mod dataplane;
 pub mod dns;
 pub mod gateway;
+pub mod handshake;
 pub mod http;
 pub mod keys;
 pub mod leader;

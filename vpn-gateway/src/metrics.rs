@@ -36,8 +36,11 @@ pub struct Metrics {
     /// Handshake initiations answered with a cookie reply (over `--handshake-limit`).
     pub cookie_replies: Counter,
     /// Of those, the ones sent because handshakes were over their share of the gateway's
-    /// time (the handshake budget), whatever the rate.
+    /// time (the handshake budget) or the handshake worker was behind (its queue 1/8
+    /// full), whatever the rate.
     pub cookie_replies_over_budget: Counter,
+    /// Handshake initiations dropped because the handshake worker's queue was full.
+    pub handshakes_dropped: Counter,
     /// Handshakes started toward a peer whose data this replica could not read.
     pub session_recoveries: Counter,
     /// Messages on the outer UDP sockets that carried a train of datagrams: sent with
@@ -68,7 +71,7 @@ impl Metrics {
             );
             r.register(
                 "cookie_replies_over_budget",
-                "Cookie replies sent because handshakes used over half of the gateway's time",
+                "Cookie replies sent because handshakes used over their share of the gateway's time or the handshake worker's queue was 1/8 full",
                 m.cookie_replies_over_budget.clone(),
             );
             r.register(
@@ -80,6 +83,11 @@ impl Metrics {
                 "udp_gro_trains",
                 "Messages received on the outer UDP sockets that carried several datagrams from one peer (UDP GRO), each then decrypted and checked on its own",
                 m.udp_gro_trains.clone(),
+            );
+            r.register(
+                "handshakes_dropped",
+                "Handshake initiations dropped because the handshake worker's queue was full",
+                m.handshakes_dropped.clone(),
             );
             r.register(
                 "leader",

@@ -11,6 +11,14 @@
 //! checked its MAC and, under load, its cookie); everything else carries our receiver
 //! index, whose upper 24 bits are the peer's index (`Tunn::new` shifts it left by 8).
 //!
+//! Threads: the gateway does an initiation's X25519 work on a worker thread
+//! ([`crate::handshake`]). [`PeerTable::route`] does everything cheap and leaves the
+//! initiations it takes to a [`Handshaker`], which shares the peers by key and each peer's
+//! session (its `Tunn`, endpoint and counters, behind a per-peer lock) with the table. The
+//! loop locks a peer's session for each of its packets (uncontended, next to the packet's
+//! ChaCha20), so the packet after a handshake sees it, and one peer's handshake holds up
+//! no other peer. [`PeerTable::handle_datagram`] does both steps on the caller's thread.
+//!
 //! Memory follows the active peers, not the configured ones: boringtun's [`Tunn`] is about
 //! 11 KB (eight session slots), so a peer gets one only at its first handshake initiation
 //! (or when the gateway must send to it), and loses it after [`IDLE_DROP`] without a
@@ -33,6 +41,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use blake2::{Blake2s256, Digest};
@@ -40,6 +49,7 @@ use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
+use parking_lot::{Mutex, RwLock};
 
 use crate::keys::{PresharedKey, PrivateKey, PublicKey};
 use crate::peers::{AcceptedPeer, PeerId};
@@ -163,28 +173,15 @@ pub struct TunnelStats {
     pub handshakes: u64,
 }
 
-/// One peer: what we know of it, and its WireGuard state machine while it is active.
+/// One peer: what we know of it (the loop's, read without a lock), and its `Session`,
+/// which the handshake worker shares.
 pub struct PeerTunnel {
-    /// Boxed so that a peer without one costs a pointer, not 11 KB.
-    tunn: Option<Box<Tunn>>,
-    /// When `tunn` was created.
-    created: Option<Instant>,
     id: PeerId,
     public_key: PublicKey,
-    preshared_key: Option<PresharedKey>,
     address: Ipv4Addr,
     address_v6: Option<Ipv6Addr>,
-    endpoint: Option<SocketAddr>,
     index: u32,
-    handshakes: u64,
-    last_handshake: Option<Instant>,
-    /// When session recovery last started a handshake toward this peer.
-    recovery_sent: Option<Instant>,
-    /// When an authenticated packet of this peer last arrived.
-    last_rx: Option<Instant>,
-    /// Byte counters of the tunnels this peer had before the current one.
-    carried_tx: u64,
-    carried_rx: u64,
+    session: Arc<Mutex<Session>>,
 }
 
 impl std::fmt::Debug for PeerTunnel {
@@ -193,9 +190,9 @@ impl std::fmt::Debug for PeerTunnel {
             .field("id", &self.id)
             .field("public_key", &self.public_key)
             .field("address", &self.address)
-            .field("endpoint", &self.endpoint)
+            .field("endpoint", &self.endpoint())
             .field("index", &self.index)
-            .field("active", &self.tunn.is_some())
+            .field("active", &self.is_active())
             .finish_non_exhaustive()
     }
 }
@@ -204,21 +201,28 @@ impl PeerTunnel {
     /// A peer without a tunnel yet.
     fn new(peer: &AcceptedPeer, index: u32) -> Self {
         PeerTunnel {
-            tunn: None,
-            created: None,
             id: peer.id.clone(),
             public_key: peer.public_key,
-            preshared_key: peer.preshared_key.clone(),
             address: peer.address,
             address_v6: peer.address_v6,
-            endpoint: None,
             index,
-            handshakes: 0,
-            last_handshake: None,
-            recovery_sent: None,
-            last_rx: None,
-            carried_tx: 0,
-            carried_rx: 0,
+            session: Arc::new(Mutex::new(Session {
+                tunn: None,
+                created: None,
+                id: peer.id.clone(),
+                public_key: peer.public_key,
+                preshared_key: peer.preshared_key.clone(),
+                index,
+                address: peer.address,
+                endpoint: None,
+                handshakes: 0,
+                last_handshake: None,
+                recovery_sent: None,
+                last_rx: None,
+                carried_tx: 0,
+                carried_rx: 0,
+                removed: false,
+            })),
         }
     }
 
@@ -232,17 +236,56 @@ impl PeerTunnel {
         self.address_v6
     }
     pub fn endpoint(&self) -> Option<SocketAddr> {
-        self.endpoint
+        self.session.lock().endpoint
     }
     pub fn public_key(&self) -> PublicKey {
         self.public_key
     }
     /// Whether the peer has a WireGuard state machine now (it handshook recently).
     pub fn is_active(&self) -> bool {
-        self.tunn.is_some()
+        self.session.lock().is_active()
     }
 
     pub fn stats(&self) -> TunnelStats {
+        self.session.lock().stats()
+    }
+}
+
+/// A peer's WireGuard state machine and what changes with it: everything the data path and
+/// the handshake worker both touch, behind the peer's lock. Every change of `tunn` between
+/// `None` and `Some` happens under that lock, with the table's `active` count.
+struct Session {
+    /// Boxed so that a peer without one costs a pointer, not 11 KB.
+    tunn: Option<Box<Tunn>>,
+    /// When `tunn` was created.
+    created: Option<Instant>,
+    /// Copies of the peer's names, for the handshake worker (which has no [`PeerTunnel`]).
+    id: PeerId,
+    public_key: PublicKey,
+    preshared_key: Option<PresharedKey>,
+    index: u32,
+    address: Ipv4Addr,
+    endpoint: Option<SocketAddr>,
+    handshakes: u64,
+    last_handshake: Option<Instant>,
+    /// When session recovery last started a handshake toward this peer.
+    recovery_sent: Option<Instant>,
+    /// When an authenticated packet of this peer last arrived.
+    last_rx: Option<Instant>,
+    /// Byte counters of the tunnels this peer had before the current one.
+    carried_tx: u64,
+    carried_rx: u64,
+    /// The peer left the table: a handshake the worker took before that must not give it a
+    /// tunnel again.
+    removed: bool,
+}
+
+impl Session {
+    fn is_active(&self) -> bool {
+        self.tunn.is_some()
+    }
+
+    fn stats(&self) -> TunnelStats {
         let (tx, rx) = self.tunn.as_ref().map_or((0, 0), |t| {
             let (_, tx, rx, _, _) = t.stats();
             (tx as u64, rx as u64)
@@ -255,7 +298,7 @@ impl PeerTunnel {
         }
     }
 
-    /// The tunnel, created now if the peer has none.
+    /// The tunnel, created now if the peer has none (the caller counts it active).
     fn tunn(&mut self, private: &x25519_dalek::StaticSecret, limiter: &Arc<RateLimiter>) -> &mut Tunn {
         if self.tunn.is_none() {
             self.created = Some(Instant::now());
@@ -272,14 +315,17 @@ impl PeerTunnel {
         })
     }
 
-    /// Drop the tunnel (its sessions with it), keeping its counters.
-    fn drop_tunn(&mut self) {
+    /// Drop the tunnel (its sessions with it), keeping its counters. Returns whether there
+    /// was one (the caller counts it inactive).
+    fn drop_tunn(&mut self) -> bool {
+        let had = self.tunn.is_some();
         if let Some(t) = self.tunn.take() {
             let (_, tx, rx, _, _) = t.stats();
             self.carried_tx += tx as u64;
             self.carried_rx += rx as u64;
         }
         self.created = None;
+        had
     }
 
     /// Whether the tunnel has gone `idle` without a handshake at `now`.
@@ -361,10 +407,9 @@ impl PeerTunnel {
             return Err(SendError::TooLarge(packet.len()));
         }
         let endpoint = self.endpoint.ok_or(SendError::NoEndpoint)?;
-        let id = self.id.clone();
         match self.tunn(private, limiter).encapsulate(packet, buf) {
             TunnResult::WriteToNetwork(b) => io.send(endpoint, b),
-            TunnResult::Err(e) => tracing::debug!(peer = %id, error = ?e, "encapsulate failed"),
+            TunnResult::Err(e) => tracing::debug!(peer = %self.id, error = ?e, "encapsulate failed"),
             _ => {}
         }
         Ok(())
@@ -385,6 +430,74 @@ impl PeerTunnel {
     }
 }
 
+/// What takes handshake initiations, on whichever thread: the gateway's keys, the peers by
+/// static key and the count of active tunnels, shared with the [`PeerTable`] it came from
+/// ([`PeerTable::handshaker`]). The table keeps the peers current; a peer it removed is
+/// refused here even if the initiation was queued before.
+#[derive(Clone)]
+pub struct Handshaker {
+    x_private: x25519_dalek::StaticSecret,
+    x_public: x25519_dalek::PublicKey,
+    /// See [`PeerTable`]'s `tunn_limiter`.
+    tunn_limiter: Arc<RateLimiter>,
+    by_key: Arc<RwLock<HashMap<PublicKey, Arc<Mutex<Session>>>>>,
+    active: Arc<AtomicUsize>,
+}
+
+impl std::fmt::Debug for Handshaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handshaker").finish_non_exhaustive()
+    }
+}
+
+impl Handshaker {
+    /// Take a handshake initiation that [`PeerTable::route`] let through (its MAC1 checked,
+    /// and under load its cookie): identify the peer by the static key it carries (one
+    /// X25519), give the peer a tunnel if it has none, and let the tunnel answer (the rest
+    /// of the handshake's X25519 work), with the peer's lock held only for that.
+    pub fn initiation(
+        &self,
+        src: SocketAddr,
+        datagram: &[u8],
+        buf: &mut [u8],
+        io: &mut impl TunnelIo,
+    ) -> Result<(), DropReason> {
+        let Ok(Packet::HandshakeInit(p)) = Tunn::parse_incoming_packet(datagram) else {
+            return Err(DropReason::Malformed(WireGuardError::InvalidPacket));
+        };
+        let half = parse_handshake_anon(&self.x_private, &self.x_public, &p).map_err(|_| DropReason::UnknownKey)?;
+        let session = self
+            .by_key
+            .read()
+            .get(&PublicKey(half.peer_static_public))
+            .cloned()
+            .ok_or(DropReason::UnknownKey)?;
+        let mut s = session.lock();
+        if s.removed {
+            return Err(DropReason::UnknownKey);
+        }
+        if !s.is_active() {
+            // The peer's static key checked out: now it is worth 11 KB.
+            s.tunn(&self.x_private, &self.tunn_limiter);
+            self.active.fetch_add(1, Ordering::Relaxed);
+        }
+        s.decapsulate(src, datagram, buf, io)
+            .map_err(|error| DropReason::Rejected {
+                peer: s.id.clone(),
+                error,
+            })
+    }
+}
+
+/// Where [`PeerTable::route`] left a datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routed {
+    /// Handled: whatever it asked for is in the [`TunnelIo`].
+    Done,
+    /// A handshake initiation to take: the caller gives it to [`Handshaker::initiation`].
+    Initiation,
+}
+
 /// What [`PeerTable::sync`] changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SyncReport {
@@ -399,24 +512,23 @@ pub struct SyncReport {
 /// All peers, indexed for datagram routing.
 pub struct PeerTable {
     private: PrivateKey,
-    x_private: x25519_dalek::StaticSecret,
-    x_public: x25519_dalek::PublicKey,
-    /// Checks MAC1 only (its limit is never reached): what handshakes go through while
-    /// the table is not under load, and what each `Tunn` checks again (`Tunn::decapsulate`
-    /// runs its limiter's `verify_packet` too; a limiting one there counted every
-    /// handshake twice and sent cookie replies of its own).
-    tunn_limiter: Arc<RateLimiter>,
+    /// The keys, the peers by static key and the active count, shared with the handshake
+    /// worker. Its `tunn_limiter` checks MAC1 only (its limit is never reached): what
+    /// handshakes go through while the table is not under load, and what each `Tunn` checks
+    /// again (`Tunn::decapsulate` runs its limiter's `verify_packet` too; a limiting one
+    /// there counted every handshake twice and sent cookie replies of its own).
+    hs: Handshaker,
     /// Always under load: checks MAC1 and demands a valid cookie (MAC2) while the table is
-    /// under load — over `handshake_limit` this second, or over the caller's CPU budget
-    /// ([`PeerTable::set_over_budget`]). One limiter for both causes, so one cookie
-    /// secret: a peer's cookie stays valid whichever cause holds when it comes back.
+    /// under load — over `handshake_limit` this second, or as the caller says
+    /// ([`PeerTable::set_over_budget`]: the CPU budget, a long handshake queue). One limiter
+    /// for every cause, so one cookie secret: a peer's cookie stays valid whichever cause
+    /// holds when it comes back.
     overload_limiter: Arc<RateLimiter>,
     /// Handshake messages taken since the last reset (every second, in `tick`).
     handshakes: u64,
     handshake_limit: u64,
     over_budget: bool,
     tunnels: HashMap<u32, PeerTunnel>,
-    by_key: HashMap<PublicKey, u32>,
     by_addr: HashMap<Ipv4Addr, u32>,
     by_addr6: HashMap<Ipv6Addr, u32>,
     /// See [`peer_index`].
@@ -425,8 +537,6 @@ pub struct PeerTable {
     session_recovery: bool,
     last_reset: Option<Instant>,
     idle_drop: Duration,
-    /// Peers with a tunnel now.
-    active: usize,
 }
 
 impl std::fmt::Debug for PeerTable {
@@ -434,7 +544,7 @@ impl std::fmt::Debug for PeerTable {
         f.debug_struct("PeerTable")
             .field("public_key", &self.private.public_key())
             .field("peers", &self.tunnels.len())
-            .field("active", &self.active)
+            .field("active", &self.active())
             .finish_non_exhaustive()
     }
 }
@@ -447,23 +557,25 @@ impl PeerTable {
         let x_public = x25519_dalek::PublicKey::from(&x_private);
         let index_secret = index_secret(&private);
         PeerTable {
-            tunn_limiter: Arc::new(RateLimiter::new(&x_public, u64::MAX)),
+            hs: Handshaker {
+                x_private,
+                x_public,
+                tunn_limiter: Arc::new(RateLimiter::new(&x_public, u64::MAX)),
+                by_key: Arc::default(),
+                active: Arc::default(),
+            },
             overload_limiter: Arc::new(RateLimiter::new(&x_public, 0)),
             handshakes: 0,
             handshake_limit,
             over_budget: false,
             private,
-            x_private,
-            x_public,
             tunnels: HashMap::new(),
-            by_key: HashMap::new(),
             by_addr: HashMap::new(),
             by_addr6: HashMap::new(),
             index_secret,
             session_recovery: true,
             last_reset: None,
             idle_drop: IDLE_DROP,
-            active: 0,
         }
     }
 
@@ -485,6 +597,11 @@ impl PeerTable {
         self.private.public_key()
     }
 
+    /// What takes the initiations [`PeerTable::route`] leaves, for another thread.
+    pub fn handshaker(&self) -> Handshaker {
+        self.hs.clone()
+    }
+
     pub fn len(&self) -> usize {
         self.tunnels.len()
     }
@@ -493,7 +610,7 @@ impl PeerTable {
     }
     /// How many peers have a WireGuard state machine now.
     pub fn active(&self) -> usize {
-        self.active
+        self.hs.active.load(Ordering::Relaxed)
     }
 
     /// Every peer, with or without a tunnel.
@@ -522,10 +639,19 @@ impl PeerTable {
             .filter(|(_, t)| !wanted.contains_key(&t.public_key))
             .map(|(i, _)| *i)
             .collect();
+        // The worker reads the keys between our changes, never during them.
+        let mut by_key = self.hs.by_key.write();
+        let active = &self.hs.active;
         for i in gone {
             if let Some(t) = self.tunnels.remove(&i) {
-                self.by_key.remove(&t.public_key);
-                self.active -= usize::from(t.is_active());
+                by_key.remove(&t.public_key);
+                // A worker may still hold the session: it must find it gone.
+                let mut s = t.session.lock();
+                s.removed = true;
+                if s.drop_tunn() {
+                    active.fetch_sub(1, Ordering::Relaxed);
+                }
+                drop(s);
                 report.removed.push(t.id);
             }
         }
@@ -533,20 +659,26 @@ impl PeerTable {
         self.by_addr.reserve(peers.len());
         self.by_addr6.clear();
         for p in peers {
-            match self.by_key.get(&p.public_key).copied() {
+            let known = by_key.get(&p.public_key).map(|s| s.lock().index);
+            match known {
                 Some(i) => {
                     let Some(t) = self.tunnels.get_mut(&i) else { continue };
-                    if t.preshared_key != p.preshared_key {
-                        self.active -= usize::from(t.is_active());
-                        t.drop_tunn();
-                        t.preshared_key = p.preshared_key.clone();
+                    let mut s = t.session.lock();
+                    if s.preshared_key != p.preshared_key {
+                        if s.drop_tunn() {
+                            active.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        s.preshared_key = p.preshared_key.clone();
                         report.rekeyed.push(p.id.clone());
                     } else {
                         report.kept += 1;
                     }
                     if t.id != p.id {
                         t.id = p.id.clone();
+                        s.id = p.id.clone();
                     }
+                    s.address = p.address;
+                    drop(s);
                     t.address = p.address;
                     t.address_v6 = p.address_v6;
                     self.by_addr.insert(p.address, i);
@@ -555,9 +687,10 @@ impl PeerTable {
                     }
                 }
                 None => {
-                    let i = self.allocate_index(&p.public_key);
-                    self.tunnels.insert(i, PeerTunnel::new(p, i));
-                    self.by_key.insert(p.public_key, i);
+                    let i = allocate_index(&self.tunnels, &self.index_secret, &p.public_key);
+                    let t = PeerTunnel::new(p, i);
+                    by_key.insert(p.public_key, t.session.clone());
+                    self.tunnels.insert(i, t);
                     self.by_addr.insert(p.address, i);
                     if let Some(a) = p.address_v6 {
                         self.by_addr6.insert(a, i);
@@ -569,26 +702,16 @@ impl PeerTable {
         report
     }
 
-    /// The first free candidate of [`peer_index`]. Two peers whose first candidates
-    /// collide (about 3 pairs in 10,000 peers) get them in the order they were added, which
-    /// replicas that loaded the peers in different orders may not share: for those few,
-    /// failover falls back to the client's own timers.
-    fn allocate_index(&self, key: &PublicKey) -> u32 {
-        // At most 2^24 peers; the table never gets near that, so this ends quickly.
-        (0..)
-            .map(|attempt| peer_index(&self.index_secret, key, attempt))
-            .find(|i| !self.tunnels.contains_key(i))
-            .unwrap_or(0)
-    }
-
-    /// Whether handshake messages are over their CPU budget (see [`crate::budget`]): while
-    /// they are, each is answered with a cookie reply unless it carries a valid cookie,
-    /// as above `handshake_limit`.
+    /// Whether handshake messages are to be treated as under load for a cause of the
+    /// caller's (see [`crate::budget`] and [`crate::handshake`]): while they are, each is
+    /// answered with a cookie reply unless it carries a valid cookie, as above
+    /// `handshake_limit`.
     pub fn set_over_budget(&mut self, over: bool) {
         self.over_budget = over;
     }
 
-    /// Handle one datagram from `src`. `buf` must be [`BUF_SIZE`] bytes.
+    /// Handle one datagram from `src`, handshake initiations included. `buf` must be
+    /// [`BUF_SIZE`] bytes.
     pub fn handle_datagram(
         &mut self,
         src: SocketAddr,
@@ -596,67 +719,86 @@ impl PeerTable {
         buf: &mut [u8],
         io: &mut impl TunnelIo,
     ) -> Result<(), DropReason> {
+        match self.route(src, datagram, buf, io)? {
+            Routed::Done => Ok(()),
+            Routed::Initiation => self.take_initiation(src, datagram, buf, io),
+        }
+    }
+
+    /// Take an initiation that [`PeerTable::route`] left, on this thread.
+    pub fn take_initiation(
+        &self,
+        src: SocketAddr,
+        datagram: &[u8],
+        buf: &mut [u8],
+        io: &mut impl TunnelIo,
+    ) -> Result<(), DropReason> {
+        self.hs.initiation(src, datagram, buf, io)
+    }
+
+    /// Handle one datagram from `src`, except that a handshake initiation the table takes
+    /// (MAC1 valid; under load, its cookie too) is only counted and returned as
+    /// [`Routed::Initiation`], for a [`Handshaker`] to do the X25519 work, possibly on
+    /// another thread. Everything else (data, handshake responses, cookie replies either
+    /// way) is done here. `buf` must be [`BUF_SIZE`] bytes.
+    pub fn route(
+        &mut self,
+        src: SocketAddr,
+        datagram: &[u8],
+        buf: &mut [u8],
+        io: &mut impl TunnelIo,
+    ) -> Result<Routed, DropReason> {
         let under_load = self.over_budget || self.handshakes >= self.handshake_limit;
         let limiter = if under_load {
             &self.overload_limiter
         } else {
-            &self.tunn_limiter
+            &self.hs.tunn_limiter
         };
         let verified = limiter.verify_packet(Some(src.ip()), datagram, buf);
         if matches!(verified, Ok(Packet::HandshakeInit(_) | Packet::HandshakeResponse(_))) {
             self.handshakes = self.handshakes.saturating_add(1);
         }
         let data = matches!(verified, Ok(Packet::PacketData(_)));
-        let (index, initiation) = match verified {
+        let index = match verified {
             Err(TunnResult::WriteToNetwork(cookie)) => {
                 io.send(src, cookie);
-                return Ok(());
+                return Ok(Routed::Done);
             }
             Err(TunnResult::Err(e)) => return Err(DropReason::Malformed(e)),
             Err(_) => return Err(DropReason::Malformed(WireGuardError::InvalidPacket)),
-            Ok(Packet::HandshakeInit(p)) => {
-                let half =
-                    parse_handshake_anon(&self.x_private, &self.x_public, &p).map_err(|_| DropReason::UnknownKey)?;
-                let i = *self
-                    .by_key
-                    .get(&PublicKey(half.peer_static_public))
-                    .ok_or(DropReason::UnknownKey)?;
-                (i, true)
-            }
-            Ok(Packet::HandshakeResponse(p)) => (p.receiver_idx >> 8, false),
-            Ok(Packet::PacketCookieReply(p)) => (p.receiver_idx >> 8, false),
-            Ok(Packet::PacketData(p)) => (p.receiver_idx >> 8, false),
+            Ok(Packet::HandshakeInit(_)) => return Ok(Routed::Initiation),
+            Ok(Packet::HandshakeResponse(p)) => p.receiver_idx >> 8,
+            Ok(Packet::PacketCookieReply(p)) => p.receiver_idx >> 8,
+            Ok(Packet::PacketData(p)) => p.receiver_idx >> 8,
         };
-        let t = self.tunnels.get_mut(&index).ok_or(DropReason::UnknownIndex(index))?;
-        if !t.is_active() {
-            if !initiation {
-                let peer = t.id.clone();
-                if data {
-                    self.recover(index, src, under_load, buf, io);
-                }
-                return Err(DropReason::NoSession(peer));
-            }
-            // The peer's static key checked out: now it is worth 11 KB.
-            t.tunn(&self.x_private, &self.tunn_limiter);
-            self.active += 1;
+        let t = self.tunnels.get(&index).ok_or(DropReason::UnknownIndex(index))?;
+        let mut s = t.session.lock();
+        let active = s.is_active();
+        let result = if active {
+            s.decapsulate(src, datagram, buf, io)
+        } else {
+            Err(WireGuardError::NoCurrentSession)
+        };
+        drop(s);
+        let Err(error) = result else {
+            return Ok(Routed::Done);
+        };
+        let peer = t.id.clone();
+        // Data of a session this table does not have: made with another replica, or with
+        // this one before it restarted (or before its tunnel was dropped).
+        if data
+            && matches!(
+                error,
+                WireGuardError::NoCurrentSession | WireGuardError::WrongIndex | WireGuardError::InvalidAeadTag
+            )
+        {
+            self.recover(index, src, under_load, buf, io);
         }
-        match t.decapsulate(src, datagram, buf, io) {
-            Ok(()) => Ok(()),
-            Err(error) => {
-                let peer = t.id.clone();
-                // Data of a session this table does not have: made with another replica,
-                // or with this one before it restarted.
-                if data
-                    && matches!(
-                        error,
-                        WireGuardError::NoCurrentSession | WireGuardError::WrongIndex | WireGuardError::InvalidAeadTag
-                    )
-                {
-                    self.recover(index, src, under_load, buf, io);
-                }
-                Err(DropReason::Rejected { peer, error })
-            }
-        }
+        Err(if active {
+            DropReason::Rejected { peer, error }
+        } else {
+            DropReason::NoSession(peer)
+        })
     }
 
     /// Session recovery: start a handshake toward `src` as the peer at `index`, whose data
@@ -667,22 +809,22 @@ impl PeerTable {
         if !self.session_recovery || under_load {
             return;
         }
-        let Some(t) = self.tunnels.get_mut(&index) else { return };
+        let Some(t) = self.tunnels.get(&index) else { return };
+        let mut s = t.session.lock();
         let now = Instant::now();
         let within = |at: Option<Instant>, d: Duration| at.is_some_and(|at| now.saturating_duration_since(at) < d);
         // A peer heard from (authenticated) within the time a stock client waits before it
         // gives a session up is alive here: an unreadable packet is then a forgery or a
         // straggler, and must not disturb it.
-        if within(t.recovery_sent, RECOVERY_INTERVAL)
-            || within(t.last_handshake, RECOVERY_INTERVAL)
-            || within(t.last_rx, ALIVE)
+        if within(s.recovery_sent, RECOVERY_INTERVAL)
+            || within(s.last_handshake, RECOVERY_INTERVAL)
+            || within(s.last_rx, ALIVE)
         {
             return;
         }
-        let was_active = t.is_active();
-        let id = t.id.clone();
-        let known_endpoint = t.endpoint.is_some();
-        let tunn = t.tunn(&self.x_private, &self.tunn_limiter);
+        let was_active = s.is_active();
+        let known_endpoint = s.endpoint.is_some();
+        let tunn = s.tunn(&self.hs.x_private, &self.hs.tunn_limiter);
         // A handshake already under way toward an authenticated endpoint is left to
         // boringtun's retransmissions there: forcing a new one per forged packet would keep
         // resetting it (and after 90 s its failure clears the peer's sessions).
@@ -697,15 +839,18 @@ impl PeerTable {
                 true
             }
             other => {
-                tracing::debug!(peer = %id, result = ?std::mem::discriminant(&other), "session recovery: no initiation");
+                tracing::debug!(peer = %t.id, result = ?std::mem::discriminant(&other), "session recovery: no initiation");
                 false
             }
         };
-        self.active += usize::from(!was_active);
+        if !was_active {
+            self.hs.active.fetch_add(1, Ordering::Relaxed);
+        }
         if sent {
-            t.recovery_sent = Some(now);
+            s.recovery_sent = Some(now);
+            drop(s);
             self.handshakes = self.handshakes.saturating_add(1);
-            tracing::debug!(peer = %id, %src, "session recovery: handshake started");
+            tracing::debug!(peer = %t.id, %src, "session recovery: handshake started");
         }
     }
 
@@ -722,15 +867,19 @@ impl PeerTable {
             IpAddr::V6(a) => self.by_addr6.get(&a),
         }
         .ok_or(SendError::NoPeer(dst))?;
-        let t = self.tunnels.get_mut(i).ok_or(SendError::NoPeer(dst))?;
-        let was_active = t.is_active();
-        let r = t.encapsulate(packet, buf, &self.x_private, &self.tunn_limiter, io);
-        self.active += usize::from(!was_active && t.is_active());
+        let t = self.tunnels.get(i).ok_or(SendError::NoPeer(dst))?;
+        let mut s = t.session.lock();
+        let was_active = s.is_active();
+        let r = s.encapsulate(packet, buf, &self.hs.x_private, &self.hs.tunn_limiter, io);
+        if !was_active && s.is_active() {
+            self.hs.active.fetch_add(1, Ordering::Relaxed);
+        }
         r
     }
 
     /// Drive the active peers' timers (call every 100-250 ms), drop tunnels idle for the
-    /// idle time, and reset the handshake rate counter once a second.
+    /// idle time, and reset the handshake rate counter once a second. A peer whose lock the
+    /// handshake worker holds is left to the next tick.
     pub fn tick(&mut self, now: Instant, buf: &mut [u8], io: &mut impl TunnelIo) {
         if self
             .last_reset
@@ -739,19 +888,33 @@ impl PeerTable {
             self.handshakes = 0;
             self.last_reset = Some(now);
         }
-        if self.active == 0 {
+        if self.active() == 0 {
             return;
         }
-        for t in self.tunnels.values_mut() {
-            if t.idle(now, self.idle_drop) {
+        for t in self.tunnels.values() {
+            let Some(mut s) = t.session.try_lock() else { continue };
+            if s.idle(now, self.idle_drop) {
                 tracing::debug!(peer = %t.id, "tunnel idle; dropped until the next handshake");
-                t.drop_tunn();
-                self.active -= 1;
+                if s.drop_tunn() {
+                    self.hs.active.fetch_sub(1, Ordering::Relaxed);
+                }
             } else {
-                t.update_timers(buf, io);
+                s.update_timers(buf, io);
             }
         }
     }
+}
+
+/// The first free candidate of [`peer_index`]. Two peers whose first candidates collide
+/// (about 3 pairs in 10,000 peers) get them in the order they were added, which replicas
+/// that loaded the peers in different orders may not share: for those few, failover falls
+/// back to the client's own timers.
+fn allocate_index(tunnels: &HashMap<u32, PeerTunnel>, secret: &[u8; 32], key: &PublicKey) -> u32 {
+    // At most 2^24 peers; the table never gets near that, so this ends quickly.
+    (0..)
+        .map(|attempt| peer_index(secret, key, attempt))
+        .find(|i| !tunnels.contains_key(i))
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -1145,6 +1308,62 @@ mod tests {
         table.set_over_budget(true);
         b.handshake(&mut table);
         assert_eq!(stats_of(&table, [100, 64, 0, 3]).handshakes, 1);
+    }
+
+    #[test]
+    fn route_leaves_initiations_to_a_handshaker_on_another_thread() {
+        let mut table = PeerTable::new(PrivateKey::generate(), DEFAULT_HANDSHAKE_LIMIT);
+        let mut a = Laptop::new(table.public_key(), 40001, None);
+        table.sync(&[a.accepted("t", [100, 64, 0, 2])]);
+        let hs = table.handshaker();
+        let init = a.initiation();
+        let mut buf = vec![0u8; BUF_SIZE];
+        let mut io = Io::default();
+        assert_eq!(
+            table.route(a.addr, &init, &mut buf, &mut io).unwrap(),
+            Routed::Initiation
+        );
+        assert!(io.sent.is_empty());
+        assert_eq!(table.active(), 0, "no X25519 work on the loop, no tunnel yet");
+        // The worker's side, on a thread of its own.
+        let sent = std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut buf = vec![0u8; BUF_SIZE];
+                let mut io = Io::default();
+                hs.initiation(a.addr, &init, &mut buf, &mut io).unwrap();
+                io.sent
+            })
+            .join()
+            .unwrap()
+        });
+        assert_eq!(sent.len(), 1);
+        assert_eq!((sent[0].0, sent[0].1.len(), sent[0].1[0]), (a.addr, 92, 2));
+        assert_eq!(table.active(), 1, "the worker's tunnel is counted");
+        // The laptop completes the handshake with its first data: the loop's side sees the
+        // worker's session.
+        let mut out = vec![0u8; BUF_SIZE];
+        let TunnResult::WriteToNetwork(keepalive) = a.tunn.decapsulate(None, &sent[0].1, &mut out) else {
+            panic!("no keepalive")
+        };
+        let keepalive = keepalive.to_vec();
+        table.handle_datagram(a.addr, &keepalive, &mut buf, &mut io).unwrap();
+        assert_eq!(stats_of(&table, [100, 64, 0, 2]).handshakes, 1);
+        assert_eq!(a.send(&mut table, &packet([100, 64, 0, 2])).len(), 1);
+
+        // A peer removed while its initiation waited for the worker: refused, and no
+        // tunnel comes back.
+        let init = a.initiation();
+        assert_eq!(
+            table.route(a.addr, &init, &mut buf, &mut io).unwrap(),
+            Routed::Initiation
+        );
+        table.sync(&[]);
+        assert_eq!(table.active(), 0);
+        assert!(matches!(
+            hs.initiation(a.addr, &init, &mut buf, &mut io),
+            Err(DropReason::UnknownKey)
+        ));
+        assert_eq!(table.active(), 0);
     }
 
     fn stats_of(table: &PeerTable, a: [u8; 4]) -> TunnelStats {
