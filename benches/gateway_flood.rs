@@ -29,7 +29,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use boringtun::noise::{Tunn, TunnResult};
-use boringtun::x25519::{PublicKey, StaticSecret};
 use common::{cpu_time, knob, machine, result};
 use kuberaya_e2e::gateway::{
     self, Gateway, PeerKey, StaticFiles, bulk_server, download_mbit, onetun_tcp, peer_address, random_bytes,
@@ -69,16 +68,7 @@ fn initiations(peers: &[PeerKey], gw: &Gateway, rounds: usize) -> Vec<Vec<u8>> {
     let mut tunns: Vec<Tunn> = peers
         .iter()
         .enumerate()
-        .map(|(i, p)| {
-            Tunn::new(
-                StaticSecret::from(p.secret),
-                PublicKey::from(gw.public),
-                None,
-                None,
-                i as u32,
-                None,
-            )
-        })
+        .map(|(i, p)| p.client_tunn(gw.public, i as u32))
         .collect();
     let mut out = Vec::with_capacity(peers.len() * rounds);
     let mut buf = vec![0u8; 256];

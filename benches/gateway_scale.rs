@@ -31,7 +31,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use boringtun::noise::{Tunn, TunnResult};
-use boringtun::x25519::{PublicKey, StaticSecret};
 use common::{cpu_time, knob, machine, median_max, peak_rss_mib, ratio, result, rss_mib, secs};
 use futures::StreamExt;
 use kuberaya_e2e::gateway::{self, Gateway, PeerKey, StaticFiles, dns_query, onetun_tcp, peer_address};
@@ -124,14 +123,7 @@ impl Client {
     fn new(peer: &PeerKey, gateway_public: &[u8; 32], gateway: SocketAddr, index: u32) -> Result<Client> {
         let sock = UdpSocket::bind("127.0.0.1:0")?;
         sock.set_read_timeout(Some(Duration::from_millis(50)))?;
-        let tunn = Tunn::new(
-            StaticSecret::from(peer.secret),
-            PublicKey::from(*gateway_public),
-            None,
-            None,
-            index,
-            None,
-        );
+        let tunn = peer.client_tunn(*gateway_public, index);
         Ok(Client {
             tunn,
             sock,

@@ -30,7 +30,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use boringtun::noise::{Tunn, TunnResult};
-use boringtun::x25519::{PublicKey, StaticSecret};
 use kuberaya_e2e::gateway::{
     self, Gateway, Metrics, PeerKey, StaticFiles, bulk_server, checksum, dns_query, download_mbit, ipv4, onetun_tcp,
     pseudo, random_bytes, udp_packet,
@@ -222,14 +221,7 @@ fn handshake_flood_gets_cookie_replies_every_datagram_is_accounted_for_and_the_p
     // key can make them) from 64 keys the gateway does not know, resent in a loop.
     let flood: Vec<Vec<u8>> = (0..64)
         .map(|i| {
-            let mut t = Tunn::new(
-                StaticSecret::from(random_bytes::<32>()),
-                PublicKey::from(gw.public),
-                None,
-                None,
-                i,
-                None,
-            );
+            let mut t = PeerKey::new(random_bytes::<32>(), Ipv4Addr::UNSPECIFIED).client_tunn(gw.public, i);
             let mut out = vec![0u8; 256];
             match t.format_handshake_initiation(&mut out, false) {
                 TunnResult::WriteToNetwork(p) => p.to_vec(),
@@ -398,16 +390,7 @@ fn a_flood_of_real_handshakes_with_the_limit_lifted_leaves_an_established_peers_
     let mut tunns: Vec<Tunn> = flooders
         .iter()
         .enumerate()
-        .map(|(i, (_, p))| {
-            Tunn::new(
-                StaticSecret::from(p.secret),
-                PublicKey::from(gw.public),
-                None,
-                None,
-                i as u32,
-                None,
-            )
-        })
+        .map(|(i, (_, p))| p.client_tunn(gw.public, i as u32))
         .collect();
     let mut flood = Vec::new();
     let mut out = vec![0u8; 256];

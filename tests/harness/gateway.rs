@@ -56,6 +56,19 @@ impl PeerKey {
         }
     }
 
+    /// This peer's side of a WireGuard session with the gateway whose public key is
+    /// `gateway` (boringtun's noise `Tunn`, no preshared key), with session index `index`.
+    pub fn client_tunn(&self, gateway: [u8; 32], index: u32) -> boringtun::noise::Tunn {
+        boringtun::noise::Tunn::new(
+            StaticSecret::from(self.secret),
+            PublicKey::from(gateway),
+            None,
+            None,
+            index,
+            None,
+        )
+    }
+
     /// A fresh random key.
     pub fn random(address: Ipv4Addr) -> PeerKey {
         PeerKey::new(random_bytes(), address)

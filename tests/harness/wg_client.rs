@@ -7,7 +7,6 @@ use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use boringtun::noise::{Tunn, TunnResult};
-use boringtun::x25519::{PublicKey, StaticSecret};
 
 use crate::gateway::{Gateway, PeerKey, dns_query, random_bytes};
 
@@ -24,14 +23,7 @@ impl Client {
     pub fn new(peer: &PeerKey, gw: &Gateway) -> Client {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-        let tunn = Tunn::new(
-            StaticSecret::from(peer.secret),
-            PublicKey::from(gw.public),
-            None,
-            None,
-            random_bytes::<4>()[0] as u32,
-            None,
-        );
+        let tunn = peer.client_tunn(gw.public, random_bytes::<4>()[0] as u32);
         Client {
             tunn,
             sock,
