@@ -23,11 +23,13 @@
 
 mod common;
 
+use common::wg::{keypair, wireguard_go, write};
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use kuberaya_e2e::netns::{self, Netns, VethEnd, in_namespaces_of, require_programs, require_root, run_ok};
+use kuberaya_e2e::netns::{self, Netns, VethEnd, require_programs, require_root};
 use kuberaya_e2e::{Process, poll_until_blocking};
 
 const CMD: Duration = Duration::from_secs(30);
@@ -78,66 +80,11 @@ struct Figures {
     rtt_after: [f64; 4],
 }
 
-fn keypair() -> (String, String) {
-    let private = run_ok(cmd("wg", &["genkey"]), CMD).unwrap().trim().to_string();
-    let mut pubkey = Command::new("sh");
-    pubkey.args(["-c", "printf %s \"$0\" | wg pubkey", &private]);
-    let public = run_ok(pubkey, CMD).unwrap().trim().to_string();
-    (private, public)
-}
-
-fn cmd(program: &str, args: &[&str]) -> Command {
-    let mut c = Command::new(program);
-    c.args(args);
-    c
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
 /// utime + stime of `pid`, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which may hold spaces) start at field 3.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks as f64 / hz
-}
-
-/// A wireguard-go interface `iface` in `ns`, configured with `wg setconf` from `conf`.
-fn wireguard_go(ns: &Netns, iface: &str, conf: &Path, address: &str, routes: &[&str]) -> Process {
-    let p = ns
-        .spawn_with_private_dir("/var/run/wireguard", &["wireguard-go", "-f", iface])
-        .unwrap();
-    let pid = p.pid();
-    let up = poll_until_blocking(Duration::from_secs(15), || {
-        run_ok(in_namespaces_of(pid, &["wg", "show", iface]), CMD).ok()
-    });
-    assert!(
-        up.is_some(),
-        "wireguard-go {iface} did not come up\n{}",
-        p.output_tails()
-    );
-    run_ok(
-        in_namespaces_of(
-            pid,
-            &["wg".as_ref(), "setconf".as_ref(), iface.as_ref(), conf.as_os_str()],
-        ),
-        CMD,
-    )
-    .unwrap();
-    ns.ip(["address", "add", address, "dev", iface]).unwrap();
-    ns.ip(["link", "set", "mtu", "1420", "up", "dev", iface]).unwrap();
-    for r in routes {
-        ns.ip(["route", "add", r, "dev", iface]).unwrap();
-    }
-    p
+    common::cpu_time(pid)
+        .expect("the gateway's /proc/<pid>/stat")
+        .as_secs_f64()
 }
 
 fn iperf(laptop: &Netns, streams: u32, reverse: bool) -> (f64, u64) {
@@ -280,7 +227,7 @@ fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
                        ip saddr 100.64.0.0/16 oifname != \"wg1\" masquerade; }; }";
             let out = gw.exec(&["nft", nft], CMD).unwrap();
             assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
-            wireguard_go(&gw, "wg1", &conf, &format!("{GW_TUNNEL}/16"), &[])
+            wireguard_go(&gw, &[], "wg1", &conf, &format!("{GW_TUNNEL}/16"), &[])
         }
     };
     let conf = write(
@@ -293,6 +240,7 @@ fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
     );
     let _laptop_wg = wireguard_go(
         &laptop,
+        &[],
         "wg0",
         &conf,
         &format!("{PEER}/32"),

@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+pub mod wg;
+
 /// An integer knob: `name` from the environment, else `default`.
 pub fn knob(name: &str, default: u64) -> u64 {
     match std::env::var(name) {

@@ -22,12 +22,18 @@ pub struct Client {
 impl Client {
     pub fn new(peer: &PeerKey, gw: &Gateway) -> Client {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        Client::on(sock, peer, gw.public, gw.udp)
+    }
+
+    /// A client on `sock` (bound where the caller wants it, say in a namespace) of the
+    /// gateway whose public key is `gateway_public`, listening at `gateway`.
+    pub fn on(sock: UdpSocket, peer: &PeerKey, gateway_public: [u8; 32], gateway: SocketAddr) -> Client {
         sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-        let tunn = peer.client_tunn(gw.public, random_bytes::<4>()[0] as u32);
+        let tunn = peer.client_tunn(gateway_public, random_bytes::<4>()[0] as u32);
         Client {
             tunn,
             sock,
-            gateway: gw.udp,
+            gateway,
             address: peer.address,
             buf: vec![0u8; 65_536],
         }
@@ -121,13 +127,18 @@ impl Client {
 /// of the first one's size but the last, which may be shorter. Over loopback the train
 /// reaches a receiver with `UDP_GRO` in one piece.
 pub fn send_gso_train(sock: &UdpSocket, to: SocketAddr, datagrams: &[Vec<u8>]) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
     let seg = datagrams.first().map_or(0, Vec::len);
     assert!(
         datagrams.iter().rev().skip(1).all(|d| d.len() == seg) && datagrams.last().is_none_or(|d| d.len() <= seg),
         "a GSO train is of one size with a shorter last"
     );
-    let data: Vec<u8> = datagrams.concat();
+    send_gso(sock, to, &datagrams.concat(), seg)
+}
+
+/// Send `data`, datagrams of `seg` bytes laid end to end (the last may be shorter), to `to`
+/// in one `sendmsg(2)` with `UDP_SEGMENT`.
+pub fn send_gso(sock: &UdpSocket, to: SocketAddr, data: &[u8], seg: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
     let SocketAddr::V4(v4) = to else {
         panic!("IPv4 destinations only")
     };
