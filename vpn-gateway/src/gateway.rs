@@ -69,16 +69,13 @@ fn is_handshake(d: &[u8]) -> bool {
     is_initiation(d) || (d.len() == 92 && d[..4] == [2, 0, 0, 0])
 }
 
-/// What the [`PeerTable`] asked for, packed back to back in buffers that keep their
-/// capacity from one round to the next: no allocation per packet.
+/// The datagrams the [`PeerTable`] asked to send, packed back to back in a buffer that
+/// keeps its capacity from one round to the next: no allocation per datagram.
 #[derive(Default)]
 struct Collect {
     /// (destination, start, length) in `send_buf`.
     sends: Vec<(SocketAddr, usize, usize)>,
     send_buf: Vec<u8>,
-    /// (peer address, start, length) in `delivered_buf`.
-    delivered: Vec<(Ipv4Addr, usize, usize)>,
-    delivered_buf: Vec<u8>,
 }
 
 impl TunnelIo for Collect {
@@ -86,9 +83,79 @@ impl TunnelIo for Collect {
         self.sends.push((to, self.send_buf.len(), datagram.len()));
         self.send_buf.extend_from_slice(datagram);
     }
-    fn deliver(&mut self, peer: Ipv4Addr, packet: &[u8]) {
-        self.delivered.push((peer, self.delivered_buf.len(), packet.len()));
-        self.delivered_buf.extend_from_slice(packet);
+    fn deliver(&mut self, peer: &PeerId, _: Ipv4Addr, _: &[u8]) {
+        // Timers and encryption decrypt nothing; datagrams go through `Route`.
+        tracing::debug!(%peer, "a packet delivered outside routing; dropped");
+    }
+}
+
+/// The loop's [`TunnelIo`] while it routes datagrams: what is to be sent is collected, and
+/// each decrypted packet is judged and handed to the data plane at once, from the buffer
+/// it was decrypted into.
+struct Route<'a> {
+    sends: &'a mut Collect,
+    dp: &'a mut dyn DataPlane,
+    acl: &'a Acl,
+    metrics: &'a Metrics,
+    now: Instant,
+}
+
+impl TunnelIo for Route<'_> {
+    fn send(&mut self, to: SocketAddr, datagram: &[u8]) {
+        self.sends.send(to, datagram);
+    }
+
+    /// Every access check runs here, on each decrypted packet, before the data plane
+    /// coalesces anything.
+    fn deliver(&mut self, peer: &PeerId, peer_addr: Ipv4Addr, bytes: &[u8]) {
+        let metrics = self.metrics;
+        let Ok(pkt) = packet::parse(bytes) else {
+            metrics.dropped_packet(&peer.to_string(), "malformed_packet");
+            return;
+        };
+        let verdict = self.acl.check(peer_addr, &pkt);
+        tracing::trace!(
+            peer = %peer, src = %pkt.src, dst = %pkt.dst, proto = pkt.proto, port = ?pkt.dst_port(),
+            len = bytes.len(), verdict = verdict.label(), "packet from tunnel"
+        );
+        let flow = |verdict: &str| {
+            metrics
+                .flows
+                .get_or_create(&FlowLabels {
+                    peer: peer.to_string(),
+                    verdict: verdict.into(),
+                })
+                .inc();
+        };
+        match verdict {
+            Verdict::Spoofed => {
+                metrics.dropped_packet(&peer.to_string(), "spoofed");
+                // One counter for both families (reason `spoofed`); the log says which.
+                tracing::debug!(peer = %peer, src = %pkt.src, ipv6 = pkt.src.is_ipv6(), "spoofed source dropped");
+                return;
+            }
+            Verdict::Denied => {
+                metrics.dropped_packet(&peer.to_string(), "not_allowed");
+                if pkt.is_tcp_syn() {
+                    flow("denied");
+                }
+            }
+            Verdict::Allow | Verdict::Local => {
+                if pkt.is_tcp_syn() {
+                    flow("allowed");
+                }
+            }
+        }
+        self.dp.inbound(
+            Inbound {
+                peer,
+                peer_addr,
+                bytes,
+                packet: &pkt,
+                verdict,
+            },
+            self.now,
+        );
     }
 }
 
@@ -325,7 +392,7 @@ impl Gateway {
         );
     }
 
-    fn datagram(&mut self, from: SocketAddr, d: &[u8]) {
+    fn datagram(&mut self, from: SocketAddr, d: &[u8], now: Instant) {
         let sent = self.io.sends.len();
         // Only handshake messages are timed: data pays for no clock reads.
         let started = is_handshake(d).then(Instant::now);
@@ -335,17 +402,34 @@ impl Gateway {
             over || self.worker.as_ref().is_some_and(Worker::under_load)
         });
         self.table.set_over_budget(over_budget);
-        let r = match self.table.route(from, d, &mut self.buf, &mut self.io) {
+        let Gateway {
+            table,
+            dp,
+            policy,
+            metrics,
+            io,
+            buf,
+            worker,
+            ..
+        } = self;
+        let mut route = Route {
+            sends: io,
+            dp: dp.as_mut(),
+            acl: &policy.acl,
+            metrics: metrics.as_ref(),
+            now,
+        };
+        let r = match table.route(from, d, buf, &mut route) {
             Ok(Routed::Done) => Ok(()),
-            Ok(Routed::Initiation) => match &self.worker {
+            Ok(Routed::Initiation) => match worker {
                 Some(w) => {
                     if !w.push(from, d) {
                         tracing::debug!(%from, "handshake queue full; initiation dropped");
-                        self.metrics.handshakes_dropped.inc();
+                        metrics.handshakes_dropped.inc();
                     }
                     Ok(())
                 }
-                None => self.table.take_initiation(from, d, &mut self.buf, &mut self.io),
+                None => table.take_initiation(from, d, buf, &mut route),
             },
             Err(e) => Err(e),
         };
@@ -373,79 +457,6 @@ impl Gateway {
             tracing::debug!(%from, error = %e, "datagram dropped");
             self.metrics.dropped_packet(&peer, label);
         }
-        self.deliver();
-    }
-
-    /// Judge every decrypted packet and hand it to the data plane.
-    fn deliver(&mut self) {
-        let now = Instant::now();
-        let Gateway {
-            table,
-            dp,
-            policy,
-            metrics,
-            io,
-            ..
-        } = self;
-        for &(peer_addr, start, len) in &io.delivered {
-            let bytes = &io.delivered_buf[start..start + len];
-            let Some(peer) = table.by_address(peer_addr).map(|t| t.id()) else {
-                continue;
-            };
-            let Ok(pkt) = packet::parse(bytes) else {
-                metrics.dropped_packet(&peer.to_string(), "malformed_packet");
-                continue;
-            };
-            let verdict = policy.acl.check(peer_addr, &pkt);
-            tracing::trace!(
-                peer = %peer, src = %pkt.src, dst = %pkt.dst, proto = pkt.proto, port = ?pkt.dst_port(),
-                len = bytes.len(), verdict = verdict.label(), "packet from tunnel"
-            );
-            match verdict {
-                Verdict::Spoofed => {
-                    metrics.dropped_packet(&peer.to_string(), "spoofed");
-                    // One counter for both families (reason `spoofed`); the log says which.
-                    tracing::debug!(peer = %peer, src = %pkt.src, ipv6 = pkt.src.is_ipv6(), "spoofed source dropped");
-                    continue;
-                }
-                Verdict::Denied => {
-                    metrics.dropped_packet(&peer.to_string(), "not_allowed");
-                    if pkt.is_tcp_syn() {
-                        metrics
-                            .flows
-                            .get_or_create(&FlowLabels {
-                                peer: peer.to_string(),
-                                verdict: "denied".into(),
-                            })
-                            .inc();
-                    }
-                }
-                Verdict::Allow | Verdict::Local => {
-                    if pkt.is_tcp_syn() {
-                        metrics
-                            .flows
-                            .get_or_create(&FlowLabels {
-                                peer: peer.to_string(),
-                                verdict: "allowed".into(),
-                            })
-                            .inc();
-                    }
-                }
-            }
-            dp.inbound(
-                Inbound {
-                    peer,
-                    peer_addr,
-                    bytes,
-                    packet: &pkt,
-                    verdict,
-                },
-                now,
-            );
-        }
-        // Emptied for the next round, with their capacity.
-        io.delivered.clear();
-        io.delivered_buf.clear();
     }
 
     /// Collect the data plane's packets and encrypt them to their peers.
@@ -679,8 +690,9 @@ impl Gateway {
                     match socket.try_io(Interest::READABLE, || recv_batch(socket, &mut recv)) {
                         Ok(()) => {
                             self.metrics.udp_gro_trains.inc_by(recv.trains as u64);
+                            let now = Instant::now();
                             for i in 0..recv.got.len() {
-                                self.datagram(recv.got[i].0, recv.datagram(i));
+                                self.datagram(recv.got[i].0, recv.datagram(i), now);
                             }
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}

@@ -252,7 +252,7 @@ impl TunnelIo for Sends {
     fn send(&mut self, to: SocketAddr, datagram: &[u8]) {
         self.0.push((to, datagram.to_vec()));
     }
-    fn deliver(&mut self, _peer: std::net::Ipv4Addr, _packet: &[u8]) {
+    fn deliver(&mut self, _peer: &crate::peers::PeerId, _address: std::net::Ipv4Addr, _packet: &[u8]) {
         // An initiation carries no data.
         tracing::debug!("a handshake initiation delivered a packet; dropped");
     }
@@ -454,7 +454,7 @@ mod tests {
     struct Io;
     impl TunnelIo for Io {
         fn send(&mut self, _: SocketAddr, _: &[u8]) {}
-        fn deliver(&mut self, _: Ipv4Addr, _: &[u8]) {}
+        fn deliver(&mut self, _: &crate::peers::PeerId, _: Ipv4Addr, _: &[u8]) {}
     }
 
     #[test]

@@ -104,8 +104,10 @@ pub fn peer_index(secret: &[u8; 32], key: &PublicKey, attempt: u32) -> u32 {
 pub trait TunnelIo {
     /// Send a datagram to `to` from the gateway's UDP socket.
     fn send(&mut self, to: SocketAddr, datagram: &[u8]);
-    /// A decrypted packet came out of the tunnel of the peer whose tunnel address is `peer`.
-    fn deliver(&mut self, peer: Ipv4Addr, packet: &[u8]);
+    /// A decrypted packet came out of the tunnel of `peer`, whose tunnel address is
+    /// `address`. Called with the peer's lock held, from the buffer it was decrypted into:
+    /// take it from there (no copy on the way), and do not block.
+    fn deliver(&mut self, peer: &PeerId, address: Ipv4Addr, packet: &[u8]);
 }
 
 /// Why an incoming datagram went nowhere.
@@ -219,6 +221,7 @@ impl PeerTunnel {
                 last_handshake: None,
                 recovery_sent: None,
                 last_rx: None,
+                unconfirmed: false,
                 carried_tx: 0,
                 carried_rx: 0,
                 removed: false,
@@ -272,6 +275,9 @@ struct Session {
     recovery_sent: Option<Instant>,
     /// When an authenticated packet of this peer last arrived.
     last_rx: Option<Instant>,
+    /// A handshake was taken but boringtun has no current session yet (it switches at the
+    /// peer's first data): data is checked for the handshake until then.
+    unconfirmed: bool,
     /// Byte counters of the tunnels this peer had before the current one.
     carried_tx: u64,
     carried_rx: u64,
@@ -347,7 +353,11 @@ impl Session {
         let Some(tunn) = self.tunn.as_deref_mut() else {
             return Err(WireGuardError::NoCurrentSession);
         };
-        let before = tunn.time_since_last_handshake();
+        // A handshake counts when boringtun's current session is newer than before: at a
+        // handshake message, or (as responder of a first handshake) at the first data of
+        // the new session. Other data, nearly every datagram, pays for no clock reads.
+        let timed = self.unconfirmed || datagram.first() != Some(&4);
+        let before = if timed { tunn.time_since_last_handshake() } else { None };
         let mut first = true;
         let mut result = Ok(());
         for _ in 0..MAX_FLUSH {
@@ -377,13 +387,16 @@ impl Session {
                 TunnResult::WriteToTunnelV4(b, _) | TunnResult::WriteToTunnelV6(b, _) => {
                     // Keepalives are empty.
                     if !b.is_empty() {
-                        io.deliver(address, b);
+                        io.deliver(&self.id, address, b);
                     }
                     break;
                 }
             }
         }
-        let after = tunn.time_since_last_handshake();
+        let after = if timed { tunn.time_since_last_handshake() } else { None };
+        if timed {
+            self.unconfirmed = after.is_none();
+        }
         if let Some(since) = after
             && before.is_none_or(|b| since < b)
         {
@@ -932,7 +945,7 @@ mod tests {
         fn send(&mut self, to: SocketAddr, d: &[u8]) {
             self.sent.push((to, d.to_vec()));
         }
-        fn deliver(&mut self, peer: Ipv4Addr, p: &[u8]) {
+        fn deliver(&mut self, _: &PeerId, peer: Ipv4Addr, p: &[u8]) {
             self.delivered.push((peer, p.to_vec()));
         }
     }
