@@ -98,6 +98,8 @@ struct Route<'a> {
     acl: &'a Acl,
     metrics: &'a Metrics,
     now: Instant,
+    /// Packets handed to the data plane.
+    delivered: usize,
 }
 
 impl TunnelIo for Route<'_> {
@@ -146,6 +148,7 @@ impl TunnelIo for Route<'_> {
                 }
             }
         }
+        self.delivered += 1;
         self.dp.inbound(
             Inbound {
                 peer,
@@ -392,7 +395,8 @@ impl Gateway {
         );
     }
 
-    fn datagram(&mut self, from: SocketAddr, d: &[u8], now: Instant) {
+    /// Route one datagram; whether it gave the data plane a packet.
+    fn datagram(&mut self, from: SocketAddr, d: &[u8], now: Instant) -> bool {
         let sent = self.io.sends.len();
         // Only handshake messages are timed: data pays for no clock reads.
         let started = is_handshake(d).then(Instant::now);
@@ -418,6 +422,7 @@ impl Gateway {
             acl: &policy.acl,
             metrics: metrics.as_ref(),
             now,
+            delivered: 0,
         };
         let r = match table.route(from, d, buf, &mut route) {
             Ok(Routed::Done) => Ok(()),
@@ -433,6 +438,7 @@ impl Gateway {
             },
             Err(e) => Err(e),
         };
+        let delivered = route.delivered > 0;
         if let Some(t) = started {
             self.budget.lock().record(t, Instant::now());
         }
@@ -457,6 +463,7 @@ impl Gateway {
             tracing::debug!(%from, error = %e, "datagram dropped");
             self.metrics.dropped_packet(&peer, label);
         }
+        delivered
     }
 
     /// Collect the data plane's packets and encrypt them to their peers.
@@ -679,6 +686,9 @@ impl Gateway {
         tokio::pin!(shutdown);
         loop {
             let delay = self.dp.poll_delay(Instant::now()).unwrap_or(Duration::from_secs(1));
+            // Whether the data plane has work after this round (every arm but the
+            // datagrams' may have given it some).
+            let mut dp_due = true;
             tokio::select! {
                 _ = &mut shutdown => break,
                 (i, r) = std::future::poll_fn(|cx| poll_readable(&sockets, next_socket, cx)) => {
@@ -691,9 +701,13 @@ impl Gateway {
                         Ok(()) => {
                             self.metrics.udp_gro_trains.inc_by(recv.trains as u64);
                             let now = Instant::now();
+                            let mut delivered = false;
                             for i in 0..recv.got.len() {
-                                self.datagram(recv.got[i].0, recv.datagram(i), now);
+                                delivered |= self.datagram(recv.got[i].0, recv.datagram(i), now);
                             }
+                            // Handshakes, cookies and rejects give the data plane nothing
+                            // to do: under a flood of them, it is not polled per datagram.
+                            dp_due = delivered;
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                         Err(e) => tracing::debug!(error = %e, "recvmmsg"),
@@ -761,8 +775,10 @@ impl Gateway {
                 }
             }
             // The batch's allowed packets out in one go (coalesced by the TUN data plane).
-            self.dp.flush();
-            self.outbound();
+            if dp_due {
+                self.dp.flush();
+                self.outbound();
+            }
             self.flush(&sockets, &mut offloads);
         }
         Ok(())
