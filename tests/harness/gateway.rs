@@ -350,7 +350,10 @@ pub fn onetun_tcp(peer: &WgPeer, remote: SocketAddr) -> (Command, SocketAddr) {
 }
 
 /// A TCP server on `ip` streaming zeros to each of its first `connections` connections
-/// until it closes or `stop` (at most 60 s each).
+/// until the client closes its side (EOF, as a server that reads would see it), the
+/// connection fails, or `stop` (at most 60 s each). Without the EOF check a closed
+/// download's flow kept streaming toward a client that still accepted it (onetun keeps
+/// reading a half-closed connection) and took bandwidth from the next measurement.
 pub fn bulk_server(ip: Ipv4Addr, stop: Arc<AtomicBool>, connections: usize) -> Result<SocketAddr> {
     let l = TcpListener::bind((ip, 0))?;
     let a = l.local_addr()?;
@@ -361,11 +364,24 @@ pub fn bulk_server(ip: Ipv4Addr, stop: Arc<AtomicBool>, connections: usize) -> R
             }
             let Ok(mut s) = s else { continue };
             let stop = stop.clone();
+            let closed = Arc::new(AtomicBool::new(false));
+            if let Ok(mut r) = s.try_clone() {
+                let closed = closed.clone();
+                std::thread::spawn(move || {
+                    let mut sink = [0u8; 4096];
+                    let _ = r.set_read_timeout(Some(Duration::from_secs(60)));
+                    while matches!(r.read(&mut sink), Ok(n) if n > 0) {}
+                    closed.store(true, Ordering::Relaxed);
+                });
+            }
             std::thread::spawn(move || {
                 let chunk = vec![0u8; 64 * 1024];
                 let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
                 let started = Instant::now();
-                while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
+                while !stop.load(Ordering::Relaxed)
+                    && !closed.load(Ordering::Relaxed)
+                    && started.elapsed() < Duration::from_secs(60)
+                {
                     if s.write_all(&chunk).is_err() {
                         return;
                     }
