@@ -39,17 +39,15 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use common::knob;
-use common::wg::{wireguard_go, write};
+use common::wg::{GW_VETH, LAPTOP_VETH, Topology, forward_for_wireguard_go, gateway_args, wireguard_go, write};
 use kuberaya_e2e::gateway::{PeerKey, peer_address, udp_packet};
-use kuberaya_e2e::netns::{self, Netns, VethEnd, require_programs, require_root};
+use kuberaya_e2e::netns::{Netns, require_programs, require_root};
 use kuberaya_e2e::wg_client::{Client, send_gso};
 use kuberaya_e2e::{Process, b64};
 
 const CMD: Duration = Duration::from_secs(30);
 const SINK_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 const SINK_PORT: u16 = 9000;
-const GW_VETH: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-const LAPTOP_VETH: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 const PORT: u16 = 51820;
 /// Datagrams per GSO train: as many as fit the 64 KiB a UDP send takes.
 const TRAIN: usize = 44;
@@ -185,7 +183,7 @@ fn load(
     if let Some(c) = cpu {
         pin_thread(c);
     }
-    let gateway = SocketAddr::from((GW_VETH, PORT));
+    let gateway = SocketAddr::new(GW_VETH.parse().unwrap(), PORT);
     let mut clients: Vec<Client> = peers
         .iter()
         .map(|p| {
@@ -240,46 +238,7 @@ fn metric(gw: &Netns, name: &str) -> u64 {
 }
 
 fn measure(kind: Kind, bin: &Path, dir: &Path, peers: usize, pin: bool, window: Duration) -> Figures {
-    let laptop = Netns::unique("ceil-laptop").unwrap();
-    let gw = Netns::unique("ceil-gw").unwrap();
-    let svc = Netns::unique("ceil-svc").unwrap();
-    netns::veth_pair(
-        VethEnd {
-            ns: &laptop,
-            name: "to-gw",
-            address: &format!("{LAPTOP_VETH}/24"),
-        },
-        VethEnd {
-            ns: &gw,
-            name: "to-laptop",
-            address: &format!("{GW_VETH}/24"),
-        },
-    )
-    .unwrap();
-    netns::veth_pair(
-        VethEnd {
-            ns: &gw,
-            name: "to-svc",
-            address: "198.51.100.1/24",
-        },
-        VethEnd {
-            ns: &svc,
-            name: "to-gw",
-            address: "198.51.100.2/24",
-        },
-    )
-    .unwrap();
-    // GRO on the gateway's side of the laptop's veth, UDP trains included, as a NIC does.
-    let gro = gw.exec(
-        &["ethtool", "-K", "to-laptop", "gro", "on", "rx-udp-gro-forwarding", "on"],
-        CMD,
-    );
-    if !gro.as_ref().is_ok_and(|o| o.status.success()) {
-        eprintln!("ethtool -K to-laptop gro on: {gro:?} (measuring without veth GRO)");
-    }
-    svc.ip(["route", "add", "local", "10.96.0.0/16", "dev", "lo"]).unwrap();
-    gw.ip(["route", "add", "10.96.0.0/16", "via", "198.51.100.2"]).unwrap();
-
+    let Topology { laptop, gw, svc } = Topology::new("ceil");
     let gw_secret: [u8; 32] = kuberaya_e2e::gateway::random_bytes();
     let gw_key = PeerKey::new(gw_secret, Ipv4Addr::new(100, 64, 0, 1));
     let gw_public: [u8; 32] = x25519_public(&gw_secret);
@@ -298,28 +257,16 @@ fn measure(kind: Kind, bin: &Path, dir: &Path, peers: usize, pin: bool, window: 
                 "ports": [{"name": "load", "port": SINK_PORT, "protocol": "UDP"}]}]);
             let peers_file = write(dir, "peers.json", &serde_json::Value::from(list).to_string());
             let services_file = write(dir, "services.json", &services.to_string());
-            let mut args: Vec<String> = taskset.iter().map(|s| s.to_string()).collect();
-            args.push(bin.display().to_string());
-            args.extend(
-                [
-                    "--listen",
-                    &listen,
-                    "--private-key-file",
-                    key.to_str().unwrap(),
-                    "--peers-file",
-                    peers_file.to_str().unwrap(),
-                    "--services-file",
-                    services_file.to_str().unwrap(),
-                    "--metrics-bind-address",
-                    METRICS,
-                    "--health-bind-address",
-                    "127.0.0.1:0",
-                ]
-                .map(String::from),
+            let args = gateway_args(
+                &taskset,
+                bin,
+                &listen,
+                &key,
+                &peers_file,
+                &services_file,
+                METRICS,
+                kind == Kind::Tun,
             );
-            if kind == Kind::Tun {
-                args.extend(["--dataplane", "tun"].map(String::from));
-            }
             let mut p = gw.spawn(&args).unwrap();
             p.wait_for_stdout_line("kuberaya-gateway listening", CMD).unwrap();
             // The file source loads the peers within its 500 ms re-read.
@@ -339,11 +286,7 @@ fn measure(kind: Kind, bin: &Path, dir: &Path, peers: usize, pin: bool, window: 
                     gw_key.private_key()
                 ),
             );
-            gw.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"], CMD).unwrap();
-            let nft = "table ip bench { chain post { type nat hook postrouting priority 100; \
-                       ip saddr 100.64.0.0/16 oifname != \"wg1\" masquerade; }; }";
-            let out = gw.exec(&["nft", nft], CMD).unwrap();
-            assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
+            forward_for_wireguard_go(&gw);
             wireguard_go(&gw, &taskset, "wg1", &conf, "100.64.0.1/16", &[])
         }
     };

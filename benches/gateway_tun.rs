@@ -23,13 +23,13 @@
 
 mod common;
 
-use common::wg::{keypair, wireguard_go, write};
+use common::wg::{GW_VETH, Topology, forward_for_wireguard_go, gateway_args, keypair, wireguard_go, write};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use kuberaya_e2e::netns::{self, Netns, VethEnd, require_programs, require_root};
+use kuberaya_e2e::netns::{Netns, require_programs, require_root};
 use kuberaya_e2e::{Process, poll_until_blocking};
 
 const CMD: Duration = Duration::from_secs(30);
@@ -37,7 +37,6 @@ const SECONDS: u32 = 5;
 const PERF_IP: &str = "10.96.0.20";
 const PEER: &str = "100.64.0.2";
 const GW_TUNNEL: &str = "100.64.0.1";
-const GW_VETH: &str = "192.0.2.1";
 const PORT: u16 = 51820;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,49 +130,7 @@ fn ping(laptop: &Netns) -> [f64; 4] {
 }
 
 fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
-    let laptop = Netns::unique("bench-laptop").unwrap();
-    let gw = Netns::unique("bench-gw").unwrap();
-    let svc = Netns::unique("bench-svc").unwrap();
-    netns::veth_pair(
-        VethEnd {
-            ns: &laptop,
-            name: "to-gw",
-            address: "192.0.2.2/24",
-        },
-        VethEnd {
-            ns: &gw,
-            name: "to-laptop",
-            address: &format!("{GW_VETH}/24"),
-        },
-    )
-    .unwrap();
-    netns::veth_pair(
-        VethEnd {
-            ns: &gw,
-            name: "to-svc",
-            address: "198.51.100.1/24",
-        },
-        VethEnd {
-            ns: &svc,
-            name: "to-gw",
-            address: "198.51.100.2/24",
-        },
-    )
-    .unwrap();
-    // GRO on the gateway's side of the laptop's veth, UDP included (veth hands a local
-    // sender's datagrams to GRO only with rx-udp-gro-forwarding), as a NIC would do it: a
-    // burst of one peer's datagrams may then reach the gateway's socket as one UDP GRO
-    // train. A stock wireguard-go before 2023 sends one datagram per call, which rarely
-    // makes a burst; a train sent with UDP GSO crosses the veth whole.
-    let gro = gw.exec(
-        &["ethtool", "-K", "to-laptop", "gro", "on", "rx-udp-gro-forwarding", "on"],
-        CMD,
-    );
-    if !gro.as_ref().is_ok_and(|o| o.status.success()) {
-        eprintln!("ethtool -K to-laptop gro on: {gro:?} (measuring without veth GRO)");
-    }
-    svc.ip(["route", "add", "local", "10.96.0.0/16", "dev", "lo"]).unwrap();
-    gw.ip(["route", "add", "10.96.0.0/16", "via", "198.51.100.2"]).unwrap();
+    let Topology { laptop, gw, svc } = Topology::new("bench");
     let _iperf = svc.spawn(&["iperf3", "-s", "-B", PERF_IP]).unwrap();
 
     let (gw_private, gw_public) = keypair();
@@ -188,27 +145,16 @@ fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
                 "ports": [{"name": "iperf", "port": 5201}]}]);
             let peers = write(dir, "peers.json", &peers.to_string());
             let services = write(dir, "services.json", &services.to_string());
-            let mut args: Vec<String> = vec![gateway_bin.display().to_string()];
-            args.extend(
-                [
-                    "--listen",
-                    &listen,
-                    "--private-key-file",
-                    key.to_str().unwrap(),
-                    "--peers-file",
-                    peers.to_str().unwrap(),
-                    "--services-file",
-                    services.to_str().unwrap(),
-                    "--metrics-bind-address",
-                    "127.0.0.1:0",
-                    "--health-bind-address",
-                    "127.0.0.1:0",
-                ]
-                .map(String::from),
+            let args = gateway_args(
+                &[],
+                gateway_bin,
+                &listen,
+                &key,
+                &peers,
+                &services,
+                "127.0.0.1:0",
+                kind == Gateway::Tun,
             );
-            if kind == Gateway::Tun {
-                args.extend(["--dataplane", "tun"].map(String::from));
-            }
             let mut p = gw.spawn(&args).unwrap();
             p.wait_for_stdout_line("kuberaya-gateway listening", CMD).unwrap();
             p
@@ -222,11 +168,7 @@ fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
                      [Peer]\nPublicKey = {peer_public}\nAllowedIPs = {PEER}/32\n"
                 ),
             );
-            gw.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"], CMD).unwrap();
-            let nft = "table ip bench { chain post { type nat hook postrouting priority 100; \
-                       ip saddr 100.64.0.0/16 oifname != \"wg1\" masquerade; }; }";
-            let out = gw.exec(&["nft", nft], CMD).unwrap();
-            assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
+            forward_for_wireguard_go(&gw);
             wireguard_go(&gw, &[], "wg1", &conf, &format!("{GW_TUNNEL}/16"), &[])
         }
     };
