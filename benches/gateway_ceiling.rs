@@ -39,7 +39,9 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use common::knob;
-use common::wg::{GW_VETH, LAPTOP_VETH, Topology, forward_for_wireguard_go, gateway_args, wireguard_go, write};
+use common::wg::{
+    GW_VETH, LAPTOP_VETH, Topology, forward_for_wireguard_go, gateway_args, gateway_bin, wireguard_go, write,
+};
 use kuberaya_e2e::gateway::{PeerKey, peer_address, udp_packet};
 use kuberaya_e2e::netns::{Netns, require_programs, require_root};
 use kuberaya_e2e::wg_client::{Client, send_gso};
@@ -387,15 +389,6 @@ fn x25519_public(secret: &[u8; 32]) -> [u8; 32] {
     bytes.try_into().expect("32 bytes")
 }
 
-/// `cargo build --release` of the gateway binary; its path.
-fn build_gateway() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let status = common::release_build(&["-p", "kuberaya-gateway", "--bin", "kuberaya-gateway"]).unwrap();
-    assert!(status.success(), "building the gateway in release");
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    target.join("release").join("kuberaya-gateway")
-}
-
 fn main() {
     require_root(
         "gateway_ceiling bench",
@@ -413,10 +406,7 @@ fn main() {
     let peers = knob("KR_BENCH_CEILING_PEERS", 4) as usize;
     let window = Duration::from_secs(knob("KR_BENCH_WINDOW_S", 5));
     let pin = knob("KR_BENCH_PIN", 1) != 0;
-    let bin = match std::env::var_os("KURAYA_BENCH_GATEWAY_BIN") {
-        Some(b) => PathBuf::from(b),
-        None => build_gateway(),
-    };
+    let bin = gateway_bin();
     let dir = tempfile::tempdir().unwrap();
     let only = std::env::var("KURAYA_BENCH_GATEWAYS").unwrap_or_default();
     let mut runs: Vec<(String, Kind, PathBuf)> = [Kind::Tun, Kind::Userspace, Kind::WireguardGo]

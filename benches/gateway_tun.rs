@@ -23,7 +23,9 @@
 
 mod common;
 
-use common::wg::{GW_VETH, Topology, forward_for_wireguard_go, gateway_args, keypair, wireguard_go, write};
+use common::wg::{
+    GW_VETH, Topology, forward_for_wireguard_go, gateway_args, gateway_bin, keypair, wireguard_go, write,
+};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -237,15 +239,6 @@ fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
     f
 }
 
-/// `cargo build --release` of the gateway binary; its path.
-fn build_gateway() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let status = common::release_build(&["-p", "kuberaya-gateway", "--bin", "kuberaya-gateway"]).unwrap();
-    assert!(status.success(), "building the gateway in release");
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    target.join("release").join("kuberaya-gateway")
-}
-
 fn main() {
     // `cargo bench` passes `--bench`; any other argument is a filter we do not have.
     require_root(
@@ -261,11 +254,7 @@ fn main() {
         ("ip", "iproute2"),
         ("ethtool", "ethtool"),
     ]);
-    // KURAYA_BENCH_GATEWAY_BIN: measure this build of the gateway instead of building one.
-    let bin = match std::env::var_os("KURAYA_BENCH_GATEWAY_BIN") {
-        Some(b) => PathBuf::from(b),
-        None => build_gateway(),
-    };
+    let bin = gateway_bin();
 
     let dir = tempfile::tempdir().unwrap();
     // KURAYA_BENCH_GATEWAYS=tun,userspace (a subset) skips the others; wireguard-go, the

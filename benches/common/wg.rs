@@ -165,3 +165,16 @@ pub fn gateway_args(
     }
     args
 }
+
+/// `KURAYA_BENCH_GATEWAY_BIN`, or else a `cargo build --release` of the gateway binary:
+/// the binary the gateway benches measure.
+pub fn gateway_bin() -> PathBuf {
+    if let Some(b) = std::env::var_os("KURAYA_BENCH_GATEWAY_BIN") {
+        return PathBuf::from(b);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let status = super::release_build(&["-p", "kuberaya-gateway", "--bin", "kuberaya-gateway"]).unwrap();
+    assert!(status.success(), "building the gateway in release");
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    target.join("release").join("kuberaya-gateway")
+}
