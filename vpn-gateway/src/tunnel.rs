@@ -1143,6 +1143,33 @@ mod tests {
     }
 
     #[test]
+    fn each_handshake_is_counted_once_and_data_between_them_counts_none() {
+        let mut table = PeerTable::new(PrivateKey::generate(), DEFAULT_HANDSHAKE_LIMIT);
+        let mut a = Laptop::new(table.public_key(), 40001, None);
+        table.sync(&[a.accepted("t", [100, 64, 0, 2])]);
+        // The first handshake: boringtun makes the session current at the first data.
+        assert_eq!(a.send(&mut table, &packet([100, 64, 0, 2])).len(), 1);
+        assert_eq!(stats_of(&table, [100, 64, 0, 2]).handshakes, 1);
+        for _ in 0..5 {
+            assert_eq!(a.send(&mut table, &packet([100, 64, 0, 2])).len(), 1);
+        }
+        assert_eq!(stats_of(&table, [100, 64, 0, 2]).handshakes, 1, "data is no handshake");
+        // A rekey while the old session is current: counted at the initiation (boringtun
+        // stamps it with the time of its last timer tick, which the gateway runs every
+        // 250 ms).
+        std::thread::sleep(Duration::from_millis(2));
+        table.tick(Instant::now(), &mut vec![0u8; BUF_SIZE], &mut Io::default());
+        a.handshake(&mut table);
+        assert_eq!(stats_of(&table, [100, 64, 0, 2]).handshakes, 2);
+        for _ in 0..3 {
+            assert_eq!(a.send(&mut table, &packet([100, 64, 0, 2])).len(), 1);
+        }
+        assert_eq!(stats_of(&table, [100, 64, 0, 2]).handshakes, 2);
+        let since = stats_of(&table, [100, 64, 0, 2]).since_last_handshake.expect("a handshake");
+        assert!(since < Duration::from_secs(5), "the last handshake is the rekey: {since:?}");
+    }
+
+    #[test]
     fn tunnels_are_created_at_the_first_handshake_only() {
         let mut table = PeerTable::new(PrivateKey::generate(), DEFAULT_HANDSHAKE_LIMIT);
         let mut laptops: Vec<Laptop> = (0..50)
