@@ -1165,8 +1165,13 @@ mod tests {
             assert_eq!(a.send(&mut table, &packet([100, 64, 0, 2])).len(), 1);
         }
         assert_eq!(stats_of(&table, [100, 64, 0, 2]).handshakes, 2);
-        let since = stats_of(&table, [100, 64, 0, 2]).since_last_handshake.expect("a handshake");
-        assert!(since < Duration::from_secs(5), "the last handshake is the rekey: {since:?}");
+        let since = stats_of(&table, [100, 64, 0, 2])
+            .since_last_handshake
+            .expect("a handshake");
+        assert!(
+            since < Duration::from_secs(5),
+            "the last handshake is the rekey: {since:?}"
+        );
     }
 
     #[test]
