@@ -420,7 +420,7 @@ fn validate_upgrade_downgrade(old: &Fields, new: &Fields) -> Vec<Cause> {
 
 /// The two lists whose primary is fixed once set, but whose secondary may be added, or
 /// released with `SingleStack`.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 enum IpList {
     ClusterIps,
     IpFamilies,
@@ -488,7 +488,9 @@ fn validate_list_update(list: IpList, old: &[String], new: &[String], svc: &Fiel
             }
         }
     } else if old.len() > new.len() {
-        if list == IpList::ClusterIps && svc.cluster_ips.is_empty() {
+        // Upstream tests the clusterIPs for both lists. Only a stored Service without
+        // addresses (never one this server wrote) gets here with none.
+        if svc.cluster_ips.is_empty() {
             causes.push(Cause::invalid_raw(
                 &format!("{field}[0]"),
                 &list.render(new),
@@ -1028,6 +1030,18 @@ mod tests {
                 mismatch,
                 r#"spec.ipFamilies[0]: Invalid value: []string{"127.96.0.1"}: may not change once set"#
             ]
+        );
+    }
+
+    #[test]
+    fn a_stored_service_without_addresses_may_not_release_its_primary_family() {
+        let old = json!({"type": "ClusterIP", "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "PreferDualStack"});
+        let mut new = old.clone();
+        new["ipFamilies"] = json!(["IPv4"]);
+        new["ipFamilyPolicy"] = json!(SINGLE_STACK);
+        assert_eq!(
+            run(&old, new, &dual(), &[]).unwrap_err(),
+            [r#"spec.ipFamilies[0]: Invalid value: []core.IPFamily{"IPv4"}: primary ipFamily can not be unset"#]
         );
     }
 
