@@ -496,7 +496,7 @@ const CCM_NEEDS: &[Grant] = &[
     (CLUSTER, "authorization.k8s.io", "subjectaccessreviews", "create", None),
 ];
 
-/// What kuberaya-gateway calls (vpn-gateway/src/source/kube.rs):
+/// What kuberaya-gateway calls (vpn-gateway/src/source/kube/):
 const GATEWAY_NEEDS: &[Grant] = &[
     // Service and VpnPeer reflectors.
     (CLUSTER, "", "services", "list", None),

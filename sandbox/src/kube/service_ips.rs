@@ -132,8 +132,13 @@ pub fn allocate(cidr: IpNet, used: &BTreeSet<IpAddr>) -> Option<IpAddr> {
 
 /// Go's `%#v` of a `[]string`, as the real messages print Service IP lists.
 pub fn go_strings(v: &[String]) -> String {
+    go_list("string", v)
+}
+
+/// Go's `%#v` of a slice of a string type `ty`.
+fn go_list(ty: &str, v: &[String]) -> String {
     format!(
-        "[]string{{{}}}",
+        "[]{ty}{{{}}}",
         v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
     )
 }
@@ -393,91 +398,120 @@ fn validate_related(f: &Fields) -> Vec<Cause> {
 /// `validateUpgradeDowngradeClusterIPs` and `validateUpgradeDowngradeIPFamilies`.
 fn validate_upgrade_downgrade(old: &Fields, new: &Fields) -> Vec<Cause> {
     let mut causes = Vec::new();
-    let ips = go_strings(&new.cluster_ips);
-    let policy = policy_value(new);
     if !(old.headless() && new.headless()) {
-        let (o, n) = (&old.cluster_ips, &new.cluster_ips);
-        if o.len() == n.len() {
-            for (i, ip) in o.iter().enumerate() {
-                if *ip != n[i] {
-                    causes.push(Cause::invalid_raw(
-                        &format!("spec.clusterIPs[{i}]"),
-                        &ips,
-                        "may not change once set",
-                    ));
-                }
-            }
-        } else if o.len() > n.len() {
-            if n.is_empty() {
-                causes.push(Cause::invalid_raw(
-                    "spec.clusterIPs[0]",
-                    &ips,
-                    "primary clusterIP can not be unset",
-                ));
-            }
-            if !o.is_empty() && !n.is_empty() && n[0] != o[0] {
-                causes.push(Cause::invalid_raw(
-                    "spec.clusterIPs[0]",
-                    &ips,
-                    "may not change once set",
-                ));
-            }
-            if n.len() == 1 && new.policy() != SINGLE_STACK {
-                causes.push(Cause::invalid(
-                    "spec.ipFamilyPolicy",
-                    &policy,
-                    "must be set to 'SingleStack' when releasing the secondary clusterIP",
-                ));
-            }
-        } else if !o.is_empty() && n[0] != o[0] {
-            causes.push(Cause::invalid_raw(
-                "spec.clusterIPs[0]",
-                &ips,
-                "may not change once set",
-            ));
+        causes.extend(validate_list_update(
+            IpList::ClusterIps,
+            &old.cluster_ips,
+            &new.cluster_ips,
+            new,
+        ));
+    }
+    // Headless Services may change families, and so may one becoming or leaving headless.
+    if old.headless() == new.headless() && !new.headless() {
+        causes.extend(validate_list_update(
+            IpList::IpFamilies,
+            &old.families,
+            &new.families,
+            new,
+        ));
+    }
+    causes
+}
+
+/// The two lists whose primary is fixed once set, but whose secondary may be added, or
+/// released with `SingleStack`.
+#[derive(Clone, Copy)]
+enum IpList {
+    ClusterIps,
+    IpFamilies,
+}
+
+impl IpList {
+    fn field(self) -> &'static str {
+        match self {
+            IpList::ClusterIps => "spec.clusterIPs",
+            IpList::IpFamilies => "spec.ipFamilies",
         }
     }
-    if old.headless() != new.headless() || new.headless() {
-        return causes;
+
+    /// One value, as the "releasing the secondary ..." messages name it.
+    fn noun(self) -> &'static str {
+        match self {
+            IpList::ClusterIps => "clusterIP",
+            IpList::IpFamilies => "ipFamily",
+        }
     }
-    let fams = format!(
-        "[]core.IPFamily{{{}}}",
-        new.families
-            .iter()
-            .map(|s| format!("{s:?}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    let (o, n) = (&old.families, &new.families);
-    if o.len() == n.len() {
-        if o.iter().zip(n).any(|(a, b)| a != b) {
-            causes.push(Cause::invalid_raw(
-                "spec.ipFamilies[0]",
-                &fams,
-                "may not change once set",
-            ));
+
+    /// The new list as Go's `%#v` prints it.
+    fn render(self, v: &[String]) -> String {
+        match self {
+            IpList::ClusterIps => go_list("string", v),
+            IpList::IpFamilies => go_list("core.IPFamily", v),
         }
-    } else if o.len() > n.len() {
-        if !n.is_empty() && n[0] != o[0] {
-            causes.push(Cause::invalid_raw(
-                "spec.ipFamilies[0]",
-                &ips,
-                "may not change once set",
-            ));
-        }
-        if n.len() == 1 && new.policy() != SINGLE_STACK {
-            causes.push(Cause::invalid(
-                "spec.ipFamilyPolicy",
-                &policy,
-                "must be set to 'SingleStack' when releasing the secondary ipFamily",
-            ));
-        }
-    } else if !o.is_empty() && n[0] != o[0] {
+    }
+}
+
+/// One list's update check: `old` and `new` are its values, `svc` the new Service's
+/// fields. Where kube-apiserver's two functions differ, this follows each.
+fn validate_list_update(list: IpList, old: &[String], new: &[String], svc: &Fields) -> Vec<Cause> {
+    let mut causes = Vec::new();
+    let field = list.field();
+    // Upstream reports the new clusterIPs as the value of the "may not change" errors of
+    // both lists (ipFamilies too, when it grew or shrank), and the list itself otherwise.
+    let ips = go_strings(&svc.cluster_ips);
+    let changed_primary = |causes: &mut Vec<Cause>| {
         causes.push(Cause::invalid_raw(
-            "spec.ipFamilies[0]",
+            &format!("{field}[0]"),
             &ips,
             "may not change once set",
-        ));
+        ))
+    };
+    if old.len() == new.len() {
+        let own = list.render(new);
+        for i in (0..old.len()).filter(|&i| old[i] != new[i]) {
+            match list {
+                IpList::ClusterIps => causes.push(Cause::invalid_raw(
+                    &format!("{field}[{i}]"),
+                    &own,
+                    "may not change once set",
+                )),
+                // Upstream repeats the same `[0]` error per changed family; its message
+                // shows it once.
+                IpList::IpFamilies => {
+                    causes.push(Cause::invalid_raw(
+                        &format!("{field}[0]"),
+                        &own,
+                        "may not change once set",
+                    ));
+                    break;
+                }
+            }
+        }
+    } else if old.len() > new.len() {
+        // Upstream tests the clusterIPs for both lists. Only a stored Service without
+        // addresses (never one this server wrote) gets here with none.
+        if svc.cluster_ips.is_empty() {
+            causes.push(Cause::invalid_raw(
+                &format!("{field}[0]"),
+                &list.render(new),
+                &format!("primary {} can not be unset", list.noun()),
+            ));
+        }
+        if !new.is_empty() && new[0] != old[0] {
+            changed_primary(&mut causes);
+        }
+        if new.len() == 1 && svc.policy() != SINGLE_STACK {
+            causes.push(Cause::invalid(
+                "spec.ipFamilyPolicy",
+                &policy_value(svc),
+                &format!(
+                    "must be set to 'SingleStack' when releasing the secondary {}",
+                    list.noun()
+                ),
+            ));
+        }
+    } else if !old.is_empty() && new[0] != old[0] {
+        changed_primary(&mut causes);
     }
     causes
 }
@@ -945,6 +979,69 @@ mod tests {
         assert_eq!(
             run(&up, moved, &dual(), &[]).unwrap_err(),
             [r#"spec.clusterIPs[0]: Invalid value: []string{"127.96.0.9", "fd00:96::1"}: may not change once set"#]
+        );
+    }
+
+    #[test]
+    fn the_primary_family_may_not_change_and_reports_what_kube_apiserver_does() {
+        let single_v4 = create(json!({"type": "ClusterIP"}), &dual());
+        let dual_v4 = create(json!({"ipFamilyPolicy": "PreferDualStack"}), &dual());
+        let with = |old: &Value, fams: Value, policy: &str| {
+            let mut s = old.clone();
+            s["ipFamilies"] = fams;
+            s["ipFamilyPolicy"] = json!(policy);
+            s
+        };
+        let mismatch = r#"spec.clusterIPs[0]: Invalid value: "127.96.0.1": expected an IPv6 value as indicated by `ipFamilies[0]`"#;
+        // Same length: the value is the new ipFamilies.
+        assert_eq!(
+            run(
+                &single_v4,
+                with(&single_v4, json!(["IPv6"]), SINGLE_STACK),
+                &dual(),
+                &[]
+            )
+            .unwrap_err(),
+            [
+                mismatch,
+                r#"spec.ipFamilies[0]: Invalid value: []core.IPFamily{"IPv6"}: may not change once set"#
+            ]
+        );
+        // Grown or shrunk: upstream reports the new clusterIPs as the value
+        // (`validateUpgradeDowngradeIPFamilies`).
+        assert_eq!(
+            run(
+                &single_v4,
+                with(&single_v4, json!(["IPv6", "IPv4"]), PREFER_DUAL_STACK),
+                &dual(),
+                &[]
+            )
+            .unwrap_err(),
+            [
+                mismatch,
+                r#"spec.ipFamilies[0]: Invalid value: []string{"127.96.0.1"}: may not change once set"#
+            ]
+        );
+        let mut shrunk = with(&dual_v4, json!(["IPv6"]), SINGLE_STACK);
+        shrunk["clusterIPs"] = json!(["127.96.0.1"]);
+        assert_eq!(
+            run(&dual_v4, shrunk, &dual(), &[]).unwrap_err(),
+            [
+                mismatch,
+                r#"spec.ipFamilies[0]: Invalid value: []string{"127.96.0.1"}: may not change once set"#
+            ]
+        );
+    }
+
+    #[test]
+    fn a_stored_service_without_addresses_may_not_release_its_primary_family() {
+        let old = json!({"type": "ClusterIP", "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "PreferDualStack"});
+        let mut new = old.clone();
+        new["ipFamilies"] = json!(["IPv4"]);
+        new["ipFamilyPolicy"] = json!(SINGLE_STACK);
+        assert_eq!(
+            run(&old, new, &dual(), &[]).unwrap_err(),
+            [r#"spec.ipFamilies[0]: Invalid value: []core.IPFamily{"IPv4"}: primary ipFamily can not be unset"#]
         );
     }
 
