@@ -450,7 +450,7 @@ async fn explain(kube_args: &KubeArgs, a: ExplainArgs) -> anyhow::Result<ExitCod
         return Err(anyhow!("peer {ns}/{} not found; see `kuberaya peer list -A`", a.peer));
     }
     let t = &a.target;
-    let answer = policy::explain(
+    let answer = kuberaya_gateway::access::explain(
         &inputs,
         &policies,
         &services,

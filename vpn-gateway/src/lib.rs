@@ -9,7 +9,9 @@
 //!   tunnel address allocation.
 //! - [`catalog`]: the Services the gateway knows, by name and by ClusterIP.
 //! - [`policy`]: access policies: which peers each selects, the effective rules of every
-//!   peer (its own plus its policies'), policy status, and [`policy::explain`].
+//!   peer (its own plus its policies'), policy status.
+//! - [`access`]: whether a peer may reach a Service port now, and why (`kuberaya access
+//!   explain`), composing validation, policies and the ACL.
 //! - [`acl`]: allow rules compiled against the Service catalog into a fast lookup; the
 //!   decision for each packet.
 //! - [`packet`]: zero-copy IPv4/IPv6 header parsing of decrypted packets.
@@ -33,6 +35,7 @@
 //! - [`run`]: the whole gateway in-process ([`run::start`], [`run::run`]); the binary
 //!   and `kuberaya sandbox up` use it.
 
+pub mod access;
 pub mod acl;
 pub mod audit;
 pub mod budget;

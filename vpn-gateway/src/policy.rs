@@ -12,19 +12,16 @@
 //! - an expired policy, or one with an invalid selector, grants nothing.
 //!
 //! Every rule keeps where it came from ([`RuleSource`]): the ACL answers with it, for the
-//! audit log and [`explain`]. Peers with equal effective rules get one shared list, and
+//! audit log and [`crate::access::explain`]. Peers with equal effective rules get one shared list, and
 //! the ACL compiles each distinct list once.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use k8s_openapi::jiff::Timestamp;
 
-use crate::acl::{Acl, Explanation};
-use crate::catalog::{Catalog, Service};
-use crate::crd::{LabelSelector, PortRef, VpnAccessPolicySpec};
-use crate::peers::{PeerId, PeerInput, Rule, TunnelConfig, Validation, validate};
+use crate::crd::{LabelSelector, VpnAccessPolicySpec};
+use crate::peers::{PeerId, PeerInput, Rule, Validation};
 
 /// `namespace/name` of a `VpnAccessPolicy`.
 pub type PolicyId = PeerId;
@@ -384,64 +381,19 @@ pub fn effective(
     }
 }
 
-/// Whether the peer `peer` may reach `namespace/service:port` now, and why: the gateway's
-/// own validation, policy resolution and ACL compilation over these objects, then the
-/// lookup a packet gets. For `kuberaya access explain`.
-#[allow(clippy::too_many_arguments)]
-pub fn explain(
-    inputs: &[PeerInput],
-    policies: &[PolicyInput],
-    services: &[Service],
-    namespaces: &HashMap<String, Labels>,
-    tunnel: &TunnelConfig,
-    now: Timestamp,
-    peer: &PeerId,
-    namespace: &str,
-    service: &str,
-    port: &PortRef,
-) -> Explanation {
-    let validation = validate(inputs, &Validation::default(), tunnel, now);
-    let Some(accepted) = validation.accepted(peer) else {
-        let why = match validation.rejection(peer) {
-            Some(r) => r.to_string(),
-            None => "no such VpnPeer".to_string(),
-        };
-        return Explanation::Denied(crate::acl::DenyReason::PeerNotServed(why));
-    };
-    let address: Ipv4Addr = accepted.address;
-    let eff = effective(
-        inputs,
-        &validation,
-        policies,
-        namespaces,
-        &tunnel.gateway_namespace,
-        now,
-    );
-    let catalog = Catalog::new(services.iter().cloned());
-    let acl = Acl::compile_effective(
-        tunnel.gateway_address(),
-        validation
-            .accepted
-            .iter()
-            .map(|p| p.address)
-            .zip(eff.rules.iter().map(|r| &r[..])),
-        &catalog,
-    );
-    acl.explain(&catalog, address, namespace, service, port)
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::acl::DenyReason;
-    use crate::catalog::{Protocol, ServicePort};
+    use crate::acl::Acl;
+    use crate::catalog::{Catalog, Protocol, Service, ServicePort};
     use crate::crd::{AllowRule, LabelSelectorRequirement, VpnPeerSpec};
     use crate::keys::PrivateKey;
+    use crate::peers::{TunnelConfig, validate};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     const GW: &str = "kuberaya-system";
 
-    fn tunnel() -> TunnelConfig {
+    pub(crate) fn tunnel() -> TunnelConfig {
         TunnelConfig {
             range_v6: TunnelConfig::default_range_v6(),
             range: "100.64.0.0/16".parse().unwrap(),
@@ -449,7 +401,7 @@ mod tests {
         }
     }
 
-    fn now() -> Timestamp {
+    pub(crate) fn now() -> Timestamp {
         "2026-01-01T00:00:00Z".parse().unwrap()
     }
 
@@ -457,7 +409,7 @@ mod tests {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
-    fn peer(ns: &str, name: &str, l: &[(&str, &str)], allow: Vec<AllowRule>) -> PeerInput {
+    pub(crate) fn peer(ns: &str, name: &str, l: &[(&str, &str)], allow: Vec<AllowRule>) -> PeerInput {
         let mut p = PeerInput::new(
             PeerId::new(ns, name),
             VpnPeerSpec {
@@ -470,7 +422,7 @@ mod tests {
         p
     }
 
-    fn allow(ns: Option<&str>, svc: Option<&str>) -> AllowRule {
+    pub(crate) fn allow(ns: Option<&str>, svc: Option<&str>) -> AllowRule {
         AllowRule {
             namespace: ns.map(Into::into),
             service: svc.map(Into::into),
@@ -478,14 +430,14 @@ mod tests {
         }
     }
 
-    fn matching(l: &[(&str, &str)]) -> LabelSelector {
+    pub(crate) fn matching(l: &[(&str, &str)]) -> LabelSelector {
         LabelSelector {
             match_labels: labels(l),
             ..Default::default()
         }
     }
 
-    fn policy(ns: &str, name: &str, sel: LabelSelector, allow: Vec<AllowRule>) -> PolicyInput {
+    pub(crate) fn policy(ns: &str, name: &str, sel: LabelSelector, allow: Vec<AllowRule>) -> PolicyInput {
         PolicyInput::new(
             PolicyId::new(ns, name),
             VpnAccessPolicySpec {
@@ -950,7 +902,7 @@ mod tests {
         Catalog::new(services())
     }
 
-    fn services() -> Vec<Service> {
+    pub(crate) fn services() -> Vec<Service> {
         let svc = |ns: &str, name: &str, ip: &str, ports: &[(u16, &str)]| Service {
             namespace: ns.into(),
             name: name.into(),
@@ -970,97 +922,5 @@ mod tests {
             svc("team-a", "pg", "127.96.0.11", &[(5432, "pg"), (9187, "metrics")]),
             svc("team-b", "pg", "127.96.0.12", &[(5432, "pg")]),
         ]
-    }
-
-    #[test]
-    fn explain_names_the_rule_or_says_why_not() {
-        let peers = vec![
-            peer("team-a", "alice", &[("role", "dba")], vec![allow(None, Some("web"))]),
-            {
-                let mut p = peer("team-a", "off", &[], vec![]);
-                p.spec.disabled = true;
-                p
-            },
-        ];
-        let mut pg = policy(
-            "team-a",
-            "db",
-            matching(&[("role", "dba")]),
-            vec![allow(None, Some("pg"))],
-        );
-        pg.spec.allow[0].ports = Some(vec![PortRef::Name("pg".into())]);
-        let policies = vec![pg];
-        let ex = |peer: (&str, &str), ns: &str, svc: &str, port: PortRef| {
-            explain(
-                &peers,
-                &policies,
-                &services(),
-                &HashMap::new(),
-                &tunnel(),
-                now(),
-                &PeerId::new(peer.0, peer.1),
-                ns,
-                svc,
-                &port,
-            )
-        };
-        let alice = ("team-a", "alice");
-        let cases = [
-            (
-                ex(alice, "team-a", "web", PortRef::Number(80)),
-                Explanation::Allowed { by: RuleSource::Own(0) },
-            ),
-            (
-                ex(alice, "team-a", "pg", PortRef::Number(5432)),
-                Explanation::Allowed {
-                    by: RuleSource::Policy(PolicyId::new("team-a", "db")),
-                },
-            ),
-            (
-                ex(alice, "team-a", "pg", PortRef::Name("pg".into())),
-                Explanation::Allowed {
-                    by: RuleSource::Policy(PolicyId::new("team-a", "db")),
-                },
-            ),
-            (
-                ex(alice, "team-a", "pg", PortRef::Number(9187)),
-                Explanation::Denied(DenyReason::NoRule),
-            ),
-            (
-                ex(alice, "team-b", "pg", PortRef::Number(5432)),
-                Explanation::Denied(DenyReason::NoRule),
-            ),
-            (
-                ex(alice, "team-a", "nope", PortRef::Number(80)),
-                Explanation::Denied(DenyReason::NoSuchService),
-            ),
-            (
-                ex(alice, "team-a", "web", PortRef::Number(81)),
-                Explanation::Denied(DenyReason::NoSuchPort),
-            ),
-            (
-                ex(("team-a", "off"), "team-a", "web", PortRef::Number(80)),
-                Explanation::Denied(DenyReason::PeerNotServed("disabled".into())),
-            ),
-            (
-                ex(("team-a", "ghost"), "team-a", "web", PortRef::Number(80)),
-                Explanation::Denied(DenyReason::PeerNotServed("no such VpnPeer".into())),
-            ),
-        ];
-        for (got, want) in cases {
-            assert_eq!(got, want);
-        }
-        assert_eq!(
-            ex(alice, "team-a", "pg", PortRef::Number(5432)).to_string(),
-            "allowed by policy team-a/db"
-        );
-        assert_eq!(
-            ex(alice, "team-a", "web", PortRef::Number(80)).to_string(),
-            "allowed by own rule 0"
-        );
-        assert_eq!(
-            ex(alice, "team-a", "pg", PortRef::Number(9187)).to_string(),
-            "denied: no rule"
-        );
     }
 }
