@@ -11,11 +11,11 @@ use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
-use kuberaya_gateway::acl::Acl;
-use kuberaya_gateway::catalog::{Catalog, Service};
+use kuberaya_gateway::access::{self, Compiled};
+use kuberaya_gateway::catalog::Service;
 use kuberaya_gateway::crd::{VpnAccessPolicy, VpnPeer};
-use kuberaya_gateway::peers::{PeerId, TunnelConfig, Validation, validate};
-use kuberaya_gateway::policy::{self, Labels, PolicyInput, RuleSource};
+use kuberaya_gateway::peers::{PeerId, TunnelConfig};
+use kuberaya_gateway::policy::{Labels, PolicyInput, RuleSource};
 use kuberaya_gateway::source::kube::{peer_from_k8s, policy_from_k8s};
 use serde::Serialize;
 
@@ -122,25 +122,11 @@ pub fn reach_of_all(
             i
         })
         .collect();
-    let validation = validate(&inputs, &Validation::default(), &tunnel, now);
-    let effective = policy::effective(
-        &inputs,
-        &validation,
-        &grants.policies,
-        &grants.namespaces,
-        gateway_namespace,
-        now,
-    );
-    let catalog = Catalog::new(services.iter().cloned());
-    let acl = Acl::compile_effective(
-        tunnel.gateway_address(),
-        validation
-            .accepted
-            .iter()
-            .map(|p| p.address)
-            .zip(effective.rules.iter().map(|r| &r[..])),
-        &catalog,
-    );
+    let Compiled {
+        validation,
+        catalog,
+        acl,
+    } = access::compile(&inputs, &grants.policies, services, &grants.namespaces, &tunnel, now);
     let mut sorted: Vec<&Service> = catalog.services().collect();
     sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     let mut out = BTreeMap::new();

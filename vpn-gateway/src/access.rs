@@ -14,31 +14,25 @@ use crate::crd::PortRef;
 use crate::peers::{PeerId, PeerInput, TunnelConfig, Validation, validate};
 use crate::policy::{Labels, PolicyInput, effective};
 
-/// Whether the peer `peer` may reach `namespace/service:port` now, and why: the gateway's
-/// own validation, policy resolution and ACL compilation over these objects, then the
-/// lookup a packet gets. For `kuberaya access explain`.
-#[allow(clippy::too_many_arguments)]
-pub fn explain(
+/// What the gateway would serve, given these objects: its validation of the peers, the
+/// Service catalog and the ACL compiled from every accepted peer's effective rules.
+pub struct Compiled {
+    pub validation: Validation,
+    pub catalog: Catalog,
+    pub acl: Acl,
+}
+
+/// The gateway's own validation, policy resolution and ACL compilation over these objects
+/// (for `kuberaya access explain` and the reach that `kuberaya` shows).
+pub fn compile(
     inputs: &[PeerInput],
     policies: &[PolicyInput],
     services: &[Service],
     namespaces: &HashMap<String, Labels>,
     tunnel: &TunnelConfig,
     now: Timestamp,
-    peer: &PeerId,
-    namespace: &str,
-    service: &str,
-    port: &PortRef,
-) -> Explanation {
+) -> Compiled {
     let validation = validate(inputs, &Validation::default(), tunnel, now);
-    let Some(accepted) = validation.accepted(peer) else {
-        let why = match validation.rejection(peer) {
-            Some(r) => r.to_string(),
-            None => "no such VpnPeer".to_string(),
-        };
-        return Explanation::Denied(DenyReason::PeerNotServed(why));
-    };
-    let address: Ipv4Addr = accepted.address;
     let eff = effective(
         inputs,
         &validation,
@@ -57,6 +51,42 @@ pub fn explain(
             .zip(eff.rules.iter().map(|r| &r[..])),
         &catalog,
     );
+    Compiled {
+        validation,
+        catalog,
+        acl,
+    }
+}
+
+/// Whether the peer `peer` may reach `namespace/service:port` now, and why: the gateway's
+/// own validation, policy resolution and ACL compilation over these objects, then the
+/// lookup a packet gets. For `kuberaya access explain`.
+#[allow(clippy::too_many_arguments)]
+pub fn explain(
+    inputs: &[PeerInput],
+    policies: &[PolicyInput],
+    services: &[Service],
+    namespaces: &HashMap<String, Labels>,
+    tunnel: &TunnelConfig,
+    now: Timestamp,
+    peer: &PeerId,
+    namespace: &str,
+    service: &str,
+    port: &PortRef,
+) -> Explanation {
+    let Compiled {
+        validation,
+        catalog,
+        acl,
+    } = compile(inputs, policies, services, namespaces, tunnel, now);
+    let Some(accepted) = validation.accepted(peer) else {
+        let why = match validation.rejection(peer) {
+            Some(r) => r.to_string(),
+            None => "no such VpnPeer".to_string(),
+        };
+        return Explanation::Denied(DenyReason::PeerNotServed(why));
+    };
+    let address: Ipv4Addr = accepted.address;
     acl.explain(&catalog, address, namespace, service, port)
 }
 
