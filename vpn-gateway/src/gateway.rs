@@ -20,22 +20,26 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 
-use crate::acl::{Acl, Verdict};
+use crate::acl::Acl;
 use crate::budget::HandshakeBudget;
 use crate::catalog::Catalog;
-use crate::dataplane::{DataPlane, Inbound, Policy};
+use crate::dataplane::{DataPlane, Policy};
 use crate::handshake::{self, Worker};
 use crate::http::Health;
 use crate::keys::PrivateKey;
-use crate::metrics::{FlowLabels, Metrics, PeerLabels, StateLabels};
+use crate::metrics::{Metrics, PeerLabels, StateLabels};
 use crate::packet;
 use crate::peers::{self, PeerId, PeerInput, TunnelConfig, Validation};
 use crate::policy::{self, Effective};
 use crate::source::{GatewayReport, PeerReport, PeerSnapshot, PolicySnapshot, ServiceSnapshot};
 use crate::transport::{Bound, socket_for};
-use crate::tunnel::{BUF_SIZE, PeerTable, Routed, TunnelIo, TunnelStats};
+use crate::tunnel::{BUF_SIZE, PeerTable, Routed, TunnelStats};
 use crate::uapi::{DeviceState, PeerState, StateRequest};
+
+mod route;
+
 use crate::udp_batch::{Offloads, RecvBatch, enable_offloads, grow_socket_buffers, recv_batch, send_batch};
+use route::{Collect, Route};
 
 /// How often timers run (keepalives, rekeys, expiry of peers).
 pub const TICK: Duration = Duration::from_millis(250);
@@ -67,99 +71,6 @@ fn is_initiation(d: &[u8]) -> bool {
 /// whose time counts against the handshake budget.
 fn is_handshake(d: &[u8]) -> bool {
     is_initiation(d) || (d.len() == 92 && d[..4] == [2, 0, 0, 0])
-}
-
-/// The datagrams the [`PeerTable`] asked to send, packed back to back in a buffer that
-/// keeps its capacity from one round to the next: no allocation per datagram.
-#[derive(Default)]
-struct Collect {
-    /// (destination, start, length) in `send_buf`.
-    sends: Vec<(SocketAddr, usize, usize)>,
-    send_buf: Vec<u8>,
-}
-
-impl TunnelIo for Collect {
-    fn send(&mut self, to: SocketAddr, datagram: &[u8]) {
-        self.sends.push((to, self.send_buf.len(), datagram.len()));
-        self.send_buf.extend_from_slice(datagram);
-    }
-    fn deliver(&mut self, peer: &PeerId, _: Ipv4Addr, _: &[u8]) {
-        // Timers and encryption decrypt nothing; datagrams go through `Route`.
-        tracing::debug!(%peer, "a packet delivered outside routing; dropped");
-    }
-}
-
-/// The loop's [`TunnelIo`] while it routes datagrams: what is to be sent is collected, and
-/// each decrypted packet is judged and handed to the data plane at once, from the buffer
-/// it was decrypted into.
-struct Route<'a> {
-    sends: &'a mut Collect,
-    dp: &'a mut dyn DataPlane,
-    acl: &'a Acl,
-    metrics: &'a Metrics,
-    now: Instant,
-    /// Packets handed to the data plane.
-    delivered: usize,
-}
-
-impl TunnelIo for Route<'_> {
-    fn send(&mut self, to: SocketAddr, datagram: &[u8]) {
-        self.sends.send(to, datagram);
-    }
-
-    /// Every access check runs here, on each decrypted packet, before the data plane
-    /// coalesces anything.
-    fn deliver(&mut self, peer: &PeerId, peer_addr: Ipv4Addr, bytes: &[u8]) {
-        let metrics = self.metrics;
-        let Ok(pkt) = packet::parse(bytes) else {
-            metrics.dropped_packet(&peer.to_string(), "malformed_packet");
-            return;
-        };
-        let verdict = self.acl.check(peer_addr, &pkt);
-        tracing::trace!(
-            peer = %peer, src = %pkt.src, dst = %pkt.dst, proto = pkt.proto, port = ?pkt.dst_port(),
-            len = bytes.len(), verdict = verdict.label(), "packet from tunnel"
-        );
-        let flow = |verdict: &str| {
-            metrics
-                .flows
-                .get_or_create(&FlowLabels {
-                    peer: peer.to_string(),
-                    verdict: verdict.into(),
-                })
-                .inc();
-        };
-        match verdict {
-            Verdict::Spoofed => {
-                metrics.dropped_packet(&peer.to_string(), "spoofed");
-                // One counter for both families (reason `spoofed`); the log says which.
-                tracing::debug!(peer = %peer, src = %pkt.src, ipv6 = pkt.src.is_ipv6(), "spoofed source dropped");
-                return;
-            }
-            Verdict::Denied => {
-                metrics.dropped_packet(&peer.to_string(), "not_allowed");
-                if pkt.is_tcp_syn() {
-                    flow("denied");
-                }
-            }
-            Verdict::Allow | Verdict::Local => {
-                if pkt.is_tcp_syn() {
-                    flow("allowed");
-                }
-            }
-        }
-        self.delivered += 1;
-        self.dp.inbound(
-            Inbound {
-                peer,
-                peer_addr,
-                bytes,
-                packet: &pkt,
-                verdict,
-            },
-            self.now,
-        );
-    }
 }
 
 /// Everything the loop owns.
