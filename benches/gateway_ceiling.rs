@@ -45,7 +45,7 @@ use common::wg::{
 use kuberaya_e2e::gateway::{PeerKey, peer_address, udp_packet};
 use kuberaya_e2e::netns::{Netns, require_programs, require_root};
 use kuberaya_e2e::wg_client::{Client, send_gso};
-use kuberaya_e2e::{Process, b64};
+use kuberaya_e2e::{Process, b64, b64_decode};
 
 const CMD: Duration = Duration::from_secs(30);
 const SINK_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
@@ -243,7 +243,10 @@ fn measure(kind: Kind, bin: &Path, dir: &Path, peers: usize, pin: bool, window: 
     let Topology { laptop, gw, svc } = Topology::new("ceil");
     let gw_secret: [u8; 32] = kuberaya_e2e::gateway::random_bytes();
     let gw_key = PeerKey::new(gw_secret, Ipv4Addr::new(100, 64, 0, 1));
-    let gw_public: [u8; 32] = x25519_public(&gw_secret);
+    let gw_public: [u8; 32] = b64_decode(&gw_key.public)
+        .expect("a public key in base64")
+        .try_into()
+        .expect("32 bytes");
     let keys: Vec<PeerKey> = (0..peers).map(|i| PeerKey::random(peer_address(i as u64))).collect();
     let listen = format!("{GW_VETH}:{PORT}");
     let taskset: Vec<&str> = if pin { vec!["taskset", "-c", "0"] } else { vec![] };
@@ -381,12 +384,6 @@ fn measure(kind: Kind, bin: &Path, dir: &Path, peers: usize, pin: bool, window: 
     );
     drop(gateway);
     f
-}
-
-fn x25519_public(secret: &[u8; 32]) -> [u8; 32] {
-    let key = PeerKey::new(*secret, Ipv4Addr::UNSPECIFIED);
-    let bytes = kuberaya_e2e::b64::b64_decode(&key.public).expect("a public key in base64");
-    bytes.try_into().expect("32 bytes")
 }
 
 fn main() {
