@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use kuberaya_e2e::cluster::{Cluster, is_ready, node_address, ready_condition};
 use kuberaya_e2e::poll_until_blocking;
-use kuberaya_e2e::probe::{answered_by, curl, pods_answering, udp_roundtrip};
+use kuberaya_e2e::probe::{answered_by, curl, pods_answering, udp_roundtrip, wait_pods_answering};
 use kuberaya_e2e::sandbox::Ranges;
 use serde_json::Value;
 
@@ -172,9 +172,9 @@ fn deployment_answers_from_every_pod_on_the_cluster_ip_and_on_every_node_port() 
             (sb.slice_endpoints("web").ok()?.len() == 3).then_some(())
         });
         ensure!(ready.is_some(), "three endpoints: {:?}", sb.slice_endpoints("web"));
-        let seen = pods_answering(&url, 30)?;
         let expected: BTreeSet<String> = pods.keys().cloned().collect();
-        assert_eq!(seen, expected, "over 30 requests every pod answers");
+        wait_pods_answering(&url, 30, Duration::from_secs(5), |seen| *seen == expected)
+            .context("over 30 requests every pod answers")?;
         let body = curl(&url).context("answer")?;
         let (pod, node) = pods
             .iter()
@@ -236,8 +236,8 @@ fn scale_down_shrinks_the_slice_and_not_ready_pods_get_no_traffic() -> Result<()
             "the endpoint of {victim} goes not-ready: {:?}",
             sb.slice_endpoints("web")
         );
-        let seen = pods_answering(&url, 30)?;
-        assert!(!seen.contains(&victim), "{victim} (not ready) got traffic: {seen:?}");
+        let seen = wait_pods_answering(&url, 30, Duration::from_secs(5), |seen| !seen.contains(&victim))
+            .with_context(|| format!("{victim} (not ready) gets no more traffic"))?;
         assert_eq!(seen.len(), 2, "the two ready pods share the traffic: {seen:?}");
         sb.kubectl(&["annotate", "pod", &victim, "sandbox.kuberaya.io/ready-"])?;
         let back = poll_until_blocking(Duration::from_secs(5), || {
@@ -260,8 +260,9 @@ fn scale_down_shrinks_the_slice_and_not_ready_pods_get_no_traffic() -> Result<()
         let took = shrunk.with_context(|| format!("the slice still lists {last:?} 2 s after scaling to 1"))?;
         eprintln!("slice shrank {took:?} after the scale");
         let remaining = sb.wait_ready_pods("web", 1)?;
-        let seen = pods_answering(&url, 5)?;
-        assert_eq!(seen, remaining.keys().cloned().collect(), "the remaining pod answers");
+        let remaining: BTreeSet<String> = remaining.keys().cloned().collect();
+        wait_pods_answering(&url, 5, Duration::from_secs(5), |seen| *seen == remaining)
+            .context("the remaining pod answers")?;
         Ok(())
     })
 }
@@ -378,11 +379,10 @@ fn stopped_node_vm_makes_the_node_and_its_pods_not_ready() -> Result<()> {
             );
         }
         let url = format!("http://{}:80/", cluster_ip(&sb.service("web")?)?);
-        let seen = pods_answering(&url, 12)?;
-        assert!(
-            on_w2.iter().all(|p| !seen.contains(p)),
-            "no traffic to the stopped node's pods: {seen:?}"
-        );
+        wait_pods_answering(&url, 12, Duration::from_secs(5), |seen| {
+            on_w2.iter().all(|p| !seen.contains(p))
+        })
+        .context("no traffic to the stopped node's pods")?;
 
         sb.kuberaya(&["sandbox", "node", "start", "w2"])?;
         let ready = poll_until_blocking(Duration::from_secs(10), || {

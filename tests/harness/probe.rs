@@ -43,6 +43,28 @@ pub fn pods_answering(url: &str, n: usize) -> Result<BTreeSet<String>> {
     Ok(seen)
 }
 
+/// Waits (at most `within`) until a round of `n` requests to `url` is all answered and
+/// the set of pods that answered passes `settled`; returns that set. A proxy follows
+/// EndpointSlices through its own watch, a moment after the API shows the change (as
+/// kube-proxy does), so traffic is checked by rounds, not by one look.
+pub fn wait_pods_answering(
+    url: &str,
+    n: usize,
+    within: Duration,
+    settled: impl Fn(&BTreeSet<String>) -> bool,
+) -> Result<BTreeSet<String>> {
+    let mut last = Err(anyhow::anyhow!("no round of requests finished"));
+    let got = poll_until_blocking(within, || {
+        last = pods_answering(url, n);
+        last.as_ref().ok().filter(|seen| settled(seen)).cloned()
+    });
+    match (got, last) {
+        (Some(seen), _) => Ok(seen),
+        (None, Ok(seen)) => bail!("{url}: after {within:?} the last {n} requests were answered by {seen:?}"),
+        (None, Err(e)) => Err(e.context(format!("{url}: not settled after {within:?}"))),
+    }
+}
+
 /// Waits (at most 15 s) until a pod answers `url` (a load balancer's data plane may still
 /// be applying its rules); returns the pod's name.
 pub fn wait_answering(url: &str) -> Result<String> {
