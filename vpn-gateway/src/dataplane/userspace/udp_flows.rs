@@ -32,6 +32,14 @@ pub(super) struct UdpFlow {
     pub(super) bytes_up: u64,
 }
 
+/// Send on a relay socket now. tokio's `try_send` answers `WouldBlock` until its reactor
+/// has seen the socket writable, which for a new flow is after the loop yields: the first
+/// datagrams of every flow (a whole burst) were dropped that way. The socket is
+/// non-blocking, so this never waits; a full buffer drops, as a network would.
+fn send_now(socket: &UdpSocket, payload: &[u8]) -> std::io::Result<usize> {
+    socket2::SockRef::from(socket).send(payload)
+}
+
 impl UserspaceDataPlane {
     pub(super) fn udp_inbound(
         &mut self,
@@ -59,7 +67,7 @@ impl UserspaceDataPlane {
         if let Some(f) = self.udp.get_mut(&key) {
             f.last_activity = now;
             f.bytes_up += payload.len() as u64;
-            let _ = f.socket.try_send(payload);
+            let _ = send_now(&f.socket, payload);
             return;
         }
         if self.tcp.len() + self.udp.len() >= MAX_FLOWS {
@@ -87,7 +95,7 @@ impl UserspaceDataPlane {
                 return;
             }
         };
-        let _ = socket.try_send(payload);
+        let _ = send_now(&socket, payload);
         let replies = self.replies_tx.clone();
         let notify = self.notify.clone();
         let reader = socket.clone();
@@ -295,5 +303,44 @@ mod tests {
         }
         let mixed: (IpAddr, IpAddr) = ("127.0.0.1".parse().unwrap(), "::1".parse().unwrap());
         assert_eq!(build_udp(mixed.0, 1, mixed.1, 2, b""), None);
+    }
+
+    /// A burst that opens a flow, handed over before the loop yields (one receive's
+    /// worth): every datagram reaches the Service, the first ones included.
+    #[tokio::test]
+    async fn the_first_datagrams_of_a_new_flow_are_relayed() {
+        let service = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        service
+            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let to = service.local_addr().unwrap();
+        let mut dp = UserspaceDataPlane::new(super::super::UserspaceConfig {
+            gateway: Ipv4Addr::new(100, 64, 0, 1),
+            gateway_v6: "fd6b:7261:7961::1".parse().unwrap(),
+            cluster_domain: "cluster.local".into(),
+            dns_upstream: None,
+        });
+        let peer = PeerId::new("default", "alice");
+        let me = Ipv4Addr::new(100, 64, 0, 2);
+        for i in 0..5u8 {
+            let bytes = build_udp(me.into(), 40_000, to.ip(), to.port(), &[i; 10]).unwrap();
+            let pkt = parse(&bytes).unwrap();
+            let Transport::Udp { payload, .. } = pkt.transport else {
+                panic!("UDP")
+            };
+            let inbound = Inbound {
+                peer: &peer,
+                peer_addr: me,
+                bytes: &bytes,
+                packet: &pkt,
+                verdict: Verdict::Allow,
+            };
+            dp.udp_inbound(&inbound, 40_000, to.port(), payload, Instant::now());
+        }
+        let mut buf = [0u8; 64];
+        for i in 0..5u8 {
+            let n = service.recv(&mut buf).expect("every datagram of the burst arrives");
+            assert_eq!(&buf[..n], &[i; 10]);
+        }
     }
 }
