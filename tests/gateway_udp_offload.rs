@@ -143,3 +143,131 @@ fn a_denied_packet_inside_a_gro_train_is_dropped_while_its_neighbours_pass() {
 fn without_udp_offload_the_same_train_is_judged_alike() {
     scenario(false);
 }
+
+/// What a sink got within `wait` (or until `want`), read on a thread of its own so that
+/// the sender's bursts do not overflow its socket.
+fn collect(s: UdpSocket, want: usize, wait: Duration) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
+    std::thread::spawn(move || received(&s, want, wait))
+}
+
+/// `tag-SEQ....`: the sequence number back out of a payload.
+fn seq(p: &[u8], tag: &str) -> Option<u32> {
+    let s = std::str::from_utf8(p).ok()?.strip_prefix(tag)?.strip_prefix('-')?;
+    s.split('.').next()?.parse().ok()
+}
+
+/// Two peers send trains back to back, so that receives hold data of both, which the
+/// gateway decrypts on two threads (`--decrypt-threads 2`): each peer's allowed packets
+/// all arrive, in the order sent; each denied one (one per train, in the middle) is
+/// dropped and counted; a forged datagram among them is rejected, its neighbours pass.
+#[test]
+fn data_of_several_peers_decrypted_on_several_threads_stays_in_order_and_is_judged_per_packet() {
+    const TRAIN: u32 = 8;
+    const DENIED_AT: u32 = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let n = kuberaya_e2e::unique_net_index();
+    let (web, secret) = (Ipv4Addr::new(127, 96, n, 10), Ipv4Addr::new(127, 96, n, 11));
+    let web_sink = sink(SocketAddr::from((web, WEB_PORT)));
+    let secret_sink = sink(SocketAddr::from((secret, SECRET_PORT)));
+    let alice = PeerKey::random(Ipv4Addr::new(100, 64, 0, 2));
+    let bob = PeerKey::random(Ipv4Addr::new(100, 64, 0, 3));
+    let key = gateway::write_key(dir.path(), &b64(&random_bytes::<32>())).unwrap();
+    let services = serde_json::json!([
+        {"namespace": "default", "name": "web", "clusterIP": web.to_string(),
+         "ports": [{"name": "data", "port": WEB_PORT, "protocol": "UDP"}]},
+        {"namespace": "default", "name": "secret", "clusterIP": secret.to_string(),
+         "ports": [{"name": "data", "port": SECRET_PORT, "protocol": "UDP"}]},
+    ]);
+    let peers = [alice.file_entry("alice", &["web"]), bob.file_entry("bob", &["secret"])];
+    let files = StaticFiles::write(dir.path(), &peers, &services).unwrap();
+    let mut cmd = gateway::command(&key);
+    cmd.args(files.args())
+        .args(["--decrypt-threads", "2"])
+        .env("RUST_LOG", "info");
+    let mut gw = Gateway::spawn(cmd, Duration::from_secs(60)).unwrap();
+    assert!(
+        gw.wait_accepted(2, Duration::from_secs(20)).is_some(),
+        "peers not accepted\n{}",
+        gw.process.output_tails()
+    );
+    let (mut a, mut b) = (Client::new(&alice, &gw), Client::new(&bob, &gw));
+    a.connect();
+    b.connect();
+    let web_got = collect(web_sink, usize::MAX, Duration::from_secs(8));
+    let secret_got = collect(secret_sink, usize::MAX, Duration::from_secs(8));
+
+    // Each peer's train: allowed packets numbered in order, one denied in the middle.
+    let train = |c: &mut Client, tag: &str, allowed: (Ipv4Addr, u16), denied: (Ipv4Addr, u16), round: u32| {
+        let me = c.address;
+        let datagrams: Vec<Vec<u8>> = (0..TRAIN)
+            .map(|i| {
+                let (to, port) = if i == DENIED_AT { denied } else { allowed };
+                c.seal(&udp_packet(
+                    me,
+                    to,
+                    40_000,
+                    port,
+                    &payload(&format!("{tag}-{}", round * TRAIN + i)),
+                ))
+            })
+            .collect();
+        send_gso_train(&c.sock, c.gateway, &datagrams).unwrap();
+    };
+    let (mut rounds, mut forged) = (0, 0);
+    let shared = |gw: &mut Gateway| gw.metrics().get("kuberaya_gateway_decrypt_shared_runs_total", "");
+    while rounds < 200 && (rounds < 20 || shared(&mut gw) < 3.0) {
+        train(&mut a, "alice", (web, WEB_PORT), (secret, SECRET_PORT), rounds);
+        train(&mut b, "bob", (secret, SECRET_PORT), (web, WEB_PORT), rounds);
+        if rounds % 5 == 0 {
+            // A datagram with alice's index whose tag does not check out.
+            let mut d = a.seal(&udp_packet(a.address, web, 40_000, WEB_PORT, &payload("forged")));
+            let last = d.len() - 1;
+            d[last] ^= 0xff;
+            a.sock.send_to(&d, a.gateway).unwrap();
+            forged += 1;
+        }
+        rounds += 1;
+    }
+    let allowed_each = (rounds * (TRAIN - 1)) as usize;
+    let web_got = web_got.join().unwrap();
+    let secret_got = secret_got.join().unwrap();
+    let in_order = |got: &[Vec<u8>], tag: &str| -> Vec<u32> { got.iter().filter_map(|p| seq(p, tag)).collect() };
+    let alice_seen = in_order(&web_got, "alice");
+    let bob_seen = in_order(&secret_got, "bob");
+    let expected: Vec<u32> = (0..rounds * TRAIN).filter(|i| i % TRAIN != DENIED_AT).collect();
+    assert_eq!(
+        alice_seen.len(),
+        allowed_each,
+        "every allowed packet of alice's arrives"
+    );
+    assert_eq!(alice_seen, expected, "alice's packets arrive in the order sent");
+    assert_eq!(bob_seen, expected, "bob's packets arrive, in the order sent");
+    assert!(
+        in_order(&web_got, "bob").is_empty(),
+        "bob's denied packets never reach web"
+    );
+    assert!(
+        in_order(&secret_got, "alice").is_empty(),
+        "alice's denied packets never reach secret"
+    );
+    assert!(
+        !web_got.contains(&payload("forged")),
+        "the forged datagram is not delivered"
+    );
+    let m = gw.metrics();
+    assert!(
+        m.dropped("not_allowed") >= 2 * rounds as u64,
+        "every denied packet is counted\n{m}"
+    );
+    assert!(
+        m.dropped("decrypt_failed") >= forged,
+        "every forged datagram is counted\n{m}"
+    );
+    let shared = m.get("kuberaya_gateway_decrypt_shared_runs_total", "");
+    assert!(
+        shared >= 1.0,
+        "receives with both peers' data were decrypted on two threads ({rounds} rounds)\n{m}"
+    );
+    eprintln!("{rounds} rounds, {shared} runs decrypted on two threads, {forged} forged");
+    gw.assert_healthy();
+}

@@ -33,16 +33,30 @@ use crate::peers::{self, PeerId, PeerInput, TunnelConfig, Validation};
 use crate::policy::{self, Effective};
 use crate::source::{GatewayReport, PeerReport, PeerSnapshot, PolicySnapshot, ServiceSnapshot};
 use crate::transport::{Bound, socket_for};
-use crate::tunnel::{BUF_SIZE, PeerTable, Routed, TunnelStats};
+use crate::tunnel::{BUF_SIZE, DropReason, PeerTable, Routed, TunnelIo, TunnelStats, data_index};
 use crate::uapi::{DeviceState, PeerState, StateRequest};
 
+mod open;
 mod route;
 
 use crate::udp_batch::{Offloads, RecvBatch, enable_offloads, grow_socket_buffers, recv_batch, send_batch};
+use open::{OpenPool, Outcome};
 use route::{Collect, Route};
 
 /// How often timers run (keepalives, rekeys, expiry of peers).
 pub const TICK: Duration = Duration::from_millis(250);
+
+/// The most decrypting threads `--decrypt-threads 0` starts (one per core up to this).
+pub const MAX_DECRYPT_THREADS: usize = 4;
+
+/// The decrypting threads for `--decrypt-threads N`: N, or for 0 one per core up to
+/// [`MAX_DECRYPT_THREADS`].
+pub fn decrypt_threads(n: usize) -> usize {
+    match n {
+        0 => std::thread::available_parallelism().map_or(1, |c| c.get().min(MAX_DECRYPT_THREADS)),
+        n => n,
+    }
+}
 
 /// The gateway's own settings.
 #[derive(Debug, Clone)]
@@ -55,6 +69,9 @@ pub struct GatewayConfig {
     /// UDP segmentation offloads on the outer sockets (GSO and GRO) where the kernel has
     /// them; off only to measure the difference or to work around a broken driver.
     pub udp_offload: bool,
+    /// Threads that open data messages, the loop's included: runs of data from several
+    /// peers in one receive are spread over them ([`open`]); 1: the loop alone.
+    pub open_threads: usize,
 }
 
 /// A WireGuard cookie reply (type 3, 64 bytes).
@@ -102,6 +119,8 @@ pub struct Gateway {
     budget: Arc<Mutex<HandshakeBudget>>,
     /// The handshake worker, once `run` started it.
     worker: Option<Worker>,
+    /// The threads that open data beside the loop, once `run` started them.
+    openers: Option<OpenPool>,
     /// Whether this replica leads ([`crate::leader`]); `None`: it decides alone.
     leading: Option<watch::Receiver<bool>>,
     /// Not leading: serve only the peers whose status grants them an address.
@@ -132,6 +151,7 @@ impl Gateway {
             uapi: None,
             budget: Arc::default(),
             worker: None,
+            openers: None,
             leading: None,
             following: false,
             report_due: false,
@@ -353,6 +373,13 @@ impl Gateway {
         if let Some(t) = started {
             self.budget.lock().record(t, Instant::now());
         }
+        self.account(from, sent, over_budget, r.err());
+        delivered
+    }
+
+    /// Count what routing a datagram from `from` sent (the datagrams from `sent` on in the
+    /// round's sends) and why it was dropped, if it was.
+    fn account(&mut self, from: SocketAddr, sent: usize, over_budget: bool, dropped: Option<DropReason>) {
         // A handshake refused under load is answered, not dropped: count the answers.
         let cookies = self.io.sends[sent..]
             .iter()
@@ -368,13 +395,104 @@ impl Gateway {
         if over_budget {
             self.metrics.cookie_replies_over_budget.inc_by(cookies);
         }
-        if let Err(e) = r {
+        if let Some(e) = dropped {
             let peer = e.peer().map(|p| p.to_string()).unwrap_or_default();
             let label = e.label();
             tracing::debug!(%from, error = %e, "datagram dropped");
             self.metrics.dropped_packet(&peer, label);
         }
+    }
+
+    /// Route a receive's datagrams in their order; whether the data plane got a packet.
+    /// With opener threads, each run of data messages from several peers is opened on
+    /// them at once ([`open`]) and then judged and delivered here in the run's order.
+    fn datagrams(&mut self, recv: &RecvBatch, now: Instant) -> bool {
+        let mut delivered = false;
+        let mut i = 0;
+        while i < recv.got.len() {
+            if self.openers.is_some() {
+                let run = recv.got[i..]
+                    .iter()
+                    .take_while(|&&(_, s, l)| data_index(&recv.buf()[s..s + l]).is_some())
+                    .count();
+                if run >= 2
+                    && let Some(d) = self.open_run(recv, i..i + run, now)
+                {
+                    delivered |= d;
+                    i += run;
+                    continue;
+                }
+                // One peer's run (or none): on the loop, as without openers.
+                for j in i..i + run.max(1) {
+                    delivered |= self.datagram(recv.got[j].0, recv.datagram(j), now);
+                }
+                i += run.max(1);
+                continue;
+            }
+            delivered |= self.datagram(recv.got[i].0, recv.datagram(i), now);
+            i += 1;
+        }
         delivered
+    }
+
+    /// Open the data messages `run` of `recv` on the opener threads, then judge and deliver
+    /// their packets in order; `None` when the run has a single peer (nothing opened).
+    fn open_run(&mut self, recv: &RecvBatch, run: std::ops::Range<usize>, now: Instant) -> Option<bool> {
+        let Gateway {
+            table,
+            dp,
+            policy,
+            metrics,
+            io,
+            openers,
+            ..
+        } = self;
+        let openers = openers.as_mut()?;
+        let outcomes = openers.open(table.opener(), recv.buf(), &recv.got, run.clone())?;
+        metrics.decrypt_shared_runs.inc();
+        for (to, start, len) in openers.sends.sends.drain(..) {
+            io.send(to, &openers.sends.send_buf[start..start + len]);
+        }
+        openers.sends.send_buf.clear();
+        let mut route = Route {
+            sends: io,
+            dp: dp.as_mut(),
+            acl: &policy.acl,
+            metrics: metrics.as_ref(),
+            now,
+            delivered: 0,
+        };
+        let mut failed = Vec::new();
+        for (k, outcome) in outcomes.into_iter().enumerate() {
+            match outcome {
+                Outcome::Packet {
+                    index,
+                    address,
+                    start,
+                    len,
+                } => {
+                    if let Some(peer) = table.peer_at(index) {
+                        route.deliver(peer, address, &openers.opened()[start..start + len]);
+                    }
+                }
+                Outcome::Nothing => {}
+                other => failed.push((recv.got[run.start + k].0, other)),
+            }
+        }
+        let delivered = route.delivered > 0;
+        for (from, outcome) in failed {
+            let sent = self.io.sends.len();
+            let reason = match outcome {
+                Outcome::Failed { index, active, error } => {
+                    self.table
+                        .data_failed(index, from, active, error, &mut self.buf, &mut self.io)
+                }
+                Outcome::UnknownIndex(index) => DropReason::UnknownIndex(index),
+                Outcome::Packet { .. } | Outcome::Nothing => continue,
+            };
+            self.account(from, sent, false, Some(reason));
+        }
+        Some(delivered)
     }
 
     /// Collect the data plane's packets and encrypt them to their peers.
@@ -587,6 +705,11 @@ impl Gateway {
             })
             .collect();
         self.worker = self.start_worker(&sockets);
+        self.openers = OpenPool::new(self.cfg.open_threads, recv.buf().len());
+        tracing::info!(
+            threads = self.openers.as_ref().map_or(1, |_| self.cfg.open_threads),
+            "data openers"
+        );
         let mut peers_open = true;
         let mut services_open = true;
         let mut policies_open = true;
@@ -611,14 +734,9 @@ impl Gateway {
                     match socket.try_io(Interest::READABLE, || recv_batch(socket, &mut recv)) {
                         Ok(()) => {
                             self.metrics.udp_gro_trains.inc_by(recv.trains as u64);
-                            let now = Instant::now();
-                            let mut delivered = false;
-                            for i in 0..recv.got.len() {
-                                delivered |= self.datagram(recv.got[i].0, recv.datagram(i), now);
-                            }
                             // Handshakes, cookies and rejects give the data plane nothing
                             // to do: under a flood of them, it is not polled per datagram.
-                            dp_due = delivered;
+                            dp_due = self.datagrams(&recv, Instant::now());
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                         Err(e) => tracing::debug!(error = %e, "recvmmsg"),

@@ -103,6 +103,12 @@ struct Args {
     /// driver that mishandles them.
     #[arg(long, env = "GATEWAY_UDP_OFFLOAD", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     udp_offload: bool,
+    /// Threads that decrypt data, the gateway loop's included: what arrives from several
+    /// peers at once is spread over them by peer (one peer's packets stay on one thread,
+    /// in order). 0: one per core, at most 4; 1: the loop alone.
+    #[arg(long, env = "GATEWAY_DECRYPT_THREADS", default_value_t = 0, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(0..=64))]
+    decrypt_threads: u16,
     /// Serve the standard WireGuard UAPI (read-only) on `<uapi-dir>/<NAME>.sock`, so that
     /// `wg show NAME` works against the gateway. Off when unset.
     #[arg(long, env = "GATEWAY_UAPI_INTERFACE", value_name = "NAME")]
@@ -214,6 +220,7 @@ async fn serve(args: Args, on_worker: bool) -> anyhow::Result<()> {
         handshake_limit: args.handshake_limit,
         session_recovery: args.session_recovery,
         udp_offload: args.udp_offload,
+        decrypt_threads: args.decrypt_threads.into(),
         lease: args.lease,
         shutdown_drain: args.shutdown_drain,
         identity: kuberaya_gateway::leader::default_identity(),

@@ -47,6 +47,8 @@ pub struct Metrics {
     /// GSO (`UDP_SEGMENT`), received with GRO (`UDP_GRO`).
     pub udp_gso_trains: Counter,
     pub udp_gro_trains: Counter,
+    /// Runs of data messages from several peers decrypted on several threads at once.
+    pub decrypt_shared_runs: Counter,
     /// 1 while this replica writes status (it holds the Lease, or decides alone).
     pub leader: Gauge,
     pub rx_bytes: Family<PeerLabels, Counter>,
@@ -83,6 +85,11 @@ impl Metrics {
                 "udp_gro_trains",
                 "Messages received on the outer UDP sockets that carried several datagrams from one peer (UDP GRO), each then decrypted and checked on its own",
                 m.udp_gro_trains.clone(),
+            );
+            r.register(
+                "decrypt_shared_runs",
+                "Runs of data messages from several peers in one receive, decrypted on several threads at once (--decrypt-threads)",
+                m.decrypt_shared_runs.clone(),
             );
             r.register(
                 "handshakes_dropped",

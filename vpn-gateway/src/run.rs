@@ -122,6 +122,9 @@ pub struct RunConfig {
     pub session_recovery: bool,
     /// UDP GSO/GRO on the outer sockets where the kernel has them ([`crate::udp_batch`]).
     pub udp_offload: bool,
+    /// Threads that decrypt data, the loop's included (0: one per core, at most
+    /// [`crate::gateway::MAX_DECRYPT_THREADS`]).
+    pub decrypt_threads: usize,
     pub uapi: Option<UapiConfig>,
     pub dataplane: DataPlaneChoice,
     /// The gateway's Service in its namespace, annotated with its public key, tunnel
@@ -159,6 +162,7 @@ impl Default for RunConfig {
             handshake_limit: crate::tunnel::DEFAULT_HANDSHAKE_LIMIT,
             session_recovery: true,
             udp_offload: true,
+            decrypt_threads: 0,
             uapi: None,
             dataplane: DataPlaneChoice::Userspace,
             publish_service: Some(crate::publish::DEFAULT_SERVICE.to_string()),
@@ -405,6 +409,7 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
             handshake_limit: cfg.handshake_limit,
             session_recovery: cfg.session_recovery,
             udp_offload: cfg.udp_offload,
+            open_threads: crate::gateway::decrypt_threads(cfg.decrypt_threads),
         },
         key,
         dp,

@@ -114,6 +114,56 @@ pub trait TunnelIo {
     fn deliver(&mut self, peer: &PeerId, address: Ipv4Addr, packet: &[u8]);
 }
 
+/// The tunnel index a WireGuard data message (type 4) is for, from its header; `None` for
+/// any other message. Data is what may be opened off the loop ([`DataOpener`]): opening it
+/// changes only its peer's session, under the peer's lock.
+pub fn data_index(datagram: &[u8]) -> Option<u32> {
+    match datagram {
+        [4, 0, 0, 0, a, b, c, d, ..] if datagram.len() >= DATA_OVERHEAD => {
+            Some(u32::from_le_bytes([*a, *b, *c, *d]) >> 8)
+        }
+        _ => None,
+    }
+}
+
+/// What opening a data message came to.
+#[derive(Debug)]
+pub enum Opened {
+    /// Authenticated and handed to the [`TunnelIo`] (a keepalive delivers nothing).
+    Done,
+    /// No peer has the tunnel index.
+    UnknownIndex,
+    /// Not opened: `active` says whether the peer had a tunnel at all.
+    Failed { active: bool, error: WireGuardError },
+}
+
+/// The peers' sessions, shared read-only: data messages of different peers can be opened
+/// on different threads at once, each under its peer's lock (so one peer's packets stay in
+/// the order they are opened in).
+#[derive(Clone, Copy)]
+pub struct DataOpener<'a>(&'a HashMap<u32, PeerTunnel>);
+
+impl DataOpener<'_> {
+    /// Open `datagram` from `src` for the peer at `index` into `buf` (at least the datagram's
+    /// length); the packet goes to `io` from there.
+    pub fn open(&self, index: u32, src: SocketAddr, datagram: &[u8], buf: &mut [u8], io: &mut impl TunnelIo) -> Opened {
+        let Some(t) = self.0.get(&index) else {
+            return Opened::UnknownIndex;
+        };
+        let mut s = t.session.lock();
+        if !s.is_active() {
+            return Opened::Failed {
+                active: false,
+                error: WireGuardError::NoCurrentSession,
+            };
+        }
+        match s.decapsulate(src, datagram, buf, io) {
+            Ok(()) => Opened::Done,
+            Err(error) => Opened::Failed { active: true, error },
+        }
+    }
+}
+
 /// Why an incoming datagram went nowhere.
 #[derive(Debug, thiserror::Error)]
 pub enum DropReason {
@@ -540,19 +590,52 @@ impl PeerTable {
             Ok(Packet::PacketCookieReply(p)) => p.receiver_idx >> 8,
             Ok(Packet::PacketData(p)) => p.receiver_idx >> 8,
         };
-        let t = self.tunnels.get(&index).ok_or(DropReason::UnknownIndex(index))?;
-        let mut s = t.session.lock();
-        let active = s.is_active();
-        let result = if active {
-            s.decapsulate(src, datagram, buf, io)
-        } else {
-            Err(WireGuardError::NoCurrentSession)
+        match DataOpener(&self.tunnels).open(index, src, datagram, buf, io) {
+            Opened::Done => Ok(Routed::Done),
+            Opened::UnknownIndex => Err(DropReason::UnknownIndex(index)),
+            Opened::Failed { active, error } => Err(self.failed(index, src, data, active, error, buf, io)),
+        }
+    }
+
+    /// What may open data messages (see [`data_index`]) on any thread while the table is
+    /// only read: the peers' locks are all it takes.
+    pub fn opener(&self) -> DataOpener<'_> {
+        DataOpener(&self.tunnels)
+    }
+
+    /// A data message that [`DataOpener::open`] could not open: its drop reason, after a
+    /// session recovery where one is due.
+    pub fn data_failed(
+        &mut self,
+        index: u32,
+        src: SocketAddr,
+        active: bool,
+        error: WireGuardError,
+        buf: &mut [u8],
+        io: &mut impl TunnelIo,
+    ) -> DropReason {
+        self.failed(index, src, true, active, error, buf, io)
+    }
+
+    /// The peer at tunnel `index`.
+    pub fn peer_at(&self, index: u32) -> Option<&PeerId> {
+        self.tunnels.get(&index).map(|t| &t.id)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn failed(
+        &mut self,
+        index: u32,
+        src: SocketAddr,
+        data: bool,
+        active: bool,
+        error: WireGuardError,
+        buf: &mut [u8],
+        io: &mut impl TunnelIo,
+    ) -> DropReason {
+        let Some(peer) = self.peer_at(index).cloned() else {
+            return DropReason::UnknownIndex(index);
         };
-        drop(s);
-        let Err(error) = result else {
-            return Ok(Routed::Done);
-        };
-        let peer = t.id.clone();
         // Data of a session this table does not have: made with another replica, or with
         // this one before it restarted (or before its tunnel was dropped).
         if data
@@ -561,13 +644,14 @@ impl PeerTable {
                 WireGuardError::NoCurrentSession | WireGuardError::WrongIndex | WireGuardError::InvalidAeadTag
             )
         {
+            let under_load = self.over_budget || self.handshakes >= self.handshake_limit;
             self.recover(index, src, under_load, buf, io);
         }
-        Err(if active {
+        if active {
             DropReason::Rejected { peer, error }
         } else {
             DropReason::NoSession(peer)
-        })
+        }
     }
 
     /// Session recovery: start a handshake toward `src` as the peer at `index`, whose data

@@ -233,6 +233,10 @@ impl RecvBatch {
             trains: 0,
         }
     }
+    /// The buffer the datagrams of [`RecvBatch::got`] lie in.
+    pub(crate) fn buf(&self) -> &[u8] {
+        &self.buf
+    }
     pub(crate) fn datagram(&self, i: usize) -> &[u8] {
         let (_, start, len) = self.got[i];
         &self.buf[start..start + len]
