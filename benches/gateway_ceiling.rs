@@ -17,7 +17,9 @@
 //! per second of that core's busy time is the gateway's Gbit/s per core. The kernel's work
 //! for the gateway (its system calls, the TUN and the forwarding to the services' veth)
 //! runs on CPU 0 as well; the receive side of the laptop's veth runs on the sender's CPU.
-//! `KR_BENCH_PIN=0` leaves the scheduler free (to see whether more gateway threads help).
+//! `KR_BENCH_PIN=0` leaves the scheduler free (to see whether more gateway threads help);
+//! `KR_BENCH_DECRYPT_THREADS=1,2` measures the TUN gateway once per `--decrypt-threads`
+//! value.
 //!
 //! Measured, in turn: `KURAYA_BENCH_BASELINE_BIN` in TUN mode (if set), our gateway in TUN
 //! mode and in the default userspace mode (`KURAYA_BENCH_GATEWAYS` picks), and wireguard-go
@@ -239,7 +241,7 @@ fn metric(gw: &Netns, name: &str) -> u64 {
         .map_or(0, |v| v as u64)
 }
 
-fn measure(kind: Kind, bin: &Path, dir: &Path, peers: usize, pin: bool, window: Duration) -> Figures {
+fn measure(kind: Kind, bin: &Path, extra: &[String], dir: &Path, peers: usize, pin: bool, window: Duration) -> Figures {
     let Topology { laptop, gw, svc } = Topology::new("ceil");
     let gw_secret: [u8; 32] = kuberaya_e2e::gateway::random_bytes();
     let gw_key = PeerKey::new(gw_secret, Ipv4Addr::new(100, 64, 0, 1));
@@ -262,7 +264,7 @@ fn measure(kind: Kind, bin: &Path, dir: &Path, peers: usize, pin: bool, window: 
                 "ports": [{"name": "load", "port": SINK_PORT, "protocol": "UDP"}]}]);
             let peers_file = write(dir, "peers.json", &serde_json::Value::from(list).to_string());
             let services_file = write(dir, "services.json", &services.to_string());
-            let args = gateway_args(
+            let mut args = gateway_args(
                 &taskset,
                 bin,
                 &listen,
@@ -272,6 +274,7 @@ fn measure(kind: Kind, bin: &Path, dir: &Path, peers: usize, pin: bool, window: 
                 METRICS,
                 kind == Kind::Tun,
             );
+            args.extend(extra.iter().cloned());
             let mut p = gw.spawn(&args).unwrap();
             p.wait_for_stdout_line("kuberaya-gateway listening", CMD).unwrap();
             // The file source loads the peers within its 500 ms re-read.
@@ -406,11 +409,29 @@ fn main() {
     let bin = gateway_bin();
     let dir = tempfile::tempdir().unwrap();
     let only = std::env::var("KURAYA_BENCH_GATEWAYS").unwrap_or_default();
-    let mut runs: Vec<(String, Kind, PathBuf)> = [Kind::Tun, Kind::Userspace, Kind::WireguardGo]
+    // KR_BENCH_DECRYPT_THREADS=1,2: one TUN row per value (`--decrypt-threads N`).
+    let threads: Vec<String> = std::env::var("KR_BENCH_DECRYPT_THREADS")
+        .map(|v| {
+            v.split(',')
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut runs: Vec<(String, Kind, PathBuf, Vec<String>)> = Vec::new();
+    for k in [Kind::Tun, Kind::Userspace, Kind::WireguardGo]
         .into_iter()
         .filter(|k| *k == Kind::WireguardGo || only.is_empty() || only.split(',').any(|w| w.trim() == k.short()))
-        .map(|k| (k.short().to_string(), k, bin.clone()))
-        .collect();
+    {
+        if k == Kind::Tun && !threads.is_empty() {
+            for t in &threads {
+                let args = vec!["--decrypt-threads".to_string(), t.clone()];
+                runs.push((format!("tun, {t} decrypt thread(s)"), k, bin.clone(), args));
+            }
+        } else {
+            runs.push((k.short().to_string(), k, bin.clone(), Vec::new()));
+        }
+    }
     if let Some(b) = std::env::var_os("KURAYA_BENCH_BASELINE_BIN") {
         runs.insert(
             0,
@@ -418,12 +439,13 @@ fn main() {
                 format!("tun (baseline {})", Path::new(&b).display()),
                 Kind::Tun,
                 PathBuf::from(b),
+                Vec::new(),
             ),
         );
     }
     let figures: Vec<(String, Kind, Figures)> = runs
         .into_iter()
-        .map(|(label, k, bin)| (label, k, measure(k, &bin, dir.path(), peers, pin, window)))
+        .map(|(label, k, bin, extra)| (label, k, measure(k, &bin, &extra, dir.path(), peers, pin, window)))
         .collect();
     let wg = figures.iter().find(|(_, k, _)| *k == Kind::WireguardGo).unwrap().2;
 

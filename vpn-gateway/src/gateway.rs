@@ -36,11 +36,11 @@ use crate::transport::{Bound, socket_for};
 use crate::tunnel::{BUF_SIZE, DropReason, PeerTable, Routed, TunnelIo, TunnelStats, data_index};
 use crate::uapi::{DeviceState, PeerState, StateRequest};
 
-mod open;
+mod decrypt;
 mod route;
 
 use crate::udp_batch::{Offloads, RecvBatch, enable_offloads, grow_socket_buffers, recv_batch, send_batch};
-use open::{OpenPool, Outcome};
+use decrypt::{DecryptPool, Outcome};
 use route::{Collect, Route};
 
 /// How often timers run (keepalives, rekeys, expiry of peers).
@@ -69,9 +69,9 @@ pub struct GatewayConfig {
     /// UDP segmentation offloads on the outer sockets (GSO and GRO) where the kernel has
     /// them; off only to measure the difference or to work around a broken driver.
     pub udp_offload: bool,
-    /// Threads that open data messages, the loop's included: runs of data from several
-    /// peers in one receive are spread over them ([`open`]); 1: the loop alone.
-    pub open_threads: usize,
+    /// Threads that decrypt data messages, the loop's included: runs of data from several
+    /// peers in one receive are spread over them ([`decrypt`]); 1: the loop alone.
+    pub decrypt_threads: usize,
 }
 
 /// A WireGuard cookie reply (type 3, 64 bytes).
@@ -119,8 +119,8 @@ pub struct Gateway {
     budget: Arc<Mutex<HandshakeBudget>>,
     /// The handshake worker, once `run` started it.
     worker: Option<Worker>,
-    /// The threads that open data beside the loop, once `run` started them.
-    openers: Option<OpenPool>,
+    /// The threads that decrypt data beside the loop, once `run` started them.
+    decryptors: Option<DecryptPool>,
     /// Whether this replica leads ([`crate::leader`]); `None`: it decides alone.
     leading: Option<watch::Receiver<bool>>,
     /// Not leading: serve only the peers whose status grants them an address.
@@ -151,7 +151,7 @@ impl Gateway {
             uapi: None,
             budget: Arc::default(),
             worker: None,
-            openers: None,
+            decryptors: None,
             leading: None,
             following: false,
             report_due: false,
@@ -404,25 +404,25 @@ impl Gateway {
     }
 
     /// Route a receive's datagrams in their order; whether the data plane got a packet.
-    /// With opener threads, each run of data messages from several peers is opened on
-    /// them at once ([`open`]) and then judged and delivered here in the run's order.
+    /// With decrypting threads, each run of data messages from several peers is decrypted on
+    /// them at once ([`decrypt`]) and then judged and delivered here in the run's order.
     fn datagrams(&mut self, recv: &RecvBatch, now: Instant) -> bool {
         let mut delivered = false;
         let mut i = 0;
         while i < recv.got.len() {
-            if self.openers.is_some() {
+            if self.decryptors.is_some() {
                 let run = recv.got[i..]
                     .iter()
                     .take_while(|&&(_, s, l)| data_index(&recv.buf()[s..s + l]).is_some())
                     .count();
                 if run >= 2
-                    && let Some(d) = self.open_run(recv, i..i + run, now)
+                    && let Some(d) = self.decrypt_run(recv, i..i + run, now)
                 {
                     delivered |= d;
                     i += run;
                     continue;
                 }
-                // One peer's run (or none): on the loop, as without openers.
+                // One peer's run (or none): on the loop, as without decryptors.
                 for j in i..i + run.max(1) {
                     delivered |= self.datagram(recv.got[j].0, recv.datagram(j), now);
                 }
@@ -435,25 +435,25 @@ impl Gateway {
         delivered
     }
 
-    /// Open the data messages `run` of `recv` on the opener threads, then judge and deliver
-    /// their packets in order; `None` when the run has a single peer (nothing opened).
-    fn open_run(&mut self, recv: &RecvBatch, run: std::ops::Range<usize>, now: Instant) -> Option<bool> {
+    /// Decrypt the data messages `run` of `recv` on the decrypting threads, then judge and deliver
+    /// their packets in order; `None` when the run has a single peer (nothing decrypted).
+    fn decrypt_run(&mut self, recv: &RecvBatch, run: std::ops::Range<usize>, now: Instant) -> Option<bool> {
         let Gateway {
             table,
             dp,
             policy,
             metrics,
             io,
-            openers,
+            decryptors,
             ..
         } = self;
-        let openers = openers.as_mut()?;
-        let outcomes = openers.open(table.opener(), recv.buf(), &recv.got, run.clone())?;
+        let decryptors = decryptors.as_mut()?;
+        let outcomes = decryptors.open(table.decryptor(), recv.buf(), &recv.got, run.clone())?;
         metrics.decrypt_shared_runs.inc();
-        for (to, start, len) in openers.sends.sends.drain(..) {
-            io.send(to, &openers.sends.send_buf[start..start + len]);
+        for (to, start, len) in decryptors.sends.sends.drain(..) {
+            io.send(to, &decryptors.sends.send_buf[start..start + len]);
         }
-        openers.sends.send_buf.clear();
+        decryptors.sends.send_buf.clear();
         let mut route = Route {
             sends: io,
             dp: dp.as_mut(),
@@ -472,7 +472,7 @@ impl Gateway {
                     len,
                 } => {
                     if let Some(peer) = table.peer_at(index) {
-                        route.deliver(peer, address, &openers.opened()[start..start + len]);
+                        route.deliver(peer, address, &decryptors.decrypted()[start..start + len]);
                     }
                 }
                 Outcome::Nothing => {}
@@ -705,10 +705,10 @@ impl Gateway {
             })
             .collect();
         self.worker = self.start_worker(&sockets);
-        self.openers = OpenPool::new(self.cfg.open_threads, recv.buf().len());
+        self.decryptors = DecryptPool::new(self.cfg.decrypt_threads, recv.buf().len());
         tracing::info!(
-            threads = self.openers.as_ref().map_or(1, |_| self.cfg.open_threads),
-            "data openers"
+            threads = self.decryptors.as_ref().map_or(1, |_| self.cfg.decrypt_threads),
+            "data decryptors"
         );
         let mut peers_open = true;
         let mut services_open = true;

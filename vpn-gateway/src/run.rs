@@ -409,7 +409,7 @@ pub async fn start(cfg: RunConfig) -> crate::Result<Started> {
             handshake_limit: cfg.handshake_limit,
             session_recovery: cfg.session_recovery,
             udp_offload: cfg.udp_offload,
-            open_threads: crate::gateway::decrypt_threads(cfg.decrypt_threads),
+            decrypt_threads: crate::gateway::decrypt_threads(cfg.decrypt_threads),
         },
         key,
         dp,

@@ -115,7 +115,7 @@ pub trait TunnelIo {
 }
 
 /// The tunnel index a WireGuard data message (type 4) is for, from its header; `None` for
-/// any other message. Data is what may be opened off the loop ([`DataOpener`]): opening it
+/// any other message. Data is what may be opened off the loop ([`Decryptor`]): opening it
 /// changes only its peer's session, under the peer's lock.
 pub fn data_index(datagram: &[u8]) -> Option<u32> {
     match datagram {
@@ -128,7 +128,7 @@ pub fn data_index(datagram: &[u8]) -> Option<u32> {
 
 /// What opening a data message came to.
 #[derive(Debug)]
-pub enum Opened {
+pub enum Decrypted {
     /// Authenticated and handed to the [`TunnelIo`] (a keepalive delivers nothing).
     Done,
     /// No peer has the tunnel index.
@@ -141,25 +141,32 @@ pub enum Opened {
 /// on different threads at once, each under its peer's lock (so one peer's packets stay in
 /// the order they are opened in).
 #[derive(Clone, Copy)]
-pub struct DataOpener<'a>(&'a HashMap<u32, PeerTunnel>);
+pub struct Decryptor<'a>(&'a HashMap<u32, PeerTunnel>);
 
-impl DataOpener<'_> {
+impl Decryptor<'_> {
     /// Open `datagram` from `src` for the peer at `index` into `buf` (at least the datagram's
     /// length); the packet goes to `io` from there.
-    pub fn open(&self, index: u32, src: SocketAddr, datagram: &[u8], buf: &mut [u8], io: &mut impl TunnelIo) -> Opened {
+    pub fn open(
+        &self,
+        index: u32,
+        src: SocketAddr,
+        datagram: &[u8],
+        buf: &mut [u8],
+        io: &mut impl TunnelIo,
+    ) -> Decrypted {
         let Some(t) = self.0.get(&index) else {
-            return Opened::UnknownIndex;
+            return Decrypted::UnknownIndex;
         };
         let mut s = t.session.lock();
         if !s.is_active() {
-            return Opened::Failed {
+            return Decrypted::Failed {
                 active: false,
                 error: WireGuardError::NoCurrentSession,
             };
         }
         match s.decapsulate(src, datagram, buf, io) {
-            Ok(()) => Opened::Done,
-            Err(error) => Opened::Failed { active: true, error },
+            Ok(()) => Decrypted::Done,
+            Err(error) => Decrypted::Failed { active: true, error },
         }
     }
 }
@@ -590,20 +597,20 @@ impl PeerTable {
             Ok(Packet::PacketCookieReply(p)) => p.receiver_idx >> 8,
             Ok(Packet::PacketData(p)) => p.receiver_idx >> 8,
         };
-        match DataOpener(&self.tunnels).open(index, src, datagram, buf, io) {
-            Opened::Done => Ok(Routed::Done),
-            Opened::UnknownIndex => Err(DropReason::UnknownIndex(index)),
-            Opened::Failed { active, error } => Err(self.failed(index, src, data, active, error, buf, io)),
+        match Decryptor(&self.tunnels).open(index, src, datagram, buf, io) {
+            Decrypted::Done => Ok(Routed::Done),
+            Decrypted::UnknownIndex => Err(DropReason::UnknownIndex(index)),
+            Decrypted::Failed { active, error } => Err(self.failed(index, src, data, active, error, buf, io)),
         }
     }
 
     /// What may open data messages (see [`data_index`]) on any thread while the table is
     /// only read: the peers' locks are all it takes.
-    pub fn opener(&self) -> DataOpener<'_> {
-        DataOpener(&self.tunnels)
+    pub fn decryptor(&self) -> Decryptor<'_> {
+        Decryptor(&self.tunnels)
     }
 
-    /// A data message that [`DataOpener::open`] could not open: its drop reason, after a
+    /// A data message that [`Decryptor::open`] could not open: its drop reason, after a
     /// session recovery where one is due.
     pub fn data_failed(
         &mut self,

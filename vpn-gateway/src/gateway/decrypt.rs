@@ -1,12 +1,12 @@
-//! Data messages opened on several cores: the run of data messages in a receive batch is
-//! split by peer over a small thread pool, each thread opening its peers' messages in
+//! Data messages decrypted on several cores: the run of data messages in a receive batch is
+//! split by peer over a small thread pool, each thread decrypting its peers' messages in
 //! their order under each peer's lock, into a buffer laid out like the receive buffer (a
 //! message's packet lands where the message lay). The loop then judges and delivers the
 //! packets in the batch's order ([`super::Route`]), so the data plane and every access
 //! check stay on one thread and no peer's packets are reordered.
 //!
-//! boringtun's `Tunn` opens with `&mut self`, so one peer's messages cannot be spread
-//! over cores; spreading peers is what it allows. A run of one peer's messages is opened
+//! boringtun's `Tunn` decrypts with `&mut self`, so one peer's messages cannot be spread
+//! over cores; spreading peers is what it allows. A run of one peer's messages is decrypted
 //! on the loop itself: there is nothing to share out, and no hand-off to pay for.
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -16,12 +16,12 @@ use boringtun::noise::errors::WireGuardError;
 
 use super::route::Collect;
 use crate::peers::PeerId;
-use crate::tunnel::{DataOpener, Opened, TunnelIo, data_index};
+use crate::tunnel::{Decrypted, Decryptor, TunnelIo, data_index};
 
-/// What opening one message of the run came to.
+/// What decrypting one message of the run came to.
 #[derive(Debug)]
 pub(super) enum Outcome {
-    /// A packet of `len` bytes at `start` in [`OpenPool::opened`], from the peer at `index`.
+    /// A packet of `len` bytes at `start` in [`DecryptPool::decrypted`], from the peer at `index`.
     Packet {
         index: u32,
         address: Ipv4Addr,
@@ -38,53 +38,53 @@ pub(super) enum Outcome {
     },
 }
 
-/// The threads and buffers for opening runs of data messages.
-pub(super) struct OpenPool {
-    /// `threads - 1` threads: the loop opens one share itself.
+/// The threads and buffers for decrypting runs of data messages.
+pub(super) struct DecryptPool {
+    /// `threads - 1` threads: the loop decrypts one share itself.
     pool: rayon::ThreadPool,
     threads: usize,
-    /// The opened packets, at the offsets their messages had in the receive buffer.
-    opened: Vec<u8>,
-    /// What the opening asked to send (rare for data: a tunnel's queued packets).
+    /// The decrypted packets, at the offsets their messages had in the receive buffer.
+    plaintext: Vec<u8>,
+    /// What the decryption asked to send (rare for data: a tunnel's queued packets).
     pub(super) sends: Collect,
 }
 
-impl OpenPool {
-    /// A pool of `threads` openers in all (the loop and `threads - 1` threads); `None` for
+impl DecryptPool {
+    /// A pool of `threads` decryptors in all (the loop and `threads - 1` threads); `None` for
     /// fewer than two or when the threads cannot start.
-    pub(super) fn new(threads: usize, buffer_len: usize) -> Option<OpenPool> {
+    pub(super) fn new(threads: usize, buffer_len: usize) -> Option<DecryptPool> {
         if threads < 2 {
             return None;
         }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads - 1)
-            .thread_name(|i| format!("kr-open-{i}"))
+            .thread_name(|i| format!("kr-decrypt-{i}"))
             .build();
         match pool {
-            Ok(pool) => Some(OpenPool {
+            Ok(pool) => Some(DecryptPool {
                 pool,
                 threads,
-                opened: vec![0; buffer_len],
+                plaintext: vec![0; buffer_len],
                 sends: Collect::default(),
             }),
             Err(e) => {
-                tracing::warn!(error = %e, "no opener threads: data is opened on the loop alone");
+                tracing::warn!(error = %e, "no decrypting threads: data is decrypted on the loop alone");
                 None
             }
         }
     }
 
-    pub(super) fn opened(&self) -> &[u8] {
-        &self.opened
+    pub(super) fn decrypted(&self) -> &[u8] {
+        &self.plaintext
     }
 
-    /// Open the data messages `run` of `got` (datagrams at increasing offsets of `buf`)
+    /// Decrypt the data messages `run` of `got` (datagrams at increasing offsets of `buf`)
     /// spread over the threads by peer; one [`Outcome`] per message, in the run's order.
-    /// `None`: the run has one peer (or cannot be laid out), so the caller opens it as
+    /// `None`: the run has one peer (or cannot be laid out), so the caller decrypts it as
     /// usual, on the loop.
     pub(super) fn open(
         &mut self,
-        opener: DataOpener<'_>,
+        decryptor: Decryptor<'_>,
         buf: &[u8],
         got: &[(SocketAddr, usize, usize)],
         run: Range<usize>,
@@ -95,12 +95,12 @@ impl OpenPool {
             .map(|&(_, s, l)| data_index(&buf[s..s + l]))
             .collect::<Option<_>>()?;
         let shard_of = share_out(&indices, self.threads)?;
-        if self.opened.len() < buf.len() {
-            self.opened.resize(buf.len(), 0);
+        if self.plaintext.len() < buf.len() {
+            self.plaintext.resize(buf.len(), 0);
         }
-        // Each message's slot of `opened`, split off in order: disjoint by construction.
+        // Each message's slot of `plaintext`, split off in order: disjoint by construction.
         let mut shards: Vec<Vec<(usize, &mut [u8])>> = (0..self.threads).map(|_| Vec::new()).collect();
-        let mut rest: &mut [u8] = &mut self.opened;
+        let mut rest: &mut [u8] = &mut self.plaintext;
         let mut consumed = 0;
         for (k, &(_, start, len)) in messages.iter().enumerate() {
             let gap = start.checked_sub(consumed)?;
@@ -121,8 +121,8 @@ impl OpenPool {
                     base: slot.as_ptr() as usize,
                     got: None,
                 };
-                let outcome = match opener.open(index, from, &buf[start..start + len], slot, &mut io) {
-                    Opened::Done => match io.got {
+                let outcome = match decryptor.open(index, from, &buf[start..start + len], slot, &mut io) {
+                    Decrypted::Done => match io.got {
                         Some((address, offset, n)) => Outcome::Packet {
                             index,
                             address,
@@ -131,8 +131,8 @@ impl OpenPool {
                         },
                         None => Outcome::Nothing,
                     },
-                    Opened::UnknownIndex => Outcome::UnknownIndex(index),
-                    Opened::Failed { active, error } => Outcome::Failed { index, active, error },
+                    Decrypted::UnknownIndex => Outcome::UnknownIndex(index),
+                    Decrypted::Failed { active, error } => Outcome::Failed { index, active, error },
                 };
                 out.push((k, outcome));
             }
@@ -187,7 +187,7 @@ fn share_out(indices: &[u32], threads: usize) -> Option<Vec<usize>> {
     Some(share)
 }
 
-/// The [`TunnelIo`] of one opening: where its packet landed in the slot.
+/// The [`TunnelIo`] of one decryption: where its packet landed in the slot.
 struct Slot<'a> {
     sends: &'a mut Collect,
     base: usize,
