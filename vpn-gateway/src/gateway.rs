@@ -7,6 +7,11 @@
 //! go to the handshake worker thread ([`crate::handshake`]) with their X25519 work, so that
 //! a flood of real handshakes does not hold data up. Without the worker (its thread could
 //! not start) the loop takes them itself, as it did before.
+//!
+//! With `--decrypt-threads N` above 1, a receive's run of data messages from several peers
+//! is decrypted on N threads at once, each peer on one ([`decrypt`]); judging and
+//! delivering stay on the loop, in order. Off by default: on 2 cores shared with other
+//! work it cost more than it gave (docs/benchmarks.md).
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -105,8 +105,10 @@ struct Args {
     udp_offload: bool,
     /// Threads that decrypt data, the gateway loop's included: what arrives from several
     /// peers at once is spread over them by peer (one peer's packets stay on one thread,
-    /// in order). 0: one per core, at most 4; 1: the loop alone.
-    #[arg(long, env = "GATEWAY_DECRYPT_THREADS", default_value_t = 0, value_name = "N",
+    /// in order). 1 (the loop alone) unless the machine has cores to spare: on 2 cores
+    /// shared with other work a second thread cost ~20 % (docs/benchmarks.md). 0: one per
+    /// core, at most 4.
+    #[arg(long, env = "GATEWAY_DECRYPT_THREADS", default_value_t = 1, value_name = "N",
           value_parser = clap::value_parser!(u16).range(0..=64))]
     decrypt_threads: u16,
     /// Serve the standard WireGuard UAPI (read-only) on `<uapi-dir>/<NAME>.sock`, so that

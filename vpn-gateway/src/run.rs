@@ -122,8 +122,8 @@ pub struct RunConfig {
     pub session_recovery: bool,
     /// UDP GSO/GRO on the outer sockets where the kernel has them ([`crate::udp_batch`]).
     pub udp_offload: bool,
-    /// Threads that decrypt data, the loop's included (0: one per core, at most
-    /// [`crate::gateway::MAX_DECRYPT_THREADS`]).
+    /// Threads that decrypt data, the loop's included (1: the loop alone, the default; 0: one
+    /// per core, at most [`crate::gateway::MAX_DECRYPT_THREADS`]).
     pub decrypt_threads: usize,
     pub uapi: Option<UapiConfig>,
     pub dataplane: DataPlaneChoice,
@@ -162,7 +162,7 @@ impl Default for RunConfig {
             handshake_limit: crate::tunnel::DEFAULT_HANDSHAKE_LIMIT,
             session_recovery: true,
             udp_offload: true,
-            decrypt_threads: 0,
+            decrypt_threads: 1,
             uapi: None,
             dataplane: DataPlaneChoice::Userspace,
             publish_service: Some(crate::publish::DEFAULT_SERVICE.to_string()),
