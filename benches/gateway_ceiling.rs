@@ -17,7 +17,8 @@
 //! per second of that core's busy time is the gateway's Gbit/s per core. The kernel's work
 //! for the gateway (its system calls, the TUN and the forwarding to the services' veth)
 //! runs on CPU 0 as well; the receive side of the laptop's veth runs on the sender's CPU.
-//! `KR_BENCH_PIN=0` leaves the scheduler free (to see whether more gateway threads help);
+//! `KURAYA_BENCH_BASELINE_BIN` is measured in TUN mode, or in userspace mode when
+//! `KURAYA_BENCH_GATEWAYS=userspace`. `KR_BENCH_PIN=0` leaves the scheduler free (to see whether more gateway threads help);
 //! `KR_BENCH_DECRYPT_THREADS=1,2` measures the TUN gateway once per `--decrypt-threads`
 //! value.
 //!
@@ -433,11 +434,17 @@ fn main() {
         }
     }
     if let Some(b) = std::env::var_os("KURAYA_BENCH_BASELINE_BIN") {
+        // In the mode measured: TUN, or userspace when only that is asked for.
+        let kind = if only.trim() == "userspace" {
+            Kind::Userspace
+        } else {
+            Kind::Tun
+        };
         runs.insert(
             0,
             (
-                format!("tun (baseline {})", Path::new(&b).display()),
-                Kind::Tun,
+                format!("{} (baseline {})", kind.short(), Path::new(&b).display()),
+                kind,
                 PathBuf::from(b),
                 Vec::new(),
             ),

@@ -44,7 +44,7 @@ use crate::uapi::{DeviceState, PeerState, StateRequest};
 mod decrypt;
 mod route;
 
-use crate::udp_batch::{Offloads, RecvBatch, enable_offloads, grow_socket_buffers, recv_batch, send_batch};
+use crate::udp_batch::{Offloads, RecvBatch, enable_offloads, grow_socket_buffers, recv_batch, send_all};
 use decrypt::{DecryptPool, Outcome};
 use route::{Collect, Route};
 
@@ -639,21 +639,15 @@ impl Gateway {
                     .count()
             };
             let (socket, bound) = &sockets[i];
-            let gso = offloads[i].gso;
-            match send_batch(socket, bound, &io.sends[done..done + run], &io.send_buf, gso) {
-                Ok((n, trains)) if n > 0 => {
-                    done += n;
-                    self.metrics.udp_gso_trains.inc_by(trains as u64);
-                }
-                Err(e) if gso && e.raw_os_error() == Some(libc::EIO) => {
-                    // The route's device cannot segment (no transmit checksum offload):
-                    // nothing went out; from now on one datagram per message.
-                    tracing::warn!(socket = %bound.local, "UDP GSO refused by the kernel (EIO); sending without it");
-                    offloads[i].gso = false;
-                }
-                // UDP: a full socket buffer drops (the first datagram), as a network would.
-                _ => done += 1,
-            }
+            let trains = send_all(
+                socket,
+                bound,
+                &io.sends[done..done + run],
+                &io.send_buf,
+                &mut offloads[i].gso,
+            );
+            self.metrics.udp_gso_trains.inc_by(trains as u64);
+            done += run;
         }
         io.sends.clear();
         io.send_buf.clear();

@@ -179,6 +179,34 @@ pub(crate) fn send_batch(
     }
 }
 
+/// Send all of `sends` through `socket` ([`send_batch`], GSO trains while `gso`). A datagram
+/// the socket will not take now is dropped (a full buffer, as a network would); EIO turns
+/// `gso` off for good (the route's device cannot segment: nothing went out, it is sent
+/// again without). Returns how many trains of more than one datagram went out.
+pub(crate) fn send_all(
+    socket: &UdpSocket,
+    bound: &Bound,
+    sends: &[(SocketAddr, usize, usize)],
+    buf: &[u8],
+    gso: &mut bool,
+) -> usize {
+    let (mut done, mut trains) = (0, 0);
+    while done < sends.len() {
+        match send_batch(socket, bound, &sends[done..], buf, *gso) {
+            Ok((n, t)) if n > 0 => {
+                done += n;
+                trains += t;
+            }
+            Err(e) if *gso && e.raw_os_error() == Some(libc::EIO) => {
+                tracing::warn!(socket = %bound.local, "UDP GSO refused by the kernel (EIO); sending without it");
+                *gso = false;
+            }
+            _ => done += 1,
+        }
+    }
+    trains
+}
+
 /// Write `to` into `storage`; returns its length.
 fn write_sockaddr(storage: &mut libc::sockaddr_storage, to: SocketAddr) -> libc::socklen_t {
     let len = match to {

@@ -293,6 +293,8 @@ impl DataPlane for TunDataPlane {
     }
 
     fn flush(&mut self) {
+        // IPv6 without the kernel's side, DNS: what the embedded userspace plane queued.
+        self.local.flush();
         let WriteBatch { bufs, n, gro } = &mut self.pending;
         if *n == 0 {
             return;

@@ -97,6 +97,8 @@ pub struct UserspaceDataPlane {
     notify: Arc<Notify>,
     /// Packets built here (UDP replies) waiting for `outbound`.
     out: VecDeque<Vec<u8>>,
+    /// Datagrams for the Services' UDP flows, sent at [`DataPlane::flush`].
+    udp_out: udp_flows::UdpOut,
     /// Lines of denied flows per peer per second (a port scan is one line per try).
     audit: AuditBudget,
 }
@@ -119,6 +121,7 @@ impl UserspaceDataPlane {
             policy: Arc::new(Policy::default()),
             notify: Arc::new(Notify::new()),
             out: VecDeque::new(),
+            udp_out: Default::default(),
             audit: AuditBudget::default(),
         }
     }
@@ -186,6 +189,10 @@ fn proto_name(p: u8) -> &'static str {
 }
 
 impl DataPlane for UserspaceDataPlane {
+    fn flush(&mut self) {
+        self.flush_udp();
+    }
+
     fn inbound(&mut self, pkt: Inbound<'_>, now: Instant) {
         let p = pkt.packet;
         match (pkt.verdict, p.transport) {

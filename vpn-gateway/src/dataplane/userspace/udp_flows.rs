@@ -2,6 +2,10 @@
 //! socket until [`UDP_IDLE`](super::UDP_IDLE) passes without traffic; DNS to the gateway's
 //! addresses answered by [`crate::dns`] (or forwarded upstream); replies built as IPv4 or
 //! IPv6 packets here.
+//!
+//! A flow's datagrams of one receive are queued ([`UdpOut`]) and sent at the end of it
+//! ([`UserspaceDataPlane::flush_udp`]) as UDP GSO trains, one system call for up to 64, as
+//! the gateway's outer sockets do.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -17,6 +21,8 @@ use crate::acl::Verdict;
 use crate::dataplane::Inbound;
 use crate::dns::DnsAnswer;
 use crate::peers::PeerId;
+use crate::transport::Bound;
+use crate::udp_batch::send_all;
 
 pub(super) struct UdpFlow {
     pub(super) socket: Arc<UdpSocket>,
@@ -30,14 +36,30 @@ pub(super) struct UdpFlow {
     pub(super) started: Instant,
     pub(super) last_activity: Instant,
     pub(super) bytes_up: u64,
+    /// Trains go out with `UDP_SEGMENT` until the kernel refuses it (EIO) on this route.
+    pub(super) gso: bool,
 }
 
-/// Send on a relay socket now. tokio's `try_send` answers `WouldBlock` until its reactor
-/// has seen the socket writable, which for a new flow is after the loop yields: the first
-/// datagrams of every flow (a whole burst) were dropped that way. The socket is
-/// non-blocking, so this never waits; a full buffer drops, as a network would.
-fn send_now(socket: &UdpSocket, payload: &[u8]) -> std::io::Result<usize> {
-    socket2::SockRef::from(socket).send(payload)
+/// Datagrams for the Services' flows, queued until the end of a receive. They leave by
+/// `sendmmsg` on the flow's socket: tokio's `try_send` answered `WouldBlock` until its
+/// reactor had seen a new socket writable, which dropped every new flow's first datagrams.
+#[derive(Default)]
+pub(super) struct UdpOut {
+    /// Each datagram's flow, beside its (Service, start, length) in `buf`.
+    flows: Vec<FlowKey>,
+    sends: Vec<(SocketAddr, usize, usize)>,
+    buf: Vec<u8>,
+    /// Trains of more than one datagram sent so far.
+    pub(super) trains: u64,
+}
+
+impl UdpOut {
+    fn push(&mut self, key: FlowKey, payload: &[u8]) {
+        self.flows.push(key);
+        self.sends
+            .push((SocketAddr::new(key.2, key.3), self.buf.len(), payload.len()));
+        self.buf.extend_from_slice(payload);
+    }
 }
 
 impl UserspaceDataPlane {
@@ -67,7 +89,7 @@ impl UserspaceDataPlane {
         if let Some(f) = self.udp.get_mut(&key) {
             f.last_activity = now;
             f.bytes_up += payload.len() as u64;
-            let _ = send_now(&f.socket, payload);
+            self.udp_out.push(key, payload);
             return;
         }
         if self.tcp.len() + self.udp.len() >= MAX_FLOWS {
@@ -95,7 +117,7 @@ impl UserspaceDataPlane {
                 return;
             }
         };
-        let _ = send_now(&socket, payload);
+        self.udp_out.push(key, payload);
         let replies = self.replies_tx.clone();
         let notify = self.notify.clone();
         let reader = socket.clone();
@@ -122,8 +144,35 @@ impl UserspaceDataPlane {
                 started: now,
                 last_activity: now,
                 bytes_up: payload.len() as u64,
+                gso: true,
             },
         );
+    }
+
+    /// Send the queued datagrams: each flow's run of them in GSO trains on its socket.
+    pub(super) fn flush_udp(&mut self) {
+        let out = &mut self.udp_out;
+        let mut done = 0;
+        while done < out.flows.len() {
+            let key = out.flows[done];
+            let run = out.flows[done..].iter().take_while(|k| **k == key).count();
+            // A flow expired since is gone with its datagrams.
+            if let Some(f) = self.udp.get_mut(&key) {
+                let unspecified = match key.2 {
+                    IpAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+                    IpAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+                };
+                let bound = Bound {
+                    local: unspecified,
+                    dual_stack: false,
+                };
+                out.trains += send_all(&f.socket, &bound, &out.sends[done..done + run], &out.buf, &mut f.gso) as u64;
+            }
+            done += run;
+        }
+        out.flows.clear();
+        out.sends.clear();
+        out.buf.clear();
     }
 
     pub(super) fn forward_dns(&mut self, key: FlowKey, query: Vec<u8>) {
@@ -305,25 +354,21 @@ mod tests {
         assert_eq!(build_udp(mixed.0, 1, mixed.1, 2, b""), None);
     }
 
-    /// A burst that opens a flow, handed over before the loop yields (one receive's
-    /// worth): every datagram reaches the Service, the first ones included.
-    #[tokio::test]
-    async fn the_first_datagrams_of_a_new_flow_are_relayed() {
-        let service = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        service
-            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
-            .unwrap();
-        let to = service.local_addr().unwrap();
-        let mut dp = UserspaceDataPlane::new(super::super::UserspaceConfig {
+    fn plane() -> UserspaceDataPlane {
+        UserspaceDataPlane::new(super::super::UserspaceConfig {
             gateway: Ipv4Addr::new(100, 64, 0, 1),
             gateway_v6: "fd6b:7261:7961::1".parse().unwrap(),
             cluster_domain: "cluster.local".into(),
             dns_upstream: None,
-        });
+        })
+    }
+
+    /// Hand `payloads` from one peer port to the Service at `to`, as one receive would.
+    fn deliver(dp: &mut UserspaceDataPlane, to: SocketAddr, payloads: &[Vec<u8>]) {
         let peer = PeerId::new("default", "alice");
         let me = Ipv4Addr::new(100, 64, 0, 2);
-        for i in 0..5u8 {
-            let bytes = build_udp(me.into(), 40_000, to.ip(), to.port(), &[i; 10]).unwrap();
+        for p in payloads {
+            let bytes = build_udp(me.into(), 40_000, to.ip(), to.port(), p).unwrap();
             let pkt = parse(&bytes).unwrap();
             let Transport::Udp { payload, .. } = pkt.transport else {
                 panic!("UDP")
@@ -337,10 +382,54 @@ mod tests {
             };
             dp.udp_inbound(&inbound, 40_000, to.port(), payload, Instant::now());
         }
-        let mut buf = [0u8; 64];
-        for i in 0..5u8 {
-            let n = service.recv(&mut buf).expect("every datagram of the burst arrives");
-            assert_eq!(&buf[..n], &[i; 10]);
-        }
+        dp.flush_udp();
+    }
+
+    fn service() -> (std::net::UdpSocket, SocketAddr) {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+        let a = s.local_addr().unwrap();
+        (s, a)
+    }
+
+    fn got(s: &std::net::UdpSocket, n: usize) -> Vec<Vec<u8>> {
+        let mut buf = [0u8; 2048];
+        (0..n)
+            .map(|_| {
+                let k = s.recv(&mut buf).expect("a datagram");
+                buf[..k].to_vec()
+            })
+            .collect()
+    }
+
+    /// A burst that opens a flow, handed over before the loop yields (one receive's
+    /// worth): every datagram reaches the Service, the first ones included.
+    #[tokio::test]
+    async fn the_first_datagrams_of_a_new_flow_are_relayed() {
+        let (s, to) = service();
+        let mut dp = plane();
+        let burst: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 10]).collect();
+        deliver(&mut dp, to, &burst);
+        assert_eq!(got(&s, 5), burst);
+    }
+
+    /// A flow's run of datagrams leaves in GSO trains (equal sizes, a shorter one last,
+    /// more than the 64 of one train): the Service gets each datagram as it was, in
+    /// order; a larger one after a shorter starts a new train.
+    #[tokio::test]
+    async fn a_flows_datagrams_go_out_in_trains_each_as_it_was() {
+        let (s, to) = service();
+        let mut dp = plane();
+        let mut burst: Vec<Vec<u8>> = (0..100u8).map(|i| vec![i; 1_000]).collect();
+        burst.push(vec![0xaa; 300]);
+        burst.push(vec![0xbb; 1_200]);
+        burst.push(vec![0xcc; 1_200]);
+        deliver(&mut dp, to, &burst);
+        assert_eq!(got(&s, burst.len()), burst);
+        s.set_read_timeout(Some(std::time::Duration::from_millis(200))).unwrap();
+        assert!(s.recv(&mut [0u8; 64]).is_err(), "nothing more arrives");
+        assert!(dp.udp.values().all(|f| f.gso), "loopback takes UDP_SEGMENT");
+        // 64 of 1,000 B; 36 of 1,000 B and the 300 B that ends it; the two of 1,200 B.
+        assert_eq!(dp.udp_out.trains, 3, "three trains");
     }
 }
