@@ -464,6 +464,11 @@ fn kube_mode(sizes: &Sizes) -> Result<()> {
         .enable_all()
         .build()?;
     let kube = Kube::from_kubeconfig(&kubeconfig)?;
+    // The gateway's namespace, as deploy/ creates it: its leader-election Lease lives there.
+    rt.block_on(kube.create(
+        "/api/v1/namespaces",
+        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kuberaya-system"}}),
+    ))?;
     rt.block_on(kube.create(
         "/api/v1/namespaces/default/services",
         &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},

@@ -24,7 +24,15 @@ const SECRET_PORT: u16 = 7002;
 /// Every packet's UDP payload: one length, so that the encrypted datagrams are one size.
 const PAYLOAD: usize = 200;
 
-fn start_gateway(dir: &Path, peer: &PeerKey, web: Ipv4Addr, secret: Ipv4Addr, offload: bool) -> Gateway {
+/// The gateway with `web` and `secret` (UDP Services) and `peers` (name, key, the Services it
+/// may reach), started with `args`.
+fn start_gateway(
+    dir: &Path,
+    peers: &[(&str, &PeerKey, &str)],
+    web: Ipv4Addr,
+    secret: Ipv4Addr,
+    args: &[&str],
+) -> Gateway {
     let key = gateway::write_key(dir, &b64(&random_bytes::<32>())).unwrap();
     let services = serde_json::json!([
         {"namespace": "default", "name": "web", "clusterIP": web.to_string(),
@@ -32,15 +40,17 @@ fn start_gateway(dir: &Path, peer: &PeerKey, web: Ipv4Addr, secret: Ipv4Addr, of
         {"namespace": "default", "name": "secret", "clusterIP": secret.to_string(),
          "ports": [{"name": "data", "port": SECRET_PORT, "protocol": "UDP"}]},
     ]);
-    let files = StaticFiles::write(dir, &[peer.file_entry("alice", &["web"])], &services).unwrap();
+    let entries: Vec<_> = peers
+        .iter()
+        .map(|(name, k, allow)| k.file_entry(name, &[allow]))
+        .collect();
+    let files = StaticFiles::write(dir, &entries, &services).unwrap();
     let mut cmd = gateway::command(&key);
-    cmd.args(files.args())
-        .args(["--udp-offload", if offload { "true" } else { "false" }])
-        .env("RUST_LOG", "info");
+    cmd.args(files.args()).args(args).env("RUST_LOG", "info");
     let gw = Gateway::spawn(cmd, Duration::from_secs(60)).unwrap();
     assert!(
-        gw.wait_accepted(1, Duration::from_secs(20)).is_some(),
-        "peer not accepted\n{}",
+        gw.wait_accepted(peers.len() as u64, Duration::from_secs(20)).is_some(),
+        "peers not accepted\n{}",
         gw.process.output_tails()
     );
     gw
@@ -71,14 +81,46 @@ fn payload(tag: &str) -> Vec<u8> {
     p
 }
 
+/// The two Services' addresses (loopback, apart from other tests') and their sinks.
+struct Services {
+    dir: tempfile::TempDir,
+    web: Ipv4Addr,
+    secret: Ipv4Addr,
+    web_sink: UdpSocket,
+    secret_sink: UdpSocket,
+}
+
+impl Services {
+    fn new() -> Self {
+        let n = kuberaya_e2e::unique_net_index();
+        let (web, secret) = (Ipv4Addr::new(127, 96, n, 10), Ipv4Addr::new(127, 96, n, 11));
+        Services {
+            dir: tempfile::tempdir().unwrap(),
+            web,
+            secret,
+            web_sink: sink(SocketAddr::from((web, WEB_PORT))),
+            secret_sink: sink(SocketAddr::from((secret, SECRET_PORT))),
+        }
+    }
+}
+
 fn scenario(offload: bool) {
-    let dir = tempfile::tempdir().unwrap();
-    let n = kuberaya_e2e::unique_net_index();
-    let (web, secret) = (Ipv4Addr::new(127, 96, n, 10), Ipv4Addr::new(127, 96, n, 11));
-    let web_sink = sink(SocketAddr::from((web, WEB_PORT)));
-    let secret_sink = sink(SocketAddr::from((secret, SECRET_PORT)));
+    let Services {
+        dir,
+        web,
+        secret,
+        web_sink,
+        secret_sink,
+    } = Services::new();
     let alice = PeerKey::random(Ipv4Addr::new(100, 64, 0, 2));
-    let mut gw = start_gateway(dir.path(), &alice, web, secret, offload);
+    let offload_arg = if offload { "true" } else { "false" };
+    let mut gw = start_gateway(
+        dir.path(),
+        &[("alice", &alice, "web")],
+        web,
+        secret,
+        &["--udp-offload", offload_arg],
+    );
     let mut c = Client::new(&alice, &gw);
     c.connect();
     // Logged as the loop starts, so before the handshake above was answered.
@@ -164,32 +206,17 @@ fn seq(p: &[u8], tag: &str) -> Option<u32> {
 fn data_of_several_peers_decrypted_on_several_threads_stays_in_order_and_is_judged_per_packet() {
     const TRAIN: u32 = 8;
     const DENIED_AT: u32 = 3;
-    let dir = tempfile::tempdir().unwrap();
-    let n = kuberaya_e2e::unique_net_index();
-    let (web, secret) = (Ipv4Addr::new(127, 96, n, 10), Ipv4Addr::new(127, 96, n, 11));
-    let web_sink = sink(SocketAddr::from((web, WEB_PORT)));
-    let secret_sink = sink(SocketAddr::from((secret, SECRET_PORT)));
+    let Services {
+        dir,
+        web,
+        secret,
+        web_sink,
+        secret_sink,
+    } = Services::new();
     let alice = PeerKey::random(Ipv4Addr::new(100, 64, 0, 2));
     let bob = PeerKey::random(Ipv4Addr::new(100, 64, 0, 3));
-    let key = gateway::write_key(dir.path(), &b64(&random_bytes::<32>())).unwrap();
-    let services = serde_json::json!([
-        {"namespace": "default", "name": "web", "clusterIP": web.to_string(),
-         "ports": [{"name": "data", "port": WEB_PORT, "protocol": "UDP"}]},
-        {"namespace": "default", "name": "secret", "clusterIP": secret.to_string(),
-         "ports": [{"name": "data", "port": SECRET_PORT, "protocol": "UDP"}]},
-    ]);
-    let peers = [alice.file_entry("alice", &["web"]), bob.file_entry("bob", &["secret"])];
-    let files = StaticFiles::write(dir.path(), &peers, &services).unwrap();
-    let mut cmd = gateway::command(&key);
-    cmd.args(files.args())
-        .args(["--decrypt-threads", "2"])
-        .env("RUST_LOG", "info");
-    let mut gw = Gateway::spawn(cmd, Duration::from_secs(60)).unwrap();
-    assert!(
-        gw.wait_accepted(2, Duration::from_secs(20)).is_some(),
-        "peers not accepted\n{}",
-        gw.process.output_tails()
-    );
+    let peers = [("alice", &alice, "web"), ("bob", &bob, "secret")];
+    let mut gw = start_gateway(dir.path(), &peers, web, secret, &["--decrypt-threads", "2"]);
     let (mut a, mut b) = (Client::new(&alice, &gw), Client::new(&bob, &gw));
     a.connect();
     b.connect();

@@ -352,14 +352,7 @@ impl Gateway {
             worker,
             ..
         } = self;
-        let mut route = Route {
-            sends: io,
-            dp: dp.as_mut(),
-            acl: &policy.acl,
-            metrics: metrics.as_ref(),
-            now,
-            delivered: 0,
-        };
+        let mut route = Route::new(io, dp.as_mut(), &policy.acl, metrics, now);
         let r = match table.route(from, d, buf, &mut route) {
             Ok(Routed::Done) => Ok(()),
             Ok(Routed::Initiation) => match worker {
@@ -459,14 +452,7 @@ impl Gateway {
             io.send(to, &decryptors.sends.send_buf[start..start + len]);
         }
         decryptors.sends.send_buf.clear();
-        let mut route = Route {
-            sends: io,
-            dp: dp.as_mut(),
-            acl: &policy.acl,
-            metrics: metrics.as_ref(),
-            now,
-            delivered: 0,
-        };
+        let mut route = Route::new(io, dp.as_mut(), &policy.acl, metrics, now);
         let mut failed = Vec::new();
         for (k, outcome) in outcomes.into_iter().enumerate() {
             match outcome {

@@ -44,6 +44,25 @@ pub(super) struct Route<'a> {
     pub(super) delivered: usize,
 }
 
+impl<'a> Route<'a> {
+    pub(super) fn new(
+        sends: &'a mut Collect,
+        dp: &'a mut dyn DataPlane,
+        acl: &'a Acl,
+        metrics: &'a Metrics,
+        now: Instant,
+    ) -> Self {
+        Route {
+            sends,
+            dp,
+            acl,
+            metrics,
+            now,
+            delivered: 0,
+        }
+    }
+}
+
 impl TunnelIo for Route<'_> {
     fn send(&mut self, to: SocketAddr, datagram: &[u8]) {
         self.sends.send(to, datagram);
