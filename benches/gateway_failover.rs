@@ -485,19 +485,6 @@ fn longest_outage(requests: &[Request]) -> Option<Duration> {
     longest
 }
 
-/// Builds the release binaries the bench runs (cargo does nothing when they are up to
-/// date); a stale gateway would measure old code.
-fn build_binaries() {
-    if std::env::var_os("KURAYA_BIN_DIR").is_some() {
-        return;
-    }
-    let status = common::release_build(&["--bin", "kuberaya-gateway", "--bin", "kuberaya-sandbox"]);
-    assert!(
-        status.as_ref().is_ok_and(|s| s.success()),
-        "building the release binaries failed: {status:?}"
-    );
-}
-
 fn main() -> Result<()> {
     // `cargo bench` passes `--bench`; a filter argument is not supported.
     let n_fast = knob("KR_BENCH_KILLS", 10);
@@ -507,7 +494,7 @@ fn main() -> Result<()> {
         result("failover", "skipped: no onetun");
         return Ok(());
     }
-    build_binaries();
+    common::build_binaries();
     println!("{}", machine());
     let rt = Runtime::new()?;
 

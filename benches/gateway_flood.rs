@@ -174,6 +174,7 @@ fn flood(to: SocketAddr, datagrams: Vec<Vec<u8>>, rate: u64, stop: Arc<AtomicBoo
 }
 
 fn main() -> Result<()> {
+    common::build_binaries();
     let peers_n = knob("KR_BENCH_FLOOD_PEERS", 256) as usize;
     let rounds = knob("KR_BENCH_FLOOD_ROUNDS", 40) as usize;
     let rate = knob("KR_BENCH_FLOOD_RATE", 10_000);

@@ -558,6 +558,7 @@ fn kube_mode(sizes: &Sizes) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    common::build_binaries();
     let sizes = Sizes::from_env();
     println!("gateway_scale: {sizes:?}");
     println!("{}", machine());

@@ -158,6 +158,20 @@ fn is_cargo_package_var(k: &str) -> bool {
 /// change, so passing them on made every run rebuild ring, rustls and kube twice: once
 /// here and once more in the next `cargo bench`. The nested build gets the user's
 /// environment back.
+/// Builds the release binaries the harness starts (the gateway and the sandbox; cargo does
+/// nothing when they are up to date), unless `KURAYA_BIN_DIR` names others: the harness
+/// takes whatever `target/release` holds, and a stale gateway would measure old code.
+pub fn build_binaries() {
+    if std::env::var_os("KURAYA_BIN_DIR").is_some() {
+        return;
+    }
+    let status = release_build(&["--bin", "kuberaya-gateway", "--bin", "kuberaya-sandbox"]);
+    assert!(
+        status.as_ref().is_ok_and(|s| s.success()),
+        "building the release binaries failed: {status:?}"
+    );
+}
+
 pub fn release_build(args: &[&str]) -> std::io::Result<std::process::ExitStatus> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut build = std::process::Command::new(cargo);

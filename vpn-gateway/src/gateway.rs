@@ -572,7 +572,9 @@ impl Gateway {
             .open_flows
             .get_or_create(&StateLabels { state: "udp".into() })
             .set(c.udp_flows_open as i64);
-        for input in &self.peers.peers {
+        // Sized at once (grown by pushes, 10,000 reports took 16,384 slots).
+        out.peers.reserve_exact(self.peers.peers.len());
+        for input in self.peers.peers.iter() {
             let id = &input.id;
             let accepted = self.validation.accepted(id);
             let outcome = match (accepted, self.validation.rejection(id)) {

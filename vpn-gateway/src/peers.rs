@@ -332,7 +332,7 @@ pub fn validate_as(
         held_address: Option<Ipv4Addr>,
         held_v6: Option<Ipv6Addr>,
     }
-    let mut candidates = Vec::new();
+    let mut candidates = Vec::with_capacity(inputs.len());
     for (index, input) in inputs.iter().enumerate() {
         match check_alone(input, cfg, now) {
             Err(r) => out.rejected.push((input.id.clone(), r)),
@@ -529,6 +529,7 @@ pub fn validate_as(
         }
     }
 
+    out.accepted.reserve_exact(candidates.len());
     for (i, c) in candidates.into_iter().enumerate() {
         match (address_of[i], failed[i].take()) {
             (_, Some(r)) => out.rejected.push((c.input.id.clone(), r)),
