@@ -131,8 +131,8 @@ fn scenario(offload: bool) {
     );
 
     // Rounds of one train: allowed, denied, allowed; each allowed pair should arrive, the
-    // denied packet never. A round whose allowed packets did not both arrive (the gateway
-    // still opening the flow, say) is retried, a bounded number of times.
+    // denied packet never. A round whose allowed packets did not both arrive (a datagram
+    // lost on a busy machine, say: this is UDP) is retried, a bounded number of times.
     let me = c.address;
     let mut delivered_rounds = 0;
     for round in 0..10u8 {
@@ -186,12 +186,6 @@ fn without_udp_offload_the_same_train_is_judged_alike() {
     scenario(false);
 }
 
-/// What a sink got within `wait` (or until `want`), read on a thread of its own so that
-/// the sender's bursts do not overflow its socket.
-fn collect(s: UdpSocket, want: usize, wait: Duration) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
-    std::thread::spawn(move || received(&s, want, wait))
-}
-
 /// `tag-SEQ....`: the sequence number back out of a payload.
 fn seq(p: &[u8], tag: &str) -> Option<u32> {
     let s = std::str::from_utf8(p).ok()?.strip_prefix(tag)?.strip_prefix('-')?;
@@ -220,8 +214,10 @@ fn data_of_several_peers_decrypted_on_several_threads_stays_in_order_and_is_judg
     let (mut a, mut b) = (Client::new(&alice, &gw), Client::new(&bob, &gw));
     a.connect();
     b.connect();
-    let web_got = collect(web_sink, usize::MAX, Duration::from_secs(8));
-    let secret_got = collect(secret_sink, usize::MAX, Duration::from_secs(8));
+    // Each sink is read round by round (a burst of every round at once could overflow
+    // a sink's socket on a busy machine, and a lost datagram would fail the test).
+    let (mut web_got, mut secret_got) = (Vec::new(), Vec::new());
+    let allowed = (TRAIN - 1) as usize;
 
     // Each peer's train: allowed packets numbered in order, one denied in the middle.
     let train = |c: &mut Client, tag: &str, allowed: (Ipv4Addr, u16), denied: (Ipv4Addr, u16), round: u32| {
@@ -242,7 +238,7 @@ fn data_of_several_peers_decrypted_on_several_threads_stays_in_order_and_is_judg
     };
     let (mut rounds, mut forged) = (0, 0);
     let shared = |gw: &mut Gateway| gw.metrics().get("kuberaya_gateway_decrypt_shared_runs_total", "");
-    while rounds < 200 && (rounds < 20 || shared(&mut gw) < 3.0) {
+    while rounds < 200 && (rounds < 10 || shared(&mut gw) < 1.0) {
         train(&mut a, "alice", (web, WEB_PORT), (secret, SECRET_PORT), rounds);
         train(&mut b, "bob", (secret, SECRET_PORT), (web, WEB_PORT), rounds);
         if rounds % 5 == 0 {
@@ -253,11 +249,14 @@ fn data_of_several_peers_decrypted_on_several_threads_stays_in_order_and_is_judg
             a.sock.send_to(&d, a.gateway).unwrap();
             forged += 1;
         }
+        web_got.extend(received(&web_sink, allowed, Duration::from_secs(2)));
+        secret_got.extend(received(&secret_sink, allowed, Duration::from_secs(2)));
         rounds += 1;
     }
-    let allowed_each = (rounds * (TRAIN - 1)) as usize;
-    let web_got = web_got.join().unwrap();
-    let secret_got = secret_got.join().unwrap();
+    // Anything late (a denied or forged packet let through would show up here).
+    web_got.extend(received(&web_sink, usize::MAX, Duration::from_millis(300)));
+    secret_got.extend(received(&secret_sink, usize::MAX, Duration::from_millis(300)));
+    let allowed_each = rounds as usize * allowed;
     let in_order = |got: &[Vec<u8>], tag: &str| -> Vec<u32> { got.iter().filter_map(|p| seq(p, tag)).collect() };
     let alice_seen = in_order(&web_got, "alice");
     let bob_seen = in_order(&secret_got, "bob");
