@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
@@ -38,15 +38,16 @@ use crate::peers::{self, PeerId, PeerInput, TunnelConfig, Validation};
 use crate::policy::{self, Effective};
 use crate::source::{GatewayReport, PeerReport, PeerSnapshot, PolicySnapshot, ServiceSnapshot};
 use crate::transport::{Bound, socket_for};
-use crate::tunnel::{BUF_SIZE, DropReason, PeerTable, Routed, TunnelIo, TunnelStats, data_index};
+use crate::tunnel::{BUF_SIZE, PeerTable, TunnelStats};
 use crate::uapi::{DeviceState, PeerState, StateRequest};
 
 mod decrypt;
+mod inbound;
 mod route;
 
 use crate::udp_batch::{Offloads, RecvBatch, enable_offloads, grow_socket_buffers, recv_batch, send_all};
-use decrypt::{DecryptPool, Outcome};
-use route::{Collect, Route};
+use decrypt::DecryptPool;
+use route::Collect;
 
 /// How often timers run (keepalives, rekeys, expiry of peers).
 pub const TICK: Duration = Duration::from_millis(250);
@@ -77,22 +78,6 @@ pub struct GatewayConfig {
     /// Threads that decrypt data messages, the loop's included: runs of data from several
     /// peers in one receive are spread over them ([`decrypt`]); 1: the loop alone.
     pub decrypt_threads: usize,
-}
-
-/// A WireGuard cookie reply (type 3, 64 bytes).
-fn is_cookie_reply(d: &[u8]) -> bool {
-    d.len() == 64 && d[..4] == [3, 0, 0, 0]
-}
-
-/// A handshake initiation (type 1, 148 bytes).
-fn is_initiation(d: &[u8]) -> bool {
-    d.len() == 148 && d[..4] == [1, 0, 0, 0]
-}
-
-/// A handshake initiation (type 1, 148 bytes) or response (type 2, 92 bytes): the messages
-/// whose time counts against the handshake budget.
-fn is_handshake(d: &[u8]) -> bool {
-    is_initiation(d) || (d.len() == 92 && d[..4] == [2, 0, 0, 0])
 }
 
 /// Everything the loop owns.
@@ -329,161 +314,6 @@ impl Gateway {
             elapsed_us = started.elapsed().as_micros() as u64,
             "peers refreshed"
         );
-    }
-
-    /// Route one datagram; whether it gave the data plane a packet.
-    fn datagram(&mut self, from: SocketAddr, d: &[u8], now: Instant) -> bool {
-        let sent = self.io.sends.len();
-        // Only handshake messages are timed: data pays for no clock reads.
-        let started = is_handshake(d).then(Instant::now);
-        // One lock at a time (the worker takes them one after the other too).
-        let over_budget = started.is_some_and(|t| {
-            let over = self.budget.lock().over(t);
-            over || self.worker.as_ref().is_some_and(Worker::under_load)
-        });
-        self.table.set_over_budget(over_budget);
-        let Gateway {
-            table,
-            dp,
-            policy,
-            metrics,
-            io,
-            buf,
-            worker,
-            ..
-        } = self;
-        let mut route = Route::new(io, dp.as_mut(), &policy.acl, metrics, now);
-        let r = match table.route(from, d, buf, &mut route) {
-            Ok(Routed::Done) => Ok(()),
-            Ok(Routed::Initiation) => match worker {
-                Some(w) => {
-                    if !w.push(from, d) {
-                        tracing::debug!(%from, "handshake queue full; initiation dropped");
-                        metrics.handshakes_dropped.inc();
-                    }
-                    Ok(())
-                }
-                None => table.take_initiation(from, d, buf, &mut route),
-            },
-            Err(e) => Err(e),
-        };
-        let delivered = route.delivered > 0;
-        if let Some(t) = started {
-            self.budget.lock().record(t, Instant::now());
-        }
-        self.account(from, sent, over_budget, r.err());
-        delivered
-    }
-
-    /// Count what routing a datagram from `from` sent (the datagrams from `sent` on in the
-    /// round's sends) and why it was dropped, if it was.
-    fn account(&mut self, from: SocketAddr, sent: usize, over_budget: bool, dropped: Option<DropReason>) {
-        // A handshake refused under load is answered, not dropped: count the answers.
-        let cookies = self.io.sends[sent..]
-            .iter()
-            .filter(|&&(_, start, len)| is_cookie_reply(&self.io.send_buf[start..start + len]))
-            .count() as u64;
-        self.metrics.cookie_replies.inc_by(cookies);
-        // An initiation sent in answer to a datagram is a session recovery.
-        let recoveries = self.io.sends[sent..]
-            .iter()
-            .filter(|&&(_, start, len)| is_initiation(&self.io.send_buf[start..start + len]))
-            .count() as u64;
-        self.metrics.session_recoveries.inc_by(recoveries);
-        if over_budget {
-            self.metrics.cookie_replies_over_budget.inc_by(cookies);
-        }
-        if let Some(e) = dropped {
-            let peer = e.peer().map(|p| p.to_string()).unwrap_or_default();
-            let label = e.label();
-            tracing::debug!(%from, error = %e, "datagram dropped");
-            self.metrics.dropped_packet(&peer, label);
-        }
-    }
-
-    /// Route a receive's datagrams in their order; whether the data plane got a packet.
-    /// With decrypting threads, each run of data messages from several peers is decrypted on
-    /// them at once ([`decrypt`]) and then judged and delivered here in the run's order.
-    fn datagrams(&mut self, recv: &RecvBatch, now: Instant) -> bool {
-        let mut delivered = false;
-        let mut i = 0;
-        while i < recv.got.len() {
-            if self.decryptors.is_some() {
-                let run = recv.got[i..]
-                    .iter()
-                    .take_while(|&&(_, s, l)| data_index(&recv.buf()[s..s + l]).is_some())
-                    .count();
-                if run >= 2
-                    && let Some(d) = self.decrypt_run(recv, i..i + run, now)
-                {
-                    delivered |= d;
-                    i += run;
-                    continue;
-                }
-                // One peer's run (or none): on the loop, as without decryptors.
-                for j in i..i + run.max(1) {
-                    delivered |= self.datagram(recv.got[j].0, recv.datagram(j), now);
-                }
-                i += run.max(1);
-                continue;
-            }
-            delivered |= self.datagram(recv.got[i].0, recv.datagram(i), now);
-            i += 1;
-        }
-        delivered
-    }
-
-    /// Decrypt the data messages `run` of `recv` on the decrypting threads, then judge and deliver
-    /// their packets in order; `None` when the run has a single peer (nothing decrypted).
-    fn decrypt_run(&mut self, recv: &RecvBatch, run: std::ops::Range<usize>, now: Instant) -> Option<bool> {
-        let Gateway {
-            table,
-            dp,
-            policy,
-            metrics,
-            io,
-            decryptors,
-            ..
-        } = self;
-        let decryptors = decryptors.as_mut()?;
-        let outcomes = decryptors.open(table.decryptor(), recv.buf(), &recv.got, run.clone())?;
-        metrics.decrypt_shared_runs.inc();
-        for (to, start, len) in decryptors.sends.sends.drain(..) {
-            io.send(to, &decryptors.sends.send_buf[start..start + len]);
-        }
-        decryptors.sends.send_buf.clear();
-        let mut route = Route::new(io, dp.as_mut(), &policy.acl, metrics, now);
-        let mut failed = Vec::new();
-        for (k, outcome) in outcomes.into_iter().enumerate() {
-            match outcome {
-                Outcome::Packet {
-                    index,
-                    address,
-                    start,
-                    len,
-                } => {
-                    if let Some(peer) = table.peer_at(index) {
-                        route.deliver(peer, address, &decryptors.decrypted()[start..start + len]);
-                    }
-                }
-                Outcome::Nothing => {}
-                other => failed.push((recv.got[run.start + k].0, other)),
-            }
-        }
-        let delivered = route.delivered > 0;
-        for (from, outcome) in failed {
-            let sent = self.io.sends.len();
-            let reason = match outcome {
-                Outcome::Failed { index, active, error } => {
-                    self.table
-                        .data_failed(index, from, active, error, &mut self.buf, &mut self.io)
-                }
-                Outcome::UnknownIndex(index) => DropReason::UnknownIndex(index),
-                Outcome::Packet { .. } | Outcome::Nothing => continue,
-            };
-            self.account(from, sent, false, Some(reason));
-        }
-        Some(delivered)
     }
 
     /// Collect the data plane's packets and encrypt them to their peers.
@@ -885,29 +715,5 @@ mod tick_tests {
         );
         let rx = TunnelStats { rx_bytes: 10, ..shook };
         assert!(has_activity(&rx, &shook));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_handshake_messages_are_timed() {
-        let mut init = vec![0u8; 148];
-        init[0] = 1;
-        let mut response = vec![0u8; 92];
-        response[0] = 2;
-        assert!(is_handshake(&init) && is_handshake(&response));
-        let mut cookie = vec![0u8; 64];
-        cookie[0] = 3;
-        let mut data = vec![0u8; 148];
-        data[0] = 4;
-        let mut odd = init.clone();
-        odd[1] = 1;
-        for d in [&cookie, &data, &odd, &init[..147].to_vec(), &vec![]] {
-            assert!(!is_handshake(d), "{d:?}");
-        }
-        assert!(is_cookie_reply(&cookie) && !is_cookie_reply(&init));
     }
 }
