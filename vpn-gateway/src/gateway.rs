@@ -9,7 +9,7 @@
 //! not start) the loop takes them itself, as it did before.
 //!
 //! With `--decrypt-threads N` above 1, a receive's run of data messages from several peers
-//! is decrypted on N threads at once, each peer on one ([`decrypt`]); judging and
+//! is decrypted on N threads at once, each peer on one (`gateway/decrypt.rs`); judging and
 //! delivering stay on the loop, in order. Off by default: on 2 cores shared with other
 //! work it cost more than it gave (docs/benchmarks.md).
 
@@ -76,7 +76,7 @@ pub struct GatewayConfig {
     /// them; off only to measure the difference or to work around a broken driver.
     pub udp_offload: bool,
     /// Threads that decrypt data messages, the loop's included: runs of data from several
-    /// peers in one receive are spread over them ([`decrypt`]); 1: the loop alone.
+    /// peers in one receive are spread over them (`gateway/decrypt.rs`); 1: the loop alone.
     pub decrypt_threads: usize,
 }
 

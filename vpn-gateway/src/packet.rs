@@ -6,7 +6,7 @@
 //!
 //! IPv6: the fixed header, then the extension headers a host may meet before the transport
 //! — hop-by-hop (0), routing (43), fragment (44) and destination options (60) — are walked
-//! (at most [`MAX_IPV6_EXTENSIONS`]; a longer chain is an error). Anything else ends the
+//! (at most `MAX_IPV6_EXTENSIONS`; a longer chain is an error). Anything else ends the
 //! walk as the packet's protocol: AH (51), ESP (50), mobility (135) and the like are not
 //! parsed, so they reach no Service port and the ACL denies them.
 

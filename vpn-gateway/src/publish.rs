@@ -117,7 +117,7 @@ impl Failure {
     }
 }
 
-/// Delays between attempts: doubling from [`RETRY_MIN`] to [`RETRY_MAX`] with up to 20%
+/// Delays between attempts: doubling from `RETRY_MIN` to `RETRY_MAX` with up to 20%
 /// jitter; a forbidden attempt waits the longest (only a Role change can fix it).
 #[derive(Clone, Debug)]
 pub struct Retry {

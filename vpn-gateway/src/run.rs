@@ -120,7 +120,7 @@ pub struct RunConfig {
     pub handshake_limit: u64,
     /// Session recovery (see [`crate::tunnel`]); on unless measuring without it.
     pub session_recovery: bool,
-    /// UDP GSO/GRO on the outer sockets where the kernel has them ([`crate::udp_batch`]).
+    /// UDP GSO/GRO on the outer sockets where the kernel has them (`udp_batch.rs`).
     pub udp_offload: bool,
     /// Threads that decrypt data, the loop's included (1: the loop alone, the default; 0: one
     /// per core, at most [`crate::gateway::MAX_DECRYPT_THREADS`]).

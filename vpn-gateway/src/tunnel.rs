@@ -19,7 +19,7 @@
 //! ChaCha20), so the packet after a handshake sees it, and one peer's handshake holds up
 //! no other peer. [`PeerTable::handle_datagram`] does both steps on the caller's thread.
 //!
-//! Memory follows the active peers, not the configured ones: boringtun's [`Tunn`] is about
+//! Memory follows the active peers, not the configured ones: boringtun's [`Tunn`](boringtun::noise::Tunn) is about
 //! 11 KB (eight session slots), so a peer gets one only at its first handshake initiation
 //! (or when the gateway must send to it), and loses it after [`IDLE_DROP`] without a
 //! completed handshake, by which time boringtun has zeroed every key anyway. A dropped

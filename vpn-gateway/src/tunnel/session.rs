@@ -208,8 +208,8 @@ impl Session {
 }
 
 /// What takes handshake initiations, on whichever thread: the gateway's keys, the peers by
-/// static key and the count of active tunnels, shared with the [`PeerTable`] it came from
-/// ([`PeerTable::handshaker`]). The table keeps the peers current; a peer it removed is
+/// static key and the count of active tunnels, shared with the [`PeerTable`](super::PeerTable) it came from
+/// ([`PeerTable::handshaker`](super::PeerTable::handshaker)). The table keeps the peers current; a peer it removed is
 /// refused here even if the initiation was queued before.
 #[derive(Clone)]
 pub struct Handshaker {
@@ -228,7 +228,7 @@ impl std::fmt::Debug for Handshaker {
 }
 
 impl Handshaker {
-    /// Take a handshake initiation that [`PeerTable::route`] let through (its MAC1 checked,
+    /// Take a handshake initiation that [`PeerTable::route`](super::PeerTable::route) let through (its MAC1 checked,
     /// and under load its cookie): identify the peer by the static key it carries (one
     /// X25519), give the peer a tunnel if it has none, and let the tunnel answer (the rest
     /// of the handshake's X25519 work), with the peer's lock held only for that.

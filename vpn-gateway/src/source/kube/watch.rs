@@ -36,7 +36,7 @@ const BATCH_MAX: Duration = Duration::from_millis(250);
 const WATCH_BACKOFF_MIN: Duration = Duration::from_millis(250);
 pub const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// Retry delays of the watches: doubling from [`WATCH_BACKOFF_MIN`] to at most
+/// Retry delays of the watches: doubling from `WATCH_BACKOFF_MIN` to at most
 /// [`WATCH_BACKOFF_MAX`] with up to 20% jitter, back to the start after any success.
 /// kube-runtime's default (client-go's: up to 30 s, reset only after 2 quiet minutes)
 /// kept the gateway blind for up to 25 s after a 12 s API server outage, and a revoked
