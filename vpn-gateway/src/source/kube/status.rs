@@ -429,15 +429,9 @@ mod tests {
         let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
         let t1: Timestamp = "2026-01-01T00:01:00Z".parse().unwrap();
         let mut r = PeerReport {
-            id: PeerId::new("a", "b"),
-            generation: Some(1),
-            outcome: Ok(Ipv4Addr::new(100, 64, 0, 2)),
-            last_address: Some(Ipv4Addr::new(100, 64, 0, 2)),
-            address_v6: None,
-            last_address_v6: None,
-            last_handshake: None,
             rx_bytes: 10,
             tx_bytes: 20,
+            ..served_at(Ipv4Addr::new(100, 64, 0, 2))
         };
         let s0 = status_for(None, &r, t0);
         assert_eq!(s0.conditions[0].status, "True");
@@ -457,15 +451,10 @@ mod tests {
         let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
         let t1: Timestamp = "2026-01-01T00:10:00Z".parse().unwrap();
         let served = PeerReport {
-            id: PeerId::new("a", "b"),
-            generation: Some(1),
-            outcome: Ok(Ipv4Addr::new(100, 64, 0, 7)),
-            last_address: Some(Ipv4Addr::new(100, 64, 0, 7)),
-            address_v6: None,
-            last_address_v6: None,
             last_handshake: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600)),
             rx_bytes: 5,
             tx_bytes: 6,
+            ..served_at(Ipv4Addr::new(100, 64, 0, 7))
         };
         let s0 = status_for(None, &served, t0);
         let expired = PeerReport {
@@ -507,6 +496,22 @@ mod tests {
         }
     }
 
+    /// Peer `a/b` at generation 1, accepted at `address` and last given it; no handshake,
+    /// no traffic, no IPv6.
+    fn served_at(address: Ipv4Addr) -> PeerReport {
+        PeerReport {
+            id: PeerId::new("a", "b"),
+            generation: Some(1),
+            outcome: Ok(address),
+            last_address: Some(address),
+            address_v6: None,
+            last_address_v6: None,
+            last_handshake: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+        }
+    }
+
     /// RFC 7386, as the API server applies a merge patch.
     fn json_merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
         match (target.as_object_mut(), patch.as_object()) {
@@ -527,15 +532,9 @@ mod tests {
     fn acceptance_is_written_at_once_counters_at_the_interval() {
         let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
         let mut r = PeerReport {
-            id: PeerId::new("a", "b"),
-            generation: Some(1),
-            outcome: Ok(Ipv4Addr::new(100, 64, 0, 2)),
-            last_address: Some(Ipv4Addr::new(100, 64, 0, 2)),
-            address_v6: None,
-            last_address_v6: None,
-            last_handshake: None,
             rx_bytes: 0,
             tx_bytes: 0,
+            ..served_at(Ipv4Addr::new(100, 64, 0, 2))
         };
         let due = |prev: &VpnPeerStatus, new: &VpnPeerStatus, counters| {
             status_due(Some(&Written::of(prev)), &Written::of(new), counters)
@@ -565,15 +564,10 @@ mod tests {
         let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
         let t1: Timestamp = "2026-01-01T00:05:00Z".parse().unwrap();
         let mut r = PeerReport {
-            id: PeerId::new("a", "b"),
-            generation: Some(1),
-            outcome: Ok(Ipv4Addr::new(100, 64, 0, 2)),
-            last_address: Some(Ipv4Addr::new(100, 64, 0, 2)),
-            address_v6: None,
-            last_address_v6: None,
             last_handshake: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600)),
             rx_bytes: 7,
             tx_bytes: 9,
+            ..served_at(Ipv4Addr::new(100, 64, 0, 2))
         };
         let s0 = status_for(None, &r, t0);
         let kept = Written::of(&s0).previous();
