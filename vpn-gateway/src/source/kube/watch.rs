@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Namespace, Secret, Service as K8sService};
 use kube::Client;
@@ -206,15 +206,14 @@ impl KubeSource {
                     continue;
                 }
                 // Take what else arrives right behind (the store has it already).
-                let batch = tokio::time::Instant::now() + BATCH_MAX;
-                loop {
-                    let until = batch.min(tokio::time::Instant::now() + BATCH_QUIET);
-                    match tokio::time::timeout_at(until, stream.next()).await {
-                        Err(_) => break,
-                        Ok(None) => return,
-                        Ok(Some(Ok(_))) => {}
-                        Ok(Some(Err(e))) => tracing::warn!(error = %e, "VpnPeer watch"),
+                let open = take_burst(&mut stream, |ev| {
+                    if let Err(e) = ev {
+                        tracing::warn!(error = %e, "VpnPeer watch");
                     }
+                })
+                .await;
+                if !open {
+                    return;
                 }
                 let state = peer_store.state();
                 // Sized at once: grown by pushes, the list ended at 16,384 slots for 10,000
@@ -280,6 +279,21 @@ enum PolicyEvent {
 /// Keep `tx` at every `VpnAccessPolicy` (trimmed) and the labels of every namespace, in
 /// batches like the peers. Without the CRD (a bundle installed before policies existed)
 /// the watch fails and retries; the peers are served by their own rules meanwhile.
+/// Takes the events that follow right behind one (each within [`BATCH_QUIET`] of the
+/// last, for at most [`BATCH_MAX`]), handing each to `seen`, so that a burst of changes
+/// makes one snapshot; false when the stream ended.
+async fn take_burst<S: Stream + Unpin>(stream: &mut S, mut seen: impl FnMut(S::Item)) -> bool {
+    let burst = tokio::time::Instant::now() + BATCH_MAX;
+    loop {
+        let until = burst.min(tokio::time::Instant::now() + BATCH_QUIET);
+        match tokio::time::timeout_at(until, stream.next()).await {
+            Err(_) => return true,
+            Ok(None) => return false,
+            Ok(Some(item)) => seen(item),
+        }
+    }
+}
+
 async fn watch_policies(client: Client, tx: watch::Sender<PolicySnapshot>) {
     let (store, writer) = reflector::store();
     let policies = watcher(Api::<VpnAccessPolicy>::all(client.clone()), watcher::Config::default())
@@ -329,14 +343,8 @@ async fn watch_policies(client: Client, tx: watch::Sender<PolicySnapshot>) {
         if !ready {
             continue;
         }
-        let batch = tokio::time::Instant::now() + BATCH_MAX;
-        loop {
-            let until = batch.min(tokio::time::Instant::now() + BATCH_QUIET);
-            match tokio::time::timeout_at(until, stream.next()).await {
-                Err(_) => break,
-                Ok(None) => return,
-                Ok(Some(_)) => {}
-            }
+        if !take_burst(&mut stream, |_| {}).await {
+            return;
         }
         let mut policies: Vec<PolicyInput> = store.state().iter().filter_map(|p| policy_from_k8s(p)).collect();
         policies.sort_by(|a, b| a.id.cmp(&b.id));
