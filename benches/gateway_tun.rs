@@ -19,20 +19,24 @@
 //! -g` profile of each gateway process during its one-stream run into `DIR/<gateway>-<pid>.data`.
 //! `KURAYA_BENCH_GATEWAY_BIN=PATH` measures that gateway binary instead of building one;
 //! `KURAYA_BENCH_BASELINE_BIN=PATH` measures another one in TUN mode as well (before/after
-//! a change, in one run).
+//! a change, in one run). `KURAYA_BENCH_CLIENT=gso` replaces the laptop's wireguard-go with
+//! a client that sends UDP GSO trains and takes GRO trains (`common::gso_client`), as
+//! wireguard-go has since 2023: the one here sends a datagram per system call, which makes
+//! the gateway pay a receive per datagram.
 
 mod common;
 
 use common::wg::{
-    GW_VETH, Topology, forward_for_wireguard_go, gateway_args, gateway_bin, keypair, wireguard_go, write,
+    GW_VETH, LAPTOP_VETH, Topology, forward_for_wireguard_go, gateway_args, gateway_bin, keypair, wireguard_go, write,
 };
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use kuberaya_e2e::gateway::PeerKey;
 use kuberaya_e2e::netns::{Netns, require_programs, require_root};
-use kuberaya_e2e::{Process, poll_until_blocking};
+use kuberaya_e2e::{Process, b64_decode, poll_until_blocking};
 
 const CMD: Duration = Duration::from_secs(30);
 const SECONDS: u32 = 5;
@@ -131,6 +135,11 @@ fn ping(laptop: &Netns) -> [f64; 4] {
     [times[0], times[times.len() / 2], avg, times[times.len() - 1]]
 }
 
+/// `KURAYA_BENCH_CLIENT=gso`: the laptop's client sends and receives in UDP GSO/GRO trains.
+fn gso_client() -> bool {
+    std::env::var("KURAYA_BENCH_CLIENT").is_ok_and(|c| c == "gso")
+}
+
 fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
     let Topology { laptop, gw, svc } = Topology::new("bench");
     let _iperf = svc.spawn(&["iperf3", "-s", "-B", PERF_IP]).unwrap();
@@ -174,22 +183,32 @@ fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
             wireguard_go(&gw, &[], "wg1", &conf, &format!("{GW_TUNNEL}/16"), &[])
         }
     };
-    let conf = write(
-        dir,
-        "wg0.conf",
-        &format!(
-            "[Interface]\nPrivateKey = {peer_private}\n\n[Peer]\nPublicKey = {gw_public}\n\
-             Endpoint = {listen}\nAllowedIPs = 10.96.0.0/16, {GW_TUNNEL}/32\nPersistentKeepalive = 25\n"
-        ),
-    );
-    let _laptop_wg = wireguard_go(
-        &laptop,
-        &[],
-        "wg0",
-        &conf,
-        &format!("{PEER}/32"),
-        &["10.96.0.0/16", &format!("{GW_TUNNEL}/32")],
-    );
+    let routes = ["10.96.0.0/16", &format!("{GW_TUNNEL}/32")];
+    // The laptop's client: Debian's wireguard-go, or (KURAYA_BENCH_CLIENT=gso) one that
+    // sends GSO trains and receives GRO trains, as wireguard-go has since 2023.
+    let _client: Box<dyn std::any::Any> = if gso_client() {
+        let secret: [u8; 32] = b64_decode(&peer_private).unwrap().try_into().unwrap();
+        let gw_key: [u8; 32] = b64_decode(&gw_public).unwrap().try_into().unwrap();
+        Box::new(common::gso_client::start(
+            &laptop,
+            "wg0",
+            LAPTOP_VETH.parse().unwrap(),
+            &PeerKey::new(secret, PEER.parse().unwrap()),
+            gw_key,
+            listen.parse().unwrap(),
+            &routes,
+        ))
+    } else {
+        let conf = write(
+            dir,
+            "wg0.conf",
+            &format!(
+                "[Interface]\nPrivateKey = {peer_private}\n\n[Peer]\nPublicKey = {gw_public}\n\
+                 Endpoint = {listen}\nAllowedIPs = 10.96.0.0/16, {GW_TUNNEL}/32\nPersistentKeepalive = 25\n"
+            ),
+        );
+        Box::new(wireguard_go(&laptop, &[], "wg0", &conf, &format!("{PEER}/32"), &routes))
+    };
     // The first handshake and the iperf3 server.
     let ready = poll_until_blocking(Duration::from_secs(20), || {
         let o = laptop
@@ -321,4 +340,7 @@ fn main() {
         );
     }
     println!("(ratios are to wireguard-go; the gateway process only: wireguard-go's CPU includes its TUN I/O)");
+    if gso_client() {
+        println!("(the laptop's client: GSO/GRO trains, common::gso_client)");
+    }
 }

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+pub mod gso_client;
 pub mod wg;
 
 /// An integer knob: `name` from the environment, else `default`.
