@@ -41,10 +41,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use common::knob;
 use common::wg::{
     GW_VETH, LAPTOP_VETH, Topology, forward_for_wireguard_go, gateway_args, gateway_bin, wireguard_go, write,
 };
+use common::{knob, pin_thread};
 use kuberaya_e2e::gateway::{PeerKey, peer_address, udp_packet};
 use kuberaya_e2e::netns::{Netns, require_programs, require_root};
 use kuberaya_e2e::wg_client::{Client, send_gso};
@@ -104,18 +104,6 @@ impl Figures {
             self.delivered_gbit / self.busy_cores
         } else {
             0.0
-        }
-    }
-}
-
-/// Pin the calling thread to `cpu`.
-fn pin_thread(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET stays within it for cpu < CPU_SETSIZE.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            eprintln!("sched_setaffinity({cpu}): {}", std::io::Error::last_os_error());
         }
     }
 }

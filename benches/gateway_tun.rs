@@ -19,7 +19,10 @@
 //! -g` profile of each gateway process during its one-stream run into `DIR/<gateway>-<pid>.data`.
 //! `KURAYA_BENCH_GATEWAY_BIN=PATH` measures that gateway binary instead of building one;
 //! `KURAYA_BENCH_BASELINE_BIN=PATH` measures another one in TUN mode as well (before/after
-//! a change, in one run). `KURAYA_BENCH_CLIENT=gso` replaces the laptop's wireguard-go with
+//! a change, in one run). `KR_BENCH_PIN=1` pins the gateway to CPU 0 and the clients, the
+//! Services and the receive processing of the veths' far ends (RPS) to CPU 1, so that the
+//! gateway's CPU is its own work (else the kernel runs the Service's TCP receive inside the
+//! gateway's write). `KURAYA_BENCH_CLIENT=gso` replaces the laptop's wireguard-go with
 //! a client that sends UDP GSO trains and takes GRO trains (`common::gso_client`), as
 //! wireguard-go has since 2023: the one here sends a datagram per system call, which makes
 //! the gateway pay a receive per datagram.
@@ -92,9 +95,29 @@ fn cpu_seconds(pid: u32) -> f64 {
         .as_secs_f64()
 }
 
+/// `KR_BENCH_PIN=1`: the gateway on CPU 0, everything else on CPU 1.
+fn pinned() -> bool {
+    common::knob("KR_BENCH_PIN", 0) != 0
+}
+
+/// What runs a program on the CPU of the clients and the Services when pinned.
+fn on_cpu1() -> Vec<&'static str> {
+    if pinned() { vec!["taskset", "-c", "1"] } else { vec![] }
+}
+
+/// The receive processing of `dev` in `ns` (the kernel's backlog, and for a Service its
+/// TCP) on CPU 1: with `KR_BENCH_PIN=1` the gateway's sends end, as on a real node, where
+/// the packet leaves; what the receiver's kernel does with it is not the gateway's cost.
+fn receive_on_cpu1(ns: &Netns, dev: &str) {
+    let set = format!("echo 2 > /sys/class/net/{dev}/queues/rx-0/rps_cpus");
+    let out = ns.exec(&["sh", "-c", &set], CMD).unwrap();
+    assert!(out.status.success(), "{set}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 fn iperf(laptop: &Netns, streams: u32, reverse: bool) -> (f64, u64) {
     let (t, p) = (SECONDS.to_string(), streams.to_string());
-    let mut args = vec![
+    let mut args = on_cpu1();
+    args.extend([
         "iperf3",
         "-c",
         PERF_IP,
@@ -105,7 +128,7 @@ fn iperf(laptop: &Netns, streams: u32, reverse: bool) -> (f64, u64) {
         "-J",
         "--connect-timeout",
         "3000",
-    ];
+    ]);
     if reverse {
         args.push("-R");
     }
@@ -142,7 +165,14 @@ fn gso_client() -> bool {
 
 fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
     let Topology { laptop, gw, svc } = Topology::new("bench");
-    let _iperf = svc.spawn(&["iperf3", "-s", "-B", PERF_IP]).unwrap();
+    let mut server = on_cpu1();
+    server.extend(["iperf3", "-s", "-B", PERF_IP]);
+    let _iperf = svc.spawn(&server).unwrap();
+    if pinned() {
+        receive_on_cpu1(&svc, "to-gw");
+        receive_on_cpu1(&laptop, "to-gw");
+    }
+    let gw_cpu: &[&str] = if pinned() { &["taskset", "-c", "0"] } else { &[] };
 
     let (gw_private, gw_public) = keypair();
     let (peer_private, peer_public) = keypair();
@@ -157,7 +187,7 @@ fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
             let peers = write(dir, "peers.json", &peers.to_string());
             let services = write(dir, "services.json", &services.to_string());
             let args = gateway_args(
-                &[],
+                gw_cpu,
                 gateway_bin,
                 &listen,
                 &key,
@@ -180,7 +210,7 @@ fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
                 ),
             );
             forward_for_wireguard_go(&gw);
-            wireguard_go(&gw, &[], "wg1", &conf, &format!("{GW_TUNNEL}/16"), &[])
+            wireguard_go(&gw, gw_cpu, "wg1", &conf, &format!("{GW_TUNNEL}/16"), &[])
         }
     };
     let routes = ["10.96.0.0/16", &format!("{GW_TUNNEL}/32")];
@@ -191,6 +221,7 @@ fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
         let gw_key: [u8; 32] = b64_decode(&gw_public).unwrap().try_into().unwrap();
         Box::new(common::gso_client::start(
             &laptop,
+            pinned().then_some(1),
             "wg0",
             LAPTOP_VETH.parse().unwrap(),
             &PeerKey::new(secret, PEER.parse().unwrap()),
@@ -207,7 +238,14 @@ fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
                  Endpoint = {listen}\nAllowedIPs = 10.96.0.0/16, {GW_TUNNEL}/32\nPersistentKeepalive = 25\n"
             ),
         );
-        Box::new(wireguard_go(&laptop, &[], "wg0", &conf, &format!("{PEER}/32"), &routes))
+        Box::new(wireguard_go(
+            &laptop,
+            &on_cpu1(),
+            "wg0",
+            &conf,
+            &format!("{PEER}/32"),
+            &routes,
+        ))
     };
     // The first handshake and the iperf3 server.
     let ready = poll_until_blocking(Duration::from_secs(20), || {
@@ -272,6 +310,7 @@ fn main() {
         ("ping", "iputils-ping"),
         ("ip", "iproute2"),
         ("ethtool", "ethtool"),
+        ("taskset", "util-linux"),
     ]);
     let bin = gateway_bin();
 
@@ -342,5 +381,8 @@ fn main() {
     println!("(ratios are to wireguard-go; the gateway process only: wireguard-go's CPU includes its TUN I/O)");
     if gso_client() {
         println!("(the laptop's client: GSO/GRO trains, common::gso_client)");
+    }
+    if pinned() {
+        println!("(pinned: the gateway on CPU 0; clients, Services and the veths' far-end receive on CPU 1)");
     }
 }

@@ -47,9 +47,11 @@ impl Drop for GsoClient {
 
 /// A client in `ns` for `peer`: a TUN device `iface` with the peer's address and `routes`,
 /// a socket on `bind`, and a session with the gateway (`gateway_public` at `gateway`),
-/// handshaken before this returns.
+/// handshaken before this returns; its threads on `cpu` if given.
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     ns: &Netns,
+    cpu: Option<usize>,
     iface: &str,
     bind: Ipv4Addr,
     peer: &PeerKey,
@@ -91,11 +93,17 @@ pub fn start(
     let stop = Arc::new(AtomicBool::new(false));
     let up = {
         let (tunn, sock, dev, stop) = (tunn.clone(), sock.clone(), dev.clone(), stop.clone());
-        std::thread::spawn(move || up(&tunn, &sock, gateway, &dev, &stop))
+        std::thread::spawn(move || {
+            cpu.inspect(|&c| super::pin_thread(c));
+            up(&tunn, &sock, gateway, &dev, &stop)
+        })
     };
     let down = {
         let stop = stop.clone();
-        std::thread::spawn(move || down(&tunn, &sock, gateway, &dev, &stop))
+        std::thread::spawn(move || {
+            cpu.inspect(|&c| super::pin_thread(c));
+            down(&tunn, &sock, gateway, &dev, &stop)
+        })
     };
     GsoClient {
         stop,

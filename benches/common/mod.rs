@@ -19,6 +19,18 @@ pub fn knob(name: &str, default: u64) -> u64 {
     }
 }
 
+/// Pin the calling thread to `cpu`.
+pub fn pin_thread(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET stays within it for cpu < CPU_SETSIZE.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            eprintln!("sched_setaffinity({cpu}): {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
 /// Whether the bench is asked to skip a part (`name=0`).
 pub fn enabled(name: &str) -> bool {
     knob(name, 1) != 0

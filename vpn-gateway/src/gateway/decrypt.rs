@@ -11,6 +11,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::Range;
+use std::time::Instant;
 
 use boringtun::noise::errors::WireGuardError;
 
@@ -88,6 +89,7 @@ impl DecryptPool {
         buf: &[u8],
         got: &[(SocketAddr, usize, usize)],
         run: Range<usize>,
+        now: Instant,
     ) -> Option<Vec<Outcome>> {
         let messages = &got[run];
         let indices: Vec<u32> = messages
@@ -120,6 +122,7 @@ impl DecryptPool {
                     sends,
                     base: slot.as_ptr() as usize,
                     got: None,
+                    now,
                 };
                 let outcome = match decryptor.open(index, from, &buf[start..start + len], slot, &mut io) {
                     Decrypted::Done => match io.got {
@@ -192,6 +195,7 @@ struct Slot<'a> {
     sends: &'a mut Collect,
     base: usize,
     got: Option<(Ipv4Addr, usize, usize)>,
+    now: Instant,
 }
 
 impl TunnelIo for Slot<'_> {
@@ -200,6 +204,9 @@ impl TunnelIo for Slot<'_> {
     }
     fn deliver(&mut self, _: &PeerId, address: Ipv4Addr, packet: &[u8]) {
         self.got = Some((address, packet.as_ptr() as usize - self.base, packet.len()));
+    }
+    fn now(&self) -> Instant {
+        self.now
     }
 }
 

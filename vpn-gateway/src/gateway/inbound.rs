@@ -144,7 +144,7 @@ impl Gateway {
             ..
         } = self;
         let decryptors = decryptors.as_mut()?;
-        let outcomes = decryptors.open(table.decryptor(), recv.buf(), &recv.got, run.clone())?;
+        let outcomes = decryptors.open(table.decryptor(), recv.buf(), &recv.got, run.clone(), now)?;
         metrics.decrypt_shared_runs.inc();
         for (to, start, len) in decryptors.sends.sends.drain(..) {
             io.send(to, &decryptors.sends.send_buf[start..start + len]);

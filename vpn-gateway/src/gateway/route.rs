@@ -121,4 +121,8 @@ impl TunnelIo for Route<'_> {
             self.now,
         );
     }
+
+    fn now(&self) -> Instant {
+        self.now
+    }
 }

@@ -136,7 +136,7 @@ impl Session {
                     // Authenticated: the peer may have roamed.
                     _ => {
                         self.endpoint = Some(src);
-                        self.last_rx = Some(Instant::now());
+                        self.last_rx = Some(io.now());
                     }
                 }
                 first = false;
