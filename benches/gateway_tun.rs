@@ -18,8 +18,8 @@
 //! ours, against wireguard-go. `KURAYA_BENCH_PERF=DIR` records a `perf record -e cpu-clock
 //! -g` profile of each gateway process during its one-stream run into `DIR/<gateway>-<pid>.data`.
 //! `KURAYA_BENCH_GATEWAY_BIN=PATH` measures that gateway binary instead of building one;
-//! `KURAYA_BENCH_BASELINE_BIN=PATH` measures another one in TUN mode as well (before/after
-//! a change, in one run). `KR_BENCH_PIN=1` pins the gateway to CPU 0 and the clients, the
+//! `KURAYA_BENCH_BASELINE_BIN=PATH` measures another one in TUN mode as well (in userspace
+//! mode when `KURAYA_BENCH_GATEWAYS=userspace`), before/after a change in one run. `KR_BENCH_PIN=1` pins the gateway to CPU 0 and the clients, the
 //! Services and the receive processing of the veths' far ends (RPS) to CPU 1, so that the
 //! gateway's CPU is its own work (else the kernel runs the Service's TCP receive inside the
 //! gateway's write). `KURAYA_BENCH_CLIENT=gso` replaces the laptop's wireguard-go with
@@ -95,14 +95,19 @@ fn cpu_seconds(pid: u32) -> f64 {
         .as_secs_f64()
 }
 
-/// `KR_BENCH_PIN=1`: the gateway on CPU 0, everything else on CPU 1.
+/// `KR_BENCH_PIN=1`: the gateway on CPU 0, everything else on CPU 1; `2`: the gateway on
+/// CPU 0 and the veths' far-end receive on CPU 1, the rest where the scheduler puts it.
 fn pinned() -> bool {
     common::knob("KR_BENCH_PIN", 0) != 0
 }
 
 /// What runs a program on the CPU of the clients and the Services when pinned.
 fn on_cpu1() -> Vec<&'static str> {
-    if pinned() { vec!["taskset", "-c", "1"] } else { vec![] }
+    if common::knob("KR_BENCH_PIN", 0) == 1 {
+        vec!["taskset", "-c", "1"]
+    } else {
+        vec![]
+    }
 }
 
 /// The receive processing of `dev` in `ns` (the kernel's backlog, and for a Service its
@@ -216,19 +221,22 @@ fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
     let routes = ["10.96.0.0/16", &format!("{GW_TUNNEL}/32")];
     // The laptop's client: Debian's wireguard-go, or (KURAYA_BENCH_CLIENT=gso) one that
     // sends GSO trains and receives GRO trains, as wireguard-go has since 2023.
+    let mut counts = None;
     let _client: Box<dyn std::any::Any> = if gso_client() {
         let secret: [u8; 32] = b64_decode(&peer_private).unwrap().try_into().unwrap();
         let gw_key: [u8; 32] = b64_decode(&gw_public).unwrap().try_into().unwrap();
-        Box::new(common::gso_client::start(
+        let c = common::gso_client::start(
             &laptop,
-            pinned().then_some(1),
+            (common::knob("KR_BENCH_PIN", 0) == 1).then_some(1),
             "wg0",
             LAPTOP_VETH.parse().unwrap(),
             &PeerKey::new(secret, PEER.parse().unwrap()),
             gw_key,
             listen.parse().unwrap(),
             &routes,
-        ))
+        );
+        counts = Some(c.counts.clone());
+        Box::new(c)
     } else {
         let conf = write(
             dir,
@@ -278,8 +286,19 @@ fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
                 .expect("perf record (linux-perf)")
         });
         let before = cpu_seconds(pid);
+        let moved = counts.as_ref().map(|c| c.snapshot());
         let (mbps, bytes) = iperf(&laptop, streams, false);
         let cpu = cpu_seconds(pid) - before;
+        if let (Some(c), Some(b)) = (&counts, moved) {
+            let [s, t, r, rr] = c.snapshot();
+            let [s, t, r, rr] = [s - b[0], t - b[1], r - b[2], rr - b[3]];
+            eprintln!(
+                "{kind:?} -P {streams}: the client sent {s} datagrams in {t} trains ({:.1} each), \
+                 received {r} in {rr} receives ({:.1} each)",
+                s as f64 / t.max(1) as f64,
+                r as f64 / rr.max(1) as f64
+            );
+        }
         if let Some(mut p) = perf {
             // SAFETY: signalling our own child.
             unsafe { libc::kill(p.id() as i32, libc::SIGINT) };
@@ -325,9 +344,15 @@ fn main() {
         .collect();
     // KURAYA_BENCH_BASELINE_BIN: another build (say, before a change) in TUN mode too, first,
     // so that before and after are measured in one run, under the same load.
+    // In userspace mode when only that one is asked for.
     if let Some(b) = std::env::var_os("KURAYA_BENCH_BASELINE_BIN") {
-        let label = format!("{} (baseline {})", Gateway::Tun.label(), Path::new(&b).display());
-        runs.insert(0, (label, Gateway::Tun, PathBuf::from(b)));
+        let mode = if only.trim() == "userspace" {
+            Gateway::Userspace
+        } else {
+            Gateway::Tun
+        };
+        let label = format!("{} (baseline {})", mode.label(), Path::new(&b).display());
+        runs.insert(0, (label, mode, PathBuf::from(b)));
     }
     let figures: Vec<(String, Gateway, Figures)> = runs
         .into_iter()

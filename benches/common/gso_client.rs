@@ -10,7 +10,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -34,6 +34,24 @@ const POLL_MS: i32 = 100;
 pub struct GsoClient {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    pub counts: Arc<Counts>,
+}
+
+/// What the client moved: datagrams sent and the trains (system calls) they went in;
+/// datagrams received and the receives they came in.
+#[derive(Default, Debug)]
+pub struct Counts {
+    pub sent: AtomicU64,
+    pub trains: AtomicU64,
+    pub received: AtomicU64,
+    pub receives: AtomicU64,
+}
+
+impl Counts {
+    /// `sent/trains received/receives` since `before`, for a report line.
+    pub fn snapshot(&self) -> [u64; 4] {
+        [&self.sent, &self.trains, &self.received, &self.receives].map(|c| c.load(Ordering::Relaxed))
+    }
 }
 
 impl Drop for GsoClient {
@@ -91,23 +109,25 @@ pub fn start(
         .unwrap();
     let (tunn, sock, dev) = (Arc::new(Mutex::new(tunn)), Arc::new(sock), Arc::new(dev));
     let stop = Arc::new(AtomicBool::new(false));
+    let counts = Arc::new(Counts::default());
     let up = {
-        let (tunn, sock, dev, stop) = (tunn.clone(), sock.clone(), dev.clone(), stop.clone());
+        let (tunn, sock, dev, stop, counts) = (tunn.clone(), sock.clone(), dev.clone(), stop.clone(), counts.clone());
         std::thread::spawn(move || {
             cpu.inspect(|&c| super::pin_thread(c));
-            up(&tunn, &sock, gateway, &dev, &stop)
+            up(&tunn, &sock, gateway, &dev, &stop, &counts)
         })
     };
     let down = {
-        let stop = stop.clone();
+        let (stop, counts) = (stop.clone(), counts.clone());
         std::thread::spawn(move || {
             cpu.inspect(|&c| super::pin_thread(c));
-            down(&tunn, &sock, gateway, &dev, &stop)
+            down(&tunn, &sock, gateway, &dev, &stop, &counts)
         })
     };
     GsoClient {
         stop,
         threads: vec![up, down],
+        counts,
     }
 }
 
@@ -138,7 +158,7 @@ fn send_train(sock: &UdpSocket, to: SocketAddr, data: &[u8], seg: usize) {
 }
 
 /// TUN → sealed datagrams → the gateway, in GSO trains (one size, the last may be shorter).
-fn up(tunn: &Mutex<Tunn>, sock: &UdpSocket, gateway: SocketAddr, dev: &SyncDevice, stop: &AtomicBool) {
+fn up(tunn: &Mutex<Tunn>, sock: &UdpSocket, gateway: SocketAddr, dev: &SyncDevice, stop: &AtomicBool, counts: &Counts) {
     let mut raw = vec![0u8; OFFSET + 65_536];
     let mut bufs = vec![vec![0u8; 2048]; IDEAL_BATCH_SIZE];
     let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
@@ -194,12 +214,23 @@ fn up(tunn: &Mutex<Tunn>, sock: &UdpSocket, gateway: SocketAddr, dev: &SyncDevic
         }
         for (start, end, seg) in trains {
             send_train(sock, gateway, &out[start..end], seg);
+            counts.trains.fetch_add(1, Ordering::Relaxed);
+            counts
+                .sent
+                .fetch_add((end - start).div_ceil(seg) as u64, Ordering::Relaxed);
         }
     }
 }
 
 /// The gateway's datagrams (GRO trains split) → opened → the TUN, coalesced.
-fn down(tunn: &Mutex<Tunn>, sock: &UdpSocket, gateway: SocketAddr, dev: &SyncDevice, stop: &AtomicBool) {
+fn down(
+    tunn: &Mutex<Tunn>,
+    sock: &UdpSocket,
+    gateway: SocketAddr,
+    dev: &SyncDevice,
+    stop: &AtomicBool,
+    counts: &Counts,
+) {
     let mut data = vec![0u8; 65_536];
     let mut bufs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE).map(|_| vec![0u8; 2 * OFFSET + 65_536]).collect();
     let mut gro = GROTable::new();
@@ -209,6 +240,8 @@ fn down(tunn: &Mutex<Tunn>, sock: &UdpSocket, gateway: SocketAddr, dev: &SyncDev
             continue;
         };
         let seg = if seg == 0 { len } else { seg };
+        counts.receives.fetch_add(1, Ordering::Relaxed);
+        counts.received.fetch_add(len.div_ceil(seg) as u64, Ordering::Relaxed);
         let mut n = 0;
         {
             let mut t = tunn.lock().unwrap();

@@ -2,20 +2,23 @@
 //! tokio task to a connection to the Service (bounded channels both ways, so a slow
 //! Service closes the peer's window), or answering DNS over TCP to the gateway itself.
 
+use std::io::IoSlice;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
 use smoltcp::wire::IpListenEndpoint;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
 use super::{
-    CHANNEL_CHUNKS, CONNECT_TIMEOUT, FlowKey, MAX_FLOWS, READ_CHUNK, TCP_BUFFER, TCP_IDLE, UserspaceDataPlane,
+    CHANNEL_CHUNKS, CONNECT_TIMEOUT, FlowKey, MAX_FLOWS, READ_CHUNK, TCP_BUFFER, TCP_IDLE, UP_CHUNK, UP_CHUNKS,
+    UserspaceDataPlane,
 };
 use crate::dataplane::Inbound;
 use crate::dns::DnsAnswer;
@@ -32,6 +35,9 @@ pub(super) enum TcpKind {
     /// Bridged to a Service.
     Service {
         to_service: Option<mpsc::Sender<Vec<u8>>>,
+        /// Set when the data plane found `to_service` full: the bridge then wakes it once
+        /// there is room (and not after every write).
+        up_blocked: Arc<AtomicBool>,
         from_service: mpsc::Receiver<Upstream>,
         task: JoinHandle<()>,
         service_eof: bool,
@@ -56,6 +62,9 @@ pub(super) struct TcpFlow {
     pub(super) last_activity: Instant,
     pub(super) bytes_up: u64,
     pub(super) bytes_down: u64,
+    /// Times the data plane stopped reading the peer's bytes for want of room toward the
+    /// Service (a slow Service: the peer's window closes).
+    pub(super) up_stalls: u64,
     pub(super) error: Option<String>,
 }
 
@@ -90,16 +99,19 @@ impl UserspaceDataPlane {
         let kind = if local_dns {
             TcpKind::Dns { request: Vec::new() }
         } else {
-            let (to_service, from_client) = mpsc::channel(CHANNEL_CHUNKS);
+            let (to_service, from_client) = mpsc::channel(UP_CHUNKS);
             let (to_client, from_service) = mpsc::channel(CHANNEL_CHUNKS);
+            let up_blocked = Arc::new(AtomicBool::new(false));
             let task = tokio::spawn(bridge(
                 SocketAddr::new(key.2, key.3),
                 from_client,
                 to_client,
                 self.notify.clone(),
+                up_blocked.clone(),
             ));
             TcpKind::Service {
                 to_service: Some(to_service),
+                up_blocked,
                 from_service,
                 task,
                 service_eof: false,
@@ -122,6 +134,7 @@ impl UserspaceDataPlane {
                 last_activity: now,
                 bytes_up: 0,
                 bytes_down: 0,
+                up_stalls: 0,
                 error: None,
             },
         );
@@ -135,22 +148,23 @@ impl UserspaceDataPlane {
             let socket = self.stack.sockets.get_mut::<tcp::Socket>(flow.handle);
             // Peer → Service.
             match &mut flow.kind {
-                TcpKind::Service { to_service, .. } => {
-                    for _ in 0..CHANNEL_CHUNKS {
+                TcpKind::Service {
+                    to_service, up_blocked, ..
+                } => {
+                    for _ in 0..UP_CHUNKS {
                         let Some(tx) = to_service.as_ref() else { break };
                         if !socket.can_recv() {
                             break;
                         }
-                        let Ok(permit) = tx.try_reserve() else { break };
-                        if let Ok(chunk) = socket.recv(|b| {
-                            let n = b.len().min(READ_CHUNK);
-                            (n, b[..n].to_vec())
-                        }) {
-                            flow.bytes_up += chunk.len() as u64;
-                            flow.last_activity = now;
-                            permit.send(chunk);
-                            progressed = true;
-                        }
+                        let Some(permit) = reserve(tx, up_blocked) else {
+                            flow.up_stalls += 1;
+                            break;
+                        };
+                        let chunk = take_up_to(socket, UP_CHUNK);
+                        flow.bytes_up += chunk.len() as u64;
+                        flow.last_activity = now;
+                        permit.send(chunk);
+                        progressed = true;
                     }
                     // The peer half-closed: pass it on once everything is read.
                     if to_service.is_some() && !socket.can_recv() && peer_sent_fin(socket.state()) {
@@ -283,6 +297,68 @@ impl UserspaceDataPlane {
     }
 }
 
+/// Room for one chunk toward the Service, or `None` with `blocked` set, so that the bridge
+/// wakes the data plane when it makes room. The second try closes the race with a bridge
+/// that made room (and found `blocked` clear) between the first try and the flag.
+fn reserve<'a>(tx: &'a mpsc::Sender<Vec<u8>>, blocked: &AtomicBool) -> Option<mpsc::Permit<'a, Vec<u8>>> {
+    if let Ok(p) = tx.try_reserve() {
+        return Some(p);
+    }
+    blocked.store(true, Ordering::SeqCst);
+    tx.try_reserve().ok()
+}
+
+/// Up to `max` bytes of what `socket` has received (both parts of its ring buffer).
+fn take_up_to(socket: &mut tcp::Socket<'_>, max: usize) -> Vec<u8> {
+    let mut chunk = Vec::with_capacity(socket.recv_queue().min(max));
+    while chunk.len() < max {
+        let room = max - chunk.len();
+        let took = socket.recv(|b| {
+            let n = b.len().min(room);
+            chunk.extend_from_slice(&b[..n]);
+            (n, n)
+        });
+        if !matches!(took, Ok(n) if n > 0) {
+            break;
+        }
+    }
+    chunk
+}
+
+/// The peer's bytes to the Service until the flow stops sending: whatever chunks are
+/// waiting go out in one write, and the data plane is woken only if it stopped reading
+/// for want of room ([`reserve`]).
+async fn carry_up(
+    from_client: &mut mpsc::Receiver<Vec<u8>>,
+    w: &mut (impl AsyncWrite + Unpin),
+    blocked: &AtomicBool,
+    notify: &Notify,
+) -> std::io::Result<()> {
+    let mut chunks = Vec::with_capacity(UP_CHUNKS);
+    while from_client.recv_many(&mut chunks, UP_CHUNKS).await > 0 {
+        write_chunks(w, &chunks).await?;
+        chunks.clear();
+        if blocked.swap(false, Ordering::SeqCst) {
+            notify.notify_one();
+        }
+    }
+    Ok(())
+}
+
+/// Write every chunk, in one system call where the socket takes them all.
+async fn write_chunks(w: &mut (impl AsyncWrite + Unpin), chunks: &[Vec<u8>]) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = chunks.iter().map(|c| IoSlice::new(c)).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = w.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
+}
+
 pub(super) fn peer_sent_fin(s: tcp::State) -> bool {
     matches!(
         s,
@@ -296,6 +372,7 @@ pub(super) async fn bridge(
     mut from_client: mpsc::Receiver<Vec<u8>>,
     to_client: mpsc::Sender<Upstream>,
     notify: Arc<Notify>,
+    up_blocked: Arc<AtomicBool>,
 ) {
     let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
         Ok(Ok(s)) => s,
@@ -317,14 +394,9 @@ pub(super) async fn bridge(
     let up = {
         let notify = notify.clone();
         async move {
-            while let Some(chunk) = from_client.recv().await {
-                if w.write_all(&chunk).await.is_err() {
-                    return;
-                }
-                // Room in the channel again: let the data plane read more.
-                notify.notify_one();
+            if carry_up(&mut from_client, &mut w, &up_blocked, &notify).await.is_ok() {
+                let _ = w.shutdown().await;
             }
-            let _ = w.shutdown().await;
         }
     };
     let down = async move {
@@ -350,4 +422,153 @@ pub(super) async fn bridge(
         notify.notify_one();
     };
     tokio::join!(up, down);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::acl::Verdict;
+    use crate::dataplane::DataPlane;
+    use crate::dataplane::userspace::stack::{Stack, smol_now};
+    use crate::dataplane::userspace::{UserspaceConfig, UserspaceDataPlane};
+    use smoltcp::wire::IpAddress;
+    use tokio::io::AsyncReadExt;
+
+    fn byte(i: usize) -> u8 {
+        (i % 251) as u8
+    }
+
+    /// A data plane found the channel toward the Service full: the bridge wakes it once it
+    /// has written what was waiting (all of it, in order), and not before it had to.
+    #[tokio::test]
+    async fn a_data_plane_stopped_by_a_full_channel_is_woken_when_there_is_room() {
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(UP_CHUNKS);
+        let blocked = Arc::new(AtomicBool::new(false));
+        let notify = Arc::new(Notify::new());
+        for i in 0..UP_CHUNKS {
+            reserve(&tx, &blocked).expect("room").send(vec![i as u8; 1000]);
+        }
+        assert!(!blocked.load(Ordering::SeqCst), "not blocked while there was room");
+        assert!(reserve(&tx, &blocked).is_none(), "full");
+        assert!(blocked.load(Ordering::SeqCst));
+
+        let (mut service, mut w) = tokio::io::duplex(1 << 20);
+        let (b, n) = (blocked.clone(), notify.clone());
+        let bridge = tokio::spawn(async move { carry_up(&mut rx, &mut w, &b, &n).await });
+        tokio::time::timeout(Duration::from_secs(5), notify.notified())
+            .await
+            .expect("the blocked data plane is woken");
+        assert!(!blocked.load(Ordering::SeqCst));
+        reserve(&tx, &blocked).expect("room again").send(vec![9; 10]);
+        drop(tx);
+        bridge.await.unwrap().unwrap();
+        let mut got = Vec::new();
+        service.read_to_end(&mut got).await.unwrap();
+        let want: Vec<u8> = (0..UP_CHUNKS)
+            .flat_map(|i| vec![i as u8; 1000])
+            .chain([9; 10])
+            .collect();
+        assert_eq!(got, want, "every chunk, in order");
+    }
+
+    /// A peer's upload through the userspace plane to a Service that stops reading for a
+    /// while and then reads everything: every byte arrives, in order, once. The peer is a
+    /// smoltcp stack of the test's, the Service a real socket; the loop is driven as the
+    /// gateway drives it: on the peer's packets, on the plane's waker, and on its timer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upload_to_a_service_that_pauses_arrives_whole() {
+        const TOTAL: usize = 6 << 20;
+        // A small receive buffer, so that the kernel cannot take the whole upload while
+        // the Service does not read.
+        let listener = tokio::net::TcpSocket::new_v4().unwrap();
+        listener.set_recv_buffer_size(64 * 1024).unwrap();
+        listener.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = listener.listen(1).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let service = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            // Not reading: the kernel's buffers, the channel and smoltcp's window fill.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut got = Vec::with_capacity(TOTAL);
+            s.read_to_end(&mut got).await.unwrap();
+            got
+        });
+
+        let epoch = Instant::now();
+        let me = Ipv4Addr::new(100, 64, 0, 2);
+        let mut dp = UserspaceDataPlane::new(UserspaceConfig {
+            gateway: Ipv4Addr::new(100, 64, 0, 1),
+            gateway_v6: "fd6b:7261:7961::1".parse().unwrap(),
+            cluster_domain: "cluster.local".into(),
+            dns_upstream: None,
+        });
+        let waker = dp.waker();
+        let mut laptop = Stack::new(me, "fd6b:7261:7961::2".parse().unwrap(), epoch);
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0u8; 256 * 1024]),
+            tcp::SocketBuffer::new(vec![0u8; 256 * 1024]),
+        );
+        socket
+            .connect(laptop.iface.context(), (IpAddress::v4(127, 0, 0, 1), port), 40_000)
+            .unwrap();
+        let handle = laptop.sockets.add(socket);
+        let peer = PeerId::new("default", "alice");
+        let (mut sent, mut closed, mut stalls) = (0, false, 0);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !service.is_finished() {
+            assert!(Instant::now() < deadline, "upload stalled at {sent} of {TOTAL} bytes");
+            let now = Instant::now();
+            let s = laptop.sockets.get_mut::<tcp::Socket>(handle);
+            while s.can_send() && sent < TOTAL {
+                sent += s
+                    .send(|b| {
+                        let n = b.len().min(TOTAL - sent);
+                        b[..n].iter_mut().enumerate().for_each(|(k, x)| *x = byte(sent + k));
+                        (n, n)
+                    })
+                    .unwrap();
+            }
+            if sent == TOTAL && !closed && s.send_queue() == 0 {
+                s.close();
+                closed = true;
+            }
+            laptop.poll(smol_now(now, epoch));
+            let up: Vec<Vec<u8>> = laptop.dev.tx.drain(..).collect();
+            for bytes in &up {
+                let pkt = crate::packet::parse(bytes).unwrap();
+                let inbound = Inbound {
+                    peer: &peer,
+                    peer_addr: me,
+                    bytes,
+                    packet: &pkt,
+                    verdict: Verdict::Allow,
+                };
+                dp.inbound(inbound, now);
+            }
+            dp.flush();
+            stalls = dp.tcp.values().map(|f| f.up_stalls).max().unwrap_or(0).max(stalls);
+            let mut down = Vec::new();
+            dp.outbound(now, &mut |p| down.push(p.to_vec()));
+            let moved = !up.is_empty() || !down.is_empty();
+            laptop.dev.rx.extend(down);
+            if !moved {
+                // Idle as the gateway would be: until the plane's waker or its timer, or
+                // the peer's own timer (smoltcp's, for retransmits and window probes).
+                let theirs = laptop
+                    .iface
+                    .poll_delay(smol_now(now, epoch), &laptop.sockets)
+                    .map(|d| Duration::from_micros(d.total_micros()));
+                let wait = [dp.poll_delay(now), theirs].into_iter().flatten().min();
+                let wait = wait.unwrap_or(Duration::from_secs(1)).min(Duration::from_secs(1));
+                let _ = tokio::time::timeout(wait, waker.notified()).await;
+            }
+        }
+        let got = service.await.unwrap();
+        assert!(
+            stalls > 0,
+            "the plane never had to stop reading: the test shows nothing"
+        );
+        assert_eq!(got.len(), TOTAL);
+        assert!(got.iter().enumerate().all(|(i, &b)| b == byte(i)), "the bytes in order");
+    }
 }
