@@ -16,7 +16,8 @@
 //! the ratios to wireguard-go. Needs root, /dev/net/tun, wireguard-go, wg, iperf3, nft.
 //! `KURAYA_BENCH_GATEWAYS=tun` (or `userspace`, comma-separated) measures only those of
 //! ours, against wireguard-go. `KURAYA_BENCH_PERF=DIR` records a `perf record -e cpu-clock
-//! -g` profile of each gateway process during its one-stream run into `DIR/<gateway>-<pid>.data`.
+//! -g` profile of each gateway process during its one-stream run into `DIR/<gateway>-<pid>.data`
+//! (and of the download into `DIR/<gateway>-R-<pid>.data`).
 //! `KURAYA_BENCH_GATEWAY_BIN=PATH` measures that gateway binary instead of building one;
 //! `KURAYA_BENCH_BASELINE_BIN=PATH` measures another one in TUN mode as well (in userspace
 //! mode when `KURAYA_BENCH_GATEWAYS=userspace`), before/after a change in one run. `KR_BENCH_PIN=1` pins the gateway to CPU 0 and the clients, the
@@ -168,6 +169,28 @@ fn gso_client() -> bool {
     std::env::var("KURAYA_BENCH_CLIENT").is_ok_and(|c| c == "gso")
 }
 
+/// KURAYA_BENCH_PERF=DIR: a cpu-clock profile of the gateway process (all its threads,
+/// kernel included) until [`perf_stop`], in DIR/<gateway><what>-<pid>.data.
+fn perf_record(kind: Gateway, pid: u32, what: &str) -> Option<std::process::Child> {
+    let d = std::env::var_os("KURAYA_BENCH_PERF")?;
+    let out = Path::new(&d).join(format!("{}{what}-{pid}.data", kind.short()));
+    let p = Command::new("perf")
+        .args(["record", "-q", "-e", "cpu-clock", "-g", "-p", &pid.to_string(), "-o"])
+        .arg(out)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("perf record (linux-perf)");
+    Some(p)
+}
+
+fn perf_stop(perf: Option<std::process::Child>) {
+    if let Some(mut p) = perf {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(p.id() as i32, libc::SIGINT) };
+        let _ = p.wait();
+    }
+}
+
 fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
     let Topology { laptop, gw, svc } = Topology::new("bench");
     let mut server = on_cpu1();
@@ -274,17 +297,7 @@ fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
         ..Figures::default()
     };
     for (i, streams) in [1, 4].into_iter().enumerate() {
-        // KURAYA_BENCH_PERF=DIR: a cpu-clock profile of the gateway process (all its
-        // threads, kernel included) during the one-stream run, in DIR/<gateway>-<pid>.data.
-        let perf = std::env::var_os("KURAYA_BENCH_PERF").filter(|_| streams == 1).map(|d| {
-            let out = Path::new(&d).join(format!("{}-{pid}.data", kind.short()));
-            Command::new("perf")
-                .args(["record", "-q", "-e", "cpu-clock", "-g", "-p", &pid.to_string(), "-o"])
-                .arg(out)
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .expect("perf record (linux-perf)")
-        });
+        let perf = (streams == 1).then(|| perf_record(kind, pid, "")).flatten();
         let before = cpu_seconds(pid);
         let moved = counts.as_ref().map(|c| c.snapshot());
         let (mbps, bytes) = iperf(&laptop, streams, false);
@@ -299,17 +312,15 @@ fn measure(kind: Gateway, gateway_bin: &Path, dir: &Path) -> Figures {
                 r as f64 / rr.max(1) as f64
             );
         }
-        if let Some(mut p) = perf {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(p.id() as i32, libc::SIGINT) };
-            let _ = p.wait();
-        }
+        perf_stop(perf);
         f.mbps[i] = mbps;
         f.cpu_per_gb[i] = cpu / (bytes as f64 / 1e9);
     }
     f.rtt_after = ping(&laptop);
+    let perf = perf_record(kind, pid, "-R");
     let before = cpu_seconds(pid);
     let (mbps, bytes) = iperf(&laptop, 1, true);
+    perf_stop(perf);
     f.down_mbps = mbps;
     f.down_cpu_per_gb = (cpu_seconds(pid) - before) / (bytes as f64 / 1e9);
     f

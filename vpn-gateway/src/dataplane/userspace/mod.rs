@@ -51,13 +51,10 @@ pub const NO_RULE: &str = "no rule";
 pub const MTU: usize = 1420;
 /// Per-direction buffer of each TCP flow's smoltcp socket.
 const TCP_BUFFER: usize = 256 * 1024;
-/// Chunks in flight from a Service connection to its flow.
-const CHANNEL_CHUNKS: usize = 16;
-const READ_CHUNK: usize = 16 * 1024;
-/// Toward the Service, chunks of up to 64 KiB (what the peer's TCP sends in one go), four
-/// in flight: as many bytes as the other way, in a quarter of the system calls.
-const UP_CHUNKS: usize = 4;
-const UP_CHUNK: usize = 64 * 1024;
+/// Bytes between a flow and its Service connection go in chunks of up to 64 KiB (a TCP
+/// sender's burst: one system call and one wake-up each), at most four in flight each way.
+const CHUNKS: usize = 4;
+const CHUNK: usize = 64 * 1024;
 /// A UDP flow ends after this long without traffic.
 pub const UDP_IDLE: Duration = Duration::from_secs(60);
 /// Connecting to a Service gives up after this long.

@@ -17,8 +17,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
 use super::{
-    CHANNEL_CHUNKS, CONNECT_TIMEOUT, FlowKey, MAX_FLOWS, READ_CHUNK, TCP_BUFFER, TCP_IDLE, UP_CHUNK, UP_CHUNKS,
-    UserspaceDataPlane,
+    CHUNK, CHUNKS, CONNECT_TIMEOUT, FlowKey, MAX_FLOWS, TCP_BUFFER, TCP_IDLE, UserspaceDataPlane,
 };
 use crate::dataplane::Inbound;
 use crate::dns::DnsAnswer;
@@ -99,8 +98,8 @@ impl UserspaceDataPlane {
         let kind = if local_dns {
             TcpKind::Dns { request: Vec::new() }
         } else {
-            let (to_service, from_client) = mpsc::channel(UP_CHUNKS);
-            let (to_client, from_service) = mpsc::channel(CHANNEL_CHUNKS);
+            let (to_service, from_client) = mpsc::channel(CHUNKS);
+            let (to_client, from_service) = mpsc::channel(CHUNKS);
             let up_blocked = Arc::new(AtomicBool::new(false));
             let task = tokio::spawn(bridge(
                 SocketAddr::new(key.2, key.3),
@@ -151,7 +150,7 @@ impl UserspaceDataPlane {
                 TcpKind::Service {
                     to_service, up_blocked, ..
                 } => {
-                    for _ in 0..UP_CHUNKS {
+                    for _ in 0..CHUNKS {
                         let Some(tx) = to_service.as_ref() else { break };
                         if !socket.can_recv() {
                             break;
@@ -160,7 +159,7 @@ impl UserspaceDataPlane {
                             flow.up_stalls += 1;
                             break;
                         };
-                        let chunk = take_up_to(socket, UP_CHUNK);
+                        let chunk = take_up_to(socket, CHUNK);
                         flow.bytes_up += chunk.len() as u64;
                         flow.last_activity = now;
                         permit.send(chunk);
@@ -215,7 +214,7 @@ impl UserspaceDataPlane {
                 }
             }
             // Service → peer.
-            for _ in 0..CHANNEL_CHUNKS {
+            for _ in 0..CHUNKS {
                 if flow.pending_off < flow.pending.len() {
                     if !socket.can_send() {
                         break;
@@ -334,8 +333,8 @@ async fn carry_up(
     blocked: &AtomicBool,
     notify: &Notify,
 ) -> std::io::Result<()> {
-    let mut chunks = Vec::with_capacity(UP_CHUNKS);
-    while from_client.recv_many(&mut chunks, UP_CHUNKS).await > 0 {
+    let mut chunks = Vec::with_capacity(CHUNKS);
+    while from_client.recv_many(&mut chunks, CHUNKS).await > 0 {
         write_chunks(w, &chunks).await?;
         chunks.clear();
         if blocked.swap(false, Ordering::SeqCst) {
@@ -400,15 +399,20 @@ pub(super) async fn bridge(
         }
     };
     let down = async move {
-        let mut buf = vec![0u8; READ_CHUNK];
         loop {
-            match r.read(&mut buf).await {
+            // Read straight into the chunk that is handed on: no copy, no zeroing.
+            let mut chunk = Vec::with_capacity(CHUNK);
+            match r.read_buf(&mut chunk).await {
                 Ok(0) => {
                     let _ = to_client.send(Upstream::Eof).await;
                     break;
                 }
                 Ok(n) => {
-                    if to_client.send(Upstream::Data(buf[..n].to_vec())).await.is_err() {
+                    if n < CHUNK / 4 {
+                        // A small answer does not hold 64 KiB while it waits.
+                        chunk.shrink_to_fit();
+                    }
+                    if to_client.send(Upstream::Data(chunk)).await.is_err() {
                         break;
                     }
                 }
@@ -442,10 +446,10 @@ mod tests {
     /// has written what was waiting (all of it, in order), and not before it had to.
     #[tokio::test]
     async fn a_data_plane_stopped_by_a_full_channel_is_woken_when_there_is_room() {
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(UP_CHUNKS);
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(CHUNKS);
         let blocked = Arc::new(AtomicBool::new(false));
         let notify = Arc::new(Notify::new());
-        for i in 0..UP_CHUNKS {
+        for i in 0..CHUNKS {
             reserve(&tx, &blocked).expect("room").send(vec![i as u8; 1000]);
         }
         assert!(!blocked.load(Ordering::SeqCst), "not blocked while there was room");
@@ -464,7 +468,7 @@ mod tests {
         bridge.await.unwrap().unwrap();
         let mut got = Vec::new();
         service.read_to_end(&mut got).await.unwrap();
-        let want: Vec<u8> = (0..UP_CHUNKS)
+        let want: Vec<u8> = (0..CHUNKS)
             .flat_map(|i| vec![i as u8; 1000])
             .chain([9; 10])
             .collect();
