@@ -203,7 +203,7 @@ impl DataPlane for UserspaceDataPlane {
                     self.audit_denied(&pkt, now);
                 }
                 if flags & TCP_RST == 0 {
-                    self.reject.dev.rx.push_back(pkt.bytes.to_vec());
+                    self.reject.dev.push_rx(pkt.bytes);
                     self.reject.poll(smol_now(now, self.epoch));
                     let rst: Vec<Vec<u8>> = self.reject.dev.tx.drain(..).collect();
                     self.out.extend(rst);
@@ -221,7 +221,7 @@ impl DataPlane for UserspaceDataPlane {
                 let local = pkt.verdict == Verdict::Local;
                 if local && key.3 != 53 {
                     // Nothing listens on the gateway but DNS.
-                    self.reject.dev.rx.push_back(pkt.bytes.to_vec());
+                    self.reject.dev.push_rx(pkt.bytes);
                     self.reject.poll(smol_now(now, self.epoch));
                     let rst: Vec<Vec<u8>> = self.reject.dev.tx.drain(..).collect();
                     self.out.extend(rst);
@@ -230,7 +230,7 @@ impl DataPlane for UserspaceDataPlane {
                 if p.is_tcp_syn() && !self.tcp.contains_key(&key) {
                     self.open_tcp(key, &pkt, local, now);
                 }
-                self.stack.dev.rx.push_back(pkt.bytes.to_vec());
+                self.stack.dev.push_rx(pkt.bytes);
             }
             (
                 Verdict::Allow | Verdict::Local,
@@ -245,7 +245,7 @@ impl DataPlane for UserspaceDataPlane {
             (Verdict::Allow, Transport::Icmp { .. }) => match crate::packet::echo_reply(pkt.bytes) {
                 // smoltcp answers echo requests only for its own addresses, not for ClusterIPs.
                 Some(reply) => self.out.push_back(reply),
-                None => self.stack.dev.rx.push_back(pkt.bytes.to_vec()),
+                None => self.stack.dev.push_rx(pkt.bytes),
             },
             // ICMPv6 to the gateway: echo answered here (smoltcp would also take neighbour
             // discovery and the like, which a tunnel has no use for).
@@ -255,7 +255,7 @@ impl DataPlane for UserspaceDataPlane {
                 }
             }
             (Verdict::Local, Transport::Icmp { .. }) => {
-                self.stack.dev.rx.push_back(pkt.bytes.to_vec());
+                self.stack.dev.push_rx(pkt.bytes);
             }
             (Verdict::Allow | Verdict::Local, Transport::Other { .. }) => {}
         }
@@ -287,7 +287,11 @@ impl DataPlane for UserspaceDataPlane {
             }
         }
         self.expire_udp(now);
-        for p in self.stack.dev.tx.drain(..).chain(self.out.drain(..)) {
+        while let Some(p) = self.stack.dev.tx.pop_front() {
+            emit(&p);
+            self.stack.dev.recycle_tx(p);
+        }
+        for p in self.out.drain(..) {
             emit(&p);
         }
     }

@@ -11,42 +11,95 @@ use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
 
 use super::MTU;
 
-/// A smoltcp device whose wire is two queues.
+/// A smoltcp device whose wire is two queues. The packets' buffers are used again (a
+/// received packet's for the next one received, a sent one's for smoltcp's next): no
+/// allocation per packet at a steady rate.
 #[derive(Default)]
 pub(super) struct Queues {
     pub(super) rx: VecDeque<Vec<u8>>,
     pub(super) tx: VecDeque<Vec<u8>>,
+    rx_free: Vec<Vec<u8>>,
+    tx_free: Vec<Vec<u8>>,
 }
 
-pub(super) struct Rx(Vec<u8>);
-pub(super) struct Tx<'a>(&'a mut VecDeque<Vec<u8>>);
+/// Buffers kept for reuse, each way.
+const POOL: usize = 512;
 
-impl RxToken for Rx {
+impl Queues {
+    /// Queue a copy of `packet` for smoltcp to receive.
+    pub(super) fn push_rx(&mut self, packet: &[u8]) {
+        let mut b = self.rx_free.pop().unwrap_or_default();
+        b.clear();
+        b.extend_from_slice(packet);
+        self.rx.push_back(b);
+    }
+
+    /// A sent packet's buffer, once its bytes are handed on.
+    pub(super) fn recycle_tx(&mut self, b: Vec<u8>) {
+        if self.tx_free.len() < POOL {
+            self.tx_free.push(b);
+        }
+    }
+}
+
+pub(super) struct Rx<'a> {
+    buf: Vec<u8>,
+    free: &'a mut Vec<Vec<u8>>,
+}
+
+pub(super) struct Tx<'a> {
+    queue: &'a mut VecDeque<Vec<u8>>,
+    free: &'a mut Vec<Vec<u8>>,
+}
+
+impl RxToken for Rx<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
+        let Rx { buf, free } = self;
+        let r = f(&buf);
+        if free.len() < POOL {
+            free.push(buf);
+        }
+        r
     }
 }
 
 impl TxToken for Tx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut buf = vec![0u8; len];
+        let mut buf = self.free.pop().unwrap_or_default();
+        buf.clear();
+        buf.resize(len, 0);
         let r = f(&mut buf);
-        self.0.push_back(buf);
+        self.queue.push_back(buf);
         r
     }
 }
 
 impl Device for Queues {
-    type RxToken<'a> = Rx;
+    type RxToken<'a> = Rx<'a>;
     type TxToken<'a> = Tx<'a>;
 
-    fn receive(&mut self, _: smoltcp::time::Instant) -> Option<(Rx, Tx<'_>)> {
-        let p = self.rx.pop_front()?;
-        Some((Rx(p), Tx(&mut self.tx)))
+    fn receive(&mut self, _: smoltcp::time::Instant) -> Option<(Rx<'_>, Tx<'_>)> {
+        let Queues {
+            rx,
+            tx,
+            rx_free,
+            tx_free,
+        } = self;
+        let buf = rx.pop_front()?;
+        Some((
+            Rx { buf, free: rx_free },
+            Tx {
+                queue: tx,
+                free: tx_free,
+            },
+        ))
     }
 
     fn transmit(&mut self, _: smoltcp::time::Instant) -> Option<Tx<'_>> {
-        Some(Tx(&mut self.tx))
+        Some(Tx {
+            queue: &mut self.tx,
+            free: &mut self.tx_free,
+        })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {

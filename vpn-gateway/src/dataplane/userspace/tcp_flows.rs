@@ -16,9 +16,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
-use super::{
-    CHUNK, CHUNKS, CONNECT_TIMEOUT, FlowKey, MAX_FLOWS, TCP_BUFFER, TCP_IDLE, UserspaceDataPlane,
-};
+use super::{CHUNK, CHUNKS, CONNECT_TIMEOUT, FlowKey, MAX_FLOWS, TCP_BUFFER, TCP_IDLE, UserspaceDataPlane};
 use crate::dataplane::Inbound;
 use crate::dns::DnsAnswer;
 use crate::peers::PeerId;
@@ -468,10 +466,7 @@ mod tests {
         bridge.await.unwrap().unwrap();
         let mut got = Vec::new();
         service.read_to_end(&mut got).await.unwrap();
-        let want: Vec<u8> = (0..CHUNKS)
-            .flat_map(|i| vec![i as u8; 1000])
-            .chain([9; 10])
-            .collect();
+        let want: Vec<u8> = (0..CHUNKS).flat_map(|i| vec![i as u8; 1000]).chain([9; 10]).collect();
         assert_eq!(got, want, "every chunk, in order");
     }
 
