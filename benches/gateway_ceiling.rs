@@ -144,19 +144,8 @@ fn sink(ns: Netns, cpu: Option<usize>, stop: Arc<AtomicBool>, bytes: Arc<AtomicU
 }
 
 fn set_int(sock: &UdpSocket, level: i32, name: i32, value: i32) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: an int option on an open socket.
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            level,
-            name,
-            (&value as *const i32).cast(),
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        eprintln!("setsockopt({level}, {name}): {}", std::io::Error::last_os_error());
+    if let Err(e) = common::set_int(sock, level, name, value) {
+        eprintln!("setsockopt({level}, {name}): {e}");
     }
 }
 

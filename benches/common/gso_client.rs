@@ -132,17 +132,9 @@ pub fn start(
 }
 
 fn set_int(sock: &UdpSocket, level: i32, name: i32, value: i32) {
-    // SAFETY: a valid socket and an int option.
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            level,
-            name,
-            (&value as *const i32).cast(),
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(r, 0, "setsockopt({level}, {name}): {}", std::io::Error::last_os_error());
+    if let Err(e) = super::set_int(sock, level, name, value) {
+        panic!("setsockopt({level}, {name}): {e}");
+    }
 }
 
 /// Sending a train; a full socket buffer (ENOBUFS) drops it, as a NIC's queue would.

@@ -31,6 +31,25 @@ pub fn pin_thread(cpu: usize) {
     }
 }
 
+/// `setsockopt` of an int option on `sock`.
+pub fn set_int(sock: &std::net::UdpSocket, level: i32, name: i32, value: i32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an int option on an open socket.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            (&value as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Whether the bench is asked to skip a part (`name=0`).
 pub fn enabled(name: &str) -> bool {
     knob(name, 1) != 0
