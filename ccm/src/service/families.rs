@@ -14,7 +14,7 @@
 use k8s_openapi::api::core::v1::ServiceSpec;
 
 use crate::platform::IpVersion;
-use crate::service::desired::Refusal;
+use crate::service::refusal::Refusal;
 
 /// `spec.ipFamilyPolicy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -18,6 +18,7 @@ pub mod families;
 pub mod lookup;
 pub mod nodes;
 pub mod orphans;
+pub mod refusal;
 pub mod status;
 pub mod sweep;
 

@@ -1,12 +1,10 @@
 //! `kuberaya lb list`: one row per load balancer (the rows are pure).
 
-use kuberaya_ccm::platform::{
-    HealthState, LABEL_SERVICE_NAME, LABEL_SERVICE_NAMESPACE, LABEL_SERVICE_UID, LoadBalancer,
-};
+use kuberaya_ccm::platform::{HealthState, LABEL_SERVICE_UID, LoadBalancer};
 use serde::Serialize;
 
 use super::ListArgs;
-use super::platform::{cluster_lbs, platform};
+use super::platform::{cluster_lbs, platform, service_of};
 use crate::kube::KubeArgs;
 use crate::output::{Color, Style, render, table};
 
@@ -21,14 +19,6 @@ pub fn backend_health(lb: &LoadBalancer) -> (usize, usize) {
         })
         .count();
     (healthy, lb.backends.len())
-}
-
-/// `ns/name` of the Service an LB belongs to, from its labels.
-pub fn service_of(lb: &LoadBalancer) -> Option<(String, String)> {
-    Some((
-        lb.labels.get(LABEL_SERVICE_NAMESPACE)?.clone(),
-        lb.labels.get(LABEL_SERVICE_NAME)?.clone(),
-    ))
 }
 
 /// One LB in `lb list`.

@@ -17,9 +17,9 @@ mod platform;
 pub(crate) mod tests;
 
 pub use describe::{EventRow, LbDescribe, describe_of, describe_text, diagnose, parse_service_ref};
-pub use list::{LbList, LbRow, backend_health, list_table, row_of, service_of};
+pub use list::{LbList, LbRow, backend_health, list_table, row_of};
 pub use orphans::{OrphanList, OrphanRow, orphan_list, orphans_table};
-pub use platform::{platform_error, resolve_platform};
+pub use platform::{platform_error, resolve_platform, service_of};
 
 /// Env var with the platform API URL (as `kuberaya sandbox env` exports it).
 pub const ENV_API_URL: &str = "CLOUDRAYA_API_URL";

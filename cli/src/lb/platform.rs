@@ -6,10 +6,10 @@ use std::time::Duration;
 use anyhow::anyhow;
 use kuberaya_ccm::config::{CloudConfig, ENV_EMAIL, ENV_PASSWORD};
 use kuberaya_ccm::platform::{
-    Error as PlatformError, HttpPlatform, LABEL_CLUSTER_ID, Labels, LoadBalancer, Platform, PlatformClientConfig,
+    Error as PlatformError, HttpPlatform, LABEL_CLUSTER_ID, LABEL_SERVICE_NAME, LABEL_SERVICE_NAMESPACE, Labels,
+    LoadBalancer, Platform, PlatformClientConfig,
 };
 
-use super::list::service_of;
 use super::{ENV_API_URL, ENV_CLUSTER_ID, PlatformArgs};
 
 /// The client settings and cluster ID from `--cloud-config` (a loaded [`CloudConfig`]) or
@@ -89,4 +89,12 @@ pub(super) async fn cluster_lbs(c: &Connected) -> anyhow::Result<Vec<LoadBalance
         .map_err(|e| platform_error(e, "listing load balancers"))?;
     lbs.sort_by_key(|lb| (service_of(lb), lb.id.clone()));
     Ok(lbs)
+}
+
+/// `ns/name` of the Service an LB belongs to, from its labels.
+pub fn service_of(lb: &LoadBalancer) -> Option<(String, String)> {
+    Some((
+        lb.labels.get(LABEL_SERVICE_NAMESPACE)?.clone(),
+        lb.labels.get(LABEL_SERVICE_NAME)?.clone(),
+    ))
 }
