@@ -26,6 +26,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use super::balance::{Balancer, Target};
 use super::endpointslices::SERVICE_NAME_LABEL;
 use super::net::{self, Route};
 use super::nodes::LocalNode;
@@ -37,68 +38,11 @@ pub const PROXY_HEALTH_PORT: u16 = 10256;
 const DEFAULT_AFFINITY_TIMEOUT_S: u64 = 10_800;
 /// A listener that could not be bound is tried again after this long.
 const BIND_RETRY: Duration = Duration::from_secs(2);
-/// Affinity entries kept before expired ones are swept.
-const MAX_STICKY: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proto {
     Tcp,
     Udp,
-}
-
-/// Where a forwarding listener sends traffic.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    /// Endpoint addresses (pod IP and target port), sorted.
-    pub backends: Vec<SocketAddr>,
-    /// Client-IP affinity timeout, when the Service asks for it.
-    pub affinity: Option<Duration>,
-}
-
-/// Endpoint choice: round robin, with client-IP affinity when the target asks for it.
-#[derive(Debug, Default)]
-pub struct Balancer {
-    turn: usize,
-    sticky: HashMap<IpAddr, (SocketAddr, Instant)>,
-}
-
-impl Balancer {
-    /// The endpoint for a new connection or flow of `client` at `now`, not one of `exclude`.
-    pub fn pick(
-        &mut self,
-        client: IpAddr,
-        target: &Target,
-        exclude: &[SocketAddr],
-        now: Instant,
-    ) -> Option<SocketAddr> {
-        let candidates: Vec<SocketAddr> = target
-            .backends
-            .iter()
-            .filter(|b| !exclude.contains(b))
-            .copied()
-            .collect();
-        if candidates.is_empty() {
-            return None;
-        }
-        if let Some(timeout) = target.affinity
-            && let Some((backend, last)) = self.sticky.get_mut(&client)
-            && now.saturating_duration_since(*last) <= timeout
-            && candidates.contains(backend)
-        {
-            *last = now;
-            return Some(*backend);
-        }
-        let backend = candidates[self.turn % candidates.len()];
-        self.turn = self.turn.wrapping_add(1);
-        if let Some(timeout) = target.affinity {
-            if self.sticky.len() >= MAX_STICKY {
-                self.sticky
-                    .retain(|_, (_, last)| now.saturating_duration_since(*last) <= timeout);
-            }
-            self.sticky.insert(client, (backend, now));
-        }
-        Some(backend)
-    }
 }
 
 /// What a health listener answers.

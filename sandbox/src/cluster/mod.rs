@@ -17,6 +17,7 @@
 //! what is, and writes only the difference. The decisions are pure functions, unit-tested
 //! in their modules; the I/O sits in each module's `reconcile`.
 
+mod balance;
 pub mod endpointslices;
 pub mod kubeproxy;
 mod net;

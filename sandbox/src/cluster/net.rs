@@ -19,7 +19,7 @@ use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::kubeproxy::{Balancer, Target};
+use super::balance::{Balancer, Target};
 
 /// Bound on connecting to an endpoint.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
