@@ -2,7 +2,7 @@
 //! at a resourceVersion) and the list's shape.
 
 use super::negotiate::{Shape, metadata_only, row_object, shape, stored_form};
-use super::resource::Target;
+use super::path::Target;
 use super::{Ctx, json_response};
 use crate::kube::registry::ResourceType;
 use crate::kube::selectors::{FieldSelector, LabelSelector};

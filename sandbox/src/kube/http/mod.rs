@@ -4,7 +4,8 @@
 //! This module holds the entry point ([`router`]): authentication, the query string, and
 //! the paths that are not resources (health, version, discovery, OpenAPI). The rest:
 //! - [`negotiate`]: what the client accepts and the shape objects go back in;
-//! - [`resource`]: a resource path resolved and authorized, and its verbs on one object
+//! - [`path`]: a resource path resolved, its verb and its authorization;
+//! - [`resource`]: the verbs on one object
 //!   (get, create, update, patch, delete, the scale, eviction and token subresources);
 //! - [`list`]: lists, with selectors, pages and continue tokens;
 //! - [`watch`]: watch streams, from the history and then live;
@@ -12,6 +13,7 @@
 
 mod list;
 mod negotiate;
+mod path;
 mod resource;
 mod review;
 mod watch;

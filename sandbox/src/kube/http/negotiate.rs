@@ -1,5 +1,6 @@
 //! Content negotiation: the Accept header, the shape a resource read goes back in (the
-//! object, a Table, PartialObjectMetadata) and the aggregated discovery version.
+//! object, a Table, PartialObjectMetadata), the aggregated discovery version, and the
+//! request body in the content type it names.
 
 use super::Ctx;
 use crate::kube::registry::ResourceType;
@@ -111,6 +112,32 @@ pub(super) fn stored_form(rt: &ResourceType, obj: &Value) -> Value {
         crate::kube::hooks::event_from_v1(obj)
     } else {
         obj.clone()
+    }
+}
+
+/// Parses a request body: JSON, or YAML when the content type says so.
+pub(super) fn parse_body(c: &Ctx<'_>) -> Result<Value, ApiError> {
+    let ct = c.content_type();
+    if c.body.is_empty() {
+        return Err(ApiError::bad_request("the body of the request was empty"));
+    }
+    if ct.contains("protobuf") {
+        return crate::kube::proto::decode_object(c.body).map_err(|e| {
+            let mut err = ApiError::unsupported_media(&ct);
+            err.message = format!("{}: {e}", err.message);
+            err
+        });
+    }
+    match serde_json::from_slice::<Value>(c.body) {
+        Ok(v) => Ok(v),
+        Err(e) if ct.contains("yaml") => {
+            let text = std::str::from_utf8(c.body).map_err(|_| ApiError::bad_request("the body is not UTF-8"))?;
+            serde_saphyr::from_str::<Value>(text)
+                .map_err(|y| ApiError::bad_request(format!("error converting YAML to JSON: {y}; as JSON: {e}")))
+        }
+        Err(e) => Err(ApiError::bad_request(format!(
+            "couldn't get version/kind; json parse error: {e}"
+        ))),
     }
 }
 

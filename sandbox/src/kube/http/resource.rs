@@ -1,137 +1,22 @@
-//! Resource paths: a path resolved to its type, namespace, name and subresource, the verb
-//! it means and its authorization; the request's body and options; and the verbs on one
-//! object (get, create, update, patch, delete, deletecollection and the `scale`,
-//! `eviction` and `token` subresources).
+//! The verbs on resources: a request's options, and the verbs on one object (get, create,
+//! update, patch, delete, deletecollection and the `scale`, `eviction` and `token`
+//! subresources); lists, watches and reviews are handed on.
 
 use super::list::{filter, list};
+use super::negotiate::parse_body;
 use super::negotiate::{shape, shaped};
+use super::path::{authorize, resolve, verb_of};
 use super::review::{access_review, token_review};
 use super::watch::watch;
 use super::{Ctx, json_response};
-use crate::kube::rbac::{self, Attrs, User};
 use crate::kube::registry::ResourceType;
 use crate::kube::selectors::LabelSelector;
 use crate::kube::status::{ApiError, success_status};
 use crate::kube::store::{DeleteOpts, PatchKind, WriteOpts};
 use crate::kube::util::{now_secs, rfc3339};
-use axum::http::{Method, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::Response;
 use serde_json::{Value, json};
-
-/// A resource path, resolved.
-pub(super) struct Target {
-    pub(super) rt: ResourceType,
-    pub(super) namespace: Option<String>,
-    pub(super) name: Option<String>,
-    pub(super) sub: Option<String>,
-}
-
-pub(super) fn resolve(c: &Ctx<'_>, group: &str, version: &str, rest: &[&str]) -> Result<Target, ApiError> {
-    let (ns, rest): (Option<&str>, &[&str]) = match rest {
-        ["namespaces", ns, r, tail @ ..]
-            if !(group.is_empty() && tail.is_empty() && matches!(*r, "status" | "finalize")) =>
-        {
-            (Some(ns), &rest[2..])
-        }
-        _ => (None, rest),
-    };
-    let (res, name, sub) = match rest {
-        [r] => (*r, None, None),
-        [r, n] => (*r, Some(*n), None),
-        [r, n, s] => (*r, Some(*n), Some(*s)),
-        _ => return Err(ApiError::not_found_path()),
-    };
-    let rt = c
-        .api
-        .lock()
-        .find(group, version, res)
-        .cloned()
-        .ok_or_else(ApiError::not_found_path)?;
-    if ns.is_some() && !rt.namespaced {
-        return Err(ApiError::not_found_path());
-    }
-    if let Some(s) = sub
-        && !rt.has_sub(s)
-    {
-        return Err(ApiError::not_found_path());
-    }
-    Ok(Target {
-        rt,
-        namespace: ns.map(str::to_string),
-        name: name.map(str::to_string),
-        sub: sub.map(str::to_string),
-    })
-}
-
-pub(super) fn verb_of(c: &Ctx<'_>, t: &Target) -> &'static str {
-    let watch = matches!(c.q("watch"), Some("1" | "true"));
-    match (c.method.clone(), t.name.is_some()) {
-        (Method::GET | Method::HEAD, false) if watch => "watch",
-        (Method::GET | Method::HEAD, false) => "list",
-        (Method::GET | Method::HEAD, true) if watch => "watch",
-        (Method::GET | Method::HEAD, true) => "get",
-        (Method::POST, _) => "create",
-        (Method::PUT, _) => "update",
-        (Method::PATCH, _) => "patch",
-        (Method::DELETE, false) => "deletecollection",
-        (Method::DELETE, true) => "delete",
-        _ => "unknown",
-    }
-}
-
-pub(super) fn authorize(c: &Ctx<'_>, t: &Target, verb: &str) -> Result<(), ApiError> {
-    // Everyone may ask what they may do (system:basic-user).
-    if *c.user == User::Admin || (t.rt.group == "authorization.k8s.io" && t.rt.plural == "selfsubjectaccessreviews") {
-        return Ok(());
-    }
-    let a = Attrs {
-        verb,
-        group: &t.rt.group,
-        resource: &t.rt.plural,
-        subresource: t.sub.as_deref().unwrap_or_default(),
-        namespace: t.namespace.as_deref().unwrap_or_default(),
-        name: t.name.as_deref().unwrap_or_default(),
-    };
-    if c.api.lock().rbac_allows(c.user, &a) {
-        return Ok(());
-    }
-    let mut e = ApiError::forbidden(rbac::denied_message(c.user, &a));
-    let mut d = json!({"kind": t.rt.plural});
-    if let Some(n) = &t.name {
-        d["name"] = json!(n);
-    }
-    if !t.rt.group.is_empty() {
-        d["group"] = json!(t.rt.group);
-    }
-    e.details = Some(d);
-    Err(e)
-}
-
-/// Parses a request body: JSON, or YAML when the content type says so.
-pub(super) fn parse_body(c: &Ctx<'_>) -> Result<Value, ApiError> {
-    let ct = c.content_type();
-    if c.body.is_empty() {
-        return Err(ApiError::bad_request("the body of the request was empty"));
-    }
-    if ct.contains("protobuf") {
-        return crate::kube::proto::decode_object(c.body).map_err(|e| {
-            let mut err = ApiError::unsupported_media(&ct);
-            err.message = format!("{}: {e}", err.message);
-            err
-        });
-    }
-    match serde_json::from_slice::<Value>(c.body) {
-        Ok(v) => Ok(v),
-        Err(e) if ct.contains("yaml") => {
-            let text = std::str::from_utf8(c.body).map_err(|_| ApiError::bad_request("the body is not UTF-8"))?;
-            serde_saphyr::from_str::<Value>(text)
-                .map_err(|y| ApiError::bad_request(format!("error converting YAML to JSON: {y}; as JSON: {e}")))
-        }
-        Err(e) => Err(ApiError::bad_request(format!(
-            "couldn't get version/kind; json parse error: {e}"
-        ))),
-    }
-}
 
 pub(super) fn write_opts(c: &Ctx<'_>) -> Result<WriteOpts, ApiError> {
     let dry_run = match c.q("dryRun") {

@@ -1,7 +1,7 @@
 //! Access reviews (`kubectl auth can-i`) and token reviews: answered from RBAC and the
 //! issued tokens, never stored.
 
-use super::resource::parse_body;
+use super::negotiate::parse_body;
 use super::{Ctx, json_response, token_owner};
 use crate::kube::rbac::{Attrs, User};
 use crate::kube::registry::ResourceType;

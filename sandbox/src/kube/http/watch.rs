@@ -4,7 +4,7 @@
 use super::Ctx;
 use super::list::filter;
 use super::negotiate::{Shape, metadata_only, shape, stored_form};
-use super::resource::Target;
+use super::path::Target;
 use crate::kube::registry::ResourceType;
 use crate::kube::status::ApiError;
 use crate::kube::store::{Change, ListFilter};
