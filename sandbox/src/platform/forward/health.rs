@@ -1,18 +1,13 @@
-//! Health checks: the threshold state machine (pure), the probes, and the task that runs
-//! one (rule, backend)'s checks.
+//! Health checks: the threshold state machine (pure) and the probes (the task that runs
+//! one backend's checks is the rule's, [`super::rule`]).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::{MissedTickBehavior, interval, timeout};
-use tokio_util::sync::CancellationToken;
 
-use super::rule::BackendSlot;
-use super::{HealthCheck, HealthState, Probe};
+use super::{HealthState, Probe};
 
 /// The health of one (rule, backend) as successive check results move it.
 ///
@@ -138,38 +133,6 @@ pub(crate) async fn probe(probe: &Probe, ip: IpAddr) -> io::Result<()> {
                 len += n;
             }
         }
-    }
-}
-
-/// Checks `slot` with `check` every interval (the first at once) until `cancel`.
-pub(crate) async fn run_checks(slot: Arc<BackendSlot>, check: HealthCheck, cancel: CancellationToken) {
-    let mut ticker = interval(check.interval.max(Duration::from_millis(10)));
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        let success = match slot.check_ip {
-            // Stopped, or an IPv6-only LB's backend without `private_ipv6`.
-            _ if !slot.running() => false,
-            None => false,
-            Some(ip) => tokio::select! {
-                _ = cancel.cancelled() => return,
-                result = timeout(check.timeout, probe(&check.probe, ip)) => match result {
-                    Ok(Ok(())) => true,
-                    Ok(Err(e)) => {
-                        tracing::trace!(vm_id = %slot.vm_id, %ip, error = %e, "health check failed");
-                        false
-                    }
-                    Err(_) => {
-                        tracing::trace!(vm_id = %slot.vm_id, %ip, "health check timed out");
-                        false
-                    }
-                },
-            },
-        };
-        slot.record(success, &check);
     }
 }
 

@@ -23,6 +23,7 @@ mod balance;
 mod family;
 mod health;
 mod rule;
+mod slot;
 mod tcp;
 #[cfg(test)]
 mod tests;

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::family::Family;
-use super::rule::{RuleConfig, RuleShared};
+use super::slot::{RuleConfig, RuleShared};
 use super::{ForwarderSettings, source_allowed};
 
 /// Buffer per direction of a proxied connection.

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::family::Family;
-use super::rule::{BackendSlot, OpenGuard, RuleConfig, RuleShared};
+use super::slot::{BackendSlot, OpenGuard, RuleConfig, RuleShared};
 use super::{ForwarderSettings, source_allowed};
 
 /// Largest UDP payload, plus room.
