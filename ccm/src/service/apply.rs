@@ -11,7 +11,7 @@ use kube::runtime::events::EventType;
 use tracing::info;
 
 use crate::platform::{self, Labels, LbStatus, LoadBalancer, LoadBalancerSpec, LoadBalancerUpdate};
-use crate::service::controller::{
+use crate::service::context::{
     Context, handle_platform_error, jittered, patch_status, publish, refuse, transition_poll_delay,
 };
 use crate::service::desired::{DesiredLb, PublicIpRequest, desired_load_balancer, ingress_ips, older_claimant};

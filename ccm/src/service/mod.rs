@@ -11,10 +11,12 @@
 //! in line, by plan arm).
 
 pub mod apply;
+pub mod context;
 pub mod controller;
 pub mod desired;
 pub mod diff;
 pub mod families;
+pub mod lb_cache;
 pub mod lookup;
 pub mod nodes;
 pub mod orphans;

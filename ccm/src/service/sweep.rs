@@ -12,7 +12,7 @@ use kube::api::Api;
 use tracing::{debug, info, warn};
 
 use crate::runner::every;
-use crate::service::controller::Context;
+use crate::service::context::Context;
 use crate::service::lookup::cluster_labels;
 use crate::service::orphans;
 use crate::{Error, Result, platform_err};

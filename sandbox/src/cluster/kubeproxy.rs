@@ -12,7 +12,7 @@
 //!   LoadBalancer Service's `healthCheckNodePort`, answering 200 with the local endpoint
 //!   count when the node has ready local endpoints and 503 otherwise.
 //!
-//! [`desired`] computes every listener from the caches (pure); [`Proxy`] makes the running
+//! [`desired`] computes every listener from the caches (pure); `Proxy` makes the running
 //! sockets match it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

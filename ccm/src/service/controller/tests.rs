@@ -4,10 +4,12 @@
 //! [`FakePlatform`].
 
 use super::*;
+use crate::backoff::{Backoff, Jitter};
+use crate::metrics::Metrics;
 use crate::platform::fake::{FakeFailure, FakePlatform};
 use crate::platform::{LABEL_CLUSTER_ID, LABEL_SERVICE_NAME, LABEL_SERVICE_UID, LoadBalancer};
 use crate::service::desired::tests::{annotate, cfg, svc};
-use crate::service::lookup::KnownLb;
+use crate::service::lb_cache::KnownLb;
 use crate::service::nodes::tests::{node, with_label};
 use crate::service::status::Ready;
 use crate::service::sweep::sweep_orphans;
@@ -15,6 +17,8 @@ use crate::testing::{Call, mock_api_server};
 use http::{Request, Response};
 use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::Client;
 use kube::client::Body;
 use kube::runtime::watcher::Event as WatchEvent;
 use serde_json::Value;

@@ -5,7 +5,7 @@
 //! the paths that are not resources (health, version, discovery, OpenAPI). The rest:
 //! - [`negotiate`]: what the client accepts and the shape objects go back in;
 //! - [`path`]: a resource path resolved, its verb and its authorization;
-//! - [`resource`]: the verbs on one object
+//! - [`resource`](mod@resource): the verbs on one object
 //!   (get, create, update, patch, delete, the scale, eviction and token subresources);
 //! - [`list`]: lists, with selectors, pages and continue tokens;
 //! - [`watch`]: watch streams, from the history and then live;

@@ -5,10 +5,10 @@
 //! This module holds the [`Store`] itself, its reads (get, lists, lists at an older
 //! resourceVersion, the watch history) and [`Store::commit`], the one place a write lands.
 //! The rest is split by what a request does:
-//! - [`snapshot`]: the state dir's snapshot and journal ([`Persisted`], [`JournalEntry`],
+//! - [`snapshot`]: the state dir's snapshot and journal ([`snapshot::Persisted`], [`snapshot::JournalEntry`],
 //!   [`replay`]);
 //! - [`admit`]: defaulting, validation and allocation before any write;
-//! - [`write`]: create, update (PUT), patch (every patch type, server-side apply) and the
+//! - [`write`](mod@write): create, update (PUT), patch (every patch type, server-side apply) and the
 //!   subresources;
 //! - [`delete`]: deletion, finalizers, owner-reference garbage collection and namespace
 //!   termination.
