@@ -17,7 +17,8 @@
 //! `KURAYA_BENCH_GATEWAYS=tun` (or `userspace`, comma-separated) measures only those of
 //! ours, against wireguard-go. `KURAYA_BENCH_PERF=DIR` records a `perf record -e cpu-clock
 //! -g` profile of each gateway process during its one-stream run into `DIR/<gateway>-<pid>.data`
-//! (and of the download into `DIR/<gateway>-R-<pid>.data`).
+//! (and of the download into `DIR/<gateway>-R-<pid>.data`); `KURAYA_BENCH_PERF_GRAPH=dwarf`
+//! records the stacks by DWARF unwinding (the release build has no frame pointers).
 //! `KURAYA_BENCH_GATEWAY_BIN=PATH` measures that gateway binary instead of building one;
 //! `KURAYA_BENCH_BASELINE_BIN=PATH` measures another one in TUN mode as well (in userspace
 //! mode when `KURAYA_BENCH_GATEWAYS=userspace`), before/after a change in one run. `KR_BENCH_PIN=1` pins the gateway to CPU 0 and the clients, the
@@ -174,8 +175,20 @@ fn gso_client() -> bool {
 fn perf_record(kind: Gateway, pid: u32, what: &str) -> Option<std::process::Child> {
     let d = std::env::var_os("KURAYA_BENCH_PERF")?;
     let out = Path::new(&d).join(format!("{}{what}-{pid}.data", kind.short()));
+    // KURAYA_BENCH_PERF_GRAPH=dwarf: stacks through code built without frame pointers.
+    let graph = std::env::var("KURAYA_BENCH_PERF_GRAPH").unwrap_or_else(|_| "fp".into());
     let p = Command::new("perf")
-        .args(["record", "-q", "-e", "cpu-clock", "-g", "-p", &pid.to_string(), "-o"])
+        .args([
+            "record",
+            "-q",
+            "-e",
+            "cpu-clock",
+            "--call-graph",
+            &graph,
+            "-p",
+            &pid.to_string(),
+            "-o",
+        ])
         .arg(out)
         .stdout(std::process::Stdio::null())
         .spawn()

@@ -19,6 +19,7 @@ pub mod address;
 pub mod forwarding;
 pub mod netlink;
 pub mod nft;
+pub mod tcp_gro;
 pub mod tun;
 pub mod userspace;
 

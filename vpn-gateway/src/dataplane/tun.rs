@@ -32,10 +32,11 @@
 //!   the CPU went (see `docs/benchmarks.md`). When the kernel refuses offloads the device
 //!   is opened without them and everything goes packet by packet.
 //! - **Packets from peers** (already decrypted, parsed and judged one by one by the gateway
-//!   loop): `Allow` is copied into a preallocated write batch; at the end of each batch of
-//!   datagrams ([`DataPlane::flush`]) consecutive segments of one TCP flow are coalesced
-//!   (GRO, `tun_rs::handle_gro`) and the batch is written with one non-blocking write per
-//!   coalesced packet. `Local` (DNS and anything else addressed to the gateway) and `Denied`
+//!   loop): `Allow` is copied into a preallocated write batch, TCP segments straight onto
+//!   the end of their connection's super-packet ([`super::tcp_gro`], GRO), other packets
+//!   into `tun_rs`'s batch, which coalesces UDP (`tun_rs::handle_gro`). At the end of each
+//!   batch of datagrams ([`DataPlane::flush`]) both are written, one non-blocking write per
+//!   packet or super-packet. `Local` (DNS and anything else addressed to the gateway) and `Denied`
 //!   (audit, TCP RST) go to an embedded [`UserspaceDataPlane`], so both modes answer DNS and
 //!   refuse flows alike. Coalescing happens after the checks, and only joins segments of
 //!   the same connection, so it cannot let through anything the rules refused.
@@ -59,6 +60,7 @@ use tun_rs::{AsyncDevice, DeviceBuilder, DeviceImpl, GROTable, VIRTIO_NET_HDR_LE
 
 use super::forwarding::{self, Forwarding, ForwardingV6};
 use super::netlink::NetlinkError;
+use super::tcp_gro::TcpGro;
 use super::userspace::{UserspaceConfig, UserspaceDataPlane};
 use super::{DataPlane, FlowCounters, Inbound, Policy, nft};
 use crate::acl::Verdict;
@@ -83,6 +85,8 @@ const MAX_PACKET: usize = 65_535;
 const WRITE_BATCH: usize = crate::udp_batch::RECV_BATCH;
 /// Where a packet starts in a write buffer: the virtio-net header goes in front.
 const OFFSET: usize = VIRTIO_NET_HDR_LEN;
+/// The IP protocol number of TCP.
+const TCP: u8 = 6;
 
 /// Configuration of the TUN data plane.
 #[derive(Debug, Clone)]
@@ -182,6 +186,9 @@ pub struct TunDataPlane {
     kernel_v6: bool,
     local: UserspaceDataPlane,
     reads: Reads,
+    /// Allowed TCP packets, coalesced as they come (`None` without offloads).
+    tcp: Option<TcpGro>,
+    /// The other allowed packets (UDP coalesced by `tun_rs`), or all of them without offloads.
     pending: WriteBatch,
     /// Write calls the device refused (queue full or down), since the start.
     write_drops: u64,
@@ -257,11 +264,13 @@ impl TunDataPlane {
         tracing::info!(device = %cfg.name, address = %gateway, range = %cfg.range, table = NFT_TABLE,
             offloads = dev.tcp_gso(), ipv6 = kernel_v6, "TUN data plane up");
 
+        let tcp = dev.tcp_gso().then(|| TcpGro::new(WRITE_BATCH));
         Ok(TunDataPlane {
             dev,
             kernel_v6,
             local: UserspaceDataPlane::new(cfg.local),
             reads: Reads::new(),
+            tcp,
             pending: WriteBatch::new(),
             write_drops: 0,
         })
@@ -282,6 +291,13 @@ impl DataPlane for TunDataPlane {
         match pkt.verdict {
             Verdict::Spoofed => {}
             Verdict::Allow if !kernel_carries(self.kernel_v6, pkt.packet.dst) => self.local.inbound(pkt, now),
+            Verdict::Allow if pkt.packet.proto == TCP && self.tcp.is_some() => {
+                let bytes = &pkt.bytes[..pkt.packet.len.min(pkt.bytes.len())];
+                if !self.tcp.as_mut().is_some_and(|g| g.push(bytes)) {
+                    self.flush();
+                    self.tcp.as_mut().map(|g| g.push(bytes));
+                }
+            }
             Verdict::Allow => {
                 if !self.pending.push(pkt.bytes) {
                     self.flush();
@@ -295,18 +311,31 @@ impl DataPlane for TunDataPlane {
     fn flush(&mut self) {
         // IPv6 without the kernel's side, DNS: what the embedded userspace plane queued.
         self.local.flush();
-        let WriteBatch { bufs, n, gro } = &mut self.pending;
-        if *n == 0 {
-            return;
-        }
-        // The synchronous, non-blocking write of `DeviceImpl` (a TUN write does not wait).
-        let r = DeviceImpl::send_multiple(&self.dev, gro, &mut bufs[..*n], OFFSET);
-        *n = 0;
-        if let Err(e) = r {
-            self.write_drops += 1;
-            if self.write_drops.is_power_of_two() {
-                tracing::warn!(error = %e, refused = self.write_drops, "writing to the TUN device");
+        let mut refused = None;
+        if let Some(g) = self.tcp.as_mut().filter(|g| !g.is_empty()) {
+            // Non-blocking writes (a TUN write does not wait), each packet behind its
+            // virtio-net header.
+            for packet in g.finish() {
+                if let Err(e) = self.dev.try_send(packet) {
+                    self.write_drops += 1;
+                    refused = Some(e);
+                }
             }
+            g.clear();
+        }
+        let WriteBatch { bufs, n, gro } = &mut self.pending;
+        if *n > 0 {
+            let r = DeviceImpl::send_multiple(&self.dev, gro, &mut bufs[..*n], OFFSET);
+            *n = 0;
+            if let Err(e) = r {
+                self.write_drops += 1;
+                refused = Some(e);
+            }
+        }
+        if let Some(e) = refused
+            && self.write_drops.is_power_of_two()
+        {
+            tracing::warn!(error = %e, refused = self.write_drops, "writing to the TUN device");
         }
     }
 
