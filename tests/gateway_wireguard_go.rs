@@ -31,6 +31,11 @@ const WEB_IP: &str = "10.96.0.10";
 const SECRET_IP: &str = "10.96.0.11";
 const PERF_IP: &str = "10.96.0.20";
 const PERF_PORT: u16 = 5201;
+/// A Service that serves a large file and answers an upload with its SHA-256.
+const BULK_IP: &str = "10.96.0.30";
+/// The bulk file: many TCP windows, so that the data plane coalesces (TUN mode) and
+/// segments (both) long runs of segments.
+const BULK_BYTES: usize = 24 << 20;
 const PEER_ADDRESS: &str = "100.64.0.2";
 const GATEWAY_TUNNEL_IP: &str = "100.64.0.1";
 const SPOOFED_ADDRESS: &str = "100.64.0.99";
@@ -81,7 +86,7 @@ fn gateway_args(dir: &Path, gw_private: &str, peer_public: &str, listen: &str) -
         &serde_json::json!([{
             "namespace": "default", "name": "alice",
             "spec": {"publicKey": peer_public, "address": PEER_ADDRESS,
-                     "allow": [{"service": "web"}, {"service": "perf"}]}
+                     "allow": [{"service": "web"}, {"service": "perf"}, {"service": "bulk"}]}
         }])
         .to_string(),
     );
@@ -94,7 +99,9 @@ fn gateway_args(dir: &Path, gw_private: &str, peer_public: &str, listen: &str) -
             {"namespace": "default", "name": "secret", "clusterIP": SECRET_IP,
              "ports": [{"name": "http", "port": 80}]},
             {"namespace": "default", "name": "perf", "clusterIP": PERF_IP,
-             "ports": [{"name": "iperf", "port": PERF_PORT}]}
+             "ports": [{"name": "iperf", "port": PERF_PORT}]},
+            {"namespace": "default", "name": "bulk", "clusterIP": BULK_IP,
+             "ports": [{"name": "http", "port": 80}]}
         ])
         .to_string(),
     );
@@ -163,6 +170,58 @@ fn http_server(ns: &Netns, dir: &Path, ip: &str, body: &str) -> Process {
         p.output_tails()
     );
     p
+}
+
+/// Serve `dir` on `ip:80` inside `ns` (GET), and answer a POST with the SHA-256 of its body.
+fn bulk_server(ns: &Netns, dir: &Path, ip: &str) -> Process {
+    const SERVER: &str = r#"
+import functools, hashlib, http.server, sys
+class Handler(http.server.SimpleHTTPRequestHandler):
+    def do_POST(self):
+        left, digest = int(self.headers["Content-Length"]), hashlib.sha256()
+        while left > 0:
+            chunk = self.rfile.read(min(left, 1 << 16))
+            if not chunk:
+                break
+            digest.update(chunk)
+            left -= len(chunk)
+        body = digest.hexdigest().encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+handler = functools.partial(Handler, directory=sys.argv[2])
+http.server.ThreadingHTTPServer((sys.argv[1], 80), handler).serve_forever()
+"#;
+    let p = ns.spawn(&["python3", "-c", SERVER, ip, dir.to_str().unwrap()]).unwrap();
+    let url = format!("http://{ip}/");
+    let up = poll_until_blocking(Duration::from_secs(15), || curl(ns, &["-d", "x"], &url).0.then_some(()));
+    assert!(up.is_some(), "the bulk Service did not come up\n{}", p.output_tails());
+    p
+}
+
+/// curl moving the bulk file: a minute at most.
+fn bulk_curl(ns: &Netns, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["curl", "-sS", "-m", "60"];
+    all.extend_from_slice(args);
+    ns.exec(&all, Duration::from_secs(70))
+        .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// `n` bytes no compressor or coincidence would reproduce (xorshift).
+fn noise(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut out = Vec::with_capacity(n + 8);
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(n);
+    out
 }
 
 /// The value of the first sample of `metric` whose line contains every one of `labels`.
@@ -251,6 +310,11 @@ fn laptop_scenario(plane: Plane) {
         .unwrap();
 
     let _web = http_server(&cluster, dir.path(), WEB_IP, BODY);
+    let bulk_dir = dir.path().join("bulk");
+    std::fs::create_dir_all(&bulk_dir).unwrap();
+    let bulk = noise(BULK_BYTES);
+    std::fs::write(bulk_dir.join("big.bin"), &bulk).unwrap();
+    let _bulk = bulk_server(&cluster, &bulk_dir, BULK_IP);
     let secret = http_server(&cluster, dir.path(), SECRET_IP, SECRET_BODY);
     let _perf = cluster
         .spawn(&["iperf3", "-s", "-B", PERF_IP, "-p", &PERF_PORT.to_string()])
@@ -412,6 +476,47 @@ fn laptop_scenario(plane: Plane) {
         bps / 1e6
     );
     assert!(received > 0, "iperf3 moved no bytes: {report}");
+
+    // Every byte arrives, in order, both ways: a download the gateway cuts into segments,
+    // an upload it coalesces (TUN mode) or relays (userspace).
+    let down = dir.path().join("down.bin");
+    let big_url = format!("http://{BULK_IP}/big.bin");
+    let out = bulk_curl(&laptop, &["-o", down.to_str().unwrap(), &big_url]);
+    assert!(
+        out.status.success(),
+        "downloading {BULK_BYTES} bytes ({plane:?})\n{}",
+        gw.output_tails()
+    );
+    let got = std::fs::read(&down).unwrap();
+    assert!(
+        got.len() == bulk.len() && got == bulk,
+        "the download differs ({plane:?}): {} bytes of {}",
+        got.len(),
+        bulk.len()
+    );
+    let sha = exec(&cluster, &["sha256sum", bulk_dir.join("big.bin").to_str().unwrap()]);
+    let sha = String::from_utf8_lossy(&sha.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let upload = format!("@{}", bulk_dir.join("big.bin").display());
+    let bulk_url = format!("http://{BULK_IP}/");
+    let out = bulk_curl(
+        &laptop,
+        &[
+            "-H",
+            "Content-Type: application/octet-stream",
+            "--data-binary",
+            &upload,
+            &bulk_url,
+        ],
+    );
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && answer == sha,
+        "the upload arrived as {answer:?}, sent {sha} ({plane:?})"
+    );
 
     // The laptop's view: a recent handshake with the gateway.
     let shake = run_ok(
