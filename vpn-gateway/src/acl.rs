@@ -9,9 +9,11 @@
 //! remembers the rule that allows it, for the audit log and [`Acl::explain`], in the same
 //! single lookup a packet gets.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
+
+use foldhash::HashMap;
 
 use crate::catalog::Catalog;
 use crate::crd::PortRef;
@@ -123,10 +125,10 @@ impl Acl {
         let peers = peers.into_iter();
         let mut acl = Acl {
             gateway: Some(gateway),
-            peers: HashMap::with_capacity(peers.size_hint().0),
+            peers: HashMap::with_capacity_and_hasher(peers.size_hint().0, Default::default()),
             ..Default::default()
         };
-        let mut compiled: HashMap<&[SourcedRule], Arc<PeerRules>> = HashMap::new();
+        let mut compiled: HashMap<&[SourcedRule], Arc<PeerRules>> = HashMap::default();
         for (address, rules) in peers {
             if let Some(r) = compiled.get(rules) {
                 acl.peers.insert(address, r.clone());

@@ -38,7 +38,6 @@
 //! says where to send a 148-byte initiation, at most once per peer per
 //! [`RECOVERY_INTERVAL`], counted against the handshake limit like any other.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -48,6 +47,7 @@ use blake2::{Blake2s256, Digest};
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, TunnResult};
+use foldhash::HashMap;
 use parking_lot::Mutex;
 
 use crate::keys::{PrivateKey, PublicKey};
@@ -400,9 +400,9 @@ impl PeerTable {
             handshake_limit,
             over_budget: false,
             private,
-            tunnels: HashMap::new(),
-            by_addr: HashMap::new(),
-            by_addr6: HashMap::new(),
+            tunnels: HashMap::default(),
+            by_addr: HashMap::default(),
+            by_addr6: HashMap::default(),
             index_secret,
             session_recovery: true,
             last_reset: None,
