@@ -75,6 +75,23 @@ write("gateway_packet", "ipv6-routing-dstopts-tcp",
       ip6(A6, WEB6, 43, bytes([60, 1]) + bytes(14) + bytes([6, 0]) + bytes(6) + tcp(1, 80, 0x02)))
 
 
+# --- gateway_tcp_gro: a batch of allowed packets for the TUN write --------------------
+def tcp_seq(sport, seq, flags, payload):
+    return struct.pack("!HHIIBBHHH", sport, 5201, seq, 7, 5 << 4, flags, 512, 0, 0) + payload
+
+
+def framed(packets):
+    return b"".join(struct.pack("!H", len(p)) + p for p in packets)
+
+
+# Mode byte even: raw packets, length-framed; odd: a steered burst (3 bytes a segment).
+stream = [ip4(A, WEB, 6, tcp_seq(40000, i * 100, 0x10, bytes([i]) * 100)) for i in range(4)]
+write("gateway_tcp_gro", "raw-one-connection", b"\x0e" + framed(stream))
+write("gateway_tcp_gro", "raw-with-a-syn", b"\x0e" + framed(stream[:2] + [ip4(A, WEB, 6, tcp(40000, 80, 0x02))] + stream[2:]))
+write("gateway_tcp_gro", "raw-ipv6", b"\x0e" + framed([ip6(A6, WEB6, 6, tcp_seq(40000, i * 100, 0x10, b"x" * 100)) for i in range(3)]))
+write("gateway_tcp_gro", "burst-two-connections", b"\x1f" + bytes([0, 10, 3, 1, 10, 3] * 20 + [0, 210, 0, 1, 15, 1]))
+
+
 # --- gateway_dns: DNS queries ---------------------------------------------------------
 def name(n):
     return b"".join(bytes([len(l)]) + l.encode() for l in n.strip(".").split(".") if l) + b"\x00"
