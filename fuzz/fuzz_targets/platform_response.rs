@@ -40,9 +40,7 @@ fn check_round_trip<T: DeserializeOwned + Serialize + PartialEq + std::fmt::Debu
     headers: &HeaderMap,
     body: &[u8],
 ) {
-    let Some(value) = check::<T>(status, headers, body) else {
-        return;
-    };
+    let Some(value) = check::<T>(status, headers, body) else { return };
     let encoded = serde_json::to_value(&value).expect("a decoded value encodes");
     let back: T = serde_json::from_value(encoded.clone()).unwrap_or_else(|e| panic!("{encoded} does not decode: {e}"));
     assert_eq!(back, value, "round trip through {encoded}");
