@@ -51,10 +51,16 @@ pub const NO_RULE: &str = "no rule";
 pub const MTU: usize = 1420;
 /// Per-direction buffer of each TCP flow's smoltcp socket.
 const TCP_BUFFER: usize = 256 * 1024;
-/// Bytes between a flow and its Service connection go in chunks of up to 64 KiB (a TCP
-/// sender's burst: one system call and one wake-up each), at most four in flight each way.
+/// A peer's bytes go to its Service in chunks of up to 64 KiB (a TCP sender's burst: one
+/// system call and one wake-up each), at most four in flight.
 const CHUNKS: usize = 4;
 const CHUNK: usize = 64 * 1024;
+/// A Service's bytes come back in reads of up to 256 KiB, one waiting while the next is
+/// read: the same bytes in flight as four 64 KiB chunks, a quarter of the reads, of the
+/// window updates the kernel sends the Service and of the data plane's wake-ups
+/// (`docs/benchmarks.md`).
+const DOWN_CHUNKS: usize = 1;
+const DOWN_CHUNK: usize = 256 * 1024;
 /// A UDP flow ends after this long without traffic.
 pub const UDP_IDLE: Duration = Duration::from_secs(60);
 /// Connecting to a Service gives up after this long.

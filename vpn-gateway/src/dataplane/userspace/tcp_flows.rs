@@ -16,7 +16,10 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
-use super::{CHUNK, CHUNKS, CONNECT_TIMEOUT, FlowKey, MAX_FLOWS, TCP_BUFFER, TCP_IDLE, UserspaceDataPlane};
+use super::{
+    CHUNK, CHUNKS, CONNECT_TIMEOUT, DOWN_CHUNK, DOWN_CHUNKS, FlowKey, MAX_FLOWS, TCP_BUFFER, TCP_IDLE,
+    UserspaceDataPlane,
+};
 use crate::dataplane::Inbound;
 use crate::dns::DnsAnswer;
 use crate::peers::PeerId;
@@ -97,7 +100,7 @@ impl UserspaceDataPlane {
             TcpKind::Dns { request: Vec::new() }
         } else {
             let (to_service, from_client) = mpsc::channel(CHUNKS);
-            let (to_client, from_service) = mpsc::channel(CHUNKS);
+            let (to_client, from_service) = mpsc::channel(DOWN_CHUNKS);
             let up_blocked = Arc::new(AtomicBool::new(false));
             let task = tokio::spawn(bridge(
                 SocketAddr::new(key.2, key.3),
@@ -399,15 +402,15 @@ pub(super) async fn bridge(
     let down = async move {
         loop {
             // Read straight into the chunk that is handed on: no copy, no zeroing.
-            let mut chunk = Vec::with_capacity(CHUNK);
+            let mut chunk = Vec::with_capacity(DOWN_CHUNK);
             match r.read_buf(&mut chunk).await {
                 Ok(0) => {
                     let _ = to_client.send(Upstream::Eof).await;
                     break;
                 }
                 Ok(n) => {
-                    if n < CHUNK / 4 {
-                        // A small answer does not hold 64 KiB while it waits.
+                    if n < DOWN_CHUNK / 16 {
+                        // A small answer does not hold 256 KiB while it waits.
                         chunk.shrink_to_fit();
                     }
                     if to_client.send(Upstream::Data(chunk)).await.is_err() {
