@@ -13,20 +13,11 @@
 #![no_main]
 
 use kuberaya_gateway::dataplane::tcp_gro::{TcpGro, VNET};
+// The packet module's checksum: independent of the coalescer's (tun_rs's).
+use kuberaya_gateway::packet::internet_checksum as checksum;
 use libfuzzer_sys::fuzz_target;
 
 const MSS: usize = 1380;
-
-fn checksum(b: &[u8]) -> u16 {
-    let mut sum: u32 = b
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
 
 /// A TCP/IPv4 segment of connection `flow` (its source port).
 fn segment(flow: u8, seq: u32, flags: u8, ttl: u8, len: usize) -> Vec<u8> {

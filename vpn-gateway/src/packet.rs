@@ -344,8 +344,8 @@ fn icmpv6_checksum(packet: &[u8]) -> u16 {
     internet_checksum(&pseudo)
 }
 
-/// RFC 1071 one's-complement sum.
-fn internet_checksum(bytes: &[u8]) -> u16 {
+/// RFC 1071 one's-complement sum (0 over bytes that carry a valid checksum).
+pub fn internet_checksum(bytes: &[u8]) -> u16 {
     let mut sum: u32 = bytes
         .chunks(2)
         .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
