@@ -16,6 +16,9 @@ pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_ICMPV6: u8 = 58;
+/// The largest IP packet: what an IPv4 total length can say, and what one offloaded TUN
+/// read or write (a super-packet) may carry.
+pub const MAX_PACKET: usize = 65_535;
 
 const IPV4_MIN_HEADER: usize = 20;
 const IPV6_HEADER: usize = 40;

@@ -25,14 +25,13 @@
 
 use tun_rs::{VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_LEN, VirtioNetHdr};
 
+use crate::packet::{MAX_PACKET, PROTO_TCP};
+
 /// Where a packet starts in its buffer: the virtio-net header goes in front.
 pub const VNET: usize = VIRTIO_NET_HDR_LEN;
-/// The largest IP packet one write may carry.
-const MAX_PACKET: usize = 65_535;
 /// Packets already queued that a new segment is compared with, newest first: enough for
 /// the connections of one batch of datagrams, few enough that a packet costs no search.
 const LOOKBACK: usize = 8;
-const TCP: u8 = 6;
 const ACK: u8 = 0x10;
 const PSH: u8 = 0x08;
 /// `VIRTIO_NET_HDR_F_NEEDS_CSUM`: the kernel computes the TCP checksum of each segment.
@@ -58,14 +57,14 @@ impl Segment {
             4 if p.len() >= 20 && p[0] & 0x0f == 5 => {
                 let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
                 let fragment = u16::from_be_bytes([p[6], p[7]]) & 0x3fff != 0;
-                if total != p.len() || fragment || p[9] != TCP {
+                if total != p.len() || fragment || p[9] != PROTO_TCP {
                     return None;
                 }
                 false
             }
             6 if p.len() >= 40 => {
                 let payload = usize::from(u16::from_be_bytes([p[4], p[5]]));
-                if 40 + payload != p.len() || p[6] != TCP {
+                if 40 + payload != p.len() || p[6] != PROTO_TCP {
                     return None;
                 }
                 true
@@ -276,7 +275,7 @@ fn super_packet_headers(h: Segment, gso_size: usize, hdr: &mut [u8], packet: &mu
     let mut pseudo = [0u8; 36];
     let n = addrs.len();
     pseudo[..n].copy_from_slice(&packet[addrs]);
-    pseudo[n..n + 4].copy_from_slice(&[0, TCP, (tcp_len >> 8) as u8, tcp_len as u8]);
+    pseudo[n..n + 4].copy_from_slice(&[0, PROTO_TCP, (tcp_len >> 8) as u8, tcp_len as u8]);
     let sum = tun_rs::checksum(&pseudo[..n + 4], 0);
     packet[h.iph + 16..h.iph + 18].copy_from_slice(&sum.to_be_bytes());
     let v = VirtioNetHdr {
@@ -307,7 +306,7 @@ mod tests {
         p[4..6].copy_from_slice(&id.to_be_bytes());
         p[6] = 0x40; // DF
         p[8] = 64;
-        p[9] = TCP;
+        p[9] = PROTO_TCP;
         p[12..16].copy_from_slice(&[10, 0, 0, 2]);
         p[16..20].copy_from_slice(&[10, 96, 0, 20]);
         let sum = !tun_rs::checksum(&p[..20], 0);
@@ -322,7 +321,7 @@ mod tests {
         let mut p = vec![0u8; iph + tcph + payload.len()];
         p[0] = 0x60;
         p[4..6].copy_from_slice(&((tcph + payload.len()) as u16).to_be_bytes());
-        p[6] = TCP;
+        p[6] = PROTO_TCP;
         p[7] = 64;
         p[8..24].copy_from_slice(&"fd00::2".parse::<std::net::Ipv6Addr>().unwrap().octets());
         p[24..40].copy_from_slice(&"fd00:96::14".parse::<std::net::Ipv6Addr>().unwrap().octets());
@@ -348,7 +347,7 @@ mod tests {
             (12..20, p.len() - 20)
         };
         let mut pseudo = p[addrs].to_vec();
-        pseudo.extend_from_slice(&[0, TCP]);
+        pseudo.extend_from_slice(&[0, PROTO_TCP]);
         pseudo.extend_from_slice(&(len as u16).to_be_bytes());
         let sum = !tun_rs::checksum(&p[iph..], tun_rs::checksum_no_fold(&pseudo, 0));
         p[iph + 16..iph + 18].copy_from_slice(&sum.to_be_bytes());
@@ -390,7 +389,7 @@ mod tests {
         let mut whole = p.to_vec();
         whole[iph + 16..iph + 18].fill(0);
         let mut pseudo = p[addrs].to_vec();
-        pseudo.extend_from_slice(&[0, TCP]);
+        pseudo.extend_from_slice(&[0, PROTO_TCP]);
         pseudo.extend_from_slice(&((p.len() - iph) as u16).to_be_bytes());
         let expected = !tun_rs::checksum(&whole[iph..], tun_rs::checksum_no_fold(&pseudo, 0));
         assert_eq!(completed, expected);

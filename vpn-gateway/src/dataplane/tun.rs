@@ -64,6 +64,7 @@ use super::tcp_gro::TcpGro;
 use super::userspace::{UserspaceConfig, UserspaceDataPlane};
 use super::{DataPlane, FlowCounters, Inbound, Policy, nft};
 use crate::acl::Verdict;
+use crate::packet::{MAX_PACKET, PROTO_TCP};
 
 /// The device's MTU: WireGuard's usual 1420, the same as the userspace data plane.
 pub const MTU: u16 = super::userspace::MTU as u16;
@@ -78,15 +79,11 @@ pub const BATCH: usize = 128;
 pub const READS_PER_TURN: usize = 64;
 /// One packet's room in a batch: the MTU, rounded up.
 const SLOT: usize = 2048;
-/// The largest IP packet, what one offloaded read or write may carry.
-const MAX_PACKET: usize = 65_535;
 /// Decrypted packets held for one coalesced write ([`DataPlane::flush`]); the gateway
 /// flushes after each batch of datagrams, which is at most this many.
 const WRITE_BATCH: usize = crate::udp_batch::RECV_BATCH;
 /// Where a packet starts in a write buffer: the virtio-net header goes in front.
 const OFFSET: usize = VIRTIO_NET_HDR_LEN;
-/// The IP protocol number of TCP.
-const TCP: u8 = 6;
 
 /// Configuration of the TUN data plane.
 #[derive(Debug, Clone)]
@@ -291,11 +288,14 @@ impl DataPlane for TunDataPlane {
         match pkt.verdict {
             Verdict::Spoofed => {}
             Verdict::Allow if !kernel_carries(self.kernel_v6, pkt.packet.dst) => self.local.inbound(pkt, now),
-            Verdict::Allow if pkt.packet.proto == TCP && self.tcp.is_some() => {
-                let bytes = &pkt.bytes[..pkt.packet.len.min(pkt.bytes.len())];
-                if !self.tcp.as_mut().is_some_and(|g| g.push(bytes)) {
+            Verdict::Allow if pkt.packet.proto == PROTO_TCP && self.tcp.is_some() => {
+                // The packet as its header says (`parse` keeps that within the buffer).
+                let bytes = &pkt.bytes[..pkt.packet.len];
+                if self.tcp.as_mut().is_some_and(|g| !g.push(bytes)) {
                     self.flush();
-                    self.tcp.as_mut().map(|g| g.push(bytes));
+                    if let Some(g) = self.tcp.as_mut() {
+                        g.push(bytes);
+                    }
                 }
             }
             Verdict::Allow => {
