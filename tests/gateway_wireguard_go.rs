@@ -130,11 +130,19 @@ fn exec(ns: &Netns, args: &[&str]) -> std::process::Output {
 }
 
 fn curl(ns: &Netns, extra: &[&str], url: &str) -> (bool, String) {
-    let mut args = vec!["curl", "-sS", "-m", "3"];
-    args.extend_from_slice(extra);
+    let mut args = extra.to_vec();
     args.push(url);
-    let out = exec(ns, &args);
+    let out = curl_within(ns, 3, &args);
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// curl with `args`, giving up after `seconds` (the command itself gets 10 s more).
+fn curl_within(ns: &Netns, seconds: u64, args: &[&str]) -> std::process::Output {
+    let limit = seconds.to_string();
+    let mut all = vec!["curl", "-sS", "-m", &limit];
+    all.extend_from_slice(args);
+    let within = Duration::from_secs(seconds + 10).max(CMD);
+    ns.exec(&all, within).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn dig(ns: &Netns, server: &str, name: &str) -> String {
@@ -200,28 +208,6 @@ http.server.ThreadingHTTPServer((sys.argv[1], 80), handler).serve_forever()
     let up = poll_until_blocking(Duration::from_secs(15), || curl(ns, &["-d", "x"], &url).0.then_some(()));
     assert!(up.is_some(), "the bulk Service did not come up\n{}", p.output_tails());
     p
-}
-
-/// curl moving the bulk file: a minute at most.
-fn bulk_curl(ns: &Netns, args: &[&str]) -> std::process::Output {
-    let mut all = vec!["curl", "-sS", "-m", "60"];
-    all.extend_from_slice(args);
-    ns.exec(&all, Duration::from_secs(70))
-        .unwrap_or_else(|e| panic!("{e:#}"))
-}
-
-/// `n` bytes no compressor or coincidence would reproduce (xorshift).
-fn noise(n: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut out = Vec::with_capacity(n + 8);
-    while out.len() < n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(n);
-    out
 }
 
 /// The value of the first sample of `metric` whose line contains every one of `labels`.
@@ -312,7 +298,7 @@ fn laptop_scenario(plane: Plane) {
     let _web = http_server(&cluster, dir.path(), WEB_IP, BODY);
     let bulk_dir = dir.path().join("bulk");
     std::fs::create_dir_all(&bulk_dir).unwrap();
-    let bulk = noise(BULK_BYTES);
+    let bulk = kuberaya_e2e::gateway::random_vec(BULK_BYTES);
     std::fs::write(bulk_dir.join("big.bin"), &bulk).unwrap();
     let _bulk = bulk_server(&cluster, &bulk_dir, BULK_IP);
     let secret = http_server(&cluster, dir.path(), SECRET_IP, SECRET_BODY);
@@ -481,7 +467,7 @@ fn laptop_scenario(plane: Plane) {
     // an upload it coalesces (TUN mode) or relays (userspace).
     let down = dir.path().join("down.bin");
     let big_url = format!("http://{BULK_IP}/big.bin");
-    let out = bulk_curl(&laptop, &["-o", down.to_str().unwrap(), &big_url]);
+    let out = curl_within(&laptop, 60, &["-o", down.to_str().unwrap(), &big_url]);
     assert!(
         out.status.success(),
         "downloading {BULK_BYTES} bytes ({plane:?})\n{}",
@@ -502,8 +488,9 @@ fn laptop_scenario(plane: Plane) {
         .to_string();
     let upload = format!("@{}", bulk_dir.join("big.bin").display());
     let bulk_url = format!("http://{BULK_IP}/");
-    let out = bulk_curl(
+    let out = curl_within(
         &laptop,
+        60,
         &[
             "-H",
             "Content-Type: application/octet-stream",

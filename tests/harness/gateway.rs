@@ -26,10 +26,21 @@ use crate::{Process, b64, b64_decode, binary, poll_until_blocking};
 /// `N` bytes from `/dev/urandom`.
 pub fn random_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .expect("/dev/urandom");
+    fill_random(&mut b);
     b
+}
+
+/// `n` bytes from `/dev/urandom`: a payload no compressor or coincidence reproduces.
+pub fn random_vec(n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    fill_random(&mut b);
+    b
+}
+
+fn fill_random(b: &mut [u8]) {
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(b))
+        .expect("/dev/urandom");
 }
 
 /// Peer `i`'s tunnel address in 100.64.0.0/16 (the gateway is 100.64.0.1): 100.64.0.2 on.
