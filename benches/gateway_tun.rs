@@ -18,7 +18,9 @@
 //! ours, against wireguard-go. `KURAYA_BENCH_PERF=DIR` records a `perf record -e cpu-clock
 //! -g` profile of each gateway process during its one-stream run into `DIR/<gateway>-<pid>.data`
 //! (and of the download into `DIR/<gateway>-R-<pid>.data`); `KURAYA_BENCH_PERF_GRAPH=dwarf`
-//! records the stacks by DWARF unwinding (the release build has no frame pointers).
+//! records the stacks by DWARF unwinding (the release build has no frame pointers);
+//! `KURAYA_BENCH_PERF_STAT=1` counts instead (`perf stat`: CPU time, context switches,
+//! preemptions, and the data plane's system calls) into `DIR/<gateway>[-R]-<pid>.stat`.
 //! `KURAYA_BENCH_GATEWAY_BIN=PATH` measures that gateway binary instead of building one;
 //! `KURAYA_BENCH_BASELINE_BIN=PATH` measures another one in TUN mode as well (in userspace
 //! mode when `KURAYA_BENCH_GATEWAYS=userspace`), before/after a change in one run. `KR_BENCH_PIN=1` pins the gateway to CPU 0 and the clients, the
@@ -174,6 +176,12 @@ fn gso_client() -> bool {
 /// kernel included) until [`perf_stop`], in DIR/<gateway><what>-<pid>.data.
 fn perf_record(kind: Gateway, pid: u32, what: &str) -> Option<std::process::Child> {
     let d = std::env::var_os("KURAYA_BENCH_PERF")?;
+    if std::env::var_os("KURAYA_BENCH_PERF_STAT").is_some() {
+        return Some(perf_stat(
+            &Path::new(&d).join(format!("{}{what}-{pid}.stat", kind.short())),
+            pid,
+        ));
+    }
     let out = Path::new(&d).join(format!("{}{what}-{pid}.data", kind.short()));
     // KURAYA_BENCH_PERF_GRAPH=dwarf: stacks through code built without frame pointers.
     let graph = std::env::var("KURAYA_BENCH_PERF_GRAPH").unwrap_or_else(|_| "fp".into());
@@ -194,6 +202,28 @@ fn perf_record(kind: Gateway, pid: u32, what: &str) -> Option<std::process::Chil
         .spawn()
         .expect("perf record (linux-perf)");
     Some(p)
+}
+
+/// Counts for the gateway process (all its threads): a switch away while still runnable
+/// (`prev_state == 0`) is a preemption; the rest are waits for I/O.
+fn perf_stat(out: &Path, pid: u32) -> std::process::Child {
+    const SYSCALLS: &str = "syscalls:sys_enter_read,syscalls:sys_enter_write,syscalls:sys_enter_recvmmsg,\
+                            syscalls:sys_enter_sendmmsg,syscalls:sys_enter_epoll_wait";
+    Command::new("perf")
+        .args(["stat", "-e", "task-clock,context-switches", "-e", "sched:sched_switch"])
+        .args([
+            "--filter",
+            "prev_state == 0",
+            "-e",
+            SYSCALLS,
+            "-p",
+            &pid.to_string(),
+            "-o",
+        ])
+        .arg(out)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("perf stat (linux-perf)")
 }
 
 fn perf_stop(perf: Option<std::process::Child>) {
