@@ -33,6 +33,8 @@ const PERF_IP: &str = "10.96.0.20";
 const PERF_PORT: u16 = 5201;
 /// A Service that serves a large file and answers an upload with its SHA-256.
 const BULK_IP: &str = "10.96.0.30";
+/// An allowed Service whose port nothing listens on: its host refuses connections.
+const CLOSED_IP: &str = "10.96.0.40";
 /// The bulk file: many TCP windows, so that the data plane coalesces (TUN mode) and
 /// segments (both) long runs of segments.
 const BULK_BYTES: usize = 24 << 20;
@@ -86,7 +88,8 @@ fn gateway_args(dir: &Path, gw_private: &str, peer_public: &str, listen: &str) -
         &serde_json::json!([{
             "namespace": "default", "name": "alice",
             "spec": {"publicKey": peer_public, "address": PEER_ADDRESS,
-                     "allow": [{"service": "web"}, {"service": "perf"}, {"service": "bulk"}]}
+                     "allow": [{"service": "web"}, {"service": "perf"}, {"service": "bulk"},
+                               {"service": "closed"}]}
         }])
         .to_string(),
     );
@@ -101,6 +104,8 @@ fn gateway_args(dir: &Path, gw_private: &str, peer_public: &str, listen: &str) -
             {"namespace": "default", "name": "perf", "clusterIP": PERF_IP,
              "ports": [{"name": "iperf", "port": PERF_PORT}]},
             {"namespace": "default", "name": "bulk", "clusterIP": BULK_IP,
+             "ports": [{"name": "http", "port": 80}]},
+            {"namespace": "default", "name": "closed", "clusterIP": CLOSED_IP,
              "ports": [{"name": "http", "port": 80}]}
         ])
         .to_string(),
@@ -418,6 +423,24 @@ fn laptop_scenario(plane: Plane) {
     let (ok, body) = curl(&laptop, &[], &format!("http://{SECRET_IP}/"));
     assert!(!ok && body != SECRET_BODY, "a denied Service answered: {body}");
     assert_eq!(requests(&secret), seen_before, "the denied Service saw a request");
+
+    // Allowed, but nothing listens: refused at once, as the Service's host refuses it (curl:
+    // "Couldn't connect", exit 7), in both modes. The userspace plane used to accept the
+    // connection first and reset it after the request (curl: exit 56).
+    let started = std::time::Instant::now();
+    let out = curl_within(&laptop, 5, &[&format!("http://{CLOSED_IP}/")]);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "curl to a Service port nothing listens on, after {:?}: {}",
+        started.elapsed(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "refused only after {:?}",
+        started.elapsed()
+    );
 
     // DNS on the gateway's tunnel address, the config's DNS server.
     let answer = dig(&laptop, &dns[0], "web.default.svc.cluster.local");

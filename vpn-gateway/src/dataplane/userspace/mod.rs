@@ -233,8 +233,18 @@ impl DataPlane for UserspaceDataPlane {
                     self.out.extend(rst);
                     return;
                 }
-                if p.is_tcp_syn() && !self.tcp.contains_key(&key) {
-                    self.open_tcp(key, &pkt, local, now);
+                if p.is_tcp_syn() && !self.tcp.contains_key(&key) && self.open_tcp(key, &pkt, local, now) && !local {
+                    // Answered once the Service has taken the connection: SYN-ACK then,
+                    // and a refusal is a refusal ("connection refused"), not a connection
+                    // that the gateway accepted and then resets.
+                    if let Some(f) = self.tcp.get_mut(&key) {
+                        f.held_syn = Some(pkt.bytes.to_vec());
+                    }
+                    return;
+                }
+                if self.tcp.get(&key).is_some_and(|f| f.held_syn.is_some()) {
+                    // The peer's SYN again while the Service is being connected to.
+                    return;
                 }
                 self.stack.dev.push_rx(pkt.bytes);
             }

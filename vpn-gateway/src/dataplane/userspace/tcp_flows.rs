@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
+use super::stack::smol_now;
 use super::{
     CHUNK, CHUNKS, CONNECT_TIMEOUT, DOWN_CHUNK, DOWN_CHUNKS, FlowKey, MAX_FLOWS, TCP_BUFFER, TCP_IDLE,
     UserspaceDataPlane,
@@ -26,6 +27,8 @@ use crate::peers::PeerId;
 
 /// From a Service connection to the data plane.
 pub(super) enum Upstream {
+    /// The Service took the connection: the peer's SYN may be answered.
+    Connected,
     Data(Vec<u8>),
     Eof,
     Failed(String),
@@ -56,6 +59,8 @@ pub(super) struct TcpFlow {
     pub(super) service: String,
     /// The rule that allowed it, for its audit line.
     pub(super) rule: String,
+    /// The peer's SYN, until the Service has taken or refused the connection.
+    pub(super) held_syn: Option<Vec<u8>>,
     pub(super) pending: Vec<u8>,
     pub(super) pending_off: usize,
     pub(super) started: Instant,
@@ -128,6 +133,7 @@ impl UserspaceDataPlane {
                 peer_addr: pkt.peer_addr,
                 service,
                 rule,
+                held_syn: None,
                 pending: Vec::new(),
                 pending_off: 0,
                 started: now,
@@ -245,6 +251,12 @@ impl UserspaceDataPlane {
                     break;
                 }
                 match from_service.try_recv() {
+                    Ok(Upstream::Connected) => {
+                        if let Some(syn) = flow.held_syn.take() {
+                            self.stack.dev.push_rx(&syn);
+                        }
+                        progressed = true;
+                    }
                     Ok(Upstream::Data(d)) => flow.pending = d,
                     Ok(Upstream::Eof) | Err(mpsc::error::TryRecvError::Disconnected) => {
                         *service_eof = true;
@@ -254,6 +266,13 @@ impl UserspaceDataPlane {
                     Ok(Upstream::Failed(e)) => {
                         *service_eof = true;
                         flow.error = Some(e);
+                        if let Some(syn) = flow.held_syn.take() {
+                            // Refused before the handshake: the answer to the SYN is a reset,
+                            // as the Service's own would be.
+                            self.reject.dev.push_rx(&syn);
+                            self.reject.poll(smol_now(now, self.epoch));
+                            self.out.extend(self.reject.dev.tx.drain(..));
+                        }
                         socket.abort();
                         progressed = true;
                     }
@@ -261,7 +280,9 @@ impl UserspaceDataPlane {
                 }
             }
             let done = match socket.state() {
-                tcp::State::Closed | tcp::State::TimeWait => true,
+                // An aborted connection keeps its peer until its reset has gone out.
+                tcp::State::Closed => socket.remote_endpoint().is_none(),
+                tcp::State::TimeWait => true,
                 tcp::State::Listen => now.duration_since(flow.started) > Duration::from_secs(30),
                 _ => now.duration_since(flow.last_activity) > TCP_IDLE,
             };
@@ -390,6 +411,10 @@ pub(super) async fn bridge(
         }
     };
     let _ = stream.set_nodelay(true);
+    if to_client.send(Upstream::Connected).await.is_err() {
+        return;
+    }
+    notify.notify_one();
     let (mut r, mut w) = stream.into_split();
     let up = {
         let notify = notify.clone();
@@ -434,10 +459,10 @@ mod tests {
     use super::*;
     use crate::acl::Verdict;
     use crate::dataplane::DataPlane;
-    use crate::dataplane::userspace::stack::{Stack, smol_now};
+    use crate::dataplane::userspace::stack::Stack;
     use crate::dataplane::userspace::{UserspaceConfig, UserspaceDataPlane};
     use smoltcp::wire::IpAddress;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn byte(i: usize) -> u8 {
         (i % 251) as u8
@@ -473,10 +498,91 @@ mod tests {
         assert_eq!(got, want, "every chunk, in order");
     }
 
+    /// The gateway's side of a test: the plane, and the peer's own smoltcp stack with its
+    /// tunnel address, driven as the gateway drives the plane: on the peer's packets, on the
+    /// plane's waker, and on its timer.
+    struct Harness {
+        dp: UserspaceDataPlane,
+        waker: Arc<Notify>,
+        laptop: Stack,
+        peer: PeerId,
+        me: Ipv4Addr,
+        epoch: Instant,
+    }
+
+    impl Harness {
+        fn new() -> Harness {
+            let epoch = Instant::now();
+            let me = Ipv4Addr::new(100, 64, 0, 2);
+            let dp = UserspaceDataPlane::new(UserspaceConfig {
+                gateway: Ipv4Addr::new(100, 64, 0, 1),
+                gateway_v6: "fd6b:7261:7961::1".parse().unwrap(),
+                cluster_domain: "cluster.local".into(),
+                dns_upstream: None,
+            });
+            let waker = dp.waker();
+            let laptop = Stack::new(me, "fd6b:7261:7961::2".parse().unwrap(), epoch);
+            let peer = PeerId::new("default", "alice");
+            Harness {
+                dp,
+                waker,
+                laptop,
+                peer,
+                me,
+                epoch,
+            }
+        }
+
+        /// The peer's socket, connecting to a Service on 127.0.0.1:`port`.
+        fn connect(&mut self, port: u16) -> SocketHandle {
+            let mut socket = tcp::Socket::new(
+                tcp::SocketBuffer::new(vec![0u8; 256 * 1024]),
+                tcp::SocketBuffer::new(vec![0u8; 256 * 1024]),
+            );
+            let cx = self.laptop.iface.context();
+            socket.connect(cx, (IpAddress::v4(127, 0, 0, 1), port), 40_000).unwrap();
+            self.laptop.sockets.add(socket)
+        }
+
+        /// One round both ways; waits as the gateway would when nothing moved.
+        async fn turn(&mut self) {
+            let now = Instant::now();
+            self.laptop.poll(smol_now(now, self.epoch));
+            let up: Vec<Vec<u8>> = self.laptop.dev.tx.drain(..).collect();
+            for bytes in &up {
+                let pkt = crate::packet::parse(bytes).unwrap();
+                let inbound = Inbound {
+                    peer: &self.peer,
+                    peer_addr: self.me,
+                    bytes,
+                    packet: &pkt,
+                    verdict: Verdict::Allow,
+                };
+                self.dp.inbound(inbound, now);
+            }
+            self.dp.flush();
+            let mut down = Vec::new();
+            self.dp.outbound(now, &mut |p| down.push(p.to_vec()));
+            let moved = !up.is_empty() || !down.is_empty();
+            self.laptop.dev.rx.extend(down);
+            if !moved {
+                // Until the plane's waker or its timer, or the peer's own timer (smoltcp's,
+                // for retransmits and window probes).
+                let theirs = self
+                    .laptop
+                    .iface
+                    .poll_delay(smol_now(now, self.epoch), &self.laptop.sockets)
+                    .map(|d| Duration::from_micros(d.total_micros()));
+                let wait = [self.dp.poll_delay(now), theirs].into_iter().flatten().min();
+                let wait = wait.unwrap_or(Duration::from_secs(1)).min(Duration::from_secs(1));
+                let _ = tokio::time::timeout(wait, self.waker.notified()).await;
+            }
+        }
+    }
+
     /// A peer's upload through the userspace plane to a Service that stops reading for a
     /// while and then reads everything: every byte arrives, in order, once. The peer is a
-    /// smoltcp stack of the test's, the Service a real socket; the loop is driven as the
-    /// gateway drives it: on the peer's packets, on the plane's waker, and on its timer.
+    /// smoltcp stack of the test's, the Service a real socket.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_upload_to_a_service_that_pauses_arrives_whole() {
         const TOTAL: usize = 6 << 20;
@@ -496,31 +602,13 @@ mod tests {
             got
         });
 
-        let epoch = Instant::now();
-        let me = Ipv4Addr::new(100, 64, 0, 2);
-        let mut dp = UserspaceDataPlane::new(UserspaceConfig {
-            gateway: Ipv4Addr::new(100, 64, 0, 1),
-            gateway_v6: "fd6b:7261:7961::1".parse().unwrap(),
-            cluster_domain: "cluster.local".into(),
-            dns_upstream: None,
-        });
-        let waker = dp.waker();
-        let mut laptop = Stack::new(me, "fd6b:7261:7961::2".parse().unwrap(), epoch);
-        let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0u8; 256 * 1024]),
-            tcp::SocketBuffer::new(vec![0u8; 256 * 1024]),
-        );
-        socket
-            .connect(laptop.iface.context(), (IpAddress::v4(127, 0, 0, 1), port), 40_000)
-            .unwrap();
-        let handle = laptop.sockets.add(socket);
-        let peer = PeerId::new("default", "alice");
+        let mut h = Harness::new();
+        let handle = h.connect(port);
         let (mut sent, mut closed, mut stalls) = (0, false, 0);
         let deadline = Instant::now() + Duration::from_secs(60);
         while !service.is_finished() {
             assert!(Instant::now() < deadline, "upload stalled at {sent} of {TOTAL} bytes");
-            let now = Instant::now();
-            let s = laptop.sockets.get_mut::<tcp::Socket>(handle);
+            let s = h.laptop.sockets.get_mut::<tcp::Socket>(handle);
             while s.can_send() && sent < TOTAL {
                 sent += s
                     .send(|b| {
@@ -534,36 +622,8 @@ mod tests {
                 s.close();
                 closed = true;
             }
-            laptop.poll(smol_now(now, epoch));
-            let up: Vec<Vec<u8>> = laptop.dev.tx.drain(..).collect();
-            for bytes in &up {
-                let pkt = crate::packet::parse(bytes).unwrap();
-                let inbound = Inbound {
-                    peer: &peer,
-                    peer_addr: me,
-                    bytes,
-                    packet: &pkt,
-                    verdict: Verdict::Allow,
-                };
-                dp.inbound(inbound, now);
-            }
-            dp.flush();
-            stalls = dp.tcp.values().map(|f| f.up_stalls).max().unwrap_or(0).max(stalls);
-            let mut down = Vec::new();
-            dp.outbound(now, &mut |p| down.push(p.to_vec()));
-            let moved = !up.is_empty() || !down.is_empty();
-            laptop.dev.rx.extend(down);
-            if !moved {
-                // Idle as the gateway would be: until the plane's waker or its timer, or
-                // the peer's own timer (smoltcp's, for retransmits and window probes).
-                let theirs = laptop
-                    .iface
-                    .poll_delay(smol_now(now, epoch), &laptop.sockets)
-                    .map(|d| Duration::from_micros(d.total_micros()));
-                let wait = [dp.poll_delay(now), theirs].into_iter().flatten().min();
-                let wait = wait.unwrap_or(Duration::from_secs(1)).min(Duration::from_secs(1));
-                let _ = tokio::time::timeout(wait, waker.notified()).await;
-            }
+            h.turn().await;
+            stalls = h.dp.tcp.values().map(|f| f.up_stalls).max().unwrap_or(0).max(stalls);
         }
         let got = service.await.unwrap();
         assert!(
@@ -572,5 +632,117 @@ mod tests {
         );
         assert_eq!(got.len(), TOTAL);
         assert!(got.iter().enumerate().all(|(i, &b)| b == byte(i)), "the bytes in order");
+    }
+
+    /// A Service's answer through the userspace plane to a peer that stops reading for a
+    /// while: the plane reads the Service only while the peer's socket has room, so the
+    /// bytes wait in the kernel (the Service's window closes), and every byte arrives in
+    /// order, once, followed by the Service's end of stream.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_download_to_a_peer_that_pauses_arrives_whole_and_then_ends() {
+        const TOTAL: usize = 6 << 20;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let service = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let data: Vec<u8> = (0..TOTAL).map(byte).collect();
+            s.write_all(&data).await.unwrap();
+            // Its end of stream goes to the peer as a FIN, after the last byte.
+        });
+
+        let mut h = Harness::new();
+        let handle = h.connect(port);
+        let mut got = Vec::with_capacity(TOTAL);
+        let (mut full_seen, mut ended) = (false, false);
+        let paused_until = Instant::now() + Duration::from_millis(500);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ended {
+            assert!(
+                Instant::now() < deadline,
+                "download stalled at {} of {TOTAL} bytes",
+                got.len()
+            );
+            h.turn().await;
+            // The plane stopped taking the Service's bytes for want of room toward the peer.
+            let flow_full = h.dp.tcp.values().any(|f| {
+                let s = h.dp.stack.sockets.get::<tcp::Socket>(f.handle);
+                !s.can_send() && f.pending_off < f.pending.len()
+            });
+            if Instant::now() < paused_until {
+                full_seen |= flow_full;
+                continue;
+            }
+            let s = h.laptop.sockets.get_mut::<tcp::Socket>(handle);
+            while s.can_recv() {
+                s.recv(|b| {
+                    got.extend_from_slice(b);
+                    (b.len(), ())
+                })
+                .unwrap();
+            }
+            ended = !s.may_recv() && got.len() == TOTAL;
+        }
+        service.await.unwrap();
+        assert!(full_seen, "the plane never had to stop reading: the test shows nothing");
+        assert_eq!(got.len(), TOTAL);
+        assert!(got.iter().enumerate().all(|(i, &b)| b == byte(i)), "the bytes in order");
+        let flow = h.dp.tcp.values().next();
+        assert!(flow.is_none_or(|f| f.error.is_none() && f.bytes_down == TOTAL as u64));
+    }
+
+    /// A Service that refuses: so is the peer's connection, with a reset in answer to its
+    /// SYN, as the Service's own would be. Before, the gateway accepted the connection at
+    /// once and then dropped it without a word: a peer that waits for the Service to speak
+    /// first waited until its own timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_service_that_refuses_refuses_the_peer() {
+        // A port nothing listens on: bound, then closed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut h = Harness::new();
+        let handle = h.connect(port);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            assert!(Instant::now() < deadline, "the peer's connection was not refused");
+            h.turn().await;
+            let state = h.laptop.sockets.get::<tcp::Socket>(handle).state();
+            assert_ne!(state, tcp::State::Established, "accepted for a Service that refused");
+            if state == tcp::State::Closed {
+                break;
+            }
+        }
+        assert!(h.dp.tcp.is_empty(), "the flow is gone");
+    }
+
+    /// A Service that resets an established connection: the peer's connection is reset
+    /// too, at once, and not left open until its own timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_service_that_resets_resets_the_peer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let service = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            // Linger 0: close sends a reset.
+            socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+            drop(s);
+        });
+        let mut h = Harness::new();
+        let handle = h.connect(port);
+        let (mut established, deadline) = (false, Instant::now() + Duration::from_secs(5));
+        loop {
+            assert!(Instant::now() < deadline, "the peer's connection stayed open");
+            h.turn().await;
+            let state = h.laptop.sockets.get::<tcp::Socket>(handle).state();
+            established |= state == tcp::State::Established;
+            if state == tcp::State::Closed {
+                break;
+            }
+        }
+        service.await.unwrap();
+        assert!(established, "the connection was up before the Service reset it");
     }
 }
