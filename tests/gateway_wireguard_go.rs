@@ -106,7 +106,7 @@ fn gateway_args(dir: &Path, gw_private: &str, peer_public: &str, listen: &str) -
             {"namespace": "default", "name": "bulk", "clusterIP": BULK_IP,
              "ports": [{"name": "http", "port": 80}]},
             {"namespace": "default", "name": "closed", "clusterIP": CLOSED_IP,
-             "ports": [{"name": "http", "port": 80}]}
+             "ports": [{"name": "http", "port": 80}, {"name": "dns", "port": 53, "protocol": "UDP"}]}
         ])
         .to_string(),
     );
@@ -438,6 +438,29 @@ fn laptop_scenario(plane: Plane) {
     );
     assert!(
         started.elapsed() < Duration::from_secs(3),
+        "refused only after {:?}",
+        started.elapsed()
+    );
+    // The same over UDP: the host's port unreachable reaches dig (through the userspace
+    // plane, which passes the error on; in TUN mode, the kernel's own).
+    let started = std::time::Instant::now();
+    let out = exec(
+        &laptop,
+        &[
+            "dig",
+            "+time=2",
+            "+tries=1",
+            &format!("@{CLOSED_IP}"),
+            "web.default.svc.cluster.local",
+        ],
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("connection refused"),
+        "dig to a UDP port nothing listens on: {said}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
         "refused only after {:?}",
         started.elapsed()
     );

@@ -43,7 +43,7 @@ use crate::packet::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, TCP_RST, Tra
 use crate::peers::PeerId;
 use stack::{Stack, smol_now};
 use tcp_flows::{TcpFlow, TcpKind};
-use udp_flows::UdpFlow;
+use udp_flows::{UdpFlow, UdpReply};
 
 /// What an audit line names as the rule of a denied flow.
 pub const NO_RULE: &str = "no rule";
@@ -97,8 +97,8 @@ pub struct UserspaceDataPlane {
     reject: Stack,
     tcp: HashMap<FlowKey, TcpFlow>,
     udp: HashMap<FlowKey, UdpFlow>,
-    replies_tx: mpsc::Sender<(FlowKey, Vec<u8>)>,
-    replies_rx: mpsc::Receiver<(FlowKey, Vec<u8>)>,
+    replies_tx: mpsc::Sender<(FlowKey, UdpReply)>,
+    replies_rx: mpsc::Receiver<(FlowKey, UdpReply)>,
     resolver: Resolver,
     policy: Arc<Policy>,
     notify: Arc<Notify>,
@@ -293,12 +293,13 @@ impl DataPlane for UserspaceDataPlane {
         self.stack.poll(ts);
         for _ in 0..1024 {
             match self.replies_rx.try_recv() {
-                Ok((key, payload)) => {
+                Ok((key, Ok(payload))) => {
                     if let Some(f) = self.udp.get_mut(&key) {
                         f.last_activity = now;
                     }
                     self.queue_udp_reply(key, &payload);
                 }
+                Ok((key, Err(unreachable))) => self.queue_unreachable(key, unreachable),
                 Err(_) => break,
             }
         }

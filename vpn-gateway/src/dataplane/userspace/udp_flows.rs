@@ -12,7 +12,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, UdpPacket, UdpRepr};
+use smoltcp::wire::{
+    Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable, Icmpv6Packet, Icmpv6Repr, IpAddress,
+    IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, UdpPacket, UdpRepr,
+};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
@@ -23,6 +26,32 @@ use crate::dns::DnsAnswer;
 use crate::peers::PeerId;
 use crate::transport::Bound;
 use crate::udp_batch::send_all;
+
+/// What a Service's side of a UDP flow sent back: a datagram, or an ICMP error the kernel
+/// reported on the flow's connected socket.
+pub(super) type UdpReply = Result<Vec<u8>, Unreachable>;
+
+/// An ICMP "destination unreachable" the Service's side answered with, passed on to the
+/// peer as the same message, so that its client fails as it would without the gateway
+/// (`dig`: "connection refused") instead of waiting for a reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Unreachable {
+    Port,
+    Host,
+    Net,
+}
+
+impl Unreachable {
+    /// The ICMP error behind a receive's error on a connected UDP socket, if it is one.
+    fn of(e: &std::io::Error) -> Option<Unreachable> {
+        match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => Some(Unreachable::Port),
+            std::io::ErrorKind::HostUnreachable => Some(Unreachable::Host),
+            std::io::ErrorKind::NetworkUnreachable => Some(Unreachable::Net),
+            _ => None,
+        }
+    }
+}
 
 pub(super) struct UdpFlow {
     pub(super) socket: Arc<UdpSocket>,
@@ -123,9 +152,18 @@ impl UserspaceDataPlane {
         let reader = socket.clone();
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; 65_536];
-            // Ends when the flow expires (the task is aborted) or the socket fails.
-            while let Ok(n) = reader.recv(&mut buf).await {
-                if replies.try_send((key, buf[..n].to_vec())).is_ok() {
+            // Ends when the flow expires (the task is aborted) or the socket fails. An ICMP
+            // error is reported once and does not end it: the Service may be listening by
+            // the peer's next datagram.
+            loop {
+                let reply = match reader.recv(&mut buf).await {
+                    Ok(n) => Ok(buf[..n].to_vec()),
+                    Err(e) => match Unreachable::of(&e) {
+                        Some(u) => Err(u),
+                        None => break,
+                    },
+                };
+                if replies.try_send((key, reply)).is_ok() {
                     notify.notify_one();
                 }
             }
@@ -198,7 +236,7 @@ impl UserspaceDataPlane {
                 _ => crate::dns::error_reply(&query, hickory_proto::op::ResponseCode::ServFail),
             };
             if let Some(r) = reply
-                && replies.try_send((key, r)).is_ok()
+                && replies.try_send((key, Ok(r))).is_ok()
             {
                 notify.notify_one();
             }
@@ -208,6 +246,13 @@ impl UserspaceDataPlane {
     /// A UDP reply from `key`'s destination back to its source.
     pub(super) fn queue_udp_reply(&mut self, key: FlowKey, payload: &[u8]) {
         if let Some(p) = build_udp(key.2, key.3, key.0, key.1, payload) {
+            self.out.push_back(p);
+        }
+    }
+
+    /// The ICMP error for `key`'s last datagram, from its destination back to its source.
+    pub(super) fn queue_unreachable(&mut self, key: FlowKey, why: Unreachable) {
+        if let Some(p) = build_unreachable(key, why) {
             self.out.push_back(p);
         }
     }
@@ -284,6 +329,83 @@ pub(super) fn build_udp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, payloa
     Some(buf)
 }
 
+/// ICMP (or ICMPv6) "destination unreachable" from `key`'s destination to its source,
+/// quoting a datagram of the flow: its IP header and UDP header, which is what a client's
+/// kernel matches the error to its socket by.
+fn build_unreachable(key: FlowKey, why: Unreachable) -> Option<Vec<u8>> {
+    let (src, sport, dst, dport) = key;
+    let mut quote = [0u8; 8];
+    quote[0..2].copy_from_slice(&sport.to_be_bytes());
+    quote[2..4].copy_from_slice(&dport.to_be_bytes());
+    quote[4..6].copy_from_slice(&8u16.to_be_bytes());
+    let caps = ChecksumCapabilities::default();
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let header = Ipv4Repr {
+                src_addr: s,
+                dst_addr: d,
+                next_header: IpProtocol::Udp,
+                payload_len: quote.len(),
+                hop_limit: 64,
+            };
+            let reason = match why {
+                Unreachable::Port => Icmpv4DstUnreachable::PortUnreachable,
+                Unreachable::Host => Icmpv4DstUnreachable::HostUnreachable,
+                Unreachable::Net => Icmpv4DstUnreachable::NetUnreachable,
+            };
+            let icmp = Icmpv4Repr::DstUnreachable {
+                reason,
+                header,
+                data: &quote,
+            };
+            let ip = Ipv4Repr {
+                src_addr: d,
+                dst_addr: s,
+                next_header: IpProtocol::Icmp,
+                payload_len: icmp.buffer_len(),
+                hop_limit: 64,
+            };
+            let mut buf = vec![0u8; ip.buffer_len() + icmp.buffer_len()];
+            let mut ipp = Ipv4Packet::new_unchecked(&mut buf);
+            ip.emit(&mut ipp, &caps);
+            icmp.emit(&mut Icmpv4Packet::new_unchecked(ipp.payload_mut()), &caps);
+            Some(buf)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let header = Ipv6Repr {
+                src_addr: s,
+                dst_addr: d,
+                next_header: IpProtocol::Udp,
+                payload_len: quote.len(),
+                hop_limit: 64,
+            };
+            let reason = match why {
+                Unreachable::Port => Icmpv6DstUnreachable::PortUnreachable,
+                Unreachable::Host => Icmpv6DstUnreachable::AddrUnreachable,
+                Unreachable::Net => Icmpv6DstUnreachable::NoRoute,
+            };
+            let icmp = Icmpv6Repr::DstUnreachable {
+                reason,
+                header,
+                data: &quote,
+            };
+            let ip = Ipv6Repr {
+                src_addr: d,
+                dst_addr: s,
+                next_header: IpProtocol::Icmpv6,
+                payload_len: icmp.buffer_len(),
+                hop_limit: 64,
+            };
+            let mut buf = vec![0u8; ip.buffer_len() + icmp.buffer_len()];
+            let mut ipp = Ipv6Packet::new_unchecked(&mut buf);
+            ip.emit(&mut ipp);
+            icmp.emit(&d, &s, &mut Icmpv6Packet::new_unchecked(ipp.payload_mut()), &caps);
+            Some(buf)
+        }
+        _ => None,
+    }
+}
+
 fn build_udp_v6(
     s: std::net::Ipv6Addr,
     sport: u16,
@@ -325,6 +447,7 @@ fn build_udp_v6(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataplane::DataPlane;
     use crate::packet::{Transport, parse};
 
     #[test]
@@ -431,5 +554,95 @@ mod tests {
         assert!(dp.udp.values().all(|f| f.gso), "loopback takes UDP_SEGMENT");
         // 64 of 1,000 B; 36 of 1,000 B and the 300 B that ends it; the two of 1,200 B.
         assert_eq!(dp.udp_out.trains, 3, "three trains");
+    }
+
+    /// What the plane sends the peer next: waits for its waker, up to 2 s.
+    async fn next_to_peer(dp: &mut UserspaceDataPlane) -> Vec<u8> {
+        let waker = dp.waker();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            let mut out = Vec::new();
+            dp.outbound(Instant::now(), &mut |p| out.push(p.to_vec()));
+            if let Some(p) = out.into_iter().next() {
+                return p;
+            }
+            tokio::time::timeout_at(deadline, waker.notified())
+                .await
+                .expect("nothing for the peer");
+        }
+    }
+
+    /// A datagram to a port nothing listens on: the peer gets the port unreachable its
+    /// kernel matches to its socket (a client fails at once, as without the gateway).
+    /// Once the Service listens, the same flow carries its replies: the relay outlives
+    /// the error.
+    #[tokio::test]
+    async fn a_closed_port_is_port_unreachable_and_the_flow_recovers_when_it_opens() {
+        let (s, to) = service();
+        drop(s);
+        let mut dp = plane();
+        deliver(&mut dp, to, &[b"anyone?".to_vec()]);
+        let p = next_to_peer(&mut dp).await;
+        let pkt = parse(&p).unwrap();
+        assert_eq!(
+            (pkt.src, pkt.dst),
+            (to.ip(), IpAddr::from(Ipv4Addr::new(100, 64, 0, 2)))
+        );
+        let ip = Ipv4Packet::new_checked(&p[..]).unwrap();
+        assert!(ip.verify_checksum());
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+        assert!(icmp.verify_checksum(), "ICMP checksum");
+        match Icmpv4Repr::parse(&icmp, &ChecksumCapabilities::default()).unwrap() {
+            Icmpv4Repr::DstUnreachable { reason, header, data } => {
+                assert_eq!(reason, Icmpv4DstUnreachable::PortUnreachable);
+                assert_eq!(
+                    (IpAddr::from(header.src_addr), IpAddr::from(header.dst_addr)),
+                    (IpAddr::from(Ipv4Addr::new(100, 64, 0, 2)), to.ip())
+                );
+                assert_eq!(header.next_header, IpProtocol::Udp);
+                assert_eq!(&data[..4], &[0x9c, 0x40, (to.port() >> 8) as u8, to.port() as u8]);
+            }
+            other => panic!("not a destination unreachable: {other:?}"),
+        }
+
+        let back = std::net::UdpSocket::bind(to).expect("the port again");
+        deliver(&mut dp, to, &[b"now?".to_vec()]);
+        let mut buf = [0u8; 64];
+        back.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+        let (n, from) = back.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"now?");
+        back.send_to(b"yes", from).unwrap();
+        let p = next_to_peer(&mut dp).await;
+        let pkt = parse(&p).unwrap();
+        assert!(
+            matches!(pkt.transport, Transport::Udp { payload: b"yes", .. }),
+            "the reply of the Service that now listens"
+        );
+    }
+
+    #[test]
+    fn unreachables_of_both_families_carry_valid_checksums_and_the_flows_ports() {
+        let v6: FlowKey = (
+            "fd6b:7261:7961::2".parse().unwrap(),
+            40_000,
+            "fd00:10:96::a".parse().unwrap(),
+            53,
+        );
+        let p = build_unreachable(v6, Unreachable::Port).unwrap();
+        let ip = Ipv6Packet::new_checked(&p[..]).unwrap();
+        assert_eq!((IpAddr::from(ip.src_addr()), IpAddr::from(ip.dst_addr())), (v6.2, v6.0));
+        let icmp = Icmpv6Packet::new_checked(ip.payload()).unwrap();
+        let (s, d) = (ip.src_addr(), ip.dst_addr());
+        assert!(icmp.verify_checksum(&s, &d), "ICMPv6 checksum");
+        match Icmpv6Repr::parse(&s, &d, &icmp, &ChecksumCapabilities::default()).unwrap() {
+            Icmpv6Repr::DstUnreachable { reason, header, data } => {
+                assert_eq!(reason, Icmpv6DstUnreachable::PortUnreachable);
+                assert_eq!(IpAddr::from(header.dst_addr), v6.2);
+                assert_eq!(&data[..4], &[0x9c, 0x40, 0, 53]);
+            }
+            other => panic!("not a destination unreachable: {other:?}"),
+        }
+        let mixed: FlowKey = (Ipv4Addr::LOCALHOST.into(), 1, "::1".parse().unwrap(), 2);
+        assert_eq!(build_unreachable(mixed, Unreachable::Host), None);
     }
 }
