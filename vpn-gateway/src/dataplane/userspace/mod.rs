@@ -65,8 +65,11 @@ const DOWN_CHUNK: usize = 256 * 1024;
 pub const UDP_IDLE: Duration = Duration::from_secs(60);
 /// Connecting to a Service gives up after this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// A TCP flow with no traffic at all for this long is dropped.
-const TCP_IDLE: Duration = Duration::from_secs(15 * 60);
+/// A TCP flow that carried no byte either way for this long is reset: the least a NAT may
+/// keep an idle established connection (RFC 5382, REQ-5: 2 hours 4 minutes), so that an
+/// idle shell or database session lives as it would through the kernel's forwarding.
+/// Dead peers go sooner, by smoltcp's keep-alive and timeout.
+const TCP_IDLE: Duration = Duration::from_secs(2 * 3600 + 4 * 60);
 /// Upstream DNS answers are awaited this long.
 const DNS_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 /// At most this many TCP/UDP flows at once (each TCP flow holds 2 × TCP_BUFFER).

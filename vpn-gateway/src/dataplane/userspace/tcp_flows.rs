@@ -279,12 +279,23 @@ impl UserspaceDataPlane {
                     Err(mpsc::error::TryRecvError::Empty) => break,
                 }
             }
+            if !matches!(
+                socket.state(),
+                tcp::State::Closed | tcp::State::TimeWait | tcp::State::Listen
+            ) && now.duration_since(flow.last_activity) > TCP_IDLE
+            {
+                // Reset, not dropped without a word: the peer learns now, not at its next
+                // write.
+                socket.abort();
+                flow.error.get_or_insert_with(|| "idle".into());
+                progressed = true;
+            }
             let done = match socket.state() {
                 // An aborted connection keeps its peer until its reset has gone out.
                 tcp::State::Closed => socket.remote_endpoint().is_none(),
                 tcp::State::TimeWait => true,
                 tcp::State::Listen => now.duration_since(flow.started) > Duration::from_secs(30),
-                _ => now.duration_since(flow.last_activity) > TCP_IDLE,
+                _ => false,
             };
             if done {
                 finished.push(*key);
@@ -508,6 +519,8 @@ mod tests {
         peer: PeerId,
         me: Ipv4Addr,
         epoch: Instant,
+        /// How far both clocks are ahead of the real one (to reach timeouts).
+        ahead: Duration,
     }
 
     impl Harness {
@@ -530,6 +543,7 @@ mod tests {
                 peer,
                 me,
                 epoch,
+                ahead: Duration::ZERO,
             }
         }
 
@@ -546,7 +560,24 @@ mod tests {
 
         /// One round both ways; waits as the gateway would when nothing moved.
         async fn turn(&mut self) {
-            let now = Instant::now();
+            if !self.exchange() {
+                // Until the plane's waker or its timer, or the peer's own timer (smoltcp's,
+                // for retransmits and window probes).
+                let now = Instant::now() + self.ahead;
+                let theirs = self
+                    .laptop
+                    .iface
+                    .poll_delay(smol_now(now, self.epoch), &self.laptop.sockets)
+                    .map(|d| Duration::from_micros(d.total_micros()));
+                let wait = [self.dp.poll_delay(now), theirs].into_iter().flatten().min();
+                let wait = wait.unwrap_or(Duration::from_secs(1)).min(Duration::from_secs(1));
+                let _ = tokio::time::timeout(wait, self.waker.notified()).await;
+            }
+        }
+
+        /// One round both ways, without waiting; whether anything moved.
+        fn exchange(&mut self) -> bool {
+            let now = Instant::now() + self.ahead;
             self.laptop.poll(smol_now(now, self.epoch));
             let up: Vec<Vec<u8>> = self.laptop.dev.tx.drain(..).collect();
             for bytes in &up {
@@ -565,17 +596,18 @@ mod tests {
             self.dp.outbound(now, &mut |p| down.push(p.to_vec()));
             let moved = !up.is_empty() || !down.is_empty();
             self.laptop.dev.rx.extend(down);
-            if !moved {
-                // Until the plane's waker or its timer, or the peer's own timer (smoltcp's,
-                // for retransmits and window probes).
-                let theirs = self
-                    .laptop
-                    .iface
-                    .poll_delay(smol_now(now, self.epoch), &self.laptop.sockets)
-                    .map(|d| Duration::from_micros(d.total_micros()));
-                let wait = [self.dp.poll_delay(now), theirs].into_iter().flatten().min();
-                let wait = wait.unwrap_or(Duration::from_secs(1)).min(Duration::from_secs(1));
-                let _ = tokio::time::timeout(wait, self.waker.notified()).await;
+            moved
+        }
+
+        /// Both clocks `by` ahead, in steps shorter than the keep-alive interval, with the
+        /// keep-alives each step brings exchanged.
+        fn advance(&mut self, by: Duration) {
+            let end = self.ahead + by;
+            while self.ahead < end {
+                self.ahead = (self.ahead + Duration::from_secs(20)).min(end);
+                for _ in 0..4 {
+                    self.exchange();
+                }
             }
         }
     }
@@ -744,5 +776,42 @@ mod tests {
         }
         service.await.unwrap();
         assert!(established, "the connection was up before the Service reset it");
+    }
+
+    /// An established connection that carries nothing for longer than a NAT must keep it
+    /// (RFC 5382): reset, both the peer's side and the flow, and not before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_connection_lives_two_hours_and_is_then_reset() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let service = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut rest = Vec::new();
+            // Held open, silent, until the gateway lets go of it.
+            s.read_to_end(&mut rest).await.map(|_| rest.len())
+        });
+        let mut h = Harness::new();
+        let handle = h.connect(port);
+        let state = |h: &Harness| h.laptop.sockets.get::<tcp::Socket>(handle).state();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while state(&h) != tcp::State::Established {
+            assert!(Instant::now() < deadline, "no connection");
+            h.turn().await;
+        }
+        // Two hours of silence later (keep-alives only): still there.
+        h.advance(Duration::from_secs(2 * 3600));
+        assert_eq!(state(&h), tcp::State::Established, "dropped within two hours");
+        assert_eq!(h.dp.tcp.len(), 1);
+        // Past 2 h 4 min: reset.
+        h.advance(Duration::from_secs(5 * 60));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while state(&h) != tcp::State::Closed {
+            assert!(Instant::now() < deadline, "the idle connection was not reset");
+            h.turn().await;
+        }
+        h.turn().await;
+        assert!(h.dp.tcp.is_empty(), "the flow is gone");
+        let got = tokio::time::timeout(Duration::from_secs(5), service).await;
+        assert!(got.is_ok(), "the Service's side was let go of too");
     }
 }
